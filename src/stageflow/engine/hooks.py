@@ -1,0 +1,103 @@
+"""Engine hooks: the one place observers (profiling, tracing, policies) attach.
+
+A hook is an object with any of these methods; all arguments are keyword-only and every
+method accepts ``**future`` so new arguments can be added without breaking hooks:
+
+- ``on_run_start(*, path, pipeline, inputs)`` / ``on_run_end(*, path, pipeline, outputs, error, elapsed)``
+- ``before_stage(*, path, stage, inputs)``
+- ``after_stage(*, path, stage, inputs, outputs, elapsed)``
+- ``on_stage_error(*, path, stage, inputs, error, elapsed)``
+
+``path`` is the full DSPy-style stage path from the outermost running pipeline
+(``stages[1].branches['math']``); a pipeline's own run has the path of the stage that holds it
+(``""`` for the outermost). Hooks are active for every pipeline that runs inside
+:func:`attach_hooks`, across threads and tasks that copy the context. A hook that raises is
+logged and ignored: an observer never breaks a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+__all__ = ["Hook", "active_hooks", "attach_hooks", "current_path"]
+
+logger = logging.getLogger("stageflow")
+
+
+class Hook:
+    """Base class with no-op methods; subclass and override what you need."""
+
+    def on_run_start(self, *, path: str, pipeline: Any, inputs: dict[str, Any], **future: Any) -> None:
+        """A pipeline call starts."""
+
+    def on_run_end(
+        self,
+        *,
+        path: str,
+        pipeline: Any,
+        outputs: dict[str, Any] | None,
+        error: BaseException | None,
+        elapsed: float,
+        **future: Any,
+    ) -> None:
+        """A pipeline call ends (``error`` is set when it raised)."""
+
+    def before_stage(self, *, path: str, stage: Any, inputs: dict[str, Any], **future: Any) -> None:
+        """A stage is about to run with ``inputs``."""
+
+    def after_stage(
+        self, *, path: str, stage: Any, inputs: dict[str, Any], outputs: Any, elapsed: float, **future: Any
+    ) -> None:
+        """A stage returned ``outputs`` after ``elapsed`` seconds."""
+
+    def on_stage_error(
+        self,
+        *,
+        path: str,
+        stage: Any,
+        inputs: dict[str, Any],
+        error: BaseException,
+        elapsed: float,
+        **future: Any,
+    ) -> None:
+        """A stage raised ``error``."""
+
+
+_HOOKS: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_hooks", default=())
+_PATH: ContextVar[str] = ContextVar("stageflow_path", default="")
+
+
+def active_hooks() -> tuple[Any, ...]:
+    """The hooks active in the current context."""
+    return _HOOKS.get()
+
+
+def current_path() -> str:
+    """The full path of the stage being run, when hooks are active (else ``""``)."""
+    return _PATH.get()
+
+
+@contextlib.contextmanager
+def attach_hooks(*hooks: Any) -> Iterator[None]:
+    """Activate ``hooks`` for every pipeline run inside the block (nested runs included)."""
+    token = _HOOKS.set(_HOOKS.get() + hooks)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
+
+
+def notify(hooks: tuple[Any, ...], method: str, **kwargs: Any) -> None:
+    """Call ``method`` on every hook that has it; log and swallow hook failures."""
+    for hook in hooks:
+        fn = getattr(hook, method, None)
+        if fn is None:
+            continue
+        try:
+            fn(**kwargs)
+        except Exception:
+            logger.warning("stageflow hook %r failed in %s", hook, method, exc_info=True)

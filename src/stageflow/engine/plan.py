@@ -1,0 +1,228 @@
+"""Execution plan entries and the contract check that runs before any stage does.
+
+A :class:`StageEntry` is pure data (no reference to the stage object): it says where the
+stage lives on its pipeline (``attr``/``key``), what to call on it, and how fields map between
+the state and the stage. Keeping entries free of object references makes pipelines safe to
+deep-copy and pickle, which DSPy optimizers do constantly.
+
+:class:`Scope` is the contract checker: patterns walk their stages through it in every
+possible path (each branch, a loop's first iteration) and it raises :class:`ContractError`
+for a field that is not available, or collects the pipeline's own external inputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from stageflow.errors import ContractError
+from stageflow.stages import RESERVED_FIELD_NAMES, FunctionStage, Ports, Stage, describe, stage_label
+
+__all__ = ["Scope", "StageEntry", "build_entry", "join_path"]
+
+MODULE = 0
+FUNCTION = 1
+
+
+def join_path(prefix: str, path: str) -> str:
+    """Join an enclosing path and a local one the way DSPy names parameters."""
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return f"{prefix}.{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class StageEntry:
+    """How a pipeline calls one of its stages (pure data; see module docstring)."""
+
+    path: str
+    attr: str
+    key: int | str | None
+    chain: tuple[str, ...]
+    kind: int
+    is_async_fn: bool
+    has_aforward: bool
+    in_pairs: tuple[tuple[str, str], ...]
+    opt_pairs: tuple[tuple[str, str], ...]
+    out_pairs: tuple[tuple[str, str], ...] | None
+    out_rename: tuple[tuple[str, str], ...]
+    single_output: str | None
+    pass_state: bool
+    ports: Ports
+    label: str
+
+
+def _local_path(attr: str, key: int | str | None) -> str:
+    if key is None:
+        return attr
+    if isinstance(key, int):
+        return f"{attr}[{key}]"
+    return f"{attr}['{key}']"
+
+
+def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
+    """Describe how to call ``obj`` held at ``pipeline.<attr>[key]``.
+
+    A single :class:`Stage` wrapper is unwrapped: the engine calls the wrapped module once
+    (through its ``__call__``, so DSPy records traces) and does the renaming itself, instead of
+    stacking another ``dspy.Module.__call__`` layer. Plain functions are called directly.
+    """
+    chain: tuple[str, ...] = ()
+    in_map: dict[str, str] = {}
+    out_map: dict[str, str] = {}
+    leaf = obj
+    if isinstance(obj, Stage) and not isinstance(obj.module, Stage):
+        leaf = obj.module
+        leaf_ports = obj._inner_ports
+        in_map, out_map = obj.input_map, obj.output_map
+        chain = ("module",)
+    else:
+        leaf_ports = describe(obj)
+    kind = MODULE
+    is_async_fn = False
+    if isinstance(leaf, FunctionStage):
+        chain = (*chain, "fn")
+        kind = FUNCTION
+        is_async_fn = leaf.is_async
+    extra = tuple(k for k in in_map if k not in leaf_ports.required and k not in leaf_ports.optional)
+    in_pairs = tuple((f, in_map.get(f, f)) for f in (*leaf_ports.required, *extra))
+    opt_pairs = tuple((f, in_map.get(f, f)) for f in leaf_ports.optional)
+    out_pairs = None
+    if leaf_ports.outputs is not None:
+        out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
+    single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
+    return StageEntry(
+        path=_local_path(attr, key),
+        attr=attr,
+        key=key,
+        chain=chain,
+        kind=kind,
+        is_async_fn=is_async_fn,
+        has_aforward=hasattr(leaf, "aforward"),
+        in_pairs=in_pairs,
+        opt_pairs=opt_pairs,
+        out_pairs=out_pairs,
+        out_rename=tuple(out_map.items()),
+        single_output=single,
+        pass_state=leaf_ports.accepts_any and not in_pairs and not opt_pairs,
+        ports=describe(obj),
+        label=stage_label(obj),
+    )
+
+
+def _is_list_type(t: Any) -> bool:
+    origin = typing.get_origin(t) or t
+    return origin in (list, tuple, set, frozenset)
+
+
+@dataclass
+class Scope:
+    """Fields available at a point of a pipeline, for the contract check.
+
+    Args:
+        available: field -> annotation (``None`` when unknown).
+        origin: field -> the stage path that produced it (``"input"`` for pipeline inputs).
+        strict: raise on a missing field (a real call) or collect it (computing a pipeline's
+            own inputs, when it is used as a stage).
+    """
+
+    available: dict[str, Any]
+    origin: dict[str, str]
+    strict: bool
+    missing: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
+    opaque: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, inputs: Any, *, strict: bool) -> Scope:
+        names = list(inputs)
+        return cls({n: None for n in names}, {n: "input" for n in names}, strict)
+
+    def copy(self) -> Scope:
+        return Scope(dict(self.available), dict(self.origin), self.strict, self.missing, self.optional,
+                     list(self.opaque))
+
+    def check(self, entry: StageEntry, prefix: str) -> None:
+        """Check one stage's inputs, then make its outputs available."""
+        ports = entry.ports
+        path = join_path(prefix, entry.path)
+        for f in ports.required:
+            if f in self.available:
+                self._check_type(entry, path, f)
+                continue
+            if self.strict:
+                raise self._missing_error(entry, path, f)
+            inner = ports.required_by.get(f)
+            self.missing.setdefault(f, join_path(path, inner) if inner else path)
+        for f in ports.optional:
+            if f not in self.available:
+                self.optional.setdefault(f, path)
+        self.produce(ports, path, entry.label)
+
+    def produce(self, ports: Ports, path: str, label: str) -> None:
+        """Make ``ports.outputs`` available (or note that this stage's outputs are unknown)."""
+        if ports.outputs is None:
+            self.opaque.append(path)
+            return
+        for o in ports.outputs:
+            if o in RESERVED_FIELD_NAMES:
+                raise ContractError(
+                    f"Stage '{path}' ({label}) writes the field '{o}', which collides with a "
+                    f"dspy.Prediction attribute, so result.{o} would not return it.",
+                    stage_path=path,
+                    field=o,
+                    code="reserved_field",
+                    hint=f"rename it at the boundary: Stage(<stage>, outputs={{'{o}': '{o}_value'}})",
+                )
+            self.available[o] = ports.types.get(o)
+            self.origin[o] = path
+
+    def _check_type(self, entry: StageEntry, path: str, f: str) -> None:
+        if entry.kind != 1:
+            return
+        have, want = self.available.get(f), entry.ports.types.get(f)
+        if have is None or want is None:
+            return
+        if _is_list_type(have) and want is str:
+            raise ContractError(
+                f"Stage '{path}' ({entry.label}) takes '{f}' as a single str, but '{self.origin.get(f)}' "
+                f"produces a list ({have}).",
+                stage_path=path,
+                field=f,
+                code="list_vs_scalar",
+                hint=f"run the stage once per item with ForEach(<stage>, over='{f}', ...), or annotate the "
+                f"parameter as list[str]",
+            )
+
+    def _missing_error(self, entry: StageEntry, path: str, f: str) -> ContractError:
+        avail = sorted(self.available)
+        inputs = sorted(k for k, v in self.origin.items() if v == "input")
+        produced = {k: v for k, v in self.origin.items() if v != "input"}
+        inner = entry.ports.required_by.get(f)
+        needed_by = f" (for its stage '{join_path(path, inner)}')" if inner else ""
+        where = f"pipeline inputs: {inputs}"
+        if produced:
+            where += "; " + ", ".join(f"'{k}' from '{v}'" for k, v in produced.items())
+        close = difflib.get_close_matches(f, avail, n=1, cutoff=0.5)
+        source = close[0] if close else (avail[0] if avail else "some_field")
+        fixes = [f"pass {f}=... when calling the pipeline", f"produce '{f}' in a stage before '{path}'"]
+        if avail:
+            fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
+        opaque = ""
+        if self.opaque:
+            opaque = (
+                f" Stages {self.opaque} have undeclared outputs; if one of them produces '{f}', declare it "
+                f"with Stage(<stage>, writes=['{f}'])."
+            )
+        return ContractError(
+            f"Stage '{path}' ({entry.label}) needs input '{f}'{needed_by}, which is not available there. "
+            f"Available: {avail} ({where}).{opaque}",
+            stage_path=path,
+            field=f,
+            code="missing_input",
+            hint="; or ".join(fixes),
+        )

@@ -1,0 +1,114 @@
+"""Errors raised by stageflow.
+
+Every error stageflow raises derives from :class:`StageflowError` and carries
+structured fields next to its message, so callers can branch on them instead of
+parsing text::
+
+    StageflowError                 root; .stage_path, .field, .code, .hint
+    ├── ContractError              a stage's inputs/outputs do not line up (before any work, or at a boundary)
+    ├── ConfigurationError         a constructor argument, option or definition is invalid
+    ├── RoutingError               a router picked a branch that does not exist
+    ├── StageError                 a stage raised; the original exception is ``__cause__``
+    ├── PipelineError              a pipeline could not finish (e.g. every branch failed)
+    └── LoopLimitError             an iterative pipeline hit ``max_iterations`` and was told to raise
+
+Messages follow one recipe: what failed, where (stage path, field), what exists,
+and the call that fixes it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ContractError",
+    "LoopLimitError",
+    "PipelineError",
+    "RoutingError",
+    "StageError",
+    "StageflowError",
+]
+
+
+class StageflowError(Exception):
+    """Root of every error stageflow raises.
+
+    Args:
+        message: What failed and why, in one readable paragraph.
+        stage_path: The DSPy-style path of the stage involved (``stages[1].predict``), if any.
+        field: The state or signature field involved, if any.
+        code: A stable machine-readable code; defaults to the class's ``default_code``.
+        hint: How to fix it; appended to the message.
+    """
+
+    default_code = "stageflow_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage_path: str | None = None,
+        field: str | None = None,
+        code: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.stage_path = stage_path
+        self.field = field
+        self.code = code or self.default_code
+        self.hint = hint
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.hint:
+            text = f"{text}\nFix: {self.hint}"
+        return text
+
+    def with_path_prefix(self, prefix: str) -> StageflowError:
+        """Prepend an enclosing stage path (used as errors bubble out of nested pipelines)."""
+        if not prefix:
+            return self
+        if self.stage_path:
+            old = self.stage_path
+            self.stage_path = f"{prefix}.{old}"
+            self.message = self.message.replace(f"'{old}'", f"'{self.stage_path}'", 1)
+        else:
+            self.stage_path = prefix
+        self.args = (self.message,)
+        return self
+
+
+class ContractError(StageflowError):
+    """A stage's declared inputs or outputs do not line up with what is available."""
+
+    default_code = "contract"
+
+
+class ConfigurationError(StageflowError):
+    """An invalid constructor argument, option name or pipeline definition."""
+
+    default_code = "configuration"
+
+
+class RoutingError(StageflowError):
+    """A router chose a branch that does not exist and no default was given."""
+
+    default_code = "unknown_branch"
+
+
+class StageError(StageflowError):
+    """A stage raised an exception; the original is attached as ``__cause__``."""
+
+    default_code = "stage_failed"
+
+
+class PipelineError(StageflowError):
+    """A pipeline could not finish."""
+
+    default_code = "pipeline_failed"
+
+
+class LoopLimitError(StageflowError):
+    """An iterative pipeline reached ``max_iterations`` without its stopping condition firing."""
+
+    default_code = "loop_limit"

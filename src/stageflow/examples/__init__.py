@@ -1,0 +1,1 @@
+"""Small runnable example programs."""

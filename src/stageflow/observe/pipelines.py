@@ -1,0 +1,78 @@
+"""``ProfilingPipeline`` and ``TracingPipeline``: a :class:`SequentialPipeline` plus an observer.
+
+They are thin conveniences: the stage loop is the engine's, and the observers are the same
+:class:`Profiler` / :class:`Tracer` that ``stageflow.profile()`` / ``stageflow.trace()`` attach to
+any pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from stageflow.observe.profiler import Profiler
+from stageflow.observe.tracer import Tracer
+from stageflow.patterns.sequential import SequentialPipeline
+from stageflow.state import Result, RunInfo
+
+__all__ = ["ProfilingPipeline", "TracingPipeline"]
+
+
+class ProfilingPipeline(SequentialPipeline):
+    """A sequential pipeline that profiles every call.
+
+    ``get_performance_summary()`` aggregates all calls so far (per stage path: ``avg_time``,
+    ``total_time``, ``num_executions``, ``min_time``, ``max_time``, input/output sizes);
+    ``result.profile_data`` holds the same summary for that call alone; ``reset()`` clears.
+    """
+
+    def __init__(self, stages: Iterable[Any]) -> None:
+        super().__init__(stages)
+        self.profiler = Profiler()
+
+    def _run_hooks(self) -> tuple[Any, ...]:
+        return (Profiler(),)
+
+    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
+        for per_run in own_hooks:
+            if isinstance(per_run, Profiler):
+                self.profiler.merge(per_run)
+                run.extras["profile_data"] = per_run.get_performance_summary()
+        return Result(state, run)
+
+    def get_performance_summary(self) -> dict[str, dict[str, Any]]:
+        """Per-stage statistics over every call so far."""
+        return self.profiler.get_performance_summary()
+
+    def reset(self) -> None:
+        """Clear the aggregated statistics."""
+        self.profiler.reset()
+
+
+class TracingPipeline(SequentialPipeline):
+    """A sequential pipeline that traces every call.
+
+    ``result.execution_trace`` holds that call's events; ``save_trace(path)`` writes the most
+    recently finished call's events as JSON.
+    """
+
+    def __init__(self, stages: Iterable[Any], *, record_content: bool = True) -> None:
+        super().__init__(stages)
+        self.record_content = record_content
+        self._last = Tracer(record_content=record_content)
+
+    def _run_hooks(self) -> tuple[Any, ...]:
+        return (Tracer(record_content=self.record_content),)
+
+    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
+        for tracer in own_hooks:
+            if isinstance(tracer, Tracer):
+                run.extras["execution_trace"] = list(tracer.events)
+                self._last = tracer  # one reference swap: atomic, safe under concurrent calls
+        return Result(state, run)
+
+    def save_trace(self, path: str | os.PathLike[str]) -> Path:
+        """Write the last finished call's events to ``path`` (JSON)."""
+        return self._last.save(path)

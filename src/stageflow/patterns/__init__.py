@@ -1,0 +1,1 @@
+"""One file per architecture; each describes what runs and leaves the how to the engine."""

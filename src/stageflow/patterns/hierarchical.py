@@ -1,0 +1,227 @@
+"""Hierarchical: a tree of pipelines defined as data, built and checked at construction.
+
+A structure is a dict of named nodes; a node refers to others by name or holds them inline::
+
+    {
+        "root":     {"type": "pipeline", "stages": ["classify", "answer"]},
+        "classify": {"type": "module", "module": dspy.Predict("question -> branch: str")},
+        "answer":   {"type": "conditional", "router": "classify_fn",
+                     "branches": {"math": "solve", "chat": {"type": "module", "module": chat}}},
+        ...
+    }
+
+Node types:
+
+- ``module``: ``module`` is a module object, a function, or a path to a program saved with
+  ``program.save(dir, save_program=True)``; optional ``inputs``/``outputs``/``reads``/``writes``
+  as for :class:`Stage`.
+- ``pipeline``: ``stages`` is a list of node names or inline nodes (a :class:`SequentialPipeline`).
+- ``conditional``: ``router`` and ``branches`` (``{label: node}``), optional ``default``
+  (a :class:`BranchingPipeline`).
+- ``iterative``: ``stages``, ``stopping_condition`` and ``max_iterations`` (an
+  :class:`IterativePipeline`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.runner import aexecute, call_stage, execute
+from stageflow.engine.runner import acall_stage
+from stageflow.errors import ConfigurationError
+from stageflow.patterns.base import Pipeline, as_stage
+from stageflow.patterns.branching import BranchingPipeline
+from stageflow.patterns.iterative import IterativePipeline
+from stageflow.patterns.sequential import SequentialPipeline
+from stageflow.stages import Stage
+from stageflow.state import Result, RunInfo
+
+__all__ = ["HierarchicalPipeline"]
+
+NODE_TYPES = ("module", "pipeline", "conditional", "iterative")
+_STAGE_KEYS = ("inputs", "outputs", "reads", "writes")
+
+
+def _load_saved(path: str, where: str) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigurationError(
+            f"{where}: no saved program at {path!r}.",
+            code="missing_program",
+            hint="save one with program.save('dir/', save_program=True), or pass the module object",
+        )
+    try:
+        return dspy.load(str(p), allow_pickle=True)
+    except Exception as e:
+        raise ConfigurationError(
+            f"{where}: could not load the saved program at {path!r}: {type(e).__name__}: {e}",
+            code="bad_program",
+        ) from e
+
+
+class _Builder:
+    """Builds nodes once each (shared by name), detecting unknown names and cycles."""
+
+    def __init__(self, structure: Mapping[str, Any]) -> None:
+        self.structure = structure
+        self.built: dict[str, Any] = {}
+        self.building: list[str] = []
+
+    def ref(self, ref: Any, where: str) -> Any:
+        if isinstance(ref, str):
+            return self.named(ref, where)
+        if isinstance(ref, Mapping):
+            return self.node(ref, where)
+        return as_stage(ref, where)
+
+    def named(self, name: str, where: str) -> Any:
+        if name in self.built:
+            return self.built[name]
+        if name not in self.structure:
+            raise ConfigurationError(
+                f"{where} refers to node {name!r}, which the structure does not define. "
+                f"Defined nodes: {sorted(self.structure)}.",
+                field=name,
+                code="unknown_node",
+            )
+        if name in self.building:
+            cycle = " -> ".join([*self.building[self.building.index(name):], name])
+            raise ConfigurationError(f"The structure has a cycle: {cycle}.", field=name, code="cycle",
+                                     hint="use a node of type 'iterative' for loops")
+        self.building.append(name)
+        try:
+            module = self.node(self.structure[name], f"node {name!r}")
+        finally:
+            self.building.pop()
+        self.built[name] = module
+        return module
+
+    def node(self, spec: Any, where: str) -> Any:
+        if not isinstance(spec, Mapping):
+            return as_stage(spec, where)
+        kind = spec.get("type")
+        if kind not in NODE_TYPES:
+            raise ConfigurationError(
+                f"{where}: unknown node type {kind!r}; expected one of {list(NODE_TYPES)}.",
+                field="type",
+                code="bad_node",
+            )
+        if kind == "module":
+            if "module" not in spec:
+                raise ConfigurationError(f"{where}: a 'module' node needs a 'module' key.", field="module",
+                                         code="bad_node")
+            target = spec["module"]
+            module = _load_saved(target, where) if isinstance(target, str | Path) else as_stage(target, where)
+            extra = {k: spec[k] for k in _STAGE_KEYS if k in spec}
+            return Stage(module, **extra) if extra else module
+        if kind == "pipeline":
+            stages = spec.get("stages")
+            if not isinstance(stages, Sequence) or isinstance(stages, str) or not stages:
+                raise ConfigurationError(f"{where}: a 'pipeline' node needs a non-empty 'stages' list.",
+                                         field="stages", code="bad_node")
+            return SequentialPipeline([self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)])
+        if kind == "conditional":
+            router = spec.get("router", spec.get("condition"))
+            branches = spec.get("branches")
+            if router is None or not isinstance(branches, Mapping):
+                raise ConfigurationError(f"{where}: a 'conditional' node needs 'router' and a 'branches' dict.",
+                                         field="router" if router is None else "branches", code="bad_node")
+            default = spec.get("default")
+            if default is not None and not (isinstance(default, str) and default in branches):
+                default = self.ref(default, f"{where} default")
+            return BranchingPipeline(
+                self.ref(router, f"{where} router"),
+                {k: self.ref(v, f"{where} branches[{k!r}]") for k, v in branches.items()},
+                default=default,
+            )
+        stages = spec.get("stages") or []
+        return IterativePipeline(
+            [self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)],
+            spec.get("stopping_condition"),
+            max_iterations=spec.get("max_iterations", 5),
+            on_limit=spec.get("on_limit", "return"),
+        )
+
+
+class HierarchicalPipeline(Pipeline):
+    """Nested pipelines built from a definition (see the module docstring for the format).
+
+    Args:
+        structure: ``{node_name: node}``; must contain ``root`` unless you only call other nodes.
+        inputs: Optional input names for ``root``: the whole tree is then contract-checked at
+            construction, before any call.
+
+    Every node is built once and held in the flat dict ``self.nodes``, so DSPy sees each predictor
+    exactly once (``nodes['root'].stages[0]``, ...). Call ``pipeline(stage_name="root", **inputs)``
+    to run a node (``root`` by default).
+    """
+
+    def __init__(self, structure: Mapping[str, Any], *, inputs: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if not isinstance(structure, Mapping) or not structure:
+            raise ConfigurationError("HierarchicalPipeline needs a non-empty dict of nodes.", code="bad_structure")
+        builder = _Builder(structure)
+        for name in structure:
+            builder.named(name, "structure")
+        self.nodes = {name: builder.built[name] for name in structure}
+        self._node_entries = {name: build_entry("nodes", name, m) for name, m in self.nodes.items()}
+        for entry in self._node_entries.values():
+            _ = entry.ports  # every node's wiring was checked when its ports were computed
+        if inputs is not None:
+            self.check(inputs)
+
+    def _entry(self, stage_name: str) -> StageEntry:
+        entry = self._node_entries.get(stage_name)
+        if entry is None:
+            raise ConfigurationError(
+                f"No node named {stage_name!r}. Nodes: {sorted(self._node_entries)}.",
+                field="stage_name",
+                code="unknown_node",
+            )
+        return entry
+
+    def check(self, inputs: Sequence[str] | Any = (), stage_name: str = "root") -> tuple[str, ...]:
+        """Check the contracts of node ``stage_name`` for a call with these input names."""
+        names = frozenset(inputs)
+        key = (stage_name, names)
+        cached = self._checked.get(key)
+        if cached is not None:
+            return cached
+        entry = self._entry(stage_name)
+        scope = Scope.start(sorted(names), strict=True)
+        scope.check(entry, "")
+        out = tuple(sorted(scope.available))
+        self._checked[key] = out
+        return out
+
+    def _analyze(self, scope: Scope, prefix: str) -> None:
+        scope.check(self._entry("root"), prefix)
+
+    def forward(self, *args: Any, stage_name: str = "root", **inputs: Any) -> Result:
+        """Run node ``stage_name`` (default ``root``) on ``inputs``."""
+        self._reject_positional(args)
+        entry = self._entry(stage_name)
+        if (stage_name, frozenset(inputs)) not in self._checked:
+            self.check(inputs, stage_name)
+
+        def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+            call_stage(self, entry, state, run, hooks, prefix)
+
+        return execute(self, inputs, body)
+
+    async def aforward(self, *args: Any, stage_name: str = "root", **inputs: Any) -> Result:
+        """Async twin of :meth:`forward`."""
+        self._reject_positional(args)
+        entry = self._entry(stage_name)
+        if (stage_name, frozenset(inputs)) not in self._checked:
+            self.check(inputs, stage_name)
+
+        async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+            await acall_stage(self, entry, state, run, hooks, prefix)
+
+        return await aexecute(self, inputs, body)

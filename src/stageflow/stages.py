@@ -1,0 +1,389 @@
+"""Stages: any ``dspy.Module`` or plain function, with declared inputs and outputs.
+
+A stage is the unit a pipeline runs. stageflow reads what a stage needs and what it
+produces from, in order of precedence:
+
+1. ``reads=`` / ``writes=`` given to :class:`Stage` or :func:`stage`;
+2. the DSPy signature of a ``dspy.Predict`` (or ``ChainOfThought``, which adds ``reasoning``);
+3. the parameters of a module's ``forward`` or of a function (no default = required), and a
+   function's return annotation when it is a ``TypedDict`` or a pydantic model.
+
+:class:`Stage` renames fields at the boundary: ``inputs={"stage_field": "state_field"}`` and
+``outputs={"stage_field": "state_field"}``.
+
+Examples:
+    >>> import stageflow
+    >>> @stageflow.stage(writes=["shout"])
+    ... def upper(text: str) -> dict:
+    ...     return {"shout": text.upper()}
+    >>> upper.ports.required, upper.ports.outputs
+    (('text',), ('shout',))
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import dspy
+
+from stageflow.errors import ConfigurationError
+
+__all__ = [
+    "FunctionStage",
+    "Ports",
+    "RESERVED_FIELD_NAMES",
+    "Stage",
+    "describe",
+    "stage",
+]
+
+#: Field names that cannot be result fields: they collide with ``dspy.Prediction`` methods and
+#: stageflow's result attributes, so ``result.<name>`` would not return the field.
+RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
+    n for n in dir(dspy.Prediction) if not n.startswith("_")
+) | frozenset({"run", "stage_outputs", "trace"})
+
+
+@dataclass(frozen=True)
+class Ports:
+    """What a stage reads and writes.
+
+    Attributes:
+        required: Input fields the stage cannot run without.
+        optional: Input fields passed when available (parameters with defaults).
+        outputs: Output fields, or ``None`` when they are only known at run time.
+        accepts_any: The stage takes ``**kwargs``; with no ``reads=`` it receives the whole state.
+        types: Annotations of known fields (inputs and outputs), for list-vs-scalar checks.
+        required_by: For composite stages, which inner stage needs each required field.
+    """
+
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    outputs: tuple[str, ...] | None = None
+    accepts_any: bool = False
+    types: Mapping[str, Any] = field(default_factory=dict)
+    required_by: Mapping[str, str] = field(default_factory=dict)
+
+
+def _signature_ports(signature: Any) -> Ports:
+    # Only output annotations are recorded: an untyped DSPy input defaults to ``str`` and
+    # formats lists fine, so input annotations of signatures are not used for type checks.
+    types = {name: f.annotation for name, f in signature.output_fields.items()}
+    return Ports(
+        required=tuple(signature.input_fields),
+        outputs=tuple(signature.output_fields),
+        types=types,
+    )
+
+
+def _fields_of(annotation: Any) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    """Output fields from a return annotation that is a TypedDict or a pydantic model."""
+    if isinstance(annotation, type):
+        model_fields = getattr(annotation, "model_fields", None)
+        if isinstance(model_fields, dict):
+            return tuple(model_fields), {k: v.annotation for k, v in model_fields.items()}
+        if typing.is_typeddict(annotation):
+            hints = typing.get_type_hints(annotation)
+            return tuple(hints), dict(hints)
+    return None
+
+
+def _callable_ports(fn: Callable[..., Any], *, skip_first: bool = False) -> Ports:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return Ports(accepts_any=True)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    params = list(sig.parameters.values())
+    if skip_first and params:
+        params = params[1:]
+    required: list[str] = []
+    optional: list[str] = []
+    accepts_any = False
+    types: dict[str, Any] = {}
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            accepts_any = True
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            continue
+        if p.kind is p.POSITIONAL_ONLY:
+            continue
+        (required if p.default is p.empty else optional).append(p.name)
+        if p.name in hints:
+            types[p.name] = hints[p.name]
+    outputs: tuple[str, ...] | None = None
+    returned = _fields_of(hints.get("return"))
+    if returned is not None:
+        outputs, out_types = returned
+        types.update(out_types)
+    return Ports(tuple(required), tuple(optional), outputs, accepts_any, types)
+
+
+def _apply_declarations(
+    ports: Ports, reads: Sequence[str] | None, writes: Sequence[str] | None, owner: str
+) -> Ports:
+    if isinstance(reads, str) or isinstance(writes, str):
+        raise ConfigurationError(
+            f"{owner}: reads=/writes= take a list of field names, not a string.",
+            code="bad_declaration",
+            hint="write reads=['question'] rather than reads='question'",
+        )
+    if reads is not None:
+        known = set(ports.required) | set(ports.optional)
+        if known and not ports.accepts_any:
+            unknown = [r for r in reads if r not in known]
+            if unknown:
+                raise ConfigurationError(
+                    f"{owner}: reads={list(reads)} names {unknown}, which the stage does not accept. "
+                    f"It accepts: {sorted(known)}.",
+                    field=unknown[0],
+                    code="bad_declaration",
+                )
+        opt = tuple(o for o in ports.optional if o not in reads)
+        ports = Ports(tuple(reads), opt, ports.outputs, False, ports.types)
+    if writes is not None:
+        ports = Ports(ports.required, ports.optional, tuple(writes), ports.accepts_any, ports.types)
+    return ports
+
+
+def describe(obj: Any) -> Ports:
+    """Return the :class:`Ports` (inputs and outputs) stageflow sees for ``obj``.
+
+    Works for stageflow stages and pipelines, ``dspy.Predict`` and its subclasses,
+    ``dspy.ChainOfThought``, any other ``dspy.Module`` (from ``forward``'s parameters) and
+    plain callables.
+    """
+    own = getattr(obj, "_stageflow_ports", None)
+    if own is not None and callable(own):
+        return typing.cast(Ports, own())
+    if isinstance(obj, dspy.Predict):
+        return _signature_ports(obj.signature)
+    inner = getattr(obj, "predict", None)
+    if isinstance(obj, dspy.ChainOfThought) and isinstance(inner, dspy.Predict):
+        return _signature_ports(inner.signature)
+    if isinstance(obj, dspy.Module):
+        forward = type(obj).__dict__.get("forward") or getattr(type(obj), "forward", None)
+        if forward is None:
+            return Ports(accepts_any=True)
+        return _callable_ports(forward, skip_first=True)
+    if callable(obj):
+        return _callable_ports(obj)
+    raise ConfigurationError(
+        f"{obj!r} is not a stage: expected a dspy.Module, a stageflow pipeline or a function.",
+        code="not_a_stage",
+        hint="wrap plain functions with stageflow.stage(fn); pass module instances, not classes",
+    )
+
+
+def stage_label(obj: Any) -> str:
+    """A short human description of a stage, for messages: ``Predict(question -> answer)``."""
+    while isinstance(obj, Stage):
+        obj = obj.module
+    if isinstance(obj, FunctionStage):
+        return f"function {obj.stage_name}()"
+    sig = getattr(obj, "signature", None)
+    if sig is None and isinstance(getattr(obj, "predict", None), dspy.Predict):
+        sig = obj.predict.signature
+    if sig is not None and hasattr(sig, "signature"):
+        return f"{type(obj).__name__}({sig.signature})"
+    return type(obj).__name__
+
+
+class FunctionStage(dspy.Module):  # type: ignore[misc]
+    """A plain function as a stage. Build it with :func:`stage`.
+
+    The function receives its declared inputs as keyword arguments and returns a mapping
+    (or a ``dspy.Prediction`` / pydantic model) of outputs, or a single value when exactly one
+    output is declared with ``writes=[...]``. ``async def`` functions run natively under
+    ``acall``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        reads: Sequence[str] | None = None,
+        writes: Sequence[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise ConfigurationError(f"stage() needs a callable, got {fn!r}.", code="not_a_stage")
+        self.fn = fn
+        self.stage_name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.ports = _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
+
+    def _stageflow_ports(self) -> Ports:
+        return self.ports
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.fn(**kwargs)
+
+    async def aforward(self, **kwargs: Any) -> Any:
+        out = self.fn(**kwargs)
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+    def __repr__(self) -> str:
+        return f"FunctionStage({self.stage_name})"
+
+
+@overload
+def stage(fn: Callable[..., Any], /) -> FunctionStage: ...
+@overload
+def stage(
+    *, reads: Sequence[str] | None = None, writes: Sequence[str] | None = None, name: str | None = None
+) -> Callable[[Callable[..., Any]], FunctionStage]: ...
+def stage(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    reads: Sequence[str] | None = None,
+    writes: Sequence[str] | None = None,
+    name: str | None = None,
+) -> FunctionStage | Callable[[Callable[..., Any]], FunctionStage]:
+    """Make a plain function a stage; usable as ``stage(fn)`` or as a decorator.
+
+    Args:
+        fn: The function. Its parameters are the stage's inputs (no default = required).
+        reads: Override the input names.
+        writes: The output names. Needed when the function returns a plain dict whose keys
+            later stages read (a ``TypedDict`` or pydantic return annotation also declares them).
+        name: A label for messages and traces (defaults to the function's name).
+    """
+    if fn is not None:
+        return FunctionStage(fn, reads=reads, writes=writes, name=name)
+
+    def decorate(f: Callable[..., Any]) -> FunctionStage:
+        return FunctionStage(f, reads=reads, writes=writes, name=name)
+
+    return decorate
+
+
+class Stage(dspy.Module):  # type: ignore[misc]
+    """Wrap a module or function to rename fields at the boundary or declare its ports.
+
+    Args:
+        module: A ``dspy.Module`` (Predict, ChainOfThought, a custom module, a stageflow
+            pipeline) or a plain function.
+        inputs: ``{"stage_field": "state_field"}``: the stage's ``stage_field`` is fed from the
+            pipeline state's ``state_field``.
+        outputs: ``{"stage_field": "state_field"}``: the stage's ``stage_field`` is stored in
+            the state as ``state_field``.
+        reads: Declare the stage's input names (before renaming).
+        writes: Declare the stage's output names (before renaming); needed for modules whose
+            ``forward`` returns fields that later stages read.
+
+    Examples:
+        >>> import dspy, stageflow
+        >>> s = stageflow.Stage(dspy.Predict("context, question -> answer"),
+        ...                     inputs={"context": "passages"}, outputs={"answer": "draft"})
+        >>> s.ports.required, s.ports.outputs
+        (('passages', 'question'), ('draft',))
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        reads: Sequence[str] | None = None,
+        writes: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(module, type):
+            raise ConfigurationError(
+                f"Stage() got the class {module.__name__}, not an instance.",
+                code="not_a_stage",
+                hint=f"pass an instance: Stage({module.__name__}(...))",
+            )
+        if not isinstance(module, dspy.Module):
+            module = FunctionStage(module)
+        self.module = module
+        self.input_map = dict(inputs or {})
+        self.output_map = dict(outputs or {})
+        inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
+        self._inner_ports = inner
+        self.ports = self._rename(inner)
+
+    def _rename(self, inner: Ports) -> Ports:
+        label = f"Stage({stage_label(self.module)})"
+        accepted = set(inner.required) | set(inner.optional)
+        bad_in = [k for k in self.input_map if k not in accepted]
+        if bad_in and not inner.accepts_any:
+            raise ConfigurationError(
+                f"{label}: inputs={self.input_map} renames {bad_in}, but the stage's inputs are "
+                f"{sorted(accepted)}.",
+                field=bad_in[0],
+                code="bad_rename",
+                hint="keys of inputs= are the stage's own field names; values are state field names",
+            )
+        if inner.outputs is not None:
+            bad_out = [k for k in self.output_map if k not in inner.outputs]
+            if bad_out:
+                raise ConfigurationError(
+                    f"{label}: outputs={self.output_map} renames {bad_out}, but the stage's outputs are "
+                    f"{list(inner.outputs)}.",
+                    field=bad_out[0],
+                    code="bad_rename",
+                    hint="keys of outputs= are the stage's own field names; values are state field names",
+                )
+        extra_in = tuple(k for k in self.input_map if k not in accepted)
+        ren_in = self.input_map.get
+        ren_out = self.output_map.get
+        types: dict[str, Any] = {}
+        for k, v in inner.types.items():
+            if inner.outputs is not None and k in inner.outputs:
+                types[ren_out(k, k)] = v
+            else:
+                types[ren_in(k, k)] = v
+        outputs = None if inner.outputs is None else tuple(ren_out(o, o) for o in inner.outputs)
+        if inner.outputs is None and self.output_map:
+            outputs = None
+        return Ports(
+            required=tuple(ren_in(r, r) for r in (*inner.required, *extra_in)),
+            optional=tuple(ren_in(o, o) for o in inner.optional),
+            outputs=outputs,
+            accepts_any=inner.accepts_any and not self.input_map,
+            types=types,
+            required_by={ren_in(k, k): v for k, v in inner.required_by.items()},
+        )
+
+    def _stageflow_ports(self) -> Ports:
+        return self.ports
+
+    def forward(self, **kwargs: Any) -> Any:
+        inv_in = {v: k for k, v in self.input_map.items()}
+        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+        if not self.output_map:
+            return out
+        items = dict(out.items()) if hasattr(out, "items") else dict(out)
+        return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
+
+    async def aforward(self, **kwargs: Any) -> Any:
+        inv_in = {v: k for k, v in self.input_map.items()}
+        call = {inv_in.get(k, k): v for k, v in kwargs.items()}
+        if hasattr(self.module, "aforward"):
+            out = await self.module.acall(**call)
+        else:
+            import asyncio
+
+            out = await asyncio.to_thread(self.module, **call)
+        if not self.output_map:
+            return out
+        items = dict(out.items()) if hasattr(out, "items") else dict(out)
+        return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
+
+    def __repr__(self) -> str:
+        return f"Stage({stage_label(self.module)}, inputs={self.input_map}, outputs={self.output_map})"

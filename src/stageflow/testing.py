@@ -1,0 +1,260 @@
+"""Test kit: deterministic fake LMs, sample stages and DSPy isolation.
+
+Examples:
+    >>> import dspy, stageflow
+    >>> from stageflow.testing import FakeLM
+    >>> lm = FakeLM({"answer": lambda inputs: inputs["question"].upper()})
+    >>> with dspy.context(lm=lm):
+    ...     dspy.Predict("question -> answer")(question="hi").answer
+    'HI'
+    >>> lm.calls
+    1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Response, Usage
+
+from stageflow.stages import FunctionStage, stage
+
+__all__ = [
+    "Counter",
+    "Echo",
+    "Fail",
+    "FakeLM",
+    "Upper",
+    "isolated_dspy",
+    "parse_request",
+]
+
+_OUT_LINE = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.M)
+_SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(getattr(p, "text", "") or "" for p in content)
+
+
+def parse_request(system: str, user: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Read a DSPy adapter prompt: ``({output_field: type_text}, {input_field: value})``."""
+    outputs: dict[str, str] = {}
+    if "Your output fields are:" in system:
+        section = system.split("Your output fields are:", 1)[1]
+        section = section.split("All interactions will be structured", 1)[0]
+        outputs = {m.group(1): m.group(2) for m in _OUT_LINE.finditer(section)}
+    inputs: dict[str, Any] = {}
+    for m in _SECTION.finditer(user):
+        raw = m.group(2).strip()
+        try:
+            inputs[m.group(1)] = json.loads(raw) if raw[:1] in "[{" else raw
+        except json.JSONDecodeError:
+            inputs[m.group(1)] = raw
+    return outputs, inputs
+
+
+def _default_for(type_text: str, default: str) -> Any:
+    t = type_text.replace(" ", "")
+    lit = re.match(r"Literal\[(.*)\]", t)
+    if lit:
+        first = lit.group(1).split(",")[0]
+        return first.strip("'\"")
+    if t.startswith(("list", "List")):
+        return [default]
+    if t in ("float",):
+        return 1.0
+    if t in ("int",):
+        return 1
+    if t in ("bool",):
+        return True
+    return default
+
+
+class _FakeEngine:
+    """A DSPy 3.4 engine that answers each output field from a script."""
+
+    supports_response_schema = False
+    supported_params = frozenset({"temperature", "max_tokens", "n", "rollout_id"})
+
+    def __init__(self, owner: FakeLM) -> None:
+        self.owner = owner
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FakeEngine:
+        return self
+
+    def complete(self, request: Any) -> Response:
+        if self.owner.latency:
+            time.sleep(self.owner.latency)
+        return self.owner._respond(request)
+
+    def stream(self, request: Any) -> Any:
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        return None
+
+
+class _AsyncFakeEngine:
+    def __init__(self, owner: FakeLM) -> None:
+        self.owner = owner
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _AsyncFakeEngine:
+        return self
+
+    async def complete(self, request: Any) -> Response:
+        if self.owner.latency:
+            await asyncio.sleep(self.owner.latency)
+        return self.owner._respond(request)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FakeLM(dspy.LM):  # type: ignore[misc]
+    """A deterministic LM scripted by output field, for tests (works with Chat and JSON adapters).
+
+    Args:
+        responses: ``{field: value}``; a value may be a callable ``(inputs) -> value`` that gets the
+            call's input fields. Fields without a script get ``default`` (or a value of the right
+            shape: the first ``Literal`` option, a one-item list, ``1.0`` for floats...).
+        default: The text for unscripted string fields.
+        latency: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``), for concurrency tests.
+        fail_times: Raise ``RuntimeError`` on this many first calls (for error-path tests).
+
+    Attributes:
+        calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
+    """
+
+    def __init__(
+        self,
+        responses: Mapping[str, Any] | None = None,
+        *,
+        default: str = "ok",
+        latency: float = 0.0,
+        fail_times: int = 0,
+        model: str = "stageflow-fake/lm",
+    ) -> None:
+        self.responses = dict(responses or {})
+        self.default = default
+        self.latency = latency
+        self.fail_times = fail_times
+        self.calls = 0
+        self.log: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        super().__init__(model, engine=_FakeEngine(self), async_engine=_AsyncFakeEngine(self), cache=False,
+                         num_retries=0)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FakeLM:
+        return self  # one script and one call counter, however often a program is copied
+
+    def _respond(self, request: Any) -> Response:
+        system = _text(request.system) if request.system is not None else ""
+        user = _text(request.messages[-1].parts) if request.messages else ""
+        outputs, inputs = parse_request(system, user)
+        with self._lock:
+            self.calls += 1
+            self.log.append((tuple(outputs), inputs))
+            failing = self.calls <= self.fail_times
+        if failing:
+            raise RuntimeError(f"FakeLM scripted failure (call {self.calls} of fail_times={self.fail_times})")
+        values: dict[str, Any] = {}
+        for name, type_text in outputs.items():
+            script = self.responses.get(name, None)
+            if script is None:
+                values[name] = _default_for(type_text, self.default)
+            elif callable(script):
+                values[name] = script(inputs)
+            else:
+                values[name] = copy.deepcopy(script)
+        if "Respond with a JSON object" in user or "JSON" in system[-400:]:
+            text = json.dumps(values)
+        else:
+            parts = []
+            for k, v in values.items():
+                parts.append(f"[[ ## {k} ## ]]\n{v if isinstance(v, str) else json.dumps(v)}")
+            text = "\n\n".join([*parts, "[[ ## completed ## ]]"])
+        return Response(id=None, model=self.model, message=Message.assistant(text), finish_reason="stop",
+                        usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4,
+                                    total_tokens=(len(system + user) + len(text)) // 4))
+
+
+@contextlib.contextmanager
+def isolated_dspy(lm: Any = None, **settings: Any) -> Iterator[None]:
+    """Run a block with memory-only caches off and DSPy settings restored afterwards.
+
+    Also usable as the body of a pytest fixture (``stageflow.testing`` is imported by the
+    project's ``conftest.py``).
+    """
+    from dspy.dsp.utils.settings import DEFAULT_CONFIG
+
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    overrides = dict(settings)
+    if lm is not None:
+        overrides["lm"] = lm
+    try:
+        with dspy.context(trace=[], **overrides):
+            yield
+    finally:
+        dspy.configure(**copy.deepcopy(DEFAULT_CONFIG))
+
+
+# -- sample stages ---------------------------------------------------------------------------
+
+
+def Echo(field: str = "text", to: str = "echo") -> FunctionStage:
+    """A stage copying ``field`` to ``to``."""
+    return stage(lambda **kw: {to: kw[field]}, reads=[field], writes=[to], name=f"echo_{field}")
+
+
+def Upper(field: str = "text", to: str = "upper") -> FunctionStage:
+    """A stage writing ``field`` upper-cased to ``to``."""
+    return stage(lambda **kw: {to: str(kw[field]).upper()}, reads=[field], writes=[to], name=f"upper_{field}")
+
+
+class Counter:
+    """A callable stage body that counts its calls (thread-safe): ``stage(counter, ...)``."""
+
+    def __init__(self, to: str = "count") -> None:
+        self.to = to
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            self.n += 1
+            return {self.to: self.n}
+
+    def as_stage(self, reads: list[str] | None = None) -> FunctionStage:
+        """This counter as a stage reading ``reads`` and writing ``to``."""
+        return stage(self, reads=reads or [], writes=[self.to], name="counter")
+
+
+def Fail(times: int = 1, error: Callable[[], Exception] = lambda: RuntimeError("boom"),
+         reads: tuple[str, ...] = ("text",), writes: tuple[str, ...] = ("result",)) -> FunctionStage:
+    """A stage that raises ``error()`` on its first ``times`` calls, then returns ``{writes[0]: 'ok'}``."""
+    state = {"n": 0}
+    lock = threading.Lock()
+
+    def fail(**kwargs: Any) -> dict[str, Any]:
+        with lock:
+            state["n"] += 1
+            n = state["n"]
+        if n <= times:
+            raise error()
+        return {writes[0]: "ok"}
+
+    return stage(fail, reads=list(reads), writes=list(writes), name="fail")
