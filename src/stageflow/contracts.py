@@ -80,8 +80,10 @@ class StandardStage(dspy.Module):  # type: ignore[misc]
             self.input_model = input_model  # type: ignore[misc]
         if output_model is not None:
             self.output_model = output_model  # type: ignore[misc]
-        for name, model, base in (("input_model", self.input_model, BaseModel),
-                                  ("output_model", self.output_model, StageOutput)):
+        for name, model, base in (
+            ("input_model", self.input_model, BaseModel),
+            ("output_model", self.output_model, StageOutput),
+        ):
             if not (isinstance(model, type) and issubclass(model, base)):
                 raise ConfigurationError(
                     f"{type(self).__name__}.{name} must be a subclass of {base.__name__}, got {model!r}.",
@@ -119,8 +121,9 @@ class StandardStage(dspy.Module):  # type: ignore[misc]
 
     def _error_output(self, error: Exception) -> Any:
         blanks = {k: None for k, v in self.output_model.model_fields.items() if v.is_required()}
-        return self.output_model.model_construct(**blanks, error=f"{type(error).__name__}: {error}",
-                                                 confidence=0.0)
+        return self.output_model.model_construct(
+            **blanks, error=f"{type(error).__name__}: {error}", confidence=0.0
+        )
 
     def _finish(self, out: Any) -> dspy.Prediction:
         if isinstance(out, dict):

@@ -239,7 +239,14 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
 
 
 @overload
-def stage(fn: Callable[..., Any], /) -> FunctionStage: ...
+def stage(
+    fn: Callable[..., Any],
+    /,
+    *,
+    reads: Sequence[str] | None = None,
+    writes: Sequence[str] | None = None,
+    name: str | None = None,
+) -> FunctionStage: ...
 @overload
 def stage(
     *, reads: Sequence[str] | None = None, writes: Sequence[str] | None = None, name: str | None = None
@@ -363,16 +370,19 @@ class Stage(dspy.Module):  # type: ignore[misc]
     def _stageflow_ports(self) -> Ports:
         return self.ports
 
-    def forward(self, **kwargs: Any) -> Any:
-        inv_in = {v: k for k, v in self.input_map.items()}
-        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+    def _rename_outputs(self, out: Any) -> Any:
         if not self.output_map:
             return out
-        items = dict(out.items()) if hasattr(out, "items") else dict(out)
+        items: dict[str, Any] = dict(out.items()) if hasattr(out, "items") else dict(out)
         return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
 
+    def forward(self, **kwargs: Any) -> Any:
+        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
+        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+        return self._rename_outputs(out)
+
     async def aforward(self, **kwargs: Any) -> Any:
-        inv_in = {v: k for k, v in self.input_map.items()}
+        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         call = {inv_in.get(k, k): v for k, v in kwargs.items()}
         if hasattr(self.module, "aforward"):
             out = await self.module.acall(**call)
@@ -380,10 +390,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             import asyncio
 
             out = await asyncio.to_thread(self.module, **call)
-        if not self.output_map:
-            return out
-        items = dict(out.items()) if hasattr(out, "items") else dict(out)
-        return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
+        return self._rename_outputs(out)
 
     def __repr__(self) -> str:
         return f"Stage({stage_label(self.module)}, inputs={self.input_map}, outputs={self.output_map})"

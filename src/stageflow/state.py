@@ -63,7 +63,9 @@ class Result(dspy.Prediction):  # type: ignore[misc]
             return run.extras[key]
         fields = list(store) if store is not None else []
         extras = list(run.extras) if run is not None else []
-        raise AttributeError(f"Result has no field or run detail {key!r}. Fields: {fields}; details: {extras}.")
+        raise AttributeError(
+            f"Result has no field or run detail {key!r}. Fields: {fields}; details: {extras}."
+        )
 
     @property
     def run(self) -> RunInfo:

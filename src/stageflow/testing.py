@@ -155,8 +155,9 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self.calls = 0
         self.log: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         self._lock = threading.Lock()
-        super().__init__(model, engine=_FakeEngine(self), async_engine=_AsyncFakeEngine(self), cache=False,
-                         num_retries=0)
+        super().__init__(
+            model, engine=_FakeEngine(self), async_engine=_AsyncFakeEngine(self), cache=False, num_retries=0
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeLM:
         return self  # one script and one call counter, however often a program is copied
@@ -187,9 +188,17 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
             for k, v in values.items():
                 parts.append(f"[[ ## {k} ## ]]\n{v if isinstance(v, str) else json.dumps(v)}")
             text = "\n\n".join([*parts, "[[ ## completed ## ]]"])
-        return Response(id=None, model=self.model, message=Message.assistant(text), finish_reason="stop",
-                        usage=Usage(input_tokens=len(system + user) // 4, output_tokens=len(text) // 4,
-                                    total_tokens=(len(system + user) + len(text)) // 4))
+        return Response(
+            id=None,
+            model=self.model,
+            message=Message.assistant(text),
+            finish_reason="stop",
+            usage=Usage(
+                input_tokens=len(system + user) // 4,
+                output_tokens=len(text) // 4,
+                total_tokens=(len(system + user) + len(text)) // 4,
+            ),
+        )
 
 
 @contextlib.contextmanager
@@ -206,7 +215,12 @@ def isolated_dspy(lm: Any = None, **settings: Any) -> Iterator[None]:
     if lm is not None:
         overrides["lm"] = lm
     try:
-        with dspy.context(trace=[], **overrides):
+        if overrides:
+            with dspy.context(**overrides):
+                yield
+        else:
+            # No context here: dspy.context snapshots settings, which would hide a
+            # dspy.configure(...) made inside the block.
             yield
     finally:
         dspy.configure(**copy.deepcopy(DEFAULT_CONFIG))
@@ -215,12 +229,12 @@ def isolated_dspy(lm: Any = None, **settings: Any) -> Iterator[None]:
 # -- sample stages ---------------------------------------------------------------------------
 
 
-def Echo(field: str = "text", to: str = "echo") -> FunctionStage:
+def Echo(field: str = "text", to: str = "echo") -> FunctionStage:  # noqa: N802 (named like the stage it builds)
     """A stage copying ``field`` to ``to``."""
     return stage(lambda **kw: {to: kw[field]}, reads=[field], writes=[to], name=f"echo_{field}")
 
 
-def Upper(field: str = "text", to: str = "upper") -> FunctionStage:
+def Upper(field: str = "text", to: str = "upper") -> FunctionStage:  # noqa: N802 (named like the stage it builds)
     """A stage writing ``field`` upper-cased to ``to``."""
     return stage(lambda **kw: {to: str(kw[field]).upper()}, reads=[field], writes=[to], name=f"upper_{field}")
 
@@ -243,8 +257,12 @@ class Counter:
         return stage(self, reads=reads or [], writes=[self.to], name="counter")
 
 
-def Fail(times: int = 1, error: Callable[[], Exception] = lambda: RuntimeError("boom"),
-         reads: tuple[str, ...] = ("text",), writes: tuple[str, ...] = ("result",)) -> FunctionStage:
+def Fail(  # noqa: N802 (named like the stage it builds)
+    times: int = 1,
+    error: Callable[[], Exception] = lambda: RuntimeError("boom"),
+    reads: tuple[str, ...] = ("text",),
+    writes: tuple[str, ...] = ("result",),
+) -> FunctionStage:
     """A stage that raises ``error()`` on its first ``times`` calls, then returns ``{writes[0]: 'ok'}``."""
     state = {"n": 0}
     lock = threading.Lock()

@@ -140,11 +140,17 @@ class Scope:
     @classmethod
     def start(cls, inputs: Any, *, strict: bool) -> Scope:
         names = list(inputs)
-        return cls({n: None for n in names}, {n: "input" for n in names}, strict)
+        return cls(dict.fromkeys(names), dict.fromkeys(names, "input"), strict)
 
     def copy(self) -> Scope:
-        return Scope(dict(self.available), dict(self.origin), self.strict, self.missing, self.optional,
-                     list(self.opaque))
+        return Scope(
+            dict(self.available),
+            dict(self.origin),
+            self.strict,
+            self.missing,
+            self.optional,
+            list(self.opaque),
+        )
 
     def check(self, entry: StageEntry, prefix: str) -> None:
         """Check one stage's inputs, then make its outputs available."""

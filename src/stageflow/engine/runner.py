@@ -83,12 +83,12 @@ def _is_record(out: Any) -> bool:
 
 
 def _merge(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo) -> None:
-    if type(out) is Result or isinstance(out, Result):
-        if not entry.out_rename:
-            state.update(out._store)
-            prefix = entry.path
-            run.trace.extend(StageRecord(join_path(prefix, r.path), r.elapsed, r.ok) for r in out.run.trace)
-            return
+    if isinstance(out, Result) and not entry.out_rename:
+        # A nested stageflow pipeline: its whole final state merges, its records join the trace.
+        state.update(out._store)
+        prefix = entry.path
+        run.trace.extend(StageRecord(join_path(prefix, r.path), r.elapsed, r.ok) for r in out.run.trace)
+        return
     pairs = entry.out_pairs
     if pairs is not None:
         if entry.single_output is not None and not _is_record(out):
@@ -121,7 +121,9 @@ def _items(out: Any) -> list[tuple[str, Any]]:
     return [(k, getattr(out, k)) for k in type(out).model_fields]
 
 
-def _merge_slow(entry: StageEntry, out: Any, state: dict[str, Any], pairs: tuple[tuple[str, str], ...]) -> None:
+def _merge_slow(
+    entry: StageEntry, out: Any, state: dict[str, Any], pairs: tuple[tuple[str, str], ...]
+) -> None:
     if not _is_record(out):
         raise StageError(
             f"Stage '{entry.path}' ({entry.label}) returned {type(out).__name__}; expected fields "
@@ -303,7 +305,12 @@ def _end(
 ) -> None:
     if hooks:
         notify(
-            hooks, "on_run_end", path=prefix, pipeline=pipeline, outputs=state, error=error,
+            hooks,
+            "on_run_end",
+            path=prefix,
+            pipeline=pipeline,
+            outputs=state,
+            error=error,
             elapsed=perf_counter() - t0,
         )
     if token is not None:

@@ -31,24 +31,31 @@ def build_demo() -> stageflow.BranchingPipeline:
     def score(answer: str) -> dict[str, float]:
         return {"quality_score": 1.0 if answer.strip().isdigit() else 0.3}
 
-    math = stageflow.SequentialPipeline([
-        dspy.Predict("question -> answer"),
-        stageflow.IterativePipeline(
-            [stageflow.Stage(dspy.Predict("question, draft -> answer"), inputs={"draft": "answer"}), score],
-            stageflow.QualityBasedStopping(quality_threshold=0.9, patience=2),
-            max_iterations=3,
-        ),
-    ])
+    math = stageflow.SequentialPipeline(
+        [
+            dspy.Predict("question -> answer"),
+            stageflow.IterativePipeline(
+                [
+                    stageflow.Stage(dspy.Predict("question, draft -> answer"), inputs={"draft": "answer"}),
+                    score,
+                ],
+                stageflow.QualityBasedStopping(quality_threshold=0.9, patience=2),
+                max_iterations=3,
+            ),
+        ]
+    )
     chat = dspy.Predict("question -> answer")
     return stageflow.BranchingPipeline(stageflow.lm_router(["math", "chat"]), {"math": math, "chat": chat})
 
 
 def run_demo(question: str) -> int:
     """Run the demo on ``question`` and print what happened; returns an exit code."""
-    lm = FakeLM({
-        "branch": lambda i: "math" if re.search(r"\d", i.get("question", "")) else "chat",
-        "answer": _solve,
-    })
+    lm = FakeLM(
+        {
+            "branch": lambda i: "math" if re.search(r"\d", i.get("question", "")) else "chat",
+            "answer": _solve,
+        }
+    )
     program = build_demo()
     with isolated_dspy(lm), stageflow.profile() as prof:
         result = program(question=question)

@@ -80,7 +80,9 @@ class Profiler(Hook):
             with self._lock:
                 self.runs += 1
 
-    def after_stage(self, *, path: str, inputs: dict[str, Any], outputs: Any, elapsed: float, **future: Any) -> None:
+    def after_stage(
+        self, *, path: str, inputs: dict[str, Any], outputs: Any, elapsed: float, **future: Any
+    ) -> None:
         in_size, out_size = value_size(inputs), value_size(outputs)
         with self._lock:
             s = self._stats.setdefault(path, StageStats())
@@ -104,8 +106,10 @@ class Profiler(Hook):
     def merge(self, other: Profiler) -> None:
         """Add another profiler's records to this one."""
         with other._lock:
-            items = [(p, StageStats(list(s.times), list(s.input_sizes), list(s.output_sizes), s.errors))
-                     for p, s in other._stats.items()]
+            items = [
+                (p, StageStats(list(s.times), list(s.input_sizes), list(s.output_sizes), s.errors))
+                for p, s in other._stats.items()
+            ]
             runs = other.runs
         with self._lock:
             self.runs += runs

@@ -85,7 +85,14 @@ class Tracer(Hook):
         self._emit("input", path, pipeline=type(pipeline).__name__, inputs=inputs)
 
     def on_run_end(
-        self, *, path: str, pipeline: Any, outputs: Any, error: BaseException | None, elapsed: float, **future: Any
+        self,
+        *,
+        path: str,
+        pipeline: Any,
+        outputs: Any,
+        error: BaseException | None,
+        elapsed: float,
+        **future: Any,
     ) -> None:
         extra: dict[str, Any] = {"elapsed": elapsed, "pipeline": type(pipeline).__name__}
         if error is not None:

@@ -74,7 +74,10 @@ def lm_router(
     fields: dict[str, Any] = {}
     for name in [inputs] if isinstance(inputs, str) else list(inputs):
         fields[name] = (str, dspy.InputField())
-    fields[ROUTE_FIELD] = (Literal[tuple(names)], dspy.OutputField(desc="the branch that should handle the input"))
+    fields[ROUTE_FIELD] = (
+        Literal[tuple(names)],
+        dspy.OutputField(desc="the branch that should handle the input"),
+    )
     text = instructions or f"Choose the branch that should handle the input. Branches: {', '.join(names)}."
     return dspy.Predict(dspy.make_signature(fields, text))
 
@@ -111,7 +114,9 @@ class BranchingPipeline(Pipeline):
         for name, b in branches.items():
             key = normalize_branch(name)
             if not key:
-                raise ConfigurationError(f"Branch name {name!r} is empty after normalisation.", code="bad_branch")
+                raise ConfigurationError(
+                    f"Branch name {name!r} is empty after normalisation.", code="bad_branch"
+                )
             if key in normalized:
                 raise ConfigurationError(
                     f"Branch names {name!r} and another one both normalise to {key!r}.",
@@ -141,8 +146,9 @@ class BranchingPipeline(Pipeline):
                 stage_path="router",
                 field=ROUTE_FIELD,
                 code="no_route_field",
-                hint=f"rename the output that names the branch: Stage(router, outputs={{'{outs[0] if outs else 'x'}'"
-                f": 'branch'}}), or build one with stageflow.lm_router({sorted(normalized)})",
+                hint="rename the output that names the branch: "
+                f"Stage(router, outputs={{'{outs[0] if outs else 'x'}': 'branch'}}), "
+                f"or build one with stageflow.lm_router({sorted(normalized)})",
             )
         self._branch_entries = {k: build_entry("branches", k, v) for k, v in normalized.items()}
         self._default_entry: StageEntry | None = None
@@ -170,16 +176,16 @@ class BranchingPipeline(Pipeline):
 
     def _choose(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
         raw = state.get(ROUTE_FIELD)
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            if self._default_key is None and self._default_entry is None:
-                raise RoutingError(
-                    f"The router ({self._router_entry.label}) returned no branch name (got {raw!r}). "
-                    f"Known branches: {sorted(self.branches)}.",
-                    stage_path="router",
-                    field=ROUTE_FIELD,
-                    code="empty_route",
-                    hint="make the router return one of the branch names, or pass default=...",
-                )
+        empty = raw is None or (isinstance(raw, str) and not raw.strip())
+        if empty and self._default_key is None and self._default_entry is None:
+            raise RoutingError(
+                f"The router ({self._router_entry.label}) returned no branch name (got {raw!r}). "
+                f"Known branches: {sorted(self.branches)}.",
+                stage_path="router",
+                field=ROUTE_FIELD,
+                code="empty_route",
+                hint="make the router return one of the branch names, or pass default=...",
+            )
         key = normalize_branch(raw) if raw is not None else ""
         entry = self._branch_entries.get(key)
         used_default = entry is None

@@ -31,8 +31,7 @@ from typing import Any
 import dspy
 
 from stageflow.engine.plan import Scope, StageEntry, build_entry
-from stageflow.engine.runner import aexecute, call_stage, execute
-from stageflow.engine.runner import acall_stage
+from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.patterns.branching import BranchingPipeline
@@ -47,7 +46,7 @@ NODE_TYPES = ("module", "pipeline", "conditional", "iterative")
 _STAGE_KEYS = ("inputs", "outputs", "reads", "writes")
 
 
-def _load_saved(path: str, where: str) -> Any:
+def _load_saved(path: str | Path, where: str) -> Any:
     p = Path(path)
     if not p.exists():
         raise ConfigurationError(
@@ -90,9 +89,13 @@ class _Builder:
                 code="unknown_node",
             )
         if name in self.building:
-            cycle = " -> ".join([*self.building[self.building.index(name):], name])
-            raise ConfigurationError(f"The structure has a cycle: {cycle}.", field=name, code="cycle",
-                                     hint="use a node of type 'iterative' for loops")
+            cycle = " -> ".join([*self.building[self.building.index(name) :], name])
+            raise ConfigurationError(
+                f"The structure has a cycle: {cycle}.",
+                field=name,
+                code="cycle",
+                hint="use a node of type 'iterative' for loops",
+            )
         self.building.append(name)
         try:
             module = self.node(self.structure[name], f"node {name!r}")
@@ -113,8 +116,9 @@ class _Builder:
             )
         if kind == "module":
             if "module" not in spec:
-                raise ConfigurationError(f"{where}: a 'module' node needs a 'module' key.", field="module",
-                                         code="bad_node")
+                raise ConfigurationError(
+                    f"{where}: a 'module' node needs a 'module' key.", field="module", code="bad_node"
+                )
             target = spec["module"]
             module = _load_saved(target, where) if isinstance(target, str | Path) else as_stage(target, where)
             extra = {k: spec[k] for k in _STAGE_KEYS if k in spec}
@@ -122,15 +126,21 @@ class _Builder:
         if kind == "pipeline":
             stages = spec.get("stages")
             if not isinstance(stages, Sequence) or isinstance(stages, str) or not stages:
-                raise ConfigurationError(f"{where}: a 'pipeline' node needs a non-empty 'stages' list.",
-                                         field="stages", code="bad_node")
+                raise ConfigurationError(
+                    f"{where}: a 'pipeline' node needs a non-empty 'stages' list.",
+                    field="stages",
+                    code="bad_node",
+                )
             return SequentialPipeline([self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)])
         if kind == "conditional":
             router = spec.get("router", spec.get("condition"))
             branches = spec.get("branches")
             if router is None or not isinstance(branches, Mapping):
-                raise ConfigurationError(f"{where}: a 'conditional' node needs 'router' and a 'branches' dict.",
-                                         field="router" if router is None else "branches", code="bad_node")
+                raise ConfigurationError(
+                    f"{where}: a 'conditional' node needs 'router' and a 'branches' dict.",
+                    field="router" if router is None else "branches",
+                    code="bad_node",
+                )
             default = spec.get("default")
             if default is not None and not (isinstance(default, str) and default in branches):
                 default = self.ref(default, f"{where} default")
@@ -142,7 +152,7 @@ class _Builder:
         stages = spec.get("stages") or []
         return IterativePipeline(
             [self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)],
-            spec.get("stopping_condition"),
+            spec.get("stopping_condition"),  # type: ignore[arg-type]  # validated by IterativePipeline
             max_iterations=spec.get("max_iterations", 5),
             on_limit=spec.get("on_limit", "return"),
         )
@@ -164,7 +174,9 @@ class HierarchicalPipeline(Pipeline):
     def __init__(self, structure: Mapping[str, Any], *, inputs: Sequence[str] | None = None) -> None:
         super().__init__()
         if not isinstance(structure, Mapping) or not structure:
-            raise ConfigurationError("HierarchicalPipeline needs a non-empty dict of nodes.", code="bad_structure")
+            raise ConfigurationError(
+                "HierarchicalPipeline needs a non-empty dict of nodes.", code="bad_structure"
+            )
         builder = _Builder(structure)
         for name in structure:
             builder.named(name, "structure")

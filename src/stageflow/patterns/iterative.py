@@ -52,8 +52,11 @@ class QualityBasedStopping:
         score_field: str = "quality_score",
     ) -> None:
         if not isinstance(patience, int) or patience < 1:
-            raise ConfigurationError(f"QualityBasedStopping: patience must be an int >= 1, got {patience!r}.",
-                                     field="patience", code="bad_option")
+            raise ConfigurationError(
+                f"QualityBasedStopping: patience must be an int >= 1, got {patience!r}.",
+                field="patience",
+                code="bad_option",
+            )
         self.quality_threshold = float(quality_threshold)
         self.patience = patience
         self.min_improvement = float(min_improvement)
@@ -88,7 +91,7 @@ class QualityBasedStopping:
                 break
             if gain > self.min_improvement:
                 break
-            stalled += 1
+            stalled += 1  # noqa: SIM113 - counts a run of stalled iterations, not positions
             if stalled >= self.patience:
                 return StopDecision(True, "plateau")
         return StopDecision(False)
@@ -144,8 +147,11 @@ class IterativePipeline(Pipeline):
                 hint="pass max_iterations=10 (or another bound) and a stopping_condition",
             )
         if on_limit not in ("return", "raise"):
-            raise ConfigurationError(f"on_limit must be 'return' or 'raise', got {on_limit!r}.",
-                                     field="on_limit", code="bad_option")
+            raise ConfigurationError(
+                f"on_limit must be 'return' or 'raise', got {on_limit!r}.",
+                field="on_limit",
+                code="bad_option",
+            )
         if not callable(stopping_condition):
             raise ConfigurationError(
                 f"stopping_condition must be callable, got {stopping_condition!r}.",
@@ -155,12 +161,16 @@ class IterativePipeline(Pipeline):
             )
         self.stages = [as_stage(s, f"stages[{i}]") for i, s in enumerate(processing_stages)]
         if not self.stages:
-            raise ConfigurationError("IterativePipeline needs at least one processing stage.", code="bad_stages")
+            raise ConfigurationError(
+                "IterativePipeline needs at least one processing stage.", code="bad_stages"
+            )
         self.stopping_condition = stopping_condition
         self.max_iterations = max_iterations
         self.on_limit = on_limit
         self._condition_arity = _arity(stopping_condition)
-        self._entries: tuple[StageEntry, ...] = tuple(build_entry("stages", i, s) for i, s in enumerate(self.stages))
+        self._entries: tuple[StageEntry, ...] = tuple(
+            build_entry("stages", i, s) for i, s in enumerate(self.stages)
+        )
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         # Requirements only grow easier after the first iteration (the state keeps every field),
@@ -170,8 +180,8 @@ class IterativePipeline(Pipeline):
         for f in getattr(self.stopping_condition, "reads", ()):
             if f not in scope.available and scope.strict:
                 raise ContractError(
-                    f"The stopping condition {self.stopping_condition!r} reads '{f}', but no loop stage writes "
-                    f"it and it is not an input. Available after one iteration: {sorted(scope.available)}.",
+                    f"The stopping condition {self.stopping_condition!r} reads '{f}', but no loop stage "
+                    f"writes it and it is not an input. Available after one iteration: {sorted(scope.available)}.",
                     stage_path="stopping_condition",
                     field=f,
                     code="missing_input",
@@ -215,8 +225,9 @@ class IterativePipeline(Pipeline):
 
     @staticmethod
     def _finish(run: RunInfo, history: list[dict[str, Any]], converged: bool, reason: str) -> None:
-        run.extras.update(converged=converged, stop_reason=reason, iterations=history,
-                          num_iterations=len(history))
+        run.extras.update(
+            converged=converged, stop_reason=reason, iterations=history, num_iterations=len(history)
+        )
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         history: list[dict[str, Any]] = []
