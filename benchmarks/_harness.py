@@ -1,0 +1,63 @@
+"""Tiny side-by-side timing harness: every variant runs in each repetition, in rotated order.
+
+Reported numbers are medians over repetitions of per-operation wall time (``perf_counter``) and
+process CPU time; ratios are taken within one run, so they carry over between machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["calibrate", "machine_note", "measure"]
+
+
+def calibrate(fn: Callable[[], Any], target_s: float = 0.05) -> int:
+    """How many calls of ``fn`` take about ``target_s``."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= target_s / 4 or n >= 1 << 20:
+            return max(1, int(n * target_s / max(dt, 1e-9)))
+        n *= 4
+
+
+def measure(variants: dict[str, Callable[[], Any]], reps: int = 21) -> dict[str, dict[str, float]]:
+    """Median µs per call (wall and CPU) for each variant, rotated order per repetition."""
+    loops = {name: calibrate(fn) for name, fn in variants.items()}
+    wall: dict[str, list[float]] = {n: [] for n in variants}
+    cpu: dict[str, list[float]] = {n: [] for n in variants}
+    names = list(variants)
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            fn, n = variants[name], loops[name]
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn()
+            wall[name].append((time.perf_counter() - w0) / n * 1e6)
+            cpu[name].append((time.process_time() - c0) / n * 1e6)
+    return {n: {"wall_us": statistics.median(wall[n]), "cpu_us": statistics.median(cpu[n])} for n in variants}
+
+
+def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap an async callable so one persistent event loop runs it (no loop start-up per call)."""
+    loop = asyncio.new_event_loop()
+    return lambda: loop.run_until_complete(coro_fn())
+
+
+def machine_note() -> str:
+    """Load and a CPU speed reference, to print in table headers."""
+    import os
+
+    t0 = time.process_time()
+    sum(i * i for i in range(10**5))
+    ref = (time.process_time() - t0) * 1e3
+    load = os.getloadavg()[0]
+    return f"load average {load:.2f}; speed reference {ref:.1f} ms (sum of squares to 1e5)"

@@ -1,0 +1,117 @@
+"""Engine overhead: a 10-stage stageflow pipeline vs the same modules composed by hand.
+
+Run: ``python benchmarks/overhead.py`` (prints a Markdown table; numbers go to BENCHMARKS.md).
+
+Variants (each 1 and 10 stages, each stage adds 1 to ``x``):
+- plain Python functions;
+- hand-written ``dspy.Module`` whose ``forward`` calls the 10 trivial modules;
+- ``SequentialPipeline`` of the same trivial modules (sync and ``acall``);
+- ``SequentialPipeline`` of plain function stages (the engine alone, no DSPy per stage).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dspy  # noqa: E402
+from _harness import machine_note, measure, run_async  # noqa: E402
+
+import stageflow  # noqa: E402
+
+
+class AddOne(dspy.Module):  # type: ignore[misc]
+    def forward(self, x: int) -> dspy.Prediction:
+        return dspy.Prediction(x=x + 1)
+
+    async def aforward(self, x: int) -> dspy.Prediction:
+        return dspy.Prediction(x=x + 1)
+
+
+class Hand(dspy.Module):  # type: ignore[misc]
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.stages = [AddOne() for _ in range(n)]
+
+    def forward(self, x: int) -> dspy.Prediction:
+        for s in self.stages:
+            x = s(x=x).x
+        return dspy.Prediction(x=x)
+
+    async def aforward(self, x: int) -> dspy.Prediction:
+        for s in self.stages:
+            x = (await s.acall(x=x)).x
+        return dspy.Prediction(x=x)
+
+
+def plain(n: int) -> object:
+    fns = [lambda x: x + 1 for _ in range(n)]
+
+    def run() -> int:
+        x = 0
+        for f in fns:
+            x = f(x)
+        return x
+
+    return run
+
+
+def main() -> None:
+    variants = {}
+    for n in (1, 10):
+        hand = Hand(n)
+        sf = stageflow.SequentialPipeline([AddOne() for _ in range(n)])
+        sf_fn = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"x": x + 1}, writes=["x"]) for _ in range(n)])
+        for p in (hand, sf, sf_fn):
+            assert p(x=0).x == n
+        variants[f"plain Python x{n}"] = plain(n)
+        variants[f"hand-written dspy.Module x{n}"] = lambda hand=hand: hand(x=0)
+        variants[f"stageflow SequentialPipeline of dspy.Modules x{n}"] = lambda sf=sf: sf(x=0)
+        variants[f"stageflow SequentialPipeline of function stages x{n}"] = lambda sf_fn=sf_fn: sf_fn(x=0)
+        variants[f"hand-written dspy.Module acall x{n}"] = run_async(lambda hand=hand: hand.acall(x=0))
+        variants[f"stageflow acall of dspy.Modules x{n}"] = run_async(lambda sf=sf: sf.acall(x=0))
+    res = measure(variants)
+
+    def cpu(name: str) -> float:
+        return res[name]["cpu_us"]
+
+    print(f"# Engine overhead ({machine_note()})\n")
+    print("| variant | 1 stage µs | 10 stages µs | per stage µs (marginal) |")
+    print("|---|---|---|---|")
+    kinds = [
+        "plain Python",
+        "hand-written dspy.Module",
+        "stageflow SequentialPipeline of dspy.Modules",
+        "stageflow SequentialPipeline of function stages",
+        "hand-written dspy.Module acall",
+        "stageflow acall of dspy.Modules",
+    ]
+    for k in kinds:
+        a, b = cpu(f"{k} x1"), cpu(f"{k} x10")
+        print(f"| {k} | {a:.1f} | {b:.1f} | {(b - a) / 9:.2f} |")
+    hand1, hand10 = cpu("hand-written dspy.Module x1"), cpu("hand-written dspy.Module x10")
+    sf1, sf10 = cpu("stageflow SequentialPipeline of dspy.Modules x1"), cpu(
+        "stageflow SequentialPipeline of dspy.Modules x10"
+    )
+    per_stage_added = ((sf10 - sf1) - (hand10 - hand1)) / 9
+    fixed_added = sf1 - hand1 - per_stage_added
+    ah10 = cpu("hand-written dspy.Module acall x10")
+    as10 = cpu("stageflow acall of dspy.Modules x10")
+    fn10, fn1 = cpu("stageflow SequentialPipeline of function stages x10"), cpu(
+        "stageflow SequentialPipeline of function stages x1"
+    )
+    print()
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(f"| engine cost added per stage (vs hand-written) | {per_stage_added:.2f} µs | ≤ 5 µs |")
+    print(f"| fixed cost added per pipeline call (vs hand-written) | {fixed_added:.1f} µs | ≤ 20 µs |")
+    print(f"| 10-stage pipeline / hand-written composition | {sf10 / hand10:.2f}× | ≤ 1.25× |")
+    print(f"| async / sync, 10-stage stageflow pipeline | {as10 / sf10:.2f}× | ≤ 1.2× |")
+    print(f"| async stageflow / async hand-written, 10 stages | {as10 / ah10:.2f}× | |")
+    print(f"| engine alone per function stage (marginal) | {(fn10 - fn1) / 9:.2f} µs | |")
+
+
+if __name__ == "__main__":
+    main()
