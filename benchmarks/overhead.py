@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dspy  # noqa: E402
-from _harness import machine_note, measure, run_async  # noqa: E402
+import dspy
 
-import stageflow  # noqa: E402
+import stageflow
+from _harness import machine_note, measure, run_async
 
 
 class AddOne(dspy.Module):  # type: ignore[misc]
@@ -63,7 +63,9 @@ def main() -> None:
     for n in (1, 10):
         hand = Hand(n)
         sf = stageflow.SequentialPipeline([AddOne() for _ in range(n)])
-        sf_fn = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"x": x + 1}, writes=["x"]) for _ in range(n)])
+        sf_fn = stageflow.SequentialPipeline(
+            [stageflow.stage(lambda x: {"x": x + 1}, writes=["x"]) for _ in range(n)]
+        )
         for p in (hand, sf, sf_fn):
             assert p(x=0).x == n
         variants[f"plain Python x{n}"] = plain(n)
@@ -92,15 +94,17 @@ def main() -> None:
         a, b = cpu(f"{k} x1"), cpu(f"{k} x10")
         print(f"| {k} | {a:.1f} | {b:.1f} | {(b - a) / 9:.2f} |")
     hand1, hand10 = cpu("hand-written dspy.Module x1"), cpu("hand-written dspy.Module x10")
-    sf1, sf10 = cpu("stageflow SequentialPipeline of dspy.Modules x1"), cpu(
-        "stageflow SequentialPipeline of dspy.Modules x10"
+    sf1, sf10 = (
+        cpu("stageflow SequentialPipeline of dspy.Modules x1"),
+        cpu("stageflow SequentialPipeline of dspy.Modules x10"),
     )
     per_stage_added = ((sf10 - sf1) - (hand10 - hand1)) / 9
     fixed_added = sf1 - hand1 - per_stage_added
     ah10 = cpu("hand-written dspy.Module acall x10")
     as10 = cpu("stageflow acall of dspy.Modules x10")
-    fn10, fn1 = cpu("stageflow SequentialPipeline of function stages x10"), cpu(
-        "stageflow SequentialPipeline of function stages x1"
+    fn10, fn1 = (
+        cpu("stageflow SequentialPipeline of function stages x10"),
+        cpu("stageflow SequentialPipeline of function stages x1"),
     )
     print()
     print("| measure | value | target |")
