@@ -181,7 +181,8 @@ class IterativePipeline(Pipeline):
             if f not in scope.available and scope.strict:
                 raise ContractError(
                     f"The stopping condition {self.stopping_condition!r} reads '{f}', but no loop stage "
-                    f"writes it and it is not an input. Available after one iteration: {sorted(scope.available)}.",
+                    "writes it and it is not an input. "
+                    f"Available after one iteration: {sorted(scope.available)}.",
                     stage_path="stopping_condition",
                     field=f,
                     code="missing_input",
