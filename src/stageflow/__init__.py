@@ -13,6 +13,7 @@ from stageflow._version import __version__
 
 if TYPE_CHECKING:
     from stageflow.contracts import StageInput, StageOutput, StandardStage
+    from stageflow.engine.concurrency import BranchOutcome, configure, get_config, limits
     from stageflow.engine.hooks import Hook, attach_hooks
     from stageflow.errors import (
         ConfigurationError,
@@ -26,30 +27,42 @@ if TYPE_CHECKING:
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.tracer import Tracer, trace
+    from stageflow.patterns.adaptive import AdaptivePipeline, PipelineAdapter
     from stageflow.patterns.base import Pipeline
     from stageflow.patterns.branching import BranchingPipeline, RouteDecision, lm_router, normalize_branch
+    from stageflow.patterns.ensemble import EnsemblePipeline, ResultAggregator
+    from stageflow.patterns.foreach import ForEach
     from stageflow.patterns.hierarchical import HierarchicalPipeline
     from stageflow.patterns.iterative import IterativePipeline, QualityBasedStopping, StopDecision
+    from stageflow.patterns.parallel import ParallelPipeline, ResultMerger
     from stageflow.patterns.sequential import SequentialPipeline
     from stageflow.stages import FunctionStage, Ports, Stage, describe, stage
     from stageflow.state import Result, RunInfo, StageRecord
 
 __all__ = [
+    "AdaptivePipeline",
+    "BranchOutcome",
     "BranchingPipeline",
     "ConfigurationError",
     "ContractError",
+    "EnsemblePipeline",
+    "ForEach",
     "FunctionStage",
     "HierarchicalPipeline",
     "Hook",
     "IterativePipeline",
     "LoopLimitError",
+    "ParallelPipeline",
     "Pipeline",
+    "PipelineAdapter",
     "PipelineError",
     "Ports",
     "Profiler",
     "ProfilingPipeline",
     "QualityBasedStopping",
     "Result",
+    "ResultAggregator",
+    "ResultMerger",
     "RouteDecision",
     "RoutingError",
     "RunInfo",
@@ -64,32 +77,43 @@ __all__ = [
     "StopDecision",
     "Tracer",
     "TracingPipeline",
-    "__version__",
     "attach_hooks",
+    "configure",
     "describe",
+    "get_config",
+    "limits",
     "lm_router",
     "normalize_branch",
     "profile",
     "stage",
     "trace",
+    "__version__",
 ]
 
 _LOCATIONS: dict[str, str] = {
+    "AdaptivePipeline": "stageflow.patterns.adaptive",
+    "BranchOutcome": "stageflow.engine.concurrency",
     "BranchingPipeline": "stageflow.patterns.branching",
     "ConfigurationError": "stageflow.errors",
     "ContractError": "stageflow.errors",
+    "EnsemblePipeline": "stageflow.patterns.ensemble",
+    "ForEach": "stageflow.patterns.foreach",
     "FunctionStage": "stageflow.stages",
     "HierarchicalPipeline": "stageflow.patterns.hierarchical",
     "Hook": "stageflow.engine.hooks",
     "IterativePipeline": "stageflow.patterns.iterative",
     "LoopLimitError": "stageflow.errors",
+    "ParallelPipeline": "stageflow.patterns.parallel",
     "Pipeline": "stageflow.patterns.base",
+    "PipelineAdapter": "stageflow.patterns.adaptive",
     "PipelineError": "stageflow.errors",
     "Ports": "stageflow.stages",
     "Profiler": "stageflow.observe.profiler",
     "ProfilingPipeline": "stageflow.observe.pipelines",
     "QualityBasedStopping": "stageflow.patterns.iterative",
     "Result": "stageflow.state",
+    "ResultAggregator": "stageflow.patterns.ensemble",
+    "ResultMerger": "stageflow.patterns.parallel",
     "RouteDecision": "stageflow.patterns.branching",
     "RoutingError": "stageflow.errors",
     "RunInfo": "stageflow.state",
@@ -105,7 +129,10 @@ _LOCATIONS: dict[str, str] = {
     "Tracer": "stageflow.observe.tracer",
     "TracingPipeline": "stageflow.observe.pipelines",
     "attach_hooks": "stageflow.engine.hooks",
+    "configure": "stageflow.engine.concurrency",
     "describe": "stageflow.stages",
+    "get_config": "stageflow.engine.concurrency",
+    "limits": "stageflow.engine.concurrency",
     "lm_router": "stageflow.patterns.branching",
     "normalize_branch": "stageflow.patterns.branching",
     "profile": "stageflow.observe.profiler",

@@ -18,6 +18,8 @@ and the call that fixes it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConfigurationError",
     "ContractError",
@@ -103,9 +105,17 @@ class StageError(StageflowError):
 
 
 class PipelineError(StageflowError):
-    """A pipeline could not finish."""
+    """A pipeline could not finish.
+
+    ``errors`` holds each branch's exception when a fan-out failed as a whole (by stage path for
+    parallel groups and ensembles, in item order for ForEach).
+    """
 
     default_code = "pipeline_failed"
+
+    def __init__(self, message: str, *, errors: Any = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.errors = errors
 
 
 class LoopLimitError(StageflowError):

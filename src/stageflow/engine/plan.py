@@ -54,6 +54,7 @@ class StageEntry:
     pass_state: bool
     ports: Ports
     label: str
+    composite: bool = False
 
 
 def _local_path(attr: str, key: int | str | None) -> str:
@@ -111,6 +112,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         pass_state=leaf_ports.accepts_any and not in_pairs and not opt_pairs,
         ports=describe(obj),
         label=stage_label(obj),
+        composite=bool(getattr(leaf, "_is_stageflow_pipeline", False)),
     )
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import dspy
 
+from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
 from stageflow.engine.hooks import _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.errors import ContractError, StageError, StageflowError
@@ -158,6 +159,20 @@ def _fail(entry: StageEntry, error: Exception) -> StageflowError:
     return wrapped
 
 
+def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    """Call the stage; a leaf takes a slot of every concurrency budget in force."""
+    if entry.composite:
+        return target(**kw)
+    slots = leaf_slots()
+    if not slots:
+        return target(**kw)
+    token = enter_leaf(slots)
+    try:
+        return target(**kw)
+    finally:
+        exit_leaf(slots, token)
+
+
 def call_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
@@ -168,7 +183,7 @@ def call_stage(
         return _call_observed(owner, entry, target, kw, state, run, hooks, prefix)
     t0 = perf_counter()
     try:
-        out = target(**kw)
+        out = _invoke(entry, target, kw)
     except Exception as e:
         run.trace.append(StageRecord(entry.path, perf_counter() - t0, False))
         raise _fail(entry, e) from (e.__cause__ if isinstance(e, StageflowError) else e)
@@ -194,7 +209,7 @@ def _call_observed(
     token = _PATH.set(path)
     t0 = perf_counter()
     try:
-        out = target(**kw)
+        out = _invoke(entry, target, kw)
     except Exception as e:
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
@@ -211,8 +226,21 @@ def _call_observed(
 
 
 async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.composite:
+        return await _invoke_async_unlimited(entry, target, kw)
+    slots = leaf_slots()
+    if not slots:
+        return await _invoke_async_unlimited(entry, target, kw)
+    token = await aenter_leaf(slots)
+    try:
+        return await _invoke_async_unlimited(entry, target, kw)
+    finally:
+        exit_leaf(slots, token)
+
+
+async def _invoke_async_unlimited(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.kind == FUNCTION:
-        out = target(**kw)
+        out = _invoke(entry, target, kw)
         if entry.is_async_fn:
             out = await out
         return out

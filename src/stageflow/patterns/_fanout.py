@@ -1,0 +1,174 @@
+"""What the concurrent patterns share: run stage branches through the engine's fan-out.
+
+A branch is ``(entry, branch_state)``: the engine's :func:`call_stage` runs ``entry`` over its own
+copy of the state, with its own :class:`RunInfo`; the pattern then merges what each branch
+produced. Sync calls fan out on threads (or, when every branch is an ``async def`` stage, on
+stageflow's background event loop); async calls fan out on tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stageflow.engine.concurrency import (
+    BranchOutcome,
+    FailurePolicy,
+    _chain,
+    afan_out,
+    child_budget,
+    fan_out,
+    on_background_loop,
+    run_on_background_loop,
+)
+from stageflow.engine.plan import FUNCTION, StageEntry
+from stageflow.engine.runner import acall_stage, call_stage
+from stageflow.errors import ConfigurationError
+from stageflow.state import RunInfo
+
+__all__ = ["Branch", "BranchResult", "arun_branches", "check_fanout_options", "run_branches"]
+
+
+@dataclass
+class Branch:
+    """One unit of concurrent work: run ``entry`` over ``state`` (a private copy)."""
+
+    entry: StageEntry
+    state: dict[str, Any]
+    run: RunInfo = field(default_factory=RunInfo)
+
+
+@dataclass
+class BranchResult:
+    """A branch after the fan-out: its outcome and the fields it produced."""
+
+    branch: Branch
+    outcome: BranchOutcome
+    produced: dict[str, Any]
+
+
+def check_fanout_options(
+    max_concurrency: int | None, on_error: str, timeout: float | None, where: str
+) -> None:
+    """Validate the options every concurrent pattern takes."""
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+    ):
+        raise ConfigurationError(
+            f"{where}: max_concurrency must be a positive int or None, got {max_concurrency!r}.",
+            field="max_concurrency",
+            code="bad_option",
+        )
+    if on_error not in ("collect", "skip", "fail_fast"):
+        raise ConfigurationError(
+            f"{where}: on_error must be 'collect', 'skip' or 'fail_fast', got {on_error!r}.",
+            field="on_error",
+            code="bad_option",
+        )
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigurationError(
+            f"{where}: timeout must be a positive number of seconds, got {timeout!r}.",
+            field="timeout",
+            code="bad_option",
+        )
+
+
+def _window(n: int, own: int | None) -> int:
+    caps = [b.limit for b in _chain()]
+    if own is not None:
+        caps.append(own)
+    return min([n, *caps]) if caps else n
+
+
+def _produced(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in after.items() if k not in before or before[k] is not v}
+
+
+def _results(
+    branches: Sequence[Branch], before: Sequence[dict[str, Any]], outcomes: list[BranchOutcome]
+) -> list[BranchResult]:
+    return [
+        BranchResult(b, o, _produced(before[i], b.state) if o.ok else {})
+        for i, (b, o) in enumerate(zip(branches, outcomes, strict=True))
+    ]
+
+
+def run_branches(
+    owner: Any,
+    branches: Sequence[Branch],
+    hooks: tuple[Any, ...],
+    prefix: str,
+    *,
+    max_concurrency: int | None,
+    on_error: FailurePolicy,
+    timeout: float | None,
+    name: str,
+    until: Callable[[list[BranchOutcome]], bool] | None = None,
+) -> list[BranchResult]:
+    """Run ``branches`` concurrently from a sync call."""
+    before = [dict(b.state) for b in branches]
+    native_async = all(b.entry.kind == FUNCTION and b.entry.is_async_fn for b in branches)
+    if branches and native_async and not on_background_loop():
+        return run_on_background_loop(  # type: ignore[no-any-return]
+            arun_branches(
+                owner,
+                branches,
+                hooks,
+                prefix,
+                max_concurrency=max_concurrency,
+                on_error=on_error,
+                timeout=timeout,
+                name=name,
+                until=until,
+            )
+        )
+
+    def thunk(b: Branch) -> Callable[[], Any]:
+        return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
+
+    with child_budget(max_concurrency, name):
+        outcomes = fan_out(
+            [thunk(b) for b in branches],
+            max_concurrency=_window(len(branches), max_concurrency),
+            on_error=on_error,
+            timeout=timeout,
+            until=until,
+        )
+    return _results(branches, before, outcomes)
+
+
+async def arun_branches(
+    owner: Any,
+    branches: Sequence[Branch],
+    hooks: tuple[Any, ...],
+    prefix: str,
+    *,
+    max_concurrency: int | None,
+    on_error: FailurePolicy,
+    timeout: float | None,
+    name: str,
+    until: Callable[[list[BranchOutcome]], bool] | None = None,
+) -> list[BranchResult]:
+    """Run ``branches`` concurrently from an async call."""
+    before = [dict(b.state) for b in branches]
+
+    def thunk(b: Branch) -> Callable[[], Any]:
+        return lambda: acall_stage(owner, b.entry, b.state, b.run, hooks, prefix)
+
+    with child_budget(max_concurrency, name):
+        outcomes = await afan_out(
+            [thunk(b) for b in branches],
+            max_concurrency=_window(len(branches), max_concurrency),
+            on_error=on_error,
+            timeout=timeout,
+            until=until,
+        )
+    return _results(branches, before, outcomes)
+
+
+def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
+    """Add the branches' trace records and stage outputs to the parent run."""
+    for r in results:
+        run.trace.extend(r.branch.run.trace)
+        run.stage_outputs.update(r.branch.run.stage_outputs)
