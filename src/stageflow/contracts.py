@@ -152,6 +152,8 @@ class StandardStage(dspy.Module):  # type: ignore[misc]
         try:
             out = self.process(data)
             if inspect.isawaitable(out):
+                if inspect.iscoroutine(out):
+                    out.close()  # never started: close it so Python does not warn it was never awaited
                 raise ConfigurationError(
                     f"{type(self).__name__}.process is async; call the pipeline with acall().",
                     code="async_process",

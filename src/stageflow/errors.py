@@ -66,14 +66,23 @@ class StageflowError(Exception):
             text = f"{text}\nFix: {self.hint}"
         return text
 
+    #: ``True`` once ``stage_path`` is relative to the outermost running pipeline.
+    path_is_full = False
+
     def with_path_prefix(self, prefix: str) -> StageflowError:
-        """Prepend an enclosing stage path (used as errors bubble out of nested pipelines)."""
+        """Prepend an enclosing stage path (used as errors bubble out of nested pipelines).
+
+        Quoted stage paths in the message and hint that start with the old path are prefixed too,
+        so the text names the same stages as ``stage_path``.
+        """
         if not prefix:
             return self
         if self.stage_path:
             old = self.stage_path
             self.stage_path = f"{prefix}.{old}"
-            self.message = self.message.replace(f"'{old}'", f"'{self.stage_path}'", 1)
+            self.message = self.message.replace(f"'{old}", f"'{prefix}.{old}")
+            if self.hint:
+                self.hint = self.hint.replace(f"'{old}", f"'{prefix}.{old}")
         else:
             self.stage_path = prefix
         self.args = (self.message,)

@@ -59,6 +59,7 @@ class Ports:
         accepts_any: The stage takes ``**kwargs``; with no ``reads=`` it receives the whole state.
         types: Annotations of known fields (inputs and outputs), for list-vs-scalar checks.
         required_by: For composite stages, which inner stage needs each required field.
+        partial: For composite stages, fields produced on some inner paths only, and where.
     """
 
     required: tuple[str, ...] = ()
@@ -67,6 +68,7 @@ class Ports:
     accepts_any: bool = False
     types: Mapping[str, Any] = field(default_factory=dict)
     required_by: Mapping[str, str] = field(default_factory=dict)
+    partial: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
 
 
 def _signature_ports(signature: Any) -> Ports:

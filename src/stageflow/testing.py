@@ -95,9 +95,13 @@ class _FakeEngine:
         return self
 
     def complete(self, request: Any) -> Response:
-        if self.owner.latency:
-            time.sleep(self.owner.latency)
-        return self.owner._respond(request)
+        self.owner._enter()
+        try:
+            if self.owner.latency:
+                time.sleep(self.owner.latency)
+            return self.owner._respond(request)
+        finally:
+            self.owner._exit()
 
     def stream(self, request: Any) -> Any:
         from dspy.lm15 import response_to_events
@@ -116,9 +120,13 @@ class _AsyncFakeEngine:
         return self
 
     async def complete(self, request: Any) -> Response:
-        if self.owner.latency:
-            await asyncio.sleep(self.owner.latency)
-        return self.owner._respond(request)
+        self.owner._enter()
+        try:
+            if self.owner.latency:
+                await asyncio.sleep(self.owner.latency)
+            return self.owner._respond(request)
+        finally:
+            self.owner._exit()
 
     async def aclose(self) -> None:
         return None
@@ -137,6 +145,8 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
+        active: LM calls in progress right now; ``peak_active`` is the most there ever were at
+            once (a count, so concurrency limits can be asserted without timing).
     """
 
     def __init__(
@@ -153,6 +163,8 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self.latency = latency
         self.fail_times = fail_times
         self.calls = 0
+        self.active = 0
+        self.peak_active = 0
         self.log: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         self._lock = threading.Lock()
         super().__init__(
@@ -161,6 +173,15 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeLM:
         return self  # one script and one call counter, however often a program is copied
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+
+    def _exit(self) -> None:
+        with self._lock:
+            self.active -= 1
 
     def _respond(self, request: Any) -> Response:
         system = _text(request.system) if request.system is not None else ""

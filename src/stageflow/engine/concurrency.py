@@ -414,7 +414,8 @@ class _SyncFanOut:
             self.done += 1
             if self.until is not None and not self.stopped and self.until(self.outcomes):
                 self.stopped = True
-            self.cond.notify_all()
+            if self.timeout is not None or self.finished():
+                self.cond.notify_all()  # wake the caller only when it has something to do
 
     def pull(self, ctx: contextvars.Context) -> None:
         while (i := self.take()) is not None:
@@ -506,16 +507,25 @@ async def afan_out(
     if n == 0:
         return outcomes
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
-    stop = asyncio.Event()
     first_error: list[BaseException] = []
+    stopped = [False]
+    tasks: list[asyncio.Task[None]] = []
+
+    def stop(me: int) -> None:
+        # Abandon every other branch: O(n) once, instead of re-waiting on all pending tasks.
+        stopped[0] = True
+        for k, t in enumerate(tasks):
+            if k != me and not t.done():
+                t.cancel()
 
     async def one(i: int) -> None:
+        o = outcomes[i]
         if gate is not None:
             await gate.acquire()
         try:
-            if stop.is_set():
+            if stopped[0]:
+                o.status = "cancelled"
                 return
-            o = outcomes[i]
             t0 = perf_counter()
             try:
                 if timeout is None:
@@ -524,44 +534,37 @@ async def afan_out(
                     async with asyncio.timeout(timeout):
                         o.value = await thunks[i]()
             except TimeoutError as e:
-                o.error, o.status = (
-                    e if str(e) else TimeoutError(f"branch {i} timed out after {timeout}s"),
-                    "timeout",
-                )
+                o.status = "timeout"
+                o.error = e if str(e) else TimeoutError(f"branch {i} timed out after {timeout}s")
             except asyncio.CancelledError:
-                o.status = "cancelled"
+                o.status, o.elapsed = "cancelled", perf_counter() - t0
                 raise
             except Exception as e:
                 o.error, o.status = e, "error"
             else:
                 o.ok, o.status = True, "ok"
             o.elapsed = perf_counter() - t0
-            if not o.ok and on_error == "fail_fast" and not first_error:
+            if stopped[0]:
+                return
+            if not o.ok and on_error == "fail_fast":
                 first_error.append(o.error)  # type: ignore[arg-type]
-                stop.set()
+                stop(i)
             elif until is not None and until(outcomes):
-                stop.set()
+                stop(i)
         finally:
             if gate is not None:
                 gate.release()
 
-    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
-    stopper = asyncio.ensure_future(stop.wait())
+    tasks.extend(asyncio.ensure_future(one(i)) for i in range(n))
     try:
-        pending: set[asyncio.Future[Any]] = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
-            pending.discard(stopper)
-            if stopper in done:
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                for o in outcomes:
-                    if o.status == "skipped" and not o.ok:
-                        o.status = "cancelled" if o.error is None else o.status
-                break
-    finally:
-        stopper.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    for o in outcomes:
+        if o.status == "skipped":
+            o.status = "cancelled"
     if first_error:
         raise first_error[0]
     return outcomes

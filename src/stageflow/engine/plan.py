@@ -20,7 +20,7 @@ from typing import Any
 from stageflow.errors import ContractError
 from stageflow.stages import RESERVED_FIELD_NAMES, FunctionStage, Ports, Stage, describe, stage_label
 
-__all__ = ["Scope", "StageEntry", "build_entry", "join_path"]
+__all__ = ["Scope", "StageEntry", "build_entry", "held", "join_path"]
 
 MODULE = 0
 FUNCTION = 1
@@ -55,6 +55,15 @@ class StageEntry:
     ports: Ports
     label: str
     composite: bool = False
+    merge_skip: frozenset[str] = frozenset()
+
+
+def held(owner: Any, entry: StageEntry) -> Any:
+    """The stage object as ``owner`` holds it (a module, Stage wrapper or FunctionStage)."""
+    obj = object.__getattribute__(owner, entry.attr)
+    if entry.key is not None:
+        obj = obj[entry.key]
+    return obj
 
 
 def _local_path(attr: str, key: int | str | None) -> str:
@@ -113,6 +122,10 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         ports=describe(obj),
         label=stage_label(obj),
         composite=bool(getattr(leaf, "_is_stageflow_pipeline", False)),
+        # A nested pipeline's result repeats its inputs; those it got under another name must not
+        # overwrite the state field of that name.
+        merge_skip=frozenset(sf for sf, st in (*in_pairs, *opt_pairs) if sf != st)
+        - frozenset(leaf_ports.outputs or ()),
     )
 
 
@@ -138,11 +151,13 @@ class Scope:
     missing: dict[str, str] = field(default_factory=dict)
     optional: dict[str, str] = field(default_factory=dict)
     opaque: list[str] = field(default_factory=list)
+    partial: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    owner: Any = None
 
     @classmethod
-    def start(cls, inputs: Any, *, strict: bool) -> Scope:
+    def start(cls, inputs: Any, *, strict: bool, owner: Any = None) -> Scope:
         names = list(inputs)
-        return cls(dict.fromkeys(names), dict.fromkeys(names, "input"), strict)
+        return cls(dict.fromkeys(names), dict.fromkeys(names, "input"), strict, owner=owner)
 
     def copy(self) -> Scope:
         return Scope(
@@ -152,11 +167,34 @@ class Scope:
             self.missing,
             self.optional,
             list(self.opaque),
+            dict(self.partial),
+            self.owner,
         )
+
+    def narrow(self, paths: list[Scope], labels: list[str]) -> None:
+        """Keep only the fields available on every one of ``paths`` (branches of this point).
+
+        Fields produced on some paths only are remembered, so an error about them can say which
+        path lacks them.
+        """
+        common = set.intersection(*(set(s.available) for s in paths))
+        everything = set().union(*(set(s.available) for s in paths))
+        for f in sorted(everything - common):
+            have = tuple(lab for lab, s in zip(labels, paths, strict=True) if f in s.available)
+            lack = tuple(lab for lab, s in zip(labels, paths, strict=True) if f not in s.available)
+            self.partial[f] = (have, lack)
+        for s in paths:
+            self.opaque.extend(p for p in s.opaque if p not in self.opaque)
+            for k, v in s.partial.items():
+                self.partial.setdefault(k, v)
+        self.available = {f: paths[0].available.get(f) for f in common}
+        self.origin = {f: paths[0].origin.get(f, "") for f in common}
 
     def check(self, entry: StageEntry, prefix: str) -> None:
         """Check one stage's inputs, then make its outputs available."""
         ports = entry.ports
+        if entry.composite and self.owner is not None:
+            ports = describe(held(self.owner, entry))  # live: a nested pipeline may have grown
         path = join_path(prefix, entry.path)
         for f in ports.required:
             if f in self.available:
@@ -173,6 +211,12 @@ class Scope:
 
     def produce(self, ports: Ports, path: str, label: str) -> None:
         """Make ``ports.outputs`` available (or note that this stage's outputs are unknown)."""
+        for f, (have, lack) in ports.partial.items():
+            if f not in self.available:
+                self.partial[f] = (
+                    tuple(join_path(path, h) for h in have),
+                    tuple(join_path(path, x) for x in lack),
+                )
         if ports.outputs is None:
             self.opaque.append(path)
             return
@@ -220,6 +264,13 @@ class Scope:
         fixes = [f"pass {f}=... when calling the pipeline", f"produce '{f}' in a stage before '{path}'"]
         if avail:
             fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
+        partial = ""
+        if f in self.partial:
+            have, lack = self.partial[f]
+            partial = (
+                f" '{f}' is produced only on some paths: by {', '.join(repr(h) for h in have)}, "
+                f"not by {', '.join(repr(x) for x in lack)}."
+            )
         opaque = ""
         if self.opaque:
             opaque = (
@@ -228,7 +279,7 @@ class Scope:
             )
         return ContractError(
             f"Stage '{path}' ({entry.label}) needs input '{f}'{needed_by}, which is not available there. "
-            f"Available: {avail} ({where}).{opaque}",
+            f"Available: {avail} ({where}).{partial}{opaque}",
             stage_path=path,
             field=f,
             code="missing_input",

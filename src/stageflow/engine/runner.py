@@ -12,16 +12,22 @@ only built when a hook listens.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-import dspy
-
-from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
+from stageflow.engine.boundary import gather_inputs, merge_outputs
+from stageflow.engine.concurrency import (
+    aenter_leaf,
+    enter_leaf,
+    exit_leaf,
+    leaf_slots,
+    on_background_loop,
+    run_on_background_loop,
+)
 from stageflow.engine.hooks import _HOOKS, _PATH, notify
-from stageflow.engine.plan import FUNCTION, StageEntry, join_path
-from stageflow.errors import ContractError, StageError, StageflowError
+from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
+from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.state import Result, RunInfo, StageRecord
 
 if TYPE_CHECKING:
@@ -42,12 +48,7 @@ ABody = Callable[[dict[str, Any], RunInfo, tuple[Any, ...], str], Awaitable[None
 _getattr = object.__getattribute__
 
 
-def _held(owner: Any, entry: StageEntry) -> Any:
-    """The stage object as the pipeline holds it (a module, Stage wrapper or FunctionStage)."""
-    obj = _getattr(owner, entry.attr)
-    if entry.key is not None:
-        obj = obj[entry.key]
-    return obj
+_held = held
 
 
 def _resolve(owner: Any, entry: StageEntry) -> Any:
@@ -58,138 +59,81 @@ def _resolve(owner: Any, entry: StageEntry) -> Any:
     return obj
 
 
-def _inputs(entry: StageEntry, state: dict[str, Any]) -> dict[str, Any]:
-    if entry.pass_state:
-        return dict(state)
-    try:
-        kw = {sf: state[st] for sf, st in entry.in_pairs}
-    except KeyError as e:
-        raise ContractError(
-            f"Stage '{entry.path}' ({entry.label}) needs input '{e.args[0]}', which is not in the state "
-            f"at run time. State fields: {sorted(state)}.",
-            stage_path=entry.path,
-            field=str(e.args[0]),
-            code="missing_input",
-            hint="an earlier stage with undeclared outputs did not produce it; declare outputs with "
-            "Stage(<stage>, writes=[...])",
-        ) from None
-    for sf, st in entry.opt_pairs:
-        if st in state:
-            kw[sf] = state[st]
-    return kw
+def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
+    """The error to raise for a stage failure, with a stage path from the outermost pipeline.
 
-
-def _is_record(out: Any) -> bool:
-    return isinstance(out, Mapping | dspy.Example) or hasattr(out, "model_dump")
-
-
-def _merge(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo) -> None:
-    if isinstance(out, Result) and not entry.out_rename:
-        # A nested stageflow pipeline: its whole final state merges, its records join the trace.
-        state.update(out._store)
-        prefix = entry.path
-        run.trace.extend(StageRecord(join_path(prefix, r.path), r.elapsed, r.ok) for r in out.run.trace)
-        return
-    pairs = entry.out_pairs
-    if pairs is not None:
-        if entry.single_output is not None and not _is_record(out):
-            state[entry.single_output] = out
-            return
-        try:
-            for sf, st in pairs:
-                state[st] = out[sf]
-        except (KeyError, TypeError, IndexError, AttributeError):
-            _merge_slow(entry, out, state, pairs)
-        return
-    if not _is_record(out):
-        raise StageError(
-            f"Stage '{entry.path}' ({entry.label}) returned {type(out).__name__}, which has no named fields. "
-            "Return a dict or dspy.Prediction, or declare the single output it produces.",
-            stage_path=entry.path,
-            code="bad_output",
-            hint="Stage(<stage>, writes=['answer']) stores a single returned value as 'answer'",
-        )
-    rename = dict(entry.out_rename)
-    for k, v in _items(out):
-        state[rename.get(k, k)] = v
-
-
-def _items(out: Any) -> list[tuple[str, Any]]:
-    if isinstance(out, dspy.Example):
-        return list(out._store.items())
-    if isinstance(out, Mapping):
-        return list(out.items())
-    return [(k, getattr(out, k)) for k in type(out).model_fields]
-
-
-def _merge_slow(
-    entry: StageEntry, out: Any, state: dict[str, Any], pairs: tuple[tuple[str, str], ...]
-) -> None:
-    if not _is_record(out):
-        raise StageError(
-            f"Stage '{entry.path}' ({entry.label}) returned {type(out).__name__}; expected fields "
-            f"{[sf for sf, _ in pairs]}.",
-            stage_path=entry.path,
-            code="bad_output",
-            hint="return a dict or dspy.Prediction with those fields",
-        )
-    got = dict(_items(out))
-    for sf, st in pairs:
-        if sf not in got:
-            raise ContractError(
-                f"Stage '{entry.path}' ({entry.label}) declares output '{sf}' but did not return it. "
-                f"It returned: {sorted(got)}.",
-                stage_path=entry.path,
-                field=sf,
-                code="missing_output",
-                hint=f"return '{sf}' from the stage, or fix its writes=[...] declaration",
-            )
-        state[st] = got[sf]
-
-
-def _fail(entry: StageEntry, error: Exception) -> StageflowError:
+    Errors raised by the engine already carry full paths; errors raised by a nested pipeline's
+    own logic (a router, a loop limit, its contract check) carry paths relative to it and get the
+    path of the stage that holds it prepended, once.
+    """
+    full = join_path(prefix, entry.path)
     if isinstance(error, StageflowError):
-        return error.with_path_prefix(entry.path)
+        if not error.path_is_full:
+            error.with_path_prefix(full)
+            error.path_is_full = True
+        return error
     wrapped = StageError(
-        f"Stage '{entry.path}' ({entry.label}) raised {type(error).__name__}: {error}",
-        stage_path=entry.path,
+        f"Stage '{full}' ({entry.label}) raised {type(error).__name__}: {error}",
+        stage_path=full,
         code="stage_failed",
     )
+    wrapped.path_is_full = True
     wrapped.__cause__ = error
     return wrapped
 
 
 def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
-    """Call the stage; a leaf takes a slot of every concurrency budget in force."""
+    """Call the stage (sync); a leaf takes a slot of every concurrency budget in force."""
     if entry.composite:
         return target(**kw)
     slots = leaf_slots()
     if not slots:
-        return target(**kw)
+        return _call_sync(entry, target, kw)
     token = enter_leaf(slots)
     try:
-        return target(**kw)
+        return _call_sync(entry, target, kw)
     finally:
         exit_leaf(slots, token)
+
+
+def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.is_async_fn:
+        # An ``async def`` stage in a sync call runs on stageflow's background event loop.
+        if on_background_loop():
+            raise ConfigurationError(
+                f"Stage '{entry.path}' is an async function called synchronously from stageflow's own "
+                "event loop; call the pipeline with `await pipeline.acall(...)` instead.",
+                stage_path=entry.path,
+                code="async_in_sync",
+            )
+        return run_on_background_loop(target(**kw))
+    return target(**kw)
 
 
 def call_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    """Run one stage of ``owner`` over ``state`` (sync) and merge its outputs into it."""
+    """Run one stage of ``owner`` over ``state`` (sync) and merge its outputs into it.
+
+    ``prefix`` is the full path of ``owner`` from the outermost running pipeline.
+    """
     target = _resolve(owner, entry)
-    kw = _inputs(entry, state)
+    kw = gather_inputs(entry, state, prefix, target)
     if hooks:
         return _call_observed(owner, entry, target, kw, state, run, hooks, prefix)
+    token = _PATH.set(join_path(prefix, entry.path)) if entry.composite else None
     t0 = perf_counter()
     try:
         out = _invoke(entry, target, kw)
     except Exception as e:
         run.trace.append(StageRecord(entry.path, perf_counter() - t0, False))
-        raise _fail(entry, e) from (e.__cause__ if isinstance(e, StageflowError) else e)
+        raise _fail(entry, e, prefix) from (e.__cause__ if isinstance(e, StageflowError) else e)
+    finally:
+        if token is not None:
+            _PATH.reset(token)
     run.trace.append(StageRecord(entry.path, perf_counter() - t0))
     run.stage_outputs[entry.path] = out
-    _merge(entry, out, state, run)
+    merge_outputs(entry, out, state, run, prefix)
     return out
 
 
@@ -213,34 +157,35 @@ def _call_observed(
     except Exception as e:
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
-        notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=e, elapsed=elapsed)
-        raise _fail(entry, e) from (e.__cause__ if isinstance(e, StageflowError) else e)
+        err = _fail(entry, e, prefix)
+        notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
+        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
         _PATH.reset(token)
     elapsed = perf_counter() - t0
     run.trace.append(StageRecord(entry.path, elapsed))
     run.stage_outputs[entry.path] = out
-    _merge(entry, out, state, run)
+    merge_outputs(entry, out, state, run, prefix)
     notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
     return out
 
 
 async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.composite:
-        return await _invoke_async_unlimited(entry, target, kw)
+        return await _call_async(entry, target, kw)
     slots = leaf_slots()
     if not slots:
-        return await _invoke_async_unlimited(entry, target, kw)
+        return await _call_async(entry, target, kw)
     token = await aenter_leaf(slots)
     try:
-        return await _invoke_async_unlimited(entry, target, kw)
+        return await _call_async(entry, target, kw)
     finally:
         exit_leaf(slots, token)
 
 
-async def _invoke_async_unlimited(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.kind == FUNCTION:
-        out = _invoke(entry, target, kw)
+        out = target(**kw)
         if entry.is_async_fn:
             out = await out
         return out
@@ -256,29 +201,29 @@ async def acall_stage(
 ) -> Any:
     """Async twin of :func:`call_stage`."""
     target = _resolve(owner, entry)
-    kw = _inputs(entry, state)
-    path = join_path(prefix, entry.path) if hooks else entry.path
+    kw = gather_inputs(entry, state, prefix, target)
+    path = join_path(prefix, entry.path)
     stage = _held(owner, entry) if hooks else None
-    token = None
+    token = _PATH.set(path) if hooks or entry.composite else None
     if hooks:
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-        token = _PATH.set(path)
     t0 = perf_counter()
     try:
         out = await _invoke_async(entry, target, kw)
     except Exception as e:
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
+        err = _fail(entry, e, prefix)
         if hooks:
-            notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=e, elapsed=elapsed)
-        raise _fail(entry, e) from (e.__cause__ if isinstance(e, StageflowError) else e)
+            notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
+        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
         if token is not None:
             _PATH.reset(token)
     elapsed = perf_counter() - t0
     run.trace.append(StageRecord(entry.path, elapsed))
     run.stage_outputs[entry.path] = out
-    _merge(entry, out, state, run)
+    merge_outputs(entry, out, state, run, prefix)
     if hooks:
         notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
     return out
@@ -316,7 +261,7 @@ def _begin(
     own = pipeline._run_hooks()
     hooks = _HOOKS.get() + own if own else _HOOKS.get()
     token = _HOOKS.set(hooks) if own else None
-    prefix = _PATH.get() if hooks else ""
+    prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
     return own, hooks, token, prefix, perf_counter()

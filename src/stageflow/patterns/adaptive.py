@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.engine.runner import acall_stage, call_stage
 from stageflow.errors import ConfigurationError, RoutingError
 from stageflow.patterns.base import Pipeline, as_stage
@@ -164,9 +164,7 @@ class AdaptivePipeline(Pipeline):
             sub = base.copy()
             sub.check(entry, prefix)
             results.append(sub)
-        common = set.intersection(*(set(s.available) for s in results))
-        scope.available = {f: results[0].available.get(f) for f in common}
-        scope.origin = {f: results[0].origin.get(f, "") for f in common}
+        scope.narrow(results, [join_path(prefix, e.path) for e in self._entries.values()])
 
     def _pick(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
         if self._adapter_entry is None:

@@ -26,6 +26,10 @@ from stageflow.state import Result, RunInfo
 
 __all__ = ["Pipeline", "as_stage"]
 
+# Bumped whenever any pipeline's structure changes (add_stage ...): cached contract checks and
+# ports of every pipeline, including ones that hold the changed one, are then recomputed.
+_STRUCTURE_VERSION = [0]
+
 
 def as_stage(obj: Any, where: str = "stage") -> Any:
     """Accept a ``dspy.Module`` as is, wrap a plain callable in a :class:`FunctionStage`."""
@@ -56,6 +60,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         super().__init__()
         self._checked: dict[Any, tuple[str, ...]] = {}
         self._ports: Ports | None = None
+        self._ports_version = -1
 
     # -- implemented by patterns -------------------------------------------------------------
     def _analyze(self, scope: Scope, prefix: str) -> None:
@@ -80,6 +85,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         """Forget cached contract checks and ports (call after adding or replacing stages)."""
         self._checked = {}
         self._ports = None
+        _STRUCTURE_VERSION[0] += 1
 
     # -- contracts ---------------------------------------------------------------------------
     def check(self, inputs: Iterable[str] = ()) -> tuple[str, ...]:
@@ -95,7 +101,8 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
             ('answer', 'question')
         """
         names = frozenset(inputs)
-        cached = self._checked.get(names)
+        key = (names, _STRUCTURE_VERSION[0])
+        cached = self._checked.get(key)
         if cached is not None:
             return cached
         bad = sorted(names & RESERVED_FIELD_NAMES)
@@ -107,16 +114,17 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
                 code="reserved_field",
                 hint=f"rename the input, e.g. {bad[0]}_value=...",
             )
-        scope = Scope.start(sorted(names), strict=True)
+        scope = Scope.start(sorted(names), strict=True, owner=self)
         self._analyze(scope, "")
         out = tuple(sorted(scope.available))
-        self._checked[names] = out
+        self._checked[key] = out
         return out
 
     def _stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
-        if self._ports is None:
-            scope = Scope.start((), strict=False)
+        if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
+            self._ports_version = _STRUCTURE_VERSION[0]
+            scope = Scope.start((), strict=False, owner=self)
             self._analyze(scope, "")
             self._ports = Ports(
                 required=tuple(scope.missing),
@@ -124,6 +132,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
                 outputs=tuple(scope.available),
                 types=dict(scope.available),
                 required_by=dict(scope.missing),
+                partial=dict(scope.partial),
             )
         return self._ports
 
@@ -141,13 +150,13 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
     def forward(self, *args: Any, **inputs: Any) -> Result:
         """Run the pipeline on ``inputs`` (the initial state); returns a :class:`Result`."""
         self._reject_positional(args)
-        if frozenset(inputs) not in self._checked:
+        if (frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
             self.check(inputs)
         return execute(self, inputs, self._run)
 
     async def aforward(self, *args: Any, **inputs: Any) -> Result:
         """Async twin of :meth:`forward` (call it as ``await pipeline.acall(...)``)."""
         self._reject_positional(args)
-        if frozenset(inputs) not in self._checked:
+        if (frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)

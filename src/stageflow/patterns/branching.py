@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import dspy
 
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.engine.runner import acall_stage, call_stage
 from stageflow.errors import ConfigurationError, RoutingError
 from stageflow.patterns.base import Pipeline, as_stage
@@ -166,13 +166,7 @@ class BranchingPipeline(Pipeline):
             sub = scope.copy()
             sub.check(entry, prefix)
             results.append(sub)
-        common = set.intersection(*(set(s.available) for s in results))
-        merged = {f: results[0].available.get(f) for f in common}
-        origins = {f: results[0].origin.get(f, "") for f in common}
-        for s in results:
-            scope.opaque.extend(p for p in s.opaque if p not in scope.opaque)
-        scope.available = merged
-        scope.origin = origins
+        scope.narrow(results, [join_path(prefix, e.path) for e in paths])
 
     def _choose(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
         raw = state.get(ROUTE_FIELD)

@@ -1,0 +1,142 @@
+"""The stage boundary: pick a stage's inputs from the state, merge its outputs back.
+
+Errors raised here name the stage by its full path (``prefix`` + the stage's own path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import dspy
+
+from stageflow.engine.plan import StageEntry, join_path
+from stageflow.errors import ContractError, StageError
+from stageflow.state import Result, RunInfo, StageRecord
+
+__all__ = ["gather_inputs", "merge_outputs"]
+
+
+def _full(error: ContractError | StageError) -> ContractError | StageError:
+    error.path_is_full = True
+    return error
+
+
+def gather_inputs(
+    entry: StageEntry, state: dict[str, Any], prefix: str, target: Any = None
+) -> dict[str, Any]:
+    """The keyword arguments for one call of the stage: its declared inputs, renamed.
+
+    A nested pipeline held directly (``target``) is asked for its inputs now, so a stage added to it
+    after it was nested is fed too.
+    """
+    if entry.pass_state:
+        return dict(state)
+    if target is not None and entry.composite and not entry.chain:
+        ports = target._stageflow_ports()
+        kw = {f: state[f] for f in ports.required if f in state}
+        for f in ports.optional:
+            if f in state:
+                kw[f] = state[f]
+        return kw
+    try:
+        kw = {sf: state[st] for sf, st in entry.in_pairs}
+    except KeyError as e:
+        path = join_path(prefix, entry.path)
+        raise _full(
+            ContractError(
+                f"Stage '{path}' ({entry.label}) needs input '{e.args[0]}', which is not in the state at run "
+                f"time. State fields: {sorted(state)}.",
+                stage_path=path,
+                field=str(e.args[0]),
+                code="missing_input",
+                hint="an earlier stage with undeclared outputs did not produce it, or a parallel branch failed; "
+                "declare outputs with Stage(<stage>, writes=[...])",
+            )
+        ) from None
+    for sf, st in entry.opt_pairs:
+        if st in state:
+            kw[sf] = state[st]
+    return kw
+
+
+def _is_record(out: Any) -> bool:
+    return isinstance(out, Mapping | dspy.Example) or hasattr(out, "model_dump")
+
+
+def _items(out: Any) -> list[tuple[str, Any]]:
+    if isinstance(out, dspy.Example):
+        return list(out._store.items())
+    if isinstance(out, Mapping):
+        return list(out.items())
+    return [(k, getattr(out, k)) for k in type(out).model_fields]
+
+
+def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
+    """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
+    if isinstance(out, Result):
+        # A nested stageflow pipeline: its records join the trace under the stage's path.
+        base = entry.path
+        run.trace.extend(StageRecord(join_path(base, r.path), r.elapsed, r.ok) for r in out.run.trace)
+        if not entry.out_rename:
+            # Its whole final state merges, except inputs it only received under another name.
+            skip = entry.merge_skip
+            for k, v in out._store.items():
+                if k not in skip:
+                    state[k] = v
+            return
+    pairs = entry.out_pairs
+    if pairs is not None:
+        if entry.single_output is not None and not _is_record(out):
+            state[entry.single_output] = out
+            return
+        try:
+            for sf, st in pairs:
+                state[st] = out[sf]
+        except (KeyError, TypeError, IndexError, AttributeError):
+            _merge_slow(entry, out, state, pairs, prefix)
+        return
+    if not _is_record(out):
+        path = join_path(prefix, entry.path)
+        raise _full(
+            StageError(
+                f"Stage '{path}' ({entry.label}) returned {type(out).__name__}, which has no named fields. "
+                "Return a dict or dspy.Prediction, or declare the single output it produces.",
+                stage_path=path,
+                code="bad_output",
+                hint="Stage(<stage>, writes=['answer']) stores a single returned value as 'answer'",
+            )
+        )
+    rename = dict(entry.out_rename)
+    for k, v in _items(out):
+        state[rename.get(k, k)] = v
+
+
+def _merge_slow(
+    entry: StageEntry, out: Any, state: dict[str, Any], pairs: tuple[tuple[str, str], ...], prefix: str
+) -> None:
+    path = join_path(prefix, entry.path)
+    if not _is_record(out):
+        raise _full(
+            StageError(
+                f"Stage '{path}' ({entry.label}) returned {type(out).__name__}; expected fields "
+                f"{[sf for sf, _ in pairs]}.",
+                stage_path=path,
+                code="bad_output",
+                hint="return a dict or dspy.Prediction with those fields",
+            )
+        )
+    got = dict(_items(out))
+    for sf, st in pairs:
+        if sf not in got:
+            raise _full(
+                ContractError(
+                    f"Stage '{path}' ({entry.label}) declares output '{sf}' but did not return it. "
+                    f"It returned: {sorted(got)}.",
+                    stage_path=path,
+                    field=sf,
+                    code="missing_output",
+                    hint=f"return '{sf}' from the stage, or fix its writes=[...] declaration",
+                )
+            )
+        state[st] = got[sf]
