@@ -37,7 +37,8 @@ def test_cap_of_4_over_32_branches_peaks_at_exactly_4_sync() -> None:
         result = _foreach()(sub_questions=QUESTIONS)
     assert result.facts == [f"f-q{i}" for i in range(32)]
     assert lm.peak_active == 4
-    assert budget is not None and budget.peak == 4
+    assert budget is not None
+    assert budget.peak == 4
 
 
 async def test_cap_of_4_over_32_branches_peaks_at_exactly_4_async() -> None:
@@ -101,16 +102,19 @@ def test_small_cap_with_a_function_stage_calling_a_pipeline_does_not_deadlock() 
     t.start()
     t.join(timeout=10)
     assert not t.is_alive(), "deadlock: a leaf holding the only slot waited for a nested leaf"
-    assert done and done[0].ys == ["ok", "ok", "ok"]
+    assert done
+    assert done[0].ys == ["ok", "ok", "ok"]
 
 
 def test_unknown_options_are_errors() -> None:
     with pytest.raises(stageflow.ConfigurationError, match="unknown option") as err:
         stageflow.configure(max_concurency=4)
     assert err.value.field == "max_concurency"
-    with pytest.raises(stageflow.ConfigurationError, match="unknown option"):
-        with stageflow.limits(max_concurrency=2, burst=3):
-            pass
+    with (
+        pytest.raises(stageflow.ConfigurationError, match="unknown option"),
+        stageflow.limits(max_concurrency=2, burst=3),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
@@ -127,7 +131,8 @@ def test_the_thread_pool_is_long_lived() -> None:
         _foreach()(sub_questions=["a", "b"])
         first = concurrency._POOL[0]
         _foreach()(sub_questions=["c", "d"])
-    assert first is not None and concurrency._POOL[0] is first
+    assert first is not None
+    assert concurrency._POOL[0] is first
 
 
 def test_get_config_reports_the_cap() -> None:

@@ -50,7 +50,8 @@ def gather_inputs(
                 stage_path=path,
                 field=str(e.args[0]),
                 code="missing_input",
-                hint="an earlier stage with undeclared outputs did not produce it, or a parallel branch failed; "
+                hint="an earlier stage with undeclared outputs did not produce it, or a parallel branch "
+                "failed; "
                 "declare outputs with Stage(<stage>, writes=[...])",
             )
         ) from None
