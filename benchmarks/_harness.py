@@ -7,6 +7,7 @@ process CPU time; ratios are taken within one run, so they carry over between ma
 from __future__ import annotations
 
 import asyncio
+import atexit
 import statistics
 import time
 from collections.abc import Callable
@@ -46,9 +47,15 @@ def measure(variants: dict[str, Callable[[], Any]], reps: int = 21) -> dict[str,
     return {n: {"wall_us": statistics.median(wall[n]), "cpu_us": statistics.median(cpu[n])} for n in variants}
 
 
+_LOOP: list[asyncio.AbstractEventLoop] = []
+
+
 def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
     """Wrap an async callable so one persistent event loop runs it (no loop start-up per call)."""
-    loop = asyncio.new_event_loop()
+    if not _LOOP:
+        _LOOP.append(asyncio.new_event_loop())
+        atexit.register(_LOOP[0].close)
+    loop = _LOOP[0]
     return lambda: loop.run_until_complete(coro_fn())
 
 

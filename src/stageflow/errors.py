@@ -9,6 +9,8 @@ parsing text::
     ├── ConfigurationError         a constructor argument, option or definition is invalid
     ├── RoutingError               a router picked a branch that does not exist
     ├── StageError                 a stage raised; the original exception is ``__cause__``
+    │   ├── StageTimeoutError      a stage ran past its TimeoutPolicy (also a ``TimeoutError``)
+    │   └── LowConfidenceError     a stage declared its answer too unsure to use (non-critical)
     ├── PipelineError              a pipeline could not finish (e.g. every branch failed)
     └── LoopLimitError             an iterative pipeline hit ``max_iterations`` and was told to raise
 
@@ -24,9 +26,11 @@ __all__ = [
     "ConfigurationError",
     "ContractError",
     "LoopLimitError",
+    "LowConfidenceError",
     "PipelineError",
     "RoutingError",
     "StageError",
+    "StageTimeoutError",
     "StageflowError",
 ]
 
@@ -131,3 +135,23 @@ class LoopLimitError(StageflowError):
     """An iterative pipeline reached ``max_iterations`` without its stopping condition firing."""
 
     default_code = "loop_limit"
+
+
+class StageTimeoutError(StageError, TimeoutError):
+    """A stage ran longer than its :class:`~stageflow.TimeoutPolicy` allows.
+
+    It is also a ``TimeoutError``, so ``except TimeoutError`` and the default retry and
+    non-critical classifications treat it as a timeout.
+    """
+
+    default_code = "stage_timeout"
+
+
+class LowConfidenceError(StageError):
+    """Raise it from a stage whose answer is too unsure to use.
+
+    :class:`~stageflow.ErrorHandlingPipeline` treats it as non-critical by default: the stage is
+    skipped, the error is logged, and the run goes on.
+    """
+
+    default_code = "low_confidence"

@@ -309,6 +309,13 @@ class Stage(dspy.Module):  # type: ignore[misc]
         outputs: Mapping[str, str] | None = None,
         reads: Sequence[str] | None = None,
         writes: Sequence[str] | None = None,
+        retry: Any = None,
+        timeout: Any = None,
+        repair: Any = None,
+        fallback: Any = None,
+        recover: Any = None,
+        skip_on: Sequence[type[BaseException]] = (),
+        cache: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(module, type):
@@ -325,6 +332,33 @@ class Stage(dspy.Module):  # type: ignore[misc]
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
         self._inner_ports = inner
         self.ports = self._rename(inner)
+        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
+
+    def _policy(
+        self, retry: Any, timeout: Any, repair: Any, fallback: Any, recover: Any, skip_on: Any, cache: Any
+    ) -> Any:
+        from stageflow.policies.recovery import HELD, Fallback, StagePolicy, make_policy
+
+        if isinstance(fallback, Fallback) and fallback.stage is not None:
+            fallback = fallback.stage
+        if fallback is not None and not isinstance(fallback, Fallback):
+            if isinstance(fallback, Mapping):
+                fallback = Fallback(default=fallback)
+            else:
+                self.fallback_stage = (
+                    fallback if isinstance(fallback, dspy.Module) else FunctionStage(fallback)
+                )
+                fallback = Fallback(stage=HELD)
+        policy = make_policy(
+            retry=retry,
+            timeout=timeout,
+            repair=repair,
+            fallback=fallback,
+            recover=recover,
+            skip_on=skip_on,
+            cache=cache,
+        )
+        return None if policy == StagePolicy() else policy
 
     def _rename(self, inner: Ports) -> Ports:
         label = f"Stage({stage_label(self.module)})"

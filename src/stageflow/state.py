@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import dspy
 
 __all__ = ["Result", "RunInfo", "StageRecord"]
 
 
-@dataclass(frozen=True, slots=True)
-class StageRecord:
-    """One stage execution in a run, in order.
+class StageRecord(NamedTuple):
+    """One stage execution in a run, in order (a named tuple: cheap to record).
 
     Attributes:
         path: The stage's DSPy-style path (``stages[1]``, ``branches['math'].predict``).
@@ -33,11 +32,14 @@ class RunInfo:
         stage_outputs: Each stage's raw output, by stage path (the last one for loops).
         trace: Ordered :class:`StageRecord` entries, nested stages included.
         extras: Pattern-specific details (``route_decision``, ``converged``, ``iterations``...).
+        events: What policies did: retries, repairs, timeouts, fallbacks, recoveries, skips and
+            cache hits (:class:`~stageflow.policies.PolicyEvent`), in order.
     """
 
     stage_outputs: dict[str, Any] = field(default_factory=dict)
     trace: list[StageRecord] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    events: list[Any] = field(default_factory=list)
 
 
 class Result(dspy.Prediction):  # type: ignore[misc]

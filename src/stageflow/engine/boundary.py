@@ -32,7 +32,7 @@ def gather_inputs(
     """
     if entry.pass_state:
         return dict(state)
-    if target is not None and entry.composite and not entry.chain:
+    if entry.composite and target is not None and not entry.chain:
         ports = target._stageflow_ports()
         kw = {f: state[f] for f in ports.required if f in state}
         for f in ports.optional:
@@ -55,9 +55,10 @@ def gather_inputs(
                 "declare outputs with Stage(<stage>, writes=[...])",
             )
         ) from None
-    for sf, st in entry.opt_pairs:
-        if st in state:
-            kw[sf] = state[st]
+    if entry.opt_pairs:
+        for sf, st in entry.opt_pairs:
+            if st in state:
+                kw[sf] = state[st]
     return kw
 
 
@@ -88,7 +89,7 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             return
     pairs = entry.out_pairs
     if pairs is not None:
-        if entry.single_output is not None and not _is_record(out):
+        if entry.single_output is not None and type(out) is not dict and not _is_record(out):
             state[entry.single_output] = out
             return
         try:
@@ -97,6 +98,13 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         except (KeyError, TypeError, IndexError, AttributeError):
             _merge_slow(entry, out, state, pairs, prefix)
         return
+    if not entry.out_rename:
+        if isinstance(out, dspy.Example):
+            state.update(out._store)
+            return
+        if type(out) is dict:
+            state.update(out)
+            return
     if not _is_record(out):
         path = join_path(prefix, entry.path)
         raise _full(

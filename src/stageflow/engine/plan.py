@@ -56,6 +56,7 @@ class StageEntry:
     label: str
     composite: bool = False
     merge_skip: frozenset[str] = frozenset()
+    policy: Any = None
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -85,6 +86,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     in_map: dict[str, str] = {}
     out_map: dict[str, str] = {}
     leaf = obj
+    policy = getattr(obj, "policy", None) if isinstance(obj, Stage) else None
     if isinstance(obj, Stage) and not isinstance(obj.module, Stage):
         leaf = obj.module
         leaf_ports = obj._inner_ports
@@ -126,6 +128,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         # overwrite the state field of that name.
         merge_skip=frozenset(sf for sf, st in (*in_pairs, *opt_pairs) if sf != st)
         - frozenset(leaf_ports.outputs or ()),
+        policy=policy,
     )
 
 

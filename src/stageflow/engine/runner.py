@@ -25,9 +25,11 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
+from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
 from stageflow.errors import ConfigurationError, StageError, StageflowError
+from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
 
 if TYPE_CHECKING:
@@ -53,7 +55,9 @@ _held = held
 
 def _resolve(owner: Any, entry: StageEntry) -> Any:
     """What the engine calls: the held object, unwrapped along ``entry.chain``."""
-    obj = _held(owner, entry)
+    obj = _getattr(owner, entry.attr)
+    if entry.key is not None:
+        obj = obj[entry.key]
     for name in entry.chain:
         obj = _getattr(obj, name)
     return obj
@@ -88,7 +92,7 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
         return target(**kw)
     slots = leaf_slots()
     if not slots:
-        return _call_sync(entry, target, kw)
+        return target(**kw) if not entry.is_async_fn else _call_sync(entry, target, kw)
     token = enter_leaf(slots)
     try:
         return _call_sync(entry, target, kw)
@@ -110,63 +114,103 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     return target(**kw)
 
 
+def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
+    """The stage's own policy merged over its pipeline's defaults (leaf stages only)."""
+    defaults = _getattr(owner, "_default_policy")
+    if defaults is None or entry.composite:
+        return entry.policy  # type: ignore[no-any-return]
+    if entry.policy is None:
+        return defaults  # type: ignore[no-any-return]
+    cache = _getattr(owner, "__dict__").setdefault("_merged_policies", {})
+    merged = cache.get(entry.path)
+    if merged is None:
+        merged = cache[entry.path] = entry.policy.merged_over(defaults)
+    return merged  # type: ignore[no-any-return]
+
+
+def _recovered(
+    policy: StagePolicy | None,
+    entry: StageEntry,
+    original: Exception,
+    err: StageflowError,
+    kw: dict[str, Any],
+    state: dict[str, Any],
+    run: RunInfo,
+    prefix: str,
+) -> bool:
+    """Apply ``skip_on`` / ``recover``; ``True`` when the run may go on without the stage."""
+    if policy is None or not (policy.skip_on or policy.recover):
+        return False
+    path = join_path(prefix, entry.path)
+    detail = {
+        "index": entry.key,
+        "inputs": kw,
+        "error_type": type(original).__name__,
+        "message": str(original),
+    }
+    chain = causes(original)
+    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in chain):
+        run.events.append(
+            PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
+        )
+        return True
+    if policy.recover is not None:
+        try:
+            new_state = policy.recover(original, dict(state))
+        except Exception as e:
+            raise err from e
+        if new_state is not None:
+            state.update(new_state)
+            run.events.append(
+                PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
+            )
+            return True
+    run.events.append(
+        PolicyEvent(path, "failed", error=f"{type(original).__name__}: {original}", detail=detail)
+    )
+    return False
+
+
 def call_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Run one stage of ``owner`` over ``state`` (sync) and merge its outputs into it.
 
-    ``prefix`` is the full path of ``owner`` from the outermost running pipeline.
+    ``prefix`` is the full path of ``owner`` from the outermost running pipeline. Returns the
+    stage's raw output (``None`` when a policy skipped or recovered a failed stage).
     """
     target = _resolve(owner, entry)
     kw = gather_inputs(entry, state, prefix, target)
+    policy = _policy_for(owner, entry)
+    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
+    stage = _held(owner, entry) if hooks else None
     if hooks:
-        return _call_observed(owner, entry, target, kw, state, run, hooks, prefix)
-    token = _PATH.set(join_path(prefix, entry.path)) if entry.composite else None
+        notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
+    token = _PATH.set(path) if hooks or entry.composite else None
     t0 = perf_counter()
     try:
-        out = _invoke(entry, target, kw)
-    except Exception as e:
-        run.trace.append(StageRecord(entry.path, perf_counter() - t0, False))
-        raise _fail(entry, e, prefix) from (e.__cause__ if isinstance(e, StageflowError) else e)
-    finally:
-        if token is not None:
-            _PATH.reset(token)
-    run.trace.append(StageRecord(entry.path, perf_counter() - t0))
-    run.stage_outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)
-    return out
-
-
-def _call_observed(
-    owner: Any,
-    entry: StageEntry,
-    target: Any,
-    kw: dict[str, Any],
-    state: dict[str, Any],
-    run: RunInfo,
-    hooks: tuple[Any, ...],
-    prefix: str,
-) -> Any:
-    path = join_path(prefix, entry.path)
-    stage = _held(owner, entry)
-    notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    token = _PATH.set(path)
-    t0 = perf_counter()
-    try:
-        out = _invoke(entry, target, kw)
+        if policy is None:
+            out = _invoke(entry, target, kw)
+        else:
+            out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
     except Exception as e:
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
-        notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
+        if hooks:
+            notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
+        if _recovered(policy, entry, e, err, kw, state, run, prefix):
+            return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
-        _PATH.reset(token)
+        if token is not None:
+            _PATH.reset(token)
     elapsed = perf_counter() - t0
     run.trace.append(StageRecord(entry.path, elapsed))
     run.stage_outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
-    notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
+    if hooks:
+        notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
     return out
 
 
@@ -202,20 +246,26 @@ async def acall_stage(
     """Async twin of :func:`call_stage`."""
     target = _resolve(owner, entry)
     kw = gather_inputs(entry, state, prefix, target)
-    path = join_path(prefix, entry.path)
+    policy = _policy_for(owner, entry)
+    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
     stage = _held(owner, entry) if hooks else None
-    token = _PATH.set(path) if hooks or entry.composite else None
     if hooks:
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
+    token = _PATH.set(path) if hooks or entry.composite else None
     t0 = perf_counter()
     try:
-        out = await _invoke_async(entry, target, kw)
+        if policy is None:
+            out = await _invoke_async(entry, target, kw)
+        else:
+            out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
     except Exception as e:
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
+        if _recovered(policy, entry, e, err, kw, state, run, prefix):
+            return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
         if token is not None:

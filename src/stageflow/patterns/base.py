@@ -55,6 +55,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
     """Base class of every stageflow architecture (see module docstring)."""
 
     _is_stageflow_pipeline = True
+    _default_policy: Any = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,0 +1,204 @@
+"""Stage calls under policies: timeout, retry, repair and fallback (see ``stageflow.policies``).
+
+Only entries with a policy come here; the plain fast path in :mod:`runner` is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import dspy
+
+from stageflow.engine import concurrency
+from stageflow.engine.plan import StageEntry, held, join_path
+from stageflow.errors import StageTimeoutError
+from stageflow.policies.recovery import PolicyEvent, StagePolicy
+from stageflow.state import RunInfo
+
+__all__ = ["aguarded_call", "guarded_call"]
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _repair_adapter(feedback: str) -> Any:
+    """The active adapter, with the last user message followed by the validation error."""
+    base = dspy.settings.adapter or dspy.ChatAdapter()
+
+    class RepairAdapter(type(base)):  # type: ignore[misc]
+        def format(self, signature: Any, demos: Any, inputs: Any) -> Any:
+            messages = super().format(signature, demos, inputs)
+            messages[-1]["content"] += (
+                f"\n\nYour previous answer could not be used: {feedback}\n"
+                "Answer again, following the required output format exactly."
+            )
+            return messages
+
+    adapter = RepairAdapter.__new__(RepairAdapter)
+    adapter.__dict__.update(base.__dict__)
+    return adapter
+
+
+def _varied(target: Any, kw: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """Later attempts of a predictor get a new ``rollout_id`` (a fresh sample, same object)."""
+    if attempt > 1 and isinstance(target, dspy.Predict | dspy.ChainOfThought):
+        config = dict(kw.get("config") or {})
+        config["rollout_id"] = attempt
+        return {**kw, "config": config}
+    return kw
+
+
+def _timeout_error(path: str, seconds: float) -> StageTimeoutError:
+    err = StageTimeoutError(
+        f"Stage '{path}' took longer than its timeout of {seconds}s.",
+        stage_path=path,
+        hint="raise TimeoutPolicy(seconds=...), or add a RetryPolicy/Fallback for slow calls",
+    )
+    err.path_is_full = True
+    return err
+
+
+def _fallback_target(owner: Any, entry: StageEntry) -> Any:
+    return held(owner, entry).fallback_stage
+
+
+def guarded_call(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    prefix: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
+    """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
+    path = join_path(prefix, entry.path)
+    retry, repair, timeout = policy.retry, policy.repair, policy.timeout
+    attempt, repairs = 0, 0
+    feedback: str | None = None
+    error: Exception | None = None
+    while True:
+        attempt += 1
+        call_kw = _varied(target, kw, attempt)
+        try:
+            if feedback is not None:
+                with dspy.context(adapter=_repair_adapter(feedback)):
+                    return _with_timeout(entry, target, call_kw, timeout, path, invoke)
+            return _with_timeout(entry, target, call_kw, timeout, path, invoke)
+        except Exception as e:
+            error = e
+            if retry is not None and attempt - repairs < retry.max_attempts and retry.retry_on(e):
+                delay = retry.delay(attempt - repairs, e)
+                run.events.append(PolicyEvent(path, "retry", attempt, _describe(e), delay))
+                retry.sleep(delay)
+                continue
+            if repair is not None and repairs < repair.max_repairs and repair.repair_on(e):
+                repairs += 1
+                feedback = str(e)[:500]
+                run.events.append(PolicyEvent(path, "repair", attempt, _describe(e)))
+                continue
+            break
+    assert error is not None
+    if isinstance(error, StageTimeoutError):
+        run.events.append(PolicyEvent(path, "timeout", attempt, _describe(error)))
+    if policy.fallback is not None:
+        run.events.append(PolicyEvent(path, "fallback", attempt, _describe(error)))
+        if policy.fallback.default is not None:
+            return dict(policy.fallback.default)
+        return _fallback_target(owner, entry)(**kw)
+    raise error
+
+
+def _with_timeout(
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    timeout: Any,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
+    if timeout is None:
+        return invoke(entry, target, kw)
+    ctx = contextvars.copy_context()
+    future = concurrency._pool().submit(ctx.run, invoke, entry, target, kw)
+    try:
+        return future.result(timeout=timeout.seconds)
+    except FutureTimeout:
+        if not future.cancel():  # already running: its thread cannot be stopped
+            concurrency._ABANDONED[0] += 1
+        raise _timeout_error(path, timeout.seconds) from None
+
+
+async def aguarded_call(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    prefix: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
+    """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
+    path = join_path(prefix, entry.path)
+    retry, repair, timeout = policy.retry, policy.repair, policy.timeout
+    attempt, repairs = 0, 0
+    feedback: str | None = None
+    error: Exception | None = None
+    while True:
+        attempt += 1
+        call_kw = _varied(target, kw, attempt)
+        try:
+            if feedback is not None:
+                with dspy.context(adapter=_repair_adapter(feedback)):
+                    return await _awith_timeout(entry, target, call_kw, timeout, path, invoke)
+            return await _awith_timeout(entry, target, call_kw, timeout, path, invoke)
+        except Exception as e:
+            error = e
+            if retry is not None and attempt - repairs < retry.max_attempts and retry.retry_on(e):
+                delay = retry.delay(attempt - repairs, e)
+                run.events.append(PolicyEvent(path, "retry", attempt, _describe(e), delay))
+                if retry.asleep is not None:
+                    await retry.asleep(delay)
+                else:
+                    await asyncio.sleep(delay)
+                continue
+            if repair is not None and repairs < repair.max_repairs and repair.repair_on(e):
+                repairs += 1
+                feedback = str(e)[:500]
+                run.events.append(PolicyEvent(path, "repair", attempt, _describe(e)))
+                continue
+            break
+    assert error is not None
+    if isinstance(error, StageTimeoutError):
+        run.events.append(PolicyEvent(path, "timeout", attempt, _describe(error)))
+    if policy.fallback is not None:
+        run.events.append(PolicyEvent(path, "fallback", attempt, _describe(error)))
+        if policy.fallback.default is not None:
+            return dict(policy.fallback.default)
+        fb = _fallback_target(owner, entry)
+        return await fb.acall(**kw) if hasattr(fb, "aforward") else await asyncio.to_thread(fb, **kw)
+    raise error
+
+
+async def _awith_timeout(
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    timeout: Any,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
+    if timeout is None:
+        return await invoke(entry, target, kw)
+    try:
+        async with asyncio.timeout(timeout.seconds):
+            return await invoke(entry, target, kw)
+    except TimeoutError:
+        raise _timeout_error(path, timeout.seconds) from None

@@ -1,0 +1,23 @@
+"""Policies that attach to any stage through the engine: recovery, caching, fusion, laziness."""
+
+from stageflow.policies.recovery import (
+    Fallback,
+    PolicyEvent,
+    RepairPolicy,
+    RetryPolicy,
+    StagePolicy,
+    TimeoutPolicy,
+    is_repairable,
+    is_retryable,
+)
+
+__all__ = [
+    "Fallback",
+    "PolicyEvent",
+    "RepairPolicy",
+    "RetryPolicy",
+    "StagePolicy",
+    "TimeoutPolicy",
+    "is_repairable",
+    "is_retryable",
+]
