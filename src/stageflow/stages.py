@@ -205,7 +205,8 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
     The function receives its declared inputs as keyword arguments and returns a mapping
     (or a ``dspy.Prediction`` / pydantic model) of outputs, or a single value when exactly one
     output is declared with ``writes=[...]``. ``async def`` functions run natively under
-    ``acall``.
+    ``acall``; a plain function runs on a worker thread under ``acall`` so it cannot block the event
+    loop (pass ``blocking=False`` for quick, CPU-light functions to run them inline).
     """
 
     def __init__(
@@ -215,6 +216,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         reads: Sequence[str] | None = None,
         writes: Sequence[str] | None = None,
         name: str | None = None,
+        blocking: bool = True,
     ) -> None:
         super().__init__()
         if not callable(fn):
@@ -222,6 +224,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         self.fn = fn
         self.stage_name = name or getattr(fn, "__name__", type(fn).__name__)
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.blocking = blocking and not self.is_async
         self.ports = _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
 
     def _stageflow_ports(self) -> Ports:
@@ -248,10 +251,15 @@ def stage(
     reads: Sequence[str] | None = None,
     writes: Sequence[str] | None = None,
     name: str | None = None,
+    blocking: bool = True,
 ) -> FunctionStage: ...
 @overload
 def stage(
-    *, reads: Sequence[str] | None = None, writes: Sequence[str] | None = None, name: str | None = None
+    *,
+    reads: Sequence[str] | None = None,
+    writes: Sequence[str] | None = None,
+    name: str | None = None,
+    blocking: bool = True,
 ) -> Callable[[Callable[..., Any]], FunctionStage]: ...
 def stage(
     fn: Callable[..., Any] | None = None,
@@ -260,6 +268,7 @@ def stage(
     reads: Sequence[str] | None = None,
     writes: Sequence[str] | None = None,
     name: str | None = None,
+    blocking: bool = True,
 ) -> FunctionStage | Callable[[Callable[..., Any]], FunctionStage]:
     """Make a plain function a stage; usable as ``stage(fn)`` or as a decorator.
 
@@ -269,12 +278,14 @@ def stage(
         writes: The output names. Needed when the function returns a plain dict whose keys
             later stages read (a ``TypedDict`` or pydantic return annotation also declares them).
         name: A label for messages and traces (defaults to the function's name).
+        blocking: Under ``acall``, run a plain function on a worker thread (default) so slow or
+            I/O-bound work cannot block the event loop; ``False`` runs it inline (cheaper).
     """
     if fn is not None:
-        return FunctionStage(fn, reads=reads, writes=writes, name=name)
+        return FunctionStage(fn, reads=reads, writes=writes, name=name, blocking=blocking)
 
     def decorate(f: Callable[..., Any]) -> FunctionStage:
-        return FunctionStage(f, reads=reads, writes=writes, name=name)
+        return FunctionStage(f, reads=reads, writes=writes, name=name, blocking=blocking)
 
     return decorate
 
@@ -423,9 +434,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
         if hasattr(self.module, "aforward"):
             out = await self.module.acall(**call)
         else:
-            import asyncio
+            from stageflow.engine.concurrency import to_thread
 
-            out = await asyncio.to_thread(self.module, **call)
+            out = await to_thread(self.module, **call)
         return self._rename_outputs(out)
 
     def __repr__(self) -> str:

@@ -77,11 +77,20 @@ def test_pattern_cap_nested_under_a_looser_outer_cap() -> None:
     assert lm.peak_active == 3
 
 
-def test_without_a_cap_every_branch_runs_at_once() -> None:
-    lm = FakeLM({"fact": "f"}, latency=0.05)
-    with dspy.context(lm=lm):
-        _foreach()(sub_questions=QUESTIONS)
-    assert lm.peak_active == 32  # no silent default cap
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_without_a_cap_every_branch_runs_at_once(mode: str) -> None:
+    # Every branch waits at a barrier for all 32: it only passes if all 32 run at the same time
+    # (no silent default cap); the timeout is a safety net, not a measurement.
+    barrier = threading.Barrier(32, timeout=20)
+
+    def meet(sub_question: str) -> dict[str, str]:
+        barrier.wait()
+        return {"fact": sub_question}
+
+    fe = stageflow.ForEach(stageflow.stage(meet, writes=["fact"]), over="sub_questions", collect="facts")
+    result = fe(sub_questions=QUESTIONS) if mode == "sync" else asyncio.run(fe.acall(sub_questions=QUESTIONS))
+    assert result.facts == QUESTIONS
+    assert not barrier.broken
 
 
 def test_small_cap_with_a_function_stage_calling_a_pipeline_does_not_deadlock() -> None:

@@ -12,8 +12,9 @@ the user set.
 **Fan-out.** :func:`fan_out` (threads) and :func:`afan_out` (asyncio tasks) run branch thunks
 concurrently and return one :class:`BranchOutcome` per branch, in input order:
 
-- threads come from one long-lived pool (no pool per call); the calling thread works too, so a
-  saturated pool can never deadlock nested fan-outs;
+- threads come from one long-lived pool (no pool per call); the calling thread works too (except
+  with ``fail_fast``, ``until`` or a timeout, where it must stay free to stop early), so a
+  saturated pool cannot deadlock nested fan-outs;
 - each branch runs in a copy of the caller's context, so ``dspy.context`` settings, the DSPy
   trace list (optimizers) and the usage tracker reach every branch;
 - failure policies: ``collect`` (default) records errors, ``skip`` drops failed branches,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -53,6 +55,7 @@ __all__ = [
     "limits",
     "on_background_loop",
     "run_on_background_loop",
+    "to_thread",
 ]
 
 logger = logging.getLogger("stageflow")
@@ -298,6 +301,17 @@ def _reset_pool() -> None:
         old.shutdown(wait=False)
 
 
+async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on stageflow's long-lived pool from async code, in a copy of the context.
+
+    Unlike ``asyncio.to_thread`` (the loop's default executor: ``min(32, cpus + 4)`` threads),
+    this never caps concurrency below what the user set.
+    """
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    return await loop.run_in_executor(_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
+
+
 def abandoned_threads() -> int:
     """How many timed-out branch threads were abandoned (still running or finished late)."""
     return _ABANDONED[0]
@@ -450,11 +464,13 @@ def fan_out(
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
     ctx = contextvars.copy_context()
     pool = _pool()
-    helpers = window if timeout is not None else window - 1
-    for _ in range(helpers):
+    # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
+    # the fan-out may have to stop early or time branches out: then it only waits and watches.
+    caller_works = timeout is None and until is None and on_error != "fail_fast"
+    for _ in range(window - 1 if caller_works else window):
         pool.submit(run.pull, ctx)
-    if timeout is None:
-        run.pull(ctx)  # the caller works too: progress even when the pool is saturated
+    if caller_works:
+        run.pull(ctx)
     with run.cond:
         while not run.finished():
             wait = None

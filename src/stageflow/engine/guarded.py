@@ -16,10 +16,22 @@ import dspy
 from stageflow.engine import concurrency
 from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.errors import StageTimeoutError
+from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.state import RunInfo
 
 __all__ = ["aguarded_call", "guarded_call"]
+
+
+def outputs_of(out: Any) -> Any:
+    """What a cache stores for a stage's output: its fields as a dict (or a single value)."""
+    if isinstance(out, dspy.Example):
+        return dict(out._store)
+    if isinstance(out, dict):
+        return dict(out)
+    if hasattr(out, "model_dump"):
+        return {k: getattr(out, k) for k in type(out).model_fields}
+    return out
 
 
 def _describe(error: BaseException) -> str:
@@ -79,6 +91,30 @@ def guarded_call(
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
     path = join_path(prefix, entry.path)
+    cache = policy.cache
+    if cache is not None and not is_collecting_traces():
+        key, durable = make_key(path, target, kw)
+        found, value = cache.lookup(key, durable)
+        if found:
+            run.events.append(PolicyEvent(path, "cache_hit"))
+            return dict(value) if isinstance(value, dict) else value
+        out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
+        cache.store(key, durable, outputs_of(out))
+        run.events.append(PolicyEvent(path, "cache_miss"))
+        return out
+    return _attempts(owner, entry, target, kw, policy, run, path, invoke)
+
+
+def _attempts(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
     retry, repair, timeout = policy.retry, policy.repair, policy.timeout
     attempt, repairs = 0, 0
     feedback: str | None = None
@@ -147,6 +183,30 @@ async def aguarded_call(
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
     path = join_path(prefix, entry.path)
+    cache = policy.cache
+    if cache is not None and not is_collecting_traces():
+        key, durable = make_key(path, target, kw)
+        found, value = cache.lookup(key, durable)
+        if found:
+            run.events.append(PolicyEvent(path, "cache_hit"))
+            return dict(value) if isinstance(value, dict) else value
+        out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+        cache.store(key, durable, outputs_of(out))
+        run.events.append(PolicyEvent(path, "cache_miss"))
+        return out
+    return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+
+
+async def _aattempts(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
     retry, repair, timeout = policy.retry, policy.repair, policy.timeout
     attempt, repairs = 0, 0
     feedback: str | None = None
@@ -183,7 +243,7 @@ async def aguarded_call(
         if policy.fallback.default is not None:
             return dict(policy.fallback.default)
         fb = _fallback_target(owner, entry)
-        return await fb.acall(**kw) if hasattr(fb, "aforward") else await asyncio.to_thread(fb, **kw)
+        return await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
     raise error
 
 

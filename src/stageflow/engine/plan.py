@@ -57,6 +57,7 @@ class StageEntry:
     composite: bool = False
     merge_skip: frozenset[str] = frozenset()
     policy: Any = None
+    blocking: bool = False
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -129,6 +130,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         merge_skip=frozenset(sf for sf, st in (*in_pairs, *opt_pairs) if sf != st)
         - frozenset(leaf_ports.outputs or ()),
         policy=policy,
+        blocking=bool(getattr(leaf, "blocking", False)),
     )
 
 

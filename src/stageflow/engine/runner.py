@@ -11,11 +11,11 @@ only built when a hook listens.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs
 from stageflow.engine.concurrency import (
     aenter_leaf,
@@ -229,6 +229,8 @@ async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> A
 
 async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.kind == FUNCTION:
+        if entry.blocking:
+            return await concurrency.to_thread(target, **kw)
         out = target(**kw)
         if entry.is_async_fn:
             out = await out
@@ -236,8 +238,8 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
     if entry.has_aforward:
         return await target.acall(**kw)
     # A module without aforward (DSPy's BestOfN, Refine, custom ones): run it on a worker
-    # thread; asyncio.to_thread copies the context, so dspy.context settings follow it.
-    return await asyncio.to_thread(target, **kw)
+    # thread of the shared pool, in a copy of the context (dspy.context settings follow it).
+    return await concurrency.to_thread(target, **kw)
 
 
 async def acall_stage(

@@ -88,6 +88,36 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         self._ports = None
         _STRUCTURE_VERSION[0] += 1
 
+    # -- policies ----------------------------------------------------------------------------
+    def set_defaults(
+        self,
+        *,
+        retry: Any = None,
+        timeout: Any = None,
+        repair: Any = None,
+        fallback: Any = None,
+        cache: Any = None,
+    ) -> Pipeline:
+        """Policies for every leaf stage of this pipeline that does not set its own of that kind.
+
+        Takes the same values as :class:`Stage` (``retry=RetryPolicy(...)`` or an attempt count,
+        ``timeout=`` seconds or a ``TimeoutPolicy``, ``repair=True``, ``fallback=Fallback(default=...)``,
+        ``cache=True``). Returns the pipeline, so calls can be chained.
+        """
+        from stageflow.policies.recovery import Fallback, make_policy
+
+        if fallback is not None and not (isinstance(fallback, Fallback) and fallback.default is not None):
+            raise ConfigurationError(
+                "set_defaults(fallback=...) takes Fallback(default={...}); a fallback stage belongs to one "
+                "stage: Stage(x, fallback=other_stage).",
+                field="fallback",
+                code="bad_option",
+            )
+        policy = make_policy(retry=retry, timeout=timeout, repair=repair, fallback=fallback, cache=cache)
+        self._default_policy = None if policy.is_empty() else policy
+        self._merged_policies: dict[str, Any] = {}
+        return self
+
     # -- contracts ---------------------------------------------------------------------------
     def check(self, inputs: Iterable[str] = ()) -> tuple[str, ...]:
         """Check the contracts for a call with these input names, without running anything.

@@ -122,6 +122,25 @@ class ParallelPipeline(Pipeline):
         self._groups: tuple[tuple[StageEntry, ...], ...] = tuple(
             tuple(build_entry("stages", i, stages[i]) for i in range(a, b)) for a, b in bounds
         )
+        if self.merger.on_clash == "error":
+            self._reject_clashes()
+
+    def _reject_clashes(self) -> None:
+        """Two stages of one group declaring the same output: an error when the pipeline is built."""
+        for g, group in enumerate(self._groups):
+            writers: dict[str, str] = {}
+            for entry in group:
+                for f in entry.ports.outputs or ():
+                    if f in writers:
+                        raise ContractError(
+                            f"Parallel group {g}: stages '{writers[f]}' and '{entry.path}' both write '{f}'.",
+                            stage_path=entry.path,
+                            field=f,
+                            code="output_clash",
+                            hint="pass merger=ResultMerger(on_clash='list') or 'concatenate', or rename one "
+                            "output with Stage(<stage>, outputs={...})",
+                        )
+                    writers[f] = entry.path
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         for g, group in enumerate(self._groups):

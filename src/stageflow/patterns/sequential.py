@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stageflow.engine.plan import Scope, StageEntry, build_entry
-from stageflow.engine.runner import arun_sequence, run_sequence
-from stageflow.errors import ConfigurationError
-from stageflow.patterns.base import Pipeline, as_stage
-from stageflow.state import RunInfo
+from stageflow.engine.runner import aexecute, arun_sequence, execute, run_sequence
+from stageflow.errors import ConfigurationError, ContractError
+from stageflow.patterns.base import _STRUCTURE_VERSION, Pipeline, as_stage
+from stageflow.state import Result, RunInfo
 
 __all__ = ["SequentialPipeline"]
 
@@ -66,6 +66,64 @@ class SequentialPipeline(Pipeline):
         self._entries = self._build()
         self._structure_changed()
         return self
+
+    # -- demand-driven runs -------------------------------------------------------------------
+    def _demanded(self, outputs: Sequence[str], inputs: Iterable[str]) -> tuple[StageEntry, ...]:
+        """The stages the requested fields depend on, in order (checked like a full run)."""
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        key = ("demand", frozenset(outputs), frozenset(inputs), _STRUCTURE_VERSION[0])
+        cached = self._checked.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        needed = set(outputs)
+        chosen: list[StageEntry] = []
+        for entry in reversed(self._entries):
+            produced = entry.ports.outputs
+            if produced is None or needed & set(produced):
+                chosen.append(entry)
+                needed -= set(produced or ())
+                needed |= set(entry.ports.required) | set(entry.ports.optional)
+        plan = tuple(reversed(chosen))
+        scope = Scope.start(sorted(set(inputs)), strict=True, owner=self)
+        for entry in plan:
+            scope.check(entry, "")
+        missing = [f for f in outputs if f not in scope.available]
+        if missing:
+            raise ContractError(
+                f"outputs={list(outputs)}: no stage produces {missing}, and they are not inputs. "
+                f"This pipeline can produce: {sorted(self.check(inputs))}.",
+                field=missing[0],
+                code="unknown_output",
+            )
+        self._checked[key] = plan  # type: ignore[assignment]
+        return plan
+
+    def forward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
+        """Run the stages; with ``outputs=[...]``, only those the requested fields depend on."""
+        if outputs is None:
+            return super().forward(*args, **inputs)
+        self._reject_positional(args)
+        plan = self._demanded(outputs, inputs)
+
+        def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+            run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
+            run_sequence(self, plan, state, run, hooks, prefix)
+
+        return execute(self, inputs, body)
+
+    async def aforward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
+        """Async twin of :meth:`forward`."""
+        if outputs is None:
+            return await super().aforward(*args, **inputs)
+        self._reject_positional(args)
+        plan = self._demanded(outputs, inputs)
+
+        async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+            run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
+            await arun_sequence(self, plan, state, run, hooks, prefix)
+
+        return await aexecute(self, inputs, body)
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         for entry in self._entries:

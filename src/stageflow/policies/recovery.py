@@ -20,6 +20,7 @@ every trace. Every retry, repair, fallback and timeout is recorded in ``result.r
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -176,6 +177,28 @@ class Fallback:
             raise ConfigurationError("Fallback needs exactly one of stage= or default=.", code="bad_option")
 
 
+def _cache_policy(cache: Any) -> Any:
+    if cache is None or cache is False:
+        return None
+    from stageflow.policies.cache import CachePolicy, MemoryStore
+
+    if cache is True:
+        return CachePolicy()
+    if isinstance(cache, int) and not isinstance(cache, bool):
+        return CachePolicy(MemoryStore(cache))
+    if isinstance(cache, str | os.PathLike):
+        from stageflow.policies.stores import SQLiteStore
+
+        return CachePolicy(persistent=SQLiteStore(cache))
+    if isinstance(cache, CachePolicy):
+        return cache
+    raise ConfigurationError(
+        f"cache= takes True, a size, a database path or a CachePolicy, got {cache!r}.",
+        field="cache",
+        code="bad_option",
+    )
+
+
 #: Marks a fallback stage held by the :class:`~stageflow.Stage` wrapper (so DSPy sees it).
 HELD = "<held by the Stage wrapper>"
 
@@ -204,6 +227,7 @@ def make_policy(
         repair = RepairPolicy()
     elif isinstance(repair, int) and not isinstance(repair, bool):
         repair = RepairPolicy(max_repairs=repair)
+    cache = _cache_policy(cache)
     for name, value, kind in (
         ("retry", retry, RetryPolicy),
         ("timeout", timeout, TimeoutPolicy),

@@ -1,0 +1,122 @@
+"""Stage fusion: two adjacent LM stages become one LM call with one combined signature.
+
+The fused signature takes the inputs of ``a`` plus the inputs of ``b`` that ``a`` does not produce,
+and outputs everything both produce (``a``'s first, so the model writes them before ``b``'s, as
+``b`` would have read them). Its instructions are both stages' instructions, in order. The fused
+stage is a real ``dspy.Predict`` (or ``ChainOfThought`` when either stage was one), so it has a
+stable path and optimizers compile it like any other predictor.
+
+Fuse before compiling: demos of the original predictors are not carried over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+
+from stageflow.errors import ConfigurationError
+from stageflow.stages import Stage
+
+__all__ = ["StageFusion", "fuse"]
+
+
+def _unwrap(stage: Any) -> Any:
+    if isinstance(stage, Stage) and not stage.input_map and not stage.output_map and stage.policy is None:
+        return stage.module
+    return stage
+
+
+def _parts(stage: Any) -> tuple[Any, bool] | None:
+    """``(base_signature, is_chain_of_thought)`` for a fusable predictor, else ``None``."""
+    m = _unwrap(stage)
+    if isinstance(m, dspy.ChainOfThought) and isinstance(getattr(m, "predict", None), dspy.Predict):
+        sig = m.predict.signature
+        if "reasoning" in sig.output_fields:
+            sig = sig.delete("reasoning")
+        return sig, True
+    if type(m) is dspy.Predict:
+        return m.signature, False
+    return None
+
+
+def _predictor(stage: Any) -> Any:
+    m = _unwrap(stage)
+    return m.predict if isinstance(m, dspy.ChainOfThought) else m
+
+
+class StageFusion:
+    """Decide whether two adjacent stages can share one LM call, and fuse them.
+
+    Examples:
+        >>> import dspy
+        >>> f = StageFusion()
+        >>> a, b = dspy.Predict("question -> keywords"), dspy.Predict("question, keywords -> answer")
+        >>> f.can_fuse(a, b)
+        True
+        >>> f.fuse(a, b).signature.signature
+        'question -> keywords, answer'
+    """
+
+    def why_not(self, a: Any, b: Any) -> str | None:
+        """Why ``a`` and ``b`` cannot be fused (``None`` when they can)."""
+        pa, pb = _parts(a), _parts(b)
+        if pa is None or pb is None:
+            return "only dspy.Predict / dspy.ChainOfThought stages without renames or policies can be fused"
+        if _predictor(a).lm is not _predictor(b).lm:
+            return "the stages use different LMs"
+        if _predictor(a).demos or _predictor(b).demos:
+            return "the stages have demos (fuse before compiling)"
+        sa, sb = pa[0], pb[0]
+        clash = set(sa.output_fields) & set(sb.output_fields)
+        if clash:
+            return f"both stages write {sorted(clash)}"
+        if set(sb.output_fields) & set(sa.input_fields):
+            return "the second stage writes a field the first one reads"
+        return None
+
+    def can_fuse(self, a: Any, b: Any) -> bool:
+        """Whether ``a`` then ``b`` can become one LM call."""
+        return self.why_not(a, b) is None
+
+    def fuse(self, a: Any, b: Any) -> Any:
+        """One predictor doing the work of ``a`` then ``b`` in a single LM call."""
+        reason = self.why_not(a, b)
+        if reason is not None:
+            raise ConfigurationError(f"Cannot fuse these stages: {reason}.", code="not_fusable")
+        (sa, cot_a), (sb, cot_b) = _parts(a), _parts(b)  # type: ignore[misc]
+        fields: dict[str, Any] = {}
+        for name, f in sa.input_fields.items():
+            fields[name] = (f.annotation, f)
+        for name, f in sb.input_fields.items():
+            if name not in sa.output_fields and name not in fields:
+                fields[name] = (f.annotation, f)
+        for name, f in {**sa.output_fields, **sb.output_fields}.items():
+            fields[name] = (f.annotation, f)
+        instructions = f"{sa.instructions.strip()}\n\nThen: {sb.instructions.strip()}"
+        signature = dspy.make_signature(fields, instructions)
+        lm = _predictor(a).lm
+        fused = dspy.ChainOfThought(signature) if cot_a or cot_b else dspy.Predict(signature)
+        if lm is not None:
+            _predictor(fused).lm = lm
+        return fused
+
+
+def fuse(pipeline: Any, fusion: StageFusion | None = None) -> Any:
+    """A new :class:`SequentialPipeline` with every fusable run of adjacent stages fused.
+
+    The result has the same fields as the original's. Examples: four chained ``Predict`` stages on
+    one LM become one ``Predict``: 4 LM calls → 1.
+    """
+    from stageflow.patterns.sequential import SequentialPipeline
+
+    if not isinstance(pipeline, SequentialPipeline):
+        raise ConfigurationError("stageflow.fuse takes a SequentialPipeline.", code="not_fusable")
+    f = fusion or StageFusion()
+    out: list[Any] = []
+    for s in pipeline.stages:
+        if out and f.can_fuse(out[-1], s):
+            out[-1] = f.fuse(out[-1], s)
+        else:
+            out.append(s)
+    return SequentialPipeline(out)
