@@ -23,6 +23,7 @@ import dspy
 import stageflow
 from stageflow.testing import FakeLM
 
+
 class PeerState(TypedDict):
     xs: list[int]
     ys: Annotated[list[int], operator.add]
@@ -70,7 +71,9 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
         return {"y": x}
 
     fe_sync = stageflow.ForEach(stageflow.stage(sync_stage, writes=["y"]), over="xs", item="x", collect="ys")
-    fe_async = stageflow.ForEach(stageflow.stage(async_stage, writes=["y"]), over="xs", item="x", collect="ys")
+    fe_async = stageflow.ForEach(
+        stageflow.stage(async_stage, writes=["y"]), over="xs", item="x", collect="ys"
+    )
     out["stageflow ForEach, sync stage, sync call (threads)"] = lambda: fe_sync(xs=items)
     out["stageflow ForEach, async stage, sync call"] = lambda: fe_async(xs=items)
     out["stageflow ForEach, async stage, acall"] = lambda: LOOP.run(fe_async.acall(xs=items))
@@ -95,7 +98,9 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
     out["stageflow ForEach(Predict), sync call"] = with_lm(lambda: fe_predict(xs=strs))
     out["stageflow ForEach(Predict), acall"] = with_lm(lambda: LOOP.run(fe_predict.acall(xs=strs)))
     par = dspy.Parallel(num_threads=n, disable_progress_bar=True)
-    out["dspy.Parallel(num_threads=N) over Predict"] = with_lm(lambda: par([(predict, {"x": s}) for s in strs]))
+    out["dspy.Parallel(num_threads=N) over Predict"] = with_lm(
+        lambda: par([(predict, {"x": s}) for s in strs])
+    )
     out.update(peer_variants(n))
     return out
 
@@ -159,7 +164,10 @@ def main() -> None:
                 wall[name].append(time.perf_counter() - w0)
                 cpu[name].append(time.process_time() - c0)
         for k in vs:
-            rows.setdefault(k, {})[n] = (statistics.median(wall[k]) / LAT, statistics.median(cpu[k]) / n * 1e6)
+            rows.setdefault(k, {})[n] = (
+                statistics.median(wall[k]) / LAT,
+                statistics.median(cpu[k]) / n * 1e6,
+            )
     print(f"# Fan-out: N branches × {LAT * 1000:.0f} ms (wall / ideal; CPU µs per branch)\n")
     print("| variant | " + " | ".join(f"N={n}" for n in SIZES) + f" | CPU µs/branch at N={SIZES[-1]} |")
     print("|---|" + "---|" * (len(SIZES) + 1))
@@ -169,7 +177,10 @@ def main() -> None:
     big = {k: v[SIZES[-1]][0] for k, v in rows.items()}
     print(f"\nRatios at N={SIZES[-1]}:")
     pairs = [
-        ("stageflow ForEach, sync stage, sync call (threads)", "ref long-lived ThreadPoolExecutor (time.sleep)"),
+        (
+            "stageflow ForEach, sync stage, sync call (threads)",
+            "ref long-lived ThreadPoolExecutor (time.sleep)",
+        ),
         ("stageflow ForEach, async stage, sync call", "ref asyncio.gather(asyncio.sleep)"),
         ("stageflow ForEach, async stage, acall", "ref asyncio.gather(asyncio.sleep)"),
         ("stageflow ForEach(Predict), acall", "ref asyncio.gather(Predict.acall)"),

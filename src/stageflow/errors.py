@@ -72,6 +72,8 @@ class StageflowError(Exception):
 
     #: ``True`` once ``stage_path`` is relative to the outermost running pipeline.
     path_is_full = False
+    #: What policies did in the failed run before the error (retries, timeouts...).
+    events: list[Any] | None = None
 
     def with_path_prefix(self, prefix: str) -> StageflowError:
         """Prepend an enclosing stage path (used as errors bubble out of nested pipelines).

@@ -80,6 +80,7 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         # A nested stageflow pipeline: its records join the trace under the stage's path.
         base = entry.path
         run.trace.extend(StageRecord(join_path(base, r.path), r.elapsed, r.ok) for r in out.run.trace)
+        run.events.extend(out.run.events)
         if not entry.out_rename:
             # Its whole final state merges, except inputs it only received under another name.
             skip = entry.merge_skip

@@ -100,7 +100,6 @@ def guarded_call(
             return dict(value) if isinstance(value, dict) else value
         out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
         cache.store(key, durable, outputs_of(out))
-        run.events.append(PolicyEvent(path, "cache_miss"))
         return out
     return _attempts(owner, entry, target, kw, policy, run, path, invoke)
 
@@ -192,7 +191,6 @@ async def aguarded_call(
             return dict(value) if isinstance(value, dict) else value
         out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
         cache.store(key, durable, outputs_of(out))
-        run.events.append(PolicyEvent(path, "cache_miss"))
         return out
     return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
 

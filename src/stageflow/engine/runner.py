@@ -128,6 +128,13 @@ def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
     return merged  # type: ignore[no-any-return]
 
 
+def _carry_events(err: StageflowError, run: RunInfo) -> None:
+    """Keep the policy events of a failed nested run: they join this run's, the error carries them."""
+    if err.events is not None and err.events is not run.events:
+        run.events.extend(err.events)
+    err.events = run.events
+
+
 def _recovered(
     policy: StagePolicy | None,
     entry: StageEntry,
@@ -197,6 +204,7 @@ def call_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
+        _carry_events(err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):
@@ -264,6 +272,7 @@ async def acall_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
+        _carry_events(err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):

@@ -172,3 +172,4 @@ def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
     for r in results:
         run.trace.extend(r.branch.run.trace)
         run.stage_outputs.update(r.branch.run.stage_outputs)
+        run.events.extend(r.branch.run.events)

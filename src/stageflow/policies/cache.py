@@ -179,27 +179,43 @@ def _predictor_state(p: Any) -> dict[str, Any]:
     }
 
 
+def _code(target: Any) -> Any:
+    """The code object that computes ``target``'s outputs (a function's, or a module's ``forward``)."""
+    code = getattr(target, "__code__", None)
+    if code is None:
+        forward = getattr(type(target), "forward", None)  # via the class: no DSPy forward warning
+        code = getattr(forward, "__code__", None)
+    if code is None:
+        code = getattr(getattr(type(target), "__call__", None), "__code__", None)
+    return code
+
+
+def _token(d: dict[str, Any]) -> tuple[int, int, int, int]:
+    demos = d.get("demos", ())
+    return id(d.get("signature")), id(demos), len(demos), id(d.get("lm"))
+
+
 def fingerprint(target: Any) -> str:
     """A content hash of what determines ``target``'s outputs besides its inputs.
 
     Cheap when nothing changed: recomputed only when a predictor's signature object, demos list,
     demo count or LM object changes (which is what compiling and re-prompting do).
     """
+    fn_stage = getattr(target, "fn", None) if type(target).__name__ == "FunctionStage" else None
+    if fn_stage is not None:
+        target = fn_stage
     preds = _predictors(target)
     if preds:
-        token: tuple[Any, ...] = tuple((id(p.signature), id(p.demos), len(p.demos), id(p.lm)) for p in preds)
+        token: tuple[Any, ...] = tuple(_token(p.__dict__) for p in preds)
     else:
-        fn = getattr(target, "__code__", None) or getattr(getattr(target, "forward", None), "__code__", None)
-        token = ("code", id(fn), id(target))
+        token = ("code", id(_code(target)), id(target))
     fp = _FINGERPRINTS.get(token)
     if fp is not None:
         return fp
     if preds:
         payload: Any = [_predictor_state(p) for p in preds]
     else:
-        code = getattr(target, "__code__", None) or getattr(
-            getattr(target, "forward", None), "__code__", None
-        )
+        code = _code(target)
         payload = [
             getattr(target, "__qualname__", type(target).__qualname__),
             hashlib.sha256(code.co_code).hexdigest() if code is not None else repr(target),

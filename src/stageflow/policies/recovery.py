@@ -299,7 +299,7 @@ class PolicyEvent:
     Attributes:
         stage: Full stage path.
         kind: ``retry``, ``repair``, ``timeout``, ``fallback``, ``recovered``, ``skipped``,
-            ``cache_hit`` or ``cache_miss``.
+            or ``cache_hit``.
         attempt: The attempt that failed (1-based), when relevant.
         error: ``"Type: message"`` of the error that triggered it.
         delay: Seconds waited before the next attempt.

@@ -1,0 +1,116 @@
+"""Stage cache vs DSPy: cost of a memory hit, a persistent hit and a miss, side by side.
+
+Run: ``python benchmarks/cache.py`` (CPU µs per call, medians of 21 rotated repetitions).
+
+Every variant is a one-stage pipeline (or bare ``dspy.Predict``) on an instant fake LM, so the
+numbers are framework CPU only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dspy
+from _harness import machine_note, measure
+
+import stageflow
+from stageflow.policies.cache import CachePolicy, MemoryStore
+from stageflow.policies.stores import SQLiteStore
+from stageflow.testing import FakeLM
+
+
+def main() -> None:
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
+    lm = FakeLM({"answer": "Paris"})
+    cached_lm = FakeLM({"answer": "Paris"})
+    cached_lm.cache = True  # DSPy's own LM response cache (memory)
+    fresh = itertools.count()
+
+    predict = dspy.Predict("question -> answer")
+    plain = stageflow.SequentialPipeline([predict])
+    noop = stageflow.SequentialPipeline(
+        [stageflow.stage(lambda question: {"answer": "Paris"}, writes=["answer"])]
+    )
+    hit_stage = stageflow.CachedStage(dspy.Predict("question -> answer"))
+    hit = stageflow.SequentialPipeline([hit_stage])
+    miss = stageflow.SequentialPipeline(
+        [stageflow.CachedStage(dspy.Predict("question -> answer"), cache_size=64)]
+    )
+    tmp = Path(tempfile.mkdtemp())
+    store = SQLiteStore(tmp / "cache.db")
+    persistent = stageflow.SequentialPipeline(
+        [stageflow.Stage(dspy.Predict("question -> answer"), cache=CachePolicy(MemoryStore(1), store))]
+    )
+    miss_persist = stageflow.SequentialPipeline(
+        [
+            stageflow.Stage(
+                dspy.Predict("question -> answer"),
+                cache=CachePolicy(MemoryStore(64), SQLiteStore(tmp / "miss.db")),
+            )
+        ]
+    )
+    with dspy.context(lm=lm):
+        hit(question="q")
+        persistent(question="a")
+        persistent(question="b")
+        store.flush()
+        toggle = itertools.cycle(["a", "b"])  # memory holds 1 entry: every call misses memory, hits SQLite
+        variants = {
+            "dspy.Predict, no cache": lambda: predict(question="q"),
+            "dspy.Predict, DSPy LM-cache hit": lambda: predict(question="q", lm=cached_lm),
+            "stageflow pipeline, uncached Predict": lambda: plain(question="q"),
+            "stageflow pipeline, no-op function stage": lambda: noop(question="q"),
+            "stageflow pipeline, stage-cache memory hit": lambda: hit(question="q"),
+            "stageflow pipeline, stage-cache miss (memory)": lambda: miss(question=f"q{next(fresh)}"),
+            "stageflow pipeline, stage-cache miss (memory + SQLite)": lambda: miss_persist(
+                question=f"q{next(fresh)}"
+            ),
+            "stageflow pipeline, stage-cache persistent hit (SQLite)": lambda: persistent(
+                question=next(toggle)
+            ),
+            "CachedStage called alone, hit": lambda: hit_stage(question="q"),
+        }
+        res = measure(variants)
+    cpu = {k: v["cpu_us"] for k, v in res.items()}
+    print(f"# Stage cache ({machine_note()})\n")
+    print("| variant | CPU µs per call |")
+    print("|---|---|")
+    for k, v in cpu.items():
+        print(f"| {k} | {v:.1f} |")
+    base = cpu["stageflow pipeline, no-op function stage"]
+    hit_cost = cpu["stageflow pipeline, stage-cache memory hit"] - base
+    dspy_hit = cpu["dspy.Predict, DSPy LM-cache hit"]
+    print()
+    print("| measure | value | target |")
+    print("|---|---|---|")
+    print(f"| stage-cache memory hit, over a no-op stage | {hit_cost:.1f} µs | ≤ 20 µs |")
+    print(
+        f"| DSPy LM-cache hit / stage-cache hit (pipeline call incl.) | "
+        f"{dspy_hit / cpu['stageflow pipeline, stage-cache memory hit']:.0f}× | ≥ 30× for the hit itself |"
+    )
+    print(
+        f"| DSPy LM-cache hit / stage-cache hit (hit cost alone) | {dspy_hit / max(hit_cost, 0.1):.0f}× | ≥ 30× |"
+    )
+    added = cpu["stageflow pipeline, stage-cache miss (memory)"] - cpu["stageflow pipeline, uncached Predict"]
+    print(f"| a memory miss adds | {added:.1f} µs | ≤ 20 µs |")
+    persist_added = (
+        cpu["stageflow pipeline, stage-cache miss (memory + SQLite)"]
+        - cpu["stageflow pipeline, stage-cache miss (memory)"]
+    )
+    print(
+        f"| a persistent write adds to a miss (queued, written in the background) | {persist_added:.1f} µs | |"
+    )
+    print(
+        f"| persistent (SQLite) hit, over a no-op stage | "
+        f"{cpu['stageflow pipeline, stage-cache persistent hit (SQLite)'] - base:.1f} µs | |"
+    )
+    store.flush()
+
+
+if __name__ == "__main__":
+    main()
