@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dspy
-from _harness import machine_note, measure
 
 import stageflow
+from _harness import machine_note, measure
 from stageflow.policies.cache import CachePolicy, MemoryStore
 from stageflow.policies.stores import SQLiteStore
 from stageflow.testing import FakeLM
@@ -94,7 +94,8 @@ def main() -> None:
         f"{dspy_hit / cpu['stageflow pipeline, stage-cache memory hit']:.0f}× | ≥ 30× for the hit itself |"
     )
     print(
-        f"| DSPy LM-cache hit / stage-cache hit (hit cost alone) | {dspy_hit / max(hit_cost, 0.1):.0f}× | ≥ 30× |"
+        "| DSPy LM-cache hit / stage-cache hit (hit cost alone) | "
+        f"{dspy_hit / max(hit_cost, 0.1):.0f}× | ≥ 30× |"
     )
     added = cpu["stageflow pipeline, stage-cache miss (memory)"] - cpu["stageflow pipeline, uncached Predict"]
     print(f"| a memory miss adds | {added:.1f} µs | ≤ 20 µs |")
@@ -103,7 +104,8 @@ def main() -> None:
         - cpu["stageflow pipeline, stage-cache miss (memory)"]
     )
     print(
-        f"| a persistent write adds to a miss (queued, written in the background) | {persist_added:.1f} µs | |"
+        "| a persistent write adds to a miss (queued, written in the background) | "
+        f"{persist_added:.1f} µs | |"
     )
     print(
         f"| persistent (SQLite) hit, over a no-op stage | "

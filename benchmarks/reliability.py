@@ -99,7 +99,8 @@ def main() -> None:
     print(f"| wall time | {wall:.1f} s |")
     for e in result.item_errors[:3]:
         print(
-            f"\nexample reported error (item {e['index']}): {type(e['error']).__name__}: {str(e['error'])[:160]}"
+            f"\nexample reported error (item {e['index']}): "
+            f"{type(e['error']).__name__}: {str(e['error'])[:160]}"
         )
     assert completed + failed == N
 

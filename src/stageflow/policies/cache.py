@@ -186,7 +186,8 @@ def _code(target: Any) -> Any:
         forward = getattr(type(target), "forward", None)  # via the class: no DSPy forward warning
         code = getattr(forward, "__code__", None)
     if code is None:
-        code = getattr(getattr(type(target), "__call__", None), "__code__", None)
+        call = type(target).__dict__.get("__call__")
+        code = getattr(call, "__code__", None)
     return code
 
 
