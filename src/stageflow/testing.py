@@ -202,7 +202,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
                 values[name] = script(inputs)
             else:
                 values[name] = copy.deepcopy(script)
-        if "Respond with a JSON object" in user or "JSON" in system[-400:]:
+        if "Respond with a JSON object" in user:
             text = json.dumps(values)
         else:
             parts = []

@@ -133,7 +133,7 @@ class RetryPolicy:
         if hinted is not None:
             return hinted
         base = min(self.initial_delay * self.backoff ** (attempt - 1), self.max_delay)
-        return base + base * self.jitter * self.rng()
+        return min(base + base * self.jitter * self.rng(), self.max_delay)
 
 
 @dataclass(frozen=True)
