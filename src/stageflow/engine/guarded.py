@@ -6,6 +6,7 @@ Only entries with a policy come here; the plain fast path in :mod:`runner` is un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -104,6 +105,48 @@ def guarded_call(
     return _attempts(owner, entry, target, kw, policy, run, path, invoke)
 
 
+class _Attempts:
+    """The attempt bookkeeping shared by the sync and async loops: what to do after an error."""
+
+    def __init__(self, policy: StagePolicy, run: RunInfo, path: str) -> None:
+        self.policy, self.run, self.path = policy, run, path
+        self.attempt = 0
+        self.repairs = 0
+        self.feedback: str | None = None
+
+    def next_kw(self, target: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        self.attempt += 1
+        return _varied(target, kw, self.attempt)
+
+    def after_error(self, e: Exception) -> float | None:
+        """Seconds to wait before retrying (0 for a repair), or ``None`` to give up."""
+        retry, repair = self.policy.retry, self.policy.repair
+        tries = self.attempt - self.repairs
+        if retry is not None and tries < retry.max_attempts and retry.retry_on(e):
+            delay = retry.delay(tries, e)
+            self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay))
+            return delay
+        if repair is not None and self.repairs < repair.max_repairs and repair.repair_on(e):
+            self.repairs += 1
+            self.feedback = str(e)[:500]
+            self.run.events.append(PolicyEvent(self.path, "repair", self.attempt, _describe(e)))
+            return 0.0
+        return None
+
+    def give_up(self, error: Exception) -> Any:
+        """Record the failure; return the fallback to use (``None``: re-raise)."""
+        if isinstance(error, StageTimeoutError):
+            self.run.events.append(PolicyEvent(self.path, "timeout", self.attempt, _describe(error)))
+        if self.policy.fallback is not None:
+            self.run.events.append(PolicyEvent(self.path, "fallback", self.attempt, _describe(error)))
+        return self.policy.fallback
+
+    def adapter_context(self) -> Any:
+        if self.feedback is None:
+            return contextlib.nullcontext()
+        return dspy.context(adapter=_repair_adapter(self.feedback))
+
+
 def _attempts(
     owner: Any,
     entry: StageEntry,
@@ -114,40 +157,23 @@ def _attempts(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
-    retry, repair, timeout = policy.retry, policy.repair, policy.timeout
-    attempt, repairs = 0, 0
-    feedback: str | None = None
-    error: Exception | None = None
+    state = _Attempts(policy, run, path)
     while True:
-        attempt += 1
-        call_kw = _varied(target, kw, attempt)
+        call_kw = state.next_kw(target, kw)
         try:
-            if feedback is not None:
-                with dspy.context(adapter=_repair_adapter(feedback)):
-                    return _with_timeout(entry, target, call_kw, timeout, path, invoke)
-            return _with_timeout(entry, target, call_kw, timeout, path, invoke)
+            with state.adapter_context():
+                return _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
         except Exception as e:
-            error = e
-            if retry is not None and attempt - repairs < retry.max_attempts and retry.retry_on(e):
-                delay = retry.delay(attempt - repairs, e)
-                run.events.append(PolicyEvent(path, "retry", attempt, _describe(e), delay))
-                retry.sleep(delay)
-                continue
-            if repair is not None and repairs < repair.max_repairs and repair.repair_on(e):
-                repairs += 1
-                feedback = str(e)[:500]
-                run.events.append(PolicyEvent(path, "repair", attempt, _describe(e)))
-                continue
-            break
-    assert error is not None
-    if isinstance(error, StageTimeoutError):
-        run.events.append(PolicyEvent(path, "timeout", attempt, _describe(error)))
-    if policy.fallback is not None:
-        run.events.append(PolicyEvent(path, "fallback", attempt, _describe(error)))
-        if policy.fallback.default is not None:
-            return dict(policy.fallback.default)
-        return _fallback_target(owner, entry)(**kw)
-    raise error
+            delay = state.after_error(e)
+            if delay is None:
+                fallback = state.give_up(e)
+                if fallback is None:
+                    raise
+                if fallback.default is not None:
+                    return dict(fallback.default)
+                return _fallback_target(owner, entry)(**kw)
+            if delay and policy.retry is not None:
+                policy.retry.sleep(delay)
 
 
 def _with_timeout(
@@ -205,44 +231,26 @@ async def _aattempts(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
-    retry, repair, timeout = policy.retry, policy.repair, policy.timeout
-    attempt, repairs = 0, 0
-    feedback: str | None = None
-    error: Exception | None = None
+    state = _Attempts(policy, run, path)
     while True:
-        attempt += 1
-        call_kw = _varied(target, kw, attempt)
+        call_kw = state.next_kw(target, kw)
         try:
-            if feedback is not None:
-                with dspy.context(adapter=_repair_adapter(feedback)):
-                    return await _awith_timeout(entry, target, call_kw, timeout, path, invoke)
-            return await _awith_timeout(entry, target, call_kw, timeout, path, invoke)
+            with state.adapter_context():
+                return await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
         except Exception as e:
-            error = e
-            if retry is not None and attempt - repairs < retry.max_attempts and retry.retry_on(e):
-                delay = retry.delay(attempt - repairs, e)
-                run.events.append(PolicyEvent(path, "retry", attempt, _describe(e), delay))
-                if retry.asleep is not None:
-                    await retry.asleep(delay)
-                else:
-                    await asyncio.sleep(delay)
-                continue
-            if repair is not None and repairs < repair.max_repairs and repair.repair_on(e):
-                repairs += 1
-                feedback = str(e)[:500]
-                run.events.append(PolicyEvent(path, "repair", attempt, _describe(e)))
-                continue
-            break
-    assert error is not None
-    if isinstance(error, StageTimeoutError):
-        run.events.append(PolicyEvent(path, "timeout", attempt, _describe(error)))
-    if policy.fallback is not None:
-        run.events.append(PolicyEvent(path, "fallback", attempt, _describe(error)))
-        if policy.fallback.default is not None:
-            return dict(policy.fallback.default)
-        fb = _fallback_target(owner, entry)
-        return await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
-    raise error
+            delay = state.after_error(e)
+            if delay is None:
+                fallback = state.give_up(e)
+                if fallback is None:
+                    raise
+                if fallback.default is not None:
+                    return dict(fallback.default)
+                fb = _fallback_target(owner, entry)
+                return (
+                    await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
+                )
+            if delay and policy.retry is not None:
+                await (policy.retry.asleep or asyncio.sleep)(delay)
 
 
 async def _awith_timeout(

@@ -128,11 +128,10 @@ def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
     return merged  # type: ignore[no-any-return]
 
 
-def _carry_events(err: StageflowError, run: RunInfo) -> None:
-    """Keep the policy events of a failed nested run: they join this run's, the error carries them."""
-    if err.events is not None and err.events is not run.events:
+def _carry_events(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
+    """A nested pipeline that failed: its policy events (carried by the error) join this run's."""
+    if entry.composite and err.events is not None and err.events is not run.events:
         run.events.extend(err.events)
-    err.events = run.events
 
 
 def _recovered(
@@ -204,7 +203,7 @@ def call_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
-        _carry_events(err, run)
+        _carry_events(entry, err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):
@@ -272,7 +271,7 @@ async def acall_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
-        _carry_events(err, run)
+        _carry_events(entry, err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):
@@ -359,6 +358,8 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     try:
         body(state, run, hooks, prefix)
     except BaseException as e:
+        if isinstance(e, StageflowError):
+            e.events = run.events  # what policies did before the failure travels with the error
         _end(pipeline, hooks, token, prefix, t0, None, e)
         raise
     _end(pipeline, hooks, token, prefix, t0, state, None)
@@ -373,6 +374,8 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     try:
         await body(state, run, hooks, prefix)
     except BaseException as e:
+        if isinstance(e, StageflowError):
+            e.events = run.events
         _end(pipeline, hooks, token, prefix, t0, None, e)
         raise
     _end(pipeline, hooks, token, prefix, t0, state, None)

@@ -1,0 +1,261 @@
+"""Fan-out: run branch thunks concurrently (threads or tasks); one outcome per branch, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, Literal
+
+from stageflow.engine import pool as _pool_module
+from stageflow.engine.budget import _CONFIG
+from stageflow.errors import ConfigurationError
+
+__all__ = ["BranchOutcome", "FailurePolicy", "afan_out", "fan_out"]
+
+logger = logging.getLogger("stageflow")
+
+FailurePolicy = Literal["collect", "skip", "fail_fast"]
+POLICIES = ("collect", "skip", "fail_fast")
+
+
+@dataclass
+class BranchOutcome:
+    """What one branch of a fan-out did.
+
+    Attributes:
+        index: Position in the fan-out's input order.
+        ok: ``True`` when the branch returned a value.
+        value: The branch's return value (``None`` on failure).
+        error: The exception, when it failed (a ``TimeoutError`` for a timeout).
+        elapsed: Wall seconds the branch ran (or until it was abandoned).
+        status: ``"ok"``, ``"error"``, ``"timeout"``, ``"cancelled"`` (abandoned after fail_fast or
+            ``until``) or ``"skipped"`` (never started).
+    """
+
+    index: int
+    ok: bool = False
+    value: Any = None
+    error: BaseException | None = None
+    elapsed: float = 0.0
+    status: str = "skipped"
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ConfigurationError(
+            f"on_error must be one of {list(POLICIES)}, got {policy!r}.", field="on_error", code="bad_option"
+        )
+
+
+class _SyncFanOut:
+    """State of one threaded fan-out: pullers take the next branch until none are left."""
+
+    def __init__(
+        self,
+        thunks: Sequence[Callable[[], Any]],
+        window: int,
+        policy: str,
+        timeout: float | None,
+        until: Callable[[list[BranchOutcome]], bool] | None,
+    ) -> None:
+        self.thunks = thunks
+        self.window = window
+        self.policy = policy
+        self.timeout = timeout
+        self.until = until
+        self.outcomes = [BranchOutcome(i) for i in range(len(thunks))]
+        self.next = 0
+        self.done = 0
+        self.timeouts = 0
+        self.running: dict[int, float] = {}
+        self.stopped = False
+        self.cond = threading.Condition()
+        self.first_error: BaseException | None = None
+
+    def take(self) -> int | None:
+        with self.cond:
+            if self.stopped or self.next >= len(self.thunks):
+                return None
+            i = self.next
+            self.next += 1
+            self.running[i] = perf_counter()
+            return i
+
+    def finish(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
+        with self.cond:
+            if i not in self.running:  # timed out or abandoned meanwhile: the result is dropped
+                return
+            del self.running[i]
+            o = self.outcomes[i]
+            o.elapsed = perf_counter() - t0
+            if error is None:
+                o.ok, o.value, o.status = True, value, "ok"
+            else:
+                o.error, o.status = error, "error"
+                if self.policy == "fail_fast" and self.first_error is None:
+                    self.first_error = error
+                    self.stopped = True
+            self.done += 1
+            if self.until is not None and not self.stopped and self.until(self.outcomes):
+                self.stopped = True
+            if self.timeout is not None or self.finished():
+                self.cond.notify_all()  # wake the caller only when it has something to do
+
+    def pull(self, ctx: contextvars.Context) -> None:
+        while (i := self.take()) is not None:
+            t0 = perf_counter()
+            try:
+                value = ctx.copy().run(self.thunks[i])
+            except BaseException as e:
+                self.finish(i, None, e, t0)
+            else:
+                self.finish(i, value, None, t0)
+
+    def finished(self) -> bool:
+        if self.done + self.timeouts >= len(self.thunks):
+            return True
+        return self.stopped and (not self.running or self.policy == "fail_fast" or self.until is not None)
+
+
+def fan_out(
+    thunks: Sequence[Callable[[], Any]],
+    *,
+    max_concurrency: int | None = None,
+    on_error: FailurePolicy = "collect",
+    timeout: float | None = None,
+    until: Callable[[list[BranchOutcome]], bool] | None = None,
+) -> list[BranchOutcome]:
+    """Run ``thunks`` concurrently on threads; see the module docstring."""
+    _check_policy(on_error)
+    n = len(thunks)
+    if n == 0:
+        return []
+    window = min(n, max_concurrency or n, _CONFIG.max_threads + 1)
+    run = _SyncFanOut(thunks, window, on_error, timeout, until)
+    ctx = contextvars.copy_context()
+    pool = _pool_module._pool()
+    # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
+    # the fan-out may have to stop early or time branches out: then it only waits and watches.
+    caller_works = timeout is None and until is None and on_error != "fail_fast"
+    for _ in range(window - 1 if caller_works else window):
+        pool.submit(run.pull, ctx)
+    if caller_works:
+        run.pull(ctx)
+    with run.cond:
+        while not run.finished():
+            wait = None
+            if timeout is not None and run.running:
+                now = perf_counter()
+                oldest = min(run.running.values())
+                wait = max(0.0, oldest + timeout - now)
+                expired = [i for i, t in run.running.items() if now - t >= timeout]
+                for i in expired:
+                    o = run.outcomes[i]
+                    o.status, o.elapsed = "timeout", now - run.running.pop(i)
+                    run.timeouts += 1
+                    o.error = TimeoutError(f"branch {i} timed out after {timeout}s")
+                    _pool_module._ABANDONED[0] += 1
+                    logger.warning(
+                        "stageflow: branch %d timed out after %ss; its thread cannot be cancelled "
+                        "and was abandoned",
+                        i,
+                        timeout,
+                    )
+                    if on_error == "fail_fast" and run.first_error is None:
+                        run.first_error, run.stopped = o.error, True
+                    if not run.stopped and run.next < n:
+                        pool.submit(run.pull, ctx)  # replace the stuck worker
+                if expired:
+                    continue
+            run.cond.wait(wait)
+        run.stopped = True
+        for i in list(run.running):  # still running after fail_fast / until: abandoned
+            run.outcomes[i].status = "cancelled"
+            _pool_module._ABANDONED[0] += 1
+        run.running.clear()
+    if run.first_error is not None:
+        raise run.first_error
+    return run.outcomes
+
+
+async def afan_out(
+    thunks: Sequence[Callable[[], Awaitable[Any]]],
+    *,
+    max_concurrency: int | None = None,
+    on_error: FailurePolicy = "collect",
+    timeout: float | None = None,
+    until: Callable[[list[BranchOutcome]], bool] | None = None,
+) -> list[BranchOutcome]:
+    """Run async ``thunks`` concurrently as tasks; abandoned branches are cancelled."""
+    _check_policy(on_error)
+    n = len(thunks)
+    outcomes = [BranchOutcome(i) for i in range(n)]
+    if n == 0:
+        return outcomes
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
+    first_error: list[BaseException] = []
+    stopped = [False]
+    tasks: list[asyncio.Task[None]] = []
+
+    def stop(me: int) -> None:
+        # Abandon every other branch: O(n) once, instead of re-waiting on all pending tasks.
+        stopped[0] = True
+        for k, t in enumerate(tasks):
+            if k != me and not t.done():
+                t.cancel()
+
+    async def one(i: int) -> None:
+        o = outcomes[i]
+        if gate is not None:
+            await gate.acquire()
+        try:
+            if stopped[0]:
+                o.status = "cancelled"
+                return
+            t0 = perf_counter()
+            try:
+                if timeout is None:
+                    o.value = await thunks[i]()
+                else:
+                    async with asyncio.timeout(timeout):
+                        o.value = await thunks[i]()
+            except TimeoutError as e:
+                o.status = "timeout"
+                o.error = e if str(e) else TimeoutError(f"branch {i} timed out after {timeout}s")
+            except asyncio.CancelledError:
+                o.status, o.elapsed = "cancelled", perf_counter() - t0
+                raise
+            except Exception as e:
+                o.error, o.status = e, "error"
+            else:
+                o.ok, o.status = True, "ok"
+            o.elapsed = perf_counter() - t0
+            if stopped[0]:
+                return
+            if not o.ok and on_error == "fail_fast":
+                first_error.append(o.error)  # type: ignore[arg-type]
+                stop(i)
+            elif until is not None and until(outcomes):
+                stop(i)
+        finally:
+            if gate is not None:
+                gate.release()
+
+    tasks.extend(asyncio.ensure_future(one(i)) for i in range(n))
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    for o in outcomes:
+        if o.status == "skipped":
+            o.status = "cancelled"
+    if first_error:
+        raise first_error[0]
+    return outcomes

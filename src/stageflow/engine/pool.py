@@ -1,0 +1,88 @@
+"""The shared, long-lived thread pool and background event loop (never one per call)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from stageflow.engine.budget import _CONFIG
+
+__all__ = ["abandoned_threads", "available_cpus", "on_background_loop", "run_on_background_loop", "to_thread"]
+
+
+_POOL: list[ThreadPoolExecutor | None] = [None]
+_POOL_LOCK = threading.Lock()
+_ABANDONED = [0]
+
+
+def _pool() -> ThreadPoolExecutor:
+    pool = _POOL[0]
+    if pool is None:
+        with _POOL_LOCK:
+            pool = _POOL[0]
+            if pool is None:
+                pool = ThreadPoolExecutor(max_workers=_CONFIG.max_threads, thread_name_prefix="stageflow")
+                _POOL[0] = pool
+    return pool
+
+
+def _reset_pool() -> None:
+    with _POOL_LOCK:
+        old, _POOL[0] = _POOL[0], None
+    if old is not None:
+        old.shutdown(wait=False)
+
+
+async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on stageflow's long-lived pool from async code, in a copy of the context.
+
+    Unlike ``asyncio.to_thread`` (the loop's default executor: ``min(32, cpus + 4)`` threads),
+    this never caps concurrency below what the user set.
+    """
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    return await loop.run_in_executor(_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
+
+
+def abandoned_threads() -> int:
+    """How many timed-out branch threads were abandoned (still running or finished late)."""
+    return _ABANDONED[0]
+
+
+_LOOP: list[asyncio.AbstractEventLoop | None] = [None]
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    loop = _LOOP[0]
+    if loop is None:
+        with _POOL_LOCK:
+            loop = _LOOP[0]
+            if loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="stageflow-loop", daemon=True).start()
+                _LOOP[0] = loop
+    return loop
+
+
+def on_background_loop() -> bool:
+    """Whether the current thread is stageflow's background event loop (never block it)."""
+    try:
+        return asyncio.get_running_loop() is _LOOP[0]
+    except RuntimeError:
+        return False
+
+
+def run_on_background_loop(coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows)."""
+    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()  # type: ignore[arg-type]
+
+
+def available_cpus() -> int:
+    """CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
