@@ -15,12 +15,24 @@ from stageflow.engine import pool as _pool_module
 from stageflow.engine.budget import _CONFIG
 from stageflow.errors import ConfigurationError
 
-__all__ = ["BranchOutcome", "FailurePolicy", "afan_out", "fan_out"]
+__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
 
 logger = logging.getLogger("stageflow")
 
 FailurePolicy = Literal["collect", "skip", "fail_fast"]
 POLICIES = ("collect", "skip", "fail_fast")
+
+# How long the caller waits for a pool worker before running a branch itself (seconds).
+_STARVATION_CHECK = 0.05
+
+
+class BranchTimeoutError(TimeoutError):
+    """A fan-out branch ran past its timeout (``index`` is its position)."""
+
+    def __init__(self, index: int, seconds: float) -> None:
+        super().__init__(f"branch {index} timed out after {seconds}s")
+        self.index = index
+        self.seconds = seconds
 
 
 @dataclass
@@ -76,6 +88,8 @@ class _SyncFanOut:
         self.stopped = False
         self.cond = threading.Condition()
         self.first_error: BaseException | None = None
+        self.workers = 0
+        self.idle_since: float | None = None
 
     def take(self) -> int | None:
         with self.cond:
@@ -84,6 +98,7 @@ class _SyncFanOut:
             i = self.next
             self.next += 1
             self.running[i] = perf_counter()
+            self.idle_since = None
             return i
 
     def finish(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
@@ -107,14 +122,34 @@ class _SyncFanOut:
                 self.cond.notify_all()  # wake the caller only when it has something to do
 
     def pull(self, ctx: contextvars.Context) -> None:
-        while (i := self.take()) is not None:
-            t0 = perf_counter()
-            try:
-                value = ctx.copy().run(self.thunks[i])
-            except BaseException as e:
-                self.finish(i, None, e, t0)
-            else:
-                self.finish(i, value, None, t0)
+        with self.cond:
+            self.workers += 1
+        while self.pull_one(ctx):
+            pass
+
+    def pull_one(self, ctx: contextvars.Context) -> bool:
+        """Run the next branch, if any is left; ``False`` when there was none."""
+        i = self.take()
+        if i is None:
+            return False
+        t0 = perf_counter()
+        try:
+            value = ctx.copy().run(self.thunks[i])
+        except BaseException as e:
+            self.finish(i, None, e, t0)
+        else:
+            self.finish(i, value, None, t0)
+        return True
+
+    def starved(self) -> bool:
+        """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
+        if self.stopped or self.next >= len(self.thunks) or self.running:
+            return False
+        now = perf_counter()
+        if self.idle_since is None:
+            self.idle_since = now
+            return False
+        return now - self.idle_since >= _STARVATION_CHECK
 
     def finished(self) -> bool:
         if self.done + self.timeouts >= len(self.thunks):
@@ -148,17 +183,27 @@ def fan_out(
         run.pull(ctx)
     with run.cond:
         while not run.finished():
-            wait = None
+            if run.starved():
+                # No worker has picked up this fan-out (the pool is busy, e.g. with the outer
+                # branches of a nested fan-out waiting on this one): the caller runs a branch
+                # itself, so the program always makes progress.
+                run.cond.release()
+                try:
+                    run.pull_one(ctx)
+                finally:
+                    run.cond.acquire()
+                continue
+            wait: float | None = _STARVATION_CHECK
             if timeout is not None and run.running:
                 now = perf_counter()
                 oldest = min(run.running.values())
-                wait = max(0.0, oldest + timeout - now)
+                wait = min(_STARVATION_CHECK, max(0.0, oldest + timeout - now))
                 expired = [i for i, t in run.running.items() if now - t >= timeout]
                 for i in expired:
                     o = run.outcomes[i]
                     o.status, o.elapsed = "timeout", now - run.running.pop(i)
                     run.timeouts += 1
-                    o.error = TimeoutError(f"branch {i} timed out after {timeout}s")
+                    o.error = BranchTimeoutError(i, timeout)
                     _pool_module._ABANDONED[0] += 1
                     logger.warning(
                         "stageflow: branch %d timed out after %ss; its thread cannot be cancelled "
@@ -215,8 +260,7 @@ async def afan_out(
             await gate.acquire()
         try:
             if stopped[0]:
-                o.status = "cancelled"
-                return
+                return  # never started: stays "skipped"
             t0 = perf_counter()
             try:
                 if timeout is None:
@@ -226,7 +270,7 @@ async def afan_out(
                         o.value = await thunks[i]()
             except TimeoutError as e:
                 o.status = "timeout"
-                o.error = e if str(e) else TimeoutError(f"branch {i} timed out after {timeout}s")
+                o.error = BranchTimeoutError(i, timeout) if timeout is not None else e
             except asyncio.CancelledError:
                 o.status, o.elapsed = "cancelled", perf_counter() - t0
                 raise
@@ -253,9 +297,6 @@ async def afan_out(
         for t in tasks:
             t.cancel()
         raise
-    for o in outcomes:
-        if o.status == "skipped":
-            o.status = "cancelled"
     if first_error:
         raise first_error[0]
     return outcomes

@@ -8,7 +8,8 @@ stageflow's background event loop); async calls fan out on tasks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,10 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
-from stageflow.engine.plan import FUNCTION, StageEntry
+from stageflow.engine.fanout import BranchTimeoutError
+from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.runner import acall_stage, call_stage
-from stageflow.errors import ConfigurationError
+from stageflow.errors import ConfigurationError, StageTimeoutError
 from stageflow.state import RunInfo
 
 __all__ = ["Branch", "BranchResult", "arun_branches", "check_fanout_options", "run_branches"]
@@ -85,9 +87,33 @@ def _produced(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in after.items() if k not in before or before[k] is not v}
 
 
+def _timeout_error(branch: Branch, prefix: str, error: BranchTimeoutError) -> StageTimeoutError:
+    path = join_path(prefix, branch.entry.path)
+    err = StageTimeoutError(
+        f"Stage '{path}' ({branch.entry.label}) took longer than the fan-out's timeout of {error.seconds}s.",
+        stage_path=path,
+        hint="raise the pattern's timeout=, or give the stage its own TimeoutPolicy and a Fallback",
+    )
+    err.path_is_full = True
+    err.__cause__ = error
+    return err
+
+
+@contextlib.contextmanager
+def _path_timeouts(branches: Sequence[Branch], prefix: str) -> Iterator[None]:
+    """A fail-fast timeout leaves the fan-out as a StageTimeoutError naming the branch's path."""
+    try:
+        yield
+    except BranchTimeoutError as e:
+        raise _timeout_error(branches[e.index], prefix, e) from None
+
+
 def _results(
-    branches: Sequence[Branch], before: Sequence[dict[str, Any]], outcomes: list[BranchOutcome]
+    branches: Sequence[Branch], before: Sequence[dict[str, Any]], outcomes: list[BranchOutcome], prefix: str
 ) -> list[BranchResult]:
+    for o in outcomes:
+        if isinstance(o.error, BranchTimeoutError):
+            o.error = _timeout_error(branches[o.index], prefix, o.error)
     return [
         BranchResult(b, o, _produced(before[i], b.state) if o.ok else {})
         for i, (b, o) in enumerate(zip(branches, outcomes, strict=True))
@@ -127,7 +153,7 @@ def run_branches(
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
 
-    with child_budget(max_concurrency, name):
+    with child_budget(max_concurrency, name), _path_timeouts(branches, prefix):
         outcomes = fan_out(
             [thunk(b) for b in branches],
             max_concurrency=_window(len(branches), max_concurrency),
@@ -135,7 +161,7 @@ def run_branches(
             timeout=timeout,
             until=until,
         )
-    return _results(branches, before, outcomes)
+    return _results(branches, before, outcomes, prefix)
 
 
 async def arun_branches(
@@ -156,7 +182,7 @@ async def arun_branches(
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: acall_stage(owner, b.entry, b.state, b.run, hooks, prefix)
 
-    with child_budget(max_concurrency, name):
+    with child_budget(max_concurrency, name), _path_timeouts(branches, prefix):
         outcomes = await afan_out(
             [thunk(b) for b in branches],
             max_concurrency=_window(len(branches), max_concurrency),
@@ -164,7 +190,7 @@ async def arun_branches(
             timeout=timeout,
             until=until,
         )
-    return _results(branches, before, outcomes)
+    return _results(branches, before, outcomes, prefix)
 
 
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
