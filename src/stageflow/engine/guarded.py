@@ -16,7 +16,7 @@ import dspy
 
 from stageflow.engine import concurrency
 from stageflow.engine.plan import StageEntry, held, join_path
-from stageflow.errors import StageTimeoutError
+from stageflow.errors import ContractError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.state import RunInfo
@@ -32,6 +32,35 @@ def outputs_of(out: Any) -> Any:
         return dict(out)
     if hasattr(out, "model_dump"):
         return {k: getattr(out, k) for k in type(out).model_fields}
+    return out
+
+
+def _fell_back(run: RunInfo, since: int, path: str) -> bool:
+    """Whether this call ended on its fallback (a fallback's output is never cached)."""
+    return any(e.kind == "fallback" and e.stage == path for e in run.events[since:])
+
+
+def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
+    """Under a repair policy, a missing declared output is a contract failure inside the attempt
+    loop (so it can be repaired), not after it."""
+    pairs = entry.out_pairs
+    if pairs is None or (entry.single_output is not None and not isinstance(out, dict | dspy.Example)):
+        return out
+    have = out._store if isinstance(out, dspy.Example) else out if isinstance(out, dict) else None
+    if have is None:
+        return out
+    missing = [sf for sf, _ in pairs if sf not in have]
+    if missing:
+        err = ContractError(
+            f"Stage '{path}' ({entry.label}) declares output '{missing[0]}' but did not return it. "
+            f"It returned: {sorted(have)}.",
+            stage_path=path,
+            field=missing[0],
+            code="missing_output",
+            hint=f"return '{missing[0]}' from the stage, or fix its writes=[...] declaration",
+        )
+        err.path_is_full = True
+        raise err
     return out
 
 
@@ -99,8 +128,10 @@ def guarded_call(
         if found:
             run.events.append(PolicyEvent(path, "cache_hit"))
             return dict(value) if isinstance(value, dict) else value
+        seen = len(run.events)
         out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
-        cache.store(key, durable, outputs_of(out))
+        if not _fell_back(run, seen, path):
+            cache.store(key, durable, outputs_of(out))
         return out
     return _attempts(owner, entry, target, kw, policy, run, path, invoke)
 
@@ -162,7 +193,8 @@ def _attempts(
         call_kw = state.next_kw(target, kw)
         try:
             with state.adapter_context():
-                return _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+                out = _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)
             if delay is None:
@@ -215,8 +247,10 @@ async def aguarded_call(
         if found:
             run.events.append(PolicyEvent(path, "cache_hit"))
             return dict(value) if isinstance(value, dict) else value
+        seen = len(run.events)
         out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
-        cache.store(key, durable, outputs_of(out))
+        if not _fell_back(run, seen, path):
+            cache.store(key, durable, outputs_of(out))
         return out
     return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
 
@@ -236,7 +270,8 @@ async def _aattempts(
         call_kw = state.next_kw(target, kw)
         try:
             with state.adapter_context():
-                return await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+                out = await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)
             if delay is None:

@@ -12,8 +12,9 @@ only built when a hook listens.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs
@@ -114,18 +115,24 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     return target(**kw)
 
 
+# Defaults set with ``pipeline.set_defaults(...)`` reach the stages of pipelines nested in it.
+_DEFAULTS: ContextVar[StagePolicy | None] = ContextVar("stageflow_default_policy", default=None)
+
+
 def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
-    """The stage's own policy merged over its pipeline's defaults (leaf stages only)."""
-    defaults = _getattr(owner, "_default_policy")
+    """The stage's own policy merged over the defaults in force (leaf stages only): its pipeline's
+    own defaults, else those of the nearest enclosing pipeline that set some."""
+    defaults = _getattr(owner, "_default_policy") or _DEFAULTS.get()
     if defaults is None or entry.composite:
         return entry.policy  # type: ignore[no-any-return]
     if entry.policy is None:
-        return defaults  # type: ignore[no-any-return]
+        return defaults
     cache = _getattr(owner, "__dict__").setdefault("_merged_policies", {})
-    merged = cache.get(entry.path)
-    if merged is None:
-        merged = cache[entry.path] = entry.policy.merged_over(defaults)
-    return merged  # type: ignore[no-any-return]
+    key = (entry.path, id(defaults))
+    merged = cache.get(key)
+    if merged is None or merged[1] is not defaults:
+        merged = cache[key] = (entry.policy.merged_over(defaults), defaults)
+    return merged[0]  # type: ignore[no-any-return]
 
 
 def _carry_events(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
@@ -164,7 +171,9 @@ def _recovered(
         try:
             new_state = policy.recover(original, dict(state))
         except Exception as e:
-            raise err from e
+            detail["recovery_error"] = f"{type(e).__name__}: {e}"
+            err.add_note(f"The recovery strategy for this stage raised {type(e).__name__}: {e}")
+            new_state = None
         if new_state is not None:
             state.update(new_state)
             run.events.append(
@@ -315,68 +324,75 @@ async def arun_sequence(
         await acall_stage(owner, entry, state, run, hooks, prefix)
 
 
-def _begin(
-    pipeline: Pipeline, inputs: dict[str, Any]
-) -> tuple[tuple[Any, ...], tuple[Any, ...], Any, str, float]:
+class _Scope(NamedTuple):
+    """What one pipeline call set up around its body (hooks, inherited defaults, timing)."""
+
+    own: tuple[Any, ...]
+    hooks: tuple[Any, ...]
+    hooks_token: Any
+    defaults_token: Any
+    prefix: str
+    t0: float
+
+
+def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
     own = pipeline._run_hooks()
     hooks = _HOOKS.get() + own if own else _HOOKS.get()
-    token = _HOOKS.set(hooks) if own else None
+    hooks_token = _HOOKS.set(hooks) if own else None
+    defaults = _getattr(pipeline, "_default_policy")
+    defaults_token = _DEFAULTS.set(defaults) if defaults is not None else None
     prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
-    return own, hooks, token, prefix, perf_counter()
+    return _Scope(own, hooks, hooks_token, defaults_token, prefix, perf_counter())
 
 
 def _end(
-    pipeline: Pipeline,
-    hooks: tuple[Any, ...],
-    token: Any,
-    prefix: str,
-    t0: float,
-    state: dict[str, Any] | None,
-    error: BaseException | None,
+    pipeline: Pipeline, scope: _Scope, state: dict[str, Any] | None, error: BaseException | None
 ) -> None:
-    if hooks:
+    if scope.hooks:
         notify(
-            hooks,
+            scope.hooks,
             "on_run_end",
-            path=prefix,
+            path=scope.prefix,
             pipeline=pipeline,
             outputs=state,
             error=error,
-            elapsed=perf_counter() - t0,
+            elapsed=perf_counter() - scope.t0,
         )
-    if token is not None:
-        _HOOKS.reset(token)
+    if scope.defaults_token is not None:
+        _DEFAULTS.reset(scope.defaults_token)
+    if scope.hooks_token is not None:
+        _HOOKS.reset(scope.hooks_token)
 
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
     state = dict(inputs)
     run = RunInfo()
-    own, hooks, token, prefix, t0 = _begin(pipeline, inputs)
+    scope = _begin(pipeline, inputs)
     try:
-        body(state, run, hooks, prefix)
+        body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
         if isinstance(e, StageflowError):
             e.events = run.events  # what policies did before the failure travels with the error
-        _end(pipeline, hooks, token, prefix, t0, None, e)
+        _end(pipeline, scope, None, e)
         raise
-    _end(pipeline, hooks, token, prefix, t0, state, None)
-    return pipeline._make_result(state, run, own)
+    _end(pipeline, scope, state, None)
+    return pipeline._make_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
     state = dict(inputs)
     run = RunInfo()
-    own, hooks, token, prefix, t0 = _begin(pipeline, inputs)
+    scope = _begin(pipeline, inputs)
     try:
-        await body(state, run, hooks, prefix)
+        await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
         if isinstance(e, StageflowError):
             e.events = run.events
-        _end(pipeline, hooks, token, prefix, t0, None, e)
+        _end(pipeline, scope, None, e)
         raise
-    _end(pipeline, hooks, token, prefix, t0, state, None)
-    return pipeline._make_result(state, run, own)
+    _end(pipeline, scope, state, None)
+    return pipeline._make_result(state, run, scope.own)

@@ -86,6 +86,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         """Forget cached contract checks and ports (call after adding or replacing stages)."""
         self._checked = {}
         self._ports = None
+        self._merged_policies: dict[Any, Any] = {}
         _STRUCTURE_VERSION[0] += 1
 
     # -- policies ----------------------------------------------------------------------------
@@ -98,7 +99,8 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         fallback: Any = None,
         cache: Any = None,
     ) -> Pipeline:
-        """Policies for every leaf stage of this pipeline that does not set its own of that kind.
+        """Policies for every leaf stage that does not set its own of that kind: this pipeline's
+        stages and those of pipelines nested in it (unless a nested pipeline sets its own defaults).
 
         Takes the same values as :class:`Stage` (``retry=RetryPolicy(...)`` or an attempt count,
         ``timeout=`` seconds or a ``TimeoutPolicy``, ``repair=True``, ``fallback=Fallback(default=...)``,
@@ -115,7 +117,7 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
             )
         policy = make_policy(retry=retry, timeout=timeout, repair=repair, fallback=fallback, cache=cache)
         self._default_policy = None if policy.is_empty() else policy
-        self._merged_policies: dict[str, Any] = {}
+        self._merged_policies = {}
         return self
 
     # -- contracts ---------------------------------------------------------------------------

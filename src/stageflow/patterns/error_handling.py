@@ -94,14 +94,16 @@ class ErrorHandlingPipeline(SequentialPipeline):
         index = failed["stage_index"] if failed else None
         path = failed["stage_path"] if failed else error.stage_path
         original = next((e for e in causes(error) if not isinstance(e, StageflowError)), error)
-        raise PipelineError(
+        err = PipelineError(
             f"ErrorHandlingPipeline: stage {index} ('{path}') failed and was not recovered: "
             f"{type(original).__name__}: {original}",
             stage_path=path,
             code="unrecovered",
             errors=log,
             hint="add a recovery strategy for that stage index, a Fallback, or a RetryPolicy",
-        ) from original
+        )
+        err.path_is_full = True  # the log's paths are already full paths
+        raise err from original
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         try:

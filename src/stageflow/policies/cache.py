@@ -139,7 +139,9 @@ def is_collecting_traces() -> bool:
 # -- fingerprints ---------------------------------------------------------------------------------
 
 _PREDICTORS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
-_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
+# token -> (fingerprint, the objects the token's ids belong to). Holding the objects keeps them
+# alive, so an id in a token can never be reused by a new object while the entry exists.
+_FINGERPRINTS: dict[tuple[Any, ...], tuple[str, tuple[Any, ...]]] = {}
 _FP_LOCK = threading.Lock()
 
 
@@ -157,9 +159,17 @@ def _predictors(target: Any) -> tuple[Any, ...]:
     return preds
 
 
-def _predictor_state(p: Any) -> dict[str, Any]:
+def _current_lm() -> Any:
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:
+        return None
+    overrides = settings_module.thread_local_overrides.get()
+    return overrides.get("lm", settings_module.main_thread_config.get("lm"))
+
+
+def _predictor_state(p: Any, default_lm: Any) -> dict[str, Any]:
     sig = p.signature
-    lm = p.lm
+    lm = p.lm or default_lm
     demos = []
     for d in p.demos:
         demos.append(d.toDict() if hasattr(d, "toDict") else dict(d))
@@ -191,30 +201,37 @@ def _code(target: Any) -> Any:
     return code
 
 
-def _token(d: dict[str, Any]) -> tuple[int, int, int, int]:
+def _token(d: dict[str, Any], default_lm: Any) -> tuple[Any, ...]:
     demos = d.get("demos", ())
-    return id(d.get("signature")), id(demos), len(demos), id(d.get("lm"))
+    lm = d.get("lm") or default_lm
+    return (id(d.get("signature")), id(demos), len(demos), id(lm)), (d.get("signature"), demos, lm)
 
 
 def fingerprint(target: Any) -> str:
     """A content hash of what determines ``target``'s outputs besides its inputs.
 
     Cheap when nothing changed: recomputed only when a predictor's signature object, demos list,
-    demo count or LM object changes (which is what compiling and re-prompting do).
+    demo count or LM object changes (which is what compiling and re-prompting do). The LM is the
+    predictor's own or, when it has none, the one ``dspy.context``/``dspy.configure`` provides.
     """
     fn_stage = getattr(target, "fn", None) if type(target).__name__ == "FunctionStage" else None
     if fn_stage is not None:
         target = fn_stage
     preds = _predictors(target)
+    default_lm = _current_lm() if preds else None
     if preds:
-        token: tuple[Any, ...] = tuple(_token(p.__dict__) for p in preds)
+        parts = [_token(p.__dict__, default_lm) for p in preds]
+        token: tuple[Any, ...] = tuple(t for t, _ in parts)
+        refs: tuple[Any, ...] = tuple(r for _, r in parts)
     else:
-        token = ("code", id(_code(target)), id(target))
-    fp = _FINGERPRINTS.get(token)
-    if fp is not None:
-        return fp
+        code_obj = _code(target)
+        token = ("code", id(code_obj), id(target))
+        refs = (code_obj, target)
+    hit = _FINGERPRINTS.get(token)
+    if hit is not None:
+        return hit[0]
     if preds:
-        payload: Any = [_predictor_state(p) for p in preds]
+        payload: Any = [_predictor_state(p, default_lm) for p in preds]
     else:
         code = _code(target)
         payload = [
@@ -225,7 +242,7 @@ def fingerprint(target: Any) -> str:
     with _FP_LOCK:
         if len(_FINGERPRINTS) > 10_000:
             _FINGERPRINTS.clear()
-        _FINGERPRINTS[token] = fp
+        _FINGERPRINTS[token] = (fp, refs)
     return fp
 
 

@@ -110,8 +110,14 @@ def fuse(pipeline: Any, fusion: StageFusion | None = None) -> Any:
     """
     from stageflow.patterns.sequential import SequentialPipeline
 
-    if not isinstance(pipeline, SequentialPipeline):
-        raise ConfigurationError("stageflow.fuse takes a SequentialPipeline.", code="not_fusable")
+    if type(pipeline) is not SequentialPipeline:
+        raise ConfigurationError(
+            f"stageflow.fuse takes a plain SequentialPipeline, not {type(pipeline).__name__}: what that "
+            "class adds (recovery per stage index, observers) would not survive fusing its stages.",
+            code="not_fusable",
+            hint="fuse the stages first, then wrap them: "
+            "ErrorHandlingPipeline(stageflow.fuse(p).stages, ...)",
+        )
     f = fusion or StageFusion()
     out: list[Any] = []
     for s in pipeline.stages:
@@ -119,4 +125,6 @@ def fuse(pipeline: Any, fusion: StageFusion | None = None) -> Any:
             out[-1] = f.fuse(out[-1], s)
         else:
             out.append(s)
-    return SequentialPipeline(out)
+    fused = SequentialPipeline(out)
+    fused._default_policy = pipeline._default_policy  # pipeline-wide policies carry over
+    return fused

@@ -161,6 +161,18 @@ class RepairPolicy:
     repair_on: Callable[[BaseException], bool] = is_repairable
     """Which errors are contract failures (default: :func:`is_repairable`)."""
 
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_repairs, bool)
+            or not isinstance(self.max_repairs, int)
+            or self.max_repairs < 0
+        ):
+            raise ConfigurationError(
+                f"RepairPolicy: max_repairs must be an int >= 0, got {self.max_repairs!r}.",
+                field="max_repairs",
+                code="bad_option",
+            )
+
 
 @dataclass(frozen=True)
 class Fallback:

@@ -1,0 +1,263 @@
+"""Pipeline defaults: ``set_defaults`` reaches every leaf stage; a stage's own policy of a kind wins."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import dspy
+import pytest
+
+from stageflow import (
+    ConfigurationError,
+    Fallback,
+    ParallelPipeline,
+    RetryPolicy,
+    SequentialPipeline,
+    Stage,
+    StageError,
+    StageTimeoutError,
+    stage,
+)
+from stageflow.testing import FakeLM
+
+MODES = ["sync", "async"]
+
+
+async def call(p: Any, mode: str, **inputs: Any) -> Any:
+    if mode == "sync":
+        return p(**inputs)
+    return await p.acall(**inputs)
+
+
+class Waits:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+    def policy(self, **kw: Any) -> RetryPolicy:
+        return RetryPolicy(sleep=self.sleep, asleep=self.asleep, **kw)
+
+
+def fails_once(inp: str, out: str, error: type[Exception] = ConnectionError) -> tuple[Any, list[int]]:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def body(**kw: Any) -> dict[str, Any]:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n == 1:
+            raise error(f"{out} failed once")
+        return {out: f"{out}({kw[inp]})"}
+
+    return stage(body, reads=[inp], writes=[out], name=out), calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_default_retry_applies_to_every_leaf_stage(mode: str) -> None:
+    waits = Waits()
+    a, ca = fails_once("x", "a")
+    b, cb = fails_once("a", "b")
+    p = SequentialPipeline([a, b]).set_defaults(retry=waits.policy(max_attempts=2))
+    r = await call(p, mode, x="in")
+    assert r.b == "b(a(in))"
+    assert len(ca) == 2
+    assert len(cb) == 2
+    assert [(e.stage, e.kind) for e in r.run.events] == [("stages[0]", "retry"), ("stages[1]", "retry")]
+    assert len(waits.delays) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_default_retry_applies_to_predict_stages(mode: str) -> None:
+    lm = FakeLM({"answer": "A"}, fail_times=1)
+    p = SequentialPipeline([dspy.Predict("question -> answer")])
+    p.set_defaults(retry=RetryPolicy(retry_on=lambda e: True, sleep=lambda s: None, asleep=_no_wait))
+    with dspy.context(lm=lm):
+        r = await call(p, mode, question="q")
+    assert r.answer == "A"
+    assert lm.calls == 2
+
+
+async def _no_wait(seconds: float) -> None:
+    return None
+
+
+def test_set_defaults_returns_the_pipeline_and_accepts_friendly_values() -> None:
+    p = SequentialPipeline([lambda x: {"y": x}])
+    assert p.set_defaults(retry=3, timeout=2.5, repair=True, cache=10) is p
+    d = p._default_policy
+    assert d.retry.max_attempts == 3
+    assert d.timeout.seconds == 2.5
+    assert d.repair is not None
+    assert d.cache.memory.maxsize == 10
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_default_timeout_applies_to_every_leaf_stage(mode: str) -> None:
+    def slow(x: str) -> dict[str, Any]:
+        time.sleep(0.5)
+        return {"y": x}
+
+    p = SequentialPipeline([lambda x: {"x2": x}, stage(slow, writes=["y"])]).set_defaults(timeout=0.05)
+    with pytest.raises(StageTimeoutError) as info:
+        await call(p, mode, x="in")
+    assert info.value.stage_path == "stages[1]"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_stages_own_policy_of_a_kind_wins(mode: str) -> None:
+    default_waits, own_waits = Waits(), Waits()
+    a, _ca = fails_once("x", "a")
+    b, _cb = fails_once("a", "b")
+    p = SequentialPipeline([a, Stage(b, retry=own_waits.policy(max_attempts=2, initial_delay=9.0, jitter=0))])
+    p.set_defaults(retry=default_waits.policy(max_attempts=2, initial_delay=1.0, jitter=0))
+    r = await call(p, mode, x="in")
+    assert r.b == "b(a(in))"
+    assert default_waits.delays == [1.0]
+    assert own_waits.delays == [9.0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_own_policy_wins_only_for_its_kind(mode: str) -> None:
+    # The stage sets its own timeout; the default retry still applies to it.
+    waits = Waits()
+    a, ca = fails_once("x", "a")
+    p = SequentialPipeline([Stage(a, timeout=5)]).set_defaults(
+        retry=waits.policy(max_attempts=2), timeout=0.001
+    )
+    r = await call(p, mode, x="in")
+    assert r.a == "a(in)"
+    assert len(ca) == 2
+    assert [e.kind for e in r.run.events] == ["retry"]
+
+
+def test_own_stricter_policy_overrides_a_generous_default() -> None:
+    waits = Waits()
+    a, ca = fails_once("x", "a")
+    p = SequentialPipeline([Stage(a, retry=RetryPolicy(max_attempts=1))]).set_defaults(
+        retry=waits.policy(max_attempts=5)
+    )
+    with pytest.raises(StageError):
+        p(x="in")
+    assert len(ca) == 1
+    assert waits.delays == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_default_fallback_default_applies_to_each_stage(mode: str) -> None:
+    def boom(**kw: Any) -> dict[str, Any]:
+        raise ValueError("boom")
+
+    p = SequentialPipeline([stage(boom, reads=["x"], writes=["y"])]).set_defaults(
+        fallback=Fallback(default={"y": "default"})
+    )
+    r = await call(p, mode, x="in")
+    assert r.y == "default"
+    assert [e.kind for e in r.run.events] == ["fallback"]
+
+
+def test_fallback_stage_in_set_defaults_is_rejected() -> None:
+    p = SequentialPipeline([lambda x: {"y": x}])
+    with pytest.raises(ConfigurationError) as info:
+        p.set_defaults(fallback=Fallback(stage=dspy.Predict("x -> y")))
+    assert info.value.field == "fallback"
+    with pytest.raises(ConfigurationError):
+        p.set_defaults(fallback=dspy.Predict("x -> y"))
+    with pytest.raises(ConfigurationError):
+        p.set_defaults(fallback=lambda x: {"y": x})
+
+
+def test_invalid_defaults_raise_configuration_error() -> None:
+    p = SequentialPipeline([lambda x: {"y": x}])
+    with pytest.raises(ConfigurationError):
+        p.set_defaults(retry="often")
+    with pytest.raises(ConfigurationError):
+        p.set_defaults(timeout=-1)
+
+
+def test_set_defaults_again_replaces_the_previous_defaults() -> None:
+    waits = Waits()
+    a, ca = fails_once("x", "a")
+    p = SequentialPipeline([a]).set_defaults(retry=waits.policy(max_attempts=2))
+    p.set_defaults()
+    with pytest.raises(StageError):
+        p(x="in")
+    assert len(ca) == 1
+
+
+def test_defaults_set_after_a_first_run_apply_to_later_runs() -> None:
+    waits = Waits()
+    a, _ca = fails_once("x", "a", error=ConnectionError)
+    p = SequentialPipeline([Stage(a, timeout=5)])
+    with pytest.raises(StageError):
+        p(x="in")
+    p.set_defaults(retry=waits.policy(max_attempts=2))
+    assert p(x="in").a == "a(in)"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_parallel_pipeline_defaults_reach_each_branch(mode: str) -> None:
+    waits = Waits()
+    a, _ca = fails_once("x", "a")
+    b, _cb = fails_once("x", "b")
+    p = ParallelPipeline([a, b]).set_defaults(retry=waits.policy(max_attempts=2))
+    r = await call(p, mode, x="in")
+    assert (r.a, r.b) == ("a(in)", "b(in)")
+    assert sorted(e.kind for e in r.run.events) == ["retry", "retry"]
+
+
+def test_defaults_reach_leaf_stages_of_a_nested_pipeline() -> None:
+    waits = Waits()
+    a, _ca = fails_once("x", "a")
+    inner = SequentialPipeline([a])
+    outer = SequentialPipeline([lambda x: {"z": x}, inner]).set_defaults(retry=waits.policy(max_attempts=2))
+    r = outer(x="in")
+    assert r.a == "a(in)"
+    assert [(e.stage, e.kind) for e in r.run.events] == [("stages[1].stages[0]", "retry")]
+
+
+def test_a_nested_pipeline_is_not_retried_as_a_whole() -> None:
+    # Defaults apply to leaf stages, not to a composite stage: the inner pipeline's first (successful)
+    # stage must not run again because its second stage failed.
+    first_calls: list[str] = []
+
+    def first(x: str) -> dict[str, Any]:
+        first_calls.append(x)
+        return {"a": x}
+
+    def always_fails(a: str) -> dict[str, Any]:
+        raise ConnectionError("down")
+
+    inner = SequentialPipeline([stage(first, writes=["a"]), stage(always_fails, writes=["b"])])
+    outer = SequentialPipeline([inner]).set_defaults(retry=RetryPolicy(max_attempts=3, sleep=lambda s: None))
+    with pytest.raises(StageError):
+        outer(x="in")
+    assert first_calls == ["in"]
+
+
+def test_own_policy_still_wins_after_add_stage_renumbers_the_stages() -> None:
+    n = {"calls": 0}
+
+    def second_call_fails(x: str) -> dict[str, Any]:
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise ConnectionError("down")
+        return {"a": x}
+
+    p = SequentialPipeline(
+        [
+            Stage(stage(second_call_fails, writes=["a"]), retry=RetryPolicy(max_attempts=1)),
+            Stage(lambda a: {"b": a}, writes=["b"], timeout=5),
+        ]
+    ).set_defaults(retry=RetryPolicy(max_attempts=3, sleep=lambda s: None))
+    assert p(x="in").b == "in"
+    p.add_stage(Stage(lambda x: {"w": x}, writes=["w"], timeout=5), position=0)
+    with pytest.raises(StageError):  # its own max_attempts=1: no retry
+        p(x="in")
