@@ -109,13 +109,16 @@ def _path_timeouts(branches: Sequence[Branch], prefix: str) -> Iterator[None]:
 
 
 def _results(
-    branches: Sequence[Branch], before: Sequence[dict[str, Any]], outcomes: list[BranchOutcome], prefix: str
+    branches: Sequence[Branch],
+    before: Sequence[dict[str, Any]] | None,
+    outcomes: list[BranchOutcome],
+    prefix: str,
 ) -> list[BranchResult]:
     for o in outcomes:
         if isinstance(o.error, BranchTimeoutError):
             o.error = _timeout_error(branches[o.index], prefix, o.error)
     return [
-        BranchResult(b, o, _produced(before[i], b.state) if o.ok else {})
+        BranchResult(b, o, _produced(before[i], b.state) if o.ok and before is not None else {})
         for i, (b, o) in enumerate(zip(branches, outcomes, strict=True))
     ]
 
@@ -131,9 +134,10 @@ def run_branches(
     timeout: float | None,
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
+    produced: bool = True,
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from a sync call."""
-    before = [dict(b.state) for b in branches]
+    before = [dict(b.state) for b in branches] if produced else None
     native_async = all(b.entry.kind == FUNCTION and b.entry.is_async_fn for b in branches)
     if branches and native_async and not on_background_loop():
         return run_on_background_loop(  # type: ignore[no-any-return]
@@ -147,6 +151,7 @@ def run_branches(
                 timeout=timeout,
                 name=name,
                 until=until,
+                produced=produced,
             )
         )
 
@@ -175,9 +180,10 @@ async def arun_branches(
     timeout: float | None,
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
+    produced: bool = True,
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from an async call."""
-    before = [dict(b.state) for b in branches]
+    before = [dict(b.state) for b in branches] if produced else None
 
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: acall_stage(owner, b.entry, b.state, b.run, hooks, prefix)

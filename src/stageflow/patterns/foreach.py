@@ -72,6 +72,7 @@ class ForEach(Pipeline):
         self.on_error = on_error
         self.timeout = timeout
         self._entry = build_entry("stage", None, self.stage)
+        self._item_entries: list[StageEntry] = []
         outputs = self._entry.ports.outputs
         if outputs is None:
             raise ConfigurationError(
@@ -103,8 +104,17 @@ class ForEach(Pipeline):
             )
         self.collect = dict(collect)
 
-    def _item_entry(self, i: int) -> StageEntry:
-        return replace(self._entry, path=f"stage[{i}]")
+    def _item_entries_for(self, n: int) -> list[StageEntry]:
+        """One entry per item position (``stage[i]``), made once and reused by every call.
+
+        A longer list replaces the old one in a single assignment, so concurrent calls never see
+        a half-built list.
+        """
+        entries = self._item_entries
+        if len(entries) < n:
+            entries = entries + [replace(self._entry, path=f"stage[{i}]") for i in range(len(entries), n)]
+            self._item_entries = entries
+        return entries
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         if self.over not in scope.available:
@@ -137,7 +147,8 @@ class ForEach(Pipeline):
             )
         needed = {st for _, st in (*self._entry.in_pairs, *self._entry.opt_pairs)}
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
-        return [Branch(self._item_entry(i), {**shared, self.item: x}) for i, x in enumerate(items)]
+        entries = self._item_entries_for(len(items))
+        return [Branch(entries[i], {**shared, self.item: x}) for i, x in enumerate(items)]
 
     def _collect(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult]) -> None:
         absorb(run, results)
@@ -183,6 +194,7 @@ class ForEach(Pipeline):
             on_error=self.on_error,
             timeout=self.timeout,
             name="ForEach",
+            produced=False,
         )
         self._collect(state, run, results)
 
@@ -196,5 +208,6 @@ class ForEach(Pipeline):
             on_error=self.on_error,
             timeout=self.timeout,
             name="ForEach",
+            produced=False,
         )
         self._collect(state, run, results)
