@@ -64,5 +64,20 @@ def _update() -> None:
     README.write_text(BLOCK.sub(fill, text), encoding="utf-8")
 
 
+YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
+
+
+def test_readme_pipeline_files_are_valid(tmp_path: Path) -> None:
+    import stageflow
+
+    blocks = YAML_BLOCK.findall(README.read_text(encoding="utf-8"))
+    assert blocks, "the README shows a pipeline file"
+    for i, text in enumerate(blocks):
+        path = tmp_path / f"block{i}.yaml"
+        path.write_text(text, encoding="utf-8")
+        pipeline = stageflow.load_pipeline(path)
+        assert "answer" in pipeline.check(["question"])
+
+
 if __name__ == "__main__" and "--update" in sys.argv:
     _update()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from stageflow.policies.lazy import LazyResult, LazyStage
     from stageflow.policies.recovery import Fallback, PolicyEvent, RepairPolicy, RetryPolicy, TimeoutPolicy
     from stageflow.policies.stores import SQLiteStore
+    from stageflow.spec import load_pipeline, to_spec
     from stageflow.stages import FunctionStage, Ports, Stage, describe, stage
     from stageflow.state import Result, RunInfo, StageRecord
 
@@ -108,9 +109,11 @@ __all__ = [
     "get_config",
     "limits",
     "lm_router",
+    "load_pipeline",
     "normalize_branch",
     "profile",
     "stage",
+    "to_spec",
     "trace",
     "__version__",
 ]
@@ -175,9 +178,11 @@ _LOCATIONS: dict[str, str] = {
     "get_config": "stageflow.engine.concurrency",
     "limits": "stageflow.engine.concurrency",
     "lm_router": "stageflow.patterns.branching",
+    "load_pipeline": "stageflow.spec",
     "normalize_branch": "stageflow.patterns.branching",
     "profile": "stageflow.observe.profiler",
     "stage": "stageflow.stages",
+    "to_spec": "stageflow.spec",
     "trace": "stageflow.observe.tracer",
 }
 

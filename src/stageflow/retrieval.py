@@ -1,0 +1,294 @@
+"""BM25 retrieval over a JSON Lines corpus, as a plain callable.
+
+``BM25Retriever("corpus.jsonl")("who wrote Dune?")`` returns the best passages as strings
+(``"Title: text"``). It is deliberately *not* a ``dspy.Retrieve`` (which breaks ``save()``) nor a
+``dspy.Module``: it has no learnable state, and deep copies (which DSPy optimizers make of whole
+programs) share the same index.
+
+The index is built once with ``bm25s`` and cached on disk next to the corpus, in
+``<corpus>.bm25/<key>/``, where the key hashes the corpus bytes and the index settings: an edited
+corpus gets a fresh index. The cache is written to a temporary directory and renamed into place, so a
+reader never sees half an index; if the directory cannot be written the index simply stays in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from stageflow.errors import ConfigurationError
+
+__all__ = ["BM25Retriever"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1
+_META_FILE = "stageflow-meta.json"
+_TMP_PREFIX = ".tmp-"
+
+
+class BM25Retriever:
+    """Keyword (BM25) search over a JSON Lines corpus of ``{"id", "title", "text"}`` records.
+
+    Args:
+        corpus_path: The ``.jsonl`` file. ``text`` is required and non-empty; ``title`` is optional;
+            ``id`` (string or integer) defaults to the line number and must be unique.
+        k: Default number of passages returned per query.
+        stopwords: A ``bm25s`` stopword language code (``"en"``) or ``None`` to keep every word.
+        cache: ``False`` never reads or writes the on-disk index.
+
+    Attributes:
+        documents: The parsed records, in file order.
+        cache_dir: The on-disk index directory in use, or ``None`` when the index lives in memory only.
+        loaded_from_cache: ``True`` when the index was read from ``cache_dir`` instead of being built.
+
+    Raises:
+        ConfigurationError: the corpus is missing, unreadable, empty or has a bad line (the message
+            names the file and line).
+    """
+
+    def __init__(
+        self,
+        corpus_path: str | os.PathLike[str],
+        k: int = 3,
+        *,
+        stopwords: str | None = "en",
+        cache: bool = True,
+    ) -> None:
+        self.k = _check_k(k)
+        self.corpus_path = Path(corpus_path).expanduser()
+        self.stopwords = stopwords
+        raw = _read_corpus_bytes(self.corpus_path)
+        self.documents: list[dict[str, Any]] = _parse_corpus(raw, self.corpus_path)
+        self.cache_dir: Path | None = None
+        self.loaded_from_cache = False
+        self._index: Any = None
+        self._settings = {
+            "format": _CACHE_FORMAT,
+            "bm25s": _bm25s_version(),
+            "stopwords": stopwords,
+            "fields": "title+text",
+        }
+        key = hashlib.sha256(raw + json.dumps(self._settings, sort_keys=True).encode()).hexdigest()[:20]
+        if cache:
+            self._index = self._load_cached(key)
+        if self._index is None:
+            self._index = self._build()
+            if cache:
+                self._store(key)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def __call__(self, query: str, k: int | None = None) -> list[str]:
+        """Return up to ``k`` passages for ``query``, best first, formatted ``"Title: text"``."""
+        return [_format_passage(hit) for hit in self.search(query, k)]
+
+    def search(self, query: str, k: int | None = None) -> list[dict[str, Any]]:
+        """Return up to ``k`` hits as ``{"id", "title", "text", "score"}`` dicts, best first.
+
+        Only documents sharing at least one (non-stopword) term with the query are returned, so the
+        list can be shorter than ``k`` or empty.
+        """
+        import numpy as np
+
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        limit = self.k if k is None else _check_k(k)
+        tokens = [t for t in self._tokenize([query])[0] if t in self._index.vocab_dict and t]
+        if not tokens:
+            return []
+        scores = np.asarray(self._index.get_scores(tokens), dtype=np.float64)
+        order = np.argsort(-scores, kind="stable")[:limit]
+        return [{**self.documents[int(i)], "score": float(scores[i])} for i in order if scores[i] > 0.0]
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __repr__(self) -> str:
+        where = f"cache={str(self.cache_dir)!r}" if self.cache_dir else "in memory"
+        return f"BM25Retriever({str(self.corpus_path)!r}, k={self.k}, docs={len(self.documents)}, {where})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BM25Retriever:
+        # An index is a read-only resource, not learnable state: copies of a program share it.
+        return self
+
+    # -- index building and caching ---------------------------------------------------------------
+
+    def _tokenize(self, texts: list[str]) -> list[list[str]]:
+        import bm25s
+
+        stopwords: Any = self.stopwords if self.stopwords is not None else []
+        tokens: list[list[str]] = bm25s.tokenize(
+            texts, stopwords=stopwords, return_ids=False, show_progress=False
+        )
+        return tokens
+
+    def _build(self) -> Any:
+        import bm25s
+
+        texts = [f"{doc['title']} {doc['text']}".strip() for doc in self.documents]
+        index = bm25s.BM25()
+        index.index(self._tokenize(texts), show_progress=False)
+        return index
+
+    def _cache_root(self) -> Path:
+        return self.corpus_path.with_name(self.corpus_path.name + ".bm25")
+
+    def _load_cached(self, key: str) -> Any:
+        import bm25s
+
+        entry = self._cache_root() / key
+        meta_path = entry / _META_FILE
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("num_docs") != len(self.documents) or meta.get("settings") != self._settings:
+                raise ValueError("cache metadata does not match the corpus")
+            index = bm25s.BM25.load(str(entry), load_corpus=False, mmap=False, show_progress=False)
+        except Exception as exc:  # a damaged cache is rebuilt, never fatal
+            logger.warning("Ignoring the damaged BM25 index cache %s (%s); rebuilding it.", entry, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        self.cache_dir = entry
+        self.loaded_from_cache = True
+        return index
+
+    def _store(self, key: str) -> None:
+        root = self._cache_root()
+        final = root / key
+        tmp = root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            root.mkdir(exist_ok=True)
+            self._index.save(str(tmp), show_progress=False)
+            meta = {"num_docs": len(self.documents), "settings": self._settings}
+            (tmp / _META_FILE).write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _META_FILE).is_file():
+                    raise
+                # Another process published the same index first; ours is identical.
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info(
+                "BM25 index for %s kept in memory: cannot write %s (%s).", self.corpus_path, root, exc
+            )
+            return
+        self.cache_dir = final
+        self._remove_stale_entries(root, keep=key)
+
+    @staticmethod
+    def _remove_stale_entries(root: Path, keep: str) -> None:
+        """Drop indexes of older corpus versions, and temp dirs left by crashed builds (after an hour)."""
+        with contextlib.suppress(OSError):
+            for entry in root.iterdir():
+                if not entry.is_dir() or entry.name == keep:
+                    continue
+                if entry.name.startswith(_TMP_PREFIX) and time.time() - entry.stat().st_mtime < 3600:
+                    continue  # possibly another process building right now
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _bm25s_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bm25s")
+    except PackageNotFoundError:
+        raise ConfigurationError(
+            "BM25Retriever needs the 'bm25s' package, which is not installed.",
+            code="missing_dependency",
+            hint='run `pip install "bm25s==0.3.16"`',
+        ) from None
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigurationError(
+            f"k must be a positive integer, got {k!r}.", field="k", code="bad_argument", hint="pass e.g. k=3"
+        )
+    return k
+
+
+def _format_passage(hit: dict[str, Any]) -> str:
+    return f"{hit['title']}: {hit['text']}" if hit["title"] else str(hit["text"])
+
+
+def _read_corpus_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise ConfigurationError(
+            f"Corpus file not found: {path}.",
+            field="corpus_path",
+            code="corpus_not_found",
+            hint='pass the path of a JSON Lines file with one {"id", "title", "text"} object per line',
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"Corpus file {path} cannot be read: {exc.strerror or exc}.",
+            field="corpus_path",
+            code="corpus_unreadable",
+            hint="check the file's permissions",
+        ) from exc
+
+
+def _parse_corpus(raw: bytes, path: Path) -> list[dict[str, Any]]:
+    def bad(line_no: int, problem: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"Corpus file {path}, line {line_no}: {problem}.",
+            field="corpus_path",
+            code="bad_corpus_line",
+            hint='make every non-blank line a JSON object like {"id": "d1", "title": "...", "text": "..."}',
+        )
+
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise bad(line_no, "not valid UTF-8") from exc
+
+    documents: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line_no, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise bad(line_no, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(record, dict):
+            raise bad(line_no, f"expected a JSON object, got {type(record).__name__}")
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise bad(line_no, "'text' must be a non-empty string")
+        title = record.get("title", "")
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            raise bad(line_no, "'title' must be a string")
+        doc_id = record.get("id", str(line_no))
+        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+            raise bad(line_no, "'id' must be a string or an integer")
+        if str(doc_id) in seen:
+            raise bad(line_no, f"duplicate id {doc_id!r} (first used on line {seen[str(doc_id)]})")
+        seen[str(doc_id)] = line_no
+        documents.append({"id": doc_id, "title": title.strip(), "text": text.strip()})
+    if not documents:
+        raise ConfigurationError(
+            f"Corpus file {path} contains no documents.",
+            field="corpus_path",
+            code="empty_corpus",
+            hint='add at least one line like {"id": "d1", "title": "...", "text": "..."}',
+        )
+    return documents

@@ -1,0 +1,164 @@
+"""Declarative pipelines: a YAML/JSON file describing any stageflow architecture.
+
+The file is the tree :class:`~stageflow.HierarchicalPipeline` builds, with more node types::
+
+    version: 1
+    name: qa
+    inputs: [question]            # optional: the tree is contract-checked for these at load time
+    outputs: [answer]             # optional: checked to be produced
+    nodes:
+      root:                       # the pipeline that runs (or give a top-level 'root: <node>')
+        type: pipeline
+        stages:
+          - predict: "question -> sub_questions: list[str]"
+            instructions: Split the question into simple questions.
+          - type: foreach
+            over: sub_questions
+            item: sub_question
+            collect: {fact: facts, passages: passages}
+            stage: lookup         # a node name refers to a node under 'nodes'
+          - chain_of_thought: "question, facts: list[str] -> answer"
+      lookup:
+        type: pipeline
+        stages:
+          - {bm25: corpus.jsonl, k: 3, inputs: {query: sub_question}}
+          - predict: "sub_question, passages: list[str] -> fact"
+
+Nodes (``type`` defaults to ``module``):
+
+* ``module``: exactly one of ``predict: "<signature>"``, ``chain_of_thought: "<signature>"`` (both with
+  optional ``instructions``), ``component: "pkg.mod:name"`` (optional ``args: {...}`` calls it as a
+  factory; a class is instantiated; a function is a stage), ``bm25: <corpus.jsonl>`` (path relative to
+  the file, optional ``k``; reads ``query``, writes ``passages``) or ``lm_router: {branches: [...],
+  inputs: [...], instructions: ...}``. Optional ``inputs``/``outputs`` renames
+  (``{stage_field: state_field}``) and ``reads``/``writes`` declarations, as for :class:`~stageflow.Stage`.
+* ``pipeline``: ``stages`` (a list of nodes).
+* ``conditional``: ``router`` (a node with a ``branch`` output), ``branches`` (``{name: node}``), optional
+  ``default`` (a branch name or a node).
+* ``iterative``: ``stages``, ``stopping_condition`` (``{quality_threshold, patience, min_improvement,
+  score_field}`` or ``{component: ..., args: ...}``), ``max_iterations`` (5), ``on_limit`` (``return``).
+* ``parallel``: ``groups`` (a list of nodes or lists of nodes), ``merger: {on_clash, separator}``.
+* ``foreach``: ``stage``, ``over``, optional ``item`` and ``collect``.
+* ``ensemble``: ``processors``, ``aggregator: {strategy, field, confidence_field, threshold}``
+  (``strategy`` may be a component), ``quorum``.
+* ``parallel``, ``foreach`` and ``ensemble`` take the fan-out policies ``max_concurrency``, ``on_error``
+  and ``timeout``.
+
+Loading is safe: ``yaml.safe_load`` (or ``json.loads``), no ``eval``, and Python objects are imported
+only from the modules passed as ``allow_modules`` (``--allow-module`` on the command line). Every
+error is a :class:`SpecError` (a :class:`~stageflow.ConfigurationError`) naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from stageflow.errors import ContractError
+from stageflow.patterns.base import Pipeline
+from stageflow.spec._build import TAG_META, build
+from stageflow.spec._export import signature_text, to_spec
+from stageflow.spec._locate import locate_stage
+from stageflow.spec._source import SpecError, SpecSource, read_spec
+
+__all__ = [
+    "SpecError",
+    "build_pipeline",
+    "declared_inputs",
+    "dump_spec",
+    "load_pipeline",
+    "signature_text",
+    "to_spec",
+]
+
+
+def _finish(src: SpecSource, allow_modules: Iterable[str], inputs: Iterable[str] | None = None) -> Pipeline:
+    if isinstance(allow_modules, str):
+        allow_modules = [allow_modules]
+    root, locations = build(src, tuple(allow_modules))
+    meta = getattr(root, TAG_META)
+    inputs = list(inputs) if inputs is not None else meta.get("inputs")
+    if inputs is None:
+        return root
+    try:
+        fields = root.check(inputs)
+    except ContractError as exc:
+        where = locate_stage(root, exc.stage_path, locations) or ("inputs",)
+        raise src.error(
+            where, exc.message, code=exc.code, hint=exc.hint, field=exc.field, stage_path=exc.stage_path
+        ) from exc
+    missing = [o for o in meta.get("outputs", []) if o not in fields]
+    if missing:
+        raise src.error(
+            ("outputs",),
+            f"the declared output(s) {missing} are not produced for inputs {inputs}. "
+            f"Produced: {list(fields)}.",
+            code="missing_output",
+            field=missing[0],
+        )
+    return root
+
+
+def load_pipeline(
+    path: str | os.PathLike[str], allow_modules: Iterable[str] = (), *, inputs: Iterable[str] | None = None
+) -> Pipeline:
+    """Build the pipeline described by a ``.yaml``/``.yml``/``.json`` file.
+
+    Args:
+        path: The pipeline file.
+        allow_modules: Modules (or packages) that ``component:`` references may import from.
+        inputs: Contract-check the pipeline for these input names (default: the file's ``inputs``).
+
+    Returns:
+        The root pipeline (a ``dspy.Module``; a single module root is wrapped in a one-stage
+        ``SequentialPipeline``), contract-checked when input names are known.
+
+    Raises:
+        SpecError: anything wrong with the file, pointing to its line and key.
+    """
+    return _finish(read_spec(path), allow_modules, inputs)
+
+
+def build_pipeline(
+    spec: Mapping[str, Any], allow_modules: Iterable[str] = (), base_dir: str | os.PathLike[str] | None = None
+) -> Pipeline:
+    """Build a pipeline from spec data (e.g. :func:`to_spec`'s output); ``base_dir`` resolves file paths."""
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"a spec must be a mapping, got {type(spec).__name__}.")
+    src = SpecSource(spec, None, {}, Path(base_dir) if base_dir is not None else Path.cwd())
+    return _finish(src, allow_modules)
+
+
+def declared_inputs(pipeline: Any) -> list[str] | None:
+    """The ``inputs`` a pipeline's spec declared, or ``None``."""
+    meta = getattr(pipeline, TAG_META, None)
+    value = meta.get("inputs") if isinstance(meta, dict) else None
+    return list(value) if value is not None else None
+
+
+def dump_spec(spec: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> str:
+    """Serialise spec data as YAML (or JSON when ``path`` ends in ``.json``); write it to ``path``
+    atomically (a temporary file renamed into place) when given. Returns the text."""
+    import yaml
+
+    as_json = path is not None and str(path).lower().endswith(".json")
+    text = (
+        json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+        if as_json
+        else yaml.safe_dump(dict(spec), sort_keys=False, allow_unicode=True)
+    )
+    if path is not None:
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return text
