@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--embedded", action="store_true", help="also measure on the embedded local model")
     args = parser.parse_args()
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)  # every call reaches the LM
     text = "The Danube flows through ten countries before reaching the Black Sea."
     original = build()
     fused = stageflow.fuse(original)

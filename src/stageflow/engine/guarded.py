@@ -35,6 +35,31 @@ def outputs_of(out: Any) -> Any:
     return out
 
 
+_MISS = object()
+
+
+def _from_cache(
+    policy: StagePolicy, path: str, target: Any, kw: dict[str, Any], run: RunInfo
+) -> tuple[Any, Callable[[Any], None] | None]:
+    """``(cached outputs, None)`` on a hit; ``(_MISS, store)`` on a miss, where ``store(out)`` keeps
+    the call's outputs unless the call ended on its fallback; ``(_MISS, None)`` without a cache."""
+    cache = policy.cache
+    if cache is None or is_collecting_traces():
+        return _MISS, None
+    key, durable = make_key(path, target, kw)
+    found, value = cache.lookup(key, durable)
+    if found:
+        run.events.append(PolicyEvent(path, "cache_hit"))
+        return (dict(value) if isinstance(value, dict) else value), None
+    seen = len(run.events)
+
+    def store(out: Any) -> None:
+        if not _fell_back(run, seen, path):
+            cache.store(key, durable, outputs_of(out))
+
+    return _MISS, store
+
+
 def _fell_back(run: RunInfo, since: int, path: str) -> bool:
     """Whether this call ended on its fallback (a fallback's output is never cached)."""
     return any(e.kind == "fallback" and e.stage == path for e in run.events[since:])
@@ -121,19 +146,13 @@ def guarded_call(
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
     path = join_path(prefix, entry.path)
-    cache = policy.cache
-    if cache is not None and not is_collecting_traces():
-        key, durable = make_key(path, target, kw)
-        found, value = cache.lookup(key, durable)
-        if found:
-            run.events.append(PolicyEvent(path, "cache_hit"))
-            return dict(value) if isinstance(value, dict) else value
-        seen = len(run.events)
-        out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
-        if not _fell_back(run, seen, path):
-            cache.store(key, durable, outputs_of(out))
-        return out
-    return _attempts(owner, entry, target, kw, policy, run, path, invoke)
+    cached, store = _from_cache(policy, path, target, kw, run)
+    if cached is not _MISS:
+        return cached
+    out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
+    if store is not None:
+        store(out)
+    return out
 
 
 class _Attempts:
@@ -240,19 +259,13 @@ async def aguarded_call(
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
     path = join_path(prefix, entry.path)
-    cache = policy.cache
-    if cache is not None and not is_collecting_traces():
-        key, durable = make_key(path, target, kw)
-        found, value = cache.lookup(key, durable)
-        if found:
-            run.events.append(PolicyEvent(path, "cache_hit"))
-            return dict(value) if isinstance(value, dict) else value
-        seen = len(run.events)
-        out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
-        if not _fell_back(run, seen, path):
-            cache.store(key, durable, outputs_of(out))
-        return out
-    return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+    cached, store = _from_cache(policy, path, target, kw, run)
+    if cached is not _MISS:
+        return cached
+    out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+    if store is not None:
+        store(out)
+    return out
 
 
 async def _aattempts(

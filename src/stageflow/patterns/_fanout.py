@@ -26,10 +26,18 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.fanout import BranchTimeoutError
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.runner import acall_stage, call_stage
-from stageflow.errors import ConfigurationError, StageTimeoutError
+from stageflow.errors import ConfigurationError, PipelineError, StageTimeoutError
 from stageflow.state import RunInfo
 
-__all__ = ["Branch", "BranchResult", "arun_branches", "check_fanout_options", "run_branches"]
+__all__ = [
+    "Branch",
+    "BranchResult",
+    "absorb",
+    "arun_branches",
+    "check_fanout_options",
+    "raise_all_failed",
+    "run_branches",
+]
 
 
 @dataclass
@@ -197,6 +205,17 @@ async def arun_branches(
             until=until,
         )
     return _results(branches, before, outcomes, prefix)
+
+
+def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
+    """Every branch failed: a :class:`PipelineError` carrying each branch's error, by stage path."""
+    errors = {r.branch.entry.path: r.outcome.error for r in results}
+    err = PipelineError(
+        f"{what}: " + "; ".join(f"'{p}': {type(e).__name__}: {e}" for p, e in errors.items()),
+        code="all_failed",
+        errors=errors,
+    )
+    raise err from next(iter(errors.values()))
 
 
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:

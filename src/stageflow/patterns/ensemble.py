@@ -15,6 +15,7 @@ from stageflow.patterns._fanout import (
     absorb,
     arun_branches,
     check_fanout_options,
+    raise_all_failed,
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
@@ -223,14 +224,7 @@ class EnsemblePipeline(Pipeline):
         ]
         ok = [r.produced for r in results if r.outcome.ok]
         if not ok:
-            errors = {r.branch.entry.path: r.outcome.error for r in results}
-            err = PipelineError(
-                "EnsemblePipeline: every member failed: "
-                + "; ".join(f"'{p}': {type(e).__name__}: {e}" for p, e in errors.items()),
-                code="all_failed",
-                errors=errors,
-            )
-            raise err from next(iter(errors.values()))
+            raise_all_failed("EnsemblePipeline: every member failed", results)
         fields, details = self.aggregator.aggregate(ok)
         state.update(fields)
         run.extras.update(details)

@@ -7,13 +7,14 @@ from typing import Any, Literal
 
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry
-from stageflow.errors import ConfigurationError, ContractError, PipelineError
+from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns._fanout import (
     Branch,
     BranchResult,
     absorb,
     arun_branches,
     check_fanout_options,
+    raise_all_failed,
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
@@ -182,14 +183,7 @@ class ParallelPipeline(Pipeline):
         run.extras.setdefault("group_results", []).append(report)
         ok = [r for r in results if r.outcome.ok]
         if not ok:
-            errors = {r.branch.entry.path: r.outcome.error for r in results}
-            err = PipelineError(
-                f"ParallelPipeline: every stage of group {g} failed: "
-                + "; ".join(f"'{p}': {type(e).__name__}: {e}" for p, e in errors.items()),
-                code="all_failed",
-                errors=errors,
-            )
-            raise err from next(iter(errors.values()))
+            raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
         state.update(self.merger.merge([r.produced for r in ok]))
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:

@@ -29,6 +29,12 @@ from typing import Any
 __all__ = ["CachePolicy", "MemoryStore", "fingerprint", "is_collecting_traces", "make_key"]
 
 
+def hit_stats(hits: int, misses: int, **extra: Any) -> dict[str, Any]:
+    """``{"hits", "misses", "hit_rate", ...}`` for a cache tier."""
+    total = hits + misses
+    return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 0.0, **extra}
+
+
 class MemoryStore:
     """A thread-safe least-recently-used store (a hit moves the entry to the front)."""
 
@@ -75,14 +81,7 @@ class MemoryStore:
             self.hits = self.misses = 0
 
     def stats(self) -> dict[str, Any]:
-        total = self.hits + self.misses
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / total if total else 0.0,
-            "size": len(self._data),
-            "maxsize": self.maxsize,
-        }
+        return hit_stats(self.hits, self.misses, size=len(self._data), maxsize=self.maxsize)
 
 
 @dataclass(frozen=True)

@@ -133,14 +133,9 @@ class SQLiteStore:
             return int(self._read.execute("SELECT COUNT(*) FROM cache").fetchone()[0])
 
     def stats(self) -> dict[str, Any]:
-        total = self.hits + self.misses
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_rate": self.hits / total if total else 0.0,
-            "path": str(self.path),
-            "write_errors": self.write_errors,
-        }
+        from stageflow.policies.cache import hit_stats
+
+        return hit_stats(self.hits, self.misses, path=str(self.path), write_errors=self.write_errors)
 
     def close(self) -> None:
         """Flush, stop the writer and close the database."""
