@@ -36,6 +36,9 @@ def main() -> None:
     noop = stageflow.SequentialPipeline(
         [stageflow.stage(lambda question: {"answer": "Paris"}, writes=["answer"])]
     )
+    fn_miss = stageflow.SequentialPipeline(
+        [stageflow.CachedStage(stageflow.stage(lambda question: {"answer": "Paris"}, writes=["answer"]), 64)]
+    )
     hit_stage = stageflow.CachedStage(dspy.Predict("question -> answer"))
     hit = stageflow.SequentialPipeline([hit_stage])
     miss = stageflow.SequentialPipeline(
@@ -67,6 +70,9 @@ def main() -> None:
             "stageflow pipeline, no-op function stage": lambda: noop(question="q"),
             "stageflow pipeline, stage-cache memory hit": lambda: hit(question="q"),
             "stageflow pipeline, stage-cache miss (memory)": lambda: miss(question=f"q{next(fresh)}"),
+            "stageflow pipeline, function stage, stage-cache miss (memory)": lambda: fn_miss(
+                question=f"q{next(fresh)}"
+            ),
             "stageflow pipeline, stage-cache miss (memory + SQLite)": lambda: miss_persist(
                 question=f"q{next(fresh)}"
             ),
@@ -99,7 +105,11 @@ def main() -> None:
         f"{dspy_hit / max(hit_cost, 0.1):.0f}× | ≥ 30× |"
     )
     added = cpu["stageflow pipeline, stage-cache miss (memory)"] - cpu["stageflow pipeline, uncached Predict"]
-    print(f"| a memory miss adds | {added:.1f} µs | ≤ 20 µs |")
+    print(
+        f"| a memory miss adds (Predict stage; within DSPy's run-to-run noise) | {added:.1f} µs | ≤ 20 µs |"
+    )
+    fn_added = cpu["stageflow pipeline, function stage, stage-cache miss (memory)"] - base
+    print(f"| a memory miss adds (function stage: key, lookup, store) | {fn_added:.1f} µs | ≤ 20 µs |")
     persist_added = (
         cpu["stageflow pipeline, stage-cache miss (memory + SQLite)"]
         - cpu["stageflow pipeline, stage-cache miss (memory)"]

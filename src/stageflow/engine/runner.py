@@ -273,7 +273,10 @@ async def acall_stage(
     t0 = perf_counter()
     try:
         if policy is None:
-            out = await _invoke_async(entry, target, kw)
+            if entry.has_aforward and entry.kind != FUNCTION and (entry.composite or not leaf_slots()):
+                out = await target.acall(**kw)  # the common case, without extra coroutine frames
+            else:
+                out = await _invoke_async(entry, target, kw)
         else:
             out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
     except Exception as e:
