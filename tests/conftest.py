@@ -1,4 +1,4 @@
-"""Shared fixtures: every test runs with isolated DSPy settings and no disk cache."""
+"""Every test runs with isolated DSPy settings and no disk cache (stageflow's own pytest plugin)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stageflow.testing import isolated_dspy
-
 
 @pytest.fixture(autouse=True)
-def _dspy_isolation() -> Iterator[None]:
-    with isolated_dspy():
-        yield
+def _dspy_isolation(stageflow_dspy: None) -> Iterator[None]:
+    yield
