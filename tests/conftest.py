@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _dspy_isolation(stageflow_dspy: None) -> Iterator[None]:
-    yield
+def _dspy_isolation(stageflow_dspy: None) -> None:
+    """Apply the plugin's ``stageflow_dspy`` fixture to every test."""
