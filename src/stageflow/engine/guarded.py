@@ -38,6 +38,13 @@ def outputs_of(out: Any) -> Any:
 _MISS = object()
 
 
+def _cache_only(policy: StagePolicy) -> bool:
+    """No retry, repair, timeout or fallback: a miss is one plain call."""
+    return (
+        policy.retry is None and policy.repair is None and policy.timeout is None and policy.fallback is None
+    )
+
+
 def _from_cache(
     policy: StagePolicy, path: str, target: Any, kw: dict[str, Any], run: RunInfo
 ) -> tuple[Any, Callable[[Any], None] | None]:
@@ -149,7 +156,10 @@ def guarded_call(
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
+    if _cache_only(policy):
+        out = invoke(entry, target, kw)
+    else:
+        out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
         store(out)
     return out
@@ -262,7 +272,10 @@ async def aguarded_call(
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+    if _cache_only(policy):
+        out = await invoke(entry, target, kw)
+    else:
+        out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
         store(out)
     return out

@@ -262,8 +262,12 @@ def make_key(path: str, target: Any, kw: dict[str, Any]) -> tuple[Any, Any]:
     frozen = tuple(sorted((k, _freeze(v)) for k, v in kw.items()))
     key = (path, fp, frozen)
 
-    def durable() -> str:
-        text = json.dumps([path, fp, frozen], sort_keys=True, default=repr)
-        return hashlib.sha256(text.encode()).hexdigest()
+    memo: list[str] = []
+
+    def durable() -> str:  # computed once, and only when a persistent store is consulted
+        if not memo:
+            text = json.dumps([path, fp, frozen], sort_keys=True, default=repr)
+            memo.append(hashlib.sha256(text.encode()).hexdigest())
+        return memo[0]
 
     return key, durable

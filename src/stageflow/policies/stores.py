@@ -14,6 +14,7 @@ import pickle
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from stageflow.errors import ConfigurationError
 
 __all__ = ["SQLiteStore"]
 
+_BATCH_WINDOW = 0.05  # seconds the writer waits to batch queued writes into one commit
+_BATCH_MAX = 512
 _SCHEMA = "CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
 
 
@@ -65,15 +68,19 @@ class SQLiteStore:
     def _write_loop(self) -> None:
         conn = sqlite3.connect(self.path)
         conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes, no fsync per commit
         while True:
             item = self._queue.get()
-            batch = []
+            batch = [] if item is None else [item]
             stop = item is None
-            if item is not None:
-                batch.append(item)
-            while not stop:
+            # Gather what else arrives within a short window, so a burst of misses is one commit.
+            deadline = time.monotonic() + _BATCH_WINDOW
+            while not stop and len(batch) < _BATCH_MAX:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get(timeout=remaining)
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -86,7 +93,7 @@ class SQLiteStore:
                     conn.commit()
                 except sqlite3.Error:
                     self.write_errors += len(batch)
-            for _ in range(len(batch) + (1 if item is None else 0)):
+            for _ in range(len(batch) + (1 if stop else 0)):
                 self._queue.task_done()
             if stop:
                 conn.close()
