@@ -97,6 +97,9 @@ class _FakeEngine:
     def complete(self, request: Any) -> Response:
         self.owner._enter()
         try:
+            deadline = time.monotonic() + self.owner.rendezvous_timeout
+            while self.owner.peak_active < (self.owner.rendezvous or 0) and time.monotonic() < deadline:
+                time.sleep(0.001)
             if self.owner.latency:
                 time.sleep(self.owner.latency)
             return self.owner._respond(request)
@@ -122,6 +125,9 @@ class _AsyncFakeEngine:
     async def complete(self, request: Any) -> Response:
         self.owner._enter()
         try:
+            deadline = time.monotonic() + self.owner.rendezvous_timeout
+            while self.owner.peak_active < (self.owner.rendezvous or 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
             if self.owner.latency:
                 await asyncio.sleep(self.owner.latency)
             return self.owner._respond(request)
@@ -142,6 +148,9 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         default: The text for unscripted string fields.
         latency: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``), for concurrency tests.
         fail_times: Raise ``RuntimeError`` on this many first calls (for error-path tests).
+        rendezvous: Calls wait (up to ``rendezvous_timeout`` seconds) until this many calls have been in
+            progress at once, so a test can prove ``n`` calls overlap without relying on timing
+            (``peak_active`` then reaches ``n`` unless something caps concurrency below it).
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
@@ -156,12 +165,16 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         default: str = "ok",
         latency: float = 0.0,
         fail_times: int = 0,
+        rendezvous: int | None = None,
+        rendezvous_timeout: float = 5.0,
         model: str = "stageflow-fake/lm",
     ) -> None:
         self.responses = dict(responses or {})
         self.default = default
         self.latency = latency
         self.fail_times = fail_times
+        self.rendezvous = rendezvous
+        self.rendezvous_timeout = rendezvous_timeout
         self.calls = 0
         self.active = 0
         self.peak_active = 0

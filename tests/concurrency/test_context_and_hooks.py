@@ -242,7 +242,7 @@ async def test_trace_records_start_and_end_of_each_item(mode: str) -> None:
 
 
 def test_repeated_fan_outs_reuse_the_pool() -> None:
-    lm = FakeLM({"fact": "f"}, latency=0.005)
+    lm = FakeLM({"fact": "f"}, rendezvous=16)
     p = ForEach(dspy.Predict("sub_question -> fact"), over="sub_questions", collect="facts")
     items = [f"q{i}" for i in range(16)]
     with dspy.context(lm=lm):
@@ -264,6 +264,7 @@ async def test_repeated_async_fan_outs_use_no_stageflow_threads() -> None:
     p = ForEach(dspy.Predict("sub_question -> fact"), over="sub_questions", collect="facts")
     with dspy.context(lm=lm):
         await p.acall(sub_questions=["warm", "up"])  # DSPy itself uses the loop's default executor
+        lm.rendezvous = 16  # from here on, every call waits for all 16 items to overlap
         initial, ours = threading.active_count(), stageflow_threads()
         for _ in range(20):
             await p.acall(sub_questions=[f"q{i}" for i in range(16)])

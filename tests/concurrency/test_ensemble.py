@@ -177,7 +177,7 @@ async def test_lm_member_failure_is_collected(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_members_run_concurrently(mode: str) -> None:
-    lm = FakeLM({"answer": "Paris"}, latency=0.05)
+    lm = FakeLM({"answer": "Paris"}, rendezvous=5)  # passes only if all 5 calls overlap
     ens = EnsemblePipeline([dspy.Predict("question -> answer") for _ in range(5)])
     with dspy.context(lm=lm):
         result = await call(ens, mode, question="q")

@@ -32,7 +32,8 @@ def _no_global_cap() -> object:
 
 
 def test_cap_of_4_over_32_branches_peaks_at_exactly_4_sync() -> None:
-    lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"]}, latency=0.01)
+    # each call waits until 4 are in flight: peak == 4 proves the cap is reached, never exceeded
+    lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"]}, rendezvous=4)
     with dspy.context(lm=lm), stageflow.limits(max_concurrency=4) as budget:
         result = _foreach()(sub_questions=QUESTIONS)
     assert result.facts == [f"f-q{i}" for i in range(32)]
@@ -42,7 +43,7 @@ def test_cap_of_4_over_32_branches_peaks_at_exactly_4_sync() -> None:
 
 
 async def test_cap_of_4_over_32_branches_peaks_at_exactly_4_async() -> None:
-    lm = FakeLM({"fact": "f"}, latency=0.01)
+    lm = FakeLM({"fact": "f"}, rendezvous=4)
     with dspy.context(lm=lm), stageflow.limits(max_concurrency=4):
         result = await _foreach().acall(sub_questions=QUESTIONS)
     assert len(result.facts) == 32
@@ -51,7 +52,7 @@ async def test_cap_of_4_over_32_branches_peaks_at_exactly_4_async() -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_global_cap_holds_for_foreach_nested_in_an_ensemble(mode: str) -> None:
-    lm = FakeLM({"fact": "f", "answer": "a"}, latency=0.01)
+    lm = FakeLM({"fact": "f", "answer": "a"}, rendezvous=4)
     members = [
         stageflow.SequentialPipeline(
             [_foreach(), stageflow.stage(lambda facts: {"answer": "a"}, writes=["answer"])]
@@ -71,7 +72,7 @@ def test_global_cap_holds_for_foreach_nested_in_an_ensemble(mode: str) -> None:
 
 
 def test_pattern_cap_nested_under_a_looser_outer_cap() -> None:
-    lm = FakeLM({"fact": "f"}, latency=0.01)
+    lm = FakeLM({"fact": "f"}, rendezvous=3, rendezvous_timeout=0.3)  # 32 = 10 waves of 3 + 2
     with dspy.context(lm=lm), stageflow.limits(max_concurrency=8):
         _foreach(max_concurrency=3)(sub_questions=QUESTIONS)
     assert lm.peak_active == 3

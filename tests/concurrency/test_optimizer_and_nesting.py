@@ -164,7 +164,7 @@ def expected_paths(n: int) -> list[str]:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_foreach_in_ensemble_in_parallel_in_sequential(mode: str) -> None:
-    lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"]}, latency=0.01)
+    lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"]}, rendezvous=8)
     p = nested()
     with dspy.context(lm=lm):
         result = await call(p, mode, question="q", sub_questions=SUBS)

@@ -83,7 +83,8 @@ async def test_groups_run_in_order(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_stages_within_a_group_overlap_and_groups_do_not(mode: str) -> None:
-    lm = FakeLM({"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}, latency=0.05)
+    # each call waits (briefly) for 3 to overlap: the first group reaches 3, the second group cannot
+    lm = FakeLM({"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}, rendezvous=3, rendezvous_timeout=0.3)
     p = ParallelPipeline(
         [
             [dspy.Predict("question -> a"), dspy.Predict("question -> b"), dspy.Predict("question -> c")],
@@ -99,7 +100,7 @@ async def test_stages_within_a_group_overlap_and_groups_do_not(mode: str) -> Non
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_max_concurrency_caps_a_group(mode: str) -> None:
-    lm = FakeLM({}, latency=0.02)
+    lm = FakeLM({}, rendezvous=2)
     p = ParallelPipeline([[dspy.Predict(f"question -> out{i}") for i in range(6)]], max_concurrency=2)
     with dspy.context(lm=lm):
         result = await call(p, mode, question="q")
