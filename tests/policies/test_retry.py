@@ -11,6 +11,7 @@ import pytest
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMRateLimitError, LMServerError
 
+import stageflow
 from stageflow import (
     ConfigurationError,
     Fallback,
@@ -422,3 +423,29 @@ def test_policies_are_frozen() -> None:
         RetryPolicy().max_attempts = 9  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         TimeoutPolicy(1).seconds = 2  # type: ignore[misc]
+
+
+def test_max_elapsed_stops_retrying_by_the_injected_clock() -> None:
+    now = [0.0]
+    attempts: list[int] = []
+
+    def flaky(x: int) -> dict[str, int]:
+        attempts.append(x)
+        now[0] += 4.0  # each attempt "takes" 4 s on the fake clock
+        raise ConnectionError("down")
+
+    waits: list[float] = []
+    policy = stageflow.RetryPolicy(
+        max_attempts=10,
+        initial_delay=1.0,
+        jitter=0,
+        max_elapsed=9.0,
+        clock=lambda: now[0],
+        sleep=waits.append,
+    )
+    p = stageflow.SequentialPipeline([stageflow.Stage(stageflow.stage(flaky, writes=["y"]), retry=policy)])
+    with pytest.raises(stageflow.StageError) as err:
+        p(x=1)
+    assert len(attempts) == 2  # after try 2 the clock says 8 s; waiting 2 s more would pass 9 s
+    assert waits == [1.0]
+    assert [e.kind for e in err.value.events if e.kind == "retry"] == ["retry"]

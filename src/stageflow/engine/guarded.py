@@ -173,6 +173,7 @@ class _Attempts:
         self.attempt = 0
         self.repairs = 0
         self.feedback: str | None = None
+        self.started = policy.retry.clock() if policy.retry is not None else 0.0
 
     def next_kw(self, target: Any, kw: dict[str, Any]) -> dict[str, Any]:
         self.attempt += 1
@@ -184,6 +185,8 @@ class _Attempts:
         tries = self.attempt - self.repairs
         if retry is not None and tries < retry.max_attempts and retry.retry_on(e):
             delay = retry.delay(tries, e)
+            if retry.max_elapsed is not None and retry.clock() + delay - self.started > retry.max_elapsed:
+                return None  # the retry budget would be exceeded: give up now
             self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay))
             return delay
         if repair is not None and self.repairs < repair.max_repairs and repair.repair_on(e):

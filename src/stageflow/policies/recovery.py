@@ -111,6 +111,10 @@ class RetryPolicy:
     """How to wait in async calls (default ``asyncio.sleep``)."""
     rng: Callable[[], float] = random.random
     """Source of jitter in [0, 1)."""
+    max_elapsed: float | None = None
+    """Stop retrying once this many seconds have passed since the first attempt (``None``: no limit)."""
+    clock: Callable[[], float] = time.monotonic
+    """The clock ``max_elapsed`` is measured with (inject a fake in tests)."""
 
     def __post_init__(self) -> None:
         if (
