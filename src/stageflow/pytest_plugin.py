@@ -6,6 +6,9 @@ Fixtures:
   settings restored afterwards — use it (or wrap it in an ``autouse`` fixture of your own) in every
   test that configures DSPy.
 - ``fake_lm``: a factory for :class:`stageflow.testing.FakeLM` (``fake_lm({"answer": "42"})``).
+- ``stageflow_local_lm``: the embedded local model (loaded once per session, DSPy cache off).
+  Without llama-cpp-python or the model it skips the test — except under CI (``CI`` set), where a
+  missing model is a failure, so integration tests cannot silently stop running.
 
 Nothing is imported until a fixture is used, so the plugin costs nothing in projects that do not
 use it.
@@ -13,12 +16,14 @@ use it.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-__all__ = ["fake_lm", "stageflow_dspy"]
+__all__ = ["fake_lm", "stageflow_dspy", "stageflow_local_lm"]
 
 
 @pytest.fixture
@@ -36,3 +41,25 @@ def fake_lm() -> Callable[..., Any]:
     from stageflow.testing import FakeLM
 
     return FakeLM
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the embedded model is required under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def stageflow_local_lm() -> Any:
+    """The embedded SmolLM2 model as a ``dspy.LM`` (cache off), loaded once per test session."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        _unavailable("llama-cpp-python is not installed (pip install 'stageflow[local]')")
+    from stageflow.errors import ConfigurationError
+    from stageflow.lm import make_local_lm
+
+    try:
+        lm = make_local_lm(cache=False)
+        lm.engine.load()
+    except ConfigurationError as exc:
+        _unavailable(f"embedded model unavailable: {exc}")
+    return lm

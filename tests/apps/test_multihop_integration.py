@@ -11,28 +11,19 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from stageflow.apps.multihop import load_devset
 from stageflow.apps.multihop.demo import DEFAULT_DEMOS, default_question, run_demo
-from stageflow.errors import ConfigurationError
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def local_lm():
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python not installed")
-    from stageflow.lm import make_local_lm
-
-    try:
-        lm = make_local_lm(cache=False)
-    except ConfigurationError as exc:
-        pytest.skip(f"embedded model unavailable: {exc}")
-    lm.engine.load()
-    return lm
+def local_lm(stageflow_local_lm: Any) -> Any:
+    return stageflow_local_lm
 
 
 def _check(result) -> None:

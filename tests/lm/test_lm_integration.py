@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import dspy
 import pytest
-
-from stageflow.errors import ConfigurationError
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +40,8 @@ class Decompose(dspy.Signature):
 
 
 @pytest.fixture(scope="module")
-def lm():
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python not installed")
-    from stageflow.lm import make_local_lm
-
-    try:
-        lm = make_local_lm(cache=False)
-    except ConfigurationError as exc:
-        pytest.skip(f"embedded model unavailable: {exc}")
-    lm.engine.load()
-    return lm
+def lm(stageflow_local_lm: Any) -> Any:
+    return stageflow_local_lm
 
 
 def check(prediction) -> None:
