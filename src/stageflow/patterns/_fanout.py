@@ -35,6 +35,7 @@ __all__ = [
     "absorb",
     "arun_branches",
     "check_fanout_options",
+    "fanout_options",
     "raise_all_failed",
     "run_branches",
 ]
@@ -82,6 +83,16 @@ def check_fanout_options(
             field="timeout",
             code="bad_option",
         )
+
+
+def fanout_options(owner: Any) -> dict[str, Any]:
+    """The fan-out options a concurrent pattern holds (``max_concurrency``, ``on_error``, ``timeout``)."""
+    return {
+        "max_concurrency": owner.max_concurrency,
+        "on_error": owner.on_error,
+        "timeout": owner.timeout,
+        "name": type(owner).__name__,
+    }
 
 
 def _window(n: int, own: int | None) -> int:

@@ -15,6 +15,7 @@ from stageflow.patterns._fanout import (
     absorb,
     arun_branches,
     check_fanout_options,
+    fanout_options,
     raise_all_failed,
     run_branches,
 )
@@ -239,10 +240,7 @@ class EnsemblePipeline(Pipeline):
             branches,
             hooks,
             prefix,
-            max_concurrency=self.max_concurrency,
-            on_error=self.on_error,
-            timeout=self.timeout,
-            name="EnsemblePipeline",
+            **fanout_options(self),
             until=self._quorum(branches),
         )
         self._finish(state, run, results)
@@ -254,10 +252,7 @@ class EnsemblePipeline(Pipeline):
             branches,
             hooks,
             prefix,
-            max_concurrency=self.max_concurrency,
-            on_error=self.on_error,
-            timeout=self.timeout,
-            name="EnsemblePipeline",
+            **fanout_options(self),
             until=self._quorum(branches),
         )
         self._finish(state, run, results)

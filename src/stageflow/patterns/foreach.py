@@ -15,6 +15,7 @@ from stageflow.patterns._fanout import (
     absorb,
     arun_branches,
     check_fanout_options,
+    fanout_options,
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
@@ -190,10 +191,7 @@ class ForEach(Pipeline):
             self._branches(state),
             hooks,
             prefix,
-            max_concurrency=self.max_concurrency,
-            on_error=self.on_error,
-            timeout=self.timeout,
-            name="ForEach",
+            **fanout_options(self),
             produced=False,
         )
         self._collect(state, run, results)
@@ -204,10 +202,7 @@ class ForEach(Pipeline):
             self._branches(state),
             hooks,
             prefix,
-            max_concurrency=self.max_concurrency,
-            on_error=self.on_error,
-            timeout=self.timeout,
-            name="ForEach",
+            **fanout_options(self),
             produced=False,
         )
         self._collect(state, run, results)

@@ -14,6 +14,7 @@ from stageflow.patterns._fanout import (
     absorb,
     arun_branches,
     check_fanout_options,
+    fanout_options,
     raise_all_failed,
     run_branches,
 )
@@ -193,10 +194,7 @@ class ParallelPipeline(Pipeline):
                 self._branches(group, state),
                 hooks,
                 prefix,
-                max_concurrency=self.max_concurrency,
-                on_error=self.on_error,
-                timeout=self.timeout,
-                name="ParallelPipeline",
+                **fanout_options(self),
             )
             self._merge(g, state, run, results)
 
@@ -207,9 +205,6 @@ class ParallelPipeline(Pipeline):
                 self._branches(group, state),
                 hooks,
                 prefix,
-                max_concurrency=self.max_concurrency,
-                on_error=self.on_error,
-                timeout=self.timeout,
-                name="ParallelPipeline",
+                **fanout_options(self),
             )
             self._merge(g, state, run, results)
