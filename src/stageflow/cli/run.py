@@ -1,0 +1,73 @@
+"""``stageflow run``: run a pipeline file on one input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from stageflow.cli._common import (
+    EXIT_OK,
+    Progress,
+    add_allow_options,
+    add_prompt_option,
+    read_inputs,
+    resolve_cli_lm,
+    write_atomic,
+)
+from stageflow.errors import ConfigurationError
+
+__all__ = ["NAME", "add_parser", "run"]
+
+NAME = "run"
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.ArgumentParser) -> None:
+    run_p = sub.add_parser(
+        NAME,
+        parents=[common, model],
+        help="run a pipeline file on one input",
+        description="Load a YAML/JSON pipeline file, run it on the input and print the result fields "
+        "as JSON.",
+    )
+    run_p.add_argument("file", help="the pipeline file (.yaml, .yml or .json)")
+    given = run_p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", metavar="JSON", help='the input fields, e.g. \'{"question": "..."}\'')
+    given.add_argument("--input-file", metavar="FILE", help="read the input JSON from FILE ('-': stdin)")
+    run_p.add_argument(
+        "--output", metavar="FILE", help="write the result JSON to FILE (only when the run succeeds)"
+    )
+    add_prompt_option(run_p)
+    add_allow_options(run_p)
+
+
+def run(args: argparse.Namespace) -> int:
+    inputs = read_inputs(args)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ConfigurationError(
+            f"--output {args.output}: the directory {Path(args.output).resolve().parent} does not exist.",
+            code="bad_output",
+        )
+    import dspy
+
+    from stageflow.spec import load_pipeline
+
+    pipeline = load_pipeline(args.file, allow_modules=args.allow_module, inputs=list(inputs))
+    settings: dict[str, Any] = {}
+    if list(pipeline.named_predictors()):
+        from stageflow.apps.multihop.adapter import make_adapter
+
+        lm, _, local = resolve_cli_lm(args)
+        settings["lm"] = lm
+        if local or args.prompt != "auto":
+            settings["adapter"] = make_adapter(args.prompt == "compact" or (args.prompt == "auto" and local))
+    with dspy.context(**settings), Progress(sys.stderr, lambda p: p or "pipeline", enabled=True):
+        result = pipeline(**inputs)
+    text = json.dumps(dict(result.items()), indent=2, ensure_ascii=False, default=str)
+    if args.output:
+        write_atomic(args.output, text + "\n")
+    else:
+        print(text)
+    return EXIT_OK
