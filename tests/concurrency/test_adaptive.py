@@ -17,9 +17,7 @@ from stageflow import (
     RoutingError,
     SequentialPipeline,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
+from stageflow.testing import FakeLM, call
 
 SIMPLE_Q = "What is the capital of France?"
 COMPARE_Q = "Compare Python versus Java for web servers"
@@ -27,12 +25,6 @@ COMPLEX_Q = (
     "Why does the sky look blue during the day, and why does it turn red at sunset, while the moon "
     "stays white, if the air is clean?"
 )
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
 
 
 def pool() -> dict[str, Any]:
@@ -61,7 +53,6 @@ def module_ids(p: dspy.Module) -> list[int]:
         (COMPLEX_Q, "complex", "explanation", 2),
     ],
 )
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_adapter_chooses_by_question(
     mode: str, question: str, structure: str, qtype: str, calls: int
 ) -> None:
@@ -101,7 +92,6 @@ def test_analysis_scores_complexity() -> None:
 # -- built once, visible once -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_structures_are_built_once_and_reused(mode: str) -> None:
     p = AdaptivePipeline(pool())
     structures = dict(p.structures)
@@ -132,7 +122,6 @@ def test_every_pool_component_appears_exactly_once_in_named_predictors() -> None
 # -- custom structures and adapters ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_custom_structures_and_choose(mode: str) -> None:
     model = FakeLM({"answer": "A", "reasoning": "r", "summary": "S"})
     components = {**pool(), "summarize": dspy.Predict("question, answer -> summary")}
@@ -165,7 +154,6 @@ def test_structure_naming_an_unknown_component_is_a_configuration_error() -> Non
     assert ei.value.code == "unknown_component"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_lm_adapter_stage_chooses_the_structure(mode: str) -> None:
     model = FakeLM(
         {
@@ -198,7 +186,6 @@ def test_lm_adapter_without_structures_is_a_configuration_error() -> None:
     assert ei.value.field == "structures"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unknown_structure_from_an_lm_adapter_is_a_routing_error(mode: str) -> None:
     model = FakeLM({"structure": "sideways", "answer": "A"})
     p = AdaptivePipeline(pool(), dspy.Predict("question -> structure"), structures={"quick": ["direct"]})
@@ -209,7 +196,6 @@ async def test_unknown_structure_from_an_lm_adapter_is_a_routing_error(mode: str
     assert model.calls == 1  # only the adapter ran
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unknown_structure_from_choose_is_a_routing_error(mode: str) -> None:
     model = lm()
     p = AdaptivePipeline(pool(), PipelineAdapter(choose=lambda a: "bespoke"))
@@ -219,7 +205,6 @@ async def test_unknown_structure_from_choose_is_a_routing_error(mode: str) -> No
     assert model.calls == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_adaptive_nested_in_a_pipeline(mode: str) -> None:
     model = lm()
     p = SequentialPipeline(

@@ -19,15 +19,7 @@ from stageflow import (
     StopDecision,
     stage,
 )
-from stageflow.testing import Counter, FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import Counter, FakeLM, call
 
 
 def scorer(scores: Sequence[float], improvements: Sequence[float] | None = None) -> Any:
@@ -45,7 +37,6 @@ def scorer(scores: Sequence[float], improvements: Sequence[float] | None = None)
     return step
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_quality_threshold_stops(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.2, 0.5, 0.95, 0.99])], QualityBasedStopping(0.9, patience=5), max_iterations=10
@@ -58,7 +49,6 @@ async def test_quality_threshold_stops(mode: str) -> None:
     assert result.quality_score == 0.95
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_plateau_from_score_deltas(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.1, 0.5, 0.5, 0.5, 0.5])], QualityBasedStopping(0.9, patience=2), max_iterations=10
@@ -81,7 +71,6 @@ def test_plateau_needs_consecutive_stalls() -> None:
     assert (result.stop_reason, result.num_iterations) == ("plateau", 6)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_plateau_patience_one(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.1, 0.4, 0.4])], QualityBasedStopping(0.9, patience=1), max_iterations=10
@@ -90,7 +79,6 @@ async def test_plateau_patience_one(mode: str) -> None:
     assert (result.stop_reason, result.num_iterations) == ("plateau", 3)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_plateau_from_improvement_field_overrides_deltas(mode: str) -> None:
     # Scores keep rising (deltas > 0), but the stage reports no improvement from iteration 2 on.
     step = scorer([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], improvements=[0.5, 0.0, 0.0, 0.0])
@@ -100,7 +88,6 @@ async def test_plateau_from_improvement_field_overrides_deltas(mode: str) -> Non
     assert result.num_iterations == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_rising_scores_without_improvement_field_do_not_plateau(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])], QualityBasedStopping(0.9, patience=2), max_iterations=5
@@ -143,7 +130,6 @@ def test_quality_based_stopping_bad_patience(patience: Any) -> None:
     assert ei.value.field == "patience"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_no_state_leaks_between_calls(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.1, 0.5, 0.5, 0.5])], QualityBasedStopping(0.9, patience=2), max_iterations=10
@@ -156,7 +142,6 @@ async def test_no_state_leaks_between_calls(mode: str) -> None:
     assert len(first.trace) == len(second.trace) == 4
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_no_state_leaks_between_calls_with_lm_stage(mode: str) -> None:
     lm = FakeLM({"draft": lambda i: i["previous"] + "+"})
     refine = Stage(dspy.Predict("previous -> draft"), inputs={"previous": "draft"})
@@ -174,7 +159,6 @@ async def test_no_state_leaks_between_calls_with_lm_stage(mode: str) -> None:
     assert lm.calls == 2 * calls_first == 6
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_iteration_snapshots_are_independent(mode: str) -> None:
     loop = IterativePipeline([scorer([0.1, 0.2, 0.3])], lambda s: s["count"] >= 3, max_iterations=10)
     result = await call(loop, mode)
@@ -187,7 +171,6 @@ async def test_iteration_snapshots_are_independent(mode: str) -> None:
     assert result.converged is True
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_max_iterations_reached_returns_not_converged(mode: str) -> None:
     counter = Counter("n")
     loop = IterativePipeline([counter.as_stage()], lambda s: False, max_iterations=4)
@@ -200,7 +183,6 @@ async def test_max_iterations_reached_returns_not_converged(mode: str) -> None:
     assert [r.path for r in result.trace] == ["stages[0]"] * 4
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_on_limit_raise(mode: str) -> None:
     counter = Counter("n")
     loop = IterativePipeline([counter.as_stage()], lambda s: False, max_iterations=3, on_limit="raise")
@@ -231,7 +213,6 @@ def test_invalid_on_limit_and_condition_and_stages() -> None:
     assert ei.value.code == "bad_stages"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_condition_reading_unwritten_field_fails_before_running(mode: str) -> None:
     counter = Counter("n")
     loop = IterativePipeline([counter.as_stage()], QualityBasedStopping(0.9), max_iterations=3)
@@ -260,7 +241,6 @@ def test_condition_with_reads_attribute_is_checked() -> None:
     assert loop(verdict=True).num_iterations == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_one_arg_callable_conditions(mode: str) -> None:
     class AtThree:
         def __call__(self, state: Mapping[str, Any]) -> bool:
@@ -276,7 +256,6 @@ async def test_one_arg_callable_conditions(mode: str) -> None:
     assert (await call(lam, mode)).num_iterations == 4
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_two_arg_condition_gets_history(mode: str) -> None:
     seen: list[int] = []
 
@@ -290,7 +269,6 @@ async def test_two_arg_condition_gets_history(mode: str) -> None:
     assert result.num_iterations == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_condition_returning_stop_decision(mode: str) -> None:
     loop = IterativePipeline(
         [scorer([0.1])], lambda s: StopDecision(s["count"] == 2, "enough"), max_iterations=5
@@ -299,7 +277,6 @@ async def test_condition_returning_stop_decision(mode: str) -> None:
     assert (result.num_iterations, result.stop_reason, result.converged) == (2, "enough", True)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_condition_raising_is_stage_error(mode: str) -> None:
     def cond(state: Mapping[str, Any]) -> bool:
         raise ZeroDivisionError("nope")
@@ -318,7 +295,6 @@ def test_non_numeric_score_is_contract_error() -> None:
     assert ei.value.field == "quality_score"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_state_carries_over_between_iterations(mode: str) -> None:
     lm = FakeLM({"draft": lambda i: i["previous"] + "!", "quality_score": lambda i: len(i["draft"]) / 4})
     loop = IterativePipeline(
