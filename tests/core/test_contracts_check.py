@@ -246,18 +246,20 @@ async def test_missing_declared_output_at_run_time(mode: str) -> None:
     assert "It returned: ['a']" in str(err)
 
 
-def test_module_with_undeclared_outputs_is_mentioned_in_missing_input() -> None:
+def test_module_with_undeclared_outputs_is_refused_only_under_strict_contracts() -> None:
     class Opaque(dspy.Module):
         def forward(self, question: str) -> dspy.Prediction:
             return dspy.Prediction(foo=question)
 
-    p = SequentialPipeline([Opaque(), stage(lambda foo: {"z": foo}, writes=["z"])])
+    open_p = SequentialPipeline([Opaque(), stage(lambda foo: {"z": foo}, writes=["z"])])
+    assert open_p(question="q").z == "q"
+    strict_p = SequentialPipeline([Opaque(), stage(lambda foo: {"z": foo}, writes=["z"])], strict=True)
     with pytest.raises(ContractError) as ei:
-        p(question="q")
-    assert "Stages ['stages[0]'] have undeclared outputs" in str(ei.value)
+        strict_p(question="q")
+    assert "stages ['stages[0]'] have undeclared outputs" in str(ei.value)
     assert "writes=['foo']" in str(ei.value)
     declared = SequentialPipeline(
-        [Stage(Opaque(), writes=["foo"]), stage(lambda foo: {"z": foo}, writes=["z"])]
+        [Stage(Opaque(), writes=["foo"]), stage(lambda foo: {"z": foo}, writes=["z"])], strict=True
     )
     assert declared(question="q").z == "q"
 

@@ -5,8 +5,9 @@ Errors raised here name the stage by its full path (``prefix`` + the stage's own
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import dspy
 
@@ -14,26 +15,36 @@ from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError
 from stageflow.state import Result, RunInfo, StageRecord
 
-__all__ = ["gather_inputs", "merge_outputs"]
+__all__ = ["gather_inputs", "merge_outputs", "missing_at_run_time"]
 
 
-def _full(error: ContractError | StageError) -> ContractError | StageError:
+_E = TypeVar("_E", ContractError, StageError)
+
+
+def _full(error: _E) -> _E:
     error.path_is_full = True
     return error
 
 
 def gather_inputs(
-    entry: StageEntry, state: dict[str, Any], prefix: str, target: Any = None
+    entry: StageEntry,
+    state: dict[str, Any],
+    prefix: str,
+    target: Any = None,
+    owner: Any = None,
+    run: RunInfo | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for one call of the stage: its declared inputs, renamed.
 
-    A nested pipeline held directly (``target``) is asked for its inputs now, so a stage added to it
-    after it was nested is fed too.
+    This is also where reads that could not be checked before the run (fields only a stage with
+    undeclared outputs may produce) are checked: a missing one is a :class:`ContractError` raised
+    before the stage runs. A nested pipeline held directly (``target``) is asked for its inputs now,
+    so a stage added to it after it was nested is fed too.
     """
     if entry.pass_state:
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
-        ports = target._stageflow_ports()
+        ports = target.stageflow_ports()
         kw = {f: state[f] for f in ports.required if f in state}
         for f in ports.optional:
             if f in state:
@@ -42,24 +53,59 @@ def gather_inputs(
     try:
         kw = {sf: state[st] for sf, st in entry.in_pairs}
     except KeyError as e:
-        path = join_path(prefix, entry.path)
-        raise _full(
-            ContractError(
-                f"Stage '{path}' ({entry.label}) needs input '{e.args[0]}', which is not in the state at run "
-                f"time. State fields: {sorted(state)}.",
-                stage_path=path,
-                field=str(e.args[0]),
-                code="missing_input",
-                hint="an earlier stage with undeclared outputs did not produce it, or a parallel branch "
-                "failed; "
-                "declare outputs with Stage(<stage>, writes=[...])",
-            )
-        ) from None
+        raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
     if entry.opt_pairs:
         for sf, st in entry.opt_pairs:
             if st in state:
                 kw[sf] = state[st]
     return kw
+
+
+def missing_at_run_time(
+    entry: StageEntry, f: str, state: dict[str, Any], prefix: str, owner: Any, run: RunInfo | None
+) -> ContractError:
+    """The error for a read that is not in the state when the stage is about to run.
+
+    Same shape as the check before the run: the stage path, the field, what is available, which
+    stages with undeclared outputs were expected to produce it (and what they returned), the fix.
+    """
+    path = join_path(prefix, entry.path)
+    candidates = owner.stageflow_deferred(entry.path, f) if owner is not None else ()
+    returned = []
+    for c in candidates:
+        out = run.stage_outputs.get(c) if run is not None else None
+        if out is not None:
+            fields = sorted(dict(_items(out))) if _is_record(out) else [f"a {type(out).__name__}"]
+            returned.append(f"'{join_path(prefix, c)}' returned {fields}")
+        else:
+            returned.append(f"'{join_path(prefix, c)}' did not run")
+    expected = ""
+    if candidates:
+        expected = (
+            f" It was expected from stages with undeclared outputs, which did not produce it: "
+            f"{'; '.join(returned)}."
+        )
+    close = difflib.get_close_matches(f, list(state), n=1, cutoff=0.5)
+    fixes = []
+    if candidates:
+        fixes.append(f"return '{f}' from {', '.join(repr(join_path(prefix, c)) for c in candidates)}")
+        fixes.append(
+            f"declare outputs with Stage(<stage>, writes=['{f}', ...]) to have this checked before the run"
+        )
+    else:
+        fixes.append(f"pass {f}=... when calling the pipeline, or produce '{f}' in an earlier stage")
+    if close:
+        fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{close[0]}'}})")
+    return _full(
+        ContractError(
+            f"Stage '{path}' ({entry.label}) needs input '{f}', which is not available there at run time. "
+            f"Available: {sorted(state)}.{expected}",
+            stage_path=path,
+            field=f,
+            code="missing_input",
+            hint="; or ".join(fixes),
+        )
+    )
 
 
 def _is_record(out: Any) -> bool:

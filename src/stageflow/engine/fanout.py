@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Literal
 
-from stageflow.engine import pool as _pool_module
-from stageflow.engine.budget import _CONFIG
+from stageflow.engine.config import CONFIG
+from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.errors import ConfigurationError
 
 __all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
@@ -170,10 +170,10 @@ def fan_out(
     n = len(thunks)
     if n == 0:
         return []
-    window = min(n, max_concurrency or n, _CONFIG.max_threads + 1)
+    window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
     ctx = contextvars.copy_context()
-    pool = _pool_module._pool()
+    pool = shared_pool()
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
     caller_works = timeout is None and until is None and on_error != "fail_fast"
@@ -204,7 +204,7 @@ def fan_out(
                     o.status, o.elapsed = "timeout", now - run.running.pop(i)
                     run.timeouts += 1
                     o.error = BranchTimeoutError(i, timeout)
-                    _pool_module._ABANDONED[0] += 1
+                    note_abandoned()
                     logger.warning(
                         "stageflow: branch %d timed out after %ss; its thread cannot be cancelled "
                         "and was abandoned",
@@ -221,7 +221,7 @@ def fan_out(
         run.stopped = True
         for i in list(run.running):  # still running after fail_fast / until: abandoned
             run.outcomes[i].status = "cancelled"
-            _pool_module._ABANDONED[0] += 1
+            note_abandoned()
         run.running.clear()
     if run.first_error is not None:
         raise run.first_error

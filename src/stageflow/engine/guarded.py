@@ -251,12 +251,12 @@ def _with_timeout(
     if timeout is None:
         return invoke(entry, target, kw)
     ctx = contextvars.copy_context()
-    future = concurrency._pool().submit(ctx.run, invoke, entry, target, kw)
+    future = concurrency.shared_pool().submit(ctx.run, invoke, entry, target, kw)
     try:
         return future.result(timeout=timeout.seconds)
     except FutureTimeout:
         if not future.cancel():  # already running: its thread cannot be stopped
-            concurrency._ABANDONED[0] += 1
+            concurrency.note_abandoned()
         raise _timeout_error(path, timeout.seconds) from None
 
 

@@ -12,7 +12,6 @@ only built when a hook listens.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,6 +28,7 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
+from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
@@ -115,26 +115,6 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     return target(**kw)
 
 
-# Defaults set with ``pipeline.set_defaults(...)`` reach the stages of pipelines nested in it.
-_DEFAULTS: ContextVar[StagePolicy | None] = ContextVar("stageflow_default_policy", default=None)
-
-
-def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
-    """The stage's own policy merged over the defaults in force (leaf stages only): its pipeline's
-    own defaults, else those of the nearest enclosing pipeline that set some."""
-    defaults = _getattr(owner, "_default_policy") or _DEFAULTS.get()
-    if defaults is None or entry.composite:
-        return entry.policy  # type: ignore[no-any-return]
-    if entry.policy is None:
-        return defaults
-    cache = _getattr(owner, "__dict__").setdefault("_merged_policies", {})
-    key = (entry.path, id(defaults))
-    merged = cache.get(key)
-    if merged is None or merged[1] is not defaults:
-        merged = cache[key] = (entry.policy.merged_over(defaults), defaults)
-    return merged[0]  # type: ignore[no-any-return]
-
-
 def _carry_events(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
     """A nested pipeline that failed: its policy events (carried by the error) join this run's."""
     if entry.composite and err.events is not None and err.events is not run.events:
@@ -195,8 +175,8 @@ def call_stage(
     stage's raw output (``None`` when a policy skipped or recovered a failed stage).
     """
     target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target)
-    policy = _policy_for(owner, entry)
+    kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = owner.stageflow_policy(entry)
     path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
     stage = _held(owner, entry) if hooks else None
     if hooks:
@@ -263,8 +243,8 @@ async def acall_stage(
 ) -> Any:
     """Async twin of :func:`call_stage`."""
     target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target)
-    policy = _policy_for(owner, entry)
+    kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = owner.stageflow_policy(entry)
     path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
     stage = _held(owner, entry) if hooks else None
     if hooks:
@@ -339,11 +319,11 @@ class _Scope(NamedTuple):
 
 
 def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
-    own = pipeline._run_hooks()
+    own = pipeline.stageflow_hooks()
     hooks = _HOOKS.get() + own if own else _HOOKS.get()
     hooks_token = _HOOKS.set(hooks) if own else None
-    defaults = _getattr(pipeline, "_default_policy")
-    defaults_token = _DEFAULTS.set(defaults) if defaults is not None else None
+    defaults = pipeline.stageflow_defaults()
+    defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
     prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
@@ -364,7 +344,7 @@ def _end(
             elapsed=perf_counter() - scope.t0,
         )
     if scope.defaults_token is not None:
-        _DEFAULTS.reset(scope.defaults_token)
+        DEFAULT_POLICY.reset(scope.defaults_token)
     if scope.hooks_token is not None:
         _HOOKS.reset(scope.hooks_token)
 
@@ -382,7 +362,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
         _end(pipeline, scope, None, e)
         raise
     _end(pipeline, scope, state, None)
-    return pipeline._make_result(state, run, scope.own)
+    return pipeline.stageflow_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
@@ -398,4 +378,4 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
         _end(pipeline, scope, None, e)
         raise
     _end(pipeline, scope, state, None)
-    return pipeline._make_result(state, run, scope.own)
+    return pipeline.stageflow_result(state, run, scope.own)

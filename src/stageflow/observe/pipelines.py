@@ -32,11 +32,11 @@ class ProfilingPipeline(SequentialPipeline):
         super().__init__(stages)
         self.profiler = Profiler()
 
-    def _run_hooks(self) -> tuple[Any, ...]:
+    def stageflow_hooks(self) -> tuple[Any, ...]:
         return (Profiler(),)
 
-    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
-        for per_run in own_hooks:
+    def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
+        for per_run in hooks:
             if isinstance(per_run, Profiler):
                 self.profiler.merge(per_run)
                 run.extras["profile_data"] = per_run.get_performance_summary()
@@ -63,11 +63,11 @@ class TracingPipeline(SequentialPipeline):
         self.record_content = record_content
         self._last = Tracer(record_content=record_content)
 
-    def _run_hooks(self) -> tuple[Any, ...]:
+    def stageflow_hooks(self) -> tuple[Any, ...]:
         return (Tracer(record_content=self.record_content),)
 
-    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
-        for tracer in own_hooks:
+    def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
+        for tracer in hooks:
             if isinstance(tracer, Tracer):
                 run.extras["execution_trace"] = list(tracer.events)
                 self._last = tracer  # one reference swap: atomic, safe under concurrent calls

@@ -84,7 +84,7 @@ class ErrorHandlingPipeline(SequentialPipeline):
             out.append(replace(entry, policy=extra if own is None else own.merged_over(extra)))
         return tuple(out)
 
-    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
+    def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
         run.extras["error_log"] = _log(run)
         return Result(state, run)
 

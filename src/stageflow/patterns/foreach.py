@@ -118,17 +118,18 @@ class ForEach(Pipeline):
         return entries
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
-        if self.over not in scope.available:
-            if scope.strict:
-                raise ContractError(
-                    f"ForEach iterates over '{self.over}', which is not available there. Available: "
-                    f"{sorted(scope.available)}.",
-                    stage_path=prefix or None,
-                    field=self.over,
-                    code="missing_input",
-                    hint=f"produce the list '{self.over}' in an earlier stage, or pass it as an input",
-                )
-            scope.missing.setdefault(self.over, prefix or "ForEach")
+        scope.need(
+            self.over,
+            prefix or "ForEach",
+            lambda: ContractError(
+                f"ForEach iterates over '{self.over}', which is not available there. Available: "
+                f"{sorted(scope.available)}.",
+                stage_path=prefix or None,
+                field=self.over,
+                code="missing_input",
+                hint=f"produce the list '{self.over}' in an earlier stage, or pass it as an input",
+            ),
+        )
         inner = scope.copy()
         inner.available[self.item] = None
         inner.origin[self.item] = f"ForEach item of '{self.over}'"

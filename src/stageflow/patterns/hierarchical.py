@@ -24,7 +24,7 @@ Node types:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import dspy
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError
-from stageflow.patterns.base import _STRUCTURE_VERSION, Pipeline, as_stage
+from stageflow.patterns.base import CheckResult, Pipeline, as_stage
 from stageflow.patterns.branching import BranchingPipeline
 from stageflow.patterns.iterative import IterativePipeline
 from stageflow.patterns.sequential import SequentialPipeline
@@ -197,19 +197,10 @@ class HierarchicalPipeline(Pipeline):
             )
         return entry
 
-    def check(self, inputs: Sequence[str] | Any = (), stage_name: str = "root") -> tuple[str, ...]:
+    def check(self, inputs: Iterable[str] = (), stage_name: str = "root") -> CheckResult:
         """Check the contracts of node ``stage_name`` for a call with these input names."""
-        names = frozenset(inputs)
-        key = (stage_name, names, _STRUCTURE_VERSION[0])
-        cached = self._checked.get(key)
-        if cached is not None:
-            return cached
         entry = self._entry(stage_name)
-        scope = Scope.start(sorted(names), strict=True, owner=self)
-        scope.check(entry, "")
-        out = tuple(sorted(scope.available))
-        self._checked[key] = out
-        return out
+        return self._check(frozenset(inputs), stage_name, lambda scope, prefix: scope.check(entry, prefix))
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         scope.check(self._entry("root"), prefix)
@@ -218,7 +209,7 @@ class HierarchicalPipeline(Pipeline):
         """Run node ``stage_name`` (default ``root``) on ``inputs``."""
         self._reject_positional(args)
         entry = self._entry(stage_name)
-        if (stage_name, frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)
 
         def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
@@ -230,7 +221,7 @@ class HierarchicalPipeline(Pipeline):
         """Async twin of :meth:`forward`."""
         self._reject_positional(args)
         entry = self._entry(stage_name)
-        if (stage_name, frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)
 
         async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:

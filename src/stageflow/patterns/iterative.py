@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.engine.runner import arun_sequence, run_sequence
 from stageflow.errors import ConfigurationError, ContractError, LoopLimitError, StageError
 from stageflow.patterns.base import Pipeline, as_stage
@@ -178,8 +178,10 @@ class IterativePipeline(Pipeline):
         for entry in self._entries:
             scope.check(entry, prefix)
         for f in getattr(self.stopping_condition, "reads", ()):
-            if f not in scope.available and scope.strict:
-                raise ContractError(
+            scope.need(
+                f,
+                join_path(prefix, "stopping_condition"),
+                lambda f=f: ContractError(
                     f"The stopping condition {self.stopping_condition!r} reads '{f}', but no loop stage "
                     "writes it and it is not an input. "
                     f"Available after one iteration: {sorted(scope.available)}.",
@@ -187,9 +189,8 @@ class IterativePipeline(Pipeline):
                     field=f,
                     code="missing_input",
                     hint=f"make a loop stage write '{f}' (e.g. a scoring stage), or pass it as an input",
-                )
-            if f not in scope.available:
-                scope.missing.setdefault(f, "stopping_condition")
+                ),
+            )
 
     def _decide(self, state: dict[str, Any], history: list[dict[str, Any]]) -> StopDecision:
         cond = self.stopping_condition
