@@ -90,7 +90,7 @@ class StageList(list):  # type: ignore[type-arg]
         super().__delitem__(index)
         self._changed()
 
-    def __iadd__(self, items: Iterable[Any]) -> StageList:  # type: ignore[override,misc]
+    def __iadd__(self, items: Iterable[Any]) -> StageList:  # type: ignore[misc]
         super().__iadd__(items)
         self._changed()
         return self
@@ -146,7 +146,7 @@ class StageDict(dict):  # type: ignore[type-arg]
             self._changed()
         return value
 
-    def __ior__(self, other: Any) -> StageDict:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> StageDict:  # type: ignore[misc]
         super().__ior__(other)
         self._changed()
         return self
