@@ -46,7 +46,7 @@ __all__ = [
 #: stageflow's result attributes, so ``result.<name>`` would not return the field.
 RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
     n for n in dir(dspy.Prediction) if not n.startswith("_")
-) | frozenset({"run", "stage_outputs", "trace"})
+) | frozenset({"run", "stage_outputs", "trace", "details"})
 
 
 @dataclass(frozen=True)
@@ -410,7 +410,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.input_map = _field_map(inputs, "inputs", module)
         self.output_map = _field_map(outputs, "outputs", module)
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
-        self._inner_ports = inner
+        self.inner_ports = inner
+        self.declares_outputs = writes is not None
         self.ports = self._rename(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
 

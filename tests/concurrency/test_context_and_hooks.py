@@ -186,7 +186,7 @@ async def test_profile_counts_failed_branches_as_errors(mode: str) -> None:
             raise ValueError("bad")
         return {"y": x}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x")
+    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", on_error="collect")
     with stageflow.profile() as prof:
         await call(p, mode, xs=["a", "bad", "c"])
     summary = prof.get_performance_summary()

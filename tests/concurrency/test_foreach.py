@@ -225,10 +225,18 @@ async def test_missing_over_field_fails_before_any_lm_call(mode: str) -> None:
 # -- failure policies ------------------------------------------------------------------------------------
 
 
-async def test_on_error_collect_leaves_none_and_lists_the_error(mode: str) -> None:
+async def test_by_default_a_failed_item_fails_the_foreach(mode: str) -> None:
     p = ForEach(upper_or_fail({"b"}), over="xs", item="x", collect="ys")
+    with pytest.raises(StageError) as ei:
+        await call(p, mode, xs=["a", "b", "c"])
+    assert ei.value.stage_path == "stage[1]"
+
+
+async def test_on_error_collect_leaves_none_and_lists_the_error(mode: str) -> None:
+    p = ForEach(upper_or_fail({"b"}), over="xs", item="x", collect="ys", on_error="collect")
     result = await call(p, mode, xs=["a", "b", "c"])
     assert result.ys == ["A", None, "C"]
+    assert [(e.stage, e.kind) for e in result.run.events] == [("stage[1]", "item_failed")]
     assert len(result.item_errors) == 1
     err = result.item_errors[0]
     assert err["index"] == 1
@@ -358,7 +366,9 @@ def test_sync_timeout_marks_the_item_and_abandons_its_thread() -> None:
             release.wait(2.0)
         return {"y": x.upper()}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1)
+    p = ForEach(
+        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, on_error="collect"
+    )
     before = abandoned_threads()
     try:
         result = p(xs=["a", "slow", "c"])
@@ -381,7 +391,13 @@ def test_sync_timeout_with_more_items_than_threads_still_runs_every_item() -> No
 
     items = ["slow0", "a", "b", "c", "d", "e"]
     p = ForEach(
-        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, max_concurrency=2
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        max_concurrency=2,
+        on_error="collect",
     )
     before = abandoned_threads()
     try:
@@ -407,7 +423,9 @@ async def test_async_timeout_cancels_the_item_task(mode: str) -> None:
         finished.append(x)
         return {"y": x.upper()}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1)
+    p = ForEach(
+        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, on_error="collect"
+    )
     before = abandoned_threads()
     result = p(xs=["a", "slow", "c"]) if mode != "async" else await p.acall(xs=["a", "slow", "c"])
     assert result.ys == ["A", None, "C"]

@@ -5,6 +5,7 @@ Errors raised here name the stage by its full path (``prefix`` + the stage's own
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -13,9 +14,9 @@ import dspy
 
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError
-from stageflow.state import Result, RunInfo, StageRecord
+from stageflow.state import Result, RunInfo
 
-__all__ = ["gather_inputs", "merge_outputs", "missing_at_run_time"]
+__all__ = ["gather_inputs", "merge_outputs", "missing_at_run_time", "private_copy", "private_state"]
 
 
 _E = TypeVar("_E", ContractError, StageError)
@@ -123,11 +124,9 @@ def _items(out: Any) -> list[tuple[str, Any]]:
 def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
     if isinstance(out, Result):
-        # A nested stageflow pipeline: its records join the trace under the stage's path.
-        base = entry.path
-        run.trace.extend(StageRecord(join_path(base, r.path), r.elapsed, r.ok) for r in out.run.trace)
-        run.events.extend(out.run.events)
-        if not entry.out_rename:
+        # A nested stageflow pipeline: its records, outputs and details join this run under its path.
+        run.absorb(entry.path, out.run)
+        if entry.merge_all:
             # Its whole final state merges, except inputs it only received under another name.
             skip = entry.merge_skip
             for k, v in out._store.items():
@@ -150,6 +149,9 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             state.update(out._store)
             return
         if type(out) is dict:
+            for k in out:
+                if type(k) is not str:
+                    raise _bad_key(entry, k, prefix)
             state.update(out)
             return
     if not _is_record(out):
@@ -165,7 +167,54 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         )
     rename = dict(entry.out_rename)
     for k, v in _items(out):
+        if type(k) is not str:
+            raise _bad_key(entry, k, prefix)
         state[rename.get(k, k)] = v
+
+
+def _bad_key(entry: StageEntry, key: Any, prefix: str) -> StageError:
+    path = join_path(prefix, entry.path)
+    return _full(
+        StageError(
+            f"Stage '{path}' ({entry.label}) returned the field name {key!r}, which is not a string; "
+            "state fields are named by strings.",
+            stage_path=path,
+            field=str(key),
+            code="bad_output",
+            hint="return a dict with string keys, e.g. {'answer': ...}",
+        )
+    )
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes, complex, frozenset, range})
+
+
+def private_copy(value: Any) -> Any:
+    """A copy of ``value`` that shares no mutable container with it (immutable values are shared).
+
+    Lists, dicts, sets and tuples are copied element by element; other mutable objects are deep-copied
+    (shared as they are when they cannot be copied: clients, locks, models).
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is list:
+        return [private_copy(v) for v in value]
+    if kind is dict:
+        return {k: private_copy(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(private_copy(v) for v in value)
+    if kind is set:
+        return {private_copy(v) for v in value}
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return value
+
+
+def private_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state whose values share no mutable container with ``state`` (see :func:`private_copy`)."""
+    return {k: (v if type(v) in _IMMUTABLE else private_copy(v)) for k, v in state.items()}
 
 
 def _merge_slow(

@@ -67,6 +67,7 @@ class StageEntry:
     merge_skip: frozenset[str] = frozenset()
     policy: Any = None
     blocking: bool = False
+    merge_all: bool = False
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -97,11 +98,13 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     out_map: dict[str, str] = {}
     leaf = obj
     policy = getattr(obj, "policy", None) if isinstance(obj, Stage) else None
+    declared = False
     if isinstance(obj, Stage) and not isinstance(obj.module, Stage):
         leaf = obj.module
-        leaf_ports = obj._inner_ports
+        leaf_ports = obj.inner_ports
         in_map, out_map = obj.input_map, obj.output_map
         chain = ("module",)
+        declared = obj.declares_outputs
     else:
         leaf_ports = describe(obj)
     kind = MODULE
@@ -117,6 +120,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     if leaf_ports.outputs is not None:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
     single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
+    composite = isinstance(leaf, StageOwner)
     return StageEntry(
         path=_local_path(attr, key),
         attr=attr,
@@ -133,13 +137,16 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         pass_state=leaf_ports.accepts_any and not in_pairs and not opt_pairs,
         ports=describe(obj),
         label=stage_label(obj),
-        composite=isinstance(leaf, StageOwner),
+        composite=composite,
         # A nested pipeline's result repeats its inputs; those it got under another name must not
         # overwrite the state field of that name.
         merge_skip=frozenset(sf for sf, st in (*in_pairs, *opt_pairs) if sf != st)
         - frozenset(leaf_ports.outputs or ()),
         policy=policy,
         blocking=bool(getattr(leaf, "blocking", False)),
+        # A nested pipeline's whole final state merges back, unless its outputs were declared or
+        # renamed at the boundary (then only those do, as the contract check promised).
+        merge_all=composite and not declared and not out_map,
     )
 
 

@@ -100,7 +100,12 @@ def on_background_loop() -> bool:
 
 def run_on_background_loop(coro: Awaitable[Any]) -> Any:
     """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows)."""
-    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()  # type: ignore[arg-type]
+    future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # interrupted while waiting (Ctrl-C): the coroutine must not run on
+        raise
 
 
 def available_cpus() -> int:

@@ -16,7 +16,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.engine import concurrency
-from stageflow.engine.boundary import gather_inputs, merge_outputs
+from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
 from stageflow.engine.concurrency import (
     aenter_leaf,
     enter_leaf,
@@ -349,9 +349,15 @@ def _end(
         _HOOKS.reset(scope.hooks_token)
 
 
+def _initial_state(inputs: dict[str, Any]) -> dict[str, Any]:
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    return private_state(inputs) if not _PATH.get() else dict(inputs)
+
+
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
-    state = dict(inputs)
+    state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
     try:
@@ -367,7 +373,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
-    state = dict(inputs)
+    state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
     try:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import BranchOutcome, FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.errors import ConfigurationError, PipelineError
@@ -231,7 +232,7 @@ class EnsemblePipeline(Pipeline):
         run.extras.update(details)
 
     def _branches(self, state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, dict(state)) for e in self._entries]
+        return [Branch(e, private_state(state)) for e in self._entries]
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         branches = self._branches(state)

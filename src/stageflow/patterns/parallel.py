@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.errors import ConfigurationError, ContractError
@@ -169,7 +170,7 @@ class ParallelPipeline(Pipeline):
                 scope.opaque.extend(sub.opaque[len(base.opaque) :])
 
     def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, dict(state)) for e in group]
+        return [Branch(e, private_state(state)) for e in group]
 
     def _merge(self, g: int, state: dict[str, Any], run: RunInfo, results: list[BranchResult]) -> None:
         absorb(run, results)

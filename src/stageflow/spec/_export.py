@@ -9,6 +9,7 @@ equal to a constructor default are left out, so the output is the canonical form
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import dspy
@@ -117,7 +118,9 @@ class _Exporter:
         return out
 
     def fanout(self, obj: Any) -> dict[str, Any]:
-        return _non_defaults(obj, _FANOUT_DEFAULTS)
+        defaults = dict(_FANOUT_DEFAULTS)
+        defaults["on_error"] = inspect.signature(type(obj).__init__).parameters["on_error"].default
+        return _non_defaults(obj, defaults)
 
     def conditional(self, obj: BranchingPipeline, where: str) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "conditional", "router": self.ref(obj.router, f"{where}.router")}
