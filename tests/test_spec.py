@@ -480,7 +480,8 @@ def test_wrong_value_types_are_located(tmp_path: Path) -> None:
     text += "  stopping_condition: {quality_threshold: high}\n"
     with pytest.raises(SpecError) as info:
         load_pipeline(write(tmp_path, text))
-    assert (info.value.code, info.value.key, info.value.line) == ("bad_value", "root", 1)
+    assert (info.value.code, info.value.key, info.value.line) == ("bad_option", "root", 1)
+    assert info.value.field == "quality_threshold"
     with pytest.raises(SpecError) as info:
         load_pipeline(
             write(tmp_path, "root: {type: foreach, over: xs, stage: {predict: 'x -> y'}, timeout: soon}\n")

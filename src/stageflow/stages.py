@@ -412,7 +412,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
         self.inner_ports = inner
         self.declares_outputs = writes is not None
-        self.ports = self._rename(inner)
+        self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
 
     def _policy(
@@ -441,7 +441,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         )
         return None if policy == StagePolicy() else policy
 
-    def _rename(self, inner: Ports) -> Ports:
+    def renamed_ports(self, inner: Ports) -> Ports:
+        """The ports of the wrapped stage (``inner``) as seen through this wrapper's renames."""
         label = f"Stage({stage_label(self.module)})"
         accepted = set(inner.required) | set(inner.optional)
         bad_in = [k for k in self.input_map if k not in accepted]

@@ -367,7 +367,12 @@ def test_sync_timeout_marks_the_item_and_abandons_its_thread() -> None:
         return {"y": x.upper()}
 
     p = ForEach(
-        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, on_error="collect"
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        on_error="collect",
     )
     before = abandoned_threads()
     try:
@@ -424,7 +429,12 @@ async def test_async_timeout_cancels_the_item_task(mode: str) -> None:
         return {"y": x.upper()}
 
     p = ForEach(
-        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, on_error="collect"
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        on_error="collect",
     )
     before = abandoned_threads()
     result = p(xs=["a", "slow", "c"]) if mode != "async" else await p.acall(xs=["a", "slow", "c"])

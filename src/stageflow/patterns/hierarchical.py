@@ -152,7 +152,7 @@ class _Builder:
         stages = spec.get("stages") or []
         return IterativePipeline(
             [self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)],
-            spec.get("stopping_condition"),  # type: ignore[arg-type]  # validated by IterativePipeline
+            spec.get("stopping_condition"),  # validated by IterativePipeline
             max_iterations=spec.get("max_iterations", 5),
             on_limit=spec.get("on_limit", "return"),
         )

@@ -41,7 +41,7 @@ KEYS = {
     "foreach": ("type", "stage", "over", "item", "collect", *FANOUT_KEYS),
     "ensemble": ("type", "processors", "aggregator", "quorum", *FANOUT_KEYS),
 }
-STOPPING_KEYS = ("quality_threshold", "patience", "min_improvement", "score_field")
+STOPPING_KEYS = ("quality_threshold", "patience", "min_improvement", "score_field", "improvement_field")
 MERGER_KEYS = ("on_clash", "separator")
 AGGREGATOR_KEYS = ("strategy", "field", "confidence_field", "threshold")
 

@@ -138,8 +138,10 @@ class _Exporter:
         if "stopping_condition" in origin:
             out["stopping_condition"] = copy.deepcopy(origin["stopping_condition"])
         elif type(cond) is QualityBasedStopping:
-            defaults = {"quality_threshold": 0.9, "patience": 2, "min_improvement": 0.0}
-            params = _non_defaults(cond, {**defaults, "score_field": "quality_score"})
+            defaults = {"quality_threshold": 0.9, "patience": 2, "min_improvement": 0.01}
+            params = _non_defaults(
+                cond, {**defaults, "score_field": "quality_score", "improvement_field": "improvement"}
+            )
             out["stopping_condition"] = params
         else:
             raise self.fail(obj, where, f"its stopping condition {cond!r} is not a spec building block")
