@@ -109,7 +109,7 @@ def test_aggregating_another_field() -> None:
         question="q"
     )
     assert result.label in ("spam", "SPAM!")
-    assert result.votes == {"spam": 2.0, "ham": 1.0}
+    assert result.votes == {"spam": 1.0, "ham": 0.5}  # members without confidence count 0.5 each
 
 
 @pytest.mark.parametrize("bad", ["mode", "vote", ""])
@@ -186,7 +186,7 @@ async def test_async_quorum_stops_early_and_cancels_the_slow_members() -> None:
     assert fast.calls == 3
     assert slow.calls == 0  # never answered: cancelled while waiting
     assert slow.active == 0  # and no call is left running
-    assert result.votes == {"paris": 3.0}
+    assert result.votes == {"paris": 1.5}  # three members without confidence, 0.5 each
 
 
 def test_sync_quorum_stops_early_and_abandons_the_slow_members() -> None:
@@ -198,7 +198,7 @@ def test_sync_quorum_stops_early_and_abandons_the_slow_members() -> None:
     assert [r["status"] for r in result.individual_results] == ["ok", "ok", "cancelled", "ok", "cancelled"]
     assert fast.calls == 3
     assert abandoned_threads() == before + 2  # threads cannot be cancelled: reported as abandoned
-    assert result.votes == {"paris": 3.0}
+    assert result.votes == {"paris": 1.5}  # three members without confidence, 0.5 each
 
 
 def test_sync_quorum_abandons_a_slow_member_whichever_thread_runs_it() -> None:

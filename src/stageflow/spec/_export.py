@@ -183,7 +183,7 @@ class _Exporter:
         agg = obj.aggregator
         if type(agg) is not ResultAggregator:
             raise self.fail(obj, where, "its aggregator is not a ResultAggregator")
-        defaults = {"field": "answer", "confidence_field": "confidence", "threshold": 0.5}
+        defaults = {"field": None, "confidence_field": "confidence", "threshold": 0.5}
         params = _non_defaults(agg, defaults)
         origin = getattr(obj, TAG_ORIGIN, {})
         if "strategy" in origin:
