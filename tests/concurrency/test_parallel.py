@@ -157,7 +157,7 @@ async def test_clash_concatenate_joins_strings_and_lists(mode: str) -> None:
 
 def test_unknown_clash_strategy_is_a_configuration_error() -> None:
     with pytest.raises(stageflow.ConfigurationError) as ei:
-        ResultMerger(on_clash="first")  # type: ignore[arg-type]
+        ResultMerger(on_clash="last")  # type: ignore[arg-type]
     assert ei.value.code == "bad_option"
 
 
