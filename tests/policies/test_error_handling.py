@@ -21,7 +21,17 @@ from stageflow import (
 )
 from stageflow.testing import call
 
-LOG_KEYS = {"stage_index", "stage_path", "error_type", "message", "inputs", "action"}
+LOG_KEYS = {
+    "stage_index",
+    "stage_name",
+    "stage_path",
+    "error",
+    "error_type",
+    "message",
+    "input_state",
+    "inputs",
+    "action",
+}
 
 
 def raising(error: Exception, reads: str = "x", writes: str = "y") -> Any:
@@ -59,9 +69,12 @@ async def test_recovery_returning_a_state_continues_the_run(mode: str) -> None:
     assert r.error_log == [
         {
             "stage_index": 1,
+            "stage_name": "stages[1]",
             "stage_path": "stages[1]",
+            "error": "bad y",
             "error_type": "ValueError",
             "message": "bad y",
+            "input_state": {"x": "in", "a": "a(in)"},
             "inputs": {"x": "in"},
             "action": "recovered",
         }
@@ -83,9 +96,12 @@ async def test_recovery_returning_none_fails_the_run(mode: str) -> None:
     assert err.errors == [
         {
             "stage_index": 1,
+            "stage_name": "stages[1]",
             "stage_path": "stages[1]",
+            "error": "still bad",
             "error_type": "ValueError",
             "message": "still bad",
+            "input_state": {"x": "in", "a": "a(in)"},
             "inputs": {"x": "in"},
             "action": "failed",
         }

@@ -16,7 +16,7 @@ import dspy
 
 from stageflow.engine import concurrency
 from stageflow.engine.plan import StageEntry, held, join_path
-from stageflow.errors import ContractError, StageTimeoutError
+from stageflow.errors import ContractError, StageError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.state import RunInfo
@@ -96,6 +96,34 @@ def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
     return out
 
 
+def reported_error(out: Any, field: str) -> Any:
+    """The value of a stage result's error field (``None`` when it has none)."""
+    if isinstance(out, dspy.Example):
+        return out._store.get(field)
+    if isinstance(out, dict):
+        return out.get(field)
+    if hasattr(out, "model_dump"):
+        return getattr(out, field, None)
+    return None
+
+
+def _check_reported(policy: StagePolicy, out: Any, path: str, entry: StageEntry) -> Any:
+    """A result whose error field is set is a failure (recovery, logging and fallbacks apply)."""
+    if policy.error_field is None:
+        return out
+    error = reported_error(out, policy.error_field)
+    if error:
+        err = StageError(
+            f"Stage '{path}' ({entry.label}) reported an error in its '{policy.error_field}' field: {error}",
+            stage_path=path,
+            field=policy.error_field,
+            code="stage_reported_error",
+        )
+        err.path_is_full = True
+        raise err
+    return out
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -157,7 +185,7 @@ def guarded_call(
     if cached is not _MISS:
         return cached
     if _cache_only(policy):
-        out = invoke(entry, target, kw)
+        out = _check_reported(policy, invoke(entry, target, kw), path, entry)
     else:
         out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
@@ -226,6 +254,7 @@ def _attempts(
         try:
             with state.adapter_context():
                 out = _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            out = _check_reported(policy, out, path, entry)
             return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)
@@ -276,7 +305,7 @@ async def aguarded_call(
     if cached is not _MISS:
         return cached
     if _cache_only(policy):
-        out = await invoke(entry, target, kw)
+        out = _check_reported(policy, await invoke(entry, target, kw), path, entry)
     else:
         out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
@@ -300,6 +329,7 @@ async def _aattempts(
         try:
             with state.adapter_context():
                 out = await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            out = _check_reported(policy, out, path, entry)
             return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)

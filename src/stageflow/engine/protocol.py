@@ -13,6 +13,7 @@ on a ``dspy.Module`` subclass.
 - ``stageflow_result(state, run, hooks)``: the :class:`~stageflow.Result` of a finished call.
 - ``stageflow_deferred(stage_path, field)``: the stages with undeclared outputs a deferred read
   was expected from (used in the run-time contract error).
+- ``stageflow_failed(run, hooks, error)``: a call raised (observers record what ran).
 """
 
 from __future__ import annotations
@@ -53,3 +54,6 @@ class StageOwner:
 
     def stageflow_deferred(self, stage_path: str, field: str) -> tuple[str, ...]:
         return ()
+
+    def stageflow_failed(self, run: RunInfo, hooks: tuple[Any, ...], error: BaseException) -> None:
+        return None

@@ -115,10 +115,10 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     return target(**kw)
 
 
-def _carry_events(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
-    """A nested pipeline that failed: its policy events (carried by the error) join this run's."""
-    if entry.composite and err.events is not None and err.events is not run.events:
-        run.events.extend(err.events)
+def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
+    """A nested pipeline that failed: what it did (carried by the error) joins this run."""
+    if entry.composite and err.run is not None and err.run is not run:
+        run.absorb(entry.path, err.run)
 
 
 def _recovered(
@@ -138,6 +138,7 @@ def _recovered(
     detail = {
         "index": entry.key,
         "inputs": kw,
+        "state": dict(state),
         "error_type": type(original).__name__,
         "message": str(original),
     }
@@ -152,7 +153,9 @@ def _recovered(
             new_state = policy.recover(original, dict(state))
         except Exception as e:
             detail["recovery_error"] = f"{type(e).__name__}: {e}"
-            err.add_note(f"The recovery strategy for this stage raised {type(e).__name__}: {e}")
+            err.message += f" Its recovery strategy raised {type(e).__name__}: {e}"
+            err.args = (err.message,)
+            err.recovery_error = e
             new_state = None
         if new_state is not None:
             state.update(new_state)
@@ -192,7 +195,7 @@ def call_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
-        _carry_events(entry, err, run)
+        _carry_run(entry, err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):
@@ -263,7 +266,7 @@ async def acall_stage(
         elapsed = perf_counter() - t0
         run.trace.append(StageRecord(entry.path, elapsed, False))
         err = _fail(entry, e, prefix)
-        _carry_events(entry, err, run)
+        _carry_run(entry, err, run)
         if hooks:
             notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
         if _recovered(policy, entry, e, err, kw, state, run, prefix):
@@ -355,6 +358,15 @@ def _initial_state(inputs: dict[str, Any]) -> dict[str, Any]:
     return private_state(inputs) if not _PATH.get() else dict(inputs)
 
 
+def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException) -> None:
+    """A pipeline call that raised: the run so far travels with the error; observers hear of it."""
+    if isinstance(error, StageflowError):
+        error.events = run.events  # what policies did before the failure
+        error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
+    _end(pipeline, scope, None, error)
+    pipeline.stageflow_failed(run, scope.own, error)
+
+
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
     state = _initial_state(inputs)
@@ -363,9 +375,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     try:
         body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
-        if isinstance(e, StageflowError):
-            e.events = run.events  # what policies did before the failure travels with the error
-        _end(pipeline, scope, None, e)
+        _failed(pipeline, scope, run, e)
         raise
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)
@@ -379,9 +389,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     try:
         await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
-        if isinstance(e, StageflowError):
-            e.events = run.events
-        _end(pipeline, scope, None, e)
+        _failed(pipeline, scope, run, e)
         raise
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)

@@ -174,6 +174,9 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
             merged = self._merged_policies[key] = (entry.policy.merged_over(defaults), defaults)
         return merged[0]
 
+    def stageflow_failed(self, run: RunInfo, hooks: tuple[Any, ...], error: BaseException) -> None:
+        """A call raised ``error`` after doing what ``run`` records (observing conveniences keep it)."""
+
     def stageflow_deferred(self, stage_path: str, field: str) -> tuple[str, ...]:
         """The stages with undeclared outputs that a read checked at run time was expected from."""
         found: list[str] = []

@@ -130,7 +130,7 @@ class SequentialPipeline(Pipeline):
 
         def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
             run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
-            run_sequence(self, plan, state, run, hooks, prefix)
+            self._run_entries(plan, state, run, hooks, prefix)
 
         return execute(self, inputs, body)
 
@@ -144,7 +144,7 @@ class SequentialPipeline(Pipeline):
 
         async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
             run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
-            await arun_sequence(self, plan, state, run, hooks, prefix)
+            await self._arun_entries(plan, state, run, hooks, prefix)
 
         return await aexecute(self, inputs, body)
 
@@ -153,7 +153,29 @@ class SequentialPipeline(Pipeline):
             scope.check(entry, prefix)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        run_sequence(self, self._entries, state, run, hooks, prefix)
+        self._run_entries(self._entries, state, run, hooks, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        await arun_sequence(self, self._entries, state, run, hooks, prefix)
+        await self._arun_entries(self._entries, state, run, hooks, prefix)
+
+    def _run_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
+        """Run these stages in order (every run of this pipeline, demand-driven ones too, comes here)."""
+        run_sequence(self, entries, state, run, hooks, prefix)
+
+    async def _arun_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
+        """Async twin of :meth:`_run_entries`."""
+        await arun_sequence(self, entries, state, run, hooks, prefix)
