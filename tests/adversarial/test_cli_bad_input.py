@@ -16,7 +16,17 @@ import pytest
 
 from stageflow.cli import main
 
-COMPONENT = "def shout(text):\n    return {'shout': text.upper()}\n"
+COMPONENT = """
+import sys
+
+
+def shout(text):
+    return {'shout': text.upper()}
+
+
+def leave(text):
+    sys.exit(0)
+"""
 
 
 @pytest.fixture
@@ -126,3 +136,15 @@ def test_a_good_run_still_works(capsys: pytest.CaptureFixture[str], files: Path)
     code = main([*RUN, "--input", '{"text": "caf\u00e9"}', "--output", "outdir/result.json"])
     assert code == 0, capsys.readouterr().err
     assert (files / "outdir" / "result.json").read_text(encoding="utf-8").count("CAF\u00c9") == 1
+
+
+def test_a_stage_calling_sys_exit_is_a_failed_run_not_a_success(
+    capsys: pytest.CaptureFixture[str], files: Path
+) -> None:
+    (files / "leave.yaml").write_text(
+        "inputs: [text]\nroot: {component: 'cliadv:leave', writes: [shout]}\n", encoding="utf-8"
+    )
+    code = main(["run", "leave.yaml", "--allow-module", "cliadv", "--input", '{"text": "x"}'])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "")
+    assert "sys.exit(0)" in err

@@ -191,3 +191,16 @@ def test_a_model_without_a_provider_is_a_usage_error(
 def test_api_base_must_be_an_http_url(capsys: pytest.CaptureFixture[str], url: str) -> None:
     text = _usage_error(main(["demo", "--lm", "openai/m", "--api-base", url]), *capsys.readouterr())
     assert "http://" in text
+
+
+def test_running_a_retrieval_pipeline_without_bm25s_says_so_before_running(
+    capsys: pytest.CaptureFixture[str], nothing_local: None, tmp_path: Path
+) -> None:
+    (tmp_path / "corpus.jsonl").write_text('{"text": "Dune is a novel."}\n', encoding="utf-8")
+    path = tmp_path / "p.yaml"
+    path.write_text("inputs: [query]\nroot: {bm25: corpus.jsonl}\n", encoding="utf-8")
+    assert main(["validate", str(path)]) == 0  # validating needs no retrieval package
+    capsys.readouterr()
+    text = _usage_error(main(["run", str(path), "--input", '{"query": "Dune"}']), *capsys.readouterr())
+    assert "bm25s (BM25 retrieval)" in text
+    assert 'pip install "bm25s==0.3.16"' in text

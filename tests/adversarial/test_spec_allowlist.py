@@ -21,6 +21,7 @@ from stageflow.testing import FakeLM
 
 # ``advmod`` is the module the user allows; ``advlib`` stands for any third-party library it imports.
 ADVLIB = '''
+import functools
 import pathlib
 
 MARK = pathlib.Path(__file__).with_name("pwned")
@@ -60,6 +61,16 @@ def spoofed_function(text):
 
 spoofed_function.__module__ = "advmod"
 spoofed_function.__qualname__ = "spoofed_function"
+
+
+def logged(fn):
+    """A decorator from a library: the wrapper lives here, the function it wraps in advmod."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
 '''
 
 ADVMOD = '''
@@ -90,6 +101,16 @@ shout = lambda text: {"y": text + "!"}  # noqa: E731
 @stageflow.stage(writes=["y"])
 def decorated(text):
     return {"y": text * 2}
+
+
+@advlib.logged
+def traced(text):
+    return {"y": "traced " + text}
+
+
+@functools.cache
+def make_cached():
+    return ok
 
 
 foreign_stage = stageflow.stage(advlib.touch, reads=["text"], writes=["y"])
@@ -209,6 +230,8 @@ ALLOWED = [
     ({"component": "advmod:ok"}, "HI"),
     ({"component": "advmod:shout"}, "hi!"),
     ({"component": "advmod:decorated"}, "hihi"),
+    ({"component": "advmod:traced"}, "traced hi"),
+    ({"component": "advmod:make_cached", "args": {}}, "HI"),
     ({"component": "advmod:Helper.static"}, "static hi"),
     ({"component": "advmod:Helper.make", "args": {}}, "HI"),
     ({"component": "advmod:helper.method", "writes": ["y"]}, "method hi"),

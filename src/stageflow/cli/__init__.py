@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stageflow {args.command}: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as exc:  # a stage called sys.exit(): the run did not finish, whatever the code
+        stopped = RuntimeError(f"a stage called sys.exit({exc.code!r}); the run did not finish")
+        return report_error(stopped, args.command, getattr(args, "debug", False))
     except BrokenPipeError:  # e.g. `stageflow demo | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -14,7 +14,8 @@ whose code lives outside the allowed modules:
   namespace), and every function defined in the class body runs with an allowed module's globals;
 * a bound method: its function and the object it is bound to;
 * a builtin function: only one that belongs to an allowed extension module;
-* a ``@stageflow.stage`` function: the function it wraps;
+* a ``@stageflow.stage`` function, or a function decorated with ``functools.wraps`` /
+  ``functools.cache``: the function it wraps (``__wrapped__``);
 * any other object: its class (plain data such as numbers, strings and containers pass, and are
   refused later as "not a stage").
 
@@ -64,14 +65,13 @@ def _describe(obj: Any) -> str:
 
 def _refuse(shown: str, obj: Any, home: str, allow: Sequence[str], why: str = "") -> ComponentRefError:
     allowed = ", ".join(repr(a) for a in allow)
-    top = home.split(".")[0]
+    where = "" if isinstance(obj, ModuleType) else f", defined in '{home}'"
     return ComponentRefError(
-        f"'{shown}' is {_describe(obj)}{why}, defined in '{home}', which is not an allowed module "
-        f"(allowed: {allowed}). A pipeline file may only use what the allowed modules define, not what "
-        "they import.",
+        f"'{shown}' is {_describe(obj)}{why}{where}, which is not an allowed module (allowed: {allowed}). "
+        "A pipeline file may only use what the allowed modules define, not what they import.",
         code="outside_allowed_modules",
-        hint=f"name it through its own module and pass --allow-module {top} if you trust it, or add a "
-        "factory function to your module that builds it",
+        hint="write a function in your module that does what you need and name that function; allow "
+        f"'{home.split('.')[0]}' itself (--allow-module) only if you trust everything in it",
     )
 
 
@@ -108,14 +108,25 @@ def _vet_class(cls: type, shown: str, allow: Sequence[str], what: Any = None) ->
         raise _refuse(shown, what, home, allow)
     for name, value in vars(cls).items():
         fn = value.__func__ if isinstance(value, staticmethod | classmethod) else value
-        # A method written in a class body (qualname "Cls.name") runs with the globals of the module
+        # A method written in this class body (qualname "Cls.name") runs with the globals of the module
         # whose code it is: a class that claims another module (``__module__ = ...``) shows here.
         # Functions merely stored on the class (``helper = other.func``) are checked when named.
-        if isinstance(fn, FunctionType) and fn.__qualname__.endswith(f".{name}"):
+        if isinstance(fn, FunctionType) and fn.__qualname__.startswith(f"{cls.__qualname__}."):
             inner = inspect.unwrap(fn)
             home = _function_home(inner if isinstance(inner, FunctionType) else fn)
             if not is_allowed(home, allow):
                 raise _refuse(shown, what, home, allow, f" whose method {name}() is")
+
+
+def _unwrapped(obj: Any) -> FunctionType | None:
+    """The function at the end of ``obj``'s ``__wrapped__`` chain (read statically), if it has one."""
+    if isinstance(obj, type | ModuleType):
+        return None
+    seen: set[int] = set()
+    while (inner := inspect.getattr_static(obj, "__wrapped__", None)) is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        obj = inner
+    return obj if seen and isinstance(obj, FunctionType) else None
 
 
 def vet(obj: Any, shown: str, allow: Sequence[str]) -> None:
@@ -123,6 +134,10 @@ def vet(obj: Any, shown: str, allow: Sequence[str]) -> None:
     from stageflow.stages import FunctionStage
 
     if type(obj) in _DATA:
+        return
+    inner = _unwrapped(obj)
+    if inner is not None:  # a decorated function (functools.wraps, functools.cache...): judge what it wraps
+        _vet_function(inner, shown, allow, " (decorated)")
         return
     if isinstance(obj, ModuleType):
         if not (is_allowed(obj.__name__, allow) and sys.modules.get(obj.__name__) is obj):
