@@ -51,6 +51,9 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "nan.yaml").write_text(
         "inputs: [xs]\nroot: {type: foreach, over: xs, stage: {predict: 'x -> y'}, timeout: .nan}\n", "utf-8"
     )
+    (tmp_path / "collect.yaml").write_text(
+        "inputs: [xs]\nroot: {type: foreach, over: xs, collect: {}, stage: {predict: 'x -> y'}}\n", "utf-8"
+    )
     (tmp_path / "name.yaml").write_text("name: {a: 1}\ninputs: [q]\nroot: {predict: 'q -> a'}\n", "utf-8")
     (tmp_path / "latin1.json").write_bytes(b'{"text": "caf\xe9"}')
     (tmp_path / "outdir").mkdir()
@@ -73,6 +76,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("empty-allow-module", ["validate", "ok.yaml", "--allow-module", ""], "not a module name"),
     ("nan-timeout", ["validate", "nan.yaml"], "timeout"),
     ("name-not-a-string", ["validate", "name.yaml"], "'name'"),
+    ("collect-nothing", ["validate", "collect.yaml"], "collect is empty"),
     ("path-outside-folder", ["validate", "far.yaml"], "--allow-path"),
     ("input-surrogate", [*RUN, "--input", '{"text": "\udcff"}'], "UTF-8"),
     ("input-json-escaped-surrogate", [*RUN, "--input", '{"text": "\\ud800"}'], "UTF-8"),

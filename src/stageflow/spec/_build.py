@@ -338,6 +338,14 @@ class _Builder:
         collect = spec.get("collect")
         if collect is not None and not isinstance(collect, str):
             collect = self.renames(collect, (*path, "collect"))
+            if not collect:  # an empty mapping would collect nothing, silently
+                raise self.err(
+                    (*path, "collect"),
+                    "collect is empty, so the foreach would keep none of its results.",
+                    code="bad_value",
+                    hint="name what to keep, e.g. collect: {fact: facts}, or leave collect out to keep "
+                    "every output",
+                )
         stage = self.ref(spec["stage"], (*path, "stage"))
         return ForEach(stage, over=over, item=item, collect=collect, **self.fanout(spec, path))
 
