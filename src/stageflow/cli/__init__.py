@@ -5,7 +5,8 @@ Each subcommand is a module of this package with ``NAME``, ``add_parser(sub, com
 import DSPy or llama.cpp; each subcommand imports what it needs when it runs.
 
 Exit codes: 0 success, 2 usage or validation error (bad arguments, pipeline file, input, model
-file or corpus; a contract that does not hold), 1 a run that failed, 130 interrupted (Ctrl-C).
+file or corpus; a contract that does not hold; a missing package), 1 a run that failed (a stage that
+calls ``sys.exit`` included), 130 interrupted (Ctrl-C).
 Errors are one paragraph on stderr; ``--debug`` adds the traceback.
 """
 
