@@ -228,7 +228,8 @@ async def test_module_node_from_saved_program(tmp_path: Path, mode: str) -> None
         {
             "root": {"type": "pipeline", "stages": ["saved"]},
             "saved": {"type": "module", "module": str(tmp_path / "prog")},
-        }
+        },
+        allow_pickle=True,  # a save_program=True directory is a cloudpickle file: opt-in only
     )
     loaded = h.nodes["saved"]
     assert isinstance(loaded, dspy.Predict)
