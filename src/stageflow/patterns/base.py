@@ -193,3 +193,16 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         if (frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)
+
+    # -- pictures ----------------------------------------------------------------------------
+    def to_mermaid(self) -> str:
+        """This pipeline's structure as a Mermaid flowchart (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_mermaid
+
+        return to_mermaid(self)
+
+    def to_dot(self) -> str:
+        """This pipeline's structure as Graphviz DOT (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_dot
+
+        return to_dot(self)
