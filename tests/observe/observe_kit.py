@@ -21,7 +21,14 @@ from stageflow.testing import FakeLM
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("STAGEFLOW_CHROMIUM", "/usr/bin/chromium")
-MERMAID_JS = Path(os.environ.get("STAGEFLOW_MERMAID_JS", ROOT / "build" / "vendor" / "mermaid.min.js"))
+# Mermaid's browser bundle: .ci/run fetches it into build/vendor/ and names it here.
+MERMAID_JS = Path(
+    os.environ.get("STAGEFLOW_MERMAID_JS")
+    or next(
+        iter(sorted((ROOT / "build" / "vendor").glob("mermaid-*.min.js"), reverse=True)),
+        ROOT / "build/vendor/mermaid.min.js",
+    )
+)
 
 #: Text that breaks diagrams or pages when it is not escaped.
 HOSTILE = (
