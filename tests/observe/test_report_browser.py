@@ -18,6 +18,7 @@ from observe_kit import HOSTILE, artifacts_dir, every_pattern, fake_lm, fn
 
 import stageflow
 from stageflow.cli import main
+from stageflow.observe.report import page as page_module
 from stageflow.observe.report.page import COLLAPSE_OVER
 from stageflow.observe.report.spans import stage_key
 
@@ -58,6 +59,7 @@ class Watched:
     def open(self, path: Path) -> None:
         self.page.goto(path.resolve().as_uri())
         self.page.wait_for_function("document.body.dataset.rendered === '1'", timeout=30_000)
+        self.page.wait_for_function("document.body.dataset.content === '1'", timeout=30_000)
 
     def assert_clean(self, path: Path) -> None:
         assert self.requests == [path.resolve().as_uri()]
@@ -84,9 +86,12 @@ def known_trace(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     return path, doc
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["json", "gzip"])
 def test_report_loads_offline_shows_every_stage_and_escapes_everything(
-    browser_page: Any, tmp_path: Path
+    browser_page: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packed: bool
 ) -> None:
+    if packed:  # inputs and outputs compressed, as for large traces
+        monkeypatch.setattr(page_module, "CONTENT_INLINE_LIMIT", 0)
     trace_path, doc = known_trace(tmp_path)
     html_path = tmp_path / "report.html"
     assert main(["report", str(trace_path), "-o", str(html_path)]) == 0
@@ -151,7 +156,7 @@ def test_report_loads_offline_shows_every_stage_and_escapes_everything(
     # Clicking a graph node finds the stage in the table.
     page.click("svg.graph .node[data-path='stages[0]']")
     assert page.get_attribute("#stage-rows tr.hl", "data-key") == "stages[0]"
-    page.screenshot(path=str(artifacts_dir() / "report.png"), full_page=True)
+    page.screenshot(path=str(artifacts_dir() / f"report-{'gzip' if packed else 'json'}.png"), full_page=True)
     w.assert_clean(html_path)
 
 

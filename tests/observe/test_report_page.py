@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import hashlib
 import json
 import re
@@ -40,9 +41,18 @@ def traced(p: Any = None, **inputs: Any) -> stageflow.Tracer:
 
 
 def data_of(html: str) -> dict[str, Any]:
+    """The page's data, with the spans' inputs and outputs unpacked into ``content``."""
     m = re.search(r'<script type="application/json" id="sf-data">(.*?)</script>', html, re.S)
     assert m is not None
-    return json.loads(m.group(1))
+    data: dict[str, Any] = json.loads(m.group(1))
+    packed = re.search(r'<script [^>]*id="sf-content" data-encoding="gzip-base64">(.*?)</script>', html, re.S)
+    if packed is not None:
+        data["content"] = json.loads(gzip.decompress(base64.b64decode(packed.group(1))))
+    else:
+        plain = re.search(r'<script type="application/json" id="sf-content">(.*?)</script>', html, re.S)
+        assert plain is not None
+        data["content"] = json.loads(plain.group(1))
+    return data
 
 
 def with_usage(doc: dict[str, Any], paths: set[str], usage: dict[str, Any]) -> dict[str, Any]:
@@ -113,8 +123,8 @@ def test_stage_table_sums_usage_and_marks_missing_values() -> None:
 def test_page_is_self_contained_and_escapes_trace_text() -> None:
     p = stageflow.SequentialPipeline([fn(HOSTILE, ["x"], ["out"], HOSTILE)])
     html = render_report(traced(p, x="</script><script>alert(0)</script>"))
-    assert html.count("<script") == 2
-    assert html.count("</script>") == 2
+    assert html.count("<script") == 3  # the spans, their inputs and outputs, the code: nothing else
+    assert html.count("</script>") == 3
     data = data_of(html)
     assert data["content"][1]["outputs"] == {"out": HOSTILE}
     assert data["content"][0]["inputs"] == {"x": "</script><script>alert(0)</script>"}
@@ -152,7 +162,9 @@ def test_page_is_self_contained_and_escapes_trace_text() -> None:
             "polygon",
             "circle",
         }, tag
-    markup = re.sub(r'<script type="application/json" id="sf-data">.*?</script>', "", html, flags=re.S)
+    markup = re.sub(
+        r'<script type="application/json" id="sf-(data|content)">.*?</script>', "", html, flags=re.S
+    )
     assert not re.search(r"<[^>]*\s(src|href|on\w+)=", markup)
 
 
@@ -246,3 +258,15 @@ def test_report_imports_no_dspy() -> None:
     code = "import sys, stageflow.observe.report as r; print('dspy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_large_inputs_and_outputs_are_compressed_losslessly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stageflow.observe.report import page
+
+    tracer = traced()
+    plain = data_of(render_report(tracer))
+    monkeypatch.setattr(page, "CONTENT_INLINE_LIMIT", 0)
+    html = render_report(tracer)
+    assert 'data-encoding="gzip-base64"' in html
+    assert re.search(r'id="sf-content" data-encoding="gzip-base64">[A-Za-z0-9+/=]+</script>', html)
+    assert data_of(html)["content"] == plain["content"]

@@ -15,7 +15,7 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def dumps(obj: Any, *, indent: int | None = None) -> str:
+def dumps(obj: Any, *, indent: int | None = None, allow_nan: bool = True) -> str:
     """``json.dumps`` that keeps non-ASCII text readable and writes lone surrogates (which UTF-8
     cannot encode, e.g. ``"\\ud800"`` from a badly decoded file) as ``\\ud800`` escapes.
 
@@ -27,6 +27,6 @@ def dumps(obj: Any, *, indent: int | None = None) -> str:
         >>> json.loads(dumps({"k": "é\\ud800"})) == {"k": "é\\ud800"}
         True
     """
-    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=allow_nan)
     # Outside strings JSON is ASCII, so every surrogate here sits inside a string literal.
     return _SURROGATE.sub(_escape, text)

@@ -2,14 +2,16 @@
 
 The page loads nothing: a Content-Security-Policy allows no source at all (``default-src 'none'``)
 and admits exactly this page's script and style by their SHA-256 hashes, so even text that slipped
-past escaping could neither run nor fetch. The trace data sits in a ``<script
-type="application/json">`` element with ``<``, ``>`` and ``&`` written as ``\\u003c`` etc., so it
-cannot close the element; the script inserts it into the page as text only.
+past escaping could neither run nor fetch. The trace data sits in ``<script
+type="application/json">`` elements with ``<``, ``>`` and ``&`` written as ``\\u003c`` etc., so it
+cannot close the element (large inputs and outputs are gzip-compressed and base64-encoded, which has
+no such characters at all); the script inserts it into the page as text only.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import math
 from datetime import UTC, datetime
@@ -24,11 +26,15 @@ from stageflow.observe.graph.model import Graph, clean_text
 from stageflow.observe.report.spans import Span, stage_key, stage_table, walk
 from stageflow.observe.report.svg import graph_svg
 
-__all__ = ["COLLAPSE_CHILDREN", "COLLAPSE_OVER", "render_page"]
+__all__ = ["COLLAPSE_CHILDREN", "COLLAPSE_OVER", "CONTENT_INLINE_LIMIT", "render_page"]
 
 #: Above this many spans, spans with more than COLLAPSE_CHILDREN direct children start collapsed.
 COLLAPSE_OVER = 2000
 COLLAPSE_CHILDREN = 50
+#: Inputs and outputs larger than this (characters of JSON) are embedded gzip-compressed (base64)
+#: and unpacked by the browser's own ``DecompressionStream`` when the page opens: traces repeat the
+#: state from span to span, so they shrink many times over.
+CONTENT_INLINE_LIMIT = 512 * 1024
 
 _SCRIPT_SAFE = str.maketrans(
     {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -101,13 +107,26 @@ def _payload(roots: list[Span], warnings: list[str], labels: dict[str, str]) -> 
         "t1": max((s.end or s.start for s in flat), default=0.0),
         "spans": spans,
         "keys": keys,
-        "content": [_finite(s.content()) or None for s in flat],
         "stages": rows,
         "totals": totals,
         "warnings": warnings,
         "collapse_over": COLLAPSE_OVER,
         "collapse_children": COLLAPSE_CHILDREN,
     }
+
+
+def _content_element(flat: list[Span], limit: int) -> str:
+    """The spans' inputs, outputs, errors and usage, in span order: JSON, or gzip+base64 when large."""
+    contents = [s.content() or None for s in flat]
+    try:
+        text = dumps(contents, allow_nan=False)
+    except ValueError:  # a trace written before stageflow recorded nan/inf as text
+        text = dumps(_finite(contents))
+    if len(text) <= limit:
+        return f'<script type="application/json" id="sf-content">{text.translate(_SCRIPT_SAFE)}</script>'
+    packed = base64.b64encode(gzip.compress(text.encode("utf-8"), compresslevel=6)).decode("ascii")
+    attrs = 'type="application/octet-stream" id="sf-content" data-encoding="gzip-base64"'
+    return f"<script {attrs}>{packed}</script>"
 
 
 def _graph_sections(graphs: dict[str, Graph], runs: dict[str, int]) -> str:
@@ -126,6 +145,7 @@ def render_page(
 ) -> str:
     """The whole HTML document."""
     data = _payload(roots, warnings, _labels(graphs))
+    content = _content_element(walk(roots), CONTENT_INLINE_LIMIT)
     runs: dict[str, int] = {}
     for s in roots:
         if s.graph is not None:
@@ -184,6 +204,7 @@ Click a span for its inputs and outputs.</span></p>
 <aside class="details" id="details"><p class="muted">Click a span.</p></aside>
 </div>
 <script type="application/json" id="sf-data">{json_text}</script>
+{content}
 <script>{script}</script>
 </body>
 </html>

@@ -33,7 +33,7 @@ def stage_key(path: str) -> str:
     return _ITEM.sub(r"\1stage[*]", path)
 
 
-@dataclass
+@dataclass(eq=False)
 class Span:
     """One pipeline call (``kind="run"``) or stage call (``kind="stage"``)."""
 
@@ -81,7 +81,7 @@ def _num(value: Any) -> float | None:
 class _Builder:
     def __init__(self) -> None:
         self.spans: dict[int, Span] = {}
-        self.open: list[Span] = []  # for traces without span ids
+        self.open: dict[int, Span] = {}  # spans not closed yet, in opening order
         self.next_id = -1  # synthetic ids are negative: they never clash with recorded ones
         self.unmatched = 0
 
@@ -107,7 +107,7 @@ class _Builder:
         if "inputs" in e:
             span.inputs = e["inputs"]
         self.spans[sid] = span
-        self.open.append(span)
+        self.open[sid] = span
 
     def _parent_by_path(self, path: str, kind: str, thread: Any) -> int | None:
         """The innermost open span enclosing ``path``: a pipeline call belongs to the stage of the
@@ -115,7 +115,7 @@ class _Builder:
         to one on the same thread, then to the latest."""
         best: tuple[int, bool, bool, int] | None = None
         found: Span | None = None
-        for order, s in enumerate(self.open):
+        for order, s in enumerate(self.open.values()):
             if kind == "run":
                 fits = s.kind == "stage" and s.path == path and path != ""
             else:
@@ -145,12 +145,11 @@ class _Builder:
         usage = e.get("usage")
         if isinstance(usage, Mapping):
             span.usage = usage
-        if span in self.open:
-            self.open.remove(span)
+        self.open.pop(span.id, None)
 
     def _match(self, path: str, kind: str, thread: Any) -> Span | None:
         fallback = None
-        for s in reversed(self.open):
+        for s in reversed(self.open.values()):
             if s.path == path and s.kind == kind:
                 if s.thread == thread:
                     return s
