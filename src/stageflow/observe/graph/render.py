@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from stageflow.observe.graph.model import Graph, clean_text
+from stageflow.observe.graph.model import Edge, Graph, clean_text
 
 __all__ = ["STYLE", "as_graph", "dot_text", "mermaid_text", "render_svg", "to_dot", "to_mermaid"]
 
@@ -90,6 +90,12 @@ def _walk(g: Graph, cid: str) -> Iterator[tuple[str, str]]:
         yield "close", cid
 
 
+def _ordered_edges(g: Graph) -> list[Edge]:
+    """Edges in the order of their nodes (top to bottom), so the text reads like the flow."""
+    rank = {nid: i for i, nid in enumerate(g.nodes)}
+    return sorted(g.edges, key=lambda e: (rank.get(e.source, -1), rank.get(e.target, -1)))
+
+
 def _roots(g: Graph) -> list[str]:
     return [c.id for c in g.clusters.values() if c.parent is None]
 
@@ -140,7 +146,7 @@ def mermaid_text(g: Graph) -> str:
             opening, closing = _MM_SHAPES.get(n.kind, ('["', '"]'))
             text = "<br/>".join(_mm(t) for t in _text(n.label, n.detail)) or " "
             lines.append(f"{pad}{ident}{opening}{text}{closing}")
-    for e in g.edges:
+    for e in _ordered_edges(g):
         arrow = "-.->" if e.kind in ("loop", "default") else "-->"
         label = f'|"{_mm(clean_text(e.label))}"|' if e.label else ""
         lines.append(f"  {e.source} {arrow}{label} {e.target}")
@@ -223,7 +229,7 @@ def dot_text(g: Graph) -> str:
             if n.kind == "join":
                 attrs.append("width=0.08")
             lines.append(f"{pad}{ident} [{', '.join(attrs)}];")
-    for e in g.edges:
+    for e in _ordered_edges(g):
         attrs = []
         if e.label:
             attrs.append(f"label={_dq(e.label)}")
