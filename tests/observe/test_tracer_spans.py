@@ -137,6 +137,8 @@ def test_the_outermost_pipeline_graph_is_recorded_once() -> None:
     doc = tracer.to_dict()
     assert doc["version"] == 2
     assert doc["graphs"] == tracer.graphs
+    doc["graphs"]["g1"]["nodes"].clear()  # a copy: the shared graph is untouched
+    assert tracer.graphs["g1"]["nodes"]
     p.add_stage(fn("extra", ["ys"], ["z"]))
     with stageflow.trace() as later:
         p(n=1)
@@ -147,7 +149,7 @@ def test_no_graph_when_disabled_and_a_failing_walk_never_breaks_a_run(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     p = stageflow.SequentialPipeline([fn("a", ["x"], ["y"])])
-    with stageflow.trace(Tracer(record_graph=False)) as tracer:
+    with stageflow.trace(record_graph=False) as tracer:
         p(x=1)
     assert tracer.graphs == {}
     assert "graph" not in tracer.events[0]

@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import logging
@@ -131,6 +132,7 @@ class Tracer(Hook):
         self._ids = itertools.count(1)
         self._current: ContextVar[_Frame | None] = ContextVar("stageflow_tracer_span", default=None)
         self.events: list[dict[str, Any]] = []
+        #: Graph name → ``Graph.to_dict()``; read-only (shared with other tracers of the same pipeline).
         self.graphs: dict[str, dict[str, Any]] = {}
         self._graph_names: dict[int, str] = {}
 
@@ -239,7 +241,9 @@ class Tracer(Hook):
     def to_dict(self) -> dict[str, Any]:
         """The trace document ``{"version", "events", "graphs"}`` (see the module docstring)."""
         with self._lock:
-            return {"version": TRACE_VERSION, "events": list(self.events), "graphs": dict(self.graphs)}
+            events, graphs = list(self.events), dict(self.graphs)
+        # Graphs are shared by every tracer of the same pipeline: hand out copies.
+        return {"version": TRACE_VERSION, "events": events, "graphs": copy.deepcopy(graphs)}
 
     def to_json(self) -> str:
         """:meth:`to_dict` as JSON text (UTF-8-safe: any string, even a lone surrogate, round-trips)."""
@@ -277,8 +281,10 @@ class Tracer(Hook):
 
 
 @contextlib.contextmanager
-def trace(tracer: Tracer | None = None, *, record_content: bool = True) -> Iterator[Tracer]:
-    """Trace every pipeline run inside the block."""
-    t = tracer or Tracer(record_content=record_content)
+def trace(
+    tracer: Tracer | None = None, *, record_content: bool = True, record_graph: bool = True
+) -> Iterator[Tracer]:
+    """Trace every pipeline run inside the block (see :class:`Tracer` for the options)."""
+    t = tracer or Tracer(record_content=record_content, record_graph=record_graph)
     with attach_hooks(t):
         yield t
