@@ -102,7 +102,10 @@ def _graph_dict(pipeline: Any) -> dict[str, Any]:
     from stageflow.observe.graph import graph_of
 
     graph = graph_of(pipeline).to_dict()
-    ref: weakref.ref[Any] = weakref.ref(pipeline, functools.partial(_forget, key))
+    try:
+        ref: weakref.ref[Any] = weakref.ref(pipeline, functools.partial(_forget, key))
+    except TypeError:  # an object without weak references: draw it every time
+        return graph
     with _GRAPHS_LOCK:
         _GRAPHS[key] = (ref, version, graph)
     return graph

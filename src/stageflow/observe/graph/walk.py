@@ -24,6 +24,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stageflow.observe.graph._text import (
+    fanout_text,
+    index_of,
+    names,
+    policy_text,
+    short,
+    signature_text,
+    tail,
+)
 from stageflow.observe.graph.model import Graph
 
 __all__ = ["graph_of"]
@@ -41,49 +50,6 @@ class _Ends:
 
 def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
-
-
-def _tail(path: str) -> str:
-    """The last segment of a stage path (``stages[1].branches['a']`` → ``branches['a']``)."""
-    depth = 0
-    for i in range(len(path) - 1, -1, -1):
-        ch = path[i]
-        if ch == "]":
-            depth += 1
-        elif ch == "[":
-            depth -= 1
-        elif ch == "." and depth == 0:
-            return path[i + 1 :]
-    return path
-
-
-def _names(fields: Iterable[str]) -> str:
-    return ", ".join(fields)
-
-
-def _signature_text(sig: Any) -> str:
-    text = getattr(sig, "signature", None)
-    if isinstance(text, str):
-        return text
-    return f"{_names(sig.input_fields)} -> {_names(sig.output_fields)}"
-
-
-def _policy_text(policy: Any) -> list[str]:
-    if policy is None:
-        return []
-    parts = []
-    for name in ("retry", "timeout", "repair", "fallback", "cache", "recover"):
-        if getattr(policy, name, None):
-            parts.append(name)
-    if getattr(policy, "skip_on", ()):
-        parts.append("skip on " + ", ".join(t.__name__ for t in policy.skip_on))
-    return [f"policies: {', '.join(parts)}"] if parts else []
-
-
-def _short(obj: Any, limit: int = 60) -> str:
-    name = getattr(obj, "__name__", None)
-    text = f"{name}()" if isinstance(name, str) and callable(obj) else repr(obj)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Walker:
@@ -162,7 +128,7 @@ class _Walker:
             renames += [f"{k}→{v}" for k, v in obj.output_map.items()]
             if renames:
                 notes.append("renames: " + ", ".join(renames))
-            notes += _policy_text(obj.policy)
+            notes += policy_text(obj.policy)
             fallback = getattr(obj, "fallback_stage", None)
             if fallback is not None:
                 notes.append(f"fallback: {self.label_of(fallback)}")
@@ -193,20 +159,20 @@ class _Walker:
         if isinstance(obj, self.FunctionStage):
             kind, label = "function", f"{obj.stage_name}()"
             ports = obj.ports
-            reads = _names([*ports.required, *ports.optional]) or ("state" if ports.accepts_any else "")
-            writes = "?" if ports.outputs is None else _names(ports.outputs)
+            reads = names([*ports.required, *ports.optional]) or ("state" if ports.accepts_any else "")
+            writes = "?" if ports.outputs is None else names(ports.outputs)
             lines.append(f"{reads} -> {writes}")
         elif isinstance(obj, dspy.Predict):
             kind, label = "predict", type(obj).__name__
-            lines.append(_signature_text(obj.signature))
+            lines.append(signature_text(obj.signature))
         elif isinstance(obj, dspy.ChainOfThought) and isinstance(getattr(obj, "predict", None), dspy.Predict):
             kind, label = "predict", type(obj).__name__
-            lines.append(_signature_text(obj.predict.signature))
+            lines.append(signature_text(obj.predict.signature))
         elif isinstance(obj, dspy.Module):
             kind, label = "module", type(obj).__name__
             named = list(obj.named_predictors())
             for name, p in named[:_MAX_LISTED]:
-                lines.append(f"{name}: {_signature_text(p.signature)}")
+                lines.append(f"{name}: {signature_text(p.signature)}")
             if len(named) > _MAX_LISTED:
                 lines.append(f"… and {len(named) - _MAX_LISTED} more predictors")
         else:
@@ -217,7 +183,7 @@ class _Walker:
     def pipeline(self, p: Any, path: str, cluster: str | None, notes: list[str]) -> _Ends:
         m = self.m
         name = type(p).__name__
-        heading = f"{_tail(path)}: {name}" if path else name
+        heading = f"{tail(path)}: {name}" if path else name
         kinds: list[tuple[type, str, Any]] = [
             (m["error_handling"].ErrorHandlingPipeline, "error_handling", self.sequential),
             (m["sequential"].SequentialPipeline, "sequential", self.sequential),
@@ -284,7 +250,7 @@ class _Walker:
         )
         limit = "raises LoopLimitError at the limit" if p.on_limit == "raise" else "returns at the limit"
         cond = self.g.add_node(
-            "stop?", kind="condition", detail=f"{_short(p.stopping_condition)}\n{limit}", cluster=cid
+            "stop?", kind="condition", detail=f"{short(p.stopping_condition)}\n{limit}", cluster=cid
         )
         self.connect(body.exits, [cond], cid)
         for entry in body.entries:
@@ -293,11 +259,11 @@ class _Walker:
 
     def parallel(self, p: Any, path: str, cid: str) -> _Ends:
         c = self.g.clusters[cid]
-        c.detail = "\n".join(filter(None, [c.detail, _fanout_text(p)]))
+        c.detail = "\n".join(filter(None, [c.detail, fanout_text(p)]))
         blocks: list[_Ends] = []
         for g, group in enumerate(p._groups):
             gid = self.g.add_cluster(f"group {g}", kind="group", path=path, parent=cid, layout="row")
-            members = [self.walk(p.stages[_index(e.path)], _join(path, e.path), gid) for e in group]
+            members = [self.walk(p.stages[index_of(e.path)], _join(path, e.path), gid) for e in group]
             entries = [e for b in members for e in b.entries]
             exits = [x for b in members for x in b.exits]
             if len(members) > 1:
@@ -313,17 +279,17 @@ class _Walker:
         c = self.g.clusters[cid]
         c.label = f"{c.label}: each {p.item} in {p.over}"
         collect = ", ".join(f"{k}→{v}" for k, v in p.collect.items())
-        c.detail = "\n".join(filter(None, [c.detail, f"collect {collect}", _fanout_text(p)]))
+        c.detail = "\n".join(filter(None, [c.detail, f"collect {collect}", fanout_text(p)]))
         return self.walk(p.stage, _join(path, "stage[*]"), cid)
 
     def ensemble(self, p: Any, path: str, cid: str) -> _Ends:
         c = self.g.clusters[cid]
         quorum = f"quorum {p.quorum}" if p.quorum is not None else ""
-        c.detail = "\n".join(filter(None, [c.detail, quorum, _fanout_text(p)]))
+        c.detail = "\n".join(filter(None, [c.detail, quorum, fanout_text(p)]))
         row = self.row(cid, path)
         members = [self.walk(s, _join(path, f"processors[{i}]"), row) for i, s in enumerate(p.processors)]
         agg = p.aggregator
-        strategy = agg.strategy if isinstance(agg.strategy, str) else _short(agg.strategy)
+        strategy = agg.strategy if isinstance(agg.strategy, str) else short(agg.strategy)
         node = self.g.add_node(
             "aggregate", kind="aggregate", detail=f"{strategy} on '{agg.field}'", cluster=cid
         )
@@ -368,21 +334,6 @@ class _Walker:
         return _Ends([decide], exits)
 
 
-def _index(local_path: str) -> int:
-    return int(local_path[local_path.index("[") + 1 : -1])
-
-
-def _fanout_text(p: Any) -> str:
-    parts = []
-    if p.max_concurrency is not None:
-        parts.append(f"max_concurrency={p.max_concurrency}")
-    if p.on_error != "collect":
-        parts.append(f"on_error={p.on_error}")
-    if p.timeout is not None:
-        parts.append(f"timeout={p.timeout}s")
-    return ", ".join(parts)
-
-
 def _ports_text(obj: Any) -> tuple[str, str]:
     from stageflow.stages import describe
 
@@ -390,7 +341,7 @@ def _ports_text(obj: Any) -> tuple[str, str]:
         ports = describe(obj)
     except Exception:  # a pipeline whose wiring does not check still gets a picture
         return "", ""
-    return _names(ports.required), _names(ports.outputs or ())
+    return names(ports.required), names(ports.outputs or ())
 
 
 def graph_of(pipeline: Any, *, title: str | None = None) -> Graph:
