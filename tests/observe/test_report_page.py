@@ -270,3 +270,30 @@ def test_large_inputs_and_outputs_are_compressed_losslessly(monkeypatch: pytest.
     assert 'data-encoding="gzip-base64"' in html
     assert re.search(r'id="sf-content" data-encoding="gzip-base64">[A-Za-z0-9+/=]+</script>', html)
     assert data_of(html)["content"] == plain["content"]
+
+
+def test_calls_of_different_pipelines_get_their_own_rows() -> None:
+    first = stageflow.SequentialPipeline([fn("one", ["x"], ["y"])])
+    second = stageflow.SequentialPipeline([fn("two", ["x"], ["z"]), fn("three", ["z"], ["w"])])
+    with stageflow.trace() as tracer:
+        first(x=1)
+        second(x=1)
+        first(x=2)
+    html = render_report(tracer)
+    rows = {r["key"]: r for r in data_of(html)["stages"]}
+    assert set(rows) == {
+        "#1 (pipeline call)",
+        "#1 stages[0]",
+        "#2 (pipeline call)",
+        "#2 stages[0]",
+        "#2 stages[1]",
+    }
+    assert (rows["#1 stages[0]"]["calls"], rows["#1 stages[0]"]["type"]) == (2, "one()")
+    assert (rows["#2 stages[0]"]["calls"], rows["#2 stages[0]"]["type"]) == (1, "two()")
+    assert "<h3>#1 SequentialPipeline · 2 calls</h3>" in html
+    assert "<h3>#2 SequentialPipeline · 1 call</h3>" in html
+    assert set(re.findall(r'data-path="(#\d [^"]*)"', html)) == {
+        "#1 stages[0]",
+        "#2 stages[0]",
+        "#2 stages[1]",
+    }

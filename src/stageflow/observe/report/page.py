@@ -23,7 +23,7 @@ from xml.sax.saxutils import escape
 from stageflow._version import __version__
 from stageflow.observe._json import dumps
 from stageflow.observe.graph.model import Graph, clean_text
-from stageflow.observe.report.spans import Span, stage_key, stage_table, walk
+from stageflow.observe.report.spans import Span, pipeline_prefixes, row_keys, stage_table, walk
 from stageflow.observe.report.svg import graph_svg
 
 __all__ = ["COLLAPSE_CHILDREN", "COLLAPSE_OVER", "CONTENT_INLINE_LIMIT", "render_page"]
@@ -62,13 +62,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _labels(graphs: dict[str, Graph]) -> dict[str, str]:
-    """Stage key → what the graph calls it (``retrieve()``, ``Predict``)."""
+def _labels(graphs: dict[str, Graph], prefixes: dict[str, str]) -> dict[str, str]:
+    """Row key → what the graph calls the stage (``retrieve()``, ``Predict``)."""
     out: dict[str, str] = {}
-    for g in graphs.values():
+    for name, g in graphs.items():
+        prefix = prefixes.get(name, "")
         for n in g.nodes.values():
             if n.path:
-                out.setdefault(str(n.path), clean_text(n.label, limit=60))
+                out.setdefault(prefix + str(n.path), clean_text(n.label, limit=60))
     return out
 
 
@@ -80,7 +81,7 @@ def _payload(roots: list[Span], warnings: list[str], labels: dict[str, str]) -> 
         s = flat[i]
         if s.children:
             last[i] = last[index[s.children[-1].id]]
-    keys = ["(pipeline call)" if s.kind == "run" else stage_key(s.path) for s in flat]
+    keys = row_keys(roots)
     spans = [
         [
             s.id,
@@ -98,7 +99,7 @@ def _payload(roots: list[Span], warnings: list[str], labels: dict[str, str]) -> 
         ]
         for i, s in enumerate(flat)
     ]
-    rows, totals = stage_table(flat)
+    rows, totals = stage_table(flat, keys)
     for n, r in enumerate(rows):
         r["first_index"] = n
         r["type"] = labels.get(r["key"], r["type"])
@@ -129,14 +130,16 @@ def _content_element(flat: list[Span], limit: int) -> str:
     return f"<script {attrs}>{packed}</script>"
 
 
-def _graph_sections(graphs: dict[str, Graph], runs: dict[str, int]) -> str:
+def _graph_sections(graphs: dict[str, Graph], runs: dict[str, int], prefixes: dict[str, str]) -> str:
     if not graphs:
         return '<p class="muted">This trace has no pipeline graph (traced before stageflow recorded one).</p>'
     parts = []
     for name, g in graphs.items():
         count = runs.get(name, 0)
-        caption = f"{g.title} · {count} call{'s' if count != 1 else ''}"
-        parts.append(f'<h3>{escape(clean_text(caption))}</h3><div class="graph-wrap">{graph_svg(g)}</div>')
+        prefix = prefixes.get(name, "")
+        caption = f"{prefix}{g.title} · {count} call{'s' if count != 1 else ''}"
+        svg = graph_svg(g, key_prefix=prefix)
+        parts.append(f'<h3>{escape(clean_text(caption))}</h3><div class="graph-wrap">{svg}</div>')
     return "\n".join(parts)
 
 
@@ -144,7 +147,8 @@ def render_page(
     roots: list[Span], graphs: dict[str, Graph], warnings: list[str], *, title: str, source: str
 ) -> str:
     """The whole HTML document."""
-    data = _payload(roots, warnings, _labels(graphs))
+    prefixes = pipeline_prefixes(roots)
+    data = _payload(roots, warnings, _labels(graphs, prefixes))
     content = _content_element(walk(roots), CONTENT_INLINE_LIMIT)
     runs: dict[str, int] = {}
     for s in roots:
@@ -185,7 +189,7 @@ def render_page(
 </div>
 {warn_html}
 <h2>Pipeline</h2>
-{_graph_sections(graphs, runs)}
+{_graph_sections(graphs, runs, prefixes)}
 <h2>Stages</h2>
 <p class="muted">One row per stage path (ForEach items together as <code>stage[*]</code>).
 A pipeline's time includes its stages; the last row adds up the stages that contain no others.

@@ -16,7 +16,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Span", "StageRow", "build_spans", "stage_key", "stage_table"]
+__all__ = [
+    "Span",
+    "StageRow",
+    "build_spans",
+    "pipeline_prefixes",
+    "row_keys",
+    "stage_key",
+    "stage_table",
+    "walk",
+]
 
 _MISSING: Any = object()
 _ITEM = re.compile(r"(^|\.)stage\[\d+\]")
@@ -229,12 +238,38 @@ def walk(roots: list[Span]) -> list[Span]:
     return out
 
 
+def _group(root: Span) -> str:
+    return root.graph if root.graph is not None else f"({root.type})"
+
+
+def pipeline_prefixes(roots: list[Span]) -> dict[str, str]:
+    """Pipeline (graph name, or ``(Type)`` without a graph) → the prefix of its table rows: none
+    when the trace holds calls of one pipeline, ``#1 ``, ``#2 `` ... when of several, so the
+    ``stages[0]`` of one pipeline is not counted with the ``stages[0]`` of another."""
+    groups = list(dict.fromkeys(_group(r) for r in roots))
+    if len(groups) <= 1:
+        return dict.fromkeys(groups, "")
+    return {g: f"#{i} " for i, g in enumerate(groups, 1)}
+
+
+def row_keys(roots: list[Span]) -> list[str]:
+    """The table row of every span of :func:`walk` ``(roots)``, in that order."""
+    prefixes = pipeline_prefixes(roots)
+    keys: list[str] = []
+    for root in roots:
+        prefix = prefixes[_group(root)]
+        for s in walk([root]):
+            keys.append(prefix + ("(pipeline call)" if s.kind == "run" else stage_key(s.path)))
+    return keys
+
+
 @dataclass
 class StageRow:
     """One row of the per-stage table (every call of one stage path, ForEach items together)."""
 
     key: str
     type: str
+    run: bool = False
     calls: int = 0
     errors: int = 0
     total: float = 0.0
@@ -282,20 +317,24 @@ class StageRow:
         }
 
 
-def stage_table(spans: Iterable[Span]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows per stage key in first-start order, and totals over leaf stages (so nested
-    pipelines are not counted twice)."""
+def stage_table(
+    spans: Iterable[Span], keys: Iterable[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per key (default: :func:`stage_key`) in first-start order, and totals over leaf stages
+    (so nested pipelines are not counted twice)."""
     rows: dict[str, StageRow] = {}
-    for s in spans:
-        key = "(pipeline call)" if s.kind == "run" else stage_key(s.path)
+    spans = list(spans)
+    if keys is None:
+        keys = ["(pipeline call)" if s.kind == "run" else stage_key(s.path) for s in spans]
+    for s, key in zip(spans, keys, strict=True):
         row = rows.get(key)
         if row is None:
-            row = rows[key] = StageRow(key, s.type)
+            row = rows[key] = StageRow(key, s.type, run=s.kind == "run")
         row.add(s)
     ordered = sorted(rows.values(), key=lambda r: r.first)
     totals = StageRow("total", "")
     for r in ordered:
-        if r.key == "(pipeline call)" or not r.leaf:
+        if r.run or not r.leaf:
             continue
         totals.calls += r.calls
         totals.errors += r.errors

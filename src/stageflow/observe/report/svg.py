@@ -188,12 +188,12 @@ def _edges(g: Graph, lay: _Layout) -> list[str]:
     return out
 
 
-def _nodes(g: Graph, lay: _Layout) -> list[str]:
+def _nodes(g: Graph, lay: _Layout, key_prefix: str) -> list[str]:
     out = []
     for n in g.nodes.values():
         b = lay.boxes[n.id]
         fill, stroke = STYLE.get(n.kind, ("#ffffff", "#666666"))
-        attrs = f" data-path={quoteattr(clean_text(n.path))}" if n.path is not None else ""
+        attrs = f" data-path={quoteattr(key_prefix + clean_text(n.path))}" if n.path is not None else ""
         out.append(f'<g class="node k-{n.kind}"{attrs}>')
         tip = "\n".join(filter(None, [clean_text(n.path or ""), clean_text(n.label), clean_text(n.detail)]))
         if tip:
@@ -209,8 +209,9 @@ def _nodes(g: Graph, lay: _Layout) -> list[str]:
     return out
 
 
-def graph_svg(g: Graph) -> str:
-    """The graph as an ``<svg>`` element; stage nodes carry ``data-path`` (their stage path)."""
+def graph_svg(g: Graph, *, key_prefix: str = "") -> str:
+    """The graph as an ``<svg>`` element; stage nodes carry ``data-path``: ``key_prefix`` and their
+    stage path (the report's row key)."""
     if g.root is None:
         return '<svg class="graph" width="0" height="0"></svg>'
     lay = _Layout(g)
@@ -228,4 +229,4 @@ def graph_svg(g: Graph) -> str:
         '<defs><marker id="sf-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
         'orient="auto-start-reverse"><path d="M0,0L10,5L0,10z" fill="#666"/></marker></defs>',
     ]
-    return "\n".join([*head, *_clusters(g, lay), *_edges(g, lay), *_nodes(g, lay), "</svg>"])
+    return "\n".join([*head, *_clusters(g, lay), *_edges(g, lay), *_nodes(g, lay, key_prefix), "</svg>"])
