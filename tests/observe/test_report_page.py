@@ -210,6 +210,10 @@ def test_write_report_from_tracer_dict_path_and_cli(
     assert "wrote" in capsys.readouterr().err
     assert main(["report", str(trace_path), "-o", str(tmp_path / "out.html"), "--title", "T"]) == 0
     assert "<title>T</title>" in (tmp_path / "out.html").read_text(encoding="utf-8")
+    html_named = tracer.save(tmp_path / "trace.html")
+    assert main(["report", str(html_named)]) == 2  # would overwrite its own input
+    assert "would overwrite the trace" in capsys.readouterr().err
+    assert json.loads(html_named.read_text(encoding="utf-8"))["version"] == 2
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.cli._common import EXIT_OK
+from stageflow.errors import ConfigurationError
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -34,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from stageflow.observe.report import write_report
 
     out = Path(args.output) if args.output else Path(args.trace).with_suffix(".html")
+    if out.resolve() == Path(args.trace).resolve():
+        raise ConfigurationError(
+            f"The report would overwrite the trace {args.trace}.",
+            code="bad_output",
+            hint="name another file with -o report.html",
+        )
     target = write_report(Path(args.trace), out, title=args.title)
     size = target.stat().st_size
     print(f"wrote {target} ({size / 1024:.0f} KB)", file=sys.stderr)
