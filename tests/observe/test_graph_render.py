@@ -29,12 +29,24 @@ MM_OTHER = re.compile(
 
 
 def hostile_pipeline() -> stageflow.SequentialPipeline:
+    """Hostile text wherever users choose names: stage names, fields, structure and node names."""
     return stageflow.SequentialPipeline(
         [
             fn(HOSTILE, ["q"], [HOSTILE]),
             stageflow.BranchingPipeline(
                 fn("route", ["q"], ["branch"], "a"),
                 {"a": fn(HOSTILE, ["q"], ["z"]), "b": fn("b", ["q"], ["z"])},
+            ),
+            stageflow.AdaptivePipeline(
+                {HOSTILE: fn("c", ["q"], ["plan"])},
+                fn("pick", ["q"], ["structure"], HOSTILE),
+                structures={HOSTILE: [HOSTILE]},
+            ),
+            stageflow.HierarchicalPipeline(
+                {
+                    "root": {"type": "pipeline", "stages": [HOSTILE]},
+                    HOSTILE: {"type": "module", "module": fn("d", ["q"], ["e"])},
+                }
             ),
         ]
     )
@@ -70,6 +82,8 @@ def test_mermaid_is_well_formed_and_keeps_hostile_text_literal() -> None:
     for n in hostile_nodes:
         assert f"{n.label}\n{n.detail}" in texts
     assert texts.count(f"{HOSTILE}()\nq -> {HOSTILE}") == 1
+    assert texts.count(HOSTILE) == 1  # the structure's edge label
+    assert f"structures['{HOSTILE}']: SequentialPipeline" in texts
 
 
 def test_mermaid_of_every_pattern_is_well_formed() -> None:

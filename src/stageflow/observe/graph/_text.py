@@ -1,25 +1,11 @@
-"""Short texts for the graph's boxes: signatures, policies, fan-out options, path segments."""
+"""Short texts for the graph's boxes: signatures, policies, fan-out options."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["fanout_text", "index_of", "names", "policy_text", "short", "signature_text", "tail"]
-
-
-def tail(path: str) -> str:
-    """The last segment of a stage path (``stages[1].branches['a']`` → ``branches['a']``)."""
-    depth = 0
-    for i in range(len(path) - 1, -1, -1):
-        ch = path[i]
-        if ch == "]":
-            depth += 1
-        elif ch == "[":
-            depth -= 1
-        elif ch == "." and depth == 0:
-            return path[i + 1 :]
-    return path
+__all__ = ["fanout_text", "index_of", "names", "policy_text", "short", "signature_text"]
 
 
 def names(fields: Iterable[str]) -> str:

@@ -31,7 +31,6 @@ from stageflow.observe.graph._text import (
     policy_text,
     short,
     signature_text,
-    tail,
 )
 from stageflow.observe.graph.model import Graph
 
@@ -120,8 +119,14 @@ class _Walker:
         return self.g.add_cluster("", kind="layout", path=path, parent=parent, layout="row", visible=False)
 
     # -- dispatch ---------------------------------------------------------------------------------
-    def walk(self, obj: Any, path: str, cluster: str | None, notes: Sequence[str] = ()) -> _Ends:
-        """Draw ``obj`` (held at stage path ``path``) inside ``cluster``."""
+    def sub(self, obj: Any, prefix: str, local: str, cluster: str | None, notes: Sequence[str] = ()) -> _Ends:
+        """Draw ``obj``, held at ``local`` (``stages[2]``) by the pipeline at path ``prefix``."""
+        return self.walk(obj, _join(prefix, local), cluster, notes, local)
+
+    def walk(
+        self, obj: Any, path: str, cluster: str | None, notes: Sequence[str] = (), local: str = ""
+    ) -> _Ends:
+        """Draw ``obj`` (held at stage path ``path``; ``local``: the last segment) inside ``cluster``."""
         notes = list(notes)
         while isinstance(obj, self.Stage):
             renames = [f"{k}←{v}" for k, v in obj.input_map.items()]
@@ -141,7 +146,7 @@ class _Walker:
                 return _Ends([nid], [(nid, "")])
             self.active.append(id(obj))
             try:
-                return self.pipeline(obj, path, cluster, notes)
+                return self.pipeline(obj, path, cluster, notes, local)
             finally:
                 self.active.pop()
         return self.leaf(obj, path, cluster, notes)
@@ -180,10 +185,10 @@ class _Walker:
         nid = self.g.add_node(label, kind=kind, path=path, detail="\n".join(lines + notes), cluster=cluster)
         return _Ends([nid], [(nid, "")])
 
-    def pipeline(self, p: Any, path: str, cluster: str | None, notes: list[str]) -> _Ends:
+    def pipeline(self, p: Any, path: str, cluster: str | None, notes: list[str], local: str) -> _Ends:
         m = self.m
         name = type(p).__name__
-        heading = f"{tail(path)}: {name}" if path else name
+        heading = f"{local}: {name}" if local else name
         kinds: list[tuple[type, str, Any]] = [
             (m["error_handling"].ErrorHandlingPipeline, "error_handling", self.sequential),
             (m["sequential"].SequentialPipeline, "sequential", self.sequential),
@@ -216,11 +221,11 @@ class _Walker:
         n = len(p.stages)
         for i, s in enumerate(p.stages):
             notes = ["recovery strategy"] if (i in recover or i - n in recover) else []
-            blocks.append(self.walk(s, _join(path, f"stages[{i}]"), cid, notes))
+            blocks.append(self.sub(s, path, f"stages[{i}]", cid, notes))
         return self.chain(blocks, cid)
 
     def branching(self, p: Any, path: str, cid: str) -> _Ends:
-        router = self.walk(p.router, _join(path, "router"), cid)
+        router = self.sub(p.router, path, "router", cid)
         decide = self.g.add_node(
             "branch?", kind="decision", detail="the router's 'branch' field", cluster=cid
         )
@@ -229,14 +234,14 @@ class _Walker:
         default_key = getattr(p, "_default_key", None)
         exits: list[tuple[str, str]] = []
         for key, stage in p.branches.items():
-            b = self.walk(stage, _join(path, f"branches['{key}']"), row)
+            b = self.sub(stage, path, f"branches['{key}']", row)
             label = f"{key} (also the default)" if key == default_key else key
             for entry in b.entries:
                 self.g.add_edge(decide, entry, label, "branch")
             exits += b.exits
         default = getattr(p, "default", None)
         if default is not None:
-            b = self.walk(default, _join(path, "default"), row)
+            b = self.sub(default, path, "default", row)
             for entry in b.entries:
                 self.g.add_edge(decide, entry, "any other branch", "default")
             exits += b.exits
@@ -245,9 +250,7 @@ class _Walker:
     def iterative(self, p: Any, path: str, cid: str) -> _Ends:
         c = self.g.clusters[cid]
         c.label = f"{c.label} (at most {p.max_iterations} iterations)"
-        body = self.chain(
-            (self.walk(s, _join(path, f"stages[{i}]"), cid) for i, s in enumerate(p.stages)), cid
-        )
+        body = self.chain((self.sub(s, path, f"stages[{i}]", cid) for i, s in enumerate(p.stages)), cid)
         limit = "raises LoopLimitError at the limit" if p.on_limit == "raise" else "returns at the limit"
         cond = self.g.add_node(
             "stop?", kind="condition", detail=f"{short(p.stopping_condition)}\n{limit}", cluster=cid
@@ -263,7 +266,7 @@ class _Walker:
         blocks: list[_Ends] = []
         for g, group in enumerate(p._groups):
             gid = self.g.add_cluster(f"group {g}", kind="group", path=path, parent=cid, layout="row")
-            members = [self.walk(p.stages[index_of(e.path)], _join(path, e.path), gid) for e in group]
+            members = [self.sub(p.stages[index_of(e.path)], path, e.path, gid) for e in group]
             entries = [e for b in members for e in b.entries]
             exits = [x for b in members for x in b.exits]
             if len(members) > 1:
@@ -280,14 +283,14 @@ class _Walker:
         c.label = f"{c.label}: each {p.item} in {p.over}"
         collect = ", ".join(f"{k}→{v}" for k, v in p.collect.items())
         c.detail = "\n".join(filter(None, [c.detail, f"collect {collect}", fanout_text(p)]))
-        return self.walk(p.stage, _join(path, "stage[*]"), cid)
+        return self.sub(p.stage, path, "stage[*]", cid)
 
     def ensemble(self, p: Any, path: str, cid: str) -> _Ends:
         c = self.g.clusters[cid]
         quorum = f"quorum {p.quorum}" if p.quorum is not None else ""
         c.detail = "\n".join(filter(None, [c.detail, quorum, fanout_text(p)]))
         row = self.row(cid, path)
-        members = [self.walk(s, _join(path, f"processors[{i}]"), row) for i, s in enumerate(p.processors)]
+        members = [self.sub(s, path, f"processors[{i}]", row) for i, s in enumerate(p.processors)]
         agg = p.aggregator
         strategy = agg.strategy if isinstance(agg.strategy, str) else short(agg.strategy)
         node = self.g.add_node(
@@ -299,7 +302,7 @@ class _Walker:
     def adaptive(self, p: Any, path: str, cid: str) -> _Ends:
         adapter_stage = getattr(p, "adapter_stage", None)
         if adapter_stage is not None:
-            first = self.walk(adapter_stage, _join(path, "adapter_stage"), cid)
+            first = self.sub(adapter_stage, path, "adapter_stage", cid)
         else:
             a = self.g.add_node(
                 type(p.adapter).__name__,
@@ -313,7 +316,7 @@ class _Walker:
         row = self.row(cid, path)
         exits: list[tuple[str, str]] = []
         for key, s in p.structures.items():
-            b = self.walk(s, _join(path, f"structures['{key}']"), row)
+            b = self.sub(s, path, f"structures['{key}']", row)
             for entry in b.entries:
                 self.g.add_edge(decide, entry, key, "branch")
             exits += b.exits
@@ -321,13 +324,13 @@ class _Walker:
 
     def hierarchical(self, p: Any, path: str, cid: str) -> _Ends:
         if "root" in p.nodes:
-            return self.walk(p.nodes["root"], _join(path, "nodes['root']"), cid)
+            return self.sub(p.nodes["root"], path, "nodes['root']", cid)
         # No root: a call names the node to run (stage_name=...).
         decide = self.g.add_node("stage_name?", kind="decision", cluster=cid)
         row = self.row(cid, path)
         exits: list[tuple[str, str]] = []
         for key, node in p.nodes.items():
-            b = self.walk(node, _join(path, f"nodes['{key}']"), row)
+            b = self.sub(node, path, f"nodes['{key}']", row)
             for entry in b.entries:
                 self.g.add_edge(decide, entry, key, "branch")
             exits += b.exits
