@@ -159,7 +159,7 @@ async def test_an_unknown_component_from_a_custom_adapter_is_a_routing_error(mod
 def test_default_structures_over_another_pool_are_derived_from_it() -> None:
     components = pool()
     p = AdaptivePipeline(components)
-    structures = {p._names[k]: s for k, s in p.structures.items()}
+    structures = p.structures
     assert isinstance(structures["simple"], SequentialPipeline)
     assert structures["simple"].stages == [components["direct"]]
     assert structures["complex"].stages == [components["direct"], components["reasoned"]]

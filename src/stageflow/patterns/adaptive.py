@@ -211,8 +211,8 @@ class AdaptivePipeline(Pipeline):
             patterns = dict(structures)
             self._dynamic = False
         self._patterns = patterns
-        self.structures = {_key(spec): self._build(name, spec) for name, spec in patterns.items()}
-        self._names = {_key(spec): name for name, spec in patterns.items()}
+        self.structures = {name: self._build(name, spec) for name, spec in patterns.items()}
+        self._by_content = {_key(spec): name for name, spec in patterns.items()}
         self._rebuild()
         self._built()
 
@@ -273,22 +273,26 @@ class AdaptivePipeline(Pipeline):
         scope.narrow(results, [join_path(prefix, e.path) for e in self._entries.values()])
 
     def _entry_for(self, structure: Any) -> StageEntry:
-        if isinstance(structure, str) and structure in self._patterns:
-            structure = self._patterns[structure]
-        key = _key(structure) if not isinstance(structure, str) else structure
-        entry = self._entries.get(key)
+        if isinstance(structure, str):
+            name = structure if structure in self._patterns else None
+            key = structure
+        else:
+            key = _key(structure)
+            name = self._by_content.get(key)
+        entry = self._entries.get(name or key)
         if entry is not None:
             return entry
         if isinstance(structure, str) or not self._dynamic:
             raise RoutingError(
                 f"The adapter chose structure {structure!r}, which does not exist. Structures: "
-                f"{sorted(self._names.values())}.",
+                f"{sorted(self._patterns)}.",
                 field="structure",
                 code="unknown_structure",
             )
         with self._lock:  # a structure only a custom select_structure returns: built once, then reused
             if key not in self._entries:
                 self.structures[key] = self._build(key, structure)
+                self._by_content[key] = key
                 self._rebuild()
                 self._built()
             return self._entries[key]
@@ -302,7 +306,7 @@ class AdaptivePipeline(Pipeline):
             structure = str(state.get("structure") or "").strip()
         entry = self._entry_for(structure)
         run.extras["used_structure"] = structure
-        run.extras["structure_name"] = self._names.get(str(entry.key), str(entry.key))
+        run.extras["structure_name"] = str(entry.key)
         run.extras["input_analysis"] = analysis
         return entry
 

@@ -329,3 +329,16 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         """A ``forward`` set on this instance (the tutorial's custom multi-hop logic; DSPy's GEPA does
         the same): ``acall`` must run it too, on a worker thread, instead of the pattern's own plan."""
         return self.__dict__.get("forward")
+
+    # -- pictures ----------------------------------------------------------------------------
+    def to_mermaid(self) -> str:
+        """This pipeline's structure as a Mermaid flowchart (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_mermaid
+
+        return to_mermaid(self)
+
+    def to_dot(self) -> str:
+        """This pipeline's structure as Graphviz DOT (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_dot
+
+        return to_dot(self)
