@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 import dspy
 
+from stageflow.usage import UsageTable
+
 __all__ = ["Result", "RunInfo", "StageRecord"]
 
 
@@ -36,6 +38,8 @@ class RunInfo:
             cache hits (:class:`~stageflow.policies.PolicyEvent`), in order.
         details: The run details of nested pipelines, by their full stage path (a ForEach's
             ``item_errors``, a loop's ``iterations``, an adaptive stage's ``used_structure``...).
+        usage: LM calls, tokens, cost, cache hits, retries and repairs by stage path
+            (:class:`~stageflow.usage.UsageTable`; ``run.usage.total``, ``run.usage.tree()``).
     """
 
     stage_outputs: dict[str, Any] = field(default_factory=dict)
@@ -43,6 +47,7 @@ class RunInfo:
     extras: dict[str, Any] = field(default_factory=dict)
     events: list[Any] = field(default_factory=list)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    usage: UsageTable = field(default_factory=UsageTable)
 
     def absorb(self, prefix: str, other: RunInfo) -> None:
         """Add a nested pipeline's (or a fan-out branch's) run to this one, its paths under ``prefix``."""
@@ -59,6 +64,7 @@ class RunInfo:
             self.stage_outputs.update(other.stage_outputs)
             self.details.update(other.details)
         self.events.extend(other.events)
+        self.usage.absorb(prefix, other.usage)
 
 
 #: Run details every result answers, computed on demand (a field of the same name wins).

@@ -20,6 +20,7 @@ from stageflow.errors import ContractError, StageError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.state import RunInfo
+from stageflow.usage import note_policy_event
 
 __all__ = ["aguarded_call", "guarded_call"]
 
@@ -57,6 +58,7 @@ def _from_cache(
     found, value = cache.lookup(key, durable)
     if found:
         run.events.append(PolicyEvent(path, "cache_hit"))
+        note_policy_event("cache_hit")
         return (dict(value) if isinstance(value, dict) else value), None
     seen = len(run.events)
 
@@ -216,11 +218,13 @@ class _Attempts:
             if retry.max_elapsed is not None and retry.clock() + delay - self.started > retry.max_elapsed:
                 return None  # the retry budget would be exceeded: give up now
             self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay))
+            note_policy_event("retry")
             return delay
         if repair is not None and self.repairs < repair.max_repairs and repair.repair_on(e):
             self.repairs += 1
             self.feedback = str(e)[:500]
             self.run.events.append(PolicyEvent(self.path, "repair", self.attempt, _describe(e)))
+            note_policy_event("repair")
             return 0.0
         return None
 
