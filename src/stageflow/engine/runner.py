@@ -26,7 +26,7 @@ from stageflow.engine.concurrency import (
     run_on_background_loop,
 )
 from stageflow.engine.guarded import aguarded_call, guarded_call
-from stageflow.engine.hooks import _HOOKS, _PATH, notify
+from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import ConfigurationError, StageError, StageflowError
@@ -411,8 +411,10 @@ class _Scope(NamedTuple):
 
 def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
     own = pipeline.stageflow_hooks()
-    hooks = _HOOKS.get() + own if own else _HOOKS.get()
-    hooks_token = _HOOKS.set(hooks) if own else None
+    scoped = _HOOKS.get() + own if own else _HOOKS.get()
+    hooks_token = _HOOKS.set(scoped) if own else None
+    installed = _GLOBAL[0]
+    hooks = installed + scoped if installed else scoped
     defaults = pipeline.stageflow_defaults()
     defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
     prefix = _PATH.get()
