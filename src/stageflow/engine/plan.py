@@ -121,6 +121,16 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
     single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
     composite = isinstance(leaf, StageOwner)
+    error_field = getattr(leaf, "stageflow_error_field", None)
+    if error_field and not composite:
+        # The stage reports failures in a field (StandardStage's ``error``): such a result is a failure.
+        from stageflow.policies.recovery import StagePolicy
+
+        policy = (
+            StagePolicy(error_field=error_field)
+            if policy is None
+            else replace(policy, error_field=policy.error_field or error_field)
+        )
     return StageEntry(
         path=_local_path(attr, key),
         attr=attr,
