@@ -39,6 +39,20 @@ class _Engine:
     def complete(self, request: Any) -> Response:
         return self.owner._answer(request)
 
+    def stream(self, request: Any) -> Any:
+        """The answer in chunks of a few characters (for streaming listeners)."""
+        from dataclasses import replace
+
+        from dspy.lm15 import response_to_events
+
+        for event in response_to_events(self.complete(request)):
+            if event.type != "delta":
+                yield event
+                continue
+            text = event.delta.text
+            for i in range(0, len(text), 4):
+                yield replace(event, delta=replace(event.delta, text=text[i : i + 4]))
+
 
 class _AsyncEngine(_Engine):
     async def complete(self, request: Any) -> Response:  # type: ignore[override]
