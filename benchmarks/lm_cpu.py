@@ -13,11 +13,12 @@ through ``ChatAdapter`` and ``JSONAdapter``. Variants per workload, side by side
 * ``fast adapter``: the same call with the fast twin installed (``dspy.context(adapter=...)``).
 * ``stageflow stage, fast off/on``: the predictor as a one-stage ``SequentialPipeline`` (the
   pipeline's fixed cost per invocation included), and per stage of a 10-stage pipeline of copies.
-* ``+ stage path (P1)``: a prototype of what the engine could call instead of ``predictor(**kw)``:
-  DSPy's own ``Predict._forward_preprocess`` / adapter / ``_forward_postprocess``, skipping only
-  ``Module.__call__``'s callback wrapper (when no callbacks are active), ``resolve_adapter``
-  (when the signature has no decision outputs) and the ``send_stream=None`` context (when no stream
-  is open). History, traces, usage and the LM cache see the same calls.
+* ``+ stage path (P1)``: ``stageflow.lm.fast.call_predictor``, what the engine could call instead
+  of ``predictor(**kw)``: DSPy's own ``Predict._forward_preprocess`` / adapter /
+  ``_forward_postprocess``, skipping only ``Module.__call__``'s callback wrapper (when no callbacks
+  are active), ``resolve_adapter`` (when the signature has no decision outputs), the
+  ``send_stream=None`` context (when no stream is open) and ``ChainOfThought``'s ``forward`` hop.
+  History, traces, usage and the LM cache see the same calls (tested).
 * ``+ P2``: P1, with the ``caller_modules`` push done by one context-variable set instead of
   ``dspy.context`` (which copies the whole settings dict).
 * ``+ P3 (DSPy LM layer)``: P2 plus memoising DSPy's OpenAI-messages → lm15 request conversion
@@ -28,8 +29,8 @@ through ``ChatAdapter`` and ``JSONAdapter``. Variants per workload, side by side
 * ``history off``: P2 with ``disable_history=True`` — *changes* what history sees; shown only to
   size the cost of history recording.
 
-Ratios are CPU time per call against ``plain`` of the same workload, medians over rotated
-repetitions.
+Ratios are CPU time per call against ``plain`` of the same workload: medians of the ratios
+within each of the rotated repetitions (paired, so machine-speed drift cancels).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,14 @@ from dspy.lm15 import Message, Response, Usage
 
 import stageflow
 from _harness import calibrate, machine_note
-from stageflow.lm.fast import fast_adapter_for, fast_path_stats, reset_fast_path_stats
+from stageflow.lm.fast import (
+    acall_predictor,
+    call_predictor,
+    fast_adapter_for,
+    fast_path_stats,
+    reset_fast_path_stats,
+)
+from stageflow.lm.fast.call import _prepare, short_path
 
 # -- an instant canonical engine ----------------------------------------------------------------
 
@@ -101,82 +109,48 @@ def make_lm(text: str, latency: float = 0.0) -> dspy.LM:
     )
 
 
-# -- prototype of a stage-level call path (P1, P2) ----------------------------------------------
-
-_DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+# -- the stage-level call path (P1: stageflow.lm.fast.call_predictor) and a prototype P2 ----------
 
 
-def _has_decisions(signature: Any) -> bool:
-    """Whether ``resolve_adapter`` would wrap the adapter for this signature (cached per class)."""
-    found = _DECISIONS.get(signature)
-    if found is None:
-        from dspy.adapters.decision_state import DecisionState
-
-        found = _DECISIONS[signature] = bool(DecisionState(signature, {}).types)
-    return found
-
-
-def _chain(module: Any) -> list[Any] | None:
-    """The modules a call of ``module`` passes through down to its ``Predict``, when the short
-    path may skip their ``__call__`` (no callbacks, usage tracking or stream; nothing patched)."""
-    if settings.callbacks or settings.track_usage or settings.send_stream is not None:
-        return None
-    chain = [module]
-    if type(module) is dspy.ChainOfThought and "forward" not in module.__dict__ and not module.callbacks:
-        chain.append(module.predict)
-    p = chain[-1]
-    if type(p) is not dspy.Predict or "forward" in p.__dict__ or p.callbacks:
-        return None
-    return chain
-
-
-@contextlib.contextmanager
-def _callers(chain: list[Any], direct: bool) -> Iterator[None]:
-    """Push ``chain`` onto ``caller_modules`` (so history reaches every module, as DSPy does)."""
-    callers = [*(settings.caller_modules or []), *chain]
+def stage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> Any:
+    """P1 (``direct=False``): ``call_predictor``. P2: the same with ``caller_modules`` pushed by one
+    context-variable set instead of ``dspy.context`` (which copies every setting)."""
     if not direct:
-        with settings.context(caller_modules=callers):
-            yield
-        return
-    token = thread_local_overrides.set({**thread_local_overrides.get(), "caller_modules": callers})
+        return call_predictor(module, kw)
+    chain = short_path(module)
+    if chain is None:
+        return module(**kw)
+    p = chain[-1]
+    token = thread_local_overrides.set(
+        {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
+    )
     try:
-        yield
+        adapter, lm, config, signature, demos, kwargs = _prepare(p, kw)
+        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        return dspy.Predict._forward_postprocess(p, completions, signature, **kwargs)
     finally:
         thread_local_overrides.reset(token)
 
 
-def _prepare(p: Any, kw: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any, Any]:
-    lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(p, **kw)
-    adapter = settings.adapter or dspy.ChatAdapter()
-    if p.fields or getattr(lm, "supports_decision_requests", False) is True or _has_decisions(signature):
-        from dspy.adapters.decision import resolve_adapter
-
-        adapter = resolve_adapter(lm, adapter, signature, p.fields, p.signature)
-    return adapter, lm, config, signature, demos, kwargs
-
-
-def stage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> Any:
-    """What the engine could call for a ``Predict`` / ``ChainOfThought`` stage (sync)."""
-    chain = _chain(module)
-    if chain is None:
-        return module(**kw)
-    p = chain[-1]
-    with _callers(chain, direct):
-        adapter, lm, config, signature, demos, kwargs = _prepare(p, kw)
-        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
-        return dspy.Predict._forward_postprocess(p, completions, signature, **kwargs)
-
-
 async def astage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> Any:
     """Async twin of :func:`stage_call`."""
-    chain = _chain(module)
+    if not direct:
+        return await acall_predictor(module, kw)
+    chain = short_path(module)
     if chain is None:
         return await module.acall(**kw)
     p = chain[-1]
-    with _callers(chain, direct):
+    token = thread_local_overrides.set(
+        {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
+    )
+    try:
         adapter, lm, config, signature, demos, kwargs = _prepare(p, kw)
-        completions = await adapter.acall(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        completions = await adapter.acall(
+            lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
+        )
         return dspy.Predict._forward_postprocess(p, completions, signature, **kwargs)
+    finally:
+        thread_local_overrides.reset(token)
 
 
 @contextlib.contextmanager
@@ -301,7 +275,11 @@ def variants_for(module: Any, inputs: dict[str, Any], lm: Any, kind: str) -> dic
         f"stageflow {STAGES}-stage pipeline, fast on (per stage)": (ctx_fast, lambda: ten(**inputs), none),
         "+ stage path (P1)": (ctx_fast, lambda: stage_call(module, inputs), none),
         "+ P2 (direct caller push)": (ctx_fast, lambda: stage_call(module, inputs, True), none),
-        "+ P3 (DSPy LM layer memo)": (ctx_fast, lambda: stage_call(module, inputs, True), memoised_request_conversion),
+        "+ P3 (DSPy LM layer memo)": (
+            ctx_fast,
+            lambda: stage_call(module, inputs, True),
+            memoised_request_conversion,
+        ),
         "P2, history off (changes history)": (
             {**ctx_fast, "disable_history": True},
             lambda: stage_call(module, inputs, True),
@@ -310,15 +288,20 @@ def variants_for(module: Any, inputs: dict[str, Any], lm: Any, kind: str) -> dic
     }
 
 
-def measure(variants: dict[str, Variant], reps: int) -> dict[str, float]:
-    """Median CPU µs per call; each repetition runs every variant once, in rotated order."""
+def measure(variants: dict[str, Variant], reps: int) -> dict[str, tuple[float, float]]:
+    """Per variant: (median CPU µs per call, median of per-repetition ratios to the first variant).
+
+    Each repetition runs every variant once, in rotated order; pairing the ratios within a
+    repetition keeps them steady when the machine's speed drifts.
+    """
     loops = {}
     for name, (ctx, fn, extra) in variants.items():
         with dspy.context(**ctx), extra():
-            loops[name] = calibrate(fn, 0.03)
+            loops[name] = calibrate(fn, 0.04)
     cpu: dict[str, list[float]] = {n: [] for n in variants}
     names = list(variants)
     for r in range(reps):
+        gc.collect()
         for name in names[r % len(names) :] + names[: r % len(names)]:
             ctx, fn, extra = variants[name]
             n = loops[name]
@@ -327,10 +310,14 @@ def measure(variants: dict[str, Variant], reps: int) -> dict[str, float]:
                 for _ in range(n):
                     fn()
                 cpu[name].append((time.process_time() - c0) / n * 1e6)
-    return {n: statistics.median(v) for n, v in cpu.items()}
+    first = cpu[names[0]]
+    return {
+        n: (statistics.median(v), statistics.median(x / b for x, b in zip(v, first, strict=True)))
+        for n, v in cpu.items()
+    }
 
 
-def parts(lm: Any, kind: str, reps: int) -> dict[str, float]:
+def parts(lm: Any, kind: str, reps: int) -> dict[str, tuple[float, float]]:
     """One Predict("question -> answer") call taken apart: adapter format/parse, LM, engine."""
     from dspy.clients._deprecation import adapter_message_call
 
@@ -361,7 +348,7 @@ def parts(lm: Any, kind: str, reps: int) -> dict[str, float]:
     )
 
 
-def async_variants(reps: int) -> dict[str, float]:
+def async_variants(reps: int) -> dict[str, tuple[float, float]]:
     """Predict.acall vs the fast adapter vs the async stage path (one persistent loop)."""
     loop = asyncio.new_event_loop()
     module, inputs, fields = workloads()["Predict"]
@@ -375,7 +362,16 @@ def async_variants(reps: int) -> dict[str, float]:
     out = measure(
         {
             "Predict.acall": ({"lm": lm}, on_loop(lambda: module.acall(**inputs)), none),
-            "Predict.acall, fast adapter": ({"lm": lm, "adapter": fast}, on_loop(lambda: module.acall(**inputs)), none),
+            "Predict.acall, fast adapter": (
+                {"lm": lm, "adapter": fast},
+                on_loop(lambda: module.acall(**inputs)),
+                none,
+            ),
+            "async stage path (P1, acall_predictor)": (
+                {"lm": lm, "adapter": fast},
+                on_loop(lambda: astage_call(module, inputs)),
+                none,
+            ),
             "async stage path (P2)": (
                 {"lm": lm, "adapter": fast},
                 on_loop(lambda: astage_call(module, inputs, True)),
@@ -442,30 +438,29 @@ def main() -> None:
         for name, (module, inputs, fields) in workloads().items():
             lm = make_lm(_answer(kind, fields))
             result = measure(variants_for(module, inputs, lm, kind), args.reps)
-            for v in result:
+            for v, (us, ratio) in result.items():
                 if "(per stage)" in v:
-                    result[v] /= STAGES
-            base = result["plain"]
-            rows.append((name, result, base))
+                    result[v] = (us / STAGES, ratio / STAGES)
+            rows.append((name, result))
         adapter = "ChatAdapter" if kind == "chat" else "JSONAdapter"
         print(f"## {adapter}: CPU µs per call (ratio to plain DSPy)\n")
         names = list(rows[0][1])
         print("| variant | " + " | ".join(r[0] for r in rows) + " |")
         print("|---|" + "---|" * len(rows))
         for v in names:
-            cells = " | ".join(f"{r[1][v]:.0f} ({r[1][v] / r[2]:.2f}×)" for r in rows)
+            cells = " | ".join(f"{r[1][v][0]:.0f} ({r[1][v][1]:.2f}×)" for r in rows)
             print(f"| {v} | {cells} |")
         print()
     print("## One Predict call taken apart (CPU µs; ChatAdapter)\n")
     pieces = parts(make_lm(_answer("chat", {"answer": "ok"})), "chat", args.reps)
     print("| part | µs |\n|---|---|")
-    for k, v in pieces.items():
-        print(f"| {k} | {v:.1f} |")
+    for k, (us, _) in pieces.items():
+        print(f"| {k} | {us:.1f} |")
     print("\n## Async (CPU µs per call, one persistent event loop)\n")
     asy = async_variants(args.reps)
     print("| variant | µs | ratio |\n|---|---|---|")
-    for k, v in asy.items():
-        print(f"| {k} | {v:.0f} | {v / asy['Predict.acall']:.2f}× |")
+    for k, (us, ratio) in asy.items():
+        print(f"| {k} | {us:.0f} | {ratio:.2f}× |")
     stats = fast_path_stats()
     print(f"\nfast path: {stats.fast_calls} fast calls, fallbacks {stats.fallbacks or 'none'}")
 

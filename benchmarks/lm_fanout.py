@@ -62,7 +62,9 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
         out[f"asyncio.gather(Predict.acall){label}"] = ctx(lambda: loop.run_until_complete(gather()))
         out[f"dspy.Parallel(num_threads=N){label}"] = ctx(lambda: par([(predict, {"x": s}) for s in strs]))
         out[f"stageflow ForEach(Predict), sync call{label}"] = ctx(lambda: fe(xs=strs))
-        out[f"stageflow ForEach(Predict), acall{label}"] = ctx(lambda: loop.run_until_complete(fe.acall(xs=strs)))
+        out[f"stageflow ForEach(Predict), acall{label}"] = ctx(
+            lambda: loop.run_until_complete(fe.acall(xs=strs))
+        )
 
     async def gather_stage_path() -> None:
         await asyncio.gather(*[astage_call(predict, {"x": s}, True) for s in strs])
@@ -114,10 +116,12 @@ def main() -> None:
             vs[name]()
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-    print(f"# LM fan-out: N={args.n} Predict stages × {LAT * 1000:.0f} ms ({machine_note()}; reps={args.reps})\n")
+    title = f"N={args.n} Predict stages × {LAT * 1000:.0f} ms"
+    print(f"# LM fan-out: {title} ({machine_note()}; reps={args.reps})\n")
     print("| variant | wall / ideal | CPU µs / branch |\n|---|---|---|")
     for k in names:
-        print(f"| {k} | {statistics.median(wall[k]) / LAT:.2f}× | {statistics.median(cpu[k]) / args.n * 1e6:.0f} |")
+        ratio, per_branch = statistics.median(wall[k]) / LAT, statistics.median(cpu[k]) / args.n * 1e6
+        print(f"| {k} | {ratio:.2f}× | {per_branch:.0f} |")
 
 
 if __name__ == "__main__":

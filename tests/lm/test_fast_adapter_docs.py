@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "stageflow.lm.fast",
     "stageflow.lm.fast.adapters",
+    "stageflow.lm.fast.call",
     "stageflow.lm.fast.twin",
     "stageflow.lm.fast._format",
     "stageflow.lm.fast._stats",
