@@ -17,7 +17,8 @@ Anything the fast path does not cover runs DSPy's own code and is counted
 history, tools) or types it cannot reproduce exactly, subclasses that override a formatting
 hook, values that serialise to DSPy custom-type blocks. The first call of every signature is
 also built both ways and compared; a difference (a DSPy upgrade changed its formatting, say)
-sends that signature to DSPy's code for good, with a warning.
+sends that signature to DSPy's code for good, with a warning. An answer the fast parser rejects
+is parsed again by DSPy's code, so parse errors are DSPy's own, word for word.
 
 Example:
     >>> import dspy
@@ -112,12 +113,15 @@ class _FastPath:
             return f"not a DSPy signature class: {type(signature).__qualname__}"
         return plan.reason or plan.differs or "unknown"
 
-    def _differs(self, plan: Plan, what: str) -> None:
+    def _differs(self, plan: Plan, signature: Any, what: str) -> None:
         plan.differs = f"the fast {what} differed from DSPy's output"
         logger.warning(
-            "stageflow fast adapter: %s for a signature; DSPy's code handles it from now on "
-            "(please report this with the signature).",
+            "stageflow fast adapter: %s for signature %s (%s); DSPy's own %s code handles this "
+            "signature from now on. Please report it with the signature and the DSPy version.",
             plan.differs,
+            getattr(signature, "__name__", "?"),
+            getattr(signature, "signature", "?"),
+            type(self)._dspy_base.__name__,
         )
 
     # -- format --------------------------------------------------------------------------------
@@ -127,7 +131,10 @@ class _FastPath:
         if plan is None:
             why = self._why_not(signature)
         else:
-            messages = self._fast_format(plan, signature, demos, inputs)
+            try:
+                messages = self._fast_format(plan, signature, demos, inputs)
+            except Exception as e:  # DSPy's code below decides (it raises its own error if any)
+                messages = f"the fast prompt raised {type(e).__name__}"
             if not isinstance(messages, str):
                 if plan.format_verified or not VERIFY_FIRST_CALL:
                     count_fast()
@@ -144,7 +151,7 @@ class _FastPath:
         expected = _DSPY_FORMAT(self, signature, demos, inputs)
         plan.format_verified = True
         if expected != messages:
-            self._differs(plan, "prompt")
+            self._differs(plan, signature, "prompt")
             count_fallback(plan.differs or "")
             return expected  # type: ignore[no-any-return]
         count_fast()
@@ -208,7 +215,12 @@ class _FastPath:
         if plan is None:
             return self._dspy_parse(signature, completion)
         if plan.parse_verified or not VERIFY_FIRST_CALL:
-            return self._fast_parse(plan, signature, completion)
+            try:
+                return self._fast_parse(plan, signature, completion)
+            except Exception:
+                # An answer that does not parse (or a fast-path bug): DSPy's parse gives the
+                # result or raises the error DSPy users know, word for word.
+                return self._dspy_parse(signature, completion)
         return self._verified_parse(plan, signature, completion)
 
     def _verified_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
@@ -230,7 +242,7 @@ class _FastPath:
         else:
             same = _same_values(expected, got)
         if not same:
-            self._differs(plan, "parse")
+            self._differs(plan, signature, "parse")
         if expected_error is not None:
             raise expected_error
         return expected  # type: ignore[no-any-return]
