@@ -292,8 +292,9 @@ _PROBE = _HistoryProbe()
 
 
 @contextlib.contextmanager
-def metering(table: UsageTable) -> Iterator[None]:
-    """Send the LM usage of everything inside the block to ``table`` (see the module docstring)."""
+def metering(table: UsageTable, adapter: Any = None) -> Iterator[None]:
+    """Send the LM usage of everything inside the block to ``table`` (see the module docstring);
+    with ``adapter``, predictors inside the block use it (one DSPy context for both)."""
     token = _TABLE.set(table)
     settings_module = sys.modules.get("dspy.dsp.utils.settings")
     if settings_module is None:  # DSPy not loaded: no LM can be called
@@ -308,8 +309,9 @@ def metering(table: UsageTable) -> Iterator[None]:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
     parent = settings.usage_tracker
     callers = settings.caller_modules or []
+    extra = {"adapter": adapter} if adapter is not None else {}
     try:
-        with settings.context(usage_tracker=cls(parent), caller_modules=[_PROBE, *callers]):
+        with settings.context(usage_tracker=cls(parent), caller_modules=[_PROBE, *callers], **extra):
             yield
     finally:
         _TABLE.reset(token)
