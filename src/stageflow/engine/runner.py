@@ -11,8 +11,7 @@ only built when a hook listens.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -36,7 +35,7 @@ from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
-from stageflow.usage import _STAGE, StageUsage, current_table, metering, using_table
+from stageflow.usage import _STAGE, _TABLE, StageUsage, close_run, current_table, open_run
 
 if TYPE_CHECKING:
     from stageflow.patterns.base import Pipeline
@@ -471,24 +470,26 @@ def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseExceptio
 _FAST: ContextVar[bool] = ContextVar("stageflow_fast_path", default=False)
 
 
-@contextlib.contextmanager
-def _run_scope(pipeline: Pipeline, run: RunInfo) -> Iterator[None]:
+def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
     """The outermost call connects DSPy's LM accounting to the run's usage table and, with the fast
-    path on, gives its predictors the fast twin of the active adapter (one DSPy context for both);
-    a nested call only points the accounting at its own table (see :mod:`stageflow.usage`)."""
+    path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
+    settings for both); a nested call only points the accounting at its own table (see
+    :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
     if current_table() is not None:
-        with using_table(run.usage):
-            yield
-        return
+        return (_TABLE.set(run.usage), None)
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
     adapter = fast_adapter_for(_active_adapter()) if fast else None
-    token = _FAST.set(fast)
-    try:
-        with metering(run.usage, adapter):
-            yield
-    finally:
-        _FAST.reset(token)
+    return (_FAST.set(fast), open_run(run.usage, adapter))
+
+
+def _close_run(opened: tuple[Any, ...]) -> None:
+    token, outer = opened
+    if outer is None:
+        _TABLE.reset(token)
+        return
+    close_run(outer)
+    _FAST.reset(token)
 
 
 def _active_adapter() -> Any:
@@ -502,12 +503,14 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
-        with _run_scope(pipeline, run):
-            body(state, run, scope.hooks, scope.prefix)
+        body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
+        _close_run(opened)
         _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)
 
@@ -517,11 +520,13 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
-        with _run_scope(pipeline, run):
-            await body(state, run, scope.hooks, scope.prefix)
+        await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
+        _close_run(opened)
         _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)
