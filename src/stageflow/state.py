@@ -88,8 +88,16 @@ class Result(dspy.Prediction):  # type: ignore[misc]
     """
 
     def __init__(self, state: dict[str, Any] | None = None, run: RunInfo | None = None, **kwargs: Any):
-        super().__init__(**(state or {}), **kwargs)
-        self._run = run if run is not None else RunInfo()
+        # What dspy.Prediction.__init__ sets up (its store, completions and usage), done directly: a
+        # result is built on every pipeline call, and Example's generic __setattr__ is slow.
+        store = dict(state) if state else {}
+        if kwargs:
+            store.update(kwargs)
+        d = self.__dict__
+        d["_store"] = store
+        d["_completions"] = None
+        d["_lm_usage"] = None
+        d["_run"] = run if run is not None else RunInfo()
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("__"):

@@ -259,8 +259,12 @@ def _dspy_tracker_class() -> type:
             super().__init__()
             self.parent = parent
 
+        def get_total_tokens(self) -> dict[str, dict[str, Any]]:
+            return dict(self.parent.get_total_tokens()) if self.parent is not None else {}
+
         def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
-            super().add_usage(lm, usage_entry)
+            # Nothing is kept here: the stage tables and an outer tracker (dspy.track_usage) are
+            # where the usage goes, so one tracker can serve every call.
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
             table = _TABLE.get()
@@ -290,7 +294,9 @@ class _HistoryProbe:
 
 
 _TRACKER_CLASS: list[type | None] = [None]
+_SHARED_TRACKER: list[Any] = [None]  # the tracker when no outer one is active: it keeps nothing itself
 _PROBE = _HistoryProbe()
+_PROBE_ONLY: list[Any] = [_PROBE]
 
 
 def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
@@ -310,10 +316,13 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     cls = _TRACKER_CLASS[0]
     if cls is None:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
+        _SHARED_TRACKER[0] = cls(None)
     current = overrides_var.get()
     new = settings_module.dotdict(current)
-    new["usage_tracker"] = cls(settings.usage_tracker)
-    new["caller_modules"] = [_PROBE, *(settings.caller_modules or ())]
+    parent = settings.usage_tracker
+    new["usage_tracker"] = _SHARED_TRACKER[0] if parent is None else cls(parent)
+    callers = settings.caller_modules
+    new["caller_modules"] = [_PROBE, *callers] if callers else _PROBE_ONLY
     if adapter is not None:
         new["adapter"] = adapter
     return (token, overrides_var, overrides_var.set(new))

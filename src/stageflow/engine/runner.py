@@ -194,23 +194,26 @@ def _start(
     target = _resolve(owner, entry)
     kw = gather_inputs(entry, state, prefix, target, owner, run)
     policy = owner.stageflow_policy(entry)
-    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
+    path = join_path(prefix, entry.path)
     stage = _held(owner, entry) if hooks else None
     before = None
     if hooks:
         table = current_table()
         before = table.get(entry.path) if table is not None and not entry.composite else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    path_token = _PATH.set(path) if hooks or entry.composite else None
-    stage_token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
-    return _Call(target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter())
+    path_token = _PATH.set(path)
+    stage_token = _STAGE.set(entry.path)
+    return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
+
+
+def _new_call(values: tuple[Any, ...]) -> _Call:
+    return tuple.__new__(_Call, values)
 
 
 def _close(call: _Call) -> None:
     path_token, stage_token = call.tokens
     _STAGE.reset(stage_token)
-    if path_token is not None:
-        _PATH.reset(path_token)
+    _PATH.reset(path_token)
 
 
 def _stage_usage(call: _Call, entry: StageEntry, out: Any) -> dict[str, Any] | None:
@@ -283,7 +286,7 @@ def _finished_stage(
     prefix: str,
 ) -> Any:
     elapsed = perf_counter() - call.t0
-    run.trace.append(StageRecord(entry.path, elapsed))
+    run.trace.append(tuple.__new__(StageRecord, (entry.path, elapsed, True)))
     run.stage_outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     if hooks:
@@ -307,7 +310,42 @@ def call_stage(
 
     ``prefix`` is the full path of ``owner`` from the outermost running pipeline. Returns the
     stage's raw output (``None`` when a policy skipped or recovered a failed stage).
+
+    The hot path (a leaf no hook observes) is written out here; everything else goes through the
+    bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
+    if hooks or entry.composite:
+        return _call_observed(owner, entry, state, run, hooks, prefix)
+    target = _resolve(owner, entry)
+    kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = owner.stageflow_policy(entry)
+    token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
+    t0 = perf_counter()
+    try:
+        if policy is None:
+            out = _invoke(entry, target, kw)
+        else:
+            out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
+    except Exception as e:
+        _STAGE.reset(token)
+        call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
+        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
+        if err is None:
+            return None
+        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+    except BaseException:
+        _STAGE.reset(token)
+        raise
+    _STAGE.reset(token)
+    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run.stage_outputs[entry.path] = out
+    merge_outputs(entry, out, state, run, prefix)
+    return out
+
+
+def _call_observed(
+    owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
+) -> Any:
     call = _start(owner, entry, state, run, hooks, prefix)
     try:
         if call.policy is None:
@@ -315,12 +353,15 @@ def call_stage(
         else:
             out = guarded_call(owner, entry, call.target, call.kw, call.policy, run, prefix, _invoke)
     except Exception as e:
+        _close(call)
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    finally:
+    except BaseException:
         _close(call)
+        raise
+    _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
 
 
@@ -357,14 +398,47 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
 async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    """Async twin of :func:`call_stage` (the same bookkeeping: :func:`_start` and its companions)."""
+    """Async twin of :func:`call_stage` (the same hot path; the same shared bookkeeping otherwise)."""
+    if hooks or entry.composite:
+        return await _acall_observed(owner, entry, state, run, hooks, prefix)
+    target = _resolve(owner, entry)
+    kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = owner.stageflow_policy(entry)
+    token = _STAGE.set(entry.path)
+    t0 = perf_counter()
+    try:
+        if policy is None:
+            if entry.direct_acall and not leaf_slots():
+                out = await target.acall(**kw)  # the common case, without extra coroutine frames
+            else:
+                out = await _invoke_async(entry, target, kw)
+        else:
+            out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
+    except Exception as e:
+        _STAGE.reset(token)
+        call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
+        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
+        if err is None:
+            return None
+        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+    except BaseException:
+        _STAGE.reset(token)
+        raise
+    _STAGE.reset(token)
+    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run.stage_outputs[entry.path] = out
+    merge_outputs(entry, out, state, run, prefix)
+    return out
+
+
+async def _acall_observed(
+    owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
+) -> Any:
     call = _start(owner, entry, state, run, hooks, prefix)
     try:
         if call.policy is None:
-            if entry.composite or (
-                entry.has_aforward and not entry.predictor and entry.kind != FUNCTION and not leaf_slots()
-            ):
-                out = await call.target.acall(**call.kw)  # the common case, without extra coroutine frames
+            if entry.composite or (entry.direct_acall and not leaf_slots()):
+                out = await call.target.acall(**call.kw)
             else:
                 out = await _invoke_async(entry, call.target, call.kw)
         else:
@@ -372,12 +446,15 @@ async def acall_stage(
                 owner, entry, call.target, call.kw, call.policy, run, prefix, _invoke_async
             )
     except Exception as e:
+        _close(call)
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    finally:
+    except BaseException:
         _close(call)
+        raise
+    _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
 
 
@@ -429,7 +506,7 @@ def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
     prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
-    return _Scope(own, hooks, hooks_token, defaults_token, prefix, perf_counter())
+    return tuple.__new__(_Scope, (own, hooks, hooks_token, defaults_token, prefix, perf_counter()))
 
 
 def _end(

@@ -280,7 +280,12 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         return out
 
     def _is_checked(self, names: frozenset[str], tag: Any = None) -> bool:
-        return (tag, *self._check_key(names)) in self._checked
+        version = _STRUCTURE_VERSION[0]
+        if self._seen_structure != version:
+            self._refresh()
+            version = _STRUCTURE_VERSION[0]
+        strict = self.strict
+        return (tag, names, version, CONFIG.strict if strict is None else strict) in self._checked
 
     def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
@@ -314,7 +319,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
 
     def forward(self, *args: Any, **inputs: Any) -> Result:
         """Run the pipeline on ``inputs`` (the initial state); returns a :class:`Result`."""
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return execute(self, inputs, self._run)
@@ -324,7 +330,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         patched = self._patched_forward()
         if patched is not None:
             return await to_thread(patched, *args, **inputs)  # type: ignore[no-any-return]
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)

@@ -262,7 +262,8 @@ class HierarchicalPipeline(Pipeline):
 
     def forward(self, *args: Any, stage_name: str = "root", **inputs: Any) -> Result:
         """Run node ``stage_name`` (default ``root``) on ``inputs``."""
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         entry = self._entry(stage_name)
         if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)
@@ -274,7 +275,8 @@ class HierarchicalPipeline(Pipeline):
 
     async def aforward(self, *args: Any, stage_name: str = "root", **inputs: Any) -> Result:
         """Async twin of :meth:`forward`."""
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         entry = self._entry(stage_name)
         if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)

@@ -124,7 +124,8 @@ class SequentialPipeline(Pipeline):
         """Run the stages; with ``outputs=[...]``, only those the requested fields depend on."""
         if outputs is None:
             return super().forward(*args, **inputs)
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         self._refresh()
         plan = self._demanded(outputs, inputs)
 
@@ -138,7 +139,8 @@ class SequentialPipeline(Pipeline):
         """Async twin of :meth:`forward`."""
         if outputs is None:
             return await super().aforward(*args, **inputs)
-        self._reject_positional(args)
+        if args:
+            self._reject_positional(args)
         self._refresh()
         plan = self._demanded(outputs, inputs)
 
