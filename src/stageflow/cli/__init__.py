@@ -24,7 +24,7 @@ from stageflow.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, model_o
 __all__ = ["COMMANDS", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "run", "validate")
+COMMANDS: tuple[str, ...] = ("demo", "run", "validate", "batch")
 
 
 def _modules() -> list[ModuleType]:

@@ -1,0 +1,54 @@
+"""The fingerprint of a whole program, stored in a batch journal so a resume cannot mix programs.
+
+Every stage that decides outputs is covered: each predictor (signature, instructions, fields,
+demos, model name and settings) and each function stage (its code), together with the program's
+structure (the path and class of every sub-module), so adding, removing or re-ordering stages
+changes it too. Per-stage fingerprints come from the stage cache's ``fingerprint`` — imported
+here and nowhere else in the runtime, so switching to a program-level fingerprint is one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from stageflow.policies.cache import fingerprint as _stage_fingerprint
+
+__all__ = ["program_fingerprint"]
+
+
+def _covered(module: Any) -> bool:
+    """Stages whose own state or code decides outputs: predictors, function stages, and modules of
+    user classes (stageflow's own containers are covered through their parts and structure)."""
+    import dspy
+
+    if isinstance(module, dspy.Predict):
+        return True
+    cls = type(module)
+    return cls.__name__ == "FunctionStage" or not cls.__module__.startswith(("stageflow.", "dspy."))
+
+
+def program_fingerprint(program: Any) -> str:
+    """A content hash of ``program``: structure, predictors and function stages.
+
+    The LM of a predictor without its own is the one ``dspy.context``/``dspy.configure`` provides,
+    so call this inside the same DSPy settings the records will run with.
+
+    Examples:
+        >>> import stageflow
+        >>> double = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": 2 * x}, writes=["y"])])
+        >>> triple = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": 3 * x}, writes=["y"])])
+        >>> program_fingerprint(double) == program_fingerprint(triple)
+        False
+        >>> len(program_fingerprint(double))
+        24
+    """
+    parts: list[str] = []
+    subs = program.named_sub_modules() if hasattr(program, "named_sub_modules") else [("self", program)]
+    for path, module in subs:
+        cls = type(module)
+        line = f"{path}\t{cls.__module__}.{cls.__qualname__}"
+        if _covered(module):
+            line += "\t" + _stage_fingerprint(module)
+        parts.append(line)
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:24]
