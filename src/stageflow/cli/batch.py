@@ -36,9 +36,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         "2 bad input, 130 interrupted.",
     )
     p.add_argument("file", help="the pipeline file (.yaml, .yml, .json) or a saved program directory")
-    p.add_argument("data", help="the records: .jsonl/.ndjson or .csv; a record's 'id' field (else its line "
-                   "number) is its key")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the results (JSON Lines)")
+    p.add_argument(
+        "data",
+        help="the records: .jsonl/.ndjson or .csv; a record's 'id' field (else its line number) is its key",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="where to write the results (JSON Lines)"
+    )
     p.add_argument("--journal", metavar="FILE", help="the journal (SQLite; default: OUTPUT.journal)")
     p.add_argument("--concurrency", type=int, default=16, metavar="N", help="records in flight at once (16)")
     p.add_argument(
@@ -108,7 +112,9 @@ def _model(args: argparse.Namespace, program: Any) -> tuple[Any, Any]:
         lm, _, local = resolve_cli_lm(args)
     adapter = None
     if local or args.prompt != "auto":
-        adapter = functools.partial(make_adapter, args.prompt == "compact" or (args.prompt == "auto" and local))
+        adapter = functools.partial(
+            make_adapter, args.prompt == "compact" or (args.prompt == "auto" and local)
+        )
     return lm, adapter
 
 
@@ -188,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
         if show:
             print(stop.summary.table(), file=sys.stderr)
         print(
-            f"stageflow batch: interrupted; {stop.summary.remaining:,} of {stop.summary.total:,} records are not "
-            f"finished (the finished ones are kept in {journal}). To resume, run:\n  {_command(args, journal)}",
+            f"stageflow batch: interrupted; {stop.summary.remaining:,} of {stop.summary.total:,} records are "
+            f"not finished (the finished ones are kept in {journal}). To resume, run:\n"
+            f"  {_command(args, journal)}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -198,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     if summary.failed:
         print(
             f"stageflow batch: {summary.failed:,} of {summary.total:,} records failed; their errors are the "
-            f"\"status\": \"error\" rows of {out}. Run them again with:\n  {_command(args, journal, retry_failed=True)}",
+            f'"status": "error" rows of {out}. Run them again with:\n'
+            f"  {_command(args, journal, retry_failed=True)}",
             file=sys.stderr,
         )
         return EXIT_RUN_FAILED

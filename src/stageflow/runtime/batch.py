@@ -139,7 +139,9 @@ def run_batch(
     t0 = time.perf_counter()
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(
-            f"concurrency must be a positive int, got {concurrency!r}.", field="concurrency", code="bad_option"
+            f"concurrency must be a positive int, got {concurrency!r}.",
+            field="concurrency",
+            code="bad_option",
         )
     ray = _make_backend(backend)
     source = open_records(records, id_field=id_field, fmt=fmt)

@@ -28,6 +28,35 @@ def _covered(module: Any) -> bool:
     return cls.__name__ == "FunctionStage" or not cls.__module__.startswith(("stageflow.", "dspy."))
 
 
+def _code_extra(module: Any) -> str:
+    """Constants, names and plain closure values of a function stage's code (nested code included),
+    which the stage cache's fingerprint does not cover yet: ``lambda x: 2 * x`` and
+    ``lambda x: 3 * x`` differ, and so do closures over ``scale = 2`` and ``scale = 3``."""
+    fn = getattr(module, "fn", None)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    parts: list[str] = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        plain = isinstance(value, str | int | float | bool | type(None) | tuple | frozenset)
+        parts.append(repr(value) if plain else type(value).__qualname__)
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        parts.append(repr(c.co_names))
+        for const in c.co_consts:
+            if hasattr(const, "co_code"):
+                stack.append(const)
+                parts.append(const.co_code.hex())
+            else:
+                parts.append(repr(const))
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
 def program_fingerprint(program: Any) -> str:
     """A content hash of ``program``: structure, predictors and function stages.
 
@@ -49,6 +78,6 @@ def program_fingerprint(program: Any) -> str:
         cls = type(module)
         line = f"{path}\t{cls.__module__}.{cls.__qualname__}"
         if _covered(module):
-            line += "\t" + _stage_fingerprint(module)
+            line += "\t" + _stage_fingerprint(module) + _code_extra(module)
         parts.append(line)
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:24]

@@ -27,7 +27,7 @@ from stageflow.runtime.writer import JournalWriter, connect
 
 __all__ = ["Journal", "JournalError", "Plan", "ScanResult"]
 
-from stageflow.errors import StageflowError
+from stageflow.errors import ConfigurationError
 
 SCHEMA_VERSION = "1"
 
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-class JournalError(StageflowError):
+class JournalError(ConfigurationError):
     """The batch journal cannot be used: locked by another run, from another version, unwritable,
     or planned for a different program or input (resume refused)."""
 
@@ -178,7 +178,9 @@ class Journal:
 
     def reset(self) -> int:
         """Forget every record and run (start over); returns how many records were finished."""
-        finished = self.con.execute("SELECT COUNT(*) FROM records WHERE status IN ('done', 'failed')").fetchone()
+        finished = self.con.execute(
+            "SELECT COUNT(*) FROM records WHERE status IN ('done', 'failed')"
+        ).fetchone()
         self.con.execute("BEGIN")
         self.con.execute("DELETE FROM records")
         self.con.execute("DELETE FROM runs")
@@ -204,7 +206,9 @@ class Journal:
 
         con = self.con
         con.execute("DROP TABLE IF EXISTS temp.scan")
-        con.execute("CREATE TEMP TABLE scan (seq INTEGER PRIMARY KEY, key TEXT, id_json TEXT, input_hash TEXT)")
+        con.execute(
+            "CREATE TEMP TABLE scan (seq INTEGER PRIMARY KEY, key TEXT, id_json TEXT, input_hash TEXT)"
+        )
         con.execute("BEGIN")
         try:
             con.executemany("INSERT INTO temp.scan VALUES (?, ?, ?, ?)", rows())
@@ -218,12 +222,17 @@ class Journal:
     def differences(self) -> dict[str, int]:
         """How the scanned input differs from the planned one: added, removed, changed records."""
         q = self.con.execute
-        added = q("SELECT COUNT(*) FROM temp.scan s WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.key = s.key)")
+        added = q(
+            "SELECT COUNT(*) FROM temp.scan s WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.key = s.key)"
+        )
         removed = q(
             "SELECT COUNT(*) FROM records r WHERE r.seq IS NOT NULL "
             "AND NOT EXISTS (SELECT 1 FROM temp.scan s WHERE s.key = r.key)"
         )
-        changed = q("SELECT COUNT(*) FROM records r JOIN temp.scan s ON s.key = r.key WHERE s.input_hash != r.input_hash")
+        changed = q(
+            "SELECT COUNT(*) FROM records r JOIN temp.scan s ON s.key = r.key "
+            "WHERE s.input_hash != r.input_hash"
+        )
         return {
             "added": int(added.fetchone()[0]),
             "removed": int(removed.fetchone()[0]),
@@ -241,8 +250,10 @@ class Journal:
                 "INSERT INTO records (key, seq, id_json, input_hash) "
                 "SELECT key, seq, id_json, input_hash FROM temp.scan WHERE true "
                 "ON CONFLICT(key) DO UPDATE SET seq = excluded.seq, id_json = excluded.id_json, "
-                "status = CASE WHEN records.input_hash = excluded.input_hash THEN records.status ELSE 'pending' END, "
-                "attempts = CASE WHEN records.input_hash = excluded.input_hash THEN records.attempts ELSE 0 END, "
+                "status = CASE WHEN records.input_hash = excluded.input_hash "
+                "THEN records.status ELSE 'pending' END, "
+                "attempts = CASE WHEN records.input_hash = excluded.input_hash "
+                "THEN records.attempts ELSE 0 END, "
                 "input_hash = excluded.input_hash"
             )
             self._set_meta(
@@ -271,7 +282,9 @@ class Journal:
             )
         }
         counts = dict(
-            self.con.execute("SELECT status, COUNT(*) FROM records WHERE seq IS NOT NULL GROUP BY status").fetchall()
+            self.con.execute(
+                "SELECT status, COUNT(*) FROM records WHERE seq IS NOT NULL GROUP BY status"
+            ).fetchall()
         )
         return Plan(todo, sum(counts.values()), counts.get("done", 0), counts.get("failed", 0))
 

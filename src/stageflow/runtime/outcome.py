@@ -147,7 +147,9 @@ def _fields(result: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     if hasattr(result, "items") and callable(result.items):
         items = result.items()
     else:
-        raise TypeError(f"the pipeline returned {type(result).__name__}, not a Prediction or a mapping of fields")
+        raise TypeError(
+            f"the pipeline returned {type(result).__name__}, not a Prediction or a mapping of fields"
+        )
     # The fields the pipeline wrote: inputs it passed through unchanged are left out.
     return {k: v for k, v in items if not (k in inputs and inputs[k] is v)}
 

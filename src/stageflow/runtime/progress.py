@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, TextIO
 
@@ -28,7 +29,7 @@ class ProgressBar:
         self._failed_before = failed_before
         self._shown = (-1, -1)
         if enabled and hasattr(stream, "isatty") and stream.isatty():
-            from tqdm import tqdm
+            tqdm = importlib.import_module("tqdm").tqdm  # installed with DSPy; untyped
 
             self._bar = tqdm(
                 total=total,

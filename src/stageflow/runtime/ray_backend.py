@@ -83,10 +83,14 @@ class RayBackend:
         max_concurrency: int | None,
     ) -> RayExecutor:
         """Start the actors for one run (called by :func:`stageflow.run_batch`)."""
-        return RayExecutor(self, _worker_spec(source, program, lm, adapter, allow_modules), concurrency, max_concurrency)
+        return RayExecutor(
+            self, _worker_spec(source, program, lm, adapter, allow_modules), concurrency, max_concurrency
+        )
 
 
-def _worker_spec(source: Any, program: Any, lm: Any, adapter: Any, allow_modules: Sequence[str]) -> dict[str, Any]:
+def _worker_spec(
+    source: Any, program: Any, lm: Any, adapter: Any, allow_modules: Sequence[str]
+) -> dict[str, Any]:
     """What every actor needs to build the program and its DSPy settings (all picklable)."""
     from stageflow.runtime.sendable import pickle_for_workers
 
@@ -173,11 +177,12 @@ class RayExecutor:
             n = options.actors or max(1, min(concurrency, int(cpus // options.num_cpus) or 1))
             if n * options.num_cpus > cpus:
                 raise ConfigurationError(
-                    f"{n} Ray actors with num_cpus={options.num_cpus} each need {n * options.num_cpus:g} CPUs; "
-                    f"the cluster has {cpus:g}.",
+                    f"{n} Ray actors with num_cpus={options.num_cpus} each need "
+                    f"{n * options.num_cpus:g} CPUs; the cluster has {cpus:g}.",
                     field="actors",
                     code="bad_option",
-                    hint="ask for fewer actors, or a smaller num_cpus per actor (e.g. RayBackend(num_cpus=0.5))",
+                    hint="ask for fewer actors, or a smaller num_cpus per actor "
+                    "(e.g. RayBackend(num_cpus=0.5))",
                 )
             slots = options.slots or max(1, math.ceil(concurrency / n))
             self.chunk = max(1, min(options.chunk, slots))

@@ -152,7 +152,7 @@ class _FileSource(RecordSource):
     def _lines(self, fh: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
         line = 0
         try:
-            for line, text in enumerate(fh, 1):  # noqa: B007 (line is used after the loop on errors)
+            for line, text in enumerate(fh, 1):
                 yield line, text
         except UnicodeDecodeError as exc:
             raise ConfigurationError(

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from stageflow.runtime.outcome import Outcome, Usage, error_info
 from stageflow.runtime.records import Record

@@ -109,12 +109,19 @@ class BatchSummary:
         if self.remaining:
             rows.append(("not finished", f"{self.remaining:,}"))
         rows += [
-            ("ran this run", f"{self.ran:,}" + (f" ({self.retried:,} failed ones retried)" if self.retried else "")),
+            (
+                "ran this run",
+                f"{self.ran:,}" + (f" ({self.retried:,} failed ones retried)" if self.retried else ""),
+            ),
             ("finished earlier", f"{self.skipped:,} (not run again)"),
             (
                 "repeated work",
                 f"{self.repeated:,} record(s) in flight at an earlier stop, run again"
-                + (f" ({self.repeated_total:,} over all runs)" if self.repeated_total != self.repeated else ""),
+                + (
+                    f" ({self.repeated_total:,} over all runs)"
+                    if self.repeated_total != self.repeated
+                    else ""
+                ),
             ),
             ("wall time", f"{self.wall_time:,.2f} s{rate}"),
             ("LM calls", f"{u.lm_calls:,}"),
