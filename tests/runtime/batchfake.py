@@ -68,3 +68,14 @@ def log_counts(log: str) -> dict[str, int]:
     except FileNotFoundError:
         pass
     return counts
+
+
+def reject_every(n: int) -> Any:
+    """A function stage failing for every ``n``-th record ``t-<k>`` (a closure: pickled by value)."""
+
+    def check(text: str, answer: str) -> dict[str, bool]:
+        if failing(text, n):
+            raise ValueError(f"rejected {text}")
+        return {"checked": True}
+
+    return check
