@@ -76,9 +76,15 @@ def test_output_has_every_record_once_in_input_order_with_error_rows(tmp_path: P
     assert (summary.total, summary.succeeded, summary.failed, summary.ran) == (30, 28, 2, 30)
     assert not summary.ok
     assert summary.usage.lm_calls == 30 == lm.calls
-    assert summary.usage.prompt_tokens > 0 and summary.usage.completion_tokens > 0
+    assert summary.usage.prompt_tokens > 0
+    assert summary.usage.completion_tokens > 0
     assert summary.usage.cost is None
-    assert [(r.id, r.ok) for r in summary.rows()][:4] == [("r0", True), ("r1", True), ("r2", True), ("r3", False)]
+    assert [(r.id, r.ok) for r in summary.rows()][:4] == [
+        ("r0", True),
+        ("r1", True),
+        ("r2", True),
+        ("r3", False),
+    ]
     assert "failed            2" in summary.table()
 
 
@@ -137,7 +143,8 @@ def test_a_changed_program_is_refused_unless_allowed_and_the_override_is_recorde
         stageflow.run_batch(changed, records(5), lm=lm, journal=journal)
     assert info.value.code == "changed_since_planned"
     assert "the program changed" in info.value.message
-    assert "--allow-changed" in (info.value.hint or "") and "--no-resume" in (info.value.hint or "")
+    assert "--allow-changed" in (info.value.hint or "")
+    assert "--no-resume" in (info.value.hint or "")
     summary = stageflow.run_batch(changed, records(5), lm=lm, journal=journal, allow_changed=True)
     assert (summary.ran, summary.skipped) == (0, 5)
     con = sqlite3.connect(journal)
@@ -151,7 +158,9 @@ def test_a_changed_program_is_refused_unless_allowed_and_the_override_is_recorde
 def test_a_changed_model_changes_the_fingerprint(tmp_path: Path) -> None:
     stageflow.run_batch(qa_pipeline(), records(3), lm=upper_lm(), journal=tmp_path / "j")
     with pytest.raises(JournalError, match="the program changed"):
-        stageflow.run_batch(qa_pipeline(), records(3), lm=upper_lm(model="other/model"), journal=tmp_path / "j")
+        stageflow.run_batch(
+            qa_pipeline(), records(3), lm=upper_lm(model="other/model"), journal=tmp_path / "j"
+        )
 
 
 def test_a_changed_input_is_refused_and_allowed_changes_rerun_only_what_changed(tmp_path: Path) -> None:
@@ -168,7 +177,9 @@ def test_a_changed_input_is_refused_and_allowed_changes_rerun_only_what_changed(
     summary = stageflow.run_batch(
         qa_pipeline(), new, lm=lm, journal=journal, allow_changed=True, output=tmp_path / "o"
     )
-    assert lm.calls == 2 and summary.ran == 2 and summary.total == 6
+    assert lm.calls == 2
+    assert summary.ran == 2
+    assert summary.total == 6
     rows = read_output(tmp_path / "o")
     assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r5", "r99"]
     assert rows[2]["outputs"]["answer"] == "EDITED"
@@ -178,16 +189,18 @@ def test_no_resume_starts_over(tmp_path: Path) -> None:
     lm = upper_lm()
     stageflow.run_batch(qa_pipeline(), records(4), lm=lm, journal=tmp_path / "j")
     summary = stageflow.run_batch(qa_pipeline(), records(4), lm=lm, journal=tmp_path / "j", resume=False)
-    assert summary.ran == 4 and lm.calls == 8
+    assert summary.ran == 4
+    assert lm.calls == 8
 
 
 def test_contracts_are_checked_before_any_lm_call(tmp_path: Path) -> None:
     lm = upper_lm()
-    data = records(3) + [{"id": "x", "prompt": "wrong field"}]
+    data = [*records(3), {"id": "x", "prompt": "wrong field"}]
     with pytest.raises(ContractError) as info:
         stageflow.run_batch(qa_pipeline(), data, lm=lm, journal=tmp_path / "j")
     assert "record 4 (fields ['prompt'])" in info.value.message
-    assert info.value.field == "question" and info.value.stage_path == "stages[0]"
+    assert info.value.field == "question"
+    assert info.value.stage_path == "stages[0]"
     assert lm.calls == 0
 
 
@@ -198,7 +211,12 @@ def test_records_from_csv_and_outputs_that_json_cannot_encode(tmp_path: Path) ->
     data = tmp_path / "data.csv"
     data.write_text("id,text\na,one two\nb,three\n", encoding="utf-8")
     pipeline = stageflow.SequentialPipeline(
-        [stageflow.stage(lambda text: {"words": set(text.split()), "score": Score(value=1.5)}, writes=["words", "score"])]
+        [
+            stageflow.stage(
+                lambda text: {"words": set(text.split()), "score": Score(value=1.5)},
+                writes=["words", "score"],
+            )
+        ]
     )
     stageflow.run_batch(pipeline, data, journal=tmp_path / "j", output=tmp_path / "o")
     rows = read_output(tmp_path / "o")
@@ -210,7 +228,8 @@ def test_stage_cache_hits_are_counted(tmp_path: Path) -> None:
     cached = stageflow.SequentialPipeline([stageflow.Stage(dspy.Predict("question -> answer"), cache=True)])
     data = [{"id": i, "question": "same question"} for i in range(5)]
     summary = stageflow.run_batch(cached, data, lm=lm, concurrency=1)
-    assert summary.usage.cache_hits == 4 and summary.usage.lm_calls == 1 == lm.calls
+    assert summary.usage.cache_hits == 4
+    assert summary.usage.lm_calls == 1 == lm.calls
 
 
 def test_records_in_flight_reach_the_concurrency(tmp_path: Path) -> None:
@@ -271,12 +290,15 @@ def test_ctrl_c_stops_cleanly_and_the_same_call_resumes(tmp_path: Path) -> None:
         stageflow.run_batch(qa_pipeline(), records(200), lm=lm, journal=journal, output=out, concurrency=4)
     watcher.join()
     stopped = info.value.summary
-    assert stopped.interrupted and 0 < stopped.remaining < 200
+    assert stopped.interrupted
+    assert 0 < stopped.remaining < 200
     assert stopped.ran == 200 - stopped.remaining  # records in flight finished before the stop
     assert not out.exists()
     statuses = {s for s, _ in journal_rows(journal).values()}
     assert statuses <= {"done", "pending"}
-    summary = stageflow.run_batch(qa_pipeline(), records(200), lm=lm, journal=journal, output=out, concurrency=4)
+    summary = stageflow.run_batch(
+        qa_pipeline(), records(200), lm=lm, journal=journal, output=out, concurrency=4
+    )
     assert (summary.ran, summary.repeated, summary.skipped) == (stopped.remaining, 0, 200 - stopped.remaining)
     assert [r["id"] for r in read_output(out)] == [f"r{i}" for i in range(200)]
     assert lm.calls == 200

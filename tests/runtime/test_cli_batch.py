@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from batchfake import log_counts, pipeline_yaml
-from conftest import stageflow_cmd, subprocess_env
 
+from conftest import stageflow_cmd, subprocess_env
 from stageflow.cli import main
 
 
@@ -40,23 +40,29 @@ def test_all_good_exits_0_with_a_summary(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "out.jsonl"
     code, err = run(capsys, str(pipe), str(data), "-o", str(out), "--concurrency", "4")
     assert code == 0
-    assert "batch summary (local)" in err and "LM calls          12" in err
+    assert "batch summary (local)" in err
+    assert "LM calls          12" in err
     assert f"wrote 12 results to {out}" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[5] == {"id": "t-5", "status": "ok", "outputs": {"answer": "T-5"}}
     assert (tmp_path / "out.jsonl.journal").exists()  # the default journal sits next to the output
     code, err = run(capsys, str(pipe), str(data), "-o", str(out))
-    assert code == 0 and "finished earlier  12 (not run again)" in err
+    assert code == 0
+    assert "finished earlier  12 (not run again)" in err
     assert sum(log_counts(str(log)).values()) == 12
 
 
-def test_failed_records_exit_1_and_say_how_to_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_records_exit_1_and_say_how_to_retry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pipe, data, _ = setup(tmp_path, n=10, fail_every=4)
     out = tmp_path / "out.jsonl"
     code, err = run(capsys, str(pipe), str(data), "-o", str(out), "--quiet")
     assert code == 1
-    assert "3 of 10 records failed" in err and '"status": "error" rows' in err
-    assert "--retry-failed" in err and "batch summary" not in err
+    assert "3 of 10 records failed" in err
+    assert '"status": "error" rows' in err
+    assert "--retry-failed" in err
+    assert "batch summary" not in err
     errors = [json.loads(line) for line in out.read_text().splitlines() if '"error"' in line]
     assert [e["id"] for e in errors] == ["t-0", "t-4", "t-8"]
     assert errors[0]["error"]["stage_path"] == "stages[0]"
@@ -79,7 +85,8 @@ def test_bad_input_exits_2_before_any_lm_call(
     bad.write_text(data, encoding="utf-8")
     code, err = run(capsys, str(pipe), str(bad), "-o", str(tmp_path / "o.jsonl"))
     assert code == 2
-    assert "invalid input" in err and message in " ".join(err.split())
+    assert "invalid input" in err
+    assert message in " ".join(err.split())
     assert not log.exists()
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -93,18 +100,24 @@ def test_a_changed_pipeline_file_is_refused_unless_allowed(
     with pipe.open("a", encoding="utf-8") as fh:  # one more stage
         fh.write("  - component: 'batchfake:slow_length'\n    writes: [length]\n")
     code, err = run(capsys, str(pipe), str(data), "-o", out)
-    assert code == 2 and "the program changed" in err and "--allow-changed" in err
+    assert code == 2
+    assert "the program changed" in err
+    assert "--allow-changed" in err
     code, err = run(capsys, str(pipe), str(data), "-o", out, "--allow-changed")
-    assert code == 0 and "finished earlier  4" in err
+    assert code == 0
+    assert "finished earlier  4" in err
     assert sum(log_counts(str(log)).values()) == 4
 
 
 def test_batch_help_does_not_import_dspy() -> None:
-    probe = "import sys; from stageflow.cli import main; main(['batch', '--help']); print('dspy' in sys.modules)"
+    probe = (
+        "import sys; from stageflow.cli import main; main(['batch', '--help']); print('dspy' in sys.modules)"
+    )
     done = subprocess.run(
         [stageflow_cmd()[0], "-c", probe], capture_output=True, text=True, env=subprocess_env(), check=True
     )
-    assert "--retry-failed" in done.stdout and done.stdout.strip().endswith("False")
+    assert "--retry-failed" in done.stdout
+    assert done.stdout.strip().endswith("False")
 
 
 def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(tmp_path: Path) -> None:
@@ -120,18 +133,21 @@ def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(tmp_path: Path) ->
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "stopping: letting" in err and "batch summary (local) — interrupted" in err
+    assert "stopping: letting" in err
+    assert "batch summary (local) — interrupted" in err
     assert not out.exists()
     command = re.search(r"To resume, run:\n  (.+)\n", err)
     assert command is not None
     resume = shlex.split(command.group(1))
-    assert resume[:2] == ["stageflow", "batch"] and "--journal" in resume
+    assert resume[:2] == ["stageflow", "batch"]
+    assert "--journal" in resume
     done = subprocess.run(stageflow_cmd(*resume[1:]), env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert rows == [f"t-{i}" for i in range(150)]
     counts = log_counts(str(log))
-    assert set(counts) == {f"t-{i}" for i in range(150)} and set(counts.values()) == {1}
+    assert set(counts) == {f"t-{i}" for i in range(150)}
+    assert set(counts.values()) == {1}
     con = sqlite3.connect(journal)
     states = [s for (s,) in con.execute("SELECT state FROM runs ORDER BY id")]
     con.close()

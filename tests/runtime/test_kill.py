@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from batchfake import failing, log_counts, pipeline_yaml
+
 from conftest import stageflow_cmd, subprocess_env
 
 N = 600
@@ -82,7 +83,8 @@ def test_sigkill_at_random_instants_then_resume_gives_exactly_once_output(tmp_pa
     assert [r["id"] for r in rows] == [f"t-{i}" for i in range(N)]
     for r in rows:
         if failing(r["id"], FAIL_EVERY):
-            assert r["status"] == "error" and r["error"]["stage_path"] == "stages[0]"
+            assert r["status"] == "error"
+            assert r["error"]["stage_path"] == "stages[0]"
         else:
             assert r["outputs"] == {"answer": r["id"].upper()}
 

@@ -15,9 +15,9 @@ from typing import Any
 import dspy
 import pytest
 from batchfake import failing, log_counts, make_fake_lm, make_stage, pipeline_yaml, reject_every
-from conftest import stageflow_cmd, subprocess_env
 
 import stageflow
+from conftest import stageflow_cmd, subprocess_env
 from stageflow.errors import ConfigurationError
 from stageflow.runtime import RayBackend
 
@@ -46,11 +46,14 @@ def test_200_records_with_injected_failures(ray_cluster: Any, tmp_path: Path) ->
     assert [r["id"] for r in rows] == [f"t-{i}" for i in range(200)]
     bad = [r for r in rows if r["status"] == "error"]
     assert [r["id"] for r in bad] == [f"t-{i}" for i in range(200) if failing(f"t-{i}", 9)]
-    assert bad[0]["error"]["stage_path"] == "stages[1]" and "rejected t-0" in bad[0]["error"]["message"]
+    assert bad[0]["error"]["stage_path"] == "stages[1]"
+    assert "rejected t-0" in bad[0]["error"]["message"]
     ok = next(r for r in rows if r["status"] == "ok")
     assert ok["outputs"] == {"answer": ok["id"].upper(), "checked": True}
-    assert summary.backend == "ray" and (summary.succeeded, summary.failed) == (200 - len(bad), len(bad))
-    assert summary.usage.lm_calls == 200 and summary.usage.prompt_tokens > 0  # usage came back
+    assert summary.backend == "ray"
+    assert (summary.succeeded, summary.failed) == (200 - len(bad), len(bad))
+    assert summary.usage.lm_calls == 200
+    assert summary.usage.prompt_tokens > 0
 
 
 def test_a_program_that_cannot_be_pickled_gets_a_clear_error(ray_cluster: Any, tmp_path: Path) -> None:
@@ -65,7 +68,7 @@ def test_a_program_that_cannot_be_pickled_gets_a_clear_error(ray_cluster: Any, t
 
 
 def test_more_actors_than_cpus_is_refused(ray_cluster: Any, tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="3 Ray actors with num_cpus=1.0 each need 3 CPUs"):
+    with pytest.raises(ConfigurationError, match=r"3 Ray actors with num_cpus=1\.0 each need 3 CPUs"):
         stageflow.run_batch(
             stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])]),
             data(2),

@@ -188,6 +188,7 @@ def run_batch(
         writer = j.writer(run_id)
         bar = ProgressBar(plan.total, summary.skipped, plan.failed if not retry_failed else 0, progress)
         limit = contextlib.nullcontext() if max_concurrency is None else _limits(max_concurrency)
+        summary.setup_time = time.perf_counter() - t0
         try:
             with limit:
                 result = run_loop(

@@ -46,6 +46,8 @@ class BatchSummary:
         repeated_total: The same, over every run of this journal.
         retried: Failed records run again (``retry_failed=True``).
         wall_time: Seconds this run took.
+        setup_time: Of which before the first record could start (reading and checking the input,
+            planning, starting Ray actors).
         usage: LM calls, tokens, cost and cache hits of this run.
         interrupted: The run was stopped (Ctrl-C) before finishing.
         backend: ``"local"`` or ``"ray"``.
@@ -63,6 +65,7 @@ class BatchSummary:
     repeated_total: int = 0
     retried: int = 0
     wall_time: float = 0.0
+    setup_time: float = 0.0
     usage: Usage = field(default_factory=Usage)
     interrupted: bool = False
     backend: str = "local"
@@ -123,7 +126,7 @@ class BatchSummary:
                     else ""
                 ),
             ),
-            ("wall time", f"{self.wall_time:,.2f} s{rate}"),
+            ("wall time", f"{self.wall_time:,.2f} s{rate}, of which setup {self.setup_time:,.2f} s"),
             ("LM calls", f"{u.lm_calls:,}"),
             ("tokens", f"{tokens:,} ({u.prompt_tokens:,} in, {u.completion_tokens:,} out)"),
             ("cost", "unknown" if u.cost is None else f"${u.cost:,.4f}"),
