@@ -57,6 +57,41 @@ def _code_extra(module: Any) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
+_SKIP = frozenset({"history", "callbacks", "demos", "traces", "train", "lm"})
+
+
+def _modules(program: Any) -> list[tuple[str, Any]]:
+    """Every module in ``program`` with its path, in a stable order.
+
+    Like DSPy's ``named_sub_modules`` (which sees nested containers too), but without walking
+    into call histories: DSPy appends every LM call to each calling module's ``history`` (up to
+    10,000 entries), and walking those made fingerprinting a used program cost a second.
+    """
+    from dspy.primitives.base_module import BaseModule
+
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, int]] = [("self", program, 0)]
+    while stack:
+        path, obj, depth = stack.pop()
+        if isinstance(obj, BaseModule):
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            out.append((path, obj))
+            items = [(f"{path}.{k}", v) for k, v in vars(obj).items() if k not in _SKIP]
+        elif isinstance(obj, list | tuple) and depth < 8:
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        elif isinstance(obj, dict) and depth < 8:
+            items = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        else:
+            continue
+        stack.extend(
+            (p, v, depth + 1) for p, v in reversed(items) if isinstance(v, BaseModule | list | tuple | dict)
+        )
+    return out
+
+
 def program_fingerprint(program: Any) -> str:
     """A content hash of ``program``: structure, predictors and function stages.
 
@@ -73,8 +108,7 @@ def program_fingerprint(program: Any) -> str:
         24
     """
     parts: list[str] = []
-    subs = program.named_sub_modules() if hasattr(program, "named_sub_modules") else [("self", program)]
-    for path, module in subs:
+    for path, module in _modules(program):
         cls = type(module)
         line = f"{path}\t{cls.__module__}.{cls.__qualname__}"
         if _covered(module):
