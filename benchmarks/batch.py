@@ -76,7 +76,7 @@ def make_lm_for_ray() -> FakeLM:  # built inside each Ray worker (FakeLM holds a
     return fake_lm()
 
 
-def variants(tmp: Path, use_ray: bool) -> dict[str, Callable[[], Any]]:
+def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[], Any]]:
     out: dict[str, Callable[[], Any]] = {}
     questions = [{"id": i, "question": f"q{i}"} for i in range(N)]
     xs = [{"id": i, "x": i} for i in range(N)]
@@ -107,7 +107,7 @@ def variants(tmp: Path, use_ray: bool) -> dict[str, Callable[[], Any]]:
     if use_ray:
         from stageflow.runtime import RayBackend
 
-        ray_backend = RayBackend(actors=2, slots=16)
+        ray_backend = RayBackend(actors=2, slots=16, chunk=chunk)
         out["stageflow run_batch, Ray 2 actors × 16 slots"] = lambda: stageflow.run_batch(
             program, questions, lm=make_lm_for_ray, journal=journal(), backend=ray_backend, progress=False
         )
@@ -231,6 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--only", default="", help="run only variants whose name contains this text")
+    parser.add_argument("--chunk", type=int, default=4, help="records per Ray call")
     args = parser.parse_args()
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     use_ray = not args.no_ray
@@ -245,18 +247,20 @@ def main() -> None:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        vs = variants(tmp, use_ray)
+        vs = {k: v for k, v in variants(tmp, use_ray, args.chunk).items() if args.only in k}
         for fn in vs.values():  # warm-up: imports, pools, Ray workers
             fn()
         wall: dict[str, list[float]] = {k: [] for k in vs}
         cpu: dict[str, list[float]] = {k: [] for k in vs}
+        setup: dict[str, list[float]] = {k: [] for k in vs}
         names = list(vs)
         for r in range(args.reps):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 w0, c0 = time.perf_counter(), time.process_time()
-                vs[name]()
+                result = vs[name]()
                 wall[name].append(time.perf_counter() - w0)
                 cpu[name].append(time.process_time() - c0)
+                setup[name].append(getattr(result, "setup_time", 0.0))
         jw, jc, per_commit = journal_cost(tmp)
         skip, first = resume_skip(tmp)
     load = os.getloadavg()
@@ -265,12 +269,17 @@ def main() -> None:
     print(
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} CPUs\n"
     )
-    print("| variant | wall s | records/s | ratio to ideal | driver CPU µs per stage call |")
-    print("|---|---|---|---|---|")
+    print(
+        "| variant | wall s | records/s | ratio to ideal | of which setup s | ratio to ideal after setup "
+        "| driver CPU µs per stage call |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in vs:
         w = statistics.median(wall[name])
+        s = statistics.median(setup[name])
         c = statistics.median(cpu[name]) / (N * STAGES) * 1e6
-        print(f"| {name} | {w:.2f} | {N / w:.0f} | {IDEAL / w:.2f} | {c:.0f} |")
+        after = f"{IDEAL / (w - s):.2f}" if s else "–"
+        print(f"| {name} | {w:.2f} | {N / w:.0f} | {IDEAL / w:.2f} | {s:.2f} | {after} | {c:.0f} |")
     print("\n| measure | value | target |")
     print("|---|---|---|")
     print(f"| journal cost per record: caller wall (32 threads) | {jw:.0f} µs | ≤ 500 µs |")

@@ -302,3 +302,11 @@ def test_ctrl_c_stops_cleanly_and_the_same_call_resumes(tmp_path: Path) -> None:
     assert (summary.ran, summary.repeated, summary.skipped) == (stopped.remaining, 0, 200 - stopped.remaining)
     assert [r["id"] for r in read_output(out)] == [f"r{i}" for i in range(200)]
     assert lm.calls == 200
+
+
+def test_dspy_history_is_off_during_a_batch_unless_kept(tmp_path: Path) -> None:
+    lm = upper_lm()
+    stageflow.run_batch(qa_pipeline(), records(3), lm=lm)
+    assert lm.history == []
+    stageflow.run_batch(qa_pipeline(), records(3), lm=lm, keep_history=True)
+    assert len(lm.history) == 3

@@ -94,6 +94,7 @@ def run_batch(
     id_field: str = "id",
     allow_modules: Sequence[str] = (),
     fmt: str | None = None,
+    keep_history: bool = False,
     command: str | None = None,
 ) -> BatchSummary:
     """Run ``pipeline`` on every record of ``records``, journaled so a stopped run resumes.
@@ -125,6 +126,8 @@ def run_batch(
         id_field: The field holding a record's id.
         allow_modules: Modules a pipeline file may load components from.
         fmt: ``"jsonl"`` or ``"csv"`` to override the input file's extension.
+        keep_history: Keep DSPy's LM call history (``dspy.inspect_history``) during the run; off by
+            default (memory and CPU; usage tracking is not affected).
         command: The command line to record in the journal (the CLI passes its own).
 
     Returns:
@@ -146,7 +149,7 @@ def run_batch(
     ray = _make_backend(backend)
     source = open_records(records, id_field=id_field, fmt=fmt)
     program = load_program(pipeline, allow_modules)
-    settings = run_settings(lm, adapter)
+    settings = run_settings(lm, adapter, keep_history)
     import dspy
 
     with dspy.context(**settings):
@@ -183,7 +186,9 @@ def run_batch(
         executor: Any = (
             LocalExecutor(program, settings, concurrency)
             if ray is None
-            else ray.executor(pipeline, program, lm, adapter, allow_modules, concurrency, max_concurrency)
+            else ray.executor(
+                pipeline, program, lm, adapter, allow_modules, concurrency, max_concurrency, keep_history
+            )
         )
         writer = j.writer(run_id)
         bar = ProgressBar(plan.total, summary.skipped, plan.failed if not retry_failed else 0, progress)
