@@ -310,3 +310,37 @@ def test_dspy_history_is_off_during_a_batch_unless_kept(tmp_path: Path) -> None:
     assert lm.history == []
     stageflow.run_batch(qa_pipeline(), records(3), lm=lm, keep_history=True)
     assert len(lm.history) == 3
+
+
+class _Terminal:
+    """A stand-in for a terminal stream."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        return None
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_done_failed_and_rate_on_a_terminal_only() -> None:
+    from stageflow.runtime.progress import ProgressBar
+    from stageflow.runtime.runner import Counters
+
+    term = _Terminal()
+    bar = ProgressBar(total=10, initial=4, failed_before=1, enabled=True, stream=term)  # type: ignore[arg-type]
+    bar.update(Counters(ran=6, failed=2))
+    bar.close()
+    assert "10/10" in term.text
+    assert "3 failed" in term.text
+    assert "rec/s" in term.text
+    quiet = _Terminal()
+    quiet.isatty = lambda: False  # type: ignore[method-assign]
+    ProgressBar(total=10, initial=0, failed_before=0, enabled=True, stream=quiet).close()  # type: ignore[arg-type]
+    assert quiet.text == ""

@@ -100,6 +100,7 @@ def test_a_changed_pipeline_file_is_refused_unless_allowed(
     with pipe.open("a", encoding="utf-8") as fh:  # one more stage
         fh.write("  - component: 'batchfake:slow_length'\n    writes: [length]\n")
     code, err = run(capsys, str(pipe), str(data), "-o", out)
+    err = " ".join(err.split())  # the message is wrapped at 100 columns
     assert code == 2
     assert "the program changed" in err
     assert "--allow-changed" in err
@@ -152,3 +153,32 @@ def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(tmp_path: Path) ->
     states = [s for (s,) in con.execute("SELECT state FROM runs ORDER BY id")]
     con.close()
     assert states == ["interrupted", "finished"]
+
+
+def test_a_second_ctrl_c_stops_without_waiting_and_resume_counts_the_repeats(tmp_path: Path) -> None:
+    pipe, data, log = setup(tmp_path, n=40, latency=0.5)
+    out, journal = tmp_path / "out.jsonl", tmp_path / "j.sqlite"
+    argv = ["batch", str(pipe), str(data), "-o", str(out), "--journal", str(journal), "--concurrency", "4"]
+    argv += ["--allow-module", "batchfake", "--quiet"]
+    proc = subprocess.Popen(stageflow_cmd(*argv), env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(log_counts(str(log)).values()) < 4:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the next records are in their 0.5 s LM calls
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "stopping now: records still in flight will run again on resume" in err
+    con = sqlite3.connect(journal)
+    running = {k for (k,) in con.execute("SELECT key FROM records WHERE status = 'running'")}
+    con.close()
+    assert running  # abandoned in flight
+    done = subprocess.run(stageflow_cmd(*argv), env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"t-{i}" for i in range(40)]
+    con = sqlite3.connect(journal)
+    repeated = con.execute("SELECT repeated FROM runs ORDER BY id DESC LIMIT 1").fetchone()[0]
+    con.close()
+    assert repeated == len(running)

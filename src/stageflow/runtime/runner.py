@@ -123,6 +123,9 @@ def run_loop(
             result.fatal = exc
         stop.set()
 
+    live = [executor.workers]
+    live_lock = threading.Lock()
+
     def worker(k: int) -> None:
         try:
             with executor.thread_scope(k):
@@ -156,6 +159,9 @@ def run_loop(
                             counters.usage.add(out.usage)
         except BaseException as exc:  # the input changed, the journal failed...: stop the batch
             fail(exc)
+        finally:
+            with live_lock:
+                live[0] -= 1
 
     ctx = contextvars.copy_context()
     threads = [
@@ -165,12 +171,13 @@ def run_loop(
     for t in threads:
         t.start()
     presses = 0
+    # The main thread polls with sleep, never Thread.join: on CPython 3.11 a join interrupted by
+    # Ctrl-C can mark a still-running thread as finished (its records would be abandoned).
     while True:
         try:
-            alive = [t for t in threads if t.is_alive()]
-            if not alive:
+            if live[0] == 0:
                 break
-            alive[0].join(0.1)
+            time.sleep(0.05)
             progress(counters)
         except KeyboardInterrupt:
             presses += 1
@@ -187,10 +194,3 @@ def run_loop(
                 break
     progress(counters)
     return result
-
-
-def wait_quietly(seconds: float) -> None:
-    """Sleep in small steps (Ctrl-C stays responsive)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(min(0.05, end - time.monotonic()))
