@@ -8,7 +8,8 @@ flight: ideal wall = 1000 × 3 × 20 ms / 32 = 1.875 s (533 records/s). Variants
 - DSPy ``Module.batch(num_threads=32)`` over the same three ``Predict`` stages and fake LM;
 - LangGraph ``.batch(max_concurrency=32)``: three nodes, each a LangChain fake chat-model call
   (``prompt | FakeListChatModel(sleep=0.02) | parser``), when langgraph is installed;
-- an asyncio reference (``Semaphore(32)``, three ``asyncio.sleep(0.02)`` per record): the floor.
+- an asyncio reference (``Semaphore(32)``, three ``asyncio.sleep(0.02)`` per record): the floor;
+- the design ``run_batch`` did not take: 32 asyncio tasks awaiting ``pipeline.acall`` (no journal).
 
 The stageflow and DSPy rows run real ``dspy.Predict`` stages on ``stageflow.testing.FakeLM`` (the
 real adapter and LM path, no network). Rows marked "sleep stages" replace every LM call by a 20 ms
@@ -101,6 +102,19 @@ def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[],
     out["stageflow run_batch, local"] = lambda: stageflow.run_batch(
         program, questions, lm=lm, journal=journal(), concurrency=CONC, progress=False
     )
+
+    async def tasks() -> None:  # the design run_batch did not take: asyncio tasks + acall
+        it = iter(questions)
+
+        async def worker() -> None:
+            for rec in it:
+                with dspy.track_usage():
+                    await program.acall(question=rec["question"])
+
+        with dspy.context(lm=lm, disable_history=True):
+            await asyncio.gather(*(worker() for _ in range(CONC)))
+
+    out["alternative: asyncio tasks × pipeline.acall (no journal)"] = lambda: asyncio.run(tasks())
     out["stageflow run_batch, local (sleep stages)"] = lambda: stageflow.run_batch(
         sleepy, xs, journal=journal(), concurrency=CONC, progress=False
     )
