@@ -245,7 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--only", default="", help="run only variants whose name contains this text")
+    parser.add_argument(
+        "--only", default="", help="run only variants whose name contains one of these comma-separated texts"
+    )
     parser.add_argument("--chunk", type=int, default=4, help="records per Ray call")
     args = parser.parse_args()
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
@@ -261,7 +263,8 @@ def main() -> None:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        vs = {k: v for k, v in variants(tmp, use_ray, args.chunk).items() if args.only in k}
+        wanted = [w for w in args.only.split(",") if w] or [""]
+        vs = {k: v for k, v in variants(tmp, use_ray, args.chunk).items() if any(w in k for w in wanted)}
         for fn in vs.values():  # warm-up: imports, pools, Ray workers
             fn()
         wall: dict[str, list[float]] = {k: [] for k in vs}
