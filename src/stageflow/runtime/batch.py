@@ -133,6 +133,14 @@ def run_batch(
     Returns:
         A :class:`BatchSummary`; ``summary.rows()`` reads every result back.
 
+    Examples:
+        >>> import stageflow
+        >>> size = stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])
+        >>> count = stageflow.SequentialPipeline([size])
+        >>> summary = stageflow.run_batch(count, [{"id": "a", "text": "hi"}, {"id": "b", "text": "hello"}])
+        >>> [(row.id, row.outputs) for row in summary.rows()], summary.ok
+        ([('a', {'n': 2}), ('b', {'n': 5})], True)
+
     Raises:
         ConfigurationError: bad input (before any record runs).
         ContractError: the input fields do not satisfy the pipeline (before any record runs).
@@ -147,6 +155,13 @@ def run_batch(
             code="bad_option",
         )
     ray = _make_backend(backend)
+    if output is not None and (Path(output).is_dir() or not Path(output).resolve().parent.is_dir()):
+        raise ConfigurationError(
+            f"output={str(output)!r} is a directory, or its directory does not exist.",
+            field="output",
+            code="bad_output",
+            hint="pass a file path in an existing directory",
+        )
     source = open_records(records, id_field=id_field, fmt=fmt)
     program = load_program(pipeline, allow_modules)
     settings = run_settings(lm, adapter, keep_history)

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stageflow.errors import ConfigurationError
 from stageflow.runtime.records import Record, RecordSource, input_hash
 from stageflow.runtime.writer import JournalWriter, connect
 
 __all__ = ["Journal", "JournalError", "Plan", "ScanResult"]
-
-from stageflow.errors import ConfigurationError
 
 SCHEMA_VERSION = "1"
 

@@ -127,13 +127,13 @@ class _MemorySource(RecordSource):
 class _FileSource(RecordSource):
     def __init__(self, path: Path, fmt: str, id_field: str) -> None:
         super().__init__(id_field)
-        self.path = path
+        self.path = self.file = path
         self.fmt = fmt
         self.label = str(path)
 
     def identity(self) -> dict[str, Any]:
-        st = self.path.stat()  # type: ignore[union-attr]
-        return {"source": str(self.path.resolve()), "size": st.st_size, "mtime": st.st_mtime}  # type: ignore[union-attr]
+        st = self.file.stat()
+        return {"source": str(self.file.resolve()), "size": st.st_size, "mtime": st.st_mtime}
 
     def scan(self) -> Iterator[Record]:
         seen: dict[str, int] = {}
@@ -143,7 +143,7 @@ class _FileSource(RecordSource):
 
     def _open(self) -> io.TextIOWrapper:
         try:
-            return open(self.path, encoding="utf-8", newline="")  # type: ignore[arg-type]
+            return open(self.file, encoding="utf-8", newline="")
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot read the input file {self.label}: {exc.strerror or exc}.", code="bad_input"

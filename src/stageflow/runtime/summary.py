@@ -82,7 +82,7 @@ class BatchSummary:
         """Every record's result in input order (read from the journal, not held in memory)."""
         if self.journal is None:
             return
-        con = sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{self.journal.resolve().as_uri()}?mode=ro", uri=True)
         try:
             cur = con.execute(
                 "SELECT id_json, status, outputs, error FROM records WHERE seq IS NOT NULL ORDER BY seq"
