@@ -352,3 +352,14 @@ def test_a_bad_output_path_is_refused_before_any_work(tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match="is a directory, or its directory does not exist"):
             stageflow.run_batch(qa_pipeline(), records(2), lm=lm, output=bad)
     assert lm.calls == 0
+
+
+def test_a_saved_program_directory_is_a_program(tmp_path: Path) -> None:
+    program = qa_pipeline()
+    program.save(str(tmp_path / "saved"), save_program=True)
+    lm = upper_lm()
+    summary = stageflow.run_batch(tmp_path / "saved", records(3), lm=lm, output=tmp_path / "o")
+    assert summary.succeeded == 3
+    assert read_output(tmp_path / "o")[2]["outputs"] == {"answer": "Q2", "checked": True}
+    with pytest.raises(ConfigurationError, match="cannot load the saved program"):
+        stageflow.run_batch(tmp_path, records(1))
