@@ -110,6 +110,17 @@ def test_a_changed_pipeline_file_is_refused_unless_allowed(
     assert sum(log_counts(str(log)).values()) == 4
 
 
+def test_ray_options_need_the_ray_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pipe, data, log = setup(tmp_path, n=2)
+    code, err = run(capsys, str(pipe), str(data), "-o", str(tmp_path / "o"), "--actors", "2")
+    assert code == 2
+    assert "apply to the Ray backend only" in err
+    code, err = run(capsys, str(pipe), str(data), "-o", str(tmp_path / "o"), "--concurrency", "0")
+    assert code == 2
+    assert "--concurrency must be at least 1" in err
+    assert not log.exists()
+
+
 def test_batch_help_does_not_import_dspy() -> None:
     probe = (
         "import sys; from stageflow.cli import main; main(['batch', '--help']); print('dspy' in sys.modules)"

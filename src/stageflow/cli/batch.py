@@ -152,6 +152,12 @@ def _command(args: argparse.Namespace, journal: Path, *, retry_failed: bool = Fa
 def run(args: argparse.Namespace) -> int:
     for name in ("concurrency", "max_concurrency", "actors"):
         _positive(args, name)
+    if args.backend != "ray" and (args.ray_address or args.actors):
+        raise ConfigurationError(
+            "--ray-address and --actors apply to the Ray backend only.",
+            code="bad_option",
+            hint="add --backend ray",
+        )
     out = Path(args.output)
     if not out.resolve().parent.is_dir():
         raise ConfigurationError(
