@@ -115,3 +115,13 @@ def test_a_killed_ray_run_resumes_exactly_once(ray_cluster: Any, tmp_path: Path)
     repeated, backend = con.execute("SELECT repeated, backend FROM runs ORDER BY id DESC LIMIT 1").fetchone()
     con.close()
     assert (repeated, backend) == (len(running_then), "ray")
+
+
+def test_the_concurrency_budget_is_split_across_the_actors(ray_cluster: Any, tmp_path: Path) -> None:
+    def cap(text: str) -> dict[str, Any]:  # runs in a worker: the budget stageflow has there
+        return {"cap": stageflow.get_config()["max_concurrency"]}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(cap, writes=["cap"])])
+    with stageflow.limits(max_concurrency=6):  # the driver's budget, which workers cannot see
+        summary = stageflow.run_batch(program, data(8), backend=RayBackend(actors=2), journal=tmp_path / "j")
+    assert {row.outputs["cap"] for row in summary.rows() if row.outputs} == {3}

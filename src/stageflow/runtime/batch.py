@@ -202,7 +202,14 @@ def run_batch(
             LocalExecutor(program, settings, concurrency)
             if ray is None
             else ray.executor(
-                pipeline, program, lm, adapter, allow_modules, concurrency, max_concurrency, keep_history
+                pipeline,
+                program,
+                lm,
+                adapter,
+                allow_modules,
+                concurrency,
+                _cap(max_concurrency),
+                keep_history,
             )
         )
         writer = j.writer(run_id)
@@ -240,6 +247,16 @@ def run_batch(
     if summary.interrupted:
         raise BatchInterrupted(summary)
     return summary
+
+
+def _cap(max_concurrency: int | None) -> int | None:
+    """The budget Ray workers share: ``max_concurrency``, else the tightest budget in force here
+    (``stageflow.configure`` / ``stageflow.limits``), which the worker processes cannot see."""
+    if max_concurrency is not None:
+        return max_concurrency
+    from stageflow.engine.concurrency import leaf_slots
+
+    return min((b.limit for b in leaf_slots()), default=None)
 
 
 def _limits(n: int) -> contextlib.AbstractContextManager[Any]:
