@@ -39,7 +39,7 @@ class ProgressBar:
                 dynamic_ncols=True,
                 smoothing=0.1,
                 desc="batch",
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix} "
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix} "
                 "[{elapsed}<{remaining}, {rate_fmt}]",
             )
             self._bar.set_postfix_str("0 failed", refresh=False)
