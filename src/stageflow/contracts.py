@@ -95,7 +95,7 @@ class StandardStage(dspy.Module):  # type: ignore[misc]
         """Do the stage's work on validated ``data``; return an ``output_model`` (or a dict of it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement process(data)")
 
-    def _stageflow_ports(self) -> Ports:
+    def stageflow_ports(self) -> Ports:
         fields = self.input_model.model_fields
         out_fields = self.output_model.model_fields
         types = {k: v.annotation for k, v in fields.items()}

@@ -25,15 +25,7 @@ from stageflow import (
     StandardStage,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 class NumIn(StageInput):
@@ -160,7 +152,6 @@ CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[StageflowError], 
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
 async def test_bad_input_is_a_stageflow_error(case: str, mode: str) -> None:
     build, inputs, expected, code = CASES[case]

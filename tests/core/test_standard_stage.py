@@ -20,14 +20,7 @@ from stageflow import (
     describe,
     stage,
 )
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import call
 
 
 class TextIn(StageInput):
@@ -65,13 +58,11 @@ class AsyncMeasure(StandardStage):
         return {"length": len(data.text) + 100, "confidence": 0.5}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_valid_input_produces_output_fields(mode: str) -> None:
     out = await call(Measure(), mode, text="hello", times=2)
     assert out.toDict() == {"error": None, "confidence": 1.0, "length": 10}
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("inputs", "field"),
     [
@@ -95,7 +86,6 @@ async def test_validation_error_is_contract_error_naming_field(
     assert err.__cause__ is not None
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_exception_in_process_becomes_error_output(mode: str) -> None:
     out = await call(Broken(), mode, text="x")
     assert out.error == "ValueError: kaput"
@@ -146,7 +136,6 @@ class BadType(StandardStage):
         return 5
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_invalid_output_is_contract_error(mode: str) -> None:
     with pytest.raises(ContractError) as ei:
         await call(BadDict(), mode, text="x")
@@ -189,7 +178,6 @@ def test_ports_come_from_pydantic_models() -> None:
     assert ports.types["text"] is str
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_inside_sequential_pipeline(mode: str) -> None:
     p = SequentialPipeline([Measure(), stage(lambda length: length * 2, writes=["double"])])
     assert p.check(["text"]) == ("confidence", "double", "error", "length", "text")
@@ -207,7 +195,6 @@ async def test_async_standard_stage_inside_pipeline() -> None:
     assert result.plus == 102
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_missing_required_field_in_pipeline_is_caught_by_check(mode: str) -> None:
     p = SequentialPipeline([Measure()])
     with pytest.raises(ContractError) as ei:
@@ -217,7 +204,6 @@ async def test_missing_required_field_in_pipeline_is_caught_by_check(mode: str) 
     assert ei.value.stage_path == "stages[0]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_wrong_type_in_pipeline_is_contract_error_with_path(mode: str) -> None:
     p = SequentialPipeline([stage(lambda raw: {"text": len(raw)}, writes=["text"]), Measure()])
     with pytest.raises(ContractError) as ei:
@@ -227,7 +213,6 @@ async def test_wrong_type_in_pipeline_is_contract_error_with_path(mode: str) -> 
     assert ei.value.stage_path == "stages[1]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_error_output_flows_through_pipeline(mode: str) -> None:
     p = SequentialPipeline(
         [Broken(), stage(lambda error, confidence: f"{confidence}:{error}", writes=["report"])]

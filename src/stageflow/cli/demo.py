@@ -7,7 +7,14 @@ import json
 import sys
 from typing import Any
 
-from stageflow.cli._common import EXIT_OK, Progress, add_prompt_option, resolve_cli_lm
+from stageflow.cli._common import (
+    EXIT_OK,
+    Progress,
+    add_prompt_option,
+    check_requirements,
+    check_text,
+    resolve_cli_lm,
+)
 from stageflow.errors import ConfigurationError
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -42,10 +49,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
 
 
 def run(args: argparse.Namespace) -> int:
+    check_requirements(NAME, None if args.fake else args, retrieval=True)
     from stageflow.apps.multihop.demo import DEFAULT_DEMOS, default_question, fake_lm, format_text, run_demo
     from stageflow.apps.multihop.program import stage_name
 
     question = args.question if args.question is not None else default_question()
+    check_text(question, "the question")
     if not question.strip():
         raise ConfigurationError("the question is empty.", code="bad_input", hint='stageflow demo "Who ...?"')
     if args.k < 1:
