@@ -76,8 +76,8 @@ def test_output_has_every_record_once_in_input_order_with_error_rows(tmp_path: P
     assert (summary.total, summary.succeeded, summary.failed, summary.ran) == (30, 28, 2, 30)
     assert not summary.ok
     assert summary.usage.lm_calls == 30 == lm.calls
-    assert summary.usage.prompt_tokens > 0
-    assert summary.usage.completion_tokens > 0
+    assert summary.usage.input_tokens > 0
+    assert summary.usage.output_tokens > 0
     assert summary.usage.cost is None
     assert [(r.id, r.ok) for r in summary.rows()][:4] == [
         ("r0", True),
@@ -304,12 +304,15 @@ def test_ctrl_c_stops_cleanly_and_the_same_call_resumes(tmp_path: Path) -> None:
     assert lm.calls == 200
 
 
-def test_dspy_history_is_off_during_a_batch_unless_kept(tmp_path: Path) -> None:
+def test_usage_of_a_plain_dspy_module_and_of_failed_records_is_counted(tmp_path: Path) -> None:
     lm = upper_lm()
-    stageflow.run_batch(qa_pipeline(), records(3), lm=lm)
-    assert lm.history == []
-    stageflow.run_batch(qa_pipeline(), records(3), lm=lm, keep_history=True)
-    assert len(lm.history) == 3
+    plain = dspy.Predict("question -> answer")  # not a stageflow pipeline: DSPy's tracker counts
+    summary = stageflow.run_batch(plain, records(4), lm=lm)
+    assert summary.usage.lm_calls == 4
+    assert summary.usage.input_tokens > 0
+    failing = stageflow.run_batch(qa_pipeline(fail={"q0", "q1"}), records(3), lm=upper_lm())
+    assert failing.failed == 2
+    assert failing.usage.lm_calls == 3  # the calls made before a record failed count too
 
 
 class _Terminal:

@@ -53,7 +53,7 @@ def test_200_records_with_injected_failures(ray_cluster: Any, tmp_path: Path) ->
     assert summary.backend == "ray"
     assert (summary.succeeded, summary.failed) == (200 - len(bad), len(bad))
     assert summary.usage.lm_calls == 200
-    assert summary.usage.prompt_tokens > 0
+    assert summary.usage.input_tokens > 0
 
 
 def test_a_program_that_cannot_be_pickled_gets_a_clear_error(ray_cluster: Any, tmp_path: Path) -> None:

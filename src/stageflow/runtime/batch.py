@@ -15,7 +15,7 @@ from stageflow.runtime.fingerprint import program_fingerprint
 from stageflow.runtime.journal import Journal, JournalError, ScanResult
 from stageflow.runtime.local import LocalExecutor
 from stageflow.runtime.output import write_output
-from stageflow.runtime.program import load_program, run_settings
+from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
 from stageflow.runtime.runner import run_loop
@@ -26,12 +26,11 @@ __all__ = ["run_batch"]
 
 def _check_contracts(program: Any, scan: ScanResult, source: RecordSource) -> None:
     """Every distinct set of input fields satisfies the pipeline's contracts (before any LM call)."""
-    check = getattr(program, "check", None)
-    if not callable(check) or not getattr(program, "_is_stageflow_pipeline", False):
+    if not is_pipeline(program):
         return
     for names, line in scan.field_sets.items():
         try:
-            check(sorted(names))
+            program.check(sorted(names))
         except ContractError as exc:
             where = f"{source.label} line {line}" if source.path is not None else f"record {line}"
             raise ContractError(
@@ -94,7 +93,6 @@ def run_batch(
     id_field: str = "id",
     allow_modules: Sequence[str] = (),
     fmt: str | None = None,
-    keep_history: bool = False,
     command: str | None = None,
 ) -> BatchSummary:
     """Run ``pipeline`` on every record of ``records``, journaled so a stopped run resumes.
@@ -126,8 +124,6 @@ def run_batch(
         id_field: The field holding a record's id.
         allow_modules: Modules a pipeline file may load components from.
         fmt: ``"jsonl"`` or ``"csv"`` to override the input file's extension.
-        keep_history: Keep DSPy's LM call history (``dspy.inspect_history``) during the run; off by
-            default (memory and CPU; usage tracking is not affected).
         command: The command line to record in the journal (the CLI passes its own).
 
     Returns:
@@ -164,7 +160,7 @@ def run_batch(
         )
     source = open_records(records, id_field=id_field, fmt=fmt)
     program = load_program(pipeline, allow_modules)
-    settings = run_settings(lm, adapter, keep_history)
+    settings = run_settings(lm, adapter)
     import dspy
 
     with dspy.context(**settings):
@@ -209,7 +205,6 @@ def run_batch(
                 allow_modules,
                 concurrency,
                 _cap(max_concurrency),
-                keep_history,
             )
         )
         writer = j.writer(run_id)

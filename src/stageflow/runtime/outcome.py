@@ -23,24 +23,27 @@ class Usage:
 
     Attributes:
         lm_calls: LM calls that reached a model (DSPy answer-cache hits are not billed and not counted).
-        prompt_tokens: Input tokens of those calls.
-        completion_tokens: Output tokens of those calls.
-        cost: Cost in the provider's currency (USD for LiteLLM models), ``None`` when no call reported one.
-        cache_hits: Stage-cache hits (stages that were skipped because their output was cached).
+        input_tokens: Prompt tokens of those calls.
+        output_tokens: Completion tokens of those calls.
+        cost: Their cost, when the model reports one (``None`` when none did).
+        cache_hits: Stage outputs served by stageflow's stage cache (the stage did not run).
+        lm_cache_hits: LM calls DSPy answered from its answer cache.
     """
 
     lm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
     cost: float | None = None
     cache_hits: int = 0
+    lm_cache_hits: int = 0
 
     def add(self, other: Usage) -> None:
         """Add ``other`` into this one."""
         self.lm_calls += other.lm_calls
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
         self.cache_hits += other.cache_hits
+        self.lm_cache_hits += other.lm_cache_hits
         if other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
 
@@ -112,31 +115,44 @@ class _Scope:
     def __init__(self, tracker: Any) -> None:
         self.tracker = tracker
 
-    def usage(self, events: Any) -> Usage:
-        """The usage recorded in this scope; ``events`` are the run's policy events (cache hits)."""
+    def usage(self, run: Any) -> Usage:
+        """The usage of the call: from its run's usage table (``result.run.usage`` of a stageflow
+        pipeline, or ``error.run`` when it failed), else from the DSPy tracker of this scope."""
+        table = getattr(run, "usage", None)
+        total = getattr(table, "total", None)
+        if total is not None:
+            return Usage(
+                total.lm_calls,
+                total.input_tokens,
+                total.output_tokens,
+                total.cost,
+                total.cache_hits,
+                total.lm_cache_hits,
+            )
         usage = Usage()
-        cost = 0.0
-        priced = False
+        if self.tracker is None:
+            return usage
         for entries in self.tracker.usage_data.values():
             for entry in entries:
                 usage.lm_calls += 1
-                usage.prompt_tokens += int(entry.get("prompt_tokens") or 0)
-                usage.completion_tokens += int(entry.get("completion_tokens") or 0)
-                c = entry.get("cost")
-                if isinstance(c, int | float) and not isinstance(c, bool):
-                    cost += c
-                    priced = True
-        usage.cost = cost if priced else None
-        usage.cache_hits = sum(1 for e in events or () if getattr(e, "kind", None) == "cache_hit")
+                usage.input_tokens += int(entry.get("prompt_tokens") or 0)
+                usage.output_tokens += int(entry.get("completion_tokens") or 0)
         return usage
 
 
 @contextmanager
-def usage_scope() -> Iterator[_Scope]:
-    """Collect the LM usage of the code inside the block (context-local: one per record).
+def usage_scope(program: Any) -> Iterator[_Scope]:
+    """Collect the LM usage of one call of ``program`` (context-local: one per record).
 
-    This is the one place that knows how usage is collected (today DSPy's ``track_usage``).
+    This is the one place that knows how usage is collected: a stageflow pipeline meters itself
+    (``result.run.usage``: LM calls, tokens, cost, stage- and LM-cache hits); any other DSPy
+    module gets a ``dspy.track_usage()`` tracker (calls and tokens only).
     """
+    from stageflow.runtime.program import is_pipeline
+
+    if is_pipeline(program):
+        yield _Scope(None)
+        return
     import dspy
 
     with dspy.track_usage() as tracker:
@@ -157,15 +173,13 @@ def _fields(result: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
 def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
     """Run ``program(**inputs)`` (sync) and return its :class:`Outcome`; never raises for the record."""
     t0 = time.perf_counter()
-    with usage_scope() as scope:
+    with usage_scope(program) as scope:
         try:
             result = program(**inputs)
             outputs = _fields(result, inputs)
         except BaseException as exc:  # any failure is this record's error row
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            run = getattr(exc, "events", None)
-            return Outcome(False, None, error_info(exc), scope.usage(run), time.perf_counter() - t0)
-    run_info = getattr(result, "run", None)
-    events = getattr(run_info, "events", None)
-    return Outcome(True, outputs, None, scope.usage(events), time.perf_counter() - t0)
+            usage = scope.usage(getattr(exc, "run", None))
+            return Outcome(False, None, error_info(exc), usage, time.perf_counter() - t0)
+    return Outcome(True, outputs, None, scope.usage(getattr(result, "run", None)), time.perf_counter() - t0)

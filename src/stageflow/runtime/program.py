@@ -12,7 +12,14 @@ from typing import Any
 
 from stageflow.errors import ConfigurationError
 
-__all__ = ["load_program", "resolve_adapter", "resolve_lm_value", "run_settings"]
+__all__ = ["is_pipeline", "load_program", "resolve_adapter", "resolve_lm_value", "run_settings"]
+
+
+def is_pipeline(program: Any) -> bool:
+    """Whether ``program`` is a stageflow pipeline (contracts to check, usage metered per call)."""
+    from stageflow.patterns.base import Pipeline
+
+    return isinstance(program, Pipeline)
 
 
 def load_program(program: Any, allow_modules: Sequence[str] = ()) -> Any:
@@ -86,16 +93,9 @@ def resolve_adapter(adapter: Any) -> Any:
     )
 
 
-def run_settings(lm: Any, adapter: Any, keep_history: bool = False) -> dict[str, Any]:
-    """The ``dspy.context`` settings records run with.
-
-    Besides the LM and adapter (when given; else the caller's DSPy settings apply), DSPy's LM call
-    history is off unless ``keep_history``: over a batch it would only hold the last 10,000
-    calls' prompts and answers in memory, three times over (global, per LM, per module), and
-    recording it costs about a tenth of a fake-LM ``Predict`` call's CPU. Usage tracking, callbacks
-    and traces are not affected.
-    """
-    settings: dict[str, Any] = {} if keep_history else {"disable_history": True}
+def run_settings(lm: Any, adapter: Any) -> dict[str, Any]:
+    """The ``dspy.context`` settings records run with (empty: the caller's DSPy settings)."""
+    settings: dict[str, Any] = {}
     value = resolve_lm_value(lm)
     if value is not None:
         settings["lm"] = value

@@ -81,11 +81,9 @@ class RayBackend:
         allow_modules: Sequence[str],
         concurrency: int,
         max_concurrency: int | None,
-        keep_history: bool = False,
     ) -> RayExecutor:
         """Start the actors for one run (called by :func:`stageflow.run_batch`)."""
         spec = _worker_spec(source, program, lm, adapter, allow_modules)
-        spec["keep_history"] = keep_history
         return RayExecutor(self, spec, concurrency, max_concurrency)
 
 
@@ -135,7 +133,7 @@ class BatchWorker:
         adapter = spec["adapter"]
         adapter = cloudpickle.loads(adapter) if isinstance(adapter, bytes) else adapter
         dspy.configure_cache(**spec["cache"])
-        dspy.configure(**run_settings(lm, adapter, spec.get("keep_history", False)))
+        dspy.configure(**run_settings(lm, adapter))
         if max_concurrency is not None:
             configure(max_concurrency=max_concurrency)
         self.pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="stageflow-batch")

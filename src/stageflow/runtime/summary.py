@@ -103,7 +103,7 @@ class BatchSummary:
         """A readable summary table (what the ``stageflow batch`` command prints)."""
         u = self.usage
         rate = f" ({self.ran / self.wall_time:,.1f} records/s)" if self.wall_time > 0 and self.ran else ""
-        tokens = u.prompt_tokens + u.completion_tokens
+        tokens = u.input_tokens + u.output_tokens
         rows = [
             ("records", f"{self.total:,}"),
             ("succeeded", f"{self.succeeded:,}"),
@@ -128,9 +128,9 @@ class BatchSummary:
             ),
             ("wall time", f"{self.wall_time:,.2f} s{rate}, of which setup {self.setup_time:,.2f} s"),
             ("LM calls", f"{u.lm_calls:,}"),
-            ("tokens", f"{tokens:,} ({u.prompt_tokens:,} in, {u.completion_tokens:,} out)"),
-            ("cost", "unknown" if u.cost is None else f"${u.cost:,.4f}"),
-            ("cache hits", f"{u.cache_hits:,}"),
+            ("tokens", f"{tokens:,} ({u.input_tokens:,} in, {u.output_tokens:,} out)"),
+            ("cost", "unknown (no model reported one)" if u.cost is None else f"${u.cost:,.4f}"),
+            ("cache hits", f"{u.cache_hits:,} stage outputs, {u.lm_cache_hits:,} LM answers"),
         ]
         width = max(len(k) for k, _ in rows)
         head = f"batch summary ({self.backend})" + (" — interrupted" if self.interrupted else "")
