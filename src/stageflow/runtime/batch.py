@@ -1,0 +1,260 @@
+"""``stageflow.run_batch``: run a program over a dataset, resumably, exactly once per record."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stageflow.errors import ConfigurationError, ContractError
+from stageflow.runtime.fingerprint import program_fingerprint
+from stageflow.runtime.journal import Journal, JournalError, ScanResult
+from stageflow.runtime.local import LocalExecutor
+from stageflow.runtime.output import write_output
+from stageflow.runtime.program import is_pipeline, load_program, run_settings
+from stageflow.runtime.progress import ProgressBar
+from stageflow.runtime.records import RecordSource, open_records
+from stageflow.runtime.runner import run_loop
+from stageflow.runtime.summary import BatchInterrupted, BatchSummary
+
+__all__ = ["run_batch"]
+
+
+def _check_contracts(program: Any, scan: ScanResult, source: RecordSource) -> None:
+    """Every distinct set of input fields satisfies the pipeline's contracts (before any LM call)."""
+    if not is_pipeline(program):
+        return
+    for names, line in scan.field_sets.items():
+        try:
+            program.check(sorted(names))
+        except ContractError as exc:
+            where = f"{source.label} line {line}" if source.path is not None else f"record {line}"
+            raise ContractError(
+                f"{where} (fields {sorted(names)}): {exc.message}",
+                stage_path=exc.stage_path,
+                field=exc.field,
+                code=exc.code,
+                hint=exc.hint,
+            ) from exc
+
+
+def _changes(journal: Journal, scan: ScanResult, fingerprint: str, source: RecordSource) -> list[str]:
+    meta = journal.meta()
+    found: list[str] = []
+    if meta.get("fingerprint") != fingerprint:
+        found.append(
+            f"the program changed (fingerprint {meta.get('fingerprint')} when planned, {fingerprint} now: a "
+            "signature, instructions, demos, code, structure or the model differs)"
+        )
+    if meta.get("input_digest") != scan.digest:
+        d = journal.differences()
+        found.append(
+            f"the input {source.label} changed ({meta.get('record_count')} records when planned, "
+            f"{scan.count} now: {d['added']} added, {d['removed']} removed, {d['changed']} changed)"
+        )
+    return found
+
+
+def _make_backend(backend: Any) -> Any:
+    if backend == "local":
+        return None
+    if backend == "ray":
+        from stageflow.runtime.ray_backend import RayBackend
+
+        return RayBackend()
+    if type(backend).__name__ == "RayBackend":
+        return backend
+    raise ConfigurationError(
+        f"backend={backend!r} is not a batch backend. Known: 'local', 'ray' (or a RayBackend(...)).",
+        field="backend",
+        code="bad_option",
+    )
+
+
+def run_batch(
+    pipeline: Any,
+    records: Any,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    journal: str | os.PathLike[str] | None = None,
+    concurrency: int = 16,
+    resume: bool = True,
+    retry_failed: bool = False,
+    allow_changed: bool = False,
+    progress: bool = True,
+    backend: Any = "local",
+    lm: Any = None,
+    adapter: Any = None,
+    max_concurrency: int | None = None,
+    id_field: str = "id",
+    allow_modules: Sequence[str] = (),
+    fmt: str | None = None,
+    command: str | None = None,
+) -> BatchSummary:
+    """Run ``pipeline`` on every record of ``records``, journaled so a stopped run resumes.
+
+    Each record's result is committed to the journal as it finishes. Running the same batch again
+    after a crash, a kill or Ctrl-C skips finished records, runs the rest, and writes ``output``
+    with every record exactly once, in input order (see the README's guarantee). A failing record
+    never stops the others: it becomes an error row and can be run again with ``retry_failed``.
+
+    Args:
+        pipeline: A stageflow pipeline or ``dspy.Module``, or a path to a pipeline file / a saved
+            program directory.
+        records: A ``.jsonl``/``.csv`` file, or an iterable of dicts; a record's ``id`` field (else
+            its line number) is its key, the other fields are the pipeline's inputs.
+        output: Write the results here (JSON Lines) once every record has finished.
+        journal: The journal file (SQLite). ``None``: a temporary one (no resume across calls).
+        concurrency: Records in flight at once (local: worker threads; Ray: actors × slots).
+        resume: Continue a journal's earlier run; ``False`` starts over, discarding it.
+        retry_failed: Run records that failed in earlier runs again.
+        allow_changed: Resume even though the program or the input changed since the journal was
+            planned (finished records are kept; changed records run again); recorded in the journal.
+        progress: Show a progress bar when stderr is a terminal.
+        backend: ``"local"``, ``"ray"`` or a :class:`~stageflow.runtime.RayBackend`.
+        lm: The LM records run with: a ``dspy.LM``, a model string or a factory; default: the
+            current DSPy settings.
+        adapter: The DSPy adapter (or a factory); default: the current DSPy settings.
+        max_concurrency: Cap on concurrent LM/stage calls across all records and their fan-outs
+            (stageflow's budget; ``stageflow.configure(max_concurrency=...)`` applies too).
+        id_field: The field holding a record's id.
+        allow_modules: Modules a pipeline file may load components from.
+        fmt: ``"jsonl"`` or ``"csv"`` to override the input file's extension.
+        command: The command line to record in the journal (the CLI passes its own).
+
+    Returns:
+        A :class:`BatchSummary`; ``summary.rows()`` reads every result back.
+
+    Examples:
+        >>> import stageflow
+        >>> size = stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])
+        >>> count = stageflow.SequentialPipeline([size])
+        >>> summary = stageflow.run_batch(count, [{"id": "a", "text": "hi"}, {"id": "b", "text": "hello"}])
+        >>> [(row.id, row.outputs) for row in summary.rows()], summary.ok
+        ([('a', {'n': 2}), ('b', {'n': 5})], True)
+
+    Raises:
+        ConfigurationError: bad input (before any record runs).
+        ContractError: the input fields do not satisfy the pipeline (before any record runs).
+        JournalError: the journal belongs to a different program or input, or is in use.
+        BatchInterrupted: Ctrl-C, after a clean stop (a ``KeyboardInterrupt`` with ``.summary``).
+    """
+    t0 = time.perf_counter()
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(
+            f"concurrency must be a positive int, got {concurrency!r}.",
+            field="concurrency",
+            code="bad_option",
+        )
+    ray = _make_backend(backend)
+    if output is not None and (Path(output).is_dir() or not Path(output).resolve().parent.is_dir()):
+        raise ConfigurationError(
+            f"output={str(output)!r} is a directory, or its directory does not exist.",
+            field="output",
+            code="bad_output",
+            hint="pass a file path in an existing directory",
+        )
+    source = open_records(records, id_field=id_field, fmt=fmt)
+    program = load_program(pipeline, allow_modules)
+    settings = run_settings(lm, adapter)
+    import dspy
+
+    with dspy.context(**settings):
+        fingerprint = program_fingerprint(program)
+    keep: Any = None
+    if journal is None:
+        keep = tempfile.TemporaryDirectory(prefix="stageflow-batch-")
+        journal = Path(keep.name) / "journal.sqlite"
+    summary = BatchSummary(backend="ray" if ray is not None else "local", journal=Path(journal), _keep=keep)
+    with Journal(journal) as j:
+        if not resume and j.has_plan():
+            j.reset()
+        scan = j.scan(source)
+        _check_contracts(program, scan, source)
+        allowed: str | None = None
+        if j.has_plan():
+            changes = _changes(j, scan, fingerprint, source)
+            if changes and not allow_changed:
+                raise JournalError(
+                    f"cannot resume from the journal {j.path}: " + "; and ".join(changes) + ". Resuming "
+                    "would mix results of different programs or inputs in one output.",
+                    code="changed_since_planned",
+                    hint="start over with --no-resume (resume=False) or another --journal; or pass "
+                    "--allow-changed (allow_changed=True) to keep the finished records anyway",
+                )
+            if changes:
+                allowed = "; ".join(changes)
+                j.apply_scan(scan, fingerprint, source.identity())
+        else:
+            j.apply_scan(scan, fingerprint, source.identity())
+        plan = j.plan(retry_failed)
+        summary.skipped = plan.total - len(plan.todo)
+        run_id = j.begin_run(backend=summary.backend, command=command, allowed_changes=allowed)
+        executor: Any = (
+            LocalExecutor(program, settings, concurrency)
+            if ray is None
+            else ray.executor(
+                pipeline,
+                program,
+                lm,
+                adapter,
+                allow_modules,
+                concurrency,
+                _cap(max_concurrency),
+            )
+        )
+        writer = j.writer(run_id)
+        bar = ProgressBar(plan.total, summary.skipped, plan.failed if not retry_failed else 0, progress)
+        limit = contextlib.nullcontext() if max_concurrency is None else _limits(max_concurrency)
+        summary.setup_time = time.perf_counter() - t0
+        try:
+            with limit:
+                result = run_loop(
+                    j.pending_records(source, plan), executor, writer, lambda s: plan.todo[s][0], bar.update
+                )
+        finally:
+            bar.close()
+            writer.close()
+            executor.close()
+        c = result.counters
+        totals = j.totals()
+        if result.fatal is None and writer.error is not None:
+            result.fatal = writer.error
+        state = "failed" if result.fatal else "interrupted" if result.interrupted else "finished"
+        summary.total = totals["total"]
+        summary.succeeded, summary.failed = totals["done"], totals["failed"]
+        summary.remaining = summary.total - summary.succeeded - summary.failed
+        summary.ran, summary.repeated, summary.retried = c.ran, c.repeated, c.retried
+        summary.repeated_total = totals["repeated"]
+        summary.usage = c.usage
+        summary.interrupted = result.interrupted and summary.remaining > 0
+        j.end_run(run_id, state=state, ran=c.ran, failed=c.failed, repeated=c.repeated)
+        if result.fatal is not None:
+            raise result.fatal
+        if output is not None and summary.remaining == 0:
+            write_output(j, output)
+            summary.output = Path(output)
+    summary.wall_time = time.perf_counter() - t0
+    if summary.interrupted:
+        raise BatchInterrupted(summary)
+    return summary
+
+
+def _cap(max_concurrency: int | None) -> int | None:
+    """The budget Ray workers share: ``max_concurrency``, else the tightest budget in force here
+    (``stageflow.configure`` / ``stageflow.limits``), which the worker processes cannot see."""
+    if max_concurrency is not None:
+        return max_concurrency
+    from stageflow.engine.concurrency import leaf_slots
+
+    return min((b.limit for b in leaf_slots()), default=None)
+
+
+def _limits(n: int) -> contextlib.AbstractContextManager[Any]:
+    from stageflow.engine.concurrency import limits
+
+    return limits(max_concurrency=n)

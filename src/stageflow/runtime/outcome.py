@@ -1,0 +1,185 @@
+"""Running one record: its outputs or its error, and the LM usage it caused.
+
+The same code runs a record in a local worker thread and inside a Ray actor, so both backends
+produce the same rows. A failing record never raises out of :func:`run_record`: its error is
+kept (type, message, stage path, code) and becomes an error row in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["Outcome", "Usage", "error_info", "run_record", "to_json", "usage_scope"]
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    """LM usage of one record or a whole run.
+
+    Attributes:
+        lm_calls: LM calls that reached a model (DSPy answer-cache hits are not billed and not counted).
+        input_tokens: Prompt tokens of those calls.
+        output_tokens: Completion tokens of those calls.
+        cost: Their cost, when the model reports one (``None`` when none did).
+        cache_hits: Stage outputs served by stageflow's stage cache (the stage did not run).
+        lm_cache_hits: LM calls DSPy answered from its answer cache.
+    """
+
+    lm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+    cache_hits: int = 0
+    lm_cache_hits: int = 0
+
+    def add(self, other: Usage) -> None:
+        """Add ``other`` into this one."""
+        self.lm_calls += other.lm_calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_hits += other.cache_hits
+        self.lm_cache_hits += other.lm_cache_hits
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Usage:
+        """The inverse of :meth:`as_dict` (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What one record produced.
+
+    Attributes:
+        ok: ``False`` when the record failed.
+        outputs: The fields the pipeline wrote (a dict, or already JSON text when it comes from a
+            Ray worker); ``None`` on failure.
+        error: ``{"type", "message", "stage_path", "code", "cause"}`` on failure.
+        usage: The record's LM usage (also for a failed record: the calls made before it failed).
+        elapsed: Wall seconds.
+    """
+
+    ok: bool
+    outputs: Any
+    error: dict[str, Any] | None
+    usage: Usage
+    elapsed: float
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready version of a value json cannot encode itself."""
+    dump = getattr(value, "model_dump", None)  # pydantic models
+    if callable(dump):
+        return dump(mode="json")
+    to_dict = getattr(value, "toDict", None)  # dspy.Example / Prediction
+    if callable(to_dict):
+        return to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON; values json cannot encode become their pydantic/dict form or their text."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_plain)
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """The parts of an error kept in the journal and the output row."""
+    cause = exc.__cause__
+    message = getattr(exc, "message", None)
+    return {
+        "type": type(exc).__name__,
+        "message": message if isinstance(message, str) else str(exc),
+        "stage_path": getattr(exc, "stage_path", None),
+        "code": getattr(exc, "code", None),
+        "cause": None if cause is None else f"{type(cause).__name__}: {cause}",
+    }
+
+
+class _Scope:
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def usage(self, run: Any) -> Usage:
+        """The usage of the call: from its run's usage table (``result.run.usage`` of a stageflow
+        pipeline, or ``error.run`` when it failed), else from the DSPy tracker of this scope."""
+        table = getattr(run, "usage", None)
+        total = getattr(table, "total", None)
+        if total is not None:
+            return Usage(
+                total.lm_calls,
+                total.input_tokens,
+                total.output_tokens,
+                total.cost,
+                total.cache_hits,
+                total.lm_cache_hits,
+            )
+        usage = Usage()
+        if self.tracker is None:
+            return usage
+        for entries in self.tracker.usage_data.values():
+            for entry in entries:
+                usage.lm_calls += 1
+                usage.input_tokens += int(entry.get("prompt_tokens") or 0)
+                usage.output_tokens += int(entry.get("completion_tokens") or 0)
+        return usage
+
+
+@contextmanager
+def usage_scope(program: Any) -> Iterator[_Scope]:
+    """Collect the LM usage of one call of ``program`` (context-local: one per record).
+
+    This is the one place that knows how usage is collected: a stageflow pipeline meters itself
+    (``result.run.usage``: LM calls, tokens, cost, stage- and LM-cache hits); any other DSPy
+    module gets a ``dspy.track_usage()`` tracker (calls and tokens only).
+    """
+    from stageflow.runtime.program import is_pipeline
+
+    if is_pipeline(program):
+        yield _Scope(None)
+        return
+    import dspy
+
+    with dspy.track_usage() as tracker:
+        yield _Scope(tracker)
+
+
+def _fields(result: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    if hasattr(result, "items") and callable(result.items):
+        items = result.items()
+    else:
+        raise TypeError(
+            f"the pipeline returned {type(result).__name__}, not a Prediction or a mapping of fields"
+        )
+    # The fields the pipeline wrote: inputs it passed through unchanged are left out.
+    return {k: v for k, v in items if not (k in inputs and inputs[k] is v)}
+
+
+def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
+    """Run ``program(**inputs)`` (sync) and return its :class:`Outcome`; never raises for the record."""
+    t0 = time.perf_counter()
+    with usage_scope(program) as scope:
+        try:
+            result = program(**inputs)
+            outputs = _fields(result, inputs)
+        except BaseException as exc:  # any failure is this record's error row
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            usage = scope.usage(getattr(exc, "run", None))
+            return Outcome(False, None, error_info(exc), usage, time.perf_counter() - t0)
+    return Outcome(True, outputs, None, scope.usage(getattr(result, "run", None)), time.perf_counter() - t0)

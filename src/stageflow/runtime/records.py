@@ -1,0 +1,255 @@
+"""Batch input: JSON Lines or CSV files, or records given in Python, each with a stable key.
+
+A record's key is its ``id`` field (another name with ``id_field=``), or else its line number in
+the file (its position, from 1, for records given in Python). The key is not passed to the
+pipeline; every other field is an input. Reading validates the whole input before any work:
+malformed JSON, a line that is not an object, an unusable or duplicate id are
+:class:`~stageflow.ConfigurationError` naming the file and line.
+
+A source can be read any number of times (the runner reads it twice: once to plan and check,
+once to feed the records still to do), so a file is never held in memory whole.
+
+Examples:
+    >>> from stageflow.runtime.records import open_records
+    >>> source = open_records([{"id": "a", "text": "hi"}, {"text": "there"}])
+    >>> [(r.key, r.inputs) for r in source.scan()]
+    [('a', {'text': 'hi'}), ('2', {'text': 'there'})]
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from stageflow.errors import ConfigurationError
+
+__all__ = ["Record", "RecordSource", "input_hash", "open_records"]
+
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+class Record(NamedTuple):
+    """One input record.
+
+    Attributes:
+        seq: Position among the records (0-based); the output keeps this order.
+        key: The record's key as text (its ``id``, or its line number).
+        id: The id as given (a string or an int), written back in the output.
+        inputs: The pipeline's input fields (the record without its id field).
+        line: Line number in the file (position from 1 for records given in Python).
+    """
+
+    seq: int
+    key: str
+    id: Any
+    inputs: dict[str, Any]
+    line: int
+
+
+def input_hash(inputs: Mapping[str, Any]) -> str:
+    """A short content hash of a record's inputs (canonical JSON), to notice changed records."""
+    text = json.dumps(inputs, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+class RecordSource:
+    """Where records come from: :meth:`scan` yields them, validated, in order."""
+
+    #: A short description for messages ("data.jsonl", "250 records given in Python").
+    label: str = ""
+    #: The file, if the records come from one.
+    path: Path | None = None
+
+    def __init__(self, id_field: str) -> None:
+        self.id_field = id_field
+
+    def scan(self) -> Iterator[Record]:
+        """Every record, in order (re-readable)."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the source besides its content (file path, size, modification time)."""
+        return {"source": self.label}
+
+    def _record(self, seq: int, line: int, data: Any, seen: dict[str, int] | None) -> Record:
+        where = f"{self.label} line {line}" if self.path is not None else f"record {line}"
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(
+                f"{where} is a JSON {type(data).__name__}, not an object of input fields.",
+                code="bad_input",
+                hint='write one object per line, e.g. {"id": "q1", "question": "..."}',
+            )
+        inputs = dict(data)
+        if self.id_field in inputs:
+            raw = inputs.pop(self.id_field)
+            if isinstance(raw, bool) or not isinstance(raw, str | int) or raw == "":
+                raise ConfigurationError(
+                    f"{where}: the '{self.id_field}' field is {raw!r}; a record id must be a non-empty "
+                    "string or an integer.",
+                    field=self.id_field,
+                    code="bad_input",
+                )
+            key, rid = str(raw), raw
+        else:
+            key, rid = str(line), line
+        if seen is not None:
+            first = seen.setdefault(key, line)
+            if first != line:
+                raise ConfigurationError(
+                    f"{where}: the record id {rid!r} was already used at line {first}; every record needs "
+                    "its own id, so that results can be matched and resumed.",
+                    field=self.id_field,
+                    code="duplicate_id",
+                    hint=f"give each record a unique '{self.id_field}' (or drop the field to key records "
+                    "by line number)",
+                )
+        return Record(seq, key, rid, inputs, line)
+
+
+class _MemorySource(RecordSource):
+    def __init__(self, records: Iterable[Any], id_field: str) -> None:
+        super().__init__(id_field)
+        self._items = list(records)
+        self.label = f"{len(self._items)} records given in Python"
+        seen: dict[str, int] = {}
+        self._records = [self._record(i, i + 1, d, seen) for i, d in enumerate(self._items)]
+
+    def scan(self) -> Iterator[Record]:
+        return iter(self._records)
+
+
+class _FileSource(RecordSource):
+    def __init__(self, path: Path, fmt: str, id_field: str) -> None:
+        super().__init__(id_field)
+        self.path = self.file = path
+        self.fmt = fmt
+        self.label = str(path)
+
+    def identity(self) -> dict[str, Any]:
+        st = self.file.stat()
+        return {"source": str(self.file.resolve()), "size": st.st_size, "mtime": st.st_mtime}
+
+    def scan(self) -> Iterator[Record]:
+        seen: dict[str, int] = {}
+        rows = self._jsonl() if self.fmt == "jsonl" else self._csv()
+        for seq, (line, data) in enumerate(rows):
+            yield self._record(seq, line, data, seen)
+
+    def _open(self) -> io.TextIOWrapper:
+        try:
+            return open(self.file, encoding="utf-8", newline="")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the input file {self.label}: {exc.strerror or exc}.", code="bad_input"
+            ) from exc
+
+    def _lines(self, fh: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
+        line = 0
+        try:
+            for line, text in enumerate(fh, 1):
+                yield line, text
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(
+                f"{self.label} line {line + 1} is not UTF-8 text (byte {exc.start} of a read block).",
+                code="bad_input",
+            ) from exc
+
+    def _jsonl(self) -> Iterator[tuple[int, Any]]:
+        with self._open() as fh:
+            for line, text in self._lines(fh):
+                if not text.strip():
+                    continue
+                try:
+                    yield line, json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ConfigurationError(
+                        f"{self.label} line {line} is not valid JSON: {exc.msg} (column {exc.colno}).",
+                        code="bad_input",
+                        hint="JSON Lines needs one complete JSON object per line",
+                    ) from exc
+
+    def _csv(self) -> Iterator[tuple[int, Any]]:
+        with self._open() as fh:
+            reader = csv.reader(_TrackLines(self._lines(fh)))
+            try:
+                header = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise ConfigurationError(f"{self.label} line 1: {exc}.", code="bad_input") from exc
+            if len(set(header)) != len(header) or any(not h.strip() for h in header):
+                raise ConfigurationError(
+                    f"{self.label} line 1: the CSV header {header} has empty or repeated column names.",
+                    code="bad_input",
+                )
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    raise ConfigurationError(f"{self.label} line {start}: {exc}.", code="bad_input") from exc
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) != len(header):
+                    raise ConfigurationError(
+                        f"{self.label} line {start} has {len(row)} values for {len(header)} columns "
+                        f"({', '.join(header)}).",
+                        code="bad_input",
+                        hint="quote values that contain commas or line breaks",
+                    )
+                yield start, dict(zip(header, row, strict=True))
+
+
+class _TrackLines:
+    """Feeds ``csv.reader`` text lines (it counts them itself in ``line_num``)."""
+
+    def __init__(self, lines: Iterator[tuple[int, str]]) -> None:
+        self._lines = lines
+
+    def __iter__(self) -> _TrackLines:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._lines)[1]
+
+
+def open_records(records: Any, *, id_field: str = "id", fmt: str | None = None) -> RecordSource:
+    """The record source for ``records``: a path to a ``.jsonl``/``.ndjson``/``.csv`` file, or an
+    iterable of mappings (read once, kept in memory).
+
+    Args:
+        records: A file path or an iterable of dicts.
+        id_field: The field holding a record's key.
+        fmt: ``"jsonl"`` or ``"csv"`` to override the file extension.
+
+    Raises:
+        ConfigurationError: a missing or unreadable file, an unknown format, or (for records given
+            in Python) a record that is not a mapping or has a bad or duplicate id.
+    """
+    if isinstance(records, str | os.PathLike):
+        path = Path(records)
+        kind = fmt or _FORMATS.get(path.suffix.lower())
+        if kind not in ("jsonl", "csv"):
+            raise ConfigurationError(
+                f"cannot tell the format of the input file {path}: expected a .jsonl, .ndjson or .csv file.",
+                code="bad_input",
+                hint="rename the file, or pass --format jsonl|csv (fmt= in Python)",
+            )
+        if not path.is_file():
+            raise ConfigurationError(f"the input file {path} does not exist.", code="bad_input")
+        return _FileSource(path, kind, id_field)
+    if isinstance(records, Mapping) or not isinstance(records, Iterable):
+        raise ConfigurationError(
+            f"records must be a file path or an iterable of dicts, got {type(records).__name__}.",
+            code="bad_input",
+            hint='pass "data.jsonl", or a list like [{"id": "q1", "question": "..."}]',
+        )
+    return _MemorySource(records, id_field)

@@ -1,0 +1,73 @@
+"""The program fingerprint a batch journal stores: every predictor and function stage, and the
+structure, count; rebuilding the same program gives the same fingerprint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dspy
+import pytest
+
+import stageflow
+from stageflow.runtime import program_fingerprint
+from stageflow.testing import FakeLM
+
+
+def build(
+    instructions: str = "Answer.",
+    scale: int = 2,
+    demos: int = 0,
+    extra: bool = False,
+    second: str = "answer -> summary",
+) -> stageflow.SequentialPipeline:
+    first = dspy.Predict(dspy.Signature("question -> answer", instructions))
+    first.demos = [dspy.Example(question=f"q{i}", answer=f"a{i}") for i in range(demos)]
+    stages: list[Any] = [first, stageflow.stage(lambda answer: {"n": scale * len(answer)}, writes=["n"])]
+    stages.append(stageflow.ForEach(dspy.Predict("item -> fact"), over="items", collect="facts"))
+    stages.append(dspy.ChainOfThought(second))
+    if extra:
+        stages.append(stageflow.stage(lambda summary: {"done": True}, writes=["done"]))
+    return stageflow.SequentialPipeline(stages)
+
+
+def test_rebuilding_the_same_program_gives_the_same_fingerprint() -> None:
+    with dspy.context(lm=FakeLM()):
+        assert program_fingerprint(build()) == program_fingerprint(build())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda: build(instructions="Answer briefly."),
+        lambda: build(scale=3),
+        lambda: build(demos=2),
+        lambda: build(extra=True),
+        lambda: build(second="answer -> abstract"),
+    ],
+    ids=["instructions", "function-constant", "demos", "added-stage", "nested-signature"],
+)
+def test_any_stage_change_changes_the_fingerprint(change: Callable[[], Any]) -> None:
+    with dspy.context(lm=FakeLM()):
+        assert program_fingerprint(change()) != program_fingerprint(build())
+
+
+def test_the_model_is_part_of_the_fingerprint() -> None:
+    program = build()
+    with dspy.context(lm=FakeLM()):
+        a = program_fingerprint(program)
+    with dspy.context(lm=FakeLM(model="other/model")):
+        b = program_fingerprint(program)
+    assert a != b
+
+
+def test_function_code_is_covered() -> None:
+    def count(answer: str) -> dict[str, int]:
+        return {"n": len(answer)}
+
+    def words(answer: str) -> dict[str, int]:
+        return {"n": len(answer.split())}
+
+    a = stageflow.SequentialPipeline([stageflow.stage(count, writes=["n"])])
+    b = stageflow.SequentialPipeline([stageflow.stage(words, writes=["n"])])
+    assert program_fingerprint(a) != program_fingerprint(b)
