@@ -29,8 +29,10 @@ from typing import Any
 __all__ = [
     "StageUsage",
     "UsageTable",
+    "close_run",
     "current_table",
     "metering",
+    "open_run",
     "note_policy_event",
     "stage_scope",
     "using_table",
@@ -291,25 +293,46 @@ _TRACKER_CLASS: list[type | None] = [None]
 _PROBE = _HistoryProbe()
 
 
-@contextlib.contextmanager
-def metering(table: UsageTable) -> Iterator[None]:
-    """Send the LM usage of everything inside the block to ``table`` (see the module docstring)."""
+def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
+    """Start sending the LM usage of the current context to ``table`` (the outermost pipeline call);
+    with ``adapter``, predictors use it. Returns what :func:`close_run` needs to undo it.
+
+    DSPy is connected with one override of its settings (its usage tracker slot, its
+    ``caller_modules``, the adapter), set directly on DSPy's context variable: the same thing
+    ``dspy.context(...)`` does, without snapshotting every global setting on each call.
+    """
     token = _TABLE.set(table)
     settings_module = sys.modules.get("dspy.dsp.utils.settings")
     if settings_module is None:  # DSPy not loaded: no LM can be called
-        try:
-            yield
-        finally:
-            _TABLE.reset(token)
-        return
+        return (token, None, None)
+    overrides_var = settings_module.thread_local_overrides
     settings = settings_module.settings
     cls = _TRACKER_CLASS[0]
     if cls is None:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
-    parent = settings.usage_tracker
-    callers = settings.caller_modules or []
+    current = overrides_var.get()
+    new = settings_module.dotdict(current)
+    new["usage_tracker"] = cls(settings.usage_tracker)
+    new["caller_modules"] = [_PROBE, *(settings.caller_modules or ())]
+    if adapter is not None:
+        new["adapter"] = adapter
+    return (token, overrides_var, overrides_var.set(new))
+
+
+def close_run(opened: tuple[Any, ...]) -> None:
+    """Undo :func:`open_run`."""
+    token, overrides_var, dspy_token = opened
+    if overrides_var is not None:
+        overrides_var.reset(dspy_token)
+    _TABLE.reset(token)
+
+
+@contextlib.contextmanager
+def metering(table: UsageTable, adapter: Any = None) -> Iterator[None]:
+    """Send the LM usage of everything inside the block to ``table`` (see the module docstring);
+    with ``adapter``, predictors inside the block use it."""
+    opened = open_run(table, adapter)
     try:
-        with settings.context(usage_tracker=cls(parent), caller_modules=[_PROBE, *callers]):
-            yield
+        yield
     finally:
-        _TABLE.reset(token)
+        close_run(opened)

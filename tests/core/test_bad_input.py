@@ -41,7 +41,7 @@ class Double(StandardStage):
     input_model, output_model = NumIn, NumOut
 
     def process(self, data: NumIn) -> NumOut:
-        return NumOut(doubled=data.number * 2)
+        return NumOut(content=data.content, confidence=1.0, doubled=data.number * 2)
 
 
 def qa() -> SequentialPipeline:
@@ -55,19 +55,19 @@ def answer(text: str) -> Any:
 CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[StageflowError], str]] = {
     "standard stage wrong type": (
         lambda: SequentialPipeline([Double()]),
-        {"number": "lots", "label": "x"},
+        {"content": "c", "number": "lots", "label": "x"},
         ContractError,
         "invalid_input",
     ),
     "standard stage None": (
         lambda: SequentialPipeline([Double()]),
-        {"number": 1, "label": None},
+        {"content": "c", "number": 1, "label": None},
         ContractError,
         "invalid_input",
     ),
     "standard stage list": (
         lambda: SequentialPipeline([Double()]),
-        {"number": [1], "label": "x"},
+        {"content": "c", "number": [1], "label": "x"},
         ContractError,
         "invalid_input",
     ),

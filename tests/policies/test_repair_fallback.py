@@ -166,14 +166,14 @@ class FlakyCounter(StandardStage):
     def process(self, data: CountIn) -> Any:
         self.calls += 1
         if self.calls <= self.bad:
-            return {"n": "seven"}
-        return {"n": len(data.text)}
+            return {"content": data.text, "confidence": 1.0, "n": "seven"}
+        return {"content": data.text, "confidence": 1.0, "n": len(data.text)}
 
 
 async def test_standard_stage_invalid_output_is_repairable(mode: str) -> None:
     s = FlakyCounter(bad=1)
     p = SequentialPipeline([Stage(s, repair=True)])
-    r = await call(p, mode, text="abcd")
+    r = await call(p, mode, content="c", text="abcd")
     assert r.n == 4
     assert s.calls == 2
     assert [(e.kind, e.error.split(":")[0]) for e in r.run.events] == [("repair", "ContractError")]
@@ -182,7 +182,7 @@ async def test_standard_stage_invalid_output_is_repairable(mode: str) -> None:
 async def test_standard_stage_invalid_output_without_repair_fails(mode: str) -> None:
     s = FlakyCounter(bad=1)
     with pytest.raises(ContractError) as info:
-        await call(SequentialPipeline([s]), mode, text="abcd")
+        await call(SequentialPipeline([s]), mode, content="c", text="abcd")
     assert info.value.code == "invalid_output"
     assert s.calls == 1
 
@@ -190,7 +190,7 @@ async def test_standard_stage_invalid_output_without_repair_fails(mode: str) -> 
 def test_standard_stage_repairs_are_bounded() -> None:
     s = FlakyCounter(bad=10)
     with pytest.raises(ContractError) as info:
-        SequentialPipeline([Stage(s, repair=2)])(text="abcd")
+        SequentialPipeline([Stage(s, repair=2)])(content="c", text="abcd")
     assert info.value.code == "invalid_output"
     assert s.calls == 3
 

@@ -154,6 +154,10 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
                     raise _bad_key(entry, k, prefix)
             state.update(out)
             return
+    resolve = getattr(type(out), "stageflow_resolve", None)
+    if resolve is not None:  # a lazy result: merging its fields resolves it
+        merge_outputs(entry, resolve(out), state, run, prefix)
+        return
     if not _is_record(out):
         path = join_path(prefix, entry.path)
         raise _full(

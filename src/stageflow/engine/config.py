@@ -33,6 +33,9 @@ class Config:
     strict: bool = False
     """Strict contracts: a field only a stage with undeclared outputs may produce is refused before
     the run, instead of being checked at run time (a pipeline's own ``strict=`` wins)."""
+    fast_path: bool = True
+    """Predictors inside pipelines use stageflow's fast path (:mod:`stageflow.lm.fast`: the same
+    prompts built with less CPU, and a shorter call). A pipeline's own ``fast_path`` wins."""
 
 
 CONFIG = Config()
@@ -57,9 +60,9 @@ def _validate(name: str, value: Any) -> None:
         raise ConfigurationError(
             f"max_threads must be a positive int, got {value!r}.", field=name, code="bad_option"
         )
-    if name == "strict" and not isinstance(value, bool):
+    if name in ("strict", "fast_path") and not isinstance(value, bool):
         raise ConfigurationError(
-            f"strict must be True or False, got {value!r}.", field=name, code="bad_option"
+            f"{name} must be True or False, got {value!r}.", field=name, code="bad_option"
         )
 
 
@@ -79,8 +82,9 @@ def configure(**options: Any) -> None:
     """Set process-wide defaults.
 
     Options: ``max_concurrency`` (cap on concurrent leaf stage calls in stageflow's fan-outs;
-    ``None`` = no cap), ``max_threads`` (size of the shared thread pool) and ``strict`` (strict
-    contracts for every pipeline that does not set its own). An unknown option or a bad value raises
+    ``None`` = no cap), ``max_threads`` (size of the shared thread pool), ``strict`` (strict
+    contracts for every pipeline that does not set its own) and ``fast_path`` (predictors inside
+    pipelines take stageflow's fast path; on by default). An unknown option or a bad value raises
     :class:`ConfigurationError`; nothing is silently ignored.
     """
     check_options(options, "stageflow.configure")

@@ -115,12 +115,14 @@ def _check_reported(policy: StagePolicy, out: Any, path: str, entry: StageEntry)
         return out
     error = reported_error(out, policy.error_field)
     if error:
-        err = StageError(
-            f"Stage '{path}' ({entry.label}) reported an error in its '{policy.error_field}' field: {error}",
-            stage_path=path,
-            field=policy.error_field,
-            code="stage_reported_error",
+        message = (
+            f"Stage '{path}' ({entry.label}) reported an error in its '{policy.error_field}' field: {error}"
         )
+        err: StageError | ContractError
+        if getattr(out, "_error_code", None) == "invalid_output":  # its output broke its schema: repairable
+            err = ContractError(message, stage_path=path, field=policy.error_field, code="invalid_output")
+        else:
+            err = StageError(message, stage_path=path, field=policy.error_field, code="stage_reported_error")
         err.path_is_full = True
         raise err
     return out

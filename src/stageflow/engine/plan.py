@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import dspy
+
 from stageflow.engine.protocol import StageOwner
 from stageflow.errors import ContractError
 from stageflow.stages import (
@@ -68,6 +70,9 @@ class StageEntry:
     policy: Any = None
     blocking: bool = False
     merge_all: bool = False
+    predictor: bool = False
+    #: A module with its own ``aforward`` that is not a predictor (predictors may take the fast path).
+    direct_acall: bool = False
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -121,6 +126,17 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
     single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
     composite = isinstance(leaf, StageOwner)
+    predictor = type(leaf) in (dspy.Predict, dspy.ChainOfThought)
+    error_field = getattr(leaf, "stageflow_error_field", None)
+    if error_field and not composite:
+        # The stage reports failures in a field (StandardStage's ``error``): such a result is a failure.
+        from stageflow.policies.recovery import StagePolicy
+
+        policy = (
+            StagePolicy(error_field=error_field)
+            if policy is None
+            else replace(policy, error_field=policy.error_field or error_field)
+        )
     return StageEntry(
         path=_local_path(attr, key),
         attr=attr,
@@ -147,6 +163,9 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         # A nested pipeline's whole final state merges back, unless its outputs were declared or
         # renamed at the boundary (then only those do, as the contract check promised).
         merge_all=composite and not declared and not out_map,
+        # A Predict / ChainOfThought: called through the fast path when it is on.
+        predictor=predictor,
+        direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
     )
 
 

@@ -12,6 +12,7 @@ only built when a hook listens.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,14 +26,16 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
+from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import ConfigurationError, StageError, StageflowError
+from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
-from stageflow.usage import _STAGE, StageUsage, current_table, metering, using_table
+from stageflow.usage import _STAGE, _TABLE, StageUsage, close_run, current_table, open_run
 
 if TYPE_CHECKING:
     from stageflow.patterns.base import Pipeline
@@ -94,7 +97,7 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
         return target(**kw)
     slots = leaf_slots()
     if not slots:
-        return target(**kw) if not entry.is_async_fn else _call_sync(entry, target, kw)
+        return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
     token = enter_leaf(slots)
     try:
         return _call_sync(entry, target, kw)
@@ -103,6 +106,8 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
 
 
 def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.predictor and _FAST.get():
+        return call_predictor(target, kw)
     if entry.is_async_fn:
         # An ``async def`` stage in a sync call runs on stageflow's background event loop.
         if on_background_loop():
@@ -333,6 +338,8 @@ async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> A
 
 
 async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.predictor and _FAST.get():
+        return await acall_predictor(target, kw)
     if entry.kind == FUNCTION:
         if entry.blocking:
             return await concurrency.to_thread(target, **kw)
@@ -354,7 +361,9 @@ async def acall_stage(
     call = _start(owner, entry, state, run, hooks, prefix)
     try:
         if call.policy is None:
-            if entry.has_aforward and entry.kind != FUNCTION and (entry.composite or not leaf_slots()):
+            if entry.composite or (
+                entry.has_aforward and not entry.predictor and entry.kind != FUNCTION and not leaf_slots()
+            ):
                 out = await call.target.acall(**call.kw)  # the common case, without extra coroutine frames
             else:
                 out = await _invoke_async(entry, call.target, call.kw)
@@ -457,12 +466,36 @@ def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseExceptio
     pipeline.stageflow_failed(run, scope.own, error)
 
 
-def _usage_scope(run: RunInfo) -> Any:
-    """The outermost call connects DSPy's LM accounting to the run's usage table; a nested call
-    only points the accounting at its own table (see :mod:`stageflow.usage`)."""
-    if current_table() is None:
-        return metering(run.usage)
-    return using_table(run.usage)
+# Whether predictors in the running call take the fast path (decided by the outermost call).
+_FAST: ContextVar[bool] = ContextVar("stageflow_fast_path", default=False)
+
+
+def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
+    """The outermost call connects DSPy's LM accounting to the run's usage table and, with the fast
+    path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
+    settings for both); a nested call only points the accounting at its own table (see
+    :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
+    if current_table() is not None:
+        return (_TABLE.set(run.usage), None)
+    own = pipeline.fast_path
+    fast = CONFIG.fast_path if own is None else bool(own)
+    adapter = fast_adapter_for(_active_adapter()) if fast else None
+    return (_FAST.set(fast), open_run(run.usage, adapter))
+
+
+def _close_run(opened: tuple[Any, ...]) -> None:
+    token, outer = opened
+    if outer is None:
+        _TABLE.reset(token)
+        return
+    close_run(outer)
+    _FAST.reset(token)
+
+
+def _active_adapter() -> Any:
+    import dspy
+
+    return dspy.settings.adapter
 
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
@@ -470,12 +503,14 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
-        with _usage_scope(run):
-            body(state, run, scope.hooks, scope.prefix)
+        body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
+        _close_run(opened)
         _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)
 
@@ -485,11 +520,13 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
-        with _usage_scope(run):
-            await body(state, run, scope.hooks, scope.prefix)
+        await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
+        _close_run(opened)
         _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
     return pipeline.stageflow_result(state, run, scope.own)

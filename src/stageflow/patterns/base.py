@@ -78,6 +78,10 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     """
 
     _default_policy: Any = None
+    #: Whether predictors in this pipeline's runs take stageflow's fast path (:mod:`stageflow.lm.fast`):
+    #: ``None`` follows ``stageflow.configure(fast_path=...)`` (on by default); set it to ``False`` to
+    #: call them exactly as DSPy does. The outermost pipeline of a call decides for the whole tree.
+    fast_path: bool | None = None
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
 
