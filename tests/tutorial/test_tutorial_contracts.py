@@ -20,12 +20,6 @@ from pydantic import Field, ValidationError
 from stageflow import ContractError, SequentialPipeline, StageInput, StageOutput, StandardStage
 from stageflow.testing import FakeLM, call
 
-NO_TUTORIAL_FIELDS = (
-    "stageflow.StageInput has no fields and forbids extra ones (model_config extra='forbid'), so "
-    "StageInput(content=...) / a StandardStage called with content=... raise 'Extra inputs are not "
-    "permitted'; StageOutput has only error and confidence (no content, no metadata)"
-)
-
 
 # User code: StandardStage subclasses, as the tutorial has readers write them.
 class Summarizer(StandardStage):
@@ -72,7 +66,6 @@ def summary_lm() -> FakeLM:
     return FakeLM({"summary": lambda i: "summary: " + i["content"][:12]})
 
 
-@pytest.mark.xfail(reason=NO_TUTORIAL_FIELDS, strict=True)
 def test_the_models_have_the_tutorials_fields() -> None:
     given = StageInput(content="text", metadata={"source": "web"}, context="a note")
     assert (given.content, given.metadata, given.context) == ("text", {"source": "web"}, "a note")
@@ -84,7 +77,6 @@ def test_the_models_have_the_tutorials_fields() -> None:
     assert (out.content, out.confidence, out.metadata, out.error) == ("done", 0.8, None, None)
 
 
-@pytest.mark.xfail(reason=NO_TUTORIAL_FIELDS, strict=True)
 async def test_a_standard_stage_validates_processes_and_returns_the_output(mode: str) -> None:
     lm = summary_lm()
     with dspy.context(lm=lm):
@@ -95,18 +87,12 @@ async def test_a_standard_stage_validates_processes_and_returns_the_output(mode:
     assert out.error is None
 
 
-@pytest.mark.xfail(
-    reason="StandardStage.forward returns a dspy.Prediction, not an instance of the stage's output_schema "
-    "(the tutorial returns the validated StageOutput, so out.model_dump() works); and " + NO_TUTORIAL_FIELDS,
-    strict=True,
-)
 async def test_forward_returns_the_validated_output_model(mode: str) -> None:
     out = await call(Shout(), mode, content="quiet")
     assert isinstance(out, StageOutput)
     assert out.model_dump() == {"content": "QUIET", "confidence": 1.0, "metadata": None, "error": None}
 
 
-@pytest.mark.xfail(reason=NO_TUTORIAL_FIELDS + "; the error output's content is None, not ''", strict=True)
 async def test_an_exception_in_process_becomes_an_error_output(mode: str) -> None:
     out = await call(Fragile(), mode, content="anything")
     assert out.content == ""
@@ -114,22 +100,12 @@ async def test_an_exception_in_process_becomes_an_error_output(mode: str) -> Non
     assert "the knowledge base is offline" in out.error
 
 
-@pytest.mark.xfail(
-    reason="StageInput declares no 'content' field: a StandardStage called without content= validates and "
-    "runs process(), whose AttributeError becomes an error output, instead of refusing the input",
-    strict=True,
-)
 async def test_invalid_input_is_refused_before_process_runs(mode: str) -> None:
     with pytest.raises(ContractError) as info:
         await call(Shout(), mode, metadata={"id": 1})
     assert info.value.field == "content"
 
 
-@pytest.mark.xfail(
-    reason="StandardStage ignores the tutorial's input_schema / output_schema class attributes (it reads "
-    "input_model / output_model), and " + NO_TUTORIAL_FIELDS,
-    strict=True,
-)
 async def test_subclass_schemas_add_fields(mode: str) -> None:
     out = await call(Translator(), mode, content="hello", target_language="de")
     assert (out.content, out.language, out.confidence) == ("[de] hello", "de", 0.7)
@@ -137,7 +113,6 @@ async def test_subclass_schemas_add_fields(mode: str) -> None:
     assert Translator.output_schema is TranslationOutput
 
 
-@pytest.mark.xfail(reason=NO_TUTORIAL_FIELDS, strict=True)
 async def test_standard_stages_chain_on_content_in_a_pipeline(mode: str) -> None:
     pipeline = SequentialPipeline([Summarizer(), Shout()])
     with dspy.context(lm=summary_lm()):

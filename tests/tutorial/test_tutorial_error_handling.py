@@ -15,7 +15,7 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from stageflow import ErrorHandlingPipeline, LowConfidenceError, PipelineError, StageError
+from stageflow import ErrorHandlingPipeline, LowConfidenceError, PipelineError, StageError, StandardStage
 from stageflow.testing import FakeLM, call
 
 
@@ -203,3 +203,34 @@ async def test_the_logged_stage_name_is_the_stages_name_attribute(mode: str) -> 
     with dspy.context(lm=answer_lm()):
         result = await call(pipeline, mode, question="Q")
     assert result.error_log[0]["stage_name"] == "web_search"
+
+
+async def test_a_standard_stage_that_caught_an_exception_is_recovered(mode: str) -> None:
+    # The tutorial's two halves together: a StandardStage turns an exception into
+    # StageOutput(error=...), and the ErrorHandlingPipeline treats that truthy `error` as a failure.
+    class Clean(StandardStage):
+        def process(self, input_data):
+            return {"content": input_data.content.strip(), "confidence": 1.0}
+
+    class Enrich(StandardStage):
+        def process(self, input_data):
+            raise ConnectionError("enrichment service unreachable")
+
+    class Shout(StandardStage):
+        def process(self, input_data):
+            return {"content": input_data.content.upper(), "confidence": 0.8}
+
+    pipeline = ErrorHandlingPipeline(
+        [Clean(), Enrich(), Shout()],
+        recovery_strategies={1: lambda error, state: {**state, "content": state["content"] + " (raw)"}},
+    )
+    result = await call(pipeline, mode, content="  rivers  ")
+    assert (result.content, result.confidence) == ("RIVERS (RAW)", 0.8)
+    [entry] = result.error_log
+    assert entry["stage_index"] == 1
+    assert "enrichment service unreachable" in entry["error"]
+
+    unrecovered = ErrorHandlingPipeline([Clean(), Enrich(), Shout()])
+    with pytest.raises(PipelineError) as info:
+        await call(unrecovered, mode, content="rivers")
+    assert "enrichment service unreachable" in str(info.value)

@@ -13,7 +13,6 @@ import asyncio
 import threading
 
 import dspy
-import pytest
 
 from stageflow import LazyResult, LazyStage, SequentialPipeline
 from stageflow.testing import FakeLM, call
@@ -66,11 +65,6 @@ def test_concurrent_readers_run_the_stage_once() -> None:
     assert lm.calls == 1
 
 
-@pytest.mark.xfail(
-    reason="LazyResult has no get_result() (its forcing method is value()): AttributeError, delegated "
-    "to the Prediction ('Prediction' object has no attribute 'get_result')",
-    strict=True,
-)
 def test_get_result_forces_the_evaluation_once() -> None:
     lm = research_lm()
     with dspy.context(lm=lm):
@@ -82,34 +76,18 @@ def test_get_result_forces_the_evaluation_once() -> None:
     assert lm.calls == 1
 
 
-@pytest.mark.xfail(
-    reason="LazyResult has no predictions property: the read is delegated to the dspy.Prediction, "
-    "which has none in DSPy 3.4.1 (AttributeError). Expected here: the result's fields as a dict, "
-    "as Result.predictions and RouteDecision.predictions give",
-    strict=True,
-)
 def test_predictions_gives_the_results_fields() -> None:
     with dspy.context(lm=research_lm()):
         pending = LazyStage(Research())(question="tides")
         assert pending.predictions == {"reasoning": "ok", "findings": "findings on tides"}
 
 
-@pytest.mark.xfail(
-    reason="LazyStage is a plain class, not a dspy.Module: the stage it wraps is invisible to "
-    "named_predictors() (so to optimizers and save/load); it holds the stage as `stage`, not the "
-    "tutorial's `underlying_stage`",
-    strict=True,
-)
 def test_a_lazy_stage_is_a_dspy_module() -> None:
     lazy = LazyStage(Research())
     assert isinstance(lazy, dspy.Module)
     assert [name for name, _ in lazy.named_predictors()] == ["underlying_stage.research.predict"]
 
 
-@pytest.mark.xfail(
-    reason="LazyStage has no acall (AttributeError: 'LazyStage' object has no attribute 'acall')",
-    strict=True,
-)
 async def test_acall_on_a_lazy_stage() -> None:
     lm = research_lm()
     with dspy.context(lm=lm):
@@ -118,12 +96,6 @@ async def test_acall_on_a_lazy_stage() -> None:
     assert lm.calls == 1
 
 
-@pytest.mark.xfail(
-    reason="A LazyStage in a SequentialPipeline fails: it is wrapped as a FunctionStage whose LazyResult "
-    "output 'has no named fields' (StageError); the tutorial's pipelines read a lazy result's "
-    "fields through `output.predictions`",
-    strict=True,
-)
 async def test_a_lazy_stage_in_a_pipeline(mode: str) -> None:
     pipeline = SequentialPipeline([LazyStage(Research()), dspy.Predict("findings -> summary")])
     with dspy.context(lm=research_lm()):
