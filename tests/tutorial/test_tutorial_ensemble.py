@@ -1,0 +1,144 @@
+"""Tutorial "Advanced Architectural Patterns" §1 "Ensemble Architecture": ``EnsemblePipeline``,
+``ResultAggregator``.
+
+The tutorial's ensemble runs every processor on the same input, records ``{'processor_id',
+'result', 'success'}`` (or ``'error'``) per processor, raises ``PipelineError("All processors
+failed")`` when none succeeds, and returns ``aggregated_result`` (``aggregator.aggregate(successful)``)
+and ``individual_results``. ``ResultAggregator(strategy='weighted_voting')`` sums each member's
+``confidence`` (0.5 when absent) per ``content`` and returns ``{'content': best, 'confidence':
+share}``; ``best_confidence`` and ``consensus`` are named but not shown. stageflow runs the members
+concurrently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+import pytest
+
+from stageflow import ConfigurationError, EnsemblePipeline, PipelineError, ResultAggregator
+from stageflow.testing import FakeLM, call
+
+
+# User code: processors that answer with content and a confidence.
+class Expert(dspy.Module):
+    def __init__(self, persona):
+        super().__init__()
+        self.persona = persona
+        self.answer = dspy.Predict("question, persona -> content, confidence: float")
+
+    def forward(self, question):
+        return self.answer(question=question, persona=self.persona)
+
+
+class Broken(dspy.Module):
+    def forward(self, question):
+        raise RuntimeError("model overloaded")
+
+
+ANSWERS = {"geographer": ("Paris", 0.9), "historian": ("Rome", 0.6), "tourist": ("paris", 0.3)}
+
+
+def experts_lm(**options: Any) -> FakeLM:
+    return FakeLM(
+        {
+            "content": lambda i: ANSWERS[i["persona"]][0],
+            "confidence": lambda i: ANSWERS[i["persona"]][1],
+        },
+        **options,
+    )
+
+
+def experts() -> list[Expert]:
+    return [Expert(persona) for persona in ANSWERS]
+
+
+async def test_weighted_voting_as_in_the_tutorial(mode: str) -> None:
+    pipeline = EnsemblePipeline(experts(), ResultAggregator(strategy="weighted_voting"))
+    with dspy.context(lm=experts_lm()):
+        result = await call(pipeline, mode, question="What is the capital of France?")
+    # 'Paris' (0.9) and 'paris' (0.3) vote together against 'Rome' (0.6): 1.2 of 1.8.
+    assert result.aggregated_result == {"content": "Paris", "confidence": pytest.approx(1.2 / 1.8)}
+    assert (result.content, result.confidence) == ("Paris", pytest.approx(1.2 / 1.8))
+    records = result.individual_results
+    assert [r["processor_id"] for r in records] == [0, 1, 2]
+    assert [r["success"] for r in records] == [True, True, True]
+    assert [r["result"].content for r in records] == ["Paris", "Rome", "paris"]
+    for detail in ("aggregated_result", "individual_results"):
+        assert detail not in result
+
+
+@pytest.mark.parametrize(
+    ("strategy", "content", "confidence"),
+    [
+        ("weighted_voting", "Paris", 1.2 / 1.8),
+        ("best_confidence", "Paris", 0.9),
+        ("consensus", "Paris", 2 / 3),
+    ],
+)
+async def test_every_strategy_the_tutorial_names(
+    mode: str, strategy: str, content: str, confidence: float
+) -> None:
+    pipeline = EnsemblePipeline(experts(), ResultAggregator(strategy=strategy))
+    with dspy.context(lm=experts_lm()):
+        result = await call(pipeline, mode, question="What is the capital of France?")
+    assert result.aggregated_result == {"content": content, "confidence": pytest.approx(confidence)}
+
+
+async def test_the_default_aggregator_votes_on_content(mode: str) -> None:
+    pipeline = EnsemblePipeline(experts(), ResultAggregator())
+    with dspy.context(lm=experts_lm()):
+        result = await call(pipeline, mode, question="Q")
+    assert result.content == "Paris"
+    assert ResultAggregator().strategy == "weighted_voting"
+
+
+async def test_members_run_concurrently(mode: str) -> None:
+    lm = experts_lm(rendezvous=3, rendezvous_timeout=10.0)
+    pipeline = EnsemblePipeline(experts(), ResultAggregator())
+    with dspy.context(lm=lm):
+        await call(pipeline, mode, question="Q")
+    assert lm.peak_active == 3
+
+
+async def test_a_failed_processor_is_recorded_and_left_out(mode: str) -> None:
+    pipeline = EnsemblePipeline([*experts(), Broken()], ResultAggregator(strategy="best_confidence"))
+    with dspy.context(lm=experts_lm()):
+        result = await call(pipeline, mode, question="Q")
+    failed = result.individual_results[3]
+    assert (failed["processor_id"], failed["success"]) == (3, False)
+    assert "model overloaded" in str(failed["error"])
+    assert result.aggregated_result == {"content": "Paris", "confidence": 0.9}
+
+
+async def test_all_processors_failing_is_a_pipeline_error(mode: str) -> None:
+    pipeline = EnsemblePipeline([Broken(), Broken()], ResultAggregator())
+    with pytest.raises(PipelineError) as info:
+        await call(pipeline, mode, question="Q")
+    assert "model overloaded" in str(info.value)
+
+
+def test_aggregate_is_called_as_the_tutorial_calls_it() -> None:
+    # EnsemblePipeline.forward in the tutorial: self.aggregator.aggregate(successful_results)
+    successful_results = [
+        {"processor_id": 0, "result": dspy.Prediction(content="Paris", confidence=0.9), "success": True},
+        {"processor_id": 1, "result": dspy.Prediction(content="Rome", confidence=0.6), "success": True},
+        {
+            "processor_id": 2,
+            "result": dspy.Prediction(content="Paris"),
+            "success": True,
+        },  # no confidence: 0.5
+    ]
+    aggregator = ResultAggregator(strategy="weighted_voting")
+    assert aggregator.aggregate(successful_results) == {
+        "content": "Paris",
+        "confidence": pytest.approx(1.4 / 2.0),
+    }
+
+
+def test_an_unknown_strategy_is_refused() -> None:
+    # The tutorial raises ValueError when aggregate() runs; stageflow refuses it at construction.
+    with pytest.raises(ConfigurationError) as info:
+        ResultAggregator(strategy="loudest")
+    assert "weighted_voting" in str(info.value)

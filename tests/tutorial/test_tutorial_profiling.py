@@ -1,0 +1,76 @@
+"""Tutorial "Monitoring and Debugging" §1 "Performance Profiling": ``ProfilingPipeline``.
+
+The tutorial's ``ProfilingPipeline(stages)`` runs its stages in order, records each stage's
+execution time under ``profile_data[f"stage_{i}"]`` and ``(input_size, output_size)`` under
+``profile_data[f"stage_{i}_sizes"]``, returns ``result`` and ``profile_data``, and
+``get_performance_summary()`` gives per stage ``avg_time``, ``total_time``, ``num_executions``,
+``min_time``, ``max_time`` over every call so far.
+"""
+
+from __future__ import annotations
+
+import dspy
+import pytest
+
+from stageflow import ProfilingPipeline
+from stageflow.testing import FakeLM, call
+
+
+class Draft(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.write = dspy.Predict("topic -> draft")
+
+    def forward(self, topic):
+        return self.write(topic=topic)
+
+
+class Review(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.review = dspy.ChainOfThought("draft -> verdict")
+
+    def forward(self, draft):
+        return self.review(draft=draft)
+
+
+def profile_lm() -> FakeLM:
+    return FakeLM({"draft": lambda i: f"a draft about {i['topic']}", "verdict": "accept"})
+
+
+async def test_the_performance_summary_covers_every_call(mode: str) -> None:
+    pipeline = ProfilingPipeline([Draft(), Review()])
+    with dspy.context(lm=profile_lm()):
+        first = await call(pipeline, mode, topic="rivers")
+        second = await call(pipeline, mode, topic="lakes")
+    assert second.verdict == "accept"
+    assert second.result["draft"] == "a draft about lakes"  # the tutorial's `result=current_input`
+    summary = pipeline.get_performance_summary()
+    assert list(summary) == pipeline.stage_names
+    for stats in summary.values():
+        assert stats["num_executions"] == 2
+        assert 0 <= stats["min_time"] <= stats["avg_time"] <= stats["max_time"]
+        assert stats["total_time"] == pytest.approx(2 * stats["avg_time"])
+    # profile_data: a run detail of each call, not a data field
+    assert set(first.profile_data) == set(pipeline.stage_names)
+    assert "profile_data" not in first
+
+
+@pytest.mark.xfail(
+    reason="result.profile_data is a per-call summary keyed by stage path ({'stages[0]': {'num_executions', "
+    "'avg_time', ..., 'avg_input_size', 'avg_output_size'}}); the tutorial's is the raw record "
+    "{'stage_0': [seconds, ...], 'stage_0_sizes': [(input_size, output_size), ...]} accumulated over "
+    "calls, so profile_data['stage_0'] raises KeyError",
+    strict=True,
+)
+async def test_profile_data_has_the_tutorials_layout(mode: str) -> None:
+    pipeline = ProfilingPipeline([Draft(), Review()])
+    with dspy.context(lm=profile_lm()):
+        result = await call(pipeline, mode, topic="rivers")
+    times = result.profile_data["stage_0"]
+    assert len(times) == 1
+    assert times[0] >= 0
+    [(input_size, output_size)] = result.profile_data["stage_0_sizes"]
+    assert input_size > 0
+    assert output_size > 0
+    assert set(pipeline.get_performance_summary()) == {"stage_0", "stage_1"}

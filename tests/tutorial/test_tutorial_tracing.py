@@ -1,0 +1,112 @@
+"""Tutorial "Monitoring and Debugging" §2 "Execution Tracing": ``TracingPipeline``.
+
+The tutorial's ``TracingPipeline(stages)`` appends timestamped entries to ``execution_trace``: one
+``{'type': 'input', 'stage': 'input', 'input': ...}``, per stage a ``stage_start`` (``stage``,
+``stage_name``, ``input``) and a ``stage_end`` (``output``), and a final ``{'type': 'output',
+'stage': 'output', 'output': ...}``; it returns ``result`` and ``execution_trace``;
+``save_trace(filename)`` writes the trace as JSON (``default=str``). Its trace grows across calls;
+stageflow's holds one call's events (the pipeline keeps the last call's).
+"""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import pytest
+
+from stageflow import TracingPipeline
+from stageflow.testing import FakeLM, call
+
+
+class Draft(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.write = dspy.Predict("topic -> draft")
+
+    def forward(self, topic):
+        return self.write(topic=topic)
+
+
+class Review(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.review = dspy.ChainOfThought("draft -> verdict")
+
+    def forward(self, draft):
+        return self.review(draft=draft)
+
+
+def trace_lm() -> FakeLM:
+    return FakeLM({"draft": lambda i: f"a draft about {i['topic']}", "verdict": "accept"})
+
+
+async def test_the_trace_records_the_input_each_stage_and_the_output(mode: str, tmp_path) -> None:
+    pipeline = TracingPipeline([Draft(), Review()])
+    with dspy.context(lm=trace_lm()):
+        result = await call(pipeline, mode, topic="rivers")
+    assert result.verdict == "accept"
+    assert result.result["draft"] == "a draft about rivers"  # the tutorial's `result=current_input`
+    trace = result.execution_trace
+    assert len(trace) == 2 + 2 * len(pipeline.stages)
+    assert [e["stage"] for e in trace[1:-1]] == [name for name in pipeline.stage_names for _ in (0, 1)]
+    assert "execution_trace" not in result
+
+    path = tmp_path / "trace.json"
+    pipeline.save_trace(str(path))
+    assert json.loads(path.read_text())  # plain JSON (the tutorial: json.dump(..., default=str))
+
+
+async def test_each_call_has_its_own_trace(mode: str) -> None:
+    pipeline = TracingPipeline([Draft(), Review()])
+    with dspy.context(lm=trace_lm()):
+        first = await call(pipeline, mode, topic="rivers")
+        second = await call(pipeline, mode, topic="lakes")
+    assert len(first.execution_trace) == len(second.execution_trace) == 6
+    assert pipeline.execution_trace == second.execution_trace
+
+
+@pytest.mark.xfail(
+    reason="Trace events name their kind in 'event' (not the tutorial's 'type'), carry 'inputs'/'outputs' "
+    "(not 'input'/'output') and 'stage_type' (not 'stage_name'), the pipeline's input/output events have "
+    "stage '' (not 'input'/'output'), stage events use paths 'stages[0]' (not 'stage_0'), and "
+    "'timestamp' is an ISO string (the tutorial's is time.time(), a float): e['type'] raises KeyError",
+    strict=True,
+)
+async def test_trace_entries_have_the_tutorials_keys(mode: str) -> None:
+    pipeline = TracingPipeline([Draft(), Review()])
+    with dspy.context(lm=trace_lm()):
+        result = await call(pipeline, mode, topic="rivers")
+    trace = result.execution_trace
+    assert [e["type"] for e in trace] == [
+        "input",
+        "stage_start",
+        "stage_end",
+        "stage_start",
+        "stage_end",
+        "output",
+    ]
+    assert [e["stage"] for e in trace] == ["input", "stage_0", "stage_0", "stage_1", "stage_1", "output"]
+    assert trace[0]["input"] == {"topic": "rivers"}
+    assert trace[1]["input"] == {"topic": "rivers"}
+    assert trace[1]["stage_name"]
+    assert trace[2]["output"]["draft"] == "a draft about rivers"
+    assert trace[-1]["output"]["verdict"] == "accept"
+    assert all(isinstance(e["timestamp"], float) for e in trace)
+
+
+@pytest.mark.xfail(
+    reason="save_trace(filename) writes a JSON object {'version', 'events', 'graph', ...}; the tutorial "
+    "writes the execution_trace list itself (json.dump(self.execution_trace, f)), so reading the file "
+    "back gives a dict whose len() and iteration do not match the trace",
+    strict=True,
+)
+async def test_save_trace_writes_the_trace_entries(mode: str, tmp_path) -> None:
+    pipeline = TracingPipeline([Draft(), Review()])
+    with dspy.context(lm=trace_lm()):
+        result = await call(pipeline, mode, topic="rivers")
+    path = tmp_path / "trace.json"
+    pipeline.save_trace(str(path))
+    saved = json.loads(path.read_text())
+    assert isinstance(saved, list)
+    assert [e["stage"] for e in saved] == [e["stage"] for e in result.execution_trace]
