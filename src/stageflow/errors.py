@@ -8,6 +8,7 @@ parsing text::
     ├── ContractError              a stage's inputs/outputs do not line up (before any work, or at a boundary)
     ├── ConfigurationError         a constructor argument, option or definition is invalid
     ├── RoutingError               a router picked a branch that does not exist
+    │                              (these three are also ValueErrors, as in the tutorial)
     ├── StageError                 a stage raised; the original exception is ``__cause__``
     │   ├── StageTimeoutError      a stage ran past its TimeoutPolicy (also a ``TimeoutError``)
     │   └── LowConfidenceError     a stage declared its answer too unsure to use (non-critical)
@@ -100,20 +101,24 @@ class StageflowError(Exception):
         return self
 
 
-class ContractError(StageflowError):
-    """A stage's declared inputs or outputs do not line up with what is available."""
+class ContractError(StageflowError, ValueError):
+    """A stage's declared inputs or outputs do not line up with what is available.
+
+    Also a ``ValueError``, as the pydantic validation errors of the tutorial's contracts are."""
 
     default_code = "contract"
 
 
-class ConfigurationError(StageflowError):
-    """An invalid constructor argument, option name or pipeline definition."""
+class ConfigurationError(StageflowError, ValueError):
+    """An invalid constructor argument, option name or pipeline definition (also a ``ValueError``,
+    which the tutorial's classes raise for these)."""
 
     default_code = "configuration"
 
 
-class RoutingError(StageflowError):
-    """A router chose a branch that does not exist and no default was given."""
+class RoutingError(StageflowError, ValueError):
+    """A router chose a branch that does not exist and no default was given (also a ``ValueError``,
+    as the tutorial's ``Unknown branch`` error is)."""
 
     default_code = "unknown_branch"
 

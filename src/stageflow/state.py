@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -9,7 +10,7 @@ import dspy
 
 from stageflow.usage import UsageTable
 
-__all__ = ["Result", "RunInfo", "StageRecord"]
+__all__ = ["Result", "RunInfo", "StageKeyed", "StageRecord", "StageTrace", "stage_key"]
 
 
 class StageRecord(NamedTuple):
@@ -24,6 +25,67 @@ class StageRecord(NamedTuple):
     path: str
     elapsed: float
     ok: bool = True
+
+
+_TUTORIAL_NAME = re.compile(r"^stage_(\d+)((?:[.\[].*)?)$")
+
+
+def stage_key(name: str) -> str:
+    """A stage's path from the tutorial's name for it: ``stage_2`` → ``stages[2]`` (paths unchanged).
+
+    Examples:
+        >>> stage_key("stage_2"), stage_key("stages[1].predict")
+        ('stages[2]', 'stages[1].predict')
+    """
+    m = _TUTORIAL_NAME.match(name) if isinstance(name, str) else None
+    return f"stages[{m.group(1)}]{m.group(2)}" if m else name
+
+
+class StageKeyed(dict):  # type: ignore[type-arg]
+    """A dict keyed by stage path that also answers to the tutorial's names (``stage_0``)."""
+
+    def __missing__(self, key: Any) -> Any:
+        path = stage_key(key)
+        if path != key and dict.__contains__(self, path):
+            return dict.__getitem__(self, path)
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (
+            isinstance(key, str) and dict.__contains__(self, stage_key(key))
+        )
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        path = stage_key(key) if isinstance(key, str) else key
+        return dict.get(self, path, default)
+
+
+class StageTrace(list):  # type: ignore[type-arg]
+    """The stages that ran, in order (:class:`StageRecord` entries), that can also be read like the
+    tutorial's ``trace`` — a mapping of each stage's output by name: ``result.trace["stage_0"]``."""
+
+    def __init__(self, records: Any, outputs: StageKeyed) -> None:
+        super().__init__(records)
+        self.outputs = outputs
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self.outputs[key]
+        return super().__getitem__(key)
+
+    def keys(self) -> Any:
+        """The stage paths with an output (as the tutorial's trace mapping)."""
+        return self.outputs.keys()
+
+    def values(self) -> Any:
+        """The stages' outputs."""
+        return self.outputs.values()
+
+    def items(self) -> Any:
+        """``(path, output)`` pairs."""
+        return self.outputs.items()
 
 
 @dataclass(slots=True)
@@ -42,7 +104,7 @@ class RunInfo:
             (:class:`~stageflow.usage.UsageTable`; ``run.usage.total``, ``run.usage.tree()``).
     """
 
-    stage_outputs: dict[str, Any] = field(default_factory=dict)
+    stage_outputs: dict[str, Any] = field(default_factory=StageKeyed)
     trace: list[StageRecord] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     events: list[Any] = field(default_factory=list)
@@ -123,13 +185,19 @@ class Result(dspy.Prediction):  # type: ignore[misc]
 
     @property
     def stage_outputs(self) -> dict[str, Any]:
-        """Each stage's raw output, by full stage path (nested stages included; the last one in loops)."""
+        """Each stage's raw output, by full stage path (nested stages included; the last one in loops).
+        The tutorial's names work too: ``result.stage_outputs["stage_0"]`` is ``["stages[0]"]``."""
         return self.run.stage_outputs
 
     @property
-    def trace(self) -> list[StageRecord]:
-        """The stages that ran, in order, with their wall time."""
-        return self.run.trace
+    def trace(self) -> StageTrace:
+        """The stages that ran, in order, with their wall time; ``result.trace[name]`` is a stage's
+        output, as in the tutorial (where ``trace`` is the outputs by stage name)."""
+        run = self.run
+        outputs = (
+            run.stage_outputs if isinstance(run.stage_outputs, StageKeyed) else StageKeyed(run.stage_outputs)
+        )
+        return StageTrace(run.trace, outputs)
 
     @property
     def details(self) -> dict[str, dict[str, Any]]:

@@ -170,7 +170,7 @@ async def test_a_failing_branch_is_recorded_and_the_others_kept(mode: str) -> No
     assert result.summary == "S"
     assert result.topic == "T"
     assert "keywords" not in result
-    [group] = result.group_results
+    [group] = result.group_reports
     assert set(group) == {"stages[0]", "stages[1]", "stages[2]"}
     assert group["stages[0]"]["status"] == "ok"
     assert group["stages[2]"]["status"] == "ok"
@@ -184,8 +184,8 @@ async def test_a_failing_branch_is_recorded_and_the_others_kept(mode: str) -> No
 async def test_group_results_has_one_report_per_group(mode: str) -> None:
     p = ParallelPipeline([[writer("a", 1), writer("b", 2)], [writer("c", 3)]])
     result = await call(p, mode, question="q")
-    assert [sorted(g) for g in result.group_results] == [["stages[0]", "stages[1]"], ["stages[2]"]]
-    assert all(r["status"] == "ok" for g in result.group_results for r in g.values())
+    assert [sorted(g) for g in result.group_reports] == [["stages[0]", "stages[1]"], ["stages[2]"]]
+    assert all(r["status"] == "ok" for g in result.group_reports for r in g.values())
 
 
 async def test_all_branches_failing_is_a_pipeline_error_keyed_by_path(mode: str) -> None:
@@ -224,7 +224,7 @@ def test_sync_branch_timeout_keeps_the_other_branches() -> None:
         release.set()
     assert result.fast == "F"
     assert "slow" not in result
-    group = result.group_results[0]
+    group = result.group_reports[0]
     assert group["stages[0]"]["status"] == "ok"
     assert group["stages[1]"]["status"] == "timeout"
     assert isinstance(group["stages[1]"]["error"], TimeoutError)
@@ -249,6 +249,6 @@ async def test_async_branch_timeout_cancels_the_branch() -> None:
         result = await p.acall(question="q")
     assert result.fast == "F"
     assert "slow" not in result
-    assert result.group_results[0]["stages[1]"]["status"] == "timeout"
-    assert result.group_results[0]["stages[0]"]["status"] == "ok"
+    assert result.group_reports[0]["stages[1]"]["status"] == "timeout"
+    assert result.group_reports[0]["stages[0]"]["status"] == "ok"
     assert cancelled == ["slow"]

@@ -183,12 +183,15 @@ async def test_profiling_pipeline_aggregates_and_result_profile_is_per_call(mode
     second = await call(pp, mode, x=2)
     assert first.y == 2
     assert second.y == 3
+    names = {"stage_0", "stage_1", "stage_1.stages[0]"}
     for result in (first, second):
-        assert set(result.profile_data) == {"stages[0]", "stages[1]", "stages[1].stages[0]"}
-        assert all(s["num_executions"] == 1 for s in result.profile_data.values())
+        assert set(result.profile_data) == names | {f"{n}_sizes" for n in names}
+        assert all(len(times) == 1 for k, times in result.profile_data.items())
         assert "profile_data" not in list(result.keys())
     total = pp.get_performance_summary()
+    assert set(total) == names
     assert all(s["num_executions"] == 2 for s in total.values())
+    assert len(pp.profile_data["stage_0"]) == 2
     assert pp.profiler.runs == 2
     pp.reset()
     assert pp.get_performance_summary() == {}
@@ -199,12 +202,14 @@ async def test_tracing_pipeline_execution_trace_and_save(mode: str, tmp_path: Pa
     first = await call(tp, mode, x=1)
     second = await call(tp, mode, x=2)
     expected = ["input", "stage_start", "stage_end", "output"]
-    assert [e["event"] for e in first.execution_trace] == expected
-    assert [e["event"] for e in second.execution_trace] == expected
-    assert first.execution_trace[0]["inputs"] == {"x": 1}
+    assert [e["type"] for e in first.execution_trace] == expected
+    assert [e["type"] for e in second.execution_trace] == expected
+    assert [e["stage"] for e in first.execution_trace] == ["input", "stage_0", "stage_0", "output"]
+    assert first.execution_trace[0]["input"] == {"x": 1}
     saved = json.loads(tp.save_trace(tmp_path / "t.json").read_text())
-    assert saved["events"][0]["inputs"] == {"x": 2}
-    assert len(saved["events"]) == 4
+    assert saved[0]["input"] == {"x": 2}
+    assert len(saved) == 4
+    assert [e["event"] for e in tp.tracer.events] == expected  # the richer trace, for reports
 
 
 class Recorder(Hook):

@@ -217,7 +217,8 @@ async def test_result_fields_are_state_and_run_details_are_attributes(mode: str)
     assert result.stage_outputs["stages[0]"].draft == "D"
     assert result.stage_outputs["stages[1]"].answer == "A"
     assert result.stage_outputs is result.run.stage_outputs
-    assert result.trace is result.run.trace
+    assert result.trace == result.run.trace
+    assert result.trace["stage_0"] is result.stage_outputs["stages[0]"]  # the tutorial's trace mapping
 
 
 def test_unknown_result_attribute_is_attribute_error_listing_fields() -> None:

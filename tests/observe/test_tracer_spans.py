@@ -199,7 +199,9 @@ def test_usage_reported_by_the_engine_is_recorded() -> None:
 def test_tracing_pipeline_saves_graph_and_report(tmp_path: Path) -> None:
     p = stageflow.TracingPipeline([fn("a", ["x"], ["y"])])
     p(x=1)
-    doc = json.loads(p.save_trace(tmp_path / "t.json").read_text(encoding="utf-8"))
+    entries = json.loads(p.save_trace(tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert [e["type"] for e in entries] == ["input", "stage_start", "stage_end", "output"]  # the tutorial's
+    doc = json.loads(p.tracer.save(tmp_path / "full.json").read_text(encoding="utf-8"))  # for reports
     assert doc["graphs"]["g1"]["title"] == "TracingPipeline"
     with stageflow.trace() as tracer:
         p(x=2)

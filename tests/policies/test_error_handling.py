@@ -69,7 +69,7 @@ async def test_recovery_returning_a_state_continues_the_run(mode: str) -> None:
     assert r.error_log == [
         {
             "stage_index": 1,
-            "stage_name": "stages[1]",
+            "stage_name": "stage_1",
             "stage_path": "stages[1]",
             "error": "bad y",
             "error_type": "ValueError",
@@ -96,7 +96,7 @@ async def test_recovery_returning_none_fails_the_run(mode: str) -> None:
     assert err.errors == [
         {
             "stage_index": 1,
-            "stage_name": "stages[1]",
+            "stage_name": "stage_1",
             "stage_path": "stages[1]",
             "error": "still bad",
             "error_type": "ValueError",

@@ -174,13 +174,6 @@ async def test_the_error_log_does_not_leak_into_the_next_call(mode: str) -> None
     assert len(pipeline.error_log) == 1
 
 
-@pytest.mark.xfail(
-    reason="A falsy recovery result other than None counts as recovered: ErrorHandlingPipeline (engine "
-    "runner._recovered, `if new_state is not None`) merges {} and goes on, and a False return raises a "
-    "bare TypeError ('bool' object is not iterable) from state.update(False); the tutorial's "
-    "`if recovery_result:` treats both as not recovered (-> PipelineError)",
-    strict=True,
-)
 @pytest.mark.parametrize("gave_up", [{}, False], ids=["empty-dict", "False"])
 async def test_a_falsy_recovery_result_means_not_recovered(mode: str, gave_up: object) -> None:
     pipeline = ErrorHandlingPipeline(
@@ -191,11 +184,6 @@ async def test_a_falsy_recovery_result_means_not_recovered(mode: str, gave_up: o
         await call(pipeline, mode, question="Q")
 
 
-@pytest.mark.xfail(
-    reason="error_log['stage_name'] is the stage path ('stages[1]'); the tutorial's is "
-    "getattr(stage, 'name', f'stage_{i}'): a stage's own `name` attribute, else 'stage_1'",
-    strict=True,
-)
 async def test_the_logged_stage_name_is_the_stages_name_attribute(mode: str) -> None:
     search = FlakySearch(RuntimeError("search backend down"))
     search.name = "web_search"

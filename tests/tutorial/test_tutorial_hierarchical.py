@@ -125,11 +125,6 @@ def test_every_node_is_built_once_and_visible_to_optimizers() -> None:
     assert len(names) == len(set(names)) == 4  # classify, solve, chat, summarize: each exactly once
 
 
-@pytest.mark.xfail(
-    reason="HierarchicalPipeline keeps the built nodes in `nodes`; the tutorial's `self.structure` "
-    "(the dict of built nodes) raises AttributeError",
-    strict=True,
-)
 def test_the_built_structure_is_an_attribute() -> None:
     pipeline = HierarchicalPipeline(structure())
     assert set(pipeline.structure) == {"root", "route", "solve", "summarize"}

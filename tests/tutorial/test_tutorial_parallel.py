@@ -126,13 +126,6 @@ def test_a_clash_on_another_field_is_reported_when_the_pipeline_is_built() -> No
     assert info.value.field == "summary"
 
 
-@pytest.mark.xfail(
-    reason="result.group_results[g] is a dict {stage path: {'status', 'elapsed', 'error'}}; the tutorial's "
-    "is the list of the group's stage results in order (predictions, or {'error': ...} for a failed "
-    "stage), so `for r in result.group_results[1]: r.content` iterates over path strings "
-    "(AttributeError: 'str' object has no attribute 'content')",
-    strict=True,
-)
 async def test_group_results_hold_each_stages_result(mode: str) -> None:
     pipeline = ParallelPipeline([[Outline()], [Perspective("economic"), Unavailable()]], ResultMerger())
     with dspy.context(lm=writer_lm()):
@@ -143,11 +136,6 @@ async def test_group_results_hold_each_stages_result(mode: str) -> None:
     assert "timed out" in str(failed["error"])
 
 
-@pytest.mark.xfail(
-    reason="ParallelPipeline flattens the groups into `stages` (and private bounds): the tutorial's "
-    "`parallel_groups` attribute raises AttributeError",
-    strict=True,
-)
 def test_the_groups_are_kept_as_given() -> None:
     outline, economic, ecological = Outline(), Perspective("economic"), Perspective("ecological")
     pipeline = ParallelPipeline([[outline], [economic, ecological]], ResultMerger())

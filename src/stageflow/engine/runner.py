@@ -11,7 +11,7 @@ only built when a hook listens.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -157,13 +157,20 @@ def _recovered(
     if policy.recover is not None:
         try:
             new_state = policy.recover(original, dict(state))
+            if new_state and not isinstance(new_state, Mapping):
+                raise TypeError(
+                    f"it returned {type(new_state).__name__} {new_state!r:.60}; a recovery strategy returns "
+                    "the new state (a dict) or something falsy (None, {}) for 'not recovered'"
+                )
         except Exception as e:
             detail["recovery_error"] = f"{type(e).__name__}: {e}"
             err.message += f" Its recovery strategy raised {type(e).__name__}: {e}"
             err.args = (err.message,)
             err.recovery_error = e
             new_state = None
-        if new_state is not None:
+        if new_state:  # as in the tutorial: a falsy result ({}, None) means "not recovered"
+            # Merged into the state, as every stage's outputs are (a strategy may return only the
+            # fields it fixed).
             state.update(new_state)
             run.events.append(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)

@@ -230,8 +230,7 @@ def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
 
 
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
-    """Add the branches' trace records and stage outputs to the parent run."""
+    """Add what each branch recorded (trace, stage outputs, events, nested details and usage) to the
+    parent run; branch paths are already the parent's."""
     for r in results:
-        run.trace.extend(r.branch.run.trace)
-        run.stage_outputs.update(r.branch.run.stage_outputs)
-        run.events.extend(r.branch.run.events)
+        run.absorb("", r.branch.run)

@@ -25,6 +25,7 @@ from stageflow.errors import ConfigurationError, RoutingError
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.patterns.ensemble import EnsemblePipeline
 from stageflow.patterns.sequential import SequentialPipeline
+from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
 __all__ = ["AdaptivePipeline", "PipelineAdapter"]
@@ -47,7 +48,8 @@ class PipelineAdapter:
             (``processor_a``, ``preprocessor``, ``postprocessor``, ``processor_b``, ``aggregator``);
             with a component pool that lacks those names, ``simple`` is the first component,
             ``complex`` every component in order and ``multi_approach`` every component as an
-            ensemble.
+            ensemble. With some of the tutorial's names, as in the tutorial, a structure's names that
+            are not in the pool are left out (each run records them in ``skipped_components``).
         input_field: The input to analyse (default: the first of ``content``, ``question``,
             ``text``, ``query``, ``input`` that the call has).
         choose: ``(analysis) -> structure name``, replacing the tutorial's rules.
@@ -142,9 +144,8 @@ class PipelineAdapter:
 
     def patterns_for(self, pool: Sequence[str]) -> dict[str, Any]:
         """The structures over a pool with these names (see ``structure_patterns``)."""
-        if self.uses_default_patterns and not all(
-            n in pool for names in DEFAULT_PATTERNS.values() for n in names
-        ):
+        tutorial_names = {n for names in DEFAULT_PATTERNS.values() for n in names}
+        if self.uses_default_patterns and not tutorial_names & set(pool):
             return {"simple": [pool[0]], "complex": list(pool), "multi_approach": {"ensemble": list(pool)}}
         return dict(self.structure_patterns)
 
@@ -190,6 +191,7 @@ class AdaptivePipeline(Pipeline):
         self.components = {str(k): as_stage(v, f"components['{k}']") for k, v in component_pool.items()}
         self._adapter_entry: StageEntry | None = None
         self._lock = threading.Lock()
+        self._skipped: dict[str, list[Any]] = {}
         if adapter is None:
             adapter = PipelineAdapter(structures)
         if hasattr(adapter, "analyze_input") and hasattr(adapter, "select_structure"):
@@ -199,6 +201,7 @@ class AdaptivePipeline(Pipeline):
                 patterns = dict(adapter.structure_patterns)
             # Known in advance only when the selection is the default adapter's own rule.
             self._dynamic = type(adapter).select_structure is not PipelineAdapter.select_structure
+            self._lenient = self._dynamic or bool(getattr(adapter, "uses_default_patterns", False))
         else:
             self.adapter_stage = as_stage(adapter, "adapter")
             self._adapter_entry = build_entry("adapter_stage", None, self.adapter_stage)
@@ -210,6 +213,7 @@ class AdaptivePipeline(Pipeline):
                 )
             patterns = dict(structures)
             self._dynamic = False
+            self._lenient = False
         self._patterns = patterns
         self.structures = {name: self._build(name, spec) for name, spec in patterns.items()}
         self._by_content = {_key(spec): name for name, spec in patterns.items()}
@@ -233,13 +237,31 @@ class AdaptivePipeline(Pipeline):
             )
         return self.components[name]
 
+    def _names_in(self, names: Sequence[Any], structure: str) -> list[Any]:
+        """The components a structure names; names not in the pool are left out (recorded) when the
+        structure comes from the tutorial's default patterns or a custom ``select_structure``, and
+        refused otherwise (a structure written for this pool should not misspell it)."""
+        missing = [c for c in names if c not in self.components]
+        if missing and not self._lenient:
+            self._component(missing[0], structure)  # raises, naming the component
+        present = [c for c in names if c in self.components]
+        if not present:
+            raise ConfigurationError(
+                f"Structure {structure!r} names {list(names)}, none of which is in the pool "
+                f"{sorted(self.components)}.",
+                field=structure,
+                code="unknown_component",
+            )
+        if missing:
+            self._skipped[structure] = missing
+        return present
+
     def _build(self, name: str, spec: Any) -> Pipeline:
         if isinstance(spec, Mapping) and "ensemble" in spec:
-            return EnsemblePipeline(
-                [self._component(c, name) for c in spec["ensemble"]], spec.get("aggregator")
-            )
+            members = [self.components[c] for c in self._names_in(spec["ensemble"], name)]
+            return EnsemblePipeline(members, spec.get("aggregator"))
         if isinstance(spec, Sequence) and not isinstance(spec, str) and spec:
-            return SequentialPipeline([self._component(c, name) for c in spec])
+            return SequentialPipeline([self.components[c] for c in self._names_in(spec, name)])
         raise ConfigurationError(
             f"Structure {name!r}: expected a non-empty list of component names or {{'ensemble': [...]}}, "
             f"got {spec!r}.",
@@ -308,6 +330,17 @@ class AdaptivePipeline(Pipeline):
         run.extras["used_structure"] = structure
         run.extras["structure_name"] = str(entry.key)
         run.extras["input_analysis"] = analysis
+        skipped = self._skipped.get(str(entry.key))
+        if skipped:
+            run.extras["skipped_components"] = list(skipped)
+            run.events.append(
+                PolicyEvent(
+                    str(entry.key),
+                    "components_skipped",
+                    error=f"not in the component pool: {skipped}",
+                    detail={"structure": entry.key, "skipped": list(skipped)},
+                )
+            )
         return entry
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:

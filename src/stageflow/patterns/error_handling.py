@@ -19,11 +19,12 @@ Recovery = Callable[[BaseException, dict[str, Any]], Any]
 _LOGGED = ("skipped", "recovered", "failed")
 
 
-def _log(run: RunInfo) -> list[dict[str, Any]]:
+def _log(run: RunInfo, names: Mapping[Any, str] | None = None) -> list[dict[str, Any]]:
+    names = names or {}
     return [
         {
             "stage_index": e.detail.get("index"),
-            "stage_name": e.stage,
+            "stage_name": names.get(e.detail.get("index"), f"stage_{e.detail.get('index')}"),
             "stage_path": e.stage,
             "error": e.detail.get("message"),
             "error_type": e.detail.get("error_type"),
@@ -55,12 +56,14 @@ class ErrorHandlingPipeline(SequentialPipeline):
             a result is handled like a raised error. ``None`` turns this off.
         strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
-    ``result.error_log`` lists each failure with ``stage_index``, ``stage_name``, ``error``,
-    ``input_state`` (the tutorial's keys), ``stage_path``, ``error_type``, ``action`` (``skipped``,
-    ``recovered`` or ``failed``); ``pipeline.error_log`` is the log of the last finished call. An
-    unrecovered failure raises :class:`PipelineError` naming the stage index and path, with the
-    original exception as ``__cause__`` and the log so far in ``error.errors`` — the same error
-    whether or not the call asked for ``outputs=[...]``.
+    ``result.error_log`` lists each failure with ``stage_index``, ``stage_name`` (the stage's
+    ``name`` attribute, else ``stage_<i>``), ``error``, ``input_state`` (the tutorial's keys),
+    ``stage_path``, ``error_type``, ``action`` (``skipped``, ``recovered`` or ``failed``); a
+    recovery strategy's result is merged into the state (it may hold only the fields it fixed), and a
+    falsy result means "not recovered", as in the tutorial; ``pipeline.error_log`` is the log of the
+    last finished call. An unrecovered failure raises :class:`PipelineError` naming the stage index
+    and path, with the original exception as ``__cause__`` and the log so far in ``error.errors`` —
+    the same error whether or not the call asked for ``outputs=[...]``.
     """
 
     def __init__(
@@ -147,14 +150,22 @@ class ErrorHandlingPipeline(SequentialPipeline):
         """The error log of the last finished call (each call's own is ``result.error_log``)."""
         return list(self._last_log)
 
+    def _stage_names(self) -> dict[int, str]:
+        """The tutorial's ``getattr(stage, 'name', f'stage_{i}')`` for each stage index."""
+        names: dict[int, str] = {}
+        for i, s in enumerate(self.stages):
+            name = getattr(s, "name", None)
+            names[i] = name if isinstance(name, str) and name else f"stage_{i}"
+        return names
+
     def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
-        log = _log(run)
+        log = _log(run, self._stage_names())
         run.extras["error_log"] = log
         self._last_log = log  # one reference swap: safe under concurrent calls
         return Result(state, run)
 
     def _raise_unrecovered(self, error: StageflowError, run: RunInfo) -> None:
-        log = _log(run)
+        log = _log(run, self._stage_names())
         self._last_log = log
         failed = next((e for e in reversed(log) if e["action"] == "failed"), None)
         index = failed["stage_index"] if failed else None

@@ -242,6 +242,11 @@ class HierarchicalPipeline(Pipeline):
         if inputs is not None:
             self.check(inputs)
 
+    @property
+    def structure(self) -> dict[str, Any]:
+        """The built nodes by name (the tutorial's ``self.structure``; held as ``self.nodes``)."""
+        return dict(self.nodes)
+
     def _entry(self, stage_name: str) -> StageEntry:
         entry = self._node_entries.get(stage_name)
         if entry is None:

@@ -142,6 +142,10 @@ class ResultMerger:
         return out
 
 
+def _describe(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 class ParallelPipeline(Pipeline):
     """Run groups of stages in order; the stages inside a group run concurrently.
 
@@ -152,7 +156,7 @@ class ParallelPipeline(Pipeline):
             tutorial; any other clash is an error when the pipeline is built).
         max_concurrency: Cap on stages running at once within a group.
         on_error: ``"collect"`` (default: a failed or timed-out stage is recorded in
-            ``result.group_results`` and as a ``stage_failed`` event, and the others are kept; a later
+            ``result.group_reports`` and as a ``stage_failed`` event, and the others are kept; a later
             stage that needs the failed stage's output then fails at its boundary; if all stages of
             a group fail, :class:`PipelineError` carries each error), ``"skip"`` (same, recorded) or
             ``"fail_fast"``.
@@ -161,6 +165,11 @@ class ParallelPipeline(Pipeline):
 
     Each stage of a group works on a private copy of the state: a stage that changes a list it was
     given in place changes neither its siblings' copy nor the caller's.
+
+    Result details: ``group_results`` (per group, the list of its stages' results in order, as in
+    the tutorial; ``{"error": "Type: message"}`` for a failed stage), ``group_reports`` (per group,
+    ``{stage path: {"status", "elapsed", "error"}}``) and ``result`` (the final state). The groups
+    as given are ``pipeline.parallel_groups``.
     """
 
     _stage_containers = ("stages",)
@@ -261,10 +270,25 @@ class ParallelPipeline(Pipeline):
     def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any]) -> list[Branch]:
         return [Branch(e, private_state(state)) for e in group]
 
+    @property
+    def parallel_groups(self) -> list[list[Any]]:
+        """The groups as given: a list of lists of stages (they are held in the flat ``self.stages``)."""
+        return [list(self.stages[a:b]) for a, b in self._bounds]
+
     def _merge(
         self, g: int, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str
     ) -> None:
         absorb(run, results)
+        # The tutorial's record: each stage's result in order ({'error': ...} for a failed one) ...
+        run.extras.setdefault("group_results", []).append(
+            [
+                r.outcome.value
+                if r.outcome.ok
+                else {"error": f"{type(r.outcome.error).__name__}: {r.outcome.error}"}
+                for r in results
+            ]
+        )
+        # ... and how each stage ended, by path.
         report = {
             r.branch.entry.path: {
                 "status": r.outcome.status,
@@ -273,7 +297,7 @@ class ParallelPipeline(Pipeline):
             }
             for r in results
         }
-        run.extras.setdefault("group_results", []).append(report)
+        run.extras.setdefault("group_reports", []).append(report)
         for r in results:
             if not r.outcome.ok and r.outcome.status in ("error", "timeout"):
                 error = r.outcome.error

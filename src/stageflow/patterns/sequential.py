@@ -59,10 +59,13 @@ class SequentialPipeline(Pipeline):
 
     @property
     def stage_names(self) -> list[str]:
-        """Each stage's path, in order (``stages[0]``, ``stages[1]``...): the keys of
-        ``result.stage_outputs`` and of profiles and traces."""
+        """The tutorial's names of the stages, in order (``stage_0``, ``stage_1``...).
+
+        ``result.stage_outputs``, ``result.trace`` and profiles accept them as keys too; stageflow's
+        own key for a stage is its DSPy path (``stages[0]``), the name DSPy's optimizers use.
+        """
         self._refresh()
-        return [e.path for e in self._entries]
+        return [f"stage_{i}" for i in range(len(self._entries))]
 
     def add_stage(self, stage: Any, position: int | None = None) -> SequentialPipeline:
         """Insert ``stage`` at ``position`` (default: the end); later stages shift down.
