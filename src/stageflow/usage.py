@@ -22,7 +22,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -33,7 +33,9 @@ __all__ = [
     "metering",
     "note_policy_event",
     "stage_scope",
+    "unwatch_lm_calls",
     "using_table",
+    "watch_lm_calls",
 ]
 
 
@@ -213,6 +215,7 @@ def _tokens(usage: Mapping[str, Any], *names: str) -> int:
 _TABLE: ContextVar[UsageTable | None] = ContextVar("stageflow_usage_table", default=None)
 _STAGE: ContextVar[str] = ContextVar("stageflow_usage_stage", default="")
 _BILLED: ContextVar[bool] = ContextVar("stageflow_usage_billed", default=False)
+_WATCH: ContextVar[list[dict[str, Any]] | None] = ContextVar("stageflow_usage_watch", default=None)
 
 
 def current_table() -> UsageTable | None:
@@ -247,15 +250,40 @@ def note_policy_event(kind: str) -> None:
         table.record_event(_STAGE.get(), kind)
 
 
+def watch_lm_calls() -> tuple[list[dict[str, Any]], Token[list[dict[str, Any]] | None]]:
+    """Start collecting what each LM call made in this context records, until :func:`unwatch_lm_calls`.
+
+    Returns the list that fills (one dict per LM call: ``usage``, ``cost``, ``response_model``,
+    ``cache_hit``) and the token to stop with. Used by instrumentation that makes a span per LM call
+    (DSPy's ``on_lm_start``/``on_lm_end`` callbacks run in the LM call's own context). Only LM calls
+    made inside a pipeline call (where stageflow meters usage) are seen.
+    """
+    calls: list[dict[str, Any]] = []
+    return calls, _WATCH.set(calls)
+
+
+def unwatch_lm_calls(token: Token[list[dict[str, Any]] | None]) -> None:
+    """Stop the collection :func:`watch_lm_calls` started (in the same context)."""
+    _WATCH.reset(token)
+
+
 def _dspy_tracker_class() -> type:
     from dspy.utils.usage_tracker import UsageTracker
 
     class StageflowTracker(UsageTracker):  # type: ignore[misc]
         """DSPy's usage tracker slot: tokens go to the running stage (and to an outer tracker)."""
 
-        def __init__(self, parent: Any) -> None:
+        def __init__(self, parent: Any, table: UsageTable) -> None:
             super().__init__()
             self.parent = parent
+            self.table = table
+
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            # dspy.Parallel deep-copies the tracker into each worker thread and never merges the
+            # copies back (DSPy loses that usage). Sharing this one keeps the tokens: they reach the
+            # outer tracker, and the run's table (the worker threads do not carry stageflow's
+            # context, so their calls count for the pipeline call itself, path "").
+            return self
 
         def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
             super().add_usage(lm, usage_entry)
@@ -264,31 +292,53 @@ def _dspy_tracker_class() -> type:
             table = _TABLE.get()
             if table is not None:
                 table.record_lm(_STAGE.get(), usage_entry)
+            else:
+                self.table.record_lm("", usage_entry)
             _BILLED.set(True)
 
     return StageflowTracker
 
 
+class _Sink(list):  # type: ignore[type-arg]
+    """The ``history`` list of a :class:`_HistoryProbe`: it records and never stores anything."""
+
+    def __init__(self, table: UsageTable) -> None:
+        super().__init__()
+        self.table = table
+
+    def append(self, entry: Any) -> None:
+        if not isinstance(entry, dict):
+            return
+        table = _TABLE.get()
+        # Worker threads that do not carry stageflow's context (dspy.Parallel inside a stage):
+        # the call counts for the pipeline call itself.
+        table, path = (table, _STAGE.get()) if table is not None else (self.table, "")
+        billed = _BILLED.get()
+        table.record_history(path, billed, entry.get("cost"))
+        watch = _WATCH.get()
+        if watch is not None:
+            watch.append(
+                {
+                    "usage": entry.get("usage") or {},
+                    "cost": entry.get("cost"),
+                    "response_model": entry.get("response_model"),
+                    "cache_hit": not billed,
+                }
+            )
+        _BILLED.set(False)
+
+
 class _HistoryProbe:
     """A member of DSPy's ``caller_modules``: DSPy appends each LM call's history entry to it."""
 
-    class _Sink(list):  # type: ignore[type-arg]
-        def append(self, entry: Any) -> None:  # never stores anything
-            table = _TABLE.get()
-            if table is not None and isinstance(entry, dict):
-                billed = _BILLED.get()
-                table.record_history(_STAGE.get(), billed, entry.get("cost"))
-            _BILLED.set(False)
-
-    def __init__(self) -> None:
-        self.history = self._Sink()
+    def __init__(self, table: UsageTable) -> None:
+        self.history = _Sink(table)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _HistoryProbe:
         return self
 
 
 _TRACKER_CLASS: list[type | None] = [None]
-_PROBE = _HistoryProbe()
 
 
 @contextlib.contextmanager
@@ -307,9 +357,9 @@ def metering(table: UsageTable) -> Iterator[None]:
     if cls is None:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
     parent = settings.usage_tracker
-    callers = settings.caller_modules or []
+    callers = [_HistoryProbe(table), *(settings.caller_modules or [])]
     try:
-        with settings.context(usage_tracker=cls(parent), caller_modules=[_PROBE, *callers]):
+        with settings.context(usage_tracker=cls(parent, table), caller_modules=callers):
             yield
     finally:
         _TABLE.reset(token)
