@@ -45,7 +45,7 @@ _PATTERNS = [
     re.compile(
         rf"""(?ix)
         (?P<key>["']?[\w.\-]*(?:{_SECRET_WORD})["']?\s*[:=]\s*)
-        (?P<value>"[^"]*"|'[^']*'|[^\s,;&}}]+)
+        (?P<value>"[^"]*"|'[^']*'|[^\s,;&}}'"]+)
         """
     ),
     # OpenAI / Anthropic / similar API keys.
