@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         StageTimeoutError,
     )
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
+    from stageflow.observe.otel import instrument_otel, uninstrument_otel
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.tracer import Tracer, trace
     from stageflow.patterns.adaptive import AdaptivePipeline, PipelineAdapter
@@ -108,6 +109,7 @@ __all__ = [
     "describe",
     "fuse",
     "get_config",
+    "instrument_otel",
     "limits",
     "lm_router",
     "load_pipeline",
@@ -116,6 +118,7 @@ __all__ = [
     "stage",
     "to_spec",
     "trace",
+    "uninstrument_otel",
     "__version__",
 ]
 
@@ -177,6 +180,7 @@ _LOCATIONS: dict[str, str] = {
     "describe": "stageflow.stages",
     "fuse": "stageflow.policies.fusion",
     "get_config": "stageflow.engine.config",
+    "instrument_otel": "stageflow.observe.otel",
     "limits": "stageflow.engine.concurrency",
     "lm_router": "stageflow.patterns.branching",
     "load_pipeline": "stageflow.spec",
@@ -185,6 +189,7 @@ _LOCATIONS: dict[str, str] = {
     "stage": "stageflow.stages",
     "to_spec": "stageflow.spec",
     "trace": "stageflow.observe.tracer",
+    "uninstrument_otel": "stageflow.observe.otel",
 }
 
 

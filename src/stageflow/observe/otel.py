@@ -71,9 +71,11 @@ __all__ = [
     "OtelHook",
     "has_tracer_provider",
     "instrument",
+    "instrument_otel",
     "is_instrumented",
     "other_lm_instrumentation",
     "uninstrument",
+    "uninstrument_otel",
 ]
 
 logger = logging.getLogger("stageflow")
@@ -566,3 +568,9 @@ def uninstrument() -> None:
 def is_instrumented() -> bool:
     """Whether :func:`instrument` is in force."""
     return _INSTALLED[0] is not None
+
+
+#: :func:`instrument` under the name ``stageflow.instrument_otel``.
+instrument_otel = instrument
+#: :func:`uninstrument` under the name ``stageflow.uninstrument_otel``.
+uninstrument_otel = uninstrument
