@@ -27,8 +27,8 @@ if TYPE_CHECKING:
         StageflowError,
         StageTimeoutError,
     )
-    from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.otel import instrument_otel, uninstrument_otel
+    from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.tracer import Tracer, trace
     from stageflow.patterns.adaptive import AdaptivePipeline, PipelineAdapter
