@@ -221,7 +221,7 @@ async def test_retries_and_cache_hits_are_attributes(mode: str, otel_sdk: Any) -
         await call(program, mode, question="q")
     second = stage_spans(list(exporter.get_finished_spans()))
     assert second["stages[1]"].attributes["stageflow.cache_hit"] is True
-    assert second["stages[0]"].attributes["stageflow.retries"] == 0
+    assert "stageflow.retries" not in second["stages[0]"].attributes  # none: the attribute is left out
     lm.fail_times = lm.calls + 1
     exporter.clear()
     with dspy.context(lm=lm):

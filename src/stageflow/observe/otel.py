@@ -13,8 +13,9 @@
   whose name or class says it retrieves) and, for a predictor, ``gen_ai.request.model`` — all set
   when the span starts, so samplers see them; when it ends: its usage (``stageflow.usage.*``:
   LM calls, tokens, cost, LM-cache hits; nested stages included for a pipeline stage),
-  ``stageflow.cache_hit``, ``stageflow.retries``, ``stageflow.repairs`` and, on failure,
-  ``error.type`` with an error status;
+  ``stageflow.cache_hit``, ``stageflow.retries`` / ``stageflow.repairs`` (usage attributes are
+  left out when the stage used nothing and nothing happened to it) and, on failure, ``error.type``
+  with an error status;
 - every LM call made inside a stage is a span ``chat <model>`` under that stage's span
   (``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` / ``output_tokens``,
   ``openinference.span.kind=LLM``, ``llm.token_count.*``), from DSPy's ``on_lm_start`` /
@@ -56,8 +57,9 @@ import logging
 import sys
 import threading
 import types
+import weakref
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, NamedTuple
 
 from stageflow._version import __version__
 from stageflow.engine.hooks import Hook, current_path, install_hook, uninstall_hook
@@ -190,23 +192,47 @@ def _readable_name(obj: Any) -> str | None:
     return name if isinstance(name, str) and name and name != "<lambda>" else None
 
 
-def _describe(obj: Any) -> tuple[str, Any, bool]:
-    """``(openinference kind, predictor or None, is a pipeline)`` of a stage object."""
+class _Described(NamedTuple):
+    """What a stage object is, for its spans (computed once per stage object)."""
+
+    kind: str  # OpenInference span kind: CHAIN, LLM or RETRIEVER
+    predictor: Any  # the dspy.Predict whose model the stage calls, or None
+    composite: bool  # a stageflow pipeline
+    name: str | None  # a readable name the user gave
+    type_name: str
+
+
+_DESCRIBED: weakref.WeakKeyDictionary[Any, _Described] = weakref.WeakKeyDictionary()
+
+
+def _describe(stage: Any) -> _Described:
+    """How a stage (the object a pipeline holds) appears in spans; cached per object."""
+    try:
+        hit = _DESCRIBED.get(stage)
+    except TypeError:  # not weak-referenceable or not hashable: describe it every time
+        hit = None
+    if hit is not None:
+        return hit
+    obj = _unwrap(stage)
+    name = _readable_name(obj)
+    described = _Described("CHAIN", None, False, name, type(obj).__name__)
     base = sys.modules.get("stageflow.patterns.base")
-    if base is not None and isinstance(obj, base.Pipeline):
-        return "CHAIN", None, True
     dspy = sys.modules.get("dspy")
     fn = getattr(obj, "fn", None)
-    words = f"{type(obj).__name__} {_readable_name(obj) or ''} {type(fn).__name__ if fn else ''}".lower()
-    if "retriev" in words:
-        return "RETRIEVER", None, False
-    if dspy is not None:
-        if isinstance(obj, dspy.Predict):
-            return "LLM", obj, False
+    words = f"{type(obj).__name__} {name or ''} {type(fn).__name__ if fn else ''}".lower()
+    if base is not None and isinstance(obj, base.Pipeline):
+        described = described._replace(composite=True)
+    elif "retriev" in words:
+        described = described._replace(kind="RETRIEVER")
+    elif dspy is not None and isinstance(obj, dspy.Predict):
+        described = described._replace(kind="LLM", predictor=obj)
+    elif dspy is not None and isinstance(obj, dspy.ChainOfThought):
         inner = getattr(obj, "predict", None)
-        if isinstance(obj, dspy.ChainOfThought) and isinstance(inner, dspy.Predict):
-            return "LLM", inner, False
-    return "CHAIN", None, False
+        if isinstance(inner, dspy.Predict):
+            described = described._replace(kind="LLM", predictor=inner)
+    with contextlib.suppress(TypeError):
+        _DESCRIBED[stage] = described
+    return described
 
 
 def _model_of(predictor: Any) -> str | None:
@@ -244,8 +270,10 @@ def _usage_attributes(usage: dict[str, Any], carrier: bool) -> dict[str, Any]:
         attrs["llm.token_count.completion"] = tokens_out
         attrs["llm.token_count.total"] = tokens_in + tokens_out
     attrs["stageflow.cache_hit"] = bool(usage.get("cache_hits"))
-    attrs["stageflow.retries"] = usage.get("retries") or 0
-    attrs["stageflow.repairs"] = usage.get("repairs") or 0
+    if usage.get("retries"):
+        attrs["stageflow.retries"] = usage["retries"]
+    if usage.get("repairs"):
+        attrs["stageflow.repairs"] = usage["repairs"]
     return attrs
 
 
@@ -364,33 +392,33 @@ class OtelHook(Hook):
     def before_stage(self, *, path: str, stage: Any, inputs: dict[str, Any], **future: Any) -> None:
         parent = self._frame.get()
         lm_mode = parent.lm_mode if parent is not None else _OFF
-        obj = _unwrap(stage)
-        kind, predictor, composite = _describe(obj)
-        name = _readable_name(obj)
+        d = _describe(stage)
+        kind = d.kind if d.kind != "LLM" or lm_mode == _OFF else "CHAIN"
         attrs: dict[str, Any] = {
             "stageflow.stage.path": path,
-            "stageflow.stage.type": type(obj).__name__,
-            "openinference.span.kind": kind if kind != "LLM" or lm_mode == _OFF else "CHAIN",
+            "stageflow.stage.type": d.type_name,
+            "openinference.span.kind": kind,
         }
-        if name is not None:
-            attrs["stageflow.stage.name"] = name
-        if predictor is not None:
-            model = _model_of(predictor)
+        if d.name is not None:
+            attrs["stageflow.stage.name"] = d.name
+        if d.predictor is not None:
+            model = _model_of(d.predictor)
             if model is not None:
                 attrs["gen_ai.request.model"] = model
-                if attrs["openinference.span.kind"] == "LLM":
+                if kind == "LLM":
                     attrs["llm.model_name"] = model
         if self.record_content:
             attrs.update(_content("input", inputs))
-        span = self._tracer.start_span(name or path or type(obj).__name__, attributes=attrs)
+        span = self._tracer.start_span(d.name or path or d.type_name, attributes=attrs)
         frame = self._push(span, path, parent, lm_mode, False)
-        frame.carrier = lm_mode == _OFF and not composite
+        frame.carrier = lm_mode == _OFF and not d.composite
 
     def _end_stage(self, path: str, usage: dict[str, Any] | None) -> _Frame | None:
         frame = self._pop(path, False)
         if frame is None:
             return None
-        frame.span.set_attributes(_usage_attributes(usage or {}, frame.carrier))
+        if usage:  # (none reported: no LM call, cache hit, retry or repair happened)
+            frame.span.set_attributes(_usage_attributes(usage, frame.carrier))
         run = frame.parent
         if usage and run is not None and run.is_run and run.lock is not None and run.totals is not None:
             with run.lock:
