@@ -135,11 +135,11 @@ def _critical(run: RunProfile) -> list[str]:
     steps = [f"{s.path} ({_ms(s.elapsed)})" for s in run.critical_path]
     if len(steps) > 2 * _PATH_SHOWN:
         steps = [*steps[:_PATH_SHOWN], f"… {len(steps) - 2 * _PATH_SHOWN} more …", *steps[-_PATH_SHOWN:]]
-    speedup = f" ({run.wall / run.ideal_time:.1f}× less than the wall time)" if run.ideal_time > 0 else ""
+    ratio = f" (wall / perfect = {run.wall / run.ideal_time:.2f}×)" if run.ideal_time > 0 else ""
     lines = [
-        f"last run: wall {_ms(run.wall)}; critical path {_ms(run.critical_time)} over "
-        f"{len(run.critical_path)} of {run.stage_calls} stage calls; "
-        f"perfect parallel schedule {_ms(run.ideal_time)}{speedup}",
+        f"last run: wall {_ms(run.wall)}; critical path {_ms(run.critical_time)} "
+        f"({len(run.critical_path)} of {run.stage_calls} stage calls); "
+        f"perfect parallel schedule {_ms(run.ideal_time)}{ratio}",
         "critical path: " + (" → ".join(steps) if steps else "(no stages)"),
     ]
     if run.error:
