@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -268,3 +269,70 @@ def test_async_stages_on_stageflows_own_event_loop(otel_sdk: Any) -> None:
     assert len(items) == WIDTH
     assert {s.context.trace_id for s in spans} == {run.context.trace_id}
     assert all(parent_of(s, spans) is foreach for s in items)
+
+
+async def test_cancelled_branches_still_end_their_spans(otel_sdk: Any) -> None:
+    """A fail-fast ForEach cancels the other items' tasks, which then run no hook: their spans end
+    with the run, marked abandoned, instead of never being exported."""
+    from opentelemetry.trace import StatusCode
+
+    provider, exporter = otel_sdk
+    otel.instrument(tracer_provider=provider)
+
+    async def item(x: int) -> dict[str, Any]:
+        if x == 0:
+            await asyncio.sleep(0.01)
+            raise ValueError("boom")
+        await asyncio.sleep(5)
+        return {"y": x}
+
+    program = stageflow.SequentialPipeline(
+        [stageflow.ForEach(stageflow.stage(item, writes=["y"]), over="xs", item="x", collect="y")]
+    )
+    with pytest.raises(stageflow.StageError):
+        await program.acall(xs=[0, 1, 2])
+    spans = list(exporter.get_finished_spans())
+    items = [s for s in spans if s.name == "item"]
+    assert len(items) == 3
+    assert all(s.status.status_code is StatusCode.ERROR for s in items)
+    assert sorted(bool(s.attributes.get("stageflow.abandoned")) for s in items) == [False, True, True]
+    run = next(s for s in spans if is_run_span(s))
+    assert all(s.context.trace_id == run.context.trace_id for s in spans)
+
+
+def test_an_abandoned_thread_finishing_late_ends_nothing_twice(
+    otel_sdk: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    provider, exporter = otel_sdk
+    otel.instrument(tracer_provider=provider)
+    release = threading.Event()
+    late_hooks_done = threading.Event()
+
+    class Late(stageflow.Hook):
+        """Runs after the process-wide OpenTelemetry hook for the abandoned item."""
+
+        def after_stage(self, *, path: str, **future: Any) -> None:
+            if path == "stages[0].stage[1]":
+                late_hooks_done.set()
+
+    def slow(x: int) -> dict[str, Any]:
+        if x == 1:
+            release.wait(5)
+        return {"y": x}
+
+    item = stageflow.stage(slow, writes=["y"])
+    program = stageflow.SequentialPipeline(
+        [stageflow.ForEach(item, over="xs", item="x", collect="y", timeout=0.05)]
+    )
+    with caplog.at_level(logging.WARNING), stageflow.attach_hooks(Late()):
+        with pytest.raises(stageflow.StageTimeoutError):
+            program(xs=[0, 1])
+        assert not late_hooks_done.is_set()
+        release.set()
+        assert late_hooks_done.wait(5)
+    spans = [s for s in exporter.get_finished_spans() if s.name == "slow"]
+    assert len(spans) == 2
+    assert [bool(s.attributes.get("stageflow.abandoned")) for s in spans] == [False, True]
+    assert "ended span" not in caplog.text

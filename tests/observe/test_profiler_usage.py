@@ -179,3 +179,23 @@ def test_path_helpers() -> None:
     assert split_path("branches['x.y'].stages[0]") == ["branches['x.y']", "stages[0]"]
     assert group_key("stages[2].stage[10]") == "stages[2].stage[*]"
     assert group_key("stages[2].stages[10]") == "stages[2].stages[10]"
+
+
+async def test_cancelled_items_count_until_the_run_ended() -> None:
+    async def item(x: int) -> dict[str, Any]:
+        if x == 0:
+            await asyncio.sleep(0.01)
+            raise ValueError("boom")
+        await asyncio.sleep(5)
+        return {"y": x}
+
+    program = stageflow.SequentialPipeline(
+        [stageflow.ForEach(stageflow.stage(item, writes=["y"]), over="xs", item="x", collect="y")]
+    )
+    with stageflow.profile() as prof, pytest.raises(stageflow.StageError):
+        await program.acall(xs=[0, 1, 2])
+    run = prof.last_run
+    assert run is not None
+    assert run.error is not None
+    assert run.critical_path[-1].path in {"stages[0].stage[1]", "stages[0].stage[2]"}
+    assert 0 < run.ideal_time <= run.wall

@@ -15,7 +15,9 @@
   LM calls, tokens, cost, LM-cache hits; nested stages included for a pipeline stage),
   ``stageflow.cache_hit``, ``stageflow.retries`` / ``stageflow.repairs`` (usage attributes are
   left out when the stage used nothing and nothing happened to it) and, on failure, ``error.type``
-  with an error status;
+  with an error status. A stage still running when its pipeline call ends (a branch cancelled by a
+  fail-fast fan-out, or abandoned after a timeout) ends then, with an error status and
+  ``stageflow.abandoned``: every span that starts is exported;
 - every LM call made inside a stage is a span ``chat <model>`` under that stage's span
   (``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` / ``output_tokens``,
   ``openinference.span.kind=LLM``, ``llm.token_count.*``), from DSPy's ``on_lm_start`` /
@@ -148,12 +150,15 @@ class _Frame:
     __slots__ = (
         "carrier",
         "dspy_context",
+        "ended",
         "is_run",
         "lm_mode",
         "lock",
+        "open",
         "otel_token",
         "parent",
         "path",
+        "run",
         "span",
         "token",
         "totals",
@@ -166,11 +171,15 @@ class _Frame:
         self.lm_mode = lm_mode
         self.is_run = is_run
         self.carrier = False
+        self.ended = False
         self.otel_token: Any = None
         self.token: Token[_Frame | None] | None = None
         self.dspy_context: Any = None
         self.totals: dict[str, Any] | None = {} if is_run else None
         self.lock = threading.Lock() if is_run else None
+        # Stage spans still open in this run (a cancelled task never reports its stage's end).
+        self.open: set[_Frame] | None = set() if is_run else None
+        self.run: _Frame | None = self if is_run else (parent.run if parent is not None else None)
 
 
 def _content(prefix: str, value: Any) -> dict[str, str]:
@@ -379,6 +388,7 @@ class OtelHook(Hook):
             return
         if frame.dspy_context is not None:
             frame.dspy_context.__exit__(None, None, None)
+        self._end_abandoned(frame)
         span = frame.span
         if frame.totals:
             span.set_attributes(_usage_attributes(frame.totals, carrier=False))
@@ -412,17 +422,25 @@ class OtelHook(Hook):
         span = self._tracer.start_span(d.name or path or d.type_name, attributes=attrs)
         frame = self._push(span, path, parent, lm_mode, False)
         frame.carrier = lm_mode == _OFF and not d.composite
+        run = frame.run
+        if run is not None and run.lock is not None and run.open is not None:
+            with run.lock:
+                run.open.add(frame)
 
     def _end_stage(self, path: str, usage: dict[str, Any] | None) -> _Frame | None:
         frame = self._pop(path, False)
         if frame is None:
             return None
+        run = frame.run
+        if run is not None and run.lock is not None and run.open is not None:
+            with run.lock:
+                run.open.discard(frame)
+                if frame.ended:
+                    return None  # the run ended first and closed this span (an abandoned branch)
+                if usage and frame.parent is run and run.totals is not None:
+                    _add(run.totals, usage)
         if usage:  # (none reported: no LM call, cache hit, retry or repair happened)
             frame.span.set_attributes(_usage_attributes(usage, frame.carrier))
-        run = frame.parent
-        if usage and run is not None and run.is_run and run.lock is not None and run.totals is not None:
-            with run.lock:
-                _add(run.totals, usage)
         return frame
 
     def after_stage(self, *, path: str, outputs: Any, elapsed: float, **future: Any) -> None:
@@ -439,6 +457,23 @@ class OtelHook(Hook):
             return
         self._fail(frame.span, error)
         frame.span.end()
+
+    def _end_abandoned(self, run: _Frame) -> None:
+        """End the stage spans of ``run`` that never reported their end: a cancelled task (a
+        fail-fast fan-out, a timeout) runs no hook after its stage, and an unended span is never
+        exported. They end with an error status saying so."""
+        if run.lock is None or run.open is None:
+            return
+        with run.lock:
+            abandoned = list(run.open)
+            run.open.clear()
+            for frame in abandoned:
+                frame.ended = True
+        message = "the pipeline call ended before this stage did (cancelled or abandoned)"
+        for frame in abandoned:
+            frame.span.set_attribute("stageflow.abandoned", True)
+            frame.span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message))
+            frame.span.end()
 
     def _fail(self, span: Any, error: BaseException) -> None:
         cause = _error_cause(error)

@@ -141,6 +141,15 @@ class RunProfile:
         }
 
 
+def _end_unfinished(node: SpanNode, end: float) -> None:
+    """Stages still running when their run ended (cancelled or abandoned branches, which report no
+    end) count as running until then."""
+    for child in node.children:
+        if child.end < child.start:
+            child.end = end
+        _end_unfinished(child, end)
+
+
 class _Open:
     """A span being recorded: the run (``is_run``) or a stage call inside it."""
 
@@ -221,6 +230,7 @@ class Profiler(Hook):
             return
         self._close(path, True, elapsed)
         root = frame.node
+        _end_unfinished(root, root.end)
         usage = frame.usage or StageUsage()
         path_steps = tuple(critical_path(root))
         profile = RunProfile(
