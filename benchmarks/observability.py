@@ -110,6 +110,13 @@ def main() -> None:
             assert p(x=0).x == n
             for name, wrap in observers.items():
                 variants[f"{name}|{kind}|{n}"] = wrap(p)
+    bare = provider.get_tracer("bare")
+
+    def sdk_span() -> None:
+        bare.start_span("stage").end()
+        exporter.clear()
+
+    variants["(reference) one bare SDK span: start_span + end, no stageflow"] = sdk_span
     res = measure(variants)
     spans_per_call = len(exporter.get_finished_spans())
     assert spans_per_call == 0  # cleared after every call
@@ -139,12 +146,14 @@ def main() -> None:
 
     print(f"| tracer, added per stage | {added('tracer'):.2f} µs | ≤ 30 µs |")
     otel_name = "OpenTelemetry, SDK + in-memory exporter"
-    print(
-        f"| OpenTelemetry (SDK, in-memory exporter), added per stage | {added(otel_name):.2f} µs | ≤ 30 µs |"
-    )
+    otel_added = added(otel_name)
+    print(f"| OpenTelemetry (SDK, in-memory exporter), added per stage | {otel_added:.2f} µs | ≤ 30 µs |")
     none_name = "OpenTelemetry installed, no tracer provider (instrument() installs nothing)"
     print(f"| OpenTelemetry installed, no provider, added per stage | {added(none_name):.2f} µs | ≤ 1 µs |")
     print(f"| profiler, added per stage | {added('profiler'):.2f} µs | |")
+    span_us = res["(reference) one bare SDK span: start_span + end, no stageflow"]["cpu_us"]
+    print(f"| (reference) one bare SDK span, start + end + export | {span_us:.2f} µs | |")
+    print(f"| OpenTelemetry per stage beyond a bare SDK span | {otel_added - span_us:.2f} µs | |")
     ratio = cpu(otel_name, "function", 10) / cpu("no observer", "function", 10)
     print(f"| OpenTelemetry / no observer, 10 function stages | {ratio:.2f}× | |")
 
