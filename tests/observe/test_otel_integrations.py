@@ -85,6 +85,7 @@ async def test_an_lm_callback_in_dspy_settings_means_no_stageflow_lm_spans(mode:
     assert len([s for s in exporter.get_finished_spans() if is_lm_span(s)]) == 3
 
 
+@pytest.mark.integration
 def test_stageflows_callbacks_are_only_there_during_a_call(otel_sdk: Any) -> None:
     provider, _ = otel_sdk
     otel.instrument(tracer_provider=provider)
