@@ -13,6 +13,7 @@ MODULES = [
     "stageflow.observe.graph.render",
     "stageflow.observe.graph.walk",
     "stageflow.observe.otel",
+    "stageflow.observe.otel_attributes",
     "stageflow.observe.profile_table",
     "stageflow.observe.profiler",
     "stageflow.observe.redact",

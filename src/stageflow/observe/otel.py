@@ -53,23 +53,24 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import sys
 import threading
-import types
-import weakref
 from contextvars import ContextVar, Token
-from typing import Any, NamedTuple
+from typing import Any
 
 from stageflow._version import __version__
-from stageflow.engine.hooks import Hook, current_path, install_hook, uninstall_hook
-from stageflow.errors import ConfigurationError, StageflowError
-from stageflow.observe._json import dumps
-from stageflow.observe.redact import redact, redact_text
-from stageflow.observe.tracer import jsonable
-from stageflow.usage import unwatch_lm_calls, watch_lm_calls
+from stageflow.engine.hooks import Hook, install_hook, uninstall_hook
+from stageflow.errors import ConfigurationError
+from stageflow.observe.otel_attributes import (
+    add_usage,
+    content_attributes,
+    describe,
+    model_of,
+    record_failure,
+    usage_attributes,
+)
+from stageflow.observe.otel_lm import LMSpans, other_lm_instrumentation
 
 __all__ = [
     "OtelHook",
@@ -84,8 +85,6 @@ __all__ = [
 
 logger = logging.getLogger("stageflow")
 
-#: Longest JSON text recorded as ``input.value`` / ``output.value`` (characters).
-CONTENT_LIMIT = 16_000
 # LM-span modes of one pipeline call: stageflow makes them, another instrumentor does, or nobody.
 _OWN, _OTHER, _OFF = "own", "other", "off"
 
@@ -107,41 +106,6 @@ def has_tracer_provider() -> bool:
     trace, _ = _otel()
     provider = trace.get_tracer_provider()
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
-
-
-def _is_wrapped(attr: Any) -> bool:
-    """A class attribute replaced by a wrapping proxy (``wrapt``), not a plain (decorated) function."""
-    # type(), not isinstance(): a proxy reports the wrapped function's class as its own __class__.
-    if type(attr) in (types.FunctionType, staticmethod, classmethod):
-        return False
-    return hasattr(attr, "__wrapped__")
-
-
-def other_lm_instrumentation(exclude: Any = None) -> str | None:
-    """What else makes spans for DSPy's LM calls right now, or ``None``.
-
-    Detected: a DSPy callback in ``dspy.settings.callbacks`` (global or in the current
-    ``dspy.context``) that handles LM calls — it overrides ``on_lm_start``, like MLflow's
-    ``MlflowCallback`` — other than ``exclude``; or ``dspy.LM`` / ``dspy.BaseLM`` call methods
-    replaced by a ``wrapt`` proxy, as OpenInference's ``DSPyInstrumentor`` does.
-    """
-    dspy = sys.modules.get("dspy")
-    if dspy is None:
-        return None
-    from dspy.utils.callback import BaseCallback
-
-    for cb in dspy.settings.callbacks or ():
-        if cb is exclude:
-            continue
-        handler = getattr(type(cb), "on_lm_start", None)
-        if handler is not None and handler is not BaseCallback.on_lm_start:
-            return f"DSPy callback {type(cb).__module__}.{type(cb).__qualname__}"
-    for cls in (dspy.LM, dspy.BaseLM):
-        for name in ("__call__", "acall", "forward", "aforward"):
-            attr = inspect.getattr_static(cls, name, None)
-            if attr is not None and _is_wrapped(attr):
-                return f"{cls.__name__}.{name} wrapped by {type(attr).__module__}.{type(attr).__qualname__}"
-    return None
 
 
 class _Frame:
@@ -182,123 +146,6 @@ class _Frame:
         self.run: _Frame | None = self if is_run else (parent.run if parent is not None else None)
 
 
-def _content(prefix: str, value: Any) -> dict[str, str]:
-    text = dumps(redact(jsonable(value, limit=4000)))
-    if len(text) > CONTENT_LIMIT:
-        text = text[:CONTENT_LIMIT] + "…"
-    return {f"{prefix}.value": text, f"{prefix}.mime_type": "application/json"}
-
-
-def _unwrap(stage: Any) -> Any:
-    stages = sys.modules.get("stageflow.stages")
-    while stages is not None and isinstance(stage, stages.Stage):
-        stage = stage.module
-    return stage
-
-
-def _readable_name(obj: Any) -> str | None:
-    name = getattr(obj, "stage_name", None)
-    return name if isinstance(name, str) and name and name != "<lambda>" else None
-
-
-class _Described(NamedTuple):
-    """What a stage object is, for its spans (computed once per stage object)."""
-
-    kind: str  # OpenInference span kind: CHAIN, LLM or RETRIEVER
-    predictor: Any  # the dspy.Predict whose model the stage calls, or None
-    composite: bool  # a stageflow pipeline
-    name: str | None  # a readable name the user gave
-    type_name: str
-
-
-_DESCRIBED: weakref.WeakKeyDictionary[Any, _Described] = weakref.WeakKeyDictionary()
-
-
-def _describe(stage: Any) -> _Described:
-    """How a stage (the object a pipeline holds) appears in spans; cached per object."""
-    try:
-        hit = _DESCRIBED.get(stage)
-    except TypeError:  # not weak-referenceable or not hashable: describe it every time
-        hit = None
-    if hit is not None:
-        return hit
-    obj = _unwrap(stage)
-    name = _readable_name(obj)
-    described = _Described("CHAIN", None, False, name, type(obj).__name__)
-    base = sys.modules.get("stageflow.patterns.base")
-    dspy = sys.modules.get("dspy")
-    fn = getattr(obj, "fn", None)
-    words = f"{type(obj).__name__} {name or ''} {type(fn).__name__ if fn else ''}".lower()
-    if base is not None and isinstance(obj, base.Pipeline):
-        described = described._replace(composite=True)
-    elif "retriev" in words:
-        described = described._replace(kind="RETRIEVER")
-    elif dspy is not None and isinstance(obj, dspy.Predict):
-        described = described._replace(kind="LLM", predictor=obj)
-    elif dspy is not None and isinstance(obj, dspy.ChainOfThought):
-        inner = getattr(obj, "predict", None)
-        if isinstance(inner, dspy.Predict):
-            described = described._replace(kind="LLM", predictor=inner)
-    with contextlib.suppress(TypeError):
-        _DESCRIBED[stage] = described
-    return described
-
-
-def _model_of(predictor: Any) -> str | None:
-    lm = getattr(predictor, "lm", None)
-    if lm is None:
-        dspy = sys.modules.get("dspy")
-        lm = dspy.settings.lm if dspy is not None else None
-    model = getattr(lm, "model", None)
-    return model if isinstance(model, str) else None
-
-
-def _number(value: Any) -> int | float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value
-
-
-def _usage_attributes(usage: dict[str, Any], carrier: bool) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    lm_calls = usage.get("lm_calls") or 0
-    tokens_in = usage.get("input_tokens") or 0
-    tokens_out = usage.get("output_tokens") or 0
-    if lm_calls or usage.get("lm_cache_hits"):
-        attrs["stageflow.usage.lm_calls"] = lm_calls
-        attrs["stageflow.usage.input_tokens"] = tokens_in
-        attrs["stageflow.usage.output_tokens"] = tokens_out
-        attrs["stageflow.usage.lm_cache_hits"] = usage.get("lm_cache_hits") or 0
-    cost = _number(usage.get("cost"))
-    if cost is not None:
-        attrs["stageflow.usage.cost"] = float(cost)
-    if carrier and lm_calls:
-        attrs["gen_ai.usage.input_tokens"] = tokens_in
-        attrs["gen_ai.usage.output_tokens"] = tokens_out
-        attrs["llm.token_count.prompt"] = tokens_in
-        attrs["llm.token_count.completion"] = tokens_out
-        attrs["llm.token_count.total"] = tokens_in + tokens_out
-    attrs["stageflow.cache_hit"] = bool(usage.get("cache_hits"))
-    if usage.get("retries"):
-        attrs["stageflow.retries"] = usage["retries"]
-    if usage.get("repairs"):
-        attrs["stageflow.repairs"] = usage["repairs"]
-    return attrs
-
-
-def _add(totals: dict[str, Any], usage: dict[str, Any]) -> None:
-    for k, v in usage.items():
-        if _number(v) is not None:
-            totals[k] = totals.get(k, 0) + v
-
-
-def _error_cause(error: BaseException) -> BaseException:
-    """The user's exception behind stageflow's ``StageError`` wrapper (else the error itself)."""
-    if isinstance(error, StageflowError) and error.code == "stage_failed" and error.__cause__ is not None:
-        return error.__cause__
-    return error
-
-
 class OtelHook(Hook):
     """The engine hook that makes the spans (see the module docstring); build it with :func:`instrument`.
 
@@ -317,8 +164,7 @@ class OtelHook(Hook):
         self.record_content = record_content
         self.lm_spans = lm_spans
         self._frame: ContextVar[_Frame | None] = ContextVar("stageflow_otel_frame", default=None)
-        self._lm_calls: dict[str, tuple[Any, Any]] = {}
-        self._callback: Any = None
+        self._lm = LMSpans(tracer, trace, record_content=record_content)
 
     # -- frames ---------------------------------------------------------------------------------------
     def _push(self, span: Any, path: str, parent: _Frame | None, lm_mode: str, is_run: bool) -> _Frame:
@@ -338,16 +184,14 @@ class OtelHook(Hook):
     def _lm_mode(self) -> str:
         if self.lm_spans is False or "dspy" not in sys.modules:
             return _OFF
-        if self.lm_spans is None and other_lm_instrumentation(exclude=self._callback) is not None:
+        if self.lm_spans is None and other_lm_instrumentation(exclude=self._lm._callback) is not None:
             return _OTHER
         return _OWN
 
     def _enter_lm_callbacks(self, frame: _Frame) -> None:
         import dspy
 
-        if self._callback is None:
-            self._callback = _callback_class()(self)
-        cm = dspy.settings.context(callbacks=[*(dspy.settings.callbacks or ()), self._callback])
+        cm = dspy.settings.context(callbacks=[*(dspy.settings.callbacks or ()), self._lm.callback])
         cm.__enter__()
         frame.dspy_context = cm
 
@@ -363,7 +207,7 @@ class OtelHook(Hook):
             "stageflow.pipeline.type": name,
         }
         if self.record_content:
-            attrs.update(_content("input", inputs))
+            attrs.update(content_attributes("input", inputs))
         lm_mode = self._lm_mode()
         attrs["stageflow.lm_spans"] = lm_mode
         span = self._tracer.start_span(f"invoke_workflow {name}", attributes=attrs)
@@ -391,18 +235,18 @@ class OtelHook(Hook):
         self._end_abandoned(frame)
         span = frame.span
         if frame.totals:
-            span.set_attributes(_usage_attributes(frame.totals, carrier=False))
+            span.set_attributes(usage_attributes(frame.totals, carrier=False))
         if error is not None:
-            self._fail(span, error)
+            record_failure(span, error, self._trace)
         elif self.record_content and outputs is not None:
-            span.set_attributes(_content("output", outputs))
+            span.set_attributes(content_attributes("output", outputs))
         span.end()
 
     # -- stages -----------------------------------------------------------------------------------------
     def before_stage(self, *, path: str, stage: Any, inputs: dict[str, Any], **future: Any) -> None:
         parent = self._frame.get()
         lm_mode = parent.lm_mode if parent is not None else _OFF
-        d = _describe(stage)
+        d = describe(stage)
         kind = d.kind if d.kind != "LLM" or lm_mode == _OFF else "CHAIN"
         attrs: dict[str, Any] = {
             "stageflow.stage.path": path,
@@ -412,13 +256,13 @@ class OtelHook(Hook):
         if d.name is not None:
             attrs["stageflow.stage.name"] = d.name
         if d.predictor is not None:
-            model = _model_of(d.predictor)
+            model = model_of(d.predictor)
             if model is not None:
                 attrs["gen_ai.request.model"] = model
                 if kind == "LLM":
                     attrs["llm.model_name"] = model
         if self.record_content:
-            attrs.update(_content("input", inputs))
+            attrs.update(content_attributes("input", inputs))
         span = self._tracer.start_span(d.name or path or d.type_name, attributes=attrs)
         frame = self._push(span, path, parent, lm_mode, False)
         frame.carrier = lm_mode == _OFF and not d.composite
@@ -438,9 +282,9 @@ class OtelHook(Hook):
                 if frame.ended:
                     return None  # the run ended first and closed this span (an abandoned branch)
                 if usage and frame.parent is run and run.totals is not None:
-                    _add(run.totals, usage)
+                    add_usage(run.totals, usage)
         if usage:  # (none reported: no LM call, cache hit, retry or repair happened)
-            frame.span.set_attributes(_usage_attributes(usage, frame.carrier))
+            frame.span.set_attributes(usage_attributes(usage, frame.carrier))
         return frame
 
     def after_stage(self, *, path: str, outputs: Any, elapsed: float, **future: Any) -> None:
@@ -448,14 +292,14 @@ class OtelHook(Hook):
         if frame is None:
             return
         if self.record_content:
-            frame.span.set_attributes(_content("output", outputs))
+            frame.span.set_attributes(content_attributes("output", outputs))
         frame.span.end()
 
     def on_stage_error(self, *, path: str, error: BaseException, elapsed: float, **future: Any) -> None:
         frame = self._end_stage(path, future.get("usage"))
         if frame is None:
             return
-        self._fail(frame.span, error)
+        record_failure(frame.span, error, self._trace)
         frame.span.end()
 
     def _end_abandoned(self, run: _Frame) -> None:
@@ -474,101 +318,6 @@ class OtelHook(Hook):
             frame.span.set_attribute("stageflow.abandoned", True)
             frame.span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message))
             frame.span.end()
-
-    def _fail(self, span: Any, error: BaseException) -> None:
-        cause = _error_cause(error)
-        message = redact_text(f"{type(cause).__name__}: {cause}")[:2000]
-        attrs: dict[str, Any] = {"error.type": type(cause).__qualname__}
-        code = getattr(error, "code", None)
-        if isinstance(code, str):
-            attrs["stageflow.error.code"] = code
-        span.set_attributes(attrs)
-        span.add_event(
-            "exception",
-            {"exception.type": type(cause).__qualname__, "exception.message": message},
-        )
-        span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message))
-
-    # -- LM calls (DSPy callbacks) ---------------------------------------------------------------------
-    def lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        """A DSPy LM call starts inside an instrumented pipeline call."""
-        model = getattr(instance, "model", None)
-        model = model if isinstance(model, str) else type(instance).__name__
-        operation = "chat" if getattr(instance, "model_type", "chat") == "chat" else "text_completion"
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.request.model": model,
-            "openinference.span.kind": "LLM",
-            "llm.model_name": model,
-            "stageflow.stage.path": current_path(),
-        }
-        if "/" in model:
-            attrs["gen_ai.provider.name"] = attrs["llm.provider"] = model.split("/", 1)[0]
-        settings = {**(getattr(instance, "kwargs", None) or {}), **(inputs.get("kwargs") or {})}
-        for key, attr in (("temperature", "temperature"), ("max_tokens", "max_tokens"), ("top_p", "top_p")):
-            value = _number(settings.get(key))
-            if value is not None:
-                attrs[f"gen_ai.request.{attr}"] = value
-        if self.record_content:
-            messages = inputs.get("messages") or inputs.get("prompt")
-            attrs.update(_content("input", messages))
-        span = self._tracer.start_span(f"{operation} {model}", attributes=attrs)
-        self._lm_calls[call_id] = (span, watch_lm_calls())
-
-    def lm_end(self, call_id: str, outputs: Any, exception: BaseException | None) -> None:
-        """The DSPy LM call ``call_id`` ended."""
-        item = self._lm_calls.pop(call_id, None)
-        if item is None:
-            return
-        span, (calls, token) = item
-        # (ValueError: ended in another context than it started; the collection stops anyway.)
-        with contextlib.suppress(ValueError):
-            unwatch_lm_calls(token)
-        if calls:
-            self._lm_usage(span, calls[-1])
-        if exception is not None:
-            self._fail(span, exception)
-        elif self.record_content and outputs is not None:
-            span.set_attributes(_content("output", outputs))
-        span.end()
-
-    @staticmethod
-    def _lm_usage(span: Any, call: dict[str, Any]) -> None:
-        usage = call.get("usage") or {}
-        attrs: dict[str, Any] = {"stageflow.lm.cache_hit": bool(call.get("cache_hit"))}
-        if isinstance(call.get("response_model"), str):
-            attrs["gen_ai.response.model"] = call["response_model"]
-        if not call.get("cache_hit"):
-            tokens_in = _number(usage.get("prompt_tokens", usage.get("input_tokens")))
-            tokens_out = _number(usage.get("completion_tokens", usage.get("output_tokens")))
-            if tokens_in is not None:
-                attrs["gen_ai.usage.input_tokens"] = attrs["llm.token_count.prompt"] = int(tokens_in)
-            if tokens_out is not None:
-                attrs["gen_ai.usage.output_tokens"] = attrs["llm.token_count.completion"] = int(tokens_out)
-            if tokens_in is not None and tokens_out is not None:
-                attrs["llm.token_count.total"] = int(tokens_in + tokens_out)
-            cost = _number(call.get("cost"))
-            if cost is not None:
-                attrs["stageflow.usage.cost"] = float(cost)
-        span.set_attributes(attrs)
-
-
-def _callback_class() -> type:
-    from dspy.utils.callback import BaseCallback
-
-    class StageflowLMSpans(BaseCallback):  # type: ignore[misc]
-        """DSPy callback that turns LM calls into spans of an :class:`OtelHook`."""
-
-        def __init__(self, hook: OtelHook) -> None:
-            self.hook = hook
-
-        def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-            self.hook.lm_start(call_id, instance, inputs)
-
-        def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
-            self.hook.lm_end(call_id, outputs, exception)
-
-    return StageflowLMSpans
 
 
 _INSTALLED: list[OtelHook | None] = [None]
