@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         StageflowError,
         StageTimeoutError,
     )
+    from stageflow.observe.otel import instrument_otel, uninstrument_otel
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.tracer import Tracer, trace
@@ -111,6 +112,7 @@ __all__ = [
     "describe",
     "fuse",
     "get_config",
+    "instrument_otel",
     "limits",
     "lm_router",
     "load_pipeline",
@@ -120,6 +122,7 @@ __all__ = [
     "stage",
     "to_spec",
     "trace",
+    "uninstrument_otel",
     "__version__",
 ]
 
@@ -182,6 +185,7 @@ _LOCATIONS: dict[str, str] = {
     "describe": "stageflow.stages",
     "fuse": "stageflow.policies.fusion",
     "get_config": "stageflow.engine.config",
+    "instrument_otel": "stageflow.observe.otel",
     "limits": "stageflow.engine.concurrency",
     "lm_router": "stageflow.patterns.branching",
     "load_pipeline": "stageflow.spec",
@@ -191,6 +195,7 @@ _LOCATIONS: dict[str, str] = {
     "stage": "stageflow.stages",
     "to_spec": "stageflow.spec",
     "trace": "stageflow.observe.tracer",
+    "uninstrument_otel": "stageflow.observe.otel",
 }
 
 

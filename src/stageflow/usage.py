@@ -22,7 +22,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,7 +35,9 @@ __all__ = [
     "open_run",
     "note_policy_event",
     "stage_scope",
+    "unwatch_lm_calls",
     "using_table",
+    "watch_lm_calls",
 ]
 
 
@@ -215,6 +217,7 @@ def _tokens(usage: Mapping[str, Any], *names: str) -> int:
 _TABLE: ContextVar[UsageTable | None] = ContextVar("stageflow_usage_table", default=None)
 _STAGE: ContextVar[str] = ContextVar("stageflow_usage_stage", default="")
 _BILLED: ContextVar[bool] = ContextVar("stageflow_usage_billed", default=False)
+_WATCH: ContextVar[list[dict[str, Any]] | None] = ContextVar("stageflow_usage_watch", default=None)
 
 
 def current_table() -> UsageTable | None:
@@ -249,6 +252,42 @@ def note_policy_event(kind: str) -> None:
         table.record_event(_STAGE.get(), kind)
 
 
+def watch_lm_calls() -> tuple[list[dict[str, Any]], Token[list[dict[str, Any]] | None]]:
+    """Start collecting what each LM call made in this context records, until :func:`unwatch_lm_calls`.
+
+    Returns the list that fills (one dict per LM call: ``usage``, ``cost``, ``response_model``,
+    ``cache_hit``) and the token to stop with. Used by instrumentation that makes a span per LM call
+    (DSPy's ``on_lm_start``/``on_lm_end`` callbacks run in the LM call's own context). Only LM calls
+    made inside a pipeline call (where stageflow meters usage) are seen.
+    """
+    calls: list[dict[str, Any]] = []
+    return calls, _WATCH.set(calls)
+
+
+def unwatch_lm_calls(token: Token[list[dict[str, Any]] | None]) -> None:
+    """Stop the collection :func:`watch_lm_calls` started (in the same context)."""
+    _WATCH.reset(token)
+
+
+#: The key under which the outermost call's table travels in DSPy's settings overrides: DSPy copies
+#: them into the worker threads of ``dspy.Parallel`` (stageflow's own context variables do not go).
+_SETTINGS_KEY = "stageflow_usage_table"
+
+
+def _where() -> tuple[UsageTable | None, str]:
+    """The table and stage the LM work happening here belongs to."""
+    table = _TABLE.get()
+    if table is not None:
+        return table, _STAGE.get()
+    # A thread DSPy started (dspy.Parallel inside a stage) without stageflow's context: the work
+    # counts for the pipeline call itself (path "").
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:
+        return None, ""
+    fallback = settings_module.thread_local_overrides.get().get(_SETTINGS_KEY)
+    return (fallback, "") if isinstance(fallback, UsageTable) else (None, "")
+
+
 def _dspy_tracker_class() -> type:
     from dspy.utils.usage_tracker import UsageTracker
 
@@ -259,6 +298,11 @@ def _dspy_tracker_class() -> type:
             super().__init__()
             self.parent = parent
 
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            # dspy.Parallel deep-copies the tracker into each worker thread and never merges the
+            # copies back (DSPy loses that usage). Sharing this one keeps the tokens.
+            return self
+
         def get_total_tokens(self) -> dict[str, dict[str, Any]]:
             return dict(self.parent.get_total_tokens()) if self.parent is not None else {}
 
@@ -267,27 +311,42 @@ def _dspy_tracker_class() -> type:
             # where the usage goes, so one tracker can serve every call.
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
-            table = _TABLE.get()
+            table, path = _where()
             if table is not None:
-                table.record_lm(_STAGE.get(), usage_entry)
+                table.record_lm(path, usage_entry)
             _BILLED.set(True)
 
     return StageflowTracker
 
 
+class _Sink(list):  # type: ignore[type-arg]
+    """The ``history`` list of the probe: it records and never stores anything."""
+
+    def append(self, entry: Any) -> None:
+        if not isinstance(entry, dict):
+            return
+        table, path = _where()
+        billed = _BILLED.get()
+        if table is not None:
+            table.record_history(path, billed, entry.get("cost"))
+        watch = _WATCH.get()
+        if watch is not None:
+            watch.append(
+                {
+                    "usage": entry.get("usage") or {},
+                    "cost": entry.get("cost"),
+                    "response_model": entry.get("response_model"),
+                    "cache_hit": not billed,
+                }
+            )
+        _BILLED.set(False)
+
+
 class _HistoryProbe:
     """A member of DSPy's ``caller_modules``: DSPy appends each LM call's history entry to it."""
 
-    class _Sink(list):  # type: ignore[type-arg]
-        def append(self, entry: Any) -> None:  # never stores anything
-            table = _TABLE.get()
-            if table is not None and isinstance(entry, dict):
-                billed = _BILLED.get()
-                table.record_history(_STAGE.get(), billed, entry.get("cost"))
-            _BILLED.set(False)
-
     def __init__(self) -> None:
-        self.history = self._Sink()
+        self.history = _Sink()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _HistoryProbe:
         return self
@@ -323,6 +382,7 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     new["usage_tracker"] = _SHARED_TRACKER[0] if parent is None else cls(parent)
     callers = settings.caller_modules
     new["caller_modules"] = [_PROBE, *callers] if callers else _PROBE_ONLY
+    new[_SETTINGS_KEY] = table
     if adapter is not None:
         new["adapter"] = adapter
     return (token, overrides_var, overrides_var.set(new))

@@ -48,3 +48,28 @@ def browser_page() -> Iterator[Any]:
             yield context.new_page()
         finally:
             context.close()
+
+
+@pytest.fixture
+def otel_sdk() -> Iterator[Any]:
+    """An OpenTelemetry SDK tracer provider with an in-memory exporter: ``(provider, exporter)``.
+
+    Not set as the global provider (tests pass it to ``instrument(tracer_provider=...)``);
+    instrumentation is removed afterwards.
+    """
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        require(False, "the OpenTelemetry SDK (pip install opentelemetry-sdk)")
+    from stageflow.observe import otel
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        yield provider, exporter
+    finally:
+        otel.uninstrument()
+        provider.shutdown()

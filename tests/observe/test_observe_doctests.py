@@ -1,4 +1,4 @@
-"""The ``>>>`` examples in the observe modules run and print what they say."""
+"""The ``>>>`` examples in the observe modules (and ``stageflow.usage``) run and print what they say."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ MODULES = [
     "stageflow.observe.graph.model",
     "stageflow.observe.graph.render",
     "stageflow.observe.graph.walk",
+    "stageflow.observe.otel",
+    "stageflow.observe.otel_attributes",
+    "stageflow.observe.profile_table",
+    "stageflow.observe.profiler",
+    "stageflow.observe.redact",
     "stageflow.observe.report",
     "stageflow.observe.report.spans",
     "stageflow.observe.report.svg",
+    "stageflow.observe.schedule",
     "stageflow.observe.tracer",
+    "stageflow.usage",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -39,6 +40,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
     run_p.add_argument(
         "--output", metavar="FILE", help="write the result JSON to FILE (only when the run succeeds)"
     )
+    run_p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the run, print a table of every stage (time, LM calls, tokens, cost, cache hits, "
+        "retries, repairs, errors) with the run's critical path to stderr",
+    )
     add_prompt_option(run_p)
     add_allow_options(run_p)
 
@@ -63,8 +70,20 @@ def run(args: argparse.Namespace) -> int:
         settings["lm"] = lm
         if local or args.prompt != "auto":
             settings["adapter"] = make_adapter(args.prompt == "compact" or (args.prompt == "auto" and local))
-    with dspy.context(**settings), Progress(sys.stderr, lambda p: p or "pipeline", enabled=True):
-        result = pipeline(**inputs)
+    from stageflow.observe.profiler import Profiler, profile
+
+    prof = Profiler()
+    observed = profile(prof) if args.profile else contextlib.nullcontext(prof)
+    try:
+        with (
+            dspy.context(**settings),
+            observed,
+            Progress(sys.stderr, lambda p: p or "pipeline", enabled=True),
+        ):
+            result = pipeline(**inputs)
+    finally:
+        if args.profile:
+            print(prof.table(), file=sys.stderr)  # a failed run's stages too
     text = json.dumps(dict(result.items()), indent=2, ensure_ascii=False, default=str)
     if args.output:
         write_atomic(args.output, text + "\n")

@@ -1,4 +1,5 @@
-"""Observers that attach to any pipeline through the engine hooks (profiler, tracer), pictures of
+"""Observers that attach to any pipeline through the engine hooks (profiler, tracer, OpenTelemetry
+spans: :mod:`stageflow.observe.otel`), pictures of
 pipelines (:mod:`stageflow.observe.graph`) and the HTML run report (:mod:`stageflow.observe.report`).
 
 Names resolve lazily, so importing a submodule that needs no DSPy (the graph renderers, the report)
@@ -13,6 +14,7 @@ from stageflow._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from stageflow.observe.graph import graph_of, to_dot, to_mermaid
+    from stageflow.observe.otel import instrument_otel, uninstrument_otel
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.report import write_report
@@ -24,10 +26,12 @@ __all__ = [
     "Tracer",
     "TracingPipeline",
     "graph_of",
+    "instrument_otel",
     "profile",
     "to_dot",
     "to_mermaid",
     "trace",
+    "uninstrument_otel",
     "write_report",
 ]
 
@@ -37,10 +41,12 @@ _LOCATIONS = {
     "Tracer": "stageflow.observe.tracer",
     "TracingPipeline": "stageflow.observe.pipelines",
     "graph_of": "stageflow.observe.graph",
+    "instrument_otel": "stageflow.observe.otel",
     "profile": "stageflow.observe.profiler",
     "to_dot": "stageflow.observe.graph",
     "to_mermaid": "stageflow.observe.graph",
     "trace": "stageflow.observe.tracer",
+    "uninstrument_otel": "stageflow.observe.otel",
     "write_report": "stageflow.observe.report",
 }
 
