@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         StageflowError,
         StageTimeoutError,
     )
+    from stageflow.fingerprinting import fingerprint
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
     from stageflow.observe.tracer import Tracer, trace
@@ -105,6 +106,7 @@ __all__ = [
     "attach_hooks",
     "configure",
     "describe",
+    "fingerprint",
     "fuse",
     "get_config",
     "limits",
@@ -174,6 +176,7 @@ _LOCATIONS: dict[str, str] = {
     "attach_hooks": "stageflow.engine.hooks",
     "configure": "stageflow.engine.concurrency",
     "describe": "stageflow.stages",
+    "fingerprint": "stageflow.fingerprinting",
     "fuse": "stageflow.policies.fusion",
     "get_config": "stageflow.engine.concurrency",
     "limits": "stageflow.engine.concurrency",
