@@ -53,10 +53,14 @@ def kill_trial(tmp: Path, pause: float, rng: random.Random) -> tuple[int, int, b
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(pause)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == b"ready"
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(65536), b"")))
+    reader.start()  # keep the pipe empty, so the child never blocks on printing
     time.sleep(rng.uniform(0.2, 1.2))
     proc.send_signal(signal.SIGKILL)
-    out = proc.stdout.read().split()
     proc.wait()
+    reader.join()
+    out = b"".join(chunks).split()
     acked = int(out[-1]) + 1 if out else 0
     with sqlite3.connect(db) as conn:
         present = {int(k[1:]) for (k,) in conn.execute("SELECT key FROM stageflow_cache")}
@@ -71,7 +75,8 @@ def flood(policy: str, threads: int, n: int = 20_000) -> tuple[float, float, flo
 
     with tempfile.TemporaryDirectory() as d:
         store = SQLiteStore(Path(d) / "flood.db", max_pending=256)
-        store._when_full = policy
+        assert store._queue is not None
+        store._queue.when_full = policy
         lat: list[float] = []
         lock = threading.Lock()
 

@@ -39,15 +39,19 @@ Examples:
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import weakref
 from typing import Any
 
-from stageflow._fpstate import Bag, Ref, Walker
+from stageflow._fp_digest import Bag, Ref, weaken
+from stageflow._fp_predict import PredictMemo
+from stageflow._fp_walker import Walker
 
 __all__ = ["fingerprint"]
 
 _MEMO: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
+_PREDICT_MEMO: weakref.WeakKeyDictionary[Any, PredictMemo] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -59,21 +63,37 @@ def fingerprint(program: Any) -> str:
     docstring for what it covers.
     """
     target = _unwrap(program)
+    dspy = sys.modules.get("dspy")
+    predictor = dspy is not None and issubclass(type(target), dspy.Predict)
+    if predictor:
+        fast = _PREDICT_MEMO.get(target)
+        if fast is not None and fast.matches(target):
+            return fast.fp
     token = Walker().token(target)
     try:
         memo = _MEMO.get(target)
     except TypeError:  # unhashable: no memo, the content is hashed every time
         memo = None
     if memo is not None and memo[0] == token:
-        return memo[1]
-    full = _content(Walker(final=True).token(target))
-    fp = hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        fp = memo[1]
+    else:
+        full = _content(Walker(final=True).token(target))
+        fp = hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        if Walker().token(target) == token:  # unchanged while hashing (another thread may edit it)
+            _remember(_MEMO, target, (weaken(token), fp))
+    if predictor:
+        fast = PredictMemo.build(target, fp)
+        if fast is not None and Walker().token(target) == token:
+            _remember(_PREDICT_MEMO, target, fast)
+    return fp
+
+
+def _remember(memo: weakref.WeakKeyDictionary[Any, Any], target: Any, value: Any) -> None:
     try:
         with _LOCK:
-            _MEMO[target] = (token, fp)
+            memo[target] = value
     except TypeError:
-        pass  # not weak-referenceable or unhashable
-    return fp
+        pass  # not weak-referenceable or unhashable: no memo
 
 
 def _unwrap(program: Any) -> Any:

@@ -44,7 +44,7 @@ def _from_cache(
     cache = policy.cache
     if cache is None or is_collecting_traces():
         return _MISS, None
-    keys = make_key(path, target, kw, cache, repr(path))
+    keys = make_key(path, target, kw, cache)
     if keys is None:
         return _MISS, None
     key, durable = keys
@@ -56,14 +56,17 @@ def _from_cache(
 
     def store(out: Any) -> None:
         if not _fell_back(run, seen, path):
-            cache.store(key, durable, out, repr(path))
+            cache.store(key, durable, out, path)
 
     return _MISS, store
 
 
 def _fell_back(run: RunInfo, since: int, path: str) -> bool:
     """Whether this call ended on its fallback (a fallback's output is never cached)."""
-    return any(e.kind == "fallback" and e.stage == path for e in run.events[since:])
+    events = run.events
+    if len(events) == since:  # the usual case: nothing happened during the call
+        return False
+    return any(e.kind == "fallback" and e.stage == path for e in events[since:])
 
 
 def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:

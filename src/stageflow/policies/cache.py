@@ -72,6 +72,12 @@ class MemoryStore:
     def __deepcopy__(self, memo: dict[int, Any]) -> MemoryStore:
         return self  # a copied program shares its cache (like DSPy's LM cache)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"maxsize": self.maxsize}  # a pickled program (Ray, cloudpickle) starts with an empty cache
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["maxsize"])  # type: ignore[misc]
+
     def get(self, key: Any) -> tuple[bool, Any]:
         with self._lock:
             try:
@@ -84,11 +90,13 @@ class MemoryStore:
             return True, value
 
     def set(self, key: Any, value: Any) -> None:
+        data = self._data
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+            if key in data:
+                data.move_to_end(key)
+            data[key] = value
+            if len(data) > self.maxsize:
+                data.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -161,11 +169,16 @@ class CachePolicy:
         self.memory.set(key, snap)
         return True, snap.restore()
 
-    def store(self, key: Any, durable: Callable[[], str | None], out: Any, stage: str) -> None:
-        """Keep a private copy of ``out``; persist it when it can be encoded (else warn once)."""
+    def store(
+        self, key: Any, durable: Callable[[], str | None], out: Any, path: str, label: str = ""
+    ) -> None:
+        """Keep a private copy of ``out``; persist it when it can be encoded (else warn once).
+
+        Warnings name the stage by ``label``, or else by its ``path``."""
         try:
             snap = Snapshot.take(out)
         except Uncopyable as e:
+            stage = label or repr(path)
             self.warn_once(
                 stage,
                 "copy",
@@ -185,6 +198,7 @@ class CachePolicy:
         try:
             self.persistent.set(dkey, out)
         except Unencodable as e:
+            stage = label or repr(path)
             self.warn_once(
                 stage,
                 "encode",
@@ -225,6 +239,8 @@ def make_key(
             return None
     fp = fingerprint(target)
     frozen = tuple(items)
+    if policy is not None and policy.persistent is None:
+        return (path, fp, frozen), _no_durable_key
     memo: list[str | None] = []
 
     def durable() -> str | None:  # computed once, and only when a persistent store is consulted
@@ -238,6 +254,10 @@ def make_key(
         return memo[0]
 
     return (path, fp, frozen), durable
+
+
+def _no_durable_key() -> str | None:
+    return None  # pragma: no cover - only persistent stores ask for it
 
 
 def _warn_unkeyable(policy: CachePolicy, stage: str, name: str, e: Unkeyable) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,7 +57,8 @@ class CachedStage(Stage):
         if persist_to is not None:
             from stageflow.policies.stores import SQLiteStore
 
-            persistent = SQLiteStore(persist_to, types=persist_types)
+            declared = _declared_types(underlying_stage)
+            persistent = SQLiteStore(persist_to, types=[*persist_types, *declared])
         policy = CachePolicy(MemoryStore(cache_size), persistent)
         underlying_stage, stage_options = _flatten(underlying_stage, stage_options)
         super().__init__(underlying_stage, cache=policy, **stage_options)
@@ -109,7 +113,7 @@ class CachedStage(Stage):
         found, value = self.cache.lookup(key, durable)
         if found:
             return True, value, None
-        return False, None, lambda out: self.cache.store(key, durable, out, self._label)
+        return False, None, lambda out: self.cache.store(key, durable, out, "", self._label)
 
     def forward(self, **kwargs: Any) -> Any:
         """Called on its own (outside a pipeline): the same cache, keyed under path ``""``."""
@@ -130,6 +134,28 @@ class CachedStage(Stage):
         if store is not None:
             store(out)
         return out
+
+
+def _declared_types(stage: Any) -> list[type]:
+    """Classes the stage declares it returns (a pydantic/dataclass return annotation, typed
+    signature fields): a fresh process may read them back from the cache file."""
+    found: list[type] = []
+    stack = list(describe(stage).types.values())
+    while isinstance(stage, Stage):
+        stage = stage.module
+    fn = getattr(stage, "fn", None) or getattr(type(stage), "forward", None)
+    with contextlib.suppress(Exception):  # no annotations, or ones that do not resolve
+        stack.append(typing.get_type_hints(fn).get("return"))
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type):
+            if "<locals>" not in t.__qualname__ and (
+                isinstance(getattr(t, "model_fields", None), dict) or dataclasses.is_dataclass(t)
+            ):
+                found.append(t)
+        else:
+            stack.extend(a for a in typing.get_args(t) if a is not Ellipsis)
+    return found
 
 
 def _flatten(underlying: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

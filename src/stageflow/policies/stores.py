@@ -16,34 +16,30 @@ format of :mod:`stageflow.policies.codec` — never a pickle, so reading a file 
   silently.
 - **Exit**: pending writes are flushed at normal interpreter exit and on SIGTERM (a handler that
   flushes, then runs the handler that was installed before it, or the default action). Worst case
-  after a SIGKILL: the writes queued in the last ~50 ms batch window (see BENCHMARKS.md).
+  after a SIGKILL: the writes queued since the last commit — those of the last ~50 ms batch window,
+  and never more than ``max_pending`` (measured in BENCHMARKS.md). See
+  :mod:`~stageflow.policies.write_queue`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import signal
 import sqlite3
 import threading
 import time
 import warnings
-import weakref
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
 from stageflow.policies import codec
+from stageflow.policies.write_queue import WriteQueue, is_lock_error
 
 __all__ = ["SQLiteStore"]
 
-_BATCH_WINDOW = 0.05  # seconds the writer waits to batch queued writes into one commit
-_BATCH_MAX = 512
 _BUSY_TIMEOUT = 0.1  # SQLite's own wait on a lock, per attempt; the retry loop does the rest
-_IDLE_EXIT = 2.0  # an idle writer thread exits (and restarts on the next write)
 _TABLE, _META = "stageflow_cache", "stageflow_meta"
 _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -54,14 +50,6 @@ _SCHEMA = (
 
 class _Unusable(Exception):  # noqa: N818 - a signal inside this module
     """The file is not a stageflow cache we may use."""
-
-
-def _is_lock(error: sqlite3.Error) -> bool:
-    code = getattr(error, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return True
-    text = str(error).lower()
-    return "locked" in text or "busy" in text
 
 
 def _warn(message: str) -> None:
@@ -106,18 +94,11 @@ class SQLiteStore:
         self.max_pending = max_pending
         self._types = tuple(types)
         self._allowed = {f"{c.__module__}:{c.__qualname__}": c for c in self._types}
-        self._when_full = "wait"  # or "write": the producer commits its own write (benchmarks compare)
-        self._pending: deque[tuple[str, str]] = deque()
-        self._cond = threading.Condition()
-        self._inflight = 0
-        self._flushing = 0
-        self._writer: threading.Thread | None = None
+        self._queue: WriteQueue | None = None
         self._read: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self.hits = self.misses = 0
-        self.written = self.write_retries = self.lost_writes = 0
         self.bad_entries = self.unknown_types = 0
-        self._unreported: list[str] = []
         self._warned: set[str] = set()
         self.error: str | None = None
         self._open()
@@ -136,10 +117,11 @@ class SQLiteStore:
         while True:
             try:
                 self._read = self._open_once()
-                _register(self)
+                insert = f"INSERT OR REPLACE INTO {_TABLE} (key, value) VALUES (?, ?)"
+                self._queue = WriteQueue(self._connect, insert, self.lock_timeout, self.max_pending)
                 return
             except sqlite3.OperationalError as e:
-                if _is_lock(e) and time.monotonic() < deadline:
+                if is_lock_error(e) and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
                 self._unusable(str(e))
@@ -219,7 +201,7 @@ class SQLiteStore:
                 row = conn.execute(f"SELECT value FROM {_TABLE} WHERE key = ?", (key,)).fetchone()
             except sqlite3.Error as e:
                 self.misses += 1
-                if not (isinstance(e, sqlite3.OperationalError) and _is_lock(e)):
+                if not (isinstance(e, sqlite3.OperationalError) and is_lock_error(e)):
                     self._read_failed(str(e))
                 return False, None
             if row is None:
@@ -263,154 +245,27 @@ class SQLiteStore:
         format cannot store it). Waits while ``max_pending`` writes are already queued."""
         text = codec.dumps(value)
         self._report()
-        if not self.available:
-            return
-        with self._cond:
-            while len(self._pending) + self._inflight >= self.max_pending:
-                if self._when_full == "write":
-                    break
-                self._ensure_writer()
-                self._cond.wait(0.1)
-            else:
-                self._pending.append((key, text))
-                self._ensure_writer()
-                self._cond.notify_all()
-                return
-        self._write_now([(key, text)])  # the "write" policy: the producer commits its own write
-
-    def _ensure_writer(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(
-                target=self._write_loop, name="stageflow-cache-writer", daemon=True
-            )
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            while True:
-                with self._cond:
-                    if not self._pending:
-                        self._cond.wait(_IDLE_EXIT)
-                        if not self._pending:
-                            self._writer = None  # idle: exit; the next write starts a new thread
-                            return
-                    deadline = time.monotonic() + _BATCH_WINDOW
-                    while len(self._pending) < _BATCH_MAX and not self._flushing:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                    batch = self._take(_BATCH_MAX)
-                    self._cond.notify_all()
-                if conn is None:
-                    conn = self._connect()
-                self._commit(conn, batch)
-                with self._cond:
-                    self._inflight = 0
-                    self._cond.notify_all()
-        except sqlite3.Error as e:
-            self._lose(len(self._pending) + self._inflight, str(e))
-            with self._cond:
-                self._pending.clear()
-                self._inflight = 0
-                self._cond.notify_all()
-        finally:
-            if conn is not None:
-                conn.close()
-
-    def _take(self, n: int) -> list[tuple[str, str]]:
-        """Pop up to ``n`` pending writes; ``_inflight`` is raised first, so a flush that looks at
-        the queue from a signal handler never sees "empty and idle" while a batch is on its way."""
-        self._inflight = min(n, len(self._pending))
-        batch = []
-        for _ in range(self._inflight):
-            try:
-                batch.append(self._pending.popleft())
-            except IndexError:  # a signal handler's flush took the rest
-                break
-        return batch
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[str, str]]) -> None:
-        """Write ``batch``, retrying with backoff while the database is locked."""
-        if not batch:
-            return
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.01
-        while True:
-            try:
-                with conn:
-                    conn.executemany(f"INSERT OR REPLACE INTO {_TABLE} (key, value) VALUES (?, ?)", batch)
-                self.written += len(batch)
-                return
-            except sqlite3.OperationalError as e:
-                if not _is_lock(e):
-                    self._lose(len(batch), str(e))
-                    return
-                if time.monotonic() + delay > deadline:
-                    self._lose(len(batch), f"the database stayed locked for {self.lock_timeout:g} s")
-                    return
-                self.write_retries += 1
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except sqlite3.Error as e:
-                self._lose(len(batch), str(e))
-                return
-
-    def _write_now(self, batch: list[tuple[str, str]]) -> None:
-        conn = self._connect()
-        try:
-            self._commit(conn, batch)
-        finally:
-            conn.close()
-
-    def _lose(self, n: int, reason: str) -> None:
-        if n:
-            self.lost_writes += n
-            self._unreported.append(reason)
+        queue = self._queue
+        if queue is not None and self.available:
+            queue.put(key, text)
 
     def _report(self) -> None:
         """Warn (from a caller's thread) about writes the background writer could not store."""
-        if self._unreported:
-            reasons, self._unreported = self._unreported, []
+        queue = self._queue
+        if queue is not None and queue.unreported:
+            reasons, queue.unreported = queue.unreported, []
             _warn(
-                f"{self.lost_writes} cache write(s) to {str(self.path)!r} failed and were not stored "
+                f"{queue.lost_writes} cache write(s) to {str(self.path)!r} failed and were not stored "
                 f"({reasons[-1]}). Those entries stay in this process's memory cache; see "
                 "SQLiteStore.stats()['lost_writes'], and raise lock_timeout= if another process holds "
                 "long write transactions."
             )
 
-    # -- flushing ------------------------------------------------------------------------------------
-
     def flush(self) -> None:
         """Wait until every queued write is on disk (or has finally failed, then warn)."""
-        with self._cond:
-            self._flushing += 1
-            self._cond.notify_all()
-            try:
-                while self._pending or self._inflight:
-                    if self._writer is None or not self._writer.is_alive():
-                        self._ensure_writer()
-                    self._cond.wait(0.1)
-            finally:
-                self._flushing -= 1
+        if self._queue is not None:
+            self._queue.flush()
         self._report()
-
-    def drain(self, timeout: float | None = None) -> None:
-        """Write what is queued from the calling thread, without taking any lock another thread of
-        this process may hold (safe in a signal handler), then wait for an in-flight batch."""
-        batch = []
-        while True:
-            try:
-                batch.append(self._pending.popleft())
-            except IndexError:
-                break
-        if batch and self.available:
-            with contextlib.suppress(sqlite3.Error):
-                self._write_now(batch)
-        deadline = time.monotonic() + (self.lock_timeout + 1 if timeout is None else timeout)
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.005)
 
     def clear(self) -> None:
         """Delete every entry."""
@@ -436,68 +291,29 @@ class SQLiteStore:
         from stageflow.policies.cache import hit_stats
 
         self._report()
+        q = self._queue
         return hit_stats(
             self.hits,
             self.misses,
             path=str(self.path),
             available=self.available,
             error=self.error,
-            pending=len(self._pending) + self._inflight,
-            written=self.written,
-            write_retries=self.write_retries,
-            lost_writes=self.lost_writes,
-            write_errors=self.lost_writes,
+            pending=q.pending if q is not None else 0,
+            written=q.written if q is not None else 0,
+            write_retries=q.write_retries if q is not None else 0,
+            lost_writes=q.lost_writes if q is not None else 0,
+            write_errors=q.lost_writes if q is not None else 0,
             bad_entries=self.bad_entries,
             unknown_types=self.unknown_types,
         )
 
     def close(self) -> None:
         """Flush and close the database (the store caches nothing on disk afterwards)."""
-        self.flush()
+        if self._queue is not None:
+            self._queue.close()
+        self._report()
         with self._read_lock:
             if self._read is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._read.close()
             self._read = None
-        _LIVE.discard(self)
-
-
-# -- process exit ----------------------------------------------------------------------------------
-
-_LIVE: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
-_PREVIOUS: list[Any] = []
-_ATEXIT: list[bool] = []
-
-
-def _register(store: SQLiteStore) -> None:
-    """Flush ``store`` at exit and on SIGTERM (the handler is installed from the main thread only)."""
-    _LIVE.add(store)
-    if not _ATEXIT:
-        _ATEXIT.append(True)
-        atexit.register(_flush_all)
-    if threading.current_thread() is threading.main_thread():
-        current = signal.getsignal(signal.SIGTERM)
-        if current is not _on_sigterm:
-            _PREVIOUS[:] = [current]
-            signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _flush_all() -> None:
-    for store in list(_LIVE):
-        with contextlib.suppress(Exception):
-            store.flush()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Flush every store, then do what would have happened without this handler."""
-    for store in list(_LIVE):
-        with contextlib.suppress(Exception):
-            store.drain()
-    previous = _PREVIOUS[0] if _PREVIOUS else signal.SIG_DFL
-    if callable(previous):
-        previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
-    else:  # the default action: terminate, with the exit status a SIGTERM gives
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,25 +1,17 @@
-"""The change-detection token behind :func:`stageflow.fingerprint` (internal).
-
-:class:`Walker` turns a program into a *token*: nested tuples of plain values (strings, ints,
-bytes, floats as hex) and :class:`Ref` weak references to immutable things that are expensive to
-describe (code objects, DSPy signature classes). Two tokens compare equal only if every plain
-value is equal and every reference points to the very same live object, so an equal token means
-an equal content hash — and a token never keeps anything alive. :meth:`Ref.describe` turns a
-reference into stable text when the content hash is computed.
-"""
+"""The walker behind :func:`stageflow.fingerprint` (internal): a program → a token, or the complete
+description that is hashed (see :mod:`stageflow._fp_digest` for tokens and references)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import sys
-import sysconfig
 import types
-import weakref
 from typing import Any
 
-__all__ = ["Bag", "Ref", "Walker", "code_digest"]
+from stageflow._fp_digest import ADAPTER_SETTINGS, Bag, Ref, code_info, current, is_user_module, state_of
+
+__all__ = ["Walker"]
 
 _BUDGET = 2000  # values followed per token; beyond it containers are sampled
 _MAX_DEPTH = 24
@@ -27,16 +19,6 @@ _SAMPLE = 8
 _LONG = 1024  # strings and bytes longer than this are hashed in the full description
 #: Attributes of every dspy.Module that record runs rather than configure behaviour.
 _MODULE_NOISE = frozenset({"history", "callbacks", "_compiled"})
-#: What DSPy's adapters are configured with (see ``dspy.ChatAdapter.__init__``).
-_ADAPTER_SETTINGS = frozenset(
-    {
-        "use_native_function_calling",
-        "parallel_tool_calls",
-        "native_response_types",
-        "use_json_adapter_fallback",
-        "extraction_model",
-    }
-)
 #: Objects that observe or store runs; they never change a stage's outputs.
 _SKIP = frozenset(
     {
@@ -47,163 +29,6 @@ _SKIP = frozenset(
         "stageflow.observe.tracer.Tracer",
     }
 )
-
-
-class Ref:
-    """A weak reference compared by identity (never by the referent's own ``==``)."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, obj: Any) -> None:
-        self.ref = weakref.ref(obj)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Ref:
-            return False
-        obj = self.ref()
-        return obj is not None and obj is other.ref()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def describe(self) -> str:
-        obj = self.ref()
-        if obj is None:  # pragma: no cover - the walker holds the program while hashing
-            return "<gone>"
-        if isinstance(obj, types.CodeType):
-            return code_digest(obj)
-        return _signature_digest(obj)
-
-
-class Bag(tuple):  # type: ignore[type-arg]
-    """Items whose order carries no meaning (a set): the content hash sorts them."""
-
-    __slots__ = ()
-
-
-# -- code and signatures ---------------------------------------------------------------------------
-
-_CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, str] = weakref.WeakKeyDictionary()
-_CODE_INFO: weakref.WeakKeyDictionary[types.CodeType, tuple[bool, tuple[str, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-_SIG_DIGESTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def _const(c: Any) -> Any:
-    t = type(c)
-    if t is types.CodeType:
-        return ("code", code_digest(c))
-    if t is float:
-        return ("f", c.hex())
-    if t is bool:
-        return ("b", int(c))
-    if t is tuple or t is frozenset:
-        items = [_const(x) for x in c]
-        return (t.__name__, *(sorted(items, key=repr) if t is frozenset else items))
-    return (t.__name__, repr(c))
-
-
-def code_digest(code: types.CodeType) -> str:
-    """A stable hash of what a code object does: bytecode, constants (nested code included), names,
-    argument layout and flags — not its file name or line numbers."""
-    digest = _CODE_DIGESTS.get(code)
-    if digest is None:
-        parts = (
-            code.co_name,
-            code.co_argcount,
-            code.co_posonlyargcount,
-            code.co_kwonlyargcount,
-            code.co_flags,
-            code.co_code,
-            code.co_names,
-            code.co_varnames,
-            code.co_freevars,
-            code.co_cellvars,
-            getattr(code, "co_exceptiontable", b""),
-            tuple(_const(c) for c in code.co_consts),
-        )
-        digest = hashlib.sha256(repr(parts).encode("utf-8", "surrogatepass")).hexdigest()
-        _CODE_DIGESTS[code] = digest
-    return digest
-
-
-def _library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    for name in ("stageflow", "dspy"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None):
-            dirs.add(os.path.dirname(module.__file__ or ""))
-    return tuple(os.path.join(d, "") for d in dirs if d)
-
-
-_LIB_DIRS: list[tuple[str, ...]] = []
-_USER_MODULES: dict[str, bool] = {}
-
-
-def _is_library_file(filename: str) -> bool:
-    if not _LIB_DIRS:
-        _LIB_DIRS.append(_library_dirs())
-    return filename.startswith(("<frozen", *_LIB_DIRS[0]))
-
-
-def _code_info(code: types.CodeType) -> tuple[bool, tuple[str, ...]]:
-    """``(is_user_code, names it and its nested code objects read)``."""
-    info = _CODE_INFO.get(code)
-    if info is None:
-        names: set[str] = set()
-        stack = [code]
-        while stack:
-            c = stack.pop()
-            names.update(c.co_names)
-            stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
-        info = (not _is_library_file(code.co_filename), tuple(sorted(names)))
-        _CODE_INFO[code] = info
-    return info
-
-
-def _is_user_module(name: str) -> bool:
-    known = _USER_MODULES.get(name)
-    if known is None:
-        module = sys.modules.get(name)
-        if module is None:  # not a real module (exec'd code): user code, not remembered
-            return True
-        filename = getattr(module, "__file__", None)
-        if filename is None:
-            known = name == "__main__"
-        else:
-            known = not _is_library_file(os.path.abspath(filename))
-        _USER_MODULES[name] = known
-    return known
-
-
-def _signature_digest(sig: Any) -> str:
-    digest = _SIG_DIGESTS.get(sig)
-    if digest is None:
-        fields = []
-        for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
-            for name, f in group.items():
-                extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
-                fields.append((kind, name, repr(f.annotation), extra))
-        text = repr((sig.instructions, fields))
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        _SIG_DIGESTS[sig] = digest
-    return digest
-
-
-def _current() -> tuple[Any, Any]:
-    """The LM and adapter ``dspy.context``/``dspy.configure`` provide right now."""
-    settings = sys.modules.get("dspy.dsp.utils.settings")
-    if settings is None:
-        return None, None
-    main = settings.main_thread_config
-    overrides = settings.thread_local_overrides.get()
-    if not overrides:
-        return main.get("lm"), main.get("adapter")
-    return overrides.get("lm", main.get("lm")), overrides.get("adapter", main.get("adapter"))
-
-
-_state = object.__getattribute__  # a dspy.Module's __dict__ without its Python-level __getattribute__
 
 
 # -- the walker ------------------------------------------------------------------------------------
@@ -339,7 +164,7 @@ class Walker:
 
     def function(self, f: Any, d: int) -> Any:
         code = f.__code__
-        user, names = _code_info(code)
+        user, names = code_info(code)
         if not user:
             return ("libfn", f.__module__, f.__qualname__)
         key = id(f)
@@ -370,7 +195,7 @@ class Walker:
         dspy = sys.modules.get("dspy")
         if dspy is not None and issubclass(c, dspy.Signature) and c is not dspy.Signature:
             return ("signature", Ref(c), c.__doc__)
-        if not _is_user_module(c.__module__):
+        if not is_user_module(c.__module__):
             return ("class", c.__module__, c.__qualname__)
         key = id(c)
         if key in self.active:
@@ -401,9 +226,9 @@ class Walker:
         key = id(v)
         if key in self.active:
             return ("recursive", name)
-        user = _is_user_module(t.__module__)
+        user = is_user_module(t.__module__)
         try:
-            state = _state(v, "__dict__")
+            state = state_of(v, "__dict__")
         except AttributeError:
             state = None
         if state is None:
@@ -442,9 +267,9 @@ class Walker:
             self.full = full
 
     def predict(self, p: Any, d: int) -> Any:
-        state = _state(p, "__dict__")
+        state = state_of(p, "__dict__")
         sig = state.get("signature")
-        lm, adapter = _current()
+        lm, adapter = current()
         lm = state.get("lm") or lm
         t = type(p)
         return (
@@ -454,16 +279,33 @@ class Walker:
             sys.modules["dspy"].__version__,
             None if sig is None else Ref(sig),
             None if sig is None else sig.__doc__,  # the raw instructions (cheaper than .instructions)
-            self.exact(state.get("demos"), d),
+            self.demos(state.get("demos"), d),
             None if lm is None else self.lm(lm, d),
             self.exact(state.get("config"), d),
             None if adapter is None else self.adapter(adapter, d),
         )
 
+    def demos(self, demos: Any, d: int) -> Any:
+        """A predictor's demos, compared in full; the usual demo (an Example of strings) inline."""
+        if self.final or type(demos) is not list:
+            return self.exact(demos, d)
+        out: list[Any] = []
+        for ex in demos:
+            state = getattr(ex, "__dict__", None)
+            store = state.get("_store") if state is not None else None
+            if type(store) is dict and not [x for x in store.values() if type(x) is not str]:
+                keys = state.get("_input_keys") if state is not None else None
+                out.append(
+                    ("demo", type(ex), tuple(store.items()), None if keys is None else frozenset(keys))
+                )
+            else:
+                out.append(self.exact(ex, d))
+        return ("list", *out)
+
     def adapter(self, a: Any, d: int) -> Any:
         """The adapter's class (its code, for your own subclasses) and DSPy's adapter settings; other
         attributes of a subclass (counters, caches) are left out."""
-        settings = tuple((k, self.exact(v, d)) for k, v in vars(a).items() if k in _ADAPTER_SETTINGS)
+        settings = tuple((k, self.exact(v, d)) for k, v in vars(a).items() if k in ADAPTER_SETTINGS)
         return ("adapter", self.cls(type(a), d), settings)
 
     def lm(self, lm: Any, d: int) -> Any:
