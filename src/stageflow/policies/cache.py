@@ -122,8 +122,8 @@ class CachePolicy:
 
     memory: MemoryStore = field(default_factory=MemoryStore)
     persistent: Any = None
-    _warned: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
-    _uncached: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
+    _warned: set[tuple[str, str]] = field(default_factory=set, init=False, compare=False, repr=False)
+    _uncached: list[int] = field(default_factory=lambda: [0], init=False, compare=False, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CachePolicy:
         return self
