@@ -12,6 +12,7 @@ list, an LM setting that is an object) has no memo here and takes the general pa
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -115,7 +116,13 @@ class PredictMemo:
                 return False
         elif memo_sig() is not sig or sig.__doc__ != self.doc:
             return False
-        lm, adapter = current()
+        settings = sys.modules.get("dspy.dsp.utils.settings")  # (current(), inlined: every call)
+        main = settings.main_thread_config if settings is not None else {}
+        overrides = settings.thread_local_overrides.get() if settings is not None else None
+        if overrides:
+            lm, adapter = overrides.get("lm", main.get("lm")), overrides.get("adapter", main.get("adapter"))
+        else:
+            lm, adapter = main.get("lm"), main.get("adapter")
         own = state.get("lm")
         if own is not None:
             lm = own
@@ -129,13 +136,17 @@ class PredictMemo:
         if lm is None or memo_lm is None:
             if lm is not None or memo_lm is not None:
                 return False
-        elif (
-            type(lm) is not memo_lm[0]()
-            or getattr(lm, "model", None) != memo_lm[1]
-            or getattr(lm, "model_type", None) != memo_lm[2]
-            or not _same(getattr(lm, "kwargs", None), memo_lm[3])
-        ):
-            return False
+        else:
+            kwargs, (kwargs_copy, kwargs_kinds) = getattr(lm, "kwargs", None), memo_lm[3]
+            if (
+                type(lm) is not memo_lm[0]()
+                or getattr(lm, "model", None) != memo_lm[1]
+                or getattr(lm, "model_type", None) != memo_lm[2]
+                or type(kwargs) is not dict
+                or kwargs != kwargs_copy
+                or tuple(map(type, kwargs.values())) != kwargs_kinds
+            ):
+                return False
         config = state.get("config")
         if (config or self.config[0]) and not _same(config, self.config):
             return False

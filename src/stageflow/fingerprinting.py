@@ -51,7 +51,8 @@ from stageflow._fp_walker import Walker
 __all__ = ["fingerprint"]
 
 _MEMO: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
-_PREDICT_MEMO: weakref.WeakKeyDictionary[Any, PredictMemo] = weakref.WeakKeyDictionary()
+# predictor -> its fast memo, keyed by a weak reference (a plain dict: looked up on every cached call)
+_PREDICT_MEMO: dict[weakref.ref[Any], PredictMemo] = {}
 _LOCK = threading.Lock()
 
 
@@ -62,11 +63,11 @@ def fingerprint(program: Any) -> str:
     included), a ``dspy.Module`` or predictor, a function or a callable object. See the module
     docstring for what it covers.
     """
-    target = _unwrap(program)
+    target = program.fn if type(program) is _function_stage_type() else program
     dspy = sys.modules.get("dspy")
     predictor = dspy is not None and issubclass(type(target), dspy.Predict)
     if predictor:
-        fast = _PREDICT_MEMO.get(target)
+        fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
         if fast is not None and fast.matches(target):
             return fast.fp
     token = Walker().token(target)
@@ -84,8 +85,13 @@ def fingerprint(program: Any) -> str:
     if predictor:
         fast = PredictMemo.build(target, fp)
         if fast is not None and Walker().token(target) == token:
-            _remember(_PREDICT_MEMO, target, fast)
+            with _LOCK:
+                _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
     return fp
+
+
+def _forget(ref: weakref.ref[Any]) -> None:
+    _PREDICT_MEMO.pop(ref, None)  # the predictor is gone (a dead reference still finds its entry)
 
 
 def _remember(memo: weakref.WeakKeyDictionary[Any, Any], target: Any, value: Any) -> None:
@@ -96,11 +102,11 @@ def _remember(memo: weakref.WeakKeyDictionary[Any, Any], target: Any, value: Any
         pass  # not weak-referenceable or unhashable: no memo
 
 
-def _unwrap(program: Any) -> Any:
-    """A function stage is fingerprinted by its function (its name and flags do not change outputs)."""
-    if type(program).__name__ == "FunctionStage" and type(program).__module__ == "stageflow.stages":
-        return program.fn
-    return program
+def _function_stage_type() -> Any:
+    """``FunctionStage`` once stageflow's stages are imported (a function stage is fingerprinted by its
+    function: its name and flags do not change outputs); ``None`` before."""
+    stages = sys.modules.get("stageflow.stages")
+    return None if stages is None else stages.FunctionStage
 
 
 def _content(node: Any) -> Any:

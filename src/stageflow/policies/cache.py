@@ -43,6 +43,9 @@ __all__ = ["CachePolicy", "CacheWarning", "MemoryStore", "is_collecting_traces",
 KEY_VERSION = 2
 
 
+_ABSENT = object()
+
+
 class CacheWarning(UserWarning):
     """A stage's call could not be cached (or not persisted), or a cache file is unusable."""
 
@@ -80,9 +83,8 @@ class MemoryStore:
 
     def get(self, key: Any) -> tuple[bool, Any]:
         with self._lock:
-            try:
-                value = self._data[key]
-            except KeyError:
+            value = self._data.get(key, _ABSENT)
+            if value is _ABSENT:  # (no KeyError: raising one on every miss costs more than the lookup)
                 self.misses += 1
                 return False, None
             self._data.move_to_end(key)

@@ -91,7 +91,9 @@ class Snapshot:
         if t is dict:
             atomic = _all_atomic(out)
             return cls(_DICT, t, dict(out) if atomic else copy_value(out), atomic)
-        record = _record_info(t)
+        record = _RECORD_TYPES.get(t, _UNKNOWN)
+        if record is _UNKNOWN:
+            record = _record_info(t)
         state = out.__dict__ if record is not None else None
         store = state.get("_store") if state is not None else None
         if type(store) is dict and state is not None and record is not None:
@@ -188,16 +190,13 @@ def _single(fields: Any, store: dict[str, Any]) -> bool:
     return True
 
 
-_RECORD_TYPES: dict[type, tuple[bool, bool] | None] = {}
+_RECORD_TYPES: dict[type, Any] = {}
+_UNKNOWN = object()
 
 
 def _record_info(t: type) -> tuple[bool, bool] | None:
     """For ``dspy.Example`` and its subclasses, ``(is stageflow's Result, is a dspy.Prediction)``;
     ``None`` for any other type. Remembered per type."""
-    try:
-        return _RECORD_TYPES[t]
-    except KeyError:
-        pass
     names = {(c.__module__.split(".")[0], c.__name__) for c in t.__mro__}
     info = (
         (("stageflow", "Result") in names, ("dspy", "Prediction") in names)
