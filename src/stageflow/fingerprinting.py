@@ -38,6 +38,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import threading
@@ -67,9 +68,12 @@ def fingerprint(program: Any) -> str:
     dspy = sys.modules.get("dspy")
     predictor = dspy is not None and issubclass(type(target), dspy.Predict)
     if predictor:
-        fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
-        if fast is not None and fast.matches(target):
-            return fast.fp
+        try:
+            fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
+            if fast is not None and fast.matches(target):
+                return fast.fp
+        except (TypeError, ValueError):  # unhashable, or a setting whose == is not a bool (an array)
+            pass
     token = Walker().token(target)
     try:
         memo = _MEMO.get(target)
@@ -85,7 +89,7 @@ def fingerprint(program: Any) -> str:
     if predictor:
         fast = PredictMemo.build(target, fp)
         if fast is not None and Walker().token(target) == token:
-            with _LOCK:
+            with _LOCK, contextlib.suppress(TypeError):
                 _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
     return fp
 

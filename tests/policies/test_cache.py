@@ -530,3 +530,34 @@ def test_persistent_cache_survives_a_real_new_process(tmp_path: Path) -> None:
     assert lm.calls == 1
     parent.cache.persistent.close()
     fresh.cache.persistent.close()
+
+
+class Touchy:
+    """A callable whose state raises when read from outside (so it cannot be fingerprinted)."""
+
+    __slots__ = ("k",)
+
+    def __init__(self) -> None:
+        self.k = 2
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "k":
+            raise RuntimeError("no peeking")
+        return object.__getattribute__(self, name)
+
+    def __call__(self, x: int) -> dict[str, int]:
+        return {"y": x * object.__getattribute__(self, "k")}
+
+
+async def test_a_stage_that_cannot_be_fingerprinted_runs_uncached_with_one_warning(mode: str) -> None:
+    cached = CachedStage(Stage(Touchy(), reads=["x"], writes=["y"]))
+    p = SequentialPipeline([cached])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [(await call(p, mode, x=3)).y for _ in range(3)]
+    assert ys == [6, 6, 6]
+    messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(messages) == 1
+    assert "could not fingerprint" in messages[0]
+    assert "no peeking" in messages[0]
+    assert cached.get_cache_stats()["uncached"] == 3

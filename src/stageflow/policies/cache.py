@@ -228,8 +228,9 @@ def make_key(
 
     The memory key is a tuple; ``durable_key()`` computes (once) the sha256 used by persistent
     stores, or returns ``None`` when the key cannot be spelled the same way in another process.
-    When an input has no canonical encoding, ``policy`` (if given) warns once for the stage and
-    field and ``None`` is returned: the call runs uncached.
+    When an input has no canonical encoding, or the stage cannot be fingerprinted (reading its
+    state raised), ``policy`` (if given) warns once for the stage and ``None`` is returned: the call
+    runs uncached. A cache never fails a stage.
     """
     items = []
     for name, value in kw.items():
@@ -239,7 +240,24 @@ def make_key(
             if policy is not None:
                 _warn_unkeyable(policy, label or repr(path), name, e)
             return None
-    fp = fingerprint(target)
+        except Exception as e:  # an object whose fields raise when read
+            if policy is not None:
+                _warn_unkeyable(policy, label or repr(path), name, Unkeyable(type(value).__name__, repr(e)))
+            return None
+    try:
+        fp = fingerprint(target)
+    except Exception as e:  # a stage object whose attributes raise when read
+        if policy is not None:
+            stage = label or repr(path)
+            policy._uncached[0] += 1
+            policy.warn_once(
+                stage,
+                "fingerprint",
+                f"Stage {stage} is not cached: stageflow could not fingerprint it "
+                f"({type(e).__name__}: {e}), so it cannot tell whether the stage changed. "
+                "Report this with the stage's type; meanwhile remove its cache.",
+            )
+        return None
     frozen = tuple(items)
     if policy is not None and policy.persistent is None:
         return (path, fp, frozen), _no_durable_key
