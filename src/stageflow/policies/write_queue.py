@@ -199,10 +199,12 @@ class WriteQueue:
             try:
                 while self._pending or self._inflight:
                     if self._writer is None or not self._writer.is_alive():
-                        self._ensure_writer()
+                        break  # no writer (it went idle, or the interpreter is exiting): write here
                     self._cond.wait(0.1)
             finally:
                 self._flushing -= 1
+        if self._pending:
+            self.drain()
 
     def drain(self, timeout: float | None = None) -> None:
         """Commit what is queued from the calling thread, without taking any lock another thread of
