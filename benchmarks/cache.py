@@ -1,6 +1,7 @@
 """Stage cache vs DSPy: cost of a memory hit, a persistent hit and a miss, side by side.
 
-Run: ``python benchmarks/cache.py`` (CPU µs per call, medians of 21 rotated repetitions).
+Run: ``python benchmarks/cache.py`` (CPU µs per call, medians of 21 rotated repetitions). What a
+SIGKILL can lose from the persistent store: ``python benchmarks/cache_durability.py``.
 
 Every variant is a one-stage pipeline (or bare ``dspy.Predict``) on an instant fake LM, so the
 numbers are framework CPU only.
@@ -66,6 +67,13 @@ def main() -> None:
     )
     hit_stage = stageflow.CachedStage(dspy.Predict("question -> answer"))
     hit = stageflow.SequentialPipeline([hit_stage])
+    with_demos = dspy.Predict("question -> answer")
+    with_demos.demos = [dspy.Example(question=f"q{i} " * 40, answer=f"a{i} " * 10) for i in range(8)]
+    hit_demos = stageflow.SequentialPipeline([stageflow.CachedStage(with_demos)])
+    structured = {"docs": [f"passage {i} " * 20 for i in range(10)], "k": 3, "weights": (0.5, 0.25)}
+    hit_structured = stageflow.SequentialPipeline(
+        [stageflow.CachedStage(stageflow.stage(lambda question, ctx: {"answer": "Paris"}, writes=["answer"]))]
+    )
     miss = stageflow.SequentialPipeline(
         [stageflow.CachedStage(dspy.Predict("question -> answer"), cache_size=64)]
     )
@@ -84,6 +92,8 @@ def main() -> None:
     )
     with dspy.context(lm=lm):
         hit(question="q")
+        hit_demos(question="q")
+        hit_structured(question="q", ctx=structured)
         persistent(question="a")
         persistent(question="b")
         store.flush()
@@ -94,6 +104,12 @@ def main() -> None:
             "stageflow pipeline, uncached Predict": lambda: plain(question="q"),
             "stageflow pipeline, no-op function stage": lambda: noop(question="q"),
             "stageflow pipeline, stage-cache memory hit": lambda: hit(question="q"),
+            "stageflow pipeline, stage-cache memory hit, Predict with 8 demos": lambda: hit_demos(
+                question="q"
+            ),
+            "stageflow pipeline, stage-cache memory hit, function stage, dict/list/tuple input": lambda: (
+                hit_structured(question="q", ctx=structured)
+            ),
             "stageflow pipeline, stage-cache miss (memory)": lambda: miss(question=f"q{next(fresh)}"),
             "stageflow pipeline, function stage, stage-cache miss (memory)": lambda: fn_miss(
                 question=f"q{next(fresh)}"
@@ -121,6 +137,14 @@ def main() -> None:
     print("| measure | value | target |")
     print("|---|---|---|")
     print(f"| stage-cache memory hit, over a no-op stage | {hit_cost:.1f} µs | ≤ 20 µs |")
+    demos_cost = cpu["stageflow pipeline, stage-cache memory hit, Predict with 8 demos"] - base
+    print(f"| stage-cache memory hit, Predict with 8 demos (checked on every call) | {demos_cost:.1f} µs | |")
+    structured_cost = (
+        cpu["stageflow pipeline, stage-cache memory hit, function stage, dict/list/tuple input"] - base
+    )
+    print(
+        f"| stage-cache memory hit, function stage, 13-value structured input | {structured_cost:.1f} µs | |"
+    )
     print(
         f"| DSPy LM-cache hit / stage-cache hit (pipeline call incl.) | "
         f"{dspy_hit / cpu['stageflow pipeline, stage-cache memory hit']:.0f}× | ≥ 30× for the hit itself |"

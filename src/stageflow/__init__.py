@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         StageflowError,
         StageTimeoutError,
     )
+    from stageflow.fingerprinting import fingerprint
     from stageflow.observe.otel import instrument_otel, uninstrument_otel
     from stageflow.observe.pipelines import ProfilingPipeline, TracingPipeline
     from stageflow.observe.profiler import Profiler, profile
@@ -110,6 +111,7 @@ __all__ = [
     "attach_hooks",
     "configure",
     "describe",
+    "fingerprint",
     "fuse",
     "get_config",
     "instrument_otel",
@@ -183,6 +185,7 @@ _LOCATIONS: dict[str, str] = {
     "attach_hooks": "stageflow.engine.hooks",
     "configure": "stageflow.engine.config",
     "describe": "stageflow.stages",
+    "fingerprint": "stageflow.fingerprinting",
     "fuse": "stageflow.policies.fusion",
     "get_config": "stageflow.engine.config",
     "instrument_otel": "stageflow.observe.otel",

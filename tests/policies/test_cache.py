@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from stageflow import (
     StageError,
     stage,
 )
+from stageflow.policies.cache import CacheWarning
 from stageflow.testing import FakeLM, call
 
 
@@ -198,11 +200,17 @@ def test_cache_option_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert Stage(lambda x: {"y": x}, writes=["y"], cache=False).policy is None
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "directory", object()])
-def test_bad_cache_options_raise_configuration_error(bad: Any, tmp_path: Path) -> None:
-    option = str(tmp_path) if bad == "directory" else bad  # a directory is not a database file
+@pytest.mark.parametrize("bad", [0, -1, 2.5, object()])
+def test_bad_cache_options_raise_configuration_error(bad: Any) -> None:
     with pytest.raises(ConfigurationError):
-        Stage(lambda x: {"y": x}, writes=["y"], cache=option)
+        Stage(lambda x: {"y": x}, writes=["y"], cache=bad)
+
+
+def test_a_directory_as_cache_path_warns_and_caches_in_memory(tmp_path: Path) -> None:
+    with pytest.warns(CacheWarning, match="it is a directory"):
+        s = Stage(lambda x: {"y": x}, writes=["y"], cache=str(tmp_path))
+    assert s.policy.cache.persistent.available is False
+    assert SequentialPipeline([s])(x=1).y == 1
 
 
 def test_bad_cache_size_raises_configuration_error() -> None:
@@ -449,16 +457,27 @@ def test_sqlite_store_roundtrip_and_len(tmp_path: Path) -> None:
     store.close()
 
 
-def test_sqlite_store_bad_path_raises_configuration_error(tmp_path: Path) -> None:
+def test_sqlite_store_unusable_path_warns_once_and_stores_nothing(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = SQLiteStore(blocker / "c.db")  # its folder is a file
+        store.set("k", 1)
+        assert store.get("k") == (False, None)
+        assert len(store) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, CacheWarning)] == [
+        f"The cache database {str(blocker / 'c.db')!r} cannot be used ({store.error}); stage outputs are "
+        "cached in memory only for the rest of this process. Delete or move the file, or pass another "
+        "persist_to=/cache= path."
+    ]
+    assert store.stats()["available"] is False
+    assert "a_file" in str(store.stats()["error"]) or store.stats()["error"]
     with pytest.raises(ConfigurationError) as info:
-        SQLiteStore(blocker / "c.db")
+        SQLiteStore(42)  # type: ignore[arg-type]
     assert info.value.code == "bad_cache_path"
     with pytest.raises(ConfigurationError):
-        SQLiteStore(tmp_path)  # a directory
-    with pytest.raises(ConfigurationError):
-        CachedStage(lambda x: {"y": x}, persist_to=blocker / "c.db")
+        SQLiteStore(tmp_path / "x.db", max_pending=0)
 
 
 CHILD = textwrap.dedent(
@@ -511,3 +530,34 @@ def test_persistent_cache_survives_a_real_new_process(tmp_path: Path) -> None:
     assert lm.calls == 1
     parent.cache.persistent.close()
     fresh.cache.persistent.close()
+
+
+class Touchy:
+    """A callable whose state raises when read from outside (so it cannot be fingerprinted)."""
+
+    __slots__ = ("k",)
+
+    def __init__(self) -> None:
+        self.k = 2
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "k":
+            raise RuntimeError("no peeking")
+        return object.__getattribute__(self, name)
+
+    def __call__(self, x: int) -> dict[str, int]:
+        return {"y": x * object.__getattribute__(self, "k")}
+
+
+async def test_a_stage_that_cannot_be_fingerprinted_runs_uncached_with_one_warning(mode: str) -> None:
+    cached = CachedStage(Stage(Touchy(), reads=["x"], writes=["y"]))
+    p = SequentialPipeline([cached])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [(await call(p, mode, x=3)).y for _ in range(3)]
+    assert ys == [6, 6, 6]
+    messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(messages) == 1
+    assert "could not fingerprint" in messages[0]
+    assert "no peeking" in messages[0]
+    assert cached.get_cache_stats()["uncached"] == 3

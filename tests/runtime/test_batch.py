@@ -118,19 +118,40 @@ def test_resume_runs_pending_and_interrupted_records_and_counts_repeats(tmp_path
 
 
 def test_failed_records_are_kept_then_retried_alone(tmp_path: Path) -> None:
-    bad = {"q2", "q5"}
-    lm = upper_lm()
+    # The failures are the service's (the LM raises for two questions while it is down), not the
+    # program's: the program is the same on every run, so resuming and retrying are allowed.
+    down = {"q2", "q5"}
+
+    def answer(inputs: dict[str, Any]) -> str:
+        if inputs["question"] in down:
+            raise ConnectionError(f"service unavailable for {inputs['question']}")
+        return str(inputs["question"]).upper()
+
+    lm = FakeLM({"answer": answer})
     kw: dict[str, Any] = {"lm": lm, "journal": tmp_path / "j", "output": tmp_path / "out.jsonl"}
-    first = stageflow.run_batch(qa_pipeline(bad), records(8), **kw)
+    first = stageflow.run_batch(qa_pipeline(), records(8), **kw)
     assert first.failed == 2
-    bad.clear()
-    kept = stageflow.run_batch(qa_pipeline(bad), records(8), **kw)
+    down.clear()
+    kept = stageflow.run_batch(qa_pipeline(), records(8), **kw)
     assert (kept.ran, kept.failed) == (0, 2)
-    retried = stageflow.run_batch(qa_pipeline(bad), records(8), retry_failed=True, **kw)
+    retried = stageflow.run_batch(qa_pipeline(), records(8), retry_failed=True, **kw)
     assert (retried.ran, retried.retried, retried.failed, retried.succeeded) == (2, 2, 0, 8)
     assert retried.ok
-    assert lm.calls == 10
     assert all(r["status"] == "ok" for r in read_output(tmp_path / "out.jsonl"))
+
+
+def test_a_change_to_data_a_stage_captures_is_a_changed_program(tmp_path: Path) -> None:
+    # A set the check stage reads is part of what the program computes: editing it between runs is
+    # a different program, so resuming is refused unless allowed.
+    bad = {"q2"}
+    kw: dict[str, Any] = {"lm": upper_lm(), "journal": tmp_path / "j"}
+    assert stageflow.run_batch(qa_pipeline(bad), records(4), **kw).failed == 1
+    bad.clear()
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(qa_pipeline(bad), records(4), **kw)
+    assert info.value.code == "changed_since_planned"
+    again = stageflow.run_batch(qa_pipeline(bad), records(4), retry_failed=True, allow_changed=True, **kw)
+    assert (again.retried, again.failed) == (1, 0)
 
 
 def test_a_changed_program_is_refused_unless_allowed_and_the_override_is_recorded(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ FIFO although it says LRU; stageflow's must be a true LRU. ``acall`` must cache 
 from __future__ import annotations
 
 import dspy
-import pytest
 
 from stageflow import CachedStage, SequentialPipeline
 from stageflow.testing import FakeLM, call
@@ -62,12 +61,6 @@ async def test_in_a_pipeline_repeated_inputs_hit_the_cache(mode: str) -> None:
     assert cached.get_cache_stats()["hits"] == 1
 
 
-@pytest.mark.xfail(
-    reason="CachedStage.forward returns the stored outputs as a plain dict on a hit but the stage's "
-    "dspy.Prediction on a miss (hit.summary raises AttributeError: 'dict' object has no attribute "
-    "'summary'); inside a pipeline, result.stage_outputs holds a dict on a hit too",
-    strict=True,
-)
 def test_a_hit_returns_the_same_type_as_a_miss() -> None:
     stage = CachedStage(Summarize())
     with dspy.context(lm=summary_lm()):
@@ -77,11 +70,6 @@ def test_a_hit_returns_the_same_type_as_a_miss() -> None:
     assert hit.summary == miss.summary
 
 
-@pytest.mark.xfail(
-    reason="CachedStage.acall does not use the cache: CachedStage overrides forward() only, and acall "
-    "goes through Stage.aforward, so every acall is an LM call and the stats do not move",
-    strict=True,
-)
 async def test_acall_uses_the_cache() -> None:
     lm = summary_lm()
     stage = CachedStage(Summarize())
@@ -92,11 +80,6 @@ async def test_acall_uses_the_cache() -> None:
     assert stage.get_cache_stats()["hits"] == 1
 
 
-@pytest.mark.xfail(
-    reason="CachedStage has no cache_hits / cache_misses attributes (AttributeError); the counts are "
-    "only in get_cache_stats()",
-    strict=True,
-)
 def test_cache_hits_and_misses_are_attributes() -> None:
     stage = CachedStage(Summarize())
     with dspy.context(lm=summary_lm()):
@@ -105,11 +88,6 @@ def test_cache_hits_and_misses_are_attributes() -> None:
     assert (stage.cache_hits, stage.cache_misses) == (1, 1)
 
 
-@pytest.mark.xfail(
-    reason="get_cache_stats() reports the number of entries as 'size' (and 'maxsize'), not the "
-    "tutorial's 'cache_size' (KeyError)",
-    strict=True,
-)
 def test_the_stats_report_the_cache_size() -> None:
     stage = CachedStage(Summarize())
     with dspy.context(lm=summary_lm()):
@@ -118,11 +96,6 @@ def test_the_stats_report_the_cache_size() -> None:
     assert stage.get_cache_stats()["cache_size"] == 2
 
 
-@pytest.mark.xfail(
-    reason="CachedStage keeps the wrapped stage as `module` (a Stage) and the size inside its CachePolicy: "
-    "cached.underlying_stage and cached.cache_size raise AttributeError (the tutorial's attributes)",
-    strict=True,
-)
 def test_the_constructor_arguments_are_kept_as_attributes() -> None:
     inner = Summarize()
     stage = CachedStage(inner, cache_size=10)

@@ -193,27 +193,52 @@ def _bad_key(entry: StageEntry, key: Any, prefix: str) -> StageError:
 _IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes, complex, frozenset, range})
 
 
-def private_copy(value: Any) -> Any:
+def private_copy(value: Any, memo: dict[int, Any] | None = None) -> Any:
     """A copy of ``value`` that shares no mutable container with it (immutable values are shared).
 
-    Lists, dicts, sets and tuples are copied element by element; other mutable objects are deep-copied
-    (shared as they are when they cannot be copied: clients, locks, models).
+    Lists, dicts, sets and tuples are copied element by element (a container that holds itself is
+    copied once, like :func:`copy.deepcopy` does); other mutable objects are deep-copied (shared as
+    they are when they cannot be copied: clients, locks, models).
+
+    >>> loop: list = [1]
+    >>> loop.append(loop)
+    >>> twin = private_copy(loop)
+    >>> twin is not loop and twin[1] is twin
+    True
     """
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
+    if memo is None:
+        memo = {}
+    key = id(value)
+    if key in memo:
+        return memo[key]
     if kind is list:
-        return [private_copy(v) for v in value]
+        out: list[Any] = []
+        memo[key] = out
+        out.extend(private_copy(v, memo) for v in value)
+        return out
     if kind is dict:
-        return {k: private_copy(v) for k, v in value.items()}
+        new: dict[Any, Any] = {}
+        memo[key] = new
+        for k, v in value.items():
+            new[k] = private_copy(v, memo)
+        return new
     if kind is tuple:
-        return tuple(private_copy(v) for v in value)
+        copied = tuple(private_copy(v, memo) for v in value)
+        memo[key] = copied
+        return copied
     if kind is set:
-        return {private_copy(v) for v in value}
+        copied_set = {private_copy(v, memo) for v in value}
+        memo[key] = copied_set
+        return copied_set
     try:
-        return copy.deepcopy(value)
+        copied_obj = copy.deepcopy(value, memo)
     except Exception:
-        return value
+        copied_obj = value
+    memo[key] = copied_obj
+    return copied_obj
 
 
 def private_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -25,17 +25,6 @@ from stageflow.usage import note_policy_event
 __all__ = ["aguarded_call", "guarded_call"]
 
 
-def outputs_of(out: Any) -> Any:
-    """What a cache stores for a stage's output: its fields as a dict (or a single value)."""
-    if isinstance(out, dspy.Example):
-        return dict(out._store)
-    if isinstance(out, dict):
-        return dict(out)
-    if hasattr(out, "model_dump"):
-        return {k: getattr(out, k) for k in type(out).model_fields}
-    return out
-
-
 _MISS = object()
 
 
@@ -49,29 +38,37 @@ def _cache_only(policy: StagePolicy) -> bool:
 def _from_cache(
     policy: StagePolicy, path: str, target: Any, kw: dict[str, Any], run: RunInfo
 ) -> tuple[Any, Callable[[Any], None] | None]:
-    """``(cached outputs, None)`` on a hit; ``(_MISS, store)`` on a miss, where ``store(out)`` keeps
-    the call's outputs unless the call ended on its fallback; ``(_MISS, None)`` without a cache."""
+    """``(a fresh copy of the cached output, None)`` on a hit; ``(_MISS, store)`` on a miss, where
+    ``store(out)`` keeps a private copy of the call's output unless the call ended on its fallback;
+    ``(_MISS, None)`` without a cache, while traces are collected, or for an input that cannot be
+    keyed exactly (the cache has warned once)."""
     cache = policy.cache
     if cache is None or is_collecting_traces():
         return _MISS, None
-    key, durable = make_key(path, target, kw)
+    keys = make_key(path, target, kw, cache)
+    if keys is None:
+        return _MISS, None
+    key, durable = keys
     found, value = cache.lookup(key, durable)
     if found:
         run.events.append(PolicyEvent(path, "cache_hit"))
         note_policy_event("cache_hit")
-        return (dict(value) if isinstance(value, dict) else value), None
+        return value, None
     seen = len(run.events)
 
     def store(out: Any) -> None:
         if not _fell_back(run, seen, path):
-            cache.store(key, durable, outputs_of(out))
+            cache.store(key, durable, out, path)
 
     return _MISS, store
 
 
 def _fell_back(run: RunInfo, since: int, path: str) -> bool:
     """Whether this call ended on its fallback (a fallback's output is never cached)."""
-    return any(e.kind == "fallback" and e.stage == path for e in run.events[since:])
+    events = run.events
+    if len(events) == since:  # the usual case: nothing happened during the call
+        return False
+    return any(e.kind == "fallback" and e.stage == path for e in events[since:])
 
 
 def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:

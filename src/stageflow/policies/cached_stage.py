@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key
-from stageflow.stages import Stage
+from stageflow.stages import Stage, describe, stage_label
 
 __all__ = ["CachedStage"]
 
 
 class CachedStage(Stage):
-    """Cache a stage's outputs by its inputs (a true LRU; thread-safe).
+    """Cache a stage's outputs by its inputs (a true LRU; thread-safe; sync and async).
+
+    Works inside a pipeline and called on its own (``cached(**inputs)`` /
+    ``await cached.acall(**inputs)``). A hit returns a fresh object of the type the miss returned
+    (a ``dspy.Prediction``, a dict, a pydantic model, a single value...), sharing nothing mutable
+    with earlier results. See :mod:`stageflow.policies.cache` for what the key covers.
 
     Args:
         underlying_stage: Any stage (module or function).
         cache_size: Entries kept in memory (least recently *used* evicted first).
         persist_to: A SQLite file: hits survive across processes; writes happen in the background.
+        persist_types: Classes (pydantic models, dataclasses, enums) a fresh process may read
+            back from ``persist_to`` before it has produced one itself
+            (see :func:`~stageflow.policies.codec.allow`).
         **stage_options: Anything :class:`Stage` takes (renames, other policies).
 
     Examples:
@@ -28,8 +40,8 @@ class CachedStage(Stage):
         >>> p = stageflow.SequentialPipeline([square])
         >>> [p(x=3).y, p(x=3).y, p(x=4).y], calls
         ([9, 9, 16], [3, 4])
-        >>> square.get_cache_stats()["hits"]
-        1
+        >>> square.cache_hits, square.cache_misses, square.get_cache_stats()["cache_size"]
+        (1, 2, 2)
     """
 
     def __init__(
@@ -38,25 +50,50 @@ class CachedStage(Stage):
         cache_size: int = 1000,
         *,
         persist_to: str | os.PathLike[str] | None = None,
+        persist_types: Sequence[type] = (),
         **stage_options: Any,
     ) -> None:
         persistent = None
         if persist_to is not None:
             from stageflow.policies.stores import SQLiteStore
 
-            persistent = SQLiteStore(persist_to)
-        super().__init__(
-            underlying_stage, cache=CachePolicy(MemoryStore(cache_size), persistent), **stage_options
-        )
+            declared = _declared_types(underlying_stage)
+            persistent = SQLiteStore(persist_to, types=[*persist_types, *declared])
+        policy = CachePolicy(MemoryStore(cache_size), persistent)
+        underlying_stage, stage_options = _flatten(underlying_stage, stage_options)
+        super().__init__(underlying_stage, cache=policy, **stage_options)
+        self._label = f"CachedStage({stage_label(self.module)})"
 
     @property
     def cache(self) -> CachePolicy:
         """The cache policy (memory LRU and optional persistent store)."""
         return self.policy.cache  # type: ignore[no-any-return]
 
+    @property
+    def underlying_stage(self) -> Any:
+        """The wrapped stage (the tutorial's name for it)."""
+        return self.module
+
+    @property
+    def cache_size(self) -> int:
+        """How many entries the memory tier keeps."""
+        return self.cache.memory.maxsize
+
+    @property
+    def cache_hits(self) -> int:
+        """Calls answered from the cache (memory or persistent)."""
+        return int(self.cache.stats()["hits"])
+
+    @property
+    def cache_misses(self) -> int:
+        """Calls that ran the stage."""
+        return int(self.cache.stats()["misses"])
+
     def get_cache_stats(self) -> dict[str, Any]:
-        """``{"hits", "misses", "hit_rate", "size", ...}``."""
-        return self.cache.stats()
+        """``{"hits", "misses", "hit_rate", "cache_size", ...}`` (``cache_size``: entries in memory)."""
+        stats = self.cache.stats()
+        stats["cache_size"] = stats["size"]
+        return stats
 
     def clear_cache(self) -> None:
         """Drop every cached entry (memory and persistent)."""
@@ -64,16 +101,77 @@ class CachedStage(Stage):
         if self.cache.persistent is not None:
             self.cache.persistent.clear()
 
-    def forward(self, **kwargs: Any) -> Any:
-        """Called on its own (outside a pipeline): the same cache, keyed under path ``""``."""
+    def _begin(self, kwargs: dict[str, Any]) -> tuple[bool, Any, Callable[[Any], None] | None]:
+        """``(True, value, None)`` on a hit, ``(False, None, store)`` on a miss, ``(False, None, None)``
+        when this call is not cached (traces are being collected, or an input cannot be keyed)."""
         if is_collecting_traces():
-            return super().forward(**kwargs)
-        key, durable = make_key("", self.module, kwargs)
+            return False, None, None
+        keys = make_key("", self.module, kwargs, self.cache, self._label)
+        if keys is None:
+            return False, None, None
+        key, durable = keys
         found, value = self.cache.lookup(key, durable)
         if found:
+            return True, value, None
+        return False, None, lambda out: self.cache.store(key, durable, out, "", self._label)
+
+    def forward(self, **kwargs: Any) -> Any:
+        """Called on its own (outside a pipeline): the same cache, keyed under path ``""``."""
+        hit, value, store = self._begin(kwargs)
+        if hit:
             return value
         out = super().forward(**kwargs)
-        from stageflow.engine.guarded import outputs_of
-
-        self.cache.store(key, durable, outputs_of(out))
+        if store is not None:
+            store(out)
         return out
+
+    async def aforward(self, **kwargs: Any) -> Any:
+        """Async twin of :meth:`forward` (the same cache)."""
+        hit, value, store = self._begin(kwargs)
+        if hit:
+            return value
+        out = await super().aforward(**kwargs)
+        if store is not None:
+            store(out)
+        return out
+
+
+def _declared_types(stage: Any) -> list[type]:
+    """Classes the stage declares it returns (a pydantic/dataclass return annotation, typed
+    signature fields): a fresh process may read them back from the cache file."""
+    found: list[type] = []
+    stack = list(describe(stage).types.values())
+    while isinstance(stage, Stage):
+        stage = stage.module
+    fn = getattr(stage, "fn", None) or getattr(type(stage), "forward", None)
+    with contextlib.suppress(Exception):  # no annotations, or ones that do not resolve
+        stack.append(typing.get_type_hints(fn).get("return"))
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type):
+            if "<locals>" not in t.__qualname__ and (
+                isinstance(getattr(t, "model_fields", None), dict) or dataclasses.is_dataclass(t)
+            ):
+                found.append(t)
+        else:
+            stack.extend(a for a in typing.get_args(t) if a is not Ellipsis)
+    return found
+
+
+def _flatten(underlying: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``CachedStage(Stage(x, inputs=..., writes=...))`` caches ``x`` with the same renames and
+    declarations, so a pipeline calls it once, under one cache, instead of a wrapper in a wrapper."""
+    if type(underlying) is not Stage or underlying.policy is not None or options:
+        return underlying, options
+    inner = underlying.module
+    base, declared = describe(inner), underlying.inner_ports
+    flat: dict[str, Any] = {"inputs": underlying.input_map, "outputs": underlying.output_map}
+    if (declared.required, declared.optional, declared.accepts_any) != (
+        base.required,
+        base.optional,
+        base.accepts_any,
+    ):
+        flat["reads"] = list(declared.required)
+    if declared.outputs is not None and declared.outputs != base.outputs:
+        flat["writes"] = list(declared.outputs)
+    return inner, flat

@@ -1,0 +1,114 @@
+"""The fast path of :func:`stageflow.fingerprint` for a predictor (internal).
+
+A cached ``dspy.Predict`` is fingerprinted on every call, so "has anything changed since last
+time?" must cost about a microsecond. :func:`observe` reads what decides a predictor's outputs —
+its class, its signature and instructions, the LM (its own or the one ``dspy.context`` provides:
+class, model, ``kwargs``), ``config``, the adapter's class and settings, each demo's fields — into
+one tuple, and :class:`PredictMemo` keeps a copy of that tuple (dicts copied) next to the
+fingerprint computed from it. One tuple comparison then tells whether the fingerprint still holds.
+Dicts are compared by value *and* by the types of their values, so ``temperature`` going from
+``1`` to ``1.0`` or ``True`` is a change; an in-place edit of a demo or of ``lm.kwargs`` is a
+change. A predictor whose state is not plain (a demo holding a list, an LM setting that is an
+object) has no memo here and takes the general path of :mod:`stageflow.fingerprinting`.
+
+The memo holds classes (the predictor's, the signature, the LM's) but no instance: it keeps no
+predictor, LM or demo alive.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from stageflow._fp_digest import ADAPTER_SETTINGS, state_of
+
+__all__ = ["PredictMemo", "observe"]
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_STR = frozenset({str})
+_LM, _KWARGS, _CONFIG, _DEMOS = 3, 4, 6, 9  # positions in the observed tuple
+
+
+def _adapter_settings(adapter: Any) -> tuple[Any, ...]:
+    """DSPy's settings of an adapter (lists copied, so an in-place edit is a change)."""
+    state = getattr(adapter, "__dict__", {})
+    return tuple((k, list(v) if type(v) is list else v) for k, v in state.items() if k in ADAPTER_SETTINGS)
+
+
+def observe(p: Any) -> tuple[Any, ...]:
+    """What decides ``p``'s outputs besides its inputs, as one tuple (live dicts, not copies)."""
+    state = state_of(p, "__dict__")
+    sig = state.get("signature")
+    settings = sys.modules.get("dspy.dsp.utils.settings")
+    main = settings.main_thread_config if settings is not None else {}
+    overrides = settings.thread_local_overrides.get() if settings is not None else None
+    if overrides:
+        lm, adapter = overrides.get("lm", main.get("lm")), overrides.get("adapter", main.get("adapter"))
+    else:
+        lm, adapter = main.get("lm"), main.get("adapter")
+    own = state.get("lm")
+    if own is not None:
+        lm = own
+    kwargs = getattr(lm, "kwargs", None) if lm is not None else None
+    config = state.get("config")
+    demos = state.get("demos")
+    return (
+        type(p),
+        sig,
+        getattr(sig, "__doc__", None),
+        None if lm is None else (type(lm), getattr(lm, "model", None), getattr(lm, "model_type", None)),
+        kwargs,
+        tuple(map(type, kwargs.values())) if type(kwargs) is dict else None,
+        config,
+        tuple(map(type, config.values())) if type(config) is dict else None,
+        None if adapter is None else (type(adapter), _adapter_settings(adapter)),
+        tuple(
+            (type(ex), s := getattr(ex, "__dict__", {}).get("_store"), _kinds(s), _keys(ex)) for ex in demos
+        )
+        if type(demos) is list and demos
+        else (type(demos), len(demos) if type(demos) is list else None),
+    )
+
+
+def _kinds(d: Any) -> tuple[type, ...] | None:
+    return tuple(map(type, d.values())) if type(d) is dict else None
+
+
+def _keys(ex: Any) -> frozenset[str] | None:
+    keys = getattr(ex, "__dict__", {}).get("_input_keys")
+    return None if keys is None else frozenset(keys)
+
+
+def _plain(d: Any) -> bool:
+    return type(d) is dict and _SCALARS.issuperset(map(type, d.values())) and _STR.issuperset(map(type, d))
+
+
+class PredictMemo:
+    """A copy of what one predictor's last fingerprint was computed from."""
+
+    __slots__ = ("fp", "state")
+
+    def __init__(self, state: tuple[Any, ...], fp: str) -> None:
+        self.state = state
+        self.fp = fp
+
+    @classmethod
+    def build(cls, p: Any, fp: str) -> PredictMemo | None:
+        """A memo of ``p``'s current state, or ``None`` when that state is not plain."""
+        seen = list(observe(p))
+        kwargs, config, demos = seen[_KWARGS], seen[_CONFIG], seen[_DEMOS]
+        if (kwargs is not None and not _plain(kwargs)) or not _plain(config):
+            return None
+        if seen[_LM] is not None and kwargs is None:
+            return None
+        if demos and type(demos[0]) is tuple:  # demos present: each store must be plain
+            if not all(_plain(store) for _, store, _, _ in demos):
+                return None
+            seen[_DEMOS] = tuple((t, dict(store), kinds, keys) for t, store, kinds, keys in demos)
+        seen[_KWARGS] = None if kwargs is None else dict(kwargs)
+        seen[_CONFIG] = dict(config)
+        return cls(tuple(seen), fp)
+
+    def matches(self, p: Any) -> bool:
+        """Whether ``p`` is in the state this memo was built from (then ``self.fp`` is its fingerprint)."""
+        return observe(p) == self.state

@@ -1,0 +1,322 @@
+"""The walker behind :func:`stageflow.fingerprint` (internal): a program → a token, or the complete
+description that is hashed (see :mod:`stageflow._fp_digest` for tokens and references)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+import types
+from typing import Any
+
+from stageflow._fp_digest import ADAPTER_SETTINGS, Bag, Ref, code_info, current, is_user_module, state_of
+from stageflow.patterns._containers import StageDict, StageList
+
+__all__ = ["Walker"]
+
+_BUDGET = 2000  # values followed per token; beyond it containers are sampled
+_MAX_DEPTH = 24
+_SAMPLE = 8
+_LONG = 1024  # strings and bytes longer than this are hashed in the full description
+#: Attributes of every dspy.Module that record runs rather than configure behaviour.
+_MODULE_NOISE = frozenset({"history", "callbacks", "_compiled"})
+#: Objects that observe or store runs; they never change a stage's outputs.
+_SKIP = frozenset(
+    {
+        "stageflow.policies.cache.CachePolicy",
+        "stageflow.policies.cache.MemoryStore",
+        "stageflow.policies.stores.SQLiteStore",
+        "stageflow.observe.profiler.Profiler",
+        "stageflow.observe.tracer.Tracer",
+    }
+)
+
+
+# -- the walker ------------------------------------------------------------------------------------
+
+_BUILTIN_CALLABLES = (
+    types.BuiltinFunctionType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.ClassMethodDescriptorType,
+)
+_MUTABLE = (list, dict, set, bytearray)
+_SIMPLE = frozenset({str, int, type(None)})
+#: Token tags of plain data (no code, no module, no object inside).
+_PLAIN_TAGS = frozenset({"f", "b", "bytes", "data", "complex", "example", "record", "opaque"})
+
+
+def _is_plain(token: Any) -> bool:
+    if type(token) is not tuple:
+        return True
+    if not token:
+        return True
+    tag = token[0]
+    if tag == "tuple":
+        return all(_is_plain(x) for x in token[1:])
+    if tag == "frozenset":
+        return all(_is_plain(x) for x in token[1])
+    return tag in _PLAIN_TAGS
+
+
+class Walker:
+    """Builds one token (``final=False``) or the complete description that is hashed (``final=True``).
+
+    The two differ in one respect: plain data *inside a mutable container* (a list, dict or set a
+    function captures or an object holds) is part of the full description but not of the token —
+    so a stage that appends to a captured list on every call keeps its fingerprint, while the
+    fingerprint still differs between two programs (or two runs) whose containers differ. What a
+    predictor holds (demos, LM settings, config) is always compared in full: editing a demo in place
+    changes the token. ``id()`` is used only for objects kept alive during this walk.
+    """
+
+    def __init__(self, final: bool = False) -> None:
+        self.final = final  # the description to hash: long strings are hashed, everything is kept
+        self.full = final  # keep plain data inside mutable containers (always within exact())
+        self.budget = _BUDGET
+        self.active: set[int] = set()
+
+    def token(self, obj: Any) -> Any:
+        dspy = sys.modules.get("dspy")
+        if dspy is not None and issubclass(type(obj), dspy.Predict):  # the common case, directly
+            return self.predict(obj, 1)
+        return self.tok(obj, 0)
+
+    def tok(self, v: Any, depth: int) -> Any:
+        t = type(v)
+        if t is str or t is int or v is None:
+            if self.final and t is str and len(v) > _LONG:
+                return ("str-sha256", hashlib.sha256(v.encode("utf-8", "surrogatepass")).hexdigest())
+            return v
+        self.budget -= 1
+        if t is float:
+            return ("f", v.hex())
+        if t is bool:
+            return ("b", int(v))
+        if t is bytes:
+            return ("bytes", hashlib.sha256(v).hexdigest() if self.final and len(v) > _LONG else v)
+        if depth > _MAX_DEPTH:
+            return ("deep", t.__qualname__)
+        d = depth + 1
+        if t is list or t is tuple or t is dict or t is set or t is frozenset:
+            return self.container(v, t, d)
+        if t is StageList or t is StageDict:  # a pipeline's stages: a plain list / dict with a counter
+            return self.container(v, list if t is StageList else dict, d)
+        if t is types.FunctionType:
+            return self.function(v, d)
+        if t is types.MethodType:
+            return ("method", self.tok(v.__func__, d), self.tok(v.__self__, d))
+        if isinstance(v, _BUILTIN_CALLABLES):
+            return ("builtin", getattr(v, "__module__", None), getattr(v, "__qualname__", repr(v)))
+        if t is types.ModuleType:
+            return ("module", v.__name__)
+        if t is types.CodeType:
+            return ("code", Ref(v))
+        if isinstance(v, type):
+            return self.cls(v, d)
+        if t is staticmethod or t is classmethod:
+            return (t.__name__, self.tok(v.__func__, d))
+        if t is property:
+            return ("property", self.tok(v.fget, d), self.tok(v.fset, d))
+        if t is functools.partial:
+            return ("partial", self.tok(v.func, d), self.tok(v.args, d), self.tok(v.keywords, d))
+        if t is bytearray:
+            if not self.full:
+                return ("data", "bytearray")
+            return ("bytearray", hashlib.sha256(v).hexdigest() if self.final else bytes(v))
+        if t is complex:
+            return ("complex", v.real.hex(), v.imag.hex())
+        return self.obj(v, t, d)
+
+    def container(self, v: Any, t: type, d: int) -> Any:
+        items: Any = v.items() if t is dict else v
+        n = len(v)
+        if n > self.budget:  # too big to follow: type, length and a sample
+            unordered = t is set or t is frozenset
+            sample = [] if unordered else list(items)[:: max(1, n // _SAMPLE)][:_SAMPLE]
+            out = [self.tok(x, d) for x in sample]
+            if not self.full and t in _MUTABLE and all(_is_plain(x) for x in out):
+                return ("data", t.__name__)
+            return ("sampled", t.__name__, n, *out)
+        if t is dict:
+            if self.final:
+                pairs = [(self.tok(k, d), self.tok(x, d)) for k, x in items]
+            else:  # plain keys and values inline: a token is built on every cached call
+                tok = self.tok
+                pairs = [
+                    (k if type(k) in _SIMPLE else tok(k, d), x if type(x) in _SIMPLE else tok(x, d))
+                    for k, x in items
+                ]
+            if self.full:
+                return ("dict", *pairs)
+            kept = [p for p in pairs if not _is_plain(p[1])]
+            return ("data", "dict") if not kept else ("dict", *kept)
+        if self.final:
+            out = [self.tok(x, d) for x in items]
+        else:
+            tok = self.tok
+            out = [x if type(x) in _SIMPLE else tok(x, d) for x in items]
+        if not self.full and t in _MUTABLE:
+            out = [x for x in out if not _is_plain(x)]
+            if not out:
+                return ("data", t.__name__)
+        if t is set or t is frozenset:
+            return (t.__name__, Bag(out))
+        return (t.__name__, *out)
+
+    def function(self, f: Any, d: int) -> Any:
+        code = f.__code__
+        user, names = code_info(code)
+        if not user:
+            return ("libfn", f.__module__, f.__qualname__)
+        key = id(f)
+        if key in self.active:
+            return ("recursive", f.__qualname__)
+        self.active.add(key)
+        try:
+            cells = f.__closure__
+            g = f.__globals__
+            return (
+                "fn",
+                Ref(code),
+                self.tok(f.__defaults__, d),
+                self.exact(f.__kwdefaults__, d),
+                tuple(self.cell(c, d) for c in cells) if cells else (),
+                tuple((n, self.tok(g[n], d)) for n in names if n in g),
+            )
+        finally:
+            self.active.discard(key)
+
+    def cell(self, c: Any, d: int) -> Any:
+        try:
+            return self.tok(c.cell_contents, d)
+        except ValueError:
+            return ("empty",)
+
+    def cls(self, c: type, d: int) -> Any:
+        dspy = sys.modules.get("dspy")
+        if dspy is not None and issubclass(c, dspy.Signature) and c is not dspy.Signature:
+            return ("signature", Ref(c), c.__doc__)
+        if not is_user_module(c.__module__):
+            return ("class", c.__module__, c.__qualname__)
+        key = id(c)
+        if key in self.active:
+            return ("class", c.__module__, c.__qualname__)
+        self.active.add(key)
+        try:
+            body = [(k, self.tok(v, d)) for k, v in c.__dict__.items() if not (k[:2] == "__" == k[-2:])]
+            bases = [self.cls(b, d) for b in c.__bases__ if b is not object]
+            return ("userclass", c.__module__, c.__qualname__, tuple(bases), tuple(body))
+        finally:
+            self.active.discard(key)
+
+    def obj(self, v: Any, t: type, d: int) -> Any:
+        name = f"{t.__module__}.{t.__qualname__}"
+        if name in _SKIP:
+            return ("skip", name)
+        dspy = sys.modules.get("dspy")
+        if dspy is not None:
+            if issubclass(t, dspy.Predict):
+                return self.predict(v, d)
+            if issubclass(t, dspy.BaseLM):
+                return self.lm(v, d)
+            if issubclass(t, dspy.Example):
+                keys = v.__dict__.get("_input_keys")
+                return ("example", name, self.exact(v._store, d), None if keys is None else Bag(sorted(keys)))
+        if t.__module__ == "numpy" and hasattr(v, "dtype") and hasattr(v, "tobytes"):
+            return self.array(v)
+        key = id(v)
+        if key in self.active:
+            return ("recursive", name)
+        user = is_user_module(t.__module__)
+        try:
+            state = state_of(v, "__dict__")
+        except AttributeError:
+            state = None
+        if state is None:
+            slots = [s for c in t.__mro__ for s in getattr(c, "__slots__", ()) if hasattr(v, s)]
+            if not slots:
+                return ("opaque" if not callable(v) else "callable", name)
+            state = {s: getattr(v, s) for s in slots}
+        self.active.add(key)
+        try:
+            items = [
+                (k, self.tok(x, d))
+                for k, x in list(state.items())
+                if k not in _MODULE_NOISE and (user or k[:1] != "_")
+            ]
+        finally:
+            self.active.discard(key)
+        # A callable object (a module, a processor) is structure; anything else is a record of data.
+        return ("object" if callable(v) else "record", self.cls(t, d) if user else name, tuple(items))
+
+    def array(self, v: Any) -> Any:
+        if v.dtype.hasobject:
+            return ("ndarray", v.dtype.str, repr(v.tolist()) if self.full else "objects")
+        if not self.full:
+            return ("data", "ndarray")
+        data = v.tobytes()
+        return ("ndarray", v.dtype.str, v.shape, hashlib.sha256(data).hexdigest() if self.final else data)
+
+    def exact(self, v: Any, d: int) -> Any:
+        """``v`` compared in full, in either mode (a predictor's state)."""
+        if not v and (type(v) is list or type(v) is dict):
+            return (type(v).__name__,)
+        full, self.full = self.full, True
+        try:
+            return self.tok(v, d)
+        finally:
+            self.full = full
+
+    def predict(self, p: Any, d: int) -> Any:
+        state = state_of(p, "__dict__")
+        sig = state.get("signature")
+        lm, adapter = current()
+        lm = state.get("lm") or lm
+        t = type(p)
+        return (
+            "predict",
+            t.__module__,
+            t.__qualname__,
+            sys.modules["dspy"].__version__,
+            None if sig is None else Ref(sig),
+            None if sig is None else sig.__doc__,  # the raw instructions (cheaper than .instructions)
+            self.demos(state.get("demos"), d),
+            None if lm is None else self.lm(lm, d),
+            self.exact(state.get("config"), d),
+            None if adapter is None else self.adapter(adapter, d),
+        )
+
+    def demos(self, demos: Any, d: int) -> Any:
+        """A predictor's demos, compared in full; the usual demo (an Example of strings) inline."""
+        if self.final or type(demos) is not list:
+            return self.exact(demos, d)
+        out: list[Any] = []
+        for ex in demos:
+            state = getattr(ex, "__dict__", None)
+            store = state.get("_store") if state is not None else None
+            if type(store) is dict and not [x for x in store.values() if type(x) is not str]:
+                keys = state.get("_input_keys") if state is not None else None
+                out.append(
+                    ("demo", type(ex), tuple(store.items()), None if keys is None else frozenset(keys))
+                )
+            else:
+                out.append(self.exact(ex, d))
+        return ("list", *out)
+
+    def adapter(self, a: Any, d: int) -> Any:
+        """The adapter's class (its code, for your own subclasses) and DSPy's adapter settings; other
+        attributes of a subclass (counters, caches) are left out."""
+        settings = tuple((k, self.exact(v, d)) for k, v in vars(a).items() if k in ADAPTER_SETTINGS)
+        return ("adapter", self.cls(type(a), d), settings)
+
+    def lm(self, lm: Any, d: int) -> Any:
+        return (
+            "lm",
+            type(lm).__module__,
+            type(lm).__qualname__,
+            getattr(lm, "model", None),
+            getattr(lm, "model_type", None),
+            self.exact(getattr(lm, "kwargs", None), d),
+        )

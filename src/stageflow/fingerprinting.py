@@ -1,0 +1,125 @@
+"""``stageflow.fingerprint(program)``: a content hash of everything that decides a program's outputs
+besides its inputs.
+
+It covers, recursively through nested pipelines and modules:
+
+- every **predictor**: its signature (instructions, field names, types, descriptions and
+  prefixes), its demos, its LM (class, model, ``kwargs`` such as temperature) — its own, or the one
+  ``dspy.context``/``dspy.configure`` provides — its ``config``, the active adapter and the DSPy
+  version, *as they are at call time*: editing ``demos[0]`` or ``lm.kwargs`` in place changes it;
+- every **function** (a function stage, a router, a stopping condition, a callable held by a
+  module): its code including constants and nested functions, its defaults, keyword defaults,
+  closure values and the module-level names it reads (helper functions recursively, constants by
+  value) — ``x * 2`` → ``x * 3`` changes it, so a persistent cache never serves a stale output in
+  a later run;
+- every **object** a stage holds: its class (for your own classes, the code of its methods) and
+  its attributes (for stageflow's and DSPy's own classes, the public ones). Caches, profilers and
+  tracers are left out: running a program does not change its fingerprint.
+
+The hash is stable across processes and machines for the same program and Python minor version.
+It is cheap when nothing changed: a small change-detection token (weak references and plain
+values, never ``id()``) is rebuilt per call and compared with the last one; the content hash is
+recomputed only when the token differs. Nothing here keeps a program alive.
+
+Limits (documented, not silent): containers are followed up to a budget of about 2,000 values per
+fingerprint; beyond it a container is represented by its type, length and a few sampled items, so
+an in-place edit deep inside a very large captured container can go unnoticed — rebind it
+instead. Library code (the standard library, installed packages, stageflow and DSPy) is
+represented by its qualified name, not its code.
+
+Examples:
+    >>> import stageflow
+    >>> a = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x * 2}, writes=["y"])])
+    >>> b = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x * 3}, writes=["y"])])
+    >>> fp = stageflow.fingerprint
+    >>> fp(a) == fp(a), fp(a) == fp(b)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import threading
+import weakref
+from typing import Any
+
+from stageflow._fp_digest import Bag, Ref, weaken
+from stageflow._fp_predict import PredictMemo
+from stageflow._fp_walker import Walker
+
+__all__ = ["fingerprint"]
+
+_MEMO: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
+# predictor -> its fast memo, keyed by a weak reference (a plain dict: looked up on every cached call)
+_PREDICT_MEMO: dict[weakref.ref[Any], PredictMemo] = {}
+_LOCK = threading.Lock()
+
+
+def fingerprint(program: Any) -> str:
+    """A content hash (hex string) of everything that decides ``program``'s outputs besides its inputs.
+
+    ``program`` is anything stageflow runs: a pipeline (every stage in it, nested pipelines
+    included), a ``dspy.Module`` or predictor, a function or a callable object. See the module
+    docstring for what it covers.
+    """
+    target = program.fn if type(program) is _function_stage_type() else program
+    dspy = sys.modules.get("dspy")
+    predictor = dspy is not None and issubclass(type(target), dspy.Predict)
+    if predictor:
+        try:
+            fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
+            if fast is not None and fast.matches(target):
+                return fast.fp
+        except (TypeError, ValueError):  # unhashable, or a setting whose == is not a bool (an array)
+            pass
+    token = Walker().token(target)
+    try:
+        memo = _MEMO.get(target)
+    except TypeError:  # unhashable: no memo, the content is hashed every time
+        memo = None
+    if memo is not None and memo[0] == token:
+        fp = memo[1]
+    else:
+        full = _content(Walker(final=True).token(target))
+        fp = hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        if Walker().token(target) == token:  # unchanged while hashing (another thread may edit it)
+            _remember(_MEMO, target, (weaken(token), fp))
+    if predictor:
+        fast = PredictMemo.build(target, fp)
+        if fast is not None and Walker().token(target) == token:
+            with _LOCK, contextlib.suppress(TypeError):
+                _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
+    return fp
+
+
+def _forget(ref: weakref.ref[Any]) -> None:
+    _PREDICT_MEMO.pop(ref, None)  # the predictor is gone (a dead reference still finds its entry)
+
+
+def _remember(memo: weakref.WeakKeyDictionary[Any, Any], target: Any, value: Any) -> None:
+    try:
+        with _LOCK:
+            memo[target] = value
+    except TypeError:
+        pass  # not weak-referenceable or unhashable: no memo
+
+
+def _function_stage_type() -> Any:
+    """``FunctionStage`` once stageflow's stages are imported (a function stage is fingerprinted by its
+    function: its name and flags do not change outputs); ``None`` before."""
+    stages = sys.modules.get("stageflow.stages")
+    return None if stages is None else stages.FunctionStage
+
+
+def _content(node: Any) -> Any:
+    """The token with every weak reference replaced by a stable description of its object."""
+    t = type(node)
+    if t is tuple:
+        return tuple(_content(x) for x in node)
+    if t is Bag:
+        return ("bag", *sorted((_content(x) for x in node), key=repr))
+    if t is Ref:
+        return node.describe()
+    return node

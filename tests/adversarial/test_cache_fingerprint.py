@@ -1,0 +1,346 @@
+"""Issue 9, caching: the fingerprint changes whenever the stage's behaviour can change.
+
+Two stages that share a cache (same path, same store) must only share entries when they compute
+the same thing; an edit made in place (a demo, an LM setting, a captured list) must miss.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+
+import stageflow
+from stageflow import CachedStage, CachePolicy, MemoryStore, SequentialPipeline, Stage
+from stageflow.testing import FakeLM, call
+
+FACTOR = 2
+
+
+def shared(fn: Any, policy: CachePolicy) -> SequentialPipeline:
+    """A one-stage pipeline whose stage uses ``policy`` (so two pipelines share one cache)."""
+    return SequentialPipeline([Stage(fn, writes=["y"], cache=policy)])
+
+
+async def test_a_changed_constant_misses(mode: str) -> None:
+    policy = CachePolicy(MemoryStore())
+    assert (await call(shared(lambda x: {"y": x * 2}, policy), mode, x=5)).y == 10
+    assert (await call(shared(lambda x: {"y": x * 3}, policy), mode, x=5)).y == 15
+
+
+async def test_a_changed_closure_value_misses(mode: str) -> None:
+    policy = CachePolicy(MemoryStore())
+
+    def make(k: int) -> Any:
+        return lambda x: {"y": x * k}
+
+    assert (await call(shared(make(2), policy), mode, x=5)).y == 10
+    assert (await call(shared(make(3), policy), mode, x=5)).y == 15
+
+
+async def test_a_different_captured_container_misses(mode: str) -> None:
+    policy = CachePolicy(MemoryStore())
+
+    def make(config: dict[str, int]) -> Any:
+        return lambda x: {"y": x * config["k"]}
+
+    assert (await call(shared(make({"k": 2}), policy), mode, x=5)).y == 10
+    assert (await call(shared(make({"k": 3}), policy), mode, x=5)).y == 15
+
+
+async def test_a_stage_that_records_its_calls_still_hits(mode: str) -> None:
+    """Plain data a stage appends to (a call log) is state, not configuration: it does not make
+    every call a miss (documented: in-place edits of captured containers are not seen)."""
+    calls: list[int] = []
+    log: dict[int, int] = {}
+    p = SequentialPipeline(
+        [CachedStage(Stage(lambda x: calls.append(x) or log.update({x: x}) or {"y": x}, writes=["y"]))]
+    )
+    for _ in range(3):
+        await call(p, mode, x=1)
+    assert calls == [1]
+
+
+async def test_a_rebound_closure_cell_misses(mode: str) -> None:
+    k = 2
+
+    def mul(x: int) -> dict[str, int]:
+        return {"y": x * k}
+
+    p = SequentialPipeline([CachedStage(Stage(mul, writes=["y"]))])
+    assert (await call(p, mode, x=5)).y == 10
+    k = 3
+    assert (await call(p, mode, x=5)).y == 15
+
+
+async def test_changed_defaults_and_kwdefaults_miss(mode: str) -> None:
+    def mul(x: int, k: int = 2, *, extra: int = 0) -> dict[str, int]:
+        return {"y": x * k + extra}
+
+    p = SequentialPipeline([CachedStage(Stage(mul, reads=["x"], writes=["y"]))])
+    assert (await call(p, mode, x=5)).y == 10
+    mul.__defaults__ = (3,)
+    assert (await call(p, mode, x=5)).y == 15
+    mul.__kwdefaults__ = {"extra": 1}
+    assert (await call(p, mode, x=5)).y == 16
+
+
+async def test_a_changed_nested_lambda_misses(mode: str) -> None:
+    policy = CachePolicy(MemoryStore())
+
+    def two(x: int) -> dict[str, int]:
+        g = lambda v: v * 2  # noqa: E731 - the constant lives in a nested code object
+        return {"y": g(x)}
+
+    def three(x: int) -> dict[str, int]:
+        g = lambda v: v * 3  # noqa: E731
+        return {"y": g(x)}
+
+    three.__qualname__ = two.__qualname__
+    assert (await call(shared(two, policy), mode, x=5)).y == 10
+    assert (await call(shared(three, policy), mode, x=5)).y == 15
+
+
+async def test_a_changed_global_misses(mode: str) -> None:
+    global FACTOR
+    p = SequentialPipeline([CachedStage(Stage(scale, writes=["y"]))])
+    try:
+        assert (await call(p, mode, x=5)).y == 10
+        FACTOR = 3
+        assert (await call(p, mode, x=5)).y == 15
+    finally:
+        FACTOR = 2
+
+
+def scale(x: int) -> dict[str, int]:
+    return {"y": x * FACTOR}
+
+
+async def test_replaced_code_misses(mode: str) -> None:
+    def mul(x: int) -> dict[str, int]:
+        return {"y": x * 2}
+
+    p = SequentialPipeline([CachedStage(Stage(mul, writes=["y"]))])
+    assert (await call(p, mode, x=5)).y == 10
+    mul.__code__ = (lambda x: {"y": x * 3}).__code__
+    assert (await call(p, mode, x=5)).y == 15
+
+
+class Mul:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, x: int) -> dict[str, int]:
+        return {"y": x * self.k}
+
+
+async def test_callable_objects_are_keyed_by_their_state(mode: str) -> None:
+    policy = CachePolicy(MemoryStore())
+    assert (await call(shared(Mul(2), policy), mode, x=5)).y == 10
+    m = Mul(3)
+    assert (await call(shared(m, policy), mode, x=5)).y == 15
+    m.k = 4
+    assert (await call(shared(m, policy), mode, x=5)).y == 20
+
+
+# -- predictors: state as it is at call time -----------------------------------------------------
+
+
+def predictor_pipeline() -> tuple[SequentialPipeline, Any]:
+    pred = dspy.Predict("question -> answer")
+    return SequentialPipeline([CachedStage(pred)]), pred
+
+
+async def test_a_demo_edited_in_place_misses(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    p, pred = predictor_pipeline()
+    pred.demos = [dspy.Example(question="x", answer="y")]
+    with dspy.context(lm=lm):
+        await call(p, mode, question="q")
+        pred.demos[0]["answer"] = "changed"
+        r1 = await call(p, mode, question="q")
+        pred.demos[0] = dspy.Example(question="x2", answer="y2")
+        r2 = await call(p, mode, question="q")
+    assert [e.kind for e in r1.run.events] == []
+    assert [e.kind for e in r2.run.events] == []
+    assert lm.calls == 3
+
+
+async def test_lm_kwargs_edited_in_place_miss(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    p, _ = predictor_pipeline()
+    with dspy.context(lm=lm):
+        await call(p, mode, question="q")
+        lm.kwargs["temperature"] = 0.9
+        r = await call(p, mode, question="q")
+        again = await call(p, mode, question="q")
+    assert [e.kind for e in r.run.events] == []
+    assert [e.kind for e in again.run.events] == ["cache_hit"]
+    assert lm.calls == 2
+
+
+async def test_the_predictors_own_lm_kwargs_and_config_edited_in_place_miss(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    p, pred = predictor_pipeline()
+    pred.lm = lm
+    await call(p, mode, question="q")
+    lm.kwargs["max_tokens"] = 7
+    await call(p, mode, question="q")
+    pred.config["temperature"] = 0.5
+    await call(p, mode, question="q")
+    assert lm.calls == 3
+
+
+async def test_changing_the_adapter_misses(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    p, _ = predictor_pipeline()
+    with dspy.context(lm=lm):
+        await call(p, mode, question="q")
+        with dspy.context(adapter=dspy.JSONAdapter()):
+            r = await call(p, mode, question="q")
+    assert [e.kind for e in r.run.events] == []
+
+
+class Shout(dspy.Module):
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self.suffix = suffix
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> Any:
+        out = self.predict(question=question)
+        return dspy.Prediction(answer=out.answer.upper() + self.suffix)
+
+
+async def test_a_module_attribute_edited_in_place_misses(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    module = Shout("!")
+    p = SequentialPipeline([CachedStage(module, writes=["answer"])])
+    with dspy.context(lm=lm):
+        assert (await call(p, mode, question="q")).answer == "A!"
+        module.suffix = "?"
+        assert (await call(p, mode, question="q")).answer == "A?"
+        module.predict.demos.append(dspy.Example(question="x", answer="y"))
+        await call(p, mode, question="q")
+    assert lm.calls == 3
+
+
+# -- stageflow.fingerprint(program) ----------------------------------------------------------------
+
+
+def build(factor: int = 2, demo: str = "y", temperature: float = 0.0) -> SequentialPipeline:
+    pred = dspy.Predict("question -> answer")
+    pred.demos = [dspy.Example(question="x", answer=demo)]
+    pred.lm = FakeLM({"answer": "a"})
+    pred.lm.kwargs["temperature"] = temperature
+    inner = SequentialPipeline([pred, Stage(lambda answer: {"n": len(answer) * factor}, writes=["n"])])
+    return SequentialPipeline([dspy.Predict("text -> question"), inner])
+
+
+def test_fingerprint_is_content_based_and_covers_nested_pipelines() -> None:
+    base = stageflow.fingerprint(build())
+    assert isinstance(base, str)
+    assert stageflow.fingerprint(build()) == base  # another instance of the same program
+    assert stageflow.fingerprint(build(factor=3)) != base  # a nested function's constant
+    assert stageflow.fingerprint(build(demo="z")) != base  # a nested predictor's demo
+    assert stageflow.fingerprint(build(temperature=0.7)) != base  # a nested predictor's LM setting
+
+
+def test_fingerprint_sees_in_place_edits_and_not_runs() -> None:
+    program = build()
+    before = stageflow.fingerprint(program)
+    with dspy.context(lm=FakeLM({"question": "q", "answer": "a"})):
+        program(text="t")
+        program(text="t")
+    assert stageflow.fingerprint(program) == before  # running is not a change
+    inner_pred = program.stages[1].stages[0]
+    inner_pred.demos[0]["answer"] = "changed"
+    assert stageflow.fingerprint(program) != before
+
+
+FP_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import stageflow
+    from test_cache_fingerprint import build
+    print(stageflow.fingerprint(build()))
+    """
+)
+
+
+def test_fingerprint_is_stable_across_processes(tmp_path: Path) -> None:
+    script = tmp_path / "fp.py"
+    script.write_text(FP_CHILD)
+    here = str(Path(__file__).parent)
+    outs = [
+        subprocess.run(
+            [sys.executable, str(script), here], capture_output=True, text=True, timeout=120, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert outs[0] == outs[1] == stageflow.fingerprint(build())
+
+
+# -- across processes: the SQLite cache never serves a stale output ------------------------------------
+
+RUN_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import stageflow
+    from stageflow import CachedStage, SequentialPipeline, stage
+
+    FACTOR = {factor}
+    K = {closure}
+
+    def make(k):
+        def body(x, bonus={default}):
+            return {{"y": x * {code} * FACTOR * k + bonus}}
+        return body
+
+    cached = CachedStage(stage(make(K), reads=["x"], writes=["y"]), persist_to=sys.argv[1])
+    r = SequentialPipeline([cached])(x=1)
+    cached.cache.persistent.flush()
+    print(json.dumps({{"y": r.y, "hit": [e.kind for e in r.run.events] == ["cache_hit"]}}))
+    """
+)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"code": 3},  # x * 2 -> x * 3 in the function's own code
+        {"factor": 5},  # a module-level constant the function reads
+        {"closure": 7},  # a value captured in a closure cell
+        {"default": 100},  # a parameter default
+    ],
+    ids=["code", "global", "closure", "default"],
+)
+def test_the_sqlite_cache_never_serves_a_stale_output_across_runs(
+    tmp_path: Path, change: dict[str, int]
+) -> None:
+    db = tmp_path / "c.db"
+    base = {"code": 2, "factor": 1, "closure": 1, "default": 0}
+
+    def run(params: dict[str, int]) -> dict[str, Any]:
+        script = tmp_path / "child.py"
+        script.write_text(RUN_CHILD.format(**params))
+        proc = subprocess.run(
+            [sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    first = run(base)
+    again = run(base)
+    assert again == {"y": first["y"], "hit": True}  # unchanged program: a persistent hit
+    changed = {**base, **change}
+    expected = changed["code"] * changed["factor"] * changed["closure"] + changed["default"]
+    assert run(changed) == {"y": expected, "hit": False}
