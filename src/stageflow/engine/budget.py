@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from stageflow.engine.carry import carried, publish
 from stageflow.engine.config import check_options, on_change
 from stageflow.errors import ConfigurationError
 
@@ -116,8 +117,8 @@ def _hand_over(fut: asyncio.Future[None], budget: Budget) -> None:
 # -- configuration -------------------------------------------------------------------------------
 
 _ROOT: list[Budget | None] = [None]
-_BUDGETS: contextvars.ContextVar[tuple[Budget, ...] | None] = contextvars.ContextVar(
-    "stageflow_budgets", default=None
+_BUDGETS: contextvars.ContextVar[tuple[Budget, ...] | None] = carried(
+    contextvars.ContextVar("stageflow_budgets", default=None)
 )
 _HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("stageflow_held", default=frozenset())
 
@@ -151,7 +152,8 @@ def limits(max_concurrency: int | None = None, **options: Any) -> Iterator[Budge
     budget = Budget(max_concurrency, "limits")
     token = _BUDGETS.set((*budget_chain(), budget))
     try:
-        yield budget
+        with publish():  # the cap holds in DSPy's worker threads too (dspy.Evaluate, dspy.Parallel)
+            yield budget
     finally:
         _BUDGETS.reset(token)
 

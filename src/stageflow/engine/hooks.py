@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from stageflow.engine.carry import carried, publish
+
 __all__ = [
     "Hook",
     "active_hooks",
@@ -78,7 +80,7 @@ class Hook:
         """A stage raised ``error``."""
 
 
-_HOOKS: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_hooks", default=())
+_HOOKS: ContextVar[tuple[Any, ...]] = carried(ContextVar("stageflow_hooks", default=()))
 _PATH: ContextVar[str] = ContextVar("stageflow_path", default="")
 # Hooks installed for the whole process (instrumentation), before the context's own.
 _GLOBAL: list[tuple[Any, ...]] = [()]
@@ -124,7 +126,8 @@ def attach_hooks(*hooks: Any) -> Iterator[None]:
     """Activate ``hooks`` for every pipeline run inside the block (nested runs included)."""
     token = _HOOKS.set(_HOOKS.get() + hooks)
     try:
-        yield
+        with publish():  # pipelines that DSPy's worker threads run (dspy.Evaluate...) see them too
+            yield
     finally:
         _HOOKS.reset(token)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
+from stageflow.engine.carry import adopt, release
 from stageflow.engine.concurrency import (
     aenter_leaf,
     enter_leaf,
@@ -584,6 +585,7 @@ def _active_adapter() -> Any:
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
+    carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
@@ -592,15 +594,20 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
         body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
         _close_run(opened)
-        _failed(pipeline, scope, run, e)
+        try:
+            _failed(pipeline, scope, run, e)
+        finally:
+            release(carried)
         raise
     _close_run(opened)
     _end(pipeline, scope, state, None)
+    release(carried)
     return pipeline.stageflow_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
+    carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
@@ -609,8 +616,12 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
         await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
         _close_run(opened)
-        _failed(pipeline, scope, run, e)
+        try:
+            _failed(pipeline, scope, run, e)
+        finally:
+            release(carried)
         raise
     _close_run(opened)
     _end(pipeline, scope, state, None)
+    release(carried)
     return pipeline.stageflow_result(state, run, scope.own)
