@@ -33,7 +33,6 @@ from stageflow.state import Result, RunInfo
 __all__ = ["CheckResult", "Pipeline", "as_stage"]
 
 
-
 # The pipelines whose structure is being walked in this context, outermost first.
 _VISITING: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_visiting", default=())
 
@@ -57,6 +56,7 @@ def _visiting(pipeline: Any) -> Iterator[None]:
         yield
     finally:
         _VISITING.reset(token)
+
 
 class CheckResult(tuple):  # type: ignore[type-arg]
     """The fields a pipeline's result will have (a sorted tuple), plus what is checked at run time.
