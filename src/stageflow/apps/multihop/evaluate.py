@@ -10,8 +10,10 @@ field is an error, never a silent zero.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ from stageflow.errors import ConfigurationError
 
 __all__ = [
     "EvalReport",
+    "LMCallCounter",
     "QuestionResult",
     "compile_program",
+    "count_lm_calls",
     "evaluate_program",
     "passages_of",
     "with_train_demos",
@@ -99,14 +103,33 @@ class EvalReport:
         return self._mean(r.lm_calls for r in self.results)
 
 
-class _CallCounter(BaseCallback):  # type: ignore[misc]
-    """Counts LM calls made under ``dspy.context(callbacks=[...])``."""
+class LMCallCounter(BaseCallback):  # type: ignore[misc]
+    """Counts LM calls made while it is one of DSPy's callbacks (see :func:`count_lm_calls`)."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self._lock = threading.Lock()
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self.calls += 1
+        with self._lock:
+            self.calls += 1
+
+
+@contextlib.contextmanager
+def count_lm_calls() -> Iterator[LMCallCounter]:
+    """Count the LM calls DSPy makes inside the block (``counter.calls``).
+
+    Examples:
+        >>> import dspy
+        >>> from stageflow.testing import FakeLM
+        >>> with dspy.context(lm=FakeLM({"answer": "4"})), count_lm_calls() as counter:
+        ...     _ = dspy.Predict("question -> answer")(question="2+2?")
+        >>> counter.calls
+        1
+    """
+    counter = LMCallCounter()
+    with dspy.context(callbacks=[*dspy.settings.get("callbacks", []), counter]):
+        yield counter
 
 
 def passages_of(prediction: Any, field: str = "passages") -> list[str] | None:
@@ -197,11 +220,9 @@ def evaluate_program(
     supports: _Supports | None = None
     if passages_field is not None and any(ex.get("supporting_ids") for ex in examples):
         supports = _Supports(corpus)
-    counter = _CallCounter()
     settings: dict[str, Any] = {k: v for k, v in {"lm": lm, "adapter": adapter}.items() if v is not None}
-    settings["callbacks"] = [*dspy.settings.get("callbacks", []), counter]
     results: list[QuestionResult] = []
-    with dspy.context(**settings):
+    with dspy.context(**settings), count_lm_calls() as counter:
         for ex in examples:
             started, calls_before = time.perf_counter(), counter.calls
             recall: float | None = None

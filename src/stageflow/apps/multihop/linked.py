@@ -16,13 +16,14 @@ Every stage declares what it writes. The result has ``passages``, ``linked``, ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import dspy
 
 from stageflow.apps.multihop.adapter import CompactJSONAdapter
 from stageflow.apps.multihop.candidates import propose_candidates
-from stageflow.apps.multihop.data import corpus_path
+from stageflow.apps.multihop.data import corpus_path, load_trainset, match_kind
 from stageflow.apps.multihop.signatures import ChooseAnswer, ReadAnswer
 from stageflow.choose import Choose, Scoring
 from stageflow.errors import ConfigurationError
@@ -60,6 +61,38 @@ class LinkedQA(SequentialPipeline):
     def adapter(self) -> dspy.Adapter:
         """The terse JSON adapter these prompts are written for."""
         return CompactJSONAdapter()
+
+    def answer_predictor(self) -> dspy.Predict | None:
+        """The answer stage's predictor (``None`` for the no-model control)."""
+        for _, predictor in self.named_predictors():
+            return predictor
+        return None
+
+    def add_train_demos(self, k: int, trainset: Sequence[dspy.Example] | None = None) -> LinkedQA:
+        """Give the answer predictor ``k`` complete demos from the train set; returns ``self``.
+
+        The no-model stages run on train questions (retrieval and candidates), so each demo has
+        real passages and candidates; questions whose gold answer is not among the candidates are
+        skipped. No model is called.
+        """
+        predictor = self.answer_predictor()
+        if predictor is None or k <= 0:
+            return self
+        examples = list(trainset) if trainset is not None else load_trainset()
+        fields = predictor.signature.input_fields
+        demos: list[dspy.Example] = []
+        for ex in examples:
+            if len(demos) >= k:
+                break
+            state: dict[str, Any] = {"question": ex.question}
+            for step in self.stages[:2]:
+                state.update(dict(step(**state).items()))
+            gold = next((c for c in state["candidates"] if match_kind(c, ex) == "exact"), None)
+            if gold is not None:
+                demo = {name: state[name] for name in fields if name in state}
+                demos.append(dspy.Example(**demo, answer=gold).with_inputs(*demo))
+        predictor.demos = demos
+        return self
 
 
 def _answer_stage(answerer: Answerer) -> Any:
