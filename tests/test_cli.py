@@ -128,7 +128,9 @@ def test_demo_fake_json_decompose(capsys: pytest.CaptureFixture[str]) -> None:
     assert next(row["stage"] for row in data["stages"]) == "decompose"
 
 
-def test_demo_control_needs_no_model(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_control_needs_no_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STAGEFLOW_MODEL_PATH", "/nonexistent/model.gguf")  # never opened
     code, out, err = run_cli(capsys, "demo", "--json", "-a", "linked-first")
     assert code == 0, err
