@@ -28,7 +28,7 @@ AnswerType = Literal["year", "number", "name"]
 #: Candidates passed on to the chooser.
 MAX_CANDIDATES = 6
 
-_JOINERS = r"(?:of|the|de|del|da|di|van|von|der|den|du|la|le|es|upon|y|al|bin)"
+_JOINERS = r"(?:of|de|del|da|di|van|von|der|den|du|la|le|es|upon|y|al|bin)"
 _WORD = r"[A-ZÀ-Þ][\w'’.\-]*\w|[A-ZÀ-Þ]"
 _NAME = re.compile(rf"(?:{_WORD})(?:\s+(?:{_JOINERS}\s+)*(?:{_WORD}))*")
 _LEADING = frozenset(
