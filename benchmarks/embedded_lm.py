@@ -150,11 +150,11 @@ def _alternating_requests(questions: int) -> list[Any]:
 
     from stageflow.apps.multihop import corpus_path, load_devset
     from stageflow.apps.multihop.architectures import build_architecture
-    from stageflow.retrieval.corpus import parse_corpus, read_corpus_bytes
+    from stageflow.retrieval import read_corpus
 
     program = build_architecture("decompose")
     adapter = program.adapter()
-    texts = {d["id"]: d["text"] for d in parse_corpus(read_corpus_bytes(corpus_path()), corpus_path())}
+    texts = {d["id"]: d["text"] for d in read_corpus(corpus_path())}
     requests = []
     for ex in load_devset()[:questions]:
         facts = [texts[i] for i in ex.supporting_ids]

@@ -219,3 +219,21 @@ def test_value_logprob_uses_bytes_and_handles_a_missing_value() -> None:
         value_logprob({"content": []}, "x")
     with pytest.raises(ValueError):
         value_logprob(None, "x")
+
+
+@pytest.mark.parametrize(("scoring", "answer"), [("generate", "Nice"), ("likelihood", "Paris")])
+def test_inside_a_pipeline_the_constraint_still_reaches_the_lm(scoring: str, answer: str) -> None:
+    from stageflow.patterns.sequential import SequentialPipeline
+    from stageflow.stages import Stage
+
+    engine = EnumEngine(SCORES, prefer="Nice")
+    choose = Choose("question, candidates -> answer", scoring=scoring)  # type: ignore[arg-type]
+    pipeline = SequentialPipeline(
+        [Stage(choose, reads=["question", "candidates"], writes=["answer", "choice_scores"])]
+    )
+    with dspy.context(lm=lm_for(engine), adapter=dspy.JSONAdapter()):
+        result = pipeline(question="Capital of France?", candidates=["Lyon", "Paris", "Nice"])
+    assert result.answer == answer
+    assert set(result.choice_scores) == {"Lyon", "Paris", "Nice"}
+    expected = [["Lyon", "Paris", "Nice"]] if scoring == "generate" else [["Lyon"], ["Paris"], ["Nice"]]
+    assert [allowed(r) for r in engine.requests] == expected

@@ -388,3 +388,23 @@ def test_piping_into_a_closed_reader_is_not_an_error(tmp_path: Path) -> None:
     )
     assert proc.stdout.startswith("stageflow demo")
     assert "Error" not in proc.stderr
+
+
+def test_allow_path_lets_a_file_read_a_sibling_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAGEFLOW_BM25_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.jsonl").write_text(
+        '{"title": "Dune", "text": "A novel."}\n', encoding="utf-8"
+    )
+    (tmp_path / "pipelines").mkdir()
+    path = tmp_path / "pipelines" / "p.yaml"
+    path.write_text("inputs: [query]\nroot: {bm25: ../data/corpus.jsonl, k: 1}\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "validate", str(path))
+    _assert_usage_error(code, out, err, "goes up with '..'", "--allow-path")
+    code, out, err = run_cli(
+        capsys, "run", str(path), "--allow-path", str(tmp_path / "data"), "--input", '{"query": "Dune"}'
+    )
+    assert code == 0, err
+    assert json.loads(out)["passages"] == ["Dune: A novel."]

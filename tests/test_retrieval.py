@@ -41,6 +41,13 @@ def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.jsonl")
 
 
+@pytest.fixture(autouse=True)
+def index_dir(tmp_path, monkeypatch) -> Path:
+    """Indexes go to the cache folder named by $STAGEFLOW_BM25_CACHE_DIR, here a temporary one."""
+    monkeypatch.setenv("STAGEFLOW_BM25_CACHE_DIR", str(tmp_path / "index-cache"))
+    return tmp_path / "index-cache"
+
+
 # -- search ---------------------------------------------------------------------------------------------
 
 
@@ -90,12 +97,13 @@ def test_bad_k(corpus):
 # -- caching -------------------------------------------------------------------------------------------
 
 
-def test_index_is_cached_and_reused(corpus):
+def test_index_is_cached_and_reused(corpus, index_dir):
     first = BM25Retriever(corpus)
     assert not first.loaded_from_cache
     assert first.cache_dir is not None
     assert first.cache_dir.is_dir()
-    assert first.cache_dir.parent == corpus.with_name("corpus.jsonl.bm25")
+    assert first.cache_dir.parent.parent == index_dir
+    assert sorted(p.name for p in corpus.parent.iterdir()) == ["corpus.jsonl", "index-cache"]
     assert not [p for p in first.cache_dir.parent.iterdir() if p.name.startswith(".tmp-")]
 
     second = BM25Retriever(corpus)
@@ -126,8 +134,8 @@ def test_damaged_cache_is_rebuilt(corpus):
     assert BM25Retriever(corpus).loaded_from_cache
 
 
-def test_unwritable_cache_falls_back_to_memory(corpus):
-    corpus.with_name("corpus.jsonl.bm25").write_text("a file where the cache directory would go")
+def test_unwritable_cache_falls_back_to_memory(corpus, index_dir):
+    index_dir.write_text("a file where the cache directory would go")
     retriever = BM25Retriever(corpus)
     assert retriever.cache_dir is None
     assert not retriever.loaded_from_cache
@@ -135,10 +143,10 @@ def test_unwritable_cache_falls_back_to_memory(corpus):
     assert "in memory" in repr(retriever)
 
 
-def test_cache_can_be_disabled(corpus):
+def test_cache_can_be_disabled(corpus, index_dir):
     retriever = BM25Retriever(corpus, cache=False)
     assert retriever.cache_dir is None
-    assert not corpus.with_name("corpus.jsonl.bm25").exists()
+    assert not index_dir.exists()
 
 
 def test_deepcopy_shares_and_pickle_works(corpus):
@@ -210,9 +218,12 @@ def test_invalid_utf8(tmp_path):
 
 def test_leftover_temp_dirs_are_cleaned_after_an_hour(corpus):
     import os
+    import shutil
     import time
 
-    root = corpus.with_name("corpus.jsonl.bm25")
+    first = BM25Retriever(corpus)
+    root = first.cache_dir.parent
+    shutil.rmtree(first.cache_dir)  # so the next retriever builds and stores again
     old, fresh = root / ".tmp-old", root / ".tmp-fresh"
     old.mkdir(parents=True)
     fresh.mkdir()

@@ -13,7 +13,8 @@ from stageflow._version import __version__
 
 if TYPE_CHECKING:
     from stageflow.contracts import StageInput, StageOutput, StandardStage
-    from stageflow.engine.concurrency import BranchOutcome, configure, get_config, limits
+    from stageflow.engine.concurrency import BranchOutcome, limits
+    from stageflow.engine.config import configure, get_config
     from stageflow.engine.hooks import Hook, attach_hooks
     from stageflow.errors import (
         ConfigurationError,
@@ -172,10 +173,10 @@ _LOCATIONS: dict[str, str] = {
     "Tracer": "stageflow.observe.tracer",
     "TracingPipeline": "stageflow.observe.pipelines",
     "attach_hooks": "stageflow.engine.hooks",
-    "configure": "stageflow.engine.concurrency",
+    "configure": "stageflow.engine.config",
     "describe": "stageflow.stages",
     "fuse": "stageflow.policies.fusion",
-    "get_config": "stageflow.engine.concurrency",
+    "get_config": "stageflow.engine.config",
     "limits": "stageflow.engine.concurrency",
     "lm_router": "stageflow.patterns.branching",
     "load_pipeline": "stageflow.spec",

@@ -74,6 +74,11 @@ class StageflowError(Exception):
     path_is_full = False
     #: What policies did in the failed run before the error (retries, timeouts...).
     events: list[Any] | None = None
+    #: The run so far (a :class:`~stageflow.RunInfo`: the stages that ran, their outputs, details),
+    #: set on an error that leaves a pipeline call.
+    run: Any = None
+    #: The exception a recovery strategy raised while handling this error, if one did.
+    recovery_error: BaseException | None = None
 
     def with_path_prefix(self, prefix: str) -> StageflowError:
         """Prepend an enclosing stage path (used as errors bubble out of nested pipelines).

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import dspy
@@ -33,6 +33,7 @@ import dspy
 from stageflow.errors import ConfigurationError
 
 __all__ = [
+    "DeferredField",
     "FunctionStage",
     "Ports",
     "RESERVED_FIELD_NAMES",
@@ -45,7 +46,34 @@ __all__ = [
 #: stageflow's result attributes, so ``result.<name>`` would not return the field.
 RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
     n for n in dir(dspy.Prediction) if not n.startswith("_")
-) | frozenset({"run", "stage_outputs", "trace"})
+) | frozenset({"run", "stage_outputs", "trace", "details"})
+
+
+@dataclass(frozen=True)
+class DeferredField:
+    """A field a stage reads that only a stage with undeclared outputs may produce.
+
+    It cannot be checked before the run, so it is checked at the boundary of the stage that reads
+    it, just before that stage runs (a :class:`~stageflow.ContractError` if it is missing then).
+
+    Attributes:
+        stage: Full path of the stage that reads the field.
+        field: The field.
+        candidates: Paths of the upstream stages with undeclared outputs that may produce it.
+    """
+
+    stage: str
+    field: str
+    candidates: tuple[str, ...]
+
+    def message(self) -> str:
+        """One line for ``stageflow validate`` and ``check()`` warnings."""
+        who = ", ".join(f"'{c}'" for c in self.candidates)
+        return (
+            f"'{self.stage}' reads '{self.field}', which only {who} (undeclared outputs) may produce; "
+            f"it is checked when the pipeline runs. Declare it to check it now: "
+            f"Stage(<stage>, writes=['{self.field}', ...])."
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,9 @@ class Ports:
         types: Annotations of known fields (inputs and outputs), for list-vs-scalar checks.
         required_by: For composite stages, which inner stage needs each required field.
         partial: For composite stages, fields produced on some inner paths only, and where.
+        opaque: For composite stages, paths of inner stages with undeclared outputs: the stage may
+            output more fields than ``outputs`` lists.
+        deferred: For composite stages, inner reads checked only at run time.
     """
 
     required: tuple[str, ...] = ()
@@ -69,6 +100,8 @@ class Ports:
     types: Mapping[str, Any] = field(default_factory=dict)
     required_by: Mapping[str, str] = field(default_factory=dict)
     partial: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    opaque: tuple[str, ...] = ()
+    deferred: tuple[DeferredField, ...] = ()
 
 
 def _signature_ports(signature: Any) -> Ports:
@@ -139,6 +172,7 @@ def _apply_declarations(
             hint="write reads=['question'] rather than reads='question'",
         )
     if reads is not None:
+        _check_field_names(reads, owner, "reads")
         known = set(ports.required) | set(ports.optional)
         if known and not ports.accepts_any:
             unknown = [r for r in reads if r not in known]
@@ -150,10 +184,45 @@ def _apply_declarations(
                     code="bad_declaration",
                 )
         opt = tuple(o for o in ports.optional if o not in reads)
-        ports = Ports(tuple(reads), opt, ports.outputs, False, ports.types)
+        ports = replace(ports, required=tuple(reads), optional=opt, accepts_any=False)
     if writes is not None:
-        ports = Ports(ports.required, ports.optional, tuple(writes), ports.accepts_any, ports.types)
+        _check_field_names(writes, owner, "writes")
+        # Declared outputs close the stage: only these fields leave it.
+        ports = replace(ports, outputs=tuple(writes), opaque=())
     return ports
+
+
+def _check_field_names(names: Sequence[Any], owner: str, what: str) -> None:
+    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier()]
+    if bad:
+        raise ConfigurationError(
+            f"{owner}: {what}={list(names)} contains {bad[0]!r}, which is not a field name "
+            "(field names are Python identifiers given as strings).",
+            field=str(bad[0]),
+            code="bad_declaration",
+        )
+
+
+def _field_map(mapping: Mapping[str, str] | None, what: str, module: Any) -> dict[str, str]:
+    """A rename map ``{stage_field: state_field}``, refused unless every key and value is a field name."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise ConfigurationError(
+            f"Stage({stage_label(module)}): {what}= takes a mapping {{stage_field: state_field}}, "
+            f"got {type(mapping).__name__}.",
+            code="bad_rename",
+        )
+    for k, v in mapping.items():
+        for name in (k, v):
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ConfigurationError(
+                    f"Stage({stage_label(module)}): {what}={dict(mapping)!r} contains {name!r}, which is not "
+                    "a field name (field names are Python identifiers given as strings).",
+                    field=str(name),
+                    code="bad_rename",
+                )
+    return dict(mapping)
 
 
 def describe(obj: Any) -> Ports:
@@ -163,7 +232,7 @@ def describe(obj: Any) -> Ports:
     ``dspy.ChainOfThought``, any other ``dspy.Module`` (from ``forward``'s parameters) and
     plain callables.
     """
-    own = getattr(obj, "_stageflow_ports", None)
+    own = getattr(obj, "stageflow_ports", None)
     if own is not None and callable(own):
         return typing.cast(Ports, own())
     if isinstance(obj, dspy.Predict):
@@ -227,7 +296,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         self.blocking = blocking and not self.is_async
         self.ports = _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
 
-    def _stageflow_ports(self) -> Ports:
+    def stageflow_ports(self) -> Ports:
         return self.ports
 
     def forward(self, **kwargs: Any) -> Any:
@@ -338,11 +407,12 @@ class Stage(dspy.Module):  # type: ignore[misc]
         if not isinstance(module, dspy.Module):
             module = FunctionStage(module)
         self.module = module
-        self.input_map = dict(inputs or {})
-        self.output_map = dict(outputs or {})
+        self.input_map = _field_map(inputs, "inputs", module)
+        self.output_map = _field_map(outputs, "outputs", module)
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
-        self._inner_ports = inner
-        self.ports = self._rename(inner)
+        self.inner_ports = inner
+        self.declares_outputs = writes is not None
+        self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
 
     def _policy(
@@ -371,7 +441,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         )
         return None if policy == StagePolicy() else policy
 
-    def _rename(self, inner: Ports) -> Ports:
+    def renamed_ports(self, inner: Ports) -> Ports:
+        """The ports of the wrapped stage (``inner``) as seen through this wrapper's renames."""
         label = f"Stage({stage_label(self.module)})"
         accepted = set(inner.required) | set(inner.optional)
         bad_in = [k for k in self.input_map if k not in accepted]
@@ -412,9 +483,12 @@ class Stage(dspy.Module):  # type: ignore[misc]
             accepts_any=inner.accepts_any and not self.input_map,
             types=types,
             required_by={ren_in(k, k): v for k, v in inner.required_by.items()},
+            partial=inner.partial,
+            opaque=inner.opaque,
+            deferred=inner.deferred,
         )
 
-    def _stageflow_ports(self) -> Ports:
+    def stageflow_ports(self) -> Ports:
         return self.ports
 
     def _rename_outputs(self, out: Any) -> Any:

@@ -310,3 +310,28 @@ def Fail(  # noqa: N802 (named like the stage it builds)
         return {writes[0]: "ok"}
 
     return stage(fail, reads=list(reads), writes=list(writes), name="fail")
+
+
+# -- running a program both ways ---------------------------------------------------------------
+
+#: The two ways to call a program: ``program(**inputs)`` and ``await program.acall(**inputs)``.
+MODES = ("sync", "async")
+
+
+async def call(program: Any, mode: str, /, *args: Any, **inputs: Any) -> Any:
+    """Call ``program`` the way ``mode`` says (``"sync"`` or ``"async"``), from async test code.
+
+    One helper for both modes, so a test parametrized over :data:`MODES` runs the same body twice
+    and the sync and async paths cannot drift apart unnoticed.
+
+    Examples:
+        >>> import asyncio, stageflow
+        >>> p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x + 1}, writes=["y"])])
+        >>> [asyncio.run(call(p, mode, x=1)).y for mode in MODES]
+        [2, 2]
+    """
+    if mode == "sync":
+        return program(*args, **inputs)
+    if mode == "async":
+        return await program.acall(*args, **inputs)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

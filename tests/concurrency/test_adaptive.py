@@ -1,8 +1,8 @@
-"""AdaptivePipeline: the default adapter, structures built once, the pool visible once, LM adapters."""
+"""AdaptivePipeline: the tutorial's adapter protocol, structures built once, the pool visible once."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import dspy
@@ -17,22 +17,25 @@ from stageflow import (
     RoutingError,
     SequentialPipeline,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
+from stageflow.testing import FakeLM, call
 
 SIMPLE_Q = "What is the capital of France?"
-COMPARE_Q = "Compare Python versus Java for web servers"
-COMPLEX_Q = (
-    "Why does the sky look blue during the day, and why does it turn red at sunset, while the moon "
-    "stays white, if the air is clean?"
-)
+WHY_Q = "Why, and how, does the sky (at noon) look blue, while [at dusk] it looks red, orange, or pink?"
+LONG_STATEMENT = "The committee, after long debate; (with [many] amendments), passed the budget. " * 3
 
 
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+def tutorial_pool(log: list[str]) -> dict[str, Any]:
+    """Components named as in the tutorial; each appends its name and passes ``content`` on."""
+
+    def component(name: str) -> Any:
+        def run(content: str) -> dict[str, str]:
+            log.append(name)
+            return {"content": f"{content}|{name}"}
+
+        return stageflow.stage(run, writes=["content"], name=name)
+
+    names = ["processor_a", "preprocessor", "postprocessor", "processor_b", "aggregator"]
+    return {n: component(n) for n in names}
 
 
 def pool() -> dict[str, Any]:
@@ -42,154 +45,176 @@ def pool() -> dict[str, Any]:
     }
 
 
-def lm() -> FakeLM:
-    return FakeLM({"answer": "A", "reasoning": "because"})
-
-
 def module_ids(p: dspy.Module) -> list[int]:
     return [id(m) for _, m in p.named_sub_modules()]
 
 
-# -- the default adapter ---------------------------------------------------------------------------
+# -- the tutorial's default adapter ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("question", "structure", "qtype", "calls"),
+    ("content", "name", "order"),
     [
-        (SIMPLE_Q, "simple", "factual", 1),
-        (COMPARE_Q, "multi_approach", "comparison", 2),
-        (COMPLEX_Q, "complex", "explanation", 2),
+        (SIMPLE_Q, "simple", ["processor_a"]),
+        (WHY_Q, "multi_approach", ["processor_a", "processor_b", "aggregator"]),
+        (LONG_STATEMENT, "complex", ["preprocessor", "processor_a", "postprocessor"]),
     ],
 )
-@pytest.mark.parametrize("mode", MODES)
-async def test_default_adapter_chooses_by_question(
-    mode: str, question: str, structure: str, qtype: str, calls: int
+async def test_the_default_adapter_follows_the_tutorials_rules(
+    mode: str, content: str, name: str, order: list[str]
 ) -> None:
-    model = lm()
-    p = AdaptivePipeline(pool())
-    with dspy.context(lm=model):
-        result = await call(p, mode, question=question)
-    assert result.used_structure == structure
-    assert result.input_analysis["question_type"] == qtype
-    assert result.input_analysis["length"] == len(question.split())
-    assert 0.0 <= result.input_analysis["complexity"] <= 1.0
-    assert result.answer == "A"
-    assert model.calls == calls
-    assert result.trace[0].path == f"structures['{structure}']"
+    log: list[str] = []
+    p = AdaptivePipeline(tutorial_pool(log), PipelineAdapter())
+    result = await call(p, mode, content=content)
+    assert log == order
+    assert result.structure_name == name
+    assert result.used_structure == order
+    assert set(result.input_analysis) == {"length", "complexity", "type"}
+    assert result.content == content + "".join(f"|{n}" for n in order)
 
 
-def test_default_structures_are_built_from_the_pool_objects() -> None:
+def test_analysis_matches_the_tutorial() -> None:
+    a = PipelineAdapter()
+    assert a.analyze_input({"content": "Why is the sky blue?"}) == {
+        "length": 5,
+        "complexity": pytest.approx((3.2 * 0.2) / 10),
+        "type": "complex_reasoning",
+    }
+    assert a.analyze_input({"content": "Is it raining?"})["type"] == "question"
+    assert a.analyze_input({"content": "It rains."})["type"] == "statement"
+    assert a.analyze_input({})["length"] == 0
+    assert a.analyze_input({"question": "How?"})["type"] == "complex_reasoning"
+
+
+async def test_a_subclass_overriding_the_two_methods_is_used(mode: str) -> None:
+    seen: list[Any] = []
+
+    class ByLength(PipelineAdapter):
+        def analyze_input(self, input_data: Mapping[str, Any]) -> dict[str, Any]:
+            seen.append(dict(input_data))
+            return {"words": len(str(input_data["content"]).split())}
+
+        def select_structure(self, analysis: Mapping[str, Any], component_pool: Mapping[str, Any]) -> Any:
+            seen.append(sorted(component_pool))
+            return ["processor_b"] if analysis["words"] > 3 else ["processor_a", "aggregator"]
+
+    log: list[str] = []
+    p = AdaptivePipeline(tutorial_pool(log), ByLength())
+    short = await call(p, mode, content="hi there")
+    long = await call(p, mode, content="one two three four five")
+    assert log == ["processor_a", "aggregator", "processor_b"]
+    assert short.used_structure == ["processor_a", "aggregator"]
+    assert long.used_structure == ["processor_b"]
+    assert seen[0] == {"content": "hi there"}
+    assert seen[1] == ["aggregator", "postprocessor", "preprocessor", "processor_a", "processor_b"]
+
+
+async def test_any_object_with_the_two_methods_is_an_adapter(mode: str) -> None:
+    class Duck:
+        def analyze_input(self, input_data: Mapping[str, Any]) -> dict[str, Any]:
+            return {"ask": "?" in input_data["content"]}
+
+        def select_structure(self, analysis: Mapping[str, Any], component_pool: Mapping[str, Any]) -> Any:
+            return {"ensemble": ["processor_a", "processor_b"]} if analysis["ask"] else ["aggregator"]
+
+    log: list[str] = []
+    p = AdaptivePipeline(tutorial_pool(log), Duck())
+    assert (await call(p, mode, content="x")).used_structure == ["aggregator"]
+    both = await call(p, mode, content="x?")
+    assert sorted(log[1:]) == ["processor_a", "processor_b"]
+    assert both.structure_name == "ensemble(processor_a,processor_b)"
+
+
+async def test_dynamic_structures_are_built_once_and_reused(mode: str) -> None:
+    class Fixed:
+        def analyze_input(self, input_data: Mapping[str, Any]) -> dict[str, Any]:
+            return {}
+
+        def select_structure(self, analysis: Mapping[str, Any], component_pool: Mapping[str, Any]) -> Any:
+            return ["processor_b", "aggregator"]
+
+    p = AdaptivePipeline(tutorial_pool([]), Fixed())
+    await call(p, mode, content="a")
+    first = p.structures["processor_b+aggregator"]
+    await call(p, mode, content="b")
+    assert p.structures["processor_b+aggregator"] is first
+
+
+async def test_an_unknown_component_from_a_custom_adapter_is_a_routing_error(mode: str) -> None:
+    class Wrong:
+        def analyze_input(self, input_data: Mapping[str, Any]) -> dict[str, Any]:
+            return {}
+
+        def select_structure(self, analysis: Mapping[str, Any], component_pool: Mapping[str, Any]) -> Any:
+            return "nope"
+
+    p = AdaptivePipeline(tutorial_pool([]), Wrong())
+    with pytest.raises(RoutingError):
+        await call(p, mode, content="a")
+
+
+# -- another pool with the default adapter ------------------------------------------------------------
+
+
+def test_default_structures_over_another_pool_are_derived_from_it() -> None:
     components = pool()
     p = AdaptivePipeline(components)
-    assert set(p.structures) == {"simple", "complex", "multi_approach"}
-    simple, complex_, multi = p.structures["simple"], p.structures["complex"], p.structures["multi_approach"]
-    assert isinstance(simple, SequentialPipeline)
-    assert isinstance(complex_, SequentialPipeline)
-    assert isinstance(multi, EnsemblePipeline)
-    assert simple.stages == [components["direct"]]
-    assert all(a is b for a, b in zip(complex_.stages, components.values(), strict=True))
-    assert all(a is b for a, b in zip(multi.processors, components.values(), strict=True))
+    structures = p.structures
+    assert isinstance(structures["simple"], SequentialPipeline)
+    assert structures["simple"].stages == [components["direct"]]
+    assert structures["complex"].stages == [components["direct"], components["reasoned"]]
+    assert isinstance(structures["multi_approach"], EnsemblePipeline)
+    assert structures["multi_approach"].processors == [components["direct"], components["reasoned"]]
 
 
-def test_analysis_scores_complexity() -> None:
-    adapter = PipelineAdapter()
-    short, long = adapter.analyze(SIMPLE_Q), adapter.analyze(COMPLEX_Q)
-    assert short["complexity"] < adapter.complexity_threshold <= long["complexity"]
-    assert adapter.analyze("How many moons does Mars have?")["question_type"] == "calculation"
-
-
-# -- built once, visible once -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-async def test_structures_are_built_once_and_reused(mode: str) -> None:
+async def test_default_adapter_over_another_pool_runs(mode: str) -> None:
+    model = FakeLM({"answer": "A", "reasoning": "because"})
     p = AdaptivePipeline(pool())
-    structures = dict(p.structures)
-    modules = module_ids(p)
-    predictors = [(n, id(x)) for n, x in p.named_predictors()]
-    model = lm()
-    with dspy.context(lm=model, trace=[]):
-        for q in (SIMPLE_Q, COMPARE_Q, COMPLEX_Q, SIMPLE_Q, COMPARE_Q):
-            await call(p, mode, question=q)
-        traced = {id(pred) for pred, _, _ in dspy.settings.trace}
-    assert all(p.structures[name] is s for name, s in structures.items())
-    assert set(p.structures) == set(structures)
-    assert module_ids(p) == modules  # no module appeared
-    assert [(n, id(x)) for n, x in p.named_predictors()] == predictors
-    assert traced == {id(x) for _, x in p.named_predictors()}  # only the pool's predictors ran
+    with dspy.context(lm=model):
+        result = await call(p, mode, question=SIMPLE_Q)
+    assert result.structure_name == "simple"
+    assert result.answer == "A"
+    assert model.calls == 1
 
 
 def test_every_pool_component_appears_exactly_once_in_named_predictors() -> None:
-    components = pool()
-    p = AdaptivePipeline(components)
-    named = p.named_predictors()
-    assert [n for n, _ in named] == ["components['direct']", "components['reasoned'].predict"]
-    counts = Counter(id(x) for _, x in named)
-    assert all(c == 1 for c in counts.values())
-    assert {id(x) for _, x in named} == {id(components["direct"]), id(components["reasoned"].predict)}
+    p = AdaptivePipeline(pool())
+    names = [n for n, _ in p.named_predictors()]
+    assert names == ["components['direct']", "components['reasoned'].predict"]
+    assert len(set(module_ids(p))) == len(module_ids(p))
 
 
-# -- custom structures and adapters ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-async def test_custom_structures_and_choose(mode: str) -> None:
-    model = FakeLM({"answer": "A", "reasoning": "r", "summary": "S"})
-    components = {**pool(), "summarize": dspy.Predict("question, answer -> summary")}
-    adapter = PipelineAdapter(
-        structures={
-            "fast": ["direct"],
-            "vote": {"ensemble": ["direct", "reasoned"]},
-            "full": ["direct", "summarize"],
-        },
-        choose=lambda a: (
-            "full" if a["question_type"] == "explanation" else ("vote" if a["length"] > 5 else "fast")
-        ),
-    )
-    p = AdaptivePipeline(components, adapter)
-    assert set(p.structures) == {"fast", "vote", "full"}
-    with dspy.context(lm=model):
-        fast = await call(p, mode, question="Capital of France?")
-        vote = await call(p, mode, question="What is the capital city of France?")
-        full = await call(p, mode, question="Why is the sky blue?")
-    assert (fast.used_structure, vote.used_structure, full.used_structure) == ("fast", "vote", "full")
-    assert full.summary == "S"
-    assert "summary" not in fast
-    assert model.calls == 1 + 2 + 2
-    assert len(p.named_predictors()) == 3
-
-
-def test_structure_naming_an_unknown_component_is_a_configuration_error() -> None:
+def test_custom_patterns_naming_an_unknown_component_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError) as ei:
-        AdaptivePipeline(pool(), PipelineAdapter(structures={"x": ["direct", "missing"]}))
+        AdaptivePipeline(pool(), PipelineAdapter({"simple": ["missing"]}))
     assert ei.value.code == "unknown_component"
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_lm_adapter_stage_chooses_the_structure(mode: str) -> None:
-    model = FakeLM(
-        {
-            "structure": lambda i: "deep" if "deep" in i["question"] else "quick",
-            "answer": "A",
-            "reasoning": "r",
-        }
-    )
-    selector = dspy.Predict("question -> structure: Literal['quick', 'deep']")
-    p = AdaptivePipeline(pool(), selector, structures={"quick": ["direct"], "deep": ["direct", "reasoned"]})
-    assert [n for n, _ in p.named_predictors()] == [
-        "components['direct']",
-        "components['reasoned'].predict",
-        "adapter_stage",
-    ]
+async def test_choose_replaces_the_rules(mode: str) -> None:
+    model = FakeLM({"answer": "A", "reasoning": "because"})
+    adapter = PipelineAdapter({"fast": ["direct"], "both": ["direct", "reasoned"]}, choose=lambda a: "both")
+    p = AdaptivePipeline(pool(), adapter)
     with dspy.context(lm=model):
-        quick = await call(p, mode, question="go")
-        deep = await call(p, mode, question="go deep")
-    assert quick.used_structure == "quick"
-    assert deep.used_structure == "deep"
-    assert deep.structure == "deep"
-    assert deep.input_analysis == {"structure": "deep"}
-    assert model.calls == (1 + 1) + (1 + 2)
-    assert [outputs for outputs, _ in model.log][:2] == [("structure",), ("answer",)]
+        result = await call(p, mode, question="q")
+    assert result.structure_name == "both"
+    assert model.calls == 2
+
+
+# -- an LM stage as the adapter ------------------------------------------------------------------------
+
+
+async def test_lm_adapter_stage_chooses_the_structure(mode: str) -> None:
+    model = FakeLM({"structure": "careful", "answer": "A", "reasoning": "r"})
+    p = AdaptivePipeline(
+        pool(),
+        dspy.Predict("question -> structure"),
+        structures={"quick": ["direct"], "careful": ["direct", "reasoned"]},
+    )
+    with dspy.context(lm=model):
+        result = await call(p, mode, question="q")
+    assert result.used_structure == "careful"
+    assert result.structure_name == "careful"
+    assert model.calls == 3
 
 
 def test_lm_adapter_without_structures_is_a_configuration_error() -> None:
@@ -198,37 +223,17 @@ def test_lm_adapter_without_structures_is_a_configuration_error() -> None:
     assert ei.value.field == "structures"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unknown_structure_from_an_lm_adapter_is_a_routing_error(mode: str) -> None:
-    model = FakeLM({"structure": "sideways", "answer": "A"})
+    model = FakeLM({"structure": "nonsense", "answer": "A"})
     p = AdaptivePipeline(pool(), dspy.Predict("question -> structure"), structures={"quick": ["direct"]})
-    with dspy.context(lm=model), pytest.raises(RoutingError) as ei:
+    with dspy.context(lm=model), pytest.raises(RoutingError):
         await call(p, mode, question="q")
-    assert ei.value.code == "unknown_structure"
-    assert "sideways" in str(ei.value)
-    assert model.calls == 1  # only the adapter ran
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_unknown_structure_from_choose_is_a_routing_error(mode: str) -> None:
-    model = lm()
-    p = AdaptivePipeline(pool(), PipelineAdapter(choose=lambda a: "bespoke"))
-    with dspy.context(lm=model), pytest.raises(RoutingError) as ei:
-        await call(p, mode, question="q")
-    assert ei.value.field == "structure"
-    assert model.calls == 0
-
-
-@pytest.mark.parametrize("mode", MODES)
 async def test_adaptive_nested_in_a_pipeline(mode: str) -> None:
-    model = lm()
-    p = SequentialPipeline(
-        [
-            stageflow.stage(lambda topic: {"question": f"What is {topic}?"}, writes=["question"]),
-            AdaptivePipeline(pool()),
-        ]
-    )
+    model = FakeLM({"answer": "A", "reasoning": "r", "summary": "S"})
+    p = SequentialPipeline([AdaptivePipeline(pool()), dspy.Predict("question, answer -> summary")])
     with dspy.context(lm=model):
-        result = await call(p, mode, topic="Paris")
-    assert result.answer == "A"
-    assert "stages[1].structures['simple'].stages[0]" in [r.path for r in result.trace]
+        result = await call(p, mode, question=SIMPLE_Q)
+    assert result.summary == "S"
+    assert result.details["stages[0]"]["structure_name"] == "simple"

@@ -7,19 +7,10 @@ import threading
 from typing import Any
 
 import dspy
-import pytest
 
 import stageflow
 from stageflow import EnsemblePipeline, ForEach, ParallelPipeline, SequentialPipeline
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 def facts_then_answer() -> SequentialPipeline:
@@ -41,7 +32,6 @@ SUBS = ["alpha", "beta", "gamma", "delta"]
 # -- dspy.context ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_context_lm_reaches_every_branch(mode: str) -> None:
     lm = FakeLM(script())
     p = SequentialPipeline(
@@ -122,7 +112,6 @@ def sequential_reference_tokens() -> dict[str, Any]:
     return tracker.get_total_tokens()[lm.model]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_track_usage_context_counts_tokens_of_every_branch(mode: str) -> None:
     expected = sequential_reference_tokens()
     lm = FakeLM(script())
@@ -135,7 +124,6 @@ async def test_track_usage_context_counts_tokens_of_every_branch(mode: str) -> N
     assert usage["total_tokens"] == expected["total_tokens"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_track_usage_manager_counts_tokens_of_every_branch(mode: str) -> None:
     expected = sequential_reference_tokens()
     lm = FakeLM(script())
@@ -151,7 +139,6 @@ async def test_track_usage_manager_counts_tokens_of_every_branch(mode: str) -> N
     assert total["total_tokens"] > 4 * one.get_total_tokens()[single.model]["total_tokens"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_usage_from_nested_fan_outs_is_kept(mode: str) -> None:
     lm = FakeLM(script())
     ens = EnsemblePipeline([facts_then_answer() for _ in range(3)])
@@ -167,7 +154,6 @@ async def test_usage_from_nested_fan_outs_is_kept(mode: str) -> None:
 # -- hooks across threads -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_profile_counts_every_branch_execution(mode: str) -> None:
     lm = FakeLM(script())
     p = ParallelPipeline(
@@ -194,21 +180,19 @@ async def test_profile_counts_every_branch_execution(mode: str) -> None:
     assert prof.runs == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_profile_counts_failed_branches_as_errors(mode: str) -> None:
     def work(x: str) -> dict[str, str]:
         if x == "bad":
             raise ValueError("bad")
         return {"y": x}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x")
+    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", on_error="collect")
     with stageflow.profile() as prof:
         await call(p, mode, xs=["a", "bad", "c"])
     summary = prof.get_performance_summary()
     assert {path: s["errors"] for path, s in summary.items()} == {"stage[0]": 0, "stage[1]": 1, "stage[2]": 0}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_trace_records_start_and_end_of_each_item(mode: str) -> None:
     lm = FakeLM(script(), latency=0.02)
     p = SequentialPipeline(

@@ -13,15 +13,7 @@ import pytest
 import stageflow
 from stageflow import ContractError, ForEach, PipelineError, SequentialPipeline, StageError, StageflowError
 from stageflow.engine.concurrency import abandoned_threads
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 def upper_or_fail(bad: set[str]) -> stageflow.FunctionStage:
@@ -65,7 +57,6 @@ async def test_results_in_input_order_when_items_finish_in_reverse(mode: str) ->
     assert result.item_errors == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_lm_items_in_input_order_and_one_call_each(mode: str) -> None:
     lm = FakeLM({"fact": lambda i: "fact about " + i["sub_question"]})
     p = ForEach(dspy.Predict("sub_question -> fact"), over="sub_questions", collect="facts")
@@ -123,7 +114,6 @@ def test_item_name_defaults_to_the_singular_of_over(over: str, item: str) -> Non
     assert p.item == item
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_item_name_feeds_the_stage(mode: str) -> None:
     lm = FakeLM({"fact": lambda i: i["sub_question"] + "!"})
     p = ForEach(dspy.Predict("sub_question -> fact"), over="sub_questions")
@@ -137,7 +127,6 @@ def test_default_collect_names() -> None:
     assert p.collect == {"fact": "facts", "status": "status_list"}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_collect_as_a_mapping_of_several_outputs(mode: str) -> None:
     lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"], "source": lambda i: "s-" + i["sub_question"]})
     p = ForEach(
@@ -158,7 +147,6 @@ def test_collect_string_needs_a_single_output() -> None:
     assert ei.value.code == "bad_option"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_shared_state_fields_reach_every_item(mode: str) -> None:
     lm = FakeLM({"fact": lambda i: f"{i['question']}/{i['sub_question']}"})
     p = SequentialPipeline(
@@ -178,7 +166,6 @@ async def test_shared_state_fields_reach_every_item(mode: str) -> None:
 # -- edge inputs -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_empty_list_gives_empty_lists_and_no_calls(mode: str) -> None:
     lm = FakeLM({"fact": "f", "source": "s"})
     p = ForEach(
@@ -194,7 +181,6 @@ async def test_empty_list_gives_empty_lists_and_no_calls(mode: str) -> None:
     assert result.item_results == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("value", ["a string", 3, None, {"a": 1}])
 async def test_non_list_input_is_a_contract_error(mode: str, value: Any) -> None:
     lm = FakeLM({"fact": "f"})
@@ -206,7 +192,6 @@ async def test_non_list_input_is_a_contract_error(mode: str, value: Any) -> None
     assert lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_non_list_from_an_upstream_stage_names_the_foreach_path(mode: str) -> None:
     lm = FakeLM({"fact": "f"})
     p = SequentialPipeline(
@@ -222,7 +207,6 @@ async def test_non_list_from_an_upstream_stage_names_the_foreach_path(mode: str)
     assert lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_missing_over_field_fails_before_any_lm_call(mode: str) -> None:
     lm = FakeLM({"answer": "a", "fact": "f"})
     p = SequentialPipeline(
@@ -241,11 +225,18 @@ async def test_missing_over_field_fails_before_any_lm_call(mode: str) -> None:
 # -- failure policies ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_on_error_collect_leaves_none_and_lists_the_error(mode: str) -> None:
+async def test_by_default_a_failed_item_fails_the_foreach(mode: str) -> None:
     p = ForEach(upper_or_fail({"b"}), over="xs", item="x", collect="ys")
+    with pytest.raises(StageError) as ei:
+        await call(p, mode, xs=["a", "b", "c"])
+    assert ei.value.stage_path == "stage[1]"
+
+
+async def test_on_error_collect_leaves_none_and_lists_the_error(mode: str) -> None:
+    p = ForEach(upper_or_fail({"b"}), over="xs", item="x", collect="ys", on_error="collect")
     result = await call(p, mode, xs=["a", "b", "c"])
     assert result.ys == ["A", None, "C"]
+    assert [(e.stage, e.kind) for e in result.run.events] == [("stage[1]", "item_failed")]
     assert len(result.item_errors) == 1
     err = result.item_errors[0]
     assert err["index"] == 1
@@ -256,7 +247,6 @@ async def test_on_error_collect_leaves_none_and_lists_the_error(mode: str) -> No
     assert [r["status"] for r in result.item_results] == ["ok", "error", "ok"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_on_error_skip_drops_failed_items(mode: str) -> None:
     p = ForEach(upper_or_fail({"b", "d"}), over="xs", item="x", collect="ys", on_error="skip")
     result = await call(p, mode, xs=["a", "b", "c", "d", "e"])
@@ -264,7 +254,6 @@ async def test_on_error_skip_drops_failed_items(mode: str) -> None:
     assert [e["index"] for e in result.item_errors] == [1, 3]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_on_error_fail_fast_raises_naming_the_item(mode: str) -> None:
     p = ForEach(upper_or_fail({"c"}), over="xs", item="x", collect="ys", on_error="fail_fast")
     with pytest.raises(StageflowError) as ei:
@@ -274,7 +263,6 @@ async def test_on_error_fail_fast_raises_naming_the_item(mode: str) -> None:
     assert isinstance(ei.value.__cause__, ValueError)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_fail_fast_inside_a_pipeline_names_the_full_item_path(mode: str) -> None:
     p = SequentialPipeline(
         [
@@ -355,7 +343,6 @@ def test_sync_fail_fast_does_not_wait_for_a_slow_item_on_the_calling_thread() ->
         release.set()
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("policy", ["collect", "skip"])
 async def test_all_items_failing_is_a_pipeline_error(mode: str, policy: str) -> None:
     p = ForEach(upper_or_fail({"a", "b", "c"}), over="xs", item="x", on_error=policy)  # type: ignore[arg-type]
@@ -379,7 +366,14 @@ def test_sync_timeout_marks_the_item_and_abandons_its_thread() -> None:
             release.wait(2.0)
         return {"y": x.upper()}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1)
+    p = ForEach(
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        on_error="collect",
+    )
     before = abandoned_threads()
     try:
         result = p(xs=["a", "slow", "c"])
@@ -402,7 +396,13 @@ def test_sync_timeout_with_more_items_than_threads_still_runs_every_item() -> No
 
     items = ["slow0", "a", "b", "c", "d", "e"]
     p = ForEach(
-        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1, max_concurrency=2
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        max_concurrency=2,
+        on_error="collect",
     )
     before = abandoned_threads()
     try:
@@ -428,7 +428,14 @@ async def test_async_timeout_cancels_the_item_task(mode: str) -> None:
         finished.append(x)
         return {"y": x.upper()}
 
-    p = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", timeout=0.1)
+    p = ForEach(
+        stageflow.stage(work, writes=["y"]),
+        over="xs",
+        item="x",
+        collect="ys",
+        timeout=0.1,
+        on_error="collect",
+    )
     before = abandoned_threads()
     result = p(xs=["a", "slow", "c"]) if mode != "async" else await p.acall(xs=["a", "slow", "c"])
     assert result.ys == ["A", None, "C"]
@@ -439,7 +446,6 @@ async def test_async_timeout_cancels_the_item_task(mode: str) -> None:
     assert abandoned_threads() == before  # tasks are cancelled, not abandoned
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_fail_fast_timeout_raises_a_stageflow_error_naming_the_item(mode: str) -> None:
     release = threading.Event()
 

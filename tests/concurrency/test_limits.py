@@ -139,10 +139,10 @@ def test_the_thread_pool_is_long_lived() -> None:
     lm = FakeLM({"fact": "f"})
     with dspy.context(lm=lm):
         _foreach()(sub_questions=["a", "b"])
-        first = concurrency._POOL[0]
+        first = concurrency.shared_pool()
         _foreach()(sub_questions=["c", "d"])
     assert first is not None
-    assert concurrency._POOL[0] is first
+    assert concurrency.shared_pool() is first
 
 
 def test_get_config_reports_the_cap() -> None:

@@ -11,16 +11,7 @@ import pytest
 
 import stageflow
 from stageflow import EnsemblePipeline, ForEach, ParallelPipeline, ResultAggregator, SequentialPipeline
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
-
+from stageflow.testing import FakeLM, call
 
 # -- optimizer -------------------------------------------------------------------------------------
 
@@ -95,7 +86,6 @@ def test_bootstrap_gives_demos_to_predictors_inside_foreach_parallel_and_ensembl
     assert all(not p.demos for _, p in student.named_predictors())  # the student is left alone
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_trace_entries_from_every_branch_reach_settings_trace(mode: str) -> None:
     p = program()
     with dspy.context(lm=teacher_lm(), trace=[]):
@@ -162,7 +152,6 @@ def expected_paths(n: int) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_foreach_in_ensemble_in_parallel_in_sequential(mode: str) -> None:
     lm = FakeLM({"fact": lambda i: "f-" + i["sub_question"]}, rendezvous=8)
     p = nested()
@@ -178,7 +167,6 @@ async def test_foreach_in_ensemble_in_parallel_in_sequential(mode: str) -> None:
     assert all(r.ok for r in result.trace)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_nested_item_failure_names_the_full_path(mode: str) -> None:
     def fact(sub_question: str) -> dict[str, str]:
         if sub_question == "c":
@@ -208,7 +196,6 @@ async def test_nested_item_failure_names_the_full_path(mode: str) -> None:
     assert isinstance(item_error.__cause__, ValueError)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_nested_fan_outs_with_hooks_report_full_paths(mode: str) -> None:
     lm = FakeLM({"fact": "f"})
     with dspy.context(lm=lm), stageflow.profile() as prof:

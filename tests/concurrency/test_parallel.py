@@ -12,15 +12,7 @@ import pytest
 
 import stageflow
 from stageflow import ContractError, ParallelPipeline, PipelineError, ResultMerger, StageError
-from stageflow.testing import Counter, FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import Counter, FakeLM, call
 
 
 def writer(
@@ -57,7 +49,6 @@ def failing(field: str) -> stageflow.FunctionStage:
 # -- order and overlap -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_groups_run_in_order(mode: str) -> None:
     log: list[str] = []
 
@@ -81,7 +72,6 @@ async def test_groups_run_in_order(mode: str) -> None:
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_stages_within_a_group_overlap_and_groups_do_not(mode: str) -> None:
     # each call waits (briefly) for 3 to overlap: the first group reaches 3, the second group cannot
     lm = FakeLM({"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}, rendezvous=3, rendezvous_timeout=0.3)
@@ -98,7 +88,6 @@ async def test_stages_within_a_group_overlap_and_groups_do_not(mode: str) -> Non
     assert lm.peak_active == 3  # the group of 3 overlapped; the next group did not join it
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_max_concurrency_caps_a_group(mode: str) -> None:
     lm = FakeLM({}, rendezvous=2)
     p = ParallelPipeline([[dspy.Predict(f"question -> out{i}") for i in range(6)]], max_concurrency=2)
@@ -111,7 +100,6 @@ async def test_max_concurrency_caps_a_group(mode: str) -> None:
 # -- merging ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_distinct_fields_merge(mode: str) -> None:
     p = ParallelPipeline([[writer("summary", "S"), writer("keywords", ["k1", "k2"]), writer("topic", "T")]])
     result = await call(p, mode, question="q")
@@ -146,7 +134,6 @@ def test_default_merger_treats_a_clash_as_an_error() -> None:
     assert ei.value.code == "output_clash"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_clash_as_list_keeps_stage_order_not_finish_order(mode: str) -> None:
     log: list[str] = []
     p = ParallelPipeline(
@@ -158,7 +145,6 @@ async def test_clash_as_list_keeps_stage_order_not_finish_order(mode: str) -> No
     assert result.note == ["first", "second"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_clash_concatenate_joins_strings_and_lists(mode: str) -> None:
     p = ParallelPipeline(
         [[writer("note", "x"), writer("note", "y"), writer("tags", ["a"]), writer("tags", ["b", "c"])]],
@@ -171,14 +157,13 @@ async def test_clash_concatenate_joins_strings_and_lists(mode: str) -> None:
 
 def test_unknown_clash_strategy_is_a_configuration_error() -> None:
     with pytest.raises(stageflow.ConfigurationError) as ei:
-        ResultMerger(on_clash="first")  # type: ignore[arg-type]
+        ResultMerger(on_clash="last")  # type: ignore[arg-type]
     assert ei.value.code == "bad_option"
 
 
 # -- failures and timeouts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_failing_branch_is_recorded_and_the_others_kept(mode: str) -> None:
     p = ParallelPipeline([[writer("summary", "S"), failing("keywords"), writer("topic", "T")]])
     result = await call(p, mode, question="q")
@@ -196,7 +181,6 @@ async def test_a_failing_branch_is_recorded_and_the_others_kept(mode: str) -> No
     assert isinstance(err.__cause__, ValueError)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_group_results_has_one_report_per_group(mode: str) -> None:
     p = ParallelPipeline([[writer("a", 1), writer("b", 2)], [writer("c", 3)]])
     result = await call(p, mode, question="q")
@@ -204,7 +188,6 @@ async def test_group_results_has_one_report_per_group(mode: str) -> None:
     assert all(r["status"] == "ok" for g in result.group_results for r in g.values())
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_all_branches_failing_is_a_pipeline_error_keyed_by_path(mode: str) -> None:
     after = Counter("after")
     p = ParallelPipeline([[failing("a"), failing("b")], after.as_stage()])
@@ -217,7 +200,6 @@ async def test_all_branches_failing_is_a_pipeline_error_keyed_by_path(mode: str)
     assert after.n == 0  # the next group never ran
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_fail_fast_raises_the_branch_error(mode: str) -> None:
     after = Counter("after")
     p = ParallelPipeline([[writer("a", 1), failing("b")], after.as_stage()], on_error="fail_fast")

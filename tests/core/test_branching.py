@@ -18,15 +18,7 @@ from stageflow import (
     normalize_branch,
     stage,
 )
-from stageflow.testing import Counter, FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import Counter, FakeLM, call
 
 
 def answer(text: str) -> Any:
@@ -59,7 +51,6 @@ def test_branch_names_are_normalised_in_paths() -> None:
     assert [n for n, _ in b.named_predictors()] == ["branches['short_answer']", "branches['long_form']"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("raw", ["Short Answer", "short-answer", "SHORT ANSWER."])
 async def test_router_output_is_normalised_to_pick_branch(mode: str, raw: str) -> None:
     b = BranchingPipeline(lambda question: raw, {"short-answer": answer("short"), "Long": answer("long")})
@@ -72,7 +63,6 @@ async def test_router_output_is_normalised_to_pick_branch(mode: str, raw: str) -
     assert [r.path for r in result.trace] == ["router", "branches['short_answer']"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_only_the_chosen_branch_runs(mode: str) -> None:
     math, chat = Counter("m"), Counter("c")
     b = BranchingPipeline(
@@ -84,7 +74,6 @@ async def test_only_the_chosen_branch_runs(mode: str) -> None:
     assert "c" not in list(result.keys())
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unknown_branch_is_routing_error_listing_known_branches(mode: str) -> None:
     lm = FakeLM()
     b = BranchingPipeline(
@@ -102,7 +91,6 @@ async def test_unknown_branch_is_routing_error_listing_known_branches(mode: str)
     assert lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_as_branch_name(mode: str) -> None:
     b = BranchingPipeline(
         lambda question: "poetry", {"math": answer("m"), "Chat": answer("c")}, default="Chat"
@@ -114,7 +102,6 @@ async def test_default_as_branch_name(mode: str) -> None:
     assert [r.path for r in result.trace] == ["router", "branches['chat']"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_as_separate_stage(mode: str) -> None:
     lm = FakeLM({"answer": "from default"})
     fallback = dspy.Predict("question -> answer")
@@ -129,7 +116,6 @@ async def test_default_as_separate_stage(mode: str) -> None:
     assert [r.path for r in result.trace] == ["router", "default"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_known_branch_is_used_even_with_default(mode: str) -> None:
     b = BranchingPipeline(lambda question: "MATH", {"math": answer("m")}, default=answer("d"))
     result = await call(b, mode, question="Q")
@@ -137,7 +123,6 @@ async def test_known_branch_is_used_even_with_default(mode: str) -> None:
     assert result.route_decision.used_default is False
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("raw", [None, "", "   "])
 async def test_router_returning_nothing_is_empty_route(mode: str, raw: Any) -> None:
     b = BranchingPipeline(lambda question: raw, {"math": answer("m")})
@@ -148,7 +133,6 @@ async def test_router_returning_nothing_is_empty_route(mode: str, raw: Any) -> N
     assert "Known branches: ['math']" in str(ei.value)
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("raw", [None, ""])
 async def test_router_returning_nothing_uses_default(mode: str, raw: Any) -> None:
     b = BranchingPipeline(lambda question: raw, {"math": answer("m"), "chat": answer("c")}, default="chat")
@@ -175,7 +159,6 @@ def test_lm_router_needs_branches() -> None:
     assert ei.value.code == "no_branches"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_lm_router_in_pipeline(mode: str) -> None:
     lm = FakeLM(
         {
@@ -196,7 +179,6 @@ async def test_lm_router_in_pipeline(mode: str) -> None:
     assert lm.calls == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_function_router_returning_plain_string(mode: str) -> None:
     def route(question: str) -> str:
         return "math" if any(c.isdigit() for c in question) else "chat"
@@ -207,7 +189,6 @@ async def test_function_router_returning_plain_string(mode: str) -> None:
     assert (await call(b, mode, question="hi")).answer == "c"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_function_router_returning_dict(mode: str) -> None:
     b = BranchingPipeline(lambda question: {"branch": "Chat"}, {"math": answer("m"), "chat": answer("c")})
     result = await call(b, mode, question="x")
@@ -215,7 +196,6 @@ async def test_function_router_returning_dict(mode: str) -> None:
     assert result.branch == "chat"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_router_with_renamed_output(mode: str) -> None:
     lm = FakeLM({"category": "chat"})
     router = Stage(dspy.Predict("question -> category"), outputs={"category": "branch"})
@@ -248,7 +228,6 @@ def test_bad_branch_definitions(branches: dict[str, Any], default: Any, code: st
     assert ei.value.code == code
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_route_decision_is_not_a_field(mode: str) -> None:
     b = BranchingPipeline(lambda question: "a", {"a": answer("x")})
     result = await call(b, mode, question="Q")

@@ -21,15 +21,7 @@ from stageflow import (
     StageError,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 def seq(inner: Any) -> Any:
@@ -68,7 +60,6 @@ def build(outer: str, inner: str, leaf: Any) -> tuple[Any, str]:
     return wrap_out(wrap_in(leaf)), f"{path_out}.{path_in}"
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("outer", "inner"), PAIRS)
 async def test_every_architecture_inside_every_other(outer: str, inner: str, mode: str) -> None:
     fake = FakeLM({"answer": lambda i: "A:" + i["question"]})
@@ -88,7 +79,6 @@ async def test_every_architecture_inside_every_other(outer: str, inner: str, mod
     assert all(r.ok for r in result.trace)
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("outer", "inner"), PAIRS)
 async def test_errors_from_nested_stage_carry_full_path_and_cause(outer: str, inner: str, mode: str) -> None:
     original = RuntimeError("deep failure")
@@ -146,7 +136,6 @@ def test_deep_nesting_lists_every_predictor_once_with_stable_paths() -> None:
     assert [n for n, _ in h.deepcopy().named_predictors()] == DEEP_PATHS
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_deep_nesting_runs(mode: str) -> None:
     fake = FakeLM({"draft": "d", "reasoning": "r", "answer": lambda i: "ans:" + i["question"]})
     h, _ = deep()
@@ -161,7 +150,6 @@ async def test_deep_nesting_runs(mode: str) -> None:
     assert paths.count("nodes['root'].stages[1].stages[0].branches['math'].stages[1]") == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_nested_error_path_sequential_in_sequential(mode: str) -> None:
     original = ValueError("bad")
 
@@ -177,7 +165,6 @@ async def test_nested_error_path_sequential_in_sequential(mode: str) -> None:
     assert ei.value.__cause__ is original
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_nested_contract_and_routing_errors_are_prefixed(mode: str) -> None:
     missing = SequentialPipeline(
         [
@@ -213,7 +200,6 @@ async def test_nested_contract_and_routing_errors_are_prefixed(mode: str) -> Non
     assert le.value.stage_path == "stages[0]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_nested_pipeline_result_fields_merge_into_outer_state(mode: str) -> None:
     inner = SequentialPipeline(
         [stage(lambda a: {"b": a + 1}, writes=["b"]), stage(lambda b: {"c": b * 2}, writes=["c"])]
@@ -229,7 +215,6 @@ async def test_nested_pipeline_result_fields_merge_into_outer_state(mode: str) -
     ]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_renamed_input_of_nested_pipeline_does_not_overwrite_outer_field(mode: str) -> None:
     inner = SequentialPipeline([stage(lambda question: {"answer": question.upper()}, writes=["answer"])])
     outer = SequentialPipeline(
@@ -243,7 +228,6 @@ async def test_renamed_input_of_nested_pipeline_does_not_overwrite_outer_field(m
     assert result.question == "original"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_renamed_output_of_nested_pipeline_keeps_nested_trace(mode: str) -> None:
     inner = SequentialPipeline([stage(lambda question: {"answer": question.upper()}, writes=["answer"])])
     outer = SequentialPipeline([Stage(inner, outputs={"answer": "final"})])

@@ -23,15 +23,7 @@ from stageflow import (
     stage,
 )
 from stageflow.engine.hooks import current_path
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 def nested() -> SequentialPipeline:
@@ -57,7 +49,6 @@ NESTED_EVENTS = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_profile_summary_per_stage_path_including_nested(mode: str) -> None:
     p = nested()
     with stageflow.profile() as prof:
@@ -110,7 +101,6 @@ def test_profile_is_off_outside_the_block() -> None:
     assert prof.get_performance_summary()["stages[0]"]["num_executions"] == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_trace_event_order(mode: str) -> None:
     p = SequentialPipeline([stage(lambda x: {"y": x + 1}, writes=["y"])])
     with stageflow.trace() as tracer:
@@ -125,7 +115,6 @@ async def test_trace_event_order(mode: str) -> None:
     assert all(e["timestamp"].endswith("+00:00") for e in tracer.events)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_trace_nested_paths(mode: str) -> None:
     with stageflow.trace() as tracer:
         await call(nested(), mode, x=1)
@@ -142,7 +131,6 @@ async def test_async_runs_produce_the_same_events_as_sync() -> None:
     assert strip == [(e["event"], e["stage"], e.get("inputs"), e.get("outputs")) for e in async_tracer.events]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_trace_stage_error_events(mode: str) -> None:
     def boom(x: int) -> dict[str, Any]:
         raise ValueError("no")
@@ -188,7 +176,6 @@ def test_tracer_save_writes_valid_json(tmp_path: Path) -> None:
     assert list(tmp_path.joinpath("sub").iterdir()) == [target]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_profiling_pipeline_aggregates_and_result_profile_is_per_call(mode: str) -> None:
     inner = SequentialPipeline([stage(lambda w: {"y": w + 1}, writes=["y"])])
     pp = ProfilingPipeline([stage(lambda x: {"w": x}, writes=["w"]), inner])
@@ -207,7 +194,6 @@ async def test_profiling_pipeline_aggregates_and_result_profile_is_per_call(mode
     assert pp.get_performance_summary() == {}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_tracing_pipeline_execution_trace_and_save(mode: str, tmp_path: Path) -> None:
     tp = TracingPipeline([stage(lambda x: {"w": x}, writes=["w"])])
     first = await call(tp, mode, x=1)
@@ -256,7 +242,6 @@ class Exploding(Hook):
         raise RuntimeError("hook failure")
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_raising_hook_is_ignored(mode: str, caplog: pytest.LogCaptureFixture) -> None:
     recorder = Recorder()
     with caplog.at_level(logging.WARNING, logger="stageflow"), attach_hooks(Exploding(), recorder):
@@ -267,7 +252,6 @@ async def test_raising_hook_is_ignored(mode: str, caplog: pytest.LogCaptureFixtu
     assert failures
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_hooks_see_full_nested_paths(mode: str) -> None:
     recorder = Recorder()
     p = SequentialPipeline(
@@ -300,7 +284,6 @@ async def test_hooks_see_full_nested_paths(mode: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_current_path_inside_a_stage(mode: str) -> None:
     seen: list[str] = []
 
@@ -324,7 +307,6 @@ def test_hooks_inactive_outside_attach() -> None:
     assert recorder.calls == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_hooks_see_lm_stage_inputs_and_outputs(mode: str) -> None:
     lm = FakeLM({"answer": "42"})
     p = SequentialPipeline([dspy.Predict("question -> answer")])

@@ -11,17 +11,9 @@ import pytest
 from dspy.utils import DummyLM
 
 from stageflow import BranchingPipeline, IterativePipeline, SequentialPipeline, Stage
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
+from stageflow.testing import FakeLM, call
 
 PATHS = ["stages[0]", "stages[1].branches['math']", "stages[1].branches['chat'].predict"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
 
 
 def build() -> SequentialPipeline:
@@ -126,7 +118,6 @@ def test_deepcopy_gives_distinct_predictors_with_same_names() -> None:
     assert len(program.stages[0].demos) == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_deepcopy_runs_its_own_predictors(mode: str) -> None:
     program = build()
     copy = program.deepcopy()
@@ -147,7 +138,6 @@ def test_reset_copy_keeps_structure() -> None:
     assert len(program.stages[0].demos) == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_no_deepcopy_inside_forward(mode: str) -> None:
     program = build()
     lm = FakeLM({"draft": "d", "answer": "a", "reasoning": "r"})
@@ -167,7 +157,6 @@ async def test_no_deepcopy_inside_forward(mode: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_loop_reuses_the_same_predictor_each_iteration(mode: str) -> None:
     refine = dspy.Predict("previous -> draft")
     loop = IterativePipeline([Stage(refine, inputs={"previous": "draft"})], lambda s: False, max_iterations=3)

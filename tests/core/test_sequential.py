@@ -9,15 +9,7 @@ import pytest
 
 import stageflow
 from stageflow import ConfigurationError, Result, RunInfo, SequentialPipeline, StageRecord, stage
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 async def call_positional(p: Any, mode: str, *args: Any) -> Any:
@@ -30,7 +22,6 @@ def two_predictors() -> SequentialPipeline:
     return SequentialPipeline([dspy.Predict("question -> draft"), dspy.Predict("question, draft -> answer")])
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_stages_run_in_order_and_state_flows(mode: str) -> None:
     order: list[str] = []
 
@@ -63,7 +54,6 @@ async def test_stages_run_in_order_and_state_flows(mode: str) -> None:
     assert isinstance(result, dspy.Prediction)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_later_stage_sees_earlier_output_value(mode: str) -> None:
     lm = FakeLM(
         {
@@ -78,7 +68,6 @@ async def test_later_stage_sees_earlier_output_value(mode: str) -> None:
     assert lm.calls == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_predict_stages_receive_only_their_declared_inputs(mode: str) -> None:
     lm = FakeLM({"draft": "D", "answer": "A"})
     with dspy.context(lm=lm):
@@ -91,7 +80,6 @@ async def test_predict_stages_receive_only_their_declared_inputs(mode: str) -> N
     assert lm.log[1][0] == ("answer",)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_function_stage_with_kwargs_and_reads_gets_only_declared_fields(mode: str) -> None:
     seen: list[dict[str, Any]] = []
 
@@ -110,7 +98,6 @@ async def test_function_stage_with_kwargs_and_reads_gets_only_declared_fields(mo
     assert result.out == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_function_stage_with_only_kwargs_receives_whole_state(mode: str) -> None:
     seen: list[dict[str, Any]] = []
 
@@ -147,7 +134,6 @@ def test_add_stage_appends_at_end() -> None:
     assert [r.path for r in result.trace] == ["stages[0]", "stages[1]", "stages[2]"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_add_stage_at_position_0_renumbers_paths_like_named_predictors(mode: str) -> None:
     p = two_predictors()
     old_first, old_second = p.stages
@@ -210,7 +196,6 @@ def test_add_stage_out_of_range_is_configuration_error() -> None:
     assert len(p.stages) == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_result_fields_are_state_and_run_details_are_attributes(mode: str) -> None:
     lm = FakeLM({"draft": "D", "answer": "A"})
     with dspy.context(lm=lm):
@@ -241,7 +226,6 @@ def test_unknown_result_attribute_is_attribute_error_listing_fields() -> None:
         _ = result.nope
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_positional_call_is_configuration_error(mode: str) -> None:
     lm = FakeLM()
     p = two_predictors()

@@ -17,15 +17,7 @@ from stageflow import (
     describe,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 class Stats(TypedDict):
@@ -51,7 +43,6 @@ def test_stage_ports_are_renamed() -> None:
     assert s.ports.outputs == ("draft",)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_renamed_predict_reads_and_writes_state_names(mode: str) -> None:
     lm = FakeLM({"answer": lambda i: "A(" + i["question"] + ")"})
     p = SequentialPipeline(
@@ -68,7 +59,6 @@ async def test_renamed_predict_reads_and_writes_state_names(mode: str) -> None:
     assert lm.log == [(("answer",), {"question": "hello"})]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_renamed_function_stage(mode: str) -> None:
     def shout(text: str) -> dict[str, Any]:
         return {"out": text.upper()}
@@ -134,7 +124,6 @@ def test_module_with_kwargs_has_unknown_ports_until_declared() -> None:
     assert s.ports.outputs == ("out", "seen")
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_reads_writes_on_module(mode: str) -> None:
     p = SequentialPipeline(
         [
@@ -195,7 +184,6 @@ def test_bare_decorator_without_arguments() -> None:
     assert count.ports.outputs is None
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_plain_function_in_pipeline_is_wrapped(mode: str) -> None:
     def words(text: str) -> Words:
         parts = text.split()
@@ -208,7 +196,6 @@ async def test_plain_function_in_pipeline_is_wrapped(mode: str) -> None:
     assert result.first == "a"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_optional_parameters_get_state_value_or_default(mode: str) -> None:
     def join(text: str, sep: str = "-") -> dict[str, str]:
         return {"joined": sep.join(text.split())}
@@ -244,7 +231,6 @@ def test_pydantic_return_annotation_declares_outputs() -> None:
     assert result.initial == "h"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_single_value_with_one_write_is_stored_under_that_name(mode: str) -> None:
     p = SequentialPipeline(
         [
@@ -307,7 +293,6 @@ def test_describe_non_stage_is_configuration_error() -> None:
     assert ei.value.code == "not_a_stage"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_chain_of_thought_stage_writes_reasoning(mode: str) -> None:
     lm = FakeLM({"reasoning": "because", "answer": "42"})
     p = SequentialPipeline([dspy.ChainOfThought("question -> answer")])
@@ -317,7 +302,6 @@ async def test_chain_of_thought_stage_writes_reasoning(mode: str) -> None:
     assert result.answer == "42"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_custom_module_without_aforward_runs_under_acall(mode: str) -> None:
     class Exclaim(dspy.Module):
         def forward(self, question: str) -> dspy.Prediction:

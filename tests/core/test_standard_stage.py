@@ -1,4 +1,4 @@
-"""StandardStage: pydantic contracts, error outputs, async process, use inside pipelines."""
+"""StandardStage: the tutorial's schemas, error outputs, async process, use inside pipelines."""
 
 from __future__ import annotations
 
@@ -13,25 +13,19 @@ import pytest
 from stageflow import (
     ConfigurationError,
     ContractError,
+    ErrorHandlingPipeline,
     SequentialPipeline,
+    StageError,
     StageInput,
     StageOutput,
     StandardStage,
     describe,
     stage,
 )
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import call
 
 
-class TextIn(StageInput):
-    text: str
+class TimesIn(StageInput):
     times: int = 1
 
 
@@ -44,42 +38,56 @@ class StrictOut(StageOutput):
 
 
 class Measure(StandardStage):
-    input_model, output_model = TextIn, LengthOut
+    input_schema, output_schema = TimesIn, LengthOut
 
-    def process(self, data: TextIn) -> LengthOut:
-        return LengthOut(length=len(data.text) * data.times)
+    def process(self, input_data: TimesIn) -> dict[str, Any]:
+        n = len(input_data.content) * input_data.times
+        return {"content": input_data.content, "confidence": 1.0, "length": n}
 
 
 class Broken(StandardStage):
-    input_model, output_model = TextIn, StrictOut
+    input_schema, output_schema = TimesIn, StrictOut
 
-    def process(self, data: TextIn) -> StrictOut:
+    def process(self, input_data: TimesIn) -> dict[str, Any]:
         raise ValueError("kaput")
 
 
 class AsyncMeasure(StandardStage):
-    input_model, output_model = TextIn, LengthOut
+    input_schema, output_schema = TimesIn, LengthOut
 
-    async def process(self, data: TextIn) -> dict[str, Any]:
+    async def process(self, input_data: TimesIn) -> dict[str, Any]:
         await asyncio.sleep(0)
-        return {"length": len(data.text) + 100, "confidence": 0.5}
+        return {"content": "async", "length": len(input_data.content) + 100, "confidence": 0.5}
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_valid_input_produces_output_fields(mode: str) -> None:
-    out = await call(Measure(), mode, text="hello", times=2)
-    assert out.toDict() == {"error": None, "confidence": 1.0, "length": 10}
+def test_the_tutorials_standard_shapes() -> None:
+    assert list(StageInput.model_fields) == ["content", "metadata", "context"]
+    assert list(StageOutput.model_fields) == ["content", "confidence", "metadata", "error"]
+    assert StageInput(content="x").metadata is None
+    with pytest.raises(Exception, match="confidence"):
+        StageOutput(content="x")  # confidence is required, as in the tutorial
 
 
-@pytest.mark.parametrize("mode", MODES)
+async def test_valid_input_produces_the_validated_output_model(mode: str) -> None:
+    out = await call(Measure(), mode, content="hello", times=2)
+    assert isinstance(out, LengthOut)
+    assert out.model_dump() == {
+        "content": "hello",
+        "confidence": 1.0,
+        "metadata": None,
+        "error": None,
+        "length": 10,
+    }
+
+
 @pytest.mark.parametrize(
     ("inputs", "field"),
     [
-        ({"text": None}, "text"),
-        ({"text": 5}, "text"),
-        ({"text": "a", "times": "many"}, "times"),
-        ({}, "text"),
-        ({"text": "a", "extra": 1}, "extra"),
+        ({"content": None}, "content"),
+        ({"content": 5}, "content"),
+        ({"content": "a", "times": "many"}, "times"),
+        ({}, "content"),
+        ({"content": "a", "extra": 1}, "extra"),
     ],
 )
 async def test_validation_error_is_contract_error_naming_field(
@@ -91,20 +99,20 @@ async def test_validation_error_is_contract_error_naming_field(
     assert err.field == field
     assert err.code == "invalid_input"
     assert f"input field '{field}' is invalid" in str(err)
-    assert "Expected fields: ['text', 'times']" in str(err)
+    assert "Expected fields: ['content', 'metadata', 'context', 'times']" in str(err)
     assert err.__cause__ is not None
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_exception_in_process_becomes_error_output(mode: str) -> None:
-    out = await call(Broken(), mode, text="x")
+async def test_exception_in_process_becomes_an_error_output(mode: str) -> None:
+    out = await call(Broken(), mode, content="x")
     assert out.error == "ValueError: kaput"
     assert out.confidence == 0.0
-    assert out.length is None
+    assert out.content == ""
+    assert out.length is None  # a required field of the schema the failed stage could not fill
 
 
 async def test_async_process() -> None:
-    out = await AsyncMeasure().acall(text="abc")
+    out = await AsyncMeasure().acall(content="abc")
     assert out.length == 103
     assert out.confidence == 0.5
     assert out.error is None
@@ -113,7 +121,7 @@ async def test_async_process() -> None:
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_async_process_called_sync_is_configuration_error() -> None:
     with pytest.raises(ConfigurationError) as ei:
-        AsyncMeasure()(text="abc")
+        AsyncMeasure()(content="abc")
     assert ei.value.code == "async_process"
     assert "acall" in str(ei.value)
     del ei
@@ -124,7 +132,7 @@ def test_async_process_called_sync_does_not_leak_a_coroutine() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with contextlib.suppress(ConfigurationError):
-            AsyncMeasure()(text="abc")
+            AsyncMeasure()(content="abc")
         gc.collect()
     leaked = [
         w for w in caught if issubclass(w.category, RuntimeWarning) and "never awaited" in str(w.message)
@@ -133,104 +141,137 @@ def test_async_process_called_sync_does_not_leak_a_coroutine() -> None:
 
 
 class BadDict(StandardStage):
-    input_model, output_model = TextIn, LengthOut
+    input_schema, output_schema = TimesIn, LengthOut
 
-    def process(self, data: TextIn) -> dict[str, Any]:
-        return {"length": "not a number"}
+    def process(self, input_data: TimesIn) -> dict[str, Any]:
+        return {"content": "x", "confidence": 1.0, "length": "not a number"}
 
 
 class BadType(StandardStage):
-    input_model, output_model = TextIn, LengthOut
+    input_schema, output_schema = TimesIn, LengthOut
 
-    def process(self, data: TextIn) -> int:
+    def process(self, input_data: TimesIn) -> int:
         return 5
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_invalid_output_is_contract_error(mode: str) -> None:
-    with pytest.raises(ContractError) as ei:
-        await call(BadDict(), mode, text="x")
-    assert ei.value.field == "length"
-    assert ei.value.code == "invalid_output"
-    with pytest.raises(ContractError) as ei:
-        await call(BadType(), mode, text="x")
-    assert ei.value.code == "invalid_output"
-    assert "returned int" in str(ei.value)
+async def test_an_output_breaking_the_schema_is_an_error_output_naming_the_field(mode: str) -> None:
+    out = await call(BadDict(), mode, content="x")
+    assert out.error.startswith("ValueError: output field 'length' is invalid: Input should be a valid int")
+    assert (out.content, out.confidence) == ("", 0.0)
+    out = await call(BadType(), mode, content="x")
+    assert "process returned int" in out.error
 
 
-def test_models_passed_to_init() -> None:
+async def test_a_failed_standard_stage_fails_a_pipeline_naming_it(mode: str) -> None:
+    p = SequentialPipeline([Broken(), stage(lambda content: content.upper(), writes=["shout"])])
+    with pytest.raises(StageError) as ei:
+        await call(p, mode, content="x")
+    assert ei.value.stage_path == "stages[0]"
+    assert ei.value.code == "stage_reported_error"
+    assert "ValueError: kaput" in str(ei.value)
+
+
+async def test_an_invalid_output_in_a_pipeline_is_a_repairable_contract_error(mode: str) -> None:
+    p = SequentialPipeline([BadDict()])
+    with pytest.raises(ContractError) as ei:
+        await call(p, mode, content="x")
+    assert ei.value.code == "invalid_output"
+    assert ei.value.stage_path == "stages[0]"
+
+
+async def test_error_handling_pipeline_recovers_a_failed_standard_stage(mode: str) -> None:
+    p = ErrorHandlingPipeline(
+        [Broken(), stage(lambda content: content.upper(), writes=["shout"])],
+        recovery_strategies={0: lambda error, state: {**state, "content": "fallback"}},
+    )
+    result = await call(p, mode, content="x")
+    assert result.shout == "FALLBACK"
+    assert [(e["stage_index"], e["action"]) for e in result.error_log] == [(0, "recovered")]
+    assert "kaput" in result.error_log[0]["error"]
+
+
+def test_schemas_passed_to_init_and_the_model_aliases() -> None:
     class Generic(StandardStage):
-        def process(self, data: Any) -> Any:
-            return {"length": len(data.text)}
+        def process(self, input_data: Any) -> Any:
+            return {"content": "", "confidence": 1.0, "length": len(input_data.content)}
 
-    s = Generic(TextIn, LengthOut)
-    assert s(text="abcd").length == 4
+    assert Generic(TimesIn, LengthOut)(content="abcd").length == 4
+    assert Generic(input_model=TimesIn, output_model=LengthOut)(content="abc").length == 3
+
+    class OldNames(StandardStage):
+        input_model, output_model = TimesIn, LengthOut
+
+        def process(self, input_data: Any) -> Any:
+            return {"content": "", "confidence": 1.0, "length": input_data.times}
+
+    assert OldNames.input_schema is TimesIn
+    assert OldNames.output_schema is LengthOut
+    assert Measure.input_model is TimesIn  # one concept, two names
+    assert OldNames()(content="a", times=7).length == 7
 
 
-def test_bad_models_are_configuration_errors() -> None:
+def test_bad_schemas_are_configuration_errors() -> None:
     class NotModels(StandardStage):
-        input_model = int  # type: ignore[assignment]
+        input_schema = int  # type: ignore[assignment]
 
     with pytest.raises(ConfigurationError) as ei:
         NotModels()
-    assert ei.value.field == "input_model"
+    assert ei.value.field == "input_schema"
     assert ei.value.code == "bad_contract"
-
     with pytest.raises(ConfigurationError) as ei:
-        StandardStage(TextIn, TextIn)  # type: ignore[arg-type]
-    assert ei.value.field == "output_model"
+        StandardStage(TimesIn, int)  # type: ignore[arg-type]
+    assert ei.value.field == "output_schema"
 
 
-def test_ports_come_from_pydantic_models() -> None:
+def test_ports_come_from_the_schemas() -> None:
     ports = describe(Measure())
-    assert ports.required == ("text",)
-    assert ports.optional == ("times",)
-    assert ports.outputs == ("error", "confidence", "length")
-    assert ports.types["text"] is str
+    assert ports.required == ("content",)
+    assert ports.optional == ("metadata", "context", "times")
+    assert ports.outputs == ("content", "confidence", "metadata", "error", "length")
+    assert ports.types["content"] is str
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_inside_sequential_pipeline(mode: str) -> None:
     p = SequentialPipeline([Measure(), stage(lambda length: length * 2, writes=["double"])])
-    assert p.check(["text"]) == ("confidence", "double", "error", "length", "text")
-    result = await call(p, mode, text="abcd")
-    assert result.length == 4
-    assert result.double == 8
-    assert result.confidence == 1.0
-    with_opt = await call(p, mode, text="abcd", times=3)
+    assert p.check(["content"]) == ("confidence", "content", "double", "error", "length", "metadata")
+    result = await call(p, mode, content="abcd")
+    assert (result.length, result.double, result.confidence) == (4, 8, 1.0)
+    with_opt = await call(p, mode, content="abcd", times=3)
     assert with_opt.double == 24
 
 
 async def test_async_standard_stage_inside_pipeline() -> None:
     p = SequentialPipeline([AsyncMeasure(), stage(lambda length: length + 1, writes=["plus"])])
-    result = await p.acall(text="a")
+    result = await p.acall(content="a")
     assert result.plus == 102
 
 
-@pytest.mark.parametrize("mode", MODES)
+async def test_standard_stages_chain_on_content(mode: str) -> None:
+    class Upper(StandardStage):
+        def process(self, input_data: StageInput) -> dict[str, Any]:
+            return {"content": input_data.content.upper(), "confidence": 0.9}
+
+    class Exclaim(StandardStage):
+        def process(self, input_data: StageInput) -> StageOutput:
+            return StageOutput(content=input_data.content + "!", confidence=0.8)
+
+    result = await call(SequentialPipeline([Upper(), Exclaim()]), mode, content="hi")
+    assert (result.content, result.confidence) == ("HI!", 0.8)
+
+
 async def test_missing_required_field_in_pipeline_is_caught_by_check(mode: str) -> None:
     p = SequentialPipeline([Measure()])
     with pytest.raises(ContractError) as ei:
         await call(p, mode, txt="a")
     assert ei.value.code == "missing_input"
-    assert ei.value.field == "text"
+    assert ei.value.field == "content"
     assert ei.value.stage_path == "stages[0]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_wrong_type_in_pipeline_is_contract_error_with_path(mode: str) -> None:
-    p = SequentialPipeline([stage(lambda raw: {"text": len(raw)}, writes=["text"]), Measure()])
+    p = SequentialPipeline([stage(lambda raw: {"content": len(raw)}, writes=["content"]), Measure()])
     with pytest.raises(ContractError) as ei:
         await call(p, mode, raw="abc")
     assert ei.value.code == "invalid_input"
-    assert ei.value.field == "text"
+    assert ei.value.field == "content"
     assert ei.value.stage_path == "stages[1]"
-
-
-@pytest.mark.parametrize("mode", MODES)
-async def test_error_output_flows_through_pipeline(mode: str) -> None:
-    p = SequentialPipeline(
-        [Broken(), stage(lambda error, confidence: f"{confidence}:{error}", writes=["report"])]
-    )
-    result = await call(p, mode, text="x")
-    assert result.report == "0.0:ValueError: kaput"

@@ -24,15 +24,7 @@ from stageflow import (
     StageError,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 class Square:
@@ -61,7 +53,6 @@ def kinds(result: Any) -> list[str]:
 # -- stats and LRU ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_hits_misses_and_hit_rate(mode: str) -> None:
     cached, body, p = squares()
     ys = [(await call(p, mode, x=x)).y for x in (3, 3, 4, 3)]
@@ -80,7 +71,6 @@ def test_empty_stats() -> None:
     assert (stats["hits"], stats["misses"], stats["hit_rate"], stats["size"]) == (0, 0, 0.0, 0)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_least_recently_used_entry_is_evicted(mode: str) -> None:
     cached, body, p = squares(cache_size=2)
     for x in (1, 2, 1, 3):  # insert a, b; use a; insert c -> b is the least recently used
@@ -164,7 +154,6 @@ class CountingAdapter(dspy.ChatAdapter):
         return super().parse(signature, completion)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_hit_makes_no_lm_call_and_no_formatting(mode: str) -> None:
     lm = FakeLM({"answer": lambda i: "A:" + i["question"]})
     adapter = CountingAdapter()
@@ -180,7 +169,6 @@ async def test_a_hit_makes_no_lm_call_and_no_formatting(mode: str) -> None:
     assert [(e.stage, e.kind) for e in second.run.events] == [("stages[0]", "cache_hit")]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_cache_option_on_stage(mode: str) -> None:
     lm = FakeLM({"answer": "A"})
     p = SequentialPipeline(
@@ -362,7 +350,6 @@ def test_recompiling_twice_misses_each_time() -> None:
 # -- traces ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_cached_stage_runs_while_traces_are_collected(mode: str) -> None:
     lm = FakeLM({"answer": "A"})
     pred = dspy.Predict("question -> answer")
@@ -413,7 +400,6 @@ def test_bootstrap_over_a_warm_cache_still_collects_demos() -> None:
 # -- persistence -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_persistent_cache_hits_from_a_fresh_object(mode: str, tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     lm = FakeLM({"answer": "first"})

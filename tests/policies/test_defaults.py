@@ -20,15 +20,7 @@ from stageflow import (
     StageTimeoutError,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 class Waits:
@@ -60,7 +52,6 @@ def fails_once(inp: str, out: str, error: type[Exception] = ConnectionError) -> 
     return stage(body, reads=[inp], writes=[out], name=out), calls
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_retry_applies_to_every_leaf_stage(mode: str) -> None:
     waits = Waits()
     a, ca = fails_once("x", "a")
@@ -74,7 +65,6 @@ async def test_default_retry_applies_to_every_leaf_stage(mode: str) -> None:
     assert len(waits.delays) == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_retry_applies_to_predict_stages(mode: str) -> None:
     lm = FakeLM({"answer": "A"}, fail_times=1)
     p = SequentialPipeline([dspy.Predict("question -> answer")])
@@ -99,7 +89,6 @@ def test_set_defaults_returns_the_pipeline_and_accepts_friendly_values() -> None
     assert d.cache.memory.maxsize == 10
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_timeout_applies_to_every_leaf_stage(mode: str) -> None:
     def slow(x: str) -> dict[str, Any]:
         time.sleep(0.5)
@@ -111,7 +100,6 @@ async def test_default_timeout_applies_to_every_leaf_stage(mode: str) -> None:
     assert info.value.stage_path == "stages[1]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_stages_own_policy_of_a_kind_wins(mode: str) -> None:
     default_waits, own_waits = Waits(), Waits()
     a, _ca = fails_once("x", "a")
@@ -124,7 +112,6 @@ async def test_a_stages_own_policy_of_a_kind_wins(mode: str) -> None:
     assert own_waits.delays == [9.0]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_own_policy_wins_only_for_its_kind(mode: str) -> None:
     # The stage sets its own timeout; the default retry still applies to it.
     waits = Waits()
@@ -150,7 +137,6 @@ def test_own_stricter_policy_overrides_a_generous_default() -> None:
     assert waits.delays == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_default_fallback_default_applies_to_each_stage(mode: str) -> None:
     def boom(**kw: Any) -> dict[str, Any]:
         raise ValueError("boom")
@@ -202,7 +188,6 @@ def test_defaults_set_after_a_first_run_apply_to_later_runs() -> None:
     assert p(x="in").a == "a(in)"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_parallel_pipeline_defaults_reach_each_branch(mode: str) -> None:
     waits = Waits()
     a, _ca = fails_once("x", "a")

@@ -19,16 +19,19 @@ from stageflow import (
     StageTimeoutError,
     stage,
 )
+from stageflow.testing import call
 
-MODES = ["sync", "async"]
-
-LOG_KEYS = {"stage_index", "stage_path", "error_type", "message", "inputs", "action"}
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+LOG_KEYS = {
+    "stage_index",
+    "stage_name",
+    "stage_path",
+    "error",
+    "error_type",
+    "message",
+    "input_state",
+    "inputs",
+    "action",
+}
 
 
 def raising(error: Exception, reads: str = "x", writes: str = "y") -> Any:
@@ -45,7 +48,6 @@ def then(name: str, reads: str = "x") -> Any:
 # -- recovery strategies --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_recovery_returning_a_state_continues_the_run(mode: str) -> None:
     received: list[tuple[BaseException, dict[str, Any]]] = []
 
@@ -67,9 +69,12 @@ async def test_recovery_returning_a_state_continues_the_run(mode: str) -> None:
     assert r.error_log == [
         {
             "stage_index": 1,
+            "stage_name": "stages[1]",
             "stage_path": "stages[1]",
+            "error": "bad y",
             "error_type": "ValueError",
             "message": "bad y",
+            "input_state": {"x": "in", "a": "a(in)"},
             "inputs": {"x": "in"},
             "action": "recovered",
         }
@@ -77,7 +82,6 @@ async def test_recovery_returning_a_state_continues_the_run(mode: str) -> None:
     assert [e.kind for e in r.run.events] == ["recovered"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_recovery_returning_none_fails_the_run(mode: str) -> None:
     original = ValueError("still bad")
     p = ErrorHandlingPipeline([then("a"), raising(original)], recovery_strategies={1: lambda e, s: None})
@@ -92,9 +96,12 @@ async def test_recovery_returning_none_fails_the_run(mode: str) -> None:
     assert err.errors == [
         {
             "stage_index": 1,
+            "stage_name": "stages[1]",
             "stage_path": "stages[1]",
+            "error": "still bad",
             "error_type": "ValueError",
             "message": "still bad",
+            "input_state": {"x": "in", "a": "a(in)"},
             "inputs": {"x": "in"},
             "action": "failed",
         }
@@ -119,7 +126,6 @@ def test_negative_recovery_index_counts_from_the_end() -> None:
     assert r.error_log[0]["stage_index"] == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_recovery_runs_after_the_stages_own_retries(mode: str) -> None:
     attempts: list[int] = []
 
@@ -143,7 +149,6 @@ async def test_recovery_runs_after_the_stages_own_retries(mode: str) -> None:
 # -- non-critical errors by type --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("error_type", [TimeoutError, LowConfidenceError, StageTimeoutError])
 async def test_non_critical_errors_skip_the_stage_and_log(mode: str, error_type: type[Exception]) -> None:
     error = error_type("took too long")
@@ -162,7 +167,6 @@ async def test_non_critical_errors_skip_the_stage_and_log(mode: str, error_type:
     assert entry["inputs"] == {"x": "in"}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_timeout_policy_timeout_is_non_critical(mode: str) -> None:
     def slow(x: str) -> dict[str, Any]:
         time.sleep(0.5)
@@ -187,7 +191,6 @@ async def test_a_timeout_policy_timeout_is_non_critical(mode: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_value_error_mentioning_timeout_is_not_non_critical(mode: str) -> None:
     original = ValueError("timeout while parsing the config")
     p = ErrorHandlingPipeline([then("a"), raising(original), then("z")])
@@ -254,7 +257,6 @@ def test_a_clean_run_has_an_empty_error_log() -> None:
 # -- unrecovered failures ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unrecovered_failure_raises_pipeline_error_naming_index_and_path(mode: str) -> None:
     original = KeyError("missing key")
     p = ErrorHandlingPipeline([then("a"), then("b"), raising(original)])

@@ -18,17 +18,9 @@ from stageflow import (
     StageFusion,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
+from stageflow.testing import FakeLM, call
 
 SCRIPT = {"s1": "one", "s2": "two", "s3": "three", "s4": "four", "reasoning": "because"}
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
 
 
 def chain4() -> SequentialPipeline:
@@ -169,7 +161,6 @@ def test_chain_of_thought_and_predict_fuse_to_chain_of_thought() -> None:
 # -- stageflow.fuse(pipeline) ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_fusing_a_four_stage_chain_makes_one_lm_call(mode: str) -> None:
     original = chain4()
     fused = stageflow.fuse(original)

@@ -20,8 +20,6 @@ from stageflow import (
 )
 from stageflow.testing import FakeLM
 
-MODES = ["sync", "async"]
-
 
 async def call(p: Any, mode: str, outputs: Any = None, **inputs: Any) -> Any:
     if mode == "sync":
@@ -209,7 +207,6 @@ def branchy() -> SequentialPipeline:
 SCRIPT = {"keywords": "k", "title": "T", "summary": "S", "report": "R"}
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_only_the_stages_a_requested_field_depends_on_run(mode: str) -> None:
     lm = FakeLM(SCRIPT)
     p = branchy()
@@ -225,7 +222,6 @@ async def test_only_the_stages_a_requested_field_depends_on_run(mode: str) -> No
     assert [t.path for t in r.trace] == ["stages[1]"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_transitive_dependencies_run(mode: str) -> None:
     lm = FakeLM(SCRIPT)
     with dspy.context(lm=lm):
@@ -235,7 +231,6 @@ async def test_transitive_dependencies_run(mode: str) -> None:
     assert r.skipped_stages == ["stages[1]", "stages[3]"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_requesting_the_last_field_runs_everything(mode: str) -> None:
     lm = FakeLM(SCRIPT)
     with dspy.context(lm=lm):
@@ -244,7 +239,6 @@ async def test_requesting_the_last_field_runs_everything(mode: str) -> None:
     assert r.skipped_stages == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_several_outputs_and_a_single_string(mode: str) -> None:
     lm = FakeLM(SCRIPT)
     p = branchy()
@@ -257,7 +251,6 @@ async def test_several_outputs_and_a_single_string(mode: str) -> None:
     assert lm.calls == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_unknown_requested_output_is_a_contract_error(mode: str) -> None:
     lm = FakeLM(SCRIPT)
     with dspy.context(lm=lm), pytest.raises(ContractError) as info:
@@ -268,7 +261,6 @@ async def test_unknown_requested_output_is_a_contract_error(mode: str) -> None:
     assert lm.calls == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_missing_input_for_the_requested_branch_is_a_contract_error(mode: str) -> None:
     p = SequentialPipeline([dspy.Predict("question -> title"), dspy.Predict("context -> summary")])
     lm = FakeLM(SCRIPT)

@@ -22,15 +22,7 @@ from stageflow import (
     TimeoutPolicy,
     stage,
 )
-from stageflow.testing import FakeLM
-
-MODES = ["sync", "async"]
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
+from stageflow.testing import FakeLM, call
 
 
 class Sleeps:
@@ -77,7 +69,6 @@ RETRYABLE: dict[str, Callable[[], Exception]] = {
 # -- what is retried -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", sorted(RETRYABLE))
 async def test_retryable_errors_are_retried_until_success(mode: str, kind: str) -> None:
     sleeps = Sleeps()
@@ -91,7 +82,6 @@ async def test_retryable_errors_are_retried_until_success(mode: str, kind: str) 
     assert len(sleeps.delays) == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_value_error_is_not_retried(mode: str) -> None:
     sleeps = Sleeps()
     body, seen = flaky([lambda: ValueError("bad input")] * 5)
@@ -104,7 +94,6 @@ async def test_value_error_is_not_retried(mode: str) -> None:
     assert info.value.stage_path == "stages[0]"
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_max_attempts_bounds_the_calls_and_the_last_error_propagates(mode: str) -> None:
     sleeps = Sleeps()
     errors = [lambda i=i: ConnectionError(f"attempt {i}") for i in range(1, 10)]
@@ -134,7 +123,6 @@ def test_int_retry_is_max_attempts() -> None:
     assert s.policy.retry.max_attempts == 5
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_custom_retry_on_replaces_the_default_classification(mode: str) -> None:
     sleeps = Sleeps()
     only_value_errors = policy(sleeps, max_attempts=3, retry_on=lambda e: isinstance(e, ValueError))
@@ -167,7 +155,6 @@ def test_retry_on_sees_the_original_exception() -> None:
 # -- delays ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_delays_follow_exponential_backoff_with_injected_jitter(mode: str) -> None:
     sleeps = Sleeps()
     body, _ = flaky([lambda: ConnectionError("x")] * 3)
@@ -207,7 +194,6 @@ def test_delays_with_jitter_never_exceed_max_delay() -> None:
     assert delays[-1] == 5.0
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_provider_retry_after_is_honoured(mode: str) -> None:
     sleeps = Sleeps()
     body, _ = flaky([lambda: LMRateLimitError("429", model="m", retry_after=7)])
@@ -244,7 +230,6 @@ def test_default_policy_really_waits_by_default_through_time_sleep() -> None:
 # -- events ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_retry_events_record_attempt_error_and_delay(mode: str) -> None:
     sleeps = Sleeps()
     body, _ = flaky([lambda: ConnectionError("reset"), lambda: TimeoutError("slow")])
@@ -299,7 +284,6 @@ class FlakyAfterPredict(dspy.Module):
         return out
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_each_attempt_leaves_a_trace_entry_of_the_same_predictor(mode: str) -> None:
     lm = FakeLM({"answer": "A"})
     module = FlakyAfterPredict()
@@ -325,7 +309,6 @@ class ModuleCalls(BaseCallback):
         self.calls.append((instance, inputs))
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_retries_of_a_predict_call_the_same_object_with_new_rollout_ids(mode: str) -> None:
     # FakeLM(fail_times=...) raises RuntimeError, which DSPy wraps as LMUnexpectedError (not retryable
     # by default), so this test retries everything.

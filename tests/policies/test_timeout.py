@@ -21,16 +21,10 @@ from stageflow import (
     stage,
 )
 from stageflow.engine.concurrency import abandoned_threads
+from stageflow.testing import call
 
-MODES = ["sync", "async"]
 SLOW = 0.5
 LIMIT = 0.05
-
-
-async def call(p: Any, mode: str, **inputs: Any) -> Any:
-    if mode == "sync":
-        return p(**inputs)
-    return await p.acall(**inputs)
 
 
 def slow_fn(x: str) -> dict[str, Any]:
@@ -137,7 +131,6 @@ async def test_async_timeout_cancels_the_coroutine() -> None:
     assert finished == []
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_timeout_is_retryable(mode: str) -> None:
     n = {"calls": 0}
     lock = threading.Lock()

@@ -5,7 +5,8 @@ Each subcommand is a module of this package with ``NAME``, ``add_parser(sub, com
 import DSPy or llama.cpp; each subcommand imports what it needs when it runs.
 
 Exit codes: 0 success, 2 usage or validation error (bad arguments, pipeline file, input, model
-file or corpus; a contract that does not hold), 1 a run that failed, 130 interrupted (Ctrl-C).
+file or corpus; a contract that does not hold; a missing package), 1 a run that failed (a stage that
+calls ``sys.exit`` included), 130 interrupted (Ctrl-C).
 Errors are one paragraph on stderr; ``--debug`` adds the traceback.
 """
 
@@ -24,7 +25,7 @@ from stageflow.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, model_o
 __all__ = ["COMMANDS", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "run", "validate")
+COMMANDS: tuple[str, ...] = ("demo", "run", "validate", "graph", "report")
 
 
 def _modules() -> list[ModuleType]:
@@ -64,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stageflow {args.command}: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as exc:  # a stage called sys.exit(): the run did not finish, whatever the code
+        stopped = RuntimeError(f"a stage called sys.exit({exc.code!r}); the run did not finish")
+        return report_error(stopped, args.command, getattr(args, "debug", False))
     except BrokenPipeError:  # e.g. `stageflow demo | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

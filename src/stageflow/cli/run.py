@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from stageflow.cli._common import (
@@ -13,11 +12,12 @@ from stageflow.cli._common import (
     Progress,
     add_allow_options,
     add_prompt_option,
+    check_output,
+    check_requirements,
     read_inputs,
     resolve_cli_lm,
     write_atomic,
 )
-from stageflow.errors import ConfigurationError
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -45,18 +45,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
 
 def run(args: argparse.Namespace) -> int:
     inputs = read_inputs(args)
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ConfigurationError(
-            f"--output {args.output}: the directory {Path(args.output).resolve().parent} does not exist.",
-            code="bad_output",
-        )
+    check_output(args.output)
     import dspy
 
-    from stageflow.spec import load_pipeline
+    from stageflow.spec import load_pipeline, uses_retrieval
 
-    pipeline = load_pipeline(args.file, allow_modules=args.allow_module, inputs=list(inputs))
+    pipeline = load_pipeline(
+        args.file, allow_modules=args.allow_module, inputs=list(inputs), allow_paths=args.allow_path
+    )
+    needs_lm = bool(list(pipeline.named_predictors()))
+    check_requirements(NAME, args if needs_lm else None, retrieval=uses_retrieval(pipeline))
     settings: dict[str, Any] = {}
-    if list(pipeline.named_predictors()):
+    if needs_lm:
         from stageflow.apps.multihop.adapter import make_adapter
 
         lm, _, local = resolve_cli_lm(args)

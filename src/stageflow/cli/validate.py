@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from stageflow.spec import declared_inputs, load_pipeline
 
     names = None if args.inputs is None else [s.strip() for s in args.inputs.split(",") if s.strip()]
-    pipeline = load_pipeline(args.file, allow_modules=args.allow_module, inputs=names)
+    pipeline = load_pipeline(
+        args.file, allow_modules=args.allow_module, inputs=names, allow_paths=args.allow_path
+    )
     inputs = names if names is not None else declared_inputs(pipeline)
     if inputs is None:
         raise ConfigurationError(

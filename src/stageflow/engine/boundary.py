@@ -5,35 +5,47 @@ Errors raised here name the stage by its full path (``prefix`` + the stage's own
 
 from __future__ import annotations
 
+import copy
+import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import dspy
 
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError
-from stageflow.state import Result, RunInfo, StageRecord
+from stageflow.state import Result, RunInfo
 
-__all__ = ["gather_inputs", "merge_outputs"]
+__all__ = ["gather_inputs", "merge_outputs", "missing_at_run_time", "private_copy", "private_state"]
 
 
-def _full(error: ContractError | StageError) -> ContractError | StageError:
+_E = TypeVar("_E", ContractError, StageError)
+
+
+def _full(error: _E) -> _E:
     error.path_is_full = True
     return error
 
 
 def gather_inputs(
-    entry: StageEntry, state: dict[str, Any], prefix: str, target: Any = None
+    entry: StageEntry,
+    state: dict[str, Any],
+    prefix: str,
+    target: Any = None,
+    owner: Any = None,
+    run: RunInfo | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for one call of the stage: its declared inputs, renamed.
 
-    A nested pipeline held directly (``target``) is asked for its inputs now, so a stage added to it
-    after it was nested is fed too.
+    This is also where reads that could not be checked before the run (fields only a stage with
+    undeclared outputs may produce) are checked: a missing one is a :class:`ContractError` raised
+    before the stage runs. A nested pipeline held directly (``target``) is asked for its inputs now,
+    so a stage added to it after it was nested is fed too.
     """
     if entry.pass_state:
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
-        ports = target._stageflow_ports()
+        ports = target.stageflow_ports()
         kw = {f: state[f] for f in ports.required if f in state}
         for f in ports.optional:
             if f in state:
@@ -42,24 +54,59 @@ def gather_inputs(
     try:
         kw = {sf: state[st] for sf, st in entry.in_pairs}
     except KeyError as e:
-        path = join_path(prefix, entry.path)
-        raise _full(
-            ContractError(
-                f"Stage '{path}' ({entry.label}) needs input '{e.args[0]}', which is not in the state at run "
-                f"time. State fields: {sorted(state)}.",
-                stage_path=path,
-                field=str(e.args[0]),
-                code="missing_input",
-                hint="an earlier stage with undeclared outputs did not produce it, or a parallel branch "
-                "failed; "
-                "declare outputs with Stage(<stage>, writes=[...])",
-            )
-        ) from None
+        raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
     if entry.opt_pairs:
         for sf, st in entry.opt_pairs:
             if st in state:
                 kw[sf] = state[st]
     return kw
+
+
+def missing_at_run_time(
+    entry: StageEntry, f: str, state: dict[str, Any], prefix: str, owner: Any, run: RunInfo | None
+) -> ContractError:
+    """The error for a read that is not in the state when the stage is about to run.
+
+    Same shape as the check before the run: the stage path, the field, what is available, which
+    stages with undeclared outputs were expected to produce it (and what they returned), the fix.
+    """
+    path = join_path(prefix, entry.path)
+    candidates = owner.stageflow_deferred(entry.path, f) if owner is not None else ()
+    returned = []
+    for c in candidates:
+        out = run.stage_outputs.get(c) if run is not None else None
+        if out is not None:
+            fields = sorted(dict(_items(out))) if _is_record(out) else [f"a {type(out).__name__}"]
+            returned.append(f"'{join_path(prefix, c)}' returned {fields}")
+        else:
+            returned.append(f"'{join_path(prefix, c)}' did not run")
+    expected = ""
+    if candidates:
+        expected = (
+            f" It was expected from stages with undeclared outputs, which did not produce it: "
+            f"{'; '.join(returned)}."
+        )
+    close = difflib.get_close_matches(f, list(state), n=1, cutoff=0.5)
+    fixes = []
+    if candidates:
+        fixes.append(f"return '{f}' from {', '.join(repr(join_path(prefix, c)) for c in candidates)}")
+        fixes.append(
+            f"declare outputs with Stage(<stage>, writes=['{f}', ...]) to have this checked before the run"
+        )
+    else:
+        fixes.append(f"pass {f}=... when calling the pipeline, or produce '{f}' in an earlier stage")
+    if close:
+        fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{close[0]}'}})")
+    return _full(
+        ContractError(
+            f"Stage '{path}' ({entry.label}) needs input '{f}', which is not available there at run time. "
+            f"Available: {sorted(state)}.{expected}",
+            stage_path=path,
+            field=f,
+            code="missing_input",
+            hint="; or ".join(fixes),
+        )
+    )
 
 
 def _is_record(out: Any) -> bool:
@@ -77,11 +124,9 @@ def _items(out: Any) -> list[tuple[str, Any]]:
 def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
     if isinstance(out, Result):
-        # A nested stageflow pipeline: its records join the trace under the stage's path.
-        base = entry.path
-        run.trace.extend(StageRecord(join_path(base, r.path), r.elapsed, r.ok) for r in out.run.trace)
-        run.events.extend(out.run.events)
-        if not entry.out_rename:
+        # A nested stageflow pipeline: its records, outputs and details join this run under its path.
+        run.absorb(entry.path, out.run)
+        if entry.merge_all:
             # Its whole final state merges, except inputs it only received under another name.
             skip = entry.merge_skip
             for k, v in out._store.items():
@@ -104,8 +149,15 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             state.update(out._store)
             return
         if type(out) is dict:
+            for k in out:
+                if type(k) is not str:
+                    raise _bad_key(entry, k, prefix)
             state.update(out)
             return
+    resolve = getattr(type(out), "stageflow_resolve", None)
+    if resolve is not None:  # a lazy result: merging its fields resolves it
+        merge_outputs(entry, resolve(out), state, run, prefix)
+        return
     if not _is_record(out):
         path = join_path(prefix, entry.path)
         raise _full(
@@ -119,7 +171,54 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         )
     rename = dict(entry.out_rename)
     for k, v in _items(out):
+        if type(k) is not str:
+            raise _bad_key(entry, k, prefix)
         state[rename.get(k, k)] = v
+
+
+def _bad_key(entry: StageEntry, key: Any, prefix: str) -> StageError:
+    path = join_path(prefix, entry.path)
+    return _full(
+        StageError(
+            f"Stage '{path}' ({entry.label}) returned the field name {key!r}, which is not a string; "
+            "state fields are named by strings.",
+            stage_path=path,
+            field=str(key),
+            code="bad_output",
+            hint="return a dict with string keys, e.g. {'answer': ...}",
+        )
+    )
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes, complex, frozenset, range})
+
+
+def private_copy(value: Any) -> Any:
+    """A copy of ``value`` that shares no mutable container with it (immutable values are shared).
+
+    Lists, dicts, sets and tuples are copied element by element; other mutable objects are deep-copied
+    (shared as they are when they cannot be copied: clients, locks, models).
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is list:
+        return [private_copy(v) for v in value]
+    if kind is dict:
+        return {k: private_copy(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(private_copy(v) for v in value)
+    if kind is set:
+        return {private_copy(v) for v in value}
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return value
+
+
+def private_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state whose values share no mutable container with ``state`` (see :func:`private_copy`)."""
+    return {k: (v if type(v) in _IMMUTABLE else private_copy(v)) for k, v in state.items()}
 
 
 def _merge_slow(

@@ -14,19 +14,18 @@ import contextvars
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
+from stageflow.engine.config import check_options, on_change
 from stageflow.errors import ConfigurationError
 
 __all__ = [
     "Budget",
     "aenter_leaf",
+    "budget_chain",
     "child_budget",
-    "configure",
     "enter_leaf",
     "exit_leaf",
-    "get_config",
     "leaf_slots",
     "limits",
 ]
@@ -116,16 +115,6 @@ def _hand_over(fut: asyncio.Future[None], budget: Budget) -> None:
 
 # -- configuration -------------------------------------------------------------------------------
 
-_OPTIONS = {"max_concurrency", "max_threads"}
-
-
-@dataclass
-class _Config:
-    max_concurrency: int | None = None
-    max_threads: int = 512
-
-
-_CONFIG = _Config()
 _ROOT: list[Budget | None] = [None]
 _BUDGETS: contextvars.ContextVar[tuple[Budget, ...] | None] = contextvars.ContextVar(
     "stageflow_budgets", default=None
@@ -133,45 +122,16 @@ _BUDGETS: contextvars.ContextVar[tuple[Budget, ...] | None] = contextvars.Contex
 _HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("stageflow_held", default=frozenset())
 
 
-def _check_options(options: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ConfigurationError(
-            f"{where}: unknown option(s) {unknown}. Known options: {sorted(_OPTIONS)}.",
-            field=unknown[0],
-            code="unknown_option",
-        )
+def _on_config(name: str, value: Any) -> None:
+    if name == "max_concurrency":
+        _ROOT[0] = None if value is None else Budget(value, "global")
 
 
-def configure(**options: Any) -> None:
-    """Set process-wide defaults: ``max_concurrency`` (cap on concurrent leaf stage calls in
-    stageflow's fan-outs; ``None`` = no cap) and ``max_threads`` (size of the shared thread pool).
-
-    An unknown option raises :class:`ConfigurationError`; it is never silently ignored.
-    """
-    _check_options(options, "stageflow.configure")
-    if "max_concurrency" in options:
-        cap = options["max_concurrency"]
-        _ROOT[0] = None if cap is None else Budget(cap, "global")
-        _CONFIG.max_concurrency = cap
-    if "max_threads" in options:
-        n = options["max_threads"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigurationError(
-                f"max_threads must be a positive int, got {n!r}.", field="max_threads", code="bad_option"
-            )
-        _CONFIG.max_threads = n
-        from stageflow.engine.pool import _reset_pool
-
-        _reset_pool()
+on_change(_on_config)
 
 
-def get_config() -> dict[str, Any]:
-    """The current process-wide options."""
-    return {"max_concurrency": _CONFIG.max_concurrency, "max_threads": _CONFIG.max_threads}
-
-
-def _chain() -> tuple[Budget, ...]:
+def budget_chain() -> tuple[Budget, ...]:
+    """The budgets in force here, outermost first."""
     chain = _BUDGETS.get()
     if chain is None:
         root = _ROOT[0]
@@ -182,12 +142,14 @@ def _chain() -> tuple[Budget, ...]:
 @contextlib.contextmanager
 def limits(max_concurrency: int | None = None, **options: Any) -> Iterator[Budget | None]:
     """Cap concurrent leaf stage calls inside the block (nested under any cap already active)."""
-    _check_options({"max_concurrency": max_concurrency, **options}, "stageflow.limits")
+    check_options(
+        {"max_concurrency": max_concurrency, **options}, "stageflow.limits", frozenset({"max_concurrency"})
+    )
     if max_concurrency is None:
         yield None
         return
     budget = Budget(max_concurrency, "limits")
-    token = _BUDGETS.set((*_chain(), budget))
+    token = _BUDGETS.set((*budget_chain(), budget))
     try:
         yield budget
     finally:
@@ -200,7 +162,7 @@ def child_budget(max_concurrency: int | None, name: str) -> Iterator[None]:
     if max_concurrency is None:
         yield
         return
-    token = _BUDGETS.set((*_chain(), Budget(max_concurrency, name)))
+    token = _BUDGETS.set((*budget_chain(), Budget(max_concurrency, name)))
     try:
         yield
     finally:

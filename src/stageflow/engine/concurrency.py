@@ -27,29 +27,24 @@ concurrently and return one :class:`BranchOutcome` per branch, in input order:
 from __future__ import annotations
 
 from stageflow.engine.budget import (
-    _BUDGETS,
-    _CONFIG,
-    _ROOT,
     Budget,
-    _chain,
     aenter_leaf,
+    budget_chain,
     child_budget,
-    configure,
     enter_leaf,
     exit_leaf,
-    get_config,
     leaf_slots,
     limits,
 )
+from stageflow.engine.config import configure, get_config
 from stageflow.engine.fanout import BranchOutcome, FailurePolicy, afan_out, fan_out
 from stageflow.engine.pool import (
-    _ABANDONED,
-    _POOL,
-    _pool,
     abandoned_threads,
     available_cpus,
+    note_abandoned,
     on_background_loop,
     run_on_background_loop,
+    shared_pool,
     to_thread,
 )
 
@@ -57,17 +52,11 @@ __all__ = [
     "BranchOutcome",
     "Budget",
     "FailurePolicy",
-    "_ABANDONED",
-    "_BUDGETS",
-    "_CONFIG",
-    "_POOL",
-    "_ROOT",
-    "_chain",
-    "_pool",
     "abandoned_threads",
     "aenter_leaf",
     "afan_out",
     "available_cpus",
+    "budget_chain",
     "child_budget",
     "configure",
     "enter_leaf",
@@ -76,7 +65,9 @@ __all__ = [
     "get_config",
     "leaf_slots",
     "limits",
+    "note_abandoned",
     "on_background_loop",
     "run_on_background_loop",
+    "shared_pool",
     "to_thread",
 ]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Literal
 
-from stageflow.engine import pool as _pool_module
-from stageflow.engine.budget import _CONFIG
+from stageflow.engine.config import CONFIG
+from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.errors import ConfigurationError
 
 __all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
@@ -90,6 +90,8 @@ class _SyncFanOut:
         self.first_error: BaseException | None = None
         self.workers = 0
         self.idle_since: float | None = None
+        self.fatal: BaseException | None = None
+        self.caller = threading.current_thread()
 
     def take(self) -> int | None:
         with self.cond:
@@ -124,8 +126,13 @@ class _SyncFanOut:
     def pull(self, ctx: contextvars.Context) -> None:
         with self.cond:
             self.workers += 1
-        while self.pull_one(ctx):
-            pass
+        try:
+            while self.pull_one(ctx):
+                pass
+        except BaseException:
+            if threading.current_thread() is self.caller:
+                raise  # the caller re-raises it (after stopping the fan-out)
+            # A worker thread: the fan-out's caller re-raises it; the pool thread carries on.
 
     def pull_one(self, ctx: contextvars.Context) -> bool:
         """Run the next branch, if any is left; ``False`` when there was none."""
@@ -135,11 +142,26 @@ class _SyncFanOut:
         t0 = perf_counter()
         try:
             value = ctx.copy().run(self.thunks[i])
-        except BaseException as e:
+        except Exception as e:
             self.finish(i, None, e, t0)
+        except BaseException as e:
+            # KeyboardInterrupt, SystemExit...: never a branch failure. Stop the fan-out (no new
+            # branch starts) and re-raise in the caller.
+            self.abort(i, e, t0)
+            raise
         else:
             self.finish(i, value, None, t0)
         return True
+
+    def abort(self, i: int, error: BaseException, t0: float) -> None:
+        with self.cond:
+            self.running.pop(i, None)
+            o = self.outcomes[i]
+            o.elapsed, o.error, o.status = perf_counter() - t0, error, "cancelled"
+            if self.fatal is None:
+                self.fatal = error
+            self.stopped = True
+            self.cond.notify_all()
 
     def starved(self) -> bool:
         """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
@@ -152,6 +174,8 @@ class _SyncFanOut:
         return now - self.idle_since >= _STARVATION_CHECK
 
     def finished(self) -> bool:
+        if self.fatal is not None:
+            return True
         if self.done + self.timeouts >= len(self.thunks):
             return True
         return self.stopped and (not self.running or self.policy == "fail_fast" or self.until is not None)
@@ -170,17 +194,45 @@ def fan_out(
     n = len(thunks)
     if n == 0:
         return []
-    window = min(n, max_concurrency or n, _CONFIG.max_threads + 1)
+    window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
     ctx = contextvars.copy_context()
-    pool = _pool_module._pool()
+    pool = shared_pool()
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
     caller_works = timeout is None and until is None and on_error != "fail_fast"
     for _ in range(window - 1 if caller_works else window):
         pool.submit(run.pull, ctx)
-    if caller_works:
-        run.pull(ctx)
+    try:
+        if caller_works:
+            run.pull(ctx)
+        _wait(run, ctx, pool, n, timeout, on_error)
+    except BaseException:
+        # Interrupted (Ctrl-C in the caller, or a branch raised KeyboardInterrupt/SystemExit):
+        # start nothing more; branches already running on other threads cannot be stopped.
+        with run.cond:
+            run.stopped = True
+            for i in list(run.running):
+                run.outcomes[i].status = "cancelled"
+                note_abandoned()
+            run.running.clear()
+        raise
+    if run.fatal is not None:
+        raise run.fatal
+    if run.first_error is not None:
+        raise run.first_error
+    return run.outcomes
+
+
+def _wait(
+    run: _SyncFanOut,
+    ctx: contextvars.Context,
+    pool: Any,
+    n: int,
+    timeout: float | None,
+    on_error: str,
+) -> None:
+    """Wait (and help, when starved) until the fan-out is finished; time branches out."""
     with run.cond:
         while not run.finished():
             if run.starved():
@@ -204,7 +256,7 @@ def fan_out(
                     o.status, o.elapsed = "timeout", now - run.running.pop(i)
                     run.timeouts += 1
                     o.error = BranchTimeoutError(i, timeout)
-                    _pool_module._ABANDONED[0] += 1
+                    note_abandoned()
                     logger.warning(
                         "stageflow: branch %d timed out after %ss; its thread cannot be cancelled "
                         "and was abandoned",
@@ -221,11 +273,8 @@ def fan_out(
         run.stopped = True
         for i in list(run.running):  # still running after fail_fast / until: abandoned
             run.outcomes[i].status = "cancelled"
-            _pool_module._ABANDONED[0] += 1
+            note_abandoned()
         run.running.clear()
-    if run.first_error is not None:
-        raise run.first_error
-    return run.outcomes
 
 
 async def afan_out(

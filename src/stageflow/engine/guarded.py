@@ -16,10 +16,11 @@ import dspy
 
 from stageflow.engine import concurrency
 from stageflow.engine.plan import StageEntry, held, join_path
-from stageflow.errors import ContractError, StageTimeoutError
+from stageflow.errors import ContractError, StageError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.state import RunInfo
+from stageflow.usage import note_policy_event
 
 __all__ = ["aguarded_call", "guarded_call"]
 
@@ -57,6 +58,7 @@ def _from_cache(
     found, value = cache.lookup(key, durable)
     if found:
         run.events.append(PolicyEvent(path, "cache_hit"))
+        note_policy_event("cache_hit")
         return (dict(value) if isinstance(value, dict) else value), None
     seen = len(run.events)
 
@@ -91,6 +93,36 @@ def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
             code="missing_output",
             hint=f"return '{missing[0]}' from the stage, or fix its writes=[...] declaration",
         )
+        err.path_is_full = True
+        raise err
+    return out
+
+
+def reported_error(out: Any, field: str) -> Any:
+    """The value of a stage result's error field (``None`` when it has none)."""
+    if isinstance(out, dspy.Example):
+        return out._store.get(field)
+    if isinstance(out, dict):
+        return out.get(field)
+    if hasattr(out, "model_dump"):
+        return getattr(out, field, None)
+    return None
+
+
+def _check_reported(policy: StagePolicy, out: Any, path: str, entry: StageEntry) -> Any:
+    """A result whose error field is set is a failure (recovery, logging and fallbacks apply)."""
+    if policy.error_field is None:
+        return out
+    error = reported_error(out, policy.error_field)
+    if error:
+        message = (
+            f"Stage '{path}' ({entry.label}) reported an error in its '{policy.error_field}' field: {error}"
+        )
+        err: StageError | ContractError
+        if getattr(out, "_error_code", None) == "invalid_output":  # its output broke its schema: repairable
+            err = ContractError(message, stage_path=path, field=policy.error_field, code="invalid_output")
+        else:
+            err = StageError(message, stage_path=path, field=policy.error_field, code="stage_reported_error")
         err.path_is_full = True
         raise err
     return out
@@ -157,7 +189,7 @@ def guarded_call(
     if cached is not _MISS:
         return cached
     if _cache_only(policy):
-        out = invoke(entry, target, kw)
+        out = _check_reported(policy, invoke(entry, target, kw), path, entry)
     else:
         out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
@@ -188,11 +220,13 @@ class _Attempts:
             if retry.max_elapsed is not None and retry.clock() + delay - self.started > retry.max_elapsed:
                 return None  # the retry budget would be exceeded: give up now
             self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay))
+            note_policy_event("retry")
             return delay
         if repair is not None and self.repairs < repair.max_repairs and repair.repair_on(e):
             self.repairs += 1
             self.feedback = str(e)[:500]
             self.run.events.append(PolicyEvent(self.path, "repair", self.attempt, _describe(e)))
+            note_policy_event("repair")
             return 0.0
         return None
 
@@ -226,6 +260,7 @@ def _attempts(
         try:
             with state.adapter_context():
                 out = _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            out = _check_reported(policy, out, path, entry)
             return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)
@@ -251,12 +286,12 @@ def _with_timeout(
     if timeout is None:
         return invoke(entry, target, kw)
     ctx = contextvars.copy_context()
-    future = concurrency._pool().submit(ctx.run, invoke, entry, target, kw)
+    future = concurrency.shared_pool().submit(ctx.run, invoke, entry, target, kw)
     try:
         return future.result(timeout=timeout.seconds)
     except FutureTimeout:
         if not future.cancel():  # already running: its thread cannot be stopped
-            concurrency._ABANDONED[0] += 1
+            concurrency.note_abandoned()
         raise _timeout_error(path, timeout.seconds) from None
 
 
@@ -276,7 +311,7 @@ async def aguarded_call(
     if cached is not _MISS:
         return cached
     if _cache_only(policy):
-        out = await invoke(entry, target, kw)
+        out = _check_reported(policy, await invoke(entry, target, kw), path, entry)
     else:
         out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
     if store is not None:
@@ -300,6 +335,7 @@ async def _aattempts(
         try:
             with state.adapter_context():
                 out = await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
+            out = _check_reported(policy, out, path, entry)
             return _check_declared(entry, out, path) if policy.repair is not None else out
         except Exception as e:
             delay = state.after_error(e)

@@ -11,7 +11,8 @@ method accepts ``**future`` so new arguments can be added without breaking hooks
 ``path`` is the full DSPy-style stage path from the outermost running pipeline
 (``stages[1].branches['math']``); a pipeline's own run has the path of the stage that holds it
 (``""`` for the outermost). Hooks are active for every pipeline that runs inside
-:func:`attach_hooks`, across threads and tasks that copy the context. A hook that raises is
+:func:`attach_hooks`, across threads and tasks that copy the context, or in the whole process once
+installed with :func:`install_hook`. A hook that raises is
 logged and ignored: an observer never breaks a run.
 """
 
@@ -19,11 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Hook", "active_hooks", "attach_hooks", "current_path"]
+__all__ = [
+    "Hook",
+    "active_hooks",
+    "attach_hooks",
+    "context_hooks",
+    "current_path",
+    "global_hooks",
+    "install_hook",
+    "uninstall_hook",
+]
 
 logger = logging.getLogger("stageflow")
 
@@ -69,11 +80,38 @@ class Hook:
 
 _HOOKS: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_hooks", default=())
 _PATH: ContextVar[str] = ContextVar("stageflow_path", default="")
+# Hooks installed for the whole process (instrumentation), before the context's own.
+_GLOBAL: list[tuple[Any, ...]] = [()]
+_GLOBAL_LOCK = threading.Lock()
 
 
 def active_hooks() -> tuple[Any, ...]:
-    """The hooks active in the current context."""
+    """The hooks active in the current context (process-wide ones first)."""
+    return _GLOBAL[0] + _HOOKS.get()
+
+
+def context_hooks() -> tuple[Any, ...]:
+    """The hooks active in the current context, without the process-wide ones."""
     return _HOOKS.get()
+
+
+def global_hooks() -> tuple[Any, ...]:
+    """The hooks installed for the whole process with :func:`install_hook`."""
+    return _GLOBAL[0]
+
+
+def install_hook(hook: Any) -> None:
+    """Activate ``hook`` for every pipeline run in the process, in every thread (instrumentation
+    such as OpenTelemetry). Installing the same hook twice has no further effect."""
+    with _GLOBAL_LOCK:
+        if not any(h is hook for h in _GLOBAL[0]):
+            _GLOBAL[0] = (*_GLOBAL[0], hook)
+
+
+def uninstall_hook(hook: Any) -> None:
+    """Remove a hook installed with :func:`install_hook` (no error if it was not)."""
+    with _GLOBAL_LOCK:
+        _GLOBAL[0] = tuple(h for h in _GLOBAL[0] if h is not hook)
 
 
 def current_path() -> str:

@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import dspy
+
+from stageflow.engine.protocol import StageOwner
 from stageflow.errors import ContractError
-from stageflow.stages import RESERVED_FIELD_NAMES, FunctionStage, Ports, Stage, describe, stage_label
+from stageflow.stages import (
+    RESERVED_FIELD_NAMES,
+    DeferredField,
+    FunctionStage,
+    Ports,
+    Stage,
+    describe,
+    stage_label,
+)
 
 __all__ = ["Scope", "StageEntry", "build_entry", "held", "join_path"]
 
@@ -58,6 +69,10 @@ class StageEntry:
     merge_skip: frozenset[str] = frozenset()
     policy: Any = None
     blocking: bool = False
+    merge_all: bool = False
+    predictor: bool = False
+    #: A module with its own ``aforward`` that is not a predictor (predictors may take the fast path).
+    direct_acall: bool = False
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -88,11 +103,13 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     out_map: dict[str, str] = {}
     leaf = obj
     policy = getattr(obj, "policy", None) if isinstance(obj, Stage) else None
+    declared = False
     if isinstance(obj, Stage) and not isinstance(obj.module, Stage):
         leaf = obj.module
-        leaf_ports = obj._inner_ports
+        leaf_ports = obj.inner_ports
         in_map, out_map = obj.input_map, obj.output_map
         chain = ("module",)
+        declared = obj.declares_outputs
     else:
         leaf_ports = describe(obj)
     kind = MODULE
@@ -108,6 +125,18 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     if leaf_ports.outputs is not None:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
     single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
+    composite = isinstance(leaf, StageOwner)
+    predictor = type(leaf) in (dspy.Predict, dspy.ChainOfThought)
+    error_field = getattr(leaf, "stageflow_error_field", None)
+    if error_field and not composite:
+        # The stage reports failures in a field (StandardStage's ``error``): such a result is a failure.
+        from stageflow.policies.recovery import StagePolicy
+
+        policy = (
+            StagePolicy(error_field=error_field)
+            if policy is None
+            else replace(policy, error_field=policy.error_field or error_field)
+        )
     return StageEntry(
         path=_local_path(attr, key),
         attr=attr,
@@ -124,13 +153,19 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         pass_state=leaf_ports.accepts_any and not in_pairs and not opt_pairs,
         ports=describe(obj),
         label=stage_label(obj),
-        composite=bool(getattr(leaf, "_is_stageflow_pipeline", False)),
+        composite=composite,
         # A nested pipeline's result repeats its inputs; those it got under another name must not
         # overwrite the state field of that name.
         merge_skip=frozenset(sf for sf, st in (*in_pairs, *opt_pairs) if sf != st)
         - frozenset(leaf_ports.outputs or ()),
         policy=policy,
         blocking=bool(getattr(leaf, "blocking", False)),
+        # A nested pipeline's whole final state merges back, unless its outputs were declared or
+        # renamed at the boundary (then only those do, as the contract check promised).
+        merge_all=composite and not declared and not out_map,
+        # A Predict / ChainOfThought: called through the fast path when it is on.
+        predictor=predictor,
+        direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
     )
 
 
@@ -148,6 +183,13 @@ class Scope:
         origin: field -> the stage path that produced it (``"input"`` for pipeline inputs).
         strict: raise on a missing field (a real call) or collect it (computing a pipeline's
             own inputs, when it is used as a stage).
+        closed: strict contracts: a field that only a stage with undeclared outputs may produce is
+            an error too, instead of being checked at run time.
+
+    A field a stage needs that no path can produce is a :class:`ContractError` (or, when collecting,
+    an input of the pipeline). A field that an upstream stage with undeclared outputs *might* produce
+    is **deferred**: recorded in ``deferred`` and checked at the boundary of the stage that reads it,
+    at run time, just before that stage runs.
     """
 
     available: dict[str, Any]
@@ -158,11 +200,13 @@ class Scope:
     opaque: list[str] = field(default_factory=list)
     partial: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     owner: Any = None
+    closed: bool = False
+    deferred: list[DeferredField] = field(default_factory=list)
 
     @classmethod
-    def start(cls, inputs: Any, *, strict: bool, owner: Any = None) -> Scope:
+    def start(cls, inputs: Any, *, strict: bool, owner: Any = None, closed: bool = False) -> Scope:
         names = list(inputs)
-        return cls(dict.fromkeys(names), dict.fromkeys(names, "input"), strict, owner=owner)
+        return cls(dict.fromkeys(names), dict.fromkeys(names, "input"), strict, owner=owner, closed=closed)
 
     def copy(self) -> Scope:
         return Scope(
@@ -174,6 +218,8 @@ class Scope:
             list(self.opaque),
             dict(self.partial),
             self.owner,
+            self.closed,
+            self.deferred,
         )
 
     def narrow(self, paths: list[Scope], labels: list[str]) -> None:
@@ -195,6 +241,28 @@ class Scope:
         self.available = {f: paths[0].available.get(f) for f in common}
         self.origin = {f: paths[0].origin.get(f, "") for f in common}
 
+    def need(self, f: str, path: str, error: Any) -> bool:
+        """Require field ``f`` at ``path``: ``True`` when it is available (or deferred to run time).
+
+        ``error()`` builds the :class:`ContractError` raised when ``f`` cannot be there. When
+        collecting a pipeline's own inputs, a missing field becomes one (``False`` is returned).
+        """
+        if f in self.available:
+            return True
+        if self.opaque and not self.closed:
+            # An upstream stage with undeclared outputs may produce it: check it at run time. It is
+            # also offered to the stage when the caller has it (an optional input when collecting).
+            self.deferred.append(DeferredField(path, f, tuple(self.opaque)))
+            if not self.strict:
+                self.optional.setdefault(f, path)
+            self.available[f] = None
+            self.origin[f] = "deferred"
+            return True
+        if self.strict:
+            raise error()
+        self.missing.setdefault(f, path)
+        return False
+
     def check(self, entry: StageEntry, prefix: str) -> None:
         """Check one stage's inputs, then make its outputs available."""
         ports = entry.ports
@@ -205,10 +273,11 @@ class Scope:
             if f in self.available:
                 self._check_type(entry, path, f)
                 continue
-            if self.strict:
-                raise self._missing_error(entry, path, f)
-            inner = ports.required_by.get(f)
-            self.missing.setdefault(f, join_path(path, inner) if inner else path)
+            if not self.strict and not (self.opaque and not self.closed):
+                inner = ports.required_by.get(f)
+                self.missing.setdefault(f, join_path(path, inner) if inner else path)
+                continue
+            self.need(f, path, lambda f=f: self._missing_error(entry, path, f))
         for f in ports.optional:
             if f not in self.available:
                 self.optional.setdefault(f, path)
@@ -222,9 +291,20 @@ class Scope:
                     tuple(join_path(path, h) for h in have),
                     tuple(join_path(path, x) for x in lack),
                 )
+        for d in ports.deferred:
+            if self.closed:
+                raise _strict_error(replace(d, stage=join_path(path, d.stage)), path)
+            self.deferred.append(
+                replace(
+                    d,
+                    stage=join_path(path, d.stage),
+                    candidates=tuple(join_path(path, c) for c in d.candidates),
+                )
+            )
         if ports.outputs is None:
             self.opaque.append(path)
             return
+        self.opaque.extend(join_path(path, p) for p in ports.opaque)
         for o in ports.outputs:
             if o in RESERVED_FIELD_NAMES:
                 raise ContractError(
@@ -279,8 +359,8 @@ class Scope:
         opaque = ""
         if self.opaque:
             opaque = (
-                f" Stages {self.opaque} have undeclared outputs; if one of them produces '{f}', declare it "
-                f"with Stage(<stage>, writes=['{f}'])."
+                f" Strict contracts are on, and stages {self.opaque} have undeclared outputs; if one of them "
+                f"produces '{f}', declare it with Stage(<stage>, writes=['{f}'])."
             )
         return ContractError(
             f"Stage '{path}' ({entry.label}) needs input '{f}'{needed_by}, which is not available there. "
@@ -290,3 +370,15 @@ class Scope:
             code="missing_input",
             hint="; or ".join(fixes),
         )
+
+
+def _strict_error(d: DeferredField, path: str) -> ContractError:
+    return ContractError(
+        f"Stage '{d.stage}' reads '{d.field}', which only stages with undeclared outputs "
+        f"({', '.join(repr(c) for c in d.candidates)}) may produce, and strict contracts are on.",
+        stage_path=d.stage,
+        field=d.field,
+        code="undeclared_output",
+        hint=f"declare the producing stage's outputs: Stage(<stage>, writes=['{d.field}', ...]), "
+        "or turn strict contracts off (strict=False)",
+    )

@@ -11,9 +11,17 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from stageflow.engine.budget import _CONFIG
+from stageflow.engine.config import CONFIG, on_change
 
-__all__ = ["abandoned_threads", "available_cpus", "on_background_loop", "run_on_background_loop", "to_thread"]
+__all__ = [
+    "abandoned_threads",
+    "available_cpus",
+    "note_abandoned",
+    "on_background_loop",
+    "run_on_background_loop",
+    "shared_pool",
+    "to_thread",
+]
 
 
 _POOL: list[ThreadPoolExecutor | None] = [None]
@@ -21,22 +29,28 @@ _POOL_LOCK = threading.Lock()
 _ABANDONED = [0]
 
 
-def _pool() -> ThreadPoolExecutor:
+def shared_pool() -> ThreadPoolExecutor:
+    """The long-lived pool every sync fan-out and every ``to_thread`` call uses."""
     pool = _POOL[0]
     if pool is None:
         with _POOL_LOCK:
             pool = _POOL[0]
             if pool is None:
-                pool = ThreadPoolExecutor(max_workers=_CONFIG.max_threads, thread_name_prefix="stageflow")
+                pool = ThreadPoolExecutor(max_workers=CONFIG.max_threads, thread_name_prefix="stageflow")
                 _POOL[0] = pool
     return pool
 
 
-def _reset_pool() -> None:
+def _reset_pool(name: str = "max_threads", value: Any = None) -> None:
+    if name != "max_threads":
+        return
     with _POOL_LOCK:
         old, _POOL[0] = _POOL[0], None
     if old is not None:
         old.shutdown(wait=False)
+
+
+on_change(_reset_pool)
 
 
 async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -47,12 +61,18 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     """
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
-    return await loop.run_in_executor(_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
+    return await loop.run_in_executor(shared_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
 
 
 def abandoned_threads() -> int:
     """How many timed-out branch threads were abandoned (still running or finished late)."""
     return _ABANDONED[0]
+
+
+def note_abandoned(n: int = 1) -> None:
+    """Count ``n`` threads whose call timed out but could not be stopped."""
+    with _POOL_LOCK:
+        _ABANDONED[0] += n
 
 
 _LOOP: list[asyncio.AbstractEventLoop | None] = [None]
@@ -80,7 +100,12 @@ def on_background_loop() -> bool:
 
 def run_on_background_loop(coro: Awaitable[Any]) -> Any:
     """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows)."""
-    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()  # type: ignore[arg-type]
+    future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # interrupted while waiting (Ctrl-C): the coroutine must not run on
+        raise
 
 
 def available_cpus() -> int:

@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.engine import concurrency
-from stageflow.engine.boundary import gather_inputs, merge_outputs
+from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
 from stageflow.engine.concurrency import (
     aenter_leaf,
     enter_leaf,
@@ -26,12 +26,16 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
+from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
-from stageflow.engine.hooks import _HOOKS, _PATH, notify
+from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
+from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import ConfigurationError, StageError, StageflowError
+from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
+from stageflow.usage import _STAGE, _TABLE, StageUsage, close_run, current_table, open_run
 
 if TYPE_CHECKING:
     from stageflow.patterns.base import Pipeline
@@ -93,7 +97,7 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
         return target(**kw)
     slots = leaf_slots()
     if not slots:
-        return target(**kw) if not entry.is_async_fn else _call_sync(entry, target, kw)
+        return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
     token = enter_leaf(slots)
     try:
         return _call_sync(entry, target, kw)
@@ -102,6 +106,8 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
 
 
 def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.predictor and _FAST.get():
+        return call_predictor(target, kw)
     if entry.is_async_fn:
         # An ``async def`` stage in a sync call runs on stageflow's background event loop.
         if on_background_loop():
@@ -115,30 +121,10 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     return target(**kw)
 
 
-# Defaults set with ``pipeline.set_defaults(...)`` reach the stages of pipelines nested in it.
-_DEFAULTS: ContextVar[StagePolicy | None] = ContextVar("stageflow_default_policy", default=None)
-
-
-def _policy_for(owner: Any, entry: StageEntry) -> StagePolicy | None:
-    """The stage's own policy merged over the defaults in force (leaf stages only): its pipeline's
-    own defaults, else those of the nearest enclosing pipeline that set some."""
-    defaults = _getattr(owner, "_default_policy") or _DEFAULTS.get()
-    if defaults is None or entry.composite:
-        return entry.policy  # type: ignore[no-any-return]
-    if entry.policy is None:
-        return defaults
-    cache = _getattr(owner, "__dict__").setdefault("_merged_policies", {})
-    key = (entry.path, id(defaults))
-    merged = cache.get(key)
-    if merged is None or merged[1] is not defaults:
-        merged = cache[key] = (entry.policy.merged_over(defaults), defaults)
-    return merged[0]  # type: ignore[no-any-return]
-
-
-def _carry_events(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
-    """A nested pipeline that failed: its policy events (carried by the error) join this run's."""
-    if entry.composite and err.events is not None and err.events is not run.events:
-        run.events.extend(err.events)
+def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
+    """A nested pipeline that failed: what it did (carried by the error) joins this run."""
+    if entry.composite and err.run is not None and err.run is not run:
+        run.absorb(entry.path, err.run)
 
 
 def _recovered(
@@ -158,6 +144,7 @@ def _recovered(
     detail = {
         "index": entry.key,
         "inputs": kw,
+        "state": dict(state),
         "error_type": type(original).__name__,
         "message": str(original),
     }
@@ -172,7 +159,9 @@ def _recovered(
             new_state = policy.recover(original, dict(state))
         except Exception as e:
             detail["recovery_error"] = f"{type(e).__name__}: {e}"
-            err.add_note(f"The recovery strategy for this stage raised {type(e).__name__}: {e}")
+            err.message += f" Its recovery strategy raised {type(e).__name__}: {e}"
+            err.args = (err.message,)
+            err.recovery_error = e
             new_state = None
         if new_state is not None:
             state.update(new_state)
@@ -186,6 +175,131 @@ def _recovered(
     return False
 
 
+class _Call(NamedTuple):
+    """One stage call in progress: what the sync and async paths share before and after the call."""
+
+    target: Any
+    kw: dict[str, Any]
+    policy: StagePolicy | None
+    path: str
+    stage: Any
+    tokens: tuple[Any, Any]
+    before: StageUsage | None
+    t0: float
+
+
+def _start(
+    owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
+) -> _Call:
+    target = _resolve(owner, entry)
+    kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = owner.stageflow_policy(entry)
+    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
+    stage = _held(owner, entry) if hooks else None
+    before = None
+    if hooks:
+        table = current_table()
+        before = table.get(entry.path) if table is not None and not entry.composite else None
+        notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
+    path_token = _PATH.set(path) if hooks or entry.composite else None
+    stage_token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
+    return _Call(target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter())
+
+
+def _close(call: _Call) -> None:
+    path_token, stage_token = call.tokens
+    _STAGE.reset(stage_token)
+    if path_token is not None:
+        _PATH.reset(path_token)
+
+
+def _stage_usage(call: _Call, entry: StageEntry, out: Any) -> dict[str, Any] | None:
+    """What this one call of the stage used (for hooks)."""
+    if entry.composite:
+        total = out.run.usage.total if isinstance(out, Result) else None
+        return None if total is None or total.is_empty() else total.to_dict()
+    table = current_table()
+    after = table.get(entry.path) if table is not None else None
+    if after is None:
+        return None
+    if call.before is not None:
+        after = _minus(after, call.before)
+    return None if after.is_empty() else after.to_dict()
+
+
+def _minus(a: StageUsage, b: StageUsage) -> StageUsage:
+    cost = None if a.cost is None else a.cost - (b.cost or 0.0)
+    return StageUsage(
+        a.lm_calls - b.lm_calls,
+        a.input_tokens - b.input_tokens,
+        a.output_tokens - b.output_tokens,
+        cost,
+        a.lm_cache_hits - b.lm_cache_hits,
+        a.cache_hits - b.cache_hits,
+        a.retries - b.retries,
+        a.repairs - b.repairs,
+    )
+
+
+def _failed_stage(
+    call: _Call,
+    owner: Any,
+    entry: StageEntry,
+    error: Exception,
+    state: dict[str, Any],
+    run: RunInfo,
+    hooks: tuple[Any, ...],
+    prefix: str,
+) -> StageflowError | None:
+    """Record a failed stage call; ``None`` when a policy lets the run go on, else the error to raise."""
+    elapsed = perf_counter() - call.t0
+    run.trace.append(StageRecord(entry.path, elapsed, False))
+    err = _fail(entry, error, prefix)
+    _carry_run(entry, err, run)
+    if hooks:
+        usage = _stage_usage(call, entry, None)
+        notify(
+            hooks,
+            "on_stage_error",
+            path=call.path,
+            stage=call.stage,
+            inputs=call.kw,
+            error=err,
+            elapsed=elapsed,
+            usage=usage,
+        )
+    if _recovered(call.policy, entry, error, err, call.kw, state, run, prefix):
+        return None
+    return err
+
+
+def _finished_stage(
+    call: _Call,
+    entry: StageEntry,
+    out: Any,
+    state: dict[str, Any],
+    run: RunInfo,
+    hooks: tuple[Any, ...],
+    prefix: str,
+) -> Any:
+    elapsed = perf_counter() - call.t0
+    run.trace.append(StageRecord(entry.path, elapsed))
+    run.stage_outputs[entry.path] = out
+    merge_outputs(entry, out, state, run, prefix)
+    if hooks:
+        notify(
+            hooks,
+            "after_stage",
+            path=call.path,
+            stage=call.stage,
+            inputs=call.kw,
+            outputs=out,
+            elapsed=elapsed,
+            usage=_stage_usage(call, entry, out),
+        )
+    return out
+
+
 def call_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
@@ -194,40 +308,20 @@ def call_stage(
     ``prefix`` is the full path of ``owner`` from the outermost running pipeline. Returns the
     stage's raw output (``None`` when a policy skipped or recovered a failed stage).
     """
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target)
-    policy = _policy_for(owner, entry)
-    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
-    stage = _held(owner, entry) if hooks else None
-    if hooks:
-        notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    token = _PATH.set(path) if hooks or entry.composite else None
-    t0 = perf_counter()
+    call = _start(owner, entry, state, run, hooks, prefix)
     try:
-        if policy is None:
-            out = _invoke(entry, target, kw)
+        if call.policy is None:
+            out = _invoke(entry, call.target, call.kw)
         else:
-            out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
+            out = guarded_call(owner, entry, call.target, call.kw, call.policy, run, prefix, _invoke)
     except Exception as e:
-        elapsed = perf_counter() - t0
-        run.trace.append(StageRecord(entry.path, elapsed, False))
-        err = _fail(entry, e, prefix)
-        _carry_events(entry, err, run)
-        if hooks:
-            notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
-        if _recovered(policy, entry, e, err, kw, state, run, prefix):
+        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
+        if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
-        if token is not None:
-            _PATH.reset(token)
-    elapsed = perf_counter() - t0
-    run.trace.append(StageRecord(entry.path, elapsed))
-    run.stage_outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)
-    if hooks:
-        notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
-    return out
+        _close(call)
+    return _finished_stage(call, entry, out, state, run, hooks, prefix)
 
 
 async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
@@ -244,6 +338,8 @@ async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> A
 
 
 async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
+    if entry.predictor and _FAST.get():
+        return await acall_predictor(target, kw)
     if entry.kind == FUNCTION:
         if entry.blocking:
             return await concurrency.to_thread(target, **kw)
@@ -261,44 +357,28 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
 async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    """Async twin of :func:`call_stage`."""
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target)
-    policy = _policy_for(owner, entry)
-    path = join_path(prefix, entry.path) if hooks or entry.composite else entry.path
-    stage = _held(owner, entry) if hooks else None
-    if hooks:
-        notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    token = _PATH.set(path) if hooks or entry.composite else None
-    t0 = perf_counter()
+    """Async twin of :func:`call_stage` (the same bookkeeping: :func:`_start` and its companions)."""
+    call = _start(owner, entry, state, run, hooks, prefix)
     try:
-        if policy is None:
-            if entry.has_aforward and entry.kind != FUNCTION and (entry.composite or not leaf_slots()):
-                out = await target.acall(**kw)  # the common case, without extra coroutine frames
+        if call.policy is None:
+            if entry.composite or (
+                entry.has_aforward and not entry.predictor and entry.kind != FUNCTION and not leaf_slots()
+            ):
+                out = await call.target.acall(**call.kw)  # the common case, without extra coroutine frames
             else:
-                out = await _invoke_async(entry, target, kw)
+                out = await _invoke_async(entry, call.target, call.kw)
         else:
-            out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
+            out = await aguarded_call(
+                owner, entry, call.target, call.kw, call.policy, run, prefix, _invoke_async
+            )
     except Exception as e:
-        elapsed = perf_counter() - t0
-        run.trace.append(StageRecord(entry.path, elapsed, False))
-        err = _fail(entry, e, prefix)
-        _carry_events(entry, err, run)
-        if hooks:
-            notify(hooks, "on_stage_error", path=path, stage=stage, inputs=kw, error=err, elapsed=elapsed)
-        if _recovered(policy, entry, e, err, kw, state, run, prefix):
+        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
+        if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     finally:
-        if token is not None:
-            _PATH.reset(token)
-    elapsed = perf_counter() - t0
-    run.trace.append(StageRecord(entry.path, elapsed))
-    run.stage_outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)
-    if hooks:
-        notify(hooks, "after_stage", path=path, stage=stage, inputs=kw, outputs=out, elapsed=elapsed)
-    return out
+        _close(call)
+    return _finished_stage(call, entry, out, state, run, hooks, prefix)
 
 
 def run_sequence(
@@ -339,11 +419,13 @@ class _Scope(NamedTuple):
 
 
 def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
-    own = pipeline._run_hooks()
-    hooks = _HOOKS.get() + own if own else _HOOKS.get()
-    hooks_token = _HOOKS.set(hooks) if own else None
-    defaults = _getattr(pipeline, "_default_policy")
-    defaults_token = _DEFAULTS.set(defaults) if defaults is not None else None
+    own = pipeline.stageflow_hooks()
+    scoped = _HOOKS.get() + own if own else _HOOKS.get()
+    hooks_token = _HOOKS.set(scoped) if own else None
+    installed = _GLOBAL[0]
+    hooks = installed + scoped if installed else scoped
+    defaults = pipeline.stageflow_defaults()
+    defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
     prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
@@ -364,38 +446,87 @@ def _end(
             elapsed=perf_counter() - scope.t0,
         )
     if scope.defaults_token is not None:
-        _DEFAULTS.reset(scope.defaults_token)
+        DEFAULT_POLICY.reset(scope.defaults_token)
     if scope.hooks_token is not None:
         _HOOKS.reset(scope.hooks_token)
 
 
+def _initial_state(inputs: dict[str, Any]) -> dict[str, Any]:
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    return private_state(inputs) if not _PATH.get() else dict(inputs)
+
+
+def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException) -> None:
+    """A pipeline call that raised: the run so far travels with the error; observers hear of it."""
+    if isinstance(error, StageflowError):
+        error.events = run.events  # what policies did before the failure
+        error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
+    _end(pipeline, scope, None, error)
+    pipeline.stageflow_failed(run, scope.own, error)
+
+
+# Whether predictors in the running call take the fast path (decided by the outermost call).
+_FAST: ContextVar[bool] = ContextVar("stageflow_fast_path", default=False)
+
+
+def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
+    """The outermost call connects DSPy's LM accounting to the run's usage table and, with the fast
+    path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
+    settings for both); a nested call only points the accounting at its own table (see
+    :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
+    if current_table() is not None:
+        return (_TABLE.set(run.usage), None)
+    own = pipeline.fast_path
+    fast = CONFIG.fast_path if own is None else bool(own)
+    adapter = fast_adapter_for(_active_adapter()) if fast else None
+    return (_FAST.set(fast), open_run(run.usage, adapter))
+
+
+def _close_run(opened: tuple[Any, ...]) -> None:
+    token, outer = opened
+    if outer is None:
+        _TABLE.reset(token)
+        return
+    close_run(outer)
+    _FAST.reset(token)
+
+
+def _active_adapter() -> Any:
+    import dspy
+
+    return dspy.settings.adapter
+
+
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
-    state = dict(inputs)
+    state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
         body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
-        if isinstance(e, StageflowError):
-            e.events = run.events  # what policies did before the failure travels with the error
-        _end(pipeline, scope, None, e)
+        _close_run(opened)
+        _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
-    return pipeline._make_result(state, run, scope.own)
+    return pipeline.stageflow_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
-    state = dict(inputs)
+    state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
+    opened = _open(pipeline, run)
     try:
         await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
-        if isinstance(e, StageflowError):
-            e.events = run.events
-        _end(pipeline, scope, None, e)
+        _close_run(opened)
+        _failed(pipeline, scope, run, e)
         raise
+    _close_run(opened)
     _end(pipeline, scope, state, None)
-    return pipeline._make_result(state, run, scope.own)
+    return pipeline.stageflow_result(state, run, scope.own)

@@ -2,24 +2,28 @@
 
 * ``None`` / ``"local"``: the embedded SmolLM2 model, in-process (:func:`make_local_lm`).
 * ``"local:/path/model.gguf"``: another GGUF file, in-process.
-* anything else: a DSPy/LiteLLM model string such as ``"openai/gpt-4o-mini"``, with API keys read
-  from the usual environment variables, optionally through ``api_base`` (e.g. a local server).
+* ``"provider/model"``: a DSPy/LiteLLM model string such as ``"openai/gpt-4o-mini"``, with API keys
+  read from the usual environment variables, optionally through ``api_base`` (an ``http(s)://`` URL,
+  e.g. a local server). A string without a provider (``"smollm"``) is refused with the fix.
+
+llama.cpp (:mod:`stageflow.lm.engine`) is imported only when the in-process model is chosen.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import dspy
 
 from stageflow.errors import ConfigurationError
-from stageflow.lm.engine import make_local_lm
 
 __all__ = ["LM_ENV", "LOCAL_SPEC", "resolve_lm"]
 
 LM_ENV = "STAGEFLOW_LM"
 LOCAL_SPEC = "local"
+_URL = re.compile(r"^https?://[^\s/]+\S*$")
 
 
 def resolve_lm(spec: str | None = None, *, api_base: str | None = None, **lm_kwargs: Any) -> dspy.BaseLM:
@@ -35,8 +39,10 @@ def resolve_lm(spec: str | None = None, *, api_base: str | None = None, **lm_kwa
         ConfigurationError: an empty or malformed spec, ``api_base`` with a local model, or a missing
             local model / llama-cpp-python.
     """
+    source = ""
     if spec is None:
         spec = os.environ.get(LM_ENV, "").strip() or LOCAL_SPEC
+        source = f" (from ${LM_ENV})" if os.environ.get(LM_ENV, "").strip() else ""
     spec = spec.strip()
     if not spec:
         raise ConfigurationError(
@@ -61,12 +67,31 @@ def resolve_lm(spec: str | None = None, *, api_base: str | None = None, **lm_kwa
                 code="bad_lm_spec",
                 hint="use 'local' for the embedded model or 'local:/path/model.gguf'",
             )
+        from stageflow.lm.engine import make_local_lm
+
         lm: dspy.BaseLM = make_local_lm(path, **lm_kwargs)
         return lm
+    provider, _, model = spec.partition("/")
+    if not provider.strip() or not model.strip():
+        raise ConfigurationError(
+            f"The model {spec!r}{source} names no provider: it is neither the local model nor a served one.",
+            field="lm",
+            code="bad_lm_spec",
+            hint="use 'local' for the embedded SmolLM2 model, 'local:/path/model.gguf' for another GGUF "
+            "file, or 'provider/model' for a served one, e.g. 'openai/gpt-4o-mini' (add --api-base "
+            "http://localhost:8000/v1 for a local OpenAI-compatible server)",
+        )
+    if api_base is not None and not _URL.match(api_base.strip()):
+        raise ConfigurationError(
+            f"api_base={api_base!r} is not an http:// or https:// URL.",
+            field="api_base",
+            code="bad_lm_spec",
+            hint="pass the server's base URL, e.g. --api-base http://localhost:8000/v1",
+        )
     # Provider models: never block on fetching LiteLLM's model-cost map (the machine may be offline).
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     if api_base is not None:
-        lm_kwargs["api_base"] = api_base
+        lm_kwargs["api_base"] = api_base.strip()
     try:
         return dspy.LM(spec, **lm_kwargs)
     except (ValueError, TypeError) as exc:

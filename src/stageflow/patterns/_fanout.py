@@ -16,8 +16,8 @@ from typing import Any
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
-    _chain,
     afan_out,
+    budget_chain,
     child_budget,
     fan_out,
     on_background_loop,
@@ -96,7 +96,7 @@ def fanout_options(owner: Any) -> dict[str, Any]:
 
 
 def _window(n: int, own: int | None) -> int:
-    caps = [b.limit for b in _chain()]
+    caps = [b.limit for b in budget_chain()]
     if own is not None:
         caps.append(own)
     return min([n, *caps]) if caps else n

@@ -1,21 +1,21 @@
-"""Adaptive: analyse the input, choose a structure, run it.
+"""Adaptive: analyse the input, choose a structure of components, run it.
 
-The default :class:`PipelineAdapter` analyses a question (length, a complexity score, the
-question type) and picks one of three structures built from the component pool:
+As in the architecture tutorial, an adapter has two methods: ``analyze_input(input_data)`` returns
+characteristics of the call's inputs, and ``select_structure(analysis, component_pool)`` returns
+the structure to run — a list of component names (run in order), ``{"ensemble": [names]}`` (run
+together, aggregated), or the name of one of the adapter's ``structure_patterns``. Any object with
+those two methods is an adapter; :class:`PipelineAdapter` is the tutorial's default and can be
+subclassed. An LM stage can be the adapter too (any stage that writes ``structure``).
 
-- ``simple``: the first component alone;
-- ``complex``: every component in order (a :class:`SequentialPipeline`);
-- ``multi_approach``: every component on the same input, aggregated (an
-  :class:`EnsemblePipeline`).
-
-Pass ``structures={"name": [component names] | {"ensemble": [names]}}`` to define your own, a
-``choose`` function, or an LM stage as the adapter (any stage that writes ``structure``).
-Structures are built once, at construction, and reused by every call.
+Structures the adapter declares (``structure_patterns``) are built once, at construction, and
+contract-checked on every path; a structure only an overridden ``select_structure`` can return is
+built on first use, checked then, and reused.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,63 +29,131 @@ from stageflow.state import RunInfo
 
 __all__ = ["AdaptivePipeline", "PipelineAdapter"]
 
-_TYPES = (
-    ("comparison", r"\b(compare|versus|vs\.?|difference|better|worse|which of)\b"),
-    ("calculation", r"\b(how many|how much|calculate|sum|total|\d+\s*[-+*/x]\s*\d+)\b"),
-    ("explanation", r"^(why|how)\b"),
-    ("factual", r"^(who|what|when|where|which)\b"),
-)
+#: The tutorial's structures, by the tutorial's component names.
+DEFAULT_PATTERNS: dict[str, list[str]] = {
+    "simple": ["processor_a"],
+    "complex": ["preprocessor", "processor_a", "postprocessor"],
+    "multi_approach": ["processor_a", "processor_b", "aggregator"],
+}
+_INPUT_FIELDS = ("content", "question", "text", "query", "input")
 
 
 class PipelineAdapter:
-    """Analyse the input and pick a structure (the default adapter; see the module docstring).
+    """The tutorial's adapter: analyse the text of the input, pick one of three structures.
 
     Args:
-        input_field: The field to analyse (default ``question``).
-        structures: ``{name: [component names]}`` (sequential) or ``{name: {"ensemble": [names]}}``.
-            Default: ``simple`` / ``complex`` / ``multi_approach`` over the pool.
-        choose: ``(analysis) -> structure name``; default: comparisons → ``multi_approach``,
-            complexity ≥ ``complexity_threshold`` → ``complex``, else ``simple``.
-        complexity_threshold: See ``choose``.
+        structure_patterns: ``{name: [component names] | {"ensemble": [names]}}``. Default: the
+            tutorial's ``simple`` / ``complex`` / ``multi_approach`` over its component names
+            (``processor_a``, ``preprocessor``, ``postprocessor``, ``processor_b``, ``aggregator``);
+            with a component pool that lacks those names, ``simple`` is the first component,
+            ``complex`` every component in order and ``multi_approach`` every component as an
+            ensemble.
+        input_field: The input to analyse (default: the first of ``content``, ``question``,
+            ``text``, ``query``, ``input`` that the call has).
+        choose: ``(analysis) -> structure name``, replacing the tutorial's rules.
+        structures: An alias of ``structure_patterns``.
+
+    Examples:
+        >>> a = PipelineAdapter()
+        >>> analysis = a.analyze_input({"content": "Why is the sky blue?"})
+        >>> analysis["type"], a.select_structure(analysis, {})
+        ('complex_reasoning', ['processor_a', 'processor_b', 'aggregator'])
     """
 
     def __init__(
         self,
-        input_field: str = "question",
-        structures: Mapping[str, Any] | None = None,
+        structure_patterns: Mapping[str, Any] | None = None,
+        *,
+        input_field: str | None = None,
         choose: Callable[[dict[str, Any]], str] | None = None,
-        complexity_threshold: float = 0.5,
+        structures: Mapping[str, Any] | None = None,
     ) -> None:
+        if structure_patterns is not None and structures is not None:
+            raise ConfigurationError(
+                "PipelineAdapter: pass structure_patterns= or its alias structures=, not both.",
+                field="structure_patterns",
+                code="bad_option",
+            )
+        given = structure_patterns if structure_patterns is not None else structures
+        self.structure_patterns: dict[str, Any] = dict(given) if given is not None else dict(DEFAULT_PATTERNS)
+        self.uses_default_patterns = given is None
         self.input_field = input_field
-        self.structures = dict(structures) if structures is not None else None
         self._choose = choose
-        self.complexity_threshold = complexity_threshold
 
-    def analyze(self, text: Any) -> dict[str, Any]:
-        """Length (words), a 0–1 complexity score and the question type."""
-        s = str(text or "").strip()
-        words = s.split()
-        low = s.lower()
-        qtype = next((name for name, pat in _TYPES if re.search(pat, low)), "other")
-        clauses = len(re.findall(r"\b(and|or|but|because|which|that|while|if)\b|[,;]", low))
-        complexity = min(
-            1.0, len(words) / 40 + clauses * 0.15 + (0.2 if qtype in ("comparison", "explanation") else 0.0)
-        )
-        return {"length": len(words), "complexity": round(complexity, 3), "question_type": qtype}
+    # -- the tutorial's two methods ------------------------------------------------------------
+    def analyze_input(self, input_data: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"length": words, "complexity": 0..1, "type": ...}``; the type is ``complex_reasoning``,
+        ``question`` or ``statement``."""
+        text = str(self._text(input_data) or "")
+        return {
+            "length": len(text.split()),
+            "complexity": self._compute_complexity(text),
+            "type": self._classify_input_type(text),
+        }
 
-    def choose(self, analysis: dict[str, Any]) -> str:
-        """The structure for this analysis."""
+    def select_structure(self, analysis: Mapping[str, Any], component_pool: Mapping[str, Any]) -> Any:
+        """The structure for this analysis: the tutorial's rules (short and simple → ``simple``,
+        reasoning → ``multi_approach``, otherwise ``complex``), or ``choose(analysis)``."""
         if self._choose is not None:
-            return self._choose(analysis)
-        if analysis["question_type"] == "comparison":
-            return "multi_approach"
-        return "complex" if analysis["complexity"] >= self.complexity_threshold else "simple"
+            name = self._choose(dict(analysis))
+        elif analysis.get("length", 0) < 50 and analysis.get("complexity", 0.0) < 0.3:
+            name = "simple"
+        elif analysis.get("type") == "complex_reasoning":
+            name = "multi_approach"
+        else:
+            name = "complex"
+        patterns = self.patterns_for(list(component_pool)) if component_pool else self.structure_patterns
+        if name not in patterns:
+            raise RoutingError(
+                f"The adapter chose structure {name!r}, which is not one of its structure_patterns "
+                f"{sorted(patterns)}.",
+                field="structure",
+                code="unknown_structure",
+            )
+        return patterns[name]
 
-    def structure_specs(self, pool: Sequence[str]) -> dict[str, Any]:
-        """The structures to build over a pool with these component names."""
-        if self.structures is not None:
-            return self.structures
-        return {"simple": [pool[0]], "complex": list(pool), "multi_approach": {"ensemble": list(pool)}}
+    # -- helpers (the tutorial's, without numpy) ----------------------------------------------------
+    def _text(self, input_data: Mapping[str, Any]) -> Any:
+        if self.input_field is not None:
+            return input_data.get(self.input_field, "")
+        for name in _INPUT_FIELDS:
+            if name in input_data:
+                return input_data[name]
+        return next((v for v in input_data.values() if isinstance(v, str)), "")
+
+    @staticmethod
+    def _compute_complexity(text: str) -> float:
+        """Word length, punctuation and nesting, scaled to 0..1."""
+        words = text.split()
+        avg_word_length = sum(len(w) for w in words) / len(words) if words else 0.0
+        punctuation = text.count(".") + text.count(",") + text.count(";")
+        nested = text.count("(") + text.count("[")
+        complexity = avg_word_length * 0.2 + punctuation * 0.3 + nested * 0.5
+        return min(complexity / 10, 1.0)
+
+    @staticmethod
+    def _classify_input_type(text: str) -> str:
+        low = text.lower()
+        if any(re.search(rf"\b{w}\b", low) for w in ("why", "how", "explain", "analyze")):
+            return "complex_reasoning"
+        if "?" in text:
+            return "question"
+        return "statement"
+
+    def patterns_for(self, pool: Sequence[str]) -> dict[str, Any]:
+        """The structures over a pool with these names (see ``structure_patterns``)."""
+        if self.uses_default_patterns and not all(
+            n in pool for names in DEFAULT_PATTERNS.values() for n in names
+        ):
+            return {"simple": [pool[0]], "complex": list(pool), "multi_approach": {"ensemble": list(pool)}}
+        return dict(self.structure_patterns)
+
+
+def _key(structure: Any) -> str:
+    """A stable name for a structure (its pattern name, or the components it runs)."""
+    if isinstance(structure, Mapping) and "ensemble" in structure:
+        return "ensemble(" + ",".join(map(str, structure["ensemble"])) + ")"
+    return "+".join(map(str, structure))
 
 
 class AdaptivePipeline(Pipeline):
@@ -93,33 +161,44 @@ class AdaptivePipeline(Pipeline):
 
     Args:
         component_pool: ``{name: stage}``; held in the flat dict ``self.components`` so every
-            component is visible to DSPy optimizers exactly once.
-        adapter: A :class:`PipelineAdapter` (default), or a stage (e.g. a ``dspy.Predict``) that
-            writes a ``structure`` field naming one of the structures (build the structures with
-            ``structures=``).
-        structures: Structure definitions when the adapter is a stage (see :class:`PipelineAdapter`).
+            component is visible to DSPy optimizers exactly once (``component_pool`` is an alias).
+        adapter: A :class:`PipelineAdapter` (default), any object with ``analyze_input`` and
+            ``select_structure``, or a stage (e.g. a ``dspy.Predict``) that writes a ``structure``
+            field naming one of ``structures``.
+        structures: Structure definitions for a stage adapter (``{name: [component names]}``).
+        strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
-    Result details: ``used_structure`` and ``input_analysis``.
+    Result details: ``used_structure`` (what the adapter selected), ``structure_name``,
+    ``input_analysis`` and ``result`` (the chosen structure's own result).
     """
+
+    _stage_containers = ("components", "structures")
 
     def __init__(
         self,
         component_pool: Mapping[str, Any],
-        adapter: PipelineAdapter | Any = None,
+        adapter: Any = None,
         *,
         structures: Mapping[str, Any] | None = None,
+        strict: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(strict=strict)
         if not isinstance(component_pool, Mapping) or not component_pool:
             raise ConfigurationError(
                 "AdaptivePipeline needs a non-empty dict component_pool.", code="bad_stages"
             )
-        self.components = {k: as_stage(v, f"components['{k}']") for k, v in component_pool.items()}
-        adapter = adapter if adapter is not None else PipelineAdapter(structures=structures)
+        self.components = {str(k): as_stage(v, f"components['{k}']") for k, v in component_pool.items()}
         self._adapter_entry: StageEntry | None = None
-        if isinstance(adapter, PipelineAdapter):
+        self._lock = threading.Lock()
+        if adapter is None:
+            adapter = PipelineAdapter(structures)
+        if hasattr(adapter, "analyze_input") and hasattr(adapter, "select_structure"):
             self.adapter = adapter
-            specs = adapter.structure_specs(list(self.components))
+            patterns = adapter.patterns_for(list(self.components)) if hasattr(adapter, "patterns_for") else {}
+            if not patterns and isinstance(getattr(adapter, "structure_patterns", None), Mapping):
+                patterns = dict(adapter.structure_patterns)
+            # Known in advance only when the selection is the default adapter's own rule.
+            self._dynamic = type(adapter).select_structure is not PipelineAdapter.select_structure
         else:
             self.adapter_stage = as_stage(adapter, "adapter")
             self._adapter_entry = build_entry("adapter_stage", None, self.adapter_stage)
@@ -129,15 +208,27 @@ class AdaptivePipeline(Pipeline):
                     field="structures",
                     code="bad_option",
                 )
-            specs = dict(structures)
-        self.structures = {name: self._build(name, spec) for name, spec in specs.items()}
-        self._entries = {name: build_entry("structures", name, s) for name, s in self.structures.items()}
+            patterns = dict(structures)
+            self._dynamic = False
+        self._patterns = patterns
+        self.structures = {name: self._build(name, spec) for name, spec in patterns.items()}
+        self._by_content = {_key(spec): name for name, spec in patterns.items()}
+        self._rebuild()
+        self._built()
 
-    def _component(self, name: str, structure: str) -> Any:
+    @property
+    def component_pool(self) -> dict[str, Any]:
+        """The components (the tutorial's name for ``self.components``)."""
+        return self.components
+
+    def _rebuild(self) -> None:
+        self._entries = {key: build_entry("structures", key, s) for key, s in self.structures.items()}
+
+    def _component(self, name: Any, structure: str) -> Any:
         if name not in self.components:
             raise ConfigurationError(
                 f"Structure {structure!r} names component {name!r}; the pool has {sorted(self.components)}.",
-                field=name,
+                field=str(name),
                 code="unknown_component",
             )
         return self.components[name]
@@ -147,10 +238,11 @@ class AdaptivePipeline(Pipeline):
             return EnsemblePipeline(
                 [self._component(c, name) for c in spec["ensemble"]], spec.get("aggregator")
             )
-        if isinstance(spec, Sequence) and not isinstance(spec, str):
+        if isinstance(spec, Sequence) and not isinstance(spec, str) and spec:
             return SequentialPipeline([self._component(c, name) for c in spec])
         raise ConfigurationError(
-            f"Structure {name!r}: expected a list of component names or {{'ensemble': [...]}}.",
+            f"Structure {name!r}: expected a non-empty list of component names or {{'ensemble': [...]}}, "
+            f"got {spec!r}.",
             field=name,
             code="bad_structure",
         )
@@ -159,6 +251,20 @@ class AdaptivePipeline(Pipeline):
         base = scope.copy()
         if self._adapter_entry is not None:
             base.check(self._adapter_entry, prefix)
+        if self._dynamic:
+            # The adapter may pick any structure: each is checked when it is chosen. Every input a
+            # component may need is passed in when the caller has it; outputs are known only then.
+            for entry in self._entries.values():
+                sub = base.copy()
+                sub.strict = False
+                sub.check(entry, prefix)
+            for name, component in self.components.items():
+                ports = build_entry("components", name, component).ports
+                for f in (*ports.required, *ports.optional):
+                    if f not in scope.available:
+                        scope.optional.setdefault(f, join_path(prefix, f"components['{name}']"))
+            scope.opaque.append(prefix or "adaptive")
+            return
         results = []
         for entry in self._entries.values():
             sub = base.copy()
@@ -166,31 +272,52 @@ class AdaptivePipeline(Pipeline):
             results.append(sub)
         scope.narrow(results, [join_path(prefix, e.path) for e in self._entries.values()])
 
-    def _pick(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
-        if self._adapter_entry is None:
-            analysis = self.adapter.analyze(state.get(self.adapter.input_field))
-            name = self.adapter.choose(analysis)
+    def _entry_for(self, structure: Any) -> StageEntry:
+        if isinstance(structure, str):
+            name = structure if structure in self._patterns else None
+            key = structure
         else:
-            analysis = {"structure": state.get("structure")}
-            name = str(state.get("structure") or "").strip()
-        entry = self._entries.get(name)
-        if entry is None:
+            key = _key(structure)
+            name = self._by_content.get(key)
+        entry = self._entries.get(name or key)
+        if entry is not None:
+            return entry
+        if isinstance(structure, str) or not self._dynamic:
             raise RoutingError(
-                f"The adapter chose structure {name!r}, which does not exist. Structures: "
-                f"{sorted(self._entries)}.",
+                f"The adapter chose structure {structure!r}, which does not exist. Structures: "
+                f"{sorted(self._patterns)}.",
                 field="structure",
                 code="unknown_structure",
             )
-        run.extras["used_structure"] = name
+        with self._lock:  # a structure only a custom select_structure returns: built once, then reused
+            if key not in self._entries:
+                self.structures[key] = self._build(key, structure)
+                self._by_content[key] = key
+                self._rebuild()
+                self._built()
+            return self._entries[key]
+
+    def _pick(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
+        if self._adapter_entry is None:
+            analysis = self.adapter.analyze_input(dict(state))
+            structure = self.adapter.select_structure(analysis, self.components)
+        else:
+            analysis = {"structure": state.get("structure")}
+            structure = str(state.get("structure") or "").strip()
+        entry = self._entry_for(structure)
+        run.extras["used_structure"] = structure
+        run.extras["structure_name"] = str(entry.key)
         run.extras["input_analysis"] = analysis
         return entry
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         if self._adapter_entry is not None:
             call_stage(self, self._adapter_entry, state, run, hooks, prefix)
-        call_stage(self, self._pick(state, run), state, run, hooks, prefix)
+        entry = self._pick(state, run)
+        run.extras["result"] = call_stage(self, entry, state, run, hooks, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         if self._adapter_entry is not None:
             await acall_stage(self, self._adapter_entry, state, run, hooks, prefix)
-        await acall_stage(self, self._pick(state, run), state, run, hooks, prefix)
+        entry = self._pick(state, run)
+        run.extras["result"] = await acall_stage(self, entry, state, run, hooks, prefix)

@@ -18,17 +18,33 @@ from typing import Any
 
 import dspy
 
-from stageflow.engine.plan import Scope
+from stageflow.engine.config import CONFIG
+from stageflow.engine.plan import Scope, StageEntry
+from stageflow.engine.pool import to_thread
+from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.engine.runner import aexecute, execute
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.stages import RESERVED_FIELD_NAMES, FunctionStage, Ports
+from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageList
+from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
 
-__all__ = ["Pipeline", "as_stage"]
+__all__ = ["CheckResult", "Pipeline", "as_stage"]
 
-# Bumped whenever any pipeline's structure changes (add_stage ...): cached contract checks and
-# ports of every pipeline, including ones that hold the changed one, are then recomputed.
-_STRUCTURE_VERSION = [0]
+
+class CheckResult(tuple):  # type: ignore[type-arg]
+    """The fields a pipeline's result will have (a sorted tuple), plus what is checked at run time.
+
+    Attributes:
+        deferred: :class:`~stageflow.stages.DeferredField` entries: reads that only stages with
+            undeclared outputs may satisfy; each is checked just before the reading stage runs.
+    """
+
+    deferred: tuple[DeferredField, ...] = ()
+
+    @property
+    def warnings(self) -> list[str]:
+        """One readable line per deferred read."""
+        return [d.message() for d in self.deferred]
 
 
 def as_stage(obj: Any, where: str = "stage") -> Any:
@@ -51,17 +67,79 @@ def as_stage(obj: Any, where: str = "stage") -> Any:
     )
 
 
-class Pipeline(dspy.Module):  # type: ignore[misc]
-    """Base class of every stageflow architecture (see module docstring)."""
+class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
+    """Base class of every stageflow architecture (see module docstring).
 
-    _is_stageflow_pipeline = True
+    Args:
+        strict: Strict contracts for this pipeline's checks: a field that only a stage with
+            undeclared outputs may produce is refused before the run (``True``), or checked at run
+            time at the boundary of the stage that reads it (``False``). ``None`` (default) follows
+            ``stageflow.configure(strict=...)`` (off unless set).
+    """
+
     _default_policy: Any = None
+    #: Whether predictors in this pipeline's runs take stageflow's fast path (:mod:`stageflow.lm.fast`):
+    #: ``None`` follows ``stageflow.configure(fast_path=...)`` (on by default); set it to ``False`` to
+    #: call them exactly as DSPy does. The outermost pipeline of a call decides for the whole tree.
+    fast_path: bool | None = None
+    #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
+    _stage_containers: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool | None = None) -> None:
         super().__init__()
-        self._checked: dict[Any, tuple[str, ...]] = {}
+        if strict is not None and not isinstance(strict, bool):
+            raise ConfigurationError(
+                f"{type(self).__name__}: strict must be True, False or None, got {strict!r}.",
+                field="strict",
+                code="bad_option",
+            )
+        self.strict = strict
+        self._checked: dict[Any, Any] = {}
         self._ports: Ports | None = None
         self._ports_version = -1
+        self._merged_policies: dict[Any, Any] = {}
+        self._built_versions: tuple[int, ...] = ()
+        self._seen_structure = -1
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self)._stage_containers:
+            # Hold stages in tracked containers; replacing a whole container later changes the plan.
+            if isinstance(value, dict) and not isinstance(value, StageDict):
+                value = StageDict(value)
+            elif isinstance(value, list | tuple) and not isinstance(value, StageList):
+                value = StageList(value)
+            if name in self.__dict__ and isinstance(value, StageList | StageDict):
+                value.version = self.__dict__[name].version + 1
+                _STRUCTURE_VERSION[0] += 1
+        super().__setattr__(name, value)
+
+    # -- structure kept in step with the stage containers ----------------------------------------
+    def _container_versions(self) -> tuple[int, ...]:
+        return tuple(self.__dict__[n].version for n in type(self)._stage_containers if n in self.__dict__)
+
+    def _built(self) -> None:
+        """Record that the plan matches the containers now (patterns call it after building)."""
+        self._built_versions = self._container_versions()
+        self._seen_structure = _STRUCTURE_VERSION[0]
+
+    def _refresh(self) -> None:
+        """Rebuild the plan if a stage container was changed since it was built (cheap otherwise)."""
+        if self._seen_structure == _STRUCTURE_VERSION[0]:
+            return
+        if self._container_versions() != self._built_versions:
+            self._rebuild()
+            self._structure_changed()
+            self._built_versions = self._container_versions()
+        self._seen_structure = _STRUCTURE_VERSION[0]
+
+    def _rebuild(self) -> None:
+        """Rebuild the plan from the stage containers (patterns with containers override it)."""
+        raise ConfigurationError(
+            f"{type(self).__name__}: its stages were changed after it was built, which this pattern does "
+            "not support.",
+            code="structure_changed",
+            hint=f"build a new {type(self).__name__} with the stages you want",
+        )
 
     # -- implemented by patterns -------------------------------------------------------------
     def _analyze(self, scope: Scope, prefix: str) -> None:
@@ -73,20 +151,50 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         raise NotImplementedError
 
-    # -- hooks and results (overridden by observing conveniences) --------------------------------
-    def _run_hooks(self) -> tuple[Any, ...]:
+    # -- the engine protocol (see stageflow.engine.protocol) ---------------------------------------
+    def stageflow_hooks(self) -> tuple[Any, ...]:
         """Hooks this pipeline activates for its own runs (and nested ones)."""
         return ()
 
-    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
-        """Build the result; ``own_hooks`` are the hooks :meth:`_run_hooks` gave this call."""
+    def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
+        """Build the result; ``hooks`` are the ones :meth:`stageflow_hooks` gave this call."""
         return Result(state, run)
+
+    def stageflow_defaults(self) -> Any:
+        """The default policies set with :meth:`set_defaults` (``None`` when none are)."""
+        return self._default_policy
+
+    def stageflow_policy(self, entry: StageEntry) -> Any:
+        """The policy of one leaf stage: its own, merged over the defaults in force (this pipeline's
+        own defaults, else those of the nearest enclosing pipeline that set some)."""
+        defaults = self._default_policy or DEFAULT_POLICY.get()
+        if defaults is None or entry.composite:
+            return entry.policy
+        if entry.policy is None:
+            return defaults
+        key = (entry.path, id(defaults))
+        merged = self._merged_policies.get(key)
+        if merged is None or merged[1] is not defaults:
+            merged = self._merged_policies[key] = (entry.policy.merged_over(defaults), defaults)
+        return merged[0]
+
+    def stageflow_failed(self, run: RunInfo, hooks: tuple[Any, ...], error: BaseException) -> None:
+        """A call raised ``error`` after doing what ``run`` records (observing conveniences keep it)."""
+
+    def stageflow_deferred(self, stage_path: str, field: str) -> tuple[str, ...]:
+        """The stages with undeclared outputs that a read checked at run time was expected from."""
+        found: list[str] = []
+        for result in list(self._checked.values()):
+            for d in getattr(result, "deferred", ()):
+                if d.stage == stage_path and d.field == field:
+                    found.extend(c for c in d.candidates if c not in found)
+        return tuple(found)
 
     def _structure_changed(self) -> None:
         """Forget cached contract checks and ports (call after adding or replacing stages)."""
         self._checked = {}
         self._ports = None
-        self._merged_policies: dict[Any, Any] = {}
+        self._merged_policies = {}
         _STRUCTURE_VERSION[0] += 1
 
     # -- policies ----------------------------------------------------------------------------
@@ -121,11 +229,24 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
         return self
 
     # -- contracts ---------------------------------------------------------------------------
-    def check(self, inputs: Iterable[str] = ()) -> tuple[str, ...]:
+    def _closed(self) -> bool:
+        """Strict contracts for this pipeline's checks: its own ``strict``, else ``configure(strict=...)``."""
+        if self.strict is not None:
+            return self.strict
+        return CONFIG.strict
+
+    def _check_key(self, names: frozenset[str]) -> tuple[Any, ...]:
+        self._refresh()
+        return (names, _STRUCTURE_VERSION[0], self._closed())
+
+    def check(self, inputs: Iterable[str] = ()) -> CheckResult:
         """Check the contracts for a call with these input names, without running anything.
 
-        Returns the fields the result will have on every path. Raises :class:`ContractError`
-        naming the stage path and field when a stage's input is not available on some path.
+        Returns the fields the result will have on every path (a tuple), with ``.deferred``: the
+        reads that only stages with undeclared outputs may satisfy, checked at run time instead
+        (``.warnings`` says each in a line). Raises :class:`ContractError` naming the stage path and
+        field when a stage's input cannot be available on some path — or, with strict contracts
+        (``strict=True`` or ``stageflow.configure(strict=True)``), may be missing.
 
         Examples:
             >>> import dspy, stageflow
@@ -133,11 +254,15 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
             >>> p.check(["question"])
             ('answer', 'question')
         """
-        names = frozenset(inputs)
-        key = (names, _STRUCTURE_VERSION[0])
+        return self._check(frozenset(inputs), None, self._analyze)
+
+    def _check(self, names: frozenset[str], tag: Any, analyze: Any) -> CheckResult:
+        """Run ``analyze(scope, "")`` for these input names once (cached per names, structure and
+        strictness); ``tag`` tells apart the checks of one pipeline's several entry points."""
+        key = (tag, *self._check_key(names))
         cached = self._checked.get(key)
         if cached is not None:
-            return cached
+            return cached  # type: ignore[no-any-return]
         bad = sorted(names & RESERVED_FIELD_NAMES)
         if bad:
             raise ContractError(
@@ -147,14 +272,19 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
                 code="reserved_field",
                 hint=f"rename the input, e.g. {bad[0]}_value=...",
             )
-        scope = Scope.start(sorted(names), strict=True, owner=self)
-        self._analyze(scope, "")
-        out = tuple(sorted(scope.available))
+        scope = Scope.start(sorted(names), strict=True, owner=self, closed=key[-1])
+        analyze(scope, "")
+        out = CheckResult(sorted(f for f in scope.available if scope.origin.get(f) != "deferred"))
+        out.deferred = tuple(scope.deferred)
         self._checked[key] = out
         return out
 
-    def _stageflow_ports(self) -> Ports:
+    def _is_checked(self, names: frozenset[str], tag: Any = None) -> bool:
+        return (tag, *self._check_key(names)) in self._checked
+
+    def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
+        self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
             self._ports_version = _STRUCTURE_VERSION[0]
             scope = Scope.start((), strict=False, owner=self)
@@ -162,17 +292,19 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
             self._ports = Ports(
                 required=tuple(scope.missing),
                 optional=tuple(f for f in scope.optional if f not in scope.missing),
-                outputs=tuple(scope.available),
+                outputs=tuple(f for f in scope.available if scope.origin.get(f) != "deferred"),
                 types=dict(scope.available),
                 required_by=dict(scope.missing),
                 partial=dict(scope.partial),
+                opaque=tuple(scope.opaque),
+                deferred=tuple(scope.deferred),
             )
         return self._ports
 
     # -- calling ---------------------------------------------------------------------------------
     def _reject_positional(self, args: tuple[Any, ...]) -> None:
         if args:
-            needed = list(self._stageflow_ports().required)
+            needed = list(self.stageflow_ports().required)
             example = ", ".join(f"{n}=..." for n in needed) or "field=..."
             raise ConfigurationError(
                 f"{type(self).__name__} takes keyword arguments only; got {len(args)} positional.",
@@ -183,13 +315,34 @@ class Pipeline(dspy.Module):  # type: ignore[misc]
     def forward(self, *args: Any, **inputs: Any) -> Result:
         """Run the pipeline on ``inputs`` (the initial state); returns a :class:`Result`."""
         self._reject_positional(args)
-        if (frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return execute(self, inputs, self._run)
 
     async def aforward(self, *args: Any, **inputs: Any) -> Result:
         """Async twin of :meth:`forward` (call it as ``await pipeline.acall(...)``)."""
+        patched = self._patched_forward()
+        if patched is not None:
+            return await to_thread(patched, *args, **inputs)  # type: ignore[no-any-return]
         self._reject_positional(args)
-        if (frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)
+
+    def _patched_forward(self) -> Any:
+        """A ``forward`` set on this instance (the tutorial's custom multi-hop logic; DSPy's GEPA does
+        the same): ``acall`` must run it too, on a worker thread, instead of the pattern's own plan."""
+        return self.__dict__.get("forward")
+
+    # -- pictures ----------------------------------------------------------------------------
+    def to_mermaid(self) -> str:
+        """This pipeline's structure as a Mermaid flowchart (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_mermaid
+
+        return to_mermaid(self)
+
+    def to_dot(self) -> str:
+        """This pipeline's structure as Graphviz DOT (see :mod:`stageflow.observe.graph`)."""
+        from stageflow.observe.graph import to_dot
+
+        return to_dot(self)

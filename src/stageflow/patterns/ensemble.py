@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import BranchOutcome, FailurePolicy
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.errors import ConfigurationError, PipelineError
 from stageflow.patterns._fanout import (
     Branch,
@@ -20,6 +21,7 @@ from stageflow.patterns._fanout import (
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
+from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
 __all__ = ["EnsemblePipeline", "ResultAggregator", "normalize_answer"]
@@ -30,22 +32,54 @@ STRATEGIES = ("weighted_voting", "best_confidence", "consensus", "majority")
 def normalize_answer(value: Any) -> str:
     """Normalise an answer for voting: case, punctuation, articles and spacing.
 
+    Articles are dropped only around other words, so a one-letter answer keeps its identity
+    (``"A"``, ``"An"`` and ``"B"`` are three different answers).
+
     Examples:
         >>> normalize_answer("  The Eiffel-Tower! ")
         'eiffel tower'
+        >>> [normalize_answer(x) for x in ("A", "An", "a.", "B")]
+        ['a', 'an', 'a', 'b']
     """
-    text = str(value).lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    text = " ".join(re.sub(r"[^\w\s]", " ", str(value).lower()).split())
+    stripped = " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+    return stripped or text
 
 
-def _confidence(fields: dict[str, Any], key: str) -> float:
+#: Confidence of a member that reports none (the tutorial's ``getattr(output, 'confidence', 0.5)``).
+DEFAULT_CONFIDENCE = 0.5
+#: The answer fields voted on when ``field`` is not given, in order of preference.
+ANSWER_FIELDS = ("answer", "content")
+
+
+def _confidence(fields: Mapping[str, Any], key: str) -> float:
+    if key not in fields:
+        return DEFAULT_CONFIDENCE
     try:
-        c = float(fields.get(key, 1.0))
+        c = float(fields[key])
     except (TypeError, ValueError):
         return 0.0
+    if c != c:  # NaN
+        return 0.0
     return min(max(c, 0.0), 1.0)
+
+
+def _fields_of(item: Any) -> dict[str, Any] | None:
+    """A member's output fields, from a dict, a ``dspy.Prediction``, a pydantic model, or the tutorial's
+    ``{"processor_id", "result", "success"}`` records (``None`` for a failed record)."""
+    if isinstance(item, Mapping) and "success" in item and ("result" in item or "error" in item):
+        if not item.get("success"):
+            return None
+        item = item.get("result")
+    if isinstance(item, Mapping):
+        return dict(item)
+    store = getattr(item, "_store", None)
+    if isinstance(store, dict):
+        return dict(store)
+    model_fields = getattr(type(item), "model_fields", None)
+    if isinstance(model_fields, dict):
+        return {k: getattr(item, k) for k in model_fields}
+    return {"content": str(item)}
 
 
 class ResultAggregator:
@@ -55,17 +89,26 @@ class ResultAggregator:
         strategy: ``"weighted_voting"`` (default: answers that normalise alike vote together,
             weighted by confidence), ``"best_confidence"``, ``"consensus"`` (the plurality answer if
             its share of votes reaches ``threshold``; ``result.consensus`` tells whether it did),
-            ``"majority"`` (``dspy.majority`` over the answers), or any callable
+            ``"majority"`` (head count over normalised answers), or any callable
             ``(list_of_member_field_dicts) -> dict`` of fields.
-        field: The answer field that votes (default ``answer``).
-        confidence_field: Where members report confidence (default ``confidence``; 1.0 if absent).
+        field: The answer field that votes. Default: ``answer`` or ``content`` (the tutorial's), the
+            first one the members produce.
+        confidence_field: Where members report confidence (default ``confidence``; a member that
+            reports none counts 0.5, as in the tutorial).
         threshold: Agreement needed for ``consensus`` (share of votes, 0–1).
+        normalize: How answers are compared (default :func:`normalize_answer`).
+
+    Examples:
+        >>> agg = ResultAggregator()
+        >>> agg.aggregate([{"content": "Paris", "confidence": 0.9}, {"content": "paris", "confidence": 0.6},
+        ...                {"content": "Rome", "confidence": 0.5}])
+        {'content': 'Paris', 'confidence': 0.75}
     """
 
     def __init__(
         self,
         strategy: str | Callable[[list[dict[str, Any]]], dict[str, Any]] = "weighted_voting",
-        field: str = "answer",
+        field: str | None = None,
         confidence_field: str = "confidence",
         threshold: float = 0.5,
         normalize: Callable[[Any], str] = normalize_answer,
@@ -77,6 +120,12 @@ class ResultAggregator:
                 field="strategy",
                 code="bad_option",
             )
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+            raise ConfigurationError(
+                f"ResultAggregator: threshold must be a number from 0 to 1, got {threshold!r}.",
+                field="threshold",
+                code="bad_option",
+            )
         self.strategy = strategy
         self.field = field
         self.confidence_field = confidence_field
@@ -86,50 +135,81 @@ class ResultAggregator:
     def __repr__(self) -> str:
         return f"ResultAggregator(strategy={self.strategy!r}, field={self.field!r})"
 
-    def votes(self, members: Sequence[dict[str, Any]]) -> dict[str, float]:
+    def produces(self, member_fields: set[str] | None) -> set[str] | None:
+        """The fields the aggregate has, given the fields every member produces (``None``: unknown)."""
+        if callable(self.strategy) or member_fields is None:
+            return None
+        if self.strategy in ("weighted_voting", "consensus"):
+            return member_fields | {self.confidence_field}
+        return set(member_fields)
+
+    def answer_field(self, members: Sequence[Mapping[str, Any]]) -> str:
+        """The field that votes: ``field``, else ``answer`` or ``content``, whichever members produce."""
+        if self.field is not None:
+            return self.field
+        for name in ANSWER_FIELDS:
+            if any(name in m for m in members):
+                return name
+        return ANSWER_FIELDS[0]
+
+    def votes(self, members: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Normalised answer → total weight."""
+        field = self.answer_field(members)
         tally: dict[str, float] = {}
         weighted = self.strategy == "weighted_voting"
         for m in members:
-            if self.field not in m:
+            if field not in m:
                 continue
-            key = self.normalize(m[self.field])
+            key = self.normalize(m[field])
             tally[key] = tally.get(key, 0.0) + (_confidence(m, self.confidence_field) if weighted else 1.0)
         return tally
 
-    def aggregate(self, members: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def aggregate(self, results: Sequence[Any]) -> dict[str, Any]:
+        """The aggregated fields (the tutorial's call): ``results`` may be member field dicts,
+        ``dspy.Prediction`` objects, or the tutorial's ``{"processor_id", "result", "success"}`` records
+        (failed ones are left out). Returns e.g. ``{"content": ..., "confidence": ...}``."""
+        members = [f for f in (_fields_of(r) for r in results) if f is not None]
+        if not members:
+            raise PipelineError("All processors failed: nothing to aggregate.", code="all_failed")
+        return self.combine(members)[0]
+
+    def combine(self, members: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return ``(fields, details)``: the winning fields and how they were chosen."""
         if callable(self.strategy):
-            return dict(self.strategy(list(members))), {
-                "strategy": getattr(self.strategy, "__name__", "callable")
-            }
+            fields = self.strategy(list(members))
+            if not isinstance(fields, Mapping):
+                raise PipelineError(
+                    f"The aggregation strategy {self.strategy!r} returned {type(fields).__name__}; it must "
+                    "return a dict of fields.",
+                    code="bad_aggregate",
+                )
+            return dict(fields), {"strategy": getattr(self.strategy, "__name__", "callable")}
         if self.strategy == "best_confidence":
             best = max(members, key=lambda m: _confidence(m, self.confidence_field))
             return dict(best), {
                 "strategy": "best_confidence",
                 "confidence": _confidence(best, self.confidence_field),
             }
-        if self.strategy == "majority":
-            import dspy
-
-            preds = [dspy.Prediction(**m) for m in members if self.field in m]
-            winner = dspy.majority(preds, field=self.field)
-            value = winner[self.field]
-            chosen = next(m for m in members if m.get(self.field) == value)
-            return dict(chosen), {"strategy": "majority"}
+        field = self.answer_field(members)
         tally = self.votes(members)
         if not tally:
             raise PipelineError(
-                f"No ensemble member produced '{self.field}'.", field=self.field, code="no_votes"
+                f"No ensemble member produced '{field}'. Members produced: "
+                f"{sorted({k for m in members for k in m})}.",
+                field=field,
+                code="no_votes",
+                hint="pass ResultAggregator(field='<the answer field>')",
             )
         top = max(tally, key=lambda k: tally[k])  # ties: the earliest member's answer (dict order)
         total = sum(tally.values()) or 1.0
         agreement = tally[top] / total
-        group = [m for m in members if self.field in m and self.normalize(m[self.field]) == top]
+        group = [m for m in members if field in m and self.normalize(m[field]) == top]
         best = max(group, key=lambda m: _confidence(m, self.confidence_field))
         fields = dict(best)
-        fields[self.confidence_field] = agreement
         details: dict[str, Any] = {"strategy": self.strategy, "votes": tally, "agreement": agreement}
+        if self.strategy == "majority":
+            return fields, details
+        fields[self.confidence_field] = agreement
         if self.strategy == "consensus":
             details["consensus"] = agreement >= self.threshold
         return fields, details
@@ -141,14 +221,23 @@ class EnsemblePipeline(Pipeline):
     Args:
         processors: The members (held in the flat list ``self.processors``; the same objects run on
             every call, so optimizers see their traces).
-        aggregator: A :class:`ResultAggregator` (default: confidence-weighted voting on ``answer``).
+        aggregator: A :class:`ResultAggregator` (default: confidence-weighted voting on ``answer`` or
+            ``content``).
         quorum: Stop as soon as this many successful members agree (normalised answers) and abandon
             the rest (async members are cancelled).
-        max_concurrency, on_error, timeout: as for every fan-out.
+        max_concurrency, on_error, timeout: as for every fan-out (``on_error="collect"`` by default:
+            the aggregate is over the members that succeeded; each failure is in
+            ``individual_results`` and a ``member_failed`` event).
+        strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
-    Result details: ``individual_results`` (each member's status, fields or error), ``votes``,
-    ``agreement`` and, for ``consensus``, ``consensus``.
+    The result's fields are exactly what the strategy produces: the winning member's fields, plus
+    ``confidence`` (the agreement) for ``weighted_voting`` and ``consensus``. Result details:
+    ``aggregated_result`` (those fields), ``individual_results`` (per member, in the tutorial's
+    shape: ``processor_id``, ``result``, ``success``, plus ``status``, ``fields``, ``error``),
+    ``votes``, ``agreement`` and, for ``consensus``, ``consensus``.
     """
+
+    _stage_containers = ("processors",)
 
     def __init__(
         self,
@@ -159,45 +248,82 @@ class EnsemblePipeline(Pipeline):
         max_concurrency: int | None = None,
         on_error: FailurePolicy = "collect",
         timeout: float | None = None,
+        strict: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(strict=strict)
         check_fanout_options(max_concurrency, on_error, timeout, "EnsemblePipeline")
+        if isinstance(processors, str | bytes) or not isinstance(processors, Iterable):
+            raise ConfigurationError(
+                f"EnsemblePipeline takes a list of processors, got {type(processors).__name__}.",
+                code="bad_stages",
+            )
         self.processors = [as_stage(p, f"processors[{i}]") for i, p in enumerate(processors)]
         if not self.processors:
             raise ConfigurationError("EnsemblePipeline needs at least one processor.", code="bad_stages")
-        if quorum is not None and (not isinstance(quorum, int) or not 1 <= quorum <= len(self.processors)):
+        if quorum is not None and (
+            isinstance(quorum, bool) or not isinstance(quorum, int) or not 1 <= quorum <= len(self.processors)
+        ):
             raise ConfigurationError(
                 f"quorum must be an int from 1 to {len(self.processors)}, got {quorum!r}.",
                 field="quorum",
                 code="bad_option",
+            )
+        if aggregator is not None and not hasattr(aggregator, "combine"):
+            raise ConfigurationError(
+                f"EnsemblePipeline: aggregator must be a ResultAggregator, got {aggregator!r}.",
+                field="aggregator",
+                code="bad_option",
+                hint="ResultAggregator(strategy=...) (a callable strategy takes your own function)",
             )
         self.aggregator = aggregator or ResultAggregator()
         self.quorum = quorum
         self.max_concurrency = max_concurrency
         self.on_error = on_error
         self.timeout = timeout
+        self._rebuild()
+        self._built()
+
+    def _rebuild(self) -> None:
+        for i, p in enumerate(self.processors):
+            wrapped = as_stage(p, f"processors[{i}]")
+            if wrapped is not p:
+                list.__setitem__(self.processors, i, wrapped)
+        if not self.processors:
+            raise ConfigurationError("EnsemblePipeline needs at least one processor.", code="bad_stages")
         self._entries: tuple[StageEntry, ...] = tuple(
             build_entry("processors", i, p) for i, p in enumerate(self.processors)
         )
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
+        self._refresh()
         outs: list[set[str]] = []
+        opaque = False
         for entry in self._entries:
             sub = scope.copy()
             sub.check(entry, prefix)
             outs.append(set(sub.available) - set(scope.available))
+            opaque = opaque or len(sub.opaque) > len(scope.opaque)
             scope.opaque.extend(p for p in sub.opaque if p not in scope.opaque)
-        for f in set.intersection(*outs) | {self.aggregator.confidence_field}:
+        # Exactly the fields the aggregation strategy produces from what every member produces.
+        produced = self.aggregator.produces(None if opaque else set.intersection(*outs))
+        if produced is None:
+            scope.opaque.append(prefix or "ensemble")
+            return
+        for f in produced:
             scope.available.setdefault(f, None)
             scope.origin.setdefault(f, prefix or "ensemble")
 
     def _quorum(self, results_ref: list[Branch]) -> Callable[[list[BranchOutcome]], bool] | None:
         if self.quorum is None:
             return None
-        agg, k, field = self.aggregator, self.quorum, self.aggregator.field
+        agg, k = self.aggregator, self.quorum
+
+        def field_of(produced: list[dict[str, Any]]) -> str:
+            return agg.answer_field(produced)
 
         def reached(outcomes: list[BranchOutcome]) -> bool:
             counts: dict[str, int] = {}
+            field = field_of([results_ref[o.index].state for o in outcomes if o.ok])
             for o in outcomes:
                 if o.ok:
                     value = results_ref[o.index].state.get(field)
@@ -210,28 +336,43 @@ class EnsemblePipeline(Pipeline):
 
         return reached
 
-    def _finish(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult]) -> None:
+    def _finish(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str) -> None:
         absorb(run, results)
         run.extras["individual_results"] = [
             {
+                "processor_id": i,
                 "member": r.branch.entry.path,
                 "status": r.outcome.status,
+                "success": r.outcome.ok,
                 "ok": r.outcome.ok,
+                "result": r.outcome.value if r.outcome.ok else None,
                 "fields": r.produced,
                 "error": r.outcome.error,
                 "elapsed": r.outcome.elapsed,
             }
-            for r in results
+            for i, r in enumerate(results)
         ]
+        for r in results:
+            if not r.outcome.ok and r.outcome.status in ("error", "timeout"):
+                error = r.outcome.error
+                run.events.append(
+                    PolicyEvent(
+                        join_path(prefix, r.branch.entry.path),
+                        "member_failed",
+                        error=f"{type(error).__name__}: {error}",
+                        detail={"status": r.outcome.status},
+                    )
+                )
         ok = [r.produced for r in results if r.outcome.ok]
         if not ok:
             raise_all_failed("EnsemblePipeline: every member failed", results)
-        fields, details = self.aggregator.aggregate(ok)
+        fields, details = self.aggregator.combine(ok)
         state.update(fields)
         run.extras.update(details)
+        run.extras["aggregated_result"] = dict(fields)
 
     def _branches(self, state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, dict(state)) for e in self._entries]
+        return [Branch(e, private_state(state)) for e in self._entries]
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         branches = self._branches(state)
@@ -243,7 +384,7 @@ class EnsemblePipeline(Pipeline):
             **fanout_options(self),
             until=self._quorum(branches),
         )
-        self._finish(state, run, results)
+        self._finish(state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         branches = self._branches(state)
@@ -255,4 +396,4 @@ class EnsemblePipeline(Pipeline):
             **fanout_options(self),
             until=self._quorum(branches),
         )
-        self._finish(state, run, results)
+        self._finish(state, run, results, prefix)

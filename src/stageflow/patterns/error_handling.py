@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from stageflow.engine.plan import StageEntry
 from stageflow.errors import ConfigurationError, LowConfidenceError, PipelineError, StageflowError
 from stageflow.patterns.sequential import SequentialPipeline
 from stageflow.policies.recovery import StagePolicy, causes
@@ -22,11 +23,15 @@ def _log(run: RunInfo) -> list[dict[str, Any]]:
     return [
         {
             "stage_index": e.detail.get("index"),
+            "stage_name": e.stage,
             "stage_path": e.stage,
+            "error": e.detail.get("message"),
             "error_type": e.detail.get("error_type"),
             "message": e.detail.get("message"),
+            "input_state": e.detail.get("state"),
             "inputs": e.detail.get("inputs"),
             "action": e.kind,
+            **({"recovery_error": e.detail["recovery_error"]} if "recovery_error" in e.detail else {}),
         }
         for e in run.events
         if e.kind in _LOGGED
@@ -40,15 +45,22 @@ class ErrorHandlingPipeline(SequentialPipeline):
         stages: As for :class:`SequentialPipeline`.
         recovery_strategies: ``{stage_index: recover}``; ``recover(error, state)`` returns a new
             state (the run goes on with it) or ``None`` (the failure stands). Applied after the
-            stage's own retry/fallback policies are spent.
+            stage's own retry/fallback policies are spent. The strategies follow their stages when
+            stages are inserted (``add_stage``) or removed.
         non_critical: Exception types that skip the stage instead of failing the run: by default
             timeouts (``TimeoutError``, incl. ``StageTimeoutError``) and :class:`LowConfidenceError`.
             Decided by type, never by the message text.
+        error_field: A result field that reports a failure when it is truthy (default ``error``: a
+            :class:`~stageflow.StandardStage` that caught an exception returns ``error="..."``). Such
+            a result is handled like a raised error. ``None`` turns this off.
+        strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
-    ``result.error_log`` lists each failure with ``stage_index``, ``stage_path``, ``error_type``,
-    ``message``, ``inputs`` and ``action`` (``skipped`` or ``recovered``). An unrecovered failure
-    raises :class:`PipelineError` naming the stage index and path, with the original exception as
-    ``__cause__`` and the log so far in ``error.errors``.
+    ``result.error_log`` lists each failure with ``stage_index``, ``stage_name``, ``error``,
+    ``input_state`` (the tutorial's keys), ``stage_path``, ``error_type``, ``action`` (``skipped``,
+    ``recovered`` or ``failed``); ``pipeline.error_log`` is the log of the last finished call. An
+    unrecovered failure raises :class:`PipelineError` naming the stage index and path, with the
+    original exception as ``__cause__`` and the log so far in ``error.errors`` — the same error
+    whether or not the call asked for ``outputs=[...]``.
     """
 
     def __init__(
@@ -57,12 +69,27 @@ class ErrorHandlingPipeline(SequentialPipeline):
         recovery_strategies: Mapping[int, Recovery] | None = None,
         *,
         non_critical: Sequence[type[BaseException]] = (TimeoutError, LowConfidenceError),
+        error_field: str | None = "error",
+        strict: bool | None = None,
     ) -> None:
-        super().__init__(stages)
-        self.recovery_strategies = dict(recovery_strategies or {})
+        if recovery_strategies is not None and not isinstance(recovery_strategies, Mapping):
+            raise ConfigurationError(
+                f"recovery_strategies must be a dict {{stage_index: function}}, got {recovery_strategies!r}.",
+                field="recovery_strategies",
+                code="bad_option",
+            )
         self.non_critical = tuple(non_critical)
-        for key, fn in self.recovery_strategies.items():
-            if not isinstance(key, int) or not -len(self.stages) <= key < len(self.stages):
+        self.error_field = error_field
+        self._owners: dict[int, Any] = {}
+        self._last_log: list[dict[str, Any]] = []
+        super().__init__(stages, strict=strict)
+        strategies = dict(recovery_strategies or {})
+        for key, fn in strategies.items():
+            if (
+                isinstance(key, bool)
+                or not isinstance(key, int)
+                or not -len(self.stages) <= key < len(self.stages)
+            ):
                 raise ConfigurationError(
                     f"recovery_strategies key {key!r} is not a stage index (0..{len(self.stages) - 1}).",
                     field=str(key),
@@ -72,47 +99,107 @@ class ErrorHandlingPipeline(SequentialPipeline):
                 raise ConfigurationError(
                     f"recovery strategy for stage {key} is not callable.", field=str(key), code="bad_option"
                 )
+        # Each strategy is tied to its stage object, so it follows the stage when others are
+        # inserted or removed (deep copies keep the tie: the copy's map points at the copied stages).
+        self._owners = {id(self.stages[k]): (self.stages[k], fn) for k, fn in strategies.items()}
+        self.recovery_strategies = {k % len(self.stages): fn for k, fn in strategies.items()}
         self._entries = self._build()
 
-    def _build(self) -> tuple[Any, ...]:
+    def _build(self) -> tuple[StageEntry, ...]:
         entries = super()._build()
-        strategies = {k % len(entries): v for k, v in getattr(self, "recovery_strategies", {}).items()}
+        owners = getattr(self, "_owners", {})
+        if owners:
+            positions = {id(s): i for i, s in enumerate(self.stages)}
+            self.recovery_strategies = {
+                positions[id(stage)]: fn for stage, fn in owners.values() if id(stage) in positions
+            }
+        strategies = getattr(self, "recovery_strategies", {})
         out = []
         for i, entry in enumerate(entries):
-            extra = StagePolicy(recover=strategies.get(i), skip_on=getattr(self, "non_critical", ()))
+            extra = StagePolicy(
+                recover=strategies.get(i),
+                skip_on=getattr(self, "non_critical", ()),
+                error_field=getattr(self, "error_field", None),
+            )
             own = entry.policy
             out.append(replace(entry, policy=extra if own is None else own.merged_over(extra)))
         return tuple(out)
 
-    def _make_result(self, state: dict[str, Any], run: RunInfo, own_hooks: tuple[Any, ...] = ()) -> Result:
-        run.extras["error_log"] = _log(run)
+    def __deepcopy__(self, memo: dict[int, Any]) -> ErrorHandlingPipeline:
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k == "_owners":
+                continue
+            object.__setattr__(new, k, copy.deepcopy(v, memo))
+        # Re-tie each strategy to the copy of its stage.
+        object.__setattr__(
+            new,
+            "_owners",
+            {id(copy.deepcopy(s, memo)): (copy.deepcopy(s, memo), fn) for s, fn in self._owners.values()},
+        )
+        return new
+
+    @property
+    def error_log(self) -> list[dict[str, Any]]:
+        """The error log of the last finished call (each call's own is ``result.error_log``)."""
+        return list(self._last_log)
+
+    def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
+        log = _log(run)
+        run.extras["error_log"] = log
+        self._last_log = log  # one reference swap: safe under concurrent calls
         return Result(state, run)
 
     def _raise_unrecovered(self, error: StageflowError, run: RunInfo) -> None:
         log = _log(run)
+        self._last_log = log
         failed = next((e for e in reversed(log) if e["action"] == "failed"), None)
         index = failed["stage_index"] if failed else None
         path = failed["stage_path"] if failed else error.stage_path
         original = next((e for e in causes(error) if not isinstance(e, StageflowError)), error)
+        recovery = (
+            f" Its recovery strategy raised {failed['recovery_error']}."
+            if failed and "recovery_error" in failed
+            else ""
+        )
         err = PipelineError(
             f"ErrorHandlingPipeline: stage {index} ('{path}') failed and was not recovered: "
-            f"{type(original).__name__}: {original}",
+            f"{type(original).__name__}: {original}.{recovery}",
             stage_path=path,
             code="unrecovered",
             errors=log,
-            hint="add a recovery strategy for that stage index, a Fallback, or a RetryPolicy",
+            hint="fix the recovery strategy for that stage index"
+            if recovery
+            else "add a recovery strategy for that stage index, a Fallback, or a RetryPolicy",
         )
         err.path_is_full = True  # the log's paths are already full paths
-        raise err from original
+        raise err from error.recovery_error or original
 
-    def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+    def _run_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
         try:
-            super()._run(state, run, hooks, prefix)
+            super()._run_entries(entries, state, run, hooks, prefix)
         except StageflowError as e:
             self._raise_unrecovered(e, run)
 
-    async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
+    async def _arun_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
         try:
-            await super()._arun(state, run, hooks, prefix)
+            await super()._arun_entries(entries, state, run, hooks, prefix)
         except StageflowError as e:
             self._raise_unrecovered(e, run)

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from stageflow.engine.boundary import private_copy, private_state
 from stageflow.engine.concurrency import FailurePolicy
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
     Branch,
@@ -19,6 +20,7 @@ from stageflow.patterns._fanout import (
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
+from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
 __all__ = ["ForEach"]
@@ -40,13 +42,20 @@ class ForEach(Pipeline):
         over: The list field to iterate.
         item: The field each run receives its element as (default: ``over`` made singular,
             ``sub_questions`` → ``sub_question``). Other inputs of the stage come from the state.
-        collect: Where results go: a field name when the stage has one output (``"facts"``), or
-            ``{stage_output: list_field}``. Default: each output ``x`` into ``x + "s"``.
+        collect: What to collect from each run, and where: ``{stage_output: list_field}``; or one field
+            name: the output of that name is collected into a list of the same name — or, when the
+            stage declares exactly one output, the list that output goes into (``"facts"``).
+            Default: each declared output ``x`` into ``x + "s"``. A stage with undeclared outputs
+            (a custom module returning ``dspy.Prediction(...)``) needs ``collect=`` to say which field.
         max_concurrency: Cap on elements running at once (under any cap already in force).
-        on_error: ``"collect"`` (default: a failed element leaves ``None`` in its slot and is listed in
-            ``result.item_errors``), ``"skip"`` (failed elements are dropped from the lists) or
-            ``"fail_fast"`` (the first failure raises).
+        on_error: ``"fail_fast"`` (default: the first failed element fails the ForEach, the others are
+            cancelled — a failure is never hidden from the stages after it), ``"collect"`` (a failed
+            element leaves ``None`` in its slot; every failure is listed in ``result.item_errors``,
+            in ``result.details[<path>]`` from an enclosing pipeline, and as an ``item_failed`` event
+            in ``result.run.events``), or ``"skip"`` (failed elements are dropped from the lists,
+            and recorded the same way).
         timeout: Per-element timeout in seconds.
+        strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
     ``result.item_results`` lists every element's status, in input order.
     """
@@ -59,13 +68,20 @@ class ForEach(Pipeline):
         collect: str | Mapping[str, str] | None = None,
         *,
         max_concurrency: int | None = None,
-        on_error: FailurePolicy = "collect",
+        on_error: FailurePolicy = "fail_fast",
         timeout: float | None = None,
+        strict: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(strict=strict)
         check_fanout_options(max_concurrency, on_error, timeout, "ForEach")
-        if not isinstance(over, str) or not over:
-            raise ConfigurationError("ForEach needs over='<list field>'.", field="over", code="bad_option")
+        if not isinstance(over, str) or not over.isidentifier():
+            raise ConfigurationError(
+                f"ForEach needs over='<list field>', got {over!r}.", field="over", code="bad_option"
+            )
+        if item is not None and (not isinstance(item, str) or not item.isidentifier()):
+            raise ConfigurationError(
+                f"ForEach: item must be a field name, got {item!r}.", field="item", code="bad_option"
+            )
         self.stage = as_stage(stage, "ForEach stage")
         self.over = over
         self.item = item or _singular(over)
@@ -74,36 +90,60 @@ class ForEach(Pipeline):
         self.timeout = timeout
         self._entry = build_entry("stage", None, self.stage)
         self._item_entries: list[StageEntry] = []
-        outputs = self._entry.ports.outputs
-        if outputs is None:
-            raise ConfigurationError(
-                f"ForEach: the stage ({self._entry.label}) does not declare its outputs, so there is "
-                "nothing to collect.",
-                stage_path="stage",
-                code="undeclared_outputs",
-                hint="declare them: ForEach(Stage(x, writes=['fact']), ...)",
-            )
-        if isinstance(collect, str):
-            if len(outputs) != 1:
+        self.collect = self._collect_map(collect, self._entry.ports.outputs)
+
+    def _collect_map(self, collect: Any, outputs: tuple[str, ...] | None) -> dict[str, str]:
+        label = self._entry.label
+        if collect is None:
+            if outputs is None:
                 raise ConfigurationError(
-                    f"ForEach: collect={collect!r} names one list field, but the stage has outputs "
-                    f"{list(outputs)}.",
+                    f"ForEach: the stage ({label}) does not declare its outputs, so ForEach cannot tell "
+                    "which field to collect.",
+                    stage_path="stage",
+                    field="collect",
+                    code="undeclared_outputs",
+                    hint="name it: ForEach(stage, over=..., collect='fact') (or collect={'fact': 'facts'}), "
+                    "or declare the stage's outputs: Stage(x, writes=['fact'])",
+                )
+            return {o: f"{o}s" if not o.endswith("s") else f"{o}_list" for o in outputs}
+        if isinstance(collect, str):
+            if outputs is not None and len(outputs) == 1 and collect not in outputs:
+                return {outputs[0]: self._field(collect)}
+            if outputs is not None and collect not in outputs:
+                raise ConfigurationError(
+                    f"ForEach: collect={collect!r} is not one of the stage's outputs {list(outputs)}.",
                     field="collect",
                     code="bad_option",
                     hint=f"map each output: collect={{{', '.join(repr(o) + ': ...' for o in outputs)}}}",
                 )
-            collect = {outputs[0]: collect}
-        elif collect is None:
-            collect = {o: f"{o}s" if not o.endswith("s") else f"{o}_list" for o in outputs}
-        unknown = [k for k in collect if k not in outputs]
-        if unknown:
+            return {self._field(collect): collect}
+        if not isinstance(collect, Mapping) or not collect:
             raise ConfigurationError(
-                f"ForEach: collect names {unknown}, which the stage does not output "
-                f"(outputs: {list(outputs)}).",
+                f"ForEach: collect must be a field name or a non-empty mapping {{output: list_field}}, "
+                f"got {collect!r}.",
                 field="collect",
                 code="bad_option",
             )
-        self.collect = dict(collect)
+        mapping = {self._field(k): self._field(v) for k, v in collect.items()}
+        unknown = [k for k in mapping if outputs is not None and k not in outputs]
+        if unknown:
+            raise ConfigurationError(
+                f"ForEach: collect names {unknown}, which the stage does not output "
+                f"(outputs: {list(outputs or ())}).",
+                field="collect",
+                code="bad_option",
+            )
+        return mapping
+
+    @staticmethod
+    def _field(name: Any) -> str:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigurationError(
+                f"ForEach: collect names {name!r}, which is not a field name.",
+                field="collect",
+                code="bad_option",
+            )
+        return name
 
     def _item_entries_for(self, n: int) -> list[StageEntry]:
         """One entry per item position (``stage[i]``), made once and reused by every call.
@@ -118,17 +158,18 @@ class ForEach(Pipeline):
         return entries
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
-        if self.over not in scope.available:
-            if scope.strict:
-                raise ContractError(
-                    f"ForEach iterates over '{self.over}', which is not available there. Available: "
-                    f"{sorted(scope.available)}.",
-                    stage_path=prefix or None,
-                    field=self.over,
-                    code="missing_input",
-                    hint=f"produce the list '{self.over}' in an earlier stage, or pass it as an input",
-                )
-            scope.missing.setdefault(self.over, prefix or "ForEach")
+        scope.need(
+            self.over,
+            prefix or "ForEach",
+            lambda: ContractError(
+                f"ForEach iterates over '{self.over}', which is not available there. Available: "
+                f"{sorted(scope.available)}.",
+                stage_path=prefix or None,
+                field=self.over,
+                code="missing_input",
+                hint=f"produce the list '{self.over}' in an earlier stage, or pass it as an input",
+            ),
+        )
         inner = scope.copy()
         inner.available[self.item] = None
         inner.origin[self.item] = f"ForEach item of '{self.over}'"
@@ -149,21 +190,39 @@ class ForEach(Pipeline):
         needed = {st for _, st in (*self._entry.in_pairs, *self._entry.opt_pairs)}
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
         entries = self._item_entries_for(len(items))
-        return [Branch(entries[i], {**shared, self.item: x}) for i, x in enumerate(items)]
+        # Each item runs on private copies: an item cannot change another's inputs or the caller's.
+        return [
+            Branch(entries[i], {**private_state(shared), self.item: private_copy(x)})
+            for i, x in enumerate(items)
+        ]
 
-    def _collect(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult]) -> None:
+    def _collect(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str) -> None:
         absorb(run, results)
+        for r in results:
+            if r.outcome.ok:
+                self._check_item(r, prefix)
         lists: dict[str, list[Any]] = {dst: [] for dst in self.collect.values()}
         errors: list[dict[str, Any]] = []
         for r in results:
             if not r.outcome.ok:
-                errors.append(
-                    {"index": r.outcome.index, "status": r.outcome.status, "error": r.outcome.error}
+                error = r.outcome.error
+                errors.append({"index": r.outcome.index, "status": r.outcome.status, "error": error})
+                run.events.append(
+                    PolicyEvent(
+                        join_path(prefix, r.branch.entry.path),
+                        "item_failed",
+                        error=f"{type(error).__name__}: {error}",
+                        detail={
+                            "index": r.outcome.index,
+                            "status": r.outcome.status,
+                            "on_error": self.on_error,
+                        },
+                    )
                 )
                 if self.on_error == "skip":
                     continue
             for src, dst in self.collect.items():
-                lists[dst].append(r.branch.state.get(src) if r.outcome.ok else None)
+                lists[dst].append(r.branch.state[src] if r.outcome.ok else None)
         if results and len(errors) == len(results):
             err = PipelineError(
                 f"ForEach: all {len(results)} elements of '{self.over}' failed; first error: "
@@ -185,6 +244,26 @@ class ForEach(Pipeline):
         ]
         run.extras["item_errors"] = errors
 
+    def _check_item(self, r: BranchResult, prefix: str) -> None:
+        """An element whose run did not produce a collected field failed (never a silent ``None``)."""
+        missing = [src for src in self.collect if src not in r.branch.state]
+        if not missing:
+            return
+        path = join_path(prefix, r.branch.entry.path)
+        returned = sorted(k for k in r.branch.state if k not in (self.item,))
+        error = ContractError(
+            f"ForEach element {r.outcome.index} ('{path}') did not produce '{missing[0]}', which "
+            f"collect={self.collect} collects. It produced: {returned}.",
+            stage_path=path,
+            field=missing[0],
+            code="missing_output",
+            hint="return that field from the stage, or collect another one",
+        )
+        error.path_is_full = True
+        if self.on_error == "fail_fast":
+            raise error
+        r.outcome.ok, r.outcome.status, r.outcome.error = False, "error", error
+
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         results = run_branches(
             self,
@@ -194,7 +273,7 @@ class ForEach(Pipeline):
             **fanout_options(self),
             produced=False,
         )
-        self._collect(state, run, results)
+        self._collect(state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         results = await arun_branches(
@@ -205,4 +284,4 @@ class ForEach(Pipeline):
             **fanout_options(self),
             produced=False,
         )
-        self._collect(state, run, results)
+        self._collect(state, run, results, prefix)

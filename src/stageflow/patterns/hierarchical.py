@@ -12,9 +12,13 @@ A structure is a dict of named nodes; a node refers to others by name or holds t
 
 Node types:
 
-- ``module``: ``module`` is a module object, a function, or a path to a program saved with
-  ``program.save(dir, save_program=True)``; optional ``inputs``/``outputs``/``reads``/``writes``
-  as for :class:`Stage`.
+- ``module``: ``module`` is a module object or a function; optional ``inputs``/``outputs``/
+  ``reads``/``writes`` as for :class:`Stage`. A saved program is loaded with ``state``: the path of a
+  JSON state file (``program.save("qa.json")``), loaded into a copy of ``module`` (an object, or a
+  class called without arguments): ``{"type": "module", "module": QA, "state": "qa.json"}``. A
+  program saved whole with ``program.save(dir, save_program=True)`` is a cloudpickle file, and
+  unpickling it can run any code: ``module: "dir"`` (or a ``.pkl`` state) loads only with
+  ``HierarchicalPipeline(..., allow_pickle=True)``.
 - ``pipeline``: ``stages`` is a list of node names or inline nodes (a :class:`SequentialPipeline`).
 - ``conditional``: ``router`` and ``branches`` (``{label: node}``), optional ``default``
   (a :class:`BranchingPipeline`).
@@ -24,7 +28,8 @@ Node types:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ import dspy
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError
-from stageflow.patterns.base import _STRUCTURE_VERSION, Pipeline, as_stage
+from stageflow.patterns.base import CheckResult, Pipeline, as_stage
 from stageflow.patterns.branching import BranchingPipeline
 from stageflow.patterns.iterative import IterativePipeline
 from stageflow.patterns.sequential import SequentialPipeline
@@ -46,28 +51,65 @@ NODE_TYPES = ("module", "pipeline", "conditional", "iterative")
 _STAGE_KEYS = ("inputs", "outputs", "reads", "writes")
 
 
-def _load_saved(path: str | Path, where: str) -> Any:
-    p = Path(path)
-    if not p.exists():
+def _load_saved(target: Any, state: Any, where: str, allow_pickle: bool = False) -> Any:
+    """A ``module`` node's saved program: JSON state loaded into a copy of ``target``, or (opt-in) a pickle.
+
+    ``target`` is a path (a whole program saved with ``save_program=True``: cloudpickle) or, with
+    ``state``, the module object or class the saved state is loaded into.
+    """
+    path = Path(state if state is not None else target)
+    if not path.exists():
         raise ConfigurationError(
-            f"{where}: no saved program at {path!r}.",
+            f"{where}: no saved program at {str(path)!r}.",
             code="missing_program",
-            hint="save one with program.save('dir/', save_program=True), or pass the module object",
+            hint="save one with program.save('program.json') and give it as 'state', or pass the module "
+            "object",
+        )
+    pickled = path.suffix == ".pkl" or (state is None and path.is_dir())
+    if pickled and not allow_pickle:
+        raise ConfigurationError(
+            f"{where}: {str(path)!r} is a pickled program; unpickling a file can run any code it holds, "
+            "so pickled programs load only when you opt in.",
+            code="pickle_not_allowed",
+            hint="if you trust the file, pass HierarchicalPipeline(..., allow_pickle=True); better, save the "
+            "state as JSON (program.save('program.json')) and give {'type': 'module', 'module': YourProgram, "
+            "'state': 'program.json'}",
+        )
+    if state is None and not path.is_dir():
+        raise ConfigurationError(
+            f"{where}: {str(path)!r} holds a program's state, not the program: it needs a module to load "
+            "into.",
+            code="bad_program",
+            hint="give the module (or its class) and the file as 'state': "
+            "{'type': 'module', 'module': YourProgram, 'state': '...json'}",
         )
     try:
-        return dspy.load(str(p), allow_pickle=True)
+        if state is None:
+            loaded = dspy.load(str(path), allow_pickle=True)
+        else:
+            loaded = target() if isinstance(target, type) else copy.deepcopy(target)
+            loaded.load(str(path), allow_pickle=allow_pickle)
+    except ConfigurationError:
+        raise
     except Exception as e:
         raise ConfigurationError(
-            f"{where}: could not load the saved program at {path!r}: {type(e).__name__}: {e}",
+            f"{where}: could not load the saved program at {str(path)!r}: {type(e).__name__}: {e}",
             code="bad_program",
         ) from e
+    if not isinstance(loaded, dspy.Module):
+        raise ConfigurationError(
+            f"{where}: the saved program at {str(path)!r} is a {type(loaded).__name__}, not a dspy.Module.",
+            code="bad_program",
+        )
+    return loaded
 
 
 class _Builder:
     """Builds nodes once each (shared by name), detecting unknown names and cycles."""
 
-    def __init__(self, structure: Mapping[str, Any]) -> None:
+    def __init__(self, structure: Mapping[str, Any], allow_pickle: bool = False) -> None:
         self.structure = structure
+        self.allow_pickle = allow_pickle
         self.built: dict[str, Any] = {}
         self.building: list[str] = []
 
@@ -119,8 +161,11 @@ class _Builder:
                 raise ConfigurationError(
                     f"{where}: a 'module' node needs a 'module' key.", field="module", code="bad_node"
                 )
-            target = spec["module"]
-            module = _load_saved(target, where) if isinstance(target, str | Path) else as_stage(target, where)
+            target, state = spec["module"], spec.get("state")
+            saved = state is not None or isinstance(target, str | Path)
+            module = (
+                _load_saved(target, state, where, self.allow_pickle) if saved else as_stage(target, where)
+            )
             extra = {k: spec[k] for k in _STAGE_KEYS if k in spec}
             return Stage(module, **extra) if extra else module
         if kind == "pipeline":
@@ -152,7 +197,7 @@ class _Builder:
         stages = spec.get("stages") or []
         return IterativePipeline(
             [self.ref(s, f"{where} stages[{i}]") for i, s in enumerate(stages)],
-            spec.get("stopping_condition"),  # type: ignore[arg-type]  # validated by IterativePipeline
+            spec.get("stopping_condition"),  # validated by IterativePipeline
             max_iterations=spec.get("max_iterations", 5),
             on_limit=spec.get("on_limit", "return"),
         )
@@ -165,19 +210,29 @@ class HierarchicalPipeline(Pipeline):
         structure: ``{node_name: node}``; must contain ``root`` unless you only call other nodes.
         inputs: Optional input names for ``root``: the whole tree is then contract-checked at
             construction, before any call.
+        allow_pickle: Let ``module`` nodes load pickled programs (``save_program=True`` directories,
+            ``.pkl`` states). Unpickling runs code from the file: only for files you trust.
+        strict: Strict contracts (see :class:`~stageflow.Pipeline`).
 
     Every node is built once and held in the flat dict ``self.nodes``, so DSPy sees each predictor
     exactly once (``nodes['root'].stages[0]``, ...). Call ``pipeline(stage_name="root", **inputs)``
     to run a node (``root`` by default).
     """
 
-    def __init__(self, structure: Mapping[str, Any], *, inputs: Sequence[str] | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        structure: Mapping[str, Any],
+        *,
+        inputs: Sequence[str] | None = None,
+        allow_pickle: bool = False,
+        strict: bool | None = None,
+    ) -> None:
+        super().__init__(strict=strict)
         if not isinstance(structure, Mapping) or not structure:
             raise ConfigurationError(
                 "HierarchicalPipeline needs a non-empty dict of nodes.", code="bad_structure"
             )
-        builder = _Builder(structure)
+        builder = _Builder(structure, allow_pickle)
         for name in structure:
             builder.named(name, "structure")
         self.nodes = {name: builder.built[name] for name in structure}
@@ -197,19 +252,10 @@ class HierarchicalPipeline(Pipeline):
             )
         return entry
 
-    def check(self, inputs: Sequence[str] | Any = (), stage_name: str = "root") -> tuple[str, ...]:
+    def check(self, inputs: Iterable[str] = (), stage_name: str = "root") -> CheckResult:
         """Check the contracts of node ``stage_name`` for a call with these input names."""
-        names = frozenset(inputs)
-        key = (stage_name, names, _STRUCTURE_VERSION[0])
-        cached = self._checked.get(key)
-        if cached is not None:
-            return cached
         entry = self._entry(stage_name)
-        scope = Scope.start(sorted(names), strict=True, owner=self)
-        scope.check(entry, "")
-        out = tuple(sorted(scope.available))
-        self._checked[key] = out
-        return out
+        return self._check(frozenset(inputs), stage_name, lambda scope, prefix: scope.check(entry, prefix))
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         scope.check(self._entry("root"), prefix)
@@ -218,7 +264,7 @@ class HierarchicalPipeline(Pipeline):
         """Run node ``stage_name`` (default ``root``) on ``inputs``."""
         self._reject_positional(args)
         entry = self._entry(stage_name)
-        if (stage_name, frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)
 
         def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
@@ -230,7 +276,7 @@ class HierarchicalPipeline(Pipeline):
         """Async twin of :meth:`forward`."""
         self._reject_positional(args)
         entry = self._entry(stage_name)
-        if (stage_name, frozenset(inputs), _STRUCTURE_VERSION[0]) not in self._checked:
+        if not self._is_checked(frozenset(inputs), stage_name):
             self.check(inputs, stage_name)
 
         async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:

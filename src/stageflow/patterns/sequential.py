@@ -8,7 +8,7 @@ from typing import Any
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.engine.runner import aexecute, arun_sequence, execute, run_sequence
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.patterns.base import _STRUCTURE_VERSION, Pipeline, as_stage
+from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.state import Result, RunInfo
 
 __all__ = ["SequentialPipeline"]
@@ -32,8 +32,10 @@ class SequentialPipeline(Pipeline):
         3
     """
 
-    def __init__(self, stages: Iterable[Any]) -> None:
-        super().__init__()
+    _stage_containers = ("stages",)
+
+    def __init__(self, stages: Iterable[Any], *, strict: bool | None = None) -> None:
+        super().__init__(strict=strict)
         if isinstance(stages, str | bytes) or not isinstance(stages, Iterable):
             raise ConfigurationError(
                 f"SequentialPipeline takes a list of stages, got {type(stages).__name__}.",
@@ -42,9 +44,25 @@ class SequentialPipeline(Pipeline):
             )
         self.stages = [as_stage(s, f"stages[{i}]") for i, s in enumerate(stages)]
         self._entries = self._build()
+        self._built()
 
     def _build(self) -> tuple[StageEntry, ...]:
         return tuple(build_entry("stages", i, s) for i, s in enumerate(self.stages))
+
+    def _rebuild(self) -> None:
+        # ``pipeline.stages.append(fn)`` (or an assignment) may hold a plain function: wrap it in place.
+        for i, s in enumerate(self.stages):
+            wrapped = as_stage(s, f"stages[{i}]")
+            if wrapped is not s:
+                list.__setitem__(self.stages, i, wrapped)
+        self._entries = self._build()
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Each stage's path, in order (``stages[0]``, ``stages[1]``...): the keys of
+        ``result.stage_outputs`` and of profiles and traces."""
+        self._refresh()
+        return [e.path for e in self._entries]
 
     def add_stage(self, stage: Any, position: int | None = None) -> SequentialPipeline:
         """Insert ``stage`` at ``position`` (default: the end); later stages shift down.
@@ -56,6 +74,10 @@ class SequentialPipeline(Pipeline):
         if position is None:
             self.stages.append(s)
         else:
+            if isinstance(position, bool) or not isinstance(position, int):
+                raise ConfigurationError(
+                    f"add_stage: position must be an int or None, got {position!r}.", code="bad_position"
+                )
             if not -len(self.stages) - 1 <= position <= len(self.stages):
                 raise ConfigurationError(
                     f"add_stage: position {position} is out of range for {len(self.stages)} stages.",
@@ -63,8 +85,7 @@ class SequentialPipeline(Pipeline):
                     hint=f"use 0..{len(self.stages)}, or position=None to append",
                 )
             self.stages.insert(position, s)
-        self._entries = self._build()
-        self._structure_changed()
+        self._refresh()
         return self
 
     # -- demand-driven runs -------------------------------------------------------------------
@@ -72,31 +93,31 @@ class SequentialPipeline(Pipeline):
         """The stages the requested fields depend on, in order (checked like a full run)."""
         if isinstance(outputs, str):
             outputs = [outputs]
-        key = ("demand", frozenset(outputs), frozenset(inputs), _STRUCTURE_VERSION[0])
+        key = ("demand", frozenset(outputs), *self._check_key(frozenset(inputs)))
         cached = self._checked.get(key)
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached  # type: ignore[no-any-return]
         needed = set(outputs)
         chosen: list[StageEntry] = []
         for entry in reversed(self._entries):
             produced = entry.ports.outputs
-            if produced is None or needed & set(produced):
+            if produced is None or entry.ports.opaque or needed & set(produced):
                 chosen.append(entry)
                 needed -= set(produced or ())
                 needed |= set(entry.ports.required) | set(entry.ports.optional)
         plan = tuple(reversed(chosen))
-        scope = Scope.start(sorted(set(inputs)), strict=True, owner=self)
+        scope = Scope.start(sorted(set(inputs)), strict=True, owner=self, closed=self._closed())
         for entry in plan:
             scope.check(entry, "")
         missing = [f for f in outputs if f not in scope.available]
-        if missing:
+        if missing and not (scope.opaque and not scope.closed):
             raise ContractError(
                 f"outputs={list(outputs)}: no stage produces {missing}, and they are not inputs. "
                 f"This pipeline can produce: {sorted(self.check(inputs))}.",
                 field=missing[0],
                 code="unknown_output",
             )
-        self._checked[key] = plan  # type: ignore[assignment]
+        self._checked[key] = plan
         return plan
 
     def forward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
@@ -104,11 +125,12 @@ class SequentialPipeline(Pipeline):
         if outputs is None:
             return super().forward(*args, **inputs)
         self._reject_positional(args)
+        self._refresh()
         plan = self._demanded(outputs, inputs)
 
         def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
             run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
-            run_sequence(self, plan, state, run, hooks, prefix)
+            self._run_entries(plan, state, run, hooks, prefix)
 
         return execute(self, inputs, body)
 
@@ -117,11 +139,12 @@ class SequentialPipeline(Pipeline):
         if outputs is None:
             return await super().aforward(*args, **inputs)
         self._reject_positional(args)
+        self._refresh()
         plan = self._demanded(outputs, inputs)
 
         async def body(state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
             run.extras["skipped_stages"] = [e.path for e in self._entries if e not in plan]
-            await arun_sequence(self, plan, state, run, hooks, prefix)
+            await self._arun_entries(plan, state, run, hooks, prefix)
 
         return await aexecute(self, inputs, body)
 
@@ -130,7 +153,29 @@ class SequentialPipeline(Pipeline):
             scope.check(entry, prefix)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        run_sequence(self, self._entries, state, run, hooks, prefix)
+        self._run_entries(self._entries, state, run, hooks, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        await arun_sequence(self, self._entries, state, run, hooks, prefix)
+        await self._arun_entries(self._entries, state, run, hooks, prefix)
+
+    def _run_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
+        """Run these stages in order (every run of this pipeline, demand-driven ones too, comes here)."""
+        run_sequence(self, entries, state, run, hooks, prefix)
+
+    async def _arun_entries(
+        self,
+        entries: tuple[StageEntry, ...],
+        state: dict[str, Any],
+        run: RunInfo,
+        hooks: tuple[Any, ...],
+        prefix: str,
+    ) -> None:
+        """Async twin of :meth:`_run_entries`."""
+        await arun_sequence(self, entries, state, run, hooks, prefix)

@@ -6,6 +6,8 @@ import contextvars
 import threading
 from typing import Any
 
+import dspy
+
 __all__ = ["LazyResult", "LazyStage"]
 
 _UNSET = object()
@@ -34,6 +36,27 @@ class LazyResult:
         """Whether the stage has run."""
         return self._value is not _UNSET or self._error is not None
 
+    def get_result(self) -> Any:
+        """Force evaluation and return the result (the tutorial's name for :meth:`value`)."""
+        return self.value()
+
+    @property
+    def predictions(self) -> dict[str, Any]:
+        """The result's fields as a dict (forces evaluation)."""
+        value = self.value()
+        store = getattr(value, "_store", None)
+        if isinstance(store, dict):
+            return dict(store)
+        if isinstance(value, dict):
+            return dict(value)
+        if hasattr(value, "model_dump"):
+            return dict(value.model_dump())
+        raise AttributeError(f"the result ({type(value).__name__}) has no named fields")
+
+    def stageflow_resolve(self) -> Any:
+        """What the engine merges when a pipeline holds the lazy stage: the forced result."""
+        return self.value()
+
     def value(self) -> Any:
         """Run the stage if it has not run yet, and return its result (or raise its error)."""
         if self._value is _UNSET and self._error is None:
@@ -60,8 +83,14 @@ class LazyResult:
         return repr(self.value()) if self.done else f"LazyResult(pending: {self._stage!r})"
 
 
-class LazyStage:
+class LazyStage(dspy.Module):  # type: ignore[misc]
     """Wrap a stage (any module, pipeline or function) so calling it defers the work.
+
+    A ``dspy.Module``: the wrapped stage is its attribute ``underlying_stage``, so its predictors are
+    visible to DSPy's optimizers and to ``save``/``load``. Calling it returns a :class:`LazyResult`
+    at once; the stage runs on the first access to the result (``result.get_result()``,
+    ``result.predictions``, a field, an item), exactly once. In a pipeline, the lazy stage's outputs
+    are merged into the state when it finishes, which resolves it then.
 
     Examples:
         >>> import stageflow
@@ -70,19 +99,32 @@ class LazyStage:
         >>> r = double(x=21)
         >>> ran, r.done
         ([], False)
-        >>> r["y"], r["y"], ran
+        >>> r["y"], r.get_result()["y"], ran
         (42, 42, [21])
     """
 
-    def __init__(self, stage: Any) -> None:
-        if not callable(stage):
+    def __init__(self, underlying_stage: Any) -> None:
+        super().__init__()
+        if not callable(underlying_stage):
             from stageflow.errors import ConfigurationError
 
-            raise ConfigurationError(f"LazyStage needs a callable stage, got {stage!r}.", code="not_a_stage")
-        self.stage = stage
+            raise ConfigurationError(
+                f"LazyStage needs a callable stage, got {underlying_stage!r}.", code="not_a_stage"
+            )
+        self.underlying_stage = underlying_stage
 
-    def __call__(self, **kwargs: Any) -> LazyResult:
-        return LazyResult(self.stage, kwargs)
+    @property
+    def stage(self) -> Any:
+        """The wrapped stage (an alias of ``underlying_stage``)."""
+        return self.underlying_stage
+
+    def forward(self, **kwargs: Any) -> LazyResult:
+        """Return a lazy result wrapper; nothing runs yet."""
+        return LazyResult(self.underlying_stage, kwargs)
+
+    async def aforward(self, **kwargs: Any) -> LazyResult:
+        """Async twin of :meth:`forward` (the result is resolved on first access, as in sync code)."""
+        return LazyResult(self.underlying_stage, kwargs)
 
     def __repr__(self) -> str:
-        return f"LazyStage({self.stage!r})"
+        return f"LazyStage({self.underlying_stage!r})"

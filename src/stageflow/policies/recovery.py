@@ -287,6 +287,8 @@ class StagePolicy:
     recover: Callable[[BaseException, dict[str, Any]], Any] | None = None
     skip_on: tuple[type[BaseException], ...] = ()
     cache: Any = None
+    error_field: str | None = None
+    """A result field that, when truthy, reports the stage failed (the tutorial's ``StageOutput.error``)."""
 
     def merged_over(self, defaults: StagePolicy | None) -> StagePolicy:
         """This policy, with each kind it does not set taken from ``defaults``."""
@@ -301,6 +303,7 @@ class StagePolicy:
             recover=self.recover or defaults.recover,
             skip_on=self.skip_on or defaults.skip_on,
             cache=self.cache or defaults.cache,
+            error_field=self.error_field or defaults.error_field,
         )
 
     def is_empty(self) -> bool:

@@ -5,10 +5,13 @@
 ``dspy.Module``: it has no learnable state, and deep copies (which DSPy optimizers make of whole
 programs) share the same index.
 
-The index is built once with ``bm25s`` and cached on disk next to the corpus, in
-``<corpus>.bm25/<key>/``, where the key hashes the corpus bytes and the index settings: an edited
-corpus gets a fresh index. The cache is written to a temporary directory and renamed into place, so a
-reader never sees half an index; if the directory cannot be written the index simply stays in memory.
+The index is built once with ``bm25s`` and cached on disk in the user's cache folder (see
+:func:`index_cache_dir`: ``$STAGEFLOW_BM25_CACHE_DIR``, else ``$XDG_CACHE_HOME/stageflow/bm25``, else
+``~/.cache/stageflow/bm25``), never next to the corpus, which may sit in a read-only or shared place
+such as site-packages. Each corpus gets ``<folder>/<hash of its path>/<key>/``, where the key hashes
+the corpus bytes and the index settings: an edited corpus gets a fresh index. The cache is written to
+a temporary directory and renamed into place, so a reader never sees half an index; if the directory
+cannot be written the index simply stays in memory.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import Any
 from stageflow.errors import ConfigurationError
 from stageflow.retrieval.corpus import check_k, format_passage, parse_corpus, read_corpus_bytes
 
-__all__ = ["BM25Retriever"]
+__all__ = ["INDEX_DIR_ENV", "BM25Retriever", "index_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
+INDEX_DIR_ENV = "STAGEFLOW_BM25_CACHE_DIR"
 _CACHE_FORMAT = 1
 _META_FILE = "stageflow-meta.json"
 _TMP_PREFIX = ".tmp-"
@@ -163,13 +167,21 @@ class BM25Retriever:
         index.index(self._tokenize(texts), show_progress=False)
         return index
 
-    def _cache_root(self) -> Path:
-        return self.corpus_path.with_name(self.corpus_path.name + ".bm25")
+    def _cache_root(self) -> Path | None:
+        where = hashlib.sha256(str(self.corpus_path.resolve()).encode("utf-8", "surrogatepass"))
+        try:
+            return index_cache_dir() / where.hexdigest()[:16]
+        except (RuntimeError, KeyError, OSError) as exc:  # no home folder to cache in
+            logger.info("BM25 index for %s kept in memory: no cache folder (%s).", self.corpus_path, exc)
+            return None
 
     def _load_cached(self, key: str) -> Any:
         import bm25s
 
-        entry = self._cache_root() / key
+        root = self._cache_root()
+        if root is None:
+            return None
+        entry = root / key
         meta_path = entry / _META_FILE
         if not meta_path.is_file():
             return None
@@ -188,10 +200,12 @@ class BM25Retriever:
 
     def _store(self, key: str) -> None:
         root = self._cache_root()
+        if root is None:
+            return
         final = root / key
         tmp = root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
         try:
-            root.mkdir(exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._index.save(str(tmp), show_progress=False)
             meta = {"num_docs": len(self.documents), "settings": self._settings}
             (tmp / _META_FILE).write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
@@ -221,6 +235,20 @@ class BM25Retriever:
                 if entry.name.startswith(_TMP_PREFIX) and time.time() - entry.stat().st_mtime < 3600:
                     continue  # possibly another process building right now
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def index_cache_dir() -> Path:
+    """The folder BM25 indexes are cached in.
+
+    ``$STAGEFLOW_BM25_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/stageflow/bm25`` (an absolute
+    ``XDG_CACHE_HOME`` only, as the XDG spec says), else ``~/.cache/stageflow/bm25``.
+    """
+    explicit = os.environ.get(INDEX_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "stageflow" / "bm25"
 
 
 def _bm25s_version() -> str:

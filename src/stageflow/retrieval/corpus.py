@@ -7,12 +7,13 @@ A corpus file has one ``{"id", "title", "text"}`` object per line: ``text`` is r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
 
-__all__ = ["check_k", "format_passage", "parse_corpus", "read_corpus_bytes"]
+__all__ = ["check_k", "format_passage", "parse_corpus", "read_corpus", "read_corpus_bytes"]
 
 
 def check_k(k: Any) -> int:
@@ -118,3 +119,14 @@ def parse_corpus(raw: bytes, path: Path) -> list[dict[str, Any]]:
             hint='add at least one line like {"id": "d1", "title": "...", "text": "..."}',
         )
     return documents
+
+
+def read_corpus(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and check a JSON Lines corpus without indexing it (no ``bm25s`` needed).
+
+    Raises:
+        ConfigurationError: as :class:`~stageflow.retrieval.BM25Retriever` does for a missing,
+            unreadable or bad corpus.
+    """
+    corpus = Path(path).expanduser()
+    return parse_corpus(read_corpus_bytes(corpus), corpus)

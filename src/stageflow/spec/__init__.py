@@ -44,9 +44,20 @@ Nodes (``type`` defaults to ``module``):
 * ``parallel``, ``foreach`` and ``ensemble`` take the fan-out policies ``max_concurrency``, ``on_error``
   and ``timeout``.
 
-Loading is safe: ``yaml.safe_load`` (or ``json.loads``), no ``eval``, and Python objects are imported
-only from the modules passed as ``allow_modules`` (``--allow-module`` on the command line). Every
-error is a :class:`SpecError` (a :class:`~stageflow.ConfigurationError`) naming the file, line and key.
+Loading is safe, and a file cannot be turned against the user who loads it:
+
+* YAML's safe loader (or ``json.loads``), no ``eval``; files over 1 MB (:data:`MAX_SPEC_BYTES`,
+  ``$STAGEFLOW_MAX_SPEC_BYTES``), nested deeper than :data:`MAX_DEPTH` levels, or whose aliases
+  expand to more than a million values are refused before they are built.
+* Python objects come only from the modules passed as ``allow_modules`` (``--allow-module``), and
+  only objects those modules *define*: ``'mypkg:os.system'`` is refused although ``mypkg`` imports
+  ``os`` (see :mod:`stageflow.spec._origin`). Signature strings may use the types of ``typing``,
+  builtins and ``dspy.*`` only, so they cannot import modules either.
+* File references (``bm25:``) resolve inside the file's own folder; other folders must be allowed
+  with ``allow_paths`` (``--allow-path``). Absolute paths, ``..`` and symlinks leading out are refused.
+
+Every error is a :class:`SpecError` (a :class:`~stageflow.ConfigurationError`) naming the file, line
+and key.
 """
 
 from __future__ import annotations
@@ -63,9 +74,12 @@ from stageflow.patterns.base import Pipeline
 from stageflow.spec._build import TAG_META, build
 from stageflow.spec._export import signature_text, to_spec
 from stageflow.spec._locate import locate_stage
-from stageflow.spec._source import SpecError, SpecSource, read_spec
+from stageflow.spec._modules import BM25Stage
+from stageflow.spec._source import MAX_DEPTH, MAX_SPEC_BYTES, SpecError, SpecSource, read_spec
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_SPEC_BYTES",
     "SpecError",
     "build_pipeline",
     "declared_inputs",
@@ -73,13 +87,22 @@ __all__ = [
     "load_pipeline",
     "signature_text",
     "to_spec",
+    "uses_retrieval",
 ]
 
 
-def _finish(src: SpecSource, allow_modules: Iterable[str], inputs: Iterable[str] | None = None) -> Pipeline:
+def _finish(
+    src: SpecSource,
+    allow_modules: Iterable[str],
+    inputs: Iterable[str] | None = None,
+    allow_paths: Iterable[str | os.PathLike[str]] = (),
+) -> Pipeline:
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
-    root, locations = build(src, tuple(allow_modules))
+    if isinstance(allow_paths, str | os.PathLike):
+        allow_paths = [allow_paths]
+    roots = tuple(Path(p).expanduser().resolve() for p in allow_paths)
+    root, locations = build(src, tuple(allow_modules), roots)
     meta = getattr(root, TAG_META)
     inputs = list(inputs) if inputs is not None else meta.get("inputs")
     if inputs is None:
@@ -104,14 +127,22 @@ def _finish(src: SpecSource, allow_modules: Iterable[str], inputs: Iterable[str]
 
 
 def load_pipeline(
-    path: str | os.PathLike[str], allow_modules: Iterable[str] = (), *, inputs: Iterable[str] | None = None
+    path: str | os.PathLike[str],
+    allow_modules: Iterable[str] = (),
+    *,
+    inputs: Iterable[str] | None = None,
+    allow_paths: Iterable[str | os.PathLike[str]] = (),
+    max_bytes: int | None = None,
 ) -> Pipeline:
     """Build the pipeline described by a ``.yaml``/``.yml``/``.json`` file.
 
     Args:
         path: The pipeline file.
-        allow_modules: Modules (or packages) that ``component:`` references may import from.
+        allow_modules: Modules (or packages) that ``component:`` references may import from; only
+            objects those modules define can be used.
         inputs: Contract-check the pipeline for these input names (default: the file's ``inputs``).
+        allow_paths: Folders, besides the file's own, that its file references may read from.
+        max_bytes: Refuse larger files (default 1 MB, or ``$STAGEFLOW_MAX_SPEC_BYTES``).
 
     Returns:
         The root pipeline (a ``dspy.Module``; a single module root is wrapped in a one-stage
@@ -120,17 +151,25 @@ def load_pipeline(
     Raises:
         SpecError: anything wrong with the file, pointing to its line and key.
     """
-    return _finish(read_spec(path), allow_modules, inputs)
+    return _finish(read_spec(path, max_bytes), allow_modules, inputs, allow_paths)
 
 
 def build_pipeline(
-    spec: Mapping[str, Any], allow_modules: Iterable[str] = (), base_dir: str | os.PathLike[str] | None = None
+    spec: Mapping[str, Any],
+    allow_modules: Iterable[str] = (),
+    base_dir: str | os.PathLike[str] | None = None,
+    *,
+    allow_paths: Iterable[str | os.PathLike[str]] = (),
 ) -> Pipeline:
-    """Build a pipeline from spec data (e.g. :func:`to_spec`'s output); ``base_dir`` resolves file paths."""
+    """Build a pipeline from spec data (e.g. :func:`to_spec`'s output).
+
+    File references resolve inside ``base_dir`` (default: the current folder) and ``allow_paths``.
+    """
     if not isinstance(spec, Mapping):
         raise SpecError(f"a spec must be a mapping, got {type(spec).__name__}.")
-    src = SpecSource(spec, None, {}, Path(base_dir) if base_dir is not None else Path.cwd())
-    return _finish(src, allow_modules)
+    base = Path(base_dir).expanduser().resolve() if base_dir is not None else Path.cwd().resolve()
+    src = SpecSource(spec, None, {}, base)
+    return _finish(src, allow_modules, allow_paths=allow_paths)
 
 
 def declared_inputs(pipeline: Any) -> list[str] | None:
@@ -138,6 +177,12 @@ def declared_inputs(pipeline: Any) -> list[str] | None:
     meta = getattr(pipeline, TAG_META, None)
     value = meta.get("inputs") if isinstance(meta, dict) else None
     return list(value) if value is not None else None
+
+
+def uses_retrieval(pipeline: Any) -> bool:
+    """Whether ``pipeline`` has a ``bm25`` stage (so running it needs ``bm25s``)."""
+    modules = [pipeline, *(m for _, m in pipeline.named_sub_modules())]
+    return any(isinstance(getattr(m, "fn", None), BM25Stage) for m in modules)
 
 
 def dump_spec(spec: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> str:

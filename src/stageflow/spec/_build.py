@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import math
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -22,9 +24,10 @@ from stageflow.patterns.foreach import ForEach
 from stageflow.patterns.iterative import IterativePipeline, QualityBasedStopping
 from stageflow.patterns.parallel import ParallelPipeline, ResultMerger
 from stageflow.patterns.sequential import SequentialPipeline
-from stageflow.spec._components import ComponentRefError, resolve_component
+from stageflow.spec._components import ComponentRefError, check_module_names, resolve_component
 from stageflow.spec._modules import MODULE_KINDS, TAG_ORIGIN, build_module
-from stageflow.spec._source import KeyPath, SpecError, SpecSource
+from stageflow.spec._paths import resolve_reference
+from stageflow.spec._source import MAX_DEPTH, KeyPath, SpecError, SpecSource
 
 __all__ = ["NODE_TYPES", "TAG_META", "TAG_NODE", "build"]
 
@@ -41,7 +44,7 @@ KEYS = {
     "foreach": ("type", "stage", "over", "item", "collect", *FANOUT_KEYS),
     "ensemble": ("type", "processors", "aggregator", "quorum", *FANOUT_KEYS),
 }
-STOPPING_KEYS = ("quality_threshold", "patience", "min_improvement", "score_field")
+STOPPING_KEYS = ("quality_threshold", "patience", "min_improvement", "score_field", "improvement_field")
 MERGER_KEYS = ("on_clash", "separator")
 AGGREGATOR_KEYS = ("strategy", "field", "confidence_field", "threshold")
 
@@ -51,12 +54,20 @@ TAG_META = "_stageflow_spec_meta"  # top-level name/description/inputs/outputs, 
 
 
 class _Builder:
-    def __init__(self, src: SpecSource, nodes: Mapping[str, Any], allow_modules: Sequence[str]) -> None:
+    def __init__(
+        self,
+        src: SpecSource,
+        nodes: Mapping[str, Any],
+        allow_modules: Sequence[str],
+        allow_paths: Sequence[Path] = (),
+    ) -> None:
         self.src = src
         self.nodes = nodes
         self.allow = tuple(allow_modules)
+        self.allow_paths = tuple(allow_paths)
         self.built: dict[str, Any] = {}
         self.building: list[str] = []
+        self.depth = 0
         self.locations: dict[int, KeyPath] = {}
         self._keep: list[Any] = []  # keeps located objects alive so their ids stay unique
 
@@ -118,6 +129,21 @@ class _Builder:
             raise self.err(path, "expected a mapping {stage_field: state_field}.", code="bad_value")
         return dict(value)
 
+    def path(self, value: Any, path: KeyPath, what: str) -> Path:
+        """A file reference of the spec, resolved inside the spec's folder or an allowed one."""
+        text = self.typed(value, str, path, what)
+        reason = resolve_reference(text, self.src.base_dir, self.allow_paths)
+        if isinstance(reason, Path):
+            return reason
+        raise self.err(
+            path,
+            f"the path {text!r} {reason}, outside the folder of the pipeline file ({self.src.base_dir}); "
+            "a pipeline file may only read files inside its own folder.",
+            code="path_outside_folder",
+            hint="move the file into that folder, or if you trust this pipeline file, allow the other "
+            "folder with --allow-path DIR (load_pipeline(..., allow_paths=[DIR]))",
+        )
+
     def component(self, spec: Mapping[str, Any], path: KeyPath) -> Any:
         try:
             obj = resolve_component(spec["component"], self.allow)
@@ -129,19 +155,25 @@ class _Builder:
                 raise self.err(
                     (*path, "args"), "args must be a mapping of keyword arguments.", code="bad_value"
                 )
-            try:
-                return obj(**args)
-            except StageflowError as exc:
-                raise self.err((*path, "args"), exc.message, code=exc.code, hint=exc.hint) from exc
-            except Exception as exc:
-                raise self.err(
-                    (*path, "args"),
-                    f"calling the component '{spec['component']}' failed: {type(exc).__name__}: {exc}",
-                    code="component_failed",
-                ) from exc
+            return self._call(obj, dict(args), spec, (*path, "args"))
         if isinstance(obj, type):
-            return obj()
+            return self._call(obj, {}, spec, (*path, "component"))
         return copy.deepcopy(obj) if isinstance(obj, dspy.Module) else obj
+
+    def _call(self, obj: Any, args: dict[str, Any], spec: Mapping[str, Any], path: KeyPath) -> Any:
+        """Call a vetted component (a factory, or a class to instantiate) with the spec's ``args``."""
+        try:
+            return obj(**args)
+        except KeyboardInterrupt:
+            raise
+        except StageflowError as exc:
+            raise self.err(path, exc.message, code=exc.code, hint=exc.hint) from exc
+        except BaseException as exc:  # SystemExit too: a factory must not end `stageflow validate` with 0
+            raise self.err(
+                path,
+                f"calling the component '{spec['component']}' failed: {type(exc).__name__}: {exc}",
+                code="component_failed",
+            ) from exc
 
     def origin(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"component": spec["component"]}
@@ -194,8 +226,19 @@ class _Builder:
                 code="bad_node",
             )
         self.check_keys(spec, KEYS[kind], path, f"a '{kind}' node")
-        with self.guard(path):
-            obj = getattr(self, f"_{kind}")(spec, path)
+        if self.depth >= MAX_DEPTH:
+            raise self.err(
+                path,
+                f"the pipeline nests more than {MAX_DEPTH} levels of nodes.",
+                code="too_deep",
+                hint="a pipeline this deep is almost certainly generated by mistake; flatten it",
+            )
+        self.depth += 1
+        try:
+            with self.guard(path):
+                obj = getattr(self, f"_{kind}")(spec, path)
+        finally:
+            self.depth -= 1
         return self.located(obj, path)
 
     def stage_list(self, value: Any, path: KeyPath, what: str) -> list[Any]:
@@ -212,9 +255,12 @@ class _Builder:
         if "on_error" in spec:
             out["on_error"] = self.typed(spec["on_error"], str, (*path, "on_error"), "a string")
         if "timeout" in spec:
-            out["timeout"] = self.typed(
-                spec["timeout"], (int, float), (*path, "timeout"), "a number of seconds"
-            )
+            timeout = self.typed(spec["timeout"], (int, float), (*path, "timeout"), "a number of seconds")
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise self.err(
+                    (*path, "timeout"), f"timeout must be a positive number of seconds, got {timeout}."
+                )
+            out["timeout"] = timeout
         return out
 
     def _module(self, spec: Mapping[str, Any], path: KeyPath) -> Any:
@@ -292,6 +338,14 @@ class _Builder:
         collect = spec.get("collect")
         if collect is not None and not isinstance(collect, str):
             collect = self.renames(collect, (*path, "collect"))
+            if not collect:  # an empty mapping would collect nothing, silently
+                raise self.err(
+                    (*path, "collect"),
+                    "collect is empty, so the foreach would keep none of its results.",
+                    code="bad_value",
+                    hint="name what to keep, e.g. collect: {fact: facts}, or leave collect out to keep "
+                    "every output",
+                )
         stage = self.ref(spec["stage"], (*path, "stage"))
         return ForEach(stage, over=over, item=item, collect=collect, **self.fanout(spec, path))
 
@@ -315,11 +369,20 @@ class _Builder:
         return pipeline
 
 
-def build(src: SpecSource, allow_modules: Sequence[str]) -> tuple[Pipeline, dict[int, KeyPath]]:
+def build(
+    src: SpecSource, allow_modules: Sequence[str], allow_paths: Sequence[Path] = ()
+) -> tuple[Pipeline, dict[int, KeyPath]]:
     """Build the pipeline described by ``src.data``; returns it and the object → key path map."""
     data = src.data
-    b = _Builder(src, {}, allow_modules)
+    try:
+        allow_modules = check_module_names(allow_modules)
+    except ComponentRefError as exc:
+        raise SpecError(str(exc), file=src.file, code=exc.code, hint=exc.hint) from exc
+    b = _Builder(src, {}, allow_modules, allow_paths)
     b.check_keys(data, TOP_KEYS, (), "the pipeline file")
+    for key in ("name", "description"):
+        if key in data:
+            b.typed(data[key], str, (key,), "a string")
     if data.get("version", 1) != 1:
         raise src.error(
             ("version",), f"unsupported version {data['version']!r}; this stageflow reads version 1."

@@ -9,6 +9,7 @@ equal to a constructor default are left out, so the output is the canonical form
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import dspy
@@ -117,7 +118,9 @@ class _Exporter:
         return out
 
     def fanout(self, obj: Any) -> dict[str, Any]:
-        return _non_defaults(obj, _FANOUT_DEFAULTS)
+        defaults = dict(_FANOUT_DEFAULTS)
+        defaults["on_error"] = inspect.signature(type(obj).__init__).parameters["on_error"].default
+        return _non_defaults(obj, defaults)
 
     def conditional(self, obj: BranchingPipeline, where: str) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "conditional", "router": self.ref(obj.router, f"{where}.router")}
@@ -135,8 +138,10 @@ class _Exporter:
         if "stopping_condition" in origin:
             out["stopping_condition"] = copy.deepcopy(origin["stopping_condition"])
         elif type(cond) is QualityBasedStopping:
-            defaults = {"quality_threshold": 0.9, "patience": 2, "min_improvement": 0.0}
-            params = _non_defaults(cond, {**defaults, "score_field": "quality_score"})
+            defaults = {"quality_threshold": 0.9, "patience": 2, "min_improvement": 0.01}
+            params = _non_defaults(
+                cond, {**defaults, "score_field": "quality_score", "improvement_field": "improvement"}
+            )
             out["stopping_condition"] = params
         else:
             raise self.fail(obj, where, f"its stopping condition {cond!r} is not a spec building block")
@@ -178,7 +183,7 @@ class _Exporter:
         agg = obj.aggregator
         if type(agg) is not ResultAggregator:
             raise self.fail(obj, where, "its aggregator is not a ResultAggregator")
-        defaults = {"field": "answer", "confidence_field": "confidence", "threshold": 0.5}
+        defaults = {"field": None, "confidence_field": "confidence", "threshold": 0.5}
         params = _non_defaults(agg, defaults)
         origin = getattr(obj, TAG_ORIGIN, {})
         if "strategy" in origin:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from stageflow.patterns.base import as_stage
 from stageflow.patterns.branching import lm_router
+from stageflow.spec._signature import make_signature
 from stageflow.spec._source import KeyPath, format_key_path
 from stageflow.stages import FunctionStage, Stage
 
@@ -25,17 +28,41 @@ _ONLY_FOR = {"instructions": ("predict", "chain_of_thought"), "args": ("componen
 
 
 class BM25Stage:
-    """The body of a ``bm25`` node: ``query -> {"passages": [...]}`` (deep copies share the index)."""
+    """The body of a ``bm25`` node: ``query -> {"passages": [...]}`` (deep copies share the index).
 
-    def __init__(self, retriever: Any, k: int) -> None:
-        self.retriever = retriever
+    The index (and ``bm25s``) is loaded on the first query, not when the file is loaded: validating
+    a pipeline file never needs the retrieval extra.
+    """
+
+    def __init__(self, corpus: Path, k: int) -> None:
+        self.corpus = corpus
         self.k = k
+        self._retriever: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def retriever(self) -> Any:
+        """The :class:`~stageflow.retrieval.BM25Retriever`, built on first use."""
+        if self._retriever is None:
+            with self._lock:
+                if self._retriever is None:
+                    from stageflow.retrieval import BM25Retriever
+
+                    self._retriever = BM25Retriever(self.corpus, k=self.k)
+        return self._retriever
 
     def __call__(self, query: str) -> dict[str, list[str]]:
         return {"passages": list(self.retriever(query, self.k))}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BM25Stage:
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "k": self.k, "_retriever": self._retriever}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def build_module(b: _Builder, spec: Mapping[str, Any], path: KeyPath) -> Any:
@@ -79,7 +106,7 @@ def _signature(b: _Builder, spec: Mapping[str, Any], path: KeyPath, key: str) ->
     if instructions is not None:
         b.typed(instructions, str, (*path, "instructions"), "a string")
     try:
-        return dspy.Signature(text, instructions) if instructions else dspy.Signature(text)
+        return make_signature(text, instructions)
     except Exception as exc:
         raise b.err(
             (*path, key),
@@ -113,14 +140,16 @@ def kind_component(b: _Builder, spec: Mapping[str, Any], path: KeyPath) -> Any:
 
 
 def kind_bm25(b: _Builder, spec: Mapping[str, Any], path: KeyPath) -> Any:
-    from stageflow.retrieval import BM25Retriever
+    from stageflow.retrieval import read_corpus
 
-    corpus = b.typed(spec["bm25"], str, (*path, "bm25"), "the path of a corpus .jsonl file")
+    corpus = spec["bm25"]
+    full = b.path(corpus, (*path, "bm25"), "the path of a corpus .jsonl file")
     k = b.typed(spec.get("k", 3), int, (*path, "k"), "a positive int")
-    full = (b.src.base_dir / corpus).expanduser()
+    if k < 1:
+        raise b.err((*path, "k"), f"k must be at least 1, got {k}.", code="bad_value")
     with b.guard((*path, "bm25")):
-        retriever = BM25Retriever(full, k=k)
-    stage = FunctionStage(BM25Stage(retriever, k), writes=["passages"], name="bm25")
+        read_corpus(full)  # a bad corpus is reported now, at its key; the index is built on first use
+    stage = FunctionStage(BM25Stage(full, k), writes=["passages"], name="bm25")
     setattr(stage, TAG_ORIGIN, {"bm25": corpus, **({"k": k} if "k" in spec else {})})
     return stage
 

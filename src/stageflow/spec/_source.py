@@ -1,14 +1,26 @@
 """Reading a pipeline file: safe parsing, and where each key is (for error messages).
 
-The data comes from ``yaml.safe_load`` (or ``json.loads`` for ``.json`` files): plain dicts, lists,
-strings and numbers, never Python objects. The YAML node tree (``yaml.compose``) gives the line of
-every key and list item, so an error can say ``pipeline.yaml, line 12, at nodes.root.stages[1]``.
+The data comes from YAML's safe loader (or ``json.loads`` for ``.json`` files): plain dicts, lists,
+strings and numbers, never Python objects. The YAML node tree gives the line of every key and list
+item, so an error can say ``pipeline.yaml, line 12, at nodes.root.stages[1]``.
+
+Hostile files are refused before they are built, with a located :class:`SpecError`:
+
+* a file larger than :data:`MAX_SPEC_BYTES` (1 MB; ``$STAGEFLOW_MAX_SPEC_BYTES`` or
+  ``load_pipeline(..., max_bytes=...)`` raise it);
+* nesting deeper than :data:`MAX_DEPTH` levels (which would exhaust Python's recursion limit);
+* aliases that expand to more than :data:`MAX_VALUES` values ("billion laughs": a few lines that
+  would take hours and gigabytes to print, copy or serialise).
+
+Both checks run on YAML's event stream, which is read without recursion and without expanding
+aliases; JSON's brackets are counted outside strings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +28,28 @@ from typing import Any
 
 from stageflow.errors import ConfigurationError
 
-__all__ = ["KeyPath", "SpecError", "SpecSource", "format_key_path", "read_spec"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_SPEC_BYTES",
+    "MAX_VALUES",
+    "SPEC_BYTES_ENV",
+    "KeyPath",
+    "SpecError",
+    "SpecSource",
+    "format_key_path",
+    "max_spec_bytes",
+    "read_spec",
+]
 
 KeyPath = tuple[str | int, ...]
+
+#: Largest pipeline file read, in bytes (``$STAGEFLOW_MAX_SPEC_BYTES`` overrides it).
+MAX_SPEC_BYTES = 1_000_000
+SPEC_BYTES_ENV = "STAGEFLOW_MAX_SPEC_BYTES"
+#: Deepest nesting of mappings/lists in a file, and of nodes in the pipeline built from it.
+MAX_DEPTH = 64
+#: Most values a file may hold once its aliases are expanded.
+MAX_VALUES = 1_000_000
 
 
 class SpecError(ConfigurationError):
@@ -116,14 +147,80 @@ def _walk(node: Any, path: KeyPath, lines: dict[KeyPath, int], seen: set[int], s
             _walk(item, (*path, i), lines, seen, src)
 
 
+def _too_deep(src: SpecSource, line: int | None) -> SpecError:
+    return SpecError(
+        f"the file is nested more than {MAX_DEPTH} levels deep.",
+        file=src.file,
+        line=line,
+        code="too_deep",
+        hint="flatten it: define deep parts as named nodes under 'nodes' and refer to them by name",
+    )
+
+
+def _line(event: Any) -> int | None:
+    mark = event.start_mark
+    return int(mark.line) + 1 if mark is not None else None
+
+
+def _check_events(text: str, src: SpecSource, loader: Any) -> None:
+    """Refuse deep nesting and alias bombs from the event stream (no recursion, no expansion)."""
+    import yaml
+
+    frames: list[list[Any]] = []  # [anchor, expanded size] per open mapping/sequence
+    sizes: dict[str, int] = {}
+    total = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            frames.append([event.anchor, 1])
+            if len(frames) > MAX_DEPTH:
+                raise _too_deep(src, _line(event))
+            total += 1
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = frames.pop()
+            if anchor:
+                sizes[anchor] = size
+            if frames:
+                frames[-1][1] += size
+            continue
+        if isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            size = sizes.get(event.anchor or "", 1)
+        else:
+            continue
+        total += size
+        if frames:
+            frames[-1][1] += size
+        if total > MAX_VALUES:
+            raise SpecError(
+                f"the file holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded.",
+                file=src.file,
+                line=_line(event),
+                code="too_large",
+                hint="a few lines of nested aliases can expand to billions of values; write the values "
+                "out, or reuse parts as named nodes under 'nodes'",
+            )
+
+
 def _parse_yaml(text: str, src: SpecSource) -> Any:
     import yaml
 
+    loader_class = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_events(text, src, loader_class)
+        loader = loader_class(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if "maximum nesting depth" in str(exc.problem):  # libyaml's own limit, hit while scanning ahead
+            raise _too_deep(src, mark.line + 1 if mark else None) from exc
         problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
         raise SpecError(
             f"invalid YAML: {problem}" + (f" (column {mark.column + 1})" if mark else "") + ".",
@@ -140,9 +237,24 @@ def _parse_yaml(text: str, src: SpecSource) -> Any:
     return data
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_json_depth(text: str, src: SpecSource) -> None:
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise _too_deep(src, None)
+
+
 def _parse_json(text: str, src: SpecSource) -> Any:
+    _check_json_depth(text, src)
     try:
         data = json.loads(text)
+    except RecursionError as exc:  # not reachable after the depth check; never a crash either way
+        raise _too_deep(src, None) from exc
     except json.JSONDecodeError as exc:
         raise SpecError(
             f"invalid JSON: {exc.msg} (column {exc.colno}).",
@@ -153,32 +265,76 @@ def _parse_json(text: str, src: SpecSource) -> Any:
     try:  # JSON is YAML: reuse the YAML node tree for key lines (best effort)
         _parse_yaml(text, SpecSource(None, src.file, src.lines))
     except SpecError as exc:
-        if exc.code == "duplicate_key":
+        if exc.code in ("duplicate_key", "too_deep", "too_large"):
             raise
     return data
 
 
-def read_spec(path: str | os.PathLike[str]) -> SpecSource:
+def max_spec_bytes(explicit: int | None = None) -> int:
+    """The size limit for pipeline files: ``explicit``, else ``$STAGEFLOW_MAX_SPEC_BYTES``, else 1 MB.
+
+    >>> max_spec_bytes(), max_spec_bytes(5_000_000)
+    (1000000, 5000000)
+    """
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(SPEC_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_SPEC_BYTES
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SpecError(
+            f"${SPEC_BYTES_ENV}={raw!r} is not a positive number of bytes.",
+            code="bad_setting",
+            hint=f"set it to e.g. {2 * MAX_SPEC_BYTES} or unset it (default {MAX_SPEC_BYTES})",
+        )
+    return value
+
+
+def read_spec(path: str | os.PathLike[str], max_bytes: int | None = None) -> SpecSource:
     """Read and parse a ``.yaml``/``.yml``/``.json`` pipeline file.
 
+    Args:
+        path: The file.
+        max_bytes: Refuse larger files (default: :func:`max_spec_bytes`).
+
     Raises:
-        SpecError: the file is missing, unreadable, not UTF-8, not valid YAML/JSON, or not a mapping.
+        SpecError: the file is missing, unreadable, too large, not UTF-8, not valid YAML/JSON, nested too
+            deep, an alias bomb, or not a mapping.
     """
+    limit = max_spec_bytes(max_bytes)
     p = Path(path).expanduser()
     src = SpecSource(None, str(path), {}, p.resolve().parent)
     if not p.is_file():
         raise SpecError(
-            "pipeline file not found.",
+            "pipeline file not found." if not p.exists() else "this is not a regular file.",
             file=str(path),
             code="spec_not_found",
             hint="pass the path of a .yaml or .json pipeline file",
         )
     try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SpecError("the file is not UTF-8 text.", file=str(path), code="invalid_yaml") from exc
+        with p.open("rb") as fh:
+            raw = fh.read(limit + 1)
     except OSError as exc:
         raise SpecError(f"cannot read the file: {exc.strerror or exc}.", file=str(path)) from exc
+    if len(raw) > limit:
+        raise SpecError(
+            f"the file is larger than the limit of {limit:,} bytes for pipeline files.",
+            file=str(path),
+            code="file_too_large",
+            hint=f"if the file is right, raise the limit: {SPEC_BYTES_ENV}={2 * limit} "
+            "(or load_pipeline(..., max_bytes=...))",
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            "the file is not UTF-8 text.", file=str(path), line=line, code="invalid_yaml"
+        ) from exc
     src.data = _parse_json(text, src) if p.suffix.lower() == ".json" else _parse_yaml(text, src)
     if not isinstance(src.data, Mapping):
         found = "an empty file" if src.data is None else f"a {type(src.data).__name__}"

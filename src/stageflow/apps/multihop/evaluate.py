@@ -162,10 +162,9 @@ class _Supports:
     """Maps supporting passage ids to what a retrieved passage looks like (``Title: text`` or text)."""
 
     def __init__(self, corpus: str | Path | None) -> None:
-        from stageflow.retrieval.corpus import format_passage, parse_corpus, read_corpus_bytes
+        from stageflow.retrieval import format_passage, read_corpus
 
-        path = Path(corpus) if corpus is not None else corpus_path()
-        docs = parse_corpus(read_corpus_bytes(path), path)
+        docs = read_corpus(corpus if corpus is not None else corpus_path())
         self.forms = {str(d["id"]): {format_passage(d), d["text"]} for d in docs}
 
     def recall(self, supporting: Sequence[Any], passages: list[str]) -> float:

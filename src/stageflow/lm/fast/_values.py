@@ -1,0 +1,177 @@
+"""Per-value work of the fast adapters: format one input value, parse one output value.
+
+Both follow DSPy 3.4.1's ``dspy.adapters.utils.format_field_value`` and ``parse_value`` branch by
+branch; the only difference is that the pydantic ``TypeAdapter`` each of them builds on every
+call is built once per type (serialisation) or per annotation (parsing) and reused. Types that
+could make a ``TypeAdapter`` depend on where it is built (forward references, types this module
+does not know) never get here: :mod:`stageflow.lm.fast._plan` sends their signatures to DSPy.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import json
+import threading
+import types
+from collections.abc import Callable
+from typing import Any, Literal, Union, get_args, get_origin
+
+import json_repair
+import pydantic
+from dspy.adapters.utils import find_enum_member, format_field_value
+from pydantic import TypeAdapter
+from pydantic.fields import FieldInfo
+
+__all__ = ["ValueParser", "format_value", "type_adapter"]
+
+_SIMPLE_VALUE_TYPES = frozenset({int, float, bool, type(None), list, dict, tuple})
+_MAX_CACHED = 1024
+_LOCK = threading.Lock()
+# type -> TypeAdapter, or None for "let DSPy format values of this type"
+_SERIALIZERS: dict[type, TypeAdapter[Any] | None] = {}
+# annotation -> TypeAdapter, for parsing
+_VALIDATORS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _serializer(t: type) -> TypeAdapter[Any] | None:
+    try:
+        return _SERIALIZERS[t]
+    except KeyError:
+        pass
+    ta: TypeAdapter[Any] | None = None
+    if t in _SIMPLE_VALUE_TYPES or _is_plain_model(t):
+        try:
+            ta = TypeAdapter(t)
+        except Exception:
+            ta = None
+    with _LOCK:
+        if len(_SERIALIZERS) >= _MAX_CACHED:
+            _SERIALIZERS.clear()
+        _SERIALIZERS[t] = ta
+    return ta
+
+
+def _is_plain_model(t: type) -> bool:
+    """A complete pydantic model that is not one of DSPy's custom types (Image, History...)."""
+    from dspy.adapters.types.base_type import Type as DspyType
+
+    try:
+        return (
+            issubclass(t, pydantic.BaseModel)
+            and not issubclass(t, DspyType)
+            and bool(getattr(t, "__pydantic_complete__", False))
+        )
+    except TypeError:
+        return False
+
+
+def format_value(info: FieldInfo, annotation: Any, value: Any) -> str:
+    """The text DSPy's ``format_field_value(info, value)`` gives, without a TypeAdapter per call.
+
+    >>> from pydantic.fields import FieldInfo
+    >>> format_value(FieldInfo(annotation=str), str, "plain text")
+    'plain text'
+    >>> format_value(FieldInfo(annotation=list[int]), list[int], [1, 2])
+    '[1, 2]'
+    """
+    t = type(value)
+    if t is str:
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, list) and annotation is str:
+        return format_field_value(info, value)  # type: ignore[no-any-return]  # numbered list, no TypeAdapter
+    ta = _serializer(t)
+    if ta is None:
+        return format_field_value(info, value)  # type: ignore[no-any-return]
+    try:
+        jsonable = ta.dump_python(value, mode="json", fallback=str)
+    except Exception:
+        jsonable = str(value)
+    if isinstance(jsonable, dict | list):
+        return json.dumps(jsonable, ensure_ascii=False)
+    return str(jsonable)
+
+
+def type_adapter(annotation: Any) -> TypeAdapter[Any]:
+    """One shared ``TypeAdapter`` per (hashable) annotation."""
+    try:
+        return _VALIDATORS[annotation]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable annotation (Annotated with unhashable metadata)
+        return TypeAdapter(annotation)
+    ta: TypeAdapter[Any] = TypeAdapter(annotation)
+    with _LOCK:
+        if len(_VALIDATORS) >= _MAX_CACHED:
+            _VALIDATORS.clear()
+        _VALIDATORS[annotation] = ta
+    return ta
+
+
+class ValueParser:
+    """Parse one output value like DSPy's ``parse_value(value, annotation)`` (3.4.1).
+
+    The branch to take is decided once per annotation instead of on every call.
+
+    >>> ValueParser(int)("42")
+    42
+    >>> ValueParser(Literal["yes", "no"])("'yes'")
+    'yes'
+    """
+
+    __slots__ = ("_annotation", "_call")
+
+    def __init__(self, annotation: Any) -> None:
+        self._annotation = annotation
+        self._call: Callable[[Any], Any]
+        origin = get_origin(annotation)
+        if annotation is str:
+            self._call = str
+        elif isinstance(annotation, enum.EnumMeta):
+            self._call = self._enum
+        elif origin is Literal:
+            self._call = self._literal
+        elif (
+            origin in (Union, types.UnionType)
+            and type(None) in get_args(annotation)
+            and str in get_args(annotation)
+        ):
+            self._call = self._validate_any
+        else:
+            self._call = self._general
+
+    def __call__(self, value: Any) -> Any:
+        return self._call(value)
+
+    def _enum(self, value: Any) -> Any:
+        return find_enum_member(self._annotation, value)
+
+    def _literal(self, value: Any) -> Any:
+        allowed = get_args(self._annotation)
+        if value in allowed:
+            return value
+        if isinstance(value, str):
+            v = value.strip()
+            if v.startswith(("Literal[", "str[")) and v.endswith("]"):
+                v = v[v.find("[") + 1 : -1]
+            if len(v) > 1 and v[0] == v[-1] and v[0] in "\"'":
+                v = v[1:-1]
+            if v in allowed:
+                return v
+            value = v
+        return self._general(value)
+
+    def _validate_any(self, value: Any) -> Any:
+        return type_adapter(self._annotation).validate_python(value)
+
+    def _general(self, value: Any) -> Any:
+        ta = type_adapter(self._annotation)
+        if not isinstance(value, str):
+            return ta.validate_python(value)
+        candidate = json_repair.loads(value)  # "" on failure
+        if candidate == "" and value != "":
+            try:
+                candidate = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                candidate = value
+        return ta.validate_python(candidate)

@@ -1,0 +1,376 @@
+"""``FastChatAdapter`` and ``FastJSONAdapter``: DSPy's adapters, minus the repeated work.
+
+Each is a subclass of the DSPy adapter it stands for and sends the LM exactly the messages that
+adapter would send, and parses answers to exactly the values it would return (a test compares
+them on a corpus of signatures). What it does differently is *when* work happens: the system
+message, the output-format reminder, the field tables, the value parsers, the formatted demos
+and (JSON) the structured-output schema are built once per signature (or demo set) instead of
+on every call. DSPy's own ``__call__`` / ``acall`` still run, so callbacks, history, usage
+tracking, the LM cache, the JSON fallback and ``inspect_history`` see what they always see.
+
+The classes carry DSPy's class names (``FastChatAdapter.__name__ == "ChatAdapter"``), because
+DSPy reads adapter class names in places (streaming listeners, parse error messages); their
+qualified names say what they are.
+
+Anything the fast path does not cover runs DSPy's own code and is counted
+(:func:`stageflow.lm.fast.fast_path_stats`): signatures with DSPy custom types (images, audio,
+history, tools) or types it cannot reproduce exactly, subclasses that override a formatting
+hook, values that serialise to DSPy custom-type blocks. The first call of every signature is
+also built both ways and compared; a difference (a DSPy upgrade changed its formatting, say)
+sends that signature to DSPy's code for good, with a warning. An answer the fast parser rejects
+is parsed again by DSPy's code, so parse errors are DSPy's own, word for word.
+
+Example:
+    >>> import dspy
+    >>> from stageflow.lm.fast import FastChatAdapter
+    >>> sig = dspy.Signature("question -> answer", "Answer briefly.")
+    >>> fast = FastChatAdapter().format(sig, [], {"question": "2+2?"})
+    >>> fast == dspy.ChatAdapter().format(sig, [], {"question": "2+2?"})
+    True
+    >>> FastChatAdapter().parse(sig, "[[ ## answer ## ]]\\n4\\n\\n[[ ## completed ## ]]")
+    {'answer': '4'}
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import dspy
+import pydantic
+from dspy.adapters.json_adapter import _get_structured_outputs_response_format
+from dspy.adapters.types.base_type import CUSTOM_TYPE_START_IDENTIFIER
+from dspy.utils.callback import with_callbacks
+from dspy.utils.exceptions import AdapterParseError
+
+from stageflow.lm.fast._format import demo_key, user_content
+from stageflow.lm.fast._parse import complete_outputs, parse_chat, parse_json
+from stageflow.lm.fast._plan import _UNSET, Plan, plan_for
+from stageflow.lm.fast._stats import count_fallback, count_fast, logger
+
+__all__ = ["FastChatAdapter", "FastJSONAdapter"]
+
+# DSPy's own implementations, without the callback wrappers (the public methods are wrapped).
+_DSPY_FORMAT = inspect.unwrap(dspy.ChatAdapter.format)
+_DSPY_CHAT_PARSE = inspect.unwrap(dspy.ChatAdapter.parse)
+_DSPY_JSON_PARSE = inspect.unwrap(dspy.JSONAdapter.parse)
+_JSON_LOGGER = logging.getLogger("dspy.adapters.json_adapter")
+
+# Compare the first fast format and parse of every signature with DSPy's (tests switch it off to
+# see the fast path's own output).
+VERIFY_FIRST_CALL = True
+
+# Methods whose output the fast path caches or reproduces; a subclass overriding one of them
+# gets DSPy's code path, which calls its override.
+_HOOKS = (
+    "format_system_message",
+    "format_field_description",
+    "format_field_structure",
+    "format_task_description",
+    "format_user_message_content",
+    "format_assistant_message_content",
+    "format_demos",
+    "format_field_with_value",
+    "format_conversation_history",
+    "user_message_output_requirements",
+    "_get_history_field_name",
+)
+
+
+class _FastPath:
+    """The shared fast path; comes before the DSPy adapter in each class's MRO."""
+
+    _dspy_base: ClassVar[type]
+    _plans: ClassVar[weakref.WeakKeyDictionary[Any, Plan]]
+    _pure: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)  # DSPy's Adapter wraps format/parse with callbacks here
+        base = cls._dspy_base
+        cls._pure = all(getattr(cls, hook) is getattr(base, hook) for hook in _HOOKS)
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    def _plan(self, signature: Any) -> Plan | None:
+        """The signature's plan, or ``None`` when DSPy's code must handle this call."""
+        if not type(self)._pure:
+            return None
+        plan = plan_for(type(self)._plans, signature)
+        if plan is None or plan.reason is not None or plan.differs is not None:
+            return None
+        return plan
+
+    def _why_not(self, signature: Any) -> str:
+        """Why :meth:`_plan` gave no plan, for the counters."""
+        if not type(self)._pure:
+            return f"{type(self).__qualname__} overrides a formatting method"
+        plan = plan_for(type(self)._plans, signature)
+        if plan is None:
+            return f"not a DSPy signature class: {type(signature).__qualname__}"
+        return plan.reason or plan.differs or "unknown"
+
+    def _differs(self, plan: Plan, signature: Any, what: str) -> None:
+        plan.differs = f"the fast {what} differed from DSPy's output"
+        logger.warning(
+            "stageflow fast adapter: %s for signature %s (%s); DSPy's own %s code handles this "
+            "signature from now on. Please report it with the signature and the DSPy version.",
+            plan.differs,
+            getattr(signature, "__name__", "?"),
+            getattr(signature, "signature", "?"),
+            type(self)._dspy_base.__name__,
+        )
+
+    # -- format --------------------------------------------------------------------------------
+
+    def format(self, signature: Any, demos: Any, inputs: Any) -> list[dict[str, Any]]:
+        plan = self._plan(signature)
+        if plan is None:
+            why = self._why_not(signature)
+        else:
+            try:
+                messages = self._fast_format(plan, signature, demos, inputs)
+            except Exception as e:  # DSPy's code below decides (it raises its own error if any)
+                messages = f"the fast prompt raised {type(e).__name__}"
+            if not isinstance(messages, str):
+                if plan.format_verified or not VERIFY_FIRST_CALL:
+                    count_fast()
+                    return messages
+                return self._verified_format(plan, signature, demos, inputs, messages)
+            why = messages
+        count_fallback(why)
+        return _DSPY_FORMAT(self, signature, demos, inputs)  # type: ignore[no-any-return]
+
+    def _verified_format(
+        self, plan: Plan, signature: Any, demos: Any, inputs: Any, messages: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Build the first prompt of a signature both ways; on a difference DSPy's wins."""
+        expected = _DSPY_FORMAT(self, signature, demos, inputs)
+        plan.format_verified = True
+        if expected != messages:
+            self._differs(plan, signature, "prompt")
+            count_fallback(plan.differs or "")
+            return expected  # type: ignore[no-any-return]
+        count_fast()
+        return messages
+
+    def _fast_format(self, plan: Plan, signature: Any, demos: Any, inputs: Any) -> list[dict[str, Any]] | str:
+        """The messages, or why this call needs DSPy's code."""
+        system = plan.system
+        if system is None:
+            system = plan.system = self.format_system_message(signature)  # type: ignore[attr-defined]
+        reminder = plan.output_reminder
+        if reminder is _UNSET:
+            reminder = plan.output_reminder = self.user_message_output_requirements(signature)  # type: ignore[attr-defined]
+        messages = [{"role": "system", "content": system}]
+        if demos:
+            block = self._demo_block(plan, signature, demos)
+            if block is None:
+                return "a demo value serialises to DSPy custom-type blocks (an image...)"
+            messages.extend({"role": role, "content": content} for role, content in block)
+        content = user_content(plan, inputs, reminder)
+        if CUSTOM_TYPE_START_IDENTIFIER in content:
+            return "an input value serialises to DSPy custom-type blocks (an image...)"
+        if content:
+            messages.append({"role": "user", "content": content})
+        return messages
+
+    def _demo_block(
+        self, plan: Plan, signature: Any, demos: Sequence[Any]
+    ) -> tuple[tuple[str, str], ...] | None:
+        key = demo_key(plan.names, demos)
+        if key is not None:
+            block = plan.demo_blocks.get(key)
+            if block is not None:
+                return block
+        formatted = self.format_demos(signature, demos)  # type: ignore[attr-defined]
+        pairs = []
+        for message in formatted:
+            content = message.get("content")
+            if (
+                len(message) != 2
+                or not isinstance(content, str)
+                or (message.get("role") == "user" and CUSTOM_TYPE_START_IDENTIFIER in content)
+            ):
+                return None
+            pairs.append((message["role"], content))
+        block = tuple(pairs)
+        if key is not None:
+            plan.remember_demos(key, block)
+        return block
+
+    # -- parse ---------------------------------------------------------------------------------
+
+    def _fast_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        plan = self._plan(signature)
+        if plan is None:
+            return self._dspy_parse(signature, completion)
+        if plan.parse_verified or not VERIFY_FIRST_CALL:
+            try:
+                return self._fast_parse(plan, signature, completion)
+            except Exception:
+                # An answer that does not parse (or a fast-path bug): DSPy's parse gives the
+                # result or raises the error DSPy users know, word for word.
+                return self._dspy_parse(signature, completion)
+        return self._verified_parse(plan, signature, completion)
+
+    def _verified_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
+        """Parse both ways once per signature; on any difference DSPy's result (or error) wins."""
+        expected: Any = None
+        expected_error: Exception | None = None
+        try:
+            expected = self._dspy_parse(signature, completion)
+        except Exception as e:
+            expected_error = e
+        try:
+            got: Any = self._fast_parse(plan, signature, completion)
+            got_error: Exception | None = None
+        except Exception as e:
+            got, got_error = None, e
+        plan.parse_verified = True
+        if expected_error is not None or got_error is not None:
+            same = type(expected_error) is type(got_error) and str(expected_error) == str(got_error)
+        else:
+            same = _same_values(expected, got)
+        if not same:
+            self._differs(plan, signature, "parse")
+        if expected_error is not None:
+            raise expected_error
+        return expected  # type: ignore[no-any-return]
+
+    # -- the adapter call around format/parse --------------------------------------------------
+
+    def _call_preprocess(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, inputs: Any) -> Any:
+        if self._plan(signature) is None:
+            return super()._call_preprocess(lm, lm_kwargs, signature, inputs)  # type: ignore[misc]
+        # No tool or native-response fields (those signatures have no plan): only the tool
+        # options are dropped when native function calling is off.
+        if not self.use_native_function_calling:  # type: ignore[attr-defined]
+            for key in ("tools", "tool_choice", "parallel_tool_calls"):
+                lm_kwargs.pop(key, None)
+        return signature
+
+    def _call_postprocess(
+        self,
+        processed_signature: Any,
+        original_signature: Any,
+        outputs: list[Any],
+        lm: Any,
+        lm_kwargs: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        plan = self._plan(original_signature)
+        if (
+            plan is None
+            or processed_signature is not original_signature
+            or any(type(output) is not str for output in outputs)
+        ):
+            return super()._call_postprocess(  # type: ignore[misc,no-any-return]
+                processed_signature, original_signature, outputs, lm, lm_kwargs
+            )
+        values = []
+        for output in outputs:
+            if not output:
+                raise AdapterParseError(
+                    adapter_name=type(self).__name__,
+                    signature=original_signature,
+                    lm_response=str(output),
+                    message="The LM returned an empty or null response.",
+                )
+            value = complete_outputs(plan, self.parse(processed_signature, output))
+            for spec in plan.outputs:
+                value.setdefault(spec.name, None)
+            values.append(value)
+        return values
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict) or list(a) != list(b):
+        return False
+    return all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+
+
+class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
+    """DSPy's ``ChatAdapter`` with per-signature caching (same prompts, same parses).
+
+    Takes ``ChatAdapter``'s arguments. A JSON fallback after a parse error uses
+    :class:`FastJSONAdapter`, as ``ChatAdapter`` would use ``JSONAdapter``.
+    """
+
+    _dspy_base = dspy.ChatAdapter
+    _plans: ClassVar[weakref.WeakKeyDictionary[Any, Plan]] = weakref.WeakKeyDictionary()
+
+    def _fast_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
+        return parse_chat(plan, signature, completion)
+
+    def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        return _DSPY_CHAT_PARSE(self, signature, completion)  # type: ignore[no-any-return]
+
+    def _make_json_adapter_fallback(self) -> FastJSONAdapter:
+        return FastJSONAdapter(
+            use_native_function_calling=self.use_native_function_calling,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
+
+
+class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
+    """DSPy's ``JSONAdapter`` with per-signature caching, including the structured-output schema."""
+
+    _dspy_base = dspy.JSONAdapter
+    _plans: ClassVar[weakref.WeakKeyDictionary[Any, Plan]] = weakref.WeakKeyDictionary()
+
+    def _fast_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
+        return parse_json(plan, signature, completion, type(self).__name__)
+
+    def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        return _DSPY_JSON_PARSE(self, signature, completion)  # type: ignore[no-any-return]
+
+    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
+        plan = self._plan(signature)
+        if plan is None:
+            super()._prepare_response_format(lm, lm_kwargs, signature)
+            return
+        if "response_format" not in lm.supported_params:
+            return
+        if plan.open_mapping or not lm.supports_response_schema:
+            lm_kwargs["response_format"] = {"type": "json_object"}
+            return
+        native = bool(self.use_native_function_calling)
+        model = plan.response_models.get(native)
+        if model is None:
+            model = plan.response_models[native] = _response_model(signature, native)
+        if model is False:
+            _JSON_LOGGER.warning(
+                "Failed to build structured output schema; using JSON mode before execution."
+            )
+            lm_kwargs["response_format"] = {"type": "json_object"}
+            return
+        lm_kwargs["response_format"] = model
+
+
+def _response_model(signature: Any, native: bool) -> Any:
+    """DSPy's structured-output model for ``signature``, built once (``False``: it cannot be)."""
+    try:
+        model = _get_structured_outputs_response_format(signature, native)
+    except (ValueError, pydantic.PydanticInvalidForJsonSchema, pydantic.PydanticSchemaGenerationError):
+        return False
+    schema = model.model_json_schema()
+    # Each call gets its own copy of the schema, as a model built per call would give.
+    model.model_json_schema = lambda *args, **kwargs: copy.deepcopy(schema)
+    return model
+
+
+# DSPy's JSONAdapter.format is wrapped by with_callbacks twice (once for ChatAdapter, once for
+# JSONAdapter), so format callbacks fire twice per call; keep that count identical.
+FastJSONAdapter.format = with_callbacks(FastJSONAdapter.format)  # type: ignore[method-assign]
+# DSPy reads adapter class names (streaming listeners, error messages): use DSPy's.
+FastChatAdapter.__name__ = "ChatAdapter"
+FastJSONAdapter.__name__ = "JSONAdapter"

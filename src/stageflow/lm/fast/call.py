@@ -1,0 +1,113 @@
+"""A shorter call path for ``Predict`` / ``ChainOfThought`` stages, for the engine to use.
+
+``call_predictor(module, inputs)`` does what ``module(**inputs)`` does, minus the steps that are
+no-ops in the common case: ``Module.__call__``'s callback wrapper when no callback is active,
+``resolve_adapter`` when the signature has no decision outputs, the ``send_stream=None`` context
+when no stream is open, and ``ChainOfThought``'s own ``forward`` hop. It still runs DSPy's
+``Predict._forward_preprocess``, the adapter (and so the LM, its cache, history and usage) and
+``Predict._forward_postprocess`` (the trace optimizers read), with the module — and, for
+``ChainOfThought``, its inner predictor — pushed onto ``caller_modules`` as ``Module.__call__``
+pushes it, so every module's ``history`` gets the entry.
+
+Anything else — callbacks or usage tracking on, a stream open, a subclass, a patched ``forward``
+(GEPA does that), another module type — takes the ordinary ``module(**inputs)`` call.
+
+Example:
+    >>> import dspy
+    >>> from stageflow.lm.fast.call import call_predictor
+    >>> from stageflow.testing import FakeLM
+    >>> qa = dspy.ChainOfThought("question -> answer")
+    >>> with dspy.context(lm=FakeLM({"answer": "4"})):
+    ...     call_predictor(qa, {"question": "2+2?"}).answer
+    '4'
+    >>> len(qa.history), len(qa.predict.history)
+    (1, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+import dspy
+from dspy.dsp.utils.settings import settings
+
+__all__ = ["acall_predictor", "call_predictor", "short_path"]
+
+_DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def short_path(module: Any) -> list[Any] | None:
+    """The modules a call of ``module`` goes through, ending with its ``Predict``, when the short
+    path gives the same result as ``module(**inputs)`` right now; otherwise ``None``."""
+    if settings.callbacks or settings.track_usage or settings.send_stream is not None:
+        return None
+    chain = [module]
+    if type(module) is dspy.ChainOfThought and "forward" not in module.__dict__ and not module.callbacks:
+        chain.append(module.predict)
+    predictor = chain[-1]
+    if type(predictor) is not dspy.Predict or "forward" in predictor.__dict__ or predictor.callbacks:
+        return None
+    return chain
+
+
+def _has_decisions(signature: Any) -> bool:
+    """Whether ``resolve_adapter`` would do anything for this signature (wrap the adapter for
+    decision outputs, or warn about nested ones); cached per signature class."""
+    try:
+        found = _DECISIONS.get(signature)
+    except TypeError:
+        found = None
+    if found is None:
+        from dspy.adapters.decision_state import DecisionState
+        from dspy.adapters.types.decision import Choice, Noul, Score
+
+        found = bool(DecisionState(signature, {}).types) or any(
+            kind.extract_custom_type_from_annotation(field.rebuild_annotation())
+            for field in signature.output_fields.values()
+            for kind in (Noul, Choice, Score)
+        )
+        with contextlib.suppress(TypeError):
+            _DECISIONS[signature] = found
+    return found
+
+
+def _prepare(predictor: Any, inputs: dict[str, Any]) -> tuple[Any, ...]:
+    lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(predictor, **inputs)
+    adapter = settings.adapter or dspy.ChatAdapter()
+    if (
+        predictor.fields
+        or getattr(lm, "supports_decision_requests", False) is True
+        or _has_decisions(signature)
+    ):
+        from dspy.adapters.decision import resolve_adapter
+
+        adapter = resolve_adapter(lm, adapter, signature, predictor.fields, predictor.signature)
+    return adapter, lm, config, signature, demos, kwargs
+
+
+def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
+    """``module(**inputs)`` for a ``Predict`` / ``ChainOfThought``, by the short path when it applies."""
+    chain = short_path(module)
+    if chain is None:
+        return module(**inputs)
+    predictor = chain[-1]
+    with settings.context(caller_modules=[*(settings.caller_modules or []), *chain]):
+        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
+        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
+
+
+async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
+    """``await module.acall(**inputs)``, by the short path when it applies."""
+    chain = short_path(module)
+    if chain is None:
+        return await module.acall(**inputs)
+    predictor = chain[-1]
+    with settings.context(caller_modules=[*(settings.caller_modules or []), *chain]):
+        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
+        completions = await adapter.acall(
+            lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
+        )
+        return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)

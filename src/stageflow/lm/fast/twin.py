@@ -1,0 +1,68 @@
+"""``fast_adapter_for``: the fast twin of whichever adapter is active."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import dspy
+
+from stageflow.lm.fast._stats import count_adapter_fallback
+from stageflow.lm.fast.adapters import FastChatAdapter, FastJSONAdapter
+
+__all__ = ["fast_adapter_for"]
+
+_TWIN_CLASSES: dict[type, type[Any]] = {dspy.ChatAdapter: FastChatAdapter, dspy.JSONAdapter: FastJSONAdapter}
+_TWINS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_DEFAULT: list[FastChatAdapter] = []
+
+
+def fast_adapter_for(adapter: Any = None) -> Any:
+    """The fast twin of ``adapter`` (DSPy's default ``ChatAdapter`` for ``None``), or ``adapter``.
+
+    ``dspy.ChatAdapter`` and ``dspy.JSONAdapter`` instances get a :class:`FastChatAdapter` /
+    :class:`FastJSONAdapter` twin that *shares their attributes* (callbacks, native function
+    calling, the JSON fallback switch...): changing one changes the other. The twin of an
+    adapter is made once and reused while the adapter lives. A fast adapter is returned as it
+    is. Any other adapter (a subclass, ``XMLAdapter``, ``TwoStepAdapter``...) is returned
+    unchanged and counted in :func:`~stageflow.lm.fast.fast_path_stats` under its class name.
+
+    Install one around a call with ``dspy.context(adapter=fast_adapter_for(dspy.settings.adapter))``.
+
+    Examples:
+        >>> import dspy
+        >>> from stageflow.lm.fast import FastJSONAdapter, fast_adapter_for
+        >>> type(fast_adapter_for(None)).__qualname__
+        'FastChatAdapter'
+        >>> user = dspy.JSONAdapter()
+        >>> twin = fast_adapter_for(user)
+        >>> isinstance(twin, FastJSONAdapter), twin is fast_adapter_for(user)
+        (True, True)
+        >>> user.use_native_function_calling = False
+        >>> twin.use_native_function_calling
+        False
+        >>> xml = dspy.XMLAdapter()
+        >>> fast_adapter_for(xml) is xml
+        True
+    """
+    if adapter is None:
+        if not _DEFAULT:
+            with _LOCK:
+                if not _DEFAULT:
+                    _DEFAULT.append(FastChatAdapter())
+        return _DEFAULT[0]
+    if isinstance(adapter, FastChatAdapter | FastJSONAdapter):
+        return adapter
+    cls = _TWIN_CLASSES.get(type(adapter))
+    if cls is None:
+        count_adapter_fallback(type(adapter).__qualname__)
+        return adapter
+    twin = _TWINS.get(adapter)
+    if twin is None:
+        twin = object.__new__(cls)
+        twin.__dict__ = adapter.__dict__  # one set of attributes for both
+        with _LOCK:
+            twin = _TWINS.setdefault(adapter, twin)
+    return twin

@@ -1,0 +1,338 @@
+"""Usage per stage: LM calls, tokens, cost, cache hits, retries and repairs.
+
+Every pipeline call keeps a :class:`UsageTable` (``result.run.usage``) keyed by its stages' paths.
+LM work is attributed to the stage that was running when it happened — across threads and tasks,
+because the stage's path travels in a context variable. The outermost call connects DSPy to the
+tables once, for the duration of the call:
+
+- a usage tracker (DSPy's own ``settings.usage_tracker`` slot) receives the tokens of every LM call
+  that reached the model (DSPy does not report cached answers to it); it also forwards them to a
+  tracker that was already active (``dspy.track_usage()``), so DSPy's totals stay right;
+- a probe among DSPy's ``caller_modules`` receives the history entry DSPy records for every LM
+  call (cache hits included), which carries the cost when the model reports one. With DSPy history
+  off (``disable_history`` / ``max_history_size=0``) there is no cost and no LM-cache-hit count.
+
+Nested pipelines keep their own table, which joins the enclosing one under the nested stage's path
+when the nested call ends (as its trace records do), so ``result.run.usage`` rolls up the whole tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = [
+    "StageUsage",
+    "UsageTable",
+    "close_run",
+    "current_table",
+    "metering",
+    "open_run",
+    "note_policy_event",
+    "stage_scope",
+    "using_table",
+]
+
+
+@dataclass(slots=True)
+class StageUsage:
+    """What one stage (or a subtree of stages) used.
+
+    Attributes:
+        lm_calls: LM calls that reached the model (retries included; DSPy-cached answers are not).
+        input_tokens: Prompt tokens of those calls.
+        output_tokens: Completion tokens of those calls.
+        cost: Their cost, when the model reports one (``None`` when none did).
+        lm_cache_hits: LM calls DSPy answered from its cache (no tokens billed).
+        cache_hits: Stage outputs served by stageflow's stage cache (the stage did not run).
+        retries: Attempts retried by a :class:`~stageflow.RetryPolicy`.
+        repairs: Outputs asked for again by a :class:`~stageflow.RepairPolicy`.
+    """
+
+    lm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+    lm_cache_hits: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    repairs: int = 0
+
+    def add(self, other: StageUsage) -> None:
+        """Add ``other``'s counts to this one."""
+        self.lm_calls += other.lm_calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+        self.lm_cache_hits += other.lm_cache_hits
+        self.cache_hits += other.cache_hits
+        self.retries += other.retries
+        self.repairs += other.repairs
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+    def is_empty(self) -> bool:
+        """Nothing was used or happened."""
+        return self == StageUsage()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what traces and reports carry)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class UsageTable:
+    """Usage by stage path for one pipeline call (thread-safe).
+
+    ``table[path]`` is what that stage used itself (its own LM calls); :meth:`subtree` adds every
+    stage nested under it; :attr:`total` is the whole call. :meth:`tree` nests the paths.
+
+    Examples:
+        >>> t = UsageTable()
+        >>> t.record_lm("stages[0]", {"prompt_tokens": 10, "completion_tokens": 2})
+        >>> t.record_lm("stages[1].stages[0]", {"prompt_tokens": 5, "completion_tokens": 1})
+        >>> t.total.lm_calls, t.subtree("stages[1]").input_tokens
+        (2, 5)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[str, StageUsage] = {}
+
+    def _entry(self, path: str) -> StageUsage:
+        usage = self._by_path.get(path)
+        if usage is None:
+            usage = self._by_path[path] = StageUsage()
+        return usage
+
+    def record_lm(self, path: str, usage: Mapping[str, Any]) -> None:
+        """An LM call that reached the model, made while stage ``path`` ran."""
+        with self._lock:
+            u = self._entry(path)
+            u.lm_calls += 1
+            u.input_tokens += _tokens(usage, "prompt_tokens", "input_tokens")
+            u.output_tokens += _tokens(usage, "completion_tokens", "output_tokens")
+
+    def record_history(self, path: str, billed: bool, cost: Any) -> None:
+        """DSPy's history entry of an LM call: its cost (billed calls) or an LM-cache hit."""
+        with self._lock:
+            u = self._entry(path)
+            if not billed:
+                u.lm_cache_hits += 1
+            elif isinstance(cost, int | float) and not isinstance(cost, bool):
+                u.cost = (u.cost or 0.0) + float(cost)
+
+    def record_event(self, path: str, kind: str) -> None:
+        """A policy event of stage ``path`` (``retry``, ``repair``, ``cache_hit``)."""
+        attr = {"retry": "retries", "repair": "repairs", "cache_hit": "cache_hits"}.get(kind)
+        if attr is None:
+            return
+        with self._lock:
+            u = self._entry(path)
+            setattr(u, attr, getattr(u, attr) + 1)
+
+    def absorb(self, prefix: str, other: UsageTable) -> None:
+        """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
+        with other._lock:
+            items = [(k, StageUsage(**v.to_dict())) for k, v in other._by_path.items()]
+        with self._lock:
+            for k, v in items:
+                self._entry(f"{prefix}.{k}" if prefix and k else (k or prefix)).add(v)
+
+    def __getitem__(self, path: str) -> StageUsage:
+        with self._lock:
+            return StageUsage(**self._by_path[path].to_dict())
+
+    def get(self, path: str) -> StageUsage | None:
+        """What stage ``path`` used itself, or ``None``."""
+        with self._lock:
+            u = self._by_path.get(path)
+            return None if u is None else StageUsage(**u.to_dict())
+
+    def paths(self) -> list[str]:
+        """Every stage path with some usage."""
+        with self._lock:
+            return list(self._by_path)
+
+    def subtree(self, path: str) -> StageUsage:
+        """What stage ``path`` and every stage nested under it used."""
+        out = StageUsage()
+        with self._lock:
+            for k, v in self._by_path.items():
+                if not path or k == path or k.startswith(path + "."):
+                    out.add(v)
+        return out
+
+    @property
+    def total(self) -> StageUsage:
+        """The whole call."""
+        return self.subtree("")
+
+    def tree(self) -> dict[str, Any]:
+        """Nested roll-up: ``{"usage": {...}, "children": {segment: {...}}}`` by path segment."""
+        root: dict[str, Any] = {"usage": self.total.to_dict(), "children": {}}
+        for path in sorted(self.paths()):
+            node = root
+            parts = path.split(".")
+            for i in range(len(parts)):
+                key = parts[i]
+                node = node["children"].setdefault(
+                    key, {"usage": self.subtree(".".join(parts[: i + 1])).to_dict(), "children": {}}
+                )
+        return root
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{path: usage dict}`` of what each stage used itself."""
+        with self._lock:
+            return {k: v.to_dict() for k, v in self._by_path.items()}
+
+    def __repr__(self) -> str:
+        total = self.total
+        return (
+            f"UsageTable({len(self._by_path)} stages; {total.lm_calls} LM calls, {total.input_tokens} in / "
+            f"{total.output_tokens} out tokens, cost {total.cost})"
+        )
+
+
+def _tokens(usage: Mapping[str, Any], *names: str) -> int:
+    for n in names:
+        v = usage.get(n)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return int(v)
+    return 0
+
+
+# -- where the current LM work goes ------------------------------------------------------------------
+
+_TABLE: ContextVar[UsageTable | None] = ContextVar("stageflow_usage_table", default=None)
+_STAGE: ContextVar[str] = ContextVar("stageflow_usage_stage", default="")
+_BILLED: ContextVar[bool] = ContextVar("stageflow_usage_billed", default=False)
+
+
+def current_table() -> UsageTable | None:
+    """The usage table of the pipeline call running here, if any."""
+    return _TABLE.get()
+
+
+@contextlib.contextmanager
+def using_table(table: UsageTable) -> Iterator[None]:
+    """LM work inside the block goes to ``table`` (a nested pipeline call's own table)."""
+    token = _TABLE.set(table)
+    try:
+        yield
+    finally:
+        _TABLE.reset(token)
+
+
+@contextlib.contextmanager
+def stage_scope(path: str) -> Iterator[None]:
+    """Attribute LM work done inside the block to stage ``path`` (a local path of the current call)."""
+    token = _STAGE.set(path)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+def note_policy_event(kind: str) -> None:
+    """Count a policy event (``retry``, ``repair``, ``cache_hit``) for the stage running here."""
+    table = _TABLE.get()
+    if table is not None:
+        table.record_event(_STAGE.get(), kind)
+
+
+def _dspy_tracker_class() -> type:
+    from dspy.utils.usage_tracker import UsageTracker
+
+    class StageflowTracker(UsageTracker):  # type: ignore[misc]
+        """DSPy's usage tracker slot: tokens go to the running stage (and to an outer tracker)."""
+
+        def __init__(self, parent: Any) -> None:
+            super().__init__()
+            self.parent = parent
+
+        def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+            super().add_usage(lm, usage_entry)
+            if self.parent is not None:
+                self.parent.add_usage(lm, usage_entry)
+            table = _TABLE.get()
+            if table is not None:
+                table.record_lm(_STAGE.get(), usage_entry)
+            _BILLED.set(True)
+
+    return StageflowTracker
+
+
+class _HistoryProbe:
+    """A member of DSPy's ``caller_modules``: DSPy appends each LM call's history entry to it."""
+
+    class _Sink(list):  # type: ignore[type-arg]
+        def append(self, entry: Any) -> None:  # never stores anything
+            table = _TABLE.get()
+            if table is not None and isinstance(entry, dict):
+                billed = _BILLED.get()
+                table.record_history(_STAGE.get(), billed, entry.get("cost"))
+            _BILLED.set(False)
+
+    def __init__(self) -> None:
+        self.history = self._Sink()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _HistoryProbe:
+        return self
+
+
+_TRACKER_CLASS: list[type | None] = [None]
+_PROBE = _HistoryProbe()
+
+
+def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
+    """Start sending the LM usage of the current context to ``table`` (the outermost pipeline call);
+    with ``adapter``, predictors use it. Returns what :func:`close_run` needs to undo it.
+
+    DSPy is connected with one override of its settings (its usage tracker slot, its
+    ``caller_modules``, the adapter), set directly on DSPy's context variable: the same thing
+    ``dspy.context(...)`` does, without snapshotting every global setting on each call.
+    """
+    token = _TABLE.set(table)
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:  # DSPy not loaded: no LM can be called
+        return (token, None, None)
+    overrides_var = settings_module.thread_local_overrides
+    settings = settings_module.settings
+    cls = _TRACKER_CLASS[0]
+    if cls is None:
+        cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
+    current = overrides_var.get()
+    new = settings_module.dotdict(current)
+    new["usage_tracker"] = cls(settings.usage_tracker)
+    new["caller_modules"] = [_PROBE, *(settings.caller_modules or ())]
+    if adapter is not None:
+        new["adapter"] = adapter
+    return (token, overrides_var, overrides_var.set(new))
+
+
+def close_run(opened: tuple[Any, ...]) -> None:
+    """Undo :func:`open_run`."""
+    token, overrides_var, dspy_token = opened
+    if overrides_var is not None:
+        overrides_var.reset(dspy_token)
+    _TABLE.reset(token)
+
+
+@contextlib.contextmanager
+def metering(table: UsageTable, adapter: Any = None) -> Iterator[None]:
+    """Send the LM usage of everything inside the block to ``table`` (see the module docstring);
+    with ``adapter``, predictors inside the block use it."""
+    opened = open_run(table, adapter)
+    try:
+        yield
+    finally:
+        close_run(opened)

@@ -1,0 +1,116 @@
+"""``call_predictor``: the short call path leaves what DSPy records unchanged, and steps aside
+whenever something it would skip is active."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import dspy
+import pytest
+from dspy.clients.base_lm import GLOBAL_HISTORY
+from test_fast_adapter_corpus import ScriptedLM, typed
+from test_fast_adapter_integration import Recorder
+
+from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
+from stageflow.lm.fast.call import short_path
+
+MODES = ["sync", "async"]
+ANSWER = "[[ ## reasoning ## ]]\nr\n\n[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]"
+
+
+def by_module(module: Any, inputs: dict[str, Any], mode: str) -> Any:
+    return module(**inputs) if mode == "sync" else asyncio.run(module.acall(**inputs))
+
+
+def by_short_path(module: Any, inputs: dict[str, Any], mode: str) -> Any:
+    return call_predictor(module, inputs) if mode == "sync" else asyncio.run(acall_predictor(module, inputs))
+
+
+def record(call: Any, make: Any, mode: str, **settings: Any) -> dict[str, Any]:
+    """Everything DSPy keeps about one call, in comparable form."""
+    module = make()
+    lm = ScriptedLM([ANSWER])
+    trace: list[Any] = []
+    with dspy.context(lm=lm, trace=trace, **settings):
+        before = len(GLOBAL_HISTORY)
+        pred = call(module, {"question": "2+2?"}, mode)
+        global_new = len(GLOBAL_HISTORY) - before
+
+    def entry(e: dict[str, Any]) -> Any:
+        return {k: v for k, v in e.items() if k not in ("timestamp", "uuid", "response")}
+
+    modules = [module, *([module.predict] if hasattr(module, "predict") else [])]
+    return {
+        "prediction": typed(pred.toDict()),
+        "usage": pred.get_lm_usage(),
+        "lm_history": [entry(e) for e in lm.history],
+        "module_histories": [[entry(e) for e in m.history] for m in modules],
+        "global_history": global_new,
+        "trace": [(type(p).__name__, inputs, typed(out.toDict())) for p, inputs, out in trace],
+        "trace_predictors": [p is modules[-1] for p, _, _ in trace],
+    }
+
+
+MAKERS = {
+    "Predict": lambda: dspy.Predict("question -> reasoning, answer: int"),
+    "ChainOfThought": lambda: dspy.ChainOfThought("question -> answer: int"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+@pytest.mark.parametrize("fast", [False, True], ids=["dspy-adapter", "fast-adapter"])
+def test_the_short_path_records_what_the_module_call_records(kind: str, mode: str, fast: bool) -> None:
+    adapter = fast_adapter_for(None) if fast else None
+    expected = record(by_module, MAKERS[kind], mode, adapter=adapter)
+    got = record(by_short_path, MAKERS[kind], mode, adapter=adapter)
+    assert got == expected
+    assert expected["global_history"] == 1
+    assert expected["trace_predictors"] == [True]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_callbacks_the_module_is_called(mode: str) -> None:
+    seen = []
+    for call in (by_module, by_short_path):
+        recorder = Recorder()
+        record(call, MAKERS["ChainOfThought"], mode, callbacks=[recorder])
+        seen.append(recorder.events)
+    assert seen[0] == seen[1]
+    assert [e[0] for e in seen[0]].count("module_start") == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_usage_tracking_the_module_is_called(mode: str) -> None:
+    expected = record(by_module, MAKERS["Predict"], mode, track_usage=True)
+    got = record(by_short_path, MAKERS["Predict"], mode, track_usage=True)
+    assert got == expected
+    assert got["usage"]
+
+
+def test_the_short_path_applies_only_to_plain_predictors() -> None:
+    class MyPredict(dspy.Predict):
+        pass
+
+    patched = dspy.Predict("q -> a")
+    patched.forward = lambda **kw: dspy.Prediction(a="patched")  # what GEPA does to an instance
+    with_callbacks = dspy.Predict("q -> a", callbacks=[Recorder()])
+    plain_cot = dspy.ChainOfThought("q -> a")
+    assert short_path(dspy.Predict("q -> a")) is not None
+    assert short_path(plain_cot) == [plain_cot, plain_cot.predict]
+    for module in (MyPredict("q -> a"), patched, with_callbacks, dspy.ReAct("q -> a", tools=[])):
+        assert short_path(module) is None
+    with dspy.context(lm=ScriptedLM(["[[ ## a ## ]]\nlm\n\n[[ ## completed ## ]]"])):
+        assert call_predictor(patched, {"q": "x"}).a == "patched"
+
+
+def test_decision_outputs_keep_dspys_adapter_resolution() -> None:
+    from dspy.adapters.types.decision import Noul
+
+    from stageflow.lm.fast.call import _has_decisions
+
+    assert _has_decisions(dspy.Signature("question -> answer")) is False
+    assert _has_decisions(dspy.Signature({"q": (str, dspy.InputField()), "ok": (Noul, dspy.OutputField())}))
+    nested = dspy.Signature({"q": (str, dspy.InputField()), "oks": (list[Noul], dspy.OutputField())})
+    assert _has_decisions(nested)  # resolve_adapter warns about it, so it must run
