@@ -215,6 +215,105 @@ def bench_prefix_cache(engine: Any, questions: int, reps: int) -> dict[str, Any]
     }
 
 
+def bench_prefix_strategies(engine: Any, questions: int, reps: int) -> dict[str, Any]:
+    """The ways to keep one prefix per predictor, on the same alternating calls (``--strategies``).
+
+    ``sequence snapshots`` is what the engine does; ``save_state/load_state`` swaps whole contexts
+    with llama-cpp-python's API; ``one Llama per predictor`` routes each prefix to its own context
+    (their load time is reported apart). Every strategy calls ``create_chat_completion`` with the
+    engine's own message translation, ``max_tokens=1``.
+    """
+    import os
+
+    from llama_cpp import Llama
+
+    from stageflow.lm._messages import chat_messages
+    from stageflow.lm.prefix import prefix_key
+
+    calls = [chat_messages(r) for r in _alternating_requests(questions)]
+    model = engine._model()
+    base = model.llama
+
+    def run_snapshots(messages: list[dict[str, str]]) -> Any:
+        model.prefix.activate(base, prefix_key(messages), 8)
+        return base.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+
+    states: dict[str, Any] = {}
+    current: list[str | None] = [None]
+
+    def run_states(messages: list[dict[str, str]]) -> Any:
+        key = prefix_key(messages) or ""
+        if key != current[0]:
+            if current[0] is not None:
+                states[current[0]] = base.save_state()
+            if key in states:
+                base.load_state(states[key])
+            current[0] = key
+        return base.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+
+    def rss_mb() -> float:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            line = next(x for x in fh if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    contexts = {
+        key: Llama(
+            model_path=str(engine.model_path),
+            n_ctx=engine.n_ctx,
+            n_threads=engine.n_threads,
+            n_threads_batch=engine.n_threads,
+            verbose=False,
+        )
+        for key in dict.fromkeys(prefix_key(m) for m in calls)
+    }
+    load_seconds = time.perf_counter() - started
+    rss_added = rss_mb() - rss_before
+
+    def run_contexts(messages: list[dict[str, str]]) -> Any:
+        return contexts[prefix_key(messages)].create_chat_completion(
+            messages=messages, max_tokens=1, temperature=0.0
+        )
+
+    def run_plain(messages: list[dict[str, str]]) -> Any:
+        return base.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+
+    strategies = {
+        "llama.cpp alone (previous call's prefix)": run_plain,
+        "sequence snapshots (the engine)": run_snapshots,
+        "save_state/load_state": run_states,
+        "one Llama per predictor": run_contexts,
+    }
+    per_token: dict[str, list[float]] = {name: [] for name in strategies}
+    loads: list[float] = []
+    for rep in range(reps):
+        names = list(strategies)
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            model.prefix.clear()
+            states.clear()
+            current[0] = None
+            for llama in (base, *contexts.values()):
+                llama.reset()
+            loads.append(os.getloadavg()[0])
+            wall, tokens = 0.0, 0
+            for messages in calls:
+                t0 = time.perf_counter()
+                out = strategies[name](messages)
+                wall += time.perf_counter() - t0
+                tokens += out["usage"]["prompt_tokens"]
+            per_token[name].append(wall / tokens * 1000)
+    for llama in contexts.values():
+        llama.close()
+    return {
+        "ms_per_token": {name: statistics.median(v) for name, v in per_token.items()},
+        "load": statistics.median(loads),
+        "extra_load_seconds": load_seconds,
+        "contexts": len(contexts),
+        "rss_added_mb": rss_added,
+    }
+
+
 def bench_decompose_program(lm: Any, questions: int) -> dict[str, float]:
     """Seconds per question of the whole decompose program, prefix cache off then on (one pass each)."""
     import os
@@ -277,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reps", type=int, default=5, help="repetitions of the prefix-cache and command runs"
     )
+    parser.add_argument(
+        "--strategies",
+        action="store_true",
+        help="also compare sequence snapshots with save_state/load_state and one Llama per predictor",
+    )
     args = parser.parse_args(argv)
 
     from stageflow.lm import make_local_lm
@@ -288,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_load = os.getloadavg()[0]
     speed = bench_speed(engine._model().llama)
     prefix = bench_prefix_cache(engine, args.questions, args.reps)
+    strategies = bench_prefix_strategies(engine, args.questions, args.reps) if args.strategies else None
     program = bench_decompose_program(lm, args.questions)
     overhead_load = os.getloadavg()[0]
     overhead = bench_overhead(lm, args.questions)
@@ -316,6 +421,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {value:.2f} ({lo:.2f}–{hi:.2f}) | {prefix['load']:.1f} |")
     off, on = list(prefix["ms_per_token"].values())
     print(f"\nspeed-up: {off / on:.1f}x")
+    if strategies is not None:
+        print(f"\n# Ways to keep a prefix per predictor (same calls; median of {args.reps})\n")
+        print("| strategy | ms per prompt token | load avg |")
+        print("|---|---|---|")
+        for name, value in strategies["ms_per_token"].items():
+            print(f"| {name} | {value:.2f} | {strategies['load']:.1f} |")
+        print(
+            f"\n'one Llama per predictor' also loaded {strategies['contexts']} extra contexts in "
+            f"{strategies['extra_load_seconds']:.2f} s, adding {strategies['rss_added_mb']:.0f} MB "
+            "of resident memory."
+        )
     print(f"\n# The decompose program, {args.questions} dev questions (LM cache off)\n")
     print("| prefix cache | s/question | load avg |")
     print("|---|---|---|")
