@@ -237,3 +237,13 @@ def test_inside_a_pipeline_the_constraint_still_reaches_the_lm(scoring: str, ans
     assert set(result.choice_scores) == {"Lyon", "Paris", "Nice"}
     expected = [["Lyon", "Paris", "Nice"]] if scoring == "generate" else [["Lyon"], ["Paris"], ["Nice"]]
     assert [allowed(r) for r in engine.requests] == expected
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import stageflow.choose
+
+    result = doctest.testmod(stageflow.choose)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -128,3 +128,13 @@ def test_importing_retrieval_loads_no_index_library() -> None:
 def test_passages_are_strings_for_dspy(linked: LinkedRetriever) -> None:
     assert all(isinstance(p, str) for p in linked("Dune"))
     assert not isinstance(linked, dspy.Module)
+
+
+@pytest.mark.parametrize("name", ["stageflow.retrieval.linked", "stageflow.retrieval.corpus"])
+def test_doctests(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0
+    assert result.failed == 0

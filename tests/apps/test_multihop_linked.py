@@ -276,3 +276,20 @@ def test_demo_control_and_stage_names() -> None:
     assert "with no model (the control)" in format_text(result)
     assert demo_stage_name("stages[2]") == "answer"
     assert demo_stage_name("stages[0]", "decompose") == "decompose"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "stageflow.apps.multihop.candidates",
+        "stageflow.apps.multihop.linked",
+        "stageflow.apps.multihop.evaluate",
+    ],
+)
+def test_doctests(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -333,3 +333,13 @@ def test_streaming_with_logprobs_is_refused(gguf: Path, monkeypatch: pytest.Monk
     asked = Request(model="local/x", messages=(Message.user("q"),), config=dspy.lm15.Config(logprobs=0))
     with pytest.raises(UnsupportedFeatureError, match="logprobs"):
         list(LlamaCppEngine(gguf).stream(asked))
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import stageflow.lm.prefix
+
+    result = doctest.testmod(stageflow.lm.prefix)
+    assert result.attempted > 0
+    assert result.failed == 0
