@@ -1,12 +1,19 @@
-"""Translate a DSPy (lm15) request into llama-cpp-python chat messages, and its errors back."""
+"""Translate a DSPy (lm15) request into llama-cpp-python arguments (chat messages, sampling settings,
+a grammar for the requested JSON schema), and llama.cpp's errors back."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Request, TextPart, ThinkingPart, UnsupportedFeatureError
 
-__all__ = ["PROVIDER", "chat_messages", "translate_error"]
+from stageflow.lm import grammar as _grammar
+
+__all__ = ["PROVIDER", "chat_messages", "generation_kwargs", "grammar_text", "translate_error"]
+
+logger = logging.getLogger(__name__)
 
 PROVIDER = "llama.cpp"
 
@@ -52,3 +59,69 @@ def translate_error(exc: Exception) -> Exception | None:
         error: Exception = ContextLengthError(f"llama.cpp: {text}", provider=PROVIDER)
         return error
     return None
+
+
+def grammar_text(response_format: Any, *, max_string_length: int, max_items: int) -> str | None:
+    """The GBNF grammar enforcing ``response_format`` (``None``: free text).
+
+    Raises:
+        UnsupportedFeatureError: a ``response_format`` the engine cannot honour.
+    """
+    try:
+        schema, json_mode = _grammar.schema_from_response_format(response_format)
+    except ValueError as exc:
+        raise UnsupportedFeatureError(
+            f"the local llama.cpp engine cannot honour this response_format: {exc}",
+            feature="config.response_format",
+            provider=PROVIDER,
+        ) from exc
+    if not json_mode:
+        return None
+    if schema is None:
+        return _grammar.json_object_gbnf()
+    try:
+        return _grammar.schema_to_gbnf(schema, max_string_length=max_string_length, max_items=max_items)
+    except ValueError as exc:
+        logger.warning("Falling back to a generic JSON-object grammar: %s", exc)
+        return _grammar.json_object_gbnf()
+
+
+def generation_kwargs(
+    request: Request,
+    *,
+    max_string_length: int,
+    max_items: int,
+    repeat_penalty: float,
+    default_max_tokens: int,
+) -> dict[str, Any]:
+    """The ``create_chat_completion`` arguments for ``request`` (temperature 0 unless set).
+
+    Raises:
+        UnsupportedFeatureError: tools, non-text parts, or an unsupported ``response_format``.
+    """
+    validate_request(request)
+    if request.tools:
+        raise UnsupportedFeatureError(
+            "the local llama.cpp engine does not support tools", feature="tools", provider=PROVIDER
+        )
+    config = request.config
+    kwargs: dict[str, Any] = {
+        "messages": chat_messages(request),
+        "temperature": 0.0 if config.temperature is None else config.temperature,
+        "max_tokens": config.max_tokens or default_max_tokens,
+        "repeat_penalty": repeat_penalty,
+    }
+    if config.top_p is not None:
+        kwargs["top_p"] = config.top_p
+    if config.top_k is not None:
+        kwargs["top_k"] = config.top_k
+    if config.seed is not None:
+        kwargs["seed"] = config.seed
+    if config.stop:
+        kwargs["stop"] = list(config.stop)
+    gbnf = grammar_text(config.response_format, max_string_length=max_string_length, max_items=max_items)
+    if gbnf is not None:
+        from llama_cpp import LlamaGrammar
+
+        kwargs["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
+    return kwargs

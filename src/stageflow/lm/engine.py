@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from dspy.clients.engines.base import validate_request
 from dspy.lm15 import (
     Message,
     Request,
@@ -56,7 +55,7 @@ from stageflow.errors import ConfigurationError
 from stageflow.lm import _models
 from stageflow.lm import grammar as _grammar
 from stageflow.lm._locate import find_model_path
-from stageflow.lm._messages import PROVIDER, chat_messages, translate_error
+from stageflow.lm._messages import PROVIDER, generation_kwargs, translate_error
 from stageflow.lm._models import THREADS_ENV, LoadedModel, default_threads
 from stageflow.lm.logprobs import LogprobRecorder
 from stageflow.lm.prefix import DEFAULT_PREFIX_SLOTS, prefix_key
@@ -214,54 +213,14 @@ class LlamaCppEngine:
     def _model(self) -> LoadedModel:
         return _models.load_model(self.model_path, self.n_ctx, self.n_threads)
 
-    def _grammar_text(self, response_format: Any) -> str | None:
-        try:
-            schema, json_mode = _grammar.schema_from_response_format(response_format)
-        except ValueError as exc:
-            raise UnsupportedFeatureError(
-                f"the local llama.cpp engine cannot honour this response_format: {exc}",
-                feature="config.response_format",
-                provider=_PROVIDER,
-            ) from exc
-        if not json_mode:
-            return None
-        if schema is None:
-            return _grammar.json_object_gbnf()
-        try:
-            return _grammar.schema_to_gbnf(
-                schema, max_string_length=self.max_string_length, max_items=self.max_items
-            )
-        except ValueError as exc:
-            logger.warning("Falling back to a generic JSON-object grammar: %s", exc)
-            return _grammar.json_object_gbnf()
-
     def _generation_kwargs(self, request: Request) -> dict[str, Any]:
-        validate_request(request)
-        if request.tools:
-            raise UnsupportedFeatureError(
-                "the local llama.cpp engine does not support tools", feature="tools", provider=_PROVIDER
-            )
-        config = request.config
-        kwargs: dict[str, Any] = {
-            "messages": chat_messages(request),
-            "temperature": 0.0 if config.temperature is None else config.temperature,
-            "max_tokens": config.max_tokens or self.default_max_tokens,
-            "repeat_penalty": self.repeat_penalty,
-        }
-        if config.top_p is not None:
-            kwargs["top_p"] = config.top_p
-        if config.top_k is not None:
-            kwargs["top_k"] = config.top_k
-        if config.seed is not None:
-            kwargs["seed"] = config.seed
-        if config.stop:
-            kwargs["stop"] = list(config.stop)
-        gbnf = self._grammar_text(config.response_format)
-        if gbnf is not None:
-            from llama_cpp import LlamaGrammar
-
-            kwargs["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
-        return kwargs
+        return generation_kwargs(
+            request,
+            max_string_length=self.max_string_length,
+            max_items=self.max_items,
+            repeat_penalty=self.repeat_penalty,
+            default_max_tokens=self.default_max_tokens,
+        )
 
     # -- the engine protocol --------------------------------------------------------------------
 
