@@ -240,7 +240,11 @@ SCENARIOS = [
         [frozenset({"left", "right"}), "join"],
     ),
     Scenario(
-        "for each, in input order", foreach, {"numbers": [3, 1, 2]}, {"y": [9, 1, 4]}, ["square", "square", "square"]
+        "for each, in input order",
+        foreach,
+        {"numbers": [3, 1, 2]},
+        {"y": [9, 1, 4]},
+        ["square", "square", "square"],
     ),
     Scenario("nested pipeline", nested, {"x": 2}, {"x": 4, "y": 5, "z": 5}, ["before", "inner_a", "after"]),
     Scenario("recovery strategy", recovered, {"x": 1}, {"y": -1, "z": -1}, ["a", "fail", "recover", "c"]),
