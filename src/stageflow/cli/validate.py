@@ -56,8 +56,5 @@ def run(args: argparse.Namespace) -> int:
     for line in warnings:
         print(f"warning: {line}")
     if warnings:
-        print(
-            f"{len(warnings)} field(s) are checked when the pipeline runs; "
-            "--strict refuses them now."
-        )
+        print(f"{len(warnings)} field(s) are checked when the pipeline runs; --strict refuses them now.")
     return EXIT_OK
