@@ -340,3 +340,37 @@ async def test_a_function_router_wrapped_in_stage_works_like_a_bare_one(mode: st
     wrapped = BranchingPipeline(Stage(route, inputs={"kind": "task"}), branches)
     bare = BranchingPipeline(lambda task: task, dict(branches))
     assert (await call(wrapped, mode, task="b")).out == (await call(bare, mode, task="b")).out == "B"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        (lambda e, s: {"y": "recovered"}, ("recovered", "recovered")),  # recovery first, as the tutorial
+        (lambda e, s: None, ("skipped", None)),  # not recovered: a non-critical error is skipped
+    ],
+    ids=["recovers", "falsy-then-skip"],
+)
+async def test_a_non_critical_error_tries_the_recovery_strategy_first(
+    strategy: Any, expected: tuple[str, Any], mode: str
+) -> None:
+    def slow(x: int) -> dict[str, Any]:
+        raise TimeoutError("no answer")  # non-critical by default
+
+    p = ErrorHandlingPipeline([Stage(slow, writes=["y"])], recovery_strategies={0: strategy})
+    result = await call(p, mode, x=1)
+    assert [e.kind for e in result.run.events][-1] == expected[0]
+    assert result.get("y") == expected[1]
+
+
+async def test_a_raising_recovery_strategy_fails_even_for_a_non_critical_error(mode: str) -> None:
+    def slow(x: int) -> dict[str, Any]:
+        raise TimeoutError("no answer")
+
+    def broken(error: Exception, state: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("cache down")
+
+    p = ErrorHandlingPipeline([Stage(slow, writes=["y"])], recovery_strategies={0: broken})
+    with pytest.raises(stageflow.PipelineError) as info:
+        await call(p, mode, x=1)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert "cache down" in str(info.value)
