@@ -175,15 +175,16 @@ def _timeout_error(path: str, seconds: float) -> StageTimeoutError:
 def _fallback_failed(entry: StageEntry, path: str, original: Exception, failed: Exception) -> StageError:
     """The error for a fallback that could not replace a failure: it names both errors, and the
     caller raises it ``from`` the original one."""
-    broke_contract = isinstance(failed, ContractError)
-    what = failed.message if isinstance(failed, StageflowError) else str(failed)
+    def brief(error: Exception) -> str:  # without the error's own "Fix:" line
+        return f"{type(error).__name__}: {error.message if isinstance(error, StageflowError) else error}"
+
     err = StageError(
-        f"Stage '{path}' ({entry.label}) failed with {_describe(original)}; its fallback could not "
-        f"replace the result: {type(failed).__name__}: {what}",
+        f"Stage '{path}' ({entry.label}) failed with {brief(original)}; its fallback could not "
+        f"replace the result: {brief(failed)}",
         stage_path=path,
         code="fallback_failed",
         hint="make the fallback return every output the stage declares"
-        if broke_contract
+        if isinstance(failed, ContractError)
         else "fix the fallback stage (it raised too), or the stage itself",
     )
     err.path_is_full = True
