@@ -4,14 +4,17 @@ Attach them to one stage with ``Stage(x, retry=..., timeout=..., fallback=..., r
 every stage of a pipeline with ``pipeline.set_defaults(...)`` (a stage's own policy of a kind wins
 over the default of that kind). The engine applies them in this order for each stage call:
 
-1. ``timeout``: the call may take at most ``seconds`` (async calls are cancelled; a sync call's
-   thread cannot be, and is abandoned and counted);
-2. ``retry``: a retryable error (DSPy's LM error classification, timeouts, connection errors)
-   is retried with exponential backoff and jitter, honouring a provider's ``retry_after``;
+1. ``timeout``: the call may take at most ``seconds`` of run time, counted from when it starts
+   running (not while it waits for a concurrency slot); async calls are cancelled; a sync call's
+   thread cannot be, and is abandoned and counted;
+2. ``retry``: a transient error (:func:`is_retryable`: DSPy's LM error classification, LiteLLM and
+   HTTP-client errors DSPy wrapped, HTTP 408/429/5xx, timeouts, connection errors) is retried with
+   exponential backoff and jitter, honouring a server's ``Retry-After`` up to ``max_delay``;
 3. ``repair``: an output that breaks its contract (DSPy's ``AdapterParseError``, a pydantic
    validation error, a missing declared output) is asked for again with the error shown to the
    model, a bounded number of times;
-4. ``fallback``: another stage, or a default output, once the above are exhausted;
+4. ``fallback``: another stage, or a default output, once the above are exhausted (a fallback that
+   cannot replace the result raises an error naming both, caused by the original one);
 5. ``recover`` / ``skip_on``: used by :class:`~stageflow.ErrorHandlingPipeline`.
 
 Retries call the *same* stage object (with a new ``rollout_id``), so DSPy optimizers still see

@@ -196,7 +196,7 @@ def retry_after(error: BaseException) -> float | None:
     Examples:
         >>> class Limited(Exception):
         ...     headers = {"Retry-After": "86400"}
-        >>> retry_after(RuntimeError("wrapped").with_traceback(None)) is None
+        >>> retry_after(RuntimeError("no hint")) is None
         True
         >>> try:
         ...     raise RuntimeError("client wrapper") from Limited("429")
