@@ -175,6 +175,7 @@ def _timeout_error(path: str, seconds: float) -> StageTimeoutError:
 def _fallback_failed(entry: StageEntry, path: str, original: Exception, failed: Exception) -> StageError:
     """The error for a fallback that could not replace a failure: it names both errors, and the
     caller raises it ``from`` the original one."""
+
     def brief(error: Exception) -> str:  # without the error's own "Fix:" line
         return f"{type(error).__name__}: {error.message if isinstance(error, StageflowError) else error}"
 
