@@ -20,7 +20,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import dspy
@@ -106,13 +106,33 @@ class _FakeEngine:
         finally:
             self.owner._exit()
 
-    def stream(self, request: Any) -> Any:
-        from dspy.lm15 import response_to_events
-
-        return response_to_events(self.complete(request))
+    def stream(self, request: Any) -> Iterator[Any]:
+        """The response as stream events, its text in chunks of ``stream_chunk`` characters."""
+        return _chunked(self.complete(request), self.owner.stream_chunk)
 
     def close(self) -> None:
         return None
+
+
+def _chunked(response: Response, size: int) -> Iterator[Any]:
+    """DSPy stream events for ``response``, each text delta split into pieces of ``size`` characters."""
+    from dspy.lm15 import StreamDeltaEvent, TextDelta, response_to_events
+
+    for event in response_to_events(response):
+        delta = getattr(event, "delta", None)
+        if not isinstance(delta, TextDelta) or len(delta.text) <= size:
+            yield event
+            continue
+        for start in range(0, len(delta.text), size):
+            first = start == 0
+            yield StreamDeltaEvent(
+                delta=TextDelta(
+                    text=delta.text[start : start + size],
+                    part_index=delta.part_index,
+                    logprobs=delta.logprobs if first else (),
+                    logprobs_complete=delta.logprobs_complete if first else True,
+                )
+            )
 
 
 class _AsyncFakeEngine:
@@ -134,6 +154,11 @@ class _AsyncFakeEngine:
         finally:
             self.owner._exit()
 
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        """Async twin of the sync engine's ``stream``."""
+        for event in _chunked(await self.complete(request), self.owner.stream_chunk):
+            yield event
+
     async def aclose(self) -> None:
         return None
 
@@ -151,6 +176,8 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         rendezvous: Calls wait (up to ``rendezvous_timeout`` seconds) until this many calls have been in
             progress at once, so a test can prove ``n`` calls overlap without relying on timing
             (``peak_active`` then reaches ``n`` unless something caps concurrency below it).
+        stream_chunk: Under ``dspy.streamify``, the response text arrives in chunks of this many
+            characters (sync and async), so stream listeners see several chunks per field.
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
@@ -168,6 +195,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         rendezvous: int | None = None,
         rendezvous_timeout: float = 5.0,
         model: str = "stageflow-fake/lm",
+        stream_chunk: int = 8,
     ) -> None:
         self.responses = dict(responses or {})
         self.default = default
@@ -175,6 +203,9 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self.fail_times = fail_times
         self.rendezvous = rendezvous
         self.rendezvous_timeout = rendezvous_timeout
+        if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int) or stream_chunk < 1:
+            raise ValueError(f"FakeLM: stream_chunk must be an int >= 1, got {stream_chunk!r}")
+        self.stream_chunk = stream_chunk
         self.calls = 0
         self.active = 0
         self.peak_active = 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG, on_change
+from stageflow.engine.streaming import lending, loop_token
 
 __all__ = [
     "abandoned_threads",
@@ -65,9 +66,17 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
     call = functools.partial(ctx.run, fn, *args, **kwargs)
+    token = loop_token()  # under dspy.streamify: the thread may send chunks to its stream
+    if token is not None:
+        call = functools.partial(_lent, token, call)
     if _SPARE.get():
         return await spare.acall(call, on_abandon=note_abandoned)
     return await loop.run_in_executor(shared_pool(), call)
+
+
+def _lent(token: Any, call: Callable[[], Any]) -> Any:
+    with lending(token):
+        return call()
 
 
 _SPARE: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_spare_threads", default=False)
