@@ -41,6 +41,7 @@ __all__ = [
     "ErrorMatch",
     "Fallback",
     "PolicyEvent",
+    "Recover",
     "RepairPolicy",
     "RetryPolicy",
     "StagePolicy",
