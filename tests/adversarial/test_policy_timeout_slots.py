@@ -150,3 +150,34 @@ def test_spare_threads_go_away_when_idle(monkeypatch: pytest.MonkeyPatch) -> Non
             break
         deadline.wait(0.05)
     assert spare_thread_count() == 0
+
+
+@pytest.mark.parametrize("async_stream", [False, True], ids=["sync-stream", "async-stream"])
+@pytest.mark.parametrize("async_program", [False, True], ids=["sync-program", "async-program"])
+def test_a_timed_predictor_streams_under_streamify(async_program: bool, async_stream: bool) -> None:
+    """The spare thread of a timed call holds the stream's AnyIO token, as pool threads do."""
+    import dspy
+    from dspy.streaming import StreamListener, StreamResponse
+
+    from stageflow.testing import FakeLM
+
+    program = SequentialPipeline([Stage(dspy.Predict("question -> answer"), timeout=LIMIT)])
+    streamer = dspy.streamify(
+        program,
+        stream_listeners=[StreamListener(signature_field_name="answer")],
+        is_async_program=async_program,
+        async_streaming=async_stream,
+    )
+    with dspy.context(lm=FakeLM({"answer": "a long answer text"}, stream_chunk=4)):
+        if async_stream:
+
+            async def collect() -> list[Any]:
+                return [x async for x in streamer(question="q")]
+
+            items = asyncio.run(collect())
+        else:
+            items = list(streamer(question="q"))
+    assert items[-1].answer == "a long answer text"
+    chunks = [x.chunk for x in items if isinstance(x, StreamResponse)]
+    assert len(chunks) > 1
+    assert "".join(chunks) == "a long answer text"

@@ -22,6 +22,7 @@ from stageflow.engine import concurrency, spare
 from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
 from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.engine.pool import note_abandoned, spare_threads
+from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
@@ -318,9 +319,12 @@ def _with_timeout(
     if slots:
         ctx.run(enter_leaf, slots)  # wait for the concurrency slots here, before the clock starts
 
+    token = loop_token()  # under dspy.streamify: the spare thread may send chunks to its stream
+
     def call() -> Any:
         try:
-            return ctx.run(invoke, entry, target, kw)  # the slots are held: invoke takes none
+            with lending(token):
+                return ctx.run(invoke, entry, target, kw)  # the slots are held: invoke takes none
         finally:
             for budget in reversed(slots):  # freed when the call ends, even after it was abandoned
                 budget.release()
