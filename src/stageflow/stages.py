@@ -26,11 +26,24 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import dspy
 
 from stageflow.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import os
+
+    from stageflow.policies.cache import CachePolicy
+    from stageflow.policies.recovery import (
+        Fallback,
+        Recover,
+        RepairPolicy,
+        RetryPolicy,
+        StagePolicy,
+        TimeoutPolicy,
+    )
 
 __all__ = [
     "DeferredField",
@@ -389,13 +402,13 @@ class Stage(dspy.Module):  # type: ignore[misc]
         outputs: Mapping[str, str] | None = None,
         reads: Sequence[str] | None = None,
         writes: Sequence[str] | None = None,
-        retry: Any = None,
-        timeout: Any = None,
-        repair: Any = None,
-        fallback: Any = None,
-        recover: Any = None,
+        retry: RetryPolicy | int | None = None,
+        timeout: TimeoutPolicy | float | None = None,
+        repair: RepairPolicy | int | bool | None = None,
+        fallback: Fallback | Mapping[str, Any] | Callable[..., Any] | None = None,
+        recover: Recover | None = None,
         skip_on: Sequence[type[BaseException]] = (),
-        cache: Any = None,
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(module, type):
@@ -416,25 +429,39 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
 
     def _policy(
-        self, retry: Any, timeout: Any, repair: Any, fallback: Any, recover: Any, skip_on: Any, cache: Any
-    ) -> Any:
+        self,
+        retry: RetryPolicy | int | None,
+        timeout: TimeoutPolicy | float | None,
+        repair: RepairPolicy | int | bool | None,
+        fallback: Fallback | Mapping[str, Any] | Callable[..., Any] | None,
+        recover: Recover | None,
+        skip_on: Sequence[type[BaseException]],
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None,
+    ) -> StagePolicy | None:
         from stageflow.policies.recovery import HELD, Fallback, StagePolicy, make_policy
 
+        held: Fallback | None = None
+        given: object = fallback
         if isinstance(fallback, Fallback) and fallback.stage is not None:
-            fallback = fallback.stage
-        if fallback is not None and not isinstance(fallback, Fallback):
-            if isinstance(fallback, Mapping):
-                fallback = Fallback(default=fallback)
-            else:
-                self.fallback_stage = (
-                    fallback if isinstance(fallback, dspy.Module) else FunctionStage(fallback)
-                )
-                fallback = Fallback(stage=HELD)
+            given = fallback.stage  # the wrapper holds the stage itself (so DSPy sees it)
+        if isinstance(given, Fallback):
+            held = given
+        elif isinstance(given, Mapping):
+            held = Fallback(default=given)
+        elif callable(given):
+            self.fallback_stage = given if isinstance(given, dspy.Module) else FunctionStage(given)
+            held = Fallback(stage=HELD)
+        elif given is not None:
+            raise ConfigurationError(
+                f"fallback= takes a stage, a default output mapping or a Fallback, got {given!r}.",
+                field="fallback",
+                code="bad_option",
+            )
         policy = make_policy(
             retry=retry,
             timeout=timeout,
             repair=repair,
-            fallback=fallback,
+            fallback=held,
             recover=recover,
             skip_on=skip_on,
             cache=cache,

@@ -173,8 +173,10 @@ def _recovered(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
             )
             return True
-    if policy.skip_on and "recovery_error" not in detail and any(
-        isinstance(e, policy.skip_on) for e in causes(original)
+    if (
+        policy.skip_on
+        and "recovery_error" not in detail
+        and any(isinstance(e, policy.skip_on) for e in causes(original))
     ):
         run.events.append(
             PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)

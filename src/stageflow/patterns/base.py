@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -29,6 +29,12 @@ from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageList
 from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
+
+if TYPE_CHECKING:
+    import os
+
+    from stageflow.policies.cache import CachePolicy
+    from stageflow.policies.recovery import Fallback, RepairPolicy, RetryPolicy, TimeoutPolicy
 
 __all__ = ["CheckResult", "Pipeline", "as_stage"]
 
@@ -229,11 +235,11 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     def set_defaults(
         self,
         *,
-        retry: Any = None,
-        timeout: Any = None,
-        repair: Any = None,
-        fallback: Any = None,
-        cache: Any = None,
+        retry: RetryPolicy | int | None = None,
+        timeout: TimeoutPolicy | float | None = None,
+        repair: RepairPolicy | int | bool | None = None,
+        fallback: Fallback | None = None,
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
     ) -> Pipeline:
         """Policies for every leaf stage that does not set its own of that kind: this pipeline's
         stages and those of pipelines nested in it (unless a nested pipeline sets its own defaults).
