@@ -372,6 +372,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         reads: Declare the stage's input names (before renaming).
         writes: Declare the stage's output names (before renaming); needed for modules whose
             ``forward`` returns fields that later stages read.
+        budget: An :class:`~stageflow.LMBudget` (or a dict of its fields) each call of the stage
+            runs under, retries included (nested in the budgets around it).
 
     Examples:
         >>> import dspy, stageflow
@@ -396,6 +398,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         recover: Any = None,
         skip_on: Sequence[type[BaseException]] = (),
         cache: Any = None,
+        budget: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(module, type):
@@ -413,10 +416,18 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.inner_ports = inner
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
-        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
+        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
 
     def _policy(
-        self, retry: Any, timeout: Any, repair: Any, fallback: Any, recover: Any, skip_on: Any, cache: Any
+        self,
+        retry: Any,
+        timeout: Any,
+        repair: Any,
+        fallback: Any,
+        recover: Any,
+        skip_on: Any,
+        cache: Any,
+        budget: Any = None,
     ) -> Any:
         from stageflow.policies.recovery import HELD, Fallback, StagePolicy, make_policy
 
@@ -438,6 +449,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             recover=recover,
             skip_on=skip_on,
             cache=cache,
+            budget=budget,
         )
         return None if policy == StagePolicy() else policy
 

@@ -228,12 +228,14 @@ def make_policy(
     recover: Any = None,
     skip_on: Any = (),
     cache: Any = None,
+    budget: Any = None,
 ) -> StagePolicy:
     """Build a :class:`StagePolicy` from friendly arguments.
 
     ``retry`` may be a :class:`RetryPolicy` or an int (max attempts); ``timeout`` a
     :class:`TimeoutPolicy` or seconds; ``repair`` a :class:`RepairPolicy`, an int (max repairs) or
-    ``True``; ``fallback`` a :class:`Fallback`; ``skip_on`` exception types.
+    ``True``; ``fallback`` a :class:`Fallback`; ``skip_on`` exception types; ``budget`` a
+    :class:`~stageflow.LMBudget` or a dict of its fields.
     """
     if isinstance(retry, int) and not isinstance(retry, bool):
         retry = RetryPolicy(max_attempts=retry)
@@ -265,6 +267,10 @@ def make_policy(
         raise ConfigurationError(
             f"skip_on= takes exception types, got {skip_on!r}.", field="skip_on", code="bad_option"
         )
+    if budget is not None:
+        from stageflow.budgets.spec import as_budget
+
+        budget = as_budget(budget, "budget=")
     return StagePolicy(
         retry=retry or None,
         timeout=timeout,
@@ -273,6 +279,7 @@ def make_policy(
         recover=recover,
         skip_on=skip,
         cache=cache,
+        budget=budget,
     )
 
 
@@ -289,6 +296,8 @@ class StagePolicy:
     cache: Any = None
     error_field: str | None = None
     """A result field that, when truthy, reports the stage failed (the tutorial's ``StageOutput.error``)."""
+    budget: Any = None
+    """An :class:`~stageflow.LMBudget` each call of the stage (retries included) runs under."""
 
     def merged_over(self, defaults: StagePolicy | None) -> StagePolicy:
         """This policy, with each kind it does not set taken from ``defaults``."""
@@ -304,6 +313,7 @@ class StagePolicy:
             skip_on=self.skip_on or defaults.skip_on,
             cache=self.cache or defaults.cache,
             error_field=self.error_field or defaults.error_field,
+            budget=self.budget or defaults.budget,
         )
 
     def is_empty(self) -> bool:
