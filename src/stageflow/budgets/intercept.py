@@ -35,9 +35,10 @@ from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.usage import note_lm_wait, reported_cost
 
-__all__ = ["install", "installed"]
+__all__ = ["install", "installed", "uninstall"]
 
 _INSTALLED = [False]
+_ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
 _INSTALL_LOCK = threading.Lock()
 _PER_MESSAGE = 8  # chat-template tokens a message may add beyond its text
 
@@ -69,8 +70,22 @@ def install() -> None:
                 return await aoriginal(lm, call)
             return await _ametered(lm, call, aoriginal)
 
+        _ORIGINALS[:] = [original, aoriginal]
         execution.execute, execution.aexecute = execute, aexecute
         _INSTALLED[0] = True
+
+
+def uninstall() -> None:
+    """Give DSPy its own functions back (budgets and rate limits stop holding until the next use
+    installs the wrapper again). For benchmarks and tests that measure DSPy untouched."""
+    with _INSTALL_LOCK:
+        if not _INSTALLED[0]:
+            return
+        from dspy.clients import execution
+
+        execution.execute, execution.aexecute = _ORIGINALS
+        _ORIGINALS.clear()
+        _INSTALLED[0] = False
 
 
 def ratelimit_registry() -> dict[str, RateLimiter]:
@@ -82,35 +97,46 @@ def ratelimit_registry() -> dict[str, RateLimiter]:
 # -- what a call may use --------------------------------------------------------------------------
 
 
-def _text_size(value: Any, out: list[int]) -> None:
+def _size(value: Any, out: list[int]) -> None:
     """Add the UTF-8 bytes and the characters of every string in ``value`` to ``out``."""
     if isinstance(value, str):
-        out[0] += len(value.encode("utf-8", "surrogatepass"))
-        out[1] += len(value)
+        n = len(value)
+        out[0] += n if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        out[1] += n
     elif isinstance(value, dict):
         for v in value.values():
-            _text_size(v, out)
+            _size(v, out)
     elif isinstance(value, list | tuple):
         for v in value:
-            _text_size(v, out)
+            _size(v, out)
     elif value is not None and not isinstance(value, int | float | bool):
-        text = repr(value)  # a response_format type, tools, media: their text bounds what is sent
-        out[0] += len(text.encode("utf-8", "surrogatepass"))
-        out[1] += len(text)
+        _size(repr(value), out)  # a response_format type, tools, media: their text bounds what is sent
+
+
+def _messages_size(messages: Any, out: list[int]) -> None:
+    """:func:`_size` for a list of chat messages, with the usual ``{"role", "content": str}`` inline."""
+    for message in messages:
+        if isinstance(message, dict) and len(message) == 2 and isinstance(message.get("content"), str):
+            text = message["content"]
+            n = len(text)
+            out[0] += (n if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) + 16
+            out[1] += n
+        else:
+            _size(message, out)
 
 
 def _prompt_size(call: Any) -> tuple[int, int]:
     """(an upper bound on the prompt's tokens, its characters)."""
     sizes = [0, 0]
     if call.request is not None:
-        _text_size(call.request, sizes)
+        _size(call.request, sizes)
         return sizes[0] + _PER_MESSAGE * (len(call.request.messages) + 1), sizes[1]
     legacy = call.legacy
     messages = legacy.get("messages") or ()
-    _text_size(messages, sizes)
+    _messages_size(messages, sizes)
     for key in ("tools", "response_format", "functions"):
         if legacy.get(key) is not None:
-            _text_size(legacy[key], sizes)
+            _size(legacy[key], sizes)
     return sizes[0] + _PER_MESSAGE * (len(messages) + 1), sizes[1]
 
 
@@ -167,11 +193,15 @@ def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
     if plan is None:
         return original(lm, call)
     if not _take_now(plan):
-        hit = _cached(lm, call, False) if call.cache else None
-        if hit is not None:
+        try:
+            hit = _cached(lm, call, False) if call.cache else None
+            if hit is not None:  # the answer is cached: nothing is taken, nothing waits
+                _give_back(plan)
+                return hit
+            _take_waiting(plan)
+        except BaseException:
             _give_back(plan)
-            return hit
-        _take_waiting(plan)
+            raise
     try:
         result = original(lm, call)
     except BaseException as error:
@@ -186,11 +216,15 @@ async def _ametered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> 
     if plan is None:
         return await original(lm, call)
     if not _take_now(plan):
-        hit = await asyncio.to_thread(_cached, lm, call, True) if call.cache else None
-        if hit is not None:
+        try:
+            hit = await asyncio.to_thread(_cached, lm, call, True) if call.cache else None
+            if hit is not None:
+                _give_back(plan)
+                return hit
+            await _atake_waiting(plan)
+        except BaseException:
             _give_back(plan)
-            return hit
-        await _atake_waiting(plan)
+            raise
     try:
         result = await original(lm, call)
     except BaseException as error:
@@ -215,30 +249,39 @@ def _take_now(plan: _Plan) -> bool:
     return True
 
 
+def _before_rate_wait(plan: _Plan) -> None:
+    """Before waiting for the rate limiter: a call the budgets refuse fails now, and no budget
+    reservation is held through the (possibly long) wait."""
+    if plan.ticket is not None:
+        ledger_mod.release(plan.ticket)
+        plan.ticket = None
+    elif plan.chain:
+        refusal = ledger_mod.refusal(plan.chain, plan.need)
+        if refusal is not None:
+            raise refusal
+
+
 def _take_waiting(plan: _Plan) -> None:
-    try:
-        if plan.chain and plan.ticket is None:
-            plan.ticket, waited = ledger_mod.reserve(plan.chain, plan.need)
-            _waited(plan, waited, "budget_wait")
-        if plan.limiter is not None and plan.slot is None:
-            plan.slot, waited = plan.limiter.acquire(plan.need.calls, plan.estimate)
-            _waited(plan, waited, "rate_limited")
-    except BaseException:  # refused or cancelled while waiting: nothing stays held
-        _give_back(plan)
-        raise
+    """Take what :func:`_take_now` could not: room in the rate limiter first, then the budgets'
+    reservation (waiting for each as needed). The caller gives everything back if this raises."""
+    if plan.limiter is not None and plan.slot is None:
+        _before_rate_wait(plan)
+        plan.slot, waited = plan.limiter.acquire(plan.need.calls, plan.estimate)
+        _waited(plan, waited, "rate_limited")
+    if plan.chain and plan.ticket is None:
+        plan.ticket, waited = ledger_mod.reserve(plan.chain, plan.need)
+        _waited(plan, waited, "budget_wait")
 
 
 async def _atake_waiting(plan: _Plan) -> None:
-    try:
-        if plan.chain and plan.ticket is None:
-            plan.ticket, waited = await ledger_mod.areserve(plan.chain, plan.need)
-            _waited(plan, waited, "budget_wait")
-        if plan.limiter is not None and plan.slot is None:
-            plan.slot, waited = await plan.limiter.aacquire(plan.need.calls, plan.estimate)
-            _waited(plan, waited, "rate_limited")
-    except BaseException:
-        _give_back(plan)
-        raise
+    """Async twin of :func:`_take_waiting`."""
+    if plan.limiter is not None and plan.slot is None:
+        _before_rate_wait(plan)
+        plan.slot, waited = await plan.limiter.aacquire(plan.need.calls, plan.estimate)
+        _waited(plan, waited, "rate_limited")
+    if plan.chain and plan.ticket is None:
+        plan.ticket, waited = await ledger_mod.areserve(plan.chain, plan.need)
+        _waited(plan, waited, "budget_wait")
 
 
 def _give_back(plan: _Plan) -> None:

@@ -32,13 +32,22 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from stageflow.budgets.spec import LMBudget
 from stageflow.errors import BudgetExceeded
 
-__all__ = ["BudgetLedger", "Need", "Ticket", "areserve", "release", "reserve", "settle", "try_reserve"]
+__all__ = [
+    "BudgetLedger",
+    "Need",
+    "Ticket",
+    "areserve",
+    "refusal",
+    "release",
+    "reserve",
+    "settle",
+    "try_reserve",
+]
 
 _LOCK = threading.Lock()
 _WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations waiting for a settle
@@ -46,15 +55,14 @@ _WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations 
 _RECHECK_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Need:
-    """What one LM call may use: ``calls`` requests, up to ``tokens`` tokens, on ``model``."""
+class Need(NamedTuple):
+    """What one LM call may use: ``calls`` requests, up to ``tokens`` tokens, on ``model``
+    (``prompt_tokens``: the prompt's share of ``tokens``, charged to a model that reports no usage)."""
 
     calls: int
     tokens: int
     model: str
     prompt_tokens: int = 0
-    """The prompt's share of ``tokens`` (its upper bound), for a model that reports no usage."""
 
 
 class BudgetLedger:
@@ -88,6 +96,7 @@ class BudgetLedger:
         self.refused = 0
         self.degraded = False
         self.unreported = False  # a model reported no usage (recorded once)
+        self.closed = False  # its block or call has ended: it no longer holds anything back
         self.events: list[Any] = []
         self.started = limits.clock()
         self._rates: dict[str, float] = {}  # the highest cost per reserved token seen, by model
@@ -152,7 +161,7 @@ class BudgetLedger:
 
     # -- under _LOCK ---------------------------------------------------------------------------------
     def _cost_for(self, need: Need) -> float:
-        return need.tokens * self._rates.get(need.model, 0.0)
+        return need.tokens * self._rates.get(need.model, 0.0) if self._rates else 0.0
 
     def _check(self, need: Need, cost: float) -> BudgetExceeded | bool:
         """A refusal, ``True`` (fits now) or ``False`` (fits once calls in flight settle)."""
@@ -162,17 +171,22 @@ class BudgetLedger:
             if elapsed >= lim.max_seconds:
                 return self._refuse("max_seconds", elapsed, lim.max_seconds, 0)
         fits = True
-        for name, spent, held, want, limit in (
-            ("max_calls", self.calls, self.reserved_calls, need.calls, lim.max_calls),
-            ("max_tokens", self.tokens, self.reserved_tokens, need.tokens, lim.max_tokens),
-            ("max_cost", self.cost, self.reserved_cost, cost, lim.max_cost),
-        ):
-            if limit is None:
-                continue
-            if spent + want > limit or (name == "max_cost" and spent >= limit):
-                return self._refuse(name, spent, limit, want)
-            if spent + held + want > limit:
-                fits = False
+        limit: float | None = lim.max_calls
+        if limit is not None:
+            if self.calls + need.calls > limit:
+                return self._refuse("max_calls", self.calls, limit, need.calls)
+            fits = self.calls + self.reserved_calls + need.calls <= limit
+        limit = lim.max_tokens
+        if limit is not None:
+            spent = self.input_tokens + self.output_tokens
+            if spent + need.tokens > limit:
+                return self._refuse("max_tokens", spent, limit, need.tokens)
+            fits = fits and spent + self.reserved_tokens + need.tokens <= limit
+        limit = lim.max_cost
+        if limit is not None:
+            if self.cost >= limit or self.cost + cost > limit:
+                return self._refuse("max_cost", self.cost, limit, cost)
+            fits = fits and self.cost + self.reserved_cost + cost <= limit
         return fits
 
     def _refuse(self, name: str, spent: float, limit: float, needed: float) -> BudgetExceeded:
@@ -205,7 +219,7 @@ class BudgetLedger:
             self.cost += cost
             if need.tokens > 0 and cost > 0:
                 self._rates[need.model] = max(self._rates.get(need.model, 0.0), cost / need.tokens)
-        return self._cross()
+        return self.limits.degrade is not None and self._cross()
 
     def _cross(self) -> bool:
         degrade = self.limits.degrade
@@ -238,13 +252,16 @@ class Ticket:
 
 def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket | BudgetExceeded | None:
     with _LOCK:
-        costs = [ledger._cost_for(need) for ledger in chain]
+        costs = []
         fits = True
-        for ledger, cost in zip(chain, costs, strict=True):
+        for ledger in chain:
+            cost = ledger._cost_for(need)
             verdict = ledger._check(need, cost)
-            if isinstance(verdict, BudgetExceeded):
-                return verdict
-            fits = fits and verdict
+            if verdict is not True:
+                if verdict is not False:
+                    return verdict
+                fits = False
+            costs.append(cost)
         if not fits:
             if waiter is not None:
                 _WAITERS.append(waiter)
@@ -252,6 +269,17 @@ def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket |
         for ledger, cost in zip(chain, costs, strict=True):
             ledger._hold(need, cost)
         return Ticket(chain, need, costs)
+
+
+def refusal(chain: Sequence[BudgetLedger], need: Need) -> BudgetExceeded | None:
+    """The refusal ``need`` would get now (counted), or ``None`` when it may fit; nothing is reserved."""
+    with _LOCK:
+        for ledger in chain:
+            verdict = ledger._check(need, ledger._cost_for(need))
+            if isinstance(verdict, BudgetExceeded):
+                ledger.refused += 1
+                return verdict
+    return None
 
 
 def try_reserve(chain: Sequence[BudgetLedger], need: Need) -> Ticket | BudgetExceeded | None:
@@ -350,12 +378,12 @@ def settle(
         if ticket.done:
             return []
         ticket.done = True
-        crossed = [
-            ledger
-            for ledger, held in zip(ticket.ledgers, ticket.costs, strict=True)
-            if ledger._settle(ticket.need, held, calls, input_tokens, output_tokens, cost)
-        ]
-        _wake_all()
+        crossed = []
+        for ledger, held in zip(ticket.ledgers, ticket.costs, strict=True):
+            if ledger._settle(ticket.need, held, calls, input_tokens, output_tokens, cost):
+                crossed.append(ledger)
+        if _WAITERS:
+            _wake_all()
     return crossed
 
 

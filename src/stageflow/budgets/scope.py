@@ -51,13 +51,13 @@ def active_chain() -> tuple[BudgetLedger, ...]:
     has adopted stageflow's context in)."""
     chain = _CHAIN.get()
     if chain:
-        return chain
+        return chain if not chain[-1].closed else tuple(ledger for ledger in chain if not ledger.closed)
     settings_module = sys.modules.get("dspy.dsp.utils.settings")
     if settings_module is None:
         return ()
     snapshot = settings_module.thread_local_overrides.get().get(_SNAPSHOT_KEY)
     found = snapshot.get(_CHAIN) if isinstance(snapshot, dict) else None
-    return found if isinstance(found, tuple) else ()
+    return tuple(ledger for ledger in found if not ledger.closed) if isinstance(found, tuple) else ()
 
 
 def enter_budget(limits: LMBudget, scope: str) -> tuple[BudgetLedger, Token[tuple[BudgetLedger, ...]], Any]:
@@ -79,6 +79,7 @@ def enter_budget(limits: LMBudget, scope: str) -> tuple[BudgetLedger, Token[tupl
 def exit_budget(opened: tuple[BudgetLedger, Token[tuple[BudgetLedger, ...]], Any]) -> None:
     """Close what :func:`enter_budget` opened (in the same context)."""
     ledger, token, published = opened
+    ledger.closed = True
     published.__exit__(None, None, None)
     _CHAIN.reset(token)
     with _COUNT:
