@@ -20,7 +20,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import dspy
@@ -106,13 +106,33 @@ class _FakeEngine:
         finally:
             self.owner._exit()
 
-    def stream(self, request: Any) -> Any:
-        from dspy.lm15 import response_to_events
-
-        return response_to_events(self.complete(request))
+    def stream(self, request: Any) -> Iterator[Any]:
+        """The response as stream events, its text in chunks of ``stream_chunk`` characters."""
+        return _chunked(self.complete(request), self.owner.stream_chunk)
 
     def close(self) -> None:
         return None
+
+
+def _chunked(response: Response, size: int) -> Iterator[Any]:
+    """DSPy stream events for ``response``, each text delta split into pieces of ``size`` characters."""
+    from dspy.lm15 import StreamDeltaEvent, TextDelta, response_to_events
+
+    for event in response_to_events(response):
+        delta = getattr(event, "delta", None)
+        if not isinstance(delta, TextDelta) or len(delta.text) <= size:
+            yield event
+            continue
+        for start in range(0, len(delta.text), size):
+            first = start == 0
+            yield StreamDeltaEvent(
+                delta=TextDelta(
+                    text=delta.text[start : start + size],
+                    part_index=delta.part_index,
+                    logprobs=delta.logprobs if first else (),
+                    logprobs_complete=delta.logprobs_complete if first else True,
+                )
+            )
 
 
 class _AsyncFakeEngine:
@@ -133,6 +153,11 @@ class _AsyncFakeEngine:
             return self.owner._respond(request)
         finally:
             self.owner._exit()
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        """Async twin of the sync engine's ``stream``."""
+        for event in _chunked(await self.complete(request), self.owner.stream_chunk):
+            yield event
 
     async def aclose(self) -> None:
         return None
@@ -160,6 +185,8 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
             call raises it (e.g. ``dspy.lm15.RateLimitError(retry_after=5)``), after counting the call.
         cache: Let DSPy's LM cache answer repeated calls (off by default).
         lm_kwargs: Passed to ``dspy.LM`` (``max_tokens=``, ``temperature=``...).
+        stream_chunk: Under ``dspy.streamify``, the response text arrives in chunks of this many
+            characters (sync and async), so stream listeners see several chunks per field.
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
@@ -181,6 +208,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         cost: float | None = None,
         fail_with: Callable[[int], BaseException | None] | None = None,
         cache: bool = False,
+        stream_chunk: int = 8,
         **lm_kwargs: Any,
     ) -> None:
         self.responses = dict(responses or {})
@@ -193,6 +221,9 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self.cost = cost
         self.fail_with = fail_with
         self.reported_tokens = 0
+        if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int) or stream_chunk < 1:
+            raise ValueError(f"FakeLM: stream_chunk must be an int >= 1, got {stream_chunk!r}")
+        self.stream_chunk = stream_chunk
         self.calls = 0
         self.active = 0
         self.peak_active = 0

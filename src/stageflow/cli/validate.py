@@ -24,6 +24,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
     validate.add_argument(
         "--inputs", metavar="A,B", help="input field names to check for (default: the file's 'inputs')"
     )
+    validate.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse fields that only stages with undeclared outputs may produce (instead of warning)",
+    )
     add_allow_options(validate)
 
 
@@ -41,8 +46,15 @@ def run(args: argparse.Namespace) -> int:
             code="no_inputs",
             hint="add 'inputs: [question]' to the file, or pass --inputs question",
         )
+    if args.strict:
+        pipeline.strict = True
     fields = pipeline.check(inputs)
     predictors = [name for name, _ in pipeline.named_predictors()]
     print(f"{args.file}: valid. Inputs {inputs} give the fields {list(fields)}.")
     print(f"{len(predictors)} predictor(s): {', '.join(predictors) or 'none'}.")
+    warnings = getattr(fields, "warnings", [])
+    for line in warnings:
+        print(f"warning: {line}")
+    if warnings:
+        print(f"{len(warnings)} field(s) are checked when the pipeline runs; --strict refuses them now.")
     return EXIT_OK

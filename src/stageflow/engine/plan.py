@@ -348,7 +348,15 @@ class Scope:
         source = close[0] if close else (avail[0] if avail else "some_field")
         fixes = [f"pass {f}=... when calling the pipeline", f"produce '{f}' in a stage before '{path}'"]
         if avail:
-            fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
+            # The stage's own parameter reading `f` (it differs when the stage renames its inputs).
+            param = next((p for p, sf in (*entry.in_pairs, *entry.opt_pairs) if sf == f), f)
+            if param != f:
+                fixes.append(
+                    f"feed its parameter '{param}' from an existing field: change its "
+                    f"inputs={{'{param}': '{f}'}} to inputs={{'{param}': '{source}'}}"
+                )
+            else:
+                fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
         partial = ""
         if f in self.partial:
             have, lack = self.partial[f]

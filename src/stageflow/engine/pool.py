@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stageflow.engine.config import CONFIG, on_change
+from stageflow.engine.streaming import lending, loop_token
 
 __all__ = [
     "abandoned_threads",
@@ -61,7 +62,16 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     """
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
-    return await loop.run_in_executor(shared_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
+    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    token = loop_token()  # under dspy.streamify: the thread may send chunks to its stream
+    if token is not None:
+        call = functools.partial(_lent, token, call)
+    return await loop.run_in_executor(shared_pool(), call)
+
+
+def _lent(token: Any, call: Callable[[], Any]) -> Any:
+    with lending(token):
+        return call()
 
 
 def abandoned_threads() -> int:

@@ -150,12 +150,8 @@ def _recovered(
         "error_type": type(original).__name__,
         "message": str(original),
     }
-    chain = causes(original)
-    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in chain):
-        run.events.append(
-            PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
-        )
-        return True
+    # As in the tutorial: the recovery strategy first; a non-critical error is skipped only when
+    # there is none or it did not recover (a strategy that raises fails the run).
     if policy.recover is not None:
         try:
             new_state = policy.recover(original, dict(state))
@@ -178,6 +174,15 @@ def _recovered(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
             )
             return True
+    if (
+        policy.skip_on
+        and "recovery_error" not in detail
+        and any(isinstance(e, policy.skip_on) for e in causes(original))
+    ):
+        run.events.append(
+            PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
+        )
+        return True
     run.events.append(
         PolicyEvent(path, "failed", error=f"{type(original).__name__}: {original}", detail=detail)
     )

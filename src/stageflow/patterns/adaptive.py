@@ -57,9 +57,12 @@ class PipelineAdapter:
 
     Examples:
         >>> a = PipelineAdapter()
-        >>> analysis = a.analyze_input({"content": "Why is the sky blue?"})
-        >>> analysis["type"], a.select_structure(analysis, {})
-        ('complex_reasoning', ['processor_a', 'processor_b', 'aggregator'])
+        >>> short = a.analyze_input({"content": "Why is the sky blue?"})
+        >>> short["type"], a.select_structure(short, {})  # short and simple comes first
+        ('complex_reasoning', ['processor_a'])
+        >>> long = a.analyze_input({"content": "Why is the sky blue? " * 15})  # 75 words
+        >>> long["length"], a.select_structure(long, {})
+        (75, ['processor_a', 'processor_b', 'aggregator'])
     """
 
     def __init__(

@@ -13,7 +13,9 @@ names), the pipeline's own ports when it is nested as a stage, the result type, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import dspy
@@ -29,6 +31,31 @@ from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage,
 from stageflow.state import Result, RunInfo
 
 __all__ = ["CheckResult", "Pipeline", "as_stage"]
+
+
+# The pipelines whose structure is being walked in this context, outermost first.
+_VISITING: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_visiting", default=())
+
+
+@contextlib.contextmanager
+def _visiting(pipeline: Any) -> Iterator[None]:
+    """Walk ``pipeline``'s structure; a pipeline met again inside its own walk contains itself."""
+    stack = _VISITING.get()
+    if any(p is pipeline for p in stack):
+        start = next(i for i, p in enumerate(stack) if p is pipeline)
+        cycle = " → ".join(type(p).__name__ for p in (*stack[start:], pipeline))
+        raise ConfigurationError(
+            f"{type(pipeline).__name__} contains itself ({cycle}): a pipeline cannot be one of its own "
+            "stages, directly or through another pipeline, because running it would never end.",
+            code="contains_itself",
+            hint="use a copy (copy.deepcopy(pipeline)) as the inner stage, or an IterativePipeline to "
+            "repeat stages",
+        )
+    token = _VISITING.set((*stack, pipeline))
+    try:
+        yield
+    finally:
+        _VISITING.reset(token)
 
 
 class CheckResult(tuple):  # type: ignore[type-arg]
@@ -129,7 +156,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         if self._seen_structure == _STRUCTURE_VERSION[0]:
             return
         if self._container_versions() != self._built_versions:
-            self._rebuild()
+            with _visiting(self):
+                self._rebuild()
             self._structure_changed()
             self._built_versions = self._container_versions()
         self._seen_structure = _STRUCTURE_VERSION[0]
@@ -313,9 +341,10 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
         self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
-            self._ports_version = _STRUCTURE_VERSION[0]
             scope = Scope.start((), strict=False, owner=self)
-            self._analyze(scope, "")
+            with _visiting(self):
+                self._analyze(scope, "")
+            self._ports_version = _STRUCTURE_VERSION[0]
             self._ports = Ports(
                 required=tuple(scope.missing),
                 optional=tuple(f for f in scope.optional if f not in scope.missing),

@@ -9,6 +9,7 @@ from typing import Any
 from stageflow.engine.boundary import private_copy, private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
+from stageflow.engine.streaming import listening
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
     Branch,
@@ -264,13 +265,19 @@ class ForEach(Pipeline):
             raise error
         r.outcome.ok, r.outcome.status, r.outcome.error = False, "error", error
 
+    def _options(self) -> dict[str, Any]:
+        options = fanout_options(self)
+        if listening():  # dspy.streamify listeners: one item at a time keeps each stream whole
+            options["max_concurrency"] = 1
+        return options
+
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         results = run_branches(
             self,
             self._branches(state),
             hooks,
             prefix,
-            **fanout_options(self),
+            **self._options(),
             produced=False,
         )
         self._collect(state, run, results, prefix)
@@ -281,7 +288,7 @@ class ForEach(Pipeline):
             self._branches(state),
             hooks,
             prefix,
-            **fanout_options(self),
+            **self._options(),
             produced=False,
         )
         self._collect(state, run, results, prefix)

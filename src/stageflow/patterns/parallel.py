@@ -48,7 +48,7 @@ def _produced_fields(item: Any) -> dict[str, Any] | None:
 
 
 class ResultMerger:
-    """Merge the outputs of one parallel group into the state.
+    r"""Merge the outputs of one parallel group into the state.
 
     Fields written by one stage merge as they are. A field written by several stages of the same
     group (a clash) follows its entry in ``strategies``, else ``on_clash``:
