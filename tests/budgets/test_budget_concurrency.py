@@ -10,6 +10,7 @@ from typing import Any
 
 import dspy
 import pytest
+from budget_kit import FakeClock
 
 import stageflow
 from stageflow.budgets import LMBudget
@@ -68,7 +69,8 @@ def tally() -> tuple[dict[str, int], Callable[[str], None]]:
 
 
 @pytest.mark.parametrize("max_calls", [1, 40, 150])
-def test_no_overshoot_on_calls_with_threads_and_tasks(max_calls: int, clock: Any) -> None:
+def test_no_overshoot_on_calls_with_threads_and_tasks(max_calls: int) -> None:
+    clock = FakeClock()
     lm = FakeLM(latency=0.002, usage=(20, 5), max_tokens=5)
     pipe = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
     counts, on_result = tally()
@@ -82,7 +84,8 @@ def test_no_overshoot_on_calls_with_threads_and_tasks(max_calls: int, clock: Any
     assert lm.peak_active > 1 or max_calls == 1  # calls did overlap
 
 
-def test_no_overshoot_on_tokens_with_threads_and_tasks(clock: Any) -> None:
+def test_no_overshoot_on_tokens_with_threads_and_tasks() -> None:
+    clock = FakeClock()
     lm = FakeLM(latency=0.002, usage=(40, 8), max_tokens=8)
     pipe = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
     counts, on_result = tally()
@@ -98,7 +101,8 @@ def test_no_overshoot_on_tokens_with_threads_and_tasks(clock: Any) -> None:
     assert (spent.reserved_calls, spent.reserved_tokens) == (0, 0)
 
 
-def test_a_call_waits_for_calls_in_flight_instead_of_failing(clock: Any) -> None:
+def test_a_call_waits_for_calls_in_flight_instead_of_failing() -> None:
+    clock = FakeClock()
     # each call reserves ~600 tokens and uses 12: four calls in flight fill a 2,500 budget, yet all
     # 40 calls fit in it once settled, so none may be refused
     lm = FakeLM(latency=0.005, usage=(10, 2), max_tokens=2)
@@ -111,7 +115,8 @@ def test_a_call_waits_for_calls_in_flight_instead_of_failing(clock: Any) -> None
     assert lm.peak_active <= 4
 
 
-async def test_cancelled_tasks_give_their_reservations_back(clock: Any) -> None:
+async def test_cancelled_tasks_give_their_reservations_back() -> None:
+    clock = FakeClock()
     lm = FakeLM(latency=5.0, usage=(1, 1), max_tokens=1)
     qa = dspy.Predict("question -> answer")
     with (
@@ -129,7 +134,8 @@ async def test_cancelled_tasks_give_their_reservations_back(clock: Any) -> None:
     assert (spent.reserved_calls, spent.reserved_tokens, spent.calls) == (0, 0, 0)
 
 
-async def test_a_pipeline_cancelled_by_a_timeout_gives_everything_back(clock: Any) -> None:
+async def test_a_pipeline_cancelled_by_a_timeout_gives_everything_back() -> None:
+    clock = FakeClock()
     lm = FakeLM(latency=5.0)
     pipe = stageflow.SequentialPipeline(
         [stageflow.Stage(dspy.Predict("question -> answer"), timeout=0.05)]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import dspy
 import pytest
+from budget_kit import FakeClock
 
 import stageflow
 from stageflow.budgets import Degrade, LMBudget
@@ -83,7 +82,8 @@ async def test_an_ensemble_starts_fewer_members_once_degraded(mode: str) -> None
     assert len(result.run.details["stages[1]"]["individual_results"]) == 2
 
 
-async def test_time_can_cross_the_threshold(mode: str, clock: Any) -> None:
+async def test_time_can_cross_the_threshold(mode: str) -> None:
+    clock = FakeClock()
     lm = FakeLM()
     pipe = stageflow.SequentialPipeline(
         [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import dspy
@@ -10,6 +11,13 @@ import pytest
 
 import stageflow
 from stageflow.budgets import Degrade, LMBudget, rate_limit, rate_limits
+
+
+@pytest.fixture(autouse=True)
+def _no_rate_limits_left() -> Iterator[None]:
+    yield
+    for limiter in stageflow.budgets.rate_limits().values():
+        limiter.close()
 
 
 @pytest.mark.parametrize("name", ["max_calls", "max_tokens", "max_cost", "max_seconds"])

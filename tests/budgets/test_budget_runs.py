@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import dspy
 import pytest
+from budget_kit import FakeClock
 
 import stageflow
 from stageflow.budgets import LMBudget
@@ -181,7 +181,8 @@ async def test_cost_budget_counts_reported_cost(mode: str) -> None:
     assert "this call may cost up to" in str(info.value)
 
 
-async def test_max_seconds_refuses_calls_after_the_deadline(mode: str, clock: Any) -> None:
+async def test_max_seconds_refuses_calls_after_the_deadline(mode: str) -> None:
+    clock = FakeClock()
     lm = FakeLM()
     pipe = stageflow.SequentialPipeline(
         [

@@ -6,15 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from typing import Any
+from collections.abc import Iterator
 
 import dspy
 import pytest
+from budget_kit import FakeClock
 from dspy import lm15
 
 import stageflow
 from stageflow.budgets import rate_limit
 from stageflow.testing import FakeLM, call
+
+
+@pytest.fixture(autouse=True)
+def _no_rate_limits_left() -> Iterator[None]:
+    yield
+    for limiter in stageflow.budgets.rate_limits().values():
+        limiter.close()
+
 
 MODEL = "stageflow-fake/lm"
 
@@ -30,7 +39,8 @@ def max_in_window(times: list[float], window: float = 60.0) -> int:
     return best
 
 
-def test_every_window_holds_at_most_rpm_requests_threads_and_tasks(clock: Any) -> None:
+def test_every_window_holds_at_most_rpm_requests_threads_and_tasks() -> None:
+    clock = FakeClock()
     lm = FakeLM(latency=0.001)
     qa = dspy.Predict("question -> answer")
     limiter = rate_limit(MODEL, rpm=10, clock=clock, sleep=clock.sleep, asleep=clock.asleep, record=True)
@@ -63,7 +73,8 @@ def test_every_window_holds_at_most_rpm_requests_threads_and_tasks(clock: Any) -
     assert limiter.waits > 0
 
 
-async def test_async_calls_reach_the_model_in_windows_of_rpm(clock: Any) -> None:
+async def test_async_calls_reach_the_model_in_windows_of_rpm() -> None:
+    clock = FakeClock()
     seen: list[float] = []
     lm = FakeLM(fail_with=lambda n: seen.append(clock()))  # the model itself records when it is called
     qa = dspy.Predict("question -> answer")
@@ -74,7 +85,8 @@ async def test_async_calls_reach_the_model_in_windows_of_rpm(clock: Any) -> None
     assert max_in_window(seen) == 7
 
 
-def test_tokens_per_minute_hold(clock: Any) -> None:
+def test_tokens_per_minute_hold() -> None:
+    clock = FakeClock()
     lm = FakeLM(usage=(40, 10), max_tokens=10)
     qa = dspy.Predict("question -> answer")
     limiter = rate_limit(MODEL, tpm=500, clock=clock, sleep=clock.sleep, record=True)
@@ -87,7 +99,9 @@ def test_tokens_per_minute_hold(clock: Any) -> None:
     assert limiter.waits > 0
 
 
-async def test_retry_after_pauses_the_model_for_every_caller(mode: str, clock: Any) -> None:
+async def test_retry_after_pauses_the_model_for_every_caller(mode: str) -> None:
+    clock = FakeClock()
+
     def fail(n: int) -> Exception | None:
         return lm15.RateLimitError("slow down", retry_after=30) if n == 1 else None
 
@@ -109,7 +123,8 @@ async def test_retry_after_pauses_the_model_for_every_caller(mode: str, clock: A
     assert [(e.stage, round(e.delay), e.detail["model"]) for e in waits] == [("stages[0]", 30, MODEL)]
 
 
-async def test_a_retry_policy_and_the_limiter_agree_on_retry_after(mode: str, clock: Any) -> None:
+async def test_a_retry_policy_and_the_limiter_agree_on_retry_after(mode: str) -> None:
+    clock = FakeClock()
     lm = FakeLM(fail_with=lambda n: lm15.RateLimitError("429", retry_after=12) if n == 1 else None)
     rate_limit(MODEL, rpm=1000, clock=clock, sleep=clock.sleep, asleep=clock.asleep)
     retry = stageflow.RetryPolicy(max_attempts=2, sleep=clock.sleep, asleep=clock.asleep)
@@ -125,7 +140,8 @@ async def test_a_retry_policy_and_the_limiter_agree_on_retry_after(mode: str, cl
     assert not [e for e in result.run.events if e.kind == "rate_limited"]
 
 
-def test_cache_hits_take_no_room(clock: Any) -> None:
+def test_cache_hits_take_no_room() -> None:
+    clock = FakeClock()
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
     lm = FakeLM(cache=True, model="stageflow-fake/rl-cached")
     limiter = rate_limit(lm.model, rpm=1, clock=clock, sleep=clock.sleep)
@@ -137,7 +153,8 @@ def test_cache_hits_take_no_room(clock: Any) -> None:
     assert (limiter.requests, limiter.waits) == (1, 0)
 
 
-def test_only_the_named_model_is_limited(clock: Any) -> None:
+def test_only_the_named_model_is_limited() -> None:
+    clock = FakeClock()
     limited = FakeLM(model="fake/limited")
     free = FakeLM(model="fake/free")
     limiter = rate_limit("fake/limited", rpm=1, clock=clock, sleep=clock.sleep)
@@ -152,7 +169,8 @@ def test_only_the_named_model_is_limited(clock: Any) -> None:
     assert free.calls == 5
 
 
-def test_the_profile_table_shows_the_wait_column_only_when_calls_waited(clock: Any) -> None:
+def test_the_profile_table_shows_the_wait_column_only_when_calls_waited() -> None:
+    clock = FakeClock()
     lm = FakeLM()
     pipe = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
     with dspy.context(lm=lm), stageflow.profile() as quiet:
@@ -170,7 +188,8 @@ def test_the_profile_table_shows_the_wait_column_only_when_calls_waited(clock: A
     assert [round(e["usage"]["limit_wait"]) for e in ends] == [0, 60]
 
 
-def test_a_limiter_used_as_a_context_manager_is_lifted_on_exit(clock: Any) -> None:
+def test_a_limiter_used_as_a_context_manager_is_lifted_on_exit() -> None:
+    clock = FakeClock()
     lm = FakeLM()
     qa = dspy.Predict("question -> answer")
     with dspy.context(lm=lm):
@@ -182,7 +201,8 @@ def test_a_limiter_used_as_a_context_manager_is_lifted_on_exit(clock: Any) -> No
     assert stageflow.budgets.rate_limits() == {}
 
 
-def test_budgets_and_rate_limits_work_together(clock: Any) -> None:
+def test_budgets_and_rate_limits_work_together() -> None:
+    clock = FakeClock()
     lm = FakeLM(usage=(5, 5), max_tokens=5)
     limiter = rate_limit(MODEL, rpm=2, clock=clock, sleep=clock.sleep)
     qa = dspy.Predict("question -> answer")

@@ -1,14 +1,13 @@
-"""Shared helpers of the budget and rate-limit tests: a fake clock, and no limiter left behind."""
+"""Shared helpers of the budget and rate-limit tests: a fake clock.
+
+Test modules import what they use (``from budget_kit import FakeClock``); a ``conftest.py`` here
+would clash with ``tests/conftest.py`` when ``--doctest-modules`` collects both.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-
-import pytest
-
-from stageflow.budgets import rate_limits
 
 
 class FakeClock:
@@ -34,15 +33,3 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(autouse=True)
-def _no_rate_limits_left() -> Iterator[None]:
-    yield
-    for limiter in rate_limits().values():
-        limiter.close()
