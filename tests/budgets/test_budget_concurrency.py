@@ -147,3 +147,18 @@ async def test_a_pipeline_cancelled_by_a_timeout_gives_everything_back() -> None
     ):
         await pipe.acall(question="q")
     assert (outer.reserved_calls, outer.reserved_tokens, outer.calls) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_budgets_compose_with_the_concurrency_cap(mode: str) -> None:
+    # at most 2 calls at once (limits) and a token budget that fits only 2 reservations in flight:
+    # leaves wait for both, nothing deadlocks, the run completes within the budget
+    lm = FakeLM(latency=0.003, usage=(10, 2), max_tokens=2, rendezvous=2, rendezvous_timeout=0.05)
+    each = stageflow.ForEach(dspy.Predict("question -> answer"), over="questions", collect="answers")
+    questions = [f"q{i}" for i in range(24)]
+    with dspy.context(lm=lm), stageflow.limits(2), stageflow.budget(max_tokens=1_300) as spent:
+        result = each(questions=questions) if mode == "sync" else asyncio.run(each.acall(questions=questions))
+    assert result.answers == ["ok"] * 24
+    assert lm.peak_active <= 2
+    assert spent.tokens == 24 * 12
+    assert spent.refused == 0

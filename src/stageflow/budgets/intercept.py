@@ -7,12 +7,14 @@ rate limit is used, :func:`install` wraps those two functions (``LM.__call__`` l
 call). While no budget is open and no rate limit is set, the wrapper is one check and the original
 call. Otherwise, per LM call:
 
-1. the budgets in force reserve what it may use (:mod:`.ledger`) — waiting for calls in flight, or
-   refusing it with :class:`~stageflow.BudgetExceeded`, unless DSPy's LM cache holds the answer
-   (then nothing is taken: a cache hit is free);
-2. the model's rate limiter grants it room (:mod:`.ratelimit`), again unless the answer is cached;
-3. DSPy runs the call (cache, engine, its own retries of transient errors);
-4. the reservation is settled with the usage the model reported (a cache hit gives it all back;
+1. the budgets in force reserve what it may use and the model's rate limiter grants it room
+   (:mod:`.ledger`, :mod:`.ratelimit`). When either cannot at once, DSPy's LM cache is asked first
+   (a cached answer takes nothing: a cache hit is free even when the budget is spent); then a call
+   the budgets refuse fails with :class:`~stageflow.BudgetExceeded` before anything is sent, the
+   call waits for the rate limiter (holding no budget reservation meanwhile), and then for calls in
+   flight to settle the budgets;
+2. DSPy runs the call (cache, engine, its own retries of transient errors);
+3. the reservation is settled with the usage the model reported (a cache hit gives it all back;
    a model that reports no usage is charged what was reserved; a call that raised counts as a call
    and gives its tokens back; a cancelled call gives everything back), the limiter is corrected,
    and a ``Retry-After`` the error carries pauses the model's limiter.
