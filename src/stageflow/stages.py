@@ -104,6 +104,7 @@ class Ports:
         opaque: For composite stages, paths of inner stages with undeclared outputs: the stage may
             output more fields than ``outputs`` lists.
         deferred: For composite stages, inner reads checked only at run time.
+        hints: For composite stages, a fix to offer first when a required field is missing.
     """
 
     required: tuple[str, ...] = ()
@@ -115,6 +116,7 @@ class Ports:
     partial: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     opaque: tuple[str, ...] = ()
     deferred: tuple[DeferredField, ...] = ()
+    hints: Mapping[str, str] = field(default_factory=dict)
 
 
 def _signature_ports(signature: Any) -> Ports:

@@ -34,10 +34,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
 
 def run(args: argparse.Namespace) -> int:
     from stageflow.spec import declared_inputs, load_pipeline
+    from stageflow.spec._hints import file_hint
 
     names = None if args.inputs is None else [s.strip() for s in args.inputs.split(",") if s.strip()]
     pipeline = load_pipeline(
-        args.file, allow_modules=args.allow_module, inputs=names, allow_paths=args.allow_path
+        args.file,
+        allow_modules=args.allow_module,
+        inputs=names,
+        allow_paths=args.allow_path,
+        strict=True if args.strict else None,
     )
     inputs = names if names is not None else declared_inputs(pipeline)
     if inputs is None:
@@ -46,15 +51,13 @@ def run(args: argparse.Namespace) -> int:
             code="no_inputs",
             hint="add 'inputs: [question]' to the file, or pass --inputs question",
         )
-    if args.strict:
-        pipeline.strict = True
     fields = pipeline.check(inputs)
     predictors = [name for name, _ in pipeline.named_predictors()]
     print(f"{args.file}: valid. Inputs {inputs} give the fields {list(fields)}.")
     print(f"{len(predictors)} predictor(s): {', '.join(predictors) or 'none'}.")
     warnings = getattr(fields, "warnings", [])
     for line in warnings:
-        print(f"warning: {line}")
+        print(f"warning: {file_hint(line)}")
     if warnings:
         print(f"{len(warnings)} field(s) are checked when the pipeline runs; --strict refuses them now.")
     return EXIT_OK

@@ -139,7 +139,7 @@ def _recovered(
     prefix: str,
 ) -> bool:
     """Apply ``skip_on`` / ``recover``; ``True`` when the run may go on without the stage."""
-    if policy is None or not (policy.skip_on or policy.recover):
+    if policy is None or not (policy.skip_on or policy.skip_if or policy.recover):
         return False
     path = join_path(prefix, entry.path)
     detail = {
@@ -173,11 +173,7 @@ def _recovered(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
             )
             return True
-    if (
-        policy.skip_on
-        and "recovery_error" not in detail
-        and any(isinstance(e, policy.skip_on) for e in causes(original))
-    ):
+    if "recovery_error" not in detail and _skips(policy, original):
         run.events.append(
             PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
         )
@@ -186,6 +182,13 @@ def _recovered(
         PolicyEvent(path, "failed", error=f"{type(original).__name__}: {original}", detail=detail)
     )
     return False
+
+
+def _skips(policy: StagePolicy, error: BaseException) -> bool:
+    """Whether the policy lets the run go on without the failed stage (a non-critical error)."""
+    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in causes(error)):
+        return True
+    return policy.skip_if is not None and bool(policy.skip_if(error))
 
 
 class _Call(NamedTuple):

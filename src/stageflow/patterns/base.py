@@ -338,6 +338,7 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
                 partial=dict(scope.partial),
                 opaque=tuple(scope.opaque),
                 deferred=tuple(scope.deferred),
+                hints={f: h for f, h in scope.hints.items() if f in scope.missing},
             )
         return self._ports
 

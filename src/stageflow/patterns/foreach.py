@@ -174,10 +174,24 @@ class ForEach(Pipeline):
         inner = scope.copy()
         inner.available[self.item] = None
         inner.origin[self.item] = f"ForEach item of '{self.over}'"
-        inner.check(self._entry, prefix)
+        before = set(scope.missing)
+        try:
+            inner.check(self._entry, prefix)
+        except ContractError as e:
+            if e.code == "missing_input" and e.field and e.field != self.item:
+                e.hint = f"{self._item_hint(e.field)}; or {e.hint}" if e.hint else self._item_hint(e.field)
+            raise
+        for f in set(scope.missing) - before:
+            scope.hints.setdefault(f, self._item_hint(f))
         for src, dst in self.collect.items():
             scope.available[dst] = list[inner.available.get(src) or Any]  # type: ignore[misc]
             scope.origin[dst] = f"{prefix + '.' if prefix else ''}stage"
+
+    def _item_hint(self, f: str) -> str:
+        return (
+            f"ForEach gives each element of '{self.over}' to its stage as '{self.item}'; if '{f}' is "
+            f"the element, name it so: ForEach(..., item='{f}')"
+        )
 
     def _branches(self, state: dict[str, Any]) -> list[Branch]:
         items = state.get(self.over)

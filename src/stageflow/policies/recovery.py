@@ -363,6 +363,8 @@ class StagePolicy:
     fallback: Fallback | None = None
     recover: Recover | None = None
     skip_on: tuple[type[BaseException], ...] = ()
+    skip_if: Callable[[BaseException], bool] | None = None
+    """A predicate on the (original) error: ``True`` skips the stage like :attr:`skip_on` does."""
     cache: CachePolicy | None = None
     error_field: str | None = None
     """A result field that, when truthy, reports the stage failed (the tutorial's ``StageOutput.error``)."""
@@ -379,6 +381,7 @@ class StagePolicy:
             fallback=self.fallback or defaults.fallback,
             recover=self.recover or defaults.recover,
             skip_on=self.skip_on or defaults.skip_on,
+            skip_if=self.skip_if or defaults.skip_if,
             cache=self.cache or defaults.cache,
             error_field=self.error_field or defaults.error_field,
         )
