@@ -140,6 +140,39 @@ def test_failed_records_are_kept_then_retried_alone(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in read_output(tmp_path / "out.jsonl"))
 
 
+def test_failed_records_retried_on_purpose_are_not_repeated_work(tmp_path: Path) -> None:
+    # Repeated work is work lost to a stop (records in flight run again), never a retry asked for.
+    lm = upper_lm()
+    kw: dict[str, Any] = {"lm": lm, "journal": tmp_path / "j"}
+    assert stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), **kw).failed == 2
+    for _ in range(2):  # the same program, still failing: retried twice on purpose
+        again = stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), retry_failed=True, **kw)
+        assert (again.ran, again.retried, again.failed) == (2, 2, 2)
+        assert (again.repeated, again.repeated_total) == (0, 0)
+        assert "0 record(s) in flight at an earlier stop, run again\n" in again.table() + "\n"
+    assert journal_rows(tmp_path / "j")["r1"] == ("failed", 3)
+    con = sqlite3.connect(tmp_path / "j")
+    with con:  # as a kill would leave it: r4 in flight
+        con.execute("UPDATE records SET status = 'running' WHERE key = 'r4'")
+    con.close()
+    mixed = stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), retry_failed=True, **kw)
+    assert (mixed.ran, mixed.retried, mixed.repeated, mixed.repeated_total) == (3, 2, 1, 1)
+
+
+def test_a_journal_from_before_repeats_were_counted_still_resumes(tmp_path: Path) -> None:
+    journal = tmp_path / "j"
+    stageflow.run_batch(qa_pipeline({"q2"}), records(4), lm=upper_lm(), journal=journal)
+    con = sqlite3.connect(journal)
+    with con:  # the records table as an earlier stageflow wrote it: no repeats column
+        con.execute("ALTER TABLE records DROP COLUMN repeats")
+        con.execute("UPDATE records SET status = 'running', attempts = 1 WHERE key = 'r0'")
+    con.close()
+    summary = stageflow.run_batch(
+        qa_pipeline({"q2"}), records(4), lm=upper_lm(), journal=journal, retry_failed=True
+    )
+    assert (summary.ran, summary.retried, summary.repeated, summary.repeated_total) == (2, 1, 1, 1)
+
+
 def test_a_change_to_data_a_stage_captures_is_a_changed_program(tmp_path: Path) -> None:
     # A set the check stage reads is part of what the program computes: editing it between runs is
     # a different program, so resuming is refused unless allowed.

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS records (
     input_hash TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
+    repeats INTEGER NOT NULL DEFAULT 0,
     outputs TEXT,
     error TEXT,
     usage TEXT,
@@ -117,6 +118,7 @@ class Journal:
                     code="journal_version",
                     hint="finish it with the stageflow that wrote it, or start over with --no-resume",
                 )
+            self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             self._unlock()
             raise JournalError(
@@ -127,6 +129,17 @@ class Journal:
         except BaseException:
             self._unlock()
             raise
+
+    def _add_missing_columns(self) -> None:
+        """Bring a journal written by an earlier stageflow up to date (same format version).
+
+        ``repeats`` counts the starts of a record that an earlier run left ``running`` (its work was
+        lost). Journals from before it only had ``attempts``, which also counts failed records run
+        again on purpose, so their repeats start at 0.
+        """
+        columns = {row[1] for row in self.con.execute("PRAGMA table_info(records)")}
+        if "repeats" not in columns:
+            self.con.execute("ALTER TABLE records ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
 
     # -- locking ---------------------------------------------------------------------------------
     def _lock(self) -> int | None:
@@ -253,6 +266,8 @@ class Journal:
                 "THEN records.status ELSE 'pending' END, "
                 "attempts = CASE WHEN records.input_hash = excluded.input_hash "
                 "THEN records.attempts ELSE 0 END, "
+                "repeats = CASE WHEN records.input_hash = excluded.input_hash "
+                "THEN records.repeats ELSE 0 END, "
                 "input_hash = excluded.input_hash"
             )
             self._set_meta(
@@ -309,10 +324,11 @@ class Journal:
 
     # -- reading results -------------------------------------------------------------------------
     def totals(self) -> dict[str, int]:
-        """Counts over the current plan: records, done, failed, and repeated starts across all runs."""
+        """Counts over the current plan: records, done, failed, and repeated work across all runs (starts
+        of records an earlier run left in flight; failed records retried on purpose are not repeats)."""
         total, done, failed, repeated = self.con.execute(
-            "SELECT COUNT(*), SUM(status = 'done'), SUM(status = 'failed'), "
-            "SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END) FROM records WHERE seq IS NOT NULL"
+            "SELECT COUNT(*), SUM(status = 'done'), SUM(status = 'failed'), SUM(repeats) "
+            "FROM records WHERE seq IS NOT NULL"
         ).fetchone()
         return {"total": total, "done": done or 0, "failed": failed or 0, "repeated": repeated or 0}
 
