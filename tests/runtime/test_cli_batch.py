@@ -116,7 +116,7 @@ def test_a_changed_pipeline_file_is_refused_unless_allowed(
     code, err = run(capsys, str(pipe), str(data), "-o", out)
     err = " ".join(err.split())  # the message is wrapped at 100 columns
     assert code == 2
-    assert "the program changed" in err
+    assert "the program changed (added stages: stages[1];" in err  # which stage, by its path
     assert "--allow-changed" in err
     code, err = run(capsys, str(pipe), str(data), "-o", out, "--allow-changed")
     assert code == 0

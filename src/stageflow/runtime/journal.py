@@ -251,9 +251,16 @@ class Journal:
             "changed": int(changed.fetchone()[0]),
         }
 
-    def apply_scan(self, scan: ScanResult, fingerprint: str, identity: dict[str, Any]) -> None:
+    def apply_scan(
+        self,
+        scan: ScanResult,
+        fingerprint: str,
+        identity: dict[str, Any],
+        stage_fingerprints: dict[str, str] | None = None,
+    ) -> None:
         """Make the scanned input the plan: new records pending, changed ones pending again,
-        removed ones out of the output (kept in the journal); record the fingerprint and digest."""
+        removed ones out of the output (kept in the journal); record the fingerprints (the whole
+        program's and, when given, each stage's) and the input digest."""
         con = self.con
         con.execute("BEGIN")
         try:
@@ -270,6 +277,8 @@ class Journal:
                 "THEN records.repeats ELSE 0 END, "
                 "input_hash = excluded.input_hash"
             )
+            if stage_fingerprints is not None:
+                self._set_meta(stage_fingerprints=json.dumps(stage_fingerprints, sort_keys=True))
             self._set_meta(
                 fingerprint=fingerprint,
                 input_digest=scan.digest,
@@ -282,6 +291,20 @@ class Journal:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+    def stage_fingerprints(self) -> dict[str, str] | None:
+        """``stage path -> fingerprint`` recorded with the plan; ``None`` for a journal written before
+        they were kept (or without a plan)."""
+        raw = self.meta().get("stage_fingerprints")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        return {str(k): str(v) for k, v in value.items()}
 
     def plan(self, retry_failed: bool) -> Plan:
         """The records to run: pending ones, ones interrupted while running, and failed ones when
