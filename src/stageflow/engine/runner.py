@@ -11,6 +11,7 @@ only built when a hook listens.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from time import perf_counter
@@ -129,6 +130,12 @@ def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
         run.absorb(entry.path, err.run)
 
 
+def _is_example(value: Any) -> bool:
+    """Whether ``value`` is a ``dspy.Example`` (a ``dspy.Prediction``), without importing DSPy."""
+    dspy_example = sys.modules.get("dspy.primitives.example")
+    return dspy_example is not None and isinstance(value, dspy_example.Example)
+
+
 def _recovered(
     policy: StagePolicy | None,
     entry: StageEntry,
@@ -155,10 +162,13 @@ def _recovered(
     if policy.recover is not None:
         try:
             new_state = policy.recover(original, dict(state))
+            if _is_example(new_state):  # a fallback module's dspy.Prediction: its fields
+                new_state = dict(new_state.items())
             if new_state and not isinstance(new_state, Mapping):
                 raise TypeError(
                     f"it returned {type(new_state).__name__} {new_state!r:.60}; a recovery strategy returns "
-                    "the new state (a dict) or something falsy (None, {}) for 'not recovered'"
+                    "the new state (a dict or a dspy.Prediction) or something falsy (None, {}) for "
+                    "'not recovered'"
                 )
         except Exception as e:
             detail["recovery_error"] = f"{type(e).__name__}: {e}"
