@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from stageflow.engine.boundary import private_state
+from stageflow.engine.boundary import FAILED_OUTPUTS, private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
-from stageflow.errors import ConfigurationError, ContractError, PipelineError
+from stageflow.errors import ConfigurationError, ContractError, PipelineError, StageError
 from stageflow.patterns._fanout import (
     Branch,
     BranchResult,
@@ -156,9 +156,12 @@ class ParallelPipeline(Pipeline):
             tutorial; any other clash is an error when the pipeline is built).
         max_concurrency: Cap on stages running at once within a group.
         on_error: ``"collect"`` (default: a failed or timed-out stage is recorded in
-            ``result.group_reports`` and as a ``stage_failed`` event, and the others are kept; a later
-            stage that needs the failed stage's output then fails at its boundary; if all stages of
-            a group fail, :class:`PipelineError` carries each error), ``"skip"`` (same, recorded) or
+            ``result.group_reports`` and as a ``stage_failed`` event, and the others are kept; the
+            fields it declared are dropped from the state — never left at a value the caller passed
+            or an earlier group wrote — and listed in ``result.failed_outputs``, so a later stage
+            that needs one fails at its boundary with a :class:`ContractError` naming the failed
+            stage, here or in an enclosing pipeline; if all stages of a group fail,
+            :class:`PipelineError` carries each error), ``"skip"`` (same, recorded) or
             ``"fail_fast"``.
         timeout: Per-stage timeout in seconds.
         strict: Strict contracts (see :class:`~stageflow.Pipeline`).
@@ -168,7 +171,9 @@ class ParallelPipeline(Pipeline):
 
     Result details: ``group_results`` (per group, the list of its stages' results in order, as in
     the tutorial; ``{"error": "Type: message"}`` for a failed stage), ``group_reports`` (per group,
-    ``{stage path: {"status", "elapsed", "error"}}``) and ``result`` (the final state). The groups
+    ``{stage path: {"status", "elapsed", "error"}}``), ``failed_outputs`` (when a stage failed:
+    ``{field: the failed stage and its error}`` for the fields it did not write) and ``result``
+    (the final state). The groups
     as given are ``pipeline.parallel_groups``.
     """
 
@@ -267,8 +272,13 @@ class ParallelPipeline(Pipeline):
                         scope.origin[f] = sub.origin.get(f, "")
                 scope.opaque.extend(sub.opaque[len(base.opaque) :])
 
-    def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, private_state(state)) for e in group]
+    def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any], run: RunInfo) -> list[Branch]:
+        failed = run.extras.get(FAILED_OUTPUTS)
+        if not failed:
+            return [Branch(e, private_state(state)) for e in group]
+        # A later stage that reads a field a failed stage was to write fails at its boundary, and
+        # the error names that stage: each branch's run knows which fields are missing and why.
+        return [Branch(e, private_state(state), RunInfo(extras={FAILED_OUTPUTS: dict(failed)})) for e in group]
 
     @property
     def parallel_groups(self) -> list[list[Any]]:
@@ -334,12 +344,45 @@ class ParallelPipeline(Pipeline):
                 )
             raise
         state.update(merged)
+        self._unwritten(state, run, results, merged, prefix)
+
+    @staticmethod
+    def _unwritten(
+        state: dict[str, Any], run: RunInfo, results: list[BranchResult], merged: dict[str, Any], prefix: str
+    ) -> None:
+        """Drop the fields a failed stage was to write (and no sibling wrote) from the state.
+
+        A value the caller passed (or an earlier group wrote) for such a field is stale: it must not
+        reach a later stage as if the failed stage had produced it. The field is listed in
+        ``result.failed_outputs`` with the stage that failed; a later stage that reads it fails at
+        its boundary with a :class:`ContractError` naming that stage.
+        """
+        failed: dict[str, str] = run.extras.get(FAILED_OUTPUTS, {})
+        for f in merged:
+            failed.pop(f, None)  # written again by a later group
+        for r in results:
+            if r.outcome.ok or r.outcome.status not in ("error", "timeout"):
+                continue
+            entry, error = r.branch.entry, r.outcome.error
+            if isinstance(error, StageError) and error.__cause__ is not None:
+                error = error.__cause__  # the stage's own error (the StageError repeats the path)
+            for f in entry.ports.outputs or ():
+                if f not in merged:
+                    state.pop(f, None)
+                    failed[f] = (
+                        f"'{join_path(prefix, entry.path)}' ({entry.label}), which failed: "
+                        f"{type(error).__name__}: {error}"
+                    )
+        if failed:
+            run.extras[FAILED_OUTPUTS] = failed
+        else:
+            run.extras.pop(FAILED_OUTPUTS, None)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         for g, group in enumerate(self._groups):
             results = run_branches(
                 self,
-                self._branches(group, state),
+                self._branches(group, state, run),
                 hooks,
                 prefix,
                 **fanout_options(self),
@@ -350,7 +393,7 @@ class ParallelPipeline(Pipeline):
         for g, group in enumerate(self._groups):
             results = await arun_branches(
                 self,
-                self._branches(group, state),
+                self._branches(group, state, run),
                 hooks,
                 prefix,
                 **fanout_options(self),
