@@ -35,9 +35,11 @@ async def test_an_invalid_confidence_is_refused_naming_the_member(bad: Any, mode
     with pytest.raises(ContractError) as info:
         await call(ensemble(bad), mode, question="q")
     err = info.value
-    assert err.code == "bad_confidence" and err.field == "confidence"
+    assert err.code == "bad_confidence"
+    assert err.field == "confidence"
     assert err.stage_path == "processors[2]"
-    assert repr(bad) in err.message and "'processors[2]'" in err.message
+    assert repr(bad) in err.message
+    assert "'processors[2]'" in err.message
 
 
 @pytest.mark.parametrize("strategy", ["best_confidence", "consensus", "majority"])
@@ -47,7 +49,9 @@ async def test_every_builtin_strategy_refuses_it(strategy: str, mode: str) -> No
 
 
 async def test_nested_the_member_path_is_the_full_path_once(mode: str) -> None:
-    outer = stageflow.SequentialPipeline([stageflow.stage(lambda q: {"question": q}, writes=["question"]), ensemble(-1)])
+    outer = stageflow.SequentialPipeline(
+        [stageflow.stage(lambda q: {"question": q}, writes=["question"]), ensemble(-1)]
+    )
     with pytest.raises(ContractError) as info:
         await call(outer, mode, q="q")
     assert info.value.stage_path == "stages[1].processors[2]"
@@ -66,5 +70,7 @@ async def test_a_numeric_string_counts_as_its_number(mode: str) -> None:
 
 
 def test_aggregate_called_directly_names_the_member_by_position() -> None:
-    with pytest.raises(ContractError, match="'member 1' reported confidence -0.2"):
-        ResultAggregator().aggregate([{"answer": "a", "confidence": 0.9}, {"answer": "b", "confidence": -0.2}])
+    with pytest.raises(ContractError, match=r"'member 1' reported confidence -0\.2"):
+        ResultAggregator().aggregate(
+            [{"answer": "a", "confidence": 0.9}, {"answer": "b", "confidence": -0.2}]
+        )

@@ -101,7 +101,9 @@ async def test_an_async_function_member_raising_cancelled_error_propagates_in_bo
     each = stageflow.ForEach(
         stageflow.stage(_leaky, writes=["out"]), over="words", item="item", collect="out", on_error=on_error
     )
-    outer = stageflow.ParallelPipeline([[each, stageflow.stage(lambda words: {"n": len(words)}, writes=["n"])]])
+    outer = stageflow.ParallelPipeline(
+        [[each, stageflow.stage(lambda words: {"n": len(words)}, writes=["n"])]]
+    )
     with pytest.raises(asyncio.CancelledError):
         await call(outer, mode, words=["a", "boom", "c"])
 

@@ -43,7 +43,9 @@ def _clear() -> None:
 def _names_the_failure(error: BaseException) -> None:
     text = str(error)
     assert "needs input 'answer'" in text
-    assert "'stages[0]" in text and "failing()" in text and "ValueError: model down" in text
+    assert "'stages[0]" in text
+    assert "failing()" in text
+    assert "ValueError: model down" in text
 
 
 @pytest.mark.parametrize("on_error", ["collect", "skip"])
@@ -53,7 +55,8 @@ async def test_a_later_group_never_runs_on_the_callers_old_value(mode: str, on_e
         await call(par, mode, question="q", answer="STALE")
     assert used == []
     cause = info.value.__cause__
-    assert isinstance(cause, ContractError) and cause.field == "answer"
+    assert isinstance(cause, ContractError)
+    assert cause.field == "answer"
     assert cause.stage_path == "stages[2]"
     _names_the_failure(cause)
 
@@ -63,14 +66,15 @@ async def test_a_stage_after_the_parallel_pipeline_fails_at_its_boundary_too(mod
     with pytest.raises(ContractError) as info:
         await call(outer, mode, question="q", answer="STALE")
     assert used == []
-    assert info.value.stage_path == "stages[1]" and info.value.field == "answer"
+    assert info.value.stage_path == "stages[1]"
+    assert info.value.field == "answer"
     assert "'stages[0].stages[0]' (function failing())" in str(info.value)
 
 
 async def test_with_no_reader_the_run_succeeds_and_the_failure_stays_on_the_result(mode: str) -> None:
     par = stageflow.ParallelPipeline([[failing, other]])
     result = await call(par, mode, question="q", answer="STALE")
-    assert "answer" not in result.keys()  # not the caller's value presented as the stage's output
+    assert "answer" not in result  # not the caller's value presented as the stage's output
     assert result.other == 1
     assert set(result.failed_outputs) == {"answer"}
     assert "ValueError: model down" in result.failed_outputs["answer"]
