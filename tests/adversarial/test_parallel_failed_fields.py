@@ -88,3 +88,12 @@ async def test_a_later_group_that_writes_the_field_again_clears_it(mode: str) ->
     result = await call(par, mode, question="q", answer="STALE")
     assert result.final == "used fresh 1"
     assert "failed_outputs" not in result.run.extras
+
+
+async def test_two_levels_down_the_old_value_is_dropped_too(mode: str) -> None:
+    middle = stageflow.SequentialPipeline([stageflow.ParallelPipeline([[failing, other]])])
+    outer = stageflow.SequentialPipeline([middle, use])
+    with pytest.raises(ContractError) as info:
+        await call(outer, mode, question="q", answer="STALE")
+    assert used == []
+    assert "'stages[0].stages[0].stages[0]' (function failing())" in str(info.value)

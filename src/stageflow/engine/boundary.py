@@ -127,13 +127,15 @@ def missing_at_run_time(
     )
 
 
+def _failed_outputs(run: RunInfo) -> list[dict[str, str]]:
+    """The ``failed_outputs`` records of this run and of the pipelines nested in it."""
+    return [e[FAILED_OUTPUTS] for e in (run.extras, *run.details.values()) if e.get(FAILED_OUTPUTS)]
+
+
 def _failed_writer(run: RunInfo | None, f: str) -> str | None:
     """The failed stage that was to write ``f`` in this run (or a nested one), if any."""
-    if run is None:
-        return None
-    for extras in (run.extras, *run.details.values()):
-        failed = extras.get(FAILED_OUTPUTS)
-        if failed and f in failed:
+    for failed in _failed_outputs(run) if run is not None else ():
+        if f in failed:
             return str(failed[f])
     return None
 
@@ -161,11 +163,13 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             for k, v in out._store.items():
                 if k not in skip:
                     state[k] = v
-            failed = out.run.extras.get(FAILED_OUTPUTS)
-            if failed:  # a failed inner stage was to write these: the caller's old values are stale
-                for k in failed:
-                    if k not in out._store:
-                        state.pop(k, None)
+            inner = out.run
+            if inner.details or FAILED_OUTPUTS in inner.extras:
+                # A failed inner stage (at any depth) was to write these: the old values are stale.
+                for failed in _failed_outputs(inner):
+                    for k in failed:
+                        if k not in out._store:
+                            state.pop(k, None)
             return
     pairs = entry.out_pairs
     if pairs is not None:
