@@ -216,7 +216,7 @@ class ParallelPipeline(Pipeline):
         except ContractError as e:
             e.path_is_full = True  # the stages' names are full paths already
             if e.code == "merge_types":
-                e.message = f"Parallel group {g}: {e.message}"
+                e.message = e.message.replace("Parallel stages", f"Parallel group {g}: stages", 1)
                 e.args = (e.message,)
             if e.code == "output_clash" and e.field:  # name the stages and the group (only known here)
                 writers = [
