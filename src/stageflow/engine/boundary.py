@@ -16,7 +16,18 @@ from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError
 from stageflow.state import Result, RunInfo
 
-__all__ = ["gather_inputs", "merge_outputs", "missing_at_run_time", "private_copy", "private_state"]
+__all__ = [
+    "FAILED_OUTPUTS",
+    "gather_inputs",
+    "merge_outputs",
+    "missing_at_run_time",
+    "private_copy",
+    "private_state",
+]
+
+#: The run detail (``result.failed_outputs``) naming, for each field a failed stage was to write, that
+#: stage and its error (``on_error="collect"``/``"skip"`` fan-outs drop such a field from the state).
+FAILED_OUTPUTS = "failed_outputs"
 
 
 _E = TypeVar("_E", ContractError, StageError)
@@ -86,9 +97,16 @@ def missing_at_run_time(
             f" It was expected from stages with undeclared outputs, which did not produce it: "
             f"{'; '.join(returned)}."
         )
+    failed = _failed_writer(run, f)
+    if failed:
+        expected += f" It was to be written by {failed}."
     close = difflib.get_close_matches(f, list(state), n=1, cutoff=0.5)
     fixes = []
-    if candidates:
+    if failed:
+        fixes.append(
+            "fix that stage's failure, give it a Fallback, or use on_error='fail_fast' to stop at the failure"
+        )
+    elif candidates:
         fixes.append(f"return '{f}' from {', '.join(repr(join_path(prefix, c)) for c in candidates)}")
         fixes.append(
             f"declare outputs with Stage(<stage>, writes=['{f}', ...]) to have this checked before the run"
@@ -107,6 +125,19 @@ def missing_at_run_time(
             hint="; or ".join(fixes),
         )
     )
+
+
+def _failed_outputs(run: RunInfo) -> list[dict[str, str]]:
+    """The ``failed_outputs`` records of this run and of the pipelines nested in it."""
+    return [e[FAILED_OUTPUTS] for e in (run.extras, *run.details.values()) if e.get(FAILED_OUTPUTS)]
+
+
+def _failed_writer(run: RunInfo | None, f: str) -> str | None:
+    """The failed stage that was to write ``f`` in this run (or a nested one), if any."""
+    for failed in _failed_outputs(run) if run is not None else ():
+        if f in failed:
+            return str(failed[f])
+    return None
 
 
 def _is_record(out: Any) -> bool:
@@ -132,6 +163,13 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             for k, v in out._store.items():
                 if k not in skip:
                     state[k] = v
+            inner = out.run
+            if inner.details or FAILED_OUTPUTS in inner.extras:
+                # A failed inner stage (at any depth) was to write these: the old values are stale.
+                for failed in _failed_outputs(inner):
+                    for k in failed:
+                        if k not in out._store:
+                            state.pop(k, None)
             return
     pairs = entry.out_pairs
     if pairs is not None:

@@ -302,6 +302,7 @@ async def afan_out(
         return outcomes
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
     first_error: list[BaseException] = []
+    interrupt: list[BaseException] = []  # a CancelledError a branch raised by itself
     stopped = [False]
     tasks: list[asyncio.Task[None]] = []
 
@@ -329,8 +330,17 @@ async def afan_out(
             except TimeoutError as e:
                 o.status = "timeout"
                 o.error = BranchTimeoutError(i, timeout) if timeout is not None else e
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as e:
                 o.status, o.elapsed = "cancelled", perf_counter() - t0
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() == 0 and not interrupt:
+                    # Nobody cancelled this task (neither ``stop`` nor an outer cancel reaching it
+                    # through ``gather``): the branch itself raised CancelledError, e.g. leaked
+                    # from an inner task. Like KeyboardInterrupt on the sync path it is never a
+                    # branch failure: stop the siblings and re-raise it in the caller.
+                    o.error = e
+                    interrupt.append(e)
+                    stop(i)
                 raise
             except Exception as e:
                 o.error, o.status = e, "error"
@@ -355,6 +365,8 @@ async def afan_out(
         for t in tasks:
             t.cancel()
         raise
+    if interrupt:
+        raise interrupt[0]
     if first_error:
         raise first_error[0]
     return outcomes

@@ -9,6 +9,7 @@ import functools
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import CancelledError as FutureCancelledError
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -133,6 +134,11 @@ def run_on_background_loop(coro: Awaitable[Any]) -> Any:
     future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
     try:
         return future.result()
+    except FutureCancelledError as e:
+        # The coroutine ended cancelled (it raised CancelledError itself, e.g. leaked from an inner
+        # task): an interrupt, as on the async path, never an ordinary stage failure (an
+        # ``Exception`` a fan-out would collect).
+        raise asyncio.CancelledError(*e.args) from e
     except BaseException:
         future.cancel()  # interrupted while waiting (Ctrl-C): the coroutine must not run on
         raise

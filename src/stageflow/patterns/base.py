@@ -27,6 +27,7 @@ from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.engine.runner import aexecute, execute
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageList
+from stageflow.patterns._cycles import contains_itself, refuse_cycle
 from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
 
@@ -50,13 +51,7 @@ def _visiting(pipeline: Any) -> Iterator[None]:
     if any(p is pipeline for p in stack):
         start = next(i for i, p in enumerate(stack) if p is pipeline)
         cycle = " → ".join(type(p).__name__ for p in (*stack[start:], pipeline))
-        raise ConfigurationError(
-            f"{type(pipeline).__name__} contains itself ({cycle}): a pipeline cannot be one of its own "
-            "stages, directly or through another pipeline, because running it would never end.",
-            code="contains_itself",
-            hint="use a copy (copy.deepcopy(pipeline)) as the inner stage, or an IterativePipeline to "
-            "repeat stages",
-        )
+        raise contains_itself(pipeline, cycle)
     token = _VISITING.set((*stack, pipeline))
     try:
         yield
@@ -163,6 +158,7 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
             return
         if self._container_versions() != self._built_versions:
             with _visiting(self):
+                refuse_cycle(self)  # through wrappers too (Stage, CachedStage, LazyStage)
                 self._rebuild()
             self._structure_changed()
             self._built_versions = self._container_versions()
@@ -398,6 +394,12 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         """A ``forward`` set on this instance (the tutorial's custom multi-hop logic; DSPy's GEPA does
         the same): ``acall`` must run it too, on a worker thread, instead of the pattern's own plan."""
         return self.__dict__.get("forward")
+
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        """DSPy's walk over the predictors (optimizers, ``save``), refused when the pipeline contains
+        itself: DSPy's own walk would recurse without end."""
+        refuse_cycle(self)
+        return super().named_parameters()  # type: ignore[no-any-return]
 
     # -- pictures ----------------------------------------------------------------------------
     def to_mermaid(self) -> str:

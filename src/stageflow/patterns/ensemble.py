@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from stageflow.budgets._state import GATES
 from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import BranchOutcome, FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
-from stageflow.errors import ConfigurationError, PipelineError
+from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
     Branch,
     BranchResult,
@@ -25,7 +26,7 @@ from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
-__all__ = ["EnsemblePipeline", "ResultAggregator", "normalize_answer"]
+__all__ = ["EnsemblePipeline", "ResultAggregator", "check_confidence", "normalize_answer"]
 
 STRATEGIES = ("weighted_voting", "best_confidence", "consensus", "majority")
 
@@ -54,15 +55,47 @@ ANSWER_FIELDS = ("answer", "content")
 
 
 def _confidence(fields: Mapping[str, Any], key: str) -> float:
+    """A member's confidence (already checked by :func:`check_confidence`)."""
     if key not in fields:
         return DEFAULT_CONFIDENCE
-    try:
-        c = float(fields[key])
-    except (TypeError, ValueError):
-        return 0.0
-    if c != c:  # NaN
-        return 0.0
-    return min(max(c, 0.0), 1.0)
+    return float(fields[key])
+
+
+def check_confidence(fields: Mapping[str, Any], key: str, member: str) -> None:
+    """Refuse a confidence that cannot weigh a vote honestly.
+
+    A confidence is a number from 0 to 1 (a numeric string such as ``"0.8"``, which an untyped DSPy
+    output field gives, counts as that number). NaN, infinities, negatives, values above 1,
+    booleans and text such as ``"high"`` are a :class:`ContractError` naming the member: clamping
+    or zeroing them would silently change who wins and report full agreement.
+
+    Examples:
+        >>> check_confidence({"confidence": "0.8"}, "confidence", "processors[0]")
+        >>> check_confidence({"confidence": -5}, "confidence", "processors[2]")
+        Traceback (most recent call last):
+        ...
+        stageflow.errors.ContractError: Ensemble member 'processors[2]' reported confidence -5, ...
+    """
+    if key not in fields:
+        return
+    value = fields[key]
+    c: float | None = None
+    if not isinstance(value, bool):
+        try:
+            c = float(value)
+        except (TypeError, ValueError):
+            c = None
+    if c is not None and math.isfinite(c) and 0.0 <= c <= 1.0:
+        return
+    raise ContractError(
+        f"Ensemble member '{member}' reported {key} {value!r}, which is not a number from 0 to 1; "
+        "its vote cannot be weighed.",
+        stage_path=member,
+        field=key,
+        code="bad_confidence",
+        hint=f"make the member return '{key}' as a float in [0, 1] (a probability), or aggregate "
+        "with ResultAggregator('majority', confidence_field='<another field>') to ignore it",
+    )
 
 
 def _fields_of(item: Any) -> dict[str, Any] | None:
@@ -95,7 +128,9 @@ class ResultAggregator:
         field: The answer field that votes. Default: ``answer`` or ``content`` (the tutorial's), the
             first one the members produce.
         confidence_field: Where members report confidence (default ``confidence``; a member that
-            reports none counts 0.5, as in the tutorial).
+            reports none counts 0.5, as in the tutorial). A reported confidence must be a number
+            from 0 to 1: NaN, negative, above 1 or non-numeric values are a :class:`ContractError`
+            naming the member, never clamped (see :func:`check_confidence`).
         threshold: Agreement needed for ``consensus`` (share of votes, 0–1).
         normalize: How answers are compared (default :func:`normalize_answer`).
 
@@ -174,8 +209,18 @@ class ResultAggregator:
             raise PipelineError("All processors failed: nothing to aggregate.", code="all_failed")
         return self.combine(members)[0]
 
-    def combine(self, members: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Return ``(fields, details)``: the winning fields and how they were chosen."""
+    def combine(
+        self, members: Sequence[dict[str, Any]], names: Sequence[str] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return ``(fields, details)``: the winning fields and how they were chosen.
+
+        ``names`` name the members in errors (their stage paths; default ``member 0``, ...). A
+        built-in strategy refuses a confidence that is not a number from 0 to 1
+        (see :func:`check_confidence`).
+        """
+        if not callable(self.strategy):
+            for i, m in enumerate(members):
+                check_confidence(m, self.confidence_field, names[i] if names else f"member {i}")
         if callable(self.strategy):
             fields = self.strategy(list(members))
             if not isinstance(fields, Mapping):
@@ -364,10 +409,19 @@ class EnsemblePipeline(Pipeline):
                         detail={"status": r.outcome.status},
                     )
                 )
-        ok = [r.produced for r in results if r.outcome.ok]
+        ok = [r for r in results if r.outcome.ok]
         if not ok:
             raise_all_failed("EnsemblePipeline: every member failed", results)
-        fields, details = self.aggregator.combine(ok)
+        produced = [r.produced for r in ok]
+        if isinstance(self.aggregator, ResultAggregator):
+            names = [join_path(prefix, r.branch.entry.path) for r in ok]
+            try:
+                fields, details = self.aggregator.combine(produced, names)
+            except ContractError as e:
+                e.path_is_full = True  # the members' names are full paths already
+                raise
+        else:  # any object with combine(members), as documented
+            fields, details = self.aggregator.combine(produced)
         state.update(fields)
         run.extras.update(details)
         run.extras["aggregated_result"] = dict(fields)

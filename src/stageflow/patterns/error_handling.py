@@ -181,13 +181,16 @@ class ErrorHandlingPipeline(SequentialPipeline):
         log = _log(run, self._stage_names())
         self._last_log = log
         failed = next((e for e in reversed(log) if e["action"] == "failed"), None)
-        index = failed["stage_index"] if failed else None
-        path = failed["stage_path"] if failed else error.stage_path
+        if failed is None:
+            # Not a stage failure this pipeline handled: a contract broken at a stage's boundary
+            # (a deferred input that never appeared: the stage did not run), a configuration error.
+            # It leaves as it is, with its own stage path, field, what is available and the fix.
+            raise error
+        index = failed["stage_index"]
+        path = failed["stage_path"]
         original = next((e for e in causes(error) if not isinstance(e, StageflowError)), error)
         recovery = (
-            f" Its recovery strategy raised {failed['recovery_error']}."
-            if failed and "recovery_error" in failed
-            else ""
+            f" Its recovery strategy raised {failed['recovery_error']}." if "recovery_error" in failed else ""
         )
         err = PipelineError(
             f"ErrorHandlingPipeline: stage {index} ('{path}') failed and was not recovered: "

@@ -47,7 +47,8 @@ class ForEach(Pipeline):
             name: the output of that name is collected into a list of the same name — or, when the
             stage declares exactly one output, the list that output goes into (``"facts"``).
             Default: each declared output ``x`` into ``x + "s"``. A stage with undeclared outputs
-            (a custom module returning ``dspy.Prediction(...)``) needs ``collect=`` to say which field.
+            (a custom module returning ``dspy.Prediction(...)``, or a pipeline holding one) needs
+            ``collect=`` to say which field; each element's run is checked for it.
         max_concurrency: Cap on elements running at once (under any cap already in force).
         on_error: ``"fail_fast"`` (default: the first failed element fails the ForEach, the others are
             cancelled — a failure is never hidden from the stages after it), ``"collect"`` (a failed
@@ -91,12 +92,17 @@ class ForEach(Pipeline):
         self.timeout = timeout
         self._entry = build_entry("stage", None, self.stage)
         self._item_entries: list[StageEntry] = []
-        self.collect = self._collect_map(collect, self._entry.ports.outputs)
+        ports = self._entry.ports
+        # A nested pipeline with undeclared inner stages may output more than it declares: its
+        # outputs are open, and a collected field is checked per element at run time.
+        self.collect = self._collect_map(collect, ports.outputs, ports.outputs is None or bool(ports.opaque))
 
-    def _collect_map(self, collect: Any, outputs: tuple[str, ...] | None) -> dict[str, str]:
+    def _collect_map(
+        self, collect: Any, outputs: tuple[str, ...] | None, open_outputs: bool
+    ) -> dict[str, str]:
         label = self._entry.label
         if collect is None:
-            if outputs is None:
+            if not outputs and open_outputs:
                 raise ConfigurationError(
                     f"ForEach: the stage ({label}) does not declare its outputs, so ForEach cannot tell "
                     "which field to collect.",
@@ -106,11 +112,11 @@ class ForEach(Pipeline):
                     hint="name it: ForEach(stage, over=..., collect='fact') (or collect={'fact': 'facts'}), "
                     "or declare the stage's outputs: Stage(x, writes=['fact'])",
                 )
-            return {o: f"{o}s" if not o.endswith("s") else f"{o}_list" for o in outputs}
+            return {o: f"{o}s" if not o.endswith("s") else f"{o}_list" for o in outputs or ()}
         if isinstance(collect, str):
-            if outputs is not None and len(outputs) == 1 and collect not in outputs:
+            if not open_outputs and outputs is not None and len(outputs) == 1 and collect not in outputs:
                 return {outputs[0]: self._field(collect)}
-            if outputs is not None and collect not in outputs:
+            if not open_outputs and outputs is not None and collect not in outputs:
                 raise ConfigurationError(
                     f"ForEach: collect={collect!r} is not one of the stage's outputs {list(outputs)}.",
                     field="collect",
@@ -126,7 +132,7 @@ class ForEach(Pipeline):
                 code="bad_option",
             )
         mapping = {self._field(k): self._field(v) for k, v in collect.items()}
-        unknown = [k for k in mapping if outputs is not None and k not in outputs]
+        unknown = [k for k in mapping if not open_outputs and outputs is not None and k not in outputs]
         if unknown:
             raise ConfigurationError(
                 f"ForEach: collect names {unknown}, which the stage does not output "

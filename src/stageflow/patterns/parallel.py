@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any
 
-from stageflow.engine.boundary import private_state
+from stageflow.engine.boundary import FAILED_OUTPUTS, private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
-from stageflow.errors import ConfigurationError, ContractError, PipelineError
+from stageflow.errors import ConfigurationError, ContractError, StageError
 from stageflow.patterns._fanout import (
     Branch,
     BranchResult,
@@ -20,126 +20,11 @@ from stageflow.patterns._fanout import (
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
+from stageflow.patterns.merger import ResultMerger, produced_fields
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
 __all__ = ["ParallelPipeline", "ResultMerger"]
-
-ClashStrategy = Literal["error", "list", "concatenate", "first"]
-
-
-_STRATEGIES = ("error", "list", "concatenate", "first")
-
-
-def _produced_fields(item: Any) -> dict[str, Any] | None:
-    """The fields of one stage's result: a dict, a ``dspy.Prediction``, a pydantic model (``None`` for a
-    failed one: the tutorial's ``{"error": ...}`` records)."""
-    if isinstance(item, Mapping):
-        if item.get("error") and len(item) == 1:
-            return None
-        return dict(item)
-    store = getattr(item, "_store", None)
-    if isinstance(store, dict):
-        return dict(store)
-    model_fields = getattr(type(item), "model_fields", None)
-    if isinstance(model_fields, dict):
-        return {k: getattr(item, k) for k in model_fields}
-    return {"content": str(item)}
-
-
-class ResultMerger:
-    r"""Merge the outputs of one parallel group into the state.
-
-    Fields written by one stage merge as they are. A field written by several stages of the same
-    group (a clash) follows its entry in ``strategies``, else ``on_clash``:
-
-    - ``"error"`` (default for other fields): rejected when the pipeline is built
-      (:class:`ContractError`) — or, for stages whose outputs are only known at run time, when the
-      group has run;
-    - ``"concatenate"`` (default for ``content``, as in the tutorial): strings are joined with
-      ``separator`` (a newline), lists are concatenated;
-    - ``"list"``: the field becomes the list of values, in stage order;
-    - ``"first"``: the first stage's value (in stage order) wins.
-
-    Examples:
-        >>> ResultMerger().merge([{"content": "a"}, {"content": "b", "extra": 1}])
-        {'content': 'a\nb', 'extra': 1}
-    """
-
-    def __init__(
-        self,
-        on_clash: ClashStrategy = "error",
-        separator: str = "\n",
-        strategies: Mapping[str, str] | None = None,
-    ) -> None:
-        if on_clash not in _STRATEGIES:
-            raise ConfigurationError(
-                f"ResultMerger: on_clash must be one of {list(_STRATEGIES)}, got {on_clash!r}.",
-                field="on_clash",
-                code="bad_option",
-            )
-        given = {"content": "concatenate"} if strategies is None else dict(strategies)
-        for name, how in given.items():
-            if how not in _STRATEGIES:
-                raise ConfigurationError(
-                    f"ResultMerger: strategies[{name!r}] must be one of {list(_STRATEGIES)}, got {how!r}.",
-                    field=str(name),
-                    code="bad_option",
-                )
-        if not isinstance(separator, str):
-            raise ConfigurationError(
-                f"ResultMerger: separator must be a string, got {separator!r}.",
-                field="separator",
-                code="bad_option",
-            )
-        self.on_clash = on_clash
-        self.separator = separator
-        self.strategies = given
-
-    def __repr__(self) -> str:
-        return f"ResultMerger(on_clash={self.on_clash!r}, strategies={self.strategies!r})"
-
-    def strategy_for(self, field: str) -> str:
-        """How a clash on ``field`` is merged."""
-        return self.strategies.get(field, self.on_clash)
-
-    def merge(self, produced: Sequence[Any]) -> dict[str, Any]:
-        """Combine the fields produced by the group's stages (in stage order).
-
-        ``produced`` holds each stage's fields (dicts), or — called as in the tutorial — the stages'
-        results (predictions, models; ``{"error": ...}`` entries are left out). Raises
-        :class:`~stageflow.PipelineError` when every entry failed.
-        """
-        fields_list = [f for f in (_produced_fields(p) for p in produced) if f is not None]
-        if produced and not fields_list:
-            raise PipelineError("All parallel stages failed: nothing to merge.", code="all_failed")
-        seen: dict[str, list[Any]] = {}
-        for fields in fields_list:
-            for k, v in fields.items():
-                seen.setdefault(k, []).append(v)
-        out: dict[str, Any] = {}
-        for k, values in seen.items():
-            how = self.strategy_for(k)
-            if len(values) == 1:
-                out[k] = values[0]
-            elif how == "list":
-                out[k] = list(values)
-            elif how == "first":
-                out[k] = values[0]
-            elif how == "concatenate":
-                if all(isinstance(v, list | tuple) for v in values):
-                    out[k] = [x for v in values for x in v]
-                else:
-                    out[k] = self.separator.join(str(v) for v in values)
-            else:
-                raise ContractError(
-                    f"Parallel stages both wrote '{k}'.",
-                    field=k,
-                    code="output_clash",
-                    hint=f"ResultMerger(strategies={{'{k}': 'list'}}) (or 'concatenate', 'first'), or rename "
-                    "an output with Stage(<stage>, outputs={...})",
-                )
-        return out
 
 
 def _describe(error: BaseException | None) -> str:
@@ -156,9 +41,12 @@ class ParallelPipeline(Pipeline):
             tutorial; any other clash is an error when the pipeline is built).
         max_concurrency: Cap on stages running at once within a group.
         on_error: ``"collect"`` (default: a failed or timed-out stage is recorded in
-            ``result.group_reports`` and as a ``stage_failed`` event, and the others are kept; a later
-            stage that needs the failed stage's output then fails at its boundary; if all stages of
-            a group fail, :class:`PipelineError` carries each error), ``"skip"`` (same, recorded) or
+            ``result.group_reports`` and as a ``stage_failed`` event, and the others are kept; the
+            fields it declared are dropped from the state — never left at a value the caller passed
+            or an earlier group wrote — and listed in ``result.failed_outputs``, so a later stage
+            that needs one fails at its boundary with a :class:`ContractError` naming the failed
+            stage, here or in an enclosing pipeline; if all stages of a group fail,
+            :class:`PipelineError` carries each error), ``"skip"`` (same, recorded) or
             ``"fail_fast"``.
         timeout: Per-stage timeout in seconds.
         strict: Strict contracts (see :class:`~stageflow.Pipeline`).
@@ -168,7 +56,9 @@ class ParallelPipeline(Pipeline):
 
     Result details: ``group_results`` (per group, the list of its stages' results in order, as in
     the tutorial; ``{"error": "Type: message"}`` for a failed stage), ``group_reports`` (per group,
-    ``{stage path: {"status", "elapsed", "error"}}``) and ``result`` (the final state). The groups
+    ``{stage path: {"status", "elapsed", "error"}}``), ``failed_outputs`` (when a stage failed:
+    ``{field: the failed stage and its error}`` for the fields it did not write) and ``result``
+    (the final state). The groups
     as given are ``pipeline.parallel_groups``.
     """
 
@@ -267,8 +157,15 @@ class ParallelPipeline(Pipeline):
                         scope.origin[f] = sub.origin.get(f, "")
                 scope.opaque.extend(sub.opaque[len(base.opaque) :])
 
-    def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, private_state(state)) for e in group]
+    def _branches(self, group: tuple[StageEntry, ...], state: dict[str, Any], run: RunInfo) -> list[Branch]:
+        failed = run.extras.get(FAILED_OUTPUTS)
+        if not failed:
+            return [Branch(e, private_state(state)) for e in group]
+        # A later stage that reads a field a failed stage was to write fails at its boundary, and
+        # the error names that stage: each branch's run knows which fields are missing and why.
+        return [
+            Branch(e, private_state(state), RunInfo(extras={FAILED_OUTPUTS: dict(failed)})) for e in group
+        ]
 
     @property
     def parallel_groups(self) -> list[list[Any]]:
@@ -313,13 +210,19 @@ class ParallelPipeline(Pipeline):
         if not ok:
             raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
         try:
-            merged = self.merger.merge([r.produced for r in ok])
+            merged = self.merger.merge(
+                [r.produced for r in ok], [join_path(prefix, r.branch.entry.path) for r in ok]
+            )
         except ContractError as e:
+            e.path_is_full = True  # the stages' names are full paths already
+            if e.code == "merge_types":
+                e.message = e.message.replace("Parallel stages", f"Parallel group {g}: stages", 1)
+                e.args = (e.message,)
             if e.code == "output_clash" and e.field:  # name the stages and the group (only known here)
                 writers = [
                     join_path(prefix, r.branch.entry.path)
                     for r in ok
-                    if e.field in (_produced_fields(r.produced) or {})
+                    if e.field in (produced_fields(r.produced) or {})
                 ]
                 e.message = (
                     f"Parallel group {g}: stages {', '.join(repr(w) for w in writers)} both wrote "
@@ -334,12 +237,45 @@ class ParallelPipeline(Pipeline):
                 )
             raise
         state.update(merged)
+        self._unwritten(state, run, results, merged, prefix)
+
+    @staticmethod
+    def _unwritten(
+        state: dict[str, Any], run: RunInfo, results: list[BranchResult], merged: dict[str, Any], prefix: str
+    ) -> None:
+        """Drop the fields a failed stage was to write (and no sibling wrote) from the state.
+
+        A value the caller passed (or an earlier group wrote) for such a field is stale: it must not
+        reach a later stage as if the failed stage had produced it. The field is listed in
+        ``result.failed_outputs`` with the stage that failed; a later stage that reads it fails at
+        its boundary with a :class:`ContractError` naming that stage.
+        """
+        failed: dict[str, str] = run.extras.get(FAILED_OUTPUTS, {})
+        for f in merged:
+            failed.pop(f, None)  # written again by a later group
+        for r in results:
+            if r.outcome.ok or r.outcome.status not in ("error", "timeout"):
+                continue
+            entry, error = r.branch.entry, r.outcome.error
+            if isinstance(error, StageError) and error.__cause__ is not None:
+                error = error.__cause__  # the stage's own error (the StageError repeats the path)
+            for f in entry.ports.outputs or ():
+                if f not in merged:
+                    state.pop(f, None)
+                    failed[f] = (
+                        f"'{join_path(prefix, entry.path)}' ({entry.label}), which failed: "
+                        f"{type(error).__name__}: {error}"
+                    )
+        if failed:
+            run.extras[FAILED_OUTPUTS] = failed
+        else:
+            run.extras.pop(FAILED_OUTPUTS, None)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         for g, group in enumerate(self._groups):
             results = run_branches(
                 self,
-                self._branches(group, state),
+                self._branches(group, state, run),
                 hooks,
                 prefix,
                 **fanout_options(self),
@@ -350,7 +286,7 @@ class ParallelPipeline(Pipeline):
         for g, group in enumerate(self._groups):
             results = await arun_branches(
                 self,
-                self._branches(group, state),
+                self._branches(group, state, run),
                 hooks,
                 prefix,
                 **fanout_options(self),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import dspy
+
+from stageflow.stages import FunctionStage, Ports, describe
 
 __all__ = ["LazyResult", "LazyStage"]
 
@@ -21,10 +24,11 @@ class LazyResult:
     ``dspy.context(lm=...)`` settings active then apply.
     """
 
-    __slots__ = ("_args", "_ctx", "_error", "_lock", "_stage", "_value")
+    __slots__ = ("_args", "_ctx", "_error", "_lock", "_single", "_stage", "_value")
 
-    def __init__(self, stage: Any, kwargs: dict[str, Any]) -> None:
+    def __init__(self, stage: Any, kwargs: dict[str, Any], single: str | None = None) -> None:
         object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_single", single)
         object.__setattr__(self, "_args", kwargs)
         object.__setattr__(self, "_ctx", contextvars.copy_context())
         object.__setattr__(self, "_lock", threading.Lock())
@@ -74,13 +78,20 @@ class LazyResult:
         return getattr(self.value(), name)
 
     def __getitem__(self, key: Any) -> Any:
-        return self.value()[key]
+        value = self.value()
+        if key == self._single and not _is_record(value):
+            return value  # a function stage's single declared output, returned bare
+        return value[key]
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("LazyResult is read-only")
 
     def __repr__(self) -> str:
         return repr(self.value()) if self.done else f"LazyResult(pending: {self._stage!r})"
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, Mapping | dspy.Example) or hasattr(value, "model_dump")
 
 
 class LazyStage(dspy.Module):  # type: ignore[misc]
@@ -90,7 +101,8 @@ class LazyStage(dspy.Module):  # type: ignore[misc]
     visible to DSPy's optimizers and to ``save``/``load``. Calling it returns a :class:`LazyResult`
     at once; the stage runs on the first access to the result (``result.get_result()``,
     ``result.predictions``, a field, an item), exactly once. In a pipeline, the lazy stage's outputs
-    are merged into the state when it finishes, which resolves it then.
+    are merged into the state when it finishes, which resolves it then. Its contract is the wrapped
+    stage's: it receives only the inputs that stage takes and promises the outputs it declares.
 
     Examples:
         >>> import stageflow
@@ -118,13 +130,27 @@ class LazyStage(dspy.Module):  # type: ignore[misc]
         """The wrapped stage (an alias of ``underlying_stage``)."""
         return self.underlying_stage
 
+    def stageflow_ports(self) -> Ports:
+        """The wrapped stage's inputs and outputs: a pipeline feeds it exactly what that stage takes."""
+        return describe(self.underlying_stage)
+
+    def _single(self) -> str | None:
+        stage = self.underlying_stage
+        if (
+            isinstance(stage, FunctionStage)
+            and stage.ports.outputs is not None
+            and len(stage.ports.outputs) == 1
+        ):
+            return stage.ports.outputs[0]
+        return None
+
     def forward(self, **kwargs: Any) -> LazyResult:
         """Return a lazy result wrapper; nothing runs yet."""
-        return LazyResult(self.underlying_stage, kwargs)
+        return LazyResult(self.underlying_stage, kwargs, self._single())
 
     async def aforward(self, **kwargs: Any) -> LazyResult:
         """Async twin of :meth:`forward` (the result is resolved on first access, as in sync code)."""
-        return LazyResult(self.underlying_stage, kwargs)
+        return LazyResult(self.underlying_stage, kwargs, self._single())
 
     def __repr__(self) -> str:
         return f"LazyStage({self.underlying_stage!r})"

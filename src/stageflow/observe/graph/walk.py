@@ -373,6 +373,9 @@ def graph_of(pipeline: Any, *, title: str | None = None) -> Graph:
     The outermost pipeline gets a ``start`` node (its required inputs) and an ``end`` node (the
     fields it produces on every path).
     """
+    from stageflow.patterns._cycles import refuse_cycle  # imported when drawing: it loads DSPy
+
+    refuse_cycle(pipeline)  # a pipeline that contains itself cannot be drawn (nor run)
     w = _Walker()
     g = w.g
     name = type(pipeline).__name__
