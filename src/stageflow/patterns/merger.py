@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 
-__all__ = ["ClashStrategy", "ResultMerger", "produced_fields"]
+__all__ = ["ClashStrategy", "ResultMerger", "clash_error", "clash_hint", "produced_fields"]
 
 ClashStrategy = Literal["error", "list", "concatenate", "first"]
 
@@ -29,6 +29,23 @@ def produced_fields(item: Any) -> dict[str, Any] | None:
     if isinstance(model_fields, dict):
         return {k: getattr(item, k) for k in model_fields}
     return {"content": str(item)}
+
+
+def clash_hint(fields: Sequence[str]) -> str:
+    """The one-step fix for clashes on ``fields``: a strategy for each of them."""
+    each = ", ".join(f"'{f}': 'list'" for f in fields)
+    return (
+        f"pass merger=ResultMerger(strategies={{{each}}}) (or 'concatenate', 'first' per field; "
+        "'content' is concatenated unless you name it), or rename outputs with Stage(<stage>, outputs={...})"
+    )
+
+
+def clash_error(fields: Sequence[str], lead: str) -> ContractError:
+    """One :class:`ContractError` naming every clashing field, so one fix resolves them all."""
+    listed = ", ".join(f"'{f}'" for f in fields)
+    err = ContractError(f"{lead} {listed}.", field=fields[0], code="output_clash", hint=clash_hint(fields))
+    err.fields = list(fields)  # type: ignore[attr-defined]  # every clashing field; ``field`` is the first
+    return err
 
 
 class ResultMerger:
@@ -66,7 +83,8 @@ class ResultMerger:
                 field="on_clash",
                 code="bad_option",
             )
-        given = {"content": "concatenate"} if strategies is None else dict(strategies)
+        # The tutorial's default for `content` holds unless the caller names `content` itself.
+        given = {"content": "concatenate", **(strategies or {})}
         for name, how in given.items():
             if how not in _STRATEGIES:
                 raise ConfigurationError(
@@ -110,6 +128,9 @@ class ResultMerger:
         for name, fields in fields_list:
             for k, v in fields.items():
                 seen.setdefault(k, []).append((name, v))
+        clashes = [k for k, named in seen.items() if len(named) > 1 and self.strategy_for(k) == "error"]
+        if clashes:
+            raise clash_error(clashes, "Parallel stages both wrote")
         out: dict[str, Any] = {}
         for k, named in seen.items():
             how = self.strategy_for(k)
@@ -120,16 +141,8 @@ class ResultMerger:
                 out[k] = list(values)
             elif how == "first":
                 out[k] = values[0]
-            elif how == "concatenate":
-                out[k] = self._concatenate(k, named)
             else:
-                raise ContractError(
-                    f"Parallel stages both wrote '{k}'.",
-                    field=k,
-                    code="output_clash",
-                    hint=f"ResultMerger(strategies={{'{k}': 'list'}}) (or 'concatenate', 'first'), or rename "
-                    "an output with Stage(<stage>, outputs={...})",
-                )
+                out[k] = self._concatenate(k, named)
         return out
 
     def _concatenate(self, field: str, named: list[tuple[str, Any]]) -> Any:

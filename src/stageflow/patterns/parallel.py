@@ -20,7 +20,7 @@ from stageflow.patterns._fanout import (
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
-from stageflow.patterns.merger import ResultMerger, produced_fields
+from stageflow.patterns.merger import ResultMerger, clash_error, clash_hint, produced_fields
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
@@ -131,18 +131,22 @@ class ParallelPipeline(Pipeline):
         the pipeline is built."""
         for g, group in enumerate(self._groups):
             writers: dict[str, str] = {}
+            clashes: dict[str, list[str]] = {}
             for entry in group:
                 for f in entry.ports.outputs or ():
                     if f in writers and self.merger.strategy_for(f) == "error":
-                        raise ContractError(
-                            f"Parallel group {g}: stages '{writers[f]}' and '{entry.path}' both write '{f}'.",
-                            stage_path=entry.path,
-                            field=f,
-                            code="output_clash",
-                            hint=f"pass merger=ResultMerger(strategies={{'{f}': 'list'}}) (or 'concatenate', "
-                            "'first'), or rename one output with Stage(<stage>, outputs={...})",
-                        )
+                        clashes.setdefault(f, [writers[f]]).append(entry.path)
                     writers[f] = entry.path
+            if clashes:
+                who = "; ".join(
+                    f"'{f}' by {', '.join(repr(p) for p in paths)}" for f, paths in clashes.items()
+                )
+                first = next(iter(clashes.values()))
+                err = clash_error(list(clashes), f"Parallel group {g}: stages write the same fields:")
+                err.message = f"Parallel group {g}: several stages write the same field: {who}."
+                err.args = (err.message,)
+                err.stage_path = first[-1]
+                raise err
 
     def _analyze(self, scope: Scope, prefix: str) -> None:
         self._refresh()
@@ -219,22 +223,28 @@ class ParallelPipeline(Pipeline):
                 e.message = e.message.replace("Parallel stages", f"Parallel group {g}: stages", 1)
                 e.args = (e.message,)
             if e.code == "output_clash" and e.field:  # name the stages and the group (only known here)
+                fields = list(getattr(e, "fields", None) or [e.field])
+                who = "; ".join(
+                    f"'{f}' by "
+                    + ", ".join(
+                        repr(join_path(prefix, r.branch.entry.path))
+                        for r in ok
+                        if f in (produced_fields(r.produced) or {})
+                    )
+                    for f in fields
+                )
+                e.message = (
+                    f"Parallel group {g}: several stages wrote the same field: {who} (their outputs are "
+                    "undeclared, so this was found when the group ran)."
+                )
+                e.args = (e.message,)
                 writers = [
                     join_path(prefix, r.branch.entry.path)
                     for r in ok
                     if e.field in (produced_fields(r.produced) or {})
                 ]
-                e.message = (
-                    f"Parallel group {g}: stages {', '.join(repr(w) for w in writers)} both wrote "
-                    f"'{e.field}' (their outputs are undeclared, so this was found when the group ran)."
-                )
-                e.args = (e.message,)
                 e.stage_path = writers[0] if writers else (prefix or None)
-                e.hint = (
-                    f"pass merger=ResultMerger(strategies={{'{e.field}': 'list'}}) (or 'concatenate', "
-                    "'first'), or declare or rename the outputs with "
-                    "Stage(<stage>, writes=[...], outputs={...})"
-                )
+                e.hint = clash_hint(fields)
             raise
         state.update(merged)
         self._unwritten(state, run, results, merged, prefix)
