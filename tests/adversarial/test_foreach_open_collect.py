@@ -66,3 +66,14 @@ def test_a_fully_declared_pipeline_is_still_checked_when_built() -> None:
 def test_without_collect_an_undeclared_pipeline_asks_for_it() -> None:
     with pytest.raises(ConfigurationError, match="collect="):
         stageflow.ForEach(stageflow.SequentialPipeline([Ext()]), over="texts", item="text")
+
+
+async def test_the_hint_for_a_single_returned_field_is_a_collect_mapping_that_works(mode: str) -> None:
+    # User report: collect="titles" over a custom module returning `title` failed with a hint that
+    # did not say collect={'title': 'titles'} works.
+    build = BUILDS["module"]
+    with pytest.raises(ContractError) as info:
+        await call(stageflow.SequentialPipeline([build("titles")]), mode, texts=["a", "b"])
+    assert "collect={'title': 'titles'}" in (info.value.hint or "")
+    result = await call(stageflow.SequentialPipeline([build({"title": "titles"})]), mode, texts=["a", "b"])
+    assert result.titles == ["A", "B"]

@@ -278,7 +278,7 @@ class ForEach(Pipeline):
             stage_path=path,
             field=missing[0],
             code="missing_output",
-            hint="return that field from the stage, or collect another one",
+            hint=_collect_hint(missing[0], returned),
         )
         error.path_is_full = True
         if self.on_error == "fail_fast":
@@ -312,3 +312,16 @@ class ForEach(Pipeline):
             produced=False,
         )
         self._collect(state, run, results, prefix)
+
+
+def _collect_hint(wanted: str, returned: list[str]) -> str:
+    """The fix for an element that lacks a collected field: collect what it returned under that name."""
+    if len(returned) == 1:
+        return (
+            f"collect {returned[0]!r} into {wanted!r}: collect={{{returned[0]!r}: {wanted!r}}} "
+            "(collect='name' collects a field of that name, or the single declared output of the stage)"
+        )
+    if returned:
+        pick = f"collect={{'<field>': {wanted!r}}}"
+        return f"collect one of {returned} into {wanted!r}: {pick}, or return {wanted!r}"
+    return f"return {wanted!r} from the stage"
