@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -233,35 +232,22 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
-def check_output(path: str | None) -> None:
-    """Refuse an ``--output`` that cannot be written, before anything runs."""
+def check_output(path: str | None, what: str = "--output") -> None:
+    """Refuse an ``--output`` that cannot be written, before anything runs (see :mod:`stageflow.outfile`)."""
     if path is None:
         return
-    target = Path(path)
-    parent = target.resolve().parent
-    if target.is_dir():
-        raise ConfigurationError(f"--output {path} is a directory.", code="bad_output", hint="name a file")
-    if not parent.is_dir():
-        raise ConfigurationError(
-            f"--output {path}: the directory {parent} does not exist.", code="bad_output"
-        )
-    if not os.access(parent, os.W_OK):
-        raise ConfigurationError(
-            f"--output {path}: the directory {parent} is not writable.", code="bad_output"
-        )
+    from stageflow.outfile import check_output as check
+
+    check(path, what)
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_atomic(path: str | os.PathLike[str], text: str, what: str = "the output") -> None:
+    """Write ``text`` to ``path`` with :func:`stageflow.outfile.write_text`: a regular file is replaced
+    atomically (its mode kept), a symlink's target is written, a device or FIFO is written in place,
+    ``-`` is standard output."""
+    from stageflow.outfile import write_text
+
+    write_text(path, text, what)
 
 
 def _read_stdin() -> str:

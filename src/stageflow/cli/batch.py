@@ -15,6 +15,7 @@ from stageflow.cli._common import (
     EXIT_RUN_FAILED,
     add_allow_options,
     add_prompt_option,
+    check_output,
     resolve_cli_lm,
 )
 from stageflow.errors import ConfigurationError
@@ -41,7 +42,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         help="the records: .jsonl/.ndjson or .csv; a record's 'id' field (else its line number) is its key",
     )
     p.add_argument(
-        "-o", "--output", required=True, metavar="FILE", help="where to write the results (JSON Lines)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="where to write the results (JSON Lines; -: standard output, with --journal)",
     )
     p.add_argument("--journal", metavar="FILE", help="the journal (SQLite; default: OUTPUT.journal)")
     p.add_argument("--concurrency", type=int, default=16, metavar="N", help="records in flight at once (16)")
@@ -159,9 +164,13 @@ def run(args: argparse.Namespace) -> int:
             hint="add --backend ray",
         )
     out = Path(args.output)
-    if not out.resolve().parent.is_dir():
+    check_output(args.output)
+    if args.journal is None and args.output == "-":
         raise ConfigurationError(
-            f"--output {args.output}: the directory {out.resolve().parent} does not exist.", code="bad_output"
+            "-o - writes the results to standard output, so there is no output file to keep the journal "
+            "next to.",
+            code="bad_option",
+            hint="name the journal: --journal batch.journal",
         )
     journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal")
     from stageflow.runtime.batch import run_batch

@@ -34,7 +34,6 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 import weakref
@@ -255,18 +254,14 @@ class Tracer(Hook):
         return dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically (a temp file, then a rename)."""
+        """Write :meth:`to_json` to ``path`` (missing parent folders are created) with
+        :func:`stageflow.outfile.write_text`: a regular file is replaced atomically, keeping its mode."""
+        from stageflow.outfile import write_text
+
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        if os.fspath(path) != "-":  # standard output
+            target.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, self.to_json(), "the trace")
         return target
 
     def save_report(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:

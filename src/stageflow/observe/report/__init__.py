@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,12 +115,7 @@ def write_report(trace: Any, path: str | os.PathLike[str], *, title: str | None 
             f"Cannot write the report to {target}: the directory {target.parent} does not exist.",
             code="bad_output",
         )
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from stageflow.outfile import write_text
+
+    write_text(target, html, "the report")
     return target
