@@ -27,6 +27,7 @@ from typing import Any
 
 from stageflow.errors import ConfigurationError
 from stageflow.observe.graph.model import Graph
+from stageflow.observe.redact import redact_events
 from stageflow.observe.report.page import render_page
 from stageflow.observe.report.spans import build_spans
 
@@ -92,7 +93,7 @@ def render_report(trace: Any, *, title: str | None = None, source: str = "") -> 
         doc = load_trace(trace)
     else:
         doc = check_trace(trace)
-    roots, warnings = build_spans(doc["events"])
+    roots, warnings = build_spans(redact_events(doc["events"]))
     graphs: dict[str, Graph] = {}
     for name, g in doc.get("graphs", {}).items():
         try:
