@@ -329,6 +329,12 @@ def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
             code="bad_input",
             hint='pass a JSON object such as \'{"question": "Who wrote Dune?"}\'',
         ) from exc
+    except ValueError as exc:  # an integer longer than Python reads (sys.get_int_max_str_digits())
+        raise ConfigurationError(
+            f"{source} holds a value that cannot be read: {exc}.",
+            code="bad_input",
+            hint='pass very long numbers as strings ("123...")',
+        ) from exc
     if not isinstance(data, dict):
         raise ConfigurationError(
             f"{source} must be a JSON object of input fields, got {type(data).__name__}.",

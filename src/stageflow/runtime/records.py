@@ -181,6 +181,12 @@ class _FileSource(RecordSource):
                         code="bad_input",
                         hint="JSON Lines needs one complete JSON object per line",
                     ) from exc
+                except ValueError as exc:  # an integer longer than Python reads
+                    raise ConfigurationError(
+                        f"{self.label} line {line} holds a value that cannot be read: {exc}.",
+                        code="bad_input",
+                        hint='write very long numbers as strings ("123...")',
+                    ) from exc
 
     def _csv(self) -> Iterator[tuple[int, Any]]:
         with self._open() as fh:
