@@ -82,16 +82,16 @@ def check_output(path: str | os.PathLike[str], what: str = "the output") -> None
     target = os.path.realpath(name)
     st = _stat(target, name, what)
     if st is not None and stat.S_ISDIR(st.st_mode):
-        raise _fail(name, what, "it is a folder", hint="name a file inside it")
+        raise _fail(name, what, "it is a directory", hint="name a file inside it")
     if st is not None and not os.access(target, os.W_OK):
         raise _fail(name, what, "it is not writable (permission denied)")
     if st is not None and not stat.S_ISREG(st.st_mode):
         return  # a device or FIFO is written in place: its folder does not matter
     parent = os.path.dirname(target) or "."
     if not os.path.isdir(parent):
-        raise _fail(name, what, f"the folder {parent} does not exist", hint="create it first")
+        raise _fail(name, what, f"the directory {parent} does not exist", hint="create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise _fail(name, what, f"the folder {parent} is not writable")
+        raise _fail(name, what, f"the directory {parent} is not writable")
 
 
 @contextlib.contextmanager
