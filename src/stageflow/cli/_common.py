@@ -232,13 +232,30 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
-def check_output(path: str | None, what: str = "--output") -> None:
-    """Refuse an ``--output`` that cannot be written, before anything runs (see :mod:`stageflow.outfile`)."""
-    if path is None:
+def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") -> None:
+    """Refuse an output file (given with ``flag``) that cannot be written, before anything runs
+    (``-`` is standard output; a device or FIFO is written in place: see :mod:`stageflow.outfile`).
+
+    Examples:
+        >>> import tempfile
+        >>> check_output(tempfile.gettempdir(), "-o")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        stageflow.errors.ConfigurationError: -o ... is a directory...
+    """
+    if path is None or os.fspath(path) == "-":
         return
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.is_dir():
+        raise ConfigurationError(
+            f"{flag} {path} is a directory.", code="bad_output", hint=f"name a file, e.g. {target / 'out'}"
+        )
+    if not parent.is_dir():
+        raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist.", code="bad_output")
     from stageflow.outfile import check_output as check
 
-    check(path, what)
+    check(path, flag)  # a read-only file, an unwritable directory (not needed for a device or FIFO)
 
 
 def write_atomic(path: str | os.PathLike[str], text: str, what: str = "the output") -> None:

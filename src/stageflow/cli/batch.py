@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             hint="add --backend ray",
         )
     out = Path(args.output)
-    check_output(args.output)
+    check_output(out, "-o")
     if args.journal is None and args.output == "-":
         raise ConfigurationError(
             "-o - writes the results to standard output, so there is no output file to keep the journal "
@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             hint="name the journal: --journal batch.journal",
         )
     journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal")
+    check_output(journal, "--journal" if args.journal else "the journal (OUTPUT.journal)")
     from stageflow.runtime.batch import run_batch
     from stageflow.runtime.program import load_program
     from stageflow.runtime.summary import BatchInterrupted
