@@ -479,7 +479,7 @@ def test_progress_bar_shows_done_failed_and_rate_on_a_terminal_only() -> None:
 def test_a_bad_output_path_is_refused_before_any_work(tmp_path: Path) -> None:
     lm = upper_lm()
     for bad in (tmp_path, tmp_path / "missing" / "out.jsonl"):
-        with pytest.raises(ConfigurationError, match="is a directory, or its directory does not exist"):
+        with pytest.raises(ConfigurationError, match=r"it is a directory|does not exist"):
             stageflow.run_batch(qa_pipeline(), records(2), lm=lm, output=bad)
     assert lm.calls == 0
 

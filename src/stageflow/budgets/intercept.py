@@ -19,6 +19,9 @@ call. Otherwise, per LM call:
    and gives its tokens back; a cancelled call gives everything back), the limiter is corrected,
    and a ``Retry-After`` the error carries pauses the model's limiter.
 
+Around all of it, a ``stageflow.limits`` / ``stageflow.configure`` concurrency cap takes an LM-call
+slot (:mod:`stageflow.engine.lm_slots`).
+
 Waits are added to the running stage's usage (``limit_wait``) and recorded in the run's events.
 """
 
@@ -35,6 +38,7 @@ from stageflow.budgets.ledger import BudgetLedger, Need, Ticket
 from stageflow.budgets.ratelimit import RateLimiter, Slot, limiter_for
 from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
+from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
 from stageflow.usage import note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
@@ -62,15 +66,27 @@ def install() -> None:
         original, aoriginal = execution.execute, execution.aexecute
         registry = ratelimit_registry()
 
-        def execute(lm: Any, call: Any) -> Any:
+        def run(lm: Any, call: Any) -> Any:
             if not (LIVE[0] or registry):
                 return original(lm, call)
             return _metered(lm, call, original)
 
-        async def aexecute(lm: Any, call: Any) -> Any:
+        async def arun(lm: Any, call: Any) -> Any:
             if not (LIVE[0] or registry):
                 return await aoriginal(lm, call)
             return await _ametered(lm, call, aoriginal)
+
+        def execute(lm: Any, call: Any) -> Any:
+            slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
+            if not slots:
+                return run(lm, call)
+            return call_capped(slots, lambda: run(lm, call))
+
+        async def aexecute(lm: Any, call: Any) -> Any:
+            slots = lm_slots()
+            if not slots:
+                return await arun(lm, call)
+            return await acall_capped(slots, lambda: arun(lm, call))
 
         _ORIGINALS[:] = [original, aoriginal]
         execution.execute, execution.aexecute = execute, aexecute

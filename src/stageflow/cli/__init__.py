@@ -77,6 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(exc, args.command, getattr(args, "debug", False))
 
 
+def _busy_threads() -> list[threading.Thread]:
+    """The threads Python would wait for at exit: non-daemon threads, and the workers of every
+    ``ThreadPoolExecutor`` (its exit hook joins them even when they are daemon threads, as they are
+    when a daemon thread started the pool — a ForEach inside a ``stageflow batch`` record)."""
+    pools = sys.modules.get("concurrent.futures.thread")
+    pooled = set(getattr(pools, "_threads_queues", {}) or ())
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and (not t.daemon or t in pooled)
+    ]
+
+
 def entry() -> None:
     """The console script: :func:`main`, then exit with its code.
 
@@ -85,15 +98,9 @@ def entry() -> None:
     handlers (pending cache writes, journals) run, then the process ends at once.
     """
     code = main()
-    if code == EXIT_INTERRUPTED:
-        busy = [
-            t
-            for t in threading.enumerate()
-            if t is not threading.main_thread() and not t.daemon and t.is_alive()
-        ]
-        if busy:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            atexit._run_exitfuncs()
-            os._exit(code)
+    if code == EXIT_INTERRUPTED and _busy_threads():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
     sys.exit(code)

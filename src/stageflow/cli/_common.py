@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -234,7 +233,8 @@ def check_text(text: str, what: str) -> str:
 
 
 def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") -> None:
-    """Refuse an output file (given with ``flag``) that cannot be written, before anything runs.
+    """Refuse an output file (given with ``flag``) that cannot be written, before anything runs
+    (``-`` is standard output; a device or FIFO is written in place: see :mod:`stageflow.outfile`).
 
     Examples:
         >>> import tempfile
@@ -243,7 +243,7 @@ def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") ->
         ...
         stageflow.errors.ConfigurationError: -o ... is a directory...
     """
-    if path is None:
+    if path is None or os.fspath(path) == "-":
         return
     target = Path(path)
     parent = target.resolve().parent
@@ -253,21 +253,18 @@ def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") ->
         )
     if not parent.is_dir():
         raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist.", code="bad_output")
-    if not os.access(parent, os.W_OK):
-        raise ConfigurationError(f"{flag} {path}: the directory {parent} is not writable.", code="bad_output")
+    from stageflow.outfile import check_output as check
+
+    check(path, flag)  # a read-only file, an unwritable directory (not needed for a device or FIFO)
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_atomic(path: str | os.PathLike[str], text: str, what: str = "the output") -> None:
+    """Write ``text`` to ``path`` with :func:`stageflow.outfile.write_text`: a regular file is replaced
+    atomically (its mode kept), a symlink's target is written, a device or FIFO is written in place,
+    ``-`` is standard output."""
+    from stageflow.outfile import write_text
+
+    write_text(path, text, what)
 
 
 def _read_stdin() -> str:
@@ -348,6 +345,12 @@ def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
             f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).",
             code="bad_input",
             hint='pass a JSON object such as \'{"question": "Who wrote Dune?"}\'',
+        ) from exc
+    except ValueError as exc:  # an integer longer than Python reads (sys.get_int_max_str_digits())
+        raise ConfigurationError(
+            f"{source} holds a value that cannot be read: {exc}.",
+            code="bad_input",
+            hint='pass very long numbers as strings ("123...")',
         ) from exc
     if not isinstance(data, dict):
         raise ConfigurationError(

@@ -42,7 +42,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         help="the records: .jsonl/.ndjson or .csv; a record's 'id' field (else its line number) is its key",
     )
     p.add_argument(
-        "-o", "--output", required=True, metavar="FILE", help="where to write the results (JSON Lines)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="where to write the results (JSON Lines; -: standard output, with --journal)",
     )
     p.add_argument("--journal", metavar="FILE", help="the journal (SQLite; default: OUTPUT.journal)")
     p.add_argument("--concurrency", type=int, default=16, metavar="N", help="records in flight at once (16)")
@@ -161,6 +165,13 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.output)
     check_output(out, "-o")
+    if args.journal is None and args.output == "-":
+        raise ConfigurationError(
+            "-o - writes the results to standard output, so there is no output file to keep the journal "
+            "next to.",
+            code="bad_option",
+            hint="name the journal: --journal batch.journal",
+        )
     journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal")
     check_output(journal, "--journal" if args.journal else "the journal (OUTPUT.journal)")
     from stageflow.runtime.batch import run_batch

@@ -1,4 +1,5 @@
-"""The concurrency budget: caps on concurrent leaf stage calls, inherited by nested fan-outs.
+"""The concurrency budget: caps on concurrent leaf stage calls, inherited by nested fan-outs (the
+caps of ``stageflow.limits`` / ``configure`` hold for LM calls too: :mod:`stageflow.engine.lm_slots`).
 
 ``stageflow.configure(max_concurrency=N)`` (or ``with stageflow.limits(...)``) sets a cap; each
 fan-out may add its own. Caps form a chain through the context, and a leaf call takes one slot of
@@ -15,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from stageflow.engine.carry import carried, publish
+from stageflow.engine.carry import carried, publish, visible
 from stageflow.engine.config import check_options, on_change
 from stageflow.errors import ConfigurationError
 
@@ -33,6 +35,7 @@ __all__ = [
     "exit_leaf",
     "leaf_slots",
     "limits",
+    "visible_chain",
 ]
 
 
@@ -130,6 +133,15 @@ _HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("stageflo
 def _on_config(name: str, value: Any) -> None:
     if name == "max_concurrency":
         _ROOT[0] = None if value is None else Budget(value, "global")
+        if value is not None and "dspy" in sys.modules:  # else the first capped stage call does it
+            _cap_lm_calls()
+
+
+def _cap_lm_calls() -> None:
+    """Make the cap hold for LM calls too (:mod:`stageflow.engine.lm_slots`)."""
+    from stageflow.engine.lm_slots import ensure_installed
+
+    ensure_installed()
 
 
 on_change(_on_config)
@@ -144,9 +156,35 @@ def budget_chain() -> tuple[Budget, ...]:
     return chain
 
 
+def visible_chain() -> tuple[Budget, ...]:
+    """:func:`budget_chain`, or in a DSPy worker thread that no pipeline call adopted the context
+    of yet, the chain of the block that started it (:func:`stageflow.engine.carry.visible`)."""
+    carried_chain = visible(_BUDGETS)
+    return budget_chain() if carried_chain is None else carried_chain
+
+
 @contextlib.contextmanager
 def limits(max_concurrency: int | None = None, **options: Any) -> Iterator[Budget | None]:
-    """Cap concurrent leaf stage calls inside the block (nested under any cap already active)."""
+    """Cap concurrent leaf stage calls, and concurrent LM calls, inside the block (nested under any
+    cap already active).
+
+    Two counts are each held to ``max_concurrency``: leaf stage calls (a predictor, a function, a
+    custom module used as a stage), and LM calls made anywhere in the block — including those a
+    custom module stage makes through ``dspy.Parallel`` or threads of its own, and those of DSPy
+    code outside any stage (``dspy.Parallel``, ``dspy.Evaluate``), whose worker threads carry the
+    cap. LM calls take slots of their own, so a stage waiting for its inner LM calls never blocks
+    them (:mod:`stageflow.engine.lm_slots`). Work a stage does in threads it starts without copying
+    the context (a bare ``threading.Thread``) is not capped; neither is anything that is not an LM
+    call (a retriever, an HTTP request).
+
+    Examples:
+        >>> import stageflow
+        >>> p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x + 1}, writes=["y"])])
+        >>> with stageflow.limits(max_concurrency=2) as budget:
+        ...     _ = p(x=1)
+        >>> budget.limit, budget.peak
+        (2, 1)
+    """
     check_options(
         {"max_concurrency": max_concurrency, **options}, "stageflow.limits", frozenset({"max_concurrency"})
     )
@@ -154,6 +192,7 @@ def limits(max_concurrency: int | None = None, **options: Any) -> Iterator[Budge
         yield None
         return
     budget = Budget(max_concurrency, "limits")
+    _cap_lm_calls()
     token = _BUDGETS.set((*budget_chain(), budget))
     try:
         with publish():  # the cap holds in DSPy's worker threads too (dspy.Evaluate, dspy.Parallel)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
-__all__ = ["adopt", "adopt_snapshot", "carried", "publish", "release"]
+__all__ = ["adopt", "adopt_snapshot", "carried", "publish", "release", "visible"]
 
 _T = TypeVar("_T")
 _REGISTRY: list[ContextVar[Any]] = []
@@ -90,6 +90,17 @@ def adopt() -> _Tokens | None:
     if snapshot is None or _SEEN.get() is snapshot:
         return None
     return adopt_snapshot(snapshot)
+
+
+def visible(var: ContextVar[_T]) -> _T:
+    """``var``'s value here, counting a snapshot DSPy carried into this thread that no pipeline call
+    adopted (an LM call made directly in a ``dspy.Parallel`` worker thread)."""
+    settings_module = _settings_module()
+    if settings_module is not None:
+        snapshot = settings_module.thread_local_overrides.get().get(_KEY)
+        if snapshot is not None and _SEEN.get() is not snapshot and var in snapshot:
+            return snapshot[var]  # type: ignore[no-any-return]
+    return var.get()
 
 
 def adopt_snapshot(snapshot: dict[ContextVar[Any], Any]) -> _Tokens:

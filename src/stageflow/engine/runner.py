@@ -32,6 +32,7 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
+from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import ConfigurationError, StageError, StageflowError
@@ -101,6 +102,7 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     slots = leaf_slots()
     if not slots:
         return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
+    ensure_lm_caps()
     token = enter_leaf(slots)
     try:
         return _call_sync(entry, target, kw)
@@ -408,6 +410,7 @@ async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> A
     slots = leaf_slots()
     if not slots:
         return await _call_async(entry, target, kw)
+    ensure_lm_caps()
     token = await aenter_leaf(slots)
     try:
         return await _call_async(entry, target, kw)

@@ -229,10 +229,10 @@ class TracingPipeline(SequentialPipeline):
 
     def save_trace(self, filename: str | os.PathLike[str]) -> Path:
         """Write the last finished call's trace to ``filename``: a JSON list of its entries."""
+        from stageflow.outfile import write_text
+
         target = Path(filename)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
         text = json.dumps(self._last, indent=2, default=str, ensure_ascii=False)
-        tmp.write_text(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), encoding="utf-8")
-        os.replace(tmp, target)
+        write_text(target, text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), "the trace")
         return target

@@ -29,6 +29,7 @@ from typing import Any
 
 from stageflow.engine.hooks import Hook, attach_hooks
 from stageflow.observe.profile_table import render_table
+from stageflow.observe.redact import redact_text
 from stageflow.observe.schedule import CriticalStep, SpanNode, critical_path, critical_time, ideal_time
 from stageflow.usage import StageUsage
 
@@ -241,7 +242,7 @@ class Profiler(Hook):
             ideal_time=ideal_time(root),
             stage_calls=(frame.calls or [0])[0],
             usage=usage,
-            error=None if error is None else f"{type(error).__name__}: {error}",
+            error=None if error is None else redact_text(f"{type(error).__name__}: {error}"),
         )
         with self._lock:
             self._runs.append(profile)

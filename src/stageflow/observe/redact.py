@@ -1,13 +1,17 @@
-"""Remove secrets from content before it leaves the process (span attributes, exported traces).
+"""Remove secrets from content before it leaves the process: one policy for everything stageflow
+records — saved traces (:class:`~stageflow.Tracer`), the HTML report, profiles' error messages and
+OpenTelemetry spans (content, error status and ``exception`` events).
 
 Two rules, applied to any nesting of mappings, lists and strings:
 
-- a mapping key that names a credential (``api_key``, ``apikey``, ``authorization``, ``password``,
-  ``secret``, ``token``, ``access_token``, ``cookie``, ``private_key``, ``credentials`` … — matched
-  on the key's last word, so ``max_tokens`` and ``prompt_tokens`` stay) has its value replaced;
-- inside any string, text shaped like a credential is replaced: ``Bearer …`` / ``Basic …``
-  authorization values, OpenAI/Anthropic-style keys (``sk-…``), AWS access key ids, GitHub and
-  Slack tokens, JSON Web Tokens, and ``key=value`` pairs whose key names a credential.
+- a mapping key that names a credential (``api_key``, ``apikey``, ``apiKey``, ``x-api-key``,
+  ``authorization``, ``password``, ``secret``, ``token``, ``access_token``, ``cookie``,
+  ``private_key``, ``credentials`` … — case-insensitive, matched on the key's last word, so
+  ``max_tokens`` and ``prompt_tokens`` stay) has its value replaced, at any depth;
+- inside any string (error messages included), text shaped like a credential is replaced:
+  ``Bearer …`` / ``Basic …`` authorization values, the password of a URL
+  (``https://user:PASSWORD@host/``), OpenAI/Anthropic-style keys (``sk-…``), AWS access key ids,
+  GitHub and Slack tokens, JSON Web Tokens, and ``key=value`` pairs whose key names a credential.
 
 The replacement is :data:`REDACTED`. Redaction is deliberately greedy: a false positive costs a
 few characters of a trace; a false negative leaks a key.
@@ -17,15 +21,18 @@ Examples:
     {'api_key': '[REDACTED]', 'question': 'use [REDACTED] please', 'max_tokens': 5}
     >>> redact_text("Authorization: Bearer eyJhbGciOi.abc.def")
     'Authorization: [REDACTED]'
+    >>> redact_text("GET https://admin:hunter2@db.internal/ failed")
+    'GET https://admin:[REDACTED]@db.internal/ failed'
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["REDACTED", "is_secret_key", "redact", "redact_text"]
+__all__ = ["REDACTED", "is_secret_key", "redact", "redact_events", "redact_text"]
 
 REDACTED = "[REDACTED]"
 
@@ -38,27 +45,43 @@ _SECRET_WORD = (
 # A key names a secret when its last word (after _, -, . or a space) is one of the words above.
 _SECRET_KEY = re.compile(rf"(?:^|[_\-. ])(?:{_SECRET_WORD})$", re.IGNORECASE)
 
-_PATTERNS = [
+# Each rule: (pattern, flags, triggers). A rule runs only on text holding one of its triggers (looked
+# for in the lower-cased text when the rule ignores case): most text holds no secret, and a few
+# substring tests cost far less than the regular expressions. A rule with a ``key`` group keeps
+# that group and replaces the rest.
+_KEY_HINTS = ("key", "token", "auth", "pass", "pwd", "secret", "bearer", "cookie", "credential", "signature")
+_RULES: list[tuple[str, re.RegexFlag, tuple[str, ...]]] = [
+    # URL userinfo: "https://user:PASSWORD@host/" keeps the user and the host.
+    (
+        r"(?P<key>\b[a-z][a-z0-9+.\-]*://[^\s/:@]+:)(?P<value>[^\s/?#]+)(?=@[^\s/@?#]+)",
+        re.IGNORECASE,
+        ("://",),
+    ),
     # Authorization header values: "Bearer <token>", "Basic <base64>", "Token <x>".
-    re.compile(r"\b(?:Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE),
-    # key=value / key: value / "key": "value" where the key names a credential.
-    re.compile(
-        rf"""(?ix)
-        (?P<key>["']?[\w.\-]*(?:{_SECRET_WORD})["']?\s*[:=]\s*)
-        (?P<value>"[^"]*"|'[^']*'|[^\s,;&}}'"]+)
-        """
+    (r"\b(?:Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE, ("bearer", "basic", "token")),
+    # key=value / key: value / "key": "value" where the key names a credential (the key's text
+    # before the credential word, as in my_api_key=, is kept as it is).
+    (
+        rf"""(?P<key>(?:{_SECRET_WORD})["']?\s*[:=]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}}'"]+)""",
+        re.IGNORECASE,
+        _KEY_HINTS,
     ),
     # OpenAI / Anthropic / similar API keys.
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),
+    (r"\bsk-[A-Za-z0-9_\-]{8,}", re.NOFLAG, ("sk-",)),
     # AWS access key ids.
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    (r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", re.NOFLAG, ("AKIA", "ASIA")),
     # GitHub tokens, Slack tokens, Google API keys.
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}\b"),
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9\-]{10,}\b"),
-    re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}\b"),
+    (r"\bgh[pousr]_[A-Za-z0-9]{20,}\b", re.NOFLAG, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
+    (r"\bxox[abposr]-[A-Za-z0-9\-]{10,}\b", re.NOFLAG, ("xox",)),
+    (r"\bAIza[0-9A-Za-z_\-]{30,}\b", re.NOFLAG, ("AIza",)),
     # JSON Web Tokens.
-    re.compile(r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*"),
+    (r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*", re.NOFLAG, ("eyJ",)),
 ]
+_PATTERNS = [(re.compile(source, flags), bool(flags), triggers) for source, flags, triggers in _RULES]
+# Every trigger, lower-cased, in one expression: one search over the lower-cased text decides.
+_ANY_TRIGGER = re.compile("|".join(sorted({re.escape(t.lower()) for _, _, ts in _RULES for t in ts})))
+# camelCase words: "userPassword" is checked as "user_Password".
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def is_secret_key(key: Any) -> bool:
@@ -68,7 +91,12 @@ def is_secret_key(key: Any) -> bool:
         >>> [is_secret_key(k) for k in ("api_key", "OPENAI_API_KEY", "Authorization", "max_tokens")]
         [True, True, True, False]
     """
-    return isinstance(key, str) and _SECRET_KEY.search(key.strip()) is not None
+    return isinstance(key, str) and _secret_name(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_name(key: str) -> bool:  # field names repeat: each is matched once
+    return _SECRET_KEY.search(_CAMEL.sub("_", key.strip())) is not None
 
 
 def _replace_pair(match: re.Match[str]) -> str:
@@ -80,8 +108,14 @@ def _replace_pair(match: re.Match[str]) -> str:
 
 def redact_text(text: str) -> str:
     """``text`` with every credential-shaped part replaced by :data:`REDACTED`."""
-    for pattern in _PATTERNS:
-        text = pattern.sub(_replace_pair if "key" in pattern.groupindex else REDACTED, text)
+    low = text.lower()
+    if _ANY_TRIGGER.search(low) is None:
+        return text
+    for pattern, folded, triggers in _PATTERNS:
+        seen = low if folded else text
+        if any(t in seen for t in triggers):
+            text = pattern.sub(_replace_pair if "key" in pattern.groupindex else REDACTED, text)
+            low = text.lower()
     return text
 
 
@@ -97,3 +131,14 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
+
+
+def redact_events(events: list[Any]) -> list[Any]:
+    """Trace events with their ``inputs``, ``outputs`` and ``error`` redacted (for traces written by
+    hand or by a stageflow that did not redact yet; a current :class:`~stageflow.Tracer` already did)."""
+    out: list[Any] = []
+    for event in events:
+        if isinstance(event, Mapping) and any(k in event for k in ("inputs", "outputs", "error")):
+            event = {k: redact(v) if k in ("inputs", "outputs", "error") else v for k, v in event.items()}
+        out.append(event)
+    return out

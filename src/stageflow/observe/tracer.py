@@ -16,6 +16,12 @@ pipeline of each traced call is recorded once as a graph (:func:`stageflow.obser
 ``to_dict()``), named by the ``graph`` key of that call's ``input`` event, so
 ``stageflow report trace.json`` can draw it.
 
+Recorded content and error messages pass through :func:`stageflow.observe.redact.redact`, the
+policy OpenTelemetry export uses too: values of credential-named fields (``api_key``,
+``password``, ``Authorization``... at any depth), ``Bearer``/``Basic`` values, API-key-shaped text
+and URL passwords are replaced by ``[REDACTED]`` before an event is kept, so neither a saved trace
+nor the HTML report holds them.
+
 Examples:
     >>> import stageflow
     >>> p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x + 1}, writes=["y"])])
@@ -34,7 +40,6 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 import weakref
@@ -46,6 +51,7 @@ from typing import Any
 
 from stageflow.engine.hooks import Hook, attach_hooks
 from stageflow.observe._json import dumps
+from stageflow.observe.redact import redact, redact_text
 
 __all__ = ["TRACE_VERSION", "Tracer", "jsonable", "trace"]
 
@@ -122,8 +128,9 @@ class Tracer(Hook):
     """Records run events in order; thread-safe.
 
     Args:
-        record_content: Include stage inputs and outputs in the events (default ``True``); turn it
-            off when they hold data that must not be written to disk.
+        record_content: Include stage inputs and outputs in the events (default ``True``), with
+            secrets redacted (see the module docstring); turn it off when they hold data that must
+            not be written to disk.
         record_graph: Record the graph of each outermost pipeline traced (default ``True``).
     """
 
@@ -172,7 +179,10 @@ class Tracer(Hook):
         for k, v in data.items():
             if k in ("inputs", "outputs") and not self.record_content:
                 continue
-            record[k] = jsonable(v) if k in ("inputs", "outputs", "usage") else v
+            if k in ("inputs", "outputs"):
+                record[k] = redact(jsonable(v))
+            else:
+                record[k] = jsonable(v) if k == "usage" else v
         with self._lock:
             self.events.append(record)
 
@@ -216,7 +226,7 @@ class Tracer(Hook):
     ) -> None:
         extra: dict[str, Any] = {"elapsed": elapsed, "pipeline": type(pipeline).__name__}
         if error is not None:
-            extra["error"] = f"{type(error).__name__}: {error}"
+            extra["error"] = redact_text(f"{type(error).__name__}: {error}")
         self._emit("output", path, span=self._close(), outputs=outputs, **extra)
 
     def before_stage(self, *, path: str, stage: Any, inputs: dict[str, Any], **future: Any) -> None:
@@ -238,7 +248,7 @@ class Tracer(Hook):
             path,
             span=self._close(),
             elapsed=elapsed,
-            error=f"{type(error).__name__}: {error}",
+            error=redact_text(f"{type(error).__name__}: {error}"),
             **extra,
         )
 
@@ -255,18 +265,14 @@ class Tracer(Hook):
         return dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically (a temp file, then a rename)."""
+        """Write :meth:`to_json` to ``path`` (missing parent folders are created) with
+        :func:`stageflow.outfile.write_text`: a regular file is replaced atomically, keeping its mode."""
+        from stageflow.outfile import write_text
+
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        if os.fspath(path) != "-":  # standard output
+            target.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, self.to_json(), "the trace")
         return target
 
     def save_report(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:

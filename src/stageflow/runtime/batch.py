@@ -162,13 +162,10 @@ def run_batch(
             code="bad_option",
         )
     ray = _make_backend(backend)
-    if output is not None and (Path(output).is_dir() or not Path(output).resolve().parent.is_dir()):
-        raise ConfigurationError(
-            f"output={str(output)!r} is a directory, or its directory does not exist.",
-            field="output",
-            code="bad_output",
-            hint="pass a file path in an existing directory",
-        )
+    if output is not None:
+        from stageflow.outfile import check_output
+
+        check_output(output, "the batch output")
     source = open_records(records, id_field=id_field, fmt=fmt)
     program = load_program(pipeline, allow_modules)
     settings = run_settings(lm, adapter)

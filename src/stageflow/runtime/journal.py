@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
+from stageflow.runtime.journal_guard import foreign_reason, mark
 from stageflow.runtime.records import Record, RecordSource, input_hash
 from stageflow.runtime.writer import JournalWriter, connect
 
@@ -104,10 +105,18 @@ class Journal:
                 f"cannot create the journal {self.path}: the directory {self.path.parent} does not exist.",
                 code="bad_journal",
             )
+        foreign = foreign_reason(self.path)
+        if foreign is not None:
+            raise JournalError(
+                f"{self.path} cannot be the batch journal: {foreign}. It was left unchanged.",
+                code="foreign_journal",
+                hint="pass another --journal path (journal= in Python): a new file, or one stageflow wrote",
+            )
         self._lock_fd = self._lock()
         try:
             self.con = connect(self.path)
             self.con.executescript(_SCHEMA)
+            mark(self.con)
             version = self.meta().get("version")
             if version is None:
                 self._set_meta(version=SCHEMA_VERSION)

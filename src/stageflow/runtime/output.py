@@ -1,17 +1,15 @@
-"""The output file, written from the journal in one piece and renamed into place.
+"""The output file, written from the journal in one piece (:func:`stageflow.outfile.open_output`).
 
 Rows are copied as the JSON text the journal holds (no re-encoding), so writing 10,000 rows
 costs milliseconds. A reader never sees a half-written file: either the previous file or the new
-complete one.
+complete one (a device or FIFO is written in place; ``-`` is standard output).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from pathlib import Path
 
+from stageflow.outfile import open_output
 from stageflow.runtime.journal import Journal
 
 __all__ = ["write_output"]
@@ -23,30 +21,15 @@ def write_output(journal: Journal, path: str | os.PathLike[str]) -> int:
     A row is ``{"id": ..., "status": "ok", "outputs": {...}}`` or
     ``{"id": ..., "status": "error", "error": {"type", "message", "stage_path", "code", "cause"}}``.
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            write = fh.write
-            for id_json, status, outputs, error in journal.rows():
-                if status == "done":
-                    write(f'{{"id":{id_json},"status":"ok","outputs":{outputs or "{}"}}}\n')
-                elif status == "failed":
-                    write(f'{{"id":{id_json},"status":"error","error":{error or "null"}}}\n')
-                else:  # a caller bug: only complete batches are written
-                    raise RuntimeError(f"record {id_json} is {status}; the batch is not complete")
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    with open_output(path, "the batch output") as fh:
+        write = fh.write
+        for id_json, status, outputs, error in journal.rows():
+            if status == "done":
+                write(f'{{"id":{id_json},"status":"ok","outputs":{outputs or "{}"}}}\n')
+            elif status == "failed":
+                write(f'{{"id":{id_json},"status":"error","error":{error or "null"}}}\n')
+            else:  # a caller bug: only complete batches are written
+                raise RuntimeError(f"record {id_json} is {status}; the batch is not complete")
+            count += 1
     return count

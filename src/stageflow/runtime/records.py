@@ -2,7 +2,12 @@
 
 A record's key is its ``id`` field (another name with ``id_field=``), or else its line number in
 the file (its position, from 1, for records given in Python). The key is not passed to the
-pipeline; every other field is an input. Reading validates the whole input before any work:
+pipeline; every other field is an input. Files are UTF-8; a byte order mark at the start (as
+Excel's "CSV UTF-8" writes) is skipped, in CSV and JSON Lines alike. A CSV header without the id
+column keys records by line number, with a warning when a column looks like it (``ID``, `` id``);
+with another ``id_field`` than ``id``, that column must exist.
+
+Reading validates the whole input before any work:
 malformed JSON, a line that is not an object, an unusable or duplicate id are
 :class:`~stageflow.ConfigurationError` naming the file and line.
 
@@ -23,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -130,6 +136,7 @@ class _FileSource(RecordSource):
         self.path = self.file = path
         self.fmt = fmt
         self.label = str(path)
+        self._warned = False
 
     def identity(self) -> dict[str, Any]:
         st = self.file.stat()
@@ -143,7 +150,8 @@ class _FileSource(RecordSource):
 
     def _open(self) -> io.TextIOWrapper:
         try:
-            return open(self.file, encoding="utf-8", newline="")
+            # utf-8-sig: a byte order mark (Excel's "CSV UTF-8", some editors) is skipped, in both formats.
+            return open(self.file, encoding="utf-8-sig", newline="")
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot read the input file {self.label}: {exc.strerror or exc}.", code="bad_input"
@@ -173,6 +181,12 @@ class _FileSource(RecordSource):
                         code="bad_input",
                         hint="JSON Lines needs one complete JSON object per line",
                     ) from exc
+                except ValueError as exc:  # an integer longer than Python reads
+                    raise ConfigurationError(
+                        f"{self.label} line {line} holds a value that cannot be read: {exc}.",
+                        code="bad_input",
+                        hint='write very long numbers as strings ("123...")',
+                    ) from exc
 
     def _csv(self) -> Iterator[tuple[int, Any]]:
         with self._open() as fh:
@@ -188,6 +202,8 @@ class _FileSource(RecordSource):
                     f"{self.label} line 1: the CSV header {header} has empty or repeated column names.",
                     code="bad_input",
                 )
+            if self.id_field not in header:
+                self._no_id_column(header)
             while True:
                 start = reader.line_num + 1
                 try:
@@ -206,6 +222,30 @@ class _FileSource(RecordSource):
                         hint="quote values that contain commas or line breaks",
                     )
                 yield start, dict(zip(header, row, strict=True))
+
+    def _no_id_column(self, header: list[str]) -> None:
+        """A CSV header without the id column: an error when ``id_field`` was chosen (not ``id``), a
+        warning (once per source) when a column looks like it (``ID``, `` id``)."""
+        columns = ", ".join(repr(h) for h in header)
+        if self.id_field != "id":
+            raise ConfigurationError(
+                f"{self.label} line 1: the CSV header has no '{self.id_field}' column (the id field); its "
+                f"columns are {columns}.",
+                field=self.id_field,
+                code="bad_input",
+                hint="name the id column with --id-field (id_field= in Python), or fix the header",
+            )
+        near = [h for h in header if h.strip().strip("\"'").lower() == self.id_field]
+        if near and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.label} line 1: the CSV header has no '{self.id_field}' column, but has {near[0]!r}; "
+                "records are keyed by their line number. Rename the column to "
+                f"'{self.id_field}' or pass --id-field {near[0].strip()!r} (id_field= in Python) to key them "
+                "by it.",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 class _TrackLines:

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -199,7 +198,7 @@ def uses_retrieval(pipeline: Any) -> bool:
 
 def dump_spec(spec: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> str:
     """Serialise spec data as YAML (or JSON when ``path`` ends in ``.json``); write it to ``path``
-    atomically (a temporary file renamed into place) when given. Returns the text."""
+    with :func:`stageflow.outfile.write_text` (a regular file atomically) when given. Returns the text."""
     import yaml
 
     as_json = path is not None and str(path).lower().endswith(".json")
@@ -209,13 +208,7 @@ def dump_spec(spec: Mapping[str, Any], path: str | os.PathLike[str] | None = Non
         else yaml.safe_dump(dict(spec), sort_keys=False, allow_unicode=True)
     )
     if path is not None:
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from stageflow.outfile import write_text
+
+        write_text(path, text, "the pipeline file")
     return text

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,40 @@ def _too_deep(src: SpecSource, line: int | None) -> SpecError:
     )
 
 
+#: Python refuses to read integers longer than this (``sys.get_int_max_str_digits()``, 4300 by default).
+_INT_DIGITS = sys.get_int_max_str_digits() or 4300
+_LONG_INT = re.compile(r"[-+]?[0-9][0-9_]*")
+
+
+def _huge_number(src: SpecSource, line: int | None, digits: int) -> SpecError:
+    return SpecError(
+        f"a number with {digits:,} digits is too long to read (Python reads integers of up to "
+        f"{_INT_DIGITS:,} digits).",
+        file=src.file,
+        line=line,
+        code="bad_value",
+        hint='quote it to keep it as text ("123...")',
+    )
+
+
+def _check_number(value: str, src: SpecSource, line: int | None) -> None:
+    """Refuse a plain YAML scalar that is an integer too long for ``int()``."""
+    if _LONG_INT.fullmatch(value):
+        digits = sum(ch.isdigit() for ch in value)
+        if digits > _INT_DIGITS:
+            raise _huge_number(src, line, digits)
+
+
+def _json_number_line(text: str) -> tuple[int | None, int]:
+    """The line of the first integer literal too long to read in JSON ``text``, and its digits
+    (strings blanked out first; JSON strings hold no raw line breaks, so lines are kept)."""
+    bare = _JSON_STRING.sub('""', text)
+    m = re.search(rf"[0-9]{{{_INT_DIGITS + 1},}}", bare)
+    if m is None:
+        return None, 0
+    return bare.count("\n", 0, m.start()) + 1, len(m.group())
+
+
 def _line(event: Any) -> int | None:
     mark = event.start_mark
     return int(mark.line) + 1 if mark is not None else None
@@ -184,6 +219,8 @@ def _check_events(text: str, src: SpecSource, loader: Any) -> None:
                 frames[-1][1] += size
             continue
         if isinstance(event, yaml.ScalarEvent):
+            if event.implicit[0] and len(event.value) > _INT_DIGITS:
+                _check_number(event.value, src, _line(event))
             size = 1
             if event.anchor:
                 sizes[event.anchor] = 1
@@ -217,6 +254,15 @@ def _parse_yaml(text: str, src: SpecSource) -> Any:
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
+    except ValueError as exc:  # a value YAML cannot convert (e.g. an integer in another notation)
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(
+            f"invalid value: {exc}.",
+            file=src.file,
+            code="bad_value",
+            hint="quote the value to keep it as text",
+        ) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         if "maximum nesting depth" in str(exc.problem):  # libyaml's own limit, hit while scanning ahead
@@ -262,6 +308,11 @@ def _parse_json(text: str, src: SpecSource) -> Any:
             line=exc.lineno,
             code="invalid_json",
         ) from exc
+    except ValueError as exc:  # an integer too long for int()
+        line, digits = _json_number_line(text)
+        if digits:
+            raise _huge_number(src, line, digits) from exc
+        raise SpecError(f"invalid value: {exc}.", file=src.file, code="bad_value") from exc
     try:  # JSON is YAML: reuse the YAML node tree for key lines (best effort)
         _parse_yaml(text, SpecSource(None, src.file, src.lines))
     except SpecError as exc:

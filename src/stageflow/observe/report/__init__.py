@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
 from stageflow.observe.graph.model import Graph
+from stageflow.observe.redact import redact_events
 from stageflow.observe.report.page import render_page
 from stageflow.observe.report.spans import build_spans
 
@@ -93,7 +93,7 @@ def render_report(trace: Any, *, title: str | None = None, source: str = "") -> 
         doc = load_trace(trace)
     else:
         doc = check_trace(trace)
-    roots, warnings = build_spans(doc["events"])
+    roots, warnings = build_spans(redact_events(doc["events"]))
     graphs: dict[str, Graph] = {}
     for name, g in doc.get("graphs", {}).items():
         try:
@@ -122,12 +122,7 @@ def write_report(trace: Any, path: str | os.PathLike[str], *, title: str | None 
             f"Cannot write the report to {target}: the directory {target.parent} does not exist.",
             code="bad_output",
         )
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from stageflow.outfile import write_text
+
+    write_text(target, html, "the report")
     return target
