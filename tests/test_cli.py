@@ -303,6 +303,12 @@ def test_run_prints_the_result_and_writes_output(
     )
     assert (code, out) == (0, "")
     assert json.loads(result.read_text(encoding="utf-8"))["shout"] == "YO"
+    short = tmp_path / "short.json"  # -o, as for batch, graph and report
+    code, out, _ = run_cli(
+        capsys, "run", str(path), "--allow-module", components, "--input-file", str(inputs), "-o", str(short)
+    )
+    assert (code, out) == (0, "")
+    assert json.loads(short.read_text(encoding="utf-8"))["shout"] == "YO"
 
 
 def test_a_failing_run_exits_1_and_writes_nothing(

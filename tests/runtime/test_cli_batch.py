@@ -105,6 +105,22 @@ def test_bad_input_exits_2_before_any_lm_call(
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_record_missing_a_field_gets_a_fix_for_records_and_pipeline_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # User report: the fix said `Stage(<stage>, inputs={...})` (Python) for a pipeline file.
+    pipe, _, log = setup(tmp_path)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"id": "a", "body": "x"}) + "\n", encoding="utf-8")
+    code, err = run(capsys, str(pipe), str(wrong), "-o", str(tmp_path / "o.jsonl"))
+    text = " ".join(err.split())
+    assert code == 2
+    assert "give every record of" in text
+    assert "Stage(<stage>" not in text
+    assert "inputs: {text: body}" in text
+    assert not log.exists()
+
+
 def test_a_changed_pipeline_file_is_refused_unless_allowed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from stageflow.cli._common import (
     check_output,
     resolve_cli_lm,
 )
-from stageflow.errors import ConfigurationError
+from stageflow.errors import ConfigurationError, ContractError
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -206,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             fmt=args.format,
             command=_command(args, journal),
         )
+    except ContractError as exc:
+        raise _in_file_terms(exc, args.data, Path(args.file).suffix.lower() in _FILE_SUFFIXES) from exc
     except BatchInterrupted as stop:
         if show:
             print(stop.summary.table(), file=sys.stderr)
@@ -226,5 +229,33 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_RUN_FAILED
-    print(f"stageflow batch: wrote {summary.total:,} results to {out}.", file=sys.stderr)
+    noun = "result" if summary.total == 1 else "results"
+    print(f"stageflow batch: wrote {summary.total:,} {noun} to {out}.", file=sys.stderr)
     return EXIT_OK
+
+
+_PASS = re.compile(r"pass (\w+)=\.\.\. when calling the pipeline")
+
+
+_FILE_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
+
+
+def _in_file_terms(exc: ContractError, data: str, pipeline_file: bool) -> ContractError:
+    """A contract error of a batch, with fixes written for records and pipeline files, not Python."""
+    from stageflow.spec._hints import file_hint
+
+    def fix(text: str | None) -> str | None:
+        if not text:
+            return text
+        text = _PASS.sub(lambda m: f"give every record of {data} a '{m.group(1)}' field", text)
+        return file_hint(text) if pipeline_file else text
+
+    err = ContractError(
+        fix(exc.message) or exc.message,
+        stage_path=exc.stage_path,
+        field=exc.field,
+        code=exc.code,
+        hint=fix(exc.hint),
+    )
+    err.path_is_full = True
+    return err

@@ -38,7 +38,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
     given.add_argument("--input", metavar="JSON", help='the input fields, e.g. \'{"question": "..."}\'')
     given.add_argument("--input-file", metavar="FILE", help="read the input JSON from FILE ('-': stdin)")
     run_p.add_argument(
-        "--output", metavar="FILE", help="write the result JSON to FILE (only when the run succeeds)"
+        "-o", "--output", metavar="FILE", help="write the result JSON to FILE (only when the run succeeds)"
     )
     run_p.add_argument(
         "--profile",
