@@ -101,6 +101,9 @@ class Knowledge:
 
     def hold(self, need: Need, limits: LMBudget) -> Hold:
         """What to hold for ``need`` in a budget with ``limits``."""
+        if not self.factor and limits.max_cost is None:  # the common case, kept short
+            probe = limits.max_tokens is not None and not need.bounded and need.model not in self.known
+            return Hold(need.tokens, 0.0, probe)
         factor = self.factor.get(need.model, 1.0)
         least = self.least.get(need.model, (0, 0.0))
         tokens = need.tokens if factor <= 1.0 else max(math.ceil(need.tokens * factor), least[0])
@@ -133,8 +136,16 @@ class Knowledge:
             return None
         model = need.model
         self.known.add(model)
-        fewest, cheapest = self.least.get(model, (used, cost or 0.0))
-        self.least[model] = (min(fewest, used), min(cheapest, cost or 0.0))
+        least = self.least.get(model)
+        if least is None or used < least[0] or (cost or 0.0) < least[1]:
+            self.least[model] = (
+                (used, cost or 0.0)
+                if least is None
+                else (
+                    min(least[0], used),
+                    min(least[1], cost or 0.0),
+                )
+            )
         overrun: dict[str, Any] = {}
         if used > hold.tokens and need.tokens > 0:
             self.factor[model] = max(self.factor.get(model, 1.0), used / need.tokens)
