@@ -88,8 +88,9 @@ class _FakeEngine:
     supports_response_schema = False
     supported_params = frozenset({"temperature", "max_tokens", "n", "rollout_id"})
 
-    def __init__(self, owner: FakeLM) -> None:
+    def __init__(self, owner: FakeLM, enforces_max_tokens: bool) -> None:
         self.owner = owner
+        self.enforces_max_tokens = enforces_max_tokens  # budgets trust max_tokens as a bound only then
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _FakeEngine:
         return self
@@ -187,6 +188,10 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         lm_kwargs: Passed to ``dspy.LM`` (``max_tokens=``, ``temperature=``...).
         stream_chunk: Under ``dspy.streamify``, the response text arrives in chunks of this many
             characters (sync and async), so stream listeners see several chunks per field.
+        enforce_max_tokens: Act like a model that stops at the ``max_tokens`` it is sent: reported
+            output tokens are capped at it, and the engine says so (``enforces_max_tokens``), so
+            budgets hold ``max_tokens`` as a true bound. Off: the fake may report more, like a custom
+            engine that ignores ``max_tokens``.
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
@@ -209,6 +214,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         fail_with: Callable[[int], BaseException | None] | None = None,
         cache: bool = False,
         stream_chunk: int = 8,
+        enforce_max_tokens: bool = False,
         **lm_kwargs: Any,
     ) -> None:
         self.responses = dict(responses or {})
@@ -224,6 +230,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int) or stream_chunk < 1:
             raise ValueError(f"FakeLM: stream_chunk must be an int >= 1, got {stream_chunk!r}")
         self.stream_chunk = stream_chunk
+        self.enforce_max_tokens = enforce_max_tokens
         self.calls = 0
         self.active = 0
         self.peak_active = 0
@@ -231,7 +238,7 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self._lock = threading.Lock()
         super().__init__(
             model,
-            engine=_FakeEngine(self),
+            engine=_FakeEngine(self, enforce_max_tokens),
             async_engine=_AsyncFakeEngine(self),
             cache=cache,
             num_retries=0,
@@ -286,11 +293,11 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
             model=self.model,
             message=Message.assistant(text),
             finish_reason="stop",
-            usage=self._usage(system + user, text, inputs),
+            usage=self._usage(system + user, text, inputs, request.config.max_tokens),
             provider_data=None if self.cost is None else {"cost": self.cost},
         )
 
-    def _usage(self, prompt: str, text: str, inputs: dict[str, Any]) -> Usage:
+    def _usage(self, prompt: str, text: str, inputs: dict[str, Any], cap: int | None = None) -> Usage:
         script = self.usage
         if script is None:
             return Usage()
@@ -299,6 +306,8 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         else:
             pair = script(inputs) if callable(script) else script
         tin, tout = int(pair[0]), int(pair[1])
+        if cap is not None and self.enforce_max_tokens:
+            tout = min(tout, cap)
         with self._lock:
             self.reported_tokens += tin + tout
         return Usage(input_tokens=tin, output_tokens=tout, total_tokens=tin + tout)

@@ -3,69 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import dspy
 import pytest
-from budget_kit import FakeClock
+from budget_kit import CALLS_EACH, TASKS, THREADS, FakeClock, storm, tally
 
 import stageflow
 from stageflow.budgets import LMBudget
 from stageflow.testing import FakeLM
-
-THREADS, TASKS, CALLS_EACH = 32, 64, 3
-
-
-def storm(pipe: Any, on_result: Callable[[str], None]) -> None:
-    """32 threads and 64 asyncio tasks, each running the pipeline CALLS_EACH times, all at once."""
-    start = threading.Barrier(THREADS + 1, timeout=30)
-
-    def record(fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-            on_result("ok")
-        except stageflow.BudgetExceeded:
-            on_result("refused")
-
-    def worker(i: int) -> None:
-        start.wait()
-        for j in range(CALLS_EACH):
-            record(lambda j=j: pipe(question=f"t{i}-{j}"))
-
-    async def task(i: int) -> None:
-        for j in range(CALLS_EACH):
-            try:
-                await pipe.acall(question=f"a{i}-{j}")
-                on_result("ok")
-            except stageflow.BudgetExceeded:
-                on_result("refused")
-
-    async def tasks() -> None:
-        start.wait()
-        await asyncio.gather(*(task(i) for i in range(TASKS)))
-
-    threads = [
-        threading.Thread(target=contextvars.copy_context().run, args=(worker, i)) for i in range(THREADS)
-    ]
-    for t in threads:
-        t.start()
-    asyncio.run(tasks())
-    for t in threads:
-        t.join(60)
-
-
-def tally() -> tuple[dict[str, int], Callable[[str], None]]:
-    counts = {"ok": 0, "refused": 0}
-    lock = threading.Lock()
-
-    def on_result(kind: str) -> None:
-        with lock:
-            counts[kind] += 1
-
-    return counts, on_result
 
 
 @pytest.mark.parametrize("max_calls", [1, 40, 150])
@@ -84,9 +29,12 @@ def test_no_overshoot_on_calls_with_threads_and_tasks(max_calls: int) -> None:
     assert lm.peak_active > 1 or max_calls == 1  # calls did overlap
 
 
-def test_no_overshoot_on_tokens_with_threads_and_tasks() -> None:
+@pytest.mark.parametrize("enforced", [True, False], ids=["max_tokens-enforced", "careful-first-call"])
+def test_no_overshoot_on_tokens_with_threads_and_tasks(enforced: bool) -> None:
+    # enforced: max_tokens is a true bound, so calls run at full concurrency from the first; not
+    # enforced: the first call goes alone, and calibrates the rest (the model stays within it here)
     clock = FakeClock()
-    lm = FakeLM(latency=0.002, usage=(40, 8), max_tokens=8)
+    lm = FakeLM(latency=0.002, usage=(40, 8), max_tokens=8, enforce_max_tokens=enforced)
     pipe = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
     counts, on_result = tally()
     limit = 6_000
@@ -99,6 +47,7 @@ def test_no_overshoot_on_tokens_with_threads_and_tasks() -> None:
     reservation = max(spent.tokens // lm.calls, 1)
     assert spent.tokens > limit - 20 * reservation
     assert (spent.reserved_calls, spent.reserved_tokens) == (0, 0)
+    assert lm.peak_active > 1
 
 
 def test_a_call_waits_for_calls_in_flight_instead_of_failing() -> None:
@@ -117,7 +66,8 @@ def test_a_call_waits_for_calls_in_flight_instead_of_failing() -> None:
 
 async def test_cancelled_tasks_give_their_reservations_back() -> None:
     clock = FakeClock()
-    lm = FakeLM(latency=5.0, usage=(1, 1), max_tokens=1)
+    # a model that stops at max_tokens: its calls are bounded, so three may be in flight at once
+    lm = FakeLM(latency=5.0, usage=(1, 1), max_tokens=1, enforce_max_tokens=True)
     qa = dspy.Predict("question -> answer")
     with (
         dspy.context(lm=lm),

@@ -5,10 +5,13 @@ Two kinds of limit, not to be confused with the *concurrency* budget of :func:`s
 
 - **LM budgets** (:class:`LMBudget`, :func:`budget`): how much LM work a block, a pipeline run
   (``pipeline.set_budget(...)``) or a stage call (``Stage(x, budget=...)``) may do in all — calls,
-  tokens, cost, wall time. Each LM call reserves what it may use before it starts and settles after,
-  so concurrent calls never overshoot; on exhaustion a call is refused with
+  tokens, cost, wall time. Each LM call holds what it may use before it starts and settles after:
+  calls are never overshot, tokens and cost not while each hold is a true upper bound, and otherwise
+  by a bound stated in :mod:`.calibrate` (one careful first call per model; then only what calls in
+  flight report beyond their holds). On exhaustion a call is refused with
   :class:`~stageflow.BudgetExceeded`, or a declared :class:`Degrade` (a cheaper LM, fewer ensemble
-  members, skipped stages) takes over first. See :mod:`.ledger` and :mod:`.scope`.
+  members, skipped stages) takes over first. See :mod:`.ledger`, :mod:`.calibrate`, :mod:`.sizing`
+  and :mod:`.scope`.
 - **Rate limits** (:func:`rate_limit`): requests and tokens per minute for one model, shared by the
   whole process, honouring ``Retry-After``. See :mod:`.ratelimit`.
 

@@ -37,6 +37,7 @@ from stageflow.budgets._state import LIVE
 from stageflow.budgets.ledger import BudgetLedger, Need, Ticket
 from stageflow.budgets.ratelimit import RateLimiter, Slot, limiter_for
 from stageflow.budgets.scope import active_chain, record_event
+from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_known, prices, prompt_size
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
 from stageflow.usage import note_lm_wait, reported_cost
@@ -46,7 +47,6 @@ __all__ = ["install", "installed", "uninstall"]
 _INSTALLED = [False]
 _ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
 _INSTALL_LOCK = threading.Lock()
-_PER_MESSAGE = 8  # chat-template tokens a message may add beyond its text
 
 
 def installed() -> bool:
@@ -112,58 +112,7 @@ def ratelimit_registry() -> dict[str, RateLimiter]:
     return _REGISTRY
 
 
-# -- what a call may use --------------------------------------------------------------------------
-
-
-def _size(value: Any, out: list[int]) -> None:
-    """Add the UTF-8 bytes and the characters of every string in ``value`` to ``out``."""
-    if isinstance(value, str):
-        n = len(value)
-        out[0] += n if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-        out[1] += n
-    elif isinstance(value, dict):
-        for v in value.values():
-            _size(v, out)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            _size(v, out)
-    elif value is not None and not isinstance(value, int | float | bool):
-        _size(repr(value), out)  # a response_format type, tools, media: their text bounds what is sent
-
-
-def _messages_size(messages: Any, out: list[int]) -> None:
-    """:func:`_size` for a list of chat messages, with the usual ``{"role", "content": str}`` inline."""
-    for message in messages:
-        if isinstance(message, dict) and len(message) == 2 and isinstance(message.get("content"), str):
-            text = message["content"]
-            n = len(text)
-            out[0] += (n if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) + 16
-            out[1] += n
-        else:
-            _size(message, out)
-
-
-def _prompt_size(call: Any) -> tuple[int, int]:
-    """(an upper bound on the prompt's tokens, its characters)."""
-    sizes = [0, 0]
-    if call.request is not None:
-        _size(call.request, sizes)
-        return sizes[0] + _PER_MESSAGE * (len(call.request.messages) + 1), sizes[1]
-    legacy = call.legacy
-    messages = legacy.get("messages") or ()
-    _messages_size(messages, sizes)
-    for key in ("tools", "response_format", "functions"):
-        if legacy.get(key) is not None:
-            _size(legacy[key], sizes)
-    return sizes[0] + _PER_MESSAGE * (len(messages) + 1), sizes[1]
-
-
-def _max_tokens(call: Any) -> int | None:
-    if call.request is not None:
-        value = call.request.config.max_tokens
-    else:
-        value = call.legacy.get("max_tokens") or call.legacy.get("max_completion_tokens")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+# -- what a call may use (see .sizing and .calibrate) -------------------------------------------
 
 
 class _Plan:
@@ -172,16 +121,24 @@ class _Plan:
     __slots__ = ("chain", "estimate", "limiter", "need", "slot", "ticket")
 
     def __init__(self, lm: Any, call: Any, chain: tuple[BudgetLedger, ...], limiter: RateLimiter | None):
-        prompt_bound, chars = _prompt_size(call)
-        max_out = _max_tokens(call)
+        prompt_bound, chars = prompt_size(call)
+        max_out = max_tokens(call)
         reserve_out = (
             max_out
             if max_out is not None
             else max((ledger.limits.default_max_tokens for ledger in chain), default=DEFAULT_MAX_TOKENS)
         )
         n = call.n
+        bounded = max_out is not None and enforces_max_tokens(lm)
+        cost_bound = None
+        if bounded and any(ledger.limits.max_cost is not None for ledger in chain):
+            rates = prices(lm)
+            if rates is not None:
+                cost_bound = n * (prompt_bound * rates[0] + reserve_out * rates[1])
         self.chain, self.limiter = chain, limiter
-        self.need = Need(n, n * (prompt_bound + reserve_out), str(lm.model), n * prompt_bound)
+        self.need = Need(
+            n, n * (prompt_bound + reserve_out), str(lm.model), n * prompt_bound, bounded, cost_bound
+        )
         self.estimate = n * (chars // 4 + (max_out or 0))  # what the rate limiter counts until settled
         self.ticket: Ticket | None = None
         self.slot: Slot | None = None
@@ -230,6 +187,8 @@ def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
 
 
 async def _ametered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
+    if not price_known(lm) and any(ledger.limits.max_cost is not None for ledger in active_chain()):
+        await asyncio.to_thread(prices, lm)  # the first look-up loads DSPy's price table: off the loop
     plan = _plan(lm, call)
     if plan is None:
         return await original(lm, call)
@@ -348,7 +307,14 @@ def _failed(plan: _Plan, error: BaseException) -> None:
     a cancellation gives everything back; a ``Retry-After`` pauses the model's limiter."""
     if plan.ticket is not None:
         if isinstance(error, Exception):
-            ledger_mod.settle(plan.ticket, calls=plan.need.calls, input_tokens=0, output_tokens=0, cost=None)
+            ledger_mod.settle(
+                plan.ticket,
+                calls=plan.need.calls,
+                input_tokens=0,
+                output_tokens=0,
+                cost=None,
+                completed=False,
+            )
         else:
             ledger_mod.release(plan.ticket)
     if plan.limiter is not None:
@@ -380,12 +346,13 @@ def _finished(plan: _Plan, result: Any) -> None:
         _note_unreported(plan)
     if plan.ticket is not None:
         cost = reported_cost(getattr(result, "cost", None), getattr(result, "responses", None))
-        crossed = ledger_mod.settle(
+        events = ledger_mod.settle(
             plan.ticket, calls=need.calls, input_tokens=used[0], output_tokens=used[1], cost=cost
         )
-        for ledger in crossed:
-            detail = ledger.limits.degrade.describe() if ledger.limits.degrade is not None else {}
-            record_event(ledger, "budget_degraded", **detail, spent=ledger.to_dict())
+        for ledger, kind, detail in events:
+            if kind == "budget_degraded" and ledger.limits.degrade is not None:
+                detail = ledger.limits.degrade.describe()
+            record_event(ledger, kind, **detail, spent=ledger.to_dict())
     if plan.limiter is not None and plan.slot is not None:
         plan.limiter.settle(plan.slot, used[0] + used[1])
 

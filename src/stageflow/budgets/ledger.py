@@ -1,4 +1,4 @@
-"""The accounting of LM budgets: reserve before a call, settle after it, never overshoot.
+"""The accounting of LM budgets: reserve before a call, settle after it.
 
 A :class:`BudgetLedger` is the live state of one :class:`~stageflow.budgets.spec.LMBudget` in force
 (a ``with stageflow.budget(...)`` block, one pipeline run, one stage call). An LM call reserves what
@@ -11,8 +11,10 @@ under one process-wide lock:
 - otherwise it waits until a call in flight settles, and asks again (threads block, asyncio tasks
   suspend).
 
-Settling replaces the reservation with what the call really used, so the sum of what was spent can
-never pass a limit while calls run concurrently.
+Settling replaces the reservation with what the call really used. What is held for a call, and how
+far a budget can be overshot when a call has no known upper bound or reports more than it held, is
+:mod:`.calibrate`'s business: calls are never overshot; tokens and cost are not when every call's
+hold is a true bound, and otherwise by at most what the calls in flight report beyond their holds.
 
 Examples:
     >>> from stageflow.budgets.spec import LMBudget
@@ -32,8 +34,9 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
+from stageflow.budgets.calibrate import Hold, Knowledge, Need, cost_over
 from stageflow.budgets.spec import LMBudget
 from stageflow.errors import BudgetExceeded
 
@@ -55,16 +58,6 @@ _WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations 
 _RECHECK_S = 1.0
 
 
-class Need(NamedTuple):
-    """What one LM call may use: ``calls`` requests, up to ``tokens`` tokens, on ``model``
-    (``prompt_tokens``: the prompt's share of ``tokens``, charged to a model that reports no usage)."""
-
-    calls: int
-    tokens: int
-    model: str
-    prompt_tokens: int = 0
-
-
 class BudgetLedger:
     """The spending of one budget in force (thread-safe; read it any time).
 
@@ -77,6 +70,8 @@ class BudgetLedger:
         reserved_calls: Calls in flight; ``reserved_tokens`` / ``reserved_cost``: their reservations.
         waited: Seconds LM calls waited for calls in flight to settle.
         refused: Calls refused with :class:`~stageflow.BudgetExceeded`.
+        exhausted: Spending has passed a limit (a call reported more than it held; the calls then in
+            flight may add more, nothing starts after). Recorded once as ``budget_exhausted``.
         degraded: Whether the budget's :class:`~stageflow.Degrade` is in force.
         events: What the budget did (``budget_degraded``, ``budget_skipped``, ``usage_unreported``...),
             as :class:`~stageflow.PolicyEvent` entries; the run's ``events`` get them too.
@@ -95,11 +90,12 @@ class BudgetLedger:
         self.waited = 0.0
         self.refused = 0
         self.degraded = False
+        self.exhausted = False  # a call reported more than was left: spent has passed a limit
         self.unreported = False  # a model reported no usage (recorded once)
         self.closed = False  # its block or call has ended: it no longer holds anything back
         self.events: list[Any] = []
         self.started = limits.clock()
-        self._rates: dict[str, float] = {}  # the highest cost per reserved token seen, by model
+        self.knowledge = Knowledge()  # what it has learned about each model's calls
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BudgetLedger:
         return self  # one account, however often a program holding it is copied
@@ -160,10 +156,7 @@ class BudgetLedger:
         )
 
     # -- under _LOCK ---------------------------------------------------------------------------------
-    def _cost_for(self, need: Need) -> float:
-        return need.tokens * self._rates.get(need.model, 0.0) if self._rates else 0.0
-
-    def _check(self, need: Need, cost: float) -> BudgetExceeded | bool:
+    def _check(self, need: Need, hold: Hold) -> BudgetExceeded | bool:
         """A refusal, ``True`` (fits now) or ``False`` (fits once calls in flight settle)."""
         lim = self.limits
         if lim.max_seconds is not None:
@@ -179,47 +172,70 @@ class BudgetLedger:
         limit = lim.max_tokens
         if limit is not None:
             spent = self.input_tokens + self.output_tokens
-            if spent + need.tokens > limit:
-                return self._refuse("max_tokens", spent, limit, need.tokens)
-            fits = fits and spent + self.reserved_tokens + need.tokens <= limit
+            if spent + hold.tokens > limit:
+                return self._refuse("max_tokens", spent, limit, hold.tokens)
+            fits = fits and spent + self.reserved_tokens + hold.tokens <= limit
         limit = lim.max_cost
         if limit is not None:
-            if self.cost >= limit or self.cost + cost > limit:
-                return self._refuse("max_cost", self.cost, limit, cost)
-            fits = fits and self.cost + self.reserved_cost + cost <= limit
-        return fits
+            if self.cost >= limit or cost_over(self.cost + hold.cost, limit):
+                return self._refuse("max_cost", self.cost, limit, hold.cost)
+            fits = fits and not cost_over(self.cost + self.reserved_cost + hold.cost, limit)
+        return fits and self.knowledge.fits(hold)
 
     def _refuse(self, name: str, spent: float, limit: float, needed: float) -> BudgetExceeded:
         return BudgetExceeded.refused(
             name, spent=spent, limit=limit, needed=needed, scope=self.scope, ledger=self
         )
 
-    def _hold(self, need: Need, cost: float) -> None:
+    def _hold(self, need: Need, hold: Hold) -> None:
         self.reserved_calls += need.calls
-        self.reserved_tokens += need.tokens
-        self.reserved_cost += cost
+        self.reserved_tokens += hold.tokens
+        self.reserved_cost += hold.cost
+        self.knowledge.take(hold)
 
     def _settle(
         self,
         need: Need,
-        held_cost: float,
-        calls: int,
-        input_tokens: int,
-        output_tokens: int,
+        hold: Hold,
+        used: tuple[int, int, int],
         cost: float | None,
-    ) -> bool:
-        """Replace a reservation by what was used; ``True`` when this crossed the degradation point."""
+        completed: bool,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Replace a reservation by what was used (``used``: calls, input and output tokens); returns
+        the events this settling makes (an overrun, the degradation point crossed)."""
         self.reserved_calls -= need.calls
-        self.reserved_tokens -= need.tokens
-        self.reserved_cost -= held_cost
+        self.reserved_tokens -= hold.tokens
+        self.reserved_cost = self.reserved_cost - hold.cost if self.reserved_calls else 0.0  # no float dust
+        calls, input_tokens, output_tokens = used
         self.calls += calls
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         if cost is not None:
             self.cost += cost
-            if need.tokens > 0 and cost > 0:
-                self._rates[need.model] = max(self._rates.get(need.model, 0.0), cost / need.tokens)
-        return self.limits.degrade is not None and self._cross()
+        events: list[tuple[str, dict[str, Any]]] = []
+        overrun = self.knowledge.learn(
+            need, hold, used=input_tokens + output_tokens, cost=cost, completed=completed, limits=self.limits
+        )
+        crossed = self._crossed()
+        if overrun is not None:
+            events.append(
+                ("budget_overrun", {**overrun, "in_flight": self.reserved_calls, "exhausted": bool(crossed)})
+            )
+        if crossed and not self.exhausted:  # spent past a limit: later calls are all refused
+            self.exhausted = True
+            events.append(("budget_exhausted", {"limit": crossed, "in_flight": self.reserved_calls}))
+        if self.limits.degrade is not None and self._cross():
+            events.append(("budget_degraded", {}))
+        return events
+
+    def _crossed(self) -> str | None:
+        """The limit spending has passed (every later call is refused), or ``None``."""
+        lim = self.limits
+        if lim.max_tokens is not None and self.tokens > lim.max_tokens:
+            return "max_tokens"
+        if lim.max_cost is not None and cost_over(self.cost, lim.max_cost):
+            return "max_cost"
+        return None
 
     def _cross(self) -> bool:
         degrade = self.limits.degrade
@@ -241,41 +257,41 @@ def _share(spent: float, limit: float) -> float:
 class Ticket:
     """A reservation held in every ledger of a chain, until :func:`settle` or :func:`release`."""
 
-    __slots__ = ("costs", "done", "ledgers", "need")
+    __slots__ = ("done", "holds", "ledgers", "need")
 
-    def __init__(self, ledgers: Sequence[BudgetLedger], need: Need, costs: list[float]) -> None:
+    def __init__(self, ledgers: Sequence[BudgetLedger], need: Need, holds: list[Hold]) -> None:
         self.ledgers = ledgers
         self.need = need
-        self.costs = costs
+        self.holds = holds
         self.done = False
 
 
 def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket | BudgetExceeded | None:
     with _LOCK:
-        costs = []
+        holds = []
         fits = True
         for ledger in chain:
-            cost = ledger._cost_for(need)
-            verdict = ledger._check(need, cost)
+            hold = ledger.knowledge.hold(need, ledger.limits)
+            verdict = ledger._check(need, hold)
             if verdict is not True:
                 if verdict is not False:
                     return verdict
                 fits = False
-            costs.append(cost)
+            holds.append(hold)
         if not fits:
             if waiter is not None:
                 _WAITERS.append(waiter)
             return None
-        for ledger, cost in zip(chain, costs, strict=True):
-            ledger._hold(need, cost)
-        return Ticket(chain, need, costs)
+        for ledger, hold in zip(chain, holds, strict=True):
+            ledger._hold(need, hold)
+        return Ticket(chain, need, holds)
 
 
 def refusal(chain: Sequence[BudgetLedger], need: Need) -> BudgetExceeded | None:
     """The refusal ``need`` would get now (counted), or ``None`` when it may fit; nothing is reserved."""
     with _LOCK:
         for ledger in chain:
-            verdict = ledger._check(need, ledger._cost_for(need))
+            verdict = ledger._check(need, ledger.knowledge.hold(need, ledger.limits))
             if isinstance(verdict, BudgetExceeded):
                 ledger.refused += 1
                 return verdict
@@ -370,23 +386,32 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 def settle(
-    ticket: Ticket, *, calls: int, input_tokens: int, output_tokens: int, cost: float | None
-) -> list[BudgetLedger]:
-    """Replace the ticket's reservation with what the call used; returns the ledgers whose
-    degradation point this call crossed (at most once per ticket; later calls are no-ops)."""
+    ticket: Ticket,
+    *,
+    calls: int,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float | None,
+    completed: bool = True,
+) -> list[tuple[BudgetLedger, str, dict[str, Any]]]:
+    """Replace the ticket's reservation with what the call used (``completed``: the model answered,
+    so the budgets learn from it). Returns the events to record, as (ledger, kind, detail): a call
+    that reported more than it held (``budget_overrun``), a degradation point crossed
+    (``budget_degraded``). At most once per ticket; later calls are no-ops."""
     with _LOCK:
         if ticket.done:
             return []
         ticket.done = True
-        crossed = []
-        for ledger, held in zip(ticket.ledgers, ticket.costs, strict=True):
-            if ledger._settle(ticket.need, held, calls, input_tokens, output_tokens, cost):
-                crossed.append(ledger)
+        events = []
+        used = (calls, input_tokens, output_tokens)
+        for ledger, hold in zip(ticket.ledgers, ticket.holds, strict=True):
+            for kind, detail in ledger._settle(ticket.need, hold, used, cost, completed):
+                events.append((ledger, kind, detail))
         if _WAITERS:
             _wake_all()
-    return crossed
+    return events
 
 
 def release(ticket: Ticket) -> None:
     """Give the whole reservation back (the call never reached the model)."""
-    settle(ticket, calls=0, input_tokens=0, output_tokens=0, cost=None)
+    settle(ticket, calls=0, input_tokens=0, output_tokens=0, cost=None, completed=False)

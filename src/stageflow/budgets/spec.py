@@ -118,13 +118,19 @@ class LMBudget:
     Not to be confused with ``stageflow.limits(max_concurrency=...)`` (how many stages run *at once*;
     :mod:`stageflow.engine.budget`): an ``LMBudget`` caps how much LM work is done *in all*.
 
-    Before each LM call the budget reserves what the call may use — one call per completion asked
-    for (``n``), and tokens: the prompt's UTF-8 byte count (no byte-level tokenizer makes more tokens
-    than bytes) plus the call's ``max_tokens`` (or :attr:`default_max_tokens`) — and settles the
-    reservation with the usage the model reports once the call returns. A call that could overshoot
-    a limit waits for calls in flight to settle, and is refused with
-    :class:`~stageflow.BudgetExceeded` when it cannot fit even then. So concurrent calls never overshoot
-    (a model that reports more tokens than it was allowed could).
+    Before each LM call the budget holds what the call may use — one call per completion asked
+    for (``n``), tokens: the prompt's UTF-8 byte count (no byte-level tokenizer makes more tokens
+    than bytes) plus the call's ``max_tokens`` (or :attr:`default_max_tokens`), and a cost — and
+    settles with the usage the model reports once the call returns. A call that could overshoot a
+    limit waits for calls in flight to settle, and is refused with :class:`~stageflow.BudgetExceeded`
+    when it cannot fit even then.
+
+    The exact bound (:mod:`stageflow.budgets.calibrate`): ``max_calls`` is never overshot;
+    ``max_tokens`` and ``max_cost`` are never overshot while each call's hold is a true upper bound
+    (a ``max_tokens`` the model is stopped at; a price in DSPy's table). Without one, the first call
+    of a model goes alone and calibrates the rest, so the budget is overshot by at most that call
+    before anything is known; a response reporting more than it held is charged in full, ends the
+    budget, and can overshoot it by what the calls then in flight report beyond their holds.
     """
 
     max_calls: int | None = None
@@ -133,16 +139,17 @@ class LMBudget:
     max_tokens: int | None = None
     """Tokens, prompt plus completion, as the model reports them."""
     max_cost: float | None = None
-    """Cost in the model's currency (USD for DSPy's price table), for models that report one. A cost
-    is only known after a call: each call reserves its token reservation × the highest cost per
-    reserved token this budget has seen from that model (so a call like an earlier one reserves about
-    what that one cost). Until a model's first call settles, and for a call dearer than any before,
-    the calls in flight can overshoot by the difference."""
+    """Cost in the model's currency (USD for DSPy's price table), for models that report one (a model
+    that reports none adds nothing). A call holds its token bound × the model's dearest rates when
+    DSPy's price table knows the model and ``max_tokens`` is enforced; otherwise the model's first
+    call goes alone, and later calls hold their tokens × the highest cost per token seen (at least the
+    cheapest call so far). A call dearer than every earlier one can overshoot by the difference."""
     max_seconds: float | None = None
     """Wall seconds since the budget opened: no LM call starts after that (a call in flight is not
     interrupted; use a ``TimeoutPolicy`` for that)."""
     default_max_tokens: int = DEFAULT_MAX_TOKENS
-    """Completion tokens reserved for a call that sets no ``max_tokens``."""
+    """Completion tokens reserved for a call that sets no ``max_tokens`` (not a bound: such a model's
+    first call goes alone, and calibrates the rest)."""
     degrade: Degrade | None = None
     """What to give up once part of the budget is spent (see :class:`Degrade`)."""
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
