@@ -152,3 +152,14 @@ def test_dspy_engines_enforce_max_tokens_and_known_models_have_prices(monkeypatc
     assert sizing.prices(dspy.LM("openai/no-such-model-xyz")) is None
     assert sizing.prices(FakeLM()) is None
     assert sizing.enforces_max_tokens(FakeLM()) is False
+
+
+def test_the_embedded_engine_declares_that_it_stops_at_max_tokens() -> None:
+    # llama.cpp is sent max_tokens on every call, so a budget may reserve it as a bound (no careful
+    # first call on the embedded model).
+    from stageflow.budgets.sizing import enforces_max_tokens
+    from stageflow.lm.engine import AsyncLlamaCppEngine, LlamaCppEngine
+
+    engine = LlamaCppEngine.__new__(LlamaCppEngine)  # no model file needed to ask
+    assert LlamaCppEngine.enforces_max_tokens is AsyncLlamaCppEngine.enforces_max_tokens is True
+    assert enforces_max_tokens(dspy.LM("local/x", engine=engine))

@@ -106,6 +106,8 @@ class LlamaCppEngine:
     supports_response_schema = True
     supports_function_calling = False
     supports_reasoning = False
+    enforces_max_tokens = True
+    """llama.cpp stops at the ``max_tokens`` it is sent, so LM budgets may reserve it as a bound."""
     supported_params = frozenset(
         {"response_format", "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "logprobs"}
     )
@@ -314,6 +316,7 @@ class AsyncLlamaCppEngine:
     supports_response_schema = LlamaCppEngine.supports_response_schema
     supports_function_calling = LlamaCppEngine.supports_function_calling
     supports_reasoning = LlamaCppEngine.supports_reasoning
+    enforces_max_tokens = LlamaCppEngine.enforces_max_tokens
     supported_params = LlamaCppEngine.supported_params
 
     def __init__(self, engine: LlamaCppEngine | None = None, **engine_kwargs: Any) -> None:
