@@ -11,8 +11,13 @@ Dicts are compared by value *and* by the types of their values, so ``temperature
 change. A predictor whose state is not plain (a demo holding a list, an LM setting that is an
 object) has no memo here and takes the general path of :mod:`stageflow.fingerprinting`.
 
-The memo holds classes (the predictor's, the signature, the LM's) but no instance: it keeps no
-predictor, LM or demo alive.
+A predictor or LM of your own subclass (``class MyPredict(dspy.Predict)``, ``class MyLM(dspy.BaseLM)``)
+adds :func:`custom` to the memo: the attribute values of your classes' bodies (an edited or
+replaced ``forward`` is a change) and the instance attributes your code set (``lm.weights``), when
+those are plain values; DSPy's own classes add nothing, so the usual case stays one comparison.
+
+The memo holds classes (the predictor's, the signature, the LM's) and your classes' attributes,
+but no instance: it keeps no predictor, LM or demo alive.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stageflow._fp_digest import ADAPTER_SETTINGS, state_of
+from stageflow._fp_digest import ADAPTER_SETTINGS, current, own_attributes, state_of, user_classes
 
-__all__ = ["PredictMemo", "observe"]
+__all__ = ["PredictMemo", "custom", "observe"]
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _STR = frozenset({str})
@@ -83,14 +88,38 @@ def _plain(d: Any) -> bool:
     return type(d) is dict and _SCALARS.issuperset(map(type, d.values())) and _STR.issuperset(map(type, d))
 
 
+def custom(p: Any) -> tuple[Any, ...] | None:
+    """For a predictor or LM of *your* subclass: each one's class bodies (the attribute values of its
+    classes that are your code, by identity) and the instance attributes your code set; ``None``
+    for DSPy's own classes (the usual case: nothing more to compare)."""
+    state = state_of(p, "__dict__")
+    lm = state.get("lm") or current()[0]
+    parts = []
+    for obj, own in ((p, state), (lm, getattr(lm, "__dict__", None))):
+        classes = user_classes(type(obj)) if obj is not None else ()
+        if classes:
+            bodies = tuple(tuple(vars(c).values()) for c in classes)
+            parts.append((bodies, tuple(own_attributes(obj, own)) if type(own) is dict else None))
+    return tuple(parts) if parts else None
+
+
+def _plain_custom(parts: tuple[Any, ...]) -> bool:
+    for _, attrs in parts:
+        for _, v in attrs or ():
+            if type(v) not in _SCALARS:
+                return False
+    return True
+
+
 class PredictMemo:
     """A copy of what one predictor's last fingerprint was computed from."""
 
-    __slots__ = ("fp", "state")
+    __slots__ = ("custom", "fp", "state")
 
-    def __init__(self, state: tuple[Any, ...], fp: str) -> None:
+    def __init__(self, state: tuple[Any, ...], fp: str, custom: tuple[Any, ...] | None = None) -> None:
         self.state = state
         self.fp = fp
+        self.custom = custom
 
     @classmethod
     def build(cls, p: Any, fp: str) -> PredictMemo | None:
@@ -107,8 +136,13 @@ class PredictMemo:
             seen[_DEMOS] = tuple((t, dict(store), kinds, keys) for t, store, kinds, keys in demos)
         seen[_KWARGS] = None if kwargs is None else dict(kwargs)
         seen[_CONFIG] = dict(config)
-        return cls(tuple(seen), fp)
+        extra = custom(p)
+        if extra is not None and not _plain_custom(extra):
+            return None  # your subclass holds objects: the general path compares them
+        return cls(tuple(seen), fp, extra)
 
     def matches(self, p: Any) -> bool:
         """Whether ``p`` is in the state this memo was built from (then ``self.fp`` is its fingerprint)."""
-        return observe(p) == self.state
+        if observe(p) != self.state:
+            return False
+        return self.custom is None or custom(p) == self.custom
