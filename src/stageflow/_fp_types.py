@@ -37,7 +37,8 @@ def describe_type(tp: Any, depth: int = 0) -> str:
     >>> import enum
     >>> class Color(enum.Enum):
     ...     RED = "red"
-    >>> describe_type(Color).endswith("[('RED', \"'red'\")])")
+    >>> text = describe_type(Color)
+    >>> "RED" in text and "'red'" in text
     True
     >>> describe_type(list[int] | None) == describe_type(list[str] | None)
     False
