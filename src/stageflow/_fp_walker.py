@@ -298,12 +298,19 @@ class Walker:
         return ("object" if callable(v) else "record", self.cls(t, d) if user else name, tuple(items))
 
     def array(self, v: Any) -> Any:
-        if v.dtype.hasobject:
-            return ("ndarray", v.dtype.str, repr(v.tolist()) if self.full else "objects")
-        if not self.full:
+        if not self.full:  # data, like a list of numbers (a stage may keep a log of its inputs)
             return ("data", "ndarray")
+        kind = type(v).__name__
+        if v.dtype.hasobject:
+            return ("ndarray", kind, v.dtype.str, v.shape, repr(v.tolist()))
         data = v.tobytes()
-        return ("ndarray", v.dtype.str, v.shape, hashlib.sha256(data).hexdigest() if self.final else data)
+        return (
+            "ndarray",
+            kind,
+            v.dtype.str,
+            v.shape,
+            hashlib.sha256(data).hexdigest() if self.final else data,
+        )
 
     def exact(self, v: Any, d: int) -> Any:
         """``v`` compared in full, in either mode (a predictor's state)."""
