@@ -62,18 +62,24 @@ async def test_an_entry_without_the_declared_output_is_a_miss_and_one_warning(
     first, _ = await run_fresh(db, mode)
     assert ran(first)
     forge(db, forged)
-    with pytest.warns(CacheWarning, match="cannot be this stage's output") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         result, cached = await run_fresh(db, mode)
         memory_hit = await call(SequentialPipeline([cached]), mode, x=1)  # no second warning
-    assert result.y == 2 and ran(result)
-    assert memory_hit.y == 2 and not ran(memory_hit)
-    assert len([w for w in record if issubclass(w.category, CacheWarning)]) == 1
+    cache_warnings = [str(w.message) for w in record if issubclass(w.category, CacheWarning)]
+    assert len(cache_warnings) == 1
+    assert "cannot be this stage's output" in cache_warnings[0]
+    assert result.y == 2
+    assert ran(result)
+    assert memory_hit.y == 2
+    assert not ran(memory_hit)
     stats = cached.cache.persistent.stats()
     assert (stats["hits"], stats["bad_entries"]) == (0, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
         repaired, _ = await run_fresh(db, mode)  # the fresh output replaced the row
-    assert repaired.y == 2 and not ran(repaired)
+    assert repaired.y == 2
+    assert not ran(repaired)
 
 
 async def test_renamed_outputs_are_checked_under_the_stages_own_names(mode: str, tmp_path: Path) -> None:
@@ -88,11 +94,13 @@ async def test_renamed_outputs_are_checked_under_the_stages_own_names(mode: str,
     assert first.total == 2
     writer.stages[0].policy.cache.persistent.flush()
     again = await call(build(), mode, x=1)  # a fitting entry: a hit, no warning
-    assert again.total == 2 and not ran(again)
+    assert again.total == 2
+    assert not ran(again)
     forge(db, {"$t": "dict", "v": [["total", 5], ["z", 1]]})  # the state's name, not the stage's
     with pytest.warns(CacheWarning, match="declared output 'y'"):
         third = await call(build(), mode, x=1)
-    assert third.total == 2 and ran(third)
+    assert third.total == 2
+    assert ran(third)
 
 
 async def test_a_standalone_cached_stage_checks_entries_too(mode: str, tmp_path: Path) -> None:
