@@ -12,7 +12,7 @@ change. A predictor whose state is not plain (a demo holding a list, an LM setti
 object) has no memo here and takes the general path of :mod:`stageflow.fingerprinting`.
 
 A predictor or LM of your own subclass (``class MyPredict(dspy.Predict)``, ``class MyLM(dspy.BaseLM)``)
-adds :func:`custom` to the memo: the attribute values of your classes' bodies (an edited or
+adds :func:`custom_spec` to the memo: the attribute values of your classes' bodies (an edited or
 replaced ``forward`` is a change) and the instance attributes your code set (``lm.weights``), when
 those are plain values; DSPy's own classes add nothing, so the usual case stays one comparison.
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stageflow._fp_digest import ADAPTER_SETTINGS, current, own_attributes, state_of, user_classes
+from stageflow._fp_digest import ADAPTER_SETTINGS, own_attributes, state_of, user_classes
 
-__all__ = ["PredictMemo", "custom", "observe"]
+__all__ = ["PredictMemo", "custom_spec", "observe", "read_custom"]
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _STR = frozenset({str})
@@ -42,6 +42,11 @@ def _adapter_settings(adapter: Any) -> tuple[Any, ...]:
 
 def observe(p: Any) -> tuple[Any, ...]:
     """What decides ``p``'s outputs besides its inputs, as one tuple (live dicts, not copies)."""
+    return _observe(p)[0]
+
+
+def _observe(p: Any) -> tuple[tuple[Any, ...], Any, dict[str, Any]]:
+    """:func:`observe`, with the LM it found and ``p``'s ``__dict__``."""
     state = state_of(p, "__dict__")
     sig = state.get("signature")
     settings = sys.modules.get("dspy.dsp.utils.settings")
@@ -57,7 +62,7 @@ def observe(p: Any) -> tuple[Any, ...]:
     kwargs = getattr(lm, "kwargs", None) if lm is not None else None
     config = state.get("config")
     demos = state.get("demos")
-    return (
+    seen = (
         type(p),
         sig,
         getattr(sig, "__doc__", None),
@@ -73,6 +78,7 @@ def observe(p: Any) -> tuple[Any, ...]:
         if type(demos) is list and demos
         else (type(demos), len(demos) if type(demos) is list else None),
     )
+    return seen, lm, state
 
 
 def _kinds(d: Any) -> tuple[type, ...] | None:
@@ -88,38 +94,52 @@ def _plain(d: Any) -> bool:
     return type(d) is dict and _SCALARS.issuperset(map(type, d.values())) and _STR.issuperset(map(type, d))
 
 
-def custom(p: Any) -> tuple[Any, ...] | None:
-    """For a predictor or LM of *your* subclass: each one's class bodies (the attribute values of its
-    classes that are your code, by identity) and the instance attributes your code set; ``None``
-    for DSPy's own classes (the usual case: nothing more to compare)."""
-    state = state_of(p, "__dict__")
-    lm = state.get("lm") or current()[0]
-    parts = []
-    for obj, own in ((p, state), (lm, getattr(lm, "__dict__", None))):
+#: Per object of your own class (the predictor, its LM): is it the LM, your classes in its MRO,
+#: the names of its instance attributes (in order), the names your code set.
+_Spec = tuple[tuple[bool, tuple[type, ...], tuple[str, ...], tuple[str, ...]], ...]
+
+
+def custom_spec(p: Any) -> tuple[bool, _Spec | None]:
+    """``(plain, spec)``: what to compare besides :func:`observe` when the predictor or its LM is of
+    *your* subclass (``spec`` is ``None`` for DSPy's own classes, the usual case). ``plain`` is false
+    when an attribute your code set is not a plain value (no memo: the general path compares it)."""
+    _, lm, state = _observe(p)
+    spec = []
+    for is_lm, obj in ((False, p), (True, lm)):
         classes = user_classes(type(obj)) if obj is not None else ()
-        if classes:
-            bodies = tuple(tuple(vars(c).values()) for c in classes)
-            parts.append((bodies, tuple(own_attributes(obj, own)) if type(own) is dict else None))
-    return tuple(parts) if parts else None
+        if not classes:
+            continue
+        own = getattr(obj, "__dict__", None) if is_lm else state
+        if type(own) is not dict:
+            return False, None
+        attrs = own_attributes(obj, own)
+        if any(type(v) not in _SCALARS for _, v in attrs):
+            return False, None
+        spec.append((is_lm, classes, tuple(own), tuple(k for k, _ in attrs)))
+    return True, tuple(spec) if spec else None
 
 
-def _plain_custom(parts: tuple[Any, ...]) -> bool:
-    for _, attrs in parts:
-        for _, v in attrs or ():
-            if type(v) not in _SCALARS:
-                return False
-    return True
+def read_custom(state: dict[str, Any], lm: Any, spec: _Spec) -> tuple[Any, ...]:
+    """For each object of your class: its classes' bodies (attribute values, by identity), whether
+    its instance attribute names are unchanged, and the values of the attributes your code set."""
+    out = []
+    for is_lm, classes, keys, names in spec:
+        own = (getattr(lm, "__dict__", None) or {}) if is_lm else state
+        bodies = tuple([tuple(vars(c).values()) for c in classes])
+        out.append((bodies, tuple(own) == keys, tuple([own.get(n) for n in names])))
+    return tuple(out)
 
 
 class PredictMemo:
     """A copy of what one predictor's last fingerprint was computed from."""
 
-    __slots__ = ("custom", "fp", "state")
+    __slots__ = ("custom", "fp", "spec", "state")
 
-    def __init__(self, state: tuple[Any, ...], fp: str, custom: tuple[Any, ...] | None = None) -> None:
+    def __init__(self, state: tuple[Any, ...], fp: str, spec: _Spec | None = None) -> None:
         self.state = state
         self.fp = fp
-        self.custom = custom
+        self.spec = spec
+        self.custom: tuple[Any, ...] | None = None
 
     @classmethod
     def build(cls, p: Any, fp: str) -> PredictMemo | None:
@@ -136,13 +156,18 @@ class PredictMemo:
             seen[_DEMOS] = tuple((t, dict(store), kinds, keys) for t, store, kinds, keys in demos)
         seen[_KWARGS] = None if kwargs is None else dict(kwargs)
         seen[_CONFIG] = dict(config)
-        extra = custom(p)
-        if extra is not None and not _plain_custom(extra):
+        plain, spec = custom_spec(p)
+        if not plain:
             return None  # your subclass holds objects: the general path compares them
-        return cls(tuple(seen), fp, extra)
+        memo = cls(tuple(seen), fp, spec)
+        if spec is not None:
+            _, lm, state = _observe(p)
+            memo.custom = read_custom(state, lm, spec)
+        return memo
 
     def matches(self, p: Any) -> bool:
         """Whether ``p`` is in the state this memo was built from (then ``self.fp`` is its fingerprint)."""
-        if observe(p) != self.state:
+        seen, lm, state = _observe(p)
+        if seen != self.state:
             return False
-        return self.custom is None or custom(p) == self.custom
+        return self.spec is None or read_custom(state, lm, self.spec) == self.custom
