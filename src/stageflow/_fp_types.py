@@ -77,10 +77,16 @@ def _describe_class(tp: type, depth: int) -> str:
     if isinstance(getattr(tp, "model_fields", None), dict) and hasattr(tp, "model_json_schema"):
         return repr(("model", name, _schema(tp, depth), _validator_code(tp)))
     if issubclass(tp, enum.Enum):
-        return repr(("enum", name, [(k, repr(m.value)) for k, m in tp.__members__.items()]))
+        return repr(("enum", name, [(k, _stable(m.value)) for k, m in tp.__members__.items()]))
     if dataclasses.is_dataclass(tp):
         fields = [
-            (f.name, describe_type(f.type, depth + 1), repr(f.default), f.kw_only)
+            (
+                f.name,
+                describe_type(f.type, depth + 1),
+                _stable(f.default),
+                _stable(f.default_factory),
+                f.kw_only,
+            )
             for f in dataclasses.fields(tp)
         ]
         return repr(("dataclass", name, fields))
@@ -92,14 +98,35 @@ def _describe_class(tp: type, depth: int) -> str:
 
 def _schema(tp: Any, depth: int) -> str:
     try:
-        return json.dumps(tp.model_json_schema(), sort_keys=True, default=repr)
+        return json.dumps(tp.model_json_schema(), sort_keys=True, default=_stable)
     except Exception:  # a field type pydantic cannot put in a schema (arbitrary_types_allowed)
         return repr(
             [
-                (k, describe_type(f.annotation, depth + 1), repr(f.default), f.description)
+                (k, describe_type(f.annotation, depth + 1), _stable(f.default), f.description)
                 for k, f in tp.model_fields.items()
             ]
         )
+
+
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def _stable(v: Any) -> str:
+    """A default value as text that is the same in every process (no object addresses)."""
+    if isinstance(v, _PLAIN):
+        return repr(v)
+    if isinstance(v, tuple | frozenset | list):
+        items = [_stable(x) for x in v]
+        return f"{type(v).__name__}[{', '.join(sorted(items) if isinstance(v, frozenset) else items)}]"
+    if isinstance(v, enum.Enum):
+        return f"{type(v).__qualname__}.{v.name}"
+    if isinstance(v, types.FunctionType):
+        return f"function:{code_digest(v.__code__)}"
+    if v is dataclasses.MISSING:
+        return "MISSING"
+    if isinstance(v, type):
+        return f"{v.__module__}.{v.__qualname__}"
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
 def _validator_code(tp: type) -> list[tuple[str, Any]]:

@@ -59,17 +59,18 @@ _SIMPLE = frozenset({str, int, type(None)})
 _PLAIN_TAGS = frozenset({"f", "b", "bytes", "data", "complex", "example", "record", "opaque"})
 
 
-#: What a class body holds besides its code and attributes: left out of its description.
-_CODE_KINDS = (types.FunctionType, staticmethod, classmethod, property, functools.partialmethod)
-
-
-def _in_class_token(name: str, value: Any) -> bool:
-    """Whether a class attribute is part of the class's description: everything but the dunder
-    bookkeeping (``__module__``, ``__dict__``, ``__doc__``...) — dunder *methods* (``__call__``,
-    ``__init__``) and the annotations (a model's fields) are included."""
-    if name[:2] != "__" or name[-2:] != "__":
-        return True
-    return name == "__annotations__" or isinstance(value, _CODE_KINDS)
+#: Dunder entries of a class body that are code (``__call__``, ``__init__``...): part of its description;
+#: the other dunder entries (``__module__``, ``__dict__``, ``__doc__``...) are bookkeeping, left out.
+_CODE_KINDS = frozenset(
+    {
+        types.FunctionType,
+        staticmethod,
+        classmethod,
+        property,
+        functools.partialmethod,
+        functools.cached_property,
+    }
+)
 
 
 def _is_plain(token: Any) -> bool:
@@ -249,7 +250,11 @@ class Walker:
             return ("class", c.__module__, c.__qualname__)
         self.active.add(key)
         try:
-            body = [(k, self.tok(v, d)) for k, v in c.__dict__.items() if _in_class_token(k, v)]
+            body = [
+                (k, self.tok(v, d))
+                for k, v in c.__dict__.items()
+                if k[:2] != "__" or type(v) in _CODE_KINDS or k == "__annotations__"
+            ]
             bases = [self.cls(b, d) for b in c.__bases__ if b is not object]
             if dataclasses.is_dataclass(c) or isinstance(c.__dict__.get("__pydantic_fields__"), dict):
                 body.append(("<fields>", describe_type(c)))  # defaults a model keeps out of its __dict__
