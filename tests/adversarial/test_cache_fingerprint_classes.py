@@ -310,3 +310,53 @@ def test_the_sqlite_cache_serves_no_stale_output_after_editing_classes_modules_a
         assert result["hit"] is False, (name, first[name], result)
         assert result["value"] != first[name]["value"], name
         assert again[name] == {"value": result["value"], "hit": True}, name
+
+
+STABLE_PROGRAM = """
+import dataclasses, enum, sys, typing
+import dspy, pydantic, stageflow
+
+@dataclasses.dataclass
+class Settings:
+    k: int = 2
+    tags: list = dataclasses.field(default_factory=list)
+
+class Color(enum.Enum):
+    RED = 1
+
+class Pair(typing.NamedTuple):
+    a: int
+
+class Answer(pydantic.BaseModel):
+    text: str = "t"
+
+    @pydantic.field_validator("text")
+    @classmethod
+    def strip(cls, v):
+        return v.strip()
+
+class Scorer:
+    def __init__(self):
+        self.settings, self.color, self.pair = Settings(), Color.RED, Pair(1)
+
+    def __call__(self, x):
+        return {"y": x * self.settings.k}
+
+sig = dspy.Signature({"q": (str, dspy.InputField()), "a": (list[Answer] | None, dspy.OutputField())})
+program = stageflow.SequentialPipeline([stageflow.Stage(Scorer(), writes=["y"]), dspy.Predict(sig)])
+print(stageflow.fingerprint(program))
+"""
+
+
+@pytest.mark.integration
+def test_fingerprints_of_your_classes_and_types_are_stable_across_processes(tmp_path: Path) -> None:
+    """No object address (``dataclasses.MISSING``'s repr, a default's repr) leaks into the hash."""
+    script = tmp_path / "program.py"
+    script.write_text(STABLE_PROGRAM)
+    outs = {
+        subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(outs) == 1
