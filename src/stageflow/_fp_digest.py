@@ -19,6 +19,9 @@ import types
 import weakref
 from typing import Any
 
+from stageflow._fp_code import assigned_attributes, code_digest
+from stageflow._fp_types import describe_type
+
 __all__ = [
     "ADAPTER_SETTINGS",
     "Bag",
@@ -26,8 +29,11 @@ __all__ = [
     "code_digest",
     "code_info",
     "current",
+    "is_user_class",
     "is_user_module",
+    "own_attributes",
     "state_of",
+    "user_classes",
     "weaken",
 ]
 
@@ -43,6 +49,10 @@ ADAPTER_SETTINGS = frozenset(
         "extraction_model",
     }
 )
+
+
+#: Attributes of DSPy modules and LMs that record runs rather than configure behaviour.
+_RUN_RECORDS = frozenset({"history", "callbacks", "_compiled"})
 
 
 class Ref:
@@ -95,49 +105,10 @@ def weaken(token: Any) -> Any:
 
 # -- code and signatures ---------------------------------------------------------------------------
 
-_CODE_DIGESTS: weakref.WeakKeyDictionary[types.CodeType, str] = weakref.WeakKeyDictionary()
 _CODE_INFO: weakref.WeakKeyDictionary[types.CodeType, tuple[bool, tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 _SIG_DIGESTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def _const(c: Any) -> Any:
-    t = type(c)
-    if t is types.CodeType:
-        return ("code", code_digest(c))
-    if t is float:
-        return ("f", c.hex())
-    if t is bool:
-        return ("b", int(c))
-    if t is tuple or t is frozenset:
-        items = [_const(x) for x in c]
-        return (t.__name__, *(sorted(items, key=repr) if t is frozenset else items))
-    return (t.__name__, repr(c))
-
-
-def code_digest(code: types.CodeType) -> str:
-    """A stable hash of what a code object does: bytecode, constants (nested code included), names,
-    argument layout and flags — not its file name or line numbers."""
-    digest = _CODE_DIGESTS.get(code)
-    if digest is None:
-        parts = (
-            code.co_name,
-            code.co_argcount,
-            code.co_posonlyargcount,
-            code.co_kwonlyargcount,
-            code.co_flags,
-            code.co_code,
-            code.co_names,
-            code.co_varnames,
-            code.co_freevars,
-            code.co_cellvars,
-            getattr(code, "co_exceptiontable", b""),
-            tuple(_const(c) for c in code.co_consts),
-        )
-        digest = hashlib.sha256(repr(parts).encode("utf-8", "surrogatepass")).hexdigest()
-        _CODE_DIGESTS[code] = digest
-    return digest
 
 
 def _library_dirs() -> tuple[str, ...]:
@@ -190,6 +161,29 @@ def is_user_module(name: str) -> bool:
     return known
 
 
+def is_user_class(cls: type) -> bool:
+    return is_user_module(cls.__module__)
+
+
+def _is_library_class(cls: type) -> bool:
+    return not is_user_module(cls.__module__)
+
+
+def own_attributes(obj: Any, state: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The instance attributes of ``obj`` (a predictor or LM of *your* subclass) that your code set:
+    those the library classes it derives from do not assign themselves (see
+    :func:`~stageflow._fp_code.assigned_attributes`). Run records (``history``, ``callbacks``) are
+    left out."""
+    library = assigned_attributes(type(obj), _is_library_class)
+    return [(k, v) for k, v in state.items() if k not in library and k not in _RUN_RECORDS]
+
+
+def user_classes(cls: type) -> tuple[type, ...]:
+    """The classes of ``cls``'s MRO that are your code (not the standard library, an installed
+    package, stageflow or DSPy)."""
+    return tuple(c for c in cls.__mro__ if c is not object and is_user_module(c.__module__))
+
+
 def _signature_digest(sig: Any) -> str:
     digest = _SIG_DIGESTS.get(sig)
     if digest is None:
@@ -197,7 +191,7 @@ def _signature_digest(sig: Any) -> str:
         for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
             for name, f in group.items():
                 extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
-                fields.append((kind, name, repr(f.annotation), extra))
+                fields.append((kind, name, describe_type(f.annotation), extra))
         text = repr((sig.instructions, fields))
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         _SIG_DIGESTS[sig] = digest

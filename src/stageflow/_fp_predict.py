@@ -11,8 +11,13 @@ Dicts are compared by value *and* by the types of their values, so ``temperature
 change. A predictor whose state is not plain (a demo holding a list, an LM setting that is an
 object) has no memo here and takes the general path of :mod:`stageflow.fingerprinting`.
 
-The memo holds classes (the predictor's, the signature, the LM's) but no instance: it keeps no
-predictor, LM or demo alive.
+A predictor or LM of your own subclass (``class MyPredict(dspy.Predict)``, ``class MyLM(dspy.BaseLM)``)
+adds :func:`custom_spec` to the memo: the attribute values of your classes' bodies (an edited or
+replaced ``forward`` is a change) and the instance attributes your code set (``lm.weights``), when
+those are plain values; DSPy's own classes add nothing, so the usual case stays one comparison.
+
+The memo holds classes (the predictor's, the signature, the LM's) and your classes' attributes,
+but no instance: it keeps no predictor, LM or demo alive.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stageflow._fp_digest import ADAPTER_SETTINGS, state_of
+from stageflow._fp_digest import ADAPTER_SETTINGS, own_attributes, state_of, user_classes
 
-__all__ = ["PredictMemo", "observe"]
+__all__ = ["PredictMemo", "custom_spec", "observe", "read_custom"]
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _STR = frozenset({str})
@@ -37,6 +42,11 @@ def _adapter_settings(adapter: Any) -> tuple[Any, ...]:
 
 def observe(p: Any) -> tuple[Any, ...]:
     """What decides ``p``'s outputs besides its inputs, as one tuple (live dicts, not copies)."""
+    return _observe(p)[0]
+
+
+def _observe(p: Any) -> tuple[tuple[Any, ...], Any, dict[str, Any]]:
+    """:func:`observe`, with the LM it found and ``p``'s ``__dict__``."""
     state = state_of(p, "__dict__")
     sig = state.get("signature")
     settings = sys.modules.get("dspy.dsp.utils.settings")
@@ -52,7 +62,7 @@ def observe(p: Any) -> tuple[Any, ...]:
     kwargs = getattr(lm, "kwargs", None) if lm is not None else None
     config = state.get("config")
     demos = state.get("demos")
-    return (
+    seen = (
         type(p),
         sig,
         getattr(sig, "__doc__", None),
@@ -68,6 +78,7 @@ def observe(p: Any) -> tuple[Any, ...]:
         if type(demos) is list and demos
         else (type(demos), len(demos) if type(demos) is list else None),
     )
+    return seen, lm, state
 
 
 def _kinds(d: Any) -> tuple[type, ...] | None:
@@ -83,14 +94,52 @@ def _plain(d: Any) -> bool:
     return type(d) is dict and _SCALARS.issuperset(map(type, d.values())) and _STR.issuperset(map(type, d))
 
 
+#: Per object of your own class (the predictor, its LM): is it the LM, your classes in its MRO,
+#: the names of its instance attributes (in order), the names your code set.
+_Spec = tuple[tuple[bool, tuple[type, ...], tuple[str, ...], tuple[str, ...]], ...]
+
+
+def custom_spec(p: Any) -> tuple[bool, _Spec | None]:
+    """``(plain, spec)``: what to compare besides :func:`observe` when the predictor or its LM is of
+    *your* subclass (``spec`` is ``None`` for DSPy's own classes, the usual case). ``plain`` is false
+    when an attribute your code set is not a plain value (no memo: the general path compares it)."""
+    _, lm, state = _observe(p)
+    spec = []
+    for is_lm, obj in ((False, p), (True, lm)):
+        classes = user_classes(type(obj)) if obj is not None else ()
+        if not classes:
+            continue
+        own = getattr(obj, "__dict__", None) if is_lm else state
+        if type(own) is not dict:
+            return False, None
+        attrs = own_attributes(obj, own)
+        if any(type(v) not in _SCALARS for _, v in attrs):
+            return False, None
+        spec.append((is_lm, classes, tuple(own), tuple(k for k, _ in attrs)))
+    return True, tuple(spec) if spec else None
+
+
+def read_custom(state: dict[str, Any], lm: Any, spec: _Spec) -> tuple[Any, ...]:
+    """For each object of your class: its classes' bodies (attribute values, by identity), whether
+    its instance attribute names are unchanged, and the values of the attributes your code set."""
+    out = []
+    for is_lm, classes, keys, names in spec:
+        own = (getattr(lm, "__dict__", None) or {}) if is_lm else state
+        bodies = tuple([tuple(vars(c).values()) for c in classes])
+        out.append((bodies, tuple(own) == keys, tuple([own.get(n) for n in names])))
+    return tuple(out)
+
+
 class PredictMemo:
     """A copy of what one predictor's last fingerprint was computed from."""
 
-    __slots__ = ("fp", "state")
+    __slots__ = ("custom", "fp", "spec", "state")
 
-    def __init__(self, state: tuple[Any, ...], fp: str) -> None:
+    def __init__(self, state: tuple[Any, ...], fp: str, spec: _Spec | None = None) -> None:
         self.state = state
         self.fp = fp
+        self.spec = spec
+        self.custom: tuple[Any, ...] | None = None
 
     @classmethod
     def build(cls, p: Any, fp: str) -> PredictMemo | None:
@@ -107,8 +156,18 @@ class PredictMemo:
             seen[_DEMOS] = tuple((t, dict(store), kinds, keys) for t, store, kinds, keys in demos)
         seen[_KWARGS] = None if kwargs is None else dict(kwargs)
         seen[_CONFIG] = dict(config)
-        return cls(tuple(seen), fp)
+        plain, spec = custom_spec(p)
+        if not plain:
+            return None  # your subclass holds objects: the general path compares them
+        memo = cls(tuple(seen), fp, spec)
+        if spec is not None:
+            _, lm, state = _observe(p)
+            memo.custom = read_custom(state, lm, spec)
+        return memo
 
     def matches(self, p: Any) -> bool:
         """Whether ``p`` is in the state this memo was built from (then ``self.fp`` is its fingerprint)."""
-        return observe(p) == self.state
+        seen, lm, state = _observe(p)
+        if seen != self.state:
+            return False
+        return self.spec is None or read_custom(state, lm, self.spec) == self.custom

@@ -3,13 +3,25 @@ description that is hashed (see :mod:`stageflow._fp_digest` for tokens and refer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import sys
 import types
 from typing import Any
 
-from stageflow._fp_digest import ADAPTER_SETTINGS, Bag, Ref, code_info, current, is_user_module, state_of
+from stageflow._fp_digest import (
+    ADAPTER_SETTINGS,
+    Bag,
+    Ref,
+    code_info,
+    current,
+    is_user_class,
+    is_user_module,
+    own_attributes,
+    state_of,
+)
+from stageflow._fp_types import describe_type
 from stageflow.patterns._containers import StageDict, StageList
 
 __all__ = ["Walker"]
@@ -45,6 +57,20 @@ _MUTABLE = (list, dict, set, bytearray)
 _SIMPLE = frozenset({str, int, type(None)})
 #: Token tags of plain data (no code, no module, no object inside).
 _PLAIN_TAGS = frozenset({"f", "b", "bytes", "data", "complex", "example", "record", "opaque"})
+
+
+#: Dunder entries of a class body that are code (``__call__``, ``__init__``...): part of its description;
+#: the other dunder entries (``__module__``, ``__dict__``, ``__doc__``...) are bookkeeping, left out.
+_CODE_KINDS = frozenset(
+    {
+        types.FunctionType,
+        staticmethod,
+        classmethod,
+        property,
+        functools.partialmethod,
+        functools.cached_property,
+    }
+)
 
 
 def _is_plain(token: Any) -> bool:
@@ -183,7 +209,26 @@ class Walker:
                 self.tok(f.__defaults__, d),
                 self.exact(f.__kwdefaults__, d),
                 tuple(self.cell(c, d) for c in cells) if cells else (),
-                tuple((n, self.tok(g[n], d)) for n in names if n in g),
+                tuple((n, self.global_(g[n], names, d)) for n in names if n in g),
+            )
+        finally:
+            self.active.discard(key)
+
+    def global_(self, v: Any, names: tuple[str, ...], d: int) -> Any:
+        """A global a function reads; a module of yours with the attributes the code may read
+        through it (``cfg.FACTOR``: every name the code uses that the module defines)."""
+        if type(v) is not types.ModuleType or not is_user_module(v.__name__):
+            return self.tok(v, d)
+        key = id(v)
+        if key in self.active or d > _MAX_DEPTH:
+            return ("module", v.__name__)
+        self.active.add(key)
+        try:
+            attrs = v.__dict__
+            return (
+                "usermodule",
+                v.__name__,
+                tuple((a, self.global_(attrs[a], names, d + 1)) for a in names if a in attrs),
             )
         finally:
             self.active.discard(key)
@@ -205,8 +250,14 @@ class Walker:
             return ("class", c.__module__, c.__qualname__)
         self.active.add(key)
         try:
-            body = [(k, self.tok(v, d)) for k, v in c.__dict__.items() if not (k[:2] == "__" == k[-2:])]
+            body = [
+                (k, self.tok(v, d))
+                for k, v in c.__dict__.items()
+                if k[:2] != "__" or type(v) in _CODE_KINDS or k == "__annotations__"
+            ]
             bases = [self.cls(b, d) for b in c.__bases__ if b is not object]
+            if dataclasses.is_dataclass(c) or isinstance(c.__dict__.get("__pydantic_fields__"), dict):
+                body.append(("<fields>", describe_type(c)))  # defaults a model keeps out of its __dict__
             return ("userclass", c.__module__, c.__qualname__, tuple(bases), tuple(body))
         finally:
             self.active.discard(key)
@@ -244,7 +295,7 @@ class Walker:
             items = [
                 (k, self.tok(x, d))
                 for k, x in list(state.items())
-                if k not in _MODULE_NOISE and (user or k[:1] != "_")
+                if k not in _MODULE_NOISE and (user or k[:1] != "_" or k == "__wrapped__")
             ]
         finally:
             self.active.discard(key)
@@ -252,12 +303,19 @@ class Walker:
         return ("object" if callable(v) else "record", self.cls(t, d) if user else name, tuple(items))
 
     def array(self, v: Any) -> Any:
-        if v.dtype.hasobject:
-            return ("ndarray", v.dtype.str, repr(v.tolist()) if self.full else "objects")
-        if not self.full:
+        if not self.full:  # data, like a list of numbers (a stage may keep a log of its inputs)
             return ("data", "ndarray")
+        kind = type(v).__name__
+        if v.dtype.hasobject:
+            return ("ndarray", kind, v.dtype.str, v.shape, repr(v.tolist()))
         data = v.tobytes()
-        return ("ndarray", v.dtype.str, v.shape, hashlib.sha256(data).hexdigest() if self.final else data)
+        return (
+            "ndarray",
+            kind,
+            v.dtype.str,
+            v.shape,
+            hashlib.sha256(data).hexdigest() if self.final else data,
+        )
 
     def exact(self, v: Any, d: int) -> Any:
         """``v`` compared in full, in either mode (a predictor's state)."""
@@ -286,7 +344,21 @@ class Walker:
             None if lm is None else self.lm(lm, d),
             self.exact(state.get("config"), d),
             None if adapter is None else self.adapter(adapter, d),
+            self.own(p, state, d) if is_user_class(t) else None,
         )
+
+    def own(self, obj: Any, state: dict[str, Any], d: int) -> Any:
+        """For an instance of your own subclass of a DSPy predictor or LM: your class's code and the
+        attributes your code set (see :func:`~stageflow._fp_digest.own_attributes`)."""
+        key = id(obj)
+        if key in self.active:
+            return ("recursive", type(obj).__qualname__)
+        self.active.add(key)
+        try:
+            attrs = tuple((k, self.tok(v, d)) for k, v in own_attributes(obj, state))
+            return ("own", self.cls(type(obj), d), attrs)
+        finally:
+            self.active.discard(key)
 
     def demos(self, demos: Any, d: int) -> Any:
         """A predictor's demos, compared in full; the usual demo (an Example of strings) inline."""
@@ -312,11 +384,17 @@ class Walker:
         return ("adapter", self.cls(type(a), d), settings)
 
     def lm(self, lm: Any, d: int) -> Any:
+        t = type(lm)
+        own = None
+        if is_user_class(t):  # your LM class: its code and the attributes your code set (weights...)
+            state = getattr(lm, "__dict__", None)
+            own = self.own(lm, state, d) if type(state) is dict else self.cls(t, d)
         return (
             "lm",
-            type(lm).__module__,
-            type(lm).__qualname__,
+            t.__module__,
+            t.__qualname__,
             getattr(lm, "model", None),
             getattr(lm, "model_type", None),
             self.exact(getattr(lm, "kwargs", None), d),
+            own,
         )

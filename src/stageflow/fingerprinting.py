@@ -3,29 +3,51 @@ besides its inputs.
 
 It covers, recursively through nested pipelines and modules:
 
-- every **predictor**: its signature (instructions, field names, types, descriptions and
-  prefixes), its demos, its LM (class, model, ``kwargs`` such as temperature) — its own, or the one
+- every **predictor**: its signature (instructions, field names, descriptions and prefixes, and
+  each field's *type by its definition*: a pydantic model by its JSON schema and validators, an
+  enum by its members, a dataclass by its fields — an output model that gains a field changes
+  it), its demos, its LM (class, model, ``kwargs`` such as temperature) — its own, or the one
   ``dspy.context``/``dspy.configure`` provides — its ``config``, the active adapter and the DSPy
   version, *as they are at call time*: editing ``demos[0]`` or ``lm.kwargs`` in place changes it;
+- **your subclasses** of DSPy's predictors and LMs (``class MyPredict(dspy.Predict)``,
+  ``class MyLM(dspy.BaseLM)``): the code of your class (an edited ``forward``) and the instance
+  attributes your code sets (``lm.weights = "B.gguf"``);
 - every **function** (a function stage, a router, a stopping condition, a callable held by a
-  module): its code including constants and nested functions, its defaults, keyword defaults,
-  closure values and the module-level names it reads (helper functions recursively, constants by
-  value) — ``x * 2`` → ``x * 3`` changes it, so a persistent cache never serves a stale output in
-  a later run;
-- every **object** a stage holds: its class (for your own classes, the code of its methods) and
-  its attributes (for stageflow's and DSPy's own classes, the public ones). Caches, profilers and
-  tracers are left out: running a program does not change its fingerprint.
+  module, the function inside a ``functools.cache``/``wraps`` wrapper): its code including
+  constants and nested functions, its defaults, keyword defaults, closure values and the
+  module-level names it reads (helper functions recursively, constants by value) — and, for a
+  module of yours that it reads through (``cfg.FACTOR``, ``cfg.sub.VALUE``), the attributes its
+  code names. ``x * 2`` → ``x * 3`` changes it, so a persistent cache never serves a stale output
+  in a later run;
+- every **object** a stage holds: its class (for your own classes, the code of all their methods,
+  ``__call__`` and other dunder methods included, and their annotations) and its attributes (for
+  library classes, the public ones). Caches, profilers and tracers are left out: running a program
+  does not change its fingerprint.
 
 The hash is stable across processes and machines for the same program and Python minor version.
 It is cheap when nothing changed: a small change-detection token (weak references and plain
 values, never ``id()``) is rebuilt per call and compared with the last one; the content hash is
 recomputed only when the token differs. Nothing here keeps a program alive.
 
-Limits (documented, not silent): containers are followed up to a budget of about 2,000 values per
-fingerprint; beyond it a container is represented by its type, length and a few sampled items, so
-an in-place edit deep inside a very large captured container can go unnoticed — rebind it
-instead. Library code (the standard library, installed packages, stageflow and DSPy) is
-represented by its qualified name, not its code.
+Not covered (documented, not silent):
+
+- what a program reads from outside itself at run time: environment variables, files, the clock,
+  random numbers, a database or a web service;
+- library code (the standard library, installed packages, stageflow and DSPy) is represented by
+  its qualified name, not its code; attributes of *library* modules are not followed
+  (``os.environ[...]``, ``np.pi``, ``mypkg.settings.X`` for an installed ``mypkg``), nor module
+  attributes read with a computed name (``getattr(cfg, name)``);
+- in your subclass of a DSPy predictor or LM, an attribute whose name DSPy's (or stageflow's)
+  classes assign themselves (``model``, ``kwargs``, ``demos``; ``FakeLM``'s ``responses``) counts
+  as theirs: only what stageflow reads of it (model, model type, ``kwargs``; signature, demos,
+  config) is part of the fingerprint;
+- containers are followed up to a budget of about 2,000 values per fingerprint; beyond it a
+  container is represented by its type, length and a few sampled items, and plain data *inside*
+  a list, dict or set (a captured one, or a class attribute) is hashed when the stage is first
+  fingerprinted, so an in-place edit of it later in the same process can go unnoticed — rebind it
+  instead;
+- a class used as a signature field type is described once per class object: changing a model
+  class in place (``model_rebuild`` with other fields) is not seen — define a new class.
 
 Examples:
     >>> import stageflow

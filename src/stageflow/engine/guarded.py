@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.engine.pool import note_abandoned, spare_threads
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ContractError, StageError, StageflowError, StageTimeoutError
-from stageflow.policies.cache import is_collecting_traces, make_key
+from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
@@ -43,7 +44,7 @@ def _cache_only(policy: StagePolicy) -> bool:
 
 
 def _from_cache(
-    policy: StagePolicy, path: str, target: Any, kw: dict[str, Any], run: RunInfo
+    policy: StagePolicy, entry: StageEntry, path: str, target: Any, kw: dict[str, Any], run: RunInfo
 ) -> tuple[Any, Callable[[Any], None] | None]:
     """``(a fresh copy of the cached output, None)`` on a hit; ``(_MISS, store)`` on a miss, where
     ``store(out)`` keeps a private copy of the call's output unless the call ended on its fallback;
@@ -56,7 +57,10 @@ def _from_cache(
     if keys is None:
         return _MISS, None
     key, durable = keys
-    found, value = cache.lookup(key, durable)
+    if cache.persistent is None:
+        found, value = cache.lookup(key, durable)
+    else:  # an entry from the file must be an output this stage could have returned
+        found, value = cache.lookup(key, durable, _declared_fit(entry), f"'{path}' ({entry.label})")
     if found:
         run.events.append(PolicyEvent(path, "cache_hit"))
         note_policy_event("cache_hit")
@@ -68,6 +72,12 @@ def _from_cache(
             cache.store(key, durable, out, path)
 
     return _MISS, store
+
+
+def _declared_fit(entry: StageEntry) -> Callable[[Any], str | None]:
+    """What a persistent cache entry must be for this stage (see :func:`output_problem`)."""
+    fields = None if entry.out_pairs is None else [sf for sf, _ in entry.out_pairs]
+    return functools.partial(output_problem, fields=fields, single=entry.single_output is not None)
 
 
 def _fell_back(run: RunInfo, since: int, path: str) -> bool:
@@ -241,7 +251,7 @@ def _guarded(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
-    cached, store = _from_cache(policy, path, target, kw, run)
+    cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
     if _cache_only(policy):
@@ -400,7 +410,7 @@ async def _aguarded(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
-    cached, store = _from_cache(policy, path, target, kw, run)
+    cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
     if _cache_only(policy):

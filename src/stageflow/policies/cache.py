@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,10 @@ from stageflow.fingerprinting import fingerprint
 from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
 from stageflow.policies.snapshot import Snapshot, Uncopyable
 
-__all__ = ["CachePolicy", "CacheWarning", "MemoryStore", "is_collecting_traces", "make_key"]
+__all__ = ["CachePolicy", "CacheWarning", "MemoryStore", "is_collecting_traces", "make_key", "output_problem"]
 
 #: Bumped when the key layout changes, so old persistent entries are never read as new ones.
-KEY_VERSION = 2
+KEY_VERSION = 3
 
 
 _ABSENT = object()
@@ -155,8 +155,19 @@ class CachePolicy:
         self._warned.add((stage, topic))
         warnings.warn(message, CacheWarning, stacklevel=4)
 
-    def lookup(self, key: Any, durable: Callable[[], str | None]) -> tuple[bool, Any]:
-        """``(True, a fresh copy of the output)`` on a hit, ``(False, None)`` on a miss."""
+    def lookup(
+        self,
+        key: Any,
+        durable: Callable[[], str | None],
+        fits: Callable[[Any], str | None] | None = None,
+        stage: str = "",
+    ) -> tuple[bool, Any]:
+        """``(True, a fresh copy of the output)`` on a hit, ``(False, None)`` on a miss.
+
+        ``fits(value)`` checks an entry read from the persistent store (another process wrote it,
+        or someone edited the file): it returns why the entry cannot be the stage's output, or
+        ``None``. An entry that does not fit is a miss with one :class:`CacheWarning` for ``stage``;
+        the fresh output then overwrites it."""
         found, snap = self.memory.get(key)
         if found:
             return True, snap.restore()
@@ -168,12 +179,30 @@ class CachePolicy:
         found, value = self.persistent.get(dkey)
         if not found:
             return False, None
+        problem = None if fits is None else fits(value)
+        if problem is not None:
+            self._unfit(stage, problem)
+            return False, None
         try:
             snap = Snapshot.take(value)
         except Uncopyable:
             return True, value  # a freshly decoded value is private already
         self.memory.set(key, snap)
         return True, snap.restore()
+
+    def _unfit(self, stage: str, problem: str) -> None:
+        reject = getattr(self.persistent, "reject", None)
+        if reject is not None:
+            reject()  # the store counted a hit: it is a miss (and a bad entry)
+        where = getattr(self.persistent, "path", None)
+        self.warn_once(
+            stage,
+            "unfit",
+            f"Stage {stage}: an entry in the cache database {str(where)!r} cannot be this stage's "
+            f"output ({problem}); it was treated as a miss and the stage ran — its output replaces "
+            "the entry. A file written by another program or version, or edited by hand, causes this; "
+            "delete the file if it keeps happening. (Warned once per stage.)",
+        )
 
     def store(
         self, key: Any, durable: Callable[[], str | None], out: Any, path: str, label: str = ""
@@ -212,6 +241,49 @@ class CachePolicy:
                 f"file format cannot store them ({e.reason}). Return plain data, dspy.Prediction, "
                 "pydantic models, dataclasses or numpy arrays to persist them.",
             )
+
+
+def output_problem(value: Any, fields: Sequence[str] | None, single: bool = False) -> str | None:
+    """Why ``value`` cannot be the output of a stage that declares ``fields`` (``None``: it can).
+
+    A stage's output is a record of fields (a dict, ``dspy.Prediction`` or pydantic model) that
+    holds every declared field; a function stage with one declared output (``single``) may also
+    return the bare value. With no declaration, any record of string-named fields fits.
+
+    >>> output_problem({"y": 1}, ["y"]), output_problem(3, ["y"], single=True)
+    (None, None)
+    >>> output_problem({"z": 1}, ["y"])
+    "it lacks the declared output 'y' (it has ['z'])"
+    """
+    names = _field_names(value)
+    if names is None:
+        if single:
+            return None
+        return f"it is a {type(value).__name__}, not a record of named fields"
+    missing = [f for f in fields or () if f not in names]
+    if missing:
+        return f"it lacks the declared output {missing[0]!r} (it has {sorted(map(str, names))})"
+    bad = [k for k in names if type(k) is not str]
+    if bad:
+        return f"it has the field name {bad[0]!r}, which is not a string"
+    return None
+
+
+def _field_names(value: Any) -> Collection[Any] | None:
+    store = getattr(value, "_store", None)
+    if type(store) is dict and _is_example(value):
+        return store.keys()
+    if isinstance(value, Mapping):
+        return value.keys()
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict) and hasattr(value, "model_dump"):
+        return fields.keys()
+    return None
+
+
+def _is_example(value: Any) -> bool:
+    dspy = sys.modules.get("dspy")
+    return dspy is not None and isinstance(value, dspy.Example)
 
 
 def is_collecting_traces() -> bool:

@@ -9,8 +9,8 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key
-from stageflow.stages import Stage, describe, stage_label
+from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key, output_problem
+from stageflow.stages import FunctionStage, Stage, describe, stage_label
 
 __all__ = ["CachedStage"]
 
@@ -113,10 +113,16 @@ class CachedStage(Stage):
         if keys is None:
             return False, None, None
         key, durable = keys
-        found, value = self.cache.lookup(key, durable)
+        found, value = self.cache.lookup(key, durable, self._fits, self._label)
         if found:
             return True, value, None
         return False, None, lambda out: self.cache.store(key, durable, out, "", self._label)
+
+    def _fits(self, value: Any) -> str | None:
+        """Why a persistent entry cannot be this stage's output (``None``: it can)."""
+        outputs = self.ports.outputs
+        single = outputs is not None and len(outputs) == 1 and isinstance(self.module, FunctionStage)
+        return output_problem(value, outputs, single)
 
     def forward(self, **kwargs: Any) -> Any:
         """Called on its own (outside a pipeline): the same cache, keyed under path ``""``."""

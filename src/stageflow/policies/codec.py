@@ -36,6 +36,7 @@ import datetime
 import decimal
 import enum
 import json
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
@@ -207,6 +208,8 @@ def _enc_numpy(v: Any, t: type) -> dict[str, Any]:
         raise Unencodable(f"numpy.{t.__name__}", "object or structured dtype")
     if t.__name__ == "ndarray":
         return {"$t": "ndarray", "dtype": dtype.str, "shape": list(v.shape), "v": _b64(v.tobytes())}
+    if not isinstance(v, sys.modules["numpy"].generic):  # np.matrix, np.memmap: would decode as another type
+        raise Unencodable(f"numpy.{t.__name__}", "an ndarray subclass (return a plain ndarray to persist it)")
     return {"$t": "npscalar", "dtype": dtype.str, "v": _b64(v.tobytes())}
 
 

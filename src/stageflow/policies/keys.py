@@ -30,6 +30,7 @@ import enum
 import fractions
 import json
 import pathlib
+import sys
 import uuid
 from typing import Any
 
@@ -149,9 +150,9 @@ def _freeze_object(value: Any, t: type, d: int) -> Any:
         return ("repr", t, repr(value))
     if isinstance(value, type):
         return ("class", value)
-    module = t.__module__
-    if module == "numpy":
-        return _freeze_numpy(value, t)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray | np.generic):
+        return _freeze_numpy(np, value, t, d)
     if isinstance(value, tuple) and hasattr(t, "_fields"):  # a namedtuple
         return ("namedtuple", t, *[freeze(v, d) for v in value])
     store = getattr(value, "_store", None)
@@ -178,13 +179,42 @@ def _is_example(value: Any) -> bool:
     return any(c.__module__.startswith("dspy.") and c.__name__ == "Example" for c in type(value).__mro__)
 
 
-def _freeze_numpy(value: Any, t: type) -> Any:
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or dtype.hasobject:
-        raise Unkeyable(f"numpy.{t.__name__}", "holds Python objects (dtype=object)")
-    if t.__name__ == "ndarray":
-        return ("ndarray", dtype.str, str(dtype), value.shape, value.tobytes())
-    return ("numpy", t.__name__, dtype.str, value.tobytes())  # a numpy scalar
+def _array_kind(np: Any, t: type) -> str | None:
+    """The name of an ndarray class whose meaning is its dtype, shape and elements (and, for a
+    masked array, its mask and fill value); ``None`` for any other subclass, which may carry more
+    (a unit, an index) and is not keyed."""
+    if t is np.ndarray:
+        return "ndarray"
+    if t is np.matrix or t is np.memmap or t is np.recarray:
+        return str(t.__name__)
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and t is ma.MaskedArray:
+        return "MaskedArray"
+    return None
+
+
+def _freeze_numpy(np: Any, value: Any, t: type, d: int) -> Any:
+    """An array by its class, dtype (byte order and field names included), shape and elements; a
+    masked array also by its mask and fill value; a numpy scalar by its dtype and bytes."""
+    dtype = value.dtype
+    if isinstance(value, np.generic):
+        if dtype.hasobject:
+            raise Unkeyable(f"numpy.{t.__name__}", "holds Python objects (dtype=object)")
+        return ("numpy", t.__name__, dtype.str, str(dtype), value.tobytes())
+    name = _array_kind(np, t)
+    if name is None:
+        raise Unkeyable(
+            _qualname(t), "attributes beyond its elements that stageflow cannot key (an ndarray subclass)"
+        )
+    extra: tuple[Any, ...] = ()
+    if name == "MaskedArray":
+        mask = np.ma.getmaskarray(value)
+        extra = (mask.tobytes(), freeze(value.fill_value, d))
+        value = value.data
+    if dtype.hasobject:  # the elements themselves, each keyed exactly (or refused)
+        items = tuple(freeze(x, d) for x in np.asarray(value).ravel(order="C").tolist())
+        return ("ndarray", name, "object", value.shape, items, *extra)
+    return ("ndarray", name, dtype.str, str(dtype), value.shape, value.tobytes(), *extra)
 
 
 def _json_default(obj: Any) -> Any:

@@ -226,6 +226,14 @@ class SQLiteStore:
             self.hits += 1
             return True, value
 
+    def reject(self) -> None:
+        """The entry :meth:`get` just returned cannot be the stage's output (the cache decided, see
+        :meth:`~stageflow.policies.cache.CachePolicy.lookup`): count it as a miss and a bad entry."""
+        with self._read_lock:
+            self.hits -= 1
+            self.misses += 1
+            self.bad_entries += 1
+
     def _read_failed(self, reason: str) -> None:
         conn, self._read = self._read, None
         if conn is not None:

@@ -1,0 +1,144 @@
+"""Type descriptions for :func:`stageflow.fingerprint` (internal): a signature field's type by its
+definition, never by its name.
+
+A signature whose output is a pydantic model must get a new fingerprint when the model gains a
+field, even though the class is still called ``Ans``: the adapter asks the LM for a different JSON
+shape and parses a different object. :func:`describe_type` spells a type out — a pydantic model
+by its JSON schema (nested models, defaults, enums and descriptions included) and the code of
+its validators, an enum by its members' names and values, a dataclass by its fields, a
+``TypedDict`` / ``NamedTuple`` by its annotations, ``list[Ans] | None`` by its parts, ``Literal``
+by its values. Descriptions of classes are remembered per class (weakly): classes are not edited
+in place in practice, and a new definition (another run, a reload) is a new class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import inspect
+import json
+import types
+import typing
+import weakref
+from typing import Any
+
+from stageflow._fp_code import code_digest
+
+__all__ = ["describe_type"]
+
+_MAX_DEPTH = 12
+_CLASS_TEXT: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+
+def describe_type(tp: Any, depth: int = 0) -> str:
+    """Stable text that changes whenever the definition of ``tp`` (a signature field type) changes.
+
+    >>> import enum
+    >>> class Color(enum.Enum):
+    ...     RED = "red"
+    >>> text = describe_type(Color)
+    >>> "RED" in text and "'red'" in text
+    True
+    >>> describe_type(list[int] | None) == describe_type(list[str] | None)
+    False
+    """
+    if depth > _MAX_DEPTH:
+        return repr(tp)
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        known = _CLASS_TEXT.get(tp)
+        if known is None:
+            known = _describe_class(tp, depth)
+            with contextlib.suppress(TypeError):  # a class that cannot be weakly referenced
+                _CLASS_TEXT[tp] = known
+        return known
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return repr(tp)
+    parts = [_describe_arg(a, depth + 1) for a in typing.get_args(tp)]
+    name = origin.__qualname__ if isinstance(origin, type) else repr(origin)
+    if isinstance(origin, type) and origin.__module__ not in ("builtins", "typing"):
+        name = f"{origin.__module__}.{name}"
+    return repr(("generic", name, parts))
+
+
+def _describe_arg(a: Any, depth: int) -> Any:
+    if isinstance(a, type) or typing.get_origin(a) is not None:
+        return describe_type(a, depth)
+    if isinstance(a, list):  # Callable[[int], str]'s argument list
+        return [_describe_arg(x, depth) for x in a]
+    return f"{type(a).__qualname__}:{a!r}"  # Literal values, ForwardRef, Ellipsis
+
+
+def _describe_class(tp: type, depth: int) -> str:
+    if tp.__module__ == "builtins":
+        return tp.__qualname__
+    name = f"{tp.__module__}.{tp.__qualname__}"
+    if isinstance(getattr(tp, "model_fields", None), dict) and hasattr(tp, "model_json_schema"):
+        return repr(("model", name, _schema(tp, depth), _validator_code(tp)))
+    if issubclass(tp, enum.Enum):
+        return repr(("enum", name, [(k, _stable(m.value)) for k, m in tp.__members__.items()]))
+    if dataclasses.is_dataclass(tp):
+        fields = [
+            (
+                f.name,
+                describe_type(f.type, depth + 1),
+                _stable(f.default),
+                _stable(f.default_factory),
+                f.kw_only,
+            )
+            for f in dataclasses.fields(tp)
+        ]
+        return repr(("dataclass", name, fields))
+    annotations = inspect.get_annotations(tp)  # the class's own, not its bases'
+    if annotations:  # TypedDict, NamedTuple, annotated classes
+        return repr(("annotated", name, [(k, describe_type(v, depth + 1)) for k, v in annotations.items()]))
+    return name
+
+
+def _schema(tp: Any, depth: int) -> str:
+    try:
+        return json.dumps(tp.model_json_schema(), sort_keys=True, default=_stable)
+    except Exception:  # a field type pydantic cannot put in a schema (arbitrary_types_allowed)
+        return repr(
+            [
+                (k, describe_type(f.annotation, depth + 1), _stable(f.default), f.description)
+                for k, f in tp.model_fields.items()
+            ]
+        )
+
+
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def _stable(v: Any) -> str:
+    """A default value as text that is the same in every process (no object addresses)."""
+    if isinstance(v, _PLAIN):
+        return repr(v)
+    if isinstance(v, tuple | frozenset | list):
+        items = [_stable(x) for x in v]
+        return f"{type(v).__name__}[{', '.join(sorted(items) if isinstance(v, frozenset) else items)}]"
+    if isinstance(v, enum.Enum):
+        return f"{type(v).__qualname__}.{v.name}"
+    if isinstance(v, types.FunctionType):
+        return f"function:{code_digest(v.__code__)}"
+    if v is dataclasses.MISSING:
+        return "MISSING"
+    if isinstance(v, type):
+        return f"{v.__module__}.{v.__qualname__}"
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+def _validator_code(tp: type) -> list[tuple[str, Any]]:
+    """The code of the functions a model's own class body defines (validators, serializers,
+    methods): what its schema does not show. Stable across processes (no addresses)."""
+    out: list[tuple[str, Any]] = []
+    for klass in tp.__mro__:
+        if klass.__module__.startswith(("pydantic", "builtins")):
+            continue
+        for key, value in vars(klass).items():
+            fn = getattr(value, "wrapped", value)  # pydantic's decorator proxy
+            fn = getattr(fn, "__func__", fn)  # classmethod / staticmethod
+            if isinstance(fn, types.FunctionType):
+                out.append((f"{klass.__qualname__}.{key}", code_digest(fn.__code__)))
+    return out
