@@ -16,8 +16,9 @@ nationality or a compass word ("Dutch Post-Impressionist", "East Africa"), and t
 that are not about a person ("Louvre"). A single word is a person only when a cue or a person passage
 says so (``Vinci`` is a town).
 
-:func:`person_candidates` ranks what it finds: people known from their own passage or mentioned with
-a cue first, in reading order, then names that only look like a person's.
+:func:`person_candidates` proposes the people known from their own passage or mentioned with a cue,
+in reading order, and names that only look like a person's only when there are none (they are
+mostly titles of works: "Water Music", "Animal Farm").
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def person_candidates(
     bridges: Iterable[str] = (),
     limit: int = 6,
 ) -> list[str]:
-    """The people the passages name: in reading order, people known from their own passage or
-    mentioned with a cue first, then names that only look like a person's.
+    """The people the passages name, in reading order: people known from their own passage or
+    mentioned with a cue; when there are none, names that only look like a person's.
 
     Args:
         passages: ``"Title: text"`` passages in the order to read them.
@@ -233,4 +234,6 @@ def person_candidates(
                 offer(name, True, (index, span.start))
             elif cue == _AGENT or " " in name:
                 offer(name, False, (index, span.start))
-    return sorted(ranked, key=ranked.__getitem__)[:limit]
+    people = sorted(ranked, key=ranked.__getitem__)
+    evidenced = [p for p in people if not ranked[p][0]]
+    return (evidenced or people)[:limit]  # a name's shape alone only when nothing better was found
