@@ -100,7 +100,7 @@ def main() -> None:
         "OpenTelemetry, SDK + in-memory exporter, lm_spans=False": lambda p: with_hook(
             p, sdk_hook_no_lm, True
         ),
-        "OpenTelemetry installed, no tracer provider (instrument() installs nothing)": plain,
+        "OpenTelemetry installed, no tracer provider (instrument_otel() installs nothing)": plain,
         "(reference) OpenTelemetry hook on the API's no-op tracer": lambda p: with_hook(p, noop_hook, False),
     }
     variants: dict[str, Callable[[], Any]] = {}
@@ -148,7 +148,7 @@ def main() -> None:
     otel_name = "OpenTelemetry, SDK + in-memory exporter"
     otel_added = added(otel_name)
     print(f"| OpenTelemetry (SDK, in-memory exporter), added per stage | {otel_added:.2f} µs | ≤ 30 µs |")
-    none_name = "OpenTelemetry installed, no tracer provider (instrument() installs nothing)"
+    none_name = "OpenTelemetry installed, no tracer provider (instrument_otel() installs nothing)"
     print(f"| OpenTelemetry installed, no provider, added per stage | {added(none_name):.2f} µs | ≤ 1 µs |")
     print(f"| profiler, added per stage | {added('profiler'):.2f} µs | |")
     span_us = res["(reference) one bare SDK span: start_span + end, no stageflow"]["cpu_us"]

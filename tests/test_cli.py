@@ -408,3 +408,64 @@ def test_allow_path_lets_a_file_read_a_sibling_folder(
     )
     assert code == 0, err
     assert json.loads(out)["passages"] == ["Dune: A novel."]
+
+
+# -- an output that cannot be written is refused before any work -------------------------------------
+
+
+def _output_commands(tmp_path: Path, components: str) -> dict[str, list[str]]:
+    """Each command that writes a file, with ``OUT`` where its output path goes."""
+    import stageflow
+
+    pipe = pipeline_file(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "text": "hi"}\n', encoding="utf-8")
+    trace = tmp_path / "trace.json"
+    with stageflow.trace() as tracer:
+        stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])])(
+            text="hi"
+        )
+    tracer.save(trace)
+    allow = ["--allow-module", components]
+    return {
+        "graph": ["graph", str(pipe), *allow, "-o", "OUT"],
+        "graph --format dot": ["graph", str(pipe), "--format", "dot", *allow, "-o", "OUT"],
+        "report": ["report", str(trace), "-o", "OUT"],
+        "run": ["run", str(pipe), *allow, "--input", '{"text": "hi"}', "--output", "OUT"],
+        "batch -o": ["batch", str(pipe), str(data), *allow, "--quiet", "-o", "OUT"],
+        "batch --journal": [
+            "batch",
+            str(pipe),
+            str(data),
+            *allow,
+            "--quiet",
+            "-o",
+            str(tmp_path / "o"),
+            "--journal",
+            "OUT",
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "command", ["graph", "graph --format dot", "report", "run", "batch -o", "batch --journal"]
+)
+@pytest.mark.parametrize("where", ["an existing directory", "a missing directory"])
+def test_an_output_that_is_a_directory_or_has_no_directory_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, components: str, command: str, where: str
+) -> None:
+    argv = _output_commands(tmp_path, components)[command]
+    capsys.readouterr()
+    target = tmp_path / "outdir" if where == "an existing directory" else tmp_path / "missing" / "out.txt"
+    if where == "an existing directory":
+        target.mkdir()
+    code, out, err = run_cli(capsys, *[str(target) if a == "OUT" else a for a in argv])
+    assert code == 2, err
+    assert out == ""
+    said = " ".join(err.split())  # the message is wrapped at 100 columns
+    assert str(target) in said
+    assert ("is a directory" if where == "an existing directory" else "does not exist") in said
+    assert "Traceback" not in err
+    assert "run failed" not in err
+    assert list(tmp_path.glob("outdir/*")) == []  # nothing left behind in it
+    assert not (tmp_path / "o").exists()  # no work was done

@@ -35,6 +35,7 @@ from stageflow.errors import ConfigurationError
 if TYPE_CHECKING:
     import os
 
+    from stageflow.budgets.spec import LMBudget
     from stageflow.policies.cache import CachePolicy
     from stageflow.policies.recovery import (
         Fallback,
@@ -387,6 +388,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         reads: Declare the stage's input names (before renaming).
         writes: Declare the stage's output names (before renaming); needed for modules whose
             ``forward`` returns fields that later stages read.
+        budget: An :class:`~stageflow.LMBudget` (or a dict of its fields) each call of the stage
+            runs under, retries included (nested in the budgets around it).
 
     Examples:
         >>> import dspy, stageflow
@@ -411,6 +414,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         recover: Recover | None = None,
         skip_on: Sequence[type[BaseException]] = (),
         cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
+        budget: LMBudget | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(module, type):
@@ -428,7 +432,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.inner_ports = inner
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
-        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
+        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
 
     def _policy(
         self,
@@ -439,6 +443,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         recover: Recover | None,
         skip_on: Sequence[type[BaseException]],
         cache: CachePolicy | bool | int | str | os.PathLike[str] | None,
+        budget: LMBudget | Mapping[str, Any] | None = None,
     ) -> StagePolicy | None:
         from stageflow.policies.recovery import HELD, Fallback, StagePolicy, make_policy
 
@@ -467,6 +472,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             recover=recover,
             skip_on=skip_on,
             cache=cache,
+            budget=budget,
         )
         return None if policy == StagePolicy() else policy
 

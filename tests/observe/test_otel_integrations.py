@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import inspect
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +54,20 @@ def test_no_tracer_provider_installs_nothing_and_says_so(caplog: pytest.LogCaptu
     assert not otel.is_instrumented()
     assert "no tracer provider" in caplog.text
     assert "set_tracer_provider" in caplog.text
+    # The warning tells the user what to call: every stageflow function it names exists, and is the
+    # one that was just called.
+    named = set(re.findall(r"\bstageflow(?:\.\w+)+(?=\()", caplog.text))
+    assert named == {"stageflow.instrument_otel"}
+    for dotted in named:
+        assert _resolve(dotted) is otel.instrument
+    assert not re.search(r"(?<![.\w])instrument\(", caplog.text)  # no bare name to guess the module of
+
+
+def _resolve(dotted: str) -> object:
+    obj: object = importlib.import_module(dotted.split(".")[0])
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
 
 
 @pytest.mark.integration

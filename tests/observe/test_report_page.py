@@ -215,6 +215,12 @@ def test_write_report_from_tracer_dict_path_and_cli(
     assert main(["report", str(html_named)]) == 2  # would overwrite its own input
     assert "would overwrite the trace" in capsys.readouterr().err
     assert json.loads(html_named.read_text(encoding="utf-8"))["version"] == 2
+    (tmp_path / "dir.html").mkdir()
+    for target in (tmp_path / "dir.html", tmp_path / "missing" / "r.html"):
+        with pytest.raises(ConfigurationError) as info:  # a clear error, not an IsADirectoryError
+            tracer.save_report(target)
+        assert info.value.code == "bad_output"
+    assert list((tmp_path / "dir.html").iterdir()) == []
 
 
 @pytest.mark.parametrize(

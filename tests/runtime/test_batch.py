@@ -140,6 +140,39 @@ def test_failed_records_are_kept_then_retried_alone(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in read_output(tmp_path / "out.jsonl"))
 
 
+def test_failed_records_retried_on_purpose_are_not_repeated_work(tmp_path: Path) -> None:
+    # Repeated work is work lost to a stop (records in flight run again), never a retry asked for.
+    lm = upper_lm()
+    kw: dict[str, Any] = {"lm": lm, "journal": tmp_path / "j"}
+    assert stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), **kw).failed == 2
+    for _ in range(2):  # the same program, still failing: retried twice on purpose
+        again = stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), retry_failed=True, **kw)
+        assert (again.ran, again.retried, again.failed) == (2, 2, 2)
+        assert (again.repeated, again.repeated_total) == (0, 0)
+        assert "0 record(s) in flight at an earlier stop, run again\n" in again.table() + "\n"
+    assert journal_rows(tmp_path / "j")["r1"] == ("failed", 3)
+    con = sqlite3.connect(tmp_path / "j")
+    with con:  # as a kill would leave it: r4 in flight
+        con.execute("UPDATE records SET status = 'running' WHERE key = 'r4'")
+    con.close()
+    mixed = stageflow.run_batch(qa_pipeline({"q1", "q3"}), records(6), retry_failed=True, **kw)
+    assert (mixed.ran, mixed.retried, mixed.repeated, mixed.repeated_total) == (3, 2, 1, 1)
+
+
+def test_a_journal_from_before_repeats_were_counted_still_resumes(tmp_path: Path) -> None:
+    journal = tmp_path / "j"
+    stageflow.run_batch(qa_pipeline({"q2"}), records(4), lm=upper_lm(), journal=journal)
+    con = sqlite3.connect(journal)
+    with con:  # the records table as an earlier stageflow wrote it: no repeats column
+        con.execute("ALTER TABLE records DROP COLUMN repeats")
+        con.execute("UPDATE records SET status = 'running', attempts = 1 WHERE key = 'r0'")
+    con.close()
+    summary = stageflow.run_batch(
+        qa_pipeline({"q2"}), records(4), lm=upper_lm(), journal=journal, retry_failed=True
+    )
+    assert (summary.ran, summary.retried, summary.repeated, summary.repeated_total) == (2, 1, 1, 1)
+
+
 def test_a_change_to_data_a_stage_captures_is_a_changed_program(tmp_path: Path) -> None:
     # A set the check stage reads is part of what the program computes: editing it between runs is
     # a different program, so resuming is refused unless allowed.
@@ -174,6 +207,79 @@ def test_a_changed_program_is_refused_unless_allowed_and_the_override_is_recorde
     assert "the program changed" in allowed
     # the override moved the plan to the new program: resuming it again needs no override
     assert stageflow.run_batch(changed, records(5), lm=lm, journal=journal).ran == 0
+
+
+def nested(check: Any, extra: bool = False) -> stageflow.SequentialPipeline:
+    """A predictor, then a branch whose ``plain`` arm is ``check`` (and an extra stage at the end)."""
+    branch = stageflow.BranchingPipeline(
+        stageflow.stage(lambda answer: {"branch": "plain"}, writes=["branch"], name="route"),
+        {"plain": stageflow.stage(check, writes=["checked"]), "other": dspy.Predict("answer -> checked")},
+    )
+    tail = [stageflow.stage(lambda checked: {"done": True}, writes=["done"], name="done")] if extra else []
+    return stageflow.SequentialPipeline([dspy.Predict("question -> answer"), branch, *tail])
+
+
+def test_a_refused_resume_names_the_stages_that_changed(tmp_path: Path) -> None:
+    def check(answer: str) -> dict[str, bool]:
+        return {"checked": True}
+
+    def stricter(answer: str) -> dict[str, bool]:
+        return {"checked": answer.isupper()}
+
+    kw: dict[str, Any] = {"lm": upper_lm(), "journal": tmp_path / "j"}
+    stageflow.run_batch(nested(check), records(3), **kw)
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(nested(stricter), records(3), **kw)
+    # the stage inside the branch is named, not the branch that holds it
+    assert "the program changed (changed stages: stages[1].branches['plain'];" in info.value.message
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(nested(check, extra=True), records(3), **kw)
+    assert "(added stages: stages[2];" in info.value.message
+    stageflow.run_batch(nested(stricter, extra=True), records(3), allow_changed=True, **kw)
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(nested(check), records(3), **kw)
+    assert "(changed stages: stages[1].branches['plain']; removed stages: stages[2];" in info.value.message
+
+
+def test_a_journal_without_stage_fingerprints_still_refuses_and_resumes(tmp_path: Path) -> None:
+    journal = tmp_path / "j"
+    stageflow.run_batch(qa_pipeline(), records(3), lm=upper_lm(), journal=journal)
+    con = sqlite3.connect(journal)
+    with con:  # as an earlier stageflow wrote it: the whole program's fingerprint only
+        con.execute("DELETE FROM meta WHERE key = 'stage_fingerprints'")
+    con.close()
+    changed = qa_pipeline({"q9"})
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(changed, records(3), lm=upper_lm(), journal=journal)
+    assert "the program changed (the journal does not record which stage;" in info.value.message
+    again = stageflow.run_batch(changed, records(4), lm=upper_lm(), journal=journal, allow_changed=True)
+    assert (again.ran, again.skipped) == (1, 3)
+    with Journal(journal) as j:  # the override recorded the stages of the program it moved to
+        assert sorted(j.stage_fingerprints() or {}) == ["stages[0]", "stages[1]"]
+
+
+def test_stage_fingerprints_cover_every_stage_path_of_the_picture() -> None:
+    from stageflow.observe.graph import graph_of
+    from stageflow.runtime.fingerprint import stage_fingerprints
+
+    per_item = stageflow.SequentialPipeline([dspy.Predict("topic -> fact"), dspy.Predict("fact -> note")])
+    program = stageflow.SequentialPipeline(
+        [
+            stageflow.Stage(
+                nested(lambda answer: {"checked": True}), retry=stageflow.RetryPolicy(max_attempts=2)
+            ),
+            stageflow.ForEach(per_item, over="topics", item="topic", collect={"note": "notes"}),
+        ]
+    )
+    prints = stage_fingerprints(program)
+    assert set(graph_of(program).stage_paths()) < set(prints)
+    assert {"stages[0]", "stages[0].stages[1]", "stages[1]"} <= set(prints)  # nested pipelines too
+    assert prints["stages[0]"] == stageflow.fingerprint(program.stages[0])  # the Stage, its policy included
+    assert prints["stages[0].stages[1].branches['other']"] == stageflow.fingerprint(
+        program.stages[0].module.stages[1].branches["other"]
+    )
+    assert prints["stages[1].stage[*].stages[1]"] == stageflow.fingerprint(per_item.stages[1])
+    assert prints["stages[1].stage[*].stages[0]"] != prints["stages[1].stage[*].stages[1]"]
 
 
 def test_a_changed_model_changes_the_fingerprint(tmp_path: Path) -> None:

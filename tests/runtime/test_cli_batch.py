@@ -69,6 +69,20 @@ def test_failed_records_exit_1_and_say_how_to_retry(
     assert "scripted failure for t-0" in errors[0]["error"]["message"]
 
 
+def test_retry_failed_is_not_counted_as_repeated_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipe, data, log = setup(tmp_path, n=10, fail_every=4)
+    out = str(tmp_path / "out.jsonl")
+    assert run(capsys, str(pipe), str(data), "-o", out, "--quiet")[0] == 1
+    for _ in range(2):
+        code, err = run(capsys, str(pipe), str(data), "-o", out, "--retry-failed")
+        assert code == 1
+        assert "ran this run      3 (3 failed ones retried)" in err
+        assert "repeated work     0 record(s) in flight at an earlier stop, run again\n" in err
+    assert log_counts(str(log))["t-4"] == 3
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -102,7 +116,7 @@ def test_a_changed_pipeline_file_is_refused_unless_allowed(
     code, err = run(capsys, str(pipe), str(data), "-o", out)
     err = " ".join(err.split())  # the message is wrapped at 100 columns
     assert code == 2
-    assert "the program changed" in err
+    assert "the program changed (added stages: stages[1];" in err  # which stage, by its path
     assert "--allow-changed" in err
     code, err = run(capsys, str(pipe), str(data), "-o", out, "--allow-changed")
     assert code == 0

@@ -248,3 +248,20 @@ async def test_an_overridden_should_continue_on_error_decides_what_is_skipped(mo
     strict = ErrorHandlingPipeline([Append(), TimeoutMessage(), Append()])  # by type: a RuntimeError fails
     with pytest.raises(PipelineError):
         await call(strict, mode, content="x")
+
+
+async def test_a_recovery_strategy_may_return_a_fallback_modules_prediction(mode: str) -> None:
+    # A tutorial reader's strategy runs a fallback module, which returns a dspy.Prediction.
+    class CachedPassages(dspy.Module):
+        def forward(self, question):
+            return dspy.Prediction(passages=[f"cached passage on {question}"])
+
+    fallback = CachedPassages()
+    pipeline = ErrorHandlingPipeline(
+        [Retrieve(), FlakySearch(RuntimeError("search backend down")), Answer()],
+        recovery_strategies={1: lambda error, state: fallback(question=state["question"])},
+    )
+    with dspy.context(lm=answer_lm()):
+        result = await call(pipeline, mode, question="Q")
+    assert result.passages == ["cached passage on Q"]
+    assert [e.kind for e in result.run.events] == ["recovered"]

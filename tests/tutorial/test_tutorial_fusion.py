@@ -73,3 +73,37 @@ def test_incompatible_stages_are_not_fused() -> None:
             return dspy.Prediction(keywords=question)
 
     assert not fusion.can_fuse(Custom(), dspy.ChainOfThought("question, keywords -> answer"))
+
+
+def test_fusion_rules_are_the_tutorials_table_and_users_can_add_and_remove_rules() -> None:
+    # The tutorial keeps `fusion_rules` keyed "<class>_<class>"; readers inspect and extend it.
+    class Clean(dspy.Module):
+        def forward(self, text):
+            return dspy.Prediction(text=text.strip())
+
+    class Lower(dspy.Module):
+        def forward(self, text):
+            return dspy.Prediction(text=text.lower())
+
+    class CleanLower(dspy.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, text):
+            return self.b(text=self.a(text=text).text)
+
+    fusion = StageFusion()
+    assert "ChainOfThought_ChainOfThought" in fusion.fusion_rules
+    assert not fusion.can_fuse(Clean(), Lower())
+    fusion.fusion_rules["Clean_Lower"] = CleanLower
+    assert fusion.can_fuse(Clean(), Lower())
+    fused = fusion.fuse(Clean(), Lower())
+    assert isinstance(fused, CleanLower)
+    assert fused(text="  HeLLo ").text == "hello"
+
+    a, b = dspy.Predict("question -> keywords"), dspy.Predict("question, keywords -> answer")
+    del fusion.fusion_rules["Predict_Predict"]
+    assert not fusion.can_fuse(a, b)
+    with pytest.raises(ConfigurationError, match="no rule for 'Predict_Predict'"):
+        fusion.fuse(a, b)

@@ -233,22 +233,28 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
-def check_output(path: str | None) -> None:
-    """Refuse an ``--output`` that cannot be written, before anything runs."""
+def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") -> None:
+    """Refuse an output file (given with ``flag``) that cannot be written, before anything runs.
+
+    Examples:
+        >>> import tempfile
+        >>> check_output(tempfile.gettempdir(), "-o")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        stageflow.errors.ConfigurationError: -o ... is a directory...
+    """
     if path is None:
         return
     target = Path(path)
     parent = target.resolve().parent
     if target.is_dir():
-        raise ConfigurationError(f"--output {path} is a directory.", code="bad_output", hint="name a file")
+        raise ConfigurationError(
+            f"{flag} {path} is a directory.", code="bad_output", hint=f"name a file, e.g. {target / 'out'}"
+        )
     if not parent.is_dir():
-        raise ConfigurationError(
-            f"--output {path}: the directory {parent} does not exist.", code="bad_output"
-        )
+        raise ConfigurationError(f"{flag} {path}: the directory {parent} does not exist.", code="bad_output")
     if not os.access(parent, os.W_OK):
-        raise ConfigurationError(
-            f"--output {path}: the directory {parent} is not writable.", code="bad_output"
-        )
+        raise ConfigurationError(f"{flag} {path}: the directory {parent} is not writable.", code="bad_output")
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -15,6 +15,7 @@ from stageflow.cli._common import (
     EXIT_RUN_FAILED,
     add_allow_options,
     add_prompt_option,
+    check_output,
     resolve_cli_lm,
 )
 from stageflow.errors import ConfigurationError
@@ -159,11 +160,9 @@ def run(args: argparse.Namespace) -> int:
             hint="add --backend ray",
         )
     out = Path(args.output)
-    if not out.resolve().parent.is_dir():
-        raise ConfigurationError(
-            f"--output {args.output}: the directory {out.resolve().parent} does not exist.", code="bad_output"
-        )
+    check_output(out, "-o")
     journal = Path(args.journal) if args.journal else out.with_name(out.name + ".journal")
+    check_output(journal, "--journal" if args.journal else "the journal (OUTPUT.journal)")
     from stageflow.runtime.batch import run_batch
     from stageflow.runtime.program import load_program
     from stageflow.runtime.summary import BatchInterrupted

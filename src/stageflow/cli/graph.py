@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from stageflow.cli._common import EXIT_OK, add_allow_options, write_atomic
-from stageflow.errors import ConfigurationError
+from stageflow.cli._common import EXIT_OK, add_allow_options, check_output, write_atomic
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -35,11 +33,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ConfigurationError(
-            f"-o {args.output}: the directory {Path(args.output).resolve().parent} does not exist.",
-            code="bad_output",
-        )
+    check_output(args.output, "-o")
     from stageflow.observe.graph import render_svg, to_dot, to_mermaid
     from stageflow.spec import load_pipeline
 

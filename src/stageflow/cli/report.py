@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stageflow.cli._common import EXIT_OK
+from stageflow.cli._common import EXIT_OK, check_output
 from stageflow.errors import ConfigurationError
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
             code="bad_output",
             hint="name another file with -o report.html",
         )
+    check_output(out, "-o" if args.output else "the report (TRACE with .html)")
     target = write_report(Path(args.trace), out, title=args.title)
     size = target.stat().st_size
     print(f"wrote {target} ({size / 1024:.0f} KB)", file=sys.stderr)

@@ -209,6 +209,38 @@ def guarded_call(
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
     path = join_path(prefix, entry.path)
+    if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
+        opened = _stage_budget(policy, path)
+        try:
+            return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+        finally:
+            _exit_budget(opened)
+    return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+
+
+def _stage_budget(policy: StagePolicy, path: str) -> Any:
+    from stageflow.budgets.scope import enter_budget
+
+    assert policy.budget is not None  # callers check
+    return enter_budget(policy.budget, f"the budget of stage '{path}'")
+
+
+def _exit_budget(opened: Any) -> None:
+    from stageflow.budgets.scope import exit_budget
+
+    exit_budget(opened)
+
+
+def _guarded(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached
@@ -349,6 +381,25 @@ async def aguarded_call(
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
     path = join_path(prefix, entry.path)
+    if policy.budget is not None:
+        opened = _stage_budget(policy, path)
+        try:
+            return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+        finally:
+            _exit_budget(opened)
+    return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+
+
+async def _aguarded(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached

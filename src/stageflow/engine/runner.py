@@ -11,11 +11,13 @@ only built when a hook listens.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from stageflow.budgets._state import GATES, SKIP
 from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
 from stageflow.engine.carry import adopt, release
@@ -128,6 +130,12 @@ def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
         run.absorb(entry.path, err.run)
 
 
+def _is_example(value: Any) -> bool:
+    """Whether ``value`` is a ``dspy.Example`` (a ``dspy.Prediction``), without importing DSPy."""
+    dspy_example = sys.modules.get("dspy.primitives.example")
+    return dspy_example is not None and isinstance(value, dspy_example.Example)
+
+
 def _recovered(
     policy: StagePolicy | None,
     entry: StageEntry,
@@ -154,10 +162,13 @@ def _recovered(
     if policy.recover is not None:
         try:
             new_state = policy.recover(original, dict(state))
+            if _is_example(new_state):  # a fallback module's dspy.Prediction: its fields
+                new_state = dict(new_state.items())
             if new_state and not isinstance(new_state, Mapping):
                 raise TypeError(
                     f"it returned {type(new_state).__name__} {new_state!r:.60}; a recovery strategy returns "
-                    "the new state (a dict) or something falsy (None, {}) for 'not recovered'"
+                    "the new state (a dict or a dspy.Prediction) or something falsy (None, {}) for "
+                    "'not recovered'"
                 )
         except Exception as e:
             detail["recovery_error"] = f"{type(e).__name__}: {e}"
@@ -257,6 +268,7 @@ def _minus(a: StageUsage, b: StageUsage) -> StageUsage:
         a.cache_hits - b.cache_hits,
         a.retries - b.retries,
         a.repairs - b.repairs,
+        a.limit_wait - b.limit_wait,
     )
 
 
@@ -330,6 +342,15 @@ def call_stage(
     The hot path (a leaf no hook observes) is written out here; everything else goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
+    if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
+        from stageflow.budgets.scope import lm_swapped, stage_gate
+
+        gate = stage_gate(join_path(prefix, entry.path), run.events)
+        if gate is SKIP:
+            return None
+        if gate is not None:
+            with lm_swapped(gate):
+                return _call_observed(owner, entry, state, run, hooks, prefix)
     if hooks or entry.composite:
         return _call_observed(owner, entry, state, run, hooks, prefix)
     target = _resolve(owner, entry)
@@ -415,6 +436,15 @@ async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Async twin of :func:`call_stage` (the same hot path; the same shared bookkeeping otherwise)."""
+    if GATES[0]:
+        from stageflow.budgets.scope import lm_swapped, stage_gate
+
+        gate = stage_gate(join_path(prefix, entry.path), run.events)
+        if gate is SKIP:
+            return None
+        if gate is not None:
+            with lm_swapped(gate):
+                return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if hooks or entry.composite:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
     target = _resolve(owner, entry)
@@ -563,26 +593,47 @@ def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseExceptio
 _FAST: ContextVar[bool] = ContextVar("stageflow_fast_path", default=False)
 
 
-def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
+def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     """The outermost call connects DSPy's LM accounting to the run's usage table and, with the fast
     path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
     settings for both); a nested call only points the accounting at its own table (see
-    :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
+    :mod:`stageflow.usage`). A pipeline with a run budget opens it. Returns what :func:`_close_run`
+    undoes."""
+    table = run.usage
+    table.events = run.events  # what happens inside LM calls (waits, degradations) joins the run
+    table.prefix = prefix
+    spec = pipeline.lm_budget
+    budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
     if current_table() is not None:
-        return (_TABLE.set(run.usage), None)
+        return (_TABLE.set(table), None, budget)
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
     adapter = fast_adapter_for(_active_adapter()) if fast else None
-    return (_FAST.set(fast), open_run(run.usage, adapter))
+    return (_FAST.set(fast), open_run(table, adapter), budget)
+
+
+def _enter_budget(spec: Any, scope: str) -> Any:
+    from stageflow.budgets.scope import enter_budget
+
+    return enter_budget(spec, scope)
+
+
+def _run_scope(pipeline: Pipeline, prefix: str) -> str:
+    where = f" at '{prefix}'" if prefix else ""
+    return f"the run budget of {type(pipeline).__name__}{where}"
 
 
 def _close_run(opened: tuple[Any, ...]) -> None:
-    token, outer = opened
+    token, outer, budget = opened
     if outer is None:
         _TABLE.reset(token)
-        return
-    close_run(outer)
-    _FAST.reset(token)
+    else:
+        close_run(outer)
+        _FAST.reset(token)
+    if budget is not None:
+        from stageflow.budgets.scope import exit_budget
+
+        exit_budget(budget)
 
 
 def _active_adapter() -> Any:
@@ -597,7 +648,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
-    opened = _open(pipeline, run)
+    opened = _open(pipeline, run, scope.prefix)
     try:
         body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:
@@ -619,7 +670,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     state = _initial_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs)
-    opened = _open(pipeline, run)
+    opened = _open(pipeline, run, scope.prefix)
     try:
         await body(state, run, scope.hooks, scope.prefix)
     except BaseException as e:

@@ -1,6 +1,7 @@
 """OpenTelemetry spans for every pipeline run, stage and LM call (``pip install 'stageflow[otel]'``).
 
-:func:`instrument` installs one process-wide hook (:func:`stageflow.engine.hooks.install_hook`):
+:func:`stageflow.instrument_otel` (:func:`instrument` here) installs one process-wide hook
+(:func:`stageflow.engine.hooks.install_hook`):
 
 - an outermost pipeline call is a span ``invoke_workflow <Pipeline>`` (OpenTelemetry GenAI:
   ``gen_ai.operation.name=invoke_workflow``, ``gen_ai.workflow.name``; OpenInference:
@@ -35,15 +36,16 @@ runs at the start of every outermost pipeline call, so it follows instrumentors 
 later.
 
 **Content** (inputs, outputs, prompts, completions) is recorded only with
-``instrument(record_content=True)``, as OpenInference's ``input.value`` / ``output.value`` JSON,
-after :func:`stageflow.observe.redact.redact` removed anything that looks like a credential.
+``stageflow.instrument_otel(record_content=True)``, as OpenInference's ``input.value`` /
+``output.value`` JSON, after :func:`stageflow.observe.redact.redact` removed anything that looks
+like a credential.
 Model settings such as API keys are never recorded.
 
 **No tracer provider, no cost.** With ``opentelemetry-api`` installed but no SDK tracer provider
 set (the API's proxy or no-op provider), :func:`instrument` installs nothing — every span would be
 dropped — and logs a warning saying so; stages then cost exactly what they cost uninstrumented.
 Set the provider first (``opentelemetry.trace.set_tracer_provider``), or pass
-``instrument(tracer_provider=...)``, then instrument.
+``stageflow.instrument_otel(tracer_provider=...)``, then instrument.
 
 Examples:
     >>> from stageflow.observe import otel
@@ -351,8 +353,8 @@ def instrument(
             logger.warning(
                 "stageflow: OpenTelemetry has no tracer provider set, so no spans would be recorded; "
                 "instrumentation is off (no cost per stage). Set one with "
-                "opentelemetry.trace.set_tracer_provider(...) and call instrument() again, or pass "
-                "instrument(tracer_provider=...)."
+                "opentelemetry.trace.set_tracer_provider(...) and call stageflow.instrument_otel() again, or "
+                "pass stageflow.instrument_otel(tracer_provider=...)."
             )
             return None
         provider = tracer_provider or trace.get_tracer_provider()

@@ -29,7 +29,7 @@ from typing import Any
 
 from stageflow.engine.hooks import Hook, attach_hooks
 from stageflow.observe.profile_table import render_table
-from stageflow.observe.schedule import CriticalStep, SpanNode, critical_path, ideal_time
+from stageflow.observe.schedule import CriticalStep, SpanNode, critical_path, critical_time, ideal_time
 from stageflow.usage import StageUsage
 
 __all__ = ["Profiler", "RunProfile", "StageStats", "profile", "value_size"]
@@ -110,9 +110,10 @@ class RunProfile:
 
     Attributes:
         wall: The call's wall time.
-        critical_path: The stages whose times determined the wall time, in order
-            (see :mod:`stageflow.observe.schedule`).
-        critical_time: Their times added up (the rest of ``wall`` went to the pipelines themselves).
+        critical_path: The longest chain of stages that ran one after another, in order (see
+            :mod:`stageflow.observe.schedule`).
+        critical_time: Their times added up (the rest of ``wall`` went to the pipelines themselves);
+            always ``ideal_time <= critical_time <= wall``.
         ideal_time: What a perfect parallel schedule would take: unlimited workers, no framework
             cost (see :mod:`stageflow.observe.schedule` for the exact definition).
         stage_calls: How many stage calls the run made (nested ones included).
@@ -236,7 +237,7 @@ class Profiler(Hook):
         profile = RunProfile(
             wall=root.elapsed,
             critical_path=path_steps,
-            critical_time=sum(s.elapsed for s in path_steps),
+            critical_time=critical_time(root),
             ideal_time=ideal_time(root),
             stage_calls=(frame.calls or [0])[0],
             usage=usage,

@@ -3,12 +3,13 @@
 Both are computed from the tree of stage spans of one pipeline call (start and end times, parents),
 as the :class:`~stageflow.observe.profiler.Profiler` records it.
 
-**Critical path.** Walk back from the end of the run: among the children of a span, take the one
-that ended last; before it, the child that ended last before that one started; and so on. That
-chain of siblings is what kept the parent busy until its end: making any other child faster would
-not have ended the parent sooner. Each stage of the chain is then expanded the same way into its
-own children, down to stages without children. With a ForEach, the chain goes through the slowest
-item (and through whichever item it waited for when the items queued for workers); with a loop,
+**Critical path.** The longest chain of stages that ran one after another. Among the children of a
+span, a chain is a sequence of siblings each of which started after the previous one ended (so it
+may have waited for it); its length is the sum of its members' own critical paths. The critical path
+of a span is its longest chain, each member expanded the same way into its own children, down to
+stages without children. Siblings whose run times overlapped are never in one chain: they ran side
+by side. With a ForEach, the chain goes through the slowest item (and, when the items queued for
+workers, through the longest sequence of items that ran one after another on them); with a loop,
 through every iteration; with a branch, through the branch taken.
 
 **Perfect parallel schedule.** The time the run would take with unlimited workers and a framework
@@ -19,7 +20,12 @@ a parallel group — overlap; stages in sequence do not). The definition trusts 
 children that ran one after another are taken to depend on each other (a fan-out limited to one
 worker counts as a sequence), and a stage's time includes any wait for a concurrency slot
 (``stageflow.limits``). Time the pipelines themselves spent between their stages (merging,
-contract checks, hooks) is left out, so ``ideal <= critical path <= wall``.
+contract checks, hooks) is left out.
+
+**The invariant** ``ideal <= critical path <= wall`` holds for every run: a perfect schedule's waves
+follow one another, so one slowest member per wave is a chain, and a chain of stages that did not
+overlap fits inside their parent's time. Both times are capped at each span's own time, so clock
+readings of a child that stray past its parent cannot break it.
 
 Examples:
     >>> run = SpanNode("", 0.0, 10.0, [
@@ -29,8 +35,25 @@ Examples:
     ... ])
     >>> [step.path for step in critical_path(run)]
     ['a', 'fan.y', 'b']
-    >>> ideal_time(run)
-    9.0
+    >>> critical_time(run), ideal_time(run)
+    (9.0, 9.0)
+
+    A fan-out's slow item started first, a short one started later and ended last: the critical
+    path goes through the slow one, not the one that ended last.
+
+    >>> fan = SpanNode("", 0.0, 2.2, [SpanNode("slow", 0.0, 2.0), SpanNode("late", 1.8, 2.2)])
+    >>> [step.path for step in critical_path(fan)], critical_time(fan), ideal_time(fan)
+    (['slow'], 2.0, 2.0)
+
+    Items that queued for two workers: the critical path follows the items that ran one after
+    another, a perfect schedule runs them all at once.
+
+    >>> queued = SpanNode("", 0.0, 2.0, [
+    ...     SpanNode("it[0]", 0.0, 1.0), SpanNode("it[1]", 0.0, 0.5),
+    ...     SpanNode("it[2]", 0.5, 1.5), SpanNode("it[3]", 1.0, 2.0),
+    ... ])
+    >>> [step.path for step in critical_path(queued)], critical_time(queued), ideal_time(queued)
+    (['it[0]', 'it[3]'], 2.0, 1.0)
 """
 
 from __future__ import annotations
@@ -39,7 +62,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CriticalStep", "SpanNode", "critical_path", "ideal_time"]
+__all__ = ["CriticalStep", "SpanNode", "critical_path", "critical_time", "ideal_time"]
 
 
 @dataclass
@@ -70,36 +93,81 @@ class CriticalStep:
         return {"path": self.path, "start": self.start, "elapsed": self.elapsed}
 
 
-def _chain(children: list[SpanNode]) -> list[SpanNode]:
-    """The siblings that determined the parent's end, first to last."""
-    ordered = sorted(children, key=lambda c: c.end)
+def _longest_chain(children: list[SpanNode], length: dict[int, float]) -> tuple[float, list[SpanNode]]:
+    """The chain of siblings, each started after the previous one ended, whose lengths add up most.
+
+    Weighted interval scheduling: with the children sorted by end, ``best[k]`` is the longest chain
+    among the first ``k``; the ``k``-th child either extends the best chain of those that ended before
+    it started, or is left out. A tie goes to the child that ended later.
+    """
+    ordered = sorted(children, key=lambda c: (c.end, c.start))
     ends = [c.end for c in ordered]
-    current: SpanNode | None = ordered[-1]
+    best = [0.0] * (len(ordered) + 1)
+    before: list[int | None] = [None] * len(ordered)  # None: the child is not on the best chain
+    for k, child in enumerate(ordered):
+        earlier = bisect_right(ends, child.start, 0, k)  # the siblings that ended before it started
+        with_child = best[earlier] + length[id(child)]
+        if with_child >= best[k]:
+            best[k + 1], before[k] = with_child, earlier
+        else:
+            best[k + 1] = best[k]
     chain: list[SpanNode] = []
-    while current is not None:
-        chain.append(current)
-        i = bisect_right(ends, current.start) - 1
-        current = ordered[i] if i >= 0 and ordered[i] is not current else None
+    k = len(ordered)
+    while k > 0:
+        back = before[k - 1]
+        if back is None:
+            k -= 1
+        else:
+            chain.append(ordered[k - 1])
+            k = back
     chain.reverse()
-    return chain
+    return best[-1], chain
+
+
+def _solve(root: SpanNode) -> tuple[dict[int, float], dict[int, list[SpanNode]]]:
+    """Each span's critical-path length (capped at its own time) and its longest chain of children."""
+    length: dict[int, float] = {}
+    chains: dict[int, list[SpanNode]] = {}
+    # Children before parents, without recursion: run trees can be deep.
+    order: list[SpanNode] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(node.children)
+    for node in reversed(order):
+        if not node.children:
+            length[id(node)] = node.elapsed if node is not root else 0.0
+            chains[id(node)] = []
+            continue
+        total, chain = _longest_chain(node.children, length)
+        length[id(node)] = min(total, node.elapsed)
+        chains[id(node)] = chain
+    return length, chains
 
 
 def critical_path(root: SpanNode) -> list[CriticalStep]:
     """The critical path of ``root``'s run (see the module docstring), as childless stages in order."""
+    _, chains = _solve(root)
     steps: list[CriticalStep] = []
-    stack = [root]
-    leaves: list[SpanNode] = []
+    stack = list(reversed(chains[id(root)]))
     # Depth-first, keeping order: expand each span of the chain into its own chain.
     while stack:
         node = stack.pop()
-        if not node.children:
-            if node is not root:
-                leaves.append(node)
-            continue
-        stack.extend(reversed(_chain(node.children)))
-    for leaf in leaves:
-        steps.append(CriticalStep(leaf.path, leaf.start - root.start, leaf.elapsed))
+        if node.children:
+            stack.extend(reversed(chains[id(node)]))
+        else:
+            steps.append(CriticalStep(node.path, node.start - root.start, node.elapsed))
     return steps
+
+
+def critical_time(root: SpanNode) -> float:
+    """The length of ``root``'s critical path: at least :func:`ideal_time`, at most the wall time.
+
+    The times of :func:`critical_path`'s steps added up, capped at each span's own time (see the
+    module docstring); a run without stages has ``0.0``.
+    """
+    return _solve(root)[0][id(root)]
 
 
 def _waves(children: list[SpanNode]) -> list[list[SpanNode]]:
@@ -115,8 +183,15 @@ def _waves(children: list[SpanNode]) -> list[list[SpanNode]]:
     return waves
 
 
-def ideal_time(node: SpanNode) -> float:
-    """The time a perfect parallel schedule would take for ``node`` (see the module docstring)."""
+def _ideal(node: SpanNode) -> float:
     if not node.children:
         return node.elapsed
-    return sum(max(ideal_time(c) for c in wave) for wave in _waves(node.children))
+    return min(node.elapsed, sum(max(_ideal(c) for c in wave) for wave in _waves(node.children)))
+
+
+def ideal_time(root: SpanNode) -> float:
+    """The time a perfect parallel schedule would take for ``root``'s run (see the module docstring).
+
+    A run without stages has ``0.0``: its time all went to the pipeline itself.
+    """
+    return _ideal(root) if root.children else 0.0

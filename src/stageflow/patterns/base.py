@@ -115,6 +115,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     #: ``None`` follows ``stageflow.configure(fast_path=...)`` (on by default); set it to ``False`` to
     #: call them exactly as DSPy does. The outermost pipeline of a call decides for the whole tree.
     fast_path: bool | None = None
+    #: The budget each call of this pipeline runs under (set it with :meth:`set_budget`).
+    lm_budget: Any = None
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
 
@@ -260,6 +262,26 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         policy = make_policy(retry=retry, timeout=timeout, repair=repair, fallback=fallback, cache=cache)
         self._default_policy = None if policy.is_empty() else policy
         self._merged_policies = {}
+        return self
+
+    def set_budget(self, budget: Any = None, /, **limits: Any) -> Pipeline:
+        """Run every call of this pipeline under a fresh LM budget (``None`` removes it).
+
+        Takes a :class:`~stageflow.LMBudget` or its fields (``max_calls=``, ``max_tokens=``,
+        ``max_cost=``, ``max_seconds=``, ``degrade=``...). Each call gets its own account, nested in
+        the budgets around it (``with stageflow.budget(...)``, an enclosing pipeline's); an LM call the
+        budget cannot afford raises :class:`~stageflow.BudgetExceeded` naming the stage. Returns the
+        pipeline, so calls can be chained.
+
+        Examples:
+            >>> import dspy, stageflow
+            >>> p = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+            >>> p.set_budget(max_calls=5).lm_budget.max_calls
+            5
+        """
+        from stageflow.budgets.spec import as_budget
+
+        self.lm_budget = as_budget(budget, f"{type(self).__name__}.set_budget", limits)
         return self
 
     # -- contracts ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Fuse before compiling: demos of the original predictors are not carried over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -45,43 +46,72 @@ def _predictor(stage: Any) -> Any:
     return m.predict if isinstance(m, dspy.ChainOfThought) else m
 
 
+_PREDICTORS = ("Predict", "ChainOfThought")
+_ONLY_PREDICTORS = "only dspy.Predict / dspy.ChainOfThought stages without renames or policies can be fused"
+
+
+def _kind(stage: Any) -> str:
+    """The class name a fusion rule is keyed by (a plain ``Stage`` wrapper counts as its module)."""
+    return type(_unwrap(stage)).__name__
+
+
 class StageFusion:
     """Decide whether two adjacent stages can share one LM call, and fuse them.
+
+    As in the tutorial, ``fusion_rules`` maps ``"<first class>_<second class>"`` to a function
+    ``(stage1, stage2) -> fused stage``. It starts with the four ``Predict``/``ChainOfThought`` pairs,
+    fused into one predictor with a combined signature (:meth:`fuse_predictors`, which also checks
+    the pair is safe to fuse: same LM, no demos, no field written twice). Add a rule to fuse your
+    own classes; delete one to keep a pair apart.
 
     Examples:
         >>> import dspy
         >>> f = StageFusion()
+        >>> sorted(f.fusion_rules)[:2]
+        ['ChainOfThought_ChainOfThought', 'ChainOfThought_Predict']
         >>> a, b = dspy.Predict("question -> keywords"), dspy.Predict("question, keywords -> answer")
         >>> f.can_fuse(a, b)
         True
         >>> f.fuse(a, b).signature.signature
         'question -> keywords, answer'
+        >>> del f.fusion_rules["Predict_Predict"]
+        >>> f.why_not(a, b)
+        "StageFusion.fusion_rules has no rule for 'Predict_Predict'"
     """
+
+    def __init__(self) -> None:
+        self.fusion_rules: dict[str, Callable[[Any, Any], Any]] = {
+            f"{x}_{y}": self.fuse_predictors for x in _PREDICTORS for y in _PREDICTORS
+        }
 
     def why_not(self, a: Any, b: Any) -> str | None:
         """Why ``a`` and ``b`` cannot be fused (``None`` when they can)."""
-        pa, pb = _parts(a), _parts(b)
-        if pa is None or pb is None:
-            return "only dspy.Predict / dspy.ChainOfThought stages without renames or policies can be fused"
-        if _predictor(a).lm is not _predictor(b).lm:
-            return "the stages use different LMs"
-        if _predictor(a).demos or _predictor(b).demos:
-            return "the stages have demos (fuse before compiling)"
-        sa, sb = pa[0], pb[0]
-        clash = set(sa.output_fields) & set(sb.output_fields)
-        if clash:
-            return f"both stages write {sorted(clash)}"
-        if set(sb.output_fields) & set(sa.input_fields):
-            return "the second stage writes a field the first one reads"
-        return None
+        key = f"{_kind(a)}_{_kind(b)}"
+        rule = self.fusion_rules.get(key)
+        if rule is None:
+            if _parts(a) is None or _parts(b) is None:
+                return (
+                    "only dspy.Predict / dspy.ChainOfThought stages without renames or policies can be fused"
+                )
+            return f"StageFusion.fusion_rules has no rule for {key!r}"
+        if getattr(rule, "__func__", None) is not StageFusion.fuse_predictors:
+            return None  # the user's own rule decides
+        return _predictors_why_not(a, b)
 
     def can_fuse(self, a: Any, b: Any) -> bool:
-        """Whether ``a`` then ``b`` can become one LM call."""
+        """Whether ``a`` then ``b`` can become one stage (one LM call for predictors)."""
         return self.why_not(a, b) is None
 
     def fuse(self, a: Any, b: Any) -> Any:
-        """One predictor doing the work of ``a`` then ``b`` in a single LM call."""
+        """One stage doing the work of ``a`` then ``b``, made by the matching rule."""
         reason = self.why_not(a, b)
+        if reason is not None:
+            raise ConfigurationError(f"Cannot fuse these stages: {reason}.", code="not_fusable")
+        return self.fusion_rules[f"{_kind(a)}_{_kind(b)}"](a, b)
+
+    def fuse_predictors(self, a: Any, b: Any) -> Any:
+        """One predictor doing the work of ``a`` then ``b`` in a single LM call."""
+        reason = _predictors_why_not(a, b)
         if reason is not None:
             raise ConfigurationError(f"Cannot fuse these stages: {reason}.", code="not_fusable")
         (sa, cot_a), (sb, cot_b) = _parts(a), _parts(b)  # type: ignore[misc]
@@ -100,6 +130,23 @@ class StageFusion:
         if lm is not None:
             _predictor(fused).lm = lm
         return fused
+
+
+def _predictors_why_not(a: Any, b: Any) -> str | None:
+    pa, pb = _parts(a), _parts(b)
+    if pa is None or pb is None:
+        return _ONLY_PREDICTORS
+    if _predictor(a).lm is not _predictor(b).lm:
+        return "the stages use different LMs"
+    if _predictor(a).demos or _predictor(b).demos:
+        return "the stages have demos (fuse before compiling)"
+    sa, sb = pa[0], pb[0]
+    clash = set(sa.output_fields) & set(sb.output_fields)
+    if clash:
+        return f"both stages write {sorted(clash)}"
+    if set(sb.output_fields) & set(sa.input_fields):
+        return "the second stage writes a field the first one reads"
+    return None
 
 
 def fuse(pipeline: Any, fusion: StageFusion | None = None) -> Any:

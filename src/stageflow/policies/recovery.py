@@ -35,6 +35,7 @@ from stageflow.errors import ConfigurationError, ContractError
 from stageflow.policies.transient import causes, explicit_causes, is_retryable, retry_after
 
 if TYPE_CHECKING:
+    from stageflow.budgets.spec import LMBudget
     from stageflow.policies.cache import CachePolicy
 
 __all__ = [
@@ -304,12 +305,14 @@ def make_policy(
     recover: Recover | None = None,
     skip_on: Iterable[type[BaseException]] | None = (),
     cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
+    budget: LMBudget | Mapping[str, Any] | None = None,
 ) -> StagePolicy:
     """Build a :class:`StagePolicy` from friendly arguments.
 
     ``retry`` may be a :class:`RetryPolicy` or an int (max attempts); ``timeout`` a
     :class:`TimeoutPolicy` or seconds; ``repair`` a :class:`RepairPolicy`, an int (max repairs) or
-    ``True``; ``fallback`` a :class:`Fallback`; ``skip_on`` exception types.
+    ``True``; ``fallback`` a :class:`Fallback`; ``skip_on`` exception types; ``budget`` a
+    :class:`~stageflow.LMBudget` or a dict of its fields.
     """
     if isinstance(retry, int) and not isinstance(retry, bool):
         retry = RetryPolicy(max_attempts=retry)
@@ -331,6 +334,10 @@ def make_policy(
         raise ConfigurationError(
             f"skip_on= takes exception types, got {skip_on!r}.", field="skip_on", code="bad_option"
         )
+    if budget is not None:
+        from stageflow.budgets.spec import as_budget
+
+        budget = as_budget(budget, "budget=")
     return StagePolicy(
         retry=_given("retry", retry, RetryPolicy),
         timeout=_given("timeout", timeout, TimeoutPolicy),
@@ -339,6 +346,7 @@ def make_policy(
         recover=recover,
         skip_on=skip,
         cache=_cache_policy(cache),
+        budget=budget,
     )
 
 
@@ -368,6 +376,8 @@ class StagePolicy:
     cache: CachePolicy | None = None
     error_field: str | None = None
     """A result field that, when truthy, reports the stage failed (the tutorial's ``StageOutput.error``)."""
+    budget: LMBudget | None = None
+    """An :class:`~stageflow.LMBudget` each call of the stage (retries included) runs under."""
 
     def merged_over(self, defaults: StagePolicy | None) -> StagePolicy:
         """This policy, with each kind it does not set taken from ``defaults``."""
@@ -384,6 +394,7 @@ class StagePolicy:
             skip_if=self.skip_if or defaults.skip_if,
             cache=self.cache or defaults.cache,
             error_field=self.error_field or defaults.error_field,
+            budget=self.budget or defaults.budget,
         )
 
     def is_empty(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.runtime.fingerprint import program_fingerprint
+from stageflow.runtime.fingerprint import program_fingerprint, stage_changes, stage_fingerprints
 from stageflow.runtime.journal import Journal, JournalError, ScanResult
 from stageflow.runtime.local import LocalExecutor
 from stageflow.runtime.output import write_output
@@ -42,13 +42,24 @@ def _check_contracts(program: Any, scan: ScanResult, source: RecordSource) -> No
             ) from exc
 
 
-def _changes(journal: Journal, scan: ScanResult, fingerprint: str, source: RecordSource) -> list[str]:
+def _changes(
+    journal: Journal, scan: ScanResult, fingerprint: str, stages: dict[str, str], source: RecordSource
+) -> list[str]:
     meta = journal.meta()
     found: list[str] = []
     if meta.get("fingerprint") != fingerprint:
+        planned = journal.stage_fingerprints()
+        which = stage_changes(planned, stages) if planned and stages else ""
+        if not planned or not stages:  # a journal from before they were kept, or no picture
+            which = (
+                "the journal does not record which stage; a signature, instructions, demos, code, "
+                "structure or the model differs"
+            )
+        elif not which:  # every stage is the same: what holds them is not
+            which = "no stage by itself: the pipeline's own settings or the model it is given differ"
         found.append(
-            f"the program changed (fingerprint {meta.get('fingerprint')} when planned, {fingerprint} now: a "
-            "signature, instructions, demos, code, structure or the model differs)"
+            f"the program changed ({which}; fingerprint {meta.get('fingerprint')} when planned, "
+            f"{fingerprint} now)"
         )
     if meta.get("input_digest") != scan.digest:
         d = journal.differences()
@@ -165,6 +176,7 @@ def run_batch(
 
     with dspy.context(**settings):
         fingerprint = program_fingerprint(program)
+        stages = stage_fingerprints(program)
     keep: Any = None
     if journal is None:
         keep = tempfile.TemporaryDirectory(prefix="stageflow-batch-")
@@ -177,7 +189,7 @@ def run_batch(
         _check_contracts(program, scan, source)
         allowed: str | None = None
         if j.has_plan():
-            changes = _changes(j, scan, fingerprint, source)
+            changes = _changes(j, scan, fingerprint, stages, source)
             if changes and not allow_changed:
                 raise JournalError(
                     f"cannot resume from the journal {j.path}: " + "; and ".join(changes) + ". Resuming "
@@ -188,9 +200,9 @@ def run_batch(
                 )
             if changes:
                 allowed = "; ".join(changes)
-                j.apply_scan(scan, fingerprint, source.identity())
+                j.apply_scan(scan, fingerprint, source.identity(), stages)
         else:
-            j.apply_scan(scan, fingerprint, source.identity())
+            j.apply_scan(scan, fingerprint, source.identity(), stages)
         plan = j.plan(retry_failed)
         summary.skipped = plan.total - len(plan.todo)
         run_id = j.begin_run(backend=summary.backend, command=command, allowed_changes=allowed)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS records (
     input_hash TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
+    repeats INTEGER NOT NULL DEFAULT 0,
     outputs TEXT,
     error TEXT,
     usage TEXT,
@@ -117,6 +118,7 @@ class Journal:
                     code="journal_version",
                     hint="finish it with the stageflow that wrote it, or start over with --no-resume",
                 )
+            self._add_missing_columns()
         except sqlite3.DatabaseError as exc:
             self._unlock()
             raise JournalError(
@@ -127,6 +129,17 @@ class Journal:
         except BaseException:
             self._unlock()
             raise
+
+    def _add_missing_columns(self) -> None:
+        """Bring a journal written by an earlier stageflow up to date (same format version).
+
+        ``repeats`` counts the starts of a record that an earlier run left ``running`` (its work was
+        lost). Journals from before it only had ``attempts``, which also counts failed records run
+        again on purpose, so their repeats start at 0.
+        """
+        columns = {row[1] for row in self.con.execute("PRAGMA table_info(records)")}
+        if "repeats" not in columns:
+            self.con.execute("ALTER TABLE records ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
 
     # -- locking ---------------------------------------------------------------------------------
     def _lock(self) -> int | None:
@@ -238,9 +251,16 @@ class Journal:
             "changed": int(changed.fetchone()[0]),
         }
 
-    def apply_scan(self, scan: ScanResult, fingerprint: str, identity: dict[str, Any]) -> None:
+    def apply_scan(
+        self,
+        scan: ScanResult,
+        fingerprint: str,
+        identity: dict[str, Any],
+        stage_fingerprints: dict[str, str] | None = None,
+    ) -> None:
         """Make the scanned input the plan: new records pending, changed ones pending again,
-        removed ones out of the output (kept in the journal); record the fingerprint and digest."""
+        removed ones out of the output (kept in the journal); record the fingerprints (the whole
+        program's and, when given, each stage's) and the input digest."""
         con = self.con
         con.execute("BEGIN")
         try:
@@ -253,8 +273,12 @@ class Journal:
                 "THEN records.status ELSE 'pending' END, "
                 "attempts = CASE WHEN records.input_hash = excluded.input_hash "
                 "THEN records.attempts ELSE 0 END, "
+                "repeats = CASE WHEN records.input_hash = excluded.input_hash "
+                "THEN records.repeats ELSE 0 END, "
                 "input_hash = excluded.input_hash"
             )
+            if stage_fingerprints is not None:
+                self._set_meta(stage_fingerprints=json.dumps(stage_fingerprints, sort_keys=True))
             self._set_meta(
                 fingerprint=fingerprint,
                 input_digest=scan.digest,
@@ -267,6 +291,20 @@ class Journal:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+    def stage_fingerprints(self) -> dict[str, str] | None:
+        """``stage path -> fingerprint`` recorded with the plan; ``None`` for a journal written before
+        they were kept (or without a plan)."""
+        raw = self.meta().get("stage_fingerprints")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        return {str(k): str(v) for k, v in value.items()}
 
     def plan(self, retry_failed: bool) -> Plan:
         """The records to run: pending ones, ones interrupted while running, and failed ones when
@@ -309,10 +347,11 @@ class Journal:
 
     # -- reading results -------------------------------------------------------------------------
     def totals(self) -> dict[str, int]:
-        """Counts over the current plan: records, done, failed, and repeated starts across all runs."""
+        """Counts over the current plan: records, done, failed, and repeated work across all runs (starts
+        of records an earlier run left in flight; failed records retried on purpose are not repeats)."""
         total, done, failed, repeated = self.con.execute(
-            "SELECT COUNT(*), SUM(status = 'done'), SUM(status = 'failed'), "
-            "SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END) FROM records WHERE seq IS NOT NULL"
+            "SELECT COUNT(*), SUM(status = 'done'), SUM(status = 'failed'), SUM(repeats) "
+            "FROM records WHERE seq IS NOT NULL"
         ).fetchone()
         return {"total": total, "done": done or 0, "failed": failed or 0, "repeated": repeated or 0}
 

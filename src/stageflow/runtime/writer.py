@@ -24,7 +24,11 @@ from stageflow.runtime.outcome import Outcome, to_json
 
 __all__ = ["JournalWriter"]
 
-_START = "UPDATE records SET status = 'running', attempts = attempts + 1, run_id = ? WHERE seq = ?"
+# A record still ``running`` when it starts was in flight when an earlier run stopped: a repeat.
+_START = (
+    "UPDATE records SET repeats = repeats + (status = 'running'), status = 'running', "
+    "attempts = attempts + 1, run_id = ? WHERE seq = ?"
+)
 _FINISH = (
     "UPDATE records SET status = ?, outputs = ?, error = ?, usage = ?, elapsed = ?, run_id = ? WHERE seq = ?"
 )

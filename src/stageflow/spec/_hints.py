@@ -2,7 +2,7 @@
 
 Examples:
     >>> file_hint("declare it with Stage(<stage>, writes=['title', 'words'])")
-    'declare it with `writes: [title, words]` on that stage\\'s node'
+    "declare it with `writes: [title, words]` on that stage's node"
     >>> file_hint("feed it from an existing field: Stage(<stage>, inputs={'query': 'text'})")
     "feed it from an existing field: `inputs: {query: text}` on that stage's node"
     >>> file_hint("pass question=... when calling the pipeline")

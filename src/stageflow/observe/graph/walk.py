@@ -95,12 +95,25 @@ class _Walker:
         cluster ``where``."""
         if len(exits) > 1 and len(entries) > 1:
             join = self.g.add_node("", kind="join", cluster=where)
+            self.move_before(join, entries[0], where)
             for src, label in exits:
                 self.g.add_edge(src, join, label)
             exits = [(join, "")]
         for src, label in exits:
             for dst in entries:
                 self.g.add_edge(src, dst, label)
+
+    def move_before(self, ident: str, entry: str, where: str) -> None:
+        """Move ``ident`` among ``where``'s children to just before the one holding node ``entry``, so
+        the children stay in run order (a join point is made after the blocks it joins are drawn)."""
+        kids = self.g.clusters[where].children
+        holder: str | None = entry
+        while holder is not None and holder not in kids:
+            node = self.g.nodes.get(holder)
+            holder = node.cluster if node is not None else self.g.clusters[holder].parent
+        if holder is not None and holder != ident:
+            kids.remove(ident)
+            kids.insert(kids.index(holder), ident)
 
     def chain(self, blocks: Iterable[_Ends], where: str) -> _Ends:
         """Blocks run one after another (an empty block passes through)."""

@@ -111,6 +111,12 @@ def write_report(trace: Any, path: str | os.PathLike[str], *, title: str | None 
     source = str(trace) if isinstance(trace, str | os.PathLike) else ""
     html = render_report(trace, title=title, source=source)
     target = Path(path)
+    if target.is_dir():
+        raise ConfigurationError(
+            f"Cannot write the report to {target}: it is a directory.",
+            code="bad_output",
+            hint=f"name a file, e.g. {target / 'report.html'}",
+        )
     if not target.parent.is_dir():
         raise ConfigurationError(
             f"Cannot write the report to {target}: the directory {target.parent} does not exist.",

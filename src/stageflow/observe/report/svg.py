@@ -1,9 +1,10 @@
 """Inline SVG of a :class:`~stageflow.observe.graph.Graph`, laid out without any library.
 
 The cluster tree already says how to arrange things: a ``column`` cluster stacks its children top
-to bottom in run order, a ``row`` cluster puts alternatives or concurrent work side by side. So the
-layout is a recursive box packing; arrows go from the bottom of one box to the top of the next,
-and a loop's arrow returns along the right side. All text is XML-escaped.
+to bottom in run order (:func:`run_order` puts them so that every arrow but a loop's points down),
+a ``row`` cluster puts alternatives or concurrent work side by side. So the layout is a recursive
+box packing; arrows go from the bottom of one box to the top of the next, and a loop's arrow
+returns along the right side. All text is XML-escaped.
 
 Examples:
     >>> from stageflow.observe.graph import Graph
@@ -23,7 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 from stageflow.observe.graph.model import Graph, clean_text
 from stageflow.observe.graph.render import STYLE
 
-__all__ = ["graph_svg"]
+__all__ = ["graph_svg", "run_order"]
 
 CHAR_W = 6.4  # average width of a 11px sans-serif character
 LINE_H = 14
@@ -53,12 +54,82 @@ def _lines(label: str, detail: str, width: int = MAX_CHARS) -> list[str]:
     return cut
 
 
+def _up(g: Graph, ident: str) -> list[str]:
+    """``ident`` and the clusters holding it, innermost first."""
+    chain = [ident]
+    parent = g.nodes[ident].cluster if ident in g.nodes else g.clusters[ident].parent
+    while parent is not None and parent in g.clusters and parent not in chain:
+        chain.append(parent)
+        parent = g.clusters[parent].parent
+    return chain
+
+
+def run_order(g: Graph) -> dict[str, list[str]]:
+    """Each ``column`` cluster's children, ordered so that every arrow but a loop's points down.
+
+    A cluster lists its children in run order, but a graph saved by an older stageflow may list a
+    join point after the blocks it joins. A child goes after every sibling an arrow comes from;
+    otherwise the listed order is kept (a stable topological sort; arrows going round a cycle are
+    ignored).
+
+    Examples:
+        >>> g = Graph()
+        >>> c = g.add_cluster("P", kind="sequential", path="")
+        >>> a = g.add_node("a", kind="function", cluster=c)
+        >>> b = g.add_node("b", kind="function", cluster=c)
+        >>> g.add_edge(b, a)
+        >>> [g.nodes[k].label for k in run_order(g)[c]]
+        ['b', 'a']
+    """
+    after: dict[str, dict[str, set[str]]] = {}  # cluster -> child -> siblings it must follow
+    for e in g.edges:
+        if e.kind == "loop" or e.source not in g.nodes or e.target not in g.nodes:
+            continue
+        src, dst = _up(g, e.source), _up(g, e.target)
+        common = next((c for c in src if c in dst and c in g.clusters), None)
+        if common is None or g.clusters[common].layout != "column":
+            continue
+        first, then = src[src.index(common) - 1], dst[dst.index(common) - 1]
+        if first != then:
+            after.setdefault(common, {}).setdefault(then, set()).add(first)
+    order: dict[str, list[str]] = {}
+    for cid, c in g.clusters.items():
+        rules = _acyclic(after.get(cid, {}))
+        left, placed = list(c.children), []
+        while left:
+            waiting = set(left)
+            free = next((k for k in left if not (rules.get(k, set()) & waiting)), left[0])
+            left.remove(free)
+            placed.append(free)
+        order[cid] = placed
+    return order
+
+
+def _acyclic(rules: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``rules`` (child -> siblings it must follow) without those between children on one cycle:
+    arrows going round say nothing about which is drawn first."""
+
+    def before(k: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(rules.get(k, ()))
+        while todo:
+            x = todo.pop()
+            if x not in seen:
+                seen.add(x)
+                todo += rules.get(x, ())
+        return seen
+
+    reach = {k: before(k) for k in rules}
+    return {k: {x for x in firsts if k not in reach.get(x, set())} for k, firsts in rules.items()}
+
+
 class _Layout:
     def __init__(self, g: Graph) -> None:
         self.g = g
         self.boxes: dict[str, _Box] = {}
         self.text: dict[str, list[str]] = {}
         self.head: dict[str, float] = {}
+        self.order = run_order(g)
 
     def measure(self, ident: str) -> _Box:
         g = self.g
@@ -74,7 +145,7 @@ class _Layout:
             self.boxes[ident] = box
             return box
         c = g.clusters[ident]
-        kids = [self.measure(k) for k in c.children]
+        kids = [self.measure(k) for k in self.order[ident]]
         if c.layout == "row":
             w = sum(k.w for k in kids) + GAP_ROW * max(0, len(kids) - 1)
             h = max((k.h for k in kids), default=0.0)
@@ -103,16 +174,17 @@ class _Layout:
             inner_x += CLUSTER_PAD
             inner_y += CLUSTER_PAD + self.head[ident]
             inner_w -= 2 * CLUSTER_PAD
-        kids = [self.boxes[k] for k in c.children]
+        children = self.order[ident]
+        kids = [self.boxes[k] for k in children]
         if c.layout == "row":
             total = sum(k.w for k in kids) + GAP_ROW * max(0, len(kids) - 1)
             cx = inner_x + (inner_w - total) / 2
-            for k_id, k in zip(c.children, kids, strict=True):
+            for k_id, k in zip(children, kids, strict=True):
                 self.place(k_id, cx, inner_y)
                 cx += k.w + GAP_ROW
         else:
             cy = inner_y
-            for k_id, k in zip(c.children, kids, strict=True):
+            for k_id, k in zip(children, kids, strict=True):
                 self.place(k_id, inner_x + (inner_w - k.w) / 2, cy)
                 cy += k.h + GAP_COL
 
@@ -136,7 +208,8 @@ def _node_shape(kind: str, b: _Box, fill: str, stroke: str) -> str:
         ]
         return f'<polygon points="{" ".join(f"{_f(a)},{_f(c)}" for a, c in pts)}" {paint}/>'
     if kind == "join":
-        return f'<circle cx="{_f(x + w / 2)}" cy="{_f(y + h / 2)}" r="4" {paint}/>'
+        # The dot fills its box, so the arrows that end at the box touch it.
+        return f'<circle cx="{_f(x + w / 2)}" cy="{_f(y + h / 2)}" r="{_f(w / 2)}" {paint}/>'
     radius = h / 2 if kind in ("start", "end") else 5 if kind == "function" else 2
     return f'<rect x="{_f(x)}" y="{_f(y)}" width="{_f(w)}" height="{_f(h)}" rx="{_f(radius)}" {paint}/>'
 
