@@ -41,6 +41,31 @@ def test_linked_architectures_answer_with_a_candidate(local_lm, architecture: st
     assert result.expected == example.answer
 
 
+def test_who_question_gets_people_and_an_answer_among_them(local_lm) -> None:
+    result = run_demo("Who painted the Mona Lisa?", lm=local_lm, compact=True)
+    candidates = result.steps["candidates"]
+    assert candidates[0] == "Leonardo da Vinci"
+    assert "Italian Renaissance" not in candidates
+    assert result.answer in candidates
+    assert result.lm_calls == 1
+
+
+def test_a_cached_answer_is_not_a_model_call(local_lm) -> None:
+    import dspy
+
+    question = load_devset()[3].question
+    dspy.configure_cache(enable_memory_cache=True, enable_disk_cache=False)
+    local_lm.cache = True
+    try:
+        first = run_demo(question, lm=local_lm, compact=True)
+        again = run_demo(question, lm=local_lm, compact=True)
+    finally:
+        local_lm.cache = False
+    assert (first.lm_calls, first.lm_cache_hits) == (1, 0)
+    assert (again.lm_calls, again.lm_cache_hits) == (0, 1)
+    assert again.answer == first.answer
+
+
 def test_decompose_fills_every_stage(local_lm) -> None:
     example = load_devset()[1]
     result = run_demo(example.question, lm=local_lm, compact=True, architecture="decompose")

@@ -46,7 +46,11 @@ def pick(index: int) -> FakeLM:
         ("When was Dune published?", "year"),
         ("How many bones are in the adult human skeleton?", "number"),
         ("Which river flows through Prague?", "name"),
-        ("Who wrote Dune?", "name"),
+        ("Who wrote Dune?", "person"),
+        ("By whom was Dune written?", "person"),
+        ("Which Italian painter was born in Vinci?", "person"),
+        ("In which city was the painter of Guernica born?", "name"),
+        ("What is the capital of the country where the explorer was born?", "name"),
     ],
 )
 def test_answer_type(question: str, kind: str) -> None:
@@ -67,8 +71,8 @@ def test_numbers_and_years() -> None:
     text = ["Berlin Wall: It was built in 1961 and fell on 9 November 1989, after 100,000 protests."]
     assert candidate_spans("In what year did the Berlin Wall fall?", text) == ["1961", "1989"]
     assert candidate_spans("How many people protested?", text) == ["1961", "9", "1989", "100,000"]
-    assert candidate_spans("Who?", ["Nobody here."], limit=1) == ["Nobody"]
-    assert candidate_spans("Who?", ["A B C D"], limit=2) == ["B C D"]
+    assert candidate_spans("What?", ["Nobody here."], limit=1) == ["Nobody"]
+    assert candidate_spans("What?", ["A B C D"], limit=2) == ["B C D"]
 
 
 def test_propose_reads_linked_passages_first_and_never_proposes_a_bridge() -> None:

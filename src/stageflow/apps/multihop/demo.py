@@ -17,7 +17,6 @@ import dspy
 from stageflow.apps.multihop.adapter import make_adapter
 from stageflow.apps.multihop.architectures import DEFAULT_ARCHITECTURE, build_architecture, get_architecture
 from stageflow.apps.multihop.data import load_devset, match_kind
-from stageflow.apps.multihop.evaluate import count_lm_calls
 from stageflow.apps.multihop.program import stage_name
 from stageflow.observe.profiler import profile
 
@@ -59,7 +58,9 @@ class DemoResult:
 
     ``steps`` holds what the architecture's stages produced, by field: ``passages``, ``linked``,
     ``candidates`` and ``choice_scores`` for the linked architectures; ``sub_questions``, ``facts``
-    and ``passages`` (one list per sub-question) for ``decompose``.
+    and ``passages`` (one list per sub-question) for ``decompose``. ``lm_calls`` counts the calls
+    that reached the model; ``lm_cache_hits`` the answers DSPy's LM cache gave instead (from the
+    run's usage records, :mod:`stageflow.usage`).
     """
 
     question: str
@@ -74,6 +75,7 @@ class DemoResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     expected: str | None = None
     match: str | None = None
+    lm_cache_hits: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what ``stageflow demo --json`` prints)."""
@@ -88,6 +90,7 @@ class DemoResult:
             "prompt_style": self.prompt_style,
             "demos": self.demos,
             "lm_calls": self.lm_calls,
+            "lm_cache_hits": self.lm_cache_hits,
             "seconds": round(self.seconds, 4),
             "stages": self.stages,
         }
@@ -170,9 +173,10 @@ def run_demo(
     program = build_architecture(architecture, corpus=corpus, k=k, compact=compact, demos=shown)
     chosen_adapter = adapter or make_adapter(compact)
     started = time.perf_counter()
-    with dspy.context(lm=lm, adapter=chosen_adapter), profile() as prof, count_lm_calls() as calls:
+    with dspy.context(lm=lm, adapter=chosen_adapter), profile() as prof:
         result = program(question=question)
     seconds = time.perf_counter() - started
+    used = result.run.usage.total  # model calls and LM-cache answers, told apart
     gold = next((ex for ex in load_devset() if ex.question.strip() == question.strip()), None)
     return DemoResult(
         question=question,
@@ -182,7 +186,8 @@ def run_demo(
         prompt_style="compact" if compact else "standard",
         demos=shown if arch.uses_lm else 0,
         seconds=seconds,
-        lm_calls=calls.calls,
+        lm_calls=used.lm_calls,
+        lm_cache_hits=used.lm_cache_hits,
         steps=_steps(result, architecture),
         stages=_stage_table(prof.get_performance_summary(), architecture),
         expected=None if gold is None else str(gold.answer),
@@ -244,8 +249,18 @@ def format_text(result: DemoResult) -> str:
         label = " " * row["depth"] + row["stage"]
         lines.append(f"{label:<26}{row['calls']:>6}{row['seconds'] * 1000:>12.1f}")
     lines.append(f"{'whole program':<26}{'':>6}{result.seconds * 1000:>12.1f}")
-    lines.append(f"{result.lm_calls} model call{'s' if result.lm_calls != 1 else ''}")
+    lines.append(_calls_line(result))
     return "\n".join(lines)
+
+
+def _calls_line(result: DemoResult) -> str:
+    """``1 model call``; answers from DSPy's LM cache are not model calls and are named apart."""
+    line = f"{result.lm_calls} model call{'s' if result.lm_calls != 1 else ''}"
+    hits = result.lm_cache_hits
+    if hits:
+        cached = f"{hits} answer{'s' if hits != 1 else ''} from DSPy's LM cache"
+        line += f" ({cached}; --no-cache to call the model)"
+    return line
 
 
 def fake_lm() -> Any:

@@ -41,7 +41,9 @@ class QuestionResult:
     """One evaluated question.
 
     ``recall`` is the fraction of the example's supporting passages among the passages the program
-    read (``None`` when the program exposes no passages or the example lists none).
+    read (``None`` when the program exposes no passages or the example lists none). ``lm_calls``
+    counts the calls that reached the model: for a stageflow pipeline, from its usage records
+    (answers from DSPy's LM cache left out); for any other program, every call DSPy made.
     """
 
     question: str
@@ -117,7 +119,8 @@ class LMCallCounter(BaseCallback):  # type: ignore[misc]
 
 @contextlib.contextmanager
 def count_lm_calls() -> Iterator[LMCallCounter]:
-    """Count the LM calls DSPy makes inside the block (``counter.calls``).
+    """Count the LM calls DSPy makes inside the block (``counter.calls``), answers from DSPy's LM
+    cache included (a stageflow result's ``run.usage`` tells the two apart).
 
     Examples:
         >>> import dspy
@@ -186,6 +189,14 @@ def _answer(prediction: Any, field: str) -> str:
     return "" if value is None else str(value)
 
 
+def _model_calls(prediction: Any, seen: int) -> int:
+    """LM calls that reached the model: a stageflow result's usage records leave out DSPy's
+    cached answers; for any other program, every call DSPy's callbacks saw (``seen``)."""
+    run = getattr(prediction, "run", None)
+    usage = getattr(run, "usage", None)
+    return int(usage.total.lm_calls) if usage is not None else seen
+
+
 def evaluate_program(
     program: Any,
     examples: Sequence[dspy.Example],
@@ -226,6 +237,7 @@ def evaluate_program(
             started, calls_before = time.perf_counter(), counter.calls
             recall: float | None = None
             error: str | None = None
+            pred: Any = None
             try:
                 pred = program(**ex.inputs())
             except Exception as exc:  # one failed question must not end the evaluation
@@ -242,7 +254,7 @@ def evaluate_program(
                 answer=answer,
                 match=kind,
                 seconds=time.perf_counter() - started,
-                lm_calls=counter.calls - calls_before,
+                lm_calls=_model_calls(pred, counter.calls - calls_before),
                 recall=recall,
                 error=error,
             )
