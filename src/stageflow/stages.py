@@ -434,6 +434,21 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "module" and "inner_ports" in self.__dict__ and value is not self.__dict__.get("module"):
+            # The contract (inputs, outputs, renames, declarations) was computed from the old module
+            # and the pipelines holding this Stage planned with it: a new module would run under a
+            # contract that is not its own (its extra outputs silently dropped, say).
+            raise ConfigurationError(
+                f"Stage({stage_label(self.__dict__['module'])}): its module cannot be replaced once the "
+                "Stage is built; its contract was computed from the old module.",
+                field="module",
+                code="structure_changed",
+                hint="build a new Stage(new_module, ...) and put it where the old one was "
+                "(pipeline.stages[i] = Stage(...))",
+            )
+        super().__setattr__(name, value)
+
     def _policy(
         self,
         retry: RetryPolicy | int | None,
