@@ -22,6 +22,8 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +54,7 @@ __all__ = [
     "Ports",
     "RESERVED_FIELD_NAMES",
     "Stage",
+    "declared_types",
     "describe",
     "stage",
 ]
@@ -433,6 +436,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
+        store = getattr(getattr(self.policy, "cache", None), "persistent", None)
+        if store is not None and hasattr(store, "allow_types"):  # a fresh process reads them back
+            store.allow_types(declared_types(module))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "module" and "inner_ports" in self.__dict__ and value is not self.__dict__.get("module"):
@@ -565,3 +571,27 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"Stage({stage_label(self.module)}, inputs={self.input_map}, outputs={self.output_map})"
+
+
+def declared_types(stage: Any) -> list[type]:
+    """Classes the stage declares it returns (a pydantic/dataclass return annotation, typed
+    signature fields): a fresh process may read them back from the cache file."""
+    found: list[type] = []
+    stack = list(describe(stage).types.values())
+    while isinstance(stage, Stage):
+        stage = stage.module
+    for name in ("output_schema", "output_model"):  # a StandardStage's declared output class
+        stack.append(getattr(stage, name, None))
+    fn = getattr(stage, "fn", None) or getattr(type(stage), "forward", None)
+    with contextlib.suppress(Exception):  # no annotations, or ones that do not resolve
+        stack.append(typing.get_type_hints(fn).get("return"))
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type):
+            if "<locals>" not in t.__qualname__ and (
+                isinstance(getattr(t, "model_fields", None), dict) or dataclasses.is_dataclass(t)
+            ):
+                found.append(t)
+        else:
+            stack.extend(a for a in typing.get_args(t) if a is not Ellipsis)
+    return found

@@ -29,15 +29,43 @@ CHILD = textwrap.dedent(
     def annotated(x: str) -> Answer:
         return Answer(text=x.upper(), tags=[x])
 
+    import stageflow
+
+    class Tagged(stageflow.StageOutput):
+        text: str = ""
+        tags: list[str] = []
+
+    class Tag(stageflow.StandardStage):  # the tutorial's shape: the output class is output_schema
+        output_schema = Tagged
+
+        def process(self, input_data):
+            return {"content": input_data.content, "confidence": 1.0,
+                    "text": input_data.content.upper(), "tags": [input_data.content]}
+
     how = sys.argv[2]
     if how == "annotated":
         cached = CachedStage(stage(annotated), persist_to=sys.argv[1])
     elif how == "declared":
         cached = CachedStage(stage(lambda x: Answer(text=x.upper(), tags=[x])), persist_to=sys.argv[1],
                              persist_types=[Answer])
+    elif how == "standard":
+        cached = CachedStage(Tag(), persist_to=sys.argv[1])
+    elif how == "standard-stage-cache":
+        cached = stageflow.Stage(Tag(), cache=sys.argv[1])
+        runner = SequentialPipeline([cached])  # a Stage's policies apply in a pipeline
     else:
         cached = CachedStage(stage(lambda x: Answer(text=x.upper(), tags=[x])), persist_to=sys.argv[1])
-    out = cached(x="q")
+    if how.startswith("standard"):
+        out = (runner if how == "standard-stage-cache" else cached)(content="q")
+        if how == "standard-stage-cache":
+            store = cached.policy.cache.persistent
+            store.flush()
+            s = store.stats()
+            print(json.dumps({"type": type(out).__name__, "text": out.text, "tags": out.tags,
+                              "hits": s["hits"], "unknown": s["unknown_types"]}))
+            raise SystemExit(0)
+    else:
+        out = cached(x="q")
     cached.cache.persistent.flush()
     stats = cached.get_cache_stats()
     print(json.dumps({"type": type(out).__name__, "text": out.text, "tags": out.tags,
@@ -57,13 +85,15 @@ def run_child(tmp_path: Path, db: Path, how: str) -> dict[str, Any]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("how", ["annotated", "declared"])
+@pytest.mark.parametrize("how", ["annotated", "declared", "standard", "standard-stage-cache"])
 def test_a_declared_model_class_is_read_back_by_a_fresh_process(tmp_path: Path, how: str) -> None:
     db = tmp_path / f"{how}.db"
     first = run_child(tmp_path, db, how)
     second = run_child(tmp_path, db, how)
-    assert first == {"type": "Answer", "text": "Q", "tags": ["q"], "hits": 0, "unknown": 0}
-    assert second == {"type": "Answer", "text": "Q", "tags": ["q"], "hits": 1, "unknown": 0}
+    # a StandardStage's output_schema; through a pipeline, its Result
+    kind = {"standard": "Tagged", "standard-stage-cache": "Result"}.get(how, "Answer")
+    assert first == {"type": kind, "text": "Q", "tags": ["q"], "hits": 0, "unknown": 0}
+    assert second == {"type": kind, "text": "Q", "tags": ["q"], "hits": 1, "unknown": 0}
 
 
 @pytest.mark.integration

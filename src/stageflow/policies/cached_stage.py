@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key, output_problem
-from stageflow.stages import FunctionStage, Stage, describe, stage_label
+from stageflow.stages import FunctionStage, Stage, declared_types, describe, stage_label
 
 __all__ = ["CachedStage"]
 
@@ -57,7 +54,7 @@ class CachedStage(Stage):
         if persist_to is not None:
             from stageflow.policies.stores import SQLiteStore
 
-            declared = _declared_types(underlying_stage)
+            declared = declared_types(underlying_stage)
             persistent = SQLiteStore(persist_to, types=[*persist_types, *declared])
         policy = CachePolicy(MemoryStore(cache_size), persistent)
         underlying_stage, stage_options = _flatten(underlying_stage, stage_options)
@@ -143,28 +140,6 @@ class CachedStage(Stage):
         if store is not None:
             store(out)
         return out
-
-
-def _declared_types(stage: Any) -> list[type]:
-    """Classes the stage declares it returns (a pydantic/dataclass return annotation, typed
-    signature fields): a fresh process may read them back from the cache file."""
-    found: list[type] = []
-    stack = list(describe(stage).types.values())
-    while isinstance(stage, Stage):
-        stage = stage.module
-    fn = getattr(stage, "fn", None) or getattr(type(stage), "forward", None)
-    with contextlib.suppress(Exception):  # no annotations, or ones that do not resolve
-        stack.append(typing.get_type_hints(fn).get("return"))
-    while stack:
-        t = stack.pop()
-        if isinstance(t, type):
-            if "<locals>" not in t.__qualname__ and (
-                isinstance(getattr(t, "model_fields", None), dict) or dataclasses.is_dataclass(t)
-            ):
-                found.append(t)
-        else:
-            stack.extend(a for a in typing.get_args(t) if a is not Ellipsis)
-    return found
 
 
 def _flatten(underlying: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

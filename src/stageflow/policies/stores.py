@@ -105,6 +105,11 @@ class SQLiteStore:
 
     # -- opening -----------------------------------------------------------------------------------
 
+    def allow_types(self, types: Sequence[type]) -> None:
+        """Also decode entries of ``types`` (the classes a stage declares it returns)."""
+        self._types = (*self._types, *(t for t in types if t not in self._types))
+        self._allowed.update({f"{c.__module__}:{c.__qualname__}": c for c in types})
+
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, timeout=min(_BUSY_TIMEOUT, self.lock_timeout), check_same_thread=False
