@@ -109,6 +109,18 @@ class UsageTable:
         self._lock = threading.Lock()
         self._by_path: dict[str, StageUsage] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A result (and its run's table) can be copied and pickled: the lock is not part of it.
+        with self._lock:
+            state = dict(self.__dict__)
+            state["_by_path"] = {k: StageUsage(**v.to_dict()) for k, v in self._by_path.items()}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _entry(self, path: str) -> StageUsage:
         usage = self._by_path.get(path)
         if usage is None:
@@ -143,6 +155,8 @@ class UsageTable:
 
     def absorb(self, prefix: str, other: UsageTable) -> None:
         """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
+        if not other._by_path:  # the usual case for a nested call without LM work: nothing to add
+            return
         with other._lock:
             items = [(k, StageUsage(**v.to_dict())) for k, v in other._by_path.items()]
         with self._lock:

@@ -17,7 +17,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.engine import concurrency
-from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
+from stageflow.engine.boundary import gather_inputs, merge_outputs, missing_at_run_time, private_state
+from stageflow.engine.budget import _BUDGETS, _ROOT
 from stageflow.engine.carry import adopt, release
 from stageflow.engine.concurrency import (
     aenter_leaf,
@@ -30,8 +31,9 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
+from stageflow.engine.nested import acall_nested, call_nested
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
-from stageflow.engine.protocol import DEFAULT_POLICY
+from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
@@ -95,7 +97,7 @@ def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
 def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     """Call the stage (sync); a leaf takes a slot of every concurrency budget in force."""
     if entry.composite:
-        return target(**kw)
+        return call_nested(target, kw)
     slots = leaf_slots()
     if not slots:
         return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
@@ -264,7 +266,7 @@ def _failed_stage(
 ) -> StageflowError | None:
     """Record a failed stage call; ``None`` when a policy lets the run go on, else the error to raise."""
     elapsed = perf_counter() - call.t0
-    run.trace.append(StageRecord(entry.path, elapsed, False))
+    run._trace.append(StageRecord(entry.path, elapsed, False))
     err = _fail(entry, error, prefix)
     _carry_run(entry, err, run)
     if hooks:
@@ -294,8 +296,8 @@ def _finished_stage(
     prefix: str,
 ) -> Any:
     elapsed = perf_counter() - call.t0
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, elapsed, True)))
-    run.stage_outputs[entry.path] = out
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, elapsed, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     if hooks:
         notify(
@@ -319,23 +321,45 @@ def call_stage(
     ``prefix`` is the full path of ``owner`` from the outermost running pipeline. Returns the
     stage's raw output (``None`` when a policy skipped or recovered a failed stage).
 
-    The hot path (a leaf no hook observes) is written out here; everything else goes through the
+    The path no hook observes is written out here, for leaves and nested pipelines alike (the
+    async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
-    if hooks or entry.composite:
+    if hooks:
         return _call_observed(owner, entry, state, run, hooks, prefix)
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target, owner, run)
-    policy = owner.stageflow_policy(entry)
+    target = _getattr(owner, entry.attr)  # _resolve, written out
+    if entry.key is not None:
+        target = target[entry.key]
+    for name in entry.chain:
+        target = _getattr(target, name)
+    if entry.plain_inputs:  # gather_inputs, written out for the common case
+        kw = {}
+        try:
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except KeyError as e:
+            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
+    else:
+        kw = gather_inputs(entry, state, prefix, target, owner, run)
+    # The owner merges pipeline defaults into a stage's policy; with none in force it is the stage's own.
+    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    composite = entry.composite
     token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
+    path_token = _PATH.set(join_path(prefix, entry.path)) if composite else None  # a nested call's prefix
     t0 = perf_counter()
     try:
-        if policy is None:
-            out = _invoke(entry, target, kw)
-        else:
+        if policy is not None:
             out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
+        elif composite:
+            out = call_nested(target, kw)
+        elif entry.plain_call and _BUDGETS.get() is None and _ROOT[0] is None:
+            out = target(**kw)  # no concurrency budget in force: nothing to take a slot of
+        else:
+            out = _invoke(entry, target, kw)
     except Exception as e:
         _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
@@ -343,10 +367,14 @@ def call_stage(
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
         _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         raise
     _STAGE.reset(token)
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run.stage_outputs[entry.path] = out
+    if path_token is not None:
+        _PATH.reset(path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     return out
 
@@ -375,7 +403,7 @@ def _call_observed(
 
 async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.composite:
-        return await _call_async(entry, target, kw)
+        return await acall_nested(target, kw)
     slots = leaf_slots()
     if not slots:
         return await _call_async(entry, target, kw)
@@ -406,24 +434,41 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
 async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    """Async twin of :func:`call_stage` (the same hot path; the same shared bookkeeping otherwise)."""
-    if hooks or entry.composite:
+    """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
+    if hooks:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target, owner, run)
-    policy = owner.stageflow_policy(entry)
+    target = _getattr(owner, entry.attr)
+    if entry.key is not None:
+        target = target[entry.key]
+    for name in entry.chain:
+        target = _getattr(target, name)
+    if entry.plain_inputs:
+        kw = {}
+        try:
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except KeyError as e:
+            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
+    else:
+        kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    composite = entry.composite
     token = _STAGE.set(entry.path)
+    path_token = _PATH.set(join_path(prefix, entry.path)) if composite else None
     t0 = perf_counter()
     try:
-        if policy is None:
-            if entry.direct_acall and not leaf_slots():
-                out = await target.acall(**kw)  # the common case, without extra coroutine frames
-            else:
-                out = await _invoke_async(entry, target, kw)
-        else:
+        if policy is not None:
             out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
+        elif composite:
+            out = await acall_nested(target, kw)
+        elif entry.direct_acall and _BUDGETS.get() is None and _ROOT[0] is None:
+            out = await target.acall(**kw)  # the common case, without extra coroutine frames
+        else:
+            out = await _invoke_async(entry, target, kw)
     except Exception as e:
         _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
@@ -431,10 +476,14 @@ async def acall_stage(
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
         _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         raise
     _STAGE.reset(token)
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run.stage_outputs[entry.path] = out
+    if path_token is not None:
+        _PATH.reset(path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     return out
 
@@ -445,7 +494,9 @@ async def _acall_observed(
     call = _start(owner, entry, state, run, hooks, prefix)
     try:
         if call.policy is None:
-            if entry.composite or (entry.direct_acall and not leaf_slots()):
+            if entry.composite:
+                out = await acall_nested(call.target, call.kw)
+            elif entry.direct_acall and not leaf_slots():
                 out = await call.target.acall(**call.kw)
             else:
                 out = await _invoke_async(entry, call.target, call.kw)
@@ -503,15 +554,18 @@ class _Scope(NamedTuple):
     t0: float
 
 
-def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
-    own = pipeline.stageflow_hooks()
+# A pipeline class that does not override it activates no hooks of its own: not asked on each call.
+_NO_OWN_HOOKS = StageOwner.stageflow_hooks
+
+
+def _begin(pipeline: Pipeline, inputs: dict[str, Any], prefix: str) -> _Scope:
+    own = () if type(pipeline).stageflow_hooks is _NO_OWN_HOOKS else pipeline.stageflow_hooks()
     scoped = _HOOKS.get() + own if own else _HOOKS.get()
     hooks_token = _HOOKS.set(scoped) if own else None
     installed = _GLOBAL[0]
     hooks = installed + scoped if installed else scoped
     defaults = pipeline.stageflow_defaults()
     defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
-    prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
     return tuple.__new__(_Scope, (own, hooks, hooks_token, defaults_token, prefix, perf_counter()))
@@ -536,12 +590,6 @@ def _end(
         _HOOKS.reset(scope.hooks_token)
 
 
-def _initial_state(inputs: dict[str, Any]) -> dict[str, Any]:
-    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
-    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
-    return private_state(inputs) if not _PATH.get() else dict(inputs)
-
-
 def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException) -> None:
     """A pipeline call that raised: the run so far travels with the error; observers hear of it."""
     if isinstance(error, StageflowError):
@@ -560,7 +608,7 @@ def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
     path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
     settings for both); a nested call only points the accounting at its own table (see
     :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
-    if current_table() is not None:
+    if _TABLE.get() is not None:
         return (_TABLE.set(run.usage), None)
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
@@ -586,12 +634,15 @@ def _active_adapter() -> Any:
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
-    state = _initial_state(inputs)
+    prefix = _PATH.get()
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
-    scope = _begin(pipeline, inputs)
+    scope = _begin(pipeline, inputs, prefix)
     opened = _open(pipeline, run)
     try:
-        body(state, run, scope.hooks, scope.prefix)
+        body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
         try:
@@ -600,20 +651,25 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
             release(carried)
         raise
     _close_run(opened)
-    _end(pipeline, scope, state, None)
-    release(carried)
+    if scope.hooks or scope.defaults_token is not None or scope.hooks_token is not None:
+        _end(pipeline, scope, state, None)
+    if carried is not None:
+        release(carried)
     return pipeline.stageflow_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
-    state = _initial_state(inputs)
+    prefix = _PATH.get()
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
-    scope = _begin(pipeline, inputs)
+    scope = _begin(pipeline, inputs, prefix)
     opened = _open(pipeline, run)
     try:
-        await body(state, run, scope.hooks, scope.prefix)
+        await body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
         try:
@@ -622,6 +678,8 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
             release(carried)
         raise
     _close_run(opened)
-    _end(pipeline, scope, state, None)
-    release(carried)
+    if scope.hooks or scope.defaults_token is not None or scope.hooks_token is not None:
+        _end(pipeline, scope, state, None)
+    if carried is not None:
+        release(carried)
     return pipeline.stageflow_result(state, run, scope.own)

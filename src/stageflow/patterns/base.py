@@ -24,6 +24,7 @@ from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.engine.runner import aexecute, execute
 from stageflow.errors import ConfigurationError, ContractError
+from stageflow.patterns._access import wrap_forward
 from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageList
 from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
@@ -84,6 +85,14 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     fast_path: bool | None = None
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
+
+    # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (which
+    # only warns about reading ``forward`` directly; :mod:`._access` keeps that warning).
+    __getattribute__ = object.__getattribute__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        wrap_forward(cls)
 
     def __init__(self, *, strict: bool | None = None) -> None:
         super().__init__()
@@ -152,10 +161,6 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         raise NotImplementedError
 
     # -- the engine protocol (see stageflow.engine.protocol) ---------------------------------------
-    def stageflow_hooks(self) -> tuple[Any, ...]:
-        """Hooks this pipeline activates for its own runs (and nested ones)."""
-        return ()
-
     def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
         """Build the result; ``hooks`` are the ones :meth:`stageflow_hooks` gave this call."""
         return Result(state, run)
@@ -289,6 +294,9 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
 
     def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
+        ports = self._ports
+        if ports is not None and self._ports_version == self._seen_structure == _STRUCTURE_VERSION[0]:
+            return ports  # asked on every call of an enclosing pipeline: nothing changed since
         self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
             self._ports_version = _STRUCTURE_VERSION[0]
@@ -353,3 +361,6 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         from stageflow.observe.graph import to_dot
 
         return to_dot(self)
+
+
+wrap_forward(Pipeline)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stageflow.engine.plan import Scope, StageEntry, build_entry
-from stageflow.engine.runner import aexecute, arun_sequence, execute, run_sequence
+from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.state import Result, RunInfo
@@ -125,10 +125,12 @@ class SequentialPipeline(Pipeline):
 
     def forward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
         """Run the stages; with ``outputs=[...]``, only those the requested fields depend on."""
-        if outputs is None:
-            return super().forward(*args, **inputs)
         if args:
             self._reject_positional(args)
+        if outputs is None:  # Pipeline.forward, written out (every call of a sequence comes here)
+            if not self._is_checked(frozenset(inputs)):
+                self.check(inputs)
+            return execute(self, inputs, self._run)
         self._refresh()
         plan = self._demanded(outputs, inputs)
 
@@ -172,7 +174,8 @@ class SequentialPipeline(Pipeline):
         prefix: str,
     ) -> None:
         """Run these stages in order (every run of this pipeline, demand-driven ones too, comes here)."""
-        run_sequence(self, entries, state, run, hooks, prefix)
+        for entry in entries:  # run_sequence, written out
+            call_stage(self, entry, state, run, hooks, prefix)
 
     async def _arun_entries(
         self,
@@ -183,4 +186,5 @@ class SequentialPipeline(Pipeline):
         prefix: str,
     ) -> None:
         """Async twin of :meth:`_run_entries`."""
-        await arun_sequence(self, entries, state, run, hooks, prefix)
+        for entry in entries:
+            await acall_stage(self, entry, state, run, hooks, prefix)
