@@ -87,19 +87,18 @@ class StageTrace(list):  # type: ignore[type-arg]
         return self.outputs.items()
 
 
-class _Joined:
-    """A nested pipeline's run joined to an enclosing one under ``prefix``, not expanded yet.
+class _Joined(tuple):  # type: ignore[type-arg]
+    """``(prefix, run)``: a nested pipeline's run joined to an enclosing one, not expanded yet.
 
     It sits where the nested run's records belong (in the enclosing run's trace, outputs and
     details) until one of those is read. Joining eagerly re-prefixed every record of the nested
-    run at every level, which made deep nesting quadratic in depth.
+    run at every level, which made deep nesting quadratic in depth. (A tuple made with
+    ``tuple.__new__``, compared and hashed by identity: it is also a placeholder key.)
     """
 
-    __slots__ = ("prefix", "run")
-
-    def __init__(self, prefix: str, run: RunInfo) -> None:
-        self.prefix = prefix
-        self.run = run
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__  # type: ignore[assignment]
 
 
 class RunInfo:
@@ -151,7 +150,8 @@ class RunInfo:
         usage: UsageTable | None = None,
     ) -> None:
         # One is made for every pipeline call and every fan-out branch: kept to plain assignments.
-        self._outputs: dict[Any, Any] = StageKeyed() if stage_outputs is None else stage_outputs
+        # A plain dict until read (a StageKeyed costs more to make; see stage_outputs).
+        self._outputs: dict[Any, Any] = {} if stage_outputs is None else stage_outputs
         self._trace: list[Any] = [] if trace is None else trace
         self.extras: dict[str, Any] = {} if extras is None else extras
         self.events: list[Any] = [] if events is None else events
@@ -163,12 +163,15 @@ class RunInfo:
 
     @property
     def stage_outputs(self) -> dict[str, Any]:
+        outputs = self._outputs
+        if type(outputs) is dict:  # the first read: the tutorial's stage names work from here on
+            outputs = self._outputs = StageKeyed(outputs)
         if self._lazy_outputs:
             self._lazy_outputs = False
-            items = list(self._outputs.items())
-            self._outputs.clear()  # the same dict, refilled: a reference taken earlier stays right
-            _put_outputs(items, "", self._outputs)
-        return self._outputs
+            items = list(outputs.items())
+            outputs.clear()  # the same dict, refilled: a reference taken earlier stays right
+            _put_outputs(items, "", outputs)
+        return outputs
 
     @stage_outputs.setter
     def stage_outputs(self, value: dict[str, Any]) -> None:
@@ -204,7 +207,7 @@ class RunInfo:
     def absorb(self, prefix: str, other: RunInfo) -> None:
         """Add a nested pipeline's (or a fan-out branch's) run to this one, its paths under ``prefix``."""
         if prefix:
-            joined = _Joined(prefix, other)
+            joined = tuple.__new__(_Joined, (prefix, other))
             if self._lazy_trace < 0:
                 self._lazy_trace = len(self._trace)
             self._trace.append(joined)
@@ -245,7 +248,7 @@ class RunInfo:
 def _put_records(records: list[Any], head: str, out: list[Any]) -> None:
     for r in records:
         if type(r) is _Joined:
-            _put_records(list(r.run._trace), f"{head}{r.prefix}.", out)
+            _put_records(list(r[1]._trace), f"{head}{r[0]}.", out)
         elif head:
             out.append(tuple.__new__(StageRecord, (head + r[0], r[1], r[2])))
         else:
@@ -255,7 +258,7 @@ def _put_records(records: list[Any], head: str, out: list[Any]) -> None:
 def _put_outputs(items: list[tuple[Any, Any]], head: str, out: dict[str, Any]) -> None:
     for k, v in items:
         if type(k) is _Joined:
-            _put_outputs(list(k.run._outputs.items()), f"{head}{k.prefix}.", out)
+            _put_outputs(list(k[1]._outputs.items()), f"{head}{k[0]}.", out)
         else:
             out[head + k] = v
 
@@ -264,10 +267,11 @@ def _put_details(items: list[tuple[Any, Any]], head: str, out: dict[str, Any]) -
     """``head`` is the enclosing path without a trailing dot (``""`` at the top)."""
     for k, v in items:
         if type(k) is _Joined:
-            path = f"{head}.{k.prefix}" if head else k.prefix
-            if k.run.extras:
-                out[path] = k.run.extras
-            _put_details(list(k.run._details.items()), path, out)
+            prefix, joined = k
+            path = f"{head}.{prefix}" if head else prefix
+            if joined.extras:
+                out[path] = joined.extras
+            _put_details(list(joined._details.items()), path, out)
         else:
             out[(f"{head}.{k}" if k else head) if head else k] = v
 

@@ -385,16 +385,16 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     if settings_module is None:  # DSPy not loaded: no LM can be called
         return (token, None, None)
     overrides_var = settings_module.thread_local_overrides
-    settings = settings_module.settings
     cls = _TRACKER_CLASS[0]
     if cls is None:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
         _SHARED_TRACKER[0] = cls(None)
     current = overrides_var.get()
     new = settings_module.dotdict(current)
-    parent = settings.usage_tracker
+    main = settings_module.main_thread_config  # (read as DSPy's settings object reads them)
+    parent = current["usage_tracker"] if "usage_tracker" in current else main.get("usage_tracker")
     new["usage_tracker"] = _SHARED_TRACKER[0] if parent is None else cls(parent)
-    callers = settings.caller_modules
+    callers = current["caller_modules"] if "caller_modules" in current else main.get("caller_modules")
     new["caller_modules"] = [_PROBE, *callers] if callers else _PROBE_ONLY
     new[_SETTINGS_KEY] = table
     if adapter is not None:

@@ -46,7 +46,10 @@ def gather_inputs(
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
         ports = target.stageflow_ports()
-        kw = {f: state[f] for f in ports.required if f in state}
+        kw = {}
+        for f in ports.required:
+            if f in state:
+                kw[f] = state[f]
         for f in ports.optional:
             if f in state:
                 kw[f] = state[f]

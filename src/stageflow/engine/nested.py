@@ -16,12 +16,24 @@ DSPy's settings. It takes DSPy's own ``__call__`` / ``acall`` whenever:
 
 A ``forward`` replaced on the instance (GEPA, the tutorial's custom logic) is called, as DSPy calls
 it.
+
+**Attribute access.** ``dspy.Module`` (3.4.1) also overrides ``__getattribute__`` in Python, for one
+purpose: to warn when ``module.forward`` is read from anywhere but ``Module.__call__`` ("Calling
+module.forward(...) directly is discouraged"). That hook runs on *every* attribute read of every
+module — about twenty per pipeline call, each costing more than a stage hop of stageflow's engine.
+Pipelines restore Python's own lookup and keep the warning with :class:`ForwardAccess`, a descriptor
+that wraps each pipeline class's ``forward`` (:func:`wrap_forward`) and warns on the same
+condition; reads that DSPy's hook never saw (``super().forward(...)`` in a subclass's ``forward``)
+do not warn either.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import FunctionType
+import logging
+import sys
+from types import FunctionType, MethodType
 from typing import Any
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
@@ -29,9 +41,59 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
-__all__ = ["acall_nested", "call_nested"]
+__all__ = ["ForwardAccess", "acall_nested", "call_nested", "plain_call", "wrap_forward"]
 
 _getattr = object.__getattribute__
+
+
+# DSPy's logger and message, so the warning reads as it always did.
+_dspy_logger = logging.getLogger("dspy.primitives.module")
+
+
+class ForwardAccess:
+    """A pipeline class's ``forward``: reading it from an instance outside ``__call__`` warns as DSPy
+    does; reading it from the class gives the plain function."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self.fn
+        caller = sys._getframe(1)
+        name = caller.f_code.co_name
+        if name != "__call__" and not (name == "forward" and caller.f_locals.get("self") is obj):
+            # (the second test leaves out super().forward(...) in a subclass's forward, which
+            # DSPy's __getattribute__ does not see)
+            _dspy_logger.warning(
+                f"Calling module.forward(...) on {type(obj).__name__} directly is discouraged. "
+                "Please use module(...) instead."
+            )
+        return MethodType(self.fn, obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def plain_call(*options: str) -> Any:
+    """Mark a pipeline's ``forward`` / ``aforward`` as doing exactly ``stageflow_call(inputs)`` /
+    ``stageflow_acall(inputs)`` when called with keyword inputs none of which is named in ``options``
+    (its own keyword options): the engine then calls the nested pipeline through that entry, without
+    packing the inputs into keywords and unpacking them again."""
+
+    def mark(fn: Any) -> Any:
+        fn._stageflow_options = frozenset(options)
+        return fn
+
+    return mark
+
+
+def wrap_forward(cls: type) -> None:
+    """Wrap the ``forward`` that ``cls`` defines itself (if any) in a :class:`ForwardAccess`."""
+    fn = cls.__dict__.get("forward")
+    if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
+        setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
 #: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`_is_dspys`).
 _KNOWN: dict[str, Any] = {}
 
@@ -71,8 +133,10 @@ def _push(target: Any, name: str) -> Any:
     ):
         return None
     callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
-    # As dspy.context(caller_modules=...) does: every setting in force, frozen for the call.
-    new = _settings.dotdict({**main, **overrides})
+    # dspy.context(caller_modules=...) also copies every global setting into the override; inside a
+    # pipeline call the override already holds them (the outermost call went through DSPy's own
+    # __call__), so a copy of it is the same settings for a third of the cost.
+    new = _settings.dotdict(overrides)
     new["caller_modules"] = [*callers, target] if callers else [target]
     return var.set(new)
 
@@ -88,7 +152,14 @@ def call_nested(target: Any, kw: dict[str, Any]) -> Any:
         patched = _getattr(target, "__dict__").get("forward")
         if patched is not None:
             return patched(**kw)
-        return type(target).forward(target, **kw)
+        cls = type(target)
+        own = cls.__dict__.get("forward")  # (the class's own: read without running the descriptor)
+        if type(own) is not ForwardAccess:
+            return cls.forward(target, **kw)
+        options = getattr(own, "_stageflow_options", None)
+        if options is not None and options.isdisjoint(kw):
+            return target.stageflow_call(kw)
+        return own.fn(target, **kw)
     finally:
         _settings.thread_local_overrides.reset(token)
 
@@ -99,6 +170,10 @@ async def acall_nested(target: Any, kw: dict[str, Any]) -> Any:
     if token is None:
         return await target.acall(**kw)
     try:
+        own = type(target).__dict__.get("aforward")
+        options = getattr(own, "_stageflow_options", None)
+        if options is not None and options.isdisjoint(kw) and "forward" not in _getattr(target, "__dict__"):
+            return await target.stageflow_acall(kw)
         return await _getattr(target, "aforward")(**kw)
     finally:
         _settings.thread_local_overrides.reset(token)

@@ -16,6 +16,9 @@ on a ``dspy.Module`` subclass.
 - ``stageflow_deferred(stage_path, field)``: the stages with undeclared outputs a deferred read
   was expected from (used in the run-time contract error).
 - ``stageflow_failed(run, hooks, error)``: a call raised (observers record what ran).
+- ``stageflow_call(inputs)`` / ``stageflow_acall(inputs)``: what ``forward(**inputs)`` /
+  ``aforward(**inputs)`` do, for a pipeline whose ``forward`` is marked with
+  :func:`~stageflow.engine.nested.plain_call` (the engine calls nested pipelines through them).
 """
 
 from __future__ import annotations

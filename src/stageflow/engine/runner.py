@@ -11,6 +11,7 @@ only built when a hook listens.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from time import perf_counter
@@ -212,7 +213,9 @@ def _start(
         before = table.get(entry.path) if table is not None and not entry.composite else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
     path_token = _PATH.set(path)
-    stage_token = _STAGE.set(entry.path)
+    # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
+    # its own run (its stages set their paths), so it sets none unless a policy may count events.
+    stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None else None
     return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
 
 
@@ -222,7 +225,8 @@ def _new_call(values: tuple[Any, ...]) -> _Call:
 
 def _close(call: _Call) -> None:
     path_token, stage_token = call.tokens
-    _STAGE.reset(stage_token)
+    if stage_token is not None:
+        _STAGE.reset(stage_token)
     _PATH.reset(path_token)
 
 
@@ -344,8 +348,10 @@ def call_stage(
     # The owner merges pipeline defaults into a stage's policy; with none in force it is the stage's own.
     policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
     composite = entry.composite
-    token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
-    path_token = _PATH.set(join_path(prefix, entry.path)) if composite else None  # a nested call's prefix
+    # LM work inside is attributed to this stage (a nested pipeline's stages set their own paths).
+    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    # A nested pipeline's calls are prefixed with this stage's full path (join_path, written out).
+    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -357,7 +363,8 @@ def call_stage(
         else:
             out = _invoke(entry, target, kw)
     except Exception as e:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
         if path_token is not None:
             _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
@@ -366,11 +373,13 @@ def call_stage(
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
         if path_token is not None:
             _PATH.reset(path_token)
         raise
-    _STAGE.reset(token)
+    if token is not None:
+        _STAGE.reset(token)
     if path_token is not None:
         _PATH.reset(path_token)
     run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
@@ -453,8 +462,8 @@ async def acall_stage(
         kw = gather_inputs(entry, state, prefix, target, owner, run)
     policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
     composite = entry.composite
-    token = _STAGE.set(entry.path)
-    path_token = _PATH.set(join_path(prefix, entry.path)) if composite else None
+    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -466,7 +475,8 @@ async def acall_stage(
         else:
             out = await _invoke_async(entry, target, kw)
     except Exception as e:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
         if path_token is not None:
             _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
@@ -475,11 +485,13 @@ async def acall_stage(
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
         if path_token is not None:
             _PATH.reset(path_token)
         raise
-    _STAGE.reset(token)
+    if token is not None:
+        _STAGE.reset(token)
     if path_token is not None:
         _PATH.reset(path_token)
     run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
@@ -558,13 +570,20 @@ class _Scope(NamedTuple):
 _NO_OWN_HOOKS = StageOwner.stageflow_hooks
 
 
+# What a call with no hooks and no defaults sets up: nothing (see _begin).
+_PLAIN = tuple.__new__(_Scope, ((), (), None, None, "", 0.0))
+
+
 def _begin(pipeline: Pipeline, inputs: dict[str, Any], prefix: str) -> _Scope:
     own = () if type(pipeline).stageflow_hooks is _NO_OWN_HOOKS else pipeline.stageflow_hooks()
-    scoped = _HOOKS.get() + own if own else _HOOKS.get()
-    hooks_token = _HOOKS.set(scoped) if own else None
+    context = _HOOKS.get()
     installed = _GLOBAL[0]
-    hooks = installed + scoped if installed else scoped
     defaults = pipeline.stageflow_defaults()
+    if not (own or context or installed or defaults is not None):
+        return _PLAIN  # the common case: nothing to notify, set or undo
+    scoped = context + own if own else context
+    hooks_token = _HOOKS.set(scoped) if own else None
+    hooks = installed + scoped if installed else scoped
     defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
@@ -574,6 +593,8 @@ def _begin(pipeline: Pipeline, inputs: dict[str, Any], prefix: str) -> _Scope:
 def _end(
     pipeline: Pipeline, scope: _Scope, state: dict[str, Any] | None, error: BaseException | None
 ) -> None:
+    if scope is _PLAIN:
+        return
     if scope.hooks:
         notify(
             scope.hooks,
@@ -626,9 +647,10 @@ def _close_run(opened: tuple[Any, ...]) -> None:
 
 
 def _active_adapter() -> Any:
-    import dspy
-
-    return dspy.settings.adapter
+    """``dspy.settings.adapter``, read the way DSPy's settings object reads it."""
+    settings_module = sys.modules["dspy.dsp.utils.settings"]
+    overrides = settings_module.thread_local_overrides.get()
+    return overrides["adapter"] if "adapter" in overrides else settings_module.main_thread_config.get("adapter")
 
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
@@ -651,7 +673,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
             release(carried)
         raise
     _close_run(opened)
-    if scope.hooks or scope.defaults_token is not None or scope.hooks_token is not None:
+    if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:
         release(carried)
@@ -678,7 +700,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
             release(carried)
         raise
     _close_run(opened)
-    if scope.hooks or scope.defaults_token is not None or scope.hooks_token is not None:
+    if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:
         release(carried)

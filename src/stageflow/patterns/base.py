@@ -19,12 +19,12 @@ from typing import Any
 import dspy
 
 from stageflow.engine.config import CONFIG
+from stageflow.engine.nested import plain_call, wrap_forward
 from stageflow.engine.plan import Scope, StageEntry
 from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.engine.runner import aexecute, execute
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.patterns._access import wrap_forward
 from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageList
 from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
@@ -87,7 +87,7 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     _stage_containers: tuple[str, ...] = ()
 
     # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (which
-    # only warns about reading ``forward`` directly; :mod:`._access` keeps that warning).
+    # only warns about reading ``forward`` directly; stageflow.engine.nested keeps that warning).
     __getattribute__ = object.__getattribute__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -325,14 +325,16 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
                 hint=f"call it as pipeline({example})",
             )
 
+    @plain_call()
     def forward(self, *args: Any, **inputs: Any) -> Result:
         """Run the pipeline on ``inputs`` (the initial state); returns a :class:`Result`."""
         if args:
             self._reject_positional(args)
-        if not self._is_checked(frozenset(inputs)):
+        if not self._is_checked(frozenset(inputs)):  # stageflow_call, written out (the outermost call)
             self.check(inputs)
         return execute(self, inputs, self._run)
 
+    @plain_call()
     async def aforward(self, *args: Any, **inputs: Any) -> Result:
         """Async twin of :meth:`forward` (call it as ``await pipeline.acall(...)``)."""
         patched = self._patched_forward()
@@ -340,6 +342,20 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
             return await to_thread(patched, *args, **inputs)  # type: ignore[no-any-return]
         if args:
             self._reject_positional(args)
+        return await self.stageflow_acall(inputs)
+
+    def stageflow_call(self, inputs: dict[str, Any]) -> Result:
+        """``forward(**inputs)``: check the contracts (once per set of input names), run the call.
+
+        The engine calls a nested pipeline through it when the pipeline's ``forward`` is its
+        pattern's own (see :func:`~stageflow.engine.nested.plain_call`).
+        """
+        if not self._is_checked(frozenset(inputs)):
+            self.check(inputs)
+        return execute(self, inputs, self._run)
+
+    async def stageflow_acall(self, inputs: dict[str, Any]) -> Result:
+        """Async twin of :meth:`stageflow_call`."""
         if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)
