@@ -1,4 +1,5 @@
-"""Multi-hop demo answer quality on the shipped dev set, before and after BootstrapFewShot.
+"""The ``decompose`` architecture's answer quality on the shipped dev set, before and after
+BootstrapFewShot (``benchmarks/architectures.py`` compares it with the other architectures).
 
 Runs the real embedded model (SmolLM2-135M on llama.cpp, LM cache off), for each prompt style:
 
@@ -7,7 +8,7 @@ Runs the real embedded model (SmolLM2-135M on llama.cpp, LM cache off), for each
 3. evaluate the compiled program on the dev set.
 
 Optionally (``--labeled-only K``) also with K labeled train demos per predictor and no compiling, which
-is what ``stageflow demo`` does on the local model.
+is what ``stageflow demo --architecture decompose`` does on the local model.
 
 Run: ``python benchmarks/demo_quality.py [--styles standard,compact] [--train 12] [--json out.json]``.
 Prints one Markdown table. On a 2-core machine under load, the compact style took 14.5 min (30 dev

@@ -88,23 +88,61 @@ def test_demo_fake_prints_every_step(capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run_cli(capsys, "demo", "--fake")
     assert code == 0, err
     assert err == ""  # no progress line: stderr is not a terminal
-    for section in ("question", "sub-questions", "facts", "answer", "expected", "decompose", "extract fact"):
+    for section in ("question", "passages", "hop 2", "candidates", "answer", "expected", "retrieve"):
         assert section in out
     assert "telephone" in out
+    assert "architecture linked-choose" in out
+
+
+def test_demo_fake_decompose_prints_every_step(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "demo", "--fake", "--architecture", "decompose")
+    assert code == 0, err
+    for section in ("question", "sub-questions", "facts", "answer", "expected", "decompose", "extract fact"):
+        assert section in out
 
 
 def test_demo_fake_json(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "demo", "--fake", "--json", "--demos", "2", "Where was Jane Austen born?")
     assert code == 0
     data = json.loads(out)
+    assert data["architecture"] == "linked-choose"
     assert data["demos"] == 2
     assert data["question"] == "Where was Jane Austen born?"
+    assert any(p.startswith("Jane Austen: ") for p in data["passages"])
+    assert data["answer"] == data["candidates"][0]  # the fake LM picks the first candidate
+    assert data["expected"] is None
+    assert data["lm_calls"] == 1
+    assert [row["stage"] for row in data["stages"]] == ["retrieve", "candidates", "answer"]
+    assert all(row["seconds"] >= 0 for row in data["stages"])
+
+
+def test_demo_fake_json_decompose(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ("demo", "--fake", "--json", "-a", "decompose", "--demos", "2", "Where was Jane Austen born?")
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    data = json.loads(out)
+    assert data["demos"] == 2
     assert data["sub_questions"] == ["Where was Jane Austen born?"]
     assert "Steventon" in data["facts"][0]
     assert data["answer"]
-    assert data["expected"] is None
     assert next(row["stage"] for row in data["stages"]) == "decompose"
-    assert all(row["seconds"] >= 0 for row in data["stages"])
+
+
+def test_demo_control_needs_no_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STAGEFLOW_MODEL_PATH", "/nonexistent/model.gguf")  # never opened
+    code, out, err = run_cli(capsys, "demo", "--json", "-a", "linked-first")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == "no model"
+    assert data["lm_calls"] == 0
+    assert data["answer"] == data["candidates"][0]
+
+
+def test_demo_unknown_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "demo", "--fake", "-a", "telepathy")
+    _assert_usage_error(code, out, err, "unknown architecture 'telepathy'", "linked-choose")
 
 
 # -- bad input: exit 2 and one readable paragraph -----------------------------------------------------

@@ -1,7 +1,5 @@
 """``python -m stageflow``: the ``stageflow`` command."""
 
-import sys
+from stageflow.cli import entry
 
-from stageflow.cli import main
-
-sys.exit(main())
+entry()

@@ -13,7 +13,8 @@ parsing text::
     │   ├── StageTimeoutError      a stage ran past its TimeoutPolicy (also a ``TimeoutError``)
     │   └── LowConfidenceError     a stage declared its answer too unsure to use (non-critical)
     ├── PipelineError              a pipeline could not finish (e.g. every branch failed)
-    └── LoopLimitError             an iterative pipeline hit ``max_iterations`` and was told to raise
+    ├── LoopLimitError             an iterative pipeline hit ``max_iterations`` and was told to raise
+    └── BudgetExceeded             an LM call was refused: a budget (calls, tokens, cost, time) is spent
 
 Messages follow one recipe: what failed, where (stage path, field), what exists,
 and the call that fixes it.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BudgetExceeded",
     "ConfigurationError",
     "ContractError",
     "LoopLimitError",
@@ -167,3 +169,92 @@ class LowConfidenceError(StageError):
     """
 
     default_code = "low_confidence"
+
+
+class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and users ask for)
+    """An LM call was refused because a budget (:func:`stageflow.budget`, ``Stage(x, budget=...)``,
+    ``pipeline.set_budget(...)``) cannot afford it.
+
+    The message names the stage (once the error leaves it), the budget and which limit, what was
+    spent against the limit, and the fix. Not retryable: a :class:`~stageflow.RetryPolicy` gives up
+    at once, ``Stage(x, skip_on=[BudgetExceeded])`` skips an optional stage instead.
+
+    Attributes:
+        limit_name: ``"max_calls"``, ``"max_tokens"``, ``"max_cost"`` or ``"max_seconds"``.
+        spent: What the budget had used when the call was refused (calls, tokens, dollars, seconds).
+        limit: The limit.
+        needed: What the refused call would have reserved (``0`` for ``max_seconds``).
+        scope: Which budget refused (``"stageflow.budget()"``, ``"the run's budget"``, ...).
+        ledger: The :class:`~stageflow.BudgetLedger` that refused (its spending so far).
+
+    Examples:
+        >>> err = BudgetExceeded.refused("max_calls", spent=3, limit=3, needed=1, scope="stageflow.budget()")
+        >>> print(err.with_path_prefix("stages[1]"))  # doctest: +NORMALIZE_WHITESPACE
+        Stage 'stages[1]' was refused an LM call: stageflow.budget() has spent its max_calls
+        (3 of max_calls=3 LM calls used; this call needs 1 more).
+        Fix: raise max_calls, declare a degradation (LMBudget(..., degrade=stageflow.Degrade(lm=...))),
+        or let an optional stage be skipped: Stage(x, skip_on=[stageflow.BudgetExceeded])
+    """
+
+    default_code = "budget_exceeded"
+
+    limit_name: str = ""
+    spent: float = 0
+    limit: float = 0
+    needed: float = 0
+    scope: str = ""
+    ledger: Any = None
+
+    @classmethod
+    def refused(
+        cls,
+        limit_name: str,
+        *,
+        spent: float,
+        limit: float,
+        needed: float,
+        scope: str,
+        ledger: Any = None,
+        stage_path: str | None = None,
+    ) -> BudgetExceeded:
+        """Build the error for a refused call (the message is composed from these fields)."""
+        err = cls("", stage_path=stage_path, field=limit_name, hint=_budget_hint(limit_name))
+        err.limit_name, err.spent, err.limit, err.needed, err.scope = limit_name, spent, limit, needed, scope
+        err.ledger = ledger
+        err._compose()
+        return err
+
+    def _compose(self) -> None:
+        who = (
+            f"Stage '{self.stage_path}' was refused an LM call"
+            if self.stage_path
+            else "An LM call was refused"
+        )
+        self.message = (
+            f"{who}: {self.scope} has spent its {self.limit_name} "
+            f"({_spent_text(self.limit_name, self.spent, self.limit, self.needed)})."
+        )
+        self.args = (self.message,)
+
+    def with_path_prefix(self, prefix: str) -> StageflowError:
+        """Prepend an enclosing stage path and name it in the message."""
+        super().with_path_prefix(prefix)
+        self._compose()
+        return self
+
+
+def _budget_hint(limit_name: str) -> str:
+    return (
+        f"raise {limit_name}, declare a degradation (LMBudget(..., degrade=stageflow.Degrade(lm=...))), "
+        "or let an optional stage be skipped: Stage(x, skip_on=[stageflow.BudgetExceeded])"
+    )
+
+
+def _spent_text(limit_name: str, spent: float, limit: float, needed: float) -> str:
+    if limit_name == "max_seconds":
+        return f"{spent:.1f} s of max_seconds={limit:g} have passed; no LM call starts after that"
+    if limit_name == "max_cost":
+        more = f"; this call may cost up to {needed:.4f} more" if needed else ""
+        return f"{spent:.4f} of max_cost={limit:g} spent{more}"
+    unit = "LM calls" if limit_name == "max_calls" else "tokens"
+    return f"{spent:,.0f} of {limit_name}={limit:,.0f} {unit} used; this call needs {needed:,.0f} more"

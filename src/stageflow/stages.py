@@ -26,11 +26,25 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import dspy
 
 from stageflow.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import os
+
+    from stageflow.budgets.spec import LMBudget
+    from stageflow.policies.cache import CachePolicy
+    from stageflow.policies.recovery import (
+        Fallback,
+        Recover,
+        RepairPolicy,
+        RetryPolicy,
+        StagePolicy,
+        TimeoutPolicy,
+    )
 
 __all__ = [
     "DeferredField",
@@ -91,6 +105,7 @@ class Ports:
         opaque: For composite stages, paths of inner stages with undeclared outputs: the stage may
             output more fields than ``outputs`` lists.
         deferred: For composite stages, inner reads checked only at run time.
+        hints: For composite stages, a fix to offer first when a required field is missing.
     """
 
     required: tuple[str, ...] = ()
@@ -102,6 +117,7 @@ class Ports:
     partial: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     opaque: tuple[str, ...] = ()
     deferred: tuple[DeferredField, ...] = ()
+    hints: Mapping[str, str] = field(default_factory=dict)
 
 
 def _signature_ports(signature: Any) -> Ports:
@@ -372,6 +388,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         reads: Declare the stage's input names (before renaming).
         writes: Declare the stage's output names (before renaming); needed for modules whose
             ``forward`` returns fields that later stages read.
+        budget: An :class:`~stageflow.LMBudget` (or a dict of its fields) each call of the stage
+            runs under, retries included (nested in the budgets around it).
 
     Examples:
         >>> import dspy, stageflow
@@ -389,13 +407,14 @@ class Stage(dspy.Module):  # type: ignore[misc]
         outputs: Mapping[str, str] | None = None,
         reads: Sequence[str] | None = None,
         writes: Sequence[str] | None = None,
-        retry: Any = None,
-        timeout: Any = None,
-        repair: Any = None,
-        fallback: Any = None,
-        recover: Any = None,
+        retry: RetryPolicy | int | None = None,
+        timeout: TimeoutPolicy | float | None = None,
+        repair: RepairPolicy | int | bool | None = None,
+        fallback: Fallback | Mapping[str, Any] | Callable[..., Any] | None = None,
+        recover: Recover | None = None,
         skip_on: Sequence[type[BaseException]] = (),
-        cache: Any = None,
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
+        budget: LMBudget | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(module, type):
@@ -413,31 +432,47 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.inner_ports = inner
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
-        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache)
+        self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
 
     def _policy(
-        self, retry: Any, timeout: Any, repair: Any, fallback: Any, recover: Any, skip_on: Any, cache: Any
-    ) -> Any:
+        self,
+        retry: RetryPolicy | int | None,
+        timeout: TimeoutPolicy | float | None,
+        repair: RepairPolicy | int | bool | None,
+        fallback: Fallback | Mapping[str, Any] | Callable[..., Any] | None,
+        recover: Recover | None,
+        skip_on: Sequence[type[BaseException]],
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None,
+        budget: LMBudget | Mapping[str, Any] | None = None,
+    ) -> StagePolicy | None:
         from stageflow.policies.recovery import HELD, Fallback, StagePolicy, make_policy
 
+        held: Fallback | None = None
+        given: object = fallback
         if isinstance(fallback, Fallback) and fallback.stage is not None:
-            fallback = fallback.stage
-        if fallback is not None and not isinstance(fallback, Fallback):
-            if isinstance(fallback, Mapping):
-                fallback = Fallback(default=fallback)
-            else:
-                self.fallback_stage = (
-                    fallback if isinstance(fallback, dspy.Module) else FunctionStage(fallback)
-                )
-                fallback = Fallback(stage=HELD)
+            given = fallback.stage  # the wrapper holds the stage itself (so DSPy sees it)
+        if isinstance(given, Fallback):
+            held = given
+        elif isinstance(given, Mapping):
+            held = Fallback(default=given)
+        elif callable(given):
+            self.fallback_stage = given if isinstance(given, dspy.Module) else FunctionStage(given)
+            held = Fallback(stage=HELD)
+        elif given is not None:
+            raise ConfigurationError(
+                f"fallback= takes a stage, a default output mapping or a Fallback, got {given!r}.",
+                field="fallback",
+                code="bad_option",
+            )
         policy = make_policy(
             retry=retry,
             timeout=timeout,
             repair=repair,
-            fallback=fallback,
+            fallback=held,
             recover=recover,
             skip_on=skip_on,
             cache=cache,
+            budget=budget,
         )
         return None if policy == StagePolicy() else policy
 

@@ -98,7 +98,7 @@ class _Joined(tuple):  # type: ignore[type-arg]
 
     __slots__ = ()
     __hash__ = object.__hash__
-    __eq__ = object.__eq__  # type: ignore[assignment]
+    __eq__ = object.__eq__
 
 
 class RunInfo:

@@ -20,7 +20,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import dspy
@@ -106,13 +106,33 @@ class _FakeEngine:
         finally:
             self.owner._exit()
 
-    def stream(self, request: Any) -> Any:
-        from dspy.lm15 import response_to_events
-
-        return response_to_events(self.complete(request))
+    def stream(self, request: Any) -> Iterator[Any]:
+        """The response as stream events, its text in chunks of ``stream_chunk`` characters."""
+        return _chunked(self.complete(request), self.owner.stream_chunk)
 
     def close(self) -> None:
         return None
+
+
+def _chunked(response: Response, size: int) -> Iterator[Any]:
+    """DSPy stream events for ``response``, each text delta split into pieces of ``size`` characters."""
+    from dspy.lm15 import StreamDeltaEvent, TextDelta, response_to_events
+
+    for event in response_to_events(response):
+        delta = getattr(event, "delta", None)
+        if not isinstance(delta, TextDelta) or len(delta.text) <= size:
+            yield event
+            continue
+        for start in range(0, len(delta.text), size):
+            first = start == 0
+            yield StreamDeltaEvent(
+                delta=TextDelta(
+                    text=delta.text[start : start + size],
+                    part_index=delta.part_index,
+                    logprobs=delta.logprobs if first else (),
+                    logprobs_complete=delta.logprobs_complete if first else True,
+                )
+            )
 
 
 class _AsyncFakeEngine:
@@ -134,6 +154,11 @@ class _AsyncFakeEngine:
         finally:
             self.owner._exit()
 
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        """Async twin of the sync engine's ``stream``."""
+        for event in _chunked(await self.complete(request), self.owner.stream_chunk):
+            yield event
+
     async def aclose(self) -> None:
         return None
 
@@ -151,6 +176,17 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         rendezvous: Calls wait (up to ``rendezvous_timeout`` seconds) until this many calls have been in
             progress at once, so a test can prove ``n`` calls overlap without relying on timing
             (``peak_active`` then reaches ``n`` unless something caps concurrency below it).
+        usage: The token usage each call reports: ``"auto"`` (prompt and answer characters / 4),
+            ``None`` (no usage at all, as some servers do), an ``(input_tokens, output_tokens)`` pair,
+            or a callable ``(inputs) -> (input_tokens, output_tokens)``.
+        cost: The cost each call reports (in its response's ``provider_data["cost"]``, which
+            stageflow's usage tables and budgets read); ``None``: no cost.
+        fail_with: A callable ``(call_number) -> Exception | None``: when it returns an exception, that
+            call raises it (e.g. ``dspy.lm15.RateLimitError(retry_after=5)``), after counting the call.
+        cache: Let DSPy's LM cache answer repeated calls (off by default).
+        lm_kwargs: Passed to ``dspy.LM`` (``max_tokens=``, ``temperature=``...).
+        stream_chunk: Under ``dspy.streamify``, the response text arrives in chunks of this many
+            characters (sync and async), so stream listeners see several chunks per field.
 
     Attributes:
         calls: Number of LM calls so far. ``log`` holds ``(output_fields, inputs)`` per call.
@@ -168,6 +204,12 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         rendezvous: int | None = None,
         rendezvous_timeout: float = 5.0,
         model: str = "stageflow-fake/lm",
+        usage: Any = "auto",
+        cost: float | None = None,
+        fail_with: Callable[[int], BaseException | None] | None = None,
+        cache: bool = False,
+        stream_chunk: int = 8,
+        **lm_kwargs: Any,
     ) -> None:
         self.responses = dict(responses or {})
         self.default = default
@@ -175,13 +217,25 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         self.fail_times = fail_times
         self.rendezvous = rendezvous
         self.rendezvous_timeout = rendezvous_timeout
+        self.usage = usage
+        self.cost = cost
+        self.fail_with = fail_with
+        self.reported_tokens = 0
+        if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, int) or stream_chunk < 1:
+            raise ValueError(f"FakeLM: stream_chunk must be an int >= 1, got {stream_chunk!r}")
+        self.stream_chunk = stream_chunk
         self.calls = 0
         self.active = 0
         self.peak_active = 0
         self.log: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         self._lock = threading.Lock()
         super().__init__(
-            model, engine=_FakeEngine(self), async_engine=_AsyncFakeEngine(self), cache=False, num_retries=0
+            model,
+            engine=_FakeEngine(self),
+            async_engine=_AsyncFakeEngine(self),
+            cache=cache,
+            num_retries=0,
+            **lm_kwargs,
         )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeLM:
@@ -202,10 +256,15 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         outputs, inputs = parse_request(system, user)
         with self._lock:
             self.calls += 1
+            number = self.calls
             self.log.append((tuple(outputs), inputs))
             failing = self.calls <= self.fail_times
         if failing:
-            raise RuntimeError(f"FakeLM scripted failure (call {self.calls} of fail_times={self.fail_times})")
+            raise RuntimeError(f"FakeLM scripted failure (call {number} of fail_times={self.fail_times})")
+        if self.fail_with is not None:
+            error = self.fail_with(number)
+            if error is not None:
+                raise error
         values: dict[str, Any] = {}
         for name, type_text in outputs.items():
             script = self.responses.get(name, None)
@@ -227,12 +286,22 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
             model=self.model,
             message=Message.assistant(text),
             finish_reason="stop",
-            usage=Usage(
-                input_tokens=len(system + user) // 4,
-                output_tokens=len(text) // 4,
-                total_tokens=(len(system + user) + len(text)) // 4,
-            ),
+            usage=self._usage(system + user, text, inputs),
+            provider_data=None if self.cost is None else {"cost": self.cost},
         )
+
+    def _usage(self, prompt: str, text: str, inputs: dict[str, Any]) -> Usage:
+        script = self.usage
+        if script is None:
+            return Usage()
+        if script == "auto":
+            pair = (len(prompt) // 4, len(text) // 4)
+        else:
+            pair = script(inputs) if callable(script) else script
+        tin, tout = int(pair[0]), int(pair[1])
+        with self._lock:
+            self.reported_tokens += tin + tout
+        return Usage(input_tokens=tin, output_tokens=tout, total_tokens=tin + tout)
 
 
 @contextlib.contextmanager

@@ -32,8 +32,11 @@ __all__ = [
     "close_run",
     "current_table",
     "metering",
+    "note_lm_wait",
     "open_run",
     "note_policy_event",
+    "reported_cost",
+    "run_events",
     "stage_scope",
     "unwatch_lm_calls",
     "using_table",
@@ -54,6 +57,8 @@ class StageUsage:
         cache_hits: Stage outputs served by stageflow's stage cache (the stage did not run).
         retries: Attempts retried by a :class:`~stageflow.RetryPolicy`.
         repairs: Outputs asked for again by a :class:`~stageflow.RepairPolicy`.
+        limit_wait: Seconds its LM calls waited for a rate limit (:func:`stageflow.rate_limit`) or for
+            calls in flight to settle a budget (:func:`stageflow.budget`).
     """
 
     lm_calls: int = 0
@@ -64,6 +69,7 @@ class StageUsage:
     cache_hits: int = 0
     retries: int = 0
     repairs: int = 0
+    limit_wait: float = 0.0
 
     def add(self, other: StageUsage) -> None:
         """Add ``other``'s counts to this one."""
@@ -76,6 +82,7 @@ class StageUsage:
         self.cache_hits += other.cache_hits
         self.retries += other.retries
         self.repairs += other.repairs
+        self.limit_wait += other.limit_wait
 
     @property
     def total_tokens(self) -> int:
@@ -108,6 +115,10 @@ class UsageTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_path: dict[str, StageUsage] = {}
+        #: The run's ``events`` list and the full path of the pipeline call (set by the engine), so
+        #: what happens inside an LM call (a rate-limit wait, a budget degradation) joins the run.
+        self.events: list[Any] | None = None
+        self.prefix = ""
 
     def __getstate__(self) -> dict[str, Any]:
         # A result (and its run's table) can be copied and pickled: the lock is not part of it.
@@ -152,6 +163,11 @@ class UsageTable:
         with self._lock:
             u = self._entry(path)
             setattr(u, attr, getattr(u, attr) + 1)
+
+    def record_wait(self, path: str, seconds: float) -> None:
+        """Seconds an LM call of stage ``path`` waited for a rate limit or a budget."""
+        with self._lock:
+            self._entry(path).limit_wait += seconds
 
     def absorb(self, prefix: str, other: UsageTable) -> None:
         """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
@@ -266,6 +282,38 @@ def note_policy_event(kind: str) -> None:
         table.record_event(_STAGE.get(), kind)
 
 
+def note_lm_wait(seconds: float) -> None:
+    """Count ``seconds`` an LM call made here waited (rate limit, budget) for the stage running here."""
+    table, path = _where()
+    if table is not None:
+        table.record_wait(path, seconds)
+
+
+def run_events() -> tuple[list[Any] | None, str]:
+    """The events list of the pipeline call running here and the full path of the stage running
+    in it: ``(None, "")`` outside any pipeline call."""
+    table, path = _where()
+    if table is None or table.events is None:
+        return None, ""
+    prefix = table.prefix
+    return table.events, (f"{prefix}.{path}" if prefix and path else prefix or path)
+
+
+def reported_cost(cost: Any, responses: Any) -> float | None:
+    """A call's cost: DSPy's figure, else what the model's responses carry in
+    ``provider_data["cost"]`` (how a custom engine reports one; ``stageflow.testing.FakeLM(cost=...)``
+    does)."""
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        return float(cost)
+    total: float | None = None
+    for response in responses if isinstance(responses, list | tuple) else (responses,):
+        data = getattr(response, "provider_data", None)
+        value = data.get("cost") if isinstance(data, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total = (total or 0.0) + float(value)
+    return total
+
+
 def watch_lm_calls() -> tuple[list[dict[str, Any]], Token[list[dict[str, Any]] | None]]:
     """Start collecting what each LM call made in this context records, until :func:`unwatch_lm_calls`.
 
@@ -341,14 +389,15 @@ class _Sink(list):  # type: ignore[type-arg]
             return
         table, path = _where()
         billed = _BILLED.get()
+        cost = reported_cost(entry.get("cost"), entry.get("response"))
         if table is not None:
-            table.record_history(path, billed, entry.get("cost"))
+            table.record_history(path, billed, cost)
         watch = _WATCH.get()
         if watch is not None:
             watch.append(
                 {
                     "usage": entry.get("usage") or {},
-                    "cost": entry.get("cost"),
+                    "cost": cost,
                     "response_model": entry.get("response_model"),
                     "cache_hit": not billed,
                 }

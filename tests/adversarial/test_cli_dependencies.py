@@ -138,7 +138,9 @@ def test_validate_and_a_served_model_demo_never_import_llama_cpp(tmp_path: Path)
             from stageflow.examples import example_path
 
             codes = [main(["validate", str(example_path("multihop.yaml"))])]
-            argv = ["demo", "--lm", "openai/served", "--api-base", URL, "--json", "--no-cache"]
+            # decompose: its answer is free text (the default architecture only accepts a candidate)
+            argv = ["demo", "-a", "decompose", "--lm", "openai/served", "--api-base", URL, "--json"]
+            argv.append("--no-cache")
             codes.append(main([*argv, "Who wrote Dune?"]))
             loaded = sorted(m for m, mod in sys.modules.items() if m.startswith("llama_cpp") and mod)
             print("CODES", codes, "LLAMA", loaded)

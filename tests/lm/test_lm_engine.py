@@ -16,7 +16,7 @@ import pytest
 from dspy.lm15 import ContextLengthError, Message, Request, TextPart, ThinkingPart, UnsupportedFeatureError
 
 from stageflow.errors import ConfigurationError
-from stageflow.lm import engine as engine_mod
+from stageflow.lm import _models
 from stageflow.lm.engine import AsyncLlamaCppEngine, LlamaCppEngine, default_threads, make_local_lm
 from stageflow.lm.grammar import FIXED_CHAR_CLASS
 
@@ -80,8 +80,8 @@ def gguf(tmp_path) -> Path:
 @pytest.fixture
 def fake(monkeypatch) -> FakeLlama:
     llama = FakeLlama()
-    loaded = engine_mod._LoadedModel(llama=llama, load_seconds=0.0)
-    monkeypatch.setattr(engine_mod, "_load_model", lambda path, n_ctx, n_threads: loaded)
+    loaded = _models.LoadedModel(llama=llama, load_seconds=0.0)
+    monkeypatch.setattr(_models, "load_model", lambda path, n_ctx, n_threads: loaded)
     return llama
 
 
@@ -101,7 +101,7 @@ def test_construction_checks_the_file_but_does_not_load(gguf, monkeypatch):
     def boom(*args):
         raise AssertionError("must not load at construction")
 
-    monkeypatch.setattr(engine_mod, "_load_model", boom)
+    monkeypatch.setattr(_models, "load_model", boom)
     eng = LlamaCppEngine(gguf)
     assert eng.model_path == gguf.resolve()
     assert eng.n_ctx == 4096
@@ -292,7 +292,7 @@ def test_two_engines_on_one_file_share_the_model(gguf, monkeypatch):
     import llama_cpp
 
     monkeypatch.setattr(llama_cpp, "Llama", CountingLlama)
-    monkeypatch.setattr(engine_mod, "_MODELS", {})
+    monkeypatch.setattr(_models, "_MODELS", {})
     a, b = LlamaCppEngine(gguf, n_threads=1), LlamaCppEngine(gguf, n_threads=1)
     a.complete(request())
     b.complete(request())

@@ -313,7 +313,7 @@ async def test_fallback_is_not_called_when_the_stage_succeeds(mode: str) -> None
     assert calls == []
 
 
-def test_a_failing_fallback_stage_raises_its_own_error() -> None:
+def test_a_failing_fallback_stage_names_both_errors_and_keeps_the_original_as_cause() -> None:
     body, _ = failing(ValueError("primary"))
 
     def fb(question: str) -> dict[str, Any]:
@@ -321,7 +321,11 @@ def test_a_failing_fallback_stage_raises_its_own_error() -> None:
 
     with pytest.raises(StageError) as info:
         SequentialPipeline([Stage(body, fallback=fb)])(question="q")
-    assert isinstance(info.value.__cause__, KeyError)
+    assert info.value.code == "fallback_failed"
+    assert isinstance(info.value.__cause__, ValueError)
+    assert isinstance(info.value.__context__, KeyError)
+    assert "ValueError: primary" in str(info.value)
+    assert "KeyError: 'fallback too'" in str(info.value)
 
 
 def test_copied_pipeline_uses_its_own_fallback_stage() -> None:

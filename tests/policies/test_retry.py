@@ -197,11 +197,23 @@ def test_delays_with_jitter_never_exceed_max_delay() -> None:
 async def test_provider_retry_after_is_honoured(mode: str) -> None:
     sleeps = Sleeps()
     body, _ = flaky([lambda: LMRateLimitError("429", model="m", retry_after=7)])
+    retry = policy(sleeps, max_attempts=3, initial_delay=0.1, max_delay=10.0, jitter=0.5, rng=lambda: 0.9)
+    r = await call(SequentialPipeline([Stage(body, retry=retry)]), mode, x="in")
+    assert r.y == "ok"
+    assert sleeps.delays == [7.0]  # not jittered
+    assert r.run.events[0].delay == 7.0
+    assert r.run.events[0].detail == {}
+
+
+async def test_provider_retry_after_is_capped_by_max_delay(mode: str) -> None:
+    sleeps = Sleeps()
+    body, _ = flaky([lambda: LMRateLimitError("429", model="m", retry_after=7)])
     retry = policy(sleeps, max_attempts=3, initial_delay=0.1, max_delay=1.0, jitter=0.5, rng=lambda: 0.9)
     r = await call(SequentialPipeline([Stage(body, retry=retry)]), mode, x="in")
     assert r.y == "ok"
-    assert sleeps.delays == [7.0]  # neither jittered nor capped
-    assert r.run.events[0].delay == 7.0
+    assert sleeps.delays == [1.0]
+    assert r.run.events[0].delay == 1.0
+    assert r.run.events[0].detail == {"retry_after": 7.0}  # what the server asked for stays visible
 
 
 def test_retry_after_found_on_a_wrapped_cause() -> None:

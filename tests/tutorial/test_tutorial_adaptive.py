@@ -136,6 +136,7 @@ async def test_the_default_adapter_picks_and_runs_a_structure(
     assert result.result.content == result.content
     for detail in ("used_structure", "input_analysis", "result"):
         assert detail not in result
+    assert list(pipeline.current_structure) == structure  # the tutorial's attribute: the latest call's
 
 
 def test_the_adapters_methods_answer_as_in_the_tutorial() -> None:

@@ -39,6 +39,7 @@ def test_a_repeated_call_is_a_hit_and_the_stats_count_it() -> None:
     assert hit["summary"] == miss["summary"] == "short summary of rivers"
     stats = stage.get_cache_stats()
     assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, 0.5)
+    assert len(stage.cache) == 1  # the tutorial reads its cache's size with len()
 
 
 def test_the_cache_is_a_true_lru() -> None:

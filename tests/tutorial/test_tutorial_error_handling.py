@@ -222,3 +222,29 @@ async def test_a_standard_stage_that_caught_an_exception_is_recovered(mode: str)
     with pytest.raises(PipelineError) as info:
         await call(unrecovered, mode, content="rivers")
     assert "enrichment service unreachable" in str(info.value)
+
+
+# The tutorial's pipeline decides what to skip in `_should_continue_on_error(error)`; a subclass that
+# overrides it (here with the tutorial's own message test) is honoured.
+class MessageLenient(ErrorHandlingPipeline):
+    def _should_continue_on_error(self, error):
+        non_critical_errors = ["timeout", "low_confidence"]
+        return any(err in str(error).lower() for err in non_critical_errors)
+
+
+class TimeoutMessage(dspy.Module):
+    def forward(self, content):
+        raise RuntimeError("request timeout after 30s")
+
+
+class Append(dspy.Module):
+    def forward(self, content):
+        return dspy.Prediction(content=content + "+ok")
+
+
+async def test_an_overridden_should_continue_on_error_decides_what_is_skipped(mode: str) -> None:
+    lenient = MessageLenient([Append(), TimeoutMessage(), Append()])
+    assert (await call(lenient, mode, content="x")).content == "x+ok+ok"
+    strict = ErrorHandlingPipeline([Append(), TimeoutMessage(), Append()])  # by type: a RuntimeError fails
+    with pytest.raises(PipelineError):
+        await call(strict, mode, content="x")

@@ -13,16 +13,18 @@ Errors are one paragraph on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 
 from stageflow._version import __version__
 from stageflow.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, model_options, report_error
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "entry", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = ("demo", "run", "validate", "graph", "report", "batch")
@@ -73,3 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:
         return report_error(exc, args.command, getattr(args, "debug", False))
+
+
+def entry() -> None:
+    """The console script: :func:`main`, then exit with its code.
+
+    After Ctrl-C, stage calls still running on worker threads cannot be stopped, and Python would
+    wait for them before exiting (a stage sleeping 30 s kept the process alive 30 s). The exit
+    handlers (pending cache writes, journals) run, then the process ends at once.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        busy = [
+            t
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()
+        ]
+        if busy:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            atexit._run_exitfuncs()
+            os._exit(code)
+    sys.exit(code)

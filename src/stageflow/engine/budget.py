@@ -4,6 +4,10 @@
 fan-out may add its own. Caps form a chain through the context, and a leaf call takes one slot of
 every budget in its chain, outermost first. A leaf running inside another leaf (a function stage
 that calls a pipeline) does not take a slot twice, so small caps cannot deadlock.
+
+Not to be confused with *LM budgets* (:func:`stageflow.budget`, :class:`stageflow.LMBudget`,
+:mod:`stageflow.budgets`): those cap how much LM work is done in all (calls, tokens, cost, time);
+this caps how many stage calls run at once.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,6 +14,7 @@ from typing import Any, Literal
 
 from stageflow.engine.config import CONFIG
 from stageflow.engine.pool import note_abandoned, shared_pool
+from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 
 __all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
@@ -181,6 +183,11 @@ class _SyncFanOut:
         return self.stopped and (not self.running or self.policy == "fail_fast" or self.until is not None)
 
 
+def _lent(token: Any, fn: Callable[[contextvars.Context], None], ctx: contextvars.Context) -> None:
+    with lending(token):
+        fn(ctx)
+
+
 def fan_out(
     thunks: Sequence[Callable[[], Any]],
     *,
@@ -201,8 +208,10 @@ def fan_out(
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
     caller_works = timeout is None and until is None and on_error != "fail_fast"
+    token = loop_token()  # under dspy.streamify: pool threads may send chunks to its stream
+    work = run.pull if token is None else functools.partial(_lent, token, run.pull)
     for _ in range(window - 1 if caller_works else window):
-        pool.submit(run.pull, ctx)
+        pool.submit(work, ctx)
     try:
         if caller_works:
             run.pull(ctx)

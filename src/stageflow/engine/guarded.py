@@ -1,6 +1,11 @@
 """Stage calls under policies: timeout, retry, repair and fallback (see ``stageflow.policies``).
 
 Only entries with a policy come here; the plain fast path in :mod:`runner` is untouched.
+
+A timed call first takes its concurrency slots (``stageflow.limits``, fan-out caps), then starts
+its clock: waiting for a slot is not run time. A sync timed call runs on a spare thread
+(:mod:`stageflow.engine.spare`), never on the shared pool its own fan-out may fill; an async one
+sends its blocking parts there too (:func:`~stageflow.engine.pool.spare_threads`).
 """
 
 from __future__ import annotations
@@ -9,16 +14,18 @@ import asyncio
 import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import dspy
 
-from stageflow.engine import concurrency
+from stageflow.engine import concurrency, spare
+from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
 from stageflow.engine.plan import StageEntry, held, join_path
-from stageflow.errors import ContractError, StageError, StageTimeoutError
+from stageflow.engine.pool import note_abandoned, spare_threads
+from stageflow.engine.streaming import lending, loop_token
+from stageflow.errors import ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key
-from stageflow.policies.recovery import PolicyEvent, StagePolicy
+from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
 
@@ -166,6 +173,26 @@ def _timeout_error(path: str, seconds: float) -> StageTimeoutError:
     return err
 
 
+def _fallback_failed(entry: StageEntry, path: str, original: Exception, failed: Exception) -> StageError:
+    """The error for a fallback that could not replace a failure: it names both errors, and the
+    caller raises it ``from`` the original one."""
+
+    def brief(error: Exception) -> str:  # without the error's own "Fix:" line
+        return f"{type(error).__name__}: {error.message if isinstance(error, StageflowError) else error}"
+
+    err = StageError(
+        f"Stage '{path}' ({entry.label}) failed with {brief(original)}; its fallback could not "
+        f"replace the result: {brief(failed)}",
+        stage_path=path,
+        code="fallback_failed",
+        hint="make the fallback return every output the stage declares"
+        if isinstance(failed, ContractError)
+        else "fix the fallback stage (it raised too), or the stage itself",
+    )
+    err.path_is_full = True
+    return err
+
+
 def _fallback_target(owner: Any, entry: StageEntry) -> Any:
     return held(owner, entry).fallback_stage
 
@@ -182,6 +209,38 @@ def guarded_call(
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
     path = join_path(prefix, entry.path)
+    if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
+        opened = _stage_budget(policy, path)
+        try:
+            return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+        finally:
+            _exit_budget(opened)
+    return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+
+
+def _stage_budget(policy: StagePolicy, path: str) -> Any:
+    from stageflow.budgets.scope import enter_budget
+
+    assert policy.budget is not None  # callers check
+    return enter_budget(policy.budget, f"the budget of stage '{path}'")
+
+
+def _exit_budget(opened: Any) -> None:
+    from stageflow.budgets.scope import exit_budget
+
+    exit_budget(opened)
+
+
+def _guarded(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached
@@ -212,14 +271,16 @@ class _Attempts:
         """Seconds to wait before retrying (0 for a repair), or ``None`` to give up."""
         retry, repair = self.policy.retry, self.policy.repair
         tries = self.attempt - self.repairs
-        if retry is not None and tries < retry.max_attempts and retry.retry_on(e):
+        if retry is not None and tries < retry.max_attempts and retry.should_retry(e):
             delay = retry.delay(tries, e)
             if retry.max_elapsed is not None and retry.clock() + delay - self.started > retry.max_elapsed:
-                return None  # the retry budget would be exceeded: give up now
-            self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay))
+                return None  # the wait would end past the time budget: give up now, never wait it out
+            hinted = retry_after(e)
+            detail = {"retry_after": hinted} if hinted is not None and hinted > delay else {}
+            self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay, detail))
             note_policy_event("retry")
             return delay
-        if repair is not None and self.repairs < repair.max_repairs and repair.repair_on(e):
+        if repair is not None and self.repairs < repair.max_repairs and repair.should_repair(e):
             self.repairs += 1
             self.feedback = str(e)[:500]
             self.run.events.append(PolicyEvent(self.path, "repair", self.attempt, _describe(e)))
@@ -265,9 +326,12 @@ def _attempts(
                 fallback = state.give_up(e)
                 if fallback is None:
                     raise
-                if fallback.default is not None:
-                    return dict(fallback.default)
-                return _fallback_target(owner, entry)(**kw)
+                try:
+                    if fallback.default is not None:
+                        return _check_declared(entry, dict(fallback.default), path)
+                    return _check_declared(entry, _fallback_target(owner, entry)(**kw), path)
+                except Exception as failed:
+                    raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
                 policy.retry.sleep(delay)
 
@@ -276,20 +340,33 @@ def _with_timeout(
     entry: StageEntry,
     target: Any,
     kw: dict[str, Any],
-    timeout: Any,
+    timeout: TimeoutPolicy | None,
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
     if timeout is None:
         return invoke(entry, target, kw)
     ctx = contextvars.copy_context()
-    future = concurrency.shared_pool().submit(ctx.run, invoke, entry, target, kw)
-    try:
-        return future.result(timeout=timeout.seconds)
-    except FutureTimeout:
-        if not future.cancel():  # already running: its thread cannot be stopped
-            concurrency.note_abandoned()
-        raise _timeout_error(path, timeout.seconds) from None
+    slots = () if entry.composite else leaf_slots()
+    if slots:
+        ctx.run(enter_leaf, slots)  # wait for the concurrency slots here, before the clock starts
+
+    token = loop_token()  # under dspy.streamify: the spare thread may send chunks to its stream
+
+    def call() -> Any:
+        try:
+            with lending(token):
+                return ctx.run(invoke, entry, target, kw)  # the slots are held: invoke takes none
+        finally:
+            for budget in reversed(slots):  # freed when the call ends, even after it was abandoned
+                budget.release()
+
+    return spare.call_within(
+        call,
+        timeout.seconds,
+        on_abandon=note_abandoned,
+        timeout_error=lambda: _timeout_error(path, timeout.seconds),
+    )
 
 
 async def aguarded_call(
@@ -304,6 +381,25 @@ async def aguarded_call(
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
     path = join_path(prefix, entry.path)
+    if policy.budget is not None:
+        opened = _stage_budget(policy, path)
+        try:
+            return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+        finally:
+            _exit_budget(opened)
+    return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+
+
+async def _aguarded(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    path: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
     cached, store = _from_cache(policy, path, target, kw, run)
     if cached is not _MISS:
         return cached
@@ -340,28 +436,42 @@ async def _aattempts(
                 fallback = state.give_up(e)
                 if fallback is None:
                     raise
-                if fallback.default is not None:
-                    return dict(fallback.default)
-                fb = _fallback_target(owner, entry)
-                return (
-                    await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
-                )
+                try:
+                    return _check_declared(entry, await _afallback(owner, entry, kw, fallback), path)
+                except Exception as failed:
+                    raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
                 await (policy.retry.asleep or asyncio.sleep)(delay)
+
+
+async def _afallback(owner: Any, entry: StageEntry, kw: dict[str, Any], fallback: Fallback) -> Any:
+    if fallback.default is not None:
+        return dict(fallback.default)
+    fb = _fallback_target(owner, entry)
+    return await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
 
 
 async def _awith_timeout(
     entry: StageEntry,
     target: Any,
     kw: dict[str, Any],
-    timeout: Any,
+    timeout: TimeoutPolicy | None,
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
     if timeout is None:
         return await invoke(entry, target, kw)
+    slots = () if entry.composite else leaf_slots()
+    token = await aenter_leaf(slots) if slots else None  # waiting for a slot is not run time
+    clock = asyncio.timeout(timeout.seconds)
     try:
-        async with asyncio.timeout(timeout.seconds):
-            return await invoke(entry, target, kw)
+        with spare_threads():  # a blocking part neither waits for nor keeps a shared-pool worker
+            async with clock:
+                return await invoke(entry, target, kw)
     except TimeoutError:
-        raise _timeout_error(path, timeout.seconds) from None
+        if clock.expired():
+            raise _timeout_error(path, timeout.seconds) from None
+        raise  # the stage itself raised a TimeoutError
+    finally:
+        if token is not None:
+            exit_leaf(slots, token)

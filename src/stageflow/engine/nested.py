@@ -33,8 +33,9 @@ import functools
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 from types import FunctionType, MethodType
-from typing import Any
+from typing import Any, TypeVar
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 
@@ -44,6 +45,7 @@ _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 __all__ = ["ForwardAccess", "acall_nested", "call_nested", "plain_call", "wrap_forward"]
 
 _getattr = object.__getattribute__
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 # DSPy's logger and message, so the warning reads as it always did.
@@ -76,14 +78,14 @@ class ForwardAccess:
         return self.fn(*args, **kwargs)
 
 
-def plain_call(*options: str) -> Any:
+def plain_call(*options: str) -> Callable[[_F], _F]:
     """Mark a pipeline's ``forward`` / ``aforward`` as doing exactly ``stageflow_call(inputs)`` /
     ``stageflow_acall(inputs)`` when called with keyword inputs none of which is named in ``options``
     (its own keyword options): the engine then calls the nested pipeline through that entry, without
     packing the inputs into keywords and unpacking them again."""
 
-    def mark(fn: Any) -> Any:
-        fn._stageflow_options = frozenset(options)
+    def mark(fn: _F) -> _F:
+        fn._stageflow_options = frozenset(options)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -94,6 +96,8 @@ def wrap_forward(cls: type) -> None:
     fn = cls.__dict__.get("forward")
     if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
         setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
+
+
 #: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`_is_dspys`).
 _KNOWN: dict[str, Any] = {}
 

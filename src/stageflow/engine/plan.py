@@ -212,6 +212,9 @@ class Scope:
     owner: Any = None
     closed: bool = False
     deferred: list[DeferredField] = field(default_factory=list)
+    #: field -> the first fix to offer when it is missing (a pattern knows better than the generic
+    #: hint: a ForEach names its ``item=``); shared by copies, like ``missing``.
+    hints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def start(cls, inputs: Any, *, strict: bool, owner: Any = None, closed: bool = False) -> Scope:
@@ -230,6 +233,7 @@ class Scope:
             self.owner,
             self.closed,
             self.deferred,
+            self.hints,
         )
 
     def narrow(self, paths: list[Scope], labels: list[str]) -> None:
@@ -357,8 +361,18 @@ class Scope:
         close = difflib.get_close_matches(f, avail, n=1, cutoff=0.5)
         source = close[0] if close else (avail[0] if avail else "some_field")
         fixes = [f"pass {f}=... when calling the pipeline", f"produce '{f}' in a stage before '{path}'"]
+        if f in entry.ports.hints:
+            fixes.insert(0, entry.ports.hints[f])
         if avail:
-            fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
+            # The stage's own parameter reading `f` (it differs when the stage renames its inputs).
+            param = next((p for p, sf in (*entry.in_pairs, *entry.opt_pairs) if sf == f), f)
+            if param != f:
+                fixes.append(
+                    f"feed its parameter '{param}' from an existing field: change its "
+                    f"inputs={{'{param}': '{f}'}} to inputs={{'{param}': '{source}'}}"
+                )
+            else:
+                fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{source}'}})")
         partial = ""
         if f in self.partial:
             have, lack = self.partial[f]

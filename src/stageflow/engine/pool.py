@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from stageflow.engine import spare
 from stageflow.engine.config import CONFIG, on_change
+from stageflow.engine.streaming import lending, loop_token
 
 __all__ = [
     "abandoned_threads",
@@ -20,6 +23,7 @@ __all__ = [
     "on_background_loop",
     "run_on_background_loop",
     "shared_pool",
+    "spare_threads",
     "to_thread",
 ]
 
@@ -61,7 +65,33 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     """
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
-    return await loop.run_in_executor(shared_pool(), functools.partial(ctx.run, fn, *args, **kwargs))
+    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    token = loop_token()  # under dspy.streamify: the thread may send chunks to its stream
+    if token is not None:
+        call = functools.partial(_lent, token, call)
+    if _SPARE.get():
+        return await spare.acall(call, on_abandon=note_abandoned)
+    return await loop.run_in_executor(shared_pool(), call)
+
+
+def _lent(token: Any, call: Callable[[], Any]) -> Any:
+    with lending(token):
+        return call()
+
+
+_SPARE: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_spare_threads", default=False)
+
+
+@contextlib.contextmanager
+def spare_threads() -> Iterator[None]:
+    """Inside the block, :func:`to_thread` runs calls on spare threads (:mod:`stageflow.engine.spare`)
+    instead of the shared pool: a call under a time limit neither waits for a pool worker nor keeps
+    one when it is abandoned."""
+    token = _SPARE.set(True)
+    try:
+        yield
+    finally:
+        _SPARE.reset(token)
 
 
 def abandoned_threads() -> int:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from stageflow.budgets._state import GATES, SKIP
 from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs, missing_at_run_time, private_state
 from stageflow.engine.budget import _BUDGETS, _ROOT
@@ -142,7 +143,7 @@ def _recovered(
     prefix: str,
 ) -> bool:
     """Apply ``skip_on`` / ``recover``; ``True`` when the run may go on without the stage."""
-    if policy is None or not (policy.skip_on or policy.recover):
+    if policy is None or not (policy.skip_on or policy.skip_if or policy.recover):
         return False
     path = join_path(prefix, entry.path)
     detail = {
@@ -152,12 +153,8 @@ def _recovered(
         "error_type": type(original).__name__,
         "message": str(original),
     }
-    chain = causes(original)
-    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in chain):
-        run.events.append(
-            PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
-        )
-        return True
+    # As in the tutorial: the recovery strategy first; a non-critical error is skipped only when
+    # there is none or it did not recover (a strategy that raises fails the run).
     if policy.recover is not None:
         try:
             new_state = policy.recover(original, dict(state))
@@ -180,10 +177,22 @@ def _recovered(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
             )
             return True
+    if "recovery_error" not in detail and _skips(policy, original):
+        run.events.append(
+            PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
+        )
+        return True
     run.events.append(
         PolicyEvent(path, "failed", error=f"{type(original).__name__}: {original}", detail=detail)
     )
     return False
+
+
+def _skips(policy: StagePolicy, error: BaseException) -> bool:
+    """Whether the policy lets the run go on without the failed stage (a non-critical error)."""
+    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in causes(error)):
+        return True
+    return policy.skip_if is not None and bool(policy.skip_if(error))
 
 
 class _Call(NamedTuple):
@@ -255,6 +264,7 @@ def _minus(a: StageUsage, b: StageUsage) -> StageUsage:
         a.cache_hits - b.cache_hits,
         a.retries - b.retries,
         a.repairs - b.repairs,
+        a.limit_wait - b.limit_wait,
     )
 
 
@@ -329,6 +339,15 @@ def call_stage(
     async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
+    if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
+        from stageflow.budgets.scope import lm_swapped, stage_gate
+
+        gate = stage_gate(join_path(prefix, entry.path), run.events)
+        if gate is SKIP:
+            return None
+        if gate is not None:
+            with lm_swapped(gate):
+                return _call_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return _call_observed(owner, entry, state, run, hooks, prefix)
     target = _getattr(owner, entry.attr)  # _resolve, written out
@@ -444,6 +463,15 @@ async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
+    if GATES[0]:
+        from stageflow.budgets.scope import lm_swapped, stage_gate
+
+        gate = stage_gate(join_path(prefix, entry.path), run.events)
+        if gate is SKIP:
+            return None
+        if gate is not None:
+            with lm_swapped(gate):
+                return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
     target = _getattr(owner, entry.attr)
@@ -624,33 +652,56 @@ def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseExceptio
 _FAST: ContextVar[bool] = ContextVar("stageflow_fast_path", default=False)
 
 
-def _open(pipeline: Pipeline, run: RunInfo) -> tuple[Any, ...]:
+def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     """The outermost call connects DSPy's LM accounting to the run's usage table and, with the fast
     path on, gives its predictors the fast twin of the active adapter (one override of DSPy's
     settings for both); a nested call only points the accounting at its own table (see
-    :mod:`stageflow.usage`). Returns what :func:`_close_run` undoes."""
+    :mod:`stageflow.usage`). A pipeline with a run budget opens it. Returns what :func:`_close_run`
+    undoes."""
+    table = run.usage
+    table.events = run.events  # what happens inside LM calls (waits, degradations) joins the run
+    table.prefix = prefix
+    spec = pipeline.lm_budget
+    budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
     if _TABLE.get() is not None:
-        return (_TABLE.set(run.usage), None)
+        return (_TABLE.set(table), None, budget)
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
     adapter = fast_adapter_for(_active_adapter()) if fast else None
-    return (_FAST.set(fast), open_run(run.usage, adapter))
+    return (_FAST.set(fast), open_run(table, adapter), budget)
+
+
+def _enter_budget(spec: Any, scope: str) -> Any:
+    from stageflow.budgets.scope import enter_budget
+
+    return enter_budget(spec, scope)
+
+
+def _run_scope(pipeline: Pipeline, prefix: str) -> str:
+    where = f" at '{prefix}'" if prefix else ""
+    return f"the run budget of {type(pipeline).__name__}{where}"
 
 
 def _close_run(opened: tuple[Any, ...]) -> None:
-    token, outer = opened
+    token, outer, budget = opened
     if outer is None:
         _TABLE.reset(token)
-        return
-    close_run(outer)
-    _FAST.reset(token)
+    else:
+        close_run(outer)
+        _FAST.reset(token)
+    if budget is not None:
+        from stageflow.budgets.scope import exit_budget
+
+        exit_budget(budget)
 
 
 def _active_adapter() -> Any:
     """``dspy.settings.adapter``, read the way DSPy's settings object reads it."""
     settings_module = sys.modules["dspy.dsp.utils.settings"]
     overrides = settings_module.thread_local_overrides.get()
-    return overrides["adapter"] if "adapter" in overrides else settings_module.main_thread_config.get("adapter")
+    if "adapter" in overrides:
+        return overrides["adapter"]
+    return settings_module.main_thread_config.get("adapter")
 
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
@@ -662,7 +713,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs, prefix)
-    opened = _open(pipeline, run)
+    opened = _open(pipeline, run, prefix)
     try:
         body(state, run, scope.hooks, prefix)
     except BaseException as e:
@@ -689,7 +740,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
     scope = _begin(pipeline, inputs, prefix)
-    opened = _open(pipeline, run)
+    opened = _open(pipeline, run, prefix)
     try:
         await body(state, run, scope.hooks, prefix)
     except BaseException as e:

@@ -5,7 +5,9 @@ imported or loaded when first used.
 
 * :func:`resolve_lm` — ``None``/``"local"``/``"local:/x.gguf"``/``"openai/..."`` → a DSPy LM.
 * :func:`make_local_lm` — a ``dspy.LM`` over an in-process GGUF model (SmolLM2 by default).
-* :class:`LlamaCppEngine` / :class:`AsyncLlamaCppEngine` — the DSPy 3.4 engines behind it.
+* :class:`LlamaCppEngine` / :class:`AsyncLlamaCppEngine` — the DSPy 3.4 engines behind it: a grammar
+  for every JSON schema, one prompt-prefix cache per predictor (:mod:`stageflow.lm.prefix`) and token
+  log-probabilities (:mod:`stageflow.lm.logprobs`).
 * :func:`find_model_path` — where the GGUF weights are.
 """
 

@@ -16,30 +16,30 @@ Facts this module is built on (measured with SmolLM2-135M on a 2-core machine):
   (ggml's spin barriers), so the default leaves one core free.
 * Weights load once per process and path: engines, copies of LMs and deep copies of programs share
   the loaded model (and its lock).
+* llama.cpp reuses only the prompt prefix shared with the previous call, so alternating predictors
+  re-process their system prompts and demos on every call. Each loaded model keeps a
+  :class:`~stageflow.lm.prefix.PrefixCache`: one KV snapshot per prompt prefix (per predictor),
+  restored before a call with that prefix. Outputs are unchanged, byte for byte.
+* ``logprobs`` come from a logits processor (:mod:`stageflow.lm.logprobs`), not from llama.cpp's
+  ``logits_all`` mode, which would keep 800 MB of logits for a 4096-token context.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import re
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Generator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dspy
-from dspy.clients.engines.base import validate_request
 from dspy.lm15 import (
-    ContextLengthError,
     Message,
     Request,
     Response,
@@ -47,19 +47,23 @@ from dspy.lm15 import (
     StreamEndEvent,
     StreamStartEvent,
     TextDelta,
-    TextPart,
-    ThinkingPart,
     UnsupportedFeatureError,
     Usage,
 )
 
 from stageflow.errors import ConfigurationError
+from stageflow.lm import _models
 from stageflow.lm import grammar as _grammar
 from stageflow.lm._locate import find_model_path
+from stageflow.lm._messages import PROVIDER, generation_kwargs, translate_error
+from stageflow.lm._models import THREADS_ENV, LoadedModel, default_threads
+from stageflow.lm.logprobs import LogprobRecorder
+from stageflow.lm.prefix import DEFAULT_PREFIX_SLOTS, prefix_key
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_N_CTX",
+    "DEFAULT_PREFIX_SLOTS",
     "THREADS_ENV",
     "AsyncLlamaCppEngine",
     "LlamaCppEngine",
@@ -69,138 +73,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-THREADS_ENV = "STAGEFLOW_LM_THREADS"
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_REPEAT_PENALTY = 1.1
 LLAMA_CPP_INSTALL_COMMAND = (
     'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install "llama-cpp-python==0.3.36"'
 )
-_PROVIDER = "llama.cpp"
-
-
-def default_threads() -> int:
-    """Threads for llama.cpp: ``$STAGEFLOW_LM_THREADS``, else one fewer than the usable cores (1..4)."""
-    raw = os.environ.get(THREADS_ENV, "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigurationError(
-                f"${THREADS_ENV} must be a positive integer, got {raw!r}.",
-                code="bad_setting",
-                hint=f"set e.g. {THREADS_ENV}=1, or unset it to use cores - 1",
-            )
-        return value
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, min(4, cores - 1))
-
-
-# -- the process-wide model registry ------------------------------------------------------------
-
-
-@dataclass
-class _LoadedModel:
-    """One llama.cpp context. ``lock`` must be held for every use of ``llama``."""
-
-    llama: Any
-    load_seconds: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-# Keyed by process id too: a forked child must not reuse its parent's llama context (or a lock the
-# parent held at fork time).
-_MODELS: dict[tuple[int, str, int, int], _LoadedModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-@atexit.register
-def _close_models() -> None:
-    """Free every llama.cpp context before the interpreter tears modules down (llama-cpp-python's
-    own finaliser fails once its globals are gone, printing a stray traceback at exit)."""
-    with _MODELS_LOCK:
-        models = list(_MODELS.values())
-        _MODELS.clear()
-    for loaded in models:
-        with loaded.lock, contextlib.suppress(Exception):
-            loaded.llama.close()
-
-
-def _load_model(path: Path, n_ctx: int, n_threads: int) -> _LoadedModel:
-    key = (os.getpid(), str(path), n_ctx, n_threads)
-    with _MODELS_LOCK:
-        loaded = _MODELS.get(key)
-        if loaded is not None:
-            return loaded
-        from llama_cpp import Llama
-
-        started = time.perf_counter()
-        try:
-            llama = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ConfigurationError(
-                f"llama.cpp could not load the model {path}: {exc}",
-                code="bad_model_file",
-                hint="check that the file is a complete GGUF model supported by llama-cpp-python 0.3.36",
-            ) from exc
-        loaded = _LoadedModel(llama=llama, load_seconds=time.perf_counter() - started)
-        _MODELS[key] = loaded
-        return loaded
-
-
-# -- request translation ------------------------------------------------------------------------
-
-
-def _text_parts(parts: Any, where: str) -> str:
-    texts: list[str] = []
-    for j, part in enumerate(parts):
-        if isinstance(part, TextPart):
-            texts.append(part.text)
-        elif isinstance(part, ThinkingPart):
-            continue  # a demo's hidden reasoning is not replayed to the model
-        else:
-            raise UnsupportedFeatureError(
-                f"the local llama.cpp engine reads text only; {where}.parts[{j}] is {type(part).__name__}",
-                feature=f"{where}.parts[{j}]",
-                provider=_PROVIDER,
-            )
-    return "\n".join(texts)
-
-
-def _chat_messages(request: Request) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
-    if request.system is not None:
-        system = request.system if isinstance(request.system, str) else _text_parts(request.system, "system")
-        messages.append({"role": "system", "content": system})
-    for i, message in enumerate(request.messages):
-        if message.role == "tool":
-            raise UnsupportedFeatureError(
-                "the local llama.cpp engine does not support tool calls",
-                feature=f"messages[{i}]",
-                provider=_PROVIDER,
-            )
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": _text_parts(message.parts, f"messages[{i}]")})
-    return messages
-
-
-def _translate_error(exc: Exception) -> Exception | None:
-    text = str(exc)
-    if "exceed context window" in text or "llama_decode returned 1" in text:
-        error: Exception = ContextLengthError(f"llama.cpp: {text}", provider=_PROVIDER)
-        return error
-    return None
+_PROVIDER = PROVIDER
 
 
 class LlamaCppEngine:
@@ -217,6 +96,8 @@ class LlamaCppEngine:
             schema (see :func:`stageflow.lm.grammar.tighten_schema`).
         repeat_penalty: llama.cpp's repetition penalty (1.0 disables it).
         default_max_tokens: Output limit when the request sets none.
+        prefix_slots: Prompt prefixes (one per predictor) whose KV cache is kept between calls;
+            0 turns the prefix cache off (llama.cpp then reuses the previous call's prefix only).
 
     Raises:
         ConfigurationError: llama-cpp-python is not installed, or the model file is missing/corrupt.
@@ -226,7 +107,7 @@ class LlamaCppEngine:
     supports_function_calling = False
     supports_reasoning = False
     supported_params = frozenset(
-        {"response_format", "temperature", "max_tokens", "top_p", "top_k", "stop", "seed"}
+        {"response_format", "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "logprobs"}
     )
 
     def __init__(
@@ -239,6 +120,7 @@ class LlamaCppEngine:
         max_items: int = _grammar.DEFAULT_MAX_ITEMS,
         repeat_penalty: float = DEFAULT_REPEAT_PENALTY,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        prefix_slots: int = DEFAULT_PREFIX_SLOTS,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigurationError(
@@ -260,6 +142,13 @@ class LlamaCppEngine:
                 field="default_max_tokens",
                 code="bad_setting",
             )
+        if prefix_slots < 0:
+            raise ConfigurationError(
+                f"prefix_slots must be 0 or more, got {prefix_slots}.",
+                field="prefix_slots",
+                code="bad_setting",
+                hint="use 0 to turn the prefix cache off",
+            )
         # Validate the bounds now rather than on the first structured call.
         _grammar.tighten_schema({}, max_string_length=max_string_length, max_items=max_items)
         self._explicit_path = None if model_path is None else str(model_path)
@@ -271,6 +160,7 @@ class LlamaCppEngine:
         self.max_items = max_items
         self.repeat_penalty = repeat_penalty
         self.default_max_tokens = default_max_tokens
+        self.prefix_slots = prefix_slots
 
     # -- identity and persistence ---------------------------------------------------------------
 
@@ -300,6 +190,7 @@ class LlamaCppEngine:
             "max_items": self.max_items,
             "repeat_penalty": self.repeat_penalty,
             "default_max_tokens": self.default_max_tokens,
+            "prefix_slots": self.prefix_slots,
         }
 
     @classmethod
@@ -319,69 +210,45 @@ class LlamaCppEngine:
         """Load the weights now (otherwise the first call does); returns the load time in seconds."""
         return self._model().load_seconds
 
-    def _model(self) -> _LoadedModel:
-        return _load_model(self.model_path, self.n_ctx, self.n_threads)
-
-    def _grammar_text(self, response_format: Any) -> str | None:
-        try:
-            schema, json_mode = _grammar.schema_from_response_format(response_format)
-        except ValueError as exc:
-            raise UnsupportedFeatureError(
-                f"the local llama.cpp engine cannot honour this response_format: {exc}",
-                feature="config.response_format",
-                provider=_PROVIDER,
-            ) from exc
-        if not json_mode:
-            return None
-        if schema is None:
-            return _grammar.json_object_gbnf()
-        try:
-            return _grammar.schema_to_gbnf(
-                schema, max_string_length=self.max_string_length, max_items=self.max_items
-            )
-        except ValueError as exc:
-            logger.warning("Falling back to a generic JSON-object grammar: %s", exc)
-            return _grammar.json_object_gbnf()
+    def _model(self) -> LoadedModel:
+        return _models.load_model(self.model_path, self.n_ctx, self.n_threads)
 
     def _generation_kwargs(self, request: Request) -> dict[str, Any]:
-        validate_request(request)
-        if request.tools:
-            raise UnsupportedFeatureError(
-                "the local llama.cpp engine does not support tools", feature="tools", provider=_PROVIDER
-            )
-        config = request.config
-        kwargs: dict[str, Any] = {
-            "messages": _chat_messages(request),
-            "temperature": 0.0 if config.temperature is None else config.temperature,
-            "max_tokens": config.max_tokens or self.default_max_tokens,
-            "repeat_penalty": self.repeat_penalty,
-        }
-        if config.top_p is not None:
-            kwargs["top_p"] = config.top_p
-        if config.top_k is not None:
-            kwargs["top_k"] = config.top_k
-        if config.seed is not None:
-            kwargs["seed"] = config.seed
-        if config.stop:
-            kwargs["stop"] = list(config.stop)
-        gbnf = self._grammar_text(config.response_format)
-        if gbnf is not None:
-            from llama_cpp import LlamaGrammar
-
-            kwargs["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
-        return kwargs
+        return generation_kwargs(
+            request,
+            max_string_length=self.max_string_length,
+            max_items=self.max_items,
+            repeat_penalty=self.repeat_penalty,
+            default_max_tokens=self.default_max_tokens,
+        )
 
     # -- the engine protocol --------------------------------------------------------------------
+
+    def _prepare(self, model: LoadedModel, kwargs: dict[str, Any]) -> None:
+        """Restore the prompt prefix's KV snapshot (the caller holds ``model.lock``)."""
+        if model.snapshots:
+            model.prefix.activate(model.llama, prefix_key(kwargs["messages"]), self.prefix_slots)
 
     def complete(self, request: Request) -> Response:
         """Generate one response. Blocks while another thread uses the same model."""
         kwargs = self._generation_kwargs(request)
+        top = request.config.logprobs
         model = self._model()
+        logprobs = None
         try:
             with model.lock:
+                self._prepare(model, kwargs)
+                recorder = None if top is None else LogprobRecorder(model.llama, top)
+                if recorder is not None:
+                    from llama_cpp import LogitsProcessorList
+
+                    kwargs["logits_processor"] = LogitsProcessorList([recorder])
                 out = model.llama.create_chat_completion(**kwargs)
+                text = out["choices"][0]["message"].get("content") or ""
+                if recorder is not None:
+                    logprobs = recorder.finish(text)
         except (ValueError, RuntimeError) as exc:
-            translated = _translate_error(exc)
+            translated = translate_error(exc)
             if translated is None:
                 raise
             raise translated from exc
@@ -390,19 +257,31 @@ class LlamaCppEngine:
         return Response(
             id=out.get("id") or f"llamacpp-{uuid.uuid4().hex[:12]}",
             model=request.model,
-            message=Message.assistant(choice["message"].get("content") or ""),
+            message=Message.assistant(text),
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             usage=Usage(
                 input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")
             ),
+            logprobs=logprobs,
         )
 
     def stream(self, request: Request) -> Generator[Any, None, None]:
-        """Stream text deltas. The model stays locked until the stream ends or is closed."""
+        """Stream text deltas. The model stays locked until the stream ends or is closed.
+
+        Raises:
+            UnsupportedFeatureError: the request asks for ``logprobs`` (use ``complete``).
+        """
+        if request.config.logprobs is not None:
+            raise UnsupportedFeatureError(
+                "the local llama.cpp engine reports logprobs on complete() only, not while streaming",
+                feature="config.logprobs",
+                provider=_PROVIDER,
+            )
         kwargs = self._generation_kwargs(request)
         model = self._model()
         with model.lock:
             try:
+                self._prepare(model, kwargs)
                 chunks = model.llama.create_chat_completion(**kwargs, stream=True)
                 yield StreamStartEvent(model=request.model)
                 finish = "stop"
@@ -414,7 +293,7 @@ class LlamaCppEngine:
                     if choice.get("finish_reason") == "length":
                         finish = "length"
             except (ValueError, RuntimeError) as exc:
-                translated = _translate_error(exc)
+                translated = translate_error(exc)
                 if translated is None:
                     raise
                 raise translated from exc
@@ -486,6 +365,7 @@ def make_local_lm(
     max_string_length: int = _grammar.DEFAULT_MAX_STRING_LENGTH,
     max_items: int = _grammar.DEFAULT_MAX_ITEMS,
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY,
+    prefix_slots: int = DEFAULT_PREFIX_SLOTS,
     **lm_kwargs: Any,
 ) -> dspy.LM:
     """A ``dspy.LM`` backed by a local GGUF model (the embedded SmolLM2 by default).
@@ -493,6 +373,8 @@ def make_local_lm(
     The model string is ``local/<file stem>-<hash>``, the hash covering the file's size and mtime and
     the output-shaping settings, so DSPy's response cache never mixes two models' answers.
     ``lm_kwargs`` go to ``dspy.LM`` (e.g. ``cache=False``, ``num_retries``, ``callbacks``).
+    ``prefix_slots`` sets the per-predictor prompt-prefix cache (:class:`LlamaCppEngine`); ``0``
+    turns it off.
 
     Raises:
         ConfigurationError: llama-cpp-python is missing, or the model file is missing or corrupt.
@@ -505,6 +387,7 @@ def make_local_lm(
         max_items=max_items,
         repeat_penalty=repeat_penalty,
         default_max_tokens=max_tokens,
+        prefix_slots=prefix_slots,
     )
     return dspy.LM(
         engine.model_name,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.engine.hooks import Hook
-from stageflow.observe.profiler import Profiler, value_size
+from stageflow.observe.profiler import Profiler
 from stageflow.observe.tracer import Tracer
 from stageflow.patterns.sequential import SequentialPipeline
 from stageflow.state import Result, RunInfo
@@ -44,6 +44,11 @@ def tutorial_name(path: str) -> str:
     return path
 
 
+def _as_dict(value: Any) -> Any:
+    store = getattr(value, "_store", None)  # a dspy.Prediction: its fields
+    return dict(store) if isinstance(store, dict) else value
+
+
 class _Timings(Hook):
     """Raw per-stage times and sizes of one call (the tutorial's ``profile_data`` records)."""
 
@@ -53,7 +58,8 @@ class _Timings(Hook):
 
     def _add(self, path: str, elapsed: float, inputs: Any, outputs: Any) -> None:
         name = tutorial_name(path)
-        sizes = (value_size(inputs), value_size(outputs) if outputs is not None else 0)
+        # The tutorial's sizes: len(str(...)) of the inputs and of the outputs as a dict.
+        sizes = (len(str(dict(inputs))), len(str(_as_dict(outputs))) if outputs is not None else 0)
         with self._lock:
             self.data.setdefault(name, []).append(elapsed)
             self.data.setdefault(f"{name}_sizes", []).append(sizes)

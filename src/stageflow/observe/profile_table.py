@@ -31,6 +31,7 @@ _SUMMED = (
     "cache_hits",
     "retries",
     "repairs",
+    "limit_wait",
 )
 _STAGE_WIDTH = 48
 _PATH_SHOWN = 10  # critical-path steps printed before "… n more …"
@@ -108,8 +109,12 @@ _HEADER = (
 )
 
 
-def _cells(row: Mapping[str, Any], calls: Any, total: float, avg: str) -> list[str]:
-    return [
+#: Shown only when some LM call waited for a rate limit or a budget (``limit_wait``).
+_WAIT = ("wait s", 8)
+
+
+def _cells(row: Mapping[str, Any], calls: Any, total: float, avg: str, wait: bool = False) -> list[str]:
+    cells = [
         str(calls),
         f"{total:.3f}",
         avg,
@@ -123,12 +128,16 @@ def _cells(row: Mapping[str, Any], calls: Any, total: float, avg: str) -> list[s
         str(row.get("repairs", 0)),
         str(row.get("errors", "")),
     ]
+    if wait:
+        cells.insert(-1, f"{row.get('limit_wait', 0.0):.3f}")
+    return cells
 
 
 def _line(label: str, cells: Sequence[str], width: int) -> str:
     if len(label) > width:
         label = label[: width - 1] + "…"
-    return f"{label:<{width}}" + "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _HEADER, strict=True))
+    header = _HEADER if len(cells) == len(_HEADER) else (*_HEADER[:-1], _WAIT, _HEADER[-1])
+    return f"{label:<{width}}" + "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, header, strict=True))
 
 
 def _critical(run: RunProfile) -> list[str]:
@@ -157,13 +166,15 @@ def render_table(
     rows = _merge(summary) if group_items else {k: dict(v) for k, v in summary.items()}
     labels = {path: "  " * (len(split_path(path)) - 1) + path for path in rows}
     width = min(_STAGE_WIDTH, max([len("stage"), len("all runs (000)"), *map(len, labels.values())]) + 2)
-    lines = [_line("stage", [h for h, _ in _HEADER], width)]
+    wait = any(row.get("limit_wait") for row in rows.values())
+    names = [h for h, _ in _HEADER]
+    lines = [_line("stage", [*names[:-1], _WAIT[0], names[-1]] if wait else names, width)]
     for path, row in rows.items():
-        cells = _cells(row, row["num_executions"], row["total_time"], f"{row['avg_time'] * 1000:.2f}")
+        cells = _cells(row, row["num_executions"], row["total_time"], f"{row['avg_time'] * 1000:.2f}", wait)
         lines.append(_line(labels[path], cells, width))
     runs = totals.get("runs", 0)
     avg = f"{totals.get('wall', 0.0) / runs * 1000:.2f}" if runs else "-"
-    cells = _cells({**totals, "errors": ""}, runs, totals.get("wall", 0.0), avg)
+    cells = _cells({**totals, "errors": ""}, runs, totals.get("wall", 0.0), avg, wait)
     lines.append(_line(f"all runs ({runs})", cells, width))
     if last_run is not None:
         lines += ["", *_critical(last_run)]

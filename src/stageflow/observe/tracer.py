@@ -194,10 +194,12 @@ class Tracer(Hook):
     def on_run_start(self, *, path: str, pipeline: Any, inputs: dict[str, Any], **future: Any) -> None:
         span, parent = self._open()
         extra: dict[str, Any] = {}
-        if not path and self.record_graph:
-            name = self._graph_name(pipeline)
-            if name is not None:
-                extra["graph"] = name
+        if not path:
+            if self.record_graph:
+                name = self._graph_name(pipeline)
+                if name is not None:
+                    extra["graph"] = name
+            extra["fingerprint"] = _fingerprint(pipeline)
         self._emit(
             "input", path, span=span, parent=parent, pipeline=type(pipeline).__name__, inputs=inputs, **extra
         )
@@ -291,3 +293,14 @@ def trace(
     t = tracer or Tracer(record_content=record_content, record_graph=record_graph)
     with attach_hooks(t):
         yield t
+
+
+def _fingerprint(pipeline: Any) -> str | None:
+    """The program's :func:`stageflow.fingerprint` as it runs (``None`` if it cannot be computed):
+    two traces with the same fingerprint come from the same program."""
+    from stageflow.fingerprinting import fingerprint
+
+    try:
+        return fingerprint(pipeline)
+    except Exception:  # a stage whose attributes raise when read: the trace goes on without it
+        return None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stageflow import _checks
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
@@ -77,12 +78,8 @@ def check_fanout_options(
             field="on_error",
             code="bad_option",
         )
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ConfigurationError(
-            f"{where}: timeout must be a positive number of seconds, got {timeout!r}.",
-            field="timeout",
-            code="bad_option",
-        )
+    if timeout is not None:
+        _checks.seconds(timeout, where, "timeout")
 
 
 def fanout_options(owner: Any) -> dict[str, Any]:

@@ -57,9 +57,12 @@ class PipelineAdapter:
 
     Examples:
         >>> a = PipelineAdapter()
-        >>> analysis = a.analyze_input({"content": "Why is the sky blue?"})
-        >>> analysis["type"], a.select_structure(analysis, {})
-        ('complex_reasoning', ['processor_a', 'processor_b', 'aggregator'])
+        >>> short = a.analyze_input({"content": "Why is the sky blue?"})
+        >>> short["type"], a.select_structure(short, {})  # short and simple comes first
+        ('complex_reasoning', ['processor_a'])
+        >>> long = a.analyze_input({"content": "Why is the sky blue? " * 15})  # 75 words
+        >>> long["length"], a.select_structure(long, {})
+        (75, ['processor_a', 'processor_b', 'aggregator'])
     """
 
     def __init__(
@@ -319,6 +322,12 @@ class AdaptivePipeline(Pipeline):
                 self._built()
             return self._entries[key]
 
+    @property
+    def current_structure(self) -> Any:
+        """The structure the adapter selected for the latest call (the tutorial's attribute; each
+        call's own is ``result.used_structure``); ``None`` before the first call."""
+        return getattr(self, "_current", None)
+
     def _pick(self, state: dict[str, Any], run: RunInfo) -> StageEntry:
         if self._adapter_entry is None:
             analysis = self.adapter.analyze_input(dict(state))
@@ -327,6 +336,7 @@ class AdaptivePipeline(Pipeline):
             analysis = {"structure": state.get("structure")}
             structure = str(state.get("structure") or "").strip()
         entry = self._entry_for(structure)
+        self._current = structure  # one reference swap: safe under concurrent calls
         run.extras["used_structure"] = structure
         run.extras["structure_name"] = str(entry.key)
         run.extras["input_analysis"] = analysis

@@ -13,8 +13,10 @@ names), the pipeline's own ports when it is nested as a stage, the result type, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -29,7 +31,38 @@ from stageflow.patterns._containers import _STRUCTURE_VERSION, StageDict, StageL
 from stageflow.stages import RESERVED_FIELD_NAMES, DeferredField, FunctionStage, Ports
 from stageflow.state import Result, RunInfo
 
+if TYPE_CHECKING:
+    import os
+
+    from stageflow.policies.cache import CachePolicy
+    from stageflow.policies.recovery import Fallback, RepairPolicy, RetryPolicy, TimeoutPolicy
+
 __all__ = ["CheckResult", "Pipeline", "as_stage"]
+
+
+# The pipelines whose structure is being walked in this context, outermost first.
+_VISITING: ContextVar[tuple[Any, ...]] = ContextVar("stageflow_visiting", default=())
+
+
+@contextlib.contextmanager
+def _visiting(pipeline: Any) -> Iterator[None]:
+    """Walk ``pipeline``'s structure; a pipeline met again inside its own walk contains itself."""
+    stack = _VISITING.get()
+    if any(p is pipeline for p in stack):
+        start = next(i for i, p in enumerate(stack) if p is pipeline)
+        cycle = " → ".join(type(p).__name__ for p in (*stack[start:], pipeline))
+        raise ConfigurationError(
+            f"{type(pipeline).__name__} contains itself ({cycle}): a pipeline cannot be one of its own "
+            "stages, directly or through another pipeline, because running it would never end.",
+            code="contains_itself",
+            hint="use a copy (copy.deepcopy(pipeline)) as the inner stage, or an IterativePipeline to "
+            "repeat stages",
+        )
+    token = _VISITING.set((*stack, pipeline))
+    try:
+        yield
+    finally:
+        _VISITING.reset(token)
 
 
 class CheckResult(tuple):  # type: ignore[type-arg]
@@ -83,6 +116,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     #: ``None`` follows ``stageflow.configure(fast_path=...)`` (on by default); set it to ``False`` to
     #: call them exactly as DSPy does. The outermost pipeline of a call decides for the whole tree.
     fast_path: bool | None = None
+    #: The budget each call of this pipeline runs under (set it with :meth:`set_budget`).
+    lm_budget: Any = None
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
 
@@ -136,7 +171,8 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         if self._seen_structure == _STRUCTURE_VERSION[0]:
             return
         if self._container_versions() != self._built_versions:
-            self._rebuild()
+            with _visiting(self):
+                self._rebuild()
             self._structure_changed()
             self._built_versions = self._container_versions()
         self._seen_structure = _STRUCTURE_VERSION[0]
@@ -206,11 +242,11 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     def set_defaults(
         self,
         *,
-        retry: Any = None,
-        timeout: Any = None,
-        repair: Any = None,
-        fallback: Any = None,
-        cache: Any = None,
+        retry: RetryPolicy | int | None = None,
+        timeout: TimeoutPolicy | float | None = None,
+        repair: RepairPolicy | int | bool | None = None,
+        fallback: Fallback | None = None,
+        cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
     ) -> Pipeline:
         """Policies for every leaf stage that does not set its own of that kind: this pipeline's
         stages and those of pipelines nested in it (unless a nested pipeline sets its own defaults).
@@ -231,6 +267,26 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         policy = make_policy(retry=retry, timeout=timeout, repair=repair, fallback=fallback, cache=cache)
         self._default_policy = None if policy.is_empty() else policy
         self._merged_policies = {}
+        return self
+
+    def set_budget(self, budget: Any = None, /, **limits: Any) -> Pipeline:
+        """Run every call of this pipeline under a fresh LM budget (``None`` removes it).
+
+        Takes a :class:`~stageflow.LMBudget` or its fields (``max_calls=``, ``max_tokens=``,
+        ``max_cost=``, ``max_seconds=``, ``degrade=``...). Each call gets its own account, nested in
+        the budgets around it (``with stageflow.budget(...)``, an enclosing pipeline's); an LM call the
+        budget cannot afford raises :class:`~stageflow.BudgetExceeded` naming the stage. Returns the
+        pipeline, so calls can be chained.
+
+        Examples:
+            >>> import dspy, stageflow
+            >>> p = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+            >>> p.set_budget(max_calls=5).lm_budget.max_calls
+            5
+        """
+        from stageflow.budgets.spec import as_budget
+
+        self.lm_budget = as_budget(budget, f"{type(self).__name__}.set_budget", limits)
         return self
 
     # -- contracts ---------------------------------------------------------------------------
@@ -299,9 +355,10 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
             return ports  # asked on every call of an enclosing pipeline: nothing changed since
         self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
-            self._ports_version = _STRUCTURE_VERSION[0]
             scope = Scope.start((), strict=False, owner=self)
-            self._analyze(scope, "")
+            with _visiting(self):
+                self._analyze(scope, "")
+            self._ports_version = _STRUCTURE_VERSION[0]
             self._ports = Ports(
                 required=tuple(scope.missing),
                 optional=tuple(f for f in scope.optional if f not in scope.missing),
@@ -311,6 +368,7 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
                 partial=dict(scope.partial),
                 opaque=tuple(scope.opaque),
                 deferred=tuple(scope.deferred),
+                hints={f: h for f, h in scope.hints.items() if f in scope.missing},
             )
         return self._ports
 

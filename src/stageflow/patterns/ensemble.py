@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from stageflow.budgets._state import GATES
 from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import BranchOutcome, FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
@@ -371,11 +372,16 @@ class EnsemblePipeline(Pipeline):
         run.extras.update(details)
         run.extras["aggregated_result"] = dict(fields)
 
-    def _branches(self, state: dict[str, Any]) -> list[Branch]:
-        return [Branch(e, private_state(state)) for e in self._entries]
+    def _branches(self, state: dict[str, Any], run: RunInfo, prefix: str) -> list[Branch]:
+        entries = self._entries
+        if GATES[0]:  # a degraded LM budget may start fewer members
+            from stageflow.budgets.scope import members_allowed
+
+            entries = entries[: members_allowed(len(entries), prefix, run.events)]
+        return [Branch(e, private_state(state)) for e in entries]
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        branches = self._branches(state)
+        branches = self._branches(state, run, prefix)
         results = run_branches(
             self,
             branches,
@@ -387,7 +393,7 @@ class EnsemblePipeline(Pipeline):
         self._finish(state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        branches = self._branches(state)
+        branches = self._branches(state, run, prefix)
         results = await arun_branches(
             self,
             branches,

@@ -108,6 +108,18 @@ class ErrorHandlingPipeline(SequentialPipeline):
         self.recovery_strategies = {k % len(self.stages): fn for k, fn in strategies.items()}
         self._entries = self._build()
 
+    def _should_continue_on_error(self, error: BaseException) -> bool:
+        """Whether the run goes on without a stage that failed with ``error`` (and was not recovered).
+
+        By default: ``error``, or an error it was raised from, is one of ``non_critical``. Override
+        it in a subclass (as the tutorial's pipeline has it) to decide another way; the override is
+        called with the stage's own exception.
+        """
+        return any(isinstance(e, tuple(self.non_critical)) for e in causes(error))
+
+    def _decides_itself(self) -> bool:
+        return type(self)._should_continue_on_error is not ErrorHandlingPipeline._should_continue_on_error
+
     def _build(self) -> tuple[StageEntry, ...]:
         entries = super()._build()
         owners = getattr(self, "_owners", {})
@@ -122,6 +134,7 @@ class ErrorHandlingPipeline(SequentialPipeline):
             extra = StagePolicy(
                 recover=strategies.get(i),
                 skip_on=getattr(self, "non_critical", ()),
+                skip_if=self._should_continue_on_error if self._decides_itself() else None,
                 error_field=getattr(self, "error_field", None),
             )
             own = entry.policy

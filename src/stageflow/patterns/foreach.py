@@ -9,6 +9,7 @@ from typing import Any
 from stageflow.engine.boundary import private_copy, private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
+from stageflow.engine.streaming import listening
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
     Branch,
@@ -173,10 +174,24 @@ class ForEach(Pipeline):
         inner = scope.copy()
         inner.available[self.item] = None
         inner.origin[self.item] = f"ForEach item of '{self.over}'"
-        inner.check(self._entry, prefix)
+        before = set(scope.missing)
+        try:
+            inner.check(self._entry, prefix)
+        except ContractError as e:
+            if e.code == "missing_input" and e.field and e.field != self.item:
+                e.hint = f"{self._item_hint(e.field)}; or {e.hint}" if e.hint else self._item_hint(e.field)
+            raise
+        for f in set(scope.missing) - before:
+            scope.hints.setdefault(f, self._item_hint(f))
         for src, dst in self.collect.items():
             scope.available[dst] = list[inner.available.get(src) or Any]  # type: ignore[misc]
             scope.origin[dst] = f"{prefix + '.' if prefix else ''}stage"
+
+    def _item_hint(self, f: str) -> str:
+        return (
+            f"ForEach gives each element of '{self.over}' to its stage as '{self.item}'; if '{f}' is "
+            f"the element, name it so: ForEach(..., item='{f}')"
+        )
 
     def _branches(self, state: dict[str, Any]) -> list[Branch]:
         items = state.get(self.over)
@@ -264,13 +279,19 @@ class ForEach(Pipeline):
             raise error
         r.outcome.ok, r.outcome.status, r.outcome.error = False, "error", error
 
+    def _options(self) -> dict[str, Any]:
+        options = fanout_options(self)
+        if listening():  # dspy.streamify listeners: one item at a time keeps each stream whole
+            options["max_concurrency"] = 1
+        return options
+
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         results = run_branches(
             self,
             self._branches(state),
             hooks,
             prefix,
-            **fanout_options(self),
+            **self._options(),
             produced=False,
         )
         self._collect(state, run, results, prefix)
@@ -281,7 +302,7 @@ class ForEach(Pipeline):
             self._branches(state),
             hooks,
             prefix,
-            **fanout_options(self),
+            **self._options(),
             produced=False,
         )
         self._collect(state, run, results, prefix)

@@ -48,7 +48,7 @@ def _produced_fields(item: Any) -> dict[str, Any] | None:
 
 
 class ResultMerger:
-    """Merge the outputs of one parallel group into the state.
+    r"""Merge the outputs of one parallel group into the state.
 
     Fields written by one stage merge as they are. A field written by several stages of the same
     group (a clash) follows its entry in ``strategies``, else ``on_clash``:
@@ -312,7 +312,28 @@ class ParallelPipeline(Pipeline):
         ok = [r for r in results if r.outcome.ok]
         if not ok:
             raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
-        state.update(self.merger.merge([r.produced for r in ok]))
+        try:
+            merged = self.merger.merge([r.produced for r in ok])
+        except ContractError as e:
+            if e.code == "output_clash" and e.field:  # name the stages and the group (only known here)
+                writers = [
+                    join_path(prefix, r.branch.entry.path)
+                    for r in ok
+                    if e.field in (_produced_fields(r.produced) or {})
+                ]
+                e.message = (
+                    f"Parallel group {g}: stages {', '.join(repr(w) for w in writers)} both wrote "
+                    f"'{e.field}' (their outputs are undeclared, so this was found when the group ran)."
+                )
+                e.args = (e.message,)
+                e.stage_path = writers[0] if writers else (prefix or None)
+                e.hint = (
+                    f"pass merger=ResultMerger(strategies={{'{e.field}': 'list'}}) (or 'concatenate', "
+                    "'first'), or declare or rename the outputs with "
+                    "Stage(<stage>, writes=[...], outputs={...})"
+                )
+            raise
+        state.update(merged)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         for g, group in enumerate(self._groups):

@@ -9,6 +9,7 @@ from stageflow.policies.recovery import (
     TimeoutPolicy,
     is_repairable,
     is_retryable,
+    retry_after,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "TimeoutPolicy",
     "is_repairable",
     "is_retryable",
+    "retry_after",
 ]

@@ -130,6 +130,10 @@ class CachePolicy:
     def __deepcopy__(self, memo: dict[int, Any]) -> CachePolicy:
         return self
 
+    def __len__(self) -> int:
+        """Entries in memory (``len(cached.cache)``, as the tutorial reads its dict)."""
+        return len(self.memory)
+
     def stats(self) -> dict[str, Any]:
         """Hits, misses, hit rate and size (memory tier; persistent hits count as hits), and
         ``uncached``: calls that could not be cached (an input without a canonical encoding)."""

@@ -67,7 +67,10 @@ class CachedStage(Stage):
     @property
     def cache(self) -> CachePolicy:
         """The cache policy (memory LRU and optional persistent store)."""
-        return self.policy.cache  # type: ignore[no-any-return]
+        policy = self.policy
+        if policy is None or policy.cache is None:  # never: __init__ always sets one
+            raise AttributeError("this CachedStage has no cache policy")
+        return policy.cache
 
     @property
     def underlying_stage(self) -> Any:

@@ -73,6 +73,7 @@ from stageflow.errors import ContractError
 from stageflow.patterns.base import Pipeline
 from stageflow.spec._build import TAG_META, build
 from stageflow.spec._export import signature_text, to_spec
+from stageflow.spec._hints import file_hint
 from stageflow.spec._locate import locate_stage
 from stageflow.spec._modules import BM25Stage
 from stageflow.spec._source import MAX_DEPTH, MAX_SPEC_BYTES, SpecError, SpecSource, read_spec
@@ -96,6 +97,7 @@ def _finish(
     allow_modules: Iterable[str],
     inputs: Iterable[str] | None = None,
     allow_paths: Iterable[str | os.PathLike[str]] = (),
+    strict: bool | None = None,
 ) -> Pipeline:
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
@@ -104,6 +106,8 @@ def _finish(
     roots = tuple(Path(p).expanduser().resolve() for p in allow_paths)
     root, locations = build(src, tuple(allow_modules), roots)
     meta = getattr(root, TAG_META)
+    if strict is not None:
+        root.strict = strict
     inputs = list(inputs) if inputs is not None else meta.get("inputs")
     if inputs is None:
         return root
@@ -112,7 +116,12 @@ def _finish(
     except ContractError as exc:
         where = locate_stage(root, exc.stage_path, locations) or ("inputs",)
         raise src.error(
-            where, exc.message, code=exc.code, hint=exc.hint, field=exc.field, stage_path=exc.stage_path
+            where,
+            file_hint(exc.message) or exc.message,
+            code=exc.code,
+            hint=file_hint(exc.hint),
+            field=exc.field,
+            stage_path=exc.stage_path,
         ) from exc
     missing = [o for o in meta.get("outputs", []) if o not in fields]
     if missing:
@@ -133,6 +142,7 @@ def load_pipeline(
     inputs: Iterable[str] | None = None,
     allow_paths: Iterable[str | os.PathLike[str]] = (),
     max_bytes: int | None = None,
+    strict: bool | None = None,
 ) -> Pipeline:
     """Build the pipeline described by a ``.yaml``/``.yml``/``.json`` file.
 
@@ -143,6 +153,8 @@ def load_pipeline(
         inputs: Contract-check the pipeline for these input names (default: the file's ``inputs``).
         allow_paths: Folders, besides the file's own, that its file references may read from.
         max_bytes: Refuse larger files (default 1 MB, or ``$STAGEFLOW_MAX_SPEC_BYTES``).
+        strict: Strict contracts for the check (see :class:`~stageflow.Pipeline`); ``None`` keeps
+            the process-wide setting.
 
     Returns:
         The root pipeline (a ``dspy.Module``; a single module root is wrapped in a one-stage
@@ -151,7 +163,7 @@ def load_pipeline(
     Raises:
         SpecError: anything wrong with the file, pointing to its line and key.
     """
-    return _finish(read_spec(path, max_bytes), allow_modules, inputs, allow_paths)
+    return _finish(read_spec(path, max_bytes), allow_modules, inputs, allow_paths, strict)
 
 
 def build_pipeline(

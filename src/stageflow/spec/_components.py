@@ -48,11 +48,22 @@ def _import(module_name: str) -> ModuleType:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SyntaxError, RuntimeError, SystemExit... in the module's own code
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]:
+            hint = (
+                "stageflow imports allowed modules from Python's import path, which does not hold the "
+                "current folder when you run the `stageflow` command: run it as `PYTHONPATH=. stageflow "
+                "...` (or `python -m stageflow ...`, which adds the current folder), or install the "
+                "module's package"
+            )
+        else:
+            hint = (
+                "fix the module (run `python -c 'import "
+                f"{module_name}'` to see the traceback) or check that its package is installed here"
+            )
         raise ComponentRefError(
             f"importing the allowed module '{module_name}' failed: {type(exc).__name__}: {exc}",
             code="component_import_failed",
-            hint="fix the module (run `python -c 'import "
-            f"{module_name}'` to see the traceback) or check that its package is installed here",
+            hint=hint,
         ) from exc
 
 

@@ -5,6 +5,10 @@ The *compact* ones are for tiny local models (SmolLM2-135M), used with
 :class:`~stageflow.apps.multihop.adapter.CompactJSONAdapter`: one terse imperative line each, no
 field descriptions, and the synthesis is a plain ``Predict`` (no ``reasoning`` output), so prompts and
 constrained outputs stay short.
+
+``ChooseAnswer`` and ``ReadAnswer`` answer from retrieved passages in one call (the linked
+architectures of :mod:`stageflow.apps.multihop.linked`): the first picks one of the candidate spans,
+the second writes the answer freely.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import dspy
 
 __all__ = [
+    "ChooseAnswer",
     "CompactDecompose",
     "CompactExtractFact",
     "CompactSynthesize",
     "Decompose",
     "ExtractFact",
+    "ReadAnswer",
     "Synthesize",
 ]
 
@@ -72,4 +78,21 @@ class CompactSynthesize(dspy.Signature):  # type: ignore[misc]
 
     question: str = dspy.InputField()
     facts: list[str] = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+class ChooseAnswer(dspy.Signature):  # type: ignore[misc]
+    """Answer the question with one of the candidates, using the passages."""
+
+    question: str = dspy.InputField()
+    passages: list[str] = dspy.InputField()
+    candidates: list[str] = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+class ReadAnswer(dspy.Signature):  # type: ignore[misc]
+    """Answer the question with a short name, place, number or date, using the passages."""
+
+    question: str = dspy.InputField()
+    passages: list[str] = dspy.InputField()
     answer: str = dspy.OutputField()

@@ -27,7 +27,7 @@ def policy_text(policy: Any) -> list[str]:
     if policy is None:
         return []
     parts = []
-    for name in ("retry", "timeout", "repair", "fallback", "cache", "recover"):
+    for name in ("retry", "timeout", "repair", "fallback", "cache", "recover", "budget"):
         if getattr(policy, name, None):
             parts.append(name)
     if getattr(policy, "skip_on", ()):

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
+from stageflow.retrieval.corpus import check_k, format_passage, parse_corpus, read_corpus_bytes
 
-__all__ = ["INDEX_DIR_ENV", "BM25Retriever", "index_cache_dir", "read_corpus"]
+__all__ = ["INDEX_DIR_ENV", "BM25Retriever", "index_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ class BM25Retriever:
         stopwords: str | None = "en",
         cache: bool = True,
     ) -> None:
-        self.k = _check_k(k)
+        self.k = check_k(k)
         self.corpus_path = Path(corpus_path).expanduser()
         self.stopwords = stopwords
-        raw = _read_corpus_bytes(self.corpus_path)
-        self.documents: list[dict[str, Any]] = _parse_corpus(raw, self.corpus_path)
+        raw = read_corpus_bytes(self.corpus_path)
+        self.documents: list[dict[str, Any]] = parse_corpus(raw, self.corpus_path)
         self.cache_dir: Path | None = None
         self.loaded_from_cache = False
         self._index: Any = None
@@ -93,7 +94,7 @@ class BM25Retriever:
 
     def __call__(self, query: str, k: int | None = None) -> list[str]:
         """Return up to ``k`` passages for ``query``, best first, formatted ``"Title: text"``."""
-        return [_format_passage(hit) for hit in self.search(query, k)]
+        return [format_passage(hit) for hit in self.search(query, k)]
 
     def search(self, query: str, k: int | None = None) -> list[dict[str, Any]]:
         """Return up to ``k`` hits as ``{"id", "title", "text", "score"}`` dicts, best first.
@@ -103,15 +104,38 @@ class BM25Retriever:
         """
         import numpy as np
 
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str, got {type(query).__name__}")
-        limit = self.k if k is None else _check_k(k)
-        tokens = [t for t in self._tokenize([query])[0] if t in self._index.vocab_dict and t]
-        if not tokens:
+        limit = self.k if k is None else check_k(k)
+        scores = self._scores(query)
+        if scores is None:
             return []
-        scores = np.asarray(self._index.get_scores(tokens), dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[:limit]
         return [{**self.documents[int(i)], "score": float(scores[i])} for i in order if scores[i] > 0.0]
+
+    def scores(self, query: str) -> list[float]:
+        """The BM25 score of every document for ``query``, in :attr:`documents` order (0.0 when a
+        document shares no term with the query)."""
+        scores = self._scores(query)
+        return [0.0] * len(self.documents) if scores is None else [float(x) for x in scores]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The index terms of ``text``: lower-cased words, stopwords removed, in order.
+
+        Raises:
+            TypeError: ``text`` is not a string.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return [t for t in self._tokenize([text])[0] if t]
+
+    def _scores(self, query: str) -> Any:
+        import numpy as np
+
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        tokens = [t for t in self._tokenize([query])[0] if t in self._index.vocab_dict and t]
+        if not tokens:
+            return None
+        return np.asarray(self._index.get_scores(tokens), dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -227,16 +251,6 @@ def index_cache_dir() -> Path:
     return base / "stageflow" / "bm25"
 
 
-def read_corpus(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and check a JSON Lines corpus without indexing it (no ``bm25s`` needed).
-
-    Raises:
-        ConfigurationError: as :class:`BM25Retriever` does for a missing, unreadable or bad corpus.
-    """
-    corpus = Path(path).expanduser()
-    return _parse_corpus(_read_corpus_bytes(corpus), corpus)
-
-
 def _bm25s_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -248,85 +262,3 @@ def _bm25s_version() -> str:
             code="missing_dependency",
             hint='run `pip install "bm25s==0.3.16"`',
         ) from None
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigurationError(
-            f"k must be a positive integer, got {k!r}.", field="k", code="bad_argument", hint="pass e.g. k=3"
-        )
-    return k
-
-
-def _format_passage(hit: dict[str, Any]) -> str:
-    return f"{hit['title']}: {hit['text']}" if hit["title"] else str(hit["text"])
-
-
-def _read_corpus_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise ConfigurationError(
-            f"Corpus file not found: {path}.",
-            field="corpus_path",
-            code="corpus_not_found",
-            hint='pass the path of a JSON Lines file with one {"id", "title", "text"} object per line',
-        )
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(
-            f"Corpus file {path} cannot be read: {exc.strerror or exc}.",
-            field="corpus_path",
-            code="corpus_unreadable",
-            hint="check the file's permissions",
-        ) from exc
-
-
-def _parse_corpus(raw: bytes, path: Path) -> list[dict[str, Any]]:
-    def bad(line_no: int, problem: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"Corpus file {path}, line {line_no}: {problem}.",
-            field="corpus_path",
-            code="bad_corpus_line",
-            hint='make every non-blank line a JSON object like {"id": "d1", "title": "...", "text": "..."}',
-        )
-
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line_no = raw[: exc.start].count(b"\n") + 1
-        raise bad(line_no, "not valid UTF-8") from exc
-
-    documents: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line_no, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise bad(line_no, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise bad(line_no, f"expected a JSON object, got {type(record).__name__}")
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise bad(line_no, "'text' must be a non-empty string")
-        title = record.get("title", "")
-        if title is None:
-            title = ""
-        if not isinstance(title, str):
-            raise bad(line_no, "'title' must be a string")
-        doc_id = record.get("id", str(line_no))
-        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
-            raise bad(line_no, "'id' must be a string or an integer")
-        if str(doc_id) in seen:
-            raise bad(line_no, f"duplicate id {doc_id!r} (first used on line {seen[str(doc_id)]})")
-        seen[str(doc_id)] = line_no
-        documents.append({"id": doc_id, "title": title.strip(), "text": text.strip()})
-    if not documents:
-        raise ConfigurationError(
-            f"Corpus file {path} contains no documents.",
-            field="corpus_path",
-            code="empty_corpus",
-            hint='add at least one line like {"id": "d1", "title": "...", "text": "..."}',
-        )
-    return documents

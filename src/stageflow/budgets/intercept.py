@@ -1,0 +1,387 @@
+"""Where budgets and rate limits meet DSPy: around the one function every LM call runs through.
+
+Every DSPy LM call — ``dspy.LM``, ``DummyLM``, a ``BaseLM`` subclass, sync or async, from a predictor,
+an adapter's fallback, a retry or user code — runs ``dspy.clients.execution.execute`` (``aexecute``)
+between preparing the request and recording its usage and history. The first time a budget or a
+rate limit is used, :func:`install` wraps those two functions (``LM.__call__`` looks them up on each
+call). While no budget is open and no rate limit is set, the wrapper is one check and the original
+call. Otherwise, per LM call:
+
+1. the budgets in force reserve what it may use and the model's rate limiter grants it room
+   (:mod:`.ledger`, :mod:`.ratelimit`). When either cannot at once, DSPy's LM cache is asked first
+   (a cached answer takes nothing: a cache hit is free even when the budget is spent); then a call
+   the budgets refuse fails with :class:`~stageflow.BudgetExceeded` before anything is sent, the
+   call waits for the rate limiter (holding no budget reservation meanwhile), and then for calls in
+   flight to settle the budgets;
+2. DSPy runs the call (cache, engine, its own retries of transient errors);
+3. the reservation is settled with the usage the model reported (a cache hit gives it all back;
+   a model that reports no usage is charged what was reserved; a call that raised counts as a call
+   and gives its tokens back; a cancelled call gives everything back), the limiter is corrected,
+   and a ``Retry-After`` the error carries pauses the model's limiter.
+
+Waits are added to the running stage's usage (``limit_wait``) and recorded in the run's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from stageflow.budgets import ledger as ledger_mod
+from stageflow.budgets._state import LIVE
+from stageflow.budgets.ledger import BudgetLedger, Need, Ticket
+from stageflow.budgets.ratelimit import RateLimiter, Slot, limiter_for
+from stageflow.budgets.scope import active_chain, record_event
+from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
+from stageflow.usage import note_lm_wait, reported_cost
+
+__all__ = ["install", "installed", "uninstall"]
+
+_INSTALLED = [False]
+_ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
+_INSTALL_LOCK = threading.Lock()
+_PER_MESSAGE = 8  # chat-template tokens a message may add beyond its text
+
+
+def installed() -> bool:
+    """Whether DSPy's LM execution is wrapped (it stays wrapped; idle, it costs one check per call)."""
+    return _INSTALLED[0]
+
+
+def install() -> None:
+    """Wrap DSPy's LM execution once (see the module docstring)."""
+    if _INSTALLED[0]:
+        return
+    with _INSTALL_LOCK:
+        if _INSTALLED[0]:
+            return
+        from dspy.clients import execution
+
+        original, aoriginal = execution.execute, execution.aexecute
+        registry = ratelimit_registry()
+
+        def execute(lm: Any, call: Any) -> Any:
+            if not (LIVE[0] or registry):
+                return original(lm, call)
+            return _metered(lm, call, original)
+
+        async def aexecute(lm: Any, call: Any) -> Any:
+            if not (LIVE[0] or registry):
+                return await aoriginal(lm, call)
+            return await _ametered(lm, call, aoriginal)
+
+        _ORIGINALS[:] = [original, aoriginal]
+        execution.execute, execution.aexecute = execute, aexecute
+        _INSTALLED[0] = True
+
+
+def uninstall() -> None:
+    """Give DSPy its own functions back (budgets and rate limits stop holding until the next use
+    installs the wrapper again). For benchmarks and tests that measure DSPy untouched."""
+    with _INSTALL_LOCK:
+        if not _INSTALLED[0]:
+            return
+        from dspy.clients import execution
+
+        execution.execute, execution.aexecute = _ORIGINALS
+        _ORIGINALS.clear()
+        _INSTALLED[0] = False
+
+
+def ratelimit_registry() -> dict[str, RateLimiter]:
+    from stageflow.budgets.ratelimit import _REGISTRY
+
+    return _REGISTRY
+
+
+# -- what a call may use --------------------------------------------------------------------------
+
+
+def _size(value: Any, out: list[int]) -> None:
+    """Add the UTF-8 bytes and the characters of every string in ``value`` to ``out``."""
+    if isinstance(value, str):
+        n = len(value)
+        out[0] += n if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        out[1] += n
+    elif isinstance(value, dict):
+        for v in value.values():
+            _size(v, out)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _size(v, out)
+    elif value is not None and not isinstance(value, int | float | bool):
+        _size(repr(value), out)  # a response_format type, tools, media: their text bounds what is sent
+
+
+def _messages_size(messages: Any, out: list[int]) -> None:
+    """:func:`_size` for a list of chat messages, with the usual ``{"role", "content": str}`` inline."""
+    for message in messages:
+        if isinstance(message, dict) and len(message) == 2 and isinstance(message.get("content"), str):
+            text = message["content"]
+            n = len(text)
+            out[0] += (n if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) + 16
+            out[1] += n
+        else:
+            _size(message, out)
+
+
+def _prompt_size(call: Any) -> tuple[int, int]:
+    """(an upper bound on the prompt's tokens, its characters)."""
+    sizes = [0, 0]
+    if call.request is not None:
+        _size(call.request, sizes)
+        return sizes[0] + _PER_MESSAGE * (len(call.request.messages) + 1), sizes[1]
+    legacy = call.legacy
+    messages = legacy.get("messages") or ()
+    _messages_size(messages, sizes)
+    for key in ("tools", "response_format", "functions"):
+        if legacy.get(key) is not None:
+            _size(legacy[key], sizes)
+    return sizes[0] + _PER_MESSAGE * (len(messages) + 1), sizes[1]
+
+
+def _max_tokens(call: Any) -> int | None:
+    if call.request is not None:
+        value = call.request.config.max_tokens
+    else:
+        value = call.legacy.get("max_tokens") or call.legacy.get("max_completion_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class _Plan:
+    """One metered call: its budgets, limiter and what it may use."""
+
+    __slots__ = ("chain", "estimate", "limiter", "need", "slot", "ticket")
+
+    def __init__(self, lm: Any, call: Any, chain: tuple[BudgetLedger, ...], limiter: RateLimiter | None):
+        prompt_bound, chars = _prompt_size(call)
+        max_out = _max_tokens(call)
+        reserve_out = (
+            max_out
+            if max_out is not None
+            else max((ledger.limits.default_max_tokens for ledger in chain), default=DEFAULT_MAX_TOKENS)
+        )
+        n = call.n
+        self.chain, self.limiter = chain, limiter
+        self.need = Need(n, n * (prompt_bound + reserve_out), str(lm.model), n * prompt_bound)
+        self.estimate = n * (chars // 4 + (max_out or 0))  # what the rate limiter counts until settled
+        self.ticket: Ticket | None = None
+        self.slot: Slot | None = None
+
+
+def _plan(lm: Any, call: Any) -> _Plan | None:
+    chain = active_chain()
+    limiter = limiter_for(str(lm.model))
+    if not chain and limiter is None:
+        return None
+    return _Plan(lm, call, chain, limiter)
+
+
+def _cached(lm: Any, call: Any, asynchronous: bool) -> Any:
+    """DSPy's cached answer for this call, or ``None`` (what ``execute`` would return first)."""
+    from dspy.clients import execution
+
+    lookup = getattr(execution, "_cached", None)
+    return lookup(lm, call, asynchronous) if lookup is not None else None
+
+
+# -- the metered call -----------------------------------------------------------------------------
+
+
+def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
+    plan = _plan(lm, call)
+    if plan is None:
+        return original(lm, call)
+    if not _take_now(plan):
+        try:
+            hit = _cached(lm, call, False) if call.cache else None
+            if hit is not None:  # the answer is cached: nothing is taken, nothing waits
+                _give_back(plan)
+                return hit
+            _take_waiting(plan)
+        except BaseException:
+            _give_back(plan)
+            raise
+    try:
+        result = original(lm, call)
+    except BaseException as error:
+        _failed(plan, error)
+        raise
+    _finished(plan, result)
+    return result
+
+
+async def _ametered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
+    plan = _plan(lm, call)
+    if plan is None:
+        return await original(lm, call)
+    if not _take_now(plan):
+        try:
+            hit = await asyncio.to_thread(_cached, lm, call, True) if call.cache else None
+            if hit is not None:
+                _give_back(plan)
+                return hit
+            await _atake_waiting(plan)
+        except BaseException:
+            _give_back(plan)
+            raise
+    try:
+        result = await original(lm, call)
+    except BaseException as error:
+        _failed(plan, error)
+        raise
+    _finished(plan, result)
+    return result
+
+
+def _take_now(plan: _Plan) -> bool:
+    """Reserve and take room without waiting; ``False`` when something would have to wait or refuse
+    (what was taken stays held; :func:`_take_waiting` completes it)."""
+    if plan.chain:
+        got = ledger_mod.try_reserve(plan.chain, plan.need)
+        if not isinstance(got, Ticket):
+            return False
+        plan.ticket = got
+    if plan.limiter is not None:
+        plan.slot = plan.limiter.try_acquire(plan.need.calls, plan.estimate)
+        if plan.slot is None:
+            return False
+    return True
+
+
+def _before_rate_wait(plan: _Plan) -> None:
+    """Before waiting for the rate limiter: a call the budgets refuse fails now, and no budget
+    reservation is held through the (possibly long) wait."""
+    if plan.ticket is not None:
+        ledger_mod.release(plan.ticket)
+        plan.ticket = None
+    elif plan.chain:
+        refusal = ledger_mod.refusal(plan.chain, plan.need)
+        if refusal is not None:
+            raise refusal
+
+
+def _take_waiting(plan: _Plan) -> None:
+    """Take what :func:`_take_now` could not: room in the rate limiter first, then the budgets'
+    reservation (waiting for each as needed). The caller gives everything back if this raises."""
+    if plan.limiter is not None and plan.slot is None:
+        _before_rate_wait(plan)
+        plan.slot, waited = plan.limiter.acquire(plan.need.calls, plan.estimate)
+        _waited(plan, waited, "rate_limited")
+    if plan.chain and plan.ticket is None:
+        plan.ticket, waited = ledger_mod.reserve(plan.chain, plan.need)
+        _waited(plan, waited, "budget_wait")
+
+
+async def _atake_waiting(plan: _Plan) -> None:
+    """Async twin of :func:`_take_waiting`."""
+    if plan.limiter is not None and plan.slot is None:
+        _before_rate_wait(plan)
+        plan.slot, waited = await plan.limiter.aacquire(plan.need.calls, plan.estimate)
+        _waited(plan, waited, "rate_limited")
+    if plan.chain and plan.ticket is None:
+        plan.ticket, waited = await ledger_mod.areserve(plan.chain, plan.need)
+        _waited(plan, waited, "budget_wait")
+
+
+def _give_back(plan: _Plan) -> None:
+    """The call will not reach the model: return everything taken."""
+    if plan.ticket is not None:
+        ledger_mod.release(plan.ticket)
+        plan.ticket = None
+    if plan.slot is not None and plan.limiter is not None:
+        plan.limiter.refund(plan.slot)
+        plan.slot = None
+
+
+def _waited(plan: _Plan, seconds: float, kind: str) -> None:
+    if seconds <= 0:
+        return
+    note_lm_wait(seconds)
+    if kind == "rate_limited" and plan.limiter is not None:
+        _run_event(kind, seconds, model=plan.limiter.model)
+    elif plan.chain:
+        _run_event(kind, seconds, model=plan.need.model)
+
+
+def _run_event(kind: str, seconds: float, **detail: Any) -> None:
+    from stageflow.policies.recovery import PolicyEvent
+    from stageflow.usage import run_events
+
+    events, path = run_events()
+    if events is not None:
+        events.append(PolicyEvent(path, kind, delay=seconds, detail=detail))
+
+
+def _retry_after(error: BaseException) -> float | None:
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        value = getattr(e, "retry_after", None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _failed(plan: _Plan, error: BaseException) -> None:
+    """The call raised: a failure counts as a call (it bounds retry loops) and gives its tokens back;
+    a cancellation gives everything back; a ``Retry-After`` pauses the model's limiter."""
+    if plan.ticket is not None:
+        if isinstance(error, Exception):
+            ledger_mod.settle(plan.ticket, calls=plan.need.calls, input_tokens=0, output_tokens=0, cost=None)
+        else:
+            ledger_mod.release(plan.ticket)
+    if plan.limiter is not None:
+        if plan.slot is not None:
+            plan.limiter.settle(plan.slot, 0)
+        wait = _retry_after(error)
+        if wait is not None:
+            plan.limiter.pause(wait)
+
+
+def _usage(result: Any) -> tuple[int, int] | None:
+    usage = getattr(result, "usage", None) or {}
+    tin = usage.get("prompt_tokens", usage.get("input_tokens"))
+    tout = usage.get("completion_tokens", usage.get("output_tokens"))
+    total = usage.get("total_tokens")
+    if not isinstance(tin, int) and not isinstance(tout, int):
+        return (total, 0) if isinstance(total, int) else None
+    return (tin if isinstance(tin, int) else 0), (tout if isinstance(tout, int) else 0)
+
+
+def _finished(plan: _Plan, result: Any) -> None:
+    if getattr(result, "cache_hit", False):
+        _give_back(plan)
+        return
+    need = plan.need
+    used = _usage(result)
+    if used is None:  # charged what was reserved: a token budget still ends
+        used = (need.prompt_tokens, need.tokens - need.prompt_tokens)
+        _note_unreported(plan)
+    if plan.ticket is not None:
+        cost = reported_cost(getattr(result, "cost", None), getattr(result, "responses", None))
+        crossed = ledger_mod.settle(
+            plan.ticket, calls=need.calls, input_tokens=used[0], output_tokens=used[1], cost=cost
+        )
+        for ledger in crossed:
+            detail = ledger.limits.degrade.describe() if ledger.limits.degrade is not None else {}
+            record_event(ledger, "budget_degraded", **detail, spent=ledger.to_dict())
+    if plan.limiter is not None and plan.slot is not None:
+        plan.limiter.settle(plan.slot, used[0] + used[1])
+
+
+def _note_unreported(plan: _Plan) -> None:
+    for ledger in plan.chain:
+        if not ledger.unreported:
+            ledger.unreported = True
+            record_event(
+                ledger,
+                "usage_unreported",
+                model=plan.need.model,
+                charged=plan.need.tokens,
+                note="the model reported no token usage; its calls are charged their reservations",
+            )

@@ -1,0 +1,392 @@
+"""The accounting of LM budgets: reserve before a call, settle after it, never overshoot.
+
+A :class:`BudgetLedger` is the live state of one :class:`~stageflow.budgets.spec.LMBudget` in force
+(a ``with stageflow.budget(...)`` block, one pipeline run, one stage call). An LM call reserves what
+it may use in *every* ledger of its chain (the budgets it runs inside, outermost first), atomically,
+under one process-wide lock:
+
+- it fits in all of them with what is already spent *and* reserved by calls in flight → reserved;
+- it cannot fit in one of them even once every call in flight has settled → refused
+  (:class:`~stageflow.BudgetExceeded`);
+- otherwise it waits until a call in flight settles, and asks again (threads block, asyncio tasks
+  suspend).
+
+Settling replaces the reservation with what the call really used, so the sum of what was spent can
+never pass a limit while calls run concurrently.
+
+Examples:
+    >>> from stageflow.budgets.spec import LMBudget
+    >>> ledger = BudgetLedger(LMBudget(max_calls=2), "doc")
+    >>> ticket = try_reserve((ledger,), Need(calls=1, tokens=10, model="m"))
+    >>> ledger.reserved_calls, ledger.calls
+    (1, 0)
+    >>> settle(ticket, calls=1, input_tokens=3, output_tokens=4, cost=None)
+    []
+    >>> ledger.calls, ledger.tokens, ledger.reserved_calls
+    (1, 7, 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from stageflow.budgets.spec import LMBudget
+from stageflow.errors import BudgetExceeded
+
+__all__ = [
+    "BudgetLedger",
+    "Need",
+    "Ticket",
+    "areserve",
+    "refusal",
+    "release",
+    "reserve",
+    "settle",
+    "try_reserve",
+]
+
+_LOCK = threading.Lock()
+_WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations waiting for a settle
+#: Longest single wait before a waiting reservation looks again (a safety net, not the mechanism).
+_RECHECK_S = 1.0
+
+
+class Need(NamedTuple):
+    """What one LM call may use: ``calls`` requests, up to ``tokens`` tokens, on ``model``
+    (``prompt_tokens``: the prompt's share of ``tokens``, charged to a model that reports no usage)."""
+
+    calls: int
+    tokens: int
+    model: str
+    prompt_tokens: int = 0
+
+
+class BudgetLedger:
+    """The spending of one budget in force (thread-safe; read it any time).
+
+    Attributes:
+        limits: The :class:`~stageflow.LMBudget`.
+        scope: Which budget this is, for messages (``"stageflow.budget()"``, ``"the run's budget"``).
+        calls: LM calls settled (a failed call counts: it reached the model).
+        input_tokens: Prompt tokens settled. ``output_tokens``: completion tokens.
+        cost: Cost settled, from the models that report one.
+        reserved_calls: Calls in flight; ``reserved_tokens`` / ``reserved_cost``: their reservations.
+        waited: Seconds LM calls waited for calls in flight to settle.
+        refused: Calls refused with :class:`~stageflow.BudgetExceeded`.
+        degraded: Whether the budget's :class:`~stageflow.Degrade` is in force.
+        events: What the budget did (``budget_degraded``, ``budget_skipped``, ``usage_unreported``...),
+            as :class:`~stageflow.PolicyEvent` entries; the run's ``events`` get them too.
+    """
+
+    def __init__(self, limits: LMBudget, scope: str) -> None:
+        self.limits = limits
+        self.scope = scope
+        self.calls = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost = 0.0
+        self.reserved_calls = 0
+        self.reserved_tokens = 0
+        self.reserved_cost = 0.0
+        self.waited = 0.0
+        self.refused = 0
+        self.degraded = False
+        self.unreported = False  # a model reported no usage (recorded once)
+        self.closed = False  # its block or call has ended: it no longer holds anything back
+        self.events: list[Any] = []
+        self.started = limits.clock()
+        self._rates: dict[str, float] = {}  # the highest cost per reserved token seen, by model
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BudgetLedger:
+        return self  # one account, however often a program holding it is copied
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens settled."""
+        return self.input_tokens + self.output_tokens
+
+    def elapsed(self) -> float:
+        """Seconds since the budget opened (on its clock)."""
+        return float(self.limits.clock() - self.started)
+
+    def share(self) -> float:
+        """The largest share of a limit spent (0 when no limit is set): what :class:`Degrade` watches."""
+        lim = self.limits
+        shares = [
+            _share(spent, limit)
+            for spent, limit in (
+                (self.calls, lim.max_calls),
+                (self.tokens, lim.max_tokens),
+                (self.cost, lim.max_cost),
+                (self.elapsed() if lim.max_seconds is not None else 0.0, lim.max_seconds),
+            )
+            if limit is not None
+        ]
+        return max(shares, default=0.0)
+
+    def remaining(self) -> dict[str, float | None]:
+        """What is left of each limit (``None``: no limit), reservations of calls in flight excluded."""
+        lim = self.limits
+        return {
+            "calls": None if lim.max_calls is None else lim.max_calls - self.calls,
+            "tokens": None if lim.max_tokens is None else lim.max_tokens - self.tokens,
+            "cost": None if lim.max_cost is None else lim.max_cost - self.cost,
+            "seconds": None if lim.max_seconds is None else max(0.0, lim.max_seconds - self.elapsed()),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary of the spending."""
+        return {
+            "scope": self.scope,
+            "limits": self.limits.describe(),
+            "calls": self.calls,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost": self.cost,
+            "seconds": round(self.elapsed(), 6),
+            "waited": round(self.waited, 6),
+            "refused": self.refused,
+            "degraded": self.degraded,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"BudgetLedger({self.scope}: {self.calls} calls, {self.tokens} tokens, cost {self.cost:g}; "
+            f"limits {self.limits.describe() or 'none'})"
+        )
+
+    # -- under _LOCK ---------------------------------------------------------------------------------
+    def _cost_for(self, need: Need) -> float:
+        return need.tokens * self._rates.get(need.model, 0.0) if self._rates else 0.0
+
+    def _check(self, need: Need, cost: float) -> BudgetExceeded | bool:
+        """A refusal, ``True`` (fits now) or ``False`` (fits once calls in flight settle)."""
+        lim = self.limits
+        if lim.max_seconds is not None:
+            elapsed = self.elapsed()
+            if elapsed >= lim.max_seconds:
+                return self._refuse("max_seconds", elapsed, lim.max_seconds, 0)
+        fits = True
+        limit: float | None = lim.max_calls
+        if limit is not None:
+            if self.calls + need.calls > limit:
+                return self._refuse("max_calls", self.calls, limit, need.calls)
+            fits = self.calls + self.reserved_calls + need.calls <= limit
+        limit = lim.max_tokens
+        if limit is not None:
+            spent = self.input_tokens + self.output_tokens
+            if spent + need.tokens > limit:
+                return self._refuse("max_tokens", spent, limit, need.tokens)
+            fits = fits and spent + self.reserved_tokens + need.tokens <= limit
+        limit = lim.max_cost
+        if limit is not None:
+            if self.cost >= limit or self.cost + cost > limit:
+                return self._refuse("max_cost", self.cost, limit, cost)
+            fits = fits and self.cost + self.reserved_cost + cost <= limit
+        return fits
+
+    def _refuse(self, name: str, spent: float, limit: float, needed: float) -> BudgetExceeded:
+        return BudgetExceeded.refused(
+            name, spent=spent, limit=limit, needed=needed, scope=self.scope, ledger=self
+        )
+
+    def _hold(self, need: Need, cost: float) -> None:
+        self.reserved_calls += need.calls
+        self.reserved_tokens += need.tokens
+        self.reserved_cost += cost
+
+    def _settle(
+        self,
+        need: Need,
+        held_cost: float,
+        calls: int,
+        input_tokens: int,
+        output_tokens: int,
+        cost: float | None,
+    ) -> bool:
+        """Replace a reservation by what was used; ``True`` when this crossed the degradation point."""
+        self.reserved_calls -= need.calls
+        self.reserved_tokens -= need.tokens
+        self.reserved_cost -= held_cost
+        self.calls += calls
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        if cost is not None:
+            self.cost += cost
+            if need.tokens > 0 and cost > 0:
+                self._rates[need.model] = max(self._rates.get(need.model, 0.0), cost / need.tokens)
+        return self.limits.degrade is not None and self._cross()
+
+    def _cross(self) -> bool:
+        degrade = self.limits.degrade
+        if degrade is None or self.degraded or self.share() < degrade.at:
+            return False
+        self.degraded = True
+        return True
+
+    def check_degraded(self) -> bool:
+        """Whether the degradation is in force; ``True`` → newly (the time share may have crossed)."""
+        with _LOCK:
+            return self._cross()
+
+
+def _share(spent: float, limit: float) -> float:
+    return 1.0 if limit <= 0 else spent / limit
+
+
+class Ticket:
+    """A reservation held in every ledger of a chain, until :func:`settle` or :func:`release`."""
+
+    __slots__ = ("costs", "done", "ledgers", "need")
+
+    def __init__(self, ledgers: Sequence[BudgetLedger], need: Need, costs: list[float]) -> None:
+        self.ledgers = ledgers
+        self.need = need
+        self.costs = costs
+        self.done = False
+
+
+def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket | BudgetExceeded | None:
+    with _LOCK:
+        costs = []
+        fits = True
+        for ledger in chain:
+            cost = ledger._cost_for(need)
+            verdict = ledger._check(need, cost)
+            if verdict is not True:
+                if verdict is not False:
+                    return verdict
+                fits = False
+            costs.append(cost)
+        if not fits:
+            if waiter is not None:
+                _WAITERS.append(waiter)
+            return None
+        for ledger, cost in zip(chain, costs, strict=True):
+            ledger._hold(need, cost)
+        return Ticket(chain, need, costs)
+
+
+def refusal(chain: Sequence[BudgetLedger], need: Need) -> BudgetExceeded | None:
+    """The refusal ``need`` would get now (counted), or ``None`` when it may fit; nothing is reserved."""
+    with _LOCK:
+        for ledger in chain:
+            verdict = ledger._check(need, ledger._cost_for(need))
+            if isinstance(verdict, BudgetExceeded):
+                ledger.refused += 1
+                return verdict
+    return None
+
+
+def try_reserve(chain: Sequence[BudgetLedger], need: Need) -> Ticket | BudgetExceeded | None:
+    """Reserve ``need`` in every ledger now: a :class:`Ticket`, the refusal, or ``None`` (must wait)."""
+    return _attempt(chain, need, None)
+
+
+def _timeout(chain: Sequence[BudgetLedger]) -> float:
+    left = [
+        ledger.limits.max_seconds - ledger.elapsed()
+        for ledger in chain
+        if ledger.limits.max_seconds is not None
+    ]
+    return max(0.0, min([_RECHECK_S, *left]))
+
+
+def reserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
+    """Reserve ``need`` (blocking the thread while it must wait); returns the ticket and the seconds
+    waited. Raises :class:`~stageflow.BudgetExceeded` when it cannot fit."""
+    waited = 0.0
+    while True:
+        event = threading.Event()
+        got = _attempt(chain, need, event)
+        if isinstance(got, Ticket):
+            return got, waited
+        if isinstance(got, BudgetExceeded):
+            raise _counted(got)
+        t0 = chain[0].limits.clock()
+        event.wait(_timeout(chain))
+        with _LOCK, contextlib.suppress(ValueError):
+            _WAITERS.remove(event)
+        waited += _note_wait(chain, chain[0].limits.clock() - t0)
+
+
+async def areserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
+    """Async twin of :func:`reserve` (the task suspends while it must wait; cancelling it holds nothing)."""
+    waited = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        fut: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, fut)
+        got = _attempt(chain, need, waiter)
+        if isinstance(got, Ticket):
+            return got, waited
+        if isinstance(got, BudgetExceeded):
+            raise _counted(got)
+        t0 = chain[0].limits.clock()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_timeout(chain)):
+                    await fut
+        finally:
+            with _LOCK, contextlib.suppress(ValueError):
+                _WAITERS.remove(waiter)
+        waited += _note_wait(chain, chain[0].limits.clock() - t0)
+
+
+def _counted(error: BudgetExceeded) -> BudgetExceeded:
+    with _LOCK:
+        error.ledger.refused += 1
+    return error
+
+
+def _note_wait(chain: Sequence[BudgetLedger], seconds: float) -> float:
+    seconds = max(0.0, float(seconds))
+    with _LOCK:
+        for ledger in chain:
+            ledger.waited += seconds
+    return seconds
+
+
+def _wake_all() -> None:
+    """Every waiting reservation looks again (called under ``_LOCK`` after a settle or release)."""
+    waiters = list(_WAITERS)
+    _WAITERS.clear()
+    for waiter in waiters:
+        if isinstance(waiter, threading.Event):
+            waiter.set()
+        else:
+            loop, fut = waiter
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def settle(
+    ticket: Ticket, *, calls: int, input_tokens: int, output_tokens: int, cost: float | None
+) -> list[BudgetLedger]:
+    """Replace the ticket's reservation with what the call used; returns the ledgers whose
+    degradation point this call crossed (at most once per ticket; later calls are no-ops)."""
+    with _LOCK:
+        if ticket.done:
+            return []
+        ticket.done = True
+        crossed = []
+        for ledger, held in zip(ticket.ledgers, ticket.costs, strict=True):
+            if ledger._settle(ticket.need, held, calls, input_tokens, output_tokens, cost):
+                crossed.append(ledger)
+        if _WAITERS:
+            _wake_all()
+    return crossed
+
+
+def release(ticket: Ticket) -> None:
+    """Give the whole reservation back (the call never reached the model)."""
+    settle(ticket, calls=0, input_tokens=0, output_tokens=0, cost=None)
