@@ -300,6 +300,24 @@ def _failed_stage(
     return err
 
 
+def _interrupted(call: _Call, error: BaseException, hooks: tuple[Any, ...]) -> None:
+    """A stage call stopped from outside (its task cancelled: a fail-fast fan-out, an ensemble's
+    quorum, a timeout; or an interrupt): observers hear that it ended, with ``cancelled=True``, so
+    no profile or trace shows a stage that started and never ended."""
+    if hooks:
+        notify(
+            hooks,
+            "on_stage_error",
+            path=call.path,
+            stage=call.stage,
+            inputs=call.kw,
+            error=error,
+            elapsed=perf_counter() - call.t0,
+            usage=None,
+            cancelled=True,
+        )
+
+
 def _finished_stage(
     call: _Call,
     entry: StageEntry,
@@ -422,8 +440,9 @@ def _call_observed(
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    except BaseException:
+    except BaseException as e:
         _close(call)
+        _interrupted(call, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -550,8 +569,9 @@ async def _acall_observed(
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    except BaseException:
+    except BaseException as e:
         _close(call)
+        _interrupted(call, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
