@@ -135,9 +135,9 @@ class RunInfo:
         "_lazy_trace",
         "_outputs",
         "_trace",
+        "_usage",
         "events",
         "extras",
-        "usage",
     )
 
     def __init__(
@@ -156,10 +156,21 @@ class RunInfo:
         self.extras: dict[str, Any] = {} if extras is None else extras
         self.events: list[Any] = [] if events is None else events
         self._details: dict[Any, Any] = {} if details is None else details
-        self.usage: UsageTable = UsageTable() if usage is None else usage
+        self._usage = usage  # made on first use: a fan-out branch's run usually never needs one
         self._lazy_trace = -1  # index of the first joined run not expanded in _trace (-1: none)
         self._lazy_outputs = False
         self._lazy_details = False
+
+    @property
+    def usage(self) -> UsageTable:
+        usage = self._usage
+        if usage is None:
+            usage = self._usage = UsageTable()
+        return usage
+
+    @usage.setter
+    def usage(self, value: UsageTable) -> None:
+        self._usage = value
 
     @property
     def stage_outputs(self) -> dict[str, Any]:
@@ -225,8 +236,9 @@ class RunInfo:
                 self._lazy_details = self._lazy_details or other._lazy_details
         if other.events:
             self.events.extend(other.events)
-        if other.usage._by_path:  # (UsageTable.absorb's own test, without the call when empty)
-            self.usage.absorb(prefix, other.usage)
+        used = other._usage
+        if used is not None and used._by_path:  # (UsageTable.absorb's own test, without the call when empty)
+            self.usage.absorb(prefix, used)
 
     def _fields(self) -> tuple[Any, ...]:
         return (self.stage_outputs, self.trace, self.extras, self.events, self.details, self.usage)

@@ -517,8 +517,9 @@ async def acall_stage(
             out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
         elif composite:
             out = await acall_nested(target, kw)
-        elif entry.direct_acall and _BUDGETS.get() is None and _ROOT[0] is None:
-            out = await target.acall(**kw)  # the common case, without extra coroutine frames
+        elif (entry.direct_acall or entry.is_async_fn) and _BUDGETS.get() is None and _ROOT[0] is None:
+            # the common cases (a module with aforward, an async def stage), without extra frames
+            out = await (target.acall(**kw) if entry.direct_acall else target(**kw))
         else:
             out = await _invoke_async(entry, target, kw)
     except Exception as e:
