@@ -7,6 +7,8 @@ Each measure runs a driver (this file with ``--drive``) ``few`` and ``many`` tim
 with ``PYTHONHASHSEED=0``, and reports (instructions(many) − instructions(few)) / (many − few) per
 call, so start-up and imports cancel out. Measures: the 10-stage pipeline of trivial modules and the
 hand-written composition of ``benchmarks/overhead.py``; one function stage nested 1 and 50 deep;
+chains of 1 and 10 custom modules with undeclared and with declared outputs (deferred contract
+checks);
 ``ForEach.acall`` over 2,048 instant ``async def`` items and ``asyncio.gather`` of the same
 coroutines (per item).
 """
@@ -31,6 +33,10 @@ MEASURES = {
     "sf10": (100, 600, 1),
     "depth1": (50, 300, 1),
     "depth50": (50, 300, 1),
+    "undeclared1": (50, 300, 1),
+    "undeclared10": (50, 300, 1),
+    "declared1": (50, 300, 1),
+    "declared10": (50, 300, 1),
     "foreach_acall": (1, 4, ITEMS),
     "gather": (1, 4, ITEMS),
 }
@@ -39,7 +45,7 @@ MEASURES = {
 def _program(name: str) -> Any:
     sys.path.insert(0, str(HERE))
     import stageflow
-    from overhead import AddOne, Hand, nested
+    from overhead import AddOne, Hand, nested, open_chain
 
     if name == "hand10":
         hand = Hand(10)
@@ -50,6 +56,9 @@ def _program(name: str) -> Any:
     if name.startswith("depth"):
         deep = nested(int(name[5:]))
         return lambda: deep(x=0)
+    if name.startswith(("undeclared", "declared")):
+        chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
+        return lambda: chain(x0=0)
     loop = asyncio.new_event_loop()
     items = list(range(ITEMS))
 
@@ -111,6 +120,8 @@ def main() -> None:
     print(f"| 10-stage pipeline / hand-written | {res['sf10'] / res['hand10']:.3f}× |")
     print(f"| per nesting level ((depth50 − depth1) / 49) | {(res['depth50'] - res['depth1']) / 49:.1f} |")
     print(f"| ForEach.acall / asyncio.gather per item | {res['foreach_acall'] / res['gather']:.2f}× |")
+    deferred = (res["undeclared10"] - res["undeclared1"] - res["declared10"] + res["declared1"]) / 9
+    print(f"| deferred contract check per stage (undeclared − declared, marginal) | {deferred:.1f} |")
 
 
 if __name__ == "__main__":
