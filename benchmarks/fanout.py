@@ -5,12 +5,18 @@ are importable: ``pip install -r benchmarks/requirements-peers.txt`` in a benchm
 
 Reported per variant and N: wall / ideal (ideal = 50 ms × ceil(N / cap); no cap here) and CPU
 µs per branch (process CPU during the fan-out / N). Medians of ``REPS`` rotated repetitions.
+
+A second table (``--wide-only`` runs just that one) takes light branches (20 ms sleeps) to the widths
+``WIDE`` = 512 and 2,048, where the framework's CPU per branch decides the wall time on 2 cores:
+``ForEach.acall`` beside ``asyncio.gather``, the sync ``ForEach`` beside a long-lived thread pool of
+the same size as stageflow's (``max_threads`` = 512 workers, so ideal = 20 ms × ceil(N / 512)).
 """
 
 from __future__ import annotations
 
 import asyncio
 import operator
+import os
 import statistics
 import sys
 import time
@@ -21,6 +27,7 @@ from typing import Annotated, Any, TypedDict
 import dspy
 
 import stageflow
+from stageflow.engine.config import CONFIG
 from stageflow.testing import FakeLM
 
 
@@ -32,6 +39,9 @@ class PeerState(TypedDict):
 LAT = 0.05
 REPS = 7
 SIZES = (8, 32, 128)
+WIDE = (512, 2048)
+WIDE_LAT = 0.02
+WIDE_REPS = 9
 
 
 class _Loop:
@@ -148,7 +158,87 @@ def peer_variants(n: int) -> dict[str, Callable[[], Any]]:
     return out
 
 
+def wide_variants(n: int) -> dict[str, tuple[Callable[[], Any], float]]:
+    """Light branches at width ``n``: ``{name: (run, ideal seconds)}``."""
+    items = list(range(n))
+    threads = CONFIG.max_threads
+    pool_ideal = WIDE_LAT * -(-n // threads)
+
+    async def gather() -> None:
+        await asyncio.gather(*[asyncio.sleep(WIDE_LAT) for _ in items])
+
+    def pool() -> None:
+        list(WIDE_POOL.map(lambda _: time.sleep(WIDE_LAT), items))
+
+    def sync_stage(x: int) -> dict[str, int]:
+        time.sleep(WIDE_LAT)
+        return {"y": x}
+
+    async def async_stage(x: int) -> dict[str, int]:
+        await asyncio.sleep(WIDE_LAT)
+        return {"y": x}
+
+    fe_sync = stageflow.ForEach(stageflow.stage(sync_stage, writes=["y"]), over="xs", item="x", collect="ys")
+    fe_async = stageflow.ForEach(
+        stageflow.stage(async_stage, writes=["y"]), over="xs", item="x", collect="ys"
+    )
+    return {
+        "ref asyncio.gather(asyncio.sleep)": (lambda: LOOP.run(gather()), WIDE_LAT),
+        "stageflow ForEach, async stage, acall": (lambda: LOOP.run(fe_async.acall(xs=items)), WIDE_LAT),
+        f"ref long-lived ThreadPoolExecutor({threads}) (time.sleep)": (pool, pool_ideal),
+        "stageflow ForEach, sync stage, sync call (threads)": (lambda: fe_sync(xs=items), pool_ideal),
+    }
+
+
+WIDE_POOL = ThreadPoolExecutor(max_workers=512)
+
+
+def wide() -> None:
+    """The wide table: wall / ideal, CPU µs per branch, and the ratios the targets are about."""
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    for n in WIDE:
+        vs = wide_variants(n)
+        for fn, _ in vs.values():
+            fn()
+        wall: dict[str, list[float]] = {k: [] for k in vs}
+        cpu: dict[str, list[float]] = {k: [] for k in vs}
+        names = list(vs)
+        for r in range(WIDE_REPS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                w0, c0 = time.perf_counter(), time.process_time()
+                vs[name][0]()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+        for k, (_, ideal) in vs.items():
+            rows.setdefault(k, {})[n] = (
+                statistics.median(wall[k]) / ideal,
+                statistics.median(cpu[k]) / n * 1e6,
+            )
+    load = os.getloadavg()[0]
+    print(f"\n# Wide fan-out: N light branches × {WIDE_LAT * 1000:.0f} ms (wall / ideal; CPU µs per branch)")
+    print(f"# load average {load:.2f} at the end\n")
+    print("| variant | " + " | ".join(f"N={n} | CPU µs/branch" for n in WIDE) + " |")
+    print("|---|" + "---|---|" * len(WIDE))
+    for k, by_n in rows.items():
+        print(f"| {k} | " + " | ".join(f"{by_n[n][0]:.2f}× | {by_n[n][1]:.1f}" for n in WIDE) + " |")
+    names = list(rows)
+    pairs = [(names[1], names[0], "≤ 1.2"), (names[3], names[2], "≤ 1.1")]
+    print()
+    print("| ratio (stageflow / reference, wall) | " + " | ".join(f"N={n}" for n in WIDE) + " | target |")
+    print("|---|" + "---|" * len(WIDE) + "---|")
+    for a, b, target in pairs:
+        cells = " | ".join(f"{rows[a][n][0] / rows[b][n][0]:.3f}" for n in WIDE)
+        print(f"| {a} / {b} | {cells} | {target} |")
+    for a, b, _ in pairs:
+        cells = " | ".join(f"{rows[a][n][1] - rows[b][n][1]:.1f}" for n in WIDE)
+        print(f"| framework CPU µs per branch: {a} − reference | {cells} | ≤ 10 (async) |")
+    sys.stdout.flush()
+
+
 def main() -> None:
+    if "--wide-only" in sys.argv:
+        wide()
+        return
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for n in SIZES:
         vs = variants(n)
@@ -189,6 +279,7 @@ def main() -> None:
     for a, b in pairs:
         print(f"- {a} / {b}: {big[a] / big[b]:.3f}")
     sys.stdout.flush()
+    wide()
 
 
 if __name__ == "__main__":

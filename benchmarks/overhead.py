@@ -6,7 +6,11 @@ Variants (each 1 and 10 stages, each stage adds 1 to ``x``):
 - plain Python functions;
 - hand-written ``dspy.Module`` whose ``forward`` calls the 10 trivial modules;
 - ``SequentialPipeline`` of the same trivial modules (sync and ``acall``);
-- ``SequentialPipeline`` of plain function stages (the engine alone, no DSPy per stage).
+- ``SequentialPipeline`` of plain function stages (the engine alone, no DSPy per stage);
+- open contracts: a chain of custom ``dspy.Module`` stages that declare nothing and return
+  ``dspy.Prediction`` (each reads the field the one before it produced, so every read is a deferred
+  contract check at run time), beside the same chain with ``writes=`` declared;
+- nesting: a chain of pipelines nested 1 and 50 deep around one function stage (cost per level).
 """
 
 from __future__ import annotations
@@ -46,6 +50,38 @@ class Hand(dspy.Module):  # type: ignore[misc]
         return dspy.Prediction(x=x)
 
 
+class Step(dspy.Module):  # type: ignore[misc]
+    """A custom module that declares nothing: reads ``v``, returns ``Prediction(<dst>=v + 1)``."""
+
+    def __init__(self, dst: str) -> None:
+        super().__init__()
+        self.dst = dst
+
+    def forward(self, v: int) -> dspy.Prediction:
+        return dspy.Prediction(**{self.dst: v + 1})
+
+
+def open_chain(n: int, *, declared: bool) -> stageflow.SequentialPipeline:
+    """``n`` :class:`Step` stages, stage k reading ``x{k}`` and producing ``x{k+1}``; undeclared (every
+    read after the first is deferred to run time) or with ``writes=`` (checked before the run)."""
+    return stageflow.SequentialPipeline(
+        [
+            stageflow.Stage(
+                Step(f"x{k + 1}"), inputs={"v": f"x{k}"}, writes=[f"x{k + 1}"] if declared else None
+            )
+            for k in range(n)
+        ]
+    )
+
+
+def nested(depth: int) -> stageflow.SequentialPipeline:
+    """One function stage inside ``depth`` nested pipelines."""
+    p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"x": x + 1}, writes=["x"])])
+    for _ in range(depth - 1):
+        p = stageflow.SequentialPipeline([p])
+    return p
+
+
 def plain(n: int) -> object:
     fns = [lambda x: x + 1 for _ in range(n)]
 
@@ -74,6 +110,16 @@ def main() -> None:
         variants[f"stageflow SequentialPipeline of function stages x{n}"] = lambda sf_fn=sf_fn: sf_fn(x=0)
         variants[f"hand-written dspy.Module acall x{n}"] = run_async(lambda hand=hand: hand.acall(x=0))
         variants[f"stageflow acall of dspy.Modules x{n}"] = run_async(lambda sf=sf: sf.acall(x=0))
+    for n in (1, 10):
+        for declared in (False, True):
+            chain = open_chain(n, declared=declared)
+            assert getattr(chain(x0=0), f"x{n}") == n
+            kind = "declared" if declared else "undeclared"
+            variants[f"custom modules, {kind} outputs x{n}"] = lambda chain=chain: chain(x0=0)
+    for depth in (1, 50):
+        deep = nested(depth)
+        assert deep(x=0).x == 1
+        variants[f"nested pipelines, depth {depth}"] = lambda deep=deep: deep(x=0)
     res = measure(variants)
 
     def cpu(name: str) -> float:
@@ -115,6 +161,18 @@ def main() -> None:
     print(f"| async / sync, 10-stage stageflow pipeline | {as10 / sf10:.2f}× | ≤ 1.2× |")
     print(f"| async stageflow / async hand-written, 10 stages | {as10 / ah10:.2f}× | |")
     print(f"| engine alone per function stage (marginal) | {(fn10 - fn1) / 9:.2f} µs | |")
+    und1, und10 = cpu("custom modules, undeclared outputs x1"), cpu("custom modules, undeclared outputs x10")
+    dec1, dec10 = cpu("custom modules, declared outputs x1"), cpu("custom modules, declared outputs x10")
+    deferred = ((und10 - und1) - (dec10 - dec1)) / 9
+    print(f"| deferred check per stage (undeclared − declared, marginal) | {deferred:.2f} µs | ≤ 1 µs |")
+    d1, d50 = cpu("nested pipelines, depth 1"), cpu("nested pipelines, depth 50")
+    print(f"| cost per nesting level (depth 50 − depth 1) / 49 | {(d50 - d1) / 49:.2f} µs | ≤ 5 µs |")
+    print()
+    print("| open contracts and nesting | 1 | 10 / 50 |")
+    print("|---|---|---|")
+    print(f"| custom modules, undeclared outputs (1 / 10 stages) | {und1:.1f} | {und10:.1f} |")
+    print(f"| custom modules, declared outputs (1 / 10 stages) | {dec1:.1f} | {dec10:.1f} |")
+    print(f"| nested pipelines (depth 1 / 50) | {d1:.1f} | {d50:.1f} |")
 
 
 if __name__ == "__main__":

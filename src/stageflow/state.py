@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import dspy
@@ -88,7 +87,20 @@ class StageTrace(list):  # type: ignore[type-arg]
         return self.outputs.items()
 
 
-@dataclass(slots=True)
+class _Joined(tuple):  # type: ignore[type-arg]
+    """``(prefix, run)``: a nested pipeline's run joined to an enclosing one, not expanded yet.
+
+    It sits where the nested run's records belong (in the enclosing run's trace, outputs and
+    details) until one of those is read. Joining eagerly re-prefixed every record of the nested
+    run at every level, which made deep nesting quadratic in depth. (A tuple made with
+    ``tuple.__new__``, compared and hashed by identity: it is also a placeholder key.)
+    """
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
 class RunInfo:
     """Run details of one pipeline call (kept out of the result's fields).
 
@@ -102,31 +114,178 @@ class RunInfo:
             ``item_errors``, a loop's ``iterations``, an adaptive stage's ``used_structure``...).
         usage: LM calls, tokens, cost, cache hits, retries and repairs by stage path
             (:class:`~stageflow.usage.UsageTable`; ``run.usage.total``, ``run.usage.tree()``).
+
+    A nested pipeline's run joins under its stage's path (:meth:`absorb`); its records are given
+    their full paths when ``trace``, ``stage_outputs`` or ``details`` is read. The engine writes the
+    raw ``_trace`` / ``_outputs`` directly.
+
+    Examples:
+        >>> inner = RunInfo()
+        >>> inner._trace.append(StageRecord("stages[0]", 0.1))
+        >>> outer = RunInfo()
+        >>> outer.absorb("stages[2]", inner)
+        >>> [r.path for r in outer.trace]
+        ['stages[2].stages[0]']
     """
 
-    stage_outputs: dict[str, Any] = field(default_factory=StageKeyed)
-    trace: list[StageRecord] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    events: list[Any] = field(default_factory=list)
-    details: dict[str, dict[str, Any]] = field(default_factory=dict)
-    usage: UsageTable = field(default_factory=UsageTable)
+    __slots__ = (
+        "_details",
+        "_lazy_details",
+        "_lazy_outputs",
+        "_lazy_trace",
+        "_outputs",
+        "_trace",
+        "_usage",
+        "events",
+        "extras",
+    )
+
+    def __init__(
+        self,
+        stage_outputs: dict[str, Any] | None = None,
+        trace: list[StageRecord] | None = None,
+        extras: dict[str, Any] | None = None,
+        events: list[Any] | None = None,
+        details: dict[str, dict[str, Any]] | None = None,
+        usage: UsageTable | None = None,
+    ) -> None:
+        # One is made for every pipeline call and every fan-out branch: kept to plain assignments.
+        # A plain dict until read (a StageKeyed costs more to make; see stage_outputs).
+        self._outputs: dict[Any, Any] = {} if stage_outputs is None else stage_outputs
+        self._trace: list[Any] = [] if trace is None else trace
+        self.extras: dict[str, Any] = {} if extras is None else extras
+        self.events: list[Any] = [] if events is None else events
+        self._details: dict[Any, Any] = {} if details is None else details
+        self._usage = usage  # made on first use: a fan-out branch's run usually never needs one
+        self._lazy_trace = -1  # index of the first joined run not expanded in _trace (-1: none)
+        self._lazy_outputs = False
+        self._lazy_details = False
+
+    @property
+    def usage(self) -> UsageTable:
+        usage = self._usage
+        if usage is None:
+            usage = self._usage = UsageTable()
+        return usage
+
+    @usage.setter
+    def usage(self, value: UsageTable) -> None:
+        self._usage = value
+
+    @property
+    def stage_outputs(self) -> dict[str, Any]:
+        outputs = self._outputs
+        if type(outputs) is dict:  # the first read: the tutorial's stage names work from here on
+            outputs = self._outputs = StageKeyed(outputs)
+        if self._lazy_outputs:
+            self._lazy_outputs = False
+            items = list(outputs.items())
+            outputs.clear()  # the same dict, refilled: a reference taken earlier stays right
+            _put_outputs(items, "", outputs)
+        return outputs
+
+    @stage_outputs.setter
+    def stage_outputs(self, value: dict[str, Any]) -> None:
+        self._outputs, self._lazy_outputs = value, False
+
+    @property
+    def trace(self) -> list[StageRecord]:
+        start = self._lazy_trace
+        if start >= 0:
+            self._lazy_trace = -1
+            records: list[Any] = []
+            _put_records(self._trace[start:], "", records)
+            self._trace[start:] = records
+        return self._trace
+
+    @trace.setter
+    def trace(self, value: list[StageRecord]) -> None:
+        self._trace, self._lazy_trace = value, -1
+
+    @property
+    def details(self) -> dict[str, dict[str, Any]]:
+        if self._lazy_details:
+            self._lazy_details = False
+            items = list(self._details.items())
+            self._details.clear()
+            _put_details(items, "", self._details)
+        return self._details
+
+    @details.setter
+    def details(self, value: dict[str, dict[str, Any]]) -> None:
+        self._details, self._lazy_details = value, False
 
     def absorb(self, prefix: str, other: RunInfo) -> None:
         """Add a nested pipeline's (or a fan-out branch's) run to this one, its paths under ``prefix``."""
         if prefix:
-            self.trace.extend(StageRecord(f"{prefix}.{r.path}", r.elapsed, r.ok) for r in other.trace)
-            for k, v in other.stage_outputs.items():
-                self.stage_outputs[f"{prefix}.{k}"] = v
-            if other.extras:
-                self.details[prefix] = other.extras
-            for k, v in other.details.items():
-                self.details[f"{prefix}.{k}" if k else prefix] = v
+            joined = tuple.__new__(_Joined, (prefix, other))
+            if self._lazy_trace < 0:
+                self._lazy_trace = len(self._trace)
+            self._trace.append(joined)
+            self._outputs[joined] = None  # (keeps the place of the nested outputs among the keys)
+            self._details[joined] = None
+            self._lazy_outputs = self._lazy_details = True
+        else:  # a fan-out branch: its paths are already this run's
+            if other._lazy_trace >= 0 and self._lazy_trace < 0:
+                self._lazy_trace = len(self._trace) + other._lazy_trace
+            self._trace.extend(other._trace)
+            self._outputs.update(other._outputs)
+            self._lazy_outputs = self._lazy_outputs or other._lazy_outputs
+            if other._details:
+                self._details.update(other._details)
+                self._lazy_details = self._lazy_details or other._lazy_details
+        if other.events:
+            self.events.extend(other.events)
+        used = other._usage
+        if used is not None and used._by_path:  # (UsageTable.absorb's own test, without the call when empty)
+            self.usage.absorb(prefix, used)
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.stage_outputs, self.trace, self.extras, self.events, self.details, self.usage)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RunInfo:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"RunInfo(stage_outputs={self.stage_outputs!r}, trace={self.trace!r}, extras={self.extras!r}, "
+            f"events={self.events!r}, details={self.details!r}, usage={self.usage!r})"
+        )
+
+
+def _put_records(records: list[Any], head: str, out: list[Any]) -> None:
+    for r in records:
+        if type(r) is _Joined:
+            _put_records(list(r[1]._trace), f"{head}{r[0]}.", out)
+        elif head:
+            out.append(tuple.__new__(StageRecord, (head + r[0], r[1], r[2])))
         else:
-            self.trace.extend(other.trace)
-            self.stage_outputs.update(other.stage_outputs)
-            self.details.update(other.details)
-        self.events.extend(other.events)
-        self.usage.absorb(prefix, other.usage)
+            out.append(r)
+
+
+def _put_outputs(items: list[tuple[Any, Any]], head: str, out: dict[str, Any]) -> None:
+    for k, v in items:
+        if type(k) is _Joined:
+            _put_outputs(list(k[1]._outputs.items()), f"{head}{k[0]}.", out)
+        else:
+            out[head + k] = v
+
+
+def _put_details(items: list[tuple[Any, Any]], head: str, out: dict[str, Any]) -> None:
+    """``head`` is the enclosing path without a trailing dot (``""`` at the top)."""
+    for k, v in items:
+        if type(k) is _Joined:
+            prefix, joined = k
+            path = f"{head}.{prefix}" if head else prefix
+            if joined.extras:
+                out[path] = joined.extras
+            _put_details(list(joined._details.items()), path, out)
+        else:
+            out[(f"{head}.{k}" if k else head) if head else k] = v
 
 
 #: Run details every result answers, computed on demand (a field of the same name wins).

@@ -120,6 +120,18 @@ class UsageTable:
         self.events: list[Any] | None = None
         self.prefix = ""
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A result (and its run's table) can be copied and pickled: the lock is not part of it.
+        with self._lock:
+            state = dict(self.__dict__)
+            state["_by_path"] = {k: StageUsage(**v.to_dict()) for k, v in self._by_path.items()}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _entry(self, path: str) -> StageUsage:
         usage = self._by_path.get(path)
         if usage is None:
@@ -159,6 +171,8 @@ class UsageTable:
 
     def absorb(self, prefix: str, other: UsageTable) -> None:
         """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
+        if not other._by_path:  # the usual case for a nested call without LM work: nothing to add
+            return
         with other._lock:
             items = [(k, StageUsage(**v.to_dict())) for k, v in other._by_path.items()]
         with self._lock:
@@ -420,16 +434,16 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     if settings_module is None:  # DSPy not loaded: no LM can be called
         return (token, None, None)
     overrides_var = settings_module.thread_local_overrides
-    settings = settings_module.settings
     cls = _TRACKER_CLASS[0]
     if cls is None:
         cls = _TRACKER_CLASS[0] = _dspy_tracker_class()
         _SHARED_TRACKER[0] = cls(None)
     current = overrides_var.get()
     new = settings_module.dotdict(current)
-    parent = settings.usage_tracker
+    main = settings_module.main_thread_config  # (read as DSPy's settings object reads them)
+    parent = current["usage_tracker"] if "usage_tracker" in current else main.get("usage_tracker")
     new["usage_tracker"] = _SHARED_TRACKER[0] if parent is None else cls(parent)
-    callers = settings.caller_modules
+    callers = current["caller_modules"] if "caller_modules" in current else main.get("caller_modules")
     new["caller_modules"] = [_PROBE, *callers] if callers else _PROBE_ONLY
     new[_SETTINGS_KEY] = table
     if adapter is not None:

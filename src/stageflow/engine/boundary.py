@@ -57,7 +57,10 @@ def gather_inputs(
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
         ports = target.stageflow_ports()
-        kw = {f: state[f] for f in ports.required if f in state}
+        kw = {}
+        for f in ports.required:
+            if f in state:
+                kw[f] = state[f]
         for f in ports.optional:
             if f in state:
                 kw[f] = state[f]
@@ -156,7 +159,7 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
     if isinstance(out, Result):
         # A nested stageflow pipeline: its records, outputs and details join this run under its path.
-        run.absorb(entry.path, out.run)
+        run.absorb(entry.path, out._run)
         if entry.merge_all:
             # Its whole final state merges, except inputs it only received under another name.
             skip = entry.merge_skip

@@ -37,7 +37,7 @@ class BranchTimeoutError(TimeoutError):
         self.seconds = seconds
 
 
-@dataclass
+@dataclass(slots=True)
 class BranchOutcome:
     """What one branch of a fan-out did.
 
@@ -358,7 +358,8 @@ async def afan_out(
             if gate is not None:
                 gate.release()
 
-    tasks.extend(asyncio.ensure_future(one(i)) for i in range(n))
+    create = asyncio.get_running_loop().create_task
+    tasks.extend(create(one(i)) for i in range(n))
     try:
         await asyncio.gather(*tasks, return_exceptions=True)
     except asyncio.CancelledError:

@@ -6,7 +6,11 @@ method accepts ``**future`` so new arguments can be added without breaking hooks
 - ``on_run_start(*, path, pipeline, inputs)`` / ``on_run_end(*, path, pipeline, outputs, error, elapsed)``
 - ``before_stage(*, path, stage, inputs)``
 - ``after_stage(*, path, stage, inputs, outputs, elapsed)``
-- ``on_stage_error(*, path, stage, inputs, error, elapsed)``
+- ``on_stage_error(*, path, stage, inputs, error, elapsed)`` — also for a stage stopped from
+  outside (its task cancelled by a fail-fast fan-out, an ensemble's quorum or a timeout, or an
+  interrupt), then with ``cancelled=True`` and the ``CancelledError`` / ``KeyboardInterrupt`` as
+  ``error``. A sync branch on a thread cannot be stopped: when a fan-out abandons it, its stage
+  reports its end (``after_stage`` / ``on_stage_error``) when its thread finishes.
 
 ``path`` is the full DSPy-style stage path from the outermost running pipeline
 (``stages[1].branches['math']``); a pipeline's own run has the path of the stage that holds it
@@ -77,7 +81,8 @@ class Hook:
         elapsed: float,
         **future: Any,
     ) -> None:
-        """A stage raised ``error``."""
+        """A stage raised ``error`` (``future["cancelled"]`` is ``True`` when it was stopped from
+        outside)."""
 
 
 _HOOKS: ContextVar[tuple[Any, ...]] = carried(ContextVar("stageflow_hooks", default=()))

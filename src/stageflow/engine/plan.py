@@ -73,6 +73,12 @@ class StageEntry:
     predictor: bool = False
     #: A module with its own ``aforward`` that is not a predictor (predictors may take the fast path).
     direct_acall: bool = False
+    #: Its inputs are exactly ``in_pairs`` (no optional ones, not the whole state, not a nested
+    #: pipeline asked for its ports at run time): the engine picks them itself.
+    plain_inputs: bool = False
+    #: Called as ``target(**inputs)`` when no concurrency budget is in force (not a predictor, which
+    #: may take the fast path, nor an ``async def`` function, nor a nested pipeline).
+    plain_call: bool = False
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -166,6 +172,10 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
         direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
+        plain_inputs=not opt_pairs
+        and not (leaf_ports.accepts_any and not in_pairs)
+        and not (composite and not chain),
+        plain_call=not (predictor or is_async_fn or composite),
     )
 
 

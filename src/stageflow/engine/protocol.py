@@ -9,11 +9,16 @@ on a ``dspy.Module`` subclass.
   (any stage may implement it to declare its ports; see :func:`stageflow.describe`).
 - ``stageflow_hooks()``: hooks the pipeline activates for its own runs (observing conveniences).
 - ``stageflow_defaults()``: the pipeline's own default policies (``set_defaults``), or ``None``.
-- ``stageflow_policy(entry)``: the policy in force for one of its stages, defaults merged in.
+- ``stageflow_policy(entry)``: the policy in force for one of its stages, defaults merged in. The
+  engine asks only while some defaults are in force (:data:`DEFAULT_POLICY` is set, which a call
+  of a pipeline with defaults does for its run); otherwise a stage's policy is ``entry.policy``.
 - ``stageflow_result(state, run, hooks)``: the :class:`~stageflow.Result` of a finished call.
 - ``stageflow_deferred(stage_path, field)``: the stages with undeclared outputs a deferred read
   was expected from (used in the run-time contract error).
 - ``stageflow_failed(run, hooks, error)``: a call raised (observers record what ran).
+- ``stageflow_call(inputs)`` / ``stageflow_acall(inputs)``: what ``forward(**inputs)`` /
+  ``aforward(**inputs)`` do, for a pipeline whose ``forward`` is marked with
+  :func:`~stageflow.engine.nested.plain_call` (the engine calls nested pipelines through them).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class StageOwner:
         raise NotImplementedError
 
     def stageflow_hooks(self) -> tuple[Any, ...]:
+        """Hooks this pipeline activates for its own runs (and nested ones); a class that does not
+        override this method activates none, and the engine does not ask."""
         return ()
 
     def stageflow_defaults(self) -> StagePolicy | None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow.budgets._state import GATES, SKIP
 from stageflow.engine import concurrency
-from stageflow.engine.boundary import gather_inputs, merge_outputs, private_state
+from stageflow.engine.boundary import gather_inputs, merge_outputs, missing_at_run_time, private_state
+from stageflow.engine.budget import _BUDGETS, _ROOT
 from stageflow.engine.carry import adopt, release
 from stageflow.engine.concurrency import (
     aenter_leaf,
@@ -33,8 +34,9 @@ from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
+from stageflow.engine.nested import acall_nested, call_nested
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
-from stageflow.engine.protocol import DEFAULT_POLICY
+from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
@@ -98,7 +100,7 @@ def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
 def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     """Call the stage (sync); a leaf takes a slot of every concurrency budget in force."""
     if entry.composite:
-        return target(**kw)
+        return call_nested(target, kw)
     slots = leaf_slots()
     if not slots:
         return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
@@ -231,7 +233,9 @@ def _start(
         before = table.get(entry.path) if table is not None and not entry.composite else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
     path_token = _PATH.set(path)
-    stage_token = _STAGE.set(entry.path)
+    # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
+    # its own run (its stages set their paths), so it sets none unless a policy may count events.
+    stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None else None
     return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
 
 
@@ -241,7 +245,8 @@ def _new_call(values: tuple[Any, ...]) -> _Call:
 
 def _close(call: _Call) -> None:
     path_token, stage_token = call.tokens
-    _STAGE.reset(stage_token)
+    if stage_token is not None:
+        _STAGE.reset(stage_token)
     _PATH.reset(path_token)
 
 
@@ -286,7 +291,7 @@ def _failed_stage(
 ) -> StageflowError | None:
     """Record a failed stage call; ``None`` when a policy lets the run go on, else the error to raise."""
     elapsed = perf_counter() - call.t0
-    run.trace.append(StageRecord(entry.path, elapsed, False))
+    run._trace.append(StageRecord(entry.path, elapsed, False))
     err = _fail(entry, error, prefix)
     _carry_run(entry, err, run)
     if hooks:
@@ -306,6 +311,24 @@ def _failed_stage(
     return err
 
 
+def _interrupted(call: _Call, error: BaseException, hooks: tuple[Any, ...]) -> None:
+    """A stage call stopped from outside (its task cancelled: a fail-fast fan-out, an ensemble's
+    quorum, a timeout; or an interrupt): observers hear that it ended, with ``cancelled=True``, so
+    no profile or trace shows a stage that started and never ended."""
+    if hooks:
+        notify(
+            hooks,
+            "on_stage_error",
+            path=call.path,
+            stage=call.stage,
+            inputs=call.kw,
+            error=error,
+            elapsed=perf_counter() - call.t0,
+            usage=None,
+            cancelled=True,
+        )
+
+
 def _finished_stage(
     call: _Call,
     entry: StageEntry,
@@ -316,8 +339,8 @@ def _finished_stage(
     prefix: str,
 ) -> Any:
     elapsed = perf_counter() - call.t0
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, elapsed, True)))
-    run.stage_outputs[entry.path] = out
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, elapsed, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     if hooks:
         notify(
@@ -341,7 +364,8 @@ def call_stage(
     ``prefix`` is the full path of ``owner`` from the outermost running pipeline. Returns the
     stage's raw output (``None`` when a policy skipped or recovered a failed stage).
 
-    The hot path (a leaf no hook observes) is written out here; everything else goes through the
+    The path no hook observes is written out here, for leaves and nested pipelines alike (the
+    async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
     if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
@@ -353,31 +377,61 @@ def call_stage(
         if gate is not None:
             with lm_swapped(gate):
                 return _call_observed(owner, entry, state, run, hooks, prefix)
-    if hooks or entry.composite:
+    if hooks:
         return _call_observed(owner, entry, state, run, hooks, prefix)
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target, owner, run)
-    policy = owner.stageflow_policy(entry)
-    token = _STAGE.set(entry.path)  # LM work inside is attributed to this stage
+    target = _getattr(owner, entry.attr)  # _resolve, written out
+    if entry.key is not None:
+        target = target[entry.key]
+    for name in entry.chain:
+        target = _getattr(target, name)
+    if entry.plain_inputs:  # gather_inputs, written out for the common case
+        kw = {}
+        try:
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except KeyError as e:
+            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
+    else:
+        kw = gather_inputs(entry, state, prefix, target, owner, run)
+    # The owner merges pipeline defaults into a stage's policy; with none in force it is the stage's own.
+    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    composite = entry.composite
+    # LM work inside is attributed to this stage (a nested pipeline's stages set their own paths).
+    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    # A nested pipeline's calls are prefixed with this stage's full path (join_path, written out).
+    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     t0 = perf_counter()
     try:
-        if policy is None:
-            out = _invoke(entry, target, kw)
-        else:
+        if policy is not None:
             out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
+        elif composite:
+            out = call_nested(target, kw)
+        elif entry.plain_call and _BUDGETS.get() is None and _ROOT[0] is None:
+            out = target(**kw)  # no concurrency budget in force: nothing to take a slot of
+        else:
+            out = _invoke(entry, target, kw)
     except Exception as e:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         raise
-    _STAGE.reset(token)
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run.stage_outputs[entry.path] = out
+    if token is not None:
+        _STAGE.reset(token)
+    if path_token is not None:
+        _PATH.reset(path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     return out
 
@@ -397,8 +451,9 @@ def _call_observed(
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    except BaseException:
+    except BaseException as e:
         _close(call)
+        _interrupted(call, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -406,7 +461,7 @@ def _call_observed(
 
 async def _invoke_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if entry.composite:
-        return await _call_async(entry, target, kw)
+        return await acall_nested(target, kw)
     slots = leaf_slots()
     if not slots:
         return await _call_async(entry, target, kw)
@@ -438,7 +493,7 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
 async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    """Async twin of :func:`call_stage` (the same hot path; the same shared bookkeeping otherwise)."""
+    """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
     if GATES[0]:
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
@@ -448,34 +503,59 @@ async def acall_stage(
         if gate is not None:
             with lm_swapped(gate):
                 return await _acall_observed(owner, entry, state, run, hooks, prefix)
-    if hooks or entry.composite:
+    if hooks:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
-    target = _resolve(owner, entry)
-    kw = gather_inputs(entry, state, prefix, target, owner, run)
-    policy = owner.stageflow_policy(entry)
-    token = _STAGE.set(entry.path)
+    target = _getattr(owner, entry.attr)
+    if entry.key is not None:
+        target = target[entry.key]
+    for name in entry.chain:
+        target = _getattr(target, name)
+    if entry.plain_inputs:
+        kw = {}
+        try:
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except KeyError as e:
+            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
+    else:
+        kw = gather_inputs(entry, state, prefix, target, owner, run)
+    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    composite = entry.composite
+    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     t0 = perf_counter()
     try:
-        if policy is None:
-            if entry.direct_acall and not leaf_slots():
-                out = await target.acall(**kw)  # the common case, without extra coroutine frames
-            else:
-                out = await _invoke_async(entry, target, kw)
-        else:
+        if policy is not None:
             out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
+        elif composite:
+            out = await acall_nested(target, kw)
+        elif (entry.direct_acall or entry.is_async_fn) and _BUDGETS.get() is None and _ROOT[0] is None:
+            # the common cases (a module with aforward, an async def stage), without extra frames
+            out = await (target.acall(**kw) if entry.direct_acall else target(**kw))
+        else:
+            out = await _invoke_async(entry, target, kw)
     except Exception as e:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException:
-        _STAGE.reset(token)
+        if token is not None:
+            _STAGE.reset(token)
+        if path_token is not None:
+            _PATH.reset(path_token)
         raise
-    _STAGE.reset(token)
-    run.trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run.stage_outputs[entry.path] = out
+    if token is not None:
+        _STAGE.reset(token)
+    if path_token is not None:
+        _PATH.reset(path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
     return out
 
@@ -486,7 +566,9 @@ async def _acall_observed(
     call = _start(owner, entry, state, run, hooks, prefix)
     try:
         if call.policy is None:
-            if entry.composite or (entry.direct_acall and not leaf_slots()):
+            if entry.composite:
+                out = await acall_nested(call.target, call.kw)
+            elif entry.direct_acall and not leaf_slots():
                 out = await call.target.acall(**call.kw)
             else:
                 out = await _invoke_async(entry, call.target, call.kw)
@@ -500,8 +582,9 @@ async def _acall_observed(
         if err is None:
             return None
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
-    except BaseException:
+    except BaseException as e:
         _close(call)
+        _interrupted(call, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -544,15 +627,25 @@ class _Scope(NamedTuple):
     t0: float
 
 
-def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
-    own = pipeline.stageflow_hooks()
-    scoped = _HOOKS.get() + own if own else _HOOKS.get()
-    hooks_token = _HOOKS.set(scoped) if own else None
+# A pipeline class that does not override it activates no hooks of its own: not asked on each call.
+_NO_OWN_HOOKS = StageOwner.stageflow_hooks
+
+
+# What a call with no hooks and no defaults sets up: nothing (see _begin).
+_PLAIN = tuple.__new__(_Scope, ((), (), None, None, "", 0.0))
+
+
+def _begin(pipeline: Pipeline, inputs: dict[str, Any], prefix: str) -> _Scope:
+    own = () if type(pipeline).stageflow_hooks is _NO_OWN_HOOKS else pipeline.stageflow_hooks()
+    context = _HOOKS.get()
     installed = _GLOBAL[0]
-    hooks = installed + scoped if installed else scoped
     defaults = pipeline.stageflow_defaults()
+    if not (own or context or installed or defaults is not None):
+        return _PLAIN  # the common case: nothing to notify, set or undo
+    scoped = context + own if own else context
+    hooks_token = _HOOKS.set(scoped) if own else None
+    hooks = installed + scoped if installed else scoped
     defaults_token = DEFAULT_POLICY.set(defaults) if defaults is not None else None
-    prefix = _PATH.get()
     if hooks:
         notify(hooks, "on_run_start", path=prefix, pipeline=pipeline, inputs=inputs)
     return tuple.__new__(_Scope, (own, hooks, hooks_token, defaults_token, prefix, perf_counter()))
@@ -561,6 +654,8 @@ def _begin(pipeline: Pipeline, inputs: dict[str, Any]) -> _Scope:
 def _end(
     pipeline: Pipeline, scope: _Scope, state: dict[str, Any] | None, error: BaseException | None
 ) -> None:
+    if scope is _PLAIN:
+        return
     if scope.hooks:
         notify(
             scope.hooks,
@@ -575,12 +670,6 @@ def _end(
         DEFAULT_POLICY.reset(scope.defaults_token)
     if scope.hooks_token is not None:
         _HOOKS.reset(scope.hooks_token)
-
-
-def _initial_state(inputs: dict[str, Any]) -> dict[str, Any]:
-    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
-    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
-    return private_state(inputs) if not _PATH.get() else dict(inputs)
 
 
 def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException) -> None:
@@ -607,7 +696,7 @@ def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     table.prefix = prefix
     spec = pipeline.lm_budget
     budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
-    if current_table() is not None:
+    if _TABLE.get() is not None:
         return (_TABLE.set(table), None, budget)
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
@@ -640,20 +729,26 @@ def _close_run(opened: tuple[Any, ...]) -> None:
 
 
 def _active_adapter() -> Any:
-    import dspy
-
-    return dspy.settings.adapter
+    """``dspy.settings.adapter``, read the way DSPy's settings object reads it."""
+    settings_module = sys.modules["dspy.dsp.utils.settings"]
+    overrides = settings_module.thread_local_overrides.get()
+    if "adapter" in overrides:
+        return overrides["adapter"]
+    return settings_module.main_thread_config.get("adapter")
 
 
 def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
-    state = _initial_state(inputs)
+    prefix = _PATH.get()
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
-    scope = _begin(pipeline, inputs)
-    opened = _open(pipeline, run, scope.prefix)
+    scope = _begin(pipeline, inputs, prefix)
+    opened = _open(pipeline, run, prefix)
     try:
-        body(state, run, scope.hooks, scope.prefix)
+        body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
         try:
@@ -662,20 +757,25 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
             release(carried)
         raise
     _close_run(opened)
-    _end(pipeline, scope, state, None)
-    release(carried)
+    if scope is not _PLAIN:
+        _end(pipeline, scope, state, None)
+    if carried is not None:
+        release(carried)
     return pipeline.stageflow_result(state, run, scope.own)
 
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
-    state = _initial_state(inputs)
+    prefix = _PATH.get()
+    # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
+    # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
+    state = dict(inputs) if prefix else private_state(inputs)
     run = RunInfo()
-    scope = _begin(pipeline, inputs)
-    opened = _open(pipeline, run, scope.prefix)
+    scope = _begin(pipeline, inputs, prefix)
+    opened = _open(pipeline, run, prefix)
     try:
-        await body(state, run, scope.hooks, scope.prefix)
+        await body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
         try:
@@ -684,6 +784,8 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
             release(carried)
         raise
     _close_run(opened)
-    _end(pipeline, scope, state, None)
-    release(carried)
+    if scope is not _PLAIN:
+        _end(pipeline, scope, state, None)
+    if carried is not None:
+        release(carried)
     return pipeline.stageflow_result(state, run, scope.own)

@@ -16,9 +16,10 @@
   LM calls, tokens, cost, LM-cache hits; nested stages included for a pipeline stage),
   ``stageflow.cache_hit``, ``stageflow.retries`` / ``stageflow.repairs`` (usage attributes are
   left out when the stage used nothing and nothing happened to it) and, on failure, ``error.type``
-  with an error status. A stage still running when its pipeline call ends (a branch cancelled by a
-  fail-fast fan-out, or abandoned after a timeout) ends then, with an error status and
-  ``stageflow.abandoned``: every span that starts is exported;
+  with an error status. A stage whose task is cancelled (a fail-fast fan-out, an ensemble's
+  quorum) ends when it is cancelled, with an error status and ``stageflow.cancelled``; one still
+  running when its pipeline call ends (a sync branch abandoned on its thread) ends then, with an
+  error status and ``stageflow.abandoned``: every span that starts is exported;
 - every LM call made inside a stage is a span ``chat <model>`` under that stage's span
   (``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` / ``output_tokens``,
   ``openinference.span.kind=LLM``, ``llm.token_count.*``), from DSPy's ``on_lm_start`` /
@@ -302,6 +303,8 @@ class OtelHook(Hook):
         if frame is None:
             return
         record_failure(frame.span, error, self._trace)
+        if future.get("cancelled"):
+            frame.span.set_attribute("stageflow.cancelled", True)
         frame.span.end()
 
     def _end_abandoned(self, run: _Frame) -> None:

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class Branch:
     """One unit of concurrent work: run ``entry`` over ``state`` (a private copy)."""
 
@@ -51,7 +51,7 @@ class Branch:
     run: RunInfo = field(default_factory=RunInfo)
 
 
-@dataclass
+@dataclass(slots=True)
 class BranchResult:
     """A branch after the fan-out: its outcome and the fields it produced."""
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from stageflow.engine.config import CONFIG
+from stageflow.engine.nested import plain_call, wrap_forward
 from stageflow.engine.plan import Scope, StageEntry
 from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
@@ -115,6 +116,14 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
 
+    # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (which
+    # only warns about reading ``forward`` directly; stageflow.engine.nested keeps that warning).
+    __getattribute__ = object.__getattribute__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        wrap_forward(cls)
+
     def __init__(self, *, strict: bool | None = None) -> None:
         super().__init__()
         if strict is not None and not isinstance(strict, bool):
@@ -184,10 +193,6 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         raise NotImplementedError
 
     # -- the engine protocol (see stageflow.engine.protocol) ---------------------------------------
-    def stageflow_hooks(self) -> tuple[Any, ...]:
-        """Hooks this pipeline activates for its own runs (and nested ones)."""
-        return ()
-
     def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...] = ()) -> Result:
         """Build the result; ``hooks`` are the ones :meth:`stageflow_hooks` gave this call."""
         return Result(state, run)
@@ -341,6 +346,9 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
 
     def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
+        ports = self._ports
+        if ports is not None and self._ports_version == self._seen_structure == _STRUCTURE_VERSION[0]:
+            return ports  # asked on every call of an enclosing pipeline: nothing changed since
         self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
             scope = Scope.start((), strict=False, owner=self)
@@ -371,14 +379,16 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
                 hint=f"call it as pipeline({example})",
             )
 
+    @plain_call()
     def forward(self, *args: Any, **inputs: Any) -> Result:
         """Run the pipeline on ``inputs`` (the initial state); returns a :class:`Result`."""
         if args:
             self._reject_positional(args)
-        if not self._is_checked(frozenset(inputs)):
+        if not self._is_checked(frozenset(inputs)):  # stageflow_call, written out (the outermost call)
             self.check(inputs)
         return execute(self, inputs, self._run)
 
+    @plain_call()
     async def aforward(self, *args: Any, **inputs: Any) -> Result:
         """Async twin of :meth:`forward` (call it as ``await pipeline.acall(...)``)."""
         patched = self._patched_forward()
@@ -386,6 +396,20 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
             return await to_thread(patched, *args, **inputs)  # type: ignore[no-any-return]
         if args:
             self._reject_positional(args)
+        return await self.stageflow_acall(inputs)
+
+    def stageflow_call(self, inputs: dict[str, Any]) -> Result:
+        """``forward(**inputs)``: check the contracts (once per set of input names), run the call.
+
+        The engine calls a nested pipeline through it when the pipeline's ``forward`` is its
+        pattern's own (see :func:`~stageflow.engine.nested.plain_call`).
+        """
+        if not self._is_checked(frozenset(inputs)):
+            self.check(inputs)
+        return execute(self, inputs, self._run)
+
+    async def stageflow_acall(self, inputs: dict[str, Any]) -> Result:
+        """Async twin of :meth:`stageflow_call`."""
         if not self._is_checked(frozenset(inputs)):
             self.check(inputs)
         return await aexecute(self, inputs, self._arun)
@@ -413,3 +437,6 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
         from stageflow.observe.graph import to_dot
 
         return to_dot(self)
+
+
+wrap_forward(Pipeline)

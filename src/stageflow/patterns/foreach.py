@@ -212,6 +212,8 @@ class ForEach(Pipeline):
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
         entries = self._item_entries_for(len(items))
         # Each item runs on private copies: an item cannot change another's inputs or the caller's.
+        if not shared:
+            return [Branch(entries[i], {self.item: private_copy(x)}) for i, x in enumerate(items)]
         return [
             Branch(entries[i], {**private_state(shared), self.item: private_copy(x)})
             for i, x in enumerate(items)

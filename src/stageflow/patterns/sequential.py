@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from stageflow.engine.nested import plain_call
 from stageflow.engine.plan import Scope, StageEntry, build_entry
-from stageflow.engine.runner import aexecute, arun_sequence, execute, run_sequence
+from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.state import Result, RunInfo
@@ -123,12 +124,15 @@ class SequentialPipeline(Pipeline):
         self._checked[key] = plan
         return plan
 
+    @plain_call("outputs")
     def forward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
         """Run the stages; with ``outputs=[...]``, only those the requested fields depend on."""
-        if outputs is None:
-            return super().forward(*args, **inputs)
         if args:
             self._reject_positional(args)
+        if outputs is None:  # stageflow_call, written out (every outermost call of a sequence)
+            if not self._is_checked(frozenset(inputs)):
+                self.check(inputs)
+            return execute(self, inputs, self._run)
         self._refresh()
         plan = self._demanded(outputs, inputs)
 
@@ -138,6 +142,7 @@ class SequentialPipeline(Pipeline):
 
         return execute(self, inputs, body)
 
+    @plain_call("outputs")
     async def aforward(self, *args: Any, outputs: Sequence[str] | None = None, **inputs: Any) -> Result:
         """Async twin of :meth:`forward`."""
         if outputs is None:
@@ -158,10 +163,18 @@ class SequentialPipeline(Pipeline):
             scope.check(entry, prefix)
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        self._run_entries(self._entries, state, run, hooks, prefix)
+        if type(self)._run_entries is not SequentialPipeline._run_entries:
+            self._run_entries(self._entries, state, run, hooks, prefix)  # a subclass's own
+            return
+        for entry in self._entries:  # _run_entries, written out
+            call_stage(self, entry, state, run, hooks, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        await self._arun_entries(self._entries, state, run, hooks, prefix)
+        if type(self)._arun_entries is not SequentialPipeline._arun_entries:
+            await self._arun_entries(self._entries, state, run, hooks, prefix)
+            return
+        for entry in self._entries:
+            await acall_stage(self, entry, state, run, hooks, prefix)
 
     def _run_entries(
         self,
@@ -172,7 +185,8 @@ class SequentialPipeline(Pipeline):
         prefix: str,
     ) -> None:
         """Run these stages in order (every run of this pipeline, demand-driven ones too, comes here)."""
-        run_sequence(self, entries, state, run, hooks, prefix)
+        for entry in entries:  # run_sequence, written out
+            call_stage(self, entry, state, run, hooks, prefix)
 
     async def _arun_entries(
         self,
@@ -183,4 +197,5 @@ class SequentialPipeline(Pipeline):
         prefix: str,
     ) -> None:
         """Async twin of :meth:`_run_entries`."""
-        await arun_sequence(self, entries, state, run, hooks, prefix)
+        for entry in entries:
+            await acall_stage(self, entry, state, run, hooks, prefix)

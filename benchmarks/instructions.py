@@ -1,0 +1,128 @@
+"""Instructions per call under callgrind: a measure of CPU cost that does not depend on the load.
+
+Run: ``python benchmarks/instructions.py`` (needs ``valgrind``; several minutes: each measure runs
+the interpreter twice under callgrind). ``--tree PATH`` measures another checkout's ``src``.
+
+Each measure runs a driver (this file with ``--drive``) ``few`` and ``many`` times after a warm-up,
+with ``PYTHONHASHSEED=0``, and reports (instructions(many) − instructions(few)) / (many − few) per
+call, so start-up and imports cancel out. Measures: the 10-stage pipeline of trivial modules and the
+hand-written composition of ``benchmarks/overhead.py``; one function stage nested 1 and 50 deep;
+chains of 1 and 10 custom modules with undeclared and with declared outputs (deferred contract
+checks);
+``ForEach.acall`` over 2,048 instant ``async def`` items and ``asyncio.gather`` of the same
+coroutines (per item).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ITEMS = 2048
+# name: (calls in the short run, calls in the long run, unit divisor per call)
+MEASURES = {
+    "hand10": (100, 600, 1),
+    "sf10": (100, 600, 1),
+    "depth1": (50, 300, 1),
+    "depth50": (50, 300, 1),
+    "undeclared1": (50, 300, 1),
+    "undeclared10": (50, 300, 1),
+    "declared1": (50, 300, 1),
+    "declared10": (50, 300, 1),
+    "foreach_acall": (1, 4, ITEMS),
+    "gather": (1, 4, ITEMS),
+}
+
+
+def _program(name: str) -> Any:
+    sys.path.insert(0, str(HERE))
+    import stageflow
+    from overhead import AddOne, Hand, nested, open_chain
+
+    if name == "hand10":
+        hand = Hand(10)
+        return lambda: hand(x=0)
+    if name == "sf10":
+        sf = stageflow.SequentialPipeline([AddOne() for _ in range(10)])
+        return lambda: sf(x=0)
+    if name.startswith("depth"):
+        deep = nested(int(name[5:]))
+        return lambda: deep(x=0)
+    if name.startswith(("undeclared", "declared")):
+        chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
+        return lambda: chain(x0=0)
+    loop = asyncio.new_event_loop()
+    items = list(range(ITEMS))
+
+    async def item(x: int) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"y": x}
+
+    if name == "foreach_acall":
+        each = stageflow.ForEach(stageflow.stage(item, writes=["y"]), over="xs", item="x", collect="ys")
+        return lambda: loop.run_until_complete(each.acall(xs=items))
+
+    async def gather() -> None:
+        await asyncio.gather(*[item(x) for x in items])
+
+    return lambda: loop.run_until_complete(gather())
+
+
+def drive(name: str, calls: int) -> None:
+    run = _program(name)
+    for _ in range(20 if MEASURES[name][2] == 1 else 2):
+        run()
+    for _ in range(calls):
+        run()
+
+
+def count(tree: Path, name: str, calls: int) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree / "src")}
+    with tempfile.TemporaryDirectory() as tmp:
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable]
+        out = subprocess.run(
+            [*command, __file__, "--drive", name, str(calls)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no count for {name}:\n{out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tree", type=Path, default=HERE.parent)
+    parser.add_argument("--drive", nargs=2)
+    args = parser.parse_args()
+    if args.drive:
+        drive(args.drive[0], int(args.drive[1]))
+        return
+    res: dict[str, float] = {}
+    for name, (few, many, per) in MEASURES.items():
+        res[name] = (count(args.tree, name, many) - count(args.tree, name, few)) / (many - few) / per / 1000
+    print(f"# Instructions (thousands) per call, callgrind, {args.tree}\n")
+    print("| measure | K instructions |")
+    print("|---|---|")
+    for name, value in res.items():
+        print(f"| {name}{' (per item)' if MEASURES[name][2] > 1 else ''} | {value:.1f} |")
+    print(f"| 10-stage pipeline / hand-written | {res['sf10'] / res['hand10']:.3f}× |")
+    print(f"| per nesting level ((depth50 − depth1) / 49) | {(res['depth50'] - res['depth1']) / 49:.1f} |")
+    print(f"| ForEach.acall / asyncio.gather per item | {res['foreach_acall'] / res['gather']:.2f}× |")
+    deferred = (res["undeclared10"] - res["undeclared1"] - res["declared10"] + res["declared1"]) / 9
+    print(f"| deferred contract check per stage (undeclared − declared, marginal) | {deferred:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

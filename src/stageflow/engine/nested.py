@@ -1,0 +1,183 @@
+"""Calling a nested stageflow pipeline: what DSPy's ``Module.__call__`` does, at a fraction of its cost.
+
+A pipeline nested in another is a stage the engine calls on every call of the outer one. Going
+through ``dspy.Module.__call__`` (DSPy 3.4.1) costs more than the nested pipeline's own engine work:
+a callback wrapper, and a ``dspy.context`` that copies every global setting to push the module onto
+``caller_modules``. When nothing can tell the difference, the engine does what that call does
+itself — push the pipeline onto ``caller_modules`` (LM calls inside are recorded in its
+``history``, as DSPy records them) and call its ``forward`` / ``aforward`` — in one override of
+DSPy's settings. It takes DSPy's own ``__call__`` / ``acall`` whenever:
+
+- DSPy callbacks are active (``dspy.settings.callbacks`` or the pipeline's own ``callbacks``);
+- DSPy would track usage itself (``track_usage`` on with no usage tracker in force; inside a
+  stageflow run one always is);
+- the pipeline's ``__call__`` / ``acall`` is not DSPy's own: a subclass overrides it, or
+  instrumentation wraps ``dspy.Module.__call__`` (OpenInference does).
+
+A ``forward`` replaced on the instance (GEPA, the tutorial's custom logic) is called, as DSPy calls
+it.
+
+**Attribute access.** ``dspy.Module`` (3.4.1) also overrides ``__getattribute__`` in Python, for one
+purpose: to warn when ``module.forward`` is read from anywhere but ``Module.__call__`` ("Calling
+module.forward(...) directly is discouraged"). That hook runs on *every* attribute read of every
+module — about twenty per pipeline call, each costing more than a stage hop of stageflow's engine.
+Pipelines restore Python's own lookup and keep the warning with :class:`ForwardAccess`, a descriptor
+that wraps each pipeline class's ``forward`` (:func:`wrap_forward`) and warns on the same
+condition; reads that DSPy's hook never saw (``super().forward(...)`` in a subclass's ``forward``)
+do not warn either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from types import FunctionType, MethodType
+from typing import Any, TypeVar
+
+import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
+
+# The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
+_settings: Any = importlib.import_module("dspy.dsp.utils.settings")
+
+__all__ = ["ForwardAccess", "acall_nested", "call_nested", "plain_call", "wrap_forward"]
+
+_getattr = object.__getattribute__
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+# DSPy's logger and message, so the warning reads as it always did.
+_dspy_logger = logging.getLogger("dspy.primitives.module")
+
+
+class ForwardAccess:
+    """A pipeline class's ``forward``: reading it from an instance outside ``__call__`` warns as DSPy
+    does; reading it from the class gives the plain function."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self.fn
+        caller = sys._getframe(1)
+        name = caller.f_code.co_name
+        if name != "__call__" and not (name == "forward" and caller.f_locals.get("self") is obj):
+            # (the second test leaves out super().forward(...) in a subclass's forward, which
+            # DSPy's __getattribute__ does not see)
+            _dspy_logger.warning(
+                f"Calling module.forward(...) on {type(obj).__name__} directly is discouraged. "
+                "Please use module(...) instead."
+            )
+        return MethodType(self.fn, obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def plain_call(*options: str) -> Callable[[_F], _F]:
+    """Mark a pipeline's ``forward`` / ``aforward`` as doing exactly ``stageflow_call(inputs)`` /
+    ``stageflow_acall(inputs)`` when called with keyword inputs none of which is named in ``options``
+    (its own keyword options): the engine then calls the nested pipeline through that entry, without
+    packing the inputs into keywords and unpacking them again."""
+
+    def mark(fn: _F) -> _F:
+        fn._stageflow_options = frozenset(options)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def wrap_forward(cls: type) -> None:
+    """Wrap the ``forward`` that ``cls`` defines itself (if any) in a :class:`ForwardAccess`."""
+    fn = cls.__dict__.get("forward")
+    if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
+        setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
+
+
+#: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`_is_dspys`).
+_KNOWN: dict[str, Any] = {}
+
+
+def _is_dspys(fn: Any, name: str) -> bool:
+    """Whether ``fn`` is DSPy's ``Module.<name>`` as DSPy defines it: its callbacks wrapper (a plain
+    function from ``dspy/utils/callback.py``) around the function of that name in
+    ``dspy/primitives/module.py``. An instrumentation wrapper (``wrapt``) is not a plain function."""
+    inner = getattr(fn, "__wrapped__", None)
+    ok = (
+        type(fn) is FunctionType
+        and fn.__code__.co_filename.replace("\\", "/").endswith("dspy/utils/callback.py")
+        and type(inner) is FunctionType
+        and inner.__qualname__ == f"Module.{name}"
+        and inner.__code__.co_filename.replace("\\", "/").endswith("dspy/primitives/module.py")
+    )
+    if ok:
+        _KNOWN[name] = fn
+    return ok
+
+
+def _push(target: Any, name: str) -> Any:
+    """Enter what ``Module.<name>`` would set up for ``target``; ``None`` when the engine must call
+    DSPy's own method instead. Returns the token that :func:`_pop` resets."""
+    fn = getattr(type(target), name)
+    if _KNOWN.get(name) is not fn and not _is_dspys(fn, name):
+        return None
+    if _getattr(target, "__dict__").get("callbacks"):
+        return None
+    var = _settings.thread_local_overrides
+    overrides = var.get()
+    main = _settings.main_thread_config
+    if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
+        return None
+    if overrides.get("usage_tracker") is None and (
+        overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
+    ):
+        return None
+    callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
+    # dspy.context(caller_modules=...) also copies every global setting into the override; inside a
+    # pipeline call the override already holds them (the outermost call went through DSPy's own
+    # __call__), so a copy of it is the same settings for a third of the cost.
+    new = _settings.dotdict(overrides)
+    new["caller_modules"] = [*callers, target] if callers else [target]
+    return var.set(new)
+
+
+def call_nested(target: Any, kw: dict[str, Any]) -> Any:
+    """``target(**kw)`` for a stageflow pipeline nested in the running one (see the module docstring)."""
+    token = _push(target, "__call__")
+    if token is None:
+        return target(**kw)
+    try:
+        # As ``self.forward(**kw)`` in Module.__call__ (a forward set on the instance wins), minus
+        # the warning a pipeline gives when its forward is read from anywhere else.
+        patched = _getattr(target, "__dict__").get("forward")
+        if patched is not None:
+            return patched(**kw)
+        cls = type(target)
+        own = cls.__dict__.get("forward")  # (the class's own: read without running the descriptor)
+        if type(own) is not ForwardAccess:
+            return cls.forward(target, **kw)
+        options = getattr(own, "_stageflow_options", None)
+        if options is not None and options.isdisjoint(kw):
+            return target.stageflow_call(kw)
+        return own.fn(target, **kw)
+    finally:
+        _settings.thread_local_overrides.reset(token)
+
+
+async def acall_nested(target: Any, kw: dict[str, Any]) -> Any:
+    """``await target.acall(**kw)`` for a nested stageflow pipeline (see the module docstring)."""
+    token = _push(target, "acall")
+    if token is None:
+        return await target.acall(**kw)
+    try:
+        own = type(target).__dict__.get("aforward")
+        options = getattr(own, "_stageflow_options", None)
+        if options is not None and options.isdisjoint(kw) and "forward" not in _getattr(target, "__dict__"):
+            return await target.stageflow_acall(kw)
+        return await _getattr(target, "aforward")(**kw)
+    finally:
+        _settings.thread_local_overrides.reset(token)
