@@ -105,13 +105,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tree", type=Path, default=HERE.parent)
     parser.add_argument("--drive", nargs=2)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind runs at once")
     args = parser.parse_args()
     if args.drive:
         drive(args.drive[0], int(args.drive[1]))
         return
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [(name, calls) for name, (few, many, _) in MEASURES.items() for calls in (few, many)]
+    with ThreadPoolExecutor(args.jobs) as pool:  # instruction counts do not depend on the load
+        counted = dict(zip(runs, pool.map(lambda r: count(args.tree, *r), runs), strict=True))
     res: dict[str, float] = {}
     for name, (few, many, per) in MEASURES.items():
-        res[name] = (count(args.tree, name, many) - count(args.tree, name, few)) / (many - few) / per / 1000
+        res[name] = (counted[name, many] - counted[name, few]) / (many - few) / per / 1000
     print(f"# Instructions (thousands) per call, callgrind, {args.tree}\n")
     print("| measure | K instructions |")
     print("|---|---|")

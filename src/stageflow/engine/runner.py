@@ -379,27 +379,9 @@ def call_stage(
                 return _call_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return _call_observed(owner, entry, state, run, hooks, prefix)
-    target = _getattr(owner, entry.attr)  # _resolve, written out
-    if entry.key is not None:
-        target = target[entry.key]
-    for name in entry.chain:
-        target = _getattr(target, name)
-    if entry.plain_inputs:  # gather_inputs, written out for the common case
-        kw = {}
-        try:
-            for sf, st in entry.in_pairs:
-                kw[sf] = state[st]
-        except KeyError as e:
-            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
-    else:
-        kw = gather_inputs(entry, state, prefix, target, owner, run)
-    # The owner merges pipeline defaults into a stage's policy; with none in force it is the stage's own.
-    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    # LM work inside is attributed to this stage (a nested pipeline's stages set their own paths).
-    token = _STAGE.set(entry.path) if not composite or policy is not None else None
-    # A nested pipeline's calls are prefixed with this stage's full path (join_path, written out).
-    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
+    token, path_token = _entered(entry, policy, prefix)
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -411,25 +393,78 @@ def call_stage(
         else:
             out = _invoke(entry, target, kw)
     except Exception as e:
-        if token is not None:
-            _STAGE.reset(token)
-        if path_token is not None:
-            _PATH.reset(path_token)
-        call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
-        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
-        if err is None:
-            return None
-        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        _left(token, path_token)
+        _raised(owner, entry, e, (target, kw, policy, t0), state, run, hooks, prefix)
+        return None
     except BaseException:
-        if token is not None:
-            _STAGE.reset(token)
-        if path_token is not None:
-            _PATH.reset(path_token)
+        _left(token, path_token)
         raise
+    _left(token, path_token)
+    return _succeeded(entry, out, t0, state, run, prefix)
+
+
+def _prepared(
+    owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, prefix: str
+) -> tuple[Any, dict[str, Any], StagePolicy | None]:
+    """The stage object, its inputs and its policy (``_resolve`` and ``gather_inputs``, written out
+    for the common case); shared by :func:`call_stage` and :func:`acall_stage`."""
+    target = _getattr(owner, entry.attr)
+    if entry.key is not None:
+        target = target[entry.key]
+    for name in entry.chain:
+        target = _getattr(target, name)
+    if entry.plain_inputs:
+        kw = {}
+        try:
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except KeyError as e:
+            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
+    else:
+        kw = gather_inputs(entry, state, prefix, target, owner, run)
+    # The owner merges pipeline defaults into a stage's policy; with none in force it is the stage's own.
+    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    return target, kw, policy
+
+
+def _entered(entry: StageEntry, policy: StagePolicy | None, prefix: str) -> tuple[Any, Any]:
+    """Set the stage's context: LM work inside is attributed to this stage (a nested pipeline's
+    stages set their own paths), and a nested pipeline's calls are prefixed with its full path."""
+    composite = entry.composite
+    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
+    return token, path_token
+
+
+def _left(token: Any, path_token: Any) -> None:
     if token is not None:
         _STAGE.reset(token)
     if path_token is not None:
         _PATH.reset(path_token)
+
+
+def _raised(
+    owner: Any,
+    entry: StageEntry,
+    e: Exception,
+    called: tuple[Any, dict[str, Any], StagePolicy | None, float],
+    state: dict[str, Any],
+    run: RunInfo,
+    hooks: tuple[Any, ...],
+    prefix: str,
+) -> None:
+    """A stage call that raised: returns when a policy recovered or skipped it, else raises the
+    stage's error."""
+    target, kw, policy, t0 = called
+    call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
+    err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
+    if err is not None:
+        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+
+
+def _succeeded(
+    entry: StageEntry, out: Any, t0: float, state: dict[str, Any], run: RunInfo, prefix: str
+) -> Any:
     run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
     run._outputs[entry.path] = out
     merge_outputs(entry, out, state, run, prefix)
@@ -505,24 +540,9 @@ async def acall_stage(
                 return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
-    target = _getattr(owner, entry.attr)
-    if entry.key is not None:
-        target = target[entry.key]
-    for name in entry.chain:
-        target = _getattr(target, name)
-    if entry.plain_inputs:
-        kw = {}
-        try:
-            for sf, st in entry.in_pairs:
-                kw[sf] = state[st]
-        except KeyError as e:
-            raise missing_at_run_time(entry, str(e.args[0]), state, prefix, owner, run) from None
-    else:
-        kw = gather_inputs(entry, state, prefix, target, owner, run)
-    policy = entry.policy if DEFAULT_POLICY.get() is None else owner.stageflow_policy(entry)
+    target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    token = _STAGE.set(entry.path) if not composite or policy is not None else None
-    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
+    token, path_token = _entered(entry, policy, prefix)
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -535,29 +555,14 @@ async def acall_stage(
         else:
             out = await _invoke_async(entry, target, kw)
     except Exception as e:
-        if token is not None:
-            _STAGE.reset(token)
-        if path_token is not None:
-            _PATH.reset(path_token)
-        call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
-        err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
-        if err is None:
-            return None
-        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        _left(token, path_token)
+        _raised(owner, entry, e, (target, kw, policy, t0), state, run, hooks, prefix)
+        return None
     except BaseException:
-        if token is not None:
-            _STAGE.reset(token)
-        if path_token is not None:
-            _PATH.reset(path_token)
+        _left(token, path_token)
         raise
-    if token is not None:
-        _STAGE.reset(token)
-    if path_token is not None:
-        _PATH.reset(path_token)
-    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run._outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)
-    return out
+    _left(token, path_token)
+    return _succeeded(entry, out, t0, state, run, prefix)
 
 
 async def _acall_observed(

@@ -22,6 +22,7 @@ from stageflow.patterns._fanout import (
     raise_all_failed,
     run_branches,
 )
+from stageflow.patterns._fields import result_fields
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
@@ -105,15 +106,7 @@ def _fields_of(item: Any) -> dict[str, Any] | None:
         if not item.get("success"):
             return None
         item = item.get("result")
-    if isinstance(item, Mapping):
-        return dict(item)
-    store = getattr(item, "_store", None)
-    if isinstance(store, dict):
-        return dict(store)
-    model_fields = getattr(type(item), "model_fields", None)
-    if isinstance(model_fields, dict):
-        return {k: getattr(item, k) for k in model_fields}
-    return {"content": str(item)}
+    return result_fields(item)
 
 
 class ResultAggregator:

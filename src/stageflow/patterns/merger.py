@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
+from stageflow.patterns._fields import result_fields
 
 __all__ = ["ClashStrategy", "ResultMerger", "clash_error", "clash_hint", "produced_fields"]
 
@@ -18,17 +19,9 @@ _STRATEGIES = ("error", "list", "concatenate", "first")
 def produced_fields(item: Any) -> dict[str, Any] | None:
     """The fields of one stage's result: a dict, a ``dspy.Prediction``, a pydantic model (``None`` for a
     failed one: the tutorial's ``{"error": ...}`` records)."""
-    if isinstance(item, Mapping):
-        if item.get("error") and len(item) == 1:
-            return None
-        return dict(item)
-    store = getattr(item, "_store", None)
-    if isinstance(store, dict):
-        return dict(store)
-    model_fields = getattr(type(item), "model_fields", None)
-    if isinstance(model_fields, dict):
-        return {k: getattr(item, k) for k in model_fields}
-    return {"content": str(item)}
+    if isinstance(item, Mapping) and item.get("error") and len(item) == 1:
+        return None
+    return result_fields(item)
 
 
 def clash_hint(fields: Sequence[str]) -> str:
