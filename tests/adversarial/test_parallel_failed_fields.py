@@ -97,3 +97,39 @@ async def test_two_levels_down_the_old_value_is_dropped_too(mode: str) -> None:
         await call(outer, mode, question="q", answer="STALE")
     assert used == []
     assert "'stages[0].stages[0].stages[0]' (function failing())" in str(info.value)
+
+
+# Second attack round: a parallel group nested in another, and a failed member with undeclared outputs.
+
+
+async def test_a_failed_field_of_a_nested_parallel_group_is_dropped_by_the_outer_group(mode: str) -> None:
+    inner = stageflow.ParallelPipeline([[failing, other]])
+    outer = stageflow.ParallelPipeline([[inner, stageflow.stage(lambda question: {"h": 1}, writes=["h"])]])
+    result = await call(outer, mode, question="q", answer="STALE")
+    assert "answer" not in result
+    assert "answer" in result.failed_outputs
+    wrapped = await call(stageflow.SequentialPipeline([inner]), mode, question="q", answer="STALE")
+    assert "answer" not in wrapped
+    assert "answer" in wrapped.failed_outputs  # reachable from the outer result too
+    with pytest.raises((ContractError, PipelineError)):
+        await call(stageflow.SequentialPipeline([outer, use]), mode, question="q", answer="STALE")
+    assert used == []
+
+
+async def test_a_failed_member_with_undeclared_outputs_is_said_out_loud(mode: str) -> None:
+    # Its fields are unknown, so none can be dropped (the tutorial leaves a failed stage out of the
+    # merge): the run warns, and result.failed_outputs names the stage, so the risk is never silent.
+    import dspy
+
+    from stageflow.patterns.parallel import UndeclaredFailureWarning
+
+    class Undeclared(dspy.Module):
+        def forward(self, question: str) -> dspy.Prediction:
+            raise ValueError("undeclared failed")
+
+    pipeline = stageflow.ParallelPipeline([[Undeclared(), other]])
+    with pytest.warns(UndeclaredFailureWarning, match="writes="):
+        result = await call(pipeline, mode, question="q", answer="STALE")
+    [(key, why)] = result.failed_outputs.items()
+    assert "stages[0]" in key
+    assert "undeclared failed" in why

@@ -18,6 +18,7 @@ from stageflow.state import Result, RunInfo
 
 __all__ = [
     "FAILED_OUTPUTS",
+    "failed_outputs_of",
     "gather_inputs",
     "merge_outputs",
     "missing_at_run_time",
@@ -130,14 +131,14 @@ def missing_at_run_time(
     )
 
 
-def _failed_outputs(run: RunInfo) -> list[dict[str, str]]:
+def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:
     """The ``failed_outputs`` records of this run and of the pipelines nested in it."""
     return [e[FAILED_OUTPUTS] for e in (run.extras, *run.details.values()) if e.get(FAILED_OUTPUTS)]
 
 
 def _failed_writer(run: RunInfo | None, f: str) -> str | None:
     """The failed stage that was to write ``f`` in this run (or a nested one), if any."""
-    for failed in _failed_outputs(run) if run is not None else ():
+    for failed in failed_outputs_of(run) if run is not None else ():
         if f in failed:
             return str(failed[f])
     return None
@@ -169,7 +170,7 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
             inner = out.run
             if inner.details or FAILED_OUTPUTS in inner.extras:
                 # A failed inner stage (at any depth) was to write these: the old values are stale.
-                for failed in _failed_outputs(inner):
+                for failed in failed_outputs_of(inner):
                     for k in failed:
                         if k not in out._store:
                             state.pop(k, None)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from stageflow.engine.boundary import FAILED_OUTPUTS, private_state
+from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of, private_state
 from stageflow.engine.concurrency import FailurePolicy
 from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.errors import ConfigurationError, ContractError, StageError
@@ -24,11 +25,16 @@ from stageflow.patterns.merger import ResultMerger, clash_error, clash_hint, pro
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
-__all__ = ["ParallelPipeline", "ResultMerger"]
+__all__ = ["ParallelPipeline", "ResultMerger", "UndeclaredFailureWarning"]
 
 
 def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+class UndeclaredFailureWarning(UserWarning):
+    """A parallel stage with undeclared outputs failed under ``on_error="collect"``/``"skip"``: the
+    fields it would have written could not be dropped, so a later stage may read an earlier value."""
 
 
 class ParallelPipeline(Pipeline):
@@ -264,11 +270,35 @@ class ParallelPipeline(Pipeline):
         for f in merged:
             failed.pop(f, None)  # written again by a later group
         for r in results:
-            if r.outcome.ok or r.outcome.status not in ("error", "timeout"):
+            if r.outcome.ok:  # a nested pipeline's own failed stages: their fields are stale here too
+                for record in failed_outputs_of(r.branch.run):
+                    for f, why in record.items():
+                        if f not in merged:
+                            state.pop(f, None)
+                            failed[f] = why
+                continue
+            if r.outcome.status not in ("error", "timeout"):
                 continue
             entry, error = r.branch.entry, r.outcome.error
             if isinstance(error, StageError) and error.__cause__ is not None:
                 error = error.__cause__  # the stage's own error (the StageError repeats the path)
+            if entry.ports.outputs is None:
+                # Which fields it would have written is unknown, so none can be dropped: the tutorial's
+                # "a failed stage is left out of the merge" holds, and the risk is said out loud.
+                where = join_path(prefix, entry.path)
+                failed[f"<undeclared outputs of '{where}'>"] = (
+                    f"'{where}' ({entry.label}), which failed: {type(error).__name__}: {error}; its outputs "
+                    "are undeclared, so fields it would have written keep their earlier values"
+                )
+                warnings.warn(
+                    f"Parallel stage '{where}' ({entry.label}) failed ({type(error).__name__}: {error}) and "
+                    "its outputs are undeclared: fields it would have written keep the values they had "
+                    "before the group, stale if a later stage reads them. Declare them with "
+                    "Stage(<stage>, writes=[...]) so they are dropped and listed in result.failed_outputs.",
+                    UndeclaredFailureWarning,
+                    stacklevel=2,
+                )
+                continue
             for f in entry.ports.outputs or ():
                 if f not in merged:
                     state.pop(f, None)
