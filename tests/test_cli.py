@@ -19,6 +19,9 @@ def shout(text):
 
 def explode(text):
     raise ValueError("component exploded")
+
+def score(text):
+    return {"shout": float("nan")}
 """
 
 
@@ -309,6 +312,22 @@ def test_run_prints_the_result_and_writes_output(
     )
     assert (code, out) == (0, "")
     assert json.loads(short.read_text(encoding="utf-8"))["shout"] == "YO"
+
+
+def test_a_result_holding_nan_is_written_as_strict_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, components: str
+) -> None:
+    # Second attack round: a bare NaN was written (exit 0), which strict JSON parsers refuse.
+    path = pipeline_file(tmp_path, component="score")
+    result = tmp_path / "out.json"
+    argv = ["run", str(path), "--allow-module", components, "--input", '{"text": "hi"}', "-o", str(result)]
+    code, _, _ = run_cli(capsys, *argv)
+    assert code == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-JSON constant {constant}")
+
+    assert json.loads(result.read_text(encoding="utf-8"), parse_constant=refuse)["shout"] == "NaN"
 
 
 def test_a_failing_run_exits_1_and_writes_nothing(

@@ -190,6 +190,27 @@ def test_cli_outputs_write_through_symlinks_with_the_umask(
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["graph", "g.yaml", "-o", "loop_a"],
+        ["run", "p.yaml", "--input", '{"x": "a"}', "-o", "loop_a", "--allow-module", "outmod"],
+        ["batch", "p.yaml", "d.jsonl", "-o", "loop_a", "--allow-module", "outmod", "--quiet"],
+    ],
+    ids=["graph", "run", "batch"],
+)
+def test_a_symlink_loop_as_output_is_bad_input(
+    project: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Second attack round: it was "run failed: RuntimeError: Symlink loop" with exit 1.
+    (project / "loop_a").symlink_to("loop_b")
+    (project / "loop_b").symlink_to("loop_a")
+    assert main(command) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be written" in err
+    assert "loop_a" in err
+
+
 def test_batch_to_stdout_needs_a_journal(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["batch", "p.yaml", "d.jsonl", "-o", "-", "--allow-module", "outmod", "--quiet"]
     assert main(base) == 2

@@ -141,3 +141,30 @@ def test_text_rules() -> None:
     assert redact({"deep": [{"headers": {"authorization": "x"}}]}) == {
         "deep": [{"headers": {"authorization": REDACTED}}]
     }
+
+
+# Second attack round: key shapes that leaked, and the CLI's own error paragraph.
+
+
+def test_header_pairs_and_spaced_keys_are_redacted_and_lookalikes_kept() -> None:
+    from stageflow.observe.redact import redact
+
+    got = redact(
+        {"headers": [["X-Api-Key", "k-secret"], ("Accept", "json")], "API KEY": "v", "token_count": 5}
+    )
+    assert got == {
+        "headers": [["X-Api-Key", "[REDACTED]"], ["Accept", "json"]],
+        "API KEY": "[REDACTED]",
+        "token_count": 5,
+    }
+
+
+def test_the_cli_error_paragraph_is_redacted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stageflow.cli._common import report_error
+
+    secret = RuntimeError("auth failed for https://bob:hunter2secret@api.example/ with sk-abcdefghijklmnop")
+    assert report_error(secret, "run", debug=False) == 1
+    err = capsys.readouterr().err
+    assert "hunter2secret" not in err
+    assert "sk-abcdefghijklmnop" not in err
+    assert "api.example" in err

@@ -246,7 +246,12 @@ def check_output(path: str | os.PathLike[str] | None, flag: str = "--output") ->
     if path is None or os.fspath(path) == "-":
         return
     target = Path(path)
-    parent = target.resolve().parent
+    try:
+        parent = target.resolve().parent
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ConfigurationError(
+            f"{flag} {path} cannot be written: {exc}.", code="bad_output", hint="name a regular file"
+        ) from exc
     if target.is_dir():
         raise ConfigurationError(
             f"{flag} {path} is a directory.", code="bad_output", hint=f"name a file, e.g. {target / 'out'}"
@@ -389,7 +394,9 @@ def report_error(exc: BaseException, command: str, debug: bool) -> int:
         text = f"{type(exc).__name__}: {exc}"
     if not usage and not debug:
         text += " (run again with --debug for the traceback)"
-    text = _printable(text)
+    from stageflow.observe.redact import redact_text
+
+    text = _printable(redact_text(text))  # terminals end up in CI logs: no keys or passwords there
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     kind = "invalid input" if usage else "run failed"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from typing import Any
 
+from stageflow import strict_json
 from stageflow.cli._common import (
     EXIT_OK,
     Progress,
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if args.profile:
             print(prof.table(), file=sys.stderr)  # a failed run's stages too
-    text = json.dumps(dict(result.items()), indent=2, ensure_ascii=False, default=str)
+    text = strict_json.dumps(dict(result.items()), indent=2, ensure_ascii=False, default=str)
     if args.output:
         write_atomic(args.output, text + "\n")
     else:

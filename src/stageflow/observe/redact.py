@@ -88,15 +88,15 @@ def is_secret_key(key: Any) -> bool:
     """Whether a mapping key names a credential (its value must never be recorded).
 
     Examples:
-        >>> [is_secret_key(k) for k in ("api_key", "OPENAI_API_KEY", "Authorization", "max_tokens")]
-        [True, True, True, False]
+        >>> [is_secret_key(k) for k in ("api_key", "OPENAI_API_KEY", "API KEY", "Authorization", "max_tokens")]
+        [True, True, True, True, False]
     """
     return isinstance(key, str) and _secret_name(key)
 
 
 @functools.lru_cache(maxsize=4096)
 def _secret_name(key: str) -> bool:  # field names repeat: each is matched once
-    return _SECRET_KEY.search(_CAMEL.sub("_", key.strip())) is not None
+    return _SECRET_KEY.search(_CAMEL.sub("_", " ".join(key.split()).replace(" ", "_"))) is not None
 
 
 def _replace_pair(match: re.Match[str]) -> str:
@@ -129,6 +129,8 @@ def redact(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: REDACTED if is_secret_key(k) else redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if len(value) == 2 and is_secret_key(value[0]):  # a header as a pair: ("X-Api-Key", "...")
+            return [value[0], REDACTED]
         return [redact(v) for v in value]
     return value
 

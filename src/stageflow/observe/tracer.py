@@ -61,7 +61,16 @@ logger = logging.getLogger("stageflow")
 
 def jsonable(value: Any, limit: int = 2000) -> Any:
     """A JSON-safe copy of ``value`` (long strings cut to ``limit`` characters; ``nan`` and
-    infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``, which strict JSON has no numbers for)."""
+    infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``, which strict JSON has no numbers for;
+    an object whose ``repr`` raises as a placeholder naming its type).
+
+    Examples:
+        >>> class Broken:
+        ...     def __repr__(self):
+        ...         raise RuntimeError("no")
+        >>> jsonable({"x": float("nan"), "y": Broken()})
+        {'x': 'nan', 'y': '<Broken: repr raised RuntimeError>'}
+    """
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -75,9 +84,12 @@ def jsonable(value: Any, limit: int = 2000) -> Any:
         return {str(k): jsonable(v, limit) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
         return [jsonable(v, limit) for v in value]
-    if hasattr(value, "model_dump"):
-        return jsonable(value.model_dump(), limit)
-    return jsonable(repr(value), limit)
+    try:
+        if hasattr(value, "model_dump"):
+            return jsonable(value.model_dump(), limit)
+        return jsonable(repr(value), limit)
+    except Exception as e:  # an object whose repr (or dump) raises: the trace keeps its events
+        return f"<{type(value).__name__}: repr raised {type(e).__name__}>"
 
 
 class _Frame:

@@ -8,11 +8,12 @@ kept (type, message, stage path, code) and becomes an error row in the output.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+
+from stageflow import strict_json
 
 __all__ = ["Outcome", "Usage", "error_info", "run_record", "to_json", "usage_scope"]
 
@@ -94,8 +95,9 @@ def _plain(value: Any) -> Any:
 
 
 def to_json(value: Any) -> str:
-    """Compact JSON; values json cannot encode become their pydantic/dict form or their text."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_plain)
+    """Compact, strict JSON; values json cannot encode become their pydantic/dict form or their text,
+    non-finite floats the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    return strict_json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_plain)
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
