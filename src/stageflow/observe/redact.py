@@ -88,7 +88,8 @@ def is_secret_key(key: Any) -> bool:
     """Whether a mapping key names a credential (its value must never be recorded).
 
     Examples:
-        >>> [is_secret_key(k) for k in ("api_key", "OPENAI_API_KEY", "API KEY", "Authorization", "max_tokens")]
+        >>> keys = ("api_key", "OPENAI_API_KEY", "API KEY", "Authorization", "max_tokens")
+        >>> [is_secret_key(k) for k in keys]
         [True, True, True, True, False]
     """
     return isinstance(key, str) and _secret_name(key)
