@@ -295,17 +295,7 @@ def _failed_stage(
     err = _fail(entry, error, prefix)
     _carry_run(entry, err, run)
     if hooks:
-        usage = _stage_usage(call, entry, None)
-        notify(
-            hooks,
-            "on_stage_error",
-            path=call.path,
-            stage=call.stage,
-            inputs=call.kw,
-            error=err,
-            elapsed=elapsed,
-            usage=usage,
-        )
+        _notify_error(hooks, call, err, elapsed, _stage_usage(call, entry, None))
     if _recovered(call.policy, entry, error, err, call.kw, state, run, prefix):
         return None
     return err
@@ -316,17 +306,23 @@ def _interrupted(call: _Call, error: BaseException, hooks: tuple[Any, ...]) -> N
     quorum, a timeout; or an interrupt): observers hear that it ended, with ``cancelled=True``, so
     no profile or trace shows a stage that started and never ended."""
     if hooks:
-        notify(
-            hooks,
-            "on_stage_error",
-            path=call.path,
-            stage=call.stage,
-            inputs=call.kw,
-            error=error,
-            elapsed=perf_counter() - call.t0,
-            usage=None,
-            cancelled=True,
-        )
+        _notify_error(hooks, call, error, perf_counter() - call.t0, None, cancelled=True)
+
+
+def _notify_error(
+    hooks: tuple[Any, ...], call: _Call, error: BaseException, elapsed: float, usage: Any, **extra: Any
+) -> None:
+    notify(
+        hooks,
+        "on_stage_error",
+        path=call.path,
+        stage=call.stage,
+        inputs=call.kw,
+        error=error,
+        elapsed=elapsed,
+        usage=usage,
+        **extra,
+    )
 
 
 def _finished_stage(
