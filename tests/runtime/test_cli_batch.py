@@ -67,6 +67,8 @@ def test_failed_records_exit_1_and_say_how_to_retry(
     assert [e["id"] for e in errors] == ["t-0", "t-4", "t-8"]
     assert errors[0]["error"]["stage_path"] == "stages[0]"
     assert "scripted failure for t-0" in errors[0]["error"]["message"]
+    rows = [line for line in out.read_text().splitlines() if '"error"' in line]
+    assert all(json.dumps(json.loads(r), ensure_ascii=False, separators=(",", ":")) == r for r in rows)
 
 
 def test_retry_failed_is_not_counted_as_repeated_work(

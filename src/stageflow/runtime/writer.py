@@ -122,7 +122,7 @@ class JournalWriter:
                     (
                         "done" if o.ok else "failed",
                         outputs,
-                        None if o.error is None else json.dumps(o.error, ensure_ascii=False),
+                        None if o.error is None else to_json(o.error),  # compact, as the output rows
                         json.dumps(o.usage.as_dict()),
                         o.elapsed,
                         run,
