@@ -12,20 +12,10 @@ import dspy
 import pytest
 from dspy.utils.exceptions import LMBillingError, LMUnexpectedError
 
+from sleeps_kit import Sleeps as Waits
 from stageflow import RetryPolicy, SequentialPipeline, Stage, StageError
 from stageflow.policies import is_retryable
 from stageflow.testing import FakeLM, call
-
-
-class Waits:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 class RaisingLM(FakeLM):

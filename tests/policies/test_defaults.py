@@ -9,6 +9,7 @@ from typing import Any
 import dspy
 import pytest
 
+from sleeps_kit import Sleeps
 from stageflow import (
     ConfigurationError,
     Fallback,
@@ -23,16 +24,7 @@ from stageflow import (
 from stageflow.testing import FakeLM, call
 
 
-class Waits:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
+class Waits(Sleeps):
     def policy(self, **kw: Any) -> RetryPolicy:
         return RetryPolicy(sleep=self.sleep, asleep=self.asleep, **kw)
 

@@ -12,6 +12,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMRateLimitError, LMServerError
 
 import stageflow
+from sleeps_kit import Sleeps
 from stageflow import (
     ConfigurationError,
     Fallback,
@@ -23,19 +24,6 @@ from stageflow import (
     stage,
 )
 from stageflow.testing import FakeLM, call
-
-
-class Sleeps:
-    """Records requested delays for both sync (``sleep``) and async (``asleep``) waits."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 def policy(sleeps: Sleeps, **kw: Any) -> RetryPolicy:
