@@ -11,36 +11,15 @@ from __future__ import annotations
 
 import dspy
 import pytest
+from monitored_stages import Draft, Review, writer_lm
 
 from stageflow import ProfilingPipeline
-from stageflow.testing import FakeLM, call
-
-
-class Draft(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.write = dspy.Predict("topic -> draft")
-
-    def forward(self, topic):
-        return self.write(topic=topic)
-
-
-class Review(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.review = dspy.ChainOfThought("draft -> verdict")
-
-    def forward(self, draft):
-        return self.review(draft=draft)
-
-
-def profile_lm() -> FakeLM:
-    return FakeLM({"draft": lambda i: f"a draft about {i['topic']}", "verdict": "accept"})
+from stageflow.testing import call
 
 
 async def test_the_performance_summary_covers_every_call(mode: str) -> None:
     pipeline = ProfilingPipeline([Draft(), Review()])
-    with dspy.context(lm=profile_lm()):
+    with dspy.context(lm=writer_lm()):
         first = await call(pipeline, mode, topic="rivers")
         second = await call(pipeline, mode, topic="lakes")
     assert second.verdict == "accept"
@@ -59,7 +38,7 @@ async def test_the_performance_summary_covers_every_call(mode: str) -> None:
 
 async def test_profile_data_has_the_tutorials_layout(mode: str) -> None:
     pipeline = ProfilingPipeline([Draft(), Review()])
-    with dspy.context(lm=profile_lm()):
+    with dspy.context(lm=writer_lm()):
         result = await call(pipeline, mode, topic="rivers")
     times = result.profile_data["stage_0"]
     assert len(times) == 1

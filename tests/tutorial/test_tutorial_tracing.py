@@ -13,36 +13,15 @@ from __future__ import annotations
 import json
 
 import dspy
+from monitored_stages import Draft, Review, writer_lm
 
 from stageflow import TracingPipeline
-from stageflow.testing import FakeLM, call
-
-
-class Draft(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.write = dspy.Predict("topic -> draft")
-
-    def forward(self, topic):
-        return self.write(topic=topic)
-
-
-class Review(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.review = dspy.ChainOfThought("draft -> verdict")
-
-    def forward(self, draft):
-        return self.review(draft=draft)
-
-
-def trace_lm() -> FakeLM:
-    return FakeLM({"draft": lambda i: f"a draft about {i['topic']}", "verdict": "accept"})
+from stageflow.testing import call
 
 
 async def test_the_trace_records_the_input_each_stage_and_the_output(mode: str, tmp_path) -> None:
     pipeline = TracingPipeline([Draft(), Review()])
-    with dspy.context(lm=trace_lm()):
+    with dspy.context(lm=writer_lm()):
         result = await call(pipeline, mode, topic="rivers")
     assert result.verdict == "accept"
     assert result.result["draft"] == "a draft about rivers"  # the tutorial's `result=current_input`
@@ -58,7 +37,7 @@ async def test_the_trace_records_the_input_each_stage_and_the_output(mode: str, 
 
 async def test_each_call_has_its_own_trace(mode: str) -> None:
     pipeline = TracingPipeline([Draft(), Review()])
-    with dspy.context(lm=trace_lm()):
+    with dspy.context(lm=writer_lm()):
         first = await call(pipeline, mode, topic="rivers")
         second = await call(pipeline, mode, topic="lakes")
     assert len(first.execution_trace) == len(second.execution_trace) == 6
@@ -67,7 +46,7 @@ async def test_each_call_has_its_own_trace(mode: str) -> None:
 
 async def test_trace_entries_have_the_tutorials_keys(mode: str) -> None:
     pipeline = TracingPipeline([Draft(), Review()])
-    with dspy.context(lm=trace_lm()):
+    with dspy.context(lm=writer_lm()):
         result = await call(pipeline, mode, topic="rivers")
     trace = result.execution_trace
     assert [e["type"] for e in trace] == [
@@ -89,7 +68,7 @@ async def test_trace_entries_have_the_tutorials_keys(mode: str) -> None:
 
 async def test_save_trace_writes_the_trace_entries(mode: str, tmp_path) -> None:
     pipeline = TracingPipeline([Draft(), Review()])
-    with dspy.context(lm=trace_lm()):
+    with dspy.context(lm=writer_lm()):
         result = await call(pipeline, mode, topic="rivers")
     path = tmp_path / "trace.json"
     pipeline.save_trace(str(path))
