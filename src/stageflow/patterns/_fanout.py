@@ -9,11 +9,13 @@ stageflow's background event loop); async calls fan out on tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from stageflow import _checks
+from stageflow.engine.bare import abare_fan_out, bare_ready, in_input_order
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
@@ -48,7 +50,7 @@ class Branch:
 
     entry: StageEntry
     state: dict[str, Any]
-    run: RunInfo = field(default_factory=RunInfo)
+    run: RunInfo = None  # type: ignore[assignment]  # given before the fan-out starts (see _own_runs)
 
 
 @dataclass(slots=True)
@@ -103,6 +105,19 @@ def _produced(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in after.items() if k not in before or before[k] is not v}
 
 
+def _bare(branches: Sequence[Branch], until: Any, timeout: float | None) -> bool:
+    """No early stop, no timeout, and no branch given a run of its own (a parallel group's branches
+    carry the fields earlier groups failed to write): the branches may share one run."""
+    return until is None and timeout is None and all(b.run is None for b in branches)
+
+
+def _own_runs(branches: Sequence[Branch]) -> None:
+    """Each branch records into a run of its own, joined to the caller's in input order afterwards."""
+    for b in branches:
+        if b.run is None:
+            b.run = RunInfo()
+
+
 def _timeout_error(branch: Branch, prefix: str, error: BranchTimeoutError) -> StageTimeoutError:
     path = join_path(prefix, branch.entry.path)
     err = StageTimeoutError(
@@ -139,6 +154,22 @@ def _results(
     ]
 
 
+class _SharedCalls(Sequence[Callable[[], Any]]):
+    """The branches' calls for :func:`fan_out`, made when a thread takes one (none waits as an object)."""
+
+    __slots__ = ("branches", "owner", "prefix", "run")
+
+    def __init__(self, owner: Any, branches: Sequence[Branch], run: RunInfo, prefix: str) -> None:
+        self.owner, self.branches, self.run, self.prefix = owner, branches, run, prefix
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    def __getitem__(self, i: Any) -> Any:
+        b = self.branches[i]
+        return functools.partial(call_stage, self.owner, b.entry, b.state, self.run, (), self.prefix)
+
+
 def run_branches(
     owner: Any,
     branches: Sequence[Branch],
@@ -171,6 +202,18 @@ def run_branches(
             )
         )
 
+    entries = [b.entry for b in branches]
+    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
+        # Plain function stages, nothing around their calls: the threads share one run (fewer
+        # objects alive per waiting branch), put back in input order afterwards.
+        shared = RunInfo()
+        for b in branches:
+            b.run = shared
+        outcomes = fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
+        in_input_order(shared, entries)
+        return _results(branches, before, outcomes, prefix)
+    _own_runs(branches)
+
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
 
@@ -200,6 +243,16 @@ async def arun_branches(
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from an async call."""
     before = [dict(b.state) for b in branches] if produced else None
+    entries = [b.entry for b in branches]
+    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
+        # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
+        # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
+        shared = RunInfo()
+        for b in branches:
+            b.run = shared
+        outcomes = await abare_fan_out(owner, entries, [b.state for b in branches], shared, prefix, on_error)
+        return _results(branches, before, outcomes, prefix)
+    _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: acall_stage(owner, b.entry, b.state, b.run, hooks, prefix)
@@ -229,5 +282,9 @@ def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
     """Add what each branch recorded (trace, stage outputs, events, nested details and usage) to the
     parent run; branch paths are already the parent's."""
+    seen: set[int] = set()
     for r in results:
-        run.absorb("", r.branch.run)
+        branch_run = r.branch.run
+        if id(branch_run) not in seen:  # branches that ran as bare tasks share one run
+            seen.add(id(branch_run))
+            run.absorb("", branch_run)
