@@ -78,13 +78,18 @@ async def abare_fan_out(
     """
     _check_policy(on_error)
     n = len(entries)
-    outcomes = [BranchOutcome(i) for i in range(n)]
     if n == 0:
-        return outcomes
+        return []
+    # What each branch did, kept in flat lists until the end: no object per branch stays alive
+    # while the branches wait (an outcome object is made for each once all are done).
+    status = ["skipped"] * n
+    values: list[Any] = [None] * n
+    errors: list[BaseException | None] = [None] * n
+    elapsed = [0.0] * n
+    starts = [0.0] * n
     loop = asyncio.get_running_loop()
     here = copy_context()
     finished = loop.create_future()
-    starts = [0.0] * n
     tasks: list[asyncio.Task[Any] | None] = [None] * n
     index: dict[asyncio.Task[Any], int] = {}
     stop_error: list[BaseException] = []  # fail_fast's first error, or an interrupt to re-raise
@@ -106,63 +111,61 @@ async def abare_fan_out(
                     unstarted.add(k)
                 t.cancel()
 
+    def failed(i: int, error: BaseException) -> None:
+        errors[i], status[i], elapsed[i] = error, "error", perf_counter() - starts[i]
+        if on_error == "fail_fast":
+            stop(error)
+
     def done(task: asyncio.Task[Any]) -> None:
         i = index.pop(task)
-        o, entry, state, t0 = outcomes[i], entries[i], states[i], starts[i]
         if task.cancelled():
             if i not in unstarted:
-                o.status, o.elapsed = "cancelled", perf_counter() - t0
+                status[i], elapsed[i] = "cancelled", perf_counter() - starts[i]
                 if task.cancelling() == 0 and not stop_error:
                     # Nobody cancelled it: the stage raised CancelledError itself (e.g. leaked from an
                     # inner task). Never a branch failure: stop the others and re-raise it.
                     try:
                         task.result()
                     except asyncio.CancelledError as e:
-                        o.error = e
+                        errors[i] = e
                         stop(e)
-            settle()
-            return
-        error = task.exception()
-        if error is None:
-            try:
-                o.value = _succeeded(entry, task.result(), t0, state, run, prefix)
-                o.ok, o.status = True, "ok"
-            except Exception as e:  # outputs that cannot merge: the branch failed
-                o.error, o.status = e, "error"
-            o.elapsed = perf_counter() - t0
-        elif isinstance(error, Exception):
-            _failed(owner, entry, error, t0, state, run, prefix, o)
-        else:  # KeyboardInterrupt, SystemExit: never a branch failure
-            o.error, o.status, o.elapsed = error, "cancelled", perf_counter() - t0
-            stop(error)
-        if o.status == "error" and on_error == "fail_fast":
-            stop(o.error)  # type: ignore[arg-type]
+        else:
+            error = task.exception()
+            if error is None:
+                try:
+                    values[i] = _succeeded(entries[i], task.result(), starts[i], states[i], run, prefix)
+                except Exception as e:  # outputs that cannot merge: the branch failed
+                    failed(i, e)
+                else:
+                    status[i], elapsed[i] = "ok", perf_counter() - starts[i]
+            elif isinstance(error, Exception):
+                failed(i, _stage_error(owner, entries[i], error, starts[i], states[i], run, prefix))
+            else:  # KeyboardInterrupt, SystemExit: never a branch failure
+                errors[i], status[i], elapsed[i] = error, "cancelled", perf_counter() - starts[i]
+                stop(error)
         settle()
 
     create = loop.create_task
     for i in range(n):
-        entry, state, o = entries[i], states[i], outcomes[i]
         if stop_error:  # fail_fast and an earlier branch failed before its call: the rest never start
             settle()
             continue
-        t0 = perf_counter()
+        entry, state = entries[i], states[i]
+        starts[i] = t0 = perf_counter()
         try:
             target, kw, _ = _prepared(owner, entry, state, run, prefix)
         except Exception as e:  # a missing input: the branch fails before its call, as in acall_stage
-            o.error, o.status, o.elapsed = e, "error", perf_counter() - t0
-        else:
-            try:
-                coro = target(**kw)
-            except Exception as e:  # arguments the function does not take: a failed call
-                _failed(owner, entry, e, t0, state, run, prefix, o)
-        if o.status == "error":
-            if on_error == "fail_fast":
-                stop(o.error)  # type: ignore[arg-type]
+            failed(i, e)
+            settle()
+            continue
+        try:
+            coro = target(**kw)
+        except Exception as e:  # arguments the function does not take: a failed call
+            failed(i, _stage_error(owner, entry, e, t0, state, run, prefix))
             settle()
             continue
         context = here.copy()
         context.run(_STAGE.set, entry.path)  # the task's own context: nothing to reset afterwards
-        starts[i] = t0
         task = create(coro, context=context)
         tasks[i] = task
         index[task] = i
@@ -177,10 +180,12 @@ async def abare_fan_out(
     in_input_order(run, entries)
     if stop_error:
         raise stop_error[0]
-    return outcomes
+    return [
+        BranchOutcome(i, status[i] == "ok", values[i], errors[i], elapsed[i], status[i]) for i in range(n)
+    ]
 
 
-def _failed(
+def _stage_error(
     owner: Any,
     entry: StageEntry,
     error: Exception,
@@ -188,14 +193,14 @@ def _failed(
     state: dict[str, Any],
     run: RunInfo,
     prefix: str,
-    outcome: BranchOutcome,
-) -> None:
-    """Record a stage call that raised, as the engine records it (no policy: it fails the branch)."""
+) -> Exception:
+    """Record a stage call that raised, as the engine records it; the error that fails the branch
+    (with no policy in force, the engine always raises one)."""
     try:
         _raised(owner, entry, error, (None, {}, None, t0), state, run, (), prefix)
     except Exception as e:
-        outcome.error, outcome.status = e, "error"
-    outcome.elapsed = perf_counter() - t0
+        return e
+    raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
 
 
 def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:

@@ -35,6 +35,7 @@ from stageflow.state import RunInfo
 __all__ = [
     "Branch",
     "BranchResult",
+    "Branches",
     "absorb",
     "arun_branches",
     "check_fanout_options",
@@ -51,6 +52,34 @@ class Branch:
     entry: StageEntry
     state: dict[str, Any]
     run: RunInfo = None  # type: ignore[assignment]  # given before the fan-out starts (see _own_runs)
+
+
+class Branches(Sequence[Branch]):
+    """Branches given as two lists, their entries and their states: a :class:`Branch` object is made
+    for each only when one is asked for (a bare fan-out asks once every branch is done, so no object
+    per branch stays alive while they wait)."""
+
+    __slots__ = ("_made", "entries", "run", "states")
+
+    def __init__(self, entries: list[StageEntry], states: list[dict[str, Any]]) -> None:
+        self.entries, self.states = entries, states
+        self.run: RunInfo | None = None  # the run every branch records into, when they share one
+        self._made: list[Branch] | None = None
+
+    def made(self) -> list[Branch]:
+        if self._made is None:
+            run = self.run
+            self._made = [Branch(e, s, run) for e, s in zip(self.entries, self.states, strict=True)]  # type: ignore[arg-type]
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.made()[i]
+
+    def __iter__(self) -> Iterator[Branch]:
+        return iter(self.made())
 
 
 @dataclass(slots=True)
@@ -108,7 +137,26 @@ def _produced(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 def _bare(branches: Sequence[Branch], until: Any, timeout: float | None) -> bool:
     """No early stop, no timeout, and no branch given a run of its own (a parallel group's branches
     carry the fields earlier groups failed to write): the branches may share one run."""
-    return until is None and timeout is None and all(b.run is None for b in branches)
+    if until is not None or timeout is not None:
+        return False
+    if isinstance(branches, Branches):
+        return branches.run is None and branches._made is None
+    return all(b.run is None for b in branches)
+
+
+def _entries(branches: Sequence[Branch]) -> list[StageEntry]:
+    return branches.entries if isinstance(branches, Branches) else [b.entry for b in branches]
+
+
+def _share_run(branches: Sequence[Branch]) -> tuple[RunInfo, list[dict[str, Any]]]:
+    """One run for every branch; the branches' states."""
+    shared = RunInfo()
+    if isinstance(branches, Branches):
+        branches.run = shared
+        return shared, branches.states
+    for b in branches:
+        b.run = shared
+    return shared, [b.state for b in branches]
 
 
 def _own_runs(branches: Sequence[Branch]) -> None:
@@ -166,8 +214,11 @@ class _SharedCalls(Sequence[Callable[[], Any]]):
         return len(self.branches)
 
     def __getitem__(self, i: Any) -> Any:
-        b = self.branches[i]
-        return functools.partial(call_stage, self.owner, b.entry, b.state, self.run, (), self.prefix)
+        if isinstance(self.branches, Branches):
+            entry, state = self.branches.entries[i], self.branches.states[i]
+        else:
+            entry, state = self.branches[i].entry, self.branches[i].state
+        return functools.partial(call_stage, self.owner, entry, state, self.run, (), self.prefix)
 
 
 def run_branches(
@@ -185,7 +236,7 @@ def run_branches(
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from a sync call."""
     before = [dict(b.state) for b in branches] if produced else None
-    native_async = all(b.entry.kind == FUNCTION and b.entry.is_async_fn for b in branches)
+    native_async = all(e.kind == FUNCTION and e.is_async_fn for e in _entries(branches))
     if branches and native_async and not on_background_loop():
         return run_on_background_loop(  # type: ignore[no-any-return]
             arun_branches(
@@ -202,13 +253,11 @@ def run_branches(
             )
         )
 
-    entries = [b.entry for b in branches]
+    entries = _entries(branches)
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
         # Plain function stages, nothing around their calls: the threads share one run (fewer
         # objects alive per waiting branch), put back in input order afterwards.
-        shared = RunInfo()
-        for b in branches:
-            b.run = shared
+        shared, _ = _share_run(branches)
         outcomes = fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
         in_input_order(shared, entries)
         return _results(branches, before, outcomes, prefix)
@@ -243,14 +292,12 @@ async def arun_branches(
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from an async call."""
     before = [dict(b.state) for b in branches] if produced else None
-    entries = [b.entry for b in branches]
+    entries = _entries(branches)
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
         # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
         # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
-        shared = RunInfo()
-        for b in branches:
-            b.run = shared
-        outcomes = await abare_fan_out(owner, entries, [b.state for b in branches], shared, prefix, on_error)
+        shared, states = _share_run(branches)
+        outcomes = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
         return _results(branches, before, outcomes, prefix)
     _own_runs(branches)
 

@@ -12,7 +12,7 @@ from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.engine.streaming import listening
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
-    Branch,
+    Branches,
     BranchResult,
     absorb,
     arun_branches,
@@ -199,7 +199,7 @@ class ForEach(Pipeline):
             f"the element, name it so: ForEach(..., item='{f}')"
         )
 
-    def _branches(self, state: dict[str, Any]) -> list[Branch]:
+    def _branches(self, state: dict[str, Any]) -> Branches:
         items = state.get(self.over)
         if not isinstance(items, list | tuple):
             raise ContractError(
@@ -212,12 +212,12 @@ class ForEach(Pipeline):
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
         entries = self._item_entries_for(len(items))
         # Each item runs on private copies: an item cannot change another's inputs or the caller's.
+        name = self.item
         if not shared:
-            return [Branch(entries[i], {self.item: private_copy(x)}) for i, x in enumerate(items)]
-        return [
-            Branch(entries[i], {**private_state(shared), self.item: private_copy(x)})
-            for i, x in enumerate(items)
-        ]
+            states = [{name: private_copy(x)} for x in items]
+        else:
+            states = [{**private_state(shared), name: private_copy(x)} for x in items]
+        return Branches(entries[: len(items)], states)
 
     def _collect(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str) -> None:
         absorb(run, results)
