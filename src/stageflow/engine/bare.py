@@ -38,7 +38,7 @@ from stageflow.usage import _STAGE
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["abare_fan_out", "bare_ready", "in_input_order"]
+__all__ = ["Outcomes", "abare_fan_out", "bare_ready", "in_input_order"]
 
 
 def bare_ready(
@@ -68,8 +68,8 @@ async def abare_fan_out(
     run: RunInfo,
     prefix: str,
     on_error: str,
-) -> list[BranchOutcome]:
-    """Run ``entries[i]`` over ``states[i]`` as bare tasks; one outcome per branch, in input order.
+) -> Outcomes:
+    """Run ``entries[i]`` over ``states[i]`` as bare tasks; what each did, in input order.
 
     Every branch records into ``run``. Failure policies are :func:`~stageflow.engine.fanout.afan_out`'s:
     ``fail_fast`` cancels the other branches and raises the first error (a branch that never started
@@ -79,7 +79,7 @@ async def abare_fan_out(
     _check_policy(on_error)
     n = len(entries)
     if n == 0:
-        return []
+        return Outcomes([], [], [], [])
     # What each branch did, kept in flat lists until the end: no object per branch stays alive
     # while the branches wait (an outcome object is made for each once all are done).
     status = ["skipped"] * n
@@ -180,9 +180,35 @@ async def abare_fan_out(
     in_input_order(run, entries)
     if stop_error:
         raise stop_error[0]
-    return [
-        BranchOutcome(i, status[i] == "ok", values[i], errors[i], elapsed[i], status[i]) for i in range(n)
-    ]
+    return Outcomes(status, values, errors, elapsed)
+
+
+class Outcomes:
+    """What each branch of a fan-out did, as flat lists indexed by branch position (the fields of
+    :class:`~stageflow.engine.fanout.BranchOutcome`; :meth:`listed` makes those objects)."""
+
+    __slots__ = ("elapsed", "errors", "status", "values")
+
+    def __init__(
+        self, status: list[str], values: list[Any], errors: list[BaseException | None], elapsed: list[float]
+    ) -> None:
+        self.status, self.values, self.errors, self.elapsed = status, values, errors, elapsed
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def listed(self) -> list[BranchOutcome]:
+        s, v, e, t = self.status, self.values, self.errors, self.elapsed
+        return [BranchOutcome(i, s[i] == "ok", v[i], e[i], t[i], s[i]) for i in range(len(s))]
+
+    @classmethod
+    def of(cls, outcomes: Sequence[BranchOutcome]) -> Outcomes:
+        return cls(
+            [o.status for o in outcomes],
+            [o.value for o in outcomes],
+            [o.error for o in outcomes],
+            [o.elapsed for o in outcomes],
+        )
 
 
 def _stage_error(
@@ -210,6 +236,6 @@ def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:
     run._trace.sort(key=key)
     outputs = run._outputs
     if outputs:
-        ordered = sorted(outputs.items(), key=lambda kv: position.get(kv[0], -1))
+        ordered = {e.path: outputs[e.path] for e in entries if e.path in outputs}
         outputs.clear()
         outputs.update(ordered)

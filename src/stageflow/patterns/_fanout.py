@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stageflow import _checks
-from stageflow.engine.bare import abare_fan_out, bare_ready, in_input_order
+from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, in_input_order
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
@@ -36,10 +36,12 @@ __all__ = [
     "Branch",
     "BranchResult",
     "Branches",
+    "FlatResults",
     "absorb",
     "arun_branches",
     "check_fanout_options",
     "fanout_options",
+    "flat_results",
     "raise_all_failed",
     "run_branches",
 ]
@@ -89,6 +91,61 @@ class BranchResult:
     branch: Branch
     outcome: BranchOutcome
     produced: dict[str, Any]
+
+
+class FlatResults(Sequence[BranchResult]):
+    """A fan-out's results as flat lists, indexed by branch position: the branches' entries and
+    states, what each did (:class:`~stageflow.engine.bare.Outcomes`) and the runs they recorded
+    into (one, when they shared it). A bare fan-out's results stay flat — no object per branch — until
+    a :class:`BranchResult` is asked for; :func:`flat_results` gives any results this shape."""
+
+    __slots__ = ("_branches", "_made", "entries", "outcomes", "prefix", "runs", "states")
+
+    def __init__(
+        self,
+        branches: Sequence[Branch],
+        entries: list[StageEntry],
+        states: list[dict[str, Any]],
+        outcomes: Outcomes,
+        runs: list[RunInfo],
+        prefix: str,
+    ) -> None:
+        self._branches, self.entries, self.states, self.outcomes = branches, entries, states, outcomes
+        self.runs, self.prefix = runs, prefix
+        self._made: list[BranchResult] | None = None
+
+    def made(self) -> list[BranchResult]:
+        if self._made is None:
+            self._made = _results(self._branches, None, self.outcomes.listed(), self.prefix)
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.made()[i]
+
+    def __iter__(self) -> Iterator[BranchResult]:
+        return iter(self.made())
+
+
+def flat_results(results: Sequence[BranchResult]) -> FlatResults:
+    """``results`` as :class:`FlatResults` (the same object when they already are)."""
+    if isinstance(results, FlatResults):
+        return results
+    runs: dict[int, RunInfo] = {}
+    for r in results:
+        runs.setdefault(id(r.branch.run), r.branch.run)
+    flat = FlatResults(
+        [r.branch for r in results],
+        [r.branch.entry for r in results],
+        [r.branch.state for r in results],
+        Outcomes.of([r.outcome for r in results]),
+        list(runs.values()),
+        "",
+    )
+    flat._made = list(results)
+    return flat
 
 
 def check_fanout_options(
@@ -289,16 +346,18 @@ async def arun_branches(
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
     produced: bool = True,
-) -> list[BranchResult]:
-    """Run ``branches`` concurrently from an async call."""
+) -> Sequence[BranchResult]:
+    """Run ``branches`` concurrently from an async call (results in input order)."""
     before = [dict(b.state) for b in branches] if produced else None
     entries = _entries(branches)
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
         # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
         # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
         shared, states = _share_run(branches)
-        outcomes = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
-        return _results(branches, before, outcomes, prefix)
+        done = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
+        if before is not None:
+            return _results(branches, before, done.listed(), prefix)
+        return FlatResults(branches, entries, states, done, [shared], prefix)
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
@@ -329,9 +388,5 @@ def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
     """Add what each branch recorded (trace, stage outputs, events, nested details and usage) to the
     parent run; branch paths are already the parent's."""
-    seen: set[int] = set()
-    for r in results:
-        branch_run = r.branch.run
-        if id(branch_run) not in seen:  # branches that ran as bare tasks share one run
-            seen.add(id(branch_run))
-            run.absorb("", branch_run)
+    for branch_run in flat_results(results).runs:  # (branches that ran bare share one)
+        run.absorb("", branch_run)
