@@ -158,15 +158,14 @@ async def abare_fan_out(
             failed(i, e)
             settle()
             continue
+        context = here.copy()
+        context.run(_STAGE.set, entry.path)  # the task's own context: nothing to reset afterwards
         try:
-            coro = target(**kw)
+            task = create(target(**kw), context=context)
         except Exception as e:  # arguments the function does not take: a failed call
             failed(i, _stage_error(owner, entry, e, t0, state, run, prefix))
             settle()
             continue
-        context = here.copy()
-        context.run(_STAGE.set, entry.path)  # the task's own context: nothing to reset afterwards
-        task = create(coro, context=context)
         tasks[i] = task
         index[task] = i
         task.add_done_callback(done, context=here)
