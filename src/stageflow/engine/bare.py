@@ -15,6 +15,11 @@ inputs gathered before the call, the stage's path set in the task's context (LM 
 attributed to it), and the trace record, output merge or failure in the task's done callback. The
 branches share one ``RunInfo``; its records are put back in input order once every branch is done.
 What a branch keeps alive while it waits is then what ``asyncio.gather`` keeps, plus its context.
+
+One difference can be seen from inside the stages: with ``fail_fast``, an element that fails before
+its first ``await`` stops the others only once its task has finished, so the elements after it have
+made their first step by then (they are cancelled at their first ``await``, as on the general path
+any element that started is).
 """
 
 from __future__ import annotations
