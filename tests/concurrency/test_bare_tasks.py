@@ -182,25 +182,35 @@ async def test_a_cancelled_error_raised_by_an_element_leaves_the_call(
     assert bare_calls == [3]
 
 
-async def test_cancelling_the_caller_cancels_every_element(bare_calls: list[int]) -> None:
+@pytest.mark.parametrize("general", [False, True], ids=["bare", "general"])
+async def test_cancelling_the_caller_cancels_every_element_and_waits_for_it(
+    bare_calls: list[int], general: bool
+) -> None:
     started: list[int] = []
     finished: list[int] = []
+    cleaned: list[int] = []
 
     async def wait(x: int) -> dict[str, int]:
         started.append(x)
-        await asyncio.sleep(0.2)
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)  # an element's own clean-up, awaited
+            cleaned.append(x)
+            raise
         finished.append(x)
         return {"y": x}
 
-    task = asyncio.ensure_future(_each(wait, False).acall(xs=list(range(5))))
+    task = asyncio.ensure_future(_each(wait, general).acall(xs=list(range(5))))
     while len(started) < 5:
         await asyncio.sleep(0.005)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert sorted(cleaned) == [0, 1, 2, 3, 4]  # the caller resumes after every clean-up, as with gather
     await asyncio.sleep(0.3)
     assert finished == []
-    assert bare_calls == [5]
+    assert bare_calls == ([] if general else [5])
 
 
 async def test_lm_usage_is_attributed_to_each_element(mode: str, kind: str, bare_calls: list[int]) -> None:

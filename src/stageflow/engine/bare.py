@@ -177,9 +177,13 @@ async def abare_fan_out(
     try:
         await finished
     except asyncio.CancelledError:
-        for t in tasks:
-            if t is not None:
-                t.cancel()
+        # The caller was cancelled: cancel every element and, as asyncio.gather does, resume the
+        # caller only once each has finished its own cancellation handling.
+        running = [t for t in tasks if t is not None and not t.done()]
+        for t in running:
+            t.cancel()
+        if running:
+            await asyncio.wait(running)
         raise
     in_input_order(run, entries)
     if stop_error:
