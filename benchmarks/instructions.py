@@ -10,7 +10,9 @@ hand-written composition of ``benchmarks/overhead.py``; one function stage neste
 chains of 1 and 10 custom modules with undeclared and with declared outputs (deferred contract
 checks);
 ``ForEach.acall`` over 2,048 instant ``async def`` items and ``asyncio.gather`` of the same
-coroutines (per item).
+coroutines (per item); a sync ``ForEach`` over 2,048 instant function items and
+``ThreadPoolExecutor(512).map`` of the same function (per item; under callgrind threads take turns,
+so this counts the work, not the waiting).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ MEASURES = {
     "declared10": (50, 300, 1),
     "foreach_acall": (1, 4, ITEMS),
     "gather": (1, 4, ITEMS),
+    "foreach_sync": (1, 4, ITEMS),
+    "pool_map": (1, 4, ITEMS),
 }
 
 
@@ -59,8 +63,10 @@ def _program(name: str) -> Any:
     if name.startswith(("undeclared", "declared")):
         chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
         return lambda: chain(x0=0)
-    loop = asyncio.new_event_loop()
     items = list(range(ITEMS))
+    if name in ("foreach_sync", "pool_map"):
+        return _threads(name, items)
+    loop = asyncio.new_event_loop()
 
     async def item(x: int) -> dict[str, int]:
         await asyncio.sleep(0)
@@ -76,6 +82,23 @@ def _program(name: str) -> Any:
     return lambda: loop.run_until_complete(gather())
 
 
+def _threads(name: str, items: list[int]) -> Any:
+    """A sync ForEach of an instant function stage on stageflow's threads, or the same function
+    through a long-lived ``ThreadPoolExecutor`` of the same size (512 workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import stageflow
+
+    def work(x: int) -> dict[str, int]:
+        return {"y": x}
+
+    if name == "foreach_sync":
+        each = stageflow.ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys")
+        return lambda: each(xs=items)
+    pool = ThreadPoolExecutor(512)
+    return lambda: list(pool.map(work, items))
+
+
 def drive(name: str, calls: int) -> None:
     run = _program(name)
     for _ in range(20 if MEASURES[name][2] == 1 else 2):
@@ -87,7 +110,13 @@ def drive(name: str, calls: int) -> None:
 def count(tree: Path, name: str, calls: int) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree / "src")}
     with tempfile.TemporaryDirectory() as tmp:
-        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable]
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--max-threads=1100",
+            f"--callgrind-out-file={tmp}/cg.out",
+            sys.executable,
+        ]
         out = subprocess.run(
             [*command, __file__, "--drive", name, str(calls)],
             env=env,
@@ -126,6 +155,8 @@ def main() -> None:
     print(f"| 10-stage pipeline / hand-written | {res['sf10'] / res['hand10']:.3f}× |")
     print(f"| per nesting level ((depth50 − depth1) / 49) | {(res['depth50'] - res['depth1']) / 49:.1f} |")
     print(f"| ForEach.acall / asyncio.gather per item | {res['foreach_acall'] / res['gather']:.2f}× |")
+    threads = res["foreach_sync"] / res["pool_map"]
+    print(f"| sync ForEach / ThreadPoolExecutor.map per item | {threads:.2f}× |")
     deferred = (res["undeclared10"] - res["undeclared1"] - res["declared10"] + res["declared1"]) / 9
     print(f"| deferred contract check per stage (undeclared − declared, marginal) | {deferred:.1f} |")
 

@@ -287,6 +287,15 @@ def stage_label(obj: Any) -> str:
     return type(obj).__name__
 
 
+def _is_async_callable(fn: Any) -> bool:
+    """An ``async def`` function (or a partial of one), or an object whose ``__call__`` is ``async def``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return False
+    return inspect.iscoroutinefunction(type(fn).__call__)
+
+
 class FunctionStage(dspy.Module):  # type: ignore[misc]
     """A plain function as a stage. Build it with :func:`stage`.
 
@@ -311,7 +320,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             raise ConfigurationError(f"stage() needs a callable, got {fn!r}.", code="not_a_stage")
         self.fn = fn
         self.stage_name = name or getattr(fn, "__name__", type(fn).__name__)
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = _is_async_callable(fn)
         self.blocking = blocking and not self.is_async
         self.ports = _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
 

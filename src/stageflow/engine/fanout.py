@@ -302,7 +302,7 @@ async def afan_out(
         return outcomes
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
     first_error: list[BaseException] = []
-    interrupt: list[BaseException] = []  # a CancelledError a branch raised by itself
+    interrupt: list[BaseException] = []  # a CancelledError, KeyboardInterrupt or SystemExit a branch raised
     stopped = [False]
     tasks: list[asyncio.Task[None]] = []
 
@@ -344,6 +344,13 @@ async def afan_out(
                 raise
             except Exception as e:
                 o.error, o.status = e, "error"
+            except (KeyboardInterrupt, SystemExit) as e:
+                # Never a branch failure: stop the siblings and re-raise it in the caller (on a loop
+                # that survives it, gather would otherwise hand it back as this branch's result).
+                o.error, o.status, o.elapsed = e, "cancelled", perf_counter() - t0
+                interrupt.append(e)
+                stop(i)
+                raise
             else:
                 o.ok, o.status = True, "ok"
             o.elapsed = perf_counter() - t0

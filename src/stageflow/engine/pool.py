@@ -116,9 +116,21 @@ def _background_loop() -> asyncio.AbstractEventLoop:
             loop = _LOOP[0]
             if loop is None:
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="stageflow-loop", daemon=True).start()
+                threading.Thread(target=_serve, args=(loop,), name="stageflow-loop", daemon=True).start()
                 _LOOP[0] = loop
     return loop
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the background loop for good. A task that raises ``KeyboardInterrupt`` or ``SystemExit``
+    stops ``run_forever`` (asyncio re-raises them out of the loop after storing them in the task):
+    the loop goes on, so the task's caller receives the exception instead of waiting forever."""
+    while True:
+        try:
+            loop.run_forever()
+            return  # stopped on purpose
+        except (KeyboardInterrupt, SystemExit):
+            continue
 
 
 def on_background_loop() -> bool:

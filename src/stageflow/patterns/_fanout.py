@@ -9,11 +9,13 @@ stageflow's background event loop); async calls fan out on tasks.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from stageflow import _checks
+from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, in_input_order
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
@@ -33,10 +35,13 @@ from stageflow.state import RunInfo
 __all__ = [
     "Branch",
     "BranchResult",
+    "Branches",
+    "FlatResults",
     "absorb",
     "arun_branches",
     "check_fanout_options",
     "fanout_options",
+    "flat_results",
     "raise_all_failed",
     "run_branches",
 ]
@@ -48,7 +53,35 @@ class Branch:
 
     entry: StageEntry
     state: dict[str, Any]
-    run: RunInfo = field(default_factory=RunInfo)
+    run: RunInfo = None  # type: ignore[assignment]  # given before the fan-out starts (see _own_runs)
+
+
+class Branches(Sequence[Branch]):
+    """Branches given as two lists, their entries and their states: a :class:`Branch` object is made
+    for each only when one is asked for (a bare fan-out asks once every branch is done, so no object
+    per branch stays alive while they wait)."""
+
+    __slots__ = ("_made", "entries", "run", "states")
+
+    def __init__(self, entries: list[StageEntry], states: list[dict[str, Any]]) -> None:
+        self.entries, self.states = entries, states
+        self.run: RunInfo | None = None  # the run every branch records into, when they share one
+        self._made: list[Branch] | None = None
+
+    def made(self) -> list[Branch]:
+        if self._made is None:
+            run = self.run
+            self._made = [Branch(e, s, run) for e, s in zip(self.entries, self.states, strict=True)]  # type: ignore[arg-type]
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.made()[i]
+
+    def __iter__(self) -> Iterator[Branch]:
+        return iter(self.made())
 
 
 @dataclass(slots=True)
@@ -58,6 +91,61 @@ class BranchResult:
     branch: Branch
     outcome: BranchOutcome
     produced: dict[str, Any]
+
+
+class FlatResults(Sequence[BranchResult]):
+    """A fan-out's results as flat lists, indexed by branch position: the branches' entries and
+    states, what each did (:class:`~stageflow.engine.bare.Outcomes`) and the runs they recorded
+    into (one, when they shared it). A bare fan-out's results stay flat — no object per branch — until
+    a :class:`BranchResult` is asked for; :func:`flat_results` gives any results this shape."""
+
+    __slots__ = ("_branches", "_made", "entries", "outcomes", "prefix", "runs", "states")
+
+    def __init__(
+        self,
+        branches: Sequence[Branch],
+        entries: list[StageEntry],
+        states: list[dict[str, Any]],
+        outcomes: Outcomes,
+        runs: list[RunInfo],
+        prefix: str,
+    ) -> None:
+        self._branches, self.entries, self.states, self.outcomes = branches, entries, states, outcomes
+        self.runs, self.prefix = runs, prefix
+        self._made: list[BranchResult] | None = None
+
+    def made(self) -> list[BranchResult]:
+        if self._made is None:
+            self._made = _results(self._branches, None, self.outcomes.listed(), self.prefix)
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.made()[i]
+
+    def __iter__(self) -> Iterator[BranchResult]:
+        return iter(self.made())
+
+
+def flat_results(results: Sequence[BranchResult]) -> FlatResults:
+    """``results`` as :class:`FlatResults` (the same object when they already are)."""
+    if isinstance(results, FlatResults):
+        return results
+    runs: dict[int, RunInfo] = {}
+    for r in results:
+        runs.setdefault(id(r.branch.run), r.branch.run)
+    flat = FlatResults(
+        [r.branch for r in results],
+        [r.branch.entry for r in results],
+        [r.branch.state for r in results],
+        Outcomes.of([r.outcome for r in results]),
+        list(runs.values()),
+        "",
+    )
+    flat._made = list(results)
+    return flat
 
 
 def check_fanout_options(
@@ -103,6 +191,38 @@ def _produced(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in after.items() if k not in before or before[k] is not v}
 
 
+def _bare(branches: Sequence[Branch], until: Any, timeout: float | None) -> bool:
+    """No early stop, no timeout, and no branch given a run of its own (a parallel group's branches
+    carry the fields earlier groups failed to write): the branches may share one run."""
+    if until is not None or timeout is not None:
+        return False
+    if isinstance(branches, Branches):
+        return branches.run is None and branches._made is None
+    return all(b.run is None for b in branches)
+
+
+def _entries(branches: Sequence[Branch]) -> list[StageEntry]:
+    return branches.entries if isinstance(branches, Branches) else [b.entry for b in branches]
+
+
+def _share_run(branches: Sequence[Branch]) -> tuple[RunInfo, list[dict[str, Any]]]:
+    """One run for every branch; the branches' states."""
+    shared = RunInfo()
+    if isinstance(branches, Branches):
+        branches.run = shared
+        return shared, branches.states
+    for b in branches:
+        b.run = shared
+    return shared, [b.state for b in branches]
+
+
+def _own_runs(branches: Sequence[Branch]) -> None:
+    """Each branch records into a run of its own, joined to the caller's in input order afterwards."""
+    for b in branches:
+        if b.run is None:
+            b.run = RunInfo()
+
+
 def _timeout_error(branch: Branch, prefix: str, error: BranchTimeoutError) -> StageTimeoutError:
     path = join_path(prefix, branch.entry.path)
     err = StageTimeoutError(
@@ -139,6 +259,25 @@ def _results(
     ]
 
 
+class _SharedCalls(Sequence[Callable[[], Any]]):
+    """The branches' calls for :func:`fan_out`, made when a thread takes one (none waits as an object)."""
+
+    __slots__ = ("branches", "owner", "prefix", "run")
+
+    def __init__(self, owner: Any, branches: Sequence[Branch], run: RunInfo, prefix: str) -> None:
+        self.owner, self.branches, self.run, self.prefix = owner, branches, run, prefix
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(self.branches, Branches):
+            entry, state = self.branches.entries[i], self.branches.states[i]
+        else:
+            entry, state = self.branches[i].entry, self.branches[i].state
+        return functools.partial(call_stage, self.owner, entry, state, self.run, (), self.prefix)
+
+
 def run_branches(
     owner: Any,
     branches: Sequence[Branch],
@@ -154,7 +293,7 @@ def run_branches(
 ) -> list[BranchResult]:
     """Run ``branches`` concurrently from a sync call."""
     before = [dict(b.state) for b in branches] if produced else None
-    native_async = all(b.entry.kind == FUNCTION and b.entry.is_async_fn for b in branches)
+    native_async = all(e.kind == FUNCTION and e.is_async_fn for e in _entries(branches))
     if branches and native_async and not on_background_loop():
         return run_on_background_loop(  # type: ignore[no-any-return]
             arun_branches(
@@ -170,6 +309,16 @@ def run_branches(
                 produced=produced,
             )
         )
+
+    entries = _entries(branches)
+    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
+        # Plain function stages, nothing around their calls: the threads share one run (fewer
+        # objects alive per waiting branch), put back in input order afterwards.
+        shared, _ = _share_run(branches)
+        outcomes = fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
+        in_input_order(shared, entries)
+        return _results(branches, before, outcomes, prefix)
+    _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
@@ -197,9 +346,19 @@ async def arun_branches(
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
     produced: bool = True,
-) -> list[BranchResult]:
-    """Run ``branches`` concurrently from an async call."""
+) -> Sequence[BranchResult]:
+    """Run ``branches`` concurrently from an async call (results in input order)."""
     before = [dict(b.state) for b in branches] if produced else None
+    entries = _entries(branches)
+    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
+        # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
+        # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
+        shared, states = _share_run(branches)
+        done = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
+        if before is not None:
+            return _results(branches, before, done.listed(), prefix)
+        return FlatResults(branches, entries, states, done, [shared], prefix)
+    _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
         return lambda: acall_stage(owner, b.entry, b.state, b.run, hooks, prefix)
@@ -229,5 +388,5 @@ def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:
     """Add what each branch recorded (trace, stage outputs, events, nested details and usage) to the
     parent run; branch paths are already the parent's."""
-    for r in results:
-        run.absorb("", r.branch.run)
+    for branch_run in flat_results(results).runs:  # (branches that ran bare share one)
+        run.absorb("", branch_run)

@@ -375,7 +375,9 @@ class EnsemblePipeline(Pipeline):
 
         return reached
 
-    def _finish(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str) -> None:
+    def _finish(
+        self, state: dict[str, Any], run: RunInfo, results: Sequence[BranchResult], prefix: str
+    ) -> None:
         absorb(run, results)
         run.extras["individual_results"] = [
             {

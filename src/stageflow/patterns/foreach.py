@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -12,12 +12,14 @@ from stageflow.engine.plan import Scope, StageEntry, build_entry, join_path
 from stageflow.engine.streaming import listening
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fanout import (
-    Branch,
+    Branches,
     BranchResult,
+    FlatResults,
     absorb,
     arun_branches,
     check_fanout_options,
     fanout_options,
+    flat_results,
     run_branches,
 )
 from stageflow.patterns.base import Pipeline, as_stage
@@ -199,7 +201,7 @@ class ForEach(Pipeline):
             f"the element, name it so: ForEach(..., item='{f}')"
         )
 
-    def _branches(self, state: dict[str, Any]) -> list[Branch]:
+    def _branches(self, state: dict[str, Any]) -> Branches:
         items = state.get(self.over)
         if not isinstance(items, list | tuple):
             raise ContractError(
@@ -212,70 +214,71 @@ class ForEach(Pipeline):
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
         entries = self._item_entries_for(len(items))
         # Each item runs on private copies: an item cannot change another's inputs or the caller's.
+        name = self.item
         if not shared:
-            return [Branch(entries[i], {self.item: private_copy(x)}) for i, x in enumerate(items)]
-        return [
-            Branch(entries[i], {**private_state(shared), self.item: private_copy(x)})
-            for i, x in enumerate(items)
-        ]
+            states = [{name: private_copy(x)} for x in items]
+        else:
+            states = [{**private_state(shared), name: private_copy(x)} for x in items]
+        return Branches(entries[: len(items)], states)
 
-    def _collect(self, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str) -> None:
-        absorb(run, results)
-        for r in results:
-            if r.outcome.ok:
-                self._check_item(r, prefix)
-        lists: dict[str, list[Any]] = {dst: [] for dst in self.collect.values()}
-        errors: list[dict[str, Any]] = []
-        for r in results:
-            if not r.outcome.ok:
-                error = r.outcome.error
-                errors.append({"index": r.outcome.index, "status": r.outcome.status, "error": error})
+    def _collect(
+        self, state: dict[str, Any], run: RunInfo, results: Sequence[BranchResult], prefix: str
+    ) -> None:
+        # Flat lists, not an object per element: a wide ForEach makes nothing per element here that
+        # the garbage collector would have to walk (see stageflow.engine.bare).
+        flat = flat_results(results)
+        absorb(run, flat)
+        states, done = flat.states, flat.outcomes
+        status, errors, elapsed = done.status, done.errors, done.elapsed
+        collect = self.collect
+        for i, st in enumerate(states):
+            if status[i] == "ok" and not all(src in st for src in collect):
+                self._missing_item(i, flat, prefix)
+        lists: dict[str, list[Any]] = {dst: [] for dst in collect.values()}
+        failures: list[dict[str, Any]] = []
+        for i, st in enumerate(states):
+            if status[i] != "ok":
+                error = errors[i]
+                failures.append({"index": i, "status": status[i], "error": error})
                 run.events.append(
                     PolicyEvent(
-                        join_path(prefix, r.branch.entry.path),
+                        join_path(prefix, flat.entries[i].path),
                         "item_failed",
                         error=f"{type(error).__name__}: {error}",
-                        detail={
-                            "index": r.outcome.index,
-                            "status": r.outcome.status,
-                            "on_error": self.on_error,
-                        },
+                        detail={"index": i, "status": status[i], "on_error": self.on_error},
                     )
                 )
                 if self.on_error == "skip":
                     continue
-            for src, dst in self.collect.items():
-                lists[dst].append(r.branch.state[src] if r.outcome.ok else None)
-        if results and len(errors) == len(results):
+                for dst in collect.values():
+                    lists[dst].append(None)
+                continue
+            for src, dst in collect.items():
+                lists[dst].append(st[src])
+        if states and len(failures) == len(states):
             err = PipelineError(
-                f"ForEach: all {len(results)} elements of '{self.over}' failed; first error: "
-                f"{type(errors[0]['error']).__name__}: {errors[0]['error']}",
+                f"ForEach: all {len(states)} elements of '{self.over}' failed; first error: "
+                f"{type(failures[0]['error']).__name__}: {failures[0]['error']}",
                 field=self.over,
                 code="all_failed",
-                errors=[e["error"] for e in errors],
+                errors=[e["error"] for e in failures],
             )
-            raise err from errors[0]["error"]
+            raise err from failures[0]["error"]
         state.update(lists)
         run.extras["item_results"] = [
-            {
-                "index": r.outcome.index,
-                "status": r.outcome.status,
-                "elapsed": r.outcome.elapsed,
-                "error": r.outcome.error,
-            }
-            for r in results
+            {"index": i, "status": status[i], "elapsed": elapsed[i], "error": errors[i]}
+            for i in range(len(states))
         ]
-        run.extras["item_errors"] = errors
+        run.extras["item_errors"] = failures
 
-    def _check_item(self, r: BranchResult, prefix: str) -> None:
+    def _missing_item(self, i: int, flat: FlatResults, prefix: str) -> None:
         """An element whose run did not produce a collected field failed (never a silent ``None``)."""
-        missing = [src for src in self.collect if src not in r.branch.state]
-        if not missing:
-            return
-        path = join_path(prefix, r.branch.entry.path)
-        returned = sorted(k for k in r.branch.state if k not in (self.item,))
+        st = flat.states[i]
+        missing = [src for src in self.collect if src not in st]
+        path = join_path(prefix, flat.entries[i].path)
+        returned = sorted(k for k in st if k not in (self.item,))
         error = ContractError(
-            f"ForEach element {r.outcome.index} ('{path}') did not produce '{missing[0]}', which "
+            f"ForEach element {i} ('{path}') did not produce '{missing[0]}', which "
             f"collect={self.collect} collects. It produced: {returned}.",
             stage_path=path,
             field=missing[0],
@@ -285,7 +288,7 @@ class ForEach(Pipeline):
         error.path_is_full = True
         if self.on_error == "fail_fast":
             raise error
-        r.outcome.ok, r.outcome.status, r.outcome.error = False, "error", error
+        flat.outcomes.status[i], flat.outcomes.errors[i] = "error", error
 
     def _options(self) -> dict[str, Any]:
         options = fanout_options(self)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of, private_state
@@ -183,7 +183,7 @@ class ParallelPipeline(Pipeline):
         return [list(self.stages[a:b]) for a, b in self._bounds]
 
     def _merge(
-        self, g: int, state: dict[str, Any], run: RunInfo, results: list[BranchResult], prefix: str
+        self, g: int, state: dict[str, Any], run: RunInfo, results: Sequence[BranchResult], prefix: str
     ) -> None:
         absorb(run, results)
         # The tutorial's record: each stage's result in order ({'error': ...} for a failed one) ...
@@ -257,7 +257,11 @@ class ParallelPipeline(Pipeline):
 
     @staticmethod
     def _unwritten(
-        state: dict[str, Any], run: RunInfo, results: list[BranchResult], merged: dict[str, Any], prefix: str
+        state: dict[str, Any],
+        run: RunInfo,
+        results: Sequence[BranchResult],
+        merged: dict[str, Any],
+        prefix: str,
     ) -> None:
         """Drop the fields a failed stage was to write (and no sibling wrote) from the state.
 

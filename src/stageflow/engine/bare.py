@@ -1,0 +1,249 @@
+"""Bare tasks: a wide fan-out of an ``async def`` function stage, one task per call and little else.
+
+A fan-out branch normally runs as a task that awaits the engine's stage call
+(:func:`~stageflow.engine.runner.acall_stage`), which awaits the stage's coroutine, and each branch
+gets a :class:`~stageflow.state.RunInfo` of its own. For the widest fan-outs — a ``ForEach`` over
+thousands of elements — what each branch keeps alive while it waits decides the run time: every
+live container is promoted through the garbage collector's generations, and past a few thousand
+branches the promotions trigger full collections, each of which walks every object of the process.
+
+When nothing needs the engine's wrapping around the await — the branches are plain ``async def``
+function stages, and there are no hooks, no policy, no budget or concurrency cap that a call could
+wait on, no timeout and no early stop — :func:`abare_fan_out` makes the stage's own coroutine the
+task. It takes the same steps :func:`~stageflow.engine.runner.acall_stage` takes, in the same order:
+inputs gathered before the call, the stage's path set in the task's context (LM work inside is
+attributed to it), and the trace record, output merge or failure in the task's done callback. The
+branches share one ``RunInfo``; its records are put back in input order once every branch is done.
+What a branch keeps alive while it waits is then what ``asyncio.gather`` keeps, plus its context.
+
+One difference can be seen from inside the stages: with ``fail_fast``, an element that fails before
+its first ``await`` stops the others only once its task has finished, so the elements after it have
+made their first step by then (they are cancelled at their first ``await``, as on the general path
+any element that started is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Sequence
+from contextvars import copy_context
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from stageflow.budgets._state import GATES
+from stageflow.engine.budget import budget_chain
+from stageflow.engine.fanout import BranchOutcome, _check_policy
+from stageflow.engine.plan import FUNCTION, StageEntry
+from stageflow.engine.protocol import DEFAULT_POLICY
+from stageflow.engine.runner import _prepared, _raised, _succeeded
+from stageflow.state import RunInfo
+from stageflow.usage import _STAGE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["Outcomes", "abare_fan_out", "bare_ready", "in_input_order"]
+
+
+def bare_ready(
+    entries: Sequence[StageEntry], hooks: tuple[Any, ...], max_concurrency: int | None, is_async: bool
+) -> bool:
+    """Whether every branch is a function stage that needs nothing around its call (see above).
+
+    ``entries`` are the branches' stage entries, all ``async def`` functions when ``is_async`` (they
+    can run as bare tasks), all plain functions otherwise (their threads can share one run);
+    ``max_concurrency`` is the fan-out's own cap: one at or above the number of branches can never
+    make a call wait (and a function stage's inner calls never take a slot its own call holds).
+    """
+    if hooks or GATES[0] or not entries or DEFAULT_POLICY.get() is not None or budget_chain():
+        return False
+    if max_concurrency is not None and max_concurrency < len(entries):
+        return False
+    return all(
+        e.kind == FUNCTION and e.is_async_fn is is_async and e.plain_inputs and e.policy is None
+        for e in entries
+    )
+
+
+async def abare_fan_out(
+    owner: Any,
+    entries: Sequence[StageEntry],
+    states: Sequence[dict[str, Any]],
+    run: RunInfo,
+    prefix: str,
+    on_error: str,
+) -> Outcomes:
+    """Run ``entries[i]`` over ``states[i]`` as bare tasks; what each did, in input order.
+
+    Every branch records into ``run``. Failure policies are :func:`~stageflow.engine.fanout.afan_out`'s:
+    ``fail_fast`` cancels the other branches and raises the first error (a branch that never started
+    stays ``"skipped"``); a ``CancelledError`` a branch raised by itself, or a ``KeyboardInterrupt``,
+    stops the others and is re-raised.
+    """
+    _check_policy(on_error)
+    n = len(entries)
+    if n == 0:
+        return Outcomes([], [], [], [])
+    # What each branch did, kept in flat lists until the end: no object per branch stays alive
+    # while the branches wait (an outcome object is made for each once all are done).
+    status = ["skipped"] * n
+    values: list[Any] = [None] * n
+    errors: list[BaseException | None] = [None] * n
+    elapsed = [0.0] * n
+    starts = [0.0] * n
+    loop = asyncio.get_running_loop()
+    here = copy_context()
+    finished = loop.create_future()
+    tasks: list[asyncio.Task[Any] | None] = [None] * n
+    index: dict[asyncio.Task[Any], int] = {}
+    stop_error: list[BaseException] = []  # fail_fast's first error, or an interrupt to re-raise
+    unstarted: set[int] = set()  # cancelled by a stop before their first step: they stay "skipped"
+    left = [n]
+
+    def settle() -> None:
+        left[0] -= 1
+        if left[0] == 0 and not finished.done():
+            finished.set_result(None)
+
+    def stop(error: BaseException) -> None:
+        if stop_error:
+            return
+        stop_error.append(error)
+        for k, t in enumerate(tasks):
+            if t is not None and not t.done():
+                if inspect.getcoroutinestate(t.get_coro()) == inspect.CORO_CREATED:  # type: ignore[arg-type]
+                    unstarted.add(k)
+                t.cancel()
+
+    def failed(i: int, error: BaseException) -> None:
+        errors[i], status[i], elapsed[i] = error, "error", perf_counter() - starts[i]
+        if on_error == "fail_fast":
+            stop(error)
+
+    def done(task: asyncio.Task[Any]) -> None:
+        i = index.pop(task)
+        if task.cancelled():
+            if i not in unstarted:
+                status[i], elapsed[i] = "cancelled", perf_counter() - starts[i]
+                if task.cancelling() == 0 and not stop_error:
+                    # Nobody cancelled it: the stage raised CancelledError itself (e.g. leaked from an
+                    # inner task). Never a branch failure: stop the others and re-raise it.
+                    try:
+                        task.result()
+                    except asyncio.CancelledError as e:
+                        errors[i] = e
+                        stop(e)
+        else:
+            error = task.exception()
+            if error is None:
+                try:
+                    values[i] = _succeeded(entries[i], task.result(), starts[i], states[i], run, prefix)
+                except Exception as e:  # outputs that cannot merge: the branch failed
+                    failed(i, e)
+                else:
+                    status[i], elapsed[i] = "ok", perf_counter() - starts[i]
+            elif isinstance(error, Exception):
+                failed(i, _stage_error(owner, entries[i], error, starts[i], states[i], run, prefix))
+            else:  # KeyboardInterrupt, SystemExit: never a branch failure
+                errors[i], status[i], elapsed[i] = error, "cancelled", perf_counter() - starts[i]
+                stop(error)
+        settle()
+
+    create = loop.create_task
+    for i in range(n):
+        if stop_error:  # fail_fast and an earlier branch failed before its call: the rest never start
+            settle()
+            continue
+        entry, state = entries[i], states[i]
+        starts[i] = t0 = perf_counter()
+        try:
+            target, kw, _ = _prepared(owner, entry, state, run, prefix)
+        except Exception as e:  # a missing input: the branch fails before its call, as in acall_stage
+            failed(i, e)
+            settle()
+            continue
+        context = here.copy()
+        context.run(_STAGE.set, entry.path)  # the task's own context: nothing to reset afterwards
+        try:
+            task = create(target(**kw), context=context)
+        except Exception as e:  # arguments the function does not take: a failed call
+            failed(i, _stage_error(owner, entry, e, t0, state, run, prefix))
+            settle()
+            continue
+        tasks[i] = task
+        index[task] = i
+        task.add_done_callback(done, context=here)
+    try:
+        await finished
+    except asyncio.CancelledError:
+        # The caller was cancelled: cancel every element and, as asyncio.gather does, resume the
+        # caller only once each has finished its own cancellation handling.
+        running = [t for t in tasks if t is not None and not t.done()]
+        for t in running:
+            t.cancel()
+        if running:
+            await asyncio.wait(running)
+        raise
+    in_input_order(run, entries)
+    if stop_error:
+        raise stop_error[0]
+    return Outcomes(status, values, errors, elapsed)
+
+
+class Outcomes:
+    """What each branch of a fan-out did, as flat lists indexed by branch position (the fields of
+    :class:`~stageflow.engine.fanout.BranchOutcome`; :meth:`listed` makes those objects)."""
+
+    __slots__ = ("elapsed", "errors", "status", "values")
+
+    def __init__(
+        self, status: list[str], values: list[Any], errors: list[BaseException | None], elapsed: list[float]
+    ) -> None:
+        self.status, self.values, self.errors, self.elapsed = status, values, errors, elapsed
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def listed(self) -> list[BranchOutcome]:
+        s, v, e, t = self.status, self.values, self.errors, self.elapsed
+        return [BranchOutcome(i, s[i] == "ok", v[i], e[i], t[i], s[i]) for i in range(len(s))]
+
+    @classmethod
+    def of(cls, outcomes: Sequence[BranchOutcome]) -> Outcomes:
+        return cls(
+            [o.status for o in outcomes],
+            [o.value for o in outcomes],
+            [o.error for o in outcomes],
+            [o.elapsed for o in outcomes],
+        )
+
+
+def _stage_error(
+    owner: Any,
+    entry: StageEntry,
+    error: Exception,
+    t0: float,
+    state: dict[str, Any],
+    run: RunInfo,
+    prefix: str,
+) -> Exception:
+    """Record a stage call that raised, as the engine records it; the error that fails the branch
+    (with no policy in force, the engine always raises one)."""
+    try:
+        _raised(owner, entry, error, (None, {}, None, t0), state, run, (), prefix)
+    except Exception as e:
+        return e
+    raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
+
+
+def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:
+    """Branches that shared ``run`` recorded as they finished: put its trace and outputs in input order."""
+    position = {e.path: i for i, e in enumerate(entries)}
+    key: Callable[[Any], int] = lambda r: position.get(r[0], -1)  # noqa: E731
+    run._trace.sort(key=key)
+    outputs = run._outputs
+    if outputs:
+        ordered = {e.path: outputs[e.path] for e in entries if e.path in outputs}
+        outputs.clear()
+        outputs.update(ordered)
