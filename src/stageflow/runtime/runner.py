@@ -127,13 +127,18 @@ def run_loop(
     live_lock = threading.Lock()
 
     def worker(k: int) -> None:
+        # Results not yet handed to the writer: they go with this worker's next start (one commit),
+        # or on their own when there is none.
+        done: list[tuple[int, Outcome]] = []
         try:
             with executor.thread_scope(k):
                 while not stop.is_set():
                     batch = feed.take(executor.chunk)
                     if not batch:
                         return
-                    writer.start([r.seq for r in batch]).wait()
+                    started = writer.start([r.seq for r in batch], done)
+                    done = []
+                    started.wait()
                     if writer.error is not None:
                         fail(writer.error)
                         return
@@ -148,8 +153,7 @@ def run_loop(
                     except Exception as exc:  # the backend failed (e.g. a Ray worker died): error rows
                         info = error_info(exc)
                         outcomes = [Outcome(False, None, info, Usage(), 0.0) for _ in batch]
-                    for rec, out in zip(batch, outcomes, strict=True):
-                        writer.finish(rec.seq, out)
+                    done = [(rec.seq, out) for rec, out in zip(batch, outcomes, strict=True)]
                     with counters.lock:
                         counters.in_flight -= len(batch)
                         for out in outcomes:
@@ -160,6 +164,8 @@ def run_loop(
         except BaseException as exc:  # the input changed, the journal failed...: stop the batch
             fail(exc)
         finally:
+            for seq, out in done:
+                writer.finish(seq, out)
             with live_lock:
                 live[0] -= 1
 
