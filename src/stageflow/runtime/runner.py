@@ -136,9 +136,8 @@ def run_loop(
                     batch = feed.take(executor.chunk)
                     if not batch:
                         return
-                    started = writer.start([r.seq for r in batch], done)
+                    writer.start([r.seq for r in batch], done)
                     done = []
-                    started.wait()
                     if writer.error is not None:
                         fail(writer.error)
                         return
