@@ -9,6 +9,8 @@ flight: ideal wall = 1000 × 3 × 20 ms / 32 = 1.875 s (533 records/s). Variants
 - LangGraph ``.batch(max_concurrency=32)``: three nodes, each a LangChain fake chat-model call
   (``prompt | FakeListChatModel(sleep=0.02) | parser``), when langgraph is installed;
 - an asyncio reference (``Semaphore(32)``, three ``asyncio.sleep(0.02)`` per record): the floor;
+- a thread reference: 32 threads calling the same pipeline, no journal, no runner (the floor for
+  ``run_batch``'s design: what DSPy's per-call CPU leaves on this machine);
 - the design ``run_batch`` did not take: 32 asyncio tasks awaiting ``pipeline.acall`` (no journal).
 
 The stageflow and DSPy rows run real ``dspy.Predict`` stages on ``stageflow.testing.FakeLM`` (the
@@ -115,6 +117,27 @@ def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[],
             await asyncio.gather(*(worker() for _ in range(CONC)))
 
     out["alternative: asyncio tasks × pipeline.acall (no journal)"] = lambda: asyncio.run(tasks())
+
+    def pool() -> None:  # the floor for threads: 32 threads calling the pipeline, nothing else
+        it = iter(questions)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            with dspy.context(lm=lm):
+                while True:
+                    with lock:
+                        rec = next(it, None)
+                    if rec is None:
+                        return
+                    program(question=rec["question"])
+
+        threads = [threading.Thread(target=worker) for _ in range(CONC)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    out["thread reference: 32 threads × pipeline call (no journal)"] = pool
     out["stageflow run_batch, local (sleep stages)"] = lambda: stageflow.run_batch(
         sleepy, xs, journal=journal(), concurrency=CONC, progress=False
     )
