@@ -1,4 +1,5 @@
-"""A batch keeps the heap it started with out of full collections, and gives it back afterwards."""
+"""A batch keeps the heap it started with out of full collections and collects its young objects
+less often; both are given back afterwards."""
 
 from __future__ import annotations
 
@@ -11,19 +12,25 @@ from typing import Any
 import pytest
 
 import stageflow
-from stageflow.runtime.heap import frozen_heap
+from stageflow.runtime.heap import YOUNG_THRESHOLD, batch_heap
 
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+seen_thresholds: list[int] = []
 
 
 def _seen_pipeline(seen: list[int]) -> Any:
     def look(text: str) -> dict[str, int]:
         seen.append(gc.get_freeze_count())
+        seen_thresholds.append(gc.get_threshold()[0])
         return {"n": len(text)}
 
     return stageflow.SequentialPipeline([stageflow.stage(look, writes=["n"])])
@@ -53,7 +60,7 @@ def test_an_error_in_the_block_still_unfreezes(unfrozen: None) -> None:
     seen: list[int] = []
 
     def fail() -> None:
-        with frozen_heap():
+        with batch_heap():
             seen.append(gc.get_freeze_count())
             raise RuntimeError("boom")
 
@@ -71,8 +78,27 @@ def test_cyclic_garbage_from_before_the_batch_is_collected_after_it(unfrozen: No
     a.other, b.other = b, a
     alive = weakref.ref(a)
     del a, b
-    with frozen_heap():
+    with batch_heap():
         gc.collect()  # the frozen cycle is not looked at
         assert alive() is not None
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("young", [700, 2000, 10_000, 0])
+def test_the_young_threshold_is_raised_for_the_batch_only_when_lower(
+    tmp_path: Path, unfrozen: None, young: int
+) -> None:
+    gc.set_threshold(young, 7, 9)
+    seen_thresholds.clear()
+    stageflow.run_batch(_seen_pipeline([]), [{"text": "ab"}], journal=tmp_path / "j.sqlite", progress=False)
+    expected = YOUNG_THRESHOLD if 0 < young < YOUNG_THRESHOLD else young
+    assert seen_thresholds == [expected]
+    assert gc.get_threshold() == (young, 7, 9)
+
+
+def test_a_threshold_changed_during_the_batch_is_kept(unfrozen: None) -> None:
+    gc.set_threshold(700, 10, 10)
+    with batch_heap():
+        gc.set_threshold(1234, 10, 10)
+    assert gc.get_threshold() == (1234, 10, 10)
