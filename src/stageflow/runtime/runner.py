@@ -1,8 +1,10 @@
 """The batch loop shared by every backend: worker threads, journal starts and results, Ctrl-C.
 
-``workers`` threads each take the next ``chunk`` records (in input order), mark them started in
-the journal and wait for that commit, hand them to the backend's executor, and queue the results
-for the journal. Taking a record is O(1); nothing scans the whole batch per completion.
+``workers`` threads each take the next ``chunk`` records (in input order), commit their start to
+the journal together with the thread's previous results (see :mod:`.writer`), and hand them to the
+backend's executor; a thread with no next record commits its last results on their own. Taking a
+record is O(1); nothing scans the whole batch per completion. While the loop runs, the garbage
+collector leaves the heap the batch started with alone (:mod:`.heap`).
 
 Local runs use one record per worker and call the pipeline synchronously in the thread: on
 DSPy 3.4.1 a sync ``Predict`` costs less CPU than ``Predict.acall`` (which moves request
