@@ -9,6 +9,8 @@ flight: ideal wall = 1000 × 3 × 20 ms / 32 = 1.875 s (533 records/s). Variants
 - LangGraph ``.batch(max_concurrency=32)``: three nodes, each a LangChain fake chat-model call
   (``prompt | FakeListChatModel(sleep=0.02) | parser``), when langgraph is installed;
 - an asyncio reference (``Semaphore(32)``, three ``asyncio.sleep(0.02)`` per record): the floor;
+- a thread reference: 32 threads calling the same pipeline, no journal, no runner (the floor for
+  ``run_batch``'s design: what DSPy's per-call CPU leaves on this machine);
 - the design ``run_batch`` did not take: 32 asyncio tasks awaiting ``pipeline.acall`` (no journal).
 
 The stageflow and DSPy rows run real ``dspy.Predict`` stages on ``stageflow.testing.FakeLM`` (the
@@ -115,6 +117,27 @@ def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[],
             await asyncio.gather(*(worker() for _ in range(CONC)))
 
     out["alternative: asyncio tasks × pipeline.acall (no journal)"] = lambda: asyncio.run(tasks())
+
+    def pool() -> None:  # the floor for threads: 32 threads calling the pipeline, nothing else
+        it = iter(questions)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            with dspy.context(lm=lm):
+                while True:
+                    with lock:
+                        rec = next(it, None)
+                    if rec is None:
+                        return
+                    program(question=rec["question"])
+
+        threads = [threading.Thread(target=worker) for _ in range(CONC)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    out["thread reference: 32 threads × pipeline call (no journal)"] = pool
     out["stageflow run_batch, local (sleep stages)"] = lambda: stageflow.run_batch(
         sleepy, xs, journal=journal(), concurrency=CONC, progress=False
     )
@@ -184,8 +207,8 @@ def peer_variants() -> dict[str, Callable[[], Any]]:
 
 
 def journal_cost(tmp: Path, records: int = 10_000, threads: int = CONC) -> tuple[float, float, float]:
-    """Journal work per record (start committed and waited for, result queued), from ``threads``
-    threads: ``(wall µs per record, process CPU µs per record, records per commit)``."""
+    """Journal work per record (a start committed with the previous result, as the runner does), from
+    ``threads`` threads: ``(wall µs per record, process CPU µs per record, operations per commit)``."""
     from stageflow.runtime.journal import Journal
 
     path = tmp / "cost.sqlite"
@@ -199,14 +222,17 @@ def journal_cost(tmp: Path, records: int = 10_000, threads: int = CONC) -> tuple
     seqs = iter(range(records))
     lock = threading.Lock()
 
-    def work() -> None:
+    def work() -> None:  # as the batch runner does: a result goes with the worker's next start
+        done: list[tuple[int, Outcome]] = []
         while True:
             with lock:
                 seq = next(seqs, None)
             if seq is None:
+                for s, o in done:
+                    writer.finish(s, o)
                 return
-            writer.start([seq]).wait()
-            writer.finish(seq, outcome)
+            writer.start([seq], done)
+            done = [(seq, outcome)]
 
     w0, c0 = time.perf_counter(), time.process_time()
     pool = [threading.Thread(target=work) for _ in range(threads)]
@@ -300,7 +326,7 @@ def main() -> None:
     print("\n| measure | value | target |")
     print("|---|---|---|")
     print(f"| journal cost per record: caller wall (32 threads) | {jw:.0f} µs | ≤ 500 µs |")
-    print(f"| journal cost per record: process CPU incl. writer thread | {jc:.0f} µs | ≤ 500 µs |")
+    print(f"| journal cost per record: process CPU (commits included) | {jc:.0f} µs | ≤ 500 µs |")
     print(f"| journal operations per commit (group commit) | {per_commit:.1f} | |")
     print(
         f"| resume a finished 10,000-record journal (scan, check, skip, write output) | {skip:.2f} s "

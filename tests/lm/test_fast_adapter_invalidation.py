@@ -7,6 +7,7 @@ self-check is off, so a stale cache could not hide behind it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Callable
@@ -205,3 +206,32 @@ def test_returned_messages_are_fresh_objects() -> None:
     second = adapter.format(s, ex, {"question": "q"})
     assert "EDITED" not in str(second)
     assert second == dspy.ChatAdapter().format(s, ex, {"question": "q"})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_an_adapter_call_looks_the_plan_up_once_and_the_next_call_sees_a_change(
+    pair: tuple[type, type], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[Any] = []
+    real = fast_adapters.plan_for
+
+    def counting(plans: Any, signature: Any) -> Any:
+        lookups.append(signature)
+        return real(plans, signature)
+
+    monkeypatch.setattr(fast_adapters, "plan_for", counting)
+    p = dspy.Predict("question -> answer")
+    lm = FakeLM({"answer": "ok"})
+
+    def call() -> Any:
+        with dspy.context(lm=lm, adapter=pair[1]()):
+            return p(question="q") if mode == "sync" else asyncio.run(p.acall(question="q"))
+
+    assert call().answer == "ok"
+    assert len(lookups) == 1  # preprocess, format, postprocess and parse share it
+    p.signature = p.signature.with_instructions("Answer in one word, changed.")
+    lookups.clear()
+    call()
+    assert lookups == [p.signature]
+    assert "changed." in lm.history[-1]["messages"][0]["content"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime.fingerprint import program_fingerprint, stage_changes, stage_fingerprints
+from stageflow.runtime.heap import batch_heap
 from stageflow.runtime.journal import Journal, JournalError, ScanResult
 from stageflow.runtime.local import LocalExecutor
 from stageflow.runtime.output import write_output
@@ -221,7 +222,7 @@ def run_batch(
         limit = contextlib.nullcontext() if max_concurrency is None else _limits(max_concurrency)
         summary.setup_time = time.perf_counter() - t0
         try:
-            with limit:
+            with limit, batch_heap():
                 result = run_loop(
                     j.pending_records(source, plan), executor, writer, lambda s: plan.todo[s][0], bar.update
                 )

@@ -351,7 +351,7 @@ class Journal:
         )
 
     def writer(self, run_id: int) -> JournalWriter:
-        """A writer thread for this run's record starts and results."""
+        """The writer of this run's record starts and results."""
         return JournalWriter(self.path, run_id)
 
     # -- reading results -------------------------------------------------------------------------

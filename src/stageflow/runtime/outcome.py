@@ -49,8 +49,19 @@ class Usage:
             self.cost = (self.cost or 0.0) + other.cost
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (the fields in order; written per record, so not ``dataclasses.asdict``).
+
+        >>> Usage(1, 10, 2).as_dict()["output_tokens"], list(Usage().as_dict())[-1]
+        (2, 'lm_cache_hits')
+        """
+        return {
+            "lm_calls": self.lm_calls,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost": self.cost,
+            "cache_hits": self.cache_hits,
+            "lm_cache_hits": self.lm_cache_hits,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Usage:

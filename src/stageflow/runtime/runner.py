@@ -1,8 +1,10 @@
 """The batch loop shared by every backend: worker threads, journal starts and results, Ctrl-C.
 
-``workers`` threads each take the next ``chunk`` records (in input order), mark them started in
-the journal and wait for that commit, hand them to the backend's executor, and queue the results
-for the journal. Taking a record is O(1); nothing scans the whole batch per completion.
+``workers`` threads each take the next ``chunk`` records (in input order), commit their start to
+the journal together with the thread's previous results (see :mod:`.writer`), and hand them to the
+backend's executor; a thread with no next record commits its last results on their own. Taking a
+record is O(1); nothing scans the whole batch per completion. While the loop runs, the garbage
+collector leaves the heap the batch started with alone (:mod:`.heap`).
 
 Local runs use one record per worker and call the pipeline synchronously in the thread: on
 DSPy 3.4.1 a sync ``Predict`` costs less CPU than ``Predict.acall`` (which moves request
@@ -127,13 +129,17 @@ def run_loop(
     live_lock = threading.Lock()
 
     def worker(k: int) -> None:
+        # Results not yet handed to the writer: they go with this worker's next start (one commit),
+        # or on their own when there is none.
+        done: list[tuple[int, Outcome]] = []
         try:
             with executor.thread_scope(k):
                 while not stop.is_set():
                     batch = feed.take(executor.chunk)
                     if not batch:
                         return
-                    writer.start([r.seq for r in batch]).wait()
+                    writer.start([r.seq for r in batch], done)
+                    done = []
                     if writer.error is not None:
                         fail(writer.error)
                         return
@@ -148,8 +154,7 @@ def run_loop(
                     except Exception as exc:  # the backend failed (e.g. a Ray worker died): error rows
                         info = error_info(exc)
                         outcomes = [Outcome(False, None, info, Usage(), 0.0) for _ in batch]
-                    for rec, out in zip(batch, outcomes, strict=True):
-                        writer.finish(rec.seq, out)
+                    done = [(rec.seq, out) for rec, out in zip(batch, outcomes, strict=True)]
                     with counters.lock:
                         counters.in_flight -= len(batch)
                         for out in outcomes:
@@ -160,6 +165,8 @@ def run_loop(
         except BaseException as exc:  # the input changed, the journal failed...: stop the batch
             fail(exc)
         finally:
+            for seq, out in done:
+                writer.finish(seq, out)
             with live_lock:
                 live[0] -= 1
 

@@ -38,6 +38,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import dspy
@@ -81,6 +82,14 @@ _HOOKS = (
 )
 
 
+# Within one adapter call, ``_call_preprocess``, ``format``, ``_call_postprocess`` and ``parse``
+# each ask for the signature's plan; the first lookup (a weak-dictionary get and a check that the
+# signature is unchanged) is kept for the rest of the call: (adapter class, signature, plan).
+_CallPlan = tuple[Any, Any, Plan | None]
+_CALL_PLAN: ContextVar[_CallPlan | None] = ContextVar("stageflow_fast_call_plan", default=None)
+_IN_CALL: _CallPlan = (None, None, None)
+
+
 class _FastPath:
     """The shared fast path; comes before the DSPy adapter in each class's MRO."""
 
@@ -97,12 +106,36 @@ class _FastPath:
 
     def _plan(self, signature: Any) -> Plan | None:
         """The signature's plan, or ``None`` when DSPy's code must handle this call."""
-        if not type(self)._pure:
+        cls = type(self)
+        if not cls._pure:
             return None
-        plan = plan_for(type(self)._plans, signature)
+        memo = _CALL_PLAN.get()
+        if memo is None:  # format or parse called on their own
+            plan = plan_for(cls._plans, signature)
+        elif memo[0] is cls and memo[1] is signature:
+            plan = memo[2]
+        else:
+            plan = plan_for(cls._plans, signature)
+            _CALL_PLAN.set((cls, signature, plan))
         if plan is None or plan.reason is not None or plan.differs is not None:
             return None
         return plan
+
+    # -- the adapter call: the plan is looked up (and checked against the signature) once -------
+
+    def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        token = _CALL_PLAN.set(_IN_CALL)
+        try:
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)  # type: ignore[misc]
+        finally:
+            _CALL_PLAN.reset(token)
+
+    async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        token = _CALL_PLAN.set(_IN_CALL)
+        try:
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)  # type: ignore[misc]
+        finally:
+            _CALL_PLAN.reset(token)
 
     def _why_not(self, signature: Any) -> str:
         """Why :meth:`_plan` gave no plan, for the counters."""
