@@ -374,3 +374,12 @@ class Result(dspy.Prediction):  # type: ignore[misc]
         ``result.details["stages[1]"]["item_errors"]`` reads a nested ForEach's failed items.
         """
         return {"": self.run.extras, **self.run.details}
+
+    def copy(self, **kwargs: Any) -> Result:
+        """A result with the same fields (``kwargs`` add or replace some) and the same run details, as
+        ``dspy.Prediction.copy`` copies a prediction's fields.
+
+        >>> Result({"a": 1}).copy(b=2).keys()
+        ['a', 'b']
+        """
+        return Result({**self.__dict__["_store"], **kwargs}, self.__dict__["_run"])
