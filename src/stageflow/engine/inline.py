@@ -40,12 +40,13 @@ _getattr = object.__getattribute__
 
 #: The base pipeline's own methods, which a class must not override to be run in line.
 _STANDARD: dict[str, Any] = {}
-#: Per pipeline class: whether it may run in line, for sync calls (``__call__``) and async (``acall``).
 #: The structure version (a one-item list) the contract checks are keyed by.
 _VERSION: list[int] = [-1]
-_OK: dict[str, dict[type, bool]] = {"__call__": {}, "acall": {}}
-#: The options of the class's ``forward`` / ``aforward`` (see ``plain_call``), cached with ``_OK``.
-_OPTIONS: dict[str, dict[type, frozenset[str]]] = {"__call__": {}, "acall": {}}
+#: Per pipeline class, for sync calls (``__call__``) and async ones (``acall``): the options of its
+#: ``forward`` / ``aforward`` (see ``plain_call``) when it may run in line, else ``None``. One lookup
+#: answers both, so a concurrent :func:`forget_classes` cannot split them.
+_PLAIN: dict[str, dict[type, frozenset[str] | None]] = {"__call__": {}, "acall": {}}
+_UNKNOWN = frozenset({"(not decided)"})
 
 
 def standard(base: type, structure_version: list[int]) -> None:
@@ -61,10 +62,8 @@ def standard(base: type, structure_version: list[int]) -> None:
 
 def forget_classes() -> None:
     """Forget which classes qualify (an attribute of a pipeline class changed)."""
-    for ok in _OK.values():
-        ok.clear()
-    for options in _OPTIONS.values():
-        options.clear()
+    for plain in _PLAIN.values():
+        plain.clear()
 
 
 def eligible(cls: type, name: str) -> bool:
@@ -72,26 +71,28 @@ def eligible(cls: type, name: str) -> bool:
     (``__call__`` or ``acall``): the steps the layered path would call are the base pipeline's own,
     and its ``forward`` / ``aforward`` is marked as doing exactly ``stageflow_call`` /
     ``stageflow_acall`` (``plain_call``)."""
-    ok = _OK[name].get(cls)
-    if ok is None:
-        ok = bool(_STANDARD) and all(
-            getattr(cls, step, None) is _STANDARD[step]
-            for step in ("stageflow_result", "stageflow_hooks", "stageflow_ports", "stageflow_defaults")
-        )
-        ok = ok and getattr(cls, "_is_checked", None) is _STANDARD["_is_checked"]
-        # (an async call of a class without its own aforward reads _patched_forward on the way)
-        ok = ok and (
-            name == "__call__" or getattr(cls, "_patched_forward", None) is _STANDARD["_patched_forward"]
-        )
-        entry, method = (
-            ("stageflow_call", "forward") if name == "__call__" else ("stageflow_acall", "aforward")
-        )
-        ok = ok and getattr(cls, entry, None) is _STANDARD[entry]
-        options: frozenset[str] | None = getattr(getattr(cls, method, None), "_stageflow_options", None)
-        ok = ok and options is not None
-        _OPTIONS[name][cls] = options if ok and options is not None else frozenset()
-        _OK[name][cls] = ok
-    return ok
+    return _options(cls, name) is not None
+
+
+def _options(cls: type, name: str) -> frozenset[str] | None:
+    options = _PLAIN[name].get(cls, _UNKNOWN)
+    if options is not _UNKNOWN:
+        return options
+    entry, method = ("stageflow_call", "forward") if name == "__call__" else ("stageflow_acall", "aforward")
+    steps = [
+        "stageflow_result",
+        "stageflow_hooks",
+        "stageflow_ports",
+        "stageflow_defaults",
+        "_is_checked",
+        entry,
+    ]
+    if name == "acall":  # (an async call of a class without its own aforward reads it on the way)
+        steps.append("_patched_forward")
+    ok = bool(_STANDARD) and all(getattr(cls, step, None) is _STANDARD[step] for step in steps)
+    options = getattr(getattr(cls, method, None), "_stageflow_options", None) if ok else None
+    _PLAIN[name][cls] = options
+    return options
 
 
 class InlineCall(NamedTuple):
@@ -117,10 +118,10 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
     if entry.key is not None:
         target = target[entry.key]
     cls = type(target)
-    ok = _OK[name].get(cls)
-    if ok is None:
-        ok = eligible(cls, name)
-    if not ok or entry.chain or entry.policy is not None or not entry.merge_all:
+    options = _PLAIN[name].get(cls, _UNKNOWN)
+    if options is _UNKNOWN:
+        options = _options(cls, name)
+    if options is None or entry.chain or entry.policy is not None or not entry.merge_all:
         return None
     if "forward" in _getattr(target, "__dict__") or target._default_policy is not None:
         return None
@@ -141,7 +142,7 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
     for f in ports.optional:
         if f in state:
             kw[f] = state[f]
-    if not _OPTIONS[name][cls].isdisjoint(kw):
+    if not options.isdisjoint(kw):
         return None
     strict = target.strict
     if strict is None:
