@@ -130,6 +130,7 @@ class RunInfo:
 
     __slots__ = (
         "_details",
+        "_failed",
         "_lazy_details",
         "_lazy_outputs",
         "_lazy_trace",
@@ -160,6 +161,7 @@ class RunInfo:
         self._lazy_trace = -1  # index of the first joined run not expanded in _trace (-1: none)
         self._lazy_outputs = False
         self._lazy_details = False
+        self._failed: bool | None = None  # (see stageflow.engine.inline: failed outputs at any depth)
 
     @property
     def usage(self) -> UsageTable:
@@ -319,6 +321,22 @@ class Result(dspy.Prediction):  # type: ignore[misc]
         d["_completions"] = None
         d["_lm_usage"] = None
         d["_run"] = run if run is not None else RunInfo()
+
+    @classmethod
+    def of(cls, state: dict[str, Any], run: RunInfo) -> Result:
+        """``Result(state, run)`` that keeps ``state`` as its store instead of copying it (for a
+        state nothing else holds: a finished nested run's).
+
+        >>> Result.of({"answer": "42"}, RunInfo()).answer
+        '42'
+        """
+        result = cls.__new__(cls)
+        d = result.__dict__
+        d["_store"] = state
+        d["_completions"] = None
+        d["_lm_usage"] = None
+        d["_run"] = run
+        return result
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("__"):

@@ -112,6 +112,9 @@ class UsageTable:
         (2, 5)
     """
 
+    # One is made for every pipeline call, nested ones included: no instance dict to make.
+    __slots__ = ("_by_path", "_lock", "events", "prefix")
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_path: dict[str, StageUsage] = {}
@@ -123,13 +126,12 @@ class UsageTable:
     def __getstate__(self) -> dict[str, Any]:
         # A result (and its run's table) can be copied and pickled: the lock is not part of it.
         with self._lock:
-            state = dict(self.__dict__)
-            state["_by_path"] = {k: StageUsage(**v.to_dict()) for k, v in self._by_path.items()}
-        del state["_lock"]
-        return state
+            by_path = {k: StageUsage(**v.to_dict()) for k, v in self._by_path.items()}
+        return {"_by_path": by_path, "events": self.events, "prefix": self.prefix}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        for name, value in state.items():
+            setattr(self, name, value)
         self._lock = threading.Lock()
 
     def _entry(self, path: str) -> StageUsage:

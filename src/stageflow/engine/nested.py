@@ -15,7 +15,8 @@ DSPy's settings. It takes DSPy's own ``__call__`` / ``acall`` whenever:
   instrumentation wraps ``dspy.Module.__call__`` (OpenInference does).
 
 A ``forward`` replaced on the instance (GEPA, the tutorial's custom logic) is called, as DSPy calls
-it.
+it. When the nested pipeline's own run has nothing to decide either (no hooks, defaults or budget;
+see :mod:`stageflow.engine.inline`), the engine runs it in line, with the same settings override.
 
 **Attribute access.** ``dspy.Module`` (3.4.1) also overrides ``__getattribute__`` in Python, for one
 purpose: to warn when ``module.forward`` is read from anywhere but ``Module.__call__`` ("Calling

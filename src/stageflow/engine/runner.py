@@ -33,6 +33,10 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
+from stageflow.engine.inline import InlineCall
+from stageflow.engine.inline import begin as begin_inline
+from stageflow.engine.inline import failed as inline_failed
+from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
@@ -375,6 +379,18 @@ def call_stage(
                 return _call_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return _call_observed(owner, entry, state, run, hooks, prefix)
+    if entry.composite:
+        nested = begin_inline(owner, entry, state, prefix, "__call__")
+        if nested is not None:  # a nested pipeline that can run in line (see stageflow.engine.inline)
+            try:
+                nested.target._run(nested.state, nested.run, (), nested.prefix)
+            except Exception as e:
+                _inline_raised(owner, entry, nested, e, state, run, prefix)
+                return None
+            except BaseException as e:
+                inline_failed(nested, e)
+                raise
+            return finish_inline(nested, entry, state, run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
     token, path_token = _entered(entry, policy, prefix)
@@ -458,6 +474,20 @@ def _raised(
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
 
 
+def _inline_raised(
+    owner: Any,
+    entry: StageEntry,
+    nested: InlineCall,
+    e: Exception,
+    state: dict[str, Any],
+    run: RunInfo,
+    prefix: str,
+) -> None:
+    """A nested pipeline run in line raised: as :func:`_raised` after a failed pipeline call."""
+    inline_failed(nested, e)
+    _raised(owner, entry, e, (nested.target, nested.state, None, nested.t0), state, run, (), prefix)
+
+
 def _succeeded(
     entry: StageEntry, out: Any, t0: float, state: dict[str, Any], run: RunInfo, prefix: str
 ) -> Any:
@@ -536,6 +566,18 @@ async def acall_stage(
                 return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
+    if entry.composite:
+        nested = begin_inline(owner, entry, state, prefix, "acall")
+        if nested is not None:
+            try:
+                await nested.target._arun(nested.state, nested.run, (), nested.prefix)
+            except Exception as e:
+                _inline_raised(owner, entry, nested, e, state, run, prefix)
+                return None
+            except BaseException as e:
+                inline_failed(nested, e)
+                raise
+            return finish_inline(nested, entry, state, run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
     token, path_token = _entered(entry, policy, prefix)

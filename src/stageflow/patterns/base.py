@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from stageflow.engine.config import CONFIG
+from stageflow.engine.inline import forget_classes, standard
 from stageflow.engine.nested import plain_call, wrap_forward
 from stageflow.engine.plan import Scope, StageEntry
 from stageflow.engine.pool import to_thread
@@ -96,7 +97,20 @@ def as_stage(obj: Any, where: str = "stage") -> Any:
     )
 
 
-class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
+class _PipelineMeta(type(dspy.Module)):  # type: ignore[misc]
+    """DSPy's module metaclass, telling the engine when a pipeline class changes: which classes a
+    nested call may run in line (:mod:`stageflow.engine.inline`) is decided once per class."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        forget_classes()
+
+    def __delattr__(cls, name: str) -> None:
+        super().__delattr__(name)
+        forget_classes()
+
+
+class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignore[misc]
     """Base class of every stageflow architecture (see module docstring).
 
     Args:
@@ -440,3 +454,4 @@ class Pipeline(StageOwner, dspy.Module):  # type: ignore[misc]
 
 
 wrap_forward(Pipeline)
+standard(Pipeline, _STRUCTURE_VERSION)

@@ -1,0 +1,358 @@
+"""Nested pipelines run in line (``stageflow.engine.inline``): nothing observable changes.
+
+Each scenario runs twice on fresh pipelines — once as the engine runs it, once with the in-line path
+switched off (every nested pipeline called through the layered path) — three calls each (the first
+call of a nested pipeline checks its contracts and takes the layered path; later ones run in line),
+and everything a caller can observe is compared: result fields, trace paths and order, stage
+outputs (nested results included), details, events, usage per stage path, DSPy history and the
+``caller_modules`` an LM call sees, errors with their paths and carried runs. Every scenario runs
+sync and async (the ``mode`` fixture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dspy
+import pytest
+
+import stageflow
+from stageflow import ContractError, ParallelPipeline, SequentialPipeline, Stage, StageflowError, stage
+from stageflow.engine import inline, runner
+from stageflow.state import Result, RunInfo
+from stageflow.testing import FakeLM, call
+
+CALLS = 3
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with what differs between two equal runs left out: wall times, and exceptions
+    (compared by identity) given as their type and message."""
+    if isinstance(value, BaseException):
+        return (type(value).__name__, str(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "elapsed"}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _describe_run(run: RunInfo) -> dict[str, Any]:
+    return {
+        "trace": [(r.path, r.ok) for r in run.trace],
+        "outputs": {k: _describe_output(v) for k, v in run.stage_outputs.items()},
+        "details": _plain(run.details),
+        "extras": _plain(run.extras),
+        "events": [(e.stage, e.kind, e.error) for e in run.events],
+        "usage": run.usage.to_dict(),
+        "total": run.usage.total.to_dict(),
+    }
+
+
+def _describe_output(out: Any) -> Any:
+    if isinstance(out, Result):
+        return {"fields": dict(out), "run": _describe_run(out.run)}
+    if isinstance(out, dspy.Prediction):
+        return dict(out)
+    return out
+
+
+def _describe(result: Result) -> dict[str, Any]:
+    return {"fields": dict(result), "run": _describe_run(result.run), "details": _plain(result.details)}
+
+
+def _describe_error(error: BaseException) -> dict[str, Any]:
+    described: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, StageflowError):
+        described["path"] = error.stage_path
+        described["field"] = error.field
+        described["events"] = [(e.stage, e.kind, e.error) for e in error.events]
+        described["run"] = _describe_run(error.run) if error.run is not None else None
+    described["cause"] = repr(error.__cause__)
+    return described
+
+
+async def _observe(build: Callable[[], Any], mode: str, inputs: dict[str, Any]) -> list[Any]:
+    """What ``CALLS`` calls of a freshly built program show (results or errors, and extra records
+    the scenario keeps: ``build`` returns the program and a function giving those records)."""
+    program, records = build()
+    seen: list[Any] = []
+    for _ in range(CALLS):
+        try:
+            result = await call(program, mode, **inputs)
+        except Exception as e:
+            seen.append(_describe_error(e))
+        else:
+            seen.append(_describe(result))
+    seen.append(records())
+    return seen
+
+
+def _layered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "begin_inline", lambda *args: None)
+
+
+class _Spy:
+    """Counts the nested calls that ran in line."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = runner.begin_inline
+
+        def spy(*args: Any) -> Any:
+            started = real(*args)
+            self.count += started is not None
+            return started
+
+        monkeypatch.setattr(runner, "begin_inline", spy)
+
+
+async def _same_either_way(
+    build: Callable[[], Any],
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+    expect_inline: bool = True,
+    **inputs: Any,
+) -> list[Any]:
+    spy = _Spy(monkeypatch)
+    fast = await _observe(build, mode, inputs)
+    assert (spy.count > 0) == expect_inline
+    with monkeypatch.context() as m:
+        _layered(m)
+        slow = await _observe(build, mode, inputs)
+    assert fast == slow
+    return fast
+
+
+def _chain(depth: int, leaf: Any) -> SequentialPipeline:
+    """``leaf`` inside ``depth`` nested pipelines, each with a function stage of its own around it."""
+    p = SequentialPipeline([leaf])
+    for level in range(depth - 1):
+        p = SequentialPipeline(
+            [stage(lambda x, level=level: {"x": x + 1, f"seen{level}": x}, writes=["x", f"seen{level}"]), p]
+        )
+    return p
+
+
+async def test_deep_nesting_records_the_same_run(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def build() -> Any:
+        return _chain(6, stage(lambda x: {"x": x * 10}, writes=["x"])), lambda: None
+
+    seen = await _same_either_way(build, mode, monkeypatch, x=1)
+    first = seen[0]
+    assert first["fields"]["x"] == 60
+    paths = [p for p, _ in first["run"]["trace"]]
+    assert paths[:3] == ["stages[0]", "stages[1]", "stages[1].stages[0]"]
+    assert paths[-1] == "stages[1]" + ".stages[1]" * 4 + ".stages[0]"
+    assert seen[1] == seen[2] == first
+
+
+async def test_lm_usage_history_and_caller_modules(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def build() -> Any:
+        callers: list[list[str]] = []
+
+        def look(question: str) -> dict[str, Any]:
+            callers.append([type(m).__name__ for m in dspy.settings.caller_modules])
+            return {"question": question + "?"}
+
+        predict = dspy.Predict("question -> answer")
+        inner = SequentialPipeline([stage(look, writes=["question"]), predict])
+        middle = SequentialPipeline([inner])
+        outer = SequentialPipeline([middle])
+        lm = FakeLM({"answer": "a"})
+        p = SequentialPipeline([outer])
+
+        class WithLM:
+            def __call__(self, **kw: Any) -> Any:
+                with dspy.context(lm=lm):
+                    return p(**kw)
+
+            async def acall(self, **kw: Any) -> Any:
+                with dspy.context(lm=lm):
+                    return await p.acall(**kw)
+
+        def records() -> Any:
+            return callers, [len(m.history) for m in (p, outer, middle, inner, predict)]
+
+        return WithLM(), records
+
+    seen = await _same_either_way(build, mode, monkeypatch, question="q")
+    usage = seen[1]["run"]["usage"]
+    assert list(usage) == ["stages[0].stages[0].stages[0].stages[1]"]
+    assert seen[1]["run"]["total"]["lm_calls"] == 1
+    callers, history = seen[-1]
+    assert len(callers) == CALLS
+    assert callers[1] == callers[0]
+    assert callers[0][-4:] == ["SequentialPipeline"] * 4
+    assert history == [CALLS] * 5
+
+
+async def test_a_failure_deep_inside(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(x: int) -> dict[str, Any]:
+        if x > 2:
+            raise ValueError(f"too big: {x}")
+        return {"x": x}
+
+    def build() -> Any:
+        return _chain(4, stage(fail, writes=["x"])), lambda: None
+
+    seen = await _same_either_way(build, mode, monkeypatch, x=0)
+    error = seen[1]
+    assert error["type"] == "StageError"
+    assert error["path"] == "stages[1].stages[1].stages[1].stages[0]"
+    assert "too big: 3" in error["message"]
+    assert error["run"]["trace"][-1] == ("stages[1].stages[1].stages[1].stages[0]", False)
+
+
+async def test_skipped_and_recovered_stages_inside(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(x: int) -> dict[str, Any]:
+        raise KeyError("missing")
+
+    def build() -> Any:
+        optional = Stage(stage(broken, writes=["y"]), skip_on=[KeyError])
+        inner = SequentialPipeline([optional, stage(lambda x: {"x": x + 1}, writes=["x"])])
+        return SequentialPipeline([SequentialPipeline([inner])]), lambda: None
+
+    seen = await _same_either_way(build, mode, monkeypatch, x=1)
+    assert seen[0]["fields"]["x"] == 2
+    assert [e[:2] for e in seen[0]["run"]["events"]] == [("stages[0].stages[0].stages[0]", "skipped")]
+
+
+async def test_failed_outputs_of_a_nested_parallel_drop_stale_values(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @stageflow.stage(writes=["answer"])
+    def failing(question: str) -> dict[str, Any]:
+        raise ValueError("model down")
+
+    @stageflow.stage(writes=["other"])
+    def other(question: str) -> dict[str, Any]:
+        return {"other": 1}
+
+    def build() -> Any:
+        par = ParallelPipeline([[failing, other]])
+        return SequentialPipeline([SequentialPipeline([SequentialPipeline([par])])]), lambda: None
+
+    seen = await _same_either_way(build, mode, monkeypatch, question="q", answer="STALE")
+    assert "answer" not in seen[1]["fields"]
+    assert seen[1]["fields"]["other"] == 1
+
+    def build_reader() -> Any:
+        par = ParallelPipeline([[failing, other]])
+        use = stage(lambda answer: {"final": answer}, writes=["final"])
+        return SequentialPipeline([SequentialPipeline([SequentialPipeline([par])]), use]), lambda: None
+
+    seen = await _same_either_way(build_reader, mode, monkeypatch, question="q", answer="STALE")
+    assert seen[1]["type"] == "ContractError"
+    assert seen[1]["field"] == "answer"
+
+
+async def test_nested_foreach_details(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def half(n: int) -> dict[str, Any]:
+        if n == 3:
+            raise ValueError("odd one")
+        return {"h": n / 2}
+
+    def build() -> Any:
+        each = stageflow.ForEach(
+            stage(half, writes=["h"]), over="ns", item="n", collect="hs", on_error="collect"
+        )
+        return SequentialPipeline([SequentialPipeline([SequentialPipeline([each])])]), lambda: None
+
+    seen = await _same_either_way(build, mode, monkeypatch, ns=[1, 2, 3])
+    details = seen[1]["details"]
+    assert any("item_errors" in d for d in details.values())
+
+
+async def test_hooks_defaults_and_budgets_take_the_layered_path(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build() -> Any:
+        inner = SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])
+        inner.set_defaults(retry=2)
+        return SequentialPipeline([SequentialPipeline([inner])]), lambda: None
+
+    # the middle pipeline runs in line; the one with defaults does not (its own defaults take effect)
+    seen = await _same_either_way(build, mode, monkeypatch, x=1)
+    assert seen[2]["fields"]["x"] == 2
+
+    def build_observed() -> Any:
+        events: list[str] = []
+
+        class Hook(stageflow.Hook):
+            def after_stage(self, **kw: Any) -> None:
+                events.append(kw["path"])
+
+        p = SequentialPipeline([SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])])
+
+        class Observed:
+            def __call__(self, **kw: Any) -> Any:
+                with stageflow.attach_hooks(Hook()):
+                    return p(**kw)
+
+            async def acall(self, **kw: Any) -> Any:
+                with stageflow.attach_hooks(Hook()):
+                    return await p.acall(**kw)
+
+        return Observed(), lambda: events
+
+    seen = await _same_either_way(build_observed, mode, monkeypatch, expect_inline=False, x=1)
+    assert seen[-1] == ["stages[0].stages[0]", "stages[0]"] * CALLS
+
+
+async def test_patching_a_pipeline_class_later_is_seen(mode: str) -> None:
+    class Tagged(SequentialPipeline):
+        pass
+
+    inner = Tagged([stage(lambda x: {"x": x + 1}, writes=["x"])])
+    outer = SequentialPipeline([inner])
+    for _ in range(2):
+        assert (await call(outer, mode, x=1)).x == 2
+
+    def tagged_result(self: Any, state: dict[str, Any], run: RunInfo, hooks: Any = ()) -> Result:
+        return Result({**state, "tagged": True}, run)
+
+    Tagged.stageflow_result = tagged_result  # type: ignore[method-assign]
+    try:
+        result = await call(outer, mode, x=1)
+        assert result.tagged is True
+    finally:
+        del Tagged.stageflow_result
+    assert "tagged" not in await call(outer, mode, x=1)
+
+
+async def test_a_forward_set_on_the_instance_is_called(mode: str) -> None:
+    inner = SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])
+    outer = SequentialPipeline([inner])
+    assert (await call(outer, mode, x=1)).x == 2
+    assert (await call(outer, mode, x=1)).x == 2
+    inner.forward = lambda **kw: dspy.Prediction(x=100)
+    assert (await call(outer, mode, x=1)).x == 100
+
+
+def test_only_plain_pipeline_classes_qualify() -> None:
+    class OwnResult(SequentialPipeline):
+        def stageflow_result(self, state: dict[str, Any], run: RunInfo, hooks: Any = ()) -> Result:
+            return Result(state, run)
+
+    class OwnForward(SequentialPipeline):
+        def forward(self, **inputs: Any) -> Result:
+            return super().forward(**inputs)
+
+    assert inline.eligible(SequentialPipeline, "__call__")
+    assert inline.eligible(SequentialPipeline, "acall")
+    assert not inline.eligible(OwnResult, "__call__")
+    assert not inline.eligible(OwnForward, "__call__")
+    assert inline.eligible(OwnForward, "acall")  # its aforward is still the pattern's own
+
+
+async def test_a_contract_error_of_a_grown_nested_pipeline(mode: str) -> None:
+    inner = SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])
+    outer = SequentialPipeline([inner])
+    for _ in range(2):
+        assert (await call(outer, mode, x=1)).x == 2
+    inner.add_stage(stage(lambda missing: {"x": missing}, writes=["x"]))
+    with pytest.raises(ContractError) as info:
+        await call(outer, mode, x=1)
+    assert "missing" in str(info.value)
