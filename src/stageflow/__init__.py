@@ -51,13 +51,15 @@ if TYPE_CHECKING:
     from stageflow.policies.recovery import Fallback, PolicyEvent, RepairPolicy, RetryPolicy, TimeoutPolicy
     from stageflow.policies.stores import SQLiteStore
     from stageflow.runtime.batch import run_batch
-    from stageflow.runtime.summary import BatchSummary
+    from stageflow.runtime.journal import JournalError
+    from stageflow.runtime.summary import BatchInterrupted, BatchSummary
     from stageflow.spec import load_pipeline, to_spec
     from stageflow.stages import FunctionStage, Ports, Stage, describe, stage
     from stageflow.state import Result, RunInfo, StageRecord
 
 __all__ = [
     "AdaptivePipeline",
+    "BatchInterrupted",
     "BatchSummary",
     "BranchOutcome",
     "BranchingPipeline",
@@ -76,6 +78,7 @@ __all__ = [
     "HierarchicalPipeline",
     "Hook",
     "IterativePipeline",
+    "JournalError",
     "LMBudget",
     "LazyResult",
     "LazyStage",
@@ -139,7 +142,9 @@ __all__ = [
 
 _LOCATIONS: dict[str, str] = {
     "AdaptivePipeline": "stageflow.patterns.adaptive",
+    "BatchInterrupted": "stageflow.runtime.summary",
     "BatchSummary": "stageflow.runtime.summary",
+    "JournalError": "stageflow.runtime.journal",
     "BranchOutcome": "stageflow.engine.concurrency",
     "BranchingPipeline": "stageflow.patterns.branching",
     "BudgetExceeded": "stageflow.errors",

@@ -350,14 +350,13 @@ class Result(dspy.Prediction):  # type: ignore[misc]
         if key in _COMPUTED and store is not None:
             return dict(store)
         if key == "failed_outputs" and run is not None:  # failed stages of nested pipelines
-            nested = {
+            # (empty when nothing failed: `if result.failed_outputs:` is the check to write)
+            return {
                 f: why
                 for details in run.details.values()
                 for f, why in (details.get(key) or {}).items()
                 if store is None or f not in store
             }
-            if nested:
-                return nested
         fields = list(store) if store is not None else []
         extras = [*(list(run.extras) if run is not None else []), *_COMPUTED]
         raise AttributeError(

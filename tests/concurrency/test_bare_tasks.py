@@ -61,9 +61,9 @@ def _seen(result: Any) -> dict[str, Any]:
 
 def _bare(mode: str, fn: Any) -> bool:
     """Whether a ForEach of ``fn`` called in ``mode`` takes a bare path: ``async def`` stages do in
-    either mode; plain ``def`` stages do in a sync call (an async call runs them on worker threads
-    one by one through ``asyncio.to_thread``, as before)."""
-    return asyncio.iscoroutinefunction(fn) or mode == "sync"
+    either mode, and so do plain ``def`` stages (on threads; under ``acall`` the whole thread fan-out
+    is awaited), unless they are marked ``blocking=False`` (then ``acall`` runs them inline)."""
+    return asyncio.iscoroutinefunction(fn) or mode == "sync" or getattr(fn, "blocking", True)
 
 
 async def _both(mode: str, fn: Any, bare_calls: list[int], **options: Any) -> tuple[Any, Any]:
@@ -247,3 +247,53 @@ async def test_hooks_a_cap_or_a_policy_take_the_general_path(
     assert bare_calls == []
     await call(_each(_double, False, max_concurrency=4), mode, xs=xs)  # a cap no element can reach
     assert bare_calls == ([4] if _bare(mode, _double) else [])
+
+
+async def test_fail_fast_stops_sync_stages_from_starting_under_acall(bare_calls: list[int]) -> None:
+    """Reproducer (issue 12 verification): under ``acall`` a fail-fast ForEach of ``def`` stages
+    started 924 of 1,000 elements after element 0 had failed; a sync call started 1."""
+    started: list[int] = []
+
+    def work(x: int) -> dict[str, int]:
+        started.append(x)
+        if x == 0:
+            raise ValueError("element zero")
+        time.sleep(0.05)
+        return {"y": x}
+
+    each = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys")
+    with pytest.raises(StageError, match="element zero"):
+        await each.acall(xs=list(range(400)))
+    assert bare_calls == [400]
+    assert len(started) < 100  # those already taken by a thread when element 0 failed; not all
+
+
+async def test_cancelling_an_acall_of_sync_stages_starts_no_more(bare_calls: list[int]) -> None:
+    started: list[int] = []
+
+    def work(x: int) -> dict[str, int]:
+        started.append(x)
+        time.sleep(0.05)
+        return {"y": x}
+
+    each = ForEach(stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", max_concurrency=2)
+    task = asyncio.ensure_future(each.acall(xs=list(range(40))))
+    await asyncio.sleep(0.12)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)
+    settled = len(started)
+    await asyncio.sleep(0.2)
+    assert len(started) == settled < 40  # nothing new starts after the cancel
+
+
+def test_a_thread_fan_out_stopped_from_outside_starts_nothing_more() -> None:
+    """What a cancelled ``acall`` of ``def`` stages does to its thread fan-out: once stopped, no
+    branch starts (here it is stopped before any could)."""
+    from stageflow.engine.fanout import fan_out
+
+    ran: list[int] = []
+    outcomes = fan_out([lambda i=i: ran.append(i) for i in range(50)], on_start=lambda stop: stop())
+    assert ran == []
+    assert {o.status for o in outcomes} == {"skipped"}

@@ -13,11 +13,11 @@ from time import perf_counter
 from typing import Any, Literal
 
 from stageflow.engine.config import CONFIG
-from stageflow.engine.pool import note_abandoned, shared_pool
+from stageflow.engine.pool import note_abandoned, shared_pool, to_thread
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 
-__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
+__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "athread_fan_out", "fan_out"]
 
 logger = logging.getLogger("stageflow")
 
@@ -165,6 +165,12 @@ class _SyncFanOut:
             self.stopped = True
             self.cond.notify_all()
 
+    def stop(self) -> None:
+        """Start no more branches (called from outside the fan-out: its caller was cancelled)."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
     def starved(self) -> bool:
         """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
         if self.stopped or self.next >= len(self.thunks) or self.running:
@@ -195,14 +201,21 @@ def fan_out(
     on_error: FailurePolicy = "collect",
     timeout: float | None = None,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
+    on_start: Callable[[Callable[[], None]], None] | None = None,
 ) -> list[BranchOutcome]:
-    """Run ``thunks`` concurrently on threads; see the module docstring."""
+    """Run ``thunks`` concurrently on threads; see the module docstring.
+
+    ``on_start`` receives a function that stops the fan-out from another thread (no branch starts
+    after it; running ones finish).
+    """
     _check_policy(on_error)
     n = len(thunks)
     if n == 0:
         return []
     window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
+    if on_start is not None:
+        on_start(run.stop)
     ctx = contextvars.copy_context()
     pool = shared_pool()
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
@@ -284,6 +297,21 @@ def _wait(
             run.outcomes[i].status = "cancelled"
             note_abandoned()
         run.running.clear()
+
+
+async def athread_fan_out(
+    thunks: Sequence[Callable[[], Any]], *, on_error: FailurePolicy = "collect"
+) -> list[BranchOutcome]:
+    """:func:`fan_out` from async code: the sync ``thunks`` run on threads while the caller's loop
+    goes on. ``fail_fast`` stops starting branches at the first failure, as in a sync call; a
+    cancelled caller stops the fan-out (running branches finish on their threads)."""
+    stops: list[Callable[[], None]] = []
+    try:
+        return await to_thread(fan_out, thunks, on_error=on_error, on_start=stops.append)  # type: ignore[no-any-return]
+    except asyncio.CancelledError:
+        for stop in stops:
+            stop()
+        raise
 
 
 async def afan_out(

@@ -26,7 +26,7 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
-from stageflow.engine.fanout import BranchTimeoutError
+from stageflow.engine.fanout import BranchTimeoutError, athread_fan_out
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.runner import acall_stage, call_stage
 from stageflow.errors import ConfigurationError, PipelineError, StageTimeoutError
@@ -358,6 +358,17 @@ async def arun_branches(
         if before is not None:
             return _results(branches, before, done.listed(), prefix)
         return FlatResults(branches, entries, states, done, [shared], prefix)
+    if (
+        _bare(branches, until, timeout)
+        and bare_ready(entries, hooks, max_concurrency, is_async=False)
+        and all(e.blocking for e in entries)
+    ):
+        # Plain function stages that run on threads: one thread fan-out, as in a sync call (a
+        # fail_fast failure stops the others from starting), awaited without blocking the loop.
+        shared, _ = _share_run(branches)
+        outcomes = await athread_fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
+        in_input_order(shared, entries)
+        return _results(branches, before, outcomes, prefix)
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:

@@ -83,6 +83,19 @@ class RecordSource:
         """What identifies the source besides its content (file path, size, modification time)."""
         return {"source": self.label}
 
+    def _no_id_anywhere(self) -> None:
+        """A chosen id field (not the default ``id``) that no record has: most likely a misspelt name,
+        which would otherwise key every record by its line number without a word."""
+        if self.id_field == "id":
+            return
+        raise ConfigurationError(
+            f"{self.label}: no record has the '{self.id_field}' field, chosen as the id field.",
+            field=self.id_field,
+            code="bad_input",
+            hint="check the name given to --id-field (id_field= in Python), or leave it out to key "
+            "records by their 'id' field or line number",
+        )
+
     def _record(self, seq: int, line: int, data: Any, seen: dict[str, int] | None) -> Record:
         where = f"{self.label} line {line}" if self.path is not None else f"record {line}"
         if not isinstance(data, Mapping):
@@ -125,6 +138,8 @@ class _MemorySource(RecordSource):
         self.label = f"{len(self._items)} records given in Python"
         seen: dict[str, int] = {}
         self._records = [self._record(i, i + 1, d, seen) for i, d in enumerate(self._items)]
+        if self._records and all(self.id_field not in d for d in self._items if isinstance(d, Mapping)):
+            self._no_id_anywhere()
 
     def scan(self) -> Iterator[Record]:
         return iter(self._records)
@@ -145,8 +160,13 @@ class _FileSource(RecordSource):
     def scan(self) -> Iterator[Record]:
         seen: dict[str, int] = {}
         rows = self._jsonl() if self.fmt == "jsonl" else self._csv()
+        keyed = False
         for seq, (line, data) in enumerate(rows):
-            yield self._record(seq, line, data, seen)
+            record = self._record(seq, line, data, seen)
+            keyed = keyed or (isinstance(data, Mapping) and self.id_field in data)
+            yield record
+        if not keyed and seen:
+            self._no_id_anywhere()
 
     def _open(self) -> io.TextIOWrapper:
         try:
