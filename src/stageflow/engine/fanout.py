@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -90,12 +91,32 @@ class _SyncFanOut:
         self.stopped = False
         self.cond = threading.Condition()
         self.first_error: BaseException | None = None
-        self.workers = 0
         self.idle_since: float | None = None
         self.fatal: BaseException | None = None
         self.caller = threading.current_thread()
+        # With no timeout and no early stop to decide, taking and finishing a branch need no lock:
+        # counters whose next() is atomic, and per-branch writes. Hundreds of threads waking at
+        # once would otherwise queue on one lock (the lock is still taken to stop and to wake).
+        self.lockfree = timeout is None and until is None
+        self._taken = itertools.count()
+        self._finished = itertools.count(1)
+        self.all_done = False
 
     def take(self) -> int | None:
+        if self.lockfree:
+            if self.stopped:
+                return None
+            i = next(self._taken)
+            if i >= len(self.thunks):
+                return None
+            self.running[i] = perf_counter()
+            if self.stopped:  # stopped meanwhile: this branch never starts
+                self.running.pop(i, None)
+                return None
+            if i >= self.next:
+                self.next = i + 1  # (a hint for starved(); a lagging value only delays it)
+            self.idle_since = None
+            return i
         with self.cond:
             if self.stopped or self.next >= len(self.thunks):
                 return None
@@ -106,6 +127,25 @@ class _SyncFanOut:
             return i
 
     def finish(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
+        if self.lockfree:
+            if self.running.pop(i, None) is None:  # abandoned meanwhile: the result is dropped
+                return
+            o = self.outcomes[i]
+            o.elapsed = perf_counter() - t0
+            if error is None:
+                o.ok, o.value, o.status = True, value, "ok"
+            else:
+                o.error, o.status = error, "error"
+                if self.policy == "fail_fast":
+                    with self.cond:
+                        if self.first_error is None:
+                            self.first_error, self.stopped = error, True
+                        self.cond.notify_all()
+            if next(self._finished) == len(self.thunks):
+                with self.cond:
+                    self.all_done = True
+                    self.cond.notify_all()
+            return
         with self.cond:
             if i not in self.running:  # timed out or abandoned meanwhile: the result is dropped
                 return
@@ -126,8 +166,6 @@ class _SyncFanOut:
                 self.cond.notify_all()  # wake the caller only when it has something to do
 
     def pull(self, ctx: contextvars.Context) -> None:
-        with self.cond:
-            self.workers += 1
         try:
             while self.pull_one(ctx):
                 pass
@@ -184,7 +222,7 @@ class _SyncFanOut:
     def finished(self) -> bool:
         if self.fatal is not None:
             return True
-        if self.done + self.timeouts >= len(self.thunks):
+        if self.all_done or self.done + self.timeouts >= len(self.thunks):
             return True
         return self.stopped and (not self.running or self.policy == "fail_fast" or self.until is not None)
 

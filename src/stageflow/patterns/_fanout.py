@@ -216,6 +216,21 @@ def _share_run(branches: Sequence[Branch]) -> tuple[RunInfo, list[dict[str, Any]
     return shared, [b.state for b in branches]
 
 
+def _shared_results(
+    branches: Sequence[Branch],
+    entries: list[StageEntry],
+    before: Sequence[dict[str, Any]] | None,
+    outcomes: list[BranchOutcome],
+    shared: RunInfo,
+    prefix: str,
+) -> Sequence[BranchResult]:
+    """Results of branches that shared one run: flat unless the caller needs what each produced."""
+    if before is not None:
+        return _results(branches, before, outcomes, prefix)
+    states = branches.states if isinstance(branches, Branches) else [b.state for b in branches]
+    return FlatResults(branches, entries, states, Outcomes.of(outcomes), [shared], prefix)
+
+
 def _own_runs(branches: Sequence[Branch]) -> None:
     """Each branch records into a run of its own, joined to the caller's in input order afterwards."""
     for b in branches:
@@ -290,7 +305,7 @@ def run_branches(
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
     produced: bool = True,
-) -> list[BranchResult]:
+) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from a sync call."""
     before = [dict(b.state) for b in branches] if produced else None
     native_async = all(e.kind == FUNCTION and e.is_async_fn for e in _entries(branches))
@@ -317,7 +332,7 @@ def run_branches(
         shared, _ = _share_run(branches)
         outcomes = fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
         in_input_order(shared, entries)
-        return _results(branches, before, outcomes, prefix)
+        return _shared_results(branches, entries, before, outcomes, shared, prefix)
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
@@ -368,7 +383,7 @@ async def arun_branches(
         shared, _ = _share_run(branches)
         outcomes = await athread_fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
         in_input_order(shared, entries)
-        return _results(branches, before, outcomes, prefix)
+        return _shared_results(branches, entries, before, outcomes, shared, prefix)
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
