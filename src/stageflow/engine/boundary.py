@@ -22,6 +22,7 @@ __all__ = [
     "gather_inputs",
     "merge_outputs",
     "missing_at_run_time",
+    "port_inputs",
     "private_copy",
     "private_state",
 ]
@@ -37,6 +38,18 @@ _E = TypeVar("_E", ContractError, StageError)
 def _full(error: _E) -> _E:
     error.path_is_full = True
     return error
+
+
+def port_inputs(ports: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``state`` a nested pipeline's ports read (required, then optional)."""
+    kw = {}
+    for f in ports.required:
+        if f in state:
+            kw[f] = state[f]
+    for f in ports.optional:
+        if f in state:
+            kw[f] = state[f]
+    return kw
 
 
 def gather_inputs(
@@ -57,15 +70,7 @@ def gather_inputs(
     if entry.pass_state:
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
-        ports = target.stageflow_ports()
-        kw = {}
-        for f in ports.required:
-            if f in state:
-                kw[f] = state[f]
-        for f in ports.optional:
-            if f in state:
-                kw[f] = state[f]
-        return kw
+        return port_inputs(target.stageflow_ports(), state)
     try:
         kw = {sf: state[st] for sf, st in entry.in_pairs}
     except KeyError as e:

@@ -126,21 +126,25 @@ class _SyncFanOut:
             self.idle_since = None
             return i
 
+    def _write(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
+        """Branch ``i``'s outcome (only the thread that ran it writes it)."""
+        o = self.outcomes[i]
+        o.elapsed = perf_counter() - t0
+        if error is None:
+            o.ok, o.value, o.status = True, value, "ok"
+        else:
+            o.error, o.status = error, "error"
+
     def finish(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
         if self.lockfree:
             if self.running.pop(i, None) is None:  # abandoned meanwhile: the result is dropped
                 return
-            o = self.outcomes[i]
-            o.elapsed = perf_counter() - t0
-            if error is None:
-                o.ok, o.value, o.status = True, value, "ok"
-            else:
-                o.error, o.status = error, "error"
-                if self.policy == "fail_fast":
-                    with self.cond:
-                        if self.first_error is None:
-                            self.first_error, self.stopped = error, True
-                        self.cond.notify_all()
+            self._write(i, value, error, t0)
+            if error is not None and self.policy == "fail_fast":
+                with self.cond:
+                    if self.first_error is None:
+                        self.first_error, self.stopped = error, True
+                    self.cond.notify_all()
             if next(self._finished) == len(self.thunks):
                 with self.cond:
                     self.all_done = True
@@ -150,15 +154,10 @@ class _SyncFanOut:
             if i not in self.running:  # timed out or abandoned meanwhile: the result is dropped
                 return
             del self.running[i]
-            o = self.outcomes[i]
-            o.elapsed = perf_counter() - t0
-            if error is None:
-                o.ok, o.value, o.status = True, value, "ok"
-            else:
-                o.error, o.status = error, "error"
-                if self.policy == "fail_fast" and self.first_error is None:
-                    self.first_error = error
-                    self.stopped = True
+            self._write(i, value, error, t0)
+            if error is not None and self.policy == "fail_fast" and self.first_error is None:
+                self.first_error = error
+                self.stopped = True
             self.done += 1
             if self.until is not None and not self.stopped and self.until(self.outcomes):
                 self.stopped = True

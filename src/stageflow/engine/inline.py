@@ -24,7 +24,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any, NamedTuple
 
-from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
+from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of, port_inputs
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
 from stageflow.engine.nested import _push, _settings
@@ -135,13 +135,7 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
         return None
     if _TABLE.get() is None:
         return None
-    kw = {}
-    for f in ports.required:
-        if f in state:
-            kw[f] = state[f]
-    for f in ports.optional:
-        if f in state:
-            kw[f] = state[f]
+    kw = port_inputs(ports, state)
     if not options.isdisjoint(kw):
         return None
     strict = target.strict
