@@ -14,11 +14,11 @@ from time import perf_counter
 from typing import Any, Literal
 
 from stageflow.engine.config import CONFIG
-from stageflow.engine.pool import note_abandoned, shared_pool, to_thread
+from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 
-__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "athread_fan_out", "fan_out"]
+__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
 
 logger = logging.getLogger("stageflow")
 
@@ -260,9 +260,10 @@ def fan_out(
     caller_works = timeout is None and until is None and on_error != "fail_fast"
     token = loop_token()  # under dspy.streamify: pool threads may send chunks to its stream
     work = run.pull if token is None else functools.partial(_lent, token, run.pull)
-    for _ in range(window - 1 if caller_works else window):
-        pool.submit(work, ctx)
     try:
+        # (inside the try: an interrupt while the workers are being submitted stops them too)
+        for _ in range(window - 1 if caller_works else window):
+            pool.submit(work, ctx)
         if caller_works:
             run.pull(ctx)
         _wait(run, ctx, pool, n, timeout, on_error)
@@ -334,21 +335,6 @@ def _wait(
             run.outcomes[i].status = "cancelled"
             note_abandoned()
         run.running.clear()
-
-
-async def athread_fan_out(
-    thunks: Sequence[Callable[[], Any]], *, on_error: FailurePolicy = "collect"
-) -> list[BranchOutcome]:
-    """:func:`fan_out` from async code: the sync ``thunks`` run on threads while the caller's loop
-    goes on. ``fail_fast`` stops starting branches at the first failure, as in a sync call; a
-    cancelled caller stops the fan-out (running branches finish on their threads)."""
-    stops: list[Callable[[], None]] = []
-    try:
-        return await to_thread(fan_out, thunks, on_error=on_error, on_start=stops.append)  # type: ignore[no-any-return]
-    except asyncio.CancelledError:
-        for stop in stops:
-            stop()
-        raise
 
 
 async def afan_out(

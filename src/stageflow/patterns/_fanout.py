@@ -8,6 +8,7 @@ stageflow's background event loop); async calls fan out on tasks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +27,11 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
-from stageflow.engine.fanout import BranchTimeoutError, athread_fan_out
+from stageflow.engine.fanout import BranchTimeoutError
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
+from stageflow.engine.pool import to_thread
 from stageflow.engine.runner import acall_stage, call_stage
+from stageflow.engine.streaming import listening
 from stageflow.errors import ConfigurationError, PipelineError, StageTimeoutError
 from stageflow.state import RunInfo
 
@@ -231,6 +234,11 @@ def _shared_results(
     return FlatResults(branches, entries, states, Outcomes.of(outcomes), [shared], prefix)
 
 
+def _on_threads(entry: StageEntry) -> bool:
+    """A plain ``def`` function stage that runs on a worker thread (not ``blocking=False``)."""
+    return entry.kind == FUNCTION and not entry.is_async_fn and entry.blocking
+
+
 def _own_runs(branches: Sequence[Branch]) -> None:
     """Each branch records into a run of its own, joined to the caller's in input order afterwards."""
     for b in branches:
@@ -305,8 +313,9 @@ def run_branches(
     name: str,
     until: Callable[[list[BranchOutcome]], bool] | None = None,
     produced: bool = True,
+    on_start: Callable[[Callable[[], None]], None] | None = None,
 ) -> Sequence[BranchResult]:
-    """Run ``branches`` concurrently from a sync call."""
+    """Run ``branches`` concurrently from a sync call (``on_start``: see :func:`fan_out`)."""
     before = [dict(b.state) for b in branches] if produced else None
     native_async = all(e.kind == FUNCTION and e.is_async_fn for e in _entries(branches))
     if branches and native_async and not on_background_loop():
@@ -330,7 +339,8 @@ def run_branches(
         # Plain function stages, nothing around their calls: the threads share one run (fewer
         # objects alive per waiting branch), put back in input order afterwards.
         shared, _ = _share_run(branches)
-        outcomes = fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
+        calls = _SharedCalls(owner, branches, shared, prefix)
+        outcomes = fan_out(calls, on_error=on_error, on_start=on_start)
         in_input_order(shared, entries)
         return _shared_results(branches, entries, before, outcomes, shared, prefix)
     _own_runs(branches)
@@ -345,6 +355,7 @@ def run_branches(
             on_error=on_error,
             timeout=timeout,
             until=until,
+            on_start=on_start,
         )
     return _results(branches, before, outcomes, prefix)
 
@@ -373,17 +384,30 @@ async def arun_branches(
         if before is not None:
             return _results(branches, before, done.listed(), prefix)
         return FlatResults(branches, entries, states, done, [shared], prefix)
-    if (
-        _bare(branches, until, timeout)
-        and bare_ready(entries, hooks, max_concurrency, is_async=False)
-        and all(e.blocking for e in entries)
-    ):
-        # Plain function stages that run on threads: one thread fan-out, as in a sync call (a
-        # fail_fast failure stops the others from starting), awaited without blocking the loop.
-        shared, _ = _share_run(branches)
-        outcomes = await athread_fan_out(_SharedCalls(owner, branches, shared, prefix), on_error=on_error)
-        in_input_order(shared, entries)
-        return _shared_results(branches, entries, before, outcomes, shared, prefix)
+    if entries and not listening() and all(_on_threads(e) for e in entries):
+        # Plain function stages, which run on threads either way: the sync fan-out runs them (its
+        # fail_fast stops further starts at once, its timeouts abandon threads), awaited from the
+        # loop on a thread of its own; a cancelled caller stops it from starting more.
+        stops: list[Callable[[], None]] = []
+        try:
+            return await to_thread(  # type: ignore[no-any-return]
+                run_branches,
+                owner,
+                branches,
+                hooks,
+                prefix,
+                max_concurrency=max_concurrency,
+                on_error=on_error,
+                timeout=timeout,
+                name=name,
+                until=until,
+                produced=produced,
+                on_start=stops.append,
+            )
+        except asyncio.CancelledError:
+            for stop in stops:
+                stop()
+            raise
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:

@@ -1,0 +1,95 @@
+"""Thread fan-outs stop starting branches when they must (issue 12 verification).
+
+Reproducers:
+- Ctrl-C while a sync ``ForEach`` was still handing its workers to the pool: the caller got
+  ``KeyboardInterrupt``, yet ~2,400 of 3,000 elements started afterwards in the background.
+- A fail-fast ``ForEach`` of ``def`` stages with a ``timeout=`` under ``acall``: every remaining
+  element (1,924 of 2,000) ran after the first had failed, each on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import stageflow
+from stageflow import StageError
+from stageflow.engine import fanout
+
+
+class _Started:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[int] = []
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+
+def _each(started: _Started, fail: int | None = None, **options: Any) -> stageflow.ForEach:
+    def work(x: int) -> dict[str, int]:
+        with started.lock:
+            started.items.append(x)
+        if x == fail:
+            raise ValueError(f"element {x}")
+        time.sleep(0.01)
+        return {"y": x}
+
+    return stageflow.ForEach(
+        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", **options
+    )
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["bare", "general"])
+def test_an_interrupt_while_workers_are_handed_out_stops_them(
+    monkeypatch: pytest.MonkeyPatch, general: bool
+) -> None:
+    real = fanout.shared_pool()
+    submitted = [0]
+
+    class Pool:
+        def submit(self, fn: Any, *args: Any) -> Any:
+            submitted[0] += 1
+            if submitted[0] == 3:
+                raise KeyboardInterrupt  # Ctrl-C lands while the third worker is handed out
+            return real.submit(fn, *args)
+
+    monkeypatch.setattr(fanout, "shared_pool", lambda: Pool())
+    started = _Started()
+    with pytest.raises(KeyboardInterrupt):
+        _each(started, **({"timeout": 60.0} if general else {}))(xs=list(range(300)))
+    time.sleep(0.1)
+    settled = len(started)
+    time.sleep(0.3)
+    assert len(started) == settled <= 4  # the two workers finish what they hold and take no more
+
+
+@pytest.mark.parametrize("timeout", [None, 60.0])
+async def test_fail_fast_under_acall_stops_def_stages_with_or_without_a_timeout(
+    timeout: float | None,
+) -> None:
+    started = _Started()
+    each = _each(started, fail=0, **({"timeout": timeout} if timeout else {}))
+    with pytest.raises(StageError, match="element 0"):
+        await each.acall(xs=list(range(1000)))
+    await asyncio.sleep(0.2)
+    assert len(started) < 200  # those already running when element 0 failed; never the rest
+
+
+async def test_cancelling_an_acall_of_def_stages_with_a_timeout_starts_no_more() -> None:
+    started = _Started()
+    each = _each(started, timeout=60.0, max_concurrency=4)
+    task = asyncio.ensure_future(each.acall(xs=list(range(400))))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    settled = len(started)
+    await asyncio.sleep(0.2)
+    assert len(started) == settled < 400
