@@ -13,7 +13,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from stageflow import _checks
 from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, in_input_order
@@ -59,7 +59,29 @@ class Branch:
     run: RunInfo = None  # type: ignore[assignment]  # given before the fan-out starts (see _own_runs)
 
 
-class Branches(Sequence[Branch]):
+_T = TypeVar("_T")
+
+
+class _OnDemand(Sequence[_T]):
+    """A sequence of one item per branch, made all at once when first read (:meth:`made`)."""
+
+    __slots__ = ()
+    entries: list[StageEntry]
+
+    def made(self) -> list[_T]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.made()[i]
+
+    def __iter__(self) -> Iterator[_T]:
+        return iter(self.made())
+
+
+class Branches(_OnDemand[Branch]):
     """Branches given as two lists, their entries and their states: a :class:`Branch` object is made
     for each only when one is asked for (a bare fan-out asks once every branch is done, so no object
     per branch stays alive while they wait)."""
@@ -77,15 +99,6 @@ class Branches(Sequence[Branch]):
             self._made = [Branch(e, s, run) for e, s in zip(self.entries, self.states, strict=True)]  # type: ignore[arg-type]
         return self._made
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.made()[i]
-
-    def __iter__(self) -> Iterator[Branch]:
-        return iter(self.made())
-
 
 @dataclass(slots=True)
 class BranchResult:
@@ -96,7 +109,7 @@ class BranchResult:
     produced: dict[str, Any]
 
 
-class FlatResults(Sequence[BranchResult]):
+class FlatResults(_OnDemand[BranchResult]):
     """A fan-out's results as flat lists, indexed by branch position: the branches' entries and
     states, what each did (:class:`~stageflow.engine.bare.Outcomes`) and the runs they recorded
     into (one, when they shared it). A bare fan-out's results stay flat — no object per branch — until
@@ -121,15 +134,6 @@ class FlatResults(Sequence[BranchResult]):
         if self._made is None:
             self._made = _results(self._branches, None, self.outcomes.listed(), self.prefix)
         return self._made
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.made()[i]
-
-    def __iter__(self) -> Iterator[BranchResult]:
-        return iter(self.made())
 
 
 def flat_results(results: Sequence[BranchResult]) -> FlatResults:
