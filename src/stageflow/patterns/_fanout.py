@@ -320,8 +320,8 @@ def run_branches(
     on_start: Callable[[Callable[[], None]], None] | None = None,
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from a sync call (``on_start``: see :func:`fan_out`)."""
-    before = [dict(b.state) for b in branches] if produced else None
-    native_async = all(e.kind == FUNCTION and e.is_async_fn for e in _entries(branches))
+    entries = _entries(branches)
+    native_async = all(e.kind == FUNCTION and e.is_async_fn for e in entries)
     if branches and native_async and not on_background_loop():
         return run_on_background_loop(  # type: ignore[no-any-return]
             arun_branches(
@@ -338,7 +338,7 @@ def run_branches(
             )
         )
 
-    entries = _entries(branches)
+    before = [dict(b.state) for b in branches] if produced else None
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
         # Plain function stages, nothing around their calls: the threads share one run (fewer
         # objects alive per waiting branch), put back in input order afterwards.
@@ -378,20 +378,12 @@ async def arun_branches(
     produced: bool = True,
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from an async call (results in input order)."""
-    before = [dict(b.state) for b in branches] if produced else None
     entries = _entries(branches)
-    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
-        # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
-        # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
-        shared, states = _share_run(branches)
-        done = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
-        if before is not None:
-            return _results(branches, before, done.listed(), prefix)
-        return FlatResults(branches, entries, states, done, [shared], prefix)
     if entries and not listening() and all(_on_threads(e) for e in entries):
         # Plain function stages, which run on threads either way: the sync fan-out runs them (its
-        # fail_fast stops further starts at once, its timeouts abandon threads), awaited from the
-        # loop on a thread of its own; a cancelled caller stops it from starting more.
+        # fail_fast stops further starts at once, its timeouts abandon threads; what each branch
+        # produced is worked out there, once), awaited from the loop on a thread of its own; a
+        # cancelled caller stops it from starting more.
         stops: list[Callable[[], None]] = []
         try:
             return await to_thread(  # type: ignore[no-any-return]
@@ -412,6 +404,15 @@ async def arun_branches(
             for stop in stops:
                 stop()
             raise
+    before = [dict(b.state) for b in branches] if produced else None
+    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
+        # Plain async function stages and nothing to wrap around their awaits: bare tasks, one
+        # shared run (the widest fan-outs keep far fewer objects alive; see stageflow.engine.bare).
+        shared, states = _share_run(branches)
+        done = await abare_fan_out(owner, entries, states, shared, prefix, on_error)
+        if before is not None:
+            return _results(branches, before, done.listed(), prefix)
+        return FlatResults(branches, entries, states, done, [shared], prefix)
     _own_runs(branches)
 
     def thunk(b: Branch) -> Callable[[], Any]:
