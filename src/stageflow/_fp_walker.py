@@ -292,10 +292,12 @@ class Walker:
             state = {s: getattr(v, s) for s in slots}
         self.active.add(key)
         try:
+            # (a pipeline names what its engine keeps on it for itself: plans, checks done, memos)
+            own = getattr(t, "_stageflow_bookkeeping", ())
             items = [
                 (k, self.tok(x, d))
                 for k, x in list(state.items())
-                if k not in _MODULE_NOISE and (user or k[:1] != "_" or k == "__wrapped__")
+                if k not in _MODULE_NOISE and k not in own and (user or k[:1] != "_" or k == "__wrapped__")
             ]
         finally:
             self.active.discard(key)

@@ -9,6 +9,8 @@ import dspy
 
 from stageflow.usage import UsageTable
 
+_new = object.__new__
+
 __all__ = ["Result", "RunInfo", "StageKeyed", "StageRecord", "StageTrace", "stage_key"]
 
 
@@ -162,6 +164,25 @@ class RunInfo:
         self._lazy_outputs = False
         self._lazy_details = False
         self._failed: bool | None = None  # (see stageflow.engine.inline: failed outputs at any depth)
+
+    @classmethod
+    def blank(cls, usage: UsageTable) -> RunInfo:
+        """``RunInfo(usage=usage)``, for the engine's hot paths (no arguments to look at).
+
+        >>> RunInfo.blank(UsageTable()) == RunInfo()
+        True
+        """
+        run = _new(cls)
+        run._outputs = {}
+        run._trace = []
+        run.extras = {}
+        run.events = []
+        run._details = {}
+        run._usage = usage
+        run._lazy_trace = -1
+        run._lazy_outputs = run._lazy_details = False
+        run._failed = None
+        return run
 
     @property
     def usage(self) -> UsageTable:

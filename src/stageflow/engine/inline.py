@@ -24,17 +24,27 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any, NamedTuple
 
-from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of, port_inputs
+from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
-from stageflow.engine.nested import _push, _settings
+from stageflow.engine.nested import _KNOWN, _push, _Pushed, _settings
 from stageflow.engine.plan import StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
 from stageflow.state import Result, RunInfo, StageRecord, _Joined
 from stageflow.usage import _TABLE, UsageTable
 
-__all__ = ["InlineCall", "begin", "eligible", "failed", "finish", "forget_classes", "standard"]
+__all__ = [
+    "INLINE_MEMOS",
+    "InlineCall",
+    "begin",
+    "eligible",
+    "failed",
+    "finish",
+    "forget_classes",
+    "forget_pipeline",
+    "standard",
+]
 
 _getattr = object.__getattribute__
 
@@ -64,6 +74,7 @@ def forget_classes() -> None:
     """Forget which classes qualify (an attribute of a pipeline class changed)."""
     for plain in _PLAIN.values():
         plain.clear()
+    _GENERATION[0] = object()
 
 
 def eligible(cls: type, name: str) -> bool:
@@ -109,73 +120,110 @@ class InlineCall(NamedTuple):
     t0: float
 
 
+#: Where a pipeline keeps what :func:`begin` found out about running it in line, for calls through
+#: ``__call__`` and ``acall``: a :class:`_Ticket`, dropped whenever an attribute of the pipeline is
+#: set or deleted (:func:`forget_pipeline`, called by the pipeline itself).
+_TICKETS = {"__call__": "_stageflow_inline_call", "acall": "_stageflow_inline_acall"}
+#: The names of those memos (a pipeline's bookkeeping, left out of its fingerprint).
+INLINE_MEMOS = frozenset(_TICKETS.values())
+#: Changes whenever :func:`forget_classes` runs: a ticket issued before is void. An object, not a
+#: count, so a ticket copied with its pipeline (``copy.deepcopy``, pickling) is void too.
+_GENERATION: list[object] = [object()]
+
+
+class _Ticket(NamedTuple):
+    """What holds for running a pipeline in line while its attributes, its class and the structure
+    stay as they were: its class qualifies, nothing on it opts out (an own ``forward``, a default
+    policy, a budget, DSPy callbacks), its ports are current and have no optional inputs and none
+    of its ``forward``'s options, and its contract check for all of its inputs is done."""
+
+    generation: object
+    version: int
+    #: ``stageflow.configure(strict=...)`` when the check was found (``None``: the pipeline's own
+    #: ``strict`` decided, and only an attribute change can change it).
+    config_strict: bool | None
+    required: tuple[str, ...]
+
+
+def forget_pipeline(attrs: dict[str, Any]) -> None:
+    """Drop the tickets kept in a pipeline's ``__dict__`` (one of its attributes changes)."""
+    if "_stageflow_inline_call" in attrs or "_stageflow_inline_acall" in attrs:
+        for key in INLINE_MEMOS:
+            attrs.pop(key, None)
+
+
+def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
+    """A ticket for ``target`` called through ``name``, or ``None`` when one cannot be issued now."""
+    options = _options(type(target), name)
+    if options is None or "forward" in attrs or target._default_policy is not None:
+        return None
+    version = _VERSION[0]
+    ports = target._ports
+    if ports is None or target._ports_version != version or target._seen_structure != version:
+        return None
+    if target.lm_budget is not None or ports.optional or not options.isdisjoint(ports.required):
+        return None
+    if attrs.get("callbacks"):
+        return None
+    own = target.strict
+    strict = CONFIG.strict if own is None else own
+    if (None, frozenset(ports.required), version, strict) not in target._checked:
+        return None
+    config_strict = strict if own is None else None
+    ticket = tuple.__new__(_Ticket, (_GENERATION[0], version, config_strict, ports.required))
+    attrs[_TICKETS[name]] = ticket
+    return ticket
+
+
 def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, name: str) -> InlineCall | None:
     """Start the nested pipeline of ``entry`` in line, or ``None`` (nothing done) when the layered
     path must call it. ``prefix`` is the full path of ``owner``; ``name`` is DSPy's entry point the
     layered path would take (``__call__`` or ``acall``). The caller has checked that no hook
     listens and no budget gate is open."""
+    if entry.chain or entry.policy is not None or not entry.merge_all:
+        return None
     target = _getattr(owner, entry.attr)
     if entry.key is not None:
         target = target[entry.key]
-    cls = type(target)
-    options = _PLAIN[name].get(cls, _UNKNOWN)
-    if options is _UNKNOWN:
-        options = _options(cls, name)
-    if options is None or entry.chain or entry.policy is not None or not entry.merge_all:
-        return None
-    if "forward" in _getattr(target, "__dict__") or target._default_policy is not None:
-        return None
-    # The contract check and the ports are cached for the current structure: asked as the layered
-    # path asks them, they would only confirm it.
-    version = _VERSION[0]
-    ports = target._ports
-    if ports is None or target._ports_version != version or target._seen_structure != version:
-        return None
-    if target.lm_budget is not None or DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0]:
-        return None
-    if _TABLE.get() is None:
-        return None
-    kw = port_inputs(ports, state)
-    if not options.isdisjoint(kw):
-        return None
-    strict = target.strict
-    if strict is None:
-        strict = CONFIG.strict
     attrs = _getattr(target, "__dict__")
-    if not _checked(attrs, target._checked, kw, ports, version, strict):
+    ticket = attrs.get(_TICKETS[name])
+    if (
+        ticket is None
+        or ticket[0] is not _GENERATION[0]
+        or ticket[1] != _VERSION[0]
+        or (ticket[2] is not None and ticket[2] != CONFIG.strict)
+    ):
+        ticket = _issue(target, attrs, name)
+        if ticket is None:
+            return None
+    if DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0] or _TABLE.get() is None:
         return None
-    dspy_token = _push(target, name)
-    if dspy_token is None:
-        return None
+    kw = {}
+    try:
+        for f in ticket[3]:
+            kw[f] = state[f]
+    except KeyError:
+        return None  # (the layered path names what is missing)
+    # What _push does, for the common case: DSPy's own entry point, and the settings override an
+    # enclosing in-line call pushed (whose settings _push has checked already).
+    var = _settings.thread_local_overrides
+    overrides = var.get()
+    if type(overrides) is _Pushed and _KNOWN.get(name) is getattr(type(target), name):
+        new = _Pushed(overrides)
+        new["caller_modules"] = [*overrides["caller_modules"], target]
+        dspy_token = var.set(new)
+    else:
+        dspy_token = _push(target, name)
+        if dspy_token is None:
+            return None
     full = f"{prefix}.{entry.path}" if prefix else entry.path
-    run = RunInfo()
-    run._usage = table = UsageTable()
+    table = UsageTable()
+    run = RunInfo.blank(table)
     table.events = run.events
     table.prefix = full
     return tuple.__new__(
         InlineCall, (target, kw, run, full, _PATH.set(full), dspy_token, _TABLE.set(table), perf_counter())
     )
-
-
-#: Where a pipeline remembers that its call with every required input (and no optional one) is
-#: checked: ``(its checks dict, structure version, strictness)``. Check results are only ever added
-#: to that dict (a new dict replaces it), so the memo holds while all three are unchanged.
-_MEMO = "_stageflow_checked_all"
-
-
-def _checked(
-    attrs: dict[str, Any], checked: dict[Any, Any], kw: dict[str, Any], ports: Any, version: int, strict: bool
-) -> bool:
-    """Whether the contract check for a call with ``kw``'s names is done (what ``_is_checked`` asks)."""
-    memo = attrs.get(_MEMO)
-    every = not ports.optional and len(kw) == len(ports.required)
-    if every and memo is not None and memo[0] is checked and memo[1] == version and memo[2] == strict:
-        return True
-    if (None, frozenset(kw), version, strict) not in checked:
-        return False
-    if every:
-        attrs[_MEMO] = (checked, version, strict)
-    return True
 
 
 def _leave(call: InlineCall) -> None:

@@ -120,6 +120,11 @@ def _is_dspys(fn: Any, name: str) -> bool:
     return ok
 
 
+class _Pushed(_settings.dotdict):  # type: ignore[misc]
+    """DSPy's settings override as :func:`_push` sets it: a copy of the one before with one more
+    caller module, so what :func:`_push` checked of the one before holds for it too."""
+
+
 def _push(target: Any, name: str) -> Any:
     """Enter what ``Module.<name>`` would set up for ``target``; ``None`` when the engine must call
     DSPy's own method instead. Returns the token that :func:`_pop` resets."""
@@ -130,18 +135,21 @@ def _push(target: Any, name: str) -> Any:
         return None
     var = _settings.thread_local_overrides
     overrides = var.get()
-    main = _settings.main_thread_config
-    if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
-        return None
-    if overrides.get("usage_tracker") is None and (
-        overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
-    ):
-        return None
-    callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
+    if type(overrides) is not _Pushed:  # (one _push made: it checked the same settings)
+        main = _settings.main_thread_config
+        if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
+            return None
+        if overrides.get("usage_tracker") is None and (
+            overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
+        ):
+            return None
+        callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
+    else:
+        callers = overrides["caller_modules"]
     # dspy.context(caller_modules=...) also copies every global setting into the override; inside a
     # pipeline call the override already holds them (the outermost call went through DSPy's own
     # __call__), so a copy of it is the same settings for a third of the cost.
-    new = _settings.dotdict(overrides)
+    new = _Pushed(overrides)
     new["caller_modules"] = [*callers, target] if callers else [target]
     return var.set(new)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from stageflow.engine.config import CONFIG
-from stageflow.engine.inline import forget_classes, standard
+from stageflow.engine.inline import INLINE_MEMOS, forget_classes, forget_pipeline, standard
 from stageflow.engine.nested import plain_call, wrap_forward
 from stageflow.engine.plan import Scope, StageEntry
 from stageflow.engine.pool import to_thread
@@ -130,6 +130,21 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
     #: Attributes holding this pattern's stages (tracked containers; see :mod:`._containers`).
     _stage_containers: tuple[str, ...] = ()
 
+    #: What the engine keeps on a pipeline for its own use (plan, ports, checks done, memos of
+    #: :mod:`stageflow.engine.inline`): not what the pipeline is, so fingerprints leave them out.
+    _stageflow_bookkeeping = frozenset(
+        {
+            "_built_versions",
+            "_checked",
+            "_entries",
+            "_merged_policies",
+            "_ports",
+            "_ports_version",
+            "_seen_structure",
+            *INLINE_MEMOS,
+        }
+    )
+
     # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (which
     # only warns about reading ``forward`` directly; stageflow.engine.nested keeps that warning).
     __getattribute__ = object.__getattribute__
@@ -164,7 +179,12 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             if name in self.__dict__ and isinstance(value, StageList | StageDict):
                 value.version = self.__dict__[name].version + 1
                 _STRUCTURE_VERSION[0] += 1
+        forget_pipeline(self.__dict__)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        forget_pipeline(self.__dict__)
+        super().__delattr__(name)
 
     # -- structure kept in step with the stage containers ----------------------------------------
     def _container_versions(self) -> tuple[int, ...]:
