@@ -36,3 +36,22 @@ def test_records_given_in_python_need_the_chosen_field_somewhere(tmp_path: Path)
 def test_the_default_id_field_may_be_absent(tmp_path: Path) -> None:
     summary = stageflow.run_batch(_pipeline(), [{"q": "1"}, {"q": "2"}], journal=tmp_path / "j")
     assert [row.id for row in summary.rows()] == [1, 2]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_id_named_explicitly_must_exist_too(tmp_path: Path, suffix: str) -> None:
+    """``--id-field id`` on data without an ``id`` column keyed every record by line number, exactly
+    as if the option had been left out."""
+    data = tmp_path / f"data.{suffix}"
+    if suffix == "csv":
+        data.write_text("q\n1\n2\n")
+        expected = r"the CSV header has no 'id' column"
+    else:
+        data.write_text('{"q": "1"}\n{"q": "2"}\n')
+        expected = r"no record has the 'id' field"
+    with pytest.raises(ConfigurationError, match=expected) as info:
+        stageflow.run_batch(_pipeline(), data, output=tmp_path / "out.jsonl", id_field="id")
+    assert info.value.field == "id"
+    assert not (tmp_path / "out.jsonl").exists()
+    left_out = stageflow.run_batch(_pipeline(), data, output=tmp_path / "out.jsonl")  # (the default)
+    assert [row.id for row in left_out.rows()] == ([2, 3] if suffix == "csv" else [1, 2])  # line numbers

@@ -225,3 +225,21 @@ def test_a_second_ctrl_c_stops_without_waiting_and_resume_counts_the_repeats(tmp
     repeated = con.execute("SELECT repeated FROM runs ORDER BY id DESC LIMIT 1").fetchone()[0]
     con.close()
     assert repeated == len(running)
+
+
+def test_id_field_id_named_explicitly_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--id-field id`` on a CSV without an ``id`` column was taken for the default and keyed every
+    record by its line number without a word."""
+    pipe, _, log = setup(tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text("text\na\nb\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code, err = run(capsys, str(pipe), str(data), "-o", str(out), "--id-field", "id", "--quiet")
+    assert code == 2
+    said = " ".join(err.split())  # (the message is wrapped to the terminal's width)
+    assert "data.csv line 1: the CSV header has no 'id' column" in said
+    assert not out.exists()
+    assert log_counts(str(log)) == {}
+    code, err = run(capsys, str(pipe), str(data), "-o", str(out), "--quiet")  # left out: line numbers
+    assert code == 0, err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [2, 3]

@@ -69,7 +69,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         action="store_true",
         help="resume even though the pipeline or the data changed (recorded in the journal)",
     )
-    p.add_argument("--id-field", default="id", metavar="NAME", help="the field holding a record's id (id)")
+    p.add_argument(
+        "--id-field",
+        metavar="NAME",
+        help="the field holding a record's id; once named it must exist (default: id where present, "
+        "else the line number)",
+    )
     p.add_argument("--format", choices=("jsonl", "csv"), help="the data format (default: from the extension)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="where records run (local)")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
@@ -130,7 +135,7 @@ def _command(args: argparse.Namespace, journal: Path, *, retry_failed: bool = Fa
     options: list[tuple[str, Any, Any]] = [
         ("--concurrency", args.concurrency, 16),
         ("--max-concurrency", args.max_concurrency, None),
-        ("--id-field", args.id_field, "id"),
+        ("--id-field", args.id_field, None),
         ("--format", args.format, None),
         ("--backend", args.backend, "local"),
         ("--ray-address", args.ray_address, None),

@@ -102,7 +102,7 @@ def run_batch(
     lm: Any = None,
     adapter: Any = None,
     max_concurrency: int | None = None,
-    id_field: str = "id",
+    id_field: str | None = None,
     allow_modules: Sequence[str] = (),
     fmt: str | None = None,
     command: str | None = None,
@@ -133,7 +133,9 @@ def run_batch(
         adapter: The DSPy adapter (or a factory); default: the current DSPy settings.
         max_concurrency: Cap on concurrent LM/stage calls across all records and their fan-outs
             (stageflow's budget; ``stageflow.configure(max_concurrency=...)`` applies too).
-        id_field: The field holding a record's id.
+        id_field: The field holding a record's id. Named (``"id"`` included), it must exist (a
+            CSV column, or a field of at least one record); default: ``id`` where present, else
+            the line number.
         allow_modules: Modules a pipeline file may load components from.
         fmt: ``"jsonl"`` or ``"csv"`` to override the input file's extension.
         command: The command line to record in the journal (the CLI passes its own).

@@ -5,7 +5,7 @@ the file (its position, from 1, for records given in Python). The key is not pas
 pipeline; every other field is an input. Files are UTF-8; a byte order mark at the start (as
 Excel's "CSV UTF-8" writes) is skipped, in CSV and JSON Lines alike. A CSV header without the id
 column keys records by line number, with a warning when a column looks like it (``ID``, `` id``);
-with another ``id_field`` than ``id``, that column must exist.
+with ``id_field`` named (``"id"`` included), that column must exist.
 
 Reading validates the whole input before any work:
 malformed JSON, a line that is not an object, an unusable or duplicate id are
@@ -72,8 +72,10 @@ class RecordSource:
     #: The file, if the records come from one.
     path: Path | None = None
 
-    def __init__(self, id_field: str) -> None:
-        self.id_field = id_field
+    def __init__(self, id_field: str | None) -> None:
+        #: Whether the id field was named (``id_field="id"`` included): a named field must exist.
+        self.chosen = id_field is not None
+        self.id_field = "id" if id_field is None else id_field
 
     def scan(self) -> Iterator[Record]:
         """Every record, in order (re-readable)."""
@@ -84,9 +86,9 @@ class RecordSource:
         return {"source": self.label}
 
     def _no_id_anywhere(self) -> None:
-        """A chosen id field (not the default ``id``) that no record has: most likely a misspelt name,
-        which would otherwise key every record by its line number without a word."""
-        if self.id_field == "id":
+        """A named id field that no record has: most likely a misspelt name, which would otherwise
+        key every record by its line number without a word."""
+        if not self.chosen:
             return
         raise ConfigurationError(
             f"{self.label}: no record has the '{self.id_field}' field, chosen as the id field.",
@@ -132,7 +134,7 @@ class RecordSource:
 
 
 class _MemorySource(RecordSource):
-    def __init__(self, records: Iterable[Any], id_field: str) -> None:
+    def __init__(self, records: Iterable[Any], id_field: str | None) -> None:
         super().__init__(id_field)
         self._items = list(records)
         self.label = f"{len(self._items)} records given in Python"
@@ -146,7 +148,7 @@ class _MemorySource(RecordSource):
 
 
 class _FileSource(RecordSource):
-    def __init__(self, path: Path, fmt: str, id_field: str) -> None:
+    def __init__(self, path: Path, fmt: str, id_field: str | None) -> None:
         super().__init__(id_field)
         self.path = self.file = path
         self.fmt = fmt
@@ -244,10 +246,10 @@ class _FileSource(RecordSource):
                 yield start, dict(zip(header, row, strict=True))
 
     def _no_id_column(self, header: list[str]) -> None:
-        """A CSV header without the id column: an error when ``id_field`` was chosen (not ``id``), a
-        warning (once per source) when a column looks like it (``ID``, `` id``)."""
+        """A CSV header without the id column: an error when ``id_field`` was named (``"id"``
+        included), a warning (once per source) when a column looks like it (``ID``, `` id``)."""
         columns = ", ".join(repr(h) for h in header)
-        if self.id_field != "id":
+        if self.chosen:
             raise ConfigurationError(
                 f"{self.label} line 1: the CSV header has no '{self.id_field}' column (the id field); its "
                 f"columns are {columns}.",
@@ -281,13 +283,15 @@ class _TrackLines:
         return next(self._lines)[1]
 
 
-def open_records(records: Any, *, id_field: str = "id", fmt: str | None = None) -> RecordSource:
+def open_records(records: Any, *, id_field: str | None = None, fmt: str | None = None) -> RecordSource:
     """The record source for ``records``: a path to a ``.jsonl``/``.ndjson``/``.csv`` file, or an
     iterable of mappings (read once, kept in memory).
 
     Args:
         records: A file path or an iterable of dicts.
-        id_field: The field holding a record's key.
+        id_field: The field holding a record's key. Named (``"id"`` included), it must exist: in
+            the CSV header, or in at least one record. ``None`` (default): the ``id`` field where a
+            record has one, else the line number.
         fmt: ``"jsonl"`` or ``"csv"`` to override the file extension.
 
     Raises:
