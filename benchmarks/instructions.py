@@ -1,7 +1,8 @@
 """Instructions per call under callgrind: a measure of CPU cost that does not depend on the load.
 
 Run: ``python benchmarks/instructions.py`` (needs ``valgrind``; several minutes: each measure runs
-the interpreter twice under callgrind). ``--tree PATH`` measures another checkout's ``src``.
+the interpreter twice under callgrind). ``--tree PATH`` measures another checkout's ``src``;
+``--only depth1,depth50`` runs some measures (a ratio is printed when its measures ran).
 
 Each measure runs a driver (this file with ``--drive``) ``few`` and ``many`` times after a warm-up,
 with ``PYTHONHASHSEED=0``, and reports (instructions(many) − instructions(few)) / (many − few) per
@@ -135,30 +136,51 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=HERE.parent)
     parser.add_argument("--drive", nargs=2)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind runs at once")
+    parser.add_argument("--only", help="comma-separated measures (default: all); the ratios need their pairs")
     args = parser.parse_args()
     if args.drive:
         drive(args.drive[0], int(args.drive[1]))
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    runs = [(name, calls) for name, (few, many, _) in MEASURES.items() for calls in (few, many)]
+    chosen = args.only.split(",") if args.only else list(MEASURES)
+    unknown = sorted(set(chosen) - set(MEASURES))
+    if unknown:
+        parser.error(f"unknown measures {unknown}; choose from {', '.join(MEASURES)}")
+    runs = [(name, calls) for name in chosen for calls in MEASURES[name][:2]]
     with ThreadPoolExecutor(args.jobs) as pool:  # instruction counts do not depend on the load
         counted = dict(zip(runs, pool.map(lambda r: count(args.tree, *r), runs), strict=True))
     res: dict[str, float] = {}
-    for name, (few, many, per) in MEASURES.items():
+    for name in chosen:
+        few, many, per = MEASURES[name]
         res[name] = (counted[name, many] - counted[name, few]) / (many - few) / per / 1000
     print(f"# Instructions (thousands) per call, callgrind, {args.tree}\n")
     print("| measure | K instructions |")
     print("|---|---|")
     for name, value in res.items():
         print(f"| {name}{' (per item)' if MEASURES[name][2] > 1 else ''} | {value:.1f} |")
-    print(f"| 10-stage pipeline / hand-written | {res['sf10'] / res['hand10']:.3f}× |")
-    print(f"| per nesting level ((depth50 − depth1) / 49) | {(res['depth50'] - res['depth1']) / 49:.1f} |")
-    print(f"| ForEach.acall / asyncio.gather per item | {res['foreach_acall'] / res['gather']:.2f}× |")
-    threads = res["foreach_sync"] / res["pool_map"]
-    print(f"| sync ForEach / ThreadPoolExecutor.map per item | {threads:.2f}× |")
-    deferred = (res["undeclared10"] - res["undeclared1"] - res["declared10"] + res["declared1"]) / 9
-    print(f"| deferred contract check per stage (undeclared − declared, marginal) | {deferred:.1f} |")
+    ratios = {
+        "10-stage pipeline / hand-written": (("sf10", "hand10"), lambda r: f"{r['sf10'] / r['hand10']:.3f}×"),
+        "per nesting level ((depth50 − depth1) / 49)": (
+            ("depth50", "depth1"),
+            lambda r: f"{(r['depth50'] - r['depth1']) / 49:.1f}",
+        ),
+        "ForEach.acall / asyncio.gather per item": (
+            ("foreach_acall", "gather"),
+            lambda r: f"{r['foreach_acall'] / r['gather']:.2f}×",
+        ),
+        "sync ForEach / ThreadPoolExecutor.map per item": (
+            ("foreach_sync", "pool_map"),
+            lambda r: f"{r['foreach_sync'] / r['pool_map']:.2f}×",
+        ),
+        "deferred contract check per stage (undeclared − declared, marginal)": (
+            ("undeclared10", "undeclared1", "declared10", "declared1"),
+            lambda r: f"{(r['undeclared10'] - r['undeclared1'] - r['declared10'] + r['declared1']) / 9:.1f}",
+        ),
+    }
+    for label, (needs, show) in ratios.items():
+        if all(n in res for n in needs):
+            print(f"| {label} | {show(res)} |")
 
 
 if __name__ == "__main__":

@@ -292,12 +292,17 @@ class Walker:
             state = {s: getattr(v, s) for s in slots}
         self.active.add(key)
         try:
-            # (a pipeline names what its engine keeps on it for itself: plans, checks done, memos)
+            # A pipeline names what its engine keeps on it for itself (plans, checks done, memos) and
+            # the private attributes that decide what it does (defaults set with set_defaults, a
+            # ParallelPipeline's grouping, a branch chosen by default).
             own = getattr(t, "_stageflow_bookkeeping", ())
+            content = getattr(t, "_stageflow_content", ())
             items = [
                 (k, self.tok(x, d))
                 for k, x in list(state.items())
-                if k not in _MODULE_NOISE and k not in own and (user or k[:1] != "_" or k == "__wrapped__")
+                if k not in _MODULE_NOISE
+                and k not in own
+                and (user or k[:1] != "_" or k == "__wrapped__" or k in content)
             ]
         finally:
             self.active.discard(key)

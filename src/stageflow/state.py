@@ -169,7 +169,8 @@ class RunInfo:
     def blank(cls, usage: UsageTable) -> RunInfo:
         """``RunInfo(usage=usage)``, for the engine's hot paths (no arguments to look at).
 
-        >>> RunInfo.blank(UsageTable()) == RunInfo()
+        >>> table = UsageTable()
+        >>> RunInfo.blank(table) == RunInfo(usage=table)
         True
         """
         run = _new(cls)

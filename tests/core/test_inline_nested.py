@@ -344,7 +344,7 @@ def test_only_plain_pipeline_classes_qualify() -> None:
     assert inline.eligible(SequentialPipeline, "acall")
     assert not inline.eligible(OwnResult, "__call__")
     assert not inline.eligible(OwnForward, "__call__")
-    assert inline.eligible(OwnForward, "acall")  # its aforward is still the pattern's own
+    assert not inline.eligible(OwnForward, "acall")  # acall runs its own forward too (no aforward of its own)
 
 
 async def test_a_contract_error_of_a_grown_nested_pipeline(mode: str) -> None:

@@ -5,6 +5,7 @@ are seen by the pipelines nested below it. Every scenario runs sync and async.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from typing import Any
@@ -157,3 +158,178 @@ def test_the_fingerprint_of_a_pipeline_does_not_change_when_it_runs() -> None:
     assert (fingerprint(inner), fingerprint(outer)) == before
     inner.tag = "changed"  # what the user sets still counts
     assert fingerprint(inner) != before[0]
+
+
+class _Extract(dspy.Module):
+    def forward(self, text: str) -> dspy.Prediction:
+        return dspy.Prediction(title=text.title())
+
+
+class _Shout(dspy.Module):
+    def forward(self, title: str) -> dspy.Prediction:
+        return dspy.Prediction(loud=title.upper())
+
+
+async def test_a_nested_pipeline_that_sets_strict_false_keeps_it_under_strict_contracts(mode: str) -> None:
+    """``configure(strict=True)`` applies to every pipeline that does not set its own: an inner
+    ``strict=False`` pipeline with undeclared outputs ran alone but was refused once nested."""
+    stageflow.configure(strict=True)
+    try:
+        inner = SequentialPipeline([_Extract(), _Shout()], strict=False)
+        assert (await call(inner, mode, text="hi")).loud == "HI"
+        outer = SequentialPipeline([inner])
+        for _ in range(2):
+            assert (await call(outer, mode, text="hi")).loud == "HI"
+        reader = SequentialPipeline([inner, stage(lambda loud: {"n": len(loud)}, writes=["n"])])
+        with pytest.raises(ContractError) as info:  # the outer pipeline is strict: its own read is refused
+            await call(reader, mode, text="hi")
+        assert info.value.field == "loud"
+    finally:
+        stageflow.configure(strict=False)
+
+
+async def test_deleting_strict_goes_back_to_the_default(mode: str) -> None:
+    inner = SequentialPipeline([_Extract(), _Shout()], strict=True)
+    outer = SequentialPipeline([inner])
+    with pytest.raises(ContractError):
+        await call(outer, mode, text="hi")
+    del inner.strict
+    for _ in range(2):
+        assert (await call(outer, mode, text="hi")).loud == "HI"
+
+
+# -- findings of the adversarial check (each reproducer, as a test) -----------------------------
+
+
+def _three_deep(leaf: Any) -> tuple[SequentialPipeline, SequentialPipeline]:
+    inner = SequentialPipeline([leaf])
+    return inner, SequentialPipeline([SequentialPipeline([inner])])
+
+
+async def test_a_callback_added_in_place_to_a_nested_pipeline_fires(mode: str) -> None:
+    seen: list[str] = []
+
+    class Listener(dspy.utils.callback.BaseCallback):  # type: ignore[misc]
+        def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+            seen.append(type(instance).__name__)
+
+    inner, outer = _three_deep(stage(_add_one, writes=["x"]))
+    for _ in range(2):
+        await call(outer, mode, x=1)
+    inner.callbacks.append(Listener())  # (no attribute set: the list grows in place)
+    assert (await call(outer, mode, x=1)).x == 2
+    assert seen == ["SequentialPipeline"]
+
+
+async def test_an_aforward_set_on_a_nested_pipeline_is_awaited(mode: str) -> None:
+    inner, outer = _three_deep(stage(_add_one, writes=["x"]))
+
+    async def ten_more(**kw: Any) -> Any:
+        return await SequentialPipeline.aforward(inner, x=kw["x"] + 10)
+
+    inner.aforward = ten_more
+    for _ in range(3):
+        assert (await call(outer, mode, x=1)).x == (12 if mode == "async" else 2)
+
+
+async def test_protocol_methods_patched_on_the_instance_are_called(mode: str) -> None:
+    from unittest import mock
+
+    inner, outer = _three_deep(stage(_add_one, writes=["x"]))
+    for _ in range(2):
+        await call(outer, mode, x=1)
+
+    def audited(self: Any, state: dict[str, Any], run: Any, hooks: Any = ()) -> stageflow.Result:
+        return stageflow.Result({**state, "audited": 1}, run)
+
+    with mock.patch.object(inner, "stageflow_result", audited.__get__(inner)):
+        for _ in range(2):
+            assert (await call(outer, mode, x=1)).audited == 1
+    assert "audited" not in await call(outer, mode, x=1)
+
+
+async def test_a_state_restored_with_setstate_is_seen(mode: str) -> None:
+    inner, outer = _three_deep(dspy.Predict("q -> a"))
+    with dspy.context(lm=stageflow.testing.FakeLM({"a": "A"})):
+        for _ in range(2):
+            assert (await call(outer, mode, q="x")).a == "A"
+        limited = copy.deepcopy(inner)
+        limited.set_budget(stageflow.LMBudget(max_calls=0))
+        inner.__setstate__(limited.__getstate__())  # (DSPy's load path: no attribute set one by one)
+        with pytest.raises(stageflow.BudgetExceeded):
+            await call(outer, mode, q="x")
+
+
+def test_a_memo_issued_while_another_thread_changes_the_pipeline_is_not_kept() -> None:
+    import sys
+    import threading
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    lost = 0
+    old_lm = dspy.settings.lm
+    dspy.configure(lm=stageflow.testing.FakeLM({"a": "A"}))  # (seen by every thread)
+    try:
+        if True:
+            for _ in range(60):
+                inner, outer = _three_deep(dspy.Predict("q -> a"))
+                outer(q="x")
+                outer(q="x")
+                stop = threading.Event()
+
+                def calls(outer: Any = outer, stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        with contextlib.suppress(stageflow.BudgetExceeded):
+                            outer(q="x")
+
+                def change(inner: Any = inner, stop: threading.Event = stop) -> None:
+                    for i in range(30):
+                        inner.tag = i
+                    inner.set_budget(stageflow.LMBudget(max_calls=0))
+                    stop.set()
+
+                threads = [threading.Thread(target=calls) for _ in range(3)]
+                threads.append(threading.Thread(target=change))
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                try:
+                    outer(q="x")
+                    lost += 1
+                except stageflow.BudgetExceeded:
+                    pass
+    finally:
+        sys.setswitchinterval(switch)
+        dspy.configure(lm=old_lm)
+    assert lost == 0
+
+
+def test_a_pipeline_changed_then_pickled_runs_its_change_in_a_process_where_versions_match() -> None:
+    inner = SequentialPipeline([stage(_add_one, writes=["x"])])
+    outer = SequentialPipeline([inner])
+    inner.stages.append(stage(_times_ten, writes=["x"]))
+    data = pickle.dumps(outer)
+    copy_ = pickle.loads(data)
+    # What the pickled bookkeeping says matches this process: only a reset catches the change.
+    assert vars(copy_.stages[0])["_seen_structure"] == -1
+    assert copy_(x=1).x == 20
+
+
+def test_defaults_and_grouping_are_part_of_the_fingerprint() -> None:
+    def flaky(q: str) -> dict[str, str]:
+        raise TimeoutError("down")
+
+    fps = []
+    for default in ("unknown", "N/A"):
+        p = SequentialPipeline([stage(flaky, writes=["answer"])])
+        p.set_defaults(fallback=stageflow.Fallback(default={"answer": default}))
+        fps.append(fingerprint(p))
+    assert fps[0] != fps[1]
+    a = stage(lambda q: {"a": q + "A"}, writes=["a"])
+    b = stage(lambda q: {"a": q + "B"}, writes=["a"])
+    merger = stageflow.ResultMerger(strategies={"a": "list"})
+    together = stageflow.ParallelPipeline([[a, b]], merger=merger)
+    apart = stageflow.ParallelPipeline([[a], [b]], merger=merger)
+    assert fingerprint(together) != fingerprint(apart)
+    assert dict(together(q="x")) != dict(apart(q="x"))  # (they do differ)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
-from stageflow.engine.nested import _KNOWN, _push, _Pushed, _settings
+from stageflow.engine.nested import _KNOWN, _push, _Pushed, _settings, own_forward
 from stageflow.engine.plan import StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
@@ -101,6 +101,8 @@ def _options(cls: type, name: str) -> frozenset[str] | None:
     if name == "acall":  # (an async call of a class without its own aforward reads it on the way)
         steps.append("_patched_forward")
     ok = bool(_STANDARD) and all(getattr(cls, step, None) is _STANDARD[step] for step in steps)
+    if ok and name == "acall" and own_forward(cls) is not None:
+        ok = False  # (its own forward, which acall runs instead of the pattern's plan)
     options = getattr(getattr(cls, method, None), "_stageflow_options", None) if ok else None
     _PLAIN[name][cls] = options
     return options
@@ -145,8 +147,39 @@ class _Ticket(NamedTuple):
     required: tuple[str, ...]
 
 
+#: Counts :func:`forget_pipeline` calls: a ticket issued while an attribute of some pipeline changed
+#: is not kept (the change may have come between what :func:`_issue` read and its ticket).
+_CHANGES = [0]
+#: What a pipeline does, looked up on it: one of them set on the instance (an ``aforward``, a
+#: ``stageflow_result`` patched by ``mock.patch.object``...) must be called, so it runs layered.
+_PROTOCOL = frozenset(
+    {
+        "forward",
+        "aforward",
+        "__call__",
+        "acall",
+        "stageflow_call",
+        "stageflow_acall",
+        "stageflow_result",
+        "stageflow_failed",
+        "stageflow_hooks",
+        "stageflow_ports",
+        "stageflow_defaults",
+        "stageflow_policy",
+        "_is_checked",
+        "_patched_forward",
+        "_refresh",
+        "_run",
+        "_arun",
+        "_run_entries",
+        "_arun_entries",
+    }
+)
+
+
 def forget_pipeline(attrs: dict[str, Any]) -> None:
-    """Drop the tickets kept in a pipeline's ``__dict__`` (one of its attributes changes)."""
+    """Drop the tickets kept in a pipeline's ``__dict__`` (one of its attributes changed)."""
+    _CHANGES[0] += 1
     if "_stageflow_inline_call" in attrs or "_stageflow_inline_acall" in attrs:
         for key in INLINE_MEMOS:
             attrs.pop(key, None)
@@ -154,8 +187,9 @@ def forget_pipeline(attrs: dict[str, Any]) -> None:
 
 def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
     """A ticket for ``target`` called through ``name``, or ``None`` when one cannot be issued now."""
+    changes = _CHANGES[0]
     options = _options(type(target), name)
-    if options is None or "forward" in attrs or target._default_policy is not None:
+    if options is None or not _PROTOCOL.isdisjoint(attrs) or target._default_policy is not None:
         return None
     version = _VERSION[0]
     ports = target._ports
@@ -172,6 +206,8 @@ def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
     config_strict = strict if own is None else None
     ticket = tuple.__new__(_Ticket, (_GENERATION[0], version, config_strict, ports.required))
     attrs[_TICKETS[name]] = ticket
+    if _CHANGES[0] != changes:  # an attribute changed meanwhile: use it this once, keep it not
+        attrs.pop(_TICKETS[name], None)
     return ticket
 
 
@@ -197,6 +233,8 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
         if ticket is None:
             return None
     if DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0] or _TABLE.get() is None:
+        return None
+    if attrs.get("callbacks"):  # (a list that may be added to in place)
         return None
     kw = {}
     try:

@@ -43,7 +43,7 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
-__all__ = ["ForwardAccess", "acall_nested", "call_nested", "plain_call", "wrap_forward"]
+__all__ = ["ForwardAccess", "acall_nested", "call_nested", "own_forward", "plain_call", "wrap_forward"]
 
 _getattr = object.__getattribute__
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -97,6 +97,20 @@ def wrap_forward(cls: type) -> None:
     fn = cls.__dict__.get("forward")
     if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
         setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
+
+
+def own_forward(cls: type) -> Any:
+    """The ``forward`` a subclass of a pipeline pattern defines without an ``aforward`` to go with it
+    (a plain function), or ``None``. ``acall`` must run that ``forward`` too — as it runs a
+    ``forward`` set on the instance — instead of the pattern's own async plan, which would skip it."""
+    for c in cls.__mro__:
+        attrs = c.__dict__
+        if "aforward" in attrs:
+            return None
+        if "forward" in attrs:
+            fn = attrs["forward"]
+            return fn.fn if isinstance(fn, ForwardAccess) else fn
+    return None
 
 
 #: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`_is_dspys`).
@@ -185,7 +199,9 @@ async def acall_nested(target: Any, kw: dict[str, Any]) -> Any:
     try:
         own = type(target).__dict__.get("aforward")
         options = getattr(own, "_stageflow_options", None)
-        if options is not None and options.isdisjoint(kw) and "forward" not in _getattr(target, "__dict__"):
+        attrs = _getattr(target, "__dict__")
+        plain = "forward" not in attrs and "aforward" not in attrs  # (nothing set on the instance)
+        if options is not None and options.isdisjoint(kw) and plain:
             return await target.stageflow_acall(kw)
         return await _getattr(target, "aforward")(**kw)
     finally:

@@ -280,8 +280,12 @@ class Scope:
     def check(self, entry: StageEntry, prefix: str) -> None:
         """Check one stage's inputs, then make its outputs available."""
         ports = entry.ports
+        lenient = False
         if entry.composite and self.owner is not None:
-            ports = describe(held(self.owner, entry))  # live: a nested pipeline may have grown
+            nested = held(self.owner, entry)
+            ports = describe(nested)  # live: a nested pipeline may have grown
+            # A nested pipeline that turned strict contracts off itself checks its reads at run time.
+            lenient = getattr(nested, "strict", None) is False
         path = join_path(prefix, entry.path)
         for f in ports.required:
             if f in self.available:
@@ -295,10 +299,12 @@ class Scope:
         for f in ports.optional:
             if f not in self.available:
                 self.optional.setdefault(f, path)
-        self.produce(ports, path, entry.label)
+        self.produce(ports, path, entry.label, lenient=lenient)
 
-    def produce(self, ports: Ports, path: str, label: str) -> None:
-        """Make ``ports.outputs`` available (or note that this stage's outputs are unknown)."""
+    def produce(self, ports: Ports, path: str, label: str, *, lenient: bool = False) -> None:
+        """Make ``ports.outputs`` available (or note that this stage's outputs are unknown).
+        ``lenient``: the stage's own reads checked at run time are accepted under strict contracts
+        (a nested pipeline with ``strict=False``)."""
         for f, (have, lack) in ports.partial.items():
             if f not in self.available:
                 self.partial[f] = (
@@ -306,7 +312,7 @@ class Scope:
                     tuple(join_path(path, x) for x in lack),
                 )
         for d in ports.deferred:
-            if self.closed:
+            if self.closed and not lenient:
                 raise _strict_error(replace(d, stage=join_path(path, d.stage)), path)
             self.deferred.append(
                 replace(

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from stageflow.engine.config import CONFIG
 from stageflow.engine.inline import INLINE_MEMOS, forget_classes, forget_pipeline, standard
-from stageflow.engine.nested import plain_call, wrap_forward
+from stageflow.engine.nested import own_forward, plain_call, wrap_forward
 from stageflow.engine.plan import Scope, StageEntry
 from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
@@ -121,6 +122,9 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
     """
 
     _default_policy: Any = None
+    #: Strict contracts for this pipeline's checks (see ``__init__``); deleting it on an instance
+    #: goes back to ``None``, which follows ``stageflow.configure(strict=...)``.
+    strict: bool | None = None
     #: Whether predictors in this pipeline's runs take stageflow's fast path (:mod:`stageflow.lm.fast`):
     #: ``None`` follows ``stageflow.configure(fast_path=...)`` (on by default); set it to ``False`` to
     #: call them exactly as DSPy does. The outermost pipeline of a call decides for the whole tree.
@@ -144,6 +148,9 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             *INLINE_MEMOS,
         }
     )
+
+    #: Private attributes that decide what the pipeline does: fingerprints (cache keys) take them in.
+    _stageflow_content: tuple[str, ...] = ("_default_policy",)
 
     # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (which
     # only warns about reading ``forward`` directly; stageflow.engine.nested keeps that warning).
@@ -179,12 +186,19 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             if name in self.__dict__ and isinstance(value, StageList | StageDict):
                 value.version = self.__dict__[name].version + 1
                 _STRUCTURE_VERSION[0] += 1
-        forget_pipeline(self.__dict__)
         super().__setattr__(name, value)
+        forget_pipeline(self.__dict__)  # (after the change: a memo made meanwhile is dropped too)
 
     def __delattr__(self, name: str) -> None:
-        forget_pipeline(self.__dict__)
         super().__delattr__(name)
+        forget_pipeline(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A pickled or copied pipeline: what the engine found out about it belongs to the process and
+        # structure it came from (its versions may happen to equal this process's), so it is redone.
+        super().__setstate__(state)
+        forget_pipeline(self.__dict__)
+        self.__dict__.update(_checked={}, _ports=None, _ports_version=-1, _seen_structure=-1)
 
     # -- structure kept in step with the stage containers ----------------------------------------
     def _container_versions(self) -> tuple[int, ...]:
@@ -450,8 +464,13 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
 
     def _patched_forward(self) -> Any:
         """A ``forward`` set on this instance (the tutorial's custom multi-hop logic; DSPy's GEPA does
-        the same): ``acall`` must run it too, on a worker thread, instead of the pattern's own plan."""
-        return self.__dict__.get("forward")
+        the same), or defined by a subclass without an ``aforward`` of its own: ``acall`` must run it
+        too, on a worker thread, instead of the pattern's own plan."""
+        patched = self.__dict__.get("forward")
+        if patched is not None:
+            return patched
+        fn = own_forward(type(self))
+        return None if fn is None else MethodType(fn, self)
 
     def named_parameters(self) -> list[tuple[str, Any]]:
         """DSPy's walk over the predictors (optimizers, ``save``), refused when the pipeline contains

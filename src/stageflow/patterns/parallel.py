@@ -68,6 +68,8 @@ class ParallelPipeline(Pipeline):
     as given are ``pipeline.parallel_groups``.
     """
 
+    _stageflow_content = ("_default_policy", "_bounds")
+
     _stage_containers = ("stages",)
 
     def __init__(

@@ -1,0 +1,87 @@
+"""A nested pipeline whose ``forward`` is its own — set on the instance (the tutorial's multi-hop
+logic) or defined by its class — gives the same fields nested as alone, sync and async.
+
+Reproducers (user-style verification): a ``forward`` set on a nested pipeline returned
+``dspy.Prediction(title=..., words=...)``, and the enclosing pipeline merged none of it (its stages
+had undeclared outputs); a subclass overriding ``forward`` gave three different results depending
+on sync or async and nested or not (``acall`` skipped the override).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+import pytest
+
+import stageflow
+from stageflow import ContractError
+from stageflow.testing import FakeLM, call
+
+
+class Extract(dspy.Module):
+    def forward(self, text: str) -> dspy.Prediction:
+        return dspy.Prediction(title=text.title())
+
+
+def _with_own_forward() -> stageflow.SequentialPipeline:
+    inner = stageflow.SequentialPipeline([Extract()])
+
+    def forward(self: Any, text: str) -> dspy.Prediction:
+        return dspy.Prediction(title=self.stages[0](text=text).title, words=len(text.split()))
+
+    inner.forward = forward.__get__(inner, stageflow.SequentialPipeline)
+    return inner
+
+
+async def test_a_forward_set_on_a_nested_pipeline_gives_all_its_fields(mode: str) -> None:
+    inner = _with_own_forward()
+    alone = await call(inner, mode, text="hello world")
+    assert dict(alone) == {"title": "Hello World", "words": 2}
+    outer = stageflow.SequentialPipeline([inner])
+    for _ in range(3):
+        nested = await call(outer, mode, text="hello world")
+        assert dict(nested) == {"text": "hello world", "title": "Hello World", "words": 2}
+    reader = stageflow.SequentialPipeline([inner, stageflow.stage(lambda words: {"n": words}, writes=["n"])])
+    assert (await call(reader, mode, text="hello world")).n == 2
+
+
+class MyQA(stageflow.SequentialPipeline):
+    def __init__(self) -> None:
+        super().__init__([dspy.Predict("question -> answer")])
+
+    def forward(self, **kwargs: Any) -> dspy.Prediction:
+        r = super().forward(**kwargs)
+        return dspy.Prediction(answer=r.answer.title(), source="MyQA")
+
+
+async def test_a_subclass_forward_is_run_sync_and_async_alone_and_nested(mode: str) -> None:
+    with dspy.context(lm=FakeLM({"answer": "paris"})):
+        alone = MyQA()
+        outer = stageflow.SequentialPipeline([MyQA()])
+        for _ in range(3):
+            assert dict(await call(alone, mode, question="q")) == {"answer": "Paris", "source": "MyQA"}
+            nested = await call(outer, mode, question="q")
+            assert dict(nested) == {"question": "q", "answer": "Paris", "source": "MyQA"}
+
+
+async def test_a_subclass_with_its_own_aforward_keeps_it(mode: str) -> None:
+    class Both(stageflow.SequentialPipeline):
+        def forward(self, **kwargs: Any) -> dspy.Prediction:
+            return dspy.Prediction(y=kwargs["x"], how="sync")
+
+        async def aforward(self, **kwargs: Any) -> dspy.Prediction:
+            return dspy.Prediction(y=kwargs["x"], how="async")
+
+    outer = stageflow.SequentialPipeline([Both([stageflow.stage(lambda x: {"y": x}, writes=["y"])])])
+    for _ in range(2):
+        result = await call(outer, mode, x=1)
+        assert (result.how, result.y) == (mode, 1)
+
+
+async def test_an_own_forward_must_return_the_declared_outputs(mode: str) -> None:
+    inner = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x}, writes=["y"])])
+    inner.forward = lambda **kw: dspy.Prediction(z=1)
+    outer = stageflow.SequentialPipeline([inner])
+    with pytest.raises(ContractError, match=r"'stages\[0\]' .*declares output 'y' but did not return"):
+        await call(outer, mode, x=1)
