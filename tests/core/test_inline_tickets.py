@@ -333,3 +333,19 @@ def test_defaults_and_grouping_are_part_of_the_fingerprint() -> None:
     apart = stageflow.ParallelPipeline([[a], [b]], merger=merger)
     assert fingerprint(together) != fingerprint(apart)
     assert dict(together(q="x")) != dict(apart(q="x"))  # (they do differ)
+
+
+async def test_a_forward_or_budget_written_into_dict_directly_is_seen(mode: str) -> None:
+    inner, outer = _three_deep(stage(_add_one, writes=["x"]))
+    for _ in range(2):
+        await call(outer, mode, x=1)
+    vars(inner)["forward"] = lambda **kw: dspy.Prediction(x=100)  # (no attribute set)
+    assert (await call(outer, mode, x=1)).x == 100
+    del vars(inner)["forward"]
+    with dspy.context(lm=stageflow.testing.FakeLM({"a": "A"})):
+        inner2, outer2 = _three_deep(dspy.Predict("q -> a"))
+        for _ in range(2):
+            await call(outer2, mode, q="x")
+        vars(inner2)["lm_budget"] = stageflow.LMBudget(max_calls=0)
+        with pytest.raises(stageflow.BudgetExceeded):
+            await call(outer2, mode, q="x")

@@ -85,3 +85,19 @@ async def test_an_own_forward_must_return_the_declared_outputs(mode: str) -> Non
     outer = stageflow.SequentialPipeline([inner])
     with pytest.raises(ContractError, match=r"'stages\[0\]' .*declares output 'y' but did not return"):
         await call(outer, mode, x=1)
+
+
+async def test_any_mapping_an_own_forward_returns_merges_whole(mode: str) -> None:
+    import collections
+    import types
+
+    for make in (collections.OrderedDict, types.MappingProxyType, dict):
+
+        class Sub(stageflow.SequentialPipeline):
+            def forward(self, **kw: Any) -> Any:
+                r = super().forward(**kw)
+                return make({**dict(r), "extra": 1})  # noqa: B023  (built and called in this turn)
+
+        outer = stageflow.SequentialPipeline([Sub([stageflow.stage(lambda q: {"a": q}, writes=["a"])])])
+        for _ in range(2):
+            assert dict(await call(outer, mode, q="x")) == {"q": "x", "a": "x", "extra": 1}

@@ -180,16 +180,14 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
                         if k not in out._store:
                             state.pop(k, None)
             return
-    if entry.merge_all and (isinstance(out, dspy.Example) or type(out) is dict):
+    if entry.merge_all and _is_record(out):
         # A nested pipeline that returned something else than its run's result: a ``forward`` set
         # on it or defined by its class. What it returned is its final state, and all of it merges;
         # the outputs its stages declare must be there (as the contract check promised them).
         pairs = entry.out_pairs
         if pairs:
-            try:
-                for sf, _ in pairs:
-                    out[sf]
-            except (KeyError, TypeError, IndexError, AttributeError):
+            given = dict(_items(out))
+            if any(sf not in given for sf, _ in pairs):
                 _merge_slow(entry, out, state, pairs, prefix)
         skip = entry.merge_skip
         for k, v in _items(out):

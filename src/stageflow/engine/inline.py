@@ -234,7 +234,9 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
             return None
     if DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0] or _TABLE.get() is None:
         return None
-    if attrs.get("callbacks"):  # (a list that may be added to in place)
+    if attrs.get("callbacks") or "forward" in attrs or attrs.get("lm_budget") is not None:
+        # (a callbacks list may grow in place; a forward or budget written into __dict__ directly,
+        # without setting the attribute, would not drop the ticket: the two that change results)
         return None
     kw = {}
     try:
