@@ -23,8 +23,11 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import importlib
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -327,6 +330,27 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
     def stageflow_ports(self) -> Ports:
         return self.ports
 
+    # -- pickling and copying ------------------------------------------------------------------
+    # ``@stage(...)`` on a module-level function puts the stage where the function was, so pickle's
+    # lookup of the function by name finds the stage instead ("not the same object"). Such a stage
+    # is pickled by that name, as a module-level function is; copies are made as before.
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        where = _module_level_name(self)
+        if where is not None:
+            return (_named_stage, where)
+        return super().__reduce_ex__(protocol)
+
+    def __copy__(self) -> FunctionStage:
+        new = type(self).__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionStage:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def forward(self, **kwargs: Any) -> Any:
         return self.fn(**kwargs)
 
@@ -604,3 +628,25 @@ def declared_types(stage: Any) -> list[type]:
         else:
             stack.extend(a for a in typing.get_args(t) if a is not Ellipsis)
     return found
+
+
+def _module_level_name(stage: FunctionStage) -> tuple[str, str] | None:
+    """``(module, qualified name)`` when ``stage`` is what that module holds under its function's
+    name (``@stage(...)`` on a module-level function of an importable module), else ``None``."""
+    fn = stage.__dict__.get("fn")
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None)
+    if not module or module == "__main__" or not isinstance(name, str) or "<" in name:
+        return None
+    obj: Any = sys.modules.get(module)
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return (module, name) if obj is stage else None
+
+
+def _named_stage(module: str, name: str) -> Any:
+    """The stage ``module`` holds under ``name`` (unpickling a stage pickled by name)."""
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
