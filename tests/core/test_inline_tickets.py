@@ -349,3 +349,25 @@ async def test_a_forward_or_budget_written_into_dict_directly_is_seen(mode: str)
         vars(inner2)["lm_budget"] = stageflow.LMBudget(max_calls=0)
         with pytest.raises(stageflow.BudgetExceeded):
             await call(outer2, mode, q="x")
+
+
+@pytest.mark.parametrize("change", ["replace", "append"])
+async def test_a_grown_nested_pipeline_names_its_inner_stage_in_errors(mode: str, change: str) -> None:
+    def draft(question: str) -> dict[str, str]:
+        return {"draft": question}
+
+    def answer(context: str, draft: str) -> dict[str, str]:
+        return {"answer": context + draft}
+
+    inner = SequentialPipeline([stage(draft, writes=["draft"]), stage(draft, writes=["draft"])])
+    outer = SequentialPipeline([inner])
+    await call(outer, mode, question="q")
+    if change == "replace":
+        inner.stages[1] = stage(answer, writes=["answer"])
+    else:
+        inner.stages.append(stage(answer, writes=["answer"]))
+    where = "stages[0].stages[1]" if change == "replace" else "stages[0].stages[2]"
+    with pytest.raises(ContractError) as info:
+        await call(outer, mode, question="q")
+    assert f"(for its stage '{where}')" in info.value.message
+    assert info.value.field == "context"

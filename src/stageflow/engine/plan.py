@@ -295,7 +295,7 @@ class Scope:
                 inner = ports.required_by.get(f)
                 self.missing.setdefault(f, join_path(path, inner) if inner else path)
                 continue
-            self.need(f, path, lambda f=f: self._missing_error(entry, path, f))
+            self.need(f, path, lambda f=f: self._missing_error(entry, path, f, ports))
         for f in ports.optional:
             if f not in self.available:
                 self.optional.setdefault(f, path)
@@ -355,11 +355,13 @@ class Scope:
                 f"parameter as list[str]",
             )
 
-    def _missing_error(self, entry: StageEntry, path: str, f: str) -> ContractError:
+    def _missing_error(self, entry: StageEntry, path: str, f: str, ports: Ports) -> ContractError:
+        """The error for input ``f`` of ``entry`` missing at ``path``; ``ports`` are the stage's ports
+        as they are now (a nested pipeline may have changed since its entry was built)."""
         avail = sorted(self.available)
         inputs = sorted(k for k, v in self.origin.items() if v == "input")
         produced = {k: v for k, v in self.origin.items() if v != "input"}
-        inner = entry.ports.required_by.get(f)
+        inner = ports.required_by.get(f)
         needed_by = f" (for its stage '{join_path(path, inner)}')" if inner else ""
         where = f"pipeline inputs: {inputs}"
         if produced:
@@ -367,8 +369,8 @@ class Scope:
         close = difflib.get_close_matches(f, avail, n=1, cutoff=0.5)
         source = close[0] if close else (avail[0] if avail else "some_field")
         fixes = [f"pass {f}=... when calling the pipeline", f"produce '{f}' in a stage before '{path}'"]
-        if f in entry.ports.hints:
-            fixes.insert(0, entry.ports.hints[f])
+        if f in ports.hints:
+            fixes.insert(0, ports.hints[f])
         if avail:
             # The stage's own parameter reading `f` (it differs when the stage renames its inputs).
             param = next((p for p, sf in (*entry.in_pairs, *entry.opt_pairs) if sf == f), f)
