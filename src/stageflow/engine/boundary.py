@@ -184,13 +184,14 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         # A nested pipeline that returned something else than its run's result: a ``forward`` set
         # on it or defined by its class. What it returned is its final state, and all of it merges;
         # the outputs its stages declare must be there (as the contract check promised them).
+        items = _items(out)
         pairs = entry.out_pairs
         if pairs:
-            given = dict(_items(out))
+            given = {k for k, _ in items}
             if any(sf not in given for sf, _ in pairs):
                 _merge_slow(entry, out, state, pairs, prefix)
         skip = entry.merge_skip
-        for k, v in _items(out):
+        for k, v in items:
             if type(k) is not str:
                 raise _bad_key(entry, k, prefix)
             if k not in skip:

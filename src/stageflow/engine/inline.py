@@ -136,8 +136,9 @@ _GENERATION: list[object] = [object()]
 class _Ticket(NamedTuple):
     """What holds for running a pipeline in line while its attributes, its class and the structure
     stay as they were: its class qualifies, nothing on it opts out (an own ``forward``, a default
-    policy, a budget, DSPy callbacks), its ports are current and have no optional inputs and none
-    of its ``forward``'s options, and its contract check for all of its inputs is done."""
+    policy, a budget; its DSPy callbacks are looked at on every call), its ports are current and
+    have no optional inputs and none of its ``forward``'s options, and its contract check for all
+    of its inputs is done."""
 
     generation: object
     version: int
@@ -180,9 +181,8 @@ _PROTOCOL = frozenset(
 def forget_pipeline(attrs: dict[str, Any]) -> None:
     """Drop the tickets kept in a pipeline's ``__dict__`` (one of its attributes changed)."""
     _CHANGES[0] += 1
-    if "_stageflow_inline_call" in attrs or "_stageflow_inline_acall" in attrs:
-        for key in INLINE_MEMOS:
-            attrs.pop(key, None)
+    for key in INLINE_MEMOS:
+        attrs.pop(key, None)
 
 
 def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
@@ -196,8 +196,6 @@ def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
     if ports is None or target._ports_version != version or target._seen_structure != version:
         return None
     if target.lm_budget is not None or ports.optional or not options.isdisjoint(ports.required):
-        return None
-    if attrs.get("callbacks"):
         return None
     own = target.strict
     strict = CONFIG.strict if own is None else own

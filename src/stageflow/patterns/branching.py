@@ -117,7 +117,7 @@ class BranchingPipeline(Pipeline):
     returns is in the state too, so branches can read e.g. ``task_type``.
     """
 
-    _stageflow_content = ("_default_policy", "_default_key")
+    _stageflow_content = (*Pipeline._stageflow_content, "_default_key")
 
     _stage_containers = ("branches",)
 

@@ -68,7 +68,7 @@ class ParallelPipeline(Pipeline):
     as given are ``pipeline.parallel_groups``.
     """
 
-    _stageflow_content = ("_default_policy", "_bounds")
+    _stageflow_content = (*Pipeline._stageflow_content, "_bounds")
 
     _stage_containers = ("stages",)
 
