@@ -137,6 +137,8 @@ class RunInfo:
         "_lazy_outputs",
         "_lazy_trace",
         "_outputs",
+        "_pending",
+        "_tokens",
         "_trace",
         "_usage",
         "events",
@@ -164,9 +166,13 @@ class RunInfo:
         self._lazy_outputs = False
         self._lazy_details = False
         self._failed: bool | None = None  # (see stageflow.engine.inline: failed outputs at any depth)
+        # An in-line nested run (stageflow.engine.inline): its call while its context is not set up
+        # yet, and the context variables' tokens once it is.
+        self._pending: Any = None
+        self._tokens: Any = None
 
     @classmethod
-    def blank(cls, usage: UsageTable) -> RunInfo:
+    def blank(cls, usage: UsageTable | None) -> RunInfo:
         """``RunInfo(usage=usage)``, for the engine's hot paths (no arguments to look at).
 
         >>> table = UsageTable()
@@ -182,7 +188,7 @@ class RunInfo:
         run._usage = usage
         run._lazy_trace = -1
         run._lazy_outputs = run._lazy_details = False
-        run._failed = None
+        run._failed = run._pending = run._tokens = None
         return run
 
     @property

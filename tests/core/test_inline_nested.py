@@ -356,3 +356,131 @@ async def test_a_contract_error_of_a_grown_nested_pipeline(mode: str) -> None:
     with pytest.raises(ContractError) as info:
         await call(outer, mode, x=1)
     assert "missing" in str(info.value)
+
+
+# -- a chain of in-line runs sets its context up where a stage needs it (inline.set_up) ----------
+
+
+def _callers() -> list[str]:
+    """The tagged modules an LM call here would record its history in, outermost first."""
+    return [m.tag for m in dspy.settings.caller_modules or [] if hasattr(m, "tag")]
+
+
+def _tagged(stages: list[Any], tag: str) -> SequentialPipeline:
+    p = SequentialPipeline(stages)
+    p.tag = tag
+    return p
+
+
+async def test_a_stage_after_a_nested_pipeline_sees_its_own_callers_and_table(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Levels b and c run nothing but a nested pipeline before their own stage does; the callers an
+    # LM call sees and the usage paths are the layered path's, stage by stage.
+    def build() -> Any:
+        seen: list[tuple[str, list[str]]] = []
+
+        def look(name: str) -> Any:
+            def fn(question: str) -> dict[str, Any]:
+                seen.append((name, _callers()))
+                return {"question": question + name}
+
+            return stage(fn, writes=["question"], name=f"look_{name}")
+
+        d = _tagged([look("d"), dspy.Predict("question -> answer")], "d")
+        c = _tagged([d, look("c"), dspy.Predict("question -> note")], "c")
+        b = _tagged([c, look("b")], "b")
+        a = _tagged([b], "a")
+        lm = FakeLM({"answer": "x", "note": "n"})
+
+        class WithLM:
+            def __call__(self, **kw: Any) -> Any:
+                with dspy.context(lm=lm):
+                    return a(**kw)
+
+            async def acall(self, **kw: Any) -> Any:
+                with dspy.context(lm=lm):
+                    return await a.acall(**kw)
+
+        return WithLM(), lambda: (seen, [len(m.history) for m in (a, b, c, d)])
+
+    seen = await _same_either_way(build, mode, monkeypatch, question="q")
+    looks, history = seen[-1]
+    assert looks[-3:] == [
+        ("d", ["a", "b", "c", "d"]),
+        ("c", ["a", "b", "c"]),
+        ("b", ["a", "b"]),
+    ]
+    assert history == [2 * CALLS, 2 * CALLS, 2 * CALLS, CALLS]
+    assert sorted(seen[1]["run"]["usage"]) == [
+        "stages[0].stages[0].stages[0].stages[1]",
+        "stages[0].stages[0].stages[2]",
+    ]
+
+
+async def test_a_fan_out_in_a_chain_sees_every_enclosing_pipeline(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build() -> Any:
+        seen: list[list[str]] = []
+
+        def item(n: int) -> dict[str, Any]:
+            seen.append(_callers())
+            return {"m": n * 2}
+
+        each = stageflow.ForEach(stage(item, writes=["m"]), over="ns", item="n", collect="ms")
+        each.tag = "each"
+        program = _tagged([_tagged([_tagged([each], "c")], "b")], "a")
+        return program, lambda: seen
+
+    seen = await _same_either_way(build, mode, monkeypatch, ns=[1, 2, 3])
+    assert seen[1]["fields"]["ms"] == [2, 4, 6]
+    assert seen[-1][-3:] == [["a", "b", "c", "each"]] * 3
+
+
+async def test_the_context_is_restored_after_a_chain_fails(mode: str) -> None:
+    from stageflow.engine.hooks import _PATH
+    from stageflow.usage import _TABLE
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def fail(x: int) -> dict[str, Any]:
+        if x == 1:
+            raise ValueError("bad")
+        if x == 2:
+            raise Stop
+        return {"x": x}
+
+    program = SequentialPipeline([SequentialPipeline([SequentialPipeline([stage(fail, writes=["x"])])])])
+    assert (await call(program, mode, x=0)).x == 0
+    assert (await call(program, mode, x=0)).x == 0  # (in line from here on)
+    before = list(dspy.settings.caller_modules or [])
+    with pytest.raises(StageflowError, match="bad"):
+        await call(program, mode, x=1)
+    with pytest.raises(Stop):
+        await call(program, mode, x=2)
+    assert list(dspy.settings.caller_modules or []) == before
+    assert _PATH.get() == ""
+    assert _TABLE.get() is None
+    assert (await call(program, mode, x=0)).x == 0
+
+
+async def test_a_chain_sets_its_context_up_once_per_call(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    program = SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])
+    for _ in range(5):
+        program = SequentialPipeline([program])
+    for _ in range(2):
+        assert (await call(program, mode, x=0)).x == 1
+    set_ups: list[str] = []
+    real = inline.set_up
+
+    def counted(run: RunInfo) -> None:
+        set_ups.append(run._pending.prefix)
+        real(run)
+
+    monkeypatch.setattr(runner, "set_up_inline", counted)
+    result = await call(program, mode, x=0)
+    assert result.x == 1
+    assert set_ups == [".".join(["stages[0]"] * 5)]  # the innermost only, where the stage runs
+    assert [r.path for r in result.trace][-1] == ".".join(["stages[0]"] * 6)

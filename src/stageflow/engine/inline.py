@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
-from stageflow.engine.nested import _KNOWN, _push, _Pushed, _settings, own_forward
+from stageflow.engine.nested import _KNOWN, _settings, own_forward, push_callers, pushable
 from stageflow.engine.plan import StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
@@ -43,6 +43,8 @@ __all__ = [
     "finish",
     "forget_classes",
     "forget_pipeline",
+    "only_stages",
+    "set_up",
     "standard",
 ]
 
@@ -68,6 +70,19 @@ def standard(base: type, structure_version: list[int]) -> None:
         _STANDARD[name] = base.__dict__[name]
     global _VERSION
     _VERSION = structure_version
+
+
+#: Per DSPy entry point, the steps of a pipeline class whose run does nothing but call its stages
+#: with the engine's stage call (``SequentialPipeline``'s): such a nested run sets up its context
+#: only when one of its stages needs it (see :func:`set_up`).
+_ONLY_STAGES: dict[str, tuple[tuple[str, Any], ...]] = {}
+
+
+def only_stages(cls: type) -> None:
+    """Record that ``cls``'s ``_run`` / ``_arun`` (with its ``_run_entries`` / ``_arun_entries``) do
+    nothing but call its stages through the engine's stage call, in order."""
+    for name, steps in (("__call__", ("_run", "_run_entries")), ("acall", ("_arun", "_arun_entries"))):
+        _ONLY_STAGES[name] = tuple((step, cls.__dict__[step]) for step in steps)
 
 
 def forget_classes() -> None:
@@ -116,9 +131,8 @@ class InlineCall(NamedTuple):
     state: dict[str, Any]
     run: RunInfo
     prefix: str
-    path_token: Any
-    dspy_token: Any
-    table_token: Any
+    #: The run of the pipeline it is a stage of.
+    outer: RunInfo
     t0: float
 
 
@@ -146,6 +160,8 @@ class _Ticket(NamedTuple):
     #: ``strict`` decided, and only an attribute change can change it).
     config_strict: bool | None
     required: tuple[str, ...]
+    #: Its run only calls its stages (:func:`only_stages`): the context is set up when one needs it.
+    lazy: bool
 
 
 #: Counts :func:`forget_pipeline` calls: a ticket issued while an attribute of some pipeline changed
@@ -202,18 +218,22 @@ def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
     if (None, frozenset(ports.required), version, strict) not in target._checked:
         return None
     config_strict = strict if own is None else None
-    ticket = tuple.__new__(_Ticket, (_GENERATION[0], version, config_strict, ports.required))
+    steps = _ONLY_STAGES.get(name, ())
+    lazy = bool(steps) and all(getattr(type(target), step) is fn for step, fn in steps)
+    ticket = tuple.__new__(_Ticket, (_GENERATION[0], version, config_strict, ports.required, lazy))
     attrs[_TICKETS[name]] = ticket
     if _CHANGES[0] != changes:  # an attribute changed meanwhile: use it this once, keep it not
         attrs.pop(_TICKETS[name], None)
     return ticket
 
 
-def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, name: str) -> InlineCall | None:
+def begin(
+    owner: Any, entry: StageEntry, state: dict[str, Any], outer: RunInfo, prefix: str, name: str
+) -> InlineCall | None:
     """Start the nested pipeline of ``entry`` in line, or ``None`` (nothing done) when the layered
-    path must call it. ``prefix`` is the full path of ``owner``; ``name`` is DSPy's entry point the
-    layered path would take (``__call__`` or ``acall``). The caller has checked that no hook
-    listens and no budget gate is open."""
+    path must call it. ``outer`` is the run of ``owner`` and ``prefix`` its full path; ``name`` is
+    DSPy's entry point the layered path would take (``__call__`` or ``acall``). The caller has
+    checked that no hook listens and no budget gate is open."""
     if entry.chain or entry.policy is not None or not entry.merge_all:
         return None
     target = _getattr(owner, entry.attr)
@@ -242,32 +262,53 @@ def begin(owner: Any, entry: StageEntry, state: dict[str, Any], prefix: str, nam
             kw[f] = state[f]
     except KeyError:
         return None  # (the layered path names what is missing)
-    # What _push does, for the common case: DSPy's own entry point, and the settings override an
-    # enclosing in-line call pushed (whose settings _push has checked already).
-    var = _settings.thread_local_overrides
-    overrides = var.get()
-    if type(overrides) is _Pushed and _KNOWN.get(name) is getattr(type(target), name):
-        new = _Pushed(overrides)
-        new["caller_modules"] = [*overrides["caller_modules"], target]
-        dspy_token = var.set(new)
-    else:
-        dspy_token = _push(target, name)
-        if dspy_token is None:
+    # DSPy's side, what _push checks: its own entry point, and settings that let the engine push the
+    # pipeline onto caller_modules itself (checked once per chain of in-line runs).
+    if outer._pending is None and outer._tokens is None:  # (the outer run is not an in-line one)
+        if not pushable(target, name):
             return None
+    elif _KNOWN.get(name) is not getattr(type(target), name):
+        return None
+    run = RunInfo.blank(None)
     full = f"{prefix}.{entry.path}" if prefix else entry.path
-    table = UsageTable()
-    run = RunInfo.blank(table)
+    call = tuple.__new__(InlineCall, (target, kw, run, full, outer, perf_counter()))
+    run._pending = call
+    if not ticket[4]:
+        set_up(run)
+    return call
+
+
+def set_up(run: RunInfo) -> None:
+    """Set up the context of the in-line run ``run`` (its stages are about to run code that reads
+    it): its path, its usage table, and DSPy's ``caller_modules`` with it and every enclosing
+    in-line run whose context is not set up (a chain of nested pipelines sets it up once, where a
+    stage needs it, not once per level)."""
+    call = run._pending
+    run._pending = None
+    targets = [call.target]
+    outer = call.outer
+    while outer._pending is not None:
+        targets.append(outer._pending.target)
+        outer = outer._pending.outer
+    targets.reverse()
+    table = run._usage
+    if table is None:
+        table = run._usage = UsageTable()
     table.events = run.events
-    table.prefix = full
-    return tuple.__new__(
-        InlineCall, (target, kw, run, full, _PATH.set(full), dspy_token, _TABLE.set(table), perf_counter())
-    )
+    table.prefix = call.prefix
+    run._tokens = (_PATH.set(call.prefix), push_callers(targets), _TABLE.set(table))
 
 
 def _leave(call: InlineCall) -> None:
-    _TABLE.reset(call.table_token)
-    _settings.thread_local_overrides.reset(call.dspy_token)
-    _PATH.reset(call.path_token)
+    run = call.run
+    tokens = run._tokens
+    if tokens is None:
+        run._pending = None
+        return
+    run._tokens = None
+    _TABLE.reset(tokens[2])
+    _settings.thread_local_overrides.reset(tokens[1])
+    _PATH.reset(tokens[0])
 
 
 def failed(call: InlineCall, error: BaseException) -> None:
@@ -283,10 +324,15 @@ def failed(call: InlineCall, error: BaseException) -> None:
 def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunInfo) -> Result:
     """The nested body finished: undo :func:`begin`, record the stage in ``run`` and merge the
     nested pipeline's final state into ``state`` (what the stage call does with its result)."""
-    _TABLE.reset(call.table_token)
-    _settings.thread_local_overrides.reset(call.dspy_token)
-    _PATH.reset(call.path_token)
     inner = call.run
+    tokens = inner._tokens
+    if tokens is None:
+        inner._pending = None
+    else:
+        inner._tokens = None
+        _TABLE.reset(tokens[2])
+        _settings.thread_local_overrides.reset(tokens[1])
+        _PATH.reset(tokens[0])
     final = call.state
     out = Result.of(final, inner)
     run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - call.t0, True)))

@@ -43,7 +43,16 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
-__all__ = ["ForwardAccess", "acall_nested", "call_nested", "own_forward", "plain_call", "wrap_forward"]
+__all__ = [
+    "ForwardAccess",
+    "acall_nested",
+    "call_nested",
+    "own_forward",
+    "plain_call",
+    "push_callers",
+    "pushable",
+    "wrap_forward",
+]
 
 _getattr = object.__getattribute__
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -139,33 +148,46 @@ class _Pushed(_settings.dotdict):  # type: ignore[misc]
     caller module, so what :func:`_push` checked of the one before holds for it too."""
 
 
-def _push(target: Any, name: str) -> Any:
-    """Enter what ``Module.<name>`` would set up for ``target``; ``None`` when the engine must call
-    DSPy's own method instead. Returns the token that :func:`_pop` resets."""
+def pushable(target: Any, name: str) -> bool:
+    """Whether the engine may do what ``Module.<name>`` would set up for ``target`` itself (see the
+    module docstring), instead of calling DSPy's own method."""
     fn = getattr(type(target), name)
     if _KNOWN.get(name) is not fn and not _is_dspys(fn, name):
-        return None
+        return False
     if _getattr(target, "__dict__").get("callbacks"):
-        return None
+        return False
+    overrides = _settings.thread_local_overrides.get()
+    if type(overrides) is _Pushed:  # (one push made: it checked the same settings)
+        return True
+    main = _settings.main_thread_config
+    if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
+        return False
+    return overrides.get("usage_tracker") is not None or not (
+        overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
+    )
+
+
+def push_callers(targets: list[Any]) -> Any:
+    """Push ``targets`` (outermost first) onto DSPy's ``caller_modules`` in one override of its
+    settings; returns the token to reset."""
     var = _settings.thread_local_overrides
     overrides = var.get()
-    if type(overrides) is not _Pushed:  # (one _push made: it checked the same settings)
-        main = _settings.main_thread_config
-        if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
-            return None
-        if overrides.get("usage_tracker") is None and (
-            overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
-        ):
-            return None
-        callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
-    else:
+    if type(overrides) is _Pushed or "caller_modules" in overrides:
         callers = overrides["caller_modules"]
+    else:
+        callers = _settings.main_thread_config.get("caller_modules")
     # dspy.context(caller_modules=...) also copies every global setting into the override; inside a
     # pipeline call the override already holds them (the outermost call went through DSPy's own
     # __call__), so a copy of it is the same settings for a third of the cost.
     new = _Pushed(overrides)
-    new["caller_modules"] = [*callers, target] if callers else [target]
+    new["caller_modules"] = [*callers, *targets] if callers else targets
     return var.set(new)
+
+
+def _push(target: Any, name: str) -> Any:
+    """Enter what ``Module.<name>`` would set up for ``target``; ``None`` when the engine must call
+    DSPy's own method instead. Returns the token to reset."""
+    return push_callers([target]) if pushable(target, name) else None
 
 
 def call_nested(target: Any, kw: dict[str, Any]) -> Any:

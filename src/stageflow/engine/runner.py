@@ -37,6 +37,7 @@ from stageflow.engine.inline import InlineCall
 from stageflow.engine.inline import begin as begin_inline
 from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
+from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
@@ -371,6 +372,8 @@ def call_stage(
     if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
+        if run._pending is not None:  # (a gate may record events; the stage needs its context)
+            set_up_inline(run)
         gate = stage_gate(join_path(prefix, entry.path), run.events)
         if gate is SKIP:
             return None
@@ -378,9 +381,11 @@ def call_stage(
             with lm_swapped(gate):
                 return _call_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
+        if run._pending is not None:
+            set_up_inline(run)
         return _call_observed(owner, entry, state, run, hooks, prefix)
     if entry.composite:
-        nested = begin_inline(owner, entry, state, prefix, "__call__")
+        nested = begin_inline(owner, entry, state, run, prefix, "__call__")
         if nested is not None:  # a nested pipeline that can run in line (see stageflow.engine.inline)
             try:
                 nested.target._run(nested.state, nested.run, (), nested.prefix)
@@ -391,6 +396,8 @@ def call_stage(
                 inline_failed(nested, e)
                 raise
             return finish_inline(nested, entry, state, run)
+    if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
+        set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
     token, path_token = _entered(entry, policy, prefix)
@@ -485,6 +492,8 @@ def _inline_raised(
 ) -> None:
     """A nested pipeline run in line raised: as :func:`_raised` after a failed pipeline call."""
     inline_failed(nested, e)
+    if run._pending is not None:  # (recording the failure may read the context)
+        set_up_inline(run)
     _raised(owner, entry, e, (nested.target, nested.state, None, nested.t0), state, run, (), prefix)
 
 
@@ -558,6 +567,8 @@ async def acall_stage(
     if GATES[0]:
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
+        if run._pending is not None:  # (a gate may record events; the stage needs its context)
+            set_up_inline(run)
         gate = stage_gate(join_path(prefix, entry.path), run.events)
         if gate is SKIP:
             return None
@@ -565,9 +576,11 @@ async def acall_stage(
             with lm_swapped(gate):
                 return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if hooks:
+        if run._pending is not None:
+            set_up_inline(run)
         return await _acall_observed(owner, entry, state, run, hooks, prefix)
     if entry.composite:
-        nested = begin_inline(owner, entry, state, prefix, "acall")
+        nested = begin_inline(owner, entry, state, run, prefix, "acall")
         if nested is not None:
             try:
                 await nested.target._arun(nested.state, nested.run, (), nested.prefix)
@@ -578,6 +591,8 @@ async def acall_stage(
                 inline_failed(nested, e)
                 raise
             return finish_inline(nested, entry, state, run)
+    if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
+        set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
     token, path_token = _entered(entry, policy, prefix)

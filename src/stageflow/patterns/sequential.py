@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from stageflow.engine.inline import only_stages
 from stageflow.engine.nested import plain_call
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
@@ -199,3 +200,6 @@ class SequentialPipeline(Pipeline):
         """Async twin of :meth:`_run_entries`."""
         for entry in entries:
             await acall_stage(self, entry, state, run, hooks, prefix)
+
+
+only_stages(SequentialPipeline)  # (its run only calls its stages: see stageflow.engine.inline)
