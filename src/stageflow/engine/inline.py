@@ -364,7 +364,13 @@ def _failed_below(run: RunInfo) -> bool:
         memo = bool(run.extras.get(FAILED_OUTPUTS))
         if not memo and run._details:
             for k, v in run._details.items():
-                if _failed_below(k[1]) if type(k) is _Joined else bool(v and v.get(FAILED_OUTPUTS)):
+                if type(k) is _Joined:
+                    below = k[1]._failed  # (a chain's runs were looked at as each finished)
+                    if below is None:
+                        below = _failed_below(k[1])
+                else:
+                    below = bool(v and v.get(FAILED_OUTPUTS))
+                if below:
                     memo = True
                     break
         run._failed = memo
