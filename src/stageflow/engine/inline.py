@@ -7,9 +7,17 @@ runner.execute` (its run, hooks, defaults, usage table) and the stage call again
 the merge of its result). For the common case those layers decide nothing: no hook listens, no
 policy wraps the stage, the pipeline is a pattern's own class (nothing overridden that the layers
 would call), already checked for these inputs. :func:`begin` recognises that case before it does
-anything, then sets up in one go exactly what the layers would have set up (the stage's path, the
-pipeline on DSPy's ``caller_modules``, a fresh state, run and usage table); the twin stage calls of
-the engine run the pipeline's body between :func:`begin` and :func:`finish` (or :func:`failed`).
+anything and starts a fresh state and run; the twin stage calls of the engine run the pipeline's
+body between :func:`begin` and :func:`finish` (or :func:`failed`).
+
+The rest of what the layers set up — the context variables for the pipeline's path and usage table,
+and DSPy's settings override that puts it on ``caller_modules`` — only code run inside it reads: its
+stages, a nested pipeline of another pattern, a budget gate. For a pipeline whose run only calls its
+stages (:func:`only_stages`: ``SequentialPipeline``), :func:`set_up` does it when the first such
+stage is about to run, for that run and every enclosing one not set up yet (one settings override
+whose ``caller_modules`` lists them all). So a chain of pipelines nested in one another sets its
+context up once, where the work is, and each level undoes only what it set.
+
 Anything else — a hook, a policy, defaults, a budget, a subclass that overrides a step, DSPy
 callbacks, a pipeline not checked yet for these input names — takes the layered path, which gives
 the same results with every step spelled out.
