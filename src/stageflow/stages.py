@@ -124,6 +124,9 @@ class Ports:
     opaque: tuple[str, ...] = ()
     deferred: tuple[DeferredField, ...] = ()
     hints: Mapping[str, str] = field(default_factory=dict)
+    #: For composite stages, the predictors inside as ``(owner, entry, path)``: a signature replaced
+    #: in place with other fields since the check makes it stale (see ``Pipeline._is_checked``).
+    watched: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 def _signature_ports(signature: Any) -> Ports:

@@ -118,8 +118,11 @@ class UsageTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_path: dict[str, StageUsage] = {}
-        #: The run's ``events`` list and the full path of the pipeline call (set by the engine), so
-        #: what happens inside an LM call (a rate-limit wait, a budget degradation) joins the run.
+        #: The run's ``events`` list and the full path of the pipeline call, set by the engine on the
+        #: table LM calls record into while the run is live, so what happens inside an LM call (a
+        #: rate-limit wait, a budget degradation) joins the run. Wiring, not data: a table made when
+        #: a finished run's usage is first read (a fan-out branch's, or a nested pipeline's whose
+        #: stages were all pipelines) has none; its counts are the same either way.
         self.events: list[Any] | None = None
         self.prefix = ""
 

@@ -12,8 +12,10 @@ for a field that is not available, or collects the pipeline's own external input
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import typing
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +33,7 @@ from stageflow.stages import (
     stage_label,
 )
 
-__all__ = ["Scope", "StageEntry", "build_entry", "held", "join_path"]
+__all__ = ["Scope", "StageEntry", "build_entry", "held", "join_path", "signature_fields", "signature_of"]
 
 MODULE = 0
 FUNCTION = 1
@@ -79,6 +81,38 @@ class StageEntry:
     #: Called as ``target(**inputs)`` when no concurrency budget is in force (not a predictor, which
     #: may take the fast path, nor an ``async def`` function, nor a nested pipeline).
     plain_call: bool = False
+    #: A predictor's signature when the plan was made (:func:`signature_of`): one replaced in place
+    #: with other fields makes the plan stale (see ``stageflow.engine.runner``).
+    signature: Any = None
+
+
+def signature_of(leaf: Any) -> Any:
+    """The signature a ``dspy.Predict`` runs with now (a ``ChainOfThought``'s: its predictor's), read
+    without DSPy's attribute hook."""
+    attrs = object.__getattribute__(leaf, "__dict__")
+    inner = attrs.get("predict")
+    if inner is not None and type(leaf) is not dspy.Predict:
+        attrs = object.__getattribute__(inner, "__dict__")
+    return attrs.get("signature")
+
+
+_FIELDS: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def signature_fields(signature: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A signature's input and output field names (remembered per signature class).
+
+    >>> signature_fields(dspy.Signature("context, question -> answer"))
+    (('context', 'question'), ('answer',))
+    """
+    try:
+        return _FIELDS[signature]
+    except (KeyError, TypeError):
+        pass
+    found = (tuple(signature.input_fields), tuple(signature.output_fields))
+    with contextlib.suppress(TypeError):  # (not weakly referable: not remembered)
+        _FIELDS[signature] = found
+    return found
 
 
 def held(owner: Any, entry: StageEntry) -> Any:
@@ -171,6 +205,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         merge_all=composite and not declared and not out_map,
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
+        signature=signature_of(leaf) if predictor else None,
         direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
         plain_inputs=not opt_pairs
         and not (leaf_ports.accepts_any and not in_pairs)
@@ -215,6 +250,8 @@ class Scope:
     #: field -> the first fix to offer when it is missing (a pattern knows better than the generic
     #: hint: a ForEach names its ``item=``); shared by copies, like ``missing``.
     hints: dict[str, str] = field(default_factory=dict)
+    #: The predictors checked, as ``(owner, entry, full path)``, nested ones included; shared by copies.
+    watched: list[tuple[Any, StageEntry, str]] = field(default_factory=list)
 
     @classmethod
     def start(cls, inputs: Any, *, strict: bool, owner: Any = None, closed: bool = False) -> Scope:
@@ -234,6 +271,7 @@ class Scope:
             self.closed,
             self.deferred,
             self.hints,
+            self.watched,
         )
 
     def narrow(self, paths: list[Scope], labels: list[str]) -> None:
@@ -287,6 +325,10 @@ class Scope:
             # A nested pipeline that turned strict contracts off itself checks its reads at run time.
             lenient = getattr(nested, "strict", None) is False
         path = join_path(prefix, entry.path)
+        if ports.watched:
+            self.watched.extend((o, e, join_path(path, p)) for o, e, p in ports.watched)
+        elif entry.predictor and self.owner is not None:
+            self.watched.append((self.owner, entry, path))
         for f in ports.required:
             if f in self.available:
                 self._check_type(entry, path, f)

@@ -64,3 +64,12 @@ class StageOwner:
 
     def stageflow_failed(self, run: RunInfo, hooks: tuple[Any, ...], error: BaseException) -> None:
         return None
+
+    def stageflow_replanned(self, entry: StageEntry, prefix: str) -> StageEntry:
+        """The entry of the stage of ``entry`` after its predictor's signature was replaced in place
+        with other fields (the owner re-makes its plan when it can)."""
+        from dataclasses import replace
+
+        from stageflow.engine.plan import build_entry, held
+
+        return replace(build_entry(entry.attr, entry.key, held(self, entry)), path=entry.path)

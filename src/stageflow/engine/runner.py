@@ -40,7 +40,7 @@ from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested
-from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
+from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, signature_fields, signature_of
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
@@ -369,6 +369,8 @@ def call_stage(
     async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
+    if entry.predictor:
+        entry = _current(owner, entry, prefix)
     if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
@@ -420,6 +422,18 @@ def call_stage(
         raise
     _left(token, path_token)
     return _succeeded(entry, out, t0, state, run, prefix)
+
+
+def _current(owner: Any, entry: StageEntry, prefix: str) -> StageEntry:
+    """``entry``, or, when its predictor's signature was replaced in place with other fields since
+    the plan was made (``pred.signature = pred.signature.prepend(...)``), the entry of the re-made
+    plan: the stage is fed the fields its signature has now, and the next call checks the contracts
+    against them. A replaced signature with the same fields (new instructions: what optimizers do)
+    keeps the plan."""
+    signature = signature_of(_resolve(owner, entry))
+    if signature is entry.signature or signature_fields(signature) == signature_fields(entry.signature):
+        return entry
+    return owner.stageflow_replanned(entry, prefix)  # type: ignore[no-any-return]
 
 
 def _prepared(
@@ -564,6 +578,8 @@ async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
+    if entry.predictor:
+        entry = _current(owner, entry, prefix)
     if GATES[0]:
         from stageflow.budgets.scope import lm_swapped, stage_gate
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import replace
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,15 @@ import dspy
 from stageflow.engine.config import CONFIG
 from stageflow.engine.inline import INLINE_MEMOS, forget_classes, forget_pipeline, standard
 from stageflow.engine.nested import own_forward, plain_call, wrap_forward
-from stageflow.engine.plan import Scope, StageEntry
+from stageflow.engine.plan import (
+    Scope,
+    StageEntry,
+    build_entry,
+    held,
+    join_path,
+    signature_fields,
+    signature_of,
+)
 from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.engine.runner import aexecute, execute
@@ -41,6 +50,29 @@ if TYPE_CHECKING:
     from stageflow.policies.recovery import Fallback, RepairPolicy, RetryPolicy, TimeoutPolicy
 
 __all__ = ["CheckResult", "Pipeline", "as_stage"]
+
+
+def _replanned(watched: tuple[tuple[Any, StageEntry, str], ...]) -> bool:
+    """Re-make the plans of the pipelines whose predictors got a signature with other fields since
+    this check (``pred.signature = pred.signature.prepend(...)``); whether any did."""
+    moved = False
+    for owner, entry, path in watched:
+        signature = signature_of(_leaf(held(owner, entry), entry))
+        if signature is entry.signature or signature_fields(signature) == signature_fields(entry.signature):
+            continue
+        owner.stageflow_replanned(entry, path[: -len(entry.path)].rstrip("."))
+        moved = True
+    return moved
+
+
+def _entries_in(value: Any) -> Any:
+    return value if isinstance(value, tuple | list) else (value,)
+
+
+def _leaf(obj: Any, entry: StageEntry) -> Any:
+    for name in entry.chain:
+        obj = object.__getattribute__(obj, name)
+    return obj
 
 
 # The pipelines whose structure is being walked in this context, outermost first.
@@ -71,6 +103,8 @@ class CheckResult(tuple):  # type: ignore[type-arg]
     """
 
     deferred: tuple[DeferredField, ...] = ()
+    #: The predictors the check saw (``Scope.watched``).
+    watched: tuple[Any, ...] = ()
 
     @property
     def warnings(self) -> list[str]:
@@ -193,6 +227,14 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         super().__delattr__(name)
         forget_pipeline(self.__dict__)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What __setstate__ redoes anyway is not sent: the contract checks (which hold the stages
+        # they saw) and ports, and the in-line memos.
+        state: dict[str, Any] = super().__getstate__()
+        for name in ("_checked", "_ports", *INLINE_MEMOS):
+            state.pop(name, None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A pickled or copied pipeline: what the engine found out about it belongs to the process and
         # structure it came from (its versions may happen to equal this process's), so it is redone.
@@ -274,6 +316,37 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
                 if d.stage == stage_path and d.field == field:
                     found.extend(c for c in d.candidates if c not in found)
         return tuple(found)
+
+    def stageflow_replanned(self, entry: StageEntry, prefix: str) -> StageEntry:
+        """Re-make the plan after the signature of the predictor of ``entry`` was replaced in place
+        with other fields; returns that stage's entry in the new plan. The next call checks the
+        contracts again. A :class:`Stage` around the predictor computed its contract (renames,
+        declarations) from the old fields: that is a :class:`ConfigurationError`."""
+        obj = held(self, entry)
+        if entry.chain:
+            was, now = (signature_fields(s) for s in (entry.signature, signature_of(_leaf(obj, entry))))
+            raise ConfigurationError(
+                f"Stage at '{join_path(prefix, entry.path)}': the signature of its "
+                f"{type(_leaf(obj, entry)).__name__} was replaced with other fields "
+                f"(inputs {list(was[0])} -> {list(now[0])}, outputs {list(was[1])} -> {list(now[1])}) after "
+                "the Stage around it computed its contract from the old ones.",
+                stage_path=join_path(prefix, entry.path),
+                field="signature",
+                code="structure_changed",
+                hint="build a new Stage(predictor, ...) and put it where the old one was "
+                "(pipeline.stages[i] = Stage(...))",
+            )
+        if type(self)._rebuild is not Pipeline._rebuild:
+            with _visiting(self):
+                self._rebuild()
+            self._built_versions = self._container_versions()
+        self._structure_changed()
+        self._seen_structure = _STRUCTURE_VERSION[0]
+        for value in self.__dict__.values():  # the new plan's entry (with the policies it merged)
+            for found in value.values() if isinstance(value, dict) else _entries_in(value):
+                if type(found) is StageEntry and found.attr == entry.attr and found.key == entry.key:
+                    return replace(found, path=entry.path)  # (a ForEach item's path is its own)
+        return replace(build_entry(entry.attr, entry.key, obj), path=entry.path)
 
     def _structure_changed(self) -> None:
         """Forget cached contract checks and ports (call after adding or replacing stages)."""
@@ -381,6 +454,7 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         analyze(scope, "")
         out = CheckResult(sorted(f for f in scope.available if scope.origin.get(f) != "deferred"))
         out.deferred = tuple(scope.deferred)
+        out.watched = tuple(scope.watched)
         self._checked[key] = out
         return out
 
@@ -390,7 +464,11 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             self._refresh()
             version = _STRUCTURE_VERSION[0]
         strict = self.strict
-        return (tag, names, version, CONFIG.strict if strict is None else strict) in self._checked
+        checked = self._checked.get((tag, names, version, CONFIG.strict if strict is None else strict))
+        if checked is None:
+            return False
+        watched = getattr(checked, "watched", ())
+        return not (watched and _replanned(watched))
 
     def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
@@ -413,6 +491,7 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
                 opaque=tuple(scope.opaque),
                 deferred=tuple(scope.deferred),
                 hints={f: h for f, h in scope.hints.items() if f in scope.missing},
+                watched=tuple(scope.watched),
             )
         return self._ports
 

@@ -99,6 +99,12 @@ class ForEach(Pipeline):
         # outputs are open, and a collected field is checked per element at run time.
         self.collect = self._collect_map(collect, ports.outputs, ports.outputs is None or bool(ports.opaque))
 
+    def _rebuild(self) -> None:
+        # (the signature of its stage's predictor was replaced with other fields: see
+        # Pipeline.stageflow_replanned)
+        self._entry = build_entry("stage", None, self.stage)
+        self._item_entries = []
+
     def _collect_map(
         self, collect: Any, outputs: tuple[str, ...] | None, open_outputs: bool
     ) -> dict[str, str]:
