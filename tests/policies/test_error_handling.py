@@ -320,3 +320,31 @@ def test_bad_recovery_strategy_keys_raise_configuration_error(key: Any) -> None:
 def test_non_callable_recovery_strategy_raises_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         ErrorHandlingPipeline([then("a")], recovery_strategies={0: "retry"})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+async def test_a_stage_inside_a_nested_pipeline_recovers_from_its_own_error(mode: str, nested: bool) -> None:
+    # The recovery strategy, the non-critical check and the error log see what the stage raised,
+    # whether the stage sits in the pipeline itself or in a pipeline nested in it.
+    seen: list[BaseException] = []
+
+    def recover(error: BaseException, state: dict[str, Any]) -> dict[str, Any]:
+        seen.append(error)
+        return {"y": "cached"} if isinstance(error, TimeoutError) else {}
+
+    failing = raising(TimeoutError("the service did not answer"))
+    program = ErrorHandlingPipeline(
+        [SequentialPipeline([failing]) if nested else failing], recovery_strategies={0: recover}
+    )
+    r = await call(program, mode, x=1)
+    assert r.y == "cached"
+    assert [type(e) for e in seen] == [TimeoutError]
+    assert (r.error_log[0]["error_type"], r.error_log[0]["action"]) == ("TimeoutError", "recovered")
+
+    skipping = ErrorHandlingPipeline(
+        [SequentialPipeline([failing]) if nested else failing, stage(lambda x: {"z": x}, writes=["z"])],
+        non_critical=[TimeoutError],
+    )
+    r = await call(skipping, mode, x=1)
+    assert r.z == 1
+    assert r.error_log[0]["error_type"] == "TimeoutError"

@@ -301,6 +301,11 @@ def _failed_stage(
     _carry_run(entry, err, run)
     if hooks:
         _notify_error(hooks, call, err, elapsed, _stage_usage(call, entry, None))
+    if call.policy is not None and entry.composite:
+        # A nested pipeline reports its stage's failure as a StageError: recovery and skipping see
+        # what that stage raised, as they would with the stage in the outer pipeline itself.
+        while type(error) is StageError and isinstance(error.__cause__, Exception):
+            error = error.__cause__
     if _recovered(call.policy, entry, error, err, call.kw, state, run, prefix):
         return None
     return err
