@@ -101,3 +101,34 @@ async def test_any_mapping_an_own_forward_returns_merges_whole(mode: str) -> Non
         outer = stageflow.SequentialPipeline([Sub([stageflow.stage(lambda q: {"a": q}, writes=["a"])])])
         for _ in range(2):
             assert dict(await call(outer, mode, q="x")) == {"q": "x", "a": "x", "extra": 1}
+
+
+@pytest.mark.parametrize("how", ["instance", "subclass", "custom module"])
+async def test_the_lm_work_of_an_own_forward_is_its_stages(mode: str, how: str) -> None:
+    # Reproducer: the usage of a nested pipeline with its own forward was filed under the path of
+    # the pipeline around it ('stages[0]'), where a custom module at its place gets its own path.
+    class Sub(stageflow.SequentialPipeline):
+        def forward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(draft=self.stages[0](question=question).draft)
+
+    class Custom(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = dspy.Predict("question -> draft")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(draft=self.p(question=question).draft)
+
+    if how == "instance":
+        own: Any = stageflow.SequentialPipeline([dspy.Predict("question -> draft")])
+        own.forward = Sub.forward.__get__(own, stageflow.SequentialPipeline)
+    else:
+        own = Sub([dspy.Predict("question -> draft")]) if how == "subclass" else Custom()
+    program = stageflow.SequentialPipeline(
+        [stageflow.SequentialPipeline([own, dspy.Predict("draft -> note")])]
+    )
+    with dspy.context(lm=FakeLM({"draft": "D", "note": "N"})):
+        for _ in range(2):
+            result = await call(program, mode, question="q")
+            assert sorted(result.run.usage.to_dict()) == ["stages[0].stages[0]", "stages[0].stages[1]"]
+            assert result.run.usage.total.lm_calls == 2

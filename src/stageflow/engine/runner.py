@@ -39,7 +39,7 @@ from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
-from stageflow.engine.nested import acall_nested, call_nested
+from stageflow.engine.nested import acall_nested, call_nested, own_forward
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, signature_fields, signature_of
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
@@ -240,7 +240,8 @@ def _start(
     path_token = _PATH.set(path)
     # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
     # its own run (its stages set their paths), so it sets none unless a policy may count events.
-    stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None else None
+    own = entry.composite and policy is None and _runs_itself(target)
+    stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None or own else None
     return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
 
 
@@ -407,7 +408,7 @@ def call_stage(
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix)
+    token, path_token = _entered(entry, policy, prefix, target)
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -465,13 +466,21 @@ def _prepared(
     return target, kw, policy
 
 
-def _entered(entry: StageEntry, policy: StagePolicy | None, prefix: str) -> tuple[Any, Any]:
+def _entered(entry: StageEntry, policy: StagePolicy | None, prefix: str, target: Any) -> tuple[Any, Any]:
     """Set the stage's context: LM work inside is attributed to this stage (a nested pipeline's
-    stages set their own paths), and a nested pipeline's calls are prefixed with its full path."""
+    stages set their own paths, unless its own ``forward`` runs instead of them), and a nested
+    pipeline's calls are prefixed with its full path."""
     composite = entry.composite
-    token = _STAGE.set(entry.path) if not composite or policy is not None else None
+    own = composite and policy is None and _runs_itself(target)
+    token = _STAGE.set(entry.path) if not composite or policy is not None or own else None
     path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     return token, path_token
+
+
+def _runs_itself(pipeline: Any) -> bool:
+    """Whether a nested pipeline's own ``forward`` (set on it, or a subclass's) runs instead of its
+    pattern's plan: it calls its modules itself, like a custom module, so its LM work is its stage's."""
+    return "forward" in _getattr(pipeline, "__dict__") or own_forward(type(pipeline)) is not None
 
 
 def _left(token: Any, path_token: Any) -> None:
@@ -616,7 +625,7 @@ async def acall_stage(
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix)
+    token, path_token = _entered(entry, policy, prefix, target)
     t0 = perf_counter()
     try:
         if policy is not None:
