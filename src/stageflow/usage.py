@@ -339,6 +339,9 @@ def unwatch_lm_calls(token: Token[list[dict[str, Any]] | None]) -> None:
 #: The key under which the outermost call's table travels in DSPy's settings overrides: DSPy copies
 #: them into the worker threads of ``dspy.Parallel`` (stageflow's own context variables do not go).
 _SETTINGS_KEY = "stageflow_usage_table"
+#: Whether DSPy's parallel executor carries the running stage into its threads (installed by the
+#: first pipeline call: see stageflow._parallel_usage).
+_PARALLEL = [False]
 
 
 def _where() -> tuple[UsageTable | None, str]:
@@ -351,7 +354,10 @@ def _where() -> tuple[UsageTable | None, str]:
     settings_module = sys.modules.get("dspy.dsp.utils.settings")
     if settings_module is None:
         return None, ""
+    # The stage that started the thread (stageflow._parallel_usage) or the pipeline call itself.
     fallback = settings_module.thread_local_overrides.get().get(_SETTINGS_KEY)
+    if type(fallback) is tuple:
+        return fallback
     return (fallback, "") if isinstance(fallback, UsageTable) else (None, "")
 
 
@@ -438,6 +444,11 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     settings_module = sys.modules.get("dspy.dsp.utils.settings")
     if settings_module is None:  # DSPy not loaded: no LM can be called
         return (token, None, None)
+    if not _PARALLEL[0]:
+        from stageflow._parallel_usage import install
+
+        install()
+        _PARALLEL[0] = True
     overrides_var = settings_module.thread_local_overrides
     cls = _TRACKER_CLASS[0]
     if cls is None:

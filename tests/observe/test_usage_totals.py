@@ -155,6 +155,23 @@ def test_dspy_parallel_inside_a_stage_loses_no_tokens() -> None:
     assert (total.input_tokens, total.output_tokens) == _tracker_totals(tracker, lm.model)
 
 
+async def test_dspy_parallel_inside_a_stage_counts_for_that_stage(mode: str) -> None:
+    # Reproducer: the calls made in DSPy's worker threads went under path '' of the outermost table,
+    # so the stage's usage, the nested pipeline's own table and the profiler showed none of them.
+    lm = fan_out_lm()
+    subs = [f"sub question {i}" for i in range(6)]
+    inner = stageflow.SequentialPipeline([stageflow.Stage(_ParallelFacts(), writes=["facts"])])
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda sub_questions: {}, writes=[]), inner])
+    with dspy.context(lm=lm), stageflow.profile() as prof:
+        for _ in range(2):
+            result = await call(program, mode, sub_questions=subs)
+    assert {k: v["lm_calls"] for k, v in result.run.usage.to_dict().items()} == {"stages[1].stages[0]": 6}
+    nested = result.stage_outputs["stages[1]"]
+    assert nested.run.usage["stages[0]"].lm_calls == 6
+    assert prof.totals()["lm_calls"] == 12
+    assert prof.get_performance_summary()["stages[1].stages[0]"]["lm_calls"] == 12
+
+
 async def test_hooks_receive_each_calls_own_usage(mode: str) -> None:
     seen: dict[str, dict[str, Any] | None] = {}
 
