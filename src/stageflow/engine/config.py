@@ -35,7 +35,8 @@ class Config:
     the run, instead of being checked at run time (a pipeline's own ``strict=`` wins)."""
     fast_path: bool = True
     """Predictors inside pipelines use stageflow's fast path (:mod:`stageflow.lm.fast`: the same
-    prompts built with less CPU, and a shorter call). A pipeline's own ``fast_path`` wins."""
+    prompts built with less CPU, and a shorter call). The outermost pipeline of a call decides for
+    every predictor in it: its own ``fast_path`` wins over this; a nested pipeline's is not looked at."""
 
 
 CONFIG = Config()
