@@ -129,6 +129,8 @@ class StageError(StageflowError):
     """A stage raised an exception; the original is attached as ``__cause__``."""
 
     default_code = "stage_failed"
+    #: Made by the engine around what a stage raised (not one a stage raised itself).
+    wraps_stage_exception = False
 
 
 class PipelineError(StageflowError):

@@ -132,3 +132,33 @@ async def test_the_lm_work_of_an_own_forward_is_its_stages(mode: str, how: str) 
             result = await call(program, mode, question="q")
             assert sorted(result.run.usage.to_dict()) == ["stages[0].stages[0]", "stages[0].stages[1]"]
             assert result.run.usage.total.lm_calls == 2
+
+
+async def test_an_own_aforward_and_what_hooks_and_profiles_see(mode: str) -> None:
+    # Reproducers: a subclass with its own aforward filed its LM calls under '' (not its stage); the
+    # profiler, traces and hooks saw no LM work for a nested pipeline with its own forward.
+    class Both(stageflow.SequentialPipeline):
+        def __init__(self) -> None:
+            super().__init__([dspy.Predict("question -> answer")])
+            self.extra = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(answer=self.extra(question=question).answer)
+
+        async def aforward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(answer=(await self.extra.acall(question=question)).answer)
+
+    seen: dict[str, Any] = {}
+
+    class Listen(stageflow.Hook):
+        def after_stage(self, *, path: str, usage: dict[str, Any] | None = None, **future: Any) -> None:
+            seen[path] = usage and usage["lm_calls"]
+
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda question: {"x": 1}, writes=["x"]), Both()])
+    with dspy.context(lm=FakeLM({"answer": "a"})):
+        result = await call(program, mode, question="q")
+        assert list(result.run.usage.to_dict()) == ["stages[1]"]
+        with stageflow.profile() as prof, stageflow.attach_hooks(Listen()):
+            await call(program, mode, question="q")
+    assert seen["stages[1]"] == 1
+    assert prof.totals()["lm_calls"] == 1

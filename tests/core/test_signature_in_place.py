@@ -138,3 +138,124 @@ async def test_a_signature_replaced_by_an_earlier_stage_mid_run(mode: str) -> No
         assert (await call(program, mode, question="q")).answer == "fine"
         assert (await call(program, mode, question="grow")).answer == "recovered"
     assert lm.log[-1][1] == {"question": "grow", "hint": "h"}
+
+
+# -- reproducers from the outside checks -----------------------------------------------------------
+
+
+def _deep(pred: Any) -> Any:
+    return SequentialPipeline([SequentialPipeline([pred])])
+
+
+def _foreach(pred: Any) -> Any:
+    return stageflow.ForEach(pred, over="qs", item="question", collect={"answer": "answers"})
+
+
+@pytest.mark.parametrize("shape", ["nested", "three deep", "foreach", "branch"])
+async def test_the_first_call_with_new_input_names_after_the_change(mode: str, lm: Any, shape: str) -> None:
+    # Reproducer: below the outermost level, the first call failed with "needs input 'context', which
+    # is not available" although the caller passed it (the nested pipeline's ports were stale).
+    pred = dspy.Predict("question -> answer")
+    build = {
+        "nested": _deep,
+        "three deep": lambda p: SequentialPipeline([_deep(p)]),
+        "foreach": _foreach,
+        "branch": lambda p: stageflow.BranchingPipeline(lambda question: "a", {"a": SequentialPipeline([p])}),
+    }[shape]
+    program = build(pred)
+    inputs: dict[str, Any] = {"qs": ["q"]} if shape == "foreach" else {"question": "q"}
+    await call(program, mode, **inputs)
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    for _ in range(2):
+        result = await call(program, mode, **inputs, context="c")
+        assert (result.answers if shape == "foreach" else [result.answer]) == ["context|question"]
+
+
+async def test_a_member_of_a_nested_ensemble_is_not_dropped(mode: str, lm: Any) -> None:
+    pred = dspy.Predict("question -> answer")
+    program = SequentialPipeline(
+        [
+            stageflow.EnsemblePipeline(
+                [pred, dspy.Predict("question -> answer")], stageflow.ResultAggregator("majority")
+            )
+        ]
+    )
+    await call(program, mode, question="q")
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    result = await call(program, mode, question="q", context="c")
+    assert [m["status"] for m in result.details["stages[0]"]["individual_results"]] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("when", ["before the first call", "before a deep copy"])
+async def test_a_change_before_the_plan_is_used(mode: str, lm: Any, when: str) -> None:
+    import copy
+
+    pred = dspy.Predict("question -> answer")
+    program = SequentialPipeline(
+        [stage(lambda question: {"context": "ctx"}, writes=["context"]), _deep(pred)]
+    )
+    if when == "before a deep copy":
+        await call(program, mode, question="q")
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    if when == "before a deep copy":
+        program = copy.deepcopy(program)
+    assert (await call(program, mode, question="q")).answer == "context|question"
+
+
+async def test_a_stage_wrapper_error_names_its_stage_once(mode: str, lm: Any) -> None:
+    pred = dspy.Predict("question -> answer")
+    program = _deep(Stage(pred, retry=stageflow.RetryPolicy(max_attempts=2)))
+    await call(program, mode, question="q")
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError) as info:
+            await call(program, mode, question="q", context="c")
+        assert info.value.stage_path == "stages[0].stages[0]"
+
+
+async def test_subclasses_of_predict_and_chain_of_thought(mode: str, lm: Any) -> None:
+    class MyPredict(dspy.Predict):
+        pass
+
+    class MyThought(dspy.ChainOfThought):
+        pass
+
+    for pred in (MyPredict("question -> answer"), MyThought("question -> answer")):
+        program = _with_context(pred)
+        await call(program, mode, question="q")
+        inner = pred.predict if isinstance(pred, dspy.ChainOfThought) else pred
+        inner.signature = inner.signature.prepend("context", dspy.InputField(), type_=str)
+        assert (await call(program, mode, question="q")).answer == "context|question"
+
+
+async def test_a_demand_driven_run_uses_the_new_plan(mode: str, lm: Any) -> None:
+    pred = dspy.Predict("question -> answer")
+    program = _with_context(pred)
+    assert (await call(program, mode, question="q", outputs=["answer"])).answer == "question"
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    assert (await call(program, mode, question="q", outputs=["answer"])).answer == "context|question"
+    pred.signature = dspy.Signature("context, question -> final")
+    with pytest.raises(ContractError) as info:
+        await call(program, mode, question="q", outputs=["answer"])
+    assert info.value.code == "unknown_output"
+
+
+async def test_a_foreach_collects_the_new_outputs_it_was_not_told(mode: str, lm: Any) -> None:
+    pred = dspy.Predict("question -> answer")
+    program = SequentialPipeline([stageflow.ForEach(pred, over="qs", item="question")])
+    assert sorted(await call(program, mode, qs=["a"])) == ["answers", "qs"]
+    pred.signature = dspy.Signature("question -> answer, extra")
+    assert sorted(await call(program, mode, qs=["a"])) == ["answers", "extras", "qs"]
+
+
+def test_an_adaptive_pipeline_copies_and_pickles(lm: Any) -> None:
+    import copy
+
+    import cloudpickle
+
+    adaptive = stageflow.AdaptivePipeline(
+        {"src": stage(lambda question: {"x": 1}, writes=["x"]), "leaf": dspy.Predict("question -> answer")},
+        structures={"simple": ["src", "leaf"]},
+    )
+    for twin in (copy.deepcopy(adaptive), cloudpickle.loads(cloudpickle.dumps(adaptive)), adaptive):
+        assert twin(question="q").answer == "question"

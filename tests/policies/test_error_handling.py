@@ -348,3 +348,27 @@ async def test_a_stage_inside_a_nested_pipeline_recovers_from_its_own_error(mode
     r = await call(skipping, mode, x=1)
     assert r.z == 1
     assert r.error_log[0]["error_type"] == "TimeoutError"
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+async def test_a_stage_error_a_stage_raises_itself_is_kept(mode: str, nested: bool) -> None:
+    # Reproducer: unwrapping the nested pipeline's StageError also peeled one the stage raised on
+    # purpose, so flat and nested gave the recovery strategy different exceptions.
+    from stageflow import StageError
+
+    def quota(x: int) -> dict[str, Any]:
+        raise StageError("quota exhausted") from ValueError("HTTP 429")
+
+    failing = stage(quota, writes=["y"])
+    seen: list[str] = []
+    program = ErrorHandlingPipeline(
+        [SequentialPipeline([failing]) if nested else failing],
+        recovery_strategies={0: lambda error, state: seen.append(type(error).__name__) or {"y": 0}},
+    )
+    assert (await call(program, mode, x=1)).y == 0
+    assert seen == ["StageError"]
+    skipping = ErrorHandlingPipeline(
+        [SequentialPipeline([failing]) if nested else failing, stage(lambda x: {"z": x}, writes=["z"])],
+        non_critical=[StageError],
+    )
+    assert (await call(skipping, mode, x=1)).z == 1

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import dspy
 
 from stageflow.engine.plan import StageEntry, join_path
-from stageflow.errors import ContractError, StageError
+from stageflow.errors import ContractError, StageError, StageflowError
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
 FAILED_OUTPUTS = "failed_outputs"
 
 
-_E = TypeVar("_E", ContractError, StageError)
+_E = TypeVar("_E", bound=StageflowError)
 
 
 def _full(error: _E) -> _E:
@@ -70,7 +70,11 @@ def gather_inputs(
     if entry.pass_state:
         return dict(state)
     if entry.composite and target is not None and not entry.chain:
-        return port_inputs(target.stageflow_ports(), state)
+        try:
+            ports = target.stageflow_ports()
+        except StageflowError as e:  # (its re-made plan's error names its own stages)
+            raise _full(e.with_path_prefix(join_path(prefix, entry.path))) from e.__cause__
+        return port_inputs(ports, state)
     try:
         kw = {sf: state[st] for sf, st in entry.in_pairs}
     except KeyError as e:

@@ -22,7 +22,7 @@ from typing import Any
 import dspy
 
 from stageflow.engine.protocol import StageOwner
-from stageflow.errors import ContractError
+from stageflow.errors import ContractError, StageflowError
 from stageflow.stages import (
     RESERVED_FIELD_NAMES,
     DeferredField,
@@ -81,8 +81,9 @@ class StageEntry:
     #: Called as ``target(**inputs)`` when no concurrency budget is in force (not a predictor, which
     #: may take the fast path, nor an ``async def`` function, nor a nested pipeline).
     plain_call: bool = False
-    #: A predictor's signature when the plan was made (:func:`signature_of`): one replaced in place
-    #: with other fields makes the plan stale (see ``stageflow.engine.runner``).
+    #: A predictor's signature when the plan was made (:func:`signature_of`; ``dspy.Predict``,
+    #: ``ChainOfThought`` and their subclasses): one replaced in place with other fields makes the
+    #: plan stale (see ``Pipeline.stageflow_current``).
     signature: Any = None
 
 
@@ -205,7 +206,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         merge_all=composite and not declared and not out_map,
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
-        signature=signature_of(leaf) if predictor else None,
+        signature=signature_of(leaf) if isinstance(leaf, dspy.Predict | dspy.ChainOfThought) else None,
         direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
         plain_inputs=not opt_pairs
         and not (leaf_ports.accepts_any and not in_pairs)
@@ -315,19 +316,25 @@ class Scope:
         self.missing.setdefault(f, path)
         return False
 
-    def check(self, entry: StageEntry, prefix: str) -> None:
-        """Check one stage's inputs, then make its outputs available."""
+    def check(self, entry: StageEntry, prefix: str) -> StageEntry:
+        """Check one stage's inputs, then make its outputs available; returns the entry checked (a
+        predictor's entry in its owner's re-made plan when its signature was replaced in place)."""
         ports = entry.ports
         lenient = False
         if entry.composite and self.owner is not None:
             nested = held(self.owner, entry)
-            ports = describe(nested)  # live: a nested pipeline may have grown
+            try:
+                ports = describe(nested)  # live: a nested pipeline may have grown
+            except StageflowError as e:  # (its re-made plan's error names its own stages)
+                raise e.with_path_prefix(join_path(prefix, entry.path)) from e.__cause__
             # A nested pipeline that turned strict contracts off itself checks its reads at run time.
             lenient = getattr(nested, "strict", None) is False
         path = join_path(prefix, entry.path)
         if ports.watched:
             self.watched.extend((o, e, join_path(path, p)) for o, e, p in ports.watched)
-        elif entry.predictor and self.owner is not None:
+        elif entry.signature is not None and self.owner is not None:
+            entry = self.owner.stageflow_current(entry, prefix)  # (its signature replaced since the plan)
+            ports = entry.ports
             self.watched.append((self.owner, entry, path))
         for f in ports.required:
             if f in self.available:
@@ -342,6 +349,7 @@ class Scope:
             if f not in self.available:
                 self.optional.setdefault(f, path)
         self.produce(ports, path, entry.label, lenient=lenient)
+        return entry
 
     def produce(self, ports: Ports, path: str, label: str, *, lenient: bool = False) -> None:
         """Make ``ports.outputs`` available (or note that this stage's outputs are unknown).

@@ -40,7 +40,7 @@ from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
-from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, signature_fields, signature_of
+from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
@@ -98,6 +98,7 @@ def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
         code="stage_failed",
     )
     wrapped.path_is_full = True
+    wrapped.wraps_stage_exception = True
     wrapped.__cause__ = error
     return wrapped
 
@@ -225,7 +226,13 @@ class _Call(NamedTuple):
 
 
 def _start(
-    owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
+    owner: Any,
+    entry: StageEntry,
+    state: dict[str, Any],
+    run: RunInfo,
+    hooks: tuple[Any, ...],
+    prefix: str,
+    method: str,
 ) -> _Call:
     target = _resolve(owner, entry)
     kw = gather_inputs(entry, state, prefix, target, owner, run)
@@ -235,12 +242,12 @@ def _start(
     before = None
     if hooks:
         table = current_table()
-        before = table.get(entry.path) if table is not None and not entry.composite else None
+        before = table.get(entry.path) if table is not None else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
     path_token = _PATH.set(path)
     # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
     # its own run (its stages set their paths), so it sets none unless a policy may count events.
-    own = entry.composite and policy is None and _runs_itself(target)
+    own = entry.composite and policy is None and _runs_itself(target, method)
     stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None or own else None
     return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
 
@@ -258,9 +265,10 @@ def _close(call: _Call) -> None:
 
 def _stage_usage(call: _Call, entry: StageEntry, out: Any) -> dict[str, Any] | None:
     """What this one call of the stage used (for hooks)."""
-    if entry.composite:
-        total = out.run.usage.total if isinstance(out, Result) else None
-        return None if total is None or total.is_empty() else total.to_dict()
+    if entry.composite and isinstance(out, Result):
+        total = out.run.usage.total
+        return None if total.is_empty() else total.to_dict()
+    # (a nested pipeline with its own forward returns its own record: its LM work is this stage's)
     table = current_table()
     after = table.get(entry.path) if table is not None else None
     if after is None:
@@ -305,7 +313,7 @@ def _failed_stage(
     if call.policy is not None and entry.composite:
         # A nested pipeline reports its stage's failure as a StageError: recovery and skipping see
         # what that stage raised, as they would with the stage in the outer pipeline itself.
-        while type(error) is StageError and isinstance(error.__cause__, Exception):
+        while getattr(error, "wraps_stage_exception", False) and isinstance(error.__cause__, Exception):
             error = error.__cause__
     if _recovered(call.policy, entry, error, err, call.kw, state, run, prefix):
         return None
@@ -375,8 +383,8 @@ def call_stage(
     async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
-    if entry.predictor:
-        entry = _current(owner, entry, prefix)
+    if entry.signature is not None:  # a predictor: its signature may have been replaced in place
+        entry = owner.stageflow_current(entry, "")
     if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
@@ -408,7 +416,7 @@ def call_stage(
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix, target)
+    token, path_token = _entered(entry, policy, prefix, target, "forward")
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -428,18 +436,6 @@ def call_stage(
         raise
     _left(token, path_token)
     return _succeeded(entry, out, t0, state, run, prefix)
-
-
-def _current(owner: Any, entry: StageEntry, prefix: str) -> StageEntry:
-    """``entry``, or, when its predictor's signature was replaced in place with other fields since
-    the plan was made (``pred.signature = pred.signature.prepend(...)``), the entry of the re-made
-    plan: the stage is fed the fields its signature has now, and the next call checks the contracts
-    against them. A replaced signature with the same fields (new instructions: what optimizers do)
-    keeps the plan."""
-    signature = signature_of(_resolve(owner, entry))
-    if signature is entry.signature or signature_fields(signature) == signature_fields(entry.signature):
-        return entry
-    return owner.stageflow_replanned(entry, prefix)  # type: ignore[no-any-return]
 
 
 def _prepared(
@@ -466,21 +462,30 @@ def _prepared(
     return target, kw, policy
 
 
-def _entered(entry: StageEntry, policy: StagePolicy | None, prefix: str, target: Any) -> tuple[Any, Any]:
+def _entered(
+    entry: StageEntry, policy: StagePolicy | None, prefix: str, target: Any, method: str
+) -> tuple[Any, Any]:
     """Set the stage's context: LM work inside is attributed to this stage (a nested pipeline's
     stages set their own paths, unless its own ``forward`` runs instead of them), and a nested
     pipeline's calls are prefixed with its full path."""
     composite = entry.composite
-    own = composite and policy is None and _runs_itself(target)
+    own = composite and policy is None and _runs_itself(target, method)
     token = _STAGE.set(entry.path) if not composite or policy is not None or own else None
     path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
     return token, path_token
 
 
-def _runs_itself(pipeline: Any) -> bool:
-    """Whether a nested pipeline's own ``forward`` (set on it, or a subclass's) runs instead of its
-    pattern's plan: it calls its modules itself, like a custom module, so its LM work is its stage's."""
-    return "forward" in _getattr(pipeline, "__dict__") or own_forward(type(pipeline)) is not None
+def _runs_itself(pipeline: Any, method: str) -> bool:
+    """Whether a nested pipeline's own ``forward`` / ``aforward`` (``method``; set on it, or a
+    subclass's) runs instead of its pattern's plan: it calls its modules itself, like a custom
+    module, so its LM work is its stage's."""
+    attrs = _getattr(pipeline, "__dict__")
+    if "forward" in attrs or "aforward" in attrs:
+        return True
+    cls = type(pipeline)
+    if getattr(getattr(cls, method, None), "_stageflow_options", None) is None:
+        return True  # (a pattern's own forward / aforward is marked plain_call)
+    return method == "aforward" and own_forward(cls) is not None  # (acall runs an own forward)
 
 
 def _left(token: Any, path_token: Any) -> None:
@@ -537,7 +542,7 @@ def _succeeded(
 def _call_observed(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    call = _start(owner, entry, state, run, hooks, prefix)
+    call = _start(owner, entry, state, run, hooks, prefix, "forward")
     try:
         if call.policy is None:
             out = _invoke(entry, call.target, call.kw)
@@ -592,8 +597,8 @@ async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
-    if entry.predictor:
-        entry = _current(owner, entry, prefix)
+    if entry.signature is not None:  # a predictor: its signature may have been replaced in place
+        entry = owner.stageflow_current(entry, "")
     if GATES[0]:
         from stageflow.budgets.scope import lm_swapped, stage_gate
 
@@ -625,7 +630,7 @@ async def acall_stage(
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
     composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix, target)
+    token, path_token = _entered(entry, policy, prefix, target, "aforward")
     t0 = perf_counter()
     try:
         if policy is not None:
@@ -651,7 +656,7 @@ async def acall_stage(
 async def _acall_observed(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
-    call = _start(owner, entry, state, run, hooks, prefix)
+    call = _start(owner, entry, state, run, hooks, prefix, "aforward")
     try:
         if call.policy is None:
             if entry.composite:

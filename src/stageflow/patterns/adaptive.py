@@ -223,6 +223,15 @@ class AdaptivePipeline(Pipeline):
         self._rebuild()
         self._built()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_lock", None)  # (a copy or unpickled pipeline gets a lock of its own)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__["_lock"] = threading.Lock()
+
     @property
     def component_pool(self) -> dict[str, Any]:
         """The components (the tutorial's name for ``self.components``)."""

@@ -57,11 +57,8 @@ def _replanned(watched: tuple[tuple[Any, StageEntry, str], ...]) -> bool:
     this check (``pred.signature = pred.signature.prepend(...)``); whether any did."""
     moved = False
     for owner, entry, path in watched:
-        signature = signature_of(_leaf(held(owner, entry), entry))
-        if signature is entry.signature or signature_fields(signature) == signature_fields(entry.signature):
-            continue
-        owner.stageflow_replanned(entry, path[: -len(entry.path)].rstrip("."))
-        moved = True
+        if owner.stageflow_current(entry, path[: -len(entry.path)].rstrip(".")) is not entry:
+            moved = True
     return moved
 
 
@@ -337,8 +334,11 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
                 "(pipeline.stages[i] = Stage(...))",
             )
         if type(self)._rebuild is not Pipeline._rebuild:
-            with _visiting(self):
+            if any(p is self for p in _VISITING.get()):  # (found while its own ports are computed)
                 self._rebuild()
+            else:
+                with _visiting(self):
+                    self._rebuild()
             self._built_versions = self._container_versions()
         self._structure_changed()
         self._seen_structure = _STRUCTURE_VERSION[0]
@@ -473,8 +473,14 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
     def stageflow_ports(self) -> Ports:
         """This pipeline's inputs and outputs when it is used as a stage of another one."""
         ports = self._ports
-        if ports is not None and self._ports_version == self._seen_structure == _STRUCTURE_VERSION[0]:
-            return ports  # asked on every call of an enclosing pipeline: nothing changed since
+        # Asked on every call of an enclosing pipeline: nothing changed since, unless a predictor inside
+        # got a signature with other fields (then its plan is re-made, and so are these ports).
+        if (
+            ports is not None
+            and self._ports_version == self._seen_structure == _STRUCTURE_VERSION[0]
+            and not (ports.watched and _replanned(ports.watched))
+        ):
+            return ports
         self._refresh()
         if self._ports is None or self._ports_version != _STRUCTURE_VERSION[0]:
             scope = Scope.start((), strict=False, owner=self)

@@ -98,12 +98,16 @@ class ForEach(Pipeline):
         # A nested pipeline with undeclared inner stages may output more than it declares: its
         # outputs are open, and a collected field is checked per element at run time.
         self.collect = self._collect_map(collect, ports.outputs, ports.outputs is None or bool(ports.opaque))
+        self._collect_given = collect is not None  # (else the stage's outputs decide it: see _rebuild)
 
     def _rebuild(self) -> None:
         # (the signature of its stage's predictor was replaced with other fields: see
         # Pipeline.stageflow_replanned)
         self._entry = build_entry("stage", None, self.stage)
         self._item_entries = []
+        if not self.__dict__.get("_collect_given", True):  # what it collects follows the new outputs
+            ports = self._entry.ports
+            self.collect = self._collect_map(None, ports.outputs, ports.outputs is None or bool(ports.opaque))
 
     def _collect_map(
         self, collect: Any, outputs: tuple[str, ...] | None, open_outputs: bool

@@ -10,10 +10,16 @@ from stageflow.engine.nested import plain_call
 from stageflow.engine.plan import Scope, StageEntry, build_entry
 from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.patterns.base import Pipeline, as_stage
+from stageflow.patterns.base import Pipeline, _replanned, as_stage
 from stageflow.state import Result, RunInfo
 
 __all__ = ["SequentialPipeline"]
+
+
+class _Demand(tuple):  # type: ignore[type-arg]
+    """The stages a demand-driven run calls, in order, with the predictors its check saw."""
+
+    watched: tuple[Any, ...] = ()
 
 
 class SequentialPipeline(Pipeline):
@@ -101,7 +107,12 @@ class SequentialPipeline(Pipeline):
         key = ("demand", frozenset(outputs), *self._check_key(frozenset(inputs)))
         cached = self._checked.get(key)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]
+            if not (cached.watched and _replanned(cached.watched)):
+                return cached  # type: ignore[no-any-return]
+            key = ("demand", frozenset(outputs), *self._check_key(frozenset(inputs)))  # (re-made)
+        for entry in self._entries:  # (the choice reads ports: a replaced signature re-makes them first)
+            if entry.signature is not None:
+                self.stageflow_current(entry, "")
         needed = set(outputs)
         chosen: list[StageEntry] = []
         for entry in reversed(self._entries):
@@ -110,10 +121,10 @@ class SequentialPipeline(Pipeline):
                 chosen.append(entry)
                 needed -= set(produced or ())
                 needed |= set(entry.ports.required) | set(entry.ports.optional)
-        plan = tuple(reversed(chosen))
         scope = Scope.start(sorted(set(inputs)), strict=True, owner=self, closed=self._closed())
-        for entry in plan:
-            scope.check(entry, "")
+        # (the check may re-make the plan: a predictor's signature replaced in place)
+        plan = _Demand(scope.check(entry, "") for entry in reversed(chosen))
+        plan.watched = tuple(scope.watched)
         missing = [f for f in outputs if f not in scope.available]
         if missing and not (scope.opaque and not scope.closed):
             raise ContractError(
