@@ -5,9 +5,11 @@ calls in DSPy's worker threads, where stageflow's context variables (the running
 table and stage path) are not set: Python does not copy context variables into a pool's threads.
 DSPy copies its own settings overrides into them, in the thread that starts the work
 (``ParallelExecutor.execute``). :func:`install` wraps that method once, so that inside a pipeline
-call it first adds the running table and stage to those overrides; an LM call in a worker thread
-then records its usage where the stage's own calls go (``stageflow.usage._where``), and the
-profiler and per-stage usage count it. Outside a pipeline call the wrapper only calls DSPy's method.
+call it first adds the running table, stage and path to those overrides; an LM call in a worker
+thread then records its usage where the stage's own calls go (``stageflow.usage._where``), and the
+profiler and per-stage usage count it; a pipeline called there runs under that path and reports its
+usage to that stage (``stageflow.usage.calling_stage``). Outside a pipeline call the wrapper only
+calls DSPy's method.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 from typing import Any
 
+from stageflow.engine.hooks import _PATH
 from stageflow.usage import _SETTINGS_KEY, _STAGE, _TABLE
 
 __all__ = ["install"]
@@ -42,7 +45,7 @@ def install() -> None:
                 return original(self, function, data)
             current = overrides_var.get()
             here = type(current)(current)
-            here[_SETTINGS_KEY] = (table, _STAGE.get())
+            here[_SETTINGS_KEY] = (table, _STAGE.get(), _PATH.get())
             token = overrides_var.set(here)
             try:
                 return original(self, function, data)

@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "StageUsage",
     "UsageTable",
+    "calling_stage",
     "close_run",
     "current_table",
     "metering",
@@ -173,6 +174,13 @@ class UsageTable:
         """Seconds an LM call of stage ``path`` waited for a rate limit or a budget."""
         with self._lock:
             self._entry(path).limit_wait += seconds
+
+    def add_usage(self, path: str, usage: StageUsage) -> None:
+        """Add ``usage`` to what the stage at ``path`` used (a pipeline its own code called)."""
+        if usage.is_empty():
+            return
+        with self._lock:
+            self._entry(path).add(usage)
 
     def absorb(self, prefix: str, other: UsageTable) -> None:
         """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
@@ -357,8 +365,22 @@ def _where() -> tuple[UsageTable | None, str]:
     # The stage that started the thread (stageflow._parallel_usage) or the pipeline call itself.
     fallback = settings_module.thread_local_overrides.get().get(_SETTINGS_KEY)
     if type(fallback) is tuple:
-        return fallback
+        return fallback[0], fallback[1]
     return (fallback, "") if isinstance(fallback, UsageTable) else (None, "")
+
+
+def calling_stage() -> tuple[UsageTable, str, str | None] | None:
+    """The table and stage of the pipeline call whose stage's own code is running here (a custom
+    module calling a pipeline, in its thread or in ``dspy.Parallel``'s), else ``None``; and, in
+    ``dspy.Parallel``'s threads, the path that was running where they were started."""
+    table = _TABLE.get()
+    if table is not None:
+        return table, _STAGE.get(), None
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:
+        return None
+    carried = settings_module.thread_local_overrides.get().get(_SETTINGS_KEY)
+    return carried if type(carried) is tuple else None
 
 
 def _dspy_tracker_class() -> type:
@@ -458,9 +480,15 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     new = settings_module.dotdict(current)
     main = settings_module.main_thread_config  # (read as DSPy's settings object reads them)
     parent = current["usage_tracker"] if "usage_tracker" in current else main.get("usage_tracker")
-    new["usage_tracker"] = _SHARED_TRACKER[0] if parent is None else cls(parent)
+    if parent is None:
+        new["usage_tracker"] = _SHARED_TRACKER[0]
+    elif not isinstance(parent, cls):  # (stageflow's own records where the work runs: not twice)
+        new["usage_tracker"] = cls(parent)
     callers = current["caller_modules"] if "caller_modules" in current else main.get("caller_modules")
-    new["caller_modules"] = [_PROBE, *callers] if callers else _PROBE_ONLY
+    if not callers:
+        new["caller_modules"] = _PROBE_ONLY
+    elif callers[0] is not _PROBE:  # (a pipeline run in a stage's dspy.Parallel thread has it already)
+        new["caller_modules"] = [_PROBE, *callers]
     new[_SETTINGS_KEY] = table
     if adapter is not None:
         new["adapter"] = adapter

@@ -201,3 +201,39 @@ async def test_nested_pipelines_inside_a_fan_out_keep_their_usage(mode: str) -> 
     assert total.lm_calls == 3
     assert (total.input_tokens, total.output_tokens) == _tracker_totals(tracker, lm.model)
     assert result.run.usage["stages[0].stage[1].stages[0]"].lm_calls == 1
+
+
+class _CallsAPipeline(dspy.Module):  # type: ignore[misc]
+    """A custom module whose own code calls a stageflow pipeline, three times, in turn or through
+    ``dspy.Parallel``."""
+
+    def __init__(self, parallel: bool) -> None:
+        super().__init__()
+        self.sub = stageflow.SequentialPipeline([dspy.Predict("sub_question -> fact")])
+        self.parallel = parallel
+
+    def forward(self, question: str) -> dspy.Prediction:
+        jobs = [(self.sub, {"sub_question": f"{question} {i}"}) for i in range(3)]
+        if self.parallel:
+            outs = dspy.Parallel(num_threads=3, disable_progress_bar=True)(jobs)
+        else:
+            outs = [module(**kw) for module, kw in jobs]
+        return dspy.Prediction(facts=[o.fact for o in outs])
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["in turn", "dspy.Parallel"])
+async def test_a_pipeline_a_stages_own_code_calls_counts_for_that_stage(mode: str, parallel: bool) -> None:
+    # Reproducer: the run's usage was empty (the inner pipeline's table was never joined), and in
+    # DSPy's threads each inner call counted twice in its own table and as a run of the profiler.
+    lm = fan_out_lm()
+    program = stageflow.SequentialPipeline(
+        [stageflow.SequentialPipeline([stageflow.Stage(_CallsAPipeline(parallel), writes=["facts"])])]
+    )
+    with dspy.context(lm=lm):
+        await call(program, mode, question="q")
+        with stageflow.profile() as prof:
+            result = await call(program, mode, question="q")
+    assert lm.calls == 6
+    assert {k: v["lm_calls"] for k, v in result.run.usage.to_dict().items()} == {"stages[0].stages[0]": 3}
+    assert prof.totals()["lm_calls"] == 3
+    assert prof.totals()["runs"] == 1

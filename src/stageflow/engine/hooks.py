@@ -87,6 +87,24 @@ class Hook:
 
 _HOOKS: ContextVar[tuple[Any, ...]] = carried(ContextVar("stageflow_hooks", default=()))
 _PATH: ContextVar[str] = ContextVar("stageflow_path", default="")
+
+
+class _EnginePath(str):
+    """The full path of a nested pipeline as the engine sets it in ``_PATH`` just before calling that
+    pipeline (``target``): its run tells an engine call from one a stage's own code makes."""
+
+    target: Any
+
+    def __reduce__(self) -> Any:  # (copied or pickled, it is the path only)
+        return (str, (str(self),))
+
+
+def _engine_path(path: str, target: Any) -> _EnginePath:
+    marked = _EnginePath(path)
+    marked.target = target
+    return marked
+
+
 # Hooks installed for the whole process (instrumentation), before the context's own.
 _GLOBAL: list[tuple[Any, ...]] = [()]
 _GLOBAL_LOCK = threading.Lock()

@@ -32,7 +32,7 @@ from stageflow.engine.concurrency import (
 )
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
-from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, notify
+from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, _engine_path, _EnginePath, notify
 from stageflow.engine.inline import InlineCall
 from stageflow.engine.inline import begin as begin_inline
 from stageflow.engine.inline import failed as inline_failed
@@ -46,7 +46,7 @@ from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
 from stageflow.state import Result, RunInfo, StageRecord
-from stageflow.usage import _STAGE, _TABLE, StageUsage, close_run, current_table, open_run
+from stageflow.usage import _STAGE, _TABLE, StageUsage, calling_stage, close_run, current_table, open_run
 
 if TYPE_CHECKING:
     from stageflow.patterns.base import Pipeline
@@ -244,7 +244,7 @@ def _start(
         table = current_table()
         before = table.get(entry.path) if table is not None else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    path_token = _PATH.set(path)
+    path_token = _PATH.set(_engine_path(path, target) if entry.composite else path)
     # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
     # its own run (its stages set their paths), so it sets none unless a policy may count events.
     own = entry.composite and policy is None and _runs_itself(target, method)
@@ -471,7 +471,7 @@ def _entered(
     composite = entry.composite
     own = composite and policy is None and _runs_itself(target, method)
     token = _STAGE.set(entry.path) if not composite or policy is not None or own else None
-    path_token = _PATH.set(f"{prefix}.{entry.path}" if prefix else entry.path) if composite else None
+    path_token = _PATH.set(_engine_path(join_path(prefix, entry.path), target)) if composite else None
     return token, path_token
 
 
@@ -834,6 +834,13 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
     prefix = _PATH.get()
+    if type(prefix) is _EnginePath:
+        caller = None if prefix.target is pipeline else calling_stage()
+        prefix = str(prefix)  # (the records keep the path, not the pipeline it was marked with)
+    else:  # a pipeline a stage's own code calls: its usage is that stage's too
+        caller = calling_stage()
+        if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
+            prefix = caller[2]
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
@@ -844,12 +851,16 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
         body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
+        if caller is not None:
+            caller[0].add_usage(caller[1], run.usage.total)
         try:
             _failed(pipeline, scope, run, e)
         finally:
             release(carried)
         raise
     _close_run(opened)
+    if caller is not None:
+        caller[0].add_usage(caller[1], run.usage.total)
     if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:
@@ -861,6 +872,13 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     """Async twin of :func:`execute`."""
     carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
     prefix = _PATH.get()
+    if type(prefix) is _EnginePath:
+        caller = None if prefix.target is pipeline else calling_stage()
+        prefix = str(prefix)  # (the records keep the path, not the pipeline it was marked with)
+    else:  # a pipeline a stage's own code calls: its usage is that stage's too
+        caller = calling_stage()
+        if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
+            prefix = caller[2]
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
@@ -871,12 +889,16 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
         await body(state, run, scope.hooks, prefix)
     except BaseException as e:
         _close_run(opened)
+        if caller is not None:
+            caller[0].add_usage(caller[1], run.usage.total)
         try:
             _failed(pipeline, scope, run, e)
         finally:
             release(carried)
         raise
     _close_run(opened)
+    if caller is not None:
+        caller[0].add_usage(caller[1], run.usage.total)
     if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:

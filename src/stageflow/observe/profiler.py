@@ -218,8 +218,10 @@ class Profiler(Hook):
 
     # -- hooks --------------------------------------------------------------------------------------
     def on_run_start(self, *, path: str, **future: Any) -> None:
-        if self._current.get() is not None:
-            return  # a pipeline nested in one being profiled: its stages join that run
+        if path or self._current.get() is not None:
+            # A pipeline nested in one being profiled (also one a stage's code runs in a thread of
+            # dspy.Parallel, where this context is not: its path is the stage's): its stages join that run.
+            return
         with self._lock:
             self.runs += 1
         self._open(path, True)
