@@ -259,3 +259,28 @@ def test_an_adaptive_pipeline_copies_and_pickles(lm: Any) -> None:
     )
     for twin in (copy.deepcopy(adaptive), cloudpickle.loads(cloudpickle.dumps(adaptive)), adaptive):
         assert twin(question="q").answer == "question"
+
+
+async def test_a_hierarchical_node_re_plans_once(mode: str, lm: Any) -> None:
+    # Reproducer: a node that is a bare predictor re-planned on every call (each time dropping every
+    # pipeline's contract checks) and never fed the new field.
+    from stageflow.patterns._containers import _STRUCTURE_VERSION
+
+    pred = dspy.Predict("question -> answer")
+    program = stageflow.HierarchicalPipeline({"root": {"type": "module", "module": pred}})
+    await call(program, mode, question="q")
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    assert (await call(program, mode, question="q", context="c")).answer == "context|question"
+    version = _STRUCTURE_VERSION[0]
+    for _ in range(3):
+        assert (await call(program, mode, question="q", context="c")).answer == "context|question"
+    assert _STRUCTURE_VERSION[0] == version
+
+
+async def test_a_demand_driven_run_reads_a_nested_pipelines_live_ports(mode: str, lm: Any) -> None:
+    pred = dspy.Predict("question -> answer")
+    program = _with_context(SequentialPipeline([pred]))
+    assert (await call(program, mode, question="q", outputs=["answer"])).answer == "question"
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    for _ in range(2):
+        assert (await call(program, mode, question="q", outputs=["answer"])).answer == "context|question"

@@ -236,11 +236,15 @@ class HierarchicalPipeline(Pipeline):
         for name in structure:
             builder.named(name, "structure")
         self.nodes = {name: builder.built[name] for name in structure}
-        self._node_entries = {name: build_entry("nodes", name, m) for name, m in self.nodes.items()}
+        self._rebuild()
         for entry in self._node_entries.values():
             _ = entry.ports  # every node's wiring was checked when its ports were computed
         if inputs is not None:
             self.check(inputs)
+
+    def _rebuild(self) -> None:
+        # (also when a node's predictor got a signature with other fields: Pipeline.stageflow_replanned)
+        self._node_entries = {name: build_entry("nodes", name, m) for name, m in self.nodes.items()}
 
     @property
     def structure(self) -> dict[str, Any]:

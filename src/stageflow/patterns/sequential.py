@@ -7,10 +7,11 @@ from typing import Any
 
 from stageflow.engine.inline import only_stages
 from stageflow.engine.nested import plain_call
-from stageflow.engine.plan import Scope, StageEntry, build_entry
+from stageflow.engine.plan import Scope, StageEntry, build_entry, held
 from stageflow.engine.runner import acall_stage, aexecute, call_stage, execute
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.patterns.base import Pipeline, _replanned, as_stage
+from stageflow.stages import describe
 from stageflow.state import Result, RunInfo
 
 __all__ = ["SequentialPipeline"]
@@ -116,11 +117,13 @@ class SequentialPipeline(Pipeline):
         needed = set(outputs)
         chosen: list[StageEntry] = []
         for entry in reversed(self._entries):
-            produced = entry.ports.outputs
-            if produced is None or entry.ports.opaque or needed & set(produced):
+            # (a nested pipeline's live ports: it may have grown, or a predictor inside changed)
+            ports = describe(held(self, entry)) if entry.composite and not entry.chain else entry.ports
+            produced = ports.outputs
+            if produced is None or ports.opaque or needed & set(produced):
                 chosen.append(entry)
                 needed -= set(produced or ())
-                needed |= set(entry.ports.required) | set(entry.ports.optional)
+                needed |= set(ports.required) | set(ports.optional)
         scope = Scope.start(sorted(set(inputs)), strict=True, owner=self, closed=self._closed())
         # (the check may re-make the plan: a predictor's signature replaced in place)
         plan = _Demand(scope.check(entry, "") for entry in reversed(chosen))
