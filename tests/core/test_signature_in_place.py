@@ -284,3 +284,20 @@ async def test_a_demand_driven_run_reads_a_nested_pipelines_live_ports(mode: str
     pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
     for _ in range(2):
         assert (await call(program, mode, question="q", outputs=["answer"])).answer == "context|question"
+
+
+async def test_a_lazy_stage_follows_its_predictor(mode: str, lm: Any) -> None:
+    # Reproducer: LazyStage(pred) kept feeding the old inputs after the change, silently.
+    pred = dspy.Predict("question -> answer")
+    program = SequentialPipeline(
+        [
+            stage(lambda question: {"context": "ctx"}, writes=["context"]),
+            stageflow.LazyStage(pred),
+            stage(lambda answer: {"out": str(answer)}, writes=["out"]),
+        ]
+    )
+    assert (await call(program, mode, question="q")).out == "question"
+    pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+    for _ in range(2):
+        assert (await call(program, mode, question="q")).out == "context|question"
+        assert lm.log[-1][1] == {"context": "ctx", "question": "q"}

@@ -87,9 +87,22 @@ class StageEntry:
     signature: Any = None
 
 
+def _signed(leaf: Any) -> Any:
+    """The ``dspy.Predict`` / ``ChainOfThought`` whose signature decides ``leaf``'s ports: ``leaf``
+    itself, or the stage a wrapper reads its ports from live (``stageflow_live_ports_of``:
+    ``LazyStage``), else ``None``."""
+    follow = getattr(type(leaf), "stageflow_live_ports_of", None)
+    if follow is not None:
+        leaf = object.__getattribute__(leaf, "__dict__").get(follow)
+    return leaf if isinstance(leaf, dspy.Predict | dspy.ChainOfThought) else None
+
+
 def signature_of(leaf: Any) -> Any:
-    """The signature a ``dspy.Predict`` runs with now (a ``ChainOfThought``'s: its predictor's), read
-    without DSPy's attribute hook."""
+    """The signature a ``dspy.Predict`` runs with now (a ``ChainOfThought``'s: its predictor's; a
+    ``LazyStage``'s: its stage's), read without DSPy's attribute hook."""
+    follow = getattr(type(leaf), "stageflow_live_ports_of", None)
+    if follow is not None:
+        leaf = object.__getattribute__(leaf, "__dict__").get(follow)
     attrs = object.__getattribute__(leaf, "__dict__")
     inner = attrs.get("predict")
     if inner is not None and type(leaf) is not dspy.Predict:
@@ -206,7 +219,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         merge_all=composite and not declared and not out_map,
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
-        signature=signature_of(leaf) if isinstance(leaf, dspy.Predict | dspy.ChainOfThought) else None,
+        signature=signature_of(leaf) if _signed(leaf) is not None else None,
         direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
         plain_inputs=not opt_pairs
         and not (leaf_ports.accepts_any and not in_pairs)

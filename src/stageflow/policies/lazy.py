@@ -115,6 +115,10 @@ class LazyStage(dspy.Module):  # type: ignore[misc]
         (42, 42, [21])
     """
 
+    #: Its ports are its stage's, read live: a plan follows that stage's signature (see
+    #: ``stageflow.engine.plan.signature_of``).
+    stageflow_live_ports_of = "underlying_stage"
+
     def __init__(self, underlying_stage: Any) -> None:
         super().__init__()
         if not callable(underlying_stage):
