@@ -830,17 +830,30 @@ def _active_adapter() -> Any:
     return settings_module.main_thread_config.get("adapter")
 
 
-def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
-    """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
-    carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
+def _entering(pipeline: Pipeline) -> tuple[Any, str, tuple[Any, ...] | None]:
+    """What a pipeline call starts from: the carried context it adopts (called from a DSPy worker
+    thread), its path, and the stage whose own code called it (not the engine), whose usage its
+    usage is too."""
+    carried = adopt() if _TABLE.get() is None else None
     prefix = _PATH.get()
     if type(prefix) is _EnginePath:
         caller = None if prefix.target is pipeline else calling_stage()
-        prefix = str(prefix)  # (the records keep the path, not the pipeline it was marked with)
-    else:  # a pipeline a stage's own code calls: its usage is that stage's too
-        caller = calling_stage()
-        if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
-            prefix = caller[2]
+        return carried, str(prefix), caller  # (records keep the path, not the pipeline it marks)
+    caller = calling_stage()
+    if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
+        prefix = caller[2]
+    return carried, prefix, caller
+
+
+def _closing(opened: tuple[Any, ...], caller: tuple[Any, ...] | None, run: RunInfo) -> None:
+    _close_run(opened)
+    if caller is not None:
+        caller[0].add_usage(caller[1], run.usage.total)
+
+
+def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
+    """Run one pipeline call: fresh state from ``inputs``, ``body`` runs the stages."""
+    carried, prefix, caller = _entering(pipeline)
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
@@ -850,17 +863,13 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     try:
         body(state, run, scope.hooks, prefix)
     except BaseException as e:
-        _close_run(opened)
-        if caller is not None:
-            caller[0].add_usage(caller[1], run.usage.total)
+        _closing(opened, caller, run)
         try:
             _failed(pipeline, scope, run, e)
         finally:
             release(carried)
         raise
-    _close_run(opened)
-    if caller is not None:
-        caller[0].add_usage(caller[1], run.usage.total)
+    _closing(opened, caller, run)
     if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:
@@ -870,15 +879,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
 
 async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> Result:
     """Async twin of :func:`execute`."""
-    carried = adopt() if _TABLE.get() is None else None  # called from a DSPy worker thread?
-    prefix = _PATH.get()
-    if type(prefix) is _EnginePath:
-        caller = None if prefix.target is pipeline else calling_stage()
-        prefix = str(prefix)  # (the records keep the path, not the pipeline it was marked with)
-    else:  # a pipeline a stage's own code calls: its usage is that stage's too
-        caller = calling_stage()
-        if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
-            prefix = caller[2]
+    carried, prefix, caller = _entering(pipeline)
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
@@ -888,17 +889,13 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     try:
         await body(state, run, scope.hooks, prefix)
     except BaseException as e:
-        _close_run(opened)
-        if caller is not None:
-            caller[0].add_usage(caller[1], run.usage.total)
+        _closing(opened, caller, run)
         try:
             _failed(pipeline, scope, run, e)
         finally:
             release(carried)
         raise
-    _close_run(opened)
-    if caller is not None:
-        caller[0].add_usage(caller[1], run.usage.total)
+    _closing(opened, caller, run)
     if scope is not _PLAIN:
         _end(pipeline, scope, state, None)
     if carried is not None:
