@@ -301,3 +301,26 @@ async def test_a_lazy_stage_follows_its_predictor(mode: str, lm: Any) -> None:
     for _ in range(2):
         assert (await call(program, mode, question="q")).out == "context|question"
         assert lm.log[-1][1] == {"context": "ctx", "question": "q"}
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_a_change_an_earlier_stage_makes_before_a_nested_pipeline_runs(
+    mode: str, lm: Any, depth: int
+) -> None:
+    # Reproducer: once the nested pipeline ran in line, a stage of the same call that replaced a
+    # nested predictor's signature was not seen: ContractError "needs input 'context'".
+    pred = dspy.Predict("question -> answer")
+
+    def source(question: str) -> dict[str, Any]:
+        if question == "grow" and "context" not in pred.signature.input_fields:
+            pred.signature = pred.signature.prepend("context", dspy.InputField(), type_=str)
+        return {"context": "ctx"}
+
+    nested: Any = pred
+    for _ in range(depth):
+        nested = SequentialPipeline([nested])
+    program = SequentialPipeline([stage(source, writes=["context"]), nested])
+    for _ in range(2):  # (in line from the second call)
+        assert (await call(program, mode, question="q")).answer == "question"
+    for _ in range(2):
+        assert (await call(program, mode, question="grow")).answer == "context|question"
