@@ -36,7 +36,7 @@ from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
 from stageflow.engine.nested import _KNOWN, _settings, own_forward, push_callers, pushable
-from stageflow.engine.plan import StageEntry, held, signature_fields, signature_of
+from stageflow.engine.plan import StageEntry, signature_moved
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
 from stageflow.state import Result, RunInfo, StageRecord, _Joined
@@ -292,14 +292,7 @@ def begin(
 def _moved(watched: tuple[tuple[Any, StageEntry, str], ...]) -> bool:
     """Whether a predictor the pipeline's ports were computed with now has a signature with other
     fields (replaced in place, maybe by an earlier stage of this very call)."""
-    for owner, entry, _ in watched:
-        obj = held(owner, entry)
-        for name in entry.chain:
-            obj = _getattr(obj, name)
-        now = signature_of(obj)
-        if now is not entry.signature and signature_fields(now) != signature_fields(entry.signature):
-            return True
-    return False
+    return any(signature_moved(owner, entry) for owner, entry, _ in watched)
 
 
 def set_up(run: RunInfo) -> None:

@@ -33,7 +33,17 @@ from stageflow.stages import (
     stage_label,
 )
 
-__all__ = ["Scope", "StageEntry", "build_entry", "held", "join_path", "signature_fields", "signature_of"]
+__all__ = [
+    "Scope",
+    "StageEntry",
+    "build_entry",
+    "held",
+    "join_path",
+    "leaf_of",
+    "signature_fields",
+    "signature_moved",
+    "signature_of",
+]
 
 MODULE = 0
 FUNCTION = 1
@@ -85,6 +95,21 @@ class StageEntry:
     #: ``ChainOfThought`` and their subclasses): one replaced in place with other fields makes the
     #: plan stale (see ``Pipeline.stageflow_current``).
     signature: Any = None
+
+
+def leaf_of(owner: Any, entry: StageEntry) -> Any:
+    """The object the engine calls for ``entry``: the held stage, unwrapped along ``entry.chain``."""
+    obj = held(owner, entry)
+    for name in entry.chain:
+        obj = object.__getattribute__(obj, name)
+    return obj
+
+
+def signature_moved(owner: Any, entry: StageEntry) -> bool:
+    """Whether the predictor of ``entry`` now has a signature with other fields than the one its
+    plan was made with (replaced in place: ``pred.signature = pred.signature.prepend(...)``)."""
+    now = signature_of(leaf_of(owner, entry))
+    return now is not entry.signature and signature_fields(now) != signature_fields(entry.signature)
 
 
 def _signed(leaf: Any) -> Any:

@@ -68,15 +68,9 @@ class StageOwner:
     def stageflow_current(self, entry: StageEntry, prefix: str) -> StageEntry:
         """``entry``, or its stage's entry in a re-made plan when the signature of its predictor was
         replaced in place with other fields since the plan was made (see ``stageflow_replanned``)."""
-        from stageflow.engine.plan import held, signature_fields, signature_of
+        from stageflow.engine.plan import signature_moved
 
-        obj = held(self, entry)
-        for name in entry.chain:
-            obj = object.__getattribute__(obj, name)
-        now = signature_of(obj)
-        if now is entry.signature or signature_fields(now) == signature_fields(entry.signature):
-            return entry
-        return self.stageflow_replanned(entry, prefix)
+        return self.stageflow_replanned(entry, prefix) if signature_moved(self, entry) else entry
 
     def stageflow_replanned(self, entry: StageEntry, prefix: str) -> StageEntry:
         """The entry of the stage of ``entry`` after its predictor's signature was replaced in place

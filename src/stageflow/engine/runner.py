@@ -40,7 +40,7 @@ from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
-from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path
+from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
@@ -67,16 +67,6 @@ _getattr = object.__getattribute__
 
 
 _held = held
-
-
-def _resolve(owner: Any, entry: StageEntry) -> Any:
-    """What the engine calls: the held object, unwrapped along ``entry.chain``."""
-    obj = _getattr(owner, entry.attr)
-    if entry.key is not None:
-        obj = obj[entry.key]
-    for name in entry.chain:
-        obj = _getattr(obj, name)
-    return obj
 
 
 def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
@@ -234,7 +224,7 @@ def _start(
     prefix: str,
     method: str,
 ) -> _Call:
-    target = _resolve(owner, entry)
+    target = leaf_of(owner, entry)
     kw = gather_inputs(entry, state, prefix, target, owner, run)
     policy = owner.stageflow_policy(entry)
     path = join_path(prefix, entry.path)
@@ -441,7 +431,7 @@ def call_stage(
 def _prepared(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, prefix: str
 ) -> tuple[Any, dict[str, Any], StagePolicy | None]:
-    """The stage object, its inputs and its policy (``_resolve`` and ``gather_inputs``, written out
+    """The stage object, its inputs and its policy (``leaf_of`` and ``gather_inputs``, written out
     for the common case); shared by :func:`call_stage` and :func:`acall_stage`."""
     target = _getattr(owner, entry.attr)
     if entry.key is not None:

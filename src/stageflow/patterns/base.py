@@ -31,6 +31,7 @@ from stageflow.engine.plan import (
     build_entry,
     held,
     join_path,
+    leaf_of,
     signature_fields,
     signature_of,
 )
@@ -64,12 +65,6 @@ def _replanned(watched: tuple[tuple[Any, StageEntry, str], ...]) -> bool:
 
 def _entries_in(value: Any) -> Any:
     return value if isinstance(value, tuple | list) else (value,)
-
-
-def _leaf(obj: Any, entry: StageEntry) -> Any:
-    for name in entry.chain:
-        obj = object.__getattribute__(obj, name)
-    return obj
 
 
 # The pipelines whose structure is being walked in this context, outermost first.
@@ -321,10 +316,11 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         declarations) from the old fields: that is a :class:`ConfigurationError`."""
         obj = held(self, entry)
         if entry.chain:
-            was, now = (signature_fields(s) for s in (entry.signature, signature_of(_leaf(obj, entry))))
+            leaf = leaf_of(self, entry)
+            was, now = (signature_fields(s) for s in (entry.signature, signature_of(leaf)))
             raise ConfigurationError(
                 f"Stage at '{join_path(prefix, entry.path)}': the signature of its "
-                f"{type(_leaf(obj, entry)).__name__} was replaced with other fields "
+                f"{type(leaf).__name__} was replaced with other fields "
                 f"(inputs {list(was[0])} -> {list(now[0])}, outputs {list(was[1])} -> {list(now[1])}) after "
                 "the Stage around it computed its contract from the old ones.",
                 stage_path=join_path(prefix, entry.path),
