@@ -33,6 +33,7 @@ __all__ = [
     "close_run",
     "current_table",
     "metering",
+    "note_fast_fallback",
     "note_lm_wait",
     "open_run",
     "note_policy_event",
@@ -60,6 +61,9 @@ class StageUsage:
         repairs: Outputs asked for again by a :class:`~stageflow.RepairPolicy`.
         limit_wait: Seconds its LM calls waited for a rate limit (:func:`stageflow.rate_limit`) or for
             calls in flight to settle a budget (:func:`stageflow.budget`).
+        fast_fallbacks: LM calls whose prompt stageflow's fast adapter path left to DSPy's own
+            adapter (a signature or value it does not cover; the reasons are in
+            :func:`stageflow.lm.fast.fast_path_stats`). The call itself is the same either way.
     """
 
     lm_calls: int = 0
@@ -71,6 +75,7 @@ class StageUsage:
     retries: int = 0
     repairs: int = 0
     limit_wait: float = 0.0
+    fast_fallbacks: int = 0
 
     def add(self, other: StageUsage) -> None:
         """Add ``other``'s counts to this one."""
@@ -84,6 +89,7 @@ class StageUsage:
         self.retries += other.retries
         self.repairs += other.repairs
         self.limit_wait += other.limit_wait
+        self.fast_fallbacks += other.fast_fallbacks
 
     @property
     def total_tokens(self) -> int:
@@ -162,8 +168,9 @@ class UsageTable:
                 u.cost = (u.cost or 0.0) + float(cost)
 
     def record_event(self, path: str, kind: str) -> None:
-        """A policy event of stage ``path`` (``retry``, ``repair``, ``cache_hit``)."""
-        attr = {"retry": "retries", "repair": "repairs", "cache_hit": "cache_hits"}.get(kind)
+        """An event of stage ``path`` that is counted: a policy's (``retry``, ``repair``,
+        ``cache_hit``) or an LM call's prompt left to DSPy's adapter (``fast_fallback``)."""
+        attr = _EVENT_COUNTS.get(kind)
         if attr is None:
             return
         with self._lock:
@@ -247,6 +254,14 @@ class UsageTable:
         )
 
 
+_EVENT_COUNTS = {
+    "retry": "retries",
+    "repair": "repairs",
+    "cache_hit": "cache_hits",
+    "fast_fallback": "fast_fallbacks",
+}
+
+
 def _tokens(usage: Mapping[str, Any], *names: str) -> int:
     for n in names:
         v = usage.get(n)
@@ -293,6 +308,13 @@ def note_policy_event(kind: str) -> None:
     table = _TABLE.get()
     if table is not None:
         table.record_event(_STAGE.get(), kind)
+
+
+def note_fast_fallback() -> None:
+    """Count an LM call made here whose prompt the fast adapter path left to DSPy's adapter."""
+    table, path = _where()
+    if table is not None:
+        table.record_event(path, "fast_fallback")
 
 
 def note_lm_wait(seconds: float) -> None:

@@ -280,6 +280,7 @@ def _minus(a: StageUsage, b: StageUsage) -> StageUsage:
         a.retries - b.retries,
         a.repairs - b.repairs,
         a.limit_wait - b.limit_wait,
+        a.fast_fallbacks - b.fast_fallbacks,
     )
 
 

@@ -146,6 +146,8 @@ def usage_attributes(usage: dict[str, Any], carrier: bool) -> dict[str, Any]:
         attrs["stageflow.retries"] = usage["retries"]
     if usage.get("repairs"):
         attrs["stageflow.repairs"] = usage["repairs"]
+    if usage.get("fast_fallbacks"):
+        attrs["stageflow.usage.fast_fallbacks"] = usage["fast_fallbacks"]
     return attrs
 
 

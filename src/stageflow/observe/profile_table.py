@@ -32,6 +32,7 @@ _SUMMED = (
     "retries",
     "repairs",
     "limit_wait",
+    "fast_fallbacks",
 )
 _STAGE_WIDTH = 48
 _PATH_SHOWN = 10  # critical-path steps printed before "… n more …"
@@ -109,11 +110,26 @@ _HEADER = (
 )
 
 
-#: Shown only when some LM call waited for a rate limit or a budget (``limit_wait``).
-_WAIT = ("wait s", 8)
+#: Columns shown only when some row has a value: ``(header, width, usage field, format)``. A wait for a
+#: rate limit or a budget (``limit_wait``); LM calls whose prompt the fast adapter path left to DSPy's
+#: own adapter (``fast_fallbacks``).
+_OPTIONAL: tuple[tuple[str, int, str, Any], ...] = (
+    ("wait s", 8, "limit_wait", lambda v: f"{v or 0.0:.3f}"),
+    ("DSPy adapter", 13, "fast_fallbacks", lambda v: str(v or 0)),
+)
+_LEGEND = {
+    "fast_fallbacks": "DSPy adapter: LM calls whose prompt the fast path left to DSPy's own adapter "
+    "(the reasons: stageflow.lm.fast.fast_path_stats())",
+}
 
 
-def _cells(row: Mapping[str, Any], calls: Any, total: float, avg: str, wait: bool = False) -> list[str]:
+def _cells(
+    row: Mapping[str, Any],
+    calls: Any,
+    total: float,
+    avg: str,
+    extra: Sequence[tuple[str, int, str, Any]] = (),
+) -> list[str]:
     cells = [
         str(calls),
         f"{total:.3f}",
@@ -126,17 +142,16 @@ def _cells(row: Mapping[str, Any], calls: Any, total: float, avg: str, wait: boo
         str(row.get("lm_cache_hits", 0)),
         str(row.get("retries", 0)),
         str(row.get("repairs", 0)),
-        str(row.get("errors", "")),
     ]
-    if wait:
-        cells.insert(-1, f"{row.get('limit_wait', 0.0):.3f}")
+    cells += [fmt(row.get(key)) for _, _, key, fmt in extra]
+    cells.append(str(row.get("errors", "")))
     return cells
 
 
-def _line(label: str, cells: Sequence[str], width: int) -> str:
+def _line(label: str, cells: Sequence[str], width: int, extra: Sequence[tuple[str, int, str, Any]]) -> str:
     if len(label) > width:
         label = label[: width - 1] + "…"
-    header = _HEADER if len(cells) == len(_HEADER) else (*_HEADER[:-1], _WAIT, _HEADER[-1])
+    header = (*_HEADER[:-1], *((h, w) for h, w, _, _ in extra), _HEADER[-1])
     return f"{label:<{width}}" + "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, header, strict=True))
 
 
@@ -166,16 +181,17 @@ def render_table(
     rows = _merge(summary) if group_items else {k: dict(v) for k, v in summary.items()}
     labels = {path: "  " * (len(split_path(path)) - 1) + path for path in rows}
     width = min(_STAGE_WIDTH, max([len("stage"), len("all runs (000)"), *map(len, labels.values())]) + 2)
-    wait = any(row.get("limit_wait") for row in rows.values())
+    extra = [c for c in _OPTIONAL if any(row.get(c[2]) for row in rows.values())]
     names = [h for h, _ in _HEADER]
-    lines = [_line("stage", [*names[:-1], _WAIT[0], names[-1]] if wait else names, width)]
+    lines = [_line("stage", [*names[:-1], *(h for h, _, _, _ in extra), names[-1]], width, extra)]
     for path, row in rows.items():
-        cells = _cells(row, row["num_executions"], row["total_time"], f"{row['avg_time'] * 1000:.2f}", wait)
-        lines.append(_line(labels[path], cells, width))
+        cells = _cells(row, row["num_executions"], row["total_time"], f"{row['avg_time'] * 1000:.2f}", extra)
+        lines.append(_line(labels[path], cells, width, extra))
     runs = totals.get("runs", 0)
     avg = f"{totals.get('wall', 0.0) / runs * 1000:.2f}" if runs else "-"
-    cells = _cells({**totals, "errors": ""}, runs, totals.get("wall", 0.0), avg, wait)
-    lines.append(_line(f"all runs ({runs})", cells, width))
+    cells = _cells({**totals, "errors": ""}, runs, totals.get("wall", 0.0), avg, extra)
+    lines.append(_line(f"all runs ({runs})", cells, width, extra))
+    lines += [_LEGEND[key] for _, _, key, _ in extra if key in _LEGEND]
     if last_run is not None:
         lines += ["", *_critical(last_run)]
     return "\n".join(lines)

@@ -7,6 +7,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from stageflow.usage import note_fast_fallback
+
 __all__ = [
     "FastPathStats",
     "count_adapter_fallback",
@@ -59,8 +61,11 @@ def count_fast() -> None:
 
 
 def count_fallback(reason: str) -> None:
+    """A prompt left to DSPy's code, for ``reason``: counted here by reason, and for the stage whose
+    LM call it is (``fast_fallbacks`` in its usage: profiles, traces and ``result.run.usage``)."""
     with _LOCK:
         _FALLBACKS[reason] += 1
+    note_fast_fallback()
 
 
 def count_adapter_fallback(name: str) -> None:
