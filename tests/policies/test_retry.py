@@ -190,7 +190,7 @@ async def test_provider_retry_after_is_honoured(mode: str) -> None:
     assert r.y == "ok"
     assert sleeps.delays == [7.0]  # not jittered
     assert r.run.events[0].delay == 7.0
-    assert r.run.events[0].detail == {}
+    assert r.run.events[0].detail == {"retry_after": 7.0}  # what the server asked for, always
 
 
 async def test_provider_retry_after_is_capped_by_max_delay(mode: str) -> None:

@@ -286,7 +286,7 @@ class _Attempts:
             if retry.max_elapsed is not None and retry.clock() + delay - self.started > retry.max_elapsed:
                 return None  # the wait would end past the time budget: give up now, never wait it out
             hinted = retry_after(e)
-            detail = {"retry_after": hinted} if hinted is not None and hinted > delay else {}
+            detail = {} if hinted is None else {"retry_after": hinted}  # what the server asked for
             self.run.events.append(PolicyEvent(self.path, "retry", self.attempt, _describe(e), delay, detail))
             note_policy_event("retry")
             return delay
