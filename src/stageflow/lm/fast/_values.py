@@ -30,7 +30,9 @@ _MAX_CACHED = 1024
 _LOCK = threading.Lock()
 # type -> TypeAdapter, or None for "let DSPy format values of this type"
 _SERIALIZERS: dict[type, TypeAdapter[Any] | None] = {}
-# annotation -> TypeAdapter, for parsing
+# (annotation, its spelling) -> TypeAdapter, for parsing. Not the annotation alone: annotations that
+# compare equal can validate differently (``Union[int, bool]`` == ``Union[bool, int]``, but pydantic
+# tries the members in order, so "1.0" is 1 for one and True for the other).
 _VALIDATORS: dict[Any, TypeAdapter[Any]] = {}
 
 
@@ -93,9 +95,16 @@ def format_value(info: FieldInfo, annotation: Any, value: Any) -> str:
 
 
 def type_adapter(annotation: Any) -> TypeAdapter[Any]:
-    """One shared ``TypeAdapter`` per (hashable) annotation."""
+    """One shared ``TypeAdapter`` per (hashable) annotation, told apart by its exact spelling.
+
+    >>> from typing import Union
+    >>> first, second = type_adapter(Union[int, bool]), type_adapter(Union[bool, int])
+    >>> first.validate_python(1.0), second.validate_python(1.0)
+    (1, True)
+    """
+    key = (annotation, repr(annotation))
     try:
-        return _VALIDATORS[annotation]
+        return _VALIDATORS[key]
     except KeyError:
         pass
     except TypeError:  # an unhashable annotation (Annotated with unhashable metadata)
@@ -104,7 +113,7 @@ def type_adapter(annotation: Any) -> TypeAdapter[Any]:
     with _LOCK:
         if len(_VALIDATORS) >= _MAX_CACHED:
             _VALIDATORS.clear()
-        _VALIDATORS[annotation] = ta
+        _VALIDATORS[key] = ta
     return ta
 
 
@@ -119,10 +128,11 @@ class ValueParser:
     'yes'
     """
 
-    __slots__ = ("_annotation", "_call")
+    __slots__ = ("_annotation", "_call", "_ta")
 
     def __init__(self, annotation: Any) -> None:
         self._annotation = annotation
+        self._ta: TypeAdapter[Any] | None = None
         self._call: Callable[[Any], Any]
         origin = get_origin(annotation)
         if annotation is str:
@@ -161,11 +171,17 @@ class ValueParser:
             value = v
         return self._general(value)
 
+    def _adapter(self) -> TypeAdapter[Any]:
+        ta = self._ta
+        if ta is None:
+            ta = self._ta = type_adapter(self._annotation)
+        return ta
+
     def _validate_any(self, value: Any) -> Any:
-        return type_adapter(self._annotation).validate_python(value)
+        return self._adapter().validate_python(value)
 
     def _general(self, value: Any) -> Any:
-        ta = type_adapter(self._annotation)
+        ta = self._adapter()
         if not isinstance(value, str):
             return ta.validate_python(value)
         candidate = json_repair.loads(value)  # "" on failure

@@ -80,6 +80,7 @@ _HOOKS = (
     "user_message_output_requirements",
     "_get_history_field_name",
 )
+_HOOK_NAMES = frozenset(_HOOKS)  # (also set on an instance: ``adapter.format_task_description = ...``)
 
 
 # Within one adapter call, ``_call_preprocess``, ``format``, ``_call_postprocess`` and ``parse``
@@ -107,7 +108,7 @@ class _FastPath:
     def _plan(self, signature: Any) -> Plan | None:
         """The signature's plan, or ``None`` when DSPy's code must handle this call."""
         cls = type(self)
-        if not cls._pure:
+        if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__):
             return None
         memo = _CALL_PLAN.get()
         if memo is None:  # format or parse called on their own
@@ -141,6 +142,9 @@ class _FastPath:
         """Why :meth:`_plan` gave no plan, for the counters."""
         if not type(self)._pure:
             return f"{type(self).__qualname__} overrides a formatting method"
+        own = sorted(_HOOK_NAMES.intersection(self.__dict__))
+        if own:
+            return f"the adapter instance sets its own {own[0]}"
         plan = plan_for(type(self)._plans, signature)
         if plan is None:
             return f"not a DSPy signature class: {type(signature).__qualname__}"
