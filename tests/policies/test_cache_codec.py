@@ -243,3 +243,43 @@ def test_dataclasses_decode_without_running_init() -> None:
     text = codec.dumps(Tracked(1))
     back = codec.loads(text)
     assert (type(back), back.x, calls) == (Tracked, 1, [1])
+
+
+class WithSecret(pydantic.BaseModel):
+    a: int
+    _secret: str = pydantic.PrivateAttr(default="")
+
+
+def _secret(value: str) -> WithSecret:
+    m = WithSecret(a=1)
+    m._secret = value
+    return m
+
+
+def test_private_attributes_of_a_model_survive_the_round_trip() -> None:
+    back = codec.loads(codec.dumps({"m": _secret("one")}))["m"]
+    assert type(back) is WithSecret
+    assert back.a == 1
+    assert back._secret == "one"
+
+
+def test_models_that_differ_only_in_private_attributes_get_other_cache_keys() -> None:
+    from stageflow.policies.keys import freeze
+
+    assert freeze(_secret("one")) != freeze(_secret("two"))
+    assert freeze(_secret("one")) == freeze(_secret("one"))
+
+
+def test_a_cached_stage_keyed_on_a_model_runs_again_for_other_private_state() -> None:
+    import stageflow
+
+    calls: list[str] = []
+
+    def read(m: WithSecret) -> dict[str, str]:
+        calls.append(m._secret)
+        return {"out": m._secret}
+
+    p = stageflow.SequentialPipeline([stageflow.Stage(stageflow.stage(read, writes=["out"]), cache=True)])
+    assert p(m=_secret("one")).out == "one"
+    assert p(m=_secret("two")).out == "two"  # not the first call's cached answer
+    assert calls == ["one", "two"]

@@ -165,13 +165,17 @@ def _enc_object(v: Any, t: type, d: int) -> Any:
     fields = getattr(t, "model_fields", None)
     if isinstance(fields, dict) and hasattr(v, "model_dump"):
         extra = getattr(v, "__pydantic_extra__", None)
-        return {
+        private = getattr(v, "__pydantic_private__", None)
+        node = {
             "$t": "model",
             "cls": _named(t),
             "v": _pairs(((k, getattr(v, k)) for k in fields), d),
             "set": sorted(v.model_fields_set),
             "extra": None if extra is None else _pairs(extra.items(), d),
         }
+        if private:
+            node["private"] = _pairs(private.items(), d)
+        return node
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         items = ((f.name, getattr(v, f.name)) for f in dataclasses.fields(v))
         return {"$t": "dataclass", "cls": _named(t), "v": _pairs(items, d)}
@@ -298,7 +302,11 @@ def _model(decoder: _Decoder, node: dict[str, Any], d: int) -> Any:
     values = dict(decoder.pairs(node["v"], d))
     if node.get("extra"):
         values.update(decoder.pairs(node["extra"], d))
-    return cls.model_construct(_fields_set={str(f) for f in node.get("set") or ()}, **values)
+    obj = cls.model_construct(_fields_set={str(f) for f in node.get("set") or ()}, **values)
+    if node.get("private"):
+        private = dict(decoder.pairs(node["private"], d))
+        object.__setattr__(obj, "__pydantic_private__", {**(obj.__pydantic_private__ or {}), **private})
+    return obj
 
 
 def _dataclass(decoder: _Decoder, node: dict[str, Any], d: int) -> Any:

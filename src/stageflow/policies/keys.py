@@ -165,6 +165,9 @@ def _freeze_object(value: Any, t: type, d: int) -> Any:
         extra = getattr(value, "__pydantic_extra__", None) or {}
         items = [(k, freeze(getattr(value, k), d)) for k in fields]
         items += [(k, freeze(v, d)) for k, v in extra.items()]
+        # Private attributes (``_secret: str = PrivateAttr()``) are state a method may read.
+        private = getattr(value, "__pydantic_private__", None) or {}
+        items += [(("private", k), freeze(v, d)) for k, v in private.items()]
         return ("model", t, *items)
     if dataclasses.is_dataclass(value):
         return (
