@@ -156,7 +156,8 @@ class Journal:
             import fcntl
         except ImportError:  # not POSIX: no cross-process lock
             return None
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Named after the real path: two spellings of one journal (a symlink, "./j" and "j") share it.
+        fd = os.open(f"{os.path.realpath(self.path)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -217,7 +218,7 @@ class Journal:
 
         def rows() -> Iterator[tuple[int, str, str, str]]:
             for rec in source.scan():
-                h = input_hash(rec.inputs)
+                h = input_hash(rec.inputs, f"{source.label}, record {rec.key!r} (line {rec.line})")
                 digest.update(f"{rec.key}\x1f{h}\n".encode())
                 names = frozenset(rec.inputs)
                 if names not in result.field_sets and len(result.field_sets) < 64:

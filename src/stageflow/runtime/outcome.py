@@ -8,12 +8,20 @@ kept (type, message, stage path, code) and becomes an error row in the output.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import pathlib
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from stageflow import strict_json
+from stageflow.errors import ContractError
 
 __all__ = ["Outcome", "Usage", "error_info", "run_record", "to_json", "usage_scope"]
 
@@ -76,8 +84,9 @@ class Outcome:
 
     Attributes:
         ok: ``False`` when the record failed.
-        outputs: The fields the pipeline wrote (a dict, or already JSON text when it comes from a
-            Ray worker); ``None`` on failure.
+        outputs: The fields the pipeline wrote, as JSON text (:func:`run_record` encodes them, so a
+            value the journal cannot hold fails its record; a dict is encoded when written);
+            ``None`` on failure.
         error: ``{"type", "message", "stage_path", "code", "cause"}`` on failure.
         usage: The record's LM usage (also for a failed record: the calls made before it failed).
         elapsed: Wall seconds.
@@ -90,8 +99,28 @@ class Outcome:
     elapsed: float
 
 
+# Values whose text spells them out exactly: written as ``str(value)``.
+_EXACT_TEXT = (
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    decimal.Decimal,
+    uuid.UUID,
+    fractions.Fraction,
+    pathlib.PurePath,
+    bytes,
+    bytearray,
+)
+
+
+class UnwritableError(TypeError):
+    """An output value that JSON cannot hold and stageflow has no exact JSON form for."""
+
+
 def _plain(value: Any) -> Any:
-    """A JSON-ready version of a value json cannot encode itself."""
+    """A JSON-ready version of a value json cannot encode itself, holding all of it: never a text
+    that abridges it (a large numpy array's ``str`` elides its middle) or an object's default
+    ``<... at 0x...>``. Raises :class:`UnwritableError` for a value it has no such form for."""
     dump = getattr(value, "model_dump", None)  # pydantic models
     if callable(dump):
         return dump(mode="json")
@@ -102,7 +131,14 @@ def _plain(value: Any) -> Any:
         return dataclasses.asdict(value)
     if isinstance(value, set | frozenset | tuple):
         return list(value)
-    return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, _EXACT_TEXT):
+        return str(value)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray | np.generic) and not value.dtype.hasobject:
+        return value.tolist()  # (a numpy scalar's tolist() is its Python value)
+    raise UnwritableError(f"{type(value).__module__}.{type(value).__qualname__}")
 
 
 def to_json(value: Any) -> str:
@@ -172,15 +208,34 @@ def usage_scope(program: Any) -> Iterator[_Scope]:
         yield _Scope(tracker)
 
 
-def _fields(result: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+def _fields(result: Any, inputs: Mapping[str, Any], declared: frozenset[str] | None) -> dict[str, Any]:
+    """The fields the pipeline wrote: every field it declares as an output (even the very object it
+    was given back) and every field that is not an input. ``declared`` is ``None`` for a program
+    whose outputs are not all declared: there an input counts as written when the program returned
+    another object under its name."""
     if hasattr(result, "items") and callable(result.items):
         items = result.items()
     else:
         raise TypeError(
             f"the pipeline returned {type(result).__name__}, not a Prediction or a mapping of fields"
         )
-    # The fields the pipeline wrote: inputs it passed through unchanged are left out.
+    if declared is not None:
+        return {k: v for k, v in items if k in declared or k not in inputs}
     return {k: v for k, v in items if not (k in inputs and inputs[k] is v)}
+
+
+def _declared(program: Any) -> frozenset[str] | None:
+    """The outputs a stageflow pipeline declares, when they are all declared; else ``None``."""
+    ports = getattr(program, "stageflow_ports", None)
+    if ports is None:
+        return None
+    try:
+        found = ports()
+    except Exception:  # its contracts do not check: the call itself reports that
+        return None
+    if found.outputs is None or found.opaque or found.accepts_any:
+        return None
+    return frozenset(found.outputs)
 
 
 def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
@@ -189,10 +244,37 @@ def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
     with usage_scope(program) as scope:
         try:
             result = program(**inputs)
-            outputs = _fields(result, inputs)
+            outputs = _fields(result, inputs, _declared(program))
         except BaseException as exc:  # any failure is this record's error row
             if isinstance(exc, KeyboardInterrupt):
                 raise
             usage = scope.usage(getattr(exc, "run", None))
             return Outcome(False, None, error_info(exc), usage, time.perf_counter() - t0)
-    return Outcome(True, outputs, None, scope.usage(getattr(result, "run", None)), time.perf_counter() - t0)
+    usage = scope.usage(getattr(result, "run", None))
+    try:
+        text = to_json(outputs)  # here, so a value the journal cannot hold fails this record only
+    except (TypeError, ValueError) as exc:  # UnwritableError, a key JSON cannot have, a cycle
+        return Outcome(False, None, error_info(_unwritable(outputs, exc)), usage, time.perf_counter() - t0)
+    return Outcome(True, text, None, usage, time.perf_counter() - t0)
+
+
+def _unwritable(outputs: dict[str, Any], exc: Exception) -> ContractError:
+    """The error of a record whose outputs the journal cannot hold, naming the field."""
+    field = next((k for k, v in outputs.items() if _fails(v)), None)
+    where = f"the output field '{field}'" if field is not None else "an output field"
+    return ContractError(
+        f"{where} holds a value the batch journal cannot store as JSON without losing part of it "
+        f"({exc}); the record is failed rather than written incompletely.",
+        field=field,
+        code="unwritable_output",
+        hint="return plain data from the pipeline (text, numbers, lists, dicts), a pydantic model or a "
+        "dataclass; convert other objects in a last stage (e.g. value.tolist(), str(value))",
+    )
+
+
+def _fails(value: Any) -> bool:
+    try:
+        to_json(value)
+    except (TypeError, ValueError):
+        return True
+    return False

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError
-from stageflow.runtime.outcome import Outcome, run_record, to_json
+from stageflow.runtime.outcome import Outcome, run_record
 from stageflow.runtime.records import Record
 
 __all__ = ["RayBackend"]
@@ -142,10 +142,7 @@ class BatchWorker:
         return os.getpid()
 
     def _one(self, inputs: dict[str, Any]) -> Outcome:
-        out = run_record(self.program, inputs)
-        if out.outputs is not None:
-            out.outputs = to_json(out.outputs)  # JSON text: nothing unpicklable travels back
-        return out
+        return run_record(self.program, inputs)  # (outputs as JSON text: nothing unpicklable travels back)
 
     def run(self, chunk: list[dict[str, Any]]) -> list[Outcome]:
         return list(self.pool.map(self._one, chunk))

@@ -24,16 +24,22 @@ Examples:
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
+import fractions
 import hashlib
 import io
 import json
 import os
+import pickle
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from stageflow.errors import ConfigurationError
+from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
 
 __all__ = ["Record", "RecordSource", "input_hash", "open_records"]
 
@@ -58,10 +64,103 @@ class Record(NamedTuple):
     line: int
 
 
-def input_hash(inputs: Mapping[str, Any]) -> str:
-    """A short content hash of a record's inputs (canonical JSON), to notice changed records."""
-    text = json.dumps(inputs, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr)
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+# Values JSON cannot hold whose ``repr`` spells them out exactly (hashed by it, as they always were).
+_EXACT_REPR = frozenset(
+    {
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        decimal.Decimal,
+        uuid.UUID,
+        fractions.Fraction,
+    }
+)
+
+
+class _Unhashable(Exception):  # noqa: N818 - a signal inside input_hash
+    pass
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """JSON holds ``value`` exactly (what a JSONL or CSV record always is)."""
+    t = type(value)
+    if t in _JSON_SCALARS:
+        return True
+    if t is list:
+        return all(_plain(v) for v in value)
+    if t is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
+
+
+def _tagged(value: Any) -> Any:
+    """A value by its type and content, for the hash of a record JSON cannot hold exactly: a tuple is
+    not a list, ``{1: ...}`` is not ``{"1": ...}``, and a value JSON has no place for counts by its
+    exact ``repr``, its canonical key (a numpy array by its elements, a pydantic model by its
+    fields) or its pickle — never by a ``repr`` that may be abridged or constant (a large array's
+    elides its middle), which would make a changed record look unchanged."""
+    t = type(value)
+    if t is float:
+        return ("float", value.hex())
+    if t in _JSON_SCALARS:
+        return value
+    if t is list or t is tuple:
+        return (t.__name__, *(_tagged(v) for v in value))
+    if t is dict:
+        return ("dict", *sorted(((_tagged(k), _tagged(v)) for k, v in value.items()), key=repr))
+    if t in _EXACT_REPR:
+        return (t.__qualname__, repr(value))
+    try:
+        return ("key", durable_text(freeze(value)))
+    except (Unkeyable, NotDurable):
+        pass
+    try:
+        data = pickle.dumps(value, protocol=4)
+    except Exception as e:
+        raise _Unhashable(t.__qualname__) from e
+    return ("pickle", t.__qualname__, hashlib.blake2b(data, digest_size=16).hexdigest())
+
+
+def input_hash(inputs: Mapping[str, Any], where: str = "a record") -> str:
+    """A short content hash of a record's inputs, to notice changed records: canonical JSON when
+    JSON holds them exactly, else each value by its type and content (``_tagged``). A value that
+    has no stable encoding at all is refused, naming the field.
+
+    >>> input_hash({"q": "hi"}) == input_hash({"q": "hi"}) != input_hash({"q": "ho"})
+    True
+    >>> input_hash({"v": (1, 2)}) != input_hash({"v": [1, 2]})
+    True
+    """
+    if _plain(inputs):
+        text = json.dumps(inputs, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    else:
+        try:
+            text = "\x00" + repr(_tagged(dict(inputs)))
+        except _Unhashable as e:
+            field = next((k for k in inputs if _unhashable(inputs[k])), None)
+            raise ConfigurationError(
+                f"{where}: the field '{field}' holds a {e} value, which stageflow cannot compare "
+                "between runs (no canonical encoding, and it cannot be pickled), so a resumed batch "
+                "could not tell whether the record changed.",
+                field=field,
+                code="bad_input",
+                hint="give the record plain data (text, numbers, lists, dicts), a numpy array, a "
+                "pydantic model or a dataclass",
+            ) from e.__cause__
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _unhashable(value: Any) -> bool:
+    try:
+        _tagged(value)
+    except _Unhashable:
+        return True
+    return False
 
 
 class RecordSource:
