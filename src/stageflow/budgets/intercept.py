@@ -297,29 +297,29 @@ def _retry_after(error: BaseException) -> float | None:
         seen.add(id(e))
         value = getattr(e, "retry_after", None)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
+            return float(value)  # (an infinite one too: the limiter caps it at its max_pause)
         e = e.__cause__ or e.__context__
     return None
 
 
 def _failed(plan: _Plan, error: BaseException) -> None:
-    """The call raised: a failure counts as a call (it bounds retry loops) and gives its tokens back;
-    a cancellation gives everything back; a ``Retry-After`` pauses the model's limiter."""
+    """The request was sent and the call raised: it counts as a call (a failure bounds retry loops).
+    A failure gives its tokens back. A cancellation (a timeout's, Ctrl-C) may have left the request
+    running at the provider: its prompt counts too. A ``Retry-After`` pauses the model's limiter."""
+    cancelled = not isinstance(error, Exception)
+    prompt = plan.need.prompt_tokens if cancelled else 0
     if plan.ticket is not None:
-        if isinstance(error, Exception):
-            ledger_mod.settle(
-                plan.ticket,
-                calls=plan.need.calls,
-                input_tokens=0,
-                output_tokens=0,
-                cost=None,
-                completed=False,
-            )
-        else:
-            ledger_mod.release(plan.ticket)
+        ledger_mod.settle(
+            plan.ticket,
+            calls=plan.need.calls,
+            input_tokens=prompt,
+            output_tokens=0,
+            cost=None,
+            completed=False,
+        )
     if plan.limiter is not None:
         if plan.slot is not None:
-            plan.limiter.settle(plan.slot, 0)
+            plan.limiter.settle(plan.slot, prompt)
         wait = _retry_after(error)
         if wait is not None:
             plan.limiter.pause(wait)

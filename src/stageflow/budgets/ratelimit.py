@@ -8,10 +8,14 @@ window stays at or under it (a refilling token bucket would let a full bucket's 
 minute's refill through in the same minute: up to twice the limit). Cache hits take nothing.
 
 Tokens are counted as the call's estimate when it starts (prompt characters / 4 plus its
-``max_tokens``) and corrected to what the model reports when it ends; a model that uses more than
-estimated can push one window over ``tpm`` by the difference. A call refused by the server with a
+``max_tokens``) and corrected to what the model reports when it ends. The estimate of later calls
+adds the most any of the model's last 32 calls used beyond its estimate (an answer without a
+``max_tokens`` bound is not in the estimate at all), so once answers have been seen the windows stay
+under ``tpm`` while their size holds; calls started before any answer came back can push their window
+over by what they used beyond their estimates. A call refused by the server with a
 ``Retry-After`` (DSPy's ``LMRateLimitError.retry_after``) pauses the model's limiter until then, for
-every caller. The time calls wait is in the run's usage (``limit_wait`` per stage), its events
+every caller, for at most ``max_pause`` seconds (60 by default; a longer or unreadable value is
+logged). The time calls wait is in the run's usage (``limit_wait`` per stage), its events
 (``rate_limited``) and the limiter's :attr:`RateLimiter.waited`.
 
 Not to be confused with :func:`stageflow.limits` (how many stages run at once).
@@ -30,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -41,18 +46,22 @@ from stageflow.errors import ConfigurationError
 
 __all__ = ["RateLimiter", "Slot", "limiter_for", "rate_limit", "rate_limits"]
 
+logger = logging.getLogger("stageflow")
+
 _REGISTRY: dict[str, RateLimiter] = {}
 _REGISTRY_LOCK = threading.Lock()
 _MIN_WAIT = 1e-6  # so a clock that sleeps exactly the wait always moves past the expiry
+_LEARNED = 32  # settled calls whose excess over their estimate the next estimates take into account
 
 
 class _Use:
-    """Tokens one grant counts in the window (corrected when the call settles)."""
+    """Tokens one grant counts in the window (corrected when the call settles); ``estimate`` is the
+    caller's estimate, before the learned excess was added."""
 
-    __slots__ = ("live", "t", "tokens")
+    __slots__ = ("estimate", "live", "t", "tokens")
 
-    def __init__(self, t: float, tokens: int) -> None:
-        self.t, self.tokens, self.live = t, tokens, True
+    def __init__(self, t: float, tokens: int, estimate: int) -> None:
+        self.t, self.tokens, self.live, self.estimate = t, tokens, True, estimate
 
 
 class Slot:
@@ -86,6 +95,9 @@ class RateLimiter:
         requests: Requests granted so far. ``tokens``: tokens counted (settled figures).
         waits: Calls that had to wait. ``waited``: seconds they waited in all.
         pauses: ``Retry-After`` pauses honoured.
+        max_pause: The longest pause a ``Retry-After`` can impose (seconds).
+        excess: Tokens added to each call's estimate: the most one of the last 32 calls used beyond
+            its estimate.
         grants: Every grant's time (only with ``record=True``: for tests and audits).
     """
 
@@ -100,6 +112,7 @@ class RateLimiter:
         sleep: Callable[[float], Any] = time.sleep,
         asleep: Callable[[float], Any] | None = None,
         record: bool = False,
+        max_pause: float = 60.0,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
@@ -121,7 +134,17 @@ class RateLimiter:
                 field="window",
                 code="bad_option",
             )
+        bad_pause = isinstance(max_pause, bool) or not isinstance(max_pause, int | float)
+        if bad_pause or math.isnan(max_pause) or max_pause < 0:
+            raise ConfigurationError(
+                f"rate_limit: max_pause must be a number of seconds >= 0, got {max_pause!r}.",
+                field="max_pause",
+                code="bad_option",
+            )
         self.model, self.rpm, self.tpm, self.window = model, rpm, tpm, float(window)
+        self.max_pause = float(max_pause)
+        self.excess = 0
+        self._excesses: deque[int] = deque(maxlen=_LEARNED)
         self.clock, self.sleep, self.asleep = clock, sleep, asleep
         self.requests = 0
         self.tokens = 0
@@ -157,6 +180,7 @@ class RateLimiter:
         if now < self._paused_until:
             return self._paused_until - now
         self._expire(now)
+        tokens += self.excess
         wait = 0.0
         stamps = self._stamps
         if self.rpm is not None and len(stamps) + requests > self.rpm and stamps:
@@ -175,9 +199,9 @@ class RateLimiter:
 
     def _grant(self, requests: int, tokens: int, now: float) -> Slot:
         self._stamps.extend([now] * requests)
-        use = _Use(now, tokens)
+        use = _Use(now, tokens + self.excess, tokens)
         self._uses.append(use)
-        self._window_tokens += tokens
+        self._window_tokens += use.tokens
         self.requests += requests
         if self.grants is not None:
             self.grants.extend([now] * requests)
@@ -229,13 +253,17 @@ class RateLimiter:
         return seconds
 
     def settle(self, slot: Slot, tokens: int) -> None:
-        """Correct the call's tokens to what the model reported."""
+        """Correct the call's tokens to what the model reported (and learn how far beyond its
+        estimate it went: see the module docstring)."""
         with self._lock:
             self.tokens += tokens
             use = slot.use
             if use.live:
                 self._window_tokens += tokens - use.tokens
                 use.tokens = tokens
+            if tokens > 0:  # (a failed call reports nothing: it says nothing about answers)
+                self._excesses.append(max(0, tokens - use.estimate))
+                self.excess = max(self._excesses)
 
     def refund(self, slot: Slot) -> None:
         """Give the room back (the call was answered from a cache, or never sent)."""
@@ -253,7 +281,21 @@ class RateLimiter:
                     self.grants.remove(slot.t)
 
     def pause(self, seconds: float) -> None:
-        """The server said ``Retry-After: seconds``: no call starts before then."""
+        """The server said ``Retry-After: seconds``: no call starts before then, for at most
+        :attr:`max_pause` seconds (a longer wait, or a value that is not a number of seconds, is
+        logged, and a useless one is ignored)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            logger.warning("stageflow.rate_limit(%r): ignored a Retry-After of %r", self.model, seconds)
+            return
+        if seconds > self.max_pause:
+            logger.warning(
+                "stageflow.rate_limit(%r): the server asked to wait %s s (Retry-After); pausing the "
+                "model's calls for max_pause=%s s instead",
+                self.model,
+                seconds,
+                self.max_pause,
+            )
+            seconds = self.max_pause
         with self._lock:
             self._paused_until = max(self._paused_until, self.clock() + seconds)
             self.pauses += 1
@@ -281,11 +323,13 @@ def rate_limit(
     sleep: Callable[[float], Any] = time.sleep,
     asleep: Callable[[float], Any] | None = None,
     record: bool = False,
+    max_pause: float = 60.0,
 ) -> RateLimiter:
     """Limit every LM call to ``model`` (the ``dspy.LM``'s model string) in this process.
 
-    ``rpm`` requests and ``tpm`` tokens per ``window`` seconds (60). Replaces a limiter already set
-    for that model. Returns the :class:`RateLimiter` (its counters show what it did); use it as a
+    ``rpm`` requests and ``tpm`` tokens per ``window`` seconds (60). A ``Retry-After`` pauses the
+    model's calls for at most ``max_pause`` seconds (60). Replaces a limiter already set for that
+    model. Returns the :class:`RateLimiter` (its counters show what it did); use it as a
     context manager, or call ``.close()``, to lift the limit. ``clock``/``sleep``/``asleep`` are
     injectable for tests.
 
@@ -300,7 +344,15 @@ def rate_limit(
     from stageflow.budgets.intercept import install
 
     limiter = RateLimiter(
-        model, rpm=rpm, tpm=tpm, window=window, clock=clock, sleep=sleep, asleep=asleep, record=record
+        model,
+        rpm=rpm,
+        tpm=tpm,
+        window=window,
+        clock=clock,
+        sleep=sleep,
+        asleep=asleep,
+        record=record,
+        max_pause=max_pause,
     )
     install()
     with _REGISTRY_LOCK:
@@ -315,5 +367,30 @@ def rate_limits() -> dict[str, RateLimiter]:
 
 
 def limiter_for(model: str) -> RateLimiter | None:
-    """The limiter of ``model``, if one is set."""
-    return _REGISTRY.get(model) if _REGISTRY else None
+    """The limiter of ``model``, if one is set (the model string exactly; a limiter set for the same
+    name without its provider prefix is not it, and that is logged once)."""
+    if not _REGISTRY:
+        return None
+    found = _REGISTRY.get(model)
+    if found is None and "/" in model:
+        _near_miss(model)
+    return found
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _near_miss(model: str) -> None:
+    """A limiter named like ``model`` without its provider prefix holds nothing: say so, once."""
+    bare = model.rsplit("/", 1)[-1]
+    near = _REGISTRY.get(bare)
+    if near is None or (bare, model) in _WARNED:
+        return
+    _WARNED.add((bare, model))
+    logger.warning(
+        "stageflow.rate_limit(%r) does not hold calls to the model %r: limits match lm.model exactly "
+        "(use stageflow.rate_limit(%r, ...))",
+        bare,
+        model,
+        model,
+    )

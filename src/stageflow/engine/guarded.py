@@ -24,7 +24,7 @@ from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, lea
 from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.engine.pool import note_abandoned, spare_threads
 from stageflow.engine.streaming import lending, loop_token
-from stageflow.errors import ContractError, StageError, StageflowError, StageTimeoutError
+from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
 from stageflow.state import RunInfo
@@ -280,6 +280,8 @@ class _Attempts:
     def after_error(self, e: Exception) -> float | None:
         """Seconds to wait before retrying (0 for a repair), or ``None`` to give up."""
         retry, repair = self.policy.retry, self.policy.repair
+        if isinstance(e, BudgetExceeded):
+            return None  # a spent budget stays spent: no retry or repair (whatever retry_on says)
         tries = self.attempt - self.repairs
         if retry is not None and tries < retry.max_attempts and retry.should_retry(e):
             delay = retry.delay(tries, e)
