@@ -372,3 +372,41 @@ async def test_a_stage_error_a_stage_raises_itself_is_kept(mode: str, nested: bo
         non_critical=[StageError],
     )
     assert (await call(skipping, mode, x=1)).z == 1
+
+
+def _client_timeouts() -> list[Exception]:
+    import httpx
+    import requests
+    from dspy.utils.exceptions import LMTimeoutError
+
+    class Gateway(Exception):
+        status_code = 504
+
+    # LiteLLM's class, by its module and name (importing litellm reaches for the network)
+    litellm_timeout = type("Timeout", (Exception,), {"__module__": "litellm.exceptions"})
+
+    return [
+        httpx.ReadTimeout("read timed out"),
+        requests.exceptions.ReadTimeout("read timed out"),
+        litellm_timeout("timed out"),
+        LMTimeoutError("timed out", model="m"),
+        Gateway("gateway timeout"),
+    ]
+
+
+@pytest.mark.parametrize("error", _client_timeouts(), ids=lambda e: type(e).__name__)
+def test_the_timeouts_of_lm_clients_are_non_critical_by_default(error: Exception) -> None:
+    r = ErrorHandlingPipeline([raising(error), then("z")])(x="in")
+    assert r.error_log[0]["action"] == "skipped"
+    assert r.z == "z(in)"
+
+
+@pytest.mark.parametrize("error", _client_timeouts()[:1], ids=lambda e: type(e).__name__)
+def test_client_timeouts_stay_critical_when_timeouts_are_not_named(error: Exception) -> None:
+    with pytest.raises(PipelineError):
+        ErrorHandlingPipeline([raising(error), then("z")], non_critical=(LowConfidenceError,))(x="in")
+
+
+def test_timeout_in_the_message_alone_is_not_a_timeout() -> None:
+    with pytest.raises(PipelineError):
+        ErrorHandlingPipeline([raising(ValueError("request timeout")), then("z")])(x="in")

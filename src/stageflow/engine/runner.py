@@ -45,6 +45,7 @@ from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
+from stageflow.policies.transient import is_kind
 from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import _STAGE, _TABLE, StageUsage, calling_stage, close_run, current_table, open_run
 
@@ -197,7 +198,7 @@ def _recovered(
 
 def _skips(policy: StagePolicy, error: BaseException) -> bool:
     """Whether the policy lets the run go on without the failed stage (a non-critical error)."""
-    if policy.skip_on and any(isinstance(e, policy.skip_on) for e in causes(error)):
+    if policy.skip_on and is_kind(error, policy.skip_on):
         return True
     return policy.skip_if is not None and bool(policy.skip_if(error))
 

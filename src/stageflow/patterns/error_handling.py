@@ -10,6 +10,7 @@ from stageflow.engine.plan import StageEntry
 from stageflow.errors import ConfigurationError, LowConfidenceError, PipelineError, StageflowError
 from stageflow.patterns.sequential import SequentialPipeline
 from stageflow.policies.recovery import StagePolicy, causes
+from stageflow.policies.transient import is_kind
 from stageflow.state import Result, RunInfo
 
 __all__ = ["ErrorHandlingPipeline"]
@@ -49,8 +50,10 @@ class ErrorHandlingPipeline(SequentialPipeline):
             stage's own retry/fallback policies are spent. The strategies follow their stages when
             stages are inserted (``add_stage``) or removed.
         non_critical: Exception types that skip the stage instead of failing the run: by default
-            timeouts (``TimeoutError``, incl. ``StageTimeoutError``) and :class:`LowConfidenceError`.
-            Decided by type, never by the message text.
+            timeouts and :class:`LowConfidenceError`. ``TimeoutError`` here stands for every timeout
+            (:func:`~stageflow.policies.is_timeout`: ``StageTimeoutError``, DSPy's
+            ``LMTimeoutError``, the timeouts of LiteLLM, OpenAI, httpx, requests..., an HTTP 408 or
+            504). Decided by type, never by the message text.
         error_field: A result field that reports a failure when it is truthy (default ``error``: a
             :class:`~stageflow.StandardStage` that caught an exception returns ``error="..."``). Such
             a result is handled like a raised error. ``None`` turns this off.
@@ -115,7 +118,7 @@ class ErrorHandlingPipeline(SequentialPipeline):
         it in a subclass (as the tutorial's pipeline has it) to decide another way; the override is
         called with the stage's own exception.
         """
-        return any(isinstance(e, tuple(self.non_critical)) for e in causes(error))
+        return is_kind(error, tuple(self.non_critical))
 
     def _decides_itself(self) -> bool:
         return type(self)._should_continue_on_error is not ErrorHandlingPipeline._should_continue_on_error

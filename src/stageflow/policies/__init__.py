@@ -11,6 +11,7 @@ from stageflow.policies.recovery import (
     is_retryable,
     retry_after,
 )
+from stageflow.policies.transient import is_timeout
 
 __all__ = [
     "Fallback",
@@ -21,5 +22,6 @@ __all__ = [
     "TimeoutPolicy",
     "is_repairable",
     "is_retryable",
+    "is_timeout",
     "retry_after",
 ]

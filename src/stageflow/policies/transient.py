@@ -27,7 +27,7 @@ from email.utils import parsedate_to_datetime
 
 from stageflow.errors import StageTimeoutError
 
-__all__ = ["causes", "explicit_causes", "is_retryable", "retry_after"]
+__all__ = ["causes", "explicit_causes", "is_kind", "is_retryable", "is_timeout", "retry_after"]
 
 #: HTTP statuses worth another attempt: request timeout, too many requests, and server errors
 #: other than "not implemented" and "HTTP version not supported".
@@ -55,6 +55,50 @@ _TRANSIENT_CLASSES = frozenset(
         ("requests", "Timeout"),
     }
 )
+
+
+#: Timeout exception classes of common client libraries (subclasses included), as above.
+_TIMEOUT_CLASSES = frozenset(
+    {
+        ("litellm", "Timeout"),
+        ("openai", "APITimeoutError"),
+        ("anthropic", "APITimeoutError"),
+        ("httpx", "TimeoutException"),
+        ("requests", "Timeout"),
+        ("aiohttp", "ServerTimeoutError"),
+        ("dspy", "LMTimeoutError"),
+    }
+)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A timeout, by type: Python's ``TimeoutError`` (stageflow's and asyncio's included), the timeout
+    classes of DSPy, LiteLLM, OpenAI, Anthropic, httpx, requests and aiohttp, or an HTTP 408 / 504.
+
+    Examples:
+        >>> is_timeout(TimeoutError()), is_timeout(ValueError("request timeout"))
+        (True, False)
+    """
+    if isinstance(error, TimeoutError):
+        return True
+    for cls in type(error).__mro__:
+        if (cls.__module__.partition(".")[0], cls.__name__) in _TIMEOUT_CLASSES:
+            return True
+    return _status(error) in (408, 504)
+
+
+def is_kind(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``error``, or an error it was raised from, is one of ``kinds``; where ``kinds`` names
+    ``TimeoutError`` (or a base of it), every timeout (:func:`is_timeout`) is one.
+
+    Examples:
+        >>> class ReadTimeout(Exception):
+        ...     status_code = 408
+        >>> is_kind(ReadTimeout(), (TimeoutError,)), is_kind(ReadTimeout(), (KeyError,))
+        (True, False)
+    """
+    timeouts = any(issubclass(TimeoutError, k) for k in kinds)
+    return any(isinstance(e, kinds) or (timeouts and is_timeout(e)) for e in causes(error))
 
 
 def causes(error: BaseException) -> list[BaseException]:
