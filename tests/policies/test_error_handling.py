@@ -379,7 +379,7 @@ def _client_timeouts() -> list[Exception]:
     import requests
     from dspy.utils.exceptions import LMTimeoutError
 
-    class Gateway(Exception):
+    class GatewayError(Exception):
         status_code = 504
 
     # LiteLLM's class, by its module and name (importing litellm reaches for the network)
@@ -390,7 +390,7 @@ def _client_timeouts() -> list[Exception]:
         requests.exceptions.ReadTimeout("read timed out"),
         litellm_timeout("timed out"),
         LMTimeoutError("timed out", model="m"),
-        Gateway("gateway timeout"),
+        GatewayError("gateway timeout"),
     ]
 
 

@@ -44,7 +44,7 @@ from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
-from stageflow.policies.recovery import PolicyEvent, StagePolicy, causes
+from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
 from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import _STAGE, _TABLE, StageUsage, calling_stage, close_run, current_table, open_run
