@@ -67,6 +67,9 @@ def parse_request(system: str, user: str) -> tuple[dict[str, str], dict[str, Any
 
 def _default_for(type_text: str, default: str) -> Any:
     t = type_text.replace(" ", "")
+    optional = re.fullmatch(r"(?:Optional\[(.*)\]|Union\[(.*),NoneType\]|(.*)\|None)", t)
+    if optional:  # a value of the type it makes optional
+        return _default_for(next(g for g in optional.groups() if g), default)
     lit = re.match(r"Literal\[(.*)\]", t)
     if lit:
         first = lit.group(1).split(",")[0]
@@ -169,8 +172,10 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
 
     Args:
         responses: ``{field: value}``; a value may be a callable ``(inputs) -> value`` that gets the
-            call's input fields. Fields without a script get ``default`` (or a value of the right
-            shape: the first ``Literal`` option, a one-item list, ``1.0`` for floats...).
+            call's input fields; a field scripted as ``None`` answers ``None`` (for an optional
+            output). Fields without a script get ``default`` (or a value of the right shape: the
+            first ``Literal`` option, a one-item list, ``1.0`` for floats, the inner type's value
+            for ``Optional[...]``...).
         default: The text for unscripted string fields.
         latency: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``), for concurrency tests.
         fail_times: Raise ``RuntimeError`` on this many first calls (for error-path tests).
@@ -275,7 +280,9 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         values: dict[str, Any] = {}
         for name, type_text in outputs.items():
             script = self.responses.get(name, None)
-            if script is None:
+            if script is None and name in self.responses:  # scripted as None: the answer is None
+                values[name] = None
+            elif script is None:
                 values[name] = _default_for(type_text, self.default)
             elif callable(script):
                 values[name] = script(inputs)
