@@ -246,8 +246,14 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
 
 
 def _budget_hint(limit_name: str) -> str:
+    smaller = (
+        "give the LM a smaller max_tokens (a call holds its prompt plus that until it reports), "
+        if limit_name == "max_tokens"
+        else ""
+    )
     return (
-        f"raise {limit_name}, declare a degradation (LMBudget(..., degrade=stageflow.Degrade(lm=...))), "
+        f"raise {limit_name}, {smaller}declare a degradation "
+        "(LMBudget(..., degrade=stageflow.Degrade(lm=...))), "
         "or let an optional stage be skipped: Stage(x, skip_on=[stageflow.BudgetExceeded])"
     )
 
@@ -258,5 +264,10 @@ def _spent_text(limit_name: str, spent: float, limit: float, needed: float) -> s
     if limit_name == "max_cost":
         more = f"; this call may cost up to {needed:.4f} more" if needed else ""
         return f"{spent:.4f} of max_cost={limit:g} spent{more}"
-    unit = "LM calls" if limit_name == "max_calls" else "tokens"
-    return f"{spent:,.0f} of {limit_name}={limit:,.0f} {unit} used; this call needs {needed:,.0f} more"
+    if limit_name == "max_tokens":
+        return (
+            f"{spent:,.0f} of max_tokens={limit:,.0f} tokens used; this call would hold {needed:,.0f} "
+            "more until it reports its usage: its prompt (estimated) plus room for the answer (the LM's "
+            "max_tokens when the model enforces it, else what the model's answers have used)"
+        )
+    return f"{spent:,.0f} of {limit_name}={limit:,.0f} LM calls used; this call needs {needed:,.0f} more"

@@ -155,7 +155,8 @@ async def test_a_token_budget_refuses_a_call_that_could_overshoot(mode: str) -> 
     assert lm.calls == 0  # max_tokens 2000 alone is more than the budget: nothing was sent
     assert info.value.limit_name == "max_tokens"
     assert info.value.needed > 2_000
-    assert "this call needs" in str(info.value)
+    assert "this call would hold" in str(info.value)
+    assert "give the LM a smaller max_tokens" in str(info.value)
 
 
 async def test_default_max_tokens_is_reserved_when_the_lm_sets_none(mode: str) -> None:
