@@ -162,3 +162,23 @@ def test_a_limit_set_without_the_provider_prefix_is_named_in_a_warning(
     warnings = [r for r in caplog.records if "does not hold calls to the model" in r.getMessage()]
     assert len(warnings) == 1
     assert "'openai/gpt-4o-mini-test'" in warnings[0].getMessage()
+
+
+def test_a_cost_budget_says_once_when_the_model_reports_no_cost(caplog: pytest.LogCaptureFixture) -> None:
+    lm = FakeLM(model="stageflow-fake/unpriced")  # reports no cost, has no known price
+    p = stageflow.SequentialPipeline([dspy.Predict("question -> answer"), dspy.Predict("answer -> summary")])
+    with dspy.context(lm=lm), caplog.at_level(logging.WARNING, logger="stageflow"):
+        with stageflow.budget(max_cost=0.01) as spent:
+            p(question="a")
+            p(question="b")
+    notes = [e for e in spent.events if e.kind == "cost_unreported"]
+    assert len(notes) == 1
+    assert notes[0].detail["model"] == "stageflow-fake/unpriced"
+    assert sum("reported no cost" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_model_that_reports_its_cost_raises_no_note() -> None:
+    lm = FakeLM(cost=0.001)
+    with dspy.context(lm=lm), stageflow.budget(max_cost=1.0) as spent:
+        dspy.Predict("question -> answer")(question="a")
+    assert not [e for e in spent.events if e.kind == "cost_unreported"]

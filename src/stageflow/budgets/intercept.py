@@ -28,6 +28,7 @@ Waits are added to the running stage's usage (``limit_wait``) and recorded in th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,8 @@ from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
 from stageflow.usage import note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
+
+logger = logging.getLogger("stageflow")
 
 _INSTALLED = [False]
 _ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
@@ -346,6 +349,8 @@ def _finished(plan: _Plan, result: Any) -> None:
         _note_unreported(plan)
     if plan.ticket is not None:
         cost = reported_cost(getattr(result, "cost", None), getattr(result, "responses", None))
+        if cost is None:
+            _note_uncosted(plan)
         events = ledger_mod.settle(
             plan.ticket, calls=need.calls, input_tokens=used[0], output_tokens=used[1], cost=cost
         )
@@ -355,6 +360,27 @@ def _finished(plan: _Plan, result: Any) -> None:
             record_event(ledger, kind, **detail, spent=ledger.to_dict())
     if plan.limiter is not None and plan.slot is not None:
         plan.limiter.settle(plan.slot, used[0] + used[1])
+
+
+def _note_uncosted(plan: _Plan) -> None:
+    """A call under a ``max_cost`` budget whose model reported no cost: the budget cannot count it.
+    Said once per budget, as an event and a warning (a cost limit that silently counts nothing would
+    never stop anything)."""
+    for ledger in plan.chain:
+        if ledger.limits.max_cost is not None and not ledger.uncosted:
+            ledger.uncosted = True
+            record_event(
+                ledger,
+                "cost_unreported",
+                model=plan.need.model,
+                note="the model reported no cost: its calls add nothing to max_cost",
+            )
+            logger.warning(
+                "stageflow budget: the model %r reported no cost, so max_cost=%s does not count its calls "
+                "(set max_calls or max_tokens too, or use a model with known prices)",
+                plan.need.model,
+                ledger.limits.max_cost,
+            )
 
 
 def _note_unreported(plan: _Plan) -> None:

@@ -92,6 +92,7 @@ class BudgetLedger:
         self.degraded = False
         self.exhausted = False  # a call reported more than was left: spent has passed a limit
         self.unreported = False  # a model reported no usage (recorded once)
+        self.uncosted = False  # a model reported no cost under max_cost (recorded once)
         self.closed = False  # its block or call has ended: it no longer holds anything back
         self.events: list[Any] = []
         self.started = limits.clock()
