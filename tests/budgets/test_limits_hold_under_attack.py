@@ -167,10 +167,13 @@ def test_a_limit_set_without_the_provider_prefix_is_named_in_a_warning(
 def test_a_cost_budget_says_once_when_the_model_reports_no_cost(caplog: pytest.LogCaptureFixture) -> None:
     lm = FakeLM(model="stageflow-fake/unpriced")  # reports no cost, has no known price
     p = stageflow.SequentialPipeline([dspy.Predict("question -> answer"), dspy.Predict("answer -> summary")])
-    with dspy.context(lm=lm), caplog.at_level(logging.WARNING, logger="stageflow"):
-        with stageflow.budget(max_cost=0.01) as spent:
-            p(question="a")
-            p(question="b")
+    with (
+        dspy.context(lm=lm),
+        caplog.at_level(logging.WARNING, logger="stageflow"),
+        stageflow.budget(max_cost=0.01) as spent,
+    ):
+        p(question="a")
+        p(question="b")
     notes = [e for e in spent.events if e.kind == "cost_unreported"]
     assert len(notes) == 1
     assert notes[0].detail["model"] == "stageflow-fake/unpriced"
