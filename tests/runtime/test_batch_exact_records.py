@@ -130,3 +130,21 @@ def test_a_journal_reached_through_a_symlink_is_locked_too(tmp_path: Path) -> No
         link.symlink_to(real)
         with pytest.raises(JournalError, match="in use by another batch run"):
             stageflow.run_batch(_sum_pipeline(), [{"id": "x", "arr": [1]}], journal=link, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["'not json'", "NULL"])
+def test_a_damaged_row_in_the_journal_stops_the_output_naming_the_record(tmp_path: Path, damage: str) -> None:
+    import sqlite3
+
+    j, out = tmp_path / "j", tmp_path / "out.jsonl"
+    p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": x + 1}, writes=["y"])])
+    recs = [{"id": f"r{i}", "x": i} for i in range(3)]
+    stageflow.run_batch(p, recs, journal=j, output=out, progress=False)
+    before = out.read_text()
+    con = sqlite3.connect(j)
+    con.execute(f"UPDATE records SET outputs = {damage} WHERE key = 'r1'")
+    con.commit()
+    con.close()
+    with pytest.raises(JournalError, match='the record "r1" has'):
+        stageflow.run_batch(p, recs, journal=j, output=out, progress=False)
+    assert out.read_text() == before  # the old file stays whole
