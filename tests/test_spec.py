@@ -487,3 +487,28 @@ def test_wrong_value_types_are_located(tmp_path: Path) -> None:
             write(tmp_path, "root: {type: foreach, over: xs, stage: {predict: 'x -> y'}, timeout: soon}\n")
         )
     assert (info.value.code, info.value.key) == ("bad_value", "root.timeout")
+
+
+def test_a_merge_key_and_a_key_it_overrides_are_not_duplicates(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "inputs: [question]\nnodes:\n  base: &b {predict: 'question -> answer', instructions: A}\n"
+        "  root:\n    type: pipeline\n    stages:\n    - <<: *b\n      instructions: B\n    - base\n",
+    )
+    p = load_pipeline(path)
+    assert [s.signature.instructions for s in p.stages] == ["B", "A"]
+
+
+def test_a_duplicate_key_in_a_json_file_does_not_blame_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"root": {"predict": "q -> a", "predict": "q -> b"}}', "p.json")
+    with pytest.raises(SpecError) as info:
+        load_pipeline(path)
+    assert info.value.code == "duplicate_key"
+    assert "YAML" not in str(info.value)
+
+
+def test_a_negative_literal_is_not_called_an_unknown_type(tmp_path: Path) -> None:
+    path = write(tmp_path, "inputs: [q]\nroot: {predict: 'q -> score: Literal[-1, 0, 1]'}\n")
+    with pytest.raises(SpecError) as info:
+        load_pipeline(path)
+    assert "not one a pipeline file can use" not in str(info.value)  # DSPy's own limit, named as such

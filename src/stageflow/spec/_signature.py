@@ -62,6 +62,13 @@ def _bad_node(node: ast.expr) -> str | None:
         return _bad_node(node.left) or _bad_node(node.right)
     if isinstance(node, ast.Constant) and isinstance(node.value, str | int | float | bool | type(None)):
         return None
+    if (  # a negative number (``Literal[-1]``)
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub | ast.UAdd)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) in (int, float)
+    ):
+        return None
     return ast.unparse(node)
 
 
@@ -73,6 +80,7 @@ def unsafe_type_name(text: str) -> str | None:
     >>> unsafe_type_name("question -> answers: list[str], kind: Literal['a', 'b'] | None")
     >>> unsafe_type_name("question -> answer: os.system")
     'os.system'
+    >>> unsafe_type_name("question -> score: Literal[-1, 0, 1]")
     """
     if text.count("->") != 1:
         return None

@@ -137,7 +137,7 @@ def _walk(node: Any, path: KeyPath, lines: dict[KeyPath, int], seen: set[int], s
                     line=line,
                     key=format_key_path(sub),
                     code="duplicate_key",
-                    hint="YAML keeps only the last one silently; remove or rename one",
+                    hint="a parser would keep only the last one, silently; remove or rename one",
                 )
             keys.add(key)
             lines.setdefault(sub, line)
@@ -251,6 +251,12 @@ def _parse_yaml(text: str, src: SpecSource) -> Any:
         loader = loader_class(text)
         try:
             root = loader.get_single_node()
+            if root is not None:
+                # Lines and duplicate keys are read from the document as written: constructing it
+                # folds merge keys (``<<: *base``) into their mappings, where a key the mapping sets
+                # again, as a merge allows, would look like a duplicate.
+                src.lines[()] = root.start_mark.line + 1
+                _walk(root, (), src.lines, set(), src)
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
@@ -277,9 +283,6 @@ def _parse_yaml(text: str, src: SpecSource) -> Any:
         ) from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"invalid YAML: {exc}", file=src.file, code="invalid_yaml") from exc
-    if root is not None:
-        src.lines[()] = root.start_mark.line + 1
-        _walk(root, (), src.lines, set(), src)
     return data
 
 
