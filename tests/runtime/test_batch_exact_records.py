@@ -3,8 +3,11 @@ never runs twice under two spellings of one journal (findings of an adversarial 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +35,63 @@ class SameRepr:
         return "SameRepr(...)"
 
 
+@dataclasses.dataclass
+class Tagged:
+    tag: str
+
+
+def _with_extra(value: str) -> Tagged:
+    t = Tagged("t")
+    t.extra = value  # type: ignore[attr-defined]
+    return t
+
+
+class Bag:
+    def __init__(self, words: set[str]) -> None:
+        self.words = words
+
+
+@dataclasses.dataclass
+class Holder:
+    counts: dict[str, int]
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
     [
+        (_with_extra("old"), _with_extra("new")),  # an attribute besides the dataclass's fields
         (np.zeros(5000), np.where(np.arange(5000) == 2500, 7.0, 0.0)),  # an abridged repr
         (SameRepr("old"), SameRepr("new")),  # a constant repr
         ((1, 2), [1, 2]),  # JSON writes both as [1, 2]
         ({1: "a"}, {"1": "a"}),  # JSON writes both keys as "1"
     ],
-    ids=["numpy", "constant-repr", "tuple-list", "int-key"],
+    ids=["dataclass-extra", "numpy", "constant-repr", "tuple-list", "int-key"],
 )
 def test_a_record_whose_content_changed_has_another_hash(first: Any, second: Any) -> None:
     assert input_hash({"v": first}) != input_hash({"v": second})
     assert input_hash({"v": first}) == input_hash({"v": first})
+
+
+_HASH_IN_A_FRESH_PROCESS = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from test_batch_exact_records import Bag, Holder
+from stageflow.runtime.records import input_hash
+words = [f"w{{i}}" for i in range(20)]
+print(input_hash({{"bag": Bag(set(words)), "dc": Holder({{w: 1 for w in set(words)}})}}))
+"""
+
+
+def test_objects_holding_sets_and_dicts_hash_alike_in_every_process() -> None:
+    code = _HASH_IN_A_FRESH_PROCESS.format(tests=str(Path(__file__).parent))
+    hashes = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        hashes.add(out.stdout.strip())
+    assert len(hashes) == 1
 
 
 def test_plain_json_records_keep_the_hash_earlier_journals_have() -> None:
@@ -109,6 +156,37 @@ def test_an_output_the_journal_cannot_hold_fails_its_record_naming_the_field(tmp
     assert summary.failed == 1
 
 
+def test_a_plain_dspy_module_output_that_is_its_input_object_is_in_the_row(tmp_path: Path) -> None:
+    import dspy
+
+    class Clean(dspy.Module):  # type: ignore[misc]
+        def forward(self, text: str) -> dspy.Prediction:
+            return dspy.Prediction(text=text.strip(), n=len(text))
+
+    summary = stageflow.run_batch(
+        Clean(),
+        [{"id": "a", "text": "clean"}, {"id": "b", "text": " padded "}],
+        journal=tmp_path / "j",
+        progress=False,
+    )
+    assert [r.outputs for r in summary.rows()] == [{"text": "clean", "n": 5}, {"text": "padded", "n": 8}]
+
+
+@pytest.mark.parametrize("keys", [(1, "1"), (True, "true"), (None, "null")])
+def test_an_output_dict_whose_keys_json_would_merge_fails_its_record(
+    tmp_path: Path, keys: tuple[Any, str]
+) -> None:
+    p = stageflow.SequentialPipeline(
+        [stageflow.stage(lambda x: {"y": {keys[0]: "a", keys[1]: "b"}}, writes=["y"])]
+    )
+    (row,) = list(
+        stageflow.run_batch(p, [{"id": "a", "x": 1}], journal=tmp_path / "j", progress=False).rows()
+    )
+    assert not row.ok
+    assert row.error["code"] == "unwritable_output"
+    assert "one key in JSON" in row.error["message"]
+
+
 def test_an_output_that_is_the_input_object_itself_is_in_the_row(tmp_path: Path) -> None:
     p = stageflow.SequentialPipeline(
         [stageflow.stage(lambda text: {"text": text.strip(), "n": len(text)}, writes=["text", "n"])]
@@ -122,14 +200,17 @@ def test_an_output_that_is_the_input_object_itself_is_in_the_row(tmp_path: Path)
     assert [r.outputs for r in summary.rows()] == [{"text": "clean", "n": 5}, {"text": "padded", "n": 8}]
 
 
-@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
-def test_a_journal_reached_through_a_symlink_is_locked_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_journal_reached_through_another_name_is_locked_too(tmp_path: Path, link: str) -> None:
     real = tmp_path / "j.sqlite"
-    link = tmp_path / "link.sqlite"
+    other = tmp_path / "other.sqlite"
     with Journal(real):
-        link.symlink_to(real)
+        if link == "symlink":
+            other.symlink_to(real)
+        else:
+            os.link(real, other)
         with pytest.raises(JournalError, match="in use by another batch run"):
-            stageflow.run_batch(_sum_pipeline(), [{"id": "x", "arr": [1]}], journal=link, progress=False)
+            stageflow.run_batch(_sum_pipeline(), [{"id": "x", "arr": [1]}], journal=other, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["'not json'", "NULL"])

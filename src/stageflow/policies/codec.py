@@ -177,8 +177,13 @@ def _enc_object(v: Any, t: type, d: int) -> Any:
             node["private"] = _pairs(private.items(), d)
         return node
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        items = ((f.name, getattr(v, f.name)) for f in dataclasses.fields(v))
-        return {"$t": "dataclass", "cls": _named(t), "v": _pairs(items, d)}
+        names = [f.name for f in dataclasses.fields(v)]
+        items = ((k, getattr(v, k)) for k in names)
+        node = {"$t": "dataclass", "cls": _named(t), "v": _pairs(items, d)}
+        extra = [(k, x) for k, x in getattr(v, "__dict__", {}).items() if k not in names]
+        if extra:  # attributes set on the instance besides its fields
+            node["extra"] = _pairs(extra, d)
+        return node
     raise Unencodable(f"{t.__module__}.{t.__qualname__}")
 
 
@@ -317,6 +322,8 @@ def _dataclass(decoder: _Decoder, node: dict[str, Any], d: int) -> Any:
         if f.name not in values:
             raise DecodeError(f"dataclass field {f.name!r} is missing")
         object.__setattr__(obj, f.name, values[f.name])
+    for k, x in decoder.pairs(node.get("extra") or [], d):
+        object.__setattr__(obj, str(k), x)
     return obj
 
 

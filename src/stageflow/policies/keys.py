@@ -34,12 +34,12 @@ import sys
 import uuid
 from typing import Any
 
-__all__ = ["NotDurable", "Unkeyable", "durable_text", "freeze"]
+__all__ = ["EXACT_REPR", "NotDurable", "Unkeyable", "durable_text", "freeze"]
 
 _MAX_DEPTH = 64
 
 #: Exact types whose ``repr`` is complete and canonical (it round-trips).
-_EXACT_REPR: frozenset[type] = frozenset(
+EXACT_REPR: frozenset[type] = frozenset(
     {
         datetime.datetime,
         datetime.date,
@@ -146,7 +146,7 @@ def _fails(value: Any) -> bool:
 def _freeze_object(value: Any, t: type, d: int) -> Any:
     if isinstance(value, enum.Enum):
         return ("enum", t, value.name)
-    if t in _EXACT_REPR:
+    if t in EXACT_REPR:
         return ("repr", t, repr(value))
     if isinstance(value, type):
         return ("class", value)
@@ -170,10 +170,14 @@ def _freeze_object(value: Any, t: type, d: int) -> Any:
         items += [(("private", k), freeze(v, d)) for k, v in private.items()]
         return ("model", t, *items)
     if dataclasses.is_dataclass(value):
+        names = [f.name for f in dataclasses.fields(value)]
+        # Attributes set on the instance besides its fields (``obj.extra = ...``) are state too.
+        extra = sorted(k for k in getattr(value, "__dict__", {}) if k not in names)
         return (
             "dataclass",
             t,
-            *[(f.name, freeze(getattr(value, f.name), d)) for f in dataclasses.fields(value)],
+            *[(k, freeze(getattr(value, k), d)) for k in names],
+            *[(("extra", k), freeze(value.__dict__[k], d)) for k in extra],
         )
     raise Unkeyable(_qualname(t))
 

@@ -156,8 +156,11 @@ class Journal:
             import fcntl
         except ImportError:  # not POSIX: no cross-process lock
             return None
-        # Named after the real path: two spellings of one journal (a symlink, "./j" and "j") share it.
-        fd = os.open(f"{os.path.realpath(self.path)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # The database file itself is locked (BSD flock: independent of SQLite's own POSIX locks), so
+        # every name of it — a symlink, a hard link, "./j" and "j" — finds the same lock. The file
+        # descriptor stays open until the journal closes (closing another one would drop SQLite's
+        # locks on the file).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -12,6 +12,7 @@ import datetime
 import decimal
 import enum
 import fractions
+import json
 import pathlib
 import sys
 import time
@@ -208,33 +209,36 @@ def usage_scope(program: Any) -> Iterator[_Scope]:
         yield _Scope(tracker)
 
 
-def _fields(result: Any, inputs: Mapping[str, Any], declared: frozenset[str] | None) -> dict[str, Any]:
-    """The fields the pipeline wrote: every field it declares as an output (even the very object it
-    was given back) and every field that is not an input. ``declared`` is ``None`` for a program
-    whose outputs are not all declared: there an input counts as written when the program returned
-    another object under its name."""
+def _fields(result: Any, inputs: Mapping[str, Any], declared: frozenset[str] | bool) -> dict[str, Any]:
+    """The fields the program wrote (see :func:`_written` for ``declared``)."""
     if hasattr(result, "items") and callable(result.items):
         items = result.items()
     else:
         raise TypeError(
             f"the pipeline returned {type(result).__name__}, not a Prediction or a mapping of fields"
         )
-    if declared is not None:
-        return {k: v for k, v in items if k in declared or k not in inputs}
-    return {k: v for k, v in items if not (k in inputs and inputs[k] is v)}
+    if declared is True:  # not a stageflow pipeline: what it returned is what it wrote
+        return dict(items)
+    if declared is False:  # a pipeline with undeclared outputs: inputs passed through are left out
+        return {k: v for k, v in items if not (k in inputs and inputs[k] is v)}
+    return {k: v for k, v in items if k in declared or k not in inputs}
 
 
-def _declared(program: Any) -> frozenset[str] | None:
-    """The outputs a stageflow pipeline declares, when they are all declared; else ``None``."""
+def _written(program: Any) -> frozenset[str] | bool:
+    """How to tell a program's outputs from its inputs in its result: a stageflow pipeline's result
+    holds its inputs too, so its declared outputs (a frozenset) are its outputs, with the fields that
+    are not inputs; ``False`` for a pipeline with undeclared outputs (an input counts as written when
+    another object came back under its name); ``True`` for any other program (a ``dspy.Module``
+    returns only what it computed: all of it is output, even the very object it was given)."""
     ports = getattr(program, "stageflow_ports", None)
     if ports is None:
-        return None
+        return True
     try:
         found = ports()
     except Exception:  # its contracts do not check: the call itself reports that
-        return None
+        return False
     if found.outputs is None or found.opaque or found.accepts_any:
-        return None
+        return False
     return frozenset(found.outputs)
 
 
@@ -244,7 +248,7 @@ def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
     with usage_scope(program) as scope:
         try:
             result = program(**inputs)
-            outputs = _fields(result, inputs, _declared(program))
+            outputs = _fields(result, inputs, _written(program))
         except BaseException as exc:  # any failure is this record's error row
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -252,10 +256,40 @@ def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
             return Outcome(False, None, error_info(exc), usage, time.perf_counter() - t0)
     usage = scope.usage(getattr(result, "run", None))
     try:
+        _no_key_clash(outputs)
         text = to_json(outputs)  # here, so a value the journal cannot hold fails this record only
     except (TypeError, ValueError) as exc:  # UnwritableError, a key JSON cannot have, a cycle
         return Outcome(False, None, error_info(_unwritable(outputs, exc)), usage, time.perf_counter() - t0)
     return Outcome(True, text, None, usage, time.perf_counter() - t0)
+
+
+def _no_key_clash(value: Any, depth: int = 0) -> None:
+    """JSON keys are text: ``{1: a, "1": b}`` would keep one of the two. Raise :class:`UnwritableError`
+    for a mapping whose keys JSON would merge (walked through dicts, lists and tuples)."""
+    if depth > 64:
+        return  # (deeper than that, json refuses it anyway)
+    t = type(value)
+    if t is dict:
+        if not all(type(k) is str for k in value):
+            seen: dict[str, Any] = {}
+            for k in value:
+                text = (
+                    k
+                    if isinstance(k, str)
+                    else json.dumps(k)
+                    if k is None or isinstance(k, bool | int | float)
+                    else None
+                )
+                if text is None:
+                    continue  # (json refuses that key itself)
+                if text in seen:
+                    raise UnwritableError(f"a dict whose keys {seen[text]!r} and {k!r} are one key in JSON")
+                seen[text] = k
+        for v in value.values():
+            _no_key_clash(v, depth + 1)
+    elif t is list or t is tuple:
+        for v in value:
+            _no_key_clash(v, depth + 1)
 
 
 def _unwritable(outputs: dict[str, Any], exc: Exception) -> ContractError:
@@ -274,6 +308,7 @@ def _unwritable(outputs: dict[str, Any], exc: Exception) -> ContractError:
 
 def _fails(value: Any) -> bool:
     try:
+        _no_key_clash(value)
         to_json(value)
     except (TypeError, ValueError):
         return True

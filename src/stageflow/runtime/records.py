@@ -24,22 +24,21 @@ Examples:
 from __future__ import annotations
 
 import csv
-import datetime
-import decimal
-import fractions
+import dataclasses
+import enum
 import hashlib
 import io
 import json
 import os
 import pickle
-import uuid
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from stageflow.errors import ConfigurationError
-from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
+from stageflow.policies.keys import EXACT_REPR, NotDurable, Unkeyable, durable_text, freeze
 
 __all__ = ["Record", "RecordSource", "input_hash", "open_records"]
 
@@ -64,21 +63,6 @@ class Record(NamedTuple):
     line: int
 
 
-# Values JSON cannot hold whose ``repr`` spells them out exactly (hashed by it, as they always were).
-_EXACT_REPR = frozenset(
-    {
-        datetime.datetime,
-        datetime.date,
-        datetime.time,
-        datetime.timedelta,
-        datetime.timezone,
-        decimal.Decimal,
-        uuid.UUID,
-        fractions.Fraction,
-    }
-)
-
-
 class _Unhashable(Exception):  # noqa: N818 - a signal inside input_hash
     pass
 
@@ -98,32 +82,73 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def _tagged(value: Any) -> Any:
+def _tagged(value: Any, depth: int = 0) -> Any:
     """A value by its type and content, for the hash of a record JSON cannot hold exactly: a tuple is
-    not a list, ``{1: ...}`` is not ``{"1": ...}``, and a value JSON has no place for counts by its
-    exact ``repr``, its canonical key (a numpy array by its elements, a pydantic model by its
-    fields) or its pickle — never by a ``repr`` that may be abridged or constant (a large array's
-    elides its middle), which would make a changed record look unchanged."""
+    not a list, ``{1: ...}`` is not ``{"1": ...}``, dicts count by content whatever their order, and a
+    value JSON has no place for counts by its exact ``repr``, its canonical key (a numpy array by its
+    elements), its state (a dataclass's or pydantic model's fields and other attributes, an object's
+    ``__dict__``) or, last, its pickle — never by a ``repr`` that may be abridged or constant (a large
+    array's elides its middle), which would make a changed record look unchanged."""
     t = type(value)
     if t is float:
         return ("float", value.hex())
     if t in _JSON_SCALARS:
         return value
+    if depth > _MAX_DEPTH:
+        return _pickled(value)
+    d = depth + 1
     if t is list or t is tuple:
-        return (t.__name__, *(_tagged(v) for v in value))
+        return (t.__name__, *(_tagged(v, d) for v in value))
     if t is dict:
-        return ("dict", *sorted(((_tagged(k), _tagged(v)) for k, v in value.items()), key=repr))
-    if t in _EXACT_REPR:
+        return ("dict", *sorted(((_tagged(k, d), _tagged(v, d)) for k, v in value.items()), key=repr))
+    if t in EXACT_REPR:
         return (t.__qualname__, repr(value))
+    name = f"{t.__module__}.{t.__qualname__}"
+    state = _state(value, t)
+    if state is not None:
+        return ("state", name, _tagged(state, d))
     try:
         return ("key", durable_text(freeze(value)))
     except (Unkeyable, NotDurable):
         pass
+    return _pickled(value)
+
+
+_MAX_DEPTH = 64
+_PICKLE_HOOKS = ("__reduce_ex__", "__reduce__", "__getstate__")
+
+
+def _state(value: Any, t: type) -> dict[str, Any] | None:
+    """What a dataclass, pydantic model or plain object holds, or ``None`` (hashed otherwise)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            **{f.name: getattr(value, f.name) for f in dataclasses.fields(value)},
+            **getattr(value, "__dict__", {}),
+        }
+    fields = getattr(t, "model_fields", None)
+    if isinstance(fields, dict) and hasattr(value, "model_dump"):  # a pydantic model
+        return {
+            "fields": {k: getattr(value, k) for k in fields},
+            "extra": getattr(value, "__pydantic_extra__", None) or {},
+            "private": getattr(value, "__pydantic_private__", None) or {},
+        }
+    if (
+        t.__module__ != "builtins"
+        and not isinstance(value, type | types.ModuleType | types.FunctionType | enum.Enum)
+        and type(getattr(value, "__dict__", None)) is dict
+        and getattr(t, "__slots__", None) is None
+        and all(getattr(t, m) is getattr(object, m) for m in _PICKLE_HOOKS)  # its pickle is its __dict__
+    ):
+        return dict(value.__dict__)
+    return None
+
+
+def _pickled(value: Any) -> Any:
     try:
         data = pickle.dumps(value, protocol=4)
     except Exception as e:
-        raise _Unhashable(t.__qualname__) from e
-    return ("pickle", t.__qualname__, hashlib.blake2b(data, digest_size=16).hexdigest())
+        raise _Unhashable(type(value).__qualname__) from e
+    return ("pickle", type(value).__qualname__, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
 def input_hash(inputs: Mapping[str, Any], where: str = "a record") -> str:
