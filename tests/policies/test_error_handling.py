@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import stageflow
 from stageflow import (
     ConfigurationError,
     ErrorHandlingPipeline,
@@ -410,3 +411,35 @@ def test_client_timeouts_stay_critical_when_timeouts_are_not_named(error: Except
 def test_timeout_in_the_message_alone_is_not_a_timeout() -> None:
     with pytest.raises(PipelineError):
         ErrorHandlingPipeline([raising(ValueError("request timeout")), then("z")])(x="in")
+
+
+def _raised_while_handling(kind: str) -> Any:
+    def body(x: str) -> dict[str, Any]:
+        try:
+            raise TimeoutError("slow")
+        except TimeoutError as e:
+            if kind == "context":
+                raise KeyError("bug in the handler")  # noqa: B904 (the point: no "from")
+            if kind == "from-none":
+                raise KeyError("bug in the handler") from None
+            raise stageflow.BudgetExceeded.refused(
+                "max_calls", spent=1, limit=1, needed=1, scope="stageflow.budget()"
+            ) from e
+
+    return stage(body, writes=["y"])
+
+
+@pytest.mark.parametrize("kind", ["context", "from-none", "budget-from-timeout"])
+def test_an_error_raised_while_handling_a_timeout_is_not_a_timeout(kind: str) -> None:
+    with pytest.raises(PipelineError):
+        ErrorHandlingPipeline([_raised_while_handling(kind), then("z")])(x="in")
+    with pytest.raises(stageflow.StageflowError):
+        SequentialPipeline([Stage(_raised_while_handling(kind), skip_on=[TimeoutError]), then("z")])(x="in")
+
+
+def test_a_base_of_timeout_error_does_not_take_in_every_timeout() -> None:
+    class GatewayError(Exception):  # not an OSError, but an HTTP 504
+        status_code = 504
+
+    with pytest.raises(stageflow.StageflowError):
+        SequentialPipeline([Stage(raising(GatewayError("gw")), skip_on=[OSError]), then("z")])(x="in")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 
-from stageflow.errors import StageTimeoutError
+from stageflow.errors import BudgetExceeded, StageTimeoutError
 
 __all__ = ["causes", "explicit_causes", "is_kind", "is_retryable", "is_timeout", "retry_after"]
 
@@ -88,8 +88,10 @@ def is_timeout(error: BaseException) -> bool:
 
 
 def is_kind(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``error``, or an error it was raised from, is one of ``kinds``; where ``kinds`` names
-    ``TimeoutError`` (or a base of it), every timeout (:func:`is_timeout`) is one.
+    """Whether ``error``, or an error it was raised ``from``, is one of ``kinds``; where ``kinds``
+    names ``TimeoutError`` itself, every timeout (:func:`is_timeout`) is one. An error raised while
+    handling another (without ``from``) is not caused by it, and a budget refusal
+    (:class:`~stageflow.BudgetExceeded`) is never taken for what it was raised from.
 
     Examples:
         >>> class ReadTimeout(Exception):
@@ -97,8 +99,13 @@ def is_kind(error: BaseException, kinds: tuple[type[BaseException], ...]) -> boo
         >>> is_kind(ReadTimeout(), (TimeoutError,)), is_kind(ReadTimeout(), (KeyError,))
         (True, False)
     """
-    timeouts = any(issubclass(TimeoutError, k) for k in kinds)
-    return any(isinstance(e, kinds) or (timeouts and is_timeout(e)) for e in causes(error))
+    timeouts = TimeoutError in kinds
+    for e in explicit_causes(error):
+        if isinstance(e, kinds) or (timeouts and is_timeout(e)):
+            return True
+        if isinstance(e, BudgetExceeded):
+            return False
+    return False
 
 
 def causes(error: BaseException) -> list[BaseException]:
