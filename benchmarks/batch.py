@@ -75,6 +75,27 @@ class ThreePredict(dspy.Module):  # type: ignore[misc]
         return self.stages[2](a2=a2)
 
 
+def thread_reference(program: Any, lm: Any, questions: list[dict[str, Any]]) -> None:
+    """The floor for threads: ``CONC`` threads calling the pipeline, nothing else."""
+    it = iter(questions)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with dspy.context(lm=lm):
+            while True:
+                with lock:
+                    rec = next(it, None)
+                if rec is None:
+                    return
+                program(question=rec["question"])
+
+    threads = [threading.Thread(target=worker) for _ in range(CONC)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def make_lm_for_ray() -> FakeLM:  # built inside each Ray worker (FakeLM holds a lock)
     return fake_lm()
 
@@ -118,26 +139,9 @@ def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[],
 
     out["alternative: asyncio tasks × pipeline.acall (no journal)"] = lambda: asyncio.run(tasks())
 
-    def pool() -> None:  # the floor for threads: 32 threads calling the pipeline, nothing else
-        it = iter(questions)
-        lock = threading.Lock()
-
-        def worker() -> None:
-            with dspy.context(lm=lm):
-                while True:
-                    with lock:
-                        rec = next(it, None)
-                    if rec is None:
-                        return
-                    program(question=rec["question"])
-
-        threads = [threading.Thread(target=worker) for _ in range(CONC)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    out["thread reference: 32 threads × pipeline call (no journal)"] = pool
+    out["thread reference: 32 threads × pipeline call (no journal)"] = lambda: thread_reference(
+        program, lm, questions
+    )
     out["stageflow run_batch, local (sleep stages)"] = lambda: stageflow.run_batch(
         sleepy, xs, journal=journal(), concurrency=CONC, progress=False
     )
