@@ -232,8 +232,9 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
             if self.stage_path
             else "An LM call was refused"
         )
+        verb = "cannot hold it within" if self.limit_name == "max_tokens" else "has spent"
         self.message = (
-            f"{who}: {self.scope} has spent its {self.limit_name} "
+            f"{who}: {self.scope} {verb} its {self.limit_name} "
             f"({_spent_text(self.limit_name, self.spent, self.limit, self.needed)})."
         )
         self.args = (self.message,)
@@ -267,7 +268,8 @@ def _spent_text(limit_name: str, spent: float, limit: float, needed: float) -> s
     if limit_name == "max_tokens":
         return (
             f"{spent:,.0f} of max_tokens={limit:,.0f} tokens used; this call would hold {needed:,.0f} "
-            "more until it reports its usage: its prompt (estimated) plus room for the answer (the LM's "
-            "max_tokens when the model enforces it, else what the model's answers have used)"
+            "until it reports its usage: its prompt (estimated) plus room for the answer — the LM's "
+            "max_tokens when the model stops there, else LMBudget's default_max_tokens (4,096 unless "
+            "set), more once the model's answers have been seen to use more"
         )
     return f"{spent:,.0f} of {limit_name}={limit:,.0f} LM calls used; this call needs {needed:,.0f} more"

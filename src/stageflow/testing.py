@@ -65,6 +65,29 @@ def parse_request(system: str, user: str) -> tuple[dict[str, str], dict[str, Any
     return outputs, inputs
 
 
+def _members(type_text: str) -> list[str]:
+    """The members of a union type's text at its top level (``[type_text]`` for any other type).
+
+    >>> _members("Union[str, NoneType]"), _members("Union[list[str], NoneType]"), _members("str | None")
+    (['str', 'NoneType'], ['list[str]', 'NoneType'], ['str', 'None'])
+    """
+    t = type_text.replace(" ", "")
+    if t.startswith("Optional[") and t.endswith("]"):
+        return [*_members(t[9:-1]), "NoneType"]
+    body = t[6:-1] if t.startswith("Union[") and t.endswith("]") else t
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch in ",|" and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    parts.append(body[start:])
+    return parts
+
+
 def _default_for(type_text: str, default: str) -> Any:
     t = type_text.replace(" ", "")
     optional = re.fullmatch(r"(?:Optional\[(.*)\]|Union\[(.*),NoneType\]|(.*)\|None)", t)
@@ -173,9 +196,11 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
     Args:
         responses: ``{field: value}``; a value may be a callable ``(inputs) -> value`` that gets the
             call's input fields; a field scripted as ``None`` answers ``None`` (for an optional
-            output). Fields without a script get ``default`` (or a value of the right shape: the
-            first ``Literal`` option, a one-item list, ``1.0`` for floats, the inner type's value
-            for ``Optional[...]``...).
+            output; in DSPy's chat format not for a ``str | None`` one, which is refused: any text
+            is a str there). Fields without a script get ``default``, or a value of the right shape
+            for ``int``, ``float``, ``bool``, ``Literal``, ``list`` and ``Optional`` of those (the
+            first option, a one-item list, ``1.0``...); script fields of other types (pydantic
+            models, enums, dicts).
         default: The text for unscripted string fields.
         latency: Seconds each call takes (``time.sleep`` / ``asyncio.sleep``), for concurrency tests.
         fail_times: Raise ``RuntimeError`` on this many first calls (for error-path tests).
@@ -291,6 +316,13 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
         if "Respond with a JSON object" in user:
             text = json.dumps(values)
         else:
+            for name, value in values.items():
+                if value is None and "str" in _members(outputs[name]):
+                    raise ValueError(
+                        f"FakeLM: the output '{name}' ({outputs[name]}) is scripted as None, which DSPy's "
+                        "chat format cannot answer: any text is a str, so it would read 'null' as text. "
+                        "Script a string, or use dspy.JSONAdapter()"
+                    )
             parts = []
             for k, v in values.items():
                 parts.append(f"[[ ## {k} ## ]]\n{v if isinstance(v, str) else json.dumps(v)}")

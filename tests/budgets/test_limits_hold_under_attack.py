@@ -165,7 +165,7 @@ def test_a_limit_set_without_the_provider_prefix_is_named_in_a_warning(
 
 
 def test_a_cost_budget_says_once_when_the_model_reports_no_cost(caplog: pytest.LogCaptureFixture) -> None:
-    lm = FakeLM(model="stageflow-fake/unpriced")  # reports no cost, has no known price
+    lm = FakeLM(model="stageflow-fake/unpriced-once")  # reports no cost, has no known price
     p = stageflow.SequentialPipeline([dspy.Predict("question -> answer"), dspy.Predict("answer -> summary")])
     with (
         dspy.context(lm=lm),
@@ -176,8 +176,13 @@ def test_a_cost_budget_says_once_when_the_model_reports_no_cost(caplog: pytest.L
         p(question="b")
     notes = [e for e in spent.events if e.kind == "cost_unreported"]
     assert len(notes) == 1
-    assert notes[0].detail["model"] == "stageflow-fake/unpriced"
+    assert notes[0].detail["model"] == "stageflow-fake/unpriced-once"
     assert sum("reported no cost" in r.getMessage() for r in caplog.records) == 1
+    per_call = stageflow.SequentialPipeline([dspy.Predict("question -> answer")]).set_budget(max_cost=0.01)
+    with dspy.context(lm=lm), caplog.at_level(logging.WARNING, logger="stageflow"):
+        results = [per_call(question=f"q{i}") for i in range(3)]
+    assert all(any(e.kind == "cost_unreported" for e in r.run.events) for r in results)  # each budget says it
+    assert sum("reported no cost" in r.getMessage() for r in caplog.records) == 1  # the log, once per model
 
 
 def test_a_model_that_reports_its_cost_raises_no_note() -> None:
@@ -185,3 +190,22 @@ def test_a_model_that_reports_its_cost_raises_no_note() -> None:
     with dspy.context(lm=lm), stageflow.budget(max_cost=1.0) as spent:
         dspy.Predict("question -> answer")(question="a")
     assert not [e for e in spent.events if e.kind == "cost_unreported"]
+
+
+def test_one_huge_answer_throttles_a_few_calls_not_the_next_thirty_two() -> None:
+    clock = FakeClock()
+    sizes = iter([20_000] + [50] * 60)
+    lm = FakeLM(usage=lambda inputs: (0, next(sizes)), max_tokens=100)
+    qa = dspy.Predict("question -> answer")
+    limiter = rate_limit(MODEL, tpm=2000, clock=clock, sleep=clock.sleep, record=True)
+    start = clock()
+    with dspy.context(lm=lm):
+        for i in range(40):
+            qa(question=f"q{i}")
+    assert limiter.excess <= 2000  # never more than a whole window
+    assert clock() - start < 60 * 12  # (one call per minute for 32 calls before)
+
+
+def test_max_pause_must_be_finite() -> None:
+    with pytest.raises(stageflow.ConfigurationError, match="finite"):
+        rate_limit(MODEL, rpm=1, max_pause=math.inf)

@@ -33,3 +33,16 @@ def test_a_field_scripted_as_none_answers_none(adapter: dspy.Adapter) -> None:
     with dspy.context(lm=FakeLM({"a": None, "c": None}), adapter=adapter):
         r = dspy.Predict(Optionals)(q="x")
     assert (r.a, r.b, r.c) == (None, 1, None)
+
+
+def test_none_for_an_optional_str_in_the_chat_format_is_refused_not_read_as_text() -> None:
+    class Note(dspy.Signature):
+        """Answer."""
+
+        q: str = dspy.InputField()
+        note: Optional[str] = dspy.OutputField()  # noqa: UP045
+
+    with dspy.context(lm=FakeLM({"note": None})), pytest.raises(Exception, match="scripted as None"):
+        dspy.Predict(Note)(q="x")
+    with dspy.context(lm=FakeLM({"note": None}), adapter=dspy.JSONAdapter()):
+        assert dspy.Predict(Note)(q="x").note is None

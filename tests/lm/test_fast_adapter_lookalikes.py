@@ -118,3 +118,21 @@ def test_an_instance_override_set_after_the_twin_was_made_is_seen_and_named() ->
     after = fast_path_stats().fallbacks
     reason = "the adapter instance sets its own format_task_description"
     assert after.get(reason, 0) == before.get(reason, 0) + 1
+
+
+def test_a_formatting_method_patched_on_dspys_class_after_first_use_is_honoured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=FakeLM({"answer": "x"}), adapter=dspy.ChatAdapter()):
+        p(question="q")  # the plan (and its system message) exists from here on
+    monkeypatch.setattr(dspy.ChatAdapter, "format_task_description", lambda self, sig: "PATCHED task.")
+    lm = FakeLM({"answer": "x"})
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        p(question="q")
+    assert "PATCHED task." in lm.history[-1]["messages"][0]["content"]
+    monkeypatch.undo()
+    again = FakeLM({"answer": "x"})
+    with dspy.context(lm=again, adapter=dspy.ChatAdapter()):
+        p(question="q")
+    assert "PATCHED" not in again.history[-1]["messages"][0]["content"]

@@ -362,10 +362,13 @@ def _finished(plan: _Plan, result: Any) -> None:
         plan.limiter.settle(plan.slot, used[0] + used[1])
 
 
+_UNCOSTED_WARNED: set[str] = set()
+
+
 def _note_uncosted(plan: _Plan) -> None:
     """A call under a ``max_cost`` budget whose model reported no cost: the budget cannot count it.
-    Said once per budget, as an event and a warning (a cost limit that silently counts nothing would
-    never stop anything)."""
+    Said once per budget as an event, and once per model in the process as a warning (a cost limit
+    that silently counts nothing would never stop anything)."""
     for ledger in plan.chain:
         if ledger.limits.max_cost is not None and not ledger.uncosted:
             ledger.uncosted = True
@@ -375,12 +378,14 @@ def _note_uncosted(plan: _Plan) -> None:
                 model=plan.need.model,
                 note="the model reported no cost: its calls add nothing to max_cost",
             )
-            logger.warning(
-                "stageflow budget: the model %r reported no cost, so max_cost=%s does not count its calls "
-                "(set max_calls or max_tokens too, or use a model with known prices)",
-                plan.need.model,
-                ledger.limits.max_cost,
-            )
+            if plan.need.model not in _UNCOSTED_WARNED:  # (a budget per call would say it every call)
+                _UNCOSTED_WARNED.add(plan.need.model)
+                logger.warning(
+                    "stageflow budget: the model %r reported no cost, so max_cost=%s does not count its "
+                    "calls (set max_calls or max_tokens too, or use a model with known prices)",
+                    plan.need.model,
+                    ledger.limits.max_cost,
+                )
 
 
 def _note_unreported(plan: _Plan) -> None:

@@ -9,7 +9,7 @@ minute's refill through in the same minute: up to twice the limit). Cache hits t
 
 Tokens are counted as the call's estimate when it starts (prompt characters / 4 plus its
 ``max_tokens``) and corrected to what the model reports when it ends. The estimate of later calls
-adds the most any of the model's last 32 calls used beyond its estimate (an answer without a
+adds the most any of the model's last 8 calls used beyond its estimate (at most ``tpm``) (an answer without a
 ``max_tokens`` bound is not in the estimate at all), so once answers have been seen the windows stay
 under ``tpm`` while their size holds; calls started before any answer came back can push their window
 over by what they used beyond their estimates. A call refused by the server with a
@@ -51,7 +51,7 @@ logger = logging.getLogger("stageflow")
 _REGISTRY: dict[str, RateLimiter] = {}
 _REGISTRY_LOCK = threading.Lock()
 _MIN_WAIT = 1e-6  # so a clock that sleeps exactly the wait always moves past the expiry
-_LEARNED = 32  # settled calls whose excess over their estimate the next estimates take into account
+_LEARNED = 8  # settled calls whose excess over their estimate the next estimates take into account
 
 
 class _Use:
@@ -96,8 +96,8 @@ class RateLimiter:
         waits: Calls that had to wait. ``waited``: seconds they waited in all.
         pauses: ``Retry-After`` pauses honoured.
         max_pause: The longest pause a ``Retry-After`` can impose (seconds).
-        excess: Tokens added to each call's estimate: the most one of the last 32 calls used beyond
-            its estimate.
+        excess: Tokens added to each call's estimate: the most one of the last 8 calls used beyond
+            its estimate, at most ``tpm``.
         grants: Every grant's time (only with ``record=True``: for tests and audits).
     """
 
@@ -135,9 +135,9 @@ class RateLimiter:
                 code="bad_option",
             )
         bad_pause = isinstance(max_pause, bool) or not isinstance(max_pause, int | float)
-        if bad_pause or math.isnan(max_pause) or max_pause < 0:
+        if bad_pause or not math.isfinite(max_pause) or max_pause < 0:
             raise ConfigurationError(
-                f"rate_limit: max_pause must be a number of seconds >= 0, got {max_pause!r}.",
+                f"rate_limit: max_pause must be a finite number of seconds >= 0, got {max_pause!r}.",
                 field="max_pause",
                 code="bad_option",
             )
@@ -263,7 +263,7 @@ class RateLimiter:
                 use.tokens = tokens
             if tokens > 0:  # (a failed call reports nothing: it says nothing about answers)
                 self._excesses.append(max(0, tokens - use.estimate))
-                self.excess = max(self._excesses)
+                self.excess = min(max(self._excesses), self.tpm or 0)
 
     def refund(self, slot: Slot) -> None:
         """Give the room back (the call was answered from a cache, or never sent)."""

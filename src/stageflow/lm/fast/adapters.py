@@ -98,17 +98,26 @@ class _FastPath:
     _plans: ClassVar[weakref.WeakKeyDictionary[Any, Plan]]
     _pure: ClassVar[bool] = True
 
+    _methods: ClassVar[tuple[Any, ...]] = ()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)  # DSPy's Adapter wraps format/parse with callbacks here
         base = cls._dspy_base
         cls._pure = all(getattr(cls, hook) is getattr(base, hook) for hook in _HOOKS)
+        # The formatting methods as the fast path reproduces them: one patched later on the class
+        # (``dspy.ChatAdapter.format_task_description = ...``) sends its calls to DSPy's code.
+        cls._methods = tuple(getattr(cls, hook) for hook in _HOOKS)
+
+    @classmethod
+    def _unpatched(cls) -> bool:
+        return all(getattr(cls, hook) is method for hook, method in zip(_HOOKS, cls._methods, strict=True))
 
     # -- plans ---------------------------------------------------------------------------------
 
     def _plan(self, signature: Any) -> Plan | None:
         """The signature's plan, or ``None`` when DSPy's code must handle this call."""
         cls = type(self)
-        if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__):
+        if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__) or not cls._unpatched():
             return None
         memo = _CALL_PLAN.get()
         if memo is None:  # format or parse called on their own
@@ -145,6 +154,8 @@ class _FastPath:
         own = sorted(_HOOK_NAMES.intersection(self.__dict__))
         if own:
             return f"the adapter instance sets its own {own[0]}"
+        if not type(self)._unpatched():
+            return f"a formatting method of {type(self)._dspy_base.__name__} was replaced after import"
         plan = plan_for(type(self)._plans, signature)
         if plan is None:
             return f"not a DSPy signature class: {type(signature).__qualname__}"
