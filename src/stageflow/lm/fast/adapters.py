@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import operator
 import weakref
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -81,6 +82,7 @@ _HOOKS = (
     "_get_history_field_name",
 )
 _HOOK_NAMES = frozenset(_HOOKS)  # (also set on an instance: ``adapter.format_task_description = ...``)
+_GET_HOOKS = operator.attrgetter(*_HOOKS)
 
 
 # Within one adapter call, ``_call_preprocess``, ``format``, ``_call_postprocess`` and ``parse``
@@ -106,27 +108,27 @@ class _FastPath:
         cls._pure = all(getattr(cls, hook) is getattr(base, hook) for hook in _HOOKS)
         # The formatting methods as the fast path reproduces them: one patched later on the class
         # (``dspy.ChatAdapter.format_task_description = ...``) sends its calls to DSPy's code.
-        cls._methods = tuple(getattr(cls, hook) for hook in _HOOKS)
+        cls._methods = _GET_HOOKS(cls)
 
     @classmethod
     def _unpatched(cls) -> bool:
-        return all(getattr(cls, hook) is method for hook, method in zip(_HOOKS, cls._methods, strict=True))
+        return bool(_GET_HOOKS(cls) == cls._methods)  # (a tuple compare: identity first, in C)
 
     # -- plans ---------------------------------------------------------------------------------
 
     def _plan(self, signature: Any) -> Plan | None:
         """The signature's plan, or ``None`` when DSPy's code must handle this call."""
         cls = type(self)
-        if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__) or not cls._unpatched():
-            return None
         memo = _CALL_PLAN.get()
-        if memo is None:  # format or parse called on their own
-            plan = plan_for(cls._plans, signature)
-        elif memo[0] is cls and memo[1] is signature:
-            plan = memo[2]
+        if memo is not None and memo[0] is cls and memo[1] is signature:
+            plan = memo[2]  # (looked up, and the adapter checked, earlier in this adapter call)
         else:
-            plan = plan_for(cls._plans, signature)
-            _CALL_PLAN.set((cls, signature, plan))
+            if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__) or not cls._unpatched():
+                plan = None
+            else:
+                plan = plan_for(cls._plans, signature)
+            if memo is not None:  # (None: format or parse called on their own)
+                _CALL_PLAN.set((cls, signature, plan))
         if plan is None or plan.reason is not None or plan.differs is not None:
             return None
         return plan
