@@ -13,7 +13,8 @@ checks);
 ``ForEach.acall`` over 2,048 instant ``async def`` items and ``asyncio.gather`` of the same
 coroutines (per item); a sync ``ForEach`` over 2,048 instant function items and
 ``ThreadPoolExecutor(512).map`` of the same function (per item; under callgrind threads take turns,
-so this counts the work, not the waiting).
+so this counts the work, not the waiting); three ``dspy.Predict`` calls on an instant ``FakeLM`` in a
+pipeline (the fast path) and called by plain DSPy code (per stage call).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ MEASURES = {
     "gather": (1, 4, ITEMS),
     "foreach_sync": (1, 4, ITEMS),
     "pool_map": (1, 4, ITEMS),
+    "predict3": (40, 140, 3),
+    "dspy3": (40, 140, 3),
 }
 
 
@@ -61,6 +64,8 @@ def _program(name: str) -> Any:
     if name.startswith("depth"):
         deep = nested(int(name[5:]))
         return lambda: deep(x=0)
+    if name in ("predict3", "dspy3"):
+        return _predictors(name)
     if name.startswith(("undeclared", "declared")):
         chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
         return lambda: chain(x0=0)
@@ -81,6 +86,28 @@ def _program(name: str) -> Any:
         await asyncio.gather(*[item(x) for x in items])
 
     return lambda: loop.run_until_complete(gather())
+
+
+def _predictors(name: str) -> Any:
+    """Three ``dspy.Predict`` calls on an instant ``FakeLM`` (per stage call): in a stageflow pipeline
+    (the fast path), or called one after another by plain DSPy code (DSPy's own adapter)."""
+    import dspy
+
+    import stageflow
+    from stageflow.testing import FakeLM
+
+    dspy.configure(lm=FakeLM({"answer": "ok", "a1": "x", "a2": "y"}))
+    stages = [dspy.Predict("question -> a1"), dspy.Predict("a1 -> a2"), dspy.Predict("a2 -> answer")]
+    counter = iter(range(10**9))
+    if name == "predict3":
+        pipe = stageflow.SequentialPipeline(stages)
+        return lambda: pipe(question=f"q{next(counter)}")
+
+    def plain() -> None:
+        a1 = stages[0](question=f"q{next(counter)}").a1
+        stages[2](a2=stages[1](a1=a1).a2)
+
+    return plain
 
 
 def _threads(name: str, items: list[int]) -> Any:
@@ -172,6 +199,10 @@ def main() -> None:
         "sync ForEach / ThreadPoolExecutor.map per item": (
             ("foreach_sync", "pool_map"),
             lambda r: f"{r['foreach_sync'] / r['pool_map']:.2f}×",
+        ),
+        "Predict stage in a pipeline / plain dspy.Predict call": (
+            ("predict3", "dspy3"),
+            lambda r: f"{r['predict3'] / r['dspy3']:.2f}×",
         ),
         "deferred contract check per stage (undeclared − declared, marginal)": (
             ("undeclared10", "undeclared1", "declared10", "declared1"),
