@@ -136,3 +136,35 @@ def test_a_formatting_method_patched_on_dspys_class_after_first_use_is_honoured(
     with dspy.context(lm=again, adapter=dspy.ChatAdapter()):
         p(question="q")
     assert "PATCHED" not in again.history[-1]["messages"][0]["content"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "patch", "check"),
+    [
+        (dspy.ChatAdapter, "parse", lambda self, sig, completion: {"answer": "PATCHED"}, "answer"),
+        (dspy.ChatAdapter, "format", None, "prompt"),
+    ],
+    ids=["parse", "format"],
+)
+def test_a_method_the_fast_path_takes_over_patched_on_dspys_class_is_honoured(
+    monkeypatch: pytest.MonkeyPatch, cls: type, name: str, patch: Any, check: str
+) -> None:
+    p = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=FakeLM({"answer": "x"})):
+        p(question="q")
+    if patch is None:
+        original = cls.format
+
+        def patch(self: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+            messages = original(self, signature, demos, inputs)
+            messages[0]["content"] = "PATCHED " + messages[0]["content"]
+            return messages
+
+    monkeypatch.setattr(cls, name, patch)
+    lm = FakeLM({"answer": "x"})
+    with dspy.context(lm=lm):
+        result = p(question="q")
+    if check == "answer":
+        assert result.answer == "PATCHED"
+    else:
+        assert lm.history[-1]["messages"][0]["content"].startswith("PATCHED ")

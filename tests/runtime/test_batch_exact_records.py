@@ -56,16 +56,40 @@ class Holder:
     counts: dict[str, int]
 
 
+class Cfg(dict):  # type: ignore[type-arg]
+    pass
+
+
+class Label(str):
+    __slots__ = ()
+
+
+class Vec(list):  # type: ignore[type-arg]
+    pass
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
     [
+        (Cfg(mode="old"), Cfg(mode="new")),  # subclasses of builtins: the content is not in __dict__
+        (Label("old"), Label("new")),
+        (Vec([1]), Vec([2])),
         (_with_extra("old"), _with_extra("new")),  # an attribute besides the dataclass's fields
         (np.zeros(5000), np.where(np.arange(5000) == 2500, 7.0, 0.0)),  # an abridged repr
         (SameRepr("old"), SameRepr("new")),  # a constant repr
         ((1, 2), [1, 2]),  # JSON writes both as [1, 2]
         ({1: "a"}, {"1": "a"}),  # JSON writes both keys as "1"
     ],
-    ids=["dataclass-extra", "numpy", "constant-repr", "tuple-list", "int-key"],
+    ids=[
+        "dict-subclass",
+        "str-subclass",
+        "list-subclass",
+        "dataclass-extra",
+        "numpy",
+        "constant-repr",
+        "tuple-list",
+        "int-key",
+    ],
 )
 def test_a_record_whose_content_changed_has_another_hash(first: Any, second: Any) -> None:
     assert input_hash({"v": first}) != input_hash({"v": second})
@@ -78,7 +102,8 @@ sys.path.insert(0, {tests!r})
 from test_batch_exact_records import Bag, Holder
 from stageflow.runtime.records import input_hash
 words = [f"w{{i}}" for i in range(20)]
-print(input_hash({{"bag": Bag(set(words)), "dc": Holder({{w: 1 for w in set(words)}})}}))
+record = {{"bag": Bag(set(words)), "dc": Holder({{w: 1 for w in set(words)}}), "fs": frozenset(words)}}
+print(input_hash(record))
 """
 
 
@@ -229,3 +254,33 @@ def test_a_damaged_row_in_the_journal_stops_the_output_naming_the_record(tmp_pat
     with pytest.raises(JournalError, match='the record "r1" has'):
         stageflow.run_batch(p, recs, journal=j, output=out, progress=False)
     assert out.read_text() == before  # the old file stays whole
+
+
+def test_a_second_journal_on_the_same_file_in_one_process_leaves_the_first_one_s_locks(
+    tmp_path: Path,
+) -> None:
+    """Refused before it opens the file: closing a descriptor of it would drop the SQLite locks of
+    the journal in use, and an outside reader would then delete its write-ahead log."""
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as first:
+        first.con.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+        first.con.execute("INSERT INTO probe VALUES (1)")
+        with pytest.raises(JournalError, match="in use by another batch run"):
+            Journal(path)
+        reader = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('select 1'); c.close()",
+                str(path),
+            ],
+            check=True,
+        )
+        assert reader.returncode == 0
+        assert (tmp_path / "j.sqlite-wal").exists()  # still the live journal's
+        first.con.execute("INSERT INTO probe VALUES (2)")
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT count(*) FROM probe").fetchone()[0] == 2
+    con.close()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,26 @@ class Plan:
     failed: int
 
 
+_OPEN: set[tuple[int, int] | None] = set()  # (device, inode) of the journals open in this process
+_OPEN_LOCK = threading.Lock()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _in_use(path: Path) -> JournalError:
+    return JournalError(
+        f"the journal {path} is in use by another batch run.",
+        code="journal_locked",
+        hint="wait for that run to finish (or stop it), or pass another --journal",
+    )
+
+
 class Journal:
     """A batch journal file (see the module docstring). Use as a context manager."""
 
@@ -105,6 +126,22 @@ class Journal:
                 f"cannot create the journal {self.path}: the directory {self.path.parent} does not exist.",
                 code="bad_journal",
             )
+        # Another journal of this process on the same file: refused before this one opens the file,
+        # since closing any descriptor of it would drop the SQLite locks the running one holds.
+        self._identity = _identity(self.path)
+        self._lock_fd: int | None = None
+        with _OPEN_LOCK:
+            if self._identity is not None and self._identity in _OPEN:
+                raise _in_use(self.path)
+            if self._identity is not None:
+                _OPEN.add(self._identity)
+        try:
+            self._open()
+        except BaseException:
+            self._forget()
+            raise
+
+    def _open(self) -> None:
         foreign = foreign_reason(self.path)
         if foreign is not None:
             raise JournalError(
@@ -165,12 +202,20 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise JournalError(
-                f"the journal {self.path} is in use by another batch run.",
-                code="journal_locked",
-                hint="wait for that run to finish (or stop it), or pass another --journal",
-            ) from exc
+            raise _in_use(self.path) from exc
+        if self._identity is None:  # (the file is new: now it has an identity)
+            identity = _identity(self.path)
+            with _OPEN_LOCK:
+                if identity in _OPEN:
+                    os.close(fd)
+                    raise _in_use(self.path)
+                _OPEN.add(identity)
+            self._identity = identity
         return fd
+
+    def _forget(self) -> None:
+        with _OPEN_LOCK:
+            _OPEN.discard(self._identity)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -182,6 +227,7 @@ class Journal:
         with contextlib.suppress(Exception):
             self.con.close()
         self._unlock()
+        self._forget()
 
     def __enter__(self) -> Journal:
         return self

@@ -121,9 +121,17 @@ class UnwritableError(TypeError):
 def _plain(value: Any) -> Any:
     """A JSON-ready version of a value json cannot encode itself, holding all of it: never a text
     that abridges it (a large numpy array's ``str`` elides its middle) or an object's default
-    ``<... at 0x...>``. Raises :class:`UnwritableError` for a value it has no such form for."""
+    ``<... at 0x...>``. Raises :class:`UnwritableError` for a value it has no such form for, or
+    whose form has keys JSON would merge."""
+    plain = _converted(value)
+    _no_key_clash(plain)
+    return plain
+
+
+def _converted(value: Any) -> Any:
     dump = getattr(value, "model_dump", None)  # pydantic models
     if callable(dump):
+        _no_key_clash(dump())  # (its JSON form has merged such keys already)
         return dump(mode="json")
     to_dict = getattr(value, "toDict", None)  # dspy.Example / Prediction
     if callable(to_dict):
@@ -268,8 +276,7 @@ def _no_key_clash(value: Any, depth: int = 0) -> None:
     for a mapping whose keys JSON would merge (walked through dicts, lists and tuples)."""
     if depth > 64:
         return  # (deeper than that, json refuses it anyway)
-    t = type(value)
-    if t is dict:
+    if isinstance(value, Mapping):
         if not all(type(k) is str for k in value):
             seen: dict[str, Any] = {}
             for k in value:
@@ -287,7 +294,7 @@ def _no_key_clash(value: Any, depth: int = 0) -> None:
                 seen[text] = k
         for v in value.values():
             _no_key_clash(v, depth + 1)
-    elif t is list or t is tuple:
+    elif isinstance(value, list | tuple | set | frozenset):
         for v in value:
             _no_key_clash(v, depth + 1)
 

@@ -104,6 +104,10 @@ def _tagged(value: Any, depth: int = 0) -> Any:
     if t in EXACT_REPR:
         return (t.__qualname__, repr(value))
     name = f"{t.__module__}.{t.__qualname__}"
+    builtin = _builtin_content(value, d)
+    if builtin is not None:  # a subclass of a builtin type (or a set): its content, and its attributes
+        extra = getattr(value, "__dict__", None)
+        return ("builtin", name, builtin, _tagged(dict(extra), d) if extra else None)
     state = _state(value, t)
     if state is not None:
         return ("state", name, _tagged(state, d))
@@ -112,6 +116,31 @@ def _tagged(value: Any, depth: int = 0) -> Any:
     except (Unkeyable, NotDurable):
         pass
     return _pickled(value)
+
+
+def _builtin_content(value: Any, d: int) -> Any:
+    """The content of a set, or of an instance of a subclass of a builtin type (``class Cfg(dict)``),
+    which lives outside its ``__dict__``; ``None`` for anything else."""
+    if isinstance(value, dict):
+        return sorted(((_tagged(k, d), _tagged(v, d)) for k, v in dict.items(value)), key=repr)
+    if isinstance(value, list | tuple):
+        return [
+            _tagged(v, d)
+            for v in (list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value))
+        ]
+    if isinstance(value, set | frozenset):
+        return sorted((_tagged(v, d) for v in value), key=repr)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.hex(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    return None
 
 
 _MAX_DEPTH = 64

@@ -101,6 +101,8 @@ class _FastPath:
     _pure: ClassVar[bool] = True
 
     _methods: ClassVar[tuple[Any, ...]] = ()
+    _taken: ClassVar[tuple[Any, ...]] = ()
+    _get_taken: ClassVar[Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)  # DSPy's Adapter wraps format/parse with callbacks here
@@ -109,10 +111,29 @@ class _FastPath:
         # The formatting methods as the fast path reproduces them: one patched later on the class
         # (``dspy.ChatAdapter.format_task_description = ...``) sends its calls to DSPy's code.
         cls._methods = _GET_HOOKS(cls)
+        # DSPy's own methods this class replaces, as they were at import (see base_patched).
+        names = sorted(
+            {
+                n
+                for k in cls.__mro__[: cls.__mro__.index(base)]
+                for n in vars(k)
+                if callable(getattr(base, n, None))
+            }
+            - {"__init__", "__init_subclass__", "__new__"}
+        )
+        cls._get_taken = staticmethod(operator.attrgetter(*names))
+        cls._taken = cls._get_taken(base)
 
     @classmethod
     def _unpatched(cls) -> bool:
         return bool(_GET_HOOKS(cls) == cls._methods)  # (a tuple compare: identity first, in C)
+
+    @classmethod
+    def base_patched(cls) -> bool:
+        """Whether a method of DSPy's adapter class that this fast class takes over (``format``,
+        ``parse``, ``__call__``, ``_call_preprocess``...) was replaced on DSPy's class since import:
+        then the adapter is left to DSPy's own code (:func:`~stageflow.lm.fast.fast_adapter_for`)."""
+        return bool(cls._get_taken(cls._dspy_base) != cls._taken)
 
     # -- plans ---------------------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ def fast_adapter_for(adapter: Any = None) -> Any:
         True
     """
     if adapter is None:
+        if FastChatAdapter.base_patched():  # DSPy's ChatAdapter was patched: its own code, patch and all
+            count_adapter_fallback("ChatAdapter (patched)")
+            return dspy.ChatAdapter()
         if not _DEFAULT:
             with _LOCK:
                 if not _DEFAULT:
@@ -56,6 +59,9 @@ def fast_adapter_for(adapter: Any = None) -> Any:
     if isinstance(adapter, FastChatAdapter | FastJSONAdapter):
         return adapter
     cls = _TWIN_CLASSES.get(type(adapter))
+    if cls is not None and cls.base_patched():
+        count_adapter_fallback(f"{type(adapter).__qualname__} (patched)")
+        return adapter
     if cls is None:
         count_adapter_fallback(type(adapter).__qualname__)
         return adapter
