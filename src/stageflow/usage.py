@@ -91,6 +91,18 @@ class StageUsage:
         self.limit_wait += other.limit_wait
         self.fast_fallbacks += other.fast_fallbacks
 
+    def minus(self, other: StageUsage) -> StageUsage:
+        """What this usage has beyond ``other`` (an earlier reading of the same counters).
+
+        >>> StageUsage(lm_calls=3, cost=0.5).minus(StageUsage(lm_calls=1)).lm_calls
+        2
+        """
+        values = {
+            f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self) if f.name != "cost"
+        }
+        cost = None if self.cost is None else self.cost - (other.cost or 0.0)
+        return StageUsage(**values, cost=cost)
+
     @property
     def total_tokens(self) -> int:
         """Input plus output tokens."""

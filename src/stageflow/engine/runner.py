@@ -265,24 +265,8 @@ def _stage_usage(call: _Call, entry: StageEntry, out: Any) -> dict[str, Any] | N
     if after is None:
         return None
     if call.before is not None:
-        after = _minus(after, call.before)
+        after = after.minus(call.before)
     return None if after.is_empty() else after.to_dict()
-
-
-def _minus(a: StageUsage, b: StageUsage) -> StageUsage:
-    cost = None if a.cost is None else a.cost - (b.cost or 0.0)
-    return StageUsage(
-        a.lm_calls - b.lm_calls,
-        a.input_tokens - b.input_tokens,
-        a.output_tokens - b.output_tokens,
-        cost,
-        a.lm_cache_hits - b.lm_cache_hits,
-        a.cache_hits - b.cache_hits,
-        a.retries - b.retries,
-        a.repairs - b.repairs,
-        a.limit_wait - b.limit_wait,
-        a.fast_fallbacks - b.fast_fallbacks,
-    )
 
 
 def _failed_stage(

@@ -97,15 +97,11 @@ def _tagged(value: Any, depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
         return _pickled(value)
     d = depth + 1
-    if t is list or t is tuple:
-        return (t.__name__, *(_tagged(v, d) for v in value))
-    if t is dict:
-        return ("dict", *sorted(((_tagged(k, d), _tagged(v, d)) for k, v in value.items()), key=repr))
     if t in EXACT_REPR:
         return (t.__qualname__, repr(value))
     name = f"{t.__module__}.{t.__qualname__}"
     builtin = _builtin_content(value, d)
-    if builtin is not None:  # a subclass of a builtin type (or a set): its content, and its attributes
+    if builtin is not None:  # a list, dict, set... or a subclass of one: its content, and its attributes
         extra = getattr(value, "__dict__", None)
         return ("builtin", name, builtin, _tagged(dict(extra), d) if extra else None)
     state = _state(value, t)
@@ -119,8 +115,9 @@ def _tagged(value: Any, depth: int = 0) -> Any:
 
 
 def _builtin_content(value: Any, d: int) -> Any:
-    """The content of a set, or of an instance of a subclass of a builtin type (``class Cfg(dict)``),
-    which lives outside its ``__dict__``; ``None`` for anything else."""
+    """The content of a list, tuple, dict or set, or of an instance of a subclass of a builtin type
+    (``class Cfg(dict)``: its content lives outside its ``__dict__``); ``None`` for anything else.
+    Dicts and sets count whatever their order."""
     if isinstance(value, dict):
         return sorted(((_tagged(k, d), _tagged(v, d)) for k, v in dict.items(value)), key=repr)
     if isinstance(value, list | tuple):
