@@ -76,7 +76,19 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         "else the line number)",
     )
     p.add_argument("--format", choices=("jsonl", "csv"), help="the data format (default: from the extension)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local", help="where records run (local)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "processes", "ray"),
+        default="local",
+        help="where records run: threads of this process (local), worker processes on this machine "
+        "(processes), a Ray cluster (ray)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes of --backend processes (default: the CPUs)",
+    )
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--actors", type=int, metavar="N", help="Ray actors (default: the cluster's CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
@@ -138,6 +150,7 @@ def _command(args: argparse.Namespace, journal: Path, *, retry_failed: bool = Fa
         ("--id-field", args.id_field, None),
         ("--format", args.format, None),
         ("--backend", args.backend, "local"),
+        ("--processes", args.processes, None),
         ("--ray-address", args.ray_address, None),
         ("--actors", args.actors, None),
         ("--lm", args.lm, None),
@@ -161,8 +174,14 @@ def _command(args: argparse.Namespace, journal: Path, *, retry_failed: bool = Fa
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("concurrency", "max_concurrency", "actors"):
+    for name in ("concurrency", "max_concurrency", "actors", "processes"):
         _positive(args, name)
+    if args.backend != "processes" and args.processes:
+        raise ConfigurationError(
+            "--processes applies to the process backend only.",
+            code="bad_option",
+            hint="add --backend processes",
+        )
     if args.backend != "ray" and (args.ray_address or args.actors):
         raise ConfigurationError(
             "--ray-address and --actors apply to the Ray backend only.",
@@ -191,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
         from stageflow.runtime.ray_backend import RayBackend
 
         backend = RayBackend(address=args.ray_address, actors=args.actors)
+    elif args.backend == "processes":
+        from stageflow.runtime.process_backend import ProcessBackend
+
+        backend = ProcessBackend(processes=args.processes)
     show = not args.quiet
     try:
         summary = run_batch(

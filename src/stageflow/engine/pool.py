@@ -58,6 +58,15 @@ def _reset_pool(name: str = "max_threads", value: Any = None) -> None:
 on_change(_reset_pool)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (the batch process backend) has none of the parent's threads: forget the
+    pool and the background loop (and a lock another thread may have held) so they start afresh."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL[0] = None
+    _LOOP[0] = None
+
+
 async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` on stageflow's long-lived pool from async code, in a copy of the context.
 
@@ -159,3 +168,7 @@ def run_on_background_loop(coro: Awaitable[Any]) -> Any:
 def available_cpus() -> int:
     """CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

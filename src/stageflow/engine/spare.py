@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -91,6 +92,16 @@ class _Spares:
 
 
 _SPARES = _Spares()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's spare threads (they would be counted idle forever)."""
+    global _SPARES
+    _SPARES = _Spares()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def spare_thread_count() -> int:

@@ -1,4 +1,4 @@
-"""Batch runs over datasets that survive crashes, locally or on a Ray cluster.
+"""Batch runs over datasets that survive crashes: in threads, in worker processes, or on a Ray cluster.
 
 :func:`run_batch` (``stageflow batch`` on the command line) runs a program on every record of a
 JSON Lines / CSV file or a list of dicts. A SQLite journal (WAL) records every record's start and
@@ -12,9 +12,9 @@ told to (``allow_changed``).
 
 Modules: :mod:`~stageflow.runtime.records` (input), :mod:`~stageflow.runtime.journal` and
 :mod:`~stageflow.runtime.writer` (the journal), :mod:`~stageflow.runtime.runner` (the loop),
-:mod:`~stageflow.runtime.outcome` (one record), :mod:`~stageflow.runtime.local` and
-:mod:`~stageflow.runtime.ray_backend` (backends), :mod:`~stageflow.runtime.summary` and
-:mod:`~stageflow.runtime.progress` (reporting).
+:mod:`~stageflow.runtime.outcome` (one record), :mod:`~stageflow.runtime.local`,
+:mod:`~stageflow.runtime.process_backend` and :mod:`~stageflow.runtime.ray_backend` (backends),
+:mod:`~stageflow.runtime.summary` and :mod:`~stageflow.runtime.progress` (reporting).
 """
 
 from __future__ import annotations
@@ -28,25 +28,33 @@ if TYPE_CHECKING:
     from stageflow.runtime.fingerprint import program_fingerprint
     from stageflow.runtime.journal import JournalError
     from stageflow.runtime.outcome import Usage
+    from stageflow.runtime.process_backend import ProcessBackend, WorkerDiedError
     from stageflow.runtime.ray_backend import RayBackend
+    from stageflow.runtime.runner import BackendError
     from stageflow.runtime.summary import BatchInterrupted, BatchRow, BatchSummary
 
 __all__ = [
+    "BackendError",
     "BatchInterrupted",
     "BatchRow",
     "BatchSummary",
     "JournalError",
+    "ProcessBackend",
     "RayBackend",
     "Usage",
+    "WorkerDiedError",
     "program_fingerprint",
     "run_batch",
 ]
 
 _LOCATIONS = {
+    "BackendError": "stageflow.runtime.runner",
     "BatchInterrupted": "stageflow.runtime.summary",
     "BatchRow": "stageflow.runtime.summary",
     "BatchSummary": "stageflow.runtime.summary",
     "JournalError": "stageflow.runtime.journal",
+    "ProcessBackend": "stageflow.runtime.process_backend",
+    "WorkerDiedError": "stageflow.runtime.process_backend",
     "RayBackend": "stageflow.runtime.ray_backend",
     "Usage": "stageflow.runtime.outcome",
     "program_fingerprint": "stageflow.runtime.fingerprint",

@@ -72,18 +72,31 @@ def _changes(
 
 
 def _make_backend(backend: Any) -> Any:
-    if backend == "local":
-        return None
-    if backend == "ray":
-        from stageflow.runtime.ray_backend import RayBackend
+    """``None`` for the local backend, else the backend's options object."""
+    if isinstance(backend, str):
+        if backend == "local":
+            return None
+        if backend == "processes":
+            from stageflow.runtime.process_backend import ProcessBackend
 
-        return RayBackend()
-    if type(backend).__name__ == "RayBackend":
+            return ProcessBackend()
+        if backend == "ray":
+            from stageflow.runtime.ray_backend import RayBackend
+
+            return RayBackend()
+    elif type(backend).__name__ in ("RayBackend", "ProcessBackend"):
         return backend
     raise ConfigurationError(
-        f"backend={backend!r} is not a batch backend. Known: 'local', 'ray' (or a RayBackend(...)).",
+        f"backend={backend!r} is not a batch backend. Known: 'local', 'processes', 'ray' (or a "
+        "ProcessBackend(...) / RayBackend(...)).",
         field="backend",
         code="bad_option",
+    )
+
+
+def _backend_name(options: Any) -> str:
+    return (
+        "local" if options is None else "processes" if type(options).__name__ == "ProcessBackend" else "ray"
     )
 
 
@@ -121,13 +134,16 @@ def run_batch(
             its line number) is its key, the other fields are the pipeline's inputs.
         output: Write the results here (JSON Lines) once every record has finished.
         journal: The journal file (SQLite). ``None``: a temporary one (no resume across calls).
-        concurrency: Records in flight at once (local: worker threads; Ray: actors × slots).
+        concurrency: Records in flight at once (local: worker threads; processes: split across the
+            worker processes; Ray: actors × slots).
         resume: Continue a journal's earlier run; ``False`` starts over, discarding it.
         retry_failed: Run records that failed in earlier runs again.
         allow_changed: Resume even though the program or the input changed since the journal was
             planned (finished records are kept; changed records run again); recorded in the journal.
         progress: Show a progress bar when stderr is a terminal.
-        backend: ``"local"``, ``"ray"`` or a :class:`~stageflow.runtime.RayBackend`.
+        backend: ``"local"`` (threads of this process), ``"processes"`` (worker processes on this
+            machine, :class:`~stageflow.runtime.ProcessBackend`), ``"ray"`` or a
+            :class:`~stageflow.runtime.RayBackend`.
         lm: The LM records run with: a ``dspy.LM``, a model string or a factory; default: the
             current DSPy settings.
         adapter: The DSPy adapter (or a factory); default: the current DSPy settings.
@@ -164,7 +180,12 @@ def run_batch(
             field="concurrency",
             code="bad_option",
         )
-    ray = _make_backend(backend)
+    remote = _make_backend(backend)
+    name = _backend_name(remote)
+    if remote is not None:
+        from stageflow.runtime.process_backend import refuse_unshareable_limits
+
+        refuse_unshareable_limits(name)
     if output is not None:
         from stageflow.outfile import check_output
 
@@ -181,7 +202,7 @@ def run_batch(
     if journal is None:
         keep = tempfile.TemporaryDirectory(prefix="stageflow-batch-")
         journal = Path(keep.name) / "journal.sqlite"
-    summary = BatchSummary(backend="ray" if ray is not None else "local", journal=Path(journal), _keep=keep)
+    summary = BatchSummary(backend=name, journal=Path(journal), _keep=keep)
     with Journal(journal) as j:
         if not resume and j.has_plan():
             j.reset()
@@ -206,19 +227,17 @@ def run_batch(
         plan = j.plan(retry_failed)
         summary.skipped = plan.total - len(plan.todo)
         run_id = j.begin_run(backend=summary.backend, command=command, allowed_changes=allowed)
-        executor: Any = (
-            LocalExecutor(program, settings, concurrency)
-            if ray is None
-            else ray.executor(
-                pipeline,
-                program,
-                lm,
-                adapter,
-                allow_modules,
-                concurrency,
-                _cap(max_concurrency),
+        executor: Any
+        if remote is None:
+            executor = LocalExecutor(program, settings, concurrency)
+        elif name == "processes":
+            executor = remote.executor(
+                pipeline, program, lm, adapter, allow_modules, concurrency, _cap(max_concurrency), settings
             )
-        )
+        else:
+            executor = remote.executor(
+                pipeline, program, lm, adapter, allow_modules, concurrency, _cap(max_concurrency)
+            )
         writer = j.writer(run_id)
         bar = ProgressBar(plan.total, summary.skipped, plan.failed if not retry_failed else 0, progress)
         limit = contextlib.nullcontext() if max_concurrency is None else _limits(max_concurrency)
@@ -257,7 +276,7 @@ def run_batch(
 
 
 def _cap(max_concurrency: int | None) -> int | None:
-    """The budget Ray workers share: ``max_concurrency``, else the tightest budget in force here
+    """The budget worker processes share: ``max_concurrency``, else the tightest budget in force here
     (``stageflow.configure`` / ``stageflow.limits``), which the worker processes cannot see."""
     if max_concurrency is not None:
         return max_concurrency

@@ -98,6 +98,24 @@ class Plan:
 
 _OPEN: set[tuple[int, int] | None] = set()  # (device, inode) of the journals open in this process
 _OPEN_LOCK = threading.Lock()
+_LOCK_FDS: set[int] = set()  # the descriptors holding those journals' locks
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (the batch process backend) runs records, never a journal: it closes its
+    copies of the lock descriptors, so a lock is held only as long as the journal's own process
+    holds it (a child outliving a killed parent does not keep the journal locked)."""
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -203,10 +221,12 @@ class Journal:
         except OSError as exc:
             os.close(fd)
             raise _in_use(self.path) from exc
+        _LOCK_FDS.add(fd)
         if self._identity is None:  # (the file is new: now it has an identity)
             identity = _identity(self.path)
             with _OPEN_LOCK:
                 if identity in _OPEN:
+                    _LOCK_FDS.discard(fd)
                     os.close(fd)
                     raise _in_use(self.path)
                 _OPEN.add(identity)
@@ -219,6 +239,7 @@ class Journal:
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
+            _LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
 

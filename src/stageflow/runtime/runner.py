@@ -23,16 +23,24 @@ import contextlib
 import contextvars
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from stageflow.errors import StageflowError
 from stageflow.runtime.outcome import Outcome, Usage, error_info
 from stageflow.runtime.records import Record
 from stageflow.runtime.writer import JournalWriter
 
-__all__ = ["Counters", "Executor", "run_loop"]
+__all__ = ["BackendError", "Counters", "Executor", "run_loop"]
+
+
+class BackendError(StageflowError):
+    """A batch backend failed beyond recovery (e.g. its worker processes kept dying): the batch
+    stopped, and the journal keeps every finished record for a resume. Any other exception from a
+    backend fails only the records it was running (error rows)."""
+
+    default_code = "backend_failed"
 
 
 class Executor(Protocol):
@@ -127,6 +135,7 @@ def run_loop(
 
     live = [executor.workers]
     live_lock = threading.Lock()
+    finished = threading.Event()  # set by the last worker to stop: the main thread returns at once
 
     def worker(k: int) -> None:
         # Results not yet handed to the writer: they go with this worker's next start (one commit),
@@ -151,6 +160,8 @@ def run_loop(
                             counters.retried += before == "failed"
                     try:
                         outcomes = executor.run(k, batch)
+                    except BackendError:
+                        raise  # (below: stops the batch)
                     except Exception as exc:  # the backend failed (e.g. a Ray worker died): error rows
                         info = error_info(exc)
                         outcomes = [Outcome(False, None, info, Usage(), 0.0) for _ in batch]
@@ -169,6 +180,8 @@ def run_loop(
                 writer.finish(seq, out)
             with live_lock:
                 live[0] -= 1
+                if live[0] == 0:
+                    finished.set()
 
     ctx = contextvars.copy_context()
     threads = [
@@ -178,13 +191,13 @@ def run_loop(
     for t in threads:
         t.start()
     presses = 0
-    # The main thread polls with sleep, never Thread.join: on CPython 3.11 a join interrupted by
-    # Ctrl-C can mark a still-running thread as finished (its records would be abandoned).
+    # The main thread waits on an event, never Thread.join: on CPython 3.11 a join interrupted by
+    # Ctrl-C can mark a still-running thread as finished (its records would be abandoned). The wait
+    # ends when the last worker stops (not at the next poll: up to 50 ms at the end of every batch).
     while True:
         try:
-            if live[0] == 0:
+            if finished.wait(0.05):
                 break
-            time.sleep(0.05)
             progress(counters)
         except KeyboardInterrupt:
             presses += 1

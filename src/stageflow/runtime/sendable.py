@@ -69,17 +69,26 @@ def find_unpicklable(obj: Any, dumps: Callable[[Any], bytes], root: str = "progr
     return path, current
 
 
-def pickle_for_workers(obj: Any, what: str, hint: str) -> bytes:
-    """``obj`` pickled with Ray's cloudpickle, or a :class:`ConfigurationError` naming the part
-    that cannot be pickled (e.g. ``program.stages[1].fn (closure variable 'lock')``)."""
-    from ray import cloudpickle
+def pickle_for_workers(
+    obj: Any,
+    what: str,
+    hint: str,
+    *,
+    dumps: Callable[[Any], bytes] | None = None,
+    dest: str = "the Ray workers",
+) -> bytes:
+    """``obj`` pickled with ``dumps`` (default: Ray's cloudpickle), or a :class:`ConfigurationError`
+    naming the part that cannot be pickled (e.g. ``program.stages[1].fn (closure variable 'lock')``)."""
+    if dumps is None:
+        from ray import cloudpickle
 
+        dumps = cloudpickle.dumps
     try:
-        data: bytes = cloudpickle.dumps(obj)
+        data: bytes = dumps(obj)
     except Exception as exc:
-        path, culprit = find_unpicklable(obj, cloudpickle.dumps, what)
+        path, culprit = find_unpicklable(obj, dumps, what)
         raise ConfigurationError(
-            f"cannot send the {what} to the Ray workers: {path} (a {type(culprit).__module__}."
+            f"cannot send the {what} to {dest}: {path} (a {type(culprit).__module__}."
             f"{type(culprit).__qualname__}) cannot be pickled ({type(exc).__name__}: {exc}).",
             code="not_picklable",
             hint=hint,

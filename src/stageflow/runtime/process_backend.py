@@ -1,0 +1,455 @@
+"""The process backend: records run in worker processes on this machine; the journal stays here.
+
+One Python process runs Python code on one core at a time (the GIL). A DSPy ``Predict`` call costs
+hundreds of microseconds of CPU to format the prompt and parse the answer, so with fast models and
+many records in flight a thread-based batch is bound by that one core long before the model is
+the limit. ``backend="processes"`` (``--backend processes``) runs the records in ``processes``
+worker processes (default: one per CPU), each running its share of ``concurrency`` records at once
+on its threads. The parent keeps the journal, the progress bar and the output, exactly as in a
+local run: resume, exactly-once output, Ctrl-C and the summary behave the same.
+
+How the workers get the program (``start_method``):
+
+- ``"fork"`` (the default where the OS has it, i.e. Linux; not macOS or Windows): each worker is a
+  copy of this process made when the run starts. The program, its LM object and every setting
+  (``dspy.configure``, ``stageflow.configure``) are there as they are; nothing is pickled, so a
+  program holding locks, open files or closures works. stageflow's own background threads are
+  restarted in the copy. A copy has only the thread that made it: if another thread of this
+  process holds a lock the program needs at that moment (say, another pipeline runs at the same
+  time in a thread of yours), the worker could wait for it forever — use ``"spawn"`` then.
+- ``"spawn"`` / ``"forkserver"``: fresh interpreters. The program travels as the pipeline file (a
+  path passed to ``run_batch``) or pickled with cloudpickle, as for Ray; a program that cannot be
+  pickled gets an error naming the part that cannot. Each worker imports DSPy (seconds).
+
+A budget (``stageflow.budget``) or a rate limit (``stageflow.rate_limit``) in force in this process
+cannot be shared with worker processes, so ``run_batch`` refuses to start rather than let each worker
+spend the whole budget (see :func:`refuse_unshareable_limits`). A worker process that dies (killed, out of
+memory) turns the records it was running into error rows naming the exit; it is replaced, at most
+``max_restarts`` times per run, after which the batch stops (the journal keeps what finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from stageflow.errors import ConfigurationError, StageflowError
+from stageflow.runtime.heap import batch_heap
+from stageflow.runtime.outcome import Outcome, error_info, run_record
+from stageflow.runtime.records import Record
+from stageflow.runtime.runner import BackendError
+
+__all__ = ["ProcessBackend", "WorkerDiedError", "refuse_unshareable_limits"]
+
+_METHODS = ("fork", "spawn", "forkserver")
+_SEND_HINT = (
+    "use start_method='fork' (Linux), build the program in each worker from a pipeline file (pass its "
+    "path instead of the object), or make the part picklable; pass lm= as a model string or a factory"
+)
+
+
+@dataclass
+class ProcessBackend:
+    """Options of the process backend (``run_batch(..., backend=ProcessBackend(...))``;
+    ``"processes"`` = the defaults).
+
+    Attributes:
+        processes: Worker processes; default: the CPUs this process may use (at most ``concurrency``).
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: ``"fork"`` where the OS
+            has it, else ``"spawn"`` (see the module documentation for the difference).
+        max_restarts: Worker processes replaced after dying, per run, before the batch stops.
+
+    Examples:
+        >>> import stageflow
+        >>> from stageflow.runtime import ProcessBackend
+        >>> size = stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])
+        >>> summary = stageflow.run_batch(size, [{"text": "hi"}, {"text": "hello"}],
+        ...                               backend=ProcessBackend(processes=2), concurrency=4)
+        >>> [row.outputs for row in summary.rows()], summary.backend
+        ([{'n': 2}, {'n': 5}], 'processes')
+    """
+
+    processes: int | None = None
+    start_method: str | None = None
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.processes is not None and (
+            isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1
+        ):
+            raise ConfigurationError(
+                f"processes must be a positive int, got {self.processes!r}.",
+                field="processes",
+                code="bad_option",
+            )
+        if self.start_method is not None and self.start_method not in multiprocessing.get_all_start_methods():
+            raise ConfigurationError(
+                f"start_method={self.start_method!r} is not available here; this platform has "
+                f"{', '.join(m for m in _METHODS if m in multiprocessing.get_all_start_methods())}.",
+                field="start_method",
+                code="bad_option",
+            )
+        if (
+            isinstance(self.max_restarts, bool)
+            or not isinstance(self.max_restarts, int)
+            or self.max_restarts < 0
+        ):
+            raise ConfigurationError(
+                f"max_restarts must be an int >= 0, got {self.max_restarts!r}.",
+                field="max_restarts",
+                code="bad_option",
+            )
+
+    def method(self) -> str:
+        """The start method this backend uses."""
+        if self.start_method is not None:
+            return self.start_method
+        return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+    def executor(
+        self,
+        source: Any,
+        program: Any,
+        lm: Any,
+        adapter: Any,
+        allow_modules: Sequence[str],
+        concurrency: int,
+        max_concurrency: int | None,
+        settings: dict[str, Any],
+    ) -> ProcessExecutor:
+        """Start the worker processes for one run (called by :func:`stageflow.run_batch`)."""
+        method = self.method()
+        n = max(1, min(concurrency, self.processes or _cpus()))
+        cap = None if max_concurrency is None else max(1, max_concurrency // n)
+        if method == "fork":  # the objects themselves, and the caller's context (dspy.context, ...)
+            payload: dict[str, Any] = {
+                "program": program,
+                "settings": settings,
+                "context": contextvars.copy_context(),
+            }
+        else:
+            payload = _spawn_payload(source, program, lm, adapter, allow_modules)
+        payload["cap"] = cap
+        return ProcessExecutor(
+            multiprocessing.get_context(method), payload, n, concurrency, self.max_restarts
+        )
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _spawn_payload(
+    source: Any, program: Any, lm: Any, adapter: Any, allow_modules: Sequence[str]
+) -> dict[str, Any]:
+    """What a fresh interpreter needs to build the program and its DSPy settings (all bytes/text)."""
+    import cloudpickle  # (a DSPy dependency)
+    import dspy
+
+    from stageflow.runtime.sendable import pickle_for_workers
+
+    def send(obj: Any, what: str) -> bytes:
+        return pickle_for_workers(obj, what, _SEND_HINT, dumps=cloudpickle.dumps, dest="the worker processes")
+
+    payload: dict[str, Any] = {"allow_modules": list(allow_modules)}
+    if isinstance(source, str | os.PathLike):
+        payload["program_path"] = str(Path(source).resolve())
+    else:
+        payload["program_pickle"] = send(program, "program")
+    lm = dspy.settings.lm if lm is None else lm
+    adapter = dspy.settings.adapter if adapter is None else adapter
+    payload["lm"] = lm if isinstance(lm, str) or lm is None else send(lm, "LM")
+    payload["adapter"] = None if adapter is None else send(adapter, "adapter")
+    cache = getattr(dspy, "cache", None)
+    payload["cache"] = {
+        "enable_disk_cache": bool(getattr(cache, "enable_disk_cache", True)),
+        "enable_memory_cache": bool(getattr(cache, "enable_memory_cache", True)),
+    }
+    return payload
+
+
+def _build(payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The program and the ``dspy.context`` settings, inside a worker process."""
+    if "program" in payload:  # forked: the objects themselves
+        return payload["program"], payload["settings"]
+    import cloudpickle
+    import dspy
+
+    from stageflow.runtime.program import load_program, run_settings
+
+    if "program_path" in payload:
+        program = load_program(payload["program_path"], payload["allow_modules"])
+    else:
+        program = cloudpickle.loads(payload["program_pickle"])
+    lm, adapter = payload["lm"], payload["adapter"]
+    lm = cloudpickle.loads(lm) if isinstance(lm, bytes) else lm
+    adapter = cloudpickle.loads(adapter) if isinstance(adapter, bytes) else adapter
+    dspy.configure_cache(**payload["cache"])
+    return program, run_settings(lm, adapter)
+
+
+def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: list[Connection]) -> None:
+    """A worker process: one thread per connection, each running the records it receives."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for conn in inherited:  # the parent's ends: this process must not keep them open
+        with contextlib.suppress(OSError):
+            conn.close()
+    if "program" in payload:
+        _own_connections()
+    try:
+        program, settings = _build(payload)
+        if payload.get("cap") is not None:
+            from stageflow.engine.concurrency import configure
+
+            configure(max_concurrency=payload["cap"])
+    except BaseException as exc:  # tell the parent why, on every connection, then stop
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send(("setup_failed", f"{type(exc).__name__}: {exc}"))
+        return
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.send(("ready", os.getpid()))
+    context = payload.get("context") or contextvars.copy_context()
+    threads = [
+        threading.Thread(target=context.copy().run, args=(_serve, conn, program, settings), daemon=True)
+        for conn in conns
+    ]
+    with batch_heap():  # (the program's heap, copied from the parent, left alone by the collector)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _own_connections() -> None:
+    """A forked worker must not share the parent's open HTTP connections (two processes writing to
+    one socket garble both): forget LiteLLM's cached clients, so this process opens its own. The
+    parent's sockets are not closed (that would close them for the parent too)."""
+    litellm = sys.modules.get("litellm")
+    cache = getattr(litellm, "in_memory_llm_clients_cache", None)
+    for name in ("cache_dict", "ttl_dict"):
+        table = getattr(cache, name, None)
+        if isinstance(table, dict):
+            table.clear()
+    heap = getattr(cache, "expiration_heap", None)
+    if isinstance(heap, list):
+        heap.clear()
+
+
+def _serve(conn: Connection, program: Any, settings: dict[str, Any]) -> None:
+    """Receive chunks of record inputs, send back their outcomes, until the parent is gone."""
+    import dspy
+
+    with dspy.context(**settings) if settings else contextlib.nullcontext():
+        while True:
+            try:
+                chunk = conn.recv()
+            except (EOFError, OSError):
+                return
+            if chunk is None:
+                return
+            outcomes = [run_record(program, inputs) for inputs in chunk]
+            try:
+                conn.send(outcomes)
+            except (EOFError, OSError):
+                return
+            except Exception as exc:  # an outcome that cannot be pickled (never expected: JSON text)
+                info = error_info(exc)
+                conn.send([Outcome(False, None, info, o.usage, o.elapsed) for o in outcomes])
+
+
+class WorkerDiedError(StageflowError):
+    """The worker process running a record died (killed, out of memory, crashed): the record's error.
+    ``retry_failed`` runs such records again."""
+
+    default_code = "worker_died"
+
+
+class ProcessExecutor:
+    """Parent side: the worker processes of one run. Worker thread ``k`` of the batch loop talks to
+    process ``k % n`` over its own pipe (no multiplexing: a pipe carries one chunk at a time)."""
+
+    name = "processes"
+    chunk = 1
+
+    def __init__(
+        self, ctx: Any, payload: dict[str, Any], n: int, concurrency: int, max_restarts: int
+    ) -> None:
+        self._ctx = ctx
+        self._payload = payload
+        self.n = n
+        self.workers = concurrency
+        self._restarts_left = max_restarts
+        self._lock = threading.Lock()
+        self._conns: list[Connection | None] = [None] * concurrency
+        self._procs: list[Any] = [None] * n
+        self._generation = [0] * n
+        self._closed = False
+        try:
+            for i in range(n):
+                self._start(i)
+            for i in range(n):
+                self._wait_ready(i)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- processes -------------------------------------------------------------------------------
+    def _slots(self, i: int) -> list[int]:
+        return list(range(i, self.workers, self.n))
+
+    def _start(self, i: int) -> None:
+        """Start worker process ``i`` with a fresh pipe for each of its batch-loop threads."""
+        pairs = [self._ctx.Pipe(duplex=True) for _ in self._slots(i)]
+        mine = [parent for parent, _ in pairs]
+        inherited = [c for c in self._conns if c is not None] + mine
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self._payload, [child for _, child in pairs], inherited),
+            name=f"stageflow-batch-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        for _, child in pairs:
+            child.close()  # only the worker holds its ends: its exit is seen here as EOF
+        for k, parent in zip(self._slots(i), mine, strict=True):
+            old = self._conns[k]
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    old.close()
+            self._conns[k] = parent
+        self._procs[i] = proc
+
+    def _wait_ready(self, i: int) -> None:
+        for k in self._slots(i):
+            conn = self._conns[k]
+            assert conn is not None
+            try:
+                kind, detail = conn.recv()
+            except (EOFError, OSError):
+                kind, detail = "setup_failed", f"the process exited ({_exit_text(self._procs[i])})"
+            if kind != "ready":
+                raise ConfigurationError(
+                    f"the batch worker processes could not build the program: {detail}",
+                    code="worker_setup_failed",
+                    hint="check that the program, its modules and its files can be loaded in a new process"
+                    " (or use start_method='fork')",
+                )
+
+    def _replace(self, i: int, generation: int, proc: Any) -> None:
+        """Worker ``i`` died: start another (once per death), or stop the batch when out of restarts."""
+        with self._lock:
+            if self._closed or self._generation[i] != generation:
+                return  # already replaced by another thread
+            if self._restarts_left <= 0:
+                raise BackendError(
+                    f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)}, and the process "
+                    "backend has no restarts left (max_restarts): the batch stopped.",
+                    hint="look for what kills the workers (memory: lower --concurrency), then resume",
+                )
+            self._restarts_left -= 1
+            self._generation[i] += 1
+            proc.join(timeout=5)
+            self._start(i)
+            self._wait_ready(i)
+
+    # -- the Executor protocol -------------------------------------------------------------------
+    def thread_scope(self, worker: int) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def run(self, worker: int, records: list[Record]) -> list[Outcome]:
+        i = worker % self.n
+        inputs = [r.inputs for r in records]
+        for attempt in range(2):
+            with self._lock:
+                conn, generation, proc = self._conns[worker], self._generation[i], self._procs[i]
+            if conn is None:
+                raise BackendError("the process backend is closed.")
+            try:
+                conn.send(inputs)
+            except (EOFError, OSError):  # the worker died before taking them: nothing ran, try its successor
+                self._replace(i, generation, proc)
+                if attempt == 0:
+                    continue
+                raise
+            try:
+                outcomes: list[Outcome] = conn.recv()
+                return outcomes
+            except (EOFError, OSError) as exc:
+                proc.join(timeout=1)
+                died = (
+                    f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)} while running this record"
+                )
+                self._replace(i, generation, proc)
+                raise WorkerDiedError(
+                    died, hint="resume with retry_failed (--retry-failed) to run it again"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = self._conns, [None] * self.workers
+        for conn in conns:
+            if conn is None:
+                continue
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            with contextlib.suppress(OSError):
+                conn.close()
+        for proc in self._procs:
+            if proc is None:
+                continue
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+
+def _exit_text(proc: Any) -> str:
+    code = proc.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def refuse_unshareable_limits(backend: str) -> None:
+    """Raise :class:`ConfigurationError` when a budget or rate limit is in force here: worker
+    processes (``backend``) cannot share it, so each would spend all of it (or none would respect it)."""
+    from stageflow.budgets.ratelimit import rate_limits
+    from stageflow.budgets.scope import active_chain
+
+    found = []
+    if active_chain():
+        found.append("a budget (stageflow.budget)")
+    limits = rate_limits()
+    if limits:
+        found.append(f"rate limits ({', '.join(sorted(limits))})")
+    if found:
+        raise ConfigurationError(
+            f"{' and '.join(found)} in force here cannot be shared with the {backend} backend's worker "
+            "processes: each process would count against its own copy, so together they would overshoot it.",
+            field="backend",
+            code="unshareable_limits",
+            hint="run this batch with backend='local' (threads share budgets and rate limits), or give the "
+            "pipeline its own run budget (pipeline.set_budget(...)), which holds per record in any backend",
+        )

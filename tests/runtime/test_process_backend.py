@@ -1,0 +1,304 @@
+"""The process backend: records run in worker processes (fork by default; spawn on request) with the
+journal, the output and the summary in the parent, exactly as in a local run.
+
+Tests that hold for every backend run once per backend from one parametrization (``backend``); the
+rest are about processes: dying workers, unpicklable programs under spawn, budgets and rate limits
+that cannot be shared, the parent's threads and locks that a forked worker must not inherit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+from batchfake import log_counts, make_stage, pipeline_yaml
+
+import stageflow
+from conftest import subprocess_env
+from stageflow.errors import ConfigurationError
+from stageflow.runtime import BackendError, BatchInterrupted, ProcessBackend
+from stageflow.runtime.journal import Journal
+from stageflow.testing import FakeLM
+
+BACKENDS = {
+    "local": lambda: "local",
+    "processes": lambda: ProcessBackend(processes=2),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Any:
+    return BACKENDS[request.param]()
+
+
+def data(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"t-{i}", "text": f"t-{i}"} for i in range(n)]
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def statuses(journal: Path) -> dict[str, str]:
+    con = sqlite3.connect(journal)
+    try:
+        return dict(con.execute("SELECT key, status FROM records"))
+    finally:
+        con.close()
+
+
+# -- the same behaviour on every backend ---------------------------------------------------------
+
+
+def test_every_record_once_in_input_order_with_error_rows_and_usage(backend: Any, tmp_path: Path) -> None:
+    log = str(tmp_path / "calls.log")
+    program = stageflow.SequentialPipeline([make_stage(log, latency=0.001, fail_every=7)])
+    out = tmp_path / "out.jsonl"
+    summary = stageflow.run_batch(
+        program, data(60), backend=backend, journal=tmp_path / "j", output=out, concurrency=6
+    )
+    rows = read_output(out)
+    assert [r["id"] for r in rows] == [f"t-{i}" for i in range(60)]
+    bad = [r["id"] for r in rows if r["status"] == "error"]
+    assert bad == [f"t-{i}" for i in range(0, 60, 7)]
+    assert rows[1] == {"id": "t-1", "status": "ok", "outputs": {"answer": "T-1"}}
+    assert (summary.succeeded, summary.failed, summary.ran) == (60 - len(bad), len(bad), 60)
+    assert summary.usage.lm_calls == 60 - len(bad)  # a failed FakeLM call is not billed
+    assert summary.usage.input_tokens > 0
+    assert log_counts(log) == {f"t-{i}": 1 for i in range(60)}  # each record ran once, wherever it ran
+    assert summary.backend == ("local" if backend == "local" else "processes")
+
+
+def test_the_callers_dspy_context_reaches_the_records(backend: Any, tmp_path: Path) -> None:
+    lm = FakeLM({"answer": lambda inputs: inputs["text"][::-1]})
+    program = stageflow.SequentialPipeline([dspy.Predict("text -> answer")])
+    with dspy.context(lm=lm):
+        summary = stageflow.run_batch(program, data(4), backend=backend, concurrency=2)
+    assert [row.outputs for row in summary.rows()] == [{"answer": f"{i}-t"} for i in range(4)]
+
+
+def test_ctrl_c_lets_records_in_flight_finish_and_the_same_call_resumes(backend: Any, tmp_path: Path) -> None:
+    journal, out, log = tmp_path / "j", tmp_path / "out.jsonl", str(tmp_path / "calls.log")
+    program = stageflow.SequentialPipeline([make_stage(log, latency=0.02)])
+
+    def interrupt_after_progress() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                con = sqlite3.connect(journal)
+                done = con.execute("SELECT COUNT(*) FROM records WHERE status = 'done'").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                done = 0
+            if done >= 4:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=interrupt_after_progress)
+    watcher.start()
+    with pytest.raises(BatchInterrupted) as info:
+        stageflow.run_batch(program, data(300), backend=backend, journal=journal, output=out, concurrency=4)
+    watcher.join()
+    stopped = info.value.summary
+    assert 0 < stopped.remaining < 300
+    assert stopped.ran == 300 - stopped.remaining  # the records in flight finished
+    assert set(statuses(journal).values()) <= {"done", "pending"}
+    summary = stageflow.run_batch(
+        program, data(300), backend=backend, journal=journal, output=out, concurrency=4
+    )
+    assert (summary.ran, summary.repeated) == (stopped.remaining, 0)
+    assert [r["id"] for r in read_output(out)] == [f"t-{i}" for i in range(300)]
+    assert log_counts(log) == {f"t-{i}": 1 for i in range(300)}
+
+
+def test_budgets_and_rate_limits_in_force_are_refused_by_other_backends(backend: Any, tmp_path: Path) -> None:
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": len(text)}, writes=["n"])])
+    if backend == "local":  # threads share them: allowed
+        with stageflow.budget(max_calls=5):
+            assert stageflow.run_batch(program, data(2), backend=backend).ok
+        return
+    with stageflow.budget(max_calls=5), pytest.raises(ConfigurationError) as info:
+        stageflow.run_batch(program, data(2), backend=backend)
+    assert info.value.code == "unshareable_limits"
+    assert "a budget (stageflow.budget)" in info.value.message
+    assert "would overshoot" in info.value.message
+    with stageflow.rate_limit("openai/gpt-4o-mini", rpm=10), pytest.raises(ConfigurationError) as info:
+        stageflow.run_batch(program, data(2), backend=backend)
+    assert "rate limits (openai/gpt-4o-mini)" in info.value.message
+    with stageflow.budget(max_calls=5), pytest.raises(ConfigurationError, match=r"unshareable|overshoot"):
+        stageflow.run_batch(program, data(2), backend="ray")  # refused before Ray is even started
+
+
+# -- processes only ------------------------------------------------------------------------------
+
+
+def dying_program(victims: set[str], pids: Path, switch: Path | None = None) -> stageflow.SequentialPipeline:
+    """Its worker process kills itself on the ``victims`` (while the ``switch`` file exists, if given)."""
+
+    def step(text: str) -> dict[str, str]:
+        with open(pids, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if text in victims and (switch is None or switch.exists()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.002)
+        return {"seen": text}
+
+    return stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+
+
+def test_a_killed_worker_fails_its_record_is_replaced_and_the_rest_finish(tmp_path: Path) -> None:
+    out, pids = tmp_path / "out.jsonl", tmp_path / "pids"
+    summary = stageflow.run_batch(
+        dying_program({"t-5"}, pids),
+        data(40),
+        backend=ProcessBackend(processes=2),
+        journal=tmp_path / "j",
+        output=out,
+        concurrency=2,  # one record per worker at a time: only the victim was in flight in its worker
+    )
+    rows = read_output(out)
+    assert [r["id"] for r in rows] == [f"t-{i}" for i in range(40)]
+    bad = [r for r in rows if r["status"] == "error"]
+    assert [r["id"] for r in bad] == ["t-5"]
+    assert bad[0]["error"]["type"] == "WorkerDiedError"
+    assert bad[0]["error"]["code"] == "worker_died"
+    assert "was killed by SIGKILL while running this record" in bad[0]["error"]["message"]
+    assert (summary.succeeded, summary.failed) == (39, 1)
+    assert len(set(pids.read_text().split())) == 3  # two workers, one of them replaced
+    assert os.getpid() not in {int(p) for p in pids.read_text().split()}
+
+
+def test_workers_that_keep_dying_stop_the_batch_and_the_journal_resumes(tmp_path: Path) -> None:
+    journal, out, pids, switch = tmp_path / "j", tmp_path / "out.jsonl", tmp_path / "pids", tmp_path / "die"
+    switch.touch()
+    program = dying_program({"t-3", "t-4", "t-9"}, pids, switch)
+    with pytest.raises(BackendError) as info:
+        stageflow.run_batch(
+            program,
+            data(30),
+            backend=ProcessBackend(processes=1, max_restarts=1),
+            journal=journal,
+            output=out,
+            concurrency=1,
+        )
+    assert info.value.code == "backend_failed"
+    assert "no restarts left" in info.value.message
+    assert not out.exists()
+    assert statuses(journal)["t-3"] == "failed"  # the first death: an error row, the worker replaced
+    switch.unlink()  # the same program (the journal accepts it), no more deaths
+    summary = stageflow.run_batch(
+        program,
+        data(30),
+        backend=ProcessBackend(processes=1),
+        journal=journal,
+        output=out,
+        concurrency=1,
+        retry_failed=True,
+    )
+    assert summary.ok
+    assert [r["status"] for r in read_output(out)] == ["ok"] * 30
+
+
+def test_spawned_workers_build_the_program_from_a_pipeline_file(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])  # the spawned workers find batchfake
+    log = str(tmp_path / "calls.log")
+    spec = tmp_path / "p.yaml"
+    spec.write_text(pipeline_yaml(log, 0.0, 0), encoding="utf-8")
+    summary = stageflow.run_batch(
+        spec,
+        data(8),
+        backend=ProcessBackend(processes=2, start_method="spawn"),
+        allow_modules=["batchfake"],
+        concurrency=4,
+    )
+    assert [row.outputs for row in summary.rows()] == [{"answer": f"T-{i}"} for i in range(8)]
+    assert log_counts(log) == {f"t-{i}": 1 for i in range(8)}
+
+
+def test_spawn_with_a_program_that_cannot_be_pickled_names_the_part(tmp_path: Path) -> None:
+    program = stageflow.SequentialPipeline([make_stage(str(tmp_path / "log"))])  # its FakeLM holds a lock
+    with pytest.raises(ConfigurationError) as info:
+        stageflow.run_batch(program, data(2), backend=ProcessBackend(start_method="spawn"))
+    assert info.value.code == "not_picklable"
+    assert "cannot send the program to the worker processes: program.stages[0].lm._lock" in info.value.message
+    assert "start_method='fork'" in (info.value.hint or "")
+
+
+def test_fork_sends_nothing_so_a_program_holding_locks_runs(tmp_path: Path) -> None:
+    program = stageflow.SequentialPipeline([make_stage(str(tmp_path / "log"))])
+    summary = stageflow.run_batch(program, data(6), backend="processes", concurrency=2)
+    assert [row.outputs["answer"] for row in summary.rows()] == [f"T-{i}" for i in range(6)]
+
+
+def test_forked_workers_restart_the_parents_background_loop_and_thread_pool(tmp_path: Path) -> None:
+    async def shout(text: str) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"loud": text.upper(), "parts": text.split("-")}
+
+    fan = stageflow.ForEach(
+        stageflow.stage(lambda part: {"n": len(part)}, writes=["n"]), over="parts", item="part"
+    )
+    program = stageflow.SequentialPipeline([stageflow.stage(shout, writes=["loud", "parts"]), fan])
+    assert program(text="ab").loud == "AB"  # the parent's background loop and pool are running now
+    summary = stageflow.run_batch(program, data(6), backend="processes", concurrency=4)
+    assert summary.ok
+    assert [row.outputs["loud"] for row in summary.rows()] == [f"T-{i}" for i in range(6)]
+
+
+def test_a_forked_child_does_not_keep_the_journal_locked(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j") as j:
+        fd = j._lock_fd
+        assert fd is not None
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the lock descriptor is closed
+            try:
+                os.fstat(fd)
+                os.write(w, b"open")
+            except OSError:
+                os.write(w, b"closed")
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        assert os.read(r, 10) == b"closed"
+        os.close(r)
+        os.fstat(fd)  # the parent's is not
+
+
+def test_bad_process_backend_options_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="processes must be a positive int"):
+        ProcessBackend(processes=0)
+    with pytest.raises(ConfigurationError, match="start_method='threads' is not available here"):
+        ProcessBackend(start_method="threads")
+    with pytest.raises(ConfigurationError, match="max_restarts must be an int >= 0"):
+        ProcessBackend(max_restarts=-1)
+
+
+def test_the_cli_runs_a_batch_in_worker_processes(tmp_path: Path) -> None:
+    import subprocess
+
+    log = str(tmp_path / "calls.log")
+    spec = tmp_path / "p.yaml"
+    spec.write_text(pipeline_yaml(log, 0.0, 0), encoding="utf-8")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in data(10)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "stageflow", "batch", str(spec), str(source), "-o", str(out),
+         "--backend", "processes", "--processes", "2", "--allow-module", "batchfake"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "batch summary (processes)" in done.stderr + done.stdout
+    assert [r["outputs"]["answer"] for r in read_output(out)] == [f"T-{i}" for i in range(10)]
+    assert log_counts(log) == {f"t-{i}": 1 for i in range(10)}
