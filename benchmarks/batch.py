@@ -4,6 +4,7 @@
 flight: ideal wall = 1000 × 3 × 20 ms / 32 = 1.875 s (533 records/s). Variants:
 
 - stageflow ``run_batch`` (local: worker threads), with its SQLite journal;
+- stageflow ``run_batch`` on the process backend (2 forked worker processes × 16 records), same journal;
 - stageflow ``run_batch`` on Ray (a local 2-CPU cluster, 2 actors × 16 slots), same journal;
 - DSPy ``Module.batch(num_threads=32)`` over the same three ``Predict`` stages and fake LM;
 - LangGraph ``.batch(max_concurrency=32)``: three nodes, each a LangChain fake chat-model call
@@ -17,7 +18,8 @@ The stageflow and DSPy rows run real ``dspy.Predict`` stages on ``stageflow.test
 real adapter and LM path, no network). Rows marked "sleep stages" replace every LM call by a 20 ms
 sleep, to show the runner's own cost apart from DSPy's per-call CPU.
 
-Run: ``python benchmarks/batch.py [--reps 3] [--no-ray]`` (peers: ``make bench-peers``).
+Run: ``python benchmarks/batch.py [--reps 3] [--no-ray] [--latency 0.005]`` (peers: ``make bench-peers``).
+A shorter ``--latency`` makes DSPy's CPU per call the limit (where worker processes pay off).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, TypedDict
 import dspy
 
 import stageflow
+from stageflow.runtime import ProcessBackend
 from stageflow.runtime.outcome import Outcome, Usage
 from stageflow.runtime.writer import JournalWriter
 from stageflow.testing import FakeLM
@@ -141,6 +144,15 @@ def variants(tmp: Path, use_ray: bool, chunk: int = 4) -> dict[str, Callable[[],
 
     out["thread reference: 32 threads × pipeline call (no journal)"] = lambda: thread_reference(
         program, lm, questions
+    )
+    out["stageflow run_batch, processes (2 workers)"] = lambda: stageflow.run_batch(
+        program,
+        questions,
+        lm=lm,
+        journal=journal(),
+        concurrency=CONC,
+        progress=False,
+        backend=ProcessBackend(processes=2),
     )
     out["stageflow run_batch, local (sleep stages)"] = lambda: stageflow.run_batch(
         sleepy, xs, journal=journal(), concurrency=CONC, progress=False
@@ -272,6 +284,7 @@ def resume_skip(tmp: Path, records: int = 10_000) -> tuple[float, float]:
 
 
 def main() -> None:
+    global LAT, IDEAL
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
@@ -279,7 +292,9 @@ def main() -> None:
         "--only", default="", help="run only variants whose name contains one of these comma-separated texts"
     )
     parser.add_argument("--chunk", type=int, default=4, help="records per Ray call")
+    parser.add_argument("--latency", type=float, default=LAT, help="seconds per LM call (0.02)")
     args = parser.parse_args()
+    LAT, IDEAL = args.latency, N * STAGES * args.latency / CONC
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     use_ray = not args.no_ray
     if use_ray:

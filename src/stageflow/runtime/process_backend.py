@@ -10,7 +10,7 @@ local run: resume, exactly-once output, Ctrl-C and the summary behave the same.
 
 How the workers get the program (``start_method``):
 
-- ``"fork"`` (the default where the OS has it, i.e. Linux; not macOS or Windows): each worker is a
+- ``"fork"`` (the default on Linux; macOS and Windows default to ``"spawn"``): each worker is a
   copy of this process made when the run starts. The program, its LM object and every setting
   (``dspy.configure``, ``stageflow.configure``) are there as they are; nothing is pickled, so a
   program holding locks, open files or closures works. stageflow's own background threads are
@@ -65,8 +65,8 @@ class ProcessBackend:
 
     Attributes:
         processes: Worker processes; default: the CPUs this process may use (at most ``concurrency``).
-        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: ``"fork"`` where the OS
-            has it, else ``"spawn"`` (see the module documentation for the difference).
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``; default: ``"fork"`` on Linux,
+            else ``"spawn"`` (see the module documentation for the difference).
         max_restarts: Worker processes replaced after dying, per run, before the batch stops.
 
     Examples:
@@ -114,7 +114,8 @@ class ProcessBackend:
         """The start method this backend uses."""
         if self.start_method is not None:
             return self.start_method
-        return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # (macOS has fork too, but its system libraries are not safe to use in a forked child)
+        return "fork" if sys.platform.startswith("linux") else "spawn"
 
     def executor(
         self,
@@ -321,7 +322,7 @@ class ProcessExecutor:
             target=_worker_main,
             args=(self._payload, [child for _, child in pairs], inherited),
             name=f"stageflow-batch-worker-{i}",
-            daemon=True,
+            daemon=False,  # (a daemonic process may not start processes: a stage could want to)
         )
         proc.start()
         for _, child in pairs:
