@@ -35,7 +35,24 @@ __all__ = [
     "StageError",
     "StageTimeoutError",
     "StageflowError",
+    "error_text",
 ]
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in naming the failure when the exception's own ``__str__`` raises
+    (the error being reported must not be replaced by that one).
+
+    >>> class Mute(Exception):
+    ...     def __str__(self) -> str:
+    ...         raise RuntimeError
+    >>> error_text(ValueError("bad")), error_text(Mute())
+    ('bad', '<Mute: its text could not be made (RuntimeError)>')
+    """
+    try:
+        return str(exc)
+    except Exception as failure:
+        return f"<{type(exc).__name__}: its text could not be made ({type(failure).__name__})>"
 
 
 class StageflowError(Exception):

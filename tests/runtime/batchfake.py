@@ -79,3 +79,17 @@ def reject_every(n: int) -> Any:
         return {"checked": True}
 
     return check
+
+
+def dying_stage(text: str) -> dict[str, str]:
+    """A function stage whose process kills itself (SIGKILL) on every record."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {"never": text}
+
+
+def dying_pipeline_yaml() -> str:
+    """A pipeline file using :func:`dying_stage`."""
+    return "inputs: [text]\nroot:\n  type: pipeline\n  stages:\n  - component: 'batchfake:dying_stage'\n"

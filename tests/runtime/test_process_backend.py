@@ -8,6 +8,7 @@ that cannot be shared, the parent's threads and locks that a forked worker must 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -20,11 +21,11 @@ from typing import Any
 
 import dspy
 import pytest
-from batchfake import log_counts, make_stage, pipeline_yaml
+from batchfake import dying_pipeline_yaml, log_counts, make_stage, pipeline_yaml
 
 import stageflow
 from conftest import subprocess_env
-from stageflow.errors import ConfigurationError
+from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime import BackendError, BatchInterrupted, ProcessBackend
 from stageflow.runtime.journal import Journal
 from stageflow.testing import FakeLM
@@ -137,6 +138,96 @@ def test_budgets_and_rate_limits_in_force_are_refused_by_other_backends(backend:
     assert "rate limits (openai/gpt-4o-mini)" in info.value.message
     with stageflow.budget(max_calls=5), pytest.raises(ConfigurationError, match=r"unshareable|overshoot"):
         stageflow.run_batch(program, data(2), backend="ray")  # refused before Ray is even started
+
+
+def test_a_stage_exiting_with_an_object_fails_its_record_only(backend: Any, tmp_path: Path) -> None:
+    class UnprintableError(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    def step(text: str) -> dict[str, str]:
+        if text == "t-1":
+            sys.exit(threading.Lock())  # SystemExit.code is that object: not an error code
+        if text == "t-2":
+            raise UnprintableError
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    out = tmp_path / "out.jsonl"
+    summary = stageflow.run_batch(program, data(4), backend=backend, output=out, concurrency=2)
+    assert (summary.succeeded, summary.failed) == (2, 2)
+    errors = {r["id"]: r["error"] for r in read_output(out) if r["status"] == "error"}
+    assert errors["t-1"]["type"] == "SystemExit"
+    assert errors["t-1"]["code"] is None
+    assert "lock object" in errors["t-1"]["message"]
+    assert errors["t-2"]["type"] == "StageError"  # its own error, naming the stage
+    assert "UnprintableError: <UnprintableError: its text could not be made" in errors["t-2"]["message"]
+
+
+def test_a_lone_stage_has_its_contract_checked_before_any_record_runs(backend: Any, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+
+    @stageflow.stage(writes=["n"])
+    def count(text: str) -> dict[str, int]:
+        calls.touch()
+        return {"n": len(text)}
+
+    with pytest.raises(ContractError) as info:
+        stageflow.run_batch(count, [{"id": "a", "txt": "hi"}], backend=backend)
+    assert info.value.field == "text"
+    assert "count()" in info.value.message
+    assert not calls.exists()
+    lm = FakeLM({"answer": "x"})
+    with pytest.raises(ContractError) as info:  # a bare Predict would call the model without the field
+        stageflow.run_batch(
+            dspy.Predict("question -> answer"), [{"id": "a", "q": "?"}], lm=lm, backend=backend
+        )
+    assert info.value.field == "question"
+    assert lm.calls == 0
+    summary = stageflow.run_batch(count, data(3), backend=backend)
+    assert [row.outputs for row in summary.rows()] == [{"n": 3}] * 3
+
+
+def test_a_second_ctrl_c_counts_only_what_the_journal_keeps(backend: Any, tmp_path: Path) -> None:
+    journal, release = tmp_path / "j", tmp_path / "release"
+
+    def step(text: str) -> dict[str, str]:
+        if int(text.rsplit("-", 1)[1]) >= 6:  # records from t-6 on wait until the test ends
+            while not release.exists():
+                time.sleep(0.01)
+        return {"seen": text}
+
+    def press_twice() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if statuses(journal).get("t-6") == "running":
+                    break
+            except sqlite3.Error:  # not created yet
+                pass
+            time.sleep(0.01)
+        time.sleep(0.2)  # t-0 .. t-5 have finished
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    watcher = threading.Thread(target=press_twice)
+    watcher.start()
+    try:
+        with pytest.raises(BatchInterrupted) as info:
+            stageflow.run_batch(program, data(20), backend=backend, journal=journal, concurrency=4)
+    finally:
+        watcher.join()
+        release.touch()  # (the local backend's abandoned threads end)
+    stopped = info.value.summary
+    found = statuses(journal)
+    assert list(found.values()).count("done") == stopped.succeeded == 6
+    assert stopped.failed == 0  # the abandoned records are not error rows...
+    assert stopped.ran == 6  # ...and not counted as run
+    assert [k for k, v in found.items() if v == "running"] == [f"t-{i}" for i in range(6, 10)]
+    time.sleep(0.3)  # what the abandoned threads do afterwards changes nothing
+    assert statuses(journal) == found
 
 
 # -- processes only ------------------------------------------------------------------------------
@@ -302,3 +393,184 @@ def test_the_cli_runs_a_batch_in_worker_processes(tmp_path: Path) -> None:
     assert "batch summary (processes)" in done.stderr + done.stdout
     assert [r["outputs"]["answer"] for r in read_output(out)] == [f"T-{i}" for i in range(10)]
     assert log_counts(log) == {f"t-{i}": 1 for i in range(10)}
+
+
+def test_a_stage_raising_keyboardinterrupt_in_a_worker_fails_that_record_only(tmp_path: Path) -> None:
+    def step(text: str) -> dict[str, str]:
+        if text == "t-3":
+            raise KeyboardInterrupt  # not the user's Ctrl-C: the parent handles that
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    summary = stageflow.run_batch(program, data(10), backend=ProcessBackend(processes=1), concurrency=2)
+    errors = {row.id: row.error for row in summary.rows() if row.error}
+    assert list(errors) == ["t-3"]
+    assert errors["t-3"]["type"] == "KeyboardInterrupt"
+    assert summary.succeeded == 9
+
+
+class _Rebuilt:
+    """Pickles in the parent; rebuilding it in a worker process fails."""
+
+    def __init__(self, home: int) -> None:
+        self.home = home
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (self.home,))
+
+
+def _rebuild(home: int) -> _Rebuilt:
+    if os.getpid() != home:
+        raise RuntimeError("cannot rebuild this value here")
+    return _Rebuilt(home)
+
+
+def test_inputs_a_worker_cannot_rebuild_or_that_cannot_be_sent_fail_their_records(tmp_path: Path) -> None:
+    program = stageflow.SequentialPipeline(
+        [stageflow.stage(lambda text, extra=None: {"seen": text}, reads=["text", "extra"], writes=["seen"])]
+    )
+    records: list[dict[str, Any]] = [{"id": f"t-{i}", "text": f"t-{i}", "extra": None} for i in range(6)]
+    records[2]["extra"] = _Rebuilt(os.getpid())
+
+    @dataclasses.dataclass
+    class Local:  # the journal compares it by its fields; pickle cannot find its class
+        n: int
+
+    records[4]["extra"] = Local(1)
+    summary = stageflow.run_batch(program, records, backend=ProcessBackend(processes=1), concurrency=2)
+    errors = {row.id: row.error for row in summary.rows() if row.error}
+    assert sorted(errors) == ["t-2", "t-4"]
+    assert errors["t-2"]["code"] == "unsendable_input"
+    assert "rebuilt in the worker process (RuntimeError: cannot rebuild" in errors["t-2"]["message"]
+    assert errors["t-4"]["code"] == "unsendable_input"
+    assert "the input field 'extra' of this record cannot be sent" in errors["t-4"]["message"]
+    assert summary.succeeded == 4
+
+
+def test_max_concurrency_holds_across_all_worker_processes(tmp_path: Path) -> None:
+    spans = tmp_path / "spans"
+
+    def step(text: str) -> dict[str, str]:
+        start = time.time()
+        time.sleep(0.05)
+        with open(spans, "a", encoding="utf-8") as fh:  # one short O_APPEND write per record
+            fh.write(f"{start} {time.time()}\n")
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    summary = stageflow.run_batch(
+        program, data(16), backend=ProcessBackend(processes=4), concurrency=8, max_concurrency=2
+    )
+    assert summary.ok
+    events = []
+    for line in spans.read_text().splitlines():
+        start, end = map(float, line.split())
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step_by in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step_by
+        peak = max(peak, running)
+    assert peak <= 2  # (4 processes with one slot each would reach 4)
+
+
+def test_every_record_in_flight_in_a_killed_worker_names_the_signal(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+
+    def step(text: str) -> dict[str, str]:
+        with open(pids, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if text == "t-3":
+            time.sleep(0.2)  # t-0 .. t-2 are in flight with it
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(1 if text in ("t-0", "t-1", "t-2") else 0)
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    summary = stageflow.run_batch(program, data(8), backend=ProcessBackend(processes=1), concurrency=4)
+    errors = {row.id: row.error for row in summary.rows() if row.error}
+    assert sorted(errors) == ["t-0", "t-1", "t-2", "t-3"]
+    for error in errors.values():
+        assert "was killed by SIGKILL while running this record" in error["message"], error
+    assert summary.succeeded == 4
+
+
+_IMPORTER = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import stageflow
+from stageflow.runtime import ProcessBackend
+
+def step(text):
+    import slowmod  # finished in this process: but half-imported in a child forked mid-import
+    return {"seen": slowmod.VALUE + text}
+
+if __name__ == "__main__":
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    importer = threading.Thread(target=lambda: __import__("slowmod"))
+    importer.start()
+    time.sleep(0.1)  # slowmod is being imported now
+    summary = stageflow.run_batch(program, [{"text": "a"}, {"text": "b"}], backend="processes",
+                                  concurrency=2, progress=False)
+    print([row.outputs["seen"] for row in summary.rows()])
+"""
+
+
+def test_a_fork_waits_for_imports_other_threads_have_in_progress(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(0.6)\nVALUE = 'v-'\n", encoding="utf-8")
+    script = tmp_path / "job.py"
+    script.write_text(_IMPORTER, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip  (without the wait, a worker waits for slowmod's import lock for ever)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['v-a', 'v-b']"
+
+
+def test_spawn_from_a_script_without_a_main_guard_says_so(tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import stageflow\n"
+        "from stageflow.runtime import ProcessBackend\n"
+        "size = stageflow.stage(lambda text: {'n': len(text)}, writes=['n'])\n"
+        "stageflow.run_batch(size, [{'text': 'hi'}], progress=False,\n"
+        "                    backend=ProcessBackend(processes=1, start_method='spawn'))\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "could not build the program: the process exited with code 1 before it was ready" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+
+
+def test_the_cli_reports_a_failed_backend_with_its_summary_and_the_resume_command(tmp_path: Path) -> None:
+    import subprocess
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text(dying_pipeline_yaml(), encoding="utf-8")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in data(10)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "stageflow", "batch", str(spec), str(source), "-o", str(out),
+         "--backend", "processes", "--processes", "1", "--concurrency", "1", "--allow-module", "batchfake"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "batch summary (processes)" in done.stderr
+    assert "no restarts left" in done.stderr
+    assert "To resume, run:" in done.stderr
+    assert f"--journal {tmp_path / 'out.jsonl.journal'}" in done.stderr
+    assert "--backend processes --processes 1" in done.stderr
+    assert not out.exists()

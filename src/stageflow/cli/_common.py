@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from stageflow.errors import ConfigurationError, ContractError, StageflowError
 
 __all__ = [
+    "EXIT_BACKEND",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_RUN_FAILED",
@@ -41,7 +42,7 @@ __all__ = [
     "write_atomic",
 ]
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: The pip requirement of each optional package a command may need; a test keeps these equal to the
 #: ``local`` extra in pyproject.toml.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow.cli._common import (
+    EXIT_BACKEND,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RUN_FAILED,
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(journal, "--journal" if args.journal else "the journal (OUTPUT.journal)")
     from stageflow.runtime.batch import run_batch
     from stageflow.runtime.program import load_program
+    from stageflow.runtime.runner import BackendError
     from stageflow.runtime.summary import BatchInterrupted
 
     program = load_program(args.file, args.allow_module)
@@ -237,6 +239,16 @@ def run(args: argparse.Namespace) -> int:
         )
     except ContractError as exc:
         raise _in_file_terms(exc, args.data, Path(args.file).suffix.lower() in _FILE_SUFFIXES) from exc
+    except BackendError as exc:
+        if show and exc.summary is not None:
+            print(exc.summary.table(), file=sys.stderr)
+        print(
+            f"stageflow batch: {exc.message}\n"
+            + (f"  hint: {exc.hint}\n" if exc.hint else "")
+            + f"The finished records are kept in {journal}. To resume, run:\n  {_command(args, journal)}",
+            file=sys.stderr,
+        )
+        return EXIT_BACKEND
     except BatchInterrupted as stop:
         if show:
             print(stop.summary.table(), file=sys.stderr)

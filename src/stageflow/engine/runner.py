@@ -42,7 +42,7 @@ from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
-from stageflow.errors import ConfigurationError, StageError, StageflowError
+from stageflow.errors import ConfigurationError, StageError, StageflowError, error_text
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
@@ -84,7 +84,7 @@ def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
             error.path_is_full = True
         return error
     wrapped = StageError(
-        f"Stage '{full}' ({entry.label}) raised {type(error).__name__}: {error}",
+        f"Stage '{full}' ({entry.label}) raised {type(error).__name__}: {error_text(error)}",
         stage_path=full,
         code="stage_failed",
     )

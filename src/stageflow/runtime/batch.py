@@ -19,7 +19,7 @@ from stageflow.runtime.output import write_output
 from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
-from stageflow.runtime.runner import run_loop
+from stageflow.runtime.runner import BackendError, run_loop
 from stageflow.runtime.summary import BatchInterrupted, BatchSummary
 
 __all__ = ["run_batch"]
@@ -265,6 +265,9 @@ def run_batch(
         summary.interrupted = result.interrupted and summary.remaining > 0
         j.end_run(run_id, state=state, ran=c.ran, failed=c.failed, repeated=c.repeated)
         if result.fatal is not None:
+            if isinstance(result.fatal, BackendError):
+                summary.wall_time = time.perf_counter() - t0
+                result.fatal.summary = summary
             raise result.fatal
         if output is not None and summary.remaining == 0:
             write_output(j, output)

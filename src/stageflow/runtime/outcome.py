@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from stageflow import strict_json
-from stageflow.errors import ContractError
+from stageflow.errors import ContractError, error_text
 
 __all__ = ["Outcome", "Usage", "error_info", "run_record", "to_json", "usage_scope"]
 
@@ -160,12 +160,14 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     """The parts of an error kept in the journal and the output row."""
     cause = exc.__cause__
     message = getattr(exc, "message", None)
+    stage_path, code = getattr(exc, "stage_path", None), getattr(exc, "code", None)
     return {
         "type": type(exc).__name__,
-        "message": message if isinstance(message, str) else str(exc),
-        "stage_path": getattr(exc, "stage_path", None),
-        "code": getattr(exc, "code", None),
-        "cause": None if cause is None else f"{type(cause).__name__}: {cause}",
+        "message": message if isinstance(message, str) else error_text(exc),
+        # (only text: ``SystemExit.code`` is whatever was passed to ``sys.exit``, an object or a number)
+        "stage_path": stage_path if isinstance(stage_path, str) else None,
+        "code": code if isinstance(code, str) else None,
+        "cause": None if cause is None else f"{type(cause).__name__}: {error_text(cause)}",
     }
 
 

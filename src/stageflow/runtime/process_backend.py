@@ -14,9 +14,10 @@ How the workers get the program (``start_method``):
   copy of this process made when the run starts. The program, its LM object and every setting
   (``dspy.configure``, ``stageflow.configure``) are there as they are; nothing is pickled, so a
   program holding locks, open files or closures works. stageflow's own background threads are
-  restarted in the copy. A copy has only the thread that made it: if another thread of this
-  process holds a lock the program needs at that moment (say, another pipeline runs at the same
-  time in a thread of yours), the worker could wait for it forever — use ``"spawn"`` then.
+  restarted in the copy, and the fork waits for a moment no other thread is importing a module. A
+  copy has only the thread that made it: if another thread of this process holds a lock of its own
+  the program needs at that moment (say, another pipeline runs at the same time in a thread of
+  yours), the worker could wait for it forever — use ``"spawn"`` then.
 - ``"spawn"`` / ``"forkserver"``: fresh interpreters. The program travels as the pipeline file (a
   path passed to ``run_batch``) or pickled with cloudpickle, as for Ray; a program that cannot be
   pickled gets an error naming the part that cannot. Each worker imports DSPy (seconds).
@@ -37,19 +38,21 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
 from stageflow.errors import ConfigurationError, StageflowError
 from stageflow.runtime.heap import batch_heap
-from stageflow.runtime.outcome import Outcome, error_info, run_record
+from stageflow.runtime.outcome import Outcome, Usage, error_info, run_record
 from stageflow.runtime.records import Record
 from stageflow.runtime.runner import BackendError
 
-__all__ = ["ProcessBackend", "WorkerDiedError", "refuse_unshareable_limits"]
+__all__ = ["ProcessBackend", "UnsendableInputError", "WorkerDiedError", "refuse_unshareable_limits"]
 
 _METHODS = ("fork", "spawn", "forkserver")
 _SEND_HINT = (
@@ -131,7 +134,9 @@ class ProcessBackend:
         """Start the worker processes for one run (called by :func:`stageflow.run_batch`)."""
         method = self.method()
         n = max(1, min(concurrency, self.processes or _cpus()))
-        cap = None if max_concurrency is None else max(1, max_concurrency // n)
+        if max_concurrency is not None:  # each process gets an equal share: together at most the cap
+            n = min(n, max_concurrency)
+        cap = None if max_concurrency is None else max_concurrency // n
         if method == "fork":  # the objects themselves, and the caller's context (dspy.context, ...)
             payload: dict[str, Any] = {
                 "program": program,
@@ -205,6 +210,11 @@ def _build(payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: list[Connection]) -> None:
     """A worker process: one thread per connection, each running the records it receives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if "program" in payload:  # forked while holding the import lock (see _no_import_in_flight)
+        import _imp
+
+        while _imp.lock_held():
+            _imp.release_lock()
     for conn in inherited:  # the parent's ends: this process must not keep them open
         with contextlib.suppress(OSError):
             conn.close()
@@ -236,6 +246,36 @@ def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: li
             t.join()
 
 
+@contextlib.contextmanager
+def _no_import_in_flight(timeout: float = 10.0) -> Iterator[None]:
+    """Hold Python's import lock, at a moment no other thread is part-way through importing a module.
+
+    A forked child has only the thread that forked: a module another thread was importing at that
+    instant stays half-imported in the child, its lock held forever, and the first record that
+    imports it (DSPy imports modules inside its LM call) would wait for ever. Holding the import lock
+    keeps new imports from starting until the fork is done; the child releases it first thing.
+    After ``timeout`` seconds of imports that do not end, it forks anyway.
+    """
+    import _imp
+    import importlib._bootstrap as bootstrap
+
+    me = threading.get_ident()
+    deadline = time.monotonic() + timeout
+    while True:
+        _imp.acquire_lock()
+        locks = [ref() for ref in list(getattr(bootstrap, "_module_locks", {}).values())]
+        if time.monotonic() > deadline or all(
+            getattr(lock, "owner", None) in (None, me) for lock in locks if lock is not None
+        ):
+            break
+        _imp.release_lock()
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        _imp.release_lock()
+
+
 def _own_connections() -> None:
     """A forked worker must not share the parent's open HTTP connections (two processes writing to
     one socket garble both): forget LiteLLM's cached clients, so this process opens its own. The
@@ -252,25 +292,74 @@ def _own_connections() -> None:
 
 
 def _serve(conn: Connection, program: Any, settings: dict[str, Any]) -> None:
-    """Receive chunks of record inputs, send back their outcomes, until the parent is gone."""
+    """Receive chunks of record inputs, send back their outcomes, until the parent is gone.
+
+    Every chunk gets an answer, one outcome per record, whatever happens here: the parent waits for
+    it, so a record that raises ``KeyboardInterrupt``, inputs that cannot be rebuilt in this process,
+    an outcome that cannot be sent all become error rows rather than a thread that silently stops.
+    """
     import dspy
 
     with dspy.context(**settings) if settings else contextlib.nullcontext():
         while True:
             try:
-                chunk = conn.recv()
+                message = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            if chunk is None:
+            if message == _STOP:
                 return
-            outcomes = [run_record(program, inputs) for inputs in chunk]
+            count = int.from_bytes(message[:4], "big")
+            try:
+                outcomes = [_run_one(program, inputs) for inputs in _loads(message[4:])]
+            except BaseException as exc:  # the inputs cannot be rebuilt in this process
+                outcomes = [_failed(_unloadable(exc)) for _ in range(count)]
             try:
                 conn.send(outcomes)
             except (EOFError, OSError):
                 return
-            except Exception as exc:  # an outcome that cannot be pickled (never expected: JSON text)
-                info = error_info(exc)
-                conn.send([Outcome(False, None, info, o.usage, o.elapsed) for o in outcomes])
+            except BaseException as exc:  # an outcome that cannot be pickled (never expected: JSON text)
+                with contextlib.suppress(EOFError, OSError):
+                    conn.send([_failed(exc, o) for o in outcomes])
+
+
+_STOP = b"stop"
+
+
+def _loads(data: bytes) -> Any:
+    return ForkingPickler.loads(data)
+
+
+def _run_one(program: Any, inputs: dict[str, Any]) -> Outcome:
+    """:func:`run_record`, with a ``KeyboardInterrupt`` a stage raises as the record's error: in a
+    worker process it is never the user's Ctrl-C (the parent handles that), so it ends the record."""
+    try:
+        return run_record(program, inputs)
+    except BaseException as exc:
+        return _failed(exc)
+
+
+def _failed(exc: BaseException, outcome: Outcome | None = None) -> Outcome:
+    if outcome is None:
+        return Outcome(False, None, error_info(exc), Usage(), 0.0)
+    return Outcome(False, None, error_info(exc), outcome.usage, outcome.elapsed)
+
+
+def _unloadable(exc: BaseException) -> StageflowError:
+    err = UnsendableInputError(
+        f"the record's inputs could not be rebuilt in the worker process ({type(exc).__name__}: {exc}); "
+        "the record did not run.",
+        hint="give records plain data (text, numbers, lists, dicts); with start_method='spawn', a class "
+        "defined in the main script must be importable from a module",
+    )
+    err.__cause__ = exc
+    return err
+
+
+class UnsendableInputError(StageflowError):
+    """A record's inputs cannot be sent to (or rebuilt in) a worker process: the record's error; it
+    did not run."""
+
+    default_code = "unsendable_input"
 
 
 class WorkerDiedError(StageflowError):
@@ -300,6 +389,8 @@ class ProcessExecutor:
         self._procs: list[Any] = [None] * n
         self._generation = [0] * n
         self._closed = False
+        self._busy = 0  # records being run now (close() tells a finished run from an abandoned one)
+        self._reap_lock = threading.Lock()
         try:
             for i in range(n):
                 self._start(i)
@@ -324,7 +415,8 @@ class ProcessExecutor:
             name=f"stageflow-batch-worker-{i}",
             daemon=False,  # (a daemonic process may not start processes: a stage could want to)
         )
-        proc.start()
+        with _no_import_in_flight() if self._ctx.get_start_method() == "fork" else contextlib.nullcontext():
+            proc.start()
         for _, child in pairs:
             child.close()  # only the worker holds its ends: its exit is seen here as EOF
         for k, parent in zip(self._slots(i), mine, strict=True):
@@ -342,14 +434,29 @@ class ProcessExecutor:
             try:
                 kind, detail = conn.recv()
             except (EOFError, OSError):
-                kind, detail = "setup_failed", f"the process exited ({_exit_text(self._procs[i])})"
+                self._reap(self._procs[i], 5.0)
+                kind, detail = "setup_failed", f"the process {_exit_text(self._procs[i])} before it was ready"
             if kind != "ready":
+                hint = "check that the program, its modules and its files can be loaded in a new process"
+                if self._ctx.get_start_method() != "fork":
+                    hint += (
+                        " (its error is printed above); a script that starts a batch with start_method "
+                        f'{self._ctx.get_start_method()!r} must do so under `if __name__ == "__main__":`, '
+                        "since each worker imports the script"
+                    )
+                else:
+                    hint += " (its error is printed above)"
                 raise ConfigurationError(
                     f"the batch worker processes could not build the program: {detail}",
                     code="worker_setup_failed",
-                    hint="check that the program, its modules and its files can be loaded in a new process"
-                    " (or use start_method='fork')",
+                    hint=hint,
                 )
+
+    def _reap(self, proc: Any, timeout: float) -> None:
+        """Wait for ``proc`` to exit (one thread at a time: two threads reaping one process at once
+        could each see it neither running nor exited)."""
+        with self._reap_lock:
+            proc.join(timeout=timeout)
 
     def _replace(self, i: int, generation: int, proc: Any) -> None:
         """Worker ``i`` died: start another (once per death), or stop the batch when out of restarts."""
@@ -364,7 +471,7 @@ class ProcessExecutor:
                 )
             self._restarts_left -= 1
             self._generation[i] += 1
-            proc.join(timeout=5)
+            self._reap(proc, 5.0)
             self._start(i)
             self._wait_ready(i)
 
@@ -374,51 +481,93 @@ class ProcessExecutor:
 
     def run(self, worker: int, records: list[Record]) -> list[Outcome]:
         i = worker % self.n
-        inputs = [r.inputs for r in records]
+        message = len(records).to_bytes(4, "big") + _dumps(records)
         for attempt in range(2):
             with self._lock:
                 conn, generation, proc = self._conns[worker], self._generation[i], self._procs[i]
+                if conn is not None:
+                    self._busy += 1
             if conn is None:
                 raise BackendError("the process backend is closed.")
             try:
-                conn.send(inputs)
-            except (EOFError, OSError):  # the worker died before taking them: nothing ran, try its successor
-                self._replace(i, generation, proc)
-                if attempt == 0:
-                    continue
-                raise
-            try:
-                outcomes: list[Outcome] = conn.recv()
-                return outcomes
-            except (EOFError, OSError) as exc:
-                proc.join(timeout=1)
-                died = (
-                    f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)} while running this record"
-                )
-                self._replace(i, generation, proc)
-                raise WorkerDiedError(
-                    died, hint="resume with retry_failed (--retry-failed) to run it again"
-                ) from exc
+                try:
+                    conn.send_bytes(message)
+                except (EOFError, OSError):  # it died before taking them: nothing ran; try its successor
+                    self._replace(i, generation, proc)
+                    if attempt == 0:
+                        continue
+                    raise
+                try:
+                    outcomes: list[Outcome] = conn.recv()
+                    return outcomes
+                except (EOFError, OSError) as exc:
+                    self._reap(proc, 1.0)
+                    died = (
+                        f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)} while running "
+                        "this record"
+                    )
+                    self._replace(i, generation, proc)
+                    raise WorkerDiedError(
+                        died, hint="resume with retry_failed (--retry-failed) to run it again"
+                    ) from exc
+            finally:
+                with self._lock:
+                    self._busy -= 1
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Stop the workers: at once when records are still running (a second Ctrl-C abandoned them),
+        else after they finish their current work (5 s at most, all together)."""
         with self._lock:
             self._closed = True
+            abandoning = self._busy > 0
             conns, self._conns = self._conns, [None] * self.workers
+        procs = [p for p in self._procs if p is not None]
+        if abandoning:
+            for proc in procs:
+                with contextlib.suppress(OSError):
+                    proc.kill()
         for conn in conns:
             if conn is None:
                 continue
-            with contextlib.suppress(OSError):
-                conn.send(None)
+            if not abandoning:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(_STOP)
             with contextlib.suppress(OSError):
                 conn.close()
-        for proc in self._procs:
-            if proc is None:
-                continue
-            proc.join(timeout=5)
+        deadline = time.monotonic() + 5.0
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+
+
+def _dumps(records: list[Record]) -> bytes:
+    """The records' inputs as bytes for a worker; an input that cannot be pickled is an error naming
+    its field (the record fails; nothing ran)."""
+    inputs = [r.inputs for r in records]
+    try:
+        return bytes(ForkingPickler.dumps(inputs))
+    except Exception as exc:
+        field = next((k for r in records for k, v in r.inputs.items() if not _picklable(v)), None)
+        where = f"the input field '{field}'" if field is not None else "an input field"
+        raise UnsendableInputError(
+            f"{where} of this record cannot be sent to a worker process ({type(exc).__name__}: {exc}); the "
+            "record did not run.",
+            field=field,
+            hint="give records plain data (text, numbers, lists, dicts), or run this batch with "
+            "backend='local'",
+        ) from exc
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        ForkingPickler.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def _exit_text(proc: Any) -> str:

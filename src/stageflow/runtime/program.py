@@ -35,7 +35,7 @@ def load_program(program: Any, allow_modules: Sequence[str] = ()) -> Any:
             import dspy
 
             try:
-                return dspy.load(str(path), allow_pickle=True)
+                return _single_stage(dspy.load(str(path), allow_pickle=True))
             except Exception as exc:
                 raise ConfigurationError(
                     f"cannot load the saved program {path}: {type(exc).__name__}: {exc}",
@@ -51,6 +51,21 @@ def load_program(program: Any, allow_modules: Sequence[str] = ()) -> Any:
             f"saved program), got {type(program).__name__}.",
             code="bad_program",
         )
+    return _single_stage(program)
+
+
+def _single_stage(program: Any) -> Any:
+    """A lone stage (``stageflow.stage`` function, ``stageflow.Stage``, ``dspy.Predict``) as a
+    one-stage pipeline, so its contract is checked against every record before any call (a record
+    missing a field it reads is refused up front, naming the stage and field, instead of each record
+    failing with a bare ``TypeError`` or, for ``Predict``, calling the model without the field)."""
+    import dspy
+
+    from stageflow.patterns.sequential import SequentialPipeline
+    from stageflow.stages import FunctionStage, Stage
+
+    if isinstance(program, FunctionStage | Stage | dspy.Predict):
+        return SequentialPipeline([program])
     return program
 
 

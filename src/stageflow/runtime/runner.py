@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from stageflow.errors import StageflowError
 from stageflow.runtime.outcome import Outcome, Usage, error_info
@@ -41,6 +41,8 @@ class BackendError(StageflowError):
     backend fails only the records it was running (error rows)."""
 
     default_code = "backend_failed"
+    #: What the run did before it stopped (set by :func:`stageflow.run_batch`; ``None`` before).
+    summary: Any = None
 
 
 class Executor(Protocol):
@@ -136,6 +138,9 @@ def run_loop(
     live = [executor.workers]
     live_lock = threading.Lock()
     finished = threading.Event()  # set by the last worker to stop: the main thread returns at once
+    # Set (under the counters' lock) by a second Ctrl-C: what finishes afterwards is neither counted
+    # nor journaled, so the summary and the journal agree (those records run again on resume).
+    abandoned = threading.Event()
 
     def worker(k: int) -> None:
         # Results not yet handed to the writer: they go with this worker's next start (one commit),
@@ -165,8 +170,10 @@ def run_loop(
                     except Exception as exc:  # the backend failed (e.g. a Ray worker died): error rows
                         info = error_info(exc)
                         outcomes = [Outcome(False, None, info, Usage(), 0.0) for _ in batch]
-                    done = [(rec.seq, out) for rec, out in zip(batch, outcomes, strict=True)]
                     with counters.lock:
+                        if abandoned.is_set():  # the run ended without them: they stay ``running``
+                            return
+                        done = [(rec.seq, out) for rec, out in zip(batch, outcomes, strict=True)]
                         counters.in_flight -= len(batch)
                         for out in outcomes:
                             counters.ran += 1
@@ -210,6 +217,8 @@ def run_loop(
                 )
             else:
                 announce("stopping now: records still in flight will run again on resume")
+                with counters.lock:
+                    abandoned.set()
                 result.abandoned = True
                 break
     progress(counters)
