@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,35 @@ def ray_cluster() -> Iterator[Any]:
             os.environ["PYTHONPATH"] = old
     yield ray
     ray.shutdown()
+
+
+def journal_statuses(journal: Path) -> dict[str, str]:
+    """Each record's status in a batch journal; empty while the journal is not created yet."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(journal)
+        try:
+            return dict(con.execute("SELECT key, status FROM records"))
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return {}
+
+
+def ctrl_c_when(journal: Path, ready: Callable[[dict[str, str]], bool], presses: int = 1) -> threading.Thread:
+    """A started thread that presses Ctrl-C in this process ``presses`` times (0.2 s apart) once
+    ``ready(statuses)`` holds for the journal's record statuses (or after 30 s); ``join`` it."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not ready(journal_statuses(journal)):
+            time.sleep(0.005)
+        for press in range(presses):
+            if press:
+                time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread

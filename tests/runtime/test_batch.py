@@ -4,11 +4,7 @@ inputs, retries of failed records, usage, and the concurrency budget (FakeLM, no
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +13,7 @@ import pydantic
 import pytest
 
 import stageflow
+from conftest import ctrl_c_when
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime import BatchInterrupted, JournalError
 from stageflow.runtime.journal import Journal
@@ -397,22 +394,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_call_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     lm = upper_lm(latency=0.02)
 
-    def interrupt_after_progress() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                con = sqlite3.connect(journal)
-                done = con.execute("SELECT COUNT(*) FROM records WHERE status = 'done'").fetchone()[0]
-                con.close()
-            except sqlite3.Error:
-                done = 0
-            if done >= 4:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=interrupt_after_progress)
-    watcher.start()
+    watcher = ctrl_c_when(journal, lambda found: list(found.values()).count("done") >= 4)
     with pytest.raises(BatchInterrupted) as info:
         stageflow.run_batch(qa_pipeline(), records(200), lm=lm, journal=journal, output=out, concurrency=4)
     watcher.join()

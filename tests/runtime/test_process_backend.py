@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import pytest
 from batchfake import dying_pipeline_yaml, log_counts, make_stage, pipeline_yaml
 
 import stageflow
-from conftest import subprocess_env
+from conftest import ctrl_c_when, journal_statuses, subprocess_env
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime import BackendError, BatchInterrupted, ProcessBackend
 from stageflow.runtime.journal import Journal
@@ -47,14 +46,6 @@ def data(n: int) -> list[dict[str, Any]]:
 
 def read_output(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def statuses(journal: Path) -> dict[str, str]:
-    con = sqlite3.connect(journal)
-    try:
-        return dict(con.execute("SELECT key, status FROM records"))
-    finally:
-        con.close()
 
 
 # -- the same behaviour on every backend ---------------------------------------------------------
@@ -91,29 +82,17 @@ def test_ctrl_c_lets_records_in_flight_finish_and_the_same_call_resumes(backend:
     journal, out, log = tmp_path / "j", tmp_path / "out.jsonl", str(tmp_path / "calls.log")
     program = stageflow.SequentialPipeline([make_stage(log, latency=0.02)])
 
-    def interrupt_after_progress() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                con = sqlite3.connect(journal)
-                done = con.execute("SELECT COUNT(*) FROM records WHERE status = 'done'").fetchone()[0]
-                con.close()
-            except sqlite3.Error:
-                done = 0
-            if done >= 4:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.005)
+    def done(found: dict[str, str]) -> bool:
+        return list(found.values()).count("done") >= 4
 
-    watcher = threading.Thread(target=interrupt_after_progress)
-    watcher.start()
+    watcher = ctrl_c_when(journal, done)
     with pytest.raises(BatchInterrupted) as info:
         stageflow.run_batch(program, data(300), backend=backend, journal=journal, output=out, concurrency=4)
     watcher.join()
     stopped = info.value.summary
     assert 0 < stopped.remaining < 300
     assert stopped.ran == 300 - stopped.remaining  # the records in flight finished
-    assert set(statuses(journal).values()) <= {"done", "pending"}
+    assert set(journal_statuses(journal).values()) <= {"done", "pending"}
     summary = stageflow.run_batch(
         program, data(300), backend=backend, journal=journal, output=out, concurrency=4
     )
@@ -197,23 +176,12 @@ def test_a_second_ctrl_c_counts_only_what_the_journal_keeps(backend: Any, tmp_pa
                 time.sleep(0.01)
         return {"seen": text}
 
-    def press_twice() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if statuses(journal).get("t-6") == "running":
-                    break
-            except sqlite3.Error:  # not created yet
-                pass
-            time.sleep(0.01)
-        time.sleep(0.2)  # t-0 .. t-5 have finished
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)
-
     program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
-    watcher = threading.Thread(target=press_twice)
-    watcher.start()
+
+    def stuck(found: dict[str, str]) -> bool:  # t-0 .. t-5 done, t-6 .. t-9 waiting
+        return [found.get(f"t-{i}") for i in range(10)] == ["done"] * 6 + ["running"] * 4
+
+    watcher = ctrl_c_when(journal, stuck, presses=2)
     try:
         with pytest.raises(BatchInterrupted) as info:
             stageflow.run_batch(program, data(20), backend=backend, journal=journal, concurrency=4)
@@ -221,13 +189,13 @@ def test_a_second_ctrl_c_counts_only_what_the_journal_keeps(backend: Any, tmp_pa
         watcher.join()
         release.touch()  # (the local backend's abandoned threads end)
     stopped = info.value.summary
-    found = statuses(journal)
+    found = journal_statuses(journal)
     assert list(found.values()).count("done") == stopped.succeeded == 6
     assert stopped.failed == 0  # the abandoned records are not error rows...
     assert stopped.ran == 6  # ...and not counted as run
     assert [k for k, v in found.items() if v == "running"] == [f"t-{i}" for i in range(6, 10)]
     time.sleep(0.3)  # what the abandoned threads do afterwards changes nothing
-    assert statuses(journal) == found
+    assert journal_statuses(journal) == found
 
 
 # -- processes only ------------------------------------------------------------------------------
@@ -285,7 +253,7 @@ def test_workers_that_keep_dying_stop_the_batch_and_the_journal_resumes(tmp_path
     assert info.value.code == "backend_failed"
     assert "no restarts left" in info.value.message
     assert not out.exists()
-    assert statuses(journal)["t-3"] == "failed"  # the first death: an error row, the worker replaced
+    assert journal_statuses(journal)["t-3"] == "failed"  # the first death: an error row, the worker replaced
     switch.unlink()  # the same program (the journal accepts it), no more deaths
     summary = stageflow.run_batch(
         program,
