@@ -8,6 +8,7 @@ that cannot be shared, the parent's threads and locks that a forked worker must 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ from batchfake import dying_pipeline_yaml, log_counts, make_stage, pipeline_yaml
 
 import stageflow
 from conftest import ctrl_c_when, journal_statuses, subprocess_env
+from stageflow.engine.hooks import Hook
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime import BackendError, BatchInterrupted, ProcessBackend
 from stageflow.runtime.journal import Journal
@@ -196,6 +198,38 @@ def test_a_second_ctrl_c_counts_only_what_the_journal_keeps(backend: Any, tmp_pa
     assert [k for k, v in found.items() if v == "running"] == [f"t-{i}" for i in range(6, 10)]
     time.sleep(0.3)  # what the abandoned threads do afterwards changes nothing
     assert journal_statuses(journal) == found
+
+
+def test_outputs_and_errors_holding_a_lone_surrogate_fail_their_record_only(
+    backend: Any, tmp_path: Path
+) -> None:
+    def step(text: str) -> dict[str, str]:
+        if text == "t-1":
+            return {"seen": "x\ud800y"}  # valid in Python, not in UTF-8: the journal cannot store it
+        if text == "t-2":
+            raise ValueError("bad \udc80 byte")
+        if text == "t-3":
+            sys.exit("bye")
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    out = tmp_path / "out.jsonl"
+    summary = stageflow.run_batch(program, data(5), backend=backend, output=out, concurrency=2)
+    rows = {r["id"]: r for r in read_output(out)}
+    assert (summary.succeeded, summary.failed) == (2, 3)
+    assert rows["t-1"]["error"]["code"] == "unwritable_output"
+    assert "output field 'seen'" in rows["t-1"]["error"]["message"]
+    assert "bad \\udc80 byte" in rows["t-2"]["error"]["message"]
+    assert rows["t-3"]["error"]["type"] == "SystemExit"
+    assert rows["t-3"]["error"]["code"] is None  # (not "bye": that is the exit's argument)
+
+
+def test_bad_max_concurrency_is_refused_before_anything_starts(backend: Any) -> None:
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="max_concurrency must be a positive int") as info:
+            stageflow.run_batch(program, data(2), backend=backend, max_concurrency=bad)
+        assert info.value.field == "max_concurrency"
 
 
 # -- processes only ------------------------------------------------------------------------------
@@ -542,3 +576,189 @@ def test_the_cli_reports_a_failed_backend_with_its_summary_and_the_resume_comman
     assert f"--journal {tmp_path / 'out.jsonl.journal'}" in done.stderr
     assert "--backend processes --processes 1" in done.stderr
     assert not out.exists()
+
+
+class _Listener(Hook):
+    """A hook that only collects: what it would see in a worker process stays there."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def after_stage(self, *, path: str, **rest: Any) -> None:
+        self.seen.append(path)
+
+
+class _Exporter(_Listener):
+    exports_from_workers = True  # (like the OpenTelemetry hook: each forked worker exports its own)
+
+
+def test_hooks_that_would_collect_nothing_are_refused_by_other_backends(tmp_path: Path) -> None:
+    from stageflow.engine.hooks import attach_hooks
+
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    listener = _Listener()
+    with attach_hooks(listener):
+        with pytest.raises(ConfigurationError) as info:
+            stageflow.run_batch(program, data(2), backend="processes")
+        assert info.value.code == "unshareable_hooks"
+        assert "(_Listener)" in info.value.message
+        with pytest.raises(ConfigurationError, match=r"unshareable|would not see"):
+            stageflow.run_batch(program, data(2), backend="ray")  # refused before Ray starts
+        assert stageflow.run_batch(program, data(2), backend="local").ok
+    assert listener.seen  # (the local run's)
+    with attach_hooks(_Exporter()):
+        assert stageflow.run_batch(program, data(2), backend="processes").ok
+        with pytest.raises(ConfigurationError, match="would not see"):
+            stageflow.run_batch(program, data(2), backend=ProcessBackend(start_method="spawn"))
+
+
+def test_forked_workers_do_not_share_numpys_random_state(tmp_path: Path) -> None:
+    import numpy as np
+
+    def draw(text: str) -> dict[str, int]:
+        return {"r": int(np.random.randint(0, 2**62))}
+
+    np.random.seed(7)
+    program = stageflow.SequentialPipeline([stageflow.stage(draw, writes=["r"])])
+    summary = stageflow.run_batch(program, data(8), backend=ProcessBackend(processes=2), concurrency=2)
+    draws = [row.outputs["r"] for row in summary.rows()]
+    assert len(set(draws)) == 8  # (with the parent's state copied, the two workers drew the same four)
+
+
+def test_a_worker_whose_own_child_keeps_its_pipe_open_is_still_seen_dying(tmp_path: Path) -> None:
+    import multiprocessing
+
+    pids = tmp_path / "pids"
+
+    def step(text: str) -> dict[str, str]:
+        if text == "t-2":
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+            child.start()  # it inherits the worker's end of the pipe
+            pids.write_text(str(child.pid))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"seen": text}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    gave_up = threading.Event()
+
+    def deadline() -> None:  # (without the fix the batch waits for the child: end it, and fail)
+        if not finished.wait(60):
+            gave_up.set()
+            os.kill(int(pids.read_text()), signal.SIGKILL)
+
+    finished = threading.Event()
+    guard = threading.Thread(target=deadline)
+    guard.start()
+    try:
+        summary = stageflow.run_batch(program, data(6), backend=ProcessBackend(processes=1), concurrency=1)
+    finally:
+        finished.set()
+        guard.join()
+        if pids.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pids.read_text()), signal.SIGKILL)
+    assert not gave_up.is_set()
+    errors = {row.id: row.error for row in summary.rows() if row.error}
+    assert list(errors) == ["t-2"]
+    assert "was killed by SIGKILL" in errors["t-2"]["message"]
+
+
+_ORPHAN = """
+import os, sys, time
+import stageflow
+from stageflow.runtime import ProcessBackend
+
+def step(text):
+    with open(sys.argv[1], "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    time.sleep(600)
+    return {"seen": text}
+
+if __name__ == "__main__":
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["seen"])])
+    stageflow.run_batch(program, [{"text": "a"}, {"text": "b"}], backend=ProcessBackend(processes=2),
+                        concurrency=2, progress=False)
+"""
+
+
+def test_workers_stop_when_the_batch_process_is_killed(tmp_path: Path) -> None:
+    import subprocess
+
+    script, pids = tmp_path / "job.py", tmp_path / "pids"
+    script.write_text(_ORPHAN, encoding="utf-8")
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)], env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_lines(pids)) < 2:
+            time.sleep(0.05)
+        workers = [int(p) for p in _lines(pids)]
+        assert len(workers) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    alive = [p for p in workers if _alive(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == []  # (they would sleep their 600 s, the records' results lost)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_too_many_records_in_flight_for_the_open_file_limit_is_refused_up_front() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    with pytest.raises(ConfigurationError, match=r"needs about \d+ open files") as info:
+        stageflow.run_batch(program, data(2), backend="processes", concurrency=hard)
+    assert info.value.field == "concurrency"
+
+
+def test_numpy_ints_are_fine_as_the_number_of_processes() -> None:
+    import numpy as np
+
+    assert ProcessBackend(processes=np.int64(2)).processes == 2
+
+
+@pytest.mark.integration
+def test_opentelemetry_spans_of_forked_workers_are_exported(tmp_path: Path) -> None:
+    import fcntl
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    spans = tmp_path / "spans"
+
+    class FileExporter(SpanExporter):  # (spans exported from any process land in one file)
+        def export(self, batch: Any) -> SpanExportResult:
+            with open(spans, "a", encoding="utf-8") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                fh.writelines(s.name + "\n" for s in batch)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(FileExporter()))
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"], name="one")])
+    stageflow.instrument_otel(tracer_provider=provider)
+    try:
+        summary = stageflow.run_batch(program, data(20), backend=ProcessBackend(processes=2), concurrency=2)
+    finally:
+        stageflow.uninstrument_otel()
+    provider.force_flush()
+    assert summary.ok
+    assert spans.read_text().split().count("one") == 20  # (buffered spans were lost when a worker exited)

@@ -36,7 +36,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, model: argparse.Argume
         "per record (in input order) to -o. Progress is journaled: after a crash, a kill or Ctrl-C, "
         "run the same command again to finish the remaining records; finished ones are not run again. "
         "Exit codes: 0 every record succeeded, 1 some records failed (error rows in the output), "
-        "2 bad input, 130 interrupted.",
+        "2 bad input, 3 the backend failed (worker processes kept dying), 130 interrupted.",
     )
     p.add_argument("file", help="the pipeline file (.yaml, .yml, .json) or a saved program directory")
     p.add_argument(

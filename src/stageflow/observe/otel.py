@@ -159,6 +159,19 @@ class OtelHook(Hook):
             ``False`` (never; token counts then go on the leaf stage spans).
     """
 
+    #: A forked batch worker process exports its own spans (the process backend flushes them when
+    #: the worker stops), so this hook may be in force for ``run_batch(..., backend="processes")``.
+    exports_from_workers = True
+    #: The tracer provider the spans go to, when known (:func:`instrument` sets it).
+    provider: Any = None
+
+    def flush(self, timeout_ms: int = 5000) -> None:
+        """Export the spans still buffered (a batch worker process does this before it stops)."""
+        provider = self.provider if self.provider is not None else self._trace.get_tracer_provider()
+        force = getattr(provider, "force_flush", None)
+        if callable(force):
+            force(timeout_ms)
+
     def __init__(self, tracer: Any, *, record_content: bool = False, lm_spans: bool | None = None) -> None:
         trace, context = _otel()
         self._tracer = tracer
@@ -364,6 +377,7 @@ def instrument(
         hook = OtelHook(
             provider.get_tracer("stageflow", __version__), record_content=record_content, lm_spans=lm_spans
         )
+        hook.provider = provider
         install_hook(hook)
         _INSTALLED[0] = hook
         return hook

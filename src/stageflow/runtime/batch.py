@@ -182,10 +182,18 @@ def run_batch(
         )
     remote = _make_backend(backend)
     name = _backend_name(remote)
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+    ):
+        raise ConfigurationError(
+            f"max_concurrency must be a positive int or None, got {max_concurrency!r}.",
+            field="max_concurrency",
+            code="bad_option",
+        )
     if remote is not None:
         from stageflow.runtime.process_backend import refuse_unshareable_limits
 
-        refuse_unshareable_limits(name)
+        refuse_unshareable_limits(name, forked=name == "processes" and remote.method() == "fork")
     if output is not None:
         from stageflow.outfile import check_output
 

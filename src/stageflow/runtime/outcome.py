@@ -161,14 +161,25 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     cause = exc.__cause__
     message = getattr(exc, "message", None)
     stage_path, code = getattr(exc, "stage_path", None), getattr(exc, "code", None)
+    if isinstance(exc, SystemExit):  # its ``code`` is whatever was passed to ``sys.exit``
+        code = None
     return {
         "type": type(exc).__name__,
-        "message": message if isinstance(message, str) else error_text(exc),
-        # (only text: ``SystemExit.code`` is whatever was passed to ``sys.exit``, an object or a number)
-        "stage_path": stage_path if isinstance(stage_path, str) else None,
-        "code": code if isinstance(code, str) else None,
-        "cause": None if cause is None else f"{type(cause).__name__}: {error_text(cause)}",
+        "message": _storable(message if isinstance(message, str) else error_text(exc)),
+        "stage_path": _storable(stage_path) if isinstance(stage_path, str) else None,
+        "code": _storable(code) if isinstance(code, str) else None,
+        "cause": None if cause is None else _storable(f"{type(cause).__name__}: {error_text(cause)}"),
     }
+
+
+def _storable(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate (``"\\ud800"``) becomes its escape, so an error
+    message holding one cannot keep the journal from writing the record's error row."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _Scope:
@@ -268,6 +279,7 @@ def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
     try:
         _no_key_clash(outputs)
         text = to_json(outputs)  # here, so a value the journal cannot hold fails this record only
+        text.encode("utf-8")  # (a lone surrogate in a string: the journal cannot store it)
     except (TypeError, ValueError) as exc:  # UnwritableError, a key JSON cannot have, a cycle
         return Outcome(False, None, error_info(_unwritable(outputs, exc)), usage, time.perf_counter() - t0)
     return Outcome(True, text, None, usage, time.perf_counter() - t0)
@@ -318,7 +330,7 @@ def _unwritable(outputs: dict[str, Any], exc: Exception) -> ContractError:
 def _fails(value: Any) -> bool:
     try:
         _no_key_clash(value)
-        to_json(value)
+        to_json(value).encode("utf-8")
     except (TypeError, ValueError):
         return True
     return False

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import multiprocessing
+import operator
 import os
 import signal
 import sys
@@ -87,6 +88,9 @@ class ProcessBackend:
     max_restarts: int = 3
 
     def __post_init__(self) -> None:
+        if self.processes is not None and not isinstance(self.processes, bool):
+            with contextlib.suppress(TypeError):
+                self.processes = operator.index(self.processes)  # (numpy ints too)
         if self.processes is not None and (
             isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1
         ):
@@ -137,6 +141,7 @@ class ProcessBackend:
         if max_concurrency is not None:  # each process gets an equal share: together at most the cap
             n = min(n, max_concurrency)
         cap = None if max_concurrency is None else max_concurrency // n
+        _enough_files(concurrency)
         if method == "fork":  # the objects themselves, and the caller's context (dspy.context, ...)
             payload: dict[str, Any] = {
                 "program": program,
@@ -148,6 +153,31 @@ class ProcessBackend:
         payload["cap"] = cap
         return ProcessExecutor(
             multiprocessing.get_context(method), payload, n, concurrency, self.max_restarts
+        )
+
+
+def _enough_files(concurrency: int) -> None:
+    """Each record in flight takes a pipe (two file descriptors here): raise this process's soft limit
+    as far as needed (up to the hard one), or refuse clearly instead of failing mid-run."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return
+    need = 2 * concurrency + 256  # (the journal, the input and output files, the program's own)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < need:
+        raise ConfigurationError(
+            f"concurrency={concurrency} on the process backend needs about {need} open files (a pipe per "
+            f"record in flight); this process may open {soft} (ulimit -n, hard limit {hard}).",
+            field="concurrency",
+            code="bad_option",
+            hint="lower --concurrency, or raise the limit (ulimit -n) before the run",
         )
 
 
@@ -220,6 +250,8 @@ def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: li
             conn.close()
     if "program" in payload:
         _own_connections()
+        _reseed()
+    _exit_with_parent()
     try:
         program, settings = _build(payload)
         if payload.get("cap") is not None:
@@ -230,7 +262,7 @@ def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: li
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.send(("setup_failed", f"{type(exc).__name__}: {exc}"))
-        return
+        _stop()
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send(("ready", os.getpid()))
@@ -244,17 +276,57 @@ def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: li
             t.start()
         for t in threads:
             t.join()
+    _stop()
+
+
+def _stop() -> None:
+    """End this worker now: flush what it exports and prints, and exit without waiting for threads a
+    stage may have left running (the parent waits for this process)."""
+    from stageflow.engine.hooks import active_hooks
+
+    for hook in active_hooks():  # (hooks that export from here: the OpenTelemetry one)
+        flush = getattr(hook, "flush", None)
+        if callable(flush) and getattr(hook, "exports_from_workers", False):
+            with contextlib.suppress(Exception):
+                flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def _reseed() -> None:
+    """A forked worker starts with the parent's random state: Python's ``random`` reseeds itself at a
+    fork, numpy's global generator does not (every worker would draw the same numbers)."""
+    np = sys.modules.get("numpy")
+    if np is not None:
+        with contextlib.suppress(Exception):
+            np.random.seed()
+
+
+def _exit_with_parent() -> None:
+    """Stop this worker when the batch's process is gone (killed): its records' results could not
+    be kept, so running them on would only spend model calls."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="stageflow-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager
-def _no_import_in_flight(timeout: float = 10.0) -> Iterator[None]:
+def _no_import_in_flight(timeout: float = 2.0) -> Iterator[None]:
     """Hold Python's import lock, at a moment no other thread is part-way through importing a module.
 
     A forked child has only the thread that forked: a module another thread was importing at that
     instant stays half-imported in the child, its lock held forever, and the first record that
     imports it (DSPy imports modules inside its LM call) would wait for ever. Holding the import lock
     keeps new imports from starting until the fork is done; the child releases it first thing.
-    After ``timeout`` seconds of imports that do not end, it forks anyway.
+    After ``timeout`` seconds of imports that do not end, it forks anyway (with a warning).
     """
     import _imp
     import importlib._bootstrap as bootstrap
@@ -264,9 +336,18 @@ def _no_import_in_flight(timeout: float = 10.0) -> Iterator[None]:
     while True:
         _imp.acquire_lock()
         locks = [ref() for ref in list(getattr(bootstrap, "_module_locks", {}).values())]
-        if time.monotonic() > deadline or all(
-            getattr(lock, "owner", None) in (None, me) for lock in locks if lock is not None
-        ):
+        if all(getattr(lock, "owner", None) in (None, me) for lock in locks if lock is not None):
+            break
+        if time.monotonic() > deadline:
+            import warnings
+
+            warnings.warn(
+                f"another thread has been importing a module for {timeout:g} s; starting the batch worker "
+                "processes anyway (a worker that needs that module may wait for it for ever: use "
+                "ProcessBackend(start_method='spawn') if it does)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             break
         _imp.release_lock()
         time.sleep(0.001)
@@ -369,6 +450,12 @@ class WorkerDiedError(StageflowError):
     default_code = "worker_died"
 
 
+#: The parent's ends of the pipes of every process-backend run going on in this process: a forked
+#: worker closes them all (one kept open by another run's worker would hide that run's end from it).
+_PARENT_ENDS: set[Connection] = set()
+_PARENT_ENDS_LOCK = threading.Lock()
+
+
 class ProcessExecutor:
     """Parent side: the worker processes of one run. Worker thread ``k`` of the batch loop talks to
     process ``k % n`` over its own pipe (no multiplexing: a pipe carries one chunk at a time)."""
@@ -380,13 +467,17 @@ class ProcessExecutor:
         self, ctx: Any, payload: dict[str, Any], n: int, concurrency: int, max_restarts: int
     ) -> None:
         self._ctx = ctx
+        self._forked = ctx.get_start_method() == "fork"
+        self._ready_timeout = 120.0 if self._forked else 600.0  # (a fresh interpreter imports DSPy)
         self._payload = payload
         self.n = n
         self.workers = concurrency
         self._restarts_left = max_restarts
         self._lock = threading.Lock()
+        self._restarting = [threading.Lock() for _ in range(n)]
         self._conns: list[Connection | None] = [None] * concurrency
         self._procs: list[Any] = [None] * n
+        self._retired: list[Any] = []  # replaced processes (closed with the rest at the end)
         self._generation = [0] * n
         self._closed = False
         self._busy = 0  # records being run now (close() tells a finished run from an abandoned one)
@@ -408,49 +499,71 @@ class ProcessExecutor:
         """Start worker process ``i`` with a fresh pipe for each of its batch-loop threads."""
         pairs = [self._ctx.Pipe(duplex=True) for _ in self._slots(i)]
         mine = [parent for parent, _ in pairs]
-        inherited = [c for c in self._conns if c is not None] + mine
+        with _PARENT_ENDS_LOCK:
+            _PARENT_ENDS.update(mine)
+            inherited = list(_PARENT_ENDS) if self._forked else []
         proc = self._ctx.Process(
             target=_worker_main,
             args=(self._payload, [child for _, child in pairs], inherited),
             name=f"stageflow-batch-worker-{i}",
             daemon=False,  # (a daemonic process may not start processes: a stage could want to)
         )
-        with _no_import_in_flight() if self._ctx.get_start_method() == "fork" else contextlib.nullcontext():
+        with _no_import_in_flight() if self._forked else contextlib.nullcontext():
             proc.start()
         for _, child in pairs:
             child.close()  # only the worker holds its ends: its exit is seen here as EOF
-        for k, parent in zip(self._slots(i), mine, strict=True):
-            old = self._conns[k]
-            if old is not None:
-                with contextlib.suppress(OSError):
-                    old.close()
-            self._conns[k] = parent
-        self._procs[i] = proc
+        with self._lock:
+            for k, parent in zip(self._slots(i), mine, strict=True):
+                _drop(self._conns[k])
+                self._conns[k] = parent
+            if self._procs[i] is not None:
+                self._retired.append(self._procs[i])
+            self._procs[i] = proc
+            closed = self._closed
+        if closed:  # close() ran meanwhile: this one is not needed
+            proc.kill()
+            for conn in mine:
+                _drop(conn)
 
     def _wait_ready(self, i: int) -> None:
+        proc = self._procs[i]
         for k in self._slots(i):
             conn = self._conns[k]
-            assert conn is not None
+            if conn is None:
+                raise BackendError("the process backend is closed.")
+            kind, detail = "setup_failed", ""
             try:
-                kind, detail = conn.recv()
-            except (EOFError, OSError):
-                self._reap(self._procs[i], 5.0)
-                kind, detail = "setup_failed", f"the process {_exit_text(self._procs[i])} before it was ready"
-            if kind != "ready":
-                hint = "check that the program, its modules and its files can be loaded in a new process"
-                if self._ctx.get_start_method() != "fork":
-                    hint += (
-                        " (its error is printed above); a script that starts a batch with start_method "
-                        f'{self._ctx.get_start_method()!r} must do so under `if __name__ == "__main__":`, '
-                        "since each worker imports the script"
-                    )
+                if conn.poll(self._ready_timeout):
+                    kind, detail = conn.recv()
                 else:
-                    hint += " (its error is printed above)"
-                raise ConfigurationError(
-                    f"the batch worker processes could not build the program: {detail}",
-                    code="worker_setup_failed",
-                    hint=hint,
+                    proc.kill()
+                    detail = f"the process did not start within {self._ready_timeout:g} s"
+            except (EOFError, OSError):
+                self._reap(proc, 5.0)
+                detail = f"the process {_exit_text(proc)} before it was ready"
+            if kind == "ready":
+                continue
+            code = proc.exitcode
+            hint = "check that the program, its modules and its files can be loaded in a new process"
+            if code is not None and code < 0:  # killed from outside while it started
+                hint = "look for what kills the worker processes (memory: lower --concurrency)"
+            elif not self._forked:
+                hint += (
+                    " (its error is printed above); a script that starts a batch with start_method "
+                    f'{self._ctx.get_start_method()!r} must do so under `if __name__ == "__main__":`, '
+                    "since each worker imports the script"
                 )
+            else:
+                hint += " (its error is printed above)"
+            raise ConfigurationError(
+                f"the batch worker processes could not build the program: {detail}",
+                code="worker_setup_failed",
+                hint=hint,
+            )
+
+    def _alive(self, proc: Any) -> bool:
+        with self._reap_lock:
+            return bool(proc.is_alive())
 
     def _reap(self, proc: Any, timeout: float) -> None:
         """Wait for ``proc`` to exit (one thread at a time: two threads reaping one process at once
@@ -459,18 +572,22 @@ class ProcessExecutor:
             proc.join(timeout=timeout)
 
     def _replace(self, i: int, generation: int, proc: Any) -> None:
-        """Worker ``i`` died: start another (once per death), or stop the batch when out of restarts."""
-        with self._lock:
-            if self._closed or self._generation[i] != generation:
-                return  # already replaced by another thread
-            if self._restarts_left <= 0:
-                raise BackendError(
-                    f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)}, and the process "
-                    "backend has no restarts left (max_restarts): the batch stopped.",
-                    hint="look for what kills the workers (memory: lower --concurrency), then resume",
-                )
-            self._restarts_left -= 1
-            self._generation[i] += 1
+        """Worker ``i`` died: start another (once per death), or stop the batch when out of restarts.
+        Only the threads of worker ``i`` wait for its successor; the others and :meth:`close` do not."""
+        with self._restarting[i]:  # (a second thread that saw the death waits for the successor)
+            with self._lock:
+                if self._closed or self._generation[i] != generation:
+                    return  # already replaced by another thread
+                if self._restarts_left <= 0:
+                    raise BackendError(
+                        f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)}, and the process "
+                        "backend has no restarts left (max_restarts): the batch stopped.",
+                        hint="look for what kills the workers (memory: lower --concurrency), then resume",
+                    )
+                self._restarts_left -= 1
+                self._generation[i] += 1
+            with contextlib.suppress(OSError):
+                proc.kill()  # (it may be alive but unusable: its pipe failed)
             self._reap(proc, 5.0)
             self._start(i)
             self._wait_ready(i)
@@ -498,50 +615,76 @@ class ProcessExecutor:
                         continue
                     raise
                 try:
+                    # Wait for the answer, looking at the process twice a second: a process the
+                    # worker started holds copies of its pipes (and of its sentinel), so the worker's
+                    # end need not close them.
+                    while not conn.poll(0.5):
+                        if not self._alive(proc):
+                            if conn.poll():
+                                break
+                            raise EOFError
                     outcomes: list[Outcome] = conn.recv()
                     return outcomes
-                except (EOFError, OSError) as exc:
+                except (EOFError, OSError):
                     self._reap(proc, 1.0)
                     died = (
                         f"batch worker process {i} (pid {proc.pid}) {_exit_text(proc)} while running "
                         "this record"
                     )
                     self._replace(i, generation, proc)
-                    raise WorkerDiedError(
+                    raise WorkerDiedError(  # (the pipe's EOFError says nothing more)
                         died, hint="resume with retry_failed (--retry-failed) to run it again"
-                    ) from exc
+                    ) from None
             finally:
                 with self._lock:
                     self._busy -= 1
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Stop the workers: at once when records are still running (a second Ctrl-C abandoned them),
-        else after they finish their current work (5 s at most, all together)."""
+        """Stop the workers: at once when records are still running (a second Ctrl-C abandoned them)
+        or on Ctrl-C while waiting, else after they finish their current work (5 s at most, all
+        together)."""
         with self._lock:
             self._closed = True
             abandoning = self._busy > 0
             conns, self._conns = self._conns, [None] * self.workers
-        procs = [p for p in self._procs if p is not None]
+            procs = [p for p in self._procs if p is not None]
+            retired = self._retired
         if abandoning:
-            for proc in procs:
-                with contextlib.suppress(OSError):
-                    proc.kill()
+            _kill(procs)
         for conn in conns:
-            if conn is None:
-                continue
-            if not abandoning:
+            if conn is not None and not abandoning:
                 with contextlib.suppress(OSError):
                     conn.send_bytes(_STOP)
-            with contextlib.suppress(OSError):
-                conn.close()
-        deadline = time.monotonic() + 5.0
+            _drop(conn)
+        try:
+            deadline = time.monotonic() + 5.0
+            for proc in procs:
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:  # Ctrl-C while they finish: stop waiting (every record is in)
+            pass
+        _kill([p for p in procs if p.is_alive()])
         for proc in procs:
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+            proc.join(timeout=5)
+        for proc in procs + retired:
+            with contextlib.suppress(ValueError):  # (a process still running cannot be closed)
+                proc.close()
+
+
+def _drop(conn: Connection | None) -> None:
+    """Close a parent-side pipe end and forget it."""
+    if conn is None:
+        return
+    with _PARENT_ENDS_LOCK:
+        _PARENT_ENDS.discard(conn)
+    with contextlib.suppress(OSError):
+        conn.close()
+
+
+def _kill(procs: list[Any]) -> None:
+    for proc in procs:
+        with contextlib.suppress(OSError, ValueError):
+            proc.kill()
 
 
 def _dumps(records: list[Record]) -> bytes:
@@ -582,11 +725,15 @@ def _exit_text(proc: Any) -> str:
     return f"exited with code {code}"
 
 
-def refuse_unshareable_limits(backend: str) -> None:
-    """Raise :class:`ConfigurationError` when a budget or rate limit is in force here: worker
-    processes (``backend``) cannot share it, so each would spend all of it (or none would respect it)."""
+def refuse_unshareable_limits(backend: str, forked: bool = False) -> None:
+    """Raise :class:`ConfigurationError` when something in force here would not hold in worker
+    processes (``backend``): a budget or rate limit (each process would spend its own copy), or
+    hooks such as a ``Tracer`` or ``Profiler`` (what they collect would stay in the workers, so the
+    caller's would stay empty). OpenTelemetry instrumentation is allowed in ``forked`` workers: each
+    exports its own spans, flushed when it stops."""
     from stageflow.budgets.ratelimit import rate_limits
     from stageflow.budgets.scope import active_chain
+    from stageflow.engine.hooks import active_hooks
 
     found = []
     if active_chain():
@@ -600,6 +747,23 @@ def refuse_unshareable_limits(backend: str) -> None:
             "processes: each process would count against its own copy, so together they would overshoot it.",
             field="backend",
             code="unshareable_limits",
-            hint="run this batch with backend='local' (threads share budgets and rate limits), or give the "
-            "pipeline its own run budget (pipeline.set_budget(...)), which holds per record in any backend",
+            hint="run this batch with backend='local' (threads share budgets and rate limits)"
+            + (
+                ", or give the pipeline its own run budget (pipeline.set_budget(...)), which holds per "
+                "record in any backend"
+                if active_chain()
+                else ""
+            ),
+        )
+    hooks = [h for h in active_hooks() if not (forked and getattr(h, "exports_from_workers", False))]
+    if hooks:
+        names = ", ".join(sorted({type(h).__name__ for h in hooks}))
+        raise ConfigurationError(
+            f"hooks attached here ({names}) would not see this batch: its records run in the {backend} "
+            "backend's worker processes, so what the hooks collect would stay there and yours would stay "
+            "empty.",
+            field="backend",
+            code="unshareable_hooks",
+            hint="run this batch with backend='local' to trace or profile it"
+            + ("; OpenTelemetry instrumentation works with forked workers" if backend != "ray" else ""),
         )
