@@ -762,3 +762,25 @@ def test_opentelemetry_spans_of_forked_workers_are_exported(tmp_path: Path) -> N
     provider.force_flush()
     assert summary.ok
     assert spans.read_text().split().count("one") == 20  # (buffered spans were lost when a worker exited)
+
+
+def test_ctrl_c_while_the_workers_start_is_an_interrupted_run(tmp_path: Path, monkeypatch: Any) -> None:
+    (tmp_path / "slowstart.py").write_text("import time\ntime.sleep(1.5)\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importer = threading.Thread(target=lambda: __import__("slowstart"))  # the fork waits for it
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    journal = tmp_path / "j"
+    importer.start()
+    presser = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    presser.start()
+    try:
+        with pytest.raises(BatchInterrupted) as info:
+            stageflow.run_batch(program, data(5), backend="processes", journal=journal, concurrency=2)
+    finally:
+        presser.join()
+        importer.join()
+    assert (info.value.summary.remaining, info.value.summary.ran) == (5, 0)
+    assert set(journal_statuses(journal).values()) == {"pending"}
+    summary = stageflow.run_batch(program, data(5), backend="processes", journal=journal, concurrency=2)
+    assert summary.ok
+    assert summary.ran == 5

@@ -19,7 +19,7 @@ from stageflow.runtime.output import write_output
 from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
-from stageflow.runtime.runner import BackendError, run_loop
+from stageflow.runtime.runner import BackendError, Counters, LoopResult, run_loop
 from stageflow.runtime.summary import BatchInterrupted, BatchSummary
 
 __all__ = ["run_batch"]
@@ -235,30 +235,37 @@ def run_batch(
         plan = j.plan(retry_failed)
         summary.skipped = plan.total - len(plan.todo)
         run_id = j.begin_run(backend=summary.backend, command=command, allowed_changes=allowed)
-        executor: Any
-        if remote is None:
-            executor = LocalExecutor(program, settings, concurrency)
-        elif name == "processes":
-            executor = remote.executor(
-                pipeline, program, lm, adapter, allow_modules, concurrency, _cap(max_concurrency), settings
-            )
-        else:
-            executor = remote.executor(
-                pipeline, program, lm, adapter, allow_modules, concurrency, _cap(max_concurrency)
-            )
+        executor: Any = None
+        try:
+            if remote is None:
+                executor = LocalExecutor(program, settings, concurrency)
+            elif name == "processes":
+                cap = _cap(max_concurrency)
+                executor = remote.executor(
+                    pipeline, program, lm, adapter, allow_modules, concurrency, cap, settings
+                )
+            else:
+                executor = remote.executor(
+                    pipeline, program, lm, adapter, allow_modules, concurrency, _cap(max_concurrency)
+                )
+        except KeyboardInterrupt:  # Ctrl-C while the workers start: nothing ran; an interrupted run
+            pass
         writer = j.writer(run_id)
         bar = ProgressBar(plan.total, summary.skipped, plan.failed if not retry_failed else 0, progress)
         limit = contextlib.nullcontext() if max_concurrency is None else _limits(max_concurrency)
         summary.setup_time = time.perf_counter() - t0
         try:
-            with limit, batch_heap():
-                result = run_loop(
-                    j.pending_records(source, plan), executor, writer, lambda s: plan.todo[s][0], bar.update
-                )
+            if executor is None:
+                result = LoopResult(Counters(), interrupted=True)
+            else:
+                with limit, batch_heap():
+                    pending = j.pending_records(source, plan)
+                    result = run_loop(pending, executor, writer, lambda s: plan.todo[s][0], bar.update)
         finally:
             bar.close()
             writer.close()
-            executor.close()
+            if executor is not None:
+                executor.close()
         c = result.counters
         totals = j.totals()
         if result.fatal is None and writer.error is not None:

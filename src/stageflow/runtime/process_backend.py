@@ -240,6 +240,8 @@ def _build(payload: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: list[Connection]) -> None:
     """A worker process: one thread per connection, each running the records it receives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if hasattr(signal, "pthread_sigmask"):  # (started with it blocked: see ProcessExecutor._start)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if "program" in payload:  # forked while holding the import lock (see _no_import_in_flight)
         import _imp
 
@@ -319,6 +321,18 @@ def _exit_with_parent() -> None:
 
 
 @contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    if not hasattr(signal, "pthread_sigmask"):  # (not Unix)
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def _no_import_in_flight(timeout: float = 2.0) -> Iterator[None]:
     """Hold Python's import lock, at a moment no other thread is part-way through importing a module.
 
@@ -335,8 +349,13 @@ def _no_import_in_flight(timeout: float = 2.0) -> Iterator[None]:
     deadline = time.monotonic() + timeout
     while True:
         _imp.acquire_lock()
-        locks = [ref() for ref in list(getattr(bootstrap, "_module_locks", {}).values())]
-        if all(getattr(lock, "owner", None) in (None, me) for lock in locks if lock is not None):
+        try:  # (a Ctrl-C here must not leave the lock held: every other thread's imports would wait)
+            locks = [ref() for ref in list(getattr(bootstrap, "_module_locks", {}).values())]
+            quiet = all(getattr(lock, "owner", None) in (None, me) for lock in locks if lock is not None)
+        except BaseException:
+            _imp.release_lock()
+            raise
+        if quiet:
             break
         if time.monotonic() > deadline:
             import warnings
@@ -508,7 +527,10 @@ class ProcessExecutor:
             name=f"stageflow-batch-worker-{i}",
             daemon=False,  # (a daemonic process may not start processes: a stage could want to)
         )
-        with _no_import_in_flight() if self._forked else contextlib.nullcontext():
+        # A forked (or forkserver) worker starts with Ctrl-C blocked, until it ignores it: it is the
+        # parent's to handle. (A spawned interpreter resets the mask: a Ctrl-C while it imports still
+        # prints its traceback.) A Ctrl-C pressed meanwhile reaches this thread afterwards.
+        with _sigint_blocked(), _no_import_in_flight() if self._forked else contextlib.nullcontext():
             proc.start()
         for _, child in pairs:
             child.close()  # only the worker holds its ends: its exit is seen here as EOF

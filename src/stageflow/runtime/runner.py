@@ -32,7 +32,7 @@ from stageflow.runtime.outcome import Outcome, Usage, error_info
 from stageflow.runtime.records import Record
 from stageflow.runtime.writer import JournalWriter
 
-__all__ = ["BackendError", "Counters", "Executor", "run_loop"]
+__all__ = ["BackendError", "Counters", "Executor", "LoopResult", "run_loop"]
 
 
 class BackendError(StageflowError):
