@@ -79,17 +79,22 @@ _PREDICT_MEMO: dict[weakref.ref[Any], PredictMemo] = {}
 _LOCK = threading.Lock()
 
 
-def fingerprint(program: Any) -> str:
+def fingerprint(program: Any, *, fresh: bool = False) -> str:
     """A content hash (hex string) of everything that decides ``program``'s outputs besides its inputs.
 
     ``program`` is anything stageflow runs: a pipeline (every stage in it, nested pipelines
     included), a ``dspy.Module`` or predictor, a function or a callable object. See the module
     docstring for what it covers.
+
+    The hash of an object is remembered while its structure stays the same, so repeated calls are
+    cheap; a mutable value a function reads from its module (a set, a dict) that is changed in place
+    does not change that structure. ``fresh=True`` hashes all of the content again (and remembers the
+    new hash): what a batch journal compares before it resumes.
     """
     target = program.fn if type(program) is _function_stage_type() else program
     dspy = sys.modules.get("dspy")
     predictor = dspy is not None and issubclass(type(target), dspy.Predict)
-    if predictor:
+    if predictor and not fresh:
         try:
             fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
             if fast is not None and fast.matches(target):
@@ -98,7 +103,7 @@ def fingerprint(program: Any) -> str:
             pass
     token = Walker().token(target)
     try:
-        memo = _MEMO.get(target)
+        memo = None if fresh else _MEMO.get(target)
     except TypeError:  # unhashable: no memo, the content is hashed every time
         memo = None
     if memo is not None and memo[0] == token:

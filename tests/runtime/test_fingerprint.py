@@ -4,6 +4,7 @@ structure, count; rebuilding the same program gives the same fingerprint."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -71,3 +72,29 @@ def test_function_code_is_covered() -> None:
     a = stageflow.SequentialPipeline([stageflow.stage(count, writes=["n"])])
     b = stageflow.SequentialPipeline([stageflow.stage(words, writes=["n"])])
     assert program_fingerprint(a) != program_fingerprint(b)
+
+
+_SKIP: set[int] = {3}
+
+
+def test_a_value_a_stage_reads_from_its_module_changed_in_place_is_seen_on_resume(tmp_path: Path) -> None:
+    from stageflow.runtime import JournalError
+
+    def work(x: int) -> dict[str, int]:
+        if x in _SKIP:
+            raise ValueError("skipped")
+        return {"out": 2 * x}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(work, writes=["out"])])
+    records = [{"id": str(i), "x": i} for i in range(5)]
+    journal = tmp_path / "j"
+    first = stageflow.run_batch(program, records, journal=journal)
+    assert first.failed == 1
+    _SKIP.clear()  # the same objects; what `work` does has changed
+    try:
+        with pytest.raises(JournalError) as info:
+            stageflow.run_batch(program, records, journal=journal, retry_failed=True)
+    finally:
+        _SKIP.add(3)
+    assert info.value.code == "changed_since_planned"
+    assert "changed stages: stages[0]" in info.value.message

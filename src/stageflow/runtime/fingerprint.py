@@ -35,7 +35,7 @@ def program_fingerprint(program: Any) -> str:
         >>> program_fingerprint(double) == program_fingerprint(triple)
         False
     """
-    return fingerprint(program)
+    return fingerprint(program, fresh=True)  # (a value read from a module may have changed in place)
 
 
 def stage_fingerprints(program: Any) -> dict[str, str]:
@@ -66,7 +66,7 @@ def stage_fingerprints(program: Any) -> dict[str, str]:
     for path in sorted(paths):
         found, obj = _resolve(program, path)
         if found:
-            prints[path] = fingerprint(obj)
+            prints[path] = fingerprint(obj, fresh=True)
     return prints
 
 
