@@ -784,3 +784,15 @@ def test_ctrl_c_while_the_workers_start_is_an_interrupted_run(tmp_path: Path, mo
     summary = stageflow.run_batch(program, data(5), backend="processes", journal=journal, concurrency=2)
     assert summary.ok
     assert summary.ran == 5
+
+
+def test_numpy_ints_are_fine_for_the_concurrency_options(backend: Any) -> None:
+    import numpy as np
+
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    summary = stageflow.run_batch(
+        program, data(3), backend=backend, concurrency=np.int64(2), max_concurrency=np.int32(2)
+    )
+    assert summary.ok
+    with pytest.raises(ConfigurationError, match="concurrency must be a positive int"):
+        stageflow.run_batch(program, data(3), backend=backend, concurrency=np.int64(0))

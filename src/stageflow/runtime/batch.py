@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import tempfile
 import time
@@ -174,6 +175,7 @@ def run_batch(
         BatchInterrupted: Ctrl-C, after a clean stop (a ``KeyboardInterrupt`` with ``.summary``).
     """
     t0 = time.perf_counter()
+    concurrency, max_concurrency = _whole(concurrency), _whole(max_concurrency)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError(
             f"concurrency must be a positive int, got {concurrency!r}.",
@@ -291,6 +293,17 @@ def run_batch(
     if summary.interrupted:
         raise BatchInterrupted(summary)
     return summary
+
+
+def _whole(value: Any) -> Any:
+    """An integer-like option (a numpy integer) as an ``int``; anything else as it is (a bool stays a
+    bool, to be refused)."""
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _cap(max_concurrency: int | None) -> int | None:
