@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import tempfile
 import time
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stageflow._options import whole_number
 from stageflow.errors import ConfigurationError, ContractError
 from stageflow.runtime.fingerprint import program_fingerprint, stage_changes, stage_fingerprints
 from stageflow.runtime.heap import batch_heap
@@ -175,23 +175,10 @@ def run_batch(
         BatchInterrupted: Ctrl-C, after a clean stop (a ``KeyboardInterrupt`` with ``.summary``).
     """
     t0 = time.perf_counter()
-    concurrency, max_concurrency = _whole(concurrency), _whole(max_concurrency)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError(
-            f"concurrency must be a positive int, got {concurrency!r}.",
-            field="concurrency",
-            code="bad_option",
-        )
+    concurrency = whole_number(concurrency, "concurrency")
+    max_concurrency = whole_number(max_concurrency, "max_concurrency", none_ok=True)
     remote = _make_backend(backend)
     name = _backend_name(remote)
-    if max_concurrency is not None and (
-        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
-    ):
-        raise ConfigurationError(
-            f"max_concurrency must be a positive int or None, got {max_concurrency!r}.",
-            field="max_concurrency",
-            code="bad_option",
-        )
     if remote is not None:
         from stageflow.runtime.process_backend import refuse_unshareable_limits
 
@@ -293,17 +280,6 @@ def run_batch(
     if summary.interrupted:
         raise BatchInterrupted(summary)
     return summary
-
-
-def _whole(value: Any) -> Any:
-    """An integer-like option (a numpy integer) as an ``int``; anything else as it is (a bool stays a
-    bool, to be refused)."""
-    if isinstance(value, bool) or value is None or isinstance(value, int):
-        return value
-    try:
-        return operator.index(value)
-    except TypeError:
-        return value
 
 
 def _cap(max_concurrency: int | None) -> int | None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import multiprocessing
-import operator
 import os
 import signal
 import sys
@@ -47,6 +46,7 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
+from stageflow._options import whole_number
 from stageflow.errors import ConfigurationError, StageflowError
 from stageflow.runtime.heap import batch_heap
 from stageflow.runtime.outcome import Outcome, Usage, error_info, run_record
@@ -88,17 +88,7 @@ class ProcessBackend:
     max_restarts: int = 3
 
     def __post_init__(self) -> None:
-        if self.processes is not None and not isinstance(self.processes, bool):
-            with contextlib.suppress(TypeError):
-                self.processes = operator.index(self.processes)  # (numpy ints too)
-        if self.processes is not None and (
-            isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1
-        ):
-            raise ConfigurationError(
-                f"processes must be a positive int, got {self.processes!r}.",
-                field="processes",
-                code="bad_option",
-            )
+        self.processes = whole_number(self.processes, "processes", none_ok=True)
         if self.start_method is not None and self.start_method not in multiprocessing.get_all_start_methods():
             raise ConfigurationError(
                 f"start_method={self.start_method!r} is not available here; this platform has "
@@ -106,16 +96,7 @@ class ProcessBackend:
                 field="start_method",
                 code="bad_option",
             )
-        if (
-            isinstance(self.max_restarts, bool)
-            or not isinstance(self.max_restarts, int)
-            or self.max_restarts < 0
-        ):
-            raise ConfigurationError(
-                f"max_restarts must be an int >= 0, got {self.max_restarts!r}.",
-                field="max_restarts",
-                code="bad_option",
-            )
+        self.max_restarts = whole_number(self.max_restarts, "max_restarts", minimum=0)
 
     def method(self) -> str:
         """The start method this backend uses."""
