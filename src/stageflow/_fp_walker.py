@@ -8,6 +8,7 @@ import functools
 import hashlib
 import sys
 import types
+from collections.abc import Mapping
 from typing import Any
 
 from stageflow._fp_digest import (
@@ -97,11 +98,26 @@ class Walker:
     changes the token. ``id()`` is used only for objects kept alive during this walk.
     """
 
-    def __init__(self, final: bool = False) -> None:
+    def __init__(
+        self,
+        final: bool = False,
+        *,
+        full: bool | None = None,
+        skip: Mapping[int, Any] | None = None,
+        record: bool = False,
+    ) -> None:
         self.final = final  # the description to hash: long strings are hashed, everything is kept
-        self.full = final  # keep plain data inside mutable containers (always within exact())
+        self.full = final if full is None else full  # keep plain data inside mutable containers
         self.budget = _BUDGET
         self.active: set[int] = set()
+        #: Whether plain data was left out of this token (a mutable container's items, an array).
+        self.elided = False
+        #: Containers (by id) whose plain data is left out even when ``full``: ones a stage changes
+        #: itself while it runs (a log it appends to; see :mod:`stageflow._fp_calls`).
+        self.skip: Mapping[int, Any] = skip or {}
+        #: With ``record``: every list, dict and set walked, ``id -> (it, its token, enclosing one's id)``.
+        self.seen: dict[int, tuple[Any, Any, int | None]] | None = {} if record else None
+        self.enclosing: list[int] = []
 
     def token(self, obj: Any) -> Any:
         dspy = sys.modules.get("dspy")
@@ -128,7 +144,7 @@ class Walker:
         if t is list or t is tuple or t is dict or t is set or t is frozenset:
             return self.container(v, t, d)
         if t is StageList or t is StageDict:  # a pipeline's stages: a plain list / dict with a counter
-            return self.container(v, list if t is StageList else dict, d)
+            return self.items(v, list if t is StageList else dict, d)
         if t is types.FunctionType:
             return self.function(v, d)
         if t is types.MethodType:
@@ -149,6 +165,7 @@ class Walker:
             return ("partial", self.tok(v.func, d), self.tok(v.args, d), self.tok(v.keywords, d))
         if t is bytearray:
             if not self.full:
+                self.elided = True
                 return ("data", "bytearray")
             return ("bytearray", hashlib.sha256(v).hexdigest() if self.final else bytes(v))
         if t is complex:
@@ -156,6 +173,34 @@ class Walker:
         return self.obj(v, t, d)
 
     def container(self, v: Any, t: type, d: int) -> Any:
+        if t in _MUTABLE and (self.skip or self.seen is not None):
+            return self.data(v, t, d)
+        return self.items(v, t, d)
+
+    def data(self, v: Any, t: type, d: int) -> Any:
+        """A list, dict or set when changes to data are looked for: one a stage writes itself is
+        described without its plain data (as in a token); any other is recorded."""
+        key = id(v)
+        if key in self.skip:
+            full, self.full = self.full, False
+            try:
+                return self.items(v, t, d)
+            finally:
+                self.full = full
+        seen = self.seen
+        if seen is None:
+            return self.items(v, t, d)
+        enclosing = self.enclosing
+        outer = enclosing[-1] if enclosing else None
+        enclosing.append(key)
+        try:
+            out = self.items(v, t, d)
+        finally:
+            enclosing.pop()
+        seen[key] = (v, out, outer)
+        return out
+
+    def items(self, v: Any, t: type, d: int) -> Any:
         items: Any = v.items() if t is dict else v
         n = len(v)
         if n > self.budget:  # too big to follow: type, length and a sample
@@ -163,6 +208,7 @@ class Walker:
             sample = [] if unordered else list(items)[:: max(1, n // _SAMPLE)][:_SAMPLE]
             out = [self.tok(x, d) for x in sample]
             if not self.full and t in _MUTABLE and all(_is_plain(x) for x in out):
+                self.elided = True
                 return ("data", t.__name__)
             return ("sampled", t.__name__, n, *out)
         if t is dict:
@@ -177,6 +223,7 @@ class Walker:
             if self.full:
                 return ("dict", *pairs)
             kept = [p for p in pairs if not _is_plain(p[1])]
+            self.elided = self.elided or type(v) in _MUTABLE  # (empty too: it may be filled in place)
             return ("data", "dict") if not kept else ("dict", *kept)
         if self.final:
             out = [self.tok(x, d) for x in items]
@@ -184,7 +231,9 @@ class Walker:
             tok = self.tok
             out = [x if type(x) in _SIMPLE else tok(x, d) for x in items]
         if not self.full and t in _MUTABLE:
-            out = [x for x in out if not _is_plain(x)]
+            kept = [x for x in out if not _is_plain(x)]
+            self.elided = self.elided or type(v) in _MUTABLE  # (empty too: it may be filled in place)
+            out = kept
             if not out:
                 return ("data", t.__name__)
         if t is set or t is frozenset:
@@ -311,6 +360,7 @@ class Walker:
 
     def array(self, v: Any) -> Any:
         if not self.full:  # data, like a list of numbers (a stage may keep a log of its inputs)
+            self.elided = True
             return ("data", "ndarray")
         kind = type(v).__name__
         if v.dtype.hasobject:

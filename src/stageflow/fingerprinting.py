@@ -65,6 +65,7 @@ import hashlib
 import sys
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from stageflow._fp_digest import Bag, Ref, weaken
@@ -91,17 +92,30 @@ def fingerprint(program: Any, *, fresh: bool = False) -> str:
     does not change that structure. ``fresh=True`` hashes all of the content again (and remembers the
     new hash): what a batch journal compares before it resumes.
     """
-    target = program.fn if type(program) is _function_stage_type() else program
+    return structural(unwrap(program), fresh=fresh)[0]
+
+
+def unwrap(program: Any) -> Any:
+    """What is fingerprinted for ``program``: a function stage's function (its name and flags do not
+    change outputs), anything else itself."""
+    return program.fn if type(program) is _function_stage_type() else program
+
+
+def structural(target: Any, *, fresh: bool = False) -> tuple[str, bool]:
+    """``(fingerprint, elided)``: :func:`fingerprint` of ``target`` (already :func:`unwrap` ped), and
+    whether its change-detection token left plain data out (a list, dict or set's items, an array):
+    then an in-place edit of that data is not seen by the memo (see :mod:`stageflow._fp_calls`)."""
     dspy = sys.modules.get("dspy")
     predictor = dspy is not None and issubclass(type(target), dspy.Predict)
     if predictor and not fresh:
         try:
             fast = _PREDICT_MEMO.get(weakref.ref(target))  # a fresh reference finds the stored one
             if fast is not None and fast.matches(target):
-                return fast.fp
+                return fast.fp, False  # (a memo is built only for plain state: nothing left out)
         except (TypeError, ValueError):  # unhashable, or a setting whose == is not a bool (an array)
             pass
-    token = Walker().token(target)
+    walker = Walker()
+    token = walker.token(target)
     try:
         memo = None if fresh else _MEMO.get(target)
     except TypeError:  # unhashable: no memo, the content is hashed every time
@@ -109,16 +123,40 @@ def fingerprint(program: Any, *, fresh: bool = False) -> str:
     if memo is not None and memo[0] == token:
         fp = memo[1]
     else:
-        full = _content(Walker(final=True).token(target))
-        fp = hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        fp = content_hash(target, _WRITTEN)
         if Walker().token(target) == token:  # unchanged while hashing (another thread may edit it)
             _remember(_MEMO, target, (weaken(token), fp))
-    if predictor:
+    if predictor and not walker.elided:
         fast = PredictMemo.build(target, fp)
         if fast is not None and Walker().token(target) == token:
             with _LOCK, contextlib.suppress(TypeError):
                 _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
-    return fp
+    return fp, walker.elided
+
+
+def content_hash(target: Any, skip: Mapping[int, Any] | None = None) -> str:
+    """The hash of ``target``'s complete description; the plain data of the containers in ``skip``
+    (by id) is left out."""
+    full = _content(Walker(final=True, skip=skip).token(target))
+    return hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+#: Containers (id -> the container, kept so its id stays its own) that a stage was seen to change while
+#: it ran — a log it appends to. Their plain data is left out of content hashes that look at data
+#: (a cache key, a batch journal's fresh fingerprint). Replaced whole on each change (read lock-free).
+_WRITTEN: dict[int, Any] = {}
+
+
+def written() -> Mapping[int, Any]:
+    """The containers stages write themselves (see :data:`_WRITTEN`)."""
+    return _WRITTEN
+
+
+def note_written(containers: Mapping[int, Any]) -> None:
+    """Remember ``containers`` as ones a stage writes itself."""
+    global _WRITTEN
+    with _LOCK:
+        _WRITTEN = {**_WRITTEN, **containers}
 
 
 def _forget(ref: weakref.ref[Any]) -> None:
@@ -134,8 +172,7 @@ def _remember(memo: weakref.WeakKeyDictionary[Any, Any], target: Any, value: Any
 
 
 def _function_stage_type() -> Any:
-    """``FunctionStage`` once stageflow's stages are imported (a function stage is fingerprinted by its
-    function: its name and flags do not change outputs); ``None`` before."""
+    """``FunctionStage`` once stageflow's stages are imported; ``None`` before."""
     stages = sys.modules.get("stageflow.stages")
     return None if stages is None else stages.FunctionStage
 

@@ -243,6 +243,103 @@ def build(factor: int = 2, demo: str = "y", temperature: float = 0.0) -> Sequent
     return SequentialPipeline([dspy.Predict("text -> question"), inner])
 
 
+RATES = {"eur": 2}
+STATE: dict[str, Any] = {"log": [], "rate": 2}
+
+
+def convert(x: int) -> dict[str, int]:
+    return {"y": x * RATES["eur"]}
+
+
+class Table:
+    """A callable stage body holding its settings in a dict, and a log of its calls."""
+
+    def __init__(self) -> None:
+        self.rates = {"eur": 2}
+        self.calls: list[int] = []
+
+    def __call__(self, x: int) -> dict[str, int]:
+        self.calls.append(x)
+        return {"y": x * self.rates["eur"]}
+
+
+@pytest.fixture
+def rates() -> Any:
+    yield RATES
+    RATES["eur"] = 2
+
+
+@pytest.mark.parametrize("wrap", ["stage_cache", "cached_stage"])
+async def test_a_module_setting_changed_in_place_misses(mode: str, wrap: str, rates: Any) -> None:
+    """A dict a function stage reads from its module, changed in place, was served the old output."""
+    if wrap == "stage_cache":
+        p = SequentialPipeline([Stage(convert, writes=["y"], cache=CachePolicy(MemoryStore()))])
+    else:
+        p = SequentialPipeline([CachedStage(Stage(convert, writes=["y"]))])
+    assert (await call(p, mode, x=3)).y == 6
+    assert (await call(p, mode, x=3)).y == 6  # unchanged: a hit
+    rates["eur"] = 5
+    assert (await call(p, mode, x=3)).y == 15
+    rates["eur"] = 2
+    assert (await call(p, mode, x=3)).y == 6  # back: the first entry again
+
+
+async def test_a_stage_that_logs_its_calls_and_reads_a_setting(mode: str, rates: Any) -> None:
+    calls: list[int] = []
+
+    def logged(x: int) -> dict[str, int]:
+        calls.append(x)
+        return {"y": x * RATES["eur"]}
+
+    p = SequentialPipeline([CachedStage(Stage(logged, writes=["y"]))])
+    for _ in range(3):
+        assert (await call(p, mode, x=3)).y == 6
+    assert calls == [3]  # the log it writes is not part of its key
+    rates["eur"] = 5
+    assert (await call(p, mode, x=3)).y == 15  # the setting it reads is
+    assert (await call(p, mode, x=3)).y == 15
+    assert calls == [3, 3]
+
+
+async def test_a_log_inside_a_settings_dict(mode: str) -> None:
+    """The innermost container that changed is the stage's own: its enclosing dict still counts."""
+
+    def logged(x: int) -> dict[str, int]:
+        STATE["log"].append(x)
+        return {"y": x * STATE["rate"]}
+
+    p = SequentialPipeline([CachedStage(Stage(logged, writes=["y"]))])
+    try:
+        for _ in range(3):
+            assert (await call(p, mode, x=3)).y == 6
+        assert STATE["log"] == [3]
+        STATE["rate"] = 4
+        assert (await call(p, mode, x=3)).y == 12
+        assert STATE["log"] == [3, 3]
+    finally:
+        STATE["log"].clear()
+        STATE["rate"] = 2
+
+
+async def test_an_objects_settings_changed_in_place_miss(mode: str) -> None:
+    body = Table()
+    p = SequentialPipeline([CachedStage(Stage(body, writes=["y"]))])
+    assert (await call(p, mode, x=3)).y == 6
+    assert (await call(p, mode, x=3)).y == 6
+    assert body.calls == [3]
+    body.rates["eur"] = 7
+    assert (await call(p, mode, x=3)).y == 21
+    assert body.calls == [3, 3]
+
+
+def test_fingerprint_remembers_structure_and_fresh_sees_data(rates: Any) -> None:
+    """``fingerprint()`` alone is remembered per structure (documented); ``fresh=True`` and cache keys
+    look at the data."""
+    before = stageflow.fingerprint(convert)
+    rates["eur"] = 5
+    assert stageflow.fingerprint(convert, fresh=True) != before
+
+
 def test_fingerprint_is_content_based_and_covers_nested_pipelines() -> None:
     base = stageflow.fingerprint(build())
     assert isinstance(base, str)

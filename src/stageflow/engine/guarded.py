@@ -56,11 +56,12 @@ def _from_cache(
     keys = make_key(path, target, kw, cache)
     if keys is None:
         return _MISS, None
-    key, durable = keys
     if cache.persistent is None:
-        found, value = cache.lookup(key, durable)
+        found, value = cache.lookup(keys.memory, keys.durable)
     else:  # an entry from the file must be an output this stage could have returned
-        found, value = cache.lookup(key, durable, _declared_fit(entry), f"'{path}' ({entry.label})")
+        found, value = cache.lookup(
+            keys.memory, keys.durable, _declared_fit(entry), f"'{path}' ({entry.label})"
+        )
     if found:
         run.events.append(PolicyEvent(path, "cache_hit"))
         note_policy_event("cache_hit")
@@ -69,7 +70,8 @@ def _from_cache(
 
     def store(out: Any) -> None:
         if not _fell_back(run, seen, path):
-            cache.store(key, durable, out, path)
+            final = keys.after_call()
+            cache.store(final.memory, final.durable, out, path)
 
     return _MISS, store
 

@@ -33,11 +33,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stageflow.fingerprinting import fingerprint
+from stageflow._fp_calls import CallProbe, call_fingerprint
 from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
 from stageflow.policies.snapshot import Snapshot, Uncopyable
 
-__all__ = ["CachePolicy", "CacheWarning", "MemoryStore", "is_collecting_traces", "make_key", "output_problem"]
+__all__ = ["CachePolicy", "CacheWarning", "CallKeys", "MemoryStore", "is_collecting_traces", "make_key", "output_problem"]
 
 #: Bumped when the key layout changes, so old persistent entries are never read as new ones.
 KEY_VERSION = 3
@@ -301,13 +301,48 @@ def _by_name(item: tuple[str, Any]) -> str:
     return item[0]
 
 
+class CallKeys:
+    """The keys of one cached call: ``memory`` (a tuple) and ``durable()`` (computed once, and only
+    when a persistent store is consulted: the sha256 used there, or ``None`` when the key cannot be
+    spelled the same way in another process)."""
+
+    __slots__ = ("_durable", "_frozen", "_path", "_persistent", "_probe", "memory")
+
+    def __init__(self, path: str, fp: str, frozen: Any, persistent: bool, probe: CallProbe | None) -> None:
+        self.memory = (path, fp, frozen)
+        self._path, self._frozen, self._persistent, self._probe = path, frozen, persistent, probe
+        self._durable: list[str | None] = []
+
+    def durable(self) -> str | None:
+        if not self._persistent:
+            return None  # pragma: no cover - only persistent stores ask for it
+        if not self._durable:
+            path, fp, frozen = self.memory
+            try:
+                text = durable_text([KEY_VERSION, path, fp, frozen])
+            except NotDurable:
+                self._durable.append(None)
+            else:
+                self._durable.append(hashlib.sha256(text.encode()).hexdigest())
+        return self._durable[0]
+
+    def after_call(self) -> CallKeys:
+        """The keys to store the call's output under: these, unless the stage changed data it reads
+        while it ran (a log it appends to), which is then left out of its keys (see
+        :mod:`stageflow._fp_calls`)."""
+        if self._probe is None:
+            return self
+        fp = self._probe.settle()
+        if fp is None:
+            return self
+        return CallKeys(self._path, fp, self._frozen, self._persistent, None)
+
+
 def make_key(
     path: str, target: Any, kw: dict[str, Any], policy: CachePolicy | None = None, label: str = ""
-) -> tuple[Any, Callable[[], str | None]] | None:
-    """``(memory_key, durable_key)`` for one call, or ``None`` when an input cannot be keyed.
+) -> CallKeys | None:
+    """The :class:`CallKeys` of one call, or ``None`` when an input cannot be keyed.
 
-    The memory key is a tuple; ``durable_key()`` computes (once) the sha256 used by persistent
-    stores, or returns ``None`` when the key cannot be spelled the same way in another process.
     When an input has no canonical encoding, or the stage cannot be fingerprinted (reading its
     state raised), ``policy`` (if given) warns once for the stage and ``None`` is returned: the call
     runs uncached. A cache never fails a stage.
@@ -325,7 +360,7 @@ def make_key(
                 _warn_unkeyable(policy, label or repr(path), name, Unkeyable(type(value).__name__, repr(e)))
             return None
     try:
-        fp = fingerprint(target)
+        fp, probe = call_fingerprint(target)
     except Exception as e:  # a stage object whose attributes raise when read
         if policy is not None:
             stage = label or repr(path)
@@ -340,26 +375,8 @@ def make_key(
         return None
     if len(items) > 1:  # keyword order is not part of the key: f(a=1, b=2) is f(b=2, a=1)
         items.sort(key=_by_name)
-    frozen = tuple(items)
-    if policy is not None and policy.persistent is None:
-        return (path, fp, frozen), _no_durable_key
-    memo: list[str | None] = []
-
-    def durable() -> str | None:  # computed once, and only when a persistent store is consulted
-        if not memo:
-            try:
-                text = durable_text([KEY_VERSION, path, fp, frozen])
-            except NotDurable:
-                memo.append(None)
-            else:
-                memo.append(hashlib.sha256(text.encode()).hexdigest())
-        return memo[0]
-
-    return (path, fp, frozen), durable
-
-
-def _no_durable_key() -> str | None:
-    return None  # pragma: no cover - only persistent stores ask for it
+    persistent = policy is None or policy.persistent is not None
+    return CallKeys(path, fp, tuple(items), persistent, probe)
 
 
 def _warn_unkeyable(policy: CachePolicy, stage: str, name: str, e: Unkeyable) -> None:

@@ -109,11 +109,15 @@ class CachedStage(Stage):
         keys = make_key("", self.module, kwargs, self.cache, self._label)
         if keys is None:
             return False, None, None
-        key, durable = keys
-        found, value = self.cache.lookup(key, durable, self._fits, self._label)
+        found, value = self.cache.lookup(keys.memory, keys.durable, self._fits, self._label)
         if found:
             return True, value, None
-        return False, None, lambda out: self.cache.store(key, durable, out, "", self._label)
+
+        def store(out: Any) -> None:
+            final = keys.after_call()
+            self.cache.store(final.memory, final.durable, out, "", self._label)
+
+        return False, None, store
 
     def _fits(self, value: Any) -> str | None:
         """Why a persistent entry cannot be this stage's output (``None``: it can)."""
