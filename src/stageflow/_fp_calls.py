@@ -42,11 +42,13 @@ from stageflow._fp_digest import weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, note_written, structural, unwrap, written
 
-__all__ = ["CallProbe", "call_fingerprint"]
+__all__ = ["CallProbe", "call_fingerprint", "changed_since", "data_state"]
 
 #: target -> (its last complete token, the hash of that description)
 _DATA: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+#: ``id -> (a list, dict or set, its token, the id of the one enclosing it)``
+Seen = dict[int, tuple[Any, Any, int | None]]
 
 
 class CallProbe:
@@ -54,7 +56,7 @@ class CallProbe:
 
     __slots__ = ("seen", "target")
 
-    def __init__(self, target: Any, seen: dict[int, tuple[Any, Any, int | None]]) -> None:
+    def __init__(self, target: Any, seen: Seen) -> None:
         self.target = target
         self.seen = seen
 
@@ -62,24 +64,36 @@ class CallProbe:
         """After the call ran: ``None`` when it changed none of the data it reads; otherwise those
         containers are remembered as the stage's own, and the fingerprint to store the output under
         (the one the next call will compute) is returned."""
-        after = Walker(full=True, skip=written(), record=True)
-        after.token(self.target)
-        now = after.seen or {}
-        changed = {
-            key
-            for key, (obj, token, _) in self.seen.items()
-            if key in now and now[key][0] is obj and now[key][1] != token
-        }
-        if not changed:
+        own = changed_since(self.seen, data_state(self.target))
+        if not own:
             return None
-        enclosing = set()  # a container holding a changed one changed through it: not its own write
-        for key in changed:
-            outer = self.seen[key][2]
-            while outer is not None and outer not in enclosing:
-                enclosing.add(outer)
-                outer = self.seen[outer][2] if outer in self.seen else None
-        note_written({key: self.seen[key][0] for key in changed - enclosing})
+        note_written(own)
         return call_fingerprint(self.target, unwrapped=True)[0]
+
+
+def data_state(target: Any) -> Seen:
+    """Every list, dict and set ``target`` holds or reads (but those stages write themselves):
+    ``id -> (it, its token, the id of the one enclosing it)``."""
+    walker = Walker(full=True, skip=written(), record=True)
+    walker.token(target)
+    return walker.seen or {}
+
+
+def changed_since(before: Seen, after: Seen) -> dict[int, Any]:
+    """The containers whose data changed from ``before`` to ``after`` (two :func:`data_state`): the
+    innermost ones — a dict holding a list that changed changed through it."""
+    changed = {
+        key
+        for key, (obj, token, _) in before.items()
+        if key in after and after[key][0] is obj and after[key][1] != token
+    }
+    enclosing = set()
+    for key in changed:
+        outer = before[key][2]
+        while outer is not None and outer not in enclosing:
+            enclosing.add(outer)
+            outer = before[outer][2] if outer in before else None
+    return {key: before[key][0] for key in changed - enclosing}
 
 
 def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, CallProbe | None]:
@@ -90,17 +104,20 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
     that data as it is now, and a :class:`CallProbe` to :meth:`~CallProbe.settle` after a miss.
     """
     target = program if unwrapped else unwrap(program)
+    try:
+        memo = _DATA.get(target)
+    except TypeError:  # unhashable: hashed every time
+        memo = None
+    if memo is not None:  # it read data last time: its complete token alone tells whether anything changed
+        walker = Walker(full=True, skip=written(), record=True)
+        token = walker.token(target)
+        if memo[0] == token:
+            return memo[1], CallProbe(target, walker.seen or {})
     fp, elided = structural(target)
     if not elided:
         return fp, None
     walker = Walker(full=True, skip=written(), record=True)
     token = walker.token(target)
-    try:
-        memo = _DATA.get(target)
-    except TypeError:  # unhashable: hashed every time
-        memo = None
-    if memo is not None and memo[0] == token:
-        return memo[1], CallProbe(target, walker.seen or {})
     data_fp = content_hash(target, written())
     if Walker(full=True, skip=written()).token(target) == token:  # unchanged while hashing
         try:

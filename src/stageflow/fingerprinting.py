@@ -42,10 +42,13 @@ Not covered (documented, not silent):
   as theirs: only what stageflow reads of it (model, model type, ``kwargs``; signature, demos,
   config) is part of the fingerprint;
 - containers are followed up to a budget of about 2,000 values per fingerprint; beyond it a
-  container is represented by its type, length and a few sampled items, and plain data *inside*
-  a list, dict or set (a captured one, or a class attribute) is hashed when the stage is first
-  fingerprinted, so an in-place edit of it later in the same process can go unnoticed — rebind it
-  instead;
+  container is represented by its type, length and a few sampled items;
+- plain data *inside* a list, dict or set (a captured one, a module's, an attribute) is hashed when
+  the program is first fingerprinted, and the result is remembered while the program's structure
+  stays the same: an in-place edit of that data later in the same process is seen by
+  ``fresh=True``, by cache keys and by batch journals (:mod:`stageflow._fp_calls`), not by a plain
+  ``fingerprint(program)`` call. A container a stage was seen to change while it ran (its call log)
+  is left out of those;
 - a class used as a signature field type is described once per class object: changing a model
   class in place (``model_rebuild`` with other fields) is not seen — define a new class.
 

@@ -98,3 +98,44 @@ def test_a_value_a_stage_reads_from_its_module_changed_in_place_is_seen_on_resum
         _SKIP.add(3)
     assert info.value.code == "changed_since_planned"
     assert "changed stages: stages[0]" in info.value.message
+
+
+_LOG: list[int] = []
+_FACTOR = {"k": 2}
+
+
+def _logged(x: int) -> dict[str, int]:
+    _LOG.append(x)  # the stage's own data: it changes while the batch runs
+    return {"out": x * _FACTOR["k"]}
+
+
+def test_a_log_the_stages_append_to_does_not_refuse_a_resume_in_the_same_process(tmp_path: Path) -> None:
+    """A journal compared the program afresh, call log included, and refused every same-process resume
+    of a stage that logs its calls."""
+    program = stageflow.SequentialPipeline([stageflow.stage(_logged, writes=["out"])])
+    records = [{"id": str(i), "x": i} for i in range(4)]
+    journal = tmp_path / "j"
+    _LOG.clear()
+    first = stageflow.run_batch(program, records[:2], journal=journal)
+    assert first.succeeded == 2
+    assert _LOG == [0, 1]
+    # the same records again: resumed (nothing runs), not refused because _LOG grew
+    again = stageflow.run_batch(program, records[:2], journal=journal)
+    assert (again.succeeded, again.ran, _LOG) == (2, 0, [0, 1])
+
+
+def test_a_setting_changed_between_runs_is_still_refused_when_the_stage_also_logs(tmp_path: Path) -> None:
+    from stageflow.runtime import JournalError
+
+    program = stageflow.SequentialPipeline([stageflow.stage(_logged, writes=["out"])])
+    records = [{"id": str(i), "x": i} for i in range(3)]
+    journal = tmp_path / "j"
+    stageflow.run_batch(program, records, journal=journal)
+    _FACTOR["k"] = 3
+    try:
+        with pytest.raises(JournalError) as info:
+            stageflow.run_batch(program, records, journal=journal)
+    finally:
+        _FACTOR["k"] = 2
+    assert info.value.code == "changed_since_planned"
+    assert "changed stages: stages[0]" in info.value.message

@@ -8,7 +8,9 @@ costs microseconds, not the ~0.6 ms a DSPy LM-cache hit still spends. The key of
 - the **fingerprint** (:mod:`stageflow.fingerprinting`) covers what decides the stage's outputs:
   a predictor's signature, demos, LM and settings as they are at call time, a function's code,
   constants, defaults, closure values and the globals it reads. Re-compiling, re-prompting or
-  editing a stage misses; changing another stage does not;
+  editing a stage misses; changing another stage does not. For a stage that reads lists, dicts or
+  sets, the key hashes their data as it is at call time, leaving out the ones the stage changes
+  itself while it runs (:mod:`stageflow._fp_calls`);
 - the **inputs** are keyed by :func:`~stageflow.policies.keys.freeze`: ``1``, ``True`` and
   ``1.0`` are different inputs, objects are keyed by content, never by ``repr``. An input with no
   canonical encoding makes that call uncached, with one :class:`CacheWarning` per stage and field.
@@ -37,7 +39,15 @@ from stageflow._fp_calls import CallProbe, call_fingerprint
 from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
 from stageflow.policies.snapshot import Snapshot, Uncopyable
 
-__all__ = ["CachePolicy", "CacheWarning", "CallKeys", "MemoryStore", "is_collecting_traces", "make_key", "output_problem"]
+__all__ = [
+    "CachePolicy",
+    "CacheWarning",
+    "CallKeys",
+    "MemoryStore",
+    "is_collecting_traces",
+    "make_key",
+    "output_problem",
+]
 
 #: Bumped when the key layout changes, so old persistent entries are never read as new ones.
 KEY_VERSION = 3

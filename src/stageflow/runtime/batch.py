@@ -20,6 +20,7 @@ from stageflow.runtime.output import write_output
 from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
+from stageflow.runtime.run_data import ended_here, run_ended, run_started
 from stageflow.runtime.runner import BackendError, Counters, LoopResult, run_loop
 from stageflow.runtime.summary import BatchInterrupted, BatchSummary
 
@@ -49,7 +50,8 @@ def _changes(
 ) -> list[str]:
     meta = journal.meta()
     found: list[str] = []
-    if meta.get("fingerprint") != fingerprint:
+    planned_fp = meta.get("fingerprint") or ""
+    if planned_fp != fingerprint and not ended_here(journal.path, planned_fp, fingerprint):
         planned = journal.stage_fingerprints()
         which = stage_changes(planned, stages) if planned and stages else ""
         if not planned or not stages:  # a journal from before they were kept, or no picture
@@ -195,6 +197,7 @@ def run_batch(
     with dspy.context(**settings):
         fingerprint = program_fingerprint(program)
         stages = stage_fingerprints(program)
+        started = run_started(program)
     keep: Any = None
     if journal is None:
         keep = tempfile.TemporaryDirectory(prefix="stageflow-batch-")
@@ -255,6 +258,8 @@ def run_batch(
             writer.close()
             if executor is not None:
                 executor.close()
+            with dspy.context(**settings), contextlib.suppress(Exception):  # best effort: see run_data
+                run_ended(j.path, j.meta().get("fingerprint", ""), program, started)
         c = result.counters
         totals = j.totals()
         if result.fatal is None and writer.error is not None:
