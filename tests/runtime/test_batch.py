@@ -322,7 +322,7 @@ def test_contracts_are_checked_before_any_lm_call(tmp_path: Path) -> None:
     data = [*records(3), {"id": "x", "prompt": "wrong field"}]
     with pytest.raises(ContractError) as info:
         stageflow.run_batch(qa_pipeline(), data, lm=lm, journal=tmp_path / "j")
-    assert "record 4 (fields ['prompt'])" in info.value.message
+    assert "record 'x' (item 4; fields ['prompt'])" in info.value.message
     assert info.value.field == "question"
     assert info.value.stage_path == "stages[0]"
     assert lm.calls == 0

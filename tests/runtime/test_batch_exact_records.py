@@ -178,6 +178,7 @@ def test_an_output_the_journal_cannot_hold_fails_its_record_naming_the_field(tmp
     assert not rows["bad"].ok
     assert rows["bad"].error["code"] == "unwritable_output"
     assert "'ok'" in rows["bad"].error["message"]
+    assert rows["bad"].error["stage_path"] == "stages[0]"  # the stage that wrote it (was null)
     assert summary.failed == 1
 
 

@@ -89,7 +89,7 @@ def test_retry_failed_is_not_counted_as_repeated_work(
     ("data", "message"),
     [
         ('{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "line 2 is not valid JSON"),
-        ('{"id": "a", "prompt": "x"}\n', "line 1 (fields ['prompt'])"),
+        ('{"id": "a", "prompt": "x"}\n', "line 1 (record 'a'; fields ['prompt'])"),
         ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "already used at line 1"),
     ],
 )

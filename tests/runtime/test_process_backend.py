@@ -219,6 +219,7 @@ def test_outputs_and_errors_holding_a_lone_surrogate_fail_their_record_only(
     assert (summary.succeeded, summary.failed) == (2, 3)
     assert rows["t-1"]["error"]["code"] == "unwritable_output"
     assert "output field 'seen'" in rows["t-1"]["error"]["message"]
+    assert rows["t-1"]["error"]["stage_path"] == "stages[0]"  # (was null)
     assert "bad \\udc80 byte" in rows["t-2"]["error"]["message"]
     assert rows["t-3"]["error"]["type"] == "SystemExit"
     assert rows["t-3"]["error"]["code"] is None  # (not "bye": that is the exit's argument)

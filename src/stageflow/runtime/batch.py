@@ -31,13 +31,16 @@ def _check_contracts(program: Any, scan: ScanResult, source: RecordSource) -> No
     """Every distinct set of input fields satisfies the pipeline's contracts (before any LM call)."""
     if not is_pipeline(program):
         return
-    for names, line in scan.field_sets.items():
+    for names, (line, key) in scan.field_sets.items():
         try:
             program.check(sorted(names))
         except ContractError as exc:
-            where = f"{source.label} line {line}" if source.path is not None else f"record {line}"
+            if source.path is not None:
+                where = f"{source.label} line {line} (record {key!r}; fields {sorted(names)})"
+            else:
+                where = f"record {key!r} (item {line}; fields {sorted(names)})"
             raise ContractError(
-                f"{where} (fields {sorted(names)}): {exc.message}",
+                f"{where}: {exc.message}",
                 stage_path=exc.stage_path,
                 field=exc.field,
                 code=exc.code,

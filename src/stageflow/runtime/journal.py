@@ -82,8 +82,8 @@ class ScanResult:
 
     count: int = 0
     digest: str = ""
-    #: Each distinct set of input field names, with the line where it first appears.
-    field_sets: dict[frozenset[str], int] = field(default_factory=dict)
+    #: Each distinct set of input field names, with the line (or position) and id where it first appears.
+    field_sets: dict[frozenset[str], tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,7 +292,7 @@ class Journal:
                 digest.update(f"{rec.key}\x1f{h}\n".encode())
                 names = frozenset(rec.inputs)
                 if names not in result.field_sets and len(result.field_sets) < 64:
-                    result.field_sets[names] = rec.line
+                    result.field_sets[names] = (rec.line, rec.key)
                 result.count += 1
                 yield rec.seq, rec.key, json.dumps(rec.id), h
 

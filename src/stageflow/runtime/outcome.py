@@ -281,7 +281,8 @@ def run_record(program: Any, inputs: dict[str, Any]) -> Outcome:
         text = to_json(outputs)  # here, so a value the journal cannot hold fails this record only
         text.encode("utf-8")  # (a lone surrogate in a string: the journal cannot store it)
     except (TypeError, ValueError) as exc:  # UnwritableError, a key JSON cannot have, a cycle
-        return Outcome(False, None, error_info(_unwritable(outputs, exc)), usage, time.perf_counter() - t0)
+        error = _unwritable(outputs, exc, result)
+        return Outcome(False, None, error_info(error), usage, time.perf_counter() - t0)
     return Outcome(True, text, None, usage, time.perf_counter() - t0)
 
 
@@ -313,18 +314,36 @@ def _no_key_clash(value: Any, depth: int = 0) -> None:
             _no_key_clash(v, depth + 1)
 
 
-def _unwritable(outputs: dict[str, Any], exc: Exception) -> ContractError:
-    """The error of a record whose outputs the journal cannot hold, naming the field."""
+def _unwritable(outputs: dict[str, Any], exc: Exception, result: Any) -> ContractError:
+    """The error of a record whose outputs the journal cannot hold, naming the field and the stage
+    that wrote it."""
     field = next((k for k, v in outputs.items() if _fails(v)), None)
     where = f"the output field '{field}'" if field is not None else "an output field"
+    stage = None if field is None else _writer(result, field)
     return ContractError(
-        f"{where} holds a value the batch journal cannot store as JSON without losing part of it "
-        f"({exc}); the record is failed rather than written incompletely.",
+        f"{where}{'' if stage is None else f' (written by stage {stage!r})'} holds a value the batch "
+        f"journal cannot store as JSON without losing part of it ({exc}); the record is failed rather "
+        "than written incompletely.",
+        stage_path=stage,
         field=field,
         code="unwritable_output",
         hint="return plain data from the pipeline (text, numbers, lists, dicts), a pydantic model or a "
         "dataclass; convert other objects in a last stage (e.g. value.tolist(), str(value))",
     )
+
+
+def _writer(result: Any, field: str) -> str | None:
+    """The path of the last stage whose output holds ``field`` (``None`` when the result keeps no
+    stage outputs, or no output names it: a renamed output)."""
+    try:
+        outputs = result.run.stage_outputs
+        for path, out in reversed(list(outputs.items())):
+            store = getattr(out, "_store", out)
+            if isinstance(store, Mapping) and field in store and isinstance(path, str):
+                return path
+    except Exception:  # (not a stageflow result, or one whose records cannot be read)
+        return None
+    return None
 
 
 def _fails(value: Any) -> bool:
