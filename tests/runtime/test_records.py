@@ -100,3 +100,32 @@ def test_format_override_and_input_hash_is_canonical(tmp_path: Path) -> None:
     (rec,) = open_records(path, fmt="jsonl").scan()
     assert input_hash(rec.inputs) == input_hash({"a": [1, 2], "b": 1})
     assert input_hash({"a": 1}) != input_hash({"a": 2})
+
+
+def _deep(levels: int) -> list[object]:
+    top: list[object] = []
+    cur = top
+    for _ in range(levels):
+        nxt: list[object] = []
+        cur.append(nxt)
+        cur = nxt
+    return top
+
+
+@pytest.mark.parametrize("value", [_deep(3000), 10**5000], ids=["nested-3000-deep", "int-5000-digits"])
+def test_a_record_value_that_cannot_be_encoded_is_refused_naming_record_and_field(value: object) -> None:
+    """Was a bare RecursionError / ValueError naming no record."""
+    import stageflow
+
+    p = stageflow.SequentialPipeline([stageflow.stage(lambda x: {"y": 1}, writes=["y"])])
+    with pytest.raises(ConfigurationError) as info:
+        stageflow.run_batch(p, [{"id": "a", "x": 1}, {"id": "bad", "x": value}], progress=False)
+    assert info.value.field == "x"
+    assert "record 'bad'" in info.value.message
+
+
+def test_a_jsonl_line_nested_too_deep_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"id": "a", "x": 1}\n{"id": "b", "x": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(ConfigurationError, match="line 2 is nested deeper"):
+        list(open_records(path).scan())

@@ -187,6 +187,32 @@ def input_hash(inputs: Mapping[str, Any], where: str = "a record") -> str:
     >>> input_hash({"v": (1, 2)}) != input_hash({"v": [1, 2]})
     True
     """
+    try:
+        return _input_hash(inputs, where)
+    except (RecursionError, ValueError) as e:  # nested too deep; an int longer than str() allows
+        field = next((k for k in inputs if _too_big(inputs[k])), None)
+        what = f"the field '{field}'" if field is not None else "a field"
+        raise ConfigurationError(
+            f"{where}: {what} cannot be encoded to tell whether the record changed between runs "
+            f"({type(e).__name__}: {e}).",
+            field=field,
+            code="bad_input",
+            hint="give the record plain data nested less than a few hundred levels deep; pass a very "
+            "large integer as text",
+        ) from e
+
+
+def _too_big(value: Any) -> bool:
+    try:
+        _input_hash({"v": value}, "")
+    except (RecursionError, ValueError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _input_hash(inputs: Mapping[str, Any], where: str) -> str:
     if _plain(inputs):
         text = json.dumps(inputs, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     else:
@@ -352,6 +378,12 @@ class _FileSource(RecordSource):
                         f"{self.label} line {line} is not valid JSON: {exc.msg} (column {exc.colno}).",
                         code="bad_input",
                         hint="JSON Lines needs one complete JSON object per line",
+                    ) from exc
+                except RecursionError as exc:
+                    raise ConfigurationError(
+                        f"{self.label} line {line} is nested deeper than Python's JSON reader goes.",
+                        code="bad_input",
+                        hint="nest the record's values less than a few hundred levels deep",
                     ) from exc
                 except ValueError as exc:  # an integer longer than Python reads
                     raise ConfigurationError(
