@@ -223,6 +223,7 @@ def test_outputs_and_errors_holding_a_lone_surrogate_fail_their_record_only(
     assert "bad \\udc80 byte" in rows["t-2"]["error"]["message"]
     assert rows["t-3"]["error"]["type"] == "SystemExit"
     assert rows["t-3"]["error"]["code"] is None  # (not "bye": that is the exit's argument)
+    assert rows["t-3"]["error"]["stage_path"] == "stages[0]"  # (was null)
 
 
 def test_bad_max_concurrency_is_refused_before_anything_starts(backend: Any) -> None:

@@ -407,11 +407,19 @@ def call_stage(
         _left(token, path_token)
         _raised(owner, entry, e, (target, kw, policy, t0), state, run, hooks, prefix)
         return None
-    except BaseException:
+    except BaseException as e:
         _left(token, path_token)
+        _exit_at(e, entry, prefix)
         raise
     _left(token, path_token)
     return _succeeded(entry, out, t0, state, run, prefix)
+
+
+def _exit_at(error: BaseException, entry: StageEntry, prefix: str) -> None:
+    """A ``sys.exit()`` inside a stage passes through the engine unchanged, named by the innermost
+    stage it left (``error.stage_path``), so a batch's error row says where it happened."""
+    if type(error) is SystemExit and getattr(error, "stage_path", None) is None and not entry.composite:
+        error.stage_path = join_path(prefix, entry.path)  # type: ignore[attr-defined]
 
 
 def _prepared(
@@ -622,8 +630,9 @@ async def acall_stage(
         _left(token, path_token)
         _raised(owner, entry, e, (target, kw, policy, t0), state, run, hooks, prefix)
         return None
-    except BaseException:
+    except BaseException as e:
         _left(token, path_token)
+        _exit_at(e, entry, prefix)
         raise
     _left(token, path_token)
     return _succeeded(entry, out, t0, state, run, prefix)
