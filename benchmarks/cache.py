@@ -24,6 +24,14 @@ from stageflow.policies.cache import CachePolicy, MemoryStore
 from stageflow.policies.stores import SQLiteStore
 from stageflow.testing import FakeLM
 
+RATES = {f"k{i}": i for i in range(20)}  # settings a stage reads from its module (changed in place: a miss)
+CALLS: list[str] = []  # a log the stage appends to (its own data: not part of its key)
+
+
+def reads_settings(question: str) -> dict[str, str]:
+    CALLS.append(question)
+    return {"answer": f"Paris {RATES['k3']}"}
+
 
 def paired_miss_cost(lm: FakeLM, blocks: int = 30, calls: int = 200) -> float:
     """Median over blocks of (cached-miss pipeline − uncached pipeline), CPU µs per call; the two run
@@ -74,6 +82,9 @@ def main() -> None:
     hit_structured = stageflow.SequentialPipeline(
         [stageflow.CachedStage(stageflow.stage(lambda question, ctx: {"answer": "Paris"}, writes=["answer"]))]
     )
+    hit_settings = stageflow.SequentialPipeline(
+        [stageflow.CachedStage(stageflow.stage(reads_settings, writes=["answer"]))]
+    )
     miss = stageflow.SequentialPipeline(
         [stageflow.CachedStage(dspy.Predict("question -> answer"), cache_size=64)]
     )
@@ -94,6 +105,7 @@ def main() -> None:
         hit(question="q")
         hit_demos(question="q")
         hit_structured(question="q", ctx=structured)
+        hit_settings(question="q")
         persistent(question="a")
         persistent(question="b")
         store.flush()
@@ -110,6 +122,8 @@ def main() -> None:
             "stageflow pipeline, stage-cache memory hit, function stage, dict/list/tuple input": lambda: (
                 hit_structured(question="q", ctx=structured)
             ),
+            "stageflow pipeline, stage-cache memory hit, function stage reading a 20-key module dict "
+            "and logging its calls": lambda: hit_settings(question="q"),
             "stageflow pipeline, stage-cache miss (memory)": lambda: miss(question=f"q{next(fresh)}"),
             "stageflow pipeline, function stage, stage-cache miss (memory)": lambda: fn_miss(
                 question=f"q{next(fresh)}"
@@ -144,6 +158,17 @@ def main() -> None:
     )
     print(
         f"| stage-cache memory hit, function stage, 13-value structured input | {structured_cost:.1f} µs | |"
+    )
+    settings_cost = (
+        cpu[
+            "stageflow pipeline, stage-cache memory hit, function stage reading a 20-key module dict "
+            "and logging its calls"
+        ]
+        - base
+    )
+    print(
+        "| stage-cache memory hit, function stage whose key holds the data it reads (20-key dict) | "
+        f"{settings_cost:.1f} µs | |"
     )
     print(
         f"| DSPy LM-cache hit / stage-cache hit (pipeline call incl.) | "
