@@ -798,3 +798,52 @@ def test_numpy_ints_are_fine_for_the_concurrency_options(backend: Any) -> None:
     assert summary.ok
     with pytest.raises(ConfigurationError, match="concurrency must be a positive int"):
         stageflow.run_batch(program, data(3), backend=backend, concurrency=np.int64(0))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_ctrl_c_just_as_a_worker_starts_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: Any, method: str
+) -> None:
+    """A Ctrl-C pressed while a worker process started reached the parent before the process was
+    registered: close() did not know it, and the interpreter waited for it forever at exit."""
+    import multiprocessing.process
+
+    started: list[Any] = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def start_then_ctrl_c(self: Any) -> None:
+        real_start(self)
+        started.append(self.pid)
+        if len(started) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # (taken at once by any thread that does not block it)
+            time.sleep(0.2)  # (Python raises it in the main thread at its next step: still in here)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_then_ctrl_c)
+    program = stageflow.SequentialPipeline([stageflow.stage(lambda text: {"n": 1}, writes=["n"])])
+    with pytest.raises(BatchInterrupted):
+        stageflow.run_batch(
+            program,
+            data(4),
+            backend=ProcessBackend(processes=2, start_method=method),
+            journal=tmp_path / "j",
+            concurrency=2,
+        )
+    assert started
+    for pid in started:  # (one was left running: nothing would ever stop it)
+        assert _gone(pid)
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            return True  # (already reaped by the backend)
+        time.sleep(0.05)
+    return False

@@ -314,6 +314,29 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """A Ctrl-C meanwhile is raised as ``KeyboardInterrupt`` when the block ends, not inside it (in
+    the main thread; in another thread Ctrl-C is raised in the main thread, never here)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except (ValueError, OSError):  # (not the main interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pressed and old is not signal.SIG_IGN:
+        if callable(old):
+            old(signal.SIGINT, None)
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _no_import_in_flight(timeout: float = 2.0) -> Iterator[None]:
     """Hold Python's import lock, at a moment no other thread is part-way through importing a module.
 
@@ -510,19 +533,24 @@ class ProcessExecutor:
         )
         # A forked (or forkserver) worker starts with Ctrl-C blocked, until it ignores it: it is the
         # parent's to handle. (A spawned interpreter resets the mask: a Ctrl-C while it imports still
-        # prints its traceback.) A Ctrl-C pressed meanwhile reaches this thread afterwards.
-        with _sigint_blocked(), _no_import_in_flight() if self._forked else contextlib.nullcontext():
-            proc.start()
-        for _, child in pairs:
-            child.close()  # only the worker holds its ends: its exit is seen here as EOF
-        with self._lock:
-            for k, parent in zip(self._slots(i), mine, strict=True):
-                _drop(self._conns[k])
-                self._conns[k] = parent
-            if self._procs[i] is not None:
-                self._retired.append(self._procs[i])
-            self._procs[i] = proc
-            closed = self._closed
+        # prints its traceback.) A Ctrl-C pressed meanwhile is raised here once the new process is
+        # registered, so close() knows every process started: one started but not registered was
+        # left running, and the interpreter waited for it at exit. (Blocking it in this thread is
+        # not enough: another thread of the process can take the signal, and Python then raises
+        # KeyboardInterrupt in the main thread wherever it is.)
+        with _ctrl_c_deferred(), _sigint_blocked():
+            with _no_import_in_flight() if self._forked else contextlib.nullcontext():
+                proc.start()
+            for _, child in pairs:
+                child.close()  # only the worker holds its ends: its exit is seen here as EOF
+            with self._lock:
+                for k, parent in zip(self._slots(i), mine, strict=True):
+                    _drop(self._conns[k])
+                    self._conns[k] = parent
+                if self._procs[i] is not None:
+                    self._retired.append(self._procs[i])
+                self._procs[i] = proc
+                closed = self._closed
         if closed:  # close() ran meanwhile: this one is not needed
             proc.kill()
             for conn in mine:
