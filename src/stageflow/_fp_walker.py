@@ -3,9 +3,12 @@ description that is hashed (see :mod:`stageflow._fp_digest` for tokens and refer
 
 from __future__ import annotations
 
+import array
+import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import sys
 import types
 from collections.abc import Mapping
@@ -55,6 +58,7 @@ _BUILTIN_CALLABLES = (
     types.ClassMethodDescriptorType,
 )
 _MUTABLE = (list, dict, set, bytearray)
+_MUTABLE_KINDS = (list, dict, set, bytearray, collections.deque, array.array)
 _SIMPLE = frozenset({str, int, type(None)})
 #: Token tags of plain data (no code, no module, no object inside).
 _PLAIN_TAGS = frozenset({"f", "b", "bytes", "data", "complex", "example", "record", "opaque"})
@@ -72,6 +76,28 @@ _CODE_KINDS = frozenset(
         functools.cached_property,
     }
 )
+
+
+def _is_data(v: Any) -> bool:
+    """Whether the plain items of this container may be changed in place (a pipeline's own list
+    of stages is structure, not data)."""
+    t = type(v)
+    return t is not StageList and t is not StageDict and isinstance(v, _MUTABLE_KINDS)
+
+
+def _container_base(v: Any) -> type | None:
+    """The plain container type ``v`` is walked as, when it is a container of another class."""
+    if isinstance(v, dict):
+        return dict
+    if isinstance(v, list | collections.deque | array.array):
+        return list
+    if isinstance(v, set):
+        return set
+    if isinstance(v, frozenset):
+        return frozenset
+    if isinstance(v, tuple):
+        return tuple
+    return None
 
 
 def _is_plain(token: Any) -> bool:
@@ -170,7 +196,30 @@ class Walker:
             return ("bytearray", hashlib.sha256(v).hexdigest() if self.final else bytes(v))
         if t is complex:
             return ("complex", v.real.hex(), v.imag.hex())
+        base = _container_base(v)
+        if base is not None:
+            return self.subclass(v, t, base, d)
         return self.obj(v, t, d)
+
+    def subclass(self, v: Any, t: type, base: type, d: int) -> Any:
+        """A container of another class (``OrderedDict``, ``defaultdict``, ``Counter``, ``deque``,
+        ``array``, a named tuple, a dict or list subclass of yours): its class, its items as its
+        base's, and what else it holds (a ``defaultdict``'s factory, attributes of your subclass)."""
+        name = f"{t.__module__}.{t.__qualname__}"
+        extra: list[Any] = []
+        factory = getattr(v, "default_factory", None)
+        if factory is not None:
+            extra.append(("default_factory", self.tok(factory, d)))
+        if t is array.array:
+            extra.append(("typecode", v.typecode))
+        try:
+            state = state_of(v, "__dict__")
+        except AttributeError:
+            state = None
+        if state:
+            extra.extend((k, self.tok(x, d)) for k, x in list(state.items()))
+        kind = self.cls(t, d) if is_user_module(t.__module__) else name
+        return ("container", kind, self.container(v, base, d), tuple(extra))
 
     def container(self, v: Any, t: type, d: int) -> Any:
         if t in _MUTABLE and (self.skip or self.seen is not None):
@@ -205,7 +254,17 @@ class Walker:
         n = len(v)
         if n > self.budget:  # too big to follow: type, length and a sample
             unordered = t is set or t is frozenset
-            sample = [] if unordered else list(items)[:: max(1, n // _SAMPLE)][:_SAMPLE]
+            step = max(1, n // _SAMPLE)
+            if unordered:
+                sample = []
+            elif t is dict:
+                sample = list(itertools.islice(items, 0, step * _SAMPLE, step))
+            else:  # (a slice of a list copies only the sample; a deque or an array is walked)
+                sample = list(
+                    v[::step][:_SAMPLE]
+                    if type(v) in (list, tuple)
+                    else itertools.islice(v, 0, step * _SAMPLE, step)
+                )
             out = [self.tok(x, d) for x in sample]
             if not self.full and t in _MUTABLE and all(_is_plain(x) for x in out):
                 self.elided = True
@@ -223,7 +282,7 @@ class Walker:
             if self.full:
                 return ("dict", *pairs)
             kept = [p for p in pairs if not _is_plain(p[1])]
-            self.elided = self.elided or type(v) in _MUTABLE  # (empty too: it may be filled in place)
+            self.elided = self.elided or _is_data(v)  # (empty too: it may be filled in place)
             return ("data", "dict") if not kept else ("dict", *kept)
         if self.final:
             out = [self.tok(x, d) for x in items]
@@ -232,7 +291,7 @@ class Walker:
             out = [x if type(x) in _SIMPLE else tok(x, d) for x in items]
         if not self.full and t in _MUTABLE:
             kept = [x for x in out if not _is_plain(x)]
-            self.elided = self.elided or type(v) in _MUTABLE  # (empty too: it may be filled in place)
+            self.elided = self.elided or _is_data(v)  # (empty too: it may be filled in place)
             out = kept
             if not out:
                 return ("data", t.__name__)

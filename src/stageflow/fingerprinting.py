@@ -126,7 +126,7 @@ def structural(target: Any, *, fresh: bool = False) -> tuple[str, bool]:
     if memo is not None and memo[0] == token:
         fp = memo[1]
     else:
-        fp = content_hash(target, _WRITTEN)
+        fp = content_hash(target)
         if Walker().token(target) == token:  # unchanged while hashing (another thread may edit it)
             _remember(_MEMO, target, (weaken(token), fp))
     if predictor and not walker.elided:
@@ -142,24 +142,6 @@ def content_hash(target: Any, skip: Mapping[int, Any] | None = None) -> str:
     (by id) is left out."""
     full = _content(Walker(final=True, skip=skip).token(target))
     return hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-#: Containers (id -> the container, kept so its id stays its own) that a stage was seen to change while
-#: it ran — a log it appends to. Their plain data is left out of content hashes that look at data
-#: (a cache key, a batch journal's fresh fingerprint). Replaced whole on each change (read lock-free).
-_WRITTEN: dict[int, Any] = {}
-
-
-def written() -> Mapping[int, Any]:
-    """The containers stages write themselves (see :data:`_WRITTEN`)."""
-    return _WRITTEN
-
-
-def note_written(containers: Mapping[int, Any]) -> None:
-    """Remember ``containers`` as ones a stage writes itself."""
-    global _WRITTEN
-    with _LOCK:
-        _WRITTEN = {**_WRITTEN, **containers}
 
 
 def _forget(ref: weakref.ref[Any]) -> None:

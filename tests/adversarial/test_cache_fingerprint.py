@@ -6,6 +6,8 @@ the same thing; an edit made in place (a demo, an LM setting, a captured list) m
 
 from __future__ import annotations
 
+import array
+import collections
 import json
 import subprocess
 import sys
@@ -330,6 +332,173 @@ async def test_an_objects_settings_changed_in_place_miss(mode: str) -> None:
     body.rates["eur"] = 7
     assert (await call(p, mode, x=3)).y == 21
     assert body.calls == [3, 3]
+
+
+SHARED: dict[str, Any] = {"mode": "upper", "n": 0}
+
+
+async def test_a_dict_one_stage_counts_in_is_still_a_setting_for_another(mode: str) -> None:
+    """A global registry of 'written' containers left a dict one stage counts in out of every stage's
+    key: the stage reading its 'mode' kept its old output."""
+
+    def count(text: str) -> dict[str, str]:
+        SHARED["n"] += 1
+        return {"seen": text}
+
+    def shout(seen: str) -> dict[str, str]:
+        return {"out": seen.upper() if SHARED["mode"] == "upper" else seen.lower()}
+
+    p = SequentialPipeline(
+        [CachedStage(Stage(count, writes=["seen"])), CachedStage(Stage(shout, writes=["out"]))]
+    )
+    try:
+        for _ in range(3):
+            assert (await call(p, mode, text="Hi")).out == "HI"
+        SHARED["mode"] = "lower"
+        assert (await call(p, mode, text="Hi")).out == "hi"
+    finally:
+        SHARED.update(mode="upper", n=0)
+
+
+async def test_a_setting_a_stage_normalises_once_is_still_a_setting(mode: str) -> None:
+    """A value changed during one call only (as by another thread editing a setting meanwhile) was
+    taken for the stage's own and left out of its key for good."""
+    cfg = {"lang": "FR"}
+
+    def greet(name: str) -> dict[str, str]:
+        cfg["lang"] = cfg["lang"].lower()  # once: FR -> fr
+        return {"out": ("bonjour " if cfg["lang"] == "fr" else "hello ") + name}
+
+    p = SequentialPipeline([CachedStage(Stage(greet, writes=["out"]))])
+    assert (await call(p, mode, name="bob")).out == "bonjour bob"
+    assert (await call(p, mode, name="bob")).out == "bonjour bob"
+    cfg["lang"] = "EN"
+    assert (await call(p, mode, name="bob")).out == "hello bob"
+
+
+async def test_a_stage_that_changes_its_own_attribute_is_never_served_a_wrong_turn(mode: str) -> None:
+    """A call during which something besides lists, dicts and sets changed is not stored (its output
+    was filed under the key of the state after the call)."""
+
+    class Turns:
+        def __init__(self) -> None:
+            self.turn = 0
+            self.calls: list[str] = []
+
+        def __call__(self, x: str) -> dict[str, str]:
+            self.calls.append(x)
+            self.turn = 1 - self.turn
+            return {"y": "AB"[self.turn] + x}
+
+    p = SequentialPipeline([CachedStage(Stage(Turns(), writes=["y"]))])
+    got = [(await call(p, mode, x="x")).y for _ in range(4)]
+    assert got == ["Bx", "Ax", "Bx", "Ax"]
+
+
+async def test_a_counter_hits_from_the_third_call_and_a_setting_beside_it_is_seen(
+    mode: str, rates: Any
+) -> None:
+    stats = {"n": 0}
+
+    def counted(x: int) -> dict[str, int]:
+        stats["n"] += 1
+        return {"y": x * RATES["eur"]}
+
+    p = SequentialPipeline([CachedStage(Stage(counted, writes=["y"]))])
+    for _ in range(5):
+        assert (await call(p, mode, x=3)).y == 6
+    assert stats["n"] == 2  # changed once: not stored; twice: its own, stored; then hits
+    rates["eur"] = 5
+    assert (await call(p, mode, x=3)).y == 15
+
+
+async def test_a_table_the_stage_filled_is_a_setting_again_once_edited_from_outside(mode: str) -> None:
+    table: dict[str, float] = {}
+
+    def price(item: str) -> dict[str, float]:
+        if not table:
+            table.update(apple=1.0, pear=2.0)  # filled lazily, by the stage
+        return {"y": table[item]}
+
+    p = SequentialPipeline([CachedStage(Stage(price, writes=["y"]))])
+    assert (await call(p, mode, item="apple")).y == 1.0
+    assert (await call(p, mode, item="apple")).y == 1.0
+    table["apple"] = 2.5
+    assert (await call(p, mode, item="apple")).y == 2.5
+
+
+def _odict() -> Any:
+    return collections.OrderedDict(k=2)
+
+
+def _defaultdict() -> Any:
+    return collections.defaultdict(int, k=2)
+
+
+class _MyDict(dict):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "edit"),
+    [
+        (_odict, lambda c: c.__setitem__("k", 5)),
+        (_defaultdict, lambda c: c.__setitem__("k", 5)),
+        (lambda: collections.Counter(k=2), lambda c: c.__setitem__("k", 5)),
+        (lambda: _MyDict(k=2), lambda c: c.__setitem__("k", 5)),
+        (lambda: collections.deque([2]), lambda c: c.__setitem__(0, 5)),
+        (lambda: array.array("i", [2]), lambda c: c.__setitem__(0, 5)),
+    ],
+    ids=["OrderedDict", "defaultdict", "Counter", "dict-subclass", "deque", "array"],
+)
+async def test_containers_of_other_classes_are_keyed_by_content(mode: str, make: Any, edit: Any) -> None:
+    """They were described as opaque objects: an in-place edit was a stale hit, in the file cache
+    and in a batch journal too."""
+    holder = make()
+    key = next(iter(holder)) if isinstance(holder, dict) else 0
+
+    def read(x: int) -> dict[str, int]:
+        return {"y": x * holder[key]}
+
+    before = stageflow.fingerprint(read, fresh=True)
+    p = SequentialPipeline([CachedStage(Stage(read, writes=["y"]))])
+    assert (await call(p, mode, x=3)).y == 6
+    edit(holder)
+    assert stageflow.fingerprint(read, fresh=True) != before
+    assert (await call(p, mode, x=3)).y == 15
+
+
+def test_a_named_tuple_setting_is_described_by_its_fields() -> None:
+    point = collections.namedtuple("point", "x y")
+    a, b = point(1, 2), point(1, 3)
+    assert stageflow.fingerprint(lambda: a) != stageflow.fingerprint(lambda: b)
+
+
+def test_what_a_stage_keeps_of_its_own_goes_with_the_stage() -> None:
+    import gc
+
+    from stageflow import _fp_calls
+
+    def make() -> CachedStage:
+        log: list[str] = []
+
+        def f(x: int) -> dict[str, int]:
+            log.append("entry")
+            return {"y": x}
+
+        return CachedStage(Stage(f, writes=["y"]))
+
+    gc.collect()
+    own, data = len(_fp_calls._OWN), len(_fp_calls._DATA)
+    for _ in range(50):
+        c = make()
+        c(x=1)
+        c(x=1)
+        assert len(_fp_calls._OWN) > own
+    del c
+    gc.collect()
+    assert len(_fp_calls._OWN) == own  # (a process-wide registry kept every stage's log alive)
+    assert len(_fp_calls._DATA) == data
 
 
 def test_fingerprint_remembers_structure_and_fresh_sees_data(rates: Any) -> None:

@@ -182,6 +182,18 @@ def test_an_output_the_journal_cannot_hold_fails_its_record_naming_the_field(tmp
     assert summary.failed == 1
 
 
+def test_an_unwritable_renamed_output_names_the_stage_that_wrote_it(tmp_path: Path) -> None:
+    p = stageflow.SequentialPipeline(
+        [stageflow.Stage(lambda x: {"blob": object()}, outputs={"blob": "thing"})]
+    )
+    (row,) = list(
+        stageflow.run_batch(p, [{"id": "a", "x": 1}], journal=tmp_path / "j", progress=False).rows()
+    )
+    assert row.error["code"] == "unwritable_output"
+    assert "'thing'" in row.error["message"]
+    assert row.error["stage_path"] == "stages[0]"  # (was null for a renamed output)
+
+
 def test_a_plain_dspy_module_output_that_is_its_input_object_is_in_the_row(tmp_path: Path) -> None:
     import dspy
 

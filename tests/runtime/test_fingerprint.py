@@ -3,6 +3,7 @@ structure, count; rebuilding the same program gives the same fingerprint."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,56 @@ def test_a_setting_changed_between_runs_is_still_refused_when_the_stage_also_log
         _FACTOR["k"] = 2
     assert info.value.code == "changed_since_planned"
     assert "changed stages: stages[0]" in info.value.message
+
+
+_CFG: dict[str, int] = {"factor": 2, "seen": 0}
+
+
+def _counting(x: int) -> dict[str, int]:
+    _CFG["seen"] += 1  # counts in the very dict that holds its setting
+    if x >= 10 and os.environ.get("SF_TEST_FAIL_BIG"):  # (outside what a fingerprint covers)
+        raise RuntimeError("transient")
+    return {"y": x * _CFG["factor"]}
+
+
+def test_a_setting_beside_a_counter_changed_between_runs_is_refused(tmp_path: Path) -> None:
+    """The dict a stage counts in was taken for the stage's own data as a whole: the setting in it,
+    changed between the runs, was not seen, and the output mixed factor 2 and factor 5."""
+    from stageflow.runtime import JournalError
+
+    program = stageflow.SequentialPipeline([stageflow.stage(_counting, writes=["y"])])
+    records = [{"id": f"r{i}", "x": i} for i in (1, 2, 10, 20)]
+    os.environ["SF_TEST_FAIL_BIG"] = "1"
+    try:
+        first = stageflow.run_batch(program, records, journal=tmp_path / "j")
+        assert (first.succeeded, first.failed) == (2, 2)
+        del os.environ["SF_TEST_FAIL_BIG"]
+        again = stageflow.run_batch(program, records, journal=tmp_path / "j", retry_failed=True)
+        assert again.succeeded == 4  # the counter alone changed: resumed
+        _CFG["factor"] = 5
+        with pytest.raises(JournalError) as info:
+            stageflow.run_batch(program, records, journal=tmp_path / "j", retry_failed=True)
+    finally:
+        _CFG.update(factor=2, seen=0)
+        os.environ.pop("SF_TEST_FAIL_BIG", None)
+    assert info.value.code == "changed_since_planned"
+
+
+_ODICT = __import__("collections").OrderedDict(factor=2)
+
+
+def test_an_ordered_dict_setting_changed_between_runs_is_refused(tmp_path: Path) -> None:
+    from stageflow.runtime import JournalError
+
+    def scale(x: int) -> dict[str, int]:
+        return {"y": x * _ODICT["factor"]}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(scale, writes=["y"])])
+    records = [{"id": str(i), "x": i} for i in range(3)]
+    stageflow.run_batch(program, records, journal=tmp_path / "j")
+    _ODICT["factor"] = 5
+    try:
+        with pytest.raises(JournalError):
+            stageflow.run_batch(program, records, journal=tmp_path / "j")
+    finally:
+        _ODICT["factor"] = 2

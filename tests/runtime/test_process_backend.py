@@ -847,3 +847,25 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
             return True  # (already reaped by the backend)
         time.sleep(0.05)
     return False
+
+
+def test_stage_cache_files_written_in_workers_are_kept(backend: Any, tmp_path: Path) -> None:
+    """A worker ended without committing its queued cache writes (it exits without running atexit):
+    the processes backend left the cache file empty."""
+    import sqlite3
+
+    from stageflow.policies.write_queue import flush_all
+
+    def scale(text: str) -> dict[str, str]:
+        return {"y": text * 2}
+
+    db = tmp_path / "cache.db"
+    program = stageflow.SequentialPipeline(
+        [stageflow.CachedStage(stageflow.stage(scale, writes=["y"]), persist_to=db)]
+    )
+    summary = stageflow.run_batch(program, data(12), backend=backend, concurrency=4)
+    assert summary.ok
+    flush_all()  # (this process's own queue, for the local backend; workers commit theirs as they exit)
+    with sqlite3.connect(db) as con:
+        (rows,) = con.execute("select count(*) from stageflow_cache").fetchone()
+    assert rows == 12

@@ -71,7 +71,8 @@ def _from_cache(
     def store(out: Any) -> None:
         if not _fell_back(run, seen, path):
             final = keys.after_call()
-            cache.store(final.memory, final.durable, out, path)
+            if final is not None:
+                cache.store(final.memory, final.durable, out, path)
 
     return _MISS, store
 

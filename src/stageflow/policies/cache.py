@@ -336,14 +336,17 @@ class CallKeys:
                 self._durable.append(hashlib.sha256(text.encode()).hexdigest())
         return self._durable[0]
 
-    def after_call(self) -> CallKeys:
-        """The keys to store the call's output under: these, unless the stage changed data it reads
-        while it ran (a log it appends to), which is then left out of its keys (see
-        :mod:`stageflow._fp_calls`)."""
+    def after_call(self) -> CallKeys | None:
+        """The keys to store the call's output under: these, or — when the stage grew a log of its
+        own while it ran, left out of its keys from now on — the ones its next call will use, or
+        ``None`` when data the key covers changed otherwise during the call, so no key is sure to
+        describe what the output was computed from (see :mod:`stageflow._fp_calls`)."""
         if self._probe is None:
             return self
         fp = self._probe.settle()
         if fp is None:
+            return None
+        if fp == self.memory[1]:
             return self
         return CallKeys(self._path, fp, self._frozen, self._persistent, None)
 

@@ -115,7 +115,8 @@ class CachedStage(Stage):
 
         def store(out: Any) -> None:
             final = keys.after_call()
-            self.cache.store(final.memory, final.durable, out, "", self._label)
+            if final is not None:
+                self.cache.store(final.memory, final.durable, out, "", self._label)
 
         return False, None, store
 

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WriteQueue", "is_lock_error"]
+__all__ = ["WriteQueue", "flush_all", "is_lock_error"]
 
 _BATCH_WINDOW = 0.05  # seconds the writer waits to batch queued writes into one commit
 _BATCH_MAX = 512
@@ -247,10 +247,30 @@ def _register(queue: WriteQueue) -> None:
             signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _flush_all() -> None:
+def flush_all() -> None:
+    """Commit what every queue of this process holds (a worker process calls it before it exits
+    without running ``atexit``)."""
     for queue in list(_LIVE):
         with contextlib.suppress(Exception):
             queue.flush()
+
+
+_flush_all = flush_all
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts each queue empty, with a fresh lock and no writer: what was queued
+    belongs to the parent, which writes it; its writer thread does not exist here, and its lock
+    may have been held at the fork."""
+    for queue in list(_LIVE):
+        queue._cond = threading.Condition()
+        queue._pending = deque()
+        queue._inflight = queue._flushing = 0
+        queue._writer = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

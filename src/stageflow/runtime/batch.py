@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +49,17 @@ def _check_contracts(program: Any, scan: ScanResult, source: RecordSource) -> No
 
 
 def _changes(
-    journal: Journal, scan: ScanResult, fingerprint: str, stages: dict[str, str], source: RecordSource
+    journal: Journal,
+    scan: ScanResult,
+    fingerprint: str,
+    stages: dict[str, str],
+    source: RecordSource,
+    only_own_writes: Callable[[str], bool],
 ) -> list[str]:
     meta = journal.meta()
     found: list[str] = []
     planned_fp = meta.get("fingerprint") or ""
-    if planned_fp != fingerprint and not ended_here(journal.path, planned_fp, fingerprint):
+    if planned_fp != fingerprint and not only_own_writes(planned_fp):
         planned = journal.stage_fingerprints()
         which = stage_changes(planned, stages) if planned and stages else ""
         if not planned or not stages:  # a journal from before they were kept, or no picture
@@ -213,7 +218,12 @@ def run_batch(
         _check_contracts(program, scan, source)
         allowed: str | None = None
         if j.has_plan():
-            changes = _changes(j, scan, fingerprint, stages, source)
+
+            def only_own_writes(planned: str) -> bool:  # (see stageflow.runtime.run_data)
+                with dspy.context(**settings):
+                    return ended_here(j.path, planned, program)
+
+            changes = _changes(j, scan, fingerprint, stages, source, only_own_writes)
             if changes and not allow_changed:
                 raise JournalError(
                     f"cannot resume from the journal {j.path}: " + "; and ".join(changes) + ". Resuming "

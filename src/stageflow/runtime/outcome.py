@@ -319,7 +319,7 @@ def _unwritable(outputs: dict[str, Any], exc: Exception, result: Any) -> Contrac
     that wrote it."""
     field = next((k for k, v in outputs.items() if _fails(v)), None)
     where = f"the output field '{field}'" if field is not None else "an output field"
-    stage = None if field is None else _writer(result, field)
+    stage = None if field is None else _writer(result, field, outputs[field])
     return ContractError(
         f"{where}{'' if stage is None else f' (written by stage {stage!r})'} holds a value the batch "
         f"journal cannot store as JSON without losing part of it ({exc}); the record is failed rather "
@@ -332,17 +332,20 @@ def _unwritable(outputs: dict[str, Any], exc: Exception, result: Any) -> Contrac
     )
 
 
-def _writer(result: Any, field: str) -> str | None:
-    """The path of the last stage whose output holds ``field`` (``None`` when the result keeps no
-    stage outputs, or no output names it: a renamed output)."""
+def _writer(result: Any, field: str, value: Any) -> str | None:
+    """The path of the last stage whose output holds ``field`` — or, renamed, that very value —
+    (``None`` when the result keeps no stage outputs)."""
     try:
-        outputs = result.run.stage_outputs
-        for path, out in reversed(list(outputs.items())):
-            store = getattr(out, "_store", out)
-            if isinstance(store, Mapping) and field in store and isinstance(path, str):
-                return path
+        outputs = list(result.run.stage_outputs.items())
     except Exception:  # (not a stageflow result, or one whose records cannot be read)
         return None
+    for named in (True, False):
+        for path, out in reversed(outputs):
+            store = getattr(out, "_store", out)
+            if not isinstance(store, Mapping) or not isinstance(path, str):
+                continue
+            if (field in store) if named else any(v is value for v in store.values()):
+                return path
     return None
 
 

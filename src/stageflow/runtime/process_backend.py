@@ -263,8 +263,8 @@ def _worker_main(payload: dict[str, Any], conns: list[Connection], inherited: li
 
 
 def _stop() -> None:
-    """End this worker now: flush what it exports and prints, and exit without waiting for threads a
-    stage may have left running (the parent waits for this process)."""
+    """End this worker now: flush what it exports, caches to a file and prints, and exit without
+    waiting for threads a stage may have left running (the parent waits for this process)."""
     from stageflow.engine.hooks import active_hooks
 
     for hook in active_hooks():  # (hooks that export from here: the OpenTelemetry one)
@@ -272,6 +272,10 @@ def _stop() -> None:
         if callable(flush) and getattr(hook, "exports_from_workers", False):
             with contextlib.suppress(Exception):
                 flush()
+    write_queue = sys.modules.get("stageflow.policies.write_queue")
+    if write_queue is not None:  # (stage caches kept in a file: commit what this worker queued)
+        with contextlib.suppress(Exception):
+            write_queue.flush_all()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
