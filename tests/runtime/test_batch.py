@@ -475,3 +475,24 @@ def test_a_saved_program_directory_is_a_program(tmp_path: Path) -> None:
     assert read_output(tmp_path / "o")[2]["outputs"] == {"answer": "Q2", "checked": True}
     with pytest.raises(ConfigurationError, match="cannot load the saved program"):
         stageflow.run_batch(tmp_path, records(1))
+
+
+def test_a_stage_raising_keyboard_interrupt_stops_a_local_batch_like_ctrl_c(tmp_path: Path) -> None:
+    """It escaped run_batch as a bare KeyboardInterrupt, without the summary Ctrl-C gives."""
+    from stageflow.runtime import BatchInterrupted
+
+    raised: list[int] = []
+
+    def step(x: int) -> dict[str, int]:
+        if x == 3 and not raised:
+            raised.append(x)
+            raise KeyboardInterrupt
+        return {"y": x}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(step, writes=["y"])])
+    data = [{"id": str(i), "x": i} for i in range(6)]
+    with pytest.raises(BatchInterrupted) as info:
+        stageflow.run_batch(program, data, journal=tmp_path / "j", concurrency=1, progress=False)
+    assert info.value.summary.remaining == 3  # 0, 1, 2 finished; 3 was running; 4 and 5 never started
+    summary = stageflow.run_batch(program, data, journal=tmp_path / "j", concurrency=1, progress=False)
+    assert (summary.succeeded, summary.ran) == (6, 3)

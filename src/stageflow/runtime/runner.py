@@ -131,7 +131,9 @@ def run_loop(
     result = LoopResult(counters)
 
     def fail(exc: BaseException) -> None:
-        if result.fatal is None:
+        if type(exc) is KeyboardInterrupt:  # raised by a stage: the batch stops as on Ctrl-C
+            result.interrupted = True
+        elif result.fatal is None:
             result.fatal = exc
         stop.set()
 
