@@ -193,3 +193,19 @@ def test_an_ordered_dict_setting_changed_between_runs_is_refused(tmp_path: Path)
             stageflow.run_batch(program, records, journal=tmp_path / "j")
     finally:
         _ODICT["factor"] = 2
+
+
+def test_a_log_grown_between_runs_is_refused_and_the_refusal_says_so(tmp_path: Path) -> None:
+    """Loud, not silent: stageflow cannot tell a log that grew outside the batch from a setting; the
+    message points at it."""
+    from stageflow.runtime import JournalError
+
+    program = stageflow.SequentialPipeline([stageflow.stage(_logged, writes=["out"])])
+    records = [{"id": str(i), "x": i} for i in range(3)]
+    _LOG.clear()
+    stageflow.run_batch(program, records, journal=tmp_path / "j")
+    program(x=9)  # the pipeline called by hand: its log grows outside the batch
+    with pytest.raises(JournalError) as info:
+        stageflow.run_batch(program, records, journal=tmp_path / "j")
+    assert "changed itself during the last run" in info.value.message
+    assert stageflow.run_batch(program, records, journal=tmp_path / "j", allow_changed=True).ran == 0

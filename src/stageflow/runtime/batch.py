@@ -20,7 +20,7 @@ from stageflow.runtime.output import write_output
 from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
-from stageflow.runtime.run_data import ended_here, run_ended, run_started
+from stageflow.runtime.run_data import ended_here, own_changed_between, run_ended, run_started
 from stageflow.runtime.runner import BackendError, Counters, LoopResult, run_loop
 from stageflow.runtime.summary import BatchInterrupted, BatchSummary
 
@@ -69,6 +69,11 @@ def _changes(
             )
         elif not which:  # every stage is the same: what holds them is not
             which = "no stage by itself: the pipeline's own settings or the model it is given differ"
+        if own_changed_between(journal.path, planned_fp):
+            which += (
+                "; data a stage changed itself during the last run — a list, dict or set such as a call "
+                "log or a counter — has changed since it ended (was the pipeline called in between?)"
+            )
         found.append(
             f"the program changed ({which}; fingerprint {meta.get('fingerprint')} when planned, "
             f"{fingerprint} now)"

@@ -25,7 +25,7 @@ from typing import Any
 from stageflow._fp_calls import Seen, changed_since, data_state, token_of
 from stageflow.fingerprinting import content_hash
 
-__all__ = ["ended_here", "run_ended", "run_started"]
+__all__ = ["ended_here", "own_changed_between", "run_ended", "run_started"]
 
 #: journal path -> (the fingerprint it was planned with, the stages' own containers (id -> (container,
 #: its token at the end of the last run here)), the program's fingerprint without their data then)
@@ -63,6 +63,17 @@ def ended_here(journal: Path, planned: str, program: Any) -> bool:
     if any(token_of(obj) != then for obj, then in last[1].values()):
         return False  # (one of them changed between the runs: from outside, maybe a setting in it)
     return content_hash(program, last[1]) == last[2]
+
+
+def own_changed_between(journal: Path, planned: str) -> bool:
+    """Whether data the stages changed themselves in the last run of ``journal`` here (a log, a
+    counter) has changed since that run ended (the stage was called outside the batch, or the data
+    was edited)."""
+    with _LOCK:
+        last = _ENDS.get(_key(journal))
+    if last is None or last[0] != planned:
+        return False
+    return any(token_of(obj) != then for obj, then in last[1].values())
 
 
 def _key(journal: Path) -> str:
