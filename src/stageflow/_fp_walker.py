@@ -78,6 +78,24 @@ _CODE_KINDS = frozenset(
 )
 
 
+def _digest(v: Any, t: type, final: bool) -> Any:
+    """A digest of all of a container too big to follow item by item, when its items are hashable
+    (a table of text and numbers): Python's own hash in a token (compared in this process only), a
+    sha256 of its text in the description that is hashed (``None`` when there is neither: then only
+    its length and a sample describe it)."""
+    try:
+        if not final:
+            if t is dict:
+                return hash((tuple(v), tuple(v.values())))
+            return hash(frozenset(v)) if t is set or t is frozenset else hash(tuple(v))
+        text = repr(sorted(map(repr, v))) if t is set or t is frozenset else repr(v)
+    except Exception:  # (unhashable items: a list of lists)
+        return None
+    if " at 0x" in text:  # an object's default repr: not its content
+        return None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _is_data(v: Any) -> bool:
     """Whether the plain items of this container may be changed in place (a pipeline's own list
     of stages is structure, not data)."""
@@ -269,7 +287,7 @@ class Walker:
             if not self.full and t in _MUTABLE and all(_is_plain(x) for x in out):
                 self.elided = True
                 return ("data", t.__name__)
-            return ("sampled", t.__name__, n, *out)
+            return ("sampled", t.__name__, n, _digest(v, t, self.final), *out)
         if t is dict:
             if self.final:
                 pairs = [(self.tok(k, d), self.tok(x, d)) for k, x in items]

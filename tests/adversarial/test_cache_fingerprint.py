@@ -610,3 +610,30 @@ def test_the_sqlite_cache_never_serves_a_stale_output_across_runs(
     changed = {**base, **change}
     expected = changed["code"] * changed["factor"] * changed["closure"] + changed["default"]
     assert run(changed) == {"y": expected, "hit": False}
+
+
+BIG = {f"k{i}": float(i) for i in range(5000)}
+
+
+@pytest.mark.parametrize("how", ["in place", "rebound"])
+async def test_a_table_beyond_the_walk_budget_is_still_keyed_by_its_content(mode: str, how: str) -> None:
+    """A 5,000-entry dict was keyed by its length and a sample: an edit (in place, or even the table
+    rebound to an edited copy) outside the sample was a stale hit."""
+    global BIG
+
+    def price(item: str) -> dict[str, float]:
+        return {"y": BIG[item]}
+
+    p = SequentialPipeline([CachedStage(Stage(price, writes=["y"]))])
+    saved = BIG
+    try:
+        assert (await call(p, mode, item="k1234")).y == 1234.0
+        assert (await call(p, mode, item="k1234")).y == 1234.0
+        if how == "in place":
+            BIG["k1234"] = 99.0
+        else:
+            BIG = {**BIG, "k1234": 99.0}
+        assert (await call(p, mode, item="k1234")).y == 99.0
+    finally:
+        BIG = saved
+        BIG["k1234"] = 1234.0

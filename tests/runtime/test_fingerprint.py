@@ -209,3 +209,25 @@ def test_a_log_grown_between_runs_is_refused_and_the_refusal_says_so(tmp_path: P
         stageflow.run_batch(program, records, journal=tmp_path / "j")
     assert "changed itself during the last run" in info.value.message
     assert stageflow.run_batch(program, records, journal=tmp_path / "j", allow_changed=True).ran == 0
+
+
+_TABLE = {f"k{i}": i for i in range(5000)}
+
+
+def test_a_big_table_edited_between_runs_is_refused(tmp_path: Path) -> None:
+    """Beyond the walk budget a table was described by its length and a sample: an edit outside the
+    sample resumed and mixed old and new results."""
+    from stageflow.runtime import JournalError
+
+    def look(key: str) -> dict[str, int]:
+        return {"v": _TABLE[key]}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(look, writes=["v"])])
+    records = [{"id": "a", "key": "k1234"}]
+    stageflow.run_batch(program, records, journal=tmp_path / "j")
+    _TABLE["k1234"] = -1
+    try:
+        with pytest.raises(JournalError):
+            stageflow.run_batch(program, records, journal=tmp_path / "j")
+    finally:
+        _TABLE["k1234"] = 1234
