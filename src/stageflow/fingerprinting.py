@@ -42,7 +42,8 @@ Not covered (documented, not silent):
   as theirs: only what stageflow reads of it (model, model type, ``kwargs``; signature, demos,
   config) is part of the fingerprint;
 - containers are followed up to a budget of about 2,000 values per fingerprint; beyond it a
-  container is represented by its type, length and a few sampled items;
+  container is represented by its type, length, a few sampled items and a digest of all its items
+  when they can be hashed (text, numbers) — a big list of lists is represented by the sample only;
 - plain data *inside* a list, dict or set (a captured one, a module's, an attribute) is hashed when
   the program is first fingerprinted, and the result is remembered while the program's structure
   stays the same: an in-place edit of that data later in the same process is seen by
