@@ -12,6 +12,7 @@ from stageflow._lazy import lazy_attributes
 from stageflow._version import __version__
 
 if TYPE_CHECKING:
+    from stageflow._untracked import untracked
     from stageflow.budgets import BudgetLedger, Degrade, LMBudget, RateLimiter, budget, rate_limit
     from stageflow.contracts import StageInput, StageOutput, StandardStage
     from stageflow.engine.concurrency import BranchOutcome, limits
@@ -137,6 +138,7 @@ __all__ = [
     "to_spec",
     "trace",
     "uninstrument_otel",
+    "untracked",
     "__version__",
 ]
 
@@ -220,6 +222,7 @@ _LOCATIONS: dict[str, str] = {
     "to_spec": "stageflow.spec",
     "trace": "stageflow.observe.tracer",
     "uninstrument_otel": "stageflow.observe.otel",
+    "untracked": "stageflow._untracked",
 }
 
 

@@ -8,30 +8,19 @@ So when a stage's token left plain data out (:attr:`Walker.elided <stageflow._fp
 its cache key is the hash of its complete description as it is now, data included — remembered
 per stage while that description is unchanged.
 
-A stage may also keep state of its own: ``calls.append(x)`` or ``stats["n"] += 1`` on every call.
-Keyed with that data, such a stage would never hit. So after a call that missed the cache the data
-is looked at again (:meth:`CallProbe.settle`):
-
-- nothing the key covers changed: the output is stored under the key;
-- some lists, dicts or sets changed, and nothing else did: those (the innermost ones, when they
-  nest) are the stage's own — left out of *that stage's* keys from then on, and the output stored
-  under the key its next call will compute. A container that only *grew* (items appended, keys
-  added with the others' values kept: a log) is the stage's own at once; one whose values changed
-  (a counter) once a second call changes it too. Changed once, it may as well be a setting another
-  thread edited meanwhile: the output is not stored;
-- anything else changed during the call (an attribute, an array): the output is not stored, since
-  no key is sure to describe what it was computed from.
-
-A container stays the stage's own while only the stage changes it: if it changed between two calls
-(the user cleared the log, or edited a table the stage had filled), it is part of the key again,
-until calls are seen changing it once more. Another stage's keys are not affected: a dict one stage
-counts in is still part of the key of a stage that reads it. Calls of stages whose state is plain
-throughout (a ``dspy.Predict``, a pure function) pay nothing for any of this.
+The output of a call that missed is stored under that key only if nothing the key covers changed
+while the call ran (:meth:`CallProbe.settle`): a stage that appends to a list it can reach (a call
+log), counts in a dict, or changes an attribute of its own would otherwise be filed under a key
+describing data it was not computed from — or, read by another thread meanwhile, a setting edited
+in the middle of the call. Such a stage is not cached, and the cache warns once, naming it and what
+changed; data that does not change a stage's outputs is created with :func:`stageflow.untracked`
+and left out (so the stage hits again). Calls of stages whose state is plain throughout (a
+``dspy.Predict``, a pure function) pay nothing for any of this.
 
 Examples:
     >>> import stageflow
     >>> RATES = {"eur": 2}
-    >>> calls = []
+    >>> calls = stageflow.untracked([])  # the stage's own log: not part of its keys
     >>> @stageflow.stage(writes=["y"])
     ... def convert(x):
     ...     calls.append(x)
@@ -46,13 +35,12 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from stageflow._fp_digest import Bag, weaken
+from stageflow._fp_digest import weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, structural, unwrap
 
@@ -60,54 +48,32 @@ __all__ = ["CallProbe", "Seen", "call_fingerprint", "changed_since", "data_state
 
 #: ``id -> (a list, dict or set, its token, the id of the one enclosing it)``
 Seen = dict[int, tuple[Any, Any, int | None]]
-#: ``id -> (a container a stage appends to, its token when last seen)``
-Own = dict[int, tuple[Any, Any]]
 
 #: target -> (its last complete token, the hash of that description)
 _DATA: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
-#: target -> the containers its own calls append to or count in (left out of its keys)
-_OWN: weakref.WeakKeyDictionary[Any, Own] = weakref.WeakKeyDictionary()
-#: target -> ids of containers whose values one of its calls changed (a second time makes them its own)
-_ONCE: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 class CallProbe:
-    """The data one call's key was computed from, to see after the call what the stage changed."""
+    """The data one call's key was computed from, to see after the call whether it changed."""
 
-    __slots__ = ("fp", "own", "seen", "target", "token")
+    __slots__ = ("fp", "seen", "target", "token")
 
-    def __init__(self, target: Any, fp: str, token: Any, seen: Seen, own: Own) -> None:
-        self.target, self.fp, self.token, self.seen, self.own = target, fp, token, seen, own
+    def __init__(self, target: Any, fp: str, token: Any, seen: Seen) -> None:
+        self.target, self.fp, self.token, self.seen = target, fp, token, seen
 
-    def settle(self) -> str | None:
-        """After the call ran: the fingerprint to store its output under, or ``None`` when it must
-        not be stored (see the module docstring)."""
-        after = Walker(full=True, skip=self.own, record=True)
+    def settle(self) -> tuple[str | None, str]:
+        """After the call ran: ``(the fingerprint to store its output under, "")``, or ``(None, what
+        changed)`` when data the key covers changed during the call (the output is not stored)."""
+        after = Walker(full=True, record=True)
         token = after.token(self.target)
-        now = after.seen or {}
-        own = {k: (obj, token_of(obj)) for k, (obj, _) in self.own.items()}  # (grown meanwhile)
         if token == self.token:
-            _set_own(self.target, own)
-            return self.fp
-        changed = changed_since(self.seen, now)
-        if not changed or _mask(self.token, {id(self.seen[k][1]) for k in changed}) != _mask(
-            token, {id(now[k][1]) for k in changed}
-        ):
-            _set_own(self.target, own)
-            return None  # (something besides lists, dicts and sets changed)
-        # A container that grew is a log; one whose values changed is the stage's own once a second
-        # call changes it too (a counter) — once may be another thread editing a setting meanwhile.
-        seen_once = _ONCE.get(self.target) or set()
-        unconfirmed = {k for k in changed if k not in seen_once and not _grew(self.seen[k][1], now[k][1])}
-        if unconfirmed:
-            with contextlib.suppress(TypeError), _LOCK:
-                _ONCE[self.target] = seen_once | unconfirmed
-            _set_own(self.target, own)
-            return None
-        own.update({k: (now[k][0], now[k][1]) for k in changed})
-        _set_own(self.target, own)
-        return call_fingerprint(self.target, unwrapped=True)[0]
+            return self.fp, ""
+        changed = changed_since(self.seen, after.seen or {})
+        if not changed:
+            return None, "its own state (an attribute, or an array) changed while it ran"
+        kinds = sorted({_described(obj) for obj in changed.values()})
+        return None, f"{', '.join(kinds)} it can reach changed while it ran"
 
 
 def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, CallProbe | None]:
@@ -115,33 +81,31 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
 
     For a stage whose state is plain throughout this is ``(stageflow.fingerprint(program), None)``.
     For one that reads plain data from mutable containers it is the hash of its description with
-    that data as it is now (but its own logs), and a :class:`CallProbe` to
-    :meth:`~CallProbe.settle` after a miss.
+    that data as it is now, and a :class:`CallProbe` to :meth:`~CallProbe.settle` after a miss.
     """
     target = program if unwrapped else unwrap(program)
-    own = _current_own(target)
     try:
         memo = _DATA.get(target)
     except TypeError:  # unhashable: hashed every time
         memo = None
     if memo is not None:  # it read data last time: its complete token alone tells whether anything changed
-        walker = Walker(full=True, skip=own, record=True)
+        walker = Walker(full=True, record=True)
         token = walker.token(target)
         if memo[0] == token:
-            return memo[1], CallProbe(target, memo[1], token, walker.seen or {}, own)
+            return memo[1], CallProbe(target, memo[1], token, walker.seen or {})
     fp, elided = structural(target)
     if not elided:
         return fp, None
-    walker = Walker(full=True, skip=own, record=True)
+    walker = Walker(full=True, record=True)
     token = walker.token(target)
-    data_fp = content_hash(target, own)
-    if Walker(full=True, skip=own).token(target) == token:  # unchanged while hashing
+    data_fp = content_hash(target)
+    if Walker(full=True).token(target) == token:  # unchanged while hashing
         try:
             with _LOCK:
                 _DATA[target] = (weaken(token), data_fp)
         except TypeError:
             pass
-    return data_fp, CallProbe(target, data_fp, token, walker.seen or {}, own)
+    return data_fp, CallProbe(target, data_fp, token, walker.seen or {})
 
 
 def data_state(target: Any, skip: Mapping[int, Any] | None = None) -> Seen:
@@ -168,57 +132,13 @@ def changed_since(before: Seen, after: Seen) -> dict[int, Any]:
     return {key: before[key][0] for key in changed - enclosing}
 
 
-def _current_own(target: Any) -> Own:
-    """The containers ``target``'s calls append to, but those changed since its last call (changed
-    from outside: part of its key again)."""
-    try:
-        own = _OWN.get(target)
-    except TypeError:
-        return {}
-    if not own:
-        return {}
-    kept = {k: (obj, token) for k, (obj, token) in own.items() if token_of(obj) == token}
-    if len(kept) != len(own):
-        _set_own(target, kept)
-    return kept
-
-
-def _set_own(target: Any, own: Own) -> None:
-    try:
-        with _LOCK:
-            if own:
-                _OWN[target] = own
-            else:
-                _OWN.pop(target, None)
-    except TypeError:
-        pass  # (not weak-referenceable: no log is ever left out)
-
-
 def token_of(container: Any) -> Any:
     """A container's complete token (its data as it is now)."""
     return Walker(full=True).tok(container, 0)
 
 
-def _grew(before: Any, after: Any) -> bool:
-    """Whether a container's token only grew: items appended to a list, keys added to a dict with
-    the others' values kept (both in order), items added to a set."""
-    if type(before) is not tuple or type(after) is not tuple or not before or not after:
-        return False
-    if before[0] != after[0] or before[0] not in ("list", "dict", "set", "data"):
-        return False
-    if before[0] == "set":
-        old, new = before[1], after[1]
-        return type(old) is Bag and type(new) is Bag and all(x in new for x in old)
-    return len(after) >= len(before) and after[: len(before)] == before
-
-
-def _mask(token: Any, ids: set[int]) -> Any:
-    """``token`` with the parts whose ``id`` is in ``ids`` replaced by one marker."""
-    if id(token) in ids:
-        return ("masked",)
-    t = type(token)
-    if t is tuple:
-        return tuple([_mask(x, ids) for x in token])
-    if t is Bag:
-        return Bag([_mask(x, ids) for x in token])
-    return token
+def _described(container: Any) -> str:
+    """``a list of 3 items`` (for a warning)."""
+    n = len(container)
+    kind = type(container).__name__
+    return f"a {kind} of {n} item{'s' if n != 1 else ''}"

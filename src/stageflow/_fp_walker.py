@@ -26,6 +26,7 @@ from stageflow._fp_digest import (
     state_of,
 )
 from stageflow._fp_types import describe_type
+from stageflow._untracked import Untracked
 from stageflow.patterns._containers import StageDict, StageList
 
 __all__ = ["Walker"]
@@ -214,6 +215,8 @@ class Walker:
             return ("bytearray", hashlib.sha256(v).hexdigest() if self.final else bytes(v))
         if t is complex:
             return ("complex", v.real.hex(), v.imag.hex())
+        if isinstance(v, Untracked):  # a stage's own log or counter: not what decides its outputs
+            return ("untracked", t.__qualname__)
         base = _container_base(v)
         if base is not None:
             return self.subclass(v, t, base, d)

@@ -6,6 +6,7 @@ import asyncio
 
 import dspy
 
+import stageflow
 from stageflow import CachedStage, SequentialPipeline, stage
 from stageflow.testing import FakeLM
 
@@ -22,7 +23,7 @@ async def test_acall_on_its_own_caches() -> None:
 
 
 async def test_sync_and_async_share_one_cache() -> None:
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
     cached = CachedStage(stage(lambda x: calls.append(x) or {"y": x}, writes=["y"]))
     assert cached(x=1)["y"] == 1
     assert (await cached.acall(x=1))["y"] == 1

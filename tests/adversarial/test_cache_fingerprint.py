@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import array
 import collections
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import pytest
 
 import stageflow
 from stageflow import CachedStage, CachePolicy, MemoryStore, SequentialPipeline, Stage
+from stageflow.policies.cache import CacheWarning
 from stageflow.testing import FakeLM, call
 
 FACTOR = 2
@@ -56,17 +53,29 @@ async def test_a_different_captured_container_misses(mode: str) -> None:
     assert (await call(shared(make({"k": 3}), policy), mode, x=5)).y == 15
 
 
-async def test_a_stage_that_records_its_calls_still_hits(mode: str) -> None:
-    """Plain data a stage appends to (a call log) is state, not configuration: it does not make
-    every call a miss (documented: in-place edits of captured containers are not seen)."""
-    calls: list[int] = []
-    log: dict[int, int] = {}
+async def test_a_stage_that_records_its_calls_in_untracked_data_still_hits(mode: str) -> None:
+    """Data a stage keeps for itself (a call log), created with stageflow.untracked, is not part of its
+    key: it does not make every call a miss."""
+    calls: list[int] = stageflow.untracked([])
+    log: dict[int, int] = stageflow.untracked({})
     p = SequentialPipeline(
         [CachedStage(Stage(lambda x: calls.append(x) or log.update({x: x}) or {"y": x}, writes=["y"]))]
     )
     for _ in range(3):
         await call(p, mode, x=1)
     assert calls == [1]
+
+
+async def test_a_stage_that_changes_data_it_can_reach_is_not_cached_and_warned_about(mode: str) -> None:
+    """Its key holds that data, so the output would be filed under data it was not computed from:
+    not stored, one CacheWarning naming the stage and pointing at stageflow.untracked."""
+    calls: list[int] = []
+    p = SequentialPipeline([CachedStage(Stage(lambda x: calls.append(x) or {"y": x}, writes=["y"]))])
+    with pytest.warns(CacheWarning, match=r"not cached: a list of 1 item it can reach changed.*untracked"):
+        assert (await call(p, mode, x=1)).y == 1
+    assert (await call(p, mode, x=1)).y == 1
+    assert (await call(p, mode, x=1)).y == 1
+    assert calls == [1, 1, 1]
 
 
 async def test_a_rebound_closure_cell_misses(mode: str) -> None:
@@ -246,7 +255,7 @@ def build(factor: int = 2, demo: str = "y", temperature: float = 0.0) -> Sequent
 
 
 RATES = {"eur": 2}
-STATE: dict[str, Any] = {"log": [], "rate": 2}
+STATE: dict[str, Any] = {"log": stageflow.untracked([]), "rate": 2}
 
 
 def convert(x: int) -> dict[str, int]:
@@ -258,7 +267,7 @@ class Table:
 
     def __init__(self) -> None:
         self.rates = {"eur": 2}
-        self.calls: list[int] = []
+        self.calls: list[int] = stageflow.untracked([])
 
     def __call__(self, x: int) -> dict[str, int]:
         self.calls.append(x)
@@ -287,7 +296,7 @@ async def test_a_module_setting_changed_in_place_misses(mode: str, wrap: str, ra
 
 
 async def test_a_stage_that_logs_its_calls_and_reads_a_setting(mode: str, rates: Any) -> None:
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
 
     def logged(x: int) -> dict[str, int]:
         calls.append(x)
@@ -303,8 +312,8 @@ async def test_a_stage_that_logs_its_calls_and_reads_a_setting(mode: str, rates:
     assert calls == [3, 3]
 
 
-async def test_a_log_inside_a_settings_dict(mode: str) -> None:
-    """The innermost container that changed is the stage's own: its enclosing dict still counts."""
+async def test_an_untracked_log_inside_a_settings_dict(mode: str) -> None:
+    """The log is left out; the settings beside it are still part of the key."""
 
     def logged(x: int) -> dict[str, int]:
         STATE["log"].append(x)
@@ -395,10 +404,8 @@ async def test_a_stage_that_changes_its_own_attribute_is_never_served_a_wrong_tu
     assert got == ["Bx", "Ax", "Bx", "Ax"]
 
 
-async def test_a_counter_hits_from_the_third_call_and_a_setting_beside_it_is_seen(
-    mode: str, rates: Any
-) -> None:
-    stats = {"n": 0}
+async def test_an_untracked_counter_hits_and_a_setting_beside_it_is_seen(mode: str, rates: Any) -> None:
+    stats = stageflow.untracked({"n": 0})
 
     def counted(x: int) -> dict[str, int]:
         stats["n"] += 1
@@ -407,9 +414,26 @@ async def test_a_counter_hits_from_the_third_call_and_a_setting_beside_it_is_see
     p = SequentialPipeline([CachedStage(Stage(counted, writes=["y"]))])
     for _ in range(5):
         assert (await call(p, mode, x=3)).y == 6
-    assert stats["n"] == 2  # changed once: not stored; twice: its own, stored; then hits
+    assert stats["n"] == 1
     rates["eur"] = 5
     assert (await call(p, mode, x=3)).y == 15
+    assert stats["n"] == 2
+
+
+async def test_a_counter_in_a_plain_dict_is_never_a_stale_hit(mode: str) -> None:
+    """A stage counting in a dict that also holds its setting: the stage is not cached (the count is
+    part of the key); a setting edit is always seen."""
+    cfg = {"n": 0, "mode": "upper"}
+
+    def shout(text: str) -> dict[str, str]:
+        cfg["n"] += 1
+        return {"y": text.upper() if cfg["mode"] == "upper" else text.lower()}
+
+    p = SequentialPipeline([CachedStage(Stage(shout, writes=["y"]))])
+    with pytest.warns(CacheWarning):
+        assert (await call(p, mode, text="Ab")).y == "AB"
+    cfg["mode"] = "lower"
+    assert (await call(p, mode, text="Ab")).y == "ab"
 
 
 async def test_a_table_the_stage_filled_is_a_setting_again_once_edited_from_outside(mode: str) -> None:
@@ -474,142 +498,28 @@ def test_a_named_tuple_setting_is_described_by_its_fields() -> None:
     assert stageflow.fingerprint(lambda: a) != stageflow.fingerprint(lambda: b)
 
 
-def test_what_a_stage_keeps_of_its_own_goes_with_the_stage() -> None:
-    import gc
-
-    from stageflow import _fp_calls
-
-    def make() -> CachedStage:
-        log: list[str] = []
-
-        def f(x: int) -> dict[str, int]:
-            log.append("entry")
-            return {"y": x}
-
-        return CachedStage(Stage(f, writes=["y"]))
-
-    gc.collect()
-    own, data = len(_fp_calls._OWN), len(_fp_calls._DATA)
-    for _ in range(50):
-        c = make()
-        c(x=1)
-        c(x=1)
-        assert len(_fp_calls._OWN) > own
-    del c
-    gc.collect()
-    assert len(_fp_calls._OWN) == own  # (a process-wide registry kept every stage's log alive)
-    assert len(_fp_calls._DATA) == data
+def test_untracked_takes_lists_dicts_and_sets_only() -> None:
+    assert isinstance(stageflow.untracked({"a": 1}), dict)
+    assert stageflow.untracked({3, 1}) == {1, 3}
+    with pytest.raises(TypeError, match="takes a list, dict or set"):
+        stageflow.untracked((1, 2))  # type: ignore[arg-type]
 
 
-def test_fingerprint_remembers_structure_and_fresh_sees_data(rates: Any) -> None:
-    """``fingerprint()`` alone is remembered per structure (documented); ``fresh=True`` and cache keys
-    look at the data."""
-    before = stageflow.fingerprint(convert)
-    rates["eur"] = 5
-    assert stageflow.fingerprint(convert, fresh=True) != before
+def test_an_untracked_log_keeps_the_fingerprint_and_a_batch_resumable(tmp_path: Path) -> None:
+    log: list[int] = stageflow.untracked([])
 
+    def step(x: int) -> dict[str, int]:
+        log.append(x)
+        return {"y": x}
 
-def test_fingerprint_is_content_based_and_covers_nested_pipelines() -> None:
-    base = stageflow.fingerprint(build())
-    assert isinstance(base, str)
-    assert stageflow.fingerprint(build()) == base  # another instance of the same program
-    assert stageflow.fingerprint(build(factor=3)) != base  # a nested function's constant
-    assert stageflow.fingerprint(build(demo="z")) != base  # a nested predictor's demo
-    assert stageflow.fingerprint(build(temperature=0.7)) != base  # a nested predictor's LM setting
-
-
-def test_fingerprint_sees_in_place_edits_and_not_runs() -> None:
-    program = build()
-    before = stageflow.fingerprint(program)
-    with dspy.context(lm=FakeLM({"question": "q", "answer": "a"})):
-        program(text="t")
-        program(text="t")
-    assert stageflow.fingerprint(program) == before  # running is not a change
-    inner_pred = program.stages[1].stages[0]
-    inner_pred.demos[0]["answer"] = "changed"
-    assert stageflow.fingerprint(program) != before
-
-
-FP_CHILD = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, sys.argv[1])
-    import stageflow
-    from test_cache_fingerprint import build
-    print(stageflow.fingerprint(build()))
-    """
-)
-
-
-def test_fingerprint_is_stable_across_processes(tmp_path: Path) -> None:
-    script = tmp_path / "fp.py"
-    script.write_text(FP_CHILD)
-    here = str(Path(__file__).parent)
-    outs = [
-        subprocess.run(
-            [sys.executable, str(script), here], capture_output=True, text=True, timeout=120, check=True
-        ).stdout.strip()
-        for _ in range(2)
-    ]
-    assert outs[0] == outs[1] == stageflow.fingerprint(build())
-
-
-# -- across processes: the SQLite cache never serves a stale output ------------------------------------
-
-RUN_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import stageflow
-    from stageflow import CachedStage, SequentialPipeline, stage
-
-    FACTOR = {factor}
-    K = {closure}
-
-    def make(k):
-        def body(x, bonus={default}):
-            return {{"y": x * {code} * FACTOR * k + bonus}}
-        return body
-
-    cached = CachedStage(stage(make(K), reads=["x"], writes=["y"]), persist_to=sys.argv[1])
-    r = SequentialPipeline([cached])(x=1)
-    cached.cache.persistent.flush()
-    print(json.dumps({{"y": r.y, "hit": [e.kind for e in r.run.events] == ["cache_hit"]}}))
-    """
-)
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"code": 3},  # x * 2 -> x * 3 in the function's own code
-        {"factor": 5},  # a module-level constant the function reads
-        {"closure": 7},  # a value captured in a closure cell
-        {"default": 100},  # a parameter default
-    ],
-    ids=["code", "global", "closure", "default"],
-)
-def test_the_sqlite_cache_never_serves_a_stale_output_across_runs(
-    tmp_path: Path, change: dict[str, int]
-) -> None:
-    db = tmp_path / "c.db"
-    base = {"code": 2, "factor": 1, "closure": 1, "default": 0}
-
-    def run(params: dict[str, int]) -> dict[str, Any]:
-        script = tmp_path / "child.py"
-        script.write_text(RUN_CHILD.format(**params))
-        proc = subprocess.run(
-            [sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120, check=False
-        )
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-    first = run(base)
-    again = run(base)
-    assert again == {"y": first["y"], "hit": True}  # unchanged program: a persistent hit
-    changed = {**base, **change}
-    expected = changed["code"] * changed["factor"] * changed["closure"] + changed["default"]
-    assert run(changed) == {"y": expected, "hit": False}
+    before = stageflow.fingerprint(step, fresh=True)
+    log.extend(range(10))
+    assert stageflow.fingerprint(step, fresh=True) == before
+    program = SequentialPipeline([Stage(step, writes=["y"])])
+    records = [{"id": str(i), "x": i} for i in range(3)]
+    stageflow.run_batch(program, records, journal=tmp_path / "j")
+    program(x=9)  # called by hand between runs: the untracked log is no change
+    assert stageflow.run_batch(program, records, journal=tmp_path / "j").ran == 0
 
 
 BIG = {f"k{i}": float(i) for i in range(5000)}

@@ -15,6 +15,7 @@ import numpy as np
 import pydantic
 import pytest
 
+import stageflow
 from stageflow import CachedStage, SequentialPipeline, stage
 from stageflow.policies.cache import CacheWarning
 from stageflow.testing import call
@@ -22,7 +23,7 @@ from stageflow.testing import call
 
 def type_echo() -> tuple[SequentialPipeline, list[Any]]:
     """A cached stage whose output depends on the exact type and value of its input."""
-    seen: list[Any] = []
+    seen: list[Any] = stageflow.untracked([])
 
     def describe(x: Any) -> dict[str, Any]:
         seen.append(x)
@@ -81,7 +82,7 @@ def big_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 async def test_numpy_arrays_with_the_same_repr_are_different_inputs(mode: str) -> None:
     a, b = big_arrays()
-    calls: list[float] = []
+    calls: list[float] = stageflow.untracked([])
 
     def total(x: Any) -> dict[str, Any]:
         calls.append(float(x.sum()))
@@ -151,7 +152,7 @@ class Opaque:
 
 
 async def test_an_unkeyable_input_is_not_cached_and_warns_once_naming_stage_and_field(mode: str) -> None:
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
 
     def use(obj: Any) -> dict[str, Any]:
         calls.append(1)
@@ -173,7 +174,7 @@ async def test_an_unkeyable_input_is_not_cached_and_warns_once_naming_stage_and_
 async def test_a_cyclic_input_is_not_cached(mode: str) -> None:
     loop: list[Any] = []
     loop.append(loop)
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
     p = SequentialPipeline([CachedStage(stage(lambda x: calls.append(1) or {"y": len(calls)}, writes=["y"]))])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CacheWarning)

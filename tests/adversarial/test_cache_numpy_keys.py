@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import stageflow
 from stageflow import CachedStage, SequentialPipeline, stage
 from stageflow.policies import codec
 from stageflow.policies.cache import CacheWarning
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDepre
 
 def shape_echo() -> tuple[SequentialPipeline, list[Any]]:
     """A cached stage whose output depends on everything an array is."""
-    seen: list[Any] = []
+    seen: list[Any] = stageflow.untracked([])
 
     def describe(m: Any) -> dict[str, Any]:
         seen.append(m)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
+import stageflow
 from stageflow import CachedStage, SequentialPipeline, SQLiteStore, stage
 from stageflow.policies.cache import CacheWarning
 from stageflow.testing import call
 
 
 def counting() -> tuple[Callable[[int], dict[str, int]], list[int]]:
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
 
     def double(x: int) -> dict[str, int]:
         calls.append(x)

@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 import pytest
 
+import stageflow
 from stageflow import (
     CachedStage,
     CachePolicy,
@@ -33,7 +34,7 @@ class Square:
     """A counting function stage body: ``{"y": x * x}``."""
 
     def __init__(self) -> None:
-        self.seen: list[Any] = []
+        self.seen: list[Any] = stageflow.untracked([])
         self._lock = threading.Lock()
 
     def __call__(self, x: int) -> dict[str, Any]:
@@ -219,7 +220,7 @@ def test_bad_cache_size_raises_configuration_error() -> None:
 
 
 def test_errors_are_not_cached() -> None:
-    calls: list[int] = []
+    calls: list[int] = stageflow.untracked([])
 
     def flaky(x: int) -> dict[str, Any]:
         calls.append(x)
@@ -236,7 +237,7 @@ def test_errors_are_not_cached() -> None:
 
 
 def test_fallback_outputs_are_not_cached() -> None:
-    n = {"calls": 0}
+    n = stageflow.untracked({"calls": 0})
 
     def flaky(x: int) -> dict[str, Any]:
         n["calls"] += 1

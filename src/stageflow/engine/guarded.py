@@ -53,7 +53,7 @@ def _from_cache(
     cache = policy.cache
     if cache is None or is_collecting_traces():
         return _MISS, None
-    keys = make_key(path, target, kw, cache)
+    keys = make_key(path, target, kw, cache, f"'{path}' ({entry.label})")
     if keys is None:
         return _MISS, None
     if cache.persistent is None:
@@ -69,10 +69,8 @@ def _from_cache(
     seen = len(run.events)
 
     def store(out: Any) -> None:
-        if not _fell_back(run, seen, path):
-            final = keys.after_call()
-            if final is not None:
-                cache.store(final.memory, final.durable, out, path)
+        if not _fell_back(run, seen, path) and keys.after_call():
+            cache.store(keys.memory, keys.durable, out, path)
 
     return _MISS, store
 

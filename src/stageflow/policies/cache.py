@@ -9,8 +9,8 @@ costs microseconds, not the ~0.6 ms a DSPy LM-cache hit still spends. The key of
   a predictor's signature, demos, LM and settings as they are at call time, a function's code,
   constants, defaults, closure values and the globals it reads. Re-compiling, re-prompting or
   editing a stage misses; changing another stage does not. For a stage that reads lists, dicts or
-  sets, the key hashes their data as it is at call time, leaving out the ones the stage changes
-  itself while it runs (:mod:`stageflow._fp_calls`);
+  sets, the key hashes their data as it is at call time (:mod:`stageflow._fp_calls`); a call during
+  which that data changed is not stored (the stage's own log or counter: ``stageflow.untracked``);
 - the **inputs** are keyed by :func:`~stageflow.policies.keys.freeze`: ``1``, ``True`` and
   ``1.0`` are different inputs, objects are keyed by content, never by ``repr``. An input with no
   canonical encoding makes that call uncached, with one :class:`CacheWarning` per stage and field.
@@ -316,11 +316,20 @@ class CallKeys:
     when a persistent store is consulted: the sha256 used there, or ``None`` when the key cannot be
     spelled the same way in another process)."""
 
-    __slots__ = ("_durable", "_frozen", "_path", "_persistent", "_probe", "memory")
+    __slots__ = ("_durable", "_persistent", "_policy", "_probe", "_stage", "memory")
 
-    def __init__(self, path: str, fp: str, frozen: Any, persistent: bool, probe: CallProbe | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        fp: str,
+        frozen: Any,
+        persistent: bool,
+        probe: CallProbe | None,
+        policy: CachePolicy | None = None,
+        stage: str = "",
+    ) -> None:
         self.memory = (path, fp, frozen)
-        self._path, self._frozen, self._persistent, self._probe = path, frozen, persistent, probe
+        self._persistent, self._probe, self._policy, self._stage = persistent, probe, policy, stage
         self._durable: list[str | None] = []
 
     def durable(self) -> str | None:
@@ -336,19 +345,28 @@ class CallKeys:
                 self._durable.append(hashlib.sha256(text.encode()).hexdigest())
         return self._durable[0]
 
-    def after_call(self) -> CallKeys | None:
-        """The keys to store the call's output under: these, or — when the stage grew a log of its
-        own while it ran, left out of its keys from now on — the ones its next call will use, or
-        ``None`` when data the key covers changed otherwise during the call, so no key is sure to
-        describe what the output was computed from (see :mod:`stageflow._fp_calls`)."""
+    def after_call(self) -> bool:
+        """Whether the call's output may be stored under these keys: not when data the key covers
+        changed while the call ran (see :mod:`stageflow._fp_calls`; the cache warns once for the
+        stage)."""
         if self._probe is None:
-            return self
-        fp = self._probe.settle()
-        if fp is None:
-            return None
-        if fp == self.memory[1]:
-            return self
-        return CallKeys(self._path, fp, self._frozen, self._persistent, None)
+            return True
+        fp, what = self._probe.settle()
+        if fp is not None:
+            return True
+        policy = self._policy
+        if policy is not None:
+            policy._uncached[0] += 1
+            policy.warn_once(
+                self._stage,
+                "changed-while-running",
+                f"Stage {self._stage} is not cached: {what}, and its cache key holds that data, so the "
+                "output cannot be filed under what it was computed from. If that data does not change "
+                "the stage's outputs (a call log, a counter), create it with stageflow.untracked(...), "
+                "e.g. `calls = stageflow.untracked([])`, and the stage is cached again. (Warned once "
+                "per stage.)",
+            )
+        return False
 
 
 def make_key(
@@ -389,7 +407,7 @@ def make_key(
     if len(items) > 1:  # keyword order is not part of the key: f(a=1, b=2) is f(b=2, a=1)
         items.sort(key=_by_name)
     persistent = policy is None or policy.persistent is not None
-    return CallKeys(path, fp, tuple(items), persistent, probe)
+    return CallKeys(path, fp, tuple(items), persistent, probe, policy, label or repr(path))
 
 
 def _warn_unkeyable(policy: CachePolicy, stage: str, name: str, e: Unkeyable) -> None:

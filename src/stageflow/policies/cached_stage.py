@@ -114,9 +114,8 @@ class CachedStage(Stage):
             return True, value, None
 
         def store(out: Any) -> None:
-            final = keys.after_call()
-            if final is not None:
-                self.cache.store(final.memory, final.durable, out, "", self._label)
+            if keys.after_call():
+                self.cache.store(keys.memory, keys.durable, out, "", self._label)
 
         return False, None, store
 
