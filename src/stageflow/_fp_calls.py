@@ -44,7 +44,7 @@ from stageflow._fp_digest import weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, structural, unwrap
 
-__all__ = ["CallProbe", "Seen", "call_fingerprint", "changed_since", "data_state", "token_of"]
+__all__ = ["CallProbe", "Seen", "call_fingerprint", "changed_since", "data_state", "described", "token_of"]
 
 #: ``id -> (a list, dict or set, its token, the id of the one enclosing it)``
 Seen = dict[int, tuple[Any, Any, int | None]]
@@ -72,7 +72,7 @@ class CallProbe:
         changed = changed_since(self.seen, after.seen or {})
         if not changed:
             return None, "its own state (an attribute, or an array) changed while it ran"
-        kinds = sorted({_described(obj) for obj in changed.values()})
+        kinds = sorted({described(obj) for obj in changed.values()})
         return None, f"{', '.join(kinds)} it can reach changed while it ran"
 
 
@@ -137,7 +137,7 @@ def token_of(container: Any) -> Any:
     return Walker(full=True).tok(container, 0)
 
 
-def _described(container: Any) -> str:
+def described(container: Any) -> str:
     """``a list of 3 items`` (for a warning)."""
     n = len(container)
     kind = type(container).__name__

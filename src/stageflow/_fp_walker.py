@@ -97,6 +97,21 @@ def _digest(v: Any, t: type, final: bool) -> Any:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _spelled(v: Any, final: bool) -> str | None:
+    """The text of an object whose state cannot be read (``re.compile('a+')``, ``Decimal('1.5')``,
+    ``datetime.date(2026, 1, 2)``): library classes spell their value out in their ``repr``. ``None``
+    when it is the default ``<... at 0x...>`` (nothing about the value) or cannot be made."""
+    try:
+        text = repr(v)
+    except Exception:
+        return None
+    if " at 0x" in text:
+        return None
+    if final and len(text) > _LONG:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return text
+
+
 def _is_data(v: Any) -> bool:
     """Whether the plain items of this container may be changed in place (a pipeline's own list
     of stages is structure, not data)."""
@@ -414,10 +429,12 @@ class Walker:
             state = state_of(v, "__dict__")
         except AttributeError:
             state = None
+        if isinstance(v, types.MappingProxyType):  # a read-only view of a dict: its items
+            return ("mappingproxy", self.container(dict(v), dict, d))
         if state is None:
             slots = [s for c in t.__mro__ for s in getattr(c, "__slots__", ()) if hasattr(v, s)]
-            if not slots:
-                return ("opaque" if not callable(v) else "callable", name)
+            if not slots:  # a value of a library class (a compiled regex, a Decimal, a date...)
+                return ("opaque" if not callable(v) else "callable", name, _spelled(v, self.final))
             state = {s: getattr(v, s) for s in slots}
         self.active.add(key)
         try:
@@ -435,6 +452,8 @@ class Walker:
             ]
         finally:
             self.active.discard(key)
+        if not user and not items:  # nothing public to read (a Fraction, a path): what its text says
+            return ("opaque" if not callable(v) else "callable", name, _spelled(v, self.final))
         # A callable object (a module, a processor) is structure; anything else is a record of data.
         return ("object" if callable(v) else "record", self.cls(t, d) if user else name, tuple(items))
 

@@ -547,3 +547,55 @@ async def test_a_table_beyond_the_walk_budget_is_still_keyed_by_its_content(mode
     finally:
         BIG = saved
         BIG["k1234"] = 1234.0
+
+
+VALUE: Any = None
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("re.compile('a+')", "re.compile('b+')"),
+        ("decimal.Decimal('1.5')", "decimal.Decimal('2.5')"),
+        ("datetime.date(2024, 1, 1)", "datetime.date(2025, 1, 1)"),
+        ("fractions.Fraction(1, 2)", "fractions.Fraction(1, 3)"),
+        ("pathlib.PurePosixPath('/a')", "pathlib.PurePosixPath('/b')"),
+        ("operator.itemgetter('a')", "operator.itemgetter('b')"),
+        ("range(3)", "range(5)"),
+    ],
+)
+def test_library_values_without_readable_state_are_described_by_their_text(old: str, new: str) -> None:
+    """They were described by their class alone: a rebound regex or Decimal setting was a stale hit,
+    and a resume after editing one in the source mixed results."""
+    import datetime
+    import decimal
+    import fractions
+    import operator
+    import pathlib
+    import re
+
+    global VALUE
+    env = {"re": re, "decimal": decimal, "datetime": datetime, "fractions": fractions}
+    env.update(pathlib=pathlib, operator=operator)
+
+    def read() -> Any:
+        return VALUE
+
+    try:
+        VALUE = eval(old, env)
+        before = stageflow.fingerprint(read, fresh=True)
+        VALUE = eval(new, env)
+        assert stageflow.fingerprint(read, fresh=True) != before
+    finally:
+        VALUE = None
+
+
+def test_a_read_only_view_of_a_dict_changed_in_place_misses() -> None:
+    import types
+
+    backing = {"k": 2}
+    view = types.MappingProxyType(backing)
+    cached = CachedStage(Stage(lambda x: {"y": x * view["k"]}, writes=["y"]))
+    assert cached(x=3)["y"] == 6
+    backing["k"] = 5
+    assert cached(x=3)["y"] == 15

@@ -31,7 +31,7 @@ class CachedStage(Stage):
 
     Examples:
         >>> import stageflow
-        >>> calls = []
+        >>> calls = stageflow.untracked([])  # the stage's call log: not part of its cache key
         >>> square = stageflow.CachedStage(stageflow.stage(lambda x: calls.append(x) or {"y": x * x},
         ...                                                writes=["y"]))
         >>> p = stageflow.SequentialPipeline([square])

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from stageflow.runtime.output import write_output
 from stageflow.runtime.program import is_pipeline, load_program, run_settings
 from stageflow.runtime.progress import ProgressBar
 from stageflow.runtime.records import RecordSource, open_records
-from stageflow.runtime.run_data import ended_here, own_changed_between, run_ended, run_started
+from stageflow.runtime.run_data import changed_during_last_run, run_ended, run_started
 from stageflow.runtime.runner import BackendError, Counters, LoopResult, run_loop
 from stageflow.runtime.summary import BatchInterrupted, BatchSummary
 
@@ -54,12 +54,11 @@ def _changes(
     fingerprint: str,
     stages: dict[str, str],
     source: RecordSource,
-    only_own_writes: Callable[[str], bool],
 ) -> list[str]:
     meta = journal.meta()
     found: list[str] = []
     planned_fp = meta.get("fingerprint") or ""
-    if planned_fp != fingerprint and not only_own_writes(planned_fp):
+    if planned_fp != fingerprint:
         planned = journal.stage_fingerprints()
         which = stage_changes(planned, stages) if planned and stages else ""
         if not planned or not stages:  # a journal from before they were kept, or no picture
@@ -69,10 +68,12 @@ def _changes(
             )
         elif not which:  # every stage is the same: what holds them is not
             which = "no stage by itself: the pipeline's own settings or the model it is given differ"
-        if own_changed_between(journal.path, planned_fp):
+        during = changed_during_last_run(journal.path, planned_fp)
+        if during:
             which += (
-                "; data a stage changed itself during the last run — a list, dict or set such as a call "
-                "log or a counter — has changed since it ended (was the pipeline called in between?)"
+                f"; data the stages read changed while the last run went ({', '.join(during)}): if it "
+                "is a stage's own call log or counter, create it with stageflow.untracked([]) / ({}) so "
+                "it is left out; if another thread edited a setting meanwhile, that run mixed settings"
             )
         found.append(
             f"the program changed ({which}; fingerprint {meta.get('fingerprint')} when planned, "
@@ -223,12 +224,7 @@ def run_batch(
         _check_contracts(program, scan, source)
         allowed: str | None = None
         if j.has_plan():
-
-            def only_own_writes(planned: str) -> bool:  # (see stageflow.runtime.run_data)
-                with dspy.context(**settings):
-                    return ended_here(j.path, planned, program)
-
-            changes = _changes(j, scan, fingerprint, stages, source, only_own_writes)
+            changes = _changes(j, scan, fingerprint, stages, source)
             if changes and not allow_changed:
                 raise JournalError(
                     f"cannot resume from the journal {j.path}: " + "; and ".join(changes) + ". Resuming "
