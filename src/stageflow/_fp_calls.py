@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from stageflow._fp_digest import weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, structural, unwrap
 
-__all__ = ["CallProbe", "Seen", "call_fingerprint", "changed_since", "data_state", "described", "token_of"]
+__all__ = ["CallProbe", "Seen", "call_fingerprint", "changed_since", "data_state", "described"]
 
 #: ``id -> (a list, dict or set, its token, the id of the one enclosing it)``
 Seen = dict[int, tuple[Any, Any, int | None]]
@@ -108,9 +107,9 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
     return data_fp, CallProbe(target, data_fp, token, walker.seen or {})
 
 
-def data_state(target: Any, skip: Mapping[int, Any] | None = None) -> Seen:
-    """Every list, dict and set ``target`` holds or reads (but those in ``skip``)."""
-    walker = Walker(full=True, skip=skip, record=True)
+def data_state(target: Any) -> Seen:
+    """Every list, dict and set ``target`` holds or reads."""
+    walker = Walker(full=True, record=True)
     walker.token(target)
     return walker.seen or {}
 
@@ -130,11 +129,6 @@ def changed_since(before: Seen, after: Seen) -> dict[int, Any]:
             enclosing.add(outer)
             outer = before[outer][2] if outer in before else None
     return {key: before[key][0] for key in changed - enclosing}
-
-
-def token_of(container: Any) -> Any:
-    """A container's complete token (its data as it is now)."""
-    return Walker(full=True).tok(container, 0)
 
 
 def described(container: Any) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import sys
 import types
-from collections.abc import Mapping
 from typing import Any
 
 from stageflow._fp_digest import (
@@ -163,7 +162,6 @@ class Walker:
         final: bool = False,
         *,
         full: bool | None = None,
-        skip: Mapping[int, Any] | None = None,
         record: bool = False,
     ) -> None:
         self.final = final  # the description to hash: long strings are hashed, everything is kept
@@ -172,9 +170,6 @@ class Walker:
         self.active: set[int] = set()
         #: Whether plain data was left out of this token (a mutable container's items, an array).
         self.elided = False
-        #: Containers (by id) whose plain data is left out even when ``full``: ones a stage changes
-        #: itself while it runs (a log it appends to; see :mod:`stageflow._fp_calls`).
-        self.skip: Mapping[int, Any] = skip or {}
         #: With ``record``: every list, dict and set walked, ``id -> (it, its token, enclosing one's id)``.
         self.seen: dict[int, tuple[Any, Any, int | None]] | None = {} if record else None
         self.enclosing: list[int] = []
@@ -258,20 +253,13 @@ class Walker:
         return ("container", kind, self.container(v, base, d), tuple(extra))
 
     def container(self, v: Any, t: type, d: int) -> Any:
-        if t in _MUTABLE and (self.skip or self.seen is not None):
+        if t in _MUTABLE and self.seen is not None:
             return self.data(v, t, d)
         return self.items(v, t, d)
 
     def data(self, v: Any, t: type, d: int) -> Any:
-        """A list, dict or set when changes to data are looked for: one a stage writes itself is
-        described without its plain data (as in a token); any other is recorded."""
+        """A list, dict or set when changes to data are looked for: recorded with its token."""
         key = id(v)
-        if key in self.skip:
-            full, self.full = self.full, False
-            try:
-                return self.items(v, t, d)
-            finally:
-                self.full = full
         seen = self.seen
         if seen is None:
             return self.items(v, t, d)

@@ -69,7 +69,6 @@ import hashlib
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from stageflow._fp_digest import Bag, Ref, weaken
@@ -138,10 +137,9 @@ def structural(target: Any, *, fresh: bool = False) -> tuple[str, bool]:
     return fp, walker.elided
 
 
-def content_hash(target: Any, skip: Mapping[int, Any] | None = None) -> str:
-    """The hash of ``target``'s complete description; the plain data of the containers in ``skip``
-    (by id) is left out."""
-    full = _content(Walker(final=True, skip=skip).token(target))
+def content_hash(target: Any) -> str:
+    """The hash of ``target``'s complete description."""
+    full = _content(Walker(final=True).token(target))
     return hashlib.sha256(repr(full).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 

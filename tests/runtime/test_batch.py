@@ -481,7 +481,7 @@ def test_a_stage_raising_keyboard_interrupt_stops_a_local_batch_like_ctrl_c(tmp_
     """It escaped run_batch as a bare KeyboardInterrupt, without the summary Ctrl-C gives."""
     from stageflow.runtime import BatchInterrupted
 
-    raised: list[int] = []
+    raised: list[int] = stageflow.untracked([])  # (a plain list the stage changes: a resume is refused)
 
     def step(x: int) -> dict[str, int]:
         if x == 3 and not raised:
