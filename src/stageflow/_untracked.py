@@ -27,7 +27,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 __all__ = ["Untracked", "UntrackedDict", "UntrackedList", "UntrackedSet", "untracked"]
 
@@ -57,20 +57,34 @@ class UntrackedSet(set, Untracked):  # type: ignore[type-arg]
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        return repr(set(self))
+
 
 def untracked(value: T) -> T:
-    """A copy of ``value`` (a list, dict or set) that cache keys and batch journals leave out: for data
-    a stage keeps for itself and whose content does not change its outputs (a call log, a counter).
+    """A copy of ``value`` (a plain list, dict or set) that cache keys and batch journals leave out:
+    for data a stage keeps for itself and whose content does not change its outputs (a call log, a
+    counter). Wrap it where you create it (``calls = stageflow.untracked([])``): the stage must use
+    the copy, not the original. Already untracked data is returned as it is.
 
     Raises:
-        TypeError: ``value`` is not a list, dict or set.
+        TypeError: ``value`` is not a plain list, dict or set (a ``Counter`` or ``defaultdict``
+            would lose what its class adds).
     """
-    if isinstance(value, dict):
-        return UntrackedDict(value)
-    if isinstance(value, list):
-        return UntrackedList(value)
-    if isinstance(value, set):
-        return UntrackedSet(value)
+    t = type(value)
+    if t is dict:
+        return cast(T, UntrackedDict(value))
+    if t is list:
+        return cast(T, UntrackedList(value))
+    if t is set:
+        return cast(T, UntrackedSet(value))
+    if isinstance(value, Untracked):
+        return value
+    if isinstance(value, list | dict | set):  # (a Counter, a defaultdict...: its behaviour would be lost)
+        raise TypeError(
+            f"stageflow.untracked() takes a plain list, dict or set, not a {t.__name__}: the copy would "
+            "lose what the class adds. Use untracked({}) and count with d[k] = d.get(k, 0) + 1."
+        )
     raise TypeError(
         f"stageflow.untracked() takes a list, dict or set, not {type(value).__name__}: the data a stage "
         "keeps for itself (a call log: untracked([]), a counter: untracked({}))"

@@ -503,6 +503,11 @@ def test_untracked_takes_lists_dicts_and_sets_only() -> None:
     assert stageflow.untracked({3, 1}) == {1, 3}
     with pytest.raises(TypeError, match="takes a list, dict or set"):
         stageflow.untracked((1, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a Counter: the copy would lose what the class adds"):
+        stageflow.untracked(collections.Counter())  # (a user found it silently turned into a dict)
+    log = stageflow.untracked([1])
+    assert stageflow.untracked(log) is log
+    assert repr(stageflow.untracked({2})) == "{2}"
 
 
 def test_an_untracked_log_keeps_the_fingerprint_and_a_batch_resumable(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def _changes(
         during = changed_during_last_run(journal.path, planned_fp)
         if during:
             which += (
-                f"; data the stages read changed while the last run went ({', '.join(during)}): if it "
+                f"; data the stages read changed during the last run ({', '.join(during)}): if it "
                 "is a stage's own call log or counter, create it with stageflow.untracked([]) / ({}) so "
                 "it is left out; if another thread edited a setting meanwhile, that run mixed settings"
             )
