@@ -71,7 +71,7 @@ class CallProbe:
         changed = changed_since(self.seen, after.seen or {})
         if not changed:
             return None, "its own state (an attribute, or an array) changed while it ran"
-        kinds = sorted({described(obj) for obj in changed.values()})
+        kinds = sorted({described(obj, self.target) for obj in changed.values()})
         return None, f"{', '.join(kinds)} it can reach changed while it ran"
 
 
@@ -131,8 +131,38 @@ def changed_since(before: Seen, after: Seen) -> dict[int, Any]:
     return {key: before[key][0] for key in changed - enclosing}
 
 
-def described(container: Any) -> str:
-    """``a list of 3 items`` (for a warning)."""
+def described(container: Any, holder: Any = None) -> str:
+    """``the list 'calls' (3 items)``, or ``a list of 3 items`` when ``holder`` (a function, a function
+    stage or an object) does not name it directly (for a warning)."""
     n = len(container)
     kind = type(container).__name__
-    return f"a {kind} of {n} item{'s' if n != 1 else ''}"
+    name = _name_in(container, holder)
+    if name is None:
+        return f"a {kind} of {n} item{'s' if n != 1 else ''}"
+    return f"the {kind} {name!r} ({n} item{'s' if n != 1 else ''})"
+
+
+def _name_in(container: Any, holder: Any) -> str | None:
+    """The name ``holder`` reaches ``container`` by: a global or closure variable of a function, an
+    attribute of an object (``self.calls``), one level deep."""
+    fn = getattr(holder, "fn", holder)  # (a function stage: its function)
+    fn = getattr(fn, "__func__", fn)
+    spaces: list[tuple[str, dict[str, Any]]] = []
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        cells = getattr(fn, "__closure__", None) or ()
+        free: dict[str, Any] = {}
+        for var, cell in zip(code.co_freevars, cells, strict=False):
+            try:
+                free[var] = cell.cell_contents
+            except ValueError:
+                continue
+        spaces += [("", free), ("", {k: v for k, v in fn.__globals__.items() if k in code.co_names})]
+    state = getattr(fn, "__dict__", None)
+    if isinstance(state, dict) and code is None:
+        spaces.append(("self.", state))
+    for prefix, space in spaces:
+        for key, value in space.items():
+            if value is container:
+                return prefix + key
+    return None
