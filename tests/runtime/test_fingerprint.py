@@ -127,7 +127,9 @@ def test_a_plain_log_refuses_a_same_process_resume_and_says_how_to_mark_it(tmp_p
     stageflow.run_batch(program, records, journal=tmp_path / "j")
     with pytest.raises(JournalError) as info:
         stageflow.run_batch(program, records, journal=tmp_path / "j")
-    assert "changed during the last run (a list of 3 items)" in info.value.message
+    assert (
+        "changed during the last run (the list '_LOG' (3 items) of stage 'stages[0]')" in info.value.message
+    )
     assert "stageflow.untracked" in info.value.message
     assert stageflow.run_batch(program, records, journal=tmp_path / "j", allow_changed=True).ran == 0
 

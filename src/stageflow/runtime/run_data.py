@@ -36,7 +36,7 @@ def run_started(program: Any) -> Seen:
 def run_ended(journal: Path, planned: str, program: Any, started: Seen) -> None:
     """Note which containers changed during the run (call inside the run's DSPy settings)."""
     changed = changed_since(started, data_state(program))
-    kinds = sorted({described(obj) for obj in changed.values()})
+    kinds = sorted({_named(obj, program) for obj in changed.values()}) if changed else []
     with _LOCK:
         _CHANGED[_key(journal)] = (planned, kinds)
 
@@ -47,6 +47,30 @@ def changed_during_last_run(journal: Path, planned: str) -> list[str]:
     with _LOCK:
         last = _CHANGED.get(_key(journal))
     return last[1] if last is not None and last[0] == planned else []
+
+
+def _named(container: Any, program: Any) -> str:
+    """``the list 'calls' (3 items) of stage 'stages[0]'`` when a stage names it directly, else
+    ``a list of 3 items``."""
+    for path, stage in _stages(program):
+        holder = getattr(stage, "module", stage)  # (a Stage: what it wraps)
+        text = described(container, holder)
+        if text.startswith("the "):
+            return f"{text} of stage {path!r}"
+    return described(container)
+
+
+def _stages(program: Any) -> list[tuple[str, Any]]:
+    from stageflow.observe.graph import graph_of
+    from stageflow.runtime.fingerprint import _resolve
+
+    try:
+        g = graph_of(program)
+    except Exception:  # (a picture is a nicety: the message then gives the kind of container only)
+        return [("", program)]
+    paths = sorted({n.path for n in g.nodes.values() if n.path})
+    found = [(path, obj) for path, (ok, obj) in ((p, _resolve(program, p)) for p in paths) if ok]
+    return found or [("", program)]
 
 
 def _key(journal: Path) -> str:
