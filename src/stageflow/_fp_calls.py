@@ -9,7 +9,7 @@ its cache key is the hash of its complete description as it is now, data include
 per stage while that description is unchanged.
 
 The output of a call that missed is stored under that key only if nothing the key covers changed
-while the call ran (:meth:`CallProbe.settle`): a stage that appends to a list it can reach (a call
+while the call ran (:meth:`CallProbe.changed`): a stage that appends to a list it can reach (a call
 log), counts in a dict, or changes an attribute of its own would otherwise be filed under a key
 describing data it was not computed from — or, read by another thread meanwhile, a setting edited
 in the middle of the call. Such a stage is not cached, and the cache warns once, naming it and what
@@ -56,23 +56,22 @@ _LOCK = threading.Lock()
 class CallProbe:
     """The data one call's key was computed from, to see after the call whether it changed."""
 
-    __slots__ = ("fp", "seen", "target", "token")
+    __slots__ = ("seen", "target", "token")
 
-    def __init__(self, target: Any, fp: str, token: Any, seen: Seen) -> None:
-        self.target, self.fp, self.token, self.seen = target, fp, token, seen
+    def __init__(self, target: Any, token: Any, seen: Seen) -> None:
+        self.target, self.token, self.seen = target, token, seen
 
-    def settle(self) -> tuple[str | None, str]:
-        """After the call ran: ``(the fingerprint to store its output under, "")``, or ``(None, what
-        changed)`` when data the key covers changed during the call (the output is not stored)."""
+    def changed(self) -> str | None:
+        """After the call ran: ``None`` when the data the key covers is as it was (the output may be
+        stored under the key), else what changed (it must not be)."""
         after = Walker(full=True, record=True)
-        token = after.token(self.target)
-        if token == self.token:
-            return self.fp, ""
+        if after.token(self.target) == self.token:
+            return None
         changed = changed_since(self.seen, after.seen or {})
         if not changed:
-            return None, "its own state (an attribute, or an array) changed while it ran"
+            return "its own state (an attribute, or an array) changed while it ran"
         kinds = sorted({described(obj, self.target) for obj in changed.values()})
-        return None, f"{', '.join(kinds)} it can reach changed while it ran"
+        return f"{', '.join(kinds)} it can reach changed while it ran"
 
 
 def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, CallProbe | None]:
@@ -80,23 +79,25 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
 
     For a stage whose state is plain throughout this is ``(stageflow.fingerprint(program), None)``.
     For one that reads plain data from mutable containers it is the hash of its description with
-    that data as it is now, and a :class:`CallProbe` to :meth:`~CallProbe.settle` after a miss.
+    that data as it is now, and a :class:`CallProbe` to ask, after a miss, whether it changed.
     """
     target = program if unwrapped else unwrap(program)
     try:
         memo = _DATA.get(target)
     except TypeError:  # unhashable: hashed every time
         memo = None
+    walker: Walker | None = None
     if memo is not None:  # it read data last time: its complete token alone tells whether anything changed
         walker = Walker(full=True, record=True)
         token = walker.token(target)
         if memo[0] == token:
-            return memo[1], CallProbe(target, memo[1], token, walker.seen or {})
+            return memo[1], CallProbe(target, token, walker.seen or {})
     fp, elided = structural(target)
     if not elided:
         return fp, None
-    walker = Walker(full=True, record=True)
-    token = walker.token(target)
+    if walker is None:  # (else the walk above is still the current one)
+        walker = Walker(full=True, record=True)
+        token = walker.token(target)
     data_fp = content_hash(target)
     if Walker(full=True).token(target) == token:  # unchanged while hashing
         try:
@@ -104,7 +105,7 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
                 _DATA[target] = (weaken(token), data_fp)
         except TypeError:
             pass
-    return data_fp, CallProbe(target, data_fp, token, walker.seen or {})
+    return data_fp, CallProbe(target, token, walker.seen or {})
 
 
 def data_state(target: Any) -> Seen:

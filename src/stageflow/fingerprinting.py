@@ -48,8 +48,8 @@ Not covered (documented, not silent):
   the program is first fingerprinted, and the result is remembered while the program's structure
   stays the same: an in-place edit of that data later in the same process is seen by
   ``fresh=True``, by cache keys and by batch journals (:mod:`stageflow._fp_calls`), not by a plain
-  ``fingerprint(program)`` call. A container a stage was seen to change while it ran (its call log)
-  is left out of those;
+  ``fingerprint(program)`` call. Data created with :func:`stageflow.untracked` (a stage's own call
+  log or counter) is left out of every fingerprint;
 - a class used as a signature field type is described once per class object: changing a model
   class in place (``model_rebuild`` with other fields) is not seen — define a new class.
 

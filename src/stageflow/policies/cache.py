@@ -349,10 +349,8 @@ class CallKeys:
         """Whether the call's output may be stored under these keys: not when data the key covers
         changed while the call ran (see :mod:`stageflow._fp_calls`; the cache warns once for the
         stage)."""
-        if self._probe is None:
-            return True
-        fp, what = self._probe.settle()
-        if fp is not None:
+        what = None if self._probe is None else self._probe.changed()
+        if what is None:
             return True
         policy = self._policy
         if policy is not None:

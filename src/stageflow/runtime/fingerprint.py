@@ -15,7 +15,7 @@ from typing import Any
 
 from stageflow.fingerprinting import fingerprint
 
-__all__ = ["program_fingerprint", "stage_changes", "stage_fingerprints"]
+__all__ = ["program_fingerprint", "stage_changes", "stage_fingerprints", "stage_objects"]
 
 _SEGMENT = re.compile(r"^(\w+)((?:\[(?:\d+|'[^']*'|\*)\])*)$")
 _INDEX = re.compile(r"\[(\d+|'[^']*'|\*)\]")
@@ -55,19 +55,21 @@ def stage_fingerprints(program: Any) -> dict[str, str]:
         >>> sorted(stage_fingerprints(p))
         ['stages[0]', 'stages[1]']
     """
+    return {path: fingerprint(obj, fresh=True) for path, obj in stage_objects(program)}
+
+
+def stage_objects(program: Any) -> list[tuple[str, Any]]:
+    """``(stage path, stage)`` for every stage of ``program`` at every depth, nested pipelines
+    included, in path order (``[]`` for a program that cannot be drawn)."""
     from stageflow.observe.graph import graph_of
 
     try:
         g = graph_of(program)
     except Exception:  # a picture is a nicety here: never let it stop a batch
-        return {}
+        return []
     paths = {c.path for c in g.clusters.values() if c.path} | {n.path for n in g.nodes.values() if n.path}
-    prints: dict[str, str] = {}
-    for path in sorted(paths):
-        found, obj = _resolve(program, path)
-        if found:
-            prints[path] = fingerprint(obj, fresh=True)
-    return prints
+    found = ((path, _resolve(program, path)) for path in sorted(paths))
+    return [(path, obj) for path, (ok, obj) in found if ok]
 
 
 def _resolve(root: Any, path: str) -> tuple[bool, Any]:

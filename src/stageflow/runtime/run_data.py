@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stageflow._fp_calls import Seen, changed_since, data_state, described
+from stageflow.runtime.fingerprint import stage_objects
 
 __all__ = ["changed_during_last_run", "run_ended", "run_started"]
 
@@ -52,25 +53,12 @@ def changed_during_last_run(journal: Path, planned: str) -> list[str]:
 def _named(container: Any, program: Any) -> str:
     """``the list 'calls' (3 items) of stage 'stages[0]'`` when a stage names it directly, else
     ``a list of 3 items``."""
-    for path, stage in _stages(program):
+    for path, stage in stage_objects(program) or [("", program)]:
         holder = getattr(stage, "module", stage)  # (a Stage: what it wraps)
         text = described(container, holder)
         if text.startswith("the "):
-            return f"{text} of stage {path!r}"
+            return f"{text} of stage {path!r}" if path else text
     return described(container)
-
-
-def _stages(program: Any) -> list[tuple[str, Any]]:
-    from stageflow.observe.graph import graph_of
-    from stageflow.runtime.fingerprint import _resolve
-
-    try:
-        g = graph_of(program)
-    except Exception:  # (a picture is a nicety: the message then gives the kind of container only)
-        return [("", program)]
-    paths = sorted({n.path for n in g.nodes.values() if n.path})
-    found = [(path, obj) for path, (ok, obj) in ((p, _resolve(program, p)) for p in paths) if ok]
-    return found or [("", program)]
 
 
 def _key(journal: Path) -> str:
