@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar, cast
 
+from stageflow.errors import ConfigurationError
+
 __all__ = ["Untracked", "UntrackedDict", "UntrackedList", "UntrackedSet", "untracked"]
 
 T = TypeVar("T", list[Any], dict[Any, Any], set[Any])
@@ -68,8 +70,8 @@ def untracked(value: T) -> T:
     the copy, not the original. Already untracked data is returned as it is.
 
     Raises:
-        TypeError: ``value`` is not a plain list, dict or set (a ``Counter`` or ``defaultdict``
-            would lose what its class adds).
+        ConfigurationError: ``value`` is not a plain list, dict or set (a ``Counter`` or
+            ``defaultdict`` would lose what its class adds).
     """
     t = type(value)
     if t is dict:
@@ -81,11 +83,17 @@ def untracked(value: T) -> T:
     if isinstance(value, Untracked):
         return value
     if isinstance(value, list | dict | set):  # (a Counter, a defaultdict...: its behaviour would be lost)
-        raise TypeError(
+        raise ConfigurationError(
             f"stageflow.untracked() takes a plain list, dict or set, not a {t.__name__}: the copy would "
-            "lose what the class adds. Use untracked({}) and count with d[k] = d.get(k, 0) + 1."
+            "lose what the class adds.",
+            field="value",
+            code="bad_option",
+            hint="use untracked({}) and count with d[k] = d.get(k, 0) + 1",
         )
-    raise TypeError(
-        f"stageflow.untracked() takes a list, dict or set, not {type(value).__name__}: the data a stage "
-        "keeps for itself (a call log: untracked([]), a counter: untracked({}))"
+    raise ConfigurationError(
+        f"stageflow.untracked() takes a list, dict or set, not {t.__name__}: the data a stage keeps for "
+        "itself.",
+        field="value",
+        code="bad_option",
+        hint="a call log: untracked([]); a counter: untracked({})",
     )

@@ -503,9 +503,11 @@ def test_a_named_tuple_setting_is_described_by_its_fields() -> None:
 def test_untracked_takes_lists_dicts_and_sets_only() -> None:
     assert isinstance(stageflow.untracked({"a": 1}), dict)
     assert stageflow.untracked({3, 1}) == {1, 3}
-    with pytest.raises(TypeError, match="takes a list, dict or set"):
+    with pytest.raises(stageflow.ConfigurationError, match="takes a list, dict or set"):
         stageflow.untracked((1, 2))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="not a Counter: the copy would lose what the class adds"):
+    with pytest.raises(
+        stageflow.ConfigurationError, match="not a Counter: the copy would lose what the class adds"
+    ):
         stageflow.untracked(collections.Counter())  # (a user found it silently turned into a dict)
     log = stageflow.untracked([1])
     assert stageflow.untracked(log) is log
