@@ -11,6 +11,7 @@ sync and async (the ``mode`` fixture).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -484,3 +485,90 @@ async def test_a_chain_sets_its_context_up_once_per_call(mode: str, monkeypatch:
     assert result.x == 1
     assert set_ups == [".".join(["stages[0]"] * 5)]  # the innermost only, where the stage runs
     assert [r.path for r in result.trace][-1] == ".".join(["stages[0]"] * 6)
+
+
+async def test_a_hook_installed_by_a_stage_inside_a_chain_is_seen_by_the_next_nested_pipeline(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chain checks the context once, at its first level; a stage that ran since (here one that
+    # installs a global hook) makes the next nested pipeline check it again.
+    from stageflow.engine.hooks import install_hook, uninstall_hook
+
+    def build() -> Any:
+        paths: list[str] = []
+
+        class Hook(stageflow.Hook):
+            def after_stage(self, **kw: Any) -> None:
+                paths.append(kw["path"])
+
+        hook = Hook()
+
+        def install(x: int) -> dict[str, Any]:
+            install_hook(hook)
+            return {"x": x}
+
+        def remove(x: int) -> dict[str, Any]:
+            uninstall_hook(hook)
+            return {"x": x}
+
+        leaf = SequentialPipeline([SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])])
+        middle = SequentialPipeline([stage(install, writes=["x"]), leaf, stage(remove, writes=["x"])])
+        return SequentialPipeline([middle]), lambda: paths
+
+    try:
+        seen = await _same_either_way(build, mode, monkeypatch, x=1)
+    finally:
+        from stageflow.engine.hooks import _GLOBAL
+
+        _GLOBAL[0] = ()
+    assert seen[-1][:2] == ["stages[0].stages[1].stages[0].stages[0]", "stages[0].stages[1].stages[0]"]
+    assert [s["fields"]["x"] for s in seen[:CALLS]] == [2] * CALLS
+
+
+def test_an_in_line_run_has_every_field_of_a_blank_run() -> None:
+    # begin writes RunInfo.blank out: a field added to RunInfo must be set there too.
+    program = SequentialPipeline([SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])])
+    program(x=0)
+    runs: list[dict[str, Any]] = []
+    real = runner.begin_inline
+
+    def spy(*args: Any) -> Any:
+        started = real(*args)
+        if started is not None:  # (its fields as begin left them; an unset one raises here)
+            runs.append({name: copy.copy(getattr(started.run, name)) for name in RunInfo.__slots__})
+        return started
+
+    runner.begin_inline = spy
+    try:
+        assert program(x=0).x == 1
+    finally:
+        runner.begin_inline = real
+    assert len(runs) == 1
+    blank = RunInfo.blank(None)
+    for name in RunInfo.__slots__:
+        if name != "_pending":
+            assert runs[0][name] == getattr(blank, name), name
+
+
+async def test_a_class_with_its_own_entry_point_is_called_through_it_deep_in_a_chain(mode: str) -> None:
+    # A nested level of a chain does not look at its class's __call__ / acall on each call: a class
+    # whose entry point is not DSPy's own does not qualify for running in line at all.
+    calls: list[str] = []
+
+    class Counted(SequentialPipeline):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("__call__")
+            return super().__call__(*args, **kwargs)
+
+        async def acall(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("acall")
+            return await super().acall(*args, **kwargs)
+
+    assert not inline.eligible(Counted, "__call__")
+    assert not inline.eligible(Counted, "acall")
+    program = SequentialPipeline(
+        [SequentialPipeline([Counted([SequentialPipeline([stage(lambda x: {"x": x + 1}, writes=["x"])])])])]
+    )
+    for _ in range(3):
+        assert (await call(program, mode, x=0)).x == 1
+    assert calls == ["__call__" if mode == "sync" else "acall"] * 3

@@ -35,12 +35,14 @@ from typing import Any, NamedTuple
 from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
-from stageflow.engine.nested import _KNOWN, _settings, own_forward, push_callers, pushable
+from stageflow.engine.nested import _KNOWN, _is_dspys, _settings, own_forward, push_callers, pushable
 from stageflow.engine.plan import StageEntry, signature_moved
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
 from stageflow.state import Result, RunInfo, StageRecord, _Joined
 from stageflow.usage import _TABLE, UsageTable
+
+_new = object.__new__
 
 __all__ = [
     "INLINE_MEMOS",
@@ -56,7 +58,6 @@ __all__ = [
     "standard",
 ]
 
-_getattr = object.__getattribute__
 
 #: The base pipeline's own methods, which a class must not override to be run in line.
 _STANDARD: dict[str, Any] = {}
@@ -88,7 +89,7 @@ _ONLY_STAGES: dict[str, tuple[tuple[str, Any], ...]] = {}
 
 def only_stages(cls: type) -> None:
     """Record that ``cls``'s ``_run`` / ``_arun`` (with its ``_run_entries`` / ``_arun_entries``) do
-    nothing but call its stages through the engine's stage call, in order."""
+    nothing but call its stages (its plan, ``_entries``) through the engine's stage call, in order."""
     for name, steps in (("__call__", ("_run", "_run_entries")), ("acall", ("_arun", "_arun_entries"))):
         _ONLY_STAGES[name] = tuple((step, cls.__dict__[step]) for step in steps)
 
@@ -126,6 +127,12 @@ def _options(cls: type, name: str) -> frozenset[str] | None:
     ok = bool(_STANDARD) and all(getattr(cls, step, None) is _STANDARD[step] for step in steps)
     if ok and name == "acall" and own_forward(cls) is not None:
         ok = False  # (its own forward, which acall runs instead of the pattern's plan)
+    # DSPy's own entry point (not a subclass's, nor instrumentation's): a nested level of a chain
+    # relies on it, the first level checks it again on every call (pushable), and DSPy's method
+    # patched later changes it for every class at once.
+    fn = getattr(cls, name, None)
+    if ok and _KNOWN.get(name) is not fn and not _is_dspys(fn, name):
+        ok = False
     options = getattr(getattr(cls, method, None), "_stageflow_options", None) if ok else None
     _PLAIN[name][cls] = options
     return options
@@ -142,6 +149,9 @@ class InlineCall(NamedTuple):
     #: The run of the pipeline it is a stage of.
     outer: RunInfo
     t0: float
+    #: The stages its run calls, in order, when that is all its run does (:func:`only_stages`): the
+    #: engine then calls them itself, without the pipeline's ``_run`` / ``_arun`` in between.
+    entries: tuple[StageEntry, ...] | None
 
 
 #: Where a pipeline keeps what :func:`begin` found out about running it in line, for calls through
@@ -170,6 +180,8 @@ class _Ticket(NamedTuple):
     required: tuple[str, ...]
     #: Its run only calls its stages (:func:`only_stages`): the context is set up when one needs it.
     lazy: bool
+    #: Its ports' predictors to look at on each call (``Ports.watched``; new ports drop the ticket).
+    watched: tuple[Any, ...]
 
 
 #: Counts :func:`forget_pipeline` calls: a ticket issued while an attribute of some pipeline changed
@@ -228,7 +240,9 @@ def _issue(target: Any, attrs: dict[str, Any], name: str) -> _Ticket | None:
     config_strict = strict if own is None else None
     steps = _ONLY_STAGES.get(name, ())
     lazy = bool(steps) and all(getattr(type(target), step) is fn for step, fn in steps)
-    ticket = tuple.__new__(_Ticket, (_GENERATION[0], version, config_strict, ports.required, lazy))
+    ticket = tuple.__new__(
+        _Ticket, (_GENERATION[0], version, config_strict, ports.required, lazy, ports.watched)
+    )
     attrs[_TICKETS[name]] = ticket
     if _CHANGES[0] != changes:  # an attribute changed meanwhile: use it this once, keep it not
         attrs.pop(_TICKETS[name], None)
@@ -244,10 +258,12 @@ def begin(
     checked that no hook listens and no budget gate is open."""
     if entry.chain or entry.policy is not None or not entry.merge_all:
         return None
-    target = _getattr(owner, entry.attr)
+    # (owner and target are pipelines, whose classes restore Python's own attribute lookup: plain
+    # getattr is the same lookup as object.__getattribute__, at a third of its cost)
+    target = getattr(owner, entry.attr)
     if entry.key is not None:
         target = target[entry.key]
-    attrs = _getattr(target, "__dict__")
+    attrs = target.__dict__
     ticket = attrs.get(_TICKETS[name])
     if (
         ticket is None
@@ -258,14 +274,17 @@ def begin(
         ticket = _issue(target, attrs, name)
         if ticket is None:
             return None
-    if DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0] or _TABLE.get() is None:
+    # (Unless the outer run is an in-line one that has run no stage yet: its own begin found the
+    # same context a moment ago, so the first level of a nested chain checks for all of them.)
+    if (outer._pending is None or outer._trace) and (
+        DEFAULT_POLICY.get() is not None or _HOOKS.get() or _GLOBAL[0] or _TABLE.get() is None
+    ):
         return None
     if attrs.get("callbacks") or "forward" in attrs or attrs.get("lm_budget") is not None:
         # (a callbacks list may grow in place; a forward or budget written into __dict__ directly,
         # without setting the attribute, would not drop the ticket: the two that change results)
         return None
-    ports = attrs.get("_ports")
-    if ports is not None and ports.watched and _moved(ports.watched):
+    if ticket[5] and _moved(ticket[5]):
         return None  # (a predictor inside got other fields: the layered path re-makes the plan)
     kw = {}
     try:
@@ -274,17 +293,23 @@ def begin(
     except KeyError:
         return None  # (the layered path names what is missing)
     # DSPy's side, what _push checks: its own entry point, and settings that let the engine push the
-    # pipeline onto caller_modules itself (checked once per chain of in-line runs).
-    if outer._pending is None and outer._tokens is None:  # (the outer run is not an in-line one)
-        if not pushable(target, name):
-            return None
-    elif _KNOWN.get(name) is not getattr(type(target), name):
-        return None
-    run = RunInfo.blank(None)
+    # pipeline onto caller_modules itself (checked once per chain of in-line runs; a class whose
+    # entry point is not DSPy's own does not qualify, see _options).
+    if outer._pending is None and outer._tokens is None and not pushable(target, name):
+        return None  # (the outer run is not an in-line one: the first level of a chain)
+    run = _new(RunInfo)  # RunInfo.blank(None), written out (once per level of a nested chain)
+    run._outputs = {}
+    run._trace = []
+    run.extras = {}
+    run.events = []
+    run._details = {}
+    run._lazy_trace = -1
+    run._lazy_outputs = run._lazy_details = False
+    run._usage = run._failed = run._tokens = None
     full = f"{prefix}.{entry.path}" if prefix else entry.path
-    call = tuple.__new__(InlineCall, (target, kw, run, full, outer, perf_counter()))
-    run._pending = call
-    if not ticket[4]:
+    entries = target._entries if ticket[4] else None
+    run._pending = call = tuple.__new__(InlineCall, (target, kw, run, full, outer, perf_counter(), entries))
+    if entries is None:
         set_up(run)
     return call
 
@@ -340,8 +365,11 @@ def failed(call: InlineCall, error: BaseException) -> None:
 
 def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunInfo) -> Result:
     """The nested body finished: undo :func:`begin`, record the stage in ``run`` and merge the
-    nested pipeline's final state into ``state`` (what the stage call does with its result)."""
-    inner = call.run
+    nested pipeline's final state into ``state`` (what the stage call does with its result).
+
+    Runs once per level of a chain of nested pipelines, so what ``Result.of`` and
+    ``RunInfo.absorb`` do is written out here."""
+    inner = call[2]
     tokens = inner._tokens
     if tokens is None:
         inner._pending = None
@@ -350,11 +378,30 @@ def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunI
         _TABLE.reset(tokens[2])
         _settings.thread_local_overrides.reset(tokens[1])
         _PATH.reset(tokens[0])
-    final = call.state
-    out = Result.of(final, inner)
-    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - call.t0, True)))
-    run._outputs[entry.path] = out
-    run.absorb(entry.path, inner)
+    final = call[1]
+    out = _new(Result)  # Result.of(final, inner)
+    d = out.__dict__
+    d["_store"] = final
+    d["_completions"] = d["_lm_usage"] = None
+    d["_run"] = inner
+    path = entry.path
+    trace = run._trace
+    trace.append(tuple.__new__(StageRecord, (path, perf_counter() - call[5], True)))
+    outputs = run._outputs
+    outputs[path] = out
+    # run.absorb(path, inner), for a non-empty path:
+    joined = tuple.__new__(_Joined, (path, inner))
+    if run._lazy_trace < 0:
+        run._lazy_trace = len(trace)
+    trace.append(joined)
+    outputs[joined] = None  # (keeps the place of the nested outputs among the keys)
+    run._details[joined] = None
+    run._lazy_outputs = run._lazy_details = True
+    if inner.events:
+        run.events.extend(inner.events)
+    used = inner._usage
+    if used is not None and used._by_path:
+        run.usage.absorb(path, used)
     skip = entry.merge_skip
     if skip:
         for k, v in final.items():
@@ -362,7 +409,24 @@ def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunI
                 state[k] = v
     else:
         state.update(final)
-    if not _failed_below(inner):
+    failed = inner._failed
+    if failed is None:  # _failed_below(inner), without the call for a run that has no details
+        if inner.extras:
+            failed = _failed_below(inner)
+        else:
+            failed = False
+            for k, v in inner._details.items():
+                if type(k) is _Joined:
+                    below = k[1]._failed  # (a chain's runs were looked at as each finished)
+                    if below is None:
+                        below = _failed_below(k[1])
+                else:
+                    below = bool(v and v.get(FAILED_OUTPUTS))
+                if below:
+                    failed = True
+                    break
+            inner._failed = failed
+    if not failed:
         return out
     # A failed inner stage (at any depth) was to write these: the old values are stale.
     for failed_fields in failed_outputs_of(inner):
@@ -378,17 +442,19 @@ def _failed_below(run: RunInfo) -> bool:
     records; remembered on the run, so a chain of nested runs is looked at once per level."""
     memo = run._failed
     if memo is None:
-        memo = bool(run.extras.get(FAILED_OUTPUTS))
-        if not memo and run._details:
-            for k, v in run._details.items():
-                if type(k) is _Joined:
-                    below = k[1]._failed  # (a chain's runs were looked at as each finished)
-                    if below is None:
-                        below = _failed_below(k[1])
-                else:
-                    below = bool(v and v.get(FAILED_OUTPUTS))
-                if below:
-                    memo = True
-                    break
-        run._failed = memo
+        memo = run._failed = bool(run.extras.get(FAILED_OUTPUTS)) or _any_failed(run._details)
     return memo
+
+
+def _any_failed(details: dict[Any, Any]) -> bool:
+    """Whether a run's details (joined runs among them) hold failed outputs at any depth."""
+    for k, v in details.items():
+        if type(k) is _Joined:
+            below = k[1]._failed  # (a chain's runs were looked at as each finished)
+            if below is None:
+                below = _failed_below(k[1])
+        else:
+            below = bool(v and v.get(FAILED_OUTPUTS))
+        if below:
+            return True
+    return False

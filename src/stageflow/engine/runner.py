@@ -380,7 +380,13 @@ def call_stage(
         nested = begin_inline(owner, entry, state, run, prefix, "__call__")
         if nested is not None:  # a nested pipeline that can run in line (see stageflow.engine.inline)
             try:
-                nested.target._run(nested.state, nested.run, (), nested.prefix)
+                inner_entries = nested[6]
+                if inner_entries is None:
+                    nested[0]._run(nested[1], nested[2], (), nested[3])  # (target, state, run, prefix)
+                else:  # (all its run does: see InlineCall.entries)
+                    target, inner_state, inner, inner_prefix = nested[0], nested[1], nested[2], nested[3]
+                    for inner_entry in inner_entries:
+                        call_stage(target, inner_entry, inner_state, inner, (), inner_prefix)
             except Exception as e:
                 _inline_raised(owner, entry, nested, e, state, run, prefix)
                 return None
@@ -427,7 +433,7 @@ def _prepared(
 ) -> tuple[Any, dict[str, Any], StagePolicy | None]:
     """The stage object, its inputs and its policy (``leaf_of`` and ``gather_inputs``, written out
     for the common case); shared by :func:`call_stage` and :func:`acall_stage`."""
-    target = _getattr(owner, entry.attr)
+    target = getattr(owner, entry.attr)  # (a pipeline: Python's own lookup, see stageflow.engine.inline)
     if entry.key is not None:
         target = target[entry.key]
     for name in entry.chain:
@@ -602,7 +608,13 @@ async def acall_stage(
         nested = begin_inline(owner, entry, state, run, prefix, "acall")
         if nested is not None:
             try:
-                await nested.target._arun(nested.state, nested.run, (), nested.prefix)
+                inner_entries = nested[6]
+                if inner_entries is None:
+                    await nested[0]._arun(nested[1], nested[2], (), nested[3])  # (target, state, run, prefix)
+                else:  # (all its run does: see InlineCall.entries)
+                    target, inner_state, inner, inner_prefix = nested[0], nested[1], nested[2], nested[3]
+                    for inner_entry in inner_entries:
+                        await acall_stage(target, inner_entry, inner_state, inner, (), inner_prefix)
             except Exception as e:
                 _inline_raised(owner, entry, nested, e, state, run, prefix)
                 return None
