@@ -90,7 +90,9 @@ class StageTrace(list):  # type: ignore[type-arg]
 
 
 class _Joined(tuple):  # type: ignore[type-arg]
-    """``(prefix, run)``: a nested pipeline's run joined to an enclosing one, not expanded yet.
+    """``(prefix, run)``: a nested pipeline's run joined to an enclosing one, not expanded yet;
+    ``(prefix, run, elapsed)`` also stands for the nested pipeline's own record (``StageRecord(prefix,
+    elapsed)``, which comes first in the trace), as an in-line nested run joins.
 
     It sits where the nested run's records belong (in the enclosing run's trace, outputs and
     details) until one of those is read. Joining eagerly re-prefixed every record of the nested
@@ -290,6 +292,8 @@ class RunInfo:
 def _put_records(records: list[Any], head: str, out: list[Any]) -> None:
     for r in records:
         if type(r) is _Joined:
+            if len(r) == 3:  # (the nested pipeline's own record)
+                out.append(tuple.__new__(StageRecord, (head + r[0], r[2], True)))
             _put_records(list(r[1]._trace), f"{head}{r[0]}.", out)
         elif head:
             out.append(tuple.__new__(StageRecord, (head + r[0], r[1], r[2])))
@@ -309,7 +313,7 @@ def _put_details(items: list[tuple[Any, Any]], head: str, out: dict[str, Any]) -
     """``head`` is the enclosing path without a trailing dot (``""`` at the top)."""
     for k, v in items:
         if type(k) is _Joined:
-            prefix, joined = k
+            prefix, joined = k[0], k[1]
             path = f"{head}.{prefix}" if head else prefix
             if joined.extras:
                 out[path] = joined.extras

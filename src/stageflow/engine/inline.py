@@ -39,7 +39,7 @@ from stageflow.engine.nested import _KNOWN, _is_dspys, _settings, own_forward, p
 from stageflow.engine.plan import StageEntry, signature_moved
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError
-from stageflow.state import Result, RunInfo, StageRecord, _Joined
+from stageflow.state import Result, RunInfo, _Joined
 from stageflow.usage import _TABLE, UsageTable
 
 _new = object.__new__
@@ -385,12 +385,12 @@ def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunI
     d["_completions"] = d["_lm_usage"] = None
     d["_run"] = inner
     path = entry.path
-    trace = run._trace
-    trace.append(tuple.__new__(StageRecord, (path, perf_counter() - call[5], True)))
     outputs = run._outputs
     outputs[path] = out
-    # run.absorb(path, inner), for a non-empty path:
-    joined = tuple.__new__(_Joined, (path, inner))
+    # run.absorb(path, inner) after the stage's own record, for a non-empty path; the joined run
+    # stands for that record too (its third item), which the trace gets when it is read.
+    joined = tuple.__new__(_Joined, (path, inner, perf_counter() - call[5]))
+    trace = run._trace
     if run._lazy_trace < 0:
         run._lazy_trace = len(trace)
     trace.append(joined)
