@@ -13,7 +13,7 @@ import dspy
 import pytest
 from monitored_stages import Draft, Review, writer_lm
 
-from stageflow import ProfilingPipeline
+from stageflow import ProfilingPipeline, SequentialPipeline, stage
 from stageflow.testing import call
 
 
@@ -48,3 +48,19 @@ async def test_profile_data_has_the_tutorials_layout(mode: str) -> None:
     assert input_size == len(str({"topic": "rivers"}))
     assert output_size == len(str({"draft": result.draft}))
     assert set(pipeline.get_performance_summary()) == {"stage_0", "stage_1"}
+
+
+async def test_a_nested_profiling_pipeline_names_its_stages_as_it_does_alone(mode: str) -> None:
+    # Used as a stage of another pipeline (at any slot), it keeps the tutorial's stage_0, stage_1...
+    inner = ProfilingPipeline([Draft(), Review()])
+    outer = SequentialPipeline([stage(lambda topic: {"topic": topic.upper()}, writes=["topic"]), inner])
+    with dspy.context(lm=writer_lm()):
+        result = await call(outer, mode, topic="rivers")
+        await call(outer, mode, topic="lakes")  # (a nested pipeline's later calls may run in line)
+    names = inner.stage_names
+    assert sorted(result.details["stages[1]"]["profile_data"]) == sorted(
+        [*names, *(f"{n}_sizes" for n in names)]
+    )
+    summary = inner.get_performance_summary()
+    assert list(summary) == names
+    assert all(stats["num_executions"] == 2 for stats in summary.values())

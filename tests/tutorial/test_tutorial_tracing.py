@@ -15,7 +15,7 @@ import json
 import dspy
 from monitored_stages import Draft, Review, writer_lm
 
-from stageflow import TracingPipeline
+from stageflow import SequentialPipeline, TracingPipeline, stage
 from stageflow.testing import call
 
 
@@ -75,3 +75,21 @@ async def test_save_trace_writes_the_trace_entries(mode: str, tmp_path) -> None:
     saved = json.loads(path.read_text())
     assert isinstance(saved, list)
     assert [e["stage"] for e in saved] == [e["stage"] for e in result.execution_trace]
+
+
+async def test_a_nested_tracing_pipeline_traces_as_it_does_alone(mode: str) -> None:
+    alone = TracingPipeline([Draft(), Review()])
+    inner = TracingPipeline([Draft(), Review()])
+    outer = SequentialPipeline([stage(lambda topic: {"topic": topic}, writes=["topic"]), inner])
+    with dspy.context(lm=writer_lm()):
+        expected = (await call(alone, mode, topic="rivers")).execution_trace
+        for _ in range(2):  # (a nested pipeline's later calls may run in line)
+            result = await call(outer, mode, topic="rivers")
+    nested = result.details["stages[1]"]["execution_trace"]
+    keys = ("type", "stage", "stage_name")
+    assert [tuple(e.get(k) for k in keys) for e in nested] == [
+        tuple(e.get(k) for k in keys) for e in expected
+    ]
+    assert nested[0]["type"] == "input"
+    assert nested[-1]["type"] == "output"
+    assert nested[1]["path"] == "stages[1].stages[0]"  # (the full path is kept beside it)

@@ -32,12 +32,13 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from stageflow.budgets._state import GATES
+from stageflow.engine.boundary import merge_outputs
 from stageflow.engine.budget import budget_chain
 from stageflow.engine.fanout import BranchOutcome, _check_policy
 from stageflow.engine.plan import FUNCTION, StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
-from stageflow.engine.runner import _prepared, _raised, _succeeded
-from stageflow.state import RunInfo
+from stageflow.engine.runner import _prepared, _raised
+from stageflow.state import RunInfo, StageRecord
 from stageflow.usage import _STAGE
 
 if TYPE_CHECKING:
@@ -121,8 +122,30 @@ async def abare_fan_out(
         if on_error == "fail_fast":
             stop(error)
 
+    records: list[Any] = [None] * n  # a succeeded branch's trace record and output, by position
+    outputs: list[Any] = [None] * n
+
     def done(task: asyncio.Task[Any]) -> None:
         i = index.pop(task)
+        try:
+            value = task.result()
+        except BaseException:  # (looked at below; the common case costs one call)
+            finished_badly(i, task)
+        else:
+            # What _succeeded does, kept by position (put in the run in input order at the end).
+            entry = entries[i]
+            took = perf_counter() - starts[i]
+            records[i] = tuple.__new__(StageRecord, (entry.path, took, True))
+            outputs[i] = value
+            try:
+                merge_outputs(entry, value, states[i], run, prefix)
+            except Exception as e:  # outputs that cannot merge: the branch failed
+                failed(i, e)
+            else:
+                values[i], status[i], elapsed[i] = value, "ok", took
+        settle()
+
+    def finished_badly(i: int, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             if i not in unstarted:
                 status[i], elapsed[i] = "cancelled", perf_counter() - starts[i]
@@ -134,33 +157,39 @@ async def abare_fan_out(
                     except asyncio.CancelledError as e:
                         errors[i] = e
                         stop(e)
-        else:
-            error = task.exception()
-            if error is None:
-                try:
-                    values[i] = _succeeded(entries[i], task.result(), starts[i], states[i], run, prefix)
-                except Exception as e:  # outputs that cannot merge: the branch failed
-                    failed(i, e)
-                else:
-                    status[i], elapsed[i] = "ok", perf_counter() - starts[i]
-            elif isinstance(error, Exception):
-                failed(i, _stage_error(owner, entries[i], error, starts[i], states[i], run, prefix))
-            else:  # KeyboardInterrupt, SystemExit: never a branch failure
-                errors[i], status[i], elapsed[i] = error, "cancelled", perf_counter() - starts[i]
-                stop(error)
-        settle()
+            return
+        error = task.exception()
+        if isinstance(error, Exception):
+            failed(i, _stage_error(owner, entries[i], error, starts[i], states[i], run, prefix))
+        elif error is not None:  # KeyboardInterrupt, SystemExit: never a branch failure
+            errors[i], status[i], elapsed[i] = error, "cancelled", perf_counter() - starts[i]
+            stop(error)
 
     create = loop.create_task
+    held: tuple[Any, ...] = (None, None, None, None)  # (attr, key, chain, the stage object)
     for i in range(n):
         if stop_error:  # fail_fast and an earlier branch failed before its call: the rest never start
             settle()
             continue
         entry, state = entries[i], states[i]
         starts[i] = t0 = perf_counter()
+        # _prepared, for the inputs bare_ready allows (exactly in_pairs; no policy); the stage object
+        # is looked up once for the branches that share it (a ForEach's elements all do).
+        kw = {}
         try:
-            target, kw, _ = _prepared(owner, entry, state, run, prefix)
-        except Exception as e:  # a missing input: the branch fails before its call, as in acall_stage
-            failed(i, e)
+            if entry.attr is not held[0] or entry.key != held[1] or entry.chain is not held[2]:
+                target, _, _ = _prepared(owner, entry, state, run, prefix)
+                held = (entry.attr, entry.key, entry.chain, target)
+            target = held[3]
+            for sf, st in entry.in_pairs:
+                kw[sf] = state[st]
+        except Exception as first:  # a missing input: the branch fails before its call, as in acall_stage
+            problem: Exception = first
+            try:
+                _prepared(owner, entry, state, run, prefix)  # (raises it, naming the stage and field)
+            except Exception as e:
+                problem = e
+            failed(i, problem)
             settle()
             continue
         context = here.copy()
@@ -185,7 +214,7 @@ async def abare_fan_out(
         if running:
             await asyncio.wait(running)
         raise
-    in_input_order(run, entries)
+    _put_in_order(run, entries, records, outputs)
     if stop_error:
         raise stop_error[0]
     return Outcomes(status, values, errors, elapsed)
@@ -235,6 +264,19 @@ def _stage_error(
     except Exception as e:
         return e
     raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
+
+
+def _put_in_order(
+    run: RunInfo, entries: Sequence[StageEntry], records: list[Any], outputs: list[Any]
+) -> None:
+    """Put the succeeded branches' records and outputs (by position) into ``run``, in input order
+    among the failed branches' records already there."""
+    trace = run._trace
+    failures = bool(trace) or bool(run._outputs)
+    trace.extend(r for r in records if r is not None)
+    run._outputs.update((r[0], outputs[i]) for i, r in enumerate(records) if r is not None)
+    if failures:
+        in_input_order(run, entries)
 
 
 def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:

@@ -44,6 +44,18 @@ def tutorial_name(path: str) -> str:
     return path
 
 
+def _relative(path: str, root: str) -> str:
+    """``path`` as seen from the pipeline at ``root`` (its own full path; ``""`` at the top), so a
+    profiling or tracing pipeline nested in another names its stages as it does alone.
+
+    >>> _relative("stages[1].stages[0]", "stages[1]"), _relative("stages[0]", "")
+    ('stages[0]', 'stages[0]')
+    """
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == ".":
+        return path[len(root) + 1 :]
+    return path
+
+
 def _as_dict(value: Any) -> Any:
     store = getattr(value, "_store", None)  # a dspy.Prediction: its fields
     return dict(store) if isinstance(store, dict) else value
@@ -55,9 +67,14 @@ class _Timings(Hook):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.data: dict[str, list[Any]] = {}
+        self.root: str | None = None  # the profiling pipeline's own full path (its run starts first)
+
+    def on_run_start(self, *, path: str, **future: Any) -> None:
+        if self.root is None:
+            self.root = path
 
     def _add(self, path: str, elapsed: float, inputs: Any, outputs: Any) -> None:
-        name = tutorial_name(path)
+        name = tutorial_name(_relative(path, self.root or ""))
         # The tutorial's sizes: len(str(...)) of the inputs and of the outputs as a dict.
         sizes = (len(str(dict(inputs))), len(str(_as_dict(outputs))) if outputs is not None else 0)
         with self._lock:
@@ -151,10 +168,13 @@ def _epoch(event: dict[str, Any]) -> float:
 
 
 def _entries(events: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
-    """Tracer events as the tutorial's ``execution_trace`` entries."""
+    """Tracer events as the tutorial's ``execution_trace`` entries, paths relative to the tracing
+    pipeline (its own run starts first: a nested one names its stages as it does alone)."""
     out: list[dict[str, Any]] = []
+    root = events[0].get("stage", "") if events and events[0].get("event") == "input" else ""
     for e in events:
-        kind, path = e.get("event"), e.get("stage", "")
+        kind, full = e.get("event"), e.get("stage", "")
+        path = "" if full == root else _relative(full, root)
         entry: dict[str, Any] = {"timestamp": _epoch(e)}
         if kind in ("input", "output"):
             outer = not path
@@ -175,7 +195,7 @@ def _entries(events: list[dict[str, Any]], names: dict[str, str]) -> list[dict[s
         for extra in ("elapsed", "error", "usage"):
             if extra in e:
                 entry[extra] = e[extra]
-        entry["path"] = path
+        entry["path"] = full
         out.append(entry)
     return out
 

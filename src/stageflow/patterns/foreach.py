@@ -241,11 +241,23 @@ class ForEach(Pipeline):
         states, done = flat.states, flat.outcomes
         status, errors, elapsed = done.status, done.errors, done.elapsed
         collect = self.collect
+        sources = collect.keys()
+        all_ok = True
         for i, st in enumerate(states):
-            if status[i] == "ok" and not all(src in st for src in collect):
+            if status[i] != "ok":
+                all_ok = False
+            elif not sources <= st.keys():
                 self._missing_item(i, flat, prefix)
-        lists: dict[str, list[Any]] = {dst: [] for dst in collect.values()}
+                all_ok = False
         failures: list[dict[str, Any]] = []
+        if all_ok:  # (the common case, as one comprehension per collected field)
+            state.update({dst: [st[src] for st in states] for src, dst in collect.items()})
+            run.extras["item_results"] = [
+                {"index": i, "status": "ok", "elapsed": t, "error": None} for i, t in enumerate(elapsed)
+            ]
+            run.extras["item_errors"] = failures
+            return
+        lists: dict[str, list[Any]] = {dst: [] for dst in collect.values()}
         for i, st in enumerate(states):
             if status[i] != "ok":
                 error = errors[i]
