@@ -572,3 +572,26 @@ async def test_a_class_with_its_own_entry_point_is_called_through_it_deep_in_a_c
     for _ in range(3):
         assert (await call(program, mode, x=0)).x == 1
     assert calls == ["__call__" if mode == "sync" else "acall"] * 3
+
+
+async def test_a_stage_calling_its_own_pipeline_again_counts_that_call_as_its_own(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine's call of a nested pipeline is told from a call its stages' own code makes by the
+    # usage table in force: a stage of P calling P again is the stage's call (its LM usage is the
+    # stage's), on the layered path as in line.
+    def build() -> Any:
+        holder: dict[str, Any] = {}
+
+        def again(question: str, depth: int) -> dict[str, Any]:
+            if depth < 1:
+                return {"answer2": holder["p"](question=question + "+", depth=depth + 1).answer}
+            return {"answer2": "leaf"}
+
+        inner = SequentialPipeline([dspy.Predict("question -> answer"), stage(again, writes=["answer2"])])
+        holder["p"] = inner
+        return SequentialPipeline([SequentialPipeline([inner])]), lambda: None
+
+    with dspy.context(lm=FakeLM({"answer": "A"})):
+        seen = await _same_either_way(build, mode, monkeypatch, question="q", depth=0)
+    assert [s["run"]["total"]["lm_calls"] for s in seen[:CALLS]] == [2] * CALLS

@@ -91,17 +91,21 @@ _PATH: ContextVar[str] = ContextVar("stageflow_path", default="")
 
 class _EnginePath(str):
     """The full path of a nested pipeline as the engine sets it in ``_PATH`` just before calling that
-    pipeline (``target``): its run tells an engine call from one a stage's own code makes."""
+    pipeline (``target``), with the usage table in force then (``table``): a call of ``target`` that
+    finds both is the engine's; one made from inside ``target``'s own run (a stage of it calling it
+    again) finds that run's table instead, and is the stage's own call."""
 
     target: Any
+    table: Any
 
     def __reduce__(self) -> Any:  # (copied or pickled, it is the path only)
         return (str, (str(self),))
 
 
-def _engine_path(path: str, target: Any) -> _EnginePath:
+def _engine_path(path: str, target: Any, table: Any) -> _EnginePath:
     marked = _EnginePath(path)
     marked.target = target
+    marked.table = table
     return marked
 
 

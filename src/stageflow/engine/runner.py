@@ -235,7 +235,7 @@ def _start(
         table = current_table()
         before = table.get(entry.path) if table is not None else None
         notify(hooks, "before_stage", path=path, stage=stage, inputs=kw)
-    path_token = _PATH.set(_engine_path(path, target) if entry.composite else path)
+    path_token = _PATH.set(_engine_path(path, target, _TABLE.get()) if entry.composite else path)
     # LM work inside is attributed to this stage; a nested pipeline's own work is attributed inside
     # its own run (its stages set their paths), so it sets none unless a policy may count events.
     own = entry.composite and policy is None and _runs_itself(target, method)
@@ -461,7 +461,9 @@ def _entered(
     composite = entry.composite
     own = composite and policy is None and _runs_itself(target, method)
     token = _STAGE.set(entry.path) if not composite or policy is not None or own else None
-    path_token = _PATH.set(_engine_path(join_path(prefix, entry.path), target)) if composite else None
+    path_token = (
+        _PATH.set(_engine_path(join_path(prefix, entry.path), target, _TABLE.get())) if composite else None
+    )
     return token, path_token
 
 
@@ -834,7 +836,8 @@ def _entering(pipeline: Pipeline) -> tuple[Any, str, tuple[Any, ...] | None]:
     carried = adopt() if _TABLE.get() is None else None
     prefix = _PATH.get()
     if type(prefix) is _EnginePath:
-        caller = None if prefix.target is pipeline else calling_stage()
+        engine = prefix.target is pipeline and prefix.table is _TABLE.get()  # (see _EnginePath)
+        caller = None if engine else calling_stage()
         return carried, str(prefix), caller  # (records keep the path, not the pipeline it marks)
     caller = calling_stage()
     if caller is not None and caller[2]:  # (in a thread of dspy.Parallel that a stage started)
