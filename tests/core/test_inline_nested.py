@@ -595,3 +595,34 @@ async def test_a_stage_calling_its_own_pipeline_again_counts_that_call_as_its_ow
     with dspy.context(lm=FakeLM({"answer": "A"})):
         seen = await _same_either_way(build, mode, monkeypatch, question="q", depth=0)
     assert [s["run"]["total"]["lm_calls"] for s in seen[:CALLS]] == [2] * CALLS
+
+
+async def test_a_class_with_its_own_stageflow_failed_sees_its_context(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The layered path calls stageflow_failed inside the failing pipeline's context; a class that
+    # overrides it runs layered, so every call sees the same path and caller_modules.
+    from stageflow.engine.hooks import current_path
+
+    def build() -> Any:
+        seen: list[tuple[str, list[str]]] = []
+
+        class Audited(SequentialPipeline):
+            def stageflow_failed(self, run: RunInfo, hooks: Any, error: BaseException) -> None:
+                callers = [type(m).__name__ for m in (dspy.settings.caller_modules or [])]
+                seen.append((current_path(), callers))
+
+        def boom(x: str) -> dict[str, Any]:
+            raise ValueError("boom")
+
+        inner = Audited([stage(lambda text: {"x": text}, writes=["x"]), stage(boom, writes=["y"])])
+        return SequentialPipeline([Audited([inner])]), lambda: seen
+
+    assert not inline.eligible(
+        type("Own", (SequentialPipeline,), {"stageflow_failed": lambda *a: None}), "__call__"
+    )
+    seen = await _same_either_way(build, mode, monkeypatch, expect_inline=False, text="t")
+    records = seen[-1]
+    assert len(records) == 2 * CALLS
+    assert records[:2] * CALLS == records  # every call sees the same
+    assert records[0][0] == "stages[0].stages[0]"

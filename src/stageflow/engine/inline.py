@@ -75,7 +75,13 @@ def standard(base: type, structure_version: list[int]) -> None:
     structure version its contract checks are keyed by."""
     for name in ("stageflow_call", "stageflow_acall", "stageflow_result", "stageflow_hooks"):
         _STANDARD[name] = base.__dict__.get(name, getattr(base, name))
-    for name in ("stageflow_ports", "stageflow_defaults", "_is_checked", "_patched_forward"):
+    for name in (
+        "stageflow_ports",
+        "stageflow_defaults",
+        "_is_checked",
+        "_patched_forward",
+        "stageflow_failed",
+    ):
         _STANDARD[name] = base.__dict__[name]
     global _VERSION
     _VERSION = structure_version
@@ -116,6 +122,7 @@ def _options(cls: type, name: str) -> frozenset[str] | None:
     entry, method = ("stageflow_call", "forward") if name == "__call__" else ("stageflow_acall", "aforward")
     steps = [
         "stageflow_result",
+        "stageflow_failed",  # (the layered path calls it inside the pipeline's context: see failed)
         "stageflow_hooks",
         "stageflow_ports",
         "stageflow_defaults",
