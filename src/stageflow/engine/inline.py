@@ -417,22 +417,10 @@ def finish(call: InlineCall, entry: StageEntry, state: dict[str, Any], run: RunI
     else:
         state.update(final)
     failed = inner._failed
-    if failed is None:  # _failed_below(inner), without the call for a run that has no details
-        if inner.extras:
-            failed = _failed_below(inner)
-        else:
-            failed = False
-            for k, v in inner._details.items():
-                if type(k) is _Joined:
-                    below = k[1]._failed  # (a chain's runs were looked at as each finished)
-                    if below is None:
-                        below = _failed_below(k[1])
-                else:
-                    below = bool(v and v.get(FAILED_OUTPUTS))
-                if below:
-                    failed = True
-                    break
-            inner._failed = failed
+    if failed is None:  # _failed_below(inner), one call less per level of a chain
+        extras, details = inner.extras, inner._details
+        failed = bool(extras and extras.get(FAILED_OUTPUTS)) or bool(details and _any_failed(details))
+        inner._failed = failed
     if not failed:
         return out
     # A failed inner stage (at any depth) was to write these: the old values are stale.
@@ -449,7 +437,9 @@ def _failed_below(run: RunInfo) -> bool:
     records; remembered on the run, so a chain of nested runs is looked at once per level."""
     memo = run._failed
     if memo is None:
-        memo = run._failed = bool(run.extras.get(FAILED_OUTPUTS)) or _any_failed(run._details)
+        extras, details = run.extras, run._details
+        memo = bool(extras and extras.get(FAILED_OUTPUTS)) or bool(details and _any_failed(details))
+        run._failed = memo
     return memo
 
 
