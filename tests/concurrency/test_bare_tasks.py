@@ -297,3 +297,44 @@ def test_a_thread_fan_out_stopped_from_outside_starts_nothing_more() -> None:
     outcomes = fan_out([lambda i=i: ran.append(i) for i in range(50)], on_start=lambda stop: stop())
     assert ran == []
     assert {o.status for o in outcomes} == {"skipped"}
+
+
+_INNER = stageflow.SequentialPipeline([stageflow.stage(lambda z: {"y": z * 10}, writes=["y"])])
+
+
+async def test_elements_returning_a_pipelines_result_match_the_general_path(
+    mode: str, kind: str, bare_calls: list[int]
+) -> None:
+    # The returned result joins its run to the element's: its records follow the element's own in
+    # input order, and its outputs and details are kept (they were dropped on the shared run).
+    fn = _stage_fn(kind, lambda x: _INNER(z=x), _later_first)
+    fast, general = await _both(mode, fn, bare_calls, xs=list(range(6)))
+    assert fast.ys == [10 * x for x in range(6)]
+    assert [r.path for r in fast.run.trace][:2] == ["stage[0]", "stage[0].stages[0]"]
+    assert "stage[5].stages[0]" in fast.stage_outputs
+    assert _seen(fast) == _seen(general)
+    assert list(fast.run.details) == list(general.run.details)
+
+
+@pytest.mark.parametrize("how", ["sync", "asyncio.run"])
+def test_a_system_exit_names_the_element_it_left(how: str, kind: str, bare_calls: list[int]) -> None:
+    # (A SystemExit leaves an event loop from the task that raised it, so the async call runs in a
+    # loop of its own here, as asyncio.run does.)
+    def leave(x: int) -> dict[str, int]:
+        if x == 2:
+            raise SystemExit(3)
+        return {"y": x}
+
+    fn = _stage_fn(kind, leave)
+    for general in (True, False):
+        pipeline = _each(fn, general)
+
+        def run(pipeline: ForEach = pipeline) -> Any:
+            if how == "sync":
+                return pipeline(xs=list(range(4)))
+            return asyncio.run(pipeline.acall(xs=list(range(4))))
+
+        with pytest.raises(SystemExit) as caught:
+            run()
+        assert caught.value.stage_path == "stage[2]"  # type: ignore[attr-defined]
+    assert bare_calls == ([4] if _bare("sync" if how == "sync" else "async", fn) else [])

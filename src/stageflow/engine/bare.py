@@ -16,10 +16,11 @@ attributed to it), and the trace record, output merge or failure in the task's d
 branches share one ``RunInfo``; its records are put back in input order once every branch is done.
 What a branch keeps alive while it waits is then what ``asyncio.gather`` keeps, plus its context.
 
-One difference can be seen from inside the stages: with ``fail_fast``, an element that fails before
-its first ``await`` stops the others only once its task has finished, so the elements after it have
-made their first step by then (they are cancelled at their first ``await``, as on the general path
-any element that started is).
+One difference can be seen from inside the stages: an element that stops the others before its
+first ``await`` — a failure with ``fail_fast``, or a ``KeyboardInterrupt``, ``SystemExit`` or
+``CancelledError`` under any policy — does so only once its task has finished, so the elements after
+it have made their first step by then (they are cancelled at their first ``await``, as on the
+general path any element that started is). Results and the error raised are the same.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from stageflow.engine.budget import budget_chain
 from stageflow.engine.fanout import BranchOutcome, _check_policy
 from stageflow.engine.plan import FUNCTION, StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
-from stageflow.engine.runner import _prepared, _raised
-from stageflow.state import RunInfo, StageRecord
+from stageflow.engine.runner import _exit_at, _prepared, _raised
+from stageflow.state import RunInfo, StageRecord, _Joined
 from stageflow.usage import _STAGE
 
 if TYPE_CHECKING:
@@ -132,11 +133,17 @@ async def abare_fan_out(
         except BaseException:  # (looked at below; the common case costs one call)
             finished_badly(i, task)
         else:
-            # What _succeeded does, kept by position (put in the run in input order at the end).
+            # What _succeeded does: for the common dict, kept by position (put in the run in input
+            # order at the end); anything else may add records of its own as it merges (a pipeline's
+            # result joins its run), so its record goes in first, as on the general path.
             entry = entries[i]
             took = perf_counter() - starts[i]
-            records[i] = tuple.__new__(StageRecord, (entry.path, took, True))
-            outputs[i] = value
+            record = tuple.__new__(StageRecord, (entry.path, took, True))
+            if type(value) is dict:
+                records[i], outputs[i] = record, value
+            else:
+                run._trace.append(record)
+                run._outputs[entry.path] = value
             try:
                 merge_outputs(entry, value, states[i], run, prefix)
             except Exception as e:  # outputs that cannot merge: the branch failed
@@ -162,6 +169,7 @@ async def abare_fan_out(
         if isinstance(error, Exception):
             failed(i, _stage_error(owner, entries[i], error, starts[i], states[i], run, prefix))
         elif error is not None:  # KeyboardInterrupt, SystemExit: never a branch failure
+            _exit_at(error, entries[i], prefix)  # (a SystemExit names the stage it left)
             errors[i], status[i], elapsed[i] = error, "cancelled", perf_counter() - starts[i]
             stop(error)
 
@@ -283,9 +291,17 @@ def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:
     """Branches that shared ``run`` recorded as they finished: put its trace and outputs in input order."""
     position = {e.path: i for i, e in enumerate(entries)}
     key: Callable[[Any], int] = lambda r: position.get(r[0], -1)  # noqa: E731
-    run._trace.sort(key=key)
+    run._trace.sort(key=key)  # (a joined nested run's place is its stage's: its first item)
     outputs = run._outputs
-    if outputs:
+    if outputs and not run._lazy_outputs:  # (only the stages' own outputs)
         ordered = {e.path: outputs[e.path] for e in entries if e.path in outputs}
         outputs.clear()
         outputs.update(ordered)
+    # A stage that returned a pipeline's result joined that run: its outputs and details follow it.
+    for records in (outputs if run._lazy_outputs else None, run._details):
+        if records:
+            items = sorted(
+                records.items(), key=lambda kv: key(kv[0]) if type(kv[0]) is _Joined else key((kv[0],))
+            )
+            records.clear()
+            records.update(items)
