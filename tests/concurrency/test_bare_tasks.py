@@ -299,14 +299,33 @@ def test_a_thread_fan_out_stopped_from_outside_starts_nothing_more() -> None:
     assert {o.status for o in outcomes} == {"skipped"}
 
 
-_INNER = stageflow.SequentialPipeline([stageflow.stage(lambda z: {"y": z * 10}, writes=["y"])])
+def _inner_item(z: int) -> dict[str, int]:
+    if z < 0:
+        raise ValueError(f"inner {z}")  # (an item_failed event of the inner ForEach)
+    return {"w": z}
+
+
+_INNER = stageflow.SequentialPipeline(
+    [
+        stageflow.stage(lambda z: {"y": z * 10, "zs": [z, -1 - z]}, writes=["y", "zs"]),
+        ForEach(  # (a timeout keeps it on the general path: the bare fan-outs counted are the outer ones)
+            stageflow.stage(_inner_item, writes=["w"]),
+            over="zs",
+            item="z",
+            collect="ws",
+            on_error="collect",
+            timeout=60.0,
+        ),
+    ]
+)
 
 
 async def test_elements_returning_a_pipelines_result_match_the_general_path(
     mode: str, kind: str, bare_calls: list[int]
 ) -> None:
     # The returned result joins its run to the element's: its records follow the element's own in
-    # input order, and its outputs and details are kept (they were dropped on the shared run).
+    # input order, and its outputs, details and events are kept in input order (outputs were dropped
+    # on the shared run, details and events came in the order the elements finished).
     fn = _stage_fn(kind, lambda x: _INNER(z=x), _later_first)
     fast, general = await _both(mode, fn, bare_calls, xs=list(range(6)))
     assert fast.ys == [10 * x for x in range(6)]
@@ -314,6 +333,7 @@ async def test_elements_returning_a_pipelines_result_match_the_general_path(
     assert "stage[5].stages[0]" in fast.stage_outputs
     assert _seen(fast) == _seen(general)
     assert list(fast.run.details) == list(general.run.details)
+    assert [str(e.error)[-8:] for e in fast.run.events] == [f"inner -{x + 1}" for x in range(6)]
 
 
 @pytest.mark.parametrize("how", ["sync", "asyncio.run"])

@@ -39,13 +39,13 @@ from stageflow.engine.fanout import BranchOutcome, _check_policy
 from stageflow.engine.plan import FUNCTION, StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.engine.runner import _exit_at, _prepared, _raised
-from stageflow.state import RunInfo, StageRecord, _Joined
+from stageflow.state import Result, RunInfo, StageRecord, _Joined
 from stageflow.usage import _STAGE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Outcomes", "abare_fan_out", "bare_ready", "in_input_order"]
+__all__ = ["Outcomes", "abare_fan_out", "bare_ready", "events_in_input_order", "in_input_order"]
 
 
 def bare_ready(
@@ -223,6 +223,7 @@ async def abare_fan_out(
             await asyncio.wait(running)
         raise
     _put_in_order(run, entries, records, outputs)
+    events_in_input_order(run, values)
     if stop_error:
         raise stop_error[0]
     return Outcomes(status, values, errors, elapsed)
@@ -285,6 +286,18 @@ def _put_in_order(
     run._outputs.update((r[0], outputs[i]) for i, r in enumerate(records) if r is not None)
     if failures:
         in_input_order(run, entries)
+
+
+def events_in_input_order(run: RunInfo, values: Sequence[Any]) -> None:
+    """Branches that shared ``run`` and returned a pipeline's result joined its events as they
+    finished: put them in input order (``values``: what each branch returned), when they are all
+    the events there are."""
+    found = run.events
+    if len(found) < 2:
+        return
+    ordered = [e for v in values if isinstance(v, Result) for e in v._run.events]
+    if len(ordered) == len(found) and {id(e) for e in ordered} == {id(e) for e in found}:
+        found[:] = ordered
 
 
 def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stageflow import _checks
-from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, in_input_order
+from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, events_in_input_order, in_input_order
 from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
@@ -346,6 +346,7 @@ def run_branches(
         calls = _SharedCalls(owner, branches, shared, prefix)
         outcomes = fan_out(calls, on_error=on_error, on_start=on_start)
         in_input_order(shared, entries)
+        events_in_input_order(shared, [o.value for o in outcomes])
         return _shared_results(branches, entries, before, outcomes, shared, prefix)
     _own_runs(branches)
 
