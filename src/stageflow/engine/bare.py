@@ -30,7 +30,7 @@ import inspect
 from collections.abc import Sequence
 from contextvars import copy_context
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stageflow.budgets._state import GATES
 from stageflow.engine.boundary import merge_outputs
@@ -39,11 +39,8 @@ from stageflow.engine.fanout import BranchOutcome, _check_policy
 from stageflow.engine.plan import FUNCTION, StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.engine.runner import _exit_at, _prepared, _raised
-from stageflow.state import Result, RunInfo, StageRecord, _Joined
+from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import _STAGE
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 __all__ = ["Outcomes", "abare_fan_out", "bare_ready", "events_in_input_order", "in_input_order"]
 
@@ -281,10 +278,10 @@ def _put_in_order(
     """Put the succeeded branches' records and outputs (by position) into ``run``, in input order
     among the failed branches' records already there."""
     trace = run._trace
-    failures = bool(trace) or bool(run._outputs)
+    earlier = bool(trace) or bool(run._outputs)  # (failed branches', or those of non-dict outputs)
     trace.extend(r for r in records if r is not None)
     run._outputs.update((r[0], outputs[i]) for i, r in enumerate(records) if r is not None)
-    if failures:
+    if earlier:
         in_input_order(run, entries)
 
 
@@ -301,20 +298,22 @@ def events_in_input_order(run: RunInfo, values: Sequence[Any]) -> None:
 
 
 def in_input_order(run: RunInfo, entries: Sequence[StageEntry]) -> None:
-    """Branches that shared ``run`` recorded as they finished: put its trace and outputs in input order."""
+    """Branches that shared ``run`` recorded as they finished: put its trace, outputs and details in
+    input order. A stage that returned a pipeline's result joined that run: its records follow the
+    stage's own."""
     position = {e.path: i for i, e in enumerate(entries)}
-    key: Callable[[Any], int] = lambda r: position.get(r[0], -1)  # noqa: E731
-    run._trace.sort(key=key)  # (a joined nested run's place is its stage's: its first item)
+
+    def place(k: Any) -> int:  # a path, or a trace record or joined run (whose first item is its path)
+        return position.get(k if isinstance(k, str) else k[0], -1)
+
+    run._trace.sort(key=place)
     outputs = run._outputs
-    if outputs and not run._lazy_outputs:  # (only the stages' own outputs)
+    if outputs and not run._lazy_outputs:  # (only the stages' own outputs: in the order of entries)
         ordered = {e.path: outputs[e.path] for e in entries if e.path in outputs}
         outputs.clear()
         outputs.update(ordered)
-    # A stage that returned a pipeline's result joined that run: its outputs and details follow it.
     for records in (outputs if run._lazy_outputs else None, run._details):
         if records:
-            items = sorted(
-                records.items(), key=lambda kv: key(kv[0]) if type(kv[0]) is _Joined else key((kv[0],))
-            )
+            items = sorted(records.items(), key=lambda item: place(item[0]))
             records.clear()
             records.update(items)

@@ -51,9 +51,7 @@ def _relative(path: str, root: str) -> str:
     >>> _relative("stages[1].stages[0]", "stages[1]"), _relative("stages[0]", "")
     ('stages[0]', 'stages[0]')
     """
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] == ".":
-        return path[len(root) + 1 :]
-    return path
+    return path[len(root) + 1 :] if root and path.startswith(f"{root}.") else path
 
 
 def _as_dict(value: Any) -> Any:
