@@ -164,14 +164,24 @@ class UsageTable:
 
     def record_lm(self, path: str, usage: Mapping[str, Any]) -> None:
         """An LM call that reached the model, made while stage ``path`` ran."""
+        # (once per LM call: DSPy's usual counts, plain ints, are read without _tokens' checks)
+        got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(got_in) is not int:
+            got_in = _tokens(usage, "prompt_tokens", "input_tokens")
+        if type(got_out) is not int:
+            got_out = _tokens(usage, "completion_tokens", "output_tokens")
         with self._lock:
-            u = self._entry(path)
+            u = self._by_path.get(path)
+            if u is None:
+                u = self._by_path[path] = StageUsage()
             u.lm_calls += 1
-            u.input_tokens += _tokens(usage, "prompt_tokens", "input_tokens")
-            u.output_tokens += _tokens(usage, "completion_tokens", "output_tokens")
+            u.input_tokens += got_in
+            u.output_tokens += got_out
 
     def record_history(self, path: str, billed: bool, cost: Any) -> None:
         """DSPy's history entry of an LM call: its cost (billed calls) or an LM-cache hit."""
+        if billed and cost is None:  # (the usual billed call: its tokens are recorded already)
+            return
         with self._lock:
             u = self._entry(path)
             if not billed:

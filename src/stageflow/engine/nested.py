@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 
+from stageflow._callers import Pushed, push_callers
+
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
@@ -143,11 +145,6 @@ def _is_dspys(fn: Any, name: str) -> bool:
     return ok
 
 
-class _Pushed(_settings.dotdict):  # type: ignore[misc]
-    """DSPy's settings override as :func:`_push` sets it: a copy of the one before with one more
-    caller module, so what :func:`_push` checked of the one before holds for it too."""
-
-
 def pushable(target: Any, name: str) -> bool:
     """Whether the engine may do what ``Module.<name>`` would set up for ``target`` itself (see the
     module docstring), instead of calling DSPy's own method."""
@@ -157,7 +154,7 @@ def pushable(target: Any, name: str) -> bool:
     if _getattr(target, "__dict__").get("callbacks"):
         return False
     overrides = _settings.thread_local_overrides.get()
-    if type(overrides) is _Pushed:  # (one push made: it checked the same settings)
+    if type(overrides) is Pushed:  # (one push made: it checked the same settings)
         return True
     main = _settings.main_thread_config
     if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
@@ -165,23 +162,6 @@ def pushable(target: Any, name: str) -> bool:
     return overrides.get("usage_tracker") is not None or not (
         overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
     )
-
-
-def push_callers(targets: list[Any]) -> Any:
-    """Push ``targets`` (outermost first) onto DSPy's ``caller_modules`` in one override of its
-    settings; returns the token to reset."""
-    var = _settings.thread_local_overrides
-    overrides = var.get()
-    if type(overrides) is _Pushed or "caller_modules" in overrides:
-        callers = overrides["caller_modules"]
-    else:
-        callers = _settings.main_thread_config.get("caller_modules")
-    # dspy.context(caller_modules=...) also copies every global setting into the override; inside a
-    # pipeline call the override already holds them (the outermost call went through DSPy's own
-    # __call__), so a copy of it is the same settings for a third of the cost.
-    new = _Pushed(overrides)
-    new["caller_modules"] = [*callers, *targets] if callers else targets
-    return var.set(new)
 
 
 def _push(target: Any, name: str) -> Any:

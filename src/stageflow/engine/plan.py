@@ -43,6 +43,7 @@ __all__ = [
     "signature_fields",
     "signature_moved",
     "signature_of",
+    "signature_replaced",
 ]
 
 MODULE = 0
@@ -105,11 +106,28 @@ def leaf_of(owner: Any, entry: StageEntry) -> Any:
     return obj
 
 
+def signature_replaced(owner: Any, entry: StageEntry) -> bool:
+    """Whether the predictor of ``entry`` holds another signature object than the one its plan was
+    made with (maybe with the same fields). The check the engine makes before every predictor stage
+    and every call, so the common case (the same object, a plain ``dspy.Predict``) is written out:
+    ``signature_of(leaf_of(owner, entry)) is not entry.signature``."""
+    obj = object.__getattribute__(owner, entry.attr)
+    if entry.key is not None:
+        obj = obj[entry.key]
+    for name in entry.chain:
+        obj = object.__getattribute__(obj, name)
+    if type(obj) is dspy.Predict:
+        return object.__getattribute__(obj, "__dict__").get("signature") is not entry.signature
+    return signature_of(obj) is not entry.signature
+
+
 def signature_moved(owner: Any, entry: StageEntry) -> bool:
     """Whether the predictor of ``entry`` now has a signature with other fields than the one its
     plan was made with (replaced in place: ``pred.signature = pred.signature.prepend(...)``)."""
+    if not signature_replaced(owner, entry):
+        return False
     now = signature_of(leaf_of(owner, entry))
-    return now is not entry.signature and signature_fields(now) != signature_fields(entry.signature)
+    return signature_fields(now) != signature_fields(entry.signature)
 
 
 def _signed(leaf: Any) -> Any:

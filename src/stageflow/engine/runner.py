@@ -40,7 +40,7 @@ from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
-from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of
+from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of, signature_replaced
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
 from stageflow.errors import ConfigurationError, StageError, StageflowError, error_text
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
@@ -359,7 +359,7 @@ def call_stage(
     async twin :func:`acall_stage` mirrors it line by line); an observed call goes through the
     bookkeeping shared with the async twin (:func:`_start`, :func:`_failed_stage`, ...).
     """
-    if entry.signature is not None:  # a predictor: its signature may have been replaced in place
+    if entry.signature is not None and signature_replaced(owner, entry):  # (a predictor's, in place)
         entry = owner.stageflow_current(entry, "")
     if GATES[0]:  # a budget with a degradation is open somewhere: it may skip or re-route this stage
         from stageflow.budgets.scope import lm_swapped, stage_gate
@@ -589,7 +589,7 @@ async def acall_stage(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
     """Async twin of :func:`call_stage` (the same path line by line; the same shared bookkeeping)."""
-    if entry.signature is not None:  # a predictor: its signature may have been replaced in place
+    if entry.signature is not None and signature_replaced(owner, entry):  # (a predictor's, in place)
         entry = owner.stageflow_current(entry, "")
     if GATES[0]:
         from stageflow.budgets.scope import lm_swapped, stage_gate

@@ -34,6 +34,7 @@ from stageflow.engine.plan import (
     leaf_of,
     signature_fields,
     signature_of,
+    signature_replaced,
 )
 from stageflow.engine.pool import to_thread
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
@@ -58,7 +59,10 @@ def _replanned(watched: tuple[tuple[Any, StageEntry, str], ...]) -> bool:
     this check (``pred.signature = pred.signature.prepend(...)``); whether any did."""
     moved = False
     for owner, entry, path in watched:
-        if owner.stageflow_current(entry, path[: -len(entry.path)].rstrip(".")) is not entry:
+        if (
+            signature_replaced(owner, entry)
+            and owner.stageflow_current(entry, path[: -len(entry.path)].rstrip(".")) is not entry
+        ):
             moved = True
     return moved
 

@@ -31,7 +31,9 @@ import weakref
 from typing import Any
 
 import dspy
-from dspy.dsp.utils.settings import settings
+from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
+
+from stageflow._callers import push_callers
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
 
@@ -41,7 +43,13 @@ _DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 def short_path(module: Any) -> list[Any] | None:
     """The modules a call of ``module`` goes through, ending with its ``Predict``, when the short
     path gives the same result as ``module(**inputs)`` right now; otherwise ``None``."""
-    if settings.callbacks or settings.track_usage or settings.send_stream is not None:
+    # settings.callbacks, .track_usage and .send_stream, read as DSPy's settings object reads them
+    o, main = thread_local_overrides.get(), main_thread_config
+    if (
+        (o["callbacks"] if "callbacks" in o else main.get("callbacks"))
+        or (o["track_usage"] if "track_usage" in o else main.get("track_usage"))
+        or (o["send_stream"] if "send_stream" in o else main.get("send_stream")) is not None
+    ):
         return None
     chain = [module]
     if type(module) is dspy.ChainOfThought and "forward" not in module.__dict__ and not module.callbacks:
@@ -93,10 +101,13 @@ def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     if chain is None:
         return module(**inputs)
     predictor = chain[-1]
-    with settings.context(caller_modules=[*(settings.caller_modules or []), *chain]):
+    token = push_callers(chain)
+    try:
         adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
         completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
+    finally:
+        thread_local_overrides.reset(token)
 
 
 async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
@@ -105,9 +116,12 @@ async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     if chain is None:
         return await module.acall(**inputs)
     predictor = chain[-1]
-    with settings.context(caller_modules=[*(settings.caller_modules or []), *chain]):
+    token = push_callers(chain)
+    try:
         adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
         completions = await adapter.acall(
             lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
         )
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
+    finally:
+        thread_local_overrides.reset(token)
