@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+from types import FunctionType
 from typing import Any
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
@@ -27,7 +28,7 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
-__all__ = ["Pushed", "push_callers"]
+__all__ = ["KNOWN_ENTRY_POINTS", "Pushed", "is_dspys_entry", "push_callers"]
 
 
 class Pushed(_settings.dotdict):  # type: ignore[misc]
@@ -47,3 +48,24 @@ def push_callers(targets: list[Any]) -> Any:
     new = Pushed(overrides)
     new["caller_modules"] = [*callers, *targets] if callers else targets
     return var.set(new)
+
+
+#: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`is_dspys_entry`).
+KNOWN_ENTRY_POINTS: dict[str, Any] = {}
+
+
+def is_dspys_entry(fn: Any, name: str) -> bool:
+    """Whether ``fn`` is DSPy's ``Module.<name>`` as DSPy defines it: its callbacks wrapper (a plain
+    function from ``dspy/utils/callback.py``) around the function of that name in
+    ``dspy/primitives/module.py``. An instrumentation wrapper (``wrapt``) is not a plain function."""
+    inner = getattr(fn, "__wrapped__", None)
+    ok = (
+        type(fn) is FunctionType
+        and fn.__code__.co_filename.replace("\\", "/").endswith("dspy/utils/callback.py")
+        and type(inner) is FunctionType
+        and inner.__qualname__ == f"Module.{name}"
+        and inner.__code__.co_filename.replace("\\", "/").endswith("dspy/primitives/module.py")
+    )
+    if ok:
+        KNOWN_ENTRY_POINTS[name] = fn
+    return ok

@@ -10,7 +10,11 @@ tables once, for the duration of the call:
   tracker that was already active (``dspy.track_usage()``), so DSPy's totals stay right;
 - a probe among DSPy's ``caller_modules`` receives the history entry DSPy records for every LM
   call (cache hits included), which carries the cost when the model reports one. With DSPy history
-  off (``disable_history`` / ``max_history_size=0``) there is no cost and no LM-cache-hit count.
+  off (``disable_history`` / ``max_history_size=0``) DSPy records no entry: stageflow's wrapper of
+  DSPy's LM execution (:mod:`stageflow.budgets.intercept`, installed by the first pipeline call made
+  with history off, or the first budget) hands the call's result to :func:`note_lm_result` instead,
+  so the cost and LM-cache hits are counted either way. (History turned off only inside a stage's
+  own code, before any of that, leaves them uncounted.)
 
 Nested pipelines keep their own table, which joins the enclosing one under the nested stage's path
 when the nested call ends (as its trace records do), so ``result.run.usage`` rolls up the whole tree.
@@ -19,6 +23,8 @@ when the nested call ends (as its trace records do), so ``result.run.usage`` rol
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,8 +38,10 @@ __all__ = [
     "calling_stage",
     "close_run",
     "current_table",
+    "history_off",
     "metering",
     "note_fast_fallback",
+    "note_lm_result",
     "note_lm_wait",
     "open_run",
     "note_policy_event",
@@ -285,10 +293,16 @@ _EVENT_COUNTS = {
 
 
 def _tokens(usage: Mapping[str, Any], *names: str) -> int:
+    """A token count as a model reported it: an integer (numpy's too), or a finite number (its whole
+    part); anything else (``None``, ``inf``, a string) counts nothing rather than failing the stage."""
     for n in names:
         v = usage.get(n)
-        if isinstance(v, int | float) and not isinstance(v, bool):
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, numbers.Integral):
             return int(v)
+        if isinstance(v, numbers.Real) and math.isfinite(v):
+            return int(float(v))
     return 0
 
 
@@ -427,6 +441,32 @@ def calling_stage() -> tuple[UsageTable, str, str | None] | None:
     return carried if type(carried) is tuple else None
 
 
+class _RolledUp(list):  # type: ignore[type-arg]
+    """``tracker.usage_data[lm]`` of stageflow's tracker: DSPy's ``track_usage()`` opened inside a
+    stage adds what it collected to its parent tracker on exit (``usage_data[lm].extend(...)``); each
+    entry is recorded as the tracker records a call, and nothing is kept."""
+
+    def __init__(self, tracker: Any, lm: str) -> None:
+        super().__init__()
+        self.tracker, self.lm = tracker, lm
+
+    def append(self, entry: Any) -> None:
+        self.tracker.record(self.lm, entry)
+
+    def extend(self, entries: Any) -> None:
+        for entry in entries:
+            self.tracker.record(self.lm, entry)
+
+
+class _RollUps(dict):  # type: ignore[type-arg]
+    def __init__(self, tracker: Any) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __missing__(self, lm: str) -> _RolledUp:
+        return _RolledUp(self.tracker, lm)
+
+
 def _dspy_tracker_class() -> type:
     from dspy.utils.usage_tracker import UsageTracker
 
@@ -436,6 +476,7 @@ def _dspy_tracker_class() -> type:
         def __init__(self, parent: Any) -> None:
             super().__init__()
             self.parent = parent
+            self.usage_data = _RollUps(self)
 
         def __deepcopy__(self, memo: dict[int, Any]) -> Any:
             # dspy.Parallel deep-copies the tracker into each worker thread and never merges the
@@ -448,14 +489,32 @@ def _dspy_tracker_class() -> type:
         def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
             # Nothing is kept here: the stage tables and an outer tracker (dspy.track_usage) are
             # where the usage goes, so one tracker can serve every call.
+            self.record(lm, usage_entry)
+            if not history_off():  # (DSPy reports billed calls only: for the history entry next;
+                _BILLED.set(True)  # stageflow's wrapper of DSPy's execute notes it too)
+
+        def record(self, lm: str, usage_entry: dict[str, Any]) -> None:
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
             table, path = _where()
             if table is not None:
                 table.record_lm(path, usage_entry)
-            _BILLED.set(True)
 
     return StageflowTracker
+
+
+def _record_call(billed: bool, cost: Any, usage: Any, response_model: Any) -> None:
+    """What an LM call's history entry tells (its cost, or that DSPy's cache answered it) goes to
+    the running stage's table and to a watch."""
+    table, path = _where()
+    if table is not None:
+        table.record_history(path, billed, cost)
+    watch = _WATCH.get()
+    if watch is not None:
+        watch.append(
+            {"usage": usage or {}, "cost": cost, "response_model": response_model, "cache_hit": not billed}
+        )
+    _BILLED.set(False)
 
 
 class _Sink(list):  # type: ignore[type-arg]
@@ -464,22 +523,47 @@ class _Sink(list):  # type: ignore[type-arg]
     def append(self, entry: Any) -> None:
         if not isinstance(entry, dict):
             return
-        table, path = _where()
-        billed = _BILLED.get()
         cost = reported_cost(entry.get("cost"), entry.get("response"))
-        if table is not None:
-            table.record_history(path, billed, cost)
-        watch = _WATCH.get()
-        if watch is not None:
-            watch.append(
-                {
-                    "usage": entry.get("usage") or {},
-                    "cost": cost,
-                    "response_model": entry.get("response_model"),
-                    "cache_hit": not billed,
-                }
-            )
-        _BILLED.set(False)
+        billed = _BILLED.get()
+        if not billed and entry.get("usage"):  # (DSPy gives a cache hit no usage)
+            # A dspy.track_usage() opened inside a stage took DSPy's tracker slot for the call: the
+            # call was billed, and its tokens reach stageflow's tracker when that block ends.
+            tracker = _settings_value("usage_tracker")
+            billed = tracker is not None and not isinstance(tracker, _TRACKER_CLASS[0] or ())
+        _record_call(billed, cost, entry.get("usage"), entry.get("response_model"))
+
+
+def _settings_value(name: str) -> Any:
+    """DSPy's setting ``name`` here now, read as DSPy's settings object reads it (``None`` unset)."""
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:
+        return None
+    overrides = settings_module.thread_local_overrides.get()
+    return overrides[name] if name in overrides else settings_module.main_thread_config.get(name)
+
+
+def history_off() -> bool:
+    """Whether DSPy records no history entry for an LM call made here now (``disable_history``, or
+    ``max_history_size=0``)."""
+    return bool(_settings_value("disable_history")) or _settings_value("max_history_size") == 0
+
+
+def note_lm_result(result: Any) -> None:
+    """An LM call finished (``result``: what DSPy's ``execute`` returned, before DSPy records it;
+    called by stageflow's wrapper of it, see :mod:`stageflow.budgets.intercept`). Whether the model
+    billed it (DSPy's cache did not answer it) is noted for the history entry DSPy records next; when
+    DSPy will record none (history off: ``disable_history``, or ``max_history_size=0``), its cost and
+    LM-cache hit are recorded here, as the probe records them from the entry."""
+    cache_hit = getattr(result, "cache_hit", False) is True
+    if not history_off():
+        _BILLED.set(not cache_hit)
+        return
+    if _where()[0] is None and _WATCH.get() is None:
+        return
+    raw = getattr(result, "raw", None)
+    responses = raw if raw is not None else getattr(result, "responses", None)
+    cost = reported_cost(getattr(result, "cost", None), responses)
+    _record_call(not cache_hit, cost, getattr(result, "usage", None), getattr(result, "response_model", None))
 
 
 class _HistoryProbe:

@@ -324,3 +324,88 @@ async def test_a_change_an_earlier_stage_makes_before_a_nested_pipeline_runs(
         assert (await call(program, mode, question="q")).answer == "question"
     for _ in range(2):
         assert (await call(program, mode, question="grow")).answer == "context|question"
+
+
+def _router_pipeline(where: str) -> tuple[Any, Any, Any]:
+    """(pipeline, the predictor whose signature is replaced, its LM) for a predictor a pattern keeps
+    outside its stage containers: a branching router or default stage, an adaptive selector."""
+    if where == "router":
+        pred = dspy.Predict("question -> branch")
+        pipe = stageflow.BranchingPipeline(pred, {"math": dspy.Predict("question -> answer")})
+        return pipe, pred, FakeLM({"branch": "math", "answer": lambda i: "|".join(sorted(i))})
+    if where == "default":
+        pred = dspy.Predict("question -> answer")
+        router = dspy.Predict("question -> branch")
+        pipe = stageflow.BranchingPipeline(router, {"math": dspy.Predict("question -> answer")}, default=pred)
+        return pipe, pred, FakeLM({"branch": "unknown", "answer": lambda i: "|".join(sorted(i))})
+    pred = dspy.Predict("question -> structure")
+    pipe = stageflow.AdaptivePipeline(
+        {"qa": dspy.Predict("question -> answer")}, pred, structures={"s": ["qa"]}
+    )
+    return pipe, pred, FakeLM({"structure": "s", "answer": lambda i: "|".join(sorted(i))})
+
+
+@pytest.mark.parametrize("where", ["router", "default", "adaptive selector"])
+async def test_a_predictor_kept_outside_the_stage_containers_gets_its_new_fields(
+    mode: str, where: str
+) -> None:
+    from stageflow.patterns._containers import _STRUCTURE_VERSION
+
+    pipe, pred, fake = _router_pipeline(where)
+    with dspy.context(lm=fake):
+        await call(pipe, mode, question="q")
+        pred.signature = pred.signature.prepend("topic", dspy.InputField())
+        with pytest.raises(ContractError, match="topic"):
+            await call(pipe, mode, question="q")
+        before = len(fake.log)
+        await call(pipe, mode, question="q", topic="t")
+        fed = [inputs for _, inputs, *_ in fake.log[before:]]
+        assert any(inputs == {"topic": "t", "question": "q"} for inputs in fed)
+        version = _STRUCTURE_VERSION[0]
+        await call(pipe, mode, question="q", topic="t")
+        assert _STRUCTURE_VERSION[0] == version  # the plan was made once, not again on every call
+
+
+async def test_a_function_put_where_a_predictor_was_runs_as_a_function(mode: str) -> None:
+    """What a lazy stage wraps, or a ForEach's stage, replaced by a function stage after a first call:
+    the plan is made again for the function (it was an AttributeError from the signature check)."""
+    from stageflow.policies.lazy import LazyStage
+
+    lazy = LazyStage(dspy.Predict("question -> answer"))
+    pipe = SequentialPipeline([lazy])
+    each = stageflow.ForEach(dspy.Predict("item -> out"), over="things", item="item")
+    with dspy.context(lm=FakeLM({"answer": "from the model", "out": "from the model"})):
+        assert (await call(pipe, mode, question="q")).answer == "from the model"
+        assert (await call(each, mode, things=["a"])).outs == ["from the model"]
+        lazy.underlying_stage = stage(lambda question: {"answer": "from the function"}, writes=["answer"])
+        each.stage = stage(lambda item: {"out": item.upper()}, writes=["out"])
+        for _ in range(2):
+            assert (await call(pipe, mode, question="q")).answer == "from the function"
+            assert (await call(each, mode, things=["a"])).outs == ["A"]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_check_sees_a_signature_replaced_in_place_since_its_last_check(nested: bool) -> None:
+    pred = dspy.Predict("question -> answer")
+    pipe = SequentialPipeline([SequentialPipeline([pred])] if nested else [pred])
+    assert pipe.check(["question"]) == ("answer", "question")
+    pred.signature = dspy.Signature("context, question -> reply")
+    with pytest.raises(ContractError, match="context"):
+        pipe.check(["question"])
+    assert pipe.check(["context", "question"]) == ("context", "question", "reply")
+
+
+async def test_a_field_type_changed_in_place_is_checked_again(mode: str) -> None:
+    """``answer: str`` -> ``answer: list[str]`` keeps the field names; the wiring check still sees
+    that the next stage takes one string (a freshly built pipeline is refused the same way)."""
+
+    def count_chars(answer: str) -> dict[str, int]:
+        return {"n": len(answer)}
+
+    pred = dspy.Predict("question -> answer")
+    pipe = SequentialPipeline([pred, stage(count_chars, writes=["n"])])
+    with dspy.context(lm=FakeLM({"answer": "hello"})):
+        assert (await call(pipe, mode, question="q")).n == 5
+    pred.signature = dspy.Signature("question -> answer: list[str]")
+    with dspy.context(lm=FakeLM({"answer": ["alpha", "beta"]})), pytest.raises(ContractError, match="list"):
+        await call(pipe, mode, question="q")

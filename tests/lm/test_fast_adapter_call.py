@@ -114,3 +114,50 @@ def test_decision_outputs_keep_dspys_adapter_resolution() -> None:
     assert _has_decisions(dspy.Signature({"q": (str, dspy.InputField()), "ok": (Noul, dspy.OutputField())}))
     nested = dspy.Signature({"q": (str, dspy.InputField()), "oks": (list[Noul], dspy.OutputField())})
     assert _has_decisions(nested)  # resolve_adapter warns about it, so it must run
+
+
+@pytest.mark.parametrize("where", ["aforward", "acall", "inner aforward"])
+def test_an_async_entry_point_set_on_an_instance_is_what_a_pipeline_runs(mode: str, where: str) -> None:
+    """``pred.aforward = ...`` (or ``acall``, or the inner predictor's of a ChainOfThought) changes
+    what ``await pred.acall()`` runs; the pipeline's stage call runs it too, on either path."""
+    import stageflow
+    from stageflow.testing import FakeLM, call
+
+    async def patched(**kw: Any) -> dspy.Prediction:
+        return dspy.Prediction(reasoning="r", answer="patched")
+
+    module: Any = (
+        dspy.ChainOfThought("question -> answer")
+        if where == "inner aforward"
+        else dspy.Predict("question -> answer")
+    )
+    setattr(module.predict if where == "inner aforward" else module, where.split()[-1], patched)
+    program = stageflow.SequentialPipeline([module])
+    with dspy.context(lm=FakeLM({"reasoning": "r", "answer": "from the model"})):
+        got = asyncio.run(call(program, mode, question="q"))
+    expected = "patched" if mode == "async" else "from the model"  # (the sync call runs forward)
+    assert got.answer == expected
+
+
+def test_a_wrapped_dspy_method_makes_stages_take_the_ordinary_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instrumentation (OpenInference) wraps ``Predict.forward`` on the class: the short path would
+    skip the wrapper, so the ordinary call runs while it is there."""
+    import functools
+
+    seen: list[str] = []
+    original = dspy.Predict.forward
+
+    @functools.wraps(original)
+    def traced(self: Any, **kwargs: Any) -> Any:
+        seen.append("forward")
+        return original(self, **kwargs)
+
+    plain = dspy.Predict("q -> a")
+    assert short_path(plain) is not None
+    monkeypatch.setattr(dspy.Predict, "forward", traced)
+    assert short_path(plain) is None
+    with dspy.context(lm=ScriptedLM(["[[ ## a ## ]]\nok\n\n[[ ## completed ## ]]"])):
+        assert call_predictor(plain, {"q": "x"}).a == "ok"
+    assert seen == ["forward"]
+    monkeypatch.undo()
+    assert short_path(plain) is not None

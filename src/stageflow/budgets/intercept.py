@@ -2,10 +2,12 @@
 
 Every DSPy LM call — ``dspy.LM``, ``DummyLM``, a ``BaseLM`` subclass, sync or async, from a predictor,
 an adapter's fallback, a retry or user code — runs ``dspy.clients.execution.execute`` (``aexecute``)
-between preparing the request and recording its usage and history. The first time a budget or a
-rate limit is used, :func:`install` wraps those two functions (``LM.__call__`` looks them up on each
-call). While no budget is open and no rate limit is set, the wrapper is one check and the original
-call. Otherwise, per LM call:
+between preparing the request and recording its usage and history. The first budget or rate limit
+(or a pipeline call made with DSPy's history off) has :func:`install` wrap those two functions
+(``LM.__call__`` looks them up on each call). While no budget is open and no rate limit is set, the
+wrapper is one check, the original call, and a look at whether DSPy will record the call's history
+(when it will not, the call's cost and LM-cache hit go to the running stage's usage:
+:func:`stageflow.usage.note_lm_result`). Otherwise, per LM call:
 
 1. the budgets in force reserve what it may use and the model's rate limiter grants it room
    (:mod:`.ledger`, :mod:`.ratelimit`). When either cannot at once, DSPy's LM cache is asked first
@@ -41,7 +43,7 @@ from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_known, prices, prompt_size
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
-from stageflow.usage import note_lm_wait, reported_cost
+from stageflow.usage import note_lm_result, note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -81,15 +83,15 @@ def install() -> None:
 
         def execute(lm: Any, call: Any) -> Any:
             slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
-            if not slots:
-                return run(lm, call)
-            return call_capped(slots, lambda: run(lm, call))
+            result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
+            note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
+            return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
             slots = lm_slots()
-            if not slots:
-                return await arun(lm, call)
-            return await acall_capped(slots, lambda: arun(lm, call))
+            result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
+            note_lm_result(result)
+            return result
 
         _ORIGINALS[:] = [original, aoriginal]
         execution.execute, execution.aexecute = execute, aexecute

@@ -32,10 +32,12 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any, NamedTuple
 
+from stageflow._callers import KNOWN_ENTRY_POINTS as _KNOWN
+from stageflow._callers import is_dspys_entry as _is_dspys
 from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
-from stageflow.engine.nested import _KNOWN, _is_dspys, _settings, own_forward, push_callers, pushable
+from stageflow.engine.nested import _settings, own_forward, push_callers, pushable
 from stageflow.engine.plan import StageEntry, signature_moved
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.errors import StageflowError

@@ -35,12 +35,14 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
-from types import FunctionType, MethodType
+from types import MethodType
 from typing import Any, TypeVar
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 
+from stageflow._callers import KNOWN_ENTRY_POINTS as _KNOWN
 from stageflow._callers import Pushed, push_callers
+from stageflow._callers import is_dspys_entry as _is_dspys
 
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
@@ -122,27 +124,6 @@ def own_forward(cls: type) -> Any:
             fn = attrs["forward"]
             return fn.fn if isinstance(fn, ForwardAccess) else fn
     return None
-
-
-#: DSPy's own ``Module.__call__`` and ``Module.acall`` once recognised (see :func:`_is_dspys`).
-_KNOWN: dict[str, Any] = {}
-
-
-def _is_dspys(fn: Any, name: str) -> bool:
-    """Whether ``fn`` is DSPy's ``Module.<name>`` as DSPy defines it: its callbacks wrapper (a plain
-    function from ``dspy/utils/callback.py``) around the function of that name in
-    ``dspy/primitives/module.py``. An instrumentation wrapper (``wrapt``) is not a plain function."""
-    inner = getattr(fn, "__wrapped__", None)
-    ok = (
-        type(fn) is FunctionType
-        and fn.__code__.co_filename.replace("\\", "/").endswith("dspy/utils/callback.py")
-        and type(inner) is FunctionType
-        and inner.__qualname__ == f"Module.{name}"
-        and inner.__code__.co_filename.replace("\\", "/").endswith("dspy/primitives/module.py")
-    )
-    if ok:
-        _KNOWN[name] = fn
-    return ok
 
 
 def pushable(target: Any, name: str) -> bool:

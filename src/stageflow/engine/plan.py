@@ -127,7 +127,17 @@ def signature_moved(owner: Any, entry: StageEntry) -> bool:
     if not signature_replaced(owner, entry):
         return False
     now = signature_of(leaf_of(owner, entry))
-    return signature_fields(now) != signature_fields(entry.signature)
+    if now is None:  # (no predictor there any more: a function or a module put in its place)
+        return True
+    return signature_fields(now) != signature_fields(entry.signature) or _types(now) != _types(
+        entry.signature
+    )
+
+
+def _types(signature: Any) -> tuple[Any, ...]:
+    """The annotations of a signature's fields, in order (a field's type changed in place, as in
+    ``answer: str`` -> ``answer: list[str]``, changes what the contract check says)."""
+    return tuple(field.annotation for field in signature.model_fields.values())
 
 
 def _signed(leaf: Any) -> Any:

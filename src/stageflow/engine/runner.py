@@ -47,7 +47,16 @@ from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
 from stageflow.state import Result, RunInfo, StageRecord
-from stageflow.usage import _STAGE, _TABLE, StageUsage, calling_stage, close_run, current_table, open_run
+from stageflow.usage import (
+    _STAGE,
+    _TABLE,
+    StageUsage,
+    calling_stage,
+    close_run,
+    current_table,
+    history_off,
+    open_run,
+)
 
 if TYPE_CHECKING:
     from stageflow.patterns.base import Pipeline
@@ -788,6 +797,8 @@ def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     table.prefix = prefix
     spec = pipeline.lm_budget
     budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
+    if history_off():  # DSPy records no history entry: the LM-cache hits and costs are seen by
+        ensure_lm_caps()  # stageflow's wrapper of DSPy's LM execution instead (stageflow.usage)
     if _TABLE.get() is not None:
         return (_TABLE.set(table), None, budget)
     own = pipeline.fast_path

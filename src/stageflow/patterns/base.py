@@ -321,10 +321,12 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         obj = held(self, entry)
         if entry.chain:
             leaf = leaf_of(self, entry)
-            was, now = (signature_fields(s) for s in (entry.signature, signature_of(leaf)))
+            current = signature_of(leaf)  # (None: no predictor there any more)
+            was = signature_fields(entry.signature)
+            now = signature_fields(current) if current is not None else ((), ())
             raise ConfigurationError(
                 f"Stage at '{join_path(prefix, entry.path)}': the signature of its "
-                f"{type(leaf).__name__} was replaced with other fields "
+                f"{type(leaf).__name__} was replaced with other fields or field types "
                 f"(inputs {list(was[0])} -> {list(now[0])}, outputs {list(was[1])} -> {list(now[1])}) after "
                 "the Stage around it computed its contract from the old ones.",
                 stage_path=join_path(prefix, entry.path),
@@ -342,10 +344,21 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             self._built_versions = self._container_versions()
         self._structure_changed()
         self._seen_structure = _STRUCTURE_VERSION[0]
-        for value in self.__dict__.values():  # the new plan's entry (with the policies it merged)
-            for found in value.values() if isinstance(value, dict) else _entries_in(value):
-                if type(found) is StageEntry and found.attr == entry.attr and found.key == entry.key:
-                    return replace(found, path=entry.path)  # (a ForEach item's path is its own)
+        attrs = self.__dict__
+        for name, value in list(attrs.items()):  # the new plan's entry (with the policies it merged)
+            places = value.items() if isinstance(value, dict) else enumerate(_entries_in(value))
+            for place, found in places:
+                if type(found) is not StageEntry or found.attr != entry.attr or found.key != entry.key:
+                    continue
+                if signature_replaced(self, found):
+                    # An entry the pattern keeps outside its stage containers (a router, a default
+                    # stage: _rebuild leaves them): made again here, and kept in its place.
+                    found = build_entry(found.attr, found.key, obj)
+                    if isinstance(value, dict | list):
+                        value[place] = found
+                    elif value is not None and type(value) is StageEntry:
+                        attrs[name] = found
+                return replace(found, path=entry.path)  # (a ForEach item's path is its own)
         return replace(build_entry(entry.attr, entry.key, obj), path=entry.path)
 
     def _structure_changed(self) -> None:
@@ -440,7 +453,9 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         key = (tag, *self._check_key(names))
         cached = self._checked.get(key)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]
+            if not (cached.watched and _replanned(cached.watched)):
+                return cached  # type: ignore[no-any-return]
+            key = (tag, *self._check_key(names))  # (a predictor got other fields: the plan was re-made)
         bad = sorted(names & RESERVED_FIELD_NAMES)
         if bad:
             raise ContractError(

@@ -27,13 +27,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
+from types import FunctionType
 from typing import Any
 
 import dspy
 from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
 
-from stageflow._callers import push_callers
+from stageflow._callers import is_dspys_entry, push_callers
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
 
@@ -51,13 +53,59 @@ def short_path(module: Any) -> list[Any] | None:
         or (o["send_stream"] if "send_stream" in o else main.get("send_stream")) is not None
     ):
         return None
+    if _entry_points() != _SEEN[0] and not _entry_points_are_dspys():
+        return None  # (wrapped by instrumentation, say: the ordinary call runs the wrappers)
     chain = [module]
-    if type(module) is dspy.ChainOfThought and "forward" not in module.__dict__ and not module.callbacks:
+    if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(module.__dict__) and not module.callbacks:
         chain.append(module.predict)
     predictor = chain[-1]
-    if type(predictor) is not dspy.Predict or "forward" in predictor.__dict__ or predictor.callbacks:
+    if type(predictor) is not dspy.Predict or not _OWN.isdisjoint(predictor.__dict__) or predictor.callbacks:
         return None
     return chain
+
+
+#: Methods that, set on an instance (``pred.aforward = ...``), change what calling it does.
+_OWN = frozenset({"forward", "aforward", "acall"})
+_PREDICT = ("__call__", "acall", "forward", "aforward")
+_GET = operator.attrgetter(*_PREDICT)
+
+
+def _entry_points() -> tuple[Any, ...]:
+    return (*_GET(dspy.Predict), *_GET(dspy.ChainOfThought), dspy.Module.__call__, dspy.Module.acall)
+
+
+#: The entry points last found to be DSPy's own (a tuple compare per call; identity first, in C).
+_SEEN: list[tuple[Any, ...] | None] = [None]
+
+
+def _entry_points_are_dspys() -> bool:
+    """Whether ``Predict`` and ``ChainOfThought`` are called the way DSPy defines them: the methods a
+    call runs through are DSPy's plain functions, not patched or wrapped (OpenInference's
+    instrumentation wraps ``Predict.forward``; its spans need the ordinary call)."""
+    now = _entry_points()
+    own = [
+        *(
+            type(fn) is FunctionType
+            and fn.__qualname__ == f"{cls}.{name}"
+            and fn.__code__.co_filename.replace("\\", "/").endswith(where)
+            for fn, name, cls, where in zip(
+                now[:8],
+                _PREDICT * 2,
+                ("Predict",) * 4 + ("ChainOfThought",) * 4,
+                ("dspy/predict/predict.py",) * 4 + ("dspy/predict/chain_of_thought.py",) * 4,
+                strict=True,
+            )
+            if not (cls == "ChainOfThought" and name in ("__call__", "acall"))
+        ),
+        is_dspys_entry(now[8], "__call__"),
+        is_dspys_entry(now[9], "acall"),
+        now[4] is now[8],  # (ChainOfThought's __call__ and acall are Module's own)
+        now[5] is now[9],
+    ]
+    if all(own):
+        _SEEN[0] = now
+        return True
+    return False
 
 
 def _has_decisions(signature: Any) -> bool:
