@@ -409,3 +409,18 @@ async def test_a_field_type_changed_in_place_is_checked_again(mode: str) -> None
     pred.signature = dspy.Signature("question -> answer: list[str]")
     with dspy.context(lm=FakeLM({"answer": ["alpha", "beta"]})), pytest.raises(ContractError, match="list"):
         await call(pipe, mode, question="q")
+
+
+async def test_a_foreach_collect_that_no_longer_fits_the_stage_is_refused_as_at_construction(
+    mode: str,
+) -> None:
+    """``ForEach(pred, collect="facts")`` of a one-output predictor collects that output; when the
+    predictor gains a second output in place, ``collect="facts"`` is as ambiguous as it would be at
+    construction: a ConfigurationError, not a silently dropped output."""
+    inner = dspy.Predict("sub_question -> fact")
+    each = stageflow.ForEach(inner, over="sub_questions", collect="facts")
+    with dspy.context(lm=FakeLM({"fact": "F", "confidence": 0.5})):
+        assert (await call(each, mode, sub_questions=["a"])).facts == ["F"]
+        inner.signature = inner.signature.append("confidence", dspy.OutputField(), type_=float)
+        with pytest.raises(ConfigurationError, match="collect='facts'"):
+            await call(each, mode, sub_questions=["a"])
