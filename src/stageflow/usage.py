@@ -59,7 +59,9 @@ class StageUsage:
     """What one stage (or a subtree of stages) used.
 
     Attributes:
-        lm_calls: LM calls that reached the model (retries included; DSPy-cached answers are not).
+        lm_calls: LM calls that reached the model and answered, as DSPy's history counts them (a
+            retried stage's calls each count; an attempt that raised does not; DSPy-cached answers
+            do not; a request with ``n=3`` is one call).
         input_tokens: Prompt tokens of those calls.
         output_tokens: Completion tokens of those calls.
         cost: Their cost, when the model reports one (``None`` when none did).
