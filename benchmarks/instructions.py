@@ -14,7 +14,8 @@ checks);
 coroutines (per item); a sync ``ForEach`` over 2,048 instant function items and
 ``ThreadPoolExecutor(512).map`` of the same function (per item; under callgrind threads take turns,
 so this counts the work, not the waiting); three ``dspy.Predict`` calls on an instant ``FakeLM`` in a
-pipeline (the fast path) and called by plain DSPy code (per stage call).
+pipeline (the fast path) and called by plain DSPy code (per stage call); the same for ten
+``Predict("question -> answer")`` on ``lm_cpu.py``'s instant canonical engine (``*10_instant``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ MEASURES = {
     "pool_map": (1, 4, ITEMS),
     "predict3": (40, 140, 3),
     "dspy3": (40, 140, 3),
+    "predict10_instant": (5, 25, 10),
+    "dspy10_instant": (5, 25, 10),
 }
 
 
@@ -66,6 +69,8 @@ def _program(name: str) -> Any:
         return lambda: deep(x=0)
     if name in ("predict3", "dspy3"):
         return _predictors(name)
+    if name in ("predict10_instant", "dspy10_instant"):
+        return _instant_predictors(name)
     if name.startswith(("undeclared", "declared")):
         chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
         return lambda: chain(x0=0)
@@ -106,6 +111,29 @@ def _predictors(name: str) -> Any:
     def plain() -> None:
         a1 = stages[0](question=f"q{next(counter)}").a1
         stages[2](a2=stages[1](a1=a1).a2)
+
+    return plain
+
+
+def _instant_predictors(name: str) -> Any:
+    """Ten copies of ``dspy.Predict("question -> answer")`` on the instant canonical engine of
+    ``lm_cpu.py`` (DSPy's real LM path, no prompt parsing in the fake): a 10-stage pipeline (the fast
+    path), or the ten predictors called by plain DSPy code (per stage call)."""
+    import dspy
+
+    import stageflow
+    from lm_cpu import make_lm
+
+    module = dspy.Predict("question -> answer")
+    stages = [module.deepcopy() for _ in range(10)]
+    dspy.configure(lm=make_lm("[[ ## answer ## ]]\nok\n\n[[ ## completed ## ]]"))
+    if name == "predict10_instant":
+        pipe = stageflow.SequentialPipeline(stages)
+        return lambda: pipe(question="q")
+
+    def plain() -> None:
+        for predictor in stages:
+            predictor(question="q")
 
     return plain
 
@@ -203,6 +231,10 @@ def main() -> None:
         "Predict stage in a pipeline / plain dspy.Predict call": (
             ("predict3", "dspy3"),
             lambda r: f"{r['predict3'] / r['dspy3']:.2f}×",
+        ),
+        "Predict stage in a pipeline / plain dspy.Predict call, instant engine": (
+            ("predict10_instant", "dspy10_instant"),
+            lambda r: f"{r['predict10_instant'] / r['dspy10_instant']:.2f}×",
         ),
         "deferred contract check per stage (undeclared − declared, marginal)": (
             ("undeclared10", "undeclared1", "declared10", "declared1"),
