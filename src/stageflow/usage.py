@@ -10,11 +10,16 @@ tables once, for the duration of the call:
   tracker that was already active (``dspy.track_usage()``), so DSPy's totals stay right;
 - a probe among DSPy's ``caller_modules`` receives the history entry DSPy records for every LM
   call (cache hits included), which carries the cost when the model reports one. With DSPy history
-  off (``disable_history`` / ``max_history_size=0``) DSPy records no entry: stageflow's wrapper of
-  DSPy's LM execution (:mod:`stageflow.budgets.intercept`, installed by the first pipeline call made
-  with history off, or the first budget) hands the call's result to :func:`note_lm_result` instead,
-  so the cost and LM-cache hits are counted either way. (History turned off only inside a stage's
-  own code, before any of that, leaves them uncounted.)
+  off (``disable_history`` / ``max_history_size=0``) DSPy records no entry;
+- stageflow's wrapper of DSPy's LM execution (:mod:`stageflow.budgets.intercept`, installed by the
+  first pipeline call) hands each call's result to :func:`note_lm_result` before DSPy records it:
+  whether DSPy's cache answered it goes to the probe (whatever tracker DSPy reports to), and with
+  history off its cost and LM-cache hit are recorded there instead.
+
+Known gaps: tokens of calls made while a stage's own code put another tracker in DSPy's slot
+(``dspy.context(usage_tracker=...)``, or a ``dspy.track_usage()`` around a ``dspy.Parallel``, whose
+per-thread copies DSPy never merges) reach neither stageflow nor that tracker's parent; an LM class
+whose ``update_history`` keeps no entry gives no cost or LM-cache-hit count.
 
 Nested pipelines keep their own table, which joins the enclosing one under the nested stage's path
 when the nested call ends (as its trace records do), so ``result.run.usage`` rolls up the whole tree.
@@ -38,7 +43,6 @@ __all__ = [
     "calling_stage",
     "close_run",
     "current_table",
-    "history_off",
     "metering",
     "note_fast_fallback",
     "note_lm_result",
@@ -173,30 +177,39 @@ class UsageTable:
         return usage
 
     def record_lm(self, path: str, usage: Mapping[str, Any]) -> None:
-        """An LM call that reached the model, made while stage ``path`` ran."""
+        """An LM call that reached the model, made while stage ``path`` ran, with its usage."""
+        self.record_tokens(path, usage)
+        self.record_history(path, True, None)
+
+    def record_tokens(self, path: str, usage: Mapping[str, Any]) -> None:
+        """The tokens of an LM call made while stage ``path`` ran (as DSPy's usage tracker gets them)."""
         # (once per LM call: DSPy's usual counts, plain ints, are read without _tokens' checks)
         got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if type(got_in) is not int:
             got_in = _tokens(usage, "prompt_tokens", "input_tokens")
         if type(got_out) is not int:
             got_out = _tokens(usage, "completion_tokens", "output_tokens")
+        if not (got_in or got_out):
+            return
         with self._lock:
             u = self._by_path.get(path)
             if u is None:
                 u = self._by_path[path] = StageUsage()
-            u.lm_calls += 1
             u.input_tokens += got_in
             u.output_tokens += got_out
 
     def record_history(self, path: str, billed: bool, cost: Any) -> None:
-        """DSPy's history entry of an LM call: its cost (billed calls) or an LM-cache hit."""
-        if billed and cost is None:  # (the usual billed call: its tokens are recorded already)
-            return
+        """An LM call's outcome, as its history entry tells it: a billed call (counted, with its cost
+        when the model reports one) or an answer from DSPy's LM cache."""
         with self._lock:
-            u = self._entry(path)
+            u = self._by_path.get(path)
+            if u is None:
+                u = self._by_path[path] = StageUsage()
             if not billed:
                 u.lm_cache_hits += 1
-            elif isinstance(cost, int | float) and not isinstance(cost, bool):
+                return
+            u.lm_calls += 1
+            if isinstance(cost, int | float) and not isinstance(cost, bool):
                 u.cost = (u.cost or 0.0) + float(cost)
 
     def record_event(self, path: str, kind: str) -> None:
@@ -492,15 +505,15 @@ def _dspy_tracker_class() -> type:
             # Nothing is kept here: the stage tables and an outer tracker (dspy.track_usage) are
             # where the usage goes, so one tracker can serve every call.
             self.record(lm, usage_entry)
-            if not history_off():  # (DSPy reports billed calls only: for the history entry next;
+            if not _history_off():  # (DSPy reports billed calls only: for the history entry next;
                 _BILLED.set(True)  # stageflow's wrapper of DSPy's execute notes it too)
 
         def record(self, lm: str, usage_entry: dict[str, Any]) -> None:
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
             table, path = _where()
-            if table is not None:
-                table.record_lm(path, usage_entry)
+            if table is not None:  # (the call itself is counted from its history entry)
+                table.record_tokens(path, usage_entry)
 
     return StageflowTracker
 
@@ -526,13 +539,7 @@ class _Sink(list):  # type: ignore[type-arg]
         if not isinstance(entry, dict):
             return
         cost = reported_cost(entry.get("cost"), entry.get("response"))
-        billed = _BILLED.get()
-        if not billed and entry.get("usage"):  # (DSPy gives a cache hit no usage)
-            # A dspy.track_usage() opened inside a stage took DSPy's tracker slot for the call: the
-            # call was billed, and its tokens reach stageflow's tracker when that block ends.
-            tracker = _settings_value("usage_tracker")
-            billed = tracker is not None and not isinstance(tracker, _TRACKER_CLASS[0] or ())
-        _record_call(billed, cost, entry.get("usage"), entry.get("response_model"))
+        _record_call(_BILLED.get(), cost, entry.get("usage"), entry.get("response_model"))
 
 
 def _settings_value(name: str) -> Any:
@@ -544,7 +551,7 @@ def _settings_value(name: str) -> Any:
     return overrides[name] if name in overrides else settings_module.main_thread_config.get(name)
 
 
-def history_off() -> bool:
+def _history_off() -> bool:
     """Whether DSPy records no history entry for an LM call made here now (``disable_history``, or
     ``max_history_size=0``)."""
     return bool(_settings_value("disable_history")) or _settings_value("max_history_size") == 0
@@ -557,7 +564,7 @@ def note_lm_result(result: Any) -> None:
     DSPy will record none (history off: ``disable_history``, or ``max_history_size=0``), its cost and
     LM-cache hit are recorded here, as the probe records them from the entry."""
     cache_hit = getattr(result, "cache_hit", False) is True
-    if not history_off():
+    if not _history_off():
         _BILLED.set(not cache_hit)
         return
     if _where()[0] is None and _WATCH.get() is None:

@@ -1,4 +1,5 @@
-"""With no budget and no rate limit, DSPy's LM path is left alone (the zero-cost rule)."""
+"""DSPy's LM path is wrapped once, by the first pipeline call or budget; with no budget or rate limit
+open, the wrapper only notes each call's result for stageflow's usage accounting."""
 
 from __future__ import annotations
 
@@ -13,26 +14,31 @@ from stageflow.budgets import intercept
 from stageflow.testing import FakeLM
 
 
-def test_running_pipelines_without_budgets_never_wraps_dspy() -> None:
+def test_dspy_is_wrapped_only_once_a_pipeline_or_budget_is_used() -> None:
+    """Importing stageflow leaves DSPy's LM path alone; the first pipeline call wraps it once (its
+    usage accounting reads each call's result there), and later calls and budgets wrap nothing more."""
     code = textwrap.dedent(
         """
         import dspy, stageflow
         from dspy.clients import execution
         from stageflow.testing import FakeLM
         original = execution.execute
+        dspy.Predict("question -> answer")(question="q", lm=FakeLM())
+        print(execution.execute is original)
         pipe = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
         with dspy.context(lm=FakeLM()):
             pipe(question="q")
-        print(execution.execute is original, "stageflow.budgets.intercept" in __import__("sys").modules)
-        with stageflow.budget(max_calls=1):
-            pass
-        print(execution.execute is original)
+        wrapped = execution.execute
+        print(wrapped is original, wrapped.__module__)
+        with dspy.context(lm=FakeLM()), stageflow.budget(max_calls=5):
+            pipe(question="q")
+        print(execution.execute is wrapped)
         """
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    assert out.stdout.split() == ["True", "False", "False"]
+    assert out.stdout.split() == ["True", "False", "stageflow.budgets.intercept", "True"]
 
 
 def test_uninstall_gives_dspy_its_functions_back() -> None:

@@ -161,3 +161,45 @@ def test_a_wrapped_dspy_method_makes_stages_take_the_ordinary_call(monkeypatch: 
     assert seen == ["forward"]
     monkeypatch.undo()
     assert short_path(plain) is not None
+
+
+def test_a_wrapt_wrapper_added_after_the_first_call_is_seen() -> None:
+    """wrapt (what OpenInference uses) wraps ``Predict.forward`` after stages already ran: its
+    wrapper compares equal to DSPy's function, so the check is by identity."""
+    wrapt = pytest.importorskip("wrapt")
+    seen: list[str] = []
+
+    def traced(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        seen.append("forward")
+        return wrapped(*args, **kwargs)
+
+    plain = dspy.Predict("q -> a")
+    script = ["[[ ## a ## ]]\nok\n\n[[ ## completed ## ]]"] * 2
+    with dspy.context(lm=ScriptedLM(script)):
+        call_predictor(plain, {"q": "x"})  # (the short path, remembered as DSPy's own)
+        original = dspy.Predict.__dict__["forward"]
+        wrapt.wrap_function_wrapper(dspy.Predict, "forward", traced)
+        try:
+            assert dspy.Predict.forward == original  # (why an == check would miss it)
+            assert short_path(plain) is None
+            assert call_predictor(plain, {"q": "x"}).a == "ok"
+        finally:
+            dspy.Predict.forward = original
+    assert seen == ["forward"]
+    assert short_path(plain) is not None
+
+
+def test_pre_and_post_processing_set_on_an_instance_run() -> None:
+    plain = dspy.Predict("q -> a")
+    marks: list[str] = []
+    original = dspy.Predict._forward_postprocess
+
+    def postprocess(completions: Any, signature: Any, **kwargs: Any) -> Any:
+        marks.append("post")
+        return original(plain, completions, signature, **kwargs)
+
+    plain._forward_postprocess = postprocess
+    assert short_path(plain) is None
+    with dspy.context(lm=ScriptedLM(["[[ ## a ## ]]\nok\n\n[[ ## completed ## ]]"])):
+        assert call_predictor(plain, {"q": "x"}).a == "ok"
+    assert marks == ["post"]

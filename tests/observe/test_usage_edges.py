@@ -124,3 +124,78 @@ async def test_token_counts_of_any_number_type_never_fail_the_stage(
     assert result.answer == "ok"
     used = result.run.usage.total
     assert (used.lm_calls, used.input_tokens, used.output_tokens) == (1, *expected)
+
+
+class _TracksWithoutUsage(dspy.Module):
+    def __init__(self, history_off: bool = False) -> None:
+        super().__init__()
+        self.p = dspy.Predict("question -> answer")
+        self.history_off = history_off
+
+    def forward(self, question: str) -> Any:
+        if self.history_off:  # history turned off by the stage's own code only
+            with dspy.context(disable_history=True):
+                return self.p(question=question)
+        with dspy.track_usage():
+            return self.p(question=question)
+
+
+def test_a_billed_call_of_a_model_reporting_no_tokens_counts_under_a_stages_own_tracker() -> None:
+    lm = FakeLM({"answer": "ok"}, usage=None, cost=0.2)
+    program = stageflow.SequentialPipeline([_TracksWithoutUsage()])
+    with dspy.context(lm=lm):
+        used = program(question="q").run.usage.total
+    assert lm.calls == 1
+    assert (used.lm_calls, used.lm_cache_hits) == (1, 0)
+    assert used.cost == pytest.approx(0.2)
+
+
+async def test_history_turned_off_inside_a_stage_still_counts_cost_and_cache_hits(mode: str) -> None:
+    lm = _cached_lm(usage=(10, 5), cost=0.2)
+    program = stageflow.SequentialPipeline([_TracksWithoutUsage(history_off=True)])
+    with dspy.context(lm=lm):
+        billed = (await call(program, mode, question="q")).run.usage.total
+        hit = (await call(program, mode, question="q")).run.usage.total
+    assert (billed.lm_calls, billed.input_tokens, billed.lm_cache_hits) == (1, 10, 0)
+    assert billed.cost == pytest.approx(0.2)
+    assert (hit.lm_calls, hit.lm_cache_hits, hit.cost) == (0, 1, None)
+
+
+class _FlakyEngine:
+    """A canonical DSPy engine (``complete(request) -> Response``) whose call number ``fail_at``
+    raises."""
+
+    def __init__(self) -> None:
+        self.calls, self.fail_at = 0, -1
+
+    def complete(self, request: Any) -> Any:
+        from dspy.lm15 import Message, Response, Usage
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("the engine failed")
+        text = "[[ ## answer ## ]]\nok\n\n[[ ## completed ## ]]"
+        usage = Usage(input_tokens=10, output_tokens=5, total_tokens=15)
+        return Response(
+            id=None, model="fake/lm", message=Message.assistant(text), finish_reason="stop", usage=usage
+        )
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_call_that_failed_after_billing_part_does_not_make_the_next_cache_hit_look_billed() -> None:
+    """``n=2`` whose second candidate fails: DSPy reports the first candidate's usage to the usage
+    tracker and records no history entry; the next answer from DSPy's cache is still a cache hit."""
+    dspy.configure_cache(enable_memory_cache=True, enable_disk_cache=False)
+    engine = _FlakyEngine()
+    lm = dspy.LM(f"fake/{uuid.uuid4().hex[:8]}", engine=engine, cache=True, num_retries=0)
+    one = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+    two = stageflow.SequentialPipeline([dspy.Predict("question -> answer", n=2)])
+    with dspy.context(lm=lm):
+        one(question="cached")
+        engine.fail_at = engine.calls + 2
+        with pytest.raises(stageflow.StageError):
+            two(question="fails")
+        hit = one(question="cached").run.usage.total
+    assert (hit.lm_calls, hit.lm_cache_hits, hit.cost) == (0, 1, None)

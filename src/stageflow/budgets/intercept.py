@@ -2,12 +2,12 @@
 
 Every DSPy LM call — ``dspy.LM``, ``DummyLM``, a ``BaseLM`` subclass, sync or async, from a predictor,
 an adapter's fallback, a retry or user code — runs ``dspy.clients.execution.execute`` (``aexecute``)
-between preparing the request and recording its usage and history. The first budget or rate limit
-(or a pipeline call made with DSPy's history off) has :func:`install` wrap those two functions
-(``LM.__call__`` looks them up on each call). While no budget is open and no rate limit is set, the
-wrapper is one check, the original call, and a look at whether DSPy will record the call's history
-(when it will not, the call's cost and LM-cache hit go to the running stage's usage:
-:func:`stageflow.usage.note_lm_result`). Otherwise, per LM call:
+between preparing the request and recording its usage and history. The first pipeline call (or
+budget, or rate limit) has :func:`install` wrap those two functions (``LM.__call__`` looks them up
+on each call). While no budget is open and no rate limit is set, the wrapper is one check, the
+original call, and a note of the call's result for stageflow's usage accounting (was it billed or
+answered by DSPy's cache; with history off, its cost: :func:`stageflow.usage.note_lm_result`).
+Otherwise, per LM call:
 
 1. the budgets in force reserve what it may use and the model's rate limiter grants it room
    (:mod:`.ledger`, :mod:`.ratelimit`). When either cannot at once, DSPy's LM cache is asked first

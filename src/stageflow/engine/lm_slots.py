@@ -25,7 +25,7 @@ import contextvars
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from stageflow.engine.budget import Budget, visible_chain
 
@@ -102,9 +102,17 @@ async def acall_capped(slots: tuple[Budget, ...], fn: Callable[[], Awaitable[T]]
             b.release()
 
 
-def ensure_installed() -> None:
-    """Wrap DSPy's LM execution (once) so that LM calls take their slots."""
-    from stageflow.budgets.intercept import install, installed
+_INTERCEPT: list[Any] = []  # stageflow.budgets.intercept, once imported (it imports this module)
 
-    if not installed():
-        install()
+
+def ensure_installed() -> None:
+    """Wrap DSPy's LM execution (once) so that LM calls take their slots, budgets and rate limits
+    hold, and stageflow's usage accounting sees each call's result (the first pipeline call does
+    it); after the first call, one check."""
+    if not _INTERCEPT:
+        from stageflow.budgets import intercept
+
+        _INTERCEPT.append(intercept)
+    intercept = _INTERCEPT[0]
+    if not intercept.installed():
+        intercept.install()

@@ -54,7 +54,6 @@ from stageflow.usage import (
     calling_stage,
     close_run,
     current_table,
-    history_off,
     open_run,
 )
 
@@ -797,10 +796,12 @@ def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     table.prefix = prefix
     spec = pipeline.lm_budget
     budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
-    if history_off():  # DSPy records no history entry: the LM-cache hits and costs are seen by
-        ensure_lm_caps()  # stageflow's wrapper of DSPy's LM execution instead (stageflow.usage)
     if _TABLE.get() is not None:
         return (_TABLE.set(table), None, budget)
+    # Each LM call's result, where DSPy's execute returns it, tells stageflow's usage accounting
+    # whether DSPy's cache answered it, and its cost when DSPy records no history entry (see
+    # stageflow.usage and stageflow.budgets.intercept); after the first call, one check.
+    ensure_lm_caps()
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)
     adapter = fast_adapter_for(_active_adapter()) if fast else None

@@ -53,7 +53,8 @@ def short_path(module: Any) -> list[Any] | None:
         or (o["send_stream"] if "send_stream" in o else main.get("send_stream")) is not None
     ):
         return None
-    if _entry_points() != _SEEN[0] and not _entry_points_are_dspys():
+    # (by identity, not ==: a wrapt wrapper compares equal to the function it wraps)
+    if tuple(map(id, _entry_points())) != _SEEN_IDS[0] and not _entry_points_are_dspys():
         return None  # (wrapped by instrumentation, say: the ordinary call runs the wrappers)
     chain = [module]
     if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(module.__dict__) and not module.callbacks:
@@ -65,7 +66,7 @@ def short_path(module: Any) -> list[Any] | None:
 
 
 #: Methods that, set on an instance (``pred.aforward = ...``), change what calling it does.
-_OWN = frozenset({"forward", "aforward", "acall"})
+_OWN = frozenset({"forward", "aforward", "acall", "_forward_preprocess", "_forward_postprocess"})
 _PREDICT = ("__call__", "acall", "forward", "aforward")
 _GET = operator.attrgetter(*_PREDICT)
 
@@ -74,8 +75,10 @@ def _entry_points() -> tuple[Any, ...]:
     return (*_GET(dspy.Predict), *_GET(dspy.ChainOfThought), dspy.Module.__call__, dspy.Module.acall)
 
 
-#: The entry points last found to be DSPy's own (a tuple compare per call; identity first, in C).
+#: The entry points last found to be DSPy's own, and their ids (compared per call, in C; the
+#: functions are kept, so their ids cannot be reused).
 _SEEN: list[tuple[Any, ...] | None] = [None]
+_SEEN_IDS: list[tuple[int, ...] | None] = [None]
 
 
 def _entry_points_are_dspys() -> bool:
@@ -103,7 +106,7 @@ def _entry_points_are_dspys() -> bool:
         now[5] is now[9],
     ]
     if all(own):
-        _SEEN[0] = now
+        _SEEN[0], _SEEN_IDS[0] = now, tuple(map(id, now))
         return True
     return False
 
