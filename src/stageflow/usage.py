@@ -12,14 +12,14 @@ tables once, for the duration of the call:
   call (cache hits included), which carries the cost when the model reports one. With DSPy history
   off (``disable_history`` / ``max_history_size=0``) DSPy records no entry;
 - stageflow's wrapper of DSPy's LM execution (:mod:`stageflow.budgets.intercept`, installed by the
-  first pipeline call) hands each call's result to :func:`note_lm_result` before DSPy records it:
-  whether DSPy's cache answered it goes to the probe (whatever tracker DSPy reports to), and with
-  history off its cost and LM-cache hit are recorded there instead.
+  first pipeline call) hands each call's result to :func:`note_lm_result` before DSPy records it,
+  which counts the call — billed, with its cost, or answered by DSPy's cache — whatever tracker
+  DSPy reports to and whatever its history keeps; the probe then counts only calls that did not go
+  through DSPy's ``execute`` (an LM client of its own).
 
 Known gaps: tokens of calls made while a stage's own code put another tracker in DSPy's slot
 (``dspy.context(usage_tracker=...)``, or a ``dspy.track_usage()`` around a ``dspy.Parallel``, whose
-per-thread copies DSPy never merges) reach neither stageflow nor that tracker's parent; an LM class
-whose ``update_history`` keeps no entry gives no cost or LM-cache-hit count.
+per-thread copies DSPy never merges) reach neither stageflow nor that tracker's parent.
 
 Nested pipelines keep their own table, which joins the enclosing one under the nested stage's path
 when the nested call ends (as its trace records do), so ``result.run.usage`` rolls up the whole tree.
@@ -325,7 +325,11 @@ def _tokens(usage: Mapping[str, Any], *names: str) -> int:
 
 _TABLE: ContextVar[UsageTable | None] = ContextVar("stageflow_usage_table", default=None)
 _STAGE: ContextVar[str] = ContextVar("stageflow_usage_stage", default="")
-_BILLED: ContextVar[bool] = ContextVar("stageflow_usage_billed", default=False)
+#: Whether the LM call whose history entry DSPy records next was billed (set by the usage tracker,
+#: which DSPy calls for billed calls only), or ``COUNTED``: stageflow's wrapper of DSPy's execute
+#: counted that call already (see :func:`note_lm_result`).
+_BILLED: ContextVar[Any] = ContextVar("stageflow_usage_billed", default=False)
+_COUNTED = "counted"
 _WATCH: ContextVar[list[dict[str, Any]] | None] = ContextVar("stageflow_usage_watch", default=None)
 
 
@@ -505,8 +509,8 @@ def _dspy_tracker_class() -> type:
             # Nothing is kept here: the stage tables and an outer tracker (dspy.track_usage) are
             # where the usage goes, so one tracker can serve every call.
             self.record(lm, usage_entry)
-            if not _history_off():  # (DSPy reports billed calls only: for the history entry next;
-                _BILLED.set(True)  # stageflow's wrapper of DSPy's execute notes it too)
+            if _BILLED.get() is not _COUNTED and not _history_off():  # (for the history entry next:
+                _BILLED.set(True)  # DSPy reports billed calls only)
 
         def record(self, lm: str, usage_entry: dict[str, Any]) -> None:
             if self.parent is not None:
@@ -538,8 +542,12 @@ class _Sink(list):  # type: ignore[type-arg]
     def append(self, entry: Any) -> None:
         if not isinstance(entry, dict):
             return
+        billed = _BILLED.get()
+        if billed is _COUNTED:  # (the wrapper of DSPy's execute counted this call from its result)
+            _BILLED.set(False)
+            return
         cost = reported_cost(entry.get("cost"), entry.get("response"))
-        _record_call(_BILLED.get(), cost, entry.get("usage"), entry.get("response_model"))
+        _record_call(billed is True, cost, entry.get("usage"), entry.get("response_model"))
 
 
 def _settings_value(name: str) -> Any:
@@ -559,20 +567,18 @@ def _history_off() -> bool:
 
 def note_lm_result(result: Any) -> None:
     """An LM call finished (``result``: what DSPy's ``execute`` returned, before DSPy records it;
-    called by stageflow's wrapper of it, see :mod:`stageflow.budgets.intercept`). Whether the model
-    billed it (DSPy's cache did not answer it) is noted for the history entry DSPy records next; when
-    DSPy will record none (history off: ``disable_history``, or ``max_history_size=0``), its cost and
-    LM-cache hit are recorded here, as the probe records them from the entry."""
-    cache_hit = getattr(result, "cache_hit", False) is True
-    if not _history_off():
-        _BILLED.set(not cache_hit)
-        return
+    called by stageflow's wrapper of it, see :mod:`stageflow.budgets.intercept`): it is counted for
+    the running stage here — billed (with its cost) or answered by DSPy's cache — whatever DSPy's
+    history keeps of it, and the history entry DSPy records next is marked as counted."""
     if _where()[0] is None and _WATCH.get() is None:
         return
+    cache_hit = getattr(result, "cache_hit", False) is True
     raw = getattr(result, "raw", None)
     responses = raw if raw is not None else getattr(result, "responses", None)
     cost = reported_cost(getattr(result, "cost", None), responses)
     _record_call(not cache_hit, cost, getattr(result, "usage", None), getattr(result, "response_model", None))
+    if not _history_off():
+        _BILLED.set(_COUNTED)
 
 
 class _HistoryProbe:

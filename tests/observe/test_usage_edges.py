@@ -199,3 +199,21 @@ def test_a_call_that_failed_after_billing_part_does_not_make_the_next_cache_hit_
             two(question="fails")
         hit = one(question="cached").run.usage.total
     assert (hit.lm_calls, hit.lm_cache_hits, hit.cost) == (0, 1, None)
+
+
+async def test_an_lm_that_keeps_no_history_still_gets_its_calls_cost_and_cache_hits_counted(
+    mode: str,
+) -> None:
+    class Forgetful(FakeLM):  # type: ignore[misc]
+        def update_history(self, entry: Any) -> None:
+            return None  # (DSPy's caller_modules never get the entry)
+
+    dspy.configure_cache(enable_memory_cache=True, enable_disk_cache=False)
+    lm = Forgetful({"answer": "a"}, usage=(10, 5), cost=0.2, cache=True, model=f"fake/{uuid.uuid4().hex[:8]}")
+    program = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=lm):
+        billed = (await call(program, mode, question="q")).run.usage.total
+        hit = (await call(program, mode, question="q")).run.usage.total
+    assert (billed.lm_calls, billed.input_tokens, billed.lm_cache_hits) == (1, 10, 0)
+    assert billed.cost == pytest.approx(0.2)
+    assert (hit.lm_calls, hit.lm_cache_hits) == (0, 1)
