@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["calibrate", "machine_note", "measure"]
+__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure"]
 
 
 def calibrate(fn: Callable[[], Any], target_s: float = 0.05) -> int:
@@ -68,3 +69,19 @@ def machine_note() -> str:
     ref = (time.process_time() - t0) * 1e3
     load = os.getloadavg()[0]
     return f"load average {load:.2f}; speed reference {ref:.1f} ms (sum of squares to 1e5)"
+
+
+@contextlib.contextmanager
+def dspy_untouched() -> Iterator[None]:
+    """Inside the block DSPy's LM execution is DSPy's own: the wrapper the first pipeline call (or
+    budget) installs is taken off, so a plain-DSPy variant measured in the same process as stageflow
+    variants does not pay for it; it is put back after."""
+    from stageflow.budgets import intercept
+
+    was = intercept.installed()
+    intercept.uninstall()
+    try:
+        yield
+    finally:
+        if was:
+            intercept.install()

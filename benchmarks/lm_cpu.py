@@ -53,7 +53,7 @@ from dspy.dsp.utils.settings import settings, thread_local_overrides
 from dspy.lm15 import Message, Response, Usage
 
 import stageflow
-from _harness import calibrate, machine_note
+from _harness import calibrate, dspy_untouched, machine_note
 from stageflow.lm.fast import (
     acall_predictor,
     call_predictor,
@@ -267,8 +267,8 @@ def variants_for(module: Any, inputs: dict[str, Any], lm: Any, kind: str) -> dic
     ctx_plain = {"lm": lm, "adapter": plain_adapter}
     ctx_fast = {"lm": lm, "adapter": fast}
     return {
-        "plain": (ctx_plain, lambda: module(**inputs), none),
-        "fast adapter": (ctx_fast, lambda: module(**inputs), none),
+        "plain": (ctx_plain, lambda: module(**inputs), dspy_untouched),
+        "fast adapter": (ctx_fast, lambda: module(**inputs), dspy_untouched),
         "stageflow stage, fast off": (ctx_plain, lambda: pipeline(**inputs), none),
         "stageflow stage, fast on": (ctx_fast, lambda: pipeline(**inputs), none),
         f"stageflow {STAGES}-stage pipeline, fast off (per stage)": (ctx_plain, lambda: ten(**inputs), none),
@@ -361,11 +361,11 @@ def async_variants(reps: int) -> dict[str, tuple[float, float]]:
     none = contextlib.nullcontext
     out = measure(
         {
-            "Predict.acall": ({"lm": lm}, on_loop(lambda: module.acall(**inputs)), none),
+            "Predict.acall": ({"lm": lm}, on_loop(lambda: module.acall(**inputs)), dspy_untouched),
             "Predict.acall, fast adapter": (
                 {"lm": lm, "adapter": fast},
                 on_loop(lambda: module.acall(**inputs)),
-                none,
+                dspy_untouched,
             ),
             "async stage path (P1, acall_predictor)": (
                 {"lm": lm, "adapter": fast},

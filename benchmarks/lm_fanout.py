@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dspy
 
 import stageflow
-from _harness import machine_note
+from _harness import dspy_untouched, machine_note
 from lm_cpu import astage_call, inline_thread_hops, make_lm, memoised_request_conversion
 from stageflow.lm.fast import fast_adapter_for
 
@@ -49,9 +50,9 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
 
     for label, adapter in (("", None), (", fast adapter", fast_adapter_for(None))):
 
-        def ctx(fn: Callable[[], Any], adapter: Any = adapter) -> Callable[[], Any]:
+        def ctx(fn: Callable[[], Any], adapter: Any = adapter, plain: bool = False) -> Callable[[], Any]:
             def run() -> Any:
-                with dspy.context(lm=lm, adapter=adapter):
+                with dspy.context(lm=lm, adapter=adapter), dspy_untouched() if plain else nullcontext():
                     return fn()
 
             return run
@@ -59,8 +60,12 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
         async def gather() -> None:
             await asyncio.gather(*[predict.acall(x=s) for s in strs])
 
-        out[f"asyncio.gather(Predict.acall){label}"] = ctx(lambda: loop.run_until_complete(gather()))
-        out[f"dspy.Parallel(num_threads=N){label}"] = ctx(lambda: par([(predict, {"x": s}) for s in strs]))
+        out[f"asyncio.gather(Predict.acall){label}"] = ctx(
+            lambda: loop.run_until_complete(gather()), plain=True
+        )
+        out[f"dspy.Parallel(num_threads=N){label}"] = ctx(
+            lambda: par([(predict, {"x": s}) for s in strs]), plain=True
+        )
         out[f"stageflow ForEach(Predict), sync call{label}"] = ctx(lambda: fe(xs=strs))
         out[f"stageflow ForEach(Predict), acall{label}"] = ctx(
             lambda: loop.run_until_complete(fe.acall(xs=strs))
