@@ -5,21 +5,16 @@ LM work is attributed to the stage that was running when it happened — across 
 because the stage's path travels in a context variable. The outermost call connects DSPy to the
 tables once, for the duration of the call:
 
-- a usage tracker (DSPy's own ``settings.usage_tracker`` slot) receives the tokens of every LM call
-  that reached the model (DSPy does not report cached answers to it); it also forwards them to a
-  tracker that was already active (``dspy.track_usage()``), so DSPy's totals stay right;
-- a probe among DSPy's ``caller_modules`` receives the history entry DSPy records for every LM
-  call (cache hits included), which carries the cost when the model reports one. With DSPy history
-  off (``disable_history`` / ``max_history_size=0``) DSPy records no entry;
 - stageflow's wrapper of DSPy's LM execution (:mod:`stageflow.budgets.intercept`, installed by the
-  first pipeline call) hands each call's result to :func:`note_lm_result` before DSPy records it,
-  which counts the call — billed, with its cost, or answered by DSPy's cache — whatever tracker
-  DSPy reports to and whatever its history keeps; the probe then counts only calls that did not go
-  through DSPy's ``execute`` (an LM client of its own).
-
-Known gaps: tokens of calls made while a stage's own code put another tracker in DSPy's slot
-(``dspy.context(usage_tracker=...)``, or a ``dspy.track_usage()`` around a ``dspy.Parallel``, whose
-per-thread copies DSPy never merges) reach neither stageflow nor that tracker's parent.
+  first pipeline call) hands each call's result to :func:`note_lm_result` before DSPy reports it,
+  which counts the call — billed, with its tokens and cost, or answered by DSPy's cache — whatever
+  tracker DSPy reports to (a stage's own ``dspy.track_usage()``, a ``dspy.Parallel``'s per-thread
+  copies) and whatever its history keeps (``disable_history``, ``max_history_size=0``);
+- a usage tracker in DSPy's ``settings.usage_tracker`` slot forwards the tokens to a tracker that
+  was already active (``dspy.track_usage()`` around the pipeline call), so DSPy's totals stay right,
+  and a probe among DSPy's ``caller_modules`` receives DSPy's history entries: those two count the
+  calls that did not go through DSPy's ``execute`` (an LM client of its own), and the tokens of a
+  call that failed after the model billed part of it.
 
 Nested pipelines keep their own table, which joins the enclosing one under the nested stage's path
 when the nested call ends (as its trace records do), so ``result.run.usage`` rolls up the whole tree.
@@ -463,18 +458,21 @@ def calling_stage() -> tuple[UsageTable, str, str | None] | None:
 class _RolledUp(list):  # type: ignore[type-arg]
     """``tracker.usage_data[lm]`` of stageflow's tracker: DSPy's ``track_usage()`` opened inside a
     stage adds what it collected to its parent tracker on exit (``usage_data[lm].extend(...)``); each
-    entry is recorded as the tracker records a call, and nothing is kept."""
+    entry goes on to the tracker around the pipeline call, if any, and nothing is kept (the stage's
+    table counted those calls' tokens as they ran: :func:`note_lm_result`)."""
 
     def __init__(self, tracker: Any, lm: str) -> None:
         super().__init__()
         self.tracker, self.lm = tracker, lm
 
     def append(self, entry: Any) -> None:
-        self.tracker.record(self.lm, entry)
+        self.extend((entry,))
 
     def extend(self, entries: Any) -> None:
-        for entry in entries:
-            self.tracker.record(self.lm, entry)
+        parent = self.tracker.parent
+        if parent is not None:
+            for entry in entries:
+                parent.add_usage(self.lm, entry)
 
 
 class _RollUps(dict):  # type: ignore[type-arg]
@@ -508,16 +506,18 @@ def _dspy_tracker_class() -> type:
         def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
             # Nothing is kept here: the stage tables and an outer tracker (dspy.track_usage) are
             # where the usage goes, so one tracker can serve every call.
-            self.record(lm, usage_entry)
-            if _BILLED.get() is not _COUNTED and not _history_off():  # (for the history entry next:
-                _BILLED.set(True)  # DSPy reports billed calls only)
-
-        def record(self, lm: str, usage_entry: dict[str, Any]) -> None:
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
+            if _BILLED.get() is _COUNTED:  # (counted, tokens included, from the call's result)
+                if _history_off():  # (no history entry follows to take the mark off)
+                    _BILLED.set(False)
+                return
+            # A call that did not go through DSPy's execute, or failed after billing part of it.
             table, path = _where()
-            if table is not None:  # (the call itself is counted from its history entry)
+            if table is not None:
                 table.record_tokens(path, usage_entry)
+            if not _history_off():  # (for the history entry next: DSPy reports billed calls only)
+                _BILLED.set(True)
 
     return StageflowTracker
 
@@ -568,17 +568,22 @@ def _history_off() -> bool:
 def note_lm_result(result: Any) -> None:
     """An LM call finished (``result``: what DSPy's ``execute`` returned, before DSPy records it;
     called by stageflow's wrapper of it, see :mod:`stageflow.budgets.intercept`): it is counted for
-    the running stage here — billed (with its cost) or answered by DSPy's cache — whatever DSPy's
-    history keeps of it, and the history entry DSPy records next is marked as counted."""
+    the running stage here — billed (with its tokens and cost) or answered by DSPy's cache —
+    whatever tracker DSPy reports to and whatever its history keeps, and what DSPy reports of it
+    next (to its usage tracker, in a history entry) is marked as counted."""
     if _where()[0] is None and _WATCH.get() is None:
         return
     cache_hit = getattr(result, "cache_hit", False) is True
     raw = getattr(result, "raw", None)
     responses = raw if raw is not None else getattr(result, "responses", None)
     cost = reported_cost(getattr(result, "cost", None), responses)
-    _record_call(not cache_hit, cost, getattr(result, "usage", None), getattr(result, "response_model", None))
-    if not _history_off():
-        _BILLED.set(_COUNTED)
+    usage = getattr(result, "usage", None)
+    if not cache_hit and usage:
+        table, path = _where()
+        if table is not None:
+            table.record_tokens(path, usage)
+    _record_call(not cache_hit, cost, usage, getattr(result, "response_model", None))
+    _BILLED.set(_COUNTED)  # (DSPy's tracker and history entry for this call, next: counted)
 
 
 class _HistoryProbe:

@@ -424,3 +424,26 @@ async def test_a_foreach_collect_that_no_longer_fits_the_stage_is_refused_as_at_
         inner.signature = inner.signature.append("confidence", dspy.OutputField(), type_=float)
         with pytest.raises(ConfigurationError, match="collect='facts'"):
             await call(each, mode, sub_questions=["a"])
+
+
+class _PropertyPredict(dspy.Predict):  # type: ignore[misc]
+    """A Predict subclass that keeps its signature behind a property (not in ``__dict__``)."""
+
+    @property  # type: ignore[override]
+    def signature(self) -> Any:
+        return self._sig
+
+    @signature.setter
+    def signature(self, value: Any) -> None:
+        object.__setattr__(self, "_sig", value)
+
+
+async def test_a_signature_kept_behind_a_property_is_watched_too(mode: str) -> None:
+    pred = _PropertyPredict("question -> answer")
+    pipe = SequentialPipeline([pred])
+    with dspy.context(lm=FakeLM({"answer": lambda inputs: "|".join(sorted(inputs))})):
+        assert (await call(pipe, mode, question="q")).answer == "question"
+        pred.signature = pred.signature.prepend("context", dspy.InputField())
+        with pytest.raises(ContractError, match="context"):
+            await call(pipe, mode, question="q")
+        assert (await call(pipe, mode, question="q", context="c")).answer == "context|question"

@@ -217,3 +217,44 @@ async def test_an_lm_that_keeps_no_history_still_gets_its_calls_cost_and_cache_h
     assert (billed.lm_calls, billed.input_tokens, billed.lm_cache_hits) == (1, 10, 0)
     assert billed.cost == pytest.approx(0.2)
     assert (hit.lm_calls, hit.lm_cache_hits) == (0, 1)
+
+
+class _OwnTracker(dspy.Module):
+    """A stage whose own code puts another tracker in DSPy's slot around its LM work."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.p = dspy.Predict("question -> answer")
+        self.inner = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+        self.how = how
+        self.mine: Any = None
+
+    def forward(self, question: str) -> Any:
+        if self.how == "context":
+            from dspy.utils.usage_tracker import UsageTracker
+
+            self.mine = UsageTracker()
+            with dspy.context(usage_tracker=self.mine):
+                return self.p(question=question)
+        with dspy.track_usage() as self.mine:
+            if self.how == "parallel":
+                runs = dspy.Parallel(num_threads=3, disable_progress_bar=True)
+                outs = runs([(self.p, {"question": f"{question} {i}"}) for i in range(3)])
+                return dspy.Prediction(answer=outs[0].answer)
+            return dspy.Prediction(answer=self.inner(question=question).answer)
+
+
+@pytest.mark.parametrize(("how", "calls"), [("context", 1), ("parallel", 3), ("nested pipeline", 1)])
+def test_tokens_count_when_a_stage_puts_its_own_tracker_in_dspys_slot(how: str, calls: int) -> None:
+    lm = FakeLM({"answer": "a"}, usage=(10, 5), cost=0.2)
+    module = _OwnTracker(how)
+    program = stageflow.SequentialPipeline([stageflow.Stage(module, writes=["answer"])])
+    with dspy.context(lm=lm), dspy.track_usage() as outer:
+        used = program(question="q").run.usage.total
+    assert lm.calls == calls
+    assert (used.lm_calls, used.input_tokens, used.output_tokens) == (calls, 10 * calls, 5 * calls)
+    assert used.cost == pytest.approx(0.2 * calls)
+    if how != "parallel":  # (DSPy never merges dspy.Parallel's per-thread tracker copies back)
+        assert module.mine.get_total_tokens()[lm.model]["prompt_tokens"] == 10 * calls
+    if how == "nested pipeline":
+        assert outer.get_total_tokens()[lm.model]["prompt_tokens"] == 10

@@ -159,8 +159,11 @@ def signature_of(leaf: Any) -> Any:
     attrs = object.__getattribute__(leaf, "__dict__")
     inner = attrs.get("predict")
     if inner is not None and type(leaf) is not dspy.Predict:
-        attrs = object.__getattribute__(inner, "__dict__")
-    return attrs.get("signature")
+        leaf, attrs = inner, object.__getattribute__(inner, "__dict__")
+    found = attrs.get("signature")
+    if found is None and isinstance(getattr(type(leaf), "signature", None), property):
+        found = getattr(leaf, "signature", None)  # (a subclass keeps it behind a property)
+    return found
 
 
 _FIELDS: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], tuple[str, ...]]] = weakref.WeakKeyDictionary()
