@@ -38,6 +38,8 @@ __all__ = [
     "calling_stage",
     "close_run",
     "current_table",
+    "finalized",
+    "finalizing",
     "metering",
     "note_fast_fallback",
     "note_lm_result",
@@ -321,10 +323,12 @@ def _tokens(usage: Mapping[str, Any], *names: str) -> int:
 _TABLE: ContextVar[UsageTable | None] = ContextVar("stageflow_usage_table", default=None)
 _STAGE: ContextVar[str] = ContextVar("stageflow_usage_stage", default="")
 #: Whether the LM call whose history entry DSPy records next was billed (set by the usage tracker,
-#: which DSPy calls for billed calls only), or ``COUNTED``: stageflow's wrapper of DSPy's execute
-#: counted that call already (see :func:`note_lm_result`).
-_BILLED: ContextVar[Any] = ContextVar("stageflow_usage_billed", default=False)
-_COUNTED = "counted"
+#: which DSPy calls for billed calls only): for calls that do not go through DSPy's execute.
+_BILLED: ContextVar[bool] = ContextVar("stageflow_usage_billed", default=False)
+#: The last LM call result :func:`note_lm_result` counted, and whether DSPy is reporting that very
+#: call now (its ``finalize``: usage tracker, history), so the tracker and the probe leave it alone.
+_COUNTED: ContextVar[Any] = ContextVar("stageflow_usage_counted", default=None)
+_REPORTING_COUNTED: ContextVar[bool] = ContextVar("stageflow_usage_reporting_counted", default=False)
 _WATCH: ContextVar[list[dict[str, Any]] | None] = ContextVar("stageflow_usage_watch", default=None)
 
 
@@ -508,16 +512,17 @@ def _dspy_tracker_class() -> type:
             # where the usage goes, so one tracker can serve every call.
             if self.parent is not None:
                 self.parent.add_usage(lm, usage_entry)
-            if _BILLED.get() is _COUNTED:  # (counted, tokens included, from the call's result)
-                if _history_off():  # (no history entry follows to take the mark off)
-                    _BILLED.set(False)
+            if _REPORTING_COUNTED.get():  # (counted, tokens included, from the call's result)
                 return
             # A call that did not go through DSPy's execute, or failed after billing part of it.
             table, path = _where()
+            if _history_off():  # (no history entry follows: the call is counted here)
+                if table is not None:
+                    table.record_lm(path, usage_entry)
+                return
             if table is not None:
                 table.record_tokens(path, usage_entry)
-            if not _history_off():  # (for the history entry next: DSPy reports billed calls only)
-                _BILLED.set(True)
+            _BILLED.set(True)  # (for the history entry next: DSPy reports billed calls only)
 
     return StageflowTracker
 
@@ -542,12 +547,10 @@ class _Sink(list):  # type: ignore[type-arg]
     def append(self, entry: Any) -> None:
         if not isinstance(entry, dict):
             return
-        billed = _BILLED.get()
-        if billed is _COUNTED:  # (the wrapper of DSPy's execute counted this call from its result)
-            _BILLED.set(False)
+        if _REPORTING_COUNTED.get():  # (the wrapper of DSPy's execute counted this call already)
             return
         cost = reported_cost(entry.get("cost"), entry.get("response"))
-        _record_call(billed is True, cost, entry.get("usage"), entry.get("response_model"))
+        _record_call(_BILLED.get(), cost, entry.get("usage"), entry.get("response_model"))
 
 
 def _settings_value(name: str) -> Any:
@@ -583,7 +586,23 @@ def note_lm_result(result: Any) -> None:
         if table is not None:
             table.record_tokens(path, usage)
     _record_call(not cache_hit, cost, usage, getattr(result, "response_model", None))
-    _BILLED.set(_COUNTED)  # (DSPy's tracker and history entry for this call, next: counted)
+    _COUNTED.set(result)  # (what DSPy reports of this call next, in its finalize, is counted)
+
+
+def finalizing(result: Any) -> Token[bool] | None:
+    """DSPy starts reporting an LM call (its ``finalize``: usage tracker, history entry); when
+    :func:`note_lm_result` counted that very call, the tracker and the probe leave it alone until
+    :func:`finalized`. Returns what :func:`finalized` needs."""
+    if result is None or _COUNTED.get() is not result:
+        return None
+    _COUNTED.set(None)
+    return _REPORTING_COUNTED.set(True)
+
+
+def finalized(token: Token[bool] | None) -> None:
+    """DSPy finished reporting the call :func:`finalizing` was given."""
+    if token is not None:
+        _REPORTING_COUNTED.reset(token)
 
 
 class _HistoryProbe:

@@ -258,3 +258,47 @@ def test_tokens_count_when_a_stage_puts_its_own_tracker_in_dspys_slot(how: str, 
         assert module.mine.get_total_tokens()[lm.model]["prompt_tokens"] == 10 * calls
     if how == "nested pipeline":
         assert outer.get_total_tokens()[lm.model]["prompt_tokens"] == 10
+
+
+class _OwnCall(dspy.BaseLM):  # type: ignore[misc]
+    """An LM with its own ``__call__`` (it does not go through DSPy's execute) that records the call
+    through DSPy's ``_record_response``: 7 / 3 tokens, cost 0.1."""
+
+    def __init__(self) -> None:
+        super().__init__("own/lm", "chat", 0.0, 1000, cache=False)
+
+    def __call__(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        response = SimpleNamespace(
+            choices=[],
+            usage={"prompt_tokens": 7, "completion_tokens": 3},
+            model="own/lm",
+            _hidden_params={"response_cost": 0.1},
+        )
+        return self._record_response(response, prompt, messages, ["x"], kwargs)
+
+
+@pytest.mark.parametrize("before", ["lm.forward", "cache hit with history off"])
+def test_a_call_outside_dspys_execute_counts_whatever_came_before_it(before: str) -> None:
+    """A call DSPy's execute ran without DSPy reporting it (``lm.forward(...)``; a cache hit with
+    history off) must not make the next call of an LM with its own ``__call__`` go uncounted."""
+    lm = _cached_lm(usage=(10, 5), cost=0.2)
+    own = _OwnCall()
+
+    def direct(question: str) -> dict[str, str]:
+        if before == "lm.forward":
+            lm.forward(prompt=f"hi {question}")  # billed 10 / 5, cost 0.2 (DSPy reports nothing)
+        else:
+            with dspy.context(disable_history=True):
+                dspy.Predict("question -> answer")(question="cached")
+        own("hello")
+        return {"answer": "x"}
+
+    program = stageflow.SequentialPipeline([stageflow.stage(direct, writes=["answer"])])
+    with dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="cached")  # (fills DSPy's cache)
+        used = program(question="q").run.usage.total
+    if before == "lm.forward":
+        assert (used.lm_calls, used.input_tokens, used.output_tokens) == (2, 17, 8)
+        assert used.cost == pytest.approx(0.3)
+    else:
+        assert (used.lm_calls, used.input_tokens, used.output_tokens, used.lm_cache_hits) == (1, 7, 3, 1)

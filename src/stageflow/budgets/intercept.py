@@ -5,9 +5,10 @@ an adapter's fallback, a retry or user code — runs ``dspy.clients.execution.ex
 between preparing the request and recording its usage and history. The first pipeline call (or
 budget, or rate limit) has :func:`install` wrap those two functions (``LM.__call__`` looks them up
 on each call). While no budget is open and no rate limit is set, the wrapper is one check, the
-original call, and a note of the call's result for stageflow's usage accounting (was it billed or
-answered by DSPy's cache; with history off, its cost: :func:`stageflow.usage.note_lm_result`).
-Otherwise, per LM call:
+original call, and a note of the call's result for stageflow's usage accounting
+(:func:`stageflow.usage.note_lm_result`); DSPy's ``finalize``, which reports the call to its usage
+tracker and history, is wrapped too, so the accounting knows while it runs that the call is counted
+(:func:`stageflow.usage.finalizing`). Otherwise, per LM call:
 
 1. the budgets in force reserve what it may use and the model's rate limiter grants it room
    (:mod:`.ledger`, :mod:`.ratelimit`). When either cannot at once, DSPy's LM cache is asked first
@@ -43,7 +44,7 @@ from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_known, prices, prompt_size
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
-from stageflow.usage import note_lm_result, note_lm_wait, reported_cost
+from stageflow.usage import finalized, finalizing, note_lm_result, note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -93,8 +94,19 @@ def install() -> None:
             note_lm_result(result)
             return result
 
-        _ORIGINALS[:] = [original, aoriginal]
-        execution.execute, execution.aexecute = execute, aexecute
+        original_finalize = execution.finalize
+
+        def finalize(lm: Any, call: Any, result: Any) -> Any:
+            # (DSPy reports the call to its usage tracker and history here: stageflow's usage
+            # accounting knows while it does so whether execute above counted this very call)
+            token = finalizing(result)
+            try:
+                return original_finalize(lm, call, result)
+            finally:
+                finalized(token)
+
+        _ORIGINALS[:] = [original, aoriginal, original_finalize]
+        execution.execute, execution.aexecute, execution.finalize = execute, aexecute, finalize
         _INSTALLED[0] = True
 
 
@@ -106,7 +118,7 @@ def uninstall() -> None:
             return
         from dspy.clients import execution
 
-        execution.execute, execution.aexecute = _ORIGINALS
+        execution.execute, execution.aexecute, execution.finalize = _ORIGINALS
         _ORIGINALS.clear()
         _INSTALLED[0] = False
 
