@@ -189,9 +189,7 @@ class UsageTable:
         if not (got_in or got_out):
             return
         with self._lock:
-            u = self._by_path.get(path)
-            if u is None:
-                u = self._by_path[path] = StageUsage()
+            u = self._entry(path)
             u.input_tokens += got_in
             u.output_tokens += got_out
 
@@ -199,9 +197,7 @@ class UsageTable:
         """An LM call's outcome, as its history entry tells it: a billed call (counted, with its cost
         when the model reports one) or an answer from DSPy's LM cache."""
         with self._lock:
-            u = self._by_path.get(path)
-            if u is None:
-                u = self._by_path[path] = StageUsage()
+            u = self._entry(path)
             if not billed:
                 u.lm_cache_hits += 1
                 return
@@ -527,10 +523,12 @@ def _dspy_tracker_class() -> type:
     return StageflowTracker
 
 
-def _record_call(billed: bool, cost: Any, usage: Any, response_model: Any) -> None:
-    """What an LM call's history entry tells (its cost, or that DSPy's cache answered it) goes to
-    the running stage's table and to a watch."""
-    table, path = _where()
+def _record_call(
+    where: tuple[UsageTable | None, str], billed: bool, cost: Any, usage: Any, response_model: Any
+) -> None:
+    """An LM call — billed (with its cost) or answered by DSPy's cache — goes to the running stage's
+    table (``where``: :func:`_where`) and to a watch."""
+    table, path = where
     if table is not None:
         table.record_history(path, billed, cost)
     watch = _WATCH.get()
@@ -550,7 +548,7 @@ class _Sink(list):  # type: ignore[type-arg]
         if _REPORTING_COUNTED.get():  # (the wrapper of DSPy's execute counted this call already)
             return
         cost = reported_cost(entry.get("cost"), entry.get("response"))
-        _record_call(_BILLED.get(), cost, entry.get("usage"), entry.get("response_model"))
+        _record_call(_where(), _BILLED.get(), cost, entry.get("usage"), entry.get("response_model"))
 
 
 def _settings_value(name: str) -> Any:
@@ -574,18 +572,18 @@ def note_lm_result(result: Any) -> None:
     the running stage here — billed (with its tokens and cost) or answered by DSPy's cache —
     whatever tracker DSPy reports to and whatever its history keeps, and what DSPy reports of it
     next (to its usage tracker, in a history entry) is marked as counted."""
-    if _where()[0] is None and _WATCH.get() is None:
+    where = _where()
+    table, path = where
+    if table is None and _WATCH.get() is None:
         return
     cache_hit = getattr(result, "cache_hit", False) is True
     raw = getattr(result, "raw", None)
     responses = raw if raw is not None else getattr(result, "responses", None)
     cost = reported_cost(getattr(result, "cost", None), responses)
     usage = getattr(result, "usage", None)
-    if not cache_hit and usage:
-        table, path = _where()
-        if table is not None:
-            table.record_tokens(path, usage)
-    _record_call(not cache_hit, cost, usage, getattr(result, "response_model", None))
+    if not cache_hit and usage and table is not None:
+        table.record_tokens(path, usage)
+    _record_call(where, not cache_hit, cost, usage, getattr(result, "response_model", None))
     _COUNTED.set(result)  # (what DSPy reports of this call next, in its finalize, is counted)
 
 

@@ -124,9 +124,9 @@ def signature_replaced(owner: Any, entry: StageEntry) -> bool:
 def signature_moved(owner: Any, entry: StageEntry) -> bool:
     """Whether the predictor of ``entry`` now has a signature with other fields than the one its
     plan was made with (replaced in place: ``pred.signature = pred.signature.prepend(...)``)."""
-    if not signature_replaced(owner, entry):
-        return False
     now = signature_of(leaf_of(owner, entry))
+    if now is entry.signature:
+        return False
     if now is None:  # (no predictor there any more: a function or a module put in its place)
         return True
     return signature_fields(now) != signature_fields(entry.signature) or _types(now) != _types(

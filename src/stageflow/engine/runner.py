@@ -798,9 +798,8 @@ def _open(pipeline: Pipeline, run: RunInfo, prefix: str) -> tuple[Any, ...]:
     budget = None if spec is None else _enter_budget(spec, _run_scope(pipeline, prefix))
     if _TABLE.get() is not None:
         return (_TABLE.set(table), None, budget)
-    # Each LM call's result, where DSPy's execute returns it, tells stageflow's usage accounting
-    # whether DSPy's cache answered it, and its cost when DSPy records no history entry (see
-    # stageflow.usage and stageflow.budgets.intercept); after the first call, one check.
+    # stageflow's usage accounting counts each LM call from its result, where DSPy's execute returns
+    # it (see stageflow.usage and stageflow.budgets.intercept); after the first call, one check.
     ensure_lm_caps()
     own = pipeline.fast_path
     fast = CONFIG.fast_path if own is None else bool(own)

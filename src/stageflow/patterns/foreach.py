@@ -98,19 +98,16 @@ class ForEach(Pipeline):
         # A nested pipeline with undeclared inner stages may output more than it declares: its
         # outputs are open, and a collected field is checked per element at run time.
         self.collect = self._collect_map(collect, ports.outputs, ports.outputs is None or bool(ports.opaque))
-        self._collect_given = collect is not None  # (else the stage's outputs decide it: see _rebuild)
-        self._collect_arg = collect  # (checked again against the stage's outputs when they change)
+        self._collect_arg = collect  # (None: the stage's outputs decide; either way see _rebuild)
 
     def _rebuild(self) -> None:
         # (the signature of its stage's predictor was replaced with other fields: see
         # Pipeline.stageflow_replanned)
         self._entry = build_entry("stage", None, self.stage)
         self._item_entries = []
-        ports = self._entry.ports
-        open_outputs = ports.outputs is None or bool(ports.opaque)
-        if not self.__dict__.get("_collect_given", True):  # what it collects follows the new outputs
-            self.collect = self._collect_map(None, ports.outputs, open_outputs)
-        elif "_collect_arg" in self.__dict__:  # what it was told to collect, against the new outputs
+        if "_collect_arg" in self.__dict__:  # what it was told to collect, against the new outputs
+            ports = self._entry.ports
+            open_outputs = ports.outputs is None or bool(ports.opaque)
             self.collect = self._collect_map(self._collect_arg, ports.outputs, open_outputs)
 
     def _collect_map(
