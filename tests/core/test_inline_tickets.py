@@ -221,6 +221,40 @@ async def test_a_callback_added_in_place_to_a_nested_pipeline_fires(mode: str) -
     assert seen == ["SequentialPipeline"]
 
 
+async def test_a_global_callback_added_in_place_mid_run_hears_the_pipelines_after_it(mode: str) -> None:
+    seen: list[str] = []
+
+    class Listener(dspy.utils.callback.BaseCallback):  # type: ignore[misc]
+        def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+            seen.append(type(instance).__name__)
+
+    listener = Listener()
+
+    def enable_tracing(x: int) -> dict[str, int]:
+        dspy.settings.callbacks.append(listener)  # (the global list grows in place, mid-run)
+        return {"m": x}
+
+    # A chain of nested pipelines run in line after the stage that adds the callback.
+    outer = SequentialPipeline(
+        [
+            SequentialPipeline(
+                [
+                    stage(enable_tracing, writes=["m"]),
+                    SequentialPipeline([_three_deep(stage(_add_one, writes=["x"]))[1]]),
+                ]
+            )
+        ]
+    )
+    with dspy.context(callbacks=[]):
+        for _ in range(2):
+            await call(outer, mode, x=1)
+            dspy.settings.callbacks.clear()
+        seen.clear()
+        assert (await call(outer, mode, x=1)).x == 2
+        dspy.settings.callbacks.clear()
+    assert seen == ["SequentialPipeline"] * 4
+
+
 async def test_an_aforward_set_on_a_nested_pipeline_is_awaited(mode: str) -> None:
     inner, outer = _three_deep(stage(_add_one, writes=["x"]))
 

@@ -304,8 +304,13 @@ def begin(
     # DSPy's side, what _push checks: its own entry point, and settings that let the engine push the
     # pipeline onto caller_modules itself (checked once per chain of in-line runs; a class whose
     # entry point is not DSPy's own does not qualify, see _options).
-    if outer._pending is None and outer._tokens is None and not pushable(target, name):
-        return None  # (the outer run is not an in-line one: the first level of a chain)
+    if outer._pending is None and outer._tokens is None:
+        if not pushable(target, name):
+            return None  # (the outer run is not an in-line one: the first level of a chain)
+    else:  # (callbacks may be added in place mid-run: DSPy's own call reports this module to them)
+        o = _settings.thread_local_overrides.get()
+        if o["callbacks"] if "callbacks" in o else _settings.main_thread_config.get("callbacks"):
+            return None
     run = _new(RunInfo)  # RunInfo.blank(None), written out (once per level of a nested chain)
     run._outputs = {}
     run._trace = []

@@ -50,6 +50,7 @@ _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 __all__ = [
     "ForwardAccess",
     "acall_nested",
+    "callbacks_on",
     "call_nested",
     "own_forward",
     "plain_call",
@@ -126,6 +127,15 @@ def own_forward(cls: type) -> Any:
     return None
 
 
+def callbacks_on() -> bool:
+    """Whether DSPy callbacks are in force here. Read on every call, never remembered: a stage may
+    append one to the callbacks list in place mid-run, and later modules must report to it."""
+    overrides = _settings.thread_local_overrides.get()
+    if "callbacks" in overrides:
+        return bool(overrides["callbacks"])
+    return bool(_settings.main_thread_config.get("callbacks"))
+
+
 def pushable(target: Any, name: str) -> bool:
     """Whether the engine may do what ``Module.<name>`` would set up for ``target`` itself (see the
     module docstring), instead of calling DSPy's own method."""
@@ -134,14 +144,15 @@ def pushable(target: Any, name: str) -> bool:
         return False
     if _getattr(target, "__dict__").get("callbacks"):
         return False
-    overrides = _settings.thread_local_overrides.get()
-    if type(overrides) is Pushed:  # (one push made: it checked the same settings)
-        return True
-    main = _settings.main_thread_config
-    if overrides["callbacks"] if "callbacks" in overrides else main.get("callbacks"):
+    if callbacks_on():
         return False
+    overrides = _settings.thread_local_overrides.get()
+    if type(overrides) is Pushed:  # (one push made: it checked the same usage settings)
+        return True
     return overrides.get("usage_tracker") is not None or not (
-        overrides["track_usage"] if "track_usage" in overrides else main.get("track_usage")
+        overrides["track_usage"]
+        if "track_usage" in overrides
+        else _settings.main_thread_config.get("track_usage")
     )
 
 
