@@ -15,7 +15,9 @@ coroutines (per item); a sync ``ForEach`` over 2,048 instant function items and
 ``ThreadPoolExecutor(512).map`` of the same function (per item; under callgrind threads take turns,
 so this counts the work, not the waiting); three ``dspy.Predict`` calls on an instant ``FakeLM`` in a
 pipeline (the fast path) and called by plain DSPy code (per stage call); the same for ten
-``Predict("question -> answer")`` on ``lm_cpu.py``'s instant canonical engine (``*10_instant``).
+``Predict("question -> answer")`` on ``lm_cpu.py``'s instant canonical engine (``*10_instant``), and
+the same ten called through the stage path ``call_predictor`` with the fast adapter, no pipeline
+(``call10_instant``: what a pipeline adds per LM stage is the difference).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ MEASURES = {
     "dspy3": (40, 140, 3),
     "predict10_instant": (5, 25, 10),
     "dspy10_instant": (5, 25, 10),
+    "call10_instant": (5, 25, 10),
 }
 
 
@@ -69,7 +72,7 @@ def _program(name: str) -> Any:
         return lambda: deep(x=0)
     if name in ("predict3", "dspy3"):
         return _predictors(name)
-    if name in ("predict10_instant", "dspy10_instant"):
+    if name in ("predict10_instant", "dspy10_instant", "call10_instant"):
         return _instant_predictors(name)
     if name.startswith(("undeclared", "declared")):
         chain = open_chain(int(name.lstrip("undeclar")), declared=name.startswith("declared"))
@@ -130,6 +133,16 @@ def _instant_predictors(name: str) -> Any:
     if name == "predict10_instant":
         pipe = stageflow.SequentialPipeline(stages)
         return lambda: pipe(question="q")
+    if name == "call10_instant":  # the stage path alone, with the fast adapter: no pipeline around it
+        from stageflow.lm.fast import call_predictor, fast_adapter_for
+
+        dspy.configure(adapter=fast_adapter_for(None))
+
+        def direct() -> None:
+            for predictor in stages:
+                call_predictor(predictor, {"question": "q"})
+
+        return direct
 
     def plain() -> None:
         for predictor in stages:
@@ -235,6 +248,10 @@ def main() -> None:
         "Predict stage in a pipeline / plain dspy.Predict call, instant engine": (
             ("predict10_instant", "dspy10_instant"),
             lambda r: f"{r['predict10_instant'] / r['dspy10_instant']:.2f}×",
+        ),
+        "pipeline's own cost per Predict stage (predict10_instant − call10_instant)": (
+            ("predict10_instant", "call10_instant"),
+            lambda r: f"{r['predict10_instant'] - r['call10_instant']:.1f}",
         ),
         "deferred contract check per stage (undeclared − declared, marginal)": (
             ("undeclared10", "undeclared1", "declared10", "declared1"),

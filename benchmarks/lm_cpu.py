@@ -61,6 +61,7 @@ from stageflow.lm.fast import (
     fast_path_stats,
     reset_fast_path_stats,
 )
+from stageflow.lm.fast._predict import postprocess
 from stageflow.lm.fast.call import _prepare, short_path
 
 # -- an instant canonical engine ----------------------------------------------------------------
@@ -125,9 +126,9 @@ def stage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> Any:
         {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
     )
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(p, kw)
+        adapter, lm, config, signature, demos, kwargs = _prepare(p, vars(p), kw, True)
         completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
-        return dspy.Predict._forward_postprocess(p, completions, signature, **kwargs)
+        return postprocess(p, completions, signature, kwargs)
     finally:
         thread_local_overrides.reset(token)
 
@@ -144,11 +145,11 @@ async def astage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> 
         {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
     )
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(p, kw)
+        adapter, lm, config, signature, demos, kwargs = _prepare(p, vars(p), kw, True)
         completions = await adapter.acall(
             lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
         )
-        return dspy.Predict._forward_postprocess(p, completions, signature, **kwargs)
+        return postprocess(p, completions, signature, kwargs)
     finally:
         thread_local_overrides.reset(token)
 

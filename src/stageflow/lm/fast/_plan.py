@@ -128,6 +128,7 @@ class Plan:
         "parse_verified",
         "reason",
         "response_models",
+        "steps",
         "system",
     )
 
@@ -144,6 +145,8 @@ class Plan:
         self.output_reminder: Any = _UNSET
         self.demo_blocks: dict[Any, tuple[tuple[str, str], ...]] = {}
         self.response_models: dict[bool, Any] = {}
+        #: What ``Predict``'s own steps need (filled by :mod:`stageflow.lm.fast._predict`).
+        self.steps: Any = None
         self.format_verified = False
         self.parse_verified = False
         self.differs: str | None = None

@@ -3,9 +3,10 @@
 ``call_predictor(module, inputs)`` does what ``module(**inputs)`` does, minus the steps that are
 no-ops in the common case: ``Module.__call__``'s callback wrapper when no callback is active,
 ``resolve_adapter`` when the signature has no decision outputs, the ``send_stream=None`` context
-when no stream is open, and ``ChainOfThought``'s own ``forward`` hop. It still runs DSPy's
-``Predict._forward_preprocess``, the adapter (and so the LM, its cache, history and usage) and
-``Predict._forward_postprocess`` (the trace optimizers read), with the module — and, for
+when no stream is open, and ``ChainOfThought``'s own ``forward`` hop. It still does what DSPy's
+``Predict._forward_preprocess`` does, runs the adapter (and so the LM, its cache, history and usage)
+and does what ``Predict._forward_postprocess`` does (the trace optimizers read) — the first and last
+from a per-signature table (:mod:`stageflow.lm.fast._predict`) — with the module — and, for
 ``ChainOfThought``, its inner predictor — pushed onto ``caller_modules`` as ``Module.__call__``
 pushes it, so every module's ``history`` gets the entry.
 
@@ -36,6 +37,7 @@ import dspy
 from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
 
 from stageflow._callers import is_dspys_entry, push_callers
+from stageflow.lm.fast._predict import postprocess, preprocess, untouched
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
 
@@ -45,6 +47,12 @@ _DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 def short_path(module: Any) -> list[Any] | None:
     """The modules a call of ``module`` goes through, ending with its ``Predict``, when the short
     path gives the same result as ``module(**inputs)`` right now; otherwise ``None``."""
+    found = _short(module)
+    return None if found is None else found[0]
+
+
+def _short(module: Any) -> tuple[list[Any], dict[str, Any]] | None:
+    """:func:`short_path`, and the ``Predict``'s attributes (its ``__dict__``)."""
     # settings.callbacks, .track_usage and .send_stream, read as DSPy's settings object reads them
     o, main = thread_local_overrides.get(), main_thread_config
     if (
@@ -56,13 +64,20 @@ def short_path(module: Any) -> list[Any] | None:
     # (by identity, not ==: a wrapt wrapper compares equal to the function it wraps)
     if tuple(map(id, _entry_points())) != _SEEN_IDS[0] and not _entry_points_are_dspys():
         return None  # (wrapped by instrumentation, say: the ordinary call runs the wrappers)
+    # (modules' attributes read from their __dict__: dspy.Module's attribute hook costs ten times more)
     chain = [module]
-    if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(module.__dict__) and not module.callbacks:
-        chain.append(module.predict)
-    predictor = chain[-1]
-    if type(predictor) is not dspy.Predict or not _OWN.isdisjoint(predictor.__dict__) or predictor.callbacks:
+    attrs = _getattr(module, "__dict__")
+    if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(attrs) and not attrs.get("callbacks"):
+        module = attrs.get("predict")
+        chain.append(module)
+        attrs = _getattr(module, "__dict__")
+    if type(module) is not dspy.Predict or not _OWN.isdisjoint(attrs) or attrs.get("callbacks"):
         return None
-    return chain
+    return chain, attrs
+
+
+_getattr = object.__getattribute__
+_UNSET: Any = object()
 
 
 #: Methods that, set on an instance (``pred.aforward = ...``), change what calling it does.
@@ -132,14 +147,16 @@ def _has_decisions(signature: Any) -> bool:
     return found
 
 
-def _prepare(predictor: Any, inputs: dict[str, Any]) -> tuple[Any, ...]:
-    lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(predictor, **inputs)
+def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own: bool) -> tuple[Any, ...]:
+    if own:
+        lm, config, signature, demos, kwargs = preprocess(predictor, attrs, inputs)
+    else:
+        lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(predictor, **inputs)
     adapter = settings.adapter or dspy.ChatAdapter()
-    if (
-        predictor.fields
-        or getattr(lm, "supports_decision_requests", False) is True
-        or _has_decisions(signature)
-    ):
+    fields = attrs.get("fields", _UNSET)
+    if fields is _UNSET:
+        fields = predictor.fields
+    if fields or getattr(lm, "supports_decision_requests", False) is True or _has_decisions(signature):
         from dspy.adapters.decision import resolve_adapter
 
         adapter = resolve_adapter(lm, adapter, signature, predictor.fields, predictor.signature)
@@ -148,14 +165,18 @@ def _prepare(predictor: Any, inputs: dict[str, Any]) -> tuple[Any, ...]:
 
 def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     """``module(**inputs)`` for a ``Predict`` / ``ChainOfThought``, by the short path when it applies."""
-    chain = short_path(module)
-    if chain is None:
+    found = _short(module)
+    if found is None:
         return module(**inputs)
+    chain, attrs = found
     predictor = chain[-1]
     token = push_callers(chain)
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
+        own = untouched()
+        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, attrs, inputs, own)
         completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        if own:
+            return postprocess(predictor, completions, signature, kwargs)
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
     finally:
         thread_local_overrides.reset(token)
@@ -163,16 +184,20 @@ def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
 
 async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     """``await module.acall(**inputs)``, by the short path when it applies."""
-    chain = short_path(module)
-    if chain is None:
+    found = _short(module)
+    if found is None:
         return await module.acall(**inputs)
+    chain, attrs = found
     predictor = chain[-1]
     token = push_callers(chain)
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, inputs)
+        own = untouched()
+        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, attrs, inputs, own)
         completions = await adapter.acall(
             lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
         )
+        if own:
+            return postprocess(predictor, completions, signature, kwargs)
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
     finally:
         thread_local_overrides.reset(token)

@@ -1,0 +1,181 @@
+"""``Predict``'s own steps around the adapter call, from a per-signature table, for the stage path.
+
+``dspy.Predict._forward_preprocess`` (DSPy 3.4.1) rebuilds the signature's input-field table four
+times per call and reads DSPy's settings through their attribute hook; ``_forward_postprocess``
+builds the ``Prediction`` through three constructors that each set attributes through another hook.
+Together they cost about a sixth of a ``question -> answer`` stage on a fast LM. :func:`preprocess`
+and :func:`postprocess` give the same results from the signature's plan (the one the fast adapter
+uses, checked on every call against the signature as it is now) for the common case, and hand
+everything else to DSPy's own methods, which then decide (and warn, or raise) as always:
+
+- an input named as one of ``Predict``'s own keywords (``signature``, ``demos``, ``config``, ``lm``,
+  ``prediction``, ...), an input the signature does not have, a required input missing, a value
+  whose type does not match its field (DSPy warns about the last three);
+- no LM, or an LM that is not a ``dspy.BaseLM``; a signature the plan cannot describe;
+- ``Predict``'s methods, ``Prediction`` / ``Completions`` / ``Example`` constructors replaced or
+  wrapped after import (instrumentation), adapter output that is not a list of dicts.
+
+Example:
+    >>> import dspy
+    >>> from stageflow.lm.fast._predict import postprocess, preprocess, untouched
+    >>> from stageflow.testing import FakeLM
+    >>> qa = dspy.Predict("question -> answer")
+    >>> untouched()
+    True
+    >>> with dspy.context(lm=FakeLM({"answer": "4"})):
+    ...     lm, config, signature, demos, kwargs = preprocess(qa, vars(qa), {"question": "2+2?"})
+    ...     pred = postprocess(qa, [{"answer": "4"}], signature, kwargs)
+    >>> kwargs, pred.answer, pred.completions.answer
+    ({'question': '2+2?'}, '4', ['4'])
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from typing import Any
+
+import dspy
+from dspy.clients.base_lm import BaseLM
+from dspy.dsp.utils.settings import main_thread_config, thread_local_overrides
+from dspy.primitives.example import Example
+from dspy.primitives.prediction import Completions, Prediction
+from dspy.utils.constants import IS_TYPE_UNDEFINED
+from pydantic_core import PydanticUndefined
+
+from stageflow.lm.fast._plan import Plan, plan_for
+
+__all__ = ["postprocess", "preprocess", "untouched"]
+
+_predict_module: Any = importlib.import_module("dspy.predict.predict")
+
+#: ``Predict``'s own keywords (and the one its post-processing pops): an input by one of these names
+#: means something to DSPy's methods, which handle it.
+_KEYWORDS = frozenset({"signature", "new_signature", "demos", "config", "lm", "prediction", "_trace"})
+
+#: The plans of the signatures seen here (the fast adapters keep their own: theirs grow prompt caches).
+_PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
+
+
+def _methods() -> tuple[Any, ...]:
+    return (
+        dspy.Predict._forward_preprocess,
+        dspy.Predict._forward_postprocess,
+        Prediction.__dict__.get("from_completions"),
+        Prediction.__init__,
+        Example.__init__,
+        Completions.__init__,
+    )
+
+
+#: DSPy's own methods as imported: the shortcuts apply while they are still in place.
+_OWN = _methods()
+_PRE, _POST = _OWN[0], _OWN[1]
+_OWN_IDS = tuple(map(id, _OWN))
+
+
+def untouched() -> bool:
+    """Whether ``Predict``'s steps and the constructors of what they build are DSPy's own, as
+    imported (not replaced or wrapped since): :func:`preprocess` and :func:`postprocess` apply only
+    then. Checked once per call, by the caller."""
+    return tuple(map(id, _methods())) == _OWN_IDS
+
+
+def _setting(name: str) -> Any:
+    """``dspy.settings.<name>``, read as DSPy's settings object reads it (without its hook)."""
+    overrides = thread_local_overrides.get()
+    return overrides[name] if name in overrides else main_thread_config[name]
+
+
+def _table(signature: Any) -> tuple[tuple[str, Any], ...] | None:
+    plan = plan_for(_PLANS, signature)
+    if plan is None or plan.reason is not None:
+        return None
+    table: tuple[tuple[str, Any], ...] | None = plan.steps
+    if table is None:
+        table = plan.steps = tuple((spec.name, spec.info) for spec in plan.inputs)
+    return table
+
+
+def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """``dspy.Predict._forward_preprocess(predictor, **inputs)``: ``(lm, config, signature, demos,
+    kwargs)``; ``inputs`` is not changed. ``attrs`` is the predictor's ``__dict__`` (read directly:
+    ``dspy.Module``'s attribute hook costs ten times more). Only while :func:`untouched`."""
+    if not _KEYWORDS.isdisjoint(inputs):
+        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+    try:
+        signature, own_lm, own_config, demos = (
+            attrs["signature"],
+            attrs["lm"],
+            attrs["config"],
+            attrs["demos"],
+        )
+    except KeyError:  # (not set on the instance: DSPy's method reads them as it reads them)
+        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+    table = _table(signature)
+    lm = own_lm or _setting("lm")
+    if table is None or not isinstance(lm, BaseLM):
+        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+    fields = table
+    kwargs = dict(inputs)
+    check_types = _setting("warn_on_type_mismatch")
+    compatible = _predict_module._is_value_compatible_with_type
+    for name, info in fields:
+        if name in kwargs:
+            value = kwargs[name]
+            if (
+                check_types
+                and value is not None
+                and not info.json_schema_extra.get(IS_TYPE_UNDEFINED, False)
+                and type(value) is not info.annotation
+                and not compatible(value, info.annotation)
+            ):
+                return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
+        elif info.default is not PydanticUndefined:
+            kwargs[name] = info.default
+        else:
+            return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (missing: it decides)
+    if len(kwargs) != len(fields):  # (every field is in kwargs by now: the rest are extra)
+        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
+    config = {**own_config}
+    defaults = getattr(lm, "kwargs", {})
+    temperature = config.get("temperature") or defaults.get("temperature")
+    generations = config.get("n") or defaults.get("n") or defaults.get("num_generations") or 1
+    if (temperature is None or temperature <= 0.15) and generations > 1:
+        config["temperature"] = 0.7
+    return lm, config, signature, demos, kwargs
+
+
+def postprocess(predictor: Any, completions: Any, signature: Any, kwargs: dict[str, Any]) -> Any:
+    """``dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)``: the
+    ``Prediction``, added to DSPy's trace when one is kept. Only while :func:`untouched`."""
+    if type(completions) is not list or "_trace" in kwargs:
+        return _POST(predictor, completions, signature, **kwargs)
+    columns: dict[str, list[Any]] = {}
+    for completion in completions:
+        if type(completion) is not dict:
+            return _POST(predictor, completions, signature, **kwargs)
+        for key, value in completion.items():
+            columns.setdefault(key, []).append(value)
+    if columns:
+        length = len(completions)
+        for column in columns.values():
+            if len(column) != length:  # (a key missing from some completions: DSPy refuses)
+                return _POST(predictor, completions, signature, **kwargs)
+    # What Prediction.from_completions builds (attributes in the order its constructors set them).
+    found = object.__new__(Completions)
+    found.signature = signature
+    found._completions = columns
+    pred = object.__new__(Prediction)
+    attrs = pred.__dict__
+    attrs["_store"] = {key: column[0] for key, column in columns.items()}
+    attrs["_completions"] = found
+    attrs["_lm_usage"] = None
+    trace = _setting("trace")
+    if trace is not None:
+        limit = _setting("max_trace_size")
+        if limit > 0:
+            if len(trace) >= limit:
+                trace.pop(0)
+            trace.append((predictor, {**kwargs}, pred))
+    return pred
