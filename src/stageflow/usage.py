@@ -193,6 +193,29 @@ class UsageTable:
             u.input_tokens += got_in
             u.output_tokens += got_out
 
+    def record_result(self, path: str, billed: bool, usage: Any, cost: Any) -> None:
+        """An LM call, counted from its result: billed (with its tokens and cost) or answered by
+        DSPy's LM cache. :meth:`record_tokens` and :meth:`record_history` in one step."""
+        got_in = got_out = 0
+        if billed and usage:
+            got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if type(got_in) is not int:
+                got_in = _tokens(usage, "prompt_tokens", "input_tokens")
+            if type(got_out) is not int:
+                got_out = _tokens(usage, "completion_tokens", "output_tokens")
+        with self._lock:
+            u = self._by_path.get(path)
+            if u is None:
+                u = self._by_path[path] = StageUsage()
+            if not billed:
+                u.lm_cache_hits += 1
+                return
+            u.lm_calls += 1
+            u.input_tokens += got_in
+            u.output_tokens += got_out
+            if isinstance(cost, int | float) and not isinstance(cost, bool):
+                u.cost = (u.cost or 0.0) + float(cost)
+
     def record_history(self, path: str, billed: bool, cost: Any) -> None:
         """An LM call's outcome, as its history entry tells it: a billed call (counted, with its cost
         when the model reports one) or an answer from DSPy's LM cache."""
@@ -390,8 +413,12 @@ def reported_cost(cost: Any, responses: Any) -> float | None:
     does)."""
     if isinstance(cost, int | float) and not isinstance(cost, bool):
         return float(cost)
+    if not isinstance(responses, list | tuple):
+        if not getattr(responses, "provider_data", None):  # (one response, carrying nothing)
+            return None
+        responses = (responses,)
     total: float | None = None
-    for response in responses if isinstance(responses, list | tuple) else (responses,):
+    for response in responses:
         data = getattr(response, "provider_data", None)
         value = data.get("cost") if isinstance(data, dict) else None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -572,18 +599,29 @@ def note_lm_result(result: Any) -> None:
     the running stage here — billed (with its tokens and cost) or answered by DSPy's cache —
     whatever tracker DSPy reports to and whatever its history keeps, and what DSPy reports of it
     next (to its usage tracker, in a history entry) is marked as counted."""
-    where = _where()
-    table, path = where
-    if table is None and _WATCH.get() is None:
+    table = _TABLE.get()
+    if table is not None:  # (the common case, written out: see _where)
+        path = _STAGE.get()
+    else:
+        table, path = _where()
+    watch = _WATCH.get()
+    if table is None and watch is None:
         return
-    cache_hit = getattr(result, "cache_hit", False) is True
-    raw = getattr(result, "raw", None)
-    responses = raw if raw is not None else getattr(result, "responses", None)
-    cost = reported_cost(getattr(result, "cost", None), responses)
+    billed = getattr(result, "cache_hit", False) is not True
+    cost = getattr(result, "cost", None)
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        cost = float(cost)
+    else:
+        raw = getattr(result, "raw", None)
+        cost = reported_cost(cost, raw if raw is not None else getattr(result, "responses", None))
     usage = getattr(result, "usage", None)
-    if not cache_hit and usage and table is not None:
-        table.record_tokens(path, usage)
-    _record_call(where, not cache_hit, cost, usage, getattr(result, "response_model", None))
+    if table is not None:
+        table.record_result(path, billed, usage, cost)
+    if watch is not None:
+        model = getattr(result, "response_model", None)
+        watch.append({"usage": usage or {}, "cost": cost, "response_model": model, "cache_hit": not billed})
+    if _BILLED.get():
+        _BILLED.set(False)
     _COUNTED.set(result)  # (what DSPy reports of this call next, in its finalize, is counted)
 
 

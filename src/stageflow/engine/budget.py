@@ -27,6 +27,7 @@ from stageflow.engine.config import check_options, on_change
 from stageflow.errors import ConfigurationError
 
 __all__ = [
+    "LM_CAPS",
     "Budget",
     "aenter_leaf",
     "budget_chain",
@@ -130,8 +131,15 @@ _BUDGETS: contextvars.ContextVar[tuple[Budget, ...] | None] = carried(
 _HELD: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("stageflow_held", default=frozenset())
 
 
+#: Whether a cap that holds for LM calls too (``stageflow.limits``, ``configure(max_concurrency=)``)
+#: was ever made in this process: until one is, no LM call has a slot to take.
+LM_CAPS: list[bool] = [False]
+
+
 def _on_config(name: str, value: Any) -> None:
     if name == "max_concurrency":
+        if value is not None:
+            LM_CAPS[0] = True
         _ROOT[0] = None if value is None else Budget(value, "global")
         if value is not None and "dspy" in sys.modules:  # else the first capped stage call does it
             _cap_lm_calls()
@@ -191,6 +199,7 @@ def limits(max_concurrency: int | None = None, **options: Any) -> Iterator[Budge
     if max_concurrency is None:
         yield None
         return
+    LM_CAPS[0] = True
     budget = Budget(max_concurrency, "limits")
     _cap_lm_calls()
     token = _BUDGETS.set((*budget_chain(), budget))

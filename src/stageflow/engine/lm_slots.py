@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from stageflow.engine.budget import Budget, visible_chain
+from stageflow.engine.budget import LM_CAPS, Budget, visible_chain
 
 __all__ = ["acall_capped", "call_capped", "ensure_installed", "lm_budget", "lm_slots"]
 
@@ -42,7 +42,7 @@ _IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_in_lm
 
 def lm_slots() -> tuple[Budget, ...]:
     """The LM-call semaphores an LM call made here takes (empty when no cap is in force)."""
-    if _IN_CALL.get():
+    if not LM_CAPS[0] or _IN_CALL.get():
         return ()
     chain = visible_chain()  # in a DSPy worker thread: the caps of the block that started it
     if not chain:
