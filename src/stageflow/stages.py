@@ -133,11 +133,31 @@ def _signature_ports(signature: Any) -> Ports:
     # Only output annotations are recorded: an untyped DSPy input defaults to ``str`` and
     # formats lists fine, so input annotations of signatures are not used for type checks.
     types = {name: f.annotation for name, f in signature.output_fields.items()}
+    # An input DSPy runs without — one with a default (DSPy fills it in) or one whose type allows
+    # None (DSPy leaves it out, without a warning) — is optional, as a parameter with a default is.
+    required: list[str] = []
+    optional: list[str] = []
+    for name, f in signature.input_fields.items():
+        (optional if _may_be_left_out(f) else required).append(name)
     return Ports(
-        required=tuple(signature.input_fields),
+        required=tuple(required),
+        optional=tuple(optional),
         outputs=tuple(signature.output_fields),
         types=types,
     )
+
+
+def _may_be_left_out(info: Any) -> bool:
+    """Whether ``dspy.Predict`` runs without this input field, and without a warning."""
+    from dspy.adapters.utils import annotation_allows_none
+    from pydantic_core import PydanticUndefined
+
+    if getattr(info, "default", PydanticUndefined) is not PydanticUndefined:
+        return True
+    try:
+        return bool(annotation_allows_none(info.annotation))
+    except Exception:  # (an annotation DSPy's check cannot read: required, as before)
+        return False
 
 
 def _fields_of(annotation: Any) -> tuple[tuple[str, ...], dict[str, Any]] | None:

@@ -150,16 +150,25 @@ def _signed(leaf: Any) -> Any:
     return leaf if isinstance(leaf, dspy.Predict | dspy.ChainOfThought) else None
 
 
+def _attrs(obj: Any) -> dict[str, Any]:
+    """``obj.__dict__`` read without DSPy's attribute hook; empty for an object without one."""
+    try:
+        found = object.__getattribute__(obj, "__dict__")
+    except AttributeError:  # (None, a builtin, a __slots__ object)
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def signature_of(leaf: Any) -> Any:
     """The signature a ``dspy.Predict`` runs with now (a ``ChainOfThought``'s: its predictor's; a
     ``LazyStage``'s: its stage's), read without DSPy's attribute hook."""
     follow = getattr(type(leaf), "stageflow_live_ports_of", None)
     if follow is not None:
-        leaf = object.__getattribute__(leaf, "__dict__").get(follow)
-    attrs = object.__getattribute__(leaf, "__dict__")
+        leaf = _attrs(leaf).get(follow)
+    attrs = _attrs(leaf)
     inner = attrs.get("predict")
     if inner is not None and type(leaf) is not dspy.Predict:
-        leaf, attrs = inner, object.__getattribute__(inner, "__dict__")
+        leaf, attrs = inner, _attrs(inner)
     found = attrs.get("signature")
     if found is None and isinstance(getattr(type(leaf), "signature", None), property):
         found = getattr(leaf, "signature", None)  # (a subclass keeps it behind a property)

@@ -24,7 +24,7 @@ from typing import Any, ForwardRef, Literal, NamedTuple, Union, get_args, get_or
 import pydantic
 from pydantic.fields import FieldInfo
 
-from stageflow.lm.fast._values import ValueParser
+from stageflow.lm.fast._values import ValueParser, models_in
 
 __all__ = ["OutputSpec", "Plan", "plan_for"]
 
@@ -114,8 +114,10 @@ class Plan:
         "__weakref__",
         "_doc",
         "_fields",
+        "_models",
         "_nfields",
         "_snapshot",
+        "decisions",
         "demo_blocks",
         "differs",
         "format_verified",
@@ -138,8 +140,14 @@ class Plan:
         self._fields = fields
         self._nfields = len(fields)
         self._snapshot: tuple[tuple[Any, ...], ...] = tuple(
-            (fi, fi.annotation, fi.json_schema_extra, *_extras(fi.json_schema_extra))
-            for fi in fields.values()
+            (name, fi, fi.annotation, fi.json_schema_extra, *_extras(fi.json_schema_extra))
+            for name, fi in fields.items()
+        )
+        #: The pydantic models the fields' types name, with their validators: a model rebuilt with
+        #: other fields (``model_rebuild(force=True)``) gets a new validator and makes the plan stale.
+        self._models = tuple(
+            (m, m.__dict__.get("__pydantic_validator__"))
+            for m in models_in([fi.annotation for fi in fields.values()])
         )
         self.system: str | None = None
         self.output_reminder: Any = _UNSET
@@ -147,6 +155,8 @@ class Plan:
         self.response_models: dict[bool, Any] = {}
         #: What ``Predict``'s own steps need (filled by :mod:`stageflow.lm.fast._predict`).
         self.steps: Any = None
+        #: Whether DSPy's ``resolve_adapter`` acts on the signature (filled by the stage path).
+        self.decisions: bool | None = None
         self.format_verified = False
         self.parse_verified = False
         self.differs: str | None = None
@@ -195,17 +205,26 @@ class Plan:
         if fields is not self._fields or len(fields) != self._nfields:
             return False
         try:
-            for fi, annotation, extra, desc, constraints, kind in self._snapshot:
+            # (the same field objects under the same names, in order: one replaced in the signature's
+            # fields dict, or a key renamed, is another field)
+            for (name_now, fi_now), (name, fi, annotation, extra, desc, constraints, kind) in zip(
+                fields.items(), self._snapshot, strict=True
+            ):
                 if (
                     fi.annotation is not annotation
                     or fi.json_schema_extra is not extra
                     or extra.get("desc") is not desc
                     or extra.get("constraints") is not constraints
                     or extra.get("__dspy_field_type") is not kind
+                    or name_now != name
+                    or fi_now is not fi
                 ):
                     return False  # identity, not equality: an equal replacement just rebuilds the plan
         except AttributeError:  # json_schema_extra is not a dict
             return False
+        for model, validator in self._models:
+            if model.__dict__.get("__pydantic_validator__") is not validator:
+                return False
         return True
 
     def remember_demos(self, key: Any, block: tuple[tuple[str, str], ...]) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from types import FunctionType
 from typing import Any
 
 import dspy
@@ -45,13 +46,15 @@ from pydantic_core import PydanticUndefined
 
 from stageflow.lm.fast._plan import Plan, plan_for
 
-__all__ = ["postprocess", "preprocess", "untouched"]
+__all__ = ["postprocess", "preprocess", "signature_plan", "untouched"]
 
 _predict_module: Any = importlib.import_module("dspy.predict.predict")
+_prediction_module: Any = importlib.import_module("dspy.primitives.prediction")
 
-#: ``Predict``'s own keywords (and the one its post-processing pops): an input by one of these names
-#: means something to DSPy's methods, which handle it.
-_KEYWORDS = frozenset({"signature", "new_signature", "demos", "config", "lm", "prediction", "_trace"})
+#: ``Predict``'s own keywords (and the one its post-processing pops, and ``self``, which its methods
+#: are called with): an input by one of these names means something to DSPy's methods, which handle
+#: it (or fail on it, as a plain call does).
+_KEYWORDS = frozenset({"self", "signature", "new_signature", "demos", "config", "lm", "prediction", "_trace"})
 
 #: The plans of the signatures seen here (the fast adapters keep their own: theirs grow prompt caches).
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
@@ -64,27 +67,70 @@ def _methods() -> tuple[Any, ...]:
         Prediction.__dict__.get("from_completions"),
         Prediction.__init__,
         Example.__init__,
+        Example.__setattr__,
         Completions.__init__,
+        _predict_module.Prediction,  # (what _forward_postprocess builds)
+        _prediction_module.Completions,  # (what from_completions builds)
     )
 
 
-#: DSPy's own methods as imported: the shortcuts apply while they are still in place.
-_OWN = _methods()
-_PRE, _POST = _OWN[0], _OWN[1]
-_OWN_IDS = tuple(map(id, _OWN))
+#: What each of :func:`_methods` must be: ``(qualified name, file)`` of DSPy's own function, or the
+#: class itself.
+_EXPECTED: tuple[Any, ...] = (
+    ("Predict._forward_preprocess", "dspy/predict/predict.py"),
+    ("Predict._forward_postprocess", "dspy/predict/predict.py"),
+    ("Prediction.from_completions", "dspy/primitives/prediction.py"),
+    ("Prediction.__init__", "dspy/primitives/prediction.py"),
+    ("Example.__init__", "dspy/primitives/example.py"),
+    ("Example.__setattr__", "dspy/primitives/example.py"),
+    ("Completions.__init__", "dspy/primitives/prediction.py"),
+    Prediction,
+    Completions,
+)
+
+#: The methods last found to be DSPy's own, and their ids (compared per call, in C; the objects are
+#: kept, so their ids cannot be reused).
+_SEEN: list[tuple[Any, ...] | None] = [None]
+_SEEN_IDS: list[tuple[int, ...] | None] = [None]
+
+
+def _is_dspys(found: Any, expected: Any) -> bool:
+    if isinstance(expected, type):
+        return found is expected
+    if type(found) is classmethod:
+        found = found.__func__
+    name, where = expected
+    return (
+        type(found) is FunctionType
+        and found.__qualname__ == name
+        and found.__code__.co_filename.replace("\\", "/").endswith(where)
+    )
 
 
 def untouched() -> bool:
-    """Whether ``Predict``'s steps and the constructors of what they build are DSPy's own, as
-    imported (not replaced or wrapped since): :func:`preprocess` and :func:`postprocess` apply only
-    then. Checked once per call, by the caller."""
-    return tuple(map(id, _methods())) == _OWN_IDS
+    """Whether ``Predict``'s steps, the constructors of what they build and the names they build it
+    by are DSPy's own functions (not replaced or wrapped, before stageflow was imported or since):
+    :func:`preprocess` and :func:`postprocess` apply only then. Checked once per call, by the caller."""
+    now = _methods()
+    ids = tuple(map(id, now))
+    if ids == _SEEN_IDS[0]:
+        return True
+    if all(_is_dspys(found, expected) for found, expected in zip(now, _EXPECTED, strict=True)):
+        _SEEN[0], _SEEN_IDS[0] = now, ids
+        return True
+    return False
 
 
 def _setting(name: str) -> Any:
     """``dspy.settings.<name>``, read as DSPy's settings object reads it (without its hook)."""
     overrides = thread_local_overrides.get()
     return overrides[name] if name in overrides else main_thread_config[name]
+
+
+def signature_plan(signature: Any) -> Plan | None:
+    """The signature's current plan (rebuilt when the signature changed in place); ``None`` for
+    what is not a DSPy signature class."""
+    return plan_for(_PLANS, signature)
 
 
 def _table(signature: Any) -> tuple[tuple[str, Any], ...] | None:
@@ -102,7 +148,7 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
     kwargs)``; ``inputs`` is not changed. ``attrs`` is the predictor's ``__dict__`` (read directly:
     ``dspy.Module``'s attribute hook costs ten times more). Only while :func:`untouched`."""
     if not _KEYWORDS.isdisjoint(inputs):
-        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
     try:
         signature, own_lm, own_config, demos = (
             attrs["signature"],
@@ -111,11 +157,11 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
             attrs["demos"],
         )
     except KeyError:  # (not set on the instance: DSPy's method reads them as it reads them)
-        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
     table = _table(signature)
     lm = own_lm or _setting("lm")
     if table is None or not isinstance(lm, BaseLM):
-        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]
+        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
     fields = table
     kwargs = dict(inputs)
     check_types = _setting("warn_on_type_mismatch")
@@ -123,20 +169,20 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
     for name, info in fields:
         if name in kwargs:
             value = kwargs[name]
-            if (
-                check_types
-                and value is not None
-                and not info.json_schema_extra.get(IS_TYPE_UNDEFINED, False)
-                and type(value) is not info.annotation
-                and not compatible(value, info.annotation)
-            ):
-                return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
         elif info.default is not PydanticUndefined:
-            kwargs[name] = info.default
-        else:
-            return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (missing: it decides)
+            value = kwargs[name] = info.default  # (checked like a given value, as DSPy checks it)
+        else:  # (missing: DSPy's method decides, and warns unless the field allows None)
+            return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
+        if (
+            check_types
+            and value is not None
+            and not info.json_schema_extra.get(IS_TYPE_UNDEFINED, False)
+            and type(value) is not info.annotation
+            and not compatible(value, info.annotation)
+        ):
+            return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
     if len(kwargs) != len(fields):  # (every field is in kwargs by now: the rest are extra)
-        return _PRE(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
+        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
     config = {**own_config}
     defaults = getattr(lm, "kwargs", {})
     temperature = config.get("temperature") or defaults.get("temperature")
@@ -150,18 +196,18 @@ def postprocess(predictor: Any, completions: Any, signature: Any, kwargs: dict[s
     """``dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)``: the
     ``Prediction``, added to DSPy's trace when one is kept. Only while :func:`untouched`."""
     if type(completions) is not list or "_trace" in kwargs:
-        return _POST(predictor, completions, signature, **kwargs)
+        return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
     columns: dict[str, list[Any]] = {}
     for completion in completions:
         if type(completion) is not dict:
-            return _POST(predictor, completions, signature, **kwargs)
+            return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
         for key, value in completion.items():
             columns.setdefault(key, []).append(value)
     if columns:
         length = len(completions)
         for column in columns.values():
             if len(column) != length:  # (a key missing from some completions: DSPy refuses)
-                return _POST(predictor, completions, signature, **kwargs)
+                return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
     # What Prediction.from_completions builds (attributes in the order its constructors set them).
     found = object.__new__(Completions)
     found.signature = signature

@@ -20,25 +20,58 @@ from typing import Any, Literal, Union, get_args, get_origin
 import json_repair
 import pydantic
 from dspy.adapters.utils import find_enum_member, format_field_value
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-__all__ = ["ValueParser", "format_value", "type_adapter"]
+__all__ = ["ValueParser", "format_value", "models_in", "type_adapter"]
 
 _SIMPLE_VALUE_TYPES = frozenset({int, float, bool, type(None), list, dict, tuple})
 _MAX_CACHED = 1024
 _LOCK = threading.Lock()
 # type -> TypeAdapter, or None for "let DSPy format values of this type"
-_SERIALIZERS: dict[type, TypeAdapter[Any] | None] = {}
+_SERIALIZERS: dict[Any, TypeAdapter[Any] | None] = {}
 # (annotation, its spelling) -> TypeAdapter, for parsing. Not the annotation alone: annotations that
 # compare equal can validate differently (``Union[int, bool]`` == ``Union[bool, int]``, but pydantic
 # tries the members in order, so "1.0" is 1 for one and True for the other).
 _VALIDATORS: dict[Any, TypeAdapter[Any]] = {}
 
 
+def models_in(annotations: list[Any]) -> list[type[BaseModel]]:
+    """The pydantic model classes ``annotations`` name (inside ``list[...]``, ``Optional``...).
+
+    >>> import pydantic
+    >>> class Person(pydantic.BaseModel):
+    ...     name: str
+    >>> [model.__name__ for model in models_in([list[Person], int | None])]
+    ['Person']
+    """
+    found: list[type[BaseModel]] = []
+    todo = list(annotations)
+    seen = 0
+    while todo and seen < 200:  # (bounded: an odd annotation cannot keep it walking)
+        seen += 1
+        annotation = todo.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in found:
+                found.append(annotation)
+            continue
+        try:
+            todo.extend(a for a in get_args(annotation) if not isinstance(a, str))
+        except Exception:  # (not a typing construct: nothing inside it)
+            continue
+    return found
+
+
+def _validators(models: list[type[BaseModel]]) -> tuple[Any, ...]:
+    """What a model rebuilt with other fields (``model_rebuild(force=True)``) changes: its validator."""
+    return tuple(m.__dict__.get("__pydantic_validator__") for m in models)
+
+
 def _serializer(t: type) -> TypeAdapter[Any] | None:
+    # (a model's adapter is kept with the validator it was built from: a rebuilt model gets a new one)
+    key: Any = t if t in _SIMPLE_VALUE_TYPES else (t, t.__dict__.get("__pydantic_validator__"))
     try:
-        return _SERIALIZERS[t]
+        return _SERIALIZERS[key]
     except KeyError:
         pass
     ta: TypeAdapter[Any] | None = None
@@ -50,7 +83,7 @@ def _serializer(t: type) -> TypeAdapter[Any] | None:
     with _LOCK:
         if len(_SERIALIZERS) >= _MAX_CACHED:
             _SERIALIZERS.clear()
-        _SERIALIZERS[t] = ta
+        _SERIALIZERS[key] = ta
     return ta
 
 
@@ -102,8 +135,8 @@ def type_adapter(annotation: Any) -> TypeAdapter[Any]:
     >>> first.validate_python(1.0), second.validate_python(1.0)
     (1, True)
     """
-    key = (annotation, repr(annotation))
     try:
+        key = (annotation, repr(annotation), _validators(models_in([annotation])))
         return _VALIDATORS[key]
     except KeyError:
         pass

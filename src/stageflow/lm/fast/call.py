@@ -27,9 +27,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import operator
-import weakref
 from types import FunctionType
 from typing import Any
 
@@ -37,11 +35,9 @@ import dspy
 from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
 
 from stageflow._callers import is_dspys_entry, push_callers
-from stageflow.lm.fast._predict import postprocess, preprocess, untouched
+from stageflow.lm.fast._predict import postprocess, preprocess, signature_plan, untouched
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
-
-_DECISIONS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def short_path(module: Any) -> list[Any] | None:
@@ -69,6 +65,8 @@ def _short(module: Any) -> tuple[list[Any], dict[str, Any]] | None:
     attrs = _getattr(module, "__dict__")
     if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(attrs) and not attrs.get("callbacks"):
         module = attrs.get("predict")
+        if type(module) is not dspy.Predict:  # (gone, or replaced by something else: DSPy's call)
+            return None
         chain.append(module)
         attrs = _getattr(module, "__dict__")
     if type(module) is not dspy.Predict or not _OWN.isdisjoint(attrs) or attrs.get("callbacks"):
@@ -128,11 +126,10 @@ def _entry_points_are_dspys() -> bool:
 
 def _has_decisions(signature: Any) -> bool:
     """Whether ``resolve_adapter`` would do anything for this signature (wrap the adapter for
-    decision outputs, or warn about nested ones); cached per signature class."""
-    try:
-        found = _DECISIONS.get(signature)
-    except TypeError:
-        found = None
+    decision outputs, or warn about nested ones); kept with the signature's plan, so a signature
+    changed in place is looked at again."""
+    plan = signature_plan(signature)
+    found = None if plan is None else plan.decisions
     if found is None:
         from dspy.adapters.decision_state import DecisionState
         from dspy.adapters.types.decision import Choice, Noul, Score
@@ -142,8 +139,8 @@ def _has_decisions(signature: Any) -> bool:
             for field in signature.output_fields.values()
             for kind in (Noul, Choice, Score)
         )
-        with contextlib.suppress(TypeError):
-            _DECISIONS[signature] = found
+        if plan is not None:
+            plan.decisions = found
     return found
 
 
@@ -166,7 +163,7 @@ def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own:
 def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     """``module(**inputs)`` for a ``Predict`` / ``ChainOfThought``, by the short path when it applies."""
     found = _short(module)
-    if found is None:
+    if found is None or "self" in inputs:  # (an input named self: the call fails as DSPy's does)
         return module(**inputs)
     chain, attrs = found
     predictor = chain[-1]
@@ -185,7 +182,7 @@ def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
 async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     """``await module.acall(**inputs)``, by the short path when it applies."""
     found = _short(module)
-    if found is None:
+    if found is None or "self" in inputs:
         return await module.acall(**inputs)
     chain, attrs = found
     predictor = chain[-1]
