@@ -138,7 +138,7 @@ def _signature_ports(signature: Any) -> Ports:
     required: list[str] = []
     optional: list[str] = []
     for name, f in signature.input_fields.items():
-        (optional if _may_be_left_out(f) else required).append(name)
+        (optional if may_be_left_out(f) else required).append(name)
     return Ports(
         required=tuple(required),
         optional=tuple(optional),
@@ -147,7 +147,7 @@ def _signature_ports(signature: Any) -> Ports:
     )
 
 
-def _may_be_left_out(info: Any) -> bool:
+def may_be_left_out(info: Any) -> bool:
     """Whether ``dspy.Predict`` runs without this input field, and without a warning."""
     from dspy.adapters.utils import annotation_allows_none
     from pydantic_core import PydanticUndefined

@@ -260,3 +260,21 @@ async def test_inputs_dspy_runs_without_are_optional_in_a_pipeline(kind: str, mo
     ports = stageflow.Stage(module).ports
     assert ports.required == ("question",)
     assert set(ports.optional) == {"context", "style"}
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "method"),
+    [("Prediction", "__setattr__"), ("Prediction", "__delattr__"), ("Completions", "__setattr__")],
+)
+def test_attribute_hooks_patched_on_what_predict_builds_are_honoured(
+    cls_name: str, method: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dspy.primitives.prediction import Completions
+
+    cls = dspy.Prediction if cls_name == "Prediction" else Completions
+    original = getattr(cls, method)
+    seen: list[str] = []
+    monkeypatch.setattr(cls, method, lambda self, *a: seen.append(a[0]) or original(self, *a))
+    with dspy.context(lm=FakeLM({"answer": "4"})):
+        assert _stage_path(dspy.Predict("question -> answer"), {"question": "q"}, mode).answer == "4"
+    assert seen

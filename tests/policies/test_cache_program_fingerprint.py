@@ -44,7 +44,7 @@ def looping(threshold: int = 3, limit: int = 5) -> IterativePipeline:
 
 def mapping(scale: int = 2) -> SequentialPipeline:
     return SequentialPipeline(
-        [ForEach(Stage(lambda item: {"y": item * scale}, writes=["y"]), over="xs", collect="y")]
+        [ForEach(Stage(lambda item: {"y": item * scale}, writes=["y"]), over="xs", item="item", collect="y")]
     )
 
 

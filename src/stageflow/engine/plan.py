@@ -30,6 +30,7 @@ from stageflow.stages import (
     Ports,
     Stage,
     describe,
+    may_be_left_out,
     stage_label,
 )
 
@@ -129,8 +130,10 @@ def signature_moved(owner: Any, entry: StageEntry) -> bool:
         return False
     if now is None:  # (no predictor there any more: a function or a module put in its place)
         return True
-    return signature_fields(now) != signature_fields(entry.signature) or _types(now) != _types(
-        entry.signature
+    return (
+        signature_fields(now) != signature_fields(entry.signature)
+        or _types(now) != _types(entry.signature)
+        or _left_out(now) != _left_out(entry.signature)
     )
 
 
@@ -138,6 +141,12 @@ def _types(signature: Any) -> tuple[Any, ...]:
     """The annotations of a signature's fields, in order (a field's type changed in place, as in
     ``answer: str`` -> ``answer: list[str]``, changes what the contract check says)."""
     return tuple(field.annotation for field in signature.model_fields.values())
+
+
+def _left_out(signature: Any) -> tuple[str, ...]:
+    """The inputs of a signature that DSPy runs without (optional in the contract): a default added
+    or removed in place changes what the contract check says."""
+    return tuple(name for name, f in signature.input_fields.items() if may_be_left_out(f))
 
 
 def _signed(leaf: Any) -> Any:

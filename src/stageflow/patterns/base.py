@@ -326,7 +326,7 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             now = signature_fields(current) if current is not None else ((), ())
             raise ConfigurationError(
                 f"Stage at '{join_path(prefix, entry.path)}': the signature of its "
-                f"{type(leaf).__name__} was replaced with other fields or field types "
+                f"{type(leaf).__name__} was replaced with other fields, field types or optional inputs "
                 f"(inputs {list(was[0])} -> {list(now[0])}, outputs {list(was[1])} -> {list(now[1])}) after "
                 "the Stage around it computed its contract from the old ones.",
                 stage_path=join_path(prefix, entry.path),

@@ -202,9 +202,34 @@ class ForEach(Pipeline):
             raise
         for f in set(scope.missing) - before:
             scope.hints.setdefault(f, self._item_hint(f))
+        self._check_item_read(prefix)
         for src, dst in self.collect.items():
             scope.available[dst] = list[inner.available.get(src) or Any]  # type: ignore[misc]
             scope.origin[dst] = f"{prefix + '.' if prefix else ''}stage"
+
+    def _check_item_read(self, prefix: str) -> None:
+        """A stage that does not read the element at all (its inputs all optional, none named as
+        ``item=``) would run each element without it: refused, naming the inputs it does read."""
+        entry = self._entry
+        ports = entry.ports
+        if entry.pass_state or ports.accepts_any or entry.composite:
+            return  # (it may read anything; a nested pipeline's reads are checked inside it)
+        reads = [state for _, state in (*entry.in_pairs, *entry.opt_pairs)]
+        if self.item in reads:
+            return
+        fix = (
+            f"name the element as the stage reads it: ForEach(..., item='{reads[0]}')"
+            if reads
+            else ("give the stage an input for the element")
+        )
+        raise ContractError(
+            f"ForEach gives each element of '{self.over}' to its stage as '{self.item}', which the "
+            f"stage ({entry.label}) does not read; it reads {reads}. Each element would run without it.",
+            stage_path=prefix or None,
+            field=self.item,
+            code="item_not_read",
+            hint=fix,
+        )
 
     def _item_hint(self, f: str) -> str:
         return (

@@ -17,7 +17,7 @@ from typing import Any
 import dspy
 
 from stageflow.errors import ConfigurationError
-from stageflow.stages import Stage
+from stageflow.stages import Stage, may_be_left_out
 
 __all__ = ["StageFusion", "fuse"]
 
@@ -146,7 +146,21 @@ def _predictors_why_not(a: Any, b: Any) -> str | None:
         return f"both stages write {sorted(clash)}"
     if set(sb.output_fields) & set(sa.input_fields):
         return "the second stage writes a field the first one reads"
+    for name in sorted(set(sa.input_fields) & set(sb.input_fields)):
+        # (the fused signature has one field for both: its default would hold for both stages)
+        fa, fb = sa.input_fields[name], sb.input_fields[name]
+        if may_be_left_out(fa) != may_be_left_out(fb) or not _same(fa.default, fb.default):
+            return f"the stages read '{name}' with different defaults (or one may be left out)"
     return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # (values that cannot be compared are not the same)
+        return False
 
 
 def fuse(pipeline: Any, fusion: StageFusion | None = None) -> Any:

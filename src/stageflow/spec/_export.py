@@ -105,10 +105,21 @@ class _Exporter:
         if isinstance(origin, dict) and any(k in origin for k in MODULE_KINDS):
             return copy.deepcopy(origin)
         if isinstance(obj, dspy.ChainOfThought) and isinstance(getattr(obj, "predict", None), dspy.Predict):
+            self.check_defaults(obj, obj.predict.signature, where)
             return self.predictor("chain_of_thought", obj.predict.signature, ("reasoning",))
         if type(obj) is dspy.Predict:
+            self.check_defaults(obj, obj.signature, where)
             return self.predictor("predict", obj.signature, ())
         raise self.fail(obj, where, "it is not a spec building block")
+
+    def check_defaults(self, obj: Any, signature: Any, where: str) -> None:
+        """A signature string cannot carry an input's default (DSPy fills it in, the contract lets it
+        be left out): written without it, the file's pipeline would need that input."""
+        for name, info in signature.input_fields.items():
+            if not info.is_required():
+                raise self.fail(
+                    obj, where, f"its input '{name}' has a default, which a signature string cannot carry"
+                )
 
     def predictor(self, key: str, signature: Any, drop: tuple[str, ...]) -> dict[str, Any]:
         text = signature_text(signature, drop)

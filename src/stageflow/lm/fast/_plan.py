@@ -114,6 +114,7 @@ class Plan:
         "__weakref__",
         "_doc",
         "_fields",
+        "_items",
         "_models",
         "_nfields",
         "_snapshot",
@@ -139,9 +140,12 @@ class Plan:
         fields: dict[str, FieldInfo] = signature.__pydantic_fields__
         self._fields = fields
         self._nfields = len(fields)
+        #: The fields as ``(name, field)`` pairs: one replaced in the signature's fields dict, or a
+        #: key renamed, is another field (the pairs compare by identity first, in C).
+        self._items = tuple(fields.items())
         self._snapshot: tuple[tuple[Any, ...], ...] = tuple(
-            (name, fi, fi.annotation, fi.json_schema_extra, *_extras(fi.json_schema_extra))
-            for name, fi in fields.items()
+            (fi, fi.annotation, fi.json_schema_extra, *_extras(fi.json_schema_extra))
+            for fi in fields.values()
         )
         #: The pydantic models the fields' types name, with their validators: a model rebuilt with
         #: other fields (``model_rebuild(force=True)``) gets a new validator and makes the plan stale.
@@ -204,20 +208,16 @@ class Plan:
         fields = signature.__pydantic_fields__
         if fields is not self._fields or len(fields) != self._nfields:
             return False
+        if tuple(fields.items()) != self._items:
+            return False
         try:
-            # (the same field objects under the same names, in order: one replaced in the signature's
-            # fields dict, or a key renamed, is another field)
-            for (name_now, fi_now), (name, fi, annotation, extra, desc, constraints, kind) in zip(
-                fields.items(), self._snapshot, strict=True
-            ):
+            for fi, annotation, extra, desc, constraints, kind in self._snapshot:
                 if (
                     fi.annotation is not annotation
                     or fi.json_schema_extra is not extra
                     or extra.get("desc") is not desc
                     or extra.get("constraints") is not constraints
                     or extra.get("__dspy_field_type") is not kind
-                    or name_now != name
-                    or fi_now is not fi
                 ):
                     return False  # identity, not equality: an equal replacement just rebuilds the plan
         except AttributeError:  # json_schema_extra is not a dict

@@ -46,7 +46,7 @@ from pydantic_core import PydanticUndefined
 
 from stageflow.lm.fast._plan import Plan, plan_for
 
-__all__ = ["postprocess", "preprocess", "signature_plan", "untouched"]
+__all__ = ["planned_preprocess", "postprocess", "preprocess", "signature_plan", "untouched"]
 
 _predict_module: Any = importlib.import_module("dspy.predict.predict")
 _prediction_module: Any = importlib.import_module("dspy.primitives.prediction")
@@ -61,21 +61,27 @@ _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
 
 def _methods() -> tuple[Any, ...]:
+    """What :func:`untouched` looks at (in the order it compares them)."""
     return (
-        dspy.Predict._forward_preprocess,
-        dspy.Predict._forward_postprocess,
+        _Predict._forward_preprocess,
+        _Predict._forward_postprocess,
         Prediction.__dict__.get("from_completions"),
         Prediction.__init__,
         Example.__init__,
-        Example.__setattr__,
+        Prediction.__setattr__,
+        Prediction.__delattr__,
+        Prediction.__new__,
         Completions.__init__,
+        Completions.__setattr__,
+        Completions.__new__,
         _predict_module.Prediction,  # (what _forward_postprocess builds)
         _prediction_module.Completions,  # (what from_completions builds)
     )
 
 
 #: What each of :func:`_methods` must be: ``(qualified name, file)`` of DSPy's own function, or the
-#: class itself.
+#: object itself (a class; ``object``'s own ``__setattr__``, ``__delattr__``, ``__new__``: what the
+#: shortcut builds the ``Prediction`` with, writing its ``__dict__`` directly).
 _EXPECTED: tuple[Any, ...] = (
     ("Predict._forward_preprocess", "dspy/predict/predict.py"),
     ("Predict._forward_postprocess", "dspy/predict/predict.py"),
@@ -83,19 +89,22 @@ _EXPECTED: tuple[Any, ...] = (
     ("Prediction.__init__", "dspy/primitives/prediction.py"),
     ("Example.__init__", "dspy/primitives/example.py"),
     ("Example.__setattr__", "dspy/primitives/example.py"),
+    object.__delattr__,
+    object.__new__,
     ("Completions.__init__", "dspy/primitives/prediction.py"),
+    object.__setattr__,
+    object.__new__,
     Prediction,
     Completions,
 )
 
-#: The methods last found to be DSPy's own, and their ids (compared per call, in C; the objects are
-#: kept, so their ids cannot be reused).
+#: The methods last found to be DSPy's own (compared by identity on each call).
 _SEEN: list[tuple[Any, ...] | None] = [None]
-_SEEN_IDS: list[tuple[int, ...] | None] = [None]
+_Predict = dspy.Predict
 
 
 def _is_dspys(found: Any, expected: Any) -> bool:
-    if isinstance(expected, type):
+    if not isinstance(expected, tuple):  # (a class, or one of object's own slots)
         return found is expected
     if type(found) is classmethod:
         found = found.__func__
@@ -111,12 +120,27 @@ def untouched() -> bool:
     """Whether ``Predict``'s steps, the constructors of what they build and the names they build it
     by are DSPy's own functions (not replaced or wrapped, before stageflow was imported or since):
     :func:`preprocess` and :func:`postprocess` apply only then. Checked once per call, by the caller."""
-    now = _methods()
-    ids = tuple(map(id, now))
-    if ids == _SEEN_IDS[0]:
+    seen = _SEEN[0]
+    if (  # (the common case: what was found to be DSPy's own last time, written out)
+        seen is not None
+        and _Predict._forward_preprocess is seen[0]
+        and _Predict._forward_postprocess is seen[1]
+        and Prediction.__dict__.get("from_completions") is seen[2]
+        and Prediction.__init__ is seen[3]
+        and Example.__init__ is seen[4]
+        and Prediction.__setattr__ is seen[5]
+        and Prediction.__delattr__ is seen[6]
+        and Prediction.__new__ is seen[7]
+        and Completions.__init__ is seen[8]
+        and Completions.__setattr__ is seen[9]
+        and Completions.__new__ is seen[10]
+        and _predict_module.Prediction is seen[11]
+        and _prediction_module.Completions is seen[12]
+    ):
         return True
+    now = _methods()
     if all(_is_dspys(found, expected) for found, expected in zip(now, _EXPECTED, strict=True)):
-        _SEEN[0], _SEEN_IDS[0] = now, ids
+        _SEEN[0] = now
         return True
     return False
 
@@ -133,9 +157,10 @@ def signature_plan(signature: Any) -> Plan | None:
     return plan_for(_PLANS, signature)
 
 
-def _table(signature: Any) -> tuple[tuple[str, Any], ...] | None:
-    plan = plan_for(_PLANS, signature)
-    if plan is None or plan.reason is not None:
+def _table(plan: Plan) -> tuple[tuple[str, Any], ...] | None:
+    """The input fields of the plan's signature as ``(name, FieldInfo)``; ``None`` when the plan
+    cannot describe the signature."""
+    if plan.reason is not None:
         return None
     table: tuple[tuple[str, Any], ...] | None = plan.steps
     if table is None:
@@ -147,8 +172,13 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
     """``dspy.Predict._forward_preprocess(predictor, **inputs)``: ``(lm, config, signature, demos,
     kwargs)``; ``inputs`` is not changed. ``attrs`` is the predictor's ``__dict__`` (read directly:
     ``dspy.Module``'s attribute hook costs ten times more). Only while :func:`untouched`."""
+    return planned_preprocess(predictor, attrs, inputs)[:5]
+
+
+def planned_preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`preprocess`, and the signature's plan it used (``None`` when DSPy's method did it)."""
     if not _KEYWORDS.isdisjoint(inputs):
-        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
+        return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
     try:
         signature, own_lm, own_config, demos = (
             attrs["signature"],
@@ -157,11 +187,12 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
             attrs["demos"],
         )
     except KeyError:  # (not set on the instance: DSPy's method reads them as it reads them)
-        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
-    table = _table(signature)
+        return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
+    plan = plan_for(_PLANS, signature)
+    table = None if plan is None else _table(plan)
     lm = own_lm or _setting("lm")
     if table is None or not isinstance(lm, BaseLM):
-        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
+        return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
     fields = table
     kwargs = dict(inputs)
     check_types = _setting("warn_on_type_mismatch")
@@ -172,7 +203,7 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
         elif info.default is not PydanticUndefined:
             value = kwargs[name] = info.default  # (checked like a given value, as DSPy checks it)
         else:  # (missing: DSPy's method decides, and warns unless the field allows None)
-            return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]
+            return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
         if (
             check_types
             and value is not None
@@ -180,16 +211,16 @@ def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) ->
             and type(value) is not info.annotation
             and not compatible(value, info.annotation)
         ):
-            return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
+            return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)  # (it warns)
     if len(kwargs) != len(fields):  # (every field is in kwargs by now: the rest are extra)
-        return dspy.Predict._forward_preprocess(predictor, **inputs)  # type: ignore[no-any-return]  # (it warns)
+        return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)  # (it warns)
     config = {**own_config}
     defaults = getattr(lm, "kwargs", {})
     temperature = config.get("temperature") or defaults.get("temperature")
     generations = config.get("n") or defaults.get("n") or defaults.get("num_generations") or 1
     if (temperature is None or temperature <= 0.15) and generations > 1:
         config["temperature"] = 0.7
-    return lm, config, signature, demos, kwargs
+    return lm, config, signature, demos, kwargs, plan
 
 
 def postprocess(predictor: Any, completions: Any, signature: Any, kwargs: dict[str, Any]) -> Any:

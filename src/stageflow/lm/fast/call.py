@@ -35,7 +35,7 @@ import dspy
 from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
 
 from stageflow._callers import is_dspys_entry, push_callers
-from stageflow.lm.fast._predict import postprocess, preprocess, signature_plan, untouched
+from stageflow.lm.fast._predict import planned_preprocess, postprocess, signature_plan, untouched
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
 
@@ -124,11 +124,12 @@ def _entry_points_are_dspys() -> bool:
     return False
 
 
-def _has_decisions(signature: Any) -> bool:
+def _has_decisions(signature: Any, plan: Any = None) -> bool:
     """Whether ``resolve_adapter`` would do anything for this signature (wrap the adapter for
     decision outputs, or warn about nested ones); kept with the signature's plan, so a signature
-    changed in place is looked at again."""
-    plan = signature_plan(signature)
+    changed in place is looked at again. ``plan``: the signature's plan, when just checked."""
+    if plan is None:
+        plan = signature_plan(signature)
     found = None if plan is None else plan.decisions
     if found is None:
         from dspy.adapters.decision_state import DecisionState
@@ -145,15 +146,16 @@ def _has_decisions(signature: Any) -> bool:
 
 
 def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own: bool) -> tuple[Any, ...]:
+    plan = None
     if own:
-        lm, config, signature, demos, kwargs = preprocess(predictor, attrs, inputs)
+        lm, config, signature, demos, kwargs, plan = planned_preprocess(predictor, attrs, inputs)
     else:
         lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(predictor, **inputs)
     adapter = settings.adapter or dspy.ChatAdapter()
     fields = attrs.get("fields", _UNSET)
     if fields is _UNSET:
         fields = predictor.fields
-    if fields or getattr(lm, "supports_decision_requests", False) is True or _has_decisions(signature):
+    if fields or getattr(lm, "supports_decision_requests", False) is True or _has_decisions(signature, plan):
         from dspy.adapters.decision import resolve_adapter
 
         adapter = resolve_adapter(lm, adapter, signature, predictor.fields, predictor.signature)
