@@ -12,11 +12,13 @@ through ``ChatAdapter`` and ``JSONAdapter``. Variants per workload, side by side
 * ``plain``: the DSPy call as users write it (DSPy's adapter).
 * ``fast adapter``: the same call with the fast twin installed (``dspy.context(adapter=...)``).
 * ``stageflow stage, fast off/on``: the predictor as a one-stage ``SequentialPipeline`` (the
-  pipeline's fixed cost per invocation included), and per stage of a 10-stage pipeline of copies.
-* ``+ stage path (P1)``: ``stageflow.lm.fast.call_predictor``, what the engine could call instead
-  of ``predictor(**kw)``: DSPy's own ``Predict._forward_preprocess`` / adapter /
-  ``_forward_postprocess``, skipping only ``Module.__call__``'s callback wrapper (when no callbacks
-  are active), ``resolve_adapter`` (when the signature has no decision outputs), the
+  pipeline's fixed cost per invocation included), and per stage of a 10-stage pipeline of copies;
+  "off" / "on": DSPy's adapter or its fast twin configured around the call (the pipeline installs
+  the twin either way, with its fast path on by default).
+* ``+ stage path (P1)``: ``stageflow.lm.fast.call_predictor`` alone, what the engine calls instead
+  of ``predictor(**kw)``: ``Predict``'s own steps around the adapter from a per-signature table
+  (DSPy's methods for anything unusual), skipping ``Module.__call__``'s callback wrapper (when no
+  callbacks are active), ``resolve_adapter`` (when the signature has no decision outputs), the
   ``send_stream=None`` context (when no stream is open) and ``ChainOfThought``'s ``forward`` hop.
   History, traces, usage and the LM cache see the same calls (tested).
 * ``+ P2``: P1, with the ``caller_modules`` push done by one context-variable set instead of
