@@ -105,42 +105,43 @@ def _with_hint() -> type[dspy.Signature]:
     return Sig
 
 
-def _field_replaced(run: Any, mode: str) -> Any:
+def _after_edit(run: Any, mode: str, edit: Any, inputs: dict[str, Any]) -> Any:
+    """What the LM was sent and the trace kept, for a call after ``edit`` changed the signature's
+    fields dict in place (one call before it)."""
     signature = _with_hint()
     predictor = dspy.Predict(signature)
     lm = FakeLM({"answer": "4"})
     with dspy.context(lm=lm, trace=[]):
         run(predictor, {"question": "q", "hint": "h"}, mode)
-        new = copy.copy(signature.model_fields["hint"])  # (no default any more, another description)
-        new.default = PydanticUndefined
-        new.json_schema_extra = {**new.json_schema_extra, "desc": "NEW desc"}
-        signature.model_fields["hint"] = new
-        run(predictor, {"question": "q"}, mode)
+        edit(signature.model_fields)
+        run(predictor, inputs, mode)
         kwargs = dspy.settings.trace[-1][1]
     return lm.history[-1]["messages"], kwargs
 
 
+def _replace_hint(fields: dict[str, Any]) -> None:
+    new = copy.copy(fields["hint"])  # (no default any more, another description)
+    new.default = PydanticUndefined
+    new.json_schema_extra = {**new.json_schema_extra, "desc": "NEW desc"}
+    fields["hint"] = new
+
+
+def _rename_hint(fields: dict[str, Any]) -> None:
+    fields["clue"] = fields.pop("hint")  # (a key renamed: as many fields, the same objects)
+    fields["answer"] = fields.pop("answer")
+
+
 def test_a_field_replaced_in_the_signatures_fields_is_seen(mode: str) -> None:
-    expected = _field_replaced(_plain, mode)
-    assert _field_replaced(_stage_path, mode) == expected
+    expected = _after_edit(_plain, mode, _replace_hint, {"question": "q"})
+    assert _after_edit(_stage_path, mode, _replace_hint, {"question": "q"}) == expected
     assert expected[1] == {"question": "q"}
 
 
-def _renamed(run: Any, mode: str) -> Any:
-    signature = _with_hint()
-    predictor = dspy.Predict(signature)
-    lm = FakeLM({"answer": "4"})
-    with dspy.context(lm=lm, trace=[]):
-        run(predictor, {"question": "q", "hint": "h"}, mode)
-        fields = signature.model_fields
-        fields["clue"] = fields.pop("hint")  # (a key renamed: as many fields, the same objects)
-        fields["answer"] = fields.pop("answer")
-        run(predictor, {"question": "q", "clue": "c"}, mode)
-    return lm.history[-1]["messages"], dspy.settings.trace
-
-
 def test_a_field_renamed_in_the_signatures_fields_is_seen(mode: str) -> None:
-    assert _renamed(_stage_path, mode)[0] == _renamed(_plain, mode)[0]
+    inputs = {"question": "q", "clue": "c"}
+    expected = _after_edit(_plain, mode, _rename_hint, inputs)
+    assert _after_edit(_stage_path, mode, _rename_hint, inputs) == expected
+    assert "clue" in expected[0][-1]["content"]
 
 
 class _Slotted:
