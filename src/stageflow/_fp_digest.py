@@ -19,6 +19,8 @@ import types
 import weakref
 from typing import Any
 
+from pydantic_core import PydanticUndefined
+
 from stageflow._fp_code import assigned_attributes, code_digest
 from stageflow._fp_types import describe_type
 
@@ -191,7 +193,10 @@ def _signature_digest(sig: Any) -> str:
         for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
             for name, f in group.items():
                 extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
-                fields.append((kind, name, describe_type(f.annotation), extra))
+                entry: tuple[Any, ...] = (kind, name, describe_type(f.annotation), extra)
+                if f.default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
+                    entry = (*entry, ("default", repr(f.default)))
+                fields.append(entry)
         text = repr((sig.instructions, fields))
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         _SIG_DIGESTS[sig] = digest

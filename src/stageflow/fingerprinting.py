@@ -51,7 +51,9 @@ Not covered (documented, not silent):
   ``fingerprint(program)`` call. Data created with :func:`stageflow.untracked` (a stage's own call
   log or counter) is left out of every fingerprint;
 - a class used as a signature field type is described once per class object: changing a model
-  class in place (``model_rebuild`` with other fields) is not seen — define a new class.
+  class in place (``model_rebuild`` with other fields) is not seen — define a new class; likewise a
+  signature is described once per signature class: a field's default (or description) edited on
+  the class in place is not seen — make a new signature (``with_updated_fields``, ``insert``...).
 
 Examples:
     >>> import stageflow

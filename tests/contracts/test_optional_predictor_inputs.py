@@ -31,6 +31,26 @@ def test_a_for_each_whose_stage_does_not_read_the_element_is_refused() -> None:
     assert "item='sub_question'" in str(err.value)
 
 
+def test_a_for_each_stage_with_named_inputs_and_kwargs_must_name_the_element() -> None:
+    def fact(question: str, **rest: object) -> dict[str, object]:  # (gets its named inputs only)
+        return {"fact": rest.get("sub_question")}
+
+    with pytest.raises(ContractError) as err:
+        SequentialPipeline(
+            [ForEach(stageflow.stage(fact, writes=["fact"]), over="sub_questions", collect="facts")]
+        )
+    assert err.value.code == "item_not_read"
+
+
+def test_a_refused_for_each_is_located_in_the_pipeline_that_holds_it() -> None:
+    with pytest.raises(ContractError) as err:
+        SequentialPipeline(
+            [dspy.Predict("q -> x"), ForEach(dspy.Predict("question -> fact"), over="sub_questions")]
+        )
+    assert err.value.stage_path == "stages[1]"
+    assert "stages[1]" in str(err.value)
+
+
 async def test_a_for_each_whose_element_is_an_optional_input_gets_it(mode: str) -> None:
     each = ForEach(dspy.Predict(_Sub), over="questions", item="sub_question", collect="facts")
     with dspy.context(lm=_fact_lm()):
@@ -91,6 +111,39 @@ def test_a_pipeline_file_cannot_carry_an_input_default_and_says_so() -> None:
         stageflow.to_spec(SequentialPipeline([dspy.Predict(_Defaulted)]))
     assert err.value.code == "not_expressible"
     assert "'style' has a default" in str(err.value)
+
+
+def test_an_input_with_a_default_factory_is_required_and_written_to_a_pipeline_file() -> None:
+    import pydantic
+
+    class Tagged(dspy.Signature):
+        """Answer."""
+
+        question: str = dspy.InputField()
+        tags: list[str] = dspy.InputField(default_factory=list)  # (DSPy never fills it in)
+        answer: str = dspy.OutputField()
+
+    pipe = SequentialPipeline([dspy.Predict(Tagged)])
+    assert pipe.stages[0] is not None
+    assert stageflow.Stage(dspy.Predict(Tagged)).ports.required == ("question", "tags")
+    assert "tags: list[str]" in str(stageflow.to_spec(pipe))
+    assert pydantic  # (imported for the signature's field machinery)
+
+
+async def test_a_cached_stage_sees_an_input_default_changed(mode: str) -> None:
+    def with_default(value: str) -> type[dspy.Signature]:
+        return _Defaulted.delete("style").insert(1, "style", dspy.InputField(default=value), type_=str)
+
+    predictor = dspy.Predict(with_default("short"))
+    pipe = SequentialPipeline([stageflow.CachedStage(predictor)])
+    with dspy.context(lm=_styled_lm()):
+        assert (await call(pipe, mode, question="q")).answer == "q|short"
+        predictor.signature = with_default("long")
+        assert (await call(pipe, mode, question="q")).answer == "q|long"
+    fingerprints = {
+        stageflow.fingerprint(SequentialPipeline([dspy.Predict(with_default(v))])) for v in ("a", "b", "a")
+    }
+    assert len(fingerprints) == 2
 
 
 def test_an_optional_none_input_round_trips_through_a_pipeline_file() -> None:

@@ -265,7 +265,12 @@ async def test_inputs_dspy_runs_without_are_optional_in_a_pipeline(kind: str, mo
 
 @pytest.mark.parametrize(
     ("cls_name", "method"),
-    [("Prediction", "__setattr__"), ("Prediction", "__delattr__"), ("Completions", "__setattr__")],
+    [
+        ("Prediction", "__setattr__"),
+        ("Prediction", "__delattr__"),
+        ("Completions", "__setattr__"),
+        ("Completions", "items"),
+    ],
 )
 def test_attribute_hooks_patched_on_what_predict_builds_are_honoured(
     cls_name: str, method: str, mode: str, monkeypatch: pytest.MonkeyPatch
@@ -275,7 +280,7 @@ def test_attribute_hooks_patched_on_what_predict_builds_are_honoured(
     cls = dspy.Prediction if cls_name == "Prediction" else Completions
     original = getattr(cls, method)
     seen: list[str] = []
-    monkeypatch.setattr(cls, method, lambda self, *a: seen.append(a[0]) or original(self, *a))
+    monkeypatch.setattr(cls, method, lambda self, *a: seen.append(method) or original(self, *a))
     with dspy.context(lm=FakeLM({"answer": "4"})):
         assert _stage_path(dspy.Predict("question -> answer"), {"question": "q"}, mode).answer == "4"
     assert seen

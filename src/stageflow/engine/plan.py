@@ -239,7 +239,15 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         chain = ("module",)
         declared = obj.declares_outputs
     else:
-        leaf_ports = describe(obj)
+        try:
+            leaf_ports = describe(obj)
+        except ContractError as e:
+            if e.stage_path is None and e.code == "item_not_read":  # (a ForEach held here: say where)
+                where = _local_path(attr, key)
+                e.with_path_prefix(where)
+                e.message = f"At '{where}': {e.message}"
+                e.args = (e.message,)
+            raise
     kind = MODULE
     is_async_fn = False
     if isinstance(leaf, FunctionStage):

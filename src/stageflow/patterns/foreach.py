@@ -211,9 +211,9 @@ class ForEach(Pipeline):
         """A stage that does not read the element at all (its inputs all optional, none named as
         ``item=``) would run each element without it: refused, naming the inputs it does read."""
         entry = self._entry
-        ports = entry.ports
-        if entry.pass_state or ports.accepts_any or entry.composite:
-            return  # (it may read anything; a nested pipeline's reads are checked inside it)
+        if entry.pass_state or entry.composite:
+            return  # (it gets the whole state; a nested pipeline's reads are checked inside it)
+        # (a stage with named inputs and **kwargs gets its named inputs only: it is checked too)
         reads = [state for _, state in (*entry.in_pairs, *entry.opt_pairs)]
         if self.item in reads:
             return

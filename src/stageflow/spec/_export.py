@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 import dspy
+from pydantic_core import PydanticUndefined
 
 from stageflow.errors import ConfigurationError
 from stageflow.patterns.branching import BranchingPipeline
@@ -116,7 +117,7 @@ class _Exporter:
         """A signature string cannot carry an input's default (DSPy fills it in, the contract lets it
         be left out): written without it, the file's pipeline would need that input."""
         for name, info in signature.input_fields.items():
-            if not info.is_required():
+            if info.default is not PydanticUndefined:  # (a default_factory DSPy never uses: required)
                 raise self.fail(
                     obj, where, f"its input '{name}' has a default, which a signature string cannot carry"
                 )

@@ -74,6 +74,7 @@ def _methods() -> tuple[Any, ...]:
         Completions.__init__,
         Completions.__setattr__,
         Completions.__new__,
+        Completions.items,
         _predict_module.Prediction,  # (what _forward_postprocess builds)
         _prediction_module.Completions,  # (what from_completions builds)
     )
@@ -94,6 +95,7 @@ _EXPECTED: tuple[Any, ...] = (
     ("Completions.__init__", "dspy/primitives/prediction.py"),
     object.__setattr__,
     object.__new__,
+    ("Completions.items", "dspy/primitives/prediction.py"),
     Prediction,
     Completions,
 )
@@ -134,8 +136,9 @@ def untouched() -> bool:
         and Completions.__init__ is seen[8]
         and Completions.__setattr__ is seen[9]
         and Completions.__new__ is seen[10]
-        and _predict_module.Prediction is seen[11]
-        and _prediction_module.Completions is seen[12]
+        and Completions.items is seen[11]
+        and _predict_module.Prediction is seen[12]
+        and _prediction_module.Completions is seen[13]
     ):
         return True
     now = _methods()
