@@ -28,7 +28,14 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 
-__all__ = ["KNOWN_ENTRY_POINTS", "Pushed", "is_dspys_entry", "push_callers"]
+__all__ = ["KNOWN_ENTRY_POINTS", "Pushed", "is_dspys_entry", "push_callers", "setting"]
+
+
+def setting(name: str) -> Any:
+    """``dspy.settings.<name>`` here now, read as DSPy's settings object reads it (its override for
+    this thread or task, else the global value; ``None`` when unset), without its attribute hook."""
+    overrides = _settings.thread_local_overrides.get()
+    return overrides[name] if name in overrides else _settings.main_thread_config.get(name)
 
 
 class Pushed(_settings.dotdict):  # type: ignore[misc]

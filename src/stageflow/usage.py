@@ -180,12 +180,7 @@ class UsageTable:
 
     def record_tokens(self, path: str, usage: Mapping[str, Any]) -> None:
         """The tokens of an LM call made while stage ``path`` ran (as DSPy's usage tracker gets them)."""
-        # (once per LM call: DSPy's usual counts, plain ints, are read without _tokens' checks)
-        got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(got_in) is not int:
-            got_in = _tokens(usage, "prompt_tokens", "input_tokens")
-        if type(got_out) is not int:
-            got_out = _tokens(usage, "completion_tokens", "output_tokens")
+        got_in, got_out = _token_pair(usage)
         if not (got_in or got_out):
             return
         with self._lock:
@@ -196,37 +191,18 @@ class UsageTable:
     def record_result(self, path: str, billed: bool, usage: Any, cost: Any) -> None:
         """An LM call, counted from its result: billed (with its tokens and cost) or answered by
         DSPy's LM cache. :meth:`record_tokens` and :meth:`record_history` in one step."""
-        got_in = got_out = 0
-        if billed and usage:
-            got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if type(got_in) is not int:
-                got_in = _tokens(usage, "prompt_tokens", "input_tokens")
-            if type(got_out) is not int:
-                got_out = _tokens(usage, "completion_tokens", "output_tokens")
+        got_in, got_out = _token_pair(usage) if billed and usage else (0, 0)
         with self._lock:
-            u = self._by_path.get(path)
-            if u is None:
-                u = self._by_path[path] = StageUsage()
-            if not billed:
-                u.lm_cache_hits += 1
-                return
-            u.lm_calls += 1
+            u = self._entry(path)
             u.input_tokens += got_in
             u.output_tokens += got_out
-            if isinstance(cost, int | float) and not isinstance(cost, bool):
-                u.cost = (u.cost or 0.0) + float(cost)
+            _count_call(u, billed, cost)
 
     def record_history(self, path: str, billed: bool, cost: Any) -> None:
         """An LM call's outcome, as its history entry tells it: a billed call (counted, with its cost
         when the model reports one) or an answer from DSPy's LM cache."""
         with self._lock:
-            u = self._entry(path)
-            if not billed:
-                u.lm_cache_hits += 1
-                return
-            u.lm_calls += 1
-            if isinstance(cost, int | float) and not isinstance(cost, bool):
-                u.cost = (u.cost or 0.0) + float(cost)
+            _count_call(self._entry(path), billed, cost)
 
     def record_event(self, path: str, kind: str) -> None:
         """An event of stage ``path`` that is counted: a policy's (``retry``, ``repair``,
@@ -321,6 +297,28 @@ _EVENT_COUNTS = {
     "cache_hit": "cache_hits",
     "fast_fallback": "fast_fallbacks",
 }
+
+
+def _token_pair(usage: Mapping[str, Any]) -> tuple[int, int]:
+    """A call's (input, output) token counts; DSPy's usual counts, plain ints, are read without
+    :func:`_tokens`' checks (once per LM call)."""
+    got_in, got_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(got_in) is not int:
+        got_in = _tokens(usage, "prompt_tokens", "input_tokens")
+    if type(got_out) is not int:
+        got_out = _tokens(usage, "completion_tokens", "output_tokens")
+    return got_in, got_out
+
+
+def _count_call(u: StageUsage, billed: bool, cost: Any) -> None:
+    """Count one LM call in ``u`` (the caller holds the table's lock): billed, with its cost when the
+    model reports one, or answered by DSPy's LM cache."""
+    if not billed:
+        u.lm_cache_hits += 1
+        return
+    u.lm_calls += 1
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        u.cost = (u.cost or 0.0) + float(cost)
 
 
 def _tokens(usage: Mapping[str, Any], *names: str) -> int:

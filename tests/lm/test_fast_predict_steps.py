@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import dspy
 import pytest
 from test_fast_adapter_corpus import CASES, IDS, Case, ScriptedLM, canonical_answer, outcome
 
-from stageflow.lm.fast import FastChatAdapter, call_predictor
+from stageflow.lm.fast import FastChatAdapter, _predict, call_predictor
 from stageflow.lm.fast._predict import postprocess, preprocess, untouched
 from stageflow.lm.fast.call import acall_predictor
 from stageflow.testing import FakeLM
@@ -261,3 +264,38 @@ def test_replaced_dspy_methods_are_called(name: str, mode: str, monkeypatch: pyt
     assert seen
     monkeypatch.undo()
     assert untouched()
+
+
+def test_each_watched_method_replaced_turns_the_shortcut_off() -> None:
+    # (in a fresh interpreter: a __new__ set on a class and deleted again leaves CPython's class
+    # slots changed, which would break later tests)
+    script = textwrap.dedent(
+        """
+        from stageflow.lm.fast import _predict
+        from stageflow.lm.fast._predict import untouched
+
+        missed = []
+        for owner, name, _ in _predict._WATCHED:
+            assert untouched()
+            own = vars(owner)
+            had, before = name in own, own.get(name)
+            original = before if name == "from_completions" else getattr(owner, name)
+            if isinstance(original, type):
+                replacement = type(original.__name__, (original,), {})
+            elif isinstance(original, classmethod):
+                replacement = classmethod(lambda cls, *a, f=original.__func__, **kw: f(cls, *a, **kw))
+            else:
+                replacement = lambda *a, f=original, **kw: f(*a, **kw)
+            setattr(owner, name, replacement)
+            if untouched():
+                missed.append(name)
+            if had:
+                setattr(owner, name, before)
+            else:
+                delattr(owner, name)
+        assert untouched()
+        print(len(_predict._WATCHED), missed)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(len(_predict._WATCHED)), "[]"]

@@ -307,7 +307,8 @@ def begin(
     if outer._pending is None and outer._tokens is None:
         if not pushable(target, name):
             return None  # (the outer run is not an in-line one: the first level of a chain)
-    else:  # (callbacks may be added in place mid-run: DSPy's own call reports this module to them)
+    else:  # (callbacks may be added in place mid-run: DSPy's own call reports this module to them;
+        # nested.callbacks_on, written out: once per level of a nested chain)
         o = _settings.thread_local_overrides.get()
         if o["callbacks"] if "callbacks" in o else _settings.main_thread_config.get("callbacks"):
             return None

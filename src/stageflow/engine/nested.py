@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 
 from stageflow._callers import KNOWN_ENTRY_POINTS as _KNOWN
-from stageflow._callers import Pushed, push_callers
+from stageflow._callers import Pushed, push_callers, setting
 from stageflow._callers import is_dspys_entry as _is_dspys
 
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
@@ -130,10 +130,7 @@ def own_forward(cls: type) -> Any:
 def callbacks_on() -> bool:
     """Whether DSPy callbacks are in force here. Read on every call, never remembered: a stage may
     append one to the callbacks list in place mid-run, and later modules must report to it."""
-    overrides = _settings.thread_local_overrides.get()
-    if "callbacks" in overrides:
-        return bool(overrides["callbacks"])
-    return bool(_settings.main_thread_config.get("callbacks"))
+    return bool(setting("callbacks"))
 
 
 def pushable(target: Any, name: str) -> bool:

@@ -17,6 +17,7 @@ from contextvars import ContextVar
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from stageflow._callers import setting
 from stageflow.budgets._state import GATES, SKIP
 from stageflow.engine import concurrency
 from stageflow.engine.boundary import gather_inputs, merge_outputs, missing_at_run_time, private_state
@@ -833,11 +834,7 @@ def _close_run(opened: tuple[Any, ...]) -> None:
 
 def _active_adapter() -> Any:
     """``dspy.settings.adapter``, read the way DSPy's settings object reads it."""
-    settings_module = sys.modules["dspy.dsp.utils.settings"]
-    overrides = settings_module.thread_local_overrides.get()
-    if "adapter" in overrides:
-        return overrides["adapter"]
-    return settings_module.main_thread_config.get("adapter")
+    return setting("adapter")
 
 
 def _entering(pipeline: Pipeline) -> tuple[Any, str, tuple[Any, ...] | None]:

@@ -220,7 +220,7 @@ class ForEach(Pipeline):
         fix = (
             f"name the element as the stage reads it: ForEach(..., item='{reads[0]}')"
             if reads
-            else ("give the stage an input for the element")
+            else "give the stage an input for the element"
         )
         raise ContractError(
             f"ForEach gives each element of '{self.over}' to its stage as '{self.item}', which the "

@@ -131,7 +131,6 @@ class Plan:
         "parse_verified",
         "reason",
         "response_models",
-        "steps",
         "system",
     )
 
@@ -157,8 +156,6 @@ class Plan:
         self.output_reminder: Any = _UNSET
         self.demo_blocks: dict[Any, tuple[tuple[str, str], ...]] = {}
         self.response_models: dict[bool, Any] = {}
-        #: What ``Predict``'s own steps need (filled by :mod:`stageflow.lm.fast._predict`).
-        self.steps: Any = None
         #: Whether DSPy's ``resolve_adapter`` acts on the signature (filled by the stage path).
         self.decisions: bool | None = None
         self.format_verified = False

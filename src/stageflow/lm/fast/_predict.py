@@ -38,12 +38,12 @@ from typing import Any
 
 import dspy
 from dspy.clients.base_lm import BaseLM
-from dspy.dsp.utils.settings import main_thread_config, thread_local_overrides
 from dspy.primitives.example import Example
 from dspy.primitives.prediction import Completions, Prediction
 from dspy.utils.constants import IS_TYPE_UNDEFINED
 from pydantic_core import PydanticUndefined
 
+from stageflow._callers import setting
 from stageflow.lm.fast._plan import Plan, plan_for
 
 __all__ = ["planned_preprocess", "postprocess", "preprocess", "signature_plan", "untouched"]
@@ -60,45 +60,36 @@ _KEYWORDS = frozenset({"self", "signature", "new_signature", "demos", "config", 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
 
+#: What :func:`untouched` watches, as ``(owner, attribute, expected)``: ``expected`` is the
+#: ``(qualified name, file)`` of DSPy's own function, or the object itself (a class; ``object``'s own
+#: ``__setattr__``, ``__delattr__``, ``__new__``: what the shortcut builds the ``Prediction`` with,
+#: writing its ``__dict__`` directly). ``from_completions`` is read from the class's own ``__dict__``
+#: (the classmethod, not a new bound method per read).
+_WATCHED: tuple[tuple[Any, str, Any], ...] = (
+    (dspy.Predict, "_forward_preprocess", ("Predict._forward_preprocess", "dspy/predict/predict.py")),
+    (dspy.Predict, "_forward_postprocess", ("Predict._forward_postprocess", "dspy/predict/predict.py")),
+    (Prediction, "from_completions", ("Prediction.from_completions", "dspy/primitives/prediction.py")),
+    (Prediction, "__init__", ("Prediction.__init__", "dspy/primitives/prediction.py")),
+    (Example, "__init__", ("Example.__init__", "dspy/primitives/example.py")),
+    (Prediction, "__setattr__", ("Example.__setattr__", "dspy/primitives/example.py")),
+    (Prediction, "__delattr__", object.__delattr__),
+    (Prediction, "__new__", object.__new__),
+    (Completions, "__init__", ("Completions.__init__", "dspy/primitives/prediction.py")),
+    (Completions, "__setattr__", object.__setattr__),
+    (Completions, "__new__", object.__new__),
+    (Completions, "items", ("Completions.items", "dspy/primitives/prediction.py")),
+    (_predict_module, "Prediction", Prediction),  # (what _forward_postprocess builds)
+    (_prediction_module, "Completions", Completions),  # (what from_completions builds)
+)
+
+
 def _methods() -> tuple[Any, ...]:
-    """What :func:`untouched` looks at (in the order it compares them)."""
-    return (
-        _Predict._forward_preprocess,
-        _Predict._forward_postprocess,
-        Prediction.__dict__.get("from_completions"),
-        Prediction.__init__,
-        Example.__init__,
-        Prediction.__setattr__,
-        Prediction.__delattr__,
-        Prediction.__new__,
-        Completions.__init__,
-        Completions.__setattr__,
-        Completions.__new__,
-        Completions.items,
-        _predict_module.Prediction,  # (what _forward_postprocess builds)
-        _prediction_module.Completions,  # (what from_completions builds)
+    """What :func:`untouched` looks at now (in the order of :data:`_WATCHED`)."""
+    return tuple(
+        owner.__dict__.get(name) if name == "from_completions" else getattr(owner, name)
+        for owner, name, _ in _WATCHED
     )
 
-
-#: What each of :func:`_methods` must be: ``(qualified name, file)`` of DSPy's own function, or the
-#: object itself (a class; ``object``'s own ``__setattr__``, ``__delattr__``, ``__new__``: what the
-#: shortcut builds the ``Prediction`` with, writing its ``__dict__`` directly).
-_EXPECTED: tuple[Any, ...] = (
-    ("Predict._forward_preprocess", "dspy/predict/predict.py"),
-    ("Predict._forward_postprocess", "dspy/predict/predict.py"),
-    ("Prediction.from_completions", "dspy/primitives/prediction.py"),
-    ("Prediction.__init__", "dspy/primitives/prediction.py"),
-    ("Example.__init__", "dspy/primitives/example.py"),
-    ("Example.__setattr__", "dspy/primitives/example.py"),
-    object.__delattr__,
-    object.__new__,
-    ("Completions.__init__", "dspy/primitives/prediction.py"),
-    object.__setattr__,
-    object.__new__,
-    ("Completions.items", "dspy/primitives/prediction.py"),
-    Prediction,
-    Completions,
-)
 
 #: The methods last found to be DSPy's own (compared by identity on each call).
 _SEEN: list[tuple[Any, ...] | None] = [None]
@@ -123,7 +114,7 @@ def untouched() -> bool:
     by are DSPy's own functions (not replaced or wrapped, before stageflow was imported or since):
     :func:`preprocess` and :func:`postprocess` apply only then. Checked once per call, by the caller."""
     seen = _SEEN[0]
-    if (  # (the common case: what was found to be DSPy's own last time, written out)
+    if (  # (the common case: what was found to be DSPy's own last time; _WATCHED, written out)
         seen is not None
         and _Predict._forward_preprocess is seen[0]
         and _Predict._forward_postprocess is seen[1]
@@ -142,33 +133,16 @@ def untouched() -> bool:
     ):
         return True
     now = _methods()
-    if all(_is_dspys(found, expected) for found, expected in zip(now, _EXPECTED, strict=True)):
+    if all(_is_dspys(found, watched[2]) for found, watched in zip(now, _WATCHED, strict=True)):
         _SEEN[0] = now
         return True
     return False
-
-
-def _setting(name: str) -> Any:
-    """``dspy.settings.<name>``, read as DSPy's settings object reads it (without its hook)."""
-    overrides = thread_local_overrides.get()
-    return overrides[name] if name in overrides else main_thread_config[name]
 
 
 def signature_plan(signature: Any) -> Plan | None:
     """The signature's current plan (rebuilt when the signature changed in place); ``None`` for
     what is not a DSPy signature class."""
     return plan_for(_PLANS, signature)
-
-
-def _table(plan: Plan) -> tuple[tuple[str, Any], ...] | None:
-    """The input fields of the plan's signature as ``(name, FieldInfo)``; ``None`` when the plan
-    cannot describe the signature."""
-    if plan.reason is not None:
-        return None
-    table: tuple[tuple[str, Any], ...] | None = plan.steps
-    if table is None:
-        table = plan.steps = tuple((spec.name, spec.info) for spec in plan.inputs)
-    return table
 
 
 def preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, ...]:
@@ -192,15 +166,14 @@ def planned_preprocess(predictor: Any, attrs: dict[str, Any], inputs: dict[str, 
     except KeyError:  # (not set on the instance: DSPy's method reads them as it reads them)
         return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
     plan = plan_for(_PLANS, signature)
-    table = None if plan is None else _table(plan)
-    lm = own_lm or _setting("lm")
-    if table is None or not isinstance(lm, BaseLM):
+    lm = own_lm or setting("lm")
+    if plan is None or plan.reason is not None or not isinstance(lm, BaseLM):
         return (*dspy.Predict._forward_preprocess(predictor, **inputs), None)
-    fields = table
+    fields: tuple[Any, ...] = plan.inputs  # (each field's json_schema_extra is a dict: the plan checked it)
     kwargs = dict(inputs)
-    check_types = _setting("warn_on_type_mismatch")
+    check_types = setting("warn_on_type_mismatch")
     compatible = _predict_module._is_value_compatible_with_type
-    for name, info in fields:
+    for name, info, _, _ in fields:
         if name in kwargs:
             value = kwargs[name]
         elif info.default is not PydanticUndefined:
@@ -251,9 +224,9 @@ def postprocess(predictor: Any, completions: Any, signature: Any, kwargs: dict[s
     attrs["_store"] = {key: column[0] for key, column in columns.items()}
     attrs["_completions"] = found
     attrs["_lm_usage"] = None
-    trace = _setting("trace")
+    trace = setting("trace")
     if trace is not None:
-        limit = _setting("max_trace_size")
+        limit = setting("max_trace_size")
         if limit > 0:
             if len(trace) >= limit:
                 trace.pop(0)
