@@ -39,7 +39,7 @@ import threading
 import weakref
 from typing import Any
 
-from stageflow._fp_digest import weaken
+from stageflow._fp_digest import same, weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, structural, unwrap
 
@@ -65,7 +65,7 @@ class CallProbe:
         """After the call ran: ``None`` when the data the key covers is as it was (the output may be
         stored under the key), else what changed (it must not be)."""
         after = Walker(full=True, record=True)
-        if after.token(self.target) == self.token:
+        if same(after.token(self.target), self.token):
             return None
         changed = changed_since(self.seen, after.seen or {})
         if not changed:
@@ -90,7 +90,7 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
     if memo is not None:  # it read data last time: its complete token alone tells whether anything changed
         walker = Walker(full=True, record=True)
         token = walker.token(target)
-        if memo[0] == token:
+        if same(memo[0], token):
             return memo[1], CallProbe(target, token, walker.seen or {})
     fp, elided = structural(target)
     if not elided:
@@ -99,7 +99,7 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
         walker = Walker(full=True, record=True)
         token = walker.token(target)
     data_fp = content_hash(target)
-    if Walker(full=True).token(target) == token:  # unchanged while hashing
+    if same(Walker(full=True).token(target), token):  # unchanged while hashing
         try:
             with _LOCK:
                 _DATA[target] = (weaken(token), data_fp)

@@ -31,9 +31,11 @@ __all__ = [
     "code_digest",
     "code_info",
     "current",
+    "field_view",
     "is_user_class",
     "is_user_module",
     "own_attributes",
+    "same",
     "state_of",
     "user_classes",
     "weaken",
@@ -110,7 +112,7 @@ def weaken(token: Any) -> Any:
 _CODE_INFO: weakref.WeakKeyDictionary[types.CodeType, tuple[bool, tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
-_SIG_DIGESTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_SIG_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def _library_dirs() -> tuple[str, ...]:
@@ -186,20 +188,47 @@ def user_classes(cls: type) -> tuple[type, ...]:
     return tuple(c for c in cls.__mro__ if c is not object and is_user_module(c.__module__))
 
 
+def field_view(sig: Any) -> tuple[Any, ...]:
+    """What a signature's fields are now, cheap to build and compare: each field's type, default and
+    DSPy settings (description, prefix, kind), in order. A field edited in place on the same
+    signature class (``Sig.model_fields["style"].default = "short"``, a description changed in its
+    ``json_schema_extra``) gives another view; a list default mutated in place does not. (Compared
+    with ``==``: an object whose ``==`` is not a bool raises, which callers take as a change.)"""
+    table = sig.__pydantic_fields__
+    fields = table.values()
+    try:
+        return tuple(table), *[(f.annotation, f.default, tuple(f.json_schema_extra.items())) for f in fields]
+    except AttributeError:  # (a field without DSPy's settings dict)
+        return tuple(table), *[
+            (f.annotation, f.default, tuple(x.items()) if isinstance(x := f.json_schema_extra, dict) else x)
+            for f in fields
+        ]
+
+
+def same(a: Any, b: Any) -> bool:
+    """``a == b`` for tokens, where a value whose ``==`` is not a bool (an array) counts as a change."""
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
 def _signature_digest(sig: Any) -> str:
-    digest = _SIG_DIGESTS.get(sig)
-    if digest is None:
-        fields = []
-        for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
-            for name, f in group.items():
-                extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
-                entry: tuple[Any, ...] = (kind, name, describe_type(f.annotation), extra)
-                if f.default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
-                    entry = (*entry, ("default", repr(f.default)))
-                fields.append(entry)
-        text = repr((sig.instructions, fields))
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        _SIG_DIGESTS[sig] = digest
+    view = field_view(sig)
+    known = _SIG_DIGESTS.get(sig)
+    if known is not None and same(known[0], view):
+        return known[1]
+    fields = []
+    for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
+        for name, f in group.items():
+            extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
+            entry: tuple[Any, ...] = (kind, name, describe_type(f.annotation), extra)
+            if f.default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
+                entry = (*entry, ("default", repr(f.default)))
+            fields.append(entry)
+    text = repr((sig.instructions, fields))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    _SIG_DIGESTS[sig] = (view, digest)
     return digest
 
 

@@ -1,8 +1,9 @@
 """The fast path of :func:`stageflow.fingerprint` for a predictor (internal).
 
 A cached ``dspy.Predict`` is fingerprinted on every call, so "has anything changed since last
-time?" must cost about a microsecond. :func:`observe` reads what decides a predictor's outputs —
-its class, its signature and instructions, the LM (its own or the one ``dspy.context`` provides:
+time?" must cost a few microseconds. :func:`observe` reads what decides a predictor's outputs —
+its class, its signature, instructions and fields (each field's type, default and settings, see
+:func:`~stageflow._fp_digest.field_view`), the LM (its own or the one ``dspy.context`` provides:
 class, model, ``kwargs``), ``config``, the adapter's class and settings, each demo's fields — into
 one tuple, and :class:`PredictMemo` keeps a copy of that tuple (dicts copied) next to the
 fingerprint computed from it. One tuple comparison then tells whether the fingerprint still holds.
@@ -25,13 +26,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stageflow._fp_digest import ADAPTER_SETTINGS, own_attributes, state_of, user_classes
+from stageflow._fp_digest import ADAPTER_SETTINGS, field_view, own_attributes, state_of, user_classes
 
 __all__ = ["PredictMemo", "custom_spec", "observe", "read_custom"]
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _STR = frozenset({str})
-_LM, _KWARGS, _CONFIG, _DEMOS = 3, 4, 6, 9  # positions in the observed tuple
+_LM, _KWARGS, _CONFIG, _DEMOS = 4, 5, 7, 10  # positions in the observed tuple
 
 
 def _adapter_settings(adapter: Any) -> tuple[Any, ...]:
@@ -66,6 +67,7 @@ def _observe(p: Any) -> tuple[tuple[Any, ...], Any, dict[str, Any]]:
         type(p),
         sig,
         getattr(sig, "__doc__", None),
+        None if sig is None else field_view(sig),
         None if lm is None else (type(lm), getattr(lm, "model", None), getattr(lm, "model_type", None)),
         kwargs,
         tuple(map(type, kwargs.values())) if type(kwargs) is dict else None,

@@ -19,6 +19,7 @@ from stageflow._fp_digest import (
     Ref,
     code_info,
     current,
+    field_view,
     is_user_class,
     is_user_module,
     own_attributes,
@@ -374,7 +375,7 @@ class Walker:
     def cls(self, c: type, d: int) -> Any:
         dspy = sys.modules.get("dspy")
         if dspy is not None and issubclass(c, dspy.Signature) and c is not dspy.Signature:
-            return ("signature", Ref(c), c.__doc__)
+            return ("signature", Ref(c), c.__doc__, None if self.final else field_view(c))
         if not is_user_module(c.__module__):
             return ("class", c.__module__, c.__qualname__)
         key = id(c)
@@ -484,6 +485,7 @@ class Walker:
             sys.modules["dspy"].__version__,
             None if sig is None else Ref(sig),
             None if sig is None else sig.__doc__,  # the raw instructions (cheaper than .instructions)
+            None if sig is None or self.final else field_view(sig),  # (fields edited in place)
             self.demos(state.get("demos"), d),
             None if lm is None else self.lm(lm, d),
             self.exact(state.get("config"), d),

@@ -51,9 +51,9 @@ Not covered (documented, not silent):
   ``fingerprint(program)`` call. Data created with :func:`stageflow.untracked` (a stage's own call
   log or counter) is left out of every fingerprint;
 - a class used as a signature field type is described once per class object: changing a model
-  class in place (``model_rebuild`` with other fields) is not seen — define a new class; likewise a
-  signature is described once per signature class: a field's default (or description) edited on
-  the class in place is not seen — make a new signature (``with_updated_fields``, ``insert``...).
+  class in place (``model_rebuild`` with other fields) is not seen — define a new class. (A
+  signature's own fields are watched: a default, type, description or prefix edited in place on
+  the signature class is seen on the next call; a list or dict *default* mutated in place is not.)
 
 Examples:
     >>> import stageflow
@@ -73,7 +73,7 @@ import threading
 import weakref
 from typing import Any
 
-from stageflow._fp_digest import Bag, Ref, weaken
+from stageflow._fp_digest import Bag, Ref, same, weaken
 from stageflow._fp_predict import PredictMemo
 from stageflow._fp_walker import Walker
 
@@ -125,15 +125,15 @@ def structural(target: Any, *, fresh: bool = False) -> tuple[str, bool]:
         memo = None if fresh else _MEMO.get(target)
     except TypeError:  # unhashable: no memo, the content is hashed every time
         memo = None
-    if memo is not None and memo[0] == token:
+    if memo is not None and same(memo[0], token):
         fp = memo[1]
     else:
         fp = content_hash(target)
-        if Walker().token(target) == token:  # unchanged while hashing (another thread may edit it)
+        if same(Walker().token(target), token):  # unchanged while hashing (another thread may edit it)
             _remember(_MEMO, target, (weaken(token), fp))
     if predictor and not walker.elided:
         fast = PredictMemo.build(target, fp)
-        if fast is not None and Walker().token(target) == token:
+        if fast is not None and same(Walker().token(target), token):
             with _LOCK, contextlib.suppress(TypeError):
                 _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
     return fp, walker.elided
