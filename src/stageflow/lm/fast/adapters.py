@@ -49,6 +49,7 @@ from dspy.adapters.types.base_type import CUSTOM_TYPE_START_IDENTIFIER
 from dspy.utils.callback import with_callbacks
 from dspy.utils.exceptions import AdapterParseError
 
+from stageflow.lm.fast import _adapter_call
 from stageflow.lm.fast._format import demo_key, user_content
 from stageflow.lm.fast._parse import complete_outputs, parse_chat, parse_json
 from stageflow.lm.fast._plan import _UNSET, Plan, plan_for
@@ -103,6 +104,8 @@ class _FastPath:
     _methods: ClassVar[tuple[Any, ...]] = ()
     _taken: ClassVar[tuple[Any, ...]] = ()
     _get_taken: ClassVar[Any]
+    _format_wrapper: ClassVar[Any] = None
+    _parse_wrapper: ClassVar[Any] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)  # DSPy's Adapter wraps format/parse with callbacks here
@@ -123,6 +126,9 @@ class _FastPath:
         )
         cls._get_taken = staticmethod(operator.attrgetter(*names))
         cls._taken = cls._get_taken(base)
+        # DSPy's callback wrappers of this class's format and parse (see _adapter_call.unwrapped).
+        cls._format_wrapper = cls.__dict__.get("format")
+        cls._parse_wrapper = cls.__dict__.get("parse")
 
     @classmethod
     def _unpatched(cls) -> bool:
@@ -348,6 +354,7 @@ class _FastPath:
                 processed_signature, original_signature, outputs, lm, lm_kwargs
             )
         values = []
+        parse = _adapter_call.unwrapped(self, "parse", type(self)._parse_wrapper)
         for output in outputs:
             if not output:
                 raise AdapterParseError(
@@ -356,7 +363,7 @@ class _FastPath:
                     lm_response=str(output),
                     message="The LM returned an empty or null response.",
                 )
-            value = complete_outputs(plan, self.parse(processed_signature, output))
+            value = complete_outputs(plan, parse(processed_signature, output))
             for spec in plan.outputs:
                 value.setdefault(spec.name, None)
             values.append(value)
@@ -381,6 +388,75 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
 
     def _fast_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
         return parse_chat(plan, signature, completion)
+
+    # -- DSPy's ChatAdapter.__call__ / Adapter.__call__, scopes set directly (see _adapter_call) --
+
+    def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        if not _adapter_call.untouched():
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+        token = _CALL_PLAN.set(_IN_CALL)
+        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
+        try:
+            try:
+                try:
+                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
+                    marker = _adapter_call.mark(lm, messages)
+                    try:
+                        outputs = lm(messages=messages, **lm_kwargs)
+                    finally:
+                        _adapter_call.unmark(marker)
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                finally:
+                    _adapter_call.leave_planning(planning)
+            except AdapterParseError:
+                if not self._falls_back(progress):
+                    raise
+                return self._make_json_adapter_fallback()(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _adapter_call.leave(outer)
+            _CALL_PLAN.reset(token)
+
+    async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        if not _adapter_call.untouched():
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)
+        token = _CALL_PLAN.set(_IN_CALL)
+        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
+        try:
+            try:
+                try:
+                    await _adapter_call.prepare_async(lm)
+                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
+                    marker = _adapter_call.mark(lm, messages)
+                    try:
+                        outputs = await lm.acall(messages=messages, **lm_kwargs)
+                    finally:
+                        _adapter_call.unmark(marker)
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                finally:
+                    _adapter_call.leave_planning(planning)
+            except AdapterParseError:
+                if not self._falls_back(progress):
+                    raise
+                return await self._make_json_adapter_fallback().acall(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _adapter_call.leave(outer)
+            _CALL_PLAN.reset(token)
+
+    def _begin(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> tuple[Any, Any]:
+        """``Adapter.__call__`` up to the LM call: the processed signature and the messages."""
+        processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
+        messages = _adapter_call.unwrapped(self, "format", type(self)._format_wrapper)(
+            processed, demos, inputs
+        )
+        if lm_kwargs.get("parallel_tool_calls") is not None:
+            lm_kwargs.setdefault("tool_choice", "auto")
+        return processed, messages
+
+    def _falls_back(self, progress: Any) -> bool:
+        """Whether ``ChatAdapter.__call__`` retries a parse error with the JSON adapter."""
+        return not (
+            progress.emitted or isinstance(self, dspy.JSONAdapter) or not self.use_json_adapter_fallback
+        )
 
     def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
         return _DSPY_CHAT_PARSE(self, signature, completion)  # type: ignore[no-any-return]

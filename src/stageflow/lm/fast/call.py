@@ -57,19 +57,36 @@ def _short(module: Any) -> tuple[list[Any], dict[str, Any]] | None:
         or (o["send_stream"] if "send_stream" in o else main.get("send_stream")) is not None
     ):
         return None
-    # (by identity, not ==: a wrapt wrapper compares equal to the function it wraps)
-    if tuple(map(id, _entry_points())) != _SEEN_IDS[0] and not _entry_points_are_dspys():
+    # (by identity, not ==: a wrapt wrapper compares equal to the function it wraps; _entry_points,
+    # written out: this runs on every LM stage)
+    seen = _SEEN[0]
+    if (
+        not (
+            seen is not None
+            and _P.__call__ is seen[0]
+            and _P.acall is seen[1]
+            and _P.forward is seen[2]
+            and _P.aforward is seen[3]
+            and _C.__call__ is seen[4]
+            and _C.acall is seen[5]
+            and _C.forward is seen[6]
+            and _C.aforward is seen[7]
+            and _M.__call__ is seen[8]
+            and _M.acall is seen[9]
+        )
+        and not _entry_points_are_dspys()
+    ):
         return None  # (wrapped by instrumentation, say: the ordinary call runs the wrappers)
     # (modules' attributes read from their __dict__: dspy.Module's attribute hook costs ten times more)
     chain = [module]
     attrs = _getattr(module, "__dict__")
-    if type(module) is dspy.ChainOfThought and _OWN.isdisjoint(attrs) and not attrs.get("callbacks"):
+    if type(module) is _C and attrs.keys().isdisjoint(_OWN) and not attrs.get("callbacks"):
         module = attrs.get("predict")
-        if type(module) is not dspy.Predict:  # (gone, or replaced by something else: DSPy's call)
+        if type(module) is not _P:  # (gone, or replaced by something else: DSPy's call)
             return None
         chain.append(module)
         attrs = _getattr(module, "__dict__")
-    if type(module) is not dspy.Predict or not _OWN.isdisjoint(attrs) or attrs.get("callbacks"):
+    if type(module) is not _P or not attrs.keys().isdisjoint(_OWN) or attrs.get("callbacks"):
         return None
     return chain, attrs
 
@@ -84,14 +101,16 @@ _PREDICT = ("__call__", "acall", "forward", "aforward")
 _GET = operator.attrgetter(*_PREDICT)
 
 
+_P, _C, _M = dspy.Predict, dspy.ChainOfThought, dspy.Module
+
+
 def _entry_points() -> tuple[Any, ...]:
-    return (*_GET(dspy.Predict), *_GET(dspy.ChainOfThought), dspy.Module.__call__, dspy.Module.acall)
+    return (*_GET(_P), *_GET(_C), _M.__call__, _M.acall)
 
 
-#: The entry points last found to be DSPy's own, and their ids (compared per call, in C; the
-#: functions are kept, so their ids cannot be reused).
+#: The entry points last found to be DSPy's own (compared per call by identity; kept, so no
+#: identity is reused).
 _SEEN: list[tuple[Any, ...] | None] = [None]
-_SEEN_IDS: list[tuple[int, ...] | None] = [None]
 
 
 def _entry_points_are_dspys() -> bool:
@@ -119,7 +138,7 @@ def _entry_points_are_dspys() -> bool:
         now[5] is now[9],
     ]
     if all(own):
-        _SEEN[0], _SEEN_IDS[0] = now, tuple(map(id, now))
+        _SEEN[0] = now
         return True
     return False
 
