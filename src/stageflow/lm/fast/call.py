@@ -32,9 +32,9 @@ from types import FunctionType
 from typing import Any
 
 import dspy
-from dspy.dsp.utils.settings import main_thread_config, settings, thread_local_overrides
+from dspy.dsp.utils.settings import main_thread_config, thread_local_overrides
 
-from stageflow._callers import is_dspys_entry, push_callers
+from stageflow._callers import is_dspys_entry, push_callers, setting
 from stageflow.lm.fast._predict import planned_preprocess, postprocess, signature_plan, untouched
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
@@ -170,7 +170,7 @@ def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own:
         lm, config, signature, demos, kwargs, plan = planned_preprocess(predictor, attrs, inputs)
     else:
         lm, config, signature, demos, kwargs = dspy.Predict._forward_preprocess(predictor, **inputs)
-    adapter = settings.adapter or dspy.ChatAdapter()
+    adapter = setting("adapter") or dspy.ChatAdapter()  # (settings.adapter, without its hook)
     fields = attrs.get("fields", _UNSET)
     if fields is _UNSET:
         fields = predictor.fields
