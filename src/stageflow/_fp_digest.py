@@ -11,7 +11,9 @@ content hash is computed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import operator
 import os
 import sys
 import sysconfig
@@ -22,7 +24,7 @@ from typing import Any
 from pydantic_core import PydanticUndefined
 
 from stageflow._fp_code import assigned_attributes, code_digest
-from stageflow._fp_types import describe_type
+from stageflow._fp_types import describe_type, models_in, validator_of
 
 __all__ = [
     "ADAPTER_SETTINGS",
@@ -112,7 +114,7 @@ def weaken(token: Any) -> Any:
 _CODE_INFO: weakref.WeakKeyDictionary[types.CodeType, tuple[bool, tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
-_SIG_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
+_SIG_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[Any, Any, str]] = weakref.WeakKeyDictionary()
 
 
 def _library_dirs() -> tuple[str, ...]:
@@ -188,21 +190,92 @@ def user_classes(cls: type) -> tuple[type, ...]:
     return tuple(c for c in cls.__mro__ if c is not object and is_user_module(c.__module__))
 
 
+class _Held:
+    """A field default that is not plain text, a number or a flag: compared by identity and by its
+    ``repr`` as it was (a list default replaced, or edited in place, is a change; ``==`` is never
+    called, so an array's ``==`` cannot fail the comparison). Held strongly, so its identity is not
+    reused while a view holds it."""
+
+    __slots__ = ("obj", "text")
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.text: str | None
+        try:
+            self.text = repr(obj)
+        except Exception:  # (an object that cannot be shown: compared by identity only)
+            self.text = None
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Held and other.obj is self.obj and other.text == self.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_PLAIN_DEFAULTS = frozenset({str, int, float, bool, type(None)})
+
+
+def _default(value: Any) -> Any:
+    """A field default in a view: a plain value with its type (``1`` is not ``True``), anything else
+    held (see :class:`_Held`)."""
+    return (type(value), value) if type(value) in _PLAIN_DEFAULTS else _Held(value)
+
+
+#: signature class -> (its fields' annotations, the pydantic models they name)
+_SIG_MODELS: weakref.WeakKeyDictionary[Any, tuple[list[Any], list[Any]]] = weakref.WeakKeyDictionary()
+
+
 def field_view(sig: Any) -> tuple[Any, ...]:
-    """What a signature's fields are now, cheap to build and compare: each field's type, default and
-    DSPy settings (description, prefix, kind), in order. A field edited in place on the same
-    signature class (``Sig.model_fields["style"].default = "short"``, a description changed in its
-    ``json_schema_extra``) gives another view; a list default mutated in place does not. (Compared
-    with ``==``: an object whose ``==`` is not a bool raises, which callers take as a change.)"""
+    """What a signature's fields are now, cheap to build and compare: the field names; each field's
+    type (by identity: ``Literal["a", "b"]`` reordered is another type), default (a plain value with
+    its type, ``1`` is not ``True``; anything else by identity and ``repr``) and DSPy settings
+    (description, prefix, kind); and the validators of the pydantic models the types name (a model
+    rebuilt with other fields gets a new one). A field edited in place on the same signature class
+    (``Sig.model_fields["style"].default = "short"``, a description changed in its
+    ``json_schema_extra``) gives another view. (Compared with ``==``: a settings value whose ``==`` is
+    not a bool raises, which callers take as a change.)"""
     table = sig.__pydantic_fields__
     fields = table.values()
     try:
-        return tuple(table), *[(f.annotation, f.default, tuple(f.json_schema_extra.items())) for f in fields]
-    except AttributeError:  # (a field without DSPy's settings dict)
-        return tuple(table), *[
-            (f.annotation, f.default, tuple(x.items()) if isinstance(x := f.json_schema_extra, dict) else x)
+        rows = [
+            (
+                a := f.annotation,
+                id(a),  # (a is held in the same row: its identity is not reused meanwhile)
+                d if (d := f.default) is PydanticUndefined else _default(d),
+                tuple(f.json_schema_extra.items()),
+            )
             for f in fields
         ]
+    except AttributeError:  # (a field without DSPy's settings dict)
+        rows = [
+            (
+                a := f.annotation,
+                id(a),
+                d if (d := f.default) is PydanticUndefined else _default(d),
+                tuple(x.items()) if isinstance(x := f.json_schema_extra, dict) else x,
+            )
+            for f in fields
+        ]
+    models = _models_of(sig, [row[0] for row in rows])
+    return tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
+
+
+def _models_of(sig: Any, annotations: list[Any]) -> list[Any]:
+    """The pydantic models ``annotations`` (``sig``'s fields' types, as they are now) name."""
+    try:
+        known = _SIG_MODELS.get(sig)
+    except TypeError:  # (not weakly referenceable)
+        return models_in(annotations)
+    if (
+        known is not None
+        and len(known[0]) == len(annotations)
+        and all(map(operator.is_, known[0], annotations))
+    ):
+        return known[1]
+    models = models_in(annotations)
+    with contextlib.suppress(TypeError):
+        _SIG_MODELS[sig] = (annotations, models)
+    return models
 
 
 def same(a: Any, b: Any) -> bool:
@@ -214,22 +287,40 @@ def same(a: Any, b: Any) -> bool:
 
 
 def _signature_digest(sig: Any) -> str:
-    view = field_view(sig)
+    doc, view = sig.__doc__, field_view(sig)
     known = _SIG_DIGESTS.get(sig)
-    if known is not None and same(known[0], view):
-        return known[1]
-    fields = []
-    for kind, group in (("in", sig.input_fields), ("out", sig.output_fields)):
-        for name, f in group.items():
-            extra = sorted((str(k), repr(v)) for k, v in (f.json_schema_extra or {}).items())
-            entry: tuple[Any, ...] = (kind, name, describe_type(f.annotation), extra)
-            if f.default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
-                entry = (*entry, ("default", repr(f.default)))
-            fields.append(entry)
-    text = repr((sig.instructions, fields))
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    _SIG_DIGESTS[sig] = (view, digest)
+    if known is not None and known[0] is doc and same(known[1], view):
+        return known[2]
+    # (described from the view itself, not from the fields read again: another thread editing a
+    # field meanwhile cannot pair this view with another state's digest)
+    digest = _describe_view(sig.instructions, view)
+    _SIG_DIGESTS[sig] = (doc, view, digest)
     return digest
+
+
+def _describe_view(instructions: str, view: tuple[Any, ...]) -> str:
+    """The digest of a signature from its instructions and :func:`field_view`: inputs then outputs,
+    each with its name, type by definition, DSPy settings and default (when it has one)."""
+    names = view[0]
+    groups: dict[str, list[Any]] = {"input": [], "output": []}
+    for name, (annotation, _, default, extra) in zip(names, view[1 : 1 + len(names)], strict=True):
+        items = extra if type(extra) is tuple else tuple((extra or {}).items())
+        group = groups.get(dict(items).get("__dspy_field_type"))  # type: ignore[arg-type]
+        if group is None:  # (neither an input nor an output: DSPy's field tables leave it out)
+            continue
+        kind = "in" if group is groups["input"] else "out"
+        entry: tuple[Any, ...] = (
+            kind,
+            name,
+            describe_type(annotation),
+            sorted((str(k), repr(v)) for k, v in items),
+        )
+        if default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
+            text = default.text if type(default) is _Held else repr(default[1])
+            entry = (*entry, ("default", text if text is not None else "<unrepresentable>"))
+        group.append(entry)
+    text = repr((instructions, groups["input"] + groups["output"]))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def current() -> tuple[Any, Any]:

@@ -7,8 +7,10 @@ shape and parses a different object. :func:`describe_type` spells a type out —
 by its JSON schema (nested models, defaults, enums and descriptions included) and the code of
 its validators, an enum by its members' names and values, a dataclass by its fields, a
 ``TypedDict`` / ``NamedTuple`` by its annotations, ``list[Ans] | None`` by its parts, ``Literal``
-by its values. Descriptions of classes are remembered per class (weakly): classes are not edited
-in place in practice, and a new definition (another run, a reload) is a new class.
+by its values. Descriptions of classes are remembered per class (weakly), a pydantic model's with
+its validator: a model rebuilt in place with other fields (``model_rebuild(force=True)``) gets a new
+validator and is described again; other classes are not edited in place in practice, and a new
+definition (another run, a reload) is a new class.
 """
 
 from __future__ import annotations
@@ -23,12 +25,47 @@ import typing
 import weakref
 from typing import Any
 
+import pydantic
+
 from stageflow._fp_code import code_digest
 
-__all__ = ["describe_type"]
+__all__ = ["describe_type", "models_in", "validator_of"]
 
 _MAX_DEPTH = 12
-_CLASS_TEXT: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+#: class -> (its pydantic validator or None, its description)
+_CLASS_TEXT: weakref.WeakKeyDictionary[type, tuple[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def validator_of(cls: Any) -> Any:
+    """A pydantic model class's own validator (a new one after ``model_rebuild(force=True)``);
+    ``None`` for other classes."""
+    return cls.__dict__.get("__pydantic_validator__") if isinstance(cls, type) else None
+
+
+def models_in(annotations: list[Any]) -> list[Any]:
+    """The pydantic model classes ``annotations`` name (inside ``list[...]``, ``Optional``...).
+
+    >>> import pydantic
+    >>> class Person(pydantic.BaseModel):
+    ...     name: str
+    >>> [model.__name__ for model in models_in([list[Person], int | None])]
+    ['Person']
+    """
+    found: list[Any] = []
+    todo = list(annotations)
+    seen = 0
+    while todo and seen < 200:  # (bounded: an odd annotation cannot keep it walking)
+        seen += 1
+        annotation = todo.pop()
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            if annotation not in found:
+                found.append(annotation)
+            continue
+        try:
+            todo.extend(a for a in typing.get_args(annotation) if not isinstance(a, str))
+        except Exception:  # (not a typing construct: nothing inside it)
+            continue
+    return found
 
 
 def describe_type(tp: Any, depth: int = 0) -> str:
@@ -46,12 +83,14 @@ def describe_type(tp: Any, depth: int = 0) -> str:
     if depth > _MAX_DEPTH:
         return repr(tp)
     if isinstance(tp, type) and typing.get_origin(tp) is None:
+        validator = tp.__dict__.get("__pydantic_validator__")
         known = _CLASS_TEXT.get(tp)
-        if known is None:
-            known = _describe_class(tp, depth)
-            with contextlib.suppress(TypeError):  # a class that cannot be weakly referenced
-                _CLASS_TEXT[tp] = known
-        return known
+        if known is not None and known[0] is validator:
+            return known[1]
+        text = _describe_class(tp, depth)
+        with contextlib.suppress(TypeError):  # a class that cannot be weakly referenced
+            _CLASS_TEXT[tp] = (validator, text)
+        return text
     origin = typing.get_origin(tp)
     if origin is None:
         return repr(tp)

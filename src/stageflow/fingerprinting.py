@@ -50,10 +50,12 @@ Not covered (documented, not silent):
   ``fresh=True``, by cache keys and by batch journals (:mod:`stageflow._fp_calls`), not by a plain
   ``fingerprint(program)`` call. Data created with :func:`stageflow.untracked` (a stage's own call
   log or counter) is left out of every fingerprint;
-- a class used as a signature field type is described once per class object: changing a model
-  class in place (``model_rebuild`` with other fields) is not seen — define a new class. (A
-  signature's own fields are watched: a default, type, description or prefix edited in place on
-  the signature class is seen on the next call; a list or dict *default* mutated in place is not.)
+- a class used as a signature field type is described once per class object; a pydantic model
+  rebuilt in place (``model_rebuild(force=True)`` with other fields) is seen by its new validator,
+  other classes edited in place (an enum's members) are not — define a new class. A signature's
+  own fields are watched on every call: a default (an equal value of another type too, and a list
+  default edited in place), type, description or prefix edited in place on the signature class is
+  seen on the next call.
 
 Examples:
     >>> import stageflow

@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import dspy
+import pydantic
 import pytest
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
@@ -241,3 +242,56 @@ def test_a_patch_made_before_stageflow_was_imported_is_called() -> None:
 def test_the_fast_class_keeps_dspys_wrappers_to_skip() -> None:
     assert FastChatAdapter._format_wrapper is FastChatAdapter.__dict__["format"]
     assert FastChatAdapter._parse_wrapper.__wrapped__.__qualname__ == "_FastPath.parse"
+
+
+# -- what the second check found -------------------------------------------------------------------
+
+
+async def test_a_callback_that_appears_while_one_completion_is_parsed_sees_the_next_parse(mode: str) -> None:
+    callbacks: list[Any] = []
+    late = _Counting()
+
+    class Value(pydantic.BaseModel):
+        v: int
+
+        @pydantic.field_validator("v")
+        @classmethod
+        def _register(cls, x: int) -> int:  # (the first completion's parse registers a callback)
+            if late not in callbacks:
+                callbacks.append(late)
+            return x
+
+    sig = dspy.Signature({"question": (str, dspy.InputField()), "answer": (Value, dspy.OutputField())})
+    seen = {}
+    for name, adapter in (("fast", FastChatAdapter()), ("dspy", dspy.ChatAdapter())):
+        for _ in ("warm-up", "measured"):  # (a signature's first call is also checked against DSPy's)
+            callbacks.clear()
+            late.events.clear()
+            with dspy.context(lm=FakeLM({"answer": {"v": 1}}), adapter=adapter, callbacks=callbacks):
+                predictor = dspy.Predict(sig, n=2)
+                if mode == "sync":
+                    predictor(question="q")
+                else:
+                    await predictor.acall(question="q")
+        seen[name] = list(late.events)
+    assert seen["fast"] == seen["dspy"] == ["parse"]
+
+
+def test_a_stage_that_edits_the_default_adapter_does_not_change_later_calls() -> None:
+    import stageflow
+
+    callback = _Counting()
+
+    def tweak(question: str) -> dict[str, str]:
+        adapter = dspy.settings.adapter  # (the fast twin of DSPy's default adapter)
+        adapter.callbacks.append(callback)
+        adapter.use_json_adapter_fallback = False
+        return {"question2": question}
+
+    stageflow.SequentialPipeline([stageflow.stage(tweak, writes=["question2"])])(question="q")
+    other = stageflow.SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=FakeLM({"answer": "4"})):
+        assert other(question="q").answer == "4"
+    assert callback.events == []
+    assert fast_adapter_for(None).use_json_adapter_fallback is True
+    assert fast_adapter_for(None) is fast_adapter_for(None)  # (one default while nothing edits it)

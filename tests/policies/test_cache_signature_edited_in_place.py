@@ -3,14 +3,15 @@ type — changes the predictor's fingerprint on the next call, so a ``CachedStag
 answer computed under the old field (it did: the signature was described once per class)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import dspy
+import pydantic
 import pytest
 from pydantic_core import PydanticUndefined
 
 import stageflow
-from stageflow import CachedStage, SequentialPipeline
+from stageflow import CachedStage, SequentialPipeline, _fp_digest, _fp_types
 from stageflow.testing import FakeLM, call
 
 
@@ -135,3 +136,93 @@ def test_a_default_whose_equality_is_not_a_bool_is_taken_as_a_change() -> None:
     assert stageflow.fingerprint(predictor) == first
     sig.model_fields["style"].default = "long"
     assert stageflow.fingerprint(predictor) != first
+
+
+# -- what the second check found (each a stale CachedStage answer before) ------------------------
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, True), (1, 1.0), (0, False), ([1], [True])])
+def test_a_default_replaced_by_an_equal_value_of_another_type_is_a_change(before: Any, after: Any) -> None:
+    sig = _signature()
+    sig.model_fields["style"].default = before
+    predictor = dspy.Predict(sig)
+    first = stageflow.fingerprint(predictor)
+    sig.model_fields["style"].default = after
+    assert stageflow.fingerprint(predictor) != first
+    assert stageflow.fingerprint(predictor, fresh=True) != first
+
+
+async def test_a_list_default_edited_in_place_is_a_change(mode: str) -> None:
+    sig = _signature()
+    tags: list[str] = ["a"]
+    sig.model_fields["style"].default = tags
+    calls: list[str] = []
+    pipe = SequentialPipeline([CachedStage(dspy.Predict(sig))])
+    with dspy.context(lm=_styled_lm(calls)):
+        first = (await call(pipe, mode, question="q")).answer
+        assert (await call(pipe, mode, question="q")).answer == first  # (a hit)
+        tags.append("b")
+        assert (await call(pipe, mode, question="q")).answer != first  # (asked again, with both tags)
+    assert len(calls) == 2
+
+
+def test_literal_options_reordered_in_place_are_a_change() -> None:
+    sig = _signature()
+    sig.model_fields["answer"].annotation = Literal["a", "b"]
+    predictor = dspy.Predict(sig)
+    first = stageflow.fingerprint(predictor)
+    sig.model_fields["answer"].annotation = Literal["b", "a"]  # (== the first: typing compares sets)
+    assert stageflow.fingerprint(predictor) != first
+
+
+async def test_an_output_model_rebuilt_in_place_with_a_new_field_is_a_change(mode: str) -> None:
+    class Info(pydantic.BaseModel):
+        name: str
+
+    class Extract(dspy.Signature):
+        """Extract."""
+
+        text: str = dspy.InputField()
+        info: Info = dspy.OutputField()
+
+    lm = FakeLM({"info": lambda i: {"name": "n", "age": 3}})
+    predictor = dspy.Predict(Extract)
+    pipe = SequentialPipeline([CachedStage(predictor)])
+    with dspy.context(lm=lm):
+        assert (await call(pipe, mode, text="t")).info == Info(name="n")
+        first = stageflow.fingerprint(predictor)
+        Info.model_fields["age"] = pydantic.fields.FieldInfo(annotation=int, default=0)
+        Info.model_rebuild(force=True)
+        assert (await call(pipe, mode, text="t")).info.age == 3  # (asked again, not the cached answer)
+    assert stageflow.fingerprint(predictor) != first
+    assert lm.calls == 2
+
+
+def test_a_field_edited_while_the_signature_is_described_cannot_pair_one_state_with_another() -> None:
+    # Another thread edits the default while the digest is being computed: the stored digest must
+    # describe the view it is stored with, so the settled state gets its own fingerprint.
+    sig = _signature()
+    predictor = dspy.Predict(sig)
+    truth = {}
+    for value in ("a", "b"):
+        sig.model_fields["style"].default = value
+        truth[value] = stageflow.fingerprint(dspy.Predict(_signature_with(value)), fresh=True)
+    sig.model_fields["style"].default = "a"
+    original = _fp_types.describe_type
+
+    def editing(tp: Any, depth: int = 0) -> str:
+        sig.model_fields["style"].default = "b"  # (mid-description)
+        return original(tp, depth)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fp_digest, "describe_type", editing)
+        stageflow.fingerprint(predictor, fresh=True)
+    sig.model_fields["style"].default = "a"  # (the edit settles back)
+    assert stageflow.fingerprint(predictor) == truth["a"]
+    assert stageflow.fingerprint(predictor, fresh=True) == truth["a"]
+
+
+def _signature_with(style: str) -> type[dspy.Signature]:
+    sig = _signature()
+    sig.model_fields["style"].default = style
+    return sig

@@ -24,7 +24,8 @@ from typing import Any, ForwardRef, Literal, NamedTuple, Union, get_args, get_or
 import pydantic
 from pydantic.fields import FieldInfo
 
-from stageflow.lm.fast._values import ValueParser, models_in
+from stageflow._fp_types import models_in
+from stageflow.lm.fast._values import ValueParser
 
 __all__ = ["OutputSpec", "Plan", "plan_for"]
 

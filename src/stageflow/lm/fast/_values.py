@@ -23,7 +23,9 @@ from dspy.adapters.utils import find_enum_member, format_field_value
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-__all__ = ["ValueParser", "format_value", "models_in", "type_adapter"]
+from stageflow._fp_types import models_in
+
+__all__ = ["ValueParser", "format_value", "type_adapter"]
 
 _SIMPLE_VALUE_TYPES = frozenset({int, float, bool, type(None), list, dict, tuple})
 _MAX_CACHED = 1024
@@ -34,32 +36,6 @@ _SERIALIZERS: dict[Any, TypeAdapter[Any] | None] = {}
 # compare equal can validate differently (``Union[int, bool]`` == ``Union[bool, int]``, but pydantic
 # tries the members in order, so "1.0" is 1 for one and True for the other).
 _VALIDATORS: dict[Any, TypeAdapter[Any]] = {}
-
-
-def models_in(annotations: list[Any]) -> list[type[BaseModel]]:
-    """The pydantic model classes ``annotations`` name (inside ``list[...]``, ``Optional``...).
-
-    >>> import pydantic
-    >>> class Person(pydantic.BaseModel):
-    ...     name: str
-    >>> [model.__name__ for model in models_in([list[Person], int | None])]
-    ['Person']
-    """
-    found: list[type[BaseModel]] = []
-    todo = list(annotations)
-    seen = 0
-    while todo and seen < 200:  # (bounded: an odd annotation cannot keep it walking)
-        seen += 1
-        annotation = todo.pop()
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if annotation not in found:
-                found.append(annotation)
-            continue
-        try:
-            todo.extend(a for a in get_args(annotation) if not isinstance(a, str))
-        except Exception:  # (not a typing construct: nothing inside it)
-            continue
-    return found
 
 
 def _validators(models: list[type[BaseModel]]) -> tuple[Any, ...]:

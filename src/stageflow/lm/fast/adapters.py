@@ -354,7 +354,7 @@ class _FastPath:
                 processed_signature, original_signature, outputs, lm, lm_kwargs
             )
         values = []
-        parse = _adapter_call.unwrapped(self, "parse", type(self)._parse_wrapper)
+        wrapper = type(self)._parse_wrapper
         for output in outputs:
             if not output:
                 raise AdapterParseError(
@@ -363,6 +363,8 @@ class _FastPath:
                     lm_response=str(output),
                     message="The LM returned an empty or null response.",
                 )
+            # (looked up per output, as DSPy's wrapper looks the callbacks up per parse)
+            parse = _adapter_call.unwrapped(self, "parse", wrapper)
             value = complete_outputs(plan, parse(processed_signature, output))
             for spec in plan.outputs:
                 value.setdefault(spec.name, None)

@@ -17,6 +17,8 @@ _TWIN_CLASSES: dict[type, type[Any]] = {dspy.ChatAdapter: FastChatAdapter, dspy.
 _TWINS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 _DEFAULT: list[FastChatAdapter] = []
+#: A new default adapter's attributes (its callbacks list compared by value: one appended to is a change).
+_PRISTINE: dict[str, Any] = dict(FastChatAdapter().__dict__)
 
 
 def fast_adapter_for(adapter: Any = None) -> Any:
@@ -51,10 +53,13 @@ def fast_adapter_for(adapter: Any = None) -> Any:
         if FastChatAdapter.base_patched():  # DSPy's ChatAdapter was patched: its own code, patch and all
             count_adapter_fallback("ChatAdapter (patched)")
             return dspy.ChatAdapter()
-        if not _DEFAULT:
+        # One shared default, as long as nothing changed it: code that edited the one a call used
+        # (``dspy.settings.adapter.callbacks.append(...)``) does not change later calls (DSPy makes
+        # a new ChatAdapter for each call when none is configured).
+        if not _DEFAULT or _DEFAULT[0].__dict__ != _PRISTINE:
             with _LOCK:
-                if not _DEFAULT:
-                    _DEFAULT.append(FastChatAdapter())
+                if not _DEFAULT or _DEFAULT[0].__dict__ != _PRISTINE:
+                    _DEFAULT[:] = [FastChatAdapter()]
         return _DEFAULT[0]
     if isinstance(adapter, FastChatAdapter | FastJSONAdapter):
         return adapter
