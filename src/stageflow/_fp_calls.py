@@ -39,7 +39,7 @@ import threading
 import weakref
 from typing import Any
 
-from stageflow._fp_digest import same, weaken
+from stageflow._fp_digest import recording_views, same, views_hold, weaken
 from stageflow._fp_walker import Walker
 from stageflow.fingerprinting import content_hash, structural, unwrap
 
@@ -87,9 +87,11 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
     except TypeError:  # unhashable: hashed every time
         memo = None
     walker: Walker | None = None
+    seen: list[tuple[Any, Any]] = []
     if memo is not None:  # it read data last time: its complete token alone tells whether anything changed
         walker = Walker(full=True, record=True)
-        token = walker.token(target)
+        with recording_views() as seen:
+            token = walker.token(target)
         if same(memo[0], token):
             return memo[1], CallProbe(target, token, walker.seen or {})
     fp, elided = structural(target)
@@ -97,9 +99,12 @@ def call_fingerprint(program: Any, *, unwrapped: bool = False) -> tuple[str, Cal
         return fp, None
     if walker is None:  # (else the walk above is still the current one)
         walker = Walker(full=True, record=True)
-        token = walker.token(target)
-    data_fp = content_hash(target)
-    if same(Walker(full=True).token(target), token):  # unchanged while hashing
+        with recording_views() as seen:
+            token = walker.token(target)
+    with recording_views() as used:
+        data_fp = content_hash(target)
+    # (unchanged while hashing, and the signatures described as the token saw them)
+    if same(Walker(full=True).token(target), token) and views_hold(seen, used):
         try:
             with _LOCK:
                 _DATA[target] = (weaken(token), data_fp)

@@ -12,13 +12,17 @@ content hash is computed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import operator
 import os
+import re
 import sys
 import sysconfig
+import threading
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic_core import PydanticUndefined
@@ -37,9 +41,11 @@ __all__ = [
     "is_user_class",
     "is_user_module",
     "own_attributes",
+    "recording_views",
     "same",
     "state_of",
     "user_classes",
+    "views_hold",
     "weaken",
 ]
 
@@ -192,19 +198,16 @@ def user_classes(cls: type) -> tuple[type, ...]:
 
 class _Held:
     """A field default that is not plain text, a number or a flag: compared by identity and by its
-    ``repr`` as it was (a list default replaced, or edited in place, is a change; ``==`` is never
-    called, so an array's ``==`` cannot fail the comparison). Held strongly, so its identity is not
-    reused while a view holds it."""
+    text as it was (see :func:`_text`: a list default replaced, or edited in place, is a change;
+    ``==`` is never called, so an array's ``==`` cannot fail the comparison). Held strongly, so its
+    identity is not reused while a view holds it. The text is made on every fingerprint: a huge
+    default costs its ``repr`` each time."""
 
     __slots__ = ("obj", "text")
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
-        self.text: str | None
-        try:
-            self.text = repr(obj)
-        except Exception:  # (an object that cannot be shown: compared by identity only)
-            self.text = None
+        self.text = _text(obj)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is _Held and other.obj is self.obj and other.text == self.text
@@ -212,13 +215,41 @@ class _Held:
     __hash__ = None  # type: ignore[assignment]
 
 
-_PLAIN_DEFAULTS = frozenset({str, int, float, bool, type(None)})
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def _text(obj: Any) -> str:
+    """What a default says about itself, stable across processes: its ``str`` (what DSPy sends for an
+    object it cannot serialise) and ``repr`` (without a memory address), and a pydantic model's or
+    dataclass's fields in full (``repr=False`` fields are still sent)."""
+    parts = []
+    for show in (str, repr):
+        try:
+            parts.append(_ADDRESS.sub(" at <address>", show(obj)))
+        except Exception:  # (an object that cannot be shown)
+            parts.append("<unshowable>")
+    try:
+        dump = getattr(obj, "model_dump", None)
+        if callable(dump) and isinstance(type(obj), type):
+            parts.append(repr(dump(mode="json")))
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            parts.append(repr(dataclasses.asdict(obj)))
+    except Exception:
+        parts.append("<undumpable>")
+    return "\x00".join(parts)
 
 
 def _default(value: Any) -> Any:
-    """A field default in a view: a plain value with its type (``1`` is not ``True``), anything else
-    held (see :class:`_Held`)."""
-    return (type(value), value) if type(value) in _PLAIN_DEFAULTS else _Held(value)
+    """A field default in a view: text, an int, a flag or None with its type (``1`` is not
+    ``True``), a float by its ``repr`` (``-0.0`` is not ``0.0``), anything else held (see
+    :class:`_Held`)."""
+    t = type(value)
+    if t in _PLAIN_DEFAULTS:
+        return (t, value)
+    return (t, repr(value)) if t is float else _Held(value)
+
+
+_PLAIN_DEFAULTS = frozenset({str, int, bool, type(None)})
 
 
 #: signature class -> (its fields' annotations, the pydantic models they name)
@@ -257,7 +288,11 @@ def field_view(sig: Any) -> tuple[Any, ...]:
             for f in fields
         ]
     models = _models_of(sig, [row[0] for row in rows])
-    return tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
+    view = tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
+    recording = getattr(_USED, "views", None)
+    if recording is not None:
+        recording.append((sig, view))
+    return view
 
 
 def _models_of(sig: Any, annotations: list[Any]) -> list[Any]:
@@ -284,6 +319,30 @@ def same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except (TypeError, ValueError):
         return False
+
+
+_USED = threading.local()
+
+
+@contextlib.contextmanager
+def recording_views() -> Iterator[list[tuple[Any, Any]]]:
+    """Collect the ``(signature, field view)`` pairs :func:`field_view` makes inside (see
+    :func:`views_hold`)."""
+    outer = getattr(_USED, "views", None)
+    views: list[tuple[Any, Any]] = []
+    _USED.views = views
+    try:
+        yield views
+    finally:
+        _USED.views = outer
+
+
+def views_hold(seen: list[tuple[Any, Any]], used: list[tuple[Any, Any]]) -> bool:
+    """Whether every signature view in ``used`` (recorded by :func:`recording_views` while hashing)
+    is the view ``seen`` recorded of the same signature (while the change-detection token was made):
+    then the hash describes the fields the token saw, even if another thread edited them and edited
+    them back in between."""
+    return all(any(s is sig and same(v, view) for s, v in seen) for sig, view in used)
 
 
 def _signature_digest(sig: Any) -> str:
@@ -317,7 +376,7 @@ def _describe_view(instructions: str, view: tuple[Any, ...]) -> str:
         )
         if default is not PydanticUndefined:  # (an input's default decides what DSPy sends)
             text = default.text if type(default) is _Held else repr(default[1])
-            entry = (*entry, ("default", text if text is not None else "<unrepresentable>"))
+            entry = (*entry, ("default", text))
         group.append(entry)
     text = repr((instructions, groups["input"] + groups["output"]))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

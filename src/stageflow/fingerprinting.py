@@ -75,7 +75,7 @@ import threading
 import weakref
 from typing import Any
 
-from stageflow._fp_digest import Bag, Ref, same, weaken
+from stageflow._fp_digest import Bag, Ref, recording_views, same, views_hold, weaken
 from stageflow._fp_predict import PredictMemo
 from stageflow._fp_walker import Walker
 
@@ -122,20 +122,27 @@ def structural(target: Any, *, fresh: bool = False) -> tuple[str, bool]:
         except (TypeError, ValueError):  # unhashable, or a setting whose == is not a bool (an array)
             pass
     walker = Walker()
-    token = walker.token(target)
+    with recording_views() as seen:
+        token = walker.token(target)
     try:
         memo = None if fresh else _MEMO.get(target)
     except TypeError:  # unhashable: no memo, the content is hashed every time
         memo = None
+    held = True
     if memo is not None and same(memo[0], token):
         fp = memo[1]
     else:
-        fp = content_hash(target)
-        if same(Walker().token(target), token):  # unchanged while hashing (another thread may edit it)
+        with recording_views() as views:
+            fp = content_hash(target)
+        # (unchanged while hashing — another thread may edit it, even edit it back: the signatures
+        # described must still have the fields the hash saw)
+        held = same(Walker().token(target), token) and views_hold(seen, views)
+        if held:
             _remember(_MEMO, target, (weaken(token), fp))
-    if predictor and not walker.elided:
-        fast = PredictMemo.build(target, fp)
-        if fast is not None and same(Walker().token(target), token):
+    if predictor and not walker.elided and held:
+        with recording_views() as observed:
+            fast = PredictMemo.build(target, fp)
+        if fast is not None and same(Walker().token(target), token) and views_hold(seen, observed):
             with _LOCK, contextlib.suppress(TypeError):
                 _PREDICT_MEMO[weakref.ref(target, _forget)] = fast
     return fp, walker.elided

@@ -294,4 +294,34 @@ def test_a_stage_that_edits_the_default_adapter_does_not_change_later_calls() ->
         assert other(question="q").answer == "4"
     assert callback.events == []
     assert fast_adapter_for(None).use_json_adapter_fallback is True
-    assert fast_adapter_for(None) is fast_adapter_for(None)  # (one default while nothing edits it)
+
+
+async def test_a_stage_that_edits_the_default_adapter_does_not_change_a_call_running_beside_it() -> None:
+    import asyncio
+
+    import stageflow
+
+    callback = _Counting()
+    started, edited = asyncio.Event(), asyncio.Event()
+
+    async def tweak(question: str) -> dict[str, str]:
+        await started.wait()  # (the other call is running by now)
+        adapter = dspy.settings.adapter
+        adapter.callbacks.append(callback)
+        adapter.use_json_adapter_fallback = False
+        edited.set()
+        return {"question2": question}
+
+    async def wait(question: str) -> dict[str, str]:
+        started.set()
+        await edited.wait()  # (runs on after the other call edited its adapter)
+        return {"question": question}
+
+    editing = stageflow.SequentialPipeline([stageflow.stage(tweak, writes=["question2"])])
+    other = stageflow.SequentialPipeline(
+        [stageflow.stage(wait, writes=["question"]), dspy.Predict("question -> answer")]
+    )
+    with dspy.context(lm=FakeLM({"answer": "4"})):
+        _, result = await asyncio.gather(editing.acall(question="q"), other.acall(question="q"))
+    assert result.answer == "4"
+    assert callback.events == []

@@ -17,6 +17,7 @@ import dspy
 import pydantic
 import pytest
 from dspy.adapters.types.decision import Choice
+from dspy.utils.exceptions import AdapterParseError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -284,3 +285,38 @@ def test_attribute_hooks_patched_on_what_predict_builds_are_honoured(
     with dspy.context(lm=FakeLM({"answer": "4"})):
         assert _stage_path(dspy.Predict("question -> answer"), {"question": "q"}, mode).answer == "4"
     assert seen
+
+
+class _AnswerOnly(dspy.BaseLM):  # type: ignore[misc]
+    """Answers ``answer`` only (through DSPy's legacy interface, which warns that it is deprecated)."""
+
+    def __init__(self) -> None:
+        super().__init__(model="answer-only")
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        from types import SimpleNamespace
+
+        message = SimpleNamespace(content="[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]", tool_calls=None)
+        choice = SimpleNamespace(message=message, finish_reason="stop", logprobs=None)
+        return SimpleNamespace(choices=[choice], usage={}, model="answer-only")
+
+    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        return self.forward(prompt, messages, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Implementing custom LMs:DeprecationWarning")
+async def test_an_output_default_removed_in_place_makes_the_output_required_as_in_dspy(mode: str) -> None:
+    class Noted(dspy.Signature):
+        """Answer."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+        note: str = dspy.OutputField(default="none")
+
+    pipe = SequentialPipeline([dspy.Predict(Noted)])
+    with dspy.context(lm=_AnswerOnly()):
+        assert (await call(pipe, mode, question="q")).note == "none"
+        Noted.model_fields["note"].default = PydanticUndefined
+        with pytest.raises(stageflow.StageError) as err:  # (DSPy raises AdapterParseError)
+            await call(pipe, mode, question="q")
+    assert isinstance(err.value.__cause__, AdapterParseError)

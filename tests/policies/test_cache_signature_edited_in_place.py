@@ -2,6 +2,7 @@
 type — changes the predictor's fingerprint on the next call, so a ``CachedStage`` never serves an
 answer computed under the old field (it did: the signature was described once per class)."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -226,3 +227,83 @@ def _signature_with(style: str) -> type[dspy.Signature]:
     sig = _signature()
     sig.model_fields["style"].default = style
     return sig
+
+
+# -- what the third check found ------------------------------------------------------------------
+
+
+def test_negative_zero_is_another_default() -> None:
+    sig = _signature()
+    sig.model_fields["style"].default = 0.0
+    predictor = dspy.Predict(sig)
+    first = stageflow.fingerprint(predictor)
+    sig.model_fields["style"].default = -0.0
+    assert stageflow.fingerprint(predictor) != first
+    assert stageflow.fingerprint(predictor, fresh=True) != first
+
+
+class _Shown:
+    """An object DSPy sends by its str (its repr is the default one, with an address)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"Style<{self.text}>"
+
+
+@dataclasses.dataclass
+class _Secret:
+    name: str
+    secret: str = dataclasses.field(repr=False)  # (left out of repr, still sent by DSPy)
+
+
+@pytest.mark.parametrize(
+    ("make", "edit"),
+    [
+        (lambda: _Shown("short"), lambda d: setattr(d, "text", "long")),
+        (lambda: _Secret("n", "a"), lambda d: setattr(d, "secret", "b")),
+    ],
+    ids=["str-only", "repr-false-field"],
+)
+def test_a_default_edited_in_place_where_its_repr_does_not_show_it_is_a_change(
+    make: Callable[[], Any], edit: Callable[[Any], None]
+) -> None:
+    sig = _signature()
+    default = make()
+    sig.model_fields["style"].default = default
+    predictor = dspy.Predict(sig)
+    first = stageflow.fingerprint(predictor)
+    edit(default)
+    assert stageflow.fingerprint(predictor) != first
+    assert stageflow.fingerprint(predictor, fresh=True) != first
+
+
+def test_a_default_with_an_address_in_its_repr_gets_the_same_fingerprint_in_every_process() -> None:
+    fingerprints = set()
+    for _ in range(2):  # (two objects at two addresses stand for two processes)
+        sig = _signature()
+        sig.model_fields["style"].default = _Shown("short")
+        fingerprints.add(stageflow.fingerprint(dspy.Predict(sig), fresh=True))
+    assert len(fingerprints) == 1
+
+
+def test_a_field_edited_and_edited_back_while_hashing_is_not_remembered_as_the_other_state() -> None:
+    # A -> (hashing sees B) -> A: the tokens before and after agree, but the hash described B.
+    sig = _signature()
+    predictor = dspy.Predict(sig)
+    truth = {v: stageflow.fingerprint(dspy.Predict(_signature_with(v)), fresh=True) for v in ("a", "b")}
+    sig.model_fields["style"].default = "a"
+    original = _fp_digest._signature_digest
+
+    def toggling(described: Any) -> str:  # (another thread's edits, around the description)
+        sig.model_fields["style"].default = "b"
+        try:
+            return original(described)
+        finally:
+            sig.model_fields["style"].default = "a"
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fp_digest, "_signature_digest", toggling)
+        stageflow.fingerprint(predictor)
+    assert stageflow.fingerprint(predictor) == truth["a"]

@@ -144,7 +144,7 @@ class Plan:
         #: key renamed, is another field (the pairs compare by identity first, in C).
         self._items = tuple(fields.items())
         self._snapshot: tuple[tuple[Any, ...], ...] = tuple(
-            (fi, fi.annotation, fi.json_schema_extra, *_extras(fi.json_schema_extra))
+            (fi, fi.annotation, fi.json_schema_extra, fi.default, *_extras(fi.json_schema_extra))
             for fi in fields.values()
         )
         #: The pydantic models the fields' types name, with their validators: a model rebuilt with
@@ -209,10 +209,11 @@ class Plan:
         if tuple(fields.items()) != self._items:
             return False
         try:
-            for fi, annotation, extra, desc, constraints, kind in self._snapshot:
+            for fi, annotation, extra, default, desc, constraints, kind in self._snapshot:
                 if (
                     fi.annotation is not annotation
                     or fi.json_schema_extra is not extra
+                    or fi.default is not default  # (an output default decides whether it is required)
                     or extra.get("desc") is not desc
                     or extra.get("constraints") is not constraints
                     or extra.get("__dspy_field_type") is not kind

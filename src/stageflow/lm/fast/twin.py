@@ -16,13 +16,11 @@ __all__ = ["fast_adapter_for"]
 _TWIN_CLASSES: dict[type, type[Any]] = {dspy.ChatAdapter: FastChatAdapter, dspy.JSONAdapter: FastJSONAdapter}
 _TWINS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
-_DEFAULT: list[FastChatAdapter] = []
-#: A new default adapter's attributes (its callbacks list compared by value: one appended to is a change).
-_PRISTINE: dict[str, Any] = dict(FastChatAdapter().__dict__)
 
 
 def fast_adapter_for(adapter: Any = None) -> Any:
-    """The fast twin of ``adapter`` (DSPy's default ``ChatAdapter`` for ``None``), or ``adapter``.
+    """The fast twin of ``adapter`` (a new one of DSPy's default ``ChatAdapter`` for ``None``), or
+    ``adapter``.
 
     ``dspy.ChatAdapter`` and ``dspy.JSONAdapter`` instances get a :class:`FastChatAdapter` /
     :class:`FastJSONAdapter` twin that *shares their attributes* (callbacks, native function
@@ -53,14 +51,10 @@ def fast_adapter_for(adapter: Any = None) -> Any:
         if FastChatAdapter.base_patched():  # DSPy's ChatAdapter was patched: its own code, patch and all
             count_adapter_fallback("ChatAdapter (patched)")
             return dspy.ChatAdapter()
-        # One shared default, as long as nothing changed it: code that edited the one a call used
-        # (``dspy.settings.adapter.callbacks.append(...)``) does not change later calls (DSPy makes
-        # a new ChatAdapter for each call when none is configured).
-        if not _DEFAULT or _DEFAULT[0].__dict__ != _PRISTINE:
-            with _LOCK:
-                if not _DEFAULT or _DEFAULT[0].__dict__ != _PRISTINE:
-                    _DEFAULT[:] = [FastChatAdapter()]
-        return _DEFAULT[0]
+        # A new one each time, as DSPy makes a new ChatAdapter for each call when none is configured:
+        # code that edits the one a pipeline call uses (``dspy.settings.adapter.callbacks.append``)
+        # changes no other call, running or later (what it caches per signature is per class).
+        return FastChatAdapter()
     if isinstance(adapter, FastChatAdapter | FastJSONAdapter):
         return adapter
     cls = _TWIN_CLASSES.get(type(adapter))
