@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import operator
 import types
 import typing
 import weakref
@@ -32,8 +33,8 @@ from stageflow._fp_code import code_digest
 __all__ = ["describe_type", "models_in", "validator_of"]
 
 _MAX_DEPTH = 12
-#: class -> (its pydantic validator or None, its description)
-_CLASS_TEXT: weakref.WeakKeyDictionary[type, tuple[Any, str]] = weakref.WeakKeyDictionary()
+#: class -> (the validators of the pydantic models it is or names, its description)
+_CLASS_TEXT: weakref.WeakKeyDictionary[type, tuple[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
 
 
 def validator_of(cls: Any) -> Any:
@@ -61,6 +62,13 @@ def models_in(annotations: list[Any]) -> list[Any]:
             if annotation not in found:
                 found.append(annotation)
             continue
+        inner = _named(annotation)
+        if inner is not None:  # (a NewType, a type alias: the type it names)
+            todo.append(inner)
+            continue
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            todo.extend(f.type for f in dataclasses.fields(annotation) if not isinstance(f.type, str))
+            continue
         try:
             todo.extend(a for a in typing.get_args(annotation) if not isinstance(a, str))
         except Exception:  # (not a typing construct: nothing inside it)
@@ -83,14 +91,22 @@ def describe_type(tp: Any, depth: int = 0) -> str:
     if depth > _MAX_DEPTH:
         return repr(tp)
     if isinstance(tp, type) and typing.get_origin(tp) is None:
-        validator = tp.__dict__.get("__pydantic_validator__")
+        # (described again when it, or a model its fields name, was rebuilt: a new validator)
+        validators = tuple(validator_of(m) for m in models_in([tp]))
         known = _CLASS_TEXT.get(tp)
-        if known is not None and known[0] is validator:
+        if (
+            known is not None
+            and len(known[0]) == len(validators)
+            and all(map(operator.is_, known[0], validators))
+        ):
             return known[1]
         text = _describe_class(tp, depth)
         with contextlib.suppress(TypeError):  # a class that cannot be weakly referenced
-            _CLASS_TEXT[tp] = (validator, text)
+            _CLASS_TEXT[tp] = (validators, text)
         return text
+    inner = _named(tp)
+    if inner is not None:  # a NewType or a type alias: by what it names, not only its name
+        return repr(("named", getattr(tp, "__name__", repr(tp)), describe_type(inner, depth + 1)))
     origin = typing.get_origin(tp)
     if origin is None:
         return repr(tp)
@@ -99,6 +115,22 @@ def describe_type(tp: Any, depth: int = 0) -> str:
     if isinstance(origin, type) and origin.__module__ not in ("builtins", "typing"):
         name = f"{origin.__module__}.{name}"
     return repr(("generic", name, parts))
+
+
+def _named(tp: Any) -> Any:
+    """The type a ``NewType`` or a type alias (``TypeAliasType``, ``type X = ...``) stands for;
+    ``None`` for anything else."""
+    if isinstance(tp, type):
+        return None
+    supertype = getattr(tp, "__supertype__", None)  # typing.NewType
+    if supertype is not None:
+        return supertype
+    if type(tp).__name__ == "TypeAliasType":
+        try:
+            return tp.__value__
+        except Exception:  # (an alias whose value cannot be evaluated: described by name)
+            return None
+    return None
 
 
 def _describe_arg(a: Any, depth: int) -> Any:

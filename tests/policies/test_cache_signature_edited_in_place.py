@@ -307,3 +307,33 @@ def test_a_field_edited_and_edited_back_while_hashing_is_not_remembered_as_the_o
         patch.setattr(_fp_digest, "_signature_digest", toggling)
         stageflow.fingerprint(predictor)
     assert stageflow.fingerprint(predictor) == truth["a"]
+
+
+@pytest.mark.parametrize("wrap", ["newtype", "alias", "dataclass"])
+def test_a_model_named_through_a_newtype_an_alias_or_a_dataclass_is_described_and_watched(wrap: str) -> None:
+    import typing
+
+    import typing_extensions
+
+    class M(pydantic.BaseModel):
+        text: str
+
+    @dataclasses.dataclass
+    class Box:
+        m: M
+
+    annotation = {
+        "newtype": typing.NewType("Ans", M),
+        "alias": typing_extensions.TypeAliasType("Ans", list[M]),
+        "dataclass": Box,
+    }[wrap]
+    namespace = {"__doc__": "Answer.", "__annotations__": {"question": str, "answer": annotation}}
+    namespace.update(question=dspy.InputField(), answer=dspy.OutputField())
+    sig = type("Sig", (dspy.Signature,), namespace)
+    predictor = dspy.Predict(sig)
+    assert "text" in _fp_types.describe_type(annotation)  # (by the model, not by a name: across processes)
+    first = stageflow.fingerprint(predictor)
+    M.model_fields["score"] = pydantic.fields.FieldInfo(annotation=int, default=7)
+    M.model_rebuild(force=True)
+    assert stageflow.fingerprint(predictor) != first
+    assert "score" in _fp_types.describe_type(annotation)
