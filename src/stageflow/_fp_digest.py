@@ -266,6 +266,23 @@ def field_view(sig: Any) -> tuple[Any, ...]:
     ``json_schema_extra``) gives another view. (Compared with ``==``: a settings value whose ``==`` is
     not a bool raises, which callers take as a change.)"""
     table = sig.__pydantic_fields__
+    try:
+        memo = _VIEWS.get(sig)
+    except TypeError:  # (not weakly referenceable: built every time)
+        memo = None
+    if memo is None or not memo.holds(table):
+        view = _build_view(sig, table)
+        with contextlib.suppress(TypeError):
+            _VIEWS[sig] = _ViewMemo(table, view)
+    else:
+        view = memo.view
+    recording = _USED.views
+    if recording is not None:
+        recording.append((sig, view))
+    return view
+
+
+def _build_view(sig: Any, table: dict[str, Any]) -> tuple[Any, ...]:
     fields = table.values()
     try:
         rows = [
@@ -288,11 +305,59 @@ def field_view(sig: Any) -> tuple[Any, ...]:
             for f in fields
         ]
     models = _models_of(sig, [row[0] for row in rows])
-    view = tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
-    recording = getattr(_USED, "views", None)
-    if recording is not None:
-        recording.append((sig, view))
-    return view
+    return tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
+
+
+class _ViewMemo:
+    """A signature's last :func:`field_view` and what it was built from, so that an unchanged
+    signature costs a few identity checks per field: the fields table and each field object, its
+    type, default and settings dict by identity, the settings' content (a description edited in the
+    dict is a change), a non-plain default's text, and the named models' validators."""
+
+    __slots__ = ("checks", "models", "names", "table", "view")
+
+    def __init__(self, table: dict[str, Any], view: tuple[Any, ...]) -> None:
+        self.table = table
+        self.names = view[0]
+        self.view = view
+        self.checks = tuple(
+            (
+                f,
+                f.annotation,
+                f.default,
+                x := f.json_schema_extra,
+                dict(x) if type(x) is dict else None,
+                row[2] if type(row[2]) is _Held else None,
+            )
+            for f, row in zip(table.values(), view[1 : 1 + len(table)], strict=True)
+        )
+        models = models_in([f.annotation for f in table.values()]) if view[-1] else []
+        self.models = tuple((m, validator_of(m)) for m in models)
+
+    def holds(self, table: dict[str, Any]) -> bool:
+        """Whether the signature's fields are still what :attr:`view` describes."""
+        if table is not self.table or tuple(table) != self.names:
+            return False
+        try:
+            for f, (f0, annotation, default, extra, settings, held) in zip(
+                table.values(), self.checks, strict=True
+            ):
+                if (
+                    f is not f0
+                    or f.annotation is not annotation
+                    or f.default is not default
+                    or f.json_schema_extra is not extra
+                    or (settings is not None and extra != settings)
+                    or (held is not None and _text(default) != held.text)
+                ):
+                    return False
+        except (TypeError, ValueError):  # (a settings value whose == is not a bool: built again)
+            return False
+        return all(validator_of(m) is v for m, v in self.models)
+
+
+#: signature class -> its last field view (see _ViewMemo)
+_VIEWS: weakref.WeakKeyDictionary[Any, _ViewMemo] = weakref.WeakKeyDictionary()
 
 
 def _models_of(sig: Any, annotations: list[Any]) -> list[Any]:
@@ -321,14 +386,18 @@ def same(a: Any, b: Any) -> bool:
         return False
 
 
-_USED = threading.local()
+class _Recording(threading.local):
+    views: list[tuple[Any, Any]] | None = None  # (a class default: no exception when unset)
+
+
+_USED = _Recording()
 
 
 @contextlib.contextmanager
 def recording_views() -> Iterator[list[tuple[Any, Any]]]:
     """Collect the ``(signature, field view)`` pairs :func:`field_view` makes inside (see
     :func:`views_hold`)."""
-    outer = getattr(_USED, "views", None)
+    outer = _USED.views
     views: list[tuple[Any, Any]] = []
     _USED.views = views
     try:
