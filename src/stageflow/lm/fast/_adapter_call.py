@@ -24,12 +24,12 @@ Example:
 from __future__ import annotations
 
 import importlib
-from types import FunctionType
 from typing import Any
 
 import dspy
 
 from stageflow._callers import setting
+from stageflow.lm.fast._watch import recheck
 
 __all__ = ["enter", "leave", "prepare_async", "unwrapped", "untouched"]
 
@@ -44,9 +44,9 @@ _Adapter = dspy.Adapter
 
 _CM = ("contextmanager.<locals>.helper", "contextlib.py")
 
-#: What :func:`untouched` watches, as ``(owner, attribute, expected)``: ``expected`` is where DSPy's
-#: own function's code is, ``(code's qualified name, file)`` (and, for a decorated function, where
-#: the function inside is), or the object itself.
+#: What :func:`untouched` watches, as ``(owner, attribute, expected)`` (see
+#: :mod:`~stageflow.lm.fast._watch`): ``expected`` is where DSPy's own function's code is (and, for a
+#: decorated function, where the function inside is), or the object itself.
 _WATCHED: tuple[tuple[Any, str, Any], ...] = (
     (_ChatAdapter, "__call__", (("ChatAdapter.__call__", "dspy/adapters/chat_adapter.py"),)),
     (_ChatAdapter, "acall", (("ChatAdapter.acall", "dspy/adapters/chat_adapter.py"),)),
@@ -87,21 +87,6 @@ def _methods() -> tuple[Any, ...]:
     return tuple(getattr(owner, name, None) for owner, name, _ in _WATCHED)
 
 
-def _is_dspys(found: Any, expected: Any) -> bool:
-    if not isinstance(expected, tuple):
-        return found is expected
-    for i, (qualname, where) in enumerate(expected):
-        if i:
-            found = getattr(found, "__wrapped__", None)  # (the function inside the decorator)
-        if not (
-            type(found) is FunctionType
-            and found.__code__.co_qualname == qualname
-            and found.__code__.co_filename.replace("\\", "/").endswith(where)
-        ):
-            return False
-    return True
-
-
 #: What was last found to be DSPy's own (compared by identity on each call; kept, so no identity is
 #: reused).
 _SEEN: list[tuple[Any, ...] | None] = [None]
@@ -127,11 +112,7 @@ def untouched() -> bool:
         and _deprecation._adapter_call is seen[12]
     ):
         return True
-    now = _methods()
-    if all(_is_dspys(found, watched[2]) for found, watched in zip(now, _WATCHED, strict=True)):
-        _SEEN[0] = now
-        return True
-    return False
+    return recheck(_SEEN, _methods(), _WATCHED)
 
 
 def enter(lm: Any, lm_kwargs: Any) -> tuple[Any, Any, Any]:

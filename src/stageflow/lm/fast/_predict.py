@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib
 import weakref
-from types import FunctionType
 from typing import Any
 
 import dspy
@@ -45,6 +44,7 @@ from pydantic_core import PydanticUndefined
 
 from stageflow._callers import setting
 from stageflow.lm.fast._plan import Plan, plan_for
+from stageflow.lm.fast._watch import recheck
 
 __all__ = ["planned_preprocess", "postprocess", "preprocess", "signature_plan", "untouched"]
 
@@ -60,24 +60,25 @@ _KEYWORDS = frozenset({"self", "signature", "new_signature", "demos", "config", 
 _PLANS: weakref.WeakKeyDictionary[Any, Plan] = weakref.WeakKeyDictionary()
 
 
-#: What :func:`untouched` watches, as ``(owner, attribute, expected)``: ``expected`` is the
-#: ``(qualified name, file)`` of DSPy's own function, or the object itself (a class; ``object``'s own
+#: What :func:`untouched` watches, as ``(owner, attribute, expected)`` (see
+#: :mod:`~stageflow.lm.fast._watch`): ``expected`` is where DSPy's own function's code is, or the
+#: object itself (a class; ``object``'s own
 #: ``__setattr__``, ``__delattr__``, ``__new__``: what the shortcut builds the ``Prediction`` with,
 #: writing its ``__dict__`` directly). ``from_completions`` is read from the class's own ``__dict__``
 #: (the classmethod, not a new bound method per read).
 _WATCHED: tuple[tuple[Any, str, Any], ...] = (
-    (dspy.Predict, "_forward_preprocess", ("Predict._forward_preprocess", "dspy/predict/predict.py")),
-    (dspy.Predict, "_forward_postprocess", ("Predict._forward_postprocess", "dspy/predict/predict.py")),
-    (Prediction, "from_completions", ("Prediction.from_completions", "dspy/primitives/prediction.py")),
-    (Prediction, "__init__", ("Prediction.__init__", "dspy/primitives/prediction.py")),
-    (Example, "__init__", ("Example.__init__", "dspy/primitives/example.py")),
-    (Prediction, "__setattr__", ("Example.__setattr__", "dspy/primitives/example.py")),
+    (dspy.Predict, "_forward_preprocess", (("Predict._forward_preprocess", "dspy/predict/predict.py"),)),
+    (dspy.Predict, "_forward_postprocess", (("Predict._forward_postprocess", "dspy/predict/predict.py"),)),
+    (Prediction, "from_completions", (("Prediction.from_completions", "dspy/primitives/prediction.py"),)),
+    (Prediction, "__init__", (("Prediction.__init__", "dspy/primitives/prediction.py"),)),
+    (Example, "__init__", (("Example.__init__", "dspy/primitives/example.py"),)),
+    (Prediction, "__setattr__", (("Example.__setattr__", "dspy/primitives/example.py"),)),
     (Prediction, "__delattr__", object.__delattr__),
     (Prediction, "__new__", object.__new__),
-    (Completions, "__init__", ("Completions.__init__", "dspy/primitives/prediction.py")),
+    (Completions, "__init__", (("Completions.__init__", "dspy/primitives/prediction.py"),)),
     (Completions, "__setattr__", object.__setattr__),
     (Completions, "__new__", object.__new__),
-    (Completions, "items", ("Completions.items", "dspy/primitives/prediction.py")),
+    (Completions, "items", (("Completions.items", "dspy/primitives/prediction.py"),)),
     (_predict_module, "Prediction", Prediction),  # (what _forward_postprocess builds)
     (_prediction_module, "Completions", Completions),  # (what from_completions builds)
 )
@@ -94,19 +95,6 @@ def _methods() -> tuple[Any, ...]:
 #: The methods last found to be DSPy's own (compared by identity on each call).
 _SEEN: list[tuple[Any, ...] | None] = [None]
 _Predict = dspy.Predict
-
-
-def _is_dspys(found: Any, expected: Any) -> bool:
-    if not isinstance(expected, tuple):  # (a class, or one of object's own slots)
-        return found is expected
-    if type(found) is classmethod:
-        found = found.__func__
-    name, where = expected
-    return (
-        type(found) is FunctionType
-        and found.__qualname__ == name
-        and found.__code__.co_filename.replace("\\", "/").endswith(where)
-    )
 
 
 def untouched() -> bool:
@@ -132,11 +120,7 @@ def untouched() -> bool:
         and _prediction_module.Completions is seen[13]
     ):
         return True
-    now = _methods()
-    if all(_is_dspys(found, watched[2]) for found, watched in zip(now, _WATCHED, strict=True)):
-        _SEEN[0] = now
-        return True
-    return False
+    return recheck(_SEEN, _methods(), _WATCHED)
 
 
 def signature_plan(signature: Any) -> Plan | None:
