@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import operator
 import os
 import re
@@ -421,7 +422,9 @@ def _signature_digest(sig: Any) -> str:
         return known[2]
     # (described from the view itself, not from the fields read again: another thread editing a
     # field meanwhile cannot pair this view with another state's digest)
-    digest = _describe_view(sig.instructions, view)
+    # (the instructions from the doc read above, as DSPy's ``instructions`` makes them: a doc edited
+    # by another thread meanwhile cannot pair with this digest either)
+    digest = _describe_view(inspect.cleandoc(doc) if isinstance(doc, str) else sig.instructions, view)
     _SIG_DIGESTS[sig] = (doc, view, digest)
     return digest
 

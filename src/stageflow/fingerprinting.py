@@ -55,7 +55,9 @@ Not covered (documented, not silent):
   other classes edited in place (an enum's members) are not — define a new class. A signature's
   own fields are watched on every call: a default (an equal value of another type too, and a list
   default edited in place), type, description or prefix edited in place on the signature class is
-  seen on the next call.
+  seen on the next call. A default that is not plain text or a number is described on every call
+  by what DSPy would send of it (its ``str``, a dataclass's or model's fields): a huge one (a list
+  of 100,000 items) costs milliseconds per cached call.
 
 Examples:
     >>> import stageflow

@@ -337,3 +337,24 @@ def test_a_model_named_through_a_newtype_an_alias_or_a_dataclass_is_described_an
     M.model_rebuild(force=True)
     assert stageflow.fingerprint(predictor) != first
     assert "score" in _fp_types.describe_type(annotation)
+
+
+def test_instructions_edited_while_the_signature_is_described_cannot_pair_with_the_digest() -> None:
+    sig = _signature()
+    reference = {}
+    for doc in ("Answer A.", "Answer B."):
+        sig.__doc__ = doc
+        _fp_digest._SIG_DIGESTS.pop(sig, None)
+        reference[doc] = _fp_digest._signature_digest(sig)
+    sig.__doc__ = "Answer A."
+    _fp_digest._SIG_DIGESTS.pop(sig, None)
+    original = _fp_digest.field_view
+
+    def editing(described: Any) -> Any:  # (another thread edits the doc after it was read)
+        view = original(described)
+        sig.__doc__ = "Answer B."
+        return view
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fp_digest, "field_view", editing)
+        assert _fp_digest._signature_digest(sig) == reference["Answer A."]
