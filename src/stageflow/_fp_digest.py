@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
-import operator
 import os
 import re
 import sys
@@ -253,10 +252,6 @@ def _default(value: Any) -> Any:
 _PLAIN_DEFAULTS = frozenset({str, int, bool, type(None)})
 
 
-#: signature class -> (its fields' annotations, the pydantic models they name)
-_SIG_MODELS: weakref.WeakKeyDictionary[Any, tuple[list[Any], list[Any]]] = weakref.WeakKeyDictionary()
-
-
 def field_view(sig: Any) -> tuple[Any, ...]:
     """What a signature's fields are now, cheap to build and compare: the field names; each field's
     type (by identity: ``Literal["a", "b"]`` reordered is another type), default (a plain value with
@@ -272,9 +267,9 @@ def field_view(sig: Any) -> tuple[Any, ...]:
     except TypeError:  # (not weakly referenceable: built every time)
         memo = None
     if memo is None or not memo.holds(table):
-        view = _build_view(sig, table)
+        view, models = _build_view(table)
         with contextlib.suppress(TypeError):
-            _VIEWS[sig] = _ViewMemo(table, view)
+            _VIEWS[sig] = _ViewMemo(table, view, models)
     else:
         view = memo.view
     recording = _USED.views
@@ -283,7 +278,8 @@ def field_view(sig: Any) -> tuple[Any, ...]:
     return view
 
 
-def _build_view(sig: Any, table: dict[str, Any]) -> tuple[Any, ...]:
+def _build_view(table: dict[str, Any]) -> tuple[tuple[Any, ...], list[Any]]:
+    """A signature's field view (see :func:`field_view`), and the pydantic models its types name."""
     fields = table.values()
     try:
         rows = [
@@ -305,8 +301,8 @@ def _build_view(sig: Any, table: dict[str, Any]) -> tuple[Any, ...]:
             )
             for f in fields
         ]
-    models = _models_of(sig, [row[0] for row in rows])
-    return tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()
+    models = models_in([row[0] for row in rows])
+    return (tuple(table), *rows, tuple([validator_of(m) for m in models]) if models else ()), models
 
 
 class _ViewMemo:
@@ -317,7 +313,7 @@ class _ViewMemo:
 
     __slots__ = ("checks", "models", "names", "table", "view")
 
-    def __init__(self, table: dict[str, Any], view: tuple[Any, ...]) -> None:
+    def __init__(self, table: dict[str, Any], view: tuple[Any, ...], models: list[Any]) -> None:
         self.table = table
         self.names = view[0]
         self.view = view
@@ -332,7 +328,6 @@ class _ViewMemo:
             )
             for f, row in zip(table.values(), view[1 : 1 + len(table)], strict=True)
         )
-        models = models_in([f.annotation for f in table.values()]) if view[-1] else []
         self.models = tuple((m, validator_of(m)) for m in models)
 
     def holds(self, table: dict[str, Any]) -> bool:
@@ -359,24 +354,6 @@ class _ViewMemo:
 
 #: signature class -> its last field view (see _ViewMemo)
 _VIEWS: weakref.WeakKeyDictionary[Any, _ViewMemo] = weakref.WeakKeyDictionary()
-
-
-def _models_of(sig: Any, annotations: list[Any]) -> list[Any]:
-    """The pydantic models ``annotations`` (``sig``'s fields' types, as they are now) name."""
-    try:
-        known = _SIG_MODELS.get(sig)
-    except TypeError:  # (not weakly referenceable)
-        return models_in(annotations)
-    if (
-        known is not None
-        and len(known[0]) == len(annotations)
-        and all(map(operator.is_, known[0], annotations))
-    ):
-        return known[1]
-    models = models_in(annotations)
-    with contextlib.suppress(TypeError):
-        _SIG_MODELS[sig] = (annotations, models)
-    return models
 
 
 def same(a: Any, b: Any) -> bool:
