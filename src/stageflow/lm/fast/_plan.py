@@ -24,7 +24,7 @@ from typing import Any, ForwardRef, Literal, NamedTuple, Union, get_args, get_or
 import pydantic
 from pydantic.fields import FieldInfo
 
-from stageflow._fp_types import models_in
+from stageflow._fp_types import models_in, validator_of
 from stageflow.lm.fast._values import ValueParser
 
 __all__ = ["OutputSpec", "Plan", "plan_for"]
@@ -150,8 +150,7 @@ class Plan:
         #: The pydantic models the fields' types name, with their validators: a model rebuilt with
         #: other fields (``model_rebuild(force=True)``) gets a new validator and makes the plan stale.
         self._models = tuple(
-            (m, m.__dict__.get("__pydantic_validator__"))
-            for m in models_in([fi.annotation for fi in fields.values()])
+            (m, validator_of(m)) for m in models_in([fi.annotation for fi in fields.values()])
         )
         self.system: str | None = None
         self.output_reminder: Any = _UNSET
@@ -222,7 +221,7 @@ class Plan:
         except AttributeError:  # json_schema_extra is not a dict
             return False
         for model, validator in self._models:
-            if model.__dict__.get("__pydantic_validator__") is not validator:
+            if model.__dict__.get("__pydantic_validator__") is not validator:  # (validator_of, inline)
                 return False
         return True
 

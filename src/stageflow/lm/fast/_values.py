@@ -20,10 +20,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 import json_repair
 import pydantic
 from dspy.adapters.utils import find_enum_member, format_field_value
-from pydantic import BaseModel, TypeAdapter
+from pydantic import TypeAdapter
 from pydantic.fields import FieldInfo
 
-from stageflow._fp_types import models_in
+from stageflow._fp_types import models_in, validator_of
 
 __all__ = ["ValueParser", "format_value", "type_adapter"]
 
@@ -38,14 +38,9 @@ _SERIALIZERS: dict[Any, TypeAdapter[Any] | None] = {}
 _VALIDATORS: dict[Any, TypeAdapter[Any]] = {}
 
 
-def _validators(models: list[type[BaseModel]]) -> tuple[Any, ...]:
-    """What a model rebuilt with other fields (``model_rebuild(force=True)``) changes: its validator."""
-    return tuple(m.__dict__.get("__pydantic_validator__") for m in models)
-
-
 def _serializer(t: type) -> TypeAdapter[Any] | None:
     # (a model's adapter is kept with the validator it was built from: a rebuilt model gets a new one)
-    key: Any = t if t in _SIMPLE_VALUE_TYPES else (t, t.__dict__.get("__pydantic_validator__"))
+    key: Any = t if t in _SIMPLE_VALUE_TYPES else (t, validator_of(t))
     try:
         return _SERIALIZERS[key]
     except KeyError:
@@ -112,7 +107,7 @@ def type_adapter(annotation: Any) -> TypeAdapter[Any]:
     (1, True)
     """
     try:
-        key = (annotation, repr(annotation), _validators(models_in([annotation])))
+        key = (annotation, repr(annotation), tuple(map(validator_of, models_in([annotation]))))
         return _VALIDATORS[key]
     except KeyError:
         pass
