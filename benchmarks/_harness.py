@@ -10,11 +10,12 @@ import asyncio
 import atexit
 import contextlib
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure"]
+__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure", "settle_threads"]
 
 
 def calibrate(fn: Callable[[], Any], target_s: float = 0.05) -> int:
@@ -58,6 +59,20 @@ def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
         atexit.register(_LOOP[0].close)
     loop = _LOOP[0]
     return lambda: loop.run_until_complete(coro_fn())
+
+
+def settle_threads(timeout: float = 2.0) -> None:
+    """Wait, outside any timing, until threads an earlier variant left behind have exited (the
+    thread count has not changed for 50 ms), so the next variant does not pay for their teardown:
+    ``dspy.Parallel`` shuts its pool down without waiting, and its 128 exiting threads compete with
+    whatever runs next."""
+    deadline = time.perf_counter() + timeout
+    last, stable = threading.active_count(), 0
+    while stable < 5 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+        now = threading.active_count()
+        stable = stable + 1 if now == last else 0
+        last = now
 
 
 def machine_note() -> str:

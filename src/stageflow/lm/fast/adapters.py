@@ -49,7 +49,7 @@ from dspy.adapters.types.base_type import CUSTOM_TYPE_START_IDENTIFIER
 from dspy.utils.callback import with_callbacks
 from dspy.utils.exceptions import AdapterParseError
 
-from stageflow.lm.fast import _adapter_call
+from stageflow.lm.fast import _adapter_call, _lm_call
 from stageflow.lm.fast._format import demo_key, user_content
 from stageflow.lm.fast._parse import complete_outputs, parse_chat, parse_json
 from stageflow.lm.fast._plan import _UNSET, Plan, plan_for
@@ -404,7 +404,7 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
                     processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
                     marker = _adapter_call.mark(lm, messages)
                     try:
-                        outputs = lm(messages=messages, **lm_kwargs)
+                        outputs = _lm_call.call(lm, messages, lm_kwargs)
                     finally:
                         _adapter_call.unmark(marker)
                     return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
@@ -430,7 +430,7 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
                     processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
                     marker = _adapter_call.mark(lm, messages)
                     try:
-                        outputs = await lm.acall(messages=messages, **lm_kwargs)
+                        outputs = await _lm_call.acall(lm, messages, lm_kwargs)
                     finally:
                         _adapter_call.unmark(marker)
                     return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
