@@ -315,6 +315,28 @@ def _is_list_type(t: Any) -> bool:
     return origin in (list, tuple, set, frozenset)
 
 
+def _merged(f: str, paths: list[Scope]) -> tuple[Any, str]:
+    """The type and origin of field ``f`` after branches ``paths`` that all produce it.
+
+    A list type when any path produces a list, with that path as the origin: a later stage taking
+    ``f`` as a single ``str`` is refused, as it is after a plain stage producing a list. Otherwise
+    the type the paths that declare one agree on, or the union of theirs (``None``: none declares
+    one)."""
+    known: list[Any] = []
+    for s in paths:
+        t = s.available.get(f)
+        if t is None:
+            continue
+        if _is_list_type(t):
+            return t, s.origin.get(f, "")
+        if t not in known:
+            known.append(t)
+    origin = paths[0].origin.get(f, "")
+    if not known:
+        return None, origin
+    return (known[0] if len(known) == 1 else typing.Union[tuple(known)]), origin  # noqa: UP007
+
+
 @dataclass
 class Scope:
     """Fields available at a point of a pipeline, for the contract check.
@@ -386,8 +408,9 @@ class Scope:
             self.opaque.extend(p for p in s.opaque if p not in self.opaque)
             for k, v in s.partial.items():
                 self.partial.setdefault(k, v)
-        self.available = {f: paths[0].available.get(f) for f in common}
-        self.origin = {f: paths[0].origin.get(f, "") for f in common}
+        self.available, self.origin = {}, {}
+        for f in common:
+            self.available[f], self.origin[f] = _merged(f, paths)
 
     def need(self, f: str, path: str, error: Any) -> bool:
         """Require field ``f`` at ``path``: ``True`` when it is available (or deferred to run time).
