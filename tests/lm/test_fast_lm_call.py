@@ -218,8 +218,8 @@ async def test_a_replaced_prepare_is_run_as_dspy_runs_it(
 
 @pytest.mark.parametrize(
     "lm_kwargs",
-    [{"rollout_id": 1, "temperature": 0.0}, {"prompt": "hi"}, {"messages": []}, {"request": None}],
-    ids=["rollout_id", "prompt", "messages", "request"],
+    [{"rollout_id": 1, "temperature": 0.0}, {"prompt": "hi"}, {"messages": []}, {"request": None}, {1: 2}],
+    ids=["rollout_id", "prompt", "messages", "request", "not-a-string"],
 )
 async def test_keyword_arguments_dspy_binds_or_warns_on_take_its_call(
     mode: str, lm_kwargs: dict[str, Any]
@@ -251,3 +251,16 @@ async def test_budgets_meter_the_direct_call(mode: str) -> None:
         with pytest.raises(stageflow.BudgetExceeded):
             await _run(FastChatAdapter(), lm, mode)
     assert len(lm.requests) == 1
+
+
+async def test_an_lm_with_odd_keyword_arguments_gets_dspys_call(mode: str) -> None:
+    outcomes = []
+    for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
+        lm = _Canonical()
+        lm.kwargs = None  # (what DSPy does with it is DSPy's business: the same error from both)
+        assert not lm_call.direct(lm, {})
+        try:
+            outcomes.append(("ok", await _run(adapter, lm, mode)))
+        except Exception as e:
+            outcomes.append(("error", type(e), str(e)))
+    assert outcomes[0] == outcomes[1]

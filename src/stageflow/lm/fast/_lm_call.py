@@ -91,9 +91,17 @@ def direct(lm: Any, lm_kwargs: dict[str, Any]) -> bool:
     callbacks = setting("callbacks")
     if not (type(own) is list and not own and type(callbacks) is list and not callbacks):
         return False
-    if not _BOUND.isdisjoint(lm_kwargs) or not all(type(k) is str for k in lm_kwargs):
+    if type(lm_kwargs) is not dict or not _BOUND.isdisjoint(lm_kwargs):
         return False
-    return lm_kwargs.get("rollout_id") is None and getattr(lm, "kwargs", {}).get("rollout_id") is None
+    for key in lm_kwargs:
+        if type(key) is not str:
+            return False
+    own_kwargs = getattr(lm, "kwargs", None)
+    return (
+        type(own_kwargs) is dict
+        and own_kwargs.get("rollout_id") is None
+        and lm_kwargs.get("rollout_id") is None
+    )
 
 
 def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
