@@ -218,20 +218,38 @@ async def test_a_replaced_prepare_is_run_as_dspy_runs_it(
 
 @pytest.mark.parametrize(
     "lm_kwargs",
-    [{"rollout_id": 1, "temperature": 0.0}, {"prompt": "hi"}, {"messages": []}, {"request": None}, {1: 2}],
-    ids=["rollout_id", "prompt", "messages", "request", "not-a-string"],
+    [{"prompt": "hi"}, {"messages": []}, {"request": None}, {"instance": 1}, {"self": 1}, {1: 2}],
+    ids=["prompt", "messages", "request", "instance", "self", "not-a-string"],
 )
-async def test_keyword_arguments_dspy_binds_or_warns_on_take_its_call(
+async def test_keyword_arguments_dspy_binds_or_refuses_take_its_call(
     mode: str, lm_kwargs: dict[str, Any]
 ) -> None:
     assert not lm_call.direct(_Canonical(), lm_kwargs)
-    outcomes = []
+    outcomes, sent = [], []
     for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
+        lm = _Canonical()
         try:
-            outcomes.append(("ok", await _run(adapter, _Canonical(), mode, lm_kwargs)))
+            outcomes.append(("ok", await _run(adapter, lm, mode, lm_kwargs)))
         except Exception as e:  # (the same error from both)
             outcomes.append(("error", type(e), re.sub(r" at 0x[0-9a-f]+", "", str(e))))
+        sent.append(len(lm.requests))
     assert outcomes[0] == outcomes[1]
+    assert sent[0] == sent[1]
+
+
+async def test_rollout_id_is_dspys_warning_and_request(mode: str) -> None:
+    lm_kwargs = {"rollout_id": 1, "temperature": 0.0}
+    seen = []
+    for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
+        lm = _Canonical()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert await _run(adapter, lm, mode, lm_kwargs) == [{"answer": "4"}]
+        seen.append(([str(w.message) for w in caught], lm.requests, _record(lm)))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == [
+        "rollout_id has no effect when temperature=0; set temperature>0 to bypass the cache."
+    ]
 
 
 async def test_errors_of_preparation_are_dspys(mode: str) -> None:
@@ -253,14 +271,62 @@ async def test_budgets_meter_the_direct_call(mode: str) -> None:
     assert len(lm.requests) == 1
 
 
-async def test_an_lm_with_odd_keyword_arguments_gets_dspys_call(mode: str) -> None:
+async def test_an_lm_with_odd_keyword_arguments_fails_as_dspys(mode: str) -> None:
     outcomes = []
     for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
         lm = _Canonical()
         lm.kwargs = None  # (what DSPy does with it is DSPy's business: the same error from both)
-        assert not lm_call.direct(lm, {})
         try:
             outcomes.append(("ok", await _run(adapter, lm, mode)))
         except Exception as e:
             outcomes.append(("error", type(e), str(e)))
     assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == "error"
+
+
+class _PropertyCallbacks(_Canonical):
+    """Callbacks DSPy's wrapper finds through ``getattr``, not in the instance's ``__dict__``."""
+
+    recorder = _Recorder()
+
+    @property
+    def callbacks(self) -> list[Any]:
+        return [self.recorder]
+
+    @callbacks.setter
+    def callbacks(self, value: Any) -> None:
+        self.__dict__["callbacks"] = value
+
+
+class _GetattrCallbacks(_Canonical):
+    recorder = _Recorder()
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.__dict__["callbacks"]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "callbacks":
+            return [self.recorder]
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("cls", [_PropertyCallbacks, _GetattrCallbacks], ids=["property", "getattr"])
+async def test_callbacks_found_as_dspy_finds_them_get_dspys_call(mode: str, cls: Any) -> None:
+    lm = cls()
+    cls.recorder.events.clear()
+    assert not lm_call.direct(lm, {})
+    assert await _run(FastChatAdapter(), lm, mode) == [{"answer": "4"}]
+    assert cls.recorder.events == ["lm_start", "lm_end"]
+
+
+async def test_an_acall_of_another_lm_set_on_the_instance_is_the_one_called() -> None:
+    seen = []
+    for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
+        lm, other = _Canonical(), _Canonical()
+        lm.acall = other.acall  # (DSPy's adapter calls lm.acall: the other LM answers and records it)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # (DSPy warns: the messages were marked for lm, not other)
+            assert await adapter.acall(lm, {}, _SIG, [], {"question": "q"}) == [{"answer": "4"}]
+        seen.append((len(lm.requests), len(other.requests), len(lm.history), len(other.history), len(caught)))
+    assert seen[0] == seen[1] == (0, 1, 0, 1, 1)

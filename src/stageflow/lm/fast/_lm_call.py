@@ -14,10 +14,14 @@ their module at each call as DSPy reads them (so stageflow's budget interception
 
 This happens only when nothing can tell the difference (:func:`direct`): the LM's class has DSPy's
 own ``__call__`` / ``acall`` (checked by code location the first time, then by identity) and the
-instance replaces neither; DSPy's own ``prepare`` is in place; no DSPy callback is in force,
-globally or on the LM (the wrapper would report the call to it); the keyword arguments are plain
-(string keys, none of ``prompt``, ``messages``, ``request``, ``self``); and no ``rollout_id`` is in
-play (its warning names the caller's frame). Otherwise the LM is called as DSPy calls it.
+``acall`` an async call finds on the LM is that one, bound to it; DSPy's own ``prepare`` is in
+place; no DSPy callback is in force, globally or on the LM (read as DSPy's callback wrapper reads
+it: the wrapper would report the call); and the keyword arguments are a plain dict with string keys,
+none of which the call binds to a parameter (``prompt``, ``messages``, ``request``, ``self``, the
+wrapper's ``instance``). Otherwise the LM is called as DSPy calls it.
+
+One difference remains by design: ``prepare`` runs on the thread that makes the async call (the
+event loop's) instead of a worker thread. It does nothing there that waits.
 
 Example:
     >>> import dspy
@@ -62,8 +66,20 @@ _WATCHED: tuple[tuple[Any, str, Any], ...] = (
 
 _SEEN: list[tuple[Any, ...] | None] = [None]
 
-#: Keyword arguments that ``lm(messages=..., **kwargs)`` binds to a parameter (or refuses).
-_BOUND = frozenset({"self", "prompt", "messages", "request"})
+
+def _bound(*fns: Any) -> frozenset[str]:
+    """The keyword names that calling ``fns`` (DSPy's callback wrapper and the method inside it)
+    binds to a named parameter: ``lm(messages=..., **kwargs)`` refuses them in ``kwargs`` (or takes
+    them for its own), and ``prepare`` takes ``request`` out."""
+    names = {"request"}
+    for fn in fns:
+        code = fn.__code__
+        names.update(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+    return frozenset(names)
+
+
+#: Keyword arguments that ``lm(messages=..., **kwargs)`` / ``lm.acall(...)`` bind (or refuse).
+_BOUND = _bound(_BaseLM.__call__, _BaseLM.__call__.__wrapped__, _BaseLM.acall, _BaseLM.acall.__wrapped__)
 
 
 def _untouched() -> bool:
@@ -84,24 +100,13 @@ def direct(lm: Any, lm_kwargs: dict[str, Any]) -> bool:
     cls = type(lm)
     if not _untouched() or cls.__call__ is not _SEEN[0][0] or cls.acall is not _SEEN[0][1]:  # type: ignore[index]
         return False
-    attrs = getattr(lm, "__dict__", None)
-    if attrs is None or "__call__" in attrs or "acall" in attrs:
-        return False
-    own = attrs.get("callbacks", getattr(cls, "callbacks", []))
+    own = getattr(lm, "callbacks", [])  # (read as DSPy's callback wrapper reads it)
     callbacks = setting("callbacks")
     if not (type(own) is list and not own and type(callbacks) is list and not callbacks):
         return False
     if type(lm_kwargs) is not dict or not _BOUND.isdisjoint(lm_kwargs):
         return False
-    for key in lm_kwargs:
-        if type(key) is not str:
-            return False
-    own_kwargs = getattr(lm, "kwargs", None)
-    return (
-        type(own_kwargs) is dict
-        and own_kwargs.get("rollout_id") is None
-        and lm_kwargs.get("rollout_id") is None
-    )
+    return all(type(key) is str for key in lm_kwargs)
 
 
 def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
@@ -116,8 +121,13 @@ def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
 
 async def acall(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
     """``await lm.acall(messages=messages, **lm_kwargs)``, its request prepared in line."""
-    if not direct(lm, lm_kwargs):
-        return await lm.acall(messages=messages, **lm_kwargs)
+    method = lm.acall  # (looked up once, as DSPy's adapter does: one set on the instance wins)
+    if (
+        not direct(lm, lm_kwargs)
+        or getattr(method, "__func__", None) is not _SEEN[0][1]  # type: ignore[index]
+        or getattr(method, "__self__", None) is not lm
+    ):
+        return await method(messages=messages, **lm_kwargs)
     ex = _execution
     prepared = ex.prepare(lm, None, messages, lm_kwargs, asynchronous=True)
     _warn(lm, prepared, messages)
