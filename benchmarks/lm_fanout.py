@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dspy
 
 import stageflow
-from _harness import dspy_untouched, machine_note, settle_threads
+from _harness import dspy_untouched, machine_note, settle
 from lm_cpu import astage_call, inline_thread_hops, make_lm, memoised_request_conversion
 from stageflow.lm.fast import fast_adapter_for
 
@@ -121,7 +121,7 @@ def main() -> None:
             vs[name]()
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
-            settle_threads()
+            settle()
     title = f"N={args.n} Predict stages × {LAT * 1000:.0f} ms"
     print(f"# LM fan-out: {title} ({machine_note()}; reps={args.reps})\n")
     print("| variant | wall / ideal | CPU µs / branch |\n|---|---|---|")
