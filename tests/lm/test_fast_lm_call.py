@@ -242,12 +242,20 @@ async def test_rollout_id_is_dspys_warning_and_request(mode: str) -> None:
     seen = []
     for adapter in (FastChatAdapter(), dspy.ChatAdapter()):
         lm = _Canonical()
+        assert not lm_call.direct(lm, lm_kwargs)  # (DSPy's warning names DSPy's frame: its call)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert await _run(adapter, lm, mode, lm_kwargs) == [{"answer": "4"}]
-        seen.append(([str(w.message) for w in caught], lm.requests, _record(lm)))
+            assert lm_call.direct(lm, lm_kwargs)  # (warned once per LM: direct from then on)
+            await _run(adapter, lm, mode, lm_kwargs)
+        seen.append(([(str(w.message), w.filename) for w in caught], lm.requests, _record(lm)))
     assert seen[0] == seen[1]
-    assert seen[0][0] == [
+    assert (
+        seen[0][0][0][1]
+        .replace("\\", "/")
+        .endswith("dspy/clients/base_lm.py" if mode == "sync" else "concurrent/futures/thread.py")
+    )
+    assert [m for m, _ in seen[0][0]] == [
         "rollout_id has no effect when temperature=0; set temperature>0 to bypass the cache."
     ]
 

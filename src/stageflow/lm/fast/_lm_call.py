@@ -18,7 +18,8 @@ own ``__call__`` / ``acall`` (checked by code location the first time, then by i
 place; no DSPy callback is in force, globally or on the LM (read as DSPy's callback wrapper reads
 it: the wrapper would report the call); and the keyword arguments are a plain dict with string keys,
 none of which the call binds to a parameter (``prompt``, ``messages``, ``request``, ``self``, the
-wrapper's ``instance``). Otherwise the LM is called as DSPy calls it.
+wrapper's ``instance``); and no ``rollout_id`` warning may be due (it names DSPy's frame). Otherwise
+the LM is called as DSPy calls it.
 
 One difference remains by design: ``prepare`` runs on the thread that makes the async call (the
 event loop's) instead of a worker thread. It does nothing there that waits.
@@ -106,7 +107,27 @@ def direct(lm: Any, lm_kwargs: dict[str, Any]) -> bool:
         return False
     if type(lm_kwargs) is not dict or not _BOUND.isdisjoint(lm_kwargs):
         return False
-    return all(type(key) is str for key in lm_kwargs)
+    if not all(type(key) is str for key in lm_kwargs):
+        return False
+    return not _may_warn_rollout(lm, lm_kwargs)
+
+
+def _may_warn_rollout(lm: Any, lm_kwargs: dict[str, Any]) -> bool:
+    """Whether ``prepare`` may give DSPy's ``rollout_id`` warning on this call: it names the frame
+    two above it (DSPy's ``BaseLM.__call__``, or the worker thread's), so such a call is DSPy's.
+    ``dspy.LM`` warns once per LM; an LM that warned already, or with no ``rollout_id`` in play, is
+    direct. (The LM's ``kwargs`` is read from its ``__dict__``, so no property of yours runs twice.)"""
+    if getattr(type(lm), "_warn_zero_temp_rollout", None) is None:
+        return False
+    attrs = getattr(lm, "__dict__", None)
+    if type(attrs) is not dict:
+        return True
+    if attrs.get("_warned_zero_temp_rollout") is True:
+        return False
+    own = attrs.get("kwargs")
+    return (
+        type(own) is not dict or own.get("rollout_id") is not None or lm_kwargs.get("rollout_id") is not None
+    )
 
 
 def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
