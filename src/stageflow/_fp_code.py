@@ -65,8 +65,6 @@ def codes_of(value: Any) -> Iterator[types.CodeType]:
     """The code objects of a class attribute (a function, classmethod, staticmethod or property),
     nested functions included."""
     fns = [getattr(value, "__func__", value)]
-    if not hasattr(fns[0], "__code__"):  # a wrapper around one (a ForwardAccess, a functools.wraps one)
-        fns = [getattr(fns[0], "__wrapped__", None)]
     if isinstance(value, property):
         fns = [value.fget, value.fset, value.fdel]
     for fn in fns:

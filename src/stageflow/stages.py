@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, overload
 
 import dspy
 
-from stageflow._forward_access import wrap_forward
 from stageflow.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -333,14 +332,6 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
     loop (pass ``blocking=False`` for quick, CPU-light functions to run them inline).
     """
 
-    # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (see
-    # stageflow._forward_access, which keeps its warning about reading ``forward`` directly).
-    __getattribute__ = object.__getattribute__
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        wrap_forward(cls)
-
     def __init__(
         self,
         fn: Callable[..., Any],
@@ -466,14 +457,6 @@ class Stage(dspy.Module):  # type: ignore[misc]
         >>> s.ports.required, s.ports.outputs
         (('passages', 'question'), ('draft',))
     """
-
-    # Python's own attribute lookup instead of dspy.Module's Python-level __getattribute__ (see
-    # stageflow._forward_access, which keeps its warning about reading ``forward`` directly).
-    __getattribute__ = object.__getattribute__
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        wrap_forward(cls)
 
     def __init__(
         self,
@@ -690,7 +673,3 @@ def _named_stage(module: str, name: str) -> Any:
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-wrap_forward(FunctionStage)
-wrap_forward(Stage)

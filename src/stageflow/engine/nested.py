@@ -18,15 +18,24 @@ A ``forward`` replaced on the instance (GEPA, the tutorial's custom logic) is ca
 it. When the nested pipeline's own run has nothing to decide either (no hooks, defaults or budget;
 see :mod:`stageflow.engine.inline`), the engine runs it in line, with the same settings override.
 
-**Attribute access.** Pipelines restore Python's own attribute lookup and keep DSPy's warning about
-reading ``forward`` directly with :class:`~stageflow._forward_access.ForwardAccess` (re-exported
-here).
+**Attribute access.** ``dspy.Module`` (3.4.1) also overrides ``__getattribute__`` in Python, for one
+purpose: to warn when ``module.forward`` is read from anywhere but ``Module.__call__`` ("Calling
+module.forward(...) directly is discouraged"). That hook runs on *every* attribute read of every
+module — about twenty per pipeline call, each costing more than a stage hop of stageflow's engine.
+Pipelines restore Python's own lookup and keep the warning with :class:`ForwardAccess`, a descriptor
+that wraps each pipeline class's ``forward`` (:func:`wrap_forward`) and warns on the same
+condition; reads that DSPy's hook never saw (``super().forward(...)`` in a subclass's ``forward``)
+do not warn either.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
+import sys
 from collections.abc import Callable
+from types import MethodType
 from typing import Any, TypeVar
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
@@ -34,7 +43,6 @@ import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
 from stageflow._callers import KNOWN_ENTRY_POINTS as _KNOWN
 from stageflow._callers import Pushed, push_callers, setting
 from stageflow._callers import is_dspys_entry as _is_dspys
-from stageflow._forward_access import ForwardAccess, wrap_forward
 
 # The module, not the ``settings`` object that ``dspy.dsp.utils`` exports under the same name.
 _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
@@ -55,6 +63,36 @@ _getattr = object.__getattribute__
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+# DSPy's logger and message, so the warning reads as it always did.
+_dspy_logger = logging.getLogger("dspy.primitives.module")
+
+
+class ForwardAccess:
+    """A pipeline class's ``forward``: reading it from an instance outside ``__call__`` warns as DSPy
+    does; reading it from the class gives the plain function."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self.fn
+        caller = sys._getframe(1)
+        name = caller.f_code.co_name
+        if name != "__call__" and not (name == "forward" and caller.f_locals.get("self") is obj):
+            # (the second test leaves out super().forward(...) in a subclass's forward, which
+            # DSPy's __getattribute__ does not see)
+            _dspy_logger.warning(
+                f"Calling module.forward(...) on {type(obj).__name__} directly is discouraged. "
+                "Please use module(...) instead."
+            )
+        return MethodType(self.fn, obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
 def plain_call(*options: str) -> Callable[[_F], _F]:
     """Mark a pipeline's ``forward`` / ``aforward`` as doing exactly ``stageflow_call(inputs)`` /
     ``stageflow_acall(inputs)`` when called with keyword inputs none of which is named in ``options``
@@ -66,6 +104,13 @@ def plain_call(*options: str) -> Callable[[_F], _F]:
         return fn
 
     return mark
+
+
+def wrap_forward(cls: type) -> None:
+    """Wrap the ``forward`` that ``cls`` defines itself (if any) in a :class:`ForwardAccess`."""
+    fn = cls.__dict__.get("forward")
+    if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
+        setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
 
 
 def own_forward(cls: type) -> Any:
