@@ -6,13 +6,15 @@ counted items)."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Any, Union
 
 import dspy
+import pydantic
 import pytest
 
 import stageflow
 from stageflow import BranchingPipeline, ContractError, SequentialPipeline, describe, stage
+from stageflow.stages import Ports, declared_types
 from stageflow.testing import FakeLM
 
 _LISTS = dspy.Signature({"question": (str, dspy.InputField()), "answer": (list[str], dspy.OutputField())})
@@ -28,10 +30,6 @@ def _router(question: str) -> dict[str, str]:
 
 def _text(question: str) -> dict[str, str]:
     return {"answer": "plain text"}
-
-
-def _number(question: str) -> dict[str, int]:
-    return {"answer": 3}
 
 
 def _branching(lists_where: str) -> BranchingPipeline:
@@ -102,9 +100,68 @@ def test_an_adaptive_structure_producing_a_list_read_as_str_is_refused() -> None
     assert (info.value.code, info.value.field) == ("list_vs_scalar", "answer")
 
 
-def test_a_number_branch_beside_a_list_branch_still_names_the_list() -> None:
+def test_a_number_branch_beside_a_list_branch_gives_the_union_and_still_refuses_a_str_reader() -> None:
     branching = BranchingPipeline(
         stage(_router, writes=["branch"]),
-        {"number": stage(_number, writes=["answer"]), "lists": dspy.Predict(_LISTS)},
+        {"number": dspy.Predict("question -> answer: int"), "lists": dspy.Predict(_LISTS)},
     )
-    assert describe(branching).types["answer"] == list[str]
+    assert describe(branching).types["answer"] == Union[int, list[str]]  # noqa: UP007
+    with pytest.raises(ContractError) as info:
+        SequentialPipeline([branching, count]).check(["question"])
+    assert info.value.code == "list_vs_scalar"
+    assert "may produce a list" in str(info.value)
+    assert "make every path produce a single str" in (info.value.hint or "")
+
+
+def test_an_optional_list_read_as_str_is_refused() -> None:
+    sig = dspy.Signature(
+        {"question": (str, dspy.InputField()), "answer": (list[str] | None, dspy.OutputField())}
+    )
+    with pytest.raises(ContractError) as info:
+        SequentialPipeline([dspy.Predict(sig), count]).check(["question"])
+    assert info.value.code == "list_vs_scalar"
+
+
+def test_a_branch_that_joins_its_list_back_into_a_str_is_fine() -> None:
+    def join(answer: list[str]) -> dict[str, str]:
+        return {"answer": " / ".join(answer)}
+
+    lists = SequentialPipeline([dspy.Predict(_LISTS), stage(join, writes=["answer"])])
+    branching = BranchingPipeline(
+        stage(_router, writes=["branch"]), {"text": stage(_text, writes=["answer"]), "lists": lists}
+    )
+    p = SequentialPipeline([branching, stage(count, writes=["n"])])
+    assert "n" in p.check(["question"])  # (join's parameter type is what it reads, not what it writes)
+
+
+class _Reply(pydantic.BaseModel):
+    text: str
+
+
+def test_every_branch_s_declared_class_is_kept_for_persisted_caches() -> None:
+    replies = dspy.Signature({"question": (str, dspy.InputField()), "answer": (_Reply, dspy.OutputField())})
+    branching = BranchingPipeline(
+        stage(_router, writes=["branch"]),
+        {"model": dspy.Predict(replies), "lists": dspy.Predict(_LISTS)},
+    )
+    assert _Reply in declared_types(branching)
+
+
+class _Odd(dspy.Module):  # type: ignore[misc]
+    """A stage declaring its output with an annotation no union can hold (dict metadata)."""
+
+    def stageflow_ports(self) -> Ports:
+        return Ports(
+            required=("question",), outputs=("answer",), types={"answer": Annotated[str, {"unit": "cm"}]}
+        )
+
+    def forward(self, question: str) -> Any:
+        return dspy.Prediction(answer="1")
+
+
+def test_unhashable_annotations_do_not_break_the_merge() -> None:
+    branching = BranchingPipeline(
+        stage(_router, writes=["branch"]), {"text": _Odd(), "number": dspy.Predict("question -> answer: int")}
+    )
+    assert describe(branching).types["answer"] is None  # (types that cannot form a union: unknown)
+    assert SequentialPipeline([branching])(question="q").answer == "1"

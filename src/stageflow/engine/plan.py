@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import types
 import typing
 import weakref
 from dataclasses import dataclass, field, replace
@@ -316,25 +317,39 @@ def _is_list_type(t: Any) -> bool:
 
 
 def _merged(f: str, paths: list[Scope]) -> tuple[Any, str]:
-    """The type and origin of field ``f`` after branches ``paths`` that all produce it.
-
-    A list type when any path produces a list, with that path as the origin: a later stage taking
-    ``f`` as a single ``str`` is refused, as it is after a plain stage producing a list. Otherwise
-    the type the paths that declare one agree on, or the union of theirs (``None``: none declares
-    one)."""
+    """The type and origin of field ``f`` after branches ``paths`` that all produce it: the type
+    the paths that declare one agree on, else the union of theirs (``None``: none declares one, or
+    the types cannot form a union). The origin is a path that may produce a list, when one does, so
+    a later stage taking ``f`` as a single ``str`` is refused naming it (see :func:`_may_be_list`)."""
     known: list[Any] = []
+    origin = paths[0].origin.get(f, "")
+    listed = False
     for s in paths:
         t = s.available.get(f)
         if t is None:
             continue
-        if _is_list_type(t):
-            return t, s.origin.get(f, "")
-        if t not in known:
+        if not listed and _may_be_list(t):
+            origin, listed = s.origin.get(f, ""), True
+        if not any(t == k for k in known):
             known.append(t)
-    origin = paths[0].origin.get(f, "")
     if not known:
         return None, origin
-    return (known[0] if len(known) == 1 else typing.Union[tuple(known)]), origin  # noqa: UP007
+    if len(known) == 1:
+        return known[0], origin
+    try:
+        return typing.Union[tuple(known)], origin  # noqa: UP007
+    except TypeError:  # (an annotation that cannot be hashed: no union of it)
+        return None, origin
+
+
+def _may_be_list(t: Any) -> bool:
+    """Whether a value of annotation ``t`` may be a list (or tuple, set): ``list[str]``, or a union
+    with one among its members (``list[str] | None``, the union of branches' types)."""
+    if _is_list_type(t):
+        return True
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return any(_may_be_list(a) for a in typing.get_args(t))
+    return False
 
 
 @dataclass
@@ -503,7 +518,9 @@ class Scope:
                     code="reserved_field",
                     hint=f"rename it at the boundary: Stage(<stage>, outputs={{'{o}': '{o}_value'}})",
                 )
-            self.available[o] = ports.types.get(o)
+            # (a field the stage also reads: its annotation there is the input's, not what it writes)
+            reads = o in ports.required or o in ports.optional
+            self.available[o] = None if reads else ports.types.get(o)
             self.origin[o] = path
 
     def _check_type(self, entry: StageEntry, path: str, f: str) -> None:
@@ -512,15 +529,23 @@ class Scope:
         have, want = self.available.get(f), entry.ports.types.get(f)
         if have is None or want is None:
             return
-        if _is_list_type(have) and want is str:
+        if want is str and _may_be_list(have):
+            certain = _is_list_type(have)
             raise ContractError(
                 f"Stage '{path}' ({entry.label}) takes '{f}' as a single str, but '{self.origin.get(f)}' "
-                f"produces a list ({have}).",
+                + (
+                    f"produces a list ({have})." if certain else f"may produce a list ({have}: on some path)."
+                ),
                 stage_path=path,
                 field=f,
                 code="list_vs_scalar",
-                hint=f"run the stage once per item with ForEach(<stage>, over='{f}', ...), or annotate the "
-                f"parameter as list[str]",
+                hint=(
+                    f"run the stage once per item with ForEach(<stage>, over='{f}', ...), or annotate the "
+                    f"parameter as list[str]"
+                    if certain
+                    else f"make every path produce a single str for '{f}', or annotate the parameter "
+                    f"as {have}"
+                ),
             )
 
     def _missing_error(self, entry: StageEntry, path: str, f: str, ports: Ports) -> ContractError:
