@@ -220,6 +220,20 @@ def _local_path(attr: str, key: int | str | None) -> str:
     return f"{attr}['{key}']"
 
 
+_CALLS = ("forward", "aforward", "__call__", "acall")
+
+
+def _library_call(cls: type) -> bool:
+    """Whether a ``Stage`` class's call methods are all stageflow's or DSPy's own (``Stage``,
+    ``CachedStage``, ``dspy.Module``): the engine may then call the wrapped module itself."""
+    for name in _CALLS:
+        owner = next((c for c in cls.__mro__ if name in c.__dict__), None)
+        module = getattr(owner, "__module__", "") or ""
+        if not module.startswith(("stageflow.", "dspy.")) and owner is not object:
+            return False
+    return True
+
+
 def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     """Describe how to call ``obj`` held at ``pipeline.<attr>[key]``.
 
@@ -233,7 +247,17 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     leaf = obj
     policy = getattr(obj, "policy", None) if isinstance(obj, Stage) else None
     declared = False
-    if isinstance(obj, Stage) and not isinstance(obj.module, Stage):
+    if isinstance(obj, Stage) and not _library_call(type(obj)):
+        # A subclass of yours with its own forward / aforward / __call__ / acall: called as a module,
+        # so that code runs (it renames through Stage.forward when it calls super()). A cache the
+        # class applies in its own forward (CachedStage's) is not applied around it a second time.
+        leaf = obj
+        leaf_ports = describe(obj)
+        if policy is not None and policy.cache is not None and hasattr(type(obj), "_begin"):
+            policy = replace(policy, cache=None)
+            if policy == type(policy)():
+                policy = None
+    elif isinstance(obj, Stage) and not isinstance(obj.module, Stage):
         leaf = obj.module
         leaf_ports = obj.inner_ports
         in_map, out_map = obj.input_map, obj.output_map
