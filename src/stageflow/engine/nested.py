@@ -35,7 +35,6 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
-from types import MethodType
 from typing import Any, TypeVar
 
 import dspy  # noqa: F401  (DSPy's settings module is loaded with it)
@@ -50,6 +49,7 @@ _settings: Any = importlib.import_module("dspy.dsp.utils.settings")
 __all__ = [
     "ForwardAccess",
     "acall_nested",
+    "bind_forward",
     "callbacks_on",
     "call_nested",
     "own_forward",
@@ -72,12 +72,12 @@ class ForwardAccess:
     does; reading it from the class gives the plain function."""
 
     def __init__(self, fn: Any) -> None:
-        self.fn = fn
         functools.update_wrapper(self, fn)
+        self.fn = fn  # (after: update_wrapper copies the wrapped object's __dict__, which may hold an "fn")
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
-            return self.fn
+            return bind_forward(self.fn, None, owner)
         caller = sys._getframe(1)
         name = caller.f_code.co_name
         if name != "__call__" and not (name == "forward" and caller.f_locals.get("self") is obj):
@@ -87,10 +87,18 @@ class ForwardAccess:
                 f"Calling module.forward(...) on {type(obj).__name__} directly is discouraged. "
                 "Please use module(...) instead."
             )
-        return MethodType(self.fn, obj)
+        return bind_forward(self.fn, obj, owner)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
+
+def bind_forward(fn: Any, obj: Any, owner: Any) -> Any:
+    """``fn`` (what a class body holds under ``forward``) read from ``obj`` as Python reads it: a
+    function is bound to ``obj``; a ``staticmethod``, a ``wrapt`` wrapper, anything with its own
+    ``__get__`` binds itself; an object without one (a ``functools.partial``) is itself."""
+    get = getattr(type(fn), "__get__", None)
+    return fn if get is None else get(fn, obj, owner)
 
 
 def plain_call(*options: str) -> Callable[[_F], _F]:
@@ -177,7 +185,7 @@ def call_nested(target: Any, kw: dict[str, Any]) -> Any:
         options = getattr(own, "_stageflow_options", None)
         if options is not None and options.isdisjoint(kw):
             return target.stageflow_call(kw)
-        return own.fn(target, **kw)
+        return bind_forward(own.fn, target, cls)(**kw)
     finally:
         _settings.thread_local_overrides.reset(token)
 

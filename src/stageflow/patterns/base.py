@@ -17,14 +17,13 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import replace
-from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from stageflow.engine.config import CONFIG
 from stageflow.engine.inline import INLINE_MEMOS, forget_classes, forget_pipeline, standard
-from stageflow.engine.nested import own_forward, plain_call, wrap_forward
+from stageflow.engine.nested import bind_forward, own_forward, plain_call, wrap_forward
 from stageflow.engine.plan import (
     Scope,
     StageEntry,
@@ -570,7 +569,7 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         if patched is not None:
             return patched
         fn = own_forward(type(self))
-        return None if fn is None else MethodType(fn, self)
+        return None if fn is None else bind_forward(fn, self, type(self))
 
     def named_parameters(self) -> list[tuple[str, Any]]:
         """DSPy's walk over the predictors (optimizers, ``save``), refused when the pipeline contains
