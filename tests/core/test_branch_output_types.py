@@ -165,3 +165,33 @@ def test_unhashable_annotations_do_not_break_the_merge() -> None:
     )
     assert describe(branching).types["answer"] is None  # (types that cannot form a union: unknown)
     assert SequentialPipeline([branching])(question="q").answer == "1"
+
+
+def _optional_count(answer: str = "") -> dict[str, int]:
+    return {"n": len(answer)}
+
+
+@pytest.mark.parametrize("where", ["nested", "optional"])
+async def test_a_str_reader_inside_a_nested_pipeline_or_with_a_default_is_refused(
+    mode: str, where: str
+) -> None:
+    reader = (
+        SequentialPipeline([stage(count, writes=["n"])])
+        if where == "nested"
+        else stage(_optional_count, writes=["n"])
+    )
+    lm = FakeLM({"answer": ["aa", "bb"]})
+    p = SequentialPipeline([_branching("branch"), reader])
+    with pytest.raises(ContractError) as info:
+        p.check(["question"])
+    assert (info.value.code, info.value.field) == ("list_vs_scalar", "answer")
+    with dspy.context(lm=lm), pytest.raises(ContractError):
+        await stageflow.testing.call(p, mode, question="q")
+    assert lm.calls == 0
+
+
+def test_a_nested_pipeline_says_what_type_its_stages_want() -> None:
+    inner = SequentialPipeline([stage(count, writes=["n"]), stage(_optional_count, writes=["m"])])
+    assert describe(inner).types["answer"] is str
+    fine = SequentialPipeline([stage(_text, writes=["answer"]), inner])
+    assert "n" in fine.check(["question"])

@@ -409,6 +409,10 @@ class Scope:
     hints: dict[str, str] = field(default_factory=dict)
     #: The predictors checked, as ``(owner, entry, full path)``, nested ones included; shared by copies.
     watched: list[tuple[Any, StageEntry, str]] = field(default_factory=list)
+    #: field -> the annotation a stage reading it declares, for fields still missing when collecting a
+    #: pipeline's own inputs: its ports carry it, so the enclosing pipeline checks what it passes in.
+    #: Shared by copies, like ``missing``.
+    wants: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, inputs: Any, *, strict: bool, owner: Any = None, closed: bool = False) -> Scope:
@@ -429,6 +433,7 @@ class Scope:
             self.deferred,
             self.hints,
             self.watched,
+            self.wants,
         )
 
     def narrow(self, paths: list[Scope], labels: list[str]) -> None:
@@ -495,16 +500,20 @@ class Scope:
             self.watched.append((self.owner, entry, path))
         for f in ports.required:
             if f in self.available:
-                self._check_type(entry, path, f)
+                self._check_type(entry, ports, path, f)
                 continue
             if not self.strict and not (self.opaque and not self.closed):
                 inner = ports.required_by.get(f)
                 self.missing.setdefault(f, join_path(path, inner) if inner else path)
+                self._want(entry, ports, f)
                 continue
             self.need(f, path, lambda f=f: self._missing_error(entry, path, f, ports))
         for f in ports.optional:
-            if f not in self.available:
+            if f in self.available:
+                self._check_type(entry, ports, path, f)
+            else:
                 self.optional.setdefault(f, path)
+                self._want(entry, ports, f)
         self.produce(ports, path, entry.label, lenient=lenient)
         return entry
 
@@ -547,10 +556,19 @@ class Scope:
             self.available[o] = None if reads else ports.types.get(o)
             self.origin[o] = path
 
-    def _check_type(self, entry: StageEntry, path: str, f: str) -> None:
-        if entry.kind != 1:
+    def _want(self, entry: StageEntry, ports: Ports, f: str) -> None:
+        """Note the annotation ``entry`` declares for the input ``f`` the pipeline must be given."""
+        if entry.kind == 1 or entry.composite:
+            want = ports.types.get(f)
+            if want is not None:
+                self.wants.setdefault(f, want)
+
+    def _check_type(self, entry: StageEntry, ports: Ports, path: str, f: str) -> None:
+        """Refuse a field that may be a list for a stage taking it as a single ``str`` (a function
+        stage, or a nested pipeline one of whose stages does, see :attr:`wants`)."""
+        if entry.kind != 1 and not entry.composite:
             return
-        have, want = self.available.get(f), entry.ports.types.get(f)
+        have, want = self.available.get(f), ports.types.get(f)
         if have is None or want is None:
             return
         if want is str and _may_be_list(have):

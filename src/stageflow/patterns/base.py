@@ -505,7 +505,10 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
                 required=tuple(scope.missing),
                 optional=tuple(f for f in scope.optional if f not in scope.missing),
                 outputs=tuple(f for f in scope.available if scope.origin.get(f) != "deferred"),
-                types=dict(scope.available),
+                types={
+                    **{f: t for f, t in scope.wants.items() if f in scope.missing or f in scope.optional},
+                    **scope.available,
+                },
                 required_by=dict(scope.missing),
                 partial=dict(scope.partial),
                 opaque=tuple(scope.opaque),
