@@ -249,12 +249,14 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     declared = False
     if isinstance(obj, Stage) and not _library_call(type(obj)):
         # A subclass of yours with its own forward / aforward / __call__ / acall: called as a module,
-        # so that code runs (it renames through Stage.forward when it calls super()). A cache the
-        # class applies in its own forward (CachedStage's) is not applied around it a second time.
+        # so that code runs (it renames through Stage.forward when it calls super()). The policies the
+        # class applies in its own forward (``stageflow_applies``: CachedStage's cache) are not
+        # applied around it a second time.
         leaf = obj
         leaf_ports = describe(obj)
-        if policy is not None and policy.cache is not None and hasattr(type(obj), "_begin"):
-            policy = replace(policy, cache=None)
+        applied = getattr(type(obj), "stageflow_applies", ())
+        if policy is not None and applied:
+            policy = replace(policy, **dict.fromkeys(applied))
             if policy == type(policy)():
                 policy = None
     elif isinstance(obj, Stage) and not isinstance(obj.module, Stage):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key, output_problem
 from stageflow.stages import FunctionStage, Stage, declared_types, describe, stage_label
@@ -40,6 +40,10 @@ class CachedStage(Stage):
         >>> square.cache_hits, square.cache_misses, square.get_cache_stats()["cache_size"]
         (1, 2, 2)
     """
+
+    #: The policies this class's own ``forward`` / ``aforward`` apply (a subclass that calls them
+    #: through ``super()`` gets them there; the engine does not apply them around it again).
+    stageflow_applies: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __init__(
         self,
