@@ -207,6 +207,22 @@ def _callable_ports(fn: Callable[..., Any], *, skip_first: bool = False) -> Port
     return Ports(tuple(required), tuple(optional), outputs, accepts_any, types)
 
 
+def _single_output_type(fn: Callable[..., Any], ports: Ports) -> Ports:
+    """A function declared with one output (``writes=["docs"]``) and annotated to return a list
+    (``-> list[str]``) returns that output itself: its type is the annotation (a mapping annotation
+    would be the outputs' container, so only list-like ones are taken)."""
+    if ports.outputs is None or len(ports.outputs) != 1 or ports.outputs[0] in ports.types:
+        return ports
+    try:
+        returned = typing.get_type_hints(fn).get("return")
+    except Exception:
+        return ports
+    origin = typing.get_origin(returned) or returned
+    if origin not in (list, tuple, set, frozenset):
+        return ports
+    return replace(ports, types={**ports.types, ports.outputs[0]: returned})
+
+
 def _apply_declarations(
     ports: Ports, reads: Sequence[str] | None, writes: Sequence[str] | None, owner: str
 ) -> Ports:
@@ -348,7 +364,9 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         self.stage_name = name or getattr(fn, "__name__", type(fn).__name__)
         self.is_async = _is_async_callable(fn)
         self.blocking = blocking and not self.is_async
-        self.ports = _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
+        self.ports = _single_output_type(
+            fn, _apply_declarations(_callable_ports(fn), reads, writes, f"stage {self.stage_name!r}")
+        )
 
     def stageflow_ports(self) -> Ports:
         return self.ports

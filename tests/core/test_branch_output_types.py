@@ -195,3 +195,25 @@ def test_a_nested_pipeline_says_what_type_its_stages_want() -> None:
     assert describe(inner).types["answer"] is str
     fine = SequentialPipeline([stage(_text, writes=["answer"]), inner])
     assert "n" in fine.check(["question"])
+
+
+def test_a_nested_str_reader_after_a_nested_list_reader_is_still_refused() -> None:
+    def total(answer: list[str]) -> dict[str, int]:
+        return {"t": len(answer)}
+
+    inner = SequentialPipeline([stage(total, writes=["t"]), stage(count, writes=["n"])])
+    with pytest.raises(ContractError) as info:
+        SequentialPipeline([dspy.Predict(_LISTS), inner]).check(["question"])
+    assert (info.value.code, info.value.field) == ("list_vs_scalar", "answer")
+
+
+def test_a_function_annotated_to_return_a_list_produces_a_list() -> None:
+    def search(question: str) -> list[str]:
+        return [question]
+
+    assert describe(stage(search, writes=["answer"])).types["answer"] == list[str]
+    with pytest.raises(ContractError) as info:
+        SequentialPipeline([stage(search, writes=["answer"]), count]).check(["question"])
+    assert info.value.code == "list_vs_scalar"
+    # (a mapping annotation is the outputs' container, not the one output's type)
+    assert "answer" not in describe(stage(_text, writes=["answer"])).types

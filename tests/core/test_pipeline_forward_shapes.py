@@ -83,3 +83,24 @@ def test_reading_forward_directly_still_warns(caplog: pytest.LogCaptureFixture) 
         assert not caplog.records
         p.forward(x=1)
     assert len(caplog.records) == 1
+
+
+async def test_a_classmethod_or_property_forward_is_read_as_python_reads_it(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Cls(SequentialPipeline):
+        @classmethod
+        def forward(cls, **kw: Any) -> Any:
+            return dspy.Prediction(y=cls.__name__)
+
+    class Prop(SequentialPipeline):
+        @property
+        def forward(self) -> Any:
+            return lambda **kw: dspy.Prediction(y="prop")
+
+    for p, expected in ((Cls(_inner()), "Cls"), (Prop(_inner()), "prop")):
+        assert (await call(p, mode, x=1)).y == expected
+        assert (await call(SequentialPipeline([p]), mode, x=1)).y == expected
+    with caplog.at_level("WARNING", logger="dspy.primitives.module"):
+        Cls(_inner()).forward(x=1)
+    assert len(caplog.records) == 1

@@ -76,3 +76,33 @@ async def test_stageflow_s_own_wrappers_are_still_unwrapped(mode: str) -> None:
     p = SequentialPipeline([s])
     assert p._entries[0].chain == ("module", "fn")
     assert (await call(p, mode, x=5)).y == 10
+
+
+async def test_a_subclass_around_a_single_value_function_keeps_its_one_output(mode: str) -> None:
+    class Loud(Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            return super().forward(**kwargs)
+
+    s = Loud(stage(lambda x: x * x, writes=["y"]))
+    assert (await call(SequentialPipeline([s]), mode, x=3)).y == 9
+
+
+def test_a_subclass_around_a_str_reader_is_checked_like_the_function() -> None:
+    def shout(text: str) -> dict[str, str]:
+        return {"loud": text.upper()}
+
+    class Wrapped(Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            return super().forward(**kwargs)
+
+    def lists(question: str) -> list[str]:
+        return [question]
+
+    p = SequentialPipeline([stage(lists, writes=["text"]), Wrapped(stage(shout, writes=["loud"]))])
+    with pytest.raises(stageflow.ContractError) as info:
+        p.check(["question"])
+    assert (info.value.code, info.value.field, info.value.stage_path) == (
+        "list_vs_scalar",
+        "text",
+        "stages[1]",
+    )

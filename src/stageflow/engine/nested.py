@@ -117,7 +117,11 @@ def plain_call(*options: str) -> Callable[[_F], _F]:
 def wrap_forward(cls: type) -> None:
     """Wrap the ``forward`` that ``cls`` defines itself (if any) in a :class:`ForwardAccess`."""
     fn = cls.__dict__.get("forward")
-    if fn is not None and not isinstance(fn, ForwardAccess) and callable(fn):
+    if (
+        fn is not None
+        and not isinstance(fn, ForwardAccess)
+        and (callable(fn) or hasattr(type(fn), "__get__"))
+    ):
         setattr(cls, "forward", ForwardAccess(fn))  # noqa: B010
 
 

@@ -98,6 +98,9 @@ class StageEntry:
     #: ``ChainOfThought`` and their subclasses): one replaced in place with other fields makes the
     #: plan stale (see ``Pipeline.stageflow_current``).
     signature: Any = None
+    #: Its inputs' annotations are the parameters of a function it runs (a function stage, or a
+    #: ``Stage`` subclass of yours around one): the list-vs-str check applies to them.
+    typed_inputs: bool = False
 
 
 def leaf_of(owner: Any, entry: StageEntry) -> Any:
@@ -287,7 +290,11 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     out_pairs = None
     if leaf_ports.outputs is not None:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
-    single = out_pairs[0][1] if kind == FUNCTION and out_pairs is not None and len(out_pairs) == 1 else None
+    # (a Stage subclass of yours around a function stage: its forward returns what the function does)
+    runs_function = kind == FUNCTION or (
+        leaf is obj and isinstance(getattr(obj, "module", None), FunctionStage)
+    )
+    single = out_pairs[0][1] if runs_function and out_pairs is not None and len(out_pairs) == 1 else None
     composite = isinstance(leaf, StageOwner)
     predictor = type(leaf) in (dspy.Predict, dspy.ChainOfThought)
     error_field = getattr(leaf, "stageflow_error_field", None)
@@ -313,6 +320,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         out_pairs=out_pairs,
         out_rename=tuple(out_map.items()),
         single_output=single,
+        typed_inputs=runs_function,
         pass_state=leaf_ports.accepts_any and not in_pairs and not opt_pairs,
         ports=describe(obj),
         label=stage_label(obj),
@@ -560,15 +568,17 @@ class Scope:
 
     def _want(self, entry: StageEntry, ports: Ports, f: str) -> None:
         """Note the annotation ``entry`` declares for the input ``f`` the pipeline must be given."""
-        if entry.kind == 1 or entry.composite:
+        if entry.typed_inputs or entry.kind == 1 or entry.composite:
             want = ports.types.get(f)
-            if want is not None:
+            if want is str:  # (the reader the check is about wins over an earlier one taking a list)
+                self.wants[f] = want
+            elif want is not None:
                 self.wants.setdefault(f, want)
 
     def _check_type(self, entry: StageEntry, ports: Ports, path: str, f: str) -> None:
         """Refuse a field that may be a list for a stage taking it as a single ``str`` (a function
         stage, or a nested pipeline one of whose stages does, see :attr:`wants`)."""
-        if entry.kind != 1 and not entry.composite:
+        if not (entry.typed_inputs or entry.kind == 1 or entry.composite):
             return
         have, want = self.available.get(f), ports.types.get(f)
         if have is None or want is None:
