@@ -93,3 +93,34 @@ async def test_cancelling_an_acall_of_def_stages_with_a_timeout_starts_no_more()
     settled = len(started)
     await asyncio.sleep(0.2)
     assert len(started) == settled < 400
+
+
+async def test_a_cancel_before_the_worker_starts_the_fan_out_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reproducer (a loaded machine): the acall was cancelled after its worker thread had begun but
+    # before the thread's fan-out registered its stopper; the fan-out then ran every element.
+    from stageflow.patterns import _fanout
+
+    entered, go = threading.Event(), threading.Event()
+    original = _fanout._entries
+    loop_thread = threading.current_thread()
+
+    def slow_entries(branches: Any) -> Any:
+        if threading.current_thread() is not loop_thread:  # the worker, before its fan-out starts
+            entered.set()
+            go.wait(5)
+        return original(branches)
+
+    monkeypatch.setattr(_fanout, "_entries", slow_entries)
+    started = _Started()
+    each = _each(started, timeout=60.0, max_concurrency=4)
+    task = asyncio.ensure_future(each.acall(xs=list(range(100))))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    go.set()
+    await asyncio.sleep(0.3)
+    assert len(started) == 0

@@ -18,7 +18,7 @@ from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 
-__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "afan_out", "fan_out"]
+__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "StopSignal", "afan_out", "fan_out"]
 
 logger = logging.getLogger("stageflow")
 
@@ -58,6 +58,40 @@ class BranchOutcome:
     error: BaseException | None = None
     elapsed: float = 0.0
     status: str = "skipped"
+
+
+class StopSignal:
+    """A request to stop a fan-out that runs on another thread, whether it comes before or after
+    the fan-out has started: pass :meth:`register` as :func:`fan_out`'s ``on_start``; :meth:`stop`
+    stops it now, or as soon as it starts (then no branch starts at all).
+
+    Example:
+        >>> signal = StopSignal()
+        >>> signal.stop()  # the caller gave up before the fan-out began
+        >>> fan_out([lambda: 1, lambda: 2], on_start=signal.register)[0].status
+        'skipped'
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._stops: list[Callable[[], None]] = []
+
+    def register(self, stop: Callable[[], None]) -> None:
+        """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
+        with self._lock:
+            if not self._stopped:
+                self._stops.append(stop)
+                return
+        stop()
+
+    def stop(self) -> None:
+        """Stop every fan-out registered, and any registered later."""
+        with self._lock:
+            self._stopped = True
+            stops, self._stops = self._stops, []
+        for stop in stops:
+            stop()
 
 
 def _check_policy(policy: str) -> None:

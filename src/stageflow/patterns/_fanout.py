@@ -27,7 +27,7 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
-from stageflow.engine.fanout import BranchTimeoutError
+from stageflow.engine.fanout import BranchTimeoutError, StopSignal
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.pool import to_thread
 from stageflow.engine.runner import acall_stage, call_stage
@@ -385,7 +385,8 @@ async def arun_branches(
         # fail_fast stops further starts at once, its timeouts abandon threads; what each branch
         # produced is worked out there, once), awaited from the loop on a thread of its own; a
         # cancelled caller stops it from starting more.
-        stops: list[Callable[[], None]] = []
+        # (the worker may start the fan-out after this task was cancelled: it then starts nothing)
+        signal = StopSignal()
         try:
             return await to_thread(  # type: ignore[no-any-return]
                 run_branches,
@@ -399,11 +400,10 @@ async def arun_branches(
                 name=name,
                 until=until,
                 produced=produced,
-                on_start=stops.append,
+                on_start=signal.register,
             )
         except asyncio.CancelledError:
-            for stop in stops:
-                stop()
+            signal.stop()
             raise
     before = [dict(b.state) for b in branches] if produced else None
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=True):
