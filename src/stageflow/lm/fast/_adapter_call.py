@@ -14,6 +14,11 @@ that the two call methods, the three context managers, their context variables a
 are the objects DSPy defines (by code location the first time, so a patch made before stageflow was
 imported is seen too). Otherwise the fast adapter calls DSPy's code, patch and all.
 
+The fast JSON adapter's call is ``JSONAdapter.__call__`` around the chat call: the planning scope
+(:func:`enter_planning`), the response format chosen inside it, then the chat call, whose planning
+scope is the same one (DSPy's nested scope reuses it). :func:`json_untouched` checks that
+``JSONAdapter``'s call methods are DSPy's own as well.
+
 Example:
     >>> import dspy
     >>> from stageflow.lm.fast._adapter_call import untouched
@@ -31,7 +36,18 @@ import dspy
 from stageflow._callers import setting
 from stageflow.lm.fast._watch import recheck
 
-__all__ = ["enter", "leave", "prepare_async", "unwrapped", "untouched"]
+__all__ = [
+    "enter",
+    "enter_planning",
+    "json_untouched",
+    "leave",
+    "leave_planning",
+    "mark",
+    "prepare_async",
+    "unmark",
+    "untouched",
+    "unwrapped",
+]
 
 _call_context: Any = importlib.import_module("dspy.clients.call_context")
 _capabilities: Any = importlib.import_module("dspy.clients.capabilities")
@@ -82,6 +98,30 @@ _WATCHED: tuple[tuple[Any, str, Any], ...] = (
 )
 
 
+_JSONAdapter = dspy.JSONAdapter
+
+#: What :func:`json_untouched` watches: ``JSONAdapter``'s call methods inside their planning wrapper.
+_JSON_WATCHED: tuple[tuple[Any, str, Any], ...] = (
+    (
+        _JSONAdapter,
+        "__call__",
+        (
+            ("with_capability_planning.<locals>.wrapper", "dspy/clients/capabilities.py"),
+            ("JSONAdapter.__call__", "dspy/adapters/json_adapter.py"),
+        ),
+    ),
+    (
+        _JSONAdapter,
+        "acall",
+        (
+            ("with_capability_planning.<locals>.async_wrapper", "dspy/clients/capabilities.py"),
+            ("JSONAdapter.acall", "dspy/adapters/json_adapter.py"),
+        ),
+    ),
+)
+_JSON_SEEN: list[tuple[Any, ...] | None] = [None]
+
+
 def _methods() -> tuple[Any, ...]:
     """What :func:`untouched` looks at now (in the order of :data:`_WATCHED`)."""
     return tuple(getattr(owner, name, None) for owner, name, _ in _WATCHED)
@@ -115,17 +155,32 @@ def untouched() -> bool:
     return recheck(_SEEN, _methods(), _WATCHED)
 
 
+def json_untouched() -> bool:
+    """Whether ``JSONAdapter.__call__`` / ``acall`` are DSPy's own (for the fast JSON adapter,
+    which also needs :func:`untouched`)."""
+    seen = _JSON_SEEN[0]
+    if seen is not None and _JSONAdapter.__call__ is seen[0] and _JSONAdapter.acall is seen[1]:
+        return True
+    return recheck(_JSON_SEEN, (_JSONAdapter.__call__, _JSONAdapter.acall), _JSON_WATCHED)
+
+
+def enter_planning(lm: Any, lm_kwargs: Any) -> Any:
+    """``planning_scope(lm, lm_kwargs)``, entered: its token, or ``None`` when the call is nested in
+    a scope for the same LM and keyword arguments (DSPy's scope reuses it then)."""
+    planning = _capabilities._planning
+    current = planning.get()
+    if current is not None and current.lm is lm and current.options is lm_kwargs:
+        return None
+    return planning.set(_capabilities._PlanningScope(lm, lm_kwargs))
+
+
 def enter(lm: Any, lm_kwargs: Any) -> tuple[Any, Any, Any]:
     """``adapter_fallback_scope()`` then ``planning_scope(lm, lm_kwargs)``, entered: ``(progress,
     fallback token, planning token or None)``. Only while :func:`untouched`."""
     calls = _call_context._adapter_calls
     progress = _call_context.StreamProgress()
     outer = calls.set((*calls.get(), progress))
-    planning = _capabilities._planning
-    current = planning.get()
-    if current is not None and current.lm is lm and current.options is lm_kwargs:
-        return progress, outer, None  # (a nested call in the same scope reuses it)
-    return progress, outer, planning.set(_capabilities._PlanningScope(lm, lm_kwargs))
+    return progress, outer, enter_planning(lm, lm_kwargs)
 
 
 def leave_planning(token: Any) -> None:

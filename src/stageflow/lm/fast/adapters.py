@@ -5,8 +5,10 @@ adapter would send, and parses answers to exactly the values it would return (a 
 them on a corpus of signatures). What it does differently is *when* work happens: the system
 message, the output-format reminder, the field tables, the value parsers, the formatted demos
 and (JSON) the structured-output schema are built once per signature (or demo set) instead of
-on every call. DSPy's own ``__call__`` / ``acall`` still run, so callbacks, history, usage
-tracking, the LM cache, the JSON fallback and ``inspect_history`` see what they always see.
+on every call. Their ``__call__`` / ``acall`` do the steps of DSPy's (see
+:mod:`~stageflow.lm.fast._adapter_call` and :mod:`~stageflow.lm.fast._lm_call`), and DSPy's own
+methods run whenever one of those steps was replaced, so callbacks, history, usage tracking, the LM
+cache, the JSON fallback and ``inspect_history`` see what they always see.
 
 The classes carry DSPy's class names (``FastChatAdapter.__name__ == "ChatAdapter"``), because
 DSPy reads adapter class names in places (streaming listeners, parse error messages); their
@@ -175,6 +177,69 @@ class _FastPath:
             return await super().acall(lm, lm_kwargs, signature, demos, inputs)  # type: ignore[misc]
         finally:
             _CALL_PLAN.reset(token)
+
+    # -- ChatAdapter.__call__ around Adapter.__call__ with DSPy's scopes set directly (see
+    # _adapter_call); the fast classes call these only while _adapter_call.untouched() --------
+
+    def _chat_call(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
+        try:
+            try:
+                try:
+                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
+                    marker = _adapter_call.mark(lm, messages)
+                    try:
+                        outputs = _lm_call.call(lm, messages, lm_kwargs)
+                    finally:
+                        _adapter_call.unmark(marker)
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                finally:
+                    _adapter_call.leave_planning(planning)
+            except AdapterParseError:
+                if not self._falls_back(progress):
+                    raise
+                return self._make_json_adapter_fallback()(lm, lm_kwargs, signature, demos, inputs)  # type: ignore[attr-defined]
+        finally:
+            _adapter_call.leave(outer)
+
+    async def _achat_call(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
+        try:
+            try:
+                try:
+                    await _adapter_call.prepare_async(lm)
+                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
+                    marker = _adapter_call.mark(lm, messages)
+                    try:
+                        outputs = await _lm_call.acall(lm, messages, lm_kwargs)
+                    finally:
+                        _adapter_call.unmark(marker)
+                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
+                finally:
+                    _adapter_call.leave_planning(planning)
+            except AdapterParseError:
+                if not self._falls_back(progress):
+                    raise
+                fallback = self._make_json_adapter_fallback()  # type: ignore[attr-defined]
+                return await fallback.acall(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _adapter_call.leave(outer)
+
+    def _begin(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> tuple[Any, Any]:
+        """``Adapter.__call__`` up to the LM call: the processed signature and the messages."""
+        processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
+        messages = _adapter_call.unwrapped(self, "format", type(self)._format_wrapper)(
+            processed, demos, inputs
+        )
+        if lm_kwargs.get("parallel_tool_calls") is not None:
+            lm_kwargs.setdefault("tool_choice", "auto")
+        return processed, messages
+
+    def _falls_back(self, progress: Any) -> bool:
+        """Whether ``ChatAdapter.__call__`` retries a parse error with the JSON adapter."""
+        return not (
+            progress.emitted or isinstance(self, dspy.JSONAdapter) or not self.use_json_adapter_fallback  # type: ignore[attr-defined]
+        )
 
     def _why_not(self, signature: Any) -> str:
         """Why :meth:`_plan` gave no plan, for the counters."""
@@ -397,68 +462,19 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
         if not _adapter_call.untouched():
             return super().__call__(lm, lm_kwargs, signature, demos, inputs)
         token = _CALL_PLAN.set(_IN_CALL)
-        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
         try:
-            try:
-                try:
-                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
-                    marker = _adapter_call.mark(lm, messages)
-                    try:
-                        outputs = _lm_call.call(lm, messages, lm_kwargs)
-                    finally:
-                        _adapter_call.unmark(marker)
-                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
-                finally:
-                    _adapter_call.leave_planning(planning)
-            except AdapterParseError:
-                if not self._falls_back(progress):
-                    raise
-                return self._make_json_adapter_fallback()(lm, lm_kwargs, signature, demos, inputs)
+            return self._chat_call(lm, lm_kwargs, signature, demos, inputs)
         finally:
-            _adapter_call.leave(outer)
             _CALL_PLAN.reset(token)
 
     async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
         if not _adapter_call.untouched():
             return await super().acall(lm, lm_kwargs, signature, demos, inputs)
         token = _CALL_PLAN.set(_IN_CALL)
-        progress, outer, planning = _adapter_call.enter(lm, lm_kwargs)
         try:
-            try:
-                try:
-                    await _adapter_call.prepare_async(lm)
-                    processed, messages = self._begin(lm, lm_kwargs, signature, demos, inputs)
-                    marker = _adapter_call.mark(lm, messages)
-                    try:
-                        outputs = await _lm_call.acall(lm, messages, lm_kwargs)
-                    finally:
-                        _adapter_call.unmark(marker)
-                    return self._call_postprocess(processed, signature, outputs, lm, lm_kwargs)
-                finally:
-                    _adapter_call.leave_planning(planning)
-            except AdapterParseError:
-                if not self._falls_back(progress):
-                    raise
-                return await self._make_json_adapter_fallback().acall(lm, lm_kwargs, signature, demos, inputs)
+            return await self._achat_call(lm, lm_kwargs, signature, demos, inputs)
         finally:
-            _adapter_call.leave(outer)
             _CALL_PLAN.reset(token)
-
-    def _begin(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> tuple[Any, Any]:
-        """``Adapter.__call__`` up to the LM call: the processed signature and the messages."""
-        processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
-        messages = _adapter_call.unwrapped(self, "format", type(self)._format_wrapper)(
-            processed, demos, inputs
-        )
-        if lm_kwargs.get("parallel_tool_calls") is not None:
-            lm_kwargs.setdefault("tool_choice", "auto")
-        return processed, messages
-
-    def _falls_back(self, progress: Any) -> bool:
-        """Whether ``ChatAdapter.__call__`` retries a parse error with the JSON adapter."""
-        return not (
-            progress.emitted or isinstance(self, dspy.JSONAdapter) or not self.use_json_adapter_fallback
-        )
 
     def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
         return _DSPY_CHAT_PARSE(self, signature, completion)  # type: ignore[no-any-return]
@@ -475,6 +491,33 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
 
     _dspy_base = dspy.JSONAdapter
     _plans: ClassVar[weakref.WeakKeyDictionary[Any, Plan]] = weakref.WeakKeyDictionary()
+
+    # -- DSPy's JSONAdapter.__call__ (response format, then ChatAdapter.__call__), scopes set directly
+
+    def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        if not (_adapter_call.untouched() and _adapter_call.json_untouched()):
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+        token = _CALL_PLAN.set(_IN_CALL)
+        planning = _adapter_call.enter_planning(lm, lm_kwargs)
+        try:
+            self._prepare_response_format(lm, lm_kwargs, signature)
+            return self._chat_call(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _adapter_call.leave_planning(planning)
+            _CALL_PLAN.reset(token)
+
+    async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+        if not (_adapter_call.untouched() and _adapter_call.json_untouched()):
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)
+        token = _CALL_PLAN.set(_IN_CALL)
+        planning = _adapter_call.enter_planning(lm, lm_kwargs)
+        try:
+            await _adapter_call.prepare_async(lm)
+            self._prepare_response_format(lm, lm_kwargs, signature)
+            return await self._achat_call(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _adapter_call.leave_planning(planning)
+            _CALL_PLAN.reset(token)
 
     def _fast_parse(self, plan: Plan, signature: Any, completion: str) -> dict[str, Any]:
         return parse_json(plan, signature, completion, type(self).__name__)

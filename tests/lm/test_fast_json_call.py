@@ -1,0 +1,284 @@
+"""The fast JSON adapter's call: DSPy's ``JSONAdapter.__call__`` / ``acall`` (the response format
+chosen inside the capability-planning scope, then ``ChatAdapter``'s call without its JSON fallback)
+with the scopes set directly and the LM called as the fast chat adapter calls it. What the LM is
+sent, what it returns, its history, the usage, the errors and the callbacks are DSPy's; a replaced
+``JSONAdapter.__call__`` / ``acall`` gets DSPy's own call, patch and all."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import dspy
+import pytest
+from dspy.lm15 import Message, Response, Usage
+from dspy.utils.callback import BaseCallback
+from dspy.utils.exceptions import AdapterParseError
+
+from stageflow.lm.fast import FastChatAdapter, FastJSONAdapter
+from stageflow.lm.fast import _adapter_call as adapter_call
+
+
+class _Answer(dspy.Signature):  # type: ignore[misc]
+    """Answer the question."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+    score: int = dspy.OutputField(desc="0 to 10")
+
+
+_JSON = '{"answer": "4", "score": 7}'
+
+
+class _Engine:
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+
+    def complete(self, request: Any) -> Response:
+        return self.lm.answer(request)
+
+
+class _AsyncEngine(_Engine):
+    async def complete(self, request: Any) -> Response:  # type: ignore[override]
+        return self.lm.answer(request)
+
+
+class _Canonical(dspy.LM):  # type: ignore[misc]
+    """A canonical-engine LM answering ``text`` and keeping every request."""
+
+    def __init__(self, text: str = _JSON, **kwargs: Any) -> None:
+        self.requests: list[Any] = []
+        self.text = text
+        super().__init__("test/canonical", engine=_Engine(self), async_engine=_AsyncEngine(self), **kwargs)
+
+    def answer(self, request: Any) -> Response:
+        self.requests.append(request)
+        return Response(
+            id=None,
+            model=self.model,
+            message=Message.assistant(self.text),
+            finish_reason="stop",
+            usage=Usage(input_tokens=7, output_tokens=3, total_tokens=10),
+        )
+
+
+class _Structured(_Canonical):
+    """An LM that takes a response schema: the JSON adapter sends a structured-output format."""
+
+    @property
+    def supported_params(self) -> set[str]:
+        return {"response_format"}
+
+    @property
+    def supports_response_schema(self) -> bool:
+        return True
+
+
+class _JSONMode(_Structured):
+    """An LM that takes ``response_format`` but no schema: the JSON adapter asks for JSON mode."""
+
+    @property
+    def supports_response_schema(self) -> bool:
+        return False
+
+
+class _Legacy(dspy.BaseLM):  # type: ignore[misc]
+    """A custom LM on DSPy's old interface (``forward``)."""
+
+    def __init__(self, text: str = _JSON) -> None:
+        super().__init__("test/legacy")
+        self.text = text
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        choice = SimpleNamespace(
+            message=SimpleNamespace(content=self.text, tool_calls=None), finish_reason="stop", logprobs=None
+        )
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        return SimpleNamespace(choices=[choice] * kwargs.get("n", 1), usage=usage, model=self.model)
+
+    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        return self.forward(prompt, messages, **kwargs)
+
+
+_LMS = [_Canonical, _Structured, _JSONMode, _Legacy]
+_LM_IDS = ["canonical", "schema", "json-mode", "legacy"]
+
+
+async def _run(adapter: Any, lm: Any, mode: str, lm_kwargs: dict[str, Any] | None = None) -> Any:
+    args = (lm, dict(lm_kwargs or {}), _Answer, [], {"question": "q"})
+    return adapter(*args) if mode == "sync" else await adapter.acall(*args)
+
+
+def _same_format(value: Any) -> Any:
+    """A structured-output model class (DSPy builds one per call) as its name and schema."""
+    if isinstance(value, type):
+        return (value.__name__, value.model_json_schema())
+    return value
+
+
+def _record(lm: Any) -> list[dict[str, Any]]:
+    """The LM's history, minus what differs between any two calls (time, id, the identity of the
+    structured-output model class)."""
+    out = []
+    for entry in lm.history:
+        entry = {k: v for k, v in entry.items() if k not in ("timestamp", "uuid")}
+        entry["kwargs"] = {k: _same_format(v) for k, v in entry["kwargs"].items()}
+        out.append(entry)
+    return out
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions an async call sends to a worker thread."""
+    sent: list[str] = []
+    original = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        sent.append(getattr(func, "__name__", repr(func)))
+        return await original(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    return sent
+
+
+@pytest.mark.parametrize("make", _LMS, ids=_LM_IDS)
+@pytest.mark.parametrize("lm_kwargs", [{}, {"temperature": 0.5, "n": 2}], ids=["plain", "n2"])
+async def test_the_call_sends_returns_and_records_what_dspys_does(
+    mode: str, make: Any, lm_kwargs: dict[str, Any], hops: list[str]
+) -> None:
+    fast_lm, plain_lm = make(), make()
+    with (
+        dspy.context(track_usage=True),
+        dspy.track_usage() as fast_usage,
+        warnings.catch_warnings(record=True) as w1,
+    ):
+        warnings.simplefilter("always")
+        got = await _run(FastJSONAdapter(), fast_lm, mode, lm_kwargs)
+    fast_hops = list(hops)
+    with (
+        dspy.context(track_usage=True),
+        dspy.track_usage() as plain_usage,
+        warnings.catch_warnings(record=True) as w2,
+    ):
+        warnings.simplefilter("always")
+        expected = await _run(dspy.JSONAdapter(), plain_lm, mode, lm_kwargs)
+    assert got == expected
+    assert got[0] == {"answer": "4", "score": 7}
+    assert [(x.category, str(x.message)) for x in w1] == [(x.category, str(x.message)) for x in w2]
+    assert _record(fast_lm) == _record(plain_lm)
+    assert len(fast_lm.history) == 1
+    assert fast_usage.get_total_tokens() == plain_usage.get_total_tokens()
+    if isinstance(fast_lm, _Canonical):
+        assert fast_lm.requests == plain_lm.requests  # the response format sent included
+    if isinstance(fast_lm, _Structured):
+        kwargs = fast_lm.history[0]["kwargs"]
+        wanted = {"type": "json_object"} if isinstance(fast_lm, _JSONMode) else None
+        assert "response_format" in kwargs
+        assert wanted is None or kwargs["response_format"] == wanted
+    if mode == "async":  # DSPy prepares the request on a worker thread; the fast call in line
+        assert "prepare" not in fast_hops
+        assert "prepare" in hops[len(fast_hops) :]
+
+
+async def test_the_callers_keyword_arguments_get_the_response_format_as_dspys_do(mode: str) -> None:
+    fast_kwargs: dict[str, Any] = {}
+    plain_kwargs: dict[str, Any] = {}
+    args = (_Answer, [], {"question": "q"})
+    if mode == "sync":
+        FastJSONAdapter()(_JSONMode(), fast_kwargs, *args)
+        dspy.JSONAdapter()(_JSONMode(), plain_kwargs, *args)
+    else:
+        await FastJSONAdapter().acall(_JSONMode(), fast_kwargs, *args)
+        await dspy.JSONAdapter().acall(_JSONMode(), plain_kwargs, *args)
+    assert fast_kwargs == plain_kwargs == {"response_format": {"type": "json_object"}}
+
+
+async def test_a_parse_error_is_dspys_and_not_retried(mode: str) -> None:
+    fast_lm, plain_lm = _Canonical("not json at all"), _Canonical("not json at all")
+    with pytest.raises(AdapterParseError) as fast:
+        await _run(FastJSONAdapter(), fast_lm, mode)
+    with pytest.raises(AdapterParseError) as plain:
+        await _run(dspy.JSONAdapter(), plain_lm, mode)
+    assert str(fast.value) == str(plain.value)
+    assert len(fast_lm.history) == len(plain_lm.history) == 1
+
+
+async def test_the_chat_adapters_json_fallback_is_dspys(mode: str) -> None:
+    fast_lm, plain_lm = _Canonical(), _Canonical()  # (a JSON answer: the chat parse fails)
+    got = await _run(FastChatAdapter(), fast_lm, mode)
+    expected = await _run(dspy.ChatAdapter(), plain_lm, mode)
+    assert got == expected == [{"answer": "4", "score": 7}]
+    assert _record(fast_lm) == _record(plain_lm)
+    assert len(fast_lm.history) == 2
+    assert fast_lm.requests == plain_lm.requests
+
+
+class _Recorder(BaseCallback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_adapter_format_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.events.append("format")
+
+    def on_adapter_parse_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.events.append("parse")
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.events.append("lm_start")
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self.events.append("lm_end")
+
+
+async def test_callbacks_see_what_they_see_with_dspys_adapter(mode: str) -> None:
+    seen = []
+    for adapter in (FastJSONAdapter(), dspy.JSONAdapter()):
+        recorder = _Recorder()
+        with dspy.context(callbacks=[recorder]):
+            assert await _run(adapter, _Structured(), mode) == [{"answer": "4", "score": 7}]
+        seen.append(recorder.events)
+    assert seen[0] == seen[1]
+    assert seen[0].count("lm_start") == 1
+    assert "parse" in seen[0]
+
+
+@pytest.mark.parametrize("method", ["__call__", "acall"])
+async def test_a_replaced_json_adapter_call_gets_dspys_call(
+    mode: str, method: str, monkeypatch: pytest.MonkeyPatch, hops: list[str]
+) -> None:
+    calls: list[str] = []
+    original = getattr(dspy.JSONAdapter, method)
+    if method == "acall":
+
+        async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(method)
+            return await original(self, *args, **kwargs)
+
+    else:
+
+        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            calls.append(method)
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dspy.JSONAdapter, method, patched)
+    assert not adapter_call.json_untouched()
+    lm = _Structured()
+    assert await _run(FastJSONAdapter(), lm, mode) == [{"answer": "4", "score": 7}]
+    called = (mode == "sync") == (method == "__call__")
+    assert calls == ([method] if called else [])
+    if mode == "async":  # the untouched check is for both methods: DSPy's whole call, hop and all
+        assert "prepare" in hops
+    monkeypatch.undo()
+    assert adapter_call.json_untouched()
+
+
+async def test_a_subclass_response_format_is_used(mode: str) -> None:
+    class Mine(FastJSONAdapter):
+        def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
+            lm_kwargs["response_format"] = {"type": "text"}
+
+    lm = _Structured()
+    assert await _run(Mine(), lm, mode) == [{"answer": "4", "score": 7}]
+    assert lm.history[0]["kwargs"]["response_format"] == {"type": "text"}
