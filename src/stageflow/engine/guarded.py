@@ -27,6 +27,7 @@ from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
+from stageflow.stages import POLICY_APPLIED, Stage
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
 
@@ -219,6 +220,25 @@ def guarded_call(
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
+    if isinstance(target, Stage):  # (a Stage subclass of yours: its forward knows they are applied)
+        token = POLICY_APPLIED.set(target)
+        try:
+            return _budgeted(owner, entry, target, kw, policy, run, prefix, invoke)
+        finally:
+            POLICY_APPLIED.reset(token)
+    return _budgeted(owner, entry, target, kw, policy, run, prefix, invoke)
+
+
+def _budgeted(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    prefix: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
+) -> Any:
     path = join_path(prefix, entry.path)
     if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
         opened = _stage_budget(policy, path)
@@ -393,6 +413,25 @@ async def aguarded_call(
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
+    if isinstance(target, Stage):
+        token = POLICY_APPLIED.set(target)
+        try:
+            return await _abudgeted(owner, entry, target, kw, policy, run, prefix, invoke)
+        finally:
+            POLICY_APPLIED.reset(token)
+    return await _abudgeted(owner, entry, target, kw, policy, run, prefix, invoke)
+
+
+async def _abudgeted(
+    owner: Any,
+    entry: StageEntry,
+    target: Any,
+    kw: dict[str, Any],
+    policy: StagePolicy,
+    run: RunInfo,
+    prefix: str,
+    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
+) -> Any:
     path = join_path(prefix, entry.path)
     if policy.budget is not None:
         opened = _stage_budget(policy, path)
