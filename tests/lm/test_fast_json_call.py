@@ -282,3 +282,60 @@ async def test_a_subclass_response_format_is_used(mode: str) -> None:
     lm = _Structured()
     assert await _run(Mine(), lm, mode) == [{"answer": "4", "score": 7}]
     assert lm.history[0]["kwargs"]["response_format"] == {"type": "text"}
+
+
+async def test_the_chat_adapters_json_fallback_runs_a_patched_json_adapter(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reproducer (helper 75, t03b/t19): with JSONAdapter.parse replaced after import, the fast chat
+    # adapter's JSON fallback still parsed with the fast JSON adapter: the patch never ran.
+    original = dspy.JSONAdapter.parse
+
+    def parse(self: Any, signature: Any, completion: str) -> dict[str, Any]:
+        return {**original(self, signature, completion), "answer": "patched"}
+
+    monkeypatch.setattr(dspy.JSONAdapter, "parse", parse)
+    fast_lm, plain_lm = _Canonical(), _Canonical()  # (a JSON answer: the chat parse fails)
+    got = await _run(FastChatAdapter(), fast_lm, mode)
+    expected = await _run(dspy.ChatAdapter(), plain_lm, mode)
+    assert got == expected == [{"answer": "patched", "score": 7}]
+    assert fast_lm.requests == plain_lm.requests
+
+
+async def test_a_patched_prepare_response_format_is_run_by_a_fast_json_adapter(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reproducer (helper 75, t03): a FastJSONAdapter made directly kept sending its cached schema.
+    def text_format(self: Any, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
+        lm_kwargs["response_format"] = {"type": "text"}
+
+    adapter = FastJSONAdapter()
+    await _run(adapter, _Structured(), mode)  # (the schema built and cached first)
+    monkeypatch.setattr(dspy.JSONAdapter, "_prepare_response_format", text_format)
+    assert not adapter_call.json_format_untouched()
+    lm = _Structured()
+    await _run(adapter, lm, mode)
+    assert lm.history[0]["kwargs"]["response_format"] == {"type": "text"}
+    monkeypatch.undo()
+    assert adapter_call.json_format_untouched()
+
+
+async def test_a_format_call_during_a_call_uses_its_own_adapters_hooks(mode: str) -> None:
+    # Reproducer (helper 75, t11): the per-call plan memo was keyed by class, so another adapter of
+    # the class formatting inside the call (here, from the LM) got the outer call's system message.
+    def custom() -> FastJSONAdapter:
+        adapter = FastJSONAdapter()
+        adapter.format_task_description = lambda signature: "CUSTOM TASK"
+        return adapter
+
+    expected = custom().format(_Answer, [], {"question": "q"})
+    inside: list[Any] = []
+
+    class Formatting(_Structured):
+        def answer(self, request: Any) -> Response:
+            inside.append(custom().format(_Answer, [], {"question": "q"}))
+            return super().answer(request)
+
+    await _run(FastJSONAdapter(), Formatting(), mode)
+    assert inside == [expected]
+    assert "CUSTOM TASK" in inside[0][0]["content"]

@@ -39,6 +39,7 @@ from stageflow.lm.fast._watch import recheck
 __all__ = [
     "enter",
     "enter_planning",
+    "json_format_untouched",
     "json_untouched",
     "leave",
     "leave_planning",
@@ -162,6 +163,26 @@ def json_untouched() -> bool:
     if seen is not None and _JSONAdapter.__call__ is seen[0] and _JSONAdapter.acall is seen[1]:
         return True
     return recheck(_JSON_SEEN, (_JSONAdapter.__call__, _JSONAdapter.acall), _JSON_WATCHED)
+
+
+_FORMAT_WATCHED: tuple[tuple[Any, str, Any], ...] = (
+    (
+        _JSONAdapter,
+        "_prepare_response_format",
+        (("JSONAdapter._prepare_response_format", "dspy/adapters/json_adapter.py"),),
+    ),
+)
+_FORMAT_SEEN: list[tuple[Any, ...] | None] = [None]
+
+
+def json_format_untouched() -> bool:
+    """Whether ``JSONAdapter._prepare_response_format`` is DSPy's own (the fast JSON adapter builds
+    the structured-output format once per signature only then)."""
+    seen = _FORMAT_SEEN[0]
+    found = _JSONAdapter._prepare_response_format
+    if seen is not None and found is seen[0]:
+        return True
+    return recheck(_FORMAT_SEEN, (found,), _FORMAT_WATCHED)
 
 
 def enter_planning(lm: Any, lm_kwargs: Any) -> Any:

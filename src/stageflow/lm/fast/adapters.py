@@ -55,7 +55,7 @@ from stageflow.lm.fast import _adapter_call, _lm_call
 from stageflow.lm.fast._format import demo_key, user_content
 from stageflow.lm.fast._parse import complete_outputs, parse_chat, parse_json
 from stageflow.lm.fast._plan import _UNSET, Plan, plan_for
-from stageflow.lm.fast._stats import count_fallback, count_fast, logger
+from stageflow.lm.fast._stats import count_adapter_fallback, count_fallback, count_fast, logger
 
 __all__ = ["FastChatAdapter", "FastJSONAdapter"]
 
@@ -90,7 +90,8 @@ _GET_HOOKS = operator.attrgetter(*_HOOKS)
 
 # Within one adapter call, ``_call_preprocess``, ``format``, ``_call_postprocess`` and ``parse``
 # each ask for the signature's plan; the first lookup (a weak-dictionary get and a check that the
-# signature is unchanged) is kept for the rest of the call: (adapter class, signature, plan).
+# signature is unchanged) is kept for the rest of the call: (adapter, signature, plan). (Keyed by the
+# adapter, not its class: another adapter of the class called meanwhile may set its own hooks.)
 _CallPlan = tuple[Any, Any, Plan | None]
 _CALL_PLAN: ContextVar[_CallPlan | None] = ContextVar("stageflow_fast_call_plan", default=None)
 _IN_CALL: _CallPlan = (None, None, None)
@@ -149,15 +150,15 @@ class _FastPath:
         """The signature's plan, or ``None`` when DSPy's code must handle this call."""
         cls = type(self)
         memo = _CALL_PLAN.get()
-        if memo is not None and memo[0] is cls and memo[1] is signature:
-            plan = memo[2]  # (looked up, and the adapter checked, earlier in this adapter call)
+        if memo is not None and memo[0] is self and memo[1] is signature:
+            plan = memo[2]  # (looked up, and this adapter checked, earlier in this adapter call)
         else:
             if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__) or not cls._unpatched():
                 plan = None
             else:
                 plan = plan_for(cls._plans, signature)
             if memo is not None:  # (None: format or parse called on their own)
-                _CALL_PLAN.set((cls, signature, plan))
+                _CALL_PLAN.set((self, signature, plan))
         if plan is None or plan.reason is not None or plan.differs is not None:
             return None
         return plan
@@ -479,11 +480,15 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
     def _dspy_parse(self, signature: Any, completion: str) -> dict[str, Any]:
         return _DSPY_CHAT_PARSE(self, signature, completion)  # type: ignore[no-any-return]
 
-    def _make_json_adapter_fallback(self) -> FastJSONAdapter:
-        return FastJSONAdapter(
-            use_native_function_calling=self.use_native_function_calling,
-            parallel_tool_calls=self.parallel_tool_calls,
-        )
+    def _make_json_adapter_fallback(self) -> Any:
+        options = {
+            "use_native_function_calling": self.use_native_function_calling,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
+        if FastJSONAdapter.base_patched():  # DSPy's JSONAdapter was patched: its own code, patch and all
+            count_adapter_fallback("JSONAdapter (patched)")
+            return dspy.JSONAdapter(**options)
+        return FastJSONAdapter(**options)
 
 
 class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
@@ -527,8 +532,8 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
 
     def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
         plan = self._plan(signature)
-        if plan is None:
-            super()._prepare_response_format(lm, lm_kwargs, signature)
+        if plan is None or not _adapter_call.json_format_untouched():
+            super()._prepare_response_format(lm, lm_kwargs, signature)  # (DSPy's, patch and all)
             return
         if "response_format" not in lm.supported_params:
             return
