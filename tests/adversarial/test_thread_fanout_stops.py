@@ -124,3 +124,43 @@ async def test_a_cancel_before_the_worker_starts_the_fan_out_starts_nothing(
     go.set()
     await asyncio.sleep(0.3)
     assert len(started) == 0
+
+
+def _nested(started: _Started, trigger: int | None = None) -> stageflow.ForEach:
+    """An outer ForEach of def stages, each running an inner ForEach of 100 elements (2 at a time)."""
+    inner = _each(started, max_concurrency=2)
+
+    def group(g: int) -> dict[str, Any]:
+        if g == trigger:
+            time.sleep(0.05)
+            raise KeyboardInterrupt
+        return {"ys": inner(xs=list(range(g * 1000, g * 1000 + 100))).ys}
+
+    return stageflow.ForEach(
+        stageflow.stage(group, writes=["ys"]), over="groups", item="g", collect="out", max_concurrency=2
+    )
+
+
+async def test_cancelling_an_acall_stops_the_fan_outs_its_running_branches_started() -> None:
+    # Reproducer (helper 75, t21b): the outer fan-out stopped, but the inner ForEach of each running
+    # def stage went on starting its elements (~85 of them more than 50 ms after the cancel).
+    started = _Started()
+    task = asyncio.ensure_future(_nested(started).acall(groups=[0, 1, 2, 3]))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    settled = len(started)
+    await asyncio.sleep(0.3)
+    assert len(started) == settled < 60
+
+
+def test_an_interrupt_stops_the_fan_outs_running_branches_started() -> None:
+    started = _Started()
+    with pytest.raises(KeyboardInterrupt):
+        _nested(started, trigger=1)(groups=[0, 1, 2, 3])
+    time.sleep(0.05)
+    settled = len(started)
+    time.sleep(0.3)
+    assert len(started) == settled < 60

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -85,6 +86,11 @@ class StopSignal:
                 return
         stop()
 
+    def discard(self, stop: Callable[[], None]) -> None:
+        """Forget ``stop`` (its fan-out has finished)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._stops.remove(stop)
+
     def stop(self) -> None:
         """Stop every fan-out registered, and any registered later."""
         with self._lock:
@@ -92,6 +98,14 @@ class StopSignal:
             stops, self._stops = self._stops, []
         for stop in stops:
             stop()
+
+
+#: The stop signal of the thread fan-out whose branch is running: a fan-out started inside that
+#: branch registers with it, so a fan-out stopped because its caller gave up (cancelled, Ctrl-C)
+#: stops the fan-outs nested in its running branches too.
+_ENCLOSING: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar(
+    "stageflow_enclosing_fan_out", default=None
+)
 
 
 def _check_policy(policy: str) -> None:
@@ -285,9 +299,16 @@ def fan_out(
         return []
     window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
+    # Stopping this fan-out from outside (its caller gave up) also stops the ones its branches start.
+    signal = StopSignal()
+    signal.register(run.stop)
     if on_start is not None:
-        on_start(run.stop)
+        on_start(signal.stop)
+    enclosing = _ENCLOSING.get()
+    if enclosing is not None:
+        enclosing.register(signal.stop)
     ctx = contextvars.copy_context()
+    ctx.run(_ENCLOSING.set, signal)
     pool = shared_pool()
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
@@ -303,7 +324,9 @@ def fan_out(
         _wait(run, ctx, pool, n, timeout, on_error)
     except BaseException:
         # Interrupted (Ctrl-C in the caller, or a branch raised KeyboardInterrupt/SystemExit):
-        # start nothing more; branches already running on other threads cannot be stopped.
+        # start nothing more, here or in the fan-outs running branches started; branches already
+        # running on other threads cannot be stopped.
+        signal.stop()
         with run.cond:
             run.stopped = True
             for i in list(run.running):
@@ -311,7 +334,11 @@ def fan_out(
                 note_abandoned()
             run.running.clear()
         raise
-    if run.fatal is not None:
+    finally:
+        if enclosing is not None:
+            enclosing.discard(signal.stop)
+    if run.fatal is not None:  # (a branch raised KeyboardInterrupt / SystemExit: stop as above)
+        signal.stop()
         raise run.fatal
     if run.first_error is not None:
         raise run.first_error
