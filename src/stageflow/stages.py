@@ -27,12 +27,9 @@ import contextvars
 import copy
 import dataclasses
 import importlib
-import importlib.util
 import inspect
 import sys
 import typing
-import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, overload
@@ -59,7 +56,6 @@ __all__ = [
     "DeferredField",
     "FunctionStage",
     "POLICY_APPLIED",
-    "PolicyNotAppliedWarning",
     "Ports",
     "RESERVED_FIELD_NAMES",
     "Stage",
@@ -75,58 +71,22 @@ RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
 ) | frozenset({"run", "stage_outputs", "trace", "details"})
 
 
-class PolicyNotAppliedWarning(UserWarning):
-    """A :class:`Stage` with policies (retry, timeout, budget...) was called where no pipeline
-    applies them: on its own, or from a module's own ``forward``."""
-
-
 #: The :class:`Stage` whose policies the engine is applying around the current call (a subclass of
-#: yours, called as a module): its ``forward`` then does not warn that they are not applied.
+#: yours, called as a module): its ``forward`` then runs the stage as it is.
 POLICY_APPLIED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_policy_applied", default=None)
 
-_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
 
-
-def _warn_unapplied(stage: Stage) -> None:
-    """Warn (once per stage) that ``stage``'s policies are not applied to this call."""
+def _unapplied(stage: Stage) -> bool:
+    """Whether ``stage`` has policies nothing applies to this call: no pipeline runs it, and its class
+    does not apply them in its own ``forward`` (``stageflow_applies``)."""
     policy = stage.policy
-    if policy is None or POLICY_APPLIED.get() is stage or stage in _WARNED:
-        return
+    if policy is None or POLICY_APPLIED.get() is stage:
+        return False
     applies = getattr(type(stage), "stageflow_applies", ())
-    kinds = [
-        f.name
+    return any(
+        f.name not in applies and getattr(policy, f.name) not in (None, ())
         for f in dataclasses.fields(policy)
-        if f.name not in applies and getattr(policy, f.name) not in (None, ())
-    ]
-    if not kinds:
-        return
-    _WARNED.add(stage)
-    label = stage_label(stage.module)
-    warnings.warn(
-        PolicyNotAppliedWarning(
-            f"Stage({label}) has policies ({', '.join(kinds)}) that a pipeline applies when it runs "
-            "the stage; called where no pipeline runs it (on its own, from a module's forward, or "
-            "wrapped in another Stage) it runs without them. Run it in a pipeline: "
-            "stageflow.SequentialPipeline([stage])(...)"
-        ),
-        stacklevel=_outside_libraries(),
     )
-
-
-_LIBRARY_DIRS = tuple(
-    str(importlib.util.find_spec(name).submodule_search_locations[0])  # type: ignore[union-attr,index]
-    for name in ("stageflow", "dspy")
-)
-
-
-def _outside_libraries() -> int:
-    """The ``stacklevel`` of the first caller outside stageflow and DSPy (the user's call site)."""
-    frame = sys._getframe(2)  # (the caller of the function that warns: stacklevel 2)
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return level
 
 
 @dataclass(frozen=True)
@@ -688,15 +648,19 @@ class Stage(dspy.Module):  # type: ignore[misc]
         return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
 
     def forward(self, **kwargs: Any) -> Any:
-        if self.policy is not None:
-            _warn_unapplied(self)
+        if self.policy is not None and _unapplied(self):  # (called where no pipeline runs it)
+            from stageflow.patterns.solo import call_alone
+
+            return call_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
         return self._rename_outputs(out)
 
     async def aforward(self, **kwargs: Any) -> Any:
-        if self.policy is not None:
-            _warn_unapplied(self)
+        if self.policy is not None and _unapplied(self):
+            from stageflow.patterns.solo import acall_alone
+
+            return await acall_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         call = {inv_in.get(k, k): v for k, v in kwargs.items()}
         if hasattr(self.module, "aforward"):
