@@ -191,9 +191,11 @@ def test_replaced_policies_are_the_ones_applied() -> None:
     assert calls == [1, 2]
 
 
-def test_a_missing_input_names_the_stage_and_the_field() -> None:
+async def test_a_missing_input_names_the_stage_and_the_field(mode: str) -> None:
     fn, calls = _flaky(failures=0)
-    s = stageflow.Stage(fn, writes=["y"], retry=_retry())
-    with pytest.raises(stageflow.ContractError, match=r"function flaky\(\).*needs input 'x'"):
-        s()
+    s = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"}, retry=_retry())
+    with pytest.raises(stageflow.ContractError, match=r"Stage\(function flaky\(\)\) needs input 'n'") as e:
+        await _call(s, mode, x=1)
+    assert e.value.field == "n"
+    assert "pass n=... when calling the stage" in str(e.value)
     assert calls == []

@@ -31,9 +31,9 @@ import weakref
 from dataclasses import replace
 from typing import Any
 
-from stageflow.errors import StageError
+from stageflow.errors import ContractError, StageError
 from stageflow.patterns.sequential import SequentialPipeline
-from stageflow.stages import Stage
+from stageflow.stages import Stage, stage_label
 
 __all__ = ["acall_alone", "call_alone"]
 
@@ -80,8 +80,22 @@ def _unwrapped(error: StageError) -> BaseException:
     return error
 
 
+def _check_inputs(stage: Stage, kwargs: dict[str, Any]) -> None:
+    """A required input the call does not pass: said of this call, not of a pipeline's."""
+    for name in stage.ports.required:
+        if name not in kwargs:
+            raise ContractError(
+                f"Stage({stage_label(stage.module)}) needs input {name!r}, which this call does not pass "
+                f"(it got {sorted(kwargs)}).",
+                field=name,
+                code="missing_input",
+                hint=f"pass {name}=... when calling the stage",
+            )
+
+
 def call_alone(stage: Stage, kwargs: dict[str, Any]) -> Any:
     """``stage(**kwargs)`` with its policies applied."""
+    _check_inputs(stage, kwargs)
     try:
         result = _pipeline(stage)(**kwargs)
     except StageError as e:
@@ -95,6 +109,7 @@ def call_alone(stage: Stage, kwargs: dict[str, Any]) -> Any:
 
 async def acall_alone(stage: Stage, kwargs: dict[str, Any]) -> Any:
     """Async twin of :func:`call_alone`."""
+    _check_inputs(stage, kwargs)
     try:
         result = await _pipeline(stage).acall(**kwargs)
     except StageError as e:
