@@ -56,6 +56,7 @@ __all__ = [
     "DeferredField",
     "FunctionStage",
     "POLICY_APPLIED",
+    "own_call_code",
     "Ports",
     "RESERVED_FIELD_NAMES",
     "Stage",
@@ -74,6 +75,48 @@ RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
 #: The :class:`Stage` whose policies the engine is applying around the current call (a subclass of
 #: yours, called as a module): its ``forward`` then runs the stage as it is.
 POLICY_APPLIED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_policy_applied", default=None)
+
+
+_CALLS = ("forward", "aforward", "__call__", "acall")
+
+
+def own_call_code(cls: type) -> bool:
+    """Whether a ``Stage`` class has call methods of its own (``forward``, ``aforward``,
+    ``__call__``, ``acall`` from outside stageflow and DSPy): a subclass of yours."""
+    for name in _CALLS:
+        owner = next((c for c in cls.__mro__ if name in c.__dict__), None)
+        module = getattr(owner, "__module__", "") or ""
+        if not module.startswith(("stageflow.", "dspy.")) and owner is not object:
+            return True
+    return False
+
+
+def _sync_only(cls: type) -> bool:
+    """Whether a ``Stage`` class has a ``forward`` of its own but takes ``aforward`` from stageflow:
+    ``acall`` then runs that ``forward`` (on a worker thread), as it does for pipelines."""
+    forward = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    aforward = next(c for c in cls.__mro__ if "aforward" in c.__dict__)
+    return not (forward.__module__ or "").startswith("stageflow.") and (aforward.__module__ or "").startswith(
+        "stageflow."
+    )
+
+
+def _skipped_inside(stage: Stage) -> None:
+    """The ``Stage`` that ``stage`` wraps gave ``None``: when its skip policy may have skipped it,
+    say that the wrapper cannot be left out for it (a pipeline would only see ``None``)."""
+    inner = stage.module
+    policy = inner.policy
+    if policy is None or not (policy.skip_on or policy.skip_if):
+        return
+    from stageflow.errors import StageError
+
+    raise StageError(
+        f"Stage({stage_label(inner.module)}) gave no result (its skip policy may have skipped it) "
+        "inside the Stage that wraps it, which cannot be left out for it: only a pipeline that runs "
+        "a stage can leave it out.",
+        code="skipped_inside",
+        hint="give skip_on to the outer Stage, or put the inner stage in the pipeline itself",
+    )
 
 
 def _unapplied(stage: Stage) -> bool:
@@ -647,20 +690,42 @@ class Stage(dspy.Module):  # type: ignore[misc]
         items: dict[str, Any] = dict(out.items()) if hasattr(out, "items") else dict(out)
         return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
 
-    def forward(self, **kwargs: Any) -> Any:
-        if self.policy is not None and _unapplied(self):  # (called where no pipeline runs it)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A subclass of yours called where no pipeline runs it: its whole call under its policies,
+        # as a pipeline runs it (stageflow's own classes apply them in forward, below).
+        if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import call_alone
 
             return call_alone(self, kwargs)
-        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
-        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
-        return self._rename_outputs(out)
+        return super().__call__(*args, **kwargs)
 
-    async def aforward(self, **kwargs: Any) -> Any:
-        if self.policy is not None and _unapplied(self):
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import acall_alone
 
             return await acall_alone(self, kwargs)
+        return await super().acall(*args, **kwargs)
+
+    def forward(self, **kwargs: Any) -> Any:
+        if self.policy is not None and _unapplied(self):  # (stage.forward(...) called directly)
+            from stageflow.patterns.solo import call_alone
+
+            return call_alone(self, kwargs, whole=False)
+        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
+        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+        if out is None and isinstance(self.module, Stage):
+            _skipped_inside(self)
+        return self._rename_outputs(out)
+
+    async def aforward(self, **kwargs: Any) -> Any:
+        if _sync_only(type(self)):  # (a subclass of yours with its own forward only)
+            from stageflow.engine.concurrency import to_thread
+
+            return await to_thread(type(self).forward, self, **kwargs)
+        if self.policy is not None and _unapplied(self):
+            from stageflow.patterns.solo import acall_alone
+
+            return await acall_alone(self, kwargs, whole=False)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         call = {inv_in.get(k, k): v for k, v in kwargs.items()}
         if hasattr(self.module, "aforward"):
@@ -669,6 +734,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
             from stageflow.engine.concurrency import to_thread
 
             out = await to_thread(self.module, **call)
+        if out is None and isinstance(self.module, Stage):
+            _skipped_inside(self)
         return self._rename_outputs(out)
 
     def __repr__(self) -> str:

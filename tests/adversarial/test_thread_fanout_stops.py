@@ -164,3 +164,35 @@ def test_an_interrupt_stops_the_fan_outs_running_branches_started() -> None:
     settled = len(started)
     time.sleep(0.3)
     assert len(started) == settled < 60
+
+
+async def test_cancelling_stops_a_fan_out_of_async_stages_a_running_branch_started() -> None:
+    # Reproducer (helper 76, T2.04): a def branch running a ForEach of async def stages (it runs on
+    # stageflow's background loop) went on to all 800 elements after the cancel.
+    started = _Started()
+
+    async def work(x: int) -> dict[str, int]:
+        with started.lock:
+            started.items.append(x)
+        await asyncio.sleep(0.01)
+        return {"y": x}
+
+    inner = stageflow.ForEach(
+        stageflow.stage(work, writes=["y"]), over="xs", item="x", collect="ys", max_concurrency=2
+    )
+
+    def group(g: int) -> dict[str, Any]:
+        return {"ys": inner(xs=list(range(g * 1000, g * 1000 + 200))).ys}
+
+    outer = stageflow.ForEach(
+        stageflow.stage(group, writes=["ys"]), over="groups", item="g", collect="out", max_concurrency=2
+    )
+    task = asyncio.ensure_future(outer.acall(groups=[0, 1, 2, 3]))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    settled = len(started)
+    await asyncio.sleep(0.3)
+    assert len(started) == settled < 100

@@ -174,11 +174,15 @@ def test_a_stage_wrapped_in_another_stage_gets_its_policies() -> None:
     assert calls == [1, 1]
 
 
-def test_a_stage_without_policies_is_called_as_it_is() -> None:
+def test_a_stage_without_policies_is_called_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a stage without policies took the policy path")
+
+    monkeypatch.setattr(solo, "call_alone", refuse)
     fn, _ = _flaky(failures=0)
     s = stageflow.Stage(fn, inputs={"x": "n"}, writes=["y"])
     assert s(n=1) == {"y": 1}
-    assert s not in solo._SOLO
+    assert s.forward(n=2) == {"y": 2}
 
 
 def test_replaced_policies_are_the_ones_applied() -> None:
@@ -191,11 +195,213 @@ def test_replaced_policies_are_the_ones_applied() -> None:
     assert calls == [1, 2]
 
 
-async def test_a_missing_input_names_the_stage_and_the_field(mode: str) -> None:
+async def test_a_missing_or_unknown_input_fails_as_without_the_policy(mode: str) -> None:
     fn, calls = _flaky(failures=0)
-    s = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"}, retry=_retry())
-    with pytest.raises(stageflow.ContractError, match=r"Stage\(function flaky\(\)\) needs input 'n'") as e:
-        await _call(s, mode, x=1)
-    assert e.value.field == "n"
-    assert "pass n=... when calling the stage" in str(e.value)
+    plain = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"})
+    retried = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"}, retry=_retry())
+    for kw in ({"z": 1}, {}, {"n": 1, "verbose": True}):
+        with pytest.raises(TypeError) as without:
+            await _call(plain, mode, **kw)
+        with pytest.raises(TypeError) as with_policy:
+            await _call(retried, mode, **kw)
+        assert str(with_policy.value) == str(without.value)
     assert calls == []
+
+
+# -- helper 77's findings ----------------------------------------------------------------------
+
+
+async def test_what_the_policies_did_joins_the_run_of_the_calling_stage(mode: str) -> None:
+    fn, _ = _flaky()
+
+    class Holder(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = stageflow.Stage(fn, writes=["y"], retry=_retry())
+
+        def forward(self, x: int) -> Any:
+            return dspy.Prediction(y=self.inner(x=x)["y"])
+
+        async def aforward(self, x: int) -> Any:
+            return dspy.Prediction(y=(await self.inner.acall(x=x))["y"])
+
+    first = stageflow.Stage(lambda x: {"x2": x}, writes=["x2"])
+    pipeline = stageflow.SequentialPipeline([first, stageflow.Stage(Holder(), writes=["y"])])
+    result = await _call(pipeline, mode, x=2)
+    assert [(e.kind, e.stage) for e in result.run.events] == [("retry", "stages[1]")]
+    fn2, _ = _flaky()
+    wrapped = stageflow.SequentialPipeline(
+        [stageflow.Stage(stageflow.Stage(fn2, writes=["y"], retry=_retry()))]
+    )
+    assert [e.kind for e in (await _call(wrapped, mode, x=1)).run.events] == ["retry"]
+
+
+async def test_a_skipped_stage_gives_none_and_a_wrapping_stage_says_why_it_cannot_skip(mode: str) -> None:
+    def boom(question: str) -> dict[str, str]:
+        raise ValueError("model down")
+
+    optional = stageflow.Stage(boom, writes=["answer"], skip_on=[ValueError])
+    assert await _call(optional, mode, question="q") is None  # (on its own: skipped, None)
+
+    class Caller(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.optional = optional
+
+        def forward(self, question: str) -> Any:
+            return dspy.Prediction(answer=(self.optional(question=question) or {}).get("answer", "none"))
+
+    assert (await _call(stageflow.SequentialPipeline([Caller()]), mode, question="q")).answer == "none"
+    wrapped = stageflow.SequentialPipeline([stageflow.Stage(optional)])
+    with pytest.raises(stageflow.StageError, match=r"Stage\(function boom\(\)\) gave no result"):
+        await _call(wrapped, mode, question="q")
+
+
+async def test_a_subclass_on_its_own_runs_its_whole_call_under_the_policies(mode: str) -> None:
+    seen: list[str] = stageflow.untracked([])
+
+    class Titled(stageflow.Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            seen.append("forward")
+            if len(seen) == 1:
+                raise ConnectionError("own code flaked")  # (retried: the policies wrap this code)
+            return {"title": super().forward(**kwargs)["title"].upper()}
+
+    s = Titled(lambda x: {"y": x}, writes=["y"], outputs={"y": "title"}, retry=_retry())
+    assert await _call(s, mode, x="a") == {"title": "A"}
+    assert seen == ["forward", "forward"]
+
+    class Skipping(stageflow.Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            return {"y": super().forward(**kwargs)["y"] + 1}
+
+    def broken(x: int) -> dict[str, int]:
+        raise KeyError("x")
+
+    assert await _call(Skipping(broken, writes=["y"], skip_on=[KeyError]), mode, x=1) is None
+
+
+async def test_a_subclass_with_only_forward_gives_the_same_answer_under_acall() -> None:
+    class Exclaiming(stageflow.Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            return {"title": super().forward(**kwargs)["title"] + "!"}
+
+    s = Exclaiming(lambda q: {"title": q}, writes=["title"])
+    assert s(q="a") == await s.acall(q="a") == {"title": "a!"}
+    pipeline = stageflow.SequentialPipeline([s])
+    assert pipeline(q="a").title == (await pipeline.acall(q="a")).title == "a!"
+
+    class CachedExclaiming(stageflow.CachedStage):
+        def forward(self, **kwargs: Any) -> Any:
+            return {"title": super().forward(**kwargs)["title"] + "!"}
+
+    c = CachedExclaiming(stageflow.stage(lambda q: {"title": q}, writes=["title"]))
+    assert c(q="b") == await c.acall(q="b") == {"title": "b!"}
+
+
+async def test_inputs_are_taken_as_without_the_policy(mode: str) -> None:
+    fn, _ = _flaky(failures=0)
+    renamed = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"}, retry=_retry())
+    assert await _call(renamed, mode, x=3) == await _call(renamed, mode, n=3) == {"y": 3}
+
+    def takes_more(x: int, **extra: Any) -> dict[str, Any]:
+        return {"y": (x, extra)}
+
+    more = stageflow.Stage(takes_more, writes=["y"], retry=_retry())
+    assert await _call(more, mode, x=1, extra=2) == {"y": (1, {"extra": 2})}
+
+
+async def test_a_timeout_on_its_own_names_the_function(mode: str) -> None:
+    def slow(q: str) -> dict[str, str]:
+        time.sleep(0.5)
+        return {"a": q}
+
+    s = stageflow.Stage(slow, writes=["a"], timeout=0.05)
+    with pytest.raises(stageflow.StageTimeoutError, match=r"^Stage\(function slow\(\)\) took longer"):
+        await _call(s, mode, q="?")
+
+
+# -- helper 76's findings ----------------------------------------------------------------------
+
+
+async def test_a_recovered_stage_gives_the_fields_its_strategy_returned(mode: str) -> None:
+    def bad(x: int) -> dict[str, int]:
+        raise ValueError("bad")
+
+    s = stageflow.Stage(bad, writes=["y"], recover=lambda error, state: {"y": "recovered"})
+    assert await _call(s, mode, x=1) == {"y": "recovered"}
+
+
+async def test_a_custom_modules_bare_return_value_comes_back_as_it_is(mode: str) -> None:
+    class Shout(dspy.Module):  # type: ignore[misc]
+        def forward(self, text: str) -> str:
+            return text.upper()
+
+        async def aforward(self, text: str) -> str:
+            return text.upper()
+
+    s = stageflow.Stage(Shout(), retry=_retry())
+    assert await _call(s, mode, text="hi") == "HI"
+    quiet = stageflow.Stage(lambda x: None, retry=_retry())
+    assert await _call(quiet, mode, x=1) is None
+
+
+def test_a_replaced_fallback_stage_is_the_one_run() -> None:
+    def bad(q: str) -> dict[str, str]:
+        raise ValueError("bad")
+
+    s = stageflow.Stage(bad, writes=["a"], fallback=lambda q: {"a": "first"})
+    assert s(q="?") == {"a": "first"}
+    s.fallback_stage = stageflow.stage(lambda q: {"a": "replaced"}, writes=["a"])
+    assert s(q="?") == {"a": "replaced"}
+
+
+def test_a_program_holding_a_policy_stage_is_freed() -> None:
+    import gc
+    import weakref
+
+    class Program(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fetch = stageflow.Stage(self._fetch, writes=["y"], retry=_retry())
+
+        def _fetch(self, x: int) -> dict[str, int]:
+            return {"y": x}
+
+        def forward(self, x: int) -> Any:
+            return self.fetch(x=x)
+
+    refs = []
+    for _ in range(5):
+        program = Program()
+        assert program(x=1) == {"y": 1}
+        refs.append(weakref.ref(program))
+        del program
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+
+
+def test_an_unhashable_stage_subclass_works_on_its_own() -> None:
+    class Compared(stageflow.Stage):
+        def forward(self, **kwargs: Any) -> Any:
+            return super().forward(**kwargs)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Compared)
+
+    fn, calls = _flaky()
+    assert Compared(fn, writes=["y"], retry=_retry())(x=1) == {"y": 1}
+    assert calls == [1, 1]
+
+
+def test_a_stageflow_error_the_stage_raises_itself_comes_out_unchanged() -> None:
+    own = stageflow.StageError("inner pipeline failed", stage_path="foo")
+
+    def failing(x: int) -> dict[str, int]:
+        raise own
+
+    s = stageflow.Stage(failing, writes=["y"], retry=_retry(2))
+    with pytest.raises(stageflow.StageError) as raised:
+        s(x=1)
+    assert raised.value is own
+    assert own.stage_path == "foo"

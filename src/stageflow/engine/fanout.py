@@ -19,7 +19,15 @@ from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 
-__all__ = ["BranchOutcome", "BranchTimeoutError", "FailurePolicy", "StopSignal", "afan_out", "fan_out"]
+__all__ = [
+    "BranchOutcome",
+    "BranchTimeoutError",
+    "FailurePolicy",
+    "StopSignal",
+    "afan_out",
+    "enclosing_fan_out",
+    "fan_out",
+]
 
 logger = logging.getLogger("stageflow")
 
@@ -106,6 +114,12 @@ class StopSignal:
 _ENCLOSING: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar(
     "stageflow_enclosing_fan_out", default=None
 )
+
+
+def enclosing_fan_out() -> StopSignal | None:
+    """The stop signal of the thread fan-out whose branch is running here, if any (work started
+    here that is not a thread fan-out registers with it to be stopped with it)."""
+    return _ENCLOSING.get()
 
 
 def _check_policy(policy: str) -> None:

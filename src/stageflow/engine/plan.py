@@ -32,6 +32,7 @@ from stageflow.stages import (
     Stage,
     describe,
     may_be_left_out,
+    own_call_code,
     stage_label,
 )
 
@@ -223,18 +224,10 @@ def _local_path(attr: str, key: int | str | None) -> str:
     return f"{attr}['{key}']"
 
 
-_CALLS = ("forward", "aforward", "__call__", "acall")
-
-
 def _library_call(cls: type) -> bool:
     """Whether a ``Stage`` class's call methods are all stageflow's or DSPy's own (``Stage``,
     ``CachedStage``, ``dspy.Module``): the engine may then call the wrapped module itself."""
-    for name in _CALLS:
-        owner = next((c for c in cls.__mro__ if name in c.__dict__), None)
-        module = getattr(owner, "__module__", "") or ""
-        if not module.startswith(("stageflow.", "dspy.")) and owner is not object:
-            return False
-    return True
+    return not own_call_code(cls)
 
 
 def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:

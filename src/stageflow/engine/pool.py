@@ -150,9 +150,14 @@ def on_background_loop() -> bool:
         return False
 
 
-def run_on_background_loop(coro: Awaitable[Any]) -> Any:
-    """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows)."""
+def run_on_background_loop(coro: Awaitable[Any], stop_with: Any = None) -> Any:
+    """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows).
+
+    ``stop_with``: a stop signal (``register`` / ``discard``, see ``stageflow.engine.fanout``) that
+    cancels the coroutine when it fires."""
     future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
+    if stop_with is not None:
+        stop_with.register(future.cancel)
     try:
         return future.result()
     except FutureCancelledError as e:
@@ -163,6 +168,9 @@ def run_on_background_loop(coro: Awaitable[Any]) -> Any:
     except BaseException:
         future.cancel()  # interrupted while waiting (Ctrl-C): the coroutine must not run on
         raise
+    finally:
+        if stop_with is not None:
+            stop_with.discard(future.cancel)
 
 
 def available_cpus() -> int:

@@ -27,7 +27,7 @@ from stageflow.engine.concurrency import (
     on_background_loop,
     run_on_background_loop,
 )
-from stageflow.engine.fanout import BranchTimeoutError, StopSignal
+from stageflow.engine.fanout import BranchTimeoutError, StopSignal, enclosing_fan_out
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.pool import to_thread
 from stageflow.engine.runner import acall_stage, call_stage
@@ -335,7 +335,8 @@ def run_branches(
                 name=name,
                 until=until,
                 produced=produced,
-            )
+            ),
+            stop_with=enclosing_fan_out(),  # (stopped with the thread fan-out it runs in, if any)
         )
 
     before = [dict(b.state) for b in branches] if produced else None

@@ -1,15 +1,18 @@
 """A :class:`~stageflow.Stage` with policies, called where no pipeline runs it (on its own, from a
-module's ``forward``, wrapped in another ``Stage``): its policies are applied by running it as the
-one stage of a pipeline, and the call returns what the stage returns.
+module's ``forward``, wrapped in another ``Stage``): the engine's policy code runs around the call,
+as it does for the stage in a pipeline, and the call takes and returns what the stage alone does
+(any keyword arguments, any return value).
 
-The pipeline holds a plain ``Stage`` that shares the stage's module, renames, contract and policies
-(less those the stage's class applies in its own ``forward``: ``CachedStage``'s cache), so a
-subclass's own ``forward`` runs once, around it. Built on the first such call and kept while the
-stage lives; made again when the stage's policies or renames are replaced.
+- ``stage(...)`` / ``await stage.acall(...)`` run the whole stage under its policies, a subclass's
+  own ``forward`` included, as a pipeline runs it.
+- ``stage.forward(...)`` (the tutorial calls stages that way) runs the wrapped module under the
+  policies the stage's class does not apply in its own ``forward`` (``CachedStage``'s cache).
 
-An error the stage itself raised (the last attempt's, once retries are spent) reaches the caller as
-it was raised, not wrapped in a :class:`~stageflow.StageError`: a timeout, a spent budget, a missing
-input or a fallback that failed too are stageflow's own errors.
+The error the stage raised (the last attempt's, once retries are spent) reaches the caller as it
+was raised. ``recover=`` gives the fields the strategy returned; a skipped stage gives ``None``
+(wrapped in another ``Stage``, which cannot be left out for it, the wrapper raises a
+:class:`~stageflow.StageError` saying so). What the policies did joins the run of the pipeline whose
+stage made the call (``result.run.events``, under that stage's path).
 
 Example:
     >>> import stageflow
@@ -27,95 +30,148 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import replace
 from typing import Any
 
-from stageflow.errors import ContractError, StageError
-from stageflow.patterns.sequential import SequentialPipeline
-from stageflow.stages import Stage, stage_label
+from stageflow.engine.guarded import aguarded_call, guarded_call
+from stageflow.engine.plan import StageEntry, build_entry, join_path
+from stageflow.engine.runner import _invoke, _invoke_async, _recovered
+from stageflow.errors import StageError, StageflowError
+from stageflow.policies.recovery import StagePolicy
+from stageflow.stages import Stage, own_call_code, stage_label
+from stageflow.state import RunInfo
+from stageflow.usage import calling_stage
 
 __all__ = ["acall_alone", "call_alone"]
 
-_PATH = "stages[0]"
-
-#: stage -> (what the pipeline was built from, the pipeline)
-_SOLO: weakref.WeakKeyDictionary[Stage, tuple[tuple[Any, ...], SequentialPipeline]] = (
-    weakref.WeakKeyDictionary()
-)
+_ATTR = "stage"
 
 
-def _pipeline(stage: Stage) -> SequentialPipeline:
-    state = stage.__dict__
-    made_from = (state.get("policy"), state.get("input_map"), state.get("output_map"), state.get("ports"))
-    found = _SOLO.get(stage)
-    if found is not None and all(a is b for a, b in zip(found[0], made_from, strict=True)):
-        return found[1]
-    inner: Stage = Stage.__new__(Stage)  # (not __init__: the same module, renames and contract)
-    inner.__dict__.update(state)
-    applies = getattr(type(stage), "stageflow_applies", ())
-    policy = stage.policy
-    if policy is not None and applies:
-        cleared: dict[str, Any] = dict.fromkeys(applies)
-        policy = replace(policy, **cleared)
-        inner.__dict__["policy"] = None if policy.is_empty() else policy
-    pipeline = SequentialPipeline([inner])
-    _SOLO[stage] = (made_from, pipeline)
-    return pipeline
+class _Owner:
+    """Holds the stage where the engine's policy code looks for it (its fallback stage)."""
+
+    __slots__ = (_ATTR,)
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
 
 
-def _output(stage: Stage, result: Any) -> Any:
-    """What the stage returned (renamed as the stage renames), ``None`` when a policy skipped it."""
-    outputs = result.stage_outputs
-    if _PATH not in outputs:
-        return None
-    return stage._rename_outputs(outputs[_PATH])
+def _setup(
+    stage: Stage, kwargs: dict[str, Any], whole: bool
+) -> tuple[Any, StageEntry, Any, dict[str, Any], StagePolicy]:
+    """``(owner, entry, target, inputs, policy)`` for the guarded call."""
+    if whole and own_call_code(type(stage)):  # a subclass of yours: its whole call, on this object
+        entry = build_entry(_ATTR, None, stage)
+        applies = getattr(type(stage), "stageflow_applies", ())
+        return _Owner(stage), entry, stage, dict(kwargs), _without(stage.policy, applies)
+    view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
+    view.__dict__ = stage.__dict__
+    entry = build_entry(_ATTR, None, view)
+    inv_in = {v: k for k, v in stage.input_map.items()}
+    inputs = {inv_in.get(k, k): v for k, v in kwargs.items()}  # (as Stage.forward renames them)
+    applies = () if whole else getattr(type(stage), "stageflow_applies", ())
+    target: Any = view
+    for name in entry.chain:  # (what the engine calls: the module, or a function stage's function)
+        target = getattr(target, name)
+    return _Owner(view), entry, target, inputs, _without(stage.policy, applies)
 
 
-def _unwrapped(error: StageError) -> BaseException:
-    """The stage's own error when ``error`` only wraps it; else ``error``."""
-    cause = error.__cause__
-    if type(error) is StageError and error.wraps_stage_exception and isinstance(cause, Exception):
-        return cause
+def _without(policy: StagePolicy | None, applies: tuple[str, ...]) -> StagePolicy:
+    assert policy is not None  # (callers check)
+    if not applies:
+        return policy
+    cleared: dict[str, Any] = dict.fromkeys(applies)
+    return replace(policy, **cleared)
+
+
+def _output(stage: Stage, whole: bool, entry: StageEntry, out: Any) -> Any:
+    if whole and entry.chain == ():  # (the subclass's own call: what it returned)
+        return out
+    return stage._rename_outputs(out)
+
+
+def _relabelled(error: StageflowError, label: str) -> StageflowError:
+    """An error about the stage's path in this call, said of the stage itself."""
+    if error.stage_path != _ATTR:
+        return error
+    for head in (f"Stage '{_ATTR}' ({label})", f"Stage '{_ATTR}'"):
+        if error.message.startswith(head):
+            error.message = f"Stage({label})" + error.message[len(head) :]
+            error.args = (error.message,)
+            break
+    error.stage_path = None
     return error
 
 
-def _check_inputs(stage: Stage, kwargs: dict[str, Any]) -> None:
-    """A required input the call does not pass: said of this call, not of a pipeline's."""
-    for name in stage.ports.required:
-        if name not in kwargs:
-            raise ContractError(
-                f"Stage({stage_label(stage.module)}) needs input {name!r}, which this call does not pass "
-                f"(it got {sorted(kwargs)}).",
-                field=name,
-                code="missing_input",
-                hint=f"pass {name}=... when calling the stage",
-            )
+def _join_events(caller: Any, run: RunInfo) -> str | None:
+    """Add what the policies did to the run of the stage whose code made the call, under that
+    stage's path (returned; ``None`` outside a pipeline run)."""
+    if caller is None:
+        return None
+    table = caller[0]
+    where = join_path(table.prefix, caller[1])
+    if run.events and table.events is not None:
+        table.events.extend(
+            replace(e, stage=where + e.stage[len(_ATTR) :]) if e.stage.startswith(_ATTR) else e
+            for e in run.events
+        )
+    return where
 
 
-def call_alone(stage: Stage, kwargs: dict[str, Any]) -> Any:
-    """``stage(**kwargs)`` with its policies applied."""
-    _check_inputs(stage, kwargs)
+def _failed(
+    stage: Stage,
+    entry: StageEntry,
+    policy: StagePolicy,
+    error: Exception,
+    inputs: dict[str, Any],
+    run: RunInfo,
+    caller: Any,
+) -> Any:
+    """``recover=`` / ``skip_on`` on the stage's error: the recovered fields, ``None`` when skipped;
+    raises otherwise."""
+    label = stage_label(stage.module)
+    if isinstance(error, StageflowError):
+        _relabelled(error, label)
+    if not (policy.recover or policy.skip_on or policy.skip_if):
+        _join_events(caller, run)
+        raise error
+    state = dict(inputs)
+    report = StageError(f"Stage({label}) raised {type(error).__name__}: {error}")
+    went_on = _recovered(policy, entry, error, report, inputs, state, run, "")
+    _join_events(caller, run)
+    if not went_on:
+        if report.recovery_error is not None:
+            raise report from error
+        raise error
+    if run.events[-1].kind == "recovered":
+        outputs = stage.ports.outputs
+        if outputs is not None:
+            return {k: state[k] for k in outputs if k in state}
+        return {k: v for k, v in state.items() if k not in inputs or inputs[k] is not v}
+    return None
+
+
+def call_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
+    """``stage(**kwargs)`` with its policies applied (``whole``: see the module docstring)."""
+    owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
+    caller = calling_stage()
+    run = RunInfo()
     try:
-        result = _pipeline(stage)(**kwargs)
-    except StageError as e:
-        error = _unwrapped(e)
-        if error is e:
-            raise
-    else:
-        return _output(stage, result)
-    raise error  # (outside the handler: the stage's error as it was raised, nothing chained to it)
+        out = guarded_call(owner, entry, target, inputs, policy, run, "", _invoke)
+    except Exception as e:
+        return _failed(stage, entry, policy, e, inputs, run, caller)
+    _join_events(caller, run)
+    return _output(stage, whole, entry, out)
 
 
-async def acall_alone(stage: Stage, kwargs: dict[str, Any]) -> Any:
+async def acall_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
     """Async twin of :func:`call_alone`."""
-    _check_inputs(stage, kwargs)
+    owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
+    caller = calling_stage()
+    run = RunInfo()
     try:
-        result = await _pipeline(stage).acall(**kwargs)
-    except StageError as e:
-        error = _unwrapped(e)
-        if error is e:
-            raise
-    else:
-        return _output(stage, result)
-    raise error
+        out = await aguarded_call(owner, entry, target, inputs, policy, run, "", _invoke_async)
+    except Exception as e:
+        return _failed(stage, entry, policy, e, inputs, run, caller)
+    _join_events(caller, run)
+    return _output(stage, whole, entry, out)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key, output_problem
-from stageflow.stages import FunctionStage, Stage, declared_types, describe, stage_label
+from stageflow.stages import FunctionStage, Stage, _sync_only, declared_types, describe, stage_label
 
 __all__ = ["CachedStage"]
 
@@ -141,6 +141,10 @@ class CachedStage(Stage):
 
     async def aforward(self, **kwargs: Any) -> Any:
         """Async twin of :meth:`forward` (the same cache)."""
+        if _sync_only(type(self)):  # (a subclass of yours with its own forward only: it runs)
+            from stageflow.engine.concurrency import to_thread
+
+            return await to_thread(type(self).forward, self, **kwargs)
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
