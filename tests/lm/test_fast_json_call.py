@@ -13,10 +13,11 @@ from typing import Any
 
 import dspy
 import pytest
-from dspy.lm15 import Message, Response, Usage
+from dspy.lm15 import Response
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import AdapterParseError
 
+from canonical_lm import CanonicalLM
 from stageflow.lm.fast import FastChatAdapter, FastJSONAdapter
 from stageflow.lm.fast import _adapter_call as adapter_call
 
@@ -32,36 +33,11 @@ class _Answer(dspy.Signature):  # type: ignore[misc]
 _JSON = '{"answer": "4", "score": 7}'
 
 
-class _Engine:
-    def __init__(self, lm: Any) -> None:
-        self.lm = lm
-
-    def complete(self, request: Any) -> Response:
-        return self.lm.answer(request)
-
-
-class _AsyncEngine(_Engine):
-    async def complete(self, request: Any) -> Response:  # type: ignore[override]
-        return self.lm.answer(request)
-
-
-class _Canonical(dspy.LM):  # type: ignore[misc]
-    """A canonical-engine LM answering ``text`` and keeping every request."""
+class _Canonical(CanonicalLM):
+    """A canonical-engine LM answering ``text`` (JSON by default) and keeping every request."""
 
     def __init__(self, text: str = _JSON, **kwargs: Any) -> None:
-        self.requests: list[Any] = []
-        self.text = text
-        super().__init__("test/canonical", engine=_Engine(self), async_engine=_AsyncEngine(self), **kwargs)
-
-    def answer(self, request: Any) -> Response:
-        self.requests.append(request)
-        return Response(
-            id=None,
-            model=self.model,
-            message=Message.assistant(self.text),
-            finish_reason="stop",
-            usage=Usage(input_tokens=7, output_tokens=3, total_tokens=10),
-        )
+        super().__init__(text, **kwargs)
 
 
 class _Structured(_Canonical):

@@ -14,10 +14,10 @@ from typing import Any
 
 import dspy
 import pytest
-from dspy.lm15 import Message, Response, Usage
 from dspy.utils.callback import BaseCallback
 
 import stageflow
+from canonical_lm import CanonicalLM
 from stageflow.lm.fast import FastChatAdapter
 from stageflow.lm.fast import _lm_call as lm_call
 
@@ -26,35 +26,11 @@ _SIG = dspy.Signature("question -> answer")
 _TEXT = "[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]"
 
 
-class _Engine:
-    def __init__(self, lm: Any) -> None:
-        self.lm = lm
-
-    def complete(self, request: Any) -> Response:
-        return self.lm.answer(request)
-
-
-class _AsyncEngine(_Engine):
-    async def complete(self, request: Any) -> Response:  # type: ignore[override]
-        return self.lm.answer(request)
-
-
-class _Canonical(dspy.LM):  # type: ignore[misc]
-    """A DSPy 3.4 canonical-engine LM answering ``_TEXT`` and keeping every request."""
+class _Canonical(CanonicalLM):
+    """A canonical-engine LM answering ``_TEXT`` and keeping every request."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.requests: list[Any] = []
-        super().__init__("test/canonical", engine=_Engine(self), async_engine=_AsyncEngine(self), **kwargs)
-
-    def answer(self, request: Any) -> Response:
-        self.requests.append(request)
-        return Response(
-            id=None,
-            model=self.model,
-            message=Message.assistant(_TEXT),
-            finish_reason="stop",
-            usage=Usage(input_tokens=7, output_tokens=3, total_tokens=10),
-        )
+        super().__init__(_TEXT, **kwargs)
 
 
 class _Legacy(dspy.BaseLM):  # type: ignore[misc]

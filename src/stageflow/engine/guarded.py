@@ -220,33 +220,20 @@ def guarded_call(
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
-    if isinstance(target, Stage):  # (a Stage subclass of yours: its forward knows they are applied)
-        token = POLICY_APPLIED.set(target)
-        try:
-            return _budgeted(owner, entry, target, kw, policy, run, prefix, invoke)
-        finally:
+    # (a Stage subclass of yours, called as a module: its own forward knows they are applied)
+    token = POLICY_APPLIED.set(target) if isinstance(target, Stage) else None
+    try:
+        path = join_path(prefix, entry.path)
+        if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
+            opened = _stage_budget(policy, path)
+            try:
+                return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+            finally:
+                _exit_budget(opened)
+        return _guarded(owner, entry, target, kw, policy, run, path, invoke)
+    finally:
+        if token is not None:
             POLICY_APPLIED.reset(token)
-    return _budgeted(owner, entry, target, kw, policy, run, prefix, invoke)
-
-
-def _budgeted(
-    owner: Any,
-    entry: StageEntry,
-    target: Any,
-    kw: dict[str, Any],
-    policy: StagePolicy,
-    run: RunInfo,
-    prefix: str,
-    invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
-) -> Any:
-    path = join_path(prefix, entry.path)
-    if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
-        opened = _stage_budget(policy, path)
-        try:
-            return _guarded(owner, entry, target, kw, policy, run, path, invoke)
-        finally:
-            _exit_budget(opened)
-    return _guarded(owner, entry, target, kw, policy, run, path, invoke)
 
 
 def _stage_budget(policy: StagePolicy, path: str) -> Any:
@@ -413,33 +400,19 @@ async def aguarded_call(
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
-    if isinstance(target, Stage):
-        token = POLICY_APPLIED.set(target)
-        try:
-            return await _abudgeted(owner, entry, target, kw, policy, run, prefix, invoke)
-        finally:
+    token = POLICY_APPLIED.set(target) if isinstance(target, Stage) else None
+    try:
+        path = join_path(prefix, entry.path)
+        if policy.budget is not None:
+            opened = _stage_budget(policy, path)
+            try:
+                return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+            finally:
+                _exit_budget(opened)
+        return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
+    finally:
+        if token is not None:
             POLICY_APPLIED.reset(token)
-    return await _abudgeted(owner, entry, target, kw, policy, run, prefix, invoke)
-
-
-async def _abudgeted(
-    owner: Any,
-    entry: StageEntry,
-    target: Any,
-    kw: dict[str, Any],
-    policy: StagePolicy,
-    run: RunInfo,
-    prefix: str,
-    invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
-) -> Any:
-    path = join_path(prefix, entry.path)
-    if policy.budget is not None:
-        opened = _stage_budget(policy, path)
-        try:
-            return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
-        finally:
-            _exit_budget(opened)
-    return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
 
 
 async def _aguarded(
