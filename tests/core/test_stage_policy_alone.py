@@ -405,3 +405,96 @@ def test_a_stageflow_error_the_stage_raises_itself_comes_out_unchanged() -> None
         s(x=1)
     assert raised.value is own
     assert own.stage_path == "foo"
+
+
+# -- helper 78's findings ----------------------------------------------------------------------
+
+
+async def test_swapped_renames_of_a_stage_around_a_stage_apply_once(mode: str) -> None:
+    inner = stageflow.Stage(stageflow.stage(lambda a, b: {"d": a - b}, writes=["d"]))
+    plain = stageflow.Stage(inner, inputs={"a": "b", "b": "a"})
+    retried = stageflow.Stage(inner, inputs={"a": "b", "b": "a"}, retry=_retry())
+    assert await _call(retried, mode, a=1, b=5) == await _call(plain, mode, a=1, b=5)
+    assert (await _call(retried, mode, a=1, b=5))["d"] == 4
+
+
+async def test_a_cached_stage_never_keeps_a_fallback_or_recovered_result(mode: str) -> None:
+    broken = stageflow.untracked([True])
+
+    def sometimes(x: int) -> dict[str, str]:
+        if broken[0]:
+            raise ValueError("down")
+        return {"y": "real"}
+
+    for policy in ({"fallback": {"y": "fb"}}, {"recover": lambda error, state: {"y": "rec"}}):
+        broken[0] = True
+        cached = stageflow.CachedStage(stageflow.stage(sometimes, writes=["y"]), **policy)
+        assert (await _call(cached, mode, x=1))["y"] in ("fb", "rec")
+        broken[0] = False
+        assert await _call(cached, mode, x=1) == {"y": "real"}
+        assert await _call(cached, mode, x=1) == {"y": "real"}
+        assert cached.cache_hits == 1
+
+
+async def test_a_subclasses_own_call_method_runs_once(mode: str) -> None:
+    seen: list[str] = stageflow.untracked([])
+
+    class Exclaim(stageflow.Stage):
+        def __call__(self, **kwargs: Any) -> Any:
+            seen.append("call")
+            kwargs["x"] += "!"
+            return super().__call__(**kwargs)
+
+        async def acall(self, **kwargs: Any) -> Any:
+            seen.append("acall")
+            kwargs["x"] += "!"
+            return await super().acall(**kwargs)
+
+    s = Exclaim(lambda x: {"y": x}, writes=["y"], retry=_retry())
+    assert await _call(s, mode, x="a") == {"y": "a!"}
+    assert len(seen) == 1
+
+
+def test_an_error_of_the_stages_own_code_keeps_its_path_and_message() -> None:
+    own = stageflow.ContractError("Stage 'stage' (function needz()) needs input 'z'", stage_path="stage")
+
+    def failing(x: int) -> dict[str, int]:
+        raise own
+
+    with pytest.raises(stageflow.ContractError) as raised:
+        stageflow.Stage(failing, writes=["y"], retry=_retry())(x=1)
+    assert raised.value is own
+    assert (own.stage_path, own.message) == ("stage", "Stage 'stage' (function needz()) needs input 'z'")
+
+
+def test_a_budget_message_names_the_stage() -> None:
+    class Twice(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.ask = dspy.Predict("q -> answer")
+
+        def forward(self, q: str) -> Any:
+            self.ask(q=q)
+            return self.ask(q=q + "!")
+
+    s = stageflow.Stage(Twice(), writes=["answer"], budget={"max_calls": 1})
+    with dspy.context(lm=FakeLM({"answer": "a"})), pytest.raises(stageflow.BudgetExceeded) as raised:
+        s(q="?")
+    assert "<stage>" not in str(raised.value)
+    assert "Twice" in str(raised.value)
+
+
+def test_a_cached_stage_hit_joins_the_calling_runs_events() -> None:
+    cached = stageflow.CachedStage(stageflow.stage(lambda x: {"y": x}, writes=["y"]))
+
+    class Caller(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.cached = cached
+
+        def forward(self, x: int) -> Any:
+            return dspy.Prediction(y=self.cached(x=x)["y"])
+
+    pipeline = stageflow.SequentialPipeline([stageflow.Stage(Caller(), writes=["y"])])
+    pipeline(x=1)
+    assert [(e.kind, e.stage) for e in pipeline(x=1).run.events] == [("cache_hit", "stages[0]")]

@@ -5,8 +5,10 @@ as it does for the stage in a pipeline, and the call takes and returns what the 
 
 - ``stage(...)`` / ``await stage.acall(...)`` run the whole stage under its policies, a subclass's
   own ``forward`` included, as a pipeline runs it.
-- ``stage.forward(...)`` (the tutorial calls stages that way) runs the wrapped module under the
-  policies the stage's class does not apply in its own ``forward`` (``CachedStage``'s cache).
+- ``stage.forward(...)`` (the tutorial calls stages that way) on a ``Stage`` or ``CachedStage``
+  runs the wrapped module under the policies the class does not apply in its own ``forward``
+  (``CachedStage``'s cache). A subclass's own ``forward`` is its code: called directly, it runs
+  as written.
 
 The error the stage raised (the last attempt's, once retries are spent) reaches the caller as it
 was raised. ``recover=`` gives the fields the strategy returned; a skipped stage gives ``None``
@@ -38,42 +40,61 @@ from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import Stage, own_call_code, stage_label
+from stageflow.stages import POLICY_APPLIED, Stage, own_call_code, stage_label
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
 __all__ = ["acall_alone", "call_alone"]
 
-_ATTR = "stage"
+#: The stage's name in this call (the engine's messages and events name it; no stage path of a
+#: pipeline looks like it, so only what the engine says of this call is rewritten).
+_ATTR = "<stage>"
 
 
 class _Owner:
     """Holds the stage where the engine's policy code looks for it (its fallback stage)."""
 
-    __slots__ = (_ATTR,)
-
     def __init__(self, stage: Stage) -> None:
-        self.stage = stage
+        setattr(self, _ATTR, stage)
 
 
 def _setup(
     stage: Stage, kwargs: dict[str, Any], whole: bool
 ) -> tuple[Any, StageEntry, Any, dict[str, Any], StagePolicy]:
     """``(owner, entry, target, inputs, policy)`` for the guarded call."""
-    if whole and own_call_code(type(stage)):  # a subclass of yours: its whole call, on this object
+    if whole and own_call_code(type(stage)):
+        # A subclass of yours: the rest of its call (DSPy's Module.__call__ and its own forward), on
+        # this very object; its own __call__ / acall, if any, is running around this already.
         entry = build_entry(_ATTR, None, stage)
         applies = getattr(type(stage), "stageflow_applies", ())
-        return _Owner(stage), entry, stage, dict(kwargs), _without(stage.policy, applies)
+        return _Owner(stage), entry, _Rest(stage), dict(kwargs), _without(stage.policy, applies)
     view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
     view.__dict__ = stage.__dict__
     entry = build_entry(_ATTR, None, view)
+    applies = () if whole else getattr(type(stage), "stageflow_applies", ())
+    if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
+        return _Owner(view), entry, view, dict(kwargs), _without(stage.policy, applies)
     inv_in = {v: k for k, v in stage.input_map.items()}
     inputs = {inv_in.get(k, k): v for k, v in kwargs.items()}  # (as Stage.forward renames them)
-    applies = () if whole else getattr(type(stage), "stageflow_applies", ())
     target: Any = view
     for name in entry.chain:  # (what the engine calls: the module, or a function stage's function)
         target = getattr(target, name)
     return _Owner(view), entry, target, inputs, _without(stage.policy, applies)
+
+
+class _Rest:
+    """A stage's call below ``Stage.__call__`` / ``acall``: DSPy's module call, then its forward."""
+
+    __slots__ = ("stage",)
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return super(Stage, self.stage).__call__(**kwargs)
+
+    async def acall(self, **kwargs: Any) -> Any:
+        return await super(Stage, self.stage).acall(**kwargs)
 
 
 def _without(policy: StagePolicy | None, applies: tuple[str, ...]) -> StagePolicy:
@@ -84,22 +105,25 @@ def _without(policy: StagePolicy | None, applies: tuple[str, ...]) -> StagePolic
     return replace(policy, **cleared)
 
 
-def _output(stage: Stage, whole: bool, entry: StageEntry, out: Any) -> Any:
-    if whole and entry.chain == ():  # (the subclass's own call: what it returned)
+def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
+    if not entry.chain:  # (the stage's own call, or the view's: what it returned, renamed by it)
         return out
     return stage._rename_outputs(out)
 
 
 def _relabelled(error: StageflowError, label: str) -> StageflowError:
-    """An error about the stage's path in this call, said of the stage itself."""
-    if error.stage_path != _ATTR:
+    """What the engine said of this call's stage (its name ``_ATTR``), said of the stage itself."""
+    if _ATTR not in error.message and error.stage_path != _ATTR:
         return error
-    for head in (f"Stage '{_ATTR}' ({label})", f"Stage '{_ATTR}'"):
-        if error.message.startswith(head):
-            error.message = f"Stage({label})" + error.message[len(head) :]
-            error.args = (error.message,)
-            break
-    error.stage_path = None
+    for head, said in (
+        (f"Stage '{_ATTR}' ({label})", f"Stage({label})"),
+        (f"Stage '{_ATTR}'", f"Stage({label})"),
+        (f"stage '{_ATTR}'", f"Stage({label})"),
+    ):
+        error.message = error.message.replace(head, said)
+    error.args = (error.message,)
+    if error.stage_path == _ATTR:
+        error.stage_path = None
     return error
 
 
@@ -156,12 +180,15 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
     owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
     caller = calling_stage()
     run = RunInfo()
+    token = POLICY_APPLIED.set(stage)  # (its forward runs as the stage, under these policies)
     try:
         out = guarded_call(owner, entry, target, inputs, policy, run, "", _invoke)
     except Exception as e:
         return _failed(stage, entry, policy, e, inputs, run, caller)
+    finally:
+        POLICY_APPLIED.reset(token)
     _join_events(caller, run)
-    return _output(stage, whole, entry, out)
+    return _output(stage, entry, out)
 
 
 async def acall_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
@@ -169,9 +196,12 @@ async def acall_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) 
     owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
     caller = calling_stage()
     run = RunInfo()
+    token = POLICY_APPLIED.set(stage)
     try:
         out = await aguarded_call(owner, entry, target, inputs, policy, run, "", _invoke_async)
     except Exception as e:
         return _failed(stage, entry, policy, e, inputs, run, caller)
+    finally:
+        POLICY_APPLIED.reset(token)
     _join_events(caller, run)
-    return _output(stage, whole, entry, out)
+    return _output(stage, entry, out)

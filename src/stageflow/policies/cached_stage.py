@@ -7,7 +7,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from stageflow.policies.cache import CachePolicy, MemoryStore, is_collecting_traces, make_key, output_problem
-from stageflow.stages import FunctionStage, Stage, _sync_only, declared_types, describe, stage_label
+from stageflow.stages import (
+    FunctionStage,
+    Stage,
+    _sync_only,
+    _unapplied,
+    declared_types,
+    describe,
+    stage_label,
+)
 
 __all__ = ["CachedStage"]
 
@@ -115,6 +123,7 @@ class CachedStage(Stage):
             return False, None, None
         found, value = self.cache.lookup(keys.memory, keys.durable, self._fits, self._label)
         if found:
+            _note_hit()
             return True, value, None
 
         def store(out: Any) -> None:
@@ -131,6 +140,10 @@ class CachedStage(Stage):
 
     def forward(self, **kwargs: Any) -> Any:
         """Called on its own (outside a pipeline): the same cache, keyed under path ``""``."""
+        if self.policy is not None and _unapplied(self):  # (other policies too: the engine's cache
+            from stageflow.patterns.solo import call_alone  # never keeps a fallback's output)
+
+            return call_alone(self, kwargs)
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
@@ -145,6 +158,10 @@ class CachedStage(Stage):
             from stageflow.engine.concurrency import to_thread
 
             return await to_thread(type(self).forward, self, **kwargs)
+        if self.policy is not None and _unapplied(self):
+            from stageflow.patterns.solo import acall_alone
+
+            return await acall_alone(self, kwargs)
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
@@ -152,6 +169,21 @@ class CachedStage(Stage):
         if store is not None:
             store(out)
         return out
+
+
+def _note_hit() -> None:
+    """A hit of a ``CachedStage`` called from a stage's code joins that pipeline run's events, as
+    the engine's cache hits do (``result.run.events``, the stage's usage)."""
+    from stageflow.policies.recovery import PolicyEvent
+    from stageflow.usage import calling_stage, note_policy_event
+
+    caller = calling_stage()
+    if caller is None:
+        return
+    table, local = caller[0], caller[1]
+    if table.events is not None:
+        table.events.append(PolicyEvent(f"{table.prefix}.{local}" if table.prefix else local, "cache_hit"))
+    note_policy_event("cache_hit")
 
 
 def _flatten(underlying: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
