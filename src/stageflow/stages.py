@@ -696,21 +696,21 @@ class Stage(dspy.Module):  # type: ignore[misc]
         if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import call_alone
 
-            return call_alone(self, kwargs)
+            return call_alone(self, kwargs, how="call")
         return super().__call__(*args, **kwargs)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import acall_alone
 
-            return await acall_alone(self, kwargs)
+            return await acall_alone(self, kwargs, how="call")
         return await super().acall(*args, **kwargs)
 
     def forward(self, **kwargs: Any) -> Any:
         if self.policy is not None and _unapplied(self):  # (stage.forward(...) called directly)
             from stageflow.patterns.solo import call_alone
 
-            return call_alone(self, kwargs, whole=False)
+            return call_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
         if out is None and isinstance(self.module, Stage):
@@ -725,7 +725,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         if self.policy is not None and _unapplied(self):
             from stageflow.patterns.solo import acall_alone
 
-            return await acall_alone(self, kwargs, whole=False)
+            return await acall_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         call = {inv_in.get(k, k): v for k, v in kwargs.items()}
         if hasattr(self.module, "aforward"):

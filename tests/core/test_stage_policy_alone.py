@@ -498,3 +498,65 @@ def test_a_cached_stage_hit_joins_the_calling_runs_events() -> None:
     pipeline = stageflow.SequentialPipeline([stageflow.Stage(Caller(), writes=["y"])])
     pipeline(x=1)
     assert [(e.kind, e.stage) for e in pipeline(x=1).run.events] == [("cache_hit", "stages[0]")]
+
+
+# -- helper 79's findings ----------------------------------------------------------------------
+
+
+async def test_a_cached_stage_subclasss_own_forward_called_directly_runs_once(mode: str) -> None:
+    seen: list[str] = stageflow.untracked([])
+
+    class Logged(stageflow.CachedStage):
+        def forward(self, **kwargs: Any) -> Any:
+            seen.append("forward")
+            return super().forward(**kwargs)
+
+        async def aforward(self, **kwargs: Any) -> Any:
+            seen.append("aforward")
+            return await super().aforward(**kwargs)
+
+    fn, calls = _flaky()
+    s = Logged(stageflow.stage(fn, writes=["y"]), retry=_retry())
+    out = s.forward(x=1) if mode == "sync" else await s.aforward(x=1)
+    assert out == {"y": 1}
+    assert len(seen) == 1
+    assert calls == [1, 1]
+
+
+def test_no_placeholder_name_reaches_warnings_or_budget_errors() -> None:
+    import warnings as _warnings
+
+    class Opaque:  # (an input the cache cannot key exactly: it warns)
+        __slots__ = ()
+
+    s = stageflow.Stage(lambda x: {"y": 1}, writes=["y"], cache=True, retry=_retry())
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        s(x=Opaque())
+    texts = [str(w.message) for w in caught]
+    assert texts
+    assert not any("<stage>" in t or "'stage'" in t for t in texts)
+
+    class Twice(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.ask = dspy.Predict("q -> answer")
+
+        def forward(self, q: str) -> Any:
+            self.ask(q=q)
+            return self.ask(q=q + "!")
+
+    budgeted = stageflow.Stage(Twice(), writes=["answer"], budget={"max_calls": 1})
+    with dspy.context(lm=FakeLM({"answer": "a"})), pytest.raises(stageflow.BudgetExceeded) as raised:
+        budgeted(q="?")
+    assert "<stage>" not in str(raised.value.scope)
+
+
+def test_a_cached_stage_around_a_stage_caches_once_in_a_pipeline() -> None:
+    fn, _ = _flaky(failures=0)
+    cached = stageflow.CachedStage(stageflow.Stage(fn, writes=["y"], retry=_retry()))
+    pipeline = stageflow.SequentialPipeline([cached])
+    pipeline(x=1)
+    pipeline(x=1)
+    stats = cached.get_cache_stats()
+    assert (stats["hits"], stats["misses"], stats["cache_size"]) == (1, 1, 1)

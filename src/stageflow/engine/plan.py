@@ -250,11 +250,6 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         # applied around it a second time.
         leaf = obj
         leaf_ports = describe(obj)
-        applied = getattr(type(obj), "stageflow_applies", ())
-        if policy is not None and applied:
-            policy = replace(policy, **dict.fromkeys(applied))
-            if policy == type(policy)():
-                policy = None
     elif isinstance(obj, Stage) and not isinstance(obj.module, Stage):
         leaf = obj.module
         leaf_ports = obj.inner_ports
@@ -271,6 +266,14 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
                 e.message = f"At '{where}': {e.message}"
                 e.args = (e.message,)
             raise
+    if leaf is obj and isinstance(obj, Stage) and policy is not None:
+        # (a Stage called as a module, e.g. a CachedStage around a Stage: its own forward applies
+        # its class's share of the policies)
+        applied = getattr(type(obj), "stageflow_applies", ())
+        if applied:
+            policy = replace(policy, **dict.fromkeys(applied))
+            if policy == type(policy)():
+                policy = None
     kind = MODULE
     is_async_fn = False
     if isinstance(leaf, FunctionStage):

@@ -40,46 +40,47 @@ from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import POLICY_APPLIED, Stage, own_call_code, stage_label
+from stageflow.stages import POLICY_APPLIED, Stage, stage_label
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
 __all__ = ["acall_alone", "call_alone"]
 
-#: The stage's name in this call (the engine's messages and events name it; no stage path of a
-#: pipeline looks like it, so only what the engine says of this call is rewritten).
-_ATTR = "<stage>"
-
 
 class _Owner:
-    """Holds the stage where the engine's policy code looks for it (its fallback stage)."""
+    """Holds the stage where the engine's policy code looks for it (its fallback stage), under the
+    name the engine's messages, warnings and events then give it: ``Stage(<what it wraps>)``. No
+    stage path of a pipeline looks like that, so only what the engine said of this call is
+    rewritten."""
 
-    def __init__(self, stage: Stage) -> None:
-        setattr(self, _ATTR, stage)
+    def __init__(self, name: str, stage: Stage) -> None:
+        setattr(self, name, stage)
 
 
 def _setup(
-    stage: Stage, kwargs: dict[str, Any], whole: bool
-) -> tuple[Any, StageEntry, Any, dict[str, Any], StagePolicy]:
-    """``(owner, entry, target, inputs, policy)`` for the guarded call."""
-    if whole and own_call_code(type(stage)):
+    stage: Stage, kwargs: dict[str, Any], how: str
+) -> tuple[str, StageEntry, Any, dict[str, Any], StagePolicy]:
+    """``(name, entry, target, inputs, policy)`` for the guarded call of ``stage`` (``how``: see
+    :func:`call_alone`); ``name`` is the stage's path in it."""
+    name = f"Stage({stage_label(stage.module)})"
+    if how == "call":
         # A subclass of yours: the rest of its call (DSPy's Module.__call__ and its own forward), on
         # this very object; its own __call__ / acall, if any, is running around this already.
-        entry = build_entry(_ATTR, None, stage)
+        entry = build_entry(name, None, stage)
         applies = getattr(type(stage), "stageflow_applies", ())
-        return _Owner(stage), entry, _Rest(stage), dict(kwargs), _without(stage.policy, applies)
+        return name, entry, _Rest(stage), dict(kwargs), _without(stage.policy, applies)
     view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
     view.__dict__ = stage.__dict__
-    entry = build_entry(_ATTR, None, view)
-    applies = () if whole else getattr(type(stage), "stageflow_applies", ())
+    entry = build_entry(name, None, view)
+    applies = () if how == "cached" else getattr(type(stage), "stageflow_applies", ())
     if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
-        return _Owner(view), entry, view, dict(kwargs), _without(stage.policy, applies)
+        return name, entry, view, dict(kwargs), _without(stage.policy, applies)
     inv_in = {v: k for k, v in stage.input_map.items()}
     inputs = {inv_in.get(k, k): v for k, v in kwargs.items()}  # (as Stage.forward renames them)
     target: Any = view
-    for name in entry.chain:  # (what the engine calls: the module, or a function stage's function)
-        target = getattr(target, name)
-    return _Owner(view), entry, target, inputs, _without(stage.policy, applies)
+    for part in entry.chain:  # (what the engine calls: the module, or a function stage's function)
+        target = getattr(target, part)
+    return name, entry, target, inputs, _without(stage.policy, applies)
 
 
 class _Rest:
@@ -111,23 +112,18 @@ def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
     return stage._rename_outputs(out)
 
 
-def _relabelled(error: StageflowError, label: str) -> StageflowError:
-    """What the engine said of this call's stage (its name ``_ATTR``), said of the stage itself."""
-    if _ATTR not in error.message and error.stage_path != _ATTR:
+def _relabelled(error: StageflowError, name: str) -> StageflowError:
+    """What the engine said of this call's stage (its path ``name`` there), said of the stage."""
+    if error.stage_path != name:
         return error
-    for head, said in (
-        (f"Stage '{_ATTR}' ({label})", f"Stage({label})"),
-        (f"Stage '{_ATTR}'", f"Stage({label})"),
-        (f"stage '{_ATTR}'", f"Stage({label})"),
-    ):
-        error.message = error.message.replace(head, said)
+    label = name[len("Stage(") : -1]
+    error.message = error.message.replace(f"Stage '{name}' ({label})", name).replace(f"Stage '{name}'", name)
     error.args = (error.message,)
-    if error.stage_path == _ATTR:
-        error.stage_path = None
+    error.stage_path = None
     return error
 
 
-def _join_events(caller: Any, run: RunInfo) -> str | None:
+def _join_events(caller: Any, run: RunInfo, name: str) -> str | None:
     """Add what the policies did to the run of the stage whose code made the call, under that
     stage's path (returned; ``None`` outside a pipeline run)."""
     if caller is None:
@@ -136,7 +132,7 @@ def _join_events(caller: Any, run: RunInfo) -> str | None:
     where = join_path(table.prefix, caller[1])
     if run.events and table.events is not None:
         table.events.extend(
-            replace(e, stage=where + e.stage[len(_ATTR) :]) if e.stage.startswith(_ATTR) else e
+            replace(e, stage=where + e.stage[len(name) :]) if e.stage.startswith(name) else e
             for e in run.events
         )
     return where
@@ -144,6 +140,7 @@ def _join_events(caller: Any, run: RunInfo) -> str | None:
 
 def _failed(
     stage: Stage,
+    name: str,
     entry: StageEntry,
     policy: StagePolicy,
     error: Exception,
@@ -153,16 +150,15 @@ def _failed(
 ) -> Any:
     """``recover=`` / ``skip_on`` on the stage's error: the recovered fields, ``None`` when skipped;
     raises otherwise."""
-    label = stage_label(stage.module)
     if isinstance(error, StageflowError):
-        _relabelled(error, label)
+        _relabelled(error, name)
     if not (policy.recover or policy.skip_on or policy.skip_if):
-        _join_events(caller, run)
+        _join_events(caller, run, name)
         raise error
     state = dict(inputs)
-    report = StageError(f"Stage({label}) raised {type(error).__name__}: {error}")
+    report = StageError(f"{name} raised {type(error).__name__}: {error}")
     went_on = _recovered(policy, entry, error, report, inputs, state, run, "")
-    _join_events(caller, run)
+    _join_events(caller, run, name)
     if not went_on:
         if report.recovery_error is not None:
             raise report from error
@@ -175,33 +171,36 @@ def _failed(
     return None
 
 
-def call_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
-    """``stage(**kwargs)`` with its policies applied (``whole``: see the module docstring)."""
-    owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
+def call_alone(stage: Stage, kwargs: dict[str, Any], how: str = "module") -> Any:
+    """``stage(**kwargs)`` with its policies applied. ``how``: ``"call"`` (a subclass's whole call,
+    from ``Stage.__call__``), ``"module"`` (the wrapped module under the policies the class does not
+    apply itself, from ``Stage.forward``), ``"cached"`` (the wrapped module under every policy, the
+    cache included, from ``CachedStage.forward``)."""
+    name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
     token = POLICY_APPLIED.set(stage)  # (its forward runs as the stage, under these policies)
     try:
-        out = guarded_call(owner, entry, target, inputs, policy, run, "", _invoke)
+        out = guarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke)
     except Exception as e:
-        return _failed(stage, entry, policy, e, inputs, run, caller)
+        return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
         POLICY_APPLIED.reset(token)
-    _join_events(caller, run)
+    _join_events(caller, run, name)
     return _output(stage, entry, out)
 
 
-async def acall_alone(stage: Stage, kwargs: dict[str, Any], whole: bool = True) -> Any:
+async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: str = "module") -> Any:
     """Async twin of :func:`call_alone`."""
-    owner, entry, target, inputs, policy = _setup(stage, kwargs, whole)
+    name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
     token = POLICY_APPLIED.set(stage)
     try:
-        out = await aguarded_call(owner, entry, target, inputs, policy, run, "", _invoke_async)
+        out = await aguarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke_async)
     except Exception as e:
-        return _failed(stage, entry, policy, e, inputs, run, caller)
+        return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
         POLICY_APPLIED.reset(token)
-    _join_events(caller, run)
+    _join_events(caller, run, name)
     return _output(stage, entry, out)

@@ -143,7 +143,7 @@ class CachedStage(Stage):
         if self.policy is not None and _unapplied(self):  # (other policies too: the engine's cache
             from stageflow.patterns.solo import call_alone  # never keeps a fallback's output)
 
-            return call_alone(self, kwargs)
+            return call_alone(self, kwargs, how="cached")
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
@@ -161,7 +161,7 @@ class CachedStage(Stage):
         if self.policy is not None and _unapplied(self):
             from stageflow.patterns.solo import acall_alone
 
-            return await acall_alone(self, kwargs)
+            return await acall_alone(self, kwargs, how="cached")
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
