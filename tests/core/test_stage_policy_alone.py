@@ -33,6 +33,32 @@ def _retry(attempts: int = 3) -> stageflow.RetryPolicy:
     return stageflow.RetryPolicy(max_attempts=attempts, initial_delay=0, jitter=0)
 
 
+class _Twice(dspy.Module):  # type: ignore[misc]
+    """Two LM calls per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ask = dspy.Predict("q -> answer")
+
+    def forward(self, q: str) -> Any:
+        self.ask(q=q)
+        return self.ask(q=q + "!")
+
+
+class _Holder(dspy.Module):  # type: ignore[misc]
+    """A module whose own forward calls a retrying Stage around ``fn``."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.inner = stageflow.Stage(fn, writes=["y"], retry=_retry())
+
+    def forward(self, x: int) -> Any:
+        return dspy.Prediction(y=self.inner(x=x)["y"])
+
+    async def aforward(self, x: int) -> Any:
+        return dspy.Prediction(y=(await self.inner.acall(x=x))["y"])
+
+
 async def _call(target: Any, mode: str, **kw: Any) -> Any:
     return target(**kw) if mode == "sync" else await target.acall(**kw)
 
@@ -79,17 +105,8 @@ async def test_a_skipped_stage_returns_none(mode: str) -> None:
 
 
 async def test_a_budget_holds_for_a_stage_called_on_its_own(mode: str) -> None:
-    class Twice(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.ask = dspy.Predict("q -> answer")
-
-        def forward(self, q: str) -> Any:
-            self.ask(q=q)
-            return self.ask(q=q + "!")
-
     lm = FakeLM({"answer": "a"})
-    s = stageflow.Stage(Twice(), writes=["answer"], budget={"max_calls": 1})
+    s = stageflow.Stage(_Twice(), writes=["answer"], budget={"max_calls": 1})
     with dspy.context(lm=lm), pytest.raises(stageflow.BudgetExceeded):
         await _call(s, mode, q="?")
     assert len(lm.history) == 1
@@ -150,18 +167,7 @@ async def test_a_cached_stage_with_a_retry_retries_and_caches_once(mode: str) ->
 async def test_a_stage_held_by_a_modules_forward_gets_its_policies(mode: str) -> None:
     fn, calls = _flaky()
 
-    class Holder(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = stageflow.Stage(fn, writes=["y"], retry=_retry())
-
-        def forward(self, x: int) -> Any:
-            return dspy.Prediction(y=self.inner(x=x)["y"])
-
-        async def aforward(self, x: int) -> Any:
-            return dspy.Prediction(y=(await self.inner.acall(x=x))["y"])
-
-    pipeline = stageflow.SequentialPipeline([stageflow.Stage(Holder(), writes=["y"])])
+    pipeline = stageflow.SequentialPipeline([stageflow.Stage(_Holder(fn), writes=["y"])])
     assert (await _call(pipeline, mode, x=2)).y == 2
     assert calls == [2, 2]
 
@@ -214,19 +220,8 @@ async def test_a_missing_or_unknown_input_fails_as_without_the_policy(mode: str)
 async def test_what_the_policies_did_joins_the_run_of_the_calling_stage(mode: str) -> None:
     fn, _ = _flaky()
 
-    class Holder(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = stageflow.Stage(fn, writes=["y"], retry=_retry())
-
-        def forward(self, x: int) -> Any:
-            return dspy.Prediction(y=self.inner(x=x)["y"])
-
-        async def aforward(self, x: int) -> Any:
-            return dspy.Prediction(y=(await self.inner.acall(x=x))["y"])
-
     first = stageflow.Stage(lambda x: {"x2": x}, writes=["x2"])
-    pipeline = stageflow.SequentialPipeline([first, stageflow.Stage(Holder(), writes=["y"])])
+    pipeline = stageflow.SequentialPipeline([first, stageflow.Stage(_Holder(fn), writes=["y"])])
     result = await _call(pipeline, mode, x=2)
     assert [(e.kind, e.stage) for e in result.run.events] == [("retry", "stages[1]")]
     fn2, _ = _flaky()
@@ -468,16 +463,7 @@ def test_an_error_of_the_stages_own_code_keeps_its_path_and_message() -> None:
 
 
 def test_a_budget_message_names_the_stage() -> None:
-    class Twice(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.ask = dspy.Predict("q -> answer")
-
-        def forward(self, q: str) -> Any:
-            self.ask(q=q)
-            return self.ask(q=q + "!")
-
-    s = stageflow.Stage(Twice(), writes=["answer"], budget={"max_calls": 1})
+    s = stageflow.Stage(_Twice(), writes=["answer"], budget={"max_calls": 1})
     with dspy.context(lm=FakeLM({"answer": "a"})), pytest.raises(stageflow.BudgetExceeded) as raised:
         s(q="?")
     assert "<stage>" not in str(raised.value)
@@ -537,16 +523,7 @@ def test_no_placeholder_name_reaches_warnings_or_budget_errors() -> None:
     assert texts
     assert not any("<stage>" in t or "'stage'" in t for t in texts)
 
-    class Twice(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.ask = dspy.Predict("q -> answer")
-
-        def forward(self, q: str) -> Any:
-            self.ask(q=q)
-            return self.ask(q=q + "!")
-
-    budgeted = stageflow.Stage(Twice(), writes=["answer"], budget={"max_calls": 1})
+    budgeted = stageflow.Stage(_Twice(), writes=["answer"], budget={"max_calls": 1})
     with dspy.context(lm=FakeLM({"answer": "a"})), pytest.raises(stageflow.BudgetExceeded) as raised:
         budgeted(q="?")
     assert "<stage>" not in str(raised.value.scope)
