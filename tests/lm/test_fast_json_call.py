@@ -315,3 +315,37 @@ async def test_a_format_call_during_a_call_uses_its_own_adapters_hooks(mode: str
     await _run(FastJSONAdapter(), Formatting(), mode)
     assert inside == [expected]
     assert "CUSTOM TASK" in inside[0][0]["content"]
+
+
+@pytest.mark.parametrize("change", ["model_config", "mutable_default"])
+async def test_a_schema_edited_in_place_between_calls_is_sent_as_dspy_sends_it(
+    mode: str, change: str
+) -> None:
+    # Reproducer (helper 75, t14): the schema was kept per signature, so a nested model's
+    # json_schema_extra or an output's list default edited in place was not seen on the next call.
+    import pydantic
+
+    sent = []
+    for adapter in (FastJSONAdapter(), dspy.JSONAdapter()):
+
+        class Item(pydantic.BaseModel):
+            x: int
+
+        sig = dspy.Signature(
+            {
+                "question": (str, dspy.InputField()),
+                "item": (Item, dspy.OutputField()),
+                "tags": (list[str], dspy.OutputField(default=["a"])),
+            }
+        )
+        lm = _Structured('{"item": {"x": 1}, "tags": []}')
+        for i in range(2):
+            if i == 1 and change == "model_config":
+                Item.model_config["json_schema_extra"] = {"examples": [{"x": 1}]}
+            if i == 1 and change == "mutable_default":
+                sig.output_fields["tags"].default.append("b")
+            args = (lm, {}, sig, [], {"question": "q"})
+            await (adapter.acall(*args) if mode == "async" else asyncio.to_thread(adapter, *args))
+        sent.append([_same_format(entry["kwargs"]["response_format"]) for entry in lm.history])
+    assert sent[0] == sent[1]
+    assert sent[0][0] != sent[0][1]  # (the edit changed the schema)

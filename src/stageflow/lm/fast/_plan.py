@@ -155,7 +155,8 @@ class Plan:
         self.system: str | None = None
         self.output_reminder: Any = _UNSET
         self.demo_blocks: dict[Any, tuple[tuple[str, str], ...]] = {}
-        self.response_models: dict[bool, Any] = {}
+        #: Per native-function-calling switch: (what the schema was made of, the model or False).
+        self.response_models: dict[bool, tuple[tuple[str, ...], Any]] = {}
         #: Whether DSPy's ``resolve_adapter`` acts on the signature (filled by the stage path).
         self.decisions: bool | None = None
         self.format_verified = False

@@ -541,9 +541,11 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
             lm_kwargs["response_format"] = {"type": "json_object"}
             return
         native = bool(self.use_native_function_calling)
-        model = plan.response_models.get(native)
-        if model is None:
-            model = plan.response_models[native] = _response_model(signature, native)
+        witness = _schema_witness(plan, signature)
+        kept = plan.response_models.get(native)
+        if kept is None or kept[0] != witness:
+            kept = plan.response_models[native] = (witness, _response_model(signature, native))
+        model = kept[1]
         if model is False:
             _JSON_LOGGER.warning(
                 "Failed to build structured output schema; using JSON mode before execution."
@@ -551,6 +553,19 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
             lm_kwargs["response_format"] = {"type": "json_object"}
             return
         lm_kwargs["response_format"] = model
+
+
+def _schema_witness(plan: Plan, signature: Any) -> tuple[str, ...]:
+    """What the schema is made of that can change in place without a new signature: the configs of
+    the pydantic models the fields name (``json_schema_extra``...) and the outputs' mutable
+    defaults. The kept schema is built again when it changes."""
+    configs = tuple(repr(model.model_config) for model, _ in plan._models)
+    defaults = tuple(
+        repr(field.default)
+        for field in signature.output_fields.values()
+        if isinstance(field.default, list | dict | set)
+    )
+    return configs + defaults
 
 
 def _response_model(signature: Any, native: bool) -> Any:
