@@ -56,6 +56,7 @@ __all__ = [
     "DeferredField",
     "FunctionStage",
     "POLICY_APPLIED",
+    "left_to_engine",
     "own_call_code",
     "Ports",
     "RESERVED_FIELD_NAMES",
@@ -119,17 +120,24 @@ def _skipped_inside(stage: Stage) -> None:
     )
 
 
+def left_to_engine(cls: type, policy: StagePolicy | None) -> StagePolicy | None:
+    """``policy`` less the kinds a ``Stage`` class applies in its own ``forward``
+    (``stageflow_applies``: ``CachedStage``'s cache); ``None`` when nothing is left."""
+    applies = getattr(cls, "stageflow_applies", ())
+    if policy is None or not applies:
+        return policy
+    cleared: dict[str, Any] = dict.fromkeys(applies)
+    left = dataclasses.replace(policy, **cleared)
+    return None if left.is_empty() else left
+
+
 def _unapplied(stage: Stage) -> bool:
     """Whether ``stage`` has policies nothing applies to this call: no pipeline runs it, and its class
-    does not apply them in its own ``forward`` (``stageflow_applies``)."""
+    does not apply them in its own ``forward``."""
     policy = stage.policy
     if policy is None or POLICY_APPLIED.get() is stage:
         return False
-    applies = getattr(type(stage), "stageflow_applies", ())
-    return any(
-        f.name not in applies and getattr(policy, f.name) not in (None, ())
-        for f in dataclasses.fields(policy)
-    )
+    return left_to_engine(type(stage), policy) is not None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from stageflow.stages import (
     Ports,
     Stage,
     describe,
+    left_to_engine,
     may_be_left_out,
     own_call_code,
     stage_label,
@@ -266,14 +267,10 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
                 e.message = f"At '{where}': {e.message}"
                 e.args = (e.message,)
             raise
-    if leaf is obj and isinstance(obj, Stage) and policy is not None:
+    if leaf is obj and isinstance(obj, Stage):
         # (a Stage called as a module, e.g. a CachedStage around a Stage: its own forward applies
         # its class's share of the policies)
-        applied = getattr(type(obj), "stageflow_applies", ())
-        if applied:
-            policy = replace(policy, **dict.fromkeys(applied))
-            if policy == type(policy)():
-                policy = None
+        policy = left_to_engine(type(obj), policy)
     kind = MODULE
     is_async_fn = False
     if isinstance(leaf, FunctionStage):

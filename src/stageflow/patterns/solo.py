@@ -33,14 +33,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import POLICY_APPLIED, Stage, stage_label
+from stageflow.stages import POLICY_APPLIED, Stage, left_to_engine, stage_label
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
@@ -57,8 +57,11 @@ class _Owner:
         setattr(self, name, stage)
 
 
+How = Literal["call", "module", "cached"]
+
+
 def _setup(
-    stage: Stage, kwargs: dict[str, Any], how: str
+    stage: Stage, kwargs: dict[str, Any], how: How
 ) -> tuple[str, StageEntry, Any, dict[str, Any], StagePolicy]:
     """``(name, entry, target, inputs, policy)`` for the guarded call of ``stage`` (``how``: see
     :func:`call_alone`); ``name`` is the stage's path in it."""
@@ -67,20 +70,20 @@ def _setup(
         # A subclass of yours: the rest of its call (DSPy's Module.__call__ and its own forward), on
         # this very object; its own __call__ / acall, if any, is running around this already.
         entry = build_entry(name, None, stage)
-        applies = getattr(type(stage), "stageflow_applies", ())
-        return name, entry, _Rest(stage), dict(kwargs), _without(stage.policy, applies)
+        return name, entry, _Rest(stage), dict(kwargs), _left(stage)
     view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
     view.__dict__ = stage.__dict__
     entry = build_entry(name, None, view)
-    applies = () if how == "cached" else getattr(type(stage), "stageflow_applies", ())
+    policy = stage.policy if how == "cached" else _left(stage)
+    assert policy is not None  # (callers check)
     if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
-        return name, entry, view, dict(kwargs), _without(stage.policy, applies)
+        return name, entry, view, dict(kwargs), policy
     inv_in = {v: k for k, v in stage.input_map.items()}
     inputs = {inv_in.get(k, k): v for k, v in kwargs.items()}  # (as Stage.forward renames them)
     target: Any = view
     for part in entry.chain:  # (what the engine calls: the module, or a function stage's function)
         target = getattr(target, part)
-    return name, entry, target, inputs, _without(stage.policy, applies)
+    return name, entry, target, inputs, policy
 
 
 class _Rest:
@@ -98,12 +101,10 @@ class _Rest:
         return await super(Stage, self.stage).acall(**kwargs)
 
 
-def _without(policy: StagePolicy | None, applies: tuple[str, ...]) -> StagePolicy:
-    assert policy is not None  # (callers check)
-    if not applies:
-        return policy
-    cleared: dict[str, Any] = dict.fromkeys(applies)
-    return replace(policy, **cleared)
+def _left(stage: Stage) -> StagePolicy:
+    policy = left_to_engine(type(stage), stage.policy)
+    assert policy is not None  # (callers check: _unapplied)
+    return policy
 
 
 def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
@@ -171,7 +172,7 @@ def _failed(
     return None
 
 
-def call_alone(stage: Stage, kwargs: dict[str, Any], how: str = "module") -> Any:
+def call_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any:
     """``stage(**kwargs)`` with its policies applied. ``how``: ``"call"`` (a subclass's whole call,
     from ``Stage.__call__``), ``"module"`` (the wrapped module under the policies the class does not
     apply itself, from ``Stage.forward``), ``"cached"`` (the wrapped module under every policy, the
@@ -190,7 +191,7 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], how: str = "module") -> Any
     return _output(stage, entry, out)
 
 
-async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: str = "module") -> Any:
+async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any:
     """Async twin of :func:`call_alone`."""
     name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
