@@ -695,8 +695,36 @@ class Stage(dspy.Module):  # type: ignore[misc]
     def _rename_outputs(self, out: Any) -> Any:
         if not self.output_map:
             return out
-        items: dict[str, Any] = dict(out.items()) if hasattr(out, "items") else dict(out)
+        if hasattr(out, "items"):
+            items: dict[str, Any] = dict(out.items())
+        elif hasattr(out, "model_dump"):
+            items = dict(out)
+        else:
+            return self._bare_output(out)
         return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
+
+    def _bare_output(self, out: Any) -> Any:
+        """A value with no named fields, returned where ``outputs=`` renames: as in a pipeline, a
+        function stage with one declared output returns it as it is (a pipeline stores it under the
+        renamed name); anything else has nothing to rename, and says so."""
+        outputs = self.inner_ports.outputs
+        leaf = self.module
+        while type(leaf) is Stage and not leaf.output_map:
+            leaf = leaf.module
+        if outputs is not None and len(outputs) == 1 and isinstance(leaf, FunctionStage | Stage):
+            return out
+        from stageflow.errors import StageError
+
+        label = f"Stage({stage_label(self.module)})"
+        raise StageError(
+            f"{label} returned {type(out).__name__}, which has no named fields for "
+            f"outputs={self.output_map} to rename. Return a dict or dspy.Prediction, or declare the "
+            "single output it produces.",
+            stage_path=label,
+            code="bad_output",
+            hint=f"Stage(<stage>, writes=[{next(iter(self.output_map))!r}], outputs=...) names a single "
+            "returned value",
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A subclass of yours called where no pipeline runs it: its whole call under its policies,
