@@ -209,6 +209,33 @@ def _fallback_target(owner: Any, entry: StageEntry) -> Any:
     return held(owner, entry).fallback_stage
 
 
+def _renaming(owner: Any, entry: StageEntry) -> Stage | None:
+    """The :class:`Stage` the engine calls as a module (a subclass of yours, a ``Stage`` around a
+    ``Stage``) when it renames fields: its call takes and gives the renamed names, while its
+    fallback, like any ``Stage``'s, takes and gives the stage's own."""
+    stage = held(owner, entry)
+    if entry.chain or not isinstance(stage, Stage) or not (stage.input_map or stage.output_map):
+        return None
+    return stage
+
+
+def _fallback_inputs(stage: Stage | None, kw: dict[str, Any]) -> dict[str, Any]:
+    if stage is None or not stage.input_map:
+        return kw
+    inverse = {v: k for k, v in stage.input_map.items()}
+    return {inverse.get(k, k): v for k, v in kw.items()}
+
+
+def _fallback(owner: Any, entry: StageEntry, kw: dict[str, Any], fallback: Fallback) -> Any:
+    """The output that replaces a failed call: the fallback's default or its stage's output."""
+    stage = _renaming(owner, entry)
+    if fallback.default is not None:
+        out: Any = dict(fallback.default)
+    else:
+        out = _fallback_target(owner, entry)(**_fallback_inputs(stage, kw))
+    return out if stage is None else stage._rename_outputs(out)
+
+
 def guarded_call(
     owner: Any,
     entry: StageEntry,
@@ -347,9 +374,7 @@ def _attempts(
                 if fallback is None:
                     raise
                 try:
-                    if fallback.default is not None:
-                        return _check_declared(entry, dict(fallback.default), path)
-                    return _check_declared(entry, _fallback_target(owner, entry)(**kw), path)
+                    return _check_declared(entry, _fallback(owner, entry, kw, fallback), path)
                 except Exception as failed:
                     raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
@@ -470,10 +495,14 @@ async def _aattempts(
 
 
 async def _afallback(owner: Any, entry: StageEntry, kw: dict[str, Any], fallback: Fallback) -> Any:
+    stage = _renaming(owner, entry)
     if fallback.default is not None:
-        return dict(fallback.default)
-    fb = _fallback_target(owner, entry)
-    return await fb.acall(**kw) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **kw)
+        out: Any = dict(fallback.default)
+    else:
+        fb = _fallback_target(owner, entry)
+        call = _fallback_inputs(stage, kw)
+        out = await fb.acall(**call) if hasattr(fb, "aforward") else await concurrency.to_thread(fb, **call)
+    return out if stage is None else stage._rename_outputs(out)
 
 
 async def _awith_timeout(
