@@ -56,6 +56,9 @@ __all__ = [
     "DeferredField",
     "FunctionStage",
     "POLICY_APPLIED",
+    "applied_call_memo",
+    "enter_applied",
+    "leave_applied",
     "left_to_engine",
     "own_call_code",
     "Ports",
@@ -76,6 +79,28 @@ RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
 #: The :class:`Stage` whose policies the engine is applying around the current call (a subclass of
 #: yours, called as a module): its ``forward`` then runs the stage as it is.
 POLICY_APPLIED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_policy_applied", default=None)
+
+#: What the stage's own code keeps for the length of that call, whatever its attempts: a
+#: ``CachedStage`` subclass's cache lookup, made on the first attempt only.
+_CALL_MEMO: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "stageflow_policy_call_memo", default=None
+)
+
+
+def enter_applied(stage: Any) -> tuple[contextvars.Token[Any], contextvars.Token[dict[str, Any] | None]]:
+    """The engine starts applying ``stage``'s policies around one call of it (see
+    :data:`POLICY_APPLIED`); give the tokens to :func:`leave_applied` when the call ends."""
+    return POLICY_APPLIED.set(stage), _CALL_MEMO.set({})
+
+
+def leave_applied(tokens: tuple[contextvars.Token[Any], contextvars.Token[dict[str, Any] | None]]) -> None:
+    _CALL_MEMO.reset(tokens[1])
+    POLICY_APPLIED.reset(tokens[0])
+
+
+def applied_call_memo(stage: Any) -> dict[str, Any] | None:
+    """The memo of the policy-applied call of ``stage`` running now (``None``: none is)."""
+    return _CALL_MEMO.get() if POLICY_APPLIED.get() is stage else None
 
 
 _CALLS = ("forward", "aforward", "__call__", "acall")

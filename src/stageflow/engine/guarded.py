@@ -27,7 +27,7 @@ from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
-from stageflow.stages import POLICY_APPLIED, Stage
+from stageflow.stages import Stage, enter_applied, leave_applied
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
 
@@ -248,7 +248,7 @@ def guarded_call(
 ) -> Any:
     """Call a stage (sync) under ``policy``; raises the last error once every policy is spent."""
     # (a Stage subclass of yours, called as a module: its own forward knows they are applied)
-    token = POLICY_APPLIED.set(target) if isinstance(target, Stage) else None
+    token = enter_applied(target) if isinstance(target, Stage) else None
     try:
         path = join_path(prefix, entry.path)
         if policy.budget is not None:  # the stage's own LM budget holds for the call, retries included
@@ -260,7 +260,7 @@ def guarded_call(
         return _guarded(owner, entry, target, kw, policy, run, path, invoke)
     finally:
         if token is not None:
-            POLICY_APPLIED.reset(token)
+            leave_applied(token)
 
 
 def _stage_budget(policy: StagePolicy, path: str) -> Any:
@@ -425,7 +425,7 @@ async def aguarded_call(
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
     """Async twin of :func:`guarded_call` (timeouts cancel the call)."""
-    token = POLICY_APPLIED.set(target) if isinstance(target, Stage) else None
+    token = enter_applied(target) if isinstance(target, Stage) else None
     try:
         path = join_path(prefix, entry.path)
         if policy.budget is not None:
@@ -437,7 +437,7 @@ async def aguarded_call(
         return await _aguarded(owner, entry, target, kw, policy, run, path, invoke)
     finally:
         if token is not None:
-            POLICY_APPLIED.reset(token)
+            leave_applied(token)
 
 
 async def _aguarded(

@@ -40,7 +40,7 @@ from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import POLICY_APPLIED, Stage, left_to_engine, stage_label
+from stageflow.stages import Stage, enter_applied, leave_applied, left_to_engine, stage_label
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
@@ -180,13 +180,13 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any
     name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
-    token = POLICY_APPLIED.set(stage)  # (its forward runs as the stage, under these policies)
+    token = enter_applied(stage)  # (its forward runs as the stage, under these policies)
     try:
         out = guarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke)
     except Exception as e:
         return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
-        POLICY_APPLIED.reset(token)
+        leave_applied(token)
     _join_events(caller, run, name)
     return _output(stage, entry, out)
 
@@ -196,12 +196,12 @@ async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module")
     name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
-    token = POLICY_APPLIED.set(stage)
+    token = enter_applied(stage)
     try:
         out = await aguarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke_async)
     except Exception as e:
         return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
-        POLICY_APPLIED.reset(token)
+        leave_applied(token)
     _join_events(caller, run, name)
     return _output(stage, entry, out)

@@ -12,6 +12,7 @@ from stageflow.stages import (
     Stage,
     _sync_only,
     _unapplied,
+    applied_call_memo,
     declared_types,
     describe,
     stage_label,
@@ -121,12 +122,19 @@ class CachedStage(Stage):
         keys = make_key("", self.module, kwargs, self.cache, self._label)
         if keys is None:
             return False, None, None
-        found, value = self.cache.lookup(keys.memory, keys.durable, self._fits, self._label)
-        if found:
-            _note_hit()
-            return True, value, None
+        memo = applied_call_memo(self)  # (a subclass of yours, under policies the engine applies)
+        if memo is None or memo.get("looked_up") != keys.memory:
+            # One lookup per call, as the engine's cache makes: a retried attempt missed already.
+            found, value = self.cache.lookup(keys.memory, keys.durable, self._fits, self._label)
+            if found:
+                _note_hit()
+                return True, value, None
+            if memo is not None:
+                memo["looked_up"] = keys.memory
 
         def store(out: Any) -> None:
+            if memo is not None:
+                memo.pop("looked_up", None)  # (stored: a next call of the same inputs looks it up)
             if keys.after_call():
                 self.cache.store(keys.memory, keys.durable, out, "", self._label)
 
