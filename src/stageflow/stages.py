@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
@@ -60,6 +61,7 @@ __all__ = [
     "enter_applied",
     "leave_applied",
     "left_to_engine",
+    "own_call",
     "own_call_code",
     "Ports",
     "RESERVED_FIELD_NAMES",
@@ -115,6 +117,42 @@ def own_call_code(cls: type) -> bool:
         if not module.startswith(("stageflow.", "dspy.")) and owner is not object:
             return True
     return False
+
+
+def _policies_around(own: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``__call__`` of yours on a ``Stage`` subclass, with the stage's policies applied around it
+    when nothing else applies them (called on its own): a retry runs it again, as a pipeline does."""
+
+    @functools.wraps(own)
+    def call(self: Stage, *args: Any, **kwargs: Any) -> Any:
+        if self.policy is not None and not args and _unapplied(self):
+            from stageflow.patterns.solo import call_alone
+
+            return call_alone(self, kwargs, how="call")
+        return own(self, *args, **kwargs)
+
+    call.stageflow_own = own  # type: ignore[attr-defined]
+    return call
+
+
+def _apolicies_around(own: Callable[..., Any]) -> Callable[..., Any]:
+    """Async twin of :func:`_policies_around`, for an ``acall`` of yours."""
+
+    @functools.wraps(own)
+    async def acall(self: Stage, *args: Any, **kwargs: Any) -> Any:
+        if self.policy is not None and not args and _unapplied(self):
+            from stageflow.patterns.solo import acall_alone
+
+            return await acall_alone(self, kwargs, how="call")
+        return await own(self, *args, **kwargs)
+
+    acall.stageflow_own = own  # type: ignore[attr-defined]
+    return acall
+
+
+def own_call(cls: type, name: str) -> Callable[..., Any] | None:
+    """The ``__call__`` / ``acall`` (``name``) of yours a ``Stage`` class runs, if it has one."""
+    return getattr(getattr(cls, name, None), "stageflow_own", None)
 
 
 def _sync_only(cls: type) -> bool:
@@ -609,6 +647,15 @@ class Stage(dspy.Module):  # type: ignore[misc]
         store = getattr(getattr(self.policy, "cache", None), "persistent", None)
         if store is not None and hasattr(store, "allow_types"):  # a fresh process reads them back
             store.allow_types(declared_types(module))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A __call__ / acall of yours runs inside the stage's policies, called on its own as in a
+        # pipeline (where the engine calls it once per attempt).
+        for name, around in (("__call__", _policies_around), ("acall", _apolicies_around)):
+            own = cls.__dict__.get(name)
+            if inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
+                setattr(cls, name, around(own))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "module" and "inner_ports" in self.__dict__ and value is not self.__dict__.get("module"):

@@ -40,7 +40,7 @@ from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import Stage, enter_applied, leave_applied, left_to_engine, stage_label
+from stageflow.stages import Stage, enter_applied, leave_applied, left_to_engine, own_call, stage_label
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
@@ -67,8 +67,8 @@ def _setup(
     :func:`call_alone`); ``name`` is the stage's path in it."""
     name = f"Stage({stage_label(stage.module)})"
     if how == "call":
-        # A subclass of yours: the rest of its call (DSPy's Module.__call__ and its own forward), on
-        # this very object; its own __call__ / acall, if any, is running around this already.
+        # A subclass of yours: its whole call (its own __call__ / acall if it has one, DSPy's
+        # Module.__call__ and its own forward), on this very object.
         entry = build_entry(name, None, stage)
         return name, entry, _Rest(stage), dict(kwargs), _left(stage)
     view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
@@ -95,9 +95,15 @@ class _Rest:
         self.stage = stage
 
     def __call__(self, **kwargs: Any) -> Any:
+        own = own_call(type(self.stage), "__call__")  # (a __call__ of yours runs, as in a pipeline)
+        if own is not None:
+            return own(self.stage, **kwargs)
         return super(Stage, self.stage).__call__(**kwargs)
 
     async def acall(self, **kwargs: Any) -> Any:
+        own = own_call(type(self.stage), "acall")
+        if own is not None:
+            return await own(self.stage, **kwargs)
         return await super(Stage, self.stage).acall(**kwargs)
 
 
