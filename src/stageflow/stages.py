@@ -100,6 +100,12 @@ def leave_applied(tokens: tuple[contextvars.Token[Any], contextvars.Token[dict[s
     POLICY_APPLIED.reset(tokens[0])
 
 
+def _module_runs() -> contextvars.Token[Any] | None:
+    """The wrapped module starts running: what the engine applies is the stage's, so a call of the
+    stage from inside its module (recursion) has its policies applied again (reset the token)."""
+    return POLICY_APPLIED.set(None) if POLICY_APPLIED.get() is not None else None
+
+
 def applied_call_memo(stage: Any) -> dict[str, Any] | None:
     """The memo of the policy-applied call of ``stage`` running now (``None``: none is)."""
     return _CALL_MEMO.get() if POLICY_APPLIED.get() is stage else None
@@ -820,7 +826,12 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
             return call_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
-        out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+        token = _module_runs()
+        try:
+            out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+        finally:
+            if token is not None:
+                POLICY_APPLIED.reset(token)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._rename_outputs(out)
@@ -836,12 +847,17 @@ class Stage(dspy.Module):  # type: ignore[misc]
             return await acall_alone(self, kwargs)
         inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
         call = {inv_in.get(k, k): v for k, v in kwargs.items()}
-        if hasattr(self.module, "aforward"):
-            out = await self.module.acall(**call)
-        else:
-            from stageflow.engine.concurrency import to_thread
+        token = _module_runs()
+        try:
+            if hasattr(self.module, "aforward"):
+                out = await self.module.acall(**call)
+            else:
+                from stageflow.engine.concurrency import to_thread
 
-            out = await to_thread(self.module, **call)
+                out = await to_thread(self.module, **call)
+        finally:
+            if token is not None:
+                POLICY_APPLIED.reset(token)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._rename_outputs(out)

@@ -186,13 +186,15 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any
     name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
-    token = enter_applied(stage)  # (its forward runs as the stage, under these policies)
+    # (a subclass's own code runs as the stage, under these policies)
+    token = enter_applied(stage) if how == "call" else None
     try:
         out = guarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke)
     except Exception as e:
         return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
-        leave_applied(token)
+        if token is not None:
+            leave_applied(token)
     _join_events(caller, run, name)
     return _output(stage, entry, out)
 
@@ -202,12 +204,13 @@ async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module")
     name, entry, target, inputs, policy = _setup(stage, kwargs, how)
     caller = calling_stage()
     run = RunInfo()
-    token = enter_applied(stage)
+    token = enter_applied(stage) if how == "call" else None
     try:
         out = await aguarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke_async)
     except Exception as e:
         return _failed(stage, name, entry, policy, e, inputs, run, caller)
     finally:
-        leave_applied(token)
+        if token is not None:
+            leave_applied(token)
     _join_events(caller, run, name)
     return _output(stage, entry, out)
