@@ -69,6 +69,7 @@ __all__ = [
     "declared_types",
     "describe",
     "stage",
+    "wraps_function",
 ]
 
 #: Field names that cannot be result fields: they collide with ``dspy.Prediction`` methods and
@@ -786,10 +787,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         function stage with one declared output returns it as it is (a pipeline stores it under the
         renamed name); anything else has nothing to rename, and says so."""
         outputs = self.inner_ports.outputs
-        leaf = self.module
-        while type(leaf) is Stage and not leaf.output_map:
-            leaf = leaf.module
-        if outputs is not None and len(outputs) == 1 and isinstance(leaf, FunctionStage | Stage):
+        if outputs is not None and len(outputs) == 1 and wraps_function(self):
             return out
         from stageflow.errors import StageError
 
@@ -864,6 +862,15 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"Stage({stage_label(self.module)}, inputs={self.input_map}, outputs={self.output_map})"
+
+
+def wraps_function(obj: Any) -> bool:
+    """Whether ``obj`` is a :class:`Stage` around a function stage, through any ``Stage`` layers:
+    called as a module, it returns what the function returns."""
+    inner = getattr(obj, "module", None) if isinstance(obj, Stage) else None
+    while isinstance(inner, Stage):
+        inner = inner.module
+    return isinstance(inner, FunctionStage)
 
 
 def declared_types(stage: Any) -> list[type]:

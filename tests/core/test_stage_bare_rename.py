@@ -75,3 +75,21 @@ async def test_records_are_still_renamed_alone(out: Any, mode: str) -> None:
     assert isinstance(got, dspy.Prediction)
     assert got.answer == 2
     assert "y" not in got
+
+
+async def test_a_subclass_around_a_bare_module_is_refused_alone_as_in_a_pipeline(mode: str) -> None:
+    class Bare(dspy.Module):  # type: ignore[misc]
+        def forward(self, x: int) -> int:
+            return x + 1
+
+    class Mine(Stage):
+        def forward(self, **kw: Any) -> Any:
+            return super().forward(**kw)
+
+    def build() -> Stage:
+        return Stage(Mine(Bare(), writes=["y"]), outputs={"y": "answer"})
+
+    with pytest.raises(StageError, match="returned int"):
+        await call(build(), mode, x=1)
+    with pytest.raises(StageError, match="returned int"):
+        await call(stageflow.SequentialPipeline([build()]), mode, x=1)

@@ -35,6 +35,7 @@ from stageflow.stages import (
     may_be_left_out,
     own_call_code,
     stage_label,
+    wraps_function,
 )
 
 __all__ = [
@@ -231,15 +232,6 @@ def _library_call(cls: type) -> bool:
     return not own_call_code(cls)
 
 
-def _wraps_function(obj: Any) -> bool:
-    """Whether ``obj`` is a :class:`Stage` around a function stage, through any ``Stage`` layers:
-    called as a module, it returns what the function returns."""
-    inner = getattr(obj, "module", None) if isinstance(obj, Stage) else None
-    while isinstance(inner, Stage):
-        inner = inner.module
-    return isinstance(inner, FunctionStage)
-
-
 def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     """Describe how to call ``obj`` held at ``pipeline.<attr>[key]``.
 
@@ -293,7 +285,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     if leaf_ports.outputs is not None:
         out_pairs = tuple((f, out_map.get(f, f)) for f in leaf_ports.outputs)
     # (a Stage subclass of yours around a function stage: its forward returns what the function does)
-    runs_function = kind == FUNCTION or (leaf is obj and _wraps_function(obj))
+    runs_function = kind == FUNCTION or (leaf is obj and wraps_function(obj))
     single = out_pairs[0][1] if runs_function and out_pairs is not None and len(out_pairs) == 1 else None
     composite = isinstance(leaf, StageOwner)
     predictor = type(leaf) in (dspy.Predict, dspy.ChainOfThought)
