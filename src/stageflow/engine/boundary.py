@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import dspy
 
 from stageflow.engine.plan import StageEntry, join_path
-from stageflow.errors import ContractError, StageError, StageflowError
+from stageflow.errors import ContractError, StageError, StageflowError, error_text
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "port_inputs",
     "private_copy",
     "private_state",
+    "stage_failure",
 ]
 
 #: The run detail (``result.failed_outputs``) naming, for each field a failed stage was to write, that
@@ -167,6 +168,14 @@ def _items(out: Any) -> list[tuple[str, Any]]:
 
 def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
+    if type(out) is not dict:
+        resolve = getattr(type(out), "stageflow_resolve", None)
+        if resolve is not None:  # a lazy result: merging its fields resolves it, and the stage runs now
+            try:
+                out = resolve(out)
+            except Exception as e:  # (the stage failed: said as any stage's failure is)
+                cause = e.__cause__ if isinstance(e, StageflowError) else e
+                raise stage_failure(entry, e, prefix) from cause
     if isinstance(out, Result):
         # A nested stageflow pipeline: its records, outputs and details join this run under its path.
         run.absorb(entry.path, out._run)
@@ -222,10 +231,6 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
                     raise _bad_key(entry, k, prefix)
             state.update(out)
             return
-    resolve = getattr(type(out), "stageflow_resolve", None)
-    if resolve is not None:  # a lazy result: merging its fields resolves it
-        merge_outputs(entry, resolve(out), state, run, prefix)
-        return
     if not _is_record(out):
         path = join_path(prefix, entry.path)
         raise _full(
@@ -342,3 +347,27 @@ def _merge_slow(
                 )
             )
         state[st] = got[sf]
+
+
+def stage_failure(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
+    """The error to raise for a stage failure, with a stage path from the outermost pipeline.
+
+    Errors raised by the engine already carry full paths; errors raised by a nested pipeline's
+    own logic (a router, a loop limit, its contract check) carry paths relative to it and get the
+    path of the stage that holds it prepended, once.
+    """
+    full = join_path(prefix, entry.path)
+    if isinstance(error, StageflowError):
+        if not error.path_is_full:
+            error.with_path_prefix(full)
+            error.path_is_full = True
+        return error
+    wrapped = StageError(
+        f"Stage '{full}' ({entry.label}) raised {type(error).__name__}: {error_text(error)}",
+        stage_path=full,
+        code="stage_failed",
+    )
+    wrapped.path_is_full = True
+    wrapped.wraps_stage_exception = True
+    wrapped.__cause__ = error
+    return wrapped

@@ -104,6 +104,9 @@ class StageEntry:
     #: Its inputs' annotations are the parameters of a function it runs (a function stage, or a
     #: ``Stage`` subclass of yours around one): the list-vs-str check applies to them.
     typed_inputs: bool = False
+    #: A lazy stage (``LazyStage``): the engine forces its result as part of the call, so the
+    #: stage's policies and error handling cover the work it defers.
+    lazy: bool = False
 
 
 def leaf_of(owner: Any, entry: StageEntry) -> Any:
@@ -288,6 +291,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
     runs_function = kind == FUNCTION or (leaf is obj and wraps_function(obj))
     single = out_pairs[0][1] if runs_function and out_pairs is not None and len(out_pairs) == 1 else None
     composite = isinstance(leaf, StageOwner)
+    lazy = getattr(type(leaf), "stageflow_lazy", False) is True
     predictor = type(leaf) in (dspy.Predict, dspy.ChainOfThought)
     error_field = getattr(leaf, "stageflow_error_field", None)
     if error_field and not composite:
@@ -329,11 +333,12 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
         signature=signature_of(leaf) if _signed(leaf) is not None else None,
-        direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION,
+        direct_acall=hasattr(leaf, "aforward") and not predictor and kind != FUNCTION and not lazy,
         plain_inputs=not opt_pairs
         and not (leaf_ports.accepts_any and not in_pairs)
         and not (composite and not chain),
-        plain_call=not (predictor or is_async_fn or composite),
+        plain_call=not (predictor or is_async_fn or composite or lazy),
+        lazy=lazy,
     )
 
 

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from stageflow._callers import setting
 from stageflow.budgets._state import GATES, SKIP
 from stageflow.engine import concurrency
-from stageflow.engine.boundary import gather_inputs, merge_outputs, missing_at_run_time, private_state
+from stageflow.engine.boundary import (
+    gather_inputs,
+    merge_outputs,
+    missing_at_run_time,
+    private_state,
+    stage_failure,
+)
 from stageflow.engine.budget import _BUDGETS, _ROOT
 from stageflow.engine.carry import adopt, release
 from stageflow.engine.concurrency import (
@@ -43,7 +49,7 @@ from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of, signature_replaced
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
-from stageflow.errors import ConfigurationError, StageError, StageflowError, error_text
+from stageflow.errors import ConfigurationError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
@@ -79,37 +85,15 @@ _getattr = object.__getattribute__
 _held = held
 
 
-def _fail(entry: StageEntry, error: Exception, prefix: str) -> StageflowError:
-    """The error to raise for a stage failure, with a stage path from the outermost pipeline.
-
-    Errors raised by the engine already carry full paths; errors raised by a nested pipeline's
-    own logic (a router, a loop limit, its contract check) carry paths relative to it and get the
-    path of the stage that holds it prepended, once.
-    """
-    full = join_path(prefix, entry.path)
-    if isinstance(error, StageflowError):
-        if not error.path_is_full:
-            error.with_path_prefix(full)
-            error.path_is_full = True
-        return error
-    wrapped = StageError(
-        f"Stage '{full}' ({entry.label}) raised {type(error).__name__}: {error_text(error)}",
-        stage_path=full,
-        code="stage_failed",
-    )
-    wrapped.path_is_full = True
-    wrapped.wraps_stage_exception = True
-    wrapped.__cause__ = error
-    return wrapped
-
-
 def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     """Call the stage (sync); a leaf takes a slot of every concurrency budget in force."""
     if entry.composite:
         return call_nested(target, kw)
     slots = leaf_slots()
     if not slots:
-        return target(**kw) if not (entry.is_async_fn or entry.predictor) else _call_sync(entry, target, kw)
+        if entry.is_async_fn or entry.predictor or entry.lazy:
+            return _call_sync(entry, target, kw)
+        return target(**kw)
     ensure_lm_caps()
     token = enter_leaf(slots)
     try:
@@ -131,7 +115,15 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
                 code="async_in_sync",
             )
         return run_on_background_loop(target(**kw))
+    if entry.lazy:
+        return _forced(target(**kw))
     return target(**kw)
+
+
+def _forced(out: Any) -> Any:
+    """A lazy stage's result, forced (its work is part of the stage's call)."""
+    resolve = getattr(type(out), "stageflow_resolve", None)
+    return out if resolve is None else resolve(out)
 
 
 def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
@@ -291,7 +283,7 @@ def _failed_stage(
     """Record a failed stage call; ``None`` when a policy lets the run go on, else the error to raise."""
     elapsed = perf_counter() - call.t0
     run._trace.append(StageRecord(entry.path, elapsed, False))
-    err = _fail(entry, error, prefix)
+    err = stage_failure(entry, error, prefix)
     _carry_run(entry, err, run)
     if hooks:
         _notify_error(hooks, call, err, elapsed, _stage_usage(call, entry, None))
@@ -587,6 +579,9 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
         if entry.is_async_fn:
             out = await out
         return out
+    if entry.lazy:  # (its deferred work runs on a worker thread, as any blocking call of a stage)
+        out = await (target.acall(**kw) if entry.has_aforward else concurrency.to_thread(target, **kw))
+        return await concurrency.to_thread(_forced, out)
     if entry.has_aforward:
         return await target.acall(**kw)
     # A module without aforward (DSPy's BestOfN, Refine, custom ones): run it on a worker

@@ -58,8 +58,12 @@ class LazyResult:
         raise AttributeError(f"the result ({type(value).__name__}) has no named fields")
 
     def stageflow_resolve(self) -> Any:
-        """What the engine merges when a pipeline holds the lazy stage: the forced result."""
-        return self.value()
+        """What the engine merges when a pipeline holds the lazy stage: the forced result (a function
+        stage's single declared output, returned bare, under its name)."""
+        value = self.value()
+        if self._single is not None and not _is_record(value):
+            return {self._single: value}
+        return value
 
     def value(self) -> Any:
         """Run the stage if it has not run yet, and return its result (or raise its error)."""
@@ -114,6 +118,9 @@ class LazyStage(dspy.Module):  # type: ignore[misc]
         >>> r["y"], r.get_result()["y"], ran
         (42, 42, [21])
     """
+
+    #: The engine forces its result as part of the stage's call in a pipeline (policies apply).
+    stageflow_lazy = True
 
     #: Its ports are its stage's, read live: a plan follows that stage's signature (see
     #: ``stageflow.engine.plan.signature_of``).
