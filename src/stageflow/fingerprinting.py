@@ -35,8 +35,10 @@ Not covered (documented, not silent):
   random numbers, a database or a web service;
 - library code (the standard library, installed packages, stageflow and DSPy) is represented by
   its qualified name, not its code; attributes of *library* modules are not followed
-  (``os.environ[...]``, ``np.pi``, ``mypkg.settings.X`` for an installed ``mypkg``), nor module
-  attributes read with a computed name (``getattr(cfg, name)``);
+  (``os.environ[...]``, ``np.pi``, ``mypkg.settings.X`` for an installed ``mypkg``), nor names
+  read with a computed name (``getattr(cfg, name)``, ``globals()[name]``, ``vars()``, ``eval``,
+  ``exec``; for the last four the stage cache and batch runs warn, see
+  :mod:`stageflow._fp_dynamic`);
 - in your subclass of a DSPy predictor or LM, an attribute whose name DSPy's (or stageflow's)
   classes assign themselves (``model``, ``kwargs``, ``demos``; ``FakeLM``'s ``responses``) counts
   as theirs: only what stageflow reads of it (model, model type, ``kwargs``; signature, demos,

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stageflow._fp_calls import CallProbe, call_fingerprint
+from stageflow._fp_dynamic import dynamic_reads, dynamic_text
 from stageflow.policies.keys import NotDurable, Unkeyable, durable_text, freeze
 from stageflow.policies.snapshot import Snapshot, Uncopyable
 
@@ -402,10 +403,26 @@ def make_key(
                 "Report this with the stage's type; meanwhile remove its cache.",
             )
         return None
+    if policy is not None:
+        dynamic = dynamic_reads(target)
+        if dynamic:
+            _warn_dynamic(policy, label or repr(path), dynamic)
     if len(items) > 1:  # keyword order is not part of the key: f(a=1, b=2) is f(b=2, a=1)
         items.sort(key=_by_name)
     persistent = policy is None or policy.persistent is not None
     return CallKeys(path, fp, tuple(items), persistent, probe, policy, label or repr(path))
+
+
+def _warn_dynamic(policy: CachePolicy, stage: str, functions: list[str]) -> None:
+    policy.warn_once(
+        stage,
+        "dynamic",
+        f"Stage {stage} looks module-level names up at run time ({dynamic_text(functions)}), so "
+        "its cache key cannot hold the values it reads that way: after one changes, the cache may "
+        "still serve the output computed with the old value. Read the name directly (RATE, not "
+        "globals()['RATE']), pass the value as an input, or clear the cache when it changes. "
+        "(Warned once per stage.)",
+    )
 
 
 def _warn_unkeyable(policy: CachePolicy, stage: str, name: str, e: Unkeyable) -> None:

@@ -12,7 +12,12 @@ from typing import Any
 
 from stageflow._options import whole_number
 from stageflow.errors import ConfigurationError, ContractError
-from stageflow.runtime.fingerprint import program_fingerprint, stage_changes, stage_fingerprints
+from stageflow.runtime.fingerprint import (
+    program_fingerprint,
+    stage_changes,
+    stage_fingerprints,
+    warn_dynamic_reads,
+)
 from stageflow.runtime.heap import batch_heap
 from stageflow.runtime.journal import Journal, JournalError, ScanResult
 from stageflow.runtime.local import LocalExecutor
@@ -212,6 +217,7 @@ def run_batch(
         fingerprint = program_fingerprint(program)
         stages = stage_fingerprints(program)
         started = run_started(program)
+    warn_dynamic_reads(program)
     keep: Any = None
     if journal is None:
         keep = tempfile.TemporaryDirectory(prefix="stageflow-batch-")

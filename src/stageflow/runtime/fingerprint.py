@@ -10,12 +10,20 @@ resume can say which stages changed. This module is the one place the runtime ta
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from stageflow._fp_dynamic import dynamic_reads, dynamic_text
 from stageflow.fingerprinting import fingerprint
 
-__all__ = ["program_fingerprint", "stage_changes", "stage_fingerprints", "stage_objects"]
+__all__ = [
+    "program_fingerprint",
+    "stage_changes",
+    "stage_fingerprints",
+    "stage_objects",
+    "warn_dynamic_reads",
+]
 
 _SEGMENT = re.compile(r"^(\w+)((?:\[(?:\d+|'[^']*'|\*)\])*)$")
 _INDEX = re.compile(r"\[(\d+|'[^']*'|\*)\]")
@@ -56,6 +64,22 @@ def stage_fingerprints(program: Any) -> dict[str, str]:
         ['stages[0]', 'stages[1]']
     """
     return {path: fingerprint(obj, fresh=True) for path, obj in stage_objects(program)}
+
+
+def warn_dynamic_reads(program: Any) -> None:
+    """Warn when a stage of ``program`` looks module-level names up at run time (``globals()[...]``,
+    ``eval``...): the fingerprints cannot hold what it reads that way, so a resumed batch would not
+    notice when those values changed."""
+    found = sorted({name for _, obj in stage_objects(program) for name in dynamic_reads(obj)})
+    if found:
+        warnings.warn(
+            f"A stage looks module-level names up at run time ({dynamic_text(found)}): the batch "
+            "journal cannot tell whether the values it reads that way changed, so a resume after one "
+            "changed would keep the finished records' old outputs. Read the names directly, or pass "
+            "the values as inputs.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def stage_objects(program: Any) -> list[tuple[str, Any]]:
