@@ -59,7 +59,10 @@ __all__ = [
     "POLICY_APPLIED",
     "applied_call_memo",
     "enter_applied",
+    "end_watch",
     "leave_applied",
+    "note_degraded",
+    "watch_degraded",
     "left_to_engine",
     "own_call",
     "own_call_code",
@@ -83,22 +86,51 @@ RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
 #: yours, called as a module): its ``forward`` then runs the stage as it is.
 POLICY_APPLIED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_policy_applied", default=None)
 
-#: What the stage's own code keeps for the length of that call, whatever its attempts: a
-#: ``CachedStage`` subclass's cache lookup, made on the first attempt only.
-_CALL_MEMO: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+#: What stages keep for the length of a policy-applied call, whatever its attempts: a
+#: ``CachedStage``'s cache lookup (its own call, or inside a ``Stage`` with ``retry=``), made on the
+#: first attempt only.
+_CALL_MEMO: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
     "stageflow_policy_call_memo", default=None
 )
 
 
-def enter_applied(stage: Any) -> tuple[contextvars.Token[Any], contextvars.Token[dict[str, Any] | None]]:
+def enter_applied(stage: Any) -> tuple[contextvars.Token[Any], contextvars.Token[dict[Any, Any] | None]]:
     """The engine starts applying ``stage``'s policies around one call of it (see
     :data:`POLICY_APPLIED`); give the tokens to :func:`leave_applied` when the call ends."""
     return POLICY_APPLIED.set(stage), _CALL_MEMO.set({})
 
 
-def leave_applied(tokens: tuple[contextvars.Token[Any], contextvars.Token[dict[str, Any] | None]]) -> None:
+def leave_applied(tokens: tuple[contextvars.Token[Any], contextvars.Token[dict[Any, Any] | None]]) -> None:
     _CALL_MEMO.reset(tokens[1])
     POLICY_APPLIED.reset(tokens[0])
+
+
+#: Set while a cache waits for a stage's output: whether a policy replaced a failure inside that
+#: call (a fallback, a recovery, a skip), in the stage itself or in one it runs. Such an output
+#: is never cached: it is not the answer the stage would have given.
+_DEGRADED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "stageflow_degraded", default=None
+)
+
+
+def note_degraded() -> None:
+    """A policy replaced a failure with another output (fallback, recovery, skip) here."""
+    flags = _DEGRADED.get()
+    if flags is not None:
+        flags.append(True)
+
+
+def watch_degraded() -> tuple[list[bool], contextvars.Token[list[bool] | None]]:
+    """Start watching for :func:`note_degraded` in the call that follows; give both to
+    :func:`end_watch`, then test the list (empty: nothing was replaced)."""
+    flags: list[bool] = []
+    return flags, _DEGRADED.set(flags)
+
+
+def end_watch(flags: list[bool], token: contextvars.Token[list[bool] | None]) -> None:
+    _DEGRADED.reset(token)
+    if flags:  # (a cache around this one must not keep it either)
+        note_degraded()
 
 
 def _module_runs() -> contextvars.Token[Any] | None:
@@ -107,9 +139,10 @@ def _module_runs() -> contextvars.Token[Any] | None:
     return POLICY_APPLIED.set(None) if POLICY_APPLIED.get() is not None else None
 
 
-def applied_call_memo(stage: Any) -> dict[str, Any] | None:
-    """The memo of the policy-applied call of ``stage`` running now (``None``: none is)."""
-    return _CALL_MEMO.get() if POLICY_APPLIED.get() is stage else None
+def applied_call_memo() -> dict[Any, Any] | None:
+    """The memo of the innermost policy-applied call running now (``None``: none is): what a stage
+    inside it keeps across that call's attempts."""
+    return _CALL_MEMO.get()
 
 
 _CALLS = ("forward", "aforward", "__call__", "acall")
@@ -534,9 +567,29 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         return new
 
     def forward(self, **kwargs: Any) -> Any:
-        return self.fn(**kwargs)
+        """Call the function (an ``async def`` one runs to its result on stageflow's background
+        event loop, as a sync pipeline runs it)."""
+        out = self.fn(**kwargs)
+        if self.is_async and inspect.isawaitable(out):
+            from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
+
+            if on_background_loop():
+                if inspect.iscoroutine(out):
+                    out.close()
+                raise ConfigurationError(
+                    f"stage {self.stage_name!r} is an async function called synchronously from "
+                    "stageflow's own event loop; call it with `await stage.acall(...)` instead.",
+                    code="async_in_sync",
+                )
+            out = run_on_background_loop(out)
+        return out
 
     async def aforward(self, **kwargs: Any) -> Any:
+        """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
+        if self.blocking:
+            from stageflow.engine.concurrency import to_thread
+
+            return await to_thread(self.fn, **kwargs)
         out = self.fn(**kwargs)
         if inspect.isawaitable(out):
             out = await out
@@ -756,9 +809,20 @@ class Stage(dspy.Module):  # type: ignore[misc]
         outputs = None if inner.outputs is None else tuple(ren_out(o, o) for o in inner.outputs)
         if inner.outputs is None and self.output_map:
             outputs = None
+        if outputs is not None and len(set(outputs)) < len(outputs):
+            clash = sorted({o for o in outputs if outputs.count(o) > 1})
+            raise ConfigurationError(
+                f"{label}: outputs={self.output_map} gives two of the stage's outputs the same name "
+                f"{clash}: one of them would be lost.",
+                field=clash[0],
+                code="bad_rename",
+                hint="give each output its own state field name",
+            )
+        required = tuple(dict.fromkeys(ren_in(r, r) for r in (*inner.required, *extra_in)))
+        optional = dict.fromkeys(ren_in(o, o) for o in inner.optional)
         return Ports(
-            required=tuple(ren_in(r, r) for r in (*inner.required, *extra_in)),
-            optional=tuple(ren_in(o, o) for o in inner.optional),
+            required=required,
+            optional=tuple(n for n in optional if n not in required),
             outputs=outputs,
             accepts_any=inner.accepts_any and not self.input_map,
             types=types,
@@ -770,6 +834,27 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
     def stageflow_ports(self) -> Ports:
         return self.ports
+
+    def stage_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The wrapped stage's keyword arguments for a call given ``kwargs``, as a pipeline feeds it:
+        a renamed input from its state name (given both names, the state name wins, whatever the
+        order), or from its own name when the state name is not given; a state name that is also
+        an input of the stage feeds both."""
+        renamed = self.input_map  # {stage field: state field}
+        if not renamed:
+            return dict(kwargs)
+        state_names = set(renamed.values())
+        call: dict[str, Any] = {}
+        for k, v in kwargs.items():
+            if k in renamed:
+                if renamed[k] not in kwargs:  # (its own name, its state name not given)
+                    call[k] = v
+            elif k not in state_names or k in self.inner_ports.required or k in self.inner_ports.optional:
+                call[k] = v
+        for own, state_name in renamed.items():
+            if state_name in kwargs:
+                call[own] = kwargs[state_name]
+        return call
 
     def _rename_outputs(self, out: Any) -> Any:
         if not self.output_map:
@@ -823,10 +908,10 @@ class Stage(dspy.Module):  # type: ignore[misc]
             from stageflow.patterns.solo import call_alone
 
             return call_alone(self, kwargs)
-        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
+        call = self.stage_inputs(kwargs)
         token = _module_runs()
         try:
-            out = self.module(**{inv_in.get(k, k): v for k, v in kwargs.items()})
+            out = self.module(**call)
         finally:
             if token is not None:
                 POLICY_APPLIED.reset(token)
@@ -843,8 +928,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             from stageflow.patterns.solo import acall_alone
 
             return await acall_alone(self, kwargs)
-        inv_in: dict[str, str] = {v: k for k, v in self.input_map.items()}
-        call = {inv_in.get(k, k): v for k, v in kwargs.items()}
+        call = self.stage_inputs(kwargs)
         token = _module_runs()
         try:
             if hasattr(self.module, "aforward"):

@@ -27,7 +27,7 @@ from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
-from stageflow.stages import Stage, enter_applied, leave_applied
+from stageflow.stages import Stage, end_watch, enter_applied, leave_applied, note_degraded, watch_degraded
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
 
@@ -289,11 +289,19 @@ def _guarded(
     cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    if _cache_only(policy):
-        out = _check_reported(policy, invoke(entry, target, kw), path, entry)
-    else:
-        out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
-    if store is not None:
+    if store is None:
+        if _cache_only(policy):
+            return _check_reported(policy, invoke(entry, target, kw), path, entry)
+        return _attempts(owner, entry, target, kw, policy, run, path, invoke)
+    flags, token = watch_degraded()  # (a fallback here or a stage inside: its output is not cached)
+    try:
+        if _cache_only(policy):
+            out = _check_reported(policy, invoke(entry, target, kw), path, entry)
+        else:
+            out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
+    finally:
+        end_watch(flags, token)
+    if not flags:
         store(out)
     return out
 
@@ -374,7 +382,9 @@ def _attempts(
                 if fallback is None:
                     raise
                 try:
-                    return _check_declared(entry, _fallback(owner, entry, kw, fallback), path)
+                    out = _check_declared(entry, _fallback(owner, entry, kw, fallback), path)
+                    note_degraded()
+                    return out
                 except Exception as failed:
                     raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
@@ -453,11 +463,19 @@ async def _aguarded(
     cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    if _cache_only(policy):
-        out = _check_reported(policy, await invoke(entry, target, kw), path, entry)
-    else:
-        out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
-    if store is not None:
+    if store is None:
+        if _cache_only(policy):
+            return _check_reported(policy, await invoke(entry, target, kw), path, entry)
+        return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+    flags, token = watch_degraded()
+    try:
+        if _cache_only(policy):
+            out = _check_reported(policy, await invoke(entry, target, kw), path, entry)
+        else:
+            out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
+    finally:
+        end_watch(flags, token)
+    if not flags:
         store(out)
     return out
 
@@ -487,7 +505,9 @@ async def _aattempts(
                 if fallback is None:
                     raise
                 try:
-                    return _check_declared(entry, await _afallback(owner, entry, kw, fallback), path)
+                    out = _check_declared(entry, await _afallback(owner, entry, kw, fallback), path)
+                    note_degraded()
+                    return out
                 except Exception as failed:
                     raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:

@@ -53,6 +53,7 @@ from stageflow.errors import ConfigurationError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
+from stageflow.stages import note_degraded
 from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import (
     _STAGE,
@@ -185,11 +186,13 @@ def _recovered(
             run.events.append(
                 PolicyEvent(path, "recovered", error=f"{type(original).__name__}: {original}", detail=detail)
             )
+            note_degraded()  # (a cache around this call keeps none of it)
             return True
     if "recovery_error" not in detail and _skips(policy, original):
         run.events.append(
             PolicyEvent(path, "skipped", error=f"{type(original).__name__}: {original}", detail=detail)
         )
+        note_degraded()
         return True
     run.events.append(
         PolicyEvent(path, "failed", error=f"{type(original).__name__}: {original}", detail=detail)

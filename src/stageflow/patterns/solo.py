@@ -78,8 +78,7 @@ def _setup(
     assert policy is not None  # (callers check)
     if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
         return name, entry, view, dict(kwargs), policy
-    inv_in = {v: k for k, v in stage.input_map.items()}
-    inputs = {inv_in.get(k, k): v for k, v in kwargs.items()}  # (as Stage.forward renames them)
+    inputs = stage.stage_inputs(kwargs)  # (as Stage.forward renames them)
     target: Any = view
     for part in entry.chain:  # (what the engine calls: the module, or a function stage's function)
         target = getattr(target, part)
@@ -154,15 +153,17 @@ def _failed(
     inputs: dict[str, Any],
     run: RunInfo,
     caller: Any,
+    given: dict[str, Any],
 ) -> Any:
     """``recover=`` / ``skip_on`` on the stage's error: the recovered fields, ``None`` when skipped;
-    raises otherwise."""
+    raises otherwise. The strategy sees the inputs as given (``given``: state names, as in a
+    pipeline's state), not as the wrapped stage takes them."""
     if isinstance(error, StageflowError):
         _relabelled(error, name)
     if not (policy.recover or policy.skip_on or policy.skip_if):
         _join_events(caller, run, name)
         raise error
-    state = dict(inputs)
+    state = dict(given)
     report = StageError(f"{name} raised {type(error).__name__}: {error}")
     went_on = _recovered(policy, entry, error, report, inputs, state, run, "")
     _join_events(caller, run, name)
@@ -174,7 +175,7 @@ def _failed(
         outputs = stage.ports.outputs
         if outputs is not None:
             return {k: state[k] for k in outputs if k in state}
-        return {k: v for k, v in state.items() if k not in inputs or inputs[k] is not v}
+        return {k: v for k, v in state.items() if k not in given or given[k] is not v}
     return None
 
 
@@ -191,7 +192,7 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any
     try:
         out = guarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke)
     except Exception as e:
-        return _failed(stage, name, entry, policy, e, inputs, run, caller)
+        return _failed(stage, name, entry, policy, e, inputs, run, caller, kwargs)
     finally:
         if token is not None:
             leave_applied(token)
@@ -208,7 +209,7 @@ async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module")
     try:
         out = await aguarded_call(_Owner(name, stage), entry, target, inputs, policy, run, "", _invoke_async)
     except Exception as e:
-        return _failed(stage, name, entry, policy, e, inputs, run, caller)
+        return _failed(stage, name, entry, policy, e, inputs, run, caller, kwargs)
     finally:
         if token is not None:
             leave_applied(token)

@@ -15,7 +15,9 @@ from stageflow.stages import (
     applied_call_memo,
     declared_types,
     describe,
+    end_watch,
     stage_label,
+    watch_degraded,
 )
 
 __all__ = ["CachedStage"]
@@ -122,19 +124,20 @@ class CachedStage(Stage):
         keys = make_key("", self.module, kwargs, self.cache, self._label)
         if keys is None:
             return False, None, None
-        memo = applied_call_memo(self)  # (a subclass of yours, under policies the engine applies)
-        if memo is None or memo.get("looked_up") != keys.memory:
+        memo = applied_call_memo()  # (inside a call whose policies the engine applies: retries)
+        mark = ("looked_up", id(self))
+        if memo is None or memo.get(mark) != keys.memory:
             # One lookup per call, as the engine's cache makes: a retried attempt missed already.
             found, value = self.cache.lookup(keys.memory, keys.durable, self._fits, self._label)
             if found:
                 _note_hit()
                 return True, value, None
             if memo is not None:
-                memo["looked_up"] = keys.memory
+                memo[mark] = keys.memory
 
         def store(out: Any) -> None:
             if memo is not None:
-                memo.pop("looked_up", None)  # (stored: a next call of the same inputs looks it up)
+                memo.pop(mark, None)  # (stored: a next call of the same inputs looks it up)
             if keys.after_call():
                 self.cache.store(keys.memory, keys.durable, out, "", self._label)
 
@@ -155,8 +158,12 @@ class CachedStage(Stage):
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
-        out = super().forward(**kwargs)
-        if store is not None:
+        flags, token = watch_degraded()
+        try:
+            out = super().forward(**kwargs)
+        finally:
+            end_watch(flags, token)
+        if store is not None and not flags:  # (never a fallback's, a recovery's or a skip's output)
             store(out)
         return out
 
@@ -173,8 +180,12 @@ class CachedStage(Stage):
         hit, value, store = self._begin(kwargs)
         if hit:
             return value
-        out = await super().aforward(**kwargs)
-        if store is not None:
+        flags, token = watch_degraded()
+        try:
+            out = await super().aforward(**kwargs)
+        finally:
+            end_watch(flags, token)
+        if store is not None and not flags:
             store(out)
         return out
 
