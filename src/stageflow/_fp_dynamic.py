@@ -20,11 +20,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
 import types
 import weakref
 from typing import Any
 
-from stageflow._fp_digest import code_info
+from stageflow._fp_digest import code_info, is_user_class, is_user_module
 
 __all__ = ["dynamic_reads", "dynamic_text"]
 
@@ -32,6 +34,7 @@ __all__ = ["dynamic_reads", "dynamic_text"]
 _DYNAMIC = frozenset({"globals", "vars", "eval", "exec"})
 _LIMIT = 200  # functions followed per stage
 _MEMO: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+_CALLS: weakref.WeakKeyDictionary[types.CodeType, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def dynamic_reads(obj: Any) -> list[str]:
@@ -66,7 +69,9 @@ def _walk(obj: Any) -> list[str]:
         seen.add(id(item))
         if isinstance(item, types.MethodType):
             item = item.__func__
-        if isinstance(item, types.FunctionType):
+        if isinstance(item, functools.partial):
+            stack.append(item.func)
+        elif isinstance(item, types.FunctionType):
             _function(item, found, stack)
         elif hasattr(item, "fn") and callable(item.fn):  # a function stage
             stack.append(item.fn)
@@ -85,13 +90,61 @@ def _function(fn: types.FunctionType, found: list[str], stack: list[Any]) -> Non
     if not user:
         return
     g = fn.__globals__
-    if any(n in _DYNAMIC and n not in g for n in names):
+    if any(n not in g for n in _dynamic_calls(fn.__code__)):  # (the builtins, not names of yours)
         found.append(fn.__qualname__)
-    stack.extend(v for n in names if isinstance(v := g.get(n), types.FunctionType))
+    for n in names:
+        _follow(g.get(n), names, stack)
     for cell in fn.__closure__ or ():
         try:
             value = cell.cell_contents
         except ValueError:  # (an empty cell)
             continue
-        if isinstance(value, types.FunctionType):
-            stack.append(value)
+        _follow(value, names, stack)
+
+
+def _follow(value: Any, names: tuple[str, ...], stack: list[Any]) -> None:
+    """What a function runs through a name it reads: a function, a ``functools.partial``'s function,
+    the functions of a module of yours that its code names (``helpers.rate()``), the methods of an
+    object of your class (``PRICER.price(x)``)."""
+    if isinstance(value, types.ModuleType):
+        if is_user_module(value.__name__):
+            for n in names:
+                attr = getattr(value, n, None)
+                if not isinstance(attr, types.ModuleType):
+                    _follow(attr, names, stack)
+    elif isinstance(value, types.FunctionType | functools.partial):
+        stack.append(value)
+    elif value is not None and not isinstance(value, type) and is_user_class(type(value)):
+        stack.extend(f for f in vars(type(value)).values() if isinstance(f, types.FunctionType))
+
+
+def _dynamic_calls(code: types.CodeType) -> frozenset[str]:
+    """The builtins ``code`` (and the code nested in it) loads by name to look names up at run time:
+    ``globals``, ``eval``, ``exec``, and ``vars`` called with no argument (``vars(obj)`` reads an
+    object's attributes). An attribute of the same name (``model.eval()``) is not one."""
+    known = _CALLS.get(code)
+    if known is not None:
+        return known
+    hits: set[str] = set()
+    for c in _codes(code):
+        ops = list(dis.get_instructions(c))
+        for i, op in enumerate(ops):
+            if op.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or op.argval not in _DYNAMIC:
+                continue
+            if op.argval == "vars":
+                call = next((o for o in ops[i + 1 :] if o.opname in ("PRECALL", "CALL")), None)
+                if call is None or call.arg != 0:
+                    continue
+            hits.add(str(op.argval))
+    known = frozenset(hits)
+    _CALLS[code] = known
+    return known
+
+
+def _codes(code: types.CodeType) -> list[types.CodeType]:
+    out, stack = [], [code]
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
+    return out

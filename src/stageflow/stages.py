@@ -570,7 +570,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         """Call the function (an ``async def`` one runs to its result on stageflow's background
         event loop, as a sync pipeline runs it)."""
         out = self.fn(**kwargs)
-        if self.is_async and inspect.isawaitable(out):
+        if inspect.iscoroutine(out) or (self.is_async and inspect.isawaitable(out)):
             from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
 
             if on_background_loop():
@@ -589,7 +589,10 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         if self.blocking:
             from stageflow.engine.concurrency import to_thread
 
-            return await to_thread(self.fn, **kwargs)
+            out = await to_thread(self.fn, **kwargs)
+            if inspect.iscoroutine(out):  # (an async function behind a plain wrapper)
+                out = await out
+            return out
         out = self.fn(**kwargs)
         if inspect.isawaitable(out):
             out = await out
@@ -713,8 +716,11 @@ class Stage(dspy.Module):  # type: ignore[misc]
         # A __call__ / acall of yours runs inside the stage's policies, called on its own as in a
         # pipeline (where the engine calls it once per attempt).
         for name, around in (("__call__", _policies_around), ("acall", _apolicies_around)):
-            own = cls.__dict__.get(name)
-            if inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
+            # (its own, or a mixin's: the first class of its MRO that defines it)
+            owner = next(c for c in cls.__mro__ if name in c.__dict__)
+            own = owner.__dict__[name]
+            library = (owner.__module__ or "").startswith(("stageflow.", "dspy.")) or owner is object
+            if not library and inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
                 setattr(cls, name, around(own))
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -27,7 +27,7 @@ def by_eval(x: int) -> dict[str, int]:
 
 
 def helper(x: int) -> int:
-    return x * vars(__import__(__name__))["RATE"]
+    return x * int(globals()["RATE"])
 
 
 def through_a_helper(x: int) -> dict[str, int]:

@@ -39,6 +39,7 @@ from stageflow.engine.fanout import BranchOutcome, _check_policy
 from stageflow.engine.plan import FUNCTION, StageEntry
 from stageflow.engine.protocol import DEFAULT_POLICY
 from stageflow.engine.runner import _exit_at, _prepared, _raised
+from stageflow.stages import note_degraded
 from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import _STAGE
 
@@ -223,6 +224,8 @@ async def abare_fan_out(
     events_in_input_order(run, values)
     if stop_error:
         raise stop_error[0]
+    if "error" in status or "timeout" in status:
+        note_degraded()  # (an output without failed branches is not cached: see note_failed_branches)
     return Outcomes(status, values, errors, elapsed)
 
 

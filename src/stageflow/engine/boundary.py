@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
+from types import CoroutineType
 from typing import Any, TypeVar
 
 import dspy
@@ -169,6 +170,29 @@ def _items(out: Any) -> list[tuple[str, Any]]:
 def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
     if type(out) is not dict:
+        if type(out) is CoroutineType:  # (never awaited: a sync call of an async function behind a wrapper)
+            from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
+
+            if not on_background_loop():  # (run to its result, as FunctionStage does for one)
+                try:
+                    awaited = run_on_background_loop(out)
+                except Exception as e:  # (the stage failed: said as any stage's failure is)
+                    cause = e.__cause__ if isinstance(e, StageflowError) else e
+                    raise stage_failure(entry, e, prefix) from cause
+                merge_outputs(entry, awaited, state, run, prefix)
+                return
+            out.close()
+            path = join_path(prefix, entry.path)
+            raise _full(
+                StageError(
+                    f"Stage '{path}' ({entry.label}) returned a coroutine that nothing awaited: an async "
+                    "function behind a plain (sync) wrapper.",
+                    stage_path=path,
+                    code="bad_output",
+                    hint="make the wrapper `async def` (and await the function), or call the pipeline "
+                    "with `await pipeline.acall(...)`",
+                )
+            )
         resolve = getattr(type(out), "stageflow_resolve", None)
         if resolve is not None:  # a lazy result: merging its fields resolves it, and the stage runs now
             try:

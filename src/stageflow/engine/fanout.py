@@ -18,6 +18,7 @@ from stageflow.engine.config import CONFIG
 from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
+from stageflow.stages import note_degraded
 
 __all__ = [
     "BranchOutcome",
@@ -27,6 +28,7 @@ __all__ = [
     "afan_out",
     "enclosing_fan_out",
     "fan_out",
+    "note_failed_branches",
 ]
 
 logger = logging.getLogger("stageflow")
@@ -356,7 +358,17 @@ def fan_out(
         raise run.fatal
     if run.first_error is not None:
         raise run.first_error
+    note_failed_branches(run.outcomes)
     return run.outcomes
+
+
+def note_failed_branches(outcomes: Sequence[BranchOutcome]) -> None:
+    """A fan-out that goes on past failed branches (``collect`` / ``skip``) gives an output without
+    them: a cache around it must not keep that output (see ``stageflow.stages.note_degraded``)."""
+    for o in outcomes:
+        if o.status == "error" or o.status == "timeout":
+            note_degraded()
+            return
 
 
 def _wait(
@@ -503,4 +515,5 @@ async def afan_out(
         raise interrupt[0]
     if first_error:
         raise first_error[0]
+    note_failed_branches(outcomes)
     return outcomes

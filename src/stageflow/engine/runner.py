@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stageflow._callers import setting
@@ -577,9 +578,12 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
         return await acall_predictor(target, kw)
     if entry.kind == FUNCTION:
         if entry.blocking:
-            return await concurrency.to_thread(target, **kw)
+            out = await concurrency.to_thread(target, **kw)
+            if type(out) is CoroutineType:  # (an async function behind a plain wrapper)
+                out = await out
+            return out
         out = target(**kw)
-        if entry.is_async_fn:
+        if entry.is_async_fn or type(out) is CoroutineType:
             out = await out
         return out
     if entry.lazy:  # (its deferred work runs on a worker thread, as any blocking call of a stage)

@@ -9,7 +9,7 @@ from typing import Any
 
 import dspy
 
-from stageflow.stages import FunctionStage, Ports, describe
+from stageflow.stages import FunctionStage, Ports, describe, wraps_function
 
 __all__ = ["LazyResult", "LazyStage"]
 
@@ -146,14 +146,13 @@ class LazyStage(dspy.Module):  # type: ignore[misc]
         return describe(self.underlying_stage)
 
     def _single(self) -> str | None:
+        """The one declared output of a function stage (or a ``Stage`` around one, under its renamed
+        name), which the function may return bare."""
         stage = self.underlying_stage
-        if (
-            isinstance(stage, FunctionStage)
-            and stage.ports.outputs is not None
-            and len(stage.ports.outputs) == 1
-        ):
-            return stage.ports.outputs[0]
-        return None
+        if not (isinstance(stage, FunctionStage) or wraps_function(stage)):
+            return None
+        outputs = stage.ports.outputs
+        return outputs[0] if outputs is not None and len(outputs) == 1 else None
 
     def forward(self, **kwargs: Any) -> LazyResult:
         """Return a lazy result wrapper; nothing runs yet."""
