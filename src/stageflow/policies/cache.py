@@ -414,6 +414,8 @@ def make_key(
 
 
 def _warn_dynamic(policy: CachePolicy, stage: str, functions: list[str]) -> None:
+    if (stage, "dynamic") in policy._warned:  # (said once already: no message built on every hit)
+        return
     policy.warn_once(
         stage,
         "dynamic",
