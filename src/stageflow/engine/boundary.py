@@ -15,6 +15,7 @@ import dspy
 
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError, StageflowError, error_text
+from stageflow.policies.lazy import LazyResult
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -193,10 +194,9 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
                     "with `await pipeline.acall(...)`",
                 )
             )
-        resolve = getattr(type(out), "stageflow_resolve", None)
-        if resolve is not None:  # a lazy result: merging its fields resolves it, and the stage runs now
+        if type(out) is LazyResult:  # merging its fields resolves it, and the stage runs now
             try:
-                out = resolve(out)
+                out = out.stageflow_resolve()
             except Exception as e:  # (the stage failed: said as any stage's failure is)
                 cause = e.__cause__ if isinstance(e, StageflowError) else e
                 raise stage_failure(entry, e, prefix) from cause
