@@ -1,6 +1,6 @@
 """A skipped stage is left out of the run as if absent (README, ErrorHandlingPipeline): a field it
 would have written keeps the value it had before it, and a later stage that reads a field nothing
-produced fails at its boundary, naming it."""
+produced fails at its boundary, naming it and the stage skipped before it."""
 
 from __future__ import annotations
 
@@ -36,5 +36,7 @@ async def test_an_earlier_stages_value_stands_when_a_later_writer_is_skipped(mod
 
 async def test_a_field_nothing_produced_fails_at_the_readers_boundary(mode: str) -> None:
     pipeline = ErrorHandlingPipeline([expensive, publish])
-    with pytest.raises(ContractError, match="answer"):
+    with pytest.raises(ContractError, match="answer") as info:
         await call(pipeline, mode, question="q")
+    assert "Skipped earlier in this run, writing nothing: 'stages[0]' (TimeoutError" in str(info.value)
+    assert "fallback=" in str(info.value)

@@ -116,12 +116,18 @@ def missing_at_run_time(
     failed = _failed_writer(run, f)
     if failed:
         expected += f" It was to be written by {failed}."
+    skipped = [e for e in run.events if e.kind == "skipped"] if run is not None and not failed else []
+    if skipped:  # (a skipped stage writes nothing: the likely writer)
+        named = "; ".join(f"'{e.stage}' ({e.error})" for e in skipped[:3])
+        expected += f" Skipped earlier in this run, writing nothing: {named}."
     close = difflib.get_close_matches(f, list(state), n=1, cutoff=0.5)
     fixes = []
     if failed:
         fixes.append(
             "fix that stage's failure, give it a Fallback, or use on_error='fail_fast' to stop at the failure"
         )
+    elif skipped:
+        fixes.append(f"give the skipped stage a fallback= that writes '{f}', or make '{f}' optional here")
     elif candidates:
         fixes.append(f"return '{f}' from {', '.join(repr(join_path(prefix, c)) for c in candidates)}")
         fixes.append(
