@@ -92,3 +92,17 @@ async def test_a_lazy_stage_that_succeeds_merges_its_fields(mode: str) -> None:
     result = await call(SequentialPipeline([first, LazyStage(summarize)]), mode, q=1)
     assert result.z == 6
     assert ran == [2]
+
+
+async def test_on_its_own_a_lazy_stage_with_policies_stays_lazy(mode: str) -> None:
+    ran = stageflow.untracked([])
+
+    @stageflow.stage(writes=["z"])
+    def summarize(a: int) -> dict[str, int]:
+        ran.append(a)
+        return {"z": a * 3}
+
+    pending = await call(Stage(LazyStage(summarize), retry=2), mode, a=2)
+    assert (type(pending).__name__, pending.done, ran) == ("LazyResult", False, [])
+    assert pending["z"] == 6
+    assert ran == [2]

@@ -69,11 +69,11 @@ def _setup(
     if how == "call":
         # A subclass of yours: its whole call (its own __call__ / acall if it has one, DSPy's
         # Module.__call__ and its own forward), on this very object.
-        entry = build_entry(name, None, stage)
+        entry = _alone(build_entry(name, None, stage))
         return name, entry, _Rest(stage), dict(kwargs), _left(stage)
     view: Stage = Stage.__new__(Stage)  # (the stage as a plain Stage: the engine calls its module)
     view.__dict__ = stage.__dict__
-    entry = build_entry(name, None, view)
+    entry = _alone(build_entry(name, None, view))
     policy = stage.policy if how == "cached" else _left(stage)
     assert policy is not None  # (callers check)
     if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
@@ -83,6 +83,12 @@ def _setup(
     for part in entry.chain:  # (what the engine calls: the module, or a function stage's function)
         target = getattr(target, part)
     return name, entry, target, inputs, policy
+
+
+def _alone(entry: StageEntry) -> StageEntry:
+    """The entry for a call on its own: a lazy stage stays lazy there (it returns its pending
+    ``LazyResult``; only a pipeline forces it as part of the stage's call)."""
+    return replace(entry, lazy=False) if entry.lazy else entry
 
 
 class _Rest:
