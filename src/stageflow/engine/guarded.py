@@ -48,7 +48,8 @@ def _from_cache(
     policy: StagePolicy, entry: StageEntry, path: str, target: Any, kw: dict[str, Any], run: RunInfo
 ) -> tuple[Any, Callable[[Any], None] | None]:
     """``(a fresh copy of the cached output, None)`` on a hit; ``(_MISS, store)`` on a miss, where
-    ``store(out)`` keeps a private copy of the call's output unless the call ended on its fallback;
+    ``store(out)`` keeps a private copy of the call's output (the caller does not call it when a
+    policy replaced a failure during the call: see ``stageflow.stages.note_degraded``);
     ``(_MISS, None)`` without a cache, while traces are collected, or for an input that cannot be
     keyed exactly (the cache has warned once)."""
     cache = policy.cache
@@ -67,10 +68,9 @@ def _from_cache(
         run.events.append(PolicyEvent(path, "cache_hit"))
         note_policy_event("cache_hit")
         return value, None
-    seen = len(run.events)
 
     def store(out: Any) -> None:
-        if not _fell_back(run, seen, path) and keys.after_call():
+        if keys.after_call():
             cache.store(keys.memory, keys.durable, out, path)
 
     return _MISS, store
@@ -80,14 +80,6 @@ def _declared_fit(entry: StageEntry) -> Callable[[Any], str | None]:
     """What a persistent cache entry must be for this stage (see :func:`output_problem`)."""
     fields = None if entry.out_pairs is None else [sf for sf, _ in entry.out_pairs]
     return functools.partial(output_problem, fields=fields, single=entry.single_output is not None)
-
-
-def _fell_back(run: RunInfo, since: int, path: str) -> bool:
-    """Whether this call ended on its fallback (a fallback's output is never cached)."""
-    events = run.events
-    if len(events) == since:  # the usual case: nothing happened during the call
-        return False
-    return any(e.kind == "fallback" and e.stage == path for e in events[since:])
 
 
 def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
@@ -289,19 +281,17 @@ def _guarded(
     cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    if store is None:
-        if _cache_only(policy):
-            return _check_reported(policy, invoke(entry, target, kw), path, entry)
-        return _attempts(owner, entry, target, kw, policy, run, path, invoke)
-    flags, token = watch_degraded()  # (a fallback here or a stage inside: its output is not cached)
+    # (a failure replaced here or in a stage inside — fallback, recovery, skip: nothing is cached)
+    watch = None if store is None else watch_degraded()
     try:
         if _cache_only(policy):
             out = _check_reported(policy, invoke(entry, target, kw), path, entry)
         else:
             out = _attempts(owner, entry, target, kw, policy, run, path, invoke)
     finally:
-        end_watch(flags, token)
-    if not flags:
+        if watch is not None:
+            end_watch(*watch)
+    if store is not None and watch is not None and not watch[0]:
         store(out)
     return out
 
@@ -463,19 +453,16 @@ async def _aguarded(
     cached, store = _from_cache(policy, entry, path, target, kw, run)
     if cached is not _MISS:
         return cached
-    if store is None:
-        if _cache_only(policy):
-            return _check_reported(policy, await invoke(entry, target, kw), path, entry)
-        return await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
-    flags, token = watch_degraded()
+    watch = None if store is None else watch_degraded()
     try:
         if _cache_only(policy):
             out = _check_reported(policy, await invoke(entry, target, kw), path, entry)
         else:
             out = await _aattempts(owner, entry, target, kw, policy, run, path, invoke)
     finally:
-        end_watch(flags, token)
-    if not flags:
+        if watch is not None:
+            end_watch(*watch)
+    if store is not None and watch is not None and not watch[0]:
         store(out)
     return out
 
