@@ -66,6 +66,7 @@ __all__ = [
     "left_to_engine",
     "own_call",
     "own_call_code",
+    "held_to_outputs",
     "Ports",
     "RESERVED_FIELD_NAMES",
     "Stage",
@@ -221,6 +222,37 @@ def _skipped_inside(stage: Stage) -> None:
         code="skipped_inside",
         hint="give skip_on to the outer Stage, or put the inner stage in the pipeline itself",
     )
+
+
+def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any) -> Any:
+    """``out``, returned on its own by the stage ``label`` that declares ``outputs``: a record (a dict,
+    a ``dspy.Prediction``, a pydantic model) missing one of them is a
+    :class:`~stageflow.ContractError` naming the stage and the field, as a pipeline raises. A value
+    with no named fields, and a pending lazy result, are left as they are (a pipeline checks them
+    on merge)."""
+    if outputs is None or hasattr(type(out), "stageflow_resolve"):  # (a lazy result stays pending)
+        return out
+    if isinstance(out, dspy.Example):
+        have: Any = out._store
+    elif isinstance(out, Mapping):
+        have = out
+    elif hasattr(out, "model_dump") and hasattr(type(out), "model_fields"):
+        have = type(out).model_fields
+    else:
+        return out
+    for name in outputs:
+        if name not in have:
+            from stageflow.errors import ContractError
+
+            raise ContractError(
+                f"{label} declares output '{name}' but did not return it. It returned: "
+                f"{sorted(str(k) for k in have)}.",
+                stage_path=label,
+                field=name,
+                code="missing_output",
+                hint=f"return '{name}' from the stage, or fix its writes=[...] declaration",
+            )
+    return out
 
 
 def left_to_engine(cls: type, policy: StagePolicy | None) -> StagePolicy | None:
@@ -582,7 +614,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
                     code="async_in_sync",
                 )
             out = run_on_background_loop(out)
-        return out
+        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out)
 
     async def aforward(self, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
@@ -592,11 +624,11 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             out = await to_thread(self.fn, **kwargs)
             if inspect.iscoroutine(out):  # (an async function behind a plain wrapper)
                 out = await out
-            return out
-        out = self.fn(**kwargs)
-        if inspect.isawaitable(out):
-            out = await out
-        return out
+        else:
+            out = self.fn(**kwargs)
+            if inspect.isawaitable(out):
+                out = await out
+        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out)
 
     def __repr__(self) -> str:
         return f"FunctionStage({self.stage_name})"
@@ -873,6 +905,15 @@ class Stage(dspy.Module):  # type: ignore[misc]
             return self._bare_output(out)
         return dspy.Prediction(**{self.output_map.get(k, k): v for k, v in items.items()})
 
+    def _returned(self, out: Any) -> Any:
+        """What the stage returns on its own: the module's result renamed, held to the outputs the
+        stage declares (:func:`held_to_outputs`; fields some paths of a composite leave out are not
+        required)."""
+        out = self._rename_outputs(out)
+        if self.inner_ports.partial:
+            return out
+        return held_to_outputs(f"Stage({stage_label(self.module)})", self.ports.outputs, out)
+
     def _bare_output(self, out: Any) -> Any:
         """A value with no named fields, returned where ``outputs=`` renames: as in a pipeline, a
         function stage with one declared output returns it as it is (a pipeline stores it under the
@@ -923,7 +964,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
                 POLICY_APPLIED.reset(token)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
-        return self._rename_outputs(out)
+        return self._returned(out)
 
     async def aforward(self, **kwargs: Any) -> Any:
         if _sync_only(type(self)):  # (a subclass of yours with its own forward only)
@@ -948,7 +989,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
                 POLICY_APPLIED.reset(token)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
-        return self._rename_outputs(out)
+        return self._returned(out)
 
     def __repr__(self) -> str:
         return f"Stage({stage_label(self.module)}, inputs={self.input_map}, outputs={self.output_map})"

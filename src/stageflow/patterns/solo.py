@@ -1,7 +1,8 @@
 """A :class:`~stageflow.Stage` with policies, called where no pipeline runs it (on its own, from a
 module's ``forward``, wrapped in another ``Stage``): the engine's policy code runs around the call,
 as it does for the stage in a pipeline, and the call takes and returns what the stage alone does
-(any keyword arguments, any return value).
+(any keyword arguments, any return value; a record missing an output the stage declares is the
+``ContractError`` a pipeline raises).
 
 - ``stage(...)`` / ``await stage.acall(...)`` run the whole stage under its policies, a subclass's
   own ``forward`` included, as a pipeline runs it.
@@ -121,7 +122,7 @@ def _left(stage: Stage) -> StagePolicy:
 def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
     if not entry.chain:  # (the stage's own call, or the view's: what it returned, renamed by it)
         return out
-    return stage._rename_outputs(out)
+    return stage._returned(out)
 
 
 def _relabelled(error: StageflowError, name: str) -> StageflowError:

@@ -1,0 +1,97 @@
+"""A stage that declares its outputs is held to them on its own as it is in a pipeline: a result
+missing a declared field is a ``ContractError`` naming the stage and the field, on every path
+(``Stage``, ``stage()``, with and without policies, renamed, sync and async)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+import pydantic
+import pytest
+
+import stageflow
+from stageflow import ContractError, SequentialPipeline, Stage, StageError
+from stageflow.testing import call
+
+
+def wrong(x: int) -> dict[str, int]:
+    return {"z": x}
+
+
+def right(x: int) -> dict[str, int]:
+    return {"y": x + 1}
+
+
+SHAPES: dict[str, Any] = {
+    "Stage": lambda fn: Stage(fn, writes=["y"]),
+    "Stage retry=": lambda fn: Stage(fn, writes=["y"], retry=2),
+    "stage()": lambda fn: stageflow.stage(fn, writes=["y"]),
+    "Stage(stage())": lambda fn: Stage(stageflow.stage(fn, writes=["y"])),
+    "Stage(Stage()) cache": lambda fn: Stage(Stage(fn, writes=["y"]), cache=True),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_a_missing_declared_output_is_refused_alone_as_in_a_pipeline(mode: str, shape: str) -> None:
+    with pytest.raises(ContractError) as alone:
+        await call(SHAPES[shape](wrong), mode, x=1)
+    assert alone.value.field == "y"
+    assert alone.value.code == "missing_output"
+    assert "'y'" in str(alone.value)
+    assert "['z']" in str(alone.value)
+    with pytest.raises(ContractError) as piped:
+        await call(SequentialPipeline([SHAPES[shape](wrong)]), mode, x=1)
+    assert piped.value.field == alone.value.field
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+async def test_declared_outputs_returned_pass_unchanged(mode: str, shape: str) -> None:
+    out = await call(SHAPES[shape](right), mode, x=1)
+    assert out["y"] == 2
+
+
+async def test_the_error_names_the_renamed_output(mode: str) -> None:
+    renamed = Stage(wrong, writes=["y"], outputs={"y": "answer"})
+    with pytest.raises(ContractError) as info:
+        await call(renamed, mode, x=1)
+    assert info.value.field == "answer"
+    assert info.value.stage_path == "Stage(function wrong())"
+
+
+async def test_a_module_returning_a_prediction_without_a_signature_field(mode: str) -> None:
+    class Partial(dspy.Module):  # type: ignore[misc]
+        def forward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(draft=question)
+
+        async def aforward(self, question: str) -> dspy.Prediction:
+            return self.forward(question=question)
+
+    with pytest.raises(ContractError) as info:
+        await call(Stage(Partial(), writes=["answer"]), mode, question="q")
+    assert info.value.field == "answer"
+
+
+async def test_a_pydantic_result_is_checked_by_its_fields(mode: str) -> None:
+    class Out(pydantic.BaseModel):
+        z: int
+
+    with pytest.raises(ContractError):
+        await call(Stage(lambda x: Out(z=x), writes=["y"]), mode, x=1)
+
+
+async def test_a_bare_single_output_is_left_as_it_is(mode: str) -> None:
+    assert await call(Stage(lambda x: x * 3, writes=["y"]), mode, x=2) == 6
+
+
+async def test_undeclared_outputs_are_not_checked(mode: str) -> None:
+    assert await call(Stage(wrong), mode, x=1) == {"z": 1}
+
+
+async def test_a_fallback_missing_a_declared_output_is_refused_alone(mode: str) -> None:
+    def boom(x: int) -> dict[str, int]:
+        raise ValueError("down")
+
+    with pytest.raises(StageError) as info:
+        await call(Stage(boom, writes=["y"], fallback={"z": 1}), mode, x=1)
+    assert "declares output 'y'" in str(info.value)
