@@ -8,8 +8,9 @@ DSPy copies its own settings overrides into them, in the thread that starts the 
 call it first adds the running table, stage and path to those overrides; an LM call in a worker
 thread then records its usage where the stage's own calls go (``stageflow.usage._where``), and the
 profiler and per-stage usage count it; a pipeline called there runs under that path and reports its
-usage to that stage (``stageflow.usage.calling_stage``). Outside a pipeline call the wrapper only
-calls DSPy's method.
+usage to that stage (``stageflow.usage.calling_stage``). Inside a cached call it carries the cache's
+watch for replaced failures too (``stageflow.stages.DEGRADED_KEY``), so a fallback in a worker thread
+keeps the call's output out of the cache. Outside both the wrapper only calls DSPy's method.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 from typing import Any
 
 from stageflow.engine.hooks import _PATH
+from stageflow.stages import DEGRADED_KEY, degraded_watch
 from stageflow.usage import _SETTINGS_KEY, _STAGE, _TABLE
 
 __all__ = ["install"]
@@ -41,11 +43,15 @@ def install() -> None:
 
         def execute(self: Any, function: Any, data: Any) -> Any:
             table = _TABLE.get()
-            if table is None:  # not inside a pipeline call
+            watch = degraded_watch()
+            if table is None and watch is None:  # not inside a pipeline call or a cached call
                 return original(self, function, data)
             current = overrides_var.get()
             here = type(current)(current)
-            here[_SETTINGS_KEY] = (table, _STAGE.get(), _PATH.get())
+            if table is not None:
+                here[_SETTINGS_KEY] = (table, _STAGE.get(), _PATH.get())
+            if watch is not None:
+                here[DEGRADED_KEY] = watch
             token = overrides_var.set(here)
             try:
                 return original(self, function, data)

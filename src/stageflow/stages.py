@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "DEGRADED_KEY",
     "DeferredField",
     "FunctionStage",
     "POLICY_APPLIED",
@@ -71,6 +72,7 @@ __all__ = [
     "RESERVED_FIELD_NAMES",
     "Stage",
     "declared_types",
+    "degraded_watch",
     "describe",
     "stage",
     "wraps_function",
@@ -114,9 +116,27 @@ _DEGRADED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
 )
 
 
+#: The key under which a cache's watch travels in DSPy's settings overrides, which DSPy copies into
+#: the worker threads of ``dspy.Parallel`` (stageflow's context variables do not go there).
+DEGRADED_KEY = "stageflow_degraded"
+
+
+def degraded_watch() -> list[bool] | None:
+    """The watch of the innermost cache waiting for a stage's output here (``None``: none is);
+    in a ``dspy.Parallel`` worker thread, the one carried from the thread that started it."""
+    flags = _DEGRADED.get()
+    if flags is not None:
+        return flags
+    settings_module = sys.modules.get("dspy.dsp.utils.settings")
+    if settings_module is None:
+        return None
+    carried = settings_module.thread_local_overrides.get().get(DEGRADED_KEY)
+    return carried if type(carried) is list else None
+
+
 def note_degraded() -> None:
     """A policy replaced a failure with another output (fallback, recovery, skip) here."""
-    flags = _DEGRADED.get()
+    flags = degraded_watch()
     if flags is not None:
         flags.append(True)
 
@@ -124,6 +144,9 @@ def note_degraded() -> None:
 def watch_degraded() -> tuple[list[bool], contextvars.Token[list[bool] | None]]:
     """Start watching for :func:`note_degraded` in the call that follows; give both to
     :func:`end_watch`, then test the list (empty: nothing was replaced)."""
+    from stageflow.usage import carry_into_parallel
+
+    carry_into_parallel()  # (a fallback in a dspy.Parallel thread inside the call is seen too)
     flags: list[bool] = []
     return flags, _DEGRADED.set(flags)
 

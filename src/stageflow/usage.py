@@ -449,6 +449,16 @@ _SETTINGS_KEY = "stageflow_usage_table"
 _PARALLEL = [False]
 
 
+def carry_into_parallel() -> None:
+    """Have ``dspy.Parallel`` carry the running stage (and a cache's watch for replaced failures)
+    into its worker threads, once per process (see :mod:`stageflow._parallel_usage`)."""
+    if not _PARALLEL[0]:
+        from stageflow._parallel_usage import install
+
+        install()
+        _PARALLEL[0] = True
+
+
 def _where() -> tuple[UsageTable | None, str]:
     """The table and stage the LM work happening here belongs to."""
     table = _TABLE.get()
@@ -668,10 +678,7 @@ def open_run(table: UsageTable, adapter: Any = None) -> tuple[Any, ...]:
     if settings_module is None:  # DSPy not loaded: no LM can be called
         return (token, None, None)
     if not _PARALLEL[0]:
-        from stageflow._parallel_usage import install
-
-        install()
-        _PARALLEL[0] = True
+        carry_into_parallel()
     overrides_var = settings_module.thread_local_overrides
     cls = _TRACKER_CLASS[0]
     if cls is None:
