@@ -2,8 +2,9 @@
 
 A branch is ``(entry, branch_state)``: the engine's :func:`call_stage` runs ``entry`` over its own
 copy of the state, with its own :class:`RunInfo`; the pattern then merges what each branch
-produced. Sync calls fan out on threads (or, when every branch is an ``async def`` stage, on
-stageflow's background event loop); async calls fan out on tasks.
+produced. Sync calls fan out on threads, or, when every branch can be awaited natively (an ``async
+def`` stage, a predictor whose LM awaits its own engine: :mod:`stageflow.engine.awaitable`), on
+tasks on stageflow's background event loop; async calls fan out on tasks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stageflow import _checks
+from stageflow.engine.awaitable import awaits_natively
 from stageflow.engine.bare import Outcomes, abare_fan_out, bare_ready, events_in_input_order, in_input_order
 from stageflow.engine.concurrency import (
     BranchOutcome,
@@ -31,7 +33,7 @@ from stageflow.engine.fanout import BranchTimeoutError, StopSignal, enclosing_fa
 from stageflow.engine.plan import FUNCTION, StageEntry, join_path
 from stageflow.engine.pool import to_thread
 from stageflow.engine.runner import acall_stage, call_stage
-from stageflow.engine.streaming import listening
+from stageflow.engine.streaming import listening, loop_token
 from stageflow.errors import ConfigurationError, PipelineError, StageTimeoutError
 from stageflow.state import RunInfo
 
@@ -321,8 +323,14 @@ def run_branches(
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from a sync call (``on_start``: see :func:`fan_out`)."""
     entries = _entries(branches)
-    native_async = all(e.kind == FUNCTION and e.is_async_fn for e in entries)
-    if branches and native_async and not on_background_loop():
+    if (
+        branches
+        and on_start is None
+        and not on_background_loop()
+        and not listening()
+        and loop_token() is None
+        and awaits_natively(owner, entries)
+    ):
         return run_on_background_loop(  # type: ignore[no-any-return]
             arun_branches(
                 owner,
