@@ -10,7 +10,8 @@ thread then records its usage where the stage's own calls go (``stageflow.usage.
 profiler and per-stage usage count it; a pipeline called there runs under that path and reports its
 usage to that stage (``stageflow.usage.calling_stage``). Inside a cached call it carries the cache's
 watch for replaced failures too (``stageflow.stages.DEGRADED_KEY``), so a fallback in a worker thread
-keeps the call's output out of the cache. Outside both the wrapper only calls DSPy's method.
+keeps the call's output out of the cache, as does an item DSPy gave up on (``None`` in its place).
+Outside both the wrapper only calls DSPy's method.
 """
 
 from __future__ import annotations
@@ -53,10 +54,15 @@ def install() -> None:
             if watch is not None:
                 here[DEGRADED_KEY] = watch
             token = overrides_var.set(here)
+            before = len(getattr(self, "failed_indices", ()))
             try:
-                return original(self, function, data)
+                out = original(self, function, data)
             finally:
                 overrides_var.reset(token)
+            if watch is not None and len(getattr(self, "failed_indices", ())) > before:
+                # DSPy went on past failed items (None in their place): not the answer to cache
+                watch.append(True)
+            return out
 
         execute.__wrapped__ = original  # type: ignore[attr-defined]
         execute.__doc__ = original.__doc__

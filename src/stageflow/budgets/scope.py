@@ -28,6 +28,7 @@ from stageflow.budgets._state import CHAIN, GATES, LIVE, SKIP
 from stageflow.budgets.ledger import BudgetLedger
 from stageflow.budgets.spec import LMBudget, as_budget
 from stageflow.engine.carry import carried, publish
+from stageflow.stages import note_degraded
 from stageflow.usage import run_events
 
 __all__ = [
@@ -178,9 +179,12 @@ def stage_gate(stage: str, events: list[Any]) -> Any:
         assert degrade is not None
         if any(_pattern(p).fullmatch(stage) for p in degrade.skip):
             record_event(ledger, "budget_skipped", stage=stage, events=events, share=round(ledger.share(), 4))
+            note_degraded()  # (a cache around this call keeps none of it: not the full answer)
             return SKIP
         if lm is None and degrade.lm is not None:
             lm = degrade.lm
+    if lm is not None:
+        note_degraded()
     return lm
 
 
@@ -195,6 +199,8 @@ def members_allowed(count: int, stage: str, events: list[Any]) -> int:
         if limit is not None and limit < allowed:
             allowed = limit
             record_event(ledger, "budget_members", stage=stage, events=events, ran=limit, of=count)
+    if allowed < count:
+        note_degraded()
     return allowed
 
 

@@ -106,6 +106,13 @@ def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
     return out
 
 
+def _storable(out: Any, policy: StagePolicy, entry: StageEntry) -> bool:
+    """Whether a cache may keep ``out``: not when it reports an error in its error field (a
+    ``StandardStage``'s ``error``), which is a failure even where nothing raised it (on its own)."""
+    field = policy.error_field or (entry.policy.error_field if entry.policy is not None else None)
+    return field is None or not reported_error(out, field)
+
+
 def reported_error(out: Any, field: str) -> Any:
     """The value of a stage result's error field (``None`` when it has none)."""
     if isinstance(out, dspy.Example):
@@ -291,7 +298,7 @@ def _guarded(
     finally:
         if watch is not None:
             end_watch(*watch)
-    if store is not None and watch is not None and not watch[0]:
+    if store is not None and watch is not None and not watch[0] and _storable(out, policy, entry):
         store(out)
     return out
 
@@ -462,7 +469,7 @@ async def _aguarded(
     finally:
         if watch is not None:
             end_watch(*watch)
-    if store is not None and watch is not None and not watch[0]:
+    if store is not None and watch is not None and not watch[0] and _storable(out, policy, entry):
         store(out)
     return out
 

@@ -143,6 +143,16 @@ class CachedStage(Stage):
 
         return False, None, store
 
+    def _storable(self, out: Any) -> bool:
+        """Not an output that reports an error in its error field (a ``StandardStage``'s ``error``)."""
+        from stageflow.engine.guarded import reported_error
+
+        module = self.module
+        while isinstance(module, Stage):
+            module = module.module
+        field = getattr(module, "stageflow_error_field", None)
+        return not (isinstance(field, str) and reported_error(out, field))
+
     def _fits(self, value: Any) -> str | None:
         """Why a persistent entry cannot be this stage's output (``None``: it can)."""
         outputs = self.ports.outputs
@@ -163,8 +173,8 @@ class CachedStage(Stage):
             out = super().forward(**kwargs)
         finally:
             end_watch(flags, token)
-        if store is not None and not flags:  # (never a fallback's, a recovery's or a skip's output)
-            store(out)
+        if store is not None and not flags and self._storable(out):  # (never a fallback's, a
+            store(out)  # recovery's or a skip's output, nor one that reports an error)
         return out
 
     async def aforward(self, **kwargs: Any) -> Any:
@@ -185,7 +195,7 @@ class CachedStage(Stage):
             out = await super().aforward(**kwargs)
         finally:
             end_watch(flags, token)
-        if store is not None and not flags:
+        if store is not None and not flags and self._storable(out):
             store(out)
         return out
 
