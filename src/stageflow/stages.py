@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEGRADED_KEY",
     "DeferredField",
+    "ENGINE_CALLS",
     "FunctionStage",
     "POLICY_APPLIED",
     "applied_call_memo",
@@ -88,6 +89,12 @@ RESERVED_FIELD_NAMES: frozenset[str] = frozenset(
 #: The :class:`Stage` whose policies the engine is applying around the current call (a subclass of
 #: yours, called as a module): its ``forward`` then runs the stage as it is.
 POLICY_APPLIED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_policy_applied", default=None)
+
+#: The stage object a pipeline's engine is calling as one of its stages right now (a ``Stage``
+#: subclass of yours, a ``Stage`` around a ``Stage``), handed down to the module it wraps while that
+#: runs: the engine checks what they return when it merges it, so their own checks of their outputs
+#: (:func:`held_to_outputs`, made when a stage is called on its own) stand aside.
+ENGINE_CALLS: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_engine_calls", default=None)
 
 #: What stages keep for the length of a policy-applied call, whatever its attempts: a
 #: ``CachedStage``'s cache lookup (its own call, or inside a ``Stage`` with ``retry=``), made on the
@@ -193,7 +200,7 @@ def _policies_around(own: Callable[..., Any]) -> Callable[..., Any]:
             from stageflow.patterns.solo import call_alone
 
             return call_alone(self, kwargs, how="call")
-        return own(self, *args, **kwargs)
+        return self.held(own(self, *args, **kwargs))
 
     call.stageflow_own = own  # type: ignore[attr-defined]
     return call
@@ -208,7 +215,7 @@ def _apolicies_around(own: Callable[..., Any]) -> Callable[..., Any]:
             from stageflow.patterns.solo import acall_alone
 
             return await acall_alone(self, kwargs, how="call")
-        return await own(self, *args, **kwargs)
+        return self.held(await own(self, *args, **kwargs))
 
     acall.stageflow_own = own  # type: ignore[attr-defined]
     return acall
@@ -247,12 +254,13 @@ def _skipped_inside(stage: Stage) -> None:
     )
 
 
-def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any) -> Any:
-    """``out``, returned on its own by the stage ``label`` that declares ``outputs``: a record (a dict,
-    a ``dspy.Prediction``, a pydantic model) missing one of them is a
-    :class:`~stageflow.ContractError` naming the stage and the field, as a pipeline raises. A value
-    with no named fields, and a pending lazy result, are left as they are (a pipeline checks them
-    on merge)."""
+def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any, bare_ok: bool = True) -> Any:
+    """``out``, returned on its own by the stage ``label`` that declares ``outputs``, checked as a
+    pipeline checks it: a record (a dict, a ``dspy.Prediction``, a pydantic model) missing one of
+    them is a :class:`~stageflow.ContractError` naming the stage and the field; a value with no named
+    fields is returned as it is where it is the stage's single output (``bare_ok``: a function
+    stage's), and is a :class:`~stageflow.StageError` elsewhere. A pending lazy result is left as it
+    is (a pipeline checks it once resolved)."""
     if outputs is None or hasattr(type(out), "stageflow_resolve"):  # (a lazy result stays pending)
         return out
     if isinstance(out, dspy.Example):
@@ -261,8 +269,17 @@ def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any) -> An
         have = out
     elif hasattr(out, "model_dump") and hasattr(type(out), "model_fields"):
         have = type(out).model_fields
-    else:
+    elif bare_ok and len(outputs) == 1:
         return out
+    else:
+        from stageflow.errors import StageError
+
+        raise StageError(
+            f"{label} returned {type(out).__name__}; expected fields {list(outputs)}.",
+            stage_path=label,
+            code="bad_output",
+            hint="return a dict or dspy.Prediction with those fields",
+        )
     for name in outputs:
         if name not in have:
             from stageflow.errors import ContractError
@@ -637,7 +654,9 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
                     code="async_in_sync",
                 )
             out = run_on_background_loop(out)
-        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out)
+        if ENGINE_CALLS.get() is self:  # (a pipeline's engine checks it on merge)
+            return out
+        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out, bare_ok=True)
 
     async def aforward(self, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
@@ -651,7 +670,9 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             out = self.fn(**kwargs)
             if inspect.isawaitable(out):
                 out = await out
-        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out)
+        if ENGINE_CALLS.get() is self:  # (a pipeline's engine checks it on merge)
+            return out
+        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out, bare_ok=True)
 
     def __repr__(self) -> str:
         return f"FunctionStage({self.stage_name})"
@@ -766,8 +787,13 @@ class Stage(dspy.Module):  # type: ignore[misc]
         if store is not None and hasattr(store, "allow_types"):  # a fresh process reads them back
             store.allow_types(declared_types(module))
 
+    #: Whether the class has call code of yours (``own_call_code``): called on its own, what that
+    #: code returns is held to the declared outputs, as a pipeline holds it.
+    stageflow_own_code: bool = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.stageflow_own_code = own_call_code(cls)
         # A __call__ / acall of yours runs inside the stage's policies, called on its own as in a
         # pipeline (where the engine calls it once per attempt).
         for name, around in (("__call__", _policies_around), ("acall", _apolicies_around)):
@@ -930,12 +956,21 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
     def _returned(self, out: Any) -> Any:
         """What the stage returns on its own: the module's result renamed, held to the outputs the
-        stage declares (:func:`held_to_outputs`; fields some paths of a composite leave out are not
-        required)."""
-        out = self._rename_outputs(out)
-        if self.inner_ports.partial:
+        stage declares (:meth:`held`)."""
+        return self.held(self._rename_outputs(out))
+
+    def held(self, out: Any) -> Any:
+        """``out`` (in the stage's output names) held to the outputs it declares, as a pipeline
+        holds it (:func:`held_to_outputs`); fields some paths of a composite leave out are required
+        only when ``writes=`` names them."""
+        outputs = self.ports.outputs
+        if outputs is None or ENGINE_CALLS.get() is self:
             return out
-        return held_to_outputs(f"Stage({stage_label(self.module)})", self.ports.outputs, out)
+        if self.inner_ports.partial and not self.declares_outputs:
+            partial = {self.output_map.get(k, k) for k in self.inner_ports.partial}
+            outputs = tuple(o for o in outputs if o not in partial)
+        bare_ok = wraps_function(self)
+        return held_to_outputs(f"Stage({stage_label(self.module)})", outputs, out, bare_ok)
 
     def _bare_output(self, out: Any) -> Any:
         """A value with no named fields, returned where ``outputs=`` renames: as in a pipeline, a
@@ -964,14 +999,16 @@ class Stage(dspy.Module):  # type: ignore[misc]
             from stageflow.patterns.solo import call_alone
 
             return call_alone(self, kwargs, how="call")
-        return super().__call__(*args, **kwargs)
+        out = super().__call__(*args, **kwargs)
+        return self.held(out) if type(self).stageflow_own_code else out
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import acall_alone
 
             return await acall_alone(self, kwargs, how="call")
-        return await super().acall(*args, **kwargs)
+        out = await super().acall(*args, **kwargs)
+        return self.held(out) if type(self).stageflow_own_code else out
 
     def forward(self, **kwargs: Any) -> Any:
         if self.policy is not None and _unapplied(self):  # (stage.forward(...) called directly)
@@ -980,11 +1017,14 @@ class Stage(dspy.Module):  # type: ignore[misc]
             return call_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
         token = _module_runs()
+        handed = ENGINE_CALLS.set(self.module) if ENGINE_CALLS.get() is self else None
         try:
             out = self.module(**call)
         finally:
             if token is not None:
                 POLICY_APPLIED.reset(token)
+            if handed is not None:
+                ENGINE_CALLS.reset(handed)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._returned(out)
@@ -1000,6 +1040,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             return await acall_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
         token = _module_runs()
+        handed = ENGINE_CALLS.set(self.module) if ENGINE_CALLS.get() is self else None
         try:
             if hasattr(self.module, "aforward"):
                 out = await self.module.acall(**call)
@@ -1010,6 +1051,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         finally:
             if token is not None:
                 POLICY_APPLIED.reset(token)
+            if handed is not None:
+                ENGINE_CALLS.reset(handed)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._returned(out)

@@ -95,3 +95,86 @@ async def test_a_fallback_missing_a_declared_output_is_refused_alone(mode: str) 
     with pytest.raises(StageError) as info:
         await call(Stage(boom, writes=["y"], fallback={"z": 1}), mode, x=1)
     assert "declares output 'y'" in str(info.value)
+
+
+class OwnForward(Stage):
+    def forward(self, **kwargs: Any) -> Any:
+        return {"z": 1}
+
+
+class OwnCall(Stage):
+    def __call__(self, **kwargs: Any) -> Any:
+        return {"z": 1}
+
+
+class PassesOn(Stage):
+    def forward(self, **kwargs: Any) -> Any:
+        return super().forward(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [OwnForward, OwnCall, PassesOn])
+@pytest.mark.parametrize("policies", [{}, {"retry": 2}])
+def test_a_subclass_of_yours_is_held_to_its_outputs_alone(cls: type[Stage], policies: dict[str, Any]) -> None:
+    with pytest.raises(ContractError) as alone:
+        cls(stageflow.stage(wrong, writes=["y"]), **policies)(x=1)
+    assert alone.value.field == "y"
+    with pytest.raises(ContractError) as piped:
+        SequentialPipeline([cls(stageflow.stage(wrong, writes=["y"]), **policies)])(x=1)
+    # In a pipeline the engine's merge says it, with the stage's path.
+    assert piped.value.stage_path == "stages[0]"
+    assert str(piped.value).startswith("Stage 'stages[0]' (function wrong()) declares output 'y'")
+
+
+async def test_a_stage_around_a_stage_in_a_pipeline_keeps_the_pipelines_message(mode: str) -> None:
+    pipeline = SequentialPipeline([Stage(Stage(wrong, writes=["y"]))])
+    with pytest.raises(ContractError) as info:
+        await call(pipeline, mode, x=1)
+    assert info.value.stage_path == "stages[0]"
+    assert str(info.value).startswith("Stage 'stages[0]'")
+
+
+def branching() -> stageflow.BranchingPipeline:
+    return stageflow.BranchingPipeline(
+        router=stageflow.stage(lambda x: {"branch": "a" if x > 0 else "b"}, writes=["branch"]),
+        branches={
+            "a": stageflow.stage(lambda x: {"pa": 1}, writes=["pa"]),
+            "b": stageflow.stage(lambda x: {"pb": 2}, writes=["pb"]),
+        },
+    )
+
+
+async def test_writes_names_a_field_only_some_branches_produce(mode: str) -> None:
+    with pytest.raises(ContractError) as info:
+        await call(Stage(branching(), writes=["pa"]), mode, x=-1)
+    assert info.value.field == "pa"
+    assert (await call(Stage(branching(), writes=["pa"]), mode, x=1))["pa"] == 1
+
+
+async def test_undeclared_partial_fields_of_a_composite_are_not_required(mode: str) -> None:
+    out = await call(Stage(branching()), mode, x=-1)
+    assert out["pb"] == 2
+
+
+@pytest.mark.parametrize("returned", [5, None])
+async def test_a_bare_value_under_two_declared_outputs_is_refused_alone(mode: str, returned: Any) -> None:
+    for made in (
+        Stage(lambda x: returned, writes=["a", "b"]),
+        stageflow.stage(lambda x: returned, writes=["a", "b"]),
+    ):
+        with pytest.raises(StageError) as info:
+            await call(made, mode, x=1)
+        assert info.value.code == "bad_output"
+        assert "expected fields ['a', 'b']" in str(info.value)
+
+
+async def test_a_custom_module_returning_a_bare_value_is_refused_alone(mode: str) -> None:
+    class Bare(dspy.Module):  # type: ignore[misc]
+        def forward(self, x: int) -> int:
+            return x
+
+        async def aforward(self, x: int) -> int:
+            return x
+
+    with pytest.raises(StageError) as info:
+        await call(Stage(Bare(), writes=["y"]), mode, x=1)
+    assert info.value.code == "bad_output"

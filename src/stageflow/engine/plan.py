@@ -107,6 +107,10 @@ class StageEntry:
     #: A lazy stage (``LazyStage``): the engine forces its result as part of the call, so the
     #: stage's policies and error handling cover the work it defers.
     lazy: bool = False
+    #: The engine calls a ``Stage`` object itself (a subclass of yours, a ``Stage`` around a
+    #: ``Stage``): while it runs, the checks that stage makes of its outputs on its own are left
+    #: to the engine's merge (``stages.ENGINE_CALLS``).
+    stage_leaf: bool = False
 
 
 def leaf_of(owner: Any, entry: StageEntry) -> Any:
@@ -339,6 +343,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         and not (composite and not chain),
         plain_call=not (predictor or is_async_fn or composite or lazy),
         lazy=lazy,
+        stage_leaf=isinstance(leaf, Stage),
     )
 
 

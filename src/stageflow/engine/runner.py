@@ -54,7 +54,7 @@ from stageflow.errors import ConfigurationError, StageflowError
 from stageflow.lm.fast import acall_predictor, call_predictor, fast_adapter_for
 from stageflow.policies.recovery import PolicyEvent, StagePolicy
 from stageflow.policies.transient import is_kind
-from stageflow.stages import note_degraded
+from stageflow.stages import ENGINE_CALLS, note_degraded
 from stageflow.state import Result, RunInfo, StageRecord
 from stageflow.usage import (
     _STAGE,
@@ -245,7 +245,10 @@ def _start(
     # its own run (its stages set their paths), so it sets none unless a policy may count events.
     own = entry.composite and policy is None and _runs_itself(target, method)
     stage_token = _STAGE.set(entry.path) if not entry.composite or policy is not None or own else None
-    return _new_call((target, kw, policy, path, stage, (path_token, stage_token), before, perf_counter()))
+    tokens: tuple[Any, ...] = (path_token, stage_token)
+    if entry.stage_leaf:  # (its outputs are checked on merge, by the engine: see ENGINE_CALLS)
+        tokens = (path_token, stage_token, ENGINE_CALLS.set(target))
+    return _new_call((target, kw, policy, path, stage, tokens, before, perf_counter()))
 
 
 def _new_call(values: tuple[Any, ...]) -> _Call:
@@ -253,7 +256,9 @@ def _new_call(values: tuple[Any, ...]) -> _Call:
 
 
 def _close(call: _Call) -> None:
-    path_token, stage_token = call.tokens
+    path_token, stage_token = call.tokens[0], call.tokens[1]
+    if len(call.tokens) == 3:
+        ENGINE_CALLS.reset(call.tokens[2])
     if stage_token is not None:
         _STAGE.reset(stage_token)
     _PATH.reset(path_token)
@@ -469,6 +474,8 @@ def _entered(
     path_token = (
         _PATH.set(_engine_path(join_path(prefix, entry.path), target, _TABLE.get())) if composite else None
     )
+    if entry.stage_leaf:  # (its outputs are checked on merge, by the engine: see ENGINE_CALLS)
+        return (token, ENGINE_CALLS.set(target)), path_token
     return token, path_token
 
 
@@ -486,6 +493,9 @@ def _runs_itself(pipeline: Any, method: str) -> bool:
 
 
 def _left(token: Any, path_token: Any) -> None:
+    if type(token) is tuple:
+        ENGINE_CALLS.reset(token[1])
+        token = token[0]
     if token is not None:
         _STAGE.reset(token)
     if path_token is not None:

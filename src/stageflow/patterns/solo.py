@@ -121,7 +121,7 @@ def _left(stage: Stage) -> StagePolicy:
 
 def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
     if not entry.chain:  # (the stage's own call, or the view's: what it returned, renamed by it)
-        return out
+        return stage.held(out)
     return stage._returned(out)
 
 
