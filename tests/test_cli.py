@@ -22,6 +22,9 @@ def explode(text):
 
 def score(text):
     return {"shout": float("nan")}
+
+def forgets(text):
+    return {"other": text}
 """
 
 
@@ -494,3 +497,14 @@ def test_an_output_that_is_a_directory_or_has_no_directory_exits_2(
     assert "run failed" not in err
     assert list(tmp_path.glob("outdir/*")) == []  # nothing left behind in it
     assert not (tmp_path / "o").exists()  # no work was done
+
+
+def test_a_stage_missing_its_declared_output_is_a_run_failure_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, components: str
+) -> None:
+    path = pipeline_file(tmp_path, "forgets")
+    argv = ["run", str(path), "--allow-module", components, "--input", '{"text": "hi"}']
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert "run failed" in err
+    assert "declares output 'shout'" in err

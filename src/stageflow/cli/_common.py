@@ -384,9 +384,19 @@ def _printable(text: str) -> str:
     return out if len(out) <= _MAX_MESSAGE else out[:_MAX_MESSAGE] + " ... (message truncated)"
 
 
+#: Contract errors that say a stage's output broke its contract while the pipeline ran: the run
+#: failed (exit 1), whatever the input was.
+_OUTPUT_BROKE = frozenset(
+    {"missing_output", "invalid_output", "stage_reported_error", "bad_confidence", "bad_score"}
+)
+
+
 def report_error(exc: BaseException, command: str, debug: bool) -> int:
     """Print one readable paragraph about ``exc`` on stderr; return the exit code (2 usage, 1 run)."""
-    usage = isinstance(exc, ConfigurationError | ContractError)
+    usage = (
+        isinstance(exc, ConfigurationError | ContractError)
+        and getattr(exc, "code", None) not in _OUTPUT_BROKE
+    )
     if isinstance(exc, StageflowError):
         text = exc.message.rstrip()
         if exc.hint:

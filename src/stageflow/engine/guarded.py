@@ -174,9 +174,9 @@ def _varied(target: Any, kw: dict[str, Any], attempt: int) -> dict[str, Any]:
     return kw
 
 
-def _timeout_error(path: str, seconds: float) -> StageTimeoutError:
+def _timeout_error(path: str, seconds: float, label: str) -> StageTimeoutError:
     err = StageTimeoutError(
-        f"Stage '{path}' took longer than its timeout of {seconds}s.",
+        f"Stage '{path}' ({label}) took longer than its timeout of {seconds}s.",
         stage_path=path,
         hint="raise TimeoutPolicy(seconds=...), or add a RetryPolicy/Fallback for slow calls",
     )
@@ -417,7 +417,7 @@ def _with_timeout(
         call,
         timeout.seconds,
         on_abandon=note_abandoned,
-        timeout_error=lambda: _timeout_error(path, timeout.seconds),
+        timeout_error=lambda: _timeout_error(path, timeout.seconds, entry.label),
     )
 
 
@@ -538,7 +538,7 @@ async def _awith_timeout(
                 return await invoke(entry, target, kw)
     except TimeoutError:
         if clock.expired():
-            raise _timeout_error(path, timeout.seconds) from None
+            raise _timeout_error(path, timeout.seconds, entry.label) from None
         raise  # the stage itself raised a TimeoutError
     finally:
         if token is not None:

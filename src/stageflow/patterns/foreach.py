@@ -241,7 +241,8 @@ class ForEach(Pipeline):
         items = state.get(self.over)
         if not isinstance(items, list | tuple):
             raise ContractError(
-                f"ForEach expected a list in '{self.over}', got {type(items).__name__}: {items!r:.80}.",
+                f"ForEach expected a list in '{self.over}' for its stage ({self._entry.label}), got "
+                f"{type(items).__name__}: {items!r:.80}.",
                 field=self.over,
                 code="not_a_list",
                 hint=f"make the upstream stage output a list ('{self.over}: list[str]' in its signature)",
