@@ -61,9 +61,11 @@ __all__ = [
     "POLICY_APPLIED",
     "applied_call_memo",
     "enter_applied",
+    "end_attempt",
     "end_watch",
     "leave_applied",
     "note_degraded",
+    "watch_attempt",
     "watch_degraded",
     "left_to_engine",
     "own_call",
@@ -161,6 +163,25 @@ def watch_degraded() -> tuple[list[bool], contextvars.Token[list[bool] | None]]:
 def end_watch(flags: list[bool], token: contextvars.Token[list[bool] | None]) -> None:
     _DEGRADED.reset(token)
     if flags:  # (a cache around this one must not keep it either)
+        note_degraded()
+
+
+def watch_attempt() -> tuple[list[bool], contextvars.Token[list[bool] | None]] | None:
+    """Under a cache's watch, one attempt of a retried call watches on its own: give the result to
+    :func:`end_attempt`. ``None`` when no cache is watching (nothing to do)."""
+    if _DEGRADED.get() is None:
+        return None
+    flags: list[bool] = []
+    return flags, _DEGRADED.set(flags)
+
+
+def end_attempt(watch: tuple[list[bool], contextvars.Token[list[bool] | None]] | None, used: bool) -> None:
+    """End an attempt's watch: what it replaced counts only when its output is the one ``used``
+    (a failed attempt's output is dropped, and with it what was replaced inside it)."""
+    if watch is None:
+        return
+    _DEGRADED.reset(watch[1])
+    if used and watch[0]:
         note_degraded()
 
 

@@ -107,3 +107,40 @@ async def test_a_standard_stage_reporting_an_error_is_not_cached_on_its_own(mode
     again = await call(stage, mode, content="hi")
     assert again.error is None
     assert again.content == "HI"
+
+
+def retried_outer(fail_first_attempt: bool, inner_down_on_success: bool) -> tuple[Any, dict[str, Any]]:
+    svc = stageflow.untracked({"down": True, "runs": 0})
+
+    def flaky(x: int) -> dict[str, int]:
+        if svc["down"]:
+            raise ConnectionError("down")
+        return {"y": x}
+
+    inner = SequentialPipeline([Stage(stageflow.stage(flaky, writes=["y"]), fallback={"y": -1})])
+
+    def outer(x: int) -> dict[str, Any]:
+        svc["runs"] += 1
+        result = inner(x=x)
+        if svc["runs"] == 1 and fail_first_attempt:
+            svc["down"] = inner_down_on_success
+            raise ConnectionError("transient")
+        return {"y": result.y}
+
+    retry = stageflow.RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
+    pipeline = SequentialPipeline([Stage(stageflow.stage(outer, writes=["y"]), retry=retry, cache=True)])
+    return pipeline, svc
+
+
+async def test_a_healthy_retry_is_cached_though_a_failed_attempt_fell_back_inside(mode: str) -> None:
+    pipeline, svc = retried_outer(fail_first_attempt=True, inner_down_on_success=False)
+    assert (await call(pipeline, mode, x=1)).y == 1
+    assert (await call(pipeline, mode, x=1)).y == 1
+    assert svc["runs"] == 2  # (the second call is a hit)
+
+
+async def test_a_retry_that_fell_back_inside_is_still_not_cached(mode: str) -> None:
+    pipeline, svc = retried_outer(fail_first_attempt=True, inner_down_on_success=True)
+    assert (await call(pipeline, mode, x=1)).y == -1
+    svc["down"] = False
+    assert (await call(pipeline, mode, x=1)).y == 1

@@ -27,7 +27,16 @@ from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
-from stageflow.stages import Stage, end_watch, enter_applied, leave_applied, note_degraded, watch_degraded
+from stageflow.stages import (
+    Stage,
+    end_attempt,
+    end_watch,
+    enter_applied,
+    leave_applied,
+    note_degraded,
+    watch_attempt,
+    watch_degraded,
+)
 from stageflow.state import RunInfo
 from stageflow.usage import note_policy_event
 
@@ -367,12 +376,18 @@ def _attempts(
     state = _Attempts(policy, run, path)
     while True:
         call_kw = state.next_kw(target, kw)
+        watch = watch_attempt()  # (a failed attempt's replaced failures do not make the output's)
         try:
             with state.adapter_context():
                 out = _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
             out = _check_reported(policy, out, path, entry)
-            return _check_declared(entry, out, path) if policy.repair is not None else out
-        except Exception as e:
+            out = _check_declared(entry, out, path) if policy.repair is not None else out
+            end_attempt(watch, used=True)
+            return out
+        except BaseException as e:
+            end_attempt(watch, used=False)
+            if not isinstance(e, Exception):
+                raise
             delay = state.after_error(e)
             if delay is None:
                 fallback = state.give_up(e)
@@ -487,12 +502,18 @@ async def _aattempts(
     state = _Attempts(policy, run, path)
     while True:
         call_kw = state.next_kw(target, kw)
+        watch = watch_attempt()  # (a failed attempt's replaced failures do not make the output's)
         try:
             with state.adapter_context():
                 out = await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
             out = _check_reported(policy, out, path, entry)
-            return _check_declared(entry, out, path) if policy.repair is not None else out
-        except Exception as e:
+            out = _check_declared(entry, out, path) if policy.repair is not None else out
+            end_attempt(watch, used=True)
+            return out
+        except BaseException as e:
+            end_attempt(watch, used=False)
+            if not isinstance(e, Exception):
+                raise
             delay = state.after_error(e)
             if delay is None:
                 fallback = state.give_up(e)
