@@ -68,7 +68,14 @@ def _observe(p: Any) -> tuple[tuple[Any, ...], Any, dict[str, Any]]:
         sig,
         getattr(sig, "__doc__", None),
         None if sig is None else field_view(sig),
-        None if lm is None else (type(lm), getattr(lm, "model", None), getattr(lm, "model_type", None)),
+        None
+        if lm is None
+        else (
+            type(lm),
+            getattr(lm, "model", None),
+            getattr(lm, "model_type", None),
+            getattr(lm, "stageflow_identity", None),  # (a fake LM's script: stageflow.testing.FakeLM)
+        ),
         kwargs,
         tuple(map(type, kwargs.values())) if type(kwargs) is dict else None,
         config,

@@ -543,4 +543,5 @@ class Walker:
             getattr(lm, "model_type", None),
             self.exact(getattr(lm, "kwargs", None), d),
             own,
+            getattr(lm, "stageflow_identity", None),  # (a fake LM's script: stageflow.testing.FakeLM)
         )

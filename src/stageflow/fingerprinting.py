@@ -42,7 +42,8 @@ Not covered (documented, not silent):
 - in your subclass of a DSPy predictor or LM, an attribute whose name DSPy's (or stageflow's)
   classes assign themselves (``model``, ``kwargs``, ``demos``; ``FakeLM``'s ``responses``) counts
   as theirs: only what stageflow reads of it (model, model type, ``kwargs``; signature, demos,
-  config) is part of the fingerprint;
+  config; a ``FakeLM``'s script and default text, its ``stageflow_identity``) is part of the
+  fingerprint;
 - containers are followed up to a budget of about 2,000 values per fingerprint; beyond it a
   container is represented by its type, length, a few sampled items and a digest of all its items
   when they can be hashed (text, numbers) — a big list of lists is represented by the sample only;

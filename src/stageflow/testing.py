@@ -278,6 +278,20 @@ class FakeLM(dspy.LM):  # type: ignore[misc]
     def __deepcopy__(self, memo: dict[int, Any]) -> FakeLM:
         return self  # one script and one call counter, however often a program is copied
 
+    @property
+    def stageflow_identity(self) -> tuple[Any, ...]:
+        """What decides this fake's answers besides the prompt (its script and default text): part of
+        a stage's cache key and fingerprint, so two fakes with other scripts never share entries."""
+        from stageflow.fingerprinting import fingerprint
+
+        return (
+            self.default,
+            tuple(
+                (name, ("fn", fingerprint(v)) if callable(v) else ("value", repr(v)))
+                for name, v in sorted(self.responses.items())
+            ),
+        )
+
     def _enter(self) -> None:
         with self._lock:
             self.active += 1

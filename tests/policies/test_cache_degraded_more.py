@@ -144,3 +144,17 @@ async def test_a_retry_that_fell_back_inside_is_still_not_cached(mode: str) -> N
     assert (await call(pipeline, mode, x=1)).y == -1
     svc["down"] = False
     assert (await call(pipeline, mode, x=1)).y == 1
+
+
+async def test_fake_lms_with_other_scripts_do_not_share_cache_entries(mode: str) -> None:
+    p = SequentialPipeline([CachedStage(dspy.Predict("question -> answer"))])
+    with dspy.context(lm=FakeLM({"answer": "yes"})):
+        assert (await call(p, mode, question="Is it raining?")).answer == "yes"
+    with dspy.context(lm=FakeLM({"answer": "no"})):
+        assert (await call(p, mode, question="Is it raining?")).answer == "no"
+    with dspy.context(lm=FakeLM({"answer": lambda inputs: "maybe"})):
+        assert (await call(p, mode, question="Is it raining?")).answer == "maybe"
+    with dspy.context(lm=FakeLM({"answer": "yes"})):
+        again = await call(p, mode, question="Is it raining?")
+    assert again.answer == "yes"
+    assert again.run.usage.total.cache_hits == 1
