@@ -182,7 +182,7 @@ def test_other_lms_keep_their_branches_on_threads(make_lm: Any) -> None:
     assert "stageflow-loop" not in threads
 
 
-def test_lm_callbacks_run_on_the_loop_for_an_awaiting_lm() -> None:
+def test_with_callbacks_in_force_the_branches_stay_on_threads() -> None:
     engines = Engines()
     threads: list[str] = []
 
@@ -194,7 +194,14 @@ def test_lm_callbacks_run_on_the_loop_for_an_awaiting_lm() -> None:
     with dspy.context(lm=engines.lm(), callbacks=[Where()]):
         result = fe(xs=ITEMS[:3])
     assert result.ys == [f"echo:{x}" for x in ITEMS[:3]]
-    assert threads == ["stageflow-loop"] * 3
+    assert engines.async_calls == 0
+    assert len(threads) == 3
+    assert "stageflow-loop" not in threads
+    lm = engines.lm()
+    lm.callbacks = [Where()]
+    with dspy.context(lm=lm):
+        fe(xs=ITEMS[:2])
+    assert engines.async_calls == 0
 
 
 def test_a_sync_function_among_the_branches_keeps_them_on_threads() -> None:
@@ -267,3 +274,32 @@ def test_ctrl_c_cancels_the_branches_on_the_loop(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "interrupted True started 8 finished 0"
+
+
+def test_a_sync_fan_out_of_async_stages_from_the_loop_is_refused_not_deadlocked() -> None:
+    @stageflow.stage(writes=["y"])
+    async def g(x: str) -> dict[str, str]:
+        return {"y": x}
+
+    inner = ForEach(g, over="xs", item="x", collect="ys")
+
+    @stageflow.stage(writes=["y"])
+    async def f(x: str) -> dict[str, Any]:
+        return {"y": inner(xs=[x, x]).ys}  # a sync call, from the loop's thread
+
+    outer = ForEach(f, over="xs", item="x", collect="ys")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outer(xs=["a"])
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "deadlocked"
+    assert len(errors) == 1
+    assert isinstance(errors[0], stageflow.ConfigurationError)
+    assert errors[0].code == "async_in_sync"

@@ -11,10 +11,13 @@ for it:
   path of its own: a provider model (``dspy.LM("openai/...")``: DSPy awaits its HTTP client) or a
   custom engine given with ``async_engine=``. An LM of another class (a subclass, ``DummyLM``, a
   ``BaseLM`` of yours) may only work, or only be fast, called synchronously: its branches stay on
-  threads.
+  threads. So do the branches of a call with DSPy callbacks in force (on the settings, the LM or
+  the module): a callback is your code, and may block or run stageflow in turn, which must not
+  happen on the one event loop every such fan-out in the process shares.
 
 The branches then run the engine's async path, which is the sync path's twin (the same policies,
-events, usage and results). A Ctrl-C in the caller cancels them.
+events, usage and results). A Ctrl-C in the caller cancels them. An async engine must not block
+(``time.sleep`` in an ``async def``): on the shared loop it would hold up every such fan-out.
 
 Example:
     >>> import dspy
@@ -51,7 +54,11 @@ def _predictor_awaits(owner: Any, entry: StageEntry) -> bool:
     module = leaf_of(owner, entry)
     predictor = module if type(module) is dspy.Predict else getattr(module, "predict", None)
     lm = getattr(predictor, "lm", None)
-    return lm_awaits(lm if lm is not None else dspy.settings.lm)
+    if lm is None:
+        lm = dspy.settings.lm
+    if dspy.settings.callbacks or any(getattr(o, "callbacks", None) for o in (module, predictor, lm)):
+        return False  # (callbacks are your code: they run where the call runs, on threads)
+    return lm_awaits(lm)
 
 
 def awaits_natively(owner: Any, entries: Sequence[StageEntry]) -> bool:

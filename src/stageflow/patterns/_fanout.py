@@ -323,6 +323,17 @@ def run_branches(
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from a sync call (``on_start``: see :func:`fan_out`)."""
     entries = _entries(branches)
+    if branches and on_background_loop() and any(e.is_async_fn for e in entries):
+        # (threads would hand the async stages back to this very loop, which waits on them)
+        first = next(e for e in entries if e.is_async_fn)
+        raise ConfigurationError(
+            f"{name}: its stage '{first.path}' is an async function, and the fan-out was called "
+            "synchronously from stageflow's own event loop (from an async stage or an async engine); "
+            "it cannot run there without blocking the loop it needs.",
+            stage_path=first.path,
+            code="async_in_sync",
+            hint="call it with `await <fan-out>.acall(...)` from the async stage",
+        )
     if (
         branches
         and on_start is None
