@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure", "settle"]
+__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure", "rotated_runs", "settle"]
 
 
 def calibrate(fn: Callable[[], Any], target_s: float = 0.05) -> int:
@@ -78,6 +78,29 @@ def settle(timeout: float = 2.0) -> None:
         stable = stable + 1 if now == last else 0
         last = now
     gc.collect()
+
+
+def rotated_runs(
+    variants: dict[str, Callable[[], Any]], reps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Warm each variant up once, then run every variant once per repetition in rotated order,
+    settling between them; the median wall and process-CPU seconds per variant."""
+    for fn in variants.values():  # warm up: imports, pools, plans
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            variants[name]()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+            settle()
+    return (
+        {k: statistics.median(v) for k, v in wall.items()},
+        {k: statistics.median(v) for k, v in cpu.items()},
+    )
 
 
 def machine_note() -> str:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dspy
 
 import stageflow
-from _harness import dspy_untouched, machine_note, settle
+from _harness import dspy_untouched, machine_note, rotated_runs
 from lm_cpu import astage_call, inline_thread_hops, make_lm, memoised_request_conversion
 from stageflow.lm.fast import fast_adapter_for
 
@@ -110,23 +108,12 @@ def main() -> None:
     logging.getLogger("dspy").setLevel(logging.ERROR)
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     vs = variants(args.n)
-    for fn in vs.values():  # warm up: imports, pools, plans
-        fn()
-    wall: dict[str, list[float]] = {k: [] for k in vs}
-    cpu: dict[str, list[float]] = {k: [] for k in vs}
-    names = list(vs)
-    for r in range(args.reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            vs[name]()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-            settle()
+    wall, cpu = rotated_runs(vs, args.reps)
     title = f"N={args.n} Predict stages × {LAT * 1000:.0f} ms"
     print(f"# LM fan-out: {title} ({machine_note()}; reps={args.reps})\n")
     print("| variant | wall / ideal | CPU µs / branch |\n|---|---|---|")
-    for k in names:
-        ratio, per_branch = statistics.median(wall[k]) / LAT, statistics.median(cpu[k]) / args.n * 1e6
+    for k in vs:
+        ratio, per_branch = wall[k] / LAT, cpu[k] / args.n * 1e6
         print(f"| {k} | {ratio:.2f}× | {per_branch:.0f} |")
 
 
