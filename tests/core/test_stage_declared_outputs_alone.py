@@ -178,3 +178,23 @@ async def test_a_custom_module_returning_a_bare_value_is_refused_alone(mode: str
     with pytest.raises(StageError) as info:
         await call(Stage(Bare(), writes=["y"]), mode, x=1)
     assert info.value.code == "bad_output"
+
+
+async def test_a_lazy_stage_missing_its_output_in_a_pipeline_is_named_by_its_path(mode: str) -> None:
+    pipeline = SequentialPipeline(
+        [
+            stageflow.stage(lambda x: {"a": 1}, writes=["a"]),
+            stageflow.LazyStage(stageflow.stage(wrong, writes=["y"])),
+        ]
+    )
+    with pytest.raises(ContractError) as info:
+        await call(pipeline, mode, x=1)
+    assert info.value.stage_path == "stages[1]"
+    assert str(info.value).startswith("Stage 'stages[1]' (LazyStage) declares output 'y'")
+
+
+async def test_a_lazy_stage_alone_is_checked_when_forced(mode: str) -> None:
+    pending = await call(stageflow.LazyStage(stageflow.stage(wrong, writes=["y"])), mode, x=1)
+    with pytest.raises(ContractError) as info:
+        pending.value()
+    assert info.value.field == "y"

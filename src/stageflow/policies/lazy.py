@@ -9,7 +9,7 @@ from typing import Any
 
 import dspy
 
-from stageflow.stages import FunctionStage, Ports, describe, wraps_function
+from stageflow.stages import ENGINE_CALLS, FunctionStage, Ports, describe, wraps_function
 
 __all__ = ["LazyResult", "LazyStage"]
 
@@ -60,18 +60,27 @@ class LazyResult:
     def stageflow_resolve(self) -> Any:
         """What the engine merges when a pipeline holds the lazy stage: the forced result (a function
         stage's single declared output, returned bare, under its name)."""
-        value = self.value()
+        value = self.value(by_engine=True)
         if self._single is not None and not _is_record(value):
             return {self._single: value}
         return value
 
-    def value(self) -> Any:
-        """Run the stage if it has not run yet, and return its result (or raise its error)."""
+    def _run(self, by_engine: bool) -> Any:
+        token = ENGINE_CALLS.set(self._stage) if by_engine else None
+        try:
+            return self._stage(**self._args)
+        finally:
+            if token is not None:
+                ENGINE_CALLS.reset(token)
+
+    def value(self, by_engine: bool = False) -> Any:
+        """Run the stage if it has not run yet, and return its result (or raise its error).
+        ``by_engine``: a pipeline's engine forces it, and checks the result when it merges it."""
         if self._value is _UNSET and self._error is None:
             with self._lock:
                 if self._value is _UNSET and self._error is None:
                     try:
-                        object.__setattr__(self, "_value", self._ctx.run(self._stage, **self._args))
+                        object.__setattr__(self, "_value", self._ctx.run(self._run, by_engine))
                     except BaseException as e:
                         object.__setattr__(self, "_error", e)
         if self._error is not None:
