@@ -65,7 +65,7 @@ _RECORD_OWN = frozenset({"_store", "_completions", "_lm_usage", "_run"})
 class Snapshot:
     """A private copy of one stage output; :meth:`restore` returns a fresh equal object."""
 
-    __slots__ = ("atomic", "cls", "comp", "data", "extra", "kind", "rebuild")
+    __slots__ = ("atomic", "cls", "comp", "data", "extra", "kind", "rebuild", "run")
 
     def __init__(
         self,
@@ -83,6 +83,7 @@ class Snapshot:
         self.extra = extra  # a record's other attributes (copied), or None
         self.comp = comp  # a Prediction's completions: (type, signature, fields or None = one, the store)
         self.rebuild = (False, False)  # a record's (fresh run info, no LM usage)
+        self.run: tuple[Any, Any] | None = None  # a Result's pattern details (extras, details), copied
 
     @classmethod
     def take(cls, out: Any) -> Snapshot:
@@ -100,6 +101,8 @@ class Snapshot:
             atomic = _ATOMIC.issuperset(map(type, store.values())) or _all_atomic(store)
             snap = cls(_RECORD, t, dict(store) if atomic else copy_value(store), atomic)
             snap.rebuild = record
+            if record[0]:
+                snap.run = _run_details(state.get("_run"))
             if atomic and _RECORD_OWN.issuperset(state):  # the usual Prediction: one completion or none
                 comp = state.get("_completions")
                 if comp is not None:
@@ -153,7 +156,14 @@ class Snapshot:
             if run:
                 from stageflow.state import RunInfo
 
-                state["_run"] = RunInfo()  # a hit did not run the nested pipeline: a fresh, empty run
+                # A hit did not run the nested pipeline: a fresh run, with no events, trace or usage,
+                # that keeps what the pattern found (``individual_results``, ``route_decision``...).
+                kept = self.run
+                state["_run"] = (
+                    RunInfo()
+                    if kept is None
+                    else RunInfo(extras=copy_value(kept[0]), details=copy_value(kept[1]))
+                )
             if prediction:
                 state.setdefault("_completions", None)
                 state["_lm_usage"] = None  # a hit used no LM
@@ -164,6 +174,17 @@ class Snapshot:
         if kind == _MODEL:
             return data.model_copy(deep=not self.atomic)
         return data if self.atomic else copy_value(data)
+
+
+def _run_details(run: Any) -> tuple[Any, Any] | None:
+    """A copy of a run's pattern details (``extras``, nested ``details``), or ``None`` when it has
+    none or they cannot be copied (a hit then has an empty run, as before)."""
+    if run is None or not (run.extras or run.details):
+        return None
+    try:
+        return copy_value(dict(run.extras)), copy_value(dict(run.details))
+    except Uncopyable:
+        return None
 
 
 def _all_atomic(d: dict[Any, Any]) -> bool:
