@@ -508,3 +508,31 @@ def test_a_stage_missing_its_declared_output_is_a_run_failure_exit_1(
     assert code == 1
     assert "run failed" in err
     assert "declares output 'shout'" in err
+
+
+def test_a_field_an_undeclared_stage_did_not_produce_is_a_run_failure_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, components: str
+) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            inputs: [text]
+            root:
+              type: pipeline
+              stages:
+              - component: '{components}:forgets'
+              - component: '{components}:shout'
+                inputs: {{text: shout_me}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    argv = ["run", str(path), "--allow-module", components, "--input", '{"text": "hi"}']
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1, err
+    assert "run failed" in err
+    assert "needs input 'shout_me'" in err
+    # A pipeline input the caller did not pass is still bad input (exit 2).
+    code, _, err = run_cli(capsys, "run", str(path), "--allow-module", components, "--input", "{}")
+    assert code == 2, err

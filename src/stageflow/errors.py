@@ -92,6 +92,9 @@ class StageflowError(Exception):
 
     #: ``True`` once ``stage_path`` is relative to the outermost running pipeline.
     path_is_full = False
+    #: ``True`` for a contract error the run itself caused (a stage expected to write a field ran
+    #: and did not, failed or was skipped), whatever the caller passed: the command line exits 1.
+    run_failure = False
     #: What policies did in the failed run before the error (retries, timeouts...).
     events: list[Any] | None = None
     #: The run so far (a :class:`~stageflow.RunInfo`: the stages that ran, their outputs, details),

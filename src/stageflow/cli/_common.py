@@ -396,6 +396,7 @@ def report_error(exc: BaseException, command: str, debug: bool) -> int:
     usage = (
         isinstance(exc, ConfigurationError | ContractError)
         and getattr(exc, "code", None) not in _OUTPUT_BROKE
+        and not getattr(exc, "run_failure", False)
     )
     if isinstance(exc, StageflowError):
         text = exc.message.rstrip()

@@ -137,7 +137,7 @@ def missing_at_run_time(
         fixes.append(f"pass {f}=... when calling the pipeline, or produce '{f}' in an earlier stage")
     if close:
         fixes.append(f"feed it from an existing field: Stage(<stage>, inputs={{'{f}': '{close[0]}'}})")
-    return _full(
+    err = _full(
         ContractError(
             f"Stage '{path}' ({entry.label}) needs input '{f}', which is not available there at run time. "
             f"Available: {sorted(state)}.{expected}",
@@ -147,6 +147,10 @@ def missing_at_run_time(
             hint="; or ".join(fixes),
         )
     )
+    # A stage expected to write it ran and did not, failed or was skipped: the run failed, whatever
+    # the caller passed (the command line exits 1 for it, not 2).
+    err.run_failure = bool(candidates or failed or skipped)
+    return err
 
 
 def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:
