@@ -42,3 +42,18 @@ async def test_foreach_over_text_names_its_stage(mode: str) -> None:
     assert info.value.stage_path == "stages[1]"
     assert info.value.code == "not_a_list"
     assert "for its stage (Predict(sub -> fact))" in str(info.value)
+
+
+def test_a_reserved_name_written_by_a_stage_is_not_called_the_callers_input() -> None:
+    pipeline = SequentialPipeline(
+        [
+            stageflow.stage(lambda question: {"items": ["a", "b"]}),
+            ForEach(dspy.Predict("item -> fact"), over="items", item="item", collect="facts"),
+        ]
+    )
+    with pytest.raises(ContractError) as info:
+        pipeline(question="q")
+    assert info.value.code == "reserved_field"
+    assert info.value.field == "items"
+    assert "written by an earlier stage" in str(info.value)
+    assert "outputs={'items': 'items_value'}" in str(info.value)

@@ -458,11 +458,13 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         bad = sorted(names & RESERVED_FIELD_NAMES)
         if bad:
             raise ContractError(
-                f"Input field '{bad[0]}' collides with a dspy.Prediction attribute, so result.{bad[0]} "
+                f"Input field '{bad[0]}' (given by the caller, or written by an earlier stage of an "
+                f"enclosing pipeline) collides with a dspy.Prediction attribute, so result.{bad[0]} "
                 "would not return it.",
                 field=bad[0],
                 code="reserved_field",
-                hint=f"rename the input, e.g. {bad[0]}_value=...",
+                hint=f"rename it where it is made: the caller's {bad[0]}_value=..., or the writing stage's "
+                f"output (Stage(<stage>, outputs={{'{bad[0]}': '{bad[0]}_value'}}))",
             )
         scope = Scope.start(sorted(names), strict=True, owner=self, closed=key[-1])
         analyze(scope, "")
