@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import dspy
 
-from stageflow.errors import ConfigurationError
+from stageflow.errors import ConfigurationError, ContractError, StageError
 
 if TYPE_CHECKING:
     import os
@@ -61,7 +61,6 @@ __all__ = [
     "POLICY_APPLIED",
     "applied_call_memo",
     "enter_applied",
-    "end_attempt",
     "end_watch",
     "leave_applied",
     "note_degraded",
@@ -70,7 +69,9 @@ __all__ = [
     "left_to_engine",
     "own_call",
     "own_call_code",
+    "bad_output_error",
     "held_to_outputs",
+    "missing_output_error",
     "Ports",
     "RESERVED_FIELD_NAMES",
     "Stage",
@@ -160,35 +161,39 @@ def watch_degraded() -> tuple[list[bool], contextvars.Token[list[bool] | None]]:
     return flags, _DEGRADED.set(flags)
 
 
-def end_watch(flags: list[bool], token: contextvars.Token[list[bool] | None]) -> None:
+def end_watch(flags: list[bool], token: contextvars.Token[list[bool] | None], used: bool = True) -> None:
+    """End a watch. What was replaced inside counts for the caches around it only when the watched
+    output is the one ``used`` (a failed attempt's output is dropped, and with it what was replaced
+    inside it)."""
     _DEGRADED.reset(token)
-    if flags:  # (a cache around this one must not keep it either)
+    if used and flags:  # (a cache around this one must not keep it either)
         note_degraded()
 
 
 def watch_attempt() -> tuple[list[bool], contextvars.Token[list[bool] | None]] | None:
-    """Under a cache's watch, one attempt of a retried call watches on its own: give the result to
-    :func:`end_attempt`. ``None`` when no cache is watching (nothing to do)."""
+    """Under a cache's watch, one attempt of a retried call watches on its own (end it with
+    :func:`end_watch`, ``used`` or not); ``None`` when no cache is watching (nothing to do)."""
     if _DEGRADED.get() is None:
         return None
     flags: list[bool] = []
     return flags, _DEGRADED.set(flags)
 
 
-def end_attempt(watch: tuple[list[bool], contextvars.Token[list[bool] | None]] | None, used: bool) -> None:
-    """End an attempt's watch: what it replaced counts only when its output is the one ``used``
-    (a failed attempt's output is dropped, and with it what was replaced inside it)."""
-    if watch is None:
-        return
-    _DEGRADED.reset(watch[1])
-    if used and watch[0]:
-        note_degraded()
+def _module_runs(stage: Any) -> tuple[Any, Any]:
+    """``stage``'s wrapped module starts running: what the engine applies is the stage's, so a call
+    of the stage from inside its module (recursion) has its policies applied again; and when the
+    engine is calling ``stage``, it checks the module's output too (:data:`ENGINE_CALLS`). Give the
+    tokens to :func:`_module_done`."""
+    applied = POLICY_APPLIED.set(None) if POLICY_APPLIED.get() is not None else None
+    handed = ENGINE_CALLS.set(stage.module) if ENGINE_CALLS.get() is stage else None
+    return applied, handed
 
 
-def _module_runs() -> contextvars.Token[Any] | None:
-    """The wrapped module starts running: what the engine applies is the stage's, so a call of the
-    stage from inside its module (recursion) has its policies applied again (reset the token)."""
-    return POLICY_APPLIED.set(None) if POLICY_APPLIED.get() is not None else None
+def _module_done(tokens: tuple[Any, Any]) -> None:
+    if tokens[0] is not None:
+        POLICY_APPLIED.reset(tokens[0])
+    if tokens[1] is not None:
+        ENGINE_CALLS.reset(tokens[1])
 
 
 def applied_call_memo() -> dict[Any, Any] | None:
@@ -264,14 +269,37 @@ def _skipped_inside(stage: Stage) -> None:
     policy = inner.policy
     if policy is None or not (policy.skip_on or policy.skip_if):
         return
-    from stageflow.errors import StageError
-
     raise StageError(
         f"Stage({stage_label(inner.module)}) gave no result (its skip policy may have skipped it) "
         "inside the Stage that wraps it, which cannot be left out for it: only a pipeline that runs "
         "a stage can leave it out.",
         code="skipped_inside",
         hint="give skip_on to the outer Stage, or put the inner stage in the pipeline itself",
+    )
+
+
+def missing_output_error(where: str, name: str, returned: Any, stage_path: str) -> ContractError:
+    """The :class:`~stageflow.ContractError` for a stage (``where``: how the message names it) that
+    declares output ``name`` and returned only the fields ``returned``: one wording for a pipeline's
+    checks and a stage's own."""
+    return ContractError(
+        f"{where} declares output '{name}' but did not return it. It returned: "
+        f"{sorted(str(k) for k in returned)}.",
+        stage_path=stage_path,
+        field=name,
+        code="missing_output",
+        hint=f"return '{name}' from the stage, or fix its writes=[...] declaration",
+    )
+
+
+def bad_output_error(where: str, out: Any, fields: Sequence[str], stage_path: str) -> StageError:
+    """The :class:`~stageflow.StageError` for a stage that declares ``fields`` and returned a value
+    with no named fields."""
+    return StageError(
+        f"{where} returned {type(out).__name__}; expected fields {list(fields)}.",
+        stage_path=stage_path,
+        code="bad_output",
+        hint="return a dict or dspy.Prediction with those fields",
     )
 
 
@@ -293,26 +321,10 @@ def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any, bare_
     elif bare_ok and len(outputs) == 1:
         return out
     else:
-        from stageflow.errors import StageError
-
-        raise StageError(
-            f"{label} returned {type(out).__name__}; expected fields {list(outputs)}.",
-            stage_path=label,
-            code="bad_output",
-            hint="return a dict or dspy.Prediction with those fields",
-        )
+        raise bad_output_error(label, out, outputs, label)
     for name in outputs:
         if name not in have:
-            from stageflow.errors import ContractError
-
-            raise ContractError(
-                f"{label} declares output '{name}' but did not return it. It returned: "
-                f"{sorted(str(k) for k in have)}.",
-                stage_path=label,
-                field=name,
-                code="missing_output",
-                hint=f"return '{name}' from the stage, or fix its writes=[...] declaration",
-            )
+            raise missing_output_error(label, name, have, label)
     return out
 
 
@@ -675,9 +687,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
                     code="async_in_sync",
                 )
             out = run_on_background_loop(out)
-        if ENGINE_CALLS.get() is self:  # (a pipeline's engine checks it on merge)
-            return out
-        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out, bare_ok=True)
+        return self._held(out)
 
     async def aforward(self, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
@@ -691,7 +701,12 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             out = self.fn(**kwargs)
             if inspect.isawaitable(out):
                 out = await out
-        if ENGINE_CALLS.get() is self:  # (a pipeline's engine checks it on merge)
+        return self._held(out)
+
+    def _held(self, out: Any) -> Any:
+        """What the function returned, held to the outputs it declares (:func:`held_to_outputs`),
+        unless a pipeline's engine is calling it (it checks the output on merge)."""
+        if ENGINE_CALLS.get() is self:
             return out
         return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out, bare_ok=True)
 
@@ -1000,8 +1015,6 @@ class Stage(dspy.Module):  # type: ignore[misc]
         outputs = self.inner_ports.outputs
         if outputs is not None and len(outputs) == 1 and wraps_function(self):
             return out
-        from stageflow.errors import StageError
-
         label = f"Stage({stage_label(self.module)})"
         raise StageError(
             f"{label} returned {type(out).__name__}, which has no named fields for "
@@ -1037,15 +1050,11 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
             return call_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
-        token = _module_runs()
-        handed = ENGINE_CALLS.set(self.module) if ENGINE_CALLS.get() is self else None
+        tokens = _module_runs(self)
         try:
             out = self.module(**call)
         finally:
-            if token is not None:
-                POLICY_APPLIED.reset(token)
-            if handed is not None:
-                ENGINE_CALLS.reset(handed)
+            _module_done(tokens)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._returned(out)
@@ -1060,8 +1069,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
             return await acall_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
-        token = _module_runs()
-        handed = ENGINE_CALLS.set(self.module) if ENGINE_CALLS.get() is self else None
+        tokens = _module_runs(self)
         try:
             if hasattr(self.module, "aforward"):
                 out = await self.module.acall(**call)
@@ -1070,10 +1078,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
                 out = await to_thread(self.module, **call)
         finally:
-            if token is not None:
-                POLICY_APPLIED.reset(token)
-            if handed is not None:
-                ENGINE_CALLS.reset(handed)
+            _module_done(tokens)
         if out is None and isinstance(self.module, Stage):
             _skipped_inside(self)
         return self._returned(out)

@@ -16,6 +16,7 @@ import dspy
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError, StageflowError, error_text
 from stageflow.policies.lazy import LazyResult
+from stageflow.stages import bad_output_error, missing_output_error
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -357,29 +358,13 @@ def _merge_slow(
     entry: StageEntry, out: Any, state: dict[str, Any], pairs: tuple[tuple[str, str], ...], prefix: str
 ) -> None:
     path = join_path(prefix, entry.path)
+    where = f"Stage '{path}' ({entry.label})"
     if not _is_record(out):
-        raise _full(
-            StageError(
-                f"Stage '{path}' ({entry.label}) returned {type(out).__name__}; expected fields "
-                f"{[sf for sf, _ in pairs]}.",
-                stage_path=path,
-                code="bad_output",
-                hint="return a dict or dspy.Prediction with those fields",
-            )
-        )
+        raise _full(bad_output_error(where, out, [sf for sf, _ in pairs], path))
     got = dict(_items(out))
     for sf, st in pairs:
         if sf not in got:
-            raise _full(
-                ContractError(
-                    f"Stage '{path}' ({entry.label}) declares output '{sf}' but did not return it. "
-                    f"It returned: {sorted(got)}.",
-                    stage_path=path,
-                    field=sf,
-                    code="missing_output",
-                    hint=f"return '{sf}' from the stage, or fix its writes=[...] declaration",
-                )
-            )
+            raise _full(missing_output_error(where, sf, got, path))
         state[st] = got[sf]
 
 

@@ -29,10 +29,10 @@ from stageflow.policies.cache import is_collecting_traces, make_key, output_prob
 from stageflow.policies.recovery import Fallback, PolicyEvent, StagePolicy, TimeoutPolicy, retry_after
 from stageflow.stages import (
     Stage,
-    end_attempt,
     end_watch,
     enter_applied,
     leave_applied,
+    missing_output_error,
     note_degraded,
     watch_attempt,
     watch_degraded,
@@ -102,14 +102,7 @@ def _check_declared(entry: StageEntry, out: Any, path: str) -> Any:
         return out
     missing = [sf for sf, _ in pairs if sf not in have]
     if missing:
-        err = ContractError(
-            f"Stage '{path}' ({entry.label}) declares output '{missing[0]}' but did not return it. "
-            f"It returned: {sorted(have)}.",
-            stage_path=path,
-            field=missing[0],
-            code="missing_output",
-            hint=f"return '{missing[0]}' from the stage, or fix its writes=[...] declaration",
-        )
+        err = missing_output_error(f"Stage '{path}' ({entry.label})", missing[0], have, path)
         err.path_is_full = True
         raise err
     return out
@@ -382,10 +375,12 @@ def _attempts(
                 out = _with_timeout(entry, target, call_kw, policy.timeout, path, invoke)
             out = _check_reported(policy, out, path, entry)
             out = _check_declared(entry, out, path) if policy.repair is not None else out
-            end_attempt(watch, used=True)
+            if watch is not None:
+                end_watch(*watch)
             return out
         except BaseException as e:
-            end_attempt(watch, used=False)
+            if watch is not None:
+                end_watch(*watch, used=False)
             if not isinstance(e, Exception):
                 raise
             delay = state.after_error(e)
@@ -508,10 +503,12 @@ async def _aattempts(
                 out = await _awith_timeout(entry, target, call_kw, policy.timeout, path, invoke)
             out = _check_reported(policy, out, path, entry)
             out = _check_declared(entry, out, path) if policy.repair is not None else out
-            end_attempt(watch, used=True)
+            if watch is not None:
+                end_watch(*watch)
             return out
         except BaseException as e:
-            end_attempt(watch, used=False)
+            if watch is not None:
+                end_watch(*watch, used=False)
             if not isinstance(e, Exception):
                 raise
             delay = state.after_error(e)
