@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import dspy
 
+from stageflow._returns import none_is_wrong
 from stageflow.errors import ConfigurationError, ContractError, StageError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ __all__ = [
     "own_call",
     "own_call_code",
     "bad_output_error",
+    "none_returned_error",
     "held_to_outputs",
     "missing_output_error",
     "Ports",
@@ -262,6 +264,19 @@ def _sync_only(cls: type) -> bool:
     )
 
 
+def _call_only(cls: type) -> bool:
+    """Whether a ``Stage`` class has a ``__call__`` of yours but takes ``acall`` and ``aforward``
+    from stageflow: ``acall`` then runs that ``__call__`` (on a worker thread), since DSPy's
+    ``acall`` would go to ``aforward`` and skip it (a different result under ``acall``)."""
+    if own_call(cls, "__call__") is None:
+        return False
+    for name in ("acall", "aforward"):
+        owner = next(c for c in cls.__mro__ if name in c.__dict__)
+        if not (owner.__module__ or "").startswith(("stageflow.", "dspy.")):
+            return False
+    return True
+
+
 def _skipped_inside(stage: Stage) -> None:
     """The ``Stage`` that ``stage`` wraps gave ``None``: when its skip policy may have skipped it,
     say that the wrapper cannot be left out for it (a pipeline would only see ``None``)."""
@@ -300,6 +315,20 @@ def bad_output_error(where: str, out: Any, fields: Sequence[str], stage_path: st
         stage_path=stage_path,
         code="bad_output",
         hint="return a dict or dspy.Prediction with those fields",
+    )
+
+
+def none_returned_error(where: str, name: str, reason: str, stage_path: str) -> StageError:
+    """The :class:`~stageflow.StageError` for a function stage with the single output ``name`` that
+    returned ``None`` where ``None`` cannot be meant (``reason``, from
+    :func:`stageflow._returns.none_is_wrong`): a forgotten ``return`` is not written as the output."""
+    return StageError(
+        f"{where} returned None for its output '{name}', but {reason}: a forgotten `return`?",
+        stage_path=stage_path,
+        field=name,
+        code="bad_output",
+        hint=f"return the value; to write None on purpose, return {{{name!r}: None}}"
+        + (" or add `| None` to the function's return annotation" if "annotated" in reason else ""),
     )
 
 
@@ -708,7 +737,14 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         unless a pipeline's engine is calling it (it checks the output on merge)."""
         if ENGINE_CALLS.get() is self:
             return out
-        return held_to_outputs(f"stage {self.stage_name!r}", self.ports.outputs, out, bare_ok=True)
+        outputs = self.ports.outputs
+        if out is None and outputs is not None and len(outputs) == 1:
+            reason = none_is_wrong(self.fn)
+            if reason is not None:
+                raise none_returned_error(
+                    f"stage {self.stage_name!r}", outputs[0], reason, str(self.stage_name)
+                )
+        return held_to_outputs(f"stage {self.stage_name!r}", outputs, out, bare_ok=True)
 
     def __repr__(self) -> str:
         return f"FunctionStage({self.stage_name})"
@@ -826,6 +862,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
     #: Whether the class has call code of yours (``own_call_code``): called on its own, what that
     #: code returns is held to the declared outputs, as a pipeline holds it.
     stageflow_own_code: bool = False
+    #: Whether the class has a ``__call__`` of yours and no ``acall`` / ``aforward`` of yours:
+    #: ``acall`` runs that ``__call__`` on a worker thread, so both calls give the same result.
+    stageflow_call_only: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -839,6 +878,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             library = (owner.__module__ or "").startswith(("stageflow.", "dspy.")) or owner is object
             if not library and inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
                 setattr(cls, name, around(own))
+        cls.stageflow_call_only = _call_only(cls)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "module" and "inner_ports" in self.__dict__ and value is not self.__dict__.get("module"):
@@ -1037,6 +1077,10 @@ class Stage(dspy.Module):  # type: ignore[misc]
         return self.held(out) if type(self).stageflow_own_code else out
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        if type(self).stageflow_call_only:  # (your __call__, as a sync call runs it)
+            from stageflow.engine.concurrency import to_thread
+
+            return await to_thread(self.__call__, *args, **kwargs)
         if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import acall_alone
 

@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 
 import dspy
 
+from stageflow._returns import none_is_wrong
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError, StageflowError, error_text
 from stageflow.policies.lazy import LazyResult
-from stageflow.stages import bad_output_error, missing_output_error
+from stageflow.stages import bad_output_error, missing_output_error, none_returned_error
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -248,6 +249,8 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
     pairs = entry.out_pairs
     if pairs is not None:
         if entry.single_output is not None and type(out) is not dict and not _is_record(out):
+            if out is None and entry.function_stage is not None:
+                _none_returned(entry, prefix)
             state[entry.single_output] = out
             return
         try:
@@ -282,6 +285,16 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         if type(k) is not str:
             raise _bad_key(entry, k, prefix)
         state[rename.get(k, k)] = v
+
+
+def _none_returned(entry: StageEntry, prefix: str) -> None:
+    """A function stage returned ``None`` as its single output: refused where its function cannot
+    mean it (no ``return <value>``, or an annotation without ``None``)."""
+    reason = none_is_wrong(entry.function_stage.fn)
+    if reason is not None:
+        path = join_path(prefix, entry.path)
+        name = entry.out_pairs[0][0] if entry.out_pairs else str(entry.single_output)
+        raise _full(none_returned_error(f"Stage '{path}' ({entry.label})", name, reason, path))
 
 
 def _bad_key(entry: StageEntry, key: Any, prefix: str) -> StageError:

@@ -111,6 +111,10 @@ class StageEntry:
     #: ``Stage``): while it runs, the checks that stage makes of its outputs on its own are left
     #: to the engine's merge (``stages.ENGINE_CALLS``).
     stage_leaf: bool = False
+    #: A function stage with a single output (the ``FunctionStage``): a ``None`` it returns is
+    #: checked against its function (``stageflow._returns.none_is_wrong``: a forgotten ``return``
+    #: is not an output).
+    function_stage: Any = None
 
 
 def leaf_of(owner: Any, entry: StageEntry) -> Any:
@@ -344,6 +348,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         plain_call=not (predictor or is_async_fn or composite or lazy),
         lazy=lazy,
         stage_leaf=isinstance(leaf, Stage),
+        function_stage=leaf if single is not None and isinstance(leaf, FunctionStage) else None,
     )
 
 
