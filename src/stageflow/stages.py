@@ -71,6 +71,7 @@ __all__ = [
     "own_call",
     "own_call_code",
     "bad_output_error",
+    "check_given",
     "none_returned_error",
     "held_to_outputs",
     "missing_output_error",
@@ -330,6 +331,30 @@ def none_returned_error(where: str, name: str, reason: str, stage_path: str) -> 
         hint=f"return the value; to write None on purpose, return {{{name!r}: None}}"
         + (" or add `| None` to the function's return annotation" if "annotated" in reason else ""),
     )
+
+
+def check_given(
+    where: str,
+    required: Sequence[str],
+    call: Mapping[str, Any],
+    given: Mapping[str, Any],
+    renamed: Mapping[str, str],
+) -> None:
+    """A stage called on its own (``where``: how the message names it) without one of its
+    ``required`` inputs (in its own names; ``call`` holds what it would get): the
+    :class:`~stageflow.ContractError` a pipeline raises before it runs (``code="missing_input"``),
+    naming the field as the caller passes it (``renamed``: own name -> state name), rather than a
+    bare ``TypeError`` from the call, or an LM prompt without the field."""
+    for f in required:
+        if f not in call:
+            name = renamed.get(f, f)
+            raise ContractError(
+                f"{where} needs input '{name}', which was not given. Given: {sorted(given)}.",
+                stage_path=where,
+                field=name,
+                code="missing_input",
+                hint=f"pass {name}=... (in a pipeline, a field of that name feeds it)",
+            )
 
 
 def held_to_outputs(label: str, outputs: tuple[str, ...] | None, out: Any, bare_ok: bool = True) -> Any:
@@ -703,6 +728,8 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
     def forward(self, **kwargs: Any) -> Any:
         """Call the function (an ``async def`` one runs to its result on stageflow's background
         event loop, as a sync pipeline runs it)."""
+        if self.ports.required:
+            check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
         out = self.fn(**kwargs)
         if inspect.iscoroutine(out) or (self.is_async and inspect.isawaitable(out)):
             from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
@@ -720,6 +747,8 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
 
     async def aforward(self, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
+        if self.ports.required:
+            check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
         if self.blocking:
             from stageflow.engine.concurrency import to_thread
 
@@ -1035,6 +1064,13 @@ class Stage(dspy.Module):  # type: ignore[misc]
         stage declares (:meth:`held`)."""
         return self.held(self._rename_outputs(out))
 
+    def check_inputs(self, call: dict[str, Any], kwargs: Mapping[str, Any]) -> None:
+        """Called on its own without a required input: a ``ContractError`` naming it (a pipeline's
+        engine checked it before the run)."""
+        required = self.inner_ports.required
+        if required and ENGINE_CALLS.get() is not self and not isinstance(self.module, Stage):
+            check_given(f"Stage({stage_label(self.module)})", required, call, kwargs, self.input_map)
+
     def held(self, out: Any) -> Any:
         """``out`` (in the stage's output names) held to the outputs it declares, as a pipeline
         holds it (:func:`held_to_outputs`); fields some paths of a composite leave out are required
@@ -1094,6 +1130,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
             return call_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
+        self.check_inputs(call, kwargs)
         tokens = _module_runs(self)
         try:
             out = self.module(**call)
@@ -1113,6 +1150,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
 
             return await acall_alone(self, kwargs)
         call = self.stage_inputs(kwargs)
+        self.check_inputs(call, kwargs)
         tokens = _module_runs(self)
         try:
             if hasattr(self.module, "aforward"):

@@ -205,12 +205,19 @@ async def test_a_missing_or_unknown_input_fails_as_without_the_policy(mode: str)
     fn, calls = _flaky(failures=0)
     plain = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"})
     retried = stageflow.Stage(fn, writes=["y"], inputs={"x": "n"}, retry=_retry())
-    for kw in ({"z": 1}, {}, {"n": 1, "verbose": True}):
-        with pytest.raises(TypeError) as without:
+    # A missing input is the ContractError a pipeline raises, naming the field as the caller passes it.
+    for kw in ({"z": 1}, {}):
+        with pytest.raises(stageflow.ContractError, match="needs input 'n'") as without:
             await _call(plain, mode, **kw)
-        with pytest.raises(TypeError) as with_policy:
+        with pytest.raises(stageflow.ContractError) as with_policy:
             await _call(retried, mode, **kw)
         assert str(with_policy.value) == str(without.value)
+        assert (without.value.code, without.value.field) == ("missing_input", "n")
+    with pytest.raises(TypeError) as without:
+        await _call(plain, mode, n=1, verbose=True)
+    with pytest.raises(TypeError) as with_policy:
+        await _call(retried, mode, n=1, verbose=True)
+    assert str(with_policy.value) == str(without.value)
     assert calls == []
 
 

@@ -79,7 +79,8 @@ def _setup(
     assert policy is not None  # (callers check)
     if not entry.chain:  # (not unwrapped, e.g. a Stage around a Stage: the view renames, as forward does)
         return name, entry, view, dict(kwargs), policy
-    inputs = stage.stage_inputs(kwargs)  # (as Stage.forward renames them)
+    inputs = stage.stage_inputs(kwargs)  # (as Stage.forward renames them, and checks them)
+    stage.check_inputs(inputs, kwargs)
     target: Any = view
     for part in entry.chain:  # (what the engine calls: the module, or a function stage's function)
         target = getattr(target, part)

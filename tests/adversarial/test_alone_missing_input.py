@@ -1,0 +1,86 @@
+"""A stage called on its own without a required input fails as a pipeline would, before it runs.
+
+Before: ``Stage(module)(question=...)`` without ``context`` raised a bare ``TypeError`` from the
+module, ``Stage(dspy.Predict(...))`` sent the LM a prompt without the field (DSPy only warns), and a
+function stage raised Python's ``TypeError``. Now each is a ``ContractError`` (code
+``missing_input``) naming the stage and the field as the caller passes it; nothing is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import dspy
+import pytest
+
+import stageflow
+from stageflow import ContractError, Stage, stage
+from stageflow.testing import FakeLM, call
+
+
+class Reader(dspy.Module):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, question: str, context: str) -> dspy.Prediction:
+        self.calls += 1
+        return dspy.Prediction(answer=f"{question}/{context}")
+
+
+def _check(err: ContractError, field: str, where: str) -> None:
+    assert err.code == "missing_input"
+    assert err.field == field
+    assert where in str(err)
+    assert f"needs input '{field}'" in str(err)
+
+
+def test_a_stage_around_a_module(mode: str) -> None:
+    module = Reader()
+    with pytest.raises(ContractError) as info:
+        asyncio.run(call(Stage(module), mode, question="q"))
+    _check(info.value, "context", "Stage(Reader)")
+    assert module.calls == 0
+    assert asyncio.run(call(Stage(module), mode, question="q", context="c")).answer == "q/c"
+
+
+def test_a_renamed_input_is_named_as_the_caller_passes_it(mode: str) -> None:
+    s = Stage(Reader(), inputs={"context": "passages"})
+    with pytest.raises(ContractError) as info:
+        asyncio.run(call(s, mode, question="q"))
+    _check(info.value, "passages", "Stage(Reader)")
+    assert asyncio.run(call(s, mode, question="q", passages="p")).answer == "q/p"
+    # (its own name feeds it too when the state name is not given, as documented)
+    assert asyncio.run(call(s, mode, question="q", context="c")).answer == "q/c"
+
+
+def test_a_predictor_does_not_call_the_lm_without_its_input(mode: str) -> None:
+    lm = FakeLM({"answer": "a"})
+    with dspy.context(lm=lm), pytest.raises(ContractError) as info:
+        asyncio.run(call(Stage(dspy.Predict("question, context -> answer")), mode, question="q"))
+    _check(info.value, "context", "Predict(question, context -> answer)")
+    assert lm.calls == 0
+
+
+def test_a_function_stage(mode: str) -> None:
+    def join(question: str, context: str) -> dict[str, Any]:
+        return {"answer": question + context}
+
+    with pytest.raises(ContractError) as info:
+        asyncio.run(call(stage(join, writes=["answer"]), mode, question="q"))
+    _check(info.value, "context", "stage 'join'")
+
+
+def test_with_a_policy_the_same_error(mode: str) -> None:
+    s = Stage(Reader(), retry=stageflow.RetryPolicy(max_attempts=3))
+    with pytest.raises(ContractError) as info:
+        asyncio.run(call(s, mode, question="q"))
+    _check(info.value, "context", "Stage(Reader)")
+
+
+def test_optional_inputs_may_be_left_out(mode: str) -> None:
+    def greet(name: str, greeting: str = "hi") -> dict[str, Any]:
+        return {"text": f"{greeting} {name}"}
+
+    assert asyncio.run(call(stage(greet, writes=["text"]), mode, name="x")) == {"text": "hi x"}
