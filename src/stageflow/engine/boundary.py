@@ -182,6 +182,9 @@ def _items(out: Any) -> list[tuple[str, Any]]:
 
 def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunInfo, prefix: str) -> None:
     """Merge a stage's outputs into ``state`` (renamed), and a nested run's records into ``run``."""
+    if type(out) is dspy.Prediction and entry.merge_whole:  # (the common case, first)
+        state.update(out._store)
+        return
     if type(out) is not dict:
         if type(out) is CoroutineType:  # (never awaited: a sync call of an async function behind a wrapper)
             from stageflow.engine.concurrency import on_background_loop, run_on_background_loop

@@ -111,6 +111,12 @@ class StageEntry:
     #: ``Stage``): while it runs, the checks that stage makes of its outputs on its own are left
     #: to the engine's merge (``stages.ENGINE_CALLS``).
     stage_leaf: bool = False
+    #: Called as it is: not a nested pipeline, not a ``Stage`` the engine calls itself (the common
+    #: leaf, whose context is only its path: see ``runner.call_stage``).
+    bare_leaf: bool = False
+    #: Its returned record merges whole, unrenamed: no declared or renamed outputs, not a nested
+    #: pipeline (a ``dspy.Prediction`` is merged in one step: see ``boundary.merge_outputs``).
+    merge_whole: bool = False
     #: A function stage with a single output (the ``FunctionStage``): a ``None`` it returns is
     #: checked against its function (``stageflow._returns.none_is_wrong``: a forgotten ``return``
     #: is not an output).
@@ -348,6 +354,8 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         plain_call=not (predictor or is_async_fn or composite or lazy),
         lazy=lazy,
         stage_leaf=isinstance(leaf, Stage),
+        bare_leaf=not composite and not isinstance(leaf, Stage),
+        merge_whole=out_pairs is None and not out_map and not (composite and not declared and not out_map),
         function_stage=leaf if single is not None and isinstance(leaf, FunctionStage) else None,
     )
 

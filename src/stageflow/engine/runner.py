@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -407,13 +407,17 @@ def call_stage(
     if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
-    composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix, target, "forward")
+    # (the common leaf's context is only its path: set here, as _entered would, without its frame)
+    token, path_token = (
+        (_STAGE.set(entry.path), None)
+        if policy is None and entry.bare_leaf
+        else _entered(entry, policy, prefix, target, "forward")
+    )
     t0 = perf_counter()
     try:
         if policy is not None:
             out = guarded_call(owner, entry, target, kw, policy, run, prefix, _invoke)
-        elif composite:
+        elif entry.composite:
             out = call_nested(target, kw)
         elif entry.plain_call and _BUDGETS.get() is None and _ROOT[0] is None:
             out = target(**kw)  # no concurrency budget in force: nothing to take a slot of
@@ -427,8 +431,14 @@ def call_stage(
         _left(token, path_token)
         _exit_at(e, entry, prefix)
         raise
-    _left(token, path_token)
-    return _succeeded(entry, out, t0, state, run, prefix)
+    if path_token is None and type(token) is Token:
+        _STAGE.reset(token)
+    else:
+        _left(token, path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
+    merge_outputs(entry, out, state, run, prefix)  # (_succeeded, written out)
+    return out
 
 
 def _exit_at(error: BaseException, entry: StageEntry, prefix: str) -> None:
@@ -537,15 +547,6 @@ def _inline_raised(
     _raised(owner, entry, e, (nested.target, nested.state, None, nested.t0), state, run, (), prefix)
 
 
-def _succeeded(
-    entry: StageEntry, out: Any, t0: float, state: dict[str, Any], run: RunInfo, prefix: str
-) -> Any:
-    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run._outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)
-    return out
-
-
 def _call_observed(
     owner: Any, entry: StageEntry, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str
 ) -> Any:
@@ -648,13 +649,16 @@ async def acall_stage(
     if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
         set_up_inline(run)
     target, kw, policy = _prepared(owner, entry, state, run, prefix)
-    composite = entry.composite
-    token, path_token = _entered(entry, policy, prefix, target, "aforward")
+    token, path_token = (
+        (_STAGE.set(entry.path), None)
+        if policy is None and entry.bare_leaf
+        else _entered(entry, policy, prefix, target, "aforward")
+    )
     t0 = perf_counter()
     try:
         if policy is not None:
             out = await aguarded_call(owner, entry, target, kw, policy, run, prefix, _invoke_async)
-        elif composite:
+        elif entry.composite:
             out = await acall_nested(target, kw)
         elif (entry.direct_acall or entry.is_async_fn) and _BUDGETS.get() is None and _ROOT[0] is None:
             # the common cases (a module with aforward, an async def stage), without extra frames
@@ -669,8 +673,14 @@ async def acall_stage(
         _left(token, path_token)
         _exit_at(e, entry, prefix)
         raise
-    _left(token, path_token)
-    return _succeeded(entry, out, t0, state, run, prefix)
+    if path_token is None and type(token) is Token:
+        _STAGE.reset(token)
+    else:
+        _left(token, path_token)
+    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
+    run._outputs[entry.path] = out
+    merge_outputs(entry, out, state, run, prefix)  # (_succeeded, written out)
+    return out
 
 
 async def _acall_observed(
