@@ -15,6 +15,7 @@ from typing import Any
 
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG, on_change
+from stageflow.engine.loop_executor import LoopExecutor
 from stageflow.engine.streaming import lending, loop_token
 
 __all__ = [
@@ -125,6 +126,9 @@ def _background_loop() -> asyncio.AbstractEventLoop:
             loop = _LOOP[0]
             if loop is None:
                 loop = asyncio.new_event_loop()
+                # (DSPy's pricing step in line: see stageflow.engine.loop_executor)
+                workers = min(32, (os.cpu_count() or 1) + 4)  # (asyncio's own default)
+                loop.set_default_executor(LoopExecutor(workers, thread_name_prefix="stageflow-loop-worker"))
                 threading.Thread(target=_serve, args=(loop,), name="stageflow-loop", daemon=True).start()
                 _LOOP[0] = loop
     return loop
