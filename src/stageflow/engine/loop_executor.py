@@ -1,17 +1,25 @@
-"""The default executor of stageflow's background event loop: DSPy's pricing step runs in line.
+"""The default executor of stageflow's background event loop: DSPy's short LM-call steps run in line.
 
-DSPy 3.4.1's async LM call (``dspy.clients.execution.aexecute``) sends its advisory pricing step
-(``_price_result``: the call's cost from the pricing tables, already loaded after the first call)
-to a worker thread with ``asyncio.to_thread`` once per call. That hop — a worker thread woken, then
-the event loop woken from it — costs more CPU than the rest of an async ``Predict`` call on the
-stage path (BENCHMARKS.md, "CPU per async call"), and in a fan-out of LM stages the GIL is what
-the branches wait for. On the loop stageflow owns (where a sync fan-out runs its LM stages), the
-loop's default executor runs that one step in line instead: same function, same arguments, same
-context copy, so the result (``cost``, ``cost_details``) is the same; every other call goes to the
-executor's threads as before. The user's own event loops are never changed.
+DSPy 3.4.1's async LM call (``dspy.clients.execution.aexecute``) sends three short steps to a worker
+thread with ``asyncio.to_thread``, each once per call: the LM cache lookup (``_cached``) and write
+(``_store``) when the cache is on (DSPy's default), and the advisory pricing (``_price_result``:
+the call's cost from pricing tables already loaded after the first call). Each hop — a worker
+thread woken, then the event loop woken from it — costs more CPU than the step itself, and in a
+fan-out of LM stages the GIL is what the branches wait for (BENCHMARKS.md: a sync ``ForEach`` of
+128 ``Predict`` stages spent ~40 µs per branch on the pricing hop, and with the cache on ~400 µs on
+the three). DSPy's sync call runs the same three steps in line, on the calling thread.
 
-The step is recognised by identity (``asyncio.to_thread`` submits ``partial(context.run, func,
-*args)``): a DSPy without that function, or that calls it otherwise, simply gets the thread.
+On the loop stageflow owns (where a sync fan-out runs its LM stages), the loop's default executor
+runs those steps in line instead: same functions, same arguments, same context copy, so results,
+cache entries and cost figures are the same; a cache write runs to its end before a cancellation
+can reach the call (never a partial entry, as DSPy requires). Every other call goes to the
+executor's threads as before. The user's own event loops are never changed. A slow disk under
+DSPy's disk cache then holds up the loop for that read or write (as it holds up a sync call's
+thread).
+
+The steps are recognised by identity (``asyncio.to_thread`` submits ``partial(context.run, func,
+*args)``), as DSPy's execution module holds them when the call is made: a DSPy without them, or that
+calls them otherwise, simply gets the threads.
 """
 
 from __future__ import annotations
@@ -27,9 +35,14 @@ __all__ = ["LoopExecutor", "in_line_steps"]
 
 def in_line_steps() -> tuple[Any, ...]:
     """The functions :class:`LoopExecutor` runs in line, as DSPy's execution module holds them now
-    (none while that module is not imported, or has none of them)."""
-    price = getattr(sys.modules.get("dspy.clients.execution"), "_price_result", None)
-    return () if price is None else (price,)
+    (none while that module is not imported)."""
+    execution = sys.modules.get("dspy.clients.execution")
+    if execution is None:
+        return ()
+    return tuple(f for f in (getattr(execution, n, None) for n in _STEPS) if f is not None)
+
+
+_STEPS = ("_price_result", "_cached", "_store")
 
 
 class LoopExecutor(concurrent.futures.ThreadPoolExecutor):

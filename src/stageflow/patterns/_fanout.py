@@ -23,6 +23,7 @@ from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
     afan_out,
+    await_on_background_loop,
     budget_chain,
     child_budget,
     fan_out,
@@ -400,6 +401,33 @@ async def arun_branches(
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from an async call (results in input order)."""
     entries = _entries(branches)
+    if (
+        entries
+        and not hooks
+        and not on_background_loop()
+        and not listening()
+        and loop_token() is None
+        and not any(e.is_async_fn for e in entries)
+        and awaits_natively(owner, entries)
+    ):
+        # Predictors whose LM awaits its own engine: on stageflow's loop, where DSPy's short
+        # LM-call steps run in line (stageflow.engine.loop_executor), as a sync fan-out runs them.
+        # (Not async functions of yours, which may use objects of your loop; not with observers,
+        # which would be called from that loop's thread.)
+        return await await_on_background_loop(  # type: ignore[no-any-return]
+            arun_branches(
+                owner,
+                branches,
+                hooks,
+                prefix,
+                max_concurrency=max_concurrency,
+                on_error=on_error,
+                timeout=timeout,
+                name=name,
+                until=until,
+                produced=produced,
+            )
+        )
     if entries and not listening() and all(_on_threads(e) for e in entries):
         # Plain function stages, which run on threads either way: the sync fan-out runs them (its
         # fail_fast stops further starts at once, its timeouts abandon threads; what each branch
