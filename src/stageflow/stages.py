@@ -72,6 +72,7 @@ __all__ = [
     "own_call_code",
     "bad_output_error",
     "check_given",
+    "positional_error",
     "none_returned_error",
     "held_to_outputs",
     "missing_output_error",
@@ -330,6 +331,17 @@ def none_returned_error(where: str, name: str, reason: str, stage_path: str) -> 
         code="bad_output",
         hint=f"return the value; to write None on purpose, return {{{name!r}: None}}"
         + (" or add `| None` to the function's return annotation" if "annotated" in reason else ""),
+    )
+
+
+def positional_error(where: str, name: str, ports: Ports, args: tuple[Any, ...]) -> ConfigurationError:
+    """A stage (``where``) called with positional arguments: stages take their inputs by name."""
+    example = ", ".join(f"{n}=..." for n in ports.required) or "field=..."
+    return ConfigurationError(
+        f"{where} takes keyword arguments only (its inputs by name); got {len(args)} positional.",
+        stage_path=where,
+        code="positional_args",
+        hint=f"call it as {name}({example})",
     )
 
 
@@ -651,6 +663,8 @@ def describe(obj: Any) -> Ports:
 def stage_label(obj: Any) -> str:
     """A short human description of a stage, for messages: ``Predict(question -> answer)``."""
     while isinstance(obj, Stage):
+        if type(obj).stageflow_own_code:  # (a subclass of yours: its code is what runs)
+            return type(obj).__name__
         obj = obj.module
     if isinstance(obj, FunctionStage):
         return f"function {obj.stage_name}()"
@@ -725,9 +739,11 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
 
-    def forward(self, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function (an ``async def`` one runs to its result on stageflow's background
         event loop, as a sync pipeline runs it)."""
+        if args:
+            raise positional_error(f"stage {self.stage_name!r}", str(self.stage_name), self.ports, args)
         if self.ports.required:
             check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
         out = self.fn(**kwargs)
@@ -745,8 +761,10 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             out = run_on_background_loop(out)
         return self._held(out)
 
-    async def aforward(self, **kwargs: Any) -> Any:
+    async def aforward(self, *args: Any, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
+        if args:
+            raise positional_error(f"stage {self.stage_name!r}", str(self.stage_name), self.ports, args)
         if self.ports.required:
             check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
         if self.blocking:
@@ -1064,6 +1082,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
         stage declares (:meth:`held`)."""
         return self.held(self._rename_outputs(out))
 
+    def _where(self) -> str:
+        return f"Stage({stage_label(self.module)})"
+
     def check_inputs(self, call: dict[str, Any], kwargs: Mapping[str, Any]) -> None:
         """Called on its own without a required input: a ``ContractError`` naming it (a pipeline's
         engine checked it before the run)."""
@@ -1124,7 +1145,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
         out = await super().acall(*args, **kwargs)
         return self.held(out) if type(self).stageflow_own_code else out
 
-    def forward(self, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise positional_error(self._where(), "stage", self.ports, args)
         if self.policy is not None and _unapplied(self):  # (stage.forward(...) called directly)
             from stageflow.patterns.solo import call_alone
 
@@ -1140,7 +1163,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
             _skipped_inside(self)
         return self._returned(out)
 
-    async def aforward(self, **kwargs: Any) -> Any:
+    async def aforward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise positional_error(self._where(), "stage", self.ports, args)
         if _sync_only(type(self)):  # (a subclass of yours with its own forward only)
             from stageflow.engine.concurrency import to_thread
 

@@ -76,6 +76,11 @@ class StageTrace(list):  # type: ignore[type-arg]
             return self.outputs[key]
         return super().__getitem__(key)
 
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):  # (a stage's path or tutorial name, as the tutorial's mapping)
+            return key in self.outputs
+        return list.__contains__(self, key)
+
     def keys(self) -> Any:
         """The stage paths with an output (as the tutorial's trace mapping)."""
         return self.outputs.keys()

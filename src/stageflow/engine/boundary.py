@@ -276,11 +276,13 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
         path = join_path(prefix, entry.path)
         raise _full(
             StageError(
-                f"Stage '{path}' ({entry.label}) returned {type(out).__name__}, which has no named fields. "
-                "Return a dict or dspy.Prediction, or declare the single output it produces.",
+                f"Stage '{path}' ({entry.label}) returned "
+                + ("None (a forgotten `return`?)" if out is None else type(out).__name__)
+                + ", which has no named fields. Return a dict or dspy.Prediction, or declare the "
+                "single output it produces.",
                 stage_path=path,
                 code="bad_output",
-                hint="Stage(<stage>, writes=['answer']) stores a single returned value as 'answer'",
+                hint="Stage(<stage>, writes=['<field>']) stores a single returned value as '<field>'",
             )
         )
     rename = dict(entry.out_rename)

@@ -60,9 +60,13 @@ _RULES: list[tuple[str, re.RegexFlag, tuple[str, ...]]] = [
     # Authorization header values: "Bearer <token>", "Basic <base64>", "Token <x>".
     (r"\b(?:Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{6,}", re.IGNORECASE, ("bearer", "basic", "token")),
     # key=value / key: value / "key": "value" where the key names a credential (the key's text
-    # before the credential word, as in my_api_key=, is kept as it is).
+    # before the credential word, as in my_api_key=, is kept as it is). After "=", a space goes
+    # before a quoted value only ("api_key= on dspy.LM" is prose); a placeholder ("...", <your key>)
+    # is not a secret, so a fix hint stays readable.
     (
-        rf"""(?P<key>(?:{_SECRET_WORD})["']?\s*[:=]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}}'"]+)""",
+        rf"""(?P<key>(?:{_SECRET_WORD})["']?(?:\s*:\s*|\s*=\s*(?=["'])|\s*=))"""
+        r"""(?!["']?\.\.\.["']?(?![^\s,;&)}\]]))(?!<[^>\n]{0,40}>)"""
+        r"""(?P<value>"[^"]*"|'[^']*'|[^\s,;&}'"]+)""",
         re.IGNORECASE,
         _KEY_HINTS,
     ),

@@ -192,7 +192,7 @@ class ForEach(Pipeline):
         )
         inner = scope.copy()
         inner.available[self.item] = None
-        inner.origin[self.item] = f"ForEach item of '{self.over}'"
+        inner.origin[self.item] = f"ForEach over {self.over}"
         before = set(scope.missing)
         try:
             inner.check(self._entry, prefix)
