@@ -3,27 +3,26 @@
 A function stage declared with a single output (``@stage(writes=["answer"])``) may return that
 output's value on its own. A function that forgot its ``return`` then returns ``None``, and without
 a check that ``None`` would be written as the answer: a silent wrong result. :func:`none_is_wrong`
-says when such a ``None`` cannot be meant:
+says when such a ``None`` cannot be meant: the code that runs has no ``return <value>`` anywhere in
+its body (only a bare ``return``, ``return None`` or the end of the body), so ``None`` is all it can
+return — unless its return annotation says ``None`` is a value it gives (``-> str | None``,
+``Optional[str]``, ``Any``; not ``-> None``). A lambda is one expression: its ``None`` is meant.
 
-- the function has no ``return <value>`` anywhere in its body (only a bare ``return``, ``return
-  None`` or the end of the body), so ``None`` is all it can return (a lambda is one expression: its ``None``
-  is meant);
-- its return annotation leaves ``None`` out (``-> str``; not ``-> str | None``, ``-> Any``, ``->
-  object`` or a type variable).
-
-Otherwise (a function that returns a value on some path and has no annotation saying it never
-returns ``None``) the ``None`` is written, as the stage returned it. Returning ``{"answer": None}``
-always writes ``None`` on purpose.
+The code read is the code that runs: a decorator's wrapper (``functools.wraps`` or not) is read
+itself, not the function it wraps, since what the wrapper returns is what the stage returns; a
+wrapper without Python code (``functools.lru_cache``) is read through. A function that returns a
+value on some path may return ``None`` on another: that ``None`` is written, as returned.
+Returning ``{"answer": None}`` always writes ``None`` on purpose.
 
 >>> def forgot(question: str):
 ...     question.upper()
 >>> none_is_wrong(forgot)
 'it has no `return <value>` statement'
->>> def typed(question: str) -> str:
-...     return question.upper() if question else None  # type: ignore[return-value]
->>> none_is_wrong(typed)
-"it is annotated to return 'str'"
->>> def maybe(question: str) -> str | None:
+>>> def stub(question: str) -> str | None:
+...     pass
+>>> none_is_wrong(stub) is None
+True
+>>> def maybe(question: str):
 ...     return question.upper() if question else None
 >>> none_is_wrong(maybe) is None
 True
@@ -62,36 +61,36 @@ def none_is_wrong(fn: Callable[..., Any]) -> str | None:
 
 def _reason(fn: Callable[..., Any]) -> str | None:
     target = _code_owner(fn)
-    if target is None:
-        return None
     code = getattr(target, "__code__", None)
     # (a lambda is one expression: it cannot forget a return, its None is what it says)
-    if code is None or getattr(code, "co_name", "") == "<lambda>":
+    if not isinstance(code, types.CodeType) or code.co_name == "<lambda>":
         return None
-    if isinstance(code, types.CodeType) and not code.co_flags & _NO_VALUE and _no_value_returned(code):
-        return "it has no `return <value>` statement"
+    if code.co_flags & _NO_VALUE or not _no_value_returned(code):
+        return None
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # (an annotation that does not resolve says nothing here)
-        return None
-    if "return" not in hints or _admits_none(hints["return"]):
-        return None
-    return f"it is annotated to return {_type_name(hints['return'])!r}"
+        hints = {}
+    if "return" in hints and _admits_none(hints["return"]):
+        return None  # (a stub that says it returns None, e.g. `-> str | None: pass`)
+    return "it has no `return <value>` statement"
 
 
 def _code_owner(fn: Any) -> Any:
-    """The Python function whose code runs when ``fn`` is called (through ``functools.wraps``
-    wrappers, partials and bound methods; a callable object's ``__call__``)."""
+    """The Python function whose code runs when ``fn`` is called: a partial's function, a bound
+    method's, a callable object's ``__call__``; through a wrapper that has no Python code of its
+    own (``functools.lru_cache``) to the function it wraps."""
     for _ in range(16):
         if isinstance(fn, functools.partial):
             fn = fn.func
         elif isinstance(fn, types.MethodType):
             fn = fn.__func__
         elif isinstance(fn, types.FunctionType):
-            wrapped = getattr(fn, "__wrapped__", None)
-            if wrapped is None:
-                return fn
-            fn = wrapped
+            return fn
+        elif isinstance(fn, staticmethod | classmethod):
+            fn = fn.__func__
+        elif getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
         elif callable(fn) and not isinstance(fn, type | types.BuiltinFunctionType):
             fn = type(fn).__dict__.get("__call__") or _class_call(type(fn))
         else:
@@ -121,17 +120,30 @@ def _no_value_returned(code: types.CodeType) -> bool:
 
 
 def _admits_none(t: Any) -> bool:
-    if t is Any or t is object or t is None or t is type(None) or isinstance(t, typing.TypeVar):
+    """Whether a return annotation says ``None`` is a value the function gives (not ``-> None``
+    alone, which says it gives nothing)."""
+    if t is None or t is type(None):
+        return False
+    return _with_none(t)
+
+
+def _with_none(t: Any) -> bool:
+    if t is Any or t is None or t is type(None) or isinstance(t, typing.TypeVar):
         return True
     origin = typing.get_origin(t)
     if origin is typing.Annotated:
-        return _admits_none(typing.get_args(t)[0])
+        return _with_none(typing.get_args(t)[0])
     if origin is typing.Union or origin is types.UnionType:
-        return any(_admits_none(a) for a in typing.get_args(t))
+        return any(_with_none(a) for a in typing.get_args(t))
     if origin is typing.Literal:
         return None in typing.get_args(t)
+    for alias in ("__value__", "__supertype__"):  # (a type alias statement, a NewType)
+        inner = getattr(t, alias, None)
+        if inner is not None:
+            return _with_none(inner)
+    if isinstance(t, type):
+        try:
+            return isinstance(None, t)  # (object, collections.abc.Hashable, ...)
+        except TypeError:
+            return False
     return False
-
-
-def _type_name(t: Any) -> str:
-    return t.__name__ if isinstance(t, type) and not typing.get_args(t) else str(t).replace("typing.", "")

@@ -72,6 +72,7 @@ __all__ = [
     "own_call_code",
     "bad_output_error",
     "check_given",
+    "function_stage_in",
     "positional_error",
     "none_returned_error",
     "held_to_outputs",
@@ -230,7 +231,10 @@ def _policies_around(own: Callable[..., Any]) -> Callable[..., Any]:
             from stageflow.patterns.solo import call_alone
 
             return call_alone(self, kwargs, how="call")
-        return self.held(own(self, *args, **kwargs))
+        out = own(self, *args, **kwargs)
+        if inspect.iscoroutine(out):  # (an ``async def __call__``: run to its result, as acall awaits it)
+            out = _to_result(out, f"{type(self).__name__}.__call__")
+        return self.held(out)
 
     call.stageflow_own = own  # type: ignore[attr-defined]
     return call
@@ -266,17 +270,64 @@ def _sync_only(cls: type) -> bool:
     )
 
 
+def _library(owner: type) -> bool:
+    return (owner.__module__ or "").startswith(("stageflow.", "dspy.")) or owner is object
+
+
 def _call_only(cls: type) -> bool:
-    """Whether a ``Stage`` class has a ``__call__`` of yours but takes ``acall`` and ``aforward``
-    from stageflow: ``acall`` then runs that ``__call__`` (on a worker thread), since DSPy's
-    ``acall`` would go to ``aforward`` and skip it (a different result under ``acall``)."""
-    if own_call(cls, "__call__") is None:
-        return False
-    for name in ("acall", "aforward"):
+    """Whether a ``Stage`` class has a ``__call__`` of yours (a function, or any callable a decorator
+    put there) but takes ``acall`` and ``aforward`` from stageflow: ``acall`` then runs that
+    ``__call__`` (on a worker thread; awaited, when it is ``async def``), since DSPy's ``acall`` would
+    go to ``aforward`` and skip it (a different result under ``acall``)."""
+    for name in ("__call__", "acall", "aforward"):
         owner = next(c for c in cls.__mro__ if name in c.__dict__)
-        if not (owner.__module__ or "").startswith(("stageflow.", "dspy.")):
+        if _library(owner) != (name != "__call__"):
             return False
     return True
+
+
+#: The stages whose ``__call__`` of yours ``acall`` is running now (on this thread or task): an
+#: ``acall`` that code makes in turn (``asyncio.run(super().acall(...))``) takes stageflow's path.
+_IN_OWN_CALL: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "stageflow_in_own_call", default=frozenset()
+)
+
+
+def _run_own_call(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    token = _IN_OWN_CALL.set(_IN_OWN_CALL.get() | {id(stage)})
+    try:
+        return stage(*args, **kwargs)
+    except StopIteration as e:  # (an asyncio future cannot hold it: the caller would wait forever)
+        raise RuntimeError(f"{type(stage).__name__}.__call__ raised StopIteration") from e
+    finally:
+        _IN_OWN_CALL.reset(token)
+
+
+def _to_result(awaitable: Any, what: str) -> Any:
+    """An awaitable a sync call got from async code of yours (``what``), run to its result on
+    stageflow's background event loop; refused on that loop itself, which would wait on itself."""
+    from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
+
+    if on_background_loop():
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()
+        raise ConfigurationError(
+            f"{what} is an async function called synchronously from stageflow's own event loop; "
+            "call it with `await stage.acall(...)` instead.",
+            code="async_in_sync",
+        )
+    return run_on_background_loop(awaitable)
+
+
+def _signed_module(module: Any) -> bool:
+    """Whether ``module`` is a predictor (a ``dspy.Predict``, or a module around one such as
+    ``ChainOfThought``), whose inputs are its signature's as it is now."""
+    return isinstance(module, dspy.Predict) or isinstance(getattr(module, "predict", None), dspy.Predict)
+
+
+def _own_code(call: Any) -> Any:
+    """The function of yours behind ``__call__`` (through stageflow's policy wrapper)."""
+    return getattr(call, "stageflow_own", call)
 
 
 def _skipped_inside(stage: Stage) -> None:
@@ -325,13 +376,20 @@ def none_returned_error(where: str, name: str, reason: str, stage_path: str) -> 
     returned ``None`` where ``None`` cannot be meant (``reason``, from
     :func:`stageflow._returns.none_is_wrong`): a forgotten ``return`` is not written as the output."""
     return StageError(
-        f"{where} returned None for its output '{name}', but {reason}: a forgotten `return`?",
+        f"{where} returned None for its output '{name}', but {reason} (a forgotten `return`?).",
         stage_path=stage_path,
         field=name,
         code="bad_output",
-        hint=f"return the value; to write None on purpose, return {{{name!r}: None}}"
-        + (" or add `| None` to the function's return annotation" if "annotated" in reason else ""),
+        hint=f"return the value; to write None on purpose, return {{{name!r}: None}} or annotate "
+        "the function's return type with `| None`",
     )
+
+
+def function_stage_in(obj: Any) -> FunctionStage | None:
+    """The function stage ``obj`` runs, through ``Stage`` wrappers (``None``: it runs none)."""
+    while isinstance(obj, Stage):
+        obj = obj.module
+    return obj if isinstance(obj, FunctionStage) else None
 
 
 def positional_error(where: str, name: str, ports: Ports, args: tuple[Any, ...]) -> ConfigurationError:
@@ -589,6 +647,18 @@ def _apply_declarations(
                     field=unknown[0],
                     code="bad_declaration",
                 )
+        left_out = [r for r in ports.required if r not in reads]
+        if left_out and not ports.accepts_any:
+            # (the stage would run without it: a TypeError from a function, a prompt without the
+            # field from a predictor)
+            raise ConfigurationError(
+                f"{owner}: reads={list(reads)} leaves out {left_out}, which the stage cannot run "
+                f"without. It requires: {list(ports.required)}.",
+                field=left_out[0],
+                code="bad_declaration",
+                hint=f"add {left_out[0]!r} to reads=, or rename where it comes from with "
+                f"inputs={{{left_out[0]!r}: '<state field>'}}",
+            )
         opt = tuple(o for o in ports.optional if o not in reads)
         ports = replace(ports, required=tuple(reads), optional=opt, accepts_any=False)
     if writes is not None:
@@ -748,17 +818,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
         out = self.fn(**kwargs)
         if inspect.iscoroutine(out) or (self.is_async and inspect.isawaitable(out)):
-            from stageflow.engine.concurrency import on_background_loop, run_on_background_loop
-
-            if on_background_loop():
-                if inspect.iscoroutine(out):
-                    out.close()
-                raise ConfigurationError(
-                    f"stage {self.stage_name!r} is an async function called synchronously from "
-                    "stageflow's own event loop; call it with `await stage.acall(...)` instead.",
-                    code="async_in_sync",
-                )
-            out = run_on_background_loop(out)
+            out = _to_result(out, f"stage {self.stage_name!r}")
         return self._held(out)
 
     async def aforward(self, *args: Any, **kwargs: Any) -> Any:
@@ -899,6 +959,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.output_map = _field_map(outputs, "outputs", module)
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
         self.inner_ports = inner
+        self._reads_declared = reads is not None
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
@@ -1088,8 +1149,13 @@ class Stage(dspy.Module):  # type: ignore[misc]
     def check_inputs(self, call: dict[str, Any], kwargs: Mapping[str, Any]) -> None:
         """Called on its own without a required input: a ``ContractError`` naming it (a pipeline's
         engine checked it before the run)."""
+        if ENGINE_CALLS.get() is self or isinstance(self.module, Stage):
+            return
         required = self.inner_ports.required
-        if required and ENGINE_CALLS.get() is not self and not isinstance(self.module, Stage):
+        if _signed_module(self.module) and not self._reads_declared:
+            # (a predictor's signature may have been replaced in place since: an optimizer's)
+            required = describe(self.module).required
+        if required:
             check_given(f"Stage({stage_label(self.module)})", required, call, kwargs, self.input_map)
 
     def held(self, out: Any) -> Any:
@@ -1103,6 +1169,12 @@ class Stage(dspy.Module):  # type: ignore[misc]
             partial = {self.output_map.get(k, k) for k in self.inner_ports.partial}
             outputs = tuple(o for o in outputs if o not in partial)
         bare_ok = wraps_function(self)
+        if out is None and bare_ok and len(outputs) == 1:
+            inner = function_stage_in(self)
+            reason = none_is_wrong(inner.fn) if inner is not None else None
+            if reason is not None:
+                where = self._where()
+                raise none_returned_error(where, outputs[0], reason, where)
         return held_to_outputs(f"Stage({stage_label(self.module)})", outputs, out, bare_ok)
 
     def _bare_output(self, out: Any) -> Any:
@@ -1134,10 +1206,18 @@ class Stage(dspy.Module):  # type: ignore[misc]
         return self.held(out) if type(self).stageflow_own_code else out
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
-        if type(self).stageflow_call_only:  # (your __call__, as a sync call runs it)
+        if type(self).stageflow_call_only and id(self) not in _IN_OWN_CALL.get():
+            # (your __call__, as a sync call runs it; not again from inside it)
+            own = _own_code(type(self).__call__)
+            if inspect.iscoroutinefunction(own):
+                token = _IN_OWN_CALL.set(_IN_OWN_CALL.get() | {id(self)})
+                try:
+                    return self.held(await own(self, *args, **kwargs))
+                finally:
+                    _IN_OWN_CALL.reset(token)
             from stageflow.engine.concurrency import to_thread
 
-            return await to_thread(self.__call__, *args, **kwargs)
+            return await to_thread(_run_own_call, self, args, kwargs)
         if self.policy is not None and not args and _unapplied(self) and own_call_code(type(self)):
             from stageflow.patterns.solo import acall_alone
 

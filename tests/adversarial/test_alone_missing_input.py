@@ -84,3 +84,36 @@ def test_optional_inputs_may_be_left_out(mode: str) -> None:
         return {"text": f"{greeting} {name}"}
 
     assert asyncio.run(call(stage(greet, writes=["text"]), mode, name="x")) == {"text": "hi x"}
+
+
+def test_a_signature_replaced_in_place_is_checked_as_it_is_now(mode: str) -> None:
+    # (optimizers replace a predictor's signature in place; the check follows it)
+    lm = FakeLM({"answer": "a"})
+    fewer = dspy.Predict("question, context -> answer")
+    s = Stage(fewer)
+    fewer.signature = dspy.Signature("question -> answer")
+    with dspy.context(lm=lm):
+        assert asyncio.run(call(s, mode, question="q")).answer == "a"
+    more = dspy.Predict("question -> answer")
+    s2 = Stage(more)
+    more.signature = more.signature.prepend("context", dspy.InputField(), type_=str)
+    with dspy.context(lm=lm), pytest.raises(ContractError) as info:
+        asyncio.run(call(s2, mode, question="q"))
+    _check(info.value, "context", "Stage(Predict(")
+    assert lm.calls == 1
+
+
+def test_reads_that_leave_out_a_required_input_are_refused_when_built() -> None:
+    with pytest.raises(
+        stageflow.ConfigurationError, match=r"reads=\['question'\] leaves out \['context'\]"
+    ) as info:
+        Stage(dspy.Predict("question, context -> answer"), reads=["question"])
+    assert (info.value.code, info.value.field) == ("bad_declaration", "context")
+
+    def f(question: str, context: str) -> dict[str, str]:
+        return {"answer": question + context}
+
+    with pytest.raises(stageflow.ConfigurationError, match="leaves out"):
+        stage(f, reads=["question"], writes=["answer"])
+    # (a function taking **kwargs reads what it is told)
+    assert stage(lambda **kw: {"n": len(kw)}, reads=["a"], writes=["n"])(a=1) == {"n": 1}

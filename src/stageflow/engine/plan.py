@@ -31,6 +31,7 @@ from stageflow.stages import (
     Ports,
     Stage,
     describe,
+    function_stage_in,
     left_to_engine,
     may_be_left_out,
     own_call_code,
@@ -356,7 +357,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         stage_leaf=isinstance(leaf, Stage),
         bare_leaf=not composite and not isinstance(leaf, Stage),
         merge_whole=out_pairs is None and not out_map and not (composite and not declared and not out_map),
-        function_stage=leaf if single is not None and isinstance(leaf, FunctionStage) else None,
+        function_stage=function_stage_in(leaf) if single is not None else None,
     )
 
 

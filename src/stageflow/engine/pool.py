@@ -76,13 +76,24 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     """
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
-    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    call = functools.partial(_no_stop_iteration, fn, functools.partial(ctx.run, fn, *args, **kwargs))
     token = loop_token()  # under dspy.streamify: the thread may send chunks to its stream
     if token is not None:
         call = functools.partial(_lent, token, call)
     if _SPARE.get():
         return await spare.acall(call, on_abandon=note_abandoned)
     return await loop.run_in_executor(shared_pool(), call)
+
+
+def _no_stop_iteration(fn: Any, call: Callable[[], Any]) -> Any:
+    """``call()`` (of ``fn``), with a ``StopIteration`` it raises turned into a ``RuntimeError`` (as
+    Python does for generators): an asyncio future cannot hold one, and the awaiting task would
+    wait forever."""
+    try:
+        return call()
+    except StopIteration as e:
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        raise RuntimeError(f"{name} raised StopIteration") from e
 
 
 def _lent(token: Any, call: Callable[[], Any]) -> Any:
