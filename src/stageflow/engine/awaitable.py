@@ -11,8 +11,9 @@ for it:
   path of its own: a provider model (``dspy.LM("openai/...")``: DSPy awaits its HTTP client) or a
   custom engine given with ``async_engine=``. An LM of another class (a subclass, ``DummyLM``, a
   ``BaseLM`` of yours) may only work, or only be fast, called synchronously: its branches stay on
-  threads. So do the branches of a call with DSPy callbacks in force (on the settings, the LM or
-  the module): a callback is your code, and may block or run stageflow in turn, which must not
+  threads. So do the branches of a call with DSPy callbacks in force (on the settings, the LM,
+  the module or the configured adapter): a callback is your code, and may block or run stageflow
+  in turn, which must not
   happen on the one event loop every such fan-out in the process shares.
 
 The branches then run the engine's async path, which is the sync path's twin (the same policies,
@@ -56,7 +57,8 @@ def _predictor_awaits(owner: Any, entry: StageEntry) -> bool:
     lm = getattr(predictor, "lm", None)
     if lm is None:
         lm = dspy.settings.lm
-    if dspy.settings.callbacks or any(getattr(o, "callbacks", None) for o in (module, predictor, lm)):
+    holders = (module, predictor, lm, dspy.settings.adapter)
+    if dspy.settings.callbacks or any(getattr(o, "callbacks", None) for o in holders):
         return False  # (callbacks are your code: they run where the call runs, on threads)
     return lm_awaits(lm)
 

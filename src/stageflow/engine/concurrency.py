@@ -41,7 +41,6 @@ from stageflow.engine.fanout import BranchOutcome, FailurePolicy, afan_out, fan_
 from stageflow.engine.pool import (
     abandoned_threads,
     available_cpus,
-    await_on_background_loop,
     note_abandoned,
     on_background_loop,
     run_on_background_loop,
@@ -67,7 +66,6 @@ __all__ = [
     "leaf_slots",
     "limits",
     "note_abandoned",
-    "await_on_background_loop",
     "on_background_loop",
     "run_on_background_loop",
     "shared_pool",

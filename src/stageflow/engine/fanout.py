@@ -482,7 +482,7 @@ async def afan_out(
                 raise
             except Exception as e:
                 o.error, o.status = e, "error"
-            except (KeyboardInterrupt, SystemExit) as e:
+            except BaseException as e:  # KeyboardInterrupt, SystemExit, or another of yours
                 # Never a branch failure: stop the siblings and re-raise it in the caller (on a loop
                 # that survives it, gather would otherwise hand it back as this branch's result).
                 o.error, o.status, o.elapsed = e, "cancelled", perf_counter() - t0

@@ -45,6 +45,12 @@ def in_line_steps() -> tuple[Any, ...]:
 _STEPS = ("_price_result", "_cached", "_store")
 
 
+def _is_step(f: Any) -> bool:
+    """Whether ``f`` is one of :func:`in_line_steps`, by identity (never ``==``: what a partial of
+    yours holds first may compare in any way, or refuse to)."""
+    return any(f is step for step in in_line_steps())
+
+
 class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
     """A ``ThreadPoolExecutor`` that runs the steps of :func:`in_line_steps` in the submitting
     thread (the event loop's) and everything else on its threads.
@@ -57,7 +63,7 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        if type(fn) is functools.partial and fn.args and fn.args[0] in in_line_steps():
+        if type(fn) is functools.partial and fn.args and _is_step(fn.args[0]):
             done: concurrent.futures.Future[Any] = concurrent.futures.Future()
             try:
                 done.set_result(fn(*args, **kwargs))

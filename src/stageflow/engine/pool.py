@@ -188,13 +188,6 @@ def run_on_background_loop(coro: Awaitable[Any], stop_with: Any = None) -> Any:
             stop_with.discard(future.cancel)
 
 
-async def await_on_background_loop(coro: Awaitable[Any]) -> Any:
-    """Await ``coro`` run on stageflow's long-lived event loop from another event loop (the caller's
-    context follows; cancelling the caller cancels it there)."""
-    future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
-    return await asyncio.wrap_future(future)
-
-
 def available_cpus() -> int:
     """CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from stageflow.engine.concurrency import (
     BranchOutcome,
     FailurePolicy,
     afan_out,
-    await_on_background_loop,
     budget_chain,
     child_budget,
     fan_out,
@@ -335,10 +335,12 @@ def run_branches(
             code="async_in_sync",
             hint="call it with `await <fan-out>.acall(...)` from the async stage",
         )
+    from_loop = on_background_loop()
     if (
         branches
         and on_start is None
-        and not on_background_loop()
+        and not from_loop
+        and not _LOOP_WAITS.get()
         and not listening()
         and loop_token() is None
         and awaits_natively(owner, entries)
@@ -359,6 +361,48 @@ def run_branches(
             stop_with=enclosing_fan_out(),  # (stopped with the thread fan-out it runs in, if any)
         )
 
+    # (threads started from the loop, which waits for them: a fan-out inside them must not send its
+    # branches to that loop, or both would wait for ever)
+    waits = _LOOP_WAITS.set(True) if from_loop else None
+    try:
+        return _on_threads_now(
+            owner,
+            branches,
+            entries,
+            hooks,
+            prefix,
+            max_concurrency,
+            on_error,
+            timeout,
+            name,
+            until,
+            produced,
+            on_start,
+        )
+    finally:
+        if waits is not None:
+            _LOOP_WAITS.reset(waits)
+
+
+#: Set in the threads of a fan-out the background loop waits for (see :func:`run_branches`).
+_LOOP_WAITS: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_loop_waits", default=False)
+
+
+def _on_threads_now(
+    owner: Any,
+    branches: Sequence[Branch],
+    entries: list[StageEntry],
+    hooks: tuple[Any, ...],
+    prefix: str,
+    max_concurrency: int | None,
+    on_error: FailurePolicy,
+    timeout: float | None,
+    name: str,
+    until: Callable[[list[BranchOutcome]], bool] | None,
+    produced: bool,
+    on_start: Callable[[Callable[[], None]], None] | None,
+) -> Sequence[BranchResult]:
+    """The sync fan-out on threads (the rest of :func:`run_branches`)."""
     before = [dict(b.state) for b in branches] if produced else None
     if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
         # Plain function stages, nothing around their calls: the threads share one run (fewer
@@ -401,33 +445,6 @@ async def arun_branches(
 ) -> Sequence[BranchResult]:
     """Run ``branches`` concurrently from an async call (results in input order)."""
     entries = _entries(branches)
-    if (
-        entries
-        and not hooks
-        and not on_background_loop()
-        and not listening()
-        and loop_token() is None
-        and not any(e.is_async_fn for e in entries)
-        and awaits_natively(owner, entries)
-    ):
-        # Predictors whose LM awaits its own engine: on stageflow's loop, where DSPy's short
-        # LM-call steps run in line (stageflow.engine.loop_executor), as a sync fan-out runs them.
-        # (Not async functions of yours, which may use objects of your loop; not with observers,
-        # which would be called from that loop's thread.)
-        return await await_on_background_loop(  # type: ignore[no-any-return]
-            arun_branches(
-                owner,
-                branches,
-                hooks,
-                prefix,
-                max_concurrency=max_concurrency,
-                on_error=on_error,
-                timeout=timeout,
-                name=name,
-                until=until,
-                produced=produced,
-            )
-        )
     if entries and not listening() and all(_on_threads(e) for e in entries):
         # Plain function stages, which run on threads either way: the sync fan-out runs them (its
         # fail_fast stops further starts at once, its timeouts abandon threads; what each branch
