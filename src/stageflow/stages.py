@@ -1149,8 +1149,10 @@ class Stage(dspy.Module):  # type: ignore[misc]
     def check_inputs(self, call: dict[str, Any], kwargs: Mapping[str, Any]) -> None:
         """Called on its own without a required input: a ``ContractError`` naming it (a pipeline's
         engine checked it before the run)."""
-        if ENGINE_CALLS.get() is self or isinstance(self.module, Stage):
+        if ENGINE_CALLS.get() is self:
             return
+        # (around another Stage too: checked here first, the field named as this Stage's caller
+        # passes it)
         required = self.inner_ports.required
         if _signed_module(self.module) and not self._reads_declared:
             # (a predictor's signature may have been replaced in place since: an optimizer's)

@@ -117,3 +117,16 @@ def test_reads_that_leave_out_a_required_input_are_refused_when_built() -> None:
         stage(f, reads=["question"], writes=["answer"])
     # (a function taking **kwargs reads what it is told)
     assert stage(lambda **kw: {"n": len(kw)}, reads=["a"], writes=["n"])(a=1) == {"n": 1}
+
+
+def test_nested_renames_name_the_field_the_caller_passes(mode: str) -> None:
+    # (helper 87, C1: the inner Stage's name 'passages' was reported, where a pipeline says 'docs')
+    inner = Stage(dspy.Predict("question, context -> answer"), inputs={"context": "passages"})
+    outer = Stage(inner, inputs={"passages": "docs"})
+    lm = FakeLM({"answer": "a"})
+    with dspy.context(lm=lm), pytest.raises(ContractError) as info:
+        asyncio.run(call(outer, mode, question="q"))
+    _check(info.value, "docs", "Predict(question, context -> answer)")
+    with dspy.context(lm=lm):
+        assert asyncio.run(call(outer, mode, question="q", docs="d")).answer == "a"
+    assert lm.calls == 1
