@@ -325,6 +325,14 @@ def _signed_module(module: Any) -> bool:
     return isinstance(module, dspy.Predict) or isinstance(getattr(module, "predict", None), dspy.Predict)
 
 
+def _signature_now(module: Any) -> Any:
+    """The signature object a predictor (or a module around one) holds now; ``None`` for others."""
+    if isinstance(module, dspy.Predict):
+        return module.signature
+    inner = getattr(module, "predict", None)
+    return inner.signature if isinstance(inner, dspy.Predict) else None
+
+
 def _own_code(call: Any) -> Any:
     """The function of yours behind ``__call__`` (through stageflow's policy wrapper)."""
     return getattr(call, "stageflow_own", call)
@@ -960,6 +968,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
         inner = _apply_declarations(describe(module), reads, writes, f"Stage({stage_label(module)})")
         self.inner_ports = inner
         self._reads_declared = reads is not None
+        self._writes = None if writes is None else tuple(writes)
+        self._seen_signature = _signature_now(module)
         self.declares_outputs = writes is not None
         self.ports = self.renamed_ports(inner)
         self.policy = self._policy(retry, timeout, repair, fallback, recover, skip_on, cache, budget)
@@ -1104,7 +1114,23 @@ class Stage(dspy.Module):  # type: ignore[misc]
         )
 
     def stageflow_ports(self) -> Ports:
+        self.refresh_ports()
         return self.ports
+
+    def refresh_ports(self) -> None:
+        """Work the ports out again when the wrapped predictor's signature was replaced in place
+        since (an optimizer's, or yours): a pipeline then plans with the fields it has now."""
+        attrs = self.__dict__  # (a Stage unpickled from an older release may lack these: left as it is)
+        if attrs.get("_reads_declared", True) or not _signed_module(self.module):
+            return
+        now = _signature_now(self.module)
+        if now is attrs.get("_seen_signature"):
+            return
+        label = f"Stage({stage_label(self.module)})"
+        inner = _apply_declarations(describe(self.module), None, attrs.get("_writes"), label)
+        self.__dict__["inner_ports"] = inner
+        self.__dict__["ports"] = self.renamed_ports(inner)
+        self.__dict__["_seen_signature"] = now
 
     def stage_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The wrapped stage's keyword arguments for a call given ``kwargs``, as a pipeline feeds it:
@@ -1153,10 +1179,8 @@ class Stage(dspy.Module):  # type: ignore[misc]
             return
         # (around another Stage too: checked here first, the field named as this Stage's caller
         # passes it)
+        self.refresh_ports()  # (a predictor's signature may have been replaced in place since)
         required = self.inner_ports.required
-        if _signed_module(self.module) and not self._reads_declared:
-            # (a predictor's signature may have been replaced in place since: an optimizer's)
-            required = describe(self.module).required
         if required:
             check_given(f"Stage({stage_label(self.module)})", required, call, kwargs, self.input_map)
 

@@ -15,7 +15,7 @@ import dspy
 import pytest
 
 import stageflow
-from stageflow import ContractError, Stage, stage
+from stageflow import ContractError, SequentialPipeline, Stage, stage
 from stageflow.testing import FakeLM, call
 
 
@@ -129,4 +129,19 @@ def test_nested_renames_name_the_field_the_caller_passes(mode: str) -> None:
     _check(info.value, "docs", "Predict(question, context -> answer)")
     with dspy.context(lm=lm):
         assert asyncio.run(call(outer, mode, question="q", docs="d")).answer == "a"
+    assert lm.calls == 1
+
+
+def test_a_pipeline_plans_a_stage_with_its_predictors_signature_as_it_is_now(mode: str) -> None:
+    # (helper 87, C2: a Stage's ports were frozen when built; a pipeline built after an optimizer
+    # removed a field still asked for it)
+    lm = FakeLM({"answer": "a"})
+    pred = dspy.Predict("question, context -> answer")
+    s = Stage(pred, writes=["answer"])
+    pred.signature = dspy.Signature("question -> answer")
+    with dspy.context(lm=lm):
+        assert asyncio.run(call(SequentialPipeline([s]), mode, question="q")).answer == "a"
+    pred.signature = dspy.Signature("question, context -> answer")
+    with dspy.context(lm=lm), pytest.raises(ContractError, match="needs input 'context'"):
+        asyncio.run(call(SequentialPipeline([s]), mode, question="q"))
     assert lm.calls == 1

@@ -271,6 +271,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         leaf = obj
         leaf_ports = describe(obj)
     elif isinstance(obj, Stage) and not isinstance(obj.module, Stage):
+        obj.refresh_ports()  # (its predictor's signature may have been replaced in place)
         leaf = obj.module
         leaf_ports = obj.inner_ports
         in_map, out_map = obj.input_map, obj.output_map
