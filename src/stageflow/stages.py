@@ -75,6 +75,7 @@ __all__ = [
     "function_stage_in",
     "positional_error",
     "none_returned_error",
+    "refuse_none",
     "held_to_outputs",
     "missing_output_error",
     "Ports",
@@ -319,12 +320,6 @@ def _to_result(awaitable: Any, what: str) -> Any:
     return run_on_background_loop(awaitable)
 
 
-def _signed_module(module: Any) -> bool:
-    """Whether ``module`` is a predictor (a ``dspy.Predict``, or a module around one such as
-    ``ChainOfThought``), whose inputs are its signature's as it is now."""
-    return isinstance(module, dspy.Predict) or isinstance(getattr(module, "predict", None), dspy.Predict)
-
-
 def _signature_now(module: Any) -> Any:
     """The signature object a predictor (or a module around one) holds now; ``None`` for others."""
     if isinstance(module, dspy.Predict):
@@ -391,6 +386,15 @@ def none_returned_error(where: str, name: str, reason: str, stage_path: str) -> 
         hint=f"return the value; to write None on purpose, return {{{name!r}: None}} or annotate "
         "the function's return type with `| None`",
     )
+
+
+def refuse_none(where: str, name: str, fn: Callable[..., Any], stage_path: str) -> None:
+    """A function stage (``where``) with the single output ``name`` returned ``None``: raise
+    :func:`none_returned_error` when its function ``fn`` cannot mean it
+    (:func:`stageflow._returns.none_is_wrong`); return when it may."""
+    reason = none_is_wrong(fn)
+    if reason is not None:
+        raise none_returned_error(where, name, reason, stage_path)
 
 
 def function_stage_in(obj: Any) -> FunctionStage | None:
@@ -820,10 +824,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function (an ``async def`` one runs to its result on stageflow's background
         event loop, as a sync pipeline runs it)."""
-        if args:
-            raise positional_error(f"stage {self.stage_name!r}", str(self.stage_name), self.ports, args)
-        if self.ports.required:
-            check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
+        self._check_call(args, kwargs)
         out = self.fn(**kwargs)
         if inspect.iscoroutine(out) or (self.is_async and inspect.isawaitable(out)):
             out = _to_result(out, f"stage {self.stage_name!r}")
@@ -831,10 +832,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
 
     async def aforward(self, *args: Any, **kwargs: Any) -> Any:
         """Await the function; a plain one runs on a worker thread unless ``blocking=False``."""
-        if args:
-            raise positional_error(f"stage {self.stage_name!r}", str(self.stage_name), self.ports, args)
-        if self.ports.required:
-            check_given(f"stage {self.stage_name!r}", self.ports.required, kwargs, kwargs, {})
+        self._check_call(args, kwargs)
         if self.blocking:
             from stageflow.engine.concurrency import to_thread
 
@@ -847,6 +845,14 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
                 out = await out
         return self._held(out)
 
+    def _check_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Called on its own: inputs by name only, the required ones given (as a pipeline checks)."""
+        where = f"stage {self.stage_name!r}"
+        if args:
+            raise positional_error(where, str(self.stage_name), self.ports, args)
+        if self.ports.required:
+            check_given(where, self.ports.required, kwargs, kwargs, {})
+
     def _held(self, out: Any) -> Any:
         """What the function returned, held to the outputs it declares (:func:`held_to_outputs`),
         unless a pipeline's engine is calling it (it checks the output on merge)."""
@@ -854,11 +860,7 @@ class FunctionStage(dspy.Module):  # type: ignore[misc]
             return out
         outputs = self.ports.outputs
         if out is None and outputs is not None and len(outputs) == 1:
-            reason = none_is_wrong(self.fn)
-            if reason is not None:
-                raise none_returned_error(
-                    f"stage {self.stage_name!r}", outputs[0], reason, str(self.stage_name)
-                )
+            refuse_none(f"stage {self.stage_name!r}", outputs[0], self.fn, str(self.stage_name))
         return held_to_outputs(f"stage {self.stage_name!r}", outputs, out, bare_ok=True)
 
     def __repr__(self) -> str:
@@ -993,8 +995,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
             # (its own, or a mixin's: the first class of its MRO that defines it)
             owner = next(c for c in cls.__mro__ if name in c.__dict__)
             own = owner.__dict__[name]
-            library = (owner.__module__ or "").startswith(("stageflow.", "dspy.")) or owner is object
-            if not library and inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
+            if not _library(owner) and inspect.isfunction(own) and not hasattr(own, "stageflow_own"):
                 setattr(cls, name, around(own))
         cls.stageflow_call_only = _call_only(cls)
 
@@ -1121,13 +1122,12 @@ class Stage(dspy.Module):  # type: ignore[misc]
         """Work the ports out again when the wrapped predictor's signature was replaced in place
         since (an optimizer's, or yours): a pipeline then plans with the fields it has now."""
         attrs = self.__dict__  # (a Stage unpickled from an older release may lack these: left as it is)
-        if attrs.get("_reads_declared", True) or not _signed_module(self.module):
+        if attrs.get("_reads_declared", True):
             return
-        now = _signature_now(self.module)
+        now = _signature_now(self.module)  # (None: not a predictor, nothing to follow)
         if now is attrs.get("_seen_signature"):
             return
-        label = f"Stage({stage_label(self.module)})"
-        inner = _apply_declarations(describe(self.module), None, attrs.get("_writes"), label)
+        inner = _apply_declarations(describe(self.module), None, attrs.get("_writes"), self._where())
         self.__dict__["inner_ports"] = inner
         self.__dict__["ports"] = self.renamed_ports(inner)
         self.__dict__["_seen_signature"] = now
@@ -1182,7 +1182,7 @@ class Stage(dspy.Module):  # type: ignore[misc]
         self.refresh_ports()  # (a predictor's signature may have been replaced in place since)
         required = self.inner_ports.required
         if required:
-            check_given(f"Stage({stage_label(self.module)})", required, call, kwargs, self.input_map)
+            check_given(self._where(), required, call, kwargs, self.input_map)
 
     def held(self, out: Any) -> Any:
         """``out`` (in the stage's output names) held to the outputs it declares, as a pipeline
@@ -1197,11 +1197,9 @@ class Stage(dspy.Module):  # type: ignore[misc]
         bare_ok = wraps_function(self)
         if out is None and bare_ok and len(outputs) == 1:
             inner = function_stage_in(self)
-            reason = none_is_wrong(inner.fn) if inner is not None else None
-            if reason is not None:
-                where = self._where()
-                raise none_returned_error(where, outputs[0], reason, where)
-        return held_to_outputs(f"Stage({stage_label(self.module)})", outputs, out, bare_ok)
+            if inner is not None:
+                refuse_none(self._where(), outputs[0], inner.fn, self._where())
+        return held_to_outputs(self._where(), outputs, out, bare_ok)
 
     def _bare_output(self, out: Any) -> Any:
         """A value with no named fields, returned where ``outputs=`` renames: as in a pipeline, a

@@ -13,11 +13,10 @@ from typing import Any, TypeVar
 
 import dspy
 
-from stageflow._returns import none_is_wrong
 from stageflow.engine.plan import StageEntry, join_path
 from stageflow.errors import ContractError, StageError, StageflowError, error_text
 from stageflow.policies.lazy import LazyResult
-from stageflow.stages import bad_output_error, missing_output_error, none_returned_error
+from stageflow.stages import bad_output_error, missing_output_error, refuse_none
 from stageflow.state import Result, RunInfo
 
 __all__ = [
@@ -294,12 +293,13 @@ def merge_outputs(entry: StageEntry, out: Any, state: dict[str, Any], run: RunIn
 
 def _none_returned(entry: StageEntry, prefix: str) -> None:
     """A function stage returned ``None`` as its single output: refused where its function cannot
-    mean it (no ``return <value>``, or an annotation without ``None``)."""
-    reason = none_is_wrong(entry.function_stage.fn)
-    if reason is not None:
-        path = join_path(prefix, entry.path)
-        name = entry.out_pairs[0][0] if entry.out_pairs else str(entry.single_output)
-        raise _full(none_returned_error(f"Stage '{path}' ({entry.label})", name, reason, path))
+    mean it (``stages.refuse_none``), said with the stage's path in the pipeline."""
+    path = join_path(prefix, entry.path)
+    name = entry.out_pairs[0][0] if entry.out_pairs else str(entry.single_output)
+    try:
+        refuse_none(f"Stage '{path}' ({entry.label})", name, entry.function_stage.fn, path)
+    except StageError as e:
+        raise _full(e) from None
 
 
 def _bad_key(entry: StageEntry, key: Any, prefix: str) -> StageError:

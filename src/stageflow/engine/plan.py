@@ -319,6 +319,9 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
             if policy is None
             else replace(policy, error_field=policy.error_field or error_field)
         )
+    # A nested pipeline's whole final state merges back, unless its outputs were declared or
+    # renamed at the boundary (then only those do, as the contract check promised).
+    merge_all = composite and not declared and not out_map
     return StageEntry(
         path=_local_path(attr, key),
         attr=attr,
@@ -343,9 +346,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         - frozenset(leaf_ports.outputs or ()),
         policy=policy,
         blocking=bool(getattr(leaf, "blocking", False)),
-        # A nested pipeline's whole final state merges back, unless its outputs were declared or
-        # renamed at the boundary (then only those do, as the contract check promised).
-        merge_all=composite and not declared and not out_map,
+        merge_all=merge_all,
         # A Predict / ChainOfThought: called through the fast path when it is on.
         predictor=predictor,
         signature=signature_of(leaf) if _signed(leaf) is not None else None,
@@ -357,7 +358,7 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         lazy=lazy,
         stage_leaf=isinstance(leaf, Stage),
         bare_leaf=not composite and not isinstance(leaf, Stage),
-        merge_whole=out_pairs is None and not out_map and not (composite and not declared and not out_map),
+        merge_whole=out_pairs is None and not out_map and not merge_all,
         function_stage=function_stage_in(leaf) if single is not None else None,
     )
 

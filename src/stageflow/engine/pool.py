@@ -137,7 +137,7 @@ def _background_loop() -> asyncio.AbstractEventLoop:
             loop = _LOOP[0]
             if loop is None:
                 loop = asyncio.new_event_loop()
-                # (DSPy's pricing step in line: see stageflow.engine.loop_executor)
+                # (DSPy's short LM-call steps in line: see stageflow.engine.loop_executor)
                 workers = min(32, (os.cpu_count() or 1) + 4)  # (asyncio's own default)
                 loop.set_default_executor(LoopExecutor(workers, thread_name_prefix="stageflow-loop-worker"))
                 threading.Thread(target=_serve, args=(loop,), name="stageflow-loop", daemon=True).start()

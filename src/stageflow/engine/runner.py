@@ -431,13 +431,28 @@ def call_stage(
         _left(token, path_token)
         _exit_at(e, entry, prefix)
         raise
+    return _succeeded(entry, out, t0, state, run, prefix, token, path_token)
+
+
+def _succeeded(
+    entry: StageEntry,
+    out: Any,
+    t0: float,
+    state: dict[str, Any],
+    run: RunInfo,
+    prefix: str,
+    token: Any,
+    path_token: Any,
+) -> Any:
+    """A stage call that returned (sync and async): its context left (the common leaf's path reset
+    in line, as :func:`_left` would), its record kept and its outputs merged."""
     if path_token is None and type(token) is Token:
         _STAGE.reset(token)
     else:
         _left(token, path_token)
     run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
     run._outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)  # (_succeeded, written out)
+    merge_outputs(entry, out, state, run, prefix)
     return out
 
 
@@ -673,14 +688,7 @@ async def acall_stage(
         _left(token, path_token)
         _exit_at(e, entry, prefix)
         raise
-    if path_token is None and type(token) is Token:
-        _STAGE.reset(token)
-    else:
-        _left(token, path_token)
-    run._trace.append(tuple.__new__(StageRecord, (entry.path, perf_counter() - t0, True)))
-    run._outputs[entry.path] = out
-    merge_outputs(entry, out, state, run, prefix)  # (_succeeded, written out)
-    return out
+    return _succeeded(entry, out, t0, state, run, prefix, token, path_token)
 
 
 async def _acall_observed(

@@ -363,71 +363,32 @@ def run_branches(
 
     # (threads started from the loop, which waits for them: a fan-out inside them must not send its
     # branches to that loop, or both would wait for ever)
-    waits = _LOOP_WAITS.set(True) if from_loop else None
-    try:
-        return _on_threads_now(
-            owner,
-            branches,
-            entries,
-            hooks,
-            prefix,
-            max_concurrency,
-            on_error,
-            timeout,
-            name,
-            until,
-            produced,
-            on_start,
-        )
-    finally:
-        if waits is not None:
-            _LOOP_WAITS.reset(waits)
+    with _loop_waits(from_loop):
+        before = [dict(b.state) for b in branches] if produced else None
+        if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
+            # Plain function stages, nothing around their calls: the threads share one run (fewer
+            # objects alive per waiting branch), put back in input order afterwards.
+            shared, _ = _share_run(branches)
+            calls = _SharedCalls(owner, branches, shared, prefix)
+            outcomes = fan_out(calls, on_error=on_error, on_start=on_start)
+            in_input_order(shared, entries)
+            events_in_input_order(shared, [o.value for o in outcomes])
+            return _shared_results(branches, entries, before, outcomes, shared, prefix)
+        _own_runs(branches)
 
+        def thunk(b: Branch) -> Callable[[], Any]:
+            return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
 
-#: Set in the threads of a fan-out the background loop waits for (see :func:`run_branches`).
-_LOOP_WAITS: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_loop_waits", default=False)
-
-
-def _on_threads_now(
-    owner: Any,
-    branches: Sequence[Branch],
-    entries: list[StageEntry],
-    hooks: tuple[Any, ...],
-    prefix: str,
-    max_concurrency: int | None,
-    on_error: FailurePolicy,
-    timeout: float | None,
-    name: str,
-    until: Callable[[list[BranchOutcome]], bool] | None,
-    produced: bool,
-    on_start: Callable[[Callable[[], None]], None] | None,
-) -> Sequence[BranchResult]:
-    """The sync fan-out on threads (the rest of :func:`run_branches`)."""
-    before = [dict(b.state) for b in branches] if produced else None
-    if _bare(branches, until, timeout) and bare_ready(entries, hooks, max_concurrency, is_async=False):
-        # Plain function stages, nothing around their calls: the threads share one run (fewer
-        # objects alive per waiting branch), put back in input order afterwards.
-        shared, _ = _share_run(branches)
-        calls = _SharedCalls(owner, branches, shared, prefix)
-        outcomes = fan_out(calls, on_error=on_error, on_start=on_start)
-        in_input_order(shared, entries)
-        events_in_input_order(shared, [o.value for o in outcomes])
-        return _shared_results(branches, entries, before, outcomes, shared, prefix)
-    _own_runs(branches)
-
-    def thunk(b: Branch) -> Callable[[], Any]:
-        return lambda: call_stage(owner, b.entry, b.state, b.run, hooks, prefix)
-
-    with child_budget(max_concurrency, name), _path_timeouts(branches, prefix):
-        outcomes = fan_out(
-            [thunk(b) for b in branches],
-            max_concurrency=_window(len(branches), max_concurrency),
-            on_error=on_error,
-            timeout=timeout,
-            until=until,
-            on_start=on_start,
-        )
-    return _results(branches, before, outcomes, prefix)
+        with child_budget(max_concurrency, name), _path_timeouts(branches, prefix):
+            outcomes = fan_out(
+                [thunk(b) for b in branches],
+                max_concurrency=_window(len(branches), max_concurrency),
+                on_error=on_error,
+                timeout=timeout,
+                until=until,
+                on_start=on_start,
+            )
+        return _results(branches, before, outcomes, prefix)
 
 
 async def arun_branches(
@@ -493,6 +454,20 @@ async def arun_branches(
             until=until,
         )
     return _results(branches, before, outcomes, prefix)
+
+
+#: Set in the threads of a fan-out the background loop waits for (see :func:`run_branches`).
+_LOOP_WAITS: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_loop_waits", default=False)
+
+
+@contextlib.contextmanager
+def _loop_waits(from_loop: bool) -> Iterator[None]:
+    token = _LOOP_WAITS.set(True) if from_loop else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _LOOP_WAITS.reset(token)
 
 
 def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
