@@ -113,11 +113,91 @@ def test_with_dspys_cache_on_lookups_and_writes_run_on_the_loop_and_hit_as_dspys
             "_price_result": {"stageflow-loop"},
         }
         again = fe(xs=ITEMS)  # (every answer from the entries the loop wrote)
-        awaited = asyncio.run(fe.acall(xs=ITEMS))  # (DSPy's own path, the same entries)
     assert engines.async_calls == len(ITEMS)
-    assert first.ys == again.ys == awaited.ys == [f"echo:{x}" for x in ITEMS]
-    assert again.run.usage.total.lm_cache_hits == awaited.run.usage.total.lm_cache_hits == len(ITEMS)
+    assert first.ys == again.ys == [f"echo:{x}" for x in ITEMS]
+    assert again.run.usage.total.lm_cache_hits == len(ITEMS)
     assert len(spies["_store"].threads) == len(ITEMS)  # (hits are not written again)
+
+
+def _cached_lm(engines: Engines, tmp_path: Any) -> Any:
+    dspy.configure_cache(enable_memory_cache=True, enable_disk_cache=True, disk_cache_dir=str(tmp_path))
+    return dspy.LM("fake/echo", engine=engines.sync, async_engine=engines.async_, cache=True, num_retries=0)
+
+
+def test_a_sync_fanout_on_the_loop_shares_its_cache_entries_with_a_plain_sync_predict(tmp_path: Any) -> None:
+    # (helper 89, p24: the loop's branches wrote DSPy's async keys, so a later plain `predict(...)`
+    # with the same inputs paid the LM again, and a cache a plain sync run warmed was missed)
+    engines = Engines()
+    lm = _cached_lm(engines, tmp_path)
+    fe = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
+    warm, cold = ITEMS[:3], ITEMS[3:]
+    with dspy.context(lm=lm):
+        plain = [dspy.Predict("x -> y")(x=x).y for x in warm]  # (sync keys, on this thread)
+        assert engines.sync_calls == len(warm)
+        first = fe(xs=ITEMS)  # (on the loop: misses only for the items nobody asked yet)
+        assert engines.async_calls == len(cold)
+        assert first.run.usage.total.lm_cache_hits == len(warm)
+        later = [dspy.Predict("x -> y")(x=x).y for x in cold]  # (answered from the loop's entries)
+    assert engines.sync_calls == len(warm)
+    assert engines.async_calls == len(cold)
+    assert first.ys == plain + later == [f"echo:{x}" for x in ITEMS]
+
+
+def test_the_same_sync_fanout_keys_the_cache_alike_on_the_loop_and_on_threads(tmp_path: Any) -> None:
+    # (a callback keeps a sync fan-out on threads: which way stageflow routes it must not decide
+    # whether DSPy's LM cache answers)
+    engines = Engines()
+    lm = _cached_lm(engines, tmp_path)
+    fe = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
+    with dspy.context(lm=lm):
+        on_loop = fe(xs=ITEMS)
+    assert engines.async_calls == len(ITEMS)
+    assert engines.sync_calls == 0
+    with dspy.context(lm=lm, callbacks=[BaseCallback()]):
+        on_threads = fe(xs=ITEMS)
+    assert engines.sync_calls == 0  # (every answer from the loop's entries)
+    assert on_threads.run.usage.total.lm_cache_hits == len(ITEMS)
+    assert on_threads.ys == on_loop.ys
+
+
+def test_an_awaited_fanout_keys_dspys_async_entries_as_predict_acall_does(tmp_path: Any) -> None:
+    engines = Engines()
+    lm = _cached_lm(engines, tmp_path)
+    fe = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
+
+    async def plain_acall() -> list[str]:
+        return [(await dspy.Predict("x -> y").acall(x=x)).y for x in ITEMS]
+
+    with dspy.context(lm=lm):
+        plain = asyncio.run(plain_acall())
+        awaited = asyncio.run(fe.acall(xs=ITEMS))
+    assert engines.async_calls == len(ITEMS)  # (the awaited fan-out hit plain DSPy's async entries)
+    assert awaited.run.usage.total.lm_cache_hits == len(ITEMS)
+    assert awaited.ys == plain
+
+
+def test_a_cache_step_shaped_otherwise_is_passed_on_as_it_is() -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append((args, tuple(sorted(kwargs.items()))))
+
+    ex = LoopExecutor(max_workers=1)
+    try:
+        ex.submit(functools.partial(spy, execution._cached, "lm", "call", True))
+        ex.submit(functools.partial(spy, execution._store, "lm", "call", "result", True))
+        ex.submit(functools.partial(spy, execution._cached, "lm", "call", False))
+        ex.submit(functools.partial(spy, execution._cached, "lm", "call", asynchronous=True))
+        ex.submit(functools.partial(spy, execution._price_result, "lm", "r", "resp", "p", True))
+    finally:
+        ex.shutdown()
+    assert seen == [
+        ((execution._cached, "lm", "call", False), ()),
+        ((execution._store, "lm", "call", "result", False), ()),
+        ((execution._cached, "lm", "call", False), ()),
+        ((execution._cached, "lm", "call"), (("asynchronous", True),)),
+        ((execution._price_result, "lm", "r", "resp", "p", True), ()),
+    ]
 
 
 def test_a_step_is_recognised_by_identity_never_by_equality() -> None:

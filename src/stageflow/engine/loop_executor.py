@@ -17,6 +17,13 @@ executor's threads as before. The user's own event loops are never changed. A sl
 DSPy's disk cache then holds up the loop for that read or write (as it holds up a sync call's
 thread).
 
+Everything that runs on stageflow's loop runs there for a sync call of yours (a sync fan-out, or a
+sync call of an ``async def`` stage; awaited calls run on your loop). So the cache steps look up and
+write the entries DSPy's *sync* call keys (DSPy keys its LM cache apart for sync and async calls):
+a sync pipeline call shares its LM cache entries with a plain ``predict(...)`` and with the same
+fan-out run on threads, whichever way stageflow routes it. An awaited ``acall`` keys async entries,
+as DSPy's ``Predict.acall`` does.
+
 The steps are recognised by identity (``asyncio.to_thread`` submits ``partial(context.run, func,
 *args)``), as DSPy's execution module holds them when the call is made: a DSPy without them, or that
 calls them otherwise, simply gets the threads.
@@ -66,8 +73,27 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
         if type(fn) is functools.partial and fn.args and _is_step(fn.args[0]):
             done: concurrent.futures.Future[Any] = concurrent.futures.Future()
             try:
-                done.set_result(fn(*args, **kwargs))
+                done.set_result(_as_sync(fn)(*args, **kwargs))
             except BaseException as e:  # (delivered to the awaiting task, as from a thread)
                 done.set_exception(e)
             return done
         return super().submit(fn, *args, **kwargs)
+
+
+#: How many positional arguments (the step included) ``asyncio.to_thread`` passes for the cache
+#: steps, whose last one is DSPy's ``asynchronous`` flag: ``_cached(lm, call, asynchronous)``,
+#: ``_store(lm, call, result, asynchronous)``.
+_CACHE_STEPS = {"_cached": 4, "_store": 5}
+
+
+def _as_sync(fn: functools.partial[Any]) -> functools.partial[Any]:
+    """``fn`` with a cache step's ``asynchronous=True`` turned to ``False`` (see the module docstring:
+    the sync call's cache entries); any other step, or a call shaped otherwise, as it is."""
+    step, args = fn.args[0], fn.args
+    execution = sys.modules.get("dspy.clients.execution")
+    for name, count in _CACHE_STEPS.items():
+        if step is getattr(execution, name, None):
+            if len(args) == count and args[-1] is True and not fn.keywords:
+                return functools.partial(fn.func, *args[:-1], False)
+            break
+    return fn
