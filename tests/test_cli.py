@@ -25,6 +25,9 @@ def score(text):
 
 def forgets(text):
     return {"other": text}
+
+def split(text):
+    return {"words": text}  # (a string where a list belongs: the model gave the wrong shape)
 """
 
 
@@ -536,3 +539,56 @@ def test_a_field_an_undeclared_stage_did_not_produce_is_a_run_failure_exit_1(
     # A pipeline input the caller did not pass is still bad input (exit 2).
     code, _, err = run_cli(capsys, "run", str(path), "--allow-module", components, "--input", "{}")
     assert code == 2, err
+
+
+def test_a_foreach_over_a_stage_output_that_is_no_list_is_a_run_failure_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, components: str
+) -> None:
+    # (a known limit until session 32: exit 2, "invalid input", for the model's wrong shape)
+    path = tmp_path / "each.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            inputs: [text]
+            root:
+              type: pipeline
+              stages:
+              - component: '{components}:split'
+              - type: foreach
+                over: words
+                collect: {{shout: shouts}}
+                stage:
+                  component: '{components}:shout'
+                  inputs: {{text: word}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(
+        capsys, "run", str(path), "--allow-module", components, "--input", '{"text": "hi"}'
+    )
+    assert code == 1, err
+    assert "run failed" in err
+    assert "expected a list in 'words'" in err
+    # The caller's own value that is no list is still bad input (exit 2).
+    direct = tmp_path / "direct.yaml"
+    direct.write_text(
+        textwrap.dedent(
+            f"""\
+            inputs: [words]
+            root:
+              type: foreach
+              over: words
+              collect: {{shout: shouts}}
+              stage:
+                component: '{components}:shout'
+                inputs: {{text: word}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(
+        capsys, "run", str(direct), "--allow-module", components, "--input", '{"words": "hi"}'
+    )
+    assert code == 2, err
+    assert "invalid input" in err

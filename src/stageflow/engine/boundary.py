@@ -25,6 +25,7 @@ __all__ = [
     "gather_inputs",
     "merge_outputs",
     "missing_at_run_time",
+    "note_run_failure",
     "port_inputs",
     "private_copy",
     "private_state",
@@ -152,6 +153,19 @@ def missing_at_run_time(
     # the caller passed (the command line exits 1 for it, not 2).
     err.run_failure = bool(candidates or failed or skipped)
     return err
+
+
+def note_run_failure(error: StageflowError, run: RunInfo) -> None:
+    """Mark ``error`` as caused by the run when a stage of ``run`` wrote the field a ForEach found no
+    list in (``not_a_list``): the model gave the wrong shape, not the caller (the command line exits
+    1 for it, not 2)."""
+    if getattr(error, "code", None) != "not_a_list" or error.run_failure:
+        return
+    name = getattr(error, "field", None)
+    for output in run.stage_outputs.values():
+        if isinstance(output, dict | dspy.Prediction) and name in output:
+            error.run_failure = True
+            return
 
 
 def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:

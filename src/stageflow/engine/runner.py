@@ -25,6 +25,7 @@ from stageflow.engine.boundary import (
     gather_inputs,
     merge_outputs,
     missing_at_run_time,
+    note_run_failure,
     private_state,
     stage_failure,
 )
@@ -808,6 +809,7 @@ def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseExceptio
     if isinstance(error, StageflowError):
         error.events = run.events  # what policies did before the failure
         error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
+        note_run_failure(error, run)
     _end(pipeline, scope, None, error)
     pipeline.stageflow_failed(run, scope.own, error)
 
