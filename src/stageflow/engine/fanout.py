@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import itertools
@@ -16,6 +15,7 @@ from typing import Any, Literal
 
 from stageflow.engine.config import CONFIG
 from stageflow.engine.pool import note_abandoned, shared_pool
+from stageflow.engine.stopping import _ENCLOSING, StopSignal, abandonable, enclosing_fan_out
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import ConfigurationError
 from stageflow.stages import note_degraded
@@ -25,6 +25,7 @@ __all__ = [
     "BranchTimeoutError",
     "FailurePolicy",
     "StopSignal",
+    "abandonable",
     "afan_out",
     "enclosing_fan_out",
     "fan_out",
@@ -71,59 +72,6 @@ class BranchOutcome:
     status: str = "skipped"
 
 
-class StopSignal:
-    """A request to stop a fan-out that runs on another thread, whether it comes before or after
-    the fan-out has started: pass :meth:`register` as :func:`fan_out`'s ``on_start``; :meth:`stop`
-    stops it now, or as soon as it starts (then no branch starts at all).
-
-    Example:
-        >>> signal = StopSignal()
-        >>> signal.stop()  # the caller gave up before the fan-out began
-        >>> fan_out([lambda: 1, lambda: 2], on_start=signal.register)[0].status
-        'skipped'
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._stops: list[Callable[[], None]] = []
-
-    def register(self, stop: Callable[[], None]) -> None:
-        """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
-        with self._lock:
-            if not self._stopped:
-                self._stops.append(stop)
-                return
-        stop()
-
-    def discard(self, stop: Callable[[], None]) -> None:
-        """Forget ``stop`` (its fan-out has finished)."""
-        with self._lock, contextlib.suppress(ValueError):
-            self._stops.remove(stop)
-
-    def stop(self) -> None:
-        """Stop every fan-out registered, and any registered later."""
-        with self._lock:
-            self._stopped = True
-            stops, self._stops = self._stops, []
-        for stop in stops:
-            stop()
-
-
-#: The stop signal of the thread fan-out whose branch is running: a fan-out started inside that
-#: branch registers with it, so a fan-out stopped because its caller gave up (cancelled, Ctrl-C)
-#: stops the fan-outs nested in its running branches too.
-_ENCLOSING: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar(
-    "stageflow_enclosing_fan_out", default=None
-)
-
-
-def enclosing_fan_out() -> StopSignal | None:
-    """The stop signal of the thread fan-out whose branch is running here, if any (work started
-    here that is not a thread fan-out registers with it to be stopped with it)."""
-    return _ENCLOSING.get()
-
-
 def _check_policy(policy: str) -> None:
     if policy not in POLICIES:
         raise ConfigurationError(
@@ -165,6 +113,12 @@ class _SyncFanOut:
         self._taken = itertools.count()
         self._finished = itertools.count(1)
         self.all_done = False
+        # With a timeout, each running branch has a stop signal of its own (the enclosing one of
+        # what it starts): a branch abandoned at its timeout stops the fan-outs and event-loop
+        # calls it started. Otherwise its branches share the fan-out's (``signal``).
+        self.signal: StopSignal | None = None
+        self.branch_signals: dict[int, StopSignal] = {}
+        self.abandoned: set[int] = set()  # (timed out, or left running when the fan-out ended)
 
     def take(self) -> int | None:
         if self.lockfree:
@@ -215,6 +169,9 @@ class _SyncFanOut:
                     self.cond.notify_all()
             return
         with self.cond:
+            signal = self.branch_signals.pop(i, None)
+            if signal is not None and self.signal is not None:
+                self.signal.discard(signal.stop)
             if i not in self.running:  # timed out or abandoned meanwhile: the result is dropped
                 return
             del self.running[i]
@@ -243,8 +200,11 @@ class _SyncFanOut:
         if i is None:
             return False
         t0 = perf_counter()
+        branch = ctx.copy()
+        if self.timeout is not None:
+            self._own_signal(i, branch)
         try:
-            value = ctx.copy().run(self.thunks[i])
+            value = branch.run(self.thunks[i])
         except Exception as e:
             self.finish(i, None, e, t0)
         except BaseException as e:
@@ -256,8 +216,32 @@ class _SyncFanOut:
             self.finish(i, value, None, t0)
         return True
 
+    def _own_signal(self, i: int, branch: contextvars.Context) -> None:
+        """Branch ``i`` (about to run in ``branch``) gets its own stop signal (see ``__init__``)."""
+        signal = StopSignal()
+        with self.cond:
+            if i not in self.running:
+                signal.stop()  # (timed out before it began)
+            else:
+                self.branch_signals[i] = signal
+        if self.signal is not None:
+            self.signal.register(signal.stop)
+        branch.run(_ENCLOSING.set, signal)
+
+    def stop_branch(self, i: int) -> None:
+        """Stop what branch ``i`` started (it was abandoned; call under ``cond``)."""
+        signal = self.branch_signals.pop(i, None)
+        if signal is not None:
+            if self.signal is not None:
+                self.signal.discard(signal.stop)
+            signal.stop()
+
     def abort(self, i: int, error: BaseException, t0: float) -> None:
         with self.cond:
+            if i in self.abandoned:
+                # An abandoned branch (timed out, or left running after fail_fast / ``until``),
+                # whose own work was stopped: what it raises now reaches nobody.
+                return
             self.running.pop(i, None)
             o = self.outcomes[i]
             o.elapsed, o.error, o.status = perf_counter() - t0, error, "cancelled"
@@ -318,6 +302,7 @@ def fan_out(
     # Stopping this fan-out from outside (its caller gave up) also stops the ones its branches start.
     signal = StopSignal()
     signal.register(run.stop)
+    run.signal = signal
     if on_start is not None:
         on_start(signal.stop)
     enclosing = _ENCLOSING.get()
@@ -337,7 +322,8 @@ def fan_out(
             pool.submit(work, ctx)
         if caller_works:
             run.pull(ctx)
-        _wait(run, ctx, pool, n, timeout, on_error)
+        if _wait(run, ctx, pool, n, timeout, on_error):
+            signal.stop()  # (branches it abandoned, after fail_fast or ``until``: what they started stops)
     except BaseException:
         # Interrupted (Ctrl-C in the caller, or a branch raised KeyboardInterrupt/SystemExit):
         # start nothing more, here or in the fan-outs running branches started; branches already
@@ -346,6 +332,7 @@ def fan_out(
         with run.cond:
             run.stopped = True
             for i in list(run.running):
+                run.abandoned.add(i)
                 run.outcomes[i].status = "cancelled"
                 note_abandoned()
             run.running.clear()
@@ -378,8 +365,9 @@ def _wait(
     n: int,
     timeout: float | None,
     on_error: str,
-) -> None:
-    """Wait (and help, when starved) until the fan-out is finished; time branches out."""
+) -> bool:
+    """Wait (and help, when starved) until the fan-out is finished; time branches out. ``True``
+    when branches still running were abandoned at the end."""
     with run.cond:
         while not run.finished():
             if run.starved():
@@ -402,7 +390,9 @@ def _wait(
                     o = run.outcomes[i]
                     o.status, o.elapsed = "timeout", now - run.running.pop(i)
                     run.timeouts += 1
+                    run.abandoned.add(i)
                     o.error = BranchTimeoutError(i, timeout)
+                    run.stop_branch(i)  # (what it started stops; the thread itself cannot)
                     note_abandoned()
                     logger.warning(
                         "stageflow: branch %d timed out after %ss; its thread cannot be cancelled "
@@ -418,10 +408,13 @@ def _wait(
                     continue
             run.cond.wait(wait)
         run.stopped = True
+        abandoned = bool(run.running)
         for i in list(run.running):  # still running after fail_fast / until: abandoned
+            run.abandoned.add(i)
             run.outcomes[i].status = "cancelled"
             note_abandoned()
         run.running.clear()
+    return abandoned
 
 
 async def afan_out(

@@ -22,7 +22,8 @@ import dspy
 from stageflow.engine import concurrency, spare
 from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
 from stageflow.engine.plan import StageEntry, held, join_path
-from stageflow.engine.pool import note_abandoned, spare_threads
+from stageflow.engine.pool import abandon, spare_threads
+from stageflow.engine.stopping import abandonable
 from stageflow.engine.streaming import lending, loop_token
 from stageflow.errors import BudgetExceeded, ContractError, StageError, StageflowError, StageTimeoutError
 from stageflow.policies.cache import is_collecting_traces, make_key, output_problem
@@ -423,12 +424,13 @@ def _with_timeout(
             for budget in reversed(slots):  # freed when the call ends, even after it was abandoned
                 budget.release()
 
-    return spare.call_within(
-        call,
-        timeout.seconds,
-        on_abandon=note_abandoned,
-        timeout_error=lambda: _timeout_error(path, timeout.seconds, entry.label),
-    )
+    with abandonable(ctx) as signal:  # (abandoned at the timeout, it stops what it started)
+        return spare.call_within(
+            call,
+            timeout.seconds,
+            on_abandon=lambda: abandon(signal),
+            timeout_error=lambda: _timeout_error(path, timeout.seconds, entry.label),
+        )
 
 
 async def aguarded_call(

@@ -16,9 +16,11 @@ from typing import Any
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG, on_change
 from stageflow.engine.loop_executor import LoopExecutor
+from stageflow.engine.stopping import StopSignal, abandonable, enclosing_fan_out
 from stageflow.engine.streaming import lending, loop_token
 
 __all__ = [
+    "abandon",
     "abandoned_threads",
     "available_cpus",
     "note_abandoned",
@@ -81,8 +83,16 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     if token is not None:
         call = functools.partial(_lent, token, call)
     if _SPARE.get():
-        return await spare.acall(call, on_abandon=note_abandoned)
+        # (under a time limit: abandoned at the timeout, it stops the fan-outs it started)
+        with abandonable(ctx) as signal:
+            return await spare.acall(call, on_abandon=lambda: abandon(signal))
     return await loop.run_in_executor(shared_pool(), call)
+
+
+def abandon(signal: StopSignal) -> None:
+    """A call left to finish on its thread: counted, and what it started is stopped."""
+    note_abandoned()
+    signal.stop()
 
 
 def _no_stop_iteration(fn: Any, call: Callable[[], Any]) -> Any:
@@ -168,8 +178,11 @@ def on_background_loop() -> bool:
 def run_on_background_loop(coro: Awaitable[Any], stop_with: Any = None) -> Any:
     """Run ``coro`` on stageflow's long-lived event loop and wait (the caller's context follows).
 
-    ``stop_with``: a stop signal (``register`` / ``discard``, see ``stageflow.engine.fanout``) that
-    cancels the coroutine when it fires."""
+    ``stop_with``: a stop signal (``register`` / ``discard``, see ``stageflow.engine.stopping``) that
+    cancels the coroutine when it fires; by default the enclosing one of the work running here (the
+    coroutine stops with the fan-out branch or timed call it runs in)."""
+    if stop_with is None:
+        stop_with = enclosing_fan_out()
     future: Any = asyncio.run_coroutine_threadsafe(coro, _background_loop())  # type: ignore[arg-type]
     if stop_with is not None:
         stop_with.register(future.cancel)

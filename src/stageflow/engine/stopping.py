@@ -1,0 +1,95 @@
+"""Stopping work its caller gave up on: a stop signal per fan-out (and per abandonable call), and
+the enclosing one of the work running here, which the fan-outs and event-loop calls started inside
+register with. A sync thread cannot be interrupted, so stopping a fan-out starts no more of its
+branches, and an event-loop call is cancelled; a caller that abandons work (a timeout, fail_fast,
+Ctrl-C) stops what that work started, at every level of nesting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+
+__all__ = ["StopSignal", "abandonable", "enclosing_fan_out"]
+
+
+class StopSignal:
+    """A request to stop a fan-out that runs on another thread, whether it comes before or after
+    the fan-out has started: pass :meth:`register` as :func:`fan_out`'s ``on_start``; :meth:`stop`
+    stops it now, or as soon as it starts (then no branch starts at all).
+
+    Example:
+        >>> signal = StopSignal()
+        >>> signal.stop()  # the caller gave up before the fan-out began
+        >>> from stageflow.engine.fanout import fan_out
+        >>> fan_out([lambda: 1, lambda: 2], on_start=signal.register)[0].status
+        'skipped'
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._stops: list[Callable[[], None]] = []
+
+    def register(self, stop: Callable[[], None]) -> None:
+        """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
+        with self._lock:
+            if not self._stopped:
+                self._stops.append(stop)
+                return
+        stop()
+
+    def discard(self, stop: Callable[[], None]) -> None:
+        """Forget ``stop`` (its fan-out has finished)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._stops.remove(stop)
+
+    def stop(self) -> None:
+        """Stop every fan-out registered, and any registered later."""
+        with self._lock:
+            self._stopped = True
+            stops, self._stops = self._stops, []
+        for stop in stops:
+            stop()
+
+
+#: The stop signal of the thread fan-out whose branch is running: a fan-out started inside that
+#: branch registers with it, so a fan-out stopped because its caller gave up (cancelled, Ctrl-C)
+#: stops the fan-outs nested in its running branches too.
+_ENCLOSING: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar(
+    "stageflow_enclosing_fan_out", default=None
+)
+
+
+def enclosing_fan_out() -> StopSignal | None:
+    """The stop signal of the thread fan-out whose branch is running here, if any (work started
+    here that is not a thread fan-out registers with it to be stopped with it)."""
+    return _ENCLOSING.get()
+
+
+@contextlib.contextmanager
+def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
+    """Work about to run in ``ctx`` that its caller may abandon (a stage's timeout): it gets a stop
+    signal of its own, the enclosing one inside ``ctx``, so the fan-outs and event-loop calls it
+    starts stop when the caller gives up on it (call :meth:`StopSignal.stop` then). The signal is
+    stopped with the enclosing fan-out too, while the block runs.
+
+    Example:
+        >>> import contextvars
+        >>> ctx = contextvars.copy_context()
+        >>> with abandonable(ctx) as signal:
+        ...     ctx.run(enclosing_fan_out) is signal
+        True
+    """
+    signal = StopSignal()
+    enclosing = _ENCLOSING.get()
+    if enclosing is not None:
+        enclosing.register(signal.stop)
+    ctx.run(_ENCLOSING.set, signal)
+    try:
+        yield signal
+    finally:
+        if enclosing is not None:
+            enclosing.discard(signal.stop)

@@ -1,0 +1,154 @@
+"""Work its caller gave up on stops what it started (``stageflow.engine.stopping``).
+
+A stage's timeout, a fan-out branch's timeout and a ``fail_fast`` fan-out abandon the call they
+wait for: a thread cannot be interrupted, but the fan-outs and event-loop calls the abandoned call
+started are stopped, so LM requests nobody will read are cancelled instead of answered and billed.
+Until session 32 an outer timeout left the inner fan-out's LM calls running to their end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import dspy
+import pytest
+from test_sync_fanout_on_loop import _echo
+
+from stageflow import ForEach, SequentialPipeline, Stage, stage
+from stageflow.testing import call
+
+LATENCY = 0.4
+
+
+class Slow:
+    """A sync and an async engine that answer after ``LATENCY`` seconds, counting the answers
+    given (a cancelled request gives none)."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.started = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Sync:
+            def complete(self, request: Any) -> Any:
+                with outer.lock:
+                    outer.started += 1
+                time.sleep(LATENCY)
+                with outer.lock:
+                    outer.answered += 1
+                return _echo(request)
+
+            def close(self) -> None:
+                return None
+
+        class Async:
+            async def complete(self, request: Any) -> Any:
+                with outer.lock:
+                    outer.started += 1
+                await asyncio.sleep(LATENCY)
+                with outer.lock:
+                    outer.answered += 1
+                return _echo(request)
+
+            async def aclose(self) -> None:
+                return None
+
+        self.lm = dspy.LM("fake/echo", engine=Sync(), async_engine=Async(), cache=False, num_retries=0)
+
+    def settled(self) -> tuple[int, int]:
+        time.sleep(LATENCY * 2)  # (long past the moment every request would have been answered)
+        return self.started, self.answered
+
+
+def _inner() -> ForEach:
+    return ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
+
+
+def test_a_stage_timeout_cancels_the_lm_calls_of_the_fanout_inside(mode: str) -> None:
+    slow = Slow()
+    program = SequentialPipeline([Stage(_inner(), timeout=0.1, fallback={"ys": ["timed out"]})])
+    with dspy.context(lm=slow.lm):
+        result = asyncio.run(call(program, mode, xs=["a", "b", "c"]))
+        started, answered = slow.settled()
+    assert result.ys == ["timed out"]
+    assert started == 3  # (they had begun)
+    assert answered == 0  # (and none ran on to its answer)
+    assert len(slow.lm.history) == 0
+
+
+def test_a_branch_timeout_cancels_what_that_branch_started_and_no_other() -> None:
+    slow = Slow()
+    inner = SequentialPipeline([_inner()])
+
+    def work(group: list[str]) -> dict[str, Any]:
+        if group == ["quick"]:
+            return {"ys": ["done"]}
+        return {"ys": inner(xs=group).ys}
+
+    outer = ForEach(
+        stage(work, writes=["ys"]),
+        over="groups",
+        item="group",
+        collect={"ys": "results"},
+        timeout=0.1,
+        on_error="collect",
+    )
+    with dspy.context(lm=slow.lm):
+        result = outer(groups=[["quick"], ["a", "b"]])
+        started, answered = slow.settled()
+    assert result.results == [["done"], None]  # (the second branch timed out)
+    assert started == 2
+    assert answered == 0
+
+
+def test_fail_fast_cancels_the_fanouts_of_the_branches_it_abandons() -> None:
+    slow = Slow()
+
+    def work(group: list[str]) -> dict[str, Any]:
+        if group == ["boom"]:
+            time.sleep(0.05)  # (the other branch's LM calls are out by now)
+            raise ValueError("boom")
+        return {"ys": _inner()(xs=group).ys}
+
+    outer = ForEach(
+        stage(work, writes=["ys"]),
+        over="groups",
+        item="group",
+        collect={"ys": "results"},
+        on_error="fail_fast",
+    )
+    with dspy.context(lm=slow.lm), pytest.raises(Exception, match="boom"):
+        outer(groups=[["boom"], ["a", "b"]])
+    started, answered = slow.settled()
+    assert started == 2
+    assert answered == 0
+
+
+def test_a_timed_out_sync_stage_under_acall_stops_the_fanout_it_started() -> None:
+    slow = Slow()
+    inner = _inner()
+
+    @stage(writes=["ys"])
+    def by_hand(xs: list[str]) -> dict[str, Any]:
+        return {"ys": inner(xs=xs).ys}  # (a sync fan-out, from a spare thread)
+
+    program = SequentialPipeline([Stage(by_hand, timeout=0.1, fallback={"ys": ["timed out"]})])
+    with dspy.context(lm=slow.lm):
+        result = asyncio.run(program.acall(xs=["a", "b"]))
+        started, answered = slow.settled()
+    assert result.ys == ["timed out"]
+    assert started == 2
+    assert answered == 0
+
+
+def test_work_that_finishes_in_time_is_not_stopped(mode: str) -> None:
+    slow = Slow()
+    program = SequentialPipeline([Stage(_inner(), timeout=LATENCY * 10)])
+    with dspy.context(lm=slow.lm):
+        result = asyncio.run(call(program, mode, xs=["a", "b"]))
+    assert result.ys == ["echo:a", "echo:b"]
+    assert slow.answered == 2
