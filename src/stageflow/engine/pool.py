@@ -16,6 +16,7 @@ from typing import Any
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG, on_change
 from stageflow.engine.loop_executor import LoopExecutor
+from stageflow.engine.loop_watchdog import watch
 from stageflow.engine.stopping import StopSignal, abandonable, enclosing_fan_out
 from stageflow.engine.streaming import lending, loop_token
 
@@ -150,7 +151,9 @@ def _background_loop() -> asyncio.AbstractEventLoop:
                 # (DSPy's short LM-call steps in line: see stageflow.engine.loop_executor)
                 workers = min(32, (os.cpu_count() or 1) + 4)  # (asyncio's own default)
                 loop.set_default_executor(LoopExecutor(workers, thread_name_prefix="stageflow-loop-worker"))
-                threading.Thread(target=_serve, args=(loop,), name="stageflow-loop", daemon=True).start()
+                serving = threading.Thread(target=_serve, args=(loop,), name="stageflow-loop", daemon=True)
+                serving.start()
+                watch(loop, serving)  # (names code of yours that blocks the loop)
                 _LOOP[0] = loop
     return loop
 
