@@ -142,3 +142,67 @@ def test_an_unknown_strategy_is_refused() -> None:
     with pytest.raises(ConfigurationError) as info:
         ResultAggregator(strategy="loudest")
     assert "weighted_voting" in str(info.value)
+
+
+# -- an aggregator of your own, the tutorial's way (helper 91: its aggregate() was silently ignored) --
+
+
+class Fixed(dspy.Module):
+    def __init__(self, content: str, confidence: float) -> None:
+        super().__init__()
+        self.content, self.confidence = content, confidence
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return dspy.Prediction(content=self.content, confidence=self.confidence)
+
+
+class LongestAnswer(ResultAggregator):
+    """The tutorial's subclass shape: ``aggregate(self, results)`` over the successful records."""
+
+    def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+        best = max(results, key=lambda r: len(r["result"].content))
+        return {"content": best["result"].content, "confidence": 1.0, "from": best["processor_id"]}
+
+
+async def test_an_aggregator_subclass_of_yours_decides(mode: str) -> None:
+    pipeline = EnsemblePipeline([Fixed("Paris", 0.9), Broken(), Fixed("Paris, France", 0.2)], LongestAnswer())
+    result = await call(pipeline, mode, question="Q")
+    assert result.aggregated_result == {"content": "Paris, France", "confidence": 1.0, "from": 2}
+    assert result.content == "Paris, France"  # (not the weighted vote's 'Paris')
+    assert result.run.extras["strategy"] == "LongestAnswer.aggregate"
+
+
+async def test_any_object_with_aggregate_is_an_aggregator(mode: str) -> None:
+    class Duck:
+        def aggregate(self, results):  # type: ignore[no-untyped-def]
+            return dspy.Prediction(content=" / ".join(r["result"].content for r in results))
+
+    pipeline = EnsemblePipeline([Fixed("a", 0.5), Fixed("b", 0.5)], Duck())
+    assert (await call(pipeline, mode, question="Q")).content == "a / b"
+
+
+def test_an_aggregate_of_yours_returning_no_fields_is_a_clear_error() -> None:
+    class Text(ResultAggregator):
+        def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+            return "Paris"
+
+    with pytest.raises(PipelineError, match=r"Text\.aggregate\(\) returned str") as info:
+        EnsemblePipeline([Fixed("a", 0.5), Fixed("b", 0.5)], Text())(question="Q")
+    assert info.value.code == "bad_aggregate"
+
+
+def test_quorum_needs_stageflows_aggregator() -> None:
+    class Duck:
+        def aggregate(self, results):  # type: ignore[no-untyped-def]
+            return {}
+
+    with pytest.raises(ConfigurationError, match="quorum"):
+        EnsemblePipeline([Fixed("a", 0.5), Fixed("b", 0.5)], Duck(), quorum=1)
+    with pytest.raises(ConfigurationError, match=r"aggregate\(results\)"):
+        EnsemblePipeline([Fixed("a", 0.5), Fixed("b", 0.5)], object())
+
+
+def test_an_aggregator_of_yours_is_drawn_by_its_name() -> None:
+    from stageflow.observe.graph import to_mermaid
+
+    assert "LongestAnswer.aggregate()" in to_mermaid(EnsemblePipeline([Fixed("a", 0.5)], LongestAnswer()))

@@ -16,7 +16,7 @@ from typing import Any
 import dspy
 import pytest
 
-from stageflow import ContractError, ParallelPipeline, PipelineError, ResultMerger
+from stageflow import ConfigurationError, ContractError, ParallelPipeline, PipelineError, ResultMerger
 from stageflow.testing import FakeLM, call
 
 
@@ -146,3 +146,66 @@ def test_the_groups_are_kept_as_given() -> None:
     pipeline = ParallelPipeline([[outline], [economic, ecological]], ResultMerger())
     assert pipeline.parallel_groups == [[outline], [economic, ecological]]
     assert isinstance(pipeline.merger, ResultMerger)
+
+
+# -- a merger of your own, the tutorial's way (helper 91: a TypeError from stageflow's merge call) --
+
+
+class Summary(dspy.Module):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, content: str) -> dspy.Prediction:
+        return dspy.Prediction(content=f"{self.text}({content})")
+
+
+class Broken(dspy.Module):
+    def forward(self, content: str) -> dspy.Prediction:
+        raise RuntimeError("no luck")
+
+
+class KeepFirstWords(ResultMerger):
+    """The tutorial's subclass shape: ``merge(self, results)``, results as the stages returned them."""
+
+    def merge(self, results):  # type: ignore[no-untyped-def,override]
+        ok = [r for r in results if not isinstance(r, dict) or "error" not in r]
+        return {"content": " | ".join(r.content for r in ok), "failed": len(results) - len(ok)}
+
+
+async def test_a_merger_subclass_of_yours_is_called_as_the_tutorial_calls_it(mode: str) -> None:
+    p = ParallelPipeline([[Summary("a"), Broken(), Summary("b")]], KeepFirstWords())
+    result = await call(p, mode, content="x")
+    assert result.content == "a(x) | b(x)"
+    assert result.failed == 1  # (the failed stage reached it as {'error': ...}, as in the tutorial)
+
+
+async def test_any_object_with_merge_is_a_merger_and_may_return_a_prediction(mode: str) -> None:
+    class Duck:
+        def merge(self, results):  # type: ignore[no-untyped-def]
+            return dspy.Prediction(content="+".join(r.content for r in results))
+
+    p = ParallelPipeline([[Summary("a"), Summary("b")]], Duck())
+    assert (await call(p, mode, content="x")).content == "a(x)+b(x)"
+
+
+def test_a_merge_of_yours_returning_no_fields_is_a_clear_error() -> None:
+    class Text(ResultMerger):
+        def merge(self, results):  # type: ignore[no-untyped-def,override]
+            return "a and b"
+
+    with pytest.raises(PipelineError, match=r"Text\.merge\(\) returned str") as info:
+        ParallelPipeline([[Summary("a"), Summary("b")]], Text())(content="x")
+    assert info.value.code == "bad_merge"
+
+
+def test_an_object_without_merge_is_refused_naming_what_is_needed() -> None:
+    with pytest.raises(ConfigurationError, match=r"merge\(results\)"):
+        ParallelPipeline([[Summary("a"), Summary("b")]], object())
+
+
+def test_a_merger_of_yours_is_drawn_by_its_name() -> None:
+    from stageflow.observe.graph import to_mermaid
+
+    p = ParallelPipeline([[Summary("a"), Summary("b")]], KeepFirstWords())
+    assert "KeepFirstWords.merge()" in to_mermaid(p)

@@ -22,12 +22,18 @@ from stageflow.patterns._fanout import (
     raise_all_failed,
     run_branches,
 )
-from stageflow.patterns._fields import result_fields
+from stageflow.patterns._fields import result_fields, returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
-__all__ = ["EnsemblePipeline", "ResultAggregator", "check_confidence", "normalize_answer"]
+__all__ = [
+    "EnsemblePipeline",
+    "ResultAggregator",
+    "aggregates_its_own_way",
+    "check_confidence",
+    "normalize_answer",
+]
 
 STRATEGIES = ("weighted_voting", "best_confidence", "consensus", "majority")
 
@@ -281,7 +287,7 @@ class EnsemblePipeline(Pipeline):
     def __init__(
         self,
         processors: Iterable[Any],
-        aggregator: ResultAggregator | None = None,
+        aggregator: Any = None,
         *,
         quorum: int | None = None,
         max_concurrency: int | None = None,
@@ -307,14 +313,30 @@ class EnsemblePipeline(Pipeline):
                 field="quorum",
                 code="bad_option",
             )
-        if aggregator is not None and not hasattr(aggregator, "combine"):
+        if (
+            aggregator is not None
+            and not isinstance(aggregator, ResultAggregator)
+            and aggregates_its_own_way(aggregator) is None
+        ):
             raise ConfigurationError(
-                f"EnsemblePipeline: aggregator must be a ResultAggregator, got {aggregator!r}.",
+                f"EnsemblePipeline: aggregator must be a ResultAggregator (or an object with an "
+                f"aggregate(results) or combine(members) method), got {aggregator!r}.",
                 field="aggregator",
                 code="bad_option",
                 hint="ResultAggregator(strategy=...) (a callable strategy takes your own function)",
             )
-        self.aggregator = aggregator or ResultAggregator()
+        if (
+            quorum is not None
+            and aggregator is not None
+            and not all(callable(getattr(aggregator, name, None)) for name in ("answer_field", "normalize"))
+        ):
+            raise ConfigurationError(
+                f"EnsemblePipeline: quorum= needs a ResultAggregator (it counts agreeing answers as the "
+                f"aggregator compares them: answer_field(), normalize()), got {aggregator!r}.",
+                field="quorum",
+                code="bad_option",
+            )
+        self.aggregator = ResultAggregator() if aggregator is None else aggregator
         self.quorum = quorum
         self.max_concurrency = max_concurrency
         self.on_error = on_error
@@ -343,8 +365,10 @@ class EnsemblePipeline(Pipeline):
             outs.append(set(sub.available) - set(scope.available))
             opaque = opaque or len(sub.opaque) > len(scope.opaque)
             scope.opaque.extend(p for p in sub.opaque if p not in scope.opaque)
-        # Exactly the fields the aggregation strategy produces from what every member produces.
-        produced = self.aggregator.produces(None if opaque else set.intersection(*outs))
+        # Exactly the fields the aggregation strategy produces from what every member produces (not
+        # known for an aggregation of your own).
+        produces = None if aggregates_its_own_way(self.aggregator) else self.aggregator.produces
+        produced = None if produces is None else produces(None if opaque else set.intersection(*outs))
         if produced is None:
             scope.opaque.append(prefix or "ensemble")
             return
@@ -408,7 +432,15 @@ class EnsemblePipeline(Pipeline):
         if not ok:
             raise_all_failed("EnsemblePipeline: every member failed", results)
         produced = [r.produced for r in ok]
-        if isinstance(self.aggregator, ResultAggregator):
+        if aggregates_its_own_way(self.aggregator) == "aggregate":
+            # The tutorial's call: aggregator.aggregate(successful_results), its records.
+            agg = self.aggregator
+            records = [rec for rec in run.extras["individual_results"] if rec["success"]]
+            fields = returned_fields(
+                agg.aggregate(records), f"EnsemblePipeline: {type(agg).__name__}.aggregate()", "bad_aggregate"
+            )
+            details: dict[str, Any] = {"strategy": f"{type(agg).__name__}.aggregate"}
+        elif isinstance(self.aggregator, ResultAggregator):
             names = [join_path(prefix, r.branch.entry.path) for r in ok]
             try:
                 fields, details = self.aggregator.combine(produced, names)
@@ -452,3 +484,30 @@ class EnsemblePipeline(Pipeline):
             until=self._quorum(branches),
         )
         self._finish(state, run, results, prefix)
+
+
+def aggregates_its_own_way(aggregator: Any) -> str | None:
+    """``"aggregate"`` when ``aggregator.aggregate`` is your own code — a :class:`ResultAggregator`
+    subclass that overrides ``aggregate`` (the tutorial's ``def aggregate(self, results)``), or any
+    other object with an ``aggregate`` method and no ``combine`` — ``"combine"`` for another object
+    with ``combine(members)``, ``None`` when stageflow's strategies decide. An ensemble calls your
+    ``aggregate`` as the tutorial's does: with the successful members' records (``processor_id``,
+    ``result``, ``success``...), and takes the dict it returns as the fields.
+
+    Examples:
+        >>> class First(ResultAggregator):
+        ...     def aggregate(self, results):
+        ...         return dict(results[0]["result"])
+        >>> aggregates_its_own_way(First()), aggregates_its_own_way(ResultAggregator())
+        ('aggregate', None)
+    """
+    cls = type(aggregator)
+    if isinstance(aggregator, ResultAggregator):
+        if cls.combine is ResultAggregator.combine and cls.aggregate is not ResultAggregator.aggregate:
+            return "aggregate"
+        return None
+    if callable(getattr(aggregator, "combine", None)):
+        return "combine"
+    if callable(getattr(aggregator, "aggregate", None)):
+        return "aggregate"
+    return None

@@ -8,7 +8,14 @@ from typing import Any, Literal
 from stageflow.errors import ConfigurationError, ContractError, PipelineError
 from stageflow.patterns._fields import result_fields
 
-__all__ = ["ClashStrategy", "ResultMerger", "clash_error", "clash_hint", "produced_fields"]
+__all__ = [
+    "ClashStrategy",
+    "ResultMerger",
+    "clash_error",
+    "clash_hint",
+    "merges_its_own_way",
+    "produced_fields",
+]
 
 ClashStrategy = Literal["error", "list", "concatenate", "first"]
 
@@ -158,3 +165,22 @@ class ResultMerger:
             hint=f"pass merger=ResultMerger(strategies={{'{field}': 'list'}}) (or 'first') to keep the "
             "values as they are, or make every stage return a string (or every stage a list)",
         )
+
+
+def merges_its_own_way(merger: Any) -> bool:
+    """Whether ``merger.merge`` is your own code: a :class:`ResultMerger` subclass that overrides
+    ``merge`` (the tutorial's ``class M(ResultMerger): def merge(self, results)``) or any other object
+    with a ``merge`` method. A parallel group then calls it as the tutorial's ``ParallelPipeline``
+    does: ``merger.merge(results)``, each stage's result in stage order (``{"error": ...}`` for one
+    that failed), and takes the dict it returns as the group's fields; clashes are its to resolve.
+
+    Examples:
+        >>> class Joined(ResultMerger):
+        ...     def merge(self, results):
+        ...         return {"content": " + ".join(r["content"] for r in results)}
+        >>> merges_its_own_way(Joined()), merges_its_own_way(ResultMerger())
+        (True, False)
+    """
+    if isinstance(merger, ResultMerger):
+        return type(merger).merge is not ResultMerger.merge
+    return callable(getattr(merger, "merge", None))

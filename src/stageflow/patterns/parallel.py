@@ -20,8 +20,15 @@ from stageflow.patterns._fanout import (
     raise_all_failed,
     run_branches,
 )
+from stageflow.patterns._fields import returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
-from stageflow.patterns.merger import ResultMerger, clash_error, clash_hint, produced_fields
+from stageflow.patterns.merger import (
+    ResultMerger,
+    clash_error,
+    clash_hint,
+    merges_its_own_way,
+    produced_fields,
+)
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
 
@@ -75,7 +82,7 @@ class ParallelPipeline(Pipeline):
     def __init__(
         self,
         parallel_groups: Iterable[Any],
-        merger: ResultMerger | None = None,
+        merger: Any = None,
         *,
         max_concurrency: int | None = None,
         on_error: FailurePolicy = "collect",
@@ -89,9 +96,10 @@ class ParallelPipeline(Pipeline):
                 f"ParallelPipeline takes a list of groups, got {type(parallel_groups).__name__}.",
                 code="bad_stages",
             )
-        if merger is not None and not isinstance(merger, ResultMerger):
+        if merger is not None and not isinstance(merger, ResultMerger) and not merges_its_own_way(merger):
             raise ConfigurationError(
-                f"ParallelPipeline: merger must be a ResultMerger, got {merger!r}.",
+                f"ParallelPipeline: merger must be a ResultMerger (or an object with a merge(results) "
+                f"method), got {merger!r}.",
                 field="merger",
                 code="bad_option",
             )
@@ -109,7 +117,7 @@ class ParallelPipeline(Pipeline):
                 "ParallelPipeline needs at least one group of stages.", code="bad_stages"
             )
         self.stages = stages
-        self.merger = merger or ResultMerger()
+        self.merger = ResultMerger() if merger is None else merger
         self.max_concurrency = max_concurrency
         self.on_error = on_error
         self.timeout = timeout
@@ -136,7 +144,9 @@ class ParallelPipeline(Pipeline):
 
     def _reject_clashes(self) -> None:
         """Two stages of one group declaring the same output with no merge rule for it: an error when
-        the pipeline is built."""
+        the pipeline is built (a merge of your own resolves them its way)."""
+        if merges_its_own_way(self.merger):
+            return
         for g, group in enumerate(self._groups):
             writers: dict[str, str] = {}
             clashes: dict[str, list[str]] = {}
@@ -189,14 +199,13 @@ class ParallelPipeline(Pipeline):
     ) -> None:
         absorb(run, results)
         # The tutorial's record: each stage's result in order ({'error': ...} for a failed one) ...
-        run.extras.setdefault("group_results", []).append(
-            [
-                r.outcome.value
-                if r.outcome.ok
-                else {"error": f"{type(r.outcome.error).__name__}: {r.outcome.error}"}
-                for r in results
-            ]
-        )
+        records = [
+            r.outcome.value
+            if r.outcome.ok
+            else {"error": f"{type(r.outcome.error).__name__}: {r.outcome.error}"}
+            for r in results
+        ]
+        run.extras.setdefault("group_results", []).append(records)
         # ... and how each stage ended, by path.
         report = {
             r.branch.entry.path: {
@@ -221,6 +230,14 @@ class ParallelPipeline(Pipeline):
         ok = [r for r in results if r.outcome.ok]
         if not ok:
             raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
+        if merges_its_own_way(self.merger):  # (the tutorial's call: merger.merge(results))
+            merged = returned_fields(
+                self.merger.merge(list(records)),
+                f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()",
+            )
+            state.update(merged)
+            self._unwritten(state, run, results, merged, prefix)
+            return
         try:
             merged = self.merger.merge(
                 [r.produced for r in ok], [join_path(prefix, r.branch.entry.path) for r in ok]

@@ -169,9 +169,9 @@ class _Exporter:
             refs = [self.ref(obj.stages[int(e.key or 0)], f"{where}.{e.path}".lstrip(".")) for e in group]
             groups.append(refs if len(refs) > 1 else refs[0])
         out: dict[str, Any] = {"type": "parallel", "groups": groups}
-        merger = _non_defaults(obj.merger, {"on_clash": "error", "separator": "\n"})
         if type(obj.merger) is not ResultMerger:
             raise self.fail(obj, where, "its merger is not a ResultMerger")
+        merger = _non_defaults(obj.merger, {"on_clash": "error", "separator": "\n"})
         if merger:
             out["merger"] = merger
         return {**out, **self.fanout(obj)}

@@ -283,9 +283,12 @@ class _Walker:
             entries = [e for b in members for e in b.entries]
             exits = [x for b in members for x in b.exits]
             if len(members) > 1:
-                merge = self.g.add_node(
-                    "merge", kind="merge", detail=f"on_clash={p.merger.on_clash}", cluster=cid
-                )
+                from stageflow.patterns.merger import merges_its_own_way
+
+                merger = p.merger
+                own = merges_its_own_way(merger)
+                detail = f"{type(merger).__name__}.merge()" if own else f"on_clash={merger.on_clash}"
+                merge = self.g.add_node("merge", kind="merge", detail=detail, cluster=cid)
                 self.connect(exits, [merge], cid)
                 exits = [(merge, "")]
             blocks.append(_Ends(entries, exits))
@@ -304,11 +307,16 @@ class _Walker:
         c.detail = "\n".join(filter(None, [c.detail, quorum, fanout_text(p)]))
         row = self.row(cid, path)
         members = [self.sub(s, path, f"processors[{i}]", row) for i, s in enumerate(p.processors)]
+        from stageflow.patterns.ensemble import aggregates_its_own_way
+
         agg = p.aggregator
-        strategy = agg.strategy if isinstance(agg.strategy, str) else short(agg.strategy)
-        node = self.g.add_node(
-            "aggregate", kind="aggregate", detail=f"{strategy} on '{agg.field or 'answer'}'", cluster=cid
-        )
+        own = aggregates_its_own_way(agg)
+        if own is not None:
+            detail = f"{type(agg).__name__}.{own}()"
+        else:
+            strategy = agg.strategy if isinstance(agg.strategy, str) else short(agg.strategy)
+            detail = f"{strategy} on '{agg.field or 'answer'}'"
+        node = self.g.add_node("aggregate", kind="aggregate", detail=detail, cluster=cid)
         self.connect([x for b in members for x in b.exits], [node], cid)
         return _Ends([e for b in members for e in b.entries], [(node, "")])
 
