@@ -17,8 +17,9 @@ import dspy
 import pytest
 from test_sync_fanout_on_loop import _echo
 
+import stageflow
 from stageflow import ForEach, SequentialPipeline, Stage, stage
-from stageflow.testing import call
+from stageflow.testing import FakeLM, call
 
 LATENCY = 0.4
 
@@ -152,3 +153,36 @@ def test_work_that_finishes_in_time_is_not_stopped(mode: str) -> None:
         result = asyncio.run(call(program, mode, xs=["a", "b"]))
     assert result.ys == ["echo:a", "echo:b"]
     assert slow.answered == 2
+
+
+# -- LM calls of abandoned work are refused before they are sent (helper 91, c2 / c4) --------------
+
+
+def test_calls_waiting_on_a_rate_limit_when_the_stage_timed_out_are_never_sent() -> None:
+    lm = FakeLM({"answer": "ok"}, model="fake/abandoned-rl")
+    each = ForEach(dspy.Predict("question -> answer"), over="questions", collect="answers")
+    program = SequentialPipeline([Stage(each, timeout=0.2, fallback={"answers": ["fallback"]})])
+    with dspy.context(lm=lm), stageflow.rate_limit(lm.model, rpm=1, window=0.3):
+        result = program(questions=list("abcde"))
+        assert result.answers == ["fallback"]
+        time.sleep(1.8)  # (every call would have had its turn by now: one per 0.3 s)
+    assert lm.calls == 1  # (the one that went out before the timeout)
+
+
+def test_the_stages_after_the_timeout_in_an_abandoned_call_send_nothing(mode: str) -> None:
+    lm = FakeLM({"answer": "ok", "summary": "s"}, model="fake/abandoned-seq")
+
+    @stage(writes=["question"])
+    def slow(topic: str) -> dict[str, Any]:
+        time.sleep(0.3)  # (the timeout passes meanwhile)
+        return {"question": topic}
+
+    inner = SequentialPipeline([slow, dspy.Predict("question -> answer"), dspy.Predict("answer -> summary")])
+    program = SequentialPipeline(
+        [Stage(inner, timeout=0.1, fallback={"question": "", "answer": "", "summary": "fallback"})]
+    )
+    with dspy.context(lm=lm):
+        result = asyncio.run(call(program, mode, topic="t"))
+        time.sleep(0.6)
+    assert result.summary == "fallback"
+    assert lm.calls == 0

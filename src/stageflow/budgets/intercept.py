@@ -44,6 +44,7 @@ from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_known, prices, prompt_size
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
+from stageflow.engine.stopping import refuse_if_abandoned
 from stageflow.usage import finalized, finalizing, note_lm_result, note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
@@ -83,12 +84,14 @@ def install() -> None:
             return await _ametered(lm, call, aoriginal)
 
         def execute(lm: Any, call: Any) -> Any:
+            refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
             slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
             result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
             note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
+            refuse_if_abandoned()
             slots = lm_slots()
             result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
             note_lm_result(result)
@@ -191,6 +194,7 @@ def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
                 _give_back(plan)
                 return hit
             _take_waiting(plan)
+            refuse_if_abandoned()  # (given up on while it waited: nothing is sent)
         except BaseException:
             _give_back(plan)
             raise
@@ -216,6 +220,7 @@ async def _ametered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> 
                 _give_back(plan)
                 return hit
             await _atake_waiting(plan)
+            refuse_if_abandoned()
         except BaseException:
             _give_back(plan)
             raise

@@ -218,10 +218,10 @@ class _SyncFanOut:
 
     def _own_signal(self, i: int, branch: contextvars.Context) -> None:
         """Branch ``i`` (about to run in ``branch``) gets its own stop signal (see ``__init__``)."""
-        signal = StopSignal()
+        signal = StopSignal(self.signal)
         with self.cond:
             if i not in self.running:
-                signal.stop()  # (timed out before it began)
+                signal.abandon()  # (timed out before it began)
             else:
                 self.branch_signals[i] = signal
         if self.signal is not None:
@@ -234,7 +234,7 @@ class _SyncFanOut:
         if signal is not None:
             if self.signal is not None:
                 self.signal.discard(signal.stop)
-            signal.stop()
+            signal.abandon()
 
     def abort(self, i: int, error: BaseException, t0: float) -> None:
         with self.cond:
@@ -290,8 +290,8 @@ def fan_out(
 ) -> list[BranchOutcome]:
     """Run ``thunks`` concurrently on threads; see the module docstring.
 
-    ``on_start`` receives a function that stops the fan-out from another thread (no branch starts
-    after it; running ones finish).
+    ``on_start`` receives a function that abandons the fan-out from another thread (its caller gave
+    up: no branch starts after it; running ones finish, the LM calls they would make are refused).
     """
     _check_policy(on_error)
     n = len(thunks)
@@ -300,12 +300,12 @@ def fan_out(
     window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
     # Stopping this fan-out from outside (its caller gave up) also stops the ones its branches start.
-    signal = StopSignal()
+    enclosing = _ENCLOSING.get()
+    signal = StopSignal(enclosing)
     signal.register(run.stop)
     run.signal = signal
     if on_start is not None:
-        on_start(signal.stop)
-    enclosing = _ENCLOSING.get()
+        on_start(signal.abandon)
     if enclosing is not None:
         enclosing.register(signal.stop)
     ctx = contextvars.copy_context()
@@ -327,8 +327,8 @@ def fan_out(
     except BaseException:
         # Interrupted (Ctrl-C in the caller, or a branch raised KeyboardInterrupt/SystemExit):
         # start nothing more, here or in the fan-outs running branches started; branches already
-        # running on other threads cannot be stopped.
-        signal.stop()
+        # running on other threads cannot be stopped (their LM calls are refused).
+        signal.abandon()
         with run.cond:
             run.stopped = True
             for i in list(run.running):
@@ -341,7 +341,7 @@ def fan_out(
         if enclosing is not None:
             enclosing.discard(signal.stop)
     if run.fatal is not None:  # (a branch raised KeyboardInterrupt / SystemExit: stop as above)
-        signal.stop()
+        signal.abandon()
         raise run.fatal
     if run.first_error is not None:
         raise run.first_error

@@ -91,9 +91,10 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
 
 
 def abandon(signal: StopSignal) -> None:
-    """A call left to finish on its thread: counted, and what it started is stopped."""
+    """A call left to finish on its thread: counted, what it started is stopped, and the LM calls it
+    would make from now on are refused."""
     note_abandoned()
-    signal.stop()
+    signal.abandon()
 
 
 def _no_stop_iteration(fn: Any, call: Callable[[], Any]) -> Any:

@@ -7,12 +7,13 @@ Ctrl-C) stops what that work started, at every level of nesting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["StopSignal", "abandonable", "enclosing_fan_out"]
+__all__ = ["StopSignal", "abandonable", "enclosing_fan_out", "refuse_if_abandoned"]
 
 
 class StopSignal:
@@ -28,10 +29,14 @@ class StopSignal:
         'skipped'
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: StopSignal | None = None) -> None:
         self._lock = threading.Lock()
         self._stopped = False
         self._stops: list[Callable[[], None]] = []
+        #: The enclosing signal when this one was made (see :meth:`gave_up`).
+        self.parent = parent
+        #: Set by :meth:`abandon`: the caller gave up on the work this signal stands for.
+        self.abandoned = False
 
     def register(self, stop: Callable[[], None]) -> None:
         """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
@@ -53,6 +58,26 @@ class StopSignal:
             stops, self._stops = self._stops, []
         for stop in stops:
             stop()
+
+    def abandon(self) -> None:
+        """The caller gave up on this work (its timeout passed): stop what it started, and refuse the
+        LM calls it would make from now on (:func:`refuse_if_abandoned`)."""
+        self.abandoned = True
+        self.stop()
+
+    def gave_up(self) -> bool:
+        """Whether the work this signal stands for, or work around it, was abandoned.
+
+        >>> outer = StopSignal(); inner = StopSignal(parent=outer)
+        >>> outer.abandon(); inner.gave_up()
+        True
+        """
+        signal: StopSignal | None = self
+        while signal is not None:
+            if signal.abandoned:
+                return True
+            signal = signal.parent
+        return False
 
 
 #: The stop signal of the thread fan-out whose branch is running: a fan-out started inside that
@@ -83,8 +108,8 @@ def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
         ...     ctx.run(enclosing_fan_out) is signal
         True
     """
-    signal = StopSignal()
     enclosing = _ENCLOSING.get()
+    signal = StopSignal(enclosing)
     if enclosing is not None:
         enclosing.register(signal.stop)
     ctx.run(_ENCLOSING.set, signal)
@@ -93,3 +118,19 @@ def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
     finally:
         if enclosing is not None:
             enclosing.discard(signal.stop)
+
+
+def refuse_if_abandoned() -> None:
+    """Raise ``asyncio.CancelledError`` when the work running here was abandoned (see
+    :meth:`StopSignal.abandon`): an LM call it is about to make would be answered and billed for
+    nobody. Called before every LM call is sent, and again after it waited for a rate limit or a
+    budget. (A fan-out stopped early by ``fail_fast`` or ``until`` only stops what its leftover
+    branches started: a result of a finished branch may still be resolved later.)
+
+    >>> refuse_if_abandoned()  # (nothing abandoned here)
+    """
+    signal = _ENCLOSING.get()
+    if signal is not None and signal.gave_up():
+        raise asyncio.CancelledError(
+            "stageflow: the caller gave up on this work (a timeout passed); its LM call was not sent"
+        )
