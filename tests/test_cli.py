@@ -592,3 +592,27 @@ def test_a_foreach_over_a_stage_output_that_is_no_list_is_a_run_failure_exit_1(
     )
     assert code == 2, err
     assert "invalid input" in err
+
+
+def test_a_nan_input_gets_one_fix_and_a_declared_input_not_passed_is_named_as_such(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # (helper 91: two "Fix:" lines for NaN, the second about long numbers; and "add 'question' to the
+    # file's inputs" for a file that declares it)
+    path = tmp_path / "qa.yaml"
+    path.write_text(
+        "version: 1\ninputs: [question]\nnodes:\n  root:\n    type: pipeline\n    stages:\n"
+        "    - predict: 'question -> answer'\n",
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(capsys, "run", str(path), "--input", '{"question": NaN}')
+    said = " ".join(err.split())
+    assert code == 2
+    assert said.count("Fix:") == 1
+    assert "not finite" in said
+    assert "long numbers" not in said
+    code, _, err = run_cli(capsys, "run", str(path), "--input", '{"q": "x"}')
+    said = " ".join(err.split())
+    assert code == 2
+    assert "pass 'question' when running the file" in said
+    assert "add 'question' to the file's" not in said

@@ -238,3 +238,14 @@ def test_own_policy_still_wins_after_add_stage_renumbers_the_stages() -> None:
     p.add_stage(Stage(lambda x: {"w": x}, writes=["w"], timeout=5), position=0)
     with pytest.raises(StageError):  # its own max_attempts=1: no retry
         p(x="in")
+
+
+async def test_a_default_output_mapping_is_taken_as_stage_takes_it(mode: str) -> None:
+    # (helper 91: Stage(x, fallback={...}) took a dict, set_defaults(fallback={...}) refused it)
+    def boom(x: str) -> dict[str, str]:
+        raise RuntimeError("down")
+
+    p = SequentialPipeline([stage(boom, reads=["x"], writes=["y"])]).set_defaults(fallback={"y": "default"})
+    r = await call(p, mode, x="in")
+    assert r.y == "default"
+    assert [e.kind for e in r.run.events] == ["fallback"]

@@ -352,6 +352,8 @@ def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
             code="bad_input",
             hint='pass a JSON object such as \'{"question": "Who wrote Dune?"}\'',
         ) from exc
+    except ConfigurationError:
+        raise  # (NaN or Infinity, named by _non_finite with its own fix)
     except ValueError as exc:  # an integer longer than Python reads (sys.get_int_max_str_digits())
         raise ConfigurationError(
             f"{source} holds a value that cannot be read: {exc}.",

@@ -14,7 +14,7 @@ names), the pipeline's own ports when it is nested as a stage, the result type, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -374,22 +374,25 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
         retry: RetryPolicy | int | None = None,
         timeout: TimeoutPolicy | float | None = None,
         repair: RepairPolicy | int | bool | None = None,
-        fallback: Fallback | None = None,
+        fallback: Fallback | Mapping[str, Any] | None = None,
         cache: CachePolicy | bool | int | str | os.PathLike[str] | None = None,
     ) -> Pipeline:
         """Policies for every leaf stage that does not set its own of that kind: this pipeline's
         stages and those of pipelines nested in it (unless a nested pipeline sets its own defaults).
 
         Takes the same values as :class:`Stage` (``retry=RetryPolicy(...)`` or an attempt count,
-        ``timeout=`` seconds or a ``TimeoutPolicy``, ``repair=True``, ``fallback=Fallback(default=...)``,
-        ``cache=True``). Returns the pipeline, so calls can be chained.
+        ``timeout=`` seconds or a ``TimeoutPolicy``, ``repair=True``, ``fallback={...}`` or
+        ``Fallback(default=...)``, ``cache=True``). Returns the pipeline, so calls can be chained.
         """
         from stageflow.policies.recovery import Fallback, make_policy
 
+        if isinstance(fallback, Mapping):  # (as Stage(x, fallback={...}) takes it)
+            fallback = Fallback(default=fallback)
         if fallback is not None and not (isinstance(fallback, Fallback) and fallback.default is not None):
             raise ConfigurationError(
-                "set_defaults(fallback=...) takes Fallback(default={...}); a fallback stage belongs to one "
-                "stage: Stage(x, fallback=other_stage).",
+                "set_defaults(fallback=...) takes a default output mapping ({...}, or "
+                "Fallback(default={...})); a fallback stage belongs to one stage: "
+                "Stage(x, fallback=other_stage).",
                 field="fallback",
                 code="bad_option",
             )

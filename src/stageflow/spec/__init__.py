@@ -107,18 +107,23 @@ def _finish(
     meta = getattr(root, TAG_META)
     if strict is not None:
         root.strict = strict
-    inputs = list(inputs) if inputs is not None else meta.get("inputs")
+    declared = meta.get("inputs")
+    inputs = list(inputs) if inputs is not None else declared
     if inputs is None:
         return root
     try:
         fields = root.check(inputs)
     except ContractError as exc:
         where = locate_stage(root, exc.stage_path, locations) or ("inputs",)
+        hint = file_hint(exc.hint)
+        if exc.code == "missing_input" and declared and exc.field in declared and exc.field not in inputs:
+            # (the file has it among its inputs: the caller did not pass it)
+            hint = f"pass '{exc.field}' when running the file (the file declares it among its `inputs`)"
         raise src.error(
             where,
             file_hint(exc.message) or exc.message,
             code=exc.code,
-            hint=file_hint(exc.hint),
+            hint=hint,
             field=exc.field,
             stage_path=exc.stage_path,
         ) from exc
