@@ -27,7 +27,10 @@ def forgets(text):
     return {"other": text}
 
 def split(text):
-    return {"words": text}  # (a string where a list belongs: the model gave the wrong shape)
+    return {"words": text + "!"}  # (a string where a list belongs: the model gave the wrong shape)
+
+def renamed(text):
+    return {"stuff": text + "!"}
 """
 
 
@@ -570,6 +573,18 @@ def test_a_foreach_over_a_stage_output_that_is_no_list_is_a_run_failure_exit_1(
     assert code == 1, err
     assert "run failed" in err
     assert "expected a list in 'words'" in err
+    # (helper 90: the same with the field renamed onto 'words' by `outputs:` gave exit 2)
+    path.write_text(
+        path.read_text(encoding="utf-8").replace(
+            f"- component: '{components}:split'",
+            f"- component: '{components}:renamed'\n    outputs: {{stuff: words}}",
+        ),
+        encoding="utf-8",
+    )
+    code, _, err = run_cli(
+        capsys, "run", str(path), "--allow-module", components, "--input", '{"text": "hi"}'
+    )
+    assert code == 1, err
     # The caller's own value that is no list is still bad input (exit 2).
     direct = tmp_path / "direct.yaml"
     direct.write_text(

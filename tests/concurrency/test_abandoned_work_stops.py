@@ -18,7 +18,7 @@ import pytest
 from test_sync_fanout_on_loop import _echo
 
 import stageflow
-from stageflow import ForEach, SequentialPipeline, Stage, stage
+from stageflow import ForEach, SequentialPipeline, Stage, StageflowError, stage
 from stageflow.testing import FakeLM, call
 
 LATENCY = 0.4
@@ -186,3 +186,56 @@ def test_the_stages_after_the_timeout_in_an_abandoned_call_send_nothing(mode: st
         time.sleep(0.6)
     assert result.summary == "fallback"
     assert lm.calls == 0
+
+
+# -- awaited calls: a sync stage on a shared-pool thread stops what it started when the awaiting task
+# is cancelled (helper 90, 1.1 and 1.2: only the timed path did) ---------------------------------
+
+
+@pytest.mark.parametrize("how", ["timeout", "fail_fast"])
+def test_an_awaited_fanout_whose_branch_runs_a_sync_stage_stops_its_nested_fanout(how: str) -> None:
+    slow = Slow()
+    inner = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys", max_concurrency=1)
+
+    @stage(writes=["z"])
+    def work(x: Any) -> dict[str, Any]:  # (a sync stage: on a thread, its fan-out on the loop)
+        if x == "boom":
+            time.sleep(0.05)
+            raise ValueError("boom")
+        return {"z": inner(xs=[f"{x}1", f"{x}2", f"{x}3"]).ys}
+
+    @stage(writes=["w"])
+    async def tail(z: list[str]) -> dict[str, Any]:  # (an async stage: the branches are tasks)
+        return {"w": z}
+
+    branch = SequentialPipeline([work, tail])
+    opts: dict[str, Any] = (
+        {"timeout": 0.1, "on_error": "collect"} if how == "timeout" else {"on_error": "fail_fast"}
+    )
+    outer = ForEach(branch, over="xs", item="x", collect={"w": "ws"}, **opts)
+    items = ["a", "b"] if how == "timeout" else ["a", "b", "boom"]
+    with dspy.context(lm=slow.lm):
+        with pytest.raises(StageflowError, match="timeout" if how == "timeout" else "boom"):
+            asyncio.run(outer.acall(xs=items))  # (every branch timed out / the first failure)
+        started, answered = slow.settled()
+    assert started == 2  # (each branch's first nested call; nothing after)
+    assert answered == 0
+
+
+def test_cancelling_an_awaited_call_stops_the_fanout_its_sync_stage_started() -> None:
+    slow = Slow()
+    inner = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys", max_concurrency=1)
+
+    @stage(writes=["ys"])
+    def work(xs: list[str]) -> dict[str, Any]:
+        return {"ys": inner(xs=xs).ys}
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(SequentialPipeline([work]).acall(xs=["a", "b", "c", "d"]), 0.2)
+
+    with dspy.context(lm=slow.lm):
+        asyncio.run(main())
+        started, answered = slow.settled()
+    assert started == 1
+    assert answered == 0

@@ -155,17 +155,28 @@ def missing_at_run_time(
     return err
 
 
-def note_run_failure(error: StageflowError, run: RunInfo) -> None:
-    """Mark ``error`` as caused by the run when a stage of ``run`` wrote the field a ForEach found no
-    list in (``not_a_list``): the model gave the wrong shape, not the caller (the command line exits
-    1 for it, not 2)."""
-    if getattr(error, "code", None) != "not_a_list" or error.run_failure:
+def note_run_failure(error: StageflowError, inputs: Mapping[str, Any]) -> None:
+    """A ForEach found no list where it iterates (``not_a_list``): bad input when the value is one
+    the call's caller passed (``inputs``), else the run's own doing — a stage, the model, gave the
+    wrong shape — and the command line exits 1 for it, not 2. Every pipeline level the error leaves
+    decides again; the outermost call, whose caller is yours, decides last."""
+    if getattr(error, "code", None) != "not_a_list" or not hasattr(error, "given"):
         return
-    name = getattr(error, "field", None)
-    for output in run.stage_outputs.values():
-        if isinstance(output, dict | dspy.Prediction) and name in output:
-            error.run_failure = True
-            return
+    given = error.given
+    error.run_failure = not any(_same(value, given) for value in inputs.values())
+
+
+def _same(value: Any, given: Any) -> bool:
+    """``value`` is ``given``, or an equal value of the same type (the outermost call iterates a
+    private copy of what its caller passed)."""
+    if value is given:
+        return True
+    if type(value) is not type(given):
+        return False
+    try:
+        return bool(value == given)
+    except Exception:  # (an __eq__ that refuses, or answers with an array)
+        return False
 
 
 def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:

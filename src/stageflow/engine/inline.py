@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from stageflow._callers import KNOWN_ENTRY_POINTS as _KNOWN
 from stageflow._callers import is_dspys_entry as _is_dspys
-from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of, note_run_failure
+from stageflow.engine.boundary import FAILED_OUTPUTS, failed_outputs_of
 from stageflow.engine.config import CONFIG
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH
 from stageflow.engine.nested import _settings, own_forward, push_callers, pushable
@@ -375,7 +375,6 @@ def failed(call: InlineCall, error: BaseException) -> None:
     if isinstance(error, StageflowError):
         error.events = call.run.events
         error.run = call.run
-        note_run_failure(error, call.run)
     call.target.stageflow_failed(call.run, (), error)
 
 

@@ -83,11 +83,16 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     token = loop_token()  # under dspy.streamify: the thread may send chunks to its stream
     if token is not None:
         call = functools.partial(_lent, token, call)
-    if _SPARE.get():
-        # (under a time limit: abandoned at the timeout, it stops the fan-outs it started)
-        with abandonable(ctx) as signal:
+    # Abandoned when the awaiting task is cancelled (a timeout, Ctrl-C, the caller's own cancel) while
+    # the thread runs on: the fan-outs it started stop and its further LM calls are refused.
+    with abandonable(ctx) as signal:
+        if _SPARE.get():  # (under a time limit: a spare thread, never a shared-pool worker)
             return await spare.acall(call, on_abandon=lambda: abandon(signal))
-    return await loop.run_in_executor(shared_pool(), call)
+        try:
+            return await loop.run_in_executor(shared_pool(), call)
+        except asyncio.CancelledError:
+            signal.abandon()
+            raise
 
 
 def abandon(signal: StopSignal) -> None:

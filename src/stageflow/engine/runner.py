@@ -804,12 +804,14 @@ def _end(
         _HOOKS.reset(scope.hooks_token)
 
 
-def _failed(pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException) -> None:
+def _failed(
+    pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException, inputs: dict[str, Any]
+) -> None:
     """A pipeline call that raised: the run so far travels with the error; observers hear of it."""
     if isinstance(error, StageflowError):
         error.events = run.events  # what policies did before the failure
         error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
-        note_run_failure(error, run)
+        note_run_failure(error, inputs)
     _end(pipeline, scope, None, error)
     pipeline.stageflow_failed(run, scope.own, error)
 
@@ -905,7 +907,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     except BaseException as e:
         _closing(opened, caller, run)
         try:
-            _failed(pipeline, scope, run, e)
+            _failed(pipeline, scope, run, e, inputs)
         finally:
             release(carried)
         raise
@@ -931,7 +933,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     except BaseException as e:
         _closing(opened, caller, run)
         try:
-            _failed(pipeline, scope, run, e)
+            _failed(pipeline, scope, run, e, inputs)
         finally:
             release(carried)
         raise

@@ -16,6 +16,11 @@ from collections.abc import Callable, Iterator
 __all__ = ["StopSignal", "abandonable", "enclosing_fan_out", "refuse_if_abandoned"]
 
 
+#: One lock for every signal (registering and stopping are short; a signal is made per call that
+#: may be abandoned, so it holds no lock of its own).
+_LOCK = threading.Lock()
+
+
 class StopSignal:
     """A request to stop a fan-out that runs on another thread, whether it comes before or after
     the fan-out has started: pass :meth:`register` as :func:`fan_out`'s ``on_start``; :meth:`stop`
@@ -29,8 +34,9 @@ class StopSignal:
         'skipped'
     """
 
+    __slots__ = ("_stopped", "_stops", "abandoned", "parent")
+
     def __init__(self, parent: StopSignal | None = None) -> None:
-        self._lock = threading.Lock()
         self._stopped = False
         self._stops: list[Callable[[], None]] = []
         #: The enclosing signal when this one was made (see :meth:`gave_up`).
@@ -40,7 +46,7 @@ class StopSignal:
 
     def register(self, stop: Callable[[], None]) -> None:
         """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
-        with self._lock:
+        with _LOCK:
             if not self._stopped:
                 self._stops.append(stop)
                 return
@@ -48,12 +54,12 @@ class StopSignal:
 
     def discard(self, stop: Callable[[], None]) -> None:
         """Forget ``stop`` (its fan-out has finished)."""
-        with self._lock, contextlib.suppress(ValueError):
+        with _LOCK, contextlib.suppress(ValueError):
             self._stops.remove(stop)
 
     def stop(self) -> None:
         """Stop every fan-out registered, and any registered later."""
-        with self._lock:
+        with _LOCK:
             self._stopped = True
             stops, self._stops = self._stops, []
         for stop in stops:

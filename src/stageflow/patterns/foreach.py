@@ -240,13 +240,15 @@ class ForEach(Pipeline):
     def _branches(self, state: dict[str, Any]) -> Branches:
         items = state.get(self.over)
         if not isinstance(items, list | tuple):
-            raise ContractError(
+            err = ContractError(
                 f"ForEach expected a list in '{self.over}' for its stage ({self._entry.label}), got "
                 f"{type(items).__name__}: {items!r:.80}.",
                 field=self.over,
                 code="not_a_list",
                 hint=f"make the upstream stage output a list ('{self.over}: list[str]' in its signature)",
             )
+            err.given = items  # type: ignore[attr-defined]  # (the caller's value, or a stage's? see note_run_failure)
+            raise err
         needed = {st for _, st in (*self._entry.in_pairs, *self._entry.opt_pairs)}
         shared = {k: v for k, v in state.items() if k in needed and k != self.item}
         entries = self._item_entries_for(len(items))
