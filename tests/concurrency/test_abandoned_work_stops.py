@@ -239,3 +239,45 @@ def test_cancelling_an_awaited_call_stops_the_fanout_its_sync_stage_started() ->
         started, answered = slow.settled()
     assert started == 1
     assert answered == 0
+
+
+def test_lm_calls_from_dspys_threads_in_an_abandoned_call_are_refused_too() -> None:
+    # (helper 92, A1: dspy.Parallel / Module.batch workers copy DSPy's settings, not the context)
+    lm = FakeLM({"y": "ok"}, model="fake/abandoned-parallel")
+    pred = dspy.Predict("x -> y")
+    refused: list[str] = []
+
+    @stage(writes=["y"])
+    def slow(x: str) -> dict[str, Any]:
+        time.sleep(0.3)  # (the timeout passes meanwhile)
+        try:
+            dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+                [(pred, dspy.Example(x=x).with_inputs("x"))] * 2
+            )
+        except asyncio.CancelledError:
+            refused.append("parallel")
+        return {"y": "late"}
+
+    program = SequentialPipeline([Stage(slow, timeout=0.1, fallback={"y": "fallback"})])
+    with dspy.context(lm=lm):
+        assert program(x="q").y == "fallback"
+        time.sleep(0.6)
+    assert refused == ["parallel"]
+    assert lm.calls == 0
+
+
+def test_dspys_threads_in_a_call_that_finished_in_time_are_not_refused() -> None:
+    lm = FakeLM({"y": "ok"}, model="fake/kept-parallel")
+    pred = dspy.Predict("x -> y")
+
+    @stage(writes=["ys"])
+    def both(x: str) -> dict[str, Any]:
+        out = dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+            [(pred, dspy.Example(x=x).with_inputs("x"))] * 2
+        )
+        return {"ys": [o.y for o in out]}
+
+    program = SequentialPipeline([Stage(both, timeout=5)])
+    with dspy.context(lm=lm):
+        assert program(x="q").ys == ["ok", "ok"]
+    assert lm.calls == 2

@@ -249,3 +249,22 @@ async def test_a_default_output_mapping_is_taken_as_stage_takes_it(mode: str) ->
     r = await call(p, mode, x="in")
     assert r.y == "default"
     assert [e.kind for e in r.run.events] == ["fallback"]
+
+
+async def test_a_default_output_is_each_calls_own(mode: str) -> None:
+    # (helper 92, D1/D2: a later stage's change to a default list built up across calls, and the
+    # caller's dict changed after it was given changed the default)
+    def failing(q: str) -> dict[str, Any]:
+        raise ValueError("down")
+
+    def appender(ys: list[str]) -> dict[str, Any]:
+        ys.append("added")
+        return {"n": len(ys)}
+
+    given: dict[str, Any] = {"ys": []}
+    p = SequentialPipeline(
+        [stage(failing, reads=["q"], writes=["ys"]), stage(appender, reads=["ys"], writes=["n"])]
+    ).set_defaults(fallback=given)
+    given["ys"] = ["changed after it was given"]
+    counts = [(await call(p, mode, q="x")).n for _ in range(3)]
+    assert counts == [1, 1, 1]

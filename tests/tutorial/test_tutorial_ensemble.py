@@ -206,3 +206,85 @@ def test_an_aggregator_of_yours_is_drawn_by_its_name() -> None:
     from stageflow.observe.graph import to_mermaid
 
     assert "LongestAnswer.aggregate()" in to_mermaid(EnsemblePipeline([Fixed("a", 0.5)], LongestAnswer()))
+
+
+# -- helper 92: the tutorial's aggregator as written, combine() of yours, errors --------------------
+
+
+class TutorialAggregator:
+    """The tutorial's ``ResultAggregator`` (its weighted voting), as its readers copy it."""
+
+    def __init__(self, strategy="weighted_voting"):  # type: ignore[no-untyped-def]
+        self.strategy = strategy
+
+    def aggregate(self, results):  # type: ignore[no-untyped-def]
+        votes = {}
+        for r in results:
+            output = r["result"]
+            if hasattr(output, "predictions"):
+                content = output.predictions.get("content", "")
+            else:
+                content = str(output)
+            confidence = getattr(output, "confidence", 0.5)
+            votes[content] = votes.get(content, 0) + confidence
+        best_content = max(votes, key=votes.get)
+        return {"content": best_content, "confidence": votes[best_content] / sum(votes.values())}
+
+
+async def test_the_tutorials_own_aggregator_votes_on_the_members_content(mode: str) -> None:
+    pipeline = EnsemblePipeline(
+        [Fixed("Paris", 0.9), Fixed("Rome", 0.6), Fixed("Paris", 0.5)], TutorialAggregator()
+    )
+    result = await call(pipeline, mode, question="Q")
+    assert result.content == "Paris"  # (not a Prediction's repr)
+    assert result.confidence == pytest.approx(1.4 / 2.0)
+
+
+async def test_a_combine_of_yours_may_return_the_fields_or_fields_and_details(mode: str) -> None:
+    class Pair:
+        def combine(self, members):  # type: ignore[no-untyped-def]
+            return {"content": members[-1]["content"]}, {"strategy": "last"}
+
+    class Fields(ResultAggregator):
+        def combine(self, members):  # type: ignore[no-untyped-def,override]
+            return {"content": members[0]["content"]}
+
+    members = [Fixed("a", 0.5), Fixed("b", 0.5)]
+    last = await call(EnsemblePipeline(members, Pair()), mode, question="Q")
+    assert (last.content, last.run.extras["strategy"]) == ("b", "last")
+    assert (await call(EnsemblePipeline(members, Fields()), mode, question="Q")).content == "a"
+
+
+def test_a_subclass_with_aggregate_and_combine_aggregates() -> None:
+    class Both(ResultAggregator):
+        def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+            return {"content": "from aggregate"}
+
+        def combine(self, members):  # type: ignore[no-untyped-def,override]
+            raise AssertionError("not called")
+
+    assert EnsemblePipeline([Fixed("a", 0.5)], Both())(question="Q").content == "from aggregate"
+
+
+def test_what_your_aggregation_raises_or_returns_wrongly_is_named() -> None:
+    class Raises(ResultAggregator):
+        def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+            return 1 / 0
+
+    class NoneBack:
+        def combine(self, members):  # type: ignore[no-untyped-def]
+            return None
+
+    with pytest.raises(PipelineError, match=r"Raises\.aggregate\(\) raised ZeroDivisionError") as info:
+        EnsemblePipeline([Fixed("a", 0.5)], Raises())(question="Q")
+    assert info.value.code == "aggregate_failed"
+    with pytest.raises(PipelineError, match=r"NoneBack\.combine\(\) returned NoneType"):
+        EnsemblePipeline([Fixed("a", 0.5)], NoneBack())(question="Q")
+
+
+def test_an_aggregate_that_is_not_callable_is_refused_when_built() -> None:
+    class Nothing(ResultAggregator):
+        aggregate = None  # type: ignore[assignment]
+
+    with pytest.raises(ConfigurationError, match="aggregator must be"):
+        EnsemblePipeline([Fixed("a", 0.5)], Nothing())

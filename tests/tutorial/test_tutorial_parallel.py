@@ -209,3 +209,85 @@ def test_a_merger_of_yours_is_drawn_by_its_name() -> None:
 
     p = ParallelPipeline([[Summary("a"), Summary("b")]], KeepFirstWords())
     assert "KeepFirstWords.merge()" in to_mermaid(p)
+
+
+# -- helper 92: what a merger of yours raises, returns and changes ---------------------------------
+
+
+class TutorialMerger:
+    """The tutorial's ``ResultMerger``, as its readers copy it (``PipelineError`` is stageflow's)."""
+
+    def merge(self, results):  # type: ignore[no-untyped-def]
+        successful = [r for r in results if not isinstance(r, dict) or "error" not in r]
+        if not successful:
+            raise PipelineError("All parallel stages failed")
+        merged_content = []
+        for result in successful:
+            if hasattr(result, "predictions"):
+                content = result.predictions.get("content", "")
+            else:
+                content = str(result)
+            merged_content.append(content)
+        return {"content": "\n".join(merged_content)}
+
+
+async def test_the_tutorials_own_merger_gets_results_with_predictions(mode: str) -> None:
+    p = ParallelPipeline([[Summary("a"), Broken(), Summary("b")]], TutorialMerger())
+    assert (await call(p, mode, content="x")).content == "a(x)\nb(x)"  # (not the results' repr)
+
+
+def test_an_error_in_your_merge_names_it() -> None:
+    class Missing(ResultMerger):
+        def merge(self, results):  # type: ignore[no-untyped-def,override]
+            return {}["k"]
+
+    with pytest.raises(PipelineError, match=r"Missing\.merge\(\) raised KeyError") as info:
+        ParallelPipeline([[Summary("a"), Summary("b")]], Missing())(content="x")
+    assert info.value.code == "merge_failed"
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_field_name_that_is_no_string_is_a_clear_error() -> None:
+    class Numbered(ResultMerger):
+        def merge(self, results):  # type: ignore[no-untyped-def,override]
+            return {1: "x", "content": "c"}
+
+    with pytest.raises(PipelineError, match=r"Numbered\.merge\(\) returned a field named 1"):
+        ParallelPipeline([[Summary("a"), Summary("b")]], Numbered())(content="x")
+
+
+def test_a_merge_that_is_not_callable_is_refused_when_built() -> None:
+    class Nothing(ResultMerger):
+        merge = None  # type: ignore[assignment]
+
+    with pytest.raises(ConfigurationError, match="merger must be"):
+        ParallelPipeline([[Summary("a"), Summary("b")]], Nothing())
+
+
+def test_what_your_merge_changes_stays_in_its_copies() -> None:
+    shared = {"content": "A"}
+
+    def first(content: str) -> dict[str, str]:
+        return shared
+
+    class Changes(ResultMerger):
+        def merge(self, results):  # type: ignore[no-untyped-def,override]
+            results[0]["content"] = "changed"
+            return {"content": "merged"}
+
+    r = ParallelPipeline([[first, Summary("b")]], Changes())(content="x")
+    assert r.content == "merged"
+    assert shared == {"content": "A"}
+    assert r.group_results[0][0] == {"content": "A"}
+
+
+def test_to_spec_names_the_merger_of_yours() -> None:
+    from stageflow import to_spec
+
+    with pytest.raises(
+        ConfigurationError,
+        match=r"the root \(ParallelPipeline\): its merger is code of yours \(KeepFirstWords\)",
+    ):
+        to_spec(
+            ParallelPipeline([[dspy.Predict("content -> a"), dspy.Predict("content -> b")]], KeepFirstWords())
+        )

@@ -155,28 +155,27 @@ def missing_at_run_time(
     return err
 
 
-def note_run_failure(error: StageflowError, inputs: Mapping[str, Any]) -> None:
+def note_run_failure(error: StageflowError, given: tuple[tuple[str, Any], ...]) -> None:
     """A ForEach found no list where it iterates (``not_a_list``): bad input when the value is one
-    the call's caller passed (``inputs``), else the run's own doing — a stage, the model, gave the
-    wrong shape — and the command line exits 1 for it, not 2. Every pipeline level the error leaves
-    decides again; the outermost call, whose caller is yours, decides last."""
+    the outermost call's caller gave (``given``: its inputs as the stages saw them, private copies
+    included), else the run's own doing — a stage, the model, gave the wrong shape — and the command
+    line exits 1 for it, not 2. Decided by identity, never equality (an equal value a stage wrote is
+    the stage's); a value Python shares between equal ones (``None``, a number, a short string)
+    counts as the caller's only under the field's own name."""
     if getattr(error, "code", None) != "not_a_list" or not hasattr(error, "given"):
         return
-    given = error.given
-    error.run_failure = not any(_same(value, given) for value in inputs.values())
+    value = error.given
+    names = [name for name, v in given if v is value]
+    if type(value) in _SHARED:
+        error.run_failure = error.field not in names
+    else:
+        error.run_failure = not names
+    if not error.run_failure:
+        error.hint = f"pass a list as '{error.field}'"
 
 
-def _same(value: Any, given: Any) -> bool:
-    """``value`` is ``given``, or an equal value of the same type (the outermost call iterates a
-    private copy of what its caller passed)."""
-    if value is given:
-        return True
-    if type(value) is not type(given):
-        return False
-    try:
-        return bool(value == given)
-    except Exception:  # (an __eq__ that refuses, or answers with an array)
-        return False
+#: Types whose equal values Python may share (one object for many): identity alone says little.
+_SHARED = (type(None), bool, int, float, str, bytes)
 
 
 def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:

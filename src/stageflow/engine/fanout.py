@@ -300,7 +300,7 @@ def fan_out(
     window = min(n, max_concurrency or n, CONFIG.max_threads + 1)
     run = _SyncFanOut(thunks, window, on_error, timeout, until)
     # Stopping this fan-out from outside (its caller gave up) also stops the ones its branches start.
-    enclosing = _ENCLOSING.get()
+    enclosing = enclosing_fan_out()
     signal = StopSignal(enclosing)
     signal.register(run.stop)
     run.signal = signal

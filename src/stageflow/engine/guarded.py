@@ -20,6 +20,7 @@ from typing import Any
 import dspy
 
 from stageflow.engine import concurrency, spare
+from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
 from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.engine.pool import abandon, spare_threads
@@ -232,7 +233,9 @@ def _fallback(owner: Any, entry: StageEntry, kw: dict[str, Any], fallback: Fallb
     """The output that replaces a failed call: the fallback's default or its stage's output."""
     stage = _renaming(owner, entry)
     if fallback.default is not None:
-        out: Any = dict(fallback.default)
+        out: Any = private_state(
+            dict(fallback.default)
+        )  # (a call's own copy: no call sees another's changes)
     else:
         out = _fallback_target(owner, entry)(**_fallback_inputs(stage, kw))
     return out if stage is None else stage._rename_outputs(out)
@@ -531,7 +534,9 @@ async def _aattempts(
 async def _afallback(owner: Any, entry: StageEntry, kw: dict[str, Any], fallback: Fallback) -> Any:
     stage = _renaming(owner, entry)
     if fallback.default is not None:
-        out: Any = dict(fallback.default)
+        out: Any = private_state(
+            dict(fallback.default)
+        )  # (a call's own copy: no call sees another's changes)
     else:
         fb = _fallback_target(owner, entry)
         call = _fallback_inputs(stage, kw)

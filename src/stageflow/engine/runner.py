@@ -805,13 +805,19 @@ def _end(
 
 
 def _failed(
-    pipeline: Pipeline, scope: _Scope, run: RunInfo, error: BaseException, inputs: dict[str, Any]
+    pipeline: Pipeline,
+    scope: _Scope,
+    run: RunInfo,
+    error: BaseException,
+    given: tuple[tuple[str, Any], ...] | None,
 ) -> None:
-    """A pipeline call that raised: the run so far travels with the error; observers hear of it."""
+    """A pipeline call that raised: the run so far travels with the error; observers hear of it.
+    ``given``: the outermost call's inputs as its stages saw them (``None`` in a nested call)."""
     if isinstance(error, StageflowError):
         error.events = run.events  # what policies did before the failure
         error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
-        note_run_failure(error, inputs)
+        if given is not None:
+            note_run_failure(error, given)
     _end(pipeline, scope, None, error)
     pipeline.stageflow_failed(run, scope.own, error)
 
@@ -899,6 +905,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
+    given = None if prefix else tuple(state.items())  # (what the caller gave, as the stages see it)
     run = RunInfo()
     scope = _begin(pipeline, inputs, prefix)
     opened = _open(pipeline, run, prefix)
@@ -907,7 +914,7 @@ def execute(pipeline: Pipeline, inputs: dict[str, Any], body: Body) -> Result:
     except BaseException as e:
         _closing(opened, caller, run)
         try:
-            _failed(pipeline, scope, run, e, inputs)
+            _failed(pipeline, scope, run, e, given)
         finally:
             release(carried)
         raise
@@ -925,6 +932,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     # The outermost call works on private copies: stages cannot change the caller's lists and dicts.
     # (A nested pipeline shares its values with the state of the pipeline around it, like any stage.)
     state = dict(inputs) if prefix else private_state(inputs)
+    given = None if prefix else tuple(state.items())
     run = RunInfo()
     scope = _begin(pipeline, inputs, prefix)
     opened = _open(pipeline, run, prefix)
@@ -933,7 +941,7 @@ async def aexecute(pipeline: Pipeline, inputs: dict[str, Any], body: ABody) -> R
     except BaseException as e:
         _closing(opened, caller, run)
         try:
-            _failed(pipeline, scope, run, e, inputs)
+            _failed(pipeline, scope, run, e, given)
         finally:
             release(carried)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -96,8 +97,32 @@ _ENCLOSING: contextvars.ContextVar[StopSignal | None] = contextvars.ContextVar(
 
 def enclosing_fan_out() -> StopSignal | None:
     """The stop signal of the thread fan-out whose branch is running here, if any (work started
-    here that is not a thread fan-out registers with it to be stopped with it)."""
-    return _ENCLOSING.get()
+    here that is not a thread fan-out registers with it to be stopped with it). In a worker thread
+    of DSPy's (``dspy.Parallel``, ``Module.batch``, ``dspy.Evaluate``), which copies DSPy's settings
+    but not the context, the signal of the abandonable call that started it (see
+    :func:`abandonable`)."""
+    signal = _ENCLOSING.get()
+    if signal is None:
+        settings = sys.modules.get("dspy.dsp.utils.settings")
+        if settings is not None:
+            signal = settings.thread_local_overrides.get().get(_OVERRIDE_KEY)
+    return signal
+
+
+#: Where :func:`abandonable` leaves its signal in DSPy's settings overrides.
+_OVERRIDE_KEY = "stageflow_abandonable"
+
+
+def _publish(ctx: contextvars.Context, signal: StopSignal) -> None:
+    """Put ``signal`` in DSPy's settings overrides inside ``ctx`` (DSPy copies them into the worker
+    threads it starts)."""
+    settings = sys.modules.get("dspy.dsp.utils.settings")
+    if settings is None:  # (no DSPy thread can start before DSPy is imported)
+        return
+    overrides = settings.thread_local_overrides
+    new = settings.dotdict(ctx.run(overrides.get))
+    new[_OVERRIDE_KEY] = signal
+    ctx.run(overrides.set, new)
 
 
 @contextlib.contextmanager
@@ -114,11 +139,12 @@ def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
         ...     ctx.run(enclosing_fan_out) is signal
         True
     """
-    enclosing = _ENCLOSING.get()
+    enclosing = enclosing_fan_out()
     signal = StopSignal(enclosing)
     if enclosing is not None:
         enclosing.register(signal.stop)
     ctx.run(_ENCLOSING.set, signal)
+    _publish(ctx, signal)
     try:
         yield signal
     finally:
@@ -135,7 +161,7 @@ def refuse_if_abandoned() -> None:
 
     >>> refuse_if_abandoned()  # (nothing abandoned here)
     """
-    signal = _ENCLOSING.get()
+    signal = enclosing_fan_out()
     if signal is not None and signal.gave_up():
         raise asyncio.CancelledError(
             "stageflow: the caller gave up on this work (a timeout passed); its LM call was not sent"

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from stageflow.errors import PipelineError
+import dspy
 
-__all__ = ["result_fields", "returned_fields"]
+from stageflow.errors import PipelineError, StageflowError
+
+__all__ = ["Produced", "call_yours", "result_fields", "returned_fields"]
 
 
 def result_fields(item: Any) -> dict[str, Any]:
@@ -29,22 +31,60 @@ def result_fields(item: Any) -> dict[str, Any]:
     return {"content": str(item)}
 
 
+class Produced(dspy.Prediction):  # type: ignore[misc]
+    """A stage's result as a merger or aggregator of yours gets it: a ``dspy.Prediction`` of the
+    fields the stage wrote (a copy: what you change in it stays in it), which also has the
+    tutorial's ``.predictions`` (the fields as a dict).
+
+    Examples:
+        >>> r = Produced(content="Paris")
+        >>> r.content, r["content"], r.predictions
+        ('Paris', 'Paris', {'content': 'Paris'})
+    """
+
+    @property
+    def predictions(self) -> dict[str, Any]:
+        return dict(self._store)
+
+
 def returned_fields(value: Any, what: str, code: str = "bad_merge") -> dict[str, Any]:
-    """The fields a method of yours returned (``what`` names it in the error): a dict, a
-    ``dspy.Prediction`` or a pydantic model; anything else is a :class:`~stageflow.PipelineError`,
-    never a bare value taken for ``content``.
+    """The fields a method of yours returned (``what`` names it in the error): a dict with string
+    keys, a ``dspy.Prediction`` or a pydantic model; anything else is a
+    :class:`~stageflow.PipelineError`, never a bare value taken for ``content``.
 
     Examples:
         >>> returned_fields({"content": "x"}, "merge()")
         {'content': 'x'}
     """
-    if isinstance(value, Mapping) or isinstance(getattr(value, "_store", None), dict):
-        return result_fields(value)
-    if isinstance(getattr(type(value), "model_fields", None), dict):
-        return result_fields(value)
+    if (
+        isinstance(value, Mapping)
+        or isinstance(getattr(value, "_store", None), dict)
+        or isinstance(getattr(type(value), "model_fields", None), dict)
+    ):
+        fields = result_fields(value)
+        odd = [k for k in fields if not isinstance(k, str)]
+        if not odd:
+            return fields
+        raise PipelineError(
+            f"{what} returned a field named {odd[0]!r} ({type(odd[0]).__name__}); field names are strings.",
+            code=code,
+            hint="return e.g. {'content': text}",
+        )
     raise PipelineError(
         f"{what} returned {type(value).__name__}: {value!r:.80}; it must return the fields as a dict (or a "
         "dspy.Prediction).",
         code=code,
         hint="return e.g. {'content': text}",
     )
+
+
+def call_yours(method: Any, arg: Any, what: str, code: str) -> Any:
+    """``method(arg)`` — a merge or aggregate method of yours — with what it raises named: an error
+    of stageflow's passes as it is, any other becomes a :class:`~stageflow.PipelineError` naming
+    ``what``, the error as its ``__cause__``."""
+    try:
+        return method(arg)
+    except StageflowError:
+        raise
+    except Exception as e:
+        raise PipelineError(f"{what} raised {type(e).__name__}: {e}", code=code) from e

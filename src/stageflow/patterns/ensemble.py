@@ -22,7 +22,7 @@ from stageflow.patterns._fanout import (
     raise_all_failed,
     run_branches,
 )
-from stageflow.patterns._fields import result_fields, returned_fields
+from stageflow.patterns._fields import Produced, call_yours, result_fields, returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
 from stageflow.state import RunInfo
@@ -313,10 +313,9 @@ class EnsemblePipeline(Pipeline):
                 field="quorum",
                 code="bad_option",
             )
-        if (
-            aggregator is not None
-            and not isinstance(aggregator, ResultAggregator)
-            and aggregates_its_own_way(aggregator) is None
+        own = None if aggregator is None else aggregates_its_own_way(aggregator)
+        if (own is None and aggregator is not None and not isinstance(aggregator, ResultAggregator)) or (
+            own is not None and not callable(getattr(aggregator, own, None))
         ):
             raise ConfigurationError(
                 f"EnsemblePipeline: aggregator must be a ResultAggregator (or an object with an "
@@ -432,23 +431,29 @@ class EnsemblePipeline(Pipeline):
         if not ok:
             raise_all_failed("EnsemblePipeline: every member failed", results)
         produced = [r.produced for r in ok]
-        if aggregates_its_own_way(self.aggregator) == "aggregate":
-            # The tutorial's call: aggregator.aggregate(successful_results), its records.
-            agg = self.aggregator
-            records = [rec for rec in run.extras["individual_results"] if rec["success"]]
+        own = aggregates_its_own_way(self.aggregator)
+        agg = self.aggregator
+        what = f"EnsemblePipeline: {type(agg).__name__}.{own}()"
+        if own == "aggregate":
+            # The tutorial's call: aggregator.aggregate(successful_results), its records (copies).
+            records = [
+                {**rec, "result": Produced(**(r.produced or {}))}
+                for rec, r in zip(run.extras["individual_results"], results, strict=True)
+                if rec["success"]
+            ]
             fields = returned_fields(
-                agg.aggregate(records), f"EnsemblePipeline: {type(agg).__name__}.aggregate()", "bad_aggregate"
+                call_yours(agg.aggregate, records, what, "aggregate_failed"), what, "bad_aggregate"
             )
             details: dict[str, Any] = {"strategy": f"{type(agg).__name__}.aggregate"}
-        elif isinstance(self.aggregator, ResultAggregator):
+        elif own == "combine":  # your combine(members), as documented: (fields, details) or fields
+            fields, details = _combined(call_yours(agg.combine, produced, what, "aggregate_failed"), what)
+        else:
             names = [join_path(prefix, r.branch.entry.path) for r in ok]
             try:
-                fields, details = self.aggregator.combine(produced, names)
+                fields, details = agg.combine(produced, names)
             except ContractError as e:
                 e.path_is_full = True  # the members' names are full paths already
                 raise
-        else:  # any object with combine(members), as documented
-            fields, details = self.aggregator.combine(produced)
         state.update(fields)
         run.extras.update(details)
         run.extras["aggregated_result"] = dict(fields)
@@ -487,12 +492,14 @@ class EnsemblePipeline(Pipeline):
 
 
 def aggregates_its_own_way(aggregator: Any) -> str | None:
-    """``"aggregate"`` when ``aggregator.aggregate`` is your own code — a :class:`ResultAggregator`
-    subclass that overrides ``aggregate`` (the tutorial's ``def aggregate(self, results)``), or any
-    other object with an ``aggregate`` method and no ``combine`` — ``"combine"`` for another object
-    with ``combine(members)``, ``None`` when stageflow's strategies decide. An ensemble calls your
-    ``aggregate`` as the tutorial's does: with the successful members' records (``processor_id``,
-    ``result``, ``success``...), and takes the dict it returns as the fields.
+    """Which method of yours aggregates: ``"aggregate"`` for a :class:`ResultAggregator` subclass
+    that overrides ``aggregate`` (the tutorial's ``def aggregate(self, results)``) or another object
+    with an ``aggregate`` method and no ``combine``; ``"combine"`` for a subclass that overrides only
+    ``combine``, or another object with ``combine(members)``; ``None`` when stageflow's strategies
+    decide. An ensemble calls ``aggregate`` as the tutorial's does, with the successful members'
+    records (``processor_id``, ``result`` — a :class:`~stageflow.patterns._fields.Produced` copy of
+    the member's fields — ``success``...), and ``combine`` with the members' field dicts; what they
+    return is the ensemble's fields.
 
     Examples:
         >>> class First(ResultAggregator):
@@ -503,11 +510,16 @@ def aggregates_its_own_way(aggregator: Any) -> str | None:
     """
     cls = type(aggregator)
     if isinstance(aggregator, ResultAggregator):
-        if cls.combine is ResultAggregator.combine and cls.aggregate is not ResultAggregator.aggregate:
+        if cls.aggregate is not ResultAggregator.aggregate:
             return "aggregate"
-        return None
-    if callable(getattr(aggregator, "combine", None)):
+        return "combine" if cls.combine is not ResultAggregator.combine else None
+    if getattr(aggregator, "combine", None) is not None:
         return "combine"
-    if callable(getattr(aggregator, "aggregate", None)):
-        return "aggregate"
-    return None
+    return "aggregate" if getattr(aggregator, "aggregate", None) is not None else None
+
+
+def _combined(out: Any, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a ``combine`` of yours returned, as ``(fields, details)``: that pair, or the fields alone."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        return returned_fields(out[0], what, "bad_aggregate"), dict(out[1])
+    return returned_fields(out, what, "bad_aggregate"), {}

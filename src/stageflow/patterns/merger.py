@@ -171,8 +171,9 @@ def merges_its_own_way(merger: Any) -> bool:
     """Whether ``merger.merge`` is your own code: a :class:`ResultMerger` subclass that overrides
     ``merge`` (the tutorial's ``class M(ResultMerger): def merge(self, results)``) or any other object
     with a ``merge`` method. A parallel group then calls it as the tutorial's ``ParallelPipeline``
-    does: ``merger.merge(results)``, each stage's result in stage order (``{"error": ...}`` for one
-    that failed), and takes the dict it returns as the group's fields; clashes are its to resolve.
+    does: ``merger.merge(results)``, each stage's result in stage order (a
+    :class:`~stageflow.patterns._fields.Produced` copy of its fields, ``{"error": ...}`` for one that
+    failed), and takes the dict it returns as the group's fields; clashes are its to resolve.
 
     Examples:
         >>> class Joined(ResultMerger):
@@ -183,4 +184,4 @@ def merges_its_own_way(merger: Any) -> bool:
     """
     if isinstance(merger, ResultMerger):
         return type(merger).merge is not ResultMerger.merge
-    return callable(getattr(merger, "merge", None))
+    return getattr(merger, "merge", None) is not None

@@ -20,7 +20,7 @@ from stageflow.patterns._fanout import (
     raise_all_failed,
     run_branches,
 )
-from stageflow.patterns._fields import returned_fields
+from stageflow.patterns._fields import Produced, call_yours, returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.patterns.merger import (
     ResultMerger,
@@ -96,7 +96,8 @@ class ParallelPipeline(Pipeline):
                 f"ParallelPipeline takes a list of groups, got {type(parallel_groups).__name__}.",
                 code="bad_stages",
             )
-        if merger is not None and not isinstance(merger, ResultMerger) and not merges_its_own_way(merger):
+        own = merger is not None and (not isinstance(merger, ResultMerger) or merges_its_own_way(merger))
+        if own and not callable(getattr(merger, "merge", None)):
             raise ConfigurationError(
                 f"ParallelPipeline: merger must be a ResultMerger (or an object with a merge(results) "
                 f"method), got {merger!r}.",
@@ -231,10 +232,11 @@ class ParallelPipeline(Pipeline):
         if not ok:
             raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
         if merges_its_own_way(self.merger):  # (the tutorial's call: merger.merge(results))
-            merged = returned_fields(
-                self.merger.merge(list(records)),
-                f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()",
-            )
+            what = f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()"
+            handed = [
+                Produced(**(r.produced or {})) if r.outcome.ok else records[i] for i, r in enumerate(results)
+            ]
+            merged = returned_fields(call_yours(self.merger.merge, handed, what, "merge_failed"), what)
             state.update(merged)
             self._unwritten(state, run, results, merged, prefix)
             return

@@ -266,6 +266,8 @@ class Fallback:
                 field="default",
                 code="bad_option",
             )
+        if self.default is not None:  # (as it was when given: a later change to your dict is not seen)
+            object.__setattr__(self, "default", dict(self.default))
         if self.stage is not None and self.stage is not HELD and not callable(self.stage):
             raise ConfigurationError(
                 f"Fallback: stage must be a stage (a module or a function), got {self.stage!r}.",

@@ -58,7 +58,7 @@ class _Exporter:
 
     def fail(self, obj: Any, where: str, why: str) -> ConfigurationError:
         return ConfigurationError(
-            f"to_spec cannot describe {where} ({stage_label(obj)}): {why}.",
+            f"to_spec cannot describe {where or 'the root'} ({stage_label(obj)}): {why}.",
             stage_path=where or None,
             code="not_expressible",
             hint="build that stage from the spec's blocks (predict, chain_of_thought, patterns), or load "
@@ -170,7 +170,11 @@ class _Exporter:
             groups.append(refs if len(refs) > 1 else refs[0])
         out: dict[str, Any] = {"type": "parallel", "groups": groups}
         if type(obj.merger) is not ResultMerger:
-            raise self.fail(obj, where, "its merger is not a ResultMerger")
+            raise self.fail(
+                obj,
+                where,
+                f"its merger is code of yours ({type(obj.merger).__name__}), which a file cannot hold",
+            )
         merger = _non_defaults(obj.merger, {"on_clash": "error", "separator": "\n"})
         if merger:
             out["merger"] = merger
@@ -194,7 +198,11 @@ class _Exporter:
         }
         agg = obj.aggregator
         if type(agg) is not ResultAggregator:
-            raise self.fail(obj, where, "its aggregator is not a ResultAggregator")
+            raise self.fail(
+                obj,
+                where,
+                f"its aggregator is code of yours ({type(agg).__name__}), which a file cannot hold",
+            )
         defaults = {"field": None, "confidence_field": "confidence", "threshold": 0.5}
         params = _non_defaults(agg, defaults)
         origin = getattr(obj, TAG_ORIGIN, {})

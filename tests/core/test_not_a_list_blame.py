@@ -1,0 +1,62 @@
+"""Whose value a ForEach found no list in decides the command line's exit code (``run_failure``):
+the caller's own value is bad input (2), a value a stage wrote is the run's failure (1). Decided by
+identity against what the outermost call's caller gave (helper 92, C1-C3: by equality, an unrelated
+equal input or an odd ``__eq__`` flipped it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stageflow import ContractError, ForEach, SequentialPipeline, stage
+from stageflow.testing import call
+
+
+@stage(writes=["y"])
+def use(item: Any) -> dict[str, Any]:
+    return {"y": item}
+
+
+def _each() -> ForEach:
+    return ForEach(use, over="docs", item="item", collect={"y": "ys"})
+
+
+async def _blame(program: Any, mode: str, **inputs: Any) -> tuple[bool, str]:
+    with pytest.raises(ContractError) as info:
+        await call(program, mode, **inputs)
+    assert info.value.code == "not_a_list"
+    return info.value.run_failure, str(info.value.hint)
+
+
+async def test_the_callers_own_value_is_bad_input_whatever_its_eq(mode: str) -> None:
+    failure, hint = await _blame(SequentialPipeline([_each()]), mode, docs=np.array([1, 2, 3]))
+    assert failure is False
+    assert hint == "pass a list as 'docs'"
+    failure, _ = await _blame(SequentialPipeline([_each()]), mode, docs=None)
+    assert failure is False
+
+
+async def test_a_value_a_stage_wrote_is_the_runs_failure_even_when_an_input_equals_it(mode: str) -> None:
+    @stage(writes=["docs"])
+    def nothing(q: str) -> dict[str, Any]:
+        return {"docs": None}
+
+    @stage(writes=["docs"])
+    def array(q: str) -> dict[str, Any]:
+        return {"docs": np.array([1])}
+
+    failure, hint = await _blame(SequentialPipeline([nothing, _each()]), mode, q="q", note=None)
+    assert failure is True  # (the caller's note=None is not what the ForEach iterated)
+    assert "upstream stage" in hint
+    failure, _ = await _blame(SequentialPipeline([array, _each()]), mode, q="q", spare=np.array([1]))
+    assert failure is True
+
+
+async def test_a_callers_value_renamed_into_a_nested_pipeline_is_still_the_callers(mode: str) -> None:
+    from stageflow import Stage
+
+    inner = Stage(SequentialPipeline([_each()]), inputs={"docs": "bundle"})
+    failure, _ = await _blame(SequentialPipeline([inner]), mode, bundle={"a": 1})
+    assert failure is False
