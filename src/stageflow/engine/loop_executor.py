@@ -52,10 +52,16 @@ def in_line_steps() -> tuple[Any, ...]:
 _STEPS = ("_price_result", "_cached", "_store")
 
 
-def _is_step(f: Any) -> bool:
-    """Whether ``f`` is one of :func:`in_line_steps`, by identity (never ``==``: what a partial of
-    yours holds first may compare in any way, or refuse to)."""
-    return any(f is step for step in in_line_steps())
+def _step_name(f: Any) -> str | None:
+    """The name of the step of :func:`in_line_steps` that ``f`` is, by identity (never ``==``: what a
+    partial of yours holds first may compare in any way, or refuse to), or ``None``."""
+    execution = sys.modules.get("dspy.clients.execution")
+    if execution is None:
+        return None
+    for name in _STEPS:
+        if f is getattr(execution, name, None):
+            return name
+    return None
 
 
 class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -70,10 +76,11 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        if type(fn) is functools.partial and fn.args and _is_step(fn.args[0]):
+        name = _step_name(fn.args[0]) if type(fn) is functools.partial and fn.args else None
+        if name is not None and isinstance(fn, functools.partial):
             done: concurrent.futures.Future[Any] = concurrent.futures.Future()
             try:
-                done.set_result(_as_sync(fn)(*args, **kwargs))
+                done.set_result(_as_sync(fn, name)(*args, **kwargs))
             except BaseException as e:  # (delivered to the awaiting task, as from a thread)
                 done.set_exception(e)
             return done
@@ -86,14 +93,11 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
 _CACHE_STEPS = {"_cached": 4, "_store": 5}
 
 
-def _as_sync(fn: functools.partial[Any]) -> functools.partial[Any]:
-    """``fn`` with a cache step's ``asynchronous=True`` turned to ``False`` (see the module docstring:
-    the sync call's cache entries); any other step, or a call shaped otherwise, as it is."""
-    step, args = fn.args[0], fn.args
-    execution = sys.modules.get("dspy.clients.execution")
-    for name, count in _CACHE_STEPS.items():
-        if step is getattr(execution, name, None):
-            if len(args) == count and args[-1] is True and not fn.keywords:
-                return functools.partial(fn.func, *args[:-1], False)
-            break
+def _as_sync(fn: functools.partial[Any], name: str) -> functools.partial[Any]:
+    """``fn`` (the step ``name``) with a cache step's ``asynchronous=True`` turned to ``False`` (see
+    the module docstring: the sync call's cache entries); any other step, or a call shaped
+    otherwise, as it is."""
+    args = fn.args
+    if len(args) == _CACHE_STEPS.get(name) and args[-1] is True and not fn.keywords:
+        return functools.partial(fn.func, *args[:-1], False)
     return fn
