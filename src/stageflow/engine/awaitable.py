@@ -51,8 +51,7 @@ def lm_awaits(lm: Any) -> bool:
     return isinstance(spec, str) or getattr(lm, "_async_engine_spec", None) is not None
 
 
-def _predictor_awaits(owner: Any, entry: StageEntry) -> bool:
-    module = leaf_of(owner, entry)
+def _predictor_awaits(module: Any) -> bool:
     predictor = module if type(module) is dspy.Predict else getattr(module, "predict", None)
     lm = getattr(predictor, "lm", None)
     if lm is None:
@@ -67,7 +66,7 @@ def awaits_natively(owner: Any, entries: Sequence[StageEntry]) -> bool:
     """Whether every one of ``entries`` (stages of ``owner``) can be awaited natively."""
     if not entries:
         return False
-    seen: set[int] = set()
+    seen: set[int] = set()  # (entries, and the predictors they hold: a ForEach's items share one)
     for entry in entries:
         if id(entry) in seen:
             continue
@@ -75,6 +74,13 @@ def awaits_natively(owner: Any, entries: Sequence[StageEntry]) -> bool:
         if entry.kind == FUNCTION:
             if not entry.is_async_fn:
                 return False
-        elif not (entry.predictor and _predictor_awaits(owner, entry)):
+            continue
+        if not entry.predictor:
             return False
+        module = leaf_of(owner, entry)
+        if id(module) in seen:
+            continue
+        if not _predictor_awaits(module):
+            return False
+        seen.add(id(module))
     return True
