@@ -1,7 +1,8 @@
 """Whose value a ForEach found no list in decides the command line's exit code (``run_failure``):
 the caller's own value is bad input (2), a value a stage wrote is the run's failure (1). Decided by
-identity against what the outermost call's caller gave (helper 92, C1-C3: by equality, an unrelated
-equal input or an odd ``__eq__`` flipped it)."""
+identity against what the outermost call's caller gave (helper 92, C1-C3: by equality alone, an
+unrelated equal input or an odd ``__eq__`` flipped it); a container a fan-out branch iterated as its
+private copy by its equal content (so an unrelated caller container equal by chance counts too)."""
 
 from __future__ import annotations
 
@@ -44,14 +45,38 @@ async def test_a_value_a_stage_wrote_is_the_runs_failure_even_when_an_input_equa
         return {"docs": None}
 
     @stage(writes=["docs"])
-    def array(q: str) -> dict[str, Any]:
-        return {"docs": np.array([1])}
+    def mapping(q: str) -> dict[str, Any]:
+        return {"docs": {"a": 1}}
 
     failure, hint = await _blame(SequentialPipeline([nothing, _each()]), mode, q="q", note=None)
     assert failure is True  # (the caller's note=None is not what the ForEach iterated)
     assert "upstream stage" in hint
-    failure, _ = await _blame(SequentialPipeline([array, _each()]), mode, q="q", spare=np.array([1]))
+    failure, _ = await _blame(SequentialPipeline([mapping, _each()]), mode, q="q", spare={"b": 2})
     assert failure is True
+    failure, _ = await _blame(SequentialPipeline([nothing, _each()]), mode, q="q", docs_hint=None)
+    assert failure is True  # (None is everyone's: the caller's only under the field's own name)
+
+
+async def test_the_callers_container_iterated_as_a_branchs_copy_is_still_the_callers(mode: str) -> None:
+    # (helper 93, 2b: a parallel branch sees a private copy, not the caller's object)
+    from stageflow import ParallelPipeline
+
+    @stage(writes=["other"])
+    def other(q: int) -> dict[str, Any]:
+        return {"other": q}
+
+    group = ParallelPipeline([[_each(), other]], on_error="fail_fast")
+    failure, _ = await _blame(group, mode, docs={"a": 1}, q=1)
+    assert failure is False
+
+
+async def test_a_callers_string_renamed_into_a_nested_pipeline_is_the_callers(mode: str) -> None:
+    # (helper 93, 2a)
+    from stageflow import Stage
+
+    inner = Stage(SequentialPipeline([_each()]), inputs={"docs": "text"})
+    failure, _ = await _blame(SequentialPipeline([inner]), mode, text="abc")
+    assert failure is False
 
 
 async def test_a_callers_value_renamed_into_a_nested_pipeline_is_still_the_callers(mode: str) -> None:

@@ -268,3 +268,37 @@ async def test_a_default_output_is_each_calls_own(mode: str) -> None:
     given["ys"] = ["changed after it was given"]
     counts = [(await call(p, mode, q="x")).n for _ in range(3)]
     assert counts == [1, 1, 1]
+
+
+def test_a_default_is_taken_as_it_was_given_all_the_way_down() -> None:
+    # (helper 93: a nested list of yours changed after it was given changed the default, and the
+    # pipeline's fingerprint did not follow)
+    from stageflow import Stage, fingerprint
+
+    given: dict[str, Any] = {"tags": ["a"]}
+
+    def failing(q: int) -> dict[str, Any]:
+        raise ValueError("down")
+
+    p = SequentialPipeline([Stage(failing, writes=["tags"], fallback=given)])
+    before = fingerprint(p)
+    given["tags"].append("late")
+    assert p(q=1).tags == ["a"]
+    assert fingerprint(p) == before
+
+
+def test_a_stage_alone_answers_its_fallback_default_as_its_module_answers() -> None:
+    # (helper 93: a module's Stage called alone gave a dict on fallback, a Prediction otherwise)
+    import time
+
+    from stageflow import Stage
+
+    class Slow(dspy.Module):
+        def forward(self, question: str) -> dspy.Prediction:
+            time.sleep(0.3)
+            return dspy.Prediction(answer="late")
+
+    out = Stage(Slow(), timeout=0.05, fallback={"answer": "fallback"})(question="q")
+    assert isinstance(out, dspy.Prediction)
+    assert out.answer == "fallback"
+    assert Stage(stage(lambda q: 1 / 0, writes=["a"]), fallback={"a": 1})(q=1) == {"a": 1}

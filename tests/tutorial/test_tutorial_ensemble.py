@@ -288,3 +288,37 @@ def test_an_aggregate_that_is_not_callable_is_refused_when_built() -> None:
 
     with pytest.raises(ConfigurationError, match="aggregator must be"):
         EnsemblePipeline([Fixed("a", 0.5)], Nothing())
+
+
+# -- helper 93: copies all the way down, and your own PipelineError named ---------------------------
+
+
+def test_what_your_aggregation_changes_deep_inside_stays_in_its_copies() -> None:
+    def lists(question: str) -> dict[str, Any]:
+        return {"content": "a", "seen": [1]}
+
+    class Deep(ResultAggregator):
+        def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+            results[0]["result"]["seen"].append(99)
+            return {"content": "x"}
+
+    class Members(ResultAggregator):
+        def combine(self, members):  # type: ignore[no-untyped-def,override]
+            members[0]["content"] = "changed"
+            members[0]["seen"].append(99)
+            return {"content": "x"}
+
+    for aggregator in (Deep(), Members()):
+        r = EnsemblePipeline([lists], aggregator)(question="q")
+        assert r.individual_results[0]["result"] == {"content": "a", "seen": [1]}
+        assert r.individual_results[0]["fields"] == {"content": "a", "seen": [1]}
+
+
+def test_a_pipeline_error_your_aggregate_raises_is_named_too() -> None:
+    class Tutorialish(ResultAggregator):
+        def aggregate(self, results):  # type: ignore[no-untyped-def,override]
+            raise PipelineError("All processors failed")
+
+    with pytest.raises(PipelineError, match=r"Tutorialish\.aggregate\(\) raised PipelineError") as info:
+        EnsemblePipeline([Fixed("a", 0.5)], Tutorialish())(question="Q")
+    assert isinstance(info.value.__cause__, PipelineError)

@@ -157,25 +157,37 @@ def missing_at_run_time(
 
 def note_run_failure(error: StageflowError, given: tuple[tuple[str, Any], ...]) -> None:
     """A ForEach found no list where it iterates (``not_a_list``): bad input when the value is one
-    the outermost call's caller gave (``given``: its inputs as the stages saw them, private copies
-    included), else the run's own doing — a stage, the model, gave the wrong shape — and the command
-    line exits 1 for it, not 2. Decided by identity, never equality (an equal value a stage wrote is
-    the stage's); a value Python shares between equal ones (``None``, a number, a short string)
-    counts as the caller's only under the field's own name."""
+    the outermost call's caller gave (``given``: its inputs as the stages saw them), else the run's
+    own doing — a stage, the model, gave the wrong shape — and the command line exits 1 for it, not
+    2. By identity first; ``None`` and ``True``/``False``, which every stage shares, count as the
+    caller's only under the field's own name; a container the caller gave that a fan-out branch
+    iterated as its private copy is recognised by its equal content."""
     if getattr(error, "code", None) != "not_a_list" or not hasattr(error, "given"):
         return
     value = error.given
-    names = [name for name, v in given if v is value]
-    if type(value) in _SHARED:
-        error.run_failure = error.field not in names
+    if value is None or type(value) is bool:
+        callers = any(name == error.field and v is value for name, v in given)
     else:
-        error.run_failure = not names
-    if not error.run_failure:
+        callers = any(v is value for _, v in given) or (
+            type(value) not in _SHARED and any(_same(v, value) for _, v in given)
+        )
+    error.run_failure = not callers
+    if callers:
         error.hint = f"pass a list as '{error.field}'"
 
 
-#: Types whose equal values Python may share (one object for many): identity alone says little.
-_SHARED = (type(None), bool, int, float, str, bytes)
+def _same(value: Any, given: Any) -> bool:
+    """An equal value of the same type (an ``__eq__`` that refuses, or answers with an array, says no)."""
+    if type(value) is not type(given):
+        return False
+    try:
+        return bool(value == given)
+    except Exception:
+        return False
+
+
+#: Types whose equal values are often one object, or one a stage makes anew: identity decides.
+_SHARED = (int, float, str, bytes)
 
 
 def failed_outputs_of(run: RunInfo) -> list[dict[str, str]]:

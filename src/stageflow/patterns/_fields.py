@@ -7,7 +7,7 @@ from typing import Any
 
 import dspy
 
-from stageflow.errors import PipelineError, StageflowError
+from stageflow.errors import PipelineError
 
 __all__ = ["Produced", "call_yours", "result_fields", "returned_fields"]
 
@@ -79,12 +79,11 @@ def returned_fields(value: Any, what: str, code: str = "bad_merge") -> dict[str,
 
 
 def call_yours(method: Any, arg: Any, what: str, code: str) -> Any:
-    """``method(arg)`` — a merge or aggregate method of yours — with what it raises named: an error
-    of stageflow's passes as it is, any other becomes a :class:`~stageflow.PipelineError` naming
-    ``what``, the error as its ``__cause__``."""
+    """``method(arg)`` — a merge or aggregate method of yours — with what it raises named: any
+    ``Exception`` (a ``PipelineError`` of yours too, as the tutorial's merger raises) becomes a
+    :class:`~stageflow.PipelineError` naming ``what``, the error as its ``__cause__``; interrupts
+    pass as they are."""
     try:
         return method(arg)
-    except StageflowError:
-        raise
     except Exception as e:
         raise PipelineError(f"{what} raised {type(e).__name__}: {e}", code=code) from e

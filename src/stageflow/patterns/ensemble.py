@@ -437,7 +437,7 @@ class EnsemblePipeline(Pipeline):
         if own == "aggregate":
             # The tutorial's call: aggregator.aggregate(successful_results), its records (copies).
             records = [
-                {**rec, "result": Produced(**(r.produced or {}))}
+                {**rec, "result": Produced(**private_state(r.produced or {}))}
                 for rec, r in zip(run.extras["individual_results"], results, strict=True)
                 if rec["success"]
             ]
@@ -446,7 +446,8 @@ class EnsemblePipeline(Pipeline):
             )
             details: dict[str, Any] = {"strategy": f"{type(agg).__name__}.aggregate"}
         elif own == "combine":  # your combine(members), as documented: (fields, details) or fields
-            fields, details = _combined(call_yours(agg.combine, produced, what, "aggregate_failed"), what)
+            members = [private_state(p) for p in produced]  # (copies: what you change stays there)
+            fields, details = _combined(call_yours(agg.combine, members, what, "aggregate_failed"), what)
         else:
             names = [join_path(prefix, r.branch.entry.path) for r in ok]
             try:

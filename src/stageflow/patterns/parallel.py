@@ -234,7 +234,8 @@ class ParallelPipeline(Pipeline):
         if merges_its_own_way(self.merger):  # (the tutorial's call: merger.merge(results))
             what = f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()"
             handed = [
-                Produced(**(r.produced or {})) if r.outcome.ok else records[i] for i, r in enumerate(results)
+                Produced(**private_state(r.produced or {})) if r.outcome.ok else records[i]
+                for i, r in enumerate(results)
             ]
             merged = returned_fields(call_yours(self.merger.merge, handed, what, "merge_failed"), what)
             state.update(merged)

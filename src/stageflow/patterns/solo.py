@@ -36,12 +36,22 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
+import dspy
+
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.plan import StageEntry, build_entry, join_path
 from stageflow.engine.runner import _invoke, _invoke_async, _recovered
 from stageflow.errors import StageError, StageflowError
 from stageflow.policies.recovery import StagePolicy
-from stageflow.stages import Stage, enter_applied, leave_applied, left_to_engine, own_call, stage_label
+from stageflow.stages import (
+    FunctionStage,
+    Stage,
+    enter_applied,
+    leave_applied,
+    left_to_engine,
+    own_call,
+    stage_label,
+)
 from stageflow.state import RunInfo
 from stageflow.usage import calling_stage
 
@@ -120,10 +130,21 @@ def _left(stage: Stage) -> StagePolicy:
     return policy
 
 
-def _output(stage: Stage, entry: StageEntry, out: Any) -> Any:
+def _output(stage: Stage, entry: StageEntry, out: Any, run: RunInfo) -> Any:
+    if type(out) is dict and any(e.kind == "fallback" for e in run.events) and _gives_predictions(stage):
+        out = dspy.Prediction(**out)  # (a fallback default, returned as the module returns its answer)
     if not entry.chain:  # (the stage's own call, or the view's: what it returned, renamed by it)
         return stage.held(out)
     return stage._returned(out)
+
+
+def _gives_predictions(stage: Stage) -> bool:
+    """Whether the module ``stage`` wraps (through ``Stage`` layers) is a DSPy module, which answers
+    with a ``dspy.Prediction`` (a function stage answers with a dict)."""
+    module: Any = stage.module
+    while isinstance(module, Stage):
+        module = module.module
+    return isinstance(module, dspy.Module) and not isinstance(module, FunctionStage)
 
 
 def _relabelled(error: StageflowError, name: str) -> StageflowError:
@@ -205,7 +226,7 @@ def call_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any
         if token is not None:
             leave_applied(token)
     _join_events(caller, run, name)
-    return _output(stage, entry, out)
+    return _output(stage, entry, out, run)
 
 
 async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module") -> Any:
@@ -222,4 +243,4 @@ async def acall_alone(stage: Stage, kwargs: dict[str, Any], how: How = "module")
         if token is not None:
             leave_applied(token)
     _join_events(caller, run, name)
-    return _output(stage, entry, out)
+    return _output(stage, entry, out, run)

@@ -23,6 +23,7 @@ every trace. Every retry, repair, fallback and timeout is recorded in ``result.r
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -267,7 +268,7 @@ class Fallback:
                 code="bad_option",
             )
         if self.default is not None:  # (as it was when given: a later change to your dict is not seen)
-            object.__setattr__(self, "default", dict(self.default))
+            object.__setattr__(self, "default", {k: _as_given(v) for k, v in self.default.items()})
         if self.stage is not None and self.stage is not HELD and not callable(self.stage):
             raise ConfigurationError(
                 f"Fallback: stage must be a stage (a module or a function), got {self.stage!r}.",
@@ -423,3 +424,12 @@ class PolicyEvent:
     error: str = ""
     delay: float = 0.0
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_given(value: object) -> object:
+    """A deep copy of ``value`` (a fallback default's), or ``value`` itself when it cannot be copied
+    (a lock, a client): a later change to a list of yours does not change the default."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return value
