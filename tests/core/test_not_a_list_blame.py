@@ -85,3 +85,24 @@ async def test_a_callers_value_renamed_into_a_nested_pipeline_is_still_the_calle
     inner = Stage(SequentialPipeline([_each()]), inputs={"docs": "bundle"})
     failure, _ = await _blame(SequentialPipeline([inner]), mode, bundle={"a": 1})
     assert failure is False
+
+
+async def test_a_small_number_or_empty_string_a_stage_wrote_is_the_runs_whatever_the_caller_passed(
+    mode: str,
+) -> None:
+    # (helper 94: CPython keeps one 5 and one "" for everyone: an unrelated n=5 made it the caller's)
+    @stage(writes=["docs"])
+    def five(q: str) -> dict[str, Any]:
+        return {"docs": 5}
+
+    @stage(writes=["docs"])
+    def empty(q: str) -> dict[str, Any]:
+        return {"docs": ""}
+
+    failure, _ = await _blame(SequentialPipeline([five, _each()]), mode, q="q", n=5)
+    assert failure is True
+    failure, _ = await _blame(SequentialPipeline([empty, _each()]), mode, q="", n=1)
+    assert failure is True
+    failure, hint = await _blame(SequentialPipeline([_each()]), mode, docs=5)
+    assert failure is False
+    assert hint == "pass a list as 'docs'"

@@ -291,3 +291,15 @@ def test_to_spec_names_the_merger_of_yours() -> None:
         to_spec(
             ParallelPipeline([[dspy.Predict("content -> a"), dspy.Predict("content -> b")]], KeepFirstWords())
         )
+
+
+async def test_a_group_of_one_runs_alone_as_in_the_tutorial(mode: str) -> None:
+    # (helper 94: the tutorial's merger was called on [[a, b], [final]]'s last group too, dropping
+    # final's answer and writing content='')
+    def final(content: str) -> dict[str, str]:
+        return {"answer": f"final({content})"}
+
+    p = ParallelPipeline([[Summary("a"), Summary("b")], [final]], TutorialMerger())
+    result = await call(p, mode, content="x")
+    assert result.content == "a(x)\nb(x)"
+    assert result.answer == "final(a(x)\nb(x))"

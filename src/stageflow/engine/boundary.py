@@ -159,21 +159,31 @@ def note_run_failure(error: StageflowError, given: tuple[tuple[str, Any], ...]) 
     """A ForEach found no list where it iterates (``not_a_list``): bad input when the value is one
     the outermost call's caller gave (``given``: its inputs as the stages saw them), else the run's
     own doing — a stage, the model, gave the wrong shape — and the command line exits 1 for it, not
-    2. By identity first; ``None`` and ``True``/``False``, which every stage shares, count as the
-    caller's only under the field's own name; a container the caller gave that a fan-out branch
-    iterated as its private copy is recognised by its equal content."""
+    2. By identity; a value CPython keeps one object of for everyone (``None``, a bool, a small int,
+    an empty or one-character string) counts as the caller's only under the field's own name; a
+    container the caller gave that a fan-out branch iterated as its private copy is recognised by
+    its equal content."""
     if getattr(error, "code", None) != "not_a_list" or not hasattr(error, "given"):
         return
     value = error.given
-    if value is None or type(value) is bool:
-        callers = any(name == error.field and v is value for name, v in given)
+    if _everyones(value):
+        names = [name for name, v in given if name == error.field and v is value]
     else:
-        callers = any(v is value for _, v in given) or (
-            type(value) not in _SHARED and any(_same(v, value) for _, v in given)
-        )
-    error.run_failure = not callers
-    if callers:
-        error.hint = f"pass a list as '{error.field}'"
+        names = [name for name, v in given if v is value]
+        if not names and type(value) not in _SHARED:
+            names = [name for name, v in given if _same(v, value)]
+    error.run_failure = not names
+    if names:
+        error.hint = f"pass a list as '{names[0]}'"
+
+
+def _everyones(value: Any) -> bool:
+    """Whether CPython keeps one object of ``value`` for every use of it (identity says nothing)."""
+    if value is None or type(value) is bool:
+        return True
+    if type(value) is int:
+        return -5 <= value <= 256
+    return type(value) in (str, bytes) and len(value) <= 1
 
 
 def _same(value: Any, given: Any) -> bool:
@@ -186,7 +196,7 @@ def _same(value: Any, given: Any) -> bool:
         return False
 
 
-#: Types whose equal values are often one object, or one a stage makes anew: identity decides.
+#: Types whose equal values a stage makes anew (never a copy of the caller's): identity decides.
 _SHARED = (int, float, str, bytes)
 
 

@@ -2,11 +2,12 @@
 
 Every sync fan-out of LM stages in the process, and every sync call of an ``async def`` stage, runs
 on that one loop. Code that blocks it — ``time.sleep`` or a sync HTTP request inside an ``async
-def`` engine or stage — holds all of them up, and nothing would say why. The watchdog thread asks
-the loop for a heartbeat every :data:`CHECK_EVERY` seconds; when none comes within
-:data:`BLOCKED_AFTER` seconds it logs a warning (logger ``"stageflow"``) naming the code the loop
-is running: the innermost Python frame of its thread outside asyncio. One warning per code
-location; the loop is never touched otherwise.
+def`` engine or stage — holds all of them up, and nothing would say why. The watchdog thread keeps
+one heartbeat asked of the loop (the next as soon as the last ran) and looks every
+:data:`CHECK_EVERY` seconds; when one has waited more than :data:`BLOCKED_AFTER` seconds it logs a
+warning (logger ``"stageflow"``) naming the code the loop is running: the innermost Python frame of
+its thread outside asyncio. One warning per code location; the loop is never touched otherwise.
+(An idle loop wakes for one heartbeat every :data:`CHECK_EVERY` seconds.)
 
 Example:
     >>> import asyncio
@@ -31,8 +32,8 @@ logger = logging.getLogger("stageflow")
 
 #: Seconds without a heartbeat after which the loop counts as blocked.
 BLOCKED_AFTER = 1.0
-#: Seconds between heartbeats.
-CHECK_EVERY = 1.0
+#: Seconds between the watchdog's looks (a heartbeat is asked for as soon as the last one ran).
+CHECK_EVERY = 0.1
 
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
 _SKIPPED = (_ASYNCIO_DIR, os.path.dirname(threading.__file__) + os.sep + "threading.py")
@@ -62,13 +63,17 @@ def watch(loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread) -> thr
 def _watch(loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread) -> None:
     warned: set[str] = set()
     beat = threading.Event()
+    beat.set()
+    sent = time.monotonic()
     while not loop.is_closed():
-        beat.clear()
-        try:
-            loop.call_soon_threadsafe(beat.set)
-        except RuntimeError:  # closed meanwhile
-            return
-        if not beat.wait(BLOCKED_AFTER):
+        if beat.is_set():  # (the last heartbeat ran: ask for the next one)
+            beat.clear()
+            try:
+                loop.call_soon_threadsafe(beat.set)
+            except RuntimeError:  # closed meanwhile
+                return
+            sent = time.monotonic()
+        elif time.monotonic() - sent > BLOCKED_AFTER:
             site = blocking_site(sys._current_frames().get(loop_thread.ident or -1))
             if site is not None and site not in warned:
                 warned.add(site)
@@ -81,4 +86,5 @@ def _watch(loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread) -> No
                     site,
                 )
             beat.wait()  # (until the loop is back)
+            continue
         time.sleep(CHECK_EVERY)

@@ -231,13 +231,17 @@ class ParallelPipeline(Pipeline):
         ok = [r for r in results if r.outcome.ok]
         if not ok:
             raise_all_failed(f"ParallelPipeline: every stage of group {g} failed", results)
-        if merges_its_own_way(self.merger):  # (the tutorial's call: merger.merge(results))
-            what = f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()"
-            handed = [
-                Produced(**private_state(r.produced or {})) if r.outcome.ok else records[i]
-                for i, r in enumerate(results)
-            ]
-            merged = returned_fields(call_yours(self.merger.merge, handed, what, "merge_failed"), what)
+        if merges_its_own_way(self.merger):
+            # The tutorial's call: merger.merge(results). A group of one runs alone, unmerged.
+            if len(results) == 1:
+                merged = dict(ok[0].produced or {})
+            else:
+                what = f"ParallelPipeline group {g}: {type(self.merger).__name__}.merge()"
+                handed = [
+                    Produced(**private_state(r.produced or {})) if r.outcome.ok else records[i]
+                    for i, r in enumerate(results)
+                ]
+                merged = returned_fields(call_yours(self.merger.merge, handed, what, "merge_failed"), what)
             state.update(merged)
             self._unwritten(state, run, results, merged, prefix)
             return
