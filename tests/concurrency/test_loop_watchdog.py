@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -74,3 +75,45 @@ def test_the_site_is_the_innermost_frame_outside_asyncio() -> None:
     above = asyncio.run(inner())  # (asyncio's frames skipped: the caller of asyncio.run)
     assert above is not None
     assert above.endswith("in test_the_site_is_the_innermost_frame_outside_asyncio()")
+
+
+def test_a_busy_loop_that_is_never_blocked_is_not_named(
+    quick: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (helper 95: thousands of short steps kept the heartbeat waiting behind them for over a second)
+    @stage(writes=["y"])
+    async def short_steps(item: int) -> dict[str, Any]:
+        for _ in range(3):
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.004:  # (4 ms of CPU, then the loop moves on)
+                pass
+            await asyncio.sleep(0.01)
+        return {"y": item}
+
+    from stageflow import ForEach
+
+    with caplog.at_level(logging.WARNING, logger="stageflow"):
+        SequentialPipeline([ForEach(short_steps, over="xs", item="item", collect={"y": "ys"})])(
+            xs=list(range(150))
+        )
+    assert _warnings(caplog) == []
+
+
+def test_a_wait_inside_the_standard_library_names_your_line(
+    quick: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (helper 95: queue.get named queue.py, once for every caller)
+    import queue
+
+    @stage(writes=["y"])
+    async def waits_on_a_queue(x: str) -> dict[str, Any]:
+        with contextlib.suppress(queue.Empty):
+            queue.Queue().get(timeout=0.6)
+        return {"y": x}
+
+    with caplog.at_level(logging.WARNING, logger="stageflow"):
+        SequentialPipeline([waits_on_a_queue])(x="a")
+    said = _warnings(caplog)
+    assert len(said) == 1
+    assert "in waits_on_a_queue() (waiting in " in said[0]
+    assert "queue.py" in said[0]

@@ -106,3 +106,15 @@ async def test_a_small_number_or_empty_string_a_stage_wrote_is_the_runs_whatever
     failure, hint = await _blame(SequentialPipeline([_each()]), mode, docs=5)
     assert failure is False
     assert hint == "pass a list as 'docs'"
+
+
+async def test_an_empty_dict_a_stage_wrote_is_the_runs_though_the_caller_passed_one_elsewhere(
+    mode: str,
+) -> None:
+    # (helper 95: equal content under another name, options={}, made it the caller's)
+    @stage(writes=["docs"])
+    def parse(q: str) -> dict[str, Any]:
+        return {"docs": {}}
+
+    failure, _ = await _blame(SequentialPipeline([parse, _each()]), mode, q="{}", options={})
+    assert failure is True

@@ -160,9 +160,9 @@ def note_run_failure(error: StageflowError, given: tuple[tuple[str, Any], ...]) 
     the outermost call's caller gave (``given``: its inputs as the stages saw them), else the run's
     own doing — a stage, the model, gave the wrong shape — and the command line exits 1 for it, not
     2. By identity; a value CPython keeps one object of for everyone (``None``, a bool, a small int,
-    an empty or one-character string) counts as the caller's only under the field's own name; a
-    container the caller gave that a fan-out branch iterated as its private copy is recognised by
-    its equal content."""
+    an empty or one-character string) counts as the caller's only under the field's own name, and so
+    does a container the caller gave that a fan-out branch iterated as its private copy (recognised
+    by its equal content)."""
     if getattr(error, "code", None) != "not_a_list" or not hasattr(error, "given"):
         return
     value = error.given
@@ -170,8 +170,8 @@ def note_run_failure(error: StageflowError, given: tuple[tuple[str, Any], ...]) 
         names = [name for name, v in given if name == error.field and v is value]
     else:
         names = [name for name, v in given if v is value]
-        if not names and type(value) not in _SHARED:
-            names = [name for name, v in given if _same(v, value)]
+        if not names and type(value) not in _SHARED:  # (a branch's private copy, under its own name)
+            names = [name for name, v in given if name == error.field and _same(v, value)]
     error.run_failure = not names
     if names:
         error.hint = f"pass a list as '{names[0]}'"
