@@ -49,7 +49,8 @@ def _each(started: _Started, fail: int | None = None, **options: Any) -> stagefl
 def test_an_interrupt_while_workers_are_handed_out_stops_them(
     monkeypatch: pytest.MonkeyPatch, general: bool
 ) -> None:
-    real = fanout.shared_pool()
+    # (a fan-out with a timeout hands its workers to spare threads, one without to the shared pool)
+    real = fanout._DETACHED if general else fanout.shared_pool()
     submitted = [0]
 
     class Pool:
@@ -60,6 +61,7 @@ def test_an_interrupt_while_workers_are_handed_out_stops_them(
             return real.submit(fn, *args)
 
     monkeypatch.setattr(fanout, "shared_pool", lambda: Pool())
+    monkeypatch.setattr(fanout, "_DETACHED", Pool())
     started = _Started()
     with pytest.raises(KeyboardInterrupt):
         _each(started, **({"timeout": 60.0} if general else {}))(xs=list(range(300)))

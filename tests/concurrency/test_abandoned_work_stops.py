@@ -281,3 +281,28 @@ def test_dspys_threads_in_a_call_that_finished_in_time_are_not_refused() -> None
     with dspy.context(lm=lm):
         assert program(x="q").ys == ["ok", "ok"]
     assert lm.calls == 2
+
+
+def test_a_branch_its_fanout_timed_out_does_not_hold_up_the_interpreters_exit(tmp_path: Any) -> None:
+    # (helper 95: the abandoned branch ran on a pool worker, which Python joins at exit: 20 s)
+    import subprocess
+    import sys
+
+    script = tmp_path / "timed.py"
+    script.write_text(
+        "import time\n"
+        "from stageflow import ForEach, stage\n"
+        "@stage(writes=['y'])\n"
+        "def slow(x):\n"
+        "    time.sleep(30 if x == 'slow' else 0)\n"
+        "    return {'y': x}\n"
+        "r = ForEach(slow, over='xs', item='x', collect={'y': 'ys'}, timeout=0.3, on_error='collect')"
+        "(xs=['a', 'slow'])\n"
+        "print(r.ys)\n",
+        encoding="utf-8",
+    )
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['a', None]"
+    assert time.monotonic() - t0 < 15  # (not the 30 s the abandoned branch sleeps)

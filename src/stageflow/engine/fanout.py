@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Literal
 
+from stageflow.engine import spare
 from stageflow.engine.config import CONFIG
 from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.stopping import _ENCLOSING, StopSignal, abandonable, enclosing_fan_out
@@ -70,6 +71,16 @@ class BranchOutcome:
     error: BaseException | None = None
     elapsed: float = 0.0
     status: str = "skipped"
+
+
+class _Detached:
+    """``submit`` on spare threads (:func:`stageflow.engine.spare.run_detached`)."""
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        spare.run_detached(functools.partial(fn, *args))
+
+
+_DETACHED = _Detached()
 
 
 def _check_policy(policy: str) -> None:
@@ -310,7 +321,9 @@ def fan_out(
         enclosing.register(signal.stop)
     ctx = contextvars.copy_context()
     ctx.run(_ENCLOSING.set, signal)
-    pool = shared_pool()
+    # A fan-out that times branches out runs them on spare threads: an abandoned branch keeps no
+    # pool worker, and the interpreter's exit does not wait for it (pool workers are joined at exit).
+    pool: Any = shared_pool() if timeout is None else _DETACHED
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
     caller_works = timeout is None and until is None and on_error != "fail_fast"

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, TypeVar
 
-__all__ = ["IDLE_SECONDS", "acall", "call_within", "spare_thread_count"]
+__all__ = ["IDLE_SECONDS", "acall", "call_within", "run_detached", "spare_thread_count"]
 
 T = TypeVar("T")
 
@@ -194,3 +194,9 @@ async def acall(fn: Callable[[], T], *, on_abandon: Callable[[], None]) -> T:
         if not finished.is_set():
             on_abandon()
         raise
+
+
+def run_detached(job: Callable[[], None]) -> None:
+    """Run ``job`` on a spare thread (a daemon: the interpreter's exit does not wait for it). ``job``
+    must not raise."""
+    _SPARES.submit(job)
