@@ -9,13 +9,12 @@ Until session 32 an outer timeout left the inner fan-out's LM calls running to t
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
 import dspy
 import pytest
-from test_sync_fanout_on_loop import _echo
+from test_sync_fanout_on_loop import Engines
 
 import stageflow
 from stageflow import ForEach, SequentialPipeline, Stage, StageflowError, stage
@@ -24,41 +23,16 @@ from stageflow.testing import FakeLM, call
 LATENCY = 0.4
 
 
-class Slow:
-    """A sync and an async engine that answer after ``LATENCY`` seconds, counting the answers
-    given (a cancelled request gives none)."""
+class Slow(Engines):
+    """Engines that answer after ``LATENCY`` seconds, and their LM."""
 
     def __init__(self) -> None:
-        self.answered = 0
-        self.started = 0
-        self.lock = threading.Lock()
-        outer = self
+        super().__init__(latency=LATENCY)
+        self.lm = Engines.lm(self)  # type: ignore[method-assign]
 
-        class Sync:
-            def complete(self, request: Any) -> Any:
-                with outer.lock:
-                    outer.started += 1
-                time.sleep(LATENCY)
-                with outer.lock:
-                    outer.answered += 1
-                return _echo(request)
-
-            def close(self) -> None:
-                return None
-
-        class Async:
-            async def complete(self, request: Any) -> Any:
-                with outer.lock:
-                    outer.started += 1
-                await asyncio.sleep(LATENCY)
-                with outer.lock:
-                    outer.answered += 1
-                return _echo(request)
-
-            async def aclose(self) -> None:
-                return None
-
-        self.lm = dspy.LM("fake/echo", engine=Sync(), async_engine=Async(), cache=False, num_retries=0)
+    @property
+    def started(self) -> int:
+        return self.sync_calls + self.async_calls
 
     def settled(self) -> tuple[int, int]:
         time.sleep(LATENCY * 2)  # (long past the moment every request would have been answered)

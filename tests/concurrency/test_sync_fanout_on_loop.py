@@ -41,11 +41,13 @@ def _echo(request: Any) -> Response:
 
 
 class Engines:
-    """A sync and an async engine that echo ``x``, counting which one answered (and on what thread)."""
+    """A sync and an async engine that echo ``x``, counting which one was called (and on what
+    thread), and the answers given (a cancelled request gives none)."""
 
     def __init__(self, latency: float = 0.0, fail_first: int = 0) -> None:
         self.sync_calls = 0
         self.async_calls = 0
+        self.answered = 0
         self.threads: set[str] = set()
         self.latency = latency
         self.fail_first = fail_first
@@ -61,6 +63,8 @@ class Engines:
                 if n <= outer.fail_first:
                     raise ConnectionError("engine down")
                 time.sleep(outer.latency)
+                with outer.lock:
+                    outer.answered += 1
                 return _echo(request)
 
             def close(self) -> None:
@@ -75,6 +79,8 @@ class Engines:
                 if n <= outer.fail_first:
                     raise ConnectionError("engine down")
                 await asyncio.sleep(outer.latency)
+                with outer.lock:
+                    outer.answered += 1
                 return _echo(request)
 
             async def aclose(self) -> None:
