@@ -16,7 +16,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["calibrate", "dspy_untouched", "machine_note", "measure", "rotated_runs", "settle"]
+__all__ = [
+    "calibrate",
+    "dspy_untouched",
+    "machine_note",
+    "measure",
+    "rotated_runs",
+    "run_async",
+    "run_awaited",
+    "settle",
+]
 
 
 def calibrate(fn: Callable[[], Any], target_s: float = 0.05) -> int:
@@ -53,13 +62,30 @@ def measure(variants: dict[str, Callable[[], Any]], reps: int = 21) -> dict[str,
 _LOOP: list[asyncio.AbstractEventLoop] = []
 
 
-def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap an async callable so one persistent event loop runs it (no loop start-up per call)."""
+def _loop() -> asyncio.AbstractEventLoop:
     if not _LOOP:
         _LOOP.append(asyncio.new_event_loop())
         atexit.register(_LOOP[0].close)
-    loop = _LOOP[0]
+    return _LOOP[0]
+
+
+def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap an async callable so one persistent event loop runs it (no loop start-up per call; one
+    ``run_until_complete`` per call, whose own cost — a task and two loop turns — is included)."""
+    loop = _loop()
     return lambda: loop.run_until_complete(coro_fn())
+
+
+def run_awaited(coro_fn: Callable[[], Any], per: int) -> Callable[[], Any]:
+    """Wrap an async callable so one call awaits it ``per`` times in a running loop, as an async
+    application does (divide the measured time by ``per``): no event-loop round trip per await."""
+    loop = _loop()
+
+    async def batch() -> None:
+        for _ in range(per):
+            await coro_fn()
+
+    return lambda: loop.run_until_complete(batch())
 
 
 def settle(timeout: float = 2.0) -> None:

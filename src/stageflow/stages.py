@@ -729,10 +729,16 @@ def describe(obj: Any) -> Ports:
     if isinstance(obj, dspy.ChainOfThought) and isinstance(inner, dspy.Predict):
         return _signature_ports(inner.signature)
     if isinstance(obj, dspy.Module):
-        forward = type(obj).__dict__.get("forward") or getattr(type(obj), "forward", None)
+        forward = next((k.__dict__["forward"] for k in type(obj).__mro__ if "forward" in k.__dict__), None)
         if forward is None:
             return Ports(accepts_any=True)
-        return _callable_ports(forward, skip_first=True)
+        if isinstance(forward, staticmethod):  # (called with the inputs alone)
+            return _callable_ports(forward.__func__)
+        if isinstance(forward, classmethod):
+            return _callable_ports(forward.__func__, skip_first=True)
+        # A function binds the module as its first parameter; an object without __get__ (a
+        # functools.partial) is called as it is.
+        return _callable_ports(forward, skip_first=hasattr(type(forward), "__get__"))
     if callable(obj):
         return _callable_ports(obj)
     raise ConfigurationError(

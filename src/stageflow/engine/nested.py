@@ -149,7 +149,7 @@ def pushable(target: Any, name: str) -> bool:
     """Whether the engine may do what ``Module.<name>`` would set up for ``target`` itself (see the
     module docstring), instead of calling DSPy's own method."""
     fn = getattr(type(target), name)
-    if _KNOWN.get(name) is not fn and not _is_dspys(fn, name):
+    if _KNOWN.get(name) is not fn and not _dspys(fn, name):
         return False
     if _getattr(target, "__dict__").get("callbacks"):
         return False
@@ -163,6 +163,26 @@ def pushable(target: Any, name: str) -> bool:
         if "track_usage" in overrides
         else _settings.main_thread_config.get("track_usage")
     )
+
+
+#: ``__call__`` / ``acall`` functions found not to be DSPy's own (a subclass's, an instrumentation
+#: wrapper): remembered, so a module of such a class pays the code-location check once.
+_FOREIGN: dict[str, set[Any]] = {"__call__": set(), "acall": set()}
+
+
+def _dspys(fn: Any, name: str) -> bool:
+    foreign = _FOREIGN[name]
+    try:
+        if fn in foreign:
+            return False
+    except TypeError:  # (an unhashable wrapper: checked each time)
+        return _is_dspys(fn, name)
+    if _is_dspys(fn, name):
+        return True
+    if len(foreign) > 4096:  # (classes made on the fly: keep it bounded)
+        foreign.clear()
+    foreign.add(fn)
+    return False
 
 
 def _push(target: Any, name: str) -> Any:

@@ -98,6 +98,9 @@ class StageEntry:
     #: Called as ``target(**inputs)`` when no concurrency budget is in force (not a predictor, which
     #: may take the fast path, nor an ``async def`` function, nor a nested pipeline).
     plain_call: bool = False
+    #: A leaf ``dspy.Module`` of yours (not a predictor, nested pipeline, lazy or function stage): the
+    #: engine calls it through :mod:`stageflow.engine.module_call` (``Module.__call__``'s steps).
+    module_call: bool = False
     #: A predictor's signature when the plan was made (:func:`signature_of`; ``dspy.Predict``,
     #: ``ChainOfThought`` and their subclasses): one replaced in place with other fields makes the
     #: plan stale (see ``Pipeline.stageflow_current``).
@@ -355,6 +358,9 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         and not (leaf_ports.accepts_any and not in_pairs)
         and not (composite and not chain),
         plain_call=not (predictor or is_async_fn or composite or lazy),
+        module_call=isinstance(leaf, dspy.Module)
+        and kind != FUNCTION
+        and not (predictor or composite or lazy),
         lazy=lazy,
         stage_leaf=isinstance(leaf, Stage),
         bare_leaf=not composite and not isinstance(leaf, Stage),

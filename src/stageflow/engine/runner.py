@@ -48,6 +48,7 @@ from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
+from stageflow.engine.module_call import acall_module, call_module
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of, signature_replaced
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
@@ -96,7 +97,7 @@ def _invoke(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
     if not slots:
         if entry.is_async_fn or entry.predictor or entry.lazy:
             return _call_sync(entry, target, kw)
-        return target(**kw)
+        return call_module(target, kw) if entry.module_call else target(**kw)
     ensure_lm_caps()
     token = enter_leaf(slots)
     try:
@@ -120,7 +121,7 @@ def _call_sync(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any:
         return run_on_background_loop(target(**kw))
     if entry.lazy:
         return _forced(target(**kw))
-    return target(**kw)
+    return call_module(target, kw) if entry.module_call else target(**kw)
 
 
 def _forced(out: Any) -> Any:
@@ -421,7 +422,8 @@ def call_stage(
         elif entry.composite:
             out = call_nested(target, kw)
         elif entry.plain_call and _BUDGETS.get() is None and _ROOT[0] is None:
-            out = target(**kw)  # no concurrency budget in force: nothing to take a slot of
+            # (no concurrency budget in force: nothing to take a slot of)
+            out = call_module(target, kw) if entry.module_call else target(**kw)
         else:
             out = _invoke(entry, target, kw)
     except Exception as e:
@@ -617,7 +619,7 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
         out = await (target.acall(**kw) if entry.has_aforward else concurrency.to_thread(target, **kw))
         return await concurrency.to_thread(_forced, out)
     if entry.has_aforward:
-        return await target.acall(**kw)
+        return await (acall_module(target, kw) if entry.module_call else target.acall(**kw))
     # A module without aforward (DSPy's BestOfN, Refine, custom ones): run it on a worker
     # thread of the shared pool, in a copy of the context (dspy.context settings follow it).
     return await concurrency.to_thread(target, **kw)
@@ -678,7 +680,11 @@ async def acall_stage(
             out = await acall_nested(target, kw)
         elif (entry.direct_acall or entry.is_async_fn) and _BUDGETS.get() is None and _ROOT[0] is None:
             # the common cases (a module with aforward, an async def stage), without extra frames
-            out = await (target.acall(**kw) if entry.direct_acall else target(**kw))
+            out = await (
+                (acall_module(target, kw) if entry.module_call else target.acall(**kw))
+                if entry.direct_acall
+                else target(**kw)
+            )
         else:
             out = await _invoke_async(entry, target, kw)
     except Exception as e:
@@ -701,7 +707,9 @@ async def _acall_observed(
             if entry.composite:
                 out = await acall_nested(call.target, call.kw)
             elif entry.direct_acall and not leaf_slots():
-                out = await call.target.acall(**call.kw)
+                out = await (
+                    acall_module(call.target, call.kw) if entry.module_call else call.target.acall(**call.kw)
+                )
             else:
                 out = await _invoke_async(entry, call.target, call.kw)
         else:

@@ -1,0 +1,98 @@
+"""Calling a leaf ``dspy.Module`` stage: what DSPy's ``Module.__call__`` / ``acall`` do, cheaper.
+
+A custom module stage (the tutorial's ``class Step(dspy.Module)`` with a ``forward``) is called
+once per stage per pipeline call. DSPy's ``Module.__call__`` (3.4.1) costs more than the engine's
+whole stage hop: a callback wrapper that looks the callbacks up, a ``dspy.context`` that copies
+every global setting to push the module onto ``caller_modules``, and a Python-level
+``__getattribute__`` that inspects the caller's frame when ``forward`` is read. When nothing can
+tell the difference, the engine does what that call does — push the module onto
+``caller_modules`` in one override of DSPy's settings (:func:`~stageflow._callers.push_callers`)
+and call the ``forward`` / ``aforward`` that ``Module.__call__`` would call — exactly as it does
+for nested pipelines (:mod:`stageflow.engine.nested`), under the same conditions. It calls DSPy's
+own method whenever:
+
+- DSPy callbacks are active (``dspy.settings.callbacks`` or the module's own ``callbacks``);
+- DSPy would track usage itself (``track_usage`` on with no usage tracker in force);
+- the module's ``__call__`` / ``acall`` is not DSPy's own (a subclass overrides it, or
+  instrumentation such as OpenInference wraps ``dspy.Module.__call__``);
+- its class looks attributes up its own way (a ``__getattribute__`` of its own), or the method
+  cannot be found as a plain attribute (DSPy's call then gives its own error).
+
+A ``forward`` set on the instance is called, as ``Module.__call__`` calls it. Nothing is warned
+that DSPy would not warn: ``Module.__call__`` reads ``forward`` without DSPy's "called directly"
+warning, and so does this.
+
+Example:
+    >>> import dspy
+    >>> from stageflow.engine.module_call import call_module
+    >>> class AddOne(dspy.Module):
+    ...     def forward(self, x):
+    ...         return dspy.Prediction(x=x + 1, depth=len(dspy.settings.caller_modules))
+    >>> call_module(AddOne(), {"x": 1})
+    Prediction(
+        x=2,
+        depth=1
+    )
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+
+from stageflow._callers import push_callers
+from stageflow.engine.nested import ForwardAccess, _settings, bind_forward, pushable
+
+__all__ = ["acall_module", "call_module"]
+
+_getattr = object.__getattribute__
+#: Attribute lookups whose only effect beyond Python's own is DSPy's "called directly" warning.
+_PLAIN_LOOKUPS = (dspy.Module.__getattribute__, object.__getattribute__)
+_MISSING = object()
+
+
+def _method(target: Any, name: str) -> Any:
+    """``target.<name>`` as ``Module.__call__`` reads it (one set on the instance wins), without
+    DSPy's warning; ``None`` when it must be read by DSPy's own call."""
+    cls = type(target)
+    if cls.__getattribute__ not in _PLAIN_LOOKUPS:
+        return None
+    own = _getattr(target, "__dict__").get(name, _MISSING)
+    if own is not _MISSING:
+        return own
+    for klass in cls.__mro__:
+        fn = klass.__dict__.get(name, _MISSING)
+        if fn is not _MISSING:
+            if type(fn) is ForwardAccess:
+                fn = fn.fn
+            return bind_forward(fn, target, cls)
+    return None
+
+
+def call_module(target: Any, kw: dict[str, Any]) -> Any:
+    """``target(**kw)`` for a leaf ``dspy.Module`` stage (see the module docstring)."""
+    if not pushable(target, "__call__"):
+        return target(**kw)
+    method = _method(target, "forward")
+    if method is None:
+        return target(**kw)
+    token = push_callers([target])
+    try:
+        return method(**kw)
+    finally:
+        _settings.thread_local_overrides.reset(token)
+
+
+async def acall_module(target: Any, kw: dict[str, Any]) -> Any:
+    """``await target.acall(**kw)`` for a leaf ``dspy.Module`` stage with an ``aforward``."""
+    if not pushable(target, "acall"):
+        return await target.acall(**kw)
+    method = _method(target, "aforward")
+    if method is None:
+        return await target.acall(**kw)
+    token = push_callers([target])
+    try:
+        return await method(**kw)
+    finally:
+        _settings.thread_local_overrides.reset(token)
