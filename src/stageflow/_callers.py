@@ -2,8 +2,9 @@
 
 ``Module.__call__`` runs the module inside ``settings.context(caller_modules=[*callers, module])``,
 which also copies every global setting into the override. Inside a pipeline call the override
-already holds what the call needs, so a copy of it with the longer ``caller_modules`` gives every
-reader the same settings for a third of the cost. The engine (nested pipelines run in line) and the
+already holds every global key, so a copy of it with the longer ``caller_modules`` gives every
+reader the same settings for a third of the cost (a global key it lacks — configured since, or no
+DSPy call around — is taken in, as DSPy's copy takes it). The engine (nested pipelines run in line) and the
 LM stage path (:func:`stageflow.lm.fast.call_predictor`) both push this way.
 
 Example:
@@ -19,7 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import weakref
+from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
@@ -42,6 +46,16 @@ class Pushed(_settings.dotdict):  # type: ignore[misc]
     """DSPy's settings override as :func:`push_callers` sets it: a copy of the one before with more
     caller modules, so what was checked of the one before (callbacks, usage tracking) holds for it."""
 
+    #: How many global settings there were when it was made (it holds every one of them; DSPy's
+    #: ``configure`` only ever adds keys, so while the count is the same, it still does). An
+    #: attribute of the object, not a setting: set with ``object.__setattr__``.
+    main_size: int = -1
+
+
+#: The last override found to hold every global setting (weakly: it holds the LM and the modules
+#: of a run), and how many there were then.
+_CHECKED: list[tuple[Callable[[], Any], int]] = [(lambda: None, -1)]
+
 
 def push_callers(targets: list[Any]) -> Any:
     """Push ``targets`` (outermost first) onto DSPy's ``caller_modules`` in one override of its
@@ -52,7 +66,23 @@ def push_callers(targets: list[Any]) -> Any:
         callers = overrides["caller_modules"]
     else:
         callers = _settings.main_thread_config.get("caller_modules")
-    new = Pushed(overrides)
+    main = _settings.main_thread_config
+    size = len(main)
+    # As dspy.context: every global setting as it is now, then the overrides in force. Inside a
+    # DSPy call the overrides already hold every global key (a plain copy gives the same); a
+    # setting configured since (``dspy.configure`` in a stage) is taken in, as DSPy's copy takes it.
+    if type(overrides) is Pushed:
+        whole = overrides.main_size == size
+    else:  # (a run's override, pushed onto once per stage: checked once while the count holds)
+        checked = _CHECKED[0]
+        whole = checked[0]() is overrides and checked[1] == size
+    if not whole and main.keys() <= overrides.keys():
+        whole = True
+        if type(overrides) is not Pushed:
+            with contextlib.suppress(TypeError):  # (a plain dict cannot be referred to weakly)
+                _CHECKED[0] = (weakref.ref(overrides), size)
+    new = Pushed(overrides) if whole else Pushed({**main, **overrides})
+    object.__setattr__(new, "main_size", size)
     new["caller_modules"] = [*callers, *targets] if callers else targets
     return var.set(new)
 

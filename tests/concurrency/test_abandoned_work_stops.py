@@ -280,3 +280,106 @@ def test_a_branch_its_fanout_timed_out_does_not_hold_up_the_interpreters_exit(tm
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['a', None]"
     assert time.monotonic() - t0 < 15  # (not the 30 s the abandoned branch sleeps)
+
+
+# -- the branches a sync fan-out leaves running when it ends early (fail_fast, until): the LM calls
+# they would still make are refused; the branches that finished keep theirs (session 33) ----------
+
+
+def _leftover_program(lm_calls_after: float, **opts: Any) -> tuple[ForEach, list[str]]:
+    """A ``ForEach`` over ``["boom", "a", ...]`` of a sync stage: ``"boom"`` fails at once; every
+    other element calls the LM once at the start and once ``lm_calls_after`` seconds later."""
+    pred = dspy.Predict("x -> y")
+    seen: list[str] = []
+
+    @stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        if x == "boom":
+            time.sleep(0.05)  # (the others' first LM calls are out by now)
+            raise ValueError("boom")
+        first = pred(x=x).y
+        time.sleep(lm_calls_after)  # (the fan-out ends meanwhile)
+        try:
+            second = pred(x=x + "!").y
+        except asyncio.CancelledError:
+            seen.append("refused")
+            raise
+        seen.append("sent")
+        return {"y": first + second}
+
+    return ForEach(work, over="xs", item="x", collect={"y": "ys"}, **opts), seen
+
+
+def test_fail_fast_refuses_the_lm_calls_of_the_branches_it_left_running() -> None:
+    lm = FakeLM({"y": "ok"}, model="fake/leftover-fail-fast")
+    program, seen = _leftover_program(0.3, on_error="fail_fast")
+    with dspy.context(lm=lm), pytest.raises(StageflowError, match="boom"):
+        program(xs=["boom", "a", "b"])
+    time.sleep(0.6)
+    assert seen == ["refused", "refused"]
+    assert lm.calls == 2  # (the two first calls, sent before the failure)
+
+
+def test_until_refuses_the_lm_calls_of_the_branches_it_left_running_and_no_other() -> None:
+    lm = FakeLM({"y": "ok"}, model="fake/leftover-until")
+    pred = dspy.Predict("x -> y")
+    refused: list[str] = []
+
+    @stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        if x == "quick":
+            time.sleep(0.1)  # (the others have started by now)
+            return {"y": pred(x=x).y}
+        time.sleep(0.3)  # (the fan-out has what it needs by now)
+        try:
+            return {"y": pred(x=x).y}
+        except asyncio.CancelledError:
+            refused.append(x)
+            raise
+
+    from stageflow.engine.fanout import fan_out
+
+    calls = [lambda x=x: work(x=x) for x in ("quick", "slow1", "slow2")]
+    with dspy.context(lm=lm):
+        outcomes = fan_out(calls, until=lambda outs: any(o.ok for o in outs))
+        time.sleep(0.6)
+    assert [o.status for o in outcomes] == ["ok", "cancelled", "cancelled"]
+    assert outcomes[0].value == {"y": "ok"}
+    assert sorted(refused) == ["slow1", "slow2"]
+    assert lm.calls == 1
+
+
+def test_collect_leaves_every_branch_its_lm_calls() -> None:
+    lm = FakeLM({"y": "ok"}, model="fake/leftover-collect")
+    program, seen = _leftover_program(0.1, on_error="collect")
+    with dspy.context(lm=lm):
+        result = program(xs=["boom", "a", "b"])
+    assert result.ys == [None, "okok", "okok"]
+    assert seen == ["sent", "sent"]
+    assert lm.calls == 4
+
+
+def test_a_finished_branchs_lazy_work_is_not_refused_after_fail_fast() -> None:
+    """A branch that finished before the failure keeps its context: LM work it deferred (run after
+    the fan-out, in its context) is sent."""
+    lm = FakeLM({"y": "ok"}, model="fake/leftover-lazy")
+    pred = dspy.Predict("x -> y")
+    deferred: list[Any] = []
+
+    def quick() -> str:
+        import contextvars
+
+        deferred.append(contextvars.copy_context())
+        return "quick"
+
+    def boom() -> str:
+        time.sleep(0.05)
+        raise ValueError("boom")
+
+    from stageflow.engine.fanout import fan_out
+
+    with dspy.context(lm=lm), pytest.raises(ValueError, match="boom"):
+        fan_out([quick, boom], on_error="fail_fast")
+    with dspy.context(lm=lm):
+        assert deferred[0].run(lambda: pred(x="later").y) == "ok"
+    assert lm.calls == 1

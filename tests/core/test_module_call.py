@@ -9,6 +9,7 @@ set on the instance, odd ``forward`` attributes, and usage tracking.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Any, ClassVar
 
@@ -258,3 +259,156 @@ async def test_settings_after_the_stage_are_the_callers(mode: str) -> None:
         await call(SequentialPipeline([Peek(), Peek()]), mode, x=1)
         assert dspy.settings.lm is lm
     assert seen == [lm, lm]
+
+
+# -- helper 96's findings: each was a difference from DSPy's own call -------------------------------
+
+
+async def test_an_acall_set_on_the_instance_is_what_an_awaited_call_runs(mode: str) -> None:
+    class Both(dspy.Module):  # type: ignore[misc]
+        def forward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y="forward")
+
+        async def aforward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y="aforward")
+
+    module = Both()
+
+    async def patched(**kwargs: Any) -> dspy.Prediction:
+        return dspy.Prediction(y="instance acall")
+
+    module.acall = patched
+    result = await call(SequentialPipeline([module]), mode, x=1)
+    assert result.y == ("forward" if mode == "sync" else "instance acall")
+
+
+class _Shared(BaseCallback):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.started.append(type(instance).__name__)
+
+
+async def test_callbacks_from_a_property_or_the_class_fire(mode: str) -> None:
+    recorder = _Shared()
+
+    class ByProperty(dspy.Module):  # type: ignore[misc]
+        @property
+        def callbacks(self) -> list[Any]:
+            return [recorder]
+
+        @callbacks.setter
+        def callbacks(self, value: Any) -> None:
+            pass
+
+        def forward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+        async def aforward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+    class ByClass(dspy.Module):  # type: ignore[misc]
+        callbacks: ClassVar[list[Any]] = [recorder]
+
+        def forward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+        async def aforward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+    by_class = ByClass()
+    del by_class.callbacks  # (DSPy gave the instance an empty list of its own; the class's shows)
+    await call(SequentialPipeline([ByProperty(), by_class]), mode, x=1)
+    assert recorder.started == ["ByProperty", "ByClass"]
+
+
+async def test_a_forward_property_of_the_class_beats_the_instances_own(mode: str) -> None:
+    class Prop(dspy.Module):  # type: ignore[misc]
+        @property
+        def forward(self) -> Any:
+            return lambda x: dspy.Prediction(y="class property")
+
+    module = Prop()
+    module.__dict__["forward"] = lambda x: dspy.Prediction(y="instance")
+    assert module(x=1).y == "class property"  # (DSPy's own call, as Python looks it up)
+    assert (await call(SequentialPipeline([module]), "sync", x=1)).y == "class property"
+
+
+def test_dspy_configure_inside_a_stage_does_not_reach_the_rest_of_its_call() -> None:
+    """``Module.__call__`` snapshots every global setting: ``dspy.configure`` inside ``forward``
+    changes nothing until the call returns; so for every entry point of a pipeline."""
+    one, two = FakeLM({"answer": "ONE"}), FakeLM({"answer": "TWO"})
+
+    class Switches(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.predict = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            dspy.configure(lm=two)
+            try:
+                return self.predict(question=question)
+            finally:
+                dspy.configure(lm=one)
+
+    before = dspy.settings.lm
+    dspy.configure(lm=one)
+    try:
+        p = SequentialPipeline([Switches()])
+        assert p(question="q").answer == "ONE"
+        assert p.forward(question="q").answer == "ONE"
+        assert p.stageflow_call({"question": "q"}).answer == "ONE"
+    finally:
+        dspy.configure(lm=before)
+
+
+def test_a_setting_configured_by_an_earlier_stage_is_the_one_a_later_module_sees() -> None:
+    from stageflow import stage
+
+    def set_foo(question: str) -> dict[str, Any]:
+        dspy.configure(stageflow_test_foo=1)
+        return {"z": 1}
+
+    class ReadFoo(dspy.Module):  # type: ignore[misc]
+        def forward(self, z: int) -> dspy.Prediction:
+            dspy.configure(stageflow_test_foo=2)  # (after the call's snapshot: not seen in it)
+            return dspy.Prediction(foo=dspy.settings.stageflow_test_foo)
+
+    try:
+        p = SequentialPipeline([stage(set_foo, writes=["z"]), ReadFoo()])
+        assert p(question="q").foo == 1
+    finally:
+        importlib.import_module("dspy.dsp.utils.settings").main_thread_config.pop("stageflow_test_foo", None)
+
+
+def test_an_instrumentation_wrapper_removed_again_leaves_dspys_call_recognised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``wrapt`` wrapper compares and hashes equal to the function it wraps: once it is removed,
+    DSPy's own ``Module.__call__`` must not count as foreign."""
+    from stageflow.engine.nested import pushable
+
+    original = dspy.Module.__call__
+
+    class EqualWrapper:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def __get__(self, obj: Any, owner: Any = None) -> Any:
+            return self if obj is None else functools.partial(self.fn, obj)
+
+        def __eq__(self, other: object) -> bool:
+            return bool(other == self.fn)
+
+        def __hash__(self) -> int:
+            return hash(self.fn)
+
+    from stageflow._callers import KNOWN_ENTRY_POINTS
+
+    module = Asks()
+    monkeypatch.delitem(KNOWN_ENTRY_POINTS, "__call__", raising=False)  # (as in a fresh process)
+    monkeypatch.setattr(dspy.Module, "__call__", EqualWrapper(original))
+    assert not pushable(module, "__call__")
+    monkeypatch.setattr(dspy.Module, "__call__", original)
+    assert pushable(module, "__call__")

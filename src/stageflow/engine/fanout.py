@@ -124,11 +124,17 @@ class _SyncFanOut:
         self._taken = itertools.count()
         self._finished = itertools.count(1)
         self.all_done = False
-        # With a timeout, each running branch has a stop signal of its own (the enclosing one of
-        # what it starts): a branch abandoned at its timeout stops the fan-outs and event-loop
-        # calls it started. Otherwise its branches share the fan-out's (``signal``).
+        # When branches may be left running — a timeout, ``fail_fast`` or ``until`` — each running
+        # branch has a stop signal of its own (the enclosing one of what it starts): a branch
+        # abandoned at its timeout, or left running when the fan-out ended early, stops the fan-outs
+        # and event-loop calls it started, and the LM calls it would still make are refused (the
+        # branches that finished keep theirs: a lazy result of theirs may still be resolved).
+        # Otherwise the branches share the fan-out's (``signal``). Stopping the fan-out from
+        # outside stops every branch's (``stop``).
         self.signal: StopSignal | None = None
+        self.own_signals = timeout is not None or until is not None or policy == "fail_fast"
         self.branch_signals: dict[int, StopSignal] = {}
+        self.halted = False  # (stopped from outside: see stop)
         self.abandoned: set[int] = set()  # (timed out, or left running when the fan-out ended)
 
     def take(self) -> int | None:
@@ -166,6 +172,8 @@ class _SyncFanOut:
 
     def finish(self, i: int, value: Any, error: BaseException | None, t0: float) -> None:
         if self.lockfree:
+            if self.own_signals:
+                self.branch_signals.pop(i, None)
             if self.running.pop(i, None) is None:  # abandoned meanwhile: the result is dropped
                 return
             self._write(i, value, error, t0)
@@ -180,9 +188,7 @@ class _SyncFanOut:
                     self.cond.notify_all()
             return
         with self.cond:
-            signal = self.branch_signals.pop(i, None)
-            if signal is not None and self.signal is not None:
-                self.signal.discard(signal.stop)
+            self.branch_signals.pop(i, None)
             if i not in self.running:  # timed out or abandoned meanwhile: the result is dropped
                 return
             del self.running[i]
@@ -212,7 +218,7 @@ class _SyncFanOut:
             return False
         t0 = perf_counter()
         branch = ctx.copy()
-        if self.timeout is not None:
+        if self.own_signals:
             self._own_signal(i, branch)
         try:
             value = branch.run(self.thunks[i])
@@ -230,21 +236,26 @@ class _SyncFanOut:
     def _own_signal(self, i: int, branch: contextvars.Context) -> None:
         """Branch ``i`` (about to run in ``branch``) gets its own stop signal (see ``__init__``)."""
         signal = StopSignal(self.signal)
-        with self.cond:
-            if i not in self.running:
-                signal.abandon()  # (timed out before it began)
-            else:
-                self.branch_signals[i] = signal
-        if self.signal is not None:
-            self.signal.register(signal.stop)
+        if self.lockfree:  # (fail_fast alone: no lock per branch; set first, then checked)
+            self.branch_signals[i] = signal
+            if i in self.abandoned:
+                signal.abandon()  # (left behind before it began)
+            elif self.halted:
+                signal.stop()
+        else:
+            with self.cond:
+                if i not in self.running:
+                    signal.abandon()  # (timed out, or left behind, before it began)
+                else:
+                    self.branch_signals[i] = signal
+                    if self.halted:
+                        signal.stop()
         branch.run(_ENCLOSING.set, signal)
 
     def stop_branch(self, i: int) -> None:
         """Stop what branch ``i`` started (it was abandoned; call under ``cond``)."""
         signal = self.branch_signals.pop(i, None)
         if signal is not None:
-            if self.signal is not None:
-                self.signal.discard(signal.stop)
             signal.abandon()
 
     def abort(self, i: int, error: BaseException, t0: float) -> None:
@@ -262,10 +273,14 @@ class _SyncFanOut:
             self.cond.notify_all()
 
     def stop(self) -> None:
-        """Start no more branches (called from outside the fan-out: its caller was cancelled)."""
+        """Start no more branches, and stop what the running ones started (called through the
+        fan-out's signal: its caller gave up, or the fan-out ended early)."""
         with self.cond:
-            self.stopped = True
+            self.stopped = self.halted = True
+            signals = list(self.branch_signals.values())
             self.cond.notify_all()
+        for signal in signals:
+            signal.stop()
 
     def starved(self) -> bool:
         """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
@@ -425,6 +440,7 @@ def _wait(
         for i in list(run.running):  # still running after fail_fast / until: abandoned
             run.abandoned.add(i)
             run.outcomes[i].status = "cancelled"
+            run.stop_branch(i)  # (what it started stops; the LM calls it would make are refused)
             note_abandoned()
         run.running.clear()
     return abandoned

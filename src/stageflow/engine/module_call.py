@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+from types import FunctionType, MethodType
 from typing import Any
 
 import dspy
@@ -53,21 +54,33 @@ _MISSING = object()
 
 
 def _method(target: Any, name: str) -> Any:
-    """``target.<name>`` as ``Module.__call__`` reads it (one set on the instance wins), without
-    DSPy's warning; ``None`` when it must be read by DSPy's own call."""
+    """``target.<name>`` as ``Module.__call__`` reads it — Python's order: a data descriptor of the
+    class, then the instance's own attribute, then the class's — without DSPy's warning; ``None``
+    when it must be read by DSPy's own call."""
     cls = type(target)
     if cls.__getattribute__ not in _PLAIN_LOOKUPS:
         return None
+    seen = cls.__dict__.get(name, _MISSING)
+    if type(seen) is FunctionType:  # (the common case: a plain method the class defines itself)
+        own = _getattr(target, "__dict__").get(name, _MISSING)  # (one set on the instance wins)
+        return MethodType(seen, target) if own is _MISSING else own
+    found: Any = _MISSING  # (anything else: the class's own object, read as Python reads it)
+    for klass in cls.__mro__:
+        found = klass.__dict__.get(name, _MISSING)
+        if found is not _MISSING:
+            break
+    if found is not _MISSING:
+        kind = type(found)
+        if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):  # (a property: it wins)
+            return bind_forward(found, target, cls)
     own = _getattr(target, "__dict__").get(name, _MISSING)
     if own is not _MISSING:
         return own
-    for klass in cls.__mro__:
-        fn = klass.__dict__.get(name, _MISSING)
-        if fn is not _MISSING:
-            if type(fn) is ForwardAccess:
-                fn = fn.fn
-            return bind_forward(fn, target, cls)
-    return None
+    if found is _MISSING:
+        return None
+    if type(found) is ForwardAccess:
+        found = found.fn
+    return bind_forward(found, target, cls)
 
 
 def call_module(target: Any, kw: dict[str, Any]) -> Any:
@@ -86,8 +99,8 @@ def call_module(target: Any, kw: dict[str, Any]) -> Any:
 
 async def acall_module(target: Any, kw: dict[str, Any]) -> Any:
     """``await target.acall(**kw)`` for a leaf ``dspy.Module`` stage with an ``aforward``."""
-    if not pushable(target, "acall"):
-        return await target.acall(**kw)
+    if not pushable(target, "acall") or "acall" in _getattr(target, "__dict__"):
+        return await target.acall(**kw)  # (an acall set on the instance is what that call runs)
     method = _method(target, "aforward")
     if method is None:
         return await target.acall(**kw)

@@ -151,7 +151,10 @@ def pushable(target: Any, name: str) -> bool:
     fn = getattr(type(target), name)
     if _KNOWN.get(name) is not fn and not _dspys(fn, name):
         return False
-    if _getattr(target, "__dict__").get("callbacks"):
+    own = _getattr(target, "__dict__").get("callbacks")  # (every module gets its own list...)
+    if type(own) is not list:  # (...unless a property or a class attribute stands in: read as
+        own = getattr(target, "callbacks", None)  # DSPy's callback wrapper reads it)
+    if own:
         return False
     if callbacks_on():
         return False
@@ -166,22 +169,21 @@ def pushable(target: Any, name: str) -> bool:
 
 
 #: ``__call__`` / ``acall`` functions found not to be DSPy's own (a subclass's, an instrumentation
-#: wrapper): remembered, so a module of such a class pays the code-location check once.
-_FOREIGN: dict[str, set[Any]] = {"__call__": set(), "acall": set()}
+#: wrapper), by identity: remembered, so a module of such a class pays the code-location check once.
+#: (Kept by ``id`` and compared with ``is``: a ``wrapt`` wrapper compares and hashes equal to the
+#: function it wraps, which must not count as foreign once the wrapper is gone.)
+_FOREIGN: dict[str, dict[int, Any]] = {"__call__": {}, "acall": {}}
 
 
 def _dspys(fn: Any, name: str) -> bool:
     foreign = _FOREIGN[name]
-    try:
-        if fn in foreign:
-            return False
-    except TypeError:  # (an unhashable wrapper: checked each time)
-        return _is_dspys(fn, name)
+    if foreign.get(id(fn)) is fn:
+        return False
     if _is_dspys(fn, name):
         return True
     if len(foreign) > 4096:  # (classes made on the fly: keep it bounded)
         foreign.clear()
-    foreign.add(fn)
+    foreign[id(fn)] = fn
     return False
 
 
