@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import weakref
-from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
@@ -46,15 +45,24 @@ class Pushed(_settings.dotdict):  # type: ignore[misc]
     """DSPy's settings override as :func:`push_callers` sets it: a copy of the one before with more
     caller modules, so what was checked of the one before (callbacks, usage tracking) holds for it."""
 
-    #: How many global settings there were when it was made (it holds every one of them; DSPy's
-    #: ``configure`` only ever adds keys, so while the count is the same, it still does). An
-    #: attribute of the object, not a setting: set with ``object.__setattr__``.
-    main_size: int = -1
+    #: ``main_size``: how many global settings there were when it was made (it holds every one of
+    #: them; DSPy's ``configure`` only ever adds keys, so while the count is the same, it still
+    #: does). A slot of the object, not a setting: set with ``object.__setattr__``.
+    __slots__ = ("main_size",)
+
+    def __reduce__(self) -> Any:
+        # A copy or a pickle is a plain settings dict (which knows no main_size), never a slot
+        # restored through dotdict's __setattr__ as a setting.
+        return (_settings.dotdict, (dict(self),))
+
+    def __copy__(self) -> Any:
+        return _settings.dotdict(self)
 
 
 #: The last override found to hold every global setting (weakly: it holds the LM and the modules
 #: of a run), and how many there were then.
-_CHECKED: list[tuple[Callable[[], Any], int]] = [(lambda: None, -1)]
+_CHECKED: list[Any] = [lambda: None, -1]
+_set_size = Pushed.main_size.__set__  # (the slot, set directly)
 
 
 def push_callers(targets: list[Any]) -> Any:
@@ -62,27 +70,26 @@ def push_callers(targets: list[Any]) -> Any:
     settings; returns the token to reset (``thread_local_overrides.reset(token)``)."""
     var = _settings.thread_local_overrides
     overrides = var.get()
-    if type(overrides) is Pushed or "caller_modules" in overrides:
-        callers = overrides["caller_modules"]
-    else:
-        callers = _settings.main_thread_config.get("caller_modules")
     main = _settings.main_thread_config
     size = len(main)
     # As dspy.context: every global setting as it is now, then the overrides in force. Inside a
     # DSPy call the overrides already hold every global key (a plain copy gives the same); a
     # setting configured since (``dspy.configure`` in a stage) is taken in, as DSPy's copy takes it.
     if type(overrides) is Pushed:
+        callers = overrides["caller_modules"]
         whole = overrides.main_size == size
     else:  # (a run's override, pushed onto once per stage: checked once while the count holds)
-        checked = _CHECKED[0]
-        whole = checked[0]() is overrides and checked[1] == size
-    if not whole and main.keys() <= overrides.keys():
-        whole = True
-        if type(overrides) is not Pushed:
+        callers = overrides["caller_modules"] if "caller_modules" in overrides else main.get("caller_modules")
+        whole = _CHECKED[0]() is overrides and _CHECKED[1] == size
+        if not whole and main.keys() <= overrides.keys():
+            whole = True
             with contextlib.suppress(TypeError):  # (a plain dict cannot be referred to weakly)
-                _CHECKED[0] = (weakref.ref(overrides), size)
-    new = Pushed(overrides) if whole else Pushed({**main, **overrides})
-    object.__setattr__(new, "main_size", size)
+                _CHECKED[:] = (weakref.ref(overrides), size)
+    if whole or main.keys() <= overrides.keys():
+        new = Pushed(overrides)
+    else:
+        new = Pushed({**main, **overrides})
+    _set_size(new, size)
     new["caller_modules"] = [*callers, *targets] if callers else targets
     return var.set(new)
 
