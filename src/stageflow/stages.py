@@ -713,6 +713,26 @@ def _field_map(mapping: Mapping[str, str] | None, what: str, module: Any) -> dic
     return dict(mapping)
 
 
+def _forward_of(module: Any, name: str = "forward") -> Any:
+    """``module.forward`` (or ``name``) as ``Module.__call__`` reads it — a property, one set on
+    the instance, a method (bound: its parameters are the inputs), a ``staticmethod``, a
+    ``functools.partial``, one a ``__getattr__`` of the class gives — without ``dspy.Module``'s
+    "called directly" warning; ``None`` when there is none."""
+    try:
+        return object.__getattribute__(module, name)
+    except AttributeError:
+        pass
+    except Exception:  # (a property that fails here fails the call too: read as taking anything)
+        return None
+    hook = getattr(type(module), "__getattr__", None)
+    if hook is None:
+        return None
+    try:
+        return hook(module, name)
+    except Exception:
+        return None
+
+
 def describe(obj: Any) -> Ports:
     """Return the :class:`Ports` (inputs and outputs) stageflow sees for ``obj``.
 
@@ -729,16 +749,12 @@ def describe(obj: Any) -> Ports:
     if isinstance(obj, dspy.ChainOfThought) and isinstance(inner, dspy.Predict):
         return _signature_ports(inner.signature)
     if isinstance(obj, dspy.Module):
-        forward = next((k.__dict__["forward"] for k in type(obj).__mro__ if "forward" in k.__dict__), None)
-        if forward is None:
+        forward = _forward_of(obj)
+        if forward is None:  # (a module with only an aforward: its parameters are the inputs)
+            forward = _forward_of(obj, "aforward")
+        if forward is None or not callable(forward):
             return Ports(accepts_any=True)
-        if isinstance(forward, staticmethod):  # (called with the inputs alone)
-            return _callable_ports(forward.__func__)
-        if isinstance(forward, classmethod):
-            return _callable_ports(forward.__func__, skip_first=True)
-        # A function binds the module as its first parameter; an object without __get__ (a
-        # functools.partial) is called as it is.
-        return _callable_ports(forward, skip_first=hasattr(type(forward), "__get__"))
+        return _callable_ports(forward)
     if callable(obj):
         return _callable_ports(obj)
     raise ConfigurationError(

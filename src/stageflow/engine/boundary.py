@@ -46,7 +46,10 @@ def _full(error: _E) -> _E:
 
 
 def port_inputs(ports: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """The fields of ``state`` a nested pipeline's ports read (required, then optional)."""
+    """The fields of ``state`` a nested pipeline's ports read (required, then optional); all of
+    them when a stage inside takes the whole state (``**kwargs``)."""
+    if ports.accepts_any:
+        return dict(state)
     kw = {}
     for f in ports.required:
         if f in state:

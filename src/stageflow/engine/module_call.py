@@ -42,10 +42,10 @@ from typing import Any
 
 import dspy
 
-from stageflow._callers import push_callers
-from stageflow.engine.nested import ForwardAccess, _settings, bind_forward, pushable
+from stageflow._callers import KNOWN_ENTRY_POINTS, push_callers
+from stageflow.engine.nested import ForwardAccess, _dspys, _settings, bind_forward, pushable
 
-__all__ = ["acall_module", "call_module"]
+__all__ = ["acall_module", "call_module", "own_acall"]
 
 _getattr = object.__getattribute__
 #: Attribute lookups whose only effect beyond Python's own is DSPy's "called directly" warning.
@@ -109,3 +109,14 @@ async def acall_module(target: Any, kw: dict[str, Any]) -> Any:
         return await method(**kw)
     finally:
         _settings.thread_local_overrides.reset(token)
+
+
+def own_acall(target: Any) -> bool:
+    """Whether ``await target.acall(...)`` runs code of yours rather than DSPy's ``Module.acall``: an
+    ``acall`` set on the instance, or one its class defines (for a module without ``aforward``,
+    which the engine otherwise runs on a worker thread, since DSPy's ``acall`` would find none)."""
+    attrs = getattr(target, "__dict__", None)
+    if type(attrs) is dict and "acall" in attrs:
+        return True
+    fn = getattr(type(target), "acall", None)
+    return fn is not None and KNOWN_ENTRY_POINTS.get("acall") is not fn and not _dspys(fn, "acall")

@@ -447,6 +447,9 @@ class Scope:
     #: pipeline's own inputs: its ports carry it, so the enclosing pipeline checks what it passes in.
     #: Shared by copies, like ``missing``.
     wants: dict[str, Any] = field(default_factory=dict)
+    #: Set (one ``True``) when a stage that takes the whole state (``**kwargs`` and nothing named) is
+    #: checked: a pipeline holding one takes the whole state of its caller too. Shared by copies.
+    takes_state: list[bool] = field(default_factory=list)
 
     @classmethod
     def start(cls, inputs: Any, *, strict: bool, owner: Any = None, closed: bool = False) -> Scope:
@@ -468,6 +471,7 @@ class Scope:
             self.hints,
             self.watched,
             self.wants,
+            self.takes_state,
         )
 
     def narrow(self, paths: list[Scope], labels: list[str]) -> None:
@@ -526,6 +530,8 @@ class Scope:
             # A nested pipeline that turned strict contracts off itself checks its reads at run time.
             lenient = getattr(nested, "strict", None) is False
         path = join_path(prefix, entry.path)
+        if (entry.pass_state or (entry.composite and ports.accepts_any)) and not self.takes_state:
+            self.takes_state.append(True)
         if ports.watched:
             self.watched.extend((o, e, join_path(path, p)) for o, e, p in ports.watched)
         elif entry.signature is not None and self.owner is not None:

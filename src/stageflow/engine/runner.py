@@ -48,7 +48,7 @@ from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
 from stageflow.engine.inline import set_up as set_up_inline
 from stageflow.engine.lm_slots import ensure_installed as ensure_lm_caps
-from stageflow.engine.module_call import acall_module, call_module
+from stageflow.engine.module_call import acall_module, call_module, own_acall
 from stageflow.engine.nested import acall_nested, call_nested, own_forward
 from stageflow.engine.plan import FUNCTION, StageEntry, held, join_path, leaf_of, signature_replaced
 from stageflow.engine.protocol import DEFAULT_POLICY, StageOwner
@@ -620,6 +620,8 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
         return await concurrency.to_thread(_forced, out)
     if entry.has_aforward:
         return await (acall_module(target, kw) if entry.module_call else target.acall(**kw))
+    if own_acall(target):  # (an acall of yours, on the class or the instance: what awaiting it runs)
+        return await target.acall(**kw)
     # A module without aforward (DSPy's BestOfN, Refine, custom ones): run it on a worker
     # thread of the shared pool, in a copy of the context (dspy.context settings follow it).
     return await concurrency.to_thread(target, **kw)

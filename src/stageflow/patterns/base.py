@@ -520,6 +520,8 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
                 deferred=tuple(scope.deferred),
                 hints={f: h for f, h in scope.hints.items() if f in scope.missing},
                 watched=tuple(scope.watched),
+                # (a stage inside takes the whole state: so does the pipeline, from its caller)
+                accepts_any=bool(scope.takes_state),
             )
         return self._ports
 
