@@ -383,3 +383,94 @@ def test_a_finished_branchs_lazy_work_is_not_refused_after_fail_fast() -> None:
     with dspy.context(lm=lm):
         assert deferred[0].run(lambda: pred(x="later").y) == "ok"
     assert lm.calls == 1
+
+
+def test_a_lazy_result_a_leftover_branch_made_is_resolved_by_whoever_forces_it_later() -> None:
+    """(helper 98, B16) A lazy result kept beyond the branch that made it (a memo shared between
+    calls): refused while its abandoned branch forces it, it is not kept as its result; the next
+    call that forces it gets the answer."""
+    import threading
+
+    from stageflow.policies.lazy import LazyStage
+
+    lm = FakeLM({"answer": "A"}, model="fake/leftover-shared-lazy")
+    pred = dspy.Predict("question -> answer")
+    lookup = LazyStage(stage(lambda q: {"a": pred(question=q).answer}, writes=["a"]))
+    memo: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    class Item(dspy.Module):  # type: ignore[misc]
+        def forward(self, question: str) -> dspy.Prediction:
+            if question == "bad":
+                time.sleep(0.05)
+                raise ValueError("bad")
+            with lock:
+                if "topic" not in memo:
+                    memo["topic"] = lookup(q="t")  # (made by whichever branch asks first)
+                shared = memo["topic"]
+            time.sleep(0.3)  # (the fan-out ends meanwhile)
+            return dspy.Prediction(answer=question + "/" + shared["a"])
+
+    program = SequentialPipeline([ForEach(Item(), over="qs", item="question", collect={"answer": "answers"})])
+    with dspy.context(lm=lm):
+        with pytest.raises(StageflowError, match="bad"):
+            program(qs=["bad", "x"])
+        time.sleep(0.5)
+        assert program(qs=["y", "z"]).answers == ["y/A", "z/A"]
+
+
+def test_a_lazy_result_is_forced_as_work_of_its_forcer_not_of_the_abandoned_branch() -> None:
+    from stageflow.engine.stopping import _ENCLOSING, StopSignal
+    from stageflow.policies.lazy import LazyStage
+
+    lm = FakeLM({"answer": "A"}, model="fake/lazy-forcer")
+    pred = dspy.Predict("question -> answer")
+    lookup = LazyStage(stage(lambda q: {"a": pred(question=q).answer}, writes=["a"]))
+    branch = StopSignal()
+    token = _ENCLOSING.set(branch)
+    try:
+        with dspy.context(lm=lm):
+            deferred = lookup(q="t")  # (made in a branch...)
+    finally:
+        _ENCLOSING.reset(token)
+    branch.abandon("its fan-out ended early")  # (...abandoned before anyone forced it)
+    with dspy.context(lm=lm):
+        assert deferred["a"] == "A"
+    assert lm.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("opts", "reason"),
+    [
+        ({"on_error": "fail_fast"}, "its fan-out ended early"),
+        ({"timeout": 0.1, "on_error": "collect"}, "its timeout passed"),
+    ],
+)
+def test_the_refusal_says_why(opts: dict[str, Any], reason: str) -> None:
+    lm = FakeLM({"y": "ok"}, model=f"fake/refusal-reason-{len(reason)}")
+    pred = dspy.Predict("x -> y")
+    said: list[str] = []
+
+    @stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        if x == "bad":
+            time.sleep(0.05)
+            raise ValueError("bad")
+        time.sleep(0.3)
+        try:
+            return {"y": pred(x=x).y}
+        except asyncio.CancelledError as e:
+            said.append(str(e))
+            raise
+
+    program = ForEach(work, over="xs", item="x", collect={"y": "ys"}, **opts)
+    with dspy.context(lm=lm), pytest.raises(StageflowError):
+        program(xs=["bad", "a"]) if "timeout" not in opts else _timeouts_raise(program)
+    time.sleep(0.5)
+    assert len(said) == 1
+    assert f"({reason})" in said[0]
+
+
+def _timeouts_raise(program: ForEach) -> None:
+    result = program(xs=["a"])
+    raise StageflowError(f"timed out: {result.ys}")

@@ -412,3 +412,28 @@ def test_an_instrumentation_wrapper_removed_again_leaves_dspys_call_recognised(
     assert not pushable(module, "__call__")
     monkeypatch.setattr(dspy.Module, "__call__", original)
     assert pushable(module, "__call__")
+
+
+def test_a_class_with_a_call_of_its_own_is_freed_after_use() -> None:
+    """(helper 98, A2) The memo of foreign ``__call__``s must not keep a class made on the fly alive:
+    a ``super()`` in its ``__call__`` holds the class, and the class what it references."""
+    import gc
+    import weakref
+
+    refs = []
+    for _ in range(20):
+
+        class Made(dspy.Module):  # type: ignore[misc]
+            payload = bytearray(1024)
+
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                return super().__call__(*args, **kwargs)
+
+            def forward(self, x: int) -> dspy.Prediction:
+                return dspy.Prediction(y=x)
+
+        assert SequentialPipeline([Made()])(x=1).y == 1
+        refs.append(weakref.ref(Made))
+        del Made
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0

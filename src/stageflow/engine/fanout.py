@@ -239,24 +239,25 @@ class _SyncFanOut:
         if self.lockfree:  # (fail_fast alone: no lock per branch; set first, then checked)
             self.branch_signals[i] = signal
             if i in self.abandoned:
-                signal.abandon()  # (left behind before it began)
+                signal.abandon("its fan-out ended early")  # (left behind before it began)
             elif self.halted:
                 signal.stop()
         else:
             with self.cond:
-                if i not in self.running:
-                    signal.abandon()  # (timed out, or left behind, before it began)
+                if i not in self.running:  # (timed out, or left behind, before it began)
+                    timed_out = self.outcomes[i].status == "timeout"
+                    signal.abandon("its timeout passed" if timed_out else "its fan-out ended early")
                 else:
                     self.branch_signals[i] = signal
                     if self.halted:
                         signal.stop()
         branch.run(_ENCLOSING.set, signal)
 
-    def stop_branch(self, i: int) -> None:
+    def stop_branch(self, i: int, reason: str = "its timeout passed") -> None:
         """Stop what branch ``i`` started (it was abandoned; call under ``cond``)."""
         signal = self.branch_signals.pop(i, None)
         if signal is not None:
-            signal.abandon()
+            signal.abandon(reason)
 
     def abort(self, i: int, error: BaseException, t0: float) -> None:
         with self.cond:
@@ -440,7 +441,8 @@ def _wait(
         for i in list(run.running):  # still running after fail_fast / until: abandoned
             run.abandoned.add(i)
             run.outcomes[i].status = "cancelled"
-            run.stop_branch(i)  # (what it started stops; the LM calls it would make are refused)
+            # (what it started stops; the LM calls it would make are refused)
+            run.stop_branch(i, "its fan-out ended early")
             note_abandoned()
         run.running.clear()
     return abandoned

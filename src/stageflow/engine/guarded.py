@@ -431,7 +431,7 @@ def _with_timeout(
         return spare.call_within(
             call,
             timeout.seconds,
-            on_abandon=lambda: abandon(signal),
+            on_abandon=lambda: abandon(signal, "its timeout passed"),
             timeout_error=lambda: _timeout_error(path, timeout.seconds, entry.label),
         )
 

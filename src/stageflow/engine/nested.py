@@ -30,10 +30,12 @@ do not warn either.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -170,20 +172,29 @@ def pushable(target: Any, name: str) -> bool:
 
 #: ``__call__`` / ``acall`` functions found not to be DSPy's own (a subclass's, an instrumentation
 #: wrapper), by identity: remembered, so a module of such a class pays the code-location check once.
-#: (Kept by ``id`` and compared with ``is``: a ``wrapt`` wrapper compares and hashes equal to the
-#: function it wraps, which must not count as foreign once the wrapper is gone.)
+#: Kept by ``id``, weakly (a function holds its class: a class made on the fly must still be freed),
+#: and compared with ``is`` (a ``wrapt`` wrapper compares and hashes equal to the function it wraps,
+#: which must not count as foreign once the wrapper is gone).
 _FOREIGN: dict[str, dict[int, Any]] = {"__call__": {}, "acall": {}}
+
+
+def _forget(foreign: dict[int, Any], key: int, ref: Any) -> None:
+    if foreign.get(key) is ref:
+        foreign.pop(key, None)
 
 
 def _dspys(fn: Any, name: str) -> bool:
     foreign = _FOREIGN[name]
-    if foreign.get(id(fn)) is fn:
+    key = id(fn)
+    ref = foreign.get(key)
+    if ref is not None and ref() is fn:
         return False
     if _is_dspys(fn, name):
         return True
-    if len(foreign) > 4096:  # (classes made on the fly: keep it bounded)
+    if len(foreign) > 4096:  # (wrappers made per access never come back: keep it bounded)
         foreign.clear()
-    foreign[id(fn)] = fn
+    with contextlib.suppress(TypeError):  # (not referable weakly: checked each time)
+        foreign[key] = weakref.ref(fn, functools.partial(_forget, foreign, key))
     return False
 
 

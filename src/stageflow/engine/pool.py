@@ -95,11 +95,11 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
             raise
 
 
-def abandon(signal: StopSignal) -> None:
+def abandon(signal: StopSignal, reason: str = "its caller gave up") -> None:
     """A call left to finish on its thread: counted, what it started is stopped, and the LM calls it
     would make from now on are refused."""
     note_abandoned()
-    signal.abandon()
+    signal.abandon(reason)
 
 
 def _no_stop_iteration(fn: Any, call: Callable[[], Any]) -> Any:

@@ -13,8 +13,11 @@ import contextvars
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["StopSignal", "abandonable", "enclosing_fan_out", "refuse_if_abandoned"]
+T = TypeVar("T")
+
+__all__ = ["StopSignal", "abandonable", "enclosing_fan_out", "refuse_if_abandoned", "run_as_callers"]
 
 
 #: One lock for every signal (registering and stopping are short; a signal is made per call that
@@ -35,7 +38,7 @@ class StopSignal:
         'skipped'
     """
 
-    __slots__ = ("_stopped", "_stops", "abandoned", "parent")
+    __slots__ = ("_stopped", "_stops", "abandoned", "parent", "reason")
 
     def __init__(self, parent: StopSignal | None = None) -> None:
         self._stopped = False
@@ -44,6 +47,8 @@ class StopSignal:
         self.parent = parent
         #: Set by :meth:`abandon`: the caller gave up on the work this signal stands for.
         self.abandoned = False
+        #: Why (for the refusal's message), once abandoned.
+        self.reason = ""
 
     def register(self, stop: Callable[[], None]) -> None:
         """Keep ``stop`` (a fan-out's stopper); call it at once when :meth:`stop` came first."""
@@ -66,9 +71,12 @@ class StopSignal:
         for stop in stops:
             stop()
 
-    def abandon(self) -> None:
-        """The caller gave up on this work (its timeout passed): stop what it started, and refuse the
-        LM calls it would make from now on (:func:`refuse_if_abandoned`)."""
+    def abandon(self, reason: str = "its caller gave up") -> None:
+        """The caller gave up on this work (``reason``: its timeout passed, its fan-out ended early):
+        stop what it started, and refuse the LM calls it would make from now on
+        (:func:`refuse_if_abandoned`)."""
+        if not self.abandoned:
+            self.reason = reason
         self.abandoned = True
         self.stop()
 
@@ -79,12 +87,17 @@ class StopSignal:
         >>> outer.abandon(); inner.gave_up()
         True
         """
+        return self.abandoned_by() is not None
+
+    def abandoned_by(self) -> str | None:
+        """Why the work this signal stands for (or work around it) was abandoned; ``None`` if it
+        was not."""
         signal: StopSignal | None = self
         while signal is not None:
             if signal.abandoned:
-                return True
+                return signal.reason or "its caller gave up"
             signal = signal.parent
-        return False
+        return None
 
 
 #: The stop signal of the thread fan-out whose branch is running: a fan-out started inside that
@@ -156,13 +169,33 @@ def refuse_if_abandoned() -> None:
     """Raise ``asyncio.CancelledError`` when the work running here was abandoned (see
     :meth:`StopSignal.abandon`): an LM call it is about to make would be answered and billed for
     nobody. Called before every LM call is sent, and again after it waited for a rate limit or a
-    budget. (A fan-out stopped early by ``fail_fast`` or ``until`` only stops what its leftover
-    branches started: a result of a finished branch may still be resolved later.)
+    budget. (A fan-out stopped early by ``fail_fast`` or ``until`` abandons the branches it leaves
+    running, not those that finished: a lazy result of theirs may still be resolved later.)
 
     >>> refuse_if_abandoned()  # (nothing abandoned here)
     """
     signal = enclosing_fan_out()
-    if signal is not None and signal.gave_up():
-        raise asyncio.CancelledError(
-            "stageflow: the caller gave up on this work (a timeout passed); its LM call was not sent"
-        )
+    if signal is not None:
+        reason = signal.abandoned_by()
+        if reason is not None:
+            raise asyncio.CancelledError(
+                f"stageflow: the caller gave up on this work ({reason}); its LM call was not sent"
+            )
+
+
+def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in (a copy of) ``ctx``, a context captured earlier, as work of the caller
+    here: its enclosing stop signal is this caller's, not the one captured with ``ctx``. Work a
+    branch deferred (a lazy result) and someone forces later belongs to whoever forces it, so a
+    branch abandoned since does not refuse it.
+
+    >>> import contextvars
+    >>> abandoned = StopSignal(); abandoned.abandon()
+    >>> ctx = contextvars.copy_context(); ctx.run(_ENCLOSING.set, abandoned)
+    >>> run_as_callers(ctx, enclosing_fan_out) is abandoned
+    False
+    """
+    here = enclosing_fan_out()
+    run = ctx.copy()
+    run.run(_ENCLOSING.set, StopSignal() if here is None else here)
+    return run.run(fn, *args)

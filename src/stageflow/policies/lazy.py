@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 from collections.abc import Mapping
@@ -79,8 +80,15 @@ class LazyResult:
         if self._value is _UNSET and self._error is None:
             with self._lock:
                 if self._value is _UNSET and self._error is None:
+                    from stageflow.engine.stopping import run_as_callers
+
                     try:
-                        object.__setattr__(self, "_value", self._ctx.run(self._run, by_engine))
+                        # (in the context of the call that made it, as work of whoever forces it)
+                        object.__setattr__(self, "_value", run_as_callers(self._ctx, self._run, by_engine))
+                    except asyncio.CancelledError:
+                        # Cancelled, or refused because whoever forced it was abandoned: not the
+                        # stage's result, so not kept (the next access runs the stage again).
+                        raise
                     except BaseException as e:
                         object.__setattr__(self, "_error", e)
         if self._error is not None:
