@@ -191,7 +191,7 @@ def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -
 
     >>> import contextvars
     >>> abandoned = StopSignal(); abandoned.abandon()
-    >>> ctx = contextvars.copy_context(); ctx.run(_ENCLOSING.set, abandoned)
+    >>> ctx = contextvars.copy_context(); _ = ctx.run(_ENCLOSING.set, abandoned)
     >>> run_as_callers(ctx, enclosing_fan_out) is abandoned
     False
     """
