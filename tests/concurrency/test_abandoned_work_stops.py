@@ -474,3 +474,36 @@ def test_the_refusal_says_why(opts: dict[str, Any], reason: str) -> None:
 def _timeouts_raise(program: ForEach) -> None:
     result = program(xs=["a"])
     raise StageflowError(f"timed out: {result.ys}")
+
+
+def test_a_lazy_result_whose_stage_raises_cancelled_error_runs_once() -> None:
+    """(helper 99, R4) Only a refusal of an abandoned forcer is not kept: a CancelledError the stage
+    raises itself is its result, and forcing it again does not run the stage again."""
+    import concurrent.futures as cf
+    import threading
+
+    from stageflow.policies.lazy import LazyStage
+
+    runs: list[int] = stageflow.untracked([])
+
+    @stage(writes=["y"])
+    def cancels(x: int) -> dict[str, Any]:
+        runs.append(x)
+        raise asyncio.CancelledError("inner task cancelled")
+
+    result = LazyStage(cancels)(x=1)
+    barrier = threading.Barrier(8)
+
+    def force() -> str:
+        barrier.wait()
+        try:
+            result["y"]
+        except BaseException as e:
+            return type(e).__name__
+        return "no error"
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        seen = set(pool.map(lambda _: force(), range(8)))
+    assert seen == {"CancelledError"}
+    assert runs == [1]
+    assert result.done

@@ -126,3 +126,25 @@ async def test_an_acall_of_yours_runs_when_awaited_without_an_aforward(mode: str
         assert (await call(SequentialPipeline([cls()]), mode, question="q")).answer == expected
         fanout = stageflow.ForEach(cls(), over="qs", item="question", collect={"answer": "answers"})
         assert (await call(fanout, mode, qs=["q"])).answers == [expected]
+
+
+async def test_instrumentation_on_dspys_acall_leaves_a_forward_only_module_on_a_thread(
+    monkeypatch: Any,
+) -> None:
+    """(helper 99, R1) OpenInference wraps ``dspy.Module.acall`` itself: still DSPy's ``acall``, so a
+    module without ``aforward`` keeps running its ``forward`` on a worker thread under ``acall``."""
+    original = dspy.Module.acall
+    seen: list[str] = []
+
+    async def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(type(self).__name__)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dspy.Module, "acall", wrapped)
+
+    class Step(dspy.Module):  # type: ignore[misc]
+        def forward(self, question: str) -> dspy.Prediction:
+            return dspy.Prediction(answer=question.upper())
+
+    assert (await SequentialPipeline([Step()]).acall(question="q")).answer == "Q"
+    assert "Step" not in seen  # (its forward ran on a thread, as without the wrapper)

@@ -42,8 +42,8 @@ from typing import Any
 
 import dspy
 
-from stageflow._callers import KNOWN_ENTRY_POINTS, push_callers
-from stageflow.engine.nested import ForwardAccess, _dspys, _settings, bind_forward, pushable
+from stageflow._callers import push_callers
+from stageflow.engine.nested import ForwardAccess, _settings, bind_forward, pushable
 
 __all__ = ["acall_module", "call_module", "own_acall"]
 
@@ -113,10 +113,18 @@ async def acall_module(target: Any, kw: dict[str, Any]) -> Any:
 
 def own_acall(target: Any) -> bool:
     """Whether ``await target.acall(...)`` runs code of yours rather than DSPy's ``Module.acall``: an
-    ``acall`` set on the instance, or one its class defines (for a module without ``aforward``,
-    which the engine otherwise runs on a worker thread, since DSPy's ``acall`` would find none)."""
+    ``acall`` set on the instance, or one a class of yours defines (for a module without
+    ``aforward``, which the engine otherwise runs on a worker thread, since DSPy's ``acall`` would
+    find none). Instrumentation that wraps ``dspy.Module.acall`` itself (OpenInference does) is
+    still DSPy's ``acall``, wrapped: it counts as DSPy's."""
     attrs = getattr(target, "__dict__", None)
     if type(attrs) is dict and "acall" in attrs:
         return True
-    fn = getattr(type(target), "acall", None)
-    return fn is not None and KNOWN_ENTRY_POINTS.get("acall") is not fn and not _dspys(fn, "acall")
+    for klass in type(target).__mro__:
+        if "acall" in klass.__dict__:
+            return klass not in _DSPY_CLASSES
+    return False
+
+
+#: The classes whose ``acall`` is DSPy's (whatever wraps it there).
+_DSPY_CLASSES = frozenset(k for k in dspy.Module.__mro__ if k is not object)

@@ -85,10 +85,16 @@ class LazyResult:
                     try:
                         # (in the context of the call that made it, as work of whoever forces it)
                         object.__setattr__(self, "_value", run_as_callers(self._ctx, self._run, by_engine))
-                    except asyncio.CancelledError:
-                        # Cancelled, or refused because whoever forced it was abandoned: not the
-                        # stage's result, so not kept (the next access runs the stage again).
-                        raise
+                    except asyncio.CancelledError as e:
+                        # Refused because whoever forced it was abandoned: not the stage's result,
+                        # so not kept (the next access runs the stage again). A CancelledError the
+                        # stage raised on its own is its result, kept like any other error.
+                        from stageflow.engine.stopping import enclosing_fan_out
+
+                        signal = enclosing_fan_out()
+                        if signal is not None and signal.gave_up():
+                            raise
+                        object.__setattr__(self, "_error", e)
                     except BaseException as e:
                         object.__setattr__(self, "_error", e)
         if self._error is not None:
