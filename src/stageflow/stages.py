@@ -713,7 +713,7 @@ def _field_map(mapping: Mapping[str, str] | None, what: str, module: Any) -> dic
     return dict(mapping)
 
 
-def _forward_of(module: Any, name: str = "forward") -> Any:
+def _method_of(module: Any, name: str = "forward") -> Any:
     """``module.forward`` (or ``name``) as ``Module.__call__`` reads it — a property, one set on
     the instance, a method (bound: its parameters are the inputs), a ``staticmethod``, a
     ``functools.partial``, one a ``__getattr__`` of the class gives — without ``dspy.Module``'s
@@ -749,9 +749,9 @@ def describe(obj: Any) -> Ports:
     if isinstance(obj, dspy.ChainOfThought) and isinstance(inner, dspy.Predict):
         return _signature_ports(inner.signature)
     if isinstance(obj, dspy.Module):
-        forward = _forward_of(obj)
+        forward = _method_of(obj)
         if forward is None:  # (a module with only an aforward: its parameters are the inputs)
-            forward = _forward_of(obj, "aforward")
+            forward = _method_of(obj, "aforward")
         if forward is None or not callable(forward):
             return Ports(accepts_any=True)
         return _callable_ports(forward)

@@ -37,50 +37,27 @@ Example:
 
 from __future__ import annotations
 
-from types import FunctionType, MethodType
 from typing import Any
 
 import dspy
 
 from stageflow._callers import push_callers
-from stageflow.engine.nested import ForwardAccess, _settings, bind_forward, pushable
+from stageflow.engine.nested import _settings, pushable
+from stageflow.stages import _method_of
 
 __all__ = ["acall_module", "call_module", "own_acall"]
 
 _getattr = object.__getattribute__
 #: Attribute lookups whose only effect beyond Python's own is DSPy's "called directly" warning.
 _PLAIN_LOOKUPS = (dspy.Module.__getattribute__, object.__getattribute__)
-_MISSING = object()
 
 
 def _method(target: Any, name: str) -> Any:
-    """``target.<name>`` as ``Module.__call__`` reads it — Python's order: a data descriptor of the
-    class, then the instance's own attribute, then the class's — without DSPy's warning; ``None``
-    when it must be read by DSPy's own call."""
-    cls = type(target)
-    if cls.__getattribute__ not in _PLAIN_LOOKUPS:
+    """``target.<name>`` as ``Module.__call__`` reads it (Python's own lookup, as the stage's inputs
+    were read from it), without DSPy's warning; ``None`` when it must be read by DSPy's own call."""
+    if type(target).__getattribute__ not in _PLAIN_LOOKUPS:
         return None
-    seen = cls.__dict__.get(name, _MISSING)
-    if type(seen) is FunctionType:  # (the common case: a plain method the class defines itself)
-        own = _getattr(target, "__dict__").get(name, _MISSING)  # (one set on the instance wins)
-        return MethodType(seen, target) if own is _MISSING else own
-    found: Any = _MISSING  # (anything else: the class's own object, read as Python reads it)
-    for klass in cls.__mro__:
-        found = klass.__dict__.get(name, _MISSING)
-        if found is not _MISSING:
-            break
-    if found is not _MISSING:
-        kind = type(found)
-        if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):  # (a property: it wins)
-            return bind_forward(found, target, cls)
-    own = _getattr(target, "__dict__").get(name, _MISSING)
-    if own is not _MISSING:
-        return own
-    if found is _MISSING:
-        return None
-    if type(found) is ForwardAccess:
-        found = found.fn
-    return bind_forward(found, target, cls)
+    return _method_of(target, name)
 
 
 def call_module(target: Any, kw: dict[str, Any]) -> Any:
