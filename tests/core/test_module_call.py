@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import dspy
 import pytest
 from dspy.utils.callback import BaseCallback
+from test_nested_call import Noting
 
 from stageflow import SequentialPipeline
 from stageflow.testing import FakeLM, call
@@ -119,23 +120,8 @@ async def test_instrumentation_wrapping_module_call_sees_the_stage(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
-
-    class Wrapper:  # not a plain function, like wrapt's FunctionWrapper
-        def __init__(self, fn: Any) -> None:
-            self.fn = fn
-
-        def __get__(self, obj: Any, owner: Any = None) -> Any:
-            if obj is None:
-                return self
-
-            def bound(*args: Any, **kwargs: Any) -> Any:
-                seen.append(type(obj).__name__)
-                return self.fn(obj, *args, **kwargs)
-
-            return bound
-
-    monkeypatch.setattr(dspy.Module, "__call__", Wrapper(dspy.Module.__call__))
-    monkeypatch.setattr(dspy.Module, "acall", Wrapper(dspy.Module.acall))
+    monkeypatch.setattr(dspy.Module, "__call__", Noting(dspy.Module.__call__, seen))
+    monkeypatch.setattr(dspy.Module, "acall", Noting(dspy.Module.acall, seen))
     with dspy.context(lm=FakeLM({"answer": "a"})):
         assert (await call(SequentialPipeline([Asks()]), mode, question="q")).answer == "a"
     assert seen[:2] == ["SequentialPipeline", "Asks"]

@@ -76,28 +76,30 @@ async def test_a_forward_patched_on_the_nested_instance_runs(mode: str) -> None:
     assert (await call(outer, mode, x=1)).y == 20
 
 
+class Noting:
+    """Instrumentation around DSPy's ``Module.__call__`` / ``acall``: notes the class of each module
+    it is called for. Not a plain function, like wrapt's ``FunctionWrapper``."""
+
+    def __init__(self, fn: Any, seen: list[str]) -> None:
+        self.fn, self.seen = fn, seen
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            self.seen.append(type(obj).__name__)
+            return self.fn(obj, *args, **kwargs)
+
+        return bound
+
+
 async def test_wrapped_module_call_is_honoured(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Instrumentation that wraps ``dspy.Module.__call__`` / ``acall`` (OpenInference does) sees the
     nested pipeline's call."""
     seen: list[str] = []
-    original_call, original_acall = dspy.Module.__call__, dspy.Module.acall
-
-    class Wrapper:  # not a plain function, like wrapt's FunctionWrapper
-        def __init__(self, fn: Any) -> None:
-            self.fn = fn
-
-        def __get__(self, obj: Any, owner: Any = None) -> Any:
-            if obj is None:
-                return self
-
-            def bound(*args: Any, **kwargs: Any) -> Any:
-                seen.append(type(obj).__name__)
-                return self.fn(obj, *args, **kwargs)
-
-            return bound
-
-    monkeypatch.setattr(dspy.Module, "__call__", Wrapper(original_call))
-    monkeypatch.setattr(dspy.Module, "acall", Wrapper(original_acall))
+    monkeypatch.setattr(dspy.Module, "__call__", Noting(dspy.Module.__call__, seen))
+    monkeypatch.setattr(dspy.Module, "acall", Noting(dspy.Module.acall, seen))
     inner = SequentialPipeline([stage(lambda x: {"y": x + 1}, writes=["y"])])
     outer = SequentialPipeline([inner])
     assert (await call(outer, mode, x=1)).y == 2
