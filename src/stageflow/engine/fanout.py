@@ -369,6 +369,9 @@ def fan_out(
     finally:
         if enclosing is not None:
             enclosing.discard(signal.stop)
+        # (the fan-out is over: its signal, which branches left running still point to, must not
+        # keep it — and every branch's state — alive in a reference cycle the collector has to find)
+        signal.discard(run.stop)
     if run.fatal is not None:  # (a branch raised KeyboardInterrupt / SystemExit: stop as above)
         signal.abandon()
         raise run.fatal

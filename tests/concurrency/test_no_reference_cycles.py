@@ -1,0 +1,114 @@
+"""A pipeline call leaves no reference cycle behind: what it made is freed by reference counting
+as soon as the caller drops the result, not kept (with every branch's state and LM output) until a
+full collection finds it. Before, a sync fan-out's stop signal kept the fan-out in a cycle (the
+signal held the fan-out's ``stop``; the fan-out held the signal): ~10 objects per branch, for 512
+branches a 23 ms full collection every dozen calls."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import stageflow
+from stageflow import EnsemblePipeline, ForEach, ParallelPipeline, ResultAggregator, SequentialPipeline, stage
+
+
+def _double(x: int) -> dict[str, int]:
+    return {"y": x * 2}
+
+
+async def _adouble(x: int) -> dict[str, int]:
+    return {"y": x * 2}
+
+
+def _fan_outs() -> dict[str, Callable[[], Any]]:
+    def each(fn: Any, **options: Any) -> ForEach:
+        return ForEach(stage(fn, writes=["y"]), over="xs", item="x", collect="ys", **options)
+
+    return {
+        "ForEach, fail_fast (default)": lambda: each(_double),
+        "ForEach, collect": lambda: each(_double, on_error="collect"),
+        "ForEach, max_concurrency=2": lambda: each(_double, max_concurrency=2),
+        "ForEach, timeout": lambda: each(_double, timeout=30.0),
+        "EnsemblePipeline, quorum (until)": lambda: SequentialPipeline(
+            [
+                stage(lambda xs: {"x": len(xs)}, writes=["x"], name="size"),
+                EnsemblePipeline(
+                    [stage(_double, writes=["y"], name=f"m{i}") for i in range(3)],
+                    ResultAggregator("majority", field="y"),
+                    quorum=2,
+                ),
+            ]
+        ),
+        "ForEach, async stage": lambda: each(_adouble),
+        "ParallelPipeline": lambda: SequentialPipeline(
+            [
+                stage(lambda xs: {"x": len(xs)}, writes=["x"], name="size"),
+                ParallelPipeline(
+                    [
+                        stage(_double, writes=["y"], name="a"),
+                        stage(lambda x: {"z": x}, writes=["z"], name="b"),
+                    ]
+                ),
+            ]
+        ),
+    }
+
+
+def _garbage_of(call: Callable[[], Any]) -> collections.Counter[str]:
+    """The objects ``call`` left in reference cycles, by type (the collector off meanwhile)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = call()
+        del result
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        if enabled:
+            gc.enable()
+
+
+@pytest.mark.parametrize("name", list(_fan_outs()))
+def test_a_fan_out_call_leaves_no_reference_cycle(name: str, mode: str) -> None:
+    program = _fan_outs()[name]()
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(stageflow.testing.call(program, mode, xs=list(range(64))))
+
+    try:
+        for _ in range(3):  # (first calls build plans and caches that live on)
+            out = call()
+            assert out.get("ys", [0, 2])[:2] == [0, 2]
+            assert out.get("y", 0) in (0, 128)
+        garbage = _garbage_of(call)
+    finally:
+        loop.close()
+    assert not garbage, f"{name} ({mode}) left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+def test_the_sweep_sees_a_cycle_when_there_is_one() -> None:
+    """The check above can fail: a stage that builds a cycle is seen."""
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    def cyclic(x: int) -> dict[str, int]:
+        Node()
+        return {"y": x}
+
+    program = ForEach(stage(cyclic, writes=["y"]), over="xs", item="x", collect="ys")
+    program(xs=[1])
+    garbage = _garbage_of(lambda: program(xs=[1, 2, 3]))
+    assert garbage["Node"] == 3
