@@ -130,6 +130,14 @@ def _forced(out: Any) -> Any:
     return out if resolve is None else resolve(out)
 
 
+async def _aforced(out: Any) -> Any:
+    """Async twin of :func:`_forced` (a result with no async resolution is forced on a thread)."""
+    resolve = getattr(type(out), "stageflow_aresolve", None)
+    if resolve is not None:
+        return await resolve(out)
+    return await concurrency.to_thread(_forced, out) if hasattr(type(out), "stageflow_resolve") else out
+
+
 def _carry_run(entry: StageEntry, err: StageflowError, run: RunInfo) -> None:
     """A nested pipeline that failed: what it did (carried by the error) joins this run."""
     if entry.composite and err.run is not None and err.run is not run:
@@ -615,9 +623,9 @@ async def _call_async(entry: StageEntry, target: Any, kw: dict[str, Any]) -> Any
         if entry.is_async_fn or type(out) is CoroutineType:
             out = await out
         return out
-    if entry.lazy:  # (its deferred work runs on a worker thread, as any blocking call of a stage)
+    if entry.lazy:  # (its deferred work runs as the stage's async call: see LazyResult.avalue)
         out = await (target.acall(**kw) if entry.has_aforward else concurrency.to_thread(target, **kw))
-        return await concurrency.to_thread(_forced, out)
+        return await _aforced(out)
     if entry.has_aforward:
         return await (acall_module(target, kw) if entry.module_call else target.acall(**kw))
     if own_acall(target):  # (an acall of yours, on the class or the instance: what awaiting it runs)

@@ -12,12 +12,19 @@ import contextlib
 import contextvars
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["StopSignal", "abandonable", "enclosing_fan_out", "refuse_if_abandoned", "run_as_callers"]
+__all__ = [
+    "StopSignal",
+    "abandonable",
+    "arun_as_callers",
+    "enclosing_fan_out",
+    "refuse_if_abandoned",
+    "run_as_callers",
+]
 
 
 #: One lock for every signal (registering and stopping are short; a signal is made per call that
@@ -199,3 +206,25 @@ def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -
     run = ctx.copy()
     run.run(_ENCLOSING.set, StopSignal() if here is None else here)
     return run.run(fn, *args)
+
+
+async def arun_as_callers(ctx: contextvars.Context, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Async twin of :func:`run_as_callers`: await ``fn(*args)`` as a task in (a copy of) ``ctx``,
+    with this caller's stop signal; cancelling the caller cancels it.
+
+    >>> import asyncio, contextvars
+    >>> abandoned = StopSignal(); abandoned.abandon()
+    >>> ctx = contextvars.copy_context(); _ = ctx.run(_ENCLOSING.set, abandoned)
+    >>> async def enclosing() -> StopSignal | None:
+    ...     return enclosing_fan_out()
+    >>> asyncio.run(arun_as_callers(ctx, enclosing)) is abandoned
+    False
+    """
+    here = enclosing_fan_out()
+    run = ctx.copy()
+    run.run(_ENCLOSING.set, StopSignal() if here is None else here)
+    return await asyncio.get_running_loop().create_task(_awaited(fn, args), context=run)
+
+
+async def _awaited(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    return await fn(*args)

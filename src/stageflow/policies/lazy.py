@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import dspy
 
-from stageflow.stages import ENGINE_CALLS, FunctionStage, Ports, describe, wraps_function
+from stageflow.stages import ENGINE_CALLS, FunctionStage, Ports, _is_async_callable, describe, wraps_function
 
 __all__ = ["LazyResult", "LazyStage"]
 
@@ -18,14 +20,26 @@ _UNSET = object()
 
 
 class LazyResult:
-    """A stage result computed on first access (thread-safe; the stage runs exactly once).
+    """A stage result computed on first access (thread- and task-safe; the stage runs exactly once).
 
     Attribute and item access are delegated to the real result. ``done`` tells whether it ran;
-    ``value()`` forces it. The call runs in the context of the moment the stage was called, so
-    ``dspy.context(lm=...)`` settings active then apply.
+    ``value()`` forces it, and ``await avalue()`` forces it from async code: the stage's async call
+    runs on the event loop (a module's ``aforward``, an ``async def`` function), and a sync one on a
+    worker thread. The call runs in the context of the moment the stage was called, so
+    ``dspy.context(lm=...)`` settings active then apply. Whoever comes while it runs waits for that
+    run, on any thread or task. An interrupt (Ctrl-C, a cancelled forcer) is not its result: the
+    next access runs the stage.
+
+    Examples:
+        >>> import asyncio, stageflow
+        >>> async def double(x: int) -> dict[str, int]:
+        ...     return {"y": 2 * x}
+        >>> pending = stageflow.LazyStage(stageflow.stage(double, writes=["y"]))(x=21)
+        >>> asyncio.run(pending.avalue())["y"], pending.done
+        (42, True)
     """
 
-    __slots__ = ("_args", "_ctx", "_error", "_lock", "_single", "_stage", "_value")
+    __slots__ = ("_args", "_ctx", "_error", "_lock", "_owner", "_running", "_single", "_stage", "_value")
 
     def __init__(self, stage: Any, kwargs: dict[str, Any], single: str | None = None) -> None:
         object.__setattr__(self, "_stage", stage)
@@ -35,6 +49,9 @@ class LazyResult:
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_value", _UNSET)
         object.__setattr__(self, "_error", None)
+        #: While a forcer runs the stage: a future set when it ends, and (thread id, is async).
+        object.__setattr__(self, "_running", None)
+        object.__setattr__(self, "_owner", None)
 
     @property
     def done(self) -> bool:
@@ -61,7 +78,13 @@ class LazyResult:
     def stageflow_resolve(self) -> Any:
         """What the engine merges when a pipeline holds the lazy stage: the forced result (a function
         stage's single declared output, returned bare, under its name)."""
-        value = self.value(by_engine=True)
+        return self._fields(self.value(by_engine=True))
+
+    async def stageflow_aresolve(self) -> Any:
+        """Async twin of :meth:`stageflow_resolve` (a pipeline's ``acall`` forces it on the loop)."""
+        return self._fields(await self.avalue(by_engine=True))
+
+    def _fields(self, value: Any) -> Any:
         if self._single is not None and not _is_record(value):
             return {self._single: value}
         return value
@@ -74,32 +97,104 @@ class LazyResult:
             if token is not None:
                 ENGINE_CALLS.reset(token)
 
+    async def _arun(self, by_engine: bool) -> Any:
+        token = ENGINE_CALLS.set(self._stage) if by_engine else None
+        try:
+            return await _awaited_call(self._stage, self._args)
+        finally:
+            if token is not None:
+                ENGINE_CALLS.reset(token)
+
     def value(self, by_engine: bool = False) -> Any:
         """Run the stage if it has not run yet, and return its result (or raise its error).
         ``by_engine``: a pipeline's engine forces it, and checks the result when it merges it."""
-        if self._value is _UNSET and self._error is None:
-            with self._lock:
-                if self._value is _UNSET and self._error is None:
-                    from stageflow.engine.stopping import run_as_callers
+        from stageflow.engine.stopping import run_as_callers
 
-                    try:
-                        # (in the context of the call that made it, as work of whoever forces it)
-                        object.__setattr__(self, "_value", run_as_callers(self._ctx, self._run, by_engine))
-                    except asyncio.CancelledError as e:
-                        # Refused because whoever forced it was abandoned: not the stage's result,
-                        # so not kept (the next access runs the stage again). A CancelledError the
-                        # stage raised on its own is its result, kept like any other error.
-                        from stageflow.engine.stopping import enclosing_fan_out
+        while not self.done:
+            running = self._claim(asynchronous=False)
+            if running is None:
+                continue  # (finished meanwhile)
+            if running.owned:
+                self._settle(running, lambda: run_as_callers(self._ctx, self._run, by_engine), None)
+            else:
+                running.future.result()  # (then look again: kept, or given back to run again)
+        return self._outcome()
 
-                        signal = enclosing_fan_out()
-                        if signal is not None and signal.gave_up():
-                            raise
-                        object.__setattr__(self, "_error", e)
-                    except BaseException as e:
-                        object.__setattr__(self, "_error", e)
+    async def avalue(self, by_engine: bool = False) -> Any:
+        """Async twin of :meth:`value`: run the stage's async call on this event loop if it has not
+        run yet (a sync stage runs on a worker thread), and return its result (or raise its error)."""
+        from stageflow.engine.stopping import arun_as_callers
+
+        while not self.done:
+            running = self._claim(asynchronous=True)
+            if running is None:
+                continue
+            if running.owned:
+                task = asyncio.current_task()
+                await self._asettle(running, lambda: arun_as_callers(self._ctx, self._arun, by_engine), task)
+            else:
+                await asyncio.wrap_future(running.future)
+        return self._outcome()
+
+    def _outcome(self) -> Any:
         if self._error is not None:
             raise self._error
         return self._value
+
+    def _claim(self, asynchronous: bool) -> _Running | None:
+        """Take the run (``owned``), or find the one in progress to wait for; ``None`` when done."""
+        me = threading.get_ident()
+        with self._lock:
+            if self.done:
+                return None
+            future = self._running
+            if future is None:
+                future = Future()
+                object.__setattr__(self, "_running", future)
+                object.__setattr__(self, "_owner", (me, asynchronous))
+                return _Running(future, owned=True)
+            owner, owner_async = self._owner or (None, False)
+        if owner == me and not (asynchronous and owner_async):
+            # (waiting here would never end: the run in progress is below this call on this thread,
+            # or on this thread's event loop, which a sync wait blocks)
+            how = "`await result.avalue()` on this thread's event loop" if owner_async else "this thread"
+            raise RuntimeError(
+                f"LazyResult of {self._stage!r} was read while it is being resolved by {how}: reading "
+                "it there would wait for itself; "
+                + ("await it (`await result.avalue()`) instead." if owner_async else "read it after it ends.")
+            )
+        return _Running(future, owned=False)
+
+    def _release(self, future: Future[None], value: Any = _UNSET, error: BaseException | None = None) -> None:
+        """End the run: keep its outcome (none when it was interrupted), wake whoever waits."""
+        with self._lock:
+            if error is not None:
+                object.__setattr__(self, "_error", error)
+            elif value is not _UNSET:
+                object.__setattr__(self, "_value", value)
+            object.__setattr__(self, "_running", None)
+            object.__setattr__(self, "_owner", None)
+        future.set_result(None)
+
+    def _settle(self, running: _Running, run: Callable[[], Any], task: Any) -> None:
+        try:
+            value = run()
+        except BaseException as e:
+            self._release(running.future, error=None if _interrupted(e, task) else e)
+            if _interrupted(e, task):
+                raise
+        else:
+            self._release(running.future, value)
+
+    async def _asettle(self, running: _Running, run: Callable[[], Any], task: Any) -> None:
+        try:
+            value = await run()
+        except BaseException as e:
+            self._release(running.future, error=None if _interrupted(e, task) else e)
+            if _interrupted(e, task):
+                raise
+        else:
+            self._release(running.future, value)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.value(), name)
@@ -115,6 +210,45 @@ class LazyResult:
 
     def __repr__(self) -> str:
         return repr(self.value()) if self.done else f"LazyResult(pending: {self._stage!r})"
+
+
+class _Running:
+    """A run in progress of a lazy result: its future, and whether the caller holding this owns it."""
+
+    __slots__ = ("future", "owned")
+
+    def __init__(self, future: Future[None], owned: bool) -> None:
+        self.future, self.owned = future, owned
+
+
+def _interrupted(error: BaseException, task: Any) -> bool:
+    """Whether ``error`` ended the run because its forcer was interrupted (Ctrl-C, an exit, a
+    cancelled task, a forcer whose fan-out gave up), not because the stage failed: not its result."""
+    if isinstance(error, Exception):
+        return False
+    if not isinstance(error, asyncio.CancelledError):
+        return True  # (KeyboardInterrupt, SystemExit, GeneratorExit)
+    from stageflow.engine.stopping import enclosing_fan_out
+
+    if task is not None and task.cancelling():
+        return True  # (the forcing task was cancelled)
+    signal = enclosing_fan_out()
+    return signal is not None and signal.gave_up()
+
+
+async def _awaited_call(stage: Any, kwargs: dict[str, Any]) -> Any:
+    """Await ``stage(**kwargs)`` as a pipeline's ``acall`` would: its async call on the loop (a
+    module's ``aforward`` or ``acall`` of yours, an ``async def`` function), a sync one on a worker
+    thread of the shared pool."""
+    from stageflow.engine.concurrency import to_thread
+    from stageflow.engine.module_call import own_acall
+
+    if hasattr(stage, "aforward") or own_acall(stage):
+        return await stage.acall(**kwargs)
+    if _is_async_callable(stage):
+        return await stage(**kwargs)
+    out = await to_thread(stage, **kwargs)
+    return await out if inspect.isawaitable(out) else out
 
 
 def _is_record(value: Any) -> bool:

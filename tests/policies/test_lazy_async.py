@@ -1,0 +1,204 @@
+"""A lazy result forced from async code runs its stage's async call on the event loop, exactly once
+across threads and tasks. Before, a pipeline's ``acall`` forced a ``LazyStage`` on a worker thread
+through the stage's sync call: a module with only ``aforward`` failed there, and an ``async def``
+stage ran on stageflow's background loop instead of the caller's. An interrupted forcer leaves no
+result behind, and reading a result from where it is being resolved is an error, not a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import dspy
+import pytest
+
+from stageflow import LazyResult, LazyStage, SequentialPipeline, stage
+from stageflow.testing import call
+
+
+class AsyncOnly(dspy.Module):  # type: ignore[misc]
+    """A module with ``aforward`` and no ``forward`` (the tutorial's async shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        self.threads.append(threading.get_ident())
+        await asyncio.sleep(0)
+        return dspy.Prediction(answer=question.upper())
+
+
+def _first(q: str) -> dict[str, str]:
+    return {"question": q + "?"}
+
+
+async def test_an_aforward_only_module_runs_lazily_under_acall() -> None:
+    module = AsyncOnly()
+    pipeline = SequentialPipeline([stage(_first, writes=["question"]), LazyStage(module)])
+    result = await pipeline.acall(q="why")
+    assert result.answer == "WHY?"
+    assert module.threads == [threading.get_ident()]  # (on the caller's loop, not a worker thread)
+
+
+async def test_avalue_awaits_the_async_call_on_the_loop() -> None:
+    module = AsyncOnly()
+    pending = LazyStage(module)(question="a")
+    assert not pending.done
+    assert (await pending.avalue()).answer == "A"
+    assert pending.done
+    assert module.threads == [threading.get_ident()]
+    assert pending.answer == "A"  # (kept: the sync read does not run it again)
+    assert len(module.threads) == 1
+
+
+async def test_an_async_function_stage_is_awaited_on_the_callers_loop(mode: str) -> None:
+    seen: list[Any] = []
+
+    async def summarize(question: str) -> dict[str, str]:
+        seen.append(asyncio.get_running_loop())
+        return {"summary": question * 2}
+
+    pipeline = SequentialPipeline(
+        [stage(_first, writes=["question"]), LazyStage(stage(summarize, writes=["summary"]))]
+    )
+    result = await call(pipeline, mode, q="x")
+    assert result.summary == "x?x?"
+    if mode == "async":
+        assert seen == [asyncio.get_running_loop()]
+    else:
+        assert seen != [asyncio.get_running_loop()]  # (a sync call runs it on stageflow's own loop)
+
+
+async def test_a_sync_stage_forced_from_async_code_runs_on_a_worker_thread() -> None:
+    threads: list[int] = []
+
+    def slow(x: int) -> dict[str, int]:
+        threads.append(threading.get_ident())
+        return {"y": x + 1}
+
+    pending = LazyStage(stage(slow, writes=["y"]))(x=1)
+    assert (await pending.avalue())["y"] == 2
+    assert threads
+    assert threads[0] != threading.get_ident()
+
+
+async def test_exactly_once_across_tasks_and_threads() -> None:
+    runs: list[int] = []
+    release = asyncio.Event()
+
+    async def once(x: int) -> dict[str, int]:
+        runs.append(x)
+        await release.wait()
+        return {"y": x * 10}
+
+    pending = LazyStage(stage(once, writes=["y"]))(x=4)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(pending.avalue()) for _ in range(16)]
+    await asyncio.sleep(0.01)  # (one task runs it; the others wait for that run)
+    thread_results: list[Any] = []
+    threads = [threading.Thread(target=lambda: thread_results.append(pending["y"])) for _ in range(6)]
+    for t in threads:
+        t.start()
+    await asyncio.sleep(0.01)
+    assert runs == [4]
+    release.set()
+    values = await asyncio.gather(*tasks)
+    for t in threads:
+        await asyncio.to_thread(t.join, 5)
+    assert [v["y"] for v in values] == [40] * 16
+    assert thread_results == [40] * 6
+    assert runs == [4]
+
+
+async def test_a_cancelled_forcer_leaves_no_result_and_a_waiter_runs_it() -> None:
+    runs: list[int] = []
+    gate = asyncio.Event()
+
+    async def slow(x: int) -> dict[str, int]:
+        runs.append(x)
+        if len(runs) == 1:
+            await gate.wait()  # (the first run hangs until its forcer is cancelled)
+        return {"y": x}
+
+    pending = LazyStage(stage(slow, writes=["y"]))(x=7)
+    first = asyncio.get_running_loop().create_task(pending.avalue())
+    await asyncio.sleep(0.01)
+    waiter = asyncio.get_running_loop().create_task(pending.avalue())
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert (await asyncio.wait_for(waiter, 5))["y"] == 7
+    assert runs == [7, 7]  # (the cancelled run was not its result: the waiter ran it again)
+    assert pending.done
+
+
+def test_an_interrupt_in_the_stage_is_not_kept_as_its_result() -> None:
+    runs: list[int] = []
+
+    def interrupted_once(x: int) -> dict[str, int]:
+        runs.append(x)
+        if len(runs) == 1:
+            raise KeyboardInterrupt
+        return {"y": x}
+
+    pending = LazyStage(stage(interrupted_once, writes=["y"]))(x=3)
+    with pytest.raises(KeyboardInterrupt):
+        pending.value()
+    assert not pending.done
+    assert pending["y"] == 3
+    assert runs == [3, 3]
+
+
+def test_an_error_is_kept_and_raised_again_without_running_again() -> None:
+    runs: list[int] = []
+
+    async def failing(x: int) -> dict[str, int]:
+        runs.append(x)
+        raise ValueError("no")
+
+    pending = LazyStage(stage(failing, writes=["y"]))(x=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no"):
+            asyncio.run(pending.avalue())
+    with pytest.raises(ValueError, match="no"):
+        pending.value()
+    assert runs == [1]
+
+
+async def test_reading_it_synchronously_on_the_loop_resolving_it_is_an_error_not_a_hang() -> None:
+    gate = asyncio.Event()
+
+    async def slow(x: int) -> dict[str, int]:
+        await gate.wait()
+        return {"y": x}
+
+    pending = LazyStage(stage(slow, writes=["y"]))(x=2)
+    forcing = asyncio.get_running_loop().create_task(pending.avalue())
+    await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError, match=r"await it \(`await result.avalue\(\)`\)"):
+        pending.value()  # (a sync wait here would block the loop the run needs)
+    gate.set()
+    assert (await forcing)["y"] == 2
+
+
+def test_a_stage_reading_its_own_lazy_result_is_an_error_not_a_hang() -> None:
+    holder: list[LazyResult] = []
+    errors: list[BaseException] = []
+
+    def reads_itself(x: int) -> dict[str, int]:
+        try:
+            holder[0].value()
+        except RuntimeError as e:
+            errors.append(e)
+        return {"y": x}
+
+    holder.append(LazyStage(stage(reads_itself, writes=["y"]))(x=5))
+    started = time.perf_counter()
+    assert holder[0]["y"] == 5
+    assert time.perf_counter() - started < 5
+    assert len(errors) == 1
+    assert "would wait for itself" in str(errors[0])
