@@ -504,3 +504,131 @@ def test_a_lazy_result_whose_stage_raises_cancelled_error_runs_once() -> None:
     assert seen == {"CancelledError"}
     assert runs == [1]
     assert result.done
+
+
+@pytest.mark.parametrize(
+    ("opts", "reason"),
+    [({"on_error": "fail_fast"}, "its fan-out ended early"), ({"timeout": 0.15}, "its timeout passed")],
+)
+def test_dspys_threads_in_a_branch_its_fan_out_left_are_refused_too(
+    opts: dict[str, Any], reason: str
+) -> None:
+    """(session 33's left-out item) A branch left running — after ``fail_fast``, or timed out — whose
+    stage starts ``dspy.Parallel`` afterwards: its workers copy DSPy's settings, not the context, so
+    they saw no stop signal and sent their LM calls, billed for nobody."""
+    lm = FakeLM({"y": "ok"}, model=f"fake/leftover-parallel-{len(reason)}")
+    pred = dspy.Predict("x -> y")
+    refused: list[str] = []
+
+    @stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        if x == "boom":
+            time.sleep(0.05)
+            raise ValueError("boom")
+        time.sleep(0.3)  # (the fan-out ends, or the branch times out, meanwhile)
+        try:
+            dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+                [(pred, dspy.Example(x=x).with_inputs("x"))] * 2
+            )
+        except asyncio.CancelledError as e:
+            refused.append(str(e))
+            raise
+        return {"y": "late"}
+
+    program = ForEach(work, over="xs", item="x", collect={"y": "ys"}, **opts)
+    with dspy.context(lm=lm), pytest.raises(StageflowError):
+        program(xs=["boom", "a", "b"] if "on_error" in opts else ["a", "b"])
+    time.sleep(0.6)
+    assert len(refused) == 2
+    assert all(reason in r for r in refused)
+    assert lm.calls == 0
+
+
+def test_dspys_threads_in_branches_that_finish_are_not_refused() -> None:
+    lm = FakeLM({"y": "ok"}, model="fake/finished-parallel")
+    pred = dspy.Predict("x -> y")
+
+    @stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        out = dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+            [(pred, dspy.Example(x=x).with_inputs("x"))] * 2
+        )
+        return {"y": "".join(o.y for o in out)}
+
+    program = ForEach(work, over="xs", item="x", collect={"y": "ys"}, timeout=5)
+    with dspy.context(lm=lm):
+        assert program(xs=["a", "b"]).ys == ["okok", "okok"]
+    assert lm.calls == 4
+
+
+def test_a_finished_branchs_deferred_dspy_threads_are_not_refused_after_fail_fast() -> None:
+    """The signal a branch publishes for DSPy's threads is its own: a branch that finished before
+    the failure is not refused in the threads its deferred work starts."""
+    lm = FakeLM({"y": "ok"}, model="fake/finished-deferred-parallel")
+    pred = dspy.Predict("x -> y")
+    deferred: list[Any] = []
+
+    def quick() -> str:
+        import contextvars
+
+        deferred.append(contextvars.copy_context())
+        return "quick"
+
+    def boom() -> str:
+        time.sleep(0.05)
+        raise ValueError("boom")
+
+    def parallel() -> list[str]:
+        out = dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+            [(pred, dspy.Example(x="l").with_inputs("x"))] * 2
+        )
+        return [o.y for o in out]
+
+    from stageflow.engine.fanout import fan_out
+
+    with dspy.context(lm=lm), pytest.raises(ValueError, match="boom"):
+        fan_out([quick, boom], on_error="fail_fast")
+    with dspy.context(lm=lm):
+        assert deferred[0].run(parallel) == ["ok", "ok"]
+    assert lm.calls == 2
+
+
+def test_a_lazy_result_a_leftover_branch_made_starts_dspy_threads_for_its_forcer() -> None:
+    """A lazy result made in a branch left running, forced later by another call: the threads its
+    stage starts (``dspy.Parallel``) work for that call, not for the abandoned branch."""
+    import threading
+
+    from stageflow.policies.lazy import LazyStage
+
+    lm = FakeLM({"y": "ok"}, model="fake/lazy-forcer-parallel")
+    pred = dspy.Predict("x -> y")
+
+    def both(x: str) -> dict[str, str]:
+        examples = [(pred, dspy.Example(x=x).with_inputs("x"))] * 2
+        out = dspy.Parallel(num_threads=2, disable_progress_bar=True)(examples)
+        return {"ys": "".join(o.y for o in out)}
+
+    lookup = LazyStage(stage(both, writes=["ys"]))
+    memo: dict[str, Any] = {}
+    lock = threading.Lock()
+    made = threading.Event()
+
+    class Item(dspy.Module):  # type: ignore[misc]
+        def forward(self, question: str) -> dspy.Prediction:
+            if question == "bad":
+                made.wait(5)
+                raise ValueError("bad")
+            with lock:
+                if "topic" not in memo:
+                    memo["topic"] = lookup(x="t")  # (made by the branch left running)
+                    made.set()
+            time.sleep(0.3 if question == "slow" else 0)  # (the fan-out ends meanwhile)
+            return dspy.Prediction(answer=memo["topic"]["ys"] if question != "slow" else "-")
+
+    program = SequentialPipeline([ForEach(Item(), over="qs", item="question", collect={"answer": "answers"})])
+    with dspy.context(lm=lm):
+        with pytest.raises(StageflowError, match="bad"):
+            program(qs=["bad", "slow"])
+        time.sleep(0.5)
+        assert program(qs=["y"]).answers == ["okok"]
+    assert lm.calls == 2

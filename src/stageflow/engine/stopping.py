@@ -22,8 +22,10 @@ __all__ = [
     "abandonable",
     "arun_as_callers",
     "enclosing_fan_out",
+    "publish_signal",
     "refuse_if_abandoned",
     "run_as_callers",
+    "run_under",
 ]
 
 
@@ -133,16 +135,38 @@ def enclosing_fan_out() -> StopSignal | None:
 _OVERRIDE_KEY = "stageflow_abandonable"
 
 
-def _publish(ctx: contextvars.Context, signal: StopSignal) -> None:
+def publish_signal(ctx: contextvars.Context, signal: StopSignal) -> None:
     """Put ``signal`` in DSPy's settings overrides inside ``ctx`` (DSPy copies them into the worker
-    threads it starts)."""
+    threads it starts, where :func:`enclosing_fan_out` finds it)."""
+    ctx.run(_publish_here, signal)
+
+
+def _publish_here(signal: StopSignal) -> None:
     settings = sys.modules.get("dspy.dsp.utils.settings")
-    if settings is None:  # (no DSPy thread can start before DSPy is imported)
-        return
-    overrides = settings.thread_local_overrides
-    new = settings.dotdict(ctx.run(overrides.get))
-    new[_OVERRIDE_KEY] = signal
-    ctx.run(overrides.set, new)
+    if settings is not None:  # (no DSPy thread can start before DSPy is imported)
+        overrides = settings.thread_local_overrides
+        new = settings.dotdict(overrides.get())
+        new[_OVERRIDE_KEY] = signal
+        overrides.set(new)
+
+
+def run_under(ctx: contextvars.Context, signal: StopSignal) -> None:
+    """Make ``signal`` the enclosing one of the work to run in ``ctx``, in DSPy's worker threads too
+    (``dspy.Parallel``, ``Module.batch`` started there copy DSPy's settings, not the context): the
+    LM calls they would make once it is abandoned are refused as well.
+
+    >>> import contextvars
+    >>> ctx = contextvars.copy_context(); signal = StopSignal()
+    >>> run_under(ctx, signal); ctx.run(enclosing_fan_out) is signal
+    True
+    """
+    ctx.run(_enter, signal)
+
+
+def _enter(signal: StopSignal) -> None:
+    """(in the context to run under ``signal``: see :func:`run_under`)"""
+    _ENCLOSING.set(signal)
+    _publish_here(signal)
 
 
 @contextlib.contextmanager
@@ -164,7 +188,7 @@ def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
     if enclosing is not None:
         enclosing.register(signal.stop)
     ctx.run(_ENCLOSING.set, signal)
-    _publish(ctx, signal)
+    publish_signal(ctx, signal)
     try:
         yield signal
     finally:
@@ -204,7 +228,7 @@ def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -
     """
     here = enclosing_fan_out()
     run = ctx.copy()
-    run.run(_ENCLOSING.set, StopSignal() if here is None else here)
+    run_under(run, StopSignal() if here is None else here)
     return run.run(fn, *args)
 
 
@@ -222,7 +246,7 @@ async def arun_as_callers(ctx: contextvars.Context, fn: Callable[..., Awaitable[
     """
     here = enclosing_fan_out()
     run = ctx.copy()
-    run.run(_ENCLOSING.set, StopSignal() if here is None else here)
+    run_under(run, StopSignal() if here is None else here)
     return await asyncio.get_running_loop().create_task(_awaited(fn, args), context=run)
 
 
