@@ -139,3 +139,71 @@ def test_quorum_ensemble_ends_every_started_member(mode: str) -> None:
         gate.set()
     assert {"processors[0]", "processors[1]", "processors[2]"} <= set(ends.started)
     assert ends.unended() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_profile_and_a_trace_count_stopped_branches_as_cancelled_not_as_errors(mode: str) -> None:
+    """A fail-fast fan-out's other branches — cancelled tasks, or sync branches left running whose
+    LM call is refused — are ``cancelled`` in a profile, a trace and its report; ``errors`` counts
+    the stage's own failures. Before, each of them counted as an error of its stage."""
+    from stageflow.observe.report.spans import build_spans, walk
+
+    gate = threading.Event()
+    stage = _stage(mode, lambda x: {"a": "fail"}.get(x, "slow"), gate, "y")
+    each = ForEach(stage, over="xs", item="x", collect="ys", on_error="fail_fast")
+    ends = Ends()
+    try:
+        with attach_hooks(ends), stageflow.profile() as prof, stageflow.trace() as tracer:
+            with pytest.raises(stageflow.StageError, match="bad item a"):
+                _call(mode, each, xs=["s1", "a", "s2"])
+            if mode == "sync call, thread stages":
+                _settle(ends, mode, gate)  # (its leftovers end when their threads do: as errors before)
+    finally:
+        gate.set()
+    summary = prof.get_performance_summary()
+    stopped = [p for p in summary if p != "stage[1]"]
+    assert summary["stage[1]"]["errors"] == 1
+    assert summary["stage[1]"]["cancelled"] == 0
+    if mode != "sync call, thread stages":  # (threads are not stopped: they finish their own work)
+        assert stopped
+        assert all(summary[p]["cancelled"] == 1 and summary[p]["errors"] == 0 for p in stopped)
+        assert "cancelled" in prof.table()
+    errors = [e for e in tracer.events if e["event"] == "stage_error"]
+    assert [e["stage"] for e in errors if not e.get("cancelled")] == ["stage[1]"]
+    assert sorted(e["stage"] for e in errors if e.get("cancelled")) == sorted(ends.cancelled)
+    roots, _ = build_spans(tracer.events)
+    statuses = {s.path: s.status for s in walk(roots) if s.kind == "stage"}
+    assert statuses["stage[1]"] == "error"
+    assert sorted(p for p, st in statuses.items() if st == "cancelled") == sorted(ends.cancelled)
+
+
+def test_a_leftover_branchs_refused_lm_call_is_cancelled_in_the_profile() -> None:
+    import dspy
+
+    from stageflow.testing import FakeLM
+
+    lm = FakeLM({"y": "ok"}, model="fake/profile-leftover")
+    pred = dspy.Predict("x -> y")
+
+    @stageflow.stage(writes=["y"])
+    def work(x: str) -> dict[str, Any]:
+        if x == "boom":
+            time.sleep(0.05)
+            raise ValueError("boom")
+        time.sleep(0.2)  # (the fan-out ends meanwhile: the call below is refused)
+        return {"y": pred(x=x).y}
+
+    with dspy.context(lm=lm), stageflow.profile() as prof:
+        with pytest.raises(stageflow.StageError, match="boom"):
+            ForEach(work, over="xs", item="x", collect={"y": "ys"})(xs=["boom", "a"])
+        time.sleep(0.4)
+    summary = prof.get_performance_summary()
+    assert (summary["stage[0]"]["errors"], summary["stage[0]"]["cancelled"]) == (1, 0)
+    assert (summary["stage[1]"]["errors"], summary["stage[1]"]["cancelled"]) == (0, 1)
+    assert lm.calls == 0
+    assert "cancelled" in prof.table()
+    with stageflow.profile() as clean:
+        ForEach(stageflow.stage(lambda x: {"y": x}, writes=["y"]), over="xs", item="x", collect="ys")(
+            xs=["a"]
+        )
+    assert "cancelled" not in clean.table()  # (the column shows only when some call was)

@@ -22,6 +22,7 @@ _ITEM = re.compile(r"stage\[\d+\]")
 _SUMMED = (
     "num_executions",
     "errors",
+    "cancelled",
     "total_time",
     "lm_calls",
     "input_tokens",
@@ -116,10 +117,13 @@ _HEADER = (
 _OPTIONAL: tuple[tuple[str, int, str, Any], ...] = (
     ("wait s", 8, "limit_wait", lambda v: f"{v or 0.0:.3f}"),
     ("DSPy adapter", 13, "fast_fallbacks", lambda v: str(v or 0)),
+    ("cancelled", 10, "cancelled", lambda v: "" if v == "" else str(v or 0)),
 )
 _LEGEND = {
     "fast_fallbacks": "DSPy adapter: LM calls whose prompt the fast path left to DSPy's own adapter "
     "(the reasons: stageflow.lm.fast.fast_path_stats())",
+    "cancelled": "cancelled: calls stopped from outside (a fail-fast fan-out's other branches, a quorum, "
+    "a timeout, Ctrl-C) or left running and refused their LM calls; not errors",
 }
 
 
@@ -189,7 +193,7 @@ def render_table(
         lines.append(_line(labels[path], cells, width, extra))
     runs = totals.get("runs", 0)
     avg = f"{totals.get('wall', 0.0) / runs * 1000:.2f}" if runs else "-"
-    cells = _cells({**totals, "errors": ""}, runs, totals.get("wall", 0.0), avg, extra)
+    cells = _cells({**totals, "errors": "", "cancelled": ""}, runs, totals.get("wall", 0.0), avg, extra)
     lines.append(_line(f"all runs ({runs})", cells, width, extra))
     lines += [_LEGEND[key] for _, _, key, _ in extra if key in _LEGEND]
     if last_run is not None:

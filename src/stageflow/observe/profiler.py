@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from asyncio import CancelledError
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar, Token
@@ -68,14 +69,19 @@ class StageStats:
     output_sizes: list[int] = field(default_factory=list)
     errors: int = 0
     usage: StageUsage = field(default_factory=StageUsage)
+    #: Calls stopped from outside — cancelled (a fail-fast fan-out's other branches, a quorum, a
+    #: timeout, Ctrl-C) or left running and refused their LM calls — not counted as ``errors``.
+    cancelled: int = 0
 
     def summary(self) -> dict[str, Any]:
-        """``num_executions``, ``errors``, times (seconds), average sizes, and the usage fields."""
+        """``num_executions``, ``errors``, ``cancelled``, times (seconds), average sizes, and the
+        usage fields."""
         n = len(self.times)
         total = sum(self.times)
         return {
             "num_executions": n,
             "errors": self.errors,
+            "cancelled": self.cancelled,
             "total_time": total,
             "avg_time": total / n if n else 0.0,
             "min_time": min(self.times) if n else 0.0,
@@ -94,6 +100,7 @@ class StageStats:
             list(self.output_sizes),
             self.errors,
             StageUsage(**self.usage.to_dict()),
+            self.cancelled,
         )
 
     def add(self, other: StageStats) -> None:
@@ -102,6 +109,7 @@ class StageStats:
         self.input_sizes += other.input_sizes
         self.output_sizes += other.output_sizes
         self.errors += other.errors
+        self.cancelled += other.cancelled
         self.usage.add(other.usage)
 
 
@@ -257,14 +265,24 @@ class Profiler(Hook):
                 self._stats[path] = StageStats()  # first seen here: the table lists stages in run order
         self._open(path, False)
 
-    def _record(self, path: str, elapsed: float, in_size: int, out_size: int | None, usage: Any) -> None:
+    def _record(
+        self,
+        path: str,
+        elapsed: float,
+        in_size: int,
+        out_size: int | None,
+        usage: Any,
+        cancelled: bool = False,
+    ) -> None:
         frame = self._close(path, False, elapsed)
         used = _usage_of(usage)
         with self._lock:
             s = self._stats.setdefault(path, StageStats())
             s.times.append(elapsed)
             s.input_sizes.append(in_size)
-            if out_size is None:
+            if cancelled:
+                s.cancelled += 1
+            elif out_size is None:
                 s.errors += 1
             else:
                 s.output_sizes.append(out_size)
@@ -282,11 +300,13 @@ class Profiler(Hook):
         self._record(path, elapsed, value_size(inputs), value_size(outputs), future.get("usage"))
 
     def on_stage_error(self, *, path: str, inputs: dict[str, Any], elapsed: float, **future: Any) -> None:
-        self._record(path, elapsed, value_size(inputs), None, future.get("usage"))
+        # (stopped from outside, or a refused LM call of work whose caller gave up: a CancelledError)
+        cancelled = future.get("cancelled") is True or isinstance(future.get("error"), CancelledError)
+        self._record(path, elapsed, value_size(inputs), None, future.get("usage"), cancelled)
 
     # -- results ------------------------------------------------------------------------------------
     def get_performance_summary(self) -> dict[str, dict[str, Any]]:
-        """``{stage_path: {avg_time, total_time, num_executions, min_time, max_time, errors,
+        """``{stage_path: {avg_time, total_time, num_executions, min_time, max_time, errors, cancelled,
         avg_input_size, avg_output_size, lm_calls, input_tokens, output_tokens, total_tokens, cost,
         lm_cache_hits, cache_hits, retries, repairs}}``, stages in the order they first ran."""
         with self._lock:

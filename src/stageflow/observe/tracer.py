@@ -9,7 +9,10 @@ Spans: every pipeline call (``input`` … ``output``) and every stage call (``st
 the tracer) and ``parent`` (the span it ran inside, ``None`` for an outermost call); its closing
 event repeats ``span``. Parents follow the work across threads and event loops, so ForEach items
 (``stages[2].stage[3]``), loop iterations (the same path again) and concurrent calls of one
-pipeline are told apart. ``stage_end``/``stage_error`` carry ``usage`` when the engine reports it.
+pipeline are told apart. ``stage_end``/``stage_error`` carry ``usage`` when the engine reports it;
+a ``stage_error`` carries ``"cancelled": true`` when the stage was stopped from outside (a fail-fast
+fan-out's other branches, a quorum, a timeout, Ctrl-C) or was left running and its LM call refused —
+not a failure of the stage's own.
 
 The saved document is ``{"version": 2, "events": [...], "graphs": {...}}``: the outermost
 pipeline of each traced call is recorded once as a graph (:func:`stageflow.observe.graph_of`,
@@ -43,6 +46,7 @@ import os
 import threading
 import time
 import weakref
+from asyncio import CancelledError
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
@@ -254,7 +258,9 @@ class Tracer(Hook):
 
     def on_stage_error(self, *, path: str, error: BaseException, elapsed: float, **future: Any) -> None:
         usage = future.get("usage")
-        extra = {} if usage is None else {"usage": usage}
+        extra: dict[str, Any] = {} if usage is None else {"usage": usage}
+        if future.get("cancelled") is True or isinstance(error, CancelledError):
+            extra["cancelled"] = True  # (stopped from outside, or its LM call refused: not its failure)
         self._emit(
             "stage_error",
             path,

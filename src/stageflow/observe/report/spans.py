@@ -147,7 +147,8 @@ class _Builder:
         with_end = _num(e.get("t"))
         span.end = with_end if with_end is not None else span.start + (_num(e.get("elapsed")) or 0.0)
         error = e.get("error")
-        span.status = "error" if error else "ok"
+        # (a stage stopped from outside, or whose LM call was refused, is cancelled: not its failure)
+        span.status = ("cancelled" if e.get("cancelled") is True else "error") if error else "ok"
         span.error = None if error is None else str(error)
         if "outputs" in e and e["outputs"] is not None:
             span.outputs = e["outputs"]
