@@ -309,6 +309,33 @@ async def test_callbacks_from_a_property_or_the_class_fire(mode: str) -> None:
     assert recorder.started == ["ByProperty", "ByClass"]
 
 
+async def test_a_callbacks_property_keeping_a_list_under_its_own_name_fires(mode: str) -> None:
+    """(session 33's left-out corner) The property's setter stores what DSPy's ``__init__`` gives it
+    in the instance's ``__dict__`` under the same name; its getter returns the callbacks in force.
+    The engine read the stored (empty) list and skipped them; the class is now called by DSPy."""
+    recorder = _Shared()
+
+    class Stored(dspy.Module):  # type: ignore[misc]
+        @property
+        def callbacks(self) -> list[Any]:
+            return [recorder]
+
+        @callbacks.setter
+        def callbacks(self, value: Any) -> None:
+            self.__dict__["callbacks"] = value
+
+        def forward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+        async def aforward(self, x: int) -> dspy.Prediction:
+            return dspy.Prediction(y=x)
+
+    module = Stored()
+    assert module.__dict__["callbacks"] == []
+    assert (await call(SequentialPipeline([module]), mode, x=1)).y == 1
+    assert recorder.started == ["Stored"]
+
+
 async def test_a_forward_property_of_the_class_beats_the_instances_own(mode: str) -> None:
     class Prop(dspy.Module):  # type: ignore[misc]
         @property

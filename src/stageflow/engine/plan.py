@@ -177,6 +177,16 @@ def _left_out(signature: Any) -> tuple[str, ...]:
     return tuple(name for name, f in signature.input_fields.items() if may_be_left_out(f))
 
 
+def _callbacks_descriptor(cls: type) -> bool:
+    """Whether a module class reads ``callbacks`` through a data descriptor of its own (a property
+    with a setter): what it returns may differ from the list its setter keeps in the instance, which
+    is all the engine's call can read cheaply, so DSPy's own call (which reads the property) runs."""
+    for klass in cls.__mro__:
+        if "callbacks" in klass.__dict__:
+            return hasattr(type(klass.__dict__["callbacks"]), "__set__")
+    return False
+
+
 def _signed(leaf: Any) -> Any:
     """The ``dspy.Predict`` / ``ChainOfThought`` whose signature decides ``leaf``'s ports: ``leaf``
     itself, or the stage a wrapper reads its ports from live (``stageflow_live_ports_of``:
@@ -360,7 +370,8 @@ def build_entry(attr: str, key: int | str | None, obj: Any) -> StageEntry:
         plain_call=not (predictor or is_async_fn or composite or lazy),
         module_call=isinstance(leaf, dspy.Module)
         and kind != FUNCTION
-        and not (predictor or composite or lazy),
+        and not (predictor or composite or lazy)
+        and not _callbacks_descriptor(type(leaf)),
         lazy=lazy,
         stage_leaf=isinstance(leaf, Stage),
         bare_leaf=not composite and not isinstance(leaf, Stage),
