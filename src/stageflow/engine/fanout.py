@@ -108,6 +108,7 @@ class _SyncFanOut:
         until: Callable[[list[BranchOutcome]], bool] | None,
     ) -> None:
         self.thunks = thunks
+        self.n = len(thunks)  # (read per branch: a sequence's __len__ may be Python code)
         self.window = window
         self.policy = policy
         self.timeout = timeout
@@ -148,7 +149,7 @@ class _SyncFanOut:
             if self.stopped:
                 return None
             i = next(self._taken)
-            if i >= len(self.thunks):
+            if i >= self.n:
                 return None
             self.running[i] = perf_counter()
             if self.stopped:  # stopped meanwhile: this branch never starts
@@ -159,7 +160,7 @@ class _SyncFanOut:
             self.idle_since = None
             return i
         with self.cond:
-            if self.stopped or self.next >= len(self.thunks):
+            if self.stopped or self.next >= self.n:
                 return None
             i = self.next
             self.next += 1
@@ -188,7 +189,7 @@ class _SyncFanOut:
                     if self.first_error is None:
                         self.first_error, self.stopped = error, True
                     self.cond.notify_all()
-            if next(self._finished) == len(self.thunks):
+            if next(self._finished) == self.n:
                 with self.cond:
                     self.all_done = True
                     self.cond.notify_all()
@@ -293,7 +294,7 @@ class _SyncFanOut:
 
     def starved(self) -> bool:
         """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
-        if self.stopped or self.next >= len(self.thunks) or self.running:
+        if self.stopped or self.next >= self.n or self.running:
             return False
         now = perf_counter()
         if self.idle_since is None:
@@ -304,7 +305,7 @@ class _SyncFanOut:
     def finished(self) -> bool:
         if self.fatal is not None:
             return True
-        if self.all_done or self.done + self.timeouts >= len(self.thunks):
+        if self.all_done or self.done + self.timeouts >= self.n:
             return True
         return self.stopped and (not self.running or self.policy == "fail_fast" or self.until is not None)
 
