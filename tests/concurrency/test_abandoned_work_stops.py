@@ -641,3 +641,40 @@ def test_a_lazy_result_a_leftover_branch_made_starts_dspy_threads_for_its_forcer
         time.sleep(0.5)
         assert program(qs=["y"]).answers == ["okok"]
     assert lm.calls == 2
+
+
+@pytest.mark.parametrize("policy", ["collect", "skip"])
+def test_dspys_threads_of_a_collect_fan_out_interrupted_are_refused(policy: str) -> None:
+    """(helper 102, F1) A ``collect`` / ``skip`` fan-out's branches share its signal; it was not in
+    DSPy's settings, so the ``dspy.Parallel`` workers of branches still running when an element
+    raised ``KeyboardInterrupt`` sent their calls (12 per run)."""
+    lm = FakeLM({"y": "ok"}, model=f"fake/interrupted-{policy}")
+    pred = dspy.Predict("x -> y")
+    refused: list[str] = []
+
+    @stage(writes=["y"])
+    def item(x: int) -> dict[str, Any]:
+        if x == 0:
+            time.sleep(0.05)
+            raise KeyboardInterrupt
+        time.sleep(0.2)  # (the interrupt has reached the caller by now)
+        try:
+            dspy.Parallel(num_threads=2, disable_progress_bar=True)(
+                [(pred, dspy.Example(x=str(x)).with_inputs("x"))] * 2
+            )
+        except asyncio.CancelledError as e:
+            refused.append(str(e))
+            raise
+        return {"y": "late"}
+
+    program = ForEach(item, over="xs", item="x", collect="ys", on_error=policy)
+    with dspy.context(lm=lm):
+        ForEach(stage(lambda x: {"y": pred(x=x).y}, writes=["y"]), over="xs", item="x", collect="ys")(
+            xs=["w"]
+        )
+        warm = lm.calls
+        with pytest.raises(KeyboardInterrupt):
+            program(xs=[0, 1, 2])
+        time.sleep(0.5)
+    assert len(refused) == 2  # (a branch the caller runs itself too: the interrupt stops it at once)
+    assert lm.calls == warm

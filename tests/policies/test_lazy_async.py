@@ -14,7 +14,7 @@ from typing import Any
 import dspy
 import pytest
 
-from stageflow import LazyResult, LazyStage, SequentialPipeline, stage
+from stageflow import ForEach, LazyResult, LazyStage, SequentialPipeline, stage
 from stageflow.testing import call
 
 
@@ -202,3 +202,144 @@ def test_a_stage_reading_its_own_lazy_result_is_an_error_not_a_hang() -> None:
     assert time.perf_counter() - started < 5
     assert len(errors) == 1
     assert "would wait for itself" in str(errors[0])
+
+
+# -- found by helper 102 (session 34) -------------------------------------------------------------
+
+
+async def test_cancelling_one_waiting_reader_cancels_nobody_else() -> None:
+    """(A2/F3) A task waiting for the run was cancelled: the shared future it awaited was cancelled
+    with it, the owner failed with ``InvalidStateError`` and the other readers with a cancellation."""
+    gate = threading.Event()
+
+    def slow(x: int) -> dict[str, int]:
+        gate.wait(5)
+        return {"y": x}
+
+    pending = LazyStage(stage(slow, writes=["y"]))(x=2)
+    loop = asyncio.get_running_loop()
+    owner = loop.create_task(pending.avalue())
+    await asyncio.sleep(0.02)
+    waiter = loop.create_task(pending.avalue())
+    from_thread: list[Any] = []
+    reader = threading.Thread(target=lambda: from_thread.append(pending.value()["y"]))
+    reader.start()
+    await asyncio.sleep(0.02)
+    waiter.cancel()
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert (await asyncio.wait_for(owner, 5))["y"] == 2
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.to_thread(reader.join, 5)
+    assert from_thread == [2]
+
+
+async def test_an_async_stage_awaiting_its_own_result_is_an_error_not_a_hang() -> None:
+    holder: list[LazyResult] = []
+
+    async def reads_itself(x: int) -> dict[str, int]:
+        try:
+            await holder[0].avalue()
+        except RuntimeError as e:
+            return {"y": str(e)}
+        return {"y": "read"}
+
+    holder.append(LazyStage(stage(reads_itself, writes=["y"]))(x=1))
+    value = await asyncio.wait_for(holder[0].avalue(), 5)
+    assert "from inside its own run" in value["y"]
+
+
+@pytest.mark.parametrize("forced_by", ["avalue", "value"])
+async def test_a_sync_stage_reading_its_own_result_from_another_thread_is_an_error(forced_by: str) -> None:
+    """(F2 b, c) The stage runs on a worker thread (``avalue``), or reads its result from the thread
+    of a ``ForEach`` element it started (``value``): not the reader's thread, so not seen before."""
+    holder: list[LazyResult] = []
+
+    def element(x: int) -> dict[str, str]:
+        try:
+            holder[0].value()
+        except RuntimeError as e:
+            return {"z": str(e)}
+        return {"z": "read"}
+
+    inner = ForEach(stage(element, writes=["z"]), over="xs", item="x", collect="zs")
+
+    def reads_itself(x: int) -> dict[str, Any]:
+        if forced_by == "value":
+            return {"y": inner(xs=[x]).zs[0]}
+        try:
+            holder[0].value()
+        except RuntimeError as e:
+            return {"y": str(e)}
+        return {"y": "read"}
+
+    holder.append(LazyStage(stage(reads_itself, writes=["y"]))(x=1))
+    if forced_by == "avalue":
+        value = await asyncio.wait_for(holder[0].avalue(), 5)
+    else:
+        value = await asyncio.wait_for(asyncio.to_thread(holder[0].value), 5)
+    assert "from inside its own run" in value["y"]
+
+
+def test_a_claim_left_by_a_release_cut_short_is_taken_over() -> None:
+    """(F4) A run whose release was interrupted leaves a finished future behind: the next reader
+    runs the stage rather than waiting for it (or being told this thread resolves it)."""
+    from concurrent.futures import Future
+
+    pending = LazyStage(stage(lambda x: {"y": x}, writes=["y"]))(x=3)
+    left: Future[None] = Future()
+    left.set_result(None)
+    object.__setattr__(pending, "_running", left)
+    object.__setattr__(pending, "_owner", (threading.get_ident(), False))
+    assert pending["y"] == 3
+
+
+async def test_a_lazy_stage_around_a_lazy_stage_is_forced_on_the_loop_under_acall() -> None:
+    """(F5) The inner result was forced synchronously on the loop (blocking it): read through
+    ``hasattr(value, "model_dump")``. Its async stage now runs on the caller's loop."""
+    loops: list[Any] = []
+
+    async def inner(x: int) -> dict[str, int]:
+        loops.append(asyncio.get_running_loop())
+        return {"y": x + 1}
+
+    nested = LazyStage(LazyStage(stage(inner, writes=["y"])))
+    result = await SequentialPipeline([stage(lambda q: {"x": q}, writes=["x"]), nested]).acall(q=1)
+    assert result.y == 2
+    assert loops == [asyncio.get_running_loop()]
+
+
+async def test_a_single_output_stage_returning_a_lazy_result_gives_its_value(mode: str) -> None:
+    """(F5) It stored ``y = {'y': 8}``: the returned lazy result is forced in turn."""
+    deferred = LazyStage(stage(lambda x: {"y": x * 2}, writes=["y"]))
+
+    def returns_lazy(x: int) -> Any:
+        return deferred(x=x)
+
+    program = SequentialPipeline([LazyStage(stage(returns_lazy, writes=["y"]))])
+    assert (await call(program, mode, x=4)).y == 8
+
+
+def test_a_kept_error_does_not_grow_with_every_read() -> None:
+    """(F7) Raising the same exception again appended every reader's frames to its traceback."""
+
+    def failing(x: int) -> dict[str, int]:
+        raise ValueError("no")
+
+    pending = LazyStage(stage(failing, writes=["y"]))(x=1)
+
+    def depth() -> int:
+        try:
+            pending.value()
+        except ValueError as e:
+            tb, n = e.__traceback__, 0
+            while tb is not None:
+                tb, n = tb.tb_next, n + 1
+            return n
+        raise AssertionError("not raised")
+
+    first = depth()
+    for _ in range(20):
+        depth()
+    assert depth() == first

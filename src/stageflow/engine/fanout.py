@@ -17,7 +17,6 @@ from stageflow.engine import spare
 from stageflow.engine.config import CONFIG
 from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.stopping import (
-    _ENCLOSING,
     StopSignal,
     abandonable,
     enclosing_fan_out,
@@ -281,6 +280,10 @@ class _SyncFanOut:
                 self.fatal = error
             self.stopped = True
             self.cond.notify_all()
+        if self.signal is not None:
+            # (at once, not when the caller sees it: a caller that runs a branch too would see it only
+            # once that branch ends, and the other branches' work would go on meanwhile)
+            self.signal.abandon()
 
     def stop(self) -> None:
         """Start no more branches, and stop what the running ones started (called through the
@@ -345,7 +348,7 @@ def fan_out(
     if enclosing is not None:
         enclosing.register(signal.stop)
     ctx = contextvars.copy_context()
-    ctx.run(_ENCLOSING.set, signal)
+    run_under(ctx, signal)  # (DSPy's worker threads the branches start see it too: one per fan-out)
     # A fan-out that times branches out runs them on spare threads: an abandoned branch keeps no
     # pool worker, and the interpreter's exit does not wait for it (pool workers are joined at exit).
     pool: Any = shared_pool() if timeout is None else _DETACHED
@@ -362,7 +365,7 @@ def fan_out(
             run.pull(ctx)
         if _wait(run, ctx, pool, n, timeout, on_error):
             signal.stop()  # (branches it abandoned, after fail_fast or ``until``: what they started stops)
-    except BaseException:
+    except BaseException as e:
         # Interrupted (Ctrl-C in the caller, or a branch raised KeyboardInterrupt/SystemExit):
         # start nothing more, here or in the fan-outs running branches started; branches already
         # running on other threads cannot be stopped (their LM calls are refused).
@@ -374,6 +377,12 @@ def fan_out(
                 run.outcomes[i].status = "cancelled"
                 note_abandoned()
             run.running.clear()
+        fatal = run.fatal
+        if fatal is not None and fatal is not e and isinstance(e, asyncio.CancelledError):
+            # (a branch the caller ran itself was refused because another branch's interrupt
+            # abandoned the fan-out: that interrupt is what the caller raises)
+            del e
+            raise fatal from None
         raise
     finally:
         if enclosing is not None:

@@ -86,13 +86,17 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
     # Abandoned when the awaiting task is cancelled (a timeout, Ctrl-C, the caller's own cancel) while
     # the thread runs on: the fan-outs it started stop and its further LM calls are refused.
     with abandonable(ctx) as signal:
-        if _SPARE.get():  # (under a time limit: a spare thread, never a shared-pool worker)
-            return await spare.acall(call, on_abandon=lambda: abandon(signal))
         try:
-            return await loop.run_in_executor(shared_pool(), call)
-        except asyncio.CancelledError:
-            signal.abandon()
-            raise
+            if _SPARE.get():  # (under a time limit: a spare thread, never a shared-pool worker)
+                return await spare.acall(call, on_abandon=lambda: abandon(signal))
+            try:
+                return await loop.run_in_executor(shared_pool(), call)
+            except asyncio.CancelledError:
+                signal.abandon()
+                raise
+        except _CarriedError as carried:
+            error = carried.error
+    raise error  # (the function's own concurrent.futures.CancelledError, as a sync call raises it)
 
 
 def abandon(signal: StopSignal, reason: str = "its caller gave up") -> None:
@@ -105,12 +109,24 @@ def abandon(signal: StopSignal, reason: str = "its caller gave up") -> None:
 def _no_stop_iteration(fn: Any, call: Callable[[], Any]) -> Any:
     """``call()`` (of ``fn``), with a ``StopIteration`` it raises turned into a ``RuntimeError`` (as
     Python does for generators): an asyncio future cannot hold one, and the awaiting task would
-    wait forever."""
+    wait forever. A ``concurrent.futures.CancelledError`` it raises (a future of its own it waited
+    on was cancelled) is carried across: the executor's future would make it asyncio's
+    ``CancelledError``, an interrupt rather than the function's error, unlike a sync call."""
     try:
         return call()
     except StopIteration as e:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise RuntimeError(f"{name} raised StopIteration") from e
+    except FutureCancelledError as e:
+        raise _CarriedError(e) from None
+
+
+class _CarriedError(Exception):
+    """An exception of the function's carried across an executor's future unchanged."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _lent(token: Any, call: Callable[[], Any]) -> Any:
