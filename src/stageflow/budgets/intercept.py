@@ -31,6 +31,7 @@ Waits are added to the running stage's usage (``limit_wait``) and recorded in th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -50,6 +51,12 @@ from stageflow.usage import finalized, finalizing, note_lm_result, note_lm_wait,
 __all__ = ["install", "installed", "uninstall"]
 
 logger = logging.getLogger("stageflow")
+
+#: Inside an LM call this wrapper is counting (its execution, on this thread or task): an LM call
+#: made within it — a ``forward`` of yours on a ``dspy.LM`` subclass that calls DSPy's own, which
+#: runs ``execute`` again for the same request — is part of it. It is counted once, by the outer
+#: call: counted again, it was billed twice in the usage, and it waited on its own reservation.
+_METERED: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_lm_call_metered", default=False)
 
 _INSTALLED = [False]
 _ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
@@ -85,15 +92,27 @@ def install() -> None:
 
         def execute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
-            slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
-            result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
+            if _METERED.get():  # (inside an LM call already counted: see _METERED)
+                return original(lm, call)
+            token = _METERED.set(True)
+            try:
+                slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
+                result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
+            finally:
+                _METERED.reset(token)
             note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()
-            slots = lm_slots()
-            result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
+            if _METERED.get():
+                return await aoriginal(lm, call)
+            token = _METERED.set(True)
+            try:
+                slots = lm_slots()
+                result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
+            finally:
+                _METERED.reset(token)
             note_lm_result(result)
             return result
 
