@@ -207,3 +207,34 @@ def test_a_leftover_branchs_refused_lm_call_is_cancelled_in_the_profile() -> Non
             xs=["a"]
         )
     assert "cancelled" not in clean.table()  # (the column shows only when some call was)
+
+
+def test_a_cancelled_stage_keeps_the_lm_calls_it_made_in_the_profile() -> None:
+    """(helper 101, A) A stage timed out after some of its LM calls were answered and billed: the
+    profile dropped them (``lm_calls`` 0) while the run's usage, DSPy's tracker and the budget had
+    them."""
+    import dspy
+
+    from stageflow.testing import FakeLM
+
+    lm = FakeLM({"fact": "F", "summary": "S"}, latency=0.1, model="fake/cancelled-usage")
+
+    class ThreeCalls(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = dspy.Predict("q -> fact")
+
+        def forward(self, q: str) -> dspy.Prediction:
+            return dspy.Prediction(fact="".join(self.p(q=q + s).fact for s in ("", "!", "?")))
+
+    program = stageflow.ParallelPipeline(
+        [[stageflow.Stage(ThreeCalls(), writes=["fact"]), stageflow.Stage(dspy.Predict("q -> summary"))]],
+        timeout=0.15,
+    )
+    with dspy.context(lm=lm), stageflow.profile() as prof:
+        result = program(q="a")
+        time.sleep(0.5)  # (the timed-out stage's thread ends meanwhile: its third call is refused)
+    summary = prof.get_performance_summary()
+    assert summary["stages[0]"]["cancelled"] == 1
+    assert summary["stages[0]"]["lm_calls"] == result.run.usage["stages[0]"].lm_calls == 2
+    assert sum(row["input_tokens"] for row in summary.values()) == result.run.usage.total.input_tokens

@@ -316,12 +316,14 @@ def _failed_stage(
     return err
 
 
-def _interrupted(call: _Call, error: BaseException, hooks: tuple[Any, ...]) -> None:
+def _interrupted(call: _Call, entry: StageEntry, error: BaseException, hooks: tuple[Any, ...]) -> None:
     """A stage call stopped from outside (its task cancelled: a fail-fast fan-out, an ensemble's
     quorum, a timeout; or an interrupt): observers hear that it ended, with ``cancelled=True``, so
-    no profile or trace shows a stage that started and never ended."""
+    no profile or trace shows a stage that started and never ended, and with the LM work it did
+    before (answered and billed)."""
     if hooks:
-        _notify_error(hooks, call, error, perf_counter() - call.t0, None, cancelled=True)
+        usage = _stage_usage(call, entry, None)
+        _notify_error(hooks, call, error, perf_counter() - call.t0, usage, cancelled=True)
 
 
 def _notify_error(
@@ -590,7 +592,7 @@ def _call_observed(
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException as e:
         _close(call)
-        _interrupted(call, e, hooks)
+        _interrupted(call, entry, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -734,7 +736,7 @@ async def _acall_observed(
         raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
     except BaseException as e:
         _close(call)
-        _interrupted(call, e, hooks)
+        _interrupted(call, entry, e, hooks)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
