@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -112,3 +113,87 @@ def test_the_sweep_sees_a_cycle_when_there_is_one() -> None:
     program(xs=[1])
     garbage = _garbage_of(lambda: program(xs=[1, 2, 3]))
     assert garbage["Node"] == 3
+
+
+def _boom(x: int) -> dict[str, int]:
+    raise ValueError("no")
+
+
+def _failing_programs() -> dict[str, Callable[[], Any]]:
+    def nested(depth: int) -> Any:
+        program: Any = SequentialPipeline([stage(_boom, writes=["y"])])
+        for _ in range(depth - 1):
+            program = SequentialPipeline([program])
+        return program
+
+    return {
+        "a stage raises": lambda: nested(1),
+        "a stage raises, three pipelines deep": lambda: nested(3),
+        "an ErrorHandlingPipeline leaves it unrecovered": lambda: stageflow.ErrorHandlingPipeline(
+            [stage(_boom, writes=["y"])]
+        ),
+    }
+
+
+def _swallowed(program: Any, mode: str, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Call ``program``, dropping its error where it is caught (in the coroutine for ``acall``: a
+    task that ends with an exception keeps it, which is asyncio's, not the engine's)."""
+
+    async def acall() -> None:
+        with contextlib.suppress(stageflow.StageflowError):
+            await program.acall(x=1)
+
+    def call() -> None:
+        with contextlib.suppress(stageflow.StageflowError):
+            program(x=1)
+
+    return call if mode == "sync" else lambda: loop.run_until_complete(acall())
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("name", list(_failing_programs()))
+def test_a_failed_call_leaves_no_reference_cycle(name: str, traced: bool, mode: str) -> None:
+    """(helper 100, R1) The engine raised a stage's error from a frame whose local held it: error →
+    traceback → frame → error, a cycle that kept the run and its whole state until a collection."""
+    program = _failing_programs()[name]()
+    loop = asyncio.new_event_loop()
+    run = _swallowed(program, mode, loop)
+
+    def call() -> None:
+        if traced:
+            with stageflow.profile(), stageflow.trace():
+                run()
+        else:
+            run()
+
+    try:
+        for _ in range(3):
+            call()
+        garbage = _garbage_of(call)
+    finally:
+        loop.close()
+    assert not garbage, f"{name} ({mode}) left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+def test_a_budget_refusal_a_stage_skips_leaves_no_reference_cycle() -> None:
+    """(helper 100, R8) The ledger raised ``BudgetExceeded`` from a frame whose local held it."""
+    import dspy
+
+    from stageflow.testing import FakeLM
+
+    lm = FakeLM({"y": "ok"}, model="fake/budget-cycle")
+    program = SequentialPipeline(
+        [
+            dspy.Predict("x -> y"),
+            stageflow.Stage(dspy.Predict("y -> z"), skip_on=[stageflow.BudgetExceeded]),
+        ]
+    )
+
+    def call() -> Any:
+        with dspy.context(lm=lm), stageflow.budget(max_calls=1):
+            return program(x="q")
+
+    for _ in range(3):
+        assert call().y == "ok"
+    garbage = _garbage_of(call)
+    assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"

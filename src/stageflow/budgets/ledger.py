@@ -323,7 +323,10 @@ def reserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
         if isinstance(got, Ticket):
             return got, waited
         if isinstance(got, BudgetExceeded):
-            raise _counted(got)
+            try:
+                raise _counted(got)
+            finally:
+                del got  # (the error's traceback keeps this frame: no cycle through it)
         t0 = chain[0].limits.clock()
         event.wait(_timeout(chain))
         with _LOCK, contextlib.suppress(ValueError):
@@ -342,7 +345,10 @@ async def areserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, f
         if isinstance(got, Ticket):
             return got, waited
         if isinstance(got, BudgetExceeded):
-            raise _counted(got)
+            try:
+                raise _counted(got)
+            finally:
+                del got  # (the error's traceback keeps this frame: no cycle through it)
         t0 = chain[0].limits.clock()
         try:
             with contextlib.suppress(TimeoutError):

@@ -556,7 +556,13 @@ def _raised(
     call = _new_call((target, kw, policy, entry.path, None, (None, None), None, t0))
     err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
     if err is not None:
-        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        cause = e.__cause__ if isinstance(e, StageflowError) else e
+        try:
+            raise err from cause
+        finally:
+            # (the error's traceback keeps this frame: a local of it that leads back to the error
+            # would keep the error, the run and its state in a reference cycle)
+            del err, e, cause
 
 
 def _inline_raised(
@@ -572,7 +578,10 @@ def _inline_raised(
     inline_failed(nested, e)
     if run._pending is not None:  # (recording the failure may read the context)
         set_up_inline(run)
-    _raised(owner, entry, e, (nested.target, nested.state, None, nested.t0), state, run, (), prefix)
+    try:
+        _raised(owner, entry, e, (nested.target, nested.state, None, nested.t0), state, run, (), prefix)
+    finally:
+        del e, nested  # (as in _raised: the error's traceback keeps this frame)
 
 
 def _call_observed(
@@ -589,7 +598,10 @@ def _call_observed(
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
-        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        try:
+            raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        finally:
+            del err  # (as in _raised)
     except BaseException as e:
         _close(call)
         _interrupted(call, entry, e, hooks)
@@ -733,7 +745,10 @@ async def _acall_observed(
         err = _failed_stage(call, owner, entry, e, state, run, hooks, prefix)
         if err is None:
             return None
-        raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        try:
+            raise err from (e.__cause__ if isinstance(e, StageflowError) else e)
+        finally:
+            del err  # (as in _raised)
     except BaseException as e:
         _close(call)
         _interrupted(call, entry, e, hooks)

@@ -206,7 +206,11 @@ class ErrorHandlingPipeline(SequentialPipeline):
             else "add a recovery strategy for that stage index, a Fallback, or a RetryPolicy",
         )
         err.path_is_full = True  # the log's paths are already full paths
-        raise err from error.recovery_error or original
+        cause = error.recovery_error or original
+        try:
+            raise err from cause
+        finally:
+            del err, error, original, cause  # (no reference cycle through this frame)
 
     def _run_entries(
         self,

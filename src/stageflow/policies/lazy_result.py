@@ -205,7 +205,10 @@ class LazyResult:
         if error is not None:
             # (with the traceback it was raised with: raising it again does not grow it by every
             # reader's frames, kept alive with it)
-            raise error.with_traceback(self._tb)
+            try:
+                raise error.with_traceback(self._tb)
+            finally:
+                del error
         return self._value
 
     def _claim(self, mine: Future[None], asynchronous: bool) -> Future[None] | None:
