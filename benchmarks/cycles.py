@@ -8,7 +8,8 @@ process — DSPy's, pydantic's and LiteLLM's included.
 
 For each variant (N branches of an instant function stage), one fresh measurement per row:
 
-- objects in cycles per call: the collector off, one call, then ``gc.collect()``'s count;
+- objects in cycles per call: the collector off, one call, 2.5 s for threads to let go of the
+  last work they ran (before and after it), then ``gc.collect()``'s count;
 - full collections per 300 calls and the collector's time per call (``gc.callbacks``), over 300
   calls with the collector on.
 
@@ -34,6 +35,8 @@ import stageflow
 from _harness import machine_note
 
 CALLS = 300
+#: Seconds for threads to let go of the last work they ran (an idle spare thread exits after 2 s).
+SETTLE = 2.5
 
 
 def variants(n: int) -> dict[str, Callable[[], Any]]:
@@ -74,11 +77,13 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
 
 def in_cycles(run: Callable[[], Any]) -> int:
     """Objects one call of ``run`` leaves in reference cycles."""
+    time.sleep(SETTLE)  # (threads of earlier calls let go of their last work: it is not this call's)
     gc.collect()
     gc.disable()
     try:
         result = run()
         del result
+        time.sleep(SETTLE)  # (this call's threads let go of their last work before it is looked at)
         return gc.collect()
     finally:
         gc.enable()
