@@ -62,3 +62,26 @@ async def test_the_usage_counts_it_once(mode: str) -> None:
             usage.append((await call(program, mode, question="?")).run.usage.total)
     assert usage[1].lm_calls == usage[0].lm_calls == 1
     assert usage[1].input_tokens == usage[0].input_tokens > 0
+
+
+class Router(dspy.LM):  # type: ignore[misc]
+    """An LM whose ``forward`` calls another LM: the inner calls are requests of their own."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__("router/r", cache=False, num_retries=0)
+        self.inner = inner
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        return self.inner.forward(prompt=prompt, messages=messages, **kwargs)
+
+
+def test_the_calls_a_router_lm_makes_to_another_lm_are_rate_limited() -> None:
+    """(helper 103, F2) Counting a call made inside another once must not hide another model's
+    calls: a first version let a router's calls to its inner model past that model's rate limit."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed-inner")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=Router(inner)), stageflow.rate_limit("fake/routed-inner", rpm=1000) as limiter:
+        program(question="q1")
+        program(question="q2")
+    assert inner.calls == 2
+    assert limiter.requests == 2

@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 import pytest
 
+import stageflow
 from stageflow import ForEach, LazyResult, LazyStage, SequentialPipeline, stage
 from stageflow.testing import call
 
@@ -343,3 +344,101 @@ def test_a_kept_error_does_not_grow_with_every_read() -> None:
     for _ in range(20):
         depth()
     assert depth() == first
+
+
+async def test_two_results_reading_each_other_is_an_error_not_a_hang() -> None:
+    """(helper 103, F6) A's run reads B, whose run reads A: the runs happen in the contexts the
+    results were made in, which lost the reader's markers, and it hung."""
+    results: dict[str, LazyResult] = {}
+
+    async def reads(x: str) -> dict[str, str]:
+        other = results["b" if x == "a" else "a"]
+        try:
+            return {"y": str((await other.avalue())["y"])}
+        except RuntimeError as e:
+            return {"y": str(e)}
+
+    lazy = LazyStage(stage(reads, writes=["y"]))
+    results.update(a=lazy(x="a"), b=lazy(x="b"))
+    value = await asyncio.wait_for(results["a"].avalue(), 5)
+    assert "from inside its own run" in value["y"]
+
+
+async def test_a_result_made_inside_an_abandoned_run_reads_it_later() -> None:
+    """(helper 103, F5) L2 was made inside L1's run, whose reader gave up; reading L2 later (its
+    stage reads L1) raised "read from inside its own run": the marker came with L2's context."""
+    made: list[LazyResult] = []
+    gate = asyncio.Event()
+
+    async def first(x: int) -> dict[str, int]:
+        made.append(LazyStage(stage(second, writes=["z"]))(x=x))
+        if not gate.is_set():
+            await asyncio.sleep(5)  # (the first reader gives up meanwhile)
+        return {"y": x}
+
+    async def second(x: int) -> dict[str, int]:
+        return {"z": (await l1.avalue())["y"] + 1}
+
+    l1 = LazyStage(stage(first, writes=["y"]))(x=1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(l1.avalue(), 0.05)
+    gate.set()
+    assert (await asyncio.wait_for(made[0].avalue(), 5))["z"] == 2
+
+
+def test_readers_a_fan_out_abandoned_start_no_run_of_a_shared_result() -> None:
+    """(helper 103, F11) The branches left waiting on a shared lazy result took the run over one
+    after another when its owner was refused, each running the stage again."""
+    import dspy
+
+    from stageflow.testing import FakeLM
+
+    lm = FakeLM({"y": "ok"}, model="fake/shared-lazy-rerun")
+    pred = dspy.Predict("x -> y")
+    runs: list[str] = []
+
+    def shared_stage(x: str) -> dict[str, str]:
+        runs.append(x)
+        time.sleep(0.2)  # (the fan-out ends meanwhile: the call below is refused)
+        return {"y": pred(x=x).y}
+
+    with dspy.context(lm=lm):
+        shared = LazyStage(stage(shared_stage, writes=["y"]))(x="topic")  # (its call sees this LM)
+
+    def item(x: str) -> dict[str, str]:
+        if x == "bad":
+            time.sleep(0.05)
+            raise ValueError("bad")
+        return {"z": shared["y"]}
+
+    program = ForEach(stage(item, writes=["z"]), over="xs", item="x", collect="zs")
+    with dspy.context(lm=lm), pytest.raises(stageflow.StageflowError, match="bad"):
+        program(xs=["bad", "a", "b", "c"])
+    time.sleep(0.6)
+    assert runs == ["topic"]
+    assert not shared.done
+    with dspy.context(lm=lm):
+        assert shared["y"] == "ok"  # (the next reader that did not give up runs it)
+    assert runs == ["topic", "topic"]
+
+
+async def test_a_run_that_ended_as_its_reader_was_cancelled_keeps_its_outcome() -> None:
+    """(helper 103, F4) The reader was cancelled just as the stage returned: the outcome was thrown
+    away, and the next reader ran the stage a second time."""
+    runs: list[int] = []
+    owner: list[asyncio.Task[Any]] = []
+
+    async def returns(x: int) -> dict[str, int]:
+        runs.append(x)
+        asyncio.get_running_loop().call_soon(
+            owner[0].cancel
+        )  # (after this returns, before its reader resumes)
+        return {"y": x}
+
+    pending = LazyStage(stage(returns, writes=["y"]))(x=5)
+    owner.append(asyncio.get_running_loop().create_task(pending.avalue()))
+    with pytest.raises(asyncio.CancelledError):
+        await owner[0]
+    assert pending.done
+    assert (await pending.avalue())["y"] == 5
+    assert runs == [5]

@@ -52,11 +52,12 @@ __all__ = ["install", "installed", "uninstall"]
 
 logger = logging.getLogger("stageflow")
 
-#: Inside an LM call this wrapper is counting (its execution, on this thread or task): an LM call
-#: made within it — a ``forward`` of yours on a ``dspy.LM`` subclass that calls DSPy's own, which
-#: runs ``execute`` again for the same request — is part of it. It is counted once, by the outer
-#: call: counted again, it was billed twice in the usage, and it waited on its own reservation.
-_METERED: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_lm_call_metered", default=False)
+#: The LM whose call of its own ``forward`` (DSPy's legacy path: a ``forward`` of yours on a
+#: ``dspy.LM`` subclass) this wrapper is counting, on this thread or task. That ``forward`` calling
+#: DSPy's own runs ``execute`` again for the same LM and the same request: part of the call, counted
+#: once (counted again, it was billed twice and waited on its own reservation). A call to another LM
+#: made inside it (a router of yours) is a request of its own, counted as one.
+_METERED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_lm_call_metered", default=None)
 
 _INSTALLED = [False]
 _ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
@@ -92,27 +93,29 @@ def install() -> None:
 
         def execute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
-            if _METERED.get():  # (inside an LM call already counted: see _METERED)
+            if _METERED.get() is lm:  # (this LM's own call, made again inside it: see _METERED)
                 return original(lm, call)
-            token = _METERED.set(True)
+            token = None if call.managed else _METERED.set(lm)
             try:
                 slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
                 result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
             finally:
-                _METERED.reset(token)
+                if token is not None:
+                    _METERED.reset(token)
             note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()
-            if _METERED.get():
+            if _METERED.get() is lm:
                 return await aoriginal(lm, call)
-            token = _METERED.set(True)
+            token = None if call.managed else _METERED.set(lm)
             try:
                 slots = lm_slots()
                 result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
             finally:
-                _METERED.reset(token)
+                if token is not None:
+                    _METERED.reset(token)
             note_lm_result(result)
             return result
 

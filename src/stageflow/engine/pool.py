@@ -218,6 +218,14 @@ def run_on_background_loop(coro: Awaitable[Any], stop_with: Any = None) -> Any:
         # task): an interrupt, as on the async path, never an ordinary stage failure (an
         # ``Exception`` a fan-out would collect).
         raise asyncio.CancelledError(*e.args) from e
+    except asyncio.CancelledError as e:
+        if future.done() and not future.cancelled():
+            # The coroutine raised concurrent.futures.CancelledError (a future of its own it waited
+            # on was cancelled), which asyncio turned into its CancelledError on the way here: the
+            # coroutine's own error, as an async call raises it.
+            raise FutureCancelledError(*e.args) from None
+        future.cancel()
+        raise
     except BaseException:
         future.cancel()  # interrupted while waiting (Ctrl-C): the coroutine must not run on
         raise

@@ -26,6 +26,7 @@ __all__ = [
     "refuse_if_abandoned",
     "run_as_callers",
     "run_under",
+    "start_as_callers",
 ]
 
 
@@ -232,6 +233,17 @@ def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -
     return run.run(fn, *args)
 
 
+def start_as_callers(
+    ctx: contextvars.Context, fn: Callable[..., Awaitable[T]], *args: Any
+) -> asyncio.Task[T]:
+    """:func:`arun_as_callers`'s task, started and returned (its awaiting caller may look at it
+    after being cancelled: a run that ended meanwhile has an outcome)."""
+    here = enclosing_fan_out()
+    run = ctx.copy()
+    run_under(run, StopSignal() if here is None else here)
+    return asyncio.get_running_loop().create_task(_awaited(fn, args), context=run)
+
+
 async def arun_as_callers(ctx: contextvars.Context, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Async twin of :func:`run_as_callers`: await ``fn(*args)`` as a task in (a copy of) ``ctx``,
     with this caller's stop signal; cancelling the caller cancels it.
@@ -244,10 +256,7 @@ async def arun_as_callers(ctx: contextvars.Context, fn: Callable[..., Awaitable[
     >>> asyncio.run(arun_as_callers(ctx, enclosing)) is abandoned
     False
     """
-    here = enclosing_fan_out()
-    run = ctx.copy()
-    run_under(run, StopSignal() if here is None else here)
-    return await asyncio.get_running_loop().create_task(_awaited(fn, args), context=run)
+    return await start_as_callers(ctx, fn, *args)
 
 
 async def _awaited(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:

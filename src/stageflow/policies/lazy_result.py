@@ -129,9 +129,10 @@ class LazyResult:
             return {self._single: value}
         return value
 
-    def _run(self, by_engine: bool) -> Any:
-        """The stage's sync call (in the run's own context: see :data:`_RESOLVING`)."""
-        _RESOLVING.set(_RESOLVING.get() | {id(self)})
+    def _run(self, by_engine: bool, reading: frozenset[int]) -> Any:
+        """The stage's sync call (in the run's own context: the reader's results in progress and
+        this one, see :data:`_RESOLVING`; not those of the context it was made in)."""
+        _RESOLVING.set(reading | {id(self)})
         token = ENGINE_CALLS.set(self._stage) if by_engine else None
         try:
             out = self._stage(**self._args)
@@ -142,9 +143,9 @@ class LazyResult:
             out = _to_result(out, f"lazy stage {self._stage!r}")
         return out
 
-    async def _arun(self, by_engine: bool) -> Any:
-        """The stage's async call (in the run's own task and context)."""
-        _RESOLVING.set(_RESOLVING.get() | {id(self)})
+    async def _arun(self, by_engine: bool, reading: frozenset[int]) -> Any:
+        """The stage's async call (in the run's own task and context, as :meth:`_run`)."""
+        _RESOLVING.set(reading | {id(self)})
         if by_engine:
             ENGINE_CALLS.set(self._stage)  # (the task's own context: gone with it)
         return await _awaited_call(self._stage, self._args)
@@ -152,7 +153,7 @@ class LazyResult:
     def value(self, by_engine: bool = False) -> Any:
         """Run the stage if it has not run yet, and return its result (or raise its error).
         ``by_engine``: a pipeline's engine forces it, and checks the result when it merges it."""
-        from stageflow.engine.stopping import run_as_callers
+        from stageflow.engine.stopping import refuse_if_abandoned, run_as_callers
 
         while not self.done:
             mine: Future[None] = Future()
@@ -163,7 +164,8 @@ class LazyResult:
                 if running is not mine:
                     running.result()  # (then look again: kept, or given back to be run again)
                     continue
-                self._release(mine, run_as_callers(self._ctx, self._run, by_engine))
+                refuse_if_abandoned()  # (a reader whose caller gave up starts no run of it)
+                self._release(mine, run_as_callers(self._ctx, self._run, by_engine, _RESOLVING.get()))
             except BaseException as e:
                 if self._running is not mine:
                     raise  # (not this reader's run: its wait, or a read that would wait for itself)
@@ -176,7 +178,7 @@ class LazyResult:
     async def avalue(self, by_engine: bool = False) -> Any:
         """Async twin of :meth:`value`: run the stage's async call on this event loop if it has not
         run yet (a sync stage runs on a worker thread), and return its result (or raise its error)."""
-        from stageflow.engine.stopping import arun_as_callers
+        from stageflow.engine.stopping import refuse_if_abandoned, start_as_callers
 
         task = asyncio.current_task()
         while not self.done:
@@ -190,7 +192,21 @@ class LazyResult:
                     # which every other reader waits on)
                     await asyncio.shield(asyncio.wrap_future(running))
                     continue
-                self._release(mine, await arun_as_callers(self._ctx, self._arun, by_engine))
+                refuse_if_abandoned()
+                run = start_as_callers(self._ctx, self._arun, by_engine, _RESOLVING.get())
+                try:
+                    value = await run
+                except asyncio.CancelledError:
+                    if run.done() and not run.cancelled():
+                        # (this reader was cancelled just as the run ended: the outcome stands)
+                        error = run.exception()
+                        if error is None:
+                            self._release(mine, run.result())
+                        elif isinstance(error, Exception):
+                            self._release(mine, error=error)
+                        del error
+                    raise
+                self._release(mine, value)
             except BaseException as e:
                 if self._running is not mine:
                     raise
@@ -214,7 +230,7 @@ class LazyResult:
     def _claim(self, mine: Future[None], asynchronous: bool) -> Future[None] | None:
         """Install ``mine`` as the run in progress when there is none (this reader then runs the
         stage), or return the run in progress to wait for; ``None`` when the result is there."""
-        if id(self) in _RESOLVING.get() and not self.done:
+        if id(self) in _RESOLVING.get() and self._running is not None and not self.done:
             raise RuntimeError(
                 f"LazyResult of {self._stage!r} was read from inside its own run (by the stage, or by "
                 "work it started): reading it there would wait for itself."
