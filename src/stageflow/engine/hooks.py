@@ -7,10 +7,11 @@ method accepts ``**future`` so new arguments can be added without breaking hooks
 - ``before_stage(*, path, stage, inputs)``
 - ``after_stage(*, path, stage, inputs, outputs, elapsed)``
 - ``on_stage_error(*, path, stage, inputs, error, elapsed)`` — also for a stage stopped from
-  outside (its task cancelled by a fail-fast fan-out, an ensemble's quorum or a timeout, or an
-  interrupt), then with ``cancelled=True`` and the ``CancelledError`` / ``KeyboardInterrupt`` as
-  ``error``. A sync branch on a thread cannot be stopped: when a fan-out abandons it, its stage
-  reports its end (``after_stage`` / ``on_stage_error``) when its thread finishes.
+  outside (its task cancelled by a fail-fast fan-out, an ensemble's quorum or a timeout, an
+  interrupt, or an LM call of it refused because its caller gave up), then with ``cancelled=True``
+  and the ``CancelledError`` / ``KeyboardInterrupt`` as ``error`` (observers count it by that
+  flag). A sync branch on a thread cannot be stopped: when a fan-out abandons it, its stage reports
+  its end (``after_stage`` / ``on_stage_error``) when its thread finishes.
 
 ``path`` is the full DSPy-style stage path from the outermost running pipeline
 (``stages[1].branches['math']``); a pipeline's own run has the path of the stage that holds it

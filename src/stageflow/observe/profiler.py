@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from asyncio import CancelledError
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar, Token
@@ -300,9 +299,10 @@ class Profiler(Hook):
         self._record(path, elapsed, value_size(inputs), value_size(outputs), future.get("usage"))
 
     def on_stage_error(self, *, path: str, inputs: dict[str, Any], elapsed: float, **future: Any) -> None:
-        # (stopped from outside, or a refused LM call of work whose caller gave up: a CancelledError)
-        cancelled = future.get("cancelled") is True or isinstance(future.get("error"), CancelledError)
-        self._record(path, elapsed, value_size(inputs), None, future.get("usage"), cancelled)
+        # (stopped from outside, or a refused LM call of work whose caller gave up: the engine says so)
+        self._record(
+            path, elapsed, value_size(inputs), None, future.get("usage"), future.get("cancelled") is True
+        )
 
     # -- results ------------------------------------------------------------------------------------
     def get_performance_summary(self) -> dict[str, dict[str, Any]]:

@@ -46,7 +46,6 @@ import os
 import threading
 import time
 import weakref
-from asyncio import CancelledError
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
@@ -259,7 +258,7 @@ class Tracer(Hook):
     def on_stage_error(self, *, path: str, error: BaseException, elapsed: float, **future: Any) -> None:
         usage = future.get("usage")
         extra: dict[str, Any] = {} if usage is None else {"usage": usage}
-        if future.get("cancelled") is True or isinstance(error, CancelledError):
+        if future.get("cancelled") is True:
             extra["cancelled"] = True  # (stopped from outside, or its LM call refused: not its failure)
         self._emit(
             "stage_error",
