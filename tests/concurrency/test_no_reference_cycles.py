@@ -197,3 +197,30 @@ def test_a_budget_refusal_a_stage_skips_leaves_no_reference_cycle() -> None:
         assert call().y == "ok"
     garbage = _garbage_of(call)
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+def test_the_fast_paths_value_parsers_are_freed_without_the_collector() -> None:
+    """A parser kept its branch as a bound method of itself: every LM signature plan dropped (a
+    signature changed, a cache cleared) waited for a collection, and one that came during a
+    measured call showed up as that call's garbage."""
+    import enum
+    from typing import Literal, Optional
+
+    from stageflow.lm.fast._values import ValueParser
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    def parse_all() -> list[Any]:
+        kinds: list[tuple[Any, str]] = [
+            (str, "a"),
+            (int, "1"),
+            (Color, "red"),
+            (Literal["yes", "no"], "'yes'"),
+            (Optional[str], "x"),  # noqa: UP045  (the Optional spelling takes its own branch)
+        ]
+        return [ValueParser(annotation)(text) for annotation, text in kinds]
+
+    assert parse_all() == ["a", 1, Color.RED, "yes", "x"]
+    garbage = _garbage_of(parse_all)
+    assert not garbage, dict(garbage)

@@ -121,6 +121,10 @@ def type_adapter(annotation: Any) -> TypeAdapter[Any]:
     return ta
 
 
+def _as_str(parser: ValueParser, value: Any) -> str:
+    return str(value)
+
+
 class ValueParser:
     """Parse one output value like DSPy's ``parse_value(value, annotation)`` (3.4.1).
 
@@ -137,25 +141,27 @@ class ValueParser:
     def __init__(self, annotation: Any) -> None:
         self._annotation = annotation
         self._ta: TypeAdapter[Any] | None = None
-        self._call: Callable[[Any], Any]
+        # (the class's function, not a bound method: one on the instance would keep it in a
+        # reference cycle, and a dropped plan's parsers alive until a collection)
+        self._call: Callable[[ValueParser, Any], Any]
         origin = get_origin(annotation)
         if annotation is str:
-            self._call = str
+            self._call = _as_str
         elif isinstance(annotation, enum.EnumMeta):
-            self._call = self._enum
+            self._call = ValueParser._enum
         elif origin is Literal:
-            self._call = self._literal
+            self._call = ValueParser._literal
         elif (
             origin in (Union, types.UnionType)
             and type(None) in get_args(annotation)
             and str in get_args(annotation)
         ):
-            self._call = self._validate_any
+            self._call = ValueParser._validate_any
         else:
-            self._call = self._general
+            self._call = ValueParser._general
 
     def __call__(self, value: Any) -> Any:
-        return self._call(value)
+        return self._call(self, value)
 
     def _enum(self, value: Any) -> Any:
         return find_enum_member(self._annotation, value)
