@@ -20,9 +20,7 @@ T = TypeVar("T")
 __all__ = [
     "StopSignal",
     "abandonable",
-    "arun_as_callers",
     "enclosing_fan_out",
-    "publish_signal",
     "refuse_if_abandoned",
     "run_as_callers",
     "run_under",
@@ -136,13 +134,9 @@ def enclosing_fan_out() -> StopSignal | None:
 _OVERRIDE_KEY = "stageflow_abandonable"
 
 
-def publish_signal(ctx: contextvars.Context, signal: StopSignal) -> None:
-    """Put ``signal`` in DSPy's settings overrides inside ``ctx`` (DSPy copies them into the worker
-    threads it starts, where :func:`enclosing_fan_out` finds it)."""
-    ctx.run(_publish_here, signal)
-
-
 def _publish_here(signal: StopSignal) -> None:
+    """Put ``signal`` in DSPy's settings overrides here (DSPy copies them into the worker threads it
+    starts, where :func:`enclosing_fan_out` finds it)."""
     settings = sys.modules.get("dspy.dsp.utils.settings")
     if settings is not None:  # (no DSPy thread can start before DSPy is imported)
         overrides = settings.thread_local_overrides
@@ -188,8 +182,7 @@ def abandonable(ctx: contextvars.Context) -> Iterator[StopSignal]:
     signal = StopSignal(enclosing)
     if enclosing is not None:
         enclosing.register(signal.stop)
-    ctx.run(_ENCLOSING.set, signal)
-    publish_signal(ctx, signal)
+    run_under(ctx, signal)
     try:
         yield signal
     finally:
@@ -227,36 +220,35 @@ def run_as_callers(ctx: contextvars.Context, fn: Callable[..., T], *args: Any) -
     >>> run_as_callers(ctx, enclosing_fan_out) is abandoned
     False
     """
+    return _as_callers(ctx).run(fn, *args)
+
+
+def _as_callers(ctx: contextvars.Context) -> contextvars.Context:
+    """A copy of ``ctx`` whose enclosing stop signal is this caller's (a fresh one when none)."""
     here = enclosing_fan_out()
     run = ctx.copy()
     run_under(run, StopSignal() if here is None else here)
-    return run.run(fn, *args)
+    return run
 
 
 def start_as_callers(
     ctx: contextvars.Context, fn: Callable[..., Awaitable[T]], *args: Any
 ) -> asyncio.Task[T]:
-    """:func:`arun_as_callers`'s task, started and returned (its awaiting caller may look at it
-    after being cancelled: a run that ended meanwhile has an outcome)."""
-    here = enclosing_fan_out()
-    run = ctx.copy()
-    run_under(run, StopSignal() if here is None else here)
-    return asyncio.get_running_loop().create_task(_awaited(fn, args), context=run)
-
-
-async def arun_as_callers(ctx: contextvars.Context, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Async twin of :func:`run_as_callers`: await ``fn(*args)`` as a task in (a copy of) ``ctx``,
-    with this caller's stop signal; cancelling the caller cancels it.
+    """Async twin of :func:`run_as_callers`: ``fn(*args)`` started as a task in (a copy of) ``ctx``,
+    with this caller's stop signal. Awaiting it cancels it with the caller; the task is returned so
+    a caller cancelled just as it ended can still take its outcome.
 
     >>> import asyncio, contextvars
     >>> abandoned = StopSignal(); abandoned.abandon()
     >>> ctx = contextvars.copy_context(); _ = ctx.run(_ENCLOSING.set, abandoned)
     >>> async def enclosing() -> StopSignal | None:
     ...     return enclosing_fan_out()
-    >>> asyncio.run(arun_as_callers(ctx, enclosing)) is abandoned
+    >>> async def main() -> bool:
+    ...     return await start_as_callers(ctx, enclosing) is abandoned
+    >>> asyncio.run(main())
     False
     """
-    return await start_as_callers(ctx, fn, *args)
+    return asyncio.get_running_loop().create_task(_awaited(fn, args), context=_as_callers(ctx))
 
 
 async def _awaited(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
