@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# DSPy's price table comes from LiteLLM, which otherwise fetches it from the network first (and
+# retries for seconds on a machine without one): the bundled table, as stageflow.lm.select sets it.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.fixture(autouse=True)

@@ -208,6 +208,8 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
         needed: What the refused call would have reserved (``0`` for ``max_seconds``).
         scope: Which budget refused (``"stageflow.budget()"``, ``"the run's budget"``, ...).
         ledger: The :class:`~stageflow.BudgetLedger` that refused (its spending so far).
+        held: What the LM call this one was made inside holds of the limit (a router LM's call,
+            which settles only after its inner calls): ``0`` for a call made outside any other.
 
     Examples:
         >>> err = BudgetExceeded.refused("max_calls", spent=3, limit=3, needed=1, scope="stageflow.budget()")
@@ -224,6 +226,7 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
     spent: float = 0
     limit: float = 0
     needed: float = 0
+    held: float = 0
     scope: str = ""
     ledger: Any = None
 
@@ -238,11 +241,12 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
         scope: str,
         ledger: Any = None,
         stage_path: str | None = None,
+        held: float = 0,
     ) -> BudgetExceeded:
         """Build the error for a refused call (the message is composed from these fields)."""
         err = cls("", stage_path=stage_path, field=limit_name, hint=_budget_hint(limit_name))
         err.limit_name, err.spent, err.limit, err.needed, err.scope = limit_name, spent, limit, needed, scope
-        err.ledger = ledger
+        err.ledger, err.held = ledger, held
         err._compose()
         return err
 
@@ -253,9 +257,15 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
             else "An LM call was refused"
         )
         verb = "cannot hold it within" if self.limit_name == "max_tokens" else "has spent"
+        inside = (
+            f"; the LM call it was made inside holds {_amount(self.limit_name, self.held)} more until "
+            "it returns, so this call cannot wait for it"
+            if self.held
+            else ""
+        )
         self.message = (
             f"{who}: {self.scope} {verb} its {self.limit_name} "
-            f"({_spent_text(self.limit_name, self.spent, self.limit, self.needed)})."
+            f"({_spent_text(self.limit_name, self.spent, self.limit, self.needed)}{inside})."
         )
         self.args = (self.message,)
 
@@ -277,6 +287,14 @@ def _budget_hint(limit_name: str) -> str:
         "(LMBudget(..., degrade=stageflow.Degrade(lm=...))), "
         "or let an optional stage be skipped: Stage(x, skip_on=[stageflow.BudgetExceeded])"
     )
+
+
+def _amount(limit_name: str, value: float) -> str:
+    if limit_name == "max_cost":
+        return f"{value:.4f}"
+    if limit_name == "max_tokens":
+        return f"{value:,.0f} tokens"
+    return f"{value:,.0f} LM call" + ("" if value == 1 else "s")
 
 
 def _spent_text(limit_name: str, spent: float, limit: float, needed: float) -> str:

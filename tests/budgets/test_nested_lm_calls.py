@@ -85,3 +85,127 @@ def test_the_calls_a_router_lm_makes_to_another_lm_are_rate_limited() -> None:
         program(question="q2")
     assert inner.calls == 2
     assert limiter.requests == 2
+
+
+# -- calls to another LM made inside an LM call never wait for the call they run inside ------------
+
+
+class AsyncRouter(Router):
+    """A router with an ``aforward`` too (``acall`` runs that one)."""
+
+    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        return await self.inner.aforward(prompt=prompt, messages=messages, **kwargs)
+
+
+class FanningRouter(Router):
+    """An LM whose ``forward`` runs two calls to another LM in ``dspy.Parallel`` worker threads."""
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        calls = [(lambda: self.inner.forward(prompt=prompt, messages=messages, **kwargs), ()) for _ in "ab"]
+        outs = dspy.Parallel(num_threads=2, disable_progress_bar=True, max_errors=0)(calls)
+        return outs[0]
+
+
+def _within(seconds: float, fn: Any) -> list[Any]:
+    """Run ``fn`` on a thread; its result or error, failing the test if it is still running after
+    ``seconds`` (the hang these tests guard against)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "an LM call made inside another waited for it forever"
+    return outcome
+
+
+@pytest.mark.parametrize("limit", [{"max_calls": 2}, {"max_tokens": 100_000}, {"max_cost": 10.0}])
+def test_a_router_runs_under_a_budget_that_affords_it(mode: str, limit: dict[str, Any]) -> None:
+    """(closing note of session 34) A router LM under a token budget waited forever: its own call and
+    its inner call were both probes of unlearned models, and the inner waited for the outer one."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=AsyncRouter(inner)), stageflow.budget(**limit) as spent:
+            return asyncio.run(call(program, mode, question="?")).answer, spent.calls
+
+    assert _within(10, run) == [("A", 2)]  # the router's call and the one it made
+    assert inner.calls == 1
+
+
+def test_a_router_that_does_not_fit_is_refused_naming_what_its_outer_call_holds(mode: str) -> None:
+    """Under ``max_calls=1`` the router's own call holds the one call: its inner call cannot wait for
+    that to settle (it settles after it), so it is refused, and says why."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=AsyncRouter(inner)), stageflow.budget(max_calls=1):
+            return asyncio.run(call(program, mode, question="?"))
+
+    [error] = _within(10, run)
+    assert isinstance(error, stageflow.BudgetExceeded), error
+    assert error.limit_name == "max_calls"
+    assert error.held == 1
+    assert "the LM call it was made inside holds 1 LM call more" in str(error)
+    assert "stages[0]" in str(error)
+    assert inner.calls == 0
+
+
+@pytest.mark.parametrize("limit", [{"max_calls": 3}, {"max_tokens": 100_000}])
+def test_dspy_parallel_inside_an_lm_call_runs_under_a_budget(limit: dict[str, Any]) -> None:
+    """``dspy.Parallel``'s worker threads copy DSPy's settings, not the context: the calls made there
+    must still know which call they run inside (before, they waited for it forever)."""
+    inner = FakeLM({"answer": "A"}, model="fake/fanned")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=FanningRouter(inner)), stageflow.budget(**limit) as spent:
+            return program(question="?").answer, spent.calls
+
+    assert _within(10, run) == [("A", 3)]
+    assert inner.calls == 2
+
+
+def test_dspy_parallel_inside_an_lm_call_runs_under_a_concurrency_cap_of_one() -> None:
+    """The outer call holds the cap's one LM slot; the calls made inside it run in that slot (before,
+    they waited for it forever)."""
+    inner = FakeLM({"answer": "A"}, model="fake/fanned")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=FanningRouter(inner)), stageflow.limits(max_concurrency=1):
+            return program(question="?").answer
+
+    assert _within(10, run) == ["A"]
+    assert inner.calls == 2
+
+
+class SelfFanning(FakeLM):
+    """An LM whose ``forward`` runs DSPy's own twice in ``dspy.Parallel`` worker threads."""
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        own = super().forward
+        calls = [(lambda: own(prompt=prompt, messages=messages, **kwargs), ()) for _ in "ab"]
+        return dspy.Parallel(num_threads=2, disable_progress_bar=True, max_errors=0)(calls)[0]
+
+
+def test_the_same_lms_calls_in_parallel_workers_are_part_of_its_call() -> None:
+    """The same LM's calls made inside its call are part of it, in ``dspy.Parallel``'s worker threads
+    as on the calling thread (before, the workers' calls were counted beside it: 3 for 1)."""
+    lm = SelfFanning({"answer": "A"}, model="fake/self-fanning")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=lm), stageflow.budget(max_calls=1) as spent:
+            result = program(question="?")
+            return result.answer, spent.calls, result.run.usage.total.lm_calls
+
+    assert _within(10, run) == [("A", 1, 1)]
+    assert lm.calls == 2

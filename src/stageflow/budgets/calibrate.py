@@ -9,7 +9,8 @@ with what it has learned about the model (:class:`Knowledge`):
 - **No bound** (no ``max_tokens``, a custom engine that may ignore it, a model with no known price)
   and nothing learned yet about the model: the call is a *probe* — while a probe is in flight, no
   other unbounded call of an unlearned model starts against that budget, so before anything is known
-  a budget can be overshot by at most one call.
+  a budget can be overshot by at most one call (with the calls made inside it: a router LM's probe
+  does not hold back the calls it makes, which could never start otherwise).
 - **Learned**: once a call of the model has settled, later calls hold their token reservation ×
   the largest overrun seen (what a call reported ÷ what it reserved, never below 1; and once the
   model has overrun, at least the fewest tokens any of its calls used), and cost: tokens held × the
@@ -116,9 +117,10 @@ class Knowledge:
         )
         return Hold(tokens, cost, unbounded and need.model not in self.known)
 
-    def fits(self, hold: Hold) -> bool:
-        """Whether a probe may start now (another probe in flight makes it wait)."""
-        return not hold.probe or self.probing == 0
+    def fits(self, hold: Hold, enclosing: int = 0) -> bool:
+        """Whether a probe may start now (another probe in flight makes it wait; ``enclosing``: the
+        probes in flight that this call is made inside, which it does not wait for)."""
+        return not hold.probe or self.probing <= enclosing
 
     def take(self, hold: Hold) -> None:
         """Note a hold taken."""

@@ -31,8 +31,8 @@ Waits are added to the running stage's usage (``limit_wait``) and recorded in th
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -52,12 +52,41 @@ __all__ = ["install", "installed", "uninstall"]
 
 logger = logging.getLogger("stageflow")
 
-#: The LM whose call of its own ``forward`` (DSPy's legacy path: a ``forward`` of yours on a
-#: ``dspy.LM`` subclass) this wrapper is counting, on this thread or task. That ``forward`` calling
-#: DSPy's own runs ``execute`` again for the same LM and the same request: part of the call, counted
-#: once (counted again, it was billed twice and waited on its own reservation). A call to another LM
-#: made inside it (a router of yours) is a request of its own, counted as one.
-_METERED: contextvars.ContextVar[Any] = contextvars.ContextVar("stageflow_lm_call_metered", default=None)
+#: Where an LM call of an LM of yours (one with its own ``forward``: DSPy runs it, not its engine)
+#: leaves its :class:`_Call` in DSPy's settings overrides while it runs: the calls made inside it
+#: find it there, on this thread or task and in the worker threads DSPy starts meanwhile
+#: (``dspy.Parallel`` copies DSPy's settings into them, not the context).
+_KEY = "stageflow_lm_call"
+
+
+class _Call:
+    """An LM call in progress whose ``forward`` may make LM calls of its own.
+
+    - The same LM's call made again inside it (a ``forward`` of yours calling DSPy's own: DSPy 3.4's
+      legacy interface) is part of it: counted once, not metered again (counted again, it was billed
+      twice and waited on its own reservation).
+    - A call to another LM made inside it (a router of yours, ``dspy.Parallel`` in a ``forward``) is a
+      request of its own, metered as one; it takes no concurrency slot (the call it runs inside holds
+      one) and never waits for the budget reservations of the calls it runs inside
+      (:mod:`.ledger`): those settle only after it returns, so waiting for them would never end.
+    """
+
+    __slots__ = ("lm", "outer", "ticket")
+
+    def __init__(self, lm: Any, outer: _Call | None) -> None:
+        self.lm, self.outer = lm, outer
+        self.ticket: Ticket | None = None  # its budget reservation, once taken
+
+    def tickets(self) -> tuple[Ticket, ...]:
+        """The reservations of this call and of those it runs inside."""
+        out: list[Ticket] = []
+        call: _Call | None = self
+        while call is not None:
+            if call.ticket is not None:
+                out.append(call.ticket)
+            call = call.outer
+        return tuple(out)
+
 
 _INSTALLED = [False]
 _ORIGINALS: list[Any] = []  # DSPy's execute / aexecute, while wrapped
@@ -81,41 +110,62 @@ def install() -> None:
         original, aoriginal = execution.execute, execution.aexecute
         registry = ratelimit_registry()
 
-        def run(lm: Any, call: Any) -> Any:
+        def run(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> Any:
             if not (LIVE[0] or registry):
                 return original(lm, call)
-            return _metered(lm, call, original)
+            return _metered(lm, call, original, here, outer)
 
-        async def arun(lm: Any, call: Any) -> Any:
+        async def arun(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> Any:
             if not (LIVE[0] or registry):
                 return await aoriginal(lm, call)
-            return await _ametered(lm, call, aoriginal)
+            return await _ametered(lm, call, aoriginal, here, outer)
+
+        settings = sys.modules["dspy.dsp.utils.settings"]
+        overrides, dotdict = settings.thread_local_overrides, settings.dotdict
+
+        def enter(lm: Any, outer: _Call | None) -> tuple[_Call | None, Any]:
+            here = _Call(lm, outer)
+            new = dotdict(overrides.get())
+            new[_KEY] = here
+            return here, overrides.set(new)
 
         def execute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
-            if _METERED.get() is lm:  # (this LM's own call, made again inside it: see _METERED)
+            outer = overrides.get().get(_KEY)
+            if outer is not None and outer.lm is lm:  # (this LM's own call, made again inside it)
                 return original(lm, call)
-            token = None if call.managed else _METERED.set(lm)
+            # (a call DSPy's engine runs makes no LM call of its own: nothing to leave for them)
+            here, token = (None, None) if call.managed else enter(lm, outer)
             try:
-                slots = lm_slots()  # a stageflow.limits() cap holds for LM calls too
-                result = run(lm, call) if not slots else call_capped(slots, lambda: run(lm, call))
+                # (a stageflow.limits() cap holds for LM calls too; a call inside another is in its slot)
+                slots = lm_slots() if outer is None else ()
+                result = (
+                    run(lm, call, here, outer)
+                    if not slots
+                    else call_capped(slots, lambda: run(lm, call, here, outer))
+                )
             finally:
                 if token is not None:
-                    _METERED.reset(token)
+                    overrides.reset(token)
             note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()
-            if _METERED.get() is lm:
+            outer = overrides.get().get(_KEY)
+            if outer is not None and outer.lm is lm:
                 return await aoriginal(lm, call)
-            token = None if call.managed else _METERED.set(lm)
+            here, token = (None, None) if call.managed else enter(lm, outer)
             try:
-                slots = lm_slots()
-                result = await (arun(lm, call) if not slots else acall_capped(slots, lambda: arun(lm, call)))
+                slots = lm_slots() if outer is None else ()
+                result = await (
+                    arun(lm, call, here, outer)
+                    if not slots
+                    else acall_capped(slots, lambda: arun(lm, call, here, outer))
+                )
             finally:
                 if token is not None:
-                    _METERED.reset(token)
+                    overrides.reset(token)
             note_lm_result(result)
             return result
 
@@ -160,9 +210,17 @@ def ratelimit_registry() -> dict[str, RateLimiter]:
 class _Plan:
     """One metered call: its budgets, limiter and what it may use."""
 
-    __slots__ = ("chain", "estimate", "limiter", "need", "slot", "ticket")
+    __slots__ = ("chain", "estimate", "here", "inside", "limiter", "need", "slot", "ticket")
 
-    def __init__(self, lm: Any, call: Any, chain: tuple[BudgetLedger, ...], limiter: RateLimiter | None):
+    def __init__(
+        self,
+        lm: Any,
+        call: Any,
+        chain: tuple[BudgetLedger, ...],
+        limiter: RateLimiter | None,
+        here: _Call | None,
+        outer: _Call | None,
+    ) -> None:
         prompt_bound, chars = prompt_size(call)
         max_out = max_tokens(call)
         reserve_out = (
@@ -184,14 +242,21 @@ class _Plan:
         self.estimate = n * (chars // 4 + (max_out or 0))  # what the rate limiter counts until settled
         self.ticket: Ticket | None = None
         self.slot: Slot | None = None
+        self.here = here  # (its reservation is noted there, for the calls made inside it)
+        self.inside = () if outer is None else outer.tickets()  # the calls it runs inside
+
+    def reserved(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+        if self.here is not None:
+            self.here.ticket = ticket
 
 
-def _plan(lm: Any, call: Any) -> _Plan | None:
+def _plan(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> _Plan | None:
     chain = active_chain()
     limiter = limiter_for(str(lm.model))
     if not chain and limiter is None:
         return None
-    return _Plan(lm, call, chain, limiter)
+    return _Plan(lm, call, chain, limiter, here, outer)
 
 
 def _cached(lm: Any, call: Any, asynchronous: bool) -> Any:
@@ -205,8 +270,10 @@ def _cached(lm: Any, call: Any, asynchronous: bool) -> Any:
 # -- the metered call -----------------------------------------------------------------------------
 
 
-def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
-    plan = _plan(lm, call)
+def _metered(
+    lm: Any, call: Any, original: Callable[[Any, Any], Any], here: _Call | None, outer: _Call | None
+) -> Any:
+    plan = _plan(lm, call, here, outer)
     if plan is None:
         return original(lm, call)
     if not _take_now(plan):
@@ -229,10 +296,12 @@ def _metered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
     return result
 
 
-async def _ametered(lm: Any, call: Any, original: Callable[[Any, Any], Any]) -> Any:
+async def _ametered(
+    lm: Any, call: Any, original: Callable[[Any, Any], Any], here: _Call | None, outer: _Call | None
+) -> Any:
     if not price_known(lm) and any(ledger.limits.max_cost is not None for ledger in active_chain()):
         await asyncio.to_thread(prices, lm)  # the first look-up loads DSPy's price table: off the loop
-    plan = _plan(lm, call)
+    plan = _plan(lm, call, here, outer)
     if plan is None:
         return await original(lm, call)
     if not _take_now(plan):
@@ -259,10 +328,10 @@ def _take_now(plan: _Plan) -> bool:
     """Reserve and take room without waiting; ``False`` when something would have to wait or refuse
     (what was taken stays held; :func:`_take_waiting` completes it)."""
     if plan.chain:
-        got = ledger_mod.try_reserve(plan.chain, plan.need)
+        got = ledger_mod.try_reserve(plan.chain, plan.need, plan.inside)
         if not isinstance(got, Ticket):
             return False
-        plan.ticket = got
+        plan.reserved(got)
     if plan.limiter is not None:
         plan.slot = plan.limiter.try_acquire(plan.need.calls, plan.estimate)
         if plan.slot is None:
@@ -277,7 +346,7 @@ def _before_rate_wait(plan: _Plan) -> None:
         ledger_mod.release(plan.ticket)
         plan.ticket = None
     elif plan.chain:
-        refusal = ledger_mod.refusal(plan.chain, plan.need)
+        refusal = ledger_mod.refusal(plan.chain, plan.need, plan.inside)
         if refusal is not None:
             raise refusal
 
@@ -290,7 +359,8 @@ def _take_waiting(plan: _Plan) -> None:
         plan.slot, waited = plan.limiter.acquire(plan.need.calls, plan.estimate)
         _waited(plan, waited, "rate_limited")
     if plan.chain and plan.ticket is None:
-        plan.ticket, waited = ledger_mod.reserve(plan.chain, plan.need)
+        ticket, waited = ledger_mod.reserve(plan.chain, plan.need, plan.inside)
+        plan.reserved(ticket)
         _waited(plan, waited, "budget_wait")
 
 
@@ -301,7 +371,8 @@ async def _atake_waiting(plan: _Plan) -> None:
         plan.slot, waited = await plan.limiter.aacquire(plan.need.calls, plan.estimate)
         _waited(plan, waited, "rate_limited")
     if plan.chain and plan.ticket is None:
-        plan.ticket, waited = await ledger_mod.areserve(plan.chain, plan.need)
+        ticket, waited = await ledger_mod.areserve(plan.chain, plan.need, plan.inside)
+        plan.reserved(ticket)
         _waited(plan, waited, "budget_wait")
 
 

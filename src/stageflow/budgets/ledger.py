@@ -11,6 +11,12 @@ under one process-wide lock:
 - otherwise it waits until a call in flight settles, and asks again (threads block, asyncio tasks
   suspend).
 
+An LM call made *inside* another one (a router LM whose ``forward`` calls a model, an LM that runs
+``dspy.Parallel``) names the tickets of the calls it runs inside (``inside``): those settle only
+after it returns, so it never waits for them. It is refused when it cannot fit even once every
+*other* call in flight has settled, and a probe of an unlearned model (:mod:`.calibrate`) inside a
+probe does not wait for its enclosing probe.
+
 Settling replaces the reservation with what the call really used. What is held for a call, and how
 far a budget can be overshot when a call has no known upper bound or reports more than it held, is
 :mod:`.calibrate`'s business: calls are never overshot; tokens and cost are not when every call's
@@ -34,7 +40,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from stageflow.budgets.calibrate import Hold, Knowledge, Need, cost_over
 from stageflow.budgets.spec import LMBudget
@@ -42,6 +48,7 @@ from stageflow.errors import BudgetExceeded
 
 __all__ = [
     "BudgetLedger",
+    "Held",
     "Need",
     "Ticket",
     "areserve",
@@ -56,6 +63,18 @@ _LOCK = threading.Lock()
 _WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations waiting for a settle
 #: Longest single wait before a waiting reservation looks again (a safety net, not the mechanism).
 _RECHECK_S = 1.0
+
+
+class Held(NamedTuple):
+    """What the LM calls a call runs inside hold in one ledger (they settle only after it)."""
+
+    calls: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    probes: int = 0
+
+
+_NOTHING = Held()
 
 
 class BudgetLedger:
@@ -157,35 +176,36 @@ class BudgetLedger:
         )
 
     # -- under _LOCK ---------------------------------------------------------------------------------
-    def _check(self, need: Need, hold: Hold) -> BudgetExceeded | bool:
-        """A refusal, ``True`` (fits now) or ``False`` (fits once calls in flight settle)."""
+    def _check(self, need: Need, hold: Hold, held: Held = _NOTHING) -> BudgetExceeded | bool:
+        """A refusal, ``True`` (fits now) or ``False`` (fits once calls in flight settle). ``held``:
+        what the calls this one runs inside hold here, which cannot settle while it waits."""
         lim = self.limits
         if lim.max_seconds is not None:
             elapsed = self.elapsed()
             if elapsed >= lim.max_seconds:
-                return self._refuse("max_seconds", elapsed, lim.max_seconds, 0)
+                return self._refuse("max_seconds", elapsed, lim.max_seconds, 0, 0)
         fits = True
         limit: float | None = lim.max_calls
         if limit is not None:
-            if self.calls + need.calls > limit:
-                return self._refuse("max_calls", self.calls, limit, need.calls)
+            if self.calls + held.calls + need.calls > limit:
+                return self._refuse("max_calls", self.calls, limit, need.calls, held.calls)
             fits = self.calls + self.reserved_calls + need.calls <= limit
         limit = lim.max_tokens
         if limit is not None:
             spent = self.input_tokens + self.output_tokens
-            if spent + hold.tokens > limit:
-                return self._refuse("max_tokens", spent, limit, hold.tokens)
+            if spent + held.tokens + hold.tokens > limit:
+                return self._refuse("max_tokens", spent, limit, hold.tokens, held.tokens)
             fits = fits and spent + self.reserved_tokens + hold.tokens <= limit
         limit = lim.max_cost
         if limit is not None:
-            if self.cost >= limit or cost_over(self.cost + hold.cost, limit):
-                return self._refuse("max_cost", self.cost, limit, hold.cost)
+            if self.cost >= limit or cost_over(self.cost + held.cost + hold.cost, limit):
+                return self._refuse("max_cost", self.cost, limit, hold.cost, held.cost)
             fits = fits and not cost_over(self.cost + self.reserved_cost + hold.cost, limit)
-        return fits and self.knowledge.fits(hold)
+        return fits and self.knowledge.fits(hold, held.probes)
 
-    def _refuse(self, name: str, spent: float, limit: float, needed: float) -> BudgetExceeded:
+    def _refuse(self, name: str, spent: float, limit: float, needed: float, held: float) -> BudgetExceeded:
         return BudgetExceeded.refused(
-            name, spent=spent, limit=limit, needed=needed, scope=self.scope, ledger=self
+            name, spent=spent, limit=limit, needed=needed, scope=self.scope, ledger=self, held=held
         )
 
     def _hold(self, need: Need, hold: Hold) -> None:
@@ -267,13 +287,31 @@ class Ticket:
         self.done = False
 
 
-def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket | BudgetExceeded | None:
+def _held(ledger: BudgetLedger, inside: Sequence[Ticket]) -> Held:
+    """What the tickets of the calls a call runs inside hold in ``ledger`` (under ``_LOCK``)."""
+    calls = tokens = probes = 0
+    cost = 0.0
+    for ticket in inside:
+        if ticket.done:
+            continue
+        for their, hold in zip(ticket.ledgers, ticket.holds, strict=True):
+            if their is ledger:
+                calls += ticket.need.calls
+                tokens += hold.tokens
+                cost += hold.cost
+                probes += hold.probe
+    return Held(calls, tokens, cost, probes)
+
+
+def _attempt(
+    chain: Sequence[BudgetLedger], need: Need, waiter: Any, inside: Sequence[Ticket]
+) -> Ticket | BudgetExceeded | None:
     with _LOCK:
         holds = []
         fits = True
         for ledger in chain:
             hold = ledger.knowledge.hold(need, ledger.limits)
-            verdict = ledger._check(need, hold)
+            verdict = ledger._check(need, hold, _held(ledger, inside) if inside else _NOTHING)
             if verdict is not True:
                 if verdict is not False:
                     return verdict
@@ -288,20 +326,26 @@ def _attempt(chain: Sequence[BudgetLedger], need: Need, waiter: Any) -> Ticket |
         return Ticket(chain, need, holds)
 
 
-def refusal(chain: Sequence[BudgetLedger], need: Need) -> BudgetExceeded | None:
+def refusal(
+    chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()
+) -> BudgetExceeded | None:
     """The refusal ``need`` would get now (counted), or ``None`` when it may fit; nothing is reserved."""
     with _LOCK:
         for ledger in chain:
-            verdict = ledger._check(need, ledger.knowledge.hold(need, ledger.limits))
+            held = _held(ledger, inside) if inside else _NOTHING
+            verdict = ledger._check(need, ledger.knowledge.hold(need, ledger.limits), held)
             if isinstance(verdict, BudgetExceeded):
                 ledger.refused += 1
                 return verdict
     return None
 
 
-def try_reserve(chain: Sequence[BudgetLedger], need: Need) -> Ticket | BudgetExceeded | None:
-    """Reserve ``need`` in every ledger now: a :class:`Ticket`, the refusal, or ``None`` (must wait)."""
-    return _attempt(chain, need, None)
+def try_reserve(
+    chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()
+) -> Ticket | BudgetExceeded | None:
+    """Reserve ``need`` in every ledger now: a :class:`Ticket`, the refusal, or ``None`` (must wait).
+    ``inside``: the tickets of the LM calls this one is made inside (see the module docstring)."""
+    return _attempt(chain, need, None, inside)
 
 
 def _timeout(chain: Sequence[BudgetLedger]) -> float:
@@ -313,13 +357,13 @@ def _timeout(chain: Sequence[BudgetLedger]) -> float:
     return max(0.0, min([_RECHECK_S, *left]))
 
 
-def reserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
+def reserve(chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()) -> tuple[Ticket, float]:
     """Reserve ``need`` (blocking the thread while it must wait); returns the ticket and the seconds
     waited. Raises :class:`~stageflow.BudgetExceeded` when it cannot fit."""
     waited = 0.0
     while True:
         event = threading.Event()
-        got = _attempt(chain, need, event)
+        got = _attempt(chain, need, event, inside)
         if isinstance(got, Ticket):
             return got, waited
         if isinstance(got, BudgetExceeded):
@@ -334,14 +378,16 @@ def reserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
         waited += _note_wait(chain, chain[0].limits.clock() - t0)
 
 
-async def areserve(chain: Sequence[BudgetLedger], need: Need) -> tuple[Ticket, float]:
+async def areserve(
+    chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()
+) -> tuple[Ticket, float]:
     """Async twin of :func:`reserve` (the task suspends while it must wait; cancelling it holds nothing)."""
     waited = 0.0
     loop = asyncio.get_running_loop()
     while True:
         fut: asyncio.Future[None] = loop.create_future()
         waiter = (loop, fut)
-        got = _attempt(chain, need, waiter)
+        got = _attempt(chain, need, waiter, inside)
         if isinstance(got, Ticket):
             return got, waited
         if isinstance(got, BudgetExceeded):

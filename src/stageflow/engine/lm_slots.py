@@ -12,7 +12,8 @@ limits two things, each to ``N`` at once:
 LM calls take slots of a *separate* semaphore per cap (its companion), never of the stage slots:
 a stage holding a stage slot while its inner LM calls wait for LM slots cannot deadlock, because
 an LM call holds its slot only for the call itself and waits for nothing else meanwhile. An LM
-call made inside another one (an LM wrapper that calls a model) does not take a second slot. A
+call made inside another one (an LM wrapper that calls a model, in its thread or in the worker
+threads of a ``dspy.Parallel`` it runs) does not take a second slot. A
 fan-out's own ``max_concurrency`` (``ForEach(max_concurrency=...)``) caps its stages only.
 
 The slots are taken around DSPy's ``execute``/``aexecute``, the function every LM call runs
