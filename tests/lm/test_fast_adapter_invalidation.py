@@ -235,3 +235,71 @@ def test_an_adapter_call_looks_the_plan_up_once_and_the_next_call_sees_a_change(
     call()
     assert lookups == [p.signature]
     assert "changed." in lm.history[-1]["messages"][0]["content"]
+
+
+def stage_prompts(adapter: Any, predictor: dspy.Predict, mode: str, **inputs: Any) -> list[dict[str, Any]]:
+    """The messages ``predictor`` sends through ``adapter`` called as a pipeline's LM stage is (the
+    stage path hands the adapter the signature's plan it has just checked)."""
+    from stageflow.lm.fast.call import acall_predictor, call_predictor
+
+    lm = FakeLM()
+    with dspy.context(lm=lm, adapter=adapter):
+        if mode == "sync":
+            call_predictor(predictor, inputs)
+        else:
+            asyncio.run(acall_predictor(predictor, inputs))
+    return lm.history[-1]["messages"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("name", sorted(CHANGES))
+def test_a_change_is_seen_on_the_next_call_of_the_stage_path(
+    name: str, pair: tuple[type, type], mode: str
+) -> None:
+    """The stage path's adapter call trusts its plan's check of the signature: every change an
+    optimizer makes must still reach the prompt on the next call."""
+    p = dspy.Predict("question -> answer")
+    p.demos = demos(("q1", "a1"), ("q2", "a2"))
+    plain, fast = pair[0](), pair[1]()
+    before = stage_prompts(fast, p, mode, question="q0")
+    assert before == prompts(plain, p, question="q0")
+    stage_prompts(fast, p, mode, question="q0")  # now served from the plans
+    must_contain = CHANGES[name](p)
+    after = stage_prompts(fast, p, mode, question="q0")
+    assert after == prompts(plain, p, question="q0")
+    assert after != before
+    assert must_contain in str(after)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+def test_the_stage_path_checks_the_signature_once_per_call(
+    pair: tuple[type, type], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One check of the signature per LM stage call (the adapter's plan was found to match beside
+    the stage path's, so it is not checked again), and a full one again after a change."""
+    from stageflow.lm.fast import _plan
+    from stageflow.lm.fast.call import call_predictor
+
+    checks: list[Any] = []
+    real = _plan.Plan.matches
+
+    def counting(self: Any, signature: Any) -> bool:
+        checks.append(signature)
+        return real(self, signature)
+
+    p = dspy.Predict("question -> answer")
+    lm, adapter = FakeLM({"answer": "ok"}), pair[1]()
+    with dspy.context(lm=lm, adapter=adapter):
+        call_predictor(p, {"question": "q"})
+        monkeypatch.setattr(_plan.Plan, "matches", counting)
+        call_predictor(p, {"question": "q"})
+        assert checks == [p.signature]
+        p.signature.instructions = "Changed in place, once."
+        checks.clear()
+        call_predictor(p, {"question": "q"})
+        assert len(checks) == 2  # the stage path's plan, stale; then the adapter's, stale too
+        checks.clear()
+        assert call_predictor(p, {"question": "q"}).answer == "ok"
+        assert checks == [p.signature]
+    assert "Changed in place, once." in lm.history[-1]["messages"][0]["content"]

@@ -119,6 +119,7 @@ class Plan:
         "_models",
         "_nfields",
         "_snapshot",
+        "checked_with",
         "decisions",
         "demo_blocks",
         "differs",
@@ -159,6 +160,9 @@ class Plan:
         self.response_models: dict[bool, tuple[tuple[str, ...], Any]] = {}
         #: Whether DSPy's ``resolve_adapter`` acts on the signature (filled by the stage path).
         self.decisions: bool | None = None
+        #: (an adapter's plan) the LM-stage path's plan of the signature it was last found to match
+        #: beside: while that one still matches, so does this one (see FastChatAdapter.__call__)
+        self.checked_with: Plan | None = None
         self.format_verified = False
         self.parse_verified = False
         self.differs: str | None = None

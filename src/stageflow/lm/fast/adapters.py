@@ -163,6 +163,25 @@ class _FastPath:
             return None
         return plan
 
+    def _call_memo(self, checked: Plan | None, signature: Any) -> _CallPlan:
+        """What an adapter call's plan memo starts as: empty (:meth:`_plan` looks the plan up), or,
+        when the LM-stage path has just found ``checked`` (its own plan of ``signature``) to match
+        the signature, this adapter's plan without checking the signature a second time: a plan
+        found to match beside ``checked`` matches whenever ``checked`` does (both compare the same
+        identities of the signature)."""
+        if checked is None:
+            return _IN_CALL
+        cls = type(self)
+        if not cls._pure or not _HOOK_NAMES.isdisjoint(self.__dict__) or not cls._unpatched():
+            return (self, signature, None)
+        plans = cls._plans
+        plan = plans.get(signature)
+        if plan is None or plan.checked_with is not checked:
+            plan = plan_for(plans, signature)
+            if plan is not None:
+                plan.checked_with = checked
+        return (self, signature, plan)
+
     # -- the adapter call: the plan is looked up (and checked against the signature) once -------
 
     def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
@@ -459,19 +478,37 @@ class FastChatAdapter(_FastPath, dspy.ChatAdapter):  # type: ignore[misc]
 
     # -- DSPy's ChatAdapter.__call__ / Adapter.__call__, scopes set directly (see _adapter_call) --
 
-    def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+    def __call__(
+        self,
+        lm: Any,
+        lm_kwargs: Any,
+        signature: Any,
+        demos: Any,
+        inputs: Any,
+        *,
+        _checked: Plan | None = None,
+    ) -> Any:
         if not _adapter_call.untouched():
             return super().__call__(lm, lm_kwargs, signature, demos, inputs)
-        token = _CALL_PLAN.set(_IN_CALL)
+        token = _CALL_PLAN.set(self._call_memo(_checked, signature))
         try:
             return self._chat_call(lm, lm_kwargs, signature, demos, inputs)
         finally:
             _CALL_PLAN.reset(token)
 
-    async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+    async def acall(
+        self,
+        lm: Any,
+        lm_kwargs: Any,
+        signature: Any,
+        demos: Any,
+        inputs: Any,
+        *,
+        _checked: Plan | None = None,
+    ) -> Any:
         if not _adapter_call.untouched():
             return await super().acall(lm, lm_kwargs, signature, demos, inputs)
-        token = _CALL_PLAN.set(_IN_CALL)
+        token = _CALL_PLAN.set(self._call_memo(_checked, signature))
         try:
             return await self._achat_call(lm, lm_kwargs, signature, demos, inputs)
         finally:
@@ -499,10 +536,19 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
 
     # -- DSPy's JSONAdapter.__call__ (response format, then ChatAdapter.__call__), scopes set directly
 
-    def __call__(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+    def __call__(
+        self,
+        lm: Any,
+        lm_kwargs: Any,
+        signature: Any,
+        demos: Any,
+        inputs: Any,
+        *,
+        _checked: Plan | None = None,
+    ) -> Any:
         if not (_adapter_call.untouched() and _adapter_call.json_untouched()):
             return super().__call__(lm, lm_kwargs, signature, demos, inputs)
-        token = _CALL_PLAN.set(_IN_CALL)
+        token = _CALL_PLAN.set(self._call_memo(_checked, signature))
         planning = _adapter_call.enter_planning(lm, lm_kwargs)
         try:
             self._prepare_response_format(lm, lm_kwargs, signature)
@@ -511,10 +557,19 @@ class FastJSONAdapter(_FastPath, dspy.JSONAdapter):  # type: ignore[misc]
             _adapter_call.leave_planning(planning)
             _CALL_PLAN.reset(token)
 
-    async def acall(self, lm: Any, lm_kwargs: Any, signature: Any, demos: Any, inputs: Any) -> Any:
+    async def acall(
+        self,
+        lm: Any,
+        lm_kwargs: Any,
+        signature: Any,
+        demos: Any,
+        inputs: Any,
+        *,
+        _checked: Plan | None = None,
+    ) -> Any:
         if not (_adapter_call.untouched() and _adapter_call.json_untouched()):
             return await super().acall(lm, lm_kwargs, signature, demos, inputs)
-        token = _CALL_PLAN.set(_IN_CALL)
+        token = _CALL_PLAN.set(self._call_memo(_checked, signature))
         planning = _adapter_call.enter_planning(lm, lm_kwargs)
         try:
             await _adapter_call.prepare_async(lm)

@@ -36,6 +36,7 @@ from dspy.dsp.utils.settings import main_thread_config, thread_local_overrides
 
 from stageflow._callers import is_dspys_entry, push_callers, setting
 from stageflow.lm.fast._predict import planned_preprocess, postprocess, signature_plan, untouched
+from stageflow.lm.fast.adapters import FastChatAdapter, FastJSONAdapter
 
 __all__ = ["acall_predictor", "call_predictor", "short_path"]
 
@@ -164,7 +165,14 @@ def _has_decisions(signature: Any, plan: Any = None) -> bool:
     return found
 
 
+#: The adapters a call hands the signature's plan it has just checked (exact types: a subclass may
+#: define its own ``__call__``).
+_FAST_ADAPTERS = frozenset({FastChatAdapter, FastJSONAdapter})
+
+
 def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own: bool) -> tuple[Any, ...]:
+    """``(adapter, lm, config, signature, demos, kwargs, plan)``: ``plan`` is the signature's plan
+    when just found to match it and the adapter is a fast one (it then skips its own check)."""
     plan = None
     if own:
         lm, config, signature, demos, kwargs, plan = planned_preprocess(predictor, attrs, inputs)
@@ -178,7 +186,9 @@ def _prepare(predictor: Any, attrs: dict[str, Any], inputs: dict[str, Any], own:
         from dspy.adapters.decision import resolve_adapter
 
         adapter = resolve_adapter(lm, adapter, signature, predictor.fields, predictor.signature)
-    return adapter, lm, config, signature, demos, kwargs
+    if type(adapter) not in _FAST_ADAPTERS:
+        plan = None
+    return adapter, lm, config, signature, demos, kwargs, plan
 
 
 def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
@@ -191,8 +201,13 @@ def call_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     token = push_callers(chain)
     try:
         own = untouched()
-        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, attrs, inputs, own)
-        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        adapter, lm, config, signature, demos, kwargs, plan = _prepare(predictor, attrs, inputs, own)
+        if plan is None:
+            completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        else:
+            completions = adapter(
+                lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs, _checked=plan
+            )
         if own:
             return postprocess(predictor, completions, signature, kwargs)
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
@@ -210,10 +225,15 @@ async def acall_predictor(module: Any, inputs: dict[str, Any]) -> Any:
     token = push_callers(chain)
     try:
         own = untouched()
-        adapter, lm, config, signature, demos, kwargs = _prepare(predictor, attrs, inputs, own)
-        completions = await adapter.acall(
-            lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
-        )
+        adapter, lm, config, signature, demos, kwargs, plan = _prepare(predictor, attrs, inputs, own)
+        if plan is None:
+            completions = await adapter.acall(
+                lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
+            )
+        else:
+            completions = await adapter.acall(
+                lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs, _checked=plan
+            )
         if own:
             return postprocess(predictor, completions, signature, kwargs)
         return dspy.Predict._forward_postprocess(predictor, completions, signature, **kwargs)
