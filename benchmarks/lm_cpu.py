@@ -128,8 +128,11 @@ def stage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> Any:
         {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
     )
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(p, vars(p), kw, True)
-        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs)
+        adapter, lm, config, signature, demos, kwargs, *checked = _prepare(p, vars(p), kw, True)
+        extra = (
+            {"_checked": checked[0]} if checked and checked[0] is not None else {}
+        )  # (trees before 9cd077d: none)
+        completions = adapter(lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs, **extra)
         return postprocess(p, completions, signature, kwargs)
     finally:
         thread_local_overrides.reset(token)
@@ -147,9 +150,10 @@ async def astage_call(module: Any, kw: dict[str, Any], direct: bool = False) -> 
         {**thread_local_overrides.get(), "caller_modules": [*(settings.caller_modules or []), *chain]}
     )
     try:
-        adapter, lm, config, signature, demos, kwargs = _prepare(p, vars(p), kw, True)
+        adapter, lm, config, signature, demos, kwargs, *checked = _prepare(p, vars(p), kw, True)
+        extra = {"_checked": checked[0]} if checked and checked[0] is not None else {}
         completions = await adapter.acall(
-            lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs
+            lm, lm_kwargs=config, signature=signature, demos=demos, inputs=kwargs, **extra
         )
         return postprocess(p, completions, signature, kwargs)
     finally:

@@ -182,7 +182,7 @@ def test_path_helpers() -> None:
     assert group_key("stages[2].stages[10]") == "stages[2].stages[10]"
 
 
-async def test_cancelled_items_count_until_the_run_ended() -> None:
+async def test_cancelled_items_are_counted_but_the_failure_is_the_critical_path() -> None:
     async def item(x: int) -> dict[str, Any]:
         if x == 0:
             await asyncio.sleep(0.01)
@@ -194,12 +194,15 @@ async def test_cancelled_items_count_until_the_run_ended() -> None:
         [stageflow.ForEach(stageflow.stage(item, writes=["y"]), over="xs", item="x", collect="y")]
     )
     with stageflow.profile() as prof, pytest.raises(stageflow.StageError):
-        # The failing element starts last: the cancelled ones started before it and count until the
-        # run ended, after it, so one of them is the end of the longest chain whatever the load
-        # (failing first, an element started a moment later could still be the shorter one).
+        # The failing element starts last: the cancelled ones started before it and ran until the
+        # failure stopped them, after it ended. The failure decided when the fan-out ended, so it
+        # is the critical path; the stopped ones are counted as cancelled (before, the path ran
+        # through one of them).
         await program.acall(xs=[1, 2, 0])
     run = prof.last_run
     assert run is not None
     assert run.error is not None
-    assert run.critical_path[-1].path in {"stages[0].stage[0]", "stages[0].stage[1]"}
+    assert [step.path for step in run.critical_path] == ["stages[0].stage[2]"]
+    summary = prof.get_performance_summary()
+    assert [summary[f"stages[0].stage[{i}]"]["cancelled"] for i in range(3)] == [1, 1, 0]
     assert 0 < run.ideal_time <= run.wall

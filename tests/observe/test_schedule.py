@@ -52,7 +52,7 @@ def run_trees(draw: st.DrawFn) -> SpanNode:
     """A run tree of any shape: each span's children are random intervals inside it."""
 
     def build(path: str, start: int, end: int, depth: int) -> SpanNode:
-        node = SpanNode(path, start * TICK, end * TICK)
+        node = SpanNode(path, start * TICK, end * TICK, cancelled=bool(path) and draw(st.integers(0, 4)) == 0)
         if depth < 3:
             for i in range(draw(st.integers(0, 4))):
                 a = draw(st.integers(start, end))
@@ -63,19 +63,25 @@ def run_trees(draw: st.DrawFn) -> SpanNode:
     return build("", 0, draw(st.integers(0, 80)), 0)
 
 
+def _ran(node: SpanNode) -> list[SpanNode]:
+    return [child for child in node.children if not child.cancelled]
+
+
 def _leaves(node: SpanNode) -> list[SpanNode]:
-    if not node.children:
+    if not _ran(node):
         return [node]
-    return [leaf for child in node.children for leaf in _leaves(child)]
+    return [leaf for child in _ran(node) for leaf in _leaves(child)]
 
 
 def _brute_force(node: SpanNode) -> float:
-    """The longest chain by trying every set of children that ran one after another."""
-    if not node.children:
+    """The longest chain by trying every set of children (not stopped from outside) that ran one
+    after another."""
+    children = _ran(node)
+    if not children:
         return node.elapsed
     best = 0.0
-    for size in range(1, len(node.children) + 1):
-        for group in combinations(sorted(node.children, key=lambda c: (c.start, c.end)), size):
+    for size in range(1, len(children) + 1):
+        for group in combinations(sorted(children, key=lambda c: (c.start, c.end)), size):
             if all(a.end <= b.start for a, b in pairwise(group)):
                 best = max(best, sum(_brute_force(c) for c in group))
     return best
@@ -88,9 +94,37 @@ def test_ideal_le_critical_path_le_wall_for_every_run_shape(run: SpanNode) -> No
     length = critical_time(run)
     assert ideal_time(run) <= length <= run.elapsed
     # The path is the longest chain: as long as brute force finds, and its steps add up to it.
-    assert length == (_brute_force(run) if run.children else 0.0)
+    assert length == (_brute_force(run) if _ran(run) else 0.0)
     assert sum(s.elapsed for s in steps) == length
     # Stages that ran one after another, in order; and no stage alone outlasts the path.
     assert all(a.start + a.elapsed <= b.start for a, b in pairwise(steps))
-    if run.children:
+    if _ran(run):
         assert length >= max(leaf.elapsed for leaf in _leaves(run))
+    # A stage stopped from outside is never on it (what stopped it decided when things ended).
+    stopped = {id(n) for n in _all(run) if n.cancelled}
+    on_path = {s.path for s in steps}
+    assert not any(n.path in on_path for n in _all(run) if id(n) in stopped)
+
+
+def _all(node: SpanNode) -> list[SpanNode]:
+    return [node, *(n for child in node.children for n in _all(child))]
+
+
+def test_a_failed_items_stopped_siblings_are_not_the_path() -> None:
+    """(session 34's open item) A fail-fast fan-out: the item that failed stopped the others, which
+    ended a moment after it; the path went through one of those, the tie going to the later end."""
+    items = [
+        SpanNode("fan.stage[0]", 0.0, 0.5),
+        SpanNode("fan.stage[1]", 0.0, 0.5 + TICK, cancelled=True),
+        SpanNode("fan.stage[2]", 0.25, 0.5 + TICK, cancelled=True),
+    ]
+    run = SpanNode("", 0.0, 1.0, [SpanNode("fan", 0.0, 0.75, items)])
+    assert [s.path for s in critical_path(run)] == ["fan.stage[0]"]
+    assert (critical_time(run), ideal_time(run)) == (0.5, 0.5)
+
+
+def test_a_span_whose_children_were_all_stopped_counts_as_one_stage() -> None:
+    timed_out = SpanNode("slow", 0.0, 2.0, [SpanNode("slow.inner", 0.0, 2.0, cancelled=True)])
+    run = SpanNode("", 0.0, 2.0, [timed_out])
+    assert [s.path for s in critical_path(run)] == ["slow"]
+    assert (critical_time(run), ideal_time(run)) == (2.0, 2.0)

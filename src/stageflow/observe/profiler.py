@@ -152,10 +152,11 @@ class RunProfile:
 
 def _end_unfinished(node: SpanNode, end: float) -> None:
     """Stages still running when their run ended (cancelled or abandoned branches, which report no
-    end) count as running until then."""
+    end) count as running until then, stopped from outside."""
     for child in node.children:
         if child.end < child.start:
             child.end = end
+            child.cancelled = True
         _end_unfinished(child, end)
 
 
@@ -274,6 +275,8 @@ class Profiler(Hook):
         cancelled: bool = False,
     ) -> None:
         frame = self._close(path, False, elapsed)
+        if cancelled and frame is not None:
+            frame.node.cancelled = True  # (not on the critical path: what stopped it decided)
         used = _usage_of(usage)
         with self._lock:
             s = self._stats.setdefault(path, StageStats())

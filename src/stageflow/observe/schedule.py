@@ -22,6 +22,12 @@ worker counts as a sequence), and a stage's time includes any wait for a concurr
 (``stageflow.limits``). Time the pipelines themselves spent between their stages (merging,
 contract checks, hooks) is left out.
 
+**Stopped stages.** A stage stopped from outside (``cancelled``: the other branches of a fail-fast
+fan-out once one failed, those a quorum or a timeout left, a stage still running when its run
+ended) did not decide when anything ended: what stopped it did. Both measures leave it out, and a
+span whose children were all stopped counts as a stage of its own. With a fail-fast ``ForEach``,
+the critical path goes through the item that failed, not through the items it stopped.
+
 **The invariant** ``ideal <= critical path <= wall`` holds for every run: a perfect schedule's waves
 follow one another, so one slowest member per wave is a chain, and a chain of stages that did not
 overlap fits inside their parent's time. Both times are capped at each span's own time, so clock
@@ -54,6 +60,13 @@ Examples:
     ... ])
     >>> [step.path for step in critical_path(queued)], critical_time(queued), ideal_time(queued)
     (['it[0]', 'it[3]'], 2.0, 1.0)
+
+    The first item failed and stopped the other, which ended a moment later: the failure is the path.
+
+    >>> stopped = SpanNode("it[1]", 0.0, 1.01, cancelled=True)
+    >>> failed = SpanNode("", 0.0, 1.1, [SpanNode("it[0]", 0.0, 1.0), stopped])
+    >>> [step.path for step in critical_path(failed)], critical_time(failed)
+    (['it[0]'], 1.0)
 """
 
 from __future__ import annotations
@@ -73,6 +86,8 @@ class SpanNode:
     start: float
     end: float
     children: list[SpanNode] = field(default_factory=list)
+    #: Stopped from outside before it ended by itself (see "Stopped stages" above).
+    cancelled: bool = False
 
     @property
     def elapsed(self) -> float:
@@ -124,6 +139,14 @@ def _longest_chain(children: list[SpanNode], length: dict[int, float]) -> tuple[
     return best[-1], chain
 
 
+def _ran(node: SpanNode) -> list[SpanNode]:
+    """The children of ``node`` that were not stopped from outside."""
+    children = node.children
+    if any(child.cancelled for child in children):
+        return [child for child in children if not child.cancelled]
+    return children
+
+
 def _solve(root: SpanNode) -> tuple[dict[int, float], dict[int, list[SpanNode]]]:
     """Each span's critical-path length (capped at its own time) and its longest chain of children."""
     length: dict[int, float] = {}
@@ -136,11 +159,12 @@ def _solve(root: SpanNode) -> tuple[dict[int, float], dict[int, list[SpanNode]]]
         order.append(node)
         stack.extend(node.children)
     for node in reversed(order):
-        if not node.children:
+        children = _ran(node)
+        if not children:
             length[id(node)] = node.elapsed if node is not root else 0.0
             chains[id(node)] = []
             continue
-        total, chain = _longest_chain(node.children, length)
+        total, chain = _longest_chain(children, length)
         length[id(node)] = min(total, node.elapsed)
         chains[id(node)] = chain
     return length, chains
@@ -154,7 +178,7 @@ def critical_path(root: SpanNode) -> list[CriticalStep]:
     # Depth-first, keeping order: expand each span of the chain into its own chain.
     while stack:
         node = stack.pop()
-        if node.children:
+        if chains[id(node)]:
             stack.extend(reversed(chains[id(node)]))
         else:
             steps.append(CriticalStep(node.path, node.start - root.start, node.elapsed))
@@ -184,9 +208,10 @@ def _waves(children: list[SpanNode]) -> list[list[SpanNode]]:
 
 
 def _ideal(node: SpanNode) -> float:
-    if not node.children:
+    children = _ran(node)
+    if not children:
         return node.elapsed
-    return min(node.elapsed, sum(max(_ideal(c) for c in wave) for wave in _waves(node.children)))
+    return min(node.elapsed, sum(max(_ideal(c) for c in wave) for wave in _waves(children)))
 
 
 def ideal_time(root: SpanNode) -> float:
@@ -194,4 +219,4 @@ def ideal_time(root: SpanNode) -> float:
 
     A run without stages has ``0.0``: its time all went to the pipeline itself.
     """
-    return _ideal(root) if root.children else 0.0
+    return _ideal(root) if _ran(root) else 0.0
