@@ -601,12 +601,17 @@ def _history_off() -> bool:
     return bool(_settings_value("disable_history")) or _settings_value("max_history_size") == 0
 
 
-def note_lm_result(result: Any) -> None:
+def note_lm_result(result: Any, *, count: bool = True) -> None:
     """An LM call finished (``result``: what DSPy's ``execute`` returned, before DSPy records it;
     called by stageflow's wrapper of it, see :mod:`stageflow.budgets.intercept`): it is counted for
     the running stage here — billed (with its tokens and cost) or answered by DSPy's cache —
     whatever tracker DSPy reports to and whatever its history keeps, and what DSPy reports of it
-    next (to its usage tracker, in a history entry) is marked as counted."""
+    next (to its usage tracker, in a history entry) is marked as counted. ``count=False``: the call
+    only passed on what the LM calls made inside it returned (a router LM of yours), which were
+    counted themselves; it is marked as counted and adds nothing."""
+    if not count:
+        _COUNTED.set(result)
+        return
     table = _TABLE.get()
     if table is not None:  # (the common case, written out: see _where)
         path = _STAGE.get()

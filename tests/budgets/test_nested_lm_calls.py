@@ -7,6 +7,7 @@ counted twice, and under a token or cost budget it waited forever on its own res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import warnings
 from typing import Any
@@ -135,7 +136,7 @@ def test_a_router_runs_under_a_budget_that_affords_it(mode: str, limit: dict[str
         with dspy.context(lm=AsyncRouter(inner)), stageflow.budget(**limit) as spent:
             return asyncio.run(call(program, mode, question="?")).answer, spent.calls
 
-    assert _within(10, run) == [("A", 2)]  # the router's call and the one it made
+    assert _within(10, run) == [("A", 1)]  # the request its model got (the router passed it on)
     assert inner.calls == 1
 
 
@@ -169,7 +170,7 @@ def test_dspy_parallel_inside_an_lm_call_runs_under_a_budget(limit: dict[str, An
         with dspy.context(lm=FanningRouter(inner)), stageflow.budget(**limit) as spent:
             return program(question="?").answer, spent.calls
 
-    assert _within(10, run) == [("A", 3)]
+    assert _within(10, run) == [("A", 2)]  # its two requests (the outer call passed one on)
     assert inner.calls == 2
 
 
@@ -209,3 +210,68 @@ def test_the_same_lms_calls_in_parallel_workers_are_part_of_its_call() -> None:
 
     assert _within(10, run) == [("A", 1, 1)]
     assert lm.calls == 2
+
+
+# -- a router's call that passes its model's answer on is not counted beside it ------------------
+
+
+class OwnRequest(FakeLM):
+    """An LM that asks another LM (a judge, say) and then sends a request of its own (DSPy's own
+    ``forward``: its engine, reporting 7 + 3 tokens)."""
+
+    def __init__(self, judge: Any) -> None:
+        super().__init__({"answer": "own"}, model="fake/own", usage=(7, 3))
+        self.judge = judge
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        self.judge.forward(prompt=prompt, messages=messages, **kwargs)
+        return super().forward(prompt=prompt, messages=messages, **kwargs)
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+async def test_a_routers_answer_counts_once_in_the_usage_and_the_budget(mode: str, budgeted: bool) -> None:
+    """(before: 2 calls and twice the tokens for one request, while DSPy's tracker said one)"""
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+    plain = FakeLM({"answer": "A"}, model="fake/routed")
+    with dspy.context(lm=plain):
+        alone = (await call(program, mode, question="?")).run.usage.total
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    with (
+        dspy.context(lm=AsyncRouter(inner)),
+        dspy.track_usage() as tracker,
+        stageflow.budget(max_tokens=10**6) if budgeted else contextlib.nullcontext() as spent,
+    ):
+        routed = (await call(program, mode, question="?")).run.usage.total
+    assert (routed.lm_calls, routed.input_tokens, routed.output_tokens) == (
+        1,
+        alone.input_tokens,
+        alone.output_tokens,
+    )
+    assert tracker.get_total_tokens()["router/r"]["prompt_tokens"] == routed.input_tokens  # DSPy agrees
+    if budgeted:
+        assert (spent.calls, spent.tokens) == (1, alone.input_tokens + alone.output_tokens)
+
+
+def test_an_lm_that_sends_its_own_request_beside_an_inner_call_counts_both() -> None:
+    judge = FakeLM({"answer": "judged"}, model="fake/judge", usage=(20, 2))
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=OwnRequest(judge)), stageflow.budget(max_calls=5) as spent:
+        result = program(question="?")
+    assert result.answer == "own"
+    total = result.run.usage.total
+    assert (spent.calls, spent.tokens) == (2, 20 + 2 + 7 + 3)  # the judge's request, and its own
+    assert (total.lm_calls, total.input_tokens, total.output_tokens) == (2, 27, 5)
+
+
+def test_a_routers_calls_are_learned_so_later_ones_run_side_by_side() -> None:
+    """Passed on, the router's call settles as using nothing, and its budget learns its model: its
+    later calls are not probes that wait for one another under a token budget."""
+    inner = FakeLM({"y": "A"}, model="fake/routed")
+    program = stageflow.ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
+    with dspy.context(lm=Router(inner)), stageflow.budget(max_tokens=10**7) as spent:
+        program(xs=["a"])
+        assert "router/r" in spent.knowledge.known
+        assert program(xs=[str(i) for i in range(8)]).ys == ["A"] * 8
+    assert spent.calls == 9
+    assert spent.reserved_calls == 0
+    assert spent.reserved_tokens == 0

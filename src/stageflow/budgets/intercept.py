@@ -69,13 +69,33 @@ class _Call:
       request of its own, metered as one; it takes no concurrency slot (the call it runs inside holds
       one) and never waits for the budget reservations of the calls it runs inside
       (:mod:`.ledger`): those settle only after it returns, so waiting for them would never end.
+    - A call whose result only passes on what its inner calls returned (:meth:`passed_on`) adds
+      nothing to the usage and the budgets: its inner calls were the requests. One that reports
+      usage of its own (it sent a request itself) counts as a call of its own.
     """
 
-    __slots__ = ("lm", "outer", "ticket")
+    __slots__ = ("inner", "lm", "outer", "ticket")
 
     def __init__(self, lm: Any, outer: _Call | None) -> None:
         self.lm, self.outer = lm, outer
         self.ticket: Ticket | None = None  # its budget reservation, once taken
+        self.inner: list[Any] = []  # what the calls to other LMs made inside it returned
+
+    def passed_on(self, result: Any) -> bool:
+        """Whether ``result`` only passes on what the LM calls made inside this one returned (a
+        router returning its model's answer, or one adding up its models' usage): those calls were
+        counted, so counting this one too would count their tokens twice. A call that reports no
+        usage of its own after making some counts as passing them on."""
+        inner = self.inner
+        if not inner:
+            return False
+        if any(result is r for r in inner):
+            return True
+        used = _usage(result)
+        if used is None:
+            return True
+        theirs = [u for u in map(_usage, inner) if u is not None]
+        return used in theirs or used == (sum(u[0] for u in theirs), sum(u[1] for u in theirs))
 
     def tickets(self) -> tuple[Ticket, ...]:
         """The reservations of this call and of those it runs inside."""
@@ -147,7 +167,10 @@ def install() -> None:
             finally:
                 if token is not None:
                     overrides.reset(token)
-            note_lm_result(result)  # (billed or a cache hit, for stageflow's usage; see there)
+            if outer is not None:
+                outer.inner.append(result)
+            # (billed or a cache hit, for stageflow's usage; see there)
+            note_lm_result(result, count=here is None or not here.passed_on(result))
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
@@ -166,7 +189,9 @@ def install() -> None:
             finally:
                 if token is not None:
                     overrides.reset(token)
-            note_lm_result(result)
+            if outer is not None:
+                outer.inner.append(result)
+            note_lm_result(result, count=here is None or not here.passed_on(result))
             return result
 
         original_finalize = execution.finalize
@@ -450,9 +475,24 @@ def _usage(result: Any) -> tuple[int, int] | None:
     return (tin if isinstance(tin, int) else 0), (tout if isinstance(tout, int) else 0)
 
 
+def _passed_on(plan: _Plan) -> None:
+    """The call only passed on what the calls made inside it returned (they were charged): it used
+    nothing itself. Its budgets learn that (a router's calls are probes no longer); its model's
+    rate limiter gets its room back."""
+    if plan.ticket is not None:
+        ledger_mod.settle(plan.ticket, calls=0, input_tokens=0, output_tokens=0, cost=None)
+        plan.ticket = None
+    if plan.slot is not None and plan.limiter is not None:
+        plan.limiter.refund(plan.slot)
+        plan.slot = None
+
+
 def _finished(plan: _Plan, result: Any) -> None:
     if getattr(result, "cache_hit", False):
         _give_back(plan)
+        return
+    if plan.here is not None and plan.here.passed_on(result):
+        _passed_on(plan)
         return
     need = plan.need
     used = _usage(result)
