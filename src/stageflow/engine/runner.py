@@ -274,10 +274,13 @@ def _close(call: _Call) -> None:
     _PATH.reset(path_token)
 
 
-def _stage_usage(call: _Call, entry: StageEntry, out: Any) -> dict[str, Any] | None:
-    """What this one call of the stage used (for hooks)."""
-    if entry.composite and isinstance(out, Result):
-        total = out.run.usage.total
+def _stage_usage(
+    call: _Call, entry: StageEntry, out: Any, failed: RunInfo | None = None
+) -> dict[str, Any] | None:
+    """What this one call of the stage used (for hooks). ``failed``: the run a nested pipeline that
+    failed carried out with its error (what its stages used before it failed is its usage)."""
+    if entry.composite and (isinstance(out, Result) or failed is not None):
+        total = (failed if failed is not None else out.run).usage.total
         return None if total.is_empty() else total.to_dict()
     # (a nested pipeline with its own forward returns its own record: its LM work is this stage's)
     table = current_table()
@@ -305,7 +308,8 @@ def _failed_stage(
     err = stage_failure(entry, error, prefix)
     _carry_run(entry, err, run)
     if hooks:
-        _notify_error(hooks, call, err, elapsed, _stage_usage(call, entry, None))
+        nested = err.run if entry.composite and err.run is not run else None
+        _notify_error(hooks, call, err, elapsed, _stage_usage(call, entry, None, nested))
     if call.policy is not None and entry.composite:
         # A nested pipeline reports its stage's failure as a StageError: recovery and skipping see
         # what that stage raised, as they would with the stage in the outer pipeline itself.
