@@ -275,3 +275,81 @@ def test_a_routers_calls_are_learned_so_later_ones_run_side_by_side() -> None:
     assert spent.calls == 9
     assert spent.reserved_calls == 0
     assert spent.reserved_tokens == 0
+
+
+# -- routers side by side near the end of a budget (helper 104, F1/F3/F4) --------------------------
+
+
+class MeetingRouter(AsyncRouter):
+    """A router whose calls all wait for one another before calling their model: every router's own
+    call holds its reservation while its model's calls ask for theirs."""
+
+    def __init__(self, inner: Any, parties: int) -> None:
+        super().__init__(inner)
+        self.parties = parties
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.abarrier: asyncio.Barrier | None = None
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        self.barrier.wait()
+        return super().forward(prompt=prompt, messages=messages, **kwargs)
+
+    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        if self.abarrier is None:
+            self.abarrier = asyncio.Barrier(self.parties)
+        async with asyncio.timeout(5):
+            await self.abarrier.wait()
+        return await super().aforward(prompt=prompt, messages=messages, **kwargs)
+
+
+async def test_routers_side_by_side_at_the_end_of_a_budget_do_not_wait_for_one_another(mode: str) -> None:
+    """Four routers in flight hold all of ``max_calls=4``; each one's model call could only fit once
+    another router settled, and each router waited for its own model call: they all waited forever.
+    Now the last model call to ask, seeing every call in flight stuck, is refused; its router gives
+    its call back, and the other three are answered."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    program = stageflow.ForEach(dspy.Predict("question -> answer"), over="questions", on_error="collect")
+
+    def run() -> Any:
+        with dspy.context(lm=MeetingRouter(inner, 4)), stageflow.budget(max_calls=4) as spent:
+            result = asyncio.run(call(program, mode, questions=["q1", "q2", "q3", "q4"]))
+            return sorted(map(str, result.answers)), spent.calls, spent.reserved_calls, spent.refused
+
+    assert _within(20, run) == [(["A", "A", "A", "None"], 3, 0, 1)]
+    assert inner.calls == 3
+
+
+@pytest.mark.parametrize("limit", [{"max_calls": 1}, {"max_tokens": 5_000}])
+async def test_a_router_whose_model_call_was_refused_spends_nothing(mode: str, limit: dict[str, Any]) -> None:
+    """(F3) Nothing was sent for it: before, its own call was settled as a call that reached a model."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=AsyncRouter(inner)), stageflow.budget(**limit) as spent:
+            with contextlib.suppress(stageflow.BudgetExceeded):
+                asyncio.run(call(program, mode, question="?"))
+            return spent.calls, spent.tokens, spent.reserved_calls, spent.reserved_tokens
+
+    assert _within(10, run) == [(0, 0, 0, 0)]
+    assert inner.calls == 0
+
+
+def test_a_cap_opened_inside_an_lms_forward_caps_the_calls_made_there() -> None:
+    """(F4) A call made inside another skips the slots of the caps its outer call holds, not those of
+    a cap opened inside it."""
+
+    class CapInside(Router):
+        def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+            with stageflow.limits(max_concurrency=1):
+                calls = [
+                    (lambda: self.inner.forward(prompt=prompt, messages=messages, **kwargs), ())
+                    for _ in "abcd"
+                ]
+                return dspy.Parallel(num_threads=4, disable_progress_bar=True, max_errors=0)(calls)[0]
+
+    inner = FakeLM({"answer": "A"}, model="fake/capped", rendezvous=2, rendezvous_timeout=0.2)
+    with dspy.context(lm=CapInside(inner)):
+        assert SequentialPipeline([dspy.Predict("question -> answer")])(question="?").answer == "A"
+    assert inner.calls == 4
+    assert inner.peak_active == 1

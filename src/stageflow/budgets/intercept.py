@@ -44,8 +44,9 @@ from stageflow.budgets.ratelimit import RateLimiter, Slot, limiter_for
 from stageflow.budgets.scope import active_chain, record_event
 from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_known, prices, prompt_size
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
-from stageflow.engine.lm_slots import acall_capped, call_capped, lm_slots
+from stageflow.engine.lm_slots import acall_capped, call_capped, lm_caps, lm_slots
 from stageflow.engine.stopping import refuse_if_abandoned
+from stageflow.errors import BudgetExceeded
 from stageflow.usage import finalized, finalizing, note_lm_result, note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
@@ -74,12 +75,26 @@ class _Call:
       usage of its own (it sent a request itself) counts as a call of its own.
     """
 
-    __slots__ = ("inner", "lm", "outer", "ticket")
+    __slots__ = ("inner", "lm", "outer", "slots", "ticket")
 
     def __init__(self, lm: Any, outer: _Call | None) -> None:
         self.lm, self.outer = lm, outer
         self.ticket: Ticket | None = None  # its budget reservation, once taken
+        self.slots: tuple[Any, ...] = ()  # the concurrency slots it holds
         self.inner: list[Any] = []  # what the calls to other LMs made inside it returned
+
+    def free_slots(self) -> tuple[Any, ...]:
+        """The concurrency caps in force here whose slot neither this call nor one it runs inside
+        holds: a call made inside it takes those (a cap opened inside its ``forward``)."""
+        caps = lm_caps()
+        if not caps:
+            return ()
+        held: list[Any] = []
+        call: _Call | None = self
+        while call is not None:
+            held.extend(call.slots)
+            call = call.outer
+        return tuple(cap for cap in caps if all(cap is not h for h in held))
 
     def passed_on(self, result: Any) -> bool:
         """Whether ``result`` only passes on what the LM calls made inside this one returned (a
@@ -158,7 +173,9 @@ def install() -> None:
             here, token = (None, None) if call.managed else enter(lm, outer)
             try:
                 # (a stageflow.limits() cap holds for LM calls too; a call inside another is in its slot)
-                slots = lm_slots() if outer is None else ()
+                slots = lm_slots() if outer is None else outer.free_slots()
+                if here is not None:
+                    here.slots = slots
                 result = (
                     run(lm, call, here, outer)
                     if not slots
@@ -180,7 +197,9 @@ def install() -> None:
                 return await aoriginal(lm, call)
             here, token = (None, None) if call.managed else enter(lm, outer)
             try:
-                slots = lm_slots() if outer is None else ()
+                slots = lm_slots() if outer is None else outer.free_slots()
+                if here is not None:
+                    here.slots = slots
                 result = await (
                     arun(lm, call, here, outer)
                     if not slots
@@ -442,10 +461,26 @@ def _retry_after(error: BaseException) -> float | None:
     return None
 
 
+def _refused_inside(error: BaseException) -> bool:
+    """Whether ``error`` is (or was raised from) a budget's refusal of an LM call made inside the call
+    that failed (a router LM passing it on: the call itself sent nothing)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, BudgetExceeded):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _failed(plan: _Plan, error: BaseException) -> None:
     """The request was sent and the call raised: it counts as a call (a failure bounds retry loops).
     A failure gives its tokens back. A cancellation (a timeout's, Ctrl-C) may have left the request
     running at the provider: its prompt counts too. A ``Retry-After`` pauses the model's limiter."""
+    if plan.here is not None and _refused_inside(error):
+        _give_back(plan)  # (a call made inside it was refused by a budget: nothing was sent for it)
+        return
     cancelled = not isinstance(error, Exception)
     prompt = plan.need.prompt_tokens if cancelled else 0
     if plan.ticket is not None:

@@ -15,7 +15,12 @@ An LM call made *inside* another one (a router LM whose ``forward`` calls a mode
 ``dspy.Parallel``) names the tickets of the calls it runs inside (``inside``): those settle only
 after it returns, so it never waits for them. It is refused when it cannot fit even once every
 *other* call in flight has settled, and a probe of an unlearned model (:mod:`.calibrate`) inside a
-probe does not wait for its enclosing probe.
+probe does not wait for its enclosing probe. While it waits, the calls it runs inside are *stuck*:
+they cannot settle either. A wait that only stuck calls could end would never end (routers running
+side by side, each holding its own call while its inner call waits for the others'), so such a call
+is refused at once instead: every call in flight in the budget it waits on is stuck or its own.
+Meanwhile room that frees up goes to the calls made inside stuck ones first: a call made outside
+any other waits while they do (finishing the calls in flight frees more than starting new ones).
 
 Settling replaces the reservation with what the call really used. What is held for a call, and how
 far a budget can be overshot when a call has no known upper bound or reports more than it held, is
@@ -39,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from stageflow.budgets.calibrate import Hold, Knowledge, Need, cost_over
@@ -61,17 +66,21 @@ __all__ = [
 
 _LOCK = threading.Lock()
 _WAITERS: list[Any] = []  # threading.Event, or (loop, future), of reservations waiting for a settle
+#: Tickets of calls that cannot settle now: an LM call made inside them is waiting (see the docstring).
+_STUCK: set[Ticket] = set()
 #: Longest single wait before a waiting reservation looks again (a safety net, not the mechanism).
 _RECHECK_S = 1.0
 
 
 class Held(NamedTuple):
-    """What the LM calls a call runs inside hold in one ledger (they settle only after it)."""
+    """What the LM calls a call runs inside hold in one ledger (they settle only after it), and how
+    many calls (``tickets``) hold it."""
 
     calls: int = 0
     tokens: int = 0
     cost: float = 0.0
     probes: int = 0
+    tickets: int = 0
 
 
 _NOTHING = Held()
@@ -106,6 +115,7 @@ class BudgetLedger:
         self.reserved_calls = 0
         self.reserved_tokens = 0
         self.reserved_cost = 0.0
+        self.flying = 0  # reservations held (calls in flight)
         self.waited = 0.0
         self.refused = 0
         self.degraded = False
@@ -209,6 +219,7 @@ class BudgetLedger:
         )
 
     def _hold(self, need: Need, hold: Hold) -> None:
+        self.flying += 1
         self.reserved_calls += need.calls
         self.reserved_tokens += hold.tokens
         self.reserved_cost += hold.cost
@@ -224,6 +235,7 @@ class BudgetLedger:
     ) -> list[tuple[str, dict[str, Any]]]:
         """Replace a reservation by what was used (``used``: calls, input and output tokens); returns
         the events this settling makes (an overrun, the degradation point crossed)."""
+        self.flying -= 1
         self.reserved_calls -= need.calls
         self.reserved_tokens -= hold.tokens
         self.reserved_cost = self.reserved_cost - hold.cost if self.reserved_calls else 0.0  # no float dust
@@ -278,18 +290,19 @@ def _share(spent: float, limit: float) -> float:
 class Ticket:
     """A reservation held in every ledger of a chain, until :func:`settle` or :func:`release`."""
 
-    __slots__ = ("done", "holds", "ledgers", "need")
+    __slots__ = ("done", "holds", "ledgers", "need", "stuck")
 
     def __init__(self, ledgers: Sequence[BudgetLedger], need: Need, holds: list[Hold]) -> None:
         self.ledgers = ledgers
         self.need = need
         self.holds = holds
         self.done = False
+        self.stuck = 0  # LM calls made inside its call that are waiting for a reservation
 
 
-def _held(ledger: BudgetLedger, inside: Sequence[Ticket]) -> Held:
-    """What the tickets of the calls a call runs inside hold in ``ledger`` (under ``_LOCK``)."""
-    calls = tokens = probes = 0
+def _held(ledger: BudgetLedger, inside: Iterable[Ticket]) -> Held:
+    """What ``inside`` (tickets) hold in ``ledger`` (under ``_LOCK``)."""
+    calls = tokens = probes = count = 0
     cost = 0.0
     for ticket in inside:
         if ticket.done:
@@ -300,18 +313,25 @@ def _held(ledger: BudgetLedger, inside: Sequence[Ticket]) -> Held:
                 tokens += hold.tokens
                 cost += hold.cost
                 probes += hold.probe
-    return Held(calls, tokens, cost, probes)
+                count += 1
+    return Held(calls, tokens, cost, probes, count)
 
 
 def _attempt(
-    chain: Sequence[BudgetLedger], need: Need, waiter: Any, inside: Sequence[Ticket]
+    chain: Sequence[BudgetLedger], need: Need, waiter: Any, inside: Sequence[Ticket], stuck: bool = False
 ) -> Ticket | BudgetExceeded | None:
+    """Reserve now, refuse, or (``None``) register ``waiter`` to wait; a call made inside others
+    (``inside``) marks them stuck the first time it waits (``stuck``: it already did)."""
     with _LOCK:
         holds = []
         fits = True
         for ledger in chain:
             hold = ledger.knowledge.hold(need, ledger.limits)
             verdict = ledger._check(need, hold, _held(ledger, inside) if inside else _NOTHING)
+            if verdict is False and inside and waiter is not None:
+                verdict = _unless_stuck(ledger, need, hold, inside)
+            elif verdict is True and _STUCK and not inside and _held(ledger, _STUCK).tickets:
+                verdict = False  # (calls inside stuck ones wait for room here: they take it first)
             if verdict is not True:
                 if verdict is not False:
                     return verdict
@@ -320,10 +340,47 @@ def _attempt(
         if not fits:
             if waiter is not None:
                 _WAITERS.append(waiter)
+                if inside and not stuck:
+                    _stick(inside)
             return None
         for ledger, hold in zip(chain, holds, strict=True):
             ledger._hold(need, hold)
         return Ticket(chain, need, holds)
+
+
+def _unless_stuck(
+    ledger: BudgetLedger, need: Need, hold: Hold, inside: Sequence[Ticket]
+) -> BudgetExceeded | bool:
+    """A call made inside others that must wait in ``ledger``: ``False`` (wait) while a call in flight
+    there can settle; otherwise (every one is stuck, or one it runs inside) nothing it waits for can
+    end, so what it gets with all of them counted as spent: a refusal, or ``True`` when only their
+    probes held it back (see :mod:`.calibrate`). Under ``_LOCK``."""
+    frozen = _held(ledger, {*inside, *_STUCK})
+    if ledger.flying > frozen.tickets:
+        return False
+    return ledger._check(need, hold, frozen)
+
+
+def _stick(inside: Sequence[Ticket]) -> None:
+    """The calls of ``inside`` cannot settle while an LM call made inside them waits: the other waiting
+    reservations look again (one of them may now be waiting for stuck calls only). Under ``_LOCK``."""
+    for ticket in inside:
+        ticket.stuck += 1
+        _STUCK.add(ticket)
+    _wake_all()
+
+
+def _unstick(inside: Sequence[Ticket]) -> None:
+    """The wait :func:`_stick` noted is over (calls that waited for it look again)."""
+    with _LOCK:
+        freed = False
+        for ticket in inside:
+            ticket.stuck -= 1
+            if ticket.stuck <= 0 and ticket in _STUCK:
+                _STUCK.discard(ticket)
+                freed = True
+        if freed and _WAITERS:
+            _wake_all()
 
 
 def refusal(
@@ -359,23 +416,32 @@ def _timeout(chain: Sequence[BudgetLedger]) -> float:
 
 def reserve(chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()) -> tuple[Ticket, float]:
     """Reserve ``need`` (blocking the thread while it must wait); returns the ticket and the seconds
-    waited. Raises :class:`~stageflow.BudgetExceeded` when it cannot fit."""
+    waited. Raises :class:`~stageflow.BudgetExceeded` when it cannot fit. ``inside``: the tickets of
+    the LM calls this one is made inside (see the module docstring)."""
     waited = 0.0
-    while True:
-        event = threading.Event()
-        got = _attempt(chain, need, event, inside)
-        if isinstance(got, Ticket):
-            return got, waited
-        if isinstance(got, BudgetExceeded):
+    stuck = False
+    try:
+        while True:
+            event = threading.Event()
+            got = _attempt(chain, need, event, inside, stuck)
+            if isinstance(got, Ticket):
+                return got, waited
+            if isinstance(got, BudgetExceeded):
+                try:
+                    raise _counted(got)
+                finally:
+                    del got  # (the error's traceback keeps this frame: no cycle through it)
+            stuck = bool(inside)
+            t0 = chain[0].limits.clock()
             try:
-                raise _counted(got)
+                event.wait(_timeout(chain))
             finally:
-                del got  # (the error's traceback keeps this frame: no cycle through it)
-        t0 = chain[0].limits.clock()
-        event.wait(_timeout(chain))
-        with _LOCK, contextlib.suppress(ValueError):
-            _WAITERS.remove(event)
-        waited += _note_wait(chain, chain[0].limits.clock() - t0)
+                with _LOCK, contextlib.suppress(ValueError):
+                    _WAITERS.remove(event)
+            waited += _note_wait(chain, chain[0].limits.clock() - t0)
+    finally:
+        if stuck:
+            _unstick(inside)
 
 
 async def areserve(
@@ -384,26 +450,32 @@ async def areserve(
     """Async twin of :func:`reserve` (the task suspends while it must wait; cancelling it holds nothing)."""
     waited = 0.0
     loop = asyncio.get_running_loop()
-    while True:
-        fut: asyncio.Future[None] = loop.create_future()
-        waiter = (loop, fut)
-        got = _attempt(chain, need, waiter, inside)
-        if isinstance(got, Ticket):
-            return got, waited
-        if isinstance(got, BudgetExceeded):
+    stuck = False
+    try:
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, fut)
+            got = _attempt(chain, need, waiter, inside, stuck)
+            if isinstance(got, Ticket):
+                return got, waited
+            if isinstance(got, BudgetExceeded):
+                try:
+                    raise _counted(got)
+                finally:
+                    del got  # (the error's traceback keeps this frame: no cycle through it)
+            stuck = bool(inside)
+            t0 = chain[0].limits.clock()
             try:
-                raise _counted(got)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_timeout(chain)):
+                        await fut
             finally:
-                del got  # (the error's traceback keeps this frame: no cycle through it)
-        t0 = chain[0].limits.clock()
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_timeout(chain)):
-                    await fut
-        finally:
-            with _LOCK, contextlib.suppress(ValueError):
-                _WAITERS.remove(waiter)
-        waited += _note_wait(chain, chain[0].limits.clock() - t0)
+                with _LOCK, contextlib.suppress(ValueError):
+                    _WAITERS.remove(waiter)
+            waited += _note_wait(chain, chain[0].limits.clock() - t0)
+    finally:
+        if stuck:
+            _unstick(inside)
 
 
 def _counted(error: BudgetExceeded) -> BudgetExceeded:

@@ -13,7 +13,8 @@ LM calls take slots of a *separate* semaphore per cap (its companion), never of 
 a stage holding a stage slot while its inner LM calls wait for LM slots cannot deadlock, because
 an LM call holds its slot only for the call itself and waits for nothing else meanwhile. An LM
 call made inside another one (an LM wrapper that calls a model, in its thread or in the worker
-threads of a ``dspy.Parallel`` it runs) does not take a second slot. A
+threads of a ``dspy.Parallel`` it runs) does not take a second slot of a cap its outer call holds
+one of; a cap opened inside the outer call (``stageflow.limits`` in an LM's ``forward``) caps it. A
 fan-out's own ``max_concurrency`` (``ForEach(max_concurrency=...)``) caps its stages only.
 
 The slots are taken around DSPy's ``execute``/``aexecute``, the function every LM call runs
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 from stageflow.engine.budget import LM_CAPS, Budget, visible_chain
 
-__all__ = ["acall_capped", "call_capped", "ensure_installed", "lm_budget", "lm_slots"]
+__all__ = ["acall_capped", "call_capped", "ensure_installed", "lm_budget", "lm_caps", "lm_slots"]
 
 T = TypeVar("T")
 
@@ -44,6 +45,14 @@ _IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("stageflow_in_lm
 def lm_slots() -> tuple[Budget, ...]:
     """The LM-call semaphores an LM call made here takes (empty when no cap is in force)."""
     if not LM_CAPS[0] or _IN_CALL.get():
+        return ()
+    return lm_caps()
+
+
+def lm_caps() -> tuple[Budget, ...]:
+    """The LM-call semaphores of every cap in force here, whether or not an LM call made here holds
+    one already (an LM call made inside another takes those its outer call does not hold)."""
+    if not LM_CAPS[0]:
         return ()
     chain = visible_chain()  # in a DSPy worker thread: the caps of the block that started it
     if not chain:
