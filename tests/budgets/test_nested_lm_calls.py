@@ -353,3 +353,82 @@ def test_a_cap_opened_inside_an_lms_forward_caps_the_calls_made_there() -> None:
         assert SequentialPipeline([dspy.Predict("question -> answer")])(question="?").answer == "A"
     assert inner.calls == 4
     assert inner.peak_active == 1
+
+
+# -- what a router passes on is recognised by identity, never by equal numbers (helper 106) -------
+
+
+class AskThenAnswer(FakeLM):
+    """An LM that asks another LM, then sends its own request (DSPy's own ``forward``: its engine),
+    whose usage equals the other call's: a request of its own all the same."""
+
+    def __init__(self, judge: Any) -> None:
+        super().__init__({"answer": "own"}, model="fake/asking", usage=(20, 2))
+        self.judge = judge
+
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+        self.judge.forward(prompt=prompt, messages=messages, **kwargs)
+        return super().forward(prompt=prompt, messages=messages, **kwargs)
+
+
+def test_an_own_request_with_the_same_usage_as_an_inner_call_is_counted() -> None:
+    """(U1) A first version took equal usage for passing on: the own request went uncounted, and a
+    budget was overshot."""
+    judge = FakeLM({"answer": "judged"}, model="fake/judge", usage=(20, 2))
+    asker = AskThenAnswer(judge)
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+    with dspy.context(lm=asker), stageflow.budget(max_calls=3) as spent:
+        assert program(question="1").answer == "own"
+        assert (spent.calls, spent.tokens) == (2, 44)  # the judge's request and its own
+        with pytest.raises(stageflow.BudgetExceeded):  # its own call holds the third: the judge's
+            program(question="2")  # is refused, and the call, which sent nothing, gives it back
+    assert (judge.calls, asker.calls) == (1, 1)
+    assert (spent.calls, spent.reserved_calls) == (2, 0)
+
+
+class FailingRouter(AsyncRouter):
+    """A router whose model raises, the error passed on as it is."""
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("model down"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+async def test_a_router_passing_on_its_models_error_is_not_charged_beside_it(
+    mode: str, error: BaseException
+) -> None:
+    """(O1) The model's call counts (it reached the model); the router's, which only let its error
+    through, does not (before: 2 calls for 1 request)."""
+    inner = FakeLM({"answer": "A"}, model="fake/failing", fail_with=lambda n: error)
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=FailingRouter(inner)), stageflow.budget(max_calls=3) as spent:
+            with contextlib.suppress(Exception, KeyboardInterrupt):
+                asyncio.run(call(program, mode, question="?"))
+            return spent.calls, spent.reserved_calls
+
+    assert _within(10, run) == [(1, 0)]
+    assert inner.calls == 1
+
+
+async def test_a_router_cancelled_while_its_models_call_waits_spends_nothing() -> None:
+    """(O2) Nothing was sent: before, the router's call was charged a call and its prompt."""
+    slow = FakeLM({"answer": "S"}, model="fake/slow", usage=(100, 50), latency=0.5)
+    inner = FakeLM({"answer": "A"}, model="fake/waiting", usage=(100, 50))
+
+    async def ask(lm: Any) -> Any:
+        with dspy.context(lm=lm):
+            return await dspy.Predict("question -> answer").acall(question="?")
+
+    with stageflow.budget(max_calls=2) as spent:
+        first = asyncio.create_task(ask(slow))
+        await asyncio.sleep(0.05)
+        routed = asyncio.create_task(ask(AsyncRouter(inner)))
+        while spent.waited == 0 and not routed.done():  # (its model's call waits for the slow one)
+            await asyncio.sleep(0.01)
+        routed.cancel()
+        assert isinstance((await asyncio.gather(routed, return_exceptions=True))[0], asyncio.CancelledError)
+        await first
+        assert (spent.calls, spent.reserved_calls) == (1, 0)
+        assert (await ask(FakeLM({"answer": "P"}, model="fake/plain"))).answer == "P"
+    assert (spent.calls, inner.calls) == (2, 0)

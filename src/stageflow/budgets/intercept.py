@@ -46,7 +46,6 @@ from stageflow.budgets.sizing import enforces_max_tokens, max_tokens, price_know
 from stageflow.budgets.spec import DEFAULT_MAX_TOKENS
 from stageflow.engine.lm_slots import acall_capped, call_capped, lm_caps, lm_slots
 from stageflow.engine.stopping import refuse_if_abandoned
-from stageflow.errors import BudgetExceeded
 from stageflow.usage import finalized, finalizing, note_lm_result, note_lm_wait, reported_cost
 
 __all__ = ["install", "installed", "uninstall"]
@@ -70,18 +69,20 @@ class _Call:
       request of its own, metered as one; it takes no concurrency slot (the call it runs inside holds
       one) and never waits for the budget reservations of the calls it runs inside
       (:mod:`.ledger`): those settle only after it returns, so waiting for them would never end.
-    - A call whose result only passes on what its inner calls returned (:meth:`passed_on`) adds
-      nothing to the usage and the budgets: its inner calls were the requests. One that reports
-      usage of its own (it sent a request itself) counts as a call of its own.
+    - A call that only passes on what an inner call returned or raised (:meth:`passed_on`: the same
+      object) adds nothing to the usage and the budgets: its inner calls were the requests. Anything
+      else it returns or raises counts as a request of its own (counted once too many rather than
+      never: a call whose request is not counted could overshoot a budget).
     """
 
-    __slots__ = ("inner", "lm", "outer", "slots", "ticket")
+    __slots__ = ("inner", "lm", "outer", "sent", "slots", "ticket")
 
     def __init__(self, lm: Any, outer: _Call | None) -> None:
         self.lm, self.outer = lm, outer
         self.ticket: Ticket | None = None  # its budget reservation, once taken
         self.slots: tuple[Any, ...] = ()  # the concurrency slots it holds
-        self.inner: list[Any] = []  # what the calls to other LMs made inside it returned
+        self.inner: list[Any] = []  # what the calls to other LMs made inside it returned or raised
+        self.sent = False  # its LM's own call ran inside it (a request of its own)
 
     def free_slots(self) -> tuple[Any, ...]:
         """The concurrency caps in force here whose slot neither this call nor one it runs inside
@@ -96,21 +97,33 @@ class _Call:
             call = call.outer
         return tuple(cap for cap in caps if all(cap is not h for h in held))
 
-    def passed_on(self, result: Any) -> bool:
-        """Whether ``result`` only passes on what the LM calls made inside this one returned (a
-        router returning its model's answer, or one adding up its models' usage): those calls were
-        counted, so counting this one too would count their tokens twice. A call that reports no
-        usage of its own after making some counts as passing them on."""
+    def passed_on(self, outcome: Any) -> bool:
+        """Whether ``outcome`` (a result, or an error with what it was raised from) is what an LM call
+        made inside this one returned or raised, passed on as it was — a router returning its
+        model's response (the very one, as DSPy's ``forward`` hands it out), or letting its error
+        through — and this call sent no request of its own (its LM's own ``forward`` did not run
+        inside it). Those calls were counted, so counting this one too would count their tokens
+        twice; anything else it returns or raises counts as a request of its own (once too many
+        rather than never: a request not counted could overshoot a budget)."""
         inner = self.inner
-        if not inner:
+        if not inner or self.sent:
             return False
-        if any(result is r for r in inner):
-            return True
-        used = _usage(result)
-        if used is None:
-            return True
-        theirs = [u for u in map(_usage, inner) if u is not None]
-        return used in theirs or used == (sum(u[0] for u in theirs), sum(u[1] for u in theirs))
+        if isinstance(outcome, BaseException):
+            seen: set[int] = set()
+            e: BaseException | None = outcome
+            while e is not None and id(e) not in seen:
+                if any(e is r for r in inner):
+                    return True
+                seen.add(id(e))
+                e = e.__cause__ or e.__context__
+            return False
+        raw = getattr(outcome, "raw", None)
+        for r in inner:
+            if outcome is r or (raw is not None and raw is getattr(r, "raw", None)):
+                return True
+            if raw is not None and not isinstance(r, BaseException) and _response_of(r) == raw:
+                return True
+        return False
 
     def tickets(self) -> tuple[Ticket, ...]:
         """The reservations of this call and of those it runs inside."""
@@ -168,6 +181,7 @@ def install() -> None:
             refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
             outer = overrides.get().get(_KEY)
             if outer is not None and outer.lm is lm:  # (this LM's own call, made again inside it)
+                outer.sent = True
                 return original(lm, call)
             # (a call DSPy's engine runs makes no LM call of its own: nothing to leave for them)
             here, token = (None, None) if call.managed else enter(lm, outer)
@@ -181,19 +195,25 @@ def install() -> None:
                     if not slots
                     else call_capped(slots, lambda: run(lm, call, here, outer))
                 )
+                count = here is None or not here.passed_on(result)
+            except BaseException as e:
+                if outer is not None:
+                    outer.inner.append(e)
+                raise
             finally:
                 if token is not None:
                     overrides.reset(token)
+                    here.inner.clear()  # type: ignore[union-attr]  # (what its inner calls raised keeps their frames)
             if outer is not None:
                 outer.inner.append(result)
-            # (billed or a cache hit, for stageflow's usage; see there)
-            note_lm_result(result, count=here is None or not here.passed_on(result))
+            note_lm_result(result, count=count)  # (billed or a cache hit, for stageflow's usage; see there)
             return result
 
         async def aexecute(lm: Any, call: Any) -> Any:
             refuse_if_abandoned()
             outer = overrides.get().get(_KEY)
             if outer is not None and outer.lm is lm:
+                outer.sent = True
                 return await aoriginal(lm, call)
             here, token = (None, None) if call.managed else enter(lm, outer)
             try:
@@ -205,12 +225,18 @@ def install() -> None:
                     if not slots
                     else acall_capped(slots, lambda: arun(lm, call, here, outer))
                 )
+                count = here is None or not here.passed_on(result)
+            except BaseException as e:
+                if outer is not None:
+                    outer.inner.append(e)
+                raise
             finally:
                 if token is not None:
                     overrides.reset(token)
+                    here.inner.clear()  # type: ignore[union-attr]
             if outer is not None:
                 outer.inner.append(result)
-            note_lm_result(result, count=here is None or not here.passed_on(result))
+            note_lm_result(result, count=count)
             return result
 
         original_finalize = execution.finalize
@@ -293,6 +319,18 @@ class _Plan:
         self.ticket = ticket
         if self.here is not None:
             self.here.ticket = ticket
+
+
+def _response_of(result: Any) -> Any:
+    """The provider response DSPy's ``forward`` makes of an LM call's result (a fresh object each
+    time, equal in content), or ``None``."""
+    make = getattr(result, "provider_response", None)
+    if make is None:
+        return None
+    try:
+        return make()
+    except Exception:  # (not a response DSPy can shape: nothing to compare with)
+        return None
 
 
 def _plan(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> _Plan | None:
@@ -461,25 +499,12 @@ def _retry_after(error: BaseException) -> float | None:
     return None
 
 
-def _refused_inside(error: BaseException) -> bool:
-    """Whether ``error`` is (or was raised from) a budget's refusal of an LM call made inside the call
-    that failed (a router LM passing it on: the call itself sent nothing)."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, BudgetExceeded):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def _failed(plan: _Plan, error: BaseException) -> None:
     """The request was sent and the call raised: it counts as a call (a failure bounds retry loops).
     A failure gives its tokens back. A cancellation (a timeout's, Ctrl-C) may have left the request
     running at the provider: its prompt counts too. A ``Retry-After`` pauses the model's limiter."""
-    if plan.here is not None and _refused_inside(error):
-        _give_back(plan)  # (a call made inside it was refused by a budget: nothing was sent for it)
+    if plan.here is not None and plan.here.passed_on(error):
+        _give_back(plan)  # (what a call made inside it raised, passed on: nothing was sent for it)
         return
     cancelled = not isinstance(error, Exception)
     prompt = plan.need.prompt_tokens if cancelled else 0
