@@ -277,6 +277,14 @@ class RunInfo:
         if used is not None and used._by_path:  # (UsageTable.absorb's own test, without the call when empty)
             self.usage.absorb(prefix, used)
 
+    def absorb_usage(self, other: RunInfo) -> None:
+        """Add only the LM usage ``other`` (a fan-out branch's run) has recorded so far, its paths
+        already this run's: what a fan-out that raised keeps of a branch that may still be running
+        (its usage table is copied under its lock; the rest of its run may still be written)."""
+        used = other._usage
+        if used is not None and used._by_path:
+            self.usage.absorb("", used)
+
     def _fields(self) -> tuple[Any, ...]:
         return (self.stage_outputs, self.trace, self.extras, self.events, self.details, self.usage)
 

@@ -4,6 +4,7 @@ totals counted none of it: 0 LM calls for a ForEach whose items had made 3)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import dspy
@@ -54,3 +55,39 @@ async def test_a_failed_nested_stage_reports_its_stages_usage(mode: str, nested:
     failed = [e for e in tracer.events if e.get("event") == "stage_error" and e.get("stage") == "stages[1]"]
     assert len(failed) == 1
     assert failed[0]["usage"]["lm_calls"] == 3
+
+
+def _checked(sub_question: str, fact: str) -> dict[str, str]:
+    if sub_question == "q2":
+        time.sleep(0.2)  # (the other items are done by then: none is stopped mid-way)
+        raise ValueError("item q2 fails")
+    return {"checked": fact}
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["fan-out", "pipeline-around-fan-out"])
+async def test_a_fail_fast_fan_out_keeps_its_branches_usage(mode: str, nested: bool) -> None:
+    """(helper 107) A fail-fast ``ForEach`` of sub-pipelines, items side by side: the failure left the
+    fan-out before the branches' runs joined its run, so its row, its parents' and the totals
+    counted none of their LM calls (0 of 4; the run's total 1 of 5)."""
+    item = stageflow.SequentialPipeline(
+        [dspy.Predict("sub_question -> fact"), stageflow.stage(_checked, writes=["checked"])]
+    )
+    each = stageflow.ForEach(item, over="sub_questions", collect={"checked": "facts"})
+    program = stageflow.SequentialPipeline(
+        [
+            dspy.Predict("question -> sub_questions: list[str]"),
+            stageflow.SequentialPipeline([each]) if nested else each,
+        ]
+    )
+    lm = FakeLM({"sub_questions": ["q0", "q1", "q2", "q3"], "fact": "F"}, usage=(100, 10))
+    with dspy.context(lm=lm), stageflow.profile() as prof, pytest.raises(stageflow.StageError) as caught:
+        await call(program, mode, question="Q")
+    assert lm.calls == 5
+    rows = {path: row["lm_calls"] for path, row in prof.get_performance_summary().items()}
+    assert rows["stages[1]"] == 4
+    if nested:
+        assert rows["stages[1].stages[0]"] == 4
+    last = prof.last_run
+    assert last is not None
+    assert (last.usage.lm_calls, last.usage.input_tokens) == (5, 500)
+    assert caught.value.run.usage.total.lm_calls == 5  # what the error carries out says so too

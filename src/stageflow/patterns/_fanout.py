@@ -50,6 +50,7 @@ __all__ = [
     "flat_results",
     "raise_all_failed",
     "run_branches",
+    "usage_kept",
 ]
 
 
@@ -479,6 +480,24 @@ def raise_all_failed(what: str, results: Sequence[BranchResult]) -> None:
         errors=errors,
     )
     raise err from next(iter(errors.values()))
+
+
+@contextlib.contextmanager
+def usage_kept(run: RunInfo, branches: Sequence[Branch]) -> Iterator[None]:
+    """A fan-out that raises (a fail-fast failure, a timeout, an interrupt) keeps in ``run`` — which
+    its error carries out — the LM usage its branches recorded until then: the failed branch's, the
+    finished ones', and what those still running had used. Its profile row, its trace event and the
+    run's totals then count the LM calls its branches made (they counted none of them)."""
+    try:
+        yield
+    except BaseException:
+        seen: set[int] = set()
+        for b in branches:
+            branch_run = b.run
+            if branch_run is not None and branch_run is not run and id(branch_run) not in seen:
+                seen.add(id(branch_run))
+                run.absorb_usage(branch_run)
+        raise
 
 
 def absorb(run: RunInfo, results: Sequence[BranchResult]) -> None:

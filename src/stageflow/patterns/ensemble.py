@@ -21,6 +21,7 @@ from stageflow.patterns._fanout import (
     fanout_options,
     raise_all_failed,
     run_branches,
+    usage_kept,
 )
 from stageflow.patterns._fields import Produced, call_yours, result_fields, returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
@@ -469,26 +470,18 @@ class EnsemblePipeline(Pipeline):
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         branches = self._branches(state, run, prefix)
-        results = run_branches(
-            self,
-            branches,
-            hooks,
-            prefix,
-            **fanout_options(self),
-            until=self._quorum(branches),
-        )
+        with usage_kept(run, branches):
+            results = run_branches(
+                self, branches, hooks, prefix, **fanout_options(self), until=self._quorum(branches)
+            )
         self._finish(state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         branches = self._branches(state, run, prefix)
-        results = await arun_branches(
-            self,
-            branches,
-            hooks,
-            prefix,
-            **fanout_options(self),
-            until=self._quorum(branches),
-        )
+        with usage_kept(run, branches):
+            results = await arun_branches(
+                self, branches, hooks, prefix, **fanout_options(self), until=self._quorum(branches)
+            )
         self._finish(state, run, results, prefix)
 
 

@@ -21,6 +21,7 @@ from stageflow.patterns._fanout import (
     fanout_options,
     flat_results,
     run_branches,
+    usage_kept,
 )
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
@@ -348,25 +349,15 @@ class ForEach(Pipeline):
         return options
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        results = run_branches(
-            self,
-            self._branches(state),
-            hooks,
-            prefix,
-            **self._options(),
-            produced=False,
-        )
+        branches = self._branches(state)
+        with usage_kept(run, branches):
+            results = run_branches(self, branches, hooks, prefix, **self._options(), produced=False)
         self._collect(state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
-        results = await arun_branches(
-            self,
-            self._branches(state),
-            hooks,
-            prefix,
-            **self._options(),
-            produced=False,
-        )
+        branches = self._branches(state)
+        with usage_kept(run, branches):
+            results = await arun_branches(self, branches, hooks, prefix, **self._options(), produced=False)
         self._collect(state, run, results, prefix)
 
 

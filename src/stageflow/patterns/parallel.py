@@ -19,6 +19,7 @@ from stageflow.patterns._fanout import (
     fanout_options,
     raise_all_failed,
     run_branches,
+    usage_kept,
 )
 from stageflow.patterns._fields import Produced, call_yours, returned_fields
 from stageflow.patterns.base import Pipeline, as_stage
@@ -343,22 +344,14 @@ class ParallelPipeline(Pipeline):
 
     def _run(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         for g, group in enumerate(self._groups):
-            results = run_branches(
-                self,
-                self._branches(group, state, run),
-                hooks,
-                prefix,
-                **fanout_options(self),
-            )
+            branches = self._branches(group, state, run)
+            with usage_kept(run, branches):
+                results = run_branches(self, branches, hooks, prefix, **fanout_options(self))
             self._merge(g, state, run, results, prefix)
 
     async def _arun(self, state: dict[str, Any], run: RunInfo, hooks: tuple[Any, ...], prefix: str) -> None:
         for g, group in enumerate(self._groups):
-            results = await arun_branches(
-                self,
-                self._branches(group, state, run),
-                hooks,
-                prefix,
-                **fanout_options(self),
-            )
+            branches = self._branches(group, state, run)
+            with usage_kept(run, branches):
+                results = await arun_branches(self, branches, hooks, prefix, **fanout_options(self))
             self._merge(g, state, run, results, prefix)
