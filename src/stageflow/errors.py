@@ -210,6 +210,8 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
         ledger: The :class:`~stageflow.BudgetLedger` that refused (its spending so far).
         held: What the LM call this one was made inside holds of the limit (a router LM's call,
             which settles only after its inner calls): ``0`` for a call made outside any other.
+        stuck: What other calls hold that are waiting, like this one, for calls made inside them
+            (routers side by side at the end of a budget): refused so that they can go on.
 
     Examples:
         >>> err = BudgetExceeded.refused("max_calls", spent=3, limit=3, needed=1, scope="stageflow.budget()")
@@ -227,6 +229,7 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
     limit: float = 0
     needed: float = 0
     held: float = 0
+    stuck: float = 0
     scope: str = ""
     ledger: Any = None
 
@@ -242,11 +245,12 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
         ledger: Any = None,
         stage_path: str | None = None,
         held: float = 0,
+        stuck: float = 0,
     ) -> BudgetExceeded:
         """Build the error for a refused call (the message is composed from these fields)."""
         err = cls("", stage_path=stage_path, field=limit_name, hint=_budget_hint(limit_name))
         err.limit_name, err.spent, err.limit, err.needed, err.scope = limit_name, spent, limit, needed, scope
-        err.ledger, err.held = ledger, held
+        err.ledger, err.held, err.stuck = ledger, held, stuck
         err._compose()
         return err
 
@@ -263,6 +267,12 @@ class BudgetExceeded(StageflowError):  # noqa: N818 (the name the issue and user
             if self.held
             else ""
         )
+        if self.stuck:
+            stuck = _amount(self.limit_name, self.stuck)
+            inside += (
+                f"; LM calls waiting inside other LM calls like it hold {stuck} more, and nothing "
+                "else in flight could free room"
+            )
         self.message = (
             f"{who}: {self.scope} {verb} its {self.limit_name} "
             f"({_spent_text(self.limit_name, self.spent, self.limit, self.needed)}{inside})."

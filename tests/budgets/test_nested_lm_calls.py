@@ -432,3 +432,17 @@ async def test_a_router_cancelled_while_its_models_call_waits_spends_nothing() -
         assert (spent.calls, spent.reserved_calls) == (1, 0)
         assert (await ask(FakeLM({"answer": "P"}, model="fake/plain"))).answer == "P"
     assert (spent.calls, inner.calls) == (2, 0)
+
+
+def test_the_refusal_of_a_stuck_call_tells_its_own_outer_call_from_the_others() -> None:
+    """(helper 107) The message said its outer call held all the routers' calls."""
+    inner = FakeLM({"answer": "A"}, model="fake/routed")
+    program = stageflow.ForEach(dspy.Predict("question -> answer"), over="questions", on_error="collect")
+    with dspy.context(lm=MeetingRouter(inner, 4)), stageflow.budget(max_calls=4):
+        result = program(questions=["q1", "q2", "q3", "q4"])
+    [error] = [e["error"] for e in result.run.extras["item_errors"]]
+    refusal = error if isinstance(error, stageflow.BudgetExceeded) else error.__cause__
+    assert isinstance(refusal, stageflow.BudgetExceeded)
+    assert (refusal.held, refusal.stuck) == (1, 3)
+    assert "the LM call it was made inside holds 1 LM call more" in str(refusal)
+    assert "other LM calls like it hold 3 LM calls more" in str(refusal)

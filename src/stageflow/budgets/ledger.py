@@ -358,7 +358,14 @@ def _unless_stuck(
     frozen = _held(ledger, {*inside, *_STUCK})
     if ledger.flying > frozen.tickets:
         return False
-    return ledger._check(need, hold, frozen)
+    verdict = ledger._check(need, hold, frozen)
+    if isinstance(verdict, BudgetExceeded):  # (its message tells its own outer calls from the others)
+        own = _held(ledger, inside)
+        field = {"max_calls": 0, "max_tokens": 1, "max_cost": 2}.get(verdict.limit_name)
+        if field is not None:
+            verdict.held, verdict.stuck = own[field], frozen[field] - own[field]
+            verdict._compose()
+    return verdict
 
 
 def _stick(inside: Sequence[Ticket]) -> None:
