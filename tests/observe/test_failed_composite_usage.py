@@ -4,6 +4,8 @@ totals counted none of it: 0 LM calls for a ForEach whose items had made 3)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -91,3 +93,37 @@ async def test_a_fail_fast_fan_out_keeps_its_branches_usage(mode: str, nested: b
     assert last is not None
     assert (last.usage.lm_calls, last.usage.input_tokens) == (5, 500)
     assert caught.value.run.usage.total.lm_calls == 5  # what the error carries out says so too
+
+
+async def _slow_or_failing(sub_question: str, fact: str) -> dict[str, str]:
+    if sub_question == "q2":
+        await asyncio.sleep(0.2)  # (every LM call has been answered by then)
+        raise ValueError("item q2 fails")
+    if sub_question == "q3":
+        await asyncio.sleep(5)  # (stopped by q2's failure, after its LM call was answered)
+    return {"checked": fact}
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["unobserved", "profiled"])
+async def test_a_sub_pipeline_stopped_mid_way_keeps_the_lm_calls_it_made(observed: bool) -> None:
+    """An item that is a pipeline, stopped by the fan-out after its LM call was answered: its call
+    counted nowhere above it (its row, the fan-out's, the totals, the error's run)."""
+    item = stageflow.SequentialPipeline(
+        [dspy.Predict("sub_question -> fact"), stageflow.stage(_slow_or_failing, writes=["checked"])]
+    )
+    each = stageflow.ForEach(item, over="sub_questions", collect={"checked": "facts"})
+    program = stageflow.SequentialPipeline([dspy.Predict("question -> sub_questions: list[str]"), each])
+    lm = FakeLM({"sub_questions": ["q0", "q1", "q2", "q3"], "fact": "F"}, usage=(100, 10))
+    with (
+        dspy.context(lm=lm),
+        stageflow.profile() if observed else contextlib.nullcontext() as prof,
+        pytest.raises(stageflow.StageError, match="item q2 fails") as caught,
+    ):
+        await program.acall(question="Q")
+    assert lm.calls == 5
+    assert caught.value.run.usage.total.lm_calls == 5
+    if observed:
+        rows = prof.get_performance_summary()
+        assert rows["stages[1]"]["lm_calls"] == 4
+        assert (rows["stages[1].stage[3]"]["lm_calls"], rows["stages[1].stage[3]"]["cancelled"]) == (1, 1)
+        assert prof.last_run.usage.lm_calls == 5

@@ -29,6 +29,7 @@ metaclass), so patching a method later is seen on the next call.
 
 from __future__ import annotations
 
+import contextlib
 from time import perf_counter
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ _new = object.__new__
 
 __all__ = [
     "INLINE_MEMOS",
+    "INTERRUPTED_RUN",
     "InlineCall",
     "begin",
     "eligible",
@@ -59,6 +61,11 @@ __all__ = [
     "set_up",
     "standard",
 ]
+
+#: Where an interrupt (``asyncio.CancelledError``, ``KeyboardInterrupt``) that left a nested pipeline
+#: call carries that call's run, for the stage that made the call (an error of stageflow's carries it
+#: as ``error.run``; see ``runner._kept_interrupted``).
+INTERRUPTED_RUN = "_stageflow_interrupted_run"
 
 
 #: The base pipeline's own methods, which a class must not override to be run in line.
@@ -375,6 +382,9 @@ def failed(call: InlineCall, error: BaseException) -> None:
     if isinstance(error, StageflowError):
         error.events = call.run.events
         error.run = call.run
+    else:  # (an interrupt: the stage that made the call keeps what it did, see runner._kept_interrupted)
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, INTERRUPTED_RUN, call.run)
     call.target.stageflow_failed(call.run, (), error)
 
 

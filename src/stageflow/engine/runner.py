@@ -11,6 +11,7 @@ only built when a hook listens.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
@@ -42,7 +43,7 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, _engine_path, _EnginePath, notify
-from stageflow.engine.inline import InlineCall
+from stageflow.engine.inline import INTERRUPTED_RUN, InlineCall
 from stageflow.engine.inline import begin as begin_inline
 from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
@@ -320,13 +321,26 @@ def _failed_stage(
     return err
 
 
-def _interrupted(call: _Call, entry: StageEntry, error: BaseException, hooks: tuple[Any, ...]) -> None:
+def _kept_interrupted(entry: StageEntry, error: BaseException, run: RunInfo) -> RunInfo | None:
+    """An interrupt that left the nested pipeline call of ``entry``: what that call did (its trace,
+    outputs and LM usage so far) joins ``run``, as a failed one's does; returns its run."""
+    nested = getattr(error, INTERRUPTED_RUN, None) if entry.composite else None
+    if type(nested) is not RunInfo or nested is run:
+        return None
+    run.absorb(entry.path, nested)
+    return nested
+
+
+def _interrupted(
+    call: _Call, entry: StageEntry, error: BaseException, hooks: tuple[Any, ...], run: RunInfo
+) -> None:
     """A stage call stopped from outside (its task cancelled: a fail-fast fan-out, an ensemble's
     quorum, a timeout; or an interrupt): observers hear that it ended, with ``cancelled=True``, so
     no profile or trace shows a stage that started and never ended, and with the LM work it did
-    before (answered and billed)."""
+    before (answered and billed) — a nested pipeline's too, which joins this run."""
+    nested = _kept_interrupted(entry, error, run)
     if hooks:
-        usage = _stage_usage(call, entry, None)
+        usage = _stage_usage(call, entry, None, nested)
         _notify_error(hooks, call, error, perf_counter() - call.t0, usage, cancelled=True)
 
 
@@ -418,6 +432,7 @@ def call_stage(
                 return None
             except BaseException as e:
                 inline_failed(nested, e)
+                _kept_interrupted(entry, e, run)
                 raise
             return finish_inline(nested, entry, state, run)
     if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
@@ -447,6 +462,7 @@ def call_stage(
     except BaseException as e:
         _left(token, path_token)
         _exit_at(e, entry, prefix)
+        _kept_interrupted(entry, e, run)
         raise
     return _succeeded(entry, out, t0, state, run, prefix, token, path_token)
 
@@ -608,7 +624,7 @@ def _call_observed(
             del err  # (as in _raised)
     except BaseException as e:
         _close(call)
-        _interrupted(call, entry, e, hooks)
+        _interrupted(call, entry, e, hooks, run)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -690,6 +706,7 @@ async def acall_stage(
                 return None
             except BaseException as e:
                 inline_failed(nested, e)
+                _kept_interrupted(entry, e, run)
                 raise
             return finish_inline(nested, entry, state, run)
     if run._pending is not None:  # this stage runs in an in-line nested run: it needs its context
@@ -722,6 +739,7 @@ async def acall_stage(
     except BaseException as e:
         _left(token, path_token)
         _exit_at(e, entry, prefix)
+        _kept_interrupted(entry, e, run)
         raise
     return _succeeded(entry, out, t0, state, run, prefix, token, path_token)
 
@@ -755,7 +773,7 @@ async def _acall_observed(
             del err  # (as in _raised)
     except BaseException as e:
         _close(call)
-        _interrupted(call, entry, e, hooks)
+        _interrupted(call, entry, e, hooks, run)
         raise
     _close(call)
     return _finished_stage(call, entry, out, state, run, hooks, prefix)
@@ -857,6 +875,9 @@ def _failed(
         error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
         if given is not None:
             note_run_failure(error, given)
+    elif given is None:  # (an interrupt leaving a nested call: its stage's caller keeps what it used)
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, INTERRUPTED_RUN, run)
     _end(pipeline, scope, None, error)
     pipeline.stageflow_failed(run, scope.own, error)
 
