@@ -446,3 +446,19 @@ def test_the_refusal_of_a_stuck_call_tells_its_own_outer_call_from_the_others() 
     assert (refusal.held, refusal.stuck) == (1, 3)
     assert "the LM call it was made inside holds 1 LM call more" in str(refusal)
     assert "other LM calls like it hold 3 LM calls more" in str(refusal)
+
+
+async def test_an_lm_delegating_to_dspys_own_forward_keeps_its_engines_cost(mode: str) -> None:
+    """(helper 107) DSPy's ``forward`` hands out a response without the cost its engine reported, so
+    an LM of yours returning it reported none: ``max_cost`` counted nothing for a paid request."""
+    lm = Delegating({"answer": "42"}, model="fake/priced", usage=(100, 10), cost=0.01)
+    program = SequentialPipeline([dspy.Predict("question -> answer")])
+
+    def run() -> Any:
+        with dspy.context(lm=lm), stageflow.budget(max_cost=1.0) as spent:
+            result = asyncio.run(call(program, mode, question="?"))
+            return spent.cost, result.run.usage.total.cost
+
+    [(spent, used)] = _within(10, run)
+    assert spent == pytest.approx(0.01)
+    assert used == pytest.approx(0.01)

@@ -31,6 +31,7 @@ Waits are added to the running stage's usage (``limit_wait``) and recorded in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -75,7 +76,7 @@ class _Call:
       never: a call whose request is not counted could overshoot a budget).
     """
 
-    __slots__ = ("inner", "lm", "outer", "sent", "slots", "ticket")
+    __slots__ = ("cost", "inner", "lm", "outer", "sent", "slots", "ticket")
 
     def __init__(self, lm: Any, outer: _Call | None) -> None:
         self.lm, self.outer = lm, outer
@@ -83,6 +84,29 @@ class _Call:
         self.slots: tuple[Any, ...] = ()  # the concurrency slots it holds
         self.inner: list[Any] = []  # what the calls to other LMs made inside it returned or raised
         self.sent = False  # its LM's own call ran inside it (a request of its own)
+        self.cost: float | None = None  # what that call's engine reported it cost
+
+    def sending(self, result: Any) -> Any:
+        """Its LM's own call (DSPy's ``forward``, run by a ``forward`` of yours) returned ``result``:
+        a request of its own, whose cost is kept for :meth:`kept_cost`."""
+        self.sent = True
+        raw = getattr(result, "raw", None)
+        cost = reported_cost(
+            getattr(result, "cost", None), raw if raw is not None else getattr(result, "responses", None)
+        )
+        if cost is not None:
+            self.cost = (self.cost or 0.0) + cost
+        return result
+
+    def kept_cost(self, result: Any) -> Any:
+        """``result`` of this call, with the cost its LM's own call reported when it carries none:
+        DSPy's ``forward`` hands out a response without the cost (``provider_response()`` drops it),
+        so a ``forward`` of yours delegating to it returned no cost, and a ``max_cost`` budget
+        counted nothing for a request that cost something."""
+        if self.cost is not None and getattr(result, "cost", 0) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                result.cost = self.cost
+        return result
 
     def free_slots(self) -> tuple[Any, ...]:
         """The concurrency caps in force here whose slot neither this call nor one it runs inside
@@ -158,15 +182,25 @@ def install() -> None:
         original, aoriginal = execution.execute, execution.aexecute
         registry = ratelimit_registry()
 
+        def own(lm: Any, call: Any) -> Any:  # (an LM's own forward: see _Call.kept_cost)
+            here = overrides.get().get(_KEY)
+            return here.kept_cost(original(lm, call))
+
+        async def aown(lm: Any, call: Any) -> Any:
+            here = overrides.get().get(_KEY)
+            return here.kept_cost(await aoriginal(lm, call))
+
         def run(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> Any:
+            call_original = original if here is None else own
             if not (LIVE[0] or registry):
-                return original(lm, call)
-            return _metered(lm, call, original, here, outer)
+                return call_original(lm, call)
+            return _metered(lm, call, call_original, here, outer)
 
         async def arun(lm: Any, call: Any, here: _Call | None, outer: _Call | None) -> Any:
+            call_original = aoriginal if here is None else aown
             if not (LIVE[0] or registry):
-                return await aoriginal(lm, call)
-            return await _ametered(lm, call, aoriginal, here, outer)
+                return await call_original(lm, call)
+            return await _ametered(lm, call, call_original, here, outer)
 
         settings = sys.modules["dspy.dsp.utils.settings"]
         overrides, dotdict = settings.thread_local_overrides, settings.dotdict
@@ -181,8 +215,7 @@ def install() -> None:
             refuse_if_abandoned()  # (work whose caller gave up sends nothing more)
             outer = overrides.get().get(_KEY)
             if outer is not None and outer.lm is lm:  # (this LM's own call, made again inside it)
-                outer.sent = True
-                return original(lm, call)
+                return outer.sending(original(lm, call))
             # (a call DSPy's engine runs makes no LM call of its own: nothing to leave for them)
             here, token = (None, None) if call.managed else enter(lm, outer)
             try:
@@ -213,8 +246,7 @@ def install() -> None:
             refuse_if_abandoned()
             outer = overrides.get().get(_KEY)
             if outer is not None and outer.lm is lm:
-                outer.sent = True
-                return await aoriginal(lm, call)
+                return outer.sending(await aoriginal(lm, call))
             here, token = (None, None) if call.managed else enter(lm, outer)
             try:
                 slots = lm_slots() if outer is None else outer.free_slots()
