@@ -127,3 +127,31 @@ async def test_a_sub_pipeline_stopped_mid_way_keeps_the_lm_calls_it_made(observe
         assert rows["stages[1]"]["lm_calls"] == 4
         assert (rows["stages[1].stage[3]"]["lm_calls"], rows["stages[1].stage[3]"]["cancelled"]) == (1, 1)
         assert prof.last_run.usage.lm_calls == 5
+
+
+async def _slow(fact: str) -> dict[str, str]:
+    await asyncio.sleep(5)
+    return {"done": fact}
+
+
+async def test_a_sub_pipeline_past_its_timeout_keeps_the_lm_calls_it_made() -> None:
+    """``Stage(pipeline, timeout=...)`` under ``acall``: the timeout cancelled the nested call after
+    its LM call was answered; the call counted nowhere above it (its row 0, the totals 1 of 2)."""
+    inner = stageflow.SequentialPipeline(
+        [dspy.Predict("question -> fact"), stageflow.stage(_slow, writes=["done"])]
+    )
+    program = stageflow.SequentialPipeline(
+        [dspy.Predict("q0 -> question"), stageflow.Stage(inner, timeout=0.3)]
+    )
+    lm = FakeLM({"question": "Q", "fact": "F"}, usage=(100, 10))
+    with (
+        dspy.context(lm=lm),
+        stageflow.profile() as prof,
+        pytest.raises(stageflow.StageTimeoutError) as caught,
+    ):
+        await program.acall(q0="x")
+    assert lm.calls == 2
+    assert caught.value.run.usage.total.lm_calls == 2
+    rows = prof.get_performance_summary()
+    assert rows["stages[1]"]["lm_calls"] == 1
+    assert prof.last_run.usage.lm_calls == 2

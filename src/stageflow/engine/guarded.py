@@ -22,6 +22,7 @@ import dspy
 from stageflow.engine import concurrency, spare
 from stageflow.engine.boundary import private_state
 from stageflow.engine.concurrency import aenter_leaf, enter_leaf, exit_leaf, leaf_slots
+from stageflow.engine.inline import interrupted_run
 from stageflow.engine.plan import StageEntry, held, join_path
 from stageflow.engine.pool import abandon, spare_threads
 from stageflow.engine.stopping import abandonable
@@ -561,9 +562,15 @@ async def _awith_timeout(
         with spare_threads():  # a blocking part neither waits for nor keeps a shared-pool worker
             async with clock:
                 return await invoke(entry, target, kw)
-    except TimeoutError:
+    except TimeoutError as e:
         if clock.expired():
-            raise _timeout_error(path, timeout.seconds, entry.label) from None
+            err = _timeout_error(path, timeout.seconds, entry.label)
+            if entry.composite:  # (what the nested pipeline did before it was stopped stays counted)
+                err.run = interrupted_run(e)
+            try:
+                raise err from None
+            finally:
+                del err  # (its traceback keeps this frame: no cycle through it)
         raise  # the stage itself raised a TimeoutError
     finally:
         if token is not None:

@@ -50,6 +50,7 @@ _new = object.__new__
 __all__ = [
     "INLINE_MEMOS",
     "INTERRUPTED_RUN",
+    "interrupted_run",
     "InlineCall",
     "begin",
     "eligible",
@@ -66,6 +67,20 @@ __all__ = [
 #: call carries that call's run, for the stage that made the call (an error of stageflow's carries it
 #: as ``error.run``; see ``runner._kept_interrupted``).
 INTERRUPTED_RUN = "_stageflow_interrupted_run"
+
+
+def interrupted_run(error: BaseException) -> RunInfo | None:
+    """The run of the nested pipeline call an interrupt left, carried by ``error`` or by what it was
+    raised from (a timeout raised for a cancelled call), or ``None``."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        found = getattr(e, INTERRUPTED_RUN, None)
+        if type(found) is RunInfo:
+            return found
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 #: The base pipeline's own methods, which a class must not override to be run in line.
