@@ -226,6 +226,14 @@ class UsageTable:
         with self._lock:
             self._entry(path).add(usage)
 
+    def charge(self, path: str, used: StageUsage) -> None:
+        """Add ``used`` to stage ``path``'s own row (what work of the stage whose own record is gone
+        used: a nested pipeline's attempt a fallback replaced)."""
+        if used.is_empty():
+            return
+        with self._lock:
+            self._entry(path).add(used)
+
     def absorb(self, prefix: str, other: UsageTable) -> None:
         """Add a nested call's table under ``prefix`` (the stage that ran the nested pipeline)."""
         if not other._by_path:  # the usual case for a nested call without LM work: nothing to add

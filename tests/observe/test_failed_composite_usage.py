@@ -155,3 +155,41 @@ async def test_a_sub_pipeline_past_its_timeout_keeps_the_lm_calls_it_made() -> N
     rows = prof.get_performance_summary()
     assert rows["stages[1]"]["lm_calls"] == 1
     assert prof.last_run.usage.lm_calls == 2
+
+
+def _flaky(calls: list[int]) -> Any:
+    def check(fact: str) -> dict[str, str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("flaky")
+        return {"done": fact}
+
+    return check
+
+
+@pytest.mark.parametrize("recover", ["retry", "fallback", "give_up"])
+async def test_a_sub_pipelines_failed_attempts_keep_their_lm_calls(mode: str, recover: str) -> None:
+    """A nested pipeline retried (or replaced by a fallback) after its LM call was answered: that
+    call counted nowhere (1 of 2 calls, while DSPy's own tracker said 2)."""
+    inner = stageflow.SequentialPipeline(
+        [dspy.Predict("question -> fact"), stageflow.stage(_flaky([]), writes=["done"])]
+    )
+    options: dict[str, Any] = {
+        "retry": {"retry": stageflow.RetryPolicy(max_attempts=2, backoff=0)},
+        "fallback": {"fallback": {"fact": "fallback", "done": "fallback"}},
+        "give_up": {"retry": stageflow.RetryPolicy(max_attempts=1, backoff=0)},
+    }[recover]
+    program = stageflow.SequentialPipeline([stageflow.Stage(inner, **options)])
+    lm = FakeLM({"fact": "F"}, usage=(100, 10))
+    with dspy.context(lm=lm), dspy.track_usage() as tracker, stageflow.profile() as prof:
+        if recover == "give_up":
+            with pytest.raises(stageflow.StageError) as caught:
+                await call(program, mode, question="q")
+            total = caught.value.run.usage.total
+        else:
+            total = (await call(program, mode, question="q")).run.usage.total
+    real = lm.calls
+    assert real == (2 if recover == "retry" else 1)
+    assert total.lm_calls == real
+    assert total.input_tokens == tracker.get_total_tokens()[lm.model]["prompt_tokens"] == 100 * real
+    assert prof.get_performance_summary()["stages[0]"]["lm_calls"] == real

@@ -40,7 +40,7 @@ from stageflow.stages import (
     watch_attempt,
     watch_degraded,
 )
-from stageflow.state import RunInfo
+from stageflow.state import Result, RunInfo
 from stageflow.usage import note_policy_event
 
 __all__ = ["aguarded_call", "guarded_call"]
@@ -313,12 +313,28 @@ def _guarded(
 class _Attempts:
     """The attempt bookkeeping shared by the sync and async loops: what to do after an error."""
 
-    def __init__(self, policy: StagePolicy, run: RunInfo, path: str) -> None:
-        self.policy, self.run, self.path = policy, run, path
+    def __init__(self, policy: StagePolicy, run: RunInfo, path: str, entry: StageEntry) -> None:
+        self.policy, self.run, self.path, self.entry = policy, run, path, entry
         self.attempt = 0
         self.repairs = 0
         self.feedback: str | None = None
         self.started = policy.retry.clock() if policy.retry is not None else 0.0
+        self.failed_runs: list[RunInfo] = []  # a nested pipeline's failed attempts (see used)
+
+    def used(self, out: Any, error: BaseException | None = None) -> Any:
+        """A nested pipeline's attempts that failed made LM calls too: their usage joins the run of
+        the attempt that answered (``out``, a result), the run of the error given up with
+        (``error``), or, after a fallback, this run under the stage's path. Returns ``out``."""
+        runs, self.failed_runs = self.failed_runs, []
+        if not runs:
+            return out
+        into = out.run if isinstance(out, Result) else getattr(error, "run", None)
+        for nested in runs:
+            if isinstance(into, RunInfo) and into is not nested:
+                into.absorb_usage(nested)
+            else:  # (a fallback's output: the stage's own row, which its observers are told)
+                self.run.usage.charge(self.entry.path, nested.usage.total)
+        return out
 
     def next_kw(self, target: Any, kw: dict[str, Any]) -> dict[str, Any]:
         self.attempt += 1
@@ -347,6 +363,18 @@ class _Attempts:
             return 0.0
         return None
 
+    def retrying(self, error: Exception, delay: float | None) -> float | None:
+        """:meth:`after_error`'s verdict, keeping the run of a nested pipeline's failed attempt when it
+        is retried or replaced (see :meth:`used`)."""
+        nested = getattr(error, "run", None) if self.entry.composite else None
+        if (
+            isinstance(nested, RunInfo)
+            and nested is not self.run
+            and (delay is not None or self.policy.fallback)
+        ):
+            self.failed_runs.append(nested)
+        return delay
+
     def give_up(self, error: Exception) -> Any:
         """Record the failure; return the fallback to use (``None``: re-raise)."""
         if isinstance(error, StageTimeoutError):
@@ -371,7 +399,7 @@ def _attempts(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Any],
 ) -> Any:
-    state = _Attempts(policy, run, path)
+    state = _Attempts(policy, run, path, entry)
     while True:
         call_kw = state.next_kw(target, kw)
         watch = watch_attempt()  # (a failed attempt's replaced failures do not make the output's)
@@ -382,21 +410,22 @@ def _attempts(
             out = _check_declared(entry, out, path) if policy.repair is not None else out
             if watch is not None:
                 end_watch(*watch)
-            return out
+            return state.used(out)
         except BaseException as e:
             if watch is not None:
                 end_watch(*watch, used=False)
             if not isinstance(e, Exception):
                 raise
-            delay = state.after_error(e)
+            delay = state.retrying(e, state.after_error(e))
             if delay is None:
                 fallback = state.give_up(e)
                 if fallback is None:
+                    state.used(None, e)
                     raise
                 try:
                     out = _check_declared(entry, _fallback(owner, entry, kw, fallback), path)
                     note_degraded()
-                    return out
+                    return state.used(out)
                 except Exception as failed:
                     raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
@@ -500,7 +529,7 @@ async def _aattempts(
     path: str,
     invoke: Callable[[StageEntry, Any, dict[str, Any]], Awaitable[Any]],
 ) -> Any:
-    state = _Attempts(policy, run, path)
+    state = _Attempts(policy, run, path, entry)
     while True:
         call_kw = state.next_kw(target, kw)
         watch = watch_attempt()  # (a failed attempt's replaced failures do not make the output's)
@@ -511,21 +540,22 @@ async def _aattempts(
             out = _check_declared(entry, out, path) if policy.repair is not None else out
             if watch is not None:
                 end_watch(*watch)
-            return out
+            return state.used(out)
         except BaseException as e:
             if watch is not None:
                 end_watch(*watch, used=False)
             if not isinstance(e, Exception):
                 raise
-            delay = state.after_error(e)
+            delay = state.retrying(e, state.after_error(e))
             if delay is None:
                 fallback = state.give_up(e)
                 if fallback is None:
+                    state.used(None, e)
                     raise
                 try:
                     out = _check_declared(entry, await _afallback(owner, entry, kw, fallback), path)
                     note_degraded()
-                    return out
+                    return state.used(out)
                 except Exception as failed:
                     raise _fallback_failed(entry, path, e, failed) from e
             if delay and policy.retry is not None:
