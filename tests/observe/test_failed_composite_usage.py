@@ -193,3 +193,35 @@ async def test_a_sub_pipelines_failed_attempts_keep_their_lm_calls(mode: str, re
     assert total.lm_calls == real
     assert total.input_tokens == tracker.get_total_tokens()[lm.model]["prompt_tokens"] == 100 * real
     assert prof.get_performance_summary()["stages[0]"]["lm_calls"] == real
+
+
+def test_the_profiles_totals_count_an_item_recorded_after_its_run_ended() -> None:
+    """(helper 108, r3) A sync fail-fast fan-out's item left running records its LM call after the run
+    ended: the run's usage (``last_run``) took it, the profile's totals did not (1 of 3, for good)."""
+    release = __import__("threading").Event()
+
+    class Item(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = dspy.Predict("sub_question -> fact")
+
+        def forward(self, sub_question: str) -> Any:
+            fact = self.p(sub_question=sub_question).fact
+            if sub_question == "bad":
+                raise ValueError("bad item")
+            release.wait(5)  # (still running when the failure ends the call)
+            return dspy.Prediction(fact=fact)
+
+    program = stageflow.ForEach(Item(), over="sub_questions", collect="facts", max_concurrency=3)
+    lm = FakeLM({"fact": "F"}, usage=(100, 10), rendezvous=3, rendezvous_timeout=2)
+    with dspy.context(lm=lm), stageflow.profile() as prof:
+        with pytest.raises(stageflow.StageError, match="bad item"):
+            program(sub_questions=["a", "bad", "c"])
+        release.set()
+        deadline = time.monotonic() + 5
+        while prof.to_dict()["totals"]["lm_calls"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert lm.calls == 3
+    assert prof.last_run is not None
+    assert prof.last_run.usage.lm_calls == 3
+    assert prof.to_dict()["totals"]["lm_calls"] == 3

@@ -163,7 +163,7 @@ def _end_unfinished(node: SpanNode, end: float) -> None:
 class _Open:
     """A span being recorded: the run (``is_run``) or a stage call inside it."""
 
-    __slots__ = ("calls", "is_run", "node", "parent", "token", "usage")
+    __slots__ = ("calls", "ended", "is_run", "node", "parent", "token", "usage")
 
     def __init__(self, node: SpanNode, parent: _Open | None, is_run: bool) -> None:
         self.node = node
@@ -172,6 +172,7 @@ class _Open:
         self.token: Token[_Open | None] | None = None
         self.usage = StageUsage() if is_run else None
         self.calls = [0] if is_run else None
+        self.ended = False  # (a run: its profile is kept; what its stages report later adds to it)
 
 
 class Profiler(Hook):
@@ -258,6 +259,7 @@ class Profiler(Hook):
             self._runs.append(profile)
             self._wall += profile.wall
             self._usage.add(usage)
+            frame.ended = True
 
     def before_stage(self, *, path: str, **future: Any) -> None:
         with self._lock:
@@ -295,6 +297,8 @@ class Profiler(Hook):
                 run.calls[0] += 1
                 if used is not None and run.usage is not None and frame is not None and frame.parent is run:
                     run.usage.add(used)
+                    if run.ended:  # (a stage left running, ended after its run: the totals too)
+                        self._usage.add(used)
 
     def after_stage(
         self, *, path: str, inputs: dict[str, Any], outputs: Any, elapsed: float, **future: Any
