@@ -421,6 +421,17 @@ def _timeout(chain: Sequence[BudgetLedger]) -> float:
     return max(0.0, min([_RECHECK_S, *left]))
 
 
+def _taken(got: Ticket | BudgetExceeded | None) -> Ticket | None:
+    """What an attempt of :func:`reserve` / :func:`areserve` got: the ticket, ``None`` (wait), or the
+    refusal raised (counted)."""
+    if isinstance(got, BudgetExceeded):
+        try:
+            raise _counted(got)
+        finally:
+            del got  # (the error's traceback keeps this frame: no cycle through it)
+    return got
+
+
 def reserve(chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] = ()) -> tuple[Ticket, float]:
     """Reserve ``need`` (blocking the thread while it must wait); returns the ticket and the seconds
     waited. Raises :class:`~stageflow.BudgetExceeded` when it cannot fit. ``inside``: the tickets of
@@ -430,14 +441,9 @@ def reserve(chain: Sequence[BudgetLedger], need: Need, inside: Sequence[Ticket] 
     try:
         while True:
             event = threading.Event()
-            got = _attempt(chain, need, event, inside, stuck)
-            if isinstance(got, Ticket):
-                return got, waited
-            if isinstance(got, BudgetExceeded):
-                try:
-                    raise _counted(got)
-                finally:
-                    del got  # (the error's traceback keeps this frame: no cycle through it)
+            ticket = _taken(_attempt(chain, need, event, inside, stuck))
+            if ticket is not None:
+                return ticket, waited
             stuck = bool(inside)
             t0 = chain[0].limits.clock()
             try:
@@ -462,14 +468,9 @@ async def areserve(
         while True:
             fut: asyncio.Future[None] = loop.create_future()
             waiter = (loop, fut)
-            got = _attempt(chain, need, waiter, inside, stuck)
-            if isinstance(got, Ticket):
-                return got, waited
-            if isinstance(got, BudgetExceeded):
-                try:
-                    raise _counted(got)
-                finally:
-                    del got  # (the error's traceback keeps this frame: no cycle through it)
+            ticket = _taken(_attempt(chain, need, waiter, inside, stuck))
+            if ticket is not None:
+                return ticket, waited
             stuck = bool(inside)
             t0 = chain[0].limits.clock()
             try:
