@@ -50,6 +50,7 @@ _new = object.__new__
 __all__ = [
     "INLINE_MEMOS",
     "INTERRUPTED_RUN",
+    "carry_run",
     "interrupted_run",
     "InlineCall",
     "begin",
@@ -67,6 +68,18 @@ __all__ = [
 #: call carries that call's run, for the stage that made the call (an error of stageflow's carries it
 #: as ``error.run``; see ``runner._kept_interrupted``).
 INTERRUPTED_RUN = "_stageflow_interrupted_run"
+
+
+def carry_run(error: BaseException, run: RunInfo, nested: bool = True) -> None:
+    """The run of a pipeline call that raised ``error`` travels with it: an error of stageflow's
+    carries it as ``error.run`` (with its ``events``); an interrupt leaving a ``nested`` call carries
+    it for the stage that made the call (:func:`interrupted_run`, ``runner._kept_interrupted``)."""
+    if isinstance(error, StageflowError):
+        error.events = run.events  # what policies did before the failure
+        error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
+    elif nested:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, INTERRUPTED_RUN, run)
 
 
 def interrupted_run(error: BaseException) -> RunInfo | None:
@@ -394,12 +407,7 @@ def failed(call: InlineCall, error: BaseException) -> None:
     """The nested body raised ``error``: undo :func:`begin`; the run so far travels with the error
     (as a failed pipeline call records it)."""
     _leave(call)
-    if isinstance(error, StageflowError):
-        error.events = call.run.events
-        error.run = call.run
-    else:  # (an interrupt: the stage that made the call keeps what it did, see runner._kept_interrupted)
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(error, INTERRUPTED_RUN, call.run)
+    carry_run(error, call.run)
     call.target.stageflow_failed(call.run, (), error)
 
 

@@ -11,7 +11,6 @@ only built when a hook listens.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
@@ -43,7 +42,7 @@ from stageflow.engine.concurrency import (
 from stageflow.engine.config import CONFIG
 from stageflow.engine.guarded import aguarded_call, guarded_call
 from stageflow.engine.hooks import _GLOBAL, _HOOKS, _PATH, _engine_path, _EnginePath, notify
-from stageflow.engine.inline import INTERRUPTED_RUN, InlineCall
+from stageflow.engine.inline import INTERRUPTED_RUN, InlineCall, carry_run
 from stageflow.engine.inline import begin as begin_inline
 from stageflow.engine.inline import failed as inline_failed
 from stageflow.engine.inline import finish as finish_inline
@@ -870,14 +869,9 @@ def _failed(
 ) -> None:
     """A pipeline call that raised: the run so far travels with the error; observers hear of it.
     ``given``: the outermost call's inputs as its stages saw them (``None`` in a nested call)."""
-    if isinstance(error, StageflowError):
-        error.events = run.events  # what policies did before the failure
-        error.run = run  # the stages that ran, their outputs and details (the outermost call's, in the end)
-        if given is not None:
-            note_run_failure(error, given)
-    elif given is None:  # (an interrupt leaving a nested call: its stage's caller keeps what it used)
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(error, INTERRUPTED_RUN, run)
+    carry_run(error, run, nested=given is None)
+    if given is not None and isinstance(error, StageflowError):
+        note_run_failure(error, given)
     _end(pipeline, scope, None, error)
     pipeline.stageflow_failed(run, scope.own, error)
 
