@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from typing import Any
 
@@ -17,16 +18,20 @@ from stageflow.testing import FakeLM, call
 
 
 class Item(dspy.Module):  # type: ignore[misc]
-    """Answers its sub-question (one LM call), then fails for ``"bad"``."""
+    """Answers its sub-question (one LM call), then fails for ``"bad"``; with ``hold``, the others
+    wait for it to be set before they return."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: threading.Event | None = None) -> None:
         super().__init__()
         self.p = dspy.Predict("sub_question -> fact")
+        self.hold = hold
 
     def forward(self, sub_question: str) -> Any:
         fact = self.p(sub_question=sub_question).fact
         if sub_question == "bad":
             raise ValueError("bad item")
+        if self.hold is not None:
+            self.hold.wait(5)
         return dspy.Prediction(fact=fact)
 
 
@@ -198,21 +203,8 @@ async def test_a_sub_pipelines_failed_attempts_keep_their_lm_calls(mode: str, re
 def test_the_profiles_totals_count_an_item_recorded_after_its_run_ended() -> None:
     """(helper 108, r3) A sync fail-fast fan-out's item left running records its LM call after the run
     ended: the run's usage (``last_run``) took it, the profile's totals did not (1 of 3, for good)."""
-    release = __import__("threading").Event()
-
-    class Item(dspy.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.p = dspy.Predict("sub_question -> fact")
-
-        def forward(self, sub_question: str) -> Any:
-            fact = self.p(sub_question=sub_question).fact
-            if sub_question == "bad":
-                raise ValueError("bad item")
-            release.wait(5)  # (still running when the failure ends the call)
-            return dspy.Prediction(fact=fact)
-
-    program = stageflow.ForEach(Item(), over="sub_questions", collect="facts", max_concurrency=3)
+    release = threading.Event()  # (the other items are still running when the failure ends the call)
+    program = stageflow.ForEach(Item(release), over="sub_questions", collect="facts", max_concurrency=3)
     lm = FakeLM({"fact": "F"}, usage=(100, 10), rendezvous=3, rendezvous_timeout=2)
     with dspy.context(lm=lm), stageflow.profile() as prof:
         with pytest.raises(stageflow.StageError, match="bad item"):
