@@ -79,6 +79,18 @@ def _garbage_of(call: Callable[[], Any]) -> collections.Counter[str]:
             gc.enable()
 
 
+def _own_garbage(call: Callable[[], Any]) -> collections.Counter[str]:
+    """What ``call`` itself leaves in reference cycles: the least of up to three calls. A cycle
+    the call makes recurs on every call; garbage it does not make does not (a thread an earlier
+    test left running drops what it held mid-call: seen once in CI, a dropped Signature class)."""
+    garbage = _garbage_of(call)
+    for _ in range(2):
+        if not garbage:
+            break
+        garbage = min(garbage, _garbage_of(call), key=lambda g: sum(g.values()))
+    return garbage
+
+
 @pytest.mark.parametrize("name", list(_fan_outs()))
 def test_a_fan_out_call_leaves_no_reference_cycle(name: str, mode: str) -> None:
     program = _fan_outs()[name]()
@@ -92,7 +104,7 @@ def test_a_fan_out_call_leaves_no_reference_cycle(name: str, mode: str) -> None:
             out = call()
             assert out.get("ys", [0, 2])[:2] == [0, 2]
             assert out.get("y", 0) in (0, 128)
-        garbage = _garbage_of(call)
+        garbage = _own_garbage(call)
     finally:
         loop.close()
     assert not garbage, f"{name} ({mode}) left objects in reference cycles: {dict(garbage.most_common(8))}"
@@ -169,7 +181,7 @@ def test_a_failed_call_leaves_no_reference_cycle(name: str, traced: bool, mode: 
     try:
         for _ in range(3):
             call()
-        garbage = _garbage_of(call)
+        garbage = _own_garbage(call)
     finally:
         loop.close()
     assert not garbage, f"{name} ({mode}) left objects in reference cycles: {dict(garbage.most_common(8))}"
@@ -195,7 +207,7 @@ def test_a_budget_refusal_a_stage_skips_leaves_no_reference_cycle() -> None:
 
     for _ in range(3):
         assert call().y == "ok"
-    garbage = _garbage_of(call)
+    garbage = _own_garbage(call)
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
 
 
@@ -224,3 +236,27 @@ def test_the_fast_paths_value_parsers_are_freed_without_the_collector() -> None:
     assert parse_all() == ["a", 1, Color.RED, "yes", "x"]
     garbage = _garbage_of(parse_all)
     assert not garbage, dict(garbage)
+
+
+def test_garbage_from_elsewhere_during_one_call_is_not_the_calls() -> None:
+    """(CI, 444541b) The first measured call saw a Signature class another thread dropped. The
+    check calls again, and still fails on a cycle every call makes."""
+    import dspy
+
+    held = [dspy.Signature("q -> a")]
+    calls = 0
+
+    def call() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            held.clear()  # garbage this call did not make: the class and its cycles
+
+    assert _own_garbage(call) == collections.Counter()
+    assert calls == 2
+
+    class Loop:
+        def __init__(self) -> None:
+            self.me = self
+
+    assert _own_garbage(lambda: Loop())["Loop"] == 1
