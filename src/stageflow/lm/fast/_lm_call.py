@@ -41,6 +41,7 @@ from typing import Any
 import dspy
 
 from stageflow._callers import setting
+from stageflow.lm.fast import _request
 from stageflow.lm.fast._watch import recheck
 
 __all__ = ["acall", "call", "direct"]
@@ -137,7 +138,13 @@ def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
     ex = _execution
     prepared = ex.prepare(lm, None, messages, lm_kwargs)
     _warn(lm, prepared, messages)
-    return ex.finalize(lm, prepared, ex.execute(lm, prepared))
+    token = _request.sending.set(messages) if _request.installed() or _request.install() else None
+    try:
+        result = ex.execute(lm, prepared)
+    finally:
+        if token is not None:
+            _request.sending.reset(token)
+    return ex.finalize(lm, prepared, result)
 
 
 async def acall(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
@@ -152,7 +159,13 @@ async def acall(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
     ex = _execution
     prepared = ex.prepare(lm, None, messages, lm_kwargs, asynchronous=True)
     _warn(lm, prepared, messages)
-    return ex.finalize(lm, prepared, await ex.aexecute(lm, prepared))
+    token = _request.sending.set(messages) if _request.installed() or _request.install() else None
+    try:
+        result = await ex.aexecute(lm, prepared)
+    finally:
+        if token is not None:
+            _request.sending.reset(token)
+    return ex.finalize(lm, prepared, result)
 
 
 def _warn(lm: Any, prepared: Any, messages: Any) -> None:
