@@ -143,15 +143,16 @@ def machine_note() -> str:
 @contextlib.contextmanager
 def dspy_untouched() -> Iterator[None]:
     """Inside the block DSPy's LM execution is DSPy's own: the wrapper the first pipeline call (or
-    budget) installs, and the fast adapter's request lookup, are taken off, so a plain-DSPy variant
+    budget) installs, and the fast adapter's request lookup and pricing, are taken off, so a plain-DSPy variant
     measured in the same process as stageflow variants does not pay for them; they are put back
     after."""
     from stageflow.budgets import intercept
-    from stageflow.lm.fast import _request
+    from stageflow.lm.fast import _pricing, _request
 
-    was, converting = intercept.installed(), _request.installed()
+    was, converting, pricing = intercept.installed(), _request.installed(), _pricing.installed()
     intercept.uninstall()
     _request.uninstall()
+    _pricing.uninstall()
     try:
         yield
     finally:
@@ -159,3 +160,5 @@ def dspy_untouched() -> Iterator[None]:
             intercept.install()
         if converting:
             _request.install()
+        if pricing:
+            _pricing.install()

@@ -10,7 +10,10 @@ and in a fan-out of LM stages hundreds of calls queue on it. (The hop is there f
 as ``dspy.lm15.Request``, whose media snapshots may read local files.) :func:`acall` runs the same
 steps with ``prepare`` in line; :func:`call` runs the sync steps without DSPy's callback wrapper.
 Everything after preparation is DSPy's own ``execute`` / ``aexecute`` and ``finalize``, read from
-their module at each call as DSPy reads them (so stageflow's budget interception applies).
+their module at each call as DSPy reads them (so stageflow's budget interception applies), with
+two of its steps done for less while they run: the messages → request conversion is kept per
+prompt prefix (:mod:`._request`), and the async call prices its answer in line when that cannot
+wait on the network (:mod:`._pricing`).
 
 This happens only when nothing can tell the difference (:func:`direct`): the LM's class has DSPy's
 own ``__call__`` / ``acall`` (checked by code location the first time, then by identity) and the
@@ -41,7 +44,7 @@ from typing import Any
 import dspy
 
 from stageflow._callers import setting
-from stageflow.lm.fast import _request
+from stageflow.lm.fast import _pricing, _request
 from stageflow.lm.fast._watch import recheck
 
 __all__ = ["acall", "call", "direct"]
@@ -138,12 +141,13 @@ def call(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
     ex = _execution
     prepared = ex.prepare(lm, None, messages, lm_kwargs)
     _warn(lm, prepared, messages)
-    token = _request.sending.set(messages) if _request.installed() or _request.install() else None
+    if not _request.installed():
+        _request.install()
+    token = _request.sending.set(messages)
     try:
         result = ex.execute(lm, prepared)
     finally:
-        if token is not None:
-            _request.sending.reset(token)
+        _request.sending.reset(token)
     return ex.finalize(lm, prepared, result)
 
 
@@ -159,12 +163,15 @@ async def acall(lm: Any, messages: Any, lm_kwargs: dict[str, Any]) -> Any:
     ex = _execution
     prepared = ex.prepare(lm, None, messages, lm_kwargs, asynchronous=True)
     _warn(lm, prepared, messages)
-    token = _request.sending.set(messages) if _request.installed() or _request.install() else None
+    if not _request.installed():
+        _request.install()
+    if not _pricing.installed():
+        _pricing.install()
+    token = _request.sending.set(messages)
     try:
         result = await ex.aexecute(lm, prepared)
     finally:
-        if token is not None:
-            _request.sending.reset(token)
+        _request.sending.reset(token)
     return ex.finalize(lm, prepared, result)
 
 
