@@ -143,9 +143,9 @@ def machine_note() -> str:
 @contextlib.contextmanager
 def dspy_untouched() -> Iterator[None]:
     """Inside the block DSPy's LM execution is DSPy's own: the wrapper the first pipeline call (or
-    budget) installs, and the fast adapter's request lookup and pricing, are taken off, so a plain-DSPy variant
-    measured in the same process as stageflow variants does not pay for them; they are put back
-    after."""
+    budget) installs, and the fast adapter's request lookup and pricing, are taken off, so a
+    plain-DSPy variant measured in the same process as stageflow variants does not pay for them;
+    they are put back after."""
     from stageflow.budgets import intercept
     from stageflow.lm.fast import _pricing, _request
 
