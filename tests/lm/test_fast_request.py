@@ -7,6 +7,7 @@ lookup does not cover is DSPy's conversion, and a replacement of yours sees ever
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import threading
 import warnings
@@ -191,20 +192,55 @@ def test_a_conversion_of_yours_sees_every_call(lm: ScriptedLM, monkeypatch: pyte
 def test_a_kept_request_that_does_not_rebuild_goes_to_dspy(
     lm: ScriptedLM, monkeypatch: pytest.MonkeyPatch, conversions: list[Any]
 ) -> None:
-    """The first use of a kept request checks its rebuild; a mismatch (a future lm15 whose request
-    depends on the text in a way this module does not know) sends that prefix to DSPy for good."""
-    _ask(lm, "a")
+    """A request is kept only if rebuilt with its own text it is DSPy's again; a mismatch (a future
+    lm15 whose request depends on the text in a way this module does not know) sends that prefix
+    to DSPy for good."""
     copy = _request._copy
 
     def wrong(obj: Any, name: str, value: Any) -> Any:  # (a rebuild whose text is not the one sent)
         return copy(obj, name, value + "!" if name == "text" else value)
 
     monkeypatch.setattr(_request, "_copy", wrong)
-    second, third = _ask(lm, "second question"), _ask(lm, "third question")
+    first, second, third = _ask(lm, "a"), _ask(lm, "second question"), _ask(lm, "third question")
     assert "second question" in second.messages[-1].parts[0].text
     assert "third question" in third.messages[-1].parts[0].text
-    assert not second.messages[-1].parts[0].text.endswith("!")
+    assert not any(r.messages[-1].parts[0].text.endswith("!") for r in (first, second, third))
     assert len(conversions) == 3
+
+
+def test_no_input_is_kept(lm: ScriptedLM, conversions: list[Any]) -> None:
+    """(helper 109, F2) What is kept for a prefix held the first call's whole request, its user text
+    with it: 300 prompts of 280 KB kept 84 MB of inputs alive after every reference was gone."""
+    secret = "confidential " * 20
+    for i in range(3):
+        _ask(lm, secret + str(i), temperature=i / 10)
+    kept = [k for k in _request._KEPT.values() if k is not _request._DSPY]
+    assert len(kept) == 3
+    assert all(secret not in k.messages[-1].parts[0].text for k in kept)
+    assert all(k.messages[-1].parts[0].text == "" for k in kept)
+
+
+def test_a_patch_of_a_function_the_conversion_runs_through_sees_every_call(
+    lm: ScriptedLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(helper 109, F1) A patch one level down (``_ingest_openai_chat``) ran for a prefix's first
+    call only, and its change to the request stayed on the later ones."""
+    module = sys.modules["dspy._vendor.lm15.providers.openai_chat"]
+    original = module._ingest_openai_chat
+    _ask(lm, "before the patch")  # (a prefix kept already)
+    lengths: list[int] = []
+
+    def tagging(provider: Any, body: Any, compat: Any) -> Any:
+        request = original(provider, body, compat)
+        lengths.append(len(body["messages"][-1]["content"]))
+        return dataclasses.replace(request, system=f"{request.system} [user-len={lengths[-1]}]")
+
+    monkeypatch.setattr(module, "_ingest_openai_chat", tagging)
+    tails = [_ask(lm, "q" * n).system.rsplit(" ", 1)[-1] for n in (1, 10, 100)]
+    assert len(lengths) == 3
+    assert tails == [f"[user-len={n}]" for n in lengths]
+    monkeypatch.undo()
+    assert "user-len" not in _ask(lm, "after the patch").system
 
 
 def test_kept_prefixes_are_bounded(

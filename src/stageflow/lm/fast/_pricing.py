@@ -14,7 +14,8 @@ While :func:`install` is in effect, DSPy's execution module sees ``asyncio`` thr
 runs ``_price_result`` in line (in a copy of the context, as ``to_thread`` runs it) when all of
 these hold, and otherwise is asyncio's ``to_thread``, looked up at the call:
 
-- the call is the fast adapter's (:data:`stageflow.lm.fast._request.sending` is set);
+- the call is the fast adapter's (:data:`stageflow.lm.fast._request.sending` is set; an LM call
+  your own LM makes inside it, a router's, counts as part of it);
 - the step is DSPy's ``_price_result`` (by identity, as the execution module holds it now);
 - its provider is ``None`` or the metadata map is loaded already.
 

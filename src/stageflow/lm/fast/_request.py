@@ -12,15 +12,23 @@ While the fast adapter's LM call runs (:func:`sending`), the conversion of *its*
 same list object) is looked up by everything but the last message's text: the model and settings,
 the dialect, and every earlier message's role and text. The first call with a new prefix is
 DSPy's conversion, kept. A later call with that prefix builds its ``Request`` from the kept one,
-with a user message of its own text (:func:`_rebuilt`). The first time a kept conversion is used it
-is checked: rebuilt with its own text, it must equal DSPy's conversion; if not, that prefix always
-goes to DSPy's.
+with a user message of its own text (:func:`_rebuilt`). What is kept has its user text taken out, so
+no input stays here, and is checked when it is kept: rebuilt with the call's own text it must equal
+DSPy's conversion, or that prefix always goes to DSPy's.
 
 Only calls whose messages are all ``{"role": ..., "content": <str>}``, the last one the user's,
 and whose settings are plain scalars (text, numbers, booleans, ``None``) are looked up; the kept
 request must carry no tools, extensions or response format (objects DSPy's engines could change
-in place). Anything else, any other caller's conversion, and a conversion function replaced by
-someone else go to DSPy's own code.
+in place). Anything else, conversions made while no fast adapter call runs, and a conversion
+replaced by someone else (``request_from_openai_chat`` or a function it runs through) go to DSPy's
+own code. An LM call your own LM makes inside the fast adapter's call with that call's very
+messages list (a router passing them on) is looked up too: it gets the same request.
+
+The requests built from a kept one share its frozen parts (the settings, the system text, earlier
+messages) with each other, as lm15's ``dataclasses.replace`` would. An engine that changes the
+request it receives in place, past lm15's frozen dataclasses (``object.__setattr__``), would change
+the later requests of that prefix too; engines must treat requests as the immutable values they
+are.
 
 Example:
     >>> from stageflow.lm.fast import _request
@@ -40,11 +48,12 @@ import threading
 from contextvars import ContextVar
 from typing import Any
 
-from stageflow.lm.fast._watch import is_dspys
+from stageflow.lm.fast._watch import is_dspys, recheck
 
 __all__ = ["install", "installed", "prefix_key", "sending", "uninstall"]
 
 _execution: Any = importlib.import_module("dspy.clients.execution")
+_openai_chat: Any = importlib.import_module("dspy._vendor.lm15.providers.openai_chat")
 _DSPYS = (("request_from_openai_chat", "dspy/_vendor/lm15/providers/openai_chat.py"),)
 
 #: The messages list of the fast adapter's LM call running here (None otherwise).
@@ -53,7 +62,7 @@ sending: ContextVar[list[Any] | None] = ContextVar("stageflow_fast_messages", de
 _SCALARS = frozenset({str, int, bool, type(None)})
 _LIMIT = 1024  # prefixes kept; all are dropped when a new one would exceed it
 
-#: prefix key → [kept request, its user text, checked?] or _DSPY (this prefix is DSPy's to convert)
+#: prefix key → DSPy's request for it with an empty user text, or _DSPY (the prefix is DSPy's)
 _KEPT: dict[Any, Any] = {}
 _DSPY = object()
 _STATE: list[Any] = [None, None]  # [DSPy's conversion, the wrapper] while installed
@@ -145,7 +154,7 @@ def _convert(body: Any, *, compat: Any = None) -> Any:
     """DSPy's ``request_from_openai_chat``, looked up for the fast adapter's calls (see above)."""
     original = _STATE[0]
     rows = sending.get()
-    if rows is None or type(body) is not dict or rows is not body.get("messages"):
+    if rows is None or type(body) is not dict or rows is not body.get("messages") or not _untouched():
         return original(body, compat=compat)
     key = prefix_key(body, rows, compat)
     if key is None:
@@ -154,18 +163,54 @@ def _convert(body: Any, *, compat: Any = None) -> Any:
     kept: Any = _KEPT.get(key)
     if kept is None:
         request = original(body, compat=compat)
-        if len(_KEPT) >= _LIMIT:
-            _KEPT.clear()
-        _KEPT[key] = [request, text, False] if _reusable(request) else _DSPY
+        _keep(key, request, text)
         return request
     if kept is _DSPY:
         return original(body, compat=compat)
-    if not kept[2]:
-        if _rebuilt(kept[0], kept[1]) != kept[0]:
-            _KEPT[key] = _DSPY
-            return original(body, compat=compat)
-        kept[2] = True
-    return _rebuilt(kept[0], text)
+    return _rebuilt(kept, text)
+
+
+def _keep(key: tuple[Any, ...], request: Any, text: str) -> None:
+    """Keep DSPy's ``request`` for its prefix, its user text taken out (so no input of yours stays
+    here), if rebuilt with that text it is ``request`` again; otherwise the prefix is DSPy's."""
+    kept: Any = _DSPY
+    if _reusable(request):
+        blank = _rebuilt(request, "")
+        if _rebuilt(blank, text) == request:
+            kept = blank
+    if len(_KEPT) >= _LIMIT:
+        _KEPT.clear()
+    _KEPT[key] = kept
+
+
+#: The functions DSPy's conversion runs through, watched as :mod:`._watch` describes: one of them
+#: replaced (a patch of yours) sends every call to DSPy's conversion, so the patch sees each.
+_WATCHED: tuple[tuple[Any, str, Any], ...] = tuple(
+    (_openai_chat, name, ((name, f"dspy/_vendor/lm15/{where}.py"),))
+    for name, where in (
+        ("_ingest_openai_chat", "providers/openai_chat"),
+        ("_ingest_messages", "providers/openai_chat"),
+        ("_ingest_content_blocks", "providers/openai_chat"),
+        ("_ingest_config", "providers/openai_chat"),
+        ("resolve_openai_chat_compat", "compat"),
+    )
+)
+_SEEN: list[tuple[Any, ...] | None] = [None]
+
+
+def _untouched() -> bool:
+    seen = _SEEN[0]
+    m = _openai_chat
+    if (
+        seen is not None
+        and m._ingest_openai_chat is seen[0]
+        and m._ingest_messages is seen[1]
+        and m._ingest_content_blocks is seen[2]
+        and m._ingest_config is seen[3]
+        and m.resolve_openai_chat_compat is seen[4]
+    ):
+        return True
+    return recheck(_SEEN, tuple(getattr(o, name, None) for o, name, _ in _WATCHED), _WATCHED)
 
 
 def installed() -> bool:
