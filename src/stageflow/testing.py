@@ -97,6 +97,9 @@ def _default_for(type_text: str, default: str) -> Any:
     if lit:
         first = lit.group(1).split(",")[0]
         return first.strip("'\"")
+    item = re.fullmatch(r"(?:list|List)\[(.*)\]", t)
+    if item:  # a one-item list of a value of its item type
+        return [_default_for(item.group(1), default)]
     if t.startswith(("list", "List")):
         return [default]
     if t in ("float",):

@@ -46,3 +46,22 @@ def test_none_for_an_optional_str_in_the_chat_format_is_refused_not_read_as_text
         dspy.Predict(Note)(q="x")
     with dspy.context(lm=FakeLM({"note": None}), adapter=dspy.JSONAdapter()):
         assert dspy.Predict(Note)(q="x").note is None
+
+
+class Lists(dspy.Signature):
+    """Answer."""
+
+    q: str = dspy.InputField()
+    a: list[int] = dspy.OutputField()
+    b: list[Literal["x", "y"]] = dspy.OutputField()
+    c: Optional[list[bool]] = dspy.OutputField()  # noqa: UP045
+    d: list[str] = dspy.OutputField()
+    e: list[float] = dspy.OutputField()
+
+
+@pytest.mark.parametrize("adapter", [dspy.ChatAdapter(), dspy.JSONAdapter()], ids=["chat", "json"])
+def test_unscripted_list_fields_get_one_item_of_their_item_type(adapter: dspy.Adapter) -> None:
+    """(helper 110) Every list got ``["ok"]``, which a ``list[int]`` or ``list[Literal]`` cannot parse."""
+    with dspy.context(lm=FakeLM({}), adapter=adapter):
+        r = dspy.Predict(Lists)(q="x")
+    assert (r.a, r.b, r.c, r.d, r.e) == ([1], ["x"], [True], ["ok"], [1.0])

@@ -7,4 +7,7 @@
 
 from __future__ import annotations
 
+from stageflow._lazy import submodules
+
 __all__: list[str] = []
+__getattr__ = submodules(__name__)
