@@ -6,6 +6,7 @@ The user's own event loops are not changed."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 from typing import Any
@@ -30,7 +31,9 @@ def test_the_pricing_step_runs_in_the_submitting_thread_and_others_on_workers() 
     try:
         assert in_line_steps() == (execution._price_result, execution._cached, execution._store)
         here = threading.current_thread().name
-        assert ex.submit(functools.partial(_where, execution._price_result)).result() == here
+        # (as asyncio.to_thread submits it: partial(context.run, step, *its arguments))
+        priced = (execution._price_result, None, object(), None, None, None)  # (no provider)
+        assert ex.submit(functools.partial(_where, *priced)).result() == here
         assert ex.submit(functools.partial(_where, print)).result().startswith("worker")
         assert (
             ex.submit(_where, execution._price_result).result().startswith("worker")
@@ -75,31 +78,48 @@ class _Spy:
         return self.original(*args, **kwargs)
 
 
-def test_a_sync_fanout_prices_on_the_loop_and_an_awaited_one_as_dspy_does(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.fixture
+def to_workers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of DSPy's steps sent to a worker thread (any executor's), as ``to_thread`` sends
+    them. (A spy put in place of ``_price_result`` would be a pricing function of yours, which
+    always gets a worker: so the submissions are watched instead.)"""
+    sent: list[str] = []
+    original = concurrent.futures.ThreadPoolExecutor.submit
+
+    def submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(fn, functools.partial) and fn.args:
+            sent.append(getattr(fn.args[0], "__name__", "?"))
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit)
+    return sent
+
+
+def test_a_sync_fanout_prices_on_the_loop_and_an_awaited_one_without_the_fast_path_as_dspy_does(
+    to_workers: list[str],
 ) -> None:
-    spy = _Spy()
-    monkeypatch.setattr(execution, "_price_result", spy)
     engines = Engines()
     fe = ForEach(dspy.Predict("x -> y"), over="xs", item="x", collect="ys")
     with dspy.context(lm=engines.lm()):
         sync = fe(xs=ITEMS)
-        assert spy.threads == ["stageflow-loop"] * len(ITEMS)
-        spy.threads.clear()
-        # An awaited fan-out runs on your loop (objects of your engine may belong to it): DSPy's own hop.
+        assert "_price_result" not in to_workers
+        # An awaited fan-out runs on your loop (objects of your engine may belong to it): there the
+        # fast adapter's calls price in line (stageflow.lm.fast._pricing), DSPy's own on a worker.
         awaited = asyncio.run(fe.acall(xs=ITEMS))
-    assert len(spy.threads) == len(ITEMS)
-    assert "stageflow-loop" not in spy.threads
-    assert sync.ys == awaited.ys == [f"echo:{x}" for x in ITEMS]
-    assert sync.run.usage.total.cost == awaited.run.usage.total.cost
+        assert "_price_result" not in to_workers
+        fe.fast_path = False
+        plain = asyncio.run(fe.acall(xs=ITEMS))
+    assert to_workers.count("_price_result") == len(ITEMS)
+    assert sync.ys == awaited.ys == plain.ys == [f"echo:{x}" for x in ITEMS]
+    assert sync.run.usage.total.cost == awaited.run.usage.total.cost == plain.run.usage.total.cost
     assert sync.run.usage.total.lm_calls == awaited.run.usage.total.lm_calls == len(ITEMS)
 
 
 def test_with_dspys_cache_on_lookups_and_writes_run_on_the_loop_and_hit_as_dspys_own(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, to_workers: list[str]
 ) -> None:
     dspy.configure_cache(enable_memory_cache=True, enable_disk_cache=True, disk_cache_dir=str(tmp_path))
-    spies = {name: _Spy(getattr(execution, name)) for name in ("_cached", "_store", "_price_result")}
+    spies = {name: _Spy(getattr(execution, name)) for name in ("_cached", "_store")}
     for name, spy in spies.items():
         monkeypatch.setattr(execution, name, spy)
     engines = Engines()
@@ -110,8 +130,8 @@ def test_with_dspys_cache_on_lookups_and_writes_run_on_the_loop_and_hit_as_dspys
         assert {name: set(s.threads) for name, s in spies.items()} == {
             "_cached": {"stageflow-loop"},
             "_store": {"stageflow-loop"},
-            "_price_result": {"stageflow-loop"},
         }
+        assert "_price_result" not in to_workers
         again = fe(xs=ITEMS)  # (every answer from the entries the loop wrote)
     assert engines.async_calls == len(ITEMS)
     assert first.ys == again.ys == [f"echo:{x}" for x in ITEMS]
@@ -281,3 +301,36 @@ def test_adapter_callbacks_keep_a_sync_fanout_on_threads() -> None:
     assert seen
     assert "stageflow-loop" not in seen
     assert engines.sync_calls == 3
+
+
+def test_the_first_pricing_of_a_providers_answer_goes_to_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(helper 111, finding 5) With DSPy's model metadata not loaded yet, pricing a provider's
+    answer may fetch it over the network (five-second timeout): that ran on stageflow's loop and
+    held up every branch. It goes to a worker now; once the metadata is loaded, it is in line."""
+    import sys
+
+    metadata = sys.modules["dspy.clients.model_metadata"]
+    ex = LoopExecutor(max_workers=1, thread_name_prefix="worker")
+    here = threading.current_thread().name
+    provider = (execution._price_result, None, object(), None, "openai", None)
+    try:
+        monkeypatch.setattr(metadata, "_data", None)
+        assert ex.submit(functools.partial(_where, *provider)).result().startswith("worker")
+        monkeypatch.setattr(metadata, "_data", {})
+        assert ex.submit(functools.partial(_where, *provider)).result() == here
+    finally:
+        ex.shutdown()
+
+
+def test_a_pricing_function_of_yours_runs_on_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(helper 111, finding 2) A replaced pricing function may wait on anything."""
+    import sys
+
+    costs = sys.modules["dspy.clients.costs"]
+    ex = LoopExecutor(max_workers=1, thread_name_prefix="worker")
+    priced = (execution._price_result, None, object(), None, None, None)
+    try:
+        monkeypatch.setattr(costs, "estimate_cost", lambda *a, **k: (None, {}))
+        assert ex.submit(functools.partial(_where, *priced)).result().startswith("worker")
+    finally:
+        ex.shutdown()

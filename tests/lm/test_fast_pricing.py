@@ -127,3 +127,64 @@ def test_sync_calls_are_not_changed(hops: list[str]) -> None:
     with dspy.context(lm=lm, adapter=FastChatAdapter()):
         assert dspy.Predict("question -> answer")(question="2+2?").answer == "4"
     assert hops == []
+
+
+def _predictor() -> Any:
+    return dspy.Predict("question -> answer")
+
+
+async def test_a_fast_call_still_gives_the_loop_a_turn() -> None:
+    """(helper 111, finding 1) With the LM cache off and an engine that answers without waiting,
+    the pricing hop was the call's only wait: priced in line, a loop of calls never let another
+    task, a timeout or a cancellation in (``wait_for(..., 0.2)`` ran for 3 s)."""
+    lm = CanonicalLM(_TEXT, cache=False)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    with dspy.context(lm=lm, adapter=FastChatAdapter()):
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        for _ in range(5):
+            await _predictor().acall(question="q")
+        task.cancel()
+        assert ticks - before >= 5
+
+        calls = 0
+
+        async def endless() -> None:
+            nonlocal calls
+            while calls < 20_000:  # (bounded: a loop that never yields ends here, and fails below)
+                calls += 1
+                await _predictor().acall(question="q")
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(endless(), timeout=0.05)
+    assert calls < 20_000
+
+
+async def test_a_pricing_function_of_yours_keeps_its_thread(
+    hops: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(helper 111, finding 2) A price hook put in DSPy's place (it may call a service) ran on the
+    event loop; it runs on a worker thread, as in plain DSPy."""
+    costs = sys.modules["dspy.clients.costs"]
+    original = costs.estimate_cost
+    threads: list[str] = []
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(costs, "estimate_cost", hook)
+    await _ask(FastChatAdapter(), CanonicalLM(_TEXT, cache=False))
+    assert "_price_result" in hops
+    assert threads
+    assert "MainThread" not in threads

@@ -208,7 +208,7 @@ def test_a_kept_request_that_does_not_rebuild_goes_to_dspy(
     assert len(conversions) == 3
 
 
-def test_no_input_is_kept(lm: ScriptedLM, conversions: list[Any]) -> None:
+def test_the_last_messages_text_is_not_kept(lm: ScriptedLM, conversions: list[Any]) -> None:
     """(helper 109, F2) What is kept for a prefix held the first call's whole request, its user text
     with it: 300 prompts of 280 KB kept 84 MB of inputs alive after every reference was gone."""
     secret = "confidential " * 20

@@ -10,9 +10,12 @@ fan-out of LM stages the GIL is what the branches wait for (BENCHMARKS.md: a syn
 the three). DSPy's sync call runs the same three steps in line, on the calling thread.
 
 On the loop stageflow owns (where a sync fan-out runs its LM stages), the loop's default executor
-runs those steps in line instead: same functions, same arguments, same context copy, so results,
-cache entries and cost figures are the same; a cache write runs to its end before a cancellation
-can reach the call (never a partial entry, as DSPy requires). Every other call goes to the
+runs those steps in line instead (pricing only when it cannot wait on anything: not the first
+pricing of a provider's answer, which may fetch DSPy's model metadata over the network, nor a
+pricing function of yours; see :func:`stageflow.lm.fast._pricing.prices_in_line`): same
+functions, same arguments, same context copy, so results, cache entries and cost figures are the
+same; a cache write runs to its end before a cancellation can reach the call (never a partial
+entry, as DSPy requires). Every other call goes to the
 executor's threads as before. The user's own event loops are never changed. A slow disk under
 DSPy's disk cache then holds up the loop for that read or write (as it holds up a sync call's
 thread).
@@ -77,6 +80,8 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         name = _step_name(fn.args[0]) if type(fn) is functools.partial and fn.args else None
+        if name == "_price_result" and isinstance(fn, functools.partial) and not _prices_in_line(fn):
+            name = None  # (the first pricing of a provider may fetch DSPy's metadata: a thread's)
         if name is not None and isinstance(fn, functools.partial):
             done: concurrent.futures.Future[Any] = concurrent.futures.Future()
             try:
@@ -85,6 +90,15 @@ class LoopExecutor(concurrent.futures.ThreadPoolExecutor):
                 done.set_exception(e)
             return done
         return super().submit(fn, *args, **kwargs)
+
+
+def _prices_in_line(fn: functools.partial[Any]) -> bool:
+    """Whether the pricing step ``fn`` (``partial(context.run, _price_result, *args)``) cannot wait on
+    anything (:func:`stageflow.lm.fast._pricing.prices_in_line`): not the first pricing of a
+    provider's answer, which may fetch DSPy's model metadata over the network (helper 111)."""
+    from stageflow.lm.fast._pricing import prices_in_line
+
+    return prices_in_line(fn.args[0], fn.args[1:], fn.keywords)
 
 
 #: How many positional arguments (the step included) ``asyncio.to_thread`` passes for the cache

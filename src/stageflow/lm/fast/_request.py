@@ -12,9 +12,11 @@ While the fast adapter's LM call runs (:func:`sending`), the conversion of *its*
 same list object) is looked up by everything but the last message's text: the model and settings,
 the dialect, and every earlier message's role and text. The first call with a new prefix is
 DSPy's conversion, kept. A later call with that prefix builds its ``Request`` from the kept one,
-with a user message of its own text (:func:`_rebuilt`). What is kept has its user text taken out, so
-no input stays here, and is checked when it is kept: rebuilt with the call's own text it must equal
-DSPy's conversion, or that prefix always goes to DSPy's.
+with a user message of its own text (:func:`_rebuilt`). What is kept has its last message's text
+taken out (earlier messages are the prefix: the system message, the demos, and with a
+``dspy.History`` input a conversation's earlier turns, kept with it for at most 1,024 prefixes), and
+is checked when it is kept: rebuilt with the call's own text it must equal DSPy's conversion, or
+that prefix always goes to DSPy's.
 
 Only calls whose messages are all ``{"role": ..., "content": <str>}``, the last one the user's,
 and whose settings are plain scalars (text, numbers, booleans, ``None``) are looked up; the kept
@@ -171,8 +173,8 @@ def _convert(body: Any, *, compat: Any = None) -> Any:
 
 
 def _keep(key: tuple[Any, ...], request: Any, text: str) -> None:
-    """Keep DSPy's ``request`` for its prefix, its user text taken out (so no input of yours stays
-    here), if rebuilt with that text it is ``request`` again; otherwise the prefix is DSPy's."""
+    """Keep DSPy's ``request`` for its prefix, its last message's text taken out, if rebuilt with
+    that text it is ``request`` again; otherwise the prefix is DSPy's."""
     kept: Any = _DSPY
     if _reusable(request):
         blank = _rebuilt(request, "")
