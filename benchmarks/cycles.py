@@ -6,7 +6,8 @@ branch's state, an LM's output) until a collection finds it, and a process that 
 on every call runs full (generation 2) collections more often, each walking every object of the
 process — DSPy's, pydantic's and LiteLLM's included.
 
-For each variant (N branches of an instant function stage), one fresh measurement per row:
+For each variant (N branches of an instant function stage; the error-path rows make every other
+branch raise, and keep the errors), one fresh measurement per row:
 
 - objects in cycles per call: the collector off, one call, 2.5 s for threads to let go of the
   last work they ran (before and after it), then ``gc.collect()``'s count;
@@ -65,6 +66,31 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
     async def gather() -> list[dict[str, int]]:
         return await asyncio.gather(*[adouble(x) for x in items])
 
+    # The error path: every other item raises, and the fan-out goes on past it (its result keeps
+    # the errors). The references keep the same errors (caught in the function, or by gather).
+    def odd_fails(x: int) -> dict[str, int]:
+        if x % 2:
+            raise ValueError(f"item {x}")
+        return {"y": 2 * x}
+
+    async def aodd_fails(x: int) -> dict[str, int]:
+        return odd_fails(x)
+
+    def caught(x: int) -> Any:
+        try:
+            return odd_fails(x)
+        except ValueError as e:
+            return e
+
+    collect_errors, skip_errors, acollect_errors = (
+        each(odd_fails, on_error="collect"),
+        each(odd_fails, on_error="skip"),
+        each(aodd_fails, on_error="collect"),
+    )
+
+    async def gather_errors() -> list[Any]:
+        return await asyncio.gather(*[aodd_fails(x) for x in items], return_exceptions=True)
+
     return {
         "ref ThreadPoolExecutor(N).map": lambda: list(pool.map(double, items)),
         "stageflow ForEach, sync stage (fail_fast, the default)": lambda: fail_fast(xs=items),
@@ -72,6 +98,21 @@ def variants(n: int) -> dict[str, Callable[[], Any]]:
         "stageflow ForEach, sync stage, timeout=": lambda: timed(xs=items),
         "ref asyncio.gather": lambda: loop.run_until_complete(gather()),
         "stageflow ForEach.acall, async stage": lambda: loop.run_until_complete(on_loop.acall(xs=items)),
+        "ref ThreadPoolExecutor(N).map, every other item raises (errors kept)": lambda: list(
+            pool.map(caught, items)
+        ),
+        "stageflow ForEach, sync stage, every other item raises, on_error='collect'": lambda: collect_errors(
+            xs=items
+        ),
+        "stageflow ForEach, sync stage, every other item raises, on_error='skip'": lambda: skip_errors(
+            xs=items
+        ),
+        "ref asyncio.gather(return_exceptions=True), every other item raises": lambda: (
+            loop.run_until_complete(gather_errors())
+        ),
+        "stageflow ForEach.acall, async stage, every other item raises, on_error='collect'": lambda: (
+            loop.run_until_complete(acollect_errors.acall(xs=items))
+        ),
     }
 
 

@@ -260,3 +260,65 @@ def test_garbage_from_elsewhere_during_one_call_is_not_the_calls() -> None:
             self.me = self
 
     assert _own_garbage(lambda: Loop())["Loop"] == 1
+
+
+def _odd_fails(x: int) -> dict[str, int]:
+    if x % 2:
+        raise ValueError(f"item {x}")
+    return {"y": 2 * x}
+
+
+async def _aodd_fails(x: int) -> dict[str, int]:
+    return _odd_fails(x)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_concurrency": 2}], ids=["bare tasks", "general path"])
+@pytest.mark.parametrize("on_error", ["collect", "skip"])
+def test_an_awaited_fan_out_that_keeps_its_errors_leaves_no_reference_cycle(
+    on_error: str, options: dict[str, Any]
+) -> None:
+    """(benchmarks/cycles.py, twenty-first pass) Every failed branch of an awaited fan-out of async
+    function stages left ~35 objects in cycles (``asyncio.gather(return_exceptions=True)``: none):
+    the error, re-raised in the fan-out's done callback, took that frame into its traceback, and the
+    branch's stage error was raised and caught there too; those frames reach the fan-out's lists,
+    which keep the errors."""
+    program = ForEach(stage(_aodd_fails, writes=["y"]), over="xs", item="x", collect="ys", on_error=on_error)
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(program.acall(xs=list(range(64))))
+
+    try:
+        for _ in range(3):
+            call()
+        garbage = _own_garbage(call)
+    finally:
+        loop.close()
+    assert not garbage, f"{on_error}: left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+@pytest.mark.parametrize("options", [{}, {"max_concurrency": 2}], ids=["bare tasks", "general path"])
+def test_a_kept_branch_error_still_shows_where_the_stage_failed(options: dict[str, Any]) -> None:
+    """What the cycle fix takes out of the tracebacks is the engine's callback frames only: the
+    stage's error (the collected error's cause) still shows the stage's own line."""
+    import traceback
+
+    program = ForEach(
+        stage(_aodd_fails, writes=["y"]), over="xs", item="x", collect="ys", on_error="collect", **options
+    )
+    result = asyncio.run(program.acall(xs=[0, 1]))
+    errors = [row["error"] for row in result.item_errors]
+    assert len(errors) == 1
+    error = errors[0]
+    assert isinstance(error, stageflow.StageError)
+    cause = error.__cause__
+    assert isinstance(cause, ValueError)
+    assert str(cause) == "item 1"
+    text = "".join(traceback.format_exception(error))
+    assert 'raise ValueError(f"item {x}")' in text
+    assert "_aodd_fails" in text
+    tb = cause.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb.tb_frame.f_code.co_name == "_odd_fails"
+    assert tb.tb_frame.f_locals == {"x": 1}  # (your frames keep their locals, for a post-mortem)

@@ -128,7 +128,11 @@ async def abare_fan_out(
         i = index.pop(task)
         try:
             value = task.result()
-        except BaseException:  # (looked at below; the common case costs one call)
+        except BaseException as e:  # (looked at below; the common case costs one call)
+            # (re-raised here, the branch's error took this frame into its traceback: this frame
+            # reaches the fan-out's lists, which keep the error, a reference cycle per failure)
+            e.__traceback__ = e.__traceback__.tb_next if e.__traceback__ is not None else None
+            del e
             finished_badly(i, task)
         else:
             # What _succeeded does: for the common dict, kept by position (put in the run in input
@@ -271,7 +275,9 @@ def _stage_error(
     try:
         _raised(owner, entry, error, (None, {}, None, t0), state, run, (), prefix)
     except Exception as e:
-        return e
+        # (its traceback is the engine's frames in the loop's callback, which reach the fan-out's
+        # lists that keep it: a reference cycle per failure; the stage's own traceback is its cause's)
+        return e.with_traceback(None)
     raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
 
 

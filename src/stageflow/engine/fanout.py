@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG
+from stageflow.engine.kept_errors import forget_engine_locals
 from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.stopping import (
     StopSignal,
@@ -480,50 +481,105 @@ async def afan_out(
     """Run async ``thunks`` concurrently as tasks; abandoned branches are cancelled."""
     _check_policy(on_error)
     n = len(thunks)
-    outcomes = [BranchOutcome(i) for i in range(n)]
     if n == 0:
-        return outcomes
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
-    first_error: list[BaseException] = []
-    interrupt: list[BaseException] = []  # a CancelledError, KeyboardInterrupt or SystemExit a branch raised
-    stopped = [False]
-    tasks: list[asyncio.Task[None]] = []
+        return []
+    run = _AsyncFanOut(thunks, max_concurrency, on_error, timeout, until)
+    tasks, outcomes = run.tasks, run.outcomes
+    create = asyncio.get_running_loop().create_task
+    tasks.extend(create(run.one(i)) for i in range(n))
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    if run.interrupt:
+        raise run.interrupt[0]
+    if run.first_error:
+        raise run.first_error[0]
+    note_failed_branches(outcomes)
+    if any(o.error is not None for o in outcomes):
+        # (kept errors: their tracebacks hold our frames, which must not lead back to them)
+        forget_engine_locals(o.error for o in outcomes)
+    return outcomes
 
-    def stop(me: int) -> None:
+
+class _AsyncFanOut:
+    """One :func:`afan_out` call's state. Its branches run :meth:`one`, a method rather than a
+    closure: a kept error's traceback holds the branch's frame, and a frame holds its function, so a
+    closure over the outcomes would lead back to the error (a reference cycle per failed branch;
+    see :mod:`stageflow.engine.kept_errors`)."""
+
+    __slots__ = (
+        "first_error",
+        "gate",
+        "interrupt",
+        "on_error",
+        "outcomes",
+        "stopped",
+        "tasks",
+        "thunks",
+        "timeout",
+        "until",
+    )
+
+    def __init__(
+        self,
+        thunks: Sequence[Callable[[], Awaitable[Any]]],
+        max_concurrency: int | None,
+        on_error: str,
+        timeout: float | None,
+        until: Callable[[list[BranchOutcome]], bool] | None,
+    ) -> None:
+        n = len(thunks)
+        self.thunks = thunks
+        self.on_error = on_error
+        self.timeout = timeout
+        self.until = until
+        self.outcomes = [BranchOutcome(i) for i in range(n)]
+        self.gate = asyncio.Semaphore(max_concurrency) if max_concurrency and max_concurrency < n else None
+        self.first_error: list[BaseException] = []
+        #: A CancelledError, KeyboardInterrupt or SystemExit a branch raised.
+        self.interrupt: list[BaseException] = []
+        self.stopped = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def stop(self, me: int) -> None:
         # Abandon every other branch: O(n) once, instead of re-waiting on all pending tasks.
-        stopped[0] = True
-        for k, t in enumerate(tasks):
+        self.stopped = True
+        for k, t in enumerate(self.tasks):
             if k != me and not t.done():
                 t.cancel()
 
-    async def one(i: int) -> None:
-        o = outcomes[i]
+    async def one(self, i: int) -> None:
+        o = self.outcomes[i]
+        gate, timeout = self.gate, self.timeout
         if gate is not None:
             await gate.acquire()
         try:
-            if stopped[0]:
+            if self.stopped:
                 return  # never started: stays "skipped"
             t0 = perf_counter()
             try:
                 if timeout is None:
-                    o.value = await thunks[i]()
+                    o.value = await self.thunks[i]()
                 else:
                     async with asyncio.timeout(timeout):
-                        o.value = await thunks[i]()
+                        o.value = await self.thunks[i]()
             except TimeoutError as e:
                 o.status = "timeout"
                 o.error = BranchTimeoutError(i, timeout) if timeout is not None else e
             except asyncio.CancelledError as e:
                 o.status, o.elapsed = "cancelled", perf_counter() - t0
                 task = asyncio.current_task()
-                if task is not None and task.cancelling() == 0 and not interrupt:
+                if task is not None and task.cancelling() == 0 and not self.interrupt:
                     # Nobody cancelled this task (neither ``stop`` nor an outer cancel reaching it
                     # through ``gather``): the branch itself raised CancelledError, e.g. leaked
                     # from an inner task. Like KeyboardInterrupt on the sync path it is never a
                     # branch failure: stop the siblings and re-raise it in the caller.
                     o.error = e
-                    interrupt.append(e)
-                    stop(i)
+                    self.interrupt.append(e)
+                    self.stop(i)
                 raise
             except Exception as e:
                 o.error, o.status = e, "error"
@@ -531,34 +587,19 @@ async def afan_out(
                 # Never a branch failure: stop the siblings and re-raise it in the caller (on a loop
                 # that survives it, gather would otherwise hand it back as this branch's result).
                 o.error, o.status, o.elapsed = e, "cancelled", perf_counter() - t0
-                interrupt.append(e)
-                stop(i)
+                self.interrupt.append(e)
+                self.stop(i)
                 raise
             else:
                 o.ok, o.status = True, "ok"
             o.elapsed = perf_counter() - t0
-            if stopped[0]:
+            if self.stopped:
                 return
-            if not o.ok and on_error == "fail_fast":
-                first_error.append(o.error)  # type: ignore[arg-type]
-                stop(i)
-            elif until is not None and until(outcomes):
-                stop(i)
+            if not o.ok and self.on_error == "fail_fast":
+                self.first_error.append(o.error)  # type: ignore[arg-type]
+                self.stop(i)
+            elif self.until is not None and self.until(self.outcomes):
+                self.stop(i)
         finally:
             if gate is not None:
                 gate.release()
-
-    create = asyncio.get_running_loop().create_task
-    tasks.extend(create(one(i)) for i in range(n))
-    try:
-        await asyncio.gather(*tasks, return_exceptions=True)
-    except asyncio.CancelledError:
-        for t in tasks:
-            t.cancel()
-        raise
-    if interrupt:
-        raise interrupt[0]
-    if first_error:
-        raise first_error[0]
-    note_failed_branches(outcomes)
-    return outcomes
