@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG
-from stageflow.engine.kept_errors import forget_engine_locals
 from stageflow.engine.pool import note_abandoned, shared_pool
 from stageflow.engine.stopping import (
     StopSignal,
@@ -498,17 +497,15 @@ async def afan_out(
     if run.first_error:
         raise run.first_error[0]
     note_failed_branches(outcomes)
-    if any(o.error is not None for o in outcomes):
-        # (kept errors: their tracebacks hold our frames, which must not lead back to them)
-        forget_engine_locals(o.error for o in outcomes)
     return outcomes
 
 
 class _AsyncFanOut:
     """One :func:`afan_out` call's state. Its branches run :meth:`one`, a method rather than a
-    closure: a kept error's traceback holds the branch's frame, and a frame holds its function, so a
-    closure over the outcomes would lead back to the error (a reference cycle per failed branch;
-    see :mod:`stageflow.engine.kept_errors`)."""
+    closure: an error a fan-out keeps (``collect``, ``skip``) holds the branch's frame in its
+    traceback, and a frame holds its function, so a closure over the outcomes led back to the error:
+    a reference cycle per failed branch, the branch's state and all, until a full collection. The
+    method drops its locals when it ends, for the same reason."""
 
     __slots__ = (
         "first_error",
@@ -603,3 +600,6 @@ class _AsyncFanOut:
         finally:
             if gate is not None:
                 gate.release()
+            # (a kept error's traceback holds this frame: what its locals lead to must not lead
+            # back to the error, the outcomes that keep it)
+            del o, self
