@@ -322,3 +322,62 @@ def test_a_kept_branch_error_still_shows_where_the_stage_failed(options: dict[st
         tb = tb.tb_next
     assert tb.tb_frame.f_code.co_name == "_odd_fails"
     assert tb.tb_frame.f_locals == {"x": 1}  # (your frames keep their locals, for a post-mortem)
+
+
+class _QuotaError(stageflow.StageflowError):
+    """An error of yours that is a StageflowError: the engine passes it on as it is."""
+
+
+async def _over_quota(x: int) -> dict[str, int]:
+    limit = 10
+    if x % 2:
+        raise _QuotaError(f"item {x} over {limit}")
+    return {"y": x}
+
+
+def _stage_frames(error: BaseException) -> list[tuple[str, list[str]]]:
+    out = []
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_over_quota":
+            out.append((tb.tb_frame.f_code.co_name, sorted(tb.tb_frame.f_locals)))
+        tb = tb.tb_next
+    return out
+
+
+@pytest.mark.parametrize("options", [{}, {"max_concurrency": 2}], ids=["bare tasks", "general path"])
+@pytest.mark.parametrize("on_error", ["collect", "fail_fast"])
+def test_a_stageflow_error_of_yours_keeps_its_own_traceback(on_error: str, options: dict[str, Any]) -> None:
+    """(helper 112, finding 2) The cycle fix took the whole traceback off the error a failed branch
+    keeps, meant for the stage error the engine makes; a StageflowError of yours, passed on as it
+    is, lost your frames too (no post-mortem), on the bare path only."""
+    program = ForEach(
+        stage(_over_quota, writes=["y"]), over="xs", item="x", collect="ys", on_error=on_error, **options
+    )
+    if on_error == "collect":
+        error = asyncio.run(program.acall(xs=[0, 1])).item_errors[0]["error"]
+    else:
+        with pytest.raises(_QuotaError) as raised:
+            asyncio.run(program.acall(xs=[0, 1]))
+        error = raised.value
+    assert isinstance(error, _QuotaError)
+    assert _stage_frames(error) == [("_over_quota", ["limit", "x"])]
+
+
+@pytest.mark.parametrize("options", [{}, {"max_concurrency": 2}], ids=["bare tasks", "general path"])
+def test_a_kept_stageflow_error_of_yours_leaves_no_reference_cycle(options: dict[str, Any]) -> None:
+    program = ForEach(
+        stage(_over_quota, writes=["y"]), over="xs", item="x", collect="ys", on_error="collect", **options
+    )
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(program.acall(xs=list(range(64))))
+
+    try:
+        for _ in range(3):
+            call()
+        garbage = _own_garbage(call)
+    finally:
+        loop.close()
+    assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"

@@ -275,10 +275,21 @@ def _stage_error(
     try:
         _raised(owner, entry, error, (None, {}, None, t0), state, run, (), prefix)
     except Exception as e:
-        # (its traceback is the engine's frames in the loop's callback, which reach the fan-out's
-        # lists that keep it: a reference cycle per failure; the stage's own traceback is its cause's)
-        return e.with_traceback(None)
+        # The engine's frames here (the loop's callback) reach the fan-out's lists that keep the
+        # error: a reference cycle per failure. So they come off its traceback: all of it for an
+        # error the engine made (the stage's own is its cause's), only theirs for the stage's own
+        # error passed on as it is (a StageflowError of yours: its frames stay).
+        if e is not error:
+            return e.with_traceback(None)
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code in _OUR_CODE:
+            tb = tb.tb_next
+        return e.with_traceback(tb)
     raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
+
+
+#: The frames :func:`_stage_error` puts at the head of an error it passes on as it is.
+_OUR_CODE = frozenset({_stage_error.__code__, _raised.__code__})
 
 
 def _put_in_order(
