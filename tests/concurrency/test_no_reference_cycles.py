@@ -381,3 +381,32 @@ def test_a_kept_stageflow_error_of_yours_leaves_no_reference_cycle(options: dict
     finally:
         loop.close()
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+async def _undeclared_output(x: int) -> dict[str, int]:
+    return {"z": x} if x % 2 else {"y": x}
+
+
+def test_a_branch_whose_outputs_do_not_merge_leaves_no_reference_cycle() -> None:
+    """(helper 112, finding 4) A branch that fails when its outputs are merged (not when it runs)
+    failed in the bare path's done callback, whose frame the error's traceback held: 197 objects in
+    cycles per call, the result included."""
+    program = ForEach(
+        stage(_undeclared_output, writes=["y"]), over="xs", item="x", collect="ys", on_error="collect"
+    )
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(program.acall(xs=list(range(16))))
+
+    try:
+        result = call()
+        errors = [row["error"] for row in result.item_errors]
+        assert len(errors) == 8
+        assert all(isinstance(e, stageflow.ContractError) for e in errors)
+        assert "declares output 'y' but did not return it" in str(errors[0])
+        del result, errors
+        garbage = _own_garbage(call)
+    finally:
+        loop.close()
+    assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"

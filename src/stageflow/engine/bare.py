@@ -149,7 +149,7 @@ async def abare_fan_out(
             try:
                 merge_outputs(entry, value, states[i], run, prefix)
             except Exception as e:  # outputs that cannot merge: the branch failed
-                failed(i, e)
+                failed(i, _off_the_callback(e))
             else:
                 values[i], status[i], elapsed[i] = value, "ok", took
         settle()
@@ -286,6 +286,20 @@ def _stage_error(
             tb = tb.tb_next
         return e.with_traceback(tb)
     raise AssertionError("unreachable: a stage with no policy cannot recover")  # pragma: no cover
+
+
+def _off_the_callback(error: Exception) -> Exception:
+    """``error``, raised in the done callback while a branch's outputs were merged, without the
+    tracebacks (its own and its context's) that hold the callback's frames: the callback reaches
+    the fan-out's lists that keep the error, a reference cycle per failure. The merge is the
+    engine's code; the message says what was wrong with the outputs."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__context__
+    return error
 
 
 #: The frames :func:`_stage_error` puts at the head of an error it passes on as it is.
