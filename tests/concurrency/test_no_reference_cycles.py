@@ -410,3 +410,36 @@ def test_a_branch_whose_outputs_do_not_merge_leaves_no_reference_cycle() -> None
     finally:
         loop.close()
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
+
+
+def _member(answer: str | None, wait: float) -> Any:
+    async def member(q: str) -> dict[str, Any]:
+        if answer is None:
+            raise RuntimeError("down")
+        await asyncio.sleep(wait)
+        return {"answer": answer, "confidence": 0.9}
+
+    return stage(member, writes=["answer", "confidence"], name=f"m_{answer}_{wait}")
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["no member fails", "one member fails"])
+def test_an_awaited_quorum_leaves_no_reference_cycle(failing: bool) -> None:
+    """(helper 112, finding 3) An ensemble that stops at its quorum cancels the members still
+    running; each cancelled branch's frame kept its task, which keeps the cancellation, whose
+    traceback keeps the frame: 95–113 objects in cycles per call."""
+    members = [_member("a", 0.001), _member("a", 0.001), _member("b", 0.5)]
+    if failing:
+        members.insert(0, _member(None, 0.0))
+    program = EnsemblePipeline(members, ResultAggregator("majority", field="answer"), quorum=2)
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(program.acall(q="?"))
+
+    try:
+        for _ in range(3):
+            assert call().answer == "a"
+        garbage = _own_garbage(call)
+    finally:
+        loop.close()
+    assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"

@@ -492,10 +492,14 @@ async def afan_out(
         for t in tasks:
             t.cancel()
         raise
-    if run.interrupt:
-        raise run.interrupt[0]
-    if run.first_error:
-        raise run.first_error[0]
+    if run.interrupt or run.first_error:
+        error = (run.interrupt or run.first_error)[0]
+        # (the error's traceback keeps this frame: its locals must not lead back to the error)
+        del run, tasks, outcomes
+        try:
+            raise error
+        finally:
+            del error
     note_failed_branches(outcomes)
     return outcomes
 
@@ -552,7 +556,11 @@ class _AsyncFanOut:
         o = self.outcomes[i]
         gate, timeout = self.gate, self.timeout
         if gate is not None:
-            await gate.acquire()
+            try:
+                await gate.acquire()
+            except BaseException:  # (cancelled while it waited: as at the end, below)
+                del o, self
+                raise
         try:
             if self.stopped:
                 return  # never started: stays "skipped"
@@ -569,7 +577,9 @@ class _AsyncFanOut:
             except asyncio.CancelledError as e:
                 o.status, o.elapsed = "cancelled", perf_counter() - t0
                 task = asyncio.current_task()
-                if task is not None and task.cancelling() == 0 and not self.interrupt:
+                left_alone = task is not None and task.cancelling() == 0
+                del task  # (the task keeps this error, whose traceback keeps this frame)
+                if left_alone and not self.interrupt:
                     # Nobody cancelled this task (neither ``stop`` nor an outer cancel reaching it
                     # through ``gather``): the branch itself raised CancelledError, e.g. leaked
                     # from an inner task. Like KeyboardInterrupt on the sync path it is never a
