@@ -105,20 +105,6 @@ def _record(lm: Any) -> list[dict[str, Any]]:
     return out
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions an async call sends to a worker thread."""
-    sent: list[str] = []
-    original = asyncio.to_thread
-
-    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
-        sent.append(getattr(func, "__name__", repr(func)))
-        return await original(func, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
-    return sent
-
-
 @pytest.mark.parametrize("make", _LMS, ids=_LM_IDS)
 @pytest.mark.parametrize("lm_kwargs", [{}, {"temperature": 0.5, "n": 2}], ids=["plain", "n2"])
 async def test_the_call_sends_returns_and_records_what_dspys_does(

@@ -5,7 +5,6 @@ difference sends the call through DSPy's own method, hop and all."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 import warnings
@@ -62,20 +61,6 @@ async def _run(adapter: Any, lm: Any, mode: str, lm_kwargs: dict[str, Any] | Non
 def _record(lm: Any) -> list[dict[str, Any]]:
     """The LM's history, minus what differs between any two calls (time, id)."""
     return [{k: v for k, v in e.items() if k not in ("timestamp", "uuid")} for e in lm.history]
-
-
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions DSPy's async LM call sends to a worker thread."""
-    sent: list[str] = []
-    original = asyncio.to_thread
-
-    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
-        sent.append(getattr(func, "__name__", repr(func)))
-        return await original(func, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
-    return sent
 
 
 @pytest.mark.parametrize("make", [_Canonical, _dummy, _Legacy], ids=["canonical", "dummy", "legacy"])

@@ -22,20 +22,6 @@ _metadata: Any = sys.modules["dspy.clients.model_metadata"]
 _TEXT = "[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]"
 
 
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions sent to a worker thread through ``asyncio.to_thread``."""
-    sent: list[str] = []
-    original = asyncio.to_thread
-
-    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
-        sent.append(getattr(func, "__name__", repr(func)))
-        return await original(func, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
-    return sent
-
-
 def _history(lm: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in e.items() if k not in ("timestamp", "uuid")} for e in lm.history]
 
