@@ -91,6 +91,25 @@ def _own_garbage(call: Callable[[], Any]) -> collections.Counter[str]:
     return garbage
 
 
+def _awaited_garbage(
+    program: Any, inputs: dict[str, Any], check: Callable[[Any], None] = lambda result: None
+) -> collections.Counter[str]:
+    """What ``await program.acall(**inputs)`` leaves in reference cycles, on a loop of its own,
+    after three calls (each result given to ``check``) that build the plans and caches that live
+    on."""
+    loop = asyncio.new_event_loop()
+
+    def call() -> Any:
+        return loop.run_until_complete(program.acall(**inputs))
+
+    try:
+        for _ in range(3):
+            check(call())
+        return _own_garbage(call)
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("name", list(_fan_outs()))
 def test_a_fan_out_call_leaves_no_reference_cycle(name: str, mode: str) -> None:
     program = _fan_outs()[name]()
@@ -282,18 +301,10 @@ def test_an_awaited_fan_out_that_keeps_its_errors_leaves_no_reference_cycle(
     the error, re-raised in the fan-out's done callback, took that frame into its traceback, and the
     branch's stage error was raised and caught there too; those frames reach the fan-out's lists,
     which keep the errors."""
-    program = ForEach(stage(_aodd_fails, writes=["y"]), over="xs", item="x", collect="ys", on_error=on_error)
-    loop = asyncio.new_event_loop()
-
-    def call() -> Any:
-        return loop.run_until_complete(program.acall(xs=list(range(64))))
-
-    try:
-        for _ in range(3):
-            call()
-        garbage = _own_garbage(call)
-    finally:
-        loop.close()
+    program = ForEach(
+        stage(_aodd_fails, writes=["y"]), over="xs", item="x", collect="ys", on_error=on_error, **options
+    )
+    garbage = _awaited_garbage(program, {"xs": list(range(64))})
     assert not garbage, f"{on_error}: left objects in reference cycles: {dict(garbage.most_common(8))}"
 
 
@@ -369,17 +380,7 @@ def test_a_kept_stageflow_error_of_yours_leaves_no_reference_cycle(options: dict
     program = ForEach(
         stage(_over_quota, writes=["y"]), over="xs", item="x", collect="ys", on_error="collect", **options
     )
-    loop = asyncio.new_event_loop()
-
-    def call() -> Any:
-        return loop.run_until_complete(program.acall(xs=list(range(64))))
-
-    try:
-        for _ in range(3):
-            call()
-        garbage = _own_garbage(call)
-    finally:
-        loop.close()
+    garbage = _awaited_garbage(program, {"xs": list(range(64))})
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
 
 
@@ -394,21 +395,14 @@ def test_a_branch_whose_outputs_do_not_merge_leaves_no_reference_cycle() -> None
     program = ForEach(
         stage(_undeclared_output, writes=["y"]), over="xs", item="x", collect="ys", on_error="collect"
     )
-    loop = asyncio.new_event_loop()
 
-    def call() -> Any:
-        return loop.run_until_complete(program.acall(xs=list(range(16))))
-
-    try:
-        result = call()
+    def check(result: Any) -> None:
         errors = [row["error"] for row in result.item_errors]
         assert len(errors) == 8
         assert all(isinstance(e, stageflow.ContractError) for e in errors)
         assert "declares output 'y' but did not return it" in str(errors[0])
-        del result, errors
-        garbage = _own_garbage(call)
-    finally:
-        loop.close()
+
+    garbage = _awaited_garbage(program, {"xs": list(range(16))}, check)
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
 
 
@@ -431,15 +425,9 @@ def test_an_awaited_quorum_leaves_no_reference_cycle(failing: bool) -> None:
     if failing:
         members.insert(0, _member(None, 0.0))
     program = EnsemblePipeline(members, ResultAggregator("majority", field="answer"), quorum=2)
-    loop = asyncio.new_event_loop()
 
-    def call() -> Any:
-        return loop.run_until_complete(program.acall(q="?"))
+    def check(result: Any) -> None:
+        assert result.answer == "a"
 
-    try:
-        for _ in range(3):
-            assert call().answer == "a"
-        garbage = _own_garbage(call)
-    finally:
-        loop.close()
+    garbage = _awaited_garbage(program, {"q": "?"}, check)
     assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
