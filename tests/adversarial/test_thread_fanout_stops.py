@@ -54,11 +54,11 @@ def test_an_interrupt_while_workers_are_handed_out_stops_them(
     submitted = [0]
 
     class Pool:
-        def submit(self, fn: Any, *args: Any) -> Any:
+        def run_soon(self, fn: Any, *args: Any) -> Any:
             submitted[0] += 1
             if submitted[0] == 3:
                 raise KeyboardInterrupt  # Ctrl-C lands while the third worker is handed out
-            return real.submit(fn, *args)
+            return real.run_soon(fn, *args)
 
     monkeypatch.setattr(fanout, "shared_pool", lambda: Pool())
     monkeypatch.setattr(fanout, "_DETACHED", Pool())

@@ -79,9 +79,9 @@ class BranchOutcome:
 
 
 class _Detached:
-    """``submit`` on spare threads (:func:`stageflow.engine.spare.run_detached`)."""
+    """``run_soon`` on spare threads (:func:`stageflow.engine.spare.run_detached`)."""
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def run_soon(self, fn: Callable[..., None], *args: Any) -> None:
         spare.run_detached(functools.partial(fn, *args))
 
 
@@ -360,7 +360,7 @@ def fan_out(
     try:
         # (inside the try: an interrupt while the workers are being submitted stops them too)
         for _ in range(window - 1 if caller_works else window):
-            pool.submit(work, ctx)
+            pool.run_soon(work, ctx)
         if caller_works:
             run.pull(ctx)
         if _wait(run, ctx, pool, n, timeout, on_error):
@@ -453,7 +453,7 @@ def _wait(
                     if on_error == "fail_fast" and run.first_error is None:
                         run.first_error, run.stopped = o.error, True
                     if not run.stopped and run.next < n:
-                        pool.submit(run.pull, ctx)  # replace the stuck worker
+                        pool.run_soon(run.pull, ctx)  # replace the stuck worker
                 if expired:
                     continue
             run.cond.wait(wait)

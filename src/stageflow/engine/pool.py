@@ -10,7 +10,6 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import CancelledError as FutureCancelledError
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stageflow.engine import spare
@@ -19,6 +18,7 @@ from stageflow.engine.loop_executor import LoopExecutor
 from stageflow.engine.loop_watchdog import watch
 from stageflow.engine.stopping import StopSignal, abandonable, enclosing_fan_out
 from stageflow.engine.streaming import lending, loop_token
+from stageflow.engine.workers import Workers
 
 __all__ = [
     "abandon",
@@ -33,19 +33,20 @@ __all__ = [
 ]
 
 
-_POOL: list[ThreadPoolExecutor | None] = [None]
+_POOL: list[Workers | None] = [None]
 _POOL_LOCK = threading.Lock()
 _ABANDONED = [0]
 
 
-def shared_pool() -> ThreadPoolExecutor:
-    """The long-lived pool every sync fan-out and every ``to_thread`` call uses."""
+def shared_pool() -> Workers:
+    """The long-lived pool every sync fan-out and every ``to_thread`` call uses (a
+    :class:`~stageflow.engine.workers.Workers`: a fan-out's workers need no future)."""
     pool = _POOL[0]
     if pool is None:
         with _POOL_LOCK:
             pool = _POOL[0]
             if pool is None:
-                pool = ThreadPoolExecutor(max_workers=CONFIG.max_threads, thread_name_prefix="stageflow")
+                pool = Workers(CONFIG.max_threads, thread_name_prefix="stageflow")
                 _POOL[0] = pool
     return pool
 

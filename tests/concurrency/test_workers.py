@@ -1,0 +1,202 @@
+"""The shared pool's threads (``stageflow.engine.workers.Workers``): jobs with and without a future,
+threads started on demand and reused, shutdown, the interpreter's exit and a fork."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from stageflow.engine.pool import shared_pool
+from stageflow.engine.workers import Workers
+
+
+@pytest.fixture
+def pool() -> Iterator[Workers]:
+    p = Workers(3, thread_name_prefix="test-workers")
+    yield p
+    p.shutdown()
+
+
+def test_submit_gives_the_result_or_the_error(pool: Workers) -> None:
+    assert pool.submit(divmod, 17, 5).result(5) == (3, 2)
+    assert pool.submit(dict, a=1).result(5) == {"a": 1}
+    error = pool.submit(divmod, 1, 0).exception(5)
+    assert isinstance(error, ZeroDivisionError)
+
+
+def test_a_job_runs_on_a_named_worker_thread(pool: Workers) -> None:
+    name = pool.submit(lambda: threading.current_thread().name).result(5)
+    assert name.startswith("test-workers_")
+    assert name != threading.current_thread().name
+
+
+def test_run_soon_runs_the_job_without_a_future(pool: Workers) -> None:
+    seen: list[int] = []
+    done = threading.Event()
+    assert pool.run_soon(lambda a, b: (seen.append(a + b), done.set()), 2, 3) is None  # type: ignore[func-returns-value]
+    assert done.wait(5)
+    assert seen == [5]
+
+
+def test_a_job_that_raises_is_logged_and_its_thread_carries_on(caplog: pytest.LogCaptureFixture) -> None:
+    one = Workers(1, thread_name_prefix="one")
+    try:
+
+        def boom() -> None:
+            raise ValueError("job failed")
+
+        with caplog.at_level(logging.CRITICAL, logger="stageflow"):
+            one.run_soon(boom)
+            # (the same single thread runs the next job: it did not die with the first)
+            names = {one.submit(lambda: threading.current_thread().name).result(5) for _ in range(3)}
+        assert names == {"one_0"}
+        assert any("job failed" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+        assert any(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in caplog.records)
+    finally:
+        one.shutdown()
+
+
+def test_threads_start_on_demand_up_to_the_maximum(pool: Workers) -> None:
+    release = threading.Event()
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def hold() -> str:
+        with lock:
+            running.add(threading.current_thread().name)
+        release.wait(5)
+        return threading.current_thread().name
+
+    futures = [pool.submit(hold) for _ in range(10)]
+    time.sleep(0.1)
+    assert len(running) == 3  # three threads busy, seven jobs waiting for them
+    release.set()
+    names = {f.result(5) for f in futures}
+    assert len(names) == 3
+    assert len(pool._threads) == 3
+
+
+def test_an_idle_thread_is_reused_before_another_starts(pool: Workers) -> None:
+    names = {pool.submit(lambda: threading.current_thread().name).result(5) for _ in range(20)}
+    time.sleep(0.05)
+    names |= {pool.submit(lambda: threading.current_thread().name).result(5) for _ in range(20)}
+    assert len(names) == 1
+    assert len(pool._threads) == 1
+
+
+def test_after_shutdown_no_job_is_taken_but_the_queued_ones_run() -> None:
+    one = Workers(1)
+    release = threading.Event()
+    first = one.submit(release.wait, 5)
+    queued = one.submit(lambda: "ran")
+    one.shutdown(wait=False)
+    with pytest.raises(RuntimeError, match="shut down"):
+        one.run_soon(print)
+    with pytest.raises(RuntimeError, match="shut down"):
+        one.submit(print)
+    release.set()
+    assert first.result(5) is True
+    assert queued.result(5) == "ran"
+    for t in one._threads:
+        t.join(5)
+        assert not t.is_alive()
+
+
+def test_shutdown_can_cancel_the_futures_not_yet_started() -> None:
+    one = Workers(1)
+    release = threading.Event()
+    ran: list[str] = []
+    first = one.submit(release.wait, 5)
+    time.sleep(0.05)
+    waiting = one.submit(ran.append, "future")
+    one.run_soon(ran.append, "plain")  # (no future to cancel: it still runs)
+    threading.Timer(0.1, release.set).start()
+    one.shutdown(wait=True, cancel_futures=True)
+    assert first.result(0) is True
+    assert waiting.cancelled()
+    assert ran == ["plain"]
+
+
+def test_a_failed_job_leaves_no_reference_cycle_through_its_future(pool: Workers) -> None:
+    def fail() -> None:
+        raise KeyError("x")
+
+    future = pool.submit(fail)
+    assert isinstance(future.exception(5), KeyError)
+    time.sleep(0.05)  # (the worker is past the job)
+    gc.disable()
+    try:
+        gone = weakref.ref(future)
+        del future
+        assert gone() is None  # freed by its count alone: no cycle for the collector to find
+    finally:
+        gc.enable()
+
+
+def test_a_bad_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="greater than 0"):
+        Workers(0)
+
+
+def test_the_shared_pool_is_one_workers_pool() -> None:
+    assert isinstance(shared_pool(), Workers)
+    assert shared_pool() is shared_pool()
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_at_exit_the_queued_jobs_run_and_the_workers_are_joined(tmp_path: object) -> None:
+    done = f"{tmp_path}/done"
+    proc = _run(
+        f"""
+        import time
+        from stageflow.engine.workers import Workers
+        pool = Workers(1)
+        def late(path):
+            time.sleep(0.3)
+            open(path, "a").write("x")
+        pool.run_soon(late, {done!r})
+        pool.run_soon(late, {done!r})  # (queued behind the first when the script ends)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(done) as f:
+        assert f.read() == "xx"
+
+
+def test_a_forked_child_uses_a_pool_of_its_own_and_exits() -> None:
+    proc = _run(
+        """
+        import os, sys, threading
+        from stageflow.engine.pool import shared_pool
+        hold = threading.Event()
+        parent = shared_pool()
+        parent.run_soon(hold.wait)  # (a parent's worker busy when it forks)
+        pid = os.fork()
+        if pid == 0:
+            child = shared_pool()
+            ok = child is not parent and child.submit(lambda: 41 + 1).result(10) == 42
+            sys.stdout.write("child ok\\n" if ok else "child wrong\\n")
+            sys.stdout.flush()
+            sys.exit(0)  # (the exit joins the child's own workers, never the parent's)
+        _, status = os.waitpid(pid, 0)
+        hold.set()
+        print("child status", os.waitstatus_to_exitcode(status))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "child ok" in proc.stdout
+    assert "child status 0" in proc.stdout
