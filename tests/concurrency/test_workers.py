@@ -200,3 +200,26 @@ def test_a_forked_child_uses_a_pool_of_its_own_and_exits() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "child ok" in proc.stdout
     assert "child status 0" in proc.stdout
+
+
+def test_workers_a_daemon_thread_started_are_joined_at_exit_too(tmp_path: object) -> None:
+    done = f"{tmp_path}/done"
+    proc = _run(
+        f"""
+        import threading, time
+        from stageflow.engine.workers import Workers
+        pool = Workers(2)
+        def late(path):
+            time.sleep(0.3)
+            open(path, "a").write("x")
+        handed = threading.Event()
+        def start():
+            pool.run_soon(late, {done!r})
+            handed.set()
+        threading.Thread(target=start, daemon=True).start()
+        handed.wait(10)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(done) as f:
+        assert f.read() == "x"

@@ -78,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _busy_threads() -> list[threading.Thread]:
-    """The threads Python would wait for at exit: non-daemon threads, and the workers of every
-    ``ThreadPoolExecutor`` (its exit hook joins them even when they are daemon threads, as they are
-    when a daemon thread started the pool — a ForEach inside a ``stageflow batch`` record)."""
+    """The threads Python would wait for at exit: non-daemon threads (stageflow's shared pool's
+    workers among them), and the workers of every ``ThreadPoolExecutor`` (its exit hook joins them
+    even when they are daemon threads, as they are when a daemon thread started the pool)."""
     pools = sys.modules.get("concurrent.futures.thread")
     pooled = set(getattr(pools, "_threads_queues", {}) or ())
     return [

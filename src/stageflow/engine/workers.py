@@ -14,7 +14,8 @@ that workers append to and submitters pop from (both atomic), so a worker going 
 
 Otherwise the pool behaves as ``ThreadPoolExecutor`` does: threads start on demand up to
 ``max_workers`` and live on; at the interpreter's exit, the jobs already queued run and the workers
-are joined (as ``ThreadPoolExecutor``'s are).
+are joined (as ``ThreadPoolExecutor``'s are). The workers are not daemon threads, whichever thread
+started them.
 
 Examples:
     >>> pool = Workers(2, thread_name_prefix="doc")
@@ -34,7 +35,6 @@ Examples:
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import queue
@@ -181,10 +181,12 @@ def _after_fork_in_child() -> None:
 
 
 # Joined before the interpreter joins its own non-daemon threads, as ``ThreadPoolExecutor``'s are
-# (``threading._register_atexit``); without that hook, the workers are daemons joined at ``atexit``.
+# (``threading._register_atexit``, in every Python stageflow supports). Without that hook the workers
+# would be daemon threads, which the exit does not wait for.
 _register = getattr(threading, "_register_atexit", None)
 _DAEMON = _register is None
-(_register or atexit.register)(_at_exit)
+if _register is not None:
+    _register(_at_exit)
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
