@@ -223,3 +223,14 @@ def test_workers_a_daemon_thread_started_are_joined_at_exit_too(tmp_path: object
     assert proc.returncode == 0, proc.stderr
     with open(done) as f:
         assert f.read() == "x"
+
+
+def test_a_pool_dropped_without_shutdown_ends_its_workers() -> None:
+    dropped = Workers(2)
+    assert dropped.submit(lambda: 1).result(5) == 1
+    threads = list(dropped._threads)
+    del dropped
+    gc.collect()
+    for t in threads:
+        t.join(5)
+        assert not t.is_alive()

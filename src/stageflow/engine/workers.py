@@ -78,6 +78,9 @@ class Workers(Executor):
         self._lock = threading.Lock()  # (starting threads, shutting down)
         self._shutdown = False
         _POOLS.add(self)
+        # A pool dropped without ``shutdown`` ends its workers (they hold its queue, not the pool):
+        # waiting threads that are not daemons would otherwise keep the interpreter from exiting.
+        weakref.finalize(self, self._queue.put, None).atexit = False
 
     def run_soon(self, fn: Callable[..., Any], /, *args: Any) -> None:
         """Run ``fn(*args)`` on a worker thread, without a future: its result is dropped, and an
