@@ -133,7 +133,8 @@ async def test_individual_results_include_failures(mode: str) -> None:
     assert [r["ok"] for r in individual] == [True, False, True]
     assert individual[0]["fields"] == {"answer": "Paris", "confidence": 0.8}
     assert individual[1]["fields"] == {}
-    assert isinstance(individual[1]["error"], StageError)
+    assert isinstance(individual[1]["exception"], StageError)
+    assert individual[1]["error"] == f"StageError: {individual[1]['exception']}"
     assert "model down" in str(individual[1]["error"])
     assert individual[0]["error"] is None
 
@@ -155,6 +156,33 @@ async def test_lm_member_failure_is_collected(mode: str) -> None:
     assert result.answer == "Paris"
     assert [r["status"] for r in result.individual_results] == ["ok", "error", "ok"]
     assert ok_lm.calls == 2
+
+
+class _Module(dspy.Module):
+    """The tutorial's processor: a module returning a Prediction, or failing."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def forward(self, content: str) -> dspy.Prediction:
+        if self.fail:
+            raise TimeoutError("the service did not answer")
+        return dspy.Prediction(content="Paris", confidence=0.9)
+
+
+async def test_a_failed_members_record_keeps_its_error_as_text_as_the_tutorials_does(mode: str) -> None:
+    # (helper 114: the tutorial records 'error': str(e), and code written for it tests that text)
+    ens = EnsemblePipeline([_Module(), _Module(fail=True)], ResultAggregator("weighted_voting"))
+    result = await call(ens, mode, content="q")
+    ok, failed = result.individual_results
+    assert ok["error"] is None and ok["exception"] is None and ok["success"] is True
+    assert failed["success"] is False
+    assert isinstance(failed["error"], str)
+    assert "did not answer" in failed["error"]
+    assert failed["error"].startswith("StageError: ")
+    assert isinstance(failed["exception"], StageError)
+    assert isinstance(failed["exception"].__cause__, TimeoutError)
 
 
 # -- concurrency and quorum ------------------------------------------------------------------------------

@@ -279,7 +279,8 @@ class EnsemblePipeline(Pipeline):
     The result's fields are exactly what the strategy produces: the winning member's fields, plus
     ``confidence`` (the agreement) for ``weighted_voting`` and ``consensus``. Result details:
     ``aggregated_result`` (those fields), ``individual_results`` (per member, in the tutorial's
-    shape: ``processor_id``, ``result``, ``success``, plus ``status``, ``fields``, ``error``),
+    shape: ``processor_id``, ``result``, ``success``, ``error`` — as text, ``"Type: message"`` — plus
+    ``status``, ``fields`` and ``exception``, the error itself),
     ``votes``, ``agreement`` and, for ``consensus``, ``consensus``.
     """
 
@@ -412,7 +413,11 @@ class EnsemblePipeline(Pipeline):
                 "ok": r.outcome.ok,
                 "result": r.outcome.value if r.outcome.ok else None,
                 "fields": r.produced,
-                "error": r.outcome.error,
+                # (the tutorial's record keeps the error as text; the exception itself is kept too)
+                "error": None
+                if r.outcome.error is None
+                else f"{type(r.outcome.error).__name__}: {r.outcome.error}",
+                "exception": r.outcome.error,
                 "elapsed": r.outcome.elapsed,
             }
             for i, r in enumerate(results)
