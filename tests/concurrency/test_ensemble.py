@@ -176,7 +176,9 @@ async def test_a_failed_members_record_keeps_its_error_as_text_as_the_tutorials_
     ens = EnsemblePipeline([_Module(), _Module(fail=True)], ResultAggregator("weighted_voting"))
     result = await call(ens, mode, content="q")
     ok, failed = result.individual_results
-    assert ok["error"] is None and ok["exception"] is None and ok["success"] is True
+    assert ok["error"] is None
+    assert ok["exception"] is None
+    assert ok["success"] is True
     assert failed["success"] is False
     assert isinstance(failed["error"], str)
     assert "did not answer" in failed["error"]

@@ -107,7 +107,20 @@ async def test_non_blocking_function_items_run_inline_on_the_loop_under_acall() 
 
 @pytest.mark.parametrize(
     ("over", "item"),
-    [("sub_questions", "sub_question"), ("queries", "query"), ("facts", "fact"), ("address", "address_item")],
+    [
+        ("sub_questions", "sub_question"),
+        ("queries", "query"),
+        ("facts", "fact"),
+        ("address", "address_item"),
+        # (helper 114: -es plurals lost only their s, and news was taken for a plural)
+        ("boxes", "box"),
+        ("addresses", "address"),
+        ("matches", "match"),
+        ("wishes", "wish"),
+        ("menus", "menu"),
+        ("news", "news_item"),
+        ("series", "series_item"),
+    ],
 )
 def test_item_name_defaults_to_the_singular_of_over(over: str, item: str) -> None:
     p = ForEach(stageflow.stage(lambda **kw: {"out": 1}, writes=["out"]), over=over)
@@ -120,6 +133,31 @@ async def test_default_item_name_feeds_the_stage(mode: str) -> None:
     with dspy.context(lm=lm):
         result = await call(p, mode, sub_questions=["x", "y"])
     assert result.facts == ["x!", "y!"]  # default collect: fact -> facts
+
+
+async def test_a_result_field_a_foreach_collects_into_may_not_shadow_a_prediction_attribute(
+    mode: str,
+) -> None:
+    # (helper 114: result.labels was DSPy's Example.labels method; inside a SequentialPipeline this
+    # was refused, on its own the ForEach ran)
+    each = ForEach(
+        stageflow.stage(lambda x: {"label": x}, writes=["label"]),
+        over="xs",
+        item="x",
+        collect={"label": "labels"},
+    )
+    with pytest.raises(ContractError) as info:
+        await call(each, mode, xs=[1, 2])
+    assert info.value.code == "reserved_field"
+    assert info.value.field == "labels"
+    assert "ForEach's result field 'labels'" in str(info.value)
+    fine = ForEach(
+        stageflow.stage(lambda x: {"label": x}, writes=["label"]),
+        over="xs",
+        item="x",
+        collect={"label": "tags"},
+    )
+    assert (await call(fine, mode, xs=[1, 2])).tags == [1, 2]
 
 
 def test_default_collect_names() -> None:

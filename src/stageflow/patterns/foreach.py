@@ -30,12 +30,26 @@ from stageflow.state import RunInfo
 __all__ = ["ForEach"]
 
 
+#: Words ending in ``s`` that are not plurals made with it (their item field is ``<name>_item``).
+_NOT_PLURAL = ("news", "series", "species", "ss")
+
+
 def _singular(name: str) -> str:
+    """The default item field of ``ForEach(over=name)``: the English singular of a plural made with
+    ``-s`` / ``-es`` / ``-ies`` in its last word, else ``<name>_item``.
+
+    >>> [_singular(n) for n in ("sub_questions", "boxes", "addresses", "matches", "cities", "docs")]
+    ['sub_question', 'box', 'address', 'match', 'city', 'doc']
+    >>> [_singular(n) for n in ("news", "class", "data", "menus")]
+    ['news_item', 'class_item', 'data_item', 'menu']
+    """
+    if name.endswith(_NOT_PLURAL) or not name.endswith("s"):
+        return f"{name}_item"
     if name.endswith("ies"):
         return name[:-3] + "y"
-    if name.endswith("s") and not name.endswith("ss"):
-        return name[:-1]
-    return f"{name}_item"
+    if name.endswith(("sses", "shes", "ches", "xes", "zzes")):
+        return name[:-2]
+    return name[:-1]
 
 
 class ForEach(Pipeline):
