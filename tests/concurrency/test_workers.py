@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from stageflow import ForEach, stage
 from stageflow.engine.pool import shared_pool
 from stageflow.engine.workers import Workers
 
@@ -42,9 +43,41 @@ def test_a_job_runs_on_a_named_worker_thread(pool: Workers) -> None:
 def test_run_soon_runs_the_job_without_a_future(pool: Workers) -> None:
     seen: list[int] = []
     done = threading.Event()
-    assert pool.run_soon(lambda a, b: (seen.append(a + b), done.set()), 2, 3) is None  # type: ignore[func-returns-value]
+    assert pool.run_soon(lambda a, b: (seen.append(a + b), done.set()), 2, 3) is True  # (a thread started)
     assert done.wait(5)
     assert seen == [5]
+
+
+def test_run_soon_says_whether_a_worker_takes_the_job_now() -> None:
+    one = Workers(1)
+    try:
+        release = threading.Event()
+        assert one.run_soon(release.wait, 5) is True  # (its first thread starts for it)
+        assert one.run_soon(print) is False  # (the only worker is busy: the job waits)
+        release.set()
+        assert one.submit(lambda: "after").result(5) == "after"
+        time.sleep(0.05)  # (the worker is waiting for a job again)
+        assert one.run_soon(lambda: None) is True
+    finally:
+        one.shutdown()
+
+
+def test_a_worker_is_counted_waiting_once_after_the_jobs_queued_for_it() -> None:
+    # (a count that runs ahead of the waiting workers would tell a fan-out a worker is coming when
+    # none is, and the fan-out would wait instead of running its branches itself)
+    one = Workers(1)
+    try:
+        release = threading.Event()
+        one.run_soon(release.wait, 5)
+        for _ in range(5):
+            assert one.run_soon(time.sleep, 0.01) is False
+        release.set()
+        one.submit(lambda: None).result(5)  # (behind the five)
+        time.sleep(0.05)
+        assert len(one._waiting) == 1  # the one worker, waiting; not one per job it took
+        assert one.run_soon(lambda: None) is True
+    finally:
+        one.shutdown()
 
 
 def test_a_job_that_raises_is_logged_and_its_thread_carries_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -234,3 +267,52 @@ def test_a_pool_dropped_without_shutdown_ends_its_workers() -> None:
     for t in threads:
         t.join(5)
         assert not t.is_alive()
+
+
+def test_at_rest_every_worker_is_counted_waiting_once() -> None:
+    # (the count decides whether a fan-out's caller runs branches itself, and whether a thread
+    # starts: one that ran behind let threads pile up, one that ran ahead made fan-outs wait)
+    pool = Workers(8)
+    try:
+        rng = __import__("random").Random(7)
+
+        def submitter(seed: int) -> None:
+            r = __import__("random").Random(seed)
+            for _ in range(300):
+                if r.random() < 0.5:
+                    pool.run_soon(time.sleep, r.random() / 2000)
+                else:
+                    pool.submit(time.sleep, r.random() / 2000)
+
+        threads = [threading.Thread(target=submitter, args=(rng.random(),)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        pool.submit(lambda: None).result(5)
+        deadline = time.monotonic() + 5
+        while len(pool._waiting) != len(pool._threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pool._threads) == 8
+        assert len(pool._waiting) == len(pool._threads)
+    finally:
+        pool.shutdown()
+
+
+def test_repeated_fan_outs_leave_the_shared_pool_counted_exactly() -> None:
+    def work(x: int) -> dict[str, int]:
+        time.sleep(0.001)
+        return {"y": x}
+
+    fans = [
+        ForEach(stage(work, writes=["y"]), over="xs", item="x", collect="ys", on_error=policy)
+        for policy in ("fail_fast", "collect")
+    ]
+    pool = shared_pool()
+    for n in (1, 7, 64, 3, 200, 16):
+        for each in fans:
+            assert each(xs=list(range(n))).ys == list(range(n))
+    deadline = time.monotonic() + 5
+    while len(pool._waiting) != len(pool._threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pool._waiting) == len(pool._threads)

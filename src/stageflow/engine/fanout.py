@@ -81,8 +81,9 @@ class BranchOutcome:
 class _Detached:
     """``run_soon`` on spare threads (:func:`stageflow.engine.spare.run_detached`)."""
 
-    def run_soon(self, fn: Callable[..., None], *args: Any) -> None:
+    def run_soon(self, fn: Callable[..., None], *args: Any) -> bool:
         spare.run_detached(functools.partial(fn, *args))
+        return True  # (an idle spare thread or a new one: never queued)
 
 
 _DETACHED = _Detached()
@@ -121,6 +122,9 @@ class _SyncFanOut:
         self.cond = threading.Condition()
         self.first_error: BaseException | None = None
         self.idle_since: float | None = None
+        # A worker handed out found every pool thread busy (nested fan-outs, a small max_threads):
+        # the caller runs branches itself at once instead of waiting for a worker (see starved).
+        self.saturated = False
         self.fatal: BaseException | None = None
         self.caller = threading.current_thread()
         # With no timeout and no early stop to decide, taking and finishing a branch need no lock:
@@ -296,8 +300,13 @@ class _SyncFanOut:
             signal.stop()
 
     def starved(self) -> bool:
-        """Unstarted branches, nothing running and no worker has arrived yet (call under ``cond``)."""
-        if self.stopped or self.next >= self.n or self.running:
+        """Unstarted branches, and either the pool was full when the workers were handed out, or
+        nothing is running and no worker has arrived for a while (call under ``cond``)."""
+        if self.stopped or self.next >= self.n:
+            return False
+        if self.saturated:
+            return True
+        if self.running:
             return False
         now = perf_counter()
         if self.idle_since is None:
@@ -360,7 +369,8 @@ def fan_out(
     try:
         # (inside the try: an interrupt while the workers are being submitted stops them too)
         for _ in range(window - 1 if caller_works else window):
-            pool.run_soon(work, ctx)
+            if not pool.run_soon(work, ctx):
+                run.saturated = True
         if caller_works:
             run.pull(ctx)
         if _wait(run, ctx, pool, n, timeout, on_error):
@@ -426,9 +436,11 @@ def _wait(
                 # itself, so the program always makes progress.
                 run.cond.release()
                 try:
-                    run.pull_one(ctx)
+                    took = run.pull_one(ctx)
                 finally:
                     run.cond.acquire()
+                if not took:
+                    run.saturated = False  # (none left to take: wait for the running ones)
                 continue
             wait: float | None = _STARVATION_CHECK
             if timeout is not None and run.running:

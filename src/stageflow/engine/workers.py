@@ -8,9 +8,11 @@ through all of that (BENCHMARKS.md, twenty-second pass: a ``ForEach`` of 512 sle
 1.16–1.22× a thread pool's ``map`` with it, 1.04–1.06× without).
 
 A fan-out's workers report through the fan-out's own state and need no future:
-:meth:`Workers.run_soon` queues such a job. Code that does need one (``loop.run_in_executor``) calls
-:meth:`Workers.submit`, the ``concurrent.futures.Executor`` API. Idle workers are counted in a list
-that workers append to and submitters pop from (both atomic), so a worker going idle takes no lock.
+:meth:`Workers.run_soon` queues such a job, and says whether a worker takes it now (when none does,
+the fan-out's caller runs branches itself rather than wait). Code that does need a future
+(``loop.run_in_executor``) calls :meth:`Workers.submit`, the ``concurrent.futures.Executor`` API.
+Each worker counts itself in a list while it waits for a job (an atomic append and pop of its own),
+so a worker going idle takes no lock, and the count cannot drift.
 
 Otherwise the pool behaves as ``ThreadPoolExecutor`` does: threads start on demand up to
 ``max_workers`` and live on; at the interpreter's exit, the jobs already queued run and the workers
@@ -23,7 +25,8 @@ Examples:
     1024
     >>> import threading
     >>> ran = threading.Event()
-    >>> pool.run_soon(ran.set)
+    >>> pool.run_soon(ran.set)  # (a worker started for it)
+    True
     >>> ran.wait(5)
     True
     >>> pool.shutdown()
@@ -71,9 +74,9 @@ class Workers(Executor):
         self._max_workers = max_workers
         self._prefix = thread_name_prefix
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # One entry per worker that finished a job and waits for the next one: workers append
-        # (atomic, no lock), ``run_soon`` pops under ``_lock`` (only it removes entries).
-        self._idle: list[None] = []
+        # One entry per worker waiting in the queue's ``get`` (each worker appends its own before it
+        # waits and pops one when it has a job: atomic, no lock, and nothing to drift at rest).
+        self._waiting: list[None] = []
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()  # (starting threads, shutting down)
         self._shutdown = False
@@ -82,9 +85,13 @@ class Workers(Executor):
         # waiting threads that are not daemons would otherwise keep the interpreter from exiting.
         weakref.finalize(self, self._queue.put, None).atexit = False
 
-    def run_soon(self, fn: Callable[..., Any], /, *args: Any) -> None:
+    def run_soon(self, fn: Callable[..., Any], /, *args: Any) -> bool:
         """Run ``fn(*args)`` on a worker thread, without a future: its result is dropped, and an
         exception it raises is logged (a job should report through state of its own).
+
+        Returns ``True`` when a worker was idle or a new one started for it; ``False`` when every
+        worker is busy and the job waits for one of them to finish (a caller that can run the work
+        itself should not wait for it).
 
         Raises:
             RuntimeError: The pool was shut down (or the interpreter is exiting); the job is not
@@ -93,11 +100,13 @@ class Workers(Executor):
         with self._lock:
             if self._shutdown or _EXITING[0]:
                 raise RuntimeError("cannot run new jobs after the pool was shut down")
-            if self._idle:
-                self._idle.pop()
-            elif len(self._threads) < self._max_workers:
-                self._start()  # (before the job is queued: when it fails, nothing waits in vain)
+            # (more workers waiting than jobs queued: one of them takes this one)
+            taken = len(self._waiting) > self._queue.qsize()
+            if not taken and len(self._threads) < self._max_workers:
+                self._start((fn, args))  # (the job is the new thread's first: never queued)
+                return True
             self._queue.put((fn, args))
+            return taken
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """``fn(*args, **kwargs)`` on a worker thread; its ``Future`` (the ``Executor`` API)."""
@@ -130,29 +139,34 @@ class Workers(Executor):
                 if t is not me:
                     t.join()
 
-    def _start(self) -> None:
+    def _start(self, job: _Job) -> None:
         name = f"{self._prefix}_{len(self._threads)}"
-        t = threading.Thread(target=_work, args=(self._queue, self._idle), name=name, daemon=_DAEMON)
-        t.start()
+        # (handed over in a list the worker empties: the thread keeps its arguments while it runs)
+        t = threading.Thread(
+            target=_work, args=(self._queue, self._waiting, [job]), name=name, daemon=_DAEMON
+        )
+        t.start()  # (when it cannot start, the job was not queued: the caller gets the error)
         self._threads.add(t)
 
 
-def _work(jobs: queue.SimpleQueue[_Job | None], idle: list[None]) -> None:
-    """A worker: run jobs until the pool's end mark (which it puts back for the others)."""
-    while True:
-        job = jobs.get()
-        if job is None:
-            jobs.put(None)
-            return
+def _work(jobs: queue.SimpleQueue[_Job | None], waiting: list[None], first: list[_Job]) -> None:
+    """A worker: run its first job, then queued jobs, until the pool's end mark (which it puts back
+    for the others); counted in ``waiting`` while it waits for one."""
+    job: _Job | None = first.pop()
+    while job is not None:
         fn, args = job
+        del job
         try:
             fn(*args)
         except BaseException:
             # (a job reports through its own state; one that raises anyway must not end the thread,
             # which the pool would still count)
             logger.critical("stageflow: a worker thread's job raised", exc_info=True)
-        del job, fn, args
-        idle.append(None)
+        del fn, args  # (before waiting: what the job holds is not kept alive by an idle worker)
+        waiting.append(None)
+        job = jobs.get()
+        waiting.pop()
+    jobs.put(None)
 
 
 def _settle(
