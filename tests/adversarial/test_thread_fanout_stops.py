@@ -50,7 +50,7 @@ def test_an_interrupt_while_workers_are_handed_out_stops_them(
     monkeypatch: pytest.MonkeyPatch, general: bool
 ) -> None:
     # (a fan-out with a timeout hands its workers to spare threads, one without to the shared pool)
-    real = fanout._DETACHED if general else fanout.shared_pool()
+    real = fanout._DETACHED if general else fanout._SHARED
     submitted = [0]
 
     class Pool:
@@ -60,7 +60,7 @@ def test_an_interrupt_while_workers_are_handed_out_stops_them(
                 raise KeyboardInterrupt  # Ctrl-C lands while the third worker is handed out
             return real.run_soon(fn, *args)
 
-    monkeypatch.setattr(fanout, "shared_pool", lambda: Pool())
+    monkeypatch.setattr(fanout, "_SHARED", Pool())
     monkeypatch.setattr(fanout, "_DETACHED", Pool())
     started = _Started()
     with pytest.raises(KeyboardInterrupt):

@@ -316,3 +316,107 @@ def test_repeated_fan_outs_leave_the_shared_pool_counted_exactly() -> None:
     while len(pool._waiting) != len(pool._threads) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(pool._waiting) == len(pool._threads)
+
+
+def test_a_logging_filter_that_raises_does_not_end_a_worker() -> None:
+    # (helper 113, N2: the thread died, and with one worker every later job waited for ever)
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("filter broke")
+
+    log = logging.getLogger("stageflow")
+    broken = Broken()
+    log.addFilter(broken)
+    one = Workers(1)
+    try:
+        one.run_soon(lambda: 1 / 0)
+        assert one.submit(lambda: 42).result(5) == 42
+        assert all(t.is_alive() for t in one._threads)
+    finally:
+        log.removeFilter(broken)
+        one.shutdown()
+
+
+def test_when_no_thread_can_start_the_jobs_wait_for_the_workers_there_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (helper 113, P5: with a process's thread limit reached, every job failed though workers existed)
+    pool = Workers(8)
+    try:
+        assert pool.submit(lambda: 1).result(5) == 1
+        release = threading.Event()
+        pool.run_soon(release.wait, 5)  # (the one worker busy: the next job would start a thread)
+
+        def cannot_start(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", cannot_start)
+        later = pool.submit(lambda: "ran")
+        assert pool.run_soon(lambda: None) is False  # (queued: no worker free, none could start)
+        release.set()
+        assert later.result(5) == "ran"
+        assert len(pool._threads) == 1
+        fresh = Workers(2)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            fresh.run_soon(print)  # (no thread at all: nothing would ever run it)
+    finally:
+        monkeypatch.undo()
+        pool.shutdown()
+
+
+def test_fan_outs_running_while_max_threads_changes_all_finish() -> None:
+    # (helper 113, P1: a fan-out that had the pool configure() replaced failed with "cannot run new
+    # jobs after the pool was shut down"; under an outer on_error="collect" that was rows of None)
+    import stageflow
+
+    def work(x: int) -> dict[str, int]:
+        time.sleep(0.001)
+        return {"y": x}
+
+    each = ForEach(stage(work, writes=["y"]), over="xs", item="x", collect="ys")
+    before = stageflow.get_config()["max_threads"]
+    errors: list[BaseException] = []
+    done = [0]
+
+    def client() -> None:
+        for _ in range(30):
+            try:
+                assert each(xs=list(range(40))).ys == list(range(40))
+                done[0] += 1
+            except BaseException as e:  # (counted, not raised in a thread where nobody sees it)
+                errors.append(e)
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in clients:
+            t.start()
+        for i in range(60):
+            stageflow.configure(max_threads=2 + i % 3)
+            time.sleep(0.003)
+    finally:
+        for t in clients:
+            t.join(60)
+        stageflow.configure(max_threads=before)
+    assert errors == []
+    assert done[0] == 120
+
+
+def test_a_fan_out_in_a_thread_still_running_at_exit_runs_in_that_thread() -> None:
+    # (helper 113, P3: the pool takes no jobs once the interpreter exits; a fan-out then failed with
+    # RuntimeError. Its caller runs its branches itself now)
+    proc = _run(
+        """
+        import threading, time
+        import stageflow
+        each = stageflow.ForEach(
+            stageflow.stage(lambda x: {"y": x * 2}, writes=["y"]), over="xs", item="x", collect="ys"
+        )
+        each(xs=[0])  # (the pool exists, as in a program that used it)
+        def late():
+            time.sleep(0.3)
+            print("ys", each(xs=[1, 2, 3]).ys, flush=True)
+        threading.Thread(target=late).start()
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ys [2, 4, 6]" in proc.stdout

@@ -7,6 +7,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 from stageflow.engine import spare
 from stageflow.engine.config import CONFIG
-from stageflow.engine.pool import note_abandoned, shared_pool
+from stageflow.engine.pool import note_abandoned, run_soon
 from stageflow.engine.stopping import (
     StopSignal,
     abandonable,
@@ -87,6 +88,16 @@ class _Detached:
 
 
 _DETACHED = _Detached()
+
+
+class _Shared:
+    """``run_soon`` on the shared pool (:func:`stageflow.engine.pool.run_soon`)."""
+
+    def run_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        return run_soon(fn, *args)
+
+
+_SHARED = _Shared()
 
 
 def _check_policy(policy: str) -> None:
@@ -220,6 +231,10 @@ class _SyncFanOut:
             if threading.current_thread() is self.caller:
                 raise  # the caller re-raises it (after stopping the fan-out)
             # A worker thread: the fan-out's caller re-raises it; the pool thread carries on.
+        finally:
+            # (a kept branch error's frames link back to this one: it must not hold the fan-out,
+            # whose outcomes hold the error, or they would all sit in a reference cycle)
+            del self
 
     def pull_one(self, ctx: contextvars.Context) -> bool:
         """Run the next branch, if any is left; ``False`` when there was none."""
@@ -233,7 +248,15 @@ class _SyncFanOut:
         try:
             value = branch.run(self.thunks[i])
         except Exception as e:
+            tb = e.__traceback__
+            if tb is not None and tb.tb_frame is sys._getframe():
+                e.__traceback__ = tb.tb_next  # (this frame is the engine's, not where it failed)
+            del tb
             self.finish(i, None, e, t0)
+            # (the error's frames link back to this one, which must then not hold the fan-out, whose
+            # outcomes hold the error: or every branch's value would sit in a reference cycle)
+            del self, branch
+            return True
         except BaseException as e:
             # KeyboardInterrupt, SystemExit...: never a branch failure. Stop the fan-out (no new
             # branch starts) and re-raise in the caller.
@@ -323,8 +346,11 @@ class _SyncFanOut:
 
 
 def _lent(token: Any, fn: Callable[[contextvars.Context], None], ctx: contextvars.Context) -> None:
-    with lending(token):
-        fn(ctx)
+    try:
+        with lending(token):
+            fn(ctx)
+    finally:
+        del fn  # (the fan-out's puller: see _SyncFanOut.pull)
 
 
 def fan_out(
@@ -360,7 +386,7 @@ def fan_out(
     run_under(ctx, signal)  # (DSPy's worker threads the branches start see it too: one per fan-out)
     # A fan-out that times branches out runs them on spare threads: an abandoned branch keeps no
     # pool worker, and the interpreter's exit does not wait for it (pool workers are joined at exit).
-    pool: Any = shared_pool() if timeout is None else _DETACHED
+    pool: Any = _SHARED if timeout is None else _DETACHED
     # The caller works too (progress even when the pool is saturated by nested fan-outs), unless
     # the fan-out may have to stop early or time branches out: then it only waits and watches.
     caller_works = timeout is None and until is None and on_error != "fail_fast"

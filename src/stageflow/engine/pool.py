@@ -18,7 +18,7 @@ from stageflow.engine.loop_executor import LoopExecutor
 from stageflow.engine.loop_watchdog import watch
 from stageflow.engine.stopping import StopSignal, abandonable, enclosing_fan_out
 from stageflow.engine.streaming import lending, loop_token
-from stageflow.engine.workers import Workers
+from stageflow.engine.workers import Workers, exiting
 
 __all__ = [
     "abandon",
@@ -27,7 +27,9 @@ __all__ = [
     "note_abandoned",
     "on_background_loop",
     "run_on_background_loop",
+    "run_soon",
     "shared_pool",
+    "submit",
     "spare_threads",
     "to_thread",
 ]
@@ -49,6 +51,36 @@ def shared_pool() -> Workers:
                 pool = Workers(CONFIG.max_threads, thread_name_prefix="stageflow")
                 _POOL[0] = pool
     return pool
+
+
+def run_soon(fn: Callable[..., Any], /, *args: Any) -> bool:
+    """``fn(*args)`` on the shared pool, without a future (:meth:`Workers.run_soon`): ``True`` when a
+    worker takes it now, ``False`` when the caller should do the work itself if it can — every
+    worker is busy (the job waits for one), or the interpreter is exiting and no pool takes jobs
+    (the job is not run). A pool that ``configure(max_threads=...)`` replaced meanwhile hands the
+    job to the new one: a fan-out running across that change does not fail."""
+    while True:
+        pool = shared_pool()
+        try:
+            return pool.run_soon(fn, *args)
+        except RuntimeError:
+            if not pool.closed:
+                raise  # (no thread could start, and the pool has none)
+            if exiting():
+                return False
+            if _POOL[0] is pool:
+                raise  # (shut down by hand, and still the shared one)
+
+
+def submit(fn: Callable[..., Any], /, *args: Any) -> Any:
+    """``fn(*args)`` on the shared pool, with its future (a pool replaced meanwhile: see :func:`run_soon`)."""
+    while True:
+        pool = shared_pool()
+        try:
+            return pool.submit(fn, *args)
+        except RuntimeError:
+            if not pool.closed or exiting() or _POOL[0] is pool:
+                raise
 
 
 def _reset_pool(name: str = "max_threads", value: Any = None) -> None:
@@ -91,7 +123,7 @@ async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
             if _SPARE.get():  # (under a time limit: a spare thread, never a shared-pool worker)
                 return await spare.acall(call, on_abandon=lambda: abandon(signal))
             try:
-                return await loop.run_in_executor(shared_pool(), call)
+                return await asyncio.wrap_future(submit(call), loop=loop)
             except asyncio.CancelledError:
                 signal.abandon()
                 raise

@@ -38,6 +38,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -47,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-__all__ = ["Workers"]
+__all__ = ["Workers", "exiting"]
 
 T = TypeVar("T")
 
@@ -95,7 +96,8 @@ class Workers(Executor):
 
         Raises:
             RuntimeError: The pool was shut down (or the interpreter is exiting); the job is not
-                queued. A thread could not be started, with no worker idle.
+                queued. A thread could not be started and the pool has none yet (with threads, the
+                job waits for one of them).
         """
         with self._lock:
             if self._shutdown or _EXITING[0]:
@@ -103,10 +105,20 @@ class Workers(Executor):
             # (more workers waiting than jobs queued: one of them takes this one)
             taken = len(self._waiting) > self._queue.qsize()
             if not taken and len(self._threads) < self._max_workers:
-                self._start((fn, args))  # (the job is the new thread's first: never queued)
-                return True
+                try:
+                    self._start((fn, args))  # (the job is the new thread's first: never queued)
+                    return True
+                except RuntimeError:  # ("can't start new thread": a process or container limit)
+                    if not self._threads:
+                        raise
+                    # (the workers there are take it when one is free: fewer threads, not a failure)
             self._queue.put((fn, args))
             return taken
+
+    @property
+    def closed(self) -> bool:
+        """Whether the pool takes no more jobs (shut down, or the interpreter is exiting)."""
+        return self._shutdown or _EXITING[0]
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """``fn(*args, **kwargs)`` on a worker thread; its ``Future`` (the ``Executor`` API)."""
@@ -160,8 +172,9 @@ def _work(jobs: queue.SimpleQueue[_Job | None], waiting: list[None], first: list
             fn(*args)
         except BaseException:
             # (a job reports through its own state; one that raises anyway must not end the thread,
-            # which the pool would still count)
-            logger.critical("stageflow: a worker thread's job raised", exc_info=True)
+            # which the pool would still count — nor may a logging handler or filter that raises)
+            with contextlib.suppress(BaseException):
+                logger.critical("stageflow: a worker thread's job raised", exc_info=True)
         del fn, args  # (before waiting: what the job holds is not kept alive by an idle worker)
         waiting.append(None)
         job = jobs.get()
@@ -183,6 +196,11 @@ def _settle(
         del future, fn, args, kwargs
     else:
         future.set_result(result)
+
+
+def exiting() -> bool:
+    """Whether the interpreter has begun to exit (no pool takes jobs any more)."""
+    return _EXITING[0]
 
 
 def _at_exit() -> None:
