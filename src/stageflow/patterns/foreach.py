@@ -66,7 +66,9 @@ class ForEach(Pipeline):
             Default: each declared output ``x`` into ``x + "s"``. A stage with undeclared outputs
             (a custom module returning ``dspy.Prediction(...)``, or a pipeline holding one) needs
             ``collect=`` to say which field; each element's run is checked for it.
-        max_concurrency: Cap on elements running at once (under any cap already in force).
+        max_concurrency: Cap on leaf calls running at once under this ``ForEach`` (under any cap
+            already in force): its elements when they are leaves, the leaves inside them when they
+            are pipelines or fan-outs themselves.
         on_error: ``"fail_fast"`` (default: the first failed element fails the ForEach, the others are
             cancelled — a failure is never hidden from the stages after it), ``"collect"`` (a failed
             element leaves ``None`` in its slot; every failure is listed in ``result.item_errors``,
