@@ -512,3 +512,16 @@ def test_a_negative_literal_is_not_called_an_unknown_type(tmp_path: Path) -> Non
     with pytest.raises(SpecError) as info:
         load_pipeline(path)
     assert "not one a pipeline file can use" not in str(info.value)  # DSPy's own limit, named as such
+
+
+@pytest.mark.parametrize(
+    ("over", "reads"), [("boxes", "box"), ("caches", "cache"), ("sub_questions", "sub_question")]
+)
+def test_a_foreach_whose_item_is_the_default_round_trips_without_it(over: str, reads: str) -> None:
+    # (helper 115: a spec saved without item: must load with the item the stage reads)
+    each = stageflow.ForEach(dspy.Predict(f"{reads} -> size"), over=over)
+    spec = to_spec(stageflow.SequentialPipeline([each]))
+    assert "item" not in json.dumps(spec)
+    rebuilt = build_pipeline(spec)
+    assert rebuilt.stages[0].item == reads
+    assert to_spec(rebuilt) == spec

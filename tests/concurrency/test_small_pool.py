@@ -77,3 +77,54 @@ def test_a_failing_branch_still_stops_a_fail_fast_fan_out_that_its_caller_helps(
         each(xs=list(range(200)))
     time.sleep(0.05)
     assert len(started) < 10  # (those running when element 3 failed; never the rest)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("small_pool", [1, 2], indirect=True)
+def test_fail_fast_on_a_full_pool_stops_at_the_first_error_while_other_branches_run(small_pool: int) -> None:
+    # (helper 115: the caller ran a branch itself while others ran, so it saw the first error only
+    # when its own branch ended: 2 s instead of 0.1 s, and the running branches' LM calls went on)
+    release = threading.Event()
+    outlived: list[int] = []
+
+    def work(x: int) -> dict[str, int]:
+        if x == 0:
+            time.sleep(0.05)
+            raise ValueError("first")
+        if not release.wait(5):
+            outlived.append(x)  # (still running when the fan-out should long have stopped)
+        return {"y": x}
+
+    each = ForEach(stage(work, writes=["y"]), over="xs", item="x", collect="ys")
+    try:
+        with pytest.raises(stageflow.StageError, match="first"):
+            each(xs=list(range(6)))
+    finally:
+        release.set()
+    assert outlived == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("small_pool", [2], indirect=True)
+def test_a_quorum_on_a_full_pool_ends_the_ensemble_while_slow_members_run(small_pool: int) -> None:
+    release = threading.Event()
+    outlived: list[str] = []
+
+    def member(name: str, fast: bool) -> stageflow.FunctionStage:
+        def answer(question: str) -> dict[str, str]:
+            if fast:
+                time.sleep(0.05)
+            elif not release.wait(5):
+                outlived.append(name)
+            return {"answer": "Paris"}
+
+        return stage(answer, writes=["answer"], name=name)
+
+    ensemble = stageflow.EnsemblePipeline(
+        [member("a", True), member("b", True), member("c", False), member("d", False)], quorum=2
+    )
+    try:
+        assert ensemble(question="q").answer == "Paris"
+    finally:
+        release.set()
+    assert outlived == []

@@ -134,7 +134,7 @@ class _SyncFanOut:
         self.first_error: BaseException | None = None
         self.idle_since: float | None = None
         # A worker handed out found every pool thread busy (nested fan-outs, a small max_threads):
-        # the caller runs branches itself at once instead of waiting for a worker (see starved).
+        # when nothing runs, the caller runs a branch itself at once (see starved).
         self.saturated = False
         self.fatal: BaseException | None = None
         self.caller = threading.current_thread()
@@ -323,14 +323,13 @@ class _SyncFanOut:
             signal.stop()
 
     def starved(self) -> bool:
-        """Unstarted branches, and either the pool was full when the workers were handed out, or
-        nothing is running and no worker has arrived for a while (call under ``cond``)."""
-        if self.stopped or self.next >= self.n:
+        """Unstarted branches, nothing running, and no worker has arrived: at once when the pool was
+        full as the workers were handed out, else after a while (call under ``cond``). (Never while a
+        branch runs: the caller stays free to stop the fan-out at the first error or at ``until``.)"""
+        if self.stopped or self.next >= self.n or self.running:
             return False
         if self.saturated:
             return True
-        if self.running:
-            return False
         now = perf_counter()
         if self.idle_since is None:
             self.idle_since = now

@@ -471,21 +471,6 @@ class Pipeline(StageOwner, dspy.Module, metaclass=_PipelineMeta):  # type: ignor
             )
         scope = Scope.start(sorted(names), strict=True, owner=self, closed=key[-1])
         analyze(scope, "")
-        made = sorted(
-            f
-            for f in scope.available
-            if f in RESERVED_FIELD_NAMES and f not in names and scope.origin.get(f) != "deferred"
-        )
-        if made:  # (what a pattern writes itself, a ForEach's collect= list: stages' outputs were checked)
-            f = made[0]
-            by = scope.origin.get(f) or type(self).__name__
-            raise ContractError(
-                f"{type(self).__name__}'s result field '{f}' (from '{by}') collides with a dspy.Prediction "
-                f"attribute, so result.{f} would not return it.",
-                field=f,
-                code="reserved_field",
-                hint=f"name the field otherwise where it is made (e.g. {f}_value)",
-            )
         out = CheckResult(sorted(f for f in scope.available if scope.origin.get(f) != "deferred"))
         out.deferred = tuple(scope.deferred)
         out.watched = tuple(scope.watched)

@@ -25,31 +25,58 @@ from stageflow.patterns._fanout import (
 )
 from stageflow.patterns.base import Pipeline, as_stage
 from stageflow.policies.recovery import PolicyEvent
+from stageflow.stages import Ports
 from stageflow.state import RunInfo
 
 __all__ = ["ForEach"]
 
 
-#: Words ending in ``s`` that are not plurals made with it (their item field is ``<name>_item``).
-_NOT_PLURAL = ("news", "series", "species", "ss")
-
-
-def _singular(name: str) -> str:
-    """The default item field of ``ForEach(over=name)``: the English singular of a plural made with
-    ``-s`` / ``-es`` / ``-ies`` in its last word, else ``<name>_item``.
-
-    >>> [_singular(n) for n in ("sub_questions", "boxes", "addresses", "matches", "cities", "docs")]
-    ['sub_question', 'box', 'address', 'match', 'city', 'doc']
-    >>> [_singular(n) for n in ("news", "class", "data", "menus")]
-    ['news_item', 'class_item', 'data_item', 'menu']
-    """
-    if name.endswith(_NOT_PLURAL) or not name.endswith("s"):
-        return f"{name}_item"
+def _first_singular(name: str) -> str:
+    """The default item field when the stage reads none of the other candidates (the rule of 0.1:
+    ``queries`` → ``query``, ``facts`` → ``fact``, ``address`` → ``address_item``)."""
     if name.endswith("ies"):
         return name[:-3] + "y"
-    if name.endswith(("sses", "shes", "ches", "xes", "zzes")):
-        return name[:-2]
-    return name[:-1]
+    if name.endswith("s") and not name.endswith("ss"):
+        return name[:-1]
+    return f"{name}_item"
+
+
+def _singulars(name: str) -> tuple[str, ...]:
+    """What ``ForEach(over=name)`` may give each element as, by default: :func:`_first_singular`
+    first, then the other English singulars of ``name`` (``-es``, ``-ies`` that keep their ``e``),
+    then ``<name>_item``.
+
+    >>> _singulars("boxes"), _singulars("caches")
+    (('boxe', 'box', 'boxes_item'), ('cache', 'cach', 'caches_item'))
+    >>> _singulars("movies"), _singulars("news")
+    (('movy', 'movie', 'movies_item'), ('new', 'news_item'))
+    """
+    out = [_first_singular(name)]
+    if name.endswith("es") and not name.endswith("ies"):
+        out.append(name[:-2])  # boxes → box, addresses → address, matches → match
+        if name.endswith("zzes"):
+            out.append(name[:-3])  # quizzes → quiz
+    if name.endswith("ies"):
+        out.append(name[:-1])  # movies → movie
+    out.append(f"{name}_item")
+    return tuple(dict.fromkeys(out))
+
+
+def _default_item(over: str, ports: Ports) -> str:
+    """The default item field of ``ForEach(over=over)`` whose stage has ``ports``: the first of
+    :func:`_singulars` the stage reads (``boxes`` → ``box`` for a stage reading ``box``, ``caches``
+    → ``cache`` for one reading ``cache``), else the first of them.
+
+    >>> from stageflow.stages import Ports
+    >>> pairs = [("boxes", "box"), ("caches", "cache"), ("news", "news_item")]
+    >>> [_default_item(over, Ports(required=(reads,))) for over, reads in pairs]
+    ['box', 'cache', 'news_item']
+    >>> _default_item("sub_questions", Ports(required=("question",)))  # (reads none: the first)
+    'sub_question'
+    """
+    candidates = _singulars(over)
+    reads = set(ports.required) | set(ports.optional)
+    return next((c for c in candidates if c in reads), candidates[0])
 
 
 class ForEach(Pipeline):
@@ -58,8 +85,9 @@ class ForEach(Pipeline):
     Args:
         stage: The stage to run per element (any stage; held as ``self.stage``).
         over: The list field to iterate.
-        item: The field each run receives its element as (default: ``over`` made singular,
-            ``sub_questions`` → ``sub_question``). Other inputs of the stage come from the state.
+        item: The field each run receives its element as (default: ``over`` made singular, the
+            singular the stage reads when there are several: ``sub_questions`` → ``sub_question``,
+            ``boxes`` → ``box``, ``caches`` → ``cache``). Other inputs of the stage come from the state.
         collect: What to collect from each run, and where: ``{stage_output: list_field}``; or one field
             name: the output of that name is collected into a list of the same name — or, when the
             stage declares exactly one output, the list that output goes into (``"facts"``).
@@ -105,11 +133,11 @@ class ForEach(Pipeline):
             )
         self.stage = as_stage(stage, "ForEach stage")
         self.over = over
-        self.item = item or _singular(over)
         self.max_concurrency = max_concurrency
         self.on_error = on_error
         self.timeout = timeout
         self._entry = build_entry("stage", None, self.stage)
+        self.item = item or _default_item(over, self._entry.ports)
         self._item_entries: list[StageEntry] = []
         ports = self._entry.ports
         # A nested pipeline with undeclared inner stages may output more than it declares: its

@@ -18,7 +18,7 @@ from pydantic_core import PydanticUndefined
 from stageflow.errors import ConfigurationError
 from stageflow.patterns.branching import BranchingPipeline
 from stageflow.patterns.ensemble import EnsemblePipeline, ResultAggregator
-from stageflow.patterns.foreach import ForEach, _singular
+from stageflow.patterns.foreach import ForEach, _default_item
 from stageflow.patterns.iterative import IterativePipeline, QualityBasedStopping
 from stageflow.patterns.parallel import ParallelPipeline, ResultMerger
 from stageflow.patterns.sequential import SequentialPipeline
@@ -183,7 +183,7 @@ class _Exporter:
     def foreach(self, obj: ForEach, where: str) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "foreach", "stage": self.ref(obj.stage, f"{where}.stage".lstrip("."))}
         out["over"] = obj.over
-        if obj.item != _singular(obj.over):
+        if obj.item != _default_item(obj.over, obj._entry.ports):
             out["item"] = obj.item
         outputs = obj._entry.ports.outputs or ()
         default = {o: f"{o}s" if not o.endswith("s") else f"{o}_list" for o in outputs}
