@@ -481,3 +481,46 @@ def test_a_kept_sync_branch_error_still_shows_where_the_stage_failed() -> None:
     text = "".join(traceback.format_exception(errors[0]))
     assert 'raise ValueError(f"item {x}")' in text
     assert "_fails_on_pool_threads" in text
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": 30.0, "on_error": "collect"}, {"on_error": "fail_fast"}],
+    ids=["timeout (spare threads)", "fail_fast (raised)"],
+)
+def test_a_sync_fan_outs_errors_kept_or_raised_leave_no_reference_cycle(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(helper 115) A fan-out with ``timeout=`` runs its branches on spare threads, whose frame kept
+    the puller (the fan-out) while it waited for the next job, and after it exited; a fail-fast
+    fan-out's frame held the error it raised, and the fan-out: both kept every branch's value in a
+    cycle (144 objects per call here)."""
+    from stageflow.engine import spare
+
+    monkeypatch.setattr(spare, "IDLE_SECONDS", 0.02)  # (spare threads exit soon after the call)
+    program = ForEach(
+        stage(_fails_on_pool_threads, writes=["y"]), over="xs", item="x", collect="ys", **options
+    )
+    raised: list[str] = []
+
+    def call() -> None:
+        try:
+            kept = program(xs=list(range(16))).item_errors
+        except stageflow.StageError as e:  # (fail_fast; the error dropped at the end of this block)
+            raised.append(str(e))
+            kept = []
+        deadline = time.monotonic() + 5
+        while spare.spare_thread_count() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # (a spare thread counts itself out just before its frame goes)
+        if options["on_error"] == "collect":
+            assert kept
+        del kept
+
+    for _ in range(2):
+        call()
+    garbage = _own_garbage(call)
+    assert not garbage, f"left objects in reference cycles: {dict(garbage.most_common(8))}"
+    if options["on_error"] == "fail_fast":
+        assert raised
+        assert all("item" in message for message in raised)

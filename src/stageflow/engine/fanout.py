@@ -425,13 +425,22 @@ def fan_out(
         # (the fan-out is over: its signal, which branches left running still point to, must not
         # keep it — and every branch's state — alive in a reference cycle the collector has to find)
         signal.discard(run.stop)
-    if run.fatal is not None:  # (a branch raised KeyboardInterrupt / SystemExit: stop as above)
-        signal.abandon()
-        raise run.fatal
-    if run.first_error is not None:
-        raise run.first_error
-    note_failed_branches(run.outcomes)
-    return run.outcomes
+    # (this frame goes into the traceback of what it raises, and the frames of a branch it ran itself
+    # link back to it: it must not hold the fan-out, whose outcomes hold those errors)
+    error = run.fatal or run.first_error
+    if error is not None:
+        interrupted = run.fatal is not None
+        del run, work
+        if interrupted:  # (a branch raised KeyboardInterrupt / SystemExit: stop as above)
+            signal.abandon()
+        try:
+            raise error
+        finally:
+            del error  # (nor may it hold the error it raises)
+    outcomes = run.outcomes
+    del run, work
+    note_failed_branches(outcomes)
+    return outcomes
 
 
 def note_failed_branches(outcomes: Sequence[BranchOutcome]) -> None:

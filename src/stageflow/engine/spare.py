@@ -70,6 +70,9 @@ class _Spares:
         try:
             while True:
                 job()  # never raises: the jobs below catch everything
+                # (not kept while idle: a kept error's frames link back to this one, and what the
+                # job holds — a fan-out's puller — must not sit in a cycle with it)
+                del job
                 with self._lock:
                     self._idle += 1
                     try:
