@@ -136,7 +136,7 @@ async def test_individual_results_include_failures(mode: str) -> None:
     assert isinstance(individual[1]["exception"], StageError)
     assert individual[1]["error"] == f"StageError: {individual[1]['exception']}"
     assert "model down" in str(individual[1]["error"])
-    assert individual[0]["error"] is None
+    assert "error" not in individual[0]  # (the tutorial's record of a member that succeeded)
 
 
 async def test_all_members_failing_is_a_pipeline_error(mode: str) -> None:
@@ -176,8 +176,8 @@ async def test_a_failed_members_record_keeps_its_error_as_text_as_the_tutorials_
     ens = EnsemblePipeline([_Module(), _Module(fail=True)], ResultAggregator("weighted_voting"))
     result = await call(ens, mode, content="q")
     ok, failed = result.individual_results
-    assert ok["error"] is None
-    assert ok["exception"] is None
+    assert "error" not in ok  # (code written for the tutorial's records tests 'error' in record)
+    assert "exception" not in ok
     assert ok["success"] is True
     assert failed["success"] is False
     assert isinstance(failed["error"], str)

@@ -261,6 +261,27 @@ class ResultAggregator:
         return fields, details
 
 
+def _record(i: int, r: BranchResult) -> dict[str, Any]:
+    """One member's record, in the tutorial's shape (``processor_id``, ``result``, ``success``, and
+    ``error`` as text only when it failed: code written for it tests ``'error' in record``), plus
+    stageflow's ``member``, ``status``, ``ok``, ``fields``, ``elapsed`` and the ``exception``."""
+    o = r.outcome
+    record: dict[str, Any] = {
+        "processor_id": i,
+        "member": r.branch.entry.path,
+        "status": o.status,
+        "success": o.ok,
+        "ok": o.ok,
+        "result": o.value if o.ok else None,
+        "fields": r.produced,
+        "elapsed": o.elapsed,
+    }
+    if o.error is not None:
+        record["error"] = f"{type(o.error).__name__}: {o.error}"
+        record["exception"] = o.error
+    return record
+
+
 class EnsemblePipeline(Pipeline):
     """Run every member on the same input concurrently and aggregate their answers.
 
@@ -279,8 +300,8 @@ class EnsemblePipeline(Pipeline):
     The result's fields are exactly what the strategy produces: the winning member's fields, plus
     ``confidence`` (the agreement) for ``weighted_voting`` and ``consensus``. Result details:
     ``aggregated_result`` (those fields), ``individual_results`` (per member, in the tutorial's
-    shape: ``processor_id``, ``result``, ``success``, ``error`` — as text, ``"Type: message"`` — plus
-    ``status``, ``fields`` and ``exception``, the error itself),
+    shape: ``processor_id``, ``result``, ``success``, and for a failed member ``error`` — as text,
+    ``"Type: message"`` — plus ``status``, ``fields`` and, when it failed, ``exception``, the error),
     ``votes``, ``agreement`` and, for ``consensus``, ``consensus``.
     """
 
@@ -404,24 +425,7 @@ class EnsemblePipeline(Pipeline):
         self, state: dict[str, Any], run: RunInfo, results: Sequence[BranchResult], prefix: str
     ) -> None:
         absorb(run, results)
-        run.extras["individual_results"] = [
-            {
-                "processor_id": i,
-                "member": r.branch.entry.path,
-                "status": r.outcome.status,
-                "success": r.outcome.ok,
-                "ok": r.outcome.ok,
-                "result": r.outcome.value if r.outcome.ok else None,
-                "fields": r.produced,
-                # (the tutorial's record keeps the error as text; the exception itself is kept too)
-                "error": None
-                if r.outcome.error is None
-                else f"{type(r.outcome.error).__name__}: {r.outcome.error}",
-                "exception": r.outcome.error,
-                "elapsed": r.outcome.elapsed,
-            }
-            for i, r in enumerate(results)
-        ]
+        run.extras["individual_results"] = [_record(i, r) for i, r in enumerate(results)]
         for r in results:
             if not r.outcome.ok and r.outcome.status in ("error", "timeout"):
                 error = r.outcome.error
