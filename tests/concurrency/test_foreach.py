@@ -504,3 +504,21 @@ async def test_fail_fast_timeout_raises_a_stageflow_error_naming_the_item(mode: 
     finally:
         release.set()
     assert ei.value.stage_path == "stage[1]"
+
+
+def test_when_the_stage_reads_no_singular_the_message_names_the_ones_it_could_read() -> None:
+    # (helper 116: the message named only 'movy', the first candidate)
+    def wrong(thing: str) -> dict[str, str]:
+        return {"x": thing}
+
+    with pytest.raises(ContractError) as info:
+        SequentialPipeline(
+            [ForEach(stageflow.stage(wrong, writes=["x"]), over="movies", collect={"x": "xs"})]
+        )
+    assert info.value.code == "item_not_read"
+    assert "'movy' (the default; a stage reading 'movie' or 'movies_item' would get it so)" in str(info.value)
+    assert "item='thing'" in str(info.value)
+    named = ForEach(stageflow.stage(wrong, writes=["x"]), over="movies", item="film", collect={"x": "xs"})
+    with pytest.raises(ContractError) as given:
+        SequentialPipeline([named])
+    assert "as 'film', which" in str(given.value)  # (a name of yours: nothing about defaults)

@@ -138,6 +138,7 @@ class ForEach(Pipeline):
         self.timeout = timeout
         self._entry = build_entry("stage", None, self.stage)
         self.item = item or _default_item(over, self._entry.ports)
+        self._item_defaulted = item is None
         self._item_entries: list[StageEntry] = []
         ports = self._entry.ports
         # A nested pipeline with undeclared inner stages may output more than it declares: its
@@ -268,8 +269,8 @@ class ForEach(Pipeline):
             else "give the stage an input for the element"
         )
         raise ContractError(
-            f"ForEach gives each element of '{self.over}' to its stage as '{self.item}', which the "
-            f"stage ({entry.label}) does not read; it reads {reads}. Each element would run without it.",
+            f"ForEach gives each element of '{self.over}' to its stage as {self._item_named()}, which "
+            f"the stage ({entry.label}) does not read; it reads {reads}. Each element would run without it.",
             stage_path=prefix or None,
             field=self.item,
             code="item_not_read",
@@ -278,9 +279,16 @@ class ForEach(Pipeline):
 
     def _item_hint(self, f: str) -> str:
         return (
-            f"ForEach gives each element of '{self.over}' to its stage as '{self.item}'; if '{f}' is "
-            f"the element, name it so: ForEach(..., item='{f}')"
+            f"ForEach gives each element of '{self.over}' to its stage as {self._item_named()}; if "
+            f"'{f}' is the element, name it so: ForEach(..., item='{f}')"
         )
+
+    def _item_named(self) -> str:
+        """The element's field, quoted; for the default, the names the stage could have read."""
+        if not getattr(self, "_item_defaulted", False):
+            return f"'{self.item}'"
+        others = [f"'{c}'" for c in _singulars(self.over) if c != self.item]
+        return f"'{self.item}' (the default; a stage reading {' or '.join(others)} would get it so)"
 
     def _branches(self, state: dict[str, Any]) -> Branches:
         items = state.get(self.over)
