@@ -59,26 +59,29 @@ def run_soon(fn: Callable[..., Any], /, *args: Any) -> bool:
     worker is busy (the job waits for one), or the interpreter is exiting and no pool takes jobs
     (the job is not run). A pool that ``configure(max_threads=...)`` replaced meanwhile hands the
     job to the new one: a fan-out running across that change does not fail."""
-    while True:
-        pool = shared_pool()
-        try:
-            return pool.run_soon(fn, *args)
-        except RuntimeError:
-            if not pool.closed:
-                raise  # (no thread could start, and the pool has none)
-            if exiting():
-                return False
-            if _POOL[0] is pool:
-                raise  # (shut down by hand, and still the shared one)
+    try:
+        return _on_current_pool(Workers.run_soon, fn, args)  # type: ignore[no-any-return]
+    except RuntimeError:
+        if exiting():
+            return False
+        raise
 
 
 def submit(fn: Callable[..., Any], /, *args: Any) -> Any:
     """``fn(*args)`` on the shared pool, with its future (a pool replaced meanwhile: see :func:`run_soon`)."""
+    return _on_current_pool(Workers.submit, fn, args)
+
+
+def _on_current_pool(method: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``method(pool, fn, *args)`` on the shared pool; again on the new one when ``configure()``
+    replaced that pool meanwhile (it refuses jobs once shut down)."""
     while True:
         pool = shared_pool()
         try:
-            return pool.submit(fn, *args)
+            return method(pool, fn, *args)
         except RuntimeError:
+            # (no thread could start in a pool without any; the interpreter is exiting; or a pool
+            # shut down by hand that is still the shared one: the caller's to handle)
             if not pool.closed or exiting() or _POOL[0] is pool:
                 raise
 

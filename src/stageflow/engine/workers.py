@@ -100,7 +100,7 @@ class Workers(Executor):
                 job waits for one of them).
         """
         with self._lock:
-            if self._shutdown or _EXITING[0]:
+            if self.closed:
                 raise RuntimeError("cannot run new jobs after the pool was shut down")
             # (more workers waiting than jobs queued: one of them takes this one)
             taken = len(self._waiting) > self._queue.qsize()
