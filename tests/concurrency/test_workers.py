@@ -191,23 +191,30 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_at_exit_the_queued_jobs_run_and_the_workers_are_joined(tmp_path: object) -> None:
+def _late_writes(tmp_path: object, size: int, script: str) -> str:
+    """What a script's pool jobs wrote by the time its process exited: ``script`` runs after a pool
+    ``pool = Workers(size)`` and a job ``late(path)`` (0.3 s, then an ``x`` appended to ``path``)."""
     done = f"{tmp_path}/done"
-    proc = _run(
-        f"""
-        import time
+    setup = f"""
+        import threading, time
         from stageflow.engine.workers import Workers
-        pool = Workers(1)
+        pool = Workers({size})
         def late(path):
             time.sleep(0.3)
             open(path, "a").write("x")
-        pool.run_soon(late, {done!r})
-        pool.run_soon(late, {done!r})  # (queued behind the first when the script ends)
         """
-    )
+    proc = _run(textwrap.dedent(setup) + textwrap.dedent(script).replace("PATH", repr(done)))
     assert proc.returncode == 0, proc.stderr
     with open(done) as f:
-        assert f.read() == "xx"
+        return f.read()
+
+
+def test_at_exit_the_queued_jobs_run_and_the_workers_are_joined(tmp_path: object) -> None:
+    script = """
+        pool.run_soon(late, PATH)
+        pool.run_soon(late, PATH)  # (queued behind the first when the script ends)
+        """
+    assert _late_writes(tmp_path, 1, script) == "xx"
 
 
 def test_a_forked_child_uses_a_pool_of_its_own_and_exits() -> None:
@@ -236,26 +243,15 @@ def test_a_forked_child_uses_a_pool_of_its_own_and_exits() -> None:
 
 
 def test_workers_a_daemon_thread_started_are_joined_at_exit_too(tmp_path: object) -> None:
-    done = f"{tmp_path}/done"
-    proc = _run(
-        f"""
-        import threading, time
-        from stageflow.engine.workers import Workers
-        pool = Workers(2)
-        def late(path):
-            time.sleep(0.3)
-            open(path, "a").write("x")
+    script = """
         handed = threading.Event()
         def start():
-            pool.run_soon(late, {done!r})
+            pool.run_soon(late, PATH)
             handed.set()
         threading.Thread(target=start, daemon=True).start()
         handed.wait(10)
         """
-    )
-    assert proc.returncode == 0, proc.stderr
-    with open(done) as f:
-        assert f.read() == "x"
+    assert _late_writes(tmp_path, 2, script) == "x"
 
 
 def test_a_pool_dropped_without_shutdown_ends_its_workers() -> None:
